@@ -1,0 +1,1 @@
+"""Brain-tumour MRI classification: data, preprocessing, models, training, evaluation, inference."""

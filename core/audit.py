@@ -1,0 +1,65 @@
+"""Opt-in audit log: one JSON line per prediction, so a result can be traced to a model later.
+
+A line holds the UTC time, the SHA-256 of the scan's bytes (enough to match a file the user
+still has, useless for recovering it), the model's name, version and weights SHA-256, the
+result (prediction, calibrated probabilities, tumour probability, threshold) and the flags.
+It never holds a file name, pixel data, DICOM tags or anything else that could name a patient:
+records are built from an allow-list of fields, not by copying the prediction.
+
+Used by ``python -m core report --audit FILE`` and by the app's settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+# Several app sessions may share one log file; one lock keeps their lines whole.
+_LOCK = threading.Lock()
+RESULT_FIELDS = ("pred", "probs", "tumour_probability", "threshold")
+
+
+def _result_fields(result: Any) -> dict:
+    """The allow-listed result fields from a `Prediction` or a `predict_many` dict."""
+    if not isinstance(result, Mapping):
+        result = result.to_json()
+    return {k: result.get(k) for k in RESULT_FIELDS}
+
+
+def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str]) -> dict:
+    """The JSON object one prediction adds to the log (see the module docstring)."""
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sha256": hashlib.sha256(bytes(data_bytes)).hexdigest(),
+        "model": predictor.name,
+        "model_version": predictor.card.get("version"),
+        "weights_sha256": predictor.weights_sha256,
+        "result": _result_fields(result),
+        "flags": [str(f) for f in flags],
+    }
+
+
+def append_audit(path: str | Path, data_bytes: bytes, predictor: Any, result: Any,
+                 flags: list[str]) -> dict:
+    """Append one line for one prediction to the log at ``path``; returns the record written.
+
+    Raises OSError when the log cannot be written: the caller decides whether that is fatal.
+    """
+    record = audit_record(data_bytes, predictor, result, flags)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with _LOCK, path.open("a", encoding="utf-8") as f:
+        f.write(line)
+    return record
+
+
+def read_audit(path: str | Path) -> list[dict]:
+    """Every record in a log, oldest first (for the app's settings page and for tests)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

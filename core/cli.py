@@ -1,0 +1,124 @@
+"""`python -m core` - audit a dataset, evaluate a folder, predict files.
+
+Exit codes: 0 all good, 1 some inputs failed (their lines are still printed), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+PLUGIN_MODULES = ("report", "compare", "ood")
+
+
+def _predictor(weights: str | None):
+    from .inference import Predictor
+    return Predictor(weights)
+
+
+def cmd_audit(args) -> int:
+    from . import data as D
+    from .reader import ScanError, read_scan
+    scan = D.discover(args.data_dir)
+    samples = scan.samples
+    print(f"{len(samples)} images in {args.data_dir}")
+    for (split, label), n in sorted(Counter((s.preset_split or "-", s.label) for s in samples).items()):
+        orig = sorted({s.original for s in samples if s.label == label})
+        print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(orig)}")
+    sizes, modes, unreadable = Counter(), Counter(), []
+    from PIL import Image
+    for s in samples:
+        try:
+            with Image.open(s.path) as im:
+                sizes[im.size] += 1; modes[im.mode] += 1
+        except Exception:
+            try:
+                read_scan(s.path)
+            except ScanError as e:
+                unreadable.append((s.rel, str(e)))
+    print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
+    print("modes:", dict(modes))
+    for rel, why in scan.skipped + unreadable:
+        print(f"  skipped {rel}: {why}")
+    D.assign_groups(samples, args.max_distance)
+    groups = Counter(s.group for s in samples)
+    multi = [g for g, n in groups.items() if n > 1]
+    print(f"near-duplicate groups (phash <= {args.max_distance} bits): {len(groups)} groups, "
+          f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
+          f"largest: {groups.most_common(1)[0][1]}")
+    if any(s.preset_split for s in samples):
+        for s in samples:
+            s.split = s.preset_split or "train"
+    else:
+        D.split_by_group(samples, seed=args.seed)
+    leaks = D.cross_split_duplicates(samples, args.max_distance)
+    print(f"cross-split near duplicates ({'shipped split' if any(s.preset_split for s in samples) else f'grouped split, seed {args.seed}'}): {len(leaks)}")
+    for a in leaks[:20]:
+        print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_dir
+    pred = _predictor(args.weights)
+    ev = evaluate_dir(pred, args.data_dir)
+    summary = {k: ev.get(k) for k in ("model", "n", "accuracy", "macro_f1", "tumour_missed",
+                                      "normal_flagged", "sensitivity", "specificity", "ece")}
+    print(json.dumps(summary, indent=1))
+    for e in ev["errors"]:
+        print(f"skipped {e['file']}: {e['error']}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(ev, indent=1))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import predict_many
+    pred = _predictor(args.weights)
+    results = predict_many(pred, [(f, f) for f in args.files])
+    for r in results:
+        if args.json:
+            print(json.dumps(r), flush=True)
+        elif r["ok"]:
+            flags = [n for n, on in (("out-of-distribution", not r["in_distribution"]),
+                                     ("uncertain, refer", r["uncertain"])) if on]
+            tp = r["tumour_probability"]
+            print(f"{r['file']}: {r['pred']}" + (f" (tumour probability {tp:.3f})" if tp is not None else "")
+                  + (f" [{', '.join(flags)}]" if flags else ""))
+        else:
+            print(f"{r['file']}: error: {r['error']}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("audit", help="counts, sizes, duplicate groups and cross-split leaks")
+    a.add_argument("data_dir"); a.add_argument("--max-distance", type=int, default=6)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(fn=cmd_audit)
+    e = sub.add_parser("evaluate", help="evaluate a class-per-folder directory")
+    e.add_argument("data_dir"); e.add_argument("--weights"); e.add_argument("--json")
+    e.set_defaults(fn=cmd_evaluate)
+    pr = sub.add_parser("predict", help="predict image, DICOM or NIfTI files")
+    pr.add_argument("files", nargs="+"); pr.add_argument("--weights")
+    pr.add_argument("--json", action="store_true", help="one JSON object a line")
+    pr.set_defaults(fn=cmd_predict)
+    # Subcommands that live beside the code they drive: each module has add_cli(subparsers).
+    import importlib
+    for mod in PLUGIN_MODULES:
+        importlib.import_module(f".{mod}", __package__).add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse exits 2 on a usage error
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,264 @@
+"""Datasets: find images in class-per-folder layouts, group near duplicates, split by group.
+
+A *source* is one data root (the benchmark, Br35H, LGG, ...). Every image becomes a `Sample`;
+samples are grouped by perceptual hash (near duplicates, across sources too) and by patient
+where the file name gives one, and groups, never single images, are assigned to splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .labels import normalise_label
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                  ".dcm", ".nii", ".gz"}
+SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test",
+              "validation": "val", "val": "val"}
+SKIP_DIRS = {"masks", "mask", "__macosx"}
+# TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group.
+PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
+HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash.json"
+
+
+@dataclass
+class Sample:
+    path: str            # absolute path
+    rel: str             # path relative to the source root (what cards and eval.json record)
+    label: str           # normalised label (fine class, notumor or coarse 'tumor')
+    original: str        # the folder name as found
+    source: str = "data"
+    preset_split: str | None = None   # 'test' when the dataset ships a Testing/ folder
+    group: str = ""
+    split: str = ""
+
+
+@dataclass
+class Scan:
+    """What a walk over a data root found: the samples and everything it skipped, with why."""
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".") or p.name.startswith("._")
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and not _is_hidden(d) and d.name.lower() not in SKIP_DIRS)
+
+
+def discover(root: str | Path, source: str | None = None, check_readable: bool = False) -> Scan:
+    """Find ``root/<class>/*`` or ``root/{Training,Testing}/<class>/*`` images.
+
+    Hidden files, non-images and (with ``check_readable``) unreadable images are reported in
+    ``Scan.skipped`` and never stop the walk.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    source = source or root.name
+    scan = Scan()
+    tops = _class_dirs(root)
+    split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
+    layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(root, None)]
+    for base, preset in layout:
+        for cdir in _class_dirs(base):
+            label = normalise_label(cdir.name)
+            for f in sorted(cdir.rglob("*")):
+                if f.is_dir():
+                    continue
+                rel = str(f.relative_to(root))
+                if _is_hidden(f) or any(_is_hidden(p) for p in f.relative_to(root).parents if p.name):
+                    scan.skipped.append((rel, "hidden file"))
+                elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                    scan.skipped.append((rel, "not an image file"))
+                else:
+                    scan.samples.append(Sample(str(f), rel, label, cdir.name, source,
+                                               "test" if preset == "test" else None))
+    if check_readable:
+        scan = _drop_unreadable(scan)
+    if not scan.samples:
+        raise ValueError(f"no images found under {root} (expected {root}/<class>/*.jpg)")
+    return scan
+
+
+def _drop_unreadable(scan: Scan) -> Scan:
+    from .reader import ScanError, read_scan
+    keep = []
+    for s in scan.samples:
+        try:
+            read_scan(s.path)
+            keep.append(s)
+        except ScanError as e:
+            scan.skipped.append((s.rel, str(e)))
+    scan.samples = keep
+    return scan
+
+
+# ----------------------------------------------------------------------------- hashing
+def _phash_file(path: str) -> int:
+    """64-bit DCT perceptual hash of the grey image, robust to re-saving and contrast changes."""
+    import imagehash
+    from PIL import Image
+    from .reader import read_scan
+    try:
+        grey = read_scan(path).pixels
+        img = Image.fromarray((grey * 255).astype(np.uint8))
+    except Exception:  # unreadable files get a unique hash: they form a group of their own
+        return int(hashlib.sha1(path.encode()).hexdigest()[:16], 16)
+    return int(str(imagehash.phash(img)), 16)
+
+
+def phashes(paths: list[str]) -> np.ndarray:
+    """Hashes for many files, cached on disk by path, size and mtime."""
+    cache: dict[str, int] = {}
+    if HASH_CACHE.exists():
+        try:
+            cache = {k: int(v, 16) for k, v in json.loads(HASH_CACHE.read_text()).items()}
+        except (ValueError, OSError):
+            cache = {}
+    out, dirty = [], False
+    for p in paths:
+        st = os.stat(p)
+        key = f"{p}|{st.st_size}|{int(st.st_mtime)}"
+        if key not in cache:
+            cache[key] = _phash_file(p)
+            dirty = True
+        out.append(cache[key])
+    if dirty:
+        HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        HASH_CACHE.write_text(json.dumps({k: f"{v:016x}" for k, v in cache.items()}))
+    return np.array(out, dtype=np.uint64)
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
+    """All pairs (i < j) whose hashes differ in at most ``max_distance`` bits."""
+    pairs = []
+    for i in range(len(hashes) - 1):
+        d = np.bitwise_count(hashes[i + 1:] ^ hashes[i])
+        for j in np.nonzero(d <= max_distance)[0]:
+            pairs.append((i, i + 1 + int(j)))
+    return pairs
+
+
+def _union_find(n: int, pairs, patient: list[str | None] | None = None) -> list[int]:
+    """Connected components of the pairs; a component never joins two different known patients."""
+    parent = list(range(n))
+    owner = list(patient) if patient else [None] * n  # the patient a component holds, if any
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra == rb or (owner[ra] and owner[rb] and owner[ra] != owner[rb]):
+            continue
+        lo, hi = min(ra, rb), max(ra, rb)
+        parent[hi] = lo
+        owner[lo] = owner[lo] or owner[hi]
+    return [find(i) for i in range(n)]
+
+
+def _patient_key(s: Sample) -> str | None:
+    m = PATIENT_RE.match(Path(s.path).name)
+    return f"{s.source}:{m.group(1)}" if m else None
+
+
+def assign_groups(samples: list[Sample], max_distance: int = 6,
+                  hashes: np.ndarray | None = None) -> None:
+    """Give every sample a group id: near duplicates (by phash) and one patient's slices share one."""
+    if hashes is None:
+        hashes = phashes([s.path for s in samples])
+    patient = [_patient_key(s) for s in samples]
+    first: dict[str, int] = {}
+    # Patient links first, so that hash links cannot chain two patients' slices together:
+    # similar-looking FLAIR slices of different patients are not duplicates.
+    pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key]
+    pairs += near_duplicate_pairs(hashes, max_distance)
+    roots = _union_find(len(samples), pairs, patient)
+    for s, r in zip(samples, roots):
+        s.group = f"g{r}"
+
+
+def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
+                   test: float = 0.15) -> None:
+    """Assign train/val/test by group, stratified by (source, label), seeded.
+
+    Samples with a preset split (a shipped Testing/ folder) keep it, and their groups are kept
+    out of train/val as well so that no near duplicate crosses the boundary.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+    n_folds = 20
+    groups = np.array([s.group for s in samples])
+    preset_groups = {s.group for s in samples if s.preset_split == "test"}
+    strat = np.array([f"{s.source}/{s.label}" for s in samples])
+    folds = np.zeros(len(samples), dtype=int)
+    # StratifiedGroupKFold needs every stratum to have a few members; tiny strata go to train.
+    counts = Counter(strat)
+    strat = np.array([k if counts[k] >= n_folds else "rare" for k in strat])
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):
+        folds[idx] = k
+    has_preset = bool(preset_groups)
+    n_test = 0 if has_preset else round(test * n_folds)
+    n_val = round(val * n_folds)
+    for s, f in zip(samples, folds):
+        if s.group in preset_groups:
+            s.split = "test"
+        elif f < n_test:
+            s.split = "test"
+        elif f < n_test + n_val:
+            s.split = "val"
+        else:
+            s.split = "train"
+
+
+def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
+                           hashes: np.ndarray | None = None) -> list[tuple[str, str, str, str]]:
+    """Near-duplicate pairs that sit in different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
+    if hashes is None:
+        hashes = phashes([s.path for s in samples])
+    out = []
+    for i, j in near_duplicate_pairs(hashes, max_distance):
+        a, b = samples[i], samples[j]
+        if a.split != b.split:
+            out.append((a.split, f"{a.source}/{a.rel}", b.split, f"{b.source}/{b.rel}"))
+    return out
+
+
+def data_fingerprint(samples: list[Sample]) -> str:
+    """A short hash of which files (by relative path, size and label) a run saw."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: (s.source, s.rel)):
+        h.update(f"{s.source}/{s.rel}|{os.path.getsize(s.path)}|{s.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def split_record(samples: list[Sample]) -> dict:
+    """The split as file lists per source and split, so that it can be reproduced exactly."""
+    rec: dict = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        rec[s.source][s.split].append(s.rel)
+    return {src: {k: sorted(v) for k, v in d.items()} for src, d in rec.items()}
+
+
+def apply_split_record(samples: list[Sample], record: dict) -> None:
+    lookup = {(src, rel): split for src, d in record.items() for split, rels in d.items()
+              for rel in rels}
+    for s in samples:
+        s.split = lookup.get((s.source, s.rel), "")
+
+
+def samples_to_json(samples: list[Sample]) -> list[dict]:
+    return [asdict(s) for s in samples]

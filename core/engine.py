@@ -1,0 +1,221 @@
+"""Training pieces as plain functions: image cache, batched augmentation, loss, epochs, checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from .data import HASH_CACHE, Sample
+from .labels import label_targets
+from .preprocess import normalise, prepare
+
+
+# ----------------------------------------------------------------------------- image cache
+def _prepare_one(args) -> np.ndarray:
+    path, spec = args
+    from .reader import read_scan
+    return (prepare(read_scan(path).pixels, spec) * 255).round().astype(np.uint8)
+
+
+def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.Tensor:
+    """Decode and prepare every image once: uint8 tensor (N, 1, S, S), cached on disk."""
+    key = hashlib.sha1(("|".join(s.path for s in samples) + repr(sorted(spec.items()))).encode())
+    path = HASH_CACHE.parent / f"images-{key.hexdigest()[:16]}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    jobs = [(s.path, spec) for s in samples]
+    if workers > 1 and len(jobs) > 200:
+        with ProcessPoolExecutor(workers) as ex:
+            arrs = list(ex.map(_prepare_one, jobs, chunksize=64))
+    else:
+        arrs = [_prepare_one(j) for j in jobs]
+    arr = np.stack(arrs)[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, arr)
+    return torch.from_numpy(arr)
+
+
+def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
+    """(N, C) bool: which classes each label allows (one for a fine label, several for coarse)."""
+    m = torch.zeros(len(samples), len(classes), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        m[i, label_targets(s.label, classes)] = True
+    return m
+
+
+# ----------------------------------------------------------------------------- augmentation
+def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2) -> torch.Tensor:
+    """Per-sample random affine, flip, intensity and skull removal on a [0, 1] batch (N, 1, H, W).
+
+    Batched with affine_grid/grid_sample because per-image PIL transforms cost more than the
+    forward pass of a small model on a 2-core CPU.
+    """
+    n, dev = x.shape[0], x.device
+    if strength <= 0:
+        return x
+    ang = (torch.rand(n, device=dev) * 2 - 1) * math.radians(15) * strength
+    scale = 1 + (torch.rand(n, device=dev) * 2 - 1) * 0.12 * strength
+    shear = (torch.rand(n, device=dev) * 2 - 1) * 0.1 * strength
+    tx, ty = [(torch.rand(n, device=dev) * 2 - 1) * 0.08 * strength for _ in range(2)]
+    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin + shear, tx], 1),
+                         torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = nnf.affine_grid(theta, list(x.shape), align_corners=False)
+    x = nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if skull_strip_p > 0:
+        x = _random_skull_strip(x, skull_strip_p)
+    # Intensity: gamma, contrast, brightness, then a little noise; scanners differ in all four.
+    gamma = torch.exp((torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.4 * strength)
+    x = x.clamp(0, 1) ** gamma
+    c = 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.25 * strength
+    b = (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.08 * strength
+    x = (x - 0.5) * c + 0.5 + b
+    x = x + torch.randn_like(x) * 0.02 * strength * torch.rand(n, 1, 1, 1, device=dev)
+    return x.clamp(0, 1)
+
+
+def _random_skull_strip(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Remove a rim of the head for a random subset: a rough brain mask by erosion of the head mask.
+
+    Skull-stripped research scans exist; a model that only ever saw a skull leans on it.
+    """
+    sel = torch.rand(x.shape[0], device=x.device) < p
+    if not sel.any():
+        return x
+    xs = x[sel]
+    head = (xs > 0.1).float()
+    head = -nnf.max_pool2d(-nnf.max_pool2d(head, 9, 1, 4), 9, 1, 4)  # closing fills dark CSF
+    k = max(3, int(xs.shape[-1] * 0.06) | 1)
+    brain = -nnf.max_pool2d(-head, k, 1, k // 2)  # erosion strips the outer rim (the skull)
+    x = x.clone()
+    x[sel] = xs * brain
+    return x
+
+
+# ----------------------------------------------------------------------------- loss
+def set_nll(logits: torch.Tensor, allowed: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """-log P(label) where a coarse label's probability is the sum over the classes it allows.
+
+    For a fine label this is cross-entropy; for Br35H 'yes' it is -log(1 - p(notumor)).
+    Label smoothing mixes in the mean cross-entropy over all classes.
+    """
+    logp = nnf.log_softmax(logits.float(), dim=1)
+    nll = -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1)
+    if smoothing:
+        nll = (1 - smoothing) * nll - smoothing * logp.mean(dim=1)
+    return nll.mean()
+
+
+# ----------------------------------------------------------------------------- loops
+def _autocast(device: torch.device, precision: str):
+    enabled = precision in ("bf16", "fp16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                    order: torch.Tensor, optimizer, scheduler, spec: dict, device: torch.device,
+                    batch_size: int = 64, precision: str = "fp32", smoothing: float = 0.1,
+                    aug_strength: float = 1.0, skull_strip_p: float = 0.2,
+                    scaler=None, progress: bool = True) -> dict:
+    model.train()
+    total, correct, loss_sum, t0 = 0, 0, 0.0, time.time()
+    batches = order.split(batch_size)
+    it = batches
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(batches, leave=False, desc="train", mininterval=5)
+    for idx in it:
+        if len(idx) < 2:
+            continue
+        x = images[idx].to(device, non_blocking=True).float().div_(255)
+        x = normalise(augment(x, aug_strength, skull_strip_p), spec)
+        x = x.contiguous(memory_format=torch.channels_last)
+        allowed = masks[idx].to(device)
+        with _autocast(device, precision):
+            logits = model(x)
+        loss = set_nll(logits, allowed, smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+        else:
+            loss.backward(); optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        total += len(idx)
+        correct += allowed.gather(1, logits.argmax(1, keepdim=True)).sum().item()
+    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
+            "time_s": time.time() - t0, "images_per_s": total / max(time.time() - t0, 1e-9)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, spec: dict, device: torch.device,
+                   batch_size: int = 128, precision: str = "fp32", tta: bool = False) -> torch.Tensor:
+    """Logits for uint8 prepared images (N, 1, S, S); with ``tta`` the mean with the mirror image."""
+    model.eval()
+    out = []
+    for chunk in images.split(batch_size):
+        x = normalise(chunk.to(device).float().div_(255), spec).contiguous(
+            memory_format=torch.channels_last)
+        with _autocast(device, precision):
+            z = model(x).float()
+            if tta:
+                z = (z + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(z.cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate_split(model, images, masks, spec, device, precision="fp32") -> dict:
+    logits = predict_logits(model, images, spec, device, precision=precision)
+    loss = set_nll(logits, masks).item() if len(logits) else float("nan")
+    acc = masks.gather(1, logits.argmax(1, keepdim=True)).float().mean().item() if len(logits) else 0
+    return {"loss": loss, "acc": acc}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | Path, **state) -> None:
+    """Tensors and plain types only, so it loads with weights_only=True. Atomic replace."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- calibration
+def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
+    """Temperature scaling: one scalar T minimising the validation NLL of softmax(logits / T)."""
+    if len(logits) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = set_nll(logits / log_t.exp(), masks)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float(log_t.exp().clamp(0.05, 20).item())
+
+
+def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float) -> float:
+    """The highest tumour-probability threshold whose validation sensitivity meets the target."""
+    tp = np.sort(np.asarray(t_prob)[np.asarray(is_tumour, bool)])
+    if len(tp) == 0:
+        return 0.5
+    k = int(math.floor((1 - target_sensitivity) * len(tp)))  # tumours we may miss
+    return float(min(0.5, max(1e-4, tp[k] - 1e-6)))

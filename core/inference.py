@@ -1,0 +1,132 @@
+"""Load a shipped model (safetensors + card.json) and predict one scan with every flag attached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .labels import NO_TUMOUR, TUMOUR, tumour_classes
+from .metrics import decide, tumour_probability
+from .models import create_model
+from .preprocess import preprocess
+from .reader import ScanError, ScanImage, read_scan
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS_ROOT = ROOT / "weights"
+
+
+def default_weights() -> Path:
+    """The shipped default model: $BT_WEIGHTS, else the directory named in weights/DEFAULT."""
+    if os.environ.get("BT_WEIGHTS"):
+        return Path(os.environ["BT_WEIGHTS"])
+    return WEIGHTS_ROOT / (WEIGHTS_ROOT / "DEFAULT").read_text().strip()
+
+
+def shipped_models() -> list[Path]:
+    return sorted(p.parent for p in WEIGHTS_ROOT.glob("*/card.json"))
+
+
+def load_card(weights_dir: str | Path) -> dict:
+    return json.loads((Path(weights_dir) / "card.json").read_text())
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Prediction:
+    pred: str
+    probs: dict[str, float]
+    tumour_probability: float | None
+    threshold: float | None
+    confidence: float
+    uncertain: bool
+    in_distribution: bool
+    ood_score: float | None
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Predictor:
+    """A loaded model with its card. Thread-safe for prediction; saliency takes ``lock``."""
+
+    def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu"):
+        from safetensors.torch import load_file
+        self.dir = Path(weights_dir) if weights_dir else default_weights()
+        if not (self.dir / "card.json").exists():
+            raise FileNotFoundError(f"no model card at {self.dir / 'card.json'}")
+        self.card = load_card(self.dir)
+        self.classes: list[str] = self.card["classes"]
+        self.spec: dict = self.card["preprocessing"]
+        self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
+        self.threshold = self.card.get("operating_point", {}).get("threshold")
+        self.min_confidence = float(self.card.get("uncertainty", {}).get("min_confidence", 0.0))
+        self.device = torch.device(device)
+        self.model = create_model(self.card["arch"], len(self.classes))
+        state = load_file(self.dir / "model.safetensors")
+        self.model.load_state_dict({k: v.float() for k, v in state.items()})
+        self.model.eval().to(self.device)
+        self.weights_sha256 = file_sha256(self.dir / "model.safetensors")
+        self.lock = threading.Lock()
+        self.gate = None
+        if (self.dir / "ood.safetensors").exists():
+            from .ood import OODGate
+            self.gate = OODGate.load(self.dir)
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", self.dir.name)
+
+    @property
+    def is_tumour_model(self) -> bool:
+        return bool(tumour_classes(self.classes)) and NO_TUMOUR in self.classes
+
+    def input_tensor(self, scan: ScanImage) -> torch.Tensor:
+        return preprocess(scan.pixels, self.spec)[None].to(self.device)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        """Calibrated class probabilities for a batch of model inputs."""
+        return torch.softmax(self.model(x) / self.temperature, dim=1).cpu().numpy()
+
+    def predict_scan(self, scan: ScanImage) -> Prediction:
+        x = self.input_tensor(scan)
+        p = self.probabilities(x)
+        k = int(decide(p, self.classes, self.threshold)[0])
+        t_prob = float(tumour_probability(p, self.classes)[0]) if self.is_tumour_model else None
+        conf = float(p[0].max())
+        in_dist, score = True, None
+        if self.gate is not None:
+            in_dist, score = self.gate.check(scan, x, self.model)
+        return Prediction(pred=self.classes[k],
+                          probs={c: float(v) for c, v in zip(self.classes, p[0])},
+                          tumour_probability=t_prob, threshold=self.threshold, confidence=conf,
+                          uncertain=conf < self.min_confidence, in_distribution=bool(in_dist),
+                          ood_score=score, info=dict(scan.info))
+
+    def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:
+        return self.predict_scan(read_scan(src, name, **read_kw))
+
+
+def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], **read_kw) -> list[dict]:
+    """One result per input, in order: a failing file never stops the others."""
+    out = []
+    for name, src in items:
+        try:
+            pr = predictor.predict_file(src, name, **read_kw)
+            out.append({"file": name, "ok": True, **pr.to_json()})
+        except ScanError as e:
+            out.append({"file": name, "ok": False, "error": str(e)})
+        except Exception as e:  # a bug must not take down the rest of a batch
+            out.append({"file": name, "ok": False,
+                        "error": f"The file could not be processed ({type(e).__name__})."})
+    return out

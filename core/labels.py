@@ -1,0 +1,71 @@
+"""One vocabulary of class names, and the mapping from the many folder names found in the wild.
+
+A folder name maps to a *label*: either a fine class (glioma, meningioma, pituitary, notumor) or
+the coarse class ``tumor`` ("some tumour, type not given", e.g. Br35H ``yes``).
+"""
+from __future__ import annotations
+
+import re
+
+FINE_TUMOURS = ("glioma", "meningioma", "pituitary")
+NO_TUMOUR = "notumor"
+TUMOUR = "tumor"  # coarse label: any tumour class
+CANONICAL = (*FINE_TUMOURS, NO_TUMOUR, TUMOUR)
+
+# Keys are folder names lower-cased with everything but letters removed.
+_ALIASES = {
+    "glioma": "glioma", "gliomatumor": "glioma", "gliomatumour": "glioma", "brainglioma": "glioma",
+    "meningioma": "meningioma", "meningiomatumor": "meningioma", "brainmenin": "meningioma",
+    "menin": "meningioma", "brainmeningioma": "meningioma",
+    "pituitary": "pituitary", "pituitarytumor": "pituitary", "pituitarytumour": "pituitary",
+    "brainpituitary": "pituitary",
+    "notumor": "notumor", "notumour": "notumor", "no": "notumor", "normal": "notumor",
+    "healthy": "notumor", "braintumornot": "notumor", "nontumor": "notumor",
+    "yes": "tumor", "tumor": "tumor", "tumour": "tumor", "braintumor": "tumor",
+    "braintumour": "tumor",
+}
+
+
+def normalise_label(folder_name: str) -> str:
+    """Map a folder name such as ``glioma_tumor``, ``Brain_Menin`` or ``yes`` to the vocabulary.
+
+    Unknown names are kept (lower-cased, non-letters as ``_``) so that any class-per-folder
+    dataset still trains, just without the tumour/no-tumour semantics.
+    """
+    key = re.sub(r"[^a-z]", "", folder_name.lower())
+    if key in _ALIASES:
+        return _ALIASES[key]
+    return re.sub(r"[^a-z0-9]+", "_", folder_name.lower()).strip("_") or folder_name
+
+
+def model_classes(labels: set[str] | list[str]) -> list[str]:
+    """The classes a model trained on these labels predicts, in a stable order.
+
+    The coarse ``tumor`` label becomes a class of its own only when no fine tumour class is
+    present (a yes/no dataset); otherwise it trains the fine classes through their sum.
+    """
+    labels = set(labels)
+    fine = [c for c in FINE_TUMOURS if c in labels]
+    other = sorted(labels - set(CANONICAL))
+    classes = fine + other
+    if TUMOUR in labels and not fine:
+        classes.append(TUMOUR)
+    if NO_TUMOUR in labels:
+        classes.append(NO_TUMOUR)
+    return classes
+
+
+def tumour_classes(classes: list[str]) -> list[str]:
+    """Classes that count as 'a tumour is present'."""
+    return [c for c in classes if c in FINE_TUMOURS or c == TUMOUR]
+
+
+def label_targets(label: str, classes: list[str]) -> list[int]:
+    """Indices of the model classes that a label allows (several for a coarse label)."""
+    if label in classes:
+        return [classes.index(label)]
+    if label == TUMOUR:
+        idx = [classes.index(c) for c in tumour_classes(classes)]
+        if idx:
+            return idx
+    raise ValueError(f"label {label!r} cannot be expressed with classes {classes}")

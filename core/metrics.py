@@ -1,0 +1,137 @@
+"""Metrics from probabilities: one place for accuracy, per-class scores, tumour misses and ECE.
+
+Labels may be fine classes of the model or coarse (``tumor``/``notumor``); fine metrics use
+the samples whose label is a model class, tumour metrics use every sample with a tumour label.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
+
+
+def tumour_probability(probs: np.ndarray, classes: list[str]) -> np.ndarray:
+    idx = [classes.index(c) for c in tumour_classes(classes)]
+    return probs[:, idx].sum(axis=1)
+
+
+def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np.ndarray:
+    """Predicted class index per row at an operating point on the tumour probability.
+
+    At or above the threshold the most likely tumour class is predicted, below it 'notumor'.
+    Without a threshold, or for a model with no notumor class, plain argmax.
+    """
+    probs = np.asarray(probs)
+    pred = probs.argmax(axis=1)
+    tum = [classes.index(c) for c in tumour_classes(classes)]
+    if threshold is None or NO_TUMOUR not in classes or not tum:
+        return pred
+    is_t = tumour_probability(probs, classes) >= threshold
+    best_t = np.array(tum)[probs[:, tum].argmax(axis=1)]
+    return np.where(is_t, best_t, classes.index(NO_TUMOUR))
+
+
+def is_tumour_label(label: str) -> bool | None:
+    if label in FINE_TUMOURS or label == TUMOUR:
+        return True
+    if label == NO_TUMOUR:
+        return False
+    return None
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    conf, correct = np.asarray(conf, float), np.asarray(correct, float)
+    if len(conf) == 0:
+        return float("nan")
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(conf[m].mean() - correct[m].mean())
+    return float(ece)
+
+
+def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            out.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
+                        "confidence": float(conf[m].mean()), "accuracy": float(correct[m].mean())})
+    return out
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return float(a / b) if b else None
+
+
+def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[str],
+                           threshold: float | None = None) -> dict:
+    """Everything the CLI's ``evaluate`` JSON and the dashboards report, for one set of samples."""
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = decide(probs, classes, threshold)
+    out: dict = {"classes": classes, "n": len(labels), "threshold": threshold}
+    fine = np.array([lab in classes for lab in labels], dtype=bool)
+    if fine.any():
+        y = np.array([classes.index(lab) for lab, f in zip(labels, fine) if f])
+        p = pred[fine]
+        cm = confusion_matrix(y, p, labels=range(len(classes)))
+        prec, rec, f1, sup = precision_recall_fscore_support(
+            y, p, labels=range(len(classes)), zero_division=0)
+        per_class = {}
+        for k, c in enumerate(classes):
+            tn = cm.sum() - cm[k].sum() - cm[:, k].sum() + cm[k, k]
+            fp = cm[:, k].sum() - cm[k, k]
+            per_class[c] = {"precision": float(prec[k]), "recall": float(rec[k]),
+                            "f1": float(f1[k]), "specificity": _ratio(tn, tn + fp),
+                            "support": int(sup[k])}
+        conf = probs[fine].max(axis=1)
+        correct = probs[fine].argmax(axis=1) == y
+        present = sorted(set(y.tolist()) | set(p.tolist()))
+        out.update(n_fine=int(fine.sum()), accuracy=float((p == y).mean()),
+                   macro_f1=float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
+                   per_class=per_class, confusion=cm.tolist(),
+                   ece=expected_calibration_error(conf, correct),
+                   reliability=reliability(conf, correct))
+    truth = [is_tumour_label(lab) for lab in labels]
+    has = np.array([t is not None for t in truth], dtype=bool)
+    if has.any() and tumour_classes(classes):
+        t_true = np.array([bool(t) for t in truth])[has]
+        no_idx = classes.index(NO_TUMOUR) if NO_TUMOUR in classes else -1
+        t_pred = (pred[has] != no_idx)
+        tp = int((t_true & t_pred).sum()); fn = int((t_true & ~t_pred).sum())
+        tn = int((~t_true & ~t_pred).sum()); fp = int((~t_true & t_pred).sum())
+        out.update(tumour_missed=fn, normal_flagged=fp, n_tumour=tp + fn, n_normal=tn + fp,
+                   sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
+                   binary_accuracy=_ratio(tp + tn, tp + tn + fp + fn))
+    return out
+
+
+def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101) -> list[dict]:
+    """Miss rate and false-alarm rate against the tumour-probability threshold."""
+    t_prob, is_tumour = np.asarray(t_prob), np.asarray(is_tumour, bool)
+    rows = []
+    for t in np.linspace(0, 1, n):
+        flagged = t_prob >= t
+        rows.append({"threshold": float(t),
+                     "missed": int((is_tumour & ~flagged).sum()),
+                     "miss_rate": _ratio(int((is_tumour & ~flagged).sum()), int(is_tumour.sum())),
+                     "false_alarm_rate": _ratio(int((~is_tumour & flagged).sum()),
+                                                int((~is_tumour).sum()))})
+    return rows
+
+
+def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> list[dict]:
+    """Accuracy of the predictions kept when the least confident are referred, at each coverage."""
+    order = np.argsort(-np.asarray(conf))
+    c = np.asarray(correct, float)[order]
+    n = len(c)
+    out = []
+    for cov in np.linspace(0.5, 1.0, 11):
+        k = max(1, int(round(cov * n)))
+        out.append({"coverage": float(k / n), "accuracy": float(c[:k].mean()),
+                    "min_confidence": float(np.asarray(conf)[order][k - 1])})
+    return out

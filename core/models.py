@@ -1,0 +1,134 @@
+"""Model registry in the style of timm: ``@register_model`` builders, ``create_model(name)``.
+
+Every model takes a 1-channel (grey) image of any size and returns class logits; every model
+is trained from scratch (no downloadable weights exist here).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, **kw) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, **kw)
+
+
+def saliency_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional block: where Grad-CAM looks (each builder sets ``cam_layer``)."""
+    return model.get_submodule(model.cam_layer)
+
+
+def _grey_stem(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
+
+
+@register_model
+def simple_cnn(num_classes: int) -> nn.Module:
+    """The seed project's model: 2 x (conv, ReLU, max-pool), then 2 fully connected layers."""
+    m = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(8), nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+    m.cam_layer = "3"
+    return m
+
+
+@register_model
+def cnn_bn(num_classes: int, dropout: float = 0.5) -> nn.Module:
+    """3 conv blocks with batch-norm, then 2 dense layers with dropout."""
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o),
+                             nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    m = nn.Sequential(block(1, 32), block(32, 64), block(64, 128),
+                      nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(dropout),
+                      nn.Linear(128 * 16, 256), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                      nn.Linear(256, num_classes))
+    m.cam_layer = "2"
+    return m
+
+
+@register_model
+def resnet18(num_classes: int) -> nn.Module:
+    m = tvm.resnet18(weights=None, num_classes=num_classes)
+    m.conv1 = _grey_stem(m.conv1)
+    m.cam_layer = "layer4"
+    return m
+
+
+@register_model
+def resnet50(num_classes: int) -> nn.Module:
+    m = tvm.resnet50(weights=None, num_classes=num_classes)
+    m.conv1 = _grey_stem(m.conv1)
+    m.cam_layer = "layer4"
+    return m
+
+
+@register_model
+def efficientnet_b0(num_classes: int) -> nn.Module:
+    m = tvm.efficientnet_b0(weights=None, num_classes=num_classes)
+    m.features[0][0] = _grey_stem(m.features[0][0])
+    m.cam_layer = "features"
+    return m
+
+
+@register_model
+def vgg16(num_classes: int) -> nn.Module:
+    """VGG16 with batch-norm; the 4096-wide head (500 MB) is replaced by a pooled 512 -> 256 head."""
+    m = tvm.vgg16_bn(weights=None)
+    m.features[0] = _grey_stem(m.features[0])
+    m.avgpool = nn.AdaptiveAvgPool2d(1)
+    m.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(512, 256),
+                                 nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, num_classes))
+    m.cam_layer = "features"
+    return m
+
+
+@register_model
+def mobilenet_v3_small(num_classes: int) -> nn.Module:
+    m = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)
+    m.features[0][0] = _grey_stem(m.features[0][0])
+    m.cam_layer = "features"
+    return m
+
+
+@register_model
+def mobilenet_v3_large(num_classes: int) -> nn.Module:
+    m = tvm.mobilenet_v3_large(weights=None, num_classes=num_classes)
+    m.features[0][0] = _grey_stem(m.features[0][0])
+    m.cam_layer = "features"
+    return m
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features before the classifier (for feature-density out-of-distribution scores)."""
+    feats = {}
+    layer = saliency_layer(model)
+    h = layer.register_forward_hook(lambda m, i, o: feats.setdefault("f", o))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    return feats["f"].mean(dim=(2, 3))

@@ -1,0 +1,70 @@
+"""The one preprocessing path: grey -> crop to the head -> pad square -> resize -> normalise.
+
+Training caches the output of `prepare` and augments it; evaluation, the CLI and the app call
+`preprocess`. The parameters live in the model card's ``preprocessing`` entry.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchvision.transforms.v2 import functional as F
+
+DEFAULT_SPEC = {"size": 176, "crop": "head", "mean": 0.20, "std": 0.25,
+                "grey": "ITU-R 601 luminance of RGB; 16-bit and float scaled by 0.5-99.5 percentiles"}
+
+
+def head_bbox(grey: np.ndarray, rel_threshold: float = 0.08, margin: float = 0.04):
+    """Bounding box (y0, y1, x0, x1) of the largest bright component (the head).
+
+    Burnt-in text and scanner labels are small separate components, so they do not stretch the box.
+    Returns the full image when nothing stands out (blank or noise images).
+    """
+    h, w = grey.shape
+    small_scale = max(1, int(max(h, w) // 128))
+    g = grey[::small_scale, ::small_scale]
+    hi = np.percentile(g, 99)
+    if hi <= 1e-3:
+        return 0, h, 0, w
+    mask = ndimage.binary_opening(g > rel_threshold * hi, iterations=1)
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return 0, h, 0, w
+    sizes = ndimage.sum(mask, lab, index=range(1, n + 1))
+    k = int(np.argmax(sizes)) + 1
+    if sizes[k - 1] < 0.02 * mask.size:
+        return 0, h, 0, w
+    ys, xs = np.nonzero(lab == k)
+    y0, y1 = ys.min() * small_scale, (ys.max() + 1) * small_scale
+    x0, x1 = xs.min() * small_scale, (xs.max() + 1) * small_scale
+    my, mx = int(margin * h), int(margin * w)
+    return max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
+
+
+def pad_square(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape
+    s = max(h, w)
+    out = np.zeros((s, s), dtype=a.dtype)
+    out[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = a
+    return out
+
+
+def prepare(grey: np.ndarray, spec: dict) -> np.ndarray:
+    """Crop, pad and resize a grey [0, 1] image to ``spec['size']``; float32 in [0, 1]."""
+    if spec.get("crop", "head") == "head":
+        y0, y1, x0, x1 = head_bbox(grey)
+        grey = grey[y0:y1, x0:x1]
+    sq = pad_square(np.ascontiguousarray(grey, dtype=np.float32))
+    t = torch.from_numpy(sq)[None]
+    t = F.resize(t, [spec["size"], spec["size"]], antialias=True)
+    return t[0].clamp_(0, 1).numpy()
+
+
+def normalise(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    """[0, 1] tensor (N, 1, H, W) or (1, H, W) -> model input."""
+    return (x - spec["mean"]) / spec["std"]
+
+
+def preprocess(grey: np.ndarray, spec: dict) -> torch.Tensor:
+    """Grey [0, 1] image -> normalised tensor of shape (1, size, size)."""
+    return normalise(torch.from_numpy(prepare(grey, spec))[None], spec)

@@ -1,0 +1,137 @@
+"""Saliency maps from the grad-cam package, an overlay for display, and scores against a mask.
+
+The model is shared by every app session (``st.cache_resource``); grad-cam registers hooks on
+it, so each map is computed under ``predictor.lock`` with a CAM object created for that call
+and released by its context manager.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM)
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from scipy import ndimage
+
+from .models import saliency_layer
+from .preprocess import head_bbox, pad_square
+from .reader import ScanImage
+
+# Display name -> grad-cam class. Every one works on any CNN of the registry via saliency_layer.
+METHODS = {
+    "Grad-CAM": GradCAM,
+    "Grad-CAM++": GradCAMPlusPlus,
+    "HiResCAM": HiResCAM,
+    "XGrad-CAM": XGradCAM,
+    "LayerCAM": LayerCAM,
+    "EigenCAM": EigenCAM,
+}
+
+
+def _key(name: str) -> str:
+    """'Grad-CAM++', 'gradcam++' and 'GradCAMPlusPlus' all become 'gradcampp'."""
+    return "".join(ch for ch in name.lower().replace("+", "p") if ch.isalnum()).replace(
+        "plusplus", "pp")
+
+
+_ALIASES = {_key(k): k for k in METHODS}
+
+
+def method_name(method: str) -> str:
+    """Canonical display name for ``method`` ("gradcam", "Grad-CAM++", "eigencam", ...)."""
+    if _key(method) in _ALIASES:
+        return _ALIASES[_key(method)]
+    raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def saliency_map(predictor, scan: ScanImage, method: str = "gradcam",
+                 target: str | int | None = None) -> np.ndarray:
+    """H x W map in [0, 1] at the model input size, for ``target`` (class name or index).
+
+    ``target=None`` explains the model's own top class. Maps explain the raw logits, so the
+    operating point does not change them.
+    """
+    cls = METHODS[method_name(method)]
+    x = predictor.input_tensor(scan)
+    targets = None if target is None else [ClassifierOutputTarget(_target_index(predictor, target))]
+    grey_cam = None
+    with predictor.lock:  # hooks live on the shared model while this block runs
+        try:
+            with cls(model=predictor.model, target_layers=[saliency_layer(predictor.model)]) as cam:
+                with torch.enable_grad():
+                    grey_cam = cam(input_tensor=x, targets=targets)[0]
+        finally:
+            predictor.model.zero_grad(set_to_none=True)  # no gradients left on the shared model
+    if grey_cam is None:  # grad-cam's __exit__ swallows IndexError and leaves nothing behind
+        raise RuntimeError(f"{method_name(method)} produced no map for this model")
+    return _unit(np.nan_to_num(np.asarray(grey_cam, dtype=np.float32)))
+
+
+def _target_index(predictor, target: str | int) -> int:
+    if isinstance(target, (int, np.integer)):
+        if not 0 <= int(target) < len(predictor.classes):
+            raise ValueError(f"class index {target} out of range")
+        return int(target)
+    if target not in predictor.classes:
+        raise ValueError(f"unknown class {target!r}; the model predicts {predictor.classes}")
+    return predictor.classes.index(target)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1]; a flat map stays all zero rather than dividing by zero."""
+    a = a - a.min()
+    peak = a.max()
+    return (a / peak if peak > 0 else a).astype(np.float32)
+
+
+def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a map to ``shape`` (H, W), kept in [0, 1]."""
+    if cam.shape == tuple(shape):
+        return cam.astype(np.float32)
+    zoom = (shape[0] / cam.shape[0], shape[1] / cam.shape[1])
+    return np.clip(ndimage.zoom(cam.astype(np.float32), zoom, order=1), 0, 1)[:shape[0], :shape[1]]
+
+
+def overlay(grey: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """RGB uint8 of the grey image with the map as a jet heat map at ``opacity`` (0 = no map)."""
+    grey = np.clip(np.asarray(grey, dtype=np.float32), 0, 1)
+    cam = resize_map(np.clip(cam, 0, 1), grey.shape)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=float(np.clip(1 - opacity, 0, 1)))
+
+
+def colour_map(cam: np.ndarray) -> np.ndarray:
+    """The raw map as an RGB uint8 jet image (the 'map alone' view)."""
+    return overlay(np.zeros_like(cam), cam, opacity=1.0)
+
+
+def mask_to_input(grey: np.ndarray, mask: np.ndarray, spec: dict) -> np.ndarray:
+    """Bring a mask drawn on the original scan into the model-input frame (crop, pad, resize).
+
+    Uses the crop box found on ``grey``, exactly as `core.preprocess.prepare` does for the image.
+    """
+    mask = np.asarray(mask) > 0
+    if spec.get("crop", "head") == "head":
+        y0, y1, x0, x1 = head_bbox(grey)
+        mask = mask[y0:y1, x0:x1]
+    sq = pad_square(mask.astype(np.float32))
+    return resize_map(sq, (spec["size"], spec["size"])) >= 0.5
+
+
+def mask_scores(cam: np.ndarray, mask: np.ndarray, tolerance: float = 0.05) -> dict:
+    """How well a map points at a mask of the same frame.
+
+    pointing_hit: the map's peak lies inside the mask dilated by ``tolerance`` x image size
+    (the pointing game, which forgives peaks just off a small lesion's edge).
+    energy_in_mask: share of the map's total mass inside the (undilated) mask.
+    """
+    mask = np.asarray(mask) > 0
+    cam = resize_map(np.asarray(cam, dtype=np.float32), mask.shape)
+    if not mask.any():
+        return {"pointing_hit": None, "energy_in_mask": None}
+    radius = max(1, int(round(tolerance * max(mask.shape))))
+    grown = ndimage.binary_dilation(mask, iterations=radius)
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    total = float(cam.sum())
+    return {"pointing_hit": bool(grown[peak]),
+            "energy_in_mask": float(cam[mask].sum() / total) if total > 0 else 0.0}

@@ -1,0 +1,354 @@
+"""Train a brain-tumour MRI classifier from class-per-folder data and write weights/<name>/.
+
+    python train.py --data ../shared/data/brain-tumor-mri/Training --arch mobilenet_v3_small \
+        --out weights/mobilenet_v3_small
+    python train.py --config experiments/default.toml
+
+Writes model.safetensors, card.json, history.json, eval.json and split.json into --out.
+A checkpoint is saved every epoch (checkpoint.pt, not shipped); --resume continues from it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import data as D
+from core import engine as E
+from core.evaluation import evaluate_records, prediction_records
+from core.labels import label_targets, model_classes, tumour_classes
+from core.metrics import tumour_probability
+from core.models import count_parameters, create_model
+from core.preprocess import DEFAULT_SPEC
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML file with any of these options (command line wins)")
+    p.add_argument("--data", action="append", default=None,
+                   help="data root, repeatable; PATH or PATH=WEIGHT (sampling weight of the source)")
+    p.add_argument("--arch", default="mobilenet_v3_small")
+    p.add_argument("--out", default=None, help="output directory (default weights/<arch>)")
+    p.add_argument("--name", default=None, help="model name for the card (default: out dir name)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--img", type=int, default=192, help="input size in pixels")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--wd", type=float, default=0.05)
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--aug", type=float, default=1.0, help="augmentation strength, 0 = none")
+    p.add_argument("--skull-strip-p", type=float, default=0.2)
+    p.add_argument("--crop", default="head", choices=["head", "none"])
+    p.add_argument("--binary", action="store_true", help="fold every tumour class into 'tumor'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--patience", type=int, default=8, help="early stopping on validation loss")
+    p.add_argument("--target-sensitivity", type=float, default=0.99)
+    p.add_argument("--max-distance", type=int, default=6, help="phash bits for near duplicates")
+    p.add_argument("--min-head", type=float, default=0.03,
+                   help="drop slices whose head covers less of the image than this")
+    p.add_argument("--limit", type=int, default=0, help="use at most N images per source (tests)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ood", action="store_true", help="also fit the out-of-distribution gate")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = get_args_parser()
+    args = p.parse_args(argv)
+    if args.config:
+        cfg = tomllib.loads(Path(args.config).read_text())
+        defaults = {k.replace("-", "_"): v for k, v in cfg.items()}
+        p.set_defaults(**defaults)
+        args = p.parse_args(argv)
+        args.config_values = cfg
+    if not args.data:
+        p.error("--data is required (or a config with data = [...])")
+    args.out = args.out or f"weights/{args.arch}"
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+
+
+def parse_sources(entries: list) -> list[dict]:
+    """`PATH`, `PATH=WEIGHT` or {path, weight, name} -> [{path, weight, name}]."""
+    out = []
+    for e in entries:
+        if isinstance(e, dict):
+            d = {"weight": 1.0, **e}
+        else:
+            path, _, w = str(e).partition("=")
+            d = {"path": path, "weight": float(w or 1.0)}
+        p = Path(d["path"])
+        d.setdefault("name", p.parent.name if p.name.lower() in D.SPLIT_DIRS else p.name)
+        out.append(d)
+    return out
+
+
+def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
+    samples, skipped = [], []
+    for src in sources:
+        scan = D.discover(src["path"], src["name"])
+        found = scan.samples
+        if args.limit:
+            rng = random.Random(args.seed)
+            found = rng.sample(found, min(args.limit, len(found)))
+        if args.binary:
+            for s in found:
+                s.label = "tumor" if s.label in ("glioma", "meningioma", "pituitary") else s.label
+        samples += found
+        skipped += [(src["name"], rel, why) for rel, why in scan.skipped]
+        src["label_map"] = sorted({(s.original, s.label) for s in found})
+    return samples, skipped
+
+
+def sampling_weights(samples: list[D.Sample], sources: list[dict]) -> torch.Tensor:
+    """Per-image draw weight: a source's weight times its natural share, classes balanced within it."""
+    w_src = {s["name"]: s["weight"] for s in sources}
+    counts: dict = {}
+    for s in samples:
+        counts[(s.source, s.label)] = counts.get((s.source, s.label), 0) + 1
+    n_src = {k: sum(v for (src, _), v in counts.items() if src == k) for k in w_src}
+    n_cls = {k: sum(1 for (src, _) in counts if src == k) for k in w_src}
+    w = [w_src[s.source] * n_src[s.source] / (n_cls[s.source] * counts[(s.source, s.label)])
+         for s in samples]
+    return torch.tensor(w, dtype=torch.double)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = parse_sources(args.data)
+    spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
+
+    samples, skipped = load_samples(sources, args)
+    print(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
+    images = E.cache_images(samples, spec, workers=args.workers)
+    head = (images > 25).float().mean(dim=(1, 2, 3))
+    keep = head >= args.min_head
+    dropped = [(s.source, s.rel) for s, k in zip(samples, keep) if not k]
+    samples = [s for s, k in zip(samples, keep) if k]
+    images = images[keep]
+    D.assign_groups(samples, args.max_distance)
+    ckpt_path = out / "checkpoint.pt"
+    resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+    if resume:
+        D.apply_split_record(samples, json.loads((out / "split.json").read_text())["files"])
+    else:
+        D.split_by_group(samples, seed=args.seed)
+    classes = model_classes({s.label for s in samples})
+    masks = E.target_masks(samples, classes)
+    # A source with weight 0 is held out: never trained or validated on, but its test split is
+    # evaluated, so that runs on different source mixes are measured on the same test images.
+    trained = {s["name"] for s in sources if s["weight"] > 0}
+    idx = {k: torch.tensor([i for i, s in enumerate(samples) if s.split == k
+                            and (k == "test" or s.source in trained)], dtype=torch.long)
+           for k in ("train", "val", "test")}
+    print("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
+    (out / "split.json").write_text(json.dumps({
+        "method": f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
+                  f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}",
+        "dropped_small_head": dropped, "files": D.split_record(samples)}))
+
+    model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    steps = args.epochs * max(1, len(idx["train"]) // args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1,
+                                                pct_start=0.15)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
+    history, start_epoch, best, bad = [], 0, float("inf"), 0
+    if resume:
+        model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"]); history = resume["history"]
+        start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
+        torch.set_rng_state(resume["rng"])
+        print(f"resumed from epoch {start_epoch}", flush=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    train_time = sum(h["train"]["time_s"] for h in history)
+    for epoch in range(start_epoch, args.epochs):
+        gen.manual_seed(args.seed * 1000 + epoch)
+        n_draw = max(1, len(idx["train"]) // args.batch_size) * args.batch_size
+        order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
+        tr = E.train_one_epoch(model, images, masks, order, opt, sched, spec, device,
+                               args.batch_size, precision, args.smoothing, args.aug,
+                               args.skull_strip_p, scaler, progress=not args.no_progress)
+        va = E.evaluate_split(model, images[idx["val"]], masks[idx["val"]], spec, device, precision)
+        train_time += tr["time_s"]
+        history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
+        print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
+              f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
+        if va["loss"] < best:
+            best, bad = va["loss"], 0
+            torch.save(model.state_dict(), out / "best.pt")
+        else:
+            bad += 1
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                          scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
+                          bad=bad, rng=torch.get_rng_state(), args=vars(args) | {"config_values": None})
+        if bad >= args.patience:
+            print(f"early stop: no validation improvement for {bad} epochs", flush=True)
+            break
+
+    model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+    finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
+           history, skipped, dropped, train_time, time.time() - t_start)
+    return 0
+
+
+def finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
+           history, skipped, dropped, train_time, wall_time) -> None:
+    """Calibrate on validation, pick the operating point, evaluate the test split, write the card."""
+    from safetensors.torch import save_file
+    out = Path(args.out)
+    model.eval()
+    val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision)
+    temperature = E.fit_temperature(val_logits, masks[idx["val"]])
+    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
+    val_samples = [samples[i] for i in idx["val"]]
+    operating, uncertainty = {}, {}
+    if tumour_classes(classes) and "notumor" in classes:
+        t_prob = tumour_probability(val_probs, classes)
+        is_t = np.array([s.label != "notumor" for s in val_samples])
+        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity)
+        operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
+                     "val_sensitivity": float((t_prob[is_t] >= thr).mean()) if is_t.any() else None,
+                     "val_specificity": float((t_prob[~is_t] < thr).mean()) if (~is_t).any() else None}
+    threshold = operating.get("threshold")
+    uncertainty = pick_min_confidence(val_probs, val_samples, classes)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
+              out / "model.safetensors")
+    test = [samples[i] for i in idx["test"]]
+    test_probs = torch.softmax(E.predict_logits(model, images[idx["test"]], spec, device,
+                                                precision=precision) / temperature, 1).numpy()
+    records = prediction_records(test, test_probs, classes, threshold,
+                                 uncertainty.get("min_confidence", 0.0))
+    ev = evaluate_records(records, classes, threshold)
+    (out / "eval.json").write_text(json.dumps(ev, indent=1))
+    card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
+                     ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
+    (out / "card.json").write_text(json.dumps(card, indent=1))
+    for f in ("best.pt",):
+        (out / f).unlink(missing_ok=True)
+    print(json.dumps({"test_accuracy": ev.get("accuracy"), "macro_f1": ev.get("macro_f1"),
+                      "tumour_missed": ev.get("tumour_missed"), "ece": ev.get("ece"),
+                      "per_source": {k: {m: v.get(m) for m in ("accuracy", "sensitivity", "specificity",
+                                                                 "tumour_missed")}
+                                     for k, v in ev.get("per_source", {}).items()},
+                      "train_time_s": round(train_time)}, indent=1), flush=True)
+
+
+def pick_min_confidence(probs: np.ndarray, samples: list[D.Sample], classes: list[str],
+                        target_error: float = 0.005, max_referred: float = 0.10) -> dict:
+    """Lowest confidence below which predictions are referred, so that kept ones err <= target."""
+    fine = [i for i, s in enumerate(samples) if s.label in classes]
+    if not fine:
+        return {"min_confidence": 0.0}
+    conf = probs[fine].max(1)
+    correct = probs[fine].argmax(1) == np.array([classes.index(samples[i].label) for i in fine])
+    order = np.argsort(-conf)
+    cum_err = np.cumsum(~correct[order]) / np.arange(1, len(order) + 1)
+    min_keep = int(np.ceil((1 - max_referred) * len(order)))
+    ok = [k for k in range(min_keep - 1, len(order)) if cum_err[k] <= target_error]
+    k = max(ok) if ok else min_keep - 1
+    thr = float(conf[order][k]) if k < len(order) - 1 else 0.0
+    return {"min_confidence": thr, "target_error": target_error, "max_referred": max_referred,
+            "val_referred": float((conf < thr).mean()), "val_error_kept": float(cum_err[k])}
+
+
+def make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty, ev,
+              history, skipped, dropped, train_time, wall_time, model, device, precision) -> dict:
+    import torchvision
+    weights = Path(args.out) / "model.safetensors"
+    per_split = {k: sum(1 for s in samples if s.split == k) for k in ("train", "val", "test")}
+    return {
+        "name": args.name or Path(args.out).name,
+        "version": dt.date.today().isoformat(),
+        "arch": args.arch,
+        "task": "binary tumour / no tumour" if len(classes) == 2 else f"{len(classes)}-class",
+        "classes": classes,
+        "tumour_classes": tumour_classes(classes),
+        "input": {"channels": 1, "size": spec["size"], "dtype": "float32",
+                  "value_range": "[0, 1] before normalisation"},
+        "preprocessing": spec,
+        "calibration": {"method": "temperature scaling on the validation split",
+                        "temperature": temperature},
+        "operating_point": operating,
+        "uncertainty": uncertainty,
+        "sources": [{"name": s["name"], "path": s["path"], "weight": s["weight"],
+                     "label_map": {o: l for o, l in s["label_map"]},
+                     "images": {k: sum(1 for x in samples if x.source == s["name"] and x.split == k)
+                                for k in ("train", "val", "test")}} for s in sources],
+        "split": {"method": json.loads((Path(args.out) / "split.json").read_text())["method"],
+                  "file": "split.json", "sizes": per_split, "seed": args.seed},
+        "data_fingerprint": D.data_fingerprint(samples),
+        "data_notes": {"skipped_files": len(skipped),
+                       "dropped_small_head": f"{len(dropped)} slices whose head covers < "
+                                             f"{args.min_head:.0%} of the image (near-black ends of volumes)"},
+        "metrics": {k: ev.get(k) for k in ("n", "accuracy", "macro_f1", "tumour_missed",
+                                          "normal_flagged", "sensitivity", "specificity", "ece")}
+                   | {"per_source": {k: {m: v.get(m) for m in ("n", "accuracy", "sensitivity",
+                                                              "specificity", "tumour_missed", "ece")}
+                                     for k, v in ev.get("per_source", {}).items()}},
+        "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
+                     "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
+                     "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
+                     "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
+                                      "ops": "affine (rotate 15, scale 12%, shear, shift 8%), "
+                                             "h-flip, gamma, contrast, brightness, noise, skull removal"},
+                     "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
+                     "device": device_name(device), "precision": precision,
+                     "config": getattr(args, "config_values", None)},
+        "parameters": count_parameters(model),
+        "weights_file_bytes": weights.stat().st_size,
+        "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("train.py") else None,
+        "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                      "python": platform.python_version()},
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "intended_use": "Research and teaching demo. Not a medical device; not for diagnosis.",
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
