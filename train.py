@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from core import data as D
+from core import distributed as DD
 from core import engine as E
 from core.evaluation import evaluate_records, prediction_records
 from core.labels import label_targets, model_classes, tumour_classes
@@ -55,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--patience", type=int, default=8, help="early stopping on validation loss")
     p.add_argument("--target-sensitivity", type=float, default=0.99)
+    p.add_argument("--min-specificity", type=float, default=0.97,
+                   help="the operating point never trades validation specificity below this")
     p.add_argument("--max-distance", type=int, default=6, help="phash bits for near duplicates")
     p.add_argument("--min-head", type=float, default=0.03,
                    help="drop slices whose head covers less of the image than this")
@@ -144,24 +147,28 @@ def sampling_weights(samples: list[D.Sample], sources: list[dict]) -> torch.Tens
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    seed_everything(args.seed)
+    # Under torchrun (WORLD_SIZE > 1) a process group; otherwise rank 0 of 1 and nothing changes.
+    rank, world, ddp_device = DD.setup(args.device)
+    args.world_size = world
+    say = print if rank == 0 else DD.quiet
+    # Model init may differ by rank (DDP copies rank 0's weights); augmentation should differ.
+    seed_everything(args.seed + rank)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = ddp_device or pick_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sources = parse_sources(args.data)
     spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
 
+    if rank > 0:
+        DD.barrier(world)  # rank 0 fills the image and hash caches and writes split.json first
     samples, skipped = load_samples(sources, args)
-    print(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
+    say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
     images = E.cache_images(samples, spec, workers=args.workers)
-    head = (images > 25).float().mean(dim=(1, 2, 3))
-    keep = head >= args.min_head
-    dropped = [(s.source, s.rel) for s, k in zip(samples, keep) if not k]
-    samples = [s for s, k in zip(samples, keep) if k]
-    images = images[keep]
+    # Group and split before dropping anything, so that the split depends only on the files
+    # and the seed, not on the input size or filters: runs with other settings share test sets.
     D.assign_groups(samples, args.max_distance)
     ckpt_path = out / "checkpoint.pt"
     resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
@@ -169,6 +176,11 @@ def main(argv=None) -> int:
         D.apply_split_record(samples, json.loads((out / "split.json").read_text())["files"])
     else:
         D.split_by_group(samples, seed=args.seed)
+    head = (images > 25).float().mean(dim=(1, 2, 3))
+    keep = head >= args.min_head
+    dropped = [(s.source, s.rel) for s, k in zip(samples, keep) if not k]
+    samples = [s for s, k in zip(samples, keep) if k]
+    images = images[keep]
     classes = model_classes({s.label for s in samples})
     masks = E.target_masks(samples, classes)
     # A source with weight 0 is held out: never trained or validated on, but its test split is
@@ -177,15 +189,19 @@ def main(argv=None) -> int:
     idx = {k: torch.tensor([i for i, s in enumerate(samples) if s.split == k
                             and (k == "test" or s.source in trained)], dtype=torch.long)
            for k in ("train", "val", "test")}
-    print("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
-    (out / "split.json").write_text(json.dumps({
-        "method": f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
-                  f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}",
-        "dropped_small_head": dropped, "files": D.split_record(samples)}))
+    say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
+    if rank == 0:
+        (out / "split.json").write_text(json.dumps({
+            "method": f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
+                      f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}",
+            "dropped_small_head": dropped, "files": D.split_record(samples)}))
+        DD.barrier(world)
 
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    steps = args.epochs * max(1, len(idx["train"]) // args.batch_size)
+    # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
+    steps_per_epoch = max(1, len(idx["train"]) // (args.batch_size * world))
+    steps = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1,
                                                 pct_start=0.15)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -193,40 +209,57 @@ def main(argv=None) -> int:
     history, start_epoch, best, bad = [], 0, float("inf"), 0
     if resume:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"]); history = resume["history"]
+        if resume["scheduler"].get("total_steps") == steps + 1:
+            sched.load_state_dict(resume["scheduler"])
+        else:  # resumed with another --epochs: follow the new schedule from the step reached
+            sched.last_epoch = resume["scheduler"]["last_epoch"]
+        history = resume["history"]
+        if not (out / "best.pt").exists() and (out / "model.safetensors").exists():
+            # A finished run removed best.pt; its best weights are the ones it shipped.
+            from safetensors.torch import load_file
+            ref = model.state_dict()
+            torch.save({k: v.to(ref[k].dtype) for k, v in load_file(out / "model.safetensors").items()},
+                       out / "best.pt")
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
         torch.set_rng_state(resume["rng"])
-        print(f"resumed from epoch {start_epoch}", flush=True)
+        say(f"resumed from epoch {start_epoch}", flush=True)
+    net = DD.wrap(model, device, world)  # DDP when world > 1; `model` stays the plain module
     gen = torch.Generator().manual_seed(args.seed)
     train_time = sum(h["train"]["time_s"] for h in history)
     for epoch in range(start_epoch, args.epochs):
         gen.manual_seed(args.seed * 1000 + epoch)
-        n_draw = max(1, len(idx["train"]) // args.batch_size) * args.batch_size
+        n_draw = steps_per_epoch * args.batch_size * world
         order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
-        tr = E.train_one_epoch(model, images, masks, order, opt, sched, spec, device,
+        order = DD.shard(order, rank, world)  # same draw on every rank; each trains its share
+        tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
-                               args.skull_strip_p, scaler, progress=not args.no_progress)
-        va = E.evaluate_split(model, images[idx["val"]], masks[idx["val"]], spec, device, precision)
-        train_time += tr["time_s"]
-        history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
-        print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
-              f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
-        if va["loss"] < best:
-            best, bad = va["loss"], 0
-            torch.save(model.state_dict(), out / "best.pt")
-        else:
-            bad += 1
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                          scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
-                          bad=bad, rng=torch.get_rng_state(), args=vars(args) | {"config_values": None})
-        if bad >= args.patience:
-            print(f"early stop: no validation improvement for {bad} epochs", flush=True)
+                               args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0)
+        tr = DD.reduce_epoch_stats(tr, len(order), world, device)
+        if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
+            va = E.evaluate_split(model, images[idx["val"]], masks[idx["val"]], spec, device, precision)
+            train_time += tr["time_s"]
+            history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
+            print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
+                  f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
+            if va["loss"] < best:
+                best, bad = va["loss"], 0
+                torch.save(model.state_dict(), out / "best.pt")
+            else:
+                bad += 1
+            (out / "history.json").write_text(json.dumps(history, indent=1))
+            E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                              scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
+                              bad=bad, rng=torch.get_rng_state(), args=vars(args) | {"config_values": None})
+        if DD.rank0_decides(bad >= args.patience, world, device):
+            say(f"early stop: no validation improvement for {bad} epochs", flush=True)
             break
 
-    model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
-    finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
-           history, skipped, dropped, train_time, time.time() - t_start)
+    DD.debug_dump(model, rank, world)
+    if rank == 0:
+        model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+        finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
+               history, skipped, dropped, train_time, time.time() - t_start)
+    DD.cleanup(world)
     return 0
 
 
@@ -244,8 +277,9 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     if tumour_classes(classes) and "notumor" in classes:
         t_prob = tumour_probability(val_probs, classes)
         is_t = np.array([s.label != "notumor" for s in val_samples])
-        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity)
+        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity)
         operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
+                     "min_specificity": args.min_specificity,
                      "val_sensitivity": float((t_prob[is_t] >= thr).mean()) if is_t.any() else None,
                      "val_specificity": float((t_prob[~is_t] < thr).mean()) if (~is_t).any() else None}
     threshold = operating.get("threshold")
@@ -333,6 +367,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                              "h-flip, gamma, contrast, brightness, noise, skull removal"},
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
                      "device": device_name(device), "precision": precision,
+                     "world_size": getattr(args, "world_size", 1),
                      "config": getattr(args, "config_values", None)},
         "parameters": count_parameters(model),
         "weights_file_bytes": weights.stat().st_size,

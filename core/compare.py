@@ -1,5 +1,251 @@
-"""Placeholder: filled in by its own issue."""
+"""`python -m core compare weights/* runs/*` - one row per trained model, from its card.json.
+
+Rows: name, classes, training sources, test accuracy, macro F1, tumours missed, ECE, parameters,
+file size, CPU latency (1 thread, median single-image forward), training time, device and the
+settings it was trained at, with "reduced" where its config says the run was cut down.
+`compare_rows(dirs)` gives the same rows to the app.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# The keys the dashboard also accepts for a latency recorded in a card (ms per image).
+_LATENCY_KEYS = ("latency_ms", "cpu_latency_ms")
+_BENCH_KEYS = ("latency_ms", "cpu_ms", "ms_per_image", "p50_ms")
+
+
+# ----------------------------------------------------------------------------- finding models
+def model_dirs(paths: list[str | Path]) -> list[Path]:
+    """Directories holding a card.json, in the order given, each once.
+
+    A path without a card of its own contributes its immediate subdirectories that have one,
+    so `compare weights runs` works as well as `compare weights/* runs/*`. Files (such as
+    weights/DEFAULT) and card-less folders (runs/logs) are passed over.
+    """
+    found, seen = [], set()
+    for p in map(Path, paths):
+        if not p.is_dir():
+            continue
+        cands = [p] if (p / "card.json").is_file() else sorted(
+            d for d in p.iterdir() if d.is_dir() and (d / "card.json").is_file())
+        for d in cands:
+            key = d.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(d)
+    return found
+
+
+# ----------------------------------------------------------------------------- latency
+def card_latency(card: dict) -> float | None:
+    """A latency (ms) the card already records, if any."""
+    for key in _LATENCY_KEYS:
+        if isinstance(card.get(key), (int, float)):
+            return float(card[key])
+    bench = card.get("benchmark") or card.get("latency") or {}
+    if isinstance(bench, (int, float)):
+        return float(bench)
+    if isinstance(bench, dict):
+        for key in _BENCH_KEYS:
+            if isinstance(bench.get(key), (int, float)):
+                return float(bench[key])
+    return None
+
+
+def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3) -> float:
+    """Median single-image forward time in ms on one CPU thread, as the shipped model loads.
+
+    One thread because that is what a shared CPU server gives each request, and it makes
+    numbers comparable between machines with different core counts.
+    """
+    import torch
+    from .inference import Predictor
+    pred = Predictor(weights_dir, device="cpu")
+    size = int(pred.spec.get("size", 192))
+    x = torch.rand(1, 1, size, size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        with torch.inference_mode():
+            for k in range(warmup + repeats):
+                t0 = time.perf_counter()
+                pred.model(x)
+                if k >= warmup:
+                    times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- rows
+def _training_sources(card: dict) -> list[str]:
+    """Sources the model learnt from (weight > 0); held-out sources are only evaluated."""
+    return [s.get("name", "?") for s in card.get("sources", []) if s.get("weight", 1.0) > 0]
+
+
+def _settings(tr: dict, cfg: dict) -> dict:
+    aug = tr.get("augmentation") or {}
+    return {"img": tr.get("img"), "epochs": tr.get("epochs"), "epochs_run": tr.get("epochs_run"),
+            "batch_size": tr.get("batch_size"), "precision": tr.get("precision"),
+            "aug": aug.get("strength"), "skull_strip_p": aug.get("skull_strip_p"),
+            "world_size": tr.get("world_size", 1),
+            "reduced": cfg.get("reduced") or tr.get("reduced"),
+            "reported": cfg.get("reported"), "overridden": _overridden(tr, cfg)}
+
+
+def _overridden(tr: dict, cfg: dict) -> list[str]:
+    """Settings the command line changed from the config (a smoke run of a seed config)."""
+    actual = {"img": tr.get("img"), "epochs": tr.get("epochs"), "batch_size": tr.get("batch_size"),
+              "aug": (tr.get("augmentation") or {}).get("strength")}
+    return [f"{k}={actual[k]} (config {cfg[k]})" for k in actual
+            if k in cfg and actual[k] is not None and actual[k] != cfg[k]]
+
+
+def settings_text(row: dict) -> str:
+    """'128 px, 12/12 epochs, aug 1.0, bf16' plus 'REDUCED: why' when the config says so."""
+    parts = []
+    if row.get("img"):
+        parts.append(f"{row['img']} px")
+    if row.get("epochs"):
+        run = row.get("epochs_run")
+        unit = "epoch" if row["epochs"] == 1 else "epochs"
+        parts.append(f"{run}/{row['epochs']} {unit}" if run not in (None, row["epochs"])
+                     else f"{row['epochs']} {unit}")
+    if row.get("aug") is not None:
+        parts.append("no aug" if not row["aug"] and not row.get("skull_strip_p")
+                     else f"aug {row['aug']}")
+    if row.get("precision"):
+        parts.append(row["precision"])
+    if (row.get("world_size") or 1) > 1:
+        parts.append(f"{row['world_size']} processes")
+    if row.get("overridden"):
+        parts.append("config overridden: " + ", ".join(row["overridden"]))
+    text = ", ".join(parts)
+    return f"{text}; REDUCED: {row['reduced']}" if row.get("reduced") else text
+
+
+def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -> dict:
+    """One comparison row for a model directory (card.json, model.safetensors)."""
+    d = Path(weights_dir)
+    card = json.loads((d / "card.json").read_text())
+    m, tr = card.get("metrics") or {}, card.get("training") or {}
+    cfg = tr.get("config") or {}
+    row = {"name": card.get("name", d.name), "dir": str(d), "arch": card.get("arch"),
+           "task": card.get("task"), "classes": card.get("classes", []),
+           "sources": _training_sources(card), "test_images": m.get("n"),
+           "accuracy": m.get("accuracy"),
+           "accuracy_per_source": {k: v.get("accuracy") for k, v in (m.get("per_source") or {}).items()},
+           "macro_f1": m.get("macro_f1"),
+           "tumour_missed": m.get("tumour_missed"), "sensitivity": m.get("sensitivity"),
+           "specificity": m.get("specificity"), "ece": m.get("ece"),
+           "parameters": card.get("parameters"), "weights_file_bytes": card.get("weights_file_bytes"),
+           "latency_ms": card_latency(card), "latency_from": None,
+           "train_time_s": tr.get("train_time_s"), "device": tr.get("device"),
+           **_settings(tr, cfg)}
+    if row["latency_ms"] is not None:
+        row["latency_from"] = "card"
+    elif latency:
+        try:
+            row["latency_ms"], row["latency_from"] = measure_latency(d, repeats), "measured, 1 thread"
+        except Exception as e:  # a broken model must not hide the other rows
+            row["latency_from"] = f"not measured ({type(e).__name__}: {e})"
+    row["settings"] = settings_text(row)
+    return row
+
+
+def compare_rows(dirs: list[str | Path], latency: bool = True, repeats: int = 20) -> list[dict]:
+    """Rows for every directory (or its subdirectories) with a card.json; see `card_row`."""
+    return [card_row(d, latency, repeats) for d in model_dirs(dirs)]
+
+
+# ----------------------------------------------------------------------------- formatting
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _duration(s) -> str:
+    if s is None:
+        return "-"
+    s = round(s)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def _accuracy(r: dict) -> str:
+    """Overall accuracy; for a multi-source model also on the benchmark part of its test split,
+    the number closest to what the benchmark-only seed systems report."""
+    bench = (r.get("accuracy_per_source") or {}).get("benchmark")
+    return _pct(r["accuracy"]) + (f" (benchmark {_pct(bench)})" if bench is not None else "")
+
+
+def _classes(classes: list[str]) -> str:
+    return "/".join(classes) if len(classes) <= 2 else f"{len(classes)}-class"
+
+
+COLUMNS = ("model", "classes", "sources", "test n", "accuracy", "macro F1", "tumours missed",
+           "ECE", "params", "size", "CPU latency", "train time", "device", "settings")
+
+
+def display_row(r: dict) -> list[str]:
+    size = r.get("weights_file_bytes")
+    lat = r.get("latency_ms")
+    return [r["name"], _classes(r["classes"]), "+".join(r["sources"]) or "-",
+            _num(r.get("test_images"), "d"), _accuracy(r), _num(r["macro_f1"], ".3f"),
+            _num(r["tumour_missed"], "d"), _num(r["ece"], ".3f"),
+            "-" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M",
+            "-" if size is None else f"{size / 2**20:.1f} MB",
+            "-" if lat is None else f"{lat:.1f} ms", _duration(r["train_time_s"]),
+            r.get("device") or "-", r["settings"]]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731 - a cell must not open a column
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(esc(c) for c in display_row(r)) + " |" for r in rows]
+    notes = [f"- **{r['name']}** public seed reported: {r['reported']}" for r in rows if r.get("reported")]
+    foot = ["", "Test metrics are on each run's own grouped (near-duplicate-free) test split. "
+            "CPU latency: single-image forward, 1 thread, median (from the card where it has one)."]
+    return "\n".join(lines + foot + ([""] + notes if notes else [])) + "\n"
+
+
+def to_text(rows: list[dict]) -> str:
+    """An aligned plain-text table for the terminal."""
+    table = [list(COLUMNS)] + [display_row(r) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+# ----------------------------------------------------------------------------- CLI
+def cmd_compare(args) -> int:
+    rows = compare_rows(args.dirs, latency=not args.no_latency, repeats=args.repeats)
+    if not rows:
+        raise ValueError(f"no card.json in any of: {' '.join(args.dirs)}")
+    print(to_text(rows))
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(to_markdown(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        if r["latency_from"] and r["latency_from"].startswith("not measured"):
+            print(f"{r['name']}: latency {r['latency_from']}", file=sys.stderr)
+    return 0
 
 
 def add_cli(sub) -> None:
-    pass
+    c = sub.add_parser("compare", help="one row per trained model (dirs with a card.json)")
+    c.add_argument("dirs", nargs="+", help="model directories, or folders of them")
+    c.add_argument("--md", help="also write the table as Markdown")
+    c.add_argument("--json", help="also write the rows as JSON")
+    c.add_argument("--no-latency", action="store_true", help="do not measure CPU latency")
+    c.add_argument("--repeats", type=int, default=20, help="timed forwards per model")
+    c.set_defaults(fn=cmd_compare)

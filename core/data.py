@@ -199,8 +199,8 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     out of train/val as well so that no near duplicate crosses the boundary.
     """
     from sklearn.model_selection import StratifiedGroupKFold
-    n_folds = 20
     groups = np.array([s.group for s in samples])
+    n_folds = max(2, min(20, len(set(groups))))  # StratifiedGroupKFold needs a group per fold
     preset_groups = {s.group for s in samples if s.preset_split == "test"}
     strat = np.array([f"{s.source}/{s.label}" for s in samples])
     folds = np.zeros(len(samples), dtype=int)

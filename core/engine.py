@@ -212,10 +212,23 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
     return float(log_t.exp().clamp(0.05, 20).item())
 
 
-def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float) -> float:
-    """The highest tumour-probability threshold whose validation sensitivity meets the target."""
-    tp = np.sort(np.asarray(t_prob)[np.asarray(is_tumour, bool)])
+def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float,
+                   min_specificity: float | None = None) -> float:
+    """The highest tumour-probability threshold whose validation sensitivity meets the target.
+
+    With ``min_specificity``, never go so low that validation specificity falls below it: a
+    threshold that calls most healthy scans tumours is no operating point. The card records
+    the sensitivity and specificity actually reached.
+    """
+    t_prob, is_tumour = np.asarray(t_prob), np.asarray(is_tumour, bool)
+    tp = np.sort(t_prob[is_tumour])
     if len(tp) == 0:
         return 0.5
     k = int(math.floor((1 - target_sensitivity) * len(tp)))  # tumours we may miss
-    return float(min(0.5, max(1e-4, tp[k] - 1e-6)))
+    thr = float(min(0.5, max(1e-4, tp[k] - 1e-6)))
+    normals = np.sort(t_prob[~is_tumour])
+    if min_specificity is not None and len(normals):
+        # lowest threshold keeping at least min_specificity of normals below it
+        j = min(len(normals) - 1, int(math.ceil(min_specificity * len(normals))) - 1)
+        thr = max(thr, min(0.5, float(normals[j]) + 1e-6))
+    return thr

@@ -130,3 +130,30 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], **r
             out.append({"file": name, "ok": False,
                         "error": f"The file could not be processed ({type(e).__name__})."})
     return out
+
+
+def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
+                           batch_size: int = 64, **read_kw) -> tuple[int, Prediction]:
+    """The slice (NIfTI axial slice, DICOM frame) the model finds most tumour-like, predicted.
+
+    Every non-empty slice is scored in batches; the highest tumour probability wins (the
+    highest confidence for a model without a no-tumour class). The returned Prediction is the
+    ordinary one for that slice, flags included, with slice_index / n_slices in its info.
+    A 2D image has one slice: (0, its prediction).
+    """
+    from .reader import is_empty_slice, read_volume
+    slices, kind, info = read_volume(src, name, **read_kw)
+    keep = [i for i, s in enumerate(slices) if not is_empty_slice(s)]
+    if not keep:
+        raise ScanError("Every slice of the volume is empty.")
+    scores = []
+    for start in range(0, len(keep), batch_size):  # batches bound memory on large volumes
+        x = torch.cat([predictor.input_tensor(ScanImage(slices[i]))
+                       for i in keep[start:start + batch_size]])
+        p = predictor.probabilities(x)
+        scores.append(tumour_probability(p, predictor.classes) if predictor.is_tumour_model else p.max(1))
+    best = keep[int(np.argmax(np.concatenate(scores)))]
+    index_key = "slice_index" if kind == "nifti" else "frame"
+    scan_info = {**info, index_key: best, "n_slices": len(slices), "slices_scored": len(keep),
+                 "slice_choice": "most tumour-like"}
+    return best, predictor.predict_scan(ScanImage(slices[best], 0.0, kind, scan_info))

@@ -1,5 +1,786 @@
-"""Placeholder: filled in by its own issue."""
+"""Out-of-distribution gate: is this upload a brain MRI slice like the ones the model learned from?
+
+Standard post-hoc scores on the classifier alone flag only a fraction of non-brain images
+(docs: reference-runs.md), so the gate combines up to three *components*, each turned into a
+standardised score where larger means "less like brain MRI":
+
+- ``colour``: a hard rule on the colourfulness of the original file (MRI is grey);
+- ``cnn``: a dedicated 1-channel 64 px "is this a brain MRI slice?" network trained with
+  outlier exposure (MRI of every source vs generated non-MRI images, `core.outliers`);
+- ``mahalanobis`` / ``knn`` / ``energy`` / ``maxprob``: densities or confidences of the main
+  model (pooled features from `core.models.penultimate`, or its logits).
+
+The gate's ``ood_score`` is the largest standardised component score minus one threshold set so
+that at most ``fpr`` (2 %) of the validation slices of *every* source are flagged; it is > 0
+exactly when the image is flagged. `fit_gate_for_weights` (the ``fit-ood`` command) fits, measures
+every method on test MRI and on held-out outlier categories, and writes ``ood.safetensors``,
+the card's ``"ood"`` section and ``ood_eval.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from .preprocess import normalise, prepare
+from .reader import ScanImage
+
+GATE_SPEC = {"size": 64, "crop": "head", "mean": 0.20, "std": 0.25}
+FEATURE_METHODS = ("mahalanobis", "knn")
+LOGIT_METHODS = ("energy", "maxprob")
+MODEL_METHODS = FEATURE_METHODS + LOGIT_METHODS
+VERSION = 1
+
+
+# ----------------------------------------------------------------------------- image sets
+@dataclass
+class ImageSet:
+    """Prepared images of one group (a source's split, or an outlier category).
+
+    ``small`` is the gate network's input (uint8, N x 1 x 64 x 64); ``main`` the classifier's
+    input (uint8, N x 1 x S x S) or None when no model is involved.
+    """
+    small: torch.Tensor
+    colour: np.ndarray
+    main: torch.Tensor | None = None
+    groups: list[str] = field(default_factory=list)   # e.g. "benchmark/glioma", for densities
+
+    def __len__(self) -> int:
+        return len(self.colour)
+
+    @staticmethod
+    def concat(sets: list["ImageSet"]) -> "ImageSet":
+        main = None if any(s.main is None for s in sets) else torch.cat([s.main for s in sets])
+        return ImageSet(torch.cat([s.small for s in sets]), np.concatenate([s.colour for s in sets]),
+                        main, sum((s.groups or [""] * len(s) for s in sets), []))
+
+
+def _to_u8(a: np.ndarray) -> np.ndarray:
+    return (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+
+
+def prepare_small(grey: np.ndarray) -> np.ndarray:
+    """The gate network's input for one grey image, quantised like the training cache."""
+    return _to_u8(prepare(grey, GATE_SPEC))
+
+
+def from_scans(scans: list[ScanImage], main_spec: dict | None = None, groups: list[str] | None = None) -> ImageSet:
+    small = np.stack([prepare_small(s.pixels) for s in scans])[:, None]
+    main = None
+    if main_spec is not None:
+        main = torch.from_numpy(np.stack([_to_u8(prepare(s.pixels, main_spec)) for s in scans])[:, None])
+    return ImageSet(torch.from_numpy(small), np.array([s.colourfulness for s in scans], np.float32),
+                    main, groups or [])
+
+
+def _read_one(args) -> tuple[np.ndarray, np.ndarray | None, float]:
+    path, main_spec = args
+    from .reader import read_scan
+    scan = read_scan(path)
+    main = _to_u8(prepare(scan.pixels, main_spec)) if main_spec else None
+    return prepare_small(scan.pixels), main, scan.colourfulness
+
+
+def load_files(paths: list[str], main_spec: dict | None, groups: list[str] | None = None,
+               workers: int = 2) -> ImageSet:
+    """Read and prepare files once (both sizes and colourfulness), cached on disk by path list."""
+    from .data import HASH_CACHE
+    spec_key = repr(sorted(main_spec.items())) if main_spec else "-"
+    key = hashlib.sha1(("|".join(paths) + spec_key + repr(sorted(GATE_SPEC.items()))).encode()).hexdigest()[:16]
+    cache = HASH_CACHE.parent / f"ood-{key}.npz"
+    if cache.exists():
+        z = np.load(cache)
+        main = torch.from_numpy(z["main"]) if "main" in z else None
+        return ImageSet(torch.from_numpy(z["small"]), z["colour"], main, groups or [])
+    jobs = [(p, main_spec) for p in paths]
+    if workers > 1 and len(jobs) > 100:
+        # spawn, not fork: a forked child of a process whose torch thread pool already ran
+        # (a loaded classifier) can hang forever in its first parallel op.
+        import multiprocessing
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            out = list(ex.map(_read_one, jobs, chunksize=32))
+    else:
+        out = [_read_one(j) for j in jobs]
+    small = np.stack([o[0] for o in out])[:, None]
+    colour = np.array([o[2] for o in out], np.float32)
+    arrays = {"small": small, "colour": colour}
+    if main_spec:
+        arrays["main"] = np.stack([o[1] for o in out])[:, None]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **arrays)
+    return ImageSet(torch.from_numpy(small), colour,
+                    torch.from_numpy(arrays["main"]) if main_spec else None, groups or [])
+
+
+# ----------------------------------------------------------------------------- the gate network
+class GateNet(nn.Module):
+    """A ~100k-parameter CNN for 64 x 64 grey inputs; one logit, > 0 means "not brain MRI".
+
+    It ends in a 4 x 4 spatial map that is flattened, not pooled: where things are (a head in
+    the middle, black corners) is part of what makes an MRI slice.
+    """
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o),
+                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.features = nn.Sequential(block(1, w), block(w, 2 * w), block(2 * w, 4 * w), block(4 * w, 4 * w))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * w * 16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))[:, 0]
+
+
+def _balanced_weights(groups: list[str]) -> torch.Tensor:
+    """Sampling weights giving every group (source or outlier category) an equal share."""
+    names, inv = np.unique(np.array(groups), return_inverse=True)
+    counts = np.bincount(inv)
+    return torch.from_numpy(1.0 / counts[inv]).float()
+
+
+def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
+                   batch_size: int = 128, lr: float = 3e-3, width: int = 16, log=print) -> GateNet:
+    """Outlier exposure: brain MRI (label 0) vs generated non-MRI images (label 1), balanced.
+
+    Each half of an epoch's draws comes from one side; within a side every source or category
+    counts equally, so that the small sources (BRISC, Br35H) are not an afterthought.
+    """
+    from .engine import augment
+    torch.manual_seed(seed)
+    net = GateNet(width)
+    x = torch.cat([pos.small, neg.small])
+    y = torch.cat([torch.zeros(len(pos)), torch.ones(len(neg))])
+    wp = _balanced_weights(pos.groups or ["mri"] * len(pos))
+    wn = _balanced_weights(neg.groups or ["other"] * len(neg))
+    w = torch.cat([wp / wp.sum(), wn / wn.sum()])
+    n_draw = len(x)
+    steps = epochs * math.ceil(n_draw / batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.2)
+    gen = torch.Generator().manual_seed(seed)
+    for ep in range(epochs):
+        t0, tot, correct, loss_sum = time.time(), 0, 0, 0.0
+        net.train()
+        order = torch.multinomial(w, n_draw, replacement=True, generator=gen)
+        for idx in order.split(batch_size):
+            xb = augment(x[idx].float().div_(255), 1.0, 0.2)
+            logit = net(normalise(xb, GATE_SPEC))
+            loss = nnf.binary_cross_entropy_with_logits(logit, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+            tot += len(idx); loss_sum += loss.item() * len(idx)
+            correct += ((logit > 0).float() == y[idx]).sum().item()
+        log(f"gate net epoch {ep + 1}/{epochs}: loss {loss_sum / tot:.4f} acc {correct / tot:.4f} "
+            f"({time.time() - t0:.0f} s)")
+    return net.eval()
+
+
+@torch.no_grad()
+def net_scores(net: GateNet, small: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    out = [net(normalise(c.float().div(255), GATE_SPEC)) for c in small.split(batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+# ----------------------------------------------------------------------------- main-model scores
+@torch.no_grad()
+def features_and_logits(model: nn.Module, main: torch.Tensor, spec: dict,
+                        batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled penultimate features and logits of the classifier, in one forward pass per batch."""
+    from .models import saliency_layer
+    model.eval()
+    store: dict = {}
+    h = saliency_layer(model).register_forward_hook(lambda m, i, o: store.__setitem__("f", o))
+    feats, logits = [], []
+    try:
+        for c in main.split(batch_size):
+            z = model(normalise(c.float().div(255), spec))
+            feats.append(store["f"].mean(dim=(2, 3)).float())
+            logits.append(z.float())
+    finally:
+        h.remove()
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+class Mahalanobis:
+    """Minimum Mahalanobis distance to the class (source/label) means with one shared covariance.
+
+    Stores the Cholesky factor of the (shrunk) precision matrix, so a score is one matmul.
+    """
+
+    def __init__(self, means: np.ndarray, chol: np.ndarray):
+        self.means, self.chol = means.astype(np.float32), chol.astype(np.float32)
+
+    @classmethod
+    def fit(cls, feats: np.ndarray, groups: list[str], shrink: float = 0.05, min_group: int = 20) -> "Mahalanobis":
+        g = np.array(groups)
+        names = [n for n in np.unique(g) if (g == n).sum() >= min_group] or [None]
+        means, resid = [], []
+        for n in names:
+            f = feats if n is None else feats[g == n]
+            means.append(f.mean(0)); resid.append(f - f.mean(0))
+        r = np.concatenate(resid).astype(np.float64)
+        cov = r.T @ r / len(r)
+        cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
+        prec = np.linalg.inv(cov)
+        return cls(np.stack(means), np.linalg.cholesky((prec + prec.T) / 2))
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        f = torch.from_numpy(np.asarray(feats, np.float32))
+        m, L = torch.from_numpy(self.means), torch.from_numpy(self.chol)
+        d = ((f[:, None, :] - m[None]) @ L).pow(2).sum(-1)   # (N, C) squared distances
+        return d.min(1).values.sqrt().numpy()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.means": torch.from_numpy(self.means).half(),
+                f"{prefix}.chol": torch.from_numpy(self.chol).half()}
+
+
+class KNN:
+    """Distance to the k-th nearest training feature after L2 normalisation (Sun et al. 2022)."""
+
+    def __init__(self, bank: np.ndarray, k: int = 10):
+        self.bank, self.k = bank.astype(np.float32), k
+
+    @classmethod
+    def fit(cls, feats: np.ndarray, k: int = 10, max_bank: int = 1000, seed: int = 0) -> "KNN":
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(feats))[:max_bank]
+        return cls(_l2(feats[idx]), k)
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        sims = torch.from_numpy(_l2(feats)) @ torch.from_numpy(self.bank).T
+        k = min(self.k, sims.shape[1])
+        return (1 - sims.topk(k, dim=1).values[:, -1]).numpy()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.bank": torch.from_numpy(self.bank).half()}
+
+
+def _l2(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, np.float32)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """Negative free energy, sign flipped so that larger means more unusual."""
+    return -torch.logsumexp(torch.from_numpy(logits), 1).numpy()
+
+
+def maxprob_score(logits: np.ndarray) -> np.ndarray:
+    return 1 - torch.softmax(torch.from_numpy(logits), 1).max(1).values.numpy()
+
+
+class FeatureTap:
+    """Keeps the pooled features of the classifier's last forward pass, per thread.
+
+    `Predictor` runs ``model(x)`` just before ``gate.check(scan, x, model)``; re-running the
+    model for its features would double the cost, so a forward hook keeps them and ``check``
+    reuses them when the input is the very same tensor (otherwise it runs `penultimate`).
+    """
+
+    def __init__(self):
+        self.local = threading.local()
+        self.models: set[int] = set()
+        self.lock = threading.Lock()
+
+    def attach(self, model: nn.Module) -> None:
+        from .models import saliency_layer
+        with self.lock:
+            if id(model) in self.models:
+                return
+            saliency_layer(model).register_forward_hook(
+                lambda m, i, o: setattr(self.local, "f", o.detach().mean(dim=(2, 3))))
+            model.register_forward_hook(self._keep_output)
+            self.models.add(id(model))
+
+    def _keep_output(self, m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        self.local.x = inputs[0] if inputs else None
+        self.local.logits = out.detach() if torch.is_tensor(out) else None
+
+    def get(self, model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """{"feats", "logits"} of ``model`` on ``x``: kept from the last pass, or one new pass."""
+        if getattr(self.local, "x", None) is not x or getattr(self.local, "logits", None) is None:
+            self.attach(model)
+            with torch.no_grad():
+                model(x)
+        return {"feats": self.local.f.float().cpu().numpy(), "logits": self.local.logits.float().cpu().numpy()}
+
+
+# ----------------------------------------------------------------------------- the gate
+@dataclass
+class Component:
+    """One score turned into standard units: (raw - center) / scale; the colour rule has its own."""
+    name: str
+    center: float
+    scale: float
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        return (np.asarray(raw, np.float64) - self.center) / self.scale
+
+
+def per_source_threshold(scores: dict[str, np.ndarray], fpr: float) -> float:
+    """The lowest threshold that flags at most ``fpr`` of every source's validation slices."""
+    return float(max(np.quantile(s, 1 - fpr, method="higher") for s in scores.values() if len(s)))
+
+
+class OODGate:
+    """``check(scan, x, model) -> (in_distribution, ood_score)``; ``ood_score > 0`` means flagged."""
+
+    def __init__(self, method: str, components: list[Component], threshold: float, colour_limit: float | None,
+                 net: GateNet | None = None, density: Mahalanobis | KNN | None = None, info: dict | None = None):
+        self.method, self.components, self.threshold = method, components, threshold
+        self.colour_limit, self.net, self.density = colour_limit, net, density
+        self.info = info or {}
+        self.tap = FeatureTap()
+
+    # -- scoring
+    def raw_scores(self, data: ImageSet, model: nn.Module | None = None, spec: dict | None = None,
+                   cache: dict | None = None) -> dict[str, np.ndarray]:
+        """Raw component scores for a batch (``cache`` may hold precomputed features/logits)."""
+        out = {}
+        names = {c.name for c in self.components}
+        if "cnn" in names:
+            out["cnn"] = cache["cnn"] if cache and "cnn" in cache else net_scores(self.net, data.small)
+        if names & set(MODEL_METHODS):
+            if cache is None or "feats" not in cache:
+                f, z = features_and_logits(model, data.main, spec)
+                cache = {**(cache or {}), "feats": f, "logits": z}
+            out.update(_model_scores(names, self.density, cache))
+        return out
+
+    def combine(self, raw: dict[str, np.ndarray], colour: np.ndarray) -> np.ndarray:
+        """Standardised max over components, minus the threshold; the colour rule overrides."""
+        if not self.components:  # the colour rule alone
+            z = np.full(len(colour), -1.0)
+        else:
+            z = np.max([c.standardise(raw[c.name]) for c in self.components], axis=0) - self.threshold
+        if self.colour_limit is not None:
+            zc = (np.asarray(colour, np.float64) - self.colour_limit) / self.colour_limit
+            z = np.where(zc > 0, np.maximum(z, zc), z)
+        return z
+
+    def scores(self, data: ImageSet, model=None, spec=None, cache=None) -> np.ndarray:
+        return self.combine(self.raw_scores(data, model, spec, cache), data.colour)
+
+    @torch.no_grad()
+    def check(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> tuple[bool, float]:
+        """One upload: the gate network on its own 64 px view, features reused from the model's pass."""
+        raw = {}
+        names = {c.name for c in self.components}
+        if "cnn" in names:
+            small = torch.from_numpy(prepare_small(scan.pixels))[None, None]
+            raw["cnn"] = net_scores(self.net, small)
+        if names & set(MODEL_METHODS):
+            raw.update(_model_scores(names, self.density, self.tap.get(model, x)))
+        score = float(self.combine(raw, np.array([scan.colourfulness]))[0])
+        return score <= 0, score
+
+    # -- persistence
+    def config(self) -> dict:
+        return {"version": VERSION, "method": self.method, "threshold": self.threshold,
+                "colour_limit": self.colour_limit,
+                "components": [c.__dict__ for c in self.components],
+                "density": type(self.density).__name__ if self.density else None,
+                "knn_k": getattr(self.density, "k", None),
+                "net_width": self.net.features[0][0].out_channels if self.net else None,
+                "input": {**GATE_SPEC, "note": "gate network input: prepare(grey, spec), uint8-quantised"},
+                **self.info}
+
+    def save(self, out_dir: str | Path, card_section: dict | None = None) -> Path:
+        """Write ``ood.safetensors`` (weights + config in its metadata) and merge ``card.json``."""
+        from safetensors.torch import save_file
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        if self.net is not None:
+            tensors.update({f"net.{k}": v.detach().float().contiguous() for k, v in self.net.state_dict().items()})
+        if self.density is not None:
+            tensors.update(self.density.tensors("density"))
+        if not tensors:  # safetensors needs at least one tensor; the colour rule alone has none
+            tensors["colour_limit"] = torch.tensor([self.colour_limit or 0.0])
+        cfg = self.config()
+        save_file(tensors, str(out_dir / "ood.safetensors"), metadata={"config": json.dumps(cfg)})
+        card = out_dir / "card.json"
+        if card.exists():
+            data = json.loads(card.read_text())
+            data["ood"] = {**cfg, **(card_section or {})}
+            tmp = card.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, card)
+        return out_dir / "ood.safetensors"
+
+    @classmethod
+    def load(cls, weights_dir: str | Path) -> "OODGate":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        path = Path(weights_dir) / "ood.safetensors"
+        with safe_open(str(path), "pt") as f:
+            cfg = json.loads(f.metadata()["config"])
+        t = load_file(str(path))
+        net = None
+        if cfg.get("net_width"):
+            net = GateNet(cfg["net_width"])
+            net.load_state_dict({k[4:]: v.float() for k, v in t.items() if k.startswith("net.")})
+            net.eval()
+        density = None
+        if cfg.get("density") == "Mahalanobis":
+            density = Mahalanobis(t["density.means"].float().numpy(), t["density.chol"].float().numpy())
+        elif cfg.get("density") == "KNN":
+            density = KNN(t["density.bank"].float().numpy(), cfg.get("knn_k") or 10)
+        comps = [Component(**c) for c in cfg["components"]]
+        info = {k: v for k, v in cfg.items() if k not in ("version", "method", "threshold", "colour_limit",
+                                                          "components", "density", "knn_k", "net_width", "input")}
+        return cls(cfg["method"], comps, cfg["threshold"], cfg.get("colour_limit"), net, density, info)
+
+    # -- fitting
+    @classmethod
+    def fit(cls, pos: ImageSet, neg: ImageSet | None, val: dict[str, ImageSet], method: str = "cnn+colour",
+            model: nn.Module | None = None, spec: dict | None = None, fpr: float = 0.02,
+            epochs: int = 8, seed: int = 0, net: GateNet | None = None, caches: dict | None = None,
+            log=print) -> "OODGate":
+        """Fit the components named in ``method`` (e.g. "cnn+mahalanobis+colour") and the threshold.
+
+        ``pos``: training MRI; ``neg``: training outliers (for the network); ``val``: validation
+        MRI per source, which sets the standardisation and the threshold. ``caches`` may hold
+        precomputed {"train"|source: {"feats", "logits"}} for the main model.
+        """
+        parts = method.split("+")
+        unknown = set(parts) - {"cnn", "colour", *MODEL_METHODS}
+        if unknown:
+            raise ValueError(f"unknown OOD method part(s): {', '.join(sorted(unknown))}")
+        if set(parts) & set(MODEL_METHODS) and model is None and caches is None:
+            raise ValueError(f"method {method!r} needs the classifier")
+        colour_limit = colour_limit_from(pos) if "colour" in parts else None
+        if "cnn" in parts and net is None:
+            net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log)
+        caches = dict(caches or {})
+
+        def cached(key: str, data: ImageSet) -> dict:
+            if "feats" not in caches.get(key, {}):
+                f, z = features_and_logits(model, data.main, spec)
+                caches[key] = {**caches.get(key, {}), "feats": f, "logits": z}
+            return caches[key]
+        density = None
+        if "mahalanobis" in parts:
+            density = Mahalanobis.fit(cached("train", pos)["feats"], pos.groups)
+        elif "knn" in parts:
+            density = KNN.fit(cached("train", pos)["feats"], seed=seed)
+        gate = cls(method, [], 0.0, colour_limit, net if "cnn" in parts else None, density)
+        names = [p for p in parts if p != "colour"]
+        raw_val = {}
+        for src, data in val.items():
+            if "cnn" in names:
+                r = {"cnn": caches[src]["cnn"] if "cnn" in caches.get(src, {}) else net_scores(net, data.small)}
+            else:
+                r = {}
+            if set(names) & set(MODEL_METHODS):
+                r.update(_model_scores(set(names), density, cached(src, data)))
+            raw_val[src] = r
+        for n in names:  # robust units: 0 at the pooled validation median, 1 at its 98th percentile
+            pooled = np.concatenate([r[n] for r in raw_val.values()])
+            med, hi = np.median(pooled), np.quantile(pooled, 1 - fpr)
+            gate.components.append(Component(n, float(med), float(max(hi - med, 1e-6))))
+        if names:
+            comb = {s: np.max([c.standardise(raw_val[s][c.name]) for c in gate.components], axis=0)
+                    for s in val}
+            gate.threshold = per_source_threshold(comb, fpr)
+        return gate
+
+
+def _model_scores(names: set[str], density, cache: dict) -> dict[str, np.ndarray]:
+    out = {}
+    if "mahalanobis" in names or "knn" in names:
+        out["mahalanobis" if isinstance(density, Mahalanobis) else "knn"] = density.score(cache["feats"])
+    if "energy" in names:
+        out["energy"] = energy_score(cache["logits"])
+    if "maxprob" in names:
+        out["maxprob"] = maxprob_score(cache["logits"])
+    return out
+
+
+def colour_limit_from(pos: ImageSet, floor: float = 0.03) -> float:
+    """Grey MRI saved as JPEG picks up a little chroma; allow twice the most seen in training."""
+    return float(max(floor, 2 * float(np.max(pos.colour, initial=0.0))))
+
+
+
+
+# ----------------------------------------------------------------------------- data for fitting
+def source_roots(card: dict | None, data_config: str | Path | None) -> dict[str, Path]:
+    """Source name -> data root, from the model card and from the training config (TOML)."""
+    entries = list((card or {}).get("sources", []))
+    if data_config and Path(data_config).exists():
+        import tomllib
+        entries += tomllib.loads(Path(data_config).read_text()).get("data", [])
+    roots = {}
+    for e in entries:
+        name, path = e.get("name"), e.get("path")
+        if name and path and name not in roots:
+            roots[name] = _resolve(path)
+    return roots
+
+
+def _resolve(path: str) -> Path:
+    """Config paths are relative to the repository root; accept the working directory too."""
+    from .inference import ROOT
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
+    """{source: {split: (absolute paths, "source/label" groups)}} from a split.json."""
+    from .labels import normalise_label
+    record = json.loads(Path(split_file).read_text())["files"]
+    out: dict = {}
+    for src, splits in record.items():
+        if src not in roots:
+            raise ValueError(f"split.json names source {src!r} but no data root is known for it "
+                             f"(known: {', '.join(roots) or 'none'}); pass --data-config")
+        out[src] = {sp: ([str(roots[src] / r) for r in rels],
+                         [f"{src}/{normalise_label(Path(r).parts[0])}" for r in rels])
+                    for sp, rels in splits.items()}
+    return out
+
+
+def _outliers_key() -> str:
+    from . import outliers
+    return hashlib.sha1(Path(outliers.__file__).read_bytes()).hexdigest()[:10]
+
+
+def outlier_set(category: str, n: int, seed: int, main_spec: dict | None, mri_paths: list[str]) -> ImageSet:
+    """``n`` generated images of one category, prepared like uploads; cached on disk."""
+    from . import outliers as O
+    from .data import HASH_CACHE
+    from .reader import read_scan
+    derived = category in O.MRI_DERIVED
+    key = hashlib.sha1(repr((category, n, seed, main_spec and sorted(main_spec.items()), _outliers_key(),
+                             mri_paths if derived else None, GATE_SPEC)).encode()).hexdigest()[:16]
+    cache = HASH_CACHE.parent / f"ood-out-{key}.npz"
+    if cache.exists():
+        z = np.load(cache)
+        return ImageSet(torch.from_numpy(z["small"]), z["colour"],
+                        torch.from_numpy(z["main"]) if "main" in z else None, [category] * n)
+    mri = [read_scan(p).pixels for p in mri_paths] if derived else None
+    data = from_scans(O.make_scans(category, n, seed, mri), main_spec, [category] * n)
+    arrays = {"small": data.small.numpy(), "colour": data.colour}
+    if data.main is not None:
+        arrays["main"] = data.main.numpy()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **arrays)
+    return data
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _pct(flags: np.ndarray) -> float:
+    return round(100.0 * float(np.mean(flags)), 2) if len(flags) else float("nan")
+
+
+def evaluate_gate(gate: OODGate, val: dict[str, ImageSet], test: dict[str, ImageSet],
+                  outliers: dict[str, ImageSet], caches: dict, seen: list[str]) -> dict:
+    """% flagged of each source's validation and test MRI and of each outlier category."""
+    def flags(key: str, data: ImageSet) -> np.ndarray:
+        return gate.scores(data, cache=caches.get(key)) > 0
+    out_flags = {c: flags(f"out/{c}", d) for c, d in outliers.items()}
+    row = {"val_mri_flagged_pct": {s: _pct(flags(s, d)) for s, d in val.items()},
+           "test_mri_flagged_pct": {s: _pct(flags(f"test/{s}", d)) for s, d in test.items()},
+           "outliers_flagged_pct": {c: _pct(f) for c, f in out_flags.items()}}
+    o = row["outliers_flagged_pct"]
+    unseen = [c for c in o if c not in seen]
+    row["seen_mean_pct"] = round(float(np.mean([o[c] for c in o if c in seen])), 2) if seen else None
+    row["unseen_mean_pct"] = round(float(np.mean([o[c] for c in unseen])), 2) if unseen else None
+    row["unseen_min_pct"] = min(o[c] for c in unseen) if unseen else None
+    row["all_outliers_pct"] = _pct(np.concatenate(list(out_flags.values())))
+    row["max_test_mri_flagged_pct"] = max(row["test_mri_flagged_pct"].values())
+    return row
+
+
+def time_check(gate: OODGate, scans: list[ScanImage], model: nn.Module | None, spec: dict | None) -> float:
+    """Median milliseconds of ``check`` after the classifier's own pass, as `Predictor` runs it."""
+    from .preprocess import preprocess
+    times = []
+    for s in scans:
+        x = preprocess(s.pixels, spec)[None] if spec else torch.zeros(1, 1, 8, 8)
+        if model is not None:
+            with torch.no_grad():
+                model(x)
+        t0 = time.perf_counter()
+        gate.check(s, x, model)
+        times.append(time.perf_counter() - t0)
+    return round(1000 * float(np.median(times)), 2)
+
+
+def markdown_table(rows: dict[str, dict], sources: list[str], seen: list[str], unseen: list[str]) -> str:
+    """Methods as columns, sources and categories as rows: what the report shows."""
+    names = list(rows)
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def line(label: str, get) -> None:
+        lines.append(f"| {label} | " + " | ".join(f"{get(rows[n])}" for n in names) + " |")
+    for s in sources:
+        line(f"val MRI {s} (% flagged)", lambda r, s=s: r["val_mri_flagged_pct"][s])
+    for s in sources:
+        line(f"**test MRI {s}** (% flagged)", lambda r, s=s: r["test_mri_flagged_pct"][s])
+    for c in seen:
+        line(f"seen: {c}", lambda r, c=c: r["outliers_flagged_pct"][c])
+    for c in unseen:
+        line(f"UNSEEN: {c}", lambda r, c=c: r["outliers_flagged_pct"][c])
+    line("mean seen categories", lambda r: r["seen_mean_pct"])
+    line("**mean unseen categories**", lambda r: r["unseen_mean_pct"])
+    line("worst unseen category", lambda r: r["unseen_min_pct"])
+    line("check() ms", lambda r: r.get("check_ms", "-"))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- fit-ood
+COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+colour",
+            "cnn", "cnn+colour", "cnn+mahalanobis+colour", "cnn+knn+colour")
+
+
+def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = None, method: str = "auto",
+                         out: str | Path | None = None, split: str | Path | None = None, epochs: int = 8,
+                         n_train: int = 700, n_test: int = 200, seed: int = 0, log=print) -> dict:
+    """Fit every compared method for one model, measure them, ship one: the ``fit-ood`` command."""
+    from . import outliers as O
+    weights = Path(weights)
+    out = Path(out) if out else weights
+    card = json.loads((weights / "card.json").read_text()) if (weights / "card.json").exists() else None
+    model, spec = _load_classifier(weights, card)
+    roots = source_roots(card, data_config)
+    files = split_files(split or weights / "split.json", roots)
+    t0 = time.time()
+    sets = {sp: {src: load_files(files[src][sp][0], spec, files[src][sp][1])
+                 for src in files if files[src].get(sp, ([], []))[0]} for sp in ("train", "val", "test")}
+    pos = ImageSet.concat(list(sets["train"].values()))
+    log(f"MRI: train {len(pos)}, val {sum(map(len, sets['val'].values()))}, "
+        f"test {sum(map(len, sets['test'].values()))} ({time.time() - t0:.0f} s)")
+    rng = np.random.default_rng(seed)
+    train_mri = [p for s in files for p in files[s].get("train", ([], []))[0]]
+    test_mri = [p for s in files for p in files[s].get("test", ([], []))[0]]
+    train_mri = sorted(rng.choice(train_mri, min(400, len(train_mri)), replace=False).tolist())
+    test_mri = sorted(rng.choice(test_mri, min(400, len(test_mri)), replace=False).tolist())
+    seen, unseen = list(O.SEEN), list(O.UNSEEN)
+    t0 = time.time()
+    neg = ImageSet.concat([outlier_set(c, n_train, seed, None, train_mri) for c in seen])
+    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, test_mri) for c in seen + unseen}
+    log(f"outliers: {len(neg)} for training ({len(seen)} categories), "
+        f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
+    caches: dict = {}
+    if model is not None:
+        t0 = time.time()
+        for key, data in [("train", pos), *sets["val"].items(), *[(f"test/{s}", d) for s, d in sets["test"].items()],
+                          *[(f"out/{c}", d) for c, d in test_out.items()]]:
+            f, z = features_and_logits(model, data.main, spec)
+            caches[key] = {"feats": f, "logits": z}
+        log(f"classifier features for {sum(len(c['feats']) for c in caches.values())} images "
+            f"({time.time() - t0:.0f} s)")
+    t0 = time.time()
+    net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log)
+    net_time = time.time() - t0
+    for key, data in [*sets["val"].items(), *[(f"test/{s}", d) for s, d in sets["test"].items()],
+                      *[(f"out/{c}", d) for c, d in test_out.items()]]:
+        caches.setdefault(key, {})["cnn"] = net_scores(net, data.small)   # one network for all gates
+    methods = [m for m in COMPARED if model is not None or not set(m.split("+")) & set(MODEL_METHODS)]
+    if method not in ("auto", *methods):
+        methods.append(method)
+    gates, rows = {}, {}
+    timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in test_mri[:15]]
+    for m in methods:
+        gates[m] = OODGate.fit(pos, neg, sets["val"], m, model, spec, net=net, caches=caches, seed=seed, log=log)
+        rows[m] = evaluate_gate(gates[m], sets["val"], sets["test"], test_out, caches, seen)
+        rows[m]["check_ms"] = time_check(gates[m], timing_scans, model, spec)
+    chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
+        if method == "auto" else method
+    gate = gates[chosen]
+    sources = list(sets["val"])
+    table = markdown_table(rows, sources, seen, unseen)
+    counts = {"train_mri": {s: len(d) for s, d in sets["train"].items()},
+              "val_mri": {s: len(d) for s, d in sets["val"].items()},
+              "test_mri": {s: len(d) for s, d in sets["test"].items()},
+              "train_outliers_per_category": n_train, "test_outliers_per_category": n_test}
+    gate.info = {
+        "trained_on": {"positives": "train-split MRI of every source in split.json",
+                       "negatives_seen_categories": seen, "held_out_categories": unseen,
+                       "photos_train": list(O.PHOTOS_TRAIN), "photos_test": list(O.PHOTOS_TEST),
+                       "counts": counts, "epochs": epochs, "seed": seed,
+                       "net_train_time_s": round(net_time, 1)},
+        "threshold_rule": "ood_score = max standardised component score - threshold; the threshold "
+                          "flags at most 2% of each source's validation MRI; colour above colour_limit "
+                          "is always flagged; ood_score > 0 means out of distribution",
+        "measured": {k: rows[chosen][k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct",
+                                                  "outliers_flagged_pct", "seen_mean_pct",
+                                                  "unseen_mean_pct", "unseen_min_pct", "check_ms")}}
+    path = gate.save(out)
+    report = {"weights": str(weights), "chosen": chosen, "methods": rows, "seen_categories": seen,
+              "unseen_categories": unseen, "counts": counts, "table_markdown": table,
+              "gate_file_bytes": path.stat().st_size,
+              "note": "seen categories are tested on fresh draws (photo: new crops of the training "
+                      "photos; MRI-derived: test-split slices); unseen categories were never shown to "
+                      "any gate; 'photo_unseen' are different photos."}
+    (out / "ood_eval.json").write_text(json.dumps(report, indent=1))
+    log(table)
+    log(f"shipped: {chosen} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return report
+
+
+def pick_method(rows: dict[str, dict], candidates: list[str], max_mri_pct: float = 3.0) -> str:
+    """Best mean over the *seen* categories' fresh test draws with test MRI within the limit;
+    near ties (0.5 points) go to the simpler gate. Unseen categories never take part."""
+    ok = [m for m in candidates if rows[m]["max_test_mri_flagged_pct"] <= max_mri_pct] or candidates
+    best = max(rows[m]["seen_mean_pct"] for m in ok)
+    return min((m for m in ok if rows[m]["seen_mean_pct"] >= best - 0.5), key=lambda m: m.count("+"))
+
+
+def _read(path: str) -> ScanImage:
+    from .reader import read_scan
+    return read_scan(path)
+
+
+def _load_classifier(weights: Path, card: dict | None) -> tuple[nn.Module | None, dict | None]:
+    """The classifier and its preprocessing, or (None, None) when it is not trained yet."""
+    from safetensors.torch import load_file
+    from .models import create_model
+    if card is None or not (weights / "model.safetensors").exists():
+        return None, None
+    model = create_model(card["arch"], len(card["classes"]))
+    model.load_state_dict({k: v.float() for k, v in load_file(weights / "model.safetensors").items()})
+    return model.eval(), card["preprocessing"]
+
+
+def cmd_fit_ood(args) -> int:
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    rep = fit_gate_for_weights(args.weights, args.data_config, args.method, args.out, args.split,
+                               args.epochs, args.n_train, args.n_test, args.seed)
+    print(f"wrote ood.safetensors, card.json['ood'] and ood_eval.json (shipped method: {rep['chosen']})")
+    return 0
 
 
 def add_cli(sub) -> None:
-    pass
+    f = sub.add_parser("fit-ood", help="fit and measure the out-of-distribution gate for a model")
+    f.add_argument("--weights", required=True, help="weights directory with card.json and split.json")
+    f.add_argument("--data-config", default="experiments/default.toml",
+                   help="TOML whose [[data]] entries name the source roots (besides the card's)")
+    f.add_argument("--method", default="auto",
+                   help="auto, or e.g. cnn+colour, cnn+mahalanobis+colour, mahalanobis (see COMPARED)")
+    f.add_argument("--out", help="write here instead of --weights")
+    f.add_argument("--split", help="a split.json other than the one in --weights")
+    f.add_argument("--epochs", type=int, default=8)
+    f.add_argument("--n-train", type=int, default=700, help="training outliers per seen category")
+    f.add_argument("--n-test", type=int, default=200, help="test outliers per category")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=2)
+    f.set_defaults(fn=cmd_fit_ood)

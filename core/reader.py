@@ -2,18 +2,69 @@
 
 Everything that reads a file (training, evaluation, the CLI, the app) goes through `read_scan`,
 so the same file gives the same pixels and the same message everywhere.
+
+Formats are recognised by their content (DICOM "DICM" at byte 128, gzip and NIfTI magic, then
+Pillow); the file name only helps with DICOM files that lack the 128-byte preamble and with
+the wording of messages, so a scan with the wrong extension still reads.
+
+* Images (Pillow): JPEG, PNG (8 and 16 bit), BMP, TIFF, WebP, GIF, MPO; the first frame of
+  animated or multi-page files unless ``frame=`` says otherwise. Every Pillow mode becomes grey:
+  8-bit modes by ITU-R 601 luminance / 255, alpha composited on black (the MRI background),
+  16/32-bit integer and float modes by a robust 0.5-99.5 percentile window. EXIF orientation
+  is applied. Images larger than `MAX_SIDE` are reduced (the model sees ~176 px), images larger
+  than `MAX_PIXELS` are refused from the header, before any pixel is decoded.
+* DICOM (pydicom): see `_read_dicom` for the transfer syntaxes and the display pipeline.
+* NIfTI-1/2 (.nii, .nii.gz; nibabel): see `_nifti_volume` for orientation and intensity.
+
+Decisions:
+* Images smaller than `MIN_SIDE` pixels on a side are refused rather than upscaled: an 8 x 8
+  thumbnail holds no anatomy and upscaling it would only give the model a blur to be confident
+  about. Images more elongated than `MAX_ASPECT` (a strip, a banner) are refused too.
+* Blank images (one value everywhere) are read, with ``info["blank"] = True``: the training
+  sources hold such slices (31 all-black lgg-flair/notumor slices), so refusing them here would
+  silently change the datasets; the app can warn on the flag instead.
+* `ScanImage.info` only ever holds technical fields listed in `SAFE_INFO_KEYS` (format, size,
+  frame, window, orientation...); no DICOM/EXIF metadata is copied, so no patient name, ID or
+  date can reach the app, the logs or a report.
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_BYTES = 50 * 1024 * 1024
-MAX_PIXELS = 40_000_000
+MAX_BYTES = 50 * 2**20            # largest file accepted (keep .streamlit/config.toml in step)
+MAX_PIXELS = 40_000_000           # width x height, checked from the header before decoding
+MAX_SIDE = 2048                   # larger images are reduced to this (longest side)
+MIN_SIDE = 16                     # smaller images are refused (see the module docstring)
+MAX_ASPECT = 8.0                  # longest side / shortest side
+MAX_VOXELS = 32_000_000           # one 3D volume (128 MB as float32)
+MAX_DECOMPRESSED = 256 * 2**20    # a .nii.gz may not inflate beyond this (gzip bomb)
+
+# Pillow refuses (DecompressionBombError) above twice this, inside Image.open, from the header.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# Only these Pillow plugins are tried: no EPS/PDF (they run Ghostscript) or exotic decoders.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF")
+SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP, GIF, DICOM or NIfTI"
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
+
+# The only keys `ScanImage.info` may carry (technical, never identifying).
+SAFE_INFO_KEYS = frozenset({
+    "format", "mode", "width", "height", "frame", "n_frames", "exif_rotated", "downscaled_from",
+    "intensity_window", "modality", "photometric_interpretation", "transfer_syntax",
+    "bits_stored", "rescale", "window", "window_source", "n_slices", "slice_index",
+    "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
+    "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
+})
 
 
 class ScanError(ValueError):
@@ -28,34 +79,684 @@ class ScanImage:
     info: dict = field(default_factory=dict)
 
 
-def _to_grey(img: Image.Image) -> tuple[np.ndarray, float]:
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = np.percentile(a, [0.5, 99.5]) if a.size else (0, 1)
-        a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
-        return a.astype(np.float32), 0.0
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    colour = float(np.abs(rgb - grey[..., None]).mean())
-    return grey.astype(np.float32), colour
+# ----------------------------------------------------------------------------- bytes in
+def _source_name(src: Any, name: str | None) -> str:
+    if name:
+        return str(name)
+    if isinstance(src, (str, Path)):
+        return Path(src).name
+    return str(getattr(src, "name", "") or "")
 
 
-def read_scan(src: str | Path | bytes, name: str | None = None, **options) -> ScanImage:
-    """Read a file path or bytes into a `ScanImage`; raise `ScanError` with a plain sentence."""
-    data = Path(src).read_bytes() if not isinstance(src, (bytes, bytearray)) else bytes(src)
+def load_bytes(src: str | Path | bytes | Any) -> bytes:
+    """The bytes of a path, bytes or file-like object (e.g. a Streamlit upload), size-checked."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif isinstance(src, (str, Path)):
+        data = _read_path(Path(src))
+    elif hasattr(src, "getvalue"):
+        data = bytes(src.getvalue())
+    elif hasattr(src, "read"):
+        data = src.read(MAX_BYTES + 1)
+    else:
+        raise ScanError("The input is not a file.")
     if len(data) == 0:
         raise ScanError("The file is empty.")
     if len(data) > MAX_BYTES:
-        raise ScanError(f"The file is larger than {MAX_BYTES // 2**20} MB.")
+        raise ScanError(f"The file is larger than the {MAX_BYTES // 2**20} MB limit.")
+    return data
+
+
+def _read_path(path: Path) -> bytes:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ScanError(f"The image is too large ({img.width} x {img.height} pixels).")
+        if path.is_dir():
+            raise ScanError("The path is a folder, not a file.")
+        if path.stat().st_size > MAX_BYTES:  # refuse before reading a huge file into memory
+            raise ScanError(f"The file is larger than the {MAX_BYTES // 2**20} MB limit.")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ScanError("The file does not exist.") from None
+    except PermissionError:
+        raise ScanError("The file cannot be opened (permission denied).") from None
+    except OSError as e:
+        raise ScanError(f"The file cannot be opened ({e.strerror or type(e).__name__}).") from None
+
+
+# ----------------------------------------------------------------------------- sniffing
+def _is_nifti(data: bytes) -> bool:
+    return data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:8] == b"n+2\x00"
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """A DICOM data set without the 128-byte preamble starts with a group 0002 or 0008 tag."""
+    return len(data) > 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3] < 0x10
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:2048]
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return sum(c.isprintable() or c.isspace() for c in text) >= 0.95 * len(text)
+
+
+def sniff(data: bytes) -> str:
+    """The kind of file from its first bytes: dicom, gzip, nifti, zip, pdf or other."""
+    if data[128:132] == b"DICM":
+        return "dicom"
+    if data[:2] == b"\x1f\x8b":
+        return "gzip"
+    if _is_nifti(data):
+        return "nifti"
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if data[:5] == b"%PDF-":
+        return "pdf"
+    return "other"
+
+
+def _suffix(name: str) -> str:
+    low = name.lower()
+    return ".nii.gz" if low.endswith(".nii.gz") else Path(low).suffix
+
+
+# ----------------------------------------------------------------------------- pixels
+def robust_window(a: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """Scale to [0, 1] between the 0.5 and 99.5 percentiles (outliers do not set the contrast)."""
+    a = np.nan_to_num(np.asarray(a, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if a.size == 0:
+        return a, (0.0, 1.0)
+    sample = a if a.size <= 4_000_000 else a.ravel()[:: a.size // 4_000_000 + 1]
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    if hi - lo < 1e-6:  # nearly constant: fall back to the full range
+        lo, hi = float(a.min()), float(a.max())
+    out = np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    return out, (lo, hi)
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ScanError(f"The image is too large ({width} x {height} pixels; "
+                        f"the limit is {MAX_PIXELS // 1_000_000} megapixels).")
+    if min(width, height) < MIN_SIDE:
+        raise ScanError(f"The image is too small ({width} x {height} pixels); each side "
+                        f"must be at least {MIN_SIDE} pixels.")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ScanError(f"The image is too elongated ({width} x {height} pixels) to be a "
+                        "scan slice.")
+
+
+def _blank(grey: np.ndarray) -> dict:
+    """{"blank": True} for an image with one value everywhere (nothing to classify)."""
+    return {"blank": True} if float(grey.max()) - float(grey.min()) < 1e-6 else {}
+
+
+def _resize(grey: np.ndarray, height: int, width: int) -> np.ndarray:
+    img = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F")
+    out = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _frame_index(options: dict, n_frames: int, default: int, what: str = "frame") -> int:
+    """The frame/slice asked for (``frame``, ``slice_index`` or ``slice`` are synonyms)."""
+    k = next((options[key] for key in ("frame", "slice_index", "slice") if options.get(key) is not None),
+             default)
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise ScanError(f"The {what} number must be a whole number.") from None
+    if not 0 <= k < n_frames:
+        raise ScanError(f"The file has {n_frames} {what}s, numbered 0 to {n_frames - 1}; "
+                        f"{what} {k} does not exist.")
+    return k
+
+
+# ----------------------------------------------------------------------------- images
+class _NotAnImage(Exception):
+    """Pillow does not recognise the content."""
+
+
+def _flatten_mode(img: Image.Image) -> Image.Image:
+    """Bring every Pillow mode to L, RGB, I or F; transparency is composited on black."""
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode.startswith("I;16"):
+        return img.convert("I")
+    if img.mode in ("L", "RGB", "I", "F"):
+        if "transparency" not in img.info:
+            return img
+    if img.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+
+
+def _to_grey(img: Image.Image) -> tuple[np.ndarray, float, dict]:
+    """A flattened (L, RGB, I or F) image -> grey [0, 1], colourfulness, info."""
+    if img.mode in ("I", "F"):
+        grey, (lo, hi) = robust_window(np.asarray(img))
+        return grey, 0.0, {"intensity_window": [round(lo, 3), round(hi, 3)]}
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    if a.ndim == 2:
+        return a, 0.0, {}
+    grey = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    colour = float(np.abs(a - grey[..., None]).mean())
+    return grey.astype(np.float32), colour, {}
+
+
+@functools.cache
+def _image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow build has (MPO and WebP register only after init)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def _read_image(data: bytes, options: dict) -> ScanImage:
+    try:
+        with warnings.catch_warnings():
+            # Between MAX_PIXELS and 2x Pillow only warns; _check_size refuses those itself.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_image_formats())
+    except UnidentifiedImageError as e:
+        raise _NotAnImage from e
+    except Image.DecompressionBombError:
+        raise ScanError(f"The image is too large (its header declares more than "
+                        f"{2 * MAX_PIXELS // 1_000_000} megapixels).") from None
+    except Exception as e:  # a broken header: Pillow raises many types here
+        raise ScanError("The image file is damaged and cannot be read.") from e
+    with img:
+        width, height = img.size
+        _check_size(width, height)  # from the header: nothing decoded yet
+        n_frames = _count_frames(img)
+        info: dict[str, Any] = {"format": img.format, "mode": img.mode, "width": width,
+                                "height": height}
+        try:
+            frame = _frame_index(options, n_frames or 2**31, 0)
+            _seek(img, frame)
+            if n_frames != 1:
+                info.update(frame=frame, n_frames=n_frames)
+            if img.format in ("JPEG", "MPO") and max(width, height) > MAX_SIDE:
+                img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4...: less memory
             img.load()
-            grey, colour = _to_grey(img)
-    except ScanError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ScanError("The file is not a readable image.") from e
-    return ScanImage(grey, colour, "image", {})
+            grey, colour, extra = _decode_loaded(img, info)
+        except ScanError:
+            raise
+        except MemoryError:
+            raise ScanError("The image is too large to process.") from None
+        except OSError as e:
+            if "truncated" in str(e).lower():
+                raise ScanError("The image file is truncated (incomplete).") from e
+            raise ScanError("The image file is damaged and cannot be decoded.") from e
+        except Exception as e:  # decoder errors come as SyntaxError, ValueError, EOFError, ...
+            raise ScanError("The image file is damaged and cannot be decoded.") from e
+    info.update(extra)
+    info.update(_blank(grey))
+    return ScanImage(grey, colour, "image", info)
+
+
+def _count_frames(img: Image.Image) -> int | None:
+    """Frames in an animated or multi-page file; None where counting would mean decoding them
+    all (a large GIF: Pillow counts GIF frames by decoding each one)."""
+    if not getattr(img, "is_animated", False):
+        return 1
+    if img.format == "GIF" and img.width * img.height > 1_000_000:
+        return None
+    return int(img.n_frames)
+
+
+def _seek(img: Image.Image, frame: int) -> None:
+    if frame:
+        try:
+            img.seek(frame)
+        except EOFError:  # only when the frame count was not known beforehand
+            raise ScanError(f"The file has fewer frames than asked for; frame {frame} does not "
+                            "exist.") from None
+
+
+def _decode_loaded(img: Image.Image, info: dict) -> tuple[np.ndarray, float, dict]:
+    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    if orientation not in (None, 1):
+        img = ImageOps.exif_transpose(img)
+        info["exif_rotated"] = int(orientation)
+    img = _flatten_mode(img)
+    longest = max(img.size)
+    if longest > MAX_SIDE:
+        info["downscaled_from"] = list(img.size)
+        img = img.reduce(math.ceil(longest / MAX_SIDE))
+    return _to_grey(img)
+
+
+# ----------------------------------------------------------------------------- DICOM
+def _dcmread(data: bytes, force: bool):
+    import pydicom
+    try:
+        with warnings.catch_warnings():  # pydicom warnings may quote element values
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), force=force)
+    except Exception as e:  # InvalidDicomError, EOFError, struct/unicode errors on garbage
+        raise ScanError("The DICOM file is damaged and cannot be read.") from e
+
+
+def _is_compressed(ts) -> bool:
+    try:
+        return bool(ts.is_compressed)
+    except ValueError:  # a UID pydicom does not know: most likely a newer compression
+        return True
+
+
+def _dicom_frame(ds, index: int | None) -> np.ndarray:
+    """Decode one frame; compressed syntaxes go through pydicom's decoders (see `_read_dicom`)."""
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # A data set without file meta (no preamble): its encoding is what pydicom read.
+        implicit = getattr(ds, "original_encoding", (True, True))[0]
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ts = ds.file_meta.TransferSyntaxUID
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pixel_array(ds, index=index)
+    except (NotImplementedError, RuntimeError) as e:
+        if _is_compressed(ts):
+            raise ScanError(f"The DICOM file uses a compression ({ts.name}) that cannot be "
+                            "decoded here.") from e
+        raise ScanError("The DICOM file's pixel data cannot be decoded.") from e
+    except MemoryError:
+        raise ScanError("The DICOM image is too large to process.") from None
+    except Exception as e:
+        raise ScanError("The DICOM file's pixel data is damaged or incomplete.") from e
+
+
+def _first(value) -> float | None:
+    """First value of a possibly multi-valued DS element, or None when missing or unusable."""
+    from pydicom.multival import MultiValue
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
+    """Modality values -> [0, 1] display values with the file's VOI (window or LUT).
+
+    Linear window per DICOM PS3.3 C.11.2.1.2 (pydicom's apply_windowing returns the result in a
+    bit-depth dependent output range; here we want [0, 1] directly). Without a usable window, or
+    when the header's window leaves no contrast, a robust percentile window is used.
+    """
+    if "VOILUTSequence" in ds:
+        try:
+            from pydicom.pixels import apply_voi
+            out = apply_voi(values, ds).astype(np.float32)
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            grey = np.clip(out / float(2**bits - 1), 0, 1)
+            if float(grey.std()) > 1e-3:
+                return grey, {"window_source": "VOI LUT"}
+        except Exception:  # a broken LUT falls back to the window or percentiles below
+            pass
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is not None and width is not None and width >= 1:
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        if function == "SIGMOID":
+            grey = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        elif function == "LINEAR_EXACT":
+            grey = (values - center) / width + 0.5
+        else:
+            grey = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
+        grey = np.clip(grey, 0, 1).astype(np.float32)
+        if float(grey.std()) > 1e-3:
+            return grey, {"window": {"center": center, "width": width}, "window_source": "header"}
+    grey, (lo, hi) = robust_window(values)
+    return grey, {"window": {"center": round((lo + hi) / 2, 3), "width": round(hi - lo, 3)},
+                  "window_source": "percentile 0.5-99.5"}
+
+
+def _dicom_grey(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
+    """One decoded frame -> grey [0, 1], colourfulness, window info."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if pi == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)  # RGB with the LUT's own 8 or 16 bit entries
+        top = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else 1.0
+    else:
+        top = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
+    if arr.ndim == 3:  # colour (YBR already converted to RGB by pydicom)
+        rgb = np.clip(arr.astype(np.float32) / top, 0, 1)
+        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return grey.astype(np.float32), float(np.abs(rgb - grey[..., None]).mean()), {}
+    values = apply_modality_lut(arr, ds).astype(np.float32)  # Rescale Slope/Intercept or LUT
+    grey, info = _dicom_window(values, ds)
+    if pi == "MONOCHROME1":  # the lowest value is white
+        grey = 1.0 - grey
+    return grey, 0.0, info
+
+
+def _dicom_header(data: bytes, name: str):
+    force = sniff(data) != "dicom"  # no preamble: ask pydicom to try anyway
+    ds = _dcmread(data, force=force)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows")):  # nothing parsed
+            raise ScanError("The DICOM file is damaged and cannot be read.")
+        raise ScanError("The DICOM file contains no image (it has no pixel data).")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except Exception:
+        raise ScanError("The DICOM file is damaged (its image size is missing).") from None
+    _check_size(cols, rows)
+    from pydicom.pixels.utils import get_nr_frames
+    n_frames = max(1, int(get_nr_frames(ds, warn=False)))
+    return ds, rows, cols, n_frames
+
+
+def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
+    """Only technical fields, copied one by one (never the data set itself)."""
+    info: dict[str, Any] = {
+        "format": "DICOM", "width": cols, "height": rows,
+        "modality": str(ds.get("Modality", ""))[:16],
+        "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
+        "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
+        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "n_frames": n_frames,
+    }
+    slope, intercept = _first(ds.get("RescaleSlope")), _first(ds.get("RescaleIntercept"))
+    if slope is not None and intercept is not None:
+        info["rescale"] = {"slope": slope, "intercept": intercept}
+    return info
+
+
+def _read_dicom(data: bytes, name: str, options: dict) -> ScanImage:
+    """One frame of a DICOM file (default: the middle frame of a multi-frame file).
+
+    Pipeline: decode -> Modality LUT (Rescale Slope/Intercept) -> VOI (Window Center/Width, VOI
+    LUT, else a 0.5-99.5 percentile window) -> MONOCHROME1 inverted. Colour (RGB, YBR,
+    PALETTE COLOR) becomes luminance, with colourfulness kept for the out-of-distribution gate.
+
+    Transfer syntaxes decoded: uncompressed (implicit/explicit VR little endian, explicit big
+    endian, deflated) by pydicom; RLE Lossless by pydicom or pylibjpeg-rle; JPEG Baseline and
+    Extended (8/12 bit) by Pillow or pylibjpeg-libjpeg; JPEG Lossless (process 14, SV1) and
+    JPEG-LS (lossless, near-lossless) by pylibjpeg-libjpeg; JPEG 2000 (lossless, lossy) and
+    HTJ2K by pylibjpeg-openjpeg. Others (JPEG XL, MPEG/H.264/HEVC video) give a clear message.
+    """
+    ds, rows, cols, n_frames = _dicom_header(data, name)
+    frame = _frame_index(options, n_frames, n_frames // 2)
+    arr = _dicom_frame(ds, frame if n_frames > 1 else None)
+    if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
+        arr = arr[0]  # a frame index pydicom ignored: keep one frame
+    grey, colour, window = _dicom_grey(arr, ds)
+    info = _dicom_info(ds, rows, cols, n_frames) | window | {"frame": frame} | _blank(grey)
+    return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
+
+
+def _dicom_frames(data: bytes, name: str) -> tuple[list[np.ndarray], dict]:
+    ds, rows, cols, n_frames = _dicom_header(data, name)
+    if rows * cols * n_frames > MAX_VOXELS:
+        raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
+    arr = _dicom_frame(ds, None)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
+    greys = [_dicom_grey(f, ds) for f in frames]
+    window = greys[len(greys) // 2][2]  # the same header window for every frame
+    return [g[0] for g in greys], _dicom_info(ds, rows, cols, n_frames) | window
+
+
+# ----------------------------------------------------------------------------- NIfTI
+def _nifti_nbytes(head: bytes) -> int | None:
+    """Bytes a single-file NIfTI needs (header, extensions, voxels), from its header alone;
+    None when ``head`` is not a NIfTI header."""
+    import nibabel as nib
+    if head[344:348] == b"ni1\x00":
+        raise ScanError("This is a NIfTI header without its image data; please upload a single "
+                        ".nii or .nii.gz file.")
+    if head[344:348] == b"n+1\x00":
+        cls, minimum = nib.Nifti1Header, 352
+    elif head[4:8] == b"n+2\x00":
+        cls, minimum = nib.Nifti2Header, 544
+    else:
+        return None
+    try:
+        hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+        voxels = math.prod(int(d) for d in hdr.get_data_shape())
+        return max(int(hdr.get_data_offset()), minimum) + voxels * hdr.get_data_dtype().itemsize
+    except Exception as e:
+        raise ScanError("The NIfTI header is damaged.") from e
+
+
+def _gunzip_nifti(data: bytes) -> bytes:
+    """Inflate a .nii.gz only as far as its header says the volume goes.
+
+    The header comes first, so a volume over MAX_DECOMPRESSED (or a gzip bomb, whatever it
+    claims) is refused after inflating 544 bytes, and trailing data is never inflated.
+    """
+    d = zlib.decompressobj(wbits=31)
+    try:
+        head = d.decompress(data, 544)
+        need = _nifti_nbytes(head)
+        if need is None:
+            raise ScanError("The compressed file does not contain a NIfTI volume.")
+        if need > MAX_DECOMPRESSED:
+            raise ScanError(f"The volume is too large ({need // 2**20} MB once decompressed; "
+                            f"the limit is {MAX_DECOMPRESSED // 2**20} MB).")
+        chunks, got = [head], len(head)
+        while got < need:
+            chunk = d.decompress(d.unconsumed_tail, need - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except zlib.error as e:
+        raise ScanError("The compressed file is damaged and cannot be decompressed.") from e
+    return b"".join(chunks)
+
+
+def _nifti_image(data: bytes):
+    import nibabel as nib
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip_nifti(data)
+    need = _nifti_nbytes(data[:544])
+    if need is None:
+        raise ScanError("The file is not a NIfTI volume.")
+    if need > MAX_DECOMPRESSED:
+        raise ScanError(f"The volume is too large ({need // 2**20} MB).")
+    if len(data) < need:
+        raise ScanError("The NIfTI file is truncated (incomplete).")
+    cls = nib.Nifti2Image if data[4:8] == b"n+2\x00" else nib.Nifti1Image
+    try:
+        return cls.from_bytes(data)
+    except Exception as e:
+        raise ScanError("The NIfTI file is damaged and cannot be read.") from e
+
+
+def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
+    """One 3D volume of a NIfTI file, reoriented to RAS+ and scaled to [0, 1].
+
+    `nibabel.as_closest_canonical` makes axis 0 point right, 1 anterior, 2 superior, whatever
+    the scanner's storage order, so axial slices are ``vol[:, :, k]`` (see `_slice_2d` for the
+    display and `_plane` for coronal or sagittal stacks). The intensity window
+    (0.5-99.5 percentiles) is computed on the whole volume so that slices stay comparable.
+    4D files: ``volume=`` picks the volume (default 0, e.g. the b0 of a diffusion series).
+    """
+    import nibabel as nib
+    img = _nifti_image(data)
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3, 4):
+        raise ScanError(f"The NIfTI file has {len(shape)} dimensions; only 2D, 3D and 4D "
+                        "volumes are supported.")
+    if not np.issubdtype(img.header.get_data_dtype(), np.number) or np.issubdtype(
+            img.header.get_data_dtype(), np.complexfloating):
+        raise ScanError("The NIfTI file holds colour or complex values, which are not supported.")
+    n_vol = shape[3] if len(shape) == 4 else 1
+    if int(np.prod(shape[:3])) > MAX_VOXELS:
+        raise ScanError(f"The volume is too large ({' x '.join(map(str, shape[:3]))} voxels).")
+    vol_index = _frame_index({"frame": options.get("volume")}, n_vol, 0, "volume")
+    try:
+        if len(img.shape) == 4:  # read only the chosen volume
+            raw = np.asanyarray(img.dataobj[..., vol_index])
+        else:
+            raw = np.asanyarray(img.dataobj).reshape(shape)
+            raw = raw[..., vol_index] if raw.ndim == 4 else raw
+        vol = np.asarray(raw, dtype=np.float32).reshape(raw.shape if raw.ndim == 3 else raw.shape + (1,))
+    except MemoryError:
+        raise ScanError("The volume is too large to process.") from None
+    except Exception as e:
+        raise ScanError("The NIfTI file's image data is damaged or incomplete.") from e
+    orientation = "".join(nib.aff2axcodes(img.affine))
+    canon = nib.as_closest_canonical(nib.Nifti1Image(vol, img.affine))
+    vol = np.asarray(canon.dataobj, dtype=np.float32)
+    zooms = tuple(float(z) for z in canon.header.get_zooms()[:3])
+    vol, (lo, hi) = robust_window(vol)
+    info = {"format": "NIfTI", "n_volumes": n_vol,
+            "volume": vol_index, "orientation": f"{orientation} (shown as RAS, radiological)",
+            "voxel_size_mm": [round(z, 3) for z in zooms],
+            "intensity_window": [round(lo, 3), round(hi, 3)]}
+    return vol, zooms, info
+
+
+PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS+ axis each plane cuts across
+PLANE_DISPLAY = {"axial": "axial, anterior up, patient right on the left",
+                 "coronal": "coronal, superior up, patient right on the left",
+                 "sagittal": "sagittal, superior up, anterior on the left"}
+
+
+def _plane(shape: tuple, options: dict) -> str:
+    """``plane=`` when given; else axial, unless the volume is a thin stack acquired in another
+    plane (a coronal or sagittal series of a few thick slices), which is shown in its own plane."""
+    asked = options.get("plane")
+    if asked is not None:
+        if str(asked).lower() not in PLANES:
+            raise ScanError("The plane must be axial, coronal or sagittal.")
+        return str(asked).lower()
+    for name, axis in (("coronal", 1), ("sagittal", 0)):
+        others = [shape[a] for a in range(3) if a != axis]
+        if shape[axis] < shape[2] and 2 * shape[axis] <= min(others):
+            return name
+    return "axial"
+
+
+def _slice_2d(vol: np.ndarray, plane: str, k: int, zooms: tuple) -> np.ndarray:
+    """Slice k of a RAS+ volume as radiologists view it (radiological convention, as DICOM
+    viewers and the training JPEGs show it): axial with anterior up, coronal and sagittal with
+    superior up; patient's right on the viewer's left; anterior on the left in sagittal views.
+    Anisotropic pixels are made square."""
+    axis = PLANES[plane]
+    s = np.ascontiguousarray(np.take(vol, k, axis=axis).T[::-1, ::-1])
+    z_col, z_row = (abs(zooms[a]) or 1.0 for a in range(3) if a != axis)
+    if abs(z_col / z_row - 1.0) > 0.01:  # stretch the coarser axis
+        h, w = s.shape
+        scale = 1.0 / min(z_col, z_row)
+        h2, w2 = round(h * z_row * scale), round(w * z_col * scale)
+        f = min(1.0, MAX_SIDE / max(h2, w2))
+        s = _resize(s, max(1, round(h2 * f)), max(1, round(w2 * f)))
+    return s
+
+
+def _nifti_slices(data: bytes, options: dict) -> tuple[np.ndarray, str, tuple, dict]:
+    vol, zooms, info = _nifti_volume(data, options)
+    plane = _plane(vol.shape, options)
+    info |= {"plane": plane, "n_slices": int(vol.shape[PLANES[plane]]), "display": PLANE_DISPLAY[plane]}
+    return vol, plane, zooms, info
+
+
+def _read_nifti(data: bytes, options: dict) -> ScanImage:
+    vol, plane, zooms, info = _nifti_slices(data, options)
+    n = info["n_slices"]
+    k = _frame_index(options, n, n // 2, "slice")
+    grey = _slice_2d(vol, plane, k, zooms)
+    _check_size(grey.shape[1], grey.shape[0])
+    info |= {"slice_index": k} | _blank(grey)
+    return ScanImage(grey, 0.0, "nifti", info)
+
+
+# ----------------------------------------------------------------------------- public API
+def _dispatch_error(data: bytes, name: str) -> ScanError:
+    """The sentence for content nobody could read."""
+    kind = sniff(data)
+    if kind == "zip":
+        return ScanError("The file is a zip archive, not a single scan.")
+    if kind == "pdf":
+        return ScanError("The file is a PDF document; please upload the scan itself "
+                         f"({SUPPORTED}).")
+    if _looks_like_text(data):
+        return ScanError("The file contains text (for example a web page), not an image or scan.")
+    ext = _suffix(name)
+    if ext:
+        return ScanError(f"The file is named '{ext}' but its content is not a supported "
+                         f"scan ({SUPPORTED}).")
+    return ScanError(f"The file is not a supported scan ({SUPPORTED}).")
+
+
+def read_scan(src: str | Path | bytes, name: str | None = None, **options) -> ScanImage:
+    """Read a path, bytes or file-like object into a `ScanImage`; raise `ScanError` otherwise.
+
+    Options: ``frame`` (DICOM multi-frame, GIF, TIFF; default the middle DICOM frame, else 0),
+    ``slice_index`` (NIfTI slice, default the middle one; a synonym of ``frame`` elsewhere, and
+    ``slice`` is accepted too), ``plane`` (NIfTI: axial, coronal or sagittal; default axial, or
+    the acquisition plane of a thin coronal/sagittal stack), ``volume`` (4D NIfTI, default 0).
+    """
+    name = _source_name(src, name)
+    data = load_bytes(src)
+    kind = sniff(data)
+    if kind == "dicom":
+        return _read_dicom(data, name, options)
+    if kind in ("gzip", "nifti"):
+        return _read_nifti(data, options)
+    if kind in ("zip", "pdf"):
+        raise _dispatch_error(data, name)
+    try:
+        return _read_image(data, options)
+    except _NotAnImage:
+        pass
+    if _suffix(name) in (".dcm", ".dicom") or _looks_like_raw_dicom(data):
+        return _read_dicom(data, name, options)
+    raise _dispatch_error(data, name)
+
+
+def read_volume(src: str | Path | bytes, name: str | None = None, **options) -> tuple[list[np.ndarray], str, dict]:
+    """Every slice of a scan: NIfTI axial slices, DICOM frames, or the one image; with kind and
+    info. Slices come out exactly as `read_scan` gives them one at a time (same window)."""
+    name = _source_name(src, name)
+    data = load_bytes(src)
+    kind = sniff(data)
+    if kind in ("gzip", "nifti"):
+        vol, plane, zooms, info = _nifti_slices(data, options)
+        return [_slice_2d(vol, plane, k, zooms) for k in range(info["n_slices"])], "nifti", info
+    if kind == "dicom" or (kind == "other" and (_suffix(name) in (".dcm", ".dicom")
+                                                or _looks_like_raw_dicom(data))):
+        try:
+            frames, info = _dicom_frames(data, name)
+            return frames, "dicom", info
+        except ScanError:
+            if kind == "dicom":
+                raise
+    scan = read_scan(data, name, **options)
+    return [scan.pixels], scan.kind, scan.info
+
+
+def read_volume_slices(src: str | Path | bytes, name: str | None = None, **options) -> list[np.ndarray]:
+    """Grey [0, 1] slices of a volume (NIfTI axial slices, DICOM frames); [image] for a 2D file."""
+    return read_volume(src, name, **options)[0]
+
+
+def is_empty_slice(grey: np.ndarray) -> bool:
+    """True for slices with (almost) no signal: the ends of a volume, padding frames."""
+    return float(grey.max()) - float(grey.min()) < 0.05 or float((grey > 0.1).mean()) < 0.02
+
+
+def read_zip(data: bytes):
+    """The scans in a zip as (member_name, bytes); see `core.archive.read_zip`."""
+    from .archive import read_zip as _read_zip  # imported here: archive imports this module
+    return _read_zip(data)
+
+
+def zip_to_labelled(data: bytes):
+    """A class-per-folder zip as (class_folder, member_name, bytes); see `core.archive`."""
+    from .archive import zip_to_labelled as _zip_to_labelled
+    return _zip_to_labelled(data)

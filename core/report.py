@@ -1,5 +1,725 @@
-"""Placeholder: filled in by its own issue."""
+"""Reports a clinician can print and keep: a PDF with one page per scan, and the same as CSV.
+
+API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predict_many`):
+
+- ``build_report(items, predictor, threshold=None, method="gradcam") -> bytes``: the PDF.
+  A batch (more than one item) opens with a summary page; every scan then gets one page with the
+  image the model saw, the saliency overlay, the predicted class, every calibrated probability,
+  the tumour probability against the operating point, the flags, and the model's identity.
+  A file that cannot be read gets a page of its own saying why.
+- ``build_csv(results, classes) -> str``: one row per scan; ``results`` are `ScanResult`s from
+  `analyse` or the dicts `predict_many` returns.
+- ``report_downloads_data(items, predictor, threshold=None, method="gradcam")
+  -> {"pdf": (bytes, "application/pdf", "report.pdf"), "csv": (str, "text/csv", "report.csv")}``:
+  for the app's Diagnose page, ``items = [(uploaded name, raw bytes)]``; feed each tuple to
+  ``st.download_button(label, data=..., mime=..., file_name=...)``. It predicts and computes
+  saliency again (about one forward and one backward pass per file), so call it behind a button
+  or cache it on the uploaded bytes.
+- ``analyse(items, predictor, threshold=None, method="gradcam") -> list[ScanResult]``: the
+  prediction and saliency for each file, computed once and shared by the PDF and the CSV.
+- CLI: ``python -m core report FILE... --out report.pdf [--csv F] [--weights DIR]
+  [--threshold T] [--method gradcam] [--audit LOG]``; exit 0 when every file was predicted,
+  1 when some failed (they still get a page), 2 on a usage error or an unwritable output.
+
+``threshold=None`` uses the model card's operating point. Privacy: everything is built in memory;
+nothing the user uploads is written anywhere but the report they ask for. Only the base name of
+each file is printed (no folders, which may carry patient names), never DICOM tags or other
+metadata the reader found.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import sys
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .inference import Prediction
+from .labels import NO_TUMOUR, TUMOUR
+from .metrics import decide
+from .preprocess import prepare
+from .reader import ScanError, read_scan
+
+DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
+DISPLAY_PX = 384  # the model's crop redone at this size, so the pictures print sharp
+PDF_MIME, CSV_MIME = "application/pdf", "text/csv"
+
+FLAG_OOD = "out-of-distribution"
+FLAG_UNCERTAIN = "uncertain, refer"
+FLAG_UNREADABLE = "cannot read"
+
+_CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
+                "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
+
+
+def class_label(c: str) -> str:
+    """How a class name is printed for a reader ('notumor' -> 'No tumour')."""
+    return _CLASS_NAMES.get(c, c.replace("_", " ").capitalize())
+
+
+# ---------------------------------------------------------------- analysis (once per file)
+
+@dataclass
+class ScanResult:
+    """Everything a report needs about one file; pixels only for the pages, never saved."""
+    name: str                              # base name as the user gave it
+    ok: bool
+    error: str | None = None
+    prediction: Prediction | None = None
+    view: np.ndarray | None = None         # grey [0, 1], the model's crop at DISPLAY_PX
+    overlay: np.ndarray | None = None      # RGB uint8 saliency overlay on `view`
+    saliency_note: str | None = None       # why there is no overlay, if there is none
+    source: str = ""                       # format, size and slice, from technical fields only
+    data: bytes | None = None              # the file's bytes, for the audit hash only
+
+    @property
+    def flags(self) -> list[str]:
+        return flags_of(self.to_row())
+
+    def to_row(self) -> dict:
+        """The `predict_many` shape: {"file", "ok", ...Prediction fields} or {"file", "ok", "error"}."""
+        if not self.ok:
+            return {"file": self.name, "ok": False, "error": self.error}
+        return {"file": self.name, "ok": True, **self.prediction.to_json()}
+
+
+def flags_of(row: Mapping) -> list[str]:
+    """The flags a clinician must see for one result row."""
+    if not row.get("ok"):
+        return [FLAG_UNREADABLE]
+    return [name for name, on in ((FLAG_OOD, not row.get("in_distribution", True)),
+                                  (FLAG_UNCERTAIN, bool(row.get("uncertain")))) if on]
+
+
+def display_name(name: str | PurePath) -> str:
+    """Base name only, printable characters only, at most 120 of them."""
+    text = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "(unnamed)"
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    return text[:117] + "..." if len(text) > 120 else text
+
+
+def source_line(info: Mapping) -> str:
+    """'DICOM, MR, 224 x 224 px; frame 1 of 3' from allow-listed technical fields only."""
+    parts = [str(info[k]) for k in ("format", "modality") if info.get(k)]
+    if info.get("width") and info.get("height"):
+        parts.append(f"{info['width']} x {info['height']} px")
+    text = ", ".join(parts)
+    for key, word in (("slice_index", "slice"), ("frame", "frame")):
+        if info.get(key) is not None:
+            n = info.get("n_slices") or info.get("n_frames")
+            text += f"; {word} {info[key]}" + (f" of {n} (numbered from 0)" if n else "")
+            if info.get("slice_choice"):
+                text += f", chosen as {info['slice_choice']}"
+            break
+    if info.get("display"):
+        text += f"; {info['display']}"
+    return text
+
+
+def _read_bytes(src: bytes | bytearray | str | PurePath) -> bytes:
+    """The file's bytes, or a ScanError in one plain sentence."""
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    try:
+        return Path(src).read_bytes()
+    except FileNotFoundError:
+        raise ScanError("The file was not found.") from None
+    except IsADirectoryError:
+        raise ScanError("This is a folder, not a file.") from None
+    except PermissionError:
+        raise ScanError("The file could not be opened (permission denied).") from None
+    except OSError as e:
+        raise ScanError(f"The file could not be opened ({e.strerror or type(e).__name__}).") from None
+
+
+def at_threshold(p: Prediction, classes: list[str], threshold: float | None) -> Prediction:
+    """The same prediction decided at another operating point (None keeps the card's)."""
+    if threshold is None or p.tumour_probability is None:
+        return p
+    probs = np.array([[p.probs[c] for c in classes]])
+    k = int(decide(probs, classes, float(threshold))[0])
+    return dataclasses.replace(p, pred=classes[k], threshold=float(threshold))
+
+
+def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
+    """(overlay RGB, None) or (None, why not): a failing map must not lose the prediction."""
+    try:
+        from . import saliency as S
+    except ImportError:
+        return None, "Saliency is not available in this installation."
+    try:
+        cam = S.saliency_map(predictor, scan, method=method, target=target)
+        return S.overlay(view, cam, 0.4), None
+    except Exception as e:  # a report without a map beats no report
+        return None, f"The saliency map could not be computed ({type(e).__name__})."
+
+
+def analyse_one(name: str, src, predictor, threshold: float | None = None,
+                method: str = "gradcam", keep_bytes: bool = False, **read_kw) -> ScanResult:
+    """Read, predict and explain one file; any failure becomes a ScanResult with an error.
+
+    ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume).
+    """
+    shown = display_name(name)
+    try:
+        data = _read_bytes(src)
+        scan = read_scan(data, shown, **read_kw)
+        pred = at_threshold(predictor.predict_scan(scan), predictor.classes, threshold)
+        view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX})
+    except ScanError as e:
+        return ScanResult(shown, False, error=str(e))
+    except Exception as e:  # a bug in one file must not take down the rest of a batch
+        return ScanResult(shown, False, error=f"The file could not be processed ({type(e).__name__}).")
+    over, note = _saliency(predictor, scan, method, pred.pred, view)
+    pred.info = {}  # reader metadata stays out of reports and CSVs; `source` is allow-listed
+    return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
+                      source=source_line(scan.info), data=data if keep_bytes else None)
+
+
+def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
+            method: str = "gradcam", keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
+    """`analyse_one` for every item, in order."""
+    return [analyse_one(n, s, predictor, threshold, method, keep_bytes, **read_kw) for n, s in items]
+
+
+def method_label(method: str) -> str:
+    try:
+        from .saliency import method_name
+        return method_name(method)
+    except (ImportError, ValueError):
+        return method
+
+
+# ---------------------------------------------------------------- CSV
+
+def _csv_safe(text: str) -> str:
+    """Spreadsheets run cells that start with = + - @ as formulas; a file name must not."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str]) -> str:
+    """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags, error."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
+                "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error"])
+    for r in results:
+        row = r.to_row() if isinstance(r, ScanResult) else dict(r)
+        ok = bool(row.get("ok"))
+        probs = row.get("probs") or {}
+        w.writerow([_csv_safe(display_name(row.get("file", ""))), int(ok), row.get("pred", "") if ok else "",
+                    *[_fmt(probs.get(c)) if ok else "" for c in classes],
+                    _fmt(row.get("tumour_probability")), _fmt(row.get("threshold")),
+                    _fmt(row.get("confidence")),
+                    int(bool(row.get("uncertain"))) if ok else "",
+                    int(not row.get("in_distribution", True)) if ok else "",
+                    "; ".join(flags_of(row)), row.get("error") or ""])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- PDF
+
+def _font_paths() -> tuple[Path, Path] | None:
+    """DejaVu Sans from matplotlib's own data: Unicode file names print on any machine."""
+    try:
+        import matplotlib
+        d = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    except ImportError:
+        return None
+    regular, bold = d / "DejaVuSans.ttf", d / "DejaVuSans-Bold.ttf"
+    return (regular, bold) if regular.exists() and bold.exists() else None
+
+
+# Colours (RGB): a restrained clinical palette; colour is never the only carrier of a flag.
+INK, MUTED, RULE, ACCENT, BAR_BG = (33, 37, 41), (108, 117, 125), (206, 212, 218), (31, 78, 121), (233, 236, 239)
+AMBER = ((255, 243, 205), (153, 102, 0))    # (fill, text/border)
+RED = ((248, 215, 218), (132, 32, 41))
+GREEN = ((220, 237, 224), (21, 87, 36))
+FLAG_TEXT = {
+    FLAG_OOD: ("OUT OF DISTRIBUTION", "The image does not resemble the training data; "
+               "do not rely on this result.", RED),
+    FLAG_UNCERTAIN: ("UNCERTAIN - REFER", "Confidence is below the model's referral level; "
+                     "refer for expert review.", AMBER),
+}
+
+
+@dataclass
+class ReportContext:
+    """What every page prints about the run: model identity, operating point, date."""
+    model: str
+    version: str
+    arch: str
+    weights_sha256: str
+    classes: list[str]
+    threshold: float | None
+    threshold_source: str
+    temperature: float
+    disclaimer: str
+    method: str
+    date: str
+    ood_check: bool          # the model ships an out-of-distribution gate
+    min_confidence: float    # below it a result is flagged 'uncertain, refer'
+
+    @classmethod
+    def of(cls, predictor, threshold: float | None, method: str) -> "ReportContext":
+        card = predictor.card
+        t = predictor.threshold if threshold is None else float(threshold)
+        source = "model card" if threshold is None else "set for this report"
+        return cls(model=str(predictor.name), version=str(card.get("version") or "unversioned"),
+                   arch=str(card.get("arch", "")), weights_sha256=str(predictor.weights_sha256),
+                   classes=list(predictor.classes), threshold=t, threshold_source=source,
+                   temperature=float(getattr(predictor, "temperature", 1.0)),
+                   disclaimer=str(card.get("intended_use") or DEFAULT_DISCLAIMER),
+                   method=method_label(method),
+                   date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   ood_check=getattr(predictor, "gate", None) is not None,
+                   min_confidence=float(getattr(predictor, "min_confidence", 0.0)))
+
+    def no_flags_text(self) -> str:
+        """What 'no flags' means for this model: only the checks it actually has."""
+        ood = ("passed the out-of-distribution check" if self.ood_check
+               else "no out-of-distribution check for this model")
+        conf = (f"confidence above the referral level {self.min_confidence:.2f}"
+                if self.min_confidence > 0 else "no referral level set")
+        return f"{ood.capitalize()}; {conf}."
+
+
+
+def _report_pdf_class():
+    from fpdf import FPDF
+
+    class ReportPDF(FPDF):
+        """A4 portrait; the header and footer carry model, date and disclaimer on every page."""
+
+        def __init__(self, ctx: ReportContext):
+            super().__init__(orientation="P", unit="mm", format="A4")
+            self.ctx = ctx
+            self.set_margins(16, 14, 16)
+            self.set_auto_page_break(True, margin=22)
+            fonts = _font_paths()
+            if fonts:
+                self.add_font("Body", "", str(fonts[0]))
+                self.add_font("Body", "B", str(fonts[1]))
+                self.family = "Body"
+            else:  # core font: Latin-1 only, so text goes through _t
+                self.family = "Helvetica"
+            self.unicode = bool(fonts)
+            self.set_title("Brain MRI classifier report")
+            self.set_author(f"{ctx.model} {ctx.version}")
+            self.set_creator("core.report")
+
+        def multi_cell(self, *args, **kw):
+            kw.setdefault("align", "L")  # fpdf2 justifies by default: odd gaps in short lines
+            return super().multi_cell(*args, **kw)
+
+        def t(self, text: str) -> str:
+            return text if self.unicode else text.encode("latin-1", "replace").decode("latin-1")
+
+        def font(self, size: float, bold: bool = False, colour=INK) -> None:
+            self.set_font(self.family, "B" if bold else "", size)
+            self.set_text_color(*colour)
+
+        def header(self) -> None:
+            self.font(13, True, ACCENT)
+            self.cell(0, 7, self.t("Brain MRI tumour classifier - scan report"))
+            self.font(8, True, RED[1])
+            self.set_xy(self.l_margin, self.t_margin)
+            self.cell(0, 7, self.t("RESEARCH DEMO - NOT FOR DIAGNOSIS"), align="R")
+            self.ln(8)
+            self.font(8, False, MUTED)
+            c = self.ctx
+            self.cell(0, 4, self.t(f"Model {c.model}, version {c.version}  |  weights SHA-256 "
+                                   f"{c.weights_sha256[:12]}  |  generated {c.date}"))
+            self.ln(5)
+            self._rule()
+            self.ln(4)
+
+        def footer(self) -> None:
+            self.set_y(-17)
+            self._rule()
+            self.ln(1.5)
+            self.font(7.5, False, MUTED)
+            self.multi_cell(self.epw - 22, 3.6, self.t(f"Intended use: {self.ctx.disclaimer}"))
+            self.set_xy(self.w - self.r_margin - 22, -15.5)
+            self.cell(22, 3.6, f"Page {self.page_no()} of {{nb}}", align="R")
+
+        def _rule(self) -> None:
+            self.set_draw_color(*RULE)
+            self.set_line_width(0.3)
+            self.line(self.l_margin, self.get_y(), self.w - self.r_margin, self.get_y())
+
+    return ReportPDF
+
+
+def _section(pdf, title: str) -> None:
+    pdf.ln(2)
+    pdf.font(10, True, ACCENT)
+    pdf.cell(0, 6, pdf.t(title), new_x="LMARGIN", new_y="NEXT")
+
+
+def _banner(pdf, title: str, text: str, colours, height: float = 9.5) -> None:
+    """A coloured box with a bold label: flags and the cannot-read notice."""
+    fill, ink = colours
+    x, y = pdf.l_margin, pdf.get_y()
+    pdf.set_fill_color(*fill)
+    pdf.set_draw_color(*ink)
+    pdf.set_line_width(0.3)
+    pdf.rect(x, y, pdf.epw, height, style="DF")
+    pdf.set_xy(x + 3, y + (height - 5) / 2)
+    pdf.font(9, True, ink)
+    label_w = pdf.get_string_width(pdf.t(title)) + 4
+    pdf.cell(label_w, 5, pdf.t(title))
+    pdf.font(9, False, ink)
+    pdf.cell(pdf.epw - label_w - 6, 5, pdf.t(text))
+    pdf.set_xy(x, y + height + 1.5)
+
+
+def _kv(pdf, rows: list[tuple[str, str]], key_w: float = 48) -> None:
+    for k, v in rows:
+        pdf.font(8.5, False, MUTED)
+        pdf.cell(key_w, 4.8, pdf.t(k))
+        pdf.font(8.5, False, INK)
+        pdf.cell(0, 4.8, pdf.t(v), new_x="LMARGIN", new_y="NEXT")
+
+
+def _bar(pdf, x: float, y: float, w: float, h: float, value: float, colour) -> None:
+    pdf.set_fill_color(*BAR_BG)
+    pdf.rect(x, y, w, h, style="F")
+    pdf.set_fill_color(*colour)
+    pdf.rect(x, y, w * float(np.clip(value, 0, 1)), h, style="F")
+
+
+def _probability_rows(pdf, p: Prediction, classes: list[str]) -> None:
+    """Every class with its calibrated probability as a number and a bar."""
+    bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
+    for c in classes:
+        v = p.probs.get(c, 0.0)
+        y = pdf.get_y()
+        pdf.font(9, c == p.pred, INK)
+        pdf.cell(42, 5.5, pdf.t(class_label(c)))
+        pdf.cell(18, 5.5, f"{v:.3f}", align="R")
+        _bar(pdf, bar_x, y + 1.2, bar_w, 3.2, v, ACCENT if c == p.pred else (152, 169, 186))
+        pdf.set_xy(pdf.l_margin, y + 5.5)
+
+
+def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
+    """Tumour probability as a bar with the operating point marked on it."""
+    tp, t = p.tumour_probability, p.threshold
+    y = pdf.get_y() + 1
+    pdf.set_xy(pdf.l_margin, y)
+    pdf.font(9, True, INK)
+    pdf.cell(42, 6, pdf.t("Tumour probability"))
+    pdf.cell(18, 6, f"{tp:.3f}", align="R")
+    bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
+    above = t is not None and tp >= t
+    _bar(pdf, bar_x, y + 1.3, bar_w, 3.6, tp, RED[1] if above else GREEN[1])
+    if t is not None:
+        tx = bar_x + bar_w * t
+        pdf.set_draw_color(*INK)
+        pdf.set_line_width(0.5)
+        pdf.line(tx, y + 0.2, tx, y + 6)
+        pdf.set_xy(pdf.l_margin, y + 6.5)
+        pdf.font(8, False, MUTED)
+        side = "at or above" if above else "below"
+        pdf.multi_cell(0, 4, pdf.t(
+            f"{side.capitalize()} the operating point {t:.3f} ({ctx.threshold_source}; "
+            f"black mark on the bar): read as {'tumour' if above else 'no tumour'}. The operating "
+            f"point was chosen on validation data to favour sensitivity."),
+            new_x="LMARGIN", new_y="NEXT")
+    else:
+        pdf.set_xy(pdf.l_margin, y + 7)
+
+
+def _images(pdf, r: ScanResult, ctx: ReportContext) -> None:
+    """The model's view and the saliency overlay side by side, same frame, same size."""
+    from PIL import Image
+    gap = 6
+    side = (pdf.epw - gap) / 2
+    y = pdf.get_y()
+    x2 = pdf.l_margin + side + gap
+    pdf.image(Image.fromarray((np.clip(r.view, 0, 1) * 255).astype(np.uint8), "L"),
+              x=pdf.l_margin, y=y, w=side, h=side)
+    if r.overlay is not None:
+        pdf.image(Image.fromarray(r.overlay, "RGB"), x=x2, y=y, w=side, h=side)
+    else:  # an empty frame with the reason, so the missing map is never silent
+        pdf.set_draw_color(*RULE)
+        pdf.rect(x2, y, side, side, style="D")
+        pdf.set_xy(x2 + 6, y + side / 2 - 6)
+        pdf.font(9, False, MUTED)
+        pdf.multi_cell(side - 12, 4.5, pdf.t(r.saliency_note or "No saliency map."), align="C")
+    pdf.set_xy(pdf.l_margin, y + side + 1)
+    pdf.font(8, False, MUTED)
+    pdf.cell(side, 4, pdf.t("Image as the model sees it (cropped to the head)"))
+    pdf.set_x(x2)
+    target = class_label(r.prediction.pred)
+    caption = (f"{ctx.method} for '{target}' (red = strongest evidence)"
+               if r.overlay is not None else f"{ctx.method} saliency: not available")
+    pdf.cell(side, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
+
+
+def _file_heading(pdf, r: ScanResult, index: int, total: int) -> None:
+    pdf.font(8.5, False, MUTED)
+    pdf.cell(0, 4.5, pdf.t(f"Scan {index} of {total}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.font(11, True, INK)
+    pdf.multi_cell(0, 5.5, pdf.t(f"File: {r.name}"), new_x="LMARGIN", new_y="NEXT")
+    if r.source:
+        pdf.font(8.5, False, MUTED)
+        pdf.multi_cell(0, 4.2, pdf.t(f"Source: {r.source}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(1.5)
+
+
+def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -> None:
+    p = r.prediction
+    _file_heading(pdf, r, index, total)
+    # Result first: the one line a reader looks for.
+    y = pdf.get_y()
+    pdf.set_fill_color(241, 245, 249)
+    pdf.rect(pdf.l_margin, y, pdf.epw, 14, style="F")
+    pdf.set_xy(pdf.l_margin + 4, y + 2)
+    pdf.font(8.5, False, MUTED)
+    pdf.cell(0, 4, pdf.t("Predicted class"), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_x(pdf.l_margin + 4)
+    pdf.font(15, True, ACCENT)
+    pdf.cell(90, 7, pdf.t(class_label(p.pred)))
+    pdf.font(9, False, INK)
+    pdf.cell(pdf.epw - 98, 7, pdf.t(f"confidence {p.confidence:.3f}"), align="R")
+    pdf.set_xy(pdf.l_margin, y + 16)
+    flags = flags_of(r.to_row())
+    for f in flags:
+        title, text, colours = FLAG_TEXT[f]
+        if f == FLAG_UNCERTAIN:  # the numbers make the referral checkable
+            text = (f"Confidence {p.confidence:.3f} is below the referral level "
+                    f"{ctx.min_confidence:.3f}; refer for expert review.")
+        _banner(pdf, title, text, colours)
+    if not flags:
+        _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)
+    pdf.ln(1)
+    _images(pdf, r, ctx)
+    _section(pdf, "Calibrated probabilities")
+    _probability_rows(pdf, p, ctx.classes)
+    if p.tumour_probability is not None:
+        _tumour_row(pdf, p, ctx)
+    _section(pdf, "Model")
+    _kv(pdf, [("Model / version", f"{ctx.model} / {ctx.version} ({ctx.arch})"),
+              ("Weights SHA-256", ctx.weights_sha256[:16]),
+              ("Calibration", f"temperature scaling, T = {ctx.temperature:.3g}"),
+              ("Saliency method", ctx.method),
+              ("Report date", ctx.date)])
+    pdf.ln(1)
+    pdf.font(7.5, False, MUTED)
+    pdf.multi_cell(0, 3.6, pdf.t(
+        "Probabilities are the model's calibrated estimates, not a diagnosis. A saliency map shows "
+        "which pixels moved the model's score, not the extent of a lesion."))
+
+
+def _error_page(pdf, r: ScanResult, index: int, total: int) -> None:
+    _file_heading(pdf, r, index, total)
+    _banner(pdf, "CANNOT READ", "No prediction was made for this file.", RED)
+    pdf.ln(3)
+    pdf.font(10, True, INK)
+    pdf.cell(0, 6, pdf.t("Why"), new_x="LMARGIN", new_y="NEXT")
+    pdf.font(10, False, INK)
+    pdf.multi_cell(0, 5.5, pdf.t(r.error or "Unknown error."), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(3)
+    pdf.font(8.5, False, MUTED)
+    pdf.multi_cell(0, 4.5, pdf.t(
+        "Accepted: JPEG, PNG and other common images, DICOM and NIfTI. Check that the file is "
+        "complete and is a brain MRI slice, then run it again."))
+
+
+def _fit(pdf, text: str, width: float) -> str:
+    """Shorten ``text`` in the middle until it fits ``width`` mm: start and extension both stay."""
+    if pdf.get_string_width(text) <= width:
+        return text
+    head, tail = text[: len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and pdf.get_string_width(f"{head}...{tail}") > width:
+        head, tail = (head[:-1], tail) if len(head) >= len(tail) else (head, tail[1:])
+    return f"{head}...{tail}"
+
+
+def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: list[str]) -> None:
+    from fpdf.fonts import FontFace
+    n_ok = sum(r.ok for r in results)
+    n_flag = sum(bool(r.flags) for r in results if r.ok)
+    pdf.font(12, True, INK)
+    pdf.cell(0, 7, pdf.t("Batch summary"), new_x="LMARGIN", new_y="NEXT")
+    pdf.font(9, False, INK)
+    t = "not set" if ctx.threshold is None else f"{ctx.threshold:.3f} ({ctx.threshold_source})"
+    pdf.multi_cell(0, 5, pdf.t(
+        f"{len(results)} files: {n_ok} predicted, {len(results) - n_ok} could not be read, "
+        f"{n_flag} flagged for review. Operating point on the tumour probability: {t}. "
+        f"One page per file follows; click a row to jump to it."), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(3)
+    pdf.font(8.5)
+    head = FontFace(emphasis="BOLD", color=(255, 255, 255), fill_color=ACCENT)
+    with pdf.table(col_widths=(8, 62, 30, 22, 56), text_align=("RIGHT", "LEFT", "LEFT", "RIGHT", "LEFT"),
+                   headings_style=head, line_height=5.2, padding=1.2,
+                   borders_layout="HORIZONTAL_LINES", cell_fill_color=(248, 249, 250),
+                   cell_fill_mode="ROWS") as table:
+        hdr = table.row()
+        for h in ("#", "File", "Prediction", "Tumour p.", "Flags"):
+            hdr.cell(pdf.t(h))
+        for i, (r, link) in enumerate(zip(results, links), 1):
+            row = table.row()
+            name = _fit(pdf, pdf.t(r.name), 62 - 2 * 1.2 - 1)
+            row.cell(str(i), link=link)
+            row.cell(name, link=link)
+            if r.ok:
+                p = r.prediction
+                row.cell(pdf.t(class_label(p.pred)), link=link)
+                row.cell("" if p.tumour_probability is None else f"{p.tumour_probability:.3f}", link=link)
+                flags = r.flags
+                row.cell(pdf.t(", ".join(flags) or "-"), link=link,
+                         style=FontFace(color=RED[1] if flags else INK))
+            else:
+                row.cell("-", link=link)
+                row.cell("-", link=link)
+                row.cell(pdf.t(FLAG_UNREADABLE), link=link, style=FontFace(color=RED[1]))
+
+
+def render_pdf(results: list[ScanResult], ctx: ReportContext) -> bytes:
+    """The PDF for already analysed results: summary page for a batch, then one page per file."""
+    pdf = _report_pdf_class()(ctx)
+    # Named destinations: the summary links to pages whose numbers are not known yet.
+    links = [f"#scan-{i}" for i in range(1, len(results) + 1)]
+    if len(results) > 1:
+        pdf.add_page()
+        _summary_page(pdf, results, ctx, links)
+    for i, (r, link) in enumerate(zip(results, links), 1):
+        pdf.add_page()
+        pdf.set_link(name=link[1:])
+        if r.ok:
+            _scan_page(pdf, r, ctx, i, len(results))
+        else:
+            _error_page(pdf, r, i, len(results))
+    if not results:
+        pdf.add_page()
+        pdf.font(11, False, INK)
+        pdf.cell(0, 8, "No files were given.")
+    return bytes(pdf.output())
+
+
+def build_report(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
+                 method: str = "gradcam", **read_kw) -> bytes:
+    """PDF report for ``items`` = [(name, bytes or path)]; see the module docstring."""
+    results = analyse(items, predictor, threshold, method, **read_kw)
+    return render_pdf(results, ReportContext.of(predictor, threshold, method))
+
+
+def report_downloads_data(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
+                          method: str = "gradcam", **read_kw) -> dict[str, tuple[bytes | str, str, str]]:
+    """{"pdf": (bytes, mime, file name), "csv": (text, mime, file name)} for download buttons."""
+    results = analyse(items, predictor, threshold, method, **read_kw)
+    pdf = render_pdf(results, ReportContext.of(predictor, threshold, method))
+    return {"pdf": (pdf, PDF_MIME, "report.pdf"),
+            "csv": (build_csv(results, predictor.classes), CSV_MIME, "report.csv")}
+
+
+# ---------------------------------------------------------------- CLI
+
+def _probability(text: str) -> float:
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1]")
+    return v
+
+
+def _line(r: ScanResult) -> str:
+    if not r.ok:
+        return f"{r.name}: error: {r.error}"
+    p = r.prediction
+    tp = "" if p.tumour_probability is None else f" (tumour probability {p.tumour_probability:.3f})"
+    flags = f" [{', '.join(r.flags)}]" if r.flags else ""
+    return f"{r.name}: {p.pred}{tp}{flags}"
+
+
+def _write(path: str, data: bytes | str, what: str) -> bool:
+    try:
+        p = Path(path)
+        p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data, encoding="utf-8")
+        return True
+    except OSError as e:
+        print(f"error: cannot write the {what} to {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+
+
+def _unknown_method(method: str) -> str | None:
+    """The error for a saliency method that does not exist, or None (also when saliency is absent)."""
+    try:
+        from .saliency import method_name
+        method_name(method)
+    except ImportError:
+        return None  # the pages will say that saliency is unavailable
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def cmd_report(args) -> int:
+    from .inference import Predictor
+    if (why := _unknown_method(args.method)):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(args.weights)
+    except Exception as e:  # a missing or broken model is a usage error, not a traceback
+        where = f" from {args.weights}" if args.weights else ""
+        print(f"error: cannot load the model{where}: {e or type(e).__name__}", file=sys.stderr)
+        return 2
+    results = analyse([(f, f) for f in args.files], predictor, args.threshold, args.method,
+                      keep_bytes=bool(args.audit))
+    for r in results:
+        print(_line(r), flush=True)
+    pdf = render_pdf(results, ReportContext.of(predictor, args.threshold, args.method))
+    if not _write(args.out, pdf, "report"):
+        return 2
+    print(f"wrote {args.out} ({len(results)} files, "
+          f"{method_label(args.method)} saliency)")
+    if args.csv:
+        if not _write(args.csv, build_csv(results, predictor.classes), "CSV"):
+            return 2
+        print(f"wrote {args.csv}")
+    if args.audit:
+        from .audit import append_audit
+        try:
+            for r in results:
+                if r.ok:
+                    append_audit(args.audit, r.data, predictor, r.prediction, r.flags)
+        except OSError as e:
+            print(f"error: cannot write the audit log {args.audit}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        print(f"audit: {sum(r.ok for r in results)} lines appended to {args.audit}")
+    return 0 if all(r.ok for r in results) else 1
 
 
 def add_cli(sub) -> None:
-    pass
+    r = sub.add_parser("report", help="PDF (and CSV) report, one page per scan",
+                       description="Predict each file and write a printable PDF report: a summary "
+                                   "page for a batch, then one page per file (files that cannot be "
+                                   "read get a page saying why). Exit 0 when every file was "
+                                   "predicted, 1 when some failed, 2 on a usage or output error.")
+    r.add_argument("files", nargs="+", help="image, DICOM or NIfTI files")
+    r.add_argument("--out", required=True, help="the PDF to write")
+    r.add_argument("--csv", help="also write the results as CSV here")
+    r.add_argument("--weights", help="model directory (default: $BT_WEIGHTS or weights/DEFAULT)")
+    r.add_argument("--threshold", type=_probability,
+                   help="operating point on the tumour probability (default: the model card's)")
+    r.add_argument("--method", default="gradcam", help="saliency method (gradcam, gradcam++, "
+                                                       "hirescam, xgradcam, layercam, eigencam)")
+    r.add_argument("--audit", help="append one JSON line per prediction to this log (opt-in; "
+                                   "holds file hashes and results, never file names)")
+    r.set_defaults(fn=cmd_report)

@@ -1,0 +1,104 @@
+"""Diagnose: upload scans (or pick built-in samples) and see each prediction with its evidence."""
+import streamlit as st
+
+from core import app_support as app
+from core.dashboard import batch_table, probability_bar, tumour_gauge
+
+DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
+
+st.title("Diagnose")
+predictor = app.current_predictor()
+if predictor is None:
+    st.error("No model is loaded, so nothing can be predicted. See the sidebar.")
+    st.stop()
+threshold = app.session_threshold(predictor)
+st.caption("Research demo, not a medical device: every result needs a clinician's review. "
+           "Files are processed in memory and never stored.")
+
+uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM, NIfTI or a zip",
+                           type=app.UPLOAD_TYPES, accept_multiple_files=True)
+samples = app.sample_scans()
+picked = st.multiselect("...or try built-in sample scans (one per class, from the test split)",
+                        list(samples))
+files = [(f.name, f.getvalue()) for f in uploads or []]
+files += [(f"sample/{n}", samples[n].read_bytes()) for n in picked]
+if not files:
+    st.info("Upload one or more scans, or pick a sample, to see a prediction.")
+    st.stop()
+
+
+def slice_choice(name: str, data) -> int | None:
+    """Slice slider (middle by default) and 'most tumour-like' toggle for volumes."""
+    n = app.cached_slice_count(data, name) if isinstance(data, bytes) else 1
+    if n <= 1:
+        return None
+    key = app.item_key(name, data)
+    if st.toggle("Most tumour-like slice", key=f"best-{key}"):
+        best = app.cached_best_slice(predictor, data, name)
+        st.caption(f"Slice {best} of 0-{n - 1}: the highest tumour probability in the volume.")
+        return best
+    return st.slider(f"Slice (of {n})", 0, n - 1, n // 2, key=f"s-{key}")
+
+
+def show(name: str, data, slice_index: int | None) -> dict:
+    """One file in full: image, prediction, flags, probabilities, saliency. Returns its row."""
+    row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index)
+    if scan is None:
+        st.error(f"**{name}**: {row['error']}")
+        return row
+    key = f"{app.item_key(name, data)}-{slice_index}"
+    left, right = st.columns([1, 2])
+    left.image(scan.pixels, clamp=True, width="stretch",
+               caption=f"{name} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
+    with right:
+        if not pred.in_distribution:
+            st.warning("**Out of distribution**: this does not look like the brain MRI the model "
+                       "was trained on, so its output is **not a diagnosis**.", icon=":material/block:")
+        else:
+            st.markdown(f"### Prediction: **{pred.pred}**")
+        if pred.uncertain:
+            st.warning(f"**Uncertain, refer for review**: confidence {pred.confidence:.0%} is "
+                       f"below {predictor.min_confidence:.0%}.", icon=":material/warning:")
+        st.plotly_chart(probability_bar(pred.probs, pred.pred if pred.in_distribution else None),
+                        key=f"p-{key}")
+        if pred.tumour_probability is not None:
+            st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold), key=f"g-{key}")
+            flagged = pred.tumour_probability >= threshold
+            st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
+                       f"{threshold:.2f}: " + ("**tumour flagged**" if flagged else "not flagged"))
+    app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index)
+    return row
+
+
+items = app.expand_uploads(files)
+if len(items) == 1:
+    results = [show(items[0][0], items[0][1], slice_choice(*items[0]))]
+elif len(items) <= DETAILED:
+    summary, results = st.container(), []
+    for name, data in items:
+        with st.expander(name, expanded=True):
+            results.append(show(name, data, slice_choice(name, data)))
+else:
+    summary = st.container()
+    results = [app.analyse(predictor, name, data, threshold)[0] for name, data in items]
+    for r in results:
+        if not r["ok"]:
+            st.error(f"**{r['file']}**: {r['error']}")
+    ok = [k for k, r in enumerate(results) if r["ok"]]
+    if ok:
+        k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])
+        with st.container(border=True):
+            show(items[k][0], items[k][1], slice_choice(*items[k]))
+if len(items) > 1:
+    with summary:
+        st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
+        table = batch_table(results)
+        st.dataframe(table, hide_index=True, column_config={
+            "tumour probability": st.column_config.ProgressColumn(format="%.3f", min_value=0,
+                                                                  max_value=1),
+            "confidence": st.column_config.NumberColumn(format="%.3f")})
+        st.download_button("Download the table (CSV)", app.results_csv(table), "predictions.csv",
+                           "text/csv", on_click="ignore")
+
+# ---- plug-in spot: PDF/CSV report downloads from core.report (another issue) ----
+app.report_downloads(items, predictor, threshold)

@@ -1,0 +1,100 @@
+"""Evaluation: the model's test-set results (eval.json) or a labelled zip, at the session's
+operating point: confusion, per-class scores, ROC/PR, missed tumours, calibration."""
+import streamlit as st
+
+from core import app_support as app
+from core import dashboard as dash
+
+st.title("Evaluation")
+predictor = app.current_predictor()
+if predictor is None:
+    st.error("No model is loaded. See the sidebar.")
+    st.stop()
+threshold = app.session_threshold(predictor)
+classes = predictor.classes
+
+where = st.radio("Data", ["card", "zip"], horizontal=True, format_func={
+    "card": "the model's held-out test set (eval.json)",
+    "zip": "a labelled zip of my own (one folder per class)"}.get)
+blobs = None
+if where == "card":
+    stored = app.load_eval(predictor.dir)
+    if stored is None:
+        st.warning(f"{predictor.dir}/eval.json is missing: train.py writes it after training.")
+        st.stop()
+    records = stored["predictions"]
+else:
+    up = st.file_uploader("Labelled zip: <class>/<image> inside", type=["zip"])
+    if up is not None and st.button("Evaluate", type="primary"):
+        data = up.getvalue()
+        try:
+            items, skipped = app.labelled_zip(data)
+        except app.ScanError as e:
+            st.error(f"{up.name}: {e}")
+            st.stop()
+        bar = st.progress(0.0, text=f"Evaluating {len(items)} scans...")
+        ev = app.evaluate_items(predictor, items,
+                                lambda n, b: app.cached_prediction(
+                                    predictor, app.read_upload(b, n), app.digest(b)),
+                                progress=lambda f: bar.progress(f, text=f"{f:.0%} evaluated"))
+        st.session_state["zip_eval"] = {"name": up.name, "ev": ev, "skipped": skipped + ev["errors"],
+                                        "blobs": {n: b for n, _, b in items}}
+    held = st.session_state.get("zip_eval")
+    if held is None:
+        st.info("Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
+        st.stop()
+    for s in held["skipped"][:20]:
+        st.error(f"{s['file']}: {s['error']}")
+    records, blobs = held["ev"]["predictions"], held["blobs"]
+    if not records:
+        st.error(f"No scan in {held['name']} could be evaluated.")
+        st.stop()
+
+sources = app.sources_of(records)
+source = st.selectbox("Source", [None, *sources], format_func=lambda s: s or "all sources") \
+    if len(sources) > 1 else None
+ev = app.evaluation_at(records, classes, threshold, source)
+shown = app.records_at([r for r in records if source in (None, r.get("source"))], classes, threshold)
+
+c = st.columns(6)
+c[0].metric("Scans", ev["n"])
+c[1].metric("Accuracy", f"{ev['accuracy']:.1%}" if "accuracy" in ev else "n/a")
+c[2].metric("Macro F1", f"{ev['macro_f1']:.3f}" if "macro_f1" in ev else "n/a")
+c[3].metric("Tumours missed", ev.get("tumour_missed", "n/a"),
+            help="Tumour scans predicted 'no tumour' at the sidebar's operating point")
+c[4].metric("Sensitivity", f"{ev['sensitivity']:.1%}" if ev.get("sensitivity") is not None else "n/a")
+c[5].metric("Specificity", f"{ev['specificity']:.1%}" if ev.get("specificity") is not None else "n/a")
+st.caption(f"All numbers at the operating point {threshold:.2f} (sidebar)." if threshold is not None
+           else "This model has no operating point: plain top-class predictions.")
+
+t1, t2, t3, t4 = st.tabs(["Confusion", "ROC and PR", "False negatives", "Calibration"])
+with t1:
+    if "confusion" in ev:
+        a, b = st.columns(2)
+        a.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
+        b.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes, normalise=True), key="cmn")
+        st.dataframe(dash.per_class_table(ev), hide_index=True)
+    else:
+        st.info("These labels name no model class (e.g. only 'tumour'/'no tumour'): see the "
+                "false-negative tab.")
+with t2:
+    a, b = st.columns(2)
+    a.plotly_chart(dash.roc_figure(shown, classes), key="roc")
+    b.plotly_chart(dash.pr_figure(shown, classes), key="pr")
+with t3:
+    if "threshold_curve" in ev:
+        a, b, c = st.columns(3)
+        a.metric("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}")
+        b.metric("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}")
+        c.metric("Silent misses", ev.get("silent_misses", "n/a"),
+                 help="Missed tumours with no out-of-distribution or uncertainty flag")
+        st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
+    else:
+        st.info("No tumour/no-tumour labels here, so no false-negative analysis.")
+    app.gallery(predictor, shown, blobs)
+with t4:
+    a, b = st.columns(2)
+    if ev.get("reliability"):
+        a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
+    if ev.get("risk_coverage"):
+        b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc")

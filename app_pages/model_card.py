@@ -1,0 +1,56 @@
+"""Model card: what the loaded model is for, what it was trained on, how well it does, limits."""
+import json
+
+import streamlit as st
+
+from core import app_support as app
+
+st.title("Model card")
+predictor = app.current_predictor()
+if predictor is None:
+    st.error("No model is loaded. See the sidebar.")
+    st.stop()
+card = predictor.card
+st.subheader(f"{card.get('name', predictor.dir.name)} ({card.get('arch')}, {card.get('version', '')})")
+
+st.markdown("#### Intended use")
+st.write(card.get("intended_use", "Research and teaching demo; not for diagnosis."))
+st.markdown("#### Limits")
+st.markdown(
+    "- Not a medical device; never a substitute for a radiologist.\n"
+    f"- Knows only these classes: {', '.join(card['classes'])}. Other pathology (metastases, "
+    "stroke, haemorrhage...) will be forced into one of them unless flagged.\n"
+    "- One 2D slice at a time; no patient history, no other sequences.\n"
+    "- Trained on public datasets whose scanners, sequences and populations may differ from "
+    "yours; numbers below hold for data like the test split only.")
+
+st.markdown("#### Data and sources")
+st.dataframe([{"source": s.get("name"), "path": s.get("path"), **s.get("images", {}),
+               "labels": ", ".join(f"{k}->{v}" for k, v in s.get("label_map", {}).items())}
+              for s in card.get("sources", [])], hide_index=True)
+split = card.get("split", {})
+st.markdown(f"**Split**: {split.get('method', 'n/a')}; sizes {split.get('sizes', {})}")
+
+a, b = st.columns(2)
+with a:
+    st.markdown("#### Preprocessing")
+    st.json(card.get("preprocessing", {}))
+    st.markdown("#### Calibration")
+    st.json(card.get("calibration", {}))
+with b:
+    st.markdown("#### Operating point and uncertainty")
+    st.json({"operating_point": card.get("operating_point", {}),
+             "uncertainty": card.get("uncertainty", {})})
+    st.markdown("#### Test metrics")
+    st.json({k: v for k, v in card.get("metrics", {}).items() if k != "per_source"})
+    if card.get("metrics", {}).get("per_source"):
+        with st.expander("Per source"):
+            st.json(card["metrics"]["per_source"])
+
+st.markdown("#### How it was made")
+st.code(card.get("command", "n/a"), language="bash")
+st.caption(f"{card.get('parameters', 0) / 1e6:.2f} M parameters, weights "
+           f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MB, sha256 {predictor.weights_sha256[:16]}..., "
+           f"libraries {card.get('libraries', {})}, built {card.get('date', '?')}")
+st.download_button("Download card.json", json.dumps(card, indent=1), "card.json",
+                   "application/json", on_click="ignore")

@@ -1,0 +1,106 @@
+"""Single-image CPU latency of what the app and CLI do per scan: decode + preprocess + forward.
+
+    python bench/latency.py                              # the shipped default model
+    python bench/latency.py --weights weights/NAME --threads 1 2 --runs 50
+    python bench/latency.py --arch resnet18 --img 224    # an untrained architecture, for sizing
+
+Each run reads the file from disk, decodes it (`core.reader.read_scan`), preprocesses it
+(`Predictor.input_tensor`: head crop, pad, resize, normalise) and runs the calibrated forward
+pass (`Predictor.probabilities`). Median and 90th percentile over --runs, after --warmup runs,
+for each thread count. Target for the default model: <= 30 ms per image on one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._machine import header  # noqa: E402
+from core.inference import Predictor, default_weights  # noqa: E402
+from core.reader import read_scan  # noqa: E402
+
+DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "brain-tumor-mri" / "Training" / "glioma"
+TARGET_MS = 30.0
+
+
+def random_weights_dir(arch: str, img: int) -> Path:
+    """A card and untrained weights for an architecture (latency does not depend on training)."""
+    from safetensors.torch import save_file
+    from core.models import create_model
+    from core.preprocess import DEFAULT_SPEC
+    d = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    m = create_model(arch, len(classes))
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, d / "model.safetensors")
+    (d / "card.json").write_text(json.dumps({"name": f"{arch} (untrained)", "arch": arch,
+                                             "classes": classes,
+                                             "preprocessing": {**DEFAULT_SPEC, "size": img}}))
+    return d
+
+
+def pick_image(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    files = sorted(DEFAULT_IMAGE.glob("*.jpg"))
+    if not files:
+        sys.exit(f"no image given and none found in {DEFAULT_IMAGE}; pass --image FILE")
+    return files[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", help="model directory (default: weights/DEFAULT)")
+    p.add_argument("--arch", help="benchmark an untrained architecture instead of --weights")
+    p.add_argument("--img", type=int, default=192, help="input size with --arch")
+    p.add_argument("--image", help="JPEG/PNG/DICOM file (default: a benchmark JPEG)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args(argv)
+    meta = header("cpu")
+    wdir = random_weights_dir(args.arch, args.img) if args.arch else Path(args.weights or default_weights())
+    pred = Predictor(wdir, device="cpu")
+    image = pick_image(args.image)
+    print(f"model: {pred.name} ({pred.card['arch']}, input {pred.spec['size']}px) from {wdir}")
+    print(f"image: {image}")
+    results = []
+    for n in args.threads:
+        torch.set_num_threads(n)
+        times = {"decode": [], "preprocess": [], "forward": [], "total": []}
+        for i in range(args.warmup + args.runs):
+            t0 = time.perf_counter()
+            scan = read_scan(image)
+            t1 = time.perf_counter()
+            x = pred.input_tensor(scan)
+            t2 = time.perf_counter()
+            probs = pred.probabilities(x)
+            t3 = time.perf_counter()
+            if i >= args.warmup:
+                for stage, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    times[stage].append(1000 * dt)
+        assert probs.shape == (1, len(pred.classes))
+        row = {"threads": n, "runs": args.runs}
+        for stage, v in times.items():
+            row[f"{stage}_median_ms"] = round(float(np.median(v)), 2)
+            row[f"{stage}_p90_ms"] = round(float(np.percentile(v, 90)), 2)
+        results.append(row)
+        verdict = "" if n != 1 else (" (target <= %.0f ms: %s)" % (
+            TARGET_MS, "met" if row["total_median_ms"] <= TARGET_MS else "NOT met"))
+        print(f"{n} thread(s): median {row['total_median_ms']:.1f} ms, p90 {row['total_p90_ms']:.1f} ms"
+              f"  [decode {row['decode_median_ms']:.1f}, preprocess {row['preprocess_median_ms']:.1f},"
+              f" forward {row['forward_median_ms']:.1f}]{verdict}")
+    print(json.dumps({**meta, "model": pred.name, "arch": pred.card["arch"],
+                      "input_size": pred.spec["size"], "image": str(image), "warmup": args.warmup,
+                      "results": results}))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Logic behind the Streamlit pages: model choice, cached predictions, uploads, evaluation at the
+session's operating point. Pages only lay out what these functions return.
+
+Uploaded files stay in memory (bytes in the session); nothing here writes them to disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import streamlit as st
+
+from .evaluation import evaluate_records, fold_to_binary_labels
+from .inference import (ROOT, Prediction, Predictor, default_weights, load_card,
+                        most_tumour_like_slice, shipped_models)
+from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
+from .metrics import decide
+from .preprocess import prepare
+from .reader import (VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
+                     read_zip, zip_to_labelled)
+
+SAMPLES_DIR = ROOT / "assets" / "samples"
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "dcm", "dicom",
+                "nii", "gz", "zip"]
+
+
+# ----------------------------------------------------------------------------- models
+def is_model_dir(d: Path) -> bool:
+    return (d / "card.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def model_choices() -> list[Path]:
+    """Every usable weights dir: the default ($BT_WEIGHTS or weights/DEFAULT) first."""
+    out: list[Path] = []
+    try:
+        out.append(default_weights())
+    except OSError:  # no weights/DEFAULT file
+        pass
+    out += shipped_models()
+    seen, uniq = set(), []
+    for d in out:
+        key = Path(d).resolve()
+        if key not in seen and is_model_dir(key):
+            seen.add(key)
+            uniq.append(Path(d))
+    return uniq
+
+
+def weights_stamp(weights_dir: str | Path) -> tuple[str, int, int]:
+    """Cache key for a loaded model: path, mtime and size of its safetensors file."""
+    f = Path(weights_dir).resolve() / "model.safetensors"
+    st = f.stat()
+    return str(f.parent), st.st_mtime_ns, st.st_size
+
+
+def card_threshold(card: dict) -> float | None:
+    """The card's operating point, or None for a model without tumour/no-tumour classes."""
+    classes = card.get("classes", [])
+    if not (tumour_classes(classes) and NO_TUMOUR in classes):
+        return None
+    t = card.get("operating_point", {}).get("threshold")
+    return 0.5 if t is None else float(t)
+
+
+# ----------------------------------------------------------------------------- operating point
+def at_threshold(pred: Prediction, classes: list[str], threshold: float | None) -> Prediction:
+    """The same prediction decided at the session's operating point instead of the card's."""
+    p = np.array([[pred.probs[c] for c in classes]])
+    k = int(decide(p, classes, threshold)[0])
+    return replace(pred, pred=classes[k], threshold=threshold)
+
+
+def records_at(records: list[dict], classes: list[str], threshold: float | None) -> list[dict]:
+    """Evaluation records with ``pred`` recomputed at ``threshold`` (copies)."""
+    if not records:
+        return []
+    p = np.array([[r["probs"][c] for c in classes] for r in records])
+    k = decide(p, classes, threshold)
+    return [{**r, "pred": classes[i]} for r, i in zip(records, k)]
+
+
+def evaluation_at(records: list[dict], classes: list[str], threshold: float | None,
+                  source: str | None = None) -> dict:
+    """All metrics recomputed from the predictions at ``threshold``, for one source or all."""
+    if source:
+        records = [r for r in records if r.get("source") == source]
+    return evaluate_records(records_at(records, classes, threshold), classes, threshold)
+
+
+def sources_of(records: list[dict]) -> list[str]:
+    return sorted({r.get("source", "data") for r in records})
+
+
+def load_eval(weights_dir: str | Path) -> dict | None:
+    f = Path(weights_dir) / "eval.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_history(weights_dir: str | Path) -> list[dict] | None:
+    f = Path(weights_dir) / "history.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def all_cards() -> dict[str, dict]:
+    """Card of every usable model, keyed by its directory."""
+    return {str(d): load_card(d) for d in model_choices()}
+
+
+# ----------------------------------------------------------------------------- inputs
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sample_scans() -> dict[str, Path]:
+    """Built-in sample scans (assets/samples/<class>.jpg), name -> path."""
+    return {p.name: p for p in sorted(SAMPLES_DIR.glob("*")) if p.is_file()}
+
+
+def expand_uploads(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes | Exception]]:
+    """Uploads with zips unpacked (in memory) into their members. A member the archive reader
+    left out, or a zip that cannot be used at all, becomes an entry holding its ScanError."""
+    out: list = []
+    for name, data in files:
+        if not name.lower().endswith(".zip"):
+            out.append((name, data))
+            continue
+        try:
+            members = read_zip(data)
+        except ScanError as e:
+            out.append((name, e))
+            continue
+        out += [(f"{name}/{member}", content) for member, content in members]
+        out += [(f"{name}/{member}", ScanError(why)) for member, why in members.skipped]
+    return out
+
+
+def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
+    """A class-per-folder zip as (file, label, bytes) items plus the skipped files with why."""
+    members = zip_to_labelled(data)
+    items = [(name, normalise_label(folder), content) for folder, name, content in members]
+    return items, [{"file": name, "error": why} for name, why in members.skipped]
+
+
+def volume_slices(data: bytes, name: str) -> int:
+    """Number of slices of a volume (NIfTI, multi-frame DICOM); 1 for a plain image."""
+    if not name.lower().endswith(VOLUME_SUFFIXES):
+        return 1  # reading a 2D image twice just to count to one is not worth it
+    try:
+        return len(read_volume_slices(data, name))
+    except ScanError:
+        return 1  # read_scan reports the problem with its own sentence
+
+
+def read_upload(data: bytes | ScanImage | Exception, name: str, slice_index: int | None = None) -> ScanImage:
+    """One upload (or one slice of it) as a ScanImage; raises ScanError with a plain sentence."""
+    if isinstance(data, Exception):
+        raise data if isinstance(data, ScanError) else ScanError(str(data))
+    if isinstance(data, ScanImage):
+        return data
+    if slice_index is None:
+        return read_scan(data, name)
+    return read_scan(data, name, slice=slice_index)
+
+
+def best_slice(predictor: Predictor, data: bytes, name: str) -> int:
+    """Index of the slice of a volume that the model finds most tumour-like."""
+    return most_tumour_like_slice(predictor, data, name)[0]
+
+
+def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
+    """The image the model sees (cropped, padded, resized), the frame of the saliency map."""
+    return prepare(scan.pixels, spec)
+
+
+# ----------------------------------------------------------------------------- results
+class LRU(OrderedDict):
+    """A small least-recently-used store for per-session caches of predictions and maps."""
+
+    def __init__(self, size: int = 256):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make: Callable):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+def result_row(name: str, pred: Prediction | None = None, error: str | None = None) -> dict:
+    """One batch result in the shape of `core.inference.predict_many` output."""
+    if pred is None:
+        return {"file": name, "ok": False, "error": error or "The file could not be processed."}
+    return {"file": name, "ok": True, **pred.to_json()}
+
+
+def results_csv(rows) -> bytes:
+    return rows.to_csv(index=False).encode()
+
+
+def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
+                   predict: Callable[[str, bytes], Prediction],
+                   progress: Callable[[float], None] | None = None) -> dict:
+    """Evaluate labelled in-memory scans; unreadable ones are listed under ``errors``."""
+    records, errors = [], []
+    for k, (name, label, data) in enumerate(items):
+        try:
+            p = predict(name, data)
+            records.append({"file": name, "source": "upload", "label": label, "pred": p.pred,
+                            "probs": p.probs, "tumour_probability": p.tumour_probability,
+                            "confidence": p.confidence, "uncertain": p.uncertain,
+                            "in_distribution": p.in_distribution, "ood_score": p.ood_score})
+        except ScanError as e:
+            errors.append({"file": name, "error": str(e)})
+        if progress:
+            progress((k + 1) / max(1, len(items)))
+    if not records:
+        return {"predictions": [], "errors": errors}
+    labels = {r["label"] for r in records}
+    if not labels <= set(predictor.classes) and labels <= {TUMOUR, NO_TUMOUR, *predictor.classes}:
+        fold_to_binary_labels(records)
+    ev = evaluate_records(records, predictor.classes, predictor.threshold)
+    ev["errors"] = errors
+    return ev
+
+
+def source_root(card: dict, source: str) -> Path | None:
+    """Where a source's images live on this machine (card paths are relative to the repo)."""
+    for s in card.get("sources", []):
+        if s.get("name") == source and s.get("path"):
+            p = Path(s["path"])
+            return p if p.is_absolute() else (ROOT / p).resolve()
+    return None
+
+
+def record_scan_path(card: dict, record: dict) -> Path | None:
+    """The scan behind an eval.json record when present on disk, else None."""
+    root = source_root(card, record.get("source", ""))
+    if root is None:
+        return None
+    f = root / record["file"]
+    return f if f.is_file() else None
+
+
+def gallery_records(records: list[dict], kind: str) -> list[dict]:
+    """'missed' tumours (predicted no tumour) or every 'misclassified' record, worst first."""
+    from .dashboard import is_missed_tumour
+    if kind == "missed":
+        sel = [r for r in records if is_missed_tumour(r)]
+        return sorted(sel, key=lambda r: r.get("tumour_probability") or 0.0)
+    from .metrics import is_tumour_label
+    sel = [r for r in records if (r["label"] in r["probs"] and r["pred"] != r["label"])
+           or (r["label"] not in r["probs"] and is_tumour_label(r["label"]) is not None
+               and bool(is_tumour_label(r["label"])) != (r["pred"] != NO_TUMOUR))]
+    return sorted(sel, key=lambda r: -r["probs"].get(r["pred"], 0.0))
+
+
+# ----------------------------------------------------------------------------- Streamlit glue
+# Everything below needs a running Streamlit script; everything above is plain Python.
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def _load_predictor(path: str, mtime_ns: int, size: int) -> Predictor:
+    return Predictor(path)
+
+
+def load_predictor(weights_dir: str | Path) -> Predictor:
+    """The model, loaded once per process and per weights file (path, mtime, size)."""
+    return _load_predictor(*weights_stamp(weights_dir))
+
+
+def current_predictor() -> Predictor | None:
+    """The model chosen in the sidebar (None, with an error shown, when none can be loaded)."""
+    wdir = st.session_state.get("weights_dir")
+    if not wdir:
+        return None
+    try:
+        return load_predictor(wdir)
+    except Exception as e:  # a broken weights dir must not take the app down
+        st.error(f"The model in {wdir} could not be loaded: {e}")
+        return None
+
+
+def session_threshold(predictor: Predictor) -> float | None:
+    """The operating point chosen in the sidebar (the card's until the user moves it)."""
+    t = card_threshold(predictor.card)
+    return None if t is None else float(st.session_state.get("threshold", t))
+
+
+def _cache(name: str, size: int) -> LRU:
+    state = st.session_state
+    if name not in state:
+        state[name] = LRU(size)
+    return state[name]
+
+
+def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
+                slice_index: int | None = None) -> ScanImage:
+    return _cache("_scans", 64).get_or((key, slice_index),
+                                       lambda: read_upload(data, name, slice_index))
+
+
+def cached_slice_count(data: bytes, name: str) -> int:
+    return _cache("_slices", 64).get_or(digest(data), lambda: volume_slices(data, name))
+
+
+def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> int:
+    return _cache("_best_slice", 64).get_or((predictor.weights_sha256, digest(data)),
+                                            lambda: best_slice(predictor, data, name))
+
+
+def cached_prediction(predictor: Predictor, scan: ScanImage, key: str,
+                      slice_index: int | None = None) -> Prediction:
+    """Prediction at the card's operating point, computed once per file content and model."""
+    def run() -> Prediction:
+        with predictor.lock:  # saliency hooks may be attached to the shared model
+            return predictor.predict_scan(scan)
+    return _cache("_predictions", 1024).get_or((predictor.weights_sha256, key, slice_index), run)
+
+
+def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str,
+                    target: str | None, slice_index: int | None = None) -> np.ndarray:
+    from .saliency import saliency_map
+    return _cache("_saliency", 128).get_or(
+        (predictor.weights_sha256, key, slice_index, method, target),
+        lambda: saliency_map(predictor, scan, method, target))
+
+
+def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: str,
+                   slice_index: int | None = None, compact: bool = False) -> None:
+    """Method, target class and opacity controls; overlay and raw map side by side.
+
+    Runs as a fragment, so moving these controls never re-runs the page or the model.
+    """
+    from .saliency import METHODS, colour_map, overlay
+
+    @st.fragment
+    def panel() -> None:
+        wkey = f"{key}-{slice_index}"
+        if compact:
+            method, target, opacity = "Grad-CAM", predicted, 0.45
+        else:
+            c1, c2, c3 = st.columns(3)
+            method = c1.selectbox("Saliency method", list(METHODS), key=f"m-{wkey}")
+            others = [c for c in predictor.classes if c != predicted]
+            target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}",
+                                  format_func=lambda c: f"{c} (predicted)" if c == predicted else c)
+            opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key=f"o-{wkey}")
+        try:
+            cam = cached_saliency(predictor, scan, key, method, target, slice_index)
+        except Exception as e:
+            st.error(f"The saliency map could not be computed: {e}")
+            return
+        base = display_image(scan, predictor.spec)
+        a, b = st.columns(2)
+        a.image(overlay(base, cam, opacity), caption=f"{method} for '{target}' over the model input",
+                width="stretch")
+        b.image(colour_map(cam), caption="map alone (red = most weight)", width="stretch")
+        if cam.max() <= 0:
+            st.caption("The map is empty: nothing at this layer speaks for this class.")
+
+    panel()
+
+
+def analyse(predictor: Predictor, name: str, data, threshold: float | None,
+            slice_index: int | None = None) -> tuple[dict, ScanImage | None, Prediction | None]:
+    """Read and predict one upload (cached); a failure becomes an error row, never an exception."""
+    key = item_key(name, data)
+    try:
+        scan = cached_scan(data, name, key, slice_index)
+        pred = at_threshold(cached_prediction(predictor, scan, key, slice_index),
+                            predictor.classes, threshold)
+    except ScanError as e:
+        return result_row(name, error=str(e)), None, None
+    except Exception as e:  # a bug on one file must not stop the batch
+        return result_row(name, error=f"The file could not be processed ({type(e).__name__})."), None, None
+    return result_row(name, pred), scan, pred
+
+
+def item_key(name: str, data) -> str:
+    """Cache key of an upload: its content hash (bytes), else its name."""
+    return digest(data) if isinstance(data, (bytes, bytearray)) else f"{name}:{type(data).__name__}"
+
+
+def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
+                     threshold: float | None) -> None:
+    """PDF/CSV report buttons from core.report, built on request and kept for these files.
+
+    ``core.report.report_downloads_data(items, predictor, threshold)`` predicts and computes
+    saliency again, so it runs behind a button, once per set of files and operating point.
+    """
+    try:
+        from .report import report_downloads_data
+    except ImportError:  # the report module is not there: no buttons, no error
+        return
+    files = [(n, d) for n, d in items if isinstance(d, (bytes, bytearray))]
+    key = (predictor.weights_sha256, threshold, tuple(digest(d) for _, d in files))
+    held = st.session_state.get("_report")
+    if held is None or held[0] != key:
+        if not files or not st.button("Prepare a PDF and CSV report", key="report-build"):
+            return
+        with st.spinner("Building the report..."):
+            try:
+                held = (key, report_downloads_data(files, predictor, threshold))
+            except Exception as e:  # a report bug must not hide the predictions above
+                st.error(f"The report could not be built ({type(e).__name__}: {e}).")
+                return
+        st.session_state["_report"] = held
+    for col, (kind, (blob, mime, fname)) in zip(st.columns(len(held[1])), held[1].items()):
+        col.download_button(f"Download the {kind.upper()} report", blob, fname, mime,
+                            on_click="ignore", key=f"report-{kind}")
+
+
+def gallery_scan(card: dict, record: dict, blobs: dict[str, bytes] | None = None) -> ScanImage | None:
+    """The scan behind a record: from the uploaded zip held in memory, else from disk."""
+    if blobs is not None and record["file"] in blobs:
+        return read_scan(blobs[record["file"]], record["file"])
+    path = record_scan_path(card, record)
+    return read_scan(path) if path is not None else None
+
+
+def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] | None = None,
+            limit: int = 8) -> None:
+    """Missed and misclassified scans with their Grad-CAM, as a fragment of its own."""
+    from .saliency import overlay
+
+    @st.fragment
+    def panel() -> None:
+        kind = st.radio("Show", ["missed", "misclassified"], horizontal=True, key="gallery-kind",
+                        format_func={"missed": "missed tumours",
+                                     "misclassified": "every misclassified scan"}.get)
+        sel = gallery_records(records, kind)
+        if not sel:
+            st.success("None at this operating point.")
+            return
+        st.caption(f"{len(sel)} scans; the {min(limit, len(sel))} most confident mistakes first, "
+                   "each with Grad-CAM for the predicted class.")
+        cols, absent = st.columns(4), set()
+        for k, r in enumerate(sel[:limit]):
+            try:
+                scan = gallery_scan(predictor.card, r, blobs)
+            except ScanError as e:
+                cols[k % 4].error(f"{r['file']}: {e}")
+                continue
+            if scan is None:
+                absent.add(r.get("source", "?"))
+                continue
+            key = f"{r.get('source')}/{r['file']}"
+            cam = cached_saliency(predictor, scan, key, "Grad-CAM", r["pred"])
+            tp = r.get("tumour_probability")
+            cols[k % 4].image(overlay(display_image(scan, predictor.spec), cam, 0.4), width="stretch",
+                              caption=f"{r['file']}: true {r['label']}, predicted {r['pred']}"
+                                      + (f", p(tumour) {tp:.2f}" if tp is not None else ""))
+        for src in sorted(absent):
+            root = source_root(predictor.card, src)
+            st.info(f"The scans of source '{src}' are not on this machine"
+                    + (f" (expected under {root})" if root else "") + ", so they cannot be shown.")
+
+    panel()

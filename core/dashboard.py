@@ -1,0 +1,234 @@
+"""Plotly figures and tables for the app's pages: plain functions of cards, records and metrics.
+
+Nothing here imports Streamlit, so every figure can be built (and tested) without the app.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+from .labels import NO_TUMOUR
+from .metrics import is_tumour_label
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+
+def _layout(fig: go.Figure, title: str, height: int = 320, **kw) -> go.Figure:
+    kw.setdefault("margin", dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(title=title, height=height, template="plotly_white", **kw)
+    return fig
+
+
+# ----------------------------------------------------------------------------- one prediction
+def probability_bar(probs: dict[str, float], predicted: str | None = None) -> go.Figure:
+    """Calibrated probability of every class; the predicted class in a stronger colour."""
+    names = list(probs)
+    colours = [PALETTE[3] if c == predicted else "#9ecae1" for c in names]
+    fig = go.Figure(go.Bar(x=[probs[c] for c in names], y=names, orientation="h",
+                           marker_color=colours, text=[f"{probs[c]:.1%}" for c in names],
+                           textposition="auto"))
+    fig.update_xaxes(range=[0, 1], tickformat=".0%")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Class probabilities (calibrated)", height=60 + 40 * len(names))
+
+
+def tumour_gauge(p: float, threshold: float | None) -> go.Figure:
+    """Tumour probability as a bullet gauge with the operating point as its threshold line."""
+    gauge = {"shape": "bullet", "axis": {"range": [0, 1], "tickformat": ".0%"},
+             "bar": {"color": PALETTE[3] if threshold is not None and p >= threshold else PALETTE[2]}}
+    if threshold is not None:
+        gauge["threshold"] = {"value": threshold, "line": {"color": "black", "width": 3},
+                              "thickness": 0.9}
+    fig = go.Figure(go.Indicator(mode="number+gauge", value=p, number={"valueformat": ".1%"},
+                                 gauge=gauge, domain={"x": [0.25, 1], "y": [0, 1]},
+                                 title={"text": "tumour", "font": {"size": 14}}))
+    return _layout(fig, "", height=90, margin=dict(l=10, r=20, t=10, b=20))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def confusion_heatmap(cm: list[list[int]], classes: list[str], normalise: bool = False) -> go.Figure:
+    """Rows are the true class; with ``normalise`` every row sums to 1 (recall on the diagonal)."""
+    a = np.asarray(cm, dtype=float)
+    if normalise:
+        a = a / np.maximum(a.sum(axis=1, keepdims=True), 1)
+    text = [[f"{v:.0%}" if normalise else f"{int(v)}" for v in row] for row in a]
+    fig = go.Figure(go.Heatmap(z=a, x=classes, y=classes, colorscale="Blues", text=text,
+                               texttemplate="%{text}", showscale=False,
+                               hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title="true")
+    fig.update_xaxes(title="predicted", side="bottom")
+    return _layout(fig, "Confusion matrix" + (" (row-normalised)" if normalise else " (counts)"),
+                   height=120 + 50 * len(classes))
+
+
+def per_class_table(ev: dict) -> pd.DataFrame:
+    rows = [{"class": c, **{k: m.get(k) for k in ("precision", "recall", "f1", "specificity",
+                                                  "support")}}
+            for c, m in ev.get("per_class", {}).items()]
+    return pd.DataFrame(rows)
+
+
+def _score_sets(records: list[dict], classes: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, y_true, score) for each class one-vs-rest and for tumour vs no tumour."""
+    out = []
+    fine = [r for r in records if r["label"] in classes]
+    for c in classes:
+        y = np.array([r["label"] == c for r in fine])
+        if 0 < y.sum() < len(y):
+            out.append((c, y, np.array([r["probs"][c] for r in fine])))
+    known = [r for r in records if is_tumour_label(r["label"]) is not None
+             and r.get("tumour_probability") is not None]
+    y = np.array([bool(is_tumour_label(r["label"])) for r in known])
+    if known and 0 < y.sum() < len(y):
+        out.append(("tumour vs no tumour", y, np.array([r["tumour_probability"] for r in known])))
+    return out
+
+
+def roc_figure(records: list[dict], classes: list[str]) -> go.Figure:
+    fig = go.Figure()
+    for k, (name, y, s) in enumerate(_score_sets(records, classes)):
+        fpr, tpr, _ = roc_curve(y, s)
+        fig.add_scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUC {auc(fpr, tpr):.3f})",
+                        line=dict(color=PALETTE[k % len(PALETTE)],
+                                  width=3 if name.startswith("tumour") else 1.5))
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"),
+                    showlegend=False)
+    fig.update_xaxes(title="false positive rate", range=[0, 1])
+    fig.update_yaxes(title="true positive rate", range=[0, 1.02])
+    return _layout(fig, "ROC, one class against the rest", height=380)
+
+
+def pr_figure(records: list[dict], classes: list[str]) -> go.Figure:
+    fig = go.Figure()
+    for k, (name, y, s) in enumerate(_score_sets(records, classes)):
+        prec, rec, _ = precision_recall_curve(y, s)
+        fig.add_scatter(x=rec, y=prec, mode="lines",
+                        name=f"{name} (AP {average_precision_score(y, s):.3f})",
+                        line=dict(color=PALETTE[k % len(PALETTE)],
+                                  width=3 if name.startswith("tumour") else 1.5))
+    fig.update_xaxes(title="recall", range=[0, 1])
+    fig.update_yaxes(title="precision", range=[0, 1.02])
+    return _layout(fig, "Precision-recall", height=380)
+
+
+def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
+    """Miss rate and false-alarm rate against the threshold, the operating point marked."""
+    t = [r["threshold"] for r in curve]
+    fig = go.Figure()
+    fig.add_scatter(x=t, y=[r["miss_rate"] for r in curve], name="missed tumours (miss rate)",
+                    line=dict(color=PALETTE[3], width=3))
+    fig.add_scatter(x=t, y=[r["false_alarm_rate"] for r in curve],
+                    name="normal scans flagged (false-alarm rate)", line=dict(color=PALETTE[0]))
+    if threshold is not None:
+        fig.add_vline(x=threshold, line=dict(color="black", dash="dash"),
+                      annotation_text=f"operating point {threshold:.2f}")
+    fig.update_xaxes(title="threshold on the tumour probability", range=[0, 1])
+    fig.update_yaxes(title="rate", range=[0, 1.02], tickformat=".0%")
+    return _layout(fig, "False negatives against the operating point", height=360,
+                   legend=dict(orientation="h", y=-0.25))
+
+
+def reliability_figure(bins: list[dict], ece: float | None) -> go.Figure:
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"),
+                    name="perfect calibration")
+    fig.add_scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins],
+                    mode="lines+markers", name="model", text=[f"n={b['n']}" for b in bins],
+                    marker=dict(size=[6 + 14 * np.sqrt(b["n"] / max(1, max(x["n"] for x in bins)))
+                                      for b in bins]))
+    fig.update_xaxes(title="confidence (top-class probability)", range=[0, 1])
+    fig.update_yaxes(title="accuracy", range=[0, 1.02])
+    title = "Reliability" + (f" (ECE {ece:.3f})" if ece is not None and ece == ece else "")
+    return _layout(fig, title, height=360)
+
+
+def risk_coverage_figure(rows: list[dict]) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=[r["coverage"] for r in rows], y=[r["accuracy"] for r in rows],
+                               mode="lines+markers",
+                               text=[f"refer below confidence {r['min_confidence']:.2f}" for r in rows]))
+    fig.update_xaxes(title="coverage (share of scans answered)", tickformat=".0%")
+    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".0%")
+    return _layout(fig, "Risk-coverage: refer the least confident", height=360)
+
+
+# ----------------------------------------------------------------------------- training
+def history_figures(history: list[dict]) -> dict[str, go.Figure]:
+    """Loss, accuracy and learning rate per epoch (train and validation)."""
+    ep = [h["epoch"] for h in history]
+    figs = {}
+    for key, title in (("loss", "Loss"), ("acc", "Accuracy")):
+        fig = go.Figure()
+        for split, colour in (("train", PALETTE[0]), ("val", PALETTE[1])):
+            ys = [h.get(split, {}).get(key) for h in history]
+            if any(y is not None for y in ys):
+                fig.add_scatter(x=ep, y=ys, mode="lines+markers", name=split,
+                                line=dict(color=colour))
+        fig.update_xaxes(title="epoch")
+        figs[key] = _layout(fig, title)
+    lr = go.Figure(go.Scatter(x=ep, y=[h.get("lr") for h in history], mode="lines+markers"))
+    lr.update_xaxes(title="epoch")
+    lr.update_yaxes(title="learning rate", exponentformat="e")
+    figs["lr"] = _layout(lr, "Learning rate")
+    return figs
+
+
+def _latency(card: dict) -> float | None:
+    """Latency in ms if the card records one (benchmark entries vary in shape)."""
+    for key in ("latency_ms", "cpu_latency_ms"):
+        if isinstance(card.get(key), (int, float)):
+            return float(card[key])
+    bench = card.get("benchmark") or card.get("latency") or {}
+    if isinstance(bench, (int, float)):
+        return float(bench)
+    for key in ("latency_ms", "cpu_ms", "ms_per_image", "p50_ms"):
+        if isinstance(bench, dict) and isinstance(bench.get(key), (int, float)):
+            return float(bench[key])
+    return None
+
+
+def models_table(cards: dict[str, dict]) -> pd.DataFrame:
+    """One row per model card: accuracy, macro F1, tumours missed, size, parameters, latency."""
+    rows = []
+    for where, card in cards.items():
+        m = card.get("metrics", {})
+        size = card.get("weights_file_bytes")
+        rows.append({"model": card.get("name", Path(where).name), "arch": card.get("arch"),
+                     "classes": len(card.get("classes", [])), "test images": m.get("n"),
+                     "accuracy": m.get("accuracy"), "macro F1": m.get("macro_f1"),
+                     "tumours missed": m.get("tumour_missed"),
+                     "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
+                     "size (MB)": round(size / 2**20, 2) if size else None,
+                     "parameters (M)": round(card["parameters"] / 1e6, 2)
+                     if card.get("parameters") else None,
+                     "latency (ms)": _latency(card), "directory": str(where)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- batches
+def batch_table(results: list[dict]) -> pd.DataFrame:
+    """File, prediction, tumour probability and flags for a batch (errors included)."""
+    rows = []
+    for r in results:
+        if not r.get("ok"):
+            rows.append({"file": r["file"], "prediction": None, "tumour probability": None,
+                         "confidence": None, "flags": "error: " + r.get("error", "")})
+            continue
+        flags = []
+        if not r.get("in_distribution", True):
+            flags.append("out of distribution")
+        if r.get("uncertain"):
+            flags.append("uncertain, refer for review")
+        rows.append({"file": r["file"],
+                     "prediction": r["pred"] if r.get("in_distribution", True) else None,
+                     "tumour probability": r.get("tumour_probability"),
+                     "confidence": r.get("confidence"), "flags": ", ".join(flags)})
+    return pd.DataFrame(rows, columns=["file", "prediction", "tumour probability", "confidence",
+                                       "flags"])
+
+
+def is_missed_tumour(record: dict) -> bool:
+    return bool(is_tumour_label(record["label"])) and record["pred"] == NO_TUMOUR

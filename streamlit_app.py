@@ -1,0 +1,103 @@
+"""Brain-tumour MRI classifier: the app's entry point, router and home page.
+
+Run with ``streamlit run streamlit_app.py``. The sidebar holds the two settings every page
+shares: which model, and the operating point (threshold on the tumour probability).
+"""
+from pathlib import Path
+
+import streamlit as st
+
+from core.app_support import card_threshold, current_predictor, model_choices
+from core.inference import load_card
+
+st.set_page_config(page_title="Brain tumour MRI classifier", page_icon=":material/neurology:", layout="wide")
+
+PAGES = {
+    "diagnose": st.Page("app_pages/diagnose.py", title="Diagnose", icon=":material/search:"),
+    "evaluation": st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/analytics:"),
+    "training": st.Page("app_pages/training.py", title="Training", icon=":material/show_chart:"),
+    "card": st.Page("app_pages/model_card.py", title="Model card", icon=":material/description:"),
+}
+
+
+def _keep(target: str, widget: str) -> None:
+    """Copy a widget's value to a plain session key, which survives pages without the widget."""
+    st.session_state[target] = st.session_state[widget]
+
+
+def sidebar() -> None:
+    """Model chooser (when there is a choice) and the shared operating point.
+
+    The values live in plain session keys ('weights_dir', 'threshold') that every page reads;
+    the widgets only write to them, so the choice holds whatever page is shown.
+    """
+    state = st.session_state
+    choices = [str(d) for d in model_choices()]
+    if not choices:
+        st.sidebar.error("No trained model found. Train one with `python train.py` "
+                         "(it writes weights/<name>/) or set BT_WEIGHTS to a weights folder.")
+        state.pop("weights_dir", None)
+        return
+    if state.get("weights_dir") not in choices:
+        state["weights_dir"] = choices[0]
+    if len(choices) > 1:
+        st.sidebar.selectbox("Model", choices, index=choices.index(state["weights_dir"]),
+                             key="_model_widget", on_change=_keep, args=("weights_dir", "_model_widget"),
+                             format_func=lambda d: f"{load_card(d).get('name', Path(d).name)}"
+                                                   f" ({Path(d).name})")
+    card = load_card(state["weights_dir"])
+    default = card_threshold(card)
+    if default is None:
+        st.sidebar.caption("This model has no tumour/no-tumour classes: no operating point.")
+        return
+    if state.get("_threshold_for") != state["weights_dir"]:  # a new model brings its own
+        state.update(threshold=default, _threshold_for=state["weights_dir"],
+                     _threshold_rev=state.get("_threshold_rev", 0) + 1)
+    widget = f"_threshold_widget_{state.get('_threshold_rev', 0)}"  # new key = fresh widget
+    st.sidebar.slider("Operating point: flag a tumour when its probability is at least",
+                      0.0, 1.0, value=float(state["threshold"]), step=0.01, key=widget,
+                      on_change=_keep, args=("threshold", widget),
+                      help="Lower it to miss fewer tumours at the cost of more false alarms.")
+    op = card.get("operating_point", {})
+    st.sidebar.caption(f"Card default {default:.2f}"
+                       + (f", chosen for sensitivity >= {op['target_sensitivity']:.0%} on validation"
+                          if op.get("target_sensitivity") else ""))
+    st.sidebar.button("Reset to the card's value", on_click=state.update,
+                      kwargs={"threshold": default,
+                              "_threshold_rev": state.get("_threshold_rev", 0) + 1})
+
+
+def home() -> None:
+    st.title("Brain tumour MRI classifier")
+    st.warning("A research and teaching demo, **not a medical device**. It must not be used to "
+               "diagnose, triage or treat anyone. Every result needs review by a qualified "
+               "clinician.", icon=":material/warning:")
+    st.markdown(
+        "Upload a brain MRI slice (JPEG, PNG, DICOM, NIfTI or a zip of them) and the model "
+        "estimates whether it shows a **glioma, meningioma or pituitary tumour, or no tumour**, "
+        "with calibrated probabilities, flags for scans it should not judge, and a saliency "
+        "map of the regions that drove the answer. It sees one 2D slice at a time, knows "
+        "only the classes it was trained on, and can be confidently wrong on scans unlike "
+        "its training data.")
+    pred = current_predictor()
+    if pred is not None:
+        card, m = pred.card, pred.card.get("metrics", {})
+        st.subheader(f"Loaded model: {pred.name}")
+        cols = st.columns(4)
+        cols[0].metric("Architecture", card.get("arch", "?"))
+        cols[1].metric("Test accuracy", f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a")
+        cols[2].metric("Macro F1", f"{m['macro_f1']:.3f}" if m.get("macro_f1") is not None else "n/a")
+        cols[3].metric("Tumours missed (test)", m.get("tumour_missed", "n/a"))
+        st.caption(f"Classes: {', '.join(pred.classes)} · input {pred.spec['size']} px grey · "
+                   f"trained on {', '.join(s['name'] for s in card.get('sources', [])) or 'n/a'}")
+    st.subheader("Pages")
+    for page, what in ((PAGES["diagnose"], "upload scans, see predictions, flags and saliency"),
+                       (PAGES["evaluation"], "confusion matrix, ROC, missed tumours, calibration"),
+                       (PAGES["training"], "learning curves and a comparison of every model"),
+                       (PAGES["card"], "intended use, data, preprocessing, limits")):
+        st.page_link(page, label=f"{page.title}: {what}", icon=page.icon)
+
+
+sidebar()
+nav = st.navigation([st.Page(home, title="Home", icon=":material/home:", default=True), *PAGES.values()])
+nav.run()

@@ -1,0 +1,190 @@
+"""The Streamlit app through AppTest: every page, predictions, batches, the shared threshold.
+
+Runs on a random-init model made by conftest (no data, no training). Note on AppTest 1.67:
+after ``switch_page`` the entry script's sidebar is not in the element tree, so sidebar
+settings are made on the home page first; the app keeps them in plain session keys.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import core.inference
+from conftest import CLASSES, DATA, REPO
+
+PAGES = ["app_pages/diagnose.py", "app_pages/evaluation.py", "app_pages/training.py", "app_pages/model_card.py"]
+SAMPLE = REPO / "assets" / "samples" / "glioma.jpg"
+
+
+@pytest.fixture
+def app(random_weights, monkeypatch) -> AppTest:
+    monkeypatch.setenv("BT_WEIGHTS", str(random_weights))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90)
+    return at.run()
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption]
+                     + [e.value for e in at.error] + [w.value for w in at.warning]
+                     + [i.value for i in at.info] + [t.value for t in at.title]
+                     + [h.value for h in at.subheader])
+
+
+def predictions(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value.startswith("### Prediction:")]
+
+
+def figure_titles(at: AppTest) -> str:
+    return "\n".join(p.proto.spec for p in at.get("plotly_chart"))
+
+
+def test_every_page_renders(app):
+    assert not app.exception
+    assert "**not a medical device**" in texts(app) and "Loaded model: test-random" in texts(app)
+    assert app.slider[0].value == 0.5  # the card's operating point
+    for page in PAGES:
+        app.switch_page(page).run()
+        assert not app.exception, (page, [e.value for e in app.exception])
+        assert not app.error, (page, [e.value for e in app.error])
+
+
+def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
+    calls = []
+    real = core.inference.Predictor.predict_scan
+    monkeypatch.setattr(core.inference.Predictor, "predict_scan",
+                        lambda self, scan: calls.append(1) or real(self, scan))
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+    assert not app.exception
+    (line,) = predictions(app)
+    assert any(f"**{c}**" in line for c in CLASSES)
+    assert len(app.image) >= 3  # the scan, the overlay, the raw map
+    assert "over the model input" in " ".join(c for im in app.image for c in im.captions)
+    assert "Class probabilities" in figure_titles(app)
+    assert calls == [1]
+    # Display-only controls re-run the saliency fragment, never the model.
+    app.slider(key=next(s.key for s in app.slider if s.key.startswith("o-"))).set_value(0.9).run()
+    app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("EigenCAM").run()
+    app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("t-"))).set_value("notumor").run()
+    assert not app.exception and calls == [1]
+    assert "EigenCAM for 'notumor'" in " ".join(c for im in app.image for c in im.captions)
+
+
+def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
+    good = SAMPLE.read_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("first.jpg", good, "image/jpeg"),
+                                    ("broken.jpg", b"this is not a picture", "image/jpeg"),
+                                    ("third.jpg", (REPO / "assets/samples/notumor.jpg").read_bytes(),
+                                     "image/jpeg")]).run()
+    assert not app.exception
+    errors = [e.value for e in app.error]
+    assert len(errors) == 1 and "broken.jpg" in errors[0]
+    assert len(predictions(app)) == 2
+    table = app.dataframe[0].value
+    assert list(table["file"]) == ["first.jpg", "broken.jpg", "third.jpg"]
+    assert table["flags"][1].startswith("error:") and table["prediction"][0] in CLASSES
+    assert any(b.label.startswith("Download the table") for b in app.get("download_button"))
+
+
+def test_zip_upload_is_unpacked_in_memory(app):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("scans/a.jpg", SAMPLE.read_bytes())
+        z.writestr("scans/b.txt", b"notes")
+        z.writestr("scans/c.jpg", (REPO / "assets/samples/pituitary.jpg").read_bytes())
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("batch.zip", buf.getvalue(), "application/zip")).run()
+    assert not app.exception
+    assert len(predictions(app)) == 2
+    assert any("b.txt" in e.value for e in app.error)
+
+
+def test_operating_point_is_shared_by_diagnose_and_evaluation(app):
+    app.slider[0].set_value(1.0).run()  # nothing reaches p(tumour) >= 1: every tumour missed
+    app.switch_page("app_pages/evaluation.py").run()
+    missed = {m.label: m.value for m in app.metric}["Tumours missed"]
+    assert missed == "10"  # all 10 tumour records of the fixture's eval.json
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+    assert predictions(app) == ["### Prediction: **notumor**"]
+    app.switch_page("streamlit_app.py").run()
+    app.slider[0].set_value(0.0).run()  # everything flagged: nothing missed
+    app.switch_page("app_pages/evaluation.py").run()
+    assert {m.label: m.value for m in app.metric}["Tumours missed"] == "0"
+
+
+def test_evaluation_shows_confusion_and_false_negative_analysis(app):
+    app.switch_page("app_pages/evaluation.py").run()
+    assert not app.exception
+    titles = figure_titles(app)
+    for title in ("Confusion matrix (counts)", "row-normalised", "False negatives against",
+                  "operating point 0.50", "ROC", "Precision-recall", "Reliability",
+                  "Risk-coverage"):
+        assert title in titles, title
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Scans"] == "14" and "of 10" in metrics["Tumours missed here"]
+    assert list(app.dataframe[0].value["class"]) == CLASSES
+    # One source at a time; the gallery says when a source's scans are not on disk.
+    app.selectbox[0].set_value("synth").run()
+    assert {m.label: m.value for m in app.metric}["Scans"] == "12"
+    app.selectbox[0].set_value("elsewhere").run()
+    app.radio(key="gallery-kind").set_value("misclassified").run()
+    assert not app.exception
+    assert "not on this machine" in texts(app) or "None at this operating point" in texts(app)
+
+
+def test_evaluation_on_an_uploaded_labelled_zip(app):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for c in ("glioma", "meningioma", "pituitary", "notumor"):
+            z.writestr(f"mine/{c}/{c}.jpg", (REPO / f"assets/samples/{c}.jpg").read_bytes())
+        z.writestr("mine/notumor/bad.jpg", b"garbage")
+    app.switch_page("app_pages/evaluation.py").run()
+    app.radio[0].set_value("zip").run()
+    app.file_uploader[0].set_value(("mine.zip", buf.getvalue(), "application/zip")).run()
+    app.button[0].click().run()
+    assert not app.exception
+    assert any("bad.jpg" in e.value for e in app.error)
+    assert {m.label: m.value for m in app.metric}["Scans"] == "4"
+    assert "Confusion matrix (counts)" in figure_titles(app)
+
+
+def test_training_page_plots_history_and_compares_models(app):
+    app.switch_page("app_pages/training.py").run()
+    titles = figure_titles(app)
+    assert "Loss" in titles and "Accuracy" in titles and "Learning rate" in titles
+    table = app.dataframe[0].value
+    assert "test-random" in list(table["model"]) and "tumours missed" in table.columns
+
+
+@pytest.mark.skipif(not (DATA / "samples" / "sample_glioma_volume.nii.gz").is_file(),
+                    reason="shared NIfTI sample not present")
+def test_nifti_upload_gets_a_slice_slider(app):
+    data = (DATA / "samples" / "sample_glioma_volume.nii.gz").read_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("vol.nii.gz", data, "application/gzip")).run()
+    assert not app.exception
+    slider = next(s for s in app.slider if s.key.startswith("s-"))
+    assert slider.min == 0 and slider.value == (slider.max + 1) // 2  # the middle slice
+    assert len(predictions(app)) == 1
+    slider.set_value(0).run()
+    assert not app.exception
+
+
+def test_shipped_model_predicts_when_present(monkeypatch):
+    from core.app_support import is_model_dir
+    monkeypatch.delenv("BT_WEIGHTS", raising=False)
+    try:
+        default = core.inference.default_weights()
+    except OSError:
+        pytest.skip("no weights/DEFAULT")
+    if not is_model_dir(default):
+        pytest.skip(f"{default} has no trained model yet")
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/diagnose.py").run()
+    at.multiselect[0].select("pituitary.jpg").run()
+    assert not at.exception and len(predictions(at)) == 1

@@ -1,0 +1,361 @@
+"""A corpus of bad and unusual uploads: each reads correctly or fails with its one clear sentence,
+through `read_scan`, through `predict_many` and through `python -m core predict` (run once for
+the whole corpus). Also the zip reader's limits (traversal, zip bomb, hidden files).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_reader import (PHI, dicom12, encode, grey8, image_in_mode, lps_volume, make_dicom,  # noqa: E402
+                         nifti_bytes, phantom)
+
+from core import archive, reader  # noqa: E402
+from core.reader import ScanError, ScanImage, read_scan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OK = "ok"
+
+
+@dataclass
+class Case:
+    name: str                                   # file name (its extension may lie)
+    data: bytes | None                          # None: the path is made by `make_path`
+    expect: str                                 # OK or a regex the error must match
+    check: Callable[[ScanImage], bool] | None = None
+    make_path: Callable[[Path], None] | None = None
+
+
+# ----------------------------------------------------------------------------- builders
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR declaring any size, with almost no pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    data = bytearray(np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes())
+    data[:4] = b"\x13\x37\x42\x42"  # make sure no magic number starts it
+    return bytes(data)
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(grey8(96, 64).transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
+
+
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(np.roll(np.asarray(grey8()), 20 * k, axis=1)) for k in range(3)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+def dicom_with_syntax(uid: str) -> bytes:
+    """A DICOM claiming a transfer syntax we have no decoder for, with junk encapsulated data."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(dicom12(phantom()))))
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 500])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = uid
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def nifti_bomb() -> bytes:
+    """A .nii.gz whose header declares 1024^3 int16 voxels (2 GB) over 20 MB of zeros."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1024, 1024, 1024))
+    hdr.set_data_dtype(np.int16)
+    head = hdr.binaryblock + b"\0" * 4
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    body = z.compress(head) + b"".join(z.compress(b"\0" * 2**20) for _ in range(20)) + z.flush()
+    return body
+
+
+def nifti_header_pair() -> bytes:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((32, 32, 3))
+    hdr["magic"] = b"ni1"
+    return hdr.binaryblock
+
+
+def make_zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, content in members.items():
+            zf.writestr(zipfile.ZipInfo(name), content, compress_type=compression)
+    return buf.getvalue()
+
+
+def sparse_file(size: int) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse: no disk or memory used
+    return make
+
+
+# ----------------------------------------------------------------------------- the corpus
+def build_corpus() -> list[Case]:
+    base = phantom()
+    good_png = encode(grey8(), "PNG")
+    jpeg = encode(grey8(256, 256), "JPEG", quality=90)
+    vol = [np.roll(base, 5 * k, axis=0) for k in range(5)]
+    dcm = make_dicom(dicom12(base))
+    frames = np.stack([dicom12(np.roll(base, 15 * k, 1)) for k in range(3)])
+    pixels_cut = dcm[: len(dcm) - 6000]
+    big = Image.fromarray(np.tile(np.linspace(0, 255, 4000).astype(np.uint8), (4000, 1)))
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    five_d = nifti_bytes(np.zeros((16, 16, 4, 2, 2), np.int16), gz=False)
+    raw_nii = nifti_bytes(np.stack([s.T for s in vol], -1), np.diag([-1.0, -1.0, 1, 1]), gz=False)
+    similar = lambda px, ref: float(np.corrcoef(px.ravel(), ref.ravel())[0, 1]) > 0.98  # noqa: E731
+    return [
+        # -- not images at all
+        Case("empty.jpg", b"", r"^The file is empty\.$"),
+        Case("text.jpg", b"Patient notes: nothing to see here.\n" * 5, r"contains text"),
+        Case("page.png", b"<!DOCTYPE html><html><body><img src='scan.png'></body></html>", r"contains text"),
+        Case("random.bin", random_bytes(4096), r"named '\.bin' but its content is not a supported scan"),
+        Case("noise", random_bytes(4096, 1), r"^The file is not a supported scan"),
+        Case("report.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", r"PDF document"),
+        Case("archive.zip", make_zip({"a.png": good_png}), r"zip archive, not a single scan"),
+        Case("missing.png", None, r"^The file does not exist\.$", make_path=lambda p: None),
+        Case("a_folder.png", None, r"folder, not a file", make_path=lambda p: p.mkdir()),
+        Case("oversize.dcm", None, r"larger than the 50 MB limit",
+             make_path=sparse_file(reader.MAX_BYTES + 1)),
+        # -- broken or hostile images
+        Case("truncated.jpg", jpeg[: len(jpeg) // 2], r"truncated"),
+        Case("truncated.png", good_png[: len(good_png) // 2], r"truncated|damaged"),
+        Case("header_60000.png", png_header_only(60_000, 60_000), r"too large"),
+        Case("header_7000.png", png_header_only(7_000, 7_000), r"too large \(7000 x 7000 pixels"),
+        Case("tiny_8x8.png", encode(grey8(8, 8), "PNG"), r"too small \(8 x 8 pixels\)"),
+        Case("strip_2000x40.png", encode(grey8(40, 2000), "PNG"), r"too elongated"),
+        # -- unusual but fine
+        Case("big_4000.jpg", encode(big, "JPEG", quality=80), OK,
+             lambda s: max(s.pixels.shape) <= reader.MAX_SIDE and s.pixels.shape[0] == s.pixels.shape[1]),
+        Case("wide_288x96.png", encode(grey8(96, 288), "PNG"), OK, lambda s: s.pixels.shape == (96, 288)),
+        Case("anim.gif", animated_gif(), OK, lambda s: s.info["n_frames"] == 3 and s.info["frame"] == 0),
+        Case("exif_rotated.jpg", exif_rotated_jpeg(), OK, lambda s: s.pixels.shape == (96, 64)),
+        Case("colour_photo.jpg", encode(Image.fromarray(photo), "JPEG"), OK, lambda s: s.colourfulness > 0.1),
+        Case("mode_1.png", encode(image_in_mode("1"), "PNG"), OK),
+        Case("mode_P.png", encode(image_in_mode("P"), "PNG"), OK, lambda s: similar(s.pixels, base)),
+        Case("mode_LA.png", encode(image_in_mode("LA"), "PNG"), OK, lambda s: s.pixels[:, :8].max() == 0),
+        Case("mode_CMYK.jpg", encode(image_in_mode("CMYK"), "JPEG"), OK, lambda s: similar(s.pixels, base)),
+        Case("mode_I16.png", encode(image_in_mode("I;16"), "PNG"), OK, lambda s: similar(s.pixels, base)),
+        Case("mode_I.tif", encode(image_in_mode("I"), "TIFF"), OK, lambda s: similar(s.pixels, base)),
+        Case("mode_F.tif", encode(image_in_mode("F"), "TIFF"), OK, lambda s: similar(s.pixels, base)),
+        Case("scan.webp", encode(grey8(), "WEBP", lossless=True), OK),
+        Case("scan.bmp", encode(grey8().convert("RGB"), "BMP"), OK),
+        Case("png_named.jpg", good_png, OK),
+        Case("blank.png", encode(Image.new("L", (64, 64)), "PNG"), OK, lambda s: s.info["blank"]),
+        # -- DICOM
+        Case("plain.dcm", dcm, OK, lambda s: similar(s.pixels, base)),
+        Case("dicom_named.jpg", dcm, OK, lambda s: s.kind == "dicom"),
+        Case("mono1.dcm", make_dicom(4095 - dicom12(base), photometric="MONOCHROME1"), OK,
+             lambda s: similar(s.pixels, base)),
+        Case("multiframe.dcm", make_dicom(frames), OK, lambda s: s.info["frame"] == 1),
+        Case("rescale.dcm", make_dicom(dicom12(base) // 2, rescale=(2.0, -1000.0), window=(0, 4000)), OK,
+             lambda s: similar(s.pixels, base)),
+        Case("no_window.dcm", make_dicom(dicom12(base), window=None), OK),
+        Case("no_preamble.dcm", make_dicom(dicom12(base), preamble=False), OK),
+        Case("no_pixels.dcm", make_dicom(dicom12(base), with_pixels=False), r"no pixel data"),
+        Case("cut_pixels.dcm", pixels_cut, r"DICOM file.*(damaged|incomplete)"),
+        Case("mpeg2.dcm", dicom_with_syntax("1.2.840.10008.1.2.4.100"), r"compression \(MPEG2.*cannot be decoded"),
+        Case("garbage_after_magic.dcm", b"\0" * 128 + b"DICM" + random_bytes(600), r"DICOM file.*damaged"),
+        # -- NIfTI
+        Case("vol3d.nii.gz", lps_volume(vol), OK, lambda s: s.info["slice_index"] == 2 and similar(s.pixels, vol[2])),
+        Case("vol3d_raw.nii", raw_nii, OK, lambda s: s.info["n_slices"] == 5),
+        Case("vol4d.nii.gz", nifti_bytes(np.stack([np.stack([s.T for s in vol], -1)] * 2, -1)), OK,
+             lambda s: s.info["n_volumes"] == 2),
+        Case("truncated.nii", raw_nii[: len(raw_nii) // 2], r"NIfTI file is truncated"),
+        Case("truncated.nii.gz", gzip.compress(raw_nii)[:len(gzip.compress(raw_nii)) // 2], r"truncated"),
+        Case("text.nii.gz", gzip.compress(b"not a volume\n" * 100), r"does not contain a NIfTI volume"),
+        Case("bomb.nii.gz", nifti_bomb(), r"volume is too large"),
+        Case("pair.hdr", nifti_header_pair(), r"header without its image data"),
+        Case("five_d.nii", five_d, r"5 dimensions"),
+    ]
+
+
+CORPUS = build_corpus()
+
+
+def materialise(cases: list[Case], folder: Path) -> list[str]:
+    paths = []
+    for c in cases:
+        p = folder / c.name
+        if c.make_path:
+            c.make_path(p)
+        else:
+            p.write_bytes(c.data)
+        paths.append(str(p))
+    return paths
+
+
+def assert_plain_sentence(message: str) -> None:
+    """One sentence for a person: capital first, full stop last, no code, no second sentence."""
+    assert re.fullmatch(r"[A-Z][^\n]{5,220}\.", message), message
+    assert not re.search(r"\.\s+[A-Z]", message), message
+    assert "Traceback" not in message and "Error" not in message and "0x" not in message, message
+
+
+# ----------------------------------------------------------------------------- read_scan
+@pytest.mark.parametrize("case", CORPUS, ids=[c.name for c in CORPUS])
+def test_corpus_through_read_scan(case, tmp_path):
+    (path,) = materialise([case], tmp_path)
+    if case.expect == OK:
+        scan = read_scan(path)
+        px = scan.pixels
+        assert px.ndim == 2 and px.dtype == np.float32 and min(px.shape) >= reader.MIN_SIDE
+        assert 0.0 <= float(px.min()) and float(px.max()) <= 1.0
+        assert float(px.std()) > 0.01 or scan.info.get("blank")
+        assert set(scan.info) <= reader.SAFE_INFO_KEYS
+        assert case.check is None or case.check(scan), scan.info
+    else:
+        with pytest.raises(ScanError) as err:
+            read_scan(path)
+        assert re.search(case.expect, str(err.value)), str(err.value)
+        assert_plain_sentence(str(err.value))
+
+
+def test_bytes_and_path_give_the_same_outcome(tmp_path):
+    """The app passes bytes, the CLI passes paths: same pixels or the same sentence."""
+    for case in CORPUS:
+        if case.data is None:
+            continue
+        (path,) = materialise([case], tmp_path)
+        outcomes = []
+        for src in (path, case.data):
+            try:
+                outcomes.append(read_scan(src, case.name).pixels.tobytes())
+            except ScanError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1], case.name
+
+
+# ----------------------------------------------------------------------------- batches
+@pytest.fixture(scope="module")
+def weights_dir(random_weights) -> Path:  # random_weights: a random simple_cnn, tests/conftest.py
+    return random_weights
+
+
+def test_mixed_batch_returns_a_result_for_every_file(weights_dir):
+    from core.inference import Predictor, predict_many
+    cases = [c for c in CORPUS if c.data is not None]
+    items = [(c.name, c.data) for c in cases] + [("gone.png", str(ROOT / "no" / "such.png"))]
+    results = predict_many(Predictor(weights_dir), items)
+    assert [r["file"] for r in results] == [name for name, _ in items]
+    for case, r in zip(cases, results):
+        assert r["ok"] == (case.expect == OK), (case.name, r.get("error"))
+        if not r["ok"]:
+            assert re.search(case.expect, r["error"]), (case.name, r["error"])
+    assert results[-1] == {"file": "gone.png", "ok": False, "error": "The file does not exist."}
+
+
+def test_cli_predicts_whole_corpus_in_order(weights_dir, tmp_path):
+    paths = materialise(CORPUS, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "core", "predict", "--json", "--weights",
+                           str(weights_dir), *paths], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["file"] for r in lines] == paths
+    for case, r in zip(CORPUS, lines):
+        if case.expect == OK:
+            assert r["ok"] and r["pred"] in ("glioma", "meningioma", "pituitary", "notumor"), case.name
+        else:
+            assert not r["ok"] and re.search(case.expect, r["error"]), (case.name, r)
+            assert_plain_sentence(r["error"])
+    assert not any(p.lower() in proc.stdout.lower() for p in PHI)
+
+
+# ----------------------------------------------------------------------------- zips
+def test_zip_members_are_read_in_memory_and_unsafe_ones_refused():
+    png = encode(grey8(), "PNG")
+    data = make_zip({"scans/a.png": png, "scans/sub/b.png": png, "../evil.png": png,
+                     "/etc/abs.png": png, "scans/../../up.png": png, "C:\\win.png": png,
+                     ".hidden.png": png, "scans/.DS_Store": b"x", "__MACOSX/scans/._a.png": b"x",
+                     "scans/empty.png": b""})
+    got = reader.read_zip(data)
+    assert [name for name, _ in got] == ["scans/a.png", "scans/sub/b.png"]
+    assert all(content == png for _, content in got)
+    skipped = dict(got.skipped)
+    for name in ("evil.png", "etc/abs.png", "scans/up.png", "C:/win.png"):
+        assert "unsafe" in skipped[name], skipped
+    assert skipped["scans/empty.png"] == "The file is empty."
+    assert not any("MACOSX" in n or "DS_Store" in n or "hidden" in n for n in skipped)
+
+
+def test_zip_symlink_member_is_skipped():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        link = zipfile.ZipInfo("scans/link.png")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("scans/a.png", encode(grey8(), "PNG"))
+    got = reader.read_zip(buf.getvalue())
+    assert [n for n, _ in got] == ["scans/a.png"] and "link" in dict(got.skipped)["scans/link.png"]
+
+
+def test_zip_bomb_is_refused_before_inflating():
+    data = make_zip({"a.png": encode(grey8(), "PNG"), "bomb.dcm": b"\0" * (20 * 2**20)})
+    assert len(data) < 100_000
+    with pytest.raises(ScanError, match="zip bomb"):
+        reader.read_zip(data)
+
+
+def test_zip_limits_on_count_and_total_size(monkeypatch):
+    with pytest.raises(ScanError, match=f"more than {archive.MAX_MEMBERS} files"):
+        archive.read_zip(make_zip({f"f{i}.png": b"x" for i in range(archive.MAX_MEMBERS + 1)},
+                                  zipfile.ZIP_STORED))
+    monkeypatch.setattr(archive, "MAX_TOTAL_BYTES", 100)
+    with pytest.raises(ScanError, match="unpacks to more than"):
+        archive.read_zip(make_zip({"a.png": encode(grey8(), "PNG")}, zipfile.ZIP_STORED))
+
+
+def test_damaged_zip_member_does_not_stop_the_others():
+    png = encode(grey8(), "PNG")
+    data = bytearray(make_zip({"a.png": png, "b.png": png}, zipfile.ZIP_STORED))
+    at = data.find(png) + 200  # corrupt a's stored bytes: its CRC check fails
+    data[at] ^= 0xFF
+    got = reader.read_zip(bytes(data))
+    assert [n for n, _ in got] == ["b.png"]
+    assert "damaged" in dict(got.skipped)["a.png"]
+
+
+@pytest.mark.parametrize("data,message", [(b"", "empty"), (random_bytes(500), "not a valid zip"),
+                                          (make_zip({"a.png": b"1"})[:40], "not a valid zip")])
+def test_not_a_zip(data, message):
+    with pytest.raises(ScanError, match=message):
+        reader.read_zip(data)
+
+
+def test_zip_to_labelled_uses_the_class_folder():
+    png = encode(grey8(), "PNG")
+    data = make_zip({"Testing/glioma/a.png": png, "Testing/notumor/b.png": png, "top.png": png,
+                     "__MACOSX/Testing/glioma/._a.png": b"x"})
+    got = reader.zip_to_labelled(data)
+    assert [(c, n) for c, n, _ in got] == [("glioma", "Testing/glioma/a.png"),
+                                           ("notumor", "Testing/notumor/b.png")]
+    assert dict(got.skipped) == {"top.png": "The file is not inside a class folder."}

@@ -1,0 +1,158 @@
+"""End to end in a real browser: `streamlit run` on a free port, Chromium driven by Playwright.
+
+Uploads a scan through the file chooser, waits for the prediction and the saliency map, saves
+a screenshot of every page to tests/artifacts/, and records the cold start (server launch to
+first prediction visible) and the server's peak RSS in tests/artifacts/browser_metrics.json.
+Uses the shipped model when weights/DEFAULT names a trained one, else a random-init model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, REPO, make_weights
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+ARTIFACTS = REPO / "tests" / "artifacts"
+TIMEOUT_MS = 240_000  # a cold model load on a busy 2-core machine
+
+
+def chromium_path() -> str | None:
+    for c in (os.environ.get("BT_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+              shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights_for_test(tmp: Path) -> Path:
+    from core.app_support import is_model_dir
+    from core.inference import WEIGHTS_ROOT
+    default = WEIGHTS_ROOT / (WEIGHTS_ROOT / "DEFAULT").read_text().strip() \
+        if (WEIGHTS_ROOT / "DEFAULT").is_file() else None
+    if default is not None and is_model_dir(default):
+        return default
+    return make_weights(tmp / "random", arch="mobilenet_v3_small", size=176)
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM: the kernel's record of the process's peak resident set size."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    weights = weights_for_test(tmp_path_factory.mktemp("browser"))
+    port = free_port()
+    env = {**os.environ, "BT_WEIGHTS": str(weights), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+           "--server.port", str(port), "--server.address", "127.0.0.1",
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if time.time() - started > 120:
+                pytest.fail("streamlit did not answer /_stcore/health within 120 s")
+            time.sleep(0.25)
+        yield {"url": url, "pid": proc.pid, "started": started, "weights": str(weights),
+               "healthy_s": time.time() - started}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = chromium_path()
+    with sync_api.sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        except Exception as e:  # no system chromium and no playwright-managed browser
+            pytest.skip(f"no usable Chromium ({exe or 'none found'}): {str(e).splitlines()[0]}")
+        yield b
+        b.close()
+
+
+def scan_to_upload() -> Path:
+    folder = DATA / "brain-tumor-mri" / "Training" / "glioma"
+    if folder.is_dir():
+        return sorted(folder.glob("*.jpg"))[0]
+    return REPO / "assets" / "samples" / "glioma.jpg"
+
+
+def wait_for_app(page) -> None:
+    page.wait_for_selector("[data-testid='stApp']", timeout=TIMEOUT_MS)
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                           timeout=TIMEOUT_MS)  # the 'running' widget is gone: the run is done
+
+
+def test_upload_predicts_and_every_page_looks_right(server, browser):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server['url']}/diagnose", timeout=TIMEOUT_MS)
+    dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
+                            "[data-testid='stFileUploadDropzone']").first
+    dropzone.wait_for(timeout=TIMEOUT_MS)
+    scan = scan_to_upload()
+    with page.expect_file_chooser() as chooser:
+        dropzone.click()
+    chooser.value.set_files(str(scan))
+    page.get_by_text("Prediction:").first.wait_for(timeout=TIMEOUT_MS)
+    saliency = page.locator("[data-testid='stImage'] img").nth(1)  # overlay after the scan
+    saliency.wait_for(timeout=TIMEOUT_MS)
+    cold_start = time.time() - server["started"]
+    assert page.get_by_text("over the model input").first.is_visible()
+    assert page.locator("[data-testid='stImage'] img").count() >= 3
+    wait_for_app(page)
+    page.screenshot(path=str(ARTIFACTS / "2_diagnose.png"), full_page=True)
+
+    for path, name in (("", "1_home"), ("evaluation", "3_evaluation"), ("training", "4_training"),
+                       ("model_card", "5_model_card")):
+        page.goto(f"{server['url']}/{path}", timeout=TIMEOUT_MS)
+        wait_for_app(page)
+        page.wait_for_timeout(1500)  # plotly draws after the run ends
+        assert page.locator("[data-testid='stException']").count() == 0, name
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+    metrics = {"weights": server["weights"], "scan": scan.name,
+               "server_healthy_s": round(server["healthy_s"], 2),
+               "cold_start_to_first_prediction_s": round(cold_start, 2),
+               "server_peak_rss_mb": peak_rss_mb(server["pid"])}
+    (ARTIFACTS / "browser_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))

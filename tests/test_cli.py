@@ -1,0 +1,242 @@
+"""`python -m core audit|evaluate|predict` on generated data with a hand-built model.
+
+The model is a simple_cnn whose last layer is zeroed and given a fixed bias, so that every image
+gets the same known probabilities and the expected metrics can be written down.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import core.data as D
+import core.engine as E
+from core.cli import main
+from core.models import create_model
+from core.preprocess import DEFAULT_SPEC
+
+ROOT = Path(__file__).resolve().parents[1]
+C4 = ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "_cache" / "phash.json"
+    monkeypatch.setattr(D, "HASH_CACHE", cache)
+    monkeypatch.setattr(E, "HASH_CACHE", cache)
+    monkeypatch.setenv("BT_CACHE", str(cache.parent))
+    return cache
+
+
+def pattern(seed, size=64):
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8))
+    return coarse.resize((size, size), Image.BICUBIC)
+
+
+def make_weights(path: Path, classes=C4, bias=(0.0, 0.0, 0.0, 2.0), threshold=0.5) -> Path:
+    """A model that ignores its input: logits = bias."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", len(classes))
+    with torch.no_grad():
+        model[10].weight.zero_()
+        model[10].bias.copy_(torch.tensor(bias))
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    card = {"name": "unit-test", "arch": "simple_cnn", "classes": list(classes),
+            "preprocessing": {**DEFAULT_SPEC, "size": 32},
+            "calibration": {"temperature": 1.0}, "operating_point": {"threshold": threshold},
+            "uncertainty": {"min_confidence": 0.0}}
+    (path / "card.json").write_text(json.dumps(card))
+    return path
+
+
+def expected_probs(bias):
+    e = np.exp(np.array(bias) - max(bias))
+    return e / e.sum()
+
+
+@pytest.fixture
+def weights(tmp_path):
+    return make_weights(tmp_path / "weights")
+
+
+@pytest.fixture
+def four_class_dir(tmp_path):
+    root = tmp_path / "eval4"
+    for ci, (c, n) in enumerate((("glioma_tumor", 3), ("meningioma", 2), ("pituitary", 1),
+                                  ("no_tumor", 4))):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            pattern(10 * ci + k).save(root / c / f"{c[:2]}{k}.jpg")
+    (root / "no_tumor" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (root / "no_tumor" / "Thumbs.txt").write_text("x")
+    return root
+
+
+EVAL_KEYS = {"classes", "n", "accuracy", "macro_f1", "per_class", "confusion", "tumour_missed",
+             "normal_flagged", "predictions"}
+
+
+def test_evaluate_contract_four_class(weights, four_class_dir, tmp_path, capsys):
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(four_class_dir), "--weights", str(weights), "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "broken.jpg" in captured.err and "Thumbs.txt" in captured.err
+    ev = json.loads(out.read_text())
+    assert EVAL_KEYS <= set(ev)
+    assert ev["classes"] == C4 and ev["n"] == 10 and summary["n"] == 10
+    # Every image is predicted 'notumor' with the same probabilities.
+    assert ev["accuracy"] == pytest.approx(0.4) and summary["accuracy"] == pytest.approx(0.4)
+    assert ev["confusion"] == [[0, 0, 0, 3], [0, 0, 0, 2], [0, 0, 0, 1], [0, 0, 0, 4]]
+    assert ev["tumour_missed"] == 6 and ev["normal_flagged"] == 0
+    for c, sup in zip(C4, (3, 2, 1, 4)):
+        pc = ev["per_class"][c]
+        assert set(pc) == {"precision", "recall", "f1", "specificity", "support"}
+        assert pc["support"] == sup
+    assert ev["per_class"]["notumor"]["recall"] == 1.0
+    assert ev["per_class"]["notumor"]["precision"] == pytest.approx(0.4)
+    assert ev["per_class"]["glioma"]["specificity"] == 1.0
+    # macro F1 over the classes present: notumor F1 = 2 * 0.4 / 1.4, the three tumours 0.
+    assert ev["macro_f1"] == pytest.approx((0.8 / 1.4) / 4)
+    p = expected_probs((0, 0, 0, 2.0))
+    files = set()
+    for r in ev["predictions"]:
+        assert {"file", "label", "pred", "probs"} <= set(r)
+        assert not Path(r["file"]).is_absolute() and (four_class_dir / r["file"]).is_file()
+        assert r["pred"] == "notumor"
+        assert [r["probs"][c] for c in C4] == pytest.approx(p, abs=1e-5)
+        files.add(r["file"])
+    assert "glioma_tumor/gl0.jpg" in files and len(files) == 10
+    assert {r["label"] for r in ev["predictions"]} == set(C4)
+    assert {e["file"] for e in ev["errors"]} == {"no_tumor/broken.jpg", "no_tumor/Thumbs.txt"}
+
+
+def test_evaluate_yes_no_folder_as_tumour_vs_no_tumour(weights, tmp_path, capsys):
+    root = tmp_path / "br35h"
+    for ci, (c, n) in enumerate((("yes", 5), ("no", 3))):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            pattern(100 + 10 * ci + k).save(root / c / f"{c}{k}.png")
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(root), "--weights", str(weights), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["n"] == 8
+    assert {r["label"] for r in ev["predictions"]} == {"tumor", "notumor"}
+    assert ev["n_tumour"] == 5 and ev["n_normal"] == 3
+    assert ev["tumour_missed"] == 5 and ev["normal_flagged"] == 0
+    assert ev["sensitivity"] == 0.0 and ev["specificity"] == 1.0
+
+
+def test_evaluate_fine_and_coarse_mix_folds_to_binary(weights, tmp_path):
+    root = tmp_path / "mix"
+    for ci, c in enumerate(("glioma", "yes", "no")):
+        (root / c).mkdir(parents=True)
+        pattern(200 + ci).save(root / c / "a.png")
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(root), "--weights", str(weights), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert sorted(r["label"] for r in ev["predictions"]) == ["notumor", "tumor", "tumor"]
+    assert ev["tumour_missed"] == 2
+
+
+def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, capsys):
+    good = [four_class_dir / "glioma_tumor" / "gl0.jpg", four_class_dir / "no_tumor" / "no1.jpg"]
+    assert main(["predict", "--json", "--weights", str(weights), *map(str, good)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["file"] for x in lines] == [str(g) for g in good]
+    p = expected_probs((0, 0, 0, 2.0))
+    for x in lines:
+        assert x["ok"] is True and x["pred"] == "notumor"
+        assert {"file", "ok", "pred", "probs", "tumour_probability"} <= set(x)
+        assert x["tumour_probability"] == pytest.approx(p[:3].sum(), abs=1e-5)
+
+    bad = four_class_dir / "no_tumor" / "broken.jpg"
+    missing = tmp_path / "nope.jpg"
+    assert main(["predict", "--json", "--weights", str(weights), str(good[0]), str(bad),
+                 str(missing)]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["ok"] for x in lines] == [True, False, False]
+    for x in lines[1:]:
+        assert set(x) == {"file", "ok", "error"} and x["error"]
+
+    # Plain text output names the file and the prediction.
+    assert main(["predict", "--weights", str(weights), str(good[0])]) == 0
+    assert capsys.readouterr().out.startswith(f"{good[0]}: notumor")
+
+
+def test_threshold_changes_the_prediction(tmp_path, four_class_dir, capsys):
+    # tumour probability 3 / (3 + e^2) = 0.289: below 0.5 it is notumor, above 0.2 a tumour.
+    w = make_weights(tmp_path / "w_low", threshold=0.2)
+    f = four_class_dir / "pituitary" / "pi0.jpg"
+    assert main(["predict", "--json", "--weights", str(w), str(f)]) == 0
+    x = json.loads(capsys.readouterr().out)
+    assert x["pred"] == "glioma"  # ties between tumour classes go to the first
+    assert x["threshold"] == 0.2
+
+
+def test_usage_errors_exit_2(weights, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--json", "--weights", str(weights)])  # no files
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+    assert main(["evaluate", str(tmp_path / "missing"), "--weights", str(weights)]) == 2
+    assert main(["predict", "--weights", str(tmp_path / "no_model"), __file__]) == 2
+    (tmp_path / "empty" / "glioma").mkdir(parents=True)
+    assert main(["evaluate", str(tmp_path / "empty"), "--weights", str(weights)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_audit_prints_counts_groups_and_cross_split(tmp_path, capsys):
+    root = tmp_path / "ds"
+    for ci, c in enumerate(("glioma_tumor", "meningioma", "pituitary", "no_tumor")):
+        (root / c).mkdir(parents=True)
+        for k in range(6):
+            img = pattern(1000 + 10 * ci + k)
+            img.save(root / c / f"{k}_a.jpg", quality=95)
+            img.save(root / c / f"{k}_b.jpg", quality=40)   # a near duplicate of each
+    (root / "glioma_tumor" / "broken.jpg").write_bytes(b"\x00" * 10)
+    assert main(["audit", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"49 images in {root}" in out
+    assert "glioma" in out and "folders: glioma_tumor" in out and "folders: no_tumor" in out
+    assert "skipped glioma_tumor/broken.jpg" in out
+    assert "near-duplicate groups (phash <= 6 bits): 25 groups, 24 with more than one image, 48 images" in out
+    assert "cross-split near duplicates (grouped split, seed 0): 0" in out
+
+
+def test_audit_shipped_split_reports_leaks(tmp_path, capsys):
+    root = tmp_path / "kaggle"
+    for part in ("Training", "Testing"):
+        for c in ("glioma", "notumor"):
+            (root / part / c).mkdir(parents=True)
+    for k in range(3):
+        pattern(k).save(root / "Training" / "glioma" / f"{k}.jpg")
+        pattern(50 + k).save(root / "Training" / "notumor" / f"{k}.jpg")
+    pattern(1).save(root / "Testing" / "glioma" / "copy.jpg", quality=50)   # leaked copy
+    pattern(99).save(root / "Testing" / "notumor" / "x.jpg")
+    assert main(["audit", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "cross-split near duplicates (shipped split): 1" in out
+    assert "Training/glioma/1.jpg" in out and "Testing/glioma/copy.jpg" in out
+
+
+def test_python_dash_m_core_end_to_end(weights, four_class_dir, tmp_path):
+    env = {**os.environ, "BT_CACHE": str(tmp_path / "cache")}
+    good = four_class_dir / "meningioma" / "me0.jpg"
+    bad = four_class_dir / "no_tumor" / "broken.jpg"
+    r = subprocess.run([sys.executable, "-m", "core", "predict", "--json", "--weights", str(weights),
+                        str(good), str(bad)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(x["file"], x["ok"]) for x in lines] == [(str(good), True), (str(bad), False)]

@@ -1,0 +1,106 @@
+"""`python -m core compare`: rows from model cards, Markdown and JSON output, latency."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.cli import main as cli_main
+from core.compare import compare_rows, to_markdown
+
+FIELDS = {"name", "classes", "sources", "accuracy", "macro_f1", "tumour_missed", "ece",
+          "parameters", "weights_file_bytes", "latency_ms", "train_time_s", "device", "img",
+          "epochs", "aug", "reduced", "settings"}
+
+
+def make_model_dir(out: Path, classes: list[str], config: dict | None = None,
+                   extra: dict | None = None) -> Path:
+    """A random simple_cnn in the shipped format with a card like train.py writes."""
+    from safetensors.torch import save_file
+
+    from core.models import count_parameters, create_model
+    out.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", len(classes))
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
+              out / "model.safetensors")
+    card = {"name": out.name, "arch": "simple_cnn", "classes": classes,
+            "task": "binary tumour / no tumour" if len(classes) == 2 else f"{len(classes)}-class",
+            "preprocessing": {"size": 32, "crop": "head", "mean": 0.2, "std": 0.25},
+            "calibration": {"temperature": 1.0}, "operating_point": {"threshold": 0.5},
+            "sources": [{"name": "benchmark", "weight": 1.0}, {"name": "heldout", "weight": 0.0}],
+            "metrics": {"n": 40, "accuracy": 0.9, "macro_f1": 0.88, "tumour_missed": 2,
+                        "sensitivity": 0.95, "specificity": 0.8, "ece": 0.03,
+                        "per_source": {"benchmark": {"accuracy": 0.92}}},
+            "training": {"epochs": 30, "epochs_run": 12, "img": 32, "precision": "bf16",
+                         "augmentation": {"strength": 1.0, "skull_strip_p": 0.2},
+                         "train_time_s": 125.0, "device": "cpu (x86_64, 2 cores)",
+                         "config": config},
+            "parameters": count_parameters(model),
+            "weights_file_bytes": (out / "model.safetensors").stat().st_size, **(extra or {})}
+    (out / "card.json").write_text(json.dumps(card))
+    return out
+
+
+@pytest.fixture()
+def two_models(tmp_path) -> list[Path]:
+    a = make_model_dir(tmp_path / "weights" / "binary", ["tumor", "notumor"],
+                       config={"reduced": "CPU budget: 32 px", "reported": "98.8%"})
+    b = make_model_dir(tmp_path / "runs" / "four", ["glioma", "meningioma", "pituitary", "notumor"],
+                       extra={"latency_ms": 7.5})
+    (tmp_path / "runs" / "logs").mkdir()        # no card: passed over
+    (tmp_path / "weights" / "DEFAULT").write_text("binary")  # a file: passed over
+    return [a, b]
+
+
+def test_rows_have_every_field(two_models, tmp_path):
+    rows = compare_rows([tmp_path / "weights" / "binary", tmp_path / "weights" / "DEFAULT",
+                         tmp_path / "runs" / "logs", tmp_path / "runs" / "four"], repeats=3)
+    assert [r["name"] for r in rows] == ["binary", "four"]
+    for r in rows:
+        assert FIELDS <= r.keys()
+    binary, four = rows
+    assert binary["sources"] == ["benchmark"]  # the weight-0 source was not trained on
+    assert binary["reduced"] == "CPU budget: 32 px" and "REDUCED: CPU budget: 32 px" in binary["settings"]
+    assert binary["latency_from"] == "measured, 1 thread" and binary["latency_ms"] > 0
+    assert four["latency_ms"] == 7.5 and four["latency_from"] == "card"
+    assert four["reduced"] is None and "REDUCED" not in four["settings"]
+    assert "12/30 epochs" in four["settings"]
+
+
+def test_folders_of_models_expand_and_repeat_once(two_models, tmp_path):
+    rows = compare_rows([tmp_path / "weights", tmp_path / "runs", tmp_path / "runs" / "four"],
+                        latency=False)
+    assert [r["name"] for r in rows] == ["binary", "four"]
+    assert rows[0]["latency_ms"] is None
+
+
+def test_cli_writes_markdown_and_json(two_models, tmp_path, capsys):
+    md, js = tmp_path / "out" / "compare.md", tmp_path / "out" / "compare.json"
+    dirs = [str(d) for d in two_models]
+    assert cli_main(["compare", *dirs, "--no-latency", "--md", str(md), "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "binary" in printed and "four" in printed
+    rows = json.loads(js.read_text())
+    assert [r["name"] for r in rows] == ["binary", "four"] and FIELDS <= rows[0].keys()
+    table = [ln for ln in md.read_text().splitlines() if ln.startswith("|")]
+    assert len(table) == 4  # header, separator, two rows
+    assert len({ln.count("|") for ln in table}) == 1  # every row has the same columns
+    assert "REDUCED" in table[2] and "92.0%" in table[2]  # benchmark accuracy beside overall
+    assert "98.8%" in md.read_text()  # the seed's reported figure is quoted
+
+
+def test_markdown_escapes_pipes():
+    row = {"name": "a|b", "classes": ["tumor", "notumor"], "sources": [], "accuracy": None,
+           "macro_f1": None, "tumour_missed": None, "ece": None, "parameters": None,
+           "weights_file_bytes": None, "latency_ms": None, "train_time_s": None,
+           "device": None, "settings": ""}
+    line = to_markdown([row]).splitlines()[2]
+    assert "a\\|b" in line
+
+
+def test_no_cards_is_a_usage_error(tmp_path, capsys):
+    assert cli_main(["compare", str(tmp_path), "--no-latency"]) == 2
+    assert "no card.json" in capsys.readouterr().err

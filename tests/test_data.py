@@ -1,0 +1,288 @@
+"""Dataset discovery, near-duplicate grouping and the grouped split, on small generated images."""
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+import core.data as D
+import core.engine as E
+
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    """Keep the phash/image caches of these tests out of the user's cache."""
+    cache = tmp_path / "_cache" / "phash.json"
+    monkeypatch.setattr(D, "HASH_CACHE", cache)
+    monkeypatch.setattr(E, "HASH_CACHE", cache)
+    return cache
+
+
+# ----------------------------------------------------------------------------- generators
+def pattern(seed: int, size: int = 96) -> np.ndarray:
+    """A smooth random grey pattern: distinct seeds give unrelated perceptual hashes."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8))
+    return np.asarray(coarse.resize((size, size), Image.BICUBIC))
+
+
+def save(path, arr, quality=95, contrast=1.0, brightness=1.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr)
+    if contrast != 1.0:
+        img = ImageEnhance.Contrast(img).enhance(contrast)
+    if brightness != 1.0:
+        img = ImageEnhance.Brightness(img).enhance(brightness)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        img.save(path, quality=quality)
+    else:
+        img.save(path)
+    return path
+
+
+def make_family_dataset(root, classes=("glioma", "meningioma", "pituitary", "notumor"),
+                        per_class=6, seed0=0):
+    """Each 'family' is one pattern saved three times: original, low-quality re-save, and a
+    contrast/brightness change. Returns {relative path: family id}."""
+    fam = {}
+    for ci, c in enumerate(classes):
+        for k in range(per_class):
+            fid = f"{c}{k}"
+            arr = pattern(seed0 + 100 * ci + k)
+            save(root / c / f"{fid}_a.jpg", arr, quality=95)
+            save(root / c / f"{fid}_b.jpg", arr, quality=35)
+            save(root / c / f"{fid}_c.png", arr, contrast=0.75, brightness=1.1)
+            for v in "abc":
+                fam[f"{c}/{fid}_{v}." + ("png" if v == "c" else "jpg")] = fid
+    return fam
+
+
+def grouped_split(root, seed=0, source=None):
+    samples = D.discover(root, source).samples
+    D.assign_groups(samples)
+    D.split_by_group(samples, seed=seed)
+    return samples
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_flat_layout_with_aliases_hidden_and_non_images(tmp_path):
+    root = tmp_path / "ds"
+    save(root / "glioma_tumor" / "a.jpg", pattern(1))
+    save(root / "Brain_Menin" / "b.png", pattern(2))
+    save(root / "no_tumor" / "c.jpg", pattern(3))
+    save(root / "pituitary_tumor" / "sub" / "d.jpg", pattern(4))   # nested below a class
+    save(root / "yes" / "e.jpg", pattern(5))
+    save(root / "Astrocytoma" / "f.jpg", pattern(6))
+    (root / "glioma_tumor" / ".DS_Store").write_bytes(b"\0\1junk")
+    (root / "glioma_tumor" / "._a.jpg").write_bytes(b"AppleDouble")
+    (root / "no_tumor" / "notes.txt").write_text("not an image")
+    save(root / "no_tumor" / ".thumbs" / "x.jpg", pattern(7))      # inside a hidden folder
+    save(root / ".hidden_class" / "y.jpg", pattern(8))              # hidden class folder: ignored
+    save(root / "masks" / "m.png", pattern(9))                      # mask folder: not a class
+
+    scan = D.discover(root, "mine")
+    got = {s.rel: (s.label, s.original, s.source, s.preset_split) for s in scan.samples}
+    assert got == {
+        "glioma_tumor/a.jpg": ("glioma", "glioma_tumor", "mine", None),
+        "Brain_Menin/b.png": ("meningioma", "Brain_Menin", "mine", None),
+        "no_tumor/c.jpg": ("notumor", "no_tumor", "mine", None),
+        "pituitary_tumor/sub/d.jpg": ("pituitary", "pituitary_tumor", "mine", None),
+        "yes/e.jpg": ("tumor", "yes", "mine", None),
+        "Astrocytoma/f.jpg": ("astrocytoma", "Astrocytoma", "mine", None),
+    }
+    for s in scan.samples:
+        assert s.path == str((root / s.rel).resolve())
+    skipped = dict(scan.skipped)
+    assert skipped["glioma_tumor/.DS_Store"] == "hidden file"
+    assert skipped["glioma_tumor/._a.jpg"] == "hidden file"
+    assert skipped["no_tumor/.thumbs/x.jpg"] == "hidden file"
+    assert skipped["no_tumor/notes.txt"] == "not an image file"
+    assert len(scan.skipped) == 4
+
+
+def test_training_testing_layout_marks_testing_as_test(tmp_path):
+    root = tmp_path / "kaggle"
+    save(root / "Training" / "glioma_tumor" / "g1.jpg", pattern(1))
+    save(root / "Training" / "no_tumor" / "n1.jpg", pattern(2))
+    save(root / "Testing" / "glioma_tumor" / "g2.jpg", pattern(3))
+    save(root / "Testing" / "no_tumor" / "n2.jpg", pattern(4))
+    scan = D.discover(root)
+    got = {s.rel: (s.label, s.preset_split) for s in scan.samples}
+    assert got == {"Training/glioma_tumor/g1.jpg": ("glioma", None),
+                   "Training/no_tumor/n1.jpg": ("notumor", None),
+                   "Testing/glioma_tumor/g2.jpg": ("glioma", "test"),
+                   "Testing/no_tumor/n2.jpg": ("notumor", "test")}
+    assert {s.source for s in scan.samples} == {"kaggle"}
+
+
+def test_unreadable_images_are_skipped_only_when_checked(tmp_path):
+    root = tmp_path / "ds"
+    save(root / "glioma" / "good.jpg", pattern(1))
+    (root / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "notumor").mkdir()
+    (root / "notumor" / "empty.png").write_bytes(b"")
+    save(root / "notumor" / "good.png", pattern(2))
+
+    loose = D.discover(root)
+    assert len(loose.samples) == 4 and loose.skipped == []
+    checked = D.discover(root, check_readable=True)
+    assert sorted(s.rel for s in checked.samples) == ["glioma/good.jpg", "notumor/good.png"]
+    reasons = dict(checked.skipped)
+    assert set(reasons) == {"glioma/broken.jpg", "notumor/empty.png"}
+    assert all(isinstance(r, str) and r for r in reasons.values())
+
+
+def test_no_images_or_no_directory_is_an_error(tmp_path):
+    (tmp_path / "empty" / "glioma").mkdir(parents=True)
+    (tmp_path / "empty" / "glioma" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError):
+        D.discover(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        D.discover(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- grouping and split
+def test_near_duplicate_pairs_by_hamming_distance():
+    h = np.array([0b0, 0b111, 0b1111111, 2**64 - 1], dtype=np.uint64)
+    assert D.near_duplicate_pairs(h, 3) == [(0, 1)]
+    assert D.near_duplicate_pairs(h, 4) == [(0, 1), (1, 2)]
+    assert D.near_duplicate_pairs(h, 7) == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_groups_follow_near_duplicate_families(tmp_path):
+    root = tmp_path / "ds"
+    fam = make_family_dataset(root)
+    samples = D.discover(root).samples
+    D.assign_groups(samples)
+    groups_of_family = {}
+    for s in samples:
+        groups_of_family.setdefault(fam[s.rel], set()).add(s.group)
+    # Every family in exactly one group, and no two families share a group.
+    assert all(len(g) == 1 for g in groups_of_family.values()), groups_of_family
+    assert len({next(iter(g)) for g in groups_of_family.values()}) == len(groups_of_family) == 24
+
+
+def test_grouped_split_has_no_cross_split_near_duplicates(tmp_path):
+    root = tmp_path / "ds"
+    fam = make_family_dataset(root)
+    samples = grouped_split(root, seed=0)
+    assert {s.split for s in samples} == {"train", "val", "test"}
+    split_of_family = {}
+    for s in samples:
+        split_of_family.setdefault(fam[s.rel], set()).add(s.split)
+    assert all(len(v) == 1 for v in split_of_family.values()), split_of_family
+    assert D.cross_split_duplicates(samples) == []
+    # The check itself can fail: a per-image random split leaks near duplicates.
+    rng = random.Random(0)
+    for s in samples:
+        s.split = rng.choice(["train", "val", "test"])
+    leaks = D.cross_split_duplicates(samples)
+    assert leaks
+    a_split, a_rel, b_split, b_rel = leaks[0]
+    assert a_split != b_split and a_rel.startswith("ds/") and b_rel.startswith("ds/")
+
+
+def test_split_is_seeded_and_reproducible(tmp_path):
+    root = tmp_path / "ds"
+    make_family_dataset(root)
+    a = {s.rel: s.split for s in grouped_split(root, seed=0)}
+    b = {s.rel: s.split for s in grouped_split(root, seed=0)}
+    c = {s.rel: s.split for s in grouped_split(root, seed=1)}
+    assert a == b
+    assert a != c
+
+
+def test_split_sizes_roughly_follow_fractions(tmp_path):
+    root = tmp_path / "ds"
+    make_family_dataset(root, per_class=10)  # 40 groups, 120 images
+    samples = grouped_split(root, seed=0)
+    n = len(samples)
+    frac = {k: sum(s.split == k for s in samples) / n for k in ("train", "val", "test")}
+    assert 0.5 <= frac["train"] <= 0.85
+    assert 0.05 <= frac["val"] <= 0.3 and 0.05 <= frac["test"] <= 0.3
+
+
+def test_split_record_round_trip(tmp_path):
+    root = tmp_path / "ds"
+    make_family_dataset(root)
+    samples = grouped_split(root, seed=3, source="bench")
+    rec = json.loads(json.dumps(D.split_record(samples)))
+    assert set(rec) == {"bench"}
+    assert sum(len(v) for v in rec["bench"].values()) == len(samples)
+    assert all(v == sorted(v) for v in rec["bench"].values())
+    fresh = D.discover(root, "bench").samples
+    assert all(s.split == "" for s in fresh)
+    D.apply_split_record(fresh, rec)
+    assert {s.rel: s.split for s in fresh} == {s.rel: s.split for s in samples}
+    # Files the record does not know get no split rather than a wrong one.
+    save(root / "glioma" / "new.jpg", pattern(999))
+    fresh = D.discover(root, "bench").samples
+    D.apply_split_record(fresh, rec)
+    assert [s.split for s in fresh if s.rel == "glioma/new.jpg"] == [""]
+
+
+def test_testing_folder_stays_test_and_pulls_its_duplicates(tmp_path):
+    root = tmp_path / "kaggle"
+    for ci, c in enumerate(("glioma", "notumor")):
+        for k in range(12):
+            save(root / "Training" / c / f"tr{k}.jpg", pattern(1000 + 50 * ci + k))
+        for k in range(4):
+            save(root / "Testing" / c / f"te{k}.jpg", pattern(2000 + 50 * ci + k))
+    # A Training image that is a re-saved copy of a Testing image must not stay in training.
+    save(root / "Training" / "glioma" / "copy_of_te1.jpg", pattern(2001), quality=40)
+    samples = grouped_split(root, seed=0)
+    by_rel = {s.rel: s for s in samples}
+    assert all(s.split == "test" for s in samples if s.preset_split == "test")
+    assert by_rel["Training/glioma/copy_of_te1.jpg"].split == "test"
+    assert by_rel["Training/glioma/copy_of_te1.jpg"].group == by_rel["Testing/glioma/te1.jpg"].group
+    # No other Training image goes to test: the shipped test split is the test split.
+    others = [s for s in samples if s.preset_split is None and s.rel != "Training/glioma/copy_of_te1.jpg"]
+    assert {s.split for s in others} == {"train", "val"}
+    assert D.cross_split_duplicates(samples) == []
+
+
+def test_patient_slices_share_a_group_and_patients_never_merge(tmp_path):
+    root = tmp_path / "lgg"
+    for k in range(3):
+        save(root / "glioma" / f"TCGA_CS_4941_{k + 1:03d}.jpg", pattern(10 + k))
+    # Patient B's first slice looks like patient A's second (similar FLAIR slices).
+    save(root / "notumor" / "TCGA_DU_5851_001.jpg", pattern(11), quality=50)
+    save(root / "notumor" / "TCGA_DU_5851_002.jpg", pattern(20))
+    # A file without a patient id that duplicates A's third slice joins A's group.
+    save(root / "glioma" / "loose.jpg", pattern(12), contrast=0.8)
+    samples = D.discover(root).samples
+    D.assign_groups(samples)
+    g = {s.rel.split("/")[1]: s.group for s in samples}
+    a = {g[f"TCGA_CS_4941_{k:03d}.jpg"] for k in (1, 2, 3)}
+    b = {g["TCGA_DU_5851_001.jpg"], g["TCGA_DU_5851_002.jpg"]}
+    assert len(a) == 1 and len(b) == 1 and a != b
+    assert g["loose.jpg"] in a
+
+
+def test_split_works_with_fewer_groups_than_folds(tmp_path):
+    root = tmp_path / "small"
+    make_family_dataset(root, classes=("glioma", "notumor"), per_class=4)  # 8 groups
+    samples = grouped_split(root)
+    assert all(s.split in ("train", "val", "test") for s in samples)
+    assert "train" in {s.split for s in samples}
+    assert D.cross_split_duplicates(samples) == []
+
+
+def test_phash_cache_is_used(tmp_path, private_hash_cache):
+    p = save(tmp_path / "x.jpg", pattern(1))
+    h1 = D.phashes([str(p)])
+    assert private_hash_cache.exists()
+    cached = json.loads(private_hash_cache.read_text())
+    assert len(cached) == 1 and list(cached.values())[0] == f"{int(h1[0]):016x}"
+    assert D.phashes([str(p)])[0] == h1[0]
+
+
+def test_data_fingerprint_changes_with_files(tmp_path):
+    root = tmp_path / "ds"
+    save(root / "glioma" / "a.jpg", pattern(1))
+    save(root / "notumor" / "b.jpg", pattern(2))
+    f1 = D.data_fingerprint(D.discover(root).samples)
+    assert f1 == D.data_fingerprint(list(reversed(D.discover(root).samples)))
+    save(root / "notumor" / "c.jpg", pattern(3))
+    assert D.data_fingerprint(D.discover(root).samples) != f1

@@ -1,0 +1,176 @@
+"""Preprocessing, augmentation, the image cache, prediction and checkpoints."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import core.data as D
+import core.engine as E
+from core.models import create_model
+from core.preprocess import DEFAULT_SPEC, head_bbox, normalise, pad_square, prepare, preprocess
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "_cache" / "phash.json"
+    monkeypatch.setattr(D, "HASH_CACHE", cache)
+    monkeypatch.setattr(E, "HASH_CACHE", cache)
+    return cache
+
+
+def synthetic_head(h=240, w=320, centre=(140, 190), radii=(70, 90), label=True) -> np.ndarray:
+    """A bright textured ellipse (the head) on black, with burnt-in white text in a corner."""
+    yy, xx = np.mgrid[:h, :w]
+    inside = ((yy - centre[0]) / radii[0]) ** 2 + ((xx - centre[1]) / radii[1]) ** 2 <= 1
+    rng = np.random.default_rng(0)
+    img = np.where(inside, 0.45 + 0.3 * rng.random((h, w)), 0.0)
+    if label:
+        pil = Image.fromarray((img * 255).astype(np.uint8))
+        draw = ImageDraw.Draw(pil)
+        draw.text((4, 4), "L  R  AX T1 SE", fill=255, font=ImageFont.load_default())
+        draw.text((4, h - 14), "10mm", fill=255, font=ImageFont.load_default())
+        img = np.asarray(pil, dtype=np.float32) / 255
+    return img.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def test_head_bbox_ignores_burnt_in_text():
+    img = synthetic_head()
+    y0, y1, x0, x1 = head_bbox(img)
+    # The ellipse spans rows 70..210 and columns 100..280; the margin is 4% of each side.
+    assert 70 - 0.04 * 240 - 3 <= y0 <= 70 + 3 and 210 - 3 <= y1 <= 210 + 0.04 * 240 + 3
+    assert 100 - 0.04 * 320 - 3 <= x0 <= 100 + 3 and 280 - 3 <= x1 <= 280 + 0.04 * 320 + 3
+    # The text at the top-left and bottom-left corners is left out of the crop.
+    assert y0 > 20 and x0 > 60
+
+
+def test_head_bbox_of_blank_and_noise_images_is_the_whole_image():
+    assert head_bbox(np.zeros((50, 70), np.float32)) == (0, 50, 0, 70)
+    speckle = (np.random.default_rng(0).random((64, 64)) > 0.995).astype(np.float32)
+    assert head_bbox(speckle) == (0, 64, 0, 64)
+
+
+def test_prepare_shapes_ranges_and_crop():
+    img = synthetic_head()
+    spec = {**DEFAULT_SPEC, "size": 64}
+    out = prepare(img, spec)
+    assert out.shape == (64, 64) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # Cropped to the head, the ellipse (pi * 70 * 90 px) fills about half of the padded square
+    # of side 194 (its width plus margins); uncropped it fills about a fifth of 320 x 320.
+    full = prepare(img, {**spec, "crop": "none"})
+    assert full.shape == (64, 64)
+    assert (out > 0.2).mean() > 0.42 and (full > 0.2).mean() < 0.25
+
+
+def test_pad_square_centres_the_image():
+    a = np.ones((2, 4), np.float32)
+    sq = pad_square(a)
+    assert sq.shape == (4, 4)
+    assert sq.sum() == 8 and sq[1:3].sum() == 8
+
+
+def test_preprocess_is_normalised_prepare():
+    img = synthetic_head(label=False)
+    spec = {**DEFAULT_SPEC, "size": 48}
+    x = preprocess(img, spec)
+    assert x.shape == (1, 48, 48) and x.dtype == torch.float32
+    expected = (torch.from_numpy(prepare(img, spec)) - spec["mean"]) / spec["std"]
+    assert torch.allclose(x[0], expected)
+    assert torch.allclose(normalise(torch.tensor([spec["mean"]]), spec), torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_augment_keeps_shape_and_range():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 40, 40)
+    y = E.augment(x, 1.0, skull_strip_p=1.0)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert not torch.allclose(x, y)
+    assert torch.equal(E.augment(x, 0.0), x)
+
+
+# ----------------------------------------------------------------------------- cache and loops
+def _write_images(root, n=6):
+    paths = []
+    for k in range(n):
+        p = root / f"img{k}.png"
+        Image.fromarray((synthetic_head(label=False) * 255 * (0.5 + k / 10)).clip(0, 255)
+                        .astype(np.uint8)).save(p)
+        paths.append(p)
+    return [D.Sample(str(p), p.name, "glioma" if k % 2 else "notumor", "x") for k, p in enumerate(paths)]
+
+
+def test_cache_images_shape_dtype_and_disk_cache(tmp_path, private_cache):
+    samples = _write_images(tmp_path)
+    spec = {**DEFAULT_SPEC, "size": 32}
+    imgs = E.cache_images(samples, spec, workers=1)
+    assert imgs.shape == (6, 1, 32, 32) and imgs.dtype == torch.uint8
+    files = list(private_cache.parent.glob("images-*.npy"))
+    assert len(files) == 1
+    # The second call reads the cache, a different spec does not.
+    assert torch.equal(E.cache_images(samples, spec, workers=1), imgs)
+    E.cache_images(samples, {**spec, "size": 24}, workers=1)
+    assert len(list(private_cache.parent.glob("images-*.npy"))) == 2
+
+
+def test_target_masks_for_fine_and_coarse_labels():
+    s = [D.Sample("a", "a", lab, lab) for lab in ("glioma", "tumor", "notumor")]
+    m = E.target_masks(s, ["glioma", "meningioma", "pituitary", "notumor"])
+    assert m.tolist() == [[True, False, False, False], [True, True, True, False],
+                          [False, False, False, True]]
+
+
+def test_train_one_epoch_and_predict_logits():
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 3)
+    images = (torch.rand(20, 1, 24, 24) * 255).to(torch.uint8)
+    masks = torch.zeros(20, 3, dtype=torch.bool)
+    masks[torch.arange(20), torch.arange(20) % 3] = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    spec = {**DEFAULT_SPEC, "size": 24}
+    stats = E.train_one_epoch(model, images, masks, torch.arange(20), opt, None, spec,
+                              torch.device("cpu"), batch_size=8, progress=False)
+    assert np.isfinite(stats["loss"]) and 0 <= stats["acc"] <= 1 and stats["images_per_s"] > 0
+    logits = E.predict_logits(model, images, spec, torch.device("cpu"), batch_size=7)
+    assert logits.shape == (20, 3)
+    tta = E.predict_logits(model, images, spec, torch.device("cpu"), tta=True)
+    flipped = E.predict_logits(model, torch.flip(images, dims=[3]), spec, torch.device("cpu"))
+    assert torch.allclose(tta, (logits + flipped) / 2, atol=1e-5)
+    ev = E.evaluate_split(model, images, masks, spec, torch.device("cpu"))
+    assert np.isfinite(ev["loss"]) and 0 <= ev["acc"] <= 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("cnn_bn", 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 32, 32)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)
+    rng = torch.get_rng_state()
+    history = [{"epoch": 1, "train": {"loss": 0.5}, "val": {"loss": 0.6, "acc": 0.7}}]
+    path = tmp_path / "checkpoint.pt"
+    E.save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(),
+                      scheduler=sched.state_dict(), epoch=0, history=history, best=0.6, bad=0,
+                      rng=rng, args={"data": ["a", "b"], "lr": 1e-3})
+    assert path.exists() and not path.with_suffix(".tmp").exists()
+    ck = E.load_checkpoint(path)
+    assert ck["epoch"] == 0 and ck["history"] == history and ck["args"]["data"] == ["a", "b"]
+    fresh = create_model("cnn_bn", 4)
+    fresh.load_state_dict(ck["model"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    opt2.load_state_dict(ck["optimizer"])
+    assert torch.equal(ck["rng"], rng)
+    assert ck["scheduler"]["total_steps"] == 10
+
+
+def test_checkpoint_refuses_arbitrary_objects(tmp_path):
+    import argparse
+    path = tmp_path / "bad.pt"
+    E.save_checkpoint(path, args=argparse.Namespace(a=1))
+    with pytest.raises(Exception):
+        E.load_checkpoint(path)

@@ -1,0 +1,86 @@
+"""Golden test: the shipped default model on a fixed sample of the benchmark's own test split.
+
+The sample is drawn (seeded) from the file list that the model's `split.json` records as the
+benchmark's test split, so none of these images (nor their near duplicates) was trained on.
+Skips when the shipped model or the shared data is absent.
+"""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from core.labels import NO_TUMOUR, normalise_label
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+N_SAMPLE, SEED = 200, 20240601
+MIN_ACCURACY, MAX_MISSED = 0.98, 2
+
+
+def shipped_model_dir() -> Path:
+    default = ROOT / "weights" / "DEFAULT"
+    if not default.is_file():
+        pytest.skip("no weights/DEFAULT")
+    d = ROOT / "weights" / default.read_text().strip()
+    for f in ("card.json", "model.safetensors", "split.json"):
+        if not (d / f).is_file():
+            pytest.skip(f"shipped model incomplete: {d / f} missing")
+    return d
+
+
+def benchmark_root(card: dict) -> Path:
+    for s in card.get("sources", []):
+        if s["name"] == "benchmark":
+            p = Path(s["path"])
+            return p if p.is_absolute() else (ROOT / p).resolve()
+    return SHARED / "data" / "brain-tumor-mri" / "Training"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    d = shipped_model_dir()
+    card = json.loads((d / "card.json").read_text())
+    root = benchmark_root(card)
+    if not root.is_dir():
+        pytest.skip(f"benchmark data not present at {root}")
+    files = json.loads((d / "split.json").read_text())["files"]
+    if "benchmark" not in files or not files["benchmark"].get("test"):
+        pytest.skip("split.json records no benchmark test split")
+    rels = sorted(files["benchmark"]["test"])
+    chosen = random.Random(SEED).sample(rels, min(N_SAMPLE, len(rels)))
+    from core.inference import Predictor
+    predictor = Predictor(d)
+    rows = []
+    for rel in chosen:
+        p = predictor.predict_file(root / rel)
+        rows.append({"file": rel, "label": normalise_label(Path(rel).parts[0]), "pred": p.pred})
+    return d, rows
+
+
+def test_shipped_model_accuracy_on_benchmark_test_sample(golden):
+    d, rows = golden
+    assert len(rows) == N_SAMPLE
+    wrong = [r for r in rows if r["pred"] != r["label"]]
+    acc = 1 - len(wrong) / len(rows)
+    assert acc >= MIN_ACCURACY, f"{d.name}: accuracy {acc:.3f} on {len(rows)} images; wrong: {wrong}"
+
+
+def test_shipped_model_misses_few_tumours(golden):
+    d, rows = golden
+    missed = [r for r in rows if r["label"] != NO_TUMOUR and r["pred"] == NO_TUMOUR]
+    assert len(missed) <= MAX_MISSED, f"{d.name}: {len(missed)} tumours called notumor: {missed}"
+
+
+def test_serving_path_agrees_with_the_training_evaluation(golden):
+    """The app/CLI path (decode + preprocess + fp16 weights) against eval.json from training
+    (cached uint8 images, fp32 weights): the same decisions on all but a couple of images."""
+    d, rows = golden
+    if not (d / "eval.json").is_file():
+        pytest.skip("no eval.json")
+    recorded = {r["file"]: r["pred"] for r in json.loads((d / "eval.json").read_text())["predictions"]
+                if r.get("source") == "benchmark"}
+    both = [r for r in rows if r["file"] in recorded]
+    assert len(both) == len(rows)
+    differ = [(r["file"], r["pred"], recorded[r["file"]]) for r in both if r["pred"] != recorded[r["file"]]]
+    assert len(differ) <= 2, differ

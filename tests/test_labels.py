@@ -1,0 +1,62 @@
+"""Folder-name vocabulary: the aliases found in public datasets, model classes, coarse targets."""
+import pytest
+
+from core.labels import (CANONICAL, NO_TUMOUR, TUMOUR, label_targets, model_classes,
+                         normalise_label, tumour_classes)
+
+
+@pytest.mark.parametrize("folder, label", [
+    ("glioma", "glioma"), ("glioma_tumor", "glioma"), ("Brain_Glioma", "glioma"),
+    ("GLIOMA-TUMOUR", "glioma"),
+    ("meningioma", "meningioma"), ("meningioma_tumor", "meningioma"),
+    ("Brain_Menin", "meningioma"),
+    ("pituitary", "pituitary"), ("pituitary_tumor", "pituitary"),
+    ("notumor", "notumor"), ("no_tumor", "notumor"), ("no", "notumor"), ("No", "notumor"),
+    ("yes", "tumor"), ("Yes", "tumor"), ("tumor", "tumor"),
+])
+def test_known_folder_names_map_to_the_vocabulary(folder, label):
+    assert normalise_label(folder) == label
+
+
+@pytest.mark.parametrize("folder, kept", [
+    ("Astrocytoma", "astrocytoma"), ("Schwannoma T2", "schwannoma_t2"), ("class_7", "class_7"),
+])
+def test_unknown_folder_names_are_kept(folder, kept):
+    out = normalise_label(folder)
+    assert out == kept
+    assert out not in CANONICAL
+
+
+def test_model_classes_fine_order_and_notumor_last():
+    assert model_classes({"notumor", "pituitary", "glioma", "meningioma"}) == \
+        ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+def test_coarse_tumor_is_absorbed_by_fine_classes():
+    # Benchmark (fine) + Br35H (yes/no): 'tumor' trains the fine classes through their sum.
+    assert model_classes({"glioma", "meningioma", "pituitary", "notumor", "tumor"}) == \
+        ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+def test_yes_no_dataset_is_binary():
+    assert model_classes(["tumor", "notumor", "tumor"]) == ["tumor", "notumor"]
+
+
+def test_unknown_labels_become_classes_of_their_own():
+    assert model_classes({"glioma", "zeta", "alpha", "notumor"}) == ["glioma", "alpha", "zeta", "notumor"]
+
+
+def test_label_targets_fine_and_coarse():
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    assert label_targets("meningioma", classes) == [1]
+    assert label_targets(NO_TUMOUR, classes) == [3]
+    assert label_targets(TUMOUR, classes) == [0, 1, 2]
+    assert label_targets(TUMOUR, ["tumor", "notumor"]) == [0]
+    assert tumour_classes(classes) == ["glioma", "meningioma", "pituitary"]
+
+
+def test_label_targets_rejects_what_the_model_cannot_express():
+    with pytest.raises(ValueError):
+        label_targets("glioma", ["tumor", "notumor"])
+    with pytest.raises(ValueError):
+        label_targets(TUMOUR, ["notumor", "other"])

@@ -1,0 +1,183 @@
+"""Metrics against confusion matrices worked out by hand; loss, calibration and operating point."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from core.engine import fit_temperature, pick_threshold, set_nll
+from core.metrics import (classification_metrics, decide, expected_calibration_error,
+                          is_tumour_label, risk_coverage, threshold_curve, tumour_probability)
+
+C4 = ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+def probs_for(preds, right):
+    """One row per prediction: 0.7 on the predicted class if right else 0.55; the rest shared."""
+    rows = []
+    for p, ok in zip(preds, right):
+        top = 0.7 if ok else 0.55
+        row = [(1 - top) / 3] * 4
+        row[C4.index(p)] = top
+        rows.append(row)
+    return np.array(rows)
+
+
+# labels:  g g g m m p p n n n
+# preds:   g g m m n p p n n g
+# Confusion (rows = truth g, m, p, n; columns = prediction):
+#   g: 2 1 0 0
+#   m: 0 1 0 1
+#   p: 0 0 2 0
+#   n: 1 0 0 2
+LABELS = ["glioma"] * 3 + ["meningioma"] * 2 + ["pituitary"] * 2 + ["notumor"] * 3
+PREDS = ["glioma", "glioma", "meningioma", "meningioma", "notumor", "pituitary", "pituitary",
+         "notumor", "notumor", "glioma"]
+
+
+def test_four_class_metrics_by_hand():
+    right = [lab == p for lab, p in zip(LABELS, PREDS)]
+    m = classification_metrics(probs_for(PREDS, right), LABELS, C4)
+    assert m["classes"] == C4 and m["n"] == 10 and m["n_fine"] == 10
+    assert m["confusion"] == [[2, 1, 0, 0], [0, 1, 0, 1], [0, 0, 2, 0], [1, 0, 0, 2]]
+    assert m["accuracy"] == pytest.approx(0.7)
+    expected = {
+        # precision = diagonal / column sum, recall = diagonal / row sum,
+        # specificity = TN / (TN + FP) with TN = 10 - row - column + diagonal.
+        "glioma": (2 / 3, 2 / 3, 2 / 3, 6 / 7, 3),
+        "meningioma": (1 / 2, 1 / 2, 1 / 2, 7 / 8, 2),
+        "pituitary": (1.0, 1.0, 1.0, 1.0, 2),
+        "notumor": (2 / 3, 2 / 3, 2 / 3, 6 / 7, 3),
+    }
+    for c, (prec, rec, f1, spec, sup) in expected.items():
+        pc = m["per_class"][c]
+        assert pc["precision"] == pytest.approx(prec), c
+        assert pc["recall"] == pytest.approx(rec), c
+        assert pc["f1"] == pytest.approx(f1), c
+        assert pc["specificity"] == pytest.approx(spec), c
+        assert pc["support"] == sup, c
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 1 + 2 / 3) / 4)
+    # Tumour vs no tumour: 7 tumours, one (a meningioma) called notumor; 3 normals, one flagged.
+    assert m["tumour_missed"] == 1 and m["normal_flagged"] == 1
+    assert m["n_tumour"] == 7 and m["n_normal"] == 3
+    assert m["sensitivity"] == pytest.approx(6 / 7) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["binary_accuracy"] == pytest.approx(8 / 10)
+    # 7 right at confidence 0.7 (bin accuracy 1), 3 wrong at 0.55 (bin accuracy 0):
+    # ECE = 0.7 * |0.7 - 1| + 0.3 * |0.55 - 0| = 0.21 + 0.165.
+    assert m["ece"] == pytest.approx(0.375)
+
+
+def test_ece_tiny_case():
+    # Two bins: {0.9, 0.9} with one right -> |0.9 - 0.5| = 0.4; {0.6, 0.6} both right -> 0.4.
+    assert expected_calibration_error([0.9, 0.9, 0.6, 0.6], [1, 0, 1, 1]) == pytest.approx(0.4)
+    assert expected_calibration_error([0.8] * 5, [1, 1, 1, 1, 0]) == pytest.approx(0.0)
+    assert math.isnan(expected_calibration_error([], []))
+
+
+def test_coarse_labels_count_for_tumour_metrics_only():
+    # Br35H-style labels against a 4-class model: not in the confusion matrix, yet misses count.
+    labels = ["tumor", "tumor", "tumor", "notumor", "glioma"]
+    preds = ["pituitary", "notumor", "glioma", "meningioma", "glioma"]
+    m = classification_metrics(probs_for(preds, [True] * 5), labels, C4)
+    assert m["n"] == 5 and m["n_fine"] == 2
+    assert m["confusion"] == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["tumour_missed"] == 1 and m["normal_flagged"] == 1
+    assert m["n_tumour"] == 4 and m["sensitivity"] == pytest.approx(3 / 4)
+
+
+def test_binary_model_metrics():
+    classes = ["tumor", "notumor"]
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = ["tumor", "tumor", "notumor", "notumor"]
+    m = classification_metrics(probs, labels, classes)
+    assert m["confusion"] == [[1, 1], [1, 1]]
+    assert m["tumour_missed"] == 1 and m["normal_flagged"] == 1
+    assert m["accuracy"] == pytest.approx(0.5)
+
+
+def test_decide_at_thresholds():
+    p = np.array([[0.30, 0.10, 0.10, 0.50],    # tumour probability 0.5, best tumour class glioma
+                  [0.05, 0.05, 0.10, 0.80],    # 0.2, best pituitary
+                  [0.10, 0.60, 0.10, 0.20]])   # 0.8, best meningioma
+    assert decide(p, C4, None).tolist() == [3, 3, 1]
+    assert decide(p, C4, 0.5).tolist() == [0, 3, 1]   # at the threshold counts as tumour
+    assert decide(p, C4, 0.51).tolist() == [3, 3, 1]
+    assert decide(p, C4, 0.1).tolist() == [0, 2, 1]
+    assert decide(p, C4, 0.9).tolist() == [3, 3, 3]
+    assert tumour_probability(p, C4) == pytest.approx([0.5, 0.2, 0.8])
+    # A model without a notumor class ignores the threshold.
+    assert decide(p[:, :3], C4[:3], 0.99).tolist() == [0, 2, 1]
+    m = classification_metrics(p, ["glioma", "pituitary", "notumor"], C4, threshold=0.1)
+    assert m["threshold"] == 0.1 and m["tumour_missed"] == 0 and m["normal_flagged"] == 1
+
+
+def test_is_tumour_label():
+    assert [is_tumour_label(x) for x in ("glioma", "tumor", "notumor", "other")] == \
+        [True, True, False, None]
+
+
+def test_threshold_curve_and_risk_coverage():
+    t = np.array([0.1, 0.4, 0.6, 0.9])
+    is_t = np.array([False, True, False, True])
+    rows = {round(r["threshold"], 2): r for r in threshold_curve(t, is_t, n=11)}
+    assert rows[0.0]["missed"] == 0 and rows[0.0]["false_alarm_rate"] == 1.0
+    assert rows[0.5]["missed"] == 1 and rows[0.5]["miss_rate"] == 0.5
+    assert rows[0.5]["false_alarm_rate"] == 0.5
+    assert rows[1.0]["missed"] == 2
+    rc = risk_coverage(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 1, 0, 0]))
+    assert rc[0]["coverage"] == 0.5 and rc[0]["accuracy"] == 1.0
+    assert rc[-1]["coverage"] == 1.0 and rc[-1]["accuracy"] == 0.5
+
+
+# ----------------------------------------------------------------------------- loss
+def test_set_nll_is_cross_entropy_for_fine_labels():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 4)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 3])
+    allowed = nnf.one_hot(y, 4).bool()
+    assert set_nll(logits, allowed).item() == pytest.approx(nnf.cross_entropy(logits, y).item(), rel=1e-6)
+    assert set_nll(logits, allowed, smoothing=0.1).item() == pytest.approx(
+        nnf.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-5)
+
+
+def test_set_nll_for_coarse_tumour_label():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    allowed = torch.tensor([[True, True, True, False]] * 2)
+    p_no = torch.softmax(logits, 1)[:, 3]
+    expected = (-torch.log(1 - p_no)).mean()
+    assert set_nll(logits, allowed).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(6000, 4, generator=g) * 2.0
+    y = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=g)[:, 0]
+    masks = nnf.one_hot(y, 4).bool()
+    for t_true in (0.5, 2.5):
+        t = fit_temperature(true_logits * t_true, masks)   # over/under-confident by t_true
+        assert t == pytest.approx(t_true, rel=0.1)
+    assert fit_temperature(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool)) == 1.0
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95, 0.99])
+def test_pick_threshold_meets_target_sensitivity(target):
+    rng = np.random.default_rng(1)
+    is_t = rng.random(400) < 0.6
+    t_prob = np.clip(np.where(is_t, rng.beta(2, 5, 400), rng.beta(1, 8, 400)), 0, 1)
+    thr = pick_threshold(t_prob, is_t, target)
+    assert 0 < thr <= 0.5
+    assert (t_prob[is_t] >= thr).mean() >= target
+    # Highest such threshold: the next tumour probability above it loses the target.
+    above = np.sort(t_prob[is_t][t_prob[is_t] > thr])
+    if thr < 0.5 and len(above):
+        assert (t_prob[is_t] >= above[0] + 1e-9).mean() < target
+
+
+def test_pick_threshold_is_capped_at_one_half_and_handles_no_tumours():
+    t_prob = np.array([0.9, 0.95, 0.97, 0.1])
+    is_t = np.array([True, True, True, False])
+    assert pick_threshold(t_prob, is_t, 0.99) == 0.5
+    assert pick_threshold(np.array([0.2]), np.array([False]), 0.99) == 0.5

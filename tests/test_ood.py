@@ -1,0 +1,144 @@
+"""The out-of-distribution gate: generators, fitting on tiny synthetic data, persistence, Predictor."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import outliers as O
+from core.ood import GATE_SPEC, ImageSet, OODGate, from_scans
+from core.reader import ScanImage, read_scan
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "runs" / "tiny"
+
+
+def _heads(n: int, seed: int) -> list[ScanImage]:
+    rng = np.random.default_rng(seed)
+    return [ScanImage(O.head_like(rng, int(rng.integers(96, 160)))) for _ in range(n)]
+
+
+def _colour_photo() -> ScanImage:
+    """A colour natural photo shipped with scikit-image, read like an upload."""
+    buf = io.BytesIO()
+    Image.open(O._skimage_dir() / "astronaut.png").convert("RGB").save(buf, "PNG")
+    return read_scan(buf.getvalue())
+
+
+def _noise(seed: int) -> ScanImage:
+    return ScanImage(np.random.default_rng(seed).random((200, 180)).astype(np.float32))
+
+
+@pytest.mark.parametrize("category", sorted(O.CATEGORIES))
+def test_generators_give_grey_images_via_the_reader(category):
+    mri = [s.pixels for s in _heads(3, 0)]
+    scans = O.make_scans(category, 2, seed=1, mri=mri)
+    assert len(scans) == 2
+    for s in scans:
+        assert s.pixels.ndim == 2 and s.pixels.dtype == np.float32
+        assert min(s.pixels.shape) >= 16
+        assert 0.0 <= s.pixels.min() and s.pixels.max() <= 1.0
+        assert s.colourfulness >= 0
+
+
+def test_generators_are_seeded_and_categories_disjoint():
+    a = O.make_images("shapes", 2, seed=3)
+    b = O.make_images("shapes", 2, seed=3)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not set(O.SEEN) & set(O.UNSEEN)
+    assert not set(O.PHOTOS_TRAIN) & set(O.PHOTOS_TEST)
+    with pytest.raises(ValueError):
+        O.make_images("mri_patch", 1, seed=0)   # MRI-derived kinds need slices
+
+
+@pytest.fixture(scope="module")
+def synthetic_gate():
+    """A gate network trained in seconds on head-like ellipses vs noise, text, shapes, blanks."""
+    pos = from_scans(_heads(240, 0), groups=["heads"] * 240)
+    negs = [from_scans(O.make_scans(c, 60, seed=0), groups=[c] * 60)
+            for c in ("noise", "text", "shapes", "blank")]
+    val = {"synthetic": from_scans(_heads(100, 1))}
+    gate = OODGate.fit(pos, ImageSet.concat(negs), val, "cnn+colour", epochs=4, seed=0, log=lambda *a: None)
+    return gate
+
+
+def test_synthetic_gate_flags_noise_colour_text_and_passes_heads(synthetic_gate):
+    g = synthetic_gate
+    heads = [g.check(s, None, None)[0] for s in _heads(60, 2)]
+    assert np.mean(heads) >= 0.9
+    assert not g.check(_noise(5), None, None)[0]
+    ok, score = g.check(_colour_photo(), None, None)
+    assert not ok and score > 0
+    texts = [g.check(s, None, None)[0] for s in O.make_scans("text", 20, seed=9)]
+    assert np.mean(texts) <= 0.1
+
+
+def test_check_matches_batch_scores_and_threshold_sets_val_rate(synthetic_gate):
+    scans = _heads(10, 3) + O.make_scans("noise", 5, seed=4)
+    batch = synthetic_gate.scores(from_scans(scans))
+    single = [synthetic_gate.check(s, None, None)[1] for s in scans]
+    assert np.allclose(batch, single, atol=1e-4)
+    val = synthetic_gate.scores(from_scans(_heads(100, 1)))
+    assert np.mean(val > 0) <= 0.02 + 1e-9
+
+
+def test_save_load_round_trip(synthetic_gate, tmp_path):
+    synthetic_gate.save(tmp_path)
+    assert (tmp_path / "ood.safetensors").stat().st_size < 1_000_000
+    g2 = OODGate.load(tmp_path)
+    data = from_scans(_heads(5, 4) + [_noise(1), _colour_photo()])
+    assert np.allclose(synthetic_gate.scores(data), g2.scores(data), atol=1e-5)
+    assert g2.method == "cnn+colour" and g2.colour_limit == synthetic_gate.colour_limit
+
+
+@pytest.fixture()
+def tiny_weights(tmp_path):
+    if not (TINY / "model.safetensors").exists():
+        pytest.skip("runs/tiny is not built")
+    d = tmp_path / "tiny"
+    d.mkdir()
+    for f in ("card.json", "model.safetensors"):
+        shutil.copy(TINY / f, d / f)
+    return d
+
+
+def test_predictor_reports_out_of_distribution(synthetic_gate, tiny_weights):
+    from core.inference import Predictor
+    synthetic_gate.save(tiny_weights)
+    card = json.loads((tiny_weights / "card.json").read_text())
+    assert card["ood"]["method"] == "cnn+colour" and "threshold" in card["ood"]
+    p = Predictor(tiny_weights)
+    assert p.gate is not None
+    for scan in (_colour_photo(), _noise(7)):
+        pr = p.predict_scan(scan)
+        assert pr.in_distribution is False and pr.ood_score > 0
+    assert p.predict_scan(_heads(1, 11)[0]).in_distribution is True
+
+
+def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
+    """Mahalanobis on the classifier's pooled features, combined with the network; the
+    features come from the Predictor's own forward pass (no second pass)."""
+    from core.inference import Predictor
+    p = Predictor(tiny_weights)
+    spec = p.card["preprocessing"]
+    pos = from_scans(_heads(120, 0), spec, ["heads/a"] * 60 + ["heads/b"] * 60)
+    val = {"synthetic": from_scans(_heads(60, 1), spec)}
+    g = OODGate.fit(pos, None, val, "cnn+mahalanobis+colour", p.model, spec, net=synthetic_gate.net)
+    g.save(tiny_weights)
+    p = Predictor(tiny_weights)
+    assert p.gate.density is not None
+    assert p.predict_scan(_colour_photo()).in_distribution is False
+    scan = _noise(3)
+    x = p.input_tensor(scan)
+    p.probabilities(x)                          # the model's pass that the gate reuses
+    calls = []
+    h = p.model.register_forward_hook(lambda *a: calls.append(1))
+    ok, score = p.gate.check(scan, x, p.model)
+    h.remove()
+    assert calls == [] and not ok

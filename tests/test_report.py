@@ -1,0 +1,279 @@
+"""PDF/CSV reports and the audit log, on small generated scans and randomly initialised models.
+
+PDF checks read the text back with poppler's ``pdftotext`` and render every page with
+``pdftoppm``; they are skipped (with the reason) where poppler-utils is not installed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import report as R
+from core.audit import append_audit, read_audit
+from core.cli import main
+from core.inference import Predictor
+from core.models import create_model
+
+POPPLER = shutil.which("pdftotext") and shutil.which("pdftoppm")
+needs_poppler = pytest.mark.skipif(not POPPLER, reason="poppler-utils (pdftotext, pdftoppm) not "
+                                                       "installed: apt-get install poppler-utils")
+DISCLAIMER = "Research demo for tests. Not a medical device; not for diagnosis."
+
+
+# ----------------------------------------------------------------------------- fixtures
+def make_weights(root, classes: list[str], min_confidence: float = 0.0, seed: int = 0):
+    """A model directory as train.py writes it, with random weights (no training)."""
+    from safetensors.torch import save_file
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = create_model("mobilenet_v3_small", len(classes))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
+    card = {"name": f"test-{len(classes)}class", "version": "0.0-test", "arch": "mobilenet_v3_small",
+            "classes": classes,
+            "preprocessing": {"size": 64, "crop": "head", "mean": 0.2, "std": 0.25},
+            "calibration": {"temperature": 1.0}, "operating_point": {"threshold": 0.3},
+            "uncertainty": {"min_confidence": min_confidence}, "intended_use": DISCLAIMER}
+    (root / "card.json").write_text(json.dumps(card))
+    return root
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory) -> Predictor:
+    return Predictor(make_weights(tmp_path_factory.mktemp("w4"),
+                                  ["glioma", "meningioma", "pituitary", "notumor"]))
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory) -> Predictor:
+    # min_confidence 0.999: every prediction of a random model is flagged 'uncertain, refer'
+    return Predictor(make_weights(tmp_path_factory.mktemp("w2"), ["tumor", "notumor"],
+                                  min_confidence=0.999, seed=1))
+
+
+def scan_png(seed: int, size: int = 96) -> bytes:
+    """A bright 'head' ellipse with texture on black: the crop finds it as a real scan's head."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    head = ((yy - size / 2) / (0.42 * size)) ** 2 + ((xx - size / 2) / (0.36 * size)) ** 2 < 1
+    img = np.where(head, 0.35 + 0.5 * rng.random((size, size)), 0.0)
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def dicom_with_patient(name: str, pid: str) -> bytes:
+    """A small MR DICOM whose tags name a (made-up) patient."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.PatientName, ds.PatientID, ds.Modality = name, pid, "MR"
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = (np.random.default_rng(0).random((64, 64)) * 3000).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def reader_message(data: bytes, name: str) -> str:
+    """The reader's own sentence for a bad file (the reader's wording is not this module's)."""
+    from core.reader import ScanError, read_scan
+    with pytest.raises(ScanError) as e:
+        read_scan(data, name)
+    return str(e.value)
+
+
+def flat(text: str) -> str:
+    """Whitespace collapsed: pdftotext wraps long sentences over lines."""
+    return " ".join(text.split())
+
+
+def pdf_pages(pdf: bytes, tmp_path) -> list[str]:
+    """Text of each page, and proof that poppler renders every page to a non-blank image."""
+    path = tmp_path / "r.pdf"
+    path.write_bytes(pdf)
+    text = subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True,
+                          check=True, text=True).stdout
+    pages = text.split("\f")[:-1]  # pdftotext ends every page with a form feed
+    subprocess.run(["pdftoppm", "-r", "30", "-png", str(path), str(tmp_path / "pg")], check=True)
+    pngs = sorted(tmp_path.glob("pg-*.png"))
+    assert len(pngs) == len(pages)
+    for png in pngs:
+        assert np.asarray(Image.open(png).convert("L")).std() > 5, f"{png.name} is blank"
+    return pages
+
+
+# ----------------------------------------------------------------------------- PDF
+@needs_poppler
+def test_single_scan_pdf_has_prediction_probabilities_and_disclaimer(four, tmp_path):
+    pdf = R.build_report([("case_a.png", scan_png(0))], four)
+    assert pdf.startswith(b"%PDF")
+    (page,) = pdf_pages(pdf, tmp_path)  # one scan: one page, no summary
+    r = R.analyse([("case_a.png", scan_png(0))], four)[0]
+    assert R.class_label(r.prediction.pred) in page
+    for c in four.classes:
+        assert R.class_label(c) in page
+        assert f"{r.prediction.probs[c]:.3f}" in page
+    assert f"{r.prediction.tumour_probability:.3f}" in page and "operating point 0.300" in page
+    assert "not for diagnosis" in page and DISCLAIMER.split(".")[0] in page
+    assert four.weights_sha256[:12] in page and "0.0-test" in page and four.name in page
+    assert "Grad-CAM" in page and "case_a.png" in page
+    assert r.overlay is not None and r.overlay.shape == (R.DISPLAY_PX, R.DISPLAY_PX, 3)
+
+
+@needs_poppler
+def test_batch_has_summary_and_a_page_saying_why_a_file_failed(four, tmp_path):
+    items = [("a.png", scan_png(1)), ("broken.jpg", b"this is not an image"),
+             ("b.png", scan_png(2)), ("gone.png", str(tmp_path / "no-such-file.png"))]
+    pages = pdf_pages(R.build_report(items, four), tmp_path)
+    assert len(pages) == 1 + len(items)
+    summary = pages[0]
+    assert "Batch summary" in summary and "2 could not be read" in summary
+    for name, _ in items:
+        assert name in summary
+    assert "broken.jpg" in pages[2] and "CANNOT READ" in pages[2]
+    assert flat(reader_message(b"this is not an image", "broken.jpg")) in flat(pages[2])
+    assert "The file was not found." in pages[4]
+    for p in (pages[1], pages[3]):
+        assert "Calibrated probabilities" in p and "not for diagnosis" in p
+
+
+@needs_poppler
+def test_binary_model_report_shows_tumour_probability_and_refer_flag(binary, tmp_path):
+    (page,) = pdf_pages(R.build_report([("yes_1.png", scan_png(3))], binary), tmp_path)
+    assert "Tumour probability" in page and "No tumour" in page
+    assert "UNCERTAIN - REFER" in page  # min_confidence 0.999 flags every result
+
+
+@needs_poppler
+def test_out_of_distribution_flag_is_printed(four, tmp_path):
+    r = R.analyse([("odd.png", scan_png(4))], four)[0]
+    r.prediction.in_distribution = False
+    pdf = R.render_pdf([r], R.ReportContext.of(four, None, "gradcam"))
+    (page,) = pdf_pages(pdf, tmp_path)
+    assert "OUT OF DISTRIBUTION" in page
+
+
+@needs_poppler
+def test_no_patient_identifiers_or_folders_in_report(four, tmp_path):
+    folder = tmp_path / "DOE_JANE_1970"
+    folder.mkdir()
+    (folder / "slice.png").write_bytes(scan_png(5))
+    items = [(str(folder / "slice.png"), str(folder / "slice.png")),
+             ("mri.dcm", dicom_with_patient("DOE^JANE", "PID-99127"))]
+    text = "\n".join(pdf_pages(R.build_report(items, four), tmp_path))
+    assert "slice.png" in text and "mri.dcm" in text
+    for secret in ("DOE", "JANE", "PID-99127", str(tmp_path)):
+        assert secret not in text
+
+
+def test_threshold_moves_the_decision(binary):
+    item = [("s.png", scan_png(6))]
+    low = R.analyse(item, binary, threshold=0.0)[0].prediction
+    high = R.analyse(item, binary, threshold=1.0)[0].prediction
+    assert (low.pred, low.threshold) == ("tumor", 0.0)
+    assert (high.pred, high.threshold) == ("notumor", 1.0)
+
+
+def test_missing_saliency_keeps_the_prediction(four, monkeypatch):
+    import core.saliency as S
+
+    def boom(*a, **k):
+        raise RuntimeError("no map")
+    monkeypatch.setattr(S, "saliency_map", boom)
+    r = R.analyse([("s.png", scan_png(7))], four)[0]
+    assert r.ok and r.overlay is None and "could not be computed" in r.saliency_note
+    assert R.render_pdf([r], R.ReportContext.of(four, None, "gradcam")).startswith(b"%PDF")
+
+
+# ----------------------------------------------------------------------------- CSV
+def test_csv_one_row_per_file_with_every_class(four):
+    items = [("a.png", scan_png(8)), ("=cmd.png", scan_png(9)), ("bad.png", b"\x89PNG broken")]
+    results = R.analyse(items, four)
+    rows = list(csv.DictReader(io.StringIO(R.build_csv(results, four.classes))))
+    assert len(rows) == len(items)
+    assert {f"p_{c}" for c in four.classes} | {"tumour_probability", "threshold", "prediction",
+                                               "flags", "error", "file"} <= set(rows[0])
+    assert rows[0]["file"] == "a.png" and rows[0]["error"] == "" and rows[0]["prediction"]
+    assert sum(float(rows[0][f"p_{c}"]) for c in four.classes) == pytest.approx(1, abs=1e-3)
+    assert rows[1]["file"] == "'=cmd.png"  # no formula injection into spreadsheets
+    assert rows[2]["ok"] == "0" and rows[2]["flags"] == "cannot read" and rows[2]["error"]
+    # the predict_many dicts give the same CSV
+    assert R.build_csv([r.to_row() for r in results], four.classes) == R.build_csv(results, four.classes)
+
+
+def test_downloads_for_the_app(binary):
+    out = R.report_downloads_data([("a.png", scan_png(10)), ("b.png", scan_png(11))], binary)
+    data, mime, name = out["pdf"]
+    assert data.startswith(b"%PDF") and mime == "application/pdf" and name == "report.pdf"
+    text, mime, name = out["csv"]
+    assert mime == "text/csv" and name == "report.csv" and len(text.strip().splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------- audit + CLI
+def test_audit_lines_hold_hashes_and_results_never_names(four, tmp_path):
+    log = tmp_path / "logs" / "audit.jsonl"
+    data = scan_png(12)
+    pred = four.predict_file(data, "secret-name.png")
+    rec = append_audit(log, data, four, pred, ["uncertain, refer"])
+    append_audit(log, data, four, pred.to_json(), [])
+    lines = read_audit(log)
+    assert lines[0] == rec and len(lines) == 2
+    assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "result", "flags"}
+    assert set(rec["result"]) == {"pred", "probs", "tumour_probability", "threshold"}
+    assert rec["time"].endswith("+00:00") and rec["weights_sha256"] == four.weights_sha256
+    assert "secret-name" not in log.read_text()
+
+
+def test_cli_report_csv_audit_and_exit_codes(four, tmp_path, capsys):
+    for i in (1, 2):
+        (tmp_path / f"scan{i}.png").write_bytes(scan_png(20 + i))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    out, table, log = tmp_path / "r.pdf", tmp_path / "r.csv", tmp_path / "audit.jsonl"
+    files = [str(tmp_path / n) for n in ("scan1.png", "bad.png", "scan2.png")]
+    rc = main(["report", *files, "--out", str(out), "--csv", str(table), "--weights", str(four.dir),
+               "--audit", str(log), "--threshold", "0.4", "--method", "gradcam++"])
+    assert rc == 1  # one file failed; it is still reported
+    assert out.read_bytes().startswith(b"%PDF")
+    assert len(list(csv.DictReader(table.open()))) == 3
+    lines = read_audit(log)
+    assert len(lines) == 2 and all(x["result"]["threshold"] == 0.4 for x in lines)
+    assert not any(n in log.read_text() for n in ("scan1", "scan2", "bad", str(tmp_path)))
+    assert f"bad.png: error: {reader_message(b'nope', 'bad.png')}" in capsys.readouterr().out
+    assert main(["report", files[0], "--out", str(out), "--weights", str(four.dir)]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--weights", "/nonexistent/model"], "cannot load the model"),
+    (["--method", "nosuchcam"], "unknown saliency method"),
+    (["--out", "/nonexistent/dir/r.pdf"], "cannot write the report"),
+])
+def test_cli_errors_are_one_line_not_tracebacks(four, tmp_path, capsys, extra, message):
+    (tmp_path / "s.png").write_bytes(scan_png(30))
+    args = ["report", str(tmp_path / "s.png"), "--out", str(tmp_path / "r.pdf"),
+            "--weights", str(four.dir), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_rejects_a_threshold_outside_0_1(four, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", "x.png", "--out", str(tmp_path / "r.pdf"), "--threshold", "1.5"])
+    assert e.value.code == 2 and "outside [0, 1]" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""core.saliency: every method on every small architecture, alignment, hooks, mask scores."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import DATA
+from core.models import create_model, saliency_layer
+from core.preprocess import preprocess
+from core.reader import ScanImage, read_scan
+from core.saliency import (METHODS, colour_map, mask_scores, mask_to_input, method_name,
+                           overlay, saliency_map)
+
+CLASSES = ["glioma", "meningioma", "pituitary", "notumor"]
+SPEC = {"size": 48, "crop": "none", "mean": 0.2, "std": 0.25}
+
+
+class Stub:
+    """The slice of `core.inference.Predictor` that saliency_map uses."""
+
+    def __init__(self, model: nn.Module, spec: dict = SPEC):
+        self.model, self.spec, self.classes = model.eval(), spec, CLASSES
+        self.lock = threading.Lock()
+
+    def input_tensor(self, scan: ScanImage) -> torch.Tensor:
+        return preprocess(scan.pixels, self.spec)[None]
+
+
+def square_scan(y: slice = slice(4, 16), x: slice = slice(4, 16)) -> ScanImage:
+    a = np.zeros((48, 48), np.float32)
+    a[y, x] = 1.0
+    return ScanImage(a)
+
+
+def brightness_model() -> nn.Module:
+    """Logit 0 = mean activation of a 1x1 conv that copies the input: its evidence is brightness."""
+    conv = nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.fill_(0.8)  # normalised background is -0.8: background activation 0
+    head = nn.Linear(1, len(CLASSES))
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0], [-1.0], [-1.0], [-1.0]]))
+        head.bias.zero_()
+    m = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    m.cam_layer = "1"
+    return m
+
+
+@pytest.mark.parametrize("arch", ["simple_cnn", "cnn_bn", "mobilenet_v3_small"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_on_every_small_arch(arch, method):
+    torch.manual_seed(0)
+    p = Stub(create_model(arch, len(CLASSES)))
+    cam = saliency_map(p, square_scan(), method, target="glioma")
+    assert cam.shape == (48, 48) and cam.dtype == np.float32
+    assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_map_points_at_the_evidence_not_a_flipped_copy(method):
+    p = Stub(brightness_model())
+    cam = saliency_map(p, square_scan(), method, target="glioma")
+    y, x = np.unravel_index(int(cam.argmax()), cam.shape)
+    assert 2 <= y < 18 and 2 <= x < 18, (method, y, x)
+    mask = np.zeros((48, 48), bool)
+    mask[4:16, 4:16] = True
+    scores = mask_scores(cam, mask)
+    assert scores["pointing_hit"] is True and scores["energy_in_mask"] > 0.5
+
+
+def test_target_by_name_or_index_and_bad_target():
+    p = Stub(brightness_model())
+    a = saliency_map(p, square_scan(), "gradcam", target="glioma")
+    b = saliency_map(p, square_scan(), "gradcam", target=0)
+    np.testing.assert_allclose(a, b)
+    # Evidence against 'meningioma' only: Grad-CAM keeps positive evidence, so the map is empty.
+    assert saliency_map(p, square_scan(), "gradcam", target="meningioma").max() == 0
+    with pytest.raises(ValueError):
+        saliency_map(p, square_scan(), "gradcam", target="astrocytoma")
+    with pytest.raises(ValueError):
+        saliency_map(p, square_scan(), "gradcam", target=7)
+
+
+def test_method_names_and_aliases():
+    assert method_name("gradcam") == "Grad-CAM"
+    assert method_name("gradcam++") == method_name("GradCAMPlusPlus") == "Grad-CAM++"
+    assert method_name("EigenCAM") == "EigenCAM" and method_name("hirescam") == "HiResCAM"
+    assert method_name("layercam") == "LayerCAM"
+    with pytest.raises(ValueError):
+        method_name("occlusion")
+
+
+def test_hooks_and_gradients_are_released():
+    torch.manual_seed(0)
+    p = Stub(create_model("simple_cnn", 4))
+    layer = saliency_layer(p.model)
+    saliency_map(p, square_scan(), "gradcam++")
+    assert not layer._forward_hooks and not layer._backward_hooks
+    assert all(q.grad is None for q in p.model.parameters())
+    assert not p.lock.locked()
+
+
+def test_concurrent_maps_equal_sequential_ones():
+    torch.manual_seed(0)
+    p = Stub(create_model("cnn_bn", 4))
+    scans = [square_scan(), square_scan(slice(20, 40), slice(10, 30))]
+    expected = [saliency_map(p, s, "gradcam") for s in scans]
+    got: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, saliency_map(p, scans[k % 2], "gradcam")))
+               for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, cam in got.items():
+        np.testing.assert_allclose(cam, expected[k % 2], atol=1e-5)
+
+
+def test_overlay_and_colour_map():
+    grey = np.linspace(0, 1, 64 * 80, dtype=np.float32).reshape(64, 80)
+    cam = np.zeros((16, 16), np.float32)
+    cam[:8, :8] = 1
+    out = overlay(grey, cam, 0.5)
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    plain = overlay(grey, cam, 0.0)  # no map: the grey image itself
+    assert np.abs(plain[..., 0].astype(int) - plain[..., 2]).max() <= 1
+    assert colour_map(cam).shape == (16, 16, 3)
+
+
+def test_mask_scores_edge_cases():
+    cam = np.zeros((32, 32), np.float32)
+    cam[28, 28] = 1
+    mask = np.zeros((32, 32), bool)
+    mask[2:8, 2:8] = True
+    assert mask_scores(cam, mask) == {"pointing_hit": False, "energy_in_mask": 0.0}
+    assert mask_scores(cam, np.zeros((32, 32))) == {"pointing_hit": None, "energy_in_mask": None}
+    # A peak just off the mask's edge counts as a hit within the tolerance.
+    cam2 = np.zeros((100, 100), np.float32)
+    cam2[50, 62] = 1
+    m2 = np.zeros((100, 100), bool)
+    m2[40:60, 40:60] = True
+    assert mask_scores(cam2, m2)["pointing_hit"] is True
+    assert mask_scores(cam2, m2, tolerance=0.0)["pointing_hit"] is False
+
+
+def test_mask_to_input_follows_the_head_crop():
+    grey = np.zeros((200, 300), np.float32)
+    grey[40:160, 60:240] = 0.8  # the 'head'
+    mask = np.zeros_like(grey, bool)
+    mask[60:100, 80:120] = True
+    m = mask_to_input(grey, mask, {"size": 64, "crop": "head"})
+    assert m.shape == (64, 64) and m.any()
+    ys, xs = np.nonzero(m)
+    assert xs.mean() < 32  # the lesion sits in the left part of the head
+
+
+@pytest.mark.skipif(not (DATA / "lgg-flair").is_dir(), reason="shared LGG data not present")
+def test_real_lgg_mask_runs_end_to_end():
+    masks = sorted((DATA / "lgg-flair" / "masks").glob("*.png"))
+    pair = next(((DATA / "lgg-flair" / "glioma" / f"{m.stem}.jpg", m) for m in masks
+                 if (DATA / "lgg-flair" / "glioma" / f"{m.stem}.jpg").is_file()), None)
+    if pair is None:
+        pytest.skip("no image/mask pair found")
+    scan = read_scan(pair[0])
+    mask = np.asarray(read_scan(pair[1]).pixels) > 0.5
+    torch.manual_seed(0)
+    spec = {"size": 64, "crop": "head", "mean": 0.2, "std": 0.25}
+    p = Stub(create_model("simple_cnn", 4), spec)
+    cam = saliency_map(p, scan, "gradcam")
+    s = mask_scores(cam, mask_to_input(scan.pixels, mask, spec))
+    if mask.any():
+        assert isinstance(s["pointing_hit"], bool) and 0 <= s["energy_in_mask"] <= 1

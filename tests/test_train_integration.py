@@ -1,0 +1,176 @@
+"""train.py end to end: checkpoint resume on generated data; a short run on the shared data
+followed by `python -m core evaluate` and `predict --json` on what it wrote."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import core.data as D
+import core.engine as E
+from core.cli import main as cli_main
+from core.labels import normalise_label
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data"
+C4 = ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "_cache" / "phash.json"
+    monkeypatch.setattr(D, "HASH_CACHE", cache)
+    monkeypatch.setattr(E, "HASH_CACHE", cache)
+    monkeypatch.setenv("BT_CACHE", str(cache.parent))
+    return cache
+
+
+def run_train(args, cache_dir, timeout=600):
+    env = {**os.environ, "BT_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "train.py", *map(str, args), "--no-progress"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"train.py failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def make_dataset(root: Path, per_class=10):
+    for ci, c in enumerate(C4):
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            rng = np.random.default_rng(1000 * ci + k)
+            coarse = Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8))
+            coarse.resize((64, 64), Image.BICUBIC).save(root / c / f"{c}_{k}.png")
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32,
+              "--batch-size", 8, "--workers", 1, "--seed", 0]
+    log1 = run_train([*common, "--epochs", 2], cache)
+    assert "epoch 2/2" in log1
+    hist1 = json.loads((out / "history.json").read_text())
+    split1 = json.loads((out / "split.json").read_text())["files"]
+    ck1 = E.load_checkpoint(out / "checkpoint.pt")   # weights_only=True
+    assert [h["epoch"] for h in hist1] == [1, 2] and ck1["epoch"] == 1
+    card1 = json.loads((out / "card.json").read_text())
+    assert card1["training"]["epochs_run"] == 2
+
+    assert not (out / "best.pt").exists()          # a finished run keeps only what it ships
+    from safetensors.torch import load_file
+    shipped1 = load_file(out / "model.safetensors")
+    # Make sure the resumed epoch does not beat the best so far, so that the run has to fall
+    # back on the best weights of the first run (the path where best.pt is gone).
+    E.save_checkpoint(out / "checkpoint.pt", **{**ck1, "best": float("-inf")})
+
+    log2 = run_train([*common, "--epochs", 3, "--resume"], cache)
+    assert "resumed from epoch 2" in log2
+    assert "epoch 3/3" in log2 and "epoch 1/3" not in log2 and "epoch 2/3" not in log2
+    hist2 = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist2] == [1, 2, 3]
+    assert hist2[:2] == hist1                       # the first two epochs were not re-run
+    assert hist2[2]["train"]["time_s"] > 0 and np.isfinite(hist2[2]["train"]["loss"])
+    ck2 = E.load_checkpoint(out / "checkpoint.pt")
+    assert ck2["epoch"] == 2 and ck2["history"] == hist2
+    # Epoch 3 trained the checkpointed model further (it did not start from scratch).
+    moved = [k for k in ck1["model"] if not torch.equal(ck1["model"][k], ck2["model"][k])]
+    assert moved
+    assert ck2["optimizer"]["state"][0]["step"] > ck1["optimizer"]["state"][0]["step"]
+    assert json.loads((out / "split.json").read_text())["files"] == split1
+    card2 = json.loads((out / "card.json").read_text())
+    assert card2["training"]["epochs_run"] == 3 and card2["classes"] == C4
+    # No epoch improved on the (forced) best: the shipped weights are still the first run's.
+    shipped2 = load_file(out / "model.safetensors")
+    assert shipped2.keys() == shipped1.keys()
+    assert all(torch.equal(shipped1[k], shipped2[k]) for k in shipped1)
+
+
+# ----------------------------------------------------------------------------- real data
+def link_dir(dst: Path, picks: dict[str, list[Path]]) -> Path:
+    for cls, files in picks.items():
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (dst / cls / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.mark.skipif(not (DATA / "brain-tumor-mri" / "Training").is_dir()
+                    or not (DATA / "br35h").is_dir(), reason="shared data not present")
+def test_short_run_on_shared_data_then_evaluate_and_predict(tmp_path, capsys):
+    bench, br35h = DATA / "brain-tumor-mri" / "Training", DATA / "br35h"
+    out, cache = tmp_path / "model", tmp_path / "cache"
+    log = run_train(["--data", bench, "--data", br35h, "--limit", 40, "--epochs", 1, "--img", 48,
+                     "--batch-size", 16, "--workers", 1, "--out", out], cache)
+    assert "80 images from 2 source(s)" in log
+    card = json.loads((out / "card.json").read_text())
+    assert card["classes"] == C4                       # br35h 'yes' trains the fine classes
+    assert {s["name"] for s in card["sources"]} == {"brain-tumor-mri", "br35h"}
+    assert card["input"]["size"] == 48 and card["preprocessing"]["size"] == 48
+    assert sum(card["split"]["sizes"].values()) == 80
+    split = json.loads((out / "split.json").read_text())["files"]
+    assert set(split) == {"brain-tumor-mri", "br35h"}
+    for src, root in (("brain-tumor-mri", bench), ("br35h", br35h)):
+        for rels in split[src].values():
+            assert all((root / r).is_file() for r in rels)
+    eval_json = json.loads((out / "eval.json").read_text())
+    assert eval_json["n"] == card["split"]["sizes"]["test"]
+
+    # evaluate: a small class-per-folder directory of benchmark files (symlinks, no copies).
+    picks = {c: sorted((bench / c).glob("*.jpg"))[:3] for c in C4}
+    ev_dir = link_dir(tmp_path / "eval4", picks)
+    ev_path = tmp_path / "ev4.json"
+    assert cli_main(["evaluate", str(ev_dir), "--weights", str(out), "--json", str(ev_path)]) == 0
+    ev = json.loads(ev_path.read_text())
+    assert {"classes", "n", "accuracy", "macro_f1", "per_class", "confusion", "tumour_missed",
+            "normal_flagged", "predictions"} <= set(ev)
+    assert ev["classes"] == C4 and ev["n"] == 12
+    for c in C4:
+        assert set(ev["per_class"][c]) == {"precision", "recall", "f1", "specificity", "support"}
+        assert ev["per_class"][c]["support"] == 3
+    assert np.array(ev["confusion"]).sum() == 12 and np.array(ev["confusion"]).sum(1).tolist() == [3] * 4
+    preds = ev["predictions"]
+    assert {p["file"] for p in preds} == {f"{c}/{f.name}" for c, fs in picks.items() for f in fs}
+    for p in preds:
+        assert {"file", "label", "pred", "probs"} <= set(p)
+        assert p["label"] == normalise_label(p["file"].split("/")[0])
+        assert p["pred"] in C4 and sum(p["probs"].values()) == pytest.approx(1, abs=1e-4)
+    # The summary numbers agree with the per-image records.
+    assert ev["accuracy"] == pytest.approx(np.mean([p["pred"] == p["label"] for p in preds]))
+    assert ev["tumour_missed"] == sum(p["label"] != "notumor" and p["pred"] == "notumor" for p in preds)
+    assert ev["normal_flagged"] == sum(p["label"] == "notumor" and p["pred"] != "notumor" for p in preds)
+
+    # A yes/no folder against the 4-class model: tumour vs no tumour.
+    yn = link_dir(tmp_path / "yesno", {"yes": sorted((br35h / "yes").glob("*"))[:4],
+                                        "no": sorted((br35h / "no").glob("*"))[:3]})
+    yn_path = tmp_path / "evyn.json"
+    assert cli_main(["evaluate", str(yn), "--weights", str(out), "--json", str(yn_path)]) == 0
+    evyn = json.loads(yn_path.read_text())
+    assert evyn["n"] == 7 and evyn["n_tumour"] == 4 and evyn["n_normal"] == 3
+    assert {p["label"] for p in evyn["predictions"]} == {"tumor", "notumor"}
+    assert evyn["tumour_missed"] == sum(p["label"] == "tumor" and p["pred"] == "notumor"
+                                        for p in evyn["predictions"])
+    capsys.readouterr()
+
+    # predict --json: one line per file, a bad file gives ok:false and exit code 1.
+    files = [picks["glioma"][0], picks["notumor"][0]]
+    assert cli_main(["predict", "--json", "--weights", str(out), *map(str, files)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["file"] for x in lines] == [str(f) for f in files]
+    for x in lines:
+        assert x["ok"] is True and x["pred"] in C4
+        assert x["tumour_probability"] == pytest.approx(
+            sum(x["probs"][c] for c in C4[:3]), abs=1e-5)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    assert cli_main(["predict", "--json", "--weights", str(out), str(files[0]), str(bad)]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0]["ok"] is True and lines[1] == {"file": str(bad), "ok": False,
+                                                    "error": lines[1]["error"]}
+    assert lines[1]["error"]
