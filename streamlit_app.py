@@ -55,11 +55,11 @@ def sidebar() -> None:
                      _threshold_rev=state.get("_threshold_rev", 0) + 1)
     widget = f"_threshold_widget_{state.get('_threshold_rev', 0)}"  # new key = fresh widget
     st.sidebar.slider("Operating point: flag a tumour when its probability is at least",
-                      0.0, 1.0, value=float(state["threshold"]), step=0.01, key=widget,
+                      0.0, 1.0, value=float(state["threshold"]), step=0.001, format="%.3f", key=widget,
                       on_change=_keep, args=("threshold", widget),
                       help="Lower it to miss fewer tumours at the cost of more false alarms.")
     op = card.get("operating_point", {})
-    st.sidebar.caption(f"Card default {default:.2f}"
+    st.sidebar.caption(f"Card default {default:.3f}"
                        + (f", chosen for sensitivity >= {op['target_sensitivity']:.0%} on validation"
                           if op.get("target_sensitivity") else ""))
     st.sidebar.button("Reset to the card's value", on_click=state.update,
@@ -82,9 +82,9 @@ def home() -> None:
     pred = current_predictor()
     if pred is not None:
         card, m = pred.card, pred.card.get("metrics", {})
-        st.subheader(f"Loaded model: {pred.name}")
+        st.subheader(f"Loaded model: {pred.name} ({card.get('arch', '?')})")
         cols = st.columns(4)
-        cols[0].metric("Architecture", card.get("arch", "?"))
+        cols[0].metric("Test scans", m.get("n", "n/a"))
         cols[1].metric("Test accuracy", f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a")
         cols[2].metric("Macro F1", f"{m['macro_f1']:.3f}" if m.get("macro_f1") is not None else "n/a")
         cols[3].metric("Tumours missed (test)", m.get("tumour_missed", "n/a"))

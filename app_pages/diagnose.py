@@ -15,8 +15,9 @@ threshold = app.session_threshold(predictor)
 st.caption("Research demo, not a medical device: every result needs a clinician's review. "
            "Files are processed in memory and never stored.")
 
+# No type filter: scanner exports often have no extension; the reader goes by content.
 uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM, NIfTI or a zip",
-                           type=app.UPLOAD_TYPES, accept_multiple_files=True)
+                           accept_multiple_files=True)
 samples = app.sample_scans()
 picked = st.multiselect("...or try built-in sample scans (one per class, from the test split)",
                         list(samples))
@@ -65,7 +66,7 @@ def show(name: str, data, slice_index: int | None) -> dict:
             st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold), key=f"g-{key}")
             flagged = pred.tumour_probability >= threshold
             st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
-                       f"{threshold:.2f}: " + ("**tumour flagged**" if flagged else "not flagged"))
+                       f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
     app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index)
     return row
 

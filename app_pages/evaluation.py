@@ -64,7 +64,7 @@ c[3].metric("Tumours missed", ev.get("tumour_missed", "n/a"),
             help="Tumour scans predicted 'no tumour' at the sidebar's operating point")
 c[4].metric("Sensitivity", f"{ev['sensitivity']:.1%}" if ev.get("sensitivity") is not None else "n/a")
 c[5].metric("Specificity", f"{ev['specificity']:.1%}" if ev.get("specificity") is not None else "n/a")
-st.caption(f"All numbers at the operating point {threshold:.2f} (sidebar)." if threshold is not None
+st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if threshold is not None
            else "This model has no operating point: plain top-class predictions.")
 
 t1, t2, t3, t4 = st.tabs(["Confusion", "ROC and PR", "False negatives", "Calibration"])

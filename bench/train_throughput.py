@@ -64,20 +64,23 @@ def main(argv=None) -> int:
     train_one_epoch(model, images, masks, order[:args.warmup * args.batch_size], opt, sched,
                     spec, device, **kw)
     sync()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     stats = train_one_epoch(model, images, masks, order[args.warmup * args.batch_size:], opt,
                             sched, spec, device, **kw)
     sync()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = args.steps * args.batch_size
     result = {**meta, "arch": args.arch, "img": args.img, "device": args.device,
               "precision": args.precision, "batch_size": args.batch_size, "steps": args.steps,
               "warmup_steps": args.warmup, "parameters": count_parameters(model),
               "images_per_s": round(n / dt, 1), "ms_per_step": round(1000 * dt / args.steps, 1),
+              # CPU seconds the process used: on a shared machine, images per CPU-second times
+              # the cores is an estimate of what an idle machine would do (threads spin, so low).
+              "cpu_s": round(cpu, 2), "images_per_cpu_s": round(n / max(cpu, 1e-9), 1),
               "loss_finite": bool(torch.isfinite(torch.tensor(stats["loss"])))}
     print(f"{args.arch} @ {args.img}px, batch {args.batch_size}, {args.device}/{args.precision}: "
           f"{result['images_per_s']} images/s ({result['ms_per_step']} ms/step over {args.steps} steps, "
-          f"{args.warmup} warm-up steps excluded)")
+          f"{args.warmup} warm-up steps excluded; {result['images_per_cpu_s']} images per CPU-second)")
     print(json.dumps(result))
     return 0
 

@@ -5,6 +5,7 @@ Uploaded files stay in memory (bytes in the session); nothing here writes them t
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -25,8 +26,6 @@ from .reader import (VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volu
                      read_zip, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "gif", "dcm", "dicom",
-                "nii", "gz", "zip"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -54,8 +53,8 @@ def model_choices() -> list[Path]:
 def weights_stamp(weights_dir: str | Path) -> tuple[str, int, int]:
     """Cache key for a loaded model: path, mtime and size of its safetensors file."""
     f = Path(weights_dir).resolve() / "model.safetensors"
-    st = f.stat()
-    return str(f.parent), st.st_mtime_ns, st.st_size
+    info = f.stat()
+    return str(f.parent), info.st_mtime_ns, info.st_size
 
 
 def card_threshold(card: dict) -> float | None:
@@ -97,8 +96,14 @@ def sources_of(records: list[dict]) -> list[str]:
 
 
 def load_eval(weights_dir: str | Path) -> dict | None:
+    """The model's eval.json (parsed once per file version; callers must not modify it)."""
     f = Path(weights_dir) / "eval.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    return _read_json(str(f.resolve()), f.stat().st_mtime_ns) if f.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_json(path: str, mtime_ns: int):
+    return json.loads(Path(path).read_text())
 
 
 def load_history(weights_dir: str | Path) -> list[dict] | None:
@@ -220,6 +225,8 @@ def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
                             "in_distribution": p.in_distribution, "ood_score": p.ood_score})
         except ScanError as e:
             errors.append({"file": name, "error": str(e)})
+        except Exception as e:  # one broken file never stops the evaluation
+            errors.append({"file": name, "error": f"The file could not be processed ({type(e).__name__})."})
         if progress:
             progress((k + 1) / max(1, len(items)))
     if not records:
@@ -302,7 +309,7 @@ def _cache(name: str, size: int) -> LRU:
 
 def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
                 slice_index: int | None = None) -> ScanImage:
-    return _cache("_scans", 64).get_or((key, slice_index),
+    return _cache("_scans", 16).get_or((key, slice_index),
                                        lambda: read_upload(data, name, slice_index))
 
 
@@ -358,7 +365,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
             st.error(f"The saliency map could not be computed: {e}")
             return
         base = display_image(scan, predictor.spec)
-        a, b = st.columns(2)
+        a, b, _ = st.columns([2, 2, 1])
         a.image(overlay(base, cam, opacity), caption=f"{method} for '{target}' over the model input",
                 width="stretch")
         b.image(colour_map(cam), caption="map alone (red = most weight)", width="stretch")

@@ -125,7 +125,7 @@ def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
                     name="normal scans flagged (false-alarm rate)", line=dict(color=PALETTE[0]))
     if threshold is not None:
         fig.add_vline(x=threshold, line=dict(color="black", dash="dash"),
-                      annotation_text=f"operating point {threshold:.2f}")
+                      annotation_text=f"operating point {threshold:.3f}")
     fig.update_xaxes(title="threshold on the tumour probability", range=[0, 1])
     fig.update_yaxes(title="rate", range=[0, 1.02], tickformat=".0%")
     return _layout(fig, "False negatives against the operating point", height=360,

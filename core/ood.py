@@ -84,26 +84,22 @@ def from_scans(scans: list[ScanImage], main_spec: dict | None = None, groups: li
                     main, groups or [])
 
 
-def _read_one(args) -> tuple[np.ndarray, np.ndarray | None, float]:
-    path, main_spec = args
+def _read_one(args) -> tuple[np.ndarray, float]:
+    path, spec = args
     from .reader import read_scan
     scan = read_scan(path)
-    main = _to_u8(prepare(scan.pixels, main_spec)) if main_spec else None
-    return prepare_small(scan.pixels), main, scan.colourfulness
+    return _to_u8(prepare(scan.pixels, spec)), scan.colourfulness
 
 
-def load_files(paths: list[str], main_spec: dict | None, groups: list[str] | None = None,
-               workers: int = 2) -> ImageSet:
-    """Read and prepare files once (both sizes and colourfulness), cached on disk by path list."""
+def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N x 1 x S x S, colourfulness) for files at one spec, cached on disk by path list."""
     from .data import HASH_CACHE
-    spec_key = repr(sorted(main_spec.items())) if main_spec else "-"
-    key = hashlib.sha1(("|".join(paths) + spec_key + repr(sorted(GATE_SPEC.items()))).encode()).hexdigest()[:16]
+    key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items()))).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-{key}.npz"
     if cache.exists():
         z = np.load(cache)
-        main = torch.from_numpy(z["main"]) if "main" in z else None
-        return ImageSet(torch.from_numpy(z["small"]), z["colour"], main, groups or [])
-    jobs = [(p, main_spec) for p in paths]
+        return z["main" if "main" in z else "small"], z["colour"]
+    jobs = [(p, spec) for p in paths]
     if workers > 1 and len(jobs) > 100:
         # spawn, not fork: a forked child of a process whose torch thread pool already ran
         # (a loaded classifier) can hang forever in its first parallel op.
@@ -112,15 +108,60 @@ def load_files(paths: list[str], main_spec: dict | None, groups: list[str] | Non
             out = list(ex.map(_read_one, jobs, chunksize=32))
     else:
         out = [_read_one(j) for j in jobs]
-    small = np.stack([o[0] for o in out])[:, None]
-    colour = np.array([o[2] for o in out], np.float32)
-    arrays = {"small": small, "colour": colour}
-    if main_spec:
-        arrays["main"] = np.stack([o[1] for o in out])[:, None]
+    imgs, colour = np.stack([o[0] for o in out])[:, None], np.array([o[1] for o in out], np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **arrays)
-    return ImageSet(torch.from_numpy(small), colour,
-                    torch.from_numpy(arrays["main"]) if main_spec else None, groups or [])
+    np.savez(cache, small=imgs, colour=colour)
+    return imgs, colour
+
+
+def load_files(paths: list[str], main_spec: dict | None, groups: list[str] | None = None,
+               workers: int = 2, known: "TrainingCache | None" = None) -> ImageSet:
+    """Read and prepare files for the gate network and, with ``main_spec``, for the classifier
+    (taken from the classifier's own training cache when ``known`` holds every file)."""
+    small, colour = _prepare_files(paths, GATE_SPEC, "-", workers)
+    main = None
+    if main_spec:
+        main = known.take(paths) if known is not None else None
+        if main is None:
+            main = torch.from_numpy(_prepare_files(paths, main_spec, "main", workers)[0])
+    return ImageSet(torch.from_numpy(small), colour, main, groups or [])
+
+
+class TrainingCache:
+    """The classifier's training image cache (`engine.cache_images`), when it is still on disk.
+
+    train.py prepares every image of its sources once; reading those instead of decoding the
+    files again saves most of fit-ood's time on a busy CPU, and they are exactly what the
+    classifier was trained and validated on.
+    """
+
+    def __init__(self, array: np.ndarray, index: dict[str, int]):
+        self.array, self.index = array, index
+
+    @classmethod
+    def find(cls, sources: list[dict], spec: dict) -> "TrainingCache | None":
+        from . import data as D
+        samples = []
+        try:
+            for e in sources:
+                samples += D.discover(_resolve(e["path"]), e["name"]).samples
+        except (OSError, ValueError):
+            return None
+        # The key must match engine.cache_images exactly; any mismatch just means "not found".
+        key = hashlib.sha1(("|".join(s.path for s in samples) + repr(sorted(spec.items()))).encode())
+        path = D.HASH_CACHE.parent / f"images-{key.hexdigest()[:16]}.npy"
+        if not path.exists():
+            return None
+        arr = np.load(path, mmap_mode="r")
+        if len(arr) != len(samples) or arr.shape[-1] != spec["size"]:
+            return None
+        return cls(arr, {s.path: i for i, s in enumerate(samples)})
+
+    def take(self, paths: list[str]) -> torch.Tensor | None:
+        idx = [self.index.get(str(Path(p).resolve())) for p in paths]
+        if any(i is None for i in idx):
+            return None
+        return torch.from_numpy(np.ascontiguousarray(self.array[np.array(idx)]))
 
 
 # ----------------------------------------------------------------------------- the gate network
@@ -452,13 +493,15 @@ class OODGate:
     def fit(cls, pos: ImageSet, neg: ImageSet | None, val: dict[str, ImageSet], method: str = "cnn+colour",
             model: nn.Module | None = None, spec: dict | None = None, fpr: float = 0.02,
             epochs: int = 8, seed: int = 0, net: GateNet | None = None, caches: dict | None = None,
-            log=print) -> "OODGate":
+            feature_train: ImageSet | None = None, log=print) -> "OODGate":
         """Fit the components named in ``method`` (e.g. "cnn+mahalanobis+colour") and the threshold.
 
         ``pos``: training MRI; ``neg``: training outliers (for the network); ``val``: validation
         MRI per source, which sets the standardisation and the threshold. ``caches`` may hold
-        precomputed {"train"|source: {"feats", "logits"}} for the main model.
+        precomputed {"train"|source: {"feats", "logits"}} for the main model; ``feature_train``
+        is the training MRI for feature densities when not ``pos`` itself.
         """
+        feature_train = feature_train or pos
         parts = method.split("+")
         unknown = set(parts) - {"cnn", "colour", *MODEL_METHODS}
         if unknown:
@@ -477,9 +520,9 @@ class OODGate:
             return caches[key]
         density = None
         if "mahalanobis" in parts:
-            density = Mahalanobis.fit(cached("train", pos)["feats"], pos.groups)
+            density = Mahalanobis.fit(cached("train", feature_train)["feats"], feature_train.groups)
         elif "knn" in parts:
-            density = KNN.fit(cached("train", pos)["feats"], seed=seed)
+            density = KNN.fit(cached("train", feature_train)["feats"], seed=seed)
         gate = cls(method, [], 0.0, colour_limit, net if "cnn" in parts else None, density)
         names = [p for p in parts if p != "colour"]
         raw_val = {}
@@ -653,7 +696,8 @@ COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+co
 
 def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = None, method: str = "auto",
                          out: str | Path | None = None, split: str | Path | None = None, epochs: int = 8,
-                         n_train: int = 700, n_test: int = 200, seed: int = 0, log=print) -> dict:
+                         n_train: int = 700, n_test: int = 200, seed: int = 0,
+                         max_feature_train: int = 3000, log=print) -> dict:
     """Fit every compared method for one model, measure them, ship one: the ``fit-ood`` command."""
     from . import outliers as O
     weights = Path(weights)
@@ -663,9 +707,16 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     roots = source_roots(card, data_config)
     files = split_files(split or weights / "split.json", roots)
     t0 = time.time()
-    sets = {sp: {src: load_files(files[src][sp][0], spec, files[src][sp][1])
+    known = TrainingCache.find((card or {}).get("sources", []), spec) if spec else None
+    log(f"classifier's training image cache: {'found' if known else 'not found, reading the files'}")
+    sets = {sp: {src: load_files(files[src][sp][0], spec if sp != "train" else None, files[src][sp][1],
+                                 known=known)
                  for src in files if files[src].get(sp, ([], []))[0]} for sp in ("train", "val", "test")}
     pos = ImageSet.concat(list(sets["train"].values()))
+    feat_train = None
+    if spec is not None:  # feature densities need no more than a few thousand training slices
+        feat_train = _main_subset(pos, [p for s in sets["train"] for p in files[s]["train"][0]], spec,
+                                  max_feature_train, seed, known)
     log(f"MRI: train {len(pos)}, val {sum(map(len, sets['val'].values()))}, "
         f"test {sum(map(len, sets['test'].values()))} ({time.time() - t0:.0f} s)")
     rng = np.random.default_rng(seed)
@@ -682,7 +733,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     caches: dict = {}
     if model is not None:
         t0 = time.time()
-        for key, data in [("train", pos), *sets["val"].items(), *[(f"test/{s}", d) for s, d in sets["test"].items()],
+        for key, data in [("train", feat_train), *sets["val"].items(), *[(f"test/{s}", d) for s, d in sets["test"].items()],
                           *[(f"out/{c}", d) for c, d in test_out.items()]]:
             f, z = features_and_logits(model, data.main, spec)
             caches[key] = {"feats": f, "logits": z}
@@ -700,7 +751,8 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     gates, rows = {}, {}
     timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in test_mri[:15]]
     for m in methods:
-        gates[m] = OODGate.fit(pos, neg, sets["val"], m, model, spec, net=net, caches=caches, seed=seed, log=log)
+        gates[m] = OODGate.fit(pos, neg, sets["val"], m, model, spec, net=net, caches=caches, seed=seed,
+                               feature_train=feat_train, log=log)
         rows[m] = evaluate_gate(gates[m], sets["val"], sets["test"], test_out, caches, seen)
         rows[m]["check_ms"] = time_check(gates[m], timing_scans, model, spec)
     chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
@@ -735,6 +787,18 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     log(table)
     log(f"shipped: {chosen} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return report
+
+
+def _main_subset(pos: ImageSet, paths: list[str], spec: dict, n: int, seed: int,
+                 known: TrainingCache | None = None) -> ImageSet:
+    """Training MRI for the classifier's feature density: a seeded random subset of ``n`` slices
+    (every source in proportion), prepared at the classifier's size."""
+    idx = np.sort(np.random.default_rng(seed).permutation(len(pos))[:n])
+    sub = [paths[i] for i in idx]
+    main = known.take(sub) if known is not None else None
+    if main is None:
+        main = torch.from_numpy(_prepare_files(sub, spec, "main", 2)[0])
+    return ImageSet(pos.small[idx], pos.colour[idx], main, [pos.groups[i] for i in idx])
 
 
 def pick_method(rows: dict[str, dict], candidates: list[str], max_mri_pct: float = 3.0) -> str:

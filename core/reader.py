@@ -15,11 +15,13 @@ the wording of messages, so a scan with the wrong extension still reads.
   than `MAX_PIXELS` are refused from the header, before any pixel is decoded.
 * DICOM (pydicom): see `_read_dicom` for the transfer syntaxes and the display pipeline.
 * NIfTI-1/2 (.nii, .nii.gz; nibabel): see `_nifti_volume` for orientation and intensity.
+* Zips of scans: `read_zip` and `zip_to_labelled` (in memory, with zip-bomb limits; `core.archive`).
 
 Decisions:
 * Images smaller than `MIN_SIDE` pixels on a side are refused rather than upscaled: an 8 x 8
   thumbnail holds no anatomy and upscaling it would only give the model a blur to be confident
-  about. Images more elongated than `MAX_ASPECT` (a strip, a banner) are refused too.
+  about. Images more elongated than `MAX_ASPECT` (a strip, a banner) are refused too. None of
+  the 12,463 images of the shared training sources is affected by these limits or by `MAX_SIDE`.
 * Blank images (one value everywhere) are read, with ``info["blank"] = True``: the training
   sources hold such slices (31 all-black lgg-flair/notumor slices), so refusing them here would
   silently change the datasets; the app can warn on the flag instead.
@@ -402,8 +404,8 @@ def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
         except Exception:  # a broken LUT falls back to the window or percentiles below
             pass
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    if center is not None and width is not None and width >= 1:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+    if center is not None and width is not None and width >= (1 if function == "LINEAR" else 1e-9):
         if function == "SIGMOID":
             grey = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
         elif function == "LINEAR_EXACT":
@@ -438,7 +440,7 @@ def _dicom_grey(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
     return grey, 0.0, info
 
 
-def _dicom_header(data: bytes, name: str):
+def _dicom_header(data: bytes):
     force = sniff(data) != "dicom"  # no preamble: ask pydicom to try anyway
     ds = _dcmread(data, force=force)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -471,7 +473,7 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     return info
 
 
-def _read_dicom(data: bytes, name: str, options: dict) -> ScanImage:
+def _read_dicom(data: bytes, options: dict) -> ScanImage:
     """One frame of a DICOM file (default: the middle frame of a multi-frame file).
 
     Pipeline: decode -> Modality LUT (Rescale Slope/Intercept) -> VOI (Window Center/Width, VOI
@@ -484,7 +486,7 @@ def _read_dicom(data: bytes, name: str, options: dict) -> ScanImage:
     JPEG-LS (lossless, near-lossless) by pylibjpeg-libjpeg; JPEG 2000 (lossless, lossy) and
     HTJ2K by pylibjpeg-openjpeg. Others (JPEG XL, MPEG/H.264/HEVC video) give a clear message.
     """
-    ds, rows, cols, n_frames = _dicom_header(data, name)
+    ds, rows, cols, n_frames = _dicom_header(data)
     frame = _frame_index(options, n_frames, n_frames // 2)
     arr = _dicom_frame(ds, frame if n_frames > 1 else None)
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
@@ -494,8 +496,8 @@ def _read_dicom(data: bytes, name: str, options: dict) -> ScanImage:
     return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
 
 
-def _dicom_frames(data: bytes, name: str) -> tuple[list[np.ndarray], dict]:
-    ds, rows, cols, n_frames = _dicom_header(data, name)
+def _dicom_frames(data: bytes) -> tuple[list[np.ndarray], dict]:
+    ds, rows, cols, n_frames = _dicom_header(data)
     if rows * cols * n_frames > MAX_VOXELS:
         raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
     arr = _dicom_frame(ds, None)
@@ -705,7 +707,7 @@ def read_scan(src: str | Path | bytes, name: str | None = None, **options) -> Sc
     data = load_bytes(src)
     kind = sniff(data)
     if kind == "dicom":
-        return _read_dicom(data, name, options)
+        return _read_dicom(data, options)
     if kind in ("gzip", "nifti"):
         return _read_nifti(data, options)
     if kind in ("zip", "pdf"):
@@ -715,11 +717,12 @@ def read_scan(src: str | Path | bytes, name: str | None = None, **options) -> Sc
     except _NotAnImage:
         pass
     if _suffix(name) in (".dcm", ".dicom") or _looks_like_raw_dicom(data):
-        return _read_dicom(data, name, options)
+        return _read_dicom(data, options)
     raise _dispatch_error(data, name)
 
 
-def read_volume(src: str | Path | bytes, name: str | None = None, **options) -> tuple[list[np.ndarray], str, dict]:
+def read_volume(src: str | Path | bytes, name: str | None = None,
+                **options) -> tuple[list[np.ndarray], str, dict]:
     """Every slice of a scan: NIfTI axial slices, DICOM frames, or the one image; with kind and
     info. Slices come out exactly as `read_scan` gives them one at a time (same window)."""
     name = _source_name(src, name)
@@ -731,7 +734,7 @@ def read_volume(src: str | Path | bytes, name: str | None = None, **options) -> 
     if kind == "dicom" or (kind == "other" and (_suffix(name) in (".dcm", ".dicom")
                                                 or _looks_like_raw_dicom(data))):
         try:
-            frames, info = _dicom_frames(data, name)
+            frames, info = _dicom_frames(data)
             return frames, "dicom", info
         except ScanError:
             if kind == "dicom":

@@ -1,6 +1,7 @@
 """Reports a clinician can print and keep: a PDF with one page per scan, and the same as CSV.
 
-API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predict_many`):
+API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predict_many`, or
+``(name, bytes_or_path, {"slice_index": k})`` to report the slice or frame a volume was viewed at):
 
 - ``build_report(items, predictor, threshold=None, method="gradcam") -> bytes``: the PDF.
   A batch (more than one item) opens with a summary page; every scan then gets one page with the
@@ -184,8 +185,16 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
 
 def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
             method: str = "gradcam", keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
-    """`analyse_one` for every item, in order."""
-    return [analyse_one(n, s, predictor, threshold, method, keep_bytes, **read_kw) for n, s in items]
+    """`analyse_one` for every item, in order.
+
+    An item may carry its own reader options as a third element, e.g. ``(name, data,
+    {"slice_index": 7})``, so a report shows the slice each volume was viewed at.
+    """
+    out = []
+    for name, src, *own in items:
+        out.append(analyse_one(name, src, predictor, threshold, method, keep_bytes,
+                               **{**read_kw, **(own[0] if own and own[0] else {})}))
+    return out
 
 
 def method_label(method: str) -> str:
@@ -433,8 +442,9 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
         side = "at or above" if above else "below"
         pdf.multi_cell(0, 4, pdf.t(
             f"{side.capitalize()} the operating point {t:.3f} ({ctx.threshold_source}; "
-            f"black mark on the bar): read as {'tumour' if above else 'no tumour'}. The operating "
-            f"point was chosen on validation data to favour sensitivity."),
+            f"black mark on the bar): read as {'tumour' if above else 'no tumour'}."
+            + (" The operating point was chosen on validation data to favour sensitivity."
+               if ctx.threshold_source == "model card" else "")),
             new_x="LMARGIN", new_y="NEXT")
     else:
         pdf.set_xy(pdf.l_margin, y + 7)
@@ -687,7 +697,7 @@ def cmd_report(args) -> int:
     pdf = render_pdf(results, ReportContext.of(predictor, args.threshold, args.method))
     if not _write(args.out, pdf, "report"):
         return 2
-    print(f"wrote {args.out} ({len(results)} files, "
+    print(f"wrote {args.out} ({len(results)} file{'s' * (len(results) != 1)}, "
           f"{method_label(args.method)} saliency)")
     if args.csv:
         if not _write(args.csv, build_csv(results, predictor.classes), "CSV"):

@@ -43,7 +43,7 @@ def figure_titles(at: AppTest) -> str:
 
 def test_every_page_renders(app):
     assert not app.exception
-    assert "**not a medical device**" in texts(app) and "Loaded model: test-random" in texts(app)
+    assert "**not a medical device**" in texts(app) and "Loaded model: test-random (simple_cnn)" in texts(app)
     assert app.slider[0].value == 0.5  # the card's operating point
     for page in PAGES:
         app.switch_page(page).run()
@@ -122,7 +122,7 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     assert not app.exception
     titles = figure_titles(app)
     for title in ("Confusion matrix (counts)", "row-normalised", "False negatives against",
-                  "operating point 0.50", "ROC", "Precision-recall", "Reliability",
+                  "operating point 0.500", "ROC", "Precision-recall", "Reliability",
                   "Risk-coverage"):
         assert title in titles, title
     metrics = {m.label: m.value for m in app.metric}

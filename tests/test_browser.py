@@ -23,7 +23,7 @@ from conftest import DATA, REPO, make_weights
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 ARTIFACTS = REPO / "tests" / "artifacts"
-TIMEOUT_MS = 240_000  # a cold model load on a busy 2-core machine
+TIMEOUT_MS = 600_000  # generous: CI runners and this shared 2-core machine can be very busy
 
 
 def chromium_path() -> str | None:
@@ -117,14 +117,26 @@ def scan_to_upload() -> Path:
 
 
 def wait_for_app(page) -> None:
-    page.wait_for_selector("[data-testid='stApp']", timeout=TIMEOUT_MS)
-    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')",
-                           timeout=TIMEOUT_MS)  # the 'running' widget is gone: the run is done
+    """The script run is over (no 'running' widget) and every element is drawn (no skeleton)."""
+    page.wait_for_selector("[data-testid='stApp']")
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                           " && !document.querySelector('[data-testid=\"stSkeleton\"]')")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (independent of how busy the machine is)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_upload_predicts_and_every_page_looks_right(server, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    # Streamlit scrolls inside its main block, so a tall viewport is what a full screenshot takes.
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.set_default_timeout(TIMEOUT_MS)
     page.goto(f"{server['url']}/diagnose", timeout=TIMEOUT_MS)
     dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
                             "[data-testid='stFileUploadDropzone']").first
@@ -134,9 +146,10 @@ def test_upload_predicts_and_every_page_looks_right(server, browser):
         dropzone.click()
     chooser.value.set_files(str(scan))
     page.get_by_text("Prediction:").first.wait_for(timeout=TIMEOUT_MS)
+    first_prediction, cold_cpu = time.time() - server["started"], cpu_seconds(server["pid"])
     saliency = page.locator("[data-testid='stImage'] img").nth(1)  # overlay after the scan
     saliency.wait_for(timeout=TIMEOUT_MS)
-    cold_start = time.time() - server["started"]
+    with_saliency = time.time() - server["started"]
     assert page.get_by_text("over the model input").first.is_visible()
     assert page.locator("[data-testid='stImage'] img").count() >= 3
     wait_for_app(page)
@@ -146,13 +159,16 @@ def test_upload_predicts_and_every_page_looks_right(server, browser):
                        ("model_card", "5_model_card")):
         page.goto(f"{server['url']}/{path}", timeout=TIMEOUT_MS)
         wait_for_app(page)
-        page.wait_for_timeout(1500)  # plotly draws after the run ends
+        page.wait_for_timeout(2000)  # plotly draws after the run ends
         assert page.locator("[data-testid='stException']").count() == 0, name
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
     metrics = {"weights": server["weights"], "scan": scan.name,
                "server_healthy_s": round(server["healthy_s"], 2),
-               "cold_start_to_first_prediction_s": round(cold_start, 2),
+               "cold_start_to_first_prediction_s": round(first_prediction, 2),
+               "cold_start_to_saliency_s": round(with_saliency, 2),
+               "server_cpu_s_to_first_prediction": cold_cpu,
+               "load_average": os.getloadavg()[0],
                "server_peak_rss_mb": peak_rss_mb(server["pid"])}
     (ARTIFACTS / "browser_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics))

@@ -191,6 +191,17 @@ def test_threshold_moves_the_decision(binary):
     assert (high.pred, high.threshold) == ("notumor", 1.0)
 
 
+def test_an_item_can_name_the_slice_of_a_volume(four, tmp_path):
+    import nibabel as nib
+    vol = np.zeros((48, 48, 5), np.float32)
+    for k in range(5):
+        vol[8:40, 10:38, k] = 100 + 40 * k  # every slice holds a 'head'
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    data = (tmp_path / "v.nii.gz").read_bytes()
+    r = R.analyse([("v.nii.gz", data, {"slice_index": 3})], four)[0]
+    assert r.ok and "slice 3 of 5" in r.source
+
+
 def test_missing_saliency_keeps_the_prediction(four, monkeypatch):
     import core.saliency as S
 
