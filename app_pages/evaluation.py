@@ -73,7 +73,9 @@ with t1:
         a, b = st.columns(2)
         a.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
         b.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes, normalise=True), key="cmn")
-        st.dataframe(dash.per_class_table(ev), hide_index=True)
+        st.dataframe(dash.per_class_table(ev), hide_index=True, column_config={
+            k: st.column_config.NumberColumn(format="%.3f")
+            for k in ("precision", "recall", "f1", "specificity")})
     else:
         st.info("These labels name no model class (e.g. only 'tumour'/'no tumour'): see the "
                 "false-negative tab.")

@@ -110,8 +110,15 @@ def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int) -> tupl
         out = [_read_one(j) for j in jobs]
     imgs, colour = np.stack([o[0] for o in out])[:, None], np.array([o[1] for o in out], np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, small=imgs, colour=colour)
+    _save_npz(cache, small=imgs, colour=colour)
     return imgs, colour
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    """Atomic: several fit-ood runs may fill the same cache at once."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def load_files(paths: list[str], main_spec: dict | None, groups: list[str] | None = None,
@@ -624,7 +631,7 @@ def outlier_set(category: str, n: int, seed: int, main_spec: dict | None, mri_pa
     if data.main is not None:
         arrays["main"] = data.main.numpy()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **arrays)
+    _save_npz(cache, **arrays)
     return data
 
 

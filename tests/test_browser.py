@@ -116,11 +116,16 @@ def scan_to_upload() -> Path:
     return REPO / "assets" / "samples" / "glioma.jpg"
 
 
-def wait_for_app(page) -> None:
-    """The script run is over (no 'running' widget) and every element is drawn (no skeleton)."""
-    page.wait_for_selector("[data-testid='stApp']")
-    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                           " && !document.querySelector('[data-testid=\"stSkeleton\"]')")
+def wait_for_app(page, marker: str) -> None:
+    """The page shows ``marker``, its script run is over and every element is drawn.
+
+    Checked twice a second apart: the 'running' widget can appear a moment after the page.
+    """
+    page.get_by_text(marker).first.wait_for()
+    for _ in range(2):
+        page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                               " && !document.querySelector('[data-testid=\"stSkeleton\"]')")
+        page.wait_for_timeout(1000)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -147,21 +152,34 @@ def test_upload_predicts_and_every_page_looks_right(server, browser):
     chooser.value.set_files(str(scan))
     page.get_by_text("Prediction:").first.wait_for(timeout=TIMEOUT_MS)
     first_prediction, cold_cpu = time.time() - server["started"], cpu_seconds(server["pid"])
+    rss_at_first_prediction = peak_rss_mb(server["pid"])
     saliency = page.locator("[data-testid='stImage'] img").nth(1)  # overlay after the scan
     saliency.wait_for(timeout=TIMEOUT_MS)
     with_saliency = time.time() - server["started"]
     assert page.get_by_text("over the model input").first.is_visible()
     assert page.locator("[data-testid='stImage'] img").count() >= 3
-    wait_for_app(page)
+    wait_for_app(page, "map alone")
     page.screenshot(path=str(ARTIFACTS / "2_diagnose.png"), full_page=True)
 
-    for path, name in (("", "1_home"), ("evaluation", "3_evaluation"), ("training", "4_training"),
-                       ("model_card", "5_model_card")):
-        page.goto(f"{server['url']}/{path}", timeout=TIMEOUT_MS)
-        wait_for_app(page)
-        page.wait_for_timeout(2000)  # plotly draws after the run ends
+    # The other pages through the sidebar navigation, in the same session.
+    nav = page.get_by_test_id("stSidebarNav")
+    for link, marker, name in (("Home", "Pages", "1_home"),
+                               ("Evaluation", "Tumours missed", "3_evaluation"),
+                               ("Training", "Every model", "4_training"),
+                               ("Model card", "How it was made", "5_model_card")):
+        nav.get_by_text(link, exact=True).click()
+        wait_for_app(page, marker)
+        page.wait_for_timeout(1000)  # plotly draws after the run ends
         assert page.locator("[data-testid='stException']").count() == 0, name
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        if name == "3_evaluation":  # the false-negative analysis sits in its own tab
+            page.get_by_role("tab", name="False negatives").click()
+            page.get_by_text("Tumours missed here").first.wait_for()
+            wait_for_app(page, "Tumours missed here")
+            page.screenshot(path=str(ARTIFACTS / "3b_evaluation_false_negatives.png"), full_page=True)
+            page.get_by_role("tab", name="Calibration").click()
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(ARTIFACTS / "3c_evaluation_calibration.png"), full_page=True)
 
     metrics = {"weights": server["weights"], "scan": scan.name,
                "server_healthy_s": round(server["healthy_s"], 2),
@@ -169,6 +187,7 @@ def test_upload_predicts_and_every_page_looks_right(server, browser):
                "cold_start_to_saliency_s": round(with_saliency, 2),
                "server_cpu_s_to_first_prediction": cold_cpu,
                "load_average": os.getloadavg()[0],
-               "server_peak_rss_mb": peak_rss_mb(server["pid"])}
+               "server_peak_rss_mb_at_first_prediction": rss_at_first_prediction,
+               "server_peak_rss_mb_after_all_pages": peak_rss_mb(server["pid"])}
     (ARTIFACTS / "browser_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics))
