@@ -442,12 +442,13 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         kind = st.radio("Show", ["missed", "misclassified"], horizontal=True, key="gallery-kind",
                         format_func={"missed": "missed tumours",
                                      "misclassified": "every misclassified scan"}.get)
+        explain = st.radio("Grad-CAM for", ["pred", "label"], horizontal=True, key="gallery-explain",
+                           format_func={"pred": "the predicted class", "label": "the true class"}.get)
         sel = gallery_records(records, kind)
         if not sel:
             st.success("None at this operating point.")
             return
-        st.caption(f"{len(sel)} scans; the {min(limit, len(sel))} most confident mistakes first, "
-                   "each with Grad-CAM for the predicted class.")
+        st.caption(f"{len(sel)} scans; the {min(limit, len(sel))} most confident mistakes first.")
         cols, absent = st.columns(4), set()
         for k, r in enumerate(sel[:limit]):
             try:
@@ -459,7 +460,9 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 absent.add(r.get("source", "?"))
                 continue
             key = f"{r.get('source')}/{r['file']}"
-            cam = cached_saliency(predictor, scan, key, "Grad-CAM", r["pred"])
+            # A coarse label ('tumor') is no class of a 4-class model: explain the prediction.
+            target = r[explain] if r[explain] in predictor.classes else r["pred"]
+            cam = cached_saliency(predictor, scan, key, "Grad-CAM", target)
             tp = r.get("tumour_probability")
             cols[k % 4].image(overlay(display_image(scan, predictor.spec), cam, 0.4), width="stretch",
                               caption=f"{r['file']}: true {r['label']}, predicted {r['pred']}"

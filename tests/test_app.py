@@ -1,8 +1,6 @@
 """The Streamlit app through AppTest: every page, predictions, batches, the shared threshold.
 
-Runs on a random-init model made by conftest (no data, no training). Note on AppTest 1.67:
-after ``switch_page`` the entry script's sidebar is not in the element tree, so sidebar
-settings are made on the home page first; the app keeps them in plain session keys.
+Runs on a random-init model made by conftest (no data, no training).
 """
 from __future__ import annotations
 
@@ -44,7 +42,7 @@ def figure_titles(at: AppTest) -> str:
 def test_every_page_renders(app):
     assert not app.exception
     assert "**not a medical device**" in texts(app) and "Loaded model: test-random (simple_cnn)" in texts(app)
-    assert app.slider[0].value == 0.5  # the card's operating point
+    assert threshold_slider(app).value == 0.5  # the card's operating point
     for page in PAGES:
         app.switch_page(page).run()
         assert not app.exception, (page, [e.value for e in app.exception])
@@ -71,6 +69,32 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("t-"))).set_value("notumor").run()
     assert not app.exception and calls == [1]
     assert "EigenCAM for 'notumor'" in " ".join(c for im in app.image for c in im.captions)
+
+
+def test_out_of_distribution_is_not_presented_as_a_diagnosis(app, monkeypatch):
+    from dataclasses import replace
+    real = core.inference.Predictor.predict_scan
+    monkeypatch.setattr(core.inference.Predictor, "predict_scan", lambda self, scan: replace(
+        real(self, scan), in_distribution=False, uncertain=True, confidence=0.2))
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("notumor.jpg").run()
+    assert not app.exception and predictions(app) == []
+    warnings = " ".join(w.value for w in app.warning)
+    assert "Out of distribution" in warnings and "not a diagnosis" in warnings
+    assert "Uncertain, refer for review" in warnings
+
+
+def test_report_buttons_plug_in(app):
+    pytest.importorskip("fpdf")
+    from core import report
+    if not hasattr(report, "report_downloads_data"):
+        pytest.skip("core.report has no report_downloads_data yet")
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+    next(b for b in app.button if b.label.startswith("Prepare a PDF")).click().run()
+    assert not app.exception and not app.error
+    labels = [b.label for b in app.get("download_button")]
+    assert "Download the PDF report" in labels and "Download the CSV report" in labels
 
 
 def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
@@ -103,18 +127,24 @@ def test_zip_upload_is_unpacked_in_memory(app):
     assert any("b.txt" in e.value for e in app.error)
 
 
+def threshold_slider(at: AppTest):
+    return next(s for s in at.sidebar.slider if s.key.startswith("_threshold_widget"))
+
+
 def test_operating_point_is_shared_by_diagnose_and_evaluation(app):
-    app.slider[0].set_value(1.0).run()  # nothing reaches p(tumour) >= 1: every tumour missed
+    threshold_slider(app).set_value(1.0).run()  # nothing reaches p(tumour) >= 1: all missed
     app.switch_page("app_pages/evaluation.py").run()
-    missed = {m.label: m.value for m in app.metric}["Tumours missed"]
-    assert missed == "10"  # all 10 tumour records of the fixture's eval.json
+    assert {m.label: m.value for m in app.metric}["Tumours missed"] == "10"  # all 10 of them
     app.switch_page("app_pages/diagnose.py").run()
     app.multiselect[0].select("glioma.jpg").run()
     assert predictions(app) == ["### Prediction: **notumor**"]
-    app.switch_page("streamlit_app.py").run()
-    app.slider[0].set_value(0.0).run()  # everything flagged: nothing missed
+    threshold_slider(app).set_value(0.0).run()  # everything flagged: nothing missed
+    assert predictions(app) != ["### Prediction: **notumor**"]
     app.switch_page("app_pages/evaluation.py").run()
     assert {m.label: m.value for m in app.metric}["Tumours missed"] == "0"
+    assert threshold_slider(app).value == 0.0
+    app.sidebar.button[0].click().run()  # back to the card's operating point
+    assert threshold_slider(app).value == 0.5 and not app.exception
 
 
 def test_evaluation_shows_confusion_and_false_negative_analysis(app):
@@ -134,7 +164,13 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     app.selectbox[0].set_value("elsewhere").run()
     app.radio(key="gallery-kind").set_value("misclassified").run()
     assert not app.exception
-    assert "not on this machine" in texts(app) or "None at this operating point" in texts(app)
+    assert "not on this machine" in texts(app)
+    # Synthetic scans on disk: the gallery shows them with a map for the class asked for.
+    app.selectbox[0].set_value("synth").run()
+    app.radio(key="gallery-explain").set_value("label").run()
+    assert not app.exception
+    captions = " ".join(c for im in app.image for c in im.captions)
+    assert "true" in captions and "predicted" in captions
 
 
 def test_evaluation_on_an_uploaded_labelled_zip(app):
@@ -173,6 +209,9 @@ def test_nifti_upload_gets_a_slice_slider(app):
     assert len(predictions(app)) == 1
     slider.set_value(0).run()
     assert not app.exception
+    next(t for t in app.toggle if t.key.startswith("best-")).set_value(True).run()
+    assert not app.exception and "highest tumour probability" in texts(app)
+    assert len(predictions(app)) == 1
 
 
 def test_shipped_model_predicts_when_present(monkeypatch):

@@ -292,6 +292,35 @@ def test_cli_predicts_whole_corpus_in_order(weights_dir, tmp_path):
     assert not any(p.lower() in proc.stdout.lower() for p in PHI)
 
 
+def test_app_shows_every_corpus_outcome_in_one_batch(weights_dir, monkeypatch):
+    """The same corpus uploaded to the Diagnose page (AppTest): one clear error per bad file,
+    a prediction for every good one, and no exception for the batch."""
+    from streamlit.testing.v1 import AppTest
+    # A zip is a batch in the app (unpacked in memory, tested in test_app.py), not an error.
+    cases = [c for c in CORPUS if c.data is not None and len(c.data) < 8 * 2**20
+             and not c.name.endswith(".zip")]
+    monkeypatch.setenv("BT_WEIGHTS", str(weights_dir))
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=300).run()
+    at.switch_page("app_pages/diagnose.py").run()
+    at.file_uploader[0].set_value([(c.name, c.data, "application/octet-stream") for c in cases]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value for e in at.error]
+    for c in cases:
+        mine = [e for e in errors if c.name in e]
+        if c.expect == OK:
+            assert not mine, (c.name, mine)
+        else:
+            # the page shows "**name**: sentence"; the sentence is the reader's own
+            assert mine and re.search(c.expect, mine[0].split("**: ", 1)[-1]), (c.name, mine)
+    table = at.dataframe[0].value  # a big batch shows its results as one table
+    assert list(table["file"]) == [c.name for c in cases]
+    for c, pred, flags in zip(cases, table["prediction"], table["flags"]):
+        if c.expect == OK:
+            assert pred in ("glioma", "meningioma", "pituitary", "notumor"), (c.name, pred, flags)
+        else:
+            assert str(flags).startswith("error:"), (c.name, pred, flags)
+
+
 # ----------------------------------------------------------------------------- zips
 def test_zip_members_are_read_in_memory_and_unsafe_ones_refused():
     png = encode(grey8(), "PNG")

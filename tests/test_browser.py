@@ -191,3 +191,26 @@ def test_upload_predicts_and_every_page_looks_right(server, browser):
                "server_peak_rss_mb_after_all_pages": peak_rss_mb(server["pid"])}
     (ARTIFACTS / "browser_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics))
+
+
+def test_batch_upload_shows_table_and_per_file_error(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 3000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{server['url']}/diagnose")
+    dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
+                            "[data-testid='stFileUploadDropzone']").first
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    files = [REPO / "assets" / "samples" / "meningioma.jpg", broken]
+    dicom = DATA / "samples" / "sample_pituitary.dcm"
+    if dicom.is_file():
+        files.append(dicom)
+    with page.expect_file_chooser() as chooser:
+        dropzone.click()
+    chooser.value.set_files([str(f) for f in files])
+    page.get_by_text(f"{len(files)} files, {len(files) - 1} read").wait_for()
+    wait_for_app(page, "broken.jpg")
+    assert page.locator("[data-testid='stAlertContentError']").filter(has_text="broken.jpg").count() == 1
+    assert page.get_by_text("Prediction:").count() == len(files) - 1
+    assert page.locator("[data-testid='stDataFrame']").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "6_diagnose_batch.png"), full_page=True)
