@@ -7,6 +7,16 @@ from core.engine import set_nll
 from core.models import (count_parameters, create_model, list_models, penultimate,
                          register_model, saliency_layer)
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batches of two images gain nothing from a second thread, and on a busy 2-core machine
+    two OpenMP threads wait on each other for seconds per call."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 EXPECTED = {"simple_cnn", "cnn_bn", "resnet18", "resnet50", "efficientnet_b0", "vgg16",
             "mobilenet_v3_small", "mobilenet_v3_large"}
 
