@@ -704,15 +704,90 @@ COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+co
 def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = None, method: str = "auto",
                          out: str | Path | None = None, split: str | Path | None = None, epochs: int = 8,
                          n_train: int = 700, n_test: int = 200, seed: int = 0,
-                         max_feature_train: int = 3000, log=print) -> dict:
-    """Fit every compared method for one model, measure them, ship one: the ``fit-ood`` command."""
+                         max_feature_train: int = 3000, final: str = "seen", log=print) -> dict:
+    """Fit every compared method for one model, measure them, ship one: the ``fit-ood`` command.
+
+    ``final="seen"`` ships the gate exactly as measured (trained on the SEEN categories only);
+    ``final="all"`` ships the chosen method retrained on every category, and measures how each
+    category is caught when held out by a second fold trained on the UNSEEN half only.
+    """
     from . import outliers as O
     weights = Path(weights)
     out = Path(out) if out else weights
     card = json.loads((weights / "card.json").read_text()) if (weights / "card.json").exists() else None
     model, spec = _load_classifier(weights, card)
-    roots = source_roots(card, data_config)
-    files = split_files(split or weights / "split.json", roots)
+    d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log)
+    seen, unseen = list(O.SEEN), list(O.UNSEEN)
+    t0 = time.time()
+    neg = ImageSet.concat([outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen])
+    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in seen + unseen}
+    log(f"outliers: {len(neg)} for training ({len(seen)} categories), "
+        f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
+    keyed = [*d["val"].items(), *[(f"test/{s}", x) for s, x in d["test"].items()],
+             *[(f"out/{c}", x) for c, x in test_out.items()]]
+    caches = _classifier_caches(model, spec, [("train", d["feat_train"]), *keyed], log)
+    t0 = time.time()
+    net = train_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log)
+    net_time = time.time() - t0
+    caches_a = _with_cnn(caches, net, keyed)
+    methods = [m for m in COMPARED if model is not None or not set(m.split("+")) & set(MODEL_METHODS)]
+    if method not in ("auto", *methods):
+        methods.append(method)
+    timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in d["test_mri"][:15]]
+
+    def fit_eval(m: str, n: GateNet, c: dict) -> tuple[OODGate, dict]:
+        g = OODGate.fit(d["pos"], None, d["val"], m, model, spec, net=n, caches=c, seed=seed,
+                        feature_train=d["feat_train"], log=log)
+        row = evaluate_gate(g, d["val"], d["test"], test_out, c, seen)
+        row["check_ms"] = time_check(g, timing_scans, model, spec)
+        return g, row
+    gates, rows = {}, {}
+    for m in methods:
+        gates[m], rows[m] = fit_eval(m, net, caches_a)
+    chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
+        if method == "auto" else method
+    gate, trained_on, held_out = gates[chosen], seen, None
+    if final == "all" and "cnn" in chosen.split("+"):
+        neg_b = ImageSet.concat([outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen])
+        net_b = train_gate_net(d["pos"], neg_b, epochs=epochs, seed=seed, log=log)
+        _, rows[f"{chosen} [fold B]"] = fit_eval(chosen, net_b, _with_cnn(caches, net_b, keyed))
+        net_all = train_gate_net(d["pos"], ImageSet.concat([neg, neg_b]), epochs=epochs, seed=seed, log=log)
+        gate, rows[f"{chosen} [all]"] = fit_eval(chosen, net_all, _with_cnn(caches, net_all, keyed))
+        held_out = held_out_estimate(rows[chosen], rows[f"{chosen} [fold B]"], seen, unseen)
+        trained_on = seen + unseen
+    shipped = f"{chosen} [all]" if held_out else chosen
+    table = markdown_table(rows, list(d["val"]), seen, unseen)
+    if held_out:
+        table += "\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it):\n" \
+                 + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items()) \
+                 + f"\nmean {held_out['mean_pct']}, worst {held_out['min_pct']}"
+    counts = {"train_mri": {s: len(x) for s, x in d["sets"]["train"].items()},
+              "val_mri": {s: len(x) for s, x in d["val"].items()},
+              "test_mri": {s: len(x) for s, x in d["test"].items()},
+              "train_outliers_per_category": n_train, "test_outliers_per_category": n_test}
+    gate.info = _card_info(rows[shipped], trained_on, [c for c in seen + unseen if c not in trained_on],
+                           counts, epochs, seed, net_time, held_out)
+    path = gate.save(out)
+    report = {"weights": str(weights), "chosen": chosen, "shipped": shipped, "methods": rows,
+              "seen_categories": seen, "unseen_categories": unseen, "held_out_estimate": held_out,
+              "counts": counts, "table_markdown": table, "gate_file_bytes": path.stat().st_size,
+              "note": "'seen'/'UNSEEN' refer to the comparison fold (A): its gates trained on the seen "
+                      "categories only and are tested on fresh draws of them (photo: new crops of the "
+                      "training photos; MRI-derived: test-split slices) and on unseen categories never "
+                      "shown to them ('photo_unseen' are different photos). '[fold B]' trained on the "
+                      "UNSEEN categories only; '[all]' on every category (its category rates are not "
+                      "held out). Test MRI is never trained on."}
+    (out / "ood_eval.json").write_text(json.dumps(report, indent=1))
+    log(table)
+    log(f"shipped: {shipped} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return report
+
+
+def _load_mri(card: dict | None, data_config, split_file, spec: dict | None, max_feature_train: int,
+              seed: int, log) -> dict:
+    """Train/val/test MRI per source (64 px for the network, the classifier's size for val/test),
+    a training subset at the classifier's size for densities, and slices to derive outliers from."""
+    files = split_files(split_file, source_roots(card, data_config))
     t0 = time.time()
     known = TrainingCache.find((card or {}).get("sources", []), spec) if spec else None
     log(f"classifier's training image cache: {'found' if known else 'not found, reading the files'}")
@@ -727,73 +802,61 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     log(f"MRI: train {len(pos)}, val {sum(map(len, sets['val'].values()))}, "
         f"test {sum(map(len, sets['test'].values()))} ({time.time() - t0:.0f} s)")
     rng = np.random.default_rng(seed)
-    train_mri = [p for s in files for p in files[s].get("train", ([], []))[0]]
-    test_mri = [p for s in files for p in files[s].get("test", ([], []))[0]]
-    train_mri = sorted(rng.choice(train_mri, min(400, len(train_mri)), replace=False).tolist())
-    test_mri = sorted(rng.choice(test_mri, min(400, len(test_mri)), replace=False).tolist())
-    seen, unseen = list(O.SEEN), list(O.UNSEEN)
+    pick = {}
+    for sp in ("train", "test"):
+        paths = [p for s in files for p in files[s].get(sp, ([], []))[0]]
+        pick[sp] = sorted(rng.choice(paths, min(400, len(paths)), replace=False).tolist())
+    return {"sets": sets, "val": sets["val"], "test": sets["test"], "pos": pos, "feat_train": feat_train,
+            "train_mri": pick["train"], "test_mri": pick["test"]}
+
+
+def _classifier_caches(model, spec, keyed: list[tuple[str, ImageSet]], log) -> dict:
+    """Features and logits of the classifier for every set, computed once for all methods."""
+    if model is None:
+        return {}
     t0 = time.time()
-    neg = ImageSet.concat([outlier_set(c, n_train, seed, None, train_mri) for c in seen])
-    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, test_mri) for c in seen + unseen}
-    log(f"outliers: {len(neg)} for training ({len(seen)} categories), "
-        f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
-    caches: dict = {}
-    if model is not None:
-        t0 = time.time()
-        for key, data in [("train", feat_train), *sets["val"].items(), *[(f"test/{s}", d) for s, d in sets["test"].items()],
-                          *[(f"out/{c}", d) for c, d in test_out.items()]]:
-            f, z = features_and_logits(model, data.main, spec)
-            caches[key] = {"feats": f, "logits": z}
-        log(f"classifier features for {sum(len(c['feats']) for c in caches.values())} images "
-            f"({time.time() - t0:.0f} s)")
-    t0 = time.time()
-    net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log)
-    net_time = time.time() - t0
-    for key, data in [*sets["val"].items(), *[(f"test/{s}", d) for s, d in sets["test"].items()],
-                      *[(f"out/{c}", d) for c, d in test_out.items()]]:
-        caches.setdefault(key, {})["cnn"] = net_scores(net, data.small)   # one network for all gates
-    methods = [m for m in COMPARED if model is not None or not set(m.split("+")) & set(MODEL_METHODS)]
-    if method not in ("auto", *methods):
-        methods.append(method)
-    gates, rows = {}, {}
-    timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in test_mri[:15]]
-    for m in methods:
-        gates[m] = OODGate.fit(pos, neg, sets["val"], m, model, spec, net=net, caches=caches, seed=seed,
-                               feature_train=feat_train, log=log)
-        rows[m] = evaluate_gate(gates[m], sets["val"], sets["test"], test_out, caches, seen)
-        rows[m]["check_ms"] = time_check(gates[m], timing_scans, model, spec)
-    chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
-        if method == "auto" else method
-    gate = gates[chosen]
-    sources = list(sets["val"])
-    table = markdown_table(rows, sources, seen, unseen)
-    counts = {"train_mri": {s: len(d) for s, d in sets["train"].items()},
-              "val_mri": {s: len(d) for s, d in sets["val"].items()},
-              "test_mri": {s: len(d) for s, d in sets["test"].items()},
-              "train_outliers_per_category": n_train, "test_outliers_per_category": n_test}
-    gate.info = {
+    caches = {}
+    for key, data in keyed:
+        f, z = features_and_logits(model, data.main, spec)
+        caches[key] = {"feats": f, "logits": z}
+    log(f"classifier features for {sum(len(c['feats']) for c in caches.values())} images "
+        f"({time.time() - t0:.0f} s)")
+    return caches
+
+
+def _with_cnn(caches: dict, net: GateNet, keyed: list[tuple[str, ImageSet]]) -> dict:
+    """A copy of ``caches`` with this network's scores for every set."""
+    out = {k: dict(v) for k, v in caches.items()}
+    for key, data in keyed:
+        out.setdefault(key, {})["cnn"] = net_scores(net, data.small)
+    return out
+
+
+def held_out_estimate(row_a: dict, row_b: dict, seen: list[str], unseen: list[str]) -> dict:
+    """Each category's rate from the fold that never trained on it (A held out UNSEEN, B held out seen)."""
+    per = {c: (row_b if c in seen else row_a)["outliers_flagged_pct"][c] for c in seen + unseen}
+    return {"per_category": per, "mean_pct": round(float(np.mean(list(per.values()))), 2),
+            "min_pct": min(per.values())}
+
+
+def _card_info(row: dict, trained_on: list[str], held_out_cats: list[str], counts: dict, epochs: int,
+               seed: int, net_time: float, held_out: dict | None) -> dict:
+    from . import outliers as O
+    return {
         "trained_on": {"positives": "train-split MRI of every source in split.json",
-                       "negatives_seen_categories": seen, "held_out_categories": unseen,
+                       "negative_categories": trained_on, "held_out_categories": held_out_cats,
                        "photos_train": list(O.PHOTOS_TRAIN), "photos_test": list(O.PHOTOS_TEST),
                        "counts": counts, "epochs": epochs, "seed": seed,
                        "net_train_time_s": round(net_time, 1)},
         "threshold_rule": "ood_score = max standardised component score - threshold; the threshold "
                           "flags at most 2% of each source's validation MRI; colour above colour_limit "
                           "is always flagged; ood_score > 0 means out of distribution",
-        "measured": {k: rows[chosen][k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct",
-                                                  "outliers_flagged_pct", "seen_mean_pct",
-                                                  "unseen_mean_pct", "unseen_min_pct", "check_ms")}}
-    path = gate.save(out)
-    report = {"weights": str(weights), "chosen": chosen, "methods": rows, "seen_categories": seen,
-              "unseen_categories": unseen, "counts": counts, "table_markdown": table,
-              "gate_file_bytes": path.stat().st_size,
-              "note": "seen categories are tested on fresh draws (photo: new crops of the training "
-                      "photos; MRI-derived: test-split slices); unseen categories were never shown to "
-                      "any gate; 'photo_unseen' are different photos."}
-    (out / "ood_eval.json").write_text(json.dumps(report, indent=1))
-    log(table)
-    log(f"shipped: {chosen} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    return report
+        "measured": {k: row[k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct",
+                                         "outliers_flagged_pct", "check_ms")},
+        "held_out_estimate": held_out or {"per_category": {c: row["outliers_flagged_pct"][c]
+                                                            for c in held_out_cats},
+                                          "mean_pct": row["unseen_mean_pct"], "min_pct": row["unseen_min_pct"]},
+    }
 
 
 def _main_subset(pos: ImageSet, paths: list[str], spec: dict, n: int, seed: int,
@@ -835,8 +898,8 @@ def _load_classifier(weights: Path, card: dict | None) -> tuple[nn.Module | None
 def cmd_fit_ood(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     rep = fit_gate_for_weights(args.weights, args.data_config, args.method, args.out, args.split,
-                               args.epochs, args.n_train, args.n_test, args.seed)
-    print(f"wrote ood.safetensors, card.json['ood'] and ood_eval.json (shipped method: {rep['chosen']})")
+                               args.epochs, args.n_train, args.n_test, args.seed, final=args.final)
+    print(f"wrote ood.safetensors, card.json['ood'] and ood_eval.json (shipped: {rep['shipped']})")
     return 0
 
 
@@ -854,4 +917,7 @@ def add_cli(sub) -> None:
     f.add_argument("--n-test", type=int, default=200, help="test outliers per category")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--final", choices=("seen", "all"), default="seen",
+                   help="ship the gate as measured (trained on the seen categories only), or retrained "
+                        "on every category, with a second fold estimating each category held out")
     f.set_defaults(fn=cmd_fit_ood)
