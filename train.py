@@ -31,6 +31,7 @@ from core.labels import label_targets, model_classes, tumour_classes
 from core.metrics import tumour_probability
 from core.models import count_parameters, create_model
 from core.preprocess import DEFAULT_SPEC
+from core.referral import ReferralRule, pick_referral
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--wd", type=float, default=0.05)
     p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--small-img", type=int, default=0,
+                   help="progressive resizing: train the first --small-img-epochs at this size")
+    p.add_argument("--small-img-epochs", type=int, default=0)
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength, 0 = none")
     p.add_argument("--skull-strip-p", type=float, default=0.2)
     p.add_argument("--crop", default="head", choices=["head", "none"])
@@ -228,15 +232,22 @@ def main(argv=None) -> int:
     train_time = sum(h["train"]["time_s"] for h in history)
     for epoch in range(start_epoch, args.epochs):
         gen.manual_seed(args.seed * 1000 + epoch)
+        small = bool(args.small_img) and epoch < args.small_img_epochs
+        size = args.small_img if small else None
+        if args.small_img and epoch == args.small_img_epochs:
+            # Losses at another resolution are not comparable: early stopping starts afresh.
+            best, bad = float("inf"), 0
         n_draw = steps_per_epoch * args.batch_size * world
         order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
         order = DD.shard(order, rank, world)  # same draw on every rank; each trains its share
         tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
-                               args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0)
+                               args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
+                               out_size=size)
         tr = DD.reduce_epoch_stats(tr, len(order), world, device)
         if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
-            va = E.evaluate_split(model, images[idx["val"]], masks[idx["val"]], spec, device, precision)
+            va = E.evaluate_split(model, images[idx["val"]], masks[idx["val"]], spec, device, precision,
+                                  out_size=size)
             train_time += tr["time_s"]
             history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
             print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
             if va["loss"] < best:
                 best, bad = va["loss"], 0
                 torch.save(model.state_dict(), out / "best.pt")
-            else:
+            elif not small:  # the low-resolution warm-up never stops a run
                 bad += 1
             (out / "history.json").write_text(json.dumps(history, indent=1))
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
@@ -283,7 +294,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                      "val_sensitivity": float((t_prob[is_t] >= thr).mean()) if is_t.any() else None,
                      "val_specificity": float((t_prob[~is_t] < thr).mean()) if (~is_t).any() else None}
     threshold = operating.get("threshold")
-    uncertainty = pick_min_confidence(val_probs, val_samples, classes)
+    uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
               out / "model.safetensors")
@@ -291,7 +302,8 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     test_probs = torch.softmax(E.predict_logits(model, images[idx["test"]], spec, device,
                                                 precision=precision) / temperature, 1).numpy()
     records = prediction_records(test, test_probs, classes, threshold,
-                                 uncertainty.get("min_confidence", 0.0))
+                                 referral=ReferralRule.from_card({"classes": classes,
+                                                                  "uncertainty": uncertainty}))
     ev = evaluate_records(records, classes, threshold)
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
@@ -305,24 +317,6 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                                                                  "tumour_missed")}
                                      for k, v in ev.get("per_source", {}).items()},
                       "train_time_s": round(train_time)}, indent=1), flush=True)
-
-
-def pick_min_confidence(probs: np.ndarray, samples: list[D.Sample], classes: list[str],
-                        target_error: float = 0.005, max_referred: float = 0.10) -> dict:
-    """Lowest confidence below which predictions are referred, so that kept ones err <= target."""
-    fine = [i for i, s in enumerate(samples) if s.label in classes]
-    if not fine:
-        return {"min_confidence": 0.0}
-    conf = probs[fine].max(1)
-    correct = probs[fine].argmax(1) == np.array([classes.index(samples[i].label) for i in fine])
-    order = np.argsort(-conf)
-    cum_err = np.cumsum(~correct[order]) / np.arange(1, len(order) + 1)
-    min_keep = int(np.ceil((1 - max_referred) * len(order)))
-    ok = [k for k in range(min_keep - 1, len(order)) if cum_err[k] <= target_error]
-    k = max(ok) if ok else min_keep - 1
-    thr = float(conf[order][k]) if k < len(order) - 1 else 0.0
-    return {"min_confidence": thr, "target_error": target_error, "max_referred": max_referred,
-            "val_referred": float((conf < thr).mean()), "val_error_kept": float(cum_err[k])}
 
 
 def make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty, ev,
@@ -360,6 +354,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                                               "specificity", "tumour_missed", "ece")}
                                      for k, v in ev.get("per_source", {}).items()}},
         "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
+                     "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}
+                                     if args.small_img and args.small_img_epochs else None),
                      "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
                      "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
                      "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,

@@ -57,9 +57,14 @@ def show(name: str, data, slice_index: int | None) -> dict:
                        "was trained on, so its output is **not a diagnosis**.", icon=":material/block:")
         else:
             st.markdown(f"### Prediction: **{pred.pred}**")
+        probs = [pred.probs[c] for c in predictor.classes]
         if pred.uncertain:
-            st.warning(f"**Uncertain, refer for review**: confidence {pred.confidence:.0%} is "
-                       f"below {predictor.min_confidence:.0%}.", icon=":material/warning:")
+            st.warning("**Uncertain — refer for review**: "
+                       f"{predictor.referral.describe(probs, True, False)}.", icon=":material/warning:")
+        if pred.type_uncertain:
+            st.info("**Tumour — type uncertain**: "
+                    f"{predictor.referral.describe(probs, False, True)}. The tumour call stands; "
+                    "read the type as a suggestion.", icon=":material/help:")
         st.plotly_chart(probability_bar(pred.probs, pred.pred if pred.in_distribution else None),
                         key=f"p-{key}")
         if pred.tumour_probability is not None:
@@ -67,11 +72,15 @@ def show(name: str, data, slice_index: int | None) -> dict:
             flagged = pred.tumour_probability >= threshold
             st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
                        f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
-    app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index)
+    app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index,
+                       mask=masks.get(name))
     return row
 
 
-items = app.expand_uploads(files)
+items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif
+if masks:
+    st.caption(f"{len(masks)} tumour mask(s) paired with their scans (X_mask.* beside X.*): "
+               "outlined on the saliency maps, not predicted.")
 if len(items) == 1:
     results = [show(items[0][0], items[0][1], slice_choice(*items[0]))]
 elif len(items) <= DETAILED:

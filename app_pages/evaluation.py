@@ -53,8 +53,9 @@ else:
 sources = app.sources_of(records)
 source = st.selectbox("Source", [None, *sources], format_func=lambda s: s or "all sources") \
     if len(sources) > 1 else None
-ev = app.evaluation_at(records, classes, threshold, source)
-shown = app.records_at([r for r in records if source in (None, r.get("source"))], classes, threshold)
+ev = app.evaluation_at(records, classes, threshold, source, predictor.referral)
+shown = app.records_at([r for r in records if source in (None, r.get("source"))], classes, threshold,
+                       predictor.referral)
 
 c = st.columns(6)
 c[0].metric("Scans", ev["n"])
@@ -96,6 +97,12 @@ with t3:
     app.gallery(predictor, shown, blobs)
 with t4:
     a, b = st.columns(2)
+    a.metric("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0)} of {ev['n']}",
+             help="The tumour / no-tumour call is not confident (tumour probability inside the "
+                  "card's referral band; top-class confidence for older cards)")
+    b.metric("Tumour — type uncertain", f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}",
+             help="Called tumour, but the most likely type holds too little of the tumour "
+                  "probability (e.g. scans labelled only 'tumour')")
     if ev.get("reliability"):
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
     if ev.get("risk_coverage"):

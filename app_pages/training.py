@@ -2,7 +2,7 @@
 import streamlit as st
 
 from core import app_support as app
-from core.dashboard import history_figures, models_table
+from core.dashboard import history_figures, models_table, overlay_histories
 
 st.title("Training")
 predictor = app.current_predictor()
@@ -23,14 +23,24 @@ if predictor is not None:
         st.info(f"No history.json in {predictor.dir}.")
 
 st.subheader("Every model")
-cards = app.all_cards()
-if cards:
-    st.dataframe(models_table(cards), hide_index=True, column_config={
-        "accuracy": st.column_config.NumberColumn(format="%.3f"),
-        "macro F1": st.column_config.NumberColumn(format="%.3f"),
-        "sensitivity": st.column_config.NumberColumn(format="%.3f"),
-        "specificity": st.column_config.NumberColumn(format="%.3f")})
-    st.caption("Metrics from each card's held-out test split at its own operating point; "
-               "different cards may use different test data.")
+dirs = [str(d) for d in app.model_choices()]
+if dirs:
+    st.dataframe(models_table(dirs), hide_index=True, column_config={
+        c: st.column_config.NumberColumn(format="%.3f")
+        for c in ("accuracy", "benchmark accuracy", "macro F1", "ECE")})
+    st.caption("The rows of `python -m core compare weights/*`, from each card's held-out test split at "
+               "its own operating point; latency as recorded by `compare --record` (1 thread). Models "
+               "trained on other source mixes are tested on other images: compare the benchmark column.")
+
+    st.subheader("Learning curves side by side")
+    names = {app.load_card(d).get("name", d): d for d in dirs if app.load_history(d)}
+    pre = [n for n in names if n.startswith("cnn_bn")] or list(names)[:2]
+    chosen = st.multiselect("Runs", list(names), default=pre,
+                            help="e.g. cnn_bn_aug against cnn_bn_noaug: the augmentation study")
+    if chosen:
+        hist = {n: app.load_history(names[n]) for n in chosen}
+        a, b = st.columns(2)
+        a.plotly_chart(overlay_histories(hist, "acc"), key="cmp_acc")
+        b.plotly_chart(overlay_histories(hist, "loss"), key="cmp_loss")
 else:
     st.info("No trained models under weights/ yet.")

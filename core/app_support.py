@@ -22,6 +22,7 @@ from .inference import (ROOT, Prediction, Predictor, default_weights, load_card,
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import decide
 from .preprocess import prepare
+from .referral import ReferralRule, reassess
 from .reader import (VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, zip_to_labelled)
 
@@ -67,28 +68,37 @@ def card_threshold(card: dict) -> float | None:
 
 
 # ----------------------------------------------------------------------------- operating point
-def at_threshold(pred: Prediction, classes: list[str], threshold: float | None) -> Prediction:
-    """The same prediction decided at the session's operating point instead of the card's."""
+def at_threshold(pred: Prediction, classes: list[str], threshold: float | None,
+                 rule: ReferralRule | None = None) -> Prediction:
+    """The same prediction decided at the session's operating point instead of the card's;
+    with the card's referral ``rule``, a changed call gets its type flag redone."""
     p = np.array([[pred.probs[c] for c in classes]])
     k = int(decide(p, classes, threshold)[0])
-    return replace(pred, pred=classes[k], threshold=threshold)
+    moved = replace(pred, pred=classes[k], threshold=threshold)
+    return moved if classes[k] == pred.pred else reassess(moved, rule)
 
 
-def records_at(records: list[dict], classes: list[str], threshold: float | None) -> list[dict]:
-    """Evaluation records with ``pred`` recomputed at ``threshold`` (copies)."""
+def records_at(records: list[dict], classes: list[str], threshold: float | None,
+               rule: ReferralRule | None = None) -> list[dict]:
+    """Evaluation records with ``pred`` recomputed at ``threshold`` (copies); with the card's
+    referral ``rule``, ``type_uncertain`` too: it follows the call (``uncertain`` does not)."""
     if not records:
         return []
     p = np.array([[r["probs"][c] for c in classes] for r in records])
     k = decide(p, classes, threshold)
-    return [{**r, "pred": classes[i]} for r, i in zip(records, k)]
+    out = [{**r, "pred": classes[i]} for r, i in zip(records, k)]
+    if rule is not None:
+        for r, t in zip(out, rule.flags(p, k)[1]):
+            r["type_uncertain"] = bool(t)
+    return out
 
 
 def evaluation_at(records: list[dict], classes: list[str], threshold: float | None,
-                  source: str | None = None) -> dict:
+                  source: str | None = None, rule: ReferralRule | None = None) -> dict:
     """All metrics recomputed from the predictions at ``threshold``, for one source or all."""
     if source:
         records = [r for r in records if r.get("source") == source]
-    return evaluate_records(records_at(records, classes, threshold), classes, threshold)
+    return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
 
 
 def sources_of(records: list[dict]) -> list[str]:
@@ -109,11 +119,6 @@ def _read_json(path: str, mtime_ns: int):
 def load_history(weights_dir: str | Path) -> list[dict] | None:
     f = Path(weights_dir) / "history.json"
     return json.loads(f.read_text()) if f.is_file() else None
-
-
-def all_cards() -> dict[str, dict]:
-    """Card of every usable model, keyed by its directory."""
-    return {str(d): load_card(d) for d in model_choices()}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -183,20 +188,34 @@ def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- results
-class LRU(OrderedDict):
-    """A small least-recently-used store for per-session caches of predictions and maps."""
+def nbytes(value) -> int:
+    """Memory held by a cached scan or map (its pixel array); 0 for small things."""
+    if isinstance(value, ScanImage):
+        return value.pixels.nbytes
+    return value.nbytes if isinstance(value, np.ndarray) else 0
 
-    def __init__(self, size: int = 256):
+
+class LRU(OrderedDict):
+    """A small least-recently-used store for per-session caches of predictions and maps.
+
+    At most ``size`` entries and, when ``max_bytes`` is given, at most that many bytes of
+    arrays (`nbytes`): a few large scans must not keep hundreds of MB per session. The newest
+    entry always stays.
+    """
+
+    def __init__(self, size: int = 256, max_bytes: int | None = None):
         super().__init__()
-        self.size = size
+        self.size, self.max_bytes, self.bytes = size, max_bytes, 0
 
     def get_or(self, key, make: Callable):
         if key in self:
             self.move_to_end(key)
             return self[key]
         value = self[key] = make()
-        while len(self) > self.size:
-            self.popitem(last=False)
+        self.bytes += nbytes(value)
+        while len(self) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes
+                                        and len(self) > 1):
+            self.bytes -= nbytes(self.popitem(last=False)[1])
         return value
 
 
@@ -222,6 +241,7 @@ def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
             records.append({"file": name, "source": "upload", "label": label, "pred": p.pred,
                             "probs": p.probs, "tumour_probability": p.tumour_probability,
                             "confidence": p.confidence, "uncertain": p.uncertain,
+                            "type_uncertain": p.type_uncertain,
                             "in_distribution": p.in_distribution, "ood_score": p.ood_score})
         except ScanError as e:
             errors.append({"file": name, "error": str(e)})
@@ -270,9 +290,64 @@ def gallery_records(records: list[dict], kind: str) -> list[dict]:
     return sorted(sel, key=lambda r: -r["probs"].get(r["pred"], 0.0))
 
 
+# ----------------------------------------------------------------------------- tumour masks
+def _stem(name: str) -> str:
+    """Upload name without its extension, folder kept: zip members pair within one folder."""
+    return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+
+
+def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
+    """Uploads with LGG-style masks taken out: ``X_mask.tif`` beside ``X.tif`` is X's tumour mask.
+
+    A paired mask is never predicted as a scan; a mask without its image stays an ordinary
+    upload. Returns the remaining items and {image name: mask bytes}.
+    """
+    images = {_stem(n): n for n, d in items if not _stem(n).endswith("_mask")}
+    masks, used = {}, set()
+    for name, data in items:
+        partner = images.get(_stem(name)[:-len("_mask")]) if _stem(name).endswith("_mask") else None
+        if partner is not None and isinstance(data, (bytes, bytearray)):
+            masks[partner] = bytes(data)
+            used.add(name)
+    return [(n, d) for n, d in items if n not in used], masks
+
+
+def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> np.ndarray | None:
+    """A mask file in the model-input frame of ``scan``; None when there is none or it does not fit."""
+    from .saliency import mask_to_input, read_mask
+    if src is None:
+        return None
+    try:
+        mask = read_mask(src)
+    except Exception:  # not an image: no outline rather than a broken page
+        return None
+    if mask.shape != scan.pixels.shape or not mask.any():
+        return None
+    return mask_to_input(scan.pixels, mask, spec)
+
+
+def record_mask_path(card: dict, record: dict) -> Path | None:
+    """The tumour mask stored beside an eval.json record's scan (the LGG layout), if any."""
+    from .saliency import mask_path_for
+    path = record_scan_path(card, record)
+    return mask_path_for(path) if path is not None else None
+
+
+def mask_note(cam: np.ndarray, mask: np.ndarray) -> str:
+    """Caption: does the map's peak fall on the tumour mask, and how much of its mass does."""
+    from .saliency import POINTING_PX, mask_scores
+    s = mask_scores(cam, mask, tolerance=POINTING_PX / max(mask.shape))
+    if s["pointing_hit"] is None:
+        return "the mask is empty in the model's view"
+    return (f"map peak {'inside' if s['pointing_hit'] else 'outside'} the tumour mask "
+            f"(within {POINTING_PX} px), {s['energy_in_mask']:.0%} of its mass inside")
+
+
 # ----------------------------------------------------------------------------- Streamlit glue
 # Everything below needs a running Streamlit script; everything above is plain Python.
-@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+# Two models at most stay loaded (the chosen one and the one before, for switching back):
+# each holds its weights (ResNet18: 45 MB) in a server with about 1 GB on Community Cloud.
+@st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def _load_predictor(path: str, mtime_ns: int, size: int) -> Predictor:
     return Predictor(path)
 
@@ -300,16 +375,16 @@ def session_threshold(predictor: Predictor) -> float | None:
     return None if t is None else float(st.session_state.get("threshold", t))
 
 
-def _cache(name: str, size: int) -> LRU:
+def _cache(name: str, size: int, max_bytes: int | None = None) -> LRU:
     state = st.session_state
     if name not in state:
-        state[name] = LRU(size)
+        state[name] = LRU(size, max_bytes)
     return state[name]
 
 
 def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
                 slice_index: int | None = None) -> ScanImage:
-    return _cache("_scans", 16).get_or((key, slice_index),
+    return _cache("_scans", 16, 64 * 2**20).get_or((key, slice_index),
                                        lambda: read_upload(data, name, slice_index))
 
 
@@ -334,27 +409,33 @@ def cached_prediction(predictor: Predictor, scan: ScanImage, key: str,
 def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str,
                     target: str | None, slice_index: int | None = None) -> np.ndarray:
     from .saliency import saliency_map
-    return _cache("_saliency", 128).get_or(
+    return _cache("_saliency", 128, 32 * 2**20).get_or(
         (predictor.weights_sha256, key, slice_index, method, target),
         lambda: saliency_map(predictor, scan, method, target))
 
 
 def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: str,
-                   slice_index: int | None = None, compact: bool = False) -> None:
+                   slice_index: int | None = None, compact: bool = False,
+                   mask: bytes | None = None) -> None:
     """Method, target class and opacity controls; overlay and raw map side by side.
 
-    Runs as a fragment, so moving these controls never re-runs the page or the model.
+    Runs as a fragment, so moving these controls never re-runs the page or the model. With a
+    tumour ``mask`` of a 2D scan, both images carry its outline and a caption scores the map.
+    The method offered first is the one the card measured best against tumour masks.
     """
-    from .saliency import METHODS, colour_map, overlay
+    from .saliency import METHODS, colour_map, contour_overlay, default_method, overlay
+    frame = input_mask(scan, mask, predictor.spec) if slice_index is None else None
+    first = default_method(predictor.card)
 
     @st.fragment
     def panel() -> None:
         wkey = f"{key}-{slice_index}"
         if compact:
-            method, target, opacity = "Grad-CAM", predicted, 0.45
+            method, target, opacity = first, predicted, 0.45
         else:
             c1, c2, c3 = st.columns(3)
-            method = c1.selectbox("Saliency method", list(METHODS), key=f"m-{wkey}")
+            method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
+                                  key=f"m-{wkey}")
             others = [c for c in predictor.classes if c != predicted]
             target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}",
                                   format_func=lambda c: f"{c} (predicted)" if c == predicted else c)
@@ -366,9 +447,15 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
             return
         base = display_image(scan, predictor.spec)
         a, b, _ = st.columns([2, 2, 1])
-        a.image(overlay(base, cam, opacity), caption=f"{method} for '{target}' over the model input",
-                width="stretch")
-        b.image(colour_map(cam), caption="map alone (red = most weight)", width="stretch")
+        over, alone = overlay(base, cam, opacity), colour_map(cam)
+        if frame is not None:
+            over, alone = contour_overlay(over, frame), contour_overlay(alone, frame)
+        a.image(over, caption=f"{method} for '{target}' over the model input", width="stretch")
+        b.image(alone, caption="map alone (red = most weight)", width="stretch")
+        if frame is not None:
+            st.caption(f"Magenta outline: the uploaded tumour mask; {mask_note(cam, frame)}.")
+        elif mask is not None:
+            st.caption("The uploaded mask does not fit this scan (size, or an empty mask): no outline.")
         if cam.max() <= 0:
             st.caption("The map is empty: nothing at this layer speaks for this class.")
 
@@ -382,7 +469,7 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
     try:
         scan = cached_scan(data, name, key, slice_index)
         pred = at_threshold(cached_prediction(predictor, scan, key, slice_index),
-                            predictor.classes, threshold)
+                            predictor.classes, threshold, predictor.referral)
     except ScanError as e:
         return result_row(name, error=str(e)), None, None
     except Exception as e:  # a bug on one file must not stop the batch
@@ -434,15 +521,17 @@ def gallery_scan(card: dict, record: dict, blobs: dict[str, bytes] | None = None
 
 def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] | None = None,
             limit: int = 8) -> None:
-    """Missed and misclassified scans with their Grad-CAM, as a fragment of its own."""
-    from .saliency import overlay
+    """Missed and misclassified scans with their saliency map (the card's default method) and,
+    where a tumour mask lies beside the scan (LGG), its outline and a pointing-game note."""
+    from .saliency import contour_overlay, default_method, overlay
+    method = default_method(predictor.card)
 
     @st.fragment
     def panel() -> None:
         kind = st.radio("Show", ["missed", "misclassified"], horizontal=True, key="gallery-kind",
                         format_func={"missed": "missed tumours",
                                      "misclassified": "every misclassified scan"}.get)
-        explain = st.radio("Grad-CAM for", ["pred", "label"], horizontal=True, key="gallery-explain",
+        explain = st.radio(f"{method} for", ["pred", "label"], horizontal=True, key="gallery-explain",
                            format_func={"pred": "the predicted class", "label": "the true class"}.get)
         sel = gallery_records(records, kind)
         if not sel:
@@ -462,11 +551,16 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             key = f"{r.get('source')}/{r['file']}"
             # A coarse label ('tumor') is no class of a 4-class model: explain the prediction.
             target = r[explain] if r[explain] in predictor.classes else r["pred"]
-            cam = cached_saliency(predictor, scan, key, "Grad-CAM", target)
+            cam = cached_saliency(predictor, scan, key, method, target)
             tp = r.get("tumour_probability")
-            cols[k % 4].image(overlay(display_image(scan, predictor.spec), cam, 0.4), width="stretch",
+            img = overlay(display_image(scan, predictor.spec), cam, 0.4)
+            on_disk = blobs is None or r["file"] not in blobs  # an uploaded zip has no masks
+            frame = input_mask(scan, record_mask_path(predictor.card, r), predictor.spec) \
+                if on_disk else None
+            note = "" if frame is None else f"; magenta: tumour mask, {mask_note(cam, frame)}"
+            cols[k % 4].image(img if frame is None else contour_overlay(img, frame), width="stretch",
                               caption=f"{r['file']}: true {r['label']}, predicted {r['pred']}"
-                                      + (f", p(tumour) {tp:.2f}" if tp is not None else ""))
+                                      + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note)
         for src in sorted(absent):
             root = source_root(predictor.card, src)
             st.info(f"The scans of source '{src}' are not on this machine"

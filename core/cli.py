@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 
-PLUGIN_MODULES = ("report", "compare", "ood")
+PLUGIN_MODULES = ("report", "compare", "ood", "saliency_check")
 
 
 def _predictor(weights: str | None):
@@ -84,7 +84,8 @@ def cmd_predict(args) -> int:
             print(json.dumps(r), flush=True)
         elif r["ok"]:
             flags = [n for n, on in (("out-of-distribution", not r["in_distribution"]),
-                                     ("uncertain, refer", r["uncertain"])) if on]
+                                     ("uncertain, refer", r["uncertain"]),
+                                     ("tumour type uncertain", r.get("type_uncertain"))) if on]
             tp = r["tumour_probability"]
             print(f"{r['file']}: {r['pred']}" + (f" (tumour probability {tp:.3f})" if tp is not None else "")
                   + (f" [{', '.join(flags)}]" if flags else ""))

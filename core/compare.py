@@ -224,6 +224,20 @@ def to_text(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+def record_latency(rows: list[dict]) -> None:
+    """Store each freshly measured latency in its card, so the app can show it without timing."""
+    import platform
+    for r in rows:
+        if r["latency_ms"] is None or r["latency_from"] == "card":
+            continue
+        path = Path(r["dir"]) / "card.json"
+        card = json.loads(path.read_text())
+        card["benchmark"] = {"latency_ms": round(r["latency_ms"], 2), "threads": 1,
+                             "what": "median single-image forward, CPU", "machine": platform.processor()
+                             or platform.machine(), "command": "python -m core compare --record"}
+        path.write_text(json.dumps(card, indent=1))
+
+
 def cmd_compare(args) -> int:
     rows = compare_rows(args.dirs, latency=not args.no_latency, repeats=args.repeats)
     if not rows:
@@ -235,6 +249,8 @@ def cmd_compare(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.record:
+        record_latency(rows)
     for r in rows:
         if r["latency_from"] and r["latency_from"].startswith("not measured"):
             print(f"{r['name']}: latency {r['latency_from']}", file=sys.stderr)
@@ -248,4 +264,6 @@ def add_cli(sub) -> None:
     c.add_argument("--json", help="also write the rows as JSON")
     c.add_argument("--no-latency", action="store_true", help="do not measure CPU latency")
     c.add_argument("--repeats", type=int, default=20, help="timed forwards per model")
+    c.add_argument("--record", action="store_true",
+                   help="write each measured latency into the model's card (card['benchmark'])")
     c.set_defaults(fn=cmd_compare)

@@ -176,35 +176,37 @@ def history_figures(history: list[dict]) -> dict[str, go.Figure]:
     return figs
 
 
-def _latency(card: dict) -> float | None:
-    """Latency in ms if the card records one (benchmark entries vary in shape)."""
-    for key in ("latency_ms", "cpu_latency_ms"):
-        if isinstance(card.get(key), (int, float)):
-            return float(card[key])
-    bench = card.get("benchmark") or card.get("latency") or {}
-    if isinstance(bench, (int, float)):
-        return float(bench)
-    for key in ("latency_ms", "cpu_ms", "ms_per_image", "p50_ms"):
-        if isinstance(bench, dict) and isinstance(bench.get(key), (int, float)):
-            return float(bench[key])
-    return None
+def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.Figure:
+    """One metric of several runs on one plot: validation solid, training dotted (seed 004's
+    with/without augmentation figure)."""
+    fig = go.Figure()
+    for i, (name, history) in enumerate(histories.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        ep = [h["epoch"] for h in history]
+        for split, dash in (("val", "solid"), ("train", "dot")):
+            ys = [h.get(split, {}).get(key) for h in history]
+            if any(y is not None for y in ys):
+                fig.add_scatter(x=ep, y=ys, mode="lines", name=f"{name} ({split})",
+                                line=dict(color=colour, dash=dash))
+    fig.update_xaxes(title="epoch")
+    return _layout(fig, {"acc": "Accuracy", "loss": "Loss"}.get(key, key))
 
 
-def models_table(cards: dict[str, dict]) -> pd.DataFrame:
-    """One row per model card: accuracy, macro F1, tumours missed, size, parameters, latency."""
+def models_table(dirs: list[str | Path]) -> pd.DataFrame:
+    """The `python -m core compare` rows (read from the cards, no timing) as a sortable table."""
+    from .compare import compare_rows
     rows = []
-    for where, card in cards.items():
-        m = card.get("metrics", {})
-        size = card.get("weights_file_bytes")
-        rows.append({"model": card.get("name", Path(where).name), "arch": card.get("arch"),
-                     "classes": len(card.get("classes", [])), "test images": m.get("n"),
-                     "accuracy": m.get("accuracy"), "macro F1": m.get("macro_f1"),
-                     "tumours missed": m.get("tumour_missed"),
-                     "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
-                     "size (MB)": round(size / 2**20, 2) if size else None,
-                     "parameters (M)": round(card["parameters"] / 1e6, 2)
-                     if card.get("parameters") else None,
-                     "latency (ms)": _latency(card), "directory": str(where)})
+    for r in compare_rows(dirs, latency=False):
+        size, params, t = r.get("weights_file_bytes"), r.get("parameters"), r.get("train_time_s")
+        rows.append({"model": r["name"], "classes": len(r["classes"]), "sources": "+".join(r["sources"]),
+                     "test images": r.get("test_images"), "accuracy": r.get("accuracy"),
+                     "benchmark accuracy": (r.get("accuracy_per_source") or {}).get("benchmark"),
+                     "macro F1": r.get("macro_f1"), "tumours missed": r.get("tumour_missed"),
+                     "ECE": r.get("ece"), "parameters (M)": round(params / 1e6, 2) if params else None,
+                     "size (MB)": round(size / 2**20, 1) if size else None,
+                     "CPU latency (ms)": r.get("latency_ms"),
+                     "training (min)": round(t / 60, 1) if t else None,
+                     "device": r.get("device"), "settings": r.get("settings")})
     return pd.DataFrame(rows)
 
 
@@ -221,7 +223,9 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         if not r.get("in_distribution", True):
             flags.append("out of distribution")
         if r.get("uncertain"):
-            flags.append("uncertain, refer for review")
+            flags.append("uncertain — refer for review")
+        if r.get("type_uncertain"):
+            flags.append("tumour — type uncertain")
         rows.append({"file": r["file"],
                      "prediction": r["pred"] if r.get("in_distribution", True) else None,
                      "tumour probability": r.get("tumour_probability"),

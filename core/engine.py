@@ -52,15 +52,19 @@ def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- augmentation
-def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2) -> torch.Tensor:
+def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
+            out_size: int | None = None) -> torch.Tensor:
     """Per-sample random affine, flip, intensity and skull removal on a [0, 1] batch (N, 1, H, W).
 
     Batched with affine_grid/grid_sample because per-image PIL transforms cost more than the
-    forward pass of a small model on a 2-core CPU.
+    forward pass of a small model on a 2-core CPU. ``out_size`` resamples to a smaller square in
+    the same pass (progressive resizing: early epochs at low resolution cost a fraction).
     """
     n, dev = x.shape[0], x.device
+    size = out_size or x.shape[-1]
     if strength <= 0:
-        return x
+        return x if size == x.shape[-1] else nnf.interpolate(x, size=(size, size), mode="bilinear",
+                                                              antialias=True, align_corners=False)
     ang = (torch.rand(n, device=dev) * 2 - 1) * math.radians(15) * strength
     scale = 1 + (torch.rand(n, device=dev) * 2 - 1) * 0.12 * strength
     shear = (torch.rand(n, device=dev) * 2 - 1) * 0.1 * strength
@@ -69,7 +73,7 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2) 
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin + shear, tx], 1),
                          torch.stack([sin * flip, cos, ty], 1)], 1)
-    grid = nnf.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = nnf.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     x = nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if skull_strip_p > 0:
         x = _random_skull_strip(x, skull_strip_p)
@@ -126,7 +130,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     order: torch.Tensor, optimizer, scheduler, spec: dict, device: torch.device,
                     batch_size: int = 64, precision: str = "fp32", smoothing: float = 0.1,
                     aug_strength: float = 1.0, skull_strip_p: float = 0.2,
-                    scaler=None, progress: bool = True) -> dict:
+                    scaler=None, progress: bool = True, out_size: int | None = None) -> dict:
     model.train()
     total, correct, loss_sum, t0 = 0, 0, 0.0, time.time()
     batches = order.split(batch_size)
@@ -138,7 +142,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
         if len(idx) < 2:
             continue
         x = images[idx].to(device, non_blocking=True).float().div_(255)
-        x = normalise(augment(x, aug_strength, skull_strip_p), spec)
+        x = normalise(augment(x, aug_strength, skull_strip_p, out_size), spec)
         x = x.contiguous(memory_format=torch.channels_last)
         allowed = masks[idx].to(device)
         with _autocast(device, precision):
@@ -160,13 +164,15 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, spec: dict, device: torch.device,
-                   batch_size: int = 128, precision: str = "fp32", tta: bool = False) -> torch.Tensor:
-    """Logits for uint8 prepared images (N, 1, S, S); with ``tta`` the mean with the mirror image."""
+                   batch_size: int = 128, precision: str = "fp32", tta: bool = False,
+                   out_size: int | None = None) -> torch.Tensor:
+    """Logits for uint8 prepared images (N, 1, S, S); with ``tta`` the mean with the mirror image;
+    ``out_size`` resizes first (validation during the low-resolution epochs of progressive resizing)."""
     model.eval()
     out = []
     for chunk in images.split(batch_size):
-        x = normalise(chunk.to(device).float().div_(255), spec).contiguous(
-            memory_format=torch.channels_last)
+        x = augment(chunk.to(device).float().div_(255), 0.0, out_size=out_size)
+        x = normalise(x, spec).contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
             z = model(x).float()
             if tta:
@@ -175,8 +181,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, spec: dict, device: t
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate_split(model, images, masks, spec, device, precision="fp32") -> dict:
-    logits = predict_logits(model, images, spec, device, precision=precision)
+def evaluate_split(model, images, masks, spec, device, precision="fp32", out_size=None) -> dict:
+    logits = predict_logits(model, images, spec, device, precision=precision, out_size=out_size)
     loss = set_nll(logits, masks).item() if len(logits) else float("nan")
     acc = masks.gather(1, logits.argmax(1, keepdim=True)).float().mean().item() if len(logits) else 0
     return {"loss": loss, "acc": acc}

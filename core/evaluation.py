@@ -1,29 +1,39 @@
 """Evaluation records and reports shared by train.py, `python -m core evaluate` and the app."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .labels import NO_TUMOUR, TUMOUR, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import (classification_metrics, decide, is_tumour_label, risk_coverage,
                       threshold_curve, tumour_probability)
+from .referral import ReferralRule, has_tumour_decision, type_confidence
 
 
 def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold: float | None,
-                       min_confidence: float = 0.0, flags: list[dict] | None = None) -> list[dict]:
-    """One record per image: file, source, label, pred, probs and the flags."""
+                       min_confidence: float = 0.0, flags: list[dict] | None = None,
+                       referral: ReferralRule | None = None) -> list[dict]:
+    """One record per image: file, source, label, pred, probs and the flags.
+
+    ``referral`` (the card's rule) sets ``uncertain``/``type_uncertain``; without it the old
+    top-class rule at ``min_confidence``.
+    """
     pred = decide(probs, classes, threshold)
     t_prob = tumour_probability(probs, classes) if tumour_classes(classes) else None
+    rule = referral or ReferralRule(tuple(classes), min_confidence=min_confidence)
+    unc, typ = rule.flags(probs, pred)
     out = []
     for i, s in enumerate(samples):
         conf = float(probs[i].max())
         rec = {"file": s.rel, "source": s.source, "label": s.label, "pred": classes[pred[i]],
                "probs": {c: round(float(v), 6) for c, v in zip(classes, probs[i])},
                "tumour_probability": None if t_prob is None else round(float(t_prob[i]), 6),
-               "confidence": round(conf, 6), "uncertain": conf < min_confidence,
-               "in_distribution": True, "ood_score": None}
+               "confidence": round(conf, 6), "uncertain": bool(unc[i]),
+               "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None}
         if flags:
             rec.update(flags[i])
         out.append(rec)
@@ -46,12 +56,42 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
         m["silent_misses"] = int((missed & ~flagged).sum())
     m["flagged_ood"] = int(sum(not r["in_distribution"] for r in records))
     m["referred_uncertain"] = int(sum(r["uncertain"] for r in records))
+    m["referred_type_uncertain"] = int(sum(r.get("type_uncertain", False) for r in records))
+    m.update(_risk_coverages(records, classes, threshold))
+    return m
+
+
+def _risk_coverages(records: list[dict], classes: list[str], threshold: float | None) -> dict:
+    """Risk-coverage of the fine class, the tumour decision and the tumour type.
+
+    ``risk_coverage`` (the one the app plots) is the tumour decision's for a coarse set (tumour
+    labels without a type, e.g. Br35H), where the fine class can only be judged on the normals.
+    """
+    out = {}
     fine = [r for r in records if r["label"] in classes]
     if fine:
         conf = np.array([r["confidence"] for r in fine])
         correct = np.array([max(r["probs"], key=r["probs"].get) == r["label"] for r in fine])
-        m["risk_coverage"] = risk_coverage(conf, correct)
-    return m
+        out["risk_coverage"] = risk_coverage(conf, correct)
+    if not has_tumour_decision(classes):
+        return out
+    known = [r for r in records if is_tumour_label(r["label"]) is not None]
+    if known:
+        called = np.array([r["pred"] != NO_TUMOUR for r in known])
+        t = np.array([r["tumour_probability"] for r in known])
+        truth = np.array([bool(is_tumour_label(r["label"])) for r in known])
+        # confidence in the decision taken: the probability of the side it went to
+        out["risk_coverage_tumour"] = risk_coverage(np.where(called, t, 1 - t), called == truth)
+        if not any(r["label"] in FINE_TUMOURS for r in known) and truth.any():
+            out["risk_coverage"] = out["risk_coverage_tumour"]
+    types = tumour_classes(classes)
+    typed = [r for r in records if r["label"] in types and r["pred"] != NO_TUMOUR]
+    if typed and len(types) > 1:
+        p = np.array([[r["probs"][c] for c in classes] for r in typed])
+        best = np.array([types[int(np.argmax([r["probs"][c] for c in types]))] for r in typed])
+        out["risk_coverage_type"] = risk_coverage(type_confidence(p, classes),
+                                                  best == np.array([r["label"] for r in typed]))
+    return out
 
 
 def evaluate_records(records: list[dict], classes: list[str], threshold: float | None) -> dict:
@@ -88,6 +128,7 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
         records.append({"file": s.rel, "source": s.source, "label": s.label, "pred": p.pred,
                         "probs": p.probs, "tumour_probability": p.tumour_probability,
                         "confidence": p.confidence, "uncertain": p.uncertain,
+                        "type_uncertain": p.type_uncertain,
                         "in_distribution": p.in_distribution, "ood_score": p.ood_score})
         if progress:
             progress((k + 1) / len(samples))
@@ -99,3 +140,58 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     ev["errors"] = errors
     ev["model"] = predictor.name
     return ev
+
+
+def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path] | None = None,
+                 data_config: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the model's OOD gate over the test files of its eval.json and rewrite it.
+
+    train.py writes eval.json before any gate exists, so every record says in distribution.
+    Each record's file (relative to its source root: the card's sources, then ``data_config``)
+    is read and checked (the gate alone, ~2 ms a file); ``in_distribution``/``ood_score`` are
+    stored and the summary (``flagged_ood``, ``silent_misses``, per source) recomputed. Missing
+    files keep their record unchanged and are counted.
+    """
+    from .inference import Predictor
+    from .ood import MODEL_METHODS, source_roots
+    from .reader import ScanError, read_scan
+    weights_dir = Path(weights_dir)
+    path = weights_dir / "eval.json"
+    ev = json.loads(path.read_text())
+    predictor = predictor or Predictor(weights_dir)
+    if predictor.gate is None:
+        raise ValueError(f"{weights_dir} has no ood.safetensors: run fit-ood first")
+    roots = roots if roots is not None else source_roots(predictor.card, data_config)
+    gate = predictor.gate
+    # the classifier's input only for gates that score its features (the cnn+colour gate does not)
+    uses_model = bool({c.name for c in gate.components} & set(MODEL_METHODS))
+    records, missing, unreadable, t0 = ev["predictions"], 0, 0, time.time()
+    for r in records:
+        root = roots.get(r.get("source", ""))
+        f = root / r["file"] if root is not None else None
+        if f is None or not f.is_file():
+            missing += 1
+            continue
+        try:
+            scan = read_scan(f, r["file"])
+        except ScanError:
+            unreadable += 1
+            continue
+        x = predictor.input_tensor(scan) if uses_model else None
+        ok, score = gate.check(scan, x, predictor.model)
+        r["in_distribution"], r["ood_score"] = bool(ok), round(float(score), 6)
+    threshold = ev.get("threshold", predictor.threshold)
+    fresh = evaluate_records(records, predictor.classes, threshold)
+    ev.update(fresh)
+    checked = len(records) - missing - unreadable
+    ev["ood_annotation"] = {"gate": gate.method, "checked": checked, "missing": missing,
+                            "unreadable": unreadable, "flagged": int(sum(not r["in_distribution"]
+                                                                         for r in records)),
+                            "seconds": round(time.time() - t0, 1)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ev, indent=1))
+    tmp.replace(path)
+    log(f"annotate-ood: {checked} test files checked, {ev['ood_annotation']['flagged']} flagged "
+        f"out of distribution, {missing} missing, {unreadable} unreadable "
+        f"({ev['ood_annotation']['seconds']} s)")
+    return ev["ood_annotation"]

@@ -16,6 +16,7 @@ from .metrics import decide, tumour_probability
 from .models import create_model
 from .preprocess import preprocess
 from .reader import ScanError, ScanImage, read_scan
+from .referral import ReferralRule
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_ROOT = ROOT / "weights"
@@ -47,9 +48,11 @@ class Prediction:
     tumour_probability: float | None
     threshold: float | None
     confidence: float
-    uncertain: bool
+    uncertain: bool                 # tumour call not confident (or top class, old cards): refer
     in_distribution: bool
     ood_score: float | None
+    type_uncertain: bool = False    # called tumour, type not confident (coarse-label scans)
+    uncertain_reason: str | None = None
     info: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -70,11 +73,15 @@ class Predictor:
         self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
         self.threshold = self.card.get("operating_point", {}).get("threshold")
         self.min_confidence = float(self.card.get("uncertainty", {}).get("min_confidence", 0.0))
+        self.referral = ReferralRule.from_card(self.card)
         self.device = torch.device(device)
         self.model = create_model(self.card["arch"], len(self.classes))
         state = load_file(self.dir / "model.safetensors")
         self.model.load_state_dict({k: v.float() for k, v in state.items()})
         self.model.eval().to(self.device)
+        # Inference only: no parameter ever needs a gradient. Saliency differentiates with
+        # respect to the input instead, which spares a model-sized set of weight gradients.
+        self.model.requires_grad_(False)
         self.weights_sha256 = file_sha256(self.dir / "model.safetensors")
         self.lock = threading.Lock()
         self.gate = None
@@ -104,14 +111,16 @@ class Predictor:
         k = int(decide(p, self.classes, self.threshold)[0])
         t_prob = float(tumour_probability(p, self.classes)[0]) if self.is_tumour_model else None
         conf = float(p[0].max())
+        unc, typ = self.referral.flags(p, np.array([k]))
         in_dist, score = True, None
         if self.gate is not None:
             in_dist, score = self.gate.check(scan, x, self.model)
         return Prediction(pred=self.classes[k],
                           probs={c: float(v) for c, v in zip(self.classes, p[0])},
                           tumour_probability=t_prob, threshold=self.threshold, confidence=conf,
-                          uncertain=conf < self.min_confidence, in_distribution=bool(in_dist),
-                          ood_score=score, info=dict(scan.info))
+                          uncertain=bool(unc[0]), in_distribution=bool(in_dist), ood_score=score,
+                          type_uncertain=bool(typ[0]), uncertain_reason=self.referral.reason(p[0], k),
+                          info=dict(scan.info))
 
     def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:
         return self.predict_scan(read_scan(src, name, **read_kw))

@@ -14,7 +14,8 @@ The gate's ``ood_score`` is the largest standardised component score minus one t
 that at most ``fpr`` (2 %) of the validation slices of *every* source are flagged; it is > 0
 exactly when the image is flagged. `fit_gate_for_weights` (the ``fit-ood`` command) fits, measures
 every method on test MRI and on held-out outlier categories, and writes ``ood.safetensors``,
-the card's ``"ood"`` section and ``ood_eval.json``.
+the card's ``"ood"`` section and ``ood_eval.json``; it ends with ``annotate-ood``
+(`core.evaluation.annotate_ood`), which puts the gate's flags into ``eval.json``.
 """
 from __future__ import annotations
 
@@ -900,6 +901,17 @@ def cmd_fit_ood(args) -> int:
     rep = fit_gate_for_weights(args.weights, args.data_config, args.method, args.out, args.split,
                                args.epochs, args.n_train, args.n_test, args.seed, final=args.final)
     print(f"wrote ood.safetensors, card.json['ood'] and ood_eval.json (shipped: {rep['shipped']})")
+    target = Path(args.out or args.weights)
+    if (target / "eval.json").exists() and (target / "model.safetensors").exists():
+        from .evaluation import annotate_ood  # eval.json predates the gate: give it the gate's flags
+        annotate_ood(target, data_config=args.data_config)
+    return 0
+
+
+def cmd_annotate_ood(args) -> int:
+    from .evaluation import annotate_ood
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    annotate_ood(args.weights, data_config=args.data_config)
     return 0
 
 
@@ -921,3 +933,10 @@ def add_cli(sub) -> None:
                    help="ship the gate as measured (trained on the seen categories only), or retrained "
                         "on every category, with a second fold estimating each category held out")
     f.set_defaults(fn=cmd_fit_ood)
+    a = sub.add_parser("annotate-ood", help="add the OOD gate's flags to a model's eval.json "
+                                            "(test files re-read; summary recomputed)")
+    a.add_argument("--weights", required=True, help="weights directory with eval.json and ood.safetensors")
+    a.add_argument("--data-config", default="experiments/default.toml",
+                   help="TOML whose [[data]] entries name the source roots (besides the card's)")
+    a.add_argument("--threads", type=int, default=2)
+    a.set_defaults(fn=cmd_annotate_ood)

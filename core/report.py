@@ -46,6 +46,7 @@ from .labels import NO_TUMOUR, TUMOUR
 from .metrics import decide
 from .preprocess import prepare
 from .reader import ScanError, read_scan
+from .referral import ReferralRule, reassess
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
 DISPLAY_PX = 384  # the model's crop redone at this size, so the pictures print sharp
@@ -53,6 +54,7 @@ PDF_MIME, CSV_MIME = "application/pdf", "text/csv"
 
 FLAG_OOD = "out-of-distribution"
 FLAG_UNCERTAIN = "uncertain, refer"
+FLAG_TYPE_UNCERTAIN = "tumour type uncertain"
 FLAG_UNREADABLE = "cannot read"
 
 _CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
@@ -95,7 +97,8 @@ def flags_of(row: Mapping) -> list[str]:
     if not row.get("ok"):
         return [FLAG_UNREADABLE]
     return [name for name, on in ((FLAG_OOD, not row.get("in_distribution", True)),
-                                  (FLAG_UNCERTAIN, bool(row.get("uncertain")))) if on]
+                                  (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
+                                  (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on]
 
 
 def display_name(name: str | PurePath) -> str:
@@ -139,13 +142,16 @@ def _read_bytes(src: bytes | bytearray | str | PurePath) -> bytes:
         raise ScanError(f"The file could not be opened ({e.strerror or type(e).__name__}).") from None
 
 
-def at_threshold(p: Prediction, classes: list[str], threshold: float | None) -> Prediction:
-    """The same prediction decided at another operating point (None keeps the card's)."""
+def at_threshold(p: Prediction, classes: list[str], threshold: float | None,
+                 rule: ReferralRule | None = None) -> Prediction:
+    """The same prediction decided at another operating point (None keeps the card's); with
+    the card's referral ``rule``, a changed call gets its type flag redone."""
     if threshold is None or p.tumour_probability is None:
         return p
     probs = np.array([[p.probs[c] for c in classes]])
     k = int(decide(probs, classes, float(threshold))[0])
-    return dataclasses.replace(p, pred=classes[k], threshold=float(threshold))
+    moved = dataclasses.replace(p, pred=classes[k], threshold=float(threshold))
+    return moved if classes[k] == p.pred else reassess(moved, rule)
 
 
 def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
@@ -171,7 +177,8 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     try:
         data = _read_bytes(src)
         scan = read_scan(data, shown, **read_kw)
-        pred = at_threshold(predictor.predict_scan(scan), predictor.classes, threshold)
+        pred = at_threshold(predictor.predict_scan(scan), predictor.classes, threshold,
+                            getattr(predictor, "referral", None))
         view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX})
     except ScanError as e:
         return ScanResult(shown, False, error=str(e))
@@ -259,6 +266,8 @@ FLAG_TEXT = {
                "do not rely on this result.", RED),
     FLAG_UNCERTAIN: ("UNCERTAIN - REFER", "Confidence is below the model's referral level; "
                      "refer for expert review.", AMBER),
+    FLAG_TYPE_UNCERTAIN: ("TUMOUR - TYPE UNCERTAIN", "A tumour is called but its type is not "
+                          "clear; read the type as a suggestion only.", AMBER),
 }
 
 
@@ -277,7 +286,8 @@ class ReportContext:
     method: str
     date: str
     ood_check: bool          # the model ships an out-of-distribution gate
-    min_confidence: float    # below it a result is flagged 'uncertain, refer'
+    min_confidence: float    # below it a result is flagged 'uncertain, refer' (top-class rule)
+    referral: ReferralRule | None = None   # the card's rule (tumour band, type confidence)
 
     @classmethod
     def of(cls, predictor, threshold: float | None, method: str) -> "ReportContext":
@@ -292,14 +302,22 @@ class ReportContext:
                    method=method_label(method),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    ood_check=getattr(predictor, "gate", None) is not None,
-                   min_confidence=float(getattr(predictor, "min_confidence", 0.0)))
+                   min_confidence=float(getattr(predictor, "min_confidence", 0.0)),
+                   referral=getattr(predictor, "referral", None))
 
     def no_flags_text(self) -> str:
         """What 'no flags' means for this model: only the checks it actually has."""
         ood = ("passed the out-of-distribution check" if self.ood_check
                else "no out-of-distribution check for this model")
-        conf = (f"confidence above the referral level {self.min_confidence:.2f}"
-                if self.min_confidence > 0 else "no referral level set")
+        rule = self.referral
+        if rule is not None and rule.uses_band:
+            conf = f"tumour probability outside the referral band {rule.lo:.2f}-{rule.hi:.2f}"
+            if rule.min_type_confidence > 0:
+                conf += (f", tumour type clear (the top type holds at least "
+                         f"{rule.min_type_confidence:.0%} of the tumour probability)")
+        else:
+            conf = (f"confidence above the referral level {self.min_confidence:.2f}"
+                    if self.min_confidence > 0 else "no referral level set")
         return f"{ood.capitalize()}; {conf}."
 
 
@@ -507,9 +525,12 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
     flags = flags_of(r.to_row())
     for f in flags:
         title, text, colours = FLAG_TEXT[f]
-        if f == FLAG_UNCERTAIN:  # the numbers make the referral checkable
-            text = (f"Confidence {p.confidence:.3f} is below the referral level "
-                    f"{ctx.min_confidence:.3f}; refer for expert review.")
+        why = (ctx.referral.describe([p.probs[c] for c in ctx.classes], f == FLAG_UNCERTAIN,
+                                     f == FLAG_TYPE_UNCERTAIN)
+               if ctx.referral is not None and f in (FLAG_UNCERTAIN, FLAG_TYPE_UNCERTAIN) else None)
+        if why:  # the numbers make the referral checkable
+            text = why[0].upper() + why[1:] + ("; refer for expert review." if f == FLAG_UNCERTAIN
+                                               else "; read the type as a suggestion only.")
         _banner(pdf, title, text, colours)
     if not flags:
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)

@@ -1,10 +1,13 @@
-"""Saliency maps from the grad-cam package, an overlay for display, and scores against a mask.
+"""Saliency maps from the grad-cam package, an overlay for display, tumour-mask files, their
+outline on a map and scores of a map against them.
 
 The model is shared by every app session (``st.cache_resource``); grad-cam registers hooks on
 it, so each map is computed under ``predictor.lock`` with a CAM object created for that call
 and released by its context manager.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +29,19 @@ METHODS = {
     "LayerCAM": LayerCAM,
     "EigenCAM": EigenCAM,
 }
+
+
+FALLBACK_METHOD = "Grad-CAM"  # for cards without a measured saliency default
+POINTING_PX = 4  # the pointing game forgives a peak this many input pixels off the mask
+
+
+def default_method(card: dict | None) -> str:
+    """The method a model's card names as best on the tumour-mask check, else Grad-CAM."""
+    name = ((card or {}).get("saliency") or {}).get("default_method")
+    try:
+        return method_name(name) if name else FALLBACK_METHOD
+    except ValueError:  # a card written for a method this version no longer offers
+        return FALLBACK_METHOD
 
 
 def _key(name: str) -> str:
@@ -52,7 +68,9 @@ def saliency_map(predictor, scan: ScanImage, method: str = "gradcam",
     operating point does not change them.
     """
     cls = METHODS[method_name(method)]
-    x = predictor.input_tensor(scan)
+    # The model's weights are frozen (Predictor): the graph grad-cam needs is built through
+    # the input, so only activation gradients are computed, no weight gradients.
+    x = predictor.input_tensor(scan).requires_grad_(True)
     targets = None if target is None else [ClassifierOutputTarget(_target_index(predictor, target))]
     grey_cam = None
     with predictor.lock:  # hooks live on the shared model while this block runs
@@ -65,6 +83,49 @@ def saliency_map(predictor, scan: ScanImage, method: str = "gradcam",
     if grey_cam is None:  # grad-cam's __exit__ swallows IndexError and leaves nothing behind
         raise RuntimeError(f"{method_name(method)} produced no map for this model")
     return _unit(np.nan_to_num(np.asarray(grey_cam, dtype=np.float32)))
+
+
+def saliency_maps(predictor, scan: ScanImage, methods: list[str],
+                  target: str | int | None = None) -> dict[str, np.ndarray]:
+    """What `saliency_map` gives for each of ``methods``, from one forward and backward pass.
+
+    Every method here reads the same layer's activations and gradients, so a batch check of
+    all methods need not pay one pass each: the first CAM object's store is lent to the others.
+    """
+    names = [method_name(m) for m in methods]
+    # The model's weights are frozen (Predictor): the graph grad-cam needs is built through
+    # the input, so only activation gradients are computed, no weight gradients.
+    x = predictor.input_tensor(scan).requires_grad_(True)
+    layers = [saliency_layer(predictor.model)]
+    targets = None if target is None else [ClassifierOutputTarget(_target_index(predictor, target))]
+    out: dict[str, np.ndarray] = {}
+    with predictor.lock:
+        try:
+            with GradCAM(model=predictor.model, target_layers=layers) as first:
+                with torch.enable_grad():
+                    first(input_tensor=x, targets=targets)
+                targets = targets or [ClassifierOutputTarget(int(first.outputs[0].argmax()))]
+                for name in names:  # inside the block: leaving it clears the store
+                    out[name] = _from_store(METHODS[name], predictor.model, layers,
+                                            first.activations_and_grads, x, targets)
+        finally:
+            predictor.model.zero_grad(set_to_none=True)
+    if len(out) != len(names):  # grad-cam's __exit__ swallows IndexError
+        raise RuntimeError("the saliency maps could not be computed for this model")
+    return out
+
+
+def _from_store(cls, model, layers, store, x, targets) -> np.ndarray:
+    """One method's map from another CAM object's activations and gradients."""
+    cam = cls(model=model, target_layers=layers)
+    own = cam.activations_and_grads
+    own.release()  # its hooks are not needed
+    cam.activations_and_grads = store
+    try:
+        grey = cam.aggregate_multi_layers(cam.compute_cam_per_layer(x, targets, False))[0]
+    finally:  # the CAM's __del__ releases its store: it must not empty the lent one
+        cam.activations_and_grads = own
+    return _unit(np.nan_to_num(np.asarray(grey, dtype=np.float32)))
 
 
 def _target_index(predictor, target: str | int) -> int:
@@ -129,9 +190,58 @@ def mask_scores(cam: np.ndarray, mask: np.ndarray, tolerance: float = 0.05) -> d
     cam = resize_map(np.asarray(cam, dtype=np.float32), mask.shape)
     if not mask.any():
         return {"pointing_hit": None, "energy_in_mask": None}
-    radius = max(1, int(round(tolerance * max(mask.shape))))
-    grown = ndimage.binary_dilation(mask, iterations=radius)
+    grown = dilate(mask, max(1, int(round(tolerance * max(mask.shape)))))
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     total = float(cam.sum())
     return {"pointing_hit": bool(grown[peak]),
             "energy_in_mask": float(cam[mask].sum() / total) if total > 0 else 0.0}
+
+
+def dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    """The mask grown by ``px`` pixels (city-block distance), as the pointing game forgives."""
+    mask = np.asarray(mask) > 0
+    return ndimage.binary_dilation(mask, iterations=px) if px > 0 and mask.any() else mask
+
+
+# ----------------------------------------------------------------------------- mask files
+def mask_path_for(image: str | Path) -> Path | None:
+    """The tumour mask stored beside an image, if any.
+
+    Two layouts: the shared LGG folder (``<root>/<class>/X.jpg`` with ``<root>/masks/X.png``)
+    and the original Kaggle LGG one (``X.tif`` with ``X_mask.tif`` in the same folder).
+    """
+    image = Path(image)
+    for cand in (image.parent.parent / "masks" / f"{image.stem}.png",
+                 image.with_name(f"{image.stem}_mask{image.suffix}")):
+        if cand.is_file() and cand != image:
+            return cand
+    return None
+
+
+def read_mask(src: str | Path | bytes) -> np.ndarray:
+    """A binary mask image (path or bytes) as a bool array; anything above mid-grey is lesion."""
+    import io
+    from PIL import Image
+    with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
+        return np.asarray(im.convert("L")) > 127
+
+
+def contour_overlay(rgb: np.ndarray, mask: np.ndarray,
+                    colour: tuple[int, int, int] = (255, 0, 255), thickness: int = 1) -> np.ndarray:
+    """A copy of ``rgb`` (H x W x 3 uint8) with the outline of ``mask`` drawn in ``colour``.
+
+    Magenta by default: a colour that neither the grey scan nor the jet map uses. The mask is
+    resized (nearest) to the image when their sizes differ, so a mask in the model-input frame
+    can go on any display size of that frame.
+    """
+    from skimage.segmentation import find_boundaries
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    mask = np.asarray(mask) > 0
+    if mask.shape != out.shape[:2]:
+        zoom = (out.shape[0] / mask.shape[0], out.shape[1] / mask.shape[1])
+        mask = ndimage.zoom(mask.astype(np.uint8), zoom, order=0)[:out.shape[0], :out.shape[1]] > 0
+    edge = find_boundaries(mask, mode="inner")
+    if thickness > 1:  # grow inward only, so the line never covers the map just outside
+        edge = dilate(edge, thickness - 1) & mask
+    out[edge] = colour
+    return out

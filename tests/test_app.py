@@ -81,7 +81,7 @@ def test_out_of_distribution_is_not_presented_as_a_diagnosis(app, monkeypatch):
     assert not app.exception and predictions(app) == []
     warnings = " ".join(w.value for w in app.warning)
     assert "Out of distribution" in warnings and "not a diagnosis" in warnings
-    assert "Uncertain, refer for review" in warnings
+    assert "Uncertain — refer for review" in warnings
 
 
 def test_report_buttons_plug_in(app):
@@ -195,6 +195,9 @@ def test_training_page_plots_history_and_compares_models(app):
     assert "Loss" in titles and "Accuracy" in titles and "Learning rate" in titles
     table = app.dataframe[0].value
     assert "test-random" in list(table["model"]) and "tumours missed" in table.columns
+    assert "benchmark accuracy" in table.columns and "settings" in table.columns
+    assert app.multiselect[0].value  # runs preselected for the side-by-side curves
+    assert "Accuracy" in figure_titles(app)[3:]
 
 
 @pytest.mark.skipif(not (DATA / "samples" / "sample_glioma_volume.nii.gz").is_file(),

@@ -104,3 +104,31 @@ def test_markdown_escapes_pipes():
 def test_no_cards_is_a_usage_error(tmp_path, capsys):
     assert cli_main(["compare", str(tmp_path), "--no-latency"]) == 2
     assert "no card.json" in capsys.readouterr().err
+
+
+def test_record_writes_measured_latency_into_the_card(two_models, capsys):
+    a, b = two_models
+    assert cli_main(["compare", str(a), str(b), "--record", "--repeats", "2"]) == 0
+    card_a = json.loads((a / "card.json").read_text())
+    assert card_a["benchmark"]["latency_ms"] > 0 and card_a["benchmark"]["threads"] == 1
+    # a latency the card already had is kept, not overwritten by a fresh timing
+    assert "benchmark" not in json.loads((b / "card.json").read_text())
+    assert compare_rows([a], latency=False)[0]["latency_from"] == "card"
+
+
+def test_app_table_shows_the_compare_rows(two_models):
+    from core.dashboard import models_table
+    table = models_table(two_models)
+    assert list(table["model"]) == ["binary", "four"]
+    assert table["benchmark accuracy"].tolist() == [0.92, 0.92]
+    assert table["CPU latency (ms)"].tolist()[1] == 7.5
+    assert "REDUCED" in table["settings"][0]
+
+
+def test_overlaid_curves_have_train_and_val_per_run():
+    from core.dashboard import overlay_histories
+    h = [{"epoch": e, "train": {"acc": 0.5 + e / 10}, "val": {"acc": 0.4 + e / 10}} for e in (1, 2, 3)]
+    fig = overlay_histories({"aug": h, "noaug": h[:2]}, "acc")
+    names = [t.name for t in fig.data]
+    assert names == ["aug (val)", "aug (train)", "noaug (val)", "noaug (train)"]
+    assert list(fig.data[2].y) == pytest.approx([0.5, 0.6])

@@ -90,6 +90,18 @@ def test_augment_keeps_shape_and_range():
     assert torch.equal(E.augment(x, 0.0), x)
 
 
+def test_augment_resamples_to_a_smaller_size_for_progressive_resizing():
+    torch.manual_seed(0)
+    x = torch.zeros(4, 1, 40, 40)
+    x[:, :, 10:30, 10:30] = 1.0
+    small = E.augment(x, 1.0, skull_strip_p=0.0, out_size=28)
+    assert small.shape == (4, 1, 28, 28) and 0 <= small.min() and small.max() <= 1
+    plain = E.augment(x, 0.0, out_size=20)  # no augmentation: a plain (antialiased) resize
+    assert plain.shape == (4, 1, 20, 20)
+    assert torch.allclose(plain[0, 0, 6:14, 6:14], torch.ones(8, 8), atol=1e-4)
+    assert plain[0, 0, 0, 0] == 0
+
+
 # ----------------------------------------------------------------------------- cache and loops
 def _write_images(root, n=6):
     paths = []
@@ -139,6 +151,11 @@ def test_train_one_epoch_and_predict_logits():
     assert torch.allclose(tta, (logits + flipped) / 2, atol=1e-5)
     ev = E.evaluate_split(model, images, masks, spec, torch.device("cpu"))
     assert np.isfinite(ev["loss"]) and 0 <= ev["acc"] <= 1
+    # progressive resizing: train and validate at a smaller size than the cached images
+    small = E.train_one_epoch(model, images, masks, torch.arange(20), opt, None, spec,
+                              torch.device("cpu"), batch_size=8, progress=False, out_size=16)
+    assert np.isfinite(small["loss"])
+    assert E.predict_logits(model, images, spec, torch.device("cpu"), out_size=16).shape == (20, 3)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,208 @@
+"""When a prediction is referred: the tumour decision and the tumour type are judged apart.
+
+Coarse labels (Br35H ``yes``: a tumour, type unknown) teach a 4-class model to spread probability
+over the tumour types, so a rule on the top class probability refers scans whose tumour call is
+sure. The rule here, fitted on validation by `pick_referral` and stored in the card's
+``uncertainty`` block:
+
+- ``uncertain`` (refer for review): the calibrated tumour probability lies in the band
+  ``[lo, hi)`` around the operating threshold, chosen so that the decisions kept outside it err
+  on at most ``target_error`` of validation images while at most ``max_referred`` are referred;
+- ``type_uncertain``: the call is "tumour" but the most likely type holds less than
+  ``min_type_confidence`` of the tumour probability (set the same way on fine-labelled tumours).
+
+A model without tumour/no-tumour classes, or a card written before the band existed (only
+``uncertainty.min_confidence``), keeps the top-class rule and never sets ``type_uncertain``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .labels import FINE_TUMOURS, NO_TUMOUR, tumour_classes
+from .metrics import decide, is_tumour_label, tumour_probability
+
+BAND_RULE = "tumour band + type confidence"
+TOP_CLASS_RULE = "top-class confidence"
+
+
+def has_tumour_decision(classes: list[str]) -> bool:
+    return bool(tumour_classes(classes)) and NO_TUMOUR in classes
+
+
+def type_confidence(probs: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Share of the tumour probability held by the most likely tumour type (1 with one type)."""
+    probs = np.atleast_2d(np.asarray(probs, np.float64))
+    idx = [classes.index(c) for c in tumour_classes(classes)]
+    if len(idx) < 2:
+        return np.ones(len(probs))
+    t = probs[:, idx]
+    return t.max(1) / np.maximum(t.sum(1), 1e-12)
+
+
+@dataclass(frozen=True)
+class ReferralRule:
+    """The card's referral rule; `flags` applies it to decisions made at any threshold."""
+    classes: tuple[str, ...]
+    lo: float | None = None            # tumour-probability band [lo, hi): refer
+    hi: float | None = None
+    min_confidence: float = 0.0        # top-class rule (old cards, models without 'notumor')
+    min_type_confidence: float = 0.0
+
+    @classmethod
+    def from_card(cls, card: dict) -> "ReferralRule":
+        u = card.get("uncertainty") or {}
+        classes = tuple(card.get("classes", []))
+        old = float(u.get("min_confidence") or 0.0)
+        if u.get("lo") is None or u.get("hi") is None or not has_tumour_decision(list(classes)):
+            return cls(classes, min_confidence=old)
+        return cls(classes, float(u["lo"]), float(u["hi"]), old,
+                   float(u.get("min_type_confidence") or 0.0))
+
+    @property
+    def uses_band(self) -> bool:
+        return self.lo is not None and self.hi is not None
+
+    def flags(self, probs: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(uncertain, type_uncertain) per row of ``probs`` decided as class indices ``pred``."""
+        probs = np.atleast_2d(np.asarray(probs, np.float64))
+        if not self.uses_band:
+            return probs.max(1) < self.min_confidence, np.zeros(len(probs), bool)
+        classes = list(self.classes)
+        t = tumour_probability(probs, classes)
+        called = np.asarray(pred) != classes.index(NO_TUMOUR)
+        return ((t >= self.lo) & (t < self.hi),
+                called & (type_confidence(probs, classes) < self.min_type_confidence))
+
+    def reason(self, probs: np.ndarray, pred: int) -> str | None:
+        """Why one prediction is flagged, with the numbers that make it checkable; None if not."""
+        unc, typ = self.flags(probs, np.array([pred]))
+        return self.describe(probs, bool(unc[0]), bool(typ[0]))
+
+    def describe(self, probs: np.ndarray, uncertain: bool, type_uncertain: bool) -> str | None:
+        """The text for these flags on one row of probabilities."""
+        probs = np.asarray(probs, np.float64).reshape(1, -1)
+        classes = list(self.classes)
+        out = []
+        if uncertain and self.uses_band:
+            out.append(f"tumour probability {tumour_probability(probs, classes)[0]:.3f} is inside "
+                       f"the referral band {self.lo:.3f}-{self.hi:.3f}")
+        elif uncertain:
+            out.append(f"confidence {probs.max():.3f} is below the referral level "
+                       f"{self.min_confidence:.3f}")
+        if type_uncertain:
+            out.append(f"the most likely tumour type holds {type_confidence(probs, classes)[0]:.0%} "
+                       f"of the tumour probability, below {self.min_type_confidence:.0%}")
+        return "; ".join(out) or None
+
+
+def reassess(pred, rule: ReferralRule | None):
+    """A `Prediction` decided anew (another threshold) with its type flag following the call.
+
+    ``uncertain`` depends on the probabilities alone (band or top class), so it is kept.
+    """
+    if rule is None:
+        return pred
+    classes = list(rule.classes)
+    p = np.array([pred.probs[c] for c in classes])
+    typ = bool(rule.flags(p, np.array([classes.index(pred.pred)]))[1][0])
+    return dataclasses.replace(pred, type_uncertain=typ,
+                               uncertain_reason=rule.describe(p, pred.uncertain, typ))
+
+
+# ----------------------------------------------------------------------------- fitting on validation
+def pick_min_confidence(conf: np.ndarray, correct: np.ndarray, target_error: float = 0.005,
+                        max_referred: float = 0.10) -> dict:
+    """Lowest confidence below which predictions are referred, so that kept ones err <= target.
+
+    Refers at most ``max_referred``; when that cannot reach the target, the level within it
+    with the lowest kept error. Equal confidences are kept or referred together.
+    """
+    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, bool)
+    n = len(conf)
+    if n == 0:
+        return {"min_confidence": 0.0}
+    order = np.argsort(-conf, kind="stable")
+    c = conf[order]
+    kept = np.arange(1, n + 1)
+    rate = np.cumsum(~correct[order]) / kept
+    cut = np.r_[c[:-1] > c[1:], True] & (kept >= math.ceil((1 - max_referred) * n - 1e-9))
+    meets = cut & (rate <= target_error)
+    # keep the most that meet the target; otherwise the lowest error (then the most kept)
+    k = int(np.flatnonzero(meets)[-1]) if meets.any() else \
+        int(np.flatnonzero(cut)[np.lexsort((-kept[cut], rate[cut]))[0]])
+    thr = float(c[k]) if k < n - 1 else 0.0
+    return {"min_confidence": thr, "target_error": target_error, "max_referred": max_referred,
+            "val_referred": float((conf < thr).mean()), "val_error_kept": float(rate[k]),
+            "val_n": int(n)}
+
+
+def pick_band(t_prob: np.ndarray, is_tumour: np.ndarray, threshold: float,
+              target_error: float = 0.005, max_referred: float = 0.10) -> dict:
+    """The band [lo, hi) around ``threshold`` that refers the fewest validation images while the
+    decisions kept outside it err <= ``target_error``, referring at most ``max_referred``.
+
+    When no band within that cap reaches the target, the one with the lowest kept error. Only
+    bands whose edges sit on an error need trying: lo at a missed tumour's probability, hi just
+    above a false alarm's (moving an edge elsewhere refers more without removing an error).
+    """
+    t, y = np.asarray(t_prob, np.float64), np.asarray(is_tumour, bool)
+    n, cap = len(t), int(math.floor(max_referred * len(t)))
+    below = t < threshold
+    ts, tum, nor = np.sort(t), np.sort(t[y]), np.sort(t[~y])
+    lo_c = np.unique(np.r_[threshold, t[below & y]])
+    hi_c = np.unique(np.r_[threshold, np.nextafter(t[~below & ~y], np.inf)])
+    # an edge that alone refers more than the cap can never be part of an allowed band
+    lo_c = lo_c[np.searchsorted(ts, threshold) - np.searchsorted(ts, lo_c) <= cap]
+    hi_c = hi_c[np.searchsorted(ts, hi_c) - np.searchsorted(ts, threshold) <= cap]
+    referred = np.searchsorted(ts, hi_c)[None, :] - np.searchsorted(ts, lo_c)[:, None]
+    errors = np.searchsorted(tum, lo_c)[:, None] + (len(nor) - np.searchsorted(nor, hi_c))[None, :]
+    rate = errors / np.maximum(n - referred, 1)
+    allowed = referred <= cap
+    meets = allowed & (rate <= target_error)
+    pool = np.flatnonzero(meets if meets.any() else allowed)  # (threshold, threshold) always allowed
+    r, e = referred.ravel()[pool], rate.ravel()[pool]
+    # fewest referred, then lowest error; without a band meeting the target, the reverse
+    best = pool[np.lexsort((e, r) if meets.any() else (r, e))[0]]
+    i, j = np.unravel_index(int(best), referred.shape)
+    return {"lo": float(lo_c[i]), "hi": float(hi_c[j]), "target_error": target_error,
+            "max_referred": max_referred, "val_referred": float(referred[i, j] / max(n, 1)),
+            "val_error_kept": float(rate[i, j]), "val_n": int(n)}
+
+
+def pick_referral(probs: np.ndarray, labels: list[str], classes: list[str], threshold: float | None,
+                  target_error: float = 0.005, max_referred: float = 0.10,
+                  type_target_error: float = 0.005, type_max_referred: float = 0.10) -> dict:
+    """The card's ``uncertainty`` block from validation probabilities (calibrated) and labels."""
+    probs = np.asarray(probs, np.float64)
+    if not has_tumour_decision(classes) or threshold is None or len(probs) == 0:
+        fine = [i for i, lab in enumerate(labels) if lab in classes]
+        y = np.array([classes.index(labels[i]) for i in fine], int)
+        conf = probs[fine].max(1) if fine else np.zeros(0)
+        correct = probs[fine].argmax(1) == y if fine else np.zeros(0, bool)
+        return {"rule": TOP_CLASS_RULE, **pick_min_confidence(conf, correct, target_error, max_referred)}
+    truth = [is_tumour_label(lab) for lab in labels]
+    known = [i for i, v in enumerate(truth) if v is not None]
+    t = tumour_probability(probs, classes)
+    band = pick_band(t[known], np.array([truth[i] for i in known], bool), threshold,
+                     target_error, max_referred)
+    kind = _type_block(probs, labels, classes, threshold, type_target_error, type_max_referred)
+    return {"rule": BAND_RULE, "threshold": threshold, **band, **kind}
+
+
+def _type_block(probs: np.ndarray, labels: list[str], classes: list[str], threshold: float,
+                target_error: float, max_referred: float) -> dict:
+    """min_type_confidence on the fine-labelled tumours called 'tumour' (type errors only count there)."""
+    types = tumour_classes(classes)
+    called = decide(probs, classes, threshold) != classes.index(NO_TUMOUR)
+    sel = [i for i, lab in enumerate(labels) if lab in FINE_TUMOURS and lab in types and called[i]]
+    if len(types) < 2 or not sel:
+        return {"min_type_confidence": 0.0}
+    idx = [classes.index(c) for c in types]
+    correct = np.array([types[int(np.argmax(probs[i, idx]))] == labels[i] for i in sel])
+    got = pick_min_confidence(type_confidence(probs[sel], classes), correct, target_error, max_referred)
+    return {"min_type_confidence": got["min_confidence"],
+            **{f"type_{k}": v for k, v in got.items() if k != "min_confidence"}}

@@ -1,0 +1,227 @@
+"""Saliency checked against tumour masks: `python -m core saliency-check --weights weights/NAME`.
+
+For each CAM method of `core.saliency.METHODS`, over the LGG FLAIR test slices of a model's
+split.json that have a non-empty mask, two numbers in the model-input frame:
+
+- pointing game: share of slices whose map peak lies inside the mask grown by ``dilate_px``;
+- energy in mask: mean share of the map's mass inside the (ungrown) mask.
+
+Two maps that know nothing of the image give the floor: uniform noise and a Gaussian centred
+on the frame (the head is centred by preprocessing). The mask's own area share is the chance
+level of the energy share; the grown mask's area share that of the pointing game.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import saliency as S
+
+BASELINES = ("random map", "centre Gaussian")
+TARGETS = ("glioma", "predicted")
+DEFAULT_LIMIT = 150
+DEFAULT_DILATE_PX = S.POINTING_PX
+
+
+# ----------------------------------------------------------------------------- inputs
+def masked_test_slices(weights_dir: str | Path, source: str = "lgg",
+               data_config: str | Path | None = "experiments/default.toml") -> list[tuple[Path, Path]]:
+    """(image, mask) for the test-split slices of ``source`` that have a mask file."""
+    from .inference import load_card
+    from .ood import source_roots, split_files
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / "split.json").is_file():
+        raise FileNotFoundError(f"no split.json in {weights_dir}: the test split is unknown")
+    files = split_files(weights_dir / "split.json", source_roots(load_card(weights_dir), data_config))
+    if source not in files:
+        raise ValueError(f"split.json has no source {source!r} (it has {', '.join(files)})")
+    images = sorted(files[source].get("test", ([], []))[0])
+    pairs = [(Path(f), S.mask_path_for(f)) for f in images]
+    return [(img, m) for img, m in pairs if m is not None]
+
+
+def spread(items: list, limit: int | None) -> list:
+    """At most ``limit`` items evenly spaced over the list, so every test patient stays in."""
+    if not limit or limit >= len(items):
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))]
+
+
+# ----------------------------------------------------------------------------- maps
+def baseline_map(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A map that ignores the image: the floor every method must clear."""
+    if name == "random map":
+        return rng.random((size, size), dtype=np.float32)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    sigma = size / 4  # about the head's half-width after the crop
+    return np.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2)).astype(np.float32)
+
+
+def _predicted(predictor, scan) -> str:
+    from .metrics import decide
+    p = predictor.probabilities(predictor.input_tensor(scan))
+    return predictor.classes[int(decide(p, predictor.classes, predictor.threshold)[0])]
+
+
+def score_slice(predictor, image: Path, mask_file: Path, dilate_px: int,
+                rng: np.random.Generator, methods: list[str]) -> dict | None:
+    """Every method's scores on one slice, for both targets; None when the mask is empty here."""
+    from .reader import read_scan
+    scan = read_scan(image)
+    mask = S.mask_to_input(scan.pixels, S.read_mask(mask_file), predictor.spec)
+    if not mask.any():  # a lesion outside the head crop, or an empty mask file
+        return None
+    size = mask.shape[0]
+    tol = dilate_px / size  # mask_scores takes the tolerance as a share of the frame
+    pred = _predicted(predictor, scan)
+    out = {"file": image.name, "pred": pred, "area_share": float(mask.mean()),
+           "grown_share": float(S.dilate(mask, dilate_px).mean()), "glioma": {}, "predicted": {}}
+    for name in BASELINES:
+        s = S.mask_scores(baseline_map(name, size, rng), mask, tol)
+        out["glioma"][name] = out["predicted"][name] = [s["pointing_hit"], s["energy_in_mask"]]
+    # One pass per target serves every method; a glioma prediction needs no second one.
+    for key, target in (("glioma", "glioma"), ("predicted", pred)):
+        if key == "predicted" and pred == "glioma":
+            out["predicted"].update({m: out["glioma"][m] for m in methods})
+            continue
+        for m, cam in S.saliency_maps(predictor, scan, methods, target).items():
+            s = S.mask_scores(cam, mask, tol)
+            out[key][m] = [s["pointing_hit"], s["energy_in_mask"]]
+    return out
+
+
+# ----------------------------------------------------------------------------- summary
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a hit rate: honest at n of a hundred or so and near 0 or 1."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarise(slices: list[dict], methods: list[str]) -> list[dict]:
+    """One row per method and baseline: pointing game (with 95% CI) and energy, per target."""
+    rows = []
+    for m in [*methods, *BASELINES]:
+        row = {"method": m, "baseline": m in BASELINES, "n": len(slices)}
+        for target in TARGETS:
+            hits = [s[target][m][0] for s in slices]
+            row[f"pointing_{target}"] = float(np.mean(hits)) if hits else None
+            row[f"pointing_{target}_ci95"] = list(wilson(sum(hits), len(hits)))
+            row[f"energy_{target}"] = float(np.mean([s[target][m][1] for s in slices])) if hits else None
+        rows.append(row)
+    return rows
+
+
+def best_method(rows: list[dict]) -> str:
+    """The CAM method (no baseline) with the highest glioma pointing game; ties by energy."""
+    cands = [r for r in rows if not r["baseline"]]
+    return max(cands, key=lambda r: (r["pointing_glioma"], r["energy_glioma"]))["method"]
+
+
+def check(predictor, pairs: list[tuple[Path, Path]], dilate_px: int = DEFAULT_DILATE_PX,
+          seed: int = 0, methods: list[str] | None = None) -> dict:
+    """Scores every method on ``pairs``; returns rows, per-slice scores, chance levels, timing."""
+    methods = list(methods or S.METHODS)
+    rng = np.random.default_rng(seed)
+    t0, slices, empty = time.perf_counter(), [], []
+    for image, mask_file in pairs:
+        s = score_slice(predictor, image, mask_file, dilate_px, rng, methods)
+        (slices.append(s) if s is not None else empty.append(image.name))
+    if not slices:
+        raise ValueError("no slice with a non-empty mask in the model-input frame")
+    rows = summarise(slices, methods)
+    return {"rows": rows, "best": best_method(rows), "slices": slices, "skipped_empty": empty,
+            "chance": {"area_share": float(np.mean([s["area_share"] for s in slices])),
+                       "grown_share": float(np.mean([s["grown_share"] for s in slices]))},
+            "predicted_glioma": sum(s["pred"] == "glioma" for s in slices),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def to_markdown(result: dict) -> str:
+    """The table for docs/generalisation.md: methods, then the floors and the chance level."""
+    lines = ["| method | pointing game, glioma (95% CI) | energy in mask, glioma "
+             "| pointing game, predicted class | energy in mask, predicted class |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lo, hi = r["pointing_glioma_ci95"]
+        name = f"*{r['method']}* (floor)" if r["baseline"] else (
+            f"**{r['method']}**" if r["method"] == result["best"] else r["method"])
+        lines.append(f"| {name} | {r['pointing_glioma']:.3f} ({lo:.2f}-{hi:.2f}) "
+                     f"| {r['energy_glioma']:.3f} | {r['pointing_predicted']:.3f} "
+                     f"| {r['energy_predicted']:.3f} |")
+    c = result["chance"]
+    lines.append(f"| *mask area (chance)* | {c['grown_share']:.3f} | {c['area_share']:.3f} "
+                 f"| {c['grown_share']:.3f} | {c['area_share']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+def write_card_default(weights_dir: Path, result: dict, settings: dict) -> None:
+    """Record the best method in the card; only the ``saliency`` key is rewritten."""
+    card_file = weights_dir / "card.json"
+    card = json.loads(card_file.read_text())
+    best = next(r for r in result["rows"] if r["method"] == result["best"])
+    card["saliency"] = {"default_method": result["best"], "measured": {
+        "pointing_game": round(best["pointing_glioma"], 4),
+        "energy_in_mask": round(best["energy_glioma"], 4),
+        "n_slices": best["n"], "target": "glioma", "dilate_px": settings["dilate_px"],
+        "source": settings["source"], "split": "test", "file": "saliency_eval.json",
+        "command": settings["command"], "date": settings["date"]}}
+    card_file.write_text(json.dumps(card, indent=1))
+
+
+def cmd_saliency_check(args) -> int:
+    import datetime
+    import torch
+    from .inference import Predictor
+    torch.set_num_threads(args.threads)  # a background check, not a race with training
+    predictor = Predictor(args.weights)
+    all_pairs = masked_test_slices(predictor.dir, args.source, args.data_config)
+    pairs = spread(all_pairs, args.limit)
+    if not pairs:
+        raise ValueError(f"no {args.source} test slice with a mask file for {predictor.dir}")
+    result = check(predictor, pairs, args.dilate, args.seed)
+    settings = {"weights": str(args.weights), "model": predictor.name, "source": args.source,
+                "split": "test", "slices_with_mask": len(all_pairs), "slices_used": len(pairs),
+                "limit": args.limit, "selection": "evenly spaced over the sorted test list",
+                "dilate_px": args.dilate, "input_size": predictor.spec["size"], "seed": args.seed,
+                "threads": args.threads, "date": datetime.date.today().isoformat(),
+                "command": (f"python -m core saliency-check --weights {args.weights} "
+                            f"--limit {args.limit} --dilate {args.dilate} --seed {args.seed}")}
+    out = Path(args.json) if args.json else predictor.dir / "saliency_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": settings, **result}, indent=1))
+    if not args.no_card:
+        write_card_default(predictor.dir, result, settings)
+    print(to_markdown(result))
+    print(f"{len(result['slices'])} slices ({len(all_pairs)} with a mask in the test split), "
+          f"peak counted inside when within {args.dilate} px of the mask at "
+          f"{predictor.spec['size']} px; predicted glioma on {result['predicted_glioma']}; "
+          f"best: {result['best']}; {result['seconds']} s; written to {out}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    c = sub.add_parser("saliency-check", help="pointing game and mask energy of each CAM method "
+                                              "on the LGG test slices with tumour masks")
+    c.add_argument("--weights", required=True, help="model directory with card.json and split.json")
+    c.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                   help=f"at most this many slices, evenly spread (default {DEFAULT_LIMIT}; 0 = all)")
+    c.add_argument("--json", help="where to write the results (default WEIGHTS/saliency_eval.json)")
+    c.add_argument("--dilate", type=int, default=DEFAULT_DILATE_PX,
+                   help="pointing-game tolerance: pixels the mask is grown by at the input size")
+    c.add_argument("--source", default="lgg", help="the source whose masks to use")
+    c.add_argument("--data-config", default="experiments/default.toml",
+                   help="TOML whose [[data]] entries name the source roots (besides the card's)")
+    c.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
+    c.add_argument("--no-card", action="store_true",
+                   help="do not record the best method as the card's saliency default")
+    c.set_defaults(fn=cmd_saliency_check)

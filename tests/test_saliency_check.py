@@ -1,0 +1,228 @@
+"""Saliency against tumour masks: scores, one-pass maps, contours, mask pairing, the CLI."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_weights
+from core import app_support as app
+from core.cli import main
+from core.models import create_model
+from core.reader import ScanImage
+from core.saliency import (METHODS, contour_overlay, default_method, mask_path_for, mask_scores,
+                           read_mask, saliency_map, saliency_maps)
+from core.saliency_check import BASELINES, best_method, spread, to_markdown, wilson
+from test_saliency import Stub, square_scan
+
+
+# ----------------------------------------------------------------------------- scores
+def test_pointing_and_energy_against_a_hand_made_map():
+    mask = np.zeros((40, 40), bool)
+    mask[10:20, 10:20] = True                      # 100 of 1600 pixels
+    cam = np.full((40, 40), 0.1, np.float32)
+    cam[12, 15] = 1.0                              # the peak, inside
+    inside = mask_scores(cam, mask, tolerance=0)
+    assert inside["pointing_hit"] is True
+    expected = (99 * 0.1 + 1.0) / (1599 * 0.1 + 1.0)
+    assert inside["energy_in_mask"] == pytest.approx(expected, rel=1e-5)
+    cam[12, 15], cam[35, 35] = 0.1, 1.0            # the peak far outside
+    outside = mask_scores(cam, mask, tolerance=0.1)
+    assert outside["pointing_hit"] is False
+    assert outside["energy_in_mask"] == pytest.approx(100 * 0.1 / (1599 * 0.1 + 1.0), rel=1e-5)
+    cam[35, 35], cam[10, 23] = 0.1, 1.0            # 3 px off the edge: a hit at 4 px, not at 2
+    assert mask_scores(cam, mask, tolerance=4 / 40)["pointing_hit"] is True
+    assert mask_scores(cam, mask, tolerance=2 / 40)["pointing_hit"] is False
+
+
+def test_wilson_interval_and_best_method():
+    lo, hi = wilson(8, 10)
+    assert lo < 0.8 < hi and 0 <= lo and hi <= 1
+    rows = [{"method": "A", "baseline": False, "pointing_glioma": 0.5, "energy_glioma": 0.2},
+            {"method": "B", "baseline": False, "pointing_glioma": 0.5, "energy_glioma": 0.3},
+            {"method": "random map", "baseline": True, "pointing_glioma": 0.9, "energy_glioma": 0.9}]
+    assert best_method(rows) == "B"  # ties broken by energy; a baseline is never the default
+    assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
+
+
+def test_one_pass_maps_equal_one_map_per_method():
+    torch.manual_seed(0)
+    p = Stub(create_model("cnn_bn", 4))
+    for target in ("glioma", "notumor", None):
+        maps = saliency_maps(p, square_scan(), list(METHODS), target)
+        assert list(maps) == list(METHODS)
+        for m, cam in maps.items():
+            np.testing.assert_allclose(cam, saliency_map(p, square_scan(), m, target), atol=1e-5)
+    assert not p.lock.locked() and all(q.grad is None for q in p.model.parameters())
+
+
+def test_default_method_comes_from_the_card():
+    assert default_method({}) == default_method(None) == "Grad-CAM"
+    assert default_method({"saliency": {"default_method": "gradcam++"}}) == "Grad-CAM++"
+    assert default_method({"saliency": {"default_method": "occlusion"}}) == "Grad-CAM"
+
+
+# ----------------------------------------------------------------------------- contours and masks
+def test_contour_overlay_outlines_the_mask_only():
+    rgb = np.full((64, 64, 3), 100, np.uint8)
+    mask = np.zeros((32, 32), bool)                # half the display size: resized
+    mask[8:16, 8:16] = True
+    out = contour_overlay(rgb, mask)
+    assert out.shape == rgb.shape and out.dtype == np.uint8 and (rgb == 100).all()
+    drawn = (out != 100).any(axis=2)
+    ys, xs = np.nonzero(drawn)
+    assert drawn.any() and ys.min() == 16 and ys.max() == 31 and xs.min() == 16 and xs.max() == 31
+    assert not drawn[20:28, 20:28].any()           # the inside stays as it was
+    assert (out[drawn] == (255, 0, 255)).all()
+    assert not (contour_overlay(rgb, np.zeros((64, 64), bool)) != 100).any()
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pair_masks_takes_x_mask_out_of_the_batch():
+    items = [("TCGA_A_1_5.tif", b"img"), ("TCGA_A_1_5_mask.tif", b"mask"),
+             ("lonely_mask.tif", b"m2"), ("z.zip/d/s.png", b"i3"), ("z.zip/d/s_mask.png", b"m3"),
+             ("z.zip/other/s_mask.png", b"m4"), ("bad_mask.png", ValueError("x")), ("bad.png", b"i5")]
+    kept, masks = app.pair_masks(items)
+    assert masks == {"TCGA_A_1_5.tif": b"mask", "z.zip/d/s.png": b"m3"}
+    assert [n for n, _ in kept] == ["TCGA_A_1_5.tif", "lonely_mask.tif", "z.zip/d/s.png",
+                                    "z.zip/other/s_mask.png", "bad_mask.png", "bad.png"]
+
+
+def test_input_mask_and_note_on_an_upload():
+    grey = np.zeros((96, 96), np.float32)
+    grey[8:88, 8:88] = 0.6
+    m = np.zeros((96, 96), np.uint8)
+    m[20:40, 20:40] = 255
+    spec = {"size": 48, "crop": "head", "mean": 0.2, "std": 0.25}
+    frame = app.input_mask(ScanImage(grey), _png(m), spec)
+    assert frame.shape == (48, 48) and frame.any()
+    cam = frame.astype(np.float32)
+    assert "peak inside" in app.mask_note(cam, frame) and "100%" in app.mask_note(cam, frame)
+    assert app.input_mask(ScanImage(grey), _png(m[:50]), spec) is None      # another size
+    assert app.input_mask(ScanImage(grey), b"not an image", spec) is None
+    assert app.input_mask(ScanImage(grey), None, spec) is None
+
+
+def test_mask_path_for_both_lgg_layouts(tmp_path):
+    (tmp_path / "glioma").mkdir()
+    (tmp_path / "masks").mkdir()
+    img = tmp_path / "glioma" / "TCGA_CS_1_01.jpg"
+    img.write_bytes(b"x")
+    assert mask_path_for(img) is None
+    (tmp_path / "masks" / "TCGA_CS_1_01.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    assert mask_path_for(img) == tmp_path / "masks" / "TCGA_CS_1_01.png"
+    kaggle = tmp_path / "glioma" / "TCGA_CS_1_02.tif"
+    (tmp_path / "glioma" / "TCGA_CS_1_02_mask.tif").write_bytes(b"m")
+    assert mask_path_for(kaggle) == tmp_path / "glioma" / "TCGA_CS_1_02_mask.tif"
+    assert not read_mask(tmp_path / "masks" / "TCGA_CS_1_01.png").any()
+
+
+# ----------------------------------------------------------------------------- the CLI
+def lgg_like(root: Path, n: int = 4) -> list[str]:
+    """root/{glioma,notumor}/TCGA_XX_0001_NN.jpg heads with a bright lesion, masks in root/masks."""
+    yy, xx = np.mgrid[:96, :96]
+    rels = []
+    for k in range(n):
+        head = (((yy - 48) / 40) ** 2 + ((xx - 48) / 34) ** 2 < 1) * 0.5
+        lesion = ((yy - 30 - 8 * k) ** 2 + (xx - 35) ** 2) < 64
+        for d in ("glioma", "notumor", "masks"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        name = f"TCGA_XX_0001_{k:02d}"
+        Image.fromarray(((head + 0.4 * lesion) * 255).astype(np.uint8)).save(root / "glioma" / f"{name}.jpg")
+        empty = k == n - 1  # a mask file with no lesion: skipped, not scored
+        Image.fromarray((lesion * 255 * (not empty)).astype(np.uint8)).save(root / "masks" / f"{name}.png")
+        rels.append(f"glioma/{name}.jpg")
+    Image.fromarray((head * 255).astype(np.uint8)).save(root / "notumor" / "TCGA_XX_0001_99.jpg")
+    return rels + ["notumor/TCGA_XX_0001_99.jpg"]
+
+
+def test_cli_on_a_tiny_lgg_like_folder(tmp_path, capsys):
+    w = make_weights(tmp_path / "w")
+    rels = lgg_like(tmp_path / "lgg")
+    card = json.loads((w / "card.json").read_text())
+    card["sources"].append({"name": "lgg", "path": str(tmp_path / "lgg")})
+    (w / "card.json").write_text(json.dumps(card))
+    (w / "split.json").write_text(json.dumps({"files": {"lgg": {"test": rels, "train": []}}}))
+    assert main(["saliency-check", "--weights", str(w), "--limit", "0", "--data-config", ""]) == 0
+    out = json.loads((w / "saliency_eval.json").read_text())
+    assert [r["method"] for r in out["rows"]] == [*METHODS, *BASELINES]
+    assert out["settings"]["slices_with_mask"] == 4 and len(out["slices"]) == 3
+    assert out["skipped_empty"] == ["TCGA_XX_0001_03.jpg"]
+    for r in out["rows"]:
+        assert 0 <= r["pointing_glioma"] <= 1 and 0 <= r["energy_predicted"] <= 1
+    assert 0 < out["chance"]["area_share"] < out["chance"]["grown_share"] < 1
+    saved = json.loads((w / "card.json").read_text())["saliency"]
+    assert saved["default_method"] == out["best"] and saved["measured"]["n_slices"] == 3
+    assert default_method({"saliency": saved}) == out["best"]
+    printed = capsys.readouterr().out
+    assert "| method | pointing game" in printed and "mask area (chance)" in printed
+    assert to_markdown(out).splitlines()[0] == printed.splitlines()[0]
+    # --no-card and --json leave the card alone and write where asked.
+    (w / "card.json").write_text(json.dumps(card))
+    assert main(["saliency-check", "--weights", str(w), "--limit", "2", "--data-config", "",
+                 "--no-card", "--json", str(tmp_path / "s.json")]) == 0
+    assert "saliency" not in json.loads((w / "card.json").read_text())
+    assert json.loads((tmp_path / "s.json").read_text())["settings"]["slices_used"] == 2
+
+
+# ----------------------------------------------------------------------------- the app
+@pytest.fixture
+def masked_app(tmp_path, monkeypatch):
+    """The app on a random model whose card names EigenCAM and whose synth data has a mask."""
+    from streamlit.testing.v1 import AppTest
+    from conftest import REPO
+    w = make_weights(tmp_path / "w")
+    card = json.loads((w / "card.json").read_text())
+    card["saliency"] = {"default_method": "EigenCAM", "measured": {}}
+    (w / "card.json").write_text(json.dumps(card))
+    ev = json.loads((w / "eval.json").read_text())
+    for r in ev["predictions"]:  # one tumour missed for sure, so the gallery shows it
+        if r["source"] == "synth" and r["file"] == "glioma/0.png":
+            r.update(pred="notumor", tumour_probability=0.2, confidence=0.8,
+                     probs={"glioma": 0.1, "meningioma": 0.05, "pituitary": 0.05, "notumor": 0.8})
+    (w / "eval.json").write_text(json.dumps(ev))
+    (w / "data" / "synth" / "masks").mkdir()
+    m = np.zeros((96, 96), np.uint8)
+    m[30:50, 25:45] = 255
+    Image.fromarray(m).save(w / "data" / "synth" / "masks" / "0.png")
+    monkeypatch.setenv("BT_WEIGHTS", str(w))
+    return AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+
+
+def _captions(at) -> str:
+    return " ".join([c for im in at.image for c in im.captions] + [c.value for c in at.caption])
+
+
+def test_diagnose_pairs_an_uploaded_mask_and_outlines_it(masked_app, tmp_path):
+    at = masked_app
+    scan = (tmp_path / "w" / "data" / "synth" / "glioma" / "0.png").read_bytes()
+    mask = (tmp_path / "w" / "data" / "synth" / "masks" / "0.png").read_bytes()
+    at.switch_page("app_pages/diagnose.py").run()
+    at.file_uploader[0].set_value([("TCGA_X_1_01.png", scan, "image/png"),
+                                   ("TCGA_X_1_01_mask.png", mask, "image/png")]).run()
+    assert not at.exception
+    assert len([m for m in at.markdown if m.value.startswith("### Prediction:")]) == 1
+    text = _captions(at)
+    assert "1 tumour mask(s) paired" in text and "Magenta outline" in text and "map peak" in text
+    method = next(s for s in at.selectbox if s.key.startswith("m-"))
+    assert method.value == "EigenCAM"  # the card's measured default
+
+
+def test_gallery_outlines_the_mask_beside_a_missed_lgg_like_scan(masked_app):
+    at = masked_app
+    at.switch_page("app_pages/evaluation.py").run()
+    at.selectbox[0].set_value("synth").run()
+    assert not at.exception
+    assert at.radio(key="gallery-explain").label == "EigenCAM for"
+    caption = next(c for im in at.image for c in im.captions if c.startswith("glioma/0.png"))
+    assert "magenta: tumour mask" in caption and "map peak" in caption
