@@ -288,9 +288,11 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     if tumour_classes(classes) and "notumor" in classes:
         t_prob = tumour_probability(val_probs, classes)
         is_t = np.array([s.label != "notumor" for s in val_samples])
-        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity)
+        src = np.array([s.source for s in val_samples])
+        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity, groups=src)
         operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
                      "min_specificity": args.min_specificity,
+                     "min_specificity_applies_to": "every source with >= 20 validation normals",
                      "val_sensitivity": float((t_prob[is_t] >= thr).mean()) if is_t.any() else None,
                      "val_specificity": float((t_prob[~is_t] < thr).mean()) if (~is_t).any() else None}
     threshold = operating.get("threshold")
@@ -308,6 +310,10 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
+    if args.resume and (out / "card.json").exists():
+        # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
+        old = json.loads((out / "card.json").read_text())
+        card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
     (out / "card.json").write_text(json.dumps(card, indent=1))
     for f in ("best.pt",):
         (out / f).unlink(missing_ok=True)

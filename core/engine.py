@@ -219,12 +219,15 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
 
 
 def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float,
-                   min_specificity: float | None = None) -> float:
+                   min_specificity: float | None = None, groups: np.ndarray | None = None,
+                   min_group_normals: int = 20) -> float:
     """The highest tumour-probability threshold whose validation sensitivity meets the target.
 
     With ``min_specificity``, never go so low that validation specificity falls below it: a
-    threshold that calls most healthy scans tumours is no operating point. The card records
-    the sensitivity and specificity actually reached.
+    threshold that calls most healthy scans tumours is no operating point. With ``groups``
+    (the source of each image) the floor holds in every source with at least
+    ``min_group_normals`` normals, so that many easy normals of one collection cannot pay for
+    false alarms on another. The card records the sensitivity and specificity actually reached.
     """
     t_prob, is_tumour = np.asarray(t_prob), np.asarray(is_tumour, bool)
     tp = np.sort(t_prob[is_tumour])
@@ -232,9 +235,14 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
         return 0.5
     k = int(math.floor((1 - target_sensitivity) * len(tp)))  # tumours we may miss
     thr = float(min(0.5, max(1e-4, tp[k] - 1e-6)))
-    normals = np.sort(t_prob[~is_tumour])
-    if min_specificity is not None and len(normals):
-        # lowest threshold keeping at least min_specificity of normals below it
+    if min_specificity is None:
+        return thr
+    groups = np.zeros(len(t_prob), int) if groups is None else np.asarray(groups)
+    for g in np.unique(groups):
+        normals = np.sort(t_prob[~is_tumour & (groups == g)])
+        if len(normals) == 0 or (len(np.unique(groups)) > 1 and len(normals) < min_group_normals):
+            continue
+        # lowest threshold keeping at least min_specificity of this group's normals below it
         j = min(len(normals) - 1, int(math.ceil(min_specificity * len(normals))) - 1)
         thr = max(thr, min(0.5, float(normals[j]) + 1e-6))
     return thr

@@ -16,6 +16,28 @@ DATA = SHARED / "data"
 CLASSES = ["glioma", "meningioma", "pituitary", "notumor"]
 
 
+@pytest.fixture()
+def private_cache(tmp_path, monkeypatch):
+    """A per-test perceptual-hash and image cache, so tests never read or write the user's."""
+    import core.data as D
+    import core.engine as E
+    cache = tmp_path / "_cache" / "phash.json"
+    monkeypatch.setattr(D, "HASH_CACHE", cache)
+    monkeypatch.setattr(E, "HASH_CACHE", cache)
+    monkeypatch.setenv("BT_CACHE", str(cache.parent))
+    return cache
+
+
+def make_blob_dataset(root: Path, per_class: int = 10) -> None:
+    """Smooth random blobs: distinct perceptual hashes, so the grouped split has every class."""
+    for ci, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            rng = np.random.default_rng(1000 * ci + k)
+            coarse = Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8))
+            coarse.resize((64, 64), Image.BICUBIC).save(root / c / f"{c}_{k}.png")
+
+
 def _synthetic_scans(root: Path, per_class: int = 3) -> list[tuple[str, str]]:
     """Bright-ellipse 'heads' as PNGs, root/<class>/<n>.png; returns (rel, label)."""
     rng = np.random.default_rng(0)

@@ -14,8 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import core.data as D
-import core.engine as E
 from core.cli import main
 from core.models import create_model
 from core.preprocess import DEFAULT_SPEC
@@ -24,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 C4 = ["glioma", "meningioma", "pituitary", "notumor"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "_cache" / "phash.json"
-    monkeypatch.setattr(D, "HASH_CACHE", cache)
-    monkeypatch.setattr(E, "HASH_CACHE", cache)
-    monkeypatch.setenv("BT_CACHE", str(cache.parent))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: a per-test hash cache
 
 
 def pattern(seed, size=64):

@@ -12,25 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from core import distributed as DD
+
+from conftest import make_blob_dataset as make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 C4 = ["glioma", "meningioma", "pituitary", "notumor"]
 
 
-def make_dataset(root: Path, per_class: int = 10) -> None:
-    """Smooth random blobs: distinct perceptual hashes, so the grouped split has every class."""
-    for ci, c in enumerate(C4):
-        (root / c).mkdir(parents=True)
-        for k in range(per_class):
-            rng = np.random.default_rng(1000 * ci + k)
-            coarse = Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8))
-            coarse.resize((64, 64), Image.BICUBIC).save(root / c / f"{c}_{k}.png")
 
 
 @pytest.fixture(scope="module")

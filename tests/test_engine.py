@@ -9,13 +9,7 @@ import core.engine as E
 from core.models import create_model
 from core.preprocess import DEFAULT_SPEC, head_bbox, normalise, pad_square, prepare, preprocess
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "_cache" / "phash.json"
-    monkeypatch.setattr(D, "HASH_CACHE", cache)
-    monkeypatch.setattr(E, "HASH_CACHE", cache)
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: a per-test hash cache
 
 
 def synthetic_head(h=240, w=320, centre=(140, 190), radii=(70, 90), label=True) -> np.ndarray:

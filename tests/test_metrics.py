@@ -181,3 +181,23 @@ def test_pick_threshold_is_capped_at_one_half_and_handles_no_tumours():
     is_t = np.array([True, True, True, False])
     assert pick_threshold(t_prob, is_t, 0.99) == 0.5
     assert pick_threshold(np.array([0.2]), np.array([False]), 0.99) == 0.5
+
+
+def test_pick_threshold_specificity_floor_holds_in_every_source():
+    # Source a: 100 normals far below every threshold; source b: 40 normals spread up to 0.4.
+    # Pooled, b's false alarms are diluted; per source, the floor must hold in b as well.
+    rng = np.random.default_rng(0)
+    t_a = rng.uniform(0, 0.01, 100)
+    t_b = np.linspace(0.0, 0.4, 40)
+    tumours = rng.uniform(0.05, 1.0, 100)
+    t_prob = np.concatenate([t_a, t_b, tumours])
+    is_t = np.r_[np.zeros(140, bool), np.ones(100, bool)]
+    src = np.array(["a"] * 100 + ["b"] * 40 + ["a"] * 100)
+    pooled = pick_threshold(t_prob, is_t, 0.99, 0.95)
+    per_source = pick_threshold(t_prob, is_t, 0.99, 0.95, groups=src)
+    assert per_source > pooled
+    assert (t_b < per_source).mean() >= 0.95 and (t_b < pooled).mean() < 0.95
+    # a source with too few normals to judge does not move the threshold
+    few = np.array(["a"] * 100 + ["b"] * 40 + ["a"] * 100)
+    few[100:130] = "a"  # b keeps 10 normals only
+    assert pick_threshold(t_prob, is_t, 0.99, 0.95, groups=few, min_group_normals=20) <= per_source

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import core.data as D
 import core.engine as E
 from core.cli import main as cli_main
 from core.labels import normalise_label
+
+from conftest import make_blob_dataset as make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -22,13 +22,7 @@ DATA = SHARED / "data"
 C4 = ["glioma", "meningioma", "pituitary", "notumor"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "_cache" / "phash.json"
-    monkeypatch.setattr(D, "HASH_CACHE", cache)
-    monkeypatch.setattr(E, "HASH_CACHE", cache)
-    monkeypatch.setenv("BT_CACHE", str(cache.parent))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: a per-test hash cache
 
 
 def run_train(args, cache_dir, timeout=600):
@@ -39,13 +33,6 @@ def run_train(args, cache_dir, timeout=600):
     return r.stdout
 
 
-def make_dataset(root: Path, per_class=10):
-    for ci, c in enumerate(C4):
-        (root / c).mkdir(parents=True)
-        for k in range(per_class):
-            rng = np.random.default_rng(1000 * ci + k)
-            coarse = Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8))
-            coarse.resize((64, 64), Image.BICUBIC).save(root / c / f"{c}_{k}.png")
 
 
 # ----------------------------------------------------------------------------- resume
