@@ -7,16 +7,19 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import runtime  # first: process memory settings, before torch is imported
 from core.app_support import card_threshold, current_predictor, model_choices
 from core.inference import load_card
 
+# Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
+HERE = Path(__file__).resolve().parent
 st.set_page_config(page_title="Brain tumour MRI classifier", page_icon=":material/neurology:", layout="wide")
 
 PAGES = {
-    "diagnose": st.Page("app_pages/diagnose.py", title="Diagnose", icon=":material/search:"),
-    "evaluation": st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/analytics:"),
-    "training": st.Page("app_pages/training.py", title="Training", icon=":material/show_chart:"),
-    "card": st.Page("app_pages/model_card.py", title="Model card", icon=":material/description:"),
+    "diagnose": st.Page(HERE / "app_pages/diagnose.py", title="Diagnose", icon=":material/search:"),
+    "evaluation": st.Page(HERE / "app_pages/evaluation.py", title="Evaluation", icon=":material/analytics:"),
+    "training": st.Page(HERE / "app_pages/training.py", title="Training", icon=":material/show_chart:"),
+    "card": st.Page(HERE / "app_pages/model_card.py", title="Model card", icon=":material/description:"),
 }
 
 
@@ -100,4 +103,7 @@ def home() -> None:
 
 sidebar()
 nav = st.navigation([st.Page(home, title="Home", icon=":material/home:", default=True), *PAGES.values()])
-nav.run()
+try:
+    nav.run()
+finally:  # st.stop() and reruns end a run by raising
+    runtime.trim()  # an idle server keeps no freed memory of its last run

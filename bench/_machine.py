@@ -6,8 +6,6 @@ import platform
 import shlex
 import sys
 
-import torch
-
 
 def cpu_model() -> str:
     try:
@@ -27,6 +25,7 @@ def usable_cores() -> int:
 
 
 def machine(device: str = "cpu") -> dict:
+    import torch  # here, not at the top: bench/app_memory.py describes a torch in another Python
     info = {"cpu": cpu_model(), "cores": usable_cores(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

@@ -1,0 +1,78 @@
+"""Memory guards of the app server: process settings (core.runtime), byte-bounded session caches,
+frozen model weights. The end-to-end numbers come from bench/app_memory.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+
+
+def _run(code: str, **env) -> str:
+    import os
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_runtime_blocks_triton_and_caps_arenas():
+    code = ("import os, sys; from core import runtime; print(sys.modules['triton'] is None, "
+            "runtime._LIBC is None or runtime.ARENAS_SET == ('MALLOC_ARENA_MAX' not in os.environ), "
+            "runtime.trim() in (True, False))")
+    assert _run(code, BT_ALLOW_TRITON="") == "True True True"
+
+
+def test_runtime_lets_triton_load_when_asked():
+    code = "import sys; from core import runtime; print(sys.modules.get('triton', 'absent') is None)"
+    assert _run(code, BT_ALLOW_TRITON="1") == "False"
+
+
+def test_lru_bounded_by_bytes_keeps_newest():
+    from core.app_support import LRU
+    from core.reader import ScanImage
+    lru = LRU(size=10, max_bytes=3 * 400)
+    for k in range(5):
+        lru.get_or(k, lambda: np.zeros(100, np.float32))  # 400 bytes each
+    assert list(lru) == [2, 3, 4] and lru.bytes == 1200
+    lru.get_or("big", lambda: ScanImage(np.zeros((100, 100), np.float32)))  # 40 kB: alone
+    assert list(lru) == ["big"] and lru.bytes == 40_000
+    lru.get_or("small", lambda: {"not": "an array"})  # counts 0 bytes; the bound holds again
+    assert list(lru) == ["small"] and lru.bytes == 0
+
+
+def test_lru_count_bound_unchanged():
+    from core.app_support import LRU
+    lru = LRU(size=2)
+    for k in range(4):
+        assert lru.get_or(k, lambda k=k: k * 10) == k * 10
+    assert list(lru) == [2, 3]
+    assert lru.get_or(2, lambda: "recomputed") == 20  # a hit is not recomputed
+
+
+def test_predictor_weights_frozen(tmp_path):
+    from conftest import make_weights
+    from core.inference import Predictor
+    p = Predictor(make_weights(tmp_path / "w"))
+    assert not any(q.requires_grad for q in p.model.parameters())
+
+
+def test_cloud_entry_point_runs_the_app(random_weights, monkeypatch):
+    """cloud/streamlit_app.py (Community Cloud's entry, beside the CPU-only requirements) is the
+    same app: home page, and the pages found from there."""
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("BT_WEIGHTS", str(random_weights))
+    at = AppTest.from_file(str(REPO / "cloud" / "streamlit_app.py"), default_timeout=90).run()
+    assert not at.exception
+    assert at.title[0].value == "Brain tumour MRI classifier"
+    at.switch_page(str(REPO / "app_pages" / "model_card.py")).run()
+    assert not at.exception and at.title[0].value == "Model card"
+
+
+def test_cloud_requirements_take_the_root_file():
+    lines = (REPO / "cloud" / "requirements.txt").read_text().splitlines()
+    assert "-r ../requirements.txt" in lines
+    assert any(line.startswith("--extra-index-url ") and line.rstrip("/").endswith("/cpu")
+               for line in lines)
