@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.app_memory import chromium_path, free_port  # one way to find a browser and a port
 from conftest import DATA, REPO, make_weights
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 ARTIFACTS = REPO / "tests" / "artifacts"
 TIMEOUT_MS = 600_000  # generous: CI runners and this shared 2-core machine can be very busy
-
-
-def chromium_path() -> str | None:
-    for c in (os.environ.get("BT_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-              shutil.which("chromium-browser"), shutil.which("google-chrome")):
-        if c and Path(c).is_file():
-            return c
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weights_for_test(tmp: Path) -> Path:
