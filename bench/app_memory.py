@@ -164,6 +164,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.1) -> None:
+    """Return once the Streamlit server at ``url`` answers its health check; RuntimeError when
+    it exits first or stays silent for ``timeout_s``."""
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                return
+        except OSError:
+            pass
+        if time.time() - t0 > timeout_s:
+            raise RuntimeError(f"streamlit did not answer /_stcore/health within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
 def chromium_path() -> str | None:
     for c in (os.environ.get("BT_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
               shutil.which("chromium-browser"), shutil.which("google-chrome")):
@@ -326,17 +343,7 @@ def main(argv=None) -> int:
     error = None
     try:
         url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited with {proc.returncode}")
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if time.time() - t0 > 300:
-                raise RuntimeError("streamlit did not answer /_stcore/health within 300 s")
-            time.sleep(0.1)
+        wait_healthy(proc, url, 300 - (time.time() - t0))
         timings["server_healthy_s"] = round(time.time() - t0, 2)
         sampler.mark("server healthy")
         drive(url, sampler, t0, a.sample, files, timings, proc.pid)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import streamlit as st
 
-from .evaluation import evaluate_records, fold_to_binary_labels
+from .evaluation import evaluate_records, fold_to_binary_labels, prediction_record
 from .inference import (ROOT, Prediction, Predictor, default_weights, load_card,
                         most_tumour_like_slice, shipped_models)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
@@ -238,11 +238,7 @@ def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
     for k, (name, label, data) in enumerate(items):
         try:
             p = predict(name, data)
-            records.append({"file": name, "source": "upload", "label": label, "pred": p.pred,
-                            "probs": p.probs, "tumour_probability": p.tumour_probability,
-                            "confidence": p.confidence, "uncertain": p.uncertain,
-                            "type_uncertain": p.type_uncertain,
-                            "in_distribution": p.in_distribution, "ood_score": p.ood_score})
+            records.append(prediction_record(name, "upload", label, p))
         except ScanError as e:
             errors.append({"file": name, "error": str(e)})
         except Exception as e:  # one broken file never stops the evaluation

@@ -238,9 +238,10 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
     if min_specificity is None:
         return thr
     groups = np.zeros(len(t_prob), int) if groups is None else np.asarray(groups)
-    for g in np.unique(groups):
+    names = np.unique(groups)
+    for g in names:
         normals = np.sort(t_prob[~is_tumour & (groups == g)])
-        if len(normals) == 0 or (len(np.unique(groups)) > 1 and len(normals) < min_group_normals):
+        if len(normals) == 0 or (len(names) > 1 and len(normals) < min_group_normals):
             continue
         # lowest threshold keeping at least min_specificity of this group's normals below it
         j = min(len(normals) - 1, int(math.ceil(min_specificity * len(normals))) - 1)

@@ -14,17 +14,24 @@ from .metrics import (classification_metrics, decide, is_tumour_label, risk_cove
 from .referral import ReferralRule, has_tumour_decision, type_confidence
 
 
+def prediction_record(file: str, source: str, label: str, p) -> dict:
+    """The evaluation record of one served `Prediction` (CLI `evaluate`, the app's labelled uploads)."""
+    return {"file": file, "source": source, "label": label, "pred": p.pred, "probs": p.probs,
+            "tumour_probability": p.tumour_probability, "confidence": p.confidence,
+            "uncertain": p.uncertain, "type_uncertain": p.type_uncertain,
+            "in_distribution": p.in_distribution, "ood_score": p.ood_score}
+
+
 def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold: float | None,
-                       min_confidence: float = 0.0, flags: list[dict] | None = None,
+                       flags: list[dict] | None = None,
                        referral: ReferralRule | None = None) -> list[dict]:
     """One record per image: file, source, label, pred, probs and the flags.
 
-    ``referral`` (the card's rule) sets ``uncertain``/``type_uncertain``; without it the old
-    top-class rule at ``min_confidence``.
+    ``referral`` (the card's rule) sets ``uncertain``/``type_uncertain``; without one nothing is referred.
     """
     pred = decide(probs, classes, threshold)
     t_prob = tumour_probability(probs, classes) if tumour_classes(classes) else None
-    rule = referral or ReferralRule(tuple(classes), min_confidence=min_confidence)
+    rule = referral or ReferralRule(tuple(classes))
     unc, typ = rule.flags(probs, pred)
     out = []
     for i, s in enumerate(samples):
@@ -125,11 +132,7 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
         except ScanError as e:
             errors.append({"file": s.rel, "error": str(e)})
             continue
-        records.append({"file": s.rel, "source": s.source, "label": s.label, "pred": p.pred,
-                        "probs": p.probs, "tumour_probability": p.tumour_probability,
-                        "confidence": p.confidence, "uncertain": p.uncertain,
-                        "type_uncertain": p.type_uncertain,
-                        "in_distribution": p.in_distribution, "ood_score": p.ood_score})
+        records.append(prediction_record(s.rel, s.source, s.label, p))
         if progress:
             progress((k + 1) / len(samples))
     classes = predictor.classes

@@ -72,7 +72,6 @@ class Predictor:
         self.spec: dict = self.card["preprocessing"]
         self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
         self.threshold = self.card.get("operating_point", {}).get("threshold")
-        self.min_confidence = float(self.card.get("uncertainty", {}).get("min_confidence", 0.0))
         self.referral = ReferralRule.from_card(self.card)
         self.device = torch.device(device)
         self.model = create_model(self.card["arch"], len(self.classes))

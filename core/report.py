@@ -286,7 +286,6 @@ class ReportContext:
     method: str
     date: str
     ood_check: bool          # the model ships an out-of-distribution gate
-    min_confidence: float    # below it a result is flagged 'uncertain, refer' (top-class rule)
     referral: ReferralRule | None = None   # the card's rule (tumour band, type confidence)
 
     @classmethod
@@ -302,7 +301,6 @@ class ReportContext:
                    method=method_label(method),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    ood_check=getattr(predictor, "gate", None) is not None,
-                   min_confidence=float(getattr(predictor, "min_confidence", 0.0)),
                    referral=getattr(predictor, "referral", None))
 
     def no_flags_text(self) -> str:
@@ -316,8 +314,9 @@ class ReportContext:
                 conf += (f", tumour type clear (the top type holds at least "
                          f"{rule.min_type_confidence:.0%} of the tumour probability)")
         else:
-            conf = (f"confidence above the referral level {self.min_confidence:.2f}"
-                    if self.min_confidence > 0 else "no referral level set")
+            level = rule.min_confidence if rule is not None else 0.0
+            conf = (f"confidence above the referral level {level:.2f}"
+                    if level > 0 else "no referral level set")
         return f"{ood.capitalize()}; {conf}."
 
 

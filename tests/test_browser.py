@@ -12,12 +12,11 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from bench.app_memory import chromium_path, free_port  # one way to find a browser and a port
+from bench.app_memory import chromium_path, free_port, wait_healthy  # one way to start a server
 from conftest import DATA, REPO, make_weights
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -59,18 +58,11 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if time.time() - started > 120:
-                pytest.fail("streamlit did not answer /_stcore/health within 120 s")
-            time.sleep(0.25)
+        try:
+            wait_healthy(proc, url, 120, poll_s=0.25)
+        except RuntimeError as e:
+            log.seek(0)
+            pytest.fail(f"{e}:\n{log.read()[-3000:]}")
         yield {"url": url, "pid": proc.pid, "started": started, "weights": str(weights),
                "healthy_s": time.time() - started}
     finally:
