@@ -48,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--wd", type=float, default=0.05)
     p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of an exponential moving average of the weights (0 = off); "
+                        "when on, the average is validated, checkpointed and shipped")
     p.add_argument("--small-img", type=int, default=0,
                    help="progressive resizing: train the first --small-img-epochs at this size")
     p.add_argument("--small-img-epochs", type=int, default=0)
@@ -211,8 +214,11 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
     history, start_epoch, best, bad = [], 0, float("inf"), 0
+    ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
     if resume:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
+        if ema is not None and resume.get("ema"):
+            ema.load_state_dict(resume["ema"])
         if resume["scheduler"].get("total_steps") == steps + 1:
             sched.load_state_dict(resume["scheduler"])
         else:  # resumed with another --epochs: follow the new schedule from the step reached
@@ -243,10 +249,11 @@ def main(argv=None) -> int:
         tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
                                args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
-                               out_size=size)
+                               out_size=size, ema=ema)
         tr = DD.reduce_epoch_stats(tr, len(order), world, device)
         if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
-            va = E.evaluate_split(model, images[idx["val"]], masks[idx["val"]], spec, device, precision,
+            judged = ema.module if ema is not None else model
+            va = E.evaluate_split(judged, images[idx["val"]], masks[idx["val"]], spec, device, precision,
                                   out_size=size)
             train_time += tr["time_s"]
             history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
@@ -254,13 +261,15 @@ def main(argv=None) -> int:
                   f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
             if va["loss"] < best:
                 best, bad = va["loss"], 0
-                torch.save(model.state_dict(), out / "best.pt")
+                torch.save(judged.state_dict(), out / "best.pt")
             elif not small:  # the low-resolution warm-up never stops a run
                 bad += 1
             (out / "history.json").write_text(json.dumps(history, indent=1))
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
-                              bad=bad, rng=torch.get_rng_state(), args=vars(args) | {"config_values": None})
+                              bad=bad, rng=torch.get_rng_state(),
+                              ema=ema.state_dict() if ema is not None else None,
+                              args=vars(args) | {"config_values": None})
         if DD.rank0_decides(bad >= args.patience, world, device):
             say(f"early stop: no validation improvement for {bad} epochs", flush=True)
             break
@@ -364,6 +373,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                      if args.small_img and args.small_img_epochs else None),
                      "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
                      "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
+                     "weight_ema": args.ema or None,
                      "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
                                       "ops": "affine (rotate 15, scale 12%, shear, shift 8%), "
                                              "h-flip, gamma, contrast, brightness, noise, skull removal"},

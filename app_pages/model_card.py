@@ -4,6 +4,7 @@ import json
 import streamlit as st
 
 from core import app_support as app
+from core import dashboard as dash
 
 st.title("Model card")
 predictor = app.current_predictor()
@@ -46,6 +47,19 @@ with b:
     if card.get("metrics", {}).get("per_source"):
         with st.expander("Per source"):
             st.json(card["metrics"]["per_source"])
+
+ood = card.get("ood")
+st.markdown("#### Out-of-distribution gate")
+if not ood:
+    st.write("This model has no out-of-distribution gate: every upload gets a prediction.")
+else:
+    est = ood.get("held_out_estimate", {})
+    st.write(f"Method `{ood.get('method')}`. Flags at most 2 % of each source's validation MRI; "
+             f"test MRI flagged per source (%): {ood.get('measured', {}).get('test_mri_flagged_pct')}. "
+             f"Images that are not brain MRI, each kind measured by a gate that never saw it: mean "
+             f"{est.get('non_brain_mean_pct', est.get('mean_pct'))} %, worst "
+             f"{est.get('non_brain_min_pct', est.get('min_pct'))} %.")
+    st.dataframe(dash.ood_table(card), hide_index=True)
 
 st.markdown("#### How it was made")
 st.code(card.get("command", "n/a"), language="bash")

@@ -236,3 +236,15 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
 
 def is_missed_tumour(record: dict) -> bool:
     return bool(is_tumour_label(record["label"])) and record["pred"] == NO_TUMOUR
+
+
+def ood_table(card: dict) -> pd.DataFrame:
+    """The gate's rate per outlier category: as shipped (on fresh draws) and held out (measured by
+    a gate that never trained on that category), so that a reader sees what it has never seen."""
+    ood = card.get("ood") or {}
+    shipped = (ood.get("measured") or {}).get("outliers_flagged_pct", {})
+    held = (ood.get("held_out_estimate") or {}).get("per_category", {})
+    trained = set((ood.get("trained_on") or {}).get("negative_categories", []))
+    return pd.DataFrame([{"category": c, "trained on": c in trained,
+                          "% flagged, held out": held.get(c), "% flagged, shipped gate": shipped.get(c)}
+                         for c in dict.fromkeys([*held, *shipped])])

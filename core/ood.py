@@ -705,12 +705,14 @@ COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+co
 def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = None, method: str = "auto",
                          out: str | Path | None = None, split: str | Path | None = None, epochs: int = 8,
                          n_train: int = 700, n_test: int = 200, seed: int = 0,
-                         max_feature_train: int = 3000, final: str = "seen", log=print) -> dict:
+                         max_feature_train: int = 3000, final: str = "seen", n_folds: int = 4,
+                         log=print) -> dict:
     """Fit every compared method for one model, measure them, ship one: the ``fit-ood`` command.
 
     ``final="seen"`` ships the gate exactly as measured (trained on the SEEN categories only);
     ``final="all"`` ships the chosen method retrained on every category, and measures how each
-    category is caught when held out by a second fold trained on the UNSEEN half only.
+    category is caught when held out: ``n_folds`` more gates, each trained without one fold of the
+    categories (`category_folds`). ``TEST_ONLY`` categories (real images) are never trained on.
     """
     from . import outliers as O
     weights = Path(weights)
@@ -718,10 +720,10 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     card = json.loads((weights / "card.json").read_text()) if (weights / "card.json").exists() else None
     model, spec = _load_classifier(weights, card)
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log)
-    seen, unseen = list(O.SEEN), list(O.UNSEEN)
+    seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
     t0 = time.time()
     neg = ImageSet.concat([outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen])
-    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in seen + unseen}
+    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in seen + unseen + test_only}
     log(f"outliers: {len(neg)} for training ({len(seen)} categories), "
         f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
     keyed = [*d["val"].items(), *[(f"test/{s}", x) for s, x in d["test"].items()],
@@ -736,10 +738,10 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         methods.append(method)
     timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in d["test_mri"][:15]]
 
-    def fit_eval(m: str, n: GateNet, c: dict) -> tuple[OODGate, dict]:
+    def fit_eval(m: str, n: GateNet, c: dict, trained: list[str] = seen) -> tuple[OODGate, dict]:
         g = OODGate.fit(d["pos"], None, d["val"], m, model, spec, net=n, caches=c, seed=seed,
                         feature_train=d["feat_train"], log=log)
-        row = evaluate_gate(g, d["val"], d["test"], test_out, c, seen)
+        row = evaluate_gate(g, d["val"], d["test"], test_out, c, trained)
         row["check_ms"] = time_check(g, timing_scans, model, spec)
         return g, row
     gates, rows = {}, {}
@@ -749,35 +751,46 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         if method == "auto" else method
     gate, trained_on, held_out = gates[chosen], seen, None
     if final == "all" and "cnn" in chosen.split("+"):
-        neg_b = ImageSet.concat([outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen])
-        net_b = train_gate_net(d["pos"], neg_b, epochs=epochs, seed=seed, log=log)
-        _, rows[f"{chosen} [fold B]"] = fit_eval(chosen, net_b, _with_cnn(caches, net_b, keyed))
-        net_all = train_gate_net(d["pos"], ImageSet.concat([neg, neg_b]), epochs=epochs, seed=seed, log=log)
-        gate, rows[f"{chosen} [all]"] = fit_eval(chosen, net_all, _with_cnn(caches, net_all, keyed))
-        held_out = held_out_estimate(rows[chosen], rows[f"{chosen} [fold B]"], seen, unseen)
-        trained_on = seen + unseen
+        trainable = seen + unseen
+        neg_all = {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in trainable}
+        folds = category_folds(trainable, n_folds)
+        for i, held in enumerate(folds):  # each category's rate when a gate never saw it
+            kept = [c for c in trainable if c not in held]
+            net_i = train_gate_net(d["pos"], ImageSet.concat([neg_all[c] for c in kept]), epochs=epochs,
+                                   seed=seed, log=log)
+            _, rows[f"{chosen} [fold {i + 1}]"] = fit_eval(chosen, net_i, _with_cnn(caches, net_i, keyed), kept)
+        net_all = train_gate_net(d["pos"], ImageSet.concat(list(neg_all.values())), epochs=epochs,
+                                 seed=seed, log=log)
+        gate, rows[f"{chosen} [all]"] = fit_eval(chosen, net_all, _with_cnn(caches, net_all, keyed), trainable)
+        held_out = held_out_estimate(rows, chosen, folds, test_only)
+        trained_on = trainable
     shipped = f"{chosen} [all]" if held_out else chosen
-    table = markdown_table(rows, list(d["val"]), seen, unseen)
+    table = markdown_table(rows, list(d["val"]), seen, unseen + test_only)
     if held_out:
-        table += "\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it):\n" \
-                 + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items()) \
-                 + f"\nmean {held_out['mean_pct']}, worst {held_out['min_pct']}"
+        table += ("\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it; "
+                  "real_medical is never trained on):\n"
+                  + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items())
+                  + f"\nnot brain MRI: mean {held_out['non_brain_mean_pct']}, worst {held_out['non_brain_min_pct']}"
+                  + f"; altered brain MRI ({', '.join(O.ALTERED_MRI)}): mean {held_out['altered_mri_mean_pct']}")
     counts = {"train_mri": {s: len(x) for s, x in d["sets"]["train"].items()},
               "val_mri": {s: len(x) for s, x in d["val"].items()},
               "test_mri": {s: len(x) for s, x in d["test"].items()},
               "train_outliers_per_category": n_train, "test_outliers_per_category": n_test}
-    gate.info = _card_info(rows[shipped], trained_on, [c for c in seen + unseen if c not in trained_on],
+    gate.info = _card_info(rows[shipped], trained_on, [c for c in seen + unseen + test_only if c not in trained_on],
                            counts, epochs, seed, net_time, held_out)
     path = gate.save(out)
     report = {"weights": str(weights), "chosen": chosen, "shipped": shipped, "methods": rows,
-              "seen_categories": seen, "unseen_categories": unseen, "held_out_estimate": held_out,
+              "seen_categories": seen, "unseen_categories": unseen, "test_only_categories": test_only,
+              "held_out_estimate": held_out,
               "counts": counts, "table_markdown": table, "gate_file_bytes": path.stat().st_size,
               "note": "'seen'/'UNSEEN' refer to the comparison fold (A): its gates trained on the seen "
                       "categories only and are tested on fresh draws of them (photo: new crops of the "
                       "training photos; MRI-derived: test-split slices) and on unseen categories never "
-                      "shown to them ('photo_unseen' are different photos). '[fold B]' trained on the "
-                      "UNSEEN categories only; '[all]' on every category (its category rates are not "
-                      "held out). Test MRI is never trained on."}
+                      "shown to them ('photo_unseen' are different photos). '[fold K]' gates trained on every "
+                      "category but one fold (held_out_estimate.folds), whose rates are held out; '[all]' "
+                      "on every category (its rates are not held out, except real_medical, which no gate "
+                      "trains on). Mean/worst 'seen' lines of a fold row are over its own trained "
+                      "categories. Test MRI is never trained on."}
     (out / "ood_eval.json").write_text(json.dumps(report, indent=1))
     log(table)
     log(f"shipped: {shipped} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
@@ -833,11 +846,28 @@ def _with_cnn(caches: dict, net: GateNet, keyed: list[tuple[str, ImageSet]]) -> 
     return out
 
 
-def held_out_estimate(row_a: dict, row_b: dict, seen: list[str], unseen: list[str]) -> dict:
-    """Each category's rate from the fold that never trained on it (A held out UNSEEN, B held out seen)."""
-    per = {c: (row_b if c in seen else row_a)["outliers_flagged_pct"][c] for c in seen + unseen}
-    return {"per_category": per, "mean_pct": round(float(np.mean(list(per.values()))), 2),
-            "min_pct": min(per.values())}
+def category_folds(categories: list[str], k: int) -> list[list[str]]:
+    """``k`` folds in which no two categories of one kind (`outliers.KIND`) are held out together:
+    categories sorted by kind, then dealt round-robin."""
+    from . import outliers as O
+    kinds = list(dict.fromkeys(O.KIND.get(c, c) for c in categories))
+    ordered = sorted(categories, key=lambda c: kinds.index(O.KIND.get(c, c)))
+    return [ordered[i::k] for i in range(k)]
+
+
+def held_out_estimate(rows: dict[str, dict], chosen: str, folds: list[list[str]], test_only: list[str]) -> dict:
+    """Each category's rate from the fold gate that never trained on it; real (test-only) images
+    from the shipped gate, which never trained on them either."""
+    from . import outliers as O
+    per = {c: rows[f"{chosen} [fold {i + 1}]"]["outliers_flagged_pct"][c] for i, held in enumerate(folds)
+           for c in held}
+    per |= {c: rows[f"{chosen} [all]"]["outliers_flagged_pct"][c] for c in test_only}
+    non_brain = [per[c] for c in per if c not in O.ALTERED_MRI]
+    altered = [per[c] for c in per if c in O.ALTERED_MRI]
+    return {"per_category": per, "folds": folds,
+            "non_brain_mean_pct": round(float(np.mean(non_brain)), 2), "non_brain_min_pct": min(non_brain),
+            "altered_mri_mean_pct": round(float(np.mean(altered)), 2) if altered else None,
+            "mean_pct": round(float(np.mean(list(per.values()))), 2), "min_pct": min(per.values())}
 
 
 def _card_info(row: dict, trained_on: list[str], held_out_cats: list[str], counts: dict, epochs: int,
@@ -899,7 +929,8 @@ def _load_classifier(weights: Path, card: dict | None) -> tuple[nn.Module | None
 def cmd_fit_ood(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     rep = fit_gate_for_weights(args.weights, args.data_config, args.method, args.out, args.split,
-                               args.epochs, args.n_train, args.n_test, args.seed, final=args.final)
+                               args.epochs, args.n_train, args.n_test, args.seed, final=args.final,
+                               n_folds=args.folds)
     print(f"wrote ood.safetensors, card.json['ood'] and ood_eval.json (shipped: {rep['shipped']})")
     target = Path(args.out or args.weights)
     if (target / "eval.json").exists() and (target / "model.safetensors").exists():
@@ -929,6 +960,7 @@ def add_cli(sub) -> None:
     f.add_argument("--n-test", type=int, default=200, help="test outliers per category")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--folds", type=int, default=4, help="category folds for the held-out estimate (--final all)")
     f.add_argument("--final", choices=("seen", "all"), default="seen",
                    help="ship the gate as measured (trained on the seen categories only), or retrained "
                         "on every category, with a second fold estimating each category held out")

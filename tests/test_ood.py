@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ from core import outliers as O
 from core.ood import GATE_SPEC, ImageSet, OODGate, from_scans
 from core.reader import ScanImage, read_scan
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "runs" / "tiny"
 
 
 def _heads(n: int, seed: int) -> list[ScanImage]:
@@ -52,9 +49,36 @@ def test_generators_are_seeded_and_categories_disjoint():
     b = O.make_images("shapes", 2, seed=3)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     assert not set(O.SEEN) & set(O.UNSEEN)
+    assert not set(O.TEST_ONLY) & (set(O.SEEN) | set(O.UNSEEN))   # real images never train a gate
+    assert set(O.ALTERED_MRI) <= set(O.MRI_DERIVED)
     assert not set(O.PHOTOS_TRAIN) & set(O.PHOTOS_TEST)
     with pytest.raises(ValueError):
         O.make_images("mri_patch", 1, seed=0)   # MRI-derived kinds need slices
+
+
+def test_category_folds_partition_and_held_out_estimate_reads_the_right_fold():
+    from core.ood import category_folds, held_out_estimate
+    cats = list(O.SEEN) + list(O.UNSEEN)
+    folds = category_folds(cats, 4)
+    assert sorted(c for f in folds for c in f) == sorted(cats) and all(folds)
+    # No fold holds out two categories of one kind (their neighbours stay in training), unless
+    # the kind has more than 4 members.
+    sizes = {k: sum(O.KIND[c] == k for c in cats) for k in set(O.KIND.values())}
+    for f in folds:
+        kinds = [O.KIND[c] for c in f if sizes[O.KIND[c]] <= 4]
+        assert len(kinds) == len(set(kinds)), f
+    assert set(O.KIND) == set(O.CATEGORIES)
+    rows = {f"g [fold {i + 1}]": {"outliers_flagged_pct": {c: (10.0 * (i + 1) if c in f else 100.0)
+                                                            for c in cats + ["real_medical"]}}
+            for i, f in enumerate(folds)}
+    rows["g [all]"] = {"outliers_flagged_pct": {c: 100.0 for c in cats} | {"real_medical": 55.0}}
+    est = held_out_estimate(rows, "g", folds, ["real_medical"])
+    for i, f in enumerate(folds):
+        assert all(est["per_category"][c] == 10.0 * (i + 1) for c in f)
+    assert est["per_category"]["real_medical"] == 55.0
+    assert est["min_pct"] == 10.0
+    non_brain = [v for c, v in est["per_category"].items() if c not in O.ALTERED_MRI]
+    assert est["non_brain_min_pct"] == min(non_brain)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +123,9 @@ def test_save_load_round_trip(synthetic_gate, tmp_path):
 
 @pytest.fixture()
 def tiny_weights(tmp_path):
-    if not (TINY / "model.safetensors").exists():
-        pytest.skip("runs/tiny is not built")
-    d = tmp_path / "tiny"
-    d.mkdir()
-    for f in ("card.json", "model.safetensors"):
-        shutil.copy(TINY / f, d / f)
-    return d
+    """A small classifier's weights folder (random weights: the gate, not the classifier, is tested)."""
+    from conftest import make_weights
+    return make_weights(tmp_path / "tiny", arch="simple_cnn", size=64)
 
 
 def test_predictor_reports_out_of_distribution(synthetic_gate, tiny_weights):
@@ -142,3 +162,15 @@ def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
     ok, score = p.gate.check(scan, x, p.model)
     h.remove()
     assert calls == [] and not ok
+
+
+def test_ood_table_lists_held_out_and_shipped_rates():
+    from core.dashboard import ood_table
+    card = {"ood": {"measured": {"outliers_flagged_pct": {"noise": 100.0, "real_medical": 90.0}},
+                    "held_out_estimate": {"per_category": {"noise": 97.0, "real_medical": 90.0}},
+                    "trained_on": {"negative_categories": ["noise"]}}}
+    t = ood_table(card).set_index("category")
+    assert t.loc["noise", "% flagged, held out"] == 97.0 and bool(t.loc["noise", "trained on"])
+    assert t.loc["real_medical", "% flagged, shipped gate"] == 90.0
+    assert not bool(t.loc["real_medical", "trained on"])
+    assert ood_table({}).empty

@@ -79,6 +79,41 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert all(torch.equal(shipped1[k], shipped2[k]) for k in shipped1)
 
 
+def test_ema_run_validates_and_ships_the_average(tmp_path):
+    data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32,
+              "--batch-size", 8, "--workers", 1, "--seed", 0, "--ema", 0.9]
+    run_train([*common, "--epochs", 2], cache)
+    ck = E.load_checkpoint(out / "checkpoint.pt")
+    assert ck["ema"]["updates"] > 0
+    # The average differs from the raw weights, and it is what the run shipped.
+    assert any(not torch.equal(ck["model"][k], ck["ema"]["model"][k]) for k in ck["model"])
+    from safetensors.torch import load_file
+    shipped = load_file(out / "model.safetensors")
+    best_epoch = min(range(2), key=lambda i: json.loads((out / "history.json").read_text())[i]["val"]["loss"])
+    if best_epoch == 1:  # the last epoch's average is the checkpoint's
+        assert all(torch.equal(shipped[k], ck["ema"]["model"][k].to(shipped[k].dtype)) for k in shipped)
+    assert json.loads((out / "card.json").read_text())["training"]["weight_ema"] == 0.9
+    run_train([*common, "--epochs", 3, "--resume"], cache)
+    ck3 = E.load_checkpoint(out / "checkpoint.pt")
+    assert ck3["ema"]["updates"] > ck["ema"]["updates"]   # the average continued, not restarted
+
+
+def test_model_ema_follows_the_model_with_warmup():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = E.ModelEma(net, decay=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net[1].num_batches_tracked += 7
+    w0 = ema.module[0].weight.clone()
+    ema.update(net)  # first update: decay min(0.5, 2/11) -> moves 9/11 of the way
+    assert torch.allclose(ema.module[0].weight, w0 + 9 / 11, atol=1e-6)
+    assert int(ema.module[1].num_batches_tracked) == 7
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
 # ----------------------------------------------------------------------------- real data
 def link_dir(dst: Path, picks: dict[str, list[Path]]) -> Path:
     for cls, files in picks.items():
