@@ -76,3 +76,24 @@ def test_cloud_requirements_take_the_root_file():
     assert "-r ../requirements.txt" in lines
     assert any(line.startswith("--extra-index-url ") and line.rstrip("/").endswith("/cpu")
                for line in lines)
+
+
+def test_serving_precision_env_and_bf16_probabilities_match_fp32(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from conftest import make_weights
+    from core.inference import Predictor, serving_precision
+    monkeypatch.setenv("BT_PRECISION", "fp32")
+    assert serving_precision(torch.device("cpu")) == "fp32"
+    w = make_weights(tmp_path / "w", arch="simple_cnn", size=64)
+    x = torch.randn(3, 1, 64, 64)
+    p32 = Predictor(w).probabilities(x)
+    monkeypatch.setenv("BT_PRECISION", "bf16")
+    pred16 = Predictor(w)
+    assert pred16.precision == "bf16"
+    p16 = pred16.probabilities(x)
+    assert p16.dtype == np.float32 and np.allclose(p16.sum(1), 1, atol=1e-5)
+    assert np.abs(p16 - p32).max() < 0.05   # bf16 keeps ~3 significant digits
+    monkeypatch.setenv("BT_PRECISION", "auto")
+    assert serving_precision(torch.device("cuda")) == "fp32"
