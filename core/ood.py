@@ -722,7 +722,8 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log)
     seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
     t0 = time.time()
-    neg = ImageSet.concat([outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen])
+    neg_by = {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen}
+    neg = ImageSet.concat(list(neg_by.values()))
     test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in seen + unseen + test_only}
     log(f"outliers: {len(neg)} for training ({len(seen)} categories), "
         f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
@@ -752,7 +753,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     gate, trained_on, held_out = gates[chosen], seen, None
     if final == "all" and "cnn" in chosen.split("+"):
         trainable = seen + unseen
-        neg_all = {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in trainable}
+        neg_all = neg_by | {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen}
         folds = category_folds(trainable, n_folds)
         for i, held in enumerate(folds):  # each category's rate when a gate never saw it
             kept = [c for c in trainable if c not in held]
@@ -963,7 +964,7 @@ def add_cli(sub) -> None:
     f.add_argument("--folds", type=int, default=4, help="category folds for the held-out estimate (--final all)")
     f.add_argument("--final", choices=("seen", "all"), default="seen",
                    help="ship the gate as measured (trained on the seen categories only), or retrained "
-                        "on every category, with a second fold estimating each category held out")
+                        "on every category, with --folds more gates estimating each category held out")
     f.set_defaults(fn=cmd_fit_ood)
     a = sub.add_parser("annotate-ood", help="add the OOD gate's flags to a model's eval.json "
                                             "(test files re-read; summary recomputed)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from PIL import Image
 from core import outliers as O
 from core.ood import GATE_SPEC, ImageSet, OODGate, from_scans
 from core.reader import ScanImage, read_scan
-
 
 
 def _heads(n: int, seed: int) -> list[ScanImage]:
