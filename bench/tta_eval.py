@@ -1,10 +1,13 @@
 """Test-time augmentation (mirror image) against a plain forward, on a model's own test split.
 
-    python bench/tta_eval.py --weights weights/resnet18_176 [--sources benchmark lgg]
+    python bench/tta_eval.py --weights weights/resnet18_176 [--sources benchmark lgg] [--split val]
 
-Reads each test file that the model's eval.json lists (the shared data must be beside the
-checkout), runs the served path (reader, preprocessing, fp16 weights) once as is and once
-mirrored, and prints the argmax accuracy of both per source. TTA doubles the forward cost.
+Reads each test file that the model's eval.json lists (``--split val``: each validation file of
+its split.json; the shared data must be beside the checkout), runs the served path (reader,
+preprocessing, fp16 weights) once as is and once mirrored, and prints the argmax accuracy per
+source: plain, with mirror TTA, and with TTA only where the plain calibrated confidence is below
+``--selective`` (the share of images that pay for the second pass is printed). TTA doubles the
+forward cost of the images it runs on. Decide on ``--split val``; ``test`` only reports.
 """
 from __future__ import annotations
 
@@ -20,7 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core.app_support import record_scan_path  # noqa: E402
 from core.inference import Predictor  # noqa: E402
+from core.ood import source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
+
+
+def labelled_files(pred: Predictor, source: str, split: str) -> list[tuple[Path, str]]:
+    """(file, class) of one source's split, for files whose label is one of the model's classes."""
+    if split == "test":
+        records = json.loads((pred.dir / "eval.json").read_text())["predictions"]
+        return [(record_scan_path(pred.card, r), r["label"]) for r in records
+                if r.get("source") == source and r["label"] in pred.classes]
+    files = split_files(pred.dir / "split.json", source_roots(pred.card, None)).get(source, {})
+    paths, groups = files.get(split, ([], []))
+    return [(Path(p), g.split("/", 1)[1]) for p, g in zip(paths, groups) if g.split("/", 1)[1] in pred.classes]
 
 
 def main(argv=None) -> int:
@@ -28,25 +43,32 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--sources", nargs="+", default=["benchmark", "lgg"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--selective", type=float, default=0.95,
+                   help="run the mirror pass only below this plain confidence")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pred = Predictor(args.weights)
     run = header()
-    records = json.loads((pred.dir / "eval.json").read_text())["predictions"]
     result = {}
     for src in args.sources:
-        rows = [r for r in records if r.get("source") == src and r["label"] in pred.classes]
-        hits = {"plain": [], "tta": []}
+        rows = labelled_files(pred, src, args.split)
+        hits = {"plain": [], "tta": [], "selective": [], "selective_share": []}
         with torch.inference_mode():
-            for r in rows:
-                x = pred.input_tensor(read_scan(record_scan_path(pred.card, r)))
+            for path, label in rows:
+                x = pred.input_tensor(read_scan(path))
                 z, zf = pred.model(x)[0], pred.model(torch.flip(x, dims=[3]))[0]
-                truth = pred.classes.index(r["label"])
+                truth = pred.classes.index(label)
+                second = float(torch.softmax(z / pred.temperature, 0).max()) < args.selective
                 hits["plain"].append(int(z.argmax()) == truth)
                 hits["tta"].append(int((z + zf).argmax()) == truth)
+                hits["selective"].append(int(((z + zf) if second else z).argmax()) == truth)
+                hits["selective_share"].append(second)
         result[src] = {k: round(float(np.mean(v)), 4) for k, v in hits.items()} | {"n": len(rows)}
-        print(f"{src}: {len(rows)} images with a class label, argmax accuracy plain "
-              f"{result[src]['plain']:.4f}, with mirror TTA {result[src]['tta']:.4f}")
+        print(f"{src} ({args.split}): {len(rows)} images with a class label, argmax accuracy plain "
+              f"{result[src]['plain']:.4f}, with mirror TTA {result[src]['tta']:.4f}, TTA below "
+              f"confidence {args.selective} {result[src]['selective']:.4f} "
+              f"(second pass on {100 * result[src]['selective_share']:.0f} %)")
     print(json.dumps(run | {"weights": str(pred.dir), "result": result}))
     return 0
 

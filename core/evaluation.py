@@ -151,7 +151,8 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
 
     train.py writes eval.json before any gate exists, so every record says in distribution.
     Each record's file (relative to its source root: the card's sources, then ``data_config``)
-    is read and checked (the gate alone, ~2 ms a file); ``in_distribution``/``ood_score`` are
+    is read and checked (~2 ms a file for the gate network alone; gates that score the
+    classifier's features add its forward pass); ``in_distribution``/``ood_score`` are
     stored and the summary (``flagged_ood``, ``silent_misses``, per source) recomputed. Missing
     files keep their record unchanged and are counted.
     """
@@ -180,7 +181,10 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
         except ScanError:
             unreadable += 1
             continue
-        x = predictor.input_tensor(scan) if uses_model else None
+        x = None
+        if uses_model:   # the served forward pass (bf16 where the Predictor uses it), whose features the gate reuses
+            x = predictor.input_tensor(scan)
+            predictor.probabilities(x)
         ok, score = gate.check(scan, x, predictor.model)
         r["in_distribution"], r["ood_score"] = bool(ok), round(float(score), 6)
     threshold = ev.get("threshold", predictor.threshold)

@@ -7,6 +7,8 @@ standardised score where larger means "less like brain MRI":
 - ``colour``: a hard rule on the colourfulness of the original file (MRI is grey);
 - ``cnn``: a dedicated 1-channel 64 px "is this a brain MRI slice?" network trained with
   outlier exposure (MRI of every source vs generated non-MRI images, `core.outliers`);
+- ``head``: outlier exposure on the main model's own pooled features (`FeatureHead`), which
+  fails on other kinds of image than ``cnn`` (the default model ships ``cnn+head+colour``);
 - ``mahalanobis`` / ``knn`` / ``energy`` / ``maxprob``: densities or confidences of the main
   model (pooled features from `core.models.penultimate`, or its logits).
 
@@ -38,7 +40,7 @@ from .preprocess import normalise, prepare
 from .reader import ScanImage
 
 GATE_SPEC = {"size": 64, "crop": "head", "mean": 0.20, "std": 0.25}
-FEATURE_METHODS = ("mahalanobis", "knn")
+FEATURE_METHODS = ("mahalanobis", "knn", "head")
 LOGIT_METHODS = ("energy", "maxprob")
 MODEL_METHODS = FEATURE_METHODS + LOGIT_METHODS
 VERSION = 1
@@ -320,6 +322,59 @@ class KNN:
         return {f"{prefix}.bank": torch.from_numpy(self.bank).half()}
 
 
+class FeatureHead:
+    """Outlier exposure on the classifier's own pooled features: a one-hidden-layer MLP, trained
+    like the gate network (brain MRI vs generated outliers, every source and category counting
+    equally), whose logit is the score (> 0 leans "not brain MRI").
+
+    The 64 px gate network and the classifier see different things: the network a small whole
+    view, the features what a 176 px tumour classifier learned. They miss different kinds of
+    image (held out, the network misses abdominal CT, the head misses head CT), so the gate can
+    take the larger of the two standardised scores.
+    """
+
+    def __init__(self, mu: np.ndarray, sd: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray):
+        self.mu, self.sd = mu.astype(np.float32), sd.astype(np.float32)
+        self.w1, self.b1, self.w2, self.b2 = (a.astype(np.float32) for a in (w1, b1, w2, b2))
+
+    @classmethod
+    def fit(cls, pos: np.ndarray, pos_groups: list[str], neg: np.ndarray, neg_groups: list[str],
+            hidden: int = 64, steps: int = 400, batch_size: int = 512, seed: int = 0) -> "FeatureHead":
+        torch.manual_seed(seed)
+        mu, sd = pos.mean(0), pos.std(0) + 1e-3
+        x = torch.from_numpy((np.concatenate([pos, neg]) - mu) / sd).float()
+        y = torch.cat([torch.zeros(len(pos)), torch.ones(len(neg))])
+        w = torch.cat([_balanced_weights(pos_groups) / len(set(pos_groups)),
+                       _balanced_weights(neg_groups) / len(set(neg_groups))])
+        net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
+        opt = torch.optim.AdamW(net.parameters(), 3e-3, weight_decay=1e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            idx = torch.multinomial(w, batch_size, replacement=True, generator=gen)
+            xb = x[idx] + 0.1 * torch.randn(len(idx), x.shape[1], generator=gen)   # feature noise
+            loss = nnf.binary_cross_entropy_with_logits(net(xb)[:, 0], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        l1, l2 = net[0], net[3]
+        return cls(mu, sd, *(t.detach().numpy() for t in (l1.weight, l1.bias, l2.weight, l2.bias)))
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        h = np.maximum(((np.asarray(feats, np.float32) - self.mu) / self.sd) @ self.w1.T + self.b1, 0)
+        return (h @ self.w2.T + self.b2)[:, 0]
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        names = ("mu", "sd", "w1", "b1", "w2", "b2")
+        return {f"{prefix}.{n}": torch.from_numpy(getattr(self, n)).contiguous() for n in names}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str) -> "FeatureHead":
+        return cls(*(t[f"{prefix}.{n}"].float().numpy() for n in ("mu", "sd", "w1", "b1", "w2", "b2")))
+
+
+SCORER_NAME = {Mahalanobis: "mahalanobis", KNN: "knn", FeatureHead: "head"}
+
+
 def _l2(f: np.ndarray) -> np.ndarray:
     f = np.asarray(f, np.float32)
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
@@ -491,6 +546,8 @@ class OODGate:
             density = Mahalanobis(t["density.means"].float().numpy(), t["density.chol"].float().numpy())
         elif cfg.get("density") == "KNN":
             density = KNN(t["density.bank"].float().numpy(), cfg.get("knn_k") or 10)
+        elif cfg.get("density") == "FeatureHead":
+            density = FeatureHead.from_tensors(t, "density")
         comps = [Component(**c) for c in cfg["components"]]
         info = {k: v for k, v in cfg.items() if k not in ("version", "method", "threshold", "colour_limit",
                                                           "components", "density", "knn_k", "net_width", "input")}
@@ -501,13 +558,15 @@ class OODGate:
     def fit(cls, pos: ImageSet, neg: ImageSet | None, val: dict[str, ImageSet], method: str = "cnn+colour",
             model: nn.Module | None = None, spec: dict | None = None, fpr: float = 0.02,
             epochs: int = 8, seed: int = 0, net: GateNet | None = None, caches: dict | None = None,
-            feature_train: ImageSet | None = None, log=print) -> "OODGate":
+            feature_train: ImageSet | None = None, neg_feats: tuple[np.ndarray, list[str]] | None = None,
+            log=print) -> "OODGate":
         """Fit the components named in ``method`` (e.g. "cnn+mahalanobis+colour") and the threshold.
 
         ``pos``: training MRI; ``neg``: training outliers (for the network); ``val``: validation
         MRI per source, which sets the standardisation and the threshold. ``caches`` may hold
         precomputed {"train"|source: {"feats", "logits"}} for the main model; ``feature_train``
-        is the training MRI for feature densities when not ``pos`` itself.
+        is the training MRI for feature scores when not ``pos`` itself; ``neg_feats`` (features,
+        categories) the classifier's features of training outliers, for the feature head.
         """
         feature_train = feature_train or pos
         parts = method.split("+")
@@ -531,6 +590,11 @@ class OODGate:
             density = Mahalanobis.fit(cached("train", feature_train)["feats"], feature_train.groups)
         elif "knn" in parts:
             density = KNN.fit(cached("train", feature_train)["feats"], seed=seed)
+        elif "head" in parts:
+            if neg_feats is None:
+                raise ValueError("the feature head needs the classifier's features of training outliers")
+            density = FeatureHead.fit(cached("train", feature_train)["feats"], feature_train.groups,
+                                      neg_feats[0], neg_feats[1], seed=seed)
         gate = cls(method, [], 0.0, colour_limit, net if "cnn" in parts else None, density)
         names = [p for p in parts if p != "colour"]
         raw_val = {}
@@ -555,8 +619,8 @@ class OODGate:
 
 def _model_scores(names: set[str], density, cache: dict) -> dict[str, np.ndarray]:
     out = {}
-    if "mahalanobis" in names or "knn" in names:
-        out["mahalanobis" if isinstance(density, Mahalanobis) else "knn"] = density.score(cache["feats"])
+    if names & set(FEATURE_METHODS):
+        out[SCORER_NAME[type(density)]] = density.score(cache["feats"])
     if "energy" in names:
         out["energy"] = energy_score(cache["logits"])
     if "maxprob" in names:
@@ -698,8 +762,9 @@ def markdown_table(rows: dict[str, dict], sources: list[str], seen: list[str], u
 
 
 # ----------------------------------------------------------------------------- fit-ood
-COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+colour",
-            "cnn", "cnn+colour", "cnn+mahalanobis+colour", "cnn+knn+colour")
+COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+colour", "head+colour",
+            "cnn", "cnn+colour", "cnn+mahalanobis+colour", "cnn+knn+colour", "cnn+head+colour")
+HEAD_OUTLIERS = 400   # training outliers per category for the feature head (classifier-sized)
 
 
 def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = None, method: str = "auto",
@@ -730,6 +795,11 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     keyed = [*d["val"].items(), *[(f"test/{s}", x) for s, x in d["test"].items()],
              *[(f"out/{c}", x) for c, x in test_out.items()]]
     caches = _classifier_caches(model, spec, [("train", d["feat_train"]), *keyed], log)
+    head_neg: dict[str, np.ndarray] = {}
+    if model is not None:   # the feature head's outliers: drawn like the network's, classifier-sized
+        hs = [(c, outlier_set(c, min(n_train, HEAD_OUTLIERS), seed, spec, d["train_mri"])) for c in seen + unseen]
+        hc = _classifier_caches(model, spec, hs, log)
+        head_neg = {c: hc[c]["feats"] for c, _ in hs}
     t0 = time.time()
     net = train_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log)
     net_time = time.time() - t0
@@ -740,8 +810,12 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in d["test_mri"][:15]]
 
     def fit_eval(m: str, n: GateNet, c: dict, trained: list[str] = seen) -> tuple[OODGate, dict]:
+        neg_feats = None
+        if head_neg:
+            neg_feats = (np.concatenate([head_neg[k] for k in trained]),
+                         [k for k in trained for _ in range(len(head_neg[k]))])
         g = OODGate.fit(d["pos"], None, d["val"], m, model, spec, net=n, caches=c, seed=seed,
-                        feature_train=d["feat_train"], log=log)
+                        feature_train=d["feat_train"], neg_feats=neg_feats, log=log)
         row = evaluate_gate(g, d["val"], d["test"], test_out, c, trained)
         row["check_ms"] = time_check(g, timing_scans, model, spec)
         return g, row
@@ -750,20 +824,27 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         gates[m], rows[m] = fit_eval(m, net, caches_a)
     chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
         if method == "auto" else method
-    gate, trained_on, held_out = gates[chosen], seen, None
+    gate, trained_on, held_out, alternatives = gates[chosen], seen, None, {}
     if final == "all" and "cnn" in chosen.split("+"):
         trainable = seen + unseen
         neg_all = neg_by | {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen}
         folds = category_folds(trainable, n_folds)
+        # The same fold networks also score the other network-based gates, so that their held-out
+        # rates are measured too (at no extra training); only `chosen` ships.
+        variants = [chosen] + [m for m in methods if m != chosen and m.startswith("cnn+") and m.endswith("colour")]
         for i, held in enumerate(folds):  # each category's rate when a gate never saw it
             kept = [c for c in trainable if c not in held]
             net_i = train_gate_net(d["pos"], ImageSet.concat([neg_all[c] for c in kept]), epochs=epochs,
                                    seed=seed, log=log)
-            _, rows[f"{chosen} [fold {i + 1}]"] = fit_eval(chosen, net_i, _with_cnn(caches, net_i, keyed), kept)
+            for m in variants:
+                _, rows[f"{m} [fold {i + 1}]"] = fit_eval(m, net_i, _with_cnn(caches, net_i, keyed), kept)
         net_all = train_gate_net(d["pos"], ImageSet.concat(list(neg_all.values())), epochs=epochs,
                                  seed=seed, log=log)
-        gate, rows[f"{chosen} [all]"] = fit_eval(chosen, net_all, _with_cnn(caches, net_all, keyed), trainable)
-        held_out = held_out_estimate(rows, chosen, folds, test_only)
+        for m in variants:
+            g, rows[f"{m} [all]"] = fit_eval(m, net_all, _with_cnn(caches, net_all, keyed), trainable)
+            gate = g if m == chosen else gate
+            alternatives[m] = held_out_estimate(rows, m, folds, test_only)
+        held_out = alternatives.pop(chosen)
         trained_on = trainable
     shipped = f"{chosen} [all]" if held_out else chosen
     table = markdown_table(rows, list(d["val"]), seen, unseen + test_only)
@@ -773,6 +854,10 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
                   + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items())
                   + f"\nnot brain MRI: mean {held_out['non_brain_mean_pct']}, worst {held_out['non_brain_min_pct']}"
                   + f"; altered brain MRI ({', '.join(O.ALTERED_MRI)}): mean {held_out['altered_mri_mean_pct']}")
+        for m, est in alternatives.items():
+            table += (f"\nNot shipped, {m} on the same fold networks: not brain MRI mean "
+                      f"{est['non_brain_mean_pct']}, worst {est['non_brain_min_pct']}; real_medical "
+                      f"{est['per_category'].get('real_medical')}")
     counts = {"train_mri": {s: len(x) for s, x in d["sets"]["train"].items()},
               "val_mri": {s: len(x) for s, x in d["val"].items()},
               "test_mri": {s: len(x) for s, x in d["test"].items()},
@@ -782,7 +867,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     path = gate.save(out)
     report = {"weights": str(weights), "chosen": chosen, "shipped": shipped, "methods": rows,
               "seen_categories": seen, "unseen_categories": unseen, "test_only_categories": test_only,
-              "held_out_estimate": held_out,
+              "held_out_estimate": held_out, "held_out_estimate_alternatives": alternatives,
               "counts": counts, "table_markdown": table, "gate_file_bytes": path.stat().st_size,
               "note": "'seen'/'UNSEEN' refer to the comparison fold (A): its gates trained on the seen "
                       "categories only and are tested on fresh draws of them (photo: new crops of the "
@@ -953,7 +1038,7 @@ def add_cli(sub) -> None:
     f.add_argument("--data-config", default="experiments/default.toml",
                    help="TOML whose [[data]] entries name the source roots (besides the card's)")
     f.add_argument("--method", default="auto",
-                   help="auto, or e.g. cnn+colour, cnn+mahalanobis+colour, mahalanobis (see COMPARED)")
+                   help="auto (by the seen categories), or e.g. cnn+head+colour (the default model's), cnn+colour, mahalanobis (see COMPARED)")
     f.add_argument("--out", help="write here instead of --weights")
     f.add_argument("--split", help="a split.json other than the one in --weights")
     f.add_argument("--epochs", type=int, default=8)

@@ -162,6 +162,31 @@ def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
     assert calls == [] and not ok
 
 
+def test_feature_head_gate_trains_on_outlier_features_and_round_trips(synthetic_gate, tiny_weights):
+    """The feature head: an MLP on the classifier's pooled features, heads vs generated outliers;
+    fitted, saved, loaded and used by the Predictor with the same scores."""
+    from core.inference import Predictor
+    from core.ood import FeatureHead, features_and_logits
+    p = Predictor(tiny_weights)
+    spec = p.card["preprocessing"]
+    pos = from_scans(_heads(120, 0), spec, ["heads"] * 120)
+    neg = ImageSet.concat([from_scans(O.make_scans(c, 40, seed=0), spec, [c] * 40) for c in ("noise", "text")])
+    neg_f, _ = features_and_logits(p.model, neg.main, spec)
+    val = {"synthetic": from_scans(_heads(60, 1), spec)}
+    with pytest.raises(ValueError, match="outliers"):
+        OODGate.fit(pos, None, val, "head+colour", p.model, spec)
+    g = OODGate.fit(pos, None, val, "cnn+head+colour", p.model, spec, net=synthetic_gate.net,
+                    neg_feats=(neg_f, neg.groups))
+    assert isinstance(g.density, FeatureHead) and {c.name for c in g.components} == {"cnn", "head"}
+    g.save(tiny_weights)
+    p = Predictor(tiny_weights)
+    assert isinstance(p.gate.density, FeatureHead)
+    data = from_scans(_heads(5, 4) + O.make_scans("noise", 3, seed=8), spec)
+    assert np.allclose(g.scores(data, p.model, spec), p.gate.scores(data, p.model, spec), atol=1e-4)
+    assert np.mean(p.gate.scores(from_scans(_heads(60, 1), spec), p.model, spec) > 0) <= 0.02 + 1e-9
+    assert p.predict_scan(_noise(3)).in_distribution is False
+
+
 def test_ood_table_lists_held_out_and_shipped_rates():
     from core.dashboard import ood_table
     card = {"ood": {"measured": {"outliers_flagged_pct": {"noise": 100.0, "real_medical": 90.0}},
