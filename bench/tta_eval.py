@@ -3,8 +3,8 @@
     python bench/tta_eval.py --weights weights/resnet18_176 [--sources benchmark lgg] [--split val]
 
 Reads each test file that the model's eval.json lists (``--split val``: each validation file of
-its split.json; the shared data must be beside the checkout), runs the served path (reader,
-preprocessing, fp16 weights) once as is and once mirrored, and prints the argmax accuracy per
+its split.json; the shared data must be beside the checkout), runs the reader, preprocessing and
+the shipped weights (fp32 forward) once as is and once mirrored, and prints the argmax accuracy per
 source: plain, with mirror TTA, and with TTA only where the plain calibrated confidence is below
 ``--selective`` (the share of images that pay for the second pass is printed). TTA doubles the
 forward cost of the images it runs on. Decide on ``--split val``; ``test`` only reports.
@@ -31,11 +31,13 @@ def labelled_files(pred: Predictor, source: str, split: str) -> list[tuple[Path,
     """(file, class) of one source's split, for files whose label is one of the model's classes."""
     if split == "test":
         records = json.loads((pred.dir / "eval.json").read_text())["predictions"]
-        return [(record_scan_path(pred.card, r), r["label"]) for r in records
+        rows = [(record_scan_path(pred.card, r), r["label"]) for r in records
                 if r.get("source") == source and r["label"] in pred.classes]
+        return [(p, label) for p, label in rows if p is not None]
     files = split_files(pred.dir / "split.json", source_roots(pred.card, None)).get(source, {})
     paths, groups = files.get(split, ([], []))
-    return [(Path(p), g.split("/", 1)[1]) for p, g in zip(paths, groups) if g.split("/", 1)[1] in pred.classes]
+    return [(Path(p), g.split("/", 1)[1]) for p, g in zip(paths, groups)
+            if g.split("/", 1)[1] in pred.classes and Path(p).is_file()]
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ GATE_SPEC = {"size": 64, "crop": "head", "mean": 0.20, "std": 0.25}
 FEATURE_METHODS = ("mahalanobis", "knn", "head")
 LOGIT_METHODS = ("energy", "maxprob")
 MODEL_METHODS = FEATURE_METHODS + LOGIT_METHODS
-VERSION = 1
+VERSION = 2   # 2: the feature head ("density": "FeatureHead")
 
 
 # ----------------------------------------------------------------------------- image sets
@@ -341,11 +341,13 @@ class FeatureHead:
     def fit(cls, pos: np.ndarray, pos_groups: list[str], neg: np.ndarray, neg_groups: list[str],
             hidden: int = 64, steps: int = 400, batch_size: int = 512, seed: int = 0) -> "FeatureHead":
         torch.manual_seed(seed)
+        pos_groups, neg_groups = pos_groups or ["mri"] * len(pos), neg_groups or ["other"] * len(neg)
         mu, sd = pos.mean(0), pos.std(0) + 1e-3
         x = torch.from_numpy((np.concatenate([pos, neg]) - mu) / sd).float()
         y = torch.cat([torch.zeros(len(pos)), torch.ones(len(neg))])
         w = torch.cat([_balanced_weights(pos_groups) / len(set(pos_groups)),
                        _balanced_weights(neg_groups) / len(set(neg_groups))])
+        assert len(w) == len(x), "one group per feature row"
         net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
         opt = torch.optim.AdamW(net.parameters(), 3e-3, weight_decay=1e-3)
         gen = torch.Generator().manual_seed(seed)
@@ -446,7 +448,8 @@ class OODGate:
     """``check(scan, x, model) -> (in_distribution, ood_score)``; ``ood_score > 0`` means flagged."""
 
     def __init__(self, method: str, components: list[Component], threshold: float, colour_limit: float | None,
-                 net: GateNet | None = None, density: Mahalanobis | KNN | None = None, info: dict | None = None):
+                 net: GateNet | None = None, density: Mahalanobis | KNN | FeatureHead | None = None,
+                 info: dict | None = None):
         self.method, self.components, self.threshold = method, components, threshold
         self.colour_limit, self.net, self.density = colour_limit, net, density
         self.info = info or {}
@@ -573,6 +576,8 @@ class OODGate:
         unknown = set(parts) - {"cnn", "colour", *MODEL_METHODS}
         if unknown:
             raise ValueError(f"unknown OOD method part(s): {', '.join(sorted(unknown))}")
+        if len(set(parts) & set(FEATURE_METHODS)) > 1:
+            raise ValueError(f"method {method!r} names more than one feature scorer ({', '.join(FEATURE_METHODS)})")
         if set(parts) & set(MODEL_METHODS) and model is None and caches is None:
             raise ValueError(f"method {method!r} needs the classifier")
         colour_limit = colour_limit_from(pos) if "colour" in parts else None
@@ -620,6 +625,8 @@ class OODGate:
 def _model_scores(names: set[str], density, cache: dict) -> dict[str, np.ndarray]:
     out = {}
     if names & set(FEATURE_METHODS):
+        if density is None:
+            raise ValueError(f"gate components {sorted(names)} need a fitted feature scorer")
         out[SCORER_NAME[type(density)]] = density.score(cache["feats"])
     if "energy" in names:
         out["energy"] = energy_score(cache["logits"])

@@ -187,6 +187,17 @@ def test_feature_head_gate_trains_on_outlier_features_and_round_trips(synthetic_
     assert p.predict_scan(_noise(3)).in_distribution is False
 
 
+def test_feature_head_separates_without_groups_and_refuses_two_feature_scorers():
+    from core.ood import FeatureHead
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(0, 1, (300, 16)), rng.normal(3, 1, (200, 16))
+    head = FeatureHead.fit(pos, [], neg, [], steps=200)   # no groups: one group per side
+    assert np.mean(head.score(pos) < 0) > 0.95 and np.mean(head.score(neg) > 0) > 0.95
+    val = {"s": from_scans(_heads(10, 1))}
+    with pytest.raises(ValueError, match="more than one feature scorer"):
+        OODGate.fit(from_scans(_heads(10, 0)), None, val, "mahalanobis+head", caches={})
+
+
 def test_ood_table_lists_held_out_and_shipped_rates():
     from core.dashboard import ood_table
     card = {"ood": {"measured": {"outliers_flagged_pct": {"noise": 100.0, "real_medical": 90.0}},
