@@ -241,6 +241,30 @@ def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
     return net.eval()
 
 
+def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0, log=print) -> GateNet:
+    """`train_gate_net`, kept on disk by the exact training data, groups, epochs and seed.
+
+    fit-ood trains six networks (~5 min each on 2 cores); a re-fit that only changes how the
+    gate combines them (another method, the feature head) then reuses them.
+    """
+    from .data import HASH_CACHE
+    h = hashlib.sha1(repr((epochs, seed, VERSION, GATE_SPEC, pos.groups, neg.groups)).encode())
+    for t in (pos.small, neg.small):
+        h.update(t.contiguous().numpy().tobytes())
+    path = HASH_CACHE.parent / f"gate-net-{h.hexdigest()[:16]}.pt"
+    if path.exists():
+        net = GateNet()
+        net.load_state_dict(torch.load(path, weights_only=True))
+        log(f"gate net: reused {path.name}")
+        return net.eval()
+    net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)
+    return net
+
+
 @torch.no_grad()
 def net_scores(net: GateNet, small: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     out = [net(normalise(c.float().div(255), GATE_SPEC)) for c in small.split(batch_size)]
@@ -808,7 +832,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         hc = _classifier_caches(model, spec, hs, log)
         head_neg = {c: hc[c]["feats"] for c, _ in hs}
     t0 = time.time()
-    net = train_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log)
+    net = cached_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log)
     net_time = time.time() - t0
     caches_a = _with_cnn(caches, net, keyed)
     methods = [m for m in COMPARED if model is not None or not set(m.split("+")) & set(MODEL_METHODS)]
@@ -841,12 +865,12 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         variants = [chosen] + [m for m in methods if m != chosen and m.startswith("cnn+") and m.endswith("colour")]
         for i, held in enumerate(folds):  # each category's rate when a gate never saw it
             kept = [c for c in trainable if c not in held]
-            net_i = train_gate_net(d["pos"], ImageSet.concat([neg_all[c] for c in kept]), epochs=epochs,
-                                   seed=seed, log=log)
+            net_i = cached_gate_net(d["pos"], ImageSet.concat([neg_all[c] for c in kept]), epochs=epochs,
+                                    seed=seed, log=log)
             for m in variants:
                 _, rows[f"{m} [fold {i + 1}]"] = fit_eval(m, net_i, _with_cnn(caches, net_i, keyed), kept)
-        net_all = train_gate_net(d["pos"], ImageSet.concat(list(neg_all.values())), epochs=epochs,
-                                 seed=seed, log=log)
+        net_all = cached_gate_net(d["pos"], ImageSet.concat(list(neg_all.values())), epochs=epochs,
+                                  seed=seed, log=log)
         for m in variants:
             g, rows[f"{m} [all]"] = fit_eval(m, net_all, _with_cnn(caches, net_all, keyed), trainable)
             gate = g if m == chosen else gate

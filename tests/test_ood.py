@@ -198,6 +198,21 @@ def test_feature_head_separates_without_groups_and_refuses_two_feature_scorers()
         OODGate.fit(from_scans(_heads(10, 0)), None, val, "mahalanobis+head", caches={})
 
 
+def test_cached_gate_net_reuses_the_same_training_and_only_it(tmp_path, monkeypatch):
+    import core.data
+    from core.ood import cached_gate_net, net_scores
+    monkeypatch.setattr(core.data, "HASH_CACHE", tmp_path / "phash.json")
+    pos = from_scans(_heads(40, 0), groups=["heads"] * 40)
+    neg = from_scans(O.make_scans("noise", 20, seed=0), groups=["noise"] * 20)
+    logs: list[str] = []
+    a = cached_gate_net(pos, neg, epochs=1, log=logs.append)
+    b = cached_gate_net(pos, neg, epochs=1, log=logs.append)
+    assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 1
+    assert np.allclose(net_scores(a, pos.small), net_scores(b, pos.small))
+    cached_gate_net(pos, neg, epochs=1, seed=1, log=logs.append)   # another seed: trained anew
+    assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 2
+
+
 def test_ood_table_lists_held_out_and_shipped_rates():
     from core.dashboard import ood_table
     card = {"ood": {"measured": {"outliers_flagged_pct": {"noise": 100.0, "real_medical": 90.0}},
