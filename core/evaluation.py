@@ -157,7 +157,7 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
     files keep their record unchanged and are counted.
     """
     from .inference import Predictor
-    from .ood import MODEL_METHODS, source_roots
+    from .ood import source_roots
     from .reader import ScanError, read_scan
     weights_dir = Path(weights_dir)
     path = weights_dir / "eval.json"
@@ -167,8 +167,6 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
         raise ValueError(f"{weights_dir} has no ood.safetensors: run fit-ood first")
     roots = roots if roots is not None else source_roots(predictor.card, data_config)
     gate = predictor.gate
-    # the classifier's input only for gates that score its features (the cnn+colour gate does not)
-    uses_model = bool({c.name for c in gate.components} & set(MODEL_METHODS))
     records, missing, unreadable, t0 = ev["predictions"], 0, 0, time.time()
     for r in records:
         root = roots.get(r.get("source", ""))
@@ -182,7 +180,7 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
             unreadable += 1
             continue
         x = None
-        if uses_model:   # the served forward pass (bf16 where the Predictor uses it), whose features the gate reuses
+        if gate.uses_classifier:   # the served forward pass (bf16 where the Predictor uses it), whose features the gate reuses
             x = predictor.input_tensor(scan)
             predictor.probabilities(x)
         ok, score = gate.check(scan, x, predictor.model)

@@ -113,9 +113,10 @@ class Predictor:
         if (self.dir / "ood.safetensors").exists():
             from .ood import OODGate
             self.gate = OODGate.load(self.dir)
-            # Hook the feature tap now, so that the first served pass already leaves its (bf16)
-            # features for the gate, and no thread attaches hooks while another runs the model.
-            self.gate.tap.attach(self.model)
+            if self.gate.uses_classifier:
+                # Hook the feature tap now, so that the first served pass already leaves its (bf16)
+                # features for the gate, and no thread attaches hooks while another runs the model.
+                self.gate.tap.attach(self.model)
 
     @property
     def name(self) -> str:

@@ -479,6 +479,12 @@ class OODGate:
         self.info = info or {}
         self.tap = FeatureTap()
 
+    @property
+    def uses_classifier(self) -> bool:
+        """Whether a component scores the classifier's features or logits (else the gate is
+        the 64 px network and the colour rule alone, and never needs the model's pass)."""
+        return any(c.name in MODEL_METHODS for c in self.components)
+
     # -- scoring
     def raw_scores(self, data: ImageSet, model: nn.Module | None = None, spec: dict | None = None,
                    cache: dict | None = None) -> dict[str, np.ndarray]:
@@ -487,7 +493,7 @@ class OODGate:
         names = {c.name for c in self.components}
         if "cnn" in names:
             out["cnn"] = cache["cnn"] if cache and "cnn" in cache else net_scores(self.net, data.small)
-        if names & set(MODEL_METHODS):
+        if self.uses_classifier:
             if cache is None or "feats" not in cache:
                 f, z = features_and_logits(model, data.main, spec)
                 cache = {**(cache or {}), "feats": f, "logits": z}
@@ -516,7 +522,7 @@ class OODGate:
         if "cnn" in names:
             small = torch.from_numpy(prepare_small(scan.pixels))[None, None]
             raw["cnn"] = net_scores(self.net, small)
-        if names & set(MODEL_METHODS):
+        if self.uses_classifier:
             raw.update(_model_scores(names, self.density, self.tap.get(model, x)))
         score = float(self.combine(raw, np.array([scan.colourfulness]))[0])
         return score <= 0, score
