@@ -72,6 +72,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--average-init", action="store_true",
+                   help="with --init: ship the mean of the parent's and this run's best weights when "
+                        "that has the lower validation loss (weight averaging over the two cycles)")
+    p.add_argument("--split-from", default=None,
+                   help="use the split recorded in DIR/split.json instead of computing one (images it "
+                        "does not list are left out); default with --init: the parent's")
+    p.add_argument("--init", default=None,
+                   help="start from a finished run's weights (weights/NAME of the same arch, classes "
+                        "and split) for a second, shorter cycle; recorded in the card")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--ood", action="store_true", help="also fit the out-of-distribution gate")
     return p
@@ -89,6 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     args.out = args.out or f"weights/{args.arch}"
+    for opt, d in (("--split-from", args.split_from), ("--init", args.init)):
+        if d and not (Path(d) / "split.json").is_file():
+            p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
+    if args.average_init and not args.init:
+        p.error("--average-init needs --init")
     return args
 
 
@@ -179,8 +193,15 @@ def main(argv=None) -> int:
     D.assign_groups(samples, args.max_distance)
     ckpt_path = out / "checkpoint.pt"
     resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    if resume:
-        D.apply_split_record(samples, json.loads((out / "split.json").read_text())["files"])
+    # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
+    # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
+    split_from = out if resume else (args.split_from or args.init)
+    method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
+              f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
+    if split_from:
+        record = json.loads((Path(split_from) / "split.json").read_text())
+        D.apply_split_record(samples, record["files"])
+        method = record["method"] if resume else f"the split recorded in {split_from} ({record['method']})"
     else:
         D.split_by_group(samples, seed=args.seed)
     head = (images > 25).float().mean(dim=(1, 2, 3))
@@ -199,8 +220,7 @@ def main(argv=None) -> int:
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
     if rank == 0:
         (out / "split.json").write_text(json.dumps({
-            "method": f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
-                      f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}",
+            "method": method,
             "dropped_small_head": dropped, "files": D.split_record(samples)}))
         DD.barrier(world)
 
@@ -214,6 +234,14 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
     history, start_epoch, best, bad = [], 0, float("inf"), 0
+    args.init_record = None
+    if args.init:  # before the EMA copies the weights; a resumed checkpoint then overrides them
+        try:
+            args.init_record = E.init_weights(model, args.init, args.arch, classes, D.split_record(samples))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 2
+        say(f"initialised from {args.init}", flush=True)
     ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
     if resume:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
@@ -226,10 +254,7 @@ def main(argv=None) -> int:
         history = resume["history"]
         if not (out / "best.pt").exists() and (out / "model.safetensors").exists():
             # A finished run removed best.pt; its best weights are the ones it shipped.
-            from safetensors.torch import load_file
-            ref = model.state_dict()
-            torch.save({k: v.to(ref[k].dtype) for k, v in load_file(out / "model.safetensors").items()},
-                       out / "best.pt")
+            torch.save(E.shipped_state(model, out), out / "best.pt")
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
         torch.set_rng_state(resume["rng"])
         say(f"resumed from epoch {start_epoch}", flush=True)
@@ -277,10 +302,26 @@ def main(argv=None) -> int:
     DD.debug_dump(model, rank, world)
     if rank == 0:
         model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+        args.average_record = (average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]],
+                                                 spec, device, precision) if args.average_init else None)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
     return 0
+
+
+def average_with_init(model, init: str, val_images, val_masks, spec, device, precision) -> dict:
+    """Replace the best weights by their mean with the parent's when validation loss prefers it."""
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    va_best = E.evaluate_split(model, val_images, val_masks, spec, device, precision)
+    model.load_state_dict(E.average_states(E.shipped_state(model, init), best))
+    va_avg = E.evaluate_split(model, val_images, val_masks, spec, device, precision)
+    shipped = "average" if va_avg["loss"] < va_best["loss"] else "best"
+    if shipped == "best":
+        model.load_state_dict(best)
+    print(f"weight average with {init}: val loss {va_avg['loss']:.4f} (acc {va_avg['acc']:.4f}) against "
+          f"{va_best['loss']:.4f} ({va_best['acc']:.4f}) for this run's best: shipping the {shipped}", flush=True)
+    return {"with": init, "shipped": shipped, "val_best": va_best, "val_average": va_avg}
 
 
 def finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
@@ -319,7 +360,8 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
-    if args.resume and (out / "card.json").exists():
+    averaged = (getattr(args, "average_record", None) or {}).get("shipped") == "average"
+    if args.resume and (out / "card.json").exists() and not averaged:
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
@@ -380,7 +422,9 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
                      "device": device_name(device), "precision": precision,
                      "world_size": getattr(args, "world_size", 1),
-                     "config": getattr(args, "config_values", None)},
+                     "config": getattr(args, "config_values", None),
+                     "init": getattr(args, "init_record", None),
+                     "weight_average": getattr(args, "average_record", None)},
         "parameters": count_parameters(model),
         "weights_file_bytes": weights.stat().st_size,
         "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("train.py") else None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
 import time
@@ -236,6 +237,49 @@ def save_checkpoint(path: str | Path, **state) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, classes: list[str],
+                 split: dict) -> dict:
+    """Load a finished run's weights into `model` to train on from them (a second, shorter cycle).
+
+    Refuses a model of another architecture or class list, and one whose training images are
+    held out here (validation or test in `split`, this run's record): continuing from it would
+    leak those images into this run's measurements. Returns what the card records of the parent.
+    """
+    weights_dir = Path(weights_dir)
+    card = json.loads((weights_dir / "card.json").read_text())
+    if card["arch"] != arch or card["classes"] != classes:
+        raise ValueError(f"--init {weights_dir}: it is a {card['arch']} for {card['classes']}, "
+                         f"this run trains a {arch} for {classes}")
+    parent = json.loads((weights_dir / "split.json").read_text())["files"]
+    seen = {(src, rel) for src, d in parent.items() for rel in d.get("train", [])}
+    leaked = sorted((src, rel) for src, d in split.items() for k in ("val", "test")
+                    for rel in d.get(k, []) if (src, rel) in seen)
+    if leaked:
+        raise ValueError(f"--init {weights_dir}: {len(leaked)} of this run's validation/test images "
+                         f"were training images of that model (e.g. {leaked[0][0]}/{leaked[0][1]}); "
+                         "use the same data and --seed so the split is the same")
+    path = weights_dir / "model.safetensors"
+    model.load_state_dict(shipped_state(model, weights_dir))
+    return {"from": str(weights_dir), "command": card.get("command"), "date": card.get("date"),
+            "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "epochs_run": card.get("training", {}).get("epochs_run"),
+            "train_time_s": card.get("training", {}).get("train_time_s")}
+
+
+def shipped_state(model: torch.nn.Module, weights_dir: str | Path) -> dict:
+    """A run's shipped (fp16) weights as a state dict in `model`'s dtypes."""
+    from safetensors.torch import load_file
+    ref = model.state_dict()
+    return {k: v.to(ref[k].dtype) for k, v in load_file(Path(weights_dir) / "model.safetensors").items()}
+
+
+def average_states(a: dict, b: dict) -> dict:
+    """The mean of two state dicts of one architecture (weight averaging of two cycle ends, as in
+    SWA); batch-norm running statistics are averaged too, integer counters are taken from `b`."""
+    return {k: (a[k].float() + b[k].float()).div(2).to(b[k].dtype) if b[k].is_floating_point() else b[k]
+            for k in b}
 
 
 # ----------------------------------------------------------------------------- calibration

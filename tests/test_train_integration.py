@@ -79,6 +79,62 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert all(torch.equal(shipped1[k], shipped2[k]) for k in shipped1)
 
 
+def test_init_continues_from_a_finished_run_on_its_split(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
+              "--workers", 1, "--epochs", 1]
+    run_train([*common, "--out", tmp_path / "parent", "--seed", 0], cache)
+    # Another seed would split differently; the child must still use the parent's split.
+    log = run_train([*common, "--out", tmp_path / "child", "--seed", 1,
+                     "--init", tmp_path / "parent", "--average-init"], cache)
+    assert "initialised from" in log and "weight average with" in log
+    split = lambda d: json.loads((tmp_path / d / "split.json").read_text())["files"]
+    assert split("child") == split("parent")
+    import hashlib
+    init = json.loads((tmp_path / "child" / "card.json").read_text())["training"]["init"]
+    parent_card = json.loads((tmp_path / "parent" / "card.json").read_text())
+    assert init["from"] == str(tmp_path / "parent") and init["command"] == parent_card["command"]
+    assert init["weights_sha256"] == hashlib.sha256(
+        (tmp_path / "parent" / "model.safetensors").read_bytes()).hexdigest()
+    # The average is shipped exactly when validation prefers it.
+    avg = json.loads((tmp_path / "child" / "card.json").read_text())["training"]["weight_average"]
+    assert (avg["shipped"] == "average") == (avg["val_average"]["loss"] < avg["val_best"]["loss"])
+
+    # Another architecture cannot continue from it: a plain error, exit 2, no traceback.
+    env = {**os.environ, "BT_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "train.py", "--data", str(data), "--arch", "cnn_bn",
+                        "--img", "32", "--epochs", "1", "--workers", "1", "--no-progress",
+                        "--out", str(tmp_path / "other"), "--init", str(tmp_path / "parent")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "simple_cnn" in r.stderr and "cnn_bn" in r.stderr
+
+
+def test_average_states_means_floats_and_keeps_counters():
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    avg = E.average_states(a, b)
+    assert torch.equal(avg["w"], torch.tensor([2.0, 4.0])) and avg["n"].item() == 9
+
+
+def test_init_weights_loads_exactly_and_refuses_a_leaking_parent(tmp_path):
+    from safetensors.torch import save_file
+    from core.models import create_model
+    parent = create_model("simple_cnn", 4)
+    save_file({k: v.contiguous() for k, v in parent.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "card.json").write_text(json.dumps({"arch": "simple_cnn", "classes": C4}))
+    (tmp_path / "split.json").write_text(json.dumps({"files": {"a": {"train": ["x.jpg"], "test": ["y.jpg"]}}}))
+    child = create_model("simple_cnn", 4)
+    rec = E.init_weights(child, tmp_path, "simple_cnn", C4, {"a": {"train": ["x.jpg"], "test": ["y.jpg"]}})
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in child.state_dict().items())
+    assert len(rec["weights_sha256"]) == 64
+    with pytest.raises(ValueError, match="training images of that model"):
+        E.init_weights(child, tmp_path, "simple_cnn", C4, {"a": {"train": ["y.jpg"], "val": ["x.jpg"]}})
+    with pytest.raises(ValueError, match="this run trains"):
+        E.init_weights(child, tmp_path, "simple_cnn", ["no", "yes"], {})
+
+
 def test_ema_run_validates_and_ships_the_average(tmp_path):
     data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
     make_dataset(data)
