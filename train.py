@@ -196,12 +196,14 @@ def main(argv=None) -> int:
     # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
     split_from = out if resume else (args.split_from or args.init)
+    origin = None  # the run whose recorded split this one reuses
     method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
               f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
     if split_from:
         record = json.loads((Path(split_from) / "split.json").read_text())
         D.apply_split_record(samples, record["files"])
         method = record["method"] if resume else f"the split recorded in {split_from} ({record['method']})"
+        origin = record.get("from") if resume else str(split_from)
     else:
         D.split_by_group(samples, seed=args.seed)
     head = (images > 25).float().mean(dim=(1, 2, 3))
@@ -218,12 +220,6 @@ def main(argv=None) -> int:
                             and (k == "test" or s.source in trained)], dtype=torch.long)
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
-    if rank == 0:
-        (out / "split.json").write_text(json.dumps({
-            "method": method,
-            "dropped_small_head": dropped, "files": D.split_record(samples)}))
-        DD.barrier(world)
-
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
@@ -234,14 +230,20 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
     history, start_epoch, best, bad = [], 0, float("inf"), 0
+    shipped_average = None  # set when best.pt is rebuilt from weights that are already an average
     args.init_record = None
     if args.init:  # before the EMA copies the weights; a resumed checkpoint then overrides them
         try:
             args.init_record = E.init_weights(model, args.init, args.arch, classes, D.split_record(samples))
-        except (OSError, ValueError, KeyError) as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
+        except Exception as e:  # a corrupt or foreign parent: one sentence, and nothing written
+            print(f"train.py: error: cannot continue from {args.init}: {e}", file=sys.stderr)
             return 2
         say(f"initialised from {args.init}", flush=True)
+    if rank == 0:
+        (out / "split.json").write_text(json.dumps({
+            "method": method, "from": origin,
+            "dropped_small_head": dropped, "files": D.split_record(samples)}))
+        DD.barrier(world)
     ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
     if resume:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
@@ -252,9 +254,15 @@ def main(argv=None) -> int:
         else:  # resumed with another --epochs: follow the new schedule from the step reached
             sched.last_epoch = resume["scheduler"]["last_epoch"]
         history = resume["history"]
+        old = json.loads((out / "card.json").read_text()).get("training", {}) \
+            if (out / "card.json").exists() else {}
+        args.init_record = args.init_record or old.get("init")
         if not (out / "best.pt").exists() and (out / "model.safetensors").exists():
-            # A finished run removed best.pt; its best weights are the ones it shipped.
+            # A finished run removed best.pt; its best weights are the ones it shipped (which
+            # may already be the average with the parent: then it is not averaged again).
             torch.save(E.shipped_state(model, out), out / "best.pt")
+            done = old.get("weight_average") or {}
+            shipped_average = done if done.get("shipped") == "average" else None
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
         torch.set_rng_state(resume["rng"])
         say(f"resumed from epoch {start_epoch}", flush=True)
@@ -287,6 +295,7 @@ def main(argv=None) -> int:
             if va["loss"] < best:
                 best, bad = va["loss"], 0
                 torch.save(judged.state_dict(), out / "best.pt")
+                shipped_average = None
             elif not small:  # the low-resolution warm-up never stops a run
                 bad += 1
             (out / "history.json").write_text(json.dumps(history, indent=1))
@@ -302,8 +311,9 @@ def main(argv=None) -> int:
     DD.debug_dump(model, rank, world)
     if rank == 0:
         model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
-        args.average_record = (average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]],
-                                                 spec, device, precision) if args.average_init else None)
+        args.average_record = shipped_average or (
+            average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]], spec, device,
+                              precision) if args.average_init else None)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
@@ -348,6 +358,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     threshold = operating.get("threshold")
     uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    old_sha = E.file_sha256(out / "model.safetensors") if args.resume else None
     save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
               out / "model.safetensors")
     test = [samples[i] for i in idx["test"]]
@@ -360,8 +371,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
-    averaged = (getattr(args, "average_record", None) or {}).get("shipped") == "average"
-    if args.resume and (out / "card.json").exists() and not averaged:
+    if old_sha and old_sha == E.file_sha256(out / "model.safetensors") and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
@@ -381,6 +391,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
     import torchvision
     weights = Path(args.out) / "model.safetensors"
     per_split = {k: sum(1 for s in samples if s.split == k) for k in ("train", "val", "test")}
+    split_rec = json.loads((Path(args.out) / "split.json").read_text())
     return {
         "name": args.name or Path(args.out).name,
         "version": dt.date.today().isoformat(),
@@ -399,7 +410,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "label_map": {o: l for o, l in s["label_map"]},
                      "images": {k: sum(1 for x in samples if x.source == s["name"] and x.split == k)
                                 for k in ("train", "val", "test")}} for s in sources],
-        "split": {"method": json.loads((Path(args.out) / "split.json").read_text())["method"],
+        "split": {"method": split_rec["method"], "from": split_rec.get("from"),
                   "file": "split.json", "sizes": per_split, "seed": args.seed},
         "data_fingerprint": D.data_fingerprint(samples),
         "data_notes": {"skipped_files": len(skipped),

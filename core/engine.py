@@ -263,7 +263,7 @@ def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, cla
     path = weights_dir / "model.safetensors"
     model.load_state_dict(shipped_state(model, weights_dir))
     return {"from": str(weights_dir), "command": card.get("command"), "date": card.get("date"),
-            "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "weights_sha256": file_sha256(path),
             "epochs_run": card.get("training", {}).get("epochs_run"),
             "train_time_s": card.get("training", {}).get("train_time_s")}
 
@@ -278,8 +278,13 @@ def shipped_state(model: torch.nn.Module, weights_dir: str | Path) -> dict:
 def average_states(a: dict, b: dict) -> dict:
     """The mean of two state dicts of one architecture (weight averaging of two cycle ends, as in
     SWA); batch-norm running statistics are averaged too, integer counters are taken from `b`."""
-    return {k: (a[k].float() + b[k].float()).div(2).to(b[k].dtype) if b[k].is_floating_point() else b[k]
-            for k in b}
+    return {k: (a[k].to(b[k].device, torch.float32) + b[k].float()).div(2).to(b[k].dtype)
+            if b[k].is_floating_point() else b[k] for k in b}
+
+
+def file_sha256(path: str | Path) -> str | None:
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -109,6 +109,18 @@ def test_init_continues_from_a_finished_run_on_its_split(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "simple_cnn" in r.stderr and "cnn_bn" in r.stderr
+    assert not (tmp_path / "other" / "split.json").exists()   # a refused run writes nothing
+
+    # Resuming the finished child trains nothing more: it must not average the average again.
+    from safetensors.torch import load_file
+    before = load_file(tmp_path / "child" / "model.safetensors")
+    run_train([*common, "--out", tmp_path / "child", "--seed", 1, "--init", tmp_path / "parent",
+               "--average-init", "--resume"], cache)
+    after = load_file(tmp_path / "child" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    card = json.loads((tmp_path / "child" / "card.json").read_text())
+    assert card["training"]["weight_average"]["shipped"] == avg["shipped"]
+    assert card["split"]["from"] == str(tmp_path / "parent")
 
 
 def test_average_states_means_floats_and_keeps_counters():
@@ -116,6 +128,9 @@ def test_average_states_means_floats_and_keeps_counters():
     b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
     avg = E.average_states(a, b)
     assert torch.equal(avg["w"], torch.tensor([2.0, 4.0])) and avg["n"].item() == 9
+    # The parent's weights load on the CPU; the run's may sit on an accelerator.
+    on_other = E.average_states(a, {k: v.to("meta") for k, v in b.items()})
+    assert on_other["w"].device.type == "meta"
 
 
 def test_init_weights_loads_exactly_and_refuses_a_leaking_parent(tmp_path):
