@@ -27,6 +27,7 @@ from core import data as D
 from core import distributed as DD
 from core import engine as E
 from core.evaluation import evaluate_records, prediction_records
+from core.inference import file_sha256
 from core.labels import label_targets, model_classes, tumour_classes
 from core.metrics import tumour_probability
 from core.models import count_parameters, create_model
@@ -358,9 +359,9 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     threshold = operating.get("threshold")
     uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    old_sha = E.file_sha256(out / "model.safetensors") if args.resume else None
-    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
-              out / "model.safetensors")
+    weights_file = out / "model.safetensors"
+    old_sha = file_sha256(weights_file) if args.resume and weights_file.is_file() else None
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, weights_file)
     test = [samples[i] for i in idx["test"]]
     test_probs = torch.softmax(E.predict_logits(model, images[idx["test"]], spec, device,
                                                 precision=precision) / temperature, 1).numpy()
@@ -371,7 +372,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
-    if old_sha and old_sha == E.file_sha256(out / "model.safetensors") and (out / "card.json").exists():
+    if old_sha and old_sha == file_sha256(weights_file) and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}

@@ -16,6 +16,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .data import HASH_CACHE, Sample
+from .inference import file_sha256
 from .labels import label_targets
 from .preprocess import normalise, prepare
 
@@ -280,11 +281,6 @@ def average_states(a: dict, b: dict) -> dict:
     SWA); batch-norm running statistics are averaged too, integer counters are taken from `b`."""
     return {k: (a[k].to(b[k].device, torch.float32) + b[k].float()).div(2).to(b[k].dtype)
             if b[k].is_floating_point() else b[k] for k in b}
-
-
-def file_sha256(path: str | Path) -> str | None:
-    path = Path(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- calibration
