@@ -30,7 +30,7 @@ from core.evaluation import evaluate_records, prediction_records
 from core.inference import file_sha256
 from core.labels import label_targets, model_classes, tumour_classes
 from core.metrics import tumour_probability
-from core.models import count_parameters, create_model
+from core.models import count_parameters, create_model, has_class_maps
 from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
 
@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-img", type=int, default=0,
                    help="progressive resizing: train the first --small-img-epochs at this size")
     p.add_argument("--small-img-epochs", type=int, default=0)
+    p.add_argument("--mask-loss", type=float, default=0.0,
+                   help="weight of a pointing loss that puts each class map's evidence on the tumour "
+                        "mask where a source has masks (LGG); 0 = off")
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength, 0 = none")
     p.add_argument("--skull-strip-p", type=float, default=0.2)
     p.add_argument("--crop", default="head", choices=["head", "none"])
@@ -104,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
     if args.average_init and not args.init:
         p.error("--average-init needs --init")
+    if args.mask_loss < 0:
+        p.error("--mask-loss must be 0 (off) or positive")
     return args
 
 
@@ -168,6 +173,11 @@ def sampling_weights(samples: list[D.Sample], sources: list[dict]) -> torch.Tens
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
+        # before any process group or data work, so that no rank waits on one that gave up
+        print(f"train.py: error: --mask-loss needs a model whose head is pooling + one linear layer "
+              f"(resnet18, resnet50, efficientnet_b0), not {args.arch}", file=sys.stderr)
+        return 2
     t_start = time.time()
     # Under torchrun (WORLD_SIZE > 1) a process group; otherwise rank 0 of 1 and nothing changes.
     rank, world, ddp_device = DD.setup(args.device)
@@ -194,6 +204,8 @@ def main(argv=None) -> int:
     D.assign_groups(samples, args.max_distance)
     ckpt_path = out / "checkpoint.pt"
     resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+    if resume and not args.mask_loss:  # a resumed run keeps the loss it was started with
+        args.mask_loss = (resume.get("args") or {}).get("mask_loss", 0.0)
     # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
     split_from = out if resume else (args.split_from or args.init)
@@ -222,6 +234,15 @@ def main(argv=None) -> int:
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
+    lesions = None
+    if args.mask_loss > 0:
+        lesions = E.cache_lesions(samples, spec, workers=args.workers)
+        n_masked = int(lesions[1][idx["train"]].sum())
+        args.mask_record = {"weight": args.mask_loss, "loss": "pointing (class map vs tumour mask)",
+                            "train_images_with_mask": n_masked}
+        say(f"mask loss {args.mask_loss}: {n_masked} training images have a tumour mask"
+            + ("" if n_masked else " (none: the loss does nothing; masks are read from <root>/masks/)"),
+            flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
     steps_per_epoch = max(1, len(idx["train"]) // (args.batch_size * world))
@@ -283,7 +304,7 @@ def main(argv=None) -> int:
         tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
                                args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
-                               out_size=size, ema=ema)
+                               out_size=size, ema=ema, lesions=lesions, mask_weight=args.mask_loss)
         tr = DD.reduce_epoch_stats(tr, len(order), world, device)
         if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
             judged = ema.module if ema is not None else model
@@ -436,7 +457,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "world_size": getattr(args, "world_size", 1),
                      "config": getattr(args, "config_values", None),
                      "init": getattr(args, "init_record", None),
-                     "weight_average": getattr(args, "average_record", None)},
+                     "weight_average": getattr(args, "average_record", None),
+                     "mask_loss": getattr(args, "mask_record", None)},
         "parameters": count_parameters(model),
         "weights_file_bytes": weights.stat().st_size,
         "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("train.py") else None,

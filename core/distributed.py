@@ -85,8 +85,10 @@ def reduce_epoch_stats(stats: dict, n: int, world: int, device: torch.device) ->
                      dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     total = max(t[2].item(), 1.0)
-    return {**stats, "loss": t[0].item() / total, "acc": t[1].item() / total,
-            "images_per_s": t[3].item()}
+    out = {**stats, "loss": t[0].item() / total, "acc": t[1].item() / total,
+           "images_per_s": t[3].item()}
+    out.pop("pointing_loss", None)  # one rank's; not worth a second reduction
+    return out
 
 
 def rank0_decides(flag: bool, world: int, device: torch.device) -> bool:

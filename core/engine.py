@@ -28,22 +28,64 @@ def _prepare_one(args) -> np.ndarray:
     return (prepare(read_scan(path).pixels, spec) * 255).round().astype(np.uint8)
 
 
-def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.Tensor:
-    """Decode and prepare every image once: uint8 tensor (N, 1, S, S), cached on disk."""
-    key = hashlib.sha1(("|".join(s.path for s in samples) + repr(sorted(spec.items()))).encode())
-    path = HASH_CACHE.parent / f"images-{key.hexdigest()[:16]}.npy"
-    if path.exists():
-        return torch.from_numpy(np.load(path))
+def _cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Path:
+    """Where `kind` (images, lesions) of these files under this spec are cached."""
+    key = hashlib.sha1(((kind + "|" if kind != "images" else "") + "|".join(s.path for s in samples)
+                        + repr(sorted(spec.items()))).encode())
+    return HASH_CACHE.parent / f"{kind}-{key.hexdigest()[:16]}{suffix}"
+
+
+def _map_files(fn, samples: list[Sample], spec: dict, workers: int) -> list:
+    """fn((path, spec)) for every sample, in worker processes when it is worth it."""
     jobs = [(s.path, spec) for s in samples]
     if workers > 1 and len(jobs) > 200:
         with ProcessPoolExecutor(workers) as ex:
-            arrs = list(ex.map(_prepare_one, jobs, chunksize=64))
-    else:
-        arrs = [_prepare_one(j) for j in jobs]
-    arr = np.stack(arrs)[:, None]
+            return list(ex.map(fn, jobs, chunksize=64))
+    return [fn(j) for j in jobs]
+
+
+def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.Tensor:
+    """Decode and prepare every image once: uint8 tensor (N, 1, S, S), cached on disk."""
+    path = _cache_path("images", samples, spec, ".npy")
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    arr = np.stack(_map_files(_prepare_one, samples, spec, workers))[:, None]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
     return torch.from_numpy(arr)
+
+
+def _lesion_one(args) -> np.ndarray | None:
+    path, spec = args
+    from .reader import read_scan
+    from .saliency import mask_path_for, mask_to_input, read_mask
+    mpath = mask_path_for(path)
+    if mpath is None:
+        return None
+    return mask_to_input(read_scan(path).pixels, read_mask(mpath), spec).astype(np.uint8)
+
+
+def cache_lesions(samples: list[Sample], spec: dict, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tumour mask of every image that has one (LGG), in the model-input frame.
+
+    Returns uint8 (N, 1, S, S) masks (0/1; zeros where none is known) and a bool (N,) saying
+    which images have a mask. Brought into the frame exactly as `cache_images` prepares the
+    image (`core.saliency.mask_to_input`), and cached on disk like it.
+    """
+    path = _cache_path("lesions", samples, spec, ".npz")
+    if path.exists():
+        z = np.load(path)
+        return torch.from_numpy(z["masks"]), torch.from_numpy(z["known"])
+    found = _map_files(_lesion_one, samples, spec, workers)
+    size = spec["size"]
+    known = np.array([m is not None for m in found], bool)
+    masks = np.zeros((len(found), 1, size, size), np.uint8)
+    for i, m in enumerate(found):
+        if m is not None:
+            masks[i, 0] = m
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, masks=masks, known=known)
+    return torch.from_numpy(masks), torch.from_numpy(known)
 
 
 def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
@@ -63,6 +105,12 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     forward pass of a small model on a 2-core CPU. ``out_size`` resamples to a smaller square in
     the same pass (progressive resizing: early epochs at low resolution cost a fraction).
     """
+    return random_intensity(random_affine(x, strength, out_size), strength, skull_strip_p)
+
+
+def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None = None) -> torch.Tensor:
+    """The geometric half of `augment`: one random rotation, zoom, shear, shift and flip per
+    sample, applied alike to every channel (so a lesion mask stacked on the image stays on it)."""
     n, dev = x.shape[0], x.device
     size = out_size or x.shape[-1]
     if strength <= 0:
@@ -77,7 +125,14 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     theta = torch.stack([torch.stack([cos * flip, -sin + shear, tx], 1),
                          torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = nnf.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    x = nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2) -> torch.Tensor:
+    """The intensity half of `augment`: skull removal, gamma, contrast, brightness and noise."""
+    if strength <= 0:
+        return x
+    n, dev = x.shape[0], x.device
     if skull_strip_p > 0:
         x = _random_skull_strip(x, skull_strip_p)
     # Intensity: gamma, contrast, brightness, then a little noise; scanners differ in all four.
@@ -122,6 +177,32 @@ def set_nll(logits: torch.Tensor, allowed: torch.Tensor, smoothing: float = 0.0)
     return nll.mean()
 
 
+def class_maps(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Class activation maps (N, C, h, w) of a model whose head is global pooling + one linear
+    layer (``cam_head``): each cell's logit contribution, whose mean over cells is the logit
+    less its bias. For such a head Grad-CAM's map is the ReLU of this map, so training it trains
+    what the saliency panel shows."""
+    fc = model.get_submodule(model.cam_head)
+    return torch.einsum("nkhw,ck->nchw", feats.float(), fc.weight.float())
+
+
+def pointing_loss(maps: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between the softmax over cells of a class map (N, h, w) and the share of
+    the lesion in each cell ((N, 1, H, W) masks pooled to the map's grid).
+
+    It asks where the evidence is, not how much of it there is: adding a constant to every cell
+    leaves it unchanged, so it cannot fight the classification loss over a small lesion's logit.
+    Images whose lesion left the frame (augmentation) count zero; the mean is over the rest.
+    """
+    share = nnf.adaptive_avg_pool2d(lesion.float(), maps.shape[-2:]).flatten(1)
+    mass = share.sum(1)
+    keep = mass > 0
+    if not keep.any():
+        return maps.sum() * 0.0
+    q = share[keep] / mass[keep, None]
+    return -(q * nnf.log_softmax(maps[keep].flatten(1), dim=1)).sum(1).mean()
+
+
 # ----------------------------------------------------------------------------- loops
 def _autocast(device: torch.device, precision: str):
     enabled = precision in ("bf16", "fp16")
@@ -129,43 +210,78 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
+def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_p, out_size):
+    """The augmented [0, 1] batch, and with ``lesions`` its tumour masks warped alike (zero for
+    images without a mask or with a coarse label, which the pointing loss then skips)."""
+    x = images[idx].to(device, non_blocking=True).float().div_(255)
+    if lesions is None:
+        return augment(x, strength, skull_strip_p, out_size), None
+    sel = lesions[1][idx] & (masks[idx].sum(1) == 1)  # a mask and one true class
+    both = random_affine(torch.cat([x, lesions[0][idx].to(device).float()], 1), strength, out_size)
+    lesion = both[:, 1:] * sel.to(device)[:, None, None, None]
+    return random_intensity(both[:, :1], strength, skull_strip_p), lesion
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     order: torch.Tensor, optimizer, scheduler, spec: dict, device: torch.device,
                     batch_size: int = 64, precision: str = "fp32", smoothing: float = 0.1,
                     aug_strength: float = 1.0, skull_strip_p: float = 0.2,
                     scaler=None, progress: bool = True, out_size: int | None = None,
-                    ema: ModelEma | None = None) -> dict:
+                    ema: ModelEma | None = None, lesions: tuple | None = None,
+                    mask_weight: float = 0.0) -> dict:
+    """One pass over ``order``. With ``lesions`` (masks, known) from `cache_lesions` and
+    ``mask_weight`` > 0, images of a true class that carry a tumour mask add ``mask_weight`` x
+    `pointing_loss` of that class's map, so the evidence for it sits on the lesion."""
     model.train()
-    total, correct, loss_sum, t0 = 0, 0, 0.0, time.time()
+    total, correct, loss_sum, point_sum, point_n, t0 = 0, 0, 0.0, 0.0, 0, time.time()
+    plain = getattr(model, "module", model)  # under DDP the hooks and head live on the module
+    feats: dict = {}
+    hook = None
+    if lesions is not None and mask_weight > 0:
+        from .models import saliency_layer
+        hook = saliency_layer(plain).register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
     batches = order.split(batch_size)
     it = batches
     if progress:
         from tqdm import tqdm
         it = tqdm(batches, leave=False, desc="train", mininterval=5)
-    for idx in it:
-        if len(idx) < 2:
-            continue
-        x = images[idx].to(device, non_blocking=True).float().div_(255)
-        x = normalise(augment(x, aug_strength, skull_strip_p, out_size), spec)
-        x = x.contiguous(memory_format=torch.channels_last)
-        allowed = masks[idx].to(device)
-        with _autocast(device, precision):
-            logits = model(x)
-        loss = set_nll(logits, allowed, smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-        else:
-            loss.backward(); optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        loss_sum += loss.item() * len(idx)
-        total += len(idx)
-        correct += allowed.gather(1, logits.argmax(1, keepdim=True)).sum().item()
-    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
-            "time_s": time.time() - t0, "images_per_s": total / max(time.time() - t0, 1e-9)}
+    try:
+        for idx in it:
+            if len(idx) < 2:
+                continue
+            x, lesion = _augmented_batch(images, masks, lesions if hook is not None else None, idx,
+                                         device, aug_strength, skull_strip_p, out_size)
+            x = normalise(x, spec).contiguous(memory_format=torch.channels_last)
+            allowed = masks[idx].to(device)
+            with _autocast(device, precision):
+                logits = model(x)
+            cls_loss = loss = set_nll(logits, allowed, smoothing)
+            f = feats.pop("f", None)
+            if lesion is not None and lesion.any():
+                cls = allowed.float().argmax(1)
+                point = pointing_loss(class_maps(plain, f)[torch.arange(len(idx)), cls], lesion)
+                loss = cls_loss + mask_weight * point
+                point_sum += point.item(); point_n += 1
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+            else:
+                loss.backward(); optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            loss_sum += cls_loss.item() * len(idx)
+            total += len(idx)
+            correct += allowed.gather(1, logits.argmax(1, keepdim=True)).sum().item()
+    finally:
+        if hook is not None:
+            hook.remove()
+    out = {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
+           "time_s": time.time() - t0, "images_per_s": total / max(time.time() - t0, 1e-9)}
+    if point_n:
+        out["pointing_loss"] = point_sum / point_n
+    return out
 
 
 @torch.no_grad()

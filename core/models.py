@@ -34,6 +34,13 @@ def saliency_layer(model: nn.Module) -> nn.Module:
     return model.get_submodule(model.cam_layer)
 
 
+def has_class_maps(model: nn.Module) -> bool:
+    """Whether the head is global pooling + one linear layer on ``cam_layer`` (builders say so with
+    ``cam_head``): then each class's map is exact (in eval mode: EfficientNet's dropout sits
+    between the pooling and the linear layer) and can be trained (`core.engine.class_maps`)."""
+    return bool(getattr(model, "cam_head", None))
+
+
 def _grey_stem(conv: nn.Conv2d) -> nn.Conv2d:
     return nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      bias=conv.bias is not None)
@@ -69,7 +76,7 @@ def cnn_bn(num_classes: int, dropout: float = 0.5) -> nn.Module:
 def resnet18(num_classes: int) -> nn.Module:
     m = tvm.resnet18(weights=None, num_classes=num_classes)
     m.conv1 = _grey_stem(m.conv1)
-    m.cam_layer = "layer4"
+    m.cam_layer, m.cam_head = "layer4", "fc"
     return m
 
 
@@ -77,7 +84,7 @@ def resnet18(num_classes: int) -> nn.Module:
 def resnet50(num_classes: int) -> nn.Module:
     m = tvm.resnet50(weights=None, num_classes=num_classes)
     m.conv1 = _grey_stem(m.conv1)
-    m.cam_layer = "layer4"
+    m.cam_layer, m.cam_head = "layer4", "fc"
     return m
 
 
@@ -85,7 +92,7 @@ def resnet50(num_classes: int) -> nn.Module:
 def efficientnet_b0(num_classes: int) -> nn.Module:
     m = tvm.efficientnet_b0(weights=None, num_classes=num_classes)
     m.features[0][0] = _grey_stem(m.features[0][0])
-    m.cam_layer = "features"
+    m.cam_layer, m.cam_head = "features", "classifier.1"
     return m
 
 
