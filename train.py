@@ -174,7 +174,7 @@ def sampling_weights(samples: list[D.Sample], sources: list[dict]) -> torch.Tens
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
-        # before any process group or data work, so that no rank waits on one that gave up
+        # before any process group or data work: a refusal costs nothing and writes nothing
         print(f"train.py: error: --mask-loss needs a model whose head is pooling + one linear layer "
               f"(resnet18, resnet50, efficientnet_b0), not {args.arch}", file=sys.stderr)
         return 2
