@@ -29,7 +29,8 @@ def _prepare_one(args) -> np.ndarray:
 
 
 def _cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Path:
-    """Where `kind` (images, lesions) of these files under this spec are cached."""
+    """Where `kind` (images, lesions) of these files under this spec are cached. The image key
+    has no prefix because it predates the others: existing image caches stay valid."""
     key = hashlib.sha1(((kind + "|" if kind != "images" else "") + "|".join(s.path for s in samples)
                         + repr(sorted(spec.items()))).encode())
     return HASH_CACHE.parent / f"{kind}-{key.hexdigest()[:16]}{suffix}"

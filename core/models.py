@@ -129,13 +129,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pooled features before the classifier (for feature-density out-of-distribution scores)."""
-    feats = {}
-    layer = saliency_layer(model)
-    h = layer.register_forward_hook(lambda m, i, o: feats.setdefault("f", o))
+def cam_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``cam_layer`` output (N, K, h, w) and the logits, from one forward pass."""
+    store = {}
+    h = saliency_layer(model).register_forward_hook(lambda m, i, o: store.__setitem__("f", o))
     try:
-        model(x)
+        logits = model(x)
     finally:
         h.remove()
-    return feats["f"].mean(dim=(2, 3))
+    return store["f"], logits
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features before the classifier (for feature-density out-of-distribution scores)."""
+    return cam_features(model, x)[0].mean(dim=(2, 3))

@@ -276,18 +276,13 @@ def net_scores(net: GateNet, small: torch.Tensor, batch_size: int = 512) -> np.n
 def features_and_logits(model: nn.Module, main: torch.Tensor, spec: dict,
                         batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Pooled penultimate features and logits of the classifier, in one forward pass per batch."""
-    from .models import saliency_layer
+    from .models import cam_features
     model.eval()
-    store: dict = {}
-    h = saliency_layer(model).register_forward_hook(lambda m, i, o: store.__setitem__("f", o))
     feats, logits = [], []
-    try:
-        for c in main.split(batch_size):
-            z = model(normalise(c.float().div(255), spec))
-            feats.append(store["f"].mean(dim=(2, 3)).float())
-            logits.append(z.float())
-    finally:
-        h.remove()
+    for c in main.split(batch_size):
+        f, z = cam_features(model, normalise(c.float().div(255), spec))
+        feats.append(f.mean(dim=(2, 3)).float())
+        logits.append(z.float())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import core.data as D
 import core.engine as E
-from core.models import create_model, has_class_maps
+from core.models import cam_features, create_model, has_class_maps
 from core.preprocess import DEFAULT_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,14 +95,9 @@ def test_class_maps_average_to_the_logits(arch):
     torch.manual_seed(0)
     model = create_model(arch, 4).eval()
     assert has_class_maps(model)
-    from core.models import saliency_layer
-    feats = {}
-    h = saliency_layer(model).register_forward_hook(lambda m, i, o: feats.setdefault("f", o))
-    with torch.no_grad():
-        logits = model(torch.rand(2, 1, 64, 64))
-    h.remove()
+    feats, logits = cam_features(model, torch.rand(2, 1, 64, 64))
     head = model.get_submodule(model.cam_head)
-    maps = E.class_maps(model, feats["f"])
+    maps = E.class_maps(model, feats)
     assert maps.shape[:2] == (2, 4)
     assert torch.allclose(maps.mean(dim=(2, 3)) + head.bias, logits, atol=1e-4)
     assert not has_class_maps(create_model("simple_cnn", 4))
@@ -125,15 +120,9 @@ def _pointing_after(mask_weight: float) -> float:
                                   lesions=(lesion, known), mask_weight=mask_weight)
     assert ("pointing_loss" in stats) == (mask_weight > 0)
     test_img, test_lesion = blob_batch(32, 96, seed=3)
-    from core.models import saliency_layer
     from core.preprocess import normalise
-    feats = {}
-    h = saliency_layer(model).register_forward_hook(lambda m, i, o: feats.setdefault("f", o))
-    model.eval()
-    with torch.no_grad():
-        model(normalise(test_img.float() / 255, spec))
-    h.remove()
-    return E.pointing_loss(E.class_maps(model, feats["f"])[:, 0], test_lesion).item()
+    feats, _ = cam_features(model.eval(), normalise(test_img.float() / 255, spec))
+    return E.pointing_loss(E.class_maps(model, feats)[:, 0], test_lesion).item()
 
 
 def test_mask_weight_moves_the_class_map_onto_the_lesion():
