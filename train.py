@@ -60,6 +60,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "mask where a source has masks (LGG); 0 = off")
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength, 0 = none")
     p.add_argument("--skull-strip-p", type=float, default=0.2)
+    p.add_argument("--rotate", type=float, default=15.0, help="largest random rotation, degrees")
+    p.add_argument("--shear", type=float, default=0.1, help="largest random shear (affine factor)")
+    p.add_argument("--turn-p", type=float, default=0.0,
+                   help="probability of a random quarter/half/three-quarter turn (files stored sideways)")
+    p.add_argument("--blur-p", type=float, default=0.0, help="probability of a random Gaussian blur")
     p.add_argument("--crop", default="head", choices=["head", "none"])
     p.add_argument("--binary", action="store_true", help="fold every tumour class into 'tumor'")
     p.add_argument("--seed", type=int, default=0)
@@ -110,6 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mask_loss < 0:
         p.error("--mask-loss must be 0 (off) or positive")
     return args
+
+
+def aug_options(args: argparse.Namespace) -> dict:
+    """The augmentation's widening settings (`core.engine.augment`), as the card records them."""
+    return {"rotate": args.rotate, "shear": args.shear, "turn_p": args.turn_p, "blur_p": args.blur_p}
 
 
 def pick_device(name: str) -> torch.device:
@@ -304,7 +314,8 @@ def main(argv=None) -> int:
         tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
                                args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
-                               out_size=size, ema=ema, lesions=lesions, mask_weight=args.mask_loss)
+                               out_size=size, ema=ema, lesions=lesions, mask_weight=args.mask_loss,
+                               aug_options=aug_options(args))
         tr = DD.reduce_epoch_stats(tr, len(order), world, device)
         if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
             judged = ema.module if ema is not None else model
@@ -450,8 +461,12 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
                      "weight_ema": args.ema or None,
                      "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
-                                      "ops": "affine (rotate 15, scale 12%, shear, shift 8%), "
-                                             "h-flip, gamma, contrast, brightness, noise, skull removal"},
+                                      **aug_options(args),
+                                      "ops": f"affine (rotate {args.rotate:g}, scale 12%, shear "
+                                             f"{args.shear:g}, shift 8%), h-flip, "
+                                             + (f"quarter turns (p {args.turn_p:g}), " if args.turn_p else "")
+                                             + "gamma, contrast, brightness, noise, skull removal"
+                                             + (f", blur (p {args.blur_p:g})" if args.blur_p else "")},
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
                      "device": device_name(device), "precision": precision,
                      "world_size": getattr(args, "world_size", 1),

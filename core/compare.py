@@ -93,9 +93,18 @@ def _settings(tr: dict, cfg: dict) -> dict:
     return {"img": tr.get("img"), "epochs": tr.get("epochs"), "epochs_run": tr.get("epochs_run"),
             "batch_size": tr.get("batch_size"), "precision": tr.get("precision"),
             "aug": aug.get("strength"), "skull_strip_p": aug.get("skull_strip_p"),
-            "world_size": tr.get("world_size", 1),
+            "aug_wide": _widened(aug), "world_size": tr.get("world_size", 1),
             "reduced": cfg.get("reduced") or tr.get("reduced"),
             "reported": cfg.get("reported"), "overridden": _overridden(tr, cfg)}
+
+
+def _widened(aug: dict) -> str | None:
+    """'rotate 45, turns 0.25, blur 0.3' where train.py's geometric/blur options left their defaults."""
+    parts = [f"rotate {aug['rotate']:g}" if aug.get("rotate", 15) != 15 else "",
+             f"shear {aug['shear']:g}" if aug.get("shear", 0.1) != 0.1 else "",
+             f"turns {aug['turn_p']:g}" if aug.get("turn_p") else "",
+             f"blur {aug['blur_p']:g}" if aug.get("blur_p") else ""]
+    return ", ".join(p for p in parts if p) or None
 
 
 def _overridden(tr: dict, cfg: dict) -> list[str]:
@@ -118,7 +127,7 @@ def settings_text(row: dict) -> str:
                      else f"{row['epochs']} {unit}")
     if row.get("aug") is not None:
         parts.append("no aug" if not row["aug"] and not row.get("skull_strip_p")
-                     else f"aug {row['aug']}")
+                     else f"aug {row['aug']}" + (f" ({row['aug_wide']})" if row.get("aug_wide") else ""))
     if row.get("precision"):
         parts.append(row["precision"])
     if (row.get("world_size") or 1) > 1:

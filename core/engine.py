@@ -99,29 +99,43 @@ def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- augmentation
 def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
-            out_size: int | None = None) -> torch.Tensor:
+            out_size: int | None = None, options: dict | None = None) -> torch.Tensor:
     """Per-sample random affine, flip, intensity and skull removal on a [0, 1] batch (N, 1, H, W).
 
     Batched with affine_grid/grid_sample because per-image PIL transforms cost more than the
     forward pass of a small model on a 2-core CPU. ``out_size`` resamples to a smaller square in
     the same pass (progressive resizing: early epochs at low resolution cost a fraction).
+    ``options`` widens it: `random_affine`'s rotate, shear and turn_p, `random_intensity`'s blur_p.
     """
-    return random_intensity(random_affine(x, strength, out_size), strength, skull_strip_p)
+    geo, blur_p = _split_options(options)
+    return random_intensity(random_affine(x, strength, out_size, **geo), strength, skull_strip_p, blur_p)
 
 
-def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None = None) -> torch.Tensor:
-    """The geometric half of `augment`: one random rotation, zoom, shear, shift and flip per
-    sample, applied alike to every channel (so a lesion mask stacked on the image stays on it)."""
+def _split_options(options: dict | None) -> tuple[dict, float]:
+    o = dict(options or {})
+    return {k: o[k] for k in ("rotate", "shear", "turn_p") if k in o}, float(o.get("blur_p", 0.0))
+
+
+def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None = None,
+                  rotate: float = 15.0, shear: float = 0.1, turn_p: float = 0.0) -> torch.Tensor:
+    """The geometric half of `augment`: one random rotation (up to ``rotate`` degrees), zoom,
+    shear, shift and flip per sample, applied alike to every channel (so a lesion mask stacked on
+    the image stays on it). With probability ``turn_p`` a sample also turns by a random quarter,
+    half or three-quarter turn: files from elsewhere are not always stored upright. The turns
+    draw their random numbers last, so runs without them keep their old random stream."""
     n, dev = x.shape[0], x.device
     size = out_size or x.shape[-1]
     if strength <= 0:
         return x if size == x.shape[-1] else nnf.interpolate(x, size=(size, size), mode="bilinear",
                                                               antialias=True, align_corners=False)
-    ang = (torch.rand(n, device=dev) * 2 - 1) * math.radians(15) * strength
+    ang = (torch.rand(n, device=dev) * 2 - 1) * math.radians(rotate) * strength
     scale = 1 + (torch.rand(n, device=dev) * 2 - 1) * 0.12 * strength
-    shear = (torch.rand(n, device=dev) * 2 - 1) * 0.1 * strength
+    shear = (torch.rand(n, device=dev) * 2 - 1) * shear * strength
     tx, ty = [(torch.rand(n, device=dev) * 2 - 1) * 0.08 * strength for _ in range(2)]
     flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+    if turn_p > 0:
+        quarters = torch.randint(1, 4, (n,), device=dev) * (torch.rand(n, device=dev) < turn_p)
+        ang = ang + quarters * (math.pi / 2)
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin + shear, tx], 1),
                          torch.stack([sin * flip, cos, ty], 1)], 1)
@@ -129,13 +143,22 @@ def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None =
     return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2) -> torch.Tensor:
-    """The intensity half of `augment`: skull removal, gamma, contrast, brightness and noise."""
+def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
+                     blur_p: float = 0.0) -> torch.Tensor:
+    """The intensity half of `augment`: skull removal, gamma, contrast, brightness and noise, and
+    with probability ``blur_p`` a Gaussian blur (sigma 0.6-1.6 px): files that were downsampled
+    or smoothed on the way. The blur draws its random numbers after everything else, so runs
+    without it keep their old random stream."""
     if strength <= 0:
         return x
-    n, dev = x.shape[0], x.device
     if skull_strip_p > 0:
         x = _random_skull_strip(x, skull_strip_p)
+    x = _intensity(x, strength)
+    return _random_blur(x, blur_p) if blur_p > 0 else x
+
+
+def _intensity(x: torch.Tensor, strength: float) -> torch.Tensor:
+    n, dev = x.shape[0], x.device
     # Intensity: gamma, contrast, brightness, then a little noise; scanners differ in all four.
     gamma = torch.exp((torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.4 * strength)
     x = x.clamp(0, 1) ** gamma
@@ -144,6 +167,22 @@ def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: floa
     x = (x - 0.5) * c + 0.5 + b
     x = x + torch.randn_like(x) * 0.02 * strength * torch.rand(n, 1, 1, 1, device=dev)
     return x.clamp(0, 1)
+
+
+def _random_blur(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A separable Gaussian blur of random width on a random subset (one grouped conv per axis)."""
+    n, c, h, w = x.shape
+    sigma = 0.6 + 1.0 * torch.rand(n, device=x.device)
+    on = torch.rand(n, device=x.device) < p
+    t = torch.arange(-3, 4, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    k = torch.where(on[:, None], k, (t == 0).to(x.dtype)[None])  # identity kernel where off
+    k = k.repeat_interleave(c, 0)
+    y = x.reshape(1, n * c, h, w)
+    y = nnf.conv2d(nnf.pad(y, (3, 3, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * c)
+    y = nnf.conv2d(nnf.pad(y, (0, 0, 3, 3), mode="replicate"), k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
 
 
 def _random_skull_strip(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -211,16 +250,17 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_p, out_size):
+def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_p, out_size, options):
     """The augmented [0, 1] batch, and with ``lesions`` its tumour masks warped alike (zero for
     images without a mask or with a coarse label, which the pointing loss then skips)."""
     x = images[idx].to(device, non_blocking=True).float().div_(255)
     if lesions is None:
-        return augment(x, strength, skull_strip_p, out_size), None
+        return augment(x, strength, skull_strip_p, out_size, options), None
     sel = lesions[1][idx] & (masks[idx].sum(1) == 1)  # a mask and one true class
-    both = random_affine(torch.cat([x, lesions[0][idx].to(device).float()], 1), strength, out_size)
+    geo, blur_p = _split_options(options)
+    both = random_affine(torch.cat([x, lesions[0][idx].to(device).float()], 1), strength, out_size, **geo)
     lesion = both[:, 1:] * sel.to(device)[:, None, None, None]
-    return random_intensity(both[:, :1], strength, skull_strip_p), lesion
+    return random_intensity(both[:, :1], strength, skull_strip_p, blur_p), lesion
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
@@ -229,8 +269,9 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     aug_strength: float = 1.0, skull_strip_p: float = 0.2,
                     scaler=None, progress: bool = True, out_size: int | None = None,
                     ema: ModelEma | None = None, lesions: tuple | None = None,
-                    mask_weight: float = 0.0) -> dict:
-    """One pass over ``order``. With ``lesions`` (masks, known) from `cache_lesions` and
+                    mask_weight: float = 0.0, aug_options: dict | None = None) -> dict:
+    """One pass over ``order``; ``aug_options`` widens the augmentation (`augment`).
+    With ``lesions`` (masks, known) from `cache_lesions` and
     ``mask_weight`` > 0, images of a true class that carry a tumour mask add ``mask_weight`` x
     `pointing_loss` of that class's map, so the evidence for it sits on the lesion."""
     model.train()
@@ -251,7 +292,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
             if len(idx) < 2:
                 continue
             x, lesion = _augmented_batch(images, masks, lesions if hook is not None else None, idx,
-                                         device, aug_strength, skull_strip_p, out_size)
+                                         device, aug_strength, skull_strip_p, out_size, aug_options)
             x = normalise(x, spec).contiguous(memory_format=torch.channels_last)
             allowed = masks[idx].to(device)
             with _autocast(device, precision):

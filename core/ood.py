@@ -204,11 +204,14 @@ def _balanced_weights(groups: list[str]) -> torch.Tensor:
 
 
 def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
-                   batch_size: int = 128, lr: float = 3e-3, width: int = 16, log=print) -> GateNet:
+                   batch_size: int = 128, lr: float = 3e-3, width: int = 16, log=print,
+                   geometry: dict | None = None) -> GateNet:
     """Outlier exposure: brain MRI (label 0) vs generated non-MRI images (label 1), balanced.
 
     Each half of an epoch's draws comes from one side; within a side every source or category
     counts equally, so that the small sources (BRISC, Br35H) are not an afterthought.
+    ``geometry`` (rotate, shear, turn_p: `gate_geometry`) widens the augmentation as the
+    classifier's was, so that a brain scan the classifier reads when turned is not flagged for it.
     """
     from .engine import augment
     torch.manual_seed(seed)
@@ -228,7 +231,7 @@ def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
         net.train()
         order = torch.multinomial(w, n_draw, replacement=True, generator=gen)
         for idx in order.split(batch_size):
-            xb = augment(x[idx].float().div_(255), 1.0, 0.2)
+            xb = augment(x[idx].float().div_(255), 1.0, 0.2, options=geometry)
             logit = net(normalise(xb, GATE_SPEC))
             loss = nnf.binary_cross_entropy_with_logits(logit, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -241,14 +244,24 @@ def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
     return net.eval()
 
 
-def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0, log=print) -> GateNet:
+def gate_geometry(card: dict | None) -> dict | None:
+    """The classifier's widened geometric augmentation (train.py --rotate/--shear/--turn-p), or None
+    when it used the defaults: the gate network then trains exactly as before."""
+    aug = ((card or {}).get("training") or {}).get("augmentation") or {}
+    geo = {k: aug[k] for k in ("rotate", "shear", "turn_p") if k in aug}
+    return geo if geo and geo != {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0} else None
+
+
+def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0, log=print,
+                    geometry: dict | None = None) -> GateNet:
     """`train_gate_net`, kept on disk by the exact training data, groups, epochs and seed.
 
     fit-ood trains six networks (~5 min each on 2 cores); a re-fit that only changes how the
     gate combines them (another method, the feature head) then reuses them.
     """
     from .data import HASH_CACHE
-    h = hashlib.sha1(repr((epochs, seed, VERSION, GATE_SPEC, pos.groups, neg.groups)).encode())
+    key = (epochs, seed, VERSION, GATE_SPEC, pos.groups, neg.groups) + ((geometry,) if geometry else ())
+    h = hashlib.sha1(repr(key).encode())
     for t in (pos.small, neg.small):
         h.update(t.contiguous().numpy().tobytes())
     path = HASH_CACHE.parent / f"gate-net-{h.hexdigest()[:16]}.pt"
@@ -257,7 +270,7 @@ def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0
         net.load_state_dict(torch.load(path, weights_only=True))
         log(f"gate net: reused {path.name}")
         return net.eval()
-    net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log)
+    net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log, geometry=geometry)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     torch.save(net.state_dict(), tmp)
@@ -833,7 +846,8 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         hc = _classifier_caches(model, spec, hs, log)
         head_neg = {c: hc[c]["feats"] for c, _ in hs}
     t0 = time.time()
-    net = cached_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log)
+    geo = gate_geometry(card)
+    net = cached_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log, geometry=geo)
     net_time = time.time() - t0
     caches_a = _with_cnn(caches, net, keyed)
     methods = [m for m in COMPARED if model is not None or not set(m.split("+")) & set(MODEL_METHODS)]
@@ -867,11 +881,11 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         for i, held in enumerate(folds):  # each category's rate when a gate never saw it
             kept = [c for c in trainable if c not in held]
             net_i = cached_gate_net(d["pos"], ImageSet.concat([neg_all[c] for c in kept]), epochs=epochs,
-                                    seed=seed, log=log)
+                                    seed=seed, log=log, geometry=geo)
             for m in variants:
                 _, rows[f"{m} [fold {i + 1}]"] = fit_eval(m, net_i, _with_cnn(caches, net_i, keyed), kept)
         net_all = cached_gate_net(d["pos"], ImageSet.concat(list(neg_all.values())), epochs=epochs,
-                                  seed=seed, log=log)
+                                  seed=seed, log=log, geometry=geo)
         for m in variants:
             g, rows[f"{m} [all]"] = fit_eval(m, net_all, _with_cnn(caches, net_all, keyed), trainable)
             gate = g if m == chosen else gate

@@ -68,6 +68,14 @@ def test_rows_have_every_field(two_models, tmp_path):
     assert four["latency_ms"] == 7.5 and four["latency_from"] == "card"
     assert four["reduced"] is None and "REDUCED" not in four["settings"]
     assert "12/30 epochs" in four["settings"]
+    assert "aug 1.0," in four["settings"]  # default ranges: nothing more said
+
+
+def test_settings_name_the_widened_augmentation():
+    from core.compare import _settings, settings_text
+    aug = {"strength": 1.0, "rotate": 45.0, "shear": 0.1, "turn_p": 0.25, "blur_p": 0.0}
+    text = settings_text(_settings({"img": 176, "epochs": 12, "augmentation": aug}, {}))
+    assert "aug 1.0 (rotate 45, turns 0.25)" in text
 
 
 def test_folders_of_models_expand_and_repeat_once(two_models, tmp_path):

@@ -96,6 +96,40 @@ def test_augment_resamples_to_a_smaller_size_for_progressive_resizing():
     assert plain[0, 0, 0, 0] == 0
 
 
+def _bottom_half_share(y: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of the image's mass below the middle row."""
+    return y[:, 0, y.shape[-2] // 2:].sum((1, 2)) / y[:, 0].sum((1, 2))
+
+
+def test_quarter_turns_move_content_across_the_image_and_are_off_by_default():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 40, 40)
+    x[:, :, 4:16, 4:16] = 1.0  # a block in the top-left corner
+    upright = E.random_affine(x, 1.0)  # +-15 deg, h-flip: the block stays in the top half
+    assert (_bottom_half_share(upright) < 0.2).all()
+    turned = E.random_affine(x, 1.0, rotate=0.0, turn_p=1.0)
+    down = (_bottom_half_share(turned) > 0.8).float().mean()
+    # A quarter turn one way, a half turn, or (with the mirror) the other quarter turn sends the
+    # block to the bottom half in about two thirds of the samples; never with turn_p 0.
+    assert 0.4 < down < 0.9
+    torch.manual_seed(1); a = E.random_affine(x, 1.0)
+    torch.manual_seed(1); b = E.random_affine(x, 1.0, rotate=15.0, shear=0.1, turn_p=0.0)
+    assert torch.equal(a, b)
+
+
+def test_blur_smooths_the_selected_images_and_is_off_by_default():
+    torch.manual_seed(0)
+    x = (torch.rand(16, 1, 32, 32) > 0.5).float()  # high-frequency noise
+    roughness = lambda y: (y[..., 1:] - y[..., :-1]).abs().mean((1, 2, 3))  # noqa: E731
+    blurred = E._random_blur(x, 1.0)
+    assert blurred.shape == x.shape and (roughness(blurred) < 0.8 * roughness(x)).all()
+    assert torch.allclose(blurred.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=0.02)  # mass kept
+    assert torch.allclose(E._random_blur(x, 0.0), x, atol=1e-6)
+    torch.manual_seed(1); a = E.augment(x, 1.0, 0.0)
+    torch.manual_seed(1); b = E.augment(x, 1.0, 0.0, options={"blur_p": 0.0, "turn_p": 0.0})
+    assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- cache and loops
 def _write_images(root, n=6):
     paths = []

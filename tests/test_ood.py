@@ -211,6 +211,18 @@ def test_cached_gate_net_reuses_the_same_training_and_only_it(tmp_path, monkeypa
     assert np.allclose(net_scores(a, pos.small), net_scores(b, pos.small))
     cached_gate_net(pos, neg, epochs=1, seed=1, log=logs.append)   # another seed: trained anew
     assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 2
+    turned = {"rotate": 45.0, "shear": 0.25, "turn_p": 0.25}      # a classifier trained with turns
+    cached_gate_net(pos, neg, epochs=1, log=logs.append, geometry=turned)
+    assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 3
+
+
+def test_gate_geometry_follows_only_a_widened_classifier_augmentation():
+    from core.ood import gate_geometry
+    plain = {"training": {"augmentation": {"strength": 1.0, "rotate": 15.0, "shear": 0.1, "turn_p": 0.0}}}
+    assert gate_geometry(plain) is None and gate_geometry({}) is None and gate_geometry(None) is None
+    assert gate_geometry({"training": {"augmentation": {"strength": 1.0}}}) is None  # older cards
+    wide = {"training": {"augmentation": {"rotate": 45.0, "shear": 0.25, "turn_p": 0.25, "blur_p": 0.3}}}
+    assert gate_geometry(wide) == {"rotate": 45.0, "shear": 0.25, "turn_p": 0.25}
 
 
 def test_ood_table_lists_held_out_and_shipped_rates():
