@@ -60,11 +60,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "mask where a source has masks (LGG); 0 = off")
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength, 0 = none")
     p.add_argument("--skull-strip-p", type=float, default=0.2)
-    p.add_argument("--rotate", type=float, default=15.0, help="largest random rotation, degrees")
-    p.add_argument("--shear", type=float, default=0.1, help="largest random shear (affine factor)")
-    p.add_argument("--turn-p", type=float, default=0.0,
+    d = E.AUG_OPTION_DEFAULTS
+    p.add_argument("--rotate", type=float, default=d["rotate"], help="largest random rotation, degrees")
+    p.add_argument("--shear", type=float, default=d["shear"], help="largest random shear (affine factor)")
+    p.add_argument("--turn-p", type=float, default=d["turn_p"],
                    help="probability of a random quarter/half/three-quarter turn (files stored sideways)")
-    p.add_argument("--blur-p", type=float, default=0.0, help="probability of a random Gaussian blur")
+    p.add_argument("--blur-p", type=float, default=d["blur_p"], help="probability of a random Gaussian blur")
     p.add_argument("--crop", default="head", choices=["head", "none"])
     p.add_argument("--binary", action="store_true", help="fold every tumour class into 'tumor'")
     p.add_argument("--seed", type=int, default=0)
@@ -119,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def aug_options(args: argparse.Namespace) -> dict:
     """The augmentation's widening settings (`core.engine.augment`), as the card records them."""
-    return {"rotate": args.rotate, "shear": args.shear, "turn_p": args.turn_p, "blur_p": args.blur_p}
+    return {k: getattr(args, k) for k in E.AUG_OPTION_DEFAULTS}
 
 
 def pick_device(name: str) -> torch.device:

@@ -100,11 +100,10 @@ def _settings(tr: dict, cfg: dict) -> dict:
 
 def _widened(aug: dict) -> str | None:
     """'rotate 45, turns 0.25, blur 0.3' where train.py's geometric/blur options left their defaults."""
-    parts = [f"rotate {aug['rotate']:g}" if aug.get("rotate", 15) != 15 else "",
-             f"shear {aug['shear']:g}" if aug.get("shear", 0.1) != 0.1 else "",
-             f"turns {aug['turn_p']:g}" if aug.get("turn_p") else "",
-             f"blur {aug['blur_p']:g}" if aug.get("blur_p") else ""]
-    return ", ".join(p for p in parts if p) or None
+    from .engine import AUG_OPTION_DEFAULTS
+    words = {"rotate": "rotate", "shear": "shear", "turn_p": "turns", "blur_p": "blur"}
+    parts = [f"{words[k]} {aug[k]:g}" for k, d in AUG_OPTION_DEFAULTS.items() if aug.get(k, d) != d]
+    return ", ".join(parts) or None
 
 
 def _overridden(tr: dict, cfg: dict) -> list[str]:

@@ -111,9 +111,14 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     return random_intensity(random_affine(x, strength, out_size, **geo), strength, skull_strip_p, blur_p)
 
 
+# The ranges `augment` widens and their defaults (train.py's flags and the cards use these names).
+GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_affine`
+AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, "blur_p": 0.0}           # + `random_intensity`
+
+
 def _split_options(options: dict | None) -> tuple[dict, float]:
     o = dict(options or {})
-    return {k: o[k] for k in ("rotate", "shear", "turn_p") if k in o}, float(o.get("blur_p", 0.0))
+    return {k: o[k] for k in GEOMETRY_DEFAULTS if k in o}, float(o.get("blur_p", 0.0))
 
 
 def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None = None,

@@ -247,9 +247,10 @@ def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
 def gate_geometry(card: dict | None) -> dict | None:
     """The classifier's widened geometric augmentation (train.py --rotate/--shear/--turn-p), or None
     when it used the defaults: the gate network then trains exactly as before."""
+    from .engine import GEOMETRY_DEFAULTS
     aug = ((card or {}).get("training") or {}).get("augmentation") or {}
-    geo = {k: aug[k] for k in ("rotate", "shear", "turn_p") if k in aug}
-    return geo if geo and geo != {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0} else None
+    geo = {k: aug[k] for k in GEOMETRY_DEFAULTS if k in aug}
+    return geo if geo and geo != GEOMETRY_DEFAULTS else None
 
 
 def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0, log=print,
