@@ -1,6 +1,6 @@
 """How the served model copes with scans that are rotated, sheared or re-processed.
 
-    python bench/shift_eval.py --weights weights/resnet18_176_ft_mask [--sources benchmark] [--limit 0]
+    python bench/shift_eval.py --weights weights/resnet18_176_ft_rot_mild [--sources benchmark] [--limit 0]
 
 One of the hidden test sets is T1-contrast tumour scans of another collection, "rotated, sheared
 and re-processed", and none of them is in shared/. This is the nearest proxy the project can
