@@ -98,6 +98,11 @@ def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- augmentation
+# The ranges `augment` widens and their defaults (train.py's flags and the cards use these names).
+GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_affine`
+AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, "blur_p": 0.0}           # + `random_intensity`
+
+
 def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
             out_size: int | None = None, options: dict | None = None) -> torch.Tensor:
     """Per-sample random affine, flip, intensity and skull removal on a [0, 1] batch (N, 1, H, W).
@@ -111,18 +116,15 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     return random_intensity(random_affine(x, strength, out_size, **geo), strength, skull_strip_p, blur_p)
 
 
-# The ranges `augment` widens and their defaults (train.py's flags and the cards use these names).
-GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_affine`
-AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, "blur_p": 0.0}           # + `random_intensity`
-
-
 def _split_options(options: dict | None) -> tuple[dict, float]:
     o = dict(options or {})
-    return {k: o[k] for k in GEOMETRY_DEFAULTS if k in o}, float(o.get("blur_p", 0.0))
+    geo = {k: o[k] for k in GEOMETRY_DEFAULTS if k in o}
+    return geo, float(o.get("blur_p", AUG_OPTION_DEFAULTS["blur_p"]))
 
 
 def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None = None,
-                  rotate: float = 15.0, shear: float = 0.1, turn_p: float = 0.0) -> torch.Tensor:
+                  rotate: float = GEOMETRY_DEFAULTS["rotate"], shear: float = GEOMETRY_DEFAULTS["shear"],
+                  turn_p: float = GEOMETRY_DEFAULTS["turn_p"]) -> torch.Tensor:
     """The geometric half of `augment`: one random rotation (up to ``rotate`` degrees), zoom,
     shear, shift and flip per sample, applied alike to every channel (so a lesion mask stacked on
     the image stays on it). With probability ``turn_p`` a sample also turns by a random quarter,
@@ -149,7 +151,7 @@ def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None =
 
 
 def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
-                     blur_p: float = 0.0) -> torch.Tensor:
+                     blur_p: float = AUG_OPTION_DEFAULTS["blur_p"]) -> torch.Tensor:
     """The intensity half of `augment`: skull removal, gamma, contrast, brightness and noise, and
     with probability ``blur_p`` a Gaussian blur (sigma 0.6-1.6 px): files that were downsampled
     or smoothed on the way. The blur draws its random numbers after everything else, so runs
