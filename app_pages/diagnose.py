@@ -7,10 +7,7 @@ from core.dashboard import batch_table, probability_bar, tumour_gauge
 DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
 
 st.title("Diagnose")
-predictor = app.current_predictor()
-if predictor is None:
-    st.error("No model is loaded, so nothing can be predicted. See the sidebar.")
-    st.stop()
+predictor = app.required_predictor(", so nothing can be predicted")
 threshold = app.session_threshold(predictor)
 st.caption("Research demo, not a medical device: every result needs a clinician's review. "
            "Files are processed in memory and never stored.")

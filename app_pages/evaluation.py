@@ -6,10 +6,7 @@ from core import app_support as app
 from core import dashboard as dash
 
 st.title("Evaluation")
-predictor = app.current_predictor()
-if predictor is None:
-    st.error("No model is loaded. See the sidebar.")
-    st.stop()
+predictor = app.required_predictor()
 threshold = app.session_threshold(predictor)
 classes = predictor.classes
 

@@ -7,10 +7,7 @@ from core import app_support as app
 from core import dashboard as dash
 
 st.title("Model card")
-predictor = app.current_predictor()
-if predictor is None:
-    st.error("No model is loaded. See the sidebar.")
-    st.stop()
+predictor = app.required_predictor()
 card = predictor.card
 st.subheader(f"{card.get('name', predictor.dir.name)} ({card.get('arch')}, {card.get('version', '')})")
 

@@ -365,6 +365,15 @@ def current_predictor() -> Predictor | None:
         return None
 
 
+def required_predictor(consequence: str = "") -> Predictor:
+    """`current_predictor`, or stop the page with an error saying so (pages that need a model)."""
+    predictor = current_predictor()
+    if predictor is None:
+        st.error(f"No model is loaded{consequence}. See the sidebar.")
+        st.stop()
+    return predictor
+
+
 def session_threshold(predictor: Predictor) -> float | None:
     """The operating point chosen in the sidebar (the card's until the user moves it)."""
     t = card_threshold(predictor.card)

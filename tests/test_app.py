@@ -230,3 +230,17 @@ def test_shipped_model_predicts_when_present(monkeypatch):
     at.switch_page("app_pages/diagnose.py").run()
     at.multiselect[0].select("pituitary.jpg").run()
     assert not at.exception and len(predictions(at)) == 1
+
+
+def test_pages_without_a_model_say_so_instead_of_failing(monkeypatch):
+    import core.app_support
+    monkeypatch.setattr(core.app_support, "model_choices", lambda: [])
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90).run()
+    assert not at.exception
+    assert "No trained model found" in "\n".join(e.value for e in at.sidebar.error)
+    for page, words in [("app_pages/diagnose.py", "No model is loaded, so nothing can be predicted"),
+                        ("app_pages/evaluation.py", "No model is loaded. See the sidebar."),
+                        ("app_pages/model_card.py", "No model is loaded. See the sidebar.")]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert any(words in e.value for e in at.error), (page, [e.value for e in at.error])
