@@ -27,17 +27,20 @@ from core.ood import source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
 
-def labelled_files(pred: Predictor, source: str, split: str) -> list[tuple[Path, str]]:
-    """(file, class) of one source's split, for files whose label is one of the model's classes."""
+def labelled_files(pred: Predictor, source: str, split: str,
+                   extra_labels: tuple[str, ...] = ()) -> list[tuple[Path, str]]:
+    """(file, class) of one source's split, for files whose label is one of the model's classes
+    (or one of ``extra_labels``, e.g. the coarse "tumor" of Br35H, where only sensitivity counts)."""
+    wanted = set(pred.classes) | set(extra_labels)
     if split == "test":
         records = json.loads((pred.dir / "eval.json").read_text())["predictions"]
         rows = [(record_scan_path(pred.card, r), r["label"]) for r in records
-                if r.get("source") == source and r["label"] in pred.classes]
+                if r.get("source") == source and r["label"] in wanted]
         return [(p, label) for p, label in rows if p is not None]
     files = split_files(pred.dir / "split.json", source_roots(pred.card, None)).get(source, {})
     paths, groups = files.get(split, ([], []))
     return [(Path(p), g.split("/", 1)[1]) for p, g in zip(paths, groups)
-            if g.split("/", 1)[1] in pred.classes and Path(p).is_file()]
+            if g.split("/", 1)[1] in wanted and Path(p).is_file()]
 
 
 def main(argv=None) -> int:

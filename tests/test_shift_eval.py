@@ -1,0 +1,50 @@
+"""bench/shift_eval.py's scoring: fine labels count for accuracy, a coarse "tumour" label (Br35H)
+only for sensitivity, and silent misses are tumours called healthy with no flag."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.shift_eval import PERTURBATIONS, evaluate, markdown_table  # noqa: E402
+
+
+class FixedPredictor:
+    """Predicts from the file name (``<pred>_<n>.png``), so the scoring can be checked by hand."""
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def predict_scan(self, scan):
+        name = scan.info["file"]
+        self.seen.append(name)
+        return SimpleNamespace(pred=name.split("_")[0], in_distribution=True, uncertain=False)
+
+
+def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
+    import bench.shift_eval as se
+    rows = []
+    for i, (pred, label) in enumerate([("glioma", "glioma"), ("notumor", "glioma"), ("notumor", "notumor"),
+                                       ("meningioma", "tumor"), ("notumor", "tumor")]):
+        path = tmp_path / f"{pred}_{i}.png"
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(path)
+        rows.append((path, label))
+    real_read = se.read_scan
+
+    def read_with_name(path):
+        scan = real_read(path)
+        scan.info["file"] = Path(path).stem
+        return scan
+    monkeypatch.setattr(se, "read_scan", read_with_name)
+    r = evaluate(FixedPredictor(), rows, PERTURBATIONS["rotate 90"])
+    assert r["n"] == 5
+    assert r["accuracy"] == round(2 / 3, 4)          # the three fine labels: glioma right, glioma missed, notumor right
+    assert r["sensitivity"] == 0.5 and r["tumours_missed"] == 2   # 4 tumours (2 coarse), 2 called healthy
+    assert r["specificity"] == 1.0 and r["silent_misses"] == 2
+    table = markdown_table([{"weights": "w/m", "result": {"br35h": {"none": {**r, "accuracy": None}}}}], "br35h")
+    assert "| none | — / 2 / 1.000 / 0.0 % |" in table
