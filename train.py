@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import random
@@ -66,6 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--turn-p", type=float, default=d["turn_p"],
                    help="probability of a random quarter/half/three-quarter turn (files stored sideways)")
     p.add_argument("--blur-p", type=float, default=d["blur_p"], help="probability of a random Gaussian blur")
+    p.add_argument("--gamma-log", type=float, default=d["gamma_log"],
+                   help="largest |ln gamma| of the random gamma (0.4: 0.67-1.49; 0.8: 0.45-2.2)")
     p.add_argument("--crop", default="head", choices=["head", "none"])
     p.add_argument("--binary", action="store_true", help="fold every tumour class into 'tumor'")
     p.add_argument("--seed", type=int, default=0)
@@ -116,6 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mask_loss < 0:
         p.error("--mask-loss must be 0 (off) or positive")
     return args
+
+
+def _gamma_words(gamma_log: float) -> str:
+    """'gamma', or its widened range, for the card's augmentation summary."""
+    if gamma_log == E.AUG_OPTION_DEFAULTS["gamma_log"]:
+        return "gamma"
+    return f"gamma ({math.exp(-gamma_log):.2f}-{math.exp(gamma_log):.2f})"
 
 
 def aug_options(args: argparse.Namespace) -> dict:
@@ -466,7 +476,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                       "ops": f"affine (rotate {args.rotate:g}, scale 12%, shear "
                                              f"{args.shear:g}, shift 8%), h-flip, "
                                              + (f"quarter turns (p {args.turn_p:g}), " if args.turn_p else "")
-                                             + "gamma, contrast, brightness, noise, skull removal"
+                                             + _gamma_words(args.gamma_log)
+                                             + ", contrast, brightness, noise, skull removal"
                                              + (f", blur (p {args.blur_p:g})" if args.blur_p else "")},
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
                      "device": device_name(device), "precision": precision,

@@ -100,7 +100,8 @@ def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- augmentation
 # The ranges `augment` widens and their defaults (train.py's flags and the cards use these names).
 GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_affine`
-AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, "blur_p": 0.0}           # + `random_intensity`
+INTENSITY_DEFAULTS = {"blur_p": 0.0, "gamma_log": 0.4}            # `random_intensity`
+AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS}
 
 
 def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
@@ -110,16 +111,18 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     Batched with affine_grid/grid_sample because per-image PIL transforms cost more than the
     forward pass of a small model on a 2-core CPU. ``out_size`` resamples to a smaller square in
     the same pass (progressive resizing: early epochs at low resolution cost a fraction).
-    ``options`` widens it: `random_affine`'s rotate, shear and turn_p, `random_intensity`'s blur_p.
+    ``options`` widens it: `random_affine`'s rotate, shear and turn_p, `random_intensity`'s blur_p
+    and gamma_log.
     """
-    geo, blur_p = _split_options(options)
-    return random_intensity(random_affine(x, strength, out_size, **geo), strength, skull_strip_p, blur_p)
+    geo, blur_p, gamma_log = _split_options(options)
+    return random_intensity(random_affine(x, strength, out_size, **geo), strength, skull_strip_p,
+                            blur_p, gamma_log)
 
 
-def _split_options(options: dict | None) -> tuple[dict, float]:
-    o = dict(options or {})
-    geo = {k: o[k] for k in GEOMETRY_DEFAULTS if k in o}
-    return geo, float(o.get("blur_p", AUG_OPTION_DEFAULTS["blur_p"]))
+def _split_options(options: dict | None) -> tuple[dict, float, float]:
+    """(random_affine's keyword options, blur_p, gamma_log), defaults filled in."""
+    o = {**AUG_OPTION_DEFAULTS, **(options or {})}
+    return {k: o[k] for k in GEOMETRY_DEFAULTS}, float(o["blur_p"]), float(o["gamma_log"])
 
 
 def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None = None,
@@ -151,8 +154,10 @@ def random_affine(x: torch.Tensor, strength: float = 1.0, out_size: int | None =
 
 
 def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
-                     blur_p: float = AUG_OPTION_DEFAULTS["blur_p"]) -> torch.Tensor:
-    """The intensity half of `augment`: skull removal, gamma, contrast, brightness and noise, and
+                     blur_p: float = INTENSITY_DEFAULTS["blur_p"],
+                     gamma_log: float = INTENSITY_DEFAULTS["gamma_log"]) -> torch.Tensor:
+    """The intensity half of `augment`: skull removal, gamma (ln gamma uniform in +-``gamma_log``:
+    0.4 gives 0.67-1.49), contrast, brightness and noise, and
     with probability ``blur_p`` a Gaussian blur (sigma 0.6-1.6 px): files that were downsampled
     or smoothed on the way. The blur draws its random numbers after everything else, so runs
     without it keep their old random stream."""
@@ -160,14 +165,15 @@ def random_intensity(x: torch.Tensor, strength: float = 1.0, skull_strip_p: floa
         return x
     if skull_strip_p > 0:
         x = _random_skull_strip(x, skull_strip_p)
-    x = _intensity(x, strength)
+    x = _intensity(x, strength, gamma_log)
     return _random_blur(x, blur_p) if blur_p > 0 else x
 
 
-def _intensity(x: torch.Tensor, strength: float) -> torch.Tensor:
+def _intensity(x: torch.Tensor, strength: float,
+               gamma_log: float = INTENSITY_DEFAULTS["gamma_log"]) -> torch.Tensor:
     n, dev = x.shape[0], x.device
     # Intensity: gamma, contrast, brightness, then a little noise; scanners differ in all four.
-    gamma = torch.exp((torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.4 * strength)
+    gamma = torch.exp((torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * gamma_log * strength)
     x = x.clamp(0, 1) ** gamma
     c = 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.25 * strength
     b = (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * 0.08 * strength
@@ -264,10 +270,10 @@ def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_
     if lesions is None:
         return augment(x, strength, skull_strip_p, out_size, options), None
     sel = lesions[1][idx] & (masks[idx].sum(1) == 1)  # a mask and one true class
-    geo, blur_p = _split_options(options)
+    geo, blur_p, gamma_log = _split_options(options)
     both = random_affine(torch.cat([x, lesions[0][idx].to(device).float()], 1), strength, out_size, **geo)
     lesion = both[:, 1:] * sel.to(device)[:, None, None, None]
-    return random_intensity(both[:, :1], strength, skull_strip_p, blur_p), lesion
+    return random_intensity(both[:, :1], strength, skull_strip_p, blur_p, gamma_log), lesion
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,

@@ -76,6 +76,8 @@ def test_settings_name_the_widened_augmentation():
     aug = {"strength": 1.0, "rotate": 45.0, "shear": 0.1, "turn_p": 0.25, "blur_p": 0.0}
     text = settings_text(_settings({"img": 176, "epochs": 12, "augmentation": aug}, {}))
     assert "aug 1.0 (rotate 45, turns 0.25)" in text
+    text = settings_text(_settings({"img": 176, "epochs": 12, "augmentation": {**aug, "gamma_log": 0.8}}, {}))
+    assert "aug 1.0 (rotate 45, turns 0.25, ln gamma 0.8)" in text
 
 
 def test_folders_of_models_expand_and_repeat_once(two_models, tmp_path):

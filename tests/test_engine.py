@@ -130,6 +130,17 @@ def test_blur_smooths_the_selected_images_and_is_off_by_default():
     assert torch.equal(a, b)
 
 
+def test_gamma_range_widens_on_request_and_keeps_the_default_stream():
+    x = torch.full((256, 1, 8, 8), 0.5)
+    torch.manual_seed(2); a = E.random_intensity(x, 1.0, 0.0)
+    torch.manual_seed(2); b = E.random_intensity(x, 1.0, 0.0, 0.0, 0.4)
+    assert torch.equal(a, b)  # the default is 0.4: old runs keep their random numbers
+    torch.manual_seed(2); wide = E.augment(x, 1.0, 0.0, options={"gamma_log": 0.8})
+    torch.manual_seed(2); narrow = E.augment(x, 1.0, 0.0)
+    # contrast, brightness and noise draw the same numbers, so only the gamma spread differs
+    assert wide.mean((1, 2, 3)).std() > 1.5 * narrow.mean((1, 2, 3)).std()
+
+
 # ----------------------------------------------------------------------------- cache and loops
 def _write_images(root, n=6):
     paths = []
