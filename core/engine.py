@@ -114,9 +114,19 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     ``options`` widens it: `random_affine`'s rotate, shear and turn_p, `random_intensity`'s blur_p
     and gamma_log.
     """
+    return augment_carrying(x, None, strength, skull_strip_p, out_size, options)[0]
+
+
+def augment_carrying(x: torch.Tensor, carry: torch.Tensor | None, strength: float = 1.0,
+                     skull_strip_p: float = 0.2, out_size: int | None = None,
+                     options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`augment`, with ``carry`` (N, C, H, W, e.g. lesion masks) moved by the same geometry and
+    kept out of the intensity changes, so that a mask stays on its image."""
     geo, blur_p, gamma_log = _split_options(options)
-    return random_intensity(random_affine(x, strength, out_size, **geo), strength, skull_strip_p,
-                            blur_p, gamma_log)
+    k = x.shape[1]
+    moved = random_affine(x if carry is None else torch.cat([x, carry], 1), strength, out_size, **geo)
+    x = random_intensity(moved[:, :k], strength, skull_strip_p, blur_p, gamma_log)
+    return x, None if carry is None else moved[:, k:]
 
 
 def _split_options(options: dict | None) -> tuple[dict, float, float]:
@@ -270,10 +280,9 @@ def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_
     if lesions is None:
         return augment(x, strength, skull_strip_p, out_size, options), None
     sel = lesions[1][idx] & (masks[idx].sum(1) == 1)  # a mask and one true class
-    geo, blur_p, gamma_log = _split_options(options)
-    both = random_affine(torch.cat([x, lesions[0][idx].to(device).float()], 1), strength, out_size, **geo)
-    lesion = both[:, 1:] * sel.to(device)[:, None, None, None]
-    return random_intensity(both[:, :1], strength, skull_strip_p, blur_p, gamma_log), lesion
+    x, lesion = augment_carrying(x, lesions[0][idx].to(device).float(), strength, skull_strip_p,
+                                 out_size, options)
+    return x, lesion * sel.to(device)[:, None, None, None]
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
