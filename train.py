@@ -95,6 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="start from a finished run's weights (weights/NAME of the same arch, classes "
                         "and split) for a second, shorter cycle; recorded in the card")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tta-below", type=float, default=0.0,
+                   help="serve with a mirror-image second pass for predictions whose plain calibrated "
+                        "confidence is below this (0 = off); calibration, operating point and referral "
+                        "are fitted on those served outputs and the rule is written to the card")
     p.add_argument("--ood", action="store_true", help="also fit the out-of-distribution gate")
     return p
 
@@ -385,6 +389,15 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     out = Path(args.out)
     model.eval()
     val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision)
+    tta = None
+    if args.tta_below > 0:
+        # The rule picks rows on the plain outputs' calibrated confidence; everything after it
+        # (temperature, operating point, referral, the test evaluation) sees the served outputs.
+        tta = {"kind": "mirror", "below_confidence": args.tta_below,
+               "selection_temperature": E.fit_temperature(val_logits, masks[idx["val"]])}
+        plain_conf = torch.softmax(val_logits / tta["selection_temperature"], 1).amax(1)
+        tta["val_share"] = round(float((plain_conf < args.tta_below).float().mean()), 4)
+        val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision, tta=tta)
     temperature = E.fit_temperature(val_logits, masks[idx["val"]])
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     val_samples = [samples[i] for i in idx["val"]]
@@ -407,7 +420,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, weights_file)
     test = [samples[i] for i in idx["test"]]
     test_probs = torch.softmax(E.predict_logits(model, images[idx["test"]], spec, device,
-                                                precision=precision) / temperature, 1).numpy()
+                                                precision=precision, tta=tta) / temperature, 1).numpy()
     records = prediction_records(test, test_probs, classes, threshold,
                                  referral=ReferralRule.from_card({"classes": classes,
                                                                   "uncertainty": uncertainty}))
@@ -415,6 +428,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
+    card["tta"] = tta
     if old_sha and old_sha == file_sha256(weights_file) and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())

@@ -5,6 +5,7 @@ import streamlit as st
 
 from core import app_support as app
 from core import dashboard as dash
+from core.inference import calibration_text
 
 st.title("Model card")
 predictor = app.required_predictor()
@@ -34,7 +35,8 @@ with a:
     st.markdown("#### Preprocessing")
     st.json(card.get("preprocessing", {}))
     st.markdown("#### Calibration")
-    st.json(card.get("calibration", {}))
+    st.markdown(calibration_text(card))
+    st.json(card.get("calibration", {}) | ({"test_time_augmentation": card["tta"]} if card.get("tta") else {}))
 with b:
     st.markdown("#### Operating point and uncertainty")
     st.json({"operating_point": card.get("operating_point", {}),

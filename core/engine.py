@@ -16,7 +16,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .data import HASH_CACHE, Sample
-from .inference import file_sha256
+from .inference import MIRROR_ALWAYS, apply_tta, file_sha256  # noqa: F401 (MIRROR_ALWAYS re-exported)
 from .labels import label_targets
 from .preprocess import normalise, prepare
 
@@ -350,19 +350,18 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, spec: dict, device: torch.device,
-                   batch_size: int = 128, precision: str = "fp32", tta: bool = False,
+                   batch_size: int = 128, precision: str = "fp32", tta: dict | None = None,
                    out_size: int | None = None) -> torch.Tensor:
-    """Logits for uint8 prepared images (N, 1, S, S); with ``tta`` the mean with the mirror image;
-    ``out_size`` resizes first (validation during the low-resolution epochs of progressive resizing)."""
+    """Logits for uint8 prepared images (N, 1, S, S), under the ``tta`` rule when one is given
+    (see `apply_tta`; MIRROR_ALWAYS mirrors every image); ``out_size`` resizes first (validation
+    during the low-resolution epochs of progressive resizing)."""
     model.eval()
     out = []
     for chunk in images.split(batch_size):
         x = augment(chunk.to(device).float().div_(255), 0.0, out_size=out_size)
         x = normalise(x, spec).contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
-            z = model(x).float()
-            if tta:
-                z = (z + model(torch.flip(x, dims=[3])).float()) / 2
+            z = apply_tta(model, x, model(x).float(), tta)
         out.append(z.cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

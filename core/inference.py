@@ -82,6 +82,37 @@ def serving_precision(device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
 
 
+MIRROR_ALWAYS = {"kind": "mirror", "below_confidence": 2.0, "selection_temperature": 1.0}
+
+
+def apply_tta(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, rule: dict | None) -> torch.Tensor:
+    """The served logits under a card's ``tta`` rule: each row whose plain confidence (softmax at
+    the rule's selection temperature) is below ``below_confidence`` becomes the mean with the
+    mirror image's logits. Only the unsure few pay for the second pass; the confident rows, which
+    a mirror pass would hardly change, are left as they are. Run it inside the caller's autocast."""
+    if not rule:
+        return logits
+    conf = torch.softmax(logits.float() / rule["selection_temperature"], 1).amax(1)
+    rows = conf < rule["below_confidence"]
+    if not bool(rows.any()):
+        return logits
+    out = logits.float().clone()
+    out[rows] = (out[rows] + model(torch.flip(x[rows], dims=[3])).float()) / 2
+    return out
+
+
+def calibration_text(card: dict) -> str:
+    """How a served probability is made, in words (the report and the Model card page)."""
+    t = float(card.get("calibration", {}).get("temperature", 1.0))
+    text = f"temperature scaling, T = {t:.3g}"
+    rule = card.get("tta")
+    if rule:
+        text += (f"; a second, mirror-image pass averaged in when the plain confidence is below "
+                 f"{rule['below_confidence']:g} ({100 * rule.get('val_share', float('nan')):.0f} % of "
+                 f"validation scans)")
+    return text
+
+
 class Predictor:
     """A loaded model with its card. Thread-safe for prediction; saliency takes ``lock``."""
 
@@ -96,6 +127,7 @@ class Predictor:
         self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
         self.threshold = self.card.get("operating_point", {}).get("threshold")
         self.referral = ReferralRule.from_card(self.card)
+        self.tta: dict | None = self.card.get("tta")  # selective mirror pass (`apply_tta`)
         self.device = torch.device(device)
         self.model = create_model(self.card["arch"], len(self.classes))
         state = load_file(self.dir / "model.safetensors")
@@ -133,7 +165,7 @@ class Predictor:
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         """Calibrated class probabilities for a batch of model inputs."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = self.model(x)
+            logits = apply_tta(self.model, x, self.model(x).float(), self.tta)
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def predict_scan(self, scan: ScanImage) -> Prediction:

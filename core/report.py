@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .inference import Prediction
+from .inference import Prediction, calibration_text
 from .labels import NO_TUMOUR, TUMOUR
 from .metrics import decide
 from .preprocess import prepare
@@ -281,7 +281,7 @@ class ReportContext:
     classes: list[str]
     threshold: float | None
     threshold_source: str
-    temperature: float
+    calibration: str         # `calibration_text` of the card
     disclaimer: str
     method: str
     date: str
@@ -296,7 +296,7 @@ class ReportContext:
         return cls(model=str(predictor.name), version=str(card.get("version") or "unversioned"),
                    arch=str(card.get("arch", "")), weights_sha256=str(predictor.weights_sha256),
                    classes=list(predictor.classes), threshold=t, threshold_source=source,
-                   temperature=float(getattr(predictor, "temperature", 1.0)),
+                   calibration=calibration_text(card),
                    disclaimer=str(card.get("intended_use") or DEFAULT_DISCLAIMER),
                    method=method_label(method),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -542,7 +542,7 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
     _section(pdf, "Model")
     _kv(pdf, [("Model / version", f"{ctx.model} / {ctx.version} ({ctx.arch})"),
               ("Weights SHA-256", ctx.weights_sha256[:16]),
-              ("Calibration", f"temperature scaling, T = {ctx.temperature:.3g}"),
+              ("Calibration", ctx.calibration),
               ("Saliency method", ctx.method),
               ("Report date", ctx.date)])
     pdf.ln(1)

@@ -185,9 +185,18 @@ def test_train_one_epoch_and_predict_logits():
     assert np.isfinite(stats["loss"]) and 0 <= stats["acc"] <= 1 and stats["images_per_s"] > 0
     logits = E.predict_logits(model, images, spec, torch.device("cpu"), batch_size=7)
     assert logits.shape == (20, 3)
-    tta = E.predict_logits(model, images, spec, torch.device("cpu"), tta=True)
+    tta = E.predict_logits(model, images, spec, torch.device("cpu"), tta=E.MIRROR_ALWAYS)
     flipped = E.predict_logits(model, torch.flip(images, dims=[3]), spec, torch.device("cpu"))
     assert torch.allclose(tta, (logits + flipped) / 2, atol=1e-5)
+    # selective: only the rows below the confidence are averaged with their mirror image
+    conf = torch.softmax(logits, 1).amax(1)
+    cut = float(conf.median())
+    sel = E.predict_logits(model, images, spec, torch.device("cpu"),
+                           tta={"kind": "mirror", "below_confidence": cut, "selection_temperature": 1.0})
+    low = conf < cut
+    assert 0 < int(low.sum()) < 20
+    assert torch.allclose(sel[low], tta[low], atol=1e-5) and torch.allclose(sel[~low], logits[~low], atol=1e-5)
+    assert not torch.allclose(sel[~low], tta[~low], atol=1e-5)
     ev = E.evaluate_split(model, images, masks, spec, torch.device("cpu"))
     assert np.isfinite(ev["loss"]) and 0 <= ev["acc"] <= 1
     # progressive resizing: train and validate at a smaller size than the cached images

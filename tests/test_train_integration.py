@@ -267,3 +267,41 @@ def test_short_run_on_shared_data_then_evaluate_and_predict(tmp_path, capsys):
     assert lines[0]["ok"] is True and lines[1] == {"file": str(bad), "ok": False,
                                                     "error": lines[1]["error"]}
     assert lines[1]["error"]
+
+
+def test_tta_below_refits_on_served_outputs_and_the_predictor_serves_them(tmp_path):
+    """--tta-below on a finished run (resumed: nothing more is trained) writes the rule to the card,
+    refits calibration on the served outputs, and `Predictor` applies the same rule."""
+    data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
+              "--workers", 1, "--epochs", 1]
+    run_train(common, cache)
+    from safetensors.torch import load_file
+    before = load_file(out / "model.safetensors")
+    plain_card = json.loads((out / "card.json").read_text())
+    assert plain_card["tta"] is None
+    run_train([*common, "--resume", "--tta-below", 0.99], cache)
+    after = load_file(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    card = json.loads((out / "card.json").read_text())
+    rule = card["tta"]
+    assert rule["kind"] == "mirror" and rule["below_confidence"] == 0.99
+    # the resumed run starts from the shipped fp16 weights, so the plain temperature is refitted
+    # on almost the same logits
+    assert rule["selection_temperature"] == pytest.approx(plain_card["calibration"]["temperature"], rel=0.01)
+    assert 0.0 <= rule["val_share"] <= 1.0
+
+    from core.inference import Predictor
+    from core.reader import read_scan
+    pred = Predictor(out)
+    assert pred.tta == rule
+    files = sorted(p for p in data.rglob("*.png"))[:6]
+    x = torch.cat([pred.input_tensor(read_scan(f)) for f in files])
+    pred.precision = "fp32"
+    with torch.no_grad():
+        z, zf = pred.model(x), pred.model(torch.flip(x, dims=[3]))
+    plain_conf = torch.softmax(z / rule["selection_temperature"], 1).amax(1)
+    want = torch.where((plain_conf < 0.99)[:, None], (z + zf) / 2, z)
+    got = pred.probabilities(x)
+    assert np.allclose(got, torch.softmax(want / pred.temperature, 1).numpy(), atol=1e-5)
