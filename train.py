@@ -395,9 +395,14 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         # (temperature, operating point, referral, the test evaluation) sees the served outputs.
         tta = {"kind": "mirror", "below_confidence": args.tta_below,
                "selection_temperature": E.fit_temperature(val_logits, masks[idx["val"]])}
-        plain_conf = torch.softmax(val_logits / tta["selection_temperature"], 1).amax(1)
-        tta["val_share"] = round(float((plain_conf < args.tta_below).float().mean()), 4)
+        two = torch.softmax(val_logits / tta["selection_temperature"], 1).amax(1) < args.tta_below
+        tta["val_share"] = round(float(two.float().mean()), 4)
         val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision, tta=tta)
+        # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
+        m = masks[idx["val"]]
+        if two.any() and (~two).any():
+            tta["scale"] = E.fit_temperature(val_logits[~two], m[~two]) / E.fit_temperature(val_logits[two], m[two])
+            val_logits[two] *= tta["scale"]
     temperature = E.fit_temperature(val_logits, masks[idx["val"]])
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     val_samples = [samples[i] for i in idx["val"]]

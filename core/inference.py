@@ -88,8 +88,10 @@ MIRROR_ALWAYS = {"kind": "mirror", "below_confidence": 2.0, "selection_temperatu
 def apply_tta(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, rule: dict | None) -> torch.Tensor:
     """The served logits under a card's ``tta`` rule: each row whose plain confidence (softmax at
     the rule's selection temperature) is below ``below_confidence`` becomes the mean with the
-    mirror image's logits. Only the unsure few pay for the second pass; the confident rows, which
-    a mirror pass would hardly change, are left as they are. Run it inside the caller's autocast."""
+    mirror image's logits, times the rule's ``scale``. Only the unsure few pay for the second pass;
+    the confident rows, which a mirror pass would hardly change, are left as they are. The scale
+    exists because a mean of two passes is flatter than one pass: it lets the card's single
+    temperature calibrate both kinds of row. Run it inside the caller's autocast."""
     if not rule:
         return logits
     conf = torch.softmax(logits.float() / rule["selection_temperature"], 1).amax(1)
@@ -97,7 +99,7 @@ def apply_tta(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, rul
     if not bool(rows.any()):
         return logits
     out = logits.float().clone()
-    out[rows] = (out[rows] + model(torch.flip(x[rows], dims=[3])).float()) / 2
+    out[rows] = (out[rows] + model(torch.flip(x[rows], dims=[3])).float()) / 2 * rule.get("scale", 1.0)
     return out
 
 

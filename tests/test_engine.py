@@ -197,6 +197,11 @@ def test_train_one_epoch_and_predict_logits():
     assert 0 < int(low.sum()) < 20
     assert torch.allclose(sel[low], tta[low], atol=1e-5) and torch.allclose(sel[~low], logits[~low], atol=1e-5)
     assert not torch.allclose(sel[~low], tta[~low], atol=1e-5)
+    scaled = E.predict_logits(model, images, spec, torch.device("cpu"),
+                              tta={"kind": "mirror", "below_confidence": cut, "selection_temperature": 1.0,
+                                   "scale": 1.5})
+    assert torch.allclose(scaled[low], 1.5 * tta[low], atol=1e-5)
+    assert torch.allclose(scaled[~low], logits[~low], atol=1e-5)
     ev = E.evaluate_split(model, images, masks, spec, torch.device("cpu"))
     assert np.isfinite(ev["loss"]) and 0 <= ev["acc"] <= 1
     # progressive resizing: train and validate at a smaller size than the cached images

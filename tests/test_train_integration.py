@@ -302,6 +302,6 @@ def test_tta_below_refits_on_served_outputs_and_the_predictor_serves_them(tmp_pa
     with torch.no_grad():
         z, zf = pred.model(x), pred.model(torch.flip(x, dims=[3]))
     plain_conf = torch.softmax(z / rule["selection_temperature"], 1).amax(1)
-    want = torch.where((plain_conf < 0.99)[:, None], (z + zf) / 2, z)
+    want = torch.where((plain_conf < 0.99)[:, None], (z + zf) / 2 * rule.get("scale", 1.0), z)
     got = pred.probabilities(x)
     assert np.allclose(got, torch.softmax(want / pred.temperature, 1).numpy(), atol=1e-5)
