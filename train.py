@@ -36,6 +36,9 @@ from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
 
 
+WARMUP = 0.15  # share of the OneCycle schedule spent raising the learning rate
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file with any of these options (command line wins)")
@@ -74,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--patience", type=int, default=8, help="early stopping on validation loss")
+    p.add_argument("--patience", type=int, default=8,
+                   help="early stopping on validation loss (the warm-up epochs do not count)")
     p.add_argument("--target-sensitivity", type=float, default=0.99)
     p.add_argument("--min-specificity", type=float, default=0.97,
                    help="the operating point never trades validation specificity below this")
@@ -273,7 +277,11 @@ def main(argv=None) -> int:
     steps_per_epoch = max(1, len(idx["train"]) // (args.batch_size * world))
     steps = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1,
-                                                pct_start=0.15)
+                                                pct_start=WARMUP)
+    # The whole epochs before the learning rate peaks are neither kept as the best weights nor
+    # counted by early stopping: a run continued from --init has its lowest validation loss in
+    # epoch 1, before the new augmentation has taught it anything, and would stop there.
+    warmup_epochs = int(WARMUP * args.epochs)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
     history, start_epoch, best, bad = [], 0, float("inf"), 0
@@ -340,12 +348,11 @@ def main(argv=None) -> int:
             history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
             print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
                   f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
-            if va["loss"] < best:
-                best, bad = va["loss"], 0
+            # the low-resolution warm-up of progressive resizing never stops a run
+            is_best, best, bad = judge_epoch(epoch, va["loss"], best, bad, warmup_epochs, counts=not small)
+            if is_best:
                 torch.save(judged.state_dict(), out / "best.pt")
                 shipped_average = None
-            elif not small:  # the low-resolution warm-up never stops a run
-                bad += 1
             (out / "history.json").write_text(json.dumps(history, indent=1))
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
@@ -366,6 +373,17 @@ def main(argv=None) -> int:
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
     return 0
+
+
+def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: int,
+                counts: bool = True) -> tuple[bool, float, int]:
+    """(keep this epoch's weights as the best?, best loss, epochs without improvement) after one
+    validated epoch (0-based). Epochs of the learning-rate warm-up are neither (see WARMUP)."""
+    if epoch < warmup_epochs:
+        return False, best, bad
+    if loss < best:
+        return True, loss, 0
+    return False, best, bad + int(counts)
 
 
 def average_with_init(model, init: str, val_images, val_masks, spec, device, precision) -> dict:

@@ -305,3 +305,34 @@ def test_tta_below_refits_on_served_outputs_and_the_predictor_serves_them(tmp_pa
     want = torch.where((plain_conf < 0.99)[:, None], (z + zf) / 2 * rule.get("scale", 1.0), z)
     got = pred.probabilities(x)
     assert np.allclose(got, torch.softmax(want / pred.temperature, 1).numpy(), atol=1e-5)
+
+
+def test_warmup_epochs_are_neither_best_nor_counted_by_early_stopping(tmp_path):
+    data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+    make_dataset(data)
+    import train
+    epochs = 7
+    warm = int(train.WARMUP * epochs)
+    assert warm == 1
+    run_train(["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
+               "--workers", 1, "--epochs", epochs, "--patience", 2], cache)
+    hist = json.loads((out / "history.json").read_text())
+    ck = E.load_checkpoint(out / "checkpoint.pt")
+    losses = [h["val"]["loss"] for h in hist]
+    assert len(hist) >= warm + 2                       # the warm-up epoch never counted towards patience
+    assert ck["best"] == pytest.approx(min(losses[warm:]))
+    # early stopping: after the best epoch (past the warm-up), at most `patience` epochs ran
+    assert len(hist) == epochs or len(hist) - 1 - int(np.argmin(losses[warm:])) - warm == 2
+
+
+def test_judge_epoch_skips_the_warmup_then_tracks_the_best():
+    from train import judge_epoch
+    best, bad, kept = float("inf"), 0, []
+    # a fine-tune: lowest loss in epoch 0 (warm-up), then worse, then better than epoch 1
+    for epoch, loss in enumerate([0.10, 0.30, 0.25, 0.26, 0.27, 0.20]):
+        is_best, best, bad = judge_epoch(epoch, loss, best, bad, warmup_epochs=1)
+        kept.append(is_best)
+    assert kept == [False, True, True, False, False, True] and best == 0.20 and bad == 0
+    # progressive resizing's small epochs do not count towards patience
+    assert judge_epoch(3, 0.5, 0.2, 1, 1, counts=False) == (False, 0.2, 1)
+    assert judge_epoch(3, 0.5, 0.2, 1, 1) == (False, 0.2, 2)
