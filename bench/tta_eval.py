@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core.app_support import record_scan_path  # noqa: E402
-from core.inference import Predictor  # noqa: E402
+from core.inference import MIRROR_ALWAYS, Predictor, apply_tta  # noqa: E402
 from core.ood import source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     pred = Predictor(args.weights)
     run = header()
+    # the served rule (core.inference.apply_tta), picking rows at this model's plain temperature
+    rule = {"kind": "mirror", "below_confidence": args.selective, "selection_temperature": pred.temperature}
     result = {}
     for src in args.sources:
         rows = labelled_files(pred, src, args.split)
@@ -62,13 +64,13 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for path, label in rows:
                 x = pred.input_tensor(read_scan(path))
-                z, zf = pred.model(x)[0], pred.model(torch.flip(x, dims=[3]))[0]
+                z = pred.model(x)
                 truth = pred.classes.index(label)
-                second = float(torch.softmax(z / pred.temperature, 0).max()) < args.selective
                 hits["plain"].append(int(z.argmax()) == truth)
-                hits["tta"].append(int((z + zf).argmax()) == truth)
-                hits["selective"].append(int(((z + zf) if second else z).argmax()) == truth)
-                hits["selective_share"].append(second)
+                hits["tta"].append(int(apply_tta(pred.model, x, z, MIRROR_ALWAYS).argmax()) == truth)
+                hits["selective"].append(int(apply_tta(pred.model, x, z, rule).argmax()) == truth)
+                hits["selective_share"].append(float(torch.softmax(z / pred.temperature, 1).max())
+                                               < args.selective)
         result[src] = {k: round(float(np.mean(v)), 4) for k, v in hits.items()} | {"n": len(rows)}
         print(f"{src} ({args.split}): {len(rows)} images with a class label, argmax accuracy plain "
               f"{result[src]['plain']:.4f}, with mirror TTA {result[src]['tta']:.4f}, TTA below "
