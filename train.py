@@ -413,9 +413,11 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         # (temperature, operating point, referral, the test evaluation) sees the served outputs.
         tta = {"kind": "mirror", "below_confidence": args.tta_below,
                "selection_temperature": E.fit_temperature(val_logits, masks[idx["val"]])}
-        two = torch.softmax(val_logits / tta["selection_temperature"], 1).amax(1) < args.tta_below
+        two = E.tta_rows(val_logits, tta)
         tta["val_share"] = round(float(two.float().mean()), 4)
-        val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision, tta=tta)
+        # Only the selected rows need the mirror pass (the mean of both passes, as served).
+        val_logits[two] = E.predict_logits(model, images[idx["val"]][two], spec, device,
+                                           precision=precision, tta=E.MIRROR_ALWAYS)
         # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
         m = masks[idx["val"]]
         if two.any() and (~two).any():

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core.app_support import record_scan_path  # noqa: E402
-from core.inference import MIRROR_ALWAYS, Predictor, apply_tta  # noqa: E402
+from core.inference import MIRROR_ALWAYS, Predictor, apply_tta, tta_rows  # noqa: E402
 from core.ood import source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
                 hits["plain"].append(int(z.argmax()) == truth)
                 hits["tta"].append(int(apply_tta(pred.model, x, z, MIRROR_ALWAYS).argmax()) == truth)
                 hits["selective"].append(int(apply_tta(pred.model, x, z, rule).argmax()) == truth)
-                hits["selective_share"].append(float(torch.softmax(z / pred.temperature, 1).max())
-                                               < args.selective)
+                hits["selective_share"].append(bool(tta_rows(z, rule)[0]))
         result[src] = {k: round(float(np.mean(v)), 4) for k, v in hits.items()} | {"n": len(rows)}
         print(f"{src} ({args.split}): {len(rows)} images with a class label, argmax accuracy plain "
               f"{result[src]['plain']:.4f}, with mirror TTA {result[src]['tta']:.4f}, TTA below "

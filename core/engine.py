@@ -16,7 +16,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .data import HASH_CACHE, Sample
-from .inference import MIRROR_ALWAYS, apply_tta, file_sha256  # noqa: F401 (MIRROR_ALWAYS re-exported)
+from .inference import MIRROR_ALWAYS, apply_tta, file_sha256, tta_rows  # noqa: F401 (re-exported for train.py)
 from .labels import label_targets
 from .preprocess import normalise, prepare
 

@@ -85,6 +85,12 @@ def serving_precision(device: torch.device) -> str:
 MIRROR_ALWAYS = {"kind": "mirror", "below_confidence": 2.0, "selection_temperature": 1.0}
 
 
+def tta_rows(logits: torch.Tensor, rule: dict) -> torch.Tensor:
+    """Which rows a ``tta`` rule sends to the second pass: plain confidence, at the rule's selection
+    temperature, below ``below_confidence``."""
+    return torch.softmax(logits.float() / rule["selection_temperature"], 1).amax(1) < rule["below_confidence"]
+
+
 def apply_tta(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, rule: dict | None) -> torch.Tensor:
     """The served logits under a card's ``tta`` rule: each row whose plain confidence (softmax at
     the rule's selection temperature) is below ``below_confidence`` becomes the mean with the
@@ -94,8 +100,7 @@ def apply_tta(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, rul
     temperature calibrate both kinds of row. Run it inside the caller's autocast."""
     if not rule:
         return logits
-    conf = torch.softmax(logits.float() / rule["selection_temperature"], 1).amax(1)
-    rows = conf < rule["below_confidence"]
+    rows = tta_rows(logits, rule)
     if not bool(rows.any()):
         return logits
     out = logits.float().clone()
