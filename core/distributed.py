@@ -78,16 +78,20 @@ def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def reduce_epoch_stats(stats: dict, n: int, world: int, device: torch.device) -> dict:
-    """Loss and accuracy over all ranks (weighted by images), throughput summed."""
+    """Loss, accuracy and the mask pointing loss over all ranks (weighted by images), throughput summed."""
     if world <= 1:
         return stats
-    t = torch.tensor([stats["loss"] * n, stats["acc"] * n, n, stats["images_per_s"]],
+    point = stats.get("pointing_loss")
+    t = torch.tensor([stats["loss"] * n, stats["acc"] * n, n, stats["images_per_s"],
+                      (point or 0.0) * n, n if point is not None else 0],
                      dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     total = max(t[2].item(), 1.0)
     out = {**stats, "loss": t[0].item() / total, "acc": t[1].item() / total,
            "images_per_s": t[3].item()}
-    out.pop("pointing_loss", None)  # one rank's; not worth a second reduction
+    # lesion slices are drawn uniformly, so weighting each rank's mean by its images is fair
+    if t[5].item() > 0:
+        out["pointing_loss"] = t[4].item() / t[5].item()
     return out
 
 

@@ -92,3 +92,19 @@ def test_shards_partition_the_drawn_order():
     parts = [DD.shard(order, r, 3) for r in range(3)]
     assert [len(p) for p in parts] == [16, 16, 16]
     assert sorted(torch.cat(parts).tolist()) == sorted(order.tolist())
+
+
+def test_epoch_stats_reduction_keeps_the_pointing_loss(tmp_path):
+    # a one-process gloo group: all_reduce is the identity, so the arithmetic is checked exactly
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    try:
+        stats = {"loss": 1.0, "acc": 0.5, "images_per_s": 3.0, "pointing_loss": 0.25}
+        out = DD.reduce_epoch_stats(stats, 10, 2, torch.device("cpu"))
+        assert out["loss"] == pytest.approx(1.0) and out["acc"] == pytest.approx(0.5)
+        assert out["pointing_loss"] == pytest.approx(0.25)
+        plain = DD.reduce_epoch_stats({"loss": 1.0, "acc": 0.5, "images_per_s": 3.0}, 10, 2,
+                                      torch.device("cpu"))
+        assert "pointing_loss" not in plain
+    finally:
+        torch.distributed.destroy_process_group()
