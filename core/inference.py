@@ -1,6 +1,7 @@
 """Load a shipped model (safetensors + card.json) and predict one scan with every flag attached."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -171,8 +172,11 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         """Calibrated class probabilities for a batch of model inputs."""
+        tap = self.gate.tap if self.gate is not None and self.gate.uses_classifier else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = apply_tta(self.model, x, self.model(x).float(), self.tta)
+            logits = self.model(x).float()
+            with tap.paused() if tap else contextlib.nullcontext():  # the gate reads the plain pass
+                logits = apply_tta(self.model, x, logits, self.tta)
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def predict_scan(self, scan: ScanImage) -> Prediction:

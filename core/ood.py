@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,12 +443,27 @@ class FeatureTap:
         with self.lock:
             if id(model) in self.models:
                 return
-            saliency_layer(model).register_forward_hook(
-                lambda m, i, o: setattr(self.local, "f", o.detach().mean(dim=(2, 3))))
+            saliency_layer(model).register_forward_hook(self._keep_features)
             model.register_forward_hook(self._keep_output)
             self.models.add(id(model))
 
+    @contextmanager
+    def paused(self):
+        """Passes run inside keep nothing: the plain pass stays the one the gate reads (a
+        test-time-augmentation pass on a mirrored input would otherwise replace it)."""
+        self.local.paused = True
+        try:
+            yield
+        finally:
+            self.local.paused = False
+
+    def _keep_features(self, m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if not getattr(self.local, "paused", False):
+            self.local.f = out.detach().mean(dim=(2, 3))
+
     def _keep_output(self, m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if getattr(self.local, "paused", False):
+            return
         self.local.x = inputs[0] if inputs else None
         self.local.logits = out.detach() if torch.is_tensor(out) else None
 

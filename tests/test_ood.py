@@ -235,3 +235,28 @@ def test_ood_table_lists_held_out_and_shipped_rates():
     assert t.loc["real_medical", "% flagged, shipped gate"] == 90.0
     assert not bool(t.loc["real_medical", "trained on"])
     assert ood_table({}).empty
+
+
+def test_feature_tap_keeps_the_plain_pass_through_a_paused_tta_pass():
+    from core.inference import MIRROR_ALWAYS, apply_tta
+    from core.models import create_model
+    from core.ood import FeatureTap
+    model = create_model("simple_cnn", 4).eval()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    tap = FeatureTap()
+    tap.attach(model)
+    x = torch.rand(1, 1, 64, 64)
+    x[..., :32] += 1.0  # not mirror-symmetric, so the mirrored pass has other features
+    with torch.no_grad():
+        plain = model(x)
+        with tap.paused():
+            apply_tta(model, x, plain, MIRROR_ALWAYS)
+        assert len(calls) == 2  # the plain pass and the mirror pass
+        kept = tap.get(model, x)
+    assert len(calls) == 2  # the gate reused the plain pass instead of running a third
+    assert np.allclose(kept["logits"], plain.numpy())
+    with torch.no_grad():
+        apply_tta(model, x, plain, MIRROR_ALWAYS)  # not paused: the mirror pass replaces it
+        tap.get(model, x)
+    assert len(calls) == 4
