@@ -56,12 +56,15 @@ shown = app.records_at([r for r in records if source in (None, r.get("source"))]
 
 c = st.columns(6)
 c[0].metric("Scans", ev["n"])
-c[1].metric("Accuracy", f"{ev['accuracy']:.1%}" if "accuracy" in ev else "n/a")
+c[1].metric("Accuracy", f"{ev['accuracy']:.1%}" if "accuracy" in ev else "n/a",
+            help=dash.interval_text(ev, "accuracy"))
 c[2].metric("Macro F1", f"{ev['macro_f1']:.3f}" if "macro_f1" in ev else "n/a")
 c[3].metric("Tumours missed", ev.get("tumour_missed", "n/a"),
             help="Tumour scans predicted 'no tumour' at the sidebar's operating point")
-c[4].metric("Sensitivity", f"{ev['sensitivity']:.1%}" if ev.get("sensitivity") is not None else "n/a")
-c[5].metric("Specificity", f"{ev['specificity']:.1%}" if ev.get("specificity") is not None else "n/a")
+c[4].metric("Sensitivity", f"{ev['sensitivity']:.1%}" if ev.get("sensitivity") is not None else "n/a",
+            help=dash.interval_text(ev, "sensitivity"))
+c[5].metric("Specificity", f"{ev['specificity']:.1%}" if ev.get("specificity") is not None else "n/a",
+            help=dash.interval_text(ev, "specificity"))
 st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if threshold is not None
            else "This model has no operating point: plain top-class predictions.")
 

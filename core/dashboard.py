@@ -65,6 +65,15 @@ def confusion_heatmap(cm: list[list[int]], classes: list[str], normalise: bool =
                    height=120 + 50 * len(classes))
 
 
+def interval_text(ev: dict, key: str) -> str | None:
+    """The 95 % interval of one rate of an evaluation, in words (a metric's help)."""
+    lo_hi = ev.get("ci95", {}).get(key)
+    if not lo_hi:
+        return None
+    return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} (Wilson): with this many scans, "
+            "a few images either way move the figure by this much.")
+
+
 def per_class_table(ev: dict) -> pd.DataFrame:
     rows = [{"class": c, **{k: m.get(k) for k in ("precision", "recall", "f1", "specificity",
                                                   "support")}}

@@ -72,20 +72,21 @@ def cnn_bn(num_classes: int, dropout: float = 0.5) -> nn.Module:
     return m
 
 
-@register_model
-def resnet18(num_classes: int) -> nn.Module:
-    m = tvm.resnet18(weights=None, num_classes=num_classes)
+def _grey_resnet(build, num_classes: int) -> nn.Module:
+    m = build(weights=None, num_classes=num_classes)
     m.conv1 = _grey_stem(m.conv1)
     m.cam_layer, m.cam_head = "layer4", "fc"
     return m
+
+
+@register_model
+def resnet18(num_classes: int) -> nn.Module:
+    return _grey_resnet(tvm.resnet18, num_classes)
 
 
 @register_model
 def resnet50(num_classes: int) -> nn.Module:
-    m = tvm.resnet50(weights=None, num_classes=num_classes)
-    m.conv1 = _grey_stem(m.conv1)
-    m.cam_layer, m.cam_head = "layer4", "fc"
-    return m
+    return _grey_resnet(tvm.resnet50, num_classes)
 
 
 @register_model
@@ -108,20 +109,21 @@ def vgg16(num_classes: int) -> nn.Module:
     return m
 
 
-@register_model
-def mobilenet_v3_small(num_classes: int) -> nn.Module:
-    m = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)
+def _grey_mobilenet(build, num_classes: int) -> nn.Module:
+    m = build(weights=None, num_classes=num_classes)
     m.features[0][0] = _grey_stem(m.features[0][0])
     m.cam_layer = "features"
     return m
+
+
+@register_model
+def mobilenet_v3_small(num_classes: int) -> nn.Module:
+    return _grey_mobilenet(tvm.mobilenet_v3_small, num_classes)
 
 
 @register_model
 def mobilenet_v3_large(num_classes: int) -> nn.Module:
-    m = tvm.mobilenet_v3_large(weights=None, num_classes=num_classes)
-    m.features[0][0] = _grey_stem(m.features[0][0])
-    m.cam_layer = "features"
-    return m
+    return _grey_mobilenet(tvm.mobilenet_v3_large, num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

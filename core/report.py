@@ -45,7 +45,7 @@ from .inference import Prediction, calibration_text
 from .labels import NO_TUMOUR, TUMOUR
 from .metrics import decide
 from .preprocess import prepare
-from .reader import ScanError, read_scan
+from .reader import ScanError, load_bytes, read_scan
 from .referral import ReferralRule, reassess
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
@@ -126,22 +126,6 @@ def source_line(info: Mapping) -> str:
     return text
 
 
-def _read_bytes(src: bytes | bytearray | str | PurePath) -> bytes:
-    """The file's bytes, or a ScanError in one plain sentence."""
-    if isinstance(src, (bytes, bytearray)):
-        return bytes(src)
-    try:
-        return Path(src).read_bytes()
-    except FileNotFoundError:
-        raise ScanError("The file was not found.") from None
-    except IsADirectoryError:
-        raise ScanError("This is a folder, not a file.") from None
-    except PermissionError:
-        raise ScanError("The file could not be opened (permission denied).") from None
-    except OSError as e:
-        raise ScanError(f"The file could not be opened ({e.strerror or type(e).__name__}).") from None
-
-
 def at_threshold(p: Prediction, classes: list[str], threshold: float | None,
                  rule: ReferralRule | None = None) -> Prediction:
     """The same prediction decided at another operating point (None keeps the card's); with
@@ -175,7 +159,7 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     """
     shown = display_name(name)
     try:
-        data = _read_bytes(src)
+        data = load_bytes(src)
         scan = read_scan(data, shown, **read_kw)
         pred = at_threshold(predictor.predict_scan(scan), predictor.classes, threshold,
                             getattr(predictor, "referral", None))

@@ -13,13 +13,13 @@ level of the energy share; the grown mask's area share that of the pointing game
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import saliency as S
+from .metrics import wilson
 
 BASELINES = ("random map", "centre Gaussian")
 TARGETS = ("glioma", "predicted")
@@ -95,16 +95,6 @@ def score_slice(predictor, image: Path, mask_file: Path, dilate_px: int,
 
 
 # ----------------------------------------------------------------------------- summary
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a hit rate: honest at n of a hundred or so and near 0 or 1."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def summarise(slices: list[dict], methods: list[str]) -> list[dict]:
     """One row per method and baseline: pointing game (with 95% CI) and energy, per target."""
     rows = []

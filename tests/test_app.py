@@ -157,6 +157,8 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
         assert title in titles, title
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Scans"] == "14" and "of 10" in metrics["Tumours missed here"]
+    helps = {m.label: m.proto.help for m in app.metric}
+    assert "95 % interval" in helps["Accuracy"] and "95 % interval" in helps["Sensitivity"]
     assert list(app.dataframe[0].value["class"]) == CLASSES
     # One source at a time; the gallery says when a source's scans are not on disk.
     app.selectbox[0].set_value("synth").run()

@@ -8,7 +8,8 @@ import torch.nn.functional as nnf
 
 from core.engine import fit_temperature, pick_threshold, set_nll
 from core.metrics import (classification_metrics, decide, expected_calibration_error,
-                          is_tumour_label, risk_coverage, threshold_curve, tumour_probability)
+                          is_tumour_label, risk_coverage, threshold_curve, tumour_probability,
+                          wilson)
 
 C4 = ["glioma", "meningioma", "pituitary", "notumor"]
 
@@ -66,6 +67,10 @@ def test_four_class_metrics_by_hand():
     # 7 right at confidence 0.7 (bin accuracy 1), 3 wrong at 0.55 (bin accuracy 0):
     # ECE = 0.7 * |0.7 - 1| + 0.3 * |0.55 - 0| = 0.21 + 0.165.
     assert m["ece"] == pytest.approx(0.375)
+    # 95% Wilson intervals: 7 of 10 right is the textbook (0.397, 0.892)
+    assert m["ci95"]["accuracy"] == pytest.approx([0.3968, 0.8922], abs=1e-4)
+    assert m["ci95"]["sensitivity"] == pytest.approx(list(wilson(6, 7)))
+    assert m["ci95"]["specificity"] == pytest.approx(list(wilson(2, 3)))
 
 
 def test_ece_tiny_case():

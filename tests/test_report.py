@@ -149,7 +149,7 @@ def test_batch_has_summary_and_a_page_saying_why_a_file_failed(four, tmp_path):
         assert name in summary
     assert "broken.jpg" in pages[2] and "CANNOT READ" in pages[2]
     assert flat(reader_message(b"this is not an image", "broken.jpg")) in flat(pages[2])
-    assert "The file was not found." in pages[4]
+    assert "The file does not exist." in pages[4]  # the reader's sentence, as in the CLI
     for p in (pages[1], pages[3]):
         assert "Calibrated probabilities" in p and "not for diagnosis" in p
 

@@ -17,7 +17,8 @@ from core.models import create_model
 from core.reader import ScanImage
 from core.saliency import (METHODS, contour_overlay, default_method, mask_path_for, mask_scores,
                            read_mask, saliency_map, saliency_maps)
-from core.saliency_check import BASELINES, best_method, spread, to_markdown, wilson
+from core.metrics import wilson
+from core.saliency_check import BASELINES, best_method, spread, to_markdown
 from test_saliency import Stub, square_scan
 
 

@@ -48,3 +48,16 @@ def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
     assert r["specificity"] == 1.0 and r["silent_misses"] == 2
     table = markdown_table([{"weights": "w/m", "result": {"br35h": {"none": {**r, "accuracy": None}}}}], "br35h")
     assert "| none | — / 2 / 1.000 / 0.0 % |" in table
+
+
+def test_ensemble_agreement_by_hand():
+    from bench.ensemble_eval import agreement
+    y = np.array([0, 1, 1, 0])
+    a = np.array([[.9, .1], [.6, .4], [.2, .8], [.8, .2]])  # wrong on image 1
+    b = np.array([[.4, .6], [.1, .9], [.3, .7], [.7, .3]])  # wrong on image 0
+    c = np.array([[.8, .2], [.7, .3], [.1, .9], [.6, .4]])  # wrong on image 1
+    r = agreement({"a": a, "b": b, "c": c}, y)
+    assert r["models"] == {"a": 0.75, "b": 0.75, "c": 0.75}
+    assert r["wrong_in_any"] == 2 and r["wrong_in_all"] == 0
+    # mean: image 0 (.7,.3) right, image 1 (.467,.533) right -> all four right
+    assert r["mean_of_all"] == 1.0
