@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     if any(pr.classes != preds[0].classes for pr in preds):
         p.error("the models have different class lists")
     rows = labelled_files(preds[0], args.source, args.split)
+    if not rows:
+        p.error(f"no {args.split} file of source {args.source!r} found (is ../shared beside the checkout?)")
     files, y = [f for f, _ in rows], np.array([preds[0].classes.index(c) for _, c in rows])
     result = agreement({w: served_probs(pr, files) for w, pr in zip(args.weights, preds)}, y)
     for w, acc in result["models"].items():

@@ -451,11 +451,12 @@ class FeatureTap:
     def paused(self):
         """Passes run inside keep nothing: the plain pass stays the one the gate reads (a
         test-time-augmentation pass on a mirrored input would otherwise replace it)."""
+        before = getattr(self.local, "paused", False)
         self.local.paused = True
         try:
             yield
         finally:
-            self.local.paused = False
+            self.local.paused = before
 
     def _keep_features(self, m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         if not getattr(self.local, "paused", False):
@@ -471,8 +472,12 @@ class FeatureTap:
         """{"feats", "logits"} of ``model`` on ``x``: kept from the last pass, or one new pass."""
         if getattr(self.local, "x", None) is not x or getattr(self.local, "logits", None) is None:
             self.attach(model)
-            with torch.no_grad():
-                model(x)
+            before, self.local.paused = getattr(self.local, "paused", False), False
+            try:  # this pass is the gate's own: keep it even inside `paused`
+                with torch.no_grad():
+                    model(x)
+            finally:
+                self.local.paused = before
         return {"feats": self.local.f.float().cpu().numpy(), "logits": self.local.logits.float().cpu().numpy()}
 
 

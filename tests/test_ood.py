@@ -260,3 +260,10 @@ def test_feature_tap_keeps_the_plain_pass_through_a_paused_tta_pass():
         apply_tta(model, x, plain, MIRROR_ALWAYS)  # not paused: the mirror pass replaces it
         tap.get(model, x)
     assert len(calls) == 4
+    with tap.paused():  # nested pauses end with the outer one; a pass the gate needs is kept
+        with tap.paused():
+            pass
+        assert tap.local.paused
+        y = torch.rand(1, 1, 64, 64)
+        assert np.allclose(tap.get(model, y)["logits"], model(y).detach().numpy(), atol=1e-5)
+    assert not tap.local.paused
