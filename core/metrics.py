@@ -105,8 +105,9 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
         conf = probs[fine].max(axis=1)
         correct = probs[fine].argmax(axis=1) == y
         present = sorted(set(y.tolist()) | set(p.tolist()))
-        ci95 = {"accuracy": list(wilson(int((p == y).sum()), len(y)))}
-        out.update(n_fine=int(fine.sum()), accuracy=float((p == y).mean()),
+        hits = int((p == y).sum())
+        ci95 = {"accuracy": list(wilson(hits, len(y)))}
+        out.update(n_fine=int(fine.sum()), accuracy=hits / len(y),
                    macro_f1=float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
                    per_class=per_class, confusion=cm.tolist(),
                    ece=expected_calibration_error(conf, correct),

@@ -447,12 +447,15 @@ class FeatureTap:
             model.register_forward_hook(self._keep_output)
             self.models.add(id(model))
 
-    @contextmanager
     def paused(self):
         """Passes run inside keep nothing: the plain pass stays the one the gate reads (a
         test-time-augmentation pass on a mirrored input would otherwise replace it)."""
+        return self._paused_as(True)
+
+    @contextmanager
+    def _paused_as(self, value: bool):
         before = getattr(self.local, "paused", False)
-        self.local.paused = True
+        self.local.paused = value
         try:
             yield
         finally:
@@ -472,12 +475,8 @@ class FeatureTap:
         """{"feats", "logits"} of ``model`` on ``x``: kept from the last pass, or one new pass."""
         if getattr(self.local, "x", None) is not x or getattr(self.local, "logits", None) is None:
             self.attach(model)
-            before, self.local.paused = getattr(self.local, "paused", False), False
-            try:  # this pass is the gate's own: keep it even inside `paused`
-                with torch.no_grad():
-                    model(x)
-            finally:
-                self.local.paused = before
+            with self._paused_as(False), torch.no_grad():  # the gate's own pass: kept even inside `paused`
+                model(x)
         return {"feats": self.local.f.float().cpu().numpy(), "logits": self.local.logits.float().cpu().numpy()}
 
 
