@@ -61,3 +61,16 @@ def test_ensemble_agreement_by_hand():
     assert r["wrong_in_any"] == 2 and r["wrong_in_all"] == 0
     # mean: image 0 (.7,.3) right, image 1 (.467,.533) right -> all four right
     assert r["mean_of_all"] == 1.0
+
+
+def test_ood_threshold_table_caps_every_source_by_hand():
+    from bench.ood_threshold import threshold_table
+    # a: 10 scores 0..9; b: 10 scores 0..0.9. At <= 10 % the cut must flag a's top score only
+    # (cut 8, the larger of a's 8 and b's 0.8), so b flags nothing.
+    val = {"a": np.arange(10.0), "b": np.arange(10.0) / 10}
+    rows = threshold_table(val, np.array([-1.0, 5.0, 8.5, 9.5]), [0.1, 0.5])
+    assert rows[0]["cut"] == 8.0
+    assert rows[0]["val_flagged_pct"] == {"a": 10.0, "b": 0.0}
+    assert rows[0]["outliers_flagged_pct"] == 50.0
+    assert rows[1]["cut"] == 4.0 and rows[1]["outliers_flagged_pct"] == 75.0
+    assert rows[1]["val_flagged_pct"] == {"a": 50.0, "b": 0.0}
