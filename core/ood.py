@@ -1000,9 +1000,19 @@ def _with_cnn(caches: dict, net: GateNet, keyed: list[tuple[str, ImageSet]]) -> 
 
 
 def category_folds(categories: list[str], k: int) -> list[list[str]]:
-    """``k`` folds in which no two categories of one kind (`outliers.KIND`) are held out together:
-    categories sorted by kind, then dealt round-robin."""
+    """``k`` folds in which no two categories of one kind (`outliers.KIND`) are held out together.
+
+    With ``k`` = len(`outliers.PINNED_FOLDS`) the pinned folds are kept, and a category they do
+    not name goes to the smallest fold without one of its kind: adding a category then moves no
+    other (dealing all of them round-robin did, which changed the held-out estimate by itself).
+    Other ``k``: categories sorted by kind, then dealt round-robin."""
     from . import outliers as O
+    if k == len(O.PINNED_FOLDS):
+        folds = [[c for c in pinned if c in categories] for pinned in O.PINNED_FOLDS]
+        for c in (c for c in categories if not any(c in f for f in folds)):
+            free = [f for f in folds if O.KIND.get(c, c) not in {O.KIND.get(x, x) for x in f}] or folds
+            min(free, key=len).append(c)
+        return folds
     kinds = list(dict.fromkeys(O.KIND.get(c, c) for c in categories))
     ordered = sorted(categories, key=lambda c: kinds.index(O.KIND.get(c, c)))
     return [ordered[i::k] for i in range(k)]

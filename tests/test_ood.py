@@ -66,6 +66,16 @@ def test_category_folds_partition_and_held_out_estimate_reads_the_right_fold():
         kinds = [O.KIND[c] for c in f if sizes[O.KIND[c]] <= 4]
         assert len(kinds) == len(set(kinds)), f
     assert set(O.KIND) == set(O.CATEGORIES)
+    # The pinned folds are the shipped gate's (its ood_eval.json records them), and a new category
+    # moves no other: it joins the smallest fold without one of its kind.
+    assert folds == [list(f) for f in O.PINNED_FOLDS]
+    O.KIND["new_body_scan"] = "body_medical"
+    try:
+        grown = category_folds(cats[:5] + ["new_body_scan"] + cats[5:], 4)
+    finally:
+        del O.KIND["new_body_scan"]
+    assert grown[3] == folds[3] + ["new_body_scan"] and grown[:3] == folds[:3]
+    assert sorted(c for f in category_folds(cats, 3) for c in f) == sorted(cats)  # other k: dealt
     rows = {f"g [fold {i + 1}]": {"outliers_flagged_pct": {c: (10.0 * (i + 1) if c in f else 100.0)
                                                             for c in cats + ["real_medical"]}}
             for i, f in enumerate(folds)}
