@@ -1002,13 +1002,14 @@ def _with_cnn(caches: dict, net: GateNet, keyed: list[tuple[str, ImageSet]]) -> 
 def category_folds(categories: list[str], k: int) -> list[list[str]]:
     """``k`` folds in which no two categories of one kind (`outliers.KIND`) are held out together.
 
-    With ``k`` = len(`outliers.PINNED_FOLDS`) the pinned folds are kept, and a category they do
-    not name goes to the smallest fold without one of its kind: adding a category then moves no
-    other (dealing all of them round-robin did, which changed the held-out estimate by itself).
+    With ``k`` = len(`outliers.PINNED_FOLDS`) the pinned folds are kept (add shipped categories
+    there), and a category they do not name goes to the smallest fold without one of its kind:
+    adding a category then moves no other (dealing all of them round-robin did, which changed the
+    held-out estimate by itself).
     Other ``k``: categories sorted by kind, then dealt round-robin."""
     from . import outliers as O
-    if k == len(O.PINNED_FOLDS):
-        folds = [[c for c in pinned if c in categories] for pinned in O.PINNED_FOLDS]
+    folds = [[c for c in pinned if c in categories] for pinned in O.PINNED_FOLDS]
+    if k == len(O.PINNED_FOLDS) and all(folds):   # (a subset that empties a fold is dealt instead)
         for c in (c for c in categories if not any(c in f for f in folds)):
             free = [f for f in folds if O.KIND.get(c, c) not in {O.KIND.get(x, x) for x in f}] or folds
             min(free, key=len).append(c)

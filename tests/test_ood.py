@@ -75,7 +75,9 @@ def test_category_folds_partition_and_held_out_estimate_reads_the_right_fold():
     finally:
         del O.KIND["new_body_scan"]
     assert grown[3] == folds[3] + ["new_body_scan"] and grown[:3] == folds[:3]
+    assert category_folds(cats + ["own_kind"], 4)[1] == folds[1] + ["own_kind"]  # first smallest fold
     assert sorted(c for f in category_folds(cats, 3) for c in f) == sorted(cats)  # other k: dealt
+    assert all(category_folds(["blank", "pattern", "noise", "text"], 4))        # no empty fold
     rows = {f"g [fold {i + 1}]": {"outliers_flagged_pct": {c: (10.0 * (i + 1) if c in f else 100.0)
                                                             for c in cats + ["real_medical"]}}
             for i, f in enumerate(folds)}

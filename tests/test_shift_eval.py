@@ -74,3 +74,5 @@ def test_ood_threshold_table_caps_every_source_by_hand():
     assert rows[0]["outliers_flagged_pct"] == 50.0
     assert rows[1]["cut"] == 4.0 and rows[1]["outliers_flagged_pct"] == 75.0
     assert rows[1]["val_flagged_pct"] == {"a": 50.0, "b": 0.0}
+    everything = threshold_table({"a": np.arange(4.0), "empty": np.array([])}, np.array([0.0]), [1.0])[0]
+    assert everything["cut"] == float("-inf") and everything["outliers_flagged_pct"] == 100.0
