@@ -50,8 +50,8 @@ def show(name: str, data, slice_index: int | None) -> dict:
                caption=f"{name} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
     with right:
         if not pred.in_distribution:
-            st.warning("**Out of distribution**: this does not look like the brain MRI the model "
-                       "was trained on, so its output is **not a diagnosis**.", icon=":material/block:")
+            st.warning(f"**Out of distribution**: {pred.ood_reason or app.PIXEL_OOD_REASON} Its output is **not a diagnosis**.",
+                       icon=":material/block:")
         else:
             st.markdown(f"### Prediction: **{pred.pred}**")
         probs = [pred.probs[c] for c in predictor.classes]

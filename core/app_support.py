@@ -17,7 +17,7 @@ import numpy as np
 import streamlit as st
 
 from .evaluation import evaluate_records, fold_to_binary_labels, prediction_record
-from .inference import (ROOT, Prediction, Predictor, default_weights, load_card,
+from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, default_weights, load_card,
                         most_tumour_like_slice, shipped_models)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import decide

@@ -88,7 +88,8 @@ def cmd_predict(args) -> int:
                                      ("tumour type uncertain", r.get("type_uncertain"))) if on]
             tp = r["tumour_probability"]
             print(f"{r['file']}: {r['pred']}" + (f" (tumour probability {tp:.3f})" if tp is not None else "")
-                  + (f" [{', '.join(flags)}]" if flags else ""))
+                  + (f" [{', '.join(flags)}]" if flags else "")
+                  + (f" {r['ood_reason']}" if r.get("ood_reason") else ""))
         else:
             print(f"{r['file']}: error: {r['error']}")
     return 0 if all(r["ok"] for r in results) else 1

@@ -19,7 +19,7 @@ def prediction_record(file: str, source: str, label: str, p) -> dict:
     return {"file": file, "source": source, "label": label, "pred": p.pred, "probs": p.probs,
             "tumour_probability": p.tumour_probability, "confidence": p.confidence,
             "uncertain": p.uncertain, "type_uncertain": p.type_uncertain,
-            "in_distribution": p.in_distribution, "ood_score": p.ood_score}
+            "in_distribution": p.in_distribution, "ood_score": p.ood_score, "ood_reason": p.ood_reason}
 
 
 def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold: float | None,
@@ -183,8 +183,9 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
         if gate.uses_classifier:   # the served forward pass (bf16 where the Predictor uses it), whose features the gate reuses
             x = predictor.input_tensor(scan)
             predictor.probabilities(x)
-        ok, score = gate.check(scan, x, predictor.model)
+        ok, score, reason = predictor.distribution_check(scan, x)
         r["in_distribution"], r["ood_score"] = bool(ok), round(float(score), 6)
+        r["ood_reason"] = reason
     threshold = ev.get("threshold", predictor.threshold)
     fresh = evaluate_records(records, predictor.classes, threshold)
     ev.update(fresh)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .header import header_reason
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, tumour_probability
 from .models import create_model
@@ -42,6 +43,10 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+PIXEL_OOD_REASON = ("The image does not look like the brain MRI slices the model was trained on "
+                    "(out-of-distribution gate).")
+
+
 @dataclass
 class Prediction:
     pred: str
@@ -54,6 +59,7 @@ class Prediction:
     ood_score: float | None
     type_uncertain: bool = False    # called tumour, type not confident (coarse-label scans)
     uncertain_reason: str | None = None
+    ood_reason: str | None = None   # why it is out of distribution: the DICOM header, or the pixels
     info: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -186,15 +192,28 @@ class Predictor:
         t_prob = float(tumour_probability(p, self.classes)[0]) if self.is_tumour_model else None
         conf = float(p[0].max())
         unc, typ = self.referral.flags(p, np.array([k]))
-        in_dist, score = True, None
-        if self.gate is not None:
-            in_dist, score = self.gate.check(scan, x, self.model)
+        in_dist, score, reason = self.distribution_check(scan, x)
         return Prediction(pred=self.classes[k],
                           probs={c: float(v) for c, v in zip(self.classes, p[0])},
                           tumour_probability=t_prob, threshold=self.threshold, confidence=conf,
                           uncertain=bool(unc[0]), in_distribution=bool(in_dist), ood_score=score,
                           type_uncertain=bool(typ[0]), uncertain_reason=self.referral.reason(p[0], k),
-                          info=dict(scan.info))
+                          ood_reason=reason, info=dict(scan.info))
+
+    def distribution_check(self, scan: ScanImage, x: torch.Tensor) -> tuple[bool, float | None, str | None]:
+        """(in_distribution, ood_score, reason): the DICOM header first, then the pixel gate.
+
+        Call after ``probabilities(x)``: a gate on the classifier's features reads that pass.
+        ``ood_score`` is always the pixel gate's (None without one), so that thresholds and
+        dashboards stay on one scale; a header verdict flags whatever the score.
+        """
+        reason = header_reason(scan.info)
+        ok, score = True, None
+        if self.gate is not None:
+            ok, score = self.gate.check(scan, x, self.model)
+        if reason is None and not ok:
+            reason = PIXEL_OOD_REASON
+        return reason is None, score, reason
 
     def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:
         return self.predict_scan(read_scan(src, name, **read_kw))

@@ -65,6 +65,7 @@ SAFE_INFO_KEYS = frozenset({
     "intensity_window", "modality", "photometric_interpretation", "transfer_syntax",
     "bits_stored", "rescale", "window", "window_source", "n_slices", "slice_index",
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
+    "body_part",                      # DICOM Body Part Examined (core.header)
     "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
 })
 
@@ -462,6 +463,7 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     info: dict[str, Any] = {
         "format": "DICOM", "width": cols, "height": rows,
         "modality": str(ds.get("Modality", ""))[:16],
+        "body_part": str(ds.get("BodyPartExamined", ""))[:32],
         "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
         "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
         "bits_stored": int(ds.get("BitsStored", 0) or 0),

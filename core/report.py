@@ -514,6 +514,8 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
         if why:  # the numbers make the referral checkable
             text = why[0].upper() + why[1:] + ("; refer for expert review." if f == FLAG_UNCERTAIN
                                                else "; read the type as a suggestion only.")
+        if f == FLAG_OOD and p.ood_reason:  # the header or the pixels: say which
+            text = f"{p.ood_reason} Do not rely on this result."
         _banner(pdf, title, text, colours)
     if not flags:
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)

@@ -71,16 +71,20 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     assert "EigenCAM for 'notumor'" in " ".join(c for im in app.image for c in im.captions)
 
 
-def test_out_of_distribution_is_not_presented_as_a_diagnosis(app, monkeypatch):
+@pytest.mark.parametrize("reason, shown", [
+    (None, core.inference.PIXEL_OOD_REASON),   # an older Prediction without a reason
+    ("The DICOM header says this is a CT image (Modality CT), not an MRI.", "Modality CT"),
+])
+def test_out_of_distribution_is_not_presented_as_a_diagnosis(app, monkeypatch, reason, shown):
     from dataclasses import replace
     real = core.inference.Predictor.predict_scan
     monkeypatch.setattr(core.inference.Predictor, "predict_scan", lambda self, scan: replace(
-        real(self, scan), in_distribution=False, uncertain=True, confidence=0.2))
+        real(self, scan), in_distribution=False, uncertain=True, confidence=0.2, ood_reason=reason))
     app.switch_page("app_pages/diagnose.py").run()
     app.multiselect[0].select("notumor.jpg").run()
     assert not app.exception and predictions(app) == []
     warnings = " ".join(w.value for w in app.warning)
-    assert "Out of distribution" in warnings and "not a diagnosis" in warnings
+    assert "Out of distribution" in warnings and "not a diagnosis" in warnings and shown in warnings
     assert "Uncertain — refer for review" in warnings
 
 

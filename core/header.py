@@ -1,0 +1,54 @@
+"""What a DICOM header says about an upload before any pixel is looked at.
+
+The pixel gate (`core.ood`) learns "brain MRI" from images and misses some real scans of other
+kinds (a bone scan, an abdominal MR, echo frames: docs/generalisation.md). A DICOM file states
+its modality and often its body part; when it states something this model was never built for,
+that is a stronger signal than any image score, and it is the check a radiology system makes
+first. Only what the header *positively* says counts: a missing or unknown value is left to the
+pixel gate, because headers are often incomplete, localised ("KOPF", "CRANE") or generic ("OT").
+"""
+from __future__ import annotations
+
+import re
+
+# Modalities under which a brain MRI slice can arrive: MR itself, and the generic ones that say
+# nothing about the scanner (OT "other", SC, empty: exports, secondary captures, anonymised files).
+MRI_MODALITIES = frozenset({"MR", "OT", "SC", ""})
+MODALITY_NAMES = {
+    "CT": "a CT", "US": "an ultrasound", "NM": "a nuclear-medicine (scintigraphy)",
+    "PT": "a PET", "CR": "an X-ray", "DX": "an X-ray", "DR": "an X-ray", "RG": "an X-ray",
+    "MG": "a mammography", "XA": "an angiography", "RF": "a fluoroscopy", "IO": "a dental X-ray",
+    "PX": "a dental X-ray", "OP": "an ophthalmic", "OPT": "an eye OCT", "SM": "a microscopy",
+    "XC": "a photographic", "GM": "a photographic", "ES": "an endoscopy", "ECG": "an ECG",
+}
+# Body Part Examined terms (DICOM PS3.16 CID 4031 and common variants) that are not the head,
+# compared after upper-casing and dropping spaces, '_', '-' and '^'.
+NON_HEAD_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "CHESTABDOMEN", "CHESTABDOMENPELVIS", "PELVIS", "CHEST", "THORAX",
+    "BREAST", "HEART", "LUNG", "LIVER", "KIDNEY", "PROSTATE", "BLADDER", "UTERUS", "SPINE",
+    "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE", "COCCYX", "SACRUM",
+    "WHOLEBODY", "EXTREMITY", "UPPEREXTREMITY", "LOWEREXTREMITY", "ARM", "LEG", "HAND", "FOOT",
+    "FINGER", "TOE", "WRIST", "ELBOW", "SHOULDER", "CLAVICLE", "HIP", "KNEE", "ANKLE", "FEMUR",
+    "TIBIA", "HUMERUS", "RIB", "STERNUM", "SCAPULA", "HEEL", "FOREARM", "THIGH", "AORTA",
+})
+
+
+def _part_key(text: str) -> str:
+    return re.sub(r"[\s_\-^]+", "", text.upper())
+
+
+def header_reason(info: dict) -> str | None:
+    """One plain sentence when the file's header says it is not a brain MRI, else None.
+
+    ``info`` is a `ScanImage.info`: only DICOM files carry ``modality`` and ``body_part``.
+    """
+    modality = str(info.get("modality", "")).strip().upper()
+    if modality not in MRI_MODALITIES:
+        kind = MODALITY_NAMES.get(modality, f"a {modality}")
+        return (f"The DICOM header says this is {kind} image (Modality {modality}), not an MRI; "
+                "the model reads brain MRI only.")
+    part = str(info.get("body_part", "")).strip()
+    if part and _part_key(part) in NON_HEAD_PARTS:
+        return (f"The DICOM header says the body part examined is {part}, not the head; "
+                "the model reads brain MRI only.")
+    return None

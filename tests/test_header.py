@@ -1,0 +1,71 @@
+"""The DICOM header check (core.header): a file that says it is not a brain MRI is flagged."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from core.header import header_reason
+from core.outliers import REAL_MEDICAL
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
+
+
+@pytest.mark.parametrize("info, flagged, word", [
+    ({"modality": "CT"}, True, "CT"),
+    ({"modality": "us"}, True, "ultrasound"),
+    ({"modality": "NM", "body_part": "WHOLE BODY"}, True, "nuclear"),
+    ({"modality": "XYZ"}, True, "XYZ"),                  # any stated non-MR modality
+    ({"modality": "MR", "body_part": "ABDOMEN"}, True, "ABDOMEN"),
+    ({"modality": "MR", "body_part": "l-spine"}, True, "l-spine"),
+    ({"modality": "", "body_part": "Whole_Body"}, True, "Whole_Body"),
+    ({"modality": "MR"}, False, None),
+    ({"modality": "MR", "body_part": "HEAD"}, False, None),
+    ({"modality": "MR", "body_part": "KOPF"}, False, None),   # unknown wording: left to the pixels
+    ({"modality": "OT", "body_part": ""}, False, None),        # secondary capture says nothing
+    ({"modality": "SC"}, False, None),
+    ({"format": "PNG", "mode": "L"}, False, None),             # not a DICOM: no header to read
+])
+def test_header_reason(info, flagged, word):
+    reason = header_reason(info)
+    assert (reason is not None) == flagged
+    if flagged:
+        assert word in reason and reason.endswith(".") and "\n" not in reason
+
+
+def test_pydicom_real_non_brain_files_are_caught_by_their_headers():
+    """9 of the 10 real non-brain DICOM files the gate is tested on state CT, US, NM or ABDOMEN;
+    MR_small states only MR and stays with the pixel gate."""
+    pydicom = pytest.importorskip("pydicom")
+    from core.reader import read_scan
+    root = Path(pydicom.__file__).parent / "data" / "test_files"
+    caught = {n for n in REAL_MEDICAL if header_reason(read_scan(root / n, n).info)}
+    assert caught == set(REAL_MEDICAL) - {"MR_small.dcm"}
+
+
+def _restamped(src: Path, **tags) -> bytes:
+    import pydicom
+    ds = pydicom.dcmread(src)
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(not (SAMPLES / "sample_glioma.dcm").exists(), reason="needs ../shared/data/samples")
+def test_predictor_flags_a_brain_slice_whose_header_says_ct():
+    """The same brain pixels: in distribution as MR, flagged with the header's reason as CT or
+    as an abdomen; the pixel gate's score is reported unchanged either way."""
+    from core.inference import Predictor
+    pred = Predictor()
+    src = SAMPLES / "sample_glioma.dcm"
+    mr = pred.predict_file(_restamped(src, BodyPartExamined="HEAD"), "mr.dcm")
+    ct = pred.predict_file(_restamped(src, Modality="CT"), "ct.dcm")
+    belly = pred.predict_file(_restamped(src, BodyPartExamined="ABDOMEN"), "abdomen.dcm")
+    assert mr.in_distribution and mr.ood_reason is None and mr.info["body_part"] == "HEAD"
+    assert not ct.in_distribution and "Modality CT" in ct.ood_reason
+    assert not belly.in_distribution and "ABDOMEN" in belly.ood_reason
+    assert ct.ood_score == pytest.approx(mr.ood_score) == pytest.approx(belly.ood_score)
+    assert ct.pred == mr.pred == "glioma"   # flagged, not changed: the app withholds it
