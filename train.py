@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
     split_from = out if resume else (args.split_from or args.init)
     origin = None  # the run whose recorded split this one reuses
-    method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits) and TCGA patient "
+    method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits), mirrored or half-turned "
+              f"copies (a flip's phash, then head thumbnails correlating >= {D.TWIN_CORRELATION}) and TCGA patient "
               f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
     if split_from:
         record = json.loads((Path(split_from) / "split.json").read_text())

@@ -46,7 +46,7 @@ def cmd_audit(args) -> int:
     D.assign_groups(samples, args.max_distance)
     groups = Counter(s.group for s in samples)
     multi = [g for g, n in groups.items() if n > 1]
-    print(f"near-duplicate groups (phash <= {args.max_distance} bits): {len(groups)} groups, "
+    print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
           f"largest: {groups.most_common(1)[0][1]}")
     if any(s.preset_split for s in samples):
@@ -54,8 +54,8 @@ def cmd_audit(args) -> int:
             s.split = s.preset_split or "train"
     else:
         D.split_by_group(samples, seed=args.seed)
-    leaks = D.cross_split_duplicates(samples, args.max_distance)
-    print(f"cross-split near duplicates ({'shipped split' if any(s.preset_split for s in samples) else f'grouped split, seed {args.seed}'}): {len(leaks)}")
+    leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True)
+    print(f"cross-split near duplicates and flipped copies ({'shipped split' if any(s.preset_split for s in samples) else f'grouped split, seed {args.seed}'}): {len(leaks)}")
     for a in leaks[:20]:
         print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
     return 0

@@ -105,39 +105,105 @@ def _drop_unreadable(scan: Scan) -> Scan:
 
 
 # ----------------------------------------------------------------------------- hashing
-def _phash_file(path: str) -> int:
-    """64-bit DCT perceptual hash of the grey image, robust to re-saving and contrast changes."""
+# The benchmark and Br35H also hold mirrored and half-turned copies of their own images (saved
+# augmentations; a quarter of the benchmark's images have one). A copy's phash is unrelated to
+# its original's, so copies are found by hashing each image's flips and checking the pixels.
+TRANSFORMS = ("hflip", "vflip", "rot180")
+TWIN_CORRELATION = 0.97   # no two LGG patients' slices reach it (1,067 candidate pairs); copies >= 0.99
+
+
+def _flip(a: np.ndarray, kind: str) -> np.ndarray:
+    return np.ascontiguousarray({"hflip": a[:, ::-1], "vflip": a[::-1], "rot180": a[::-1, ::-1]}[kind])
+
+
+def _phash_grey(grey: np.ndarray) -> int:
     import imagehash
     from PIL import Image
+    return int(str(imagehash.phash(Image.fromarray((grey * 255).astype(np.uint8)))), 16)
+
+
+def _hashes_file(path: str) -> list[int]:
+    """64-bit DCT perceptual hashes of the grey image, then of each of its `TRANSFORMS`;
+    robust to re-saving and contrast changes."""
     from .reader import read_scan
     try:
         grey = read_scan(path).pixels
-        img = Image.fromarray((grey * 255).astype(np.uint8))
     except Exception:  # unreadable files get a unique hash: they form a group of their own
-        return int(hashlib.sha1(path.encode()).hexdigest()[:16], 16)
-    return int(str(imagehash.phash(img)), 16)
+        return [int(hashlib.sha1(f"{path}|{k}".encode()).hexdigest()[:16], 16) for k in range(4)]
+    return [_phash_grey(grey)] + [_phash_grey(_flip(grey, t)) for t in TRANSFORMS]
 
 
-def phashes(paths: list[str]) -> np.ndarray:
-    """Hashes for many files, cached on disk by path, size and mtime."""
-    cache: dict[str, int] = {}
+def _all_hashes(paths: list[str]) -> np.ndarray:
+    """(N, 4) hashes (plain, then `TRANSFORMS`), cached on disk by path, size and mtime."""
+    cache: dict[str, list[int]] = {}
     if HASH_CACHE.exists():
-        try:
-            cache = {k: int(v, 16) for k, v in json.loads(HASH_CACHE.read_text()).items()}
-        except (ValueError, OSError):
+        try:  # one hex value per entry is a cache from before the flips: hashed again
+            cache = {k: [int(x, 16) for x in v.split(",")] for k, v in json.loads(HASH_CACHE.read_text()).items()}
+        except (ValueError, OSError, AttributeError):
             cache = {}
     out, dirty = [], False
     for p in paths:
         st = os.stat(p)
         key = f"{p}|{st.st_size}|{int(st.st_mtime)}"
-        if key not in cache:
-            cache[key] = _phash_file(p)
+        if len(cache.get(key, ())) != 1 + len(TRANSFORMS):
+            cache[key] = _hashes_file(p)
             dirty = True
         out.append(cache[key])
     if dirty:
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        HASH_CACHE.write_text(json.dumps({k: f"{v:016x}" for k, v in cache.items()}))
-    return np.array(out, dtype=np.uint64)
+        HASH_CACHE.write_text(json.dumps({k: ",".join(f"{x:016x}" for x in v) for k, v in cache.items()}))
+    return np.array(out, dtype=np.uint64).reshape(len(paths), 1 + len(TRANSFORMS))
+
+
+def phashes(paths: list[str]) -> np.ndarray:
+    """The plain perceptual hash of each file (cached)."""
+    return _all_hashes(paths)[:, 0]
+
+
+def _thumb(path: str, side: int = 48) -> np.ndarray:
+    """The head, cropped and resized to side x side, zero mean and unit norm (for correlation)."""
+    from PIL import Image
+    from .preprocess import head_bbox
+    from .reader import read_scan
+    grey = read_scan(path).pixels
+    y0, y1, x0, x1 = head_bbox(grey)
+    t = np.asarray(Image.fromarray((grey[y0:y1, x0:x1] * 255).astype(np.uint8)).resize((side, side)),
+                   dtype=np.float32)
+    t -= t.mean()
+    return t / max(float(np.linalg.norm(t)), 1e-6)
+
+
+def flipped_twin_pairs(paths: list[str], max_distance: int = 6,
+                       hashes: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Pairs (i < j) where j is a mirrored or half-turned copy of i.
+
+    Candidates: a flip of i hashes within ``max_distance`` bits of j while i and j themselves do
+    not (those are near duplicates already). Kept when the head thumbnails, i flipped, correlate
+    >= `TWIN_CORRELATION`: roughly symmetric axial slices hash alike under a mirror, so the hash
+    alone would join different slices.
+    """
+    h = _all_hashes(paths) if hashes is None else hashes
+    thumbs: dict[int, np.ndarray] = {}
+
+    def thumb(i: int) -> np.ndarray | None:
+        if i not in thumbs:
+            try:
+                thumbs[i] = _thumb(paths[i])
+            except Exception:
+                thumbs[i] = None
+        return thumbs[i]
+    pairs = set()
+    for i in range(len(paths)):
+        plain = np.bitwise_count(h[:, 0] ^ h[i, 0]) > max_distance
+        for k, kind in enumerate(TRANSFORMS, start=1):
+            near = np.nonzero((np.bitwise_count(h[:, 0] ^ h[i, k]) <= max_distance) & plain)[0]
+            for j in near:
+                if (min(i, j), max(i, j)) in pairs:
+                    continue
+                a, b = thumb(i), thumb(int(j))
+                if a is not None and b is not None and float((_flip(a, kind) * b).sum()) >= TWIN_CORRELATION:
+                    pairs.add((min(i, int(j)), max(i, int(j))))
+    return sorted(pairs)
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
@@ -176,16 +242,21 @@ def _patient_key(s: Sample) -> str | None:
 
 
 def assign_groups(samples: list[Sample], max_distance: int = 6,
-                  hashes: np.ndarray | None = None) -> None:
-    """Give every sample a group id: near duplicates (by phash) and one patient's slices share one."""
+                  hashes: np.ndarray | None = None, flips: bool = True, patients: bool = True) -> None:
+    """Give every sample a group id: near duplicates (by phash), mirrored or half-turned copies
+    (``flips``, `flipped_twin_pairs`) and one patient's slices share one. ``patients=False``
+    leaves a patient's other slices apart (groups of copies only), still never joining two patients."""
+    paths = [s.path for s in samples]
     if hashes is None:
-        hashes = phashes([s.path for s in samples])
+        hashes = phashes(paths)
     patient = [_patient_key(s) for s in samples]
     first: dict[str, int] = {}
     # Patient links first, so that hash links cannot chain two patients' slices together:
     # similar-looking FLAIR slices of different patients are not duplicates.
-    pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key]
+    pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key and patients]
     pairs += near_duplicate_pairs(hashes, max_distance)
+    if flips:
+        pairs += flipped_twin_pairs(paths, max_distance)
     roots = _union_find(len(samples), pairs, patient)
     for s, r in zip(samples, roots):
         s.group = f"g{r}"
@@ -225,12 +296,17 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
 
 
 def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
-                           hashes: np.ndarray | None = None) -> list[tuple[str, str, str, str]]:
-    """Near-duplicate pairs that sit in different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
+                           hashes: np.ndarray | None = None,
+                           flips: bool = False) -> list[tuple[str, str, str, str]]:
+    """Near-duplicate pairs (and, with ``flips``, mirrored or half-turned copies) that sit in
+    different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
     if hashes is None:
         hashes = phashes([s.path for s in samples])
+    pairs = near_duplicate_pairs(hashes, max_distance)
+    if flips:
+        pairs += flipped_twin_pairs([s.path for s in samples], max_distance)
     out = []
-    for i, j in near_duplicate_pairs(hashes, max_distance):
+    for i, j in pairs:
         a, b = samples[i], samples[j]
         if a.split != b.split:
             out.append((a.split, f"{a.source}/{a.rel}", b.split, f"{b.source}/{b.rel}"))

@@ -202,8 +202,8 @@ def test_audit_prints_counts_groups_and_cross_split(tmp_path, capsys):
     assert f"49 images in {root}" in out
     assert "glioma" in out and "folders: glioma_tumor" in out and "folders: no_tumor" in out
     assert "skipped glioma_tumor/broken.jpg" in out
-    assert "near-duplicate groups (phash <= 6 bits): 25 groups, 24 with more than one image, 48 images" in out
-    assert "cross-split near duplicates (grouped split, seed 0): 0" in out
+    assert "near-duplicate groups (phash <= 6 bits, and mirrored or half-turned copies): 25 groups, 24 with more than one image, 48 images" in out
+    assert "cross-split near duplicates and flipped copies (grouped split, seed 0): 0" in out
 
 
 def test_audit_shipped_split_reports_leaks(tmp_path, capsys):
@@ -218,7 +218,7 @@ def test_audit_shipped_split_reports_leaks(tmp_path, capsys):
     pattern(99).save(root / "Testing" / "notumor" / "x.jpg")
     assert main(["audit", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "cross-split near duplicates (shipped split): 1" in out
+    assert "cross-split near duplicates and flipped copies (shipped split): 1" in out
     assert "Training/glioma/1.jpg" in out and "Testing/glioma/copy.jpg" in out
 
 

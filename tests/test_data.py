@@ -260,6 +260,33 @@ def test_patient_slices_share_a_group_and_patients_never_merge(tmp_path):
     assert g["loose.jpg"] in a
 
 
+def test_mirrored_and_half_turned_copies_join_their_original(tmp_path):
+    """The benchmark holds flipped copies of its own images, whose phash is unrelated to the
+    original's: they are found by hashing the flips and checking the pixels."""
+    root = tmp_path / "ds"
+    for k in range(8):
+        save(root / "glioma" / f"p{k}.jpg", pattern(500 + k))
+    a = pattern(500)
+    save(root / "notumor" / "mirror.png", np.ascontiguousarray(a[:, ::-1]))
+    save(root / "notumor" / "turned.jpg", np.ascontiguousarray(a[::-1, ::-1]), quality=60)
+    samples = D.discover(root).samples
+    by = {s.rel: i for i, s in enumerate(samples)}
+    h = D.phashes([s.path for s in samples])
+    assert int(np.bitwise_count(h[by["glioma/p0.jpg"]] ^ h[by["notumor/mirror.png"]])) > 6  # the hash alone misses it
+    D.assign_groups(samples)
+    g = {s.rel: s.group for s in samples}
+    assert g["notumor/mirror.png"] == g["notumor/turned.jpg"] == g["glioma/p0.jpg"]
+    assert len({g[f"glioma/p{k}.jpg"] for k in range(8)}) == 8
+    D.assign_groups(samples, flips=False)
+    assert samples[by["notumor/mirror.png"]].group != samples[by["glioma/p0.jpg"]].group
+    for s in samples:
+        s.split = "test" if s.rel.startswith("notumor") else "train"
+    assert D.cross_split_duplicates(samples) == []
+    leaks = D.cross_split_duplicates(samples, flips=True)
+    assert {(x[1], x[3]) for x in leaks} == {("ds/glioma/p0.jpg", "ds/notumor/mirror.png"),
+                                          ("ds/glioma/p0.jpg", "ds/notumor/turned.jpg")}
+
+
 def test_split_works_with_fewer_groups_than_folds(tmp_path):
     root = tmp_path / "small"
     make_family_dataset(root, classes=("glioma", "notumor"), per_class=4)  # 8 groups
@@ -274,7 +301,7 @@ def test_phash_cache_is_used(tmp_path, private_hash_cache):
     h1 = D.phashes([str(p)])
     assert private_hash_cache.exists()
     cached = json.loads(private_hash_cache.read_text())
-    assert len(cached) == 1 and list(cached.values())[0] == f"{int(h1[0]):016x}"
+    assert len(cached) == 1 and list(cached.values())[0].split(",")[0] == f"{int(h1[0]):016x}"
     assert D.phashes([str(p)])[0] == h1[0]
 
 
