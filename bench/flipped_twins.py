@@ -4,9 +4,9 @@
 
 The benchmark and Br35H hold mirrored and half-turned copies of their own images, which the
 phash grouping of earlier splits did not join (`core.data.flipped_twin_pairs` now does). This
-rebuilds the groups of copies (near duplicates and flips; not a patient's other slices) over
-the model's recorded split (split.json), marks every test image whose group of copies holds a
-training image (a copy of it was trained on: "leaky"), and re-scores the model's own test records (eval.json, no forward pass) on all, on the
+rebuilds the groups of copies over the model's recorded split (`core.data.copies_in_training`),
+marks every test image with a copy in training ("leaky"; `python -m core mark-copies` writes the
+same marks into eval.json for the Evaluation page), and re-scores the model's own test records (eval.json, no forward pass) on all, on the
 strict rest, and on the leaky part, per source, at the card's operating point. It also counts
 validation images so reached (they chose the epoch, the temperature and the threshold).
 """
@@ -28,23 +28,6 @@ from core.ood import source_roots  # noqa: E402
 FIELDS = ("n", "accuracy", "tumour_missed", "n_tumour", "sensitivity", "normal_flagged", "n_normal", "specificity")
 
 
-def split_samples(weights: Path, data_config: str | None) -> list[D.Sample]:
-    """The recorded split as Samples (source, rel, label, split), paths resolved on this machine."""
-    roots = source_roots(load_card(weights), data_config)
-    record = json.loads((weights / "split.json").read_text())["files"]
-    return [D.Sample(path=str(roots[src] / rel), rel=rel, label=D.normalise_label(Path(rel).parts[0]),
-                     original=Path(rel).parts[0], source=src, split=split)
-            for src, splits in record.items() for split, rels in splits.items() for rel in rels]
-
-
-def reached_from_train(samples: list[D.Sample]) -> set[tuple[str, str]]:
-    """(source, rel) of the val/test images with a copy in training: their group of copies (near
-    duplicates and flips, not a patient's other slices) holds a training image."""
-    D.assign_groups(samples, patients=False)
-    trained = {s.group for s in samples if s.split == "train"}
-    return {(s.source, s.rel) for s in samples if s.split != "train" and s.group in trained}
-
-
 def scores(records: list[dict], classes: list[str], threshold: float | None) -> dict:
     ev = evaluate_records(records, classes, threshold)
     per = ev.get("per_source") or {records[0].get("source", "data"): ev} if records else {}
@@ -58,8 +41,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     run = header()
     weights = Path(args.weights)
-    samples = split_samples(weights, args.data_config)
-    leaky = reached_from_train(samples)
+    record = json.loads((weights / "split.json").read_text())["files"]
+    samples = D.samples_from_record(record, source_roots(load_card(weights), args.data_config))
+    leaky = D.copies_in_training(samples)
     split_of = {(s.source, s.rel): s.split for s in samples}
     reached = Counter(f"{split_of[k]}/{k[0]}" for k in leaky)
     totals = Counter(f"{s.split}/{s.source}" for s in samples if s.split != "train")

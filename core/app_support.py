@@ -101,6 +101,13 @@ def evaluation_at(records: list[dict], classes: list[str], threshold: float | No
     return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
 
 
+def without_copies(records: list[dict]) -> tuple[list[dict], int]:
+    """The records whose image has no copy in the training split (``copy_in_training``, written
+    by `core.evaluation.mark_copies`), and how many were left out."""
+    kept = [r for r in records if not r.get("copy_in_training")]
+    return kept, len(records) - len(kept)
+
+
 def sources_of(records: list[dict]) -> list[str]:
     return sorted({r.get("source", "data") for r in records})
 

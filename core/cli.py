@@ -61,6 +61,12 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_mark_copies(args) -> int:
+    from .evaluation import mark_copies
+    mark_copies(args.weights, args.data_config)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_dir
     pred = _predictor(args.weights)
@@ -110,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("files", nargs="+"); pr.add_argument("--weights")
     pr.add_argument("--json", action="store_true", help="one JSON object a line")
     pr.set_defaults(fn=cmd_predict)
+    mc = sub.add_parser("mark-copies", help="mark eval.json's test records that have a copy "
+                                            "(near duplicate, mirrored or turned) in training")
+    mc.add_argument("--weights", required=True)
+    mc.add_argument("--data-config", help="TOML whose [[data]] entries name the source roots")
+    mc.set_defaults(fn=cmd_mark_copies)
     # Subcommands that live beside the code they drive: each module has add_cli(subparsers).
     import importlib
     for mod in PLUGIN_MODULES:

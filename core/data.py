@@ -313,6 +313,25 @@ def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
     return out
 
 
+def samples_from_record(record: dict, roots: dict[str, Path]) -> list[Sample]:
+    """A recorded split (split.json's ``files``) as Samples, paths resolved under ``roots``."""
+    return [Sample(path=str(Path(roots[src]) / rel), rel=rel, label=normalise_label(Path(rel).parts[0]),
+                   original=Path(rel).parts[0], source=src, split=split)
+            for src, splits in record.items() for split, rels in splits.items() for rel in rels]
+
+
+def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tuple[str, str]]:
+    """(source, rel) of the val/test samples that have a copy in the train split: their group of
+    copies (near duplicates and flips; not a patient's other slices) holds a training sample.
+
+    Regroups ``samples`` in place. Splits made before flips were joined have many (a quarter of
+    the benchmark); copy-aware splits have none.
+    """
+    assign_groups(samples, max_distance, patients=False)
+    trained = {s.group for s in samples if s.split == "train"}
+    return {(s.source, s.rel) for s in samples if s.split != "train" and s.group in trained}
+
+
 def data_fingerprint(samples: list[Sample]) -> str:
     """A short hash of which files (by relative path, size and label) a run saw."""
     h = hashlib.sha256()

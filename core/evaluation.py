@@ -112,6 +112,38 @@ def evaluate_records(records: list[dict], classes: list[str], threshold: float |
     return ev
 
 
+def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, log=print) -> dict:
+    """Mark each test record of eval.json with ``copy_in_training`` and rewrite it.
+
+    True when a near duplicate or a mirrored/half-turned copy of the image is in the model's
+    training split (`core.data.copies_in_training` over split.json): its figures then measure
+    recall of a seen scan, not generalisation. The Evaluation page can leave these out. Needs
+    the source images; returns the counts per source.
+    """
+    from . import data as D
+    from .ood import source_roots
+    weights_dir = Path(weights_dir)
+    card = json.loads((weights_dir / "card.json").read_text())
+    record = json.loads((weights_dir / "split.json").read_text())["files"]
+    samples = D.samples_from_record(record, source_roots(card, data_config))
+    copies = D.copies_in_training(samples)
+    path = weights_dir / "eval.json"
+    ev = json.loads(path.read_text())
+    for r in ev["predictions"]:
+        r["copy_in_training"] = (r.get("source", "data"), r["file"]) in copies
+    counts = {src: {"copy_in_training": sum(r["copy_in_training"] for r in ev["predictions"] if r["source"] == src),
+                    "n": sum(r["source"] == src for r in ev["predictions"])}
+              for src in sorted({r.get("source", "data") for r in ev["predictions"]})}
+    ev["copies_in_training"] = {"method": "near duplicates and mirrored/half-turned copies "
+                                          "(core.data.copies_in_training)", "per_source": counts}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ev, indent=1))
+    tmp.replace(path)
+    log("test images with a copy in training: " + ", ".join(
+        f"{s} {c['copy_in_training']} of {c['n']}" for s, c in counts.items()))
+    return counts
+
+
 def fold_to_binary_labels(records: list[dict]) -> None:
     """yes/no folders against a multi-class model: every fine tumour label counts as 'tumor'."""
     for r in records:

@@ -179,6 +179,25 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     assert "true" in captions and "predicted" in captions
 
 
+def test_evaluation_leaves_out_test_scans_with_a_copy_in_training(random_weights, tmp_path, monkeypatch):
+    import json
+    import shutil
+    w = tmp_path / "w"
+    shutil.copytree(random_weights, w)
+    ev = json.loads((w / "eval.json").read_text())
+    for r in ev["predictions"]:
+        r["copy_in_training"] = r["source"] == "elsewhere"   # 2 of the 14
+    (w / "eval.json").write_text(json.dumps(ev))
+    monkeypatch.setenv("BT_WEIGHTS", str(w))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90).run()
+    at.switch_page("app_pages/evaluation.py").run()
+    toggle = at.toggle[0]
+    assert "Leave out the 2 test scans with a copy in training" in toggle.label and toggle.value
+    assert {m.label: m.value for m in at.metric}["Scans"] == "12" and not at.exception
+    toggle.set_value(False).run()
+    assert {m.label: m.value for m in at.metric}["Scans"] == "14"
+
+
 def test_evaluation_on_an_uploaded_labelled_zip(app):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:

@@ -313,3 +313,25 @@ def test_data_fingerprint_changes_with_files(tmp_path):
     assert f1 == D.data_fingerprint(list(reversed(D.discover(root).samples)))
     save(root / "notumor" / "c.jpg", pattern(3))
     assert D.data_fingerprint(D.discover(root).samples) != f1
+
+
+def test_mark_copies_flags_test_records_whose_copy_was_trained_on(tmp_path):
+    """`python -m core mark-copies`: eval.json's test records gain copy_in_training."""
+    from core.cli import main
+    root = tmp_path / "ds"
+    for k in range(4):
+        save(root / "glioma" / f"p{k}.jpg", pattern(700 + k))
+    save(root / "glioma" / "mirror.png", np.ascontiguousarray(pattern(700)[:, ::-1]))
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "card.json").write_text(json.dumps({"sources": [{"name": "ds", "path": str(root)}]}))
+    split = {"train": ["glioma/p0.jpg", "glioma/p1.jpg"], "test": ["glioma/mirror.png", "glioma/p2.jpg"],
+             "val": ["glioma/p3.jpg"]}
+    (w / "split.json").write_text(json.dumps({"method": "test", "files": {"ds": split}}))
+    recs = [{"file": f, "source": "ds", "label": "glioma"} for f in split["test"]]
+    (w / "eval.json").write_text(json.dumps({"predictions": recs}))
+    assert main(["mark-copies", "--weights", str(w)]) == 0
+    ev = json.loads((w / "eval.json").read_text())
+    assert {r["file"]: r["copy_in_training"] for r in ev["predictions"]} == {"glioma/mirror.png": True,
+                                                                          "glioma/p2.jpg": False}
+    assert ev["copies_in_training"]["per_source"] == {"ds": {"copy_in_training": 1, "n": 2}}
