@@ -50,9 +50,12 @@ else:
 kept, n_copies = app.without_copies(records)
 if n_copies and st.toggle(f"Leave out the {n_copies} test scans with a copy in training", value=True,
                           help="The public sets hold near duplicates and mirrored or turned copies of "
-                               "their own images; a test scan whose copy was trained on measures "
-                               "recall, not how the model does on a new patient's scan."):
+                               "their own images; a test scan whose copy was trained on is a scan the "
+                               "model has already seen, not a new patient's."):
     records = kept
+if not records:
+    st.info("Every test scan has a copy in training: switch the toggle off to see them.")
+    st.stop()
 sources = app.sources_of(records)
 source = st.selectbox("Source", [None, *sources], format_func=lambda s: s or "all sources") \
     if len(sources) > 1 else None

@@ -4,8 +4,8 @@
 
 The benchmark and Br35H hold mirrored and half-turned copies of their own images, which the
 phash grouping of earlier splits did not join (`core.data.flipped_twin_pairs` now does). This
-rebuilds the groups of copies over the model's recorded split (`core.data.copies_in_training`),
-marks every test image with a copy in training ("leaky"; `python -m core mark-copies` writes the
+finds, over the model's recorded split (`core.data.copies_in_training`), every test image whose
+near duplicate or flipped copy is a training image ("leaky"; `python -m core mark-copies` writes the
 same marks into eval.json for the Evaluation page), and re-scores the model's own test records (eval.json, no forward pass) on all, on the
 strict rest, and on the leaky part, per source, at the card's operating point. It also counts
 validation images so reached (they chose the epoch, the temperature and the threshold).
@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     split_of = {(s.source, s.rel): s.split for s in samples}
     reached = Counter(f"{split_of[k]}/{k[0]}" for k in leaky)
     totals = Counter(f"{s.split}/{s.source}" for s in samples if s.split != "train")
-    print("val/test images with a copy (near duplicate or flip) in training: "
+    print("val/test images with a near duplicate or a flipped copy in training: "
           + ", ".join(f"{k} {reached[k]} of {totals[k]}" for k in sorted(totals)))
     ev = json.loads((weights / "eval.json").read_text())
     recs = ev["predictions"]
     parts = {"all": recs,
-             "strict": [r for r in recs if (r["source"], r["file"]) not in leaky],
-             "leaky": [r for r in recs if (r["source"], r["file"]) in leaky]}
+             "strict": [r for r in recs if (r.get("source", "data"), r["file"]) not in leaky],
+             "leaky": [r for r in recs if (r.get("source", "data"), r["file"]) in leaky]}
     result = {name: scores(rs, ev["classes"], ev["threshold"]) for name, rs in parts.items()}
     for src in result["all"]:
         for name in parts:

@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
+from .header import PREFIX as HEADER_PREFIX
 from .labels import NO_TUMOUR
 from .metrics import is_tumour_label
 
@@ -230,7 +231,8 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
             continue
         flags = []
         if not r.get("in_distribution", True):
-            flags.append("out of distribution")
+            by_header = (r.get("ood_reason") or "").startswith(HEADER_PREFIX)
+            flags.append("out of distribution" + (" (DICOM header)" if by_header else ""))
         if r.get("uncertain"):
             flags.append("uncertain — refer for review")
         if r.get("type_uncertain"):

@@ -25,7 +25,7 @@ SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": 
 SKIP_DIRS = {"masks", "mask", "__macosx"}
 # TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group.
 PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
-HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash.json"
+HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash4.json"  # plain + flips: not the one-hash phash.json of older versions
 
 
 @dataclass
@@ -106,10 +106,10 @@ def _drop_unreadable(scan: Scan) -> Scan:
 
 # ----------------------------------------------------------------------------- hashing
 # The benchmark and Br35H also hold mirrored and half-turned copies of their own images (saved
-# augmentations; a quarter of the benchmark's images have one). A copy's phash is unrelated to
+# augmentations; over half of the benchmark's images have one). A copy's phash is unrelated to
 # its original's, so copies are found by hashing each image's flips and checking the pixels.
 TRANSFORMS = ("hflip", "vflip", "rot180")
-TWIN_CORRELATION = 0.97   # no two LGG patients' slices reach it (1,067 candidate pairs); copies >= 0.99
+TWIN_CORRELATION = 0.97   # no two LGG patients' slices reach it (1,071 candidate pairs; 12 reach 0.95)
 
 
 def _flip(a: np.ndarray, kind: str) -> np.ndarray:
@@ -180,7 +180,8 @@ def flipped_twin_pairs(paths: list[str], max_distance: int = 6,
     Candidates: a flip of i hashes within ``max_distance`` bits of j while i and j themselves do
     not (those are near duplicates already). Kept when the head thumbnails, i flipped, correlate
     >= `TWIN_CORRELATION`: roughly symmetric axial slices hash alike under a mirror, so the hash
-    alone would join different slices.
+    alone would join different slices. ``hashes``: the (N, 4) array of `_all_hashes` (computed
+    when not given).
     """
     h = _all_hashes(paths) if hashes is None else hashes
     thumbs: dict[int, np.ndarray] = {}
@@ -247,8 +248,9 @@ def assign_groups(samples: list[Sample], max_distance: int = 6,
     (``flips``, `flipped_twin_pairs`) and one patient's slices share one. ``patients=False``
     leaves a patient's other slices apart (groups of copies only), still never joining two patients."""
     paths = [s.path for s in samples]
+    everything = _all_hashes(paths) if hashes is None or flips else None
     if hashes is None:
-        hashes = phashes(paths)
+        hashes = everything[:, 0]
     patient = [_patient_key(s) for s in samples]
     first: dict[str, int] = {}
     # Patient links first, so that hash links cannot chain two patients' slices together:
@@ -256,7 +258,7 @@ def assign_groups(samples: list[Sample], max_distance: int = 6,
     pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key and patients]
     pairs += near_duplicate_pairs(hashes, max_distance)
     if flips:
-        pairs += flipped_twin_pairs(paths, max_distance)
+        pairs += flipped_twin_pairs(paths, max_distance, everything)
     roots = _union_find(len(samples), pairs, patient)
     for s, r in zip(samples, roots):
         s.group = f"g{r}"
@@ -297,14 +299,15 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
 
 def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
                            hashes: np.ndarray | None = None,
-                           flips: bool = False) -> list[tuple[str, str, str, str]]:
+                           flips: bool = True) -> list[tuple[str, str, str, str]]:
     """Near-duplicate pairs (and, with ``flips``, mirrored or half-turned copies) that sit in
     different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
     if hashes is None:
         hashes = phashes([s.path for s in samples])
     pairs = near_duplicate_pairs(hashes, max_distance)
     if flips:
-        pairs += flipped_twin_pairs([s.path for s in samples], max_distance)
+        paths = [s.path for s in samples]
+        pairs += flipped_twin_pairs(paths, max_distance, _all_hashes(paths))
     out = []
     for i, j in pairs:
         a, b = samples[i], samples[j]
@@ -314,22 +317,38 @@ def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
 
 
 def samples_from_record(record: dict, roots: dict[str, Path]) -> list[Sample]:
-    """A recorded split (split.json's ``files``) as Samples, paths resolved under ``roots``."""
+    """A recorded split (split.json's ``files``, flat ``<class>/<file>`` layouts) as Samples,
+    paths resolved under ``roots``."""
+    missing = sorted(set(record) - set(roots))
+    if missing:
+        raise ValueError(f"no data root is known for source(s) {', '.join(missing)}: pass --data-config")
     return [Sample(path=str(Path(roots[src]) / rel), rel=rel, label=normalise_label(Path(rel).parts[0]),
                    original=Path(rel).parts[0], source=src, split=split)
             for src, splits in record.items() for split, rels in splits.items() for rel in rels]
 
 
 def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tuple[str, str]]:
-    """(source, rel) of the val/test samples that have a copy in the train split: their group of
-    copies (near duplicates and flips; not a patient's other slices) holds a training sample.
+    """(source, rel) of the val/test samples with a copy in the train split: a training sample is
+    its near duplicate (phash) or its mirrored or half-turned copy (`flipped_twin_pairs`).
 
-    Regroups ``samples`` in place. Splits made before flips were joined have many (a quarter of
-    the benchmark); copy-aware splits have none.
+    Direct pairs only: chains of near duplicates run along a patient's neighbouring slices, so
+    one loose link would mark a whole run of slices. Splits made before flips were joined have
+    many (over half of the benchmark's test images); copy-aware splits have none. Raises
+    ValueError when files are missing: an unread training file could hide a copy.
     """
-    assign_groups(samples, max_distance, patients=False)
-    trained = {s.group for s in samples if s.split == "train"}
-    return {(s.source, s.rel) for s in samples if s.split != "train" and s.group in trained}
+    absent = [s.path for s in samples if not os.path.isfile(s.path)]
+    if absent:
+        raise ValueError(f"{len(absent)} files of the split are missing (first: {absent[0]}); "
+                         "copies can only be found with every image present")
+    paths = [s.path for s in samples]
+    hashes = _all_hashes(paths)
+    pairs = near_duplicate_pairs(hashes[:, 0], max_distance) + flipped_twin_pairs(paths, max_distance, hashes)
+    out = set()
+    for i, j in pairs:
+        for a, b in ((samples[i], samples[j]), (samples[j], samples[i])):
+            if a.split != "train" and b.split == "train":
+                out.add((a.source, a.rel))
+    return out
 
 
 def data_fingerprint(samples: list[Sample]) -> str:

@@ -40,7 +40,8 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
                "probs": {c: round(float(v), 6) for c, v in zip(classes, probs[i])},
                "tumour_probability": None if t_prob is None else round(float(t_prob[i]), 6),
                "confidence": round(conf, 6), "uncertain": bool(unc[i]),
-               "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None}
+               "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None,
+               "ood_reason": None}
         if flags:
             rec.update(flags[i])
         out.append(rec)
@@ -116,9 +117,9 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     """Mark each test record of eval.json with ``copy_in_training`` and rewrite it.
 
     True when a near duplicate or a mirrored/half-turned copy of the image is in the model's
-    training split (`core.data.copies_in_training` over split.json): its figures then measure
-    recall of a seen scan, not generalisation. The Evaluation page can leave these out. Needs
-    the source images; returns the counts per source.
+    training split (`core.data.copies_in_training` over split.json): its figures then measure a
+    scan the model has seen, not generalisation. The Evaluation page can leave these out. Needs
+    every image of the split (ValueError otherwise); returns the counts per source.
     """
     from . import data as D
     from .ood import source_roots
@@ -131,11 +132,12 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     ev = json.loads(path.read_text())
     for r in ev["predictions"]:
         r["copy_in_training"] = (r.get("source", "data"), r["file"]) in copies
-    counts = {src: {"copy_in_training": sum(r["copy_in_training"] for r in ev["predictions"] if r["source"] == src),
-                    "n": sum(r["source"] == src for r in ev["predictions"])}
-              for src in sorted({r.get("source", "data") for r in ev["predictions"]})}
-    ev["copies_in_training"] = {"method": "near duplicates and mirrored/half-turned copies "
-                                          "(core.data.copies_in_training)", "per_source": counts}
+    src_of = [r.get("source", "data") for r in ev["predictions"]]
+    counts = {src: {"copy_in_training": sum(r["copy_in_training"] for r, s in zip(ev["predictions"], src_of) if s == src),
+                    "n": src_of.count(src)}
+              for src in sorted(set(src_of))}
+    ev["copies_in_training"] = {"method": "a near duplicate or a mirrored/half-turned copy in the train "
+                                          "split (core.data.copies_in_training)", "per_source": counts}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(ev, indent=1))
     tmp.replace(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+PREFIX = "The DICOM header says"   # every reason starts so: how a verdict names its check
 # Modalities under which a brain MRI slice can arrive: MR itself, and the generic ones that say
 # nothing about the scanner (OT "other", SC, empty: exports, secondary captures, anonymised files).
 MRI_MODALITIES = frozenset({"MR", "OT", "SC", ""})
@@ -45,10 +46,10 @@ def header_reason(info: dict) -> str | None:
     modality = str(info.get("modality", "")).strip().upper()
     if modality not in MRI_MODALITIES:
         kind = MODALITY_NAMES.get(modality, f"a {modality}")
-        return (f"The DICOM header says this is {kind} image (Modality {modality}), not an MRI; "
+        return (f"{PREFIX} this is {kind} image (Modality {modality}), not an MRI; "
                 "the model reads brain MRI only.")
     part = str(info.get("body_part", "")).strip()
     if part and _part_key(part) in NON_HEAD_PARTS:
-        return (f"The DICOM header says the body part examined is {part}, not the head; "
+        return (f"{PREFIX} the body part examined is {part}, not the head; "
                 "the model reads brain MRI only.")
     return None

@@ -200,7 +200,7 @@ class Predictor:
                           type_uncertain=bool(typ[0]), uncertain_reason=self.referral.reason(p[0], k),
                           ood_reason=reason, info=dict(scan.info))
 
-    def distribution_check(self, scan: ScanImage, x: torch.Tensor) -> tuple[bool, float | None, str | None]:
+    def distribution_check(self, scan: ScanImage, x: torch.Tensor | None) -> tuple[bool, float | None, str | None]:
         """(in_distribution, ood_score, reason): the DICOM header first, then the pixel gate.
 
         Call after ``probabilities(x)``: a gate on the classifier's features reads that pass.

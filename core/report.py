@@ -378,19 +378,27 @@ def _section(pdf, title: str) -> None:
 
 
 def _banner(pdf, title: str, text: str, colours, height: float = 9.5) -> None:
-    """A coloured box with a bold label: flags and the cannot-read notice."""
+    """A coloured box with a bold label: flags and the cannot-read notice. Long text wraps
+    beside the label and the box grows to hold it."""
     fill, ink = colours
     x, y = pdf.l_margin, pdf.get_y()
+    pdf.font(9, True, ink)
+    label_w = pdf.get_string_width(pdf.t(title)) + 4
+    pdf.font(9, False, ink)
+    text_w = pdf.epw - label_w - 6
+    lines = len(pdf.multi_cell(text_w, 5, pdf.t(text), dry_run=True, output="LINES"))
+    height = max(height, 5 * lines + 4.5)
     pdf.set_fill_color(*fill)
     pdf.set_draw_color(*ink)
     pdf.set_line_width(0.3)
     pdf.rect(x, y, pdf.epw, height, style="DF")
-    pdf.set_xy(x + 3, y + (height - 5) / 2)
+    top = y + (height - 5 * lines) / 2
+    pdf.set_xy(x + 3, top)
     pdf.font(9, True, ink)
-    label_w = pdf.get_string_width(pdf.t(title)) + 4
     pdf.cell(label_w, 5, pdf.t(title))
     pdf.font(9, False, ink)
-    pdf.cell(pdf.epw - label_w - 6, 5, pdf.t(text))
+    pdf.set_xy(x + 3 + label_w, top)
+    pdf.multi_cell(text_w, 5, pdf.t(text))
     pdf.set_xy(x, y + height + 1.5)
 
 

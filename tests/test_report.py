@@ -165,10 +165,12 @@ def test_binary_model_report_shows_tumour_probability_and_refer_flag(binary, tmp
 def test_out_of_distribution_flag_is_printed(four, tmp_path):
     r = R.analyse([("odd.png", scan_png(4))], four)[0]
     r.prediction.in_distribution = False
-    r.prediction.ood_reason = "The DICOM header says this is an ultrasound image (Modality US)."
+    r.prediction.ood_reason = ("The DICOM header says this is an ultrasound image (Modality US), not an "
+                               "MRI; the model reads brain MRI only.")   # wraps: must not run off the page
     pdf = R.render_pdf([r], R.ReportContext.of(four, None, "gradcam"))
     (page,) = pdf_pages(pdf, tmp_path)
-    assert "OUT OF DISTRIBUTION" in page and "Modality US" in " ".join(page.split())
+    words = " ".join(page.split())
+    assert "OUT OF DISTRIBUTION" in page and "Modality US" in words and "Do not rely on this result." in words
 
 
 @needs_poppler
