@@ -228,9 +228,6 @@ def main(argv=None) -> int:
     samples, skipped = load_samples(sources, args)
     say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
     images = E.cache_images(samples, spec, workers=args.workers)
-    # Group and split before dropping anything, so that the split depends only on the files
-    # and the seed, not on the input size or filters: runs with other settings share test sets.
-    D.assign_groups(samples, args.max_distance)
     ckpt_path = out / "checkpoint.pt"
     resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     if resume and not args.mask_loss:  # a resumed run keeps the loss it was started with
@@ -248,6 +245,9 @@ def main(argv=None) -> int:
         method = record["method"] if resume else f"the split recorded in {split_from} ({record['method']})"
         origin = record.get("from") if resume else str(split_from)
     else:
+        # Group and split before dropping anything, so that the split depends only on the files
+        # and the seed, not on the input size or filters: runs with other settings share test sets.
+        D.assign_groups(samples, args.max_distance)
         D.split_by_group(samples, seed=args.seed)
     head = (images > 25).float().mean(dim=(1, 2, 3))
     keep = head >= args.min_head

@@ -207,6 +207,14 @@ def flipped_twin_pairs(paths: list[str], max_distance: int = 6,
     return sorted(pairs)
 
 
+def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> list[tuple[int, int]]:
+    """Near-duplicate pairs, then (``flips``) mirrored or half-turned copies: every pair of
+    images that are one scan. Hashes are read once for both."""
+    hashes = _all_hashes(paths)
+    pairs = near_duplicate_pairs(hashes[:, 0], max_distance)
+    return pairs + flipped_twin_pairs(paths, max_distance, hashes) if flips else pairs
+
+
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
     """All pairs (i < j) whose hashes differ in at most ``max_distance`` bits."""
     pairs = []
@@ -242,23 +250,18 @@ def _patient_key(s: Sample) -> str | None:
     return f"{s.source}:{m.group(1)}" if m else None
 
 
-def assign_groups(samples: list[Sample], max_distance: int = 6,
-                  hashes: np.ndarray | None = None, flips: bool = True, patients: bool = True) -> None:
+def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,
+                  patients: bool = True) -> None:
     """Give every sample a group id: near duplicates (by phash), mirrored or half-turned copies
     (``flips``, `flipped_twin_pairs`) and one patient's slices share one. ``patients=False``
     leaves a patient's other slices apart (groups of copies only), still never joining two patients."""
     paths = [s.path for s in samples]
-    everything = _all_hashes(paths) if hashes is None or flips else None
-    if hashes is None:
-        hashes = everything[:, 0]
     patient = [_patient_key(s) for s in samples]
     first: dict[str, int] = {}
     # Patient links first, so that hash links cannot chain two patients' slices together:
     # similar-looking FLAIR slices of different patients are not duplicates.
     pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key and patients]
-    pairs += near_duplicate_pairs(hashes, max_distance)
-    if flips:
-        pairs += flipped_twin_pairs(paths, max_distance, everything)
+    pairs += copy_pairs(paths, max_distance, flips)
     roots = _union_find(len(samples), pairs, patient)
     for s, r in zip(samples, roots):
         s.group = f"g{r}"
@@ -298,18 +301,11 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
 
 
 def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
-                           hashes: np.ndarray | None = None,
                            flips: bool = True) -> list[tuple[str, str, str, str]]:
     """Near-duplicate pairs (and, with ``flips``, mirrored or half-turned copies) that sit in
     different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
-    if hashes is None:
-        hashes = phashes([s.path for s in samples])
-    pairs = near_duplicate_pairs(hashes, max_distance)
-    if flips:
-        paths = [s.path for s in samples]
-        pairs += flipped_twin_pairs(paths, max_distance, _all_hashes(paths))
     out = []
-    for i, j in pairs:
+    for i, j in copy_pairs([s.path for s in samples], max_distance, flips):
         a, b = samples[i], samples[j]
         if a.split != b.split:
             out.append((a.split, f"{a.source}/{a.rel}", b.split, f"{b.source}/{b.rel}"))
@@ -340,11 +336,8 @@ def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tupl
     if absent:
         raise ValueError(f"{len(absent)} files of the split are missing (first: {absent[0]}); "
                          "copies can only be found with every image present")
-    paths = [s.path for s in samples]
-    hashes = _all_hashes(paths)
-    pairs = near_duplicate_pairs(hashes[:, 0], max_distance) + flipped_twin_pairs(paths, max_distance, hashes)
     out = set()
-    for i, j in pairs:
+    for i, j in copy_pairs([s.path for s in samples], max_distance):
         for a, b in ((samples[i], samples[j]), (samples[j], samples[i])):
             if a.split != "train" and b.split == "train":
                 out.add((a.source, a.rel))
