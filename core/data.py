@@ -184,15 +184,7 @@ def flipped_twin_pairs(paths: list[str], max_distance: int = 6,
     when not given).
     """
     h = _all_hashes(paths) if hashes is None else hashes
-    thumbs: dict[int, np.ndarray] = {}
-
-    def thumb(i: int) -> np.ndarray | None:
-        if i not in thumbs:
-            try:
-                thumbs[i] = _thumb(paths[i])
-            except Exception:
-                thumbs[i] = None
-        return thumbs[i]
+    thumb = _thumbs(paths)
     pairs = set()
     for i in range(len(paths)):
         plain = np.bitwise_count(h[:, 0] ^ h[i, 0]) > max_distance
@@ -207,11 +199,42 @@ def flipped_twin_pairs(paths: list[str], max_distance: int = 6,
     return sorted(pairs)
 
 
+def _thumbs(paths: list[str]):
+    """thumb(i): `_thumb` of paths[i], read once (None when unreadable)."""
+    cache: dict[int, np.ndarray | None] = {}
+
+    def thumb(i: int) -> np.ndarray | None:
+        if i not in cache:
+            try:
+                cache[i] = _thumb(paths[i])
+            except Exception:
+                cache[i] = None
+        return cache[i]
+    return thumb
+
+
 def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> list[tuple[int, int]]:
     """Near-duplicate pairs, then (``flips``) mirrored or half-turned copies: every pair of
-    images that are one scan. Hashes are read once for both."""
+    images that are one scan. Hashes are read once for both.
+
+    A hash link is taken on its own between two images of one known patient or of no known
+    patient (`PATIENT_RE`). Between two patients, or a patient's slice and an image of another
+    collection, it must also pass the thumbnail check (>= `TWIN_CORRELATION`): 6 bits of phash
+    match dark, round FLAIR slices to other patients' and to unrelated scans of other
+    collections (598 cross-collection links in the split, none above 0.88). Such a link would
+    tie an image to a patient, whose group then refuses its real copies (45 benchmark copy pairs
+    crossed the first copy-aware split that way), or mark another patient's slice as a copy.
+    """
     hashes = _all_hashes(paths)
-    pairs = near_duplicate_pairs(hashes[:, 0], max_distance)
+    patient = [m.group(1) if (m := PATIENT_RE.match(Path(p).name)) else None for p in paths]
+    thumb = _thumbs(paths)
+
+    def same_scan(i: int, j: int) -> bool:
+        if patient[i] == patient[j]:
+            return True
+        a, b = thumb(i), thumb(j)
+        return a is not None and b is not None and float((a * b).sum()) >= TWIN_CORRELATION
+    pairs = [(i, j) for i, j in near_duplicate_pairs(hashes[:, 0], max_distance) if same_scan(i, j)]
     return pairs + flipped_twin_pairs(paths, max_distance, hashes) if flips else pairs
 
 

@@ -260,6 +260,52 @@ def test_patient_slices_share_a_group_and_patients_never_merge(tmp_path):
     assert g["loose.jpg"] in a
 
 
+def textured(arr: np.ndarray, amp: float = 60.0) -> np.ndarray:
+    """The pattern under a coarse checkerboard of noise: its phash stays near the pattern's
+    while its pixels no longer correlate (a loose hash match, not a copy)."""
+    noise = np.kron(np.random.default_rng(7).choice([-1.0, 1.0], (24, 24)), np.ones((4, 4))) * amp
+    return np.clip(arr + noise, 0, 255).astype(np.uint8)
+
+
+def test_loose_hash_match_does_not_tie_an_image_to_a_patient(tmp_path):
+    """A phash within 6 bits of a patient's slice is not enough for an image of another
+    collection, or another patient's slice, to count as its copy: the pixels must match too. Otherwise such links chain
+    unrelated scans to patients, whose groups then refuse their real copies."""
+    root = tmp_path / "mixed"
+    for k in range(3):
+        save(root / "glioma" / f"TCGA_CS_4941_{k + 1:03d}.png", pattern(10 + k))
+    save(root / "glioma" / "textured.png", textured(pattern(11)))
+    save(root / "glioma" / "resaved.jpg", pattern(12), quality=40)  # a true copy still joins
+    for k in range(6):
+        save(root / "notumor" / f"n{k}.png", pattern(300 + k))
+    samples = D.discover(root).samples
+    by = {s.rel.split("/")[1]: i for i, s in enumerate(samples)}
+    h = D.phashes([s.path for s in samples])
+    slice2, loose = by["TCGA_CS_4941_002.png"], by["textured.png"]
+    assert int(np.bitwise_count(h[slice2] ^ h[loose])) <= 6  # the hash alone would join them
+    pairs = set(D.copy_pairs([s.path for s in samples]))
+    assert (min(slice2, loose), max(slice2, loose)) not in pairs
+    slice3 = by["TCGA_CS_4941_003.png"]
+    assert (min(slice3, by["resaved.jpg"]), max(slice3, by["resaved.jpg"])) in pairs
+    D.assign_groups(samples)
+    g = {s.rel.split("/")[1]: s.group for s in samples}
+    assert g["resaved.jpg"] == g["TCGA_CS_4941_002.png"] != g["textured.png"]
+
+
+def test_loose_hash_match_between_two_patients_is_not_a_copy(tmp_path):
+    """copies_in_training must not mark a slice because another patient's slice hashes alike."""
+    root = tmp_path / "lgg"
+    save(root / "glioma" / "TCGA_CS_4941_001.png", pattern(11))
+    save(root / "glioma" / "TCGA_DU_5851_001.png", textured(pattern(11)))
+    save(root / "glioma" / "TCGA_DU_5851_002.png", pattern(11), quality=40)  # a real copy
+    samples = D.discover(root).samples
+    h = D.phashes([s.path for s in samples])
+    assert int(np.bitwise_count(h[0] ^ h[1])) <= 6
+    for s in samples:
+        s.split = "train" if "4941" in s.rel else "test"
+    assert D.copies_in_training(samples) == {("lgg", "glioma/TCGA_DU_5851_002.png")}
+
+
 def test_mirrored_and_half_turned_copies_join_their_original(tmp_path):
     """The benchmark holds flipped copies of its own images, whose phash is unrelated to the
     original's: they are found by hashing the flips and checking the pixels."""
