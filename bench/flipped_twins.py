@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core import data as D  # noqa: E402
 from core.evaluation import evaluate_records  # noqa: E402
-from core.inference import load_card  # noqa: E402
+from core.inference import default_weights, load_card  # noqa: E402
 from core.ood import source_roots  # noqa: E402
 
 FIELDS = ("n", "accuracy", "tumour_missed", "n_tumour", "sensitivity", "normal_flagged", "n_normal", "specificity")
@@ -36,9 +36,10 @@ def scores(records: list[dict], classes: list[str], threshold: float | None) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/resnet18_176_ft_rot_mild")
+    p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--data-config", default="experiments/default.toml")
     args = p.parse_args(argv)
+    args.weights = str(args.weights or default_weights())
     run = header()
     weights = Path(args.weights)
     record = json.loads((weights / "split.json").read_text())["files"]

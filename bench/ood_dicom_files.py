@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core.header import header_reason  # noqa: E402
-from core.inference import Predictor  # noqa: E402
+from core.inference import Predictor, default_weights  # noqa: E402
 from core.outliers import REAL_MEDICAL  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
@@ -40,8 +40,9 @@ def rows_for(pred: Predictor, files: list[Path], kind: str) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/resnet18_176_ft_rot_mild")
+    p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     args = p.parse_args(argv)
+    args.weights = str(args.weights or default_weights())
     run = header()
     import pydicom
     pred = Predictor(args.weights)

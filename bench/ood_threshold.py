@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core import outliers as O  # noqa: E402
-from core.inference import Predictor  # noqa: E402
+from core.inference import Predictor, default_weights  # noqa: E402
 from core.ood import source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
@@ -50,12 +50,13 @@ def threshold_table(val: dict[str, np.ndarray], outliers: np.ndarray, fractions:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/resnet18_176_ft_rot_mild")
+    p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--data-config", default="experiments/default.toml")
     p.add_argument("--views", type=int, default=200)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.025, 0.03, 0.05])
     args = p.parse_args(argv)
+    args.weights = str(args.weights or default_weights())
     run = header()
     pred = Predictor(args.weights)
     files = split_files(Path(args.weights) / "split.json", source_roots(pred.card, args.data_config))
