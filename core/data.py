@@ -173,18 +173,18 @@ def _thumb(path: str, side: int = 48) -> np.ndarray:
     return t / max(float(np.linalg.norm(t)), 1e-6)
 
 
-def flipped_twin_pairs(paths: list[str], max_distance: int = 6,
-                       hashes: np.ndarray | None = None) -> list[tuple[int, int]]:
+def flipped_twin_pairs(paths: list[str], max_distance: int = 6, hashes: np.ndarray | None = None,
+                       thumb=None) -> list[tuple[int, int]]:
     """Pairs (i < j) where j is a mirrored or half-turned copy of i.
 
     Candidates: a flip of i hashes within ``max_distance`` bits of j while i and j themselves do
     not (those are near duplicates already). Kept when the head thumbnails, i flipped, correlate
     >= `TWIN_CORRELATION`: roughly symmetric axial slices hash alike under a mirror, so the hash
-    alone would join different slices. ``hashes``: the (N, 4) array of `_all_hashes` (computed
-    when not given).
+    alone would join different slices. ``hashes``: the (N, 4) array of `_all_hashes`, ``thumb``:
+    a `_thumbs` reader (each made here when not given; `copy_pairs` shares its own).
     """
     h = _all_hashes(paths) if hashes is None else hashes
-    thumb = _thumbs(paths)
+    thumb = thumb or _thumbs(paths)
     pairs = set()
     for i in range(len(paths)):
         plain = np.bitwise_count(h[:, 0] ^ h[i, 0]) > max_distance
@@ -226,7 +226,7 @@ def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> l
     crossed the first copy-aware split that way), or mark another patient's slice as a copy.
     """
     hashes = _all_hashes(paths)
-    patient = [m.group(1) if (m := PATIENT_RE.match(Path(p).name)) else None for p in paths]
+    patient = [_patient_id(p) for p in paths]
     thumb = _thumbs(paths)
 
     def same_scan(i: int, j: int) -> bool:
@@ -235,7 +235,7 @@ def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> l
         a, b = thumb(i), thumb(j)
         return a is not None and b is not None and float((a * b).sum()) >= TWIN_CORRELATION
     pairs = [(i, j) for i, j in near_duplicate_pairs(hashes[:, 0], max_distance) if same_scan(i, j)]
-    return pairs + flipped_twin_pairs(paths, max_distance, hashes) if flips else pairs
+    return pairs + flipped_twin_pairs(paths, max_distance, hashes, thumb) if flips else pairs
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
@@ -268,9 +268,15 @@ def _union_find(n: int, pairs, patient: list[str | None] | None = None) -> list[
     return [find(i) for i in range(n)]
 
 
+def _patient_id(path: str) -> str | None:
+    """The TCGA patient a slice's file name gives (`PATIENT_RE`), if any."""
+    m = PATIENT_RE.match(Path(path).name)
+    return m.group(1) if m else None
+
+
 def _patient_key(s: Sample) -> str | None:
-    m = PATIENT_RE.match(Path(s.path).name)
-    return f"{s.source}:{m.group(1)}" if m else None
+    pid = _patient_id(s.path)
+    return f"{s.source}:{pid}" if pid else None
 
 
 def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,
