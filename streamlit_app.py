@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
-from core.app_support import card_threshold, current_predictor, model_choices
+from core.app_support import card_threshold, class_wording, current_predictor, model_choices
 from core.inference import load_card
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
@@ -75,14 +75,17 @@ def home() -> None:
     st.warning("A research and teaching demo, **not a medical device**. It must not be used to "
                "diagnose, triage or treat anyone. Every result needs review by a qualified "
                "clinician.", icon=":material/warning:")
+    pred = current_predictor()
+    # The chosen model's own classes: a tumour/no-tumour model names no tumour type.
+    shows = (f"whether it shows **{class_wording(pred.classes)}**" if pred is not None
+             else "which of its classes it shows")
     st.markdown(
         "Upload a brain MRI slice (JPEG, PNG, DICOM, NIfTI or a zip of them) and the model "
-        "estimates whether it shows a **glioma, meningioma or pituitary tumour, or no tumour**, "
+        f"estimates {shows}, "
         "with calibrated probabilities, flags for scans it should not judge, and a saliency "
         "map of the regions that drove the answer. It sees one 2D slice at a time, knows "
         "only the classes it was trained on, and can be confidently wrong on scans unlike "
         "its training data.")
-    pred = current_predictor()
     if pred is not None:
         card, m = pred.card, pred.card.get("metrics", {})
         st.subheader(f"Loaded model: {pred.name} ({card.get('arch', '?')})")

@@ -11,6 +11,8 @@ predictor = app.required_predictor(", so nothing can be predicted")
 threshold = app.session_threshold(predictor)
 st.caption("Research demo, not a medical device: every result needs a clinician's review. "
            "Files are processed in memory and never stored.")
+if (no_gate := app.no_gate_warning(predictor)):
+    st.warning(no_gate, icon=":material/warning:")
 
 # No type filter: scanner exports often have no extension; the reader goes by content.
 uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM, NIfTI or a zip",
@@ -25,12 +27,12 @@ if not files:
     st.stop()
 
 
-def slice_choice(name: str, data) -> int | None:
+def slice_choice(pos: int, name: str, data) -> int | None:
     """Slice slider (middle by default) and 'most tumour-like' toggle for volumes."""
     n = app.cached_slice_count(data, name) if isinstance(data, bytes) else 1
     if n <= 1:
         return None
-    key = app.item_key(name, data)
+    key = app.widget_key(pos, name, data)
     if st.toggle("Most tumour-like slice", key=f"best-{key}"):
         best = app.cached_best_slice(predictor, data, name)
         st.caption(f"Slice {best} of 0-{n - 1}: the highest tumour probability in the volume.")
@@ -38,53 +40,63 @@ def slice_choice(name: str, data) -> int | None:
     return st.slider(f"Slice (of {n})", 0, n - 1, n // 2, key=f"s-{key}")
 
 
-def show(name: str, data, slice_index: int | None) -> dict:
-    """One file in full: image, prediction, flags, probabilities, saliency. Returns its row."""
+def show_refusal(pred, key: str) -> None:
+    """An out-of-distribution scan gets no call of any kind (no gauge, referral or saliency):
+    the warning, and the raw output folded away."""
+    st.warning(f"**Out of distribution**: {pred.ood_reason or app.PIXEL_OOD_REASON} "
+               "Its output is **not a diagnosis**.", icon=":material/block:")
+    with st.expander("Raw model output, not a diagnosis"):
+        st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}")
+
+
+def show_call(pred, key: str) -> None:
+    """The call with its referral flags, probabilities and the tumour gauge."""
+    st.markdown(f"### Prediction: **{pred.pred}**")
+    probs = [pred.probs[c] for c in predictor.classes]
+    if pred.uncertain:
+        st.warning("**Uncertain — refer for review**: "
+                   f"{predictor.referral.describe(probs, True, False)}.", icon=":material/warning:")
+    if pred.type_uncertain:
+        st.info("**Tumour — type uncertain**: "
+                f"{predictor.referral.describe(probs, False, True)}. The tumour call stands; "
+                "read the type as a suggestion.", icon=":material/help:")
+    st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
+    if pred.tumour_probability is not None:
+        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold), key=f"g-{key}")
+        flagged = pred.tumour_probability >= threshold
+        st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
+                   f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
+
+
+def show(pos: int, name: str, data, slice_index: int | None) -> dict:
+    """One file in full: image, prediction, flags, probabilities, saliency. Returns its row.
+    ``pos`` (its place in the batch) keys the widgets: the same scan may come twice."""
     row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index)
     if scan is None:
         st.error(f"**{name}**: {row['error']}")
         return row
-    key = f"{app.item_key(name, data)}-{slice_index}"
+    wkey = app.widget_key(pos, name, data)
     left, right = st.columns([1, 2])
     left.image(scan.pixels, clamp=True, width="stretch",
                caption=f"{name} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
     with right:
-        if not pred.in_distribution:
-            st.warning(f"**Out of distribution**: {pred.ood_reason or app.PIXEL_OOD_REASON} Its output is **not a diagnosis**.",
-                       icon=":material/block:")
-        else:
-            st.markdown(f"### Prediction: **{pred.pred}**")
-        probs = [pred.probs[c] for c in predictor.classes]
-        if pred.uncertain:
-            st.warning("**Uncertain — refer for review**: "
-                       f"{predictor.referral.describe(probs, True, False)}.", icon=":material/warning:")
-        if pred.type_uncertain:
-            st.info("**Tumour — type uncertain**: "
-                    f"{predictor.referral.describe(probs, False, True)}. The tumour call stands; "
-                    "read the type as a suggestion.", icon=":material/help:")
-        st.plotly_chart(probability_bar(pred.probs, pred.pred if pred.in_distribution else None),
-                        key=f"p-{key}")
-        if pred.tumour_probability is not None:
-            st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold), key=f"g-{key}")
-            flagged = pred.tumour_probability >= threshold
-            st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
-                       f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
-    app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index,
-                       mask=masks.get(name))
+        (show_call if pred.in_distribution else show_refusal)(pred, f"{wkey}-{slice_index}")
+    if pred.in_distribution:
+        app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index,
+                           mask=masks.get(name), widget_key=wkey)
     return row
-
 
 items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif
 if masks:
     st.caption(f"{len(masks)} tumour mask(s) paired with their scans (X_mask.* beside X.*): "
                "outlined on the saliency maps, not predicted.")
 if len(items) == 1:
-    results = [show(items[0][0], items[0][1], slice_choice(*items[0]))]
+    results = [show(0, *items[0], slice_choice(0, *items[0]))]
 elif len(items) <= DETAILED:
     summary, results = st.container(), []
-    for name, data in items:
+    for pos, (name, data) in enumerate(items):
         with st.expander(name, expanded=True):
-            results.append(show(name, data, slice_choice(name, data)))
+            results.append(show(pos, name, data, slice_choice(pos, name, data)))
 else:
     summary = st.container()
     results = [app.analyse(predictor, name, data, threshold)[0] for name, data in items]
@@ -95,7 +107,7 @@ else:
     if ok:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])
         with st.container(border=True):
-            show(items[k][0], items[k][1], slice_choice(*items[k]))
+            show(k, *items[k], slice_choice(k, *items[k]))
 if len(items) > 1:
     with summary:
         st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")

@@ -8,7 +8,7 @@ from core import dashboard as dash
 st.title("Evaluation")
 predictor = app.required_predictor()
 threshold = app.session_threshold(predictor)
-classes = predictor.classes
+classes, rule = predictor.classes, predictor.referral
 
 where = st.radio("Data", ["card", "zip"], horizontal=True, format_func={
     "card": "the model's held-out test set (eval.json)",
@@ -34,15 +34,21 @@ else:
                                 lambda n, b: app.cached_prediction(
                                     predictor, app.read_upload(b, n), app.digest(b)),
                                 progress=lambda f: bar.progress(f, text=f"{f:.0%} evaluated"))
-        st.session_state["zip_eval"] = {"name": up.name, "ev": ev, "skipped": skipped + ev["errors"],
-                                        "blobs": {n: b for n, _, b in items}}
-    held = st.session_state.get("zip_eval")
+        app.keep_result("zip_eval", predictor, {"name": up.name, "ev": ev,
+                                                "skipped": skipped + ev["errors"],
+                                                "blobs": {n: b for n, _, b in items}})
+    held, dropped = app.held_result("zip_eval", predictor)  # another model's results are dropped
     if held is None:
-        st.info("Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
+        st.info("The last results came from another model: press Evaluate to run the zip through "
+                "this one." if dropped else
+                "Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
         st.stop()
     for s in held["skipped"][:20]:
         st.error(f"{s['file']}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
+    if held["ev"].get("scored_as"):  # yes/no folders: scored as tumour vs no tumour
+        classes, rule = held["ev"]["classes"], None
+        st.caption(f"Folders without a tumour type: scored {held['ev']['scored_as']}.")
     if not records:
         st.error(f"No scan in {held['name']} could be evaluated.")
         st.stop()
@@ -59,9 +65,9 @@ if not records:
 sources = app.sources_of(records)
 source = st.selectbox("Source", [None, *sources], format_func=lambda s: s or "all sources") \
     if len(sources) > 1 else None
-ev = app.evaluation_at(records, classes, threshold, source, predictor.referral)
+ev = app.evaluation_at(records, classes, threshold, source, rule)
 shown = app.records_at([r for r in records if source in (None, r.get("source"))], classes, threshold,
-                       predictor.referral)
+                       rule)
 
 c = st.columns(6)
 c[0].metric("Scans", ev["n"])

@@ -28,7 +28,8 @@ st.dataframe([{"source": s.get("name"), "path": s.get("path"), **s.get("images",
                "labels": ", ".join(f"{k}->{v}" for k, v in s.get("label_map", {}).items())}
               for s in card.get("sources", [])], hide_index=True)
 split = card.get("split", {})
-st.markdown(f"**Split**: {split.get('method', 'n/a')}; sizes {split.get('sizes', {})}")
+sizes = dash.readable(split.get("sizes"))
+st.markdown(f"**Split**: {split.get('method', 'n/a')}" + (f"; sizes {sizes}" if sizes else ""))
 
 a, b = st.columns(2)
 with a:
@@ -50,20 +51,17 @@ with b:
 ood = card.get("ood")
 st.markdown("#### Out-of-distribution gate")
 if not ood:
-    st.write("This model has no out-of-distribution gate: every upload gets a prediction.")
+    st.write("This model has no out-of-distribution gate: only colour images are refused; every "
+             "grey upload gets a prediction.")
 else:
-    est = ood.get("held_out_estimate", {})
-    st.write(f"Method `{ood.get('method')}`. Flags at most 2 % of each source's validation MRI; "
-             f"test MRI flagged per source (%): {ood.get('measured', {}).get('test_mri_flagged_pct')}. "
-             f"Images that are not brain MRI, each kind measured by a gate that never saw it: mean "
-             f"{est.get('non_brain_mean_pct', est.get('mean_pct'))} %, worst "
-             f"{est.get('non_brain_min_pct', est.get('min_pct'))} %.")
+    st.write(dash.ood_summary(ood))
     st.dataframe(dash.ood_table(card), hide_index=True)
 
 st.markdown("#### How it was made")
 st.code(card.get("command", "n/a"), language="bash")
+libraries = dash.readable(card.get("libraries"))
 st.caption(f"{card.get('parameters', 0) / 1e6:.2f} M parameters, weights "
-           f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MB, sha256 {predictor.weights_sha256[:16]}..., "
-           f"libraries {card.get('libraries', {})}, built {card.get('date', '?')}")
+           f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MB, sha256 {predictor.weights_sha256[:16]}..."
+           + (f", libraries {libraries}" if libraries else "") + f", built {card.get('date', '?')}")
 st.download_button("Download card.json", json.dumps(card, indent=1), "card.json",
                    "application/json", on_click="ignore")

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model first (compilation happens in the warm-up steps)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     spec = {**DEFAULT_SPEC, "size": args.img}
     model = create_model(args.arch, args.classes).to(device).to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     total = (args.warmup + args.steps) * args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=args.warmup + args.steps + 1)
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = args.steps * args.batch_size
     result = {**meta, "arch": args.arch, "img": args.img, "device": args.device,
-              "precision": args.precision, "batch_size": args.batch_size, "steps": args.steps,
+              "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size, "steps": args.steps,
               "warmup_steps": args.warmup, "parameters": count_parameters(model),
               "images_per_s": round(n / dt, 1), "ms_per_step": round(1000 * dt / args.steps, 1),
               # CPU seconds the process used: on a shared machine, images per CPU-second times

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import streamlit as st
 
-from .evaluation import evaluate_records, fold_to_binary_labels, prediction_record
+from .evaluation import NothingToScore, evaluate_records, prediction_record, score_labelled
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, default_weights, load_card,
                         most_tumour_like_slice, shipped_models)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
@@ -67,6 +67,50 @@ def card_threshold(card: dict) -> float | None:
     return 0.5 if t is None else float(t)
 
 
+def has_gate_file(weights_dir: str | Path) -> bool:
+    """Whether a weights dir ships an out-of-distribution gate (what `Predictor` loads)."""
+    return (Path(weights_dir) / "ood.safetensors").is_file()
+
+
+def has_ood_gate(predictor: Predictor) -> bool:
+    """Whether the model screens out images unlike its training data before answering."""
+    return getattr(predictor, "gate", None) is not None
+
+
+def no_gate_warning(predictor: Predictor, choices: list[Path] | None = None) -> str | None:
+    """The standing warning for a model without an out-of-distribution gate (None with one),
+    naming the first model of ``choices`` (the default comes first) that has a gate."""
+    if has_ood_gate(predictor):
+        return None
+    text = ("**No out-of-distribution gate**: apart from refusing colour images, this model "
+            "answers for any image, even one that is not a brain MRI.")
+    choices = model_choices() if choices is None else choices
+    gated = next((d for d in choices if has_gate_file(d)), None)
+    if gated is None:
+        return text
+    return text + f" Prefer {load_card(gated).get('name', Path(gated).name)}, which has one."
+
+
+def model_identity(predictor: Predictor) -> tuple[str, str]:
+    """What a stored result depends on: the weights dir (its card: classes, calibration) and
+    the weights themselves."""
+    return str(Path(predictor.dir).resolve()), predictor.weights_sha256
+
+
+def _or_list(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def class_wording(classes: list[str]) -> str:
+    """The classes in a sentence: 'a glioma, meningioma or pituitary tumour, or no tumour'."""
+    types = [c for c in tumour_classes(classes) if c != TUMOUR]
+    parts = [f"a {_or_list(types)} tumour"] if types else ["a tumour"] if TUMOUR in classes else []
+    parts += [c.replace("_", " ") for c in classes if c not in (*tumour_classes(classes), NO_TUMOUR)]
+    if NO_TUMOUR not in classes:
+        return _or_list(parts) if parts else "one of its classes"
+    return f"{_or_list(parts)}, or no tumour" if parts else "no tumour"
+
+
 # ----------------------------------------------------------------------------- operating point
 def at_threshold(pred: Prediction, classes: list[str], threshold: float | None,
                  rule: ReferralRule | None = None) -> Prediction:
@@ -74,14 +118,21 @@ def at_threshold(pred: Prediction, classes: list[str], threshold: float | None,
     with the card's referral ``rule``, a changed call gets its type flag redone."""
     p = np.array([[pred.probs[c] for c in classes]])
     k = int(decide(p, classes, threshold)[0])
-    moved = replace(pred, pred=classes[k], threshold=threshold)
-    return moved if classes[k] == pred.pred else reassess(moved, rule)
+    if classes[k] == pred.pred:
+        return replace(pred, threshold=threshold)
+    # The old confidence belongs to the old call: 'notumor, confidence 0.99' must not be shown
+    # when 0.99 is the glioma's probability. A moved call carries its own class's probability.
+    moved = replace(pred, pred=classes[k], threshold=threshold, confidence=pred.probs[classes[k]])
+    return reassess(moved, rule)
 
 
 def records_at(records: list[dict], classes: list[str], threshold: float | None,
                rule: ReferralRule | None = None) -> list[dict]:
     """Evaluation records with ``pred`` recomputed at ``threshold`` (copies); with the card's
-    referral ``rule``, ``type_uncertain`` too: it follows the call (``uncertain`` does not)."""
+    referral ``rule``, ``type_uncertain`` too: it follows the call (``uncertain`` does not).
+
+    ``confidence`` stays the top-class probability: the risk-coverage curve pairs it with
+    top-class correctness, and no page shows it beside a record's call."""
     if not records:
         return []
     p = np.array([[r["probs"][c] for c in classes] for r in records])
@@ -252,12 +303,10 @@ def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
             errors.append({"file": name, "error": f"The file could not be processed ({type(e).__name__})."})
         if progress:
             progress((k + 1) / max(1, len(items)))
-    if not records:
+    try:  # yes/no folders are scored as tumour vs no tumour, unknown folders listed (as the CLI)
+        ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
+    except NothingToScore:
         return {"predictions": [], "errors": errors}
-    labels = {r["label"] for r in records}
-    if not labels <= set(predictor.classes) and labels <= {TUMOUR, NO_TUMOUR, *predictor.classes}:
-        fold_to_binary_labels(records)
-    ev = evaluate_records(records, predictor.classes, predictor.threshold)
     ev["errors"] = errors
     return ev
 
@@ -428,8 +477,11 @@ def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str
 
 def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: str,
                    slice_index: int | None = None, compact: bool = False,
-                   mask: bytes | None = None) -> None:
+                   mask: bytes | None = None, widget_key: str | None = None) -> None:
     """Method, target class and opacity controls; overlay and raw map side by side.
+
+    ``key`` caches the maps (content: the same file twice computes once); ``widget_key``
+    (`widget_key`, default ``key``) names the controls, which must differ per place on the page.
 
     Runs as a fragment, so moving these controls never re-runs the page or the model. With a
     tumour ``mask`` of a 2D scan, both images carry its outline and a caption scores the map.
@@ -441,7 +493,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
 
     @st.fragment
     def panel() -> None:
-        wkey = f"{key}-{slice_index}"
+        wkey = f"{widget_key or key}-{slice_index}"
         if compact:
             method, target, opacity = first, predicted, 0.45
         else:
@@ -492,6 +544,29 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
 def item_key(name: str, data) -> str:
     """Cache key of an upload: its content hash (bytes), else its name."""
     return digest(data) if isinstance(data, (bytes, bytearray)) else f"{name}:{type(data).__name__}"
+
+
+def widget_key(position: int, name: str, data) -> str:
+    """Key stem for an upload's widgets: its place in the batch, then its cache key. The same
+    scan twice in a batch shares its computations but needs widgets of its own."""
+    return f"{position}-{item_key(name, data)}"
+
+
+def keep_result(name: str, predictor: Predictor, value: dict) -> None:
+    """Store a result in the session with the identity of the model that made it."""
+    st.session_state[name] = {**value, "model": model_identity(predictor)}
+
+
+def held_result(name: str, predictor: Predictor) -> tuple[dict | None, bool]:
+    """(the stored result, dropped): a result of another model is dropped, never shown as this
+    one's (its classes may not even exist here)."""
+    held = st.session_state.get(name)
+    if held is None:
+        return None, False
+    if held.get("model") != model_identity(predictor):
+        del st.session_state[name]
+        return None, True
+    return held, False
 
 
 def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
@@ -562,7 +637,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 continue
             key = f"{r.get('source')}/{r['file']}"
             # A coarse label ('tumor') is no class of a 4-class model: explain the prediction.
-            target = r[explain] if r[explain] in predictor.classes else r["pred"]
+            target = next(c for c in (r[explain], r.get("pred_type"), r["pred"]) if c in predictor.classes)
             cam = cached_saliency(predictor, scan, key, method, target)
             tp = r.get("tumour_probability")
             img = overlay(display_image(scan, predictor.spec), cam, 0.4)

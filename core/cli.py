@@ -19,28 +19,42 @@ def _predictor(weights: str | None):
     return Predictor(weights)
 
 
+def _image_facts(path: str) -> tuple[tuple[int, int], str]:
+    """(width, height) and mode of an image file; DICOM and NIfTI through the scan reader."""
+    from PIL import Image
+    from .reader import read_scan
+    try:
+        with Image.open(path) as im:
+            im.load()  # a truncated file opens lazily; decoding is what fails
+            return im.size, im.mode
+    except Exception:
+        scan = read_scan(path)  # raises ScanError for an unreadable file
+        return (scan.pixels.shape[1], scan.pixels.shape[0]), scan.kind
+
+
 def cmd_audit(args) -> int:
     from . import data as D
-    from .reader import ScanError, read_scan
+    from .reader import ScanError
     scan = D.discover(args.data_dir)
-    samples = scan.samples
-    print(f"{len(samples)} images in {args.data_dir}")
-    for (split, label), n in sorted(Counter((s.preset_split or "-", s.label) for s in samples).items()):
+    sizes, modes, unreadable, samples = Counter(), Counter(), [], []
+    for s in scan.samples:
+        try:
+            size, mode = _image_facts(s.path)
+        except ScanError as e:
+            unreadable.append((s.rel, str(e)))
+            continue
+        sizes[size] += 1; modes[mode] += 1
+        samples.append(s)
+    if not samples:
+        raise ValueError(f"none of the {len(scan.samples)} image files under {args.data_dir} could be read")
+    preset = any(s.preset_split for s in samples)
+    print(f"{len(samples)} readable images in {args.data_dir}")
+    for (split, label), n in sorted(Counter((s.preset_split or ("train" if preset else "all"), s.label)
+                                            for s in samples).items()):
         orig = sorted({s.original for s in samples if s.label == label})
         print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(orig)}")
-    sizes, modes, unreadable = Counter(), Counter(), []
-    from PIL import Image
-    for s in samples:
-        try:
-            with Image.open(s.path) as im:
-                sizes[im.size] += 1; modes[im.mode] += 1
-        except Exception:
-            try:
-                read_scan(s.path)
-            except ScanError as e:
-                unreadable.append((s.rel, str(e)))
     print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
-    print("modes:", dict(modes))
+    print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
     for rel, why in scan.skipped + unreadable:
         print(f"  skipped {rel}: {why}")
     D.assign_groups(samples, args.max_distance)
@@ -49,13 +63,13 @@ def cmd_audit(args) -> int:
     print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
           f"largest: {groups.most_common(1)[0][1]}")
-    if any(s.preset_split for s in samples):
+    if preset:
         for s in samples:
             s.split = s.preset_split or "train"
     else:
         D.split_by_group(samples, seed=args.seed)
     leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True)
-    print(f"cross-split near duplicates and flipped copies ({'shipped split' if any(s.preset_split for s in samples) else f'grouped split, seed {args.seed}'}): {len(leaks)}")
+    print(f"cross-split near duplicates and flipped copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
     for a in leaks[:20]:
         print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
     return 0
@@ -67,17 +81,38 @@ def cmd_mark_copies(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_dir
-    pred = _predictor(args.weights)
-    ev = evaluate_dir(pred, args.data_dir)
-    summary = {k: ev.get(k) for k in ("model", "n", "accuracy", "macro_f1", "tumour_missed",
-                                      "normal_flagged", "sensitivity", "specificity", "ece")}
-    print(json.dumps(summary, indent=1))
-    for e in ev["errors"]:
+def _writable_file(path: str) -> Path:
+    """Check an output path before a long run, not after it."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name such as {out / 'eval.json'}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--json {path}: the folder {out.parent} does not exist")
+    return out
+
+
+def _print_skipped(errors: list[dict]) -> None:
+    for e in errors:
         print(f"skipped {e['file']}: {e['error']}", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(ev, indent=1))
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import NothingToScore, evaluate_dir
+    out = _writable_file(args.json) if args.json else None
+    pred = _predictor(args.weights)
+    try:
+        ev = evaluate_dir(pred, args.data_dir)
+    except NothingToScore as e:
+        _print_skipped(e.errors)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = {k: ev.get(k) for k in ("model", "scored_as", "n", "accuracy", "macro_f1", "tumour_missed",
+                                      "normal_flagged", "sensitivity", "specificity", "ece")
+               if k != "scored_as" or k in ev}
+    print(json.dumps(summary, indent=1))
+    _print_skipped(ev["errors"])
+    if out:
+        out.write_text(json.dumps(ev, indent=1))
     return 0
 
 

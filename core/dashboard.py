@@ -230,13 +230,13 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
                          "confidence": None, "flags": "error: " + r.get("error", "")})
             continue
         flags = []
-        if not r.get("in_distribution", True):
+        if not r.get("in_distribution", True):  # that flag alone: no call to refer or doubt
             by_header = (r.get("ood_reason") or "").startswith(HEADER_PREFIX)
             flags.append("out of distribution" + (" (DICOM header)" if by_header else ""))
-        if r.get("uncertain"):
-            flags.append("uncertain — refer for review")
-        if r.get("type_uncertain"):
-            flags.append("tumour — type uncertain")
+        else:
+            flags += [text for key, text in (("uncertain", "uncertain — refer for review"),
+                                             ("type_uncertain", "tumour — type uncertain"))
+                      if r.get(key)]
         rows.append({"file": r["file"],
                      "prediction": r["pred"] if r.get("in_distribution", True) else None,
                      "tumour probability": r.get("tumour_probability"),
@@ -247,6 +247,37 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
 
 def is_missed_tumour(record: dict) -> bool:
     return bool(is_tumour_label(record["label"])) and record["pred"] == NO_TUMOUR
+
+
+def readable(value, unit: str = "") -> str | None:
+    """A card value as text for a reader: {'train': 3996, 'val': 855} -> 'train 3996, val 855';
+    None (and an empty dict or list) -> None, so that the caller leaves the line out."""
+    if value is None or (isinstance(value, (dict, list, tuple)) and not value):
+        return None
+    if isinstance(value, dict):
+        parts = [f"{k} {readable(v, unit)}" for k, v in value.items() if readable(v) is not None]
+        return ", ".join(parts) or None
+    if isinstance(value, (list, tuple)):
+        return ", ".join(t for v in value if (t := readable(v, unit)) is not None) or None
+    if isinstance(value, float):
+        return f"{value:g}{unit}"
+    return f"{value}{unit}"
+
+
+def ood_summary(ood: dict) -> str:
+    """The gate in sentences, from its card section; a measurement the card lacks is left out."""
+    text = (f"Method `{ood.get('method', 'n/a')}`. Flags at most 2 % of each source's "
+            "validation MRI.")
+    flagged = readable((ood.get("measured") or {}).get("test_mri_flagged_pct"), " %")
+    if flagged:
+        text += f" Test MRI flagged per source: {flagged}."
+    est = ood.get("held_out_estimate") or {}
+    rates = readable({"mean": est.get("non_brain_mean_pct", est.get("mean_pct")),
+                      "worst": est.get("non_brain_min_pct", est.get("min_pct"))}, " %")
+    if rates:
+        text += (" Images that are not brain MRI, each kind measured by a gate that never saw it, "
+                 f"flagged: {rates}.")
+    return text
 
 
 def ood_table(card: dict) -> pd.DataFrame:

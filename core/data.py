@@ -19,7 +19,7 @@ import numpy as np
 from .labels import normalise_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
-                  ".dcm", ".nii", ".gz"}
+                  ".dcm", ".dicom", ".nii", ".gz"}
 SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test",
               "validation": "val", "val": "val"}
 SKIP_DIRS = {"masks", "mask", "__macosx"}
@@ -56,6 +56,31 @@ def _class_dirs(root: Path) -> list[Path]:
                   if d.is_dir() and not _is_hidden(d) and d.name.lower() not in SKIP_DIRS)
 
 
+def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
+    """What sits beside the class folders and is not read: loose files and hidden folders."""
+    out = []
+    for f in sorted(base.iterdir()):
+        rel = str(f.relative_to(root))
+        if f.is_dir() and _is_hidden(f):
+            out.append((rel + "/", "hidden folder"))
+        elif not f.is_dir():
+            out.append((rel, "hidden file" if _is_hidden(f) else "not inside a class folder"))
+    return out
+
+
+def _is_image_file(f: Path) -> bool:
+    """By suffix, or a DICOM file without one (scanner exports often have none)."""
+    if f.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if f.suffix:
+        return False
+    try:
+        with open(f, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def discover(root: str | Path, source: str | None = None, check_readable: bool = False) -> Scan:
     """Find ``root/<class>/*`` or ``root/{Training,Testing}/<class>/*`` images.
 
@@ -70,7 +95,10 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     tops = _class_dirs(root)
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
     layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(root, None)]
+    scan.skipped += _stray(root, root)
     for base, preset in layout:
+        if base != root:
+            scan.skipped += _stray(base, root)
         for cdir in _class_dirs(base):
             label = normalise_label(cdir.name)
             for f in sorted(cdir.rglob("*")):
@@ -79,7 +107,9 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
                 rel = str(f.relative_to(root))
                 if _is_hidden(f) or any(_is_hidden(p) for p in f.relative_to(root).parents if p.name):
                     scan.skipped.append((rel, "hidden file"))
-                elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                elif not f.exists():
+                    scan.skipped.append((rel, "broken link: the file it points to is missing"))
+                elif not _is_image_file(f):
                     scan.skipped.append((rel, "not an image file"))
                 else:
                     scan.samples.append(Sample(str(f), rel, label, cdir.name, source,

@@ -146,11 +146,52 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     return counts
 
 
-def fold_to_binary_labels(records: list[dict]) -> None:
-    """yes/no folders against a multi-class model: every fine tumour label counts as 'tumor'."""
-    for r in records:
-        if is_tumour_label(r["label"]) and r["label"] != TUMOUR:
-            r["label"] = TUMOUR
+def _as_tumour_vs_none(r: dict, classes: list[str]) -> dict:
+    """A record of a multi-class model seen as tumour vs no tumour (its type kept in ``pred_type``)."""
+    t = r["tumour_probability"]
+    called = r["pred"] != NO_TUMOUR
+    return {**r, "label": TUMOUR if is_tumour_label(r["label"]) else NO_TUMOUR,
+            "pred": TUMOUR if called else NO_TUMOUR, "pred_type": r["pred"],
+            "probs": {TUMOUR: t, NO_TUMOUR: round(1 - t, 6)}, "confidence": max(t, 1 - t)}
+
+
+class NothingToScore(ValueError):
+    """No image of a folder could be read or scored; ``errors`` says why for each file."""
+
+    def __init__(self, message: str, errors: list[dict]):
+        super().__init__(message)
+        self.errors = errors
+
+
+def _scorable(label: str, classes: list[str]) -> bool:
+    """A label the model can be judged on: one of its classes, or tumour/no tumour when it has both."""
+    return label in classes or (bool(tumour_classes(classes)) and NO_TUMOUR in classes
+                                and is_tumour_label(label) is not None)
+
+
+def score_labelled(records: list[dict], classes: list[str], threshold: float | None,
+                   errors: list[dict]) -> dict:
+    """`evaluate_records` for a user's class-per-folder set (CLI ``evaluate``, the app's zip).
+
+    Labels the model cannot name at their own grain are scored as tumour vs no tumour: a yes/no
+    folder against a 4-class model (``classes`` of the result become tumor/notumor, each record
+    keeps its type as ``pred_type``), glioma/... folders against a binary model (labels folded to
+    'tumor'). An image whose folder names no class of the model goes to ``errors``, not into ``n``.
+    """
+    errors += [{"file": r["file"], "error": f"its folder ('{r['label']}') names no class of this model"}
+               for r in records if not _scorable(r["label"], classes)]
+    records = [r for r in records if _scorable(r["label"], classes)]
+    if not records:
+        raise NothingToScore("no image is in a folder that names a class of this model", errors)
+    labels = {r["label"] for r in records}
+    if TUMOUR in classes:  # a binary model: glioma, meningioma... are all 'tumor'
+        records = [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
+    elif not labels <= set(classes):  # 'yes' folders against a typed model
+        ev = evaluate_records([_as_tumour_vs_none(r, classes) for r in records], [TUMOUR, NO_TUMOUR],
+                              threshold)
+        ev.update(model_classes=classes, scored_as="tumour vs no tumour")
+        return ev
+    return evaluate_records(records, classes, threshold)
 
 
 def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], None] | None = None) -> dict:
@@ -159,7 +200,8 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     from .reader import ScanError, read_scan
     scan = discover(data_dir)
     records, errors = [], [{"file": rel, "error": why} for rel, why in scan.skipped]
-    samples = scan.samples
+    # With a Training/Testing layout, the test images are the evaluation set.
+    samples = [s for s in scan.samples if s.preset_split == "test"] or scan.samples
     for k, s in enumerate(samples):
         try:
             p = predictor.predict_scan(read_scan(s.path, s.rel))
@@ -169,11 +211,10 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
         records.append(prediction_record(s.rel, s.source, s.label, p))
         if progress:
             progress((k + 1) / len(samples))
-    classes = predictor.classes
-    labels = {r["label"] for r in records}
-    if not labels <= set(classes) and labels <= {TUMOUR, NO_TUMOUR, *classes}:
-        fold_to_binary_labels(records)
-    ev = evaluate_records(records, classes, predictor.threshold)
+    if not records:
+        raise NothingToScore(f"none of the {len(samples)} image files under {data_dir} could be read",
+                             errors)
+    ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
     ev["errors"] = errors
     ev["model"] = predictor.name
     return ev

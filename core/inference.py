@@ -31,6 +31,16 @@ def default_weights() -> Path:
     return WEIGHTS_ROOT / (WEIGHTS_ROOT / "DEFAULT").read_text().strip()
 
 
+def resolve_weights(weights_dir: str | Path | None) -> Path:
+    """A model directory as given; a relative one missing here is looked up in the repository, so
+    that ``--weights weights/NAME`` works from any folder. None: the shipped default."""
+    if not weights_dir:
+        return default_weights()
+    p = Path(weights_dir)
+    in_repo = WEIGHTS_ROOT.parent / p
+    return in_repo if not p.exists() and not p.is_absolute() and in_repo.exists() else p
+
+
 def shipped_models() -> list[Path]:
     return sorted(p.parent for p in WEIGHTS_ROOT.glob("*/card.json"))
 
@@ -45,6 +55,11 @@ def file_sha256(path: str | Path) -> str:
 
 PIXEL_OOD_REASON = ("The image does not look like the brain MRI slices the model was trained on "
                     "(out-of-distribution gate).")
+# A model without a gate still refuses colour: MRI is grey (750 shared training scans of the four
+# sources reach 0.009 of chroma as JPEG); the fitted gates' colour limit is this same floor.
+NO_GATE_COLOUR_LIMIT = 0.03
+COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
+                     "out-of-distribution gate: only colour is checked).")
 
 
 @dataclass
@@ -132,7 +147,7 @@ class Predictor:
 
     def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu"):
         from safetensors.torch import load_file
-        self.dir = Path(weights_dir) if weights_dir else default_weights()
+        self.dir = resolve_weights(weights_dir)
         if not (self.dir / "card.json").exists():
             raise FileNotFoundError(f"no model card at {self.dir / 'card.json'}")
         self.card = load_card(self.dir)
@@ -144,8 +159,12 @@ class Predictor:
         self.tta: dict | None = self.card.get("tta")  # selective mirror pass (`apply_tta`)
         self.device = torch.device(device)
         self.model = create_model(self.card["arch"], len(self.classes))
-        state = load_file(self.dir / "model.safetensors")
-        self.model.load_state_dict({k: v.float() for k, v in state.items()})
+        try:
+            state = load_file(self.dir / "model.safetensors")
+            self.model.load_state_dict({k: v.float() for k, v in state.items()})
+        except Exception as e:  # truncated, foreign or missing weights: a usage error, not a crash
+            raise ValueError(f"the weights in {self.dir} could not be loaded ({type(e).__name__}): "
+                             "the file is damaged or does not match the card") from e
         self.model.eval().to(self.device)
         self.precision = serving_precision(self.device)
         if self.precision == "bf16":
@@ -213,6 +232,8 @@ class Predictor:
             ok, score = self.gate.check(scan, x, self.model)
         if reason is None and not ok:
             reason = PIXEL_OOD_REASON
+        if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
+            reason = COLOUR_OOD_REASON
         return reason is None, score, reason
 
     def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:

@@ -93,12 +93,20 @@ class ScanResult:
 
 
 def flags_of(row: Mapping) -> list[str]:
-    """The flags a clinician must see for one result row."""
+    """The flags a clinician must see for one result row. An out-of-distribution scan has that
+    flag alone: it gets no call, so there is no call to refer or to doubt the type of."""
     if not row.get("ok"):
         return [FLAG_UNREADABLE]
+    if not row.get("in_distribution", True):
+        return [FLAG_OOD]
     return [name for name, on in ((FLAG_OOD, not row.get("in_distribution", True)),
                                   (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
                                   (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on]
+
+
+def call_of(row: Mapping) -> str:
+    """The class a result row calls; '' for an unreadable or out-of-distribution scan."""
+    return row.get("pred", "") if row.get("ok") and row.get("in_distribution", True) else ""
 
 
 def display_name(name: str | PurePath) -> str:
@@ -134,8 +142,12 @@ def at_threshold(p: Prediction, classes: list[str], threshold: float | None,
         return p
     probs = np.array([[p.probs[c] for c in classes]])
     k = int(decide(probs, classes, float(threshold))[0])
-    moved = dataclasses.replace(p, pred=classes[k], threshold=float(threshold))
-    return moved if classes[k] == p.pred else reassess(moved, rule)
+    if classes[k] == p.pred:
+        return dataclasses.replace(p, threshold=float(threshold))
+    # A moved call carries its own class's probability, not the old call's confidence.
+    moved = dataclasses.replace(p, pred=classes[k], threshold=float(threshold),
+                                confidence=p.probs[classes[k]])
+    return reassess(moved, rule)
 
 
 def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
@@ -168,7 +180,8 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
         return ScanResult(shown, False, error=str(e))
     except Exception as e:  # a bug in one file must not take down the rest of a batch
         return ScanResult(shown, False, error=f"The file could not be processed ({type(e).__name__}).")
-    over, note = _saliency(predictor, scan, method, pred.pred, view)
+    over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
+                  else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
     pred.info = {}  # reader metadata stays out of reports and CSVs; `source` is allow-listed
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), data=data if keep_bytes else None)
@@ -217,7 +230,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str]) -> st
         row = r.to_row() if isinstance(r, ScanResult) else dict(r)
         ok = bool(row.get("ok"))
         probs = row.get("probs") or {}
-        w.writerow([_csv_safe(display_name(row.get("file", ""))), int(ok), row.get("pred", "") if ok else "",
+        w.writerow([_csv_safe(display_name(row.get("file", ""))), int(ok), call_of(row),
                     *[_fmt(probs.get(c)) if ok else "" for c in classes],
                     _fmt(row.get("tumour_probability")), _fmt(row.get("threshold")),
                     _fmt(row.get("confidence")),
@@ -418,15 +431,16 @@ def _bar(pdf, x: float, y: float, w: float, h: float, value: float, colour) -> N
 
 
 def _probability_rows(pdf, p: Prediction, classes: list[str]) -> None:
-    """Every class with its calibrated probability as a number and a bar."""
+    """Every class with its calibrated probability as a number and a bar; the call stands out."""
     bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
+    called = p.pred if p.in_distribution else None
     for c in classes:
         v = p.probs.get(c, 0.0)
         y = pdf.get_y()
-        pdf.font(9, c == p.pred, INK)
+        pdf.font(9, c == called, INK)
         pdf.cell(42, 5.5, pdf.t(class_label(c)))
         pdf.cell(18, 5.5, f"{v:.3f}", align="R")
-        _bar(pdf, bar_x, y + 1.2, bar_w, 3.2, v, ACCENT if c == p.pred else (152, 169, 186))
+        _bar(pdf, bar_x, y + 1.2, bar_w, 3.2, v, ACCENT if c == called else (152, 169, 186))
         pdf.set_xy(pdf.l_margin, y + 5.5)
 
 
@@ -497,22 +511,31 @@ def _file_heading(pdf, r: ScanResult, index: int, total: int) -> None:
     pdf.ln(1.5)
 
 
-def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -> None:
-    p = r.prediction
-    _file_heading(pdf, r, index, total)
-    # Result first: the one line a reader looks for.
+def _result_box(pdf, p: Prediction) -> None:
+    """The one line a reader looks for: the call and its confidence, or that there is none."""
     y = pdf.get_y()
     pdf.set_fill_color(241, 245, 249)
     pdf.rect(pdf.l_margin, y, pdf.epw, 14, style="F")
     pdf.set_xy(pdf.l_margin + 4, y + 2)
     pdf.font(8.5, False, MUTED)
-    pdf.cell(0, 4, pdf.t("Predicted class"), new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(0, 4, pdf.t("Predicted class" if p.in_distribution else "Result"),
+             new_x="LMARGIN", new_y="NEXT")
     pdf.set_x(pdf.l_margin + 4)
-    pdf.font(15, True, ACCENT)
-    pdf.cell(90, 7, pdf.t(class_label(p.pred)))
-    pdf.font(9, False, INK)
-    pdf.cell(pdf.epw - 98, 7, pdf.t(f"confidence {p.confidence:.3f}"), align="R")
+    if p.in_distribution:
+        pdf.font(15, True, ACCENT)
+        pdf.cell(90, 7, pdf.t(class_label(p.pred)))
+        pdf.font(9, False, INK)
+        pdf.cell(pdf.epw - 98, 7, pdf.t(f"confidence {p.confidence:.3f}"), align="R")
+    else:
+        pdf.font(15, True, RED[1])
+        pdf.cell(0, 7, pdf.t("No diagnosis: out of distribution"))
     pdf.set_xy(pdf.l_margin, y + 16)
+
+
+def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -> None:
+    p = r.prediction
+    _file_heading(pdf, r, index, total)
+    _result_box(pdf, p)  # result first
     flags = flags_of(r.to_row())
     for f in flags:
         title, text, colours = FLAG_TEXT[f]
@@ -529,9 +552,10 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)
     pdf.ln(1)
     _images(pdf, r, ctx)
-    _section(pdf, "Calibrated probabilities")
+    _section(pdf, "Calibrated probabilities" if p.in_distribution
+             else "Raw model output, not a diagnosis")
     _probability_rows(pdf, p, ctx.classes)
-    if p.tumour_probability is not None:
+    if p.tumour_probability is not None and p.in_distribution:  # its operating point makes a call
         _tumour_row(pdf, p, ctx)
     _section(pdf, "Model")
     _kv(pdf, [("Model / version", f"{ctx.model} / {ctx.version} ({ctx.arch})"),
@@ -600,7 +624,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
             row.cell(name, link=link)
             if r.ok:
                 p = r.prediction
-                row.cell(pdf.t(class_label(p.pred)), link=link)
+                call = class_label(p.pred) if p.in_distribution else "No diagnosis"
+                row.cell(pdf.t(call), link=link)
                 row.cell("" if p.tumour_probability is None else f"{p.tumour_probability:.3f}", link=link)
                 flags = r.flags
                 row.cell(pdf.t(", ".join(flags) or "-"), link=link,
@@ -668,7 +693,7 @@ def _line(r: ScanResult) -> str:
     p = r.prediction
     tp = "" if p.tumour_probability is None else f" (tumour probability {p.tumour_probability:.3f})"
     flags = f" [{', '.join(r.flags)}]" if r.flags else ""
-    return f"{r.name}: {p.pred}{tp}{flags}"
+    return f"{r.name}: {p.pred if p.in_distribution else 'no diagnosis'}{tp}{flags}"
 
 
 def _write(path: str, data: bytes | str, what: str) -> bool:

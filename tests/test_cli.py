@@ -125,6 +125,11 @@ def test_evaluate_yes_no_folder_as_tumour_vs_no_tumour(weights, tmp_path, capsys
     assert ev["n_tumour"] == 5 and ev["n_normal"] == 3
     assert ev["tumour_missed"] == 5 and ev["normal_flagged"] == 0
     assert ev["sensitivity"] == 0.0 and ev["specificity"] == 1.0
+    # The headline figures are the tumour vs no-tumour ones, not the 'no' folder's alone.
+    assert ev["scored_as"] == "tumour vs no tumour" and ev["model_classes"] == C4
+    assert ev["classes"] == ["tumor", "notumor"] and ev["confusion"] == [[0, 5], [0, 3]]
+    assert ev["accuracy"] == pytest.approx(3 / 8)
+    assert {r["pred_type"] for r in ev["predictions"]} == {"notumor"}
 
 
 def test_evaluate_fine_and_coarse_mix_folds_to_binary(weights, tmp_path):
@@ -199,10 +204,10 @@ def test_audit_prints_counts_groups_and_cross_split(tmp_path, capsys):
     (root / "glioma_tumor" / "broken.jpg").write_bytes(b"\x00" * 10)
     assert main(["audit", str(root)]) == 0
     out = capsys.readouterr().out
-    assert f"49 images in {root}" in out
+    assert f"48 readable images in {root}" in out  # broken.jpg is reported, not counted
     assert "glioma" in out and "folders: glioma_tumor" in out and "folders: no_tumor" in out
     assert "skipped glioma_tumor/broken.jpg" in out
-    assert "near-duplicate groups (phash <= 6 bits, and mirrored or half-turned copies): 25 groups, 24 with more than one image, 48 images" in out
+    assert "near-duplicate groups (phash <= 6 bits, and mirrored or half-turned copies): 24 groups, 24 with more than one image, 48 images" in out
     assert "cross-split near duplicates and flipped copies (grouped split, seed 0): 0" in out
 
 
@@ -232,3 +237,110 @@ def test_python_dash_m_core_end_to_end(weights, four_class_dir, tmp_path):
     assert r.returncode == 1, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert [(x["file"], x["ok"]) for x in lines] == [(str(good), True), (str(bad), False)]
+
+
+def _folder(root: Path, names_counts, seed=300) -> Path:
+    for ci, (c, n) in enumerate(names_counts):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            pattern(seed + 10 * ci + k).save(root / c / f"{k}.png")
+    return root
+
+
+def test_evaluate_uses_testing_when_the_dataset_ships_one(weights, tmp_path):
+    root = tmp_path / "kaggle"
+    _folder(root / "Training", (("glioma", 2), ("notumor", 2)))
+    _folder(root / "Testing", (("glioma", 3), ("notumor", 1)), seed=400)
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(root), "--weights", str(weights), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["n"] == 4 and all(r["file"].startswith("Testing/") for r in ev["predictions"])
+
+
+def test_binary_model_scores_typed_folders_as_tumour(tmp_path):
+    w = make_weights(tmp_path / "wb", classes=["tumor", "notumor"], bias=(0.0, 2.0))
+    root = _folder(tmp_path / "typed", (("glioma", 2), ("pituitary", 1), ("notumor", 2)))
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(root), "--weights", str(w), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["n"] == 5 and ev["accuracy"] == pytest.approx(2 / 5)   # every scan called notumor
+    assert ev["confusion"] == [[0, 3], [0, 2]] and ev["tumour_missed"] == 3
+
+
+def test_unknown_folder_is_reported_not_half_scored(weights, tmp_path, capsys):
+    root = _folder(tmp_path / "odd", (("glioma", 1), ("notumor", 1), ("weird_class", 2)))
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(root), "--weights", str(weights), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["n"] == 2 and sum(map(sum, ev["confusion"])) == 2
+    assert "weird_class/0.png: its folder ('weird_class') names no class" in capsys.readouterr().err
+
+
+def test_evaluate_nothing_readable_exits_1_and_lists_the_files(weights, tmp_path, capsys):
+    root = tmp_path / "bad"
+    (root / "glioma").mkdir(parents=True)
+    (root / "glioma" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "glioma" / "b.jpg").write_bytes(b"")
+    assert main(["evaluate", str(root), "--weights", str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped glioma/a.jpg" in err and "skipped glioma/b.jpg" in err
+    assert "error: none of the 2 image files" in err and "Traceback" not in err
+
+
+def test_evaluate_json_path_is_checked_before_the_run(weights, four_class_dir, tmp_path, capsys):
+    assert main(["evaluate", str(four_class_dir), "--weights", str(weights), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["evaluate", str(four_class_dir), "--weights", str(weights),
+                 "--json", str(tmp_path / "no" / "ev.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_stray_files_links_and_extensionless_dicom(weights, tmp_path, capsys):
+    from core.data import discover
+    root = _folder(tmp_path / "ds", (("glioma", 1), ("notumor", 1)))
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden_dir").mkdir()
+    pattern(7).save(root / ".hidden_dir" / "x.png")
+    (root / "glioma" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    dcm = ROOT.parent / "shared" / "data" / "samples"
+    dicoms = sorted(dcm.glob("*.dcm"))
+    if dicoms:  # a DICOM export without an extension is still a scan
+        (root / "notumor" / "IM0001").write_bytes(dicoms[0].read_bytes())
+    scan = discover(root)
+    skipped = dict(scan.skipped)
+    assert skipped["notes.txt"] == "not inside a class folder"
+    assert skipped[".hidden_dir/"] == "hidden folder"
+    assert skipped["glioma/gone.jpg"].startswith("broken link")
+    assert ("notumor/IM0001" in {s.rel for s in scan.samples}) == bool(dicoms)
+    assert main(["audit", str(root)]) == 0   # the dangling link no longer stops the audit
+    assert "skipped glioma/gone.jpg" in capsys.readouterr().out
+
+
+def test_damaged_weights_are_a_usage_error(weights, four_class_dir, tmp_path, capsys):
+    bad = tmp_path / "damaged"
+    bad.mkdir()
+    (bad / "card.json").write_text((weights / "card.json").read_text())
+    (bad / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes()[:200])
+    f = four_class_dir / "glioma_tumor" / "gl0.jpg"
+    assert main(["predict", "--json", "--weights", str(bad), str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "could not be loaded" in err and "Traceback" not in err
+
+
+def test_relative_weights_resolve_from_any_folder(tmp_path, monkeypatch):
+    from core.inference import WEIGHTS_ROOT, resolve_weights
+    name = (WEIGHTS_ROOT / "DEFAULT").read_text().strip()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_weights(f"weights/{name}") == WEIGHTS_ROOT / name
+    assert resolve_weights(str(tmp_path / "x")) == tmp_path / "x"   # as given when absolute
+
+
+def test_model_without_gate_still_flags_colour(weights, four_class_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((96, 96)).save(photo)
+    grey = four_class_dir / "glioma_tumor" / "gl0.jpg"
+    assert main(["predict", "--json", "--weights", str(weights), str(photo), str(grey)]) == 0
+    a, b = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert a["in_distribution"] is False and "colour" in a["ood_reason"]
+    assert b["in_distribution"] is True and b["ood_reason"] is None

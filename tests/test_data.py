@@ -98,7 +98,8 @@ def test_flat_layout_with_aliases_hidden_and_non_images(tmp_path):
     assert skipped["glioma_tumor/._a.jpg"] == "hidden file"
     assert skipped["no_tumor/.thumbs/x.jpg"] == "hidden file"
     assert skipped["no_tumor/notes.txt"] == "not an image file"
-    assert len(scan.skipped) == 4
+    assert skipped[".hidden_class/"] == "hidden folder"   # reported once, not walked
+    assert len(scan.skipped) == 5
 
 
 def test_training_testing_layout_marks_testing_as_test(tmp_path):

@@ -206,3 +206,14 @@ def test_pick_threshold_specificity_floor_holds_in_every_source():
     few = np.array(["a"] * 100 + ["b"] * 40 + ["a"] * 100)
     few[100:130] = "a"  # b keeps 10 normals only
     assert pick_threshold(t_prob, is_t, 0.99, 0.95, groups=few, min_group_normals=20) <= per_source
+
+
+def test_macro_f1_averages_the_classes_the_set_has():
+    # An LGG-like set (glioma and notumor only) with one glioma called meningioma: the class it
+    # has no image of must not enter the average with an F1 of 0.
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    labels = ["glioma"] * 4 + ["notumor"] * 4
+    probs = np.array([[0.9, 0.05, 0.03, 0.02]] * 3 + [[0.1, 0.8, 0.05, 0.05]] + [[0.05, 0.05, 0.05, 0.85]] * 4)
+    m = classification_metrics(probs, labels, classes)
+    f1_glioma, f1_notumor = 2 * 3 / (2 * 3 + 1), 1.0
+    assert m["macro_f1"] == pytest.approx((f1_glioma + f1_notumor) / 2)

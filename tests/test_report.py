@@ -173,6 +173,39 @@ def test_out_of_distribution_flag_is_printed(four, tmp_path):
     assert "OUT OF DISTRIBUTION" in page and "Modality US" in words and "Do not rely on this result." in words
 
 
+def flagged(predictor, monkeypatch) -> None:
+    """Every scan out of distribution (and referred, type in doubt: flags of a call not made)."""
+    import dataclasses
+    real = predictor.predict_scan
+    monkeypatch.setattr(predictor, "predict_scan", lambda scan: dataclasses.replace(
+        real(scan), in_distribution=False, uncertain=True, type_uncertain=True))
+
+
+@needs_poppler
+def test_a_flagged_scan_gets_no_call_in_the_pdf(four, tmp_path, monkeypatch):
+    flagged(four, monkeypatch)
+    items = [("cat.png", scan_png(40)), ("dog.png", scan_png(41))]
+    results = R.analyse(items, four, threshold=0.0)  # at 0 every scan would read 'tumour'
+    summary, page, _ = pdf_pages(R.render_pdf(results, R.ReportContext.of(four, 0.0, "gradcam")),
+                                 tmp_path)
+    assert "No diagnosis" in summary and not any(R.class_label(c) in summary for c in four.classes)
+    words = flat(page)
+    assert "No diagnosis: out of distribution" in words and "OUT OF DISTRIBUTION" in words
+    assert "Raw model output, not a diagnosis" in words
+    for call in ("Predicted class", "confidence", "read as", "UNCERTAIN - REFER", "TYPE UNCERTAIN",
+                 "Grad-CAM for"):
+        assert call not in words, call
+    assert "no diagnosis" in R._line(results[0]) and results[0].flags == [R.FLAG_OOD]
+
+
+def test_a_flagged_scan_has_no_prediction_in_the_csv(four, monkeypatch):
+    flagged(four, monkeypatch)
+    results = R.analyse([("cat.png", scan_png(42))], four)
+    (row,) = csv.DictReader(io.StringIO(R.build_csv(results, four.classes)))
+    assert row["ok"] == "1" and row["prediction"] == "" and row["flags"] == R.FLAG_OOD
+    assert sum(float(row[f"p_{c}"]) for c in four.classes) == pytest.approx(1, abs=1e-3)
+
+
 @needs_poppler
 def test_no_patient_identifiers_or_folders_in_report(four, tmp_path):
     folder = tmp_path / "DOE_JANE_1970"

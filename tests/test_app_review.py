@@ -1,0 +1,230 @@
+"""Review fixes of the app: duplicate scans in a batch, results of another model, models without
+an out-of-distribution gate, no call for a flagged scan, confidence at another operating point,
+class wording from the card, readable model cards.
+
+AppTests run on conftest's random-init model; the shipped small binary model serves as 'another
+model'. A flagged scan is made by patching `Predictor.predict_scan`, as in test_app.py.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from dataclasses import replace
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import core.inference
+from conftest import CLASSES, REPO
+from core import app_support as app_support
+from core.dashboard import ood_summary, readable
+from core.inference import Prediction
+
+SAMPLES = REPO / "assets" / "samples"
+BINARY = REPO / "weights" / "simple_cnn_binary"
+needs_binary = pytest.mark.skipif(not app_support.is_model_dir(BINARY),
+                                  reason="shipped weights/simple_cnn_binary not present")
+
+
+@pytest.fixture
+def app(random_weights, monkeypatch) -> AppTest:
+    monkeypatch.setenv("BT_WEIGHTS", str(random_weights))
+    return AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90).run()
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption]
+                     + [e.value for e in at.error] + [w.value for w in at.warning]
+                     + [i.value for i in at.info])
+
+
+def predictions(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value.startswith("### Prediction:")]
+
+
+def choose_model(at: AppTest, dirname: str) -> AppTest:
+    box = at.selectbox(key="_model_widget")
+    box.select_index(next(k for k, o in enumerate(box.options) if o.endswith(f"({dirname})")))
+    return at.run()
+
+
+def threshold_slider(at: AppTest):
+    return next(s for s in at.sidebar.slider if s.key.startswith("_threshold_widget"))
+
+
+def flag_every_scan(monkeypatch, **extra) -> None:
+    real = core.inference.Predictor.predict_scan
+    monkeypatch.setattr(core.inference.Predictor, "predict_scan", lambda self, scan: replace(
+        real(self, scan), in_distribution=False, ood_reason=None, **extra))
+
+
+# ----------------------------------------------------------------------------- 1: same scan twice
+def test_the_same_scan_twice_in_a_batch_is_shown_twice_and_predicted_once(app, monkeypatch):
+    calls = []
+    real = core.inference.Predictor.predict_scan
+    monkeypatch.setattr(core.inference.Predictor, "predict_scan",
+                        lambda self, scan: calls.append(1) or real(self, scan))
+    glioma = (SAMPLES / "glioma.jpg").read_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg"),
+                                    ("copy_of_a.jpg", glioma, "image/jpeg")]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert len(predictions(app)) == 2 and calls == [1]  # the cache stays content-based
+    assert len({s.key for s in app.slider if s.key.startswith("o-")}) == 2
+    # An upload and the same built-in sample.
+    app.file_uploader[0].set_value([("glioma.jpg", glioma, "image/jpeg")]).run()
+    app.multiselect[0].select("glioma.jpg").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert len(predictions(app)) == 2
+    assert list(app.dataframe[0].value["file"]) == ["glioma.jpg", "sample/glioma.jpg"]
+
+
+def test_widget_keys_differ_by_position_not_by_content():
+    data = b"same bytes"
+    assert app_support.widget_key(0, "a.jpg", data) != app_support.widget_key(1, "b.jpg", data)
+    assert app_support.item_key("a.jpg", data) == app_support.item_key("b.jpg", data)
+
+
+# ----------------------------------------------------------------------------- 2: another model
+@needs_binary
+def test_zip_results_of_another_model_are_dropped_not_shown(app):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for c in CLASSES:
+            z.writestr(f"mine/{c}/{c}.jpg", (SAMPLES / f"{c}.jpg").read_bytes())
+    app.switch_page("app_pages/evaluation.py").run()
+    app.radio[0].set_value("zip").run()
+    app.file_uploader[0].set_value(("mine.zip", buf.getvalue(), "application/zip")).run()
+    next(b for b in app.button if b.label == "Evaluate").click().run()
+    assert {m.label: m.value for m in app.metric}["Scans"] == "4"
+    choose_model(app, BINARY.name)
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.metric and "another model" in texts(app)
+    assert "zip_eval" not in app.session_state
+
+
+# ----------------------------------------------------------------------------- 3: no gate
+def test_a_model_without_a_gate_says_so_on_diagnose(app):
+    assert not app_support.has_ood_gate(app_support.load_predictor(app.session_state["weights_dir"]))
+    app.switch_page("app_pages/diagnose.py").run()
+    warnings = " ".join(w.value for w in app.warning)
+    assert "No out-of-distribution gate" in warnings and "not a brain MRI" in warnings
+
+
+def test_no_gate_warning_names_a_model_with_one(tmp_path):
+    class Fake:
+        gate = None
+    gated = tmp_path / "gated"
+    gated.mkdir()
+    (gated / "card.json").write_text(json.dumps({"name": "safe-model"}))
+    (gated / "ood.safetensors").write_bytes(b"")
+    text = app_support.no_gate_warning(Fake(), [tmp_path / "plain", gated])
+    assert "No out-of-distribution gate" in text and "Prefer safe-model" in text
+    assert "Prefer" not in app_support.no_gate_warning(Fake(), [tmp_path / "plain"])
+    Fake.gate = object()
+    assert app_support.no_gate_warning(Fake(), [gated]) is None
+
+
+# ----------------------------------------------------------------------------- 4: flagged = no call
+def test_a_flagged_scan_gets_no_call_at_any_operating_point(app, monkeypatch):
+    flag_every_scan(monkeypatch, uncertain=True, type_uncertain=True)
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+    for t in (0.5, 0.0):
+        threshold_slider(app).set_value(t).run()
+        assert not app.exception and predictions(app) == []
+        shown = texts(app)
+        assert "Out of distribution" in shown and "not a diagnosis" in shown
+        for call in ("Tumour probability", "flagged", "Uncertain — refer", "type uncertain",
+                     "The tumour call stands"):
+            assert call not in shown, (t, call)
+        assert [e.label for e in app.expander] == ["Raw model output, not a diagnosis"]
+        assert len(app.image) == 1  # the scan; no saliency map of a call that was not made
+
+
+def test_batch_table_gives_a_flagged_scan_no_call():
+    from core.dashboard import batch_table
+    row = {"file": "cat.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.6,
+           "confidence": 0.5, "in_distribution": False, "uncertain": True, "type_uncertain": True}
+    table = batch_table([row, {**row, "file": "mri.jpg", "in_distribution": True}])
+    assert table["prediction"].isna()[0] and table["flags"][0] == "out of distribution"
+    assert table["prediction"][1] == "glioma" and "type uncertain" in table["flags"][1]
+
+
+# ----------------------------------------------------------------------------- 5: confidence
+def glioma_like(threshold: float = 0.5) -> Prediction:
+    probs = {"glioma": 0.992, "meningioma": 0.003, "pituitary": 0.002, "notumor": 0.003}
+    return Prediction(pred="glioma", probs=probs, tumour_probability=0.997, threshold=threshold,
+                      confidence=0.992, uncertain=False, in_distribution=True, ood_score=None)
+
+
+@pytest.mark.parametrize("where", ["app", "report"])
+def test_confidence_follows_a_call_moved_by_the_operating_point(where):
+    from core import report
+    move = app_support.at_threshold if where == "app" else report.at_threshold
+    moved = move(glioma_like(), CLASSES, 1.0)
+    assert (moved.pred, moved.confidence) == ("notumor", pytest.approx(0.003))
+    kept = move(glioma_like(), CLASSES, 0.2)
+    assert (kept.pred, kept.confidence, kept.threshold) == ("glioma", 0.992, 0.2)
+
+
+# ----------------------------------------------------------------------------- 6: home wording
+def test_class_wording():
+    assert app_support.class_wording(CLASSES) == "a glioma, meningioma or pituitary tumour, or no tumour"
+    assert app_support.class_wording(["tumor", "notumor"]) == "a tumour, or no tumour"
+    assert app_support.class_wording(["cat", "dog"]) == "cat or dog"
+
+
+@needs_binary
+def test_home_names_the_classes_of_the_chosen_model(app):
+    assert "glioma, meningioma or pituitary tumour" in texts(app)
+    choose_model(app, BINARY.name)
+    home = texts(app)
+    assert "**a tumour, or no tumour**" in home and "glioma" not in home
+
+
+# ----------------------------------------------------------------------------- 7: model card
+def test_readable_card_values():
+    assert readable({"train": 3996, "val": 855}) == "train 3996, val 855"
+    assert readable({"benchmark": 0.35, "lgg": 1.0}, " %") == "benchmark 0.35 %, lgg 1 %"
+    assert readable(None) is None and readable({}) is None and readable({"a": None}) is None
+    assert ood_summary({"method": "knn"}) == ("Method `knn`. Flags at most 2 % of each source's "
+                                              "validation MRI.")
+    full = ood_summary({"method": "knn", "measured": {"test_mri_flagged_pct": {"lgg": 1.15}},
+                        "held_out_estimate": {"non_brain_mean_pct": 93.5, "non_brain_min_pct": 46.5}})
+    assert "lgg 1.15 %" in full and "mean 93.5 %, worst 46.5 %" in full
+
+
+def test_model_card_page_prints_no_python_reprs(random_weights, tmp_path, monkeypatch):
+    w = tmp_path / "w"
+    shutil.copytree(random_weights, w)
+    card = json.loads((w / "card.json").read_text())
+    card.update(ood={"method": "cnn+colour"}, libraries={"torch": "2.9", "python": "3.11"},
+                split={"method": "grouped", "sizes": {"train": 10, "test": 14}})
+    (w / "card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("BT_WEIGHTS", str(w))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90).run()
+    at.switch_page("app_pages/model_card.py").run()
+    shown = texts(at)
+    assert not at.exception
+    assert "sizes train 10, test 14" in shown and "libraries torch 2.9, python 3.11" in shown
+    assert "None" not in shown and "{'" not in shown and "Method `cnn+colour`" in shown
+
+
+def test_yes_no_zip_is_scored_as_tumour_vs_no_tumour(app):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for c in CLASSES:  # three tumour types under yes/, the normal under no/, one odd folder
+            z.writestr(f"mine/{'no' if c == 'notumor' else 'yes'}/{c}.jpg", (SAMPLES / f"{c}.jpg").read_bytes())
+        z.writestr("mine/weird_class/x.jpg", (SAMPLES / "glioma.jpg").read_bytes())
+    app.switch_page("app_pages/evaluation.py").run()
+    app.radio[0].set_value("zip").run()
+    app.file_uploader[0].set_value(("mine.zip", buf.getvalue(), "application/zip")).run()
+    next(b for b in app.button if b.label == "Evaluate").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Scans"] == "4" and metrics["Accuracy"] != "n/a"
+    assert "scored tumour vs no tumour" in texts(app)
+    assert any("weird_class/x.jpg" in e.value and "names no class" in e.value for e in app.error)
