@@ -107,15 +107,58 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
+    """The TOML config as option defaults; an unknown key is an error, not a silent no-op."""
+    try:
+        cfg = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        p.error(f"--config {path}: {e}")
+    known = {a.dest for a in p._actions}
+    unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
+    if unknown:
+        p.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    return cfg
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what would fail later (after minutes of caching) or leave a damaged run behind."""
+    if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
+        p.error("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a directory")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
+        p.error(f"--resume: no checkpoint.pt in {args.out} to continue from")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is available here")
+    try:
+        sources = parse_sources(args.data)
+    except (ValueError, KeyError, TypeError) as e:
+        p.error(f"--data: {e}")
+    for src in sources:
+        if not Path(src["path"]).is_dir():
+            p.error(f"--data {src['path']}: not a directory")
+    names = [src["name"] for src in sources]
+    if len(set(names)) < len(names):
+        p.error(f"two sources share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
+                "give each its own (PATH in a config with name = ...)")
+    if sum(src["weight"] for src in sources) <= 0:
+        p.error("every source has weight 0: nothing to train on")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_args_parser()
     args = p.parse_args(argv)
+    cfg_data = None
     if args.config:
-        cfg = tomllib.loads(Path(args.config).read_text())
+        cfg = _read_config(p, args.config)
         defaults = {k.replace("-", "_"): v for k, v in cfg.items()}
+        # --data appends: given on the command line, it replaces the config's sources.
+        cfg_data = defaults.pop("data", None)
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
         args.config_values = cfg
+    if not args.data:
+        args.data = [cfg_data] if isinstance(cfg_data, (str, dict)) else cfg_data
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     args.out = args.out or f"weights/{args.arch}"
@@ -126,6 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--average-init needs --init")
     if args.mask_loss < 0:
         p.error("--mask-loss must be 0 (off) or positive")
+    _check(p, args)
     return args
 
 
@@ -160,10 +204,15 @@ def parse_sources(entries: list) -> list[dict]:
     out = []
     for e in entries:
         if isinstance(e, dict):
+            if "path" not in e:
+                raise ValueError(f"a source without a path: {e}")
             d = {"weight": 1.0, **e}
         else:
             path, _, w = str(e).partition("=")
-            d = {"path": path, "weight": float(w or 1.0)}
+            try:
+                d = {"path": path, "weight": float(w or 1.0)}
+            except ValueError:
+                raise ValueError(f"{e}: the weight after '=' must be a number") from None
         p = Path(d["path"])
         d.setdefault("name", p.parent.name if p.name.lower() in D.SPLIT_DIRS else p.name)
         out.append(d)
@@ -178,6 +227,9 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
         if args.limit:
             rng = random.Random(args.seed)
             found = rng.sample(found, min(args.limit, len(found)))
+        # One decode each (~5 ms): an unreadable file is reported and skipped, not fatal later.
+        scan = D.drop_unreadable(D.Scan(found, scan.skipped))
+        found = scan.samples
         if args.binary:
             for s in found:
                 s.label = "tumor" if s.label in ("glioma", "meningioma", "pituitary") else s.label
@@ -202,6 +254,14 @@ def sampling_weights(samples: list[D.Sample], sources: list[dict]) -> torch.Tens
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:  # bad data or files: one sentence, never a traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
         # before any process group or data work: a refusal costs nothing and writes nothing
         print(f"train.py: error: --mask-loss needs a model whose head is pooling + one linear layer "
@@ -227,6 +287,10 @@ def main(argv=None) -> int:
         DD.barrier(world)  # rank 0 fills the image and hash caches and writes split.json first
     samples, skipped = load_samples(sources, args)
     say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
+    for src, rel, why in skipped[:20]:
+        say(f"  skipped {src}/{rel}: {why}")
+    if len(skipped) > 20:
+        say(f"  ... and {len(skipped) - 20} more")
     images = E.cache_images(samples, spec, workers=args.workers)
     ckpt_path = out / "checkpoint.pt"
     resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
@@ -263,6 +327,12 @@ def main(argv=None) -> int:
                             and (k == "test" or s.source in trained)], dtype=torch.long)
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
+    if len(classes) < 2:
+        raise ValueError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
+                         "a classifier needs at least two")
+    if len(idx["train"]) < 2 or len(idx["val"]) == 0:
+        raise ValueError(f"too few images to train and validate: {len(idx['train'])} in training, "
+                         f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     lesions = None
     if args.mask_loss > 0:
@@ -295,14 +365,13 @@ def main(argv=None) -> int:
             print(f"train.py: error: cannot continue from {args.init}: {e}", file=sys.stderr)
             return 2
         say(f"initialised from {args.init}", flush=True)
-    if rank == 0:
-        (out / "split.json").write_text(json.dumps({
-            "method": method, "from": origin,
-            "dropped_small_head": dropped, "files": D.split_record(samples)}))
-        DD.barrier(world)
     ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
     if resume:
-        model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
+        try:
+            model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten
+            raise ValueError(f"the checkpoint in {out} does not match this run (another --arch or other "
+                             f"classes?): {str(e).splitlines()[0]}") from None
         if ema is not None and resume.get("ema"):
             ema.load_state_dict(resume["ema"])
         if resume["scheduler"].get("total_steps") == steps + 1:
@@ -322,6 +391,11 @@ def main(argv=None) -> int:
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
         torch.set_rng_state(resume["rng"])
         say(f"resumed from epoch {start_epoch}", flush=True)
+    if rank == 0:
+        (out / "split.json").write_text(json.dumps({
+            "method": method, "from": origin,
+            "dropped_small_head": dropped, "files": D.split_record(samples)}))
+        DD.barrier(world)
     net = DD.wrap(model, device, world)  # DDP when world > 1; `model` stays the plain module
     gen = torch.Generator().manual_seed(args.seed)
     train_time = sum(h["train"]["time_s"] for h in history)

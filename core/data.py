@@ -115,13 +115,13 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
                     scan.samples.append(Sample(str(f), rel, label, cdir.name, source,
                                                "test" if preset == "test" else None))
     if check_readable:
-        scan = _drop_unreadable(scan)
+        scan = drop_unreadable(scan)
     if not scan.samples:
         raise ValueError(f"no images found under {root} (expected {root}/<class>/*.jpg)")
     return scan
 
 
-def _drop_unreadable(scan: Scan) -> Scan:
+def drop_unreadable(scan: Scan) -> Scan:
     from .reader import ScanError, read_scan
     keep = []
     for s in scan.samples:

@@ -1,0 +1,87 @@
+"""train.py refuses bad usage with one sentence and exit code 2, before it writes anything, and a
+failed resume leaves the run it was pointed at as it was."""
+import json
+from pathlib import Path
+
+import pytest
+
+import train
+from conftest import make_blob_dataset
+
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: a per-test hash cache
+
+TINY = ["--arch", "simple_cnn", "--img", "32", "--batch-size", "8", "--workers", "1", "--no-progress"]
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    make_blob_dataset(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def refused(argv, capsys) -> str:
+    """stderr of a run that must stop with a usage error."""
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    return err
+
+
+def test_bad_usage_is_one_sentence(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert "not a directory" in refused(["--data", tmp_path / "nope", "--out", out], capsys)
+    assert "must be a number" in refused(["--data", f"{data}=abc", "--out", out], capsys)
+    assert "--batch-size >= 2" in refused(["--data", data, "--out", out, "--batch-size", 0], capsys)
+    assert "no checkpoint.pt" in refused(["--data", data, "--out", out, "--resume"], capsys)
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in refused(["--data", data, "--out", tmp_path / "afile"], capsys)
+    other = tmp_path / "b" / "data"
+    other.mkdir(parents=True)
+    assert "share the name 'data'" in refused(["--data", data, "--data", other, "--out", out], capsys)
+    assert "weight 0" in refused(["--data", f"{data}=0", "--out", out], capsys)
+    assert not out.exists()  # nothing was written for a refused run
+
+
+def test_config_keys_are_checked_and_the_command_line_data_wins(data, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{data}"\nepoch = 2\n')
+    assert "unknown key(s) epoch" in refused(["--config", cfg], capsys)
+    assert "--config" in refused(["--config", tmp_path / "missing.toml"], capsys)
+    cfg.write_text(f'data = "{data}"\nepochs = 2\n')   # one path as a string is one source
+    assert train.parse_args(["--config", str(cfg)]).data == [str(data)]
+    other = tmp_path / "other"
+    make_blob_dataset(other)
+    assert train.parse_args(["--config", str(cfg), "--data", str(other)]).data == [str(other)]
+
+
+def test_unreadable_images_are_skipped_not_fatal(data, tmp_path, capsys):
+    (data / "glioma" / "corrupt.jpg").write_text("not an image")
+    (data / "notumor" / "empty.png").write_bytes(b"")
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "2 files skipped" in out and "skipped data/glioma/corrupt.jpg" in out
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert sum(card["split"]["sizes"].values()) == 40
+
+
+def test_one_class_is_refused(tmp_path, capsys):
+    make_blob_dataset(tmp_path / "all")
+    one = tmp_path / "one"
+    one.mkdir()
+    (tmp_path / "all" / "glioma").rename(one / "glioma")
+    assert train.main(["--data", str(one), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 2
+    assert "one class only" in capsys.readouterr().err
+
+
+def test_a_failed_resume_leaves_the_run_as_it_was(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    split = (out / "split.json").read_bytes()
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "2", "--resume", *TINY]
+    argv[argv.index("simple_cnn")] = "cnn_bn"   # another architecture than the checkpoint's
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not match this run" in err and "Traceback" not in err
+    assert (out / "split.json").read_bytes() == split
