@@ -37,6 +37,8 @@ from core.referral import ReferralRule, pick_referral
 
 
 WARMUP = 0.15  # share of the OneCycle schedule spent raising the learning rate
+# Config keys that are notes for `python -m core compare` (kept in the card), not options.
+CONFIG_NOTES = {"reduced", "reported"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,7 +115,7 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
         cfg = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         p.error(f"--config {path}: {e}")
-    known = {a.dest for a in p._actions}
+    known = {a.dest for a in p._actions} | CONFIG_NOTES
     unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
     if unknown:
         p.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")

@@ -49,7 +49,7 @@ def test_config_keys_are_checked_and_the_command_line_data_wins(data, tmp_path, 
     cfg.write_text(f'data = "{data}"\nepoch = 2\n')
     assert "unknown key(s) epoch" in refused(["--config", cfg], capsys)
     assert "--config" in refused(["--config", tmp_path / "missing.toml"], capsys)
-    cfg.write_text(f'data = "{data}"\nepochs = 2\n')   # one path as a string is one source
+    cfg.write_text(f'data = "{data}"\nepochs = 2\nreduced = "CPU budget"\n')  # a note for compare is fine
     assert train.parse_args(["--config", str(cfg)]).data == [str(data)]
     other = tmp_path / "other"
     make_blob_dataset(other)
