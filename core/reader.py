@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import warnings
 import zlib
@@ -561,6 +562,9 @@ def _gunzip_nifti(data: bytes) -> bytes:
 
 def _nifti_image(data: bytes):
     import nibabel as nib
+    # nibabel logs header fixes ("pixdim ... setting 0 dims to 1") to stderr; the CLI's stdout
+    # and stderr are for our lines, and the fix it makes is harmless for a 2D slice.
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
     if data[:2] == b"\x1f\x8b":
         data = _gunzip_nifti(data)
     need = _nifti_nbytes(data[:544])
@@ -663,7 +667,11 @@ def _slice_2d(vol: np.ndarray, plane: str, k: int, zooms: tuple) -> np.ndarray:
 
 
 def _nifti_slices(data: bytes, options: dict) -> tuple[np.ndarray, str, tuple, dict]:
-    vol, zooms, info = _nifti_volume(data, options)
+    # Odd headers (zero pixdim) and out-of-range values make nibabel and numpy warn on stderr,
+    # in the middle of the CLI's JSON lines; what matters reaches the user as a ScanError or info.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vol, zooms, info = _nifti_volume(data, options)
     plane = _plane(vol.shape, options)
     info |= {"plane": plane, "n_slices": int(vol.shape[PLANES[plane]]), "display": PLANE_DISPLAY[plane]}
     return vol, plane, zooms, info

@@ -344,3 +344,16 @@ def test_model_without_gate_still_flags_colour(weights, four_class_dir, tmp_path
     a, b = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert a["in_distribution"] is False and "colour" in a["ood_reason"]
     assert b["in_distribution"] is True and b["ood_reason"] is None
+
+
+def test_odd_nifti_headers_leave_stderr_quiet(weights, tmp_path):
+    import nibabel as nib
+    vol = (np.random.default_rng(0).random((32, 32, 3)) * 1e38).astype(np.float64)  # overflows float32
+    img = nib.Nifti1Image(vol, np.eye(4))
+    img.header["pixdim"][1:4] = 0            # nibabel logs a fix for this
+    f = tmp_path / "odd.nii"
+    f.write_bytes(img.to_bytes())
+    r = subprocess.run([sys.executable, "-m", "core", "predict", "--json", "--weights", str(weights), str(f)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stderr
+    assert r.stderr == ""
