@@ -88,7 +88,7 @@ def show(pos: int, name: str, data, slice_index: int | None) -> dict:
 
 items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif
 if masks:
-    st.caption(f"{len(masks)} tumour mask(s) paired with their scans (X_mask.* beside X.*): "
+    st.caption(f"{len(masks)} tumour mask(s) paired with their scans (X_mask.* beside X.*, or a two-valued X.png beside X.jpg): "
                "outlined on the saliency maps, not predicted.")
 if len(items) == 1:
     results = [show(0, *items[0], slice_choice(0, *items[0]))]

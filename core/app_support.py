@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 from collections import OrderedDict
 from dataclasses import replace
@@ -348,8 +349,23 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
 
 
+def _two_valued(data) -> bool:
+    """A mask file: an image of at most two grey values (an LGG tumour mask, or an empty one)."""
+    from PIL import Image
+    if not isinstance(data, (bytes, bytearray)):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > 4096 * 4096:
+                return False
+            return len(np.unique(np.asarray(im.convert("L")))) <= 2
+    except Exception:  # not an image PIL reads (DICOM, NIfTI, broken): not a mask
+        return False
+
+
 def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
-    """Uploads with LGG-style masks taken out: ``X_mask.tif`` beside ``X.tif`` is X's tumour mask.
+    """Uploads with tumour masks taken out: ``X_mask.tif`` beside ``X.tif`` is X's mask, and so is
+    a two-valued ``X.png`` beside ``X.jpg`` (the LGG layout, ``masks/X.png`` and ``glioma/X.jpg``).
 
     A paired mask is never predicted as a scan; a mask without its image stays an ordinary
     upload. Returns the remaining items and {image name: mask bytes}.
@@ -361,6 +377,16 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
         if partner is not None and isinstance(data, (bytes, bytearray)):
             masks[partner] = bytes(data)
             used.add(name)
+    same_base: dict[str, list[tuple[str, object]]] = {}
+    for name, data in items:
+        if name not in used and name not in masks:
+            same_base.setdefault(_stem(name).rsplit("/", 1)[-1], []).append((name, data))
+    for pair in same_base.values():
+        flags = [_two_valued(d) for _, d in pair] if len(pair) == 2 else []
+        if flags.count(True) == 1:  # exactly one of the two is a mask
+            (mask_name, mask), (scan_name, _) = pair if flags[0] else pair[::-1]
+            masks[scan_name] = bytes(mask)
+            used.add(mask_name)
     return [(n, d) for n, d in items if n not in used], masks
 
 

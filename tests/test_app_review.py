@@ -228,3 +228,24 @@ def test_yes_no_zip_is_scored_as_tumour_vs_no_tumour(app):
     assert metrics["Scans"] == "4" and metrics["Accuracy"] != "n/a"
     assert "scored tumour vs no tumour" in texts(app)
     assert any("weird_class/x.jpg" in e.value and "names no class" in e.value for e in app.error)
+
+
+def test_lgg_layout_masks_pair_by_name_and_values():
+    from PIL import Image
+    import numpy as np
+
+    def png(a) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a.astype(np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+    rng = np.random.default_rng(0)
+    scan, scan2 = png(rng.integers(0, 255, (32, 32))), png(rng.integers(0, 255, (32, 32)))
+    mask = np.zeros((32, 32)); mask[8:16, 8:16] = 255
+    items, masks = app_support.pair_masks([("X.jpg", scan), ("X.png", png(mask)), ("Y.jpg", scan2)])
+    assert [n for n, _ in items] == ["X.jpg", "Y.jpg"] and set(masks) == {"X.jpg"}
+    # the shared data's own layout, as zip members: masks/X.png beside glioma/X.jpg
+    items, masks = app_support.pair_masks([("glioma/X.jpg", scan), ("masks/X.png", png(mask * 0))])
+    assert [n for n, _ in items] == ["glioma/X.jpg"] and set(masks) == {"glioma/X.jpg"}
+    # two scans that share a name are two scans
+    items, masks = app_support.pair_masks([("a/X.jpg", scan), ("b/X.png", scan2)])
+    assert len(items) == 2 and not masks
