@@ -550,7 +550,9 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
               history, skipped, dropped, train_time, wall_time, model, device, precision) -> dict:
     import torchvision
     weights = Path(args.out) / "model.safetensors"
-    per_split = {k: sum(1 for s in samples if s.split == k) for k in ("train", "val", "test")}
+    trained = {s["name"] for s in sources if s["weight"] > 0}  # weight 0: held out, tested only
+    per_split = {k: sum(1 for s in samples if s.split == k and (k == "test" or s.source in trained))
+                 for k in ("train", "val", "test")}
     split_rec = json.loads((Path(args.out) / "split.json").read_text())
     return {
         "name": args.name or Path(args.out).name,
@@ -574,6 +576,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                   "file": "split.json", "sizes": per_split, "seed": args.seed},
         "data_fingerprint": D.data_fingerprint(samples),
         "data_notes": {"skipped_files": len(skipped),
+                       "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],
                        "dropped_small_head": f"{len(dropped)} slices whose head covers < "
                                              f"{args.min_head:.0%} of the image (near-black ends of volumes)"},
         "metrics": {k: ev.get(k) for k in ("n", "accuracy", "macro_f1", "tumour_missed",

@@ -85,3 +85,16 @@ def test_a_failed_resume_leaves_the_run_as_it_was(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not match this run" in err and "Traceback" not in err
     assert (out / "split.json").read_bytes() == split
+
+
+def test_card_split_sizes_count_what_was_trained(data, tmp_path):
+    held = tmp_path / "held"
+    make_blob_dataset(held, per_class=4)
+    (held / "glioma" / "broken.png").write_bytes(b"x")
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--data", f"{held}=0", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    card = json.loads((out / "card.json").read_text())
+    per_source = {s["name"]: s["images"] for s in card["sources"]}
+    assert card["split"]["sizes"]["train"] == per_source["data"]["train"]   # the held-out source is not in it
+    assert card["split"]["sizes"]["test"] == per_source["data"]["test"] + per_source["held"]["test"]
+    assert [x.split(": ")[0] for x in card["data_notes"]["skipped"]] == ["held/glioma/broken.png"]
