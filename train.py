@@ -41,6 +41,10 @@ WARMUP = 0.15  # share of the OneCycle schedule spent raising the learning rate
 CONFIG_NOTES = {"reduced", "reported"}
 
 
+class DataError(ValueError):
+    """The data or the run directory cannot be used as given: reported in one sentence."""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file with any of these options (command line wins)")
@@ -224,7 +228,10 @@ def parse_sources(entries: list) -> list[dict]:
 def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
     samples, skipped = [], []
     for src in sources:
-        scan = D.discover(src["path"], src["name"])
+        try:
+            scan = D.discover(src["path"], src["name"])
+        except ValueError as e:  # no images in it
+            raise DataError(str(e)) from None
         found = scan.samples
         if args.limit:
             rng = random.Random(args.seed)
@@ -258,7 +265,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError) as e:  # bad data or files: one sentence, never a traceback
+    except (DataError, OSError) as e:  # bad data or files: one sentence; a bug keeps its traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -330,10 +337,10 @@ def run(args: argparse.Namespace) -> int:
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
     if len(classes) < 2:
-        raise ValueError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
+        raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
                          "a classifier needs at least two")
     if len(idx["train"]) < 2 or len(idx["val"]) == 0:
-        raise ValueError(f"too few images to train and validate: {len(idx['train'])} in training, "
+        raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     lesions = None
@@ -372,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten
-            raise ValueError(f"the checkpoint in {out} does not match this run (another --arch or other "
+            raise DataError(f"the checkpoint in {out} does not match this run (another --arch or other "
                              f"classes?): {str(e).splitlines()[0]}") from None
         if ema is not None and resume.get("ema"):
             ema.load_state_dict(resume["ema"])

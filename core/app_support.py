@@ -349,18 +349,29 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
 
 
-def _two_valued(data) -> bool:
-    """A mask file: an image of at most two grey values (an LGG tumour mask, or an empty one)."""
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif")  # lossless: a JPEG is never two-valued
+
+
+def _is_mask_file(name: str, data) -> bool:
+    """A tumour mask: a lossless image of exactly two grey values (lesion and background). A blank
+    slice has one value and an MRI many, so neither is ever taken for a mask."""
     from PIL import Image
-    if not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, (bytes, bytearray)) or not name.lower().endswith(MASK_SUFFIXES):
         return False
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > 4096 * 4096:
                 return False
-            return len(np.unique(np.asarray(im.convert("L")))) <= 2
+            return len(np.unique(np.asarray(im.convert("L")))) == 2
     except Exception:  # not an image PIL reads (DICOM, NIfTI, broken): not a mask
         return False
+
+
+def _mask_beside(mask_name: str, scan_name: str) -> bool:
+    """The LGG layouts: X.png beside X.jpg in one folder, or masks/X.png beside <class>/X.jpg."""
+    folder = lambda n: n.rsplit("/", 1)[0] if "/" in n else ""  # noqa: E731
+    return folder(mask_name) == folder(scan_name) or \
+        folder(mask_name).rsplit("/", 1)[-1].lower() in ("masks", "mask")
 
 
 def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
@@ -382,11 +393,12 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
         if name not in used and name not in masks:
             same_base.setdefault(_stem(name).rsplit("/", 1)[-1], []).append((name, data))
     for pair in same_base.values():
-        flags = [_two_valued(d) for _, d in pair] if len(pair) == 2 else []
+        flags = [_is_mask_file(n, d) for n, d in pair] if len(pair) == 2 else []
         if flags.count(True) == 1:  # exactly one of the two is a mask
             (mask_name, mask), (scan_name, _) = pair if flags[0] else pair[::-1]
-            masks[scan_name] = bytes(mask)
-            used.add(mask_name)
+            if _mask_beside(mask_name, scan_name):
+                masks[scan_name] = bytes(mask)
+                used.add(mask_name)
     return [(n, d) for n, d in items if n not in used], masks
 
 

@@ -146,10 +146,11 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     return counts
 
 
-def _as_tumour_vs_none(r: dict, classes: list[str]) -> dict:
-    """A record of a multi-class model seen as tumour vs no tumour (its type kept in ``pred_type``)."""
+def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
+    """A record of a multi-class model seen as tumour vs no tumour (its type kept in ``pred_type``).
+    The call is the binary one, as the metrics decide it (argmax of the two without a threshold)."""
     t = r["tumour_probability"]
-    called = r["pred"] != NO_TUMOUR
+    called = t >= (0.5 if threshold is None else threshold)
     return {**r, "label": TUMOUR if is_tumour_label(r["label"]) else NO_TUMOUR,
             "pred": TUMOUR if called else NO_TUMOUR, "pred_type": r["pred"],
             "probs": {TUMOUR: t, NO_TUMOUR: round(1 - t, 6)}, "confidence": max(t, 1 - t)}
@@ -187,7 +188,7 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
     if TUMOUR in classes:  # a binary model: glioma, meningioma... are all 'tumor'
         records = [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
     elif not labels <= set(classes):  # 'yes' folders against a typed model
-        ev = evaluate_records([_as_tumour_vs_none(r, classes) for r in records], [TUMOUR, NO_TUMOUR],
+        ev = evaluate_records([_as_tumour_vs_none(r, threshold) for r in records], [TUMOUR, NO_TUMOUR],
                               threshold)
         ev.update(model_classes=classes, scored_as="tumour vs no tumour")
         return ev

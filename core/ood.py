@@ -707,7 +707,13 @@ def source_roots(card: dict | None, data_config: str | Path | None) -> dict[str,
     entries = list((card or {}).get("sources", []))
     if data_config and Path(data_config).exists():
         import tomllib
-        entries += tomllib.loads(Path(data_config).read_text()).get("data", [])
+        from .data import SPLIT_DIRS
+        data = tomllib.loads(Path(data_config).read_text()).get("data", [])
+        for e in [data] if isinstance(data, (str, dict)) else data:
+            if not isinstance(e, dict):  # "PATH" or "PATH=WEIGHT", named as train.py names it
+                p = Path(str(e).partition("=")[0])
+                e = {"path": str(p), "name": p.parent.name if p.name.lower() in SPLIT_DIRS else p.name}
+            entries.append(e)
     roots = {}
     for e in entries:
         name, path = e.get("name"), e.get("path")

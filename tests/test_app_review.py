@@ -244,8 +244,12 @@ def test_lgg_layout_masks_pair_by_name_and_values():
     items, masks = app_support.pair_masks([("X.jpg", scan), ("X.png", png(mask)), ("Y.jpg", scan2)])
     assert [n for n, _ in items] == ["X.jpg", "Y.jpg"] and set(masks) == {"X.jpg"}
     # the shared data's own layout, as zip members: masks/X.png beside glioma/X.jpg
-    items, masks = app_support.pair_masks([("glioma/X.jpg", scan), ("masks/X.png", png(mask * 0))])
+    items, masks = app_support.pair_masks([("glioma/X.jpg", scan), ("masks/X.png", png(mask))])
     assert [n for n, _ in items] == ["glioma/X.jpg"] and set(masks) == {"glioma/X.jpg"}
-    # two scans that share a name are two scans
-    items, masks = app_support.pair_masks([("a/X.jpg", scan), ("b/X.png", scan2)])
+    # two scans that share a name are two scans, a blank slice (one value) and a two-valued image
+    # in an unrelated folder included
+    for other in (scan2, png(mask * 0)):
+        items, masks = app_support.pair_masks([("a/X.jpg", scan), ("b/X.png", other)])
+        assert len(items) == 2 and not masks
+    items, masks = app_support.pair_masks([("t1/X.jpg", scan), ("flair/X.png", png(mask))])
     assert len(items) == 2 and not masks

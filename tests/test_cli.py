@@ -357,3 +357,22 @@ def test_odd_nifti_headers_leave_stderr_quiet(weights, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stderr
     assert r.stderr == ""
+
+
+def test_yes_folder_call_agrees_with_its_metrics_without_a_threshold(tmp_path):
+    # p(notumor) 0.45 is the top class, but the tumour classes hold 0.55 together: scored as
+    # tumour vs no tumour, the call is 'tumor' in the records and in the metrics alike.
+    w = make_weights(tmp_path / "w", bias=(0.0, 0.0, 0.0, float(np.log(0.45 / (0.55 / 3)))), threshold=None)
+    root = _folder(tmp_path / "yes_only", (("yes", 3),))
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(root), "--weights", str(w), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert {r["pred"] for r in ev["predictions"]} == {"tumor"}
+    assert ev["tumour_missed"] == 0 and ev["silent_misses"] == 0
+
+
+def test_ood_source_roots_read_a_one_path_config(tmp_path):
+    from core.ood import source_roots
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('data = "/somewhere/br35h=0.5"\n')
+    assert source_roots(None, cfg) == {"br35h": Path("/somewhere/br35h")}
