@@ -137,7 +137,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is available here")
     try:
-        sources = parse_sources(args.data)
+        sources = D.parse_sources(args.data)
     except (ValueError, KeyError, TypeError) as e:
         p.error(f"--data: {e}")
     for src in sources:
@@ -205,26 +205,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
 
-def parse_sources(entries: list) -> list[dict]:
-    """`PATH`, `PATH=WEIGHT` or {path, weight, name} -> [{path, weight, name}]."""
-    out = []
-    for e in entries:
-        if isinstance(e, dict):
-            if "path" not in e:
-                raise ValueError(f"a source without a path: {e}")
-            d = {"weight": 1.0, **e}
-        else:
-            path, _, w = str(e).partition("=")
-            try:
-                d = {"path": path, "weight": float(w or 1.0)}
-            except ValueError:
-                raise ValueError(f"{e}: the weight after '=' must be a number") from None
-        p = Path(d["path"])
-        d.setdefault("name", p.parent.name if p.name.lower() in D.SPLIT_DIRS else p.name)
-        out.append(d)
-    return out
-
-
 def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
     samples, skipped = [], []
     for src in sources:
@@ -289,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sources = parse_sources(args.data)
+    sources = D.parse_sources(args.data)
     spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
 
     if rank > 0:

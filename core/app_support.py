@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, default_w
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import decide
 from .preprocess import prepare
-from .referral import ReferralRule, reassess
+from .referral import ReferralRule, at_threshold
 from .reader import (VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, zip_to_labelled)
 
@@ -113,20 +112,6 @@ def class_wording(classes: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- operating point
-def at_threshold(pred: Prediction, classes: list[str], threshold: float | None,
-                 rule: ReferralRule | None = None) -> Prediction:
-    """The same prediction decided at the session's operating point instead of the card's;
-    with the card's referral ``rule``, a changed call gets its type flag redone."""
-    p = np.array([[pred.probs[c] for c in classes]])
-    k = int(decide(p, classes, threshold)[0])
-    if classes[k] == pred.pred:
-        return replace(pred, threshold=threshold)
-    # The old confidence belongs to the old call: 'notumor, confidence 0.99' must not be shown
-    # when 0.99 is the glioma's probability. A moved call carries its own class's probability.
-    moved = replace(pred, pred=classes[k], threshold=threshold, confidence=pred.probs[classes[k]])
-    return reassess(moved, rule)
-
-
 def records_at(records: list[dict], classes: list[str], threshold: float | None,
                rule: ReferralRule | None = None) -> list[dict]:
     """Evaluation records with ``pred`` recomputed at ``threshold`` (copies); with the card's

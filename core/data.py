@@ -81,6 +81,27 @@ def _is_image_file(f: Path) -> bool:
         return False
 
 
+def parse_sources(entries: list) -> list[dict]:
+    """`PATH`, `PATH=WEIGHT` or {path, weight, name} -> [{path, weight, name}]; a source is named
+    after its folder (the parent of a Training/Testing folder), as train.py records it."""
+    out = []
+    for e in entries:
+        if isinstance(e, dict):
+            if "path" not in e:
+                raise ValueError(f"a source without a path: {e}")
+            d = {"weight": 1.0, **e}
+        else:
+            path, _, w = str(e).partition("=")
+            try:
+                d = {"path": path, "weight": float(w or 1.0)}
+            except ValueError:
+                raise ValueError(f"{e}: the weight after '=' must be a number") from None
+        p = Path(d["path"])
+        d.setdefault("name", p.parent.name if p.name.lower() in SPLIT_DIRS else p.name)
+        out.append(d)
+    return out
+
+
 def discover(root: str | Path, source: str | None = None, check_readable: bool = False) -> Scan:
     """Find ``root/<class>/*`` or ``root/{Training,Testing}/<class>/*`` images.
 

@@ -707,13 +707,11 @@ def source_roots(card: dict | None, data_config: str | Path | None) -> dict[str,
     entries = list((card or {}).get("sources", []))
     if data_config and Path(data_config).exists():
         import tomllib
-        from .data import SPLIT_DIRS
+        from .data import parse_sources
         data = tomllib.loads(Path(data_config).read_text()).get("data", [])
-        for e in [data] if isinstance(data, (str, dict)) else data:
-            if not isinstance(e, dict):  # "PATH" or "PATH=WEIGHT", named as train.py names it
-                p = Path(str(e).partition("=")[0])
-                e = {"path": str(p), "name": p.parent.name if p.name.lower() in SPLIT_DIRS else p.name}
-            entries.append(e)
+        data = [data] if isinstance(data, (str, dict)) else data
+        # named as train.py names them; a table without a path is no root (train.py refuses it)
+        entries += parse_sources([e for e in data if not isinstance(e, dict) or "path" in e])
     roots = {}
     for e in entries:
         name, path = e.get("name"), e.get("path")

@@ -113,6 +113,21 @@ def reassess(pred, rule: ReferralRule | None):
                                uncertain_reason=rule.describe(p, pred.uncertain, typ))
 
 
+def at_threshold(pred, classes: list[str], threshold: float | None, rule: ReferralRule | None = None):
+    """The same `Prediction` decided at another operating point (None keeps the card's call);
+    with the card's referral ``rule``, a changed call gets its type flag redone."""
+    if threshold is None or pred.tumour_probability is None:
+        return pred
+    k = int(decide(np.array([[pred.probs[c] for c in classes]]), classes, float(threshold))[0])
+    if classes[k] == pred.pred:
+        return dataclasses.replace(pred, threshold=float(threshold))
+    # The old confidence belongs to the old call: 'notumor, confidence 0.99' must not be shown
+    # when 0.99 is the glioma's probability. A moved call carries its own class's probability.
+    moved = dataclasses.replace(pred, pred=classes[k], threshold=float(threshold),
+                                confidence=pred.probs[classes[k]])
+    return reassess(moved, rule)
+
+
 # ----------------------------------------------------------------------------- fitting on validation
 def pick_min_confidence(conf: np.ndarray, correct: np.ndarray, target_error: float = 0.005,
                         max_referred: float = 0.10) -> dict:

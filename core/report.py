@@ -30,7 +30,6 @@ metadata the reader found.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import sys
 import unicodedata
@@ -43,10 +42,9 @@ import numpy as np
 
 from .inference import Prediction, calibration_text
 from .labels import NO_TUMOUR, TUMOUR
-from .metrics import decide
 from .preprocess import prepare
 from .reader import ScanError, load_bytes, read_scan
-from .referral import ReferralRule, reassess
+from .referral import ReferralRule, at_threshold
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
 DISPLAY_PX = 384  # the model's crop redone at this size, so the pictures print sharp
@@ -99,8 +97,7 @@ def flags_of(row: Mapping) -> list[str]:
         return [FLAG_UNREADABLE]
     if not row.get("in_distribution", True):
         return [FLAG_OOD]
-    return [name for name, on in ((FLAG_OOD, not row.get("in_distribution", True)),
-                                  (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
+    return [name for name, on in ((FLAG_UNCERTAIN, bool(row.get("uncertain"))),
                                   (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on]
 
 
@@ -132,22 +129,6 @@ def source_line(info: Mapping) -> str:
     if info.get("display"):
         text += f"; {info['display']}"
     return text
-
-
-def at_threshold(p: Prediction, classes: list[str], threshold: float | None,
-                 rule: ReferralRule | None = None) -> Prediction:
-    """The same prediction decided at another operating point (None keeps the card's); with
-    the card's referral ``rule``, a changed call gets its type flag redone."""
-    if threshold is None or p.tumour_probability is None:
-        return p
-    probs = np.array([[p.probs[c] for c in classes]])
-    k = int(decide(probs, classes, float(threshold))[0])
-    if classes[k] == p.pred:
-        return dataclasses.replace(p, threshold=float(threshold))
-    # A moved call carries its own class's probability, not the old call's confidence.
-    moved = dataclasses.replace(p, pred=classes[k], threshold=float(threshold),
-                                confidence=p.probs[classes[k]])
-    return reassess(moved, rule)
 
 
 def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
