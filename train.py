@@ -27,7 +27,7 @@ import torch
 from core import data as D
 from core import distributed as DD
 from core import engine as E
-from core.evaluation import evaluate_records, prediction_records
+from core.evaluation import card_metrics, evaluate_records, prediction_records, write_json
 from core.inference import file_sha256
 from core.labels import label_targets, model_classes, tumour_classes
 from core.metrics import tumour_probability
@@ -514,7 +514,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                                  referral=ReferralRule.from_card({"classes": classes,
                                                                   "uncertainty": uncertainty}))
     ev = evaluate_records(records, classes, threshold)
-    (out / "eval.json").write_text(json.dumps(ev, indent=1))
+    write_json(out / "eval.json", ev)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
     card["tta"] = tta
@@ -522,7 +522,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
-    (out / "card.json").write_text(json.dumps(card, indent=1))
+    write_json(out / "card.json", card)
     for f in ("best.pt",):
         (out / f).unlink(missing_ok=True)
     print(json.dumps({"test_accuracy": ev.get("accuracy"), "macro_f1": ev.get("macro_f1"),
@@ -566,11 +566,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                        "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],
                        "dropped_small_head": f"{len(dropped)} slices whose head covers < "
                                              f"{args.min_head:.0%} of the image (near-black ends of volumes)"},
-        "metrics": {k: ev.get(k) for k in ("n", "accuracy", "macro_f1", "tumour_missed",
-                                          "normal_flagged", "sensitivity", "specificity", "ece")}
-                   | {"per_source": {k: {m: v.get(m) for m in ("n", "accuracy", "sensitivity",
-                                                              "specificity", "tumour_missed", "ece")}
-                                     for k, v in ev.get("per_source", {}).items()}},
+        "metrics": card_metrics(ev),
         "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
                      "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}
                                      if args.small_img and args.small_img_epochs else None),

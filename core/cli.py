@@ -81,6 +81,13 @@ def cmd_mark_copies(args) -> int:
     return 0
 
 
+def cmd_rescore(args) -> int:
+    from .evaluation import rescore
+    for w in args.weights:
+        rescore(w)
+    return 0
+
+
 def _writable_file(path: str) -> Path:
     """Check an output path before a long run, not after it."""
     out = Path(path)
@@ -156,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--weights", required=True)
     mc.add_argument("--data-config", help="TOML whose [[data]] entries name the source roots")
     mc.set_defaults(fn=cmd_mark_copies)
+    rs = sub.add_parser("rescore", help="recompute eval.json's summary and the card's metrics from "
+                                        "the stored per-image records (no data needed)")
+    rs.add_argument("weights", nargs="+", help="weights directories holding eval.json")
+    rs.set_defaults(fn=cmd_rescore)
     # Subcommands that live beside the code they drive: each module has add_cli(subparsers).
     import importlib
     for mod in PLUGIN_MODULES:

@@ -113,6 +113,53 @@ def evaluate_records(records: list[dict], classes: list[str], threshold: float |
     return ev
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """Replace a JSON file atomically: a run stopped half-way never leaves a truncated card."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def card_metrics(ev: dict) -> dict:
+    """The headline figures a model card keeps from its eval.json, overall and per source."""
+    return ({k: ev.get(k) for k in ("n", "accuracy", "macro_f1", "tumour_missed", "normal_flagged",
+                                    "sensitivity", "specificity", "ece")}
+            | {"per_source": {k: {m: v.get(m) for m in ("n", "accuracy", "macro_f1", "sensitivity",
+                                                       "specificity", "tumour_missed", "ece")}
+                              for k, v in ev.get("per_source", {}).items()}})
+
+
+def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Recompute eval.json's summary, and the card's metrics, from its stored per-image records.
+
+    The records (label, calibrated probabilities, flags) are the measurement; every figure above
+    them is derived, and a file written by older metric code keeps that code's figures (a macro F1
+    averaged over classes a source does not have, say). No data and no forward pass are needed.
+    Returns the figures that changed, as ``{name: (old, new)}``.
+    """
+    weights_dir = Path(weights_dir)
+    path = weights_dir / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train.py writes it")
+    ev = json.loads(path.read_text())
+    old = card_metrics(ev)
+    ev.update(evaluate_records(ev["predictions"], ev["classes"], ev.get("threshold")))
+    write_json(path, ev)
+    new = card_metrics(ev)
+    changed = {f"{src}.{k}": (o.get(k), n.get(k))
+               for src, o, n in [("all", old, new)] + [(s, old["per_source"].get(s, {}), v)
+                                                       for s, v in new["per_source"].items()]
+               for k in n if k != "per_source" and o.get(k) != n.get(k)}
+    card_path = weights_dir / "card.json"
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+        card["metrics"] = {**card.get("metrics", {}), **new}
+        write_json(card_path, card)
+    log(f"rescore {weights_dir}: " + (", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items())
+                                      or "every figure already current"))
+    return changed
+
+
 def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, log=print) -> dict:
     """Mark each test record of eval.json with ``copy_in_training`` and rewrite it.
 
@@ -138,9 +185,7 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
               for src in sorted(set(src_of))}
     ev["copies_in_training"] = {"method": "a near duplicate or a mirrored/half-turned copy in the train "
                                           "split (core.data.copies_in_training)", "per_source": counts}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ev, indent=1))
-    tmp.replace(path)
+    write_json(path, ev)
     log("test images with a copy in training: " + ", ".join(
         f"{s} {c['copy_in_training']} of {c['n']}" for s, c in counts.items()))
     return counts
@@ -270,9 +315,7 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
                             "unreadable": unreadable, "flagged": int(sum(not r["in_distribution"]
                                                                          for r in records)),
                             "seconds": round(time.time() - t0, 1)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ev, indent=1))
-    tmp.replace(path)
+    write_json(path, ev)
     log(f"annotate-ood: {checked} test files checked, {ev['ood_annotation']['flagged']} flagged "
         f"out of distribution, {missing} missing, {unreadable} unreadable "
         f"({ev['ood_annotation']['seconds']} s)")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from .evaluation import write_json
 from .preprocess import normalise, prepare
 from .reader import ScanImage
 
@@ -585,9 +586,7 @@ class OODGate:
         if card.exists():
             data = json.loads(card.read_text())
             data["ood"] = {**cfg, **(card_section or {})}
-            tmp = card.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, card)
+            write_json(card, data)
         return out_dir / "ood.safetensors"
 
     @classmethod

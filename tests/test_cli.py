@@ -376,3 +376,34 @@ def test_ood_source_roots_read_a_one_path_config(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('data = "/somewhere/br35h=0.5"\n')
     assert source_roots(None, cfg) == {"br35h": Path("/somewhere/br35h")}
+
+
+def test_rescore_recomputes_a_stale_summary_from_the_records(tmp_path, capsys):
+    """A summary written by older metric code is rebuilt from the per-image records alone."""
+    from core.evaluation import evaluate_records
+    rec = lambda f, src, lab, p: {"file": f, "source": src, "label": lab, "pred": max(p, key=p.get),
+                                  "probs": p, "tumour_probability": 1 - p["notumor"], "confidence": max(p.values()),
+                                  "uncertain": False, "type_uncertain": False,
+                                  "in_distribution": True, "ood_score": None}
+    g, n, m = ({"glioma": .9, "meningioma": .04, "pituitary": .03, "notumor": .03},
+               {"glioma": .05, "meningioma": .05, "pituitary": .05, "notumor": .85},
+               {"glioma": .1, "meningioma": .8, "pituitary": .05, "notumor": .05})
+    records = [rec("a.jpg", "lgg", "glioma", g), rec("b.jpg", "lgg", "glioma", m),
+               rec("c.jpg", "lgg", "notumor", n), rec("d.jpg", "bench", "meningioma", m)]
+    ev = evaluate_records(records, C4, 0.5)
+    fresh_f1 = ev["per_source"]["lgg"]["macro_f1"]
+    # LGG has glioma and notumor only: F1 1.0 for notumor, 2/3 for glioma; meningioma stays out.
+    assert fresh_f1 == pytest.approx((1 + 2 / 3) / 2)
+    ev["per_source"]["lgg"]["macro_f1"] = 0.25          # what older code stored
+    ev["accuracy"] = 0.1
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    (tmp_path / "card.json").write_text(json.dumps({"name": "x", "metrics": {"accuracy": 0.1, "kept": 1}}))
+    assert main(["rescore", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "eval.json").read_text())
+    assert out["per_source"]["lgg"]["macro_f1"] == pytest.approx(fresh_f1)
+    assert out["accuracy"] == pytest.approx(0.75) and out["predictions"] == records
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["metrics"]["per_source"]["lgg"]["macro_f1"] == pytest.approx(fresh_f1)
+    assert card["metrics"]["accuracy"] == pytest.approx(0.75) and card["metrics"]["kept"] == 1
+    assert "lgg.macro_f1 0.25 ->" in capsys.readouterr().out
+    assert main(["rescore", str(tmp_path / "missing")]) == 2
