@@ -52,13 +52,13 @@ def show_refusal(pred, key: str) -> None:
 def show_call(pred, key: str) -> None:
     """The call with its referral flags, probabilities and the tumour gauge."""
     st.markdown(f"### Prediction: **{pred.pred}**")
-    probs = [pred.probs[c] for c in predictor.classes]
+    probs, k = [pred.probs[c] for c in predictor.classes], predictor.classes.index(pred.pred)
     if pred.uncertain:
         st.warning("**Uncertain — refer for review**: "
-                   f"{predictor.referral.describe(probs, True, False)}.", icon=":material/warning:")
+                   f"{predictor.referral.describe(probs, k, pred.threshold, True, False)}.", icon=":material/warning:")
     if pred.type_uncertain:
         st.info("**Tumour — type uncertain**: "
-                f"{predictor.referral.describe(probs, False, True)}. The tumour call stands; "
+                f"{predictor.referral.describe(probs, k, pred.threshold, False, True)}. The tumour call stands; "
                 "read the type as a suggestion.", icon=":material/help:")
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
     if pred.tumour_probability is not None:
@@ -90,13 +90,16 @@ items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines 
 if masks:
     st.caption(f"{len(masks)} tumour mask(s) paired with their scans (X_mask.* beside X.*, or a two-valued X.png beside X.jpg): "
                "outlined on the saliency maps, not predicted.")
+slices: dict[int, int | None] = {}  # the slice on screen per volume: the report shows the same
 if len(items) == 1:
-    results = [show(0, *items[0], slice_choice(0, *items[0]))]
+    slices[0] = slice_choice(0, *items[0])
+    results = [show(0, *items[0], slices[0])]
 elif len(items) <= DETAILED:
     summary, results = st.container(), []
     for pos, (name, data) in enumerate(items):
         with st.expander(name, expanded=True):
-            results.append(show(pos, name, data, slice_choice(pos, name, data)))
+            slices[pos] = slice_choice(pos, name, data)
+            results.append(show(pos, name, data, slices[pos]))
 else:
     summary = st.container()
     results = [app.analyse(predictor, name, data, threshold)[0] for name, data in items]
@@ -107,7 +110,8 @@ else:
     if ok:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])
         with st.container(border=True):
-            show(k, *items[k], slice_choice(k, *items[k]))
+            slices[k] = slice_choice(k, *items[k])
+            results[k] = show(k, *items[k], slices[k])  # the table follows the slice shown
 if len(items) > 1:
     with summary:
         st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
@@ -120,4 +124,4 @@ if len(items) > 1:
                            "text/csv", on_click="ignore")
 
 # ---- plug-in spot: PDF/CSV report downloads from core.report (another issue) ----
-app.report_downloads(items, predictor, threshold)
+app.report_downloads(items, predictor, threshold, slices)

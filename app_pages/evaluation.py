@@ -47,7 +47,7 @@ else:
         st.error(f"{s['file']}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
     if held["ev"].get("scored_as"):  # yes/no folders: scored as tumour vs no tumour
-        classes, rule = held["ev"]["classes"], None
+        classes, rule = held["ev"]["classes"], rule.as_tumour_vs_none()
         st.caption(f"Folders without a tumour type: scored {held['ev']['scored_as']}.")
     if not records:
         st.error(f"No scan in {held['name']} could be evaluated.")
@@ -66,8 +66,8 @@ sources = app.sources_of(records)
 source = st.selectbox("Source", [None, *sources], format_func=lambda s: s or "all sources") \
     if len(sources) > 1 else None
 ev = app.evaluation_at(records, classes, threshold, source, rule)
-shown = app.records_at([r for r in records if source in (None, r.get("source"))], classes, threshold,
-                       rule)
+shown = app.records_at([r for r in records if source in (None, r.get("source", "data"))], classes,
+                       threshold, rule)
 
 c = st.columns(6)
 c[0].metric("Scans", ev["n"])
@@ -101,11 +101,14 @@ with t2:
     b.plotly_chart(dash.pr_figure(shown, classes), key="pr")
 with t3:
     if "threshold_curve" in ev:
-        a, b, c = st.columns(3)
+        a, b, c, d = st.columns(4)
         a.metric("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}")
         b.metric("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}")
         c.metric("Silent misses", ev.get("silent_misses", "n/a"),
                  help="Missed tumours with no out-of-distribution or uncertainty flag")
+        d.metric("Out of distribution", f"{ev.get('flagged_ood', 0)} of {ev['n']}",
+                 help="Refused by the model's gate: the app gives these scans no call. Every "
+                      "figure on this page still counts the model's raw output for them.")
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
     else:
         st.info("No tumour/no-tumour labels here, so no false-negative analysis.")
@@ -122,3 +125,5 @@ with t4:
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
     if ev.get("risk_coverage"):
         b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc")
+        b.caption("Scans ranked by the model's confidence in its top class (the tumour call for "
+                  "sets without types): this curve does not move with the operating point.")

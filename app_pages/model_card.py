@@ -43,6 +43,8 @@ with b:
     st.json({"operating_point": card.get("operating_point", {}),
              "uncertainty": card.get("uncertainty", {})})
     st.markdown("#### Test metrics")
+    if (copies := app.copies_note(predictor.dir)):
+        st.caption(copies)
     st.json({k: v for k, v in card.get("metrics", {}).items() if k != "per_source"})
     if card.get("metrics", {}).get("per_source"):
         with st.expander("Per source"):

@@ -17,7 +17,7 @@ import numpy as np
 import streamlit as st
 
 from .evaluation import NothingToScore, evaluate_records, prediction_record, score_labelled
-from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, default_weights, load_card,
+from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
                         most_tumour_like_slice, shipped_models)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import decide
@@ -31,7 +31,14 @@ SAMPLES_DIR = ROOT / "assets" / "samples"
 
 # ----------------------------------------------------------------------------- models
 def is_model_dir(d: Path) -> bool:
-    return (d / "card.json").is_file() and (d / "model.safetensors").is_file()
+    """Weights beside a card that can serve them (a hand-broken card is left out of the list)."""
+    if not ((d / "card.json").is_file() and (d / "model.safetensors").is_file()):
+        return False
+    try:
+        load_card(d)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def model_choices() -> list[Path]:
@@ -56,15 +63,6 @@ def weights_stamp(weights_dir: str | Path) -> tuple[str, int, int]:
     f = Path(weights_dir).resolve() / "model.safetensors"
     info = f.stat()
     return str(f.parent), info.st_mtime_ns, info.st_size
-
-
-def card_threshold(card: dict) -> float | None:
-    """The card's operating point, or None for a model without tumour/no-tumour classes."""
-    classes = card.get("classes", [])
-    if not (tumour_classes(classes) and NO_TUMOUR in classes):
-        return None
-    t = card.get("operating_point", {}).get("threshold")
-    return 0.5 if t is None else float(t)
 
 
 def has_gate_file(weights_dir: str | Path) -> bool:
@@ -114,19 +112,17 @@ def class_wording(classes: list[str]) -> str:
 # ----------------------------------------------------------------------------- operating point
 def records_at(records: list[dict], classes: list[str], threshold: float | None,
                rule: ReferralRule | None = None) -> list[dict]:
-    """Evaluation records with ``pred`` recomputed at ``threshold`` (copies); with the card's
-    referral ``rule``, ``type_uncertain`` too: it follows the call (``uncertain`` does not).
-
-    ``confidence`` stays the top-class probability: the risk-coverage curve pairs it with
-    top-class correctness, and no page shows it beside a record's call."""
+    """Evaluation records decided anew at ``threshold`` (copies): ``pred`` and its
+    ``confidence`` (the called class's probability), and with the card's referral ``rule`` both
+    flags, as `core.referral.at_threshold` does for one served prediction."""
     if not records:
         return []
     p = np.array([[r["probs"][c] for c in classes] for r in records])
     k = decide(p, classes, threshold)
-    out = [{**r, "pred": classes[i]} for r, i in zip(records, k)]
+    out = [{**r, "pred": classes[i], "confidence": float(p[j, i])} for j, (r, i) in enumerate(zip(records, k))]
     if rule is not None:
-        for r, t in zip(out, rule.flags(p, k)[1]):
-            r["type_uncertain"] = bool(t)
+        for r, u, t in zip(out, *rule.flags(p, k, threshold)):
+            r["uncertain"], r["type_uncertain"] = bool(u), bool(t)
     return out
 
 
@@ -134,7 +130,7 @@ def evaluation_at(records: list[dict], classes: list[str], threshold: float | No
                   source: str | None = None, rule: ReferralRule | None = None) -> dict:
     """All metrics recomputed from the predictions at ``threshold``, for one source or all."""
     if source:
-        records = [r for r in records if r.get("source") == source]
+        records = [r for r in records if r.get("source", "data") == source]
     return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
 
 
@@ -143,6 +139,17 @@ def without_copies(records: list[dict]) -> tuple[list[dict], int]:
     by `core.evaluation.mark_copies`), and how many were left out."""
     kept = [r for r in records if not r.get("copy_in_training")]
     return kept, len(records) - len(kept)
+
+
+def copies_note(weights_dir: str | Path) -> str | None:
+    """Says that the card's test figures count scans the Evaluation page leaves out by default."""
+    stored = load_eval(weights_dir)
+    n_copies = without_copies(stored["predictions"])[1] if stored else 0
+    if not n_copies:
+        return None
+    return (f"Over all {len(stored['predictions'])} test scans, including the {n_copies} with a copy "
+            "(near duplicate, mirrored or turned) in training; the Evaluation page leaves those out "
+            "unless asked.")
 
 
 def sources_of(records: list[dict]) -> list[str]:
@@ -593,18 +600,21 @@ def held_result(name: str, predictor: Predictor) -> tuple[dict | None, bool]:
 
 
 def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
-                     threshold: float | None) -> None:
+                     threshold: float | None, slices: dict[int, int | None] | None = None) -> None:
     """PDF/CSV report buttons from core.report, built on request and kept for these files.
 
     ``core.report.report_downloads_data(items, predictor, threshold)`` predicts and computes
-    saliency again, so it runs behind a button, once per set of files and operating point.
+    saliency again, so it runs behind a button, once per set of files, slices shown (``slices``:
+    position -> slice index of a volume) and operating point.
     """
     try:
         from .report import report_downloads_data
     except ImportError:  # the report module is not there: no buttons, no error
         return
-    files = [(n, d) for n, d in items if isinstance(d, (bytes, bytearray))]
-    key = (predictor.weights_sha256, threshold, tuple(digest(d) for _, d in files))
+    slices = slices or {}
+    files = [(n, d, {"slice_index": slices[i]} if slices.get(i) is not None else {})
+             for i, (n, d) in enumerate(items) if isinstance(d, (bytes, bytearray))]
+    key = (predictor.weights_sha256, threshold, tuple((digest(d), kw.get("slice_index")) for _, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
         if not files or not st.button("Prepare a PDF and CSV report", key="report-build"):

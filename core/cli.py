@@ -125,21 +125,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .inference import predict_many
+    from .report import text_line
     pred = _predictor(args.weights)
     results = predict_many(pred, [(f, f) for f in args.files])
     for r in results:
-        if args.json:
-            print(json.dumps(r), flush=True)
-        elif r["ok"]:
-            flags = [n for n, on in (("out-of-distribution", not r["in_distribution"]),
-                                     ("uncertain, refer", r["uncertain"]),
-                                     ("tumour type uncertain", r.get("type_uncertain"))) if on]
-            tp = r["tumour_probability"]
-            print(f"{r['file']}: {r['pred']}" + (f" (tumour probability {tp:.3f})" if tp is not None else "")
-                  + (f" [{', '.join(flags)}]" if flags else "")
-                  + (f" {r['ood_reason']}" if r.get("ood_reason") else ""))
-        else:
-            print(f"{r['file']}: error: {r['error']}")
+        print(json.dumps(r) if args.json else text_line(r), flush=True)
     return 0 if all(r["ok"] for r in results) else 1
 
 

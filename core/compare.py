@@ -209,7 +209,7 @@ def display_row(r: dict) -> list[str]:
             _num(r.get("test_images"), "d"), _accuracy(r), _num(r["macro_f1"], ".3f"),
             _num(r["tumour_missed"], "d"), _num(r["ece"], ".3f"),
             "-" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M",
-            "-" if size is None else f"{size / 2**20:.1f} MB",
+            "-" if size is None else f"{size / 2**20:.1f} MiB",
             "-" if lat is None else f"{lat:.1f} ms", _duration(r["train_time_s"]),
             r.get("device") or "-", r["settings"]]
 

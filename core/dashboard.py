@@ -268,9 +268,15 @@ def ood_summary(ood: dict) -> str:
     """The gate in sentences, from its card section; a measurement the card lacks is left out."""
     text = (f"Method `{ood.get('method', 'n/a')}`. Flags at most 2 % of each source's "
             "validation MRI.")
-    flagged = readable((ood.get("measured") or {}).get("test_mri_flagged_pct"), " %")
+    measured = ood.get("measured") or {}
+    flagged = readable(measured.get("test_mri_flagged_pct"), " %")
     if flagged:
         text += f" Test MRI flagged per source: {flagged}."
+    elif measured.get("max_test_mri_flagged_pct") is not None:  # a version-1 card
+        text += f" Test MRI flagged: at most {measured['max_test_mri_flagged_pct']} % in any source."
+    if measured.get("unseen_mean_pct") is not None:  # version 1: categories the gate never trained on
+        text += (f" Kinds of image it never trained on, flagged: mean {measured['unseen_mean_pct']} %, "
+                 f"worst {measured.get('unseen_min_pct', 'n/a')} %.")
     est = ood.get("held_out_estimate") or {}
     rates = readable({"mean": est.get("non_brain_mean_pct", est.get("mean_pct")),
                       "worst": est.get("non_brain_min_pct", est.get("min_pct"))}, " %")

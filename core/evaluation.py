@@ -32,10 +32,10 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
     pred = decide(probs, classes, threshold)
     t_prob = tumour_probability(probs, classes) if tumour_classes(classes) else None
     rule = referral or ReferralRule(tuple(classes))
-    unc, typ = rule.flags(probs, pred)
+    unc, typ = rule.flags(probs, pred, threshold)
     out = []
     for i, s in enumerate(samples):
-        conf = float(probs[i].max())
+        conf = float(probs[i, pred[i]])
         rec = {"file": s.rel, "source": s.source, "label": s.label, "pred": classes[pred[i]],
                "probs": {c: round(float(v), 6) for c, v in zip(classes, probs[i])},
                "tumour_probability": None if t_prob is None else round(float(t_prob[i]), 6),
@@ -78,7 +78,7 @@ def _risk_coverages(records: list[dict], classes: list[str], threshold: float | 
     out = {}
     fine = [r for r in records if r["label"] in classes]
     if fine:
-        conf = np.array([r["confidence"] for r in fine])
+        conf = np.array([max(r["probs"].values()) for r in fine])  # the top class, judged below
         correct = np.array([max(r["probs"], key=r["probs"].get) == r["label"] for r in fine])
         out["risk_coverage"] = risk_coverage(conf, correct)
     if not has_tumour_decision(classes):
@@ -107,7 +107,7 @@ def evaluate_records(records: list[dict], classes: list[str], threshold: float |
     ev = _metrics_for(records, classes, threshold)
     sources = sorted({r.get("source", "data") for r in records})
     if len(sources) > 1:
-        ev["per_source"] = {s: _metrics_for([r for r in records if r.get("source") == s],
+        ev["per_source"] = {s: _metrics_for([r for r in records if r.get("source", "data") == s],
                                             classes, threshold) for s in sources}
     ev["predictions"] = records
     return ev

@@ -46,7 +46,28 @@ def shipped_models() -> list[Path]:
 
 
 def load_card(weights_dir: str | Path) -> dict:
-    return json.loads((Path(weights_dir) / "card.json").read_text())
+    """The card, checked for what serving needs: a hand-edited card fails in one sentence."""
+    path = Path(weights_dir) / "card.json"
+    card = json.loads(path.read_text())
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} is not a model card (a JSON object)")
+    missing = [k for k, kind in (("classes", list), ("arch", str), ("preprocessing", dict))
+               if not isinstance(card.get(k), kind)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a card written by train.py")
+    if len(card["classes"]) < 2:
+        raise ValueError(f"{path} names fewer than two classes")
+    return card
+
+
+def card_threshold(card: dict) -> float | None:
+    """The card's operating point, or None for a model without tumour/no-tumour classes
+    (decided by the top class). A tumour model's card without one gets 0.5, everywhere."""
+    classes = card.get("classes", [])
+    if not (tumour_classes(classes) and NO_TUMOUR in classes):
+        return None
+    t = (card.get("operating_point") or {}).get("threshold")
+    return 0.5 if t is None else float(t)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -154,7 +175,7 @@ class Predictor:
         self.classes: list[str] = self.card["classes"]
         self.spec: dict = self.card["preprocessing"]
         self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
-        self.threshold = self.card.get("operating_point", {}).get("threshold")
+        self.threshold = card_threshold(self.card)
         self.referral = ReferralRule.from_card(self.card)
         self.tta: dict | None = self.card.get("tta")  # selective mirror pass (`apply_tta`)
         self.device = torch.device(device)
@@ -209,14 +230,14 @@ class Predictor:
         p = self.probabilities(x)
         k = int(decide(p, self.classes, self.threshold)[0])
         t_prob = float(tumour_probability(p, self.classes)[0]) if self.is_tumour_model else None
-        conf = float(p[0].max())
-        unc, typ = self.referral.flags(p, np.array([k]))
+        conf = float(p[0, k])  # of the class called, which a threshold can make other than the top one
+        unc, typ = self.referral.flags(p, np.array([k]), self.threshold)
         in_dist, score, reason = self.distribution_check(scan, x)
         return Prediction(pred=self.classes[k],
                           probs={c: float(v) for c, v in zip(self.classes, p[0])},
                           tumour_probability=t_prob, threshold=self.threshold, confidence=conf,
                           uncertain=bool(unc[0]), in_distribution=bool(in_dist), ood_score=score,
-                          type_uncertain=bool(typ[0]), uncertain_reason=self.referral.reason(p[0], k),
+                          type_uncertain=bool(typ[0]), uncertain_reason=self.referral.reason(p[0], k, self.threshold),
                           ood_reason=reason, info=dict(scan.info))
 
     def distribution_check(self, scan: ScanImage, x: torch.Tensor | None) -> tuple[bool, float | None, str | None]:

@@ -42,7 +42,10 @@ def is_tumour_label(label: str) -> bool | None:
     return None
 
 
-def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+ECE_BINS = 15  # the reliability diagram draws the same bins its ECE is computed on
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     conf, correct = np.asarray(conf, float), np.asarray(correct, float)
     if len(conf) == 0:
         return float("nan")
@@ -55,7 +58,7 @@ def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int 
     return float(ece)
 
 
-def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
+def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
     edges = np.linspace(0, 1, bins + 1)
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -99,9 +102,12 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
         for k, c in enumerate(classes):
             tn = cm.sum() - cm[k].sum() - cm[:, k].sum() + cm[k, k]
             fp = cm[:, k].sum() - cm[k, k]
-            per_class[c] = {"precision": float(prec[k]), "recall": float(rec[k]),
-                            "f1": float(f1[k]), "specificity": _ratio(tn, tn + fp),
-                            "support": int(sup[k])}
+            # n/a, not 0, where a rate has no denominator: a class this set has no image of
+            # has no recall or F1, and one never predicted has no precision.
+            per_class[c] = {"precision": float(prec[k]) if cm[:, k].sum() else None,
+                            "recall": float(rec[k]) if sup[k] else None,
+                            "f1": float(f1[k]) if sup[k] else None,
+                            "specificity": _ratio(tn, tn + fp), "support": int(sup[k])}
         conf = probs[fine].max(axis=1)
         correct = probs[fine].argmax(axis=1) == y
         present = sorted(set(y.tolist()))  # a class this set has no image of has no F1 to average

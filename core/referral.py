@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, is_tumour_label, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
@@ -62,70 +62,82 @@ class ReferralRule:
         return cls(classes, float(u["lo"]), float(u["hi"]), old,
                    float(u.get("min_type_confidence") or 0.0))
 
+    def as_tumour_vs_none(self) -> "ReferralRule":
+        """The rule for records folded to tumor/notumor (a yes/no set scored against a typed model):
+        the band is on the same tumour probability; the type is not judged there."""
+        return dataclasses.replace(self, classes=(TUMOUR, NO_TUMOUR), min_type_confidence=0.0)
+
     @property
     def uses_band(self) -> bool:
         return self.lo is not None and self.hi is not None
 
-    def flags(self, probs: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(uncertain, type_uncertain) per row of ``probs`` decided as class indices ``pred``."""
+    def band(self, threshold: float | None = None) -> tuple[float, float]:
+        """The referral band, stretched to hold an operating point moved outside it.
+
+        A call made between the validated edge and a moved threshold goes against the side the
+        model is sure of (no tumour at p(tumour) 0.98), so it is referred, never shown plain.
+        """
+        if threshold is None:
+            return self.lo, self.hi
+        return min(self.lo, float(threshold)), max(self.hi, float(threshold))
+
+    def flags(self, probs: np.ndarray, pred: np.ndarray,
+              threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(uncertain, type_uncertain) per row of ``probs`` decided as class indices ``pred``
+        at ``threshold`` (None: the band as fitted)."""
         probs = np.atleast_2d(np.asarray(probs, np.float64))
-        if not self.uses_band:
-            return probs.max(1) < self.min_confidence, np.zeros(len(probs), bool)
+        pred = np.asarray(pred)
+        if not self.uses_band:  # judged on the probability of the class called, not the top one
+            return probs[np.arange(len(probs)), pred] < self.min_confidence, np.zeros(len(probs), bool)
         classes = list(self.classes)
         t = tumour_probability(probs, classes)
-        called = np.asarray(pred) != classes.index(NO_TUMOUR)
-        return ((t >= self.lo) & (t < self.hi),
+        lo, hi = self.band(threshold)
+        called = pred != classes.index(NO_TUMOUR)
+        return ((t >= lo) & (t < hi),
                 called & (type_confidence(probs, classes) < self.min_type_confidence))
 
-    def reason(self, probs: np.ndarray, pred: int) -> str | None:
+    def reason(self, probs: np.ndarray, pred: int, threshold: float | None = None) -> str | None:
         """Why one prediction is flagged, with the numbers that make it checkable; None if not."""
-        unc, typ = self.flags(probs, np.array([pred]))
-        return self.describe(probs, bool(unc[0]), bool(typ[0]))
+        unc, typ = self.flags(probs, np.array([pred]), threshold)
+        return self.describe(probs, pred, threshold, bool(unc[0]), bool(typ[0]))
 
-    def describe(self, probs: np.ndarray, uncertain: bool, type_uncertain: bool) -> str | None:
-        """The text for these flags on one row of probabilities."""
+    def describe(self, probs: np.ndarray, pred: int, threshold: float | None,
+                 uncertain: bool, type_uncertain: bool) -> str | None:
+        """The text for these flags on one row of probabilities called as class index ``pred``."""
         probs = np.asarray(probs, np.float64).reshape(1, -1)
         classes = list(self.classes)
         out = []
         if uncertain and self.uses_band:
+            lo, hi = self.band(threshold)
+            moved = " (stretched to the operating point)" if (lo, hi) != (self.lo, self.hi) else ""
             out.append(f"tumour probability {tumour_probability(probs, classes)[0]:.3f} is inside "
-                       f"the referral band {self.lo:.3f}-{self.hi:.3f}")
+                       f"the referral band {lo:.3f}-{hi:.3f}{moved}")
         elif uncertain:
-            out.append(f"confidence {probs.max():.3f} is below the referral level "
-                       f"{self.min_confidence:.3f}")
+            out.append(f"the probability of {classes[pred]}, {probs[0, pred]:.3f}, is below the "
+                       f"referral level {self.min_confidence:.3f}")
         if type_uncertain:
             out.append(f"the most likely tumour type holds {type_confidence(probs, classes)[0]:.0%} "
                        f"of the tumour probability, below {self.min_type_confidence:.0%}")
         return "; ".join(out) or None
 
 
-def reassess(pred, rule: ReferralRule | None):
-    """A `Prediction` decided anew (another threshold) with its type flag following the call.
-
-    ``uncertain`` depends on the probabilities alone (band or top class), so it is kept.
-    """
-    if rule is None:
-        return pred
-    classes = list(rule.classes)
-    p = np.array([pred.probs[c] for c in classes])
-    typ = bool(rule.flags(p, np.array([classes.index(pred.pred)]))[1][0])
-    return dataclasses.replace(pred, type_uncertain=typ,
-                               uncertain_reason=rule.describe(p, pred.uncertain, typ))
-
-
 def at_threshold(pred, classes: list[str], threshold: float | None, rule: ReferralRule | None = None):
-    """The same `Prediction` decided at another operating point (None keeps the card's call);
-    with the card's referral ``rule``, a changed call gets its type flag redone."""
+    """The same `Prediction` decided at another operating point (None keeps the card's call).
+
+    The confidence is the probability of the class called, and with the card's referral
+    ``rule`` both flags are redone: a call can move, and so can the band (`ReferralRule.band`).
+    """
     if threshold is None or pred.tumour_probability is None:
         return pred
-    k = int(decide(np.array([[pred.probs[c] for c in classes]]), classes, float(threshold))[0])
-    if classes[k] == pred.pred:
-        return dataclasses.replace(pred, threshold=float(threshold))
-    # The old confidence belongs to the old call: 'notumor, confidence 0.99' must not be shown
-    # when 0.99 is the glioma's probability. A moved call carries its own class's probability.
+    p = np.array([pred.probs[c] for c in classes])
+    k = int(decide(p[None], classes, float(threshold))[0])
     moved = dataclasses.replace(pred, pred=classes[k], threshold=float(threshold),
                                 confidence=pred.probs[classes[k]])
-    return reassess(moved, rule)
+    if rule is None:
+        return moved
+    unc, typ = rule.flags(p, np.array([k]), threshold)
+    return dataclasses.replace(moved, uncertain=bool(unc[0]), type_uncertain=bool(typ[0]),
+                               uncertain_reason=rule.describe(p, k, threshold, bool(unc[0]), bool(typ[0])))
 
 
 # ----------------------------------------------------------------------------- fitting on validation

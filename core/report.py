@@ -270,7 +270,8 @@ class ReportContext:
     def of(cls, predictor, threshold: float | None, method: str) -> "ReportContext":
         card = predictor.card
         t = predictor.threshold if threshold is None else float(threshold)
-        source = "model card" if threshold is None else "set for this report"
+        # The app always passes its slider's value: only a value other than the card's was set here.
+        source = "model card" if threshold is None or t == predictor.threshold else "set for this report"
         return cls(model=str(predictor.name), version=str(card.get("version") or "unversioned"),
                    arch=str(card.get("arch", "")), weights_sha256=str(predictor.weights_sha256),
                    classes=list(predictor.classes), threshold=t, threshold_source=source,
@@ -287,13 +288,14 @@ class ReportContext:
                else "no out-of-distribution check for this model")
         rule = self.referral
         if rule is not None and rule.uses_band:
-            conf = f"tumour probability outside the referral band {rule.lo:.2f}-{rule.hi:.2f}"
+            lo, hi = rule.band(self.threshold)
+            conf = f"tumour probability outside the referral band {lo:.2f}-{hi:.2f}"
             if rule.min_type_confidence > 0:
                 conf += (f", tumour type clear (the top type holds at least "
                          f"{rule.min_type_confidence:.0%} of the tumour probability)")
         else:
             level = rule.min_confidence if rule is not None else 0.0
-            conf = (f"confidence above the referral level {level:.2f}"
+            conf = (f"probability of the class called above the referral level {level:.2f}"
                     if level > 0 else "no referral level set")
         return f"{ood.capitalize()}; {conf}."
 
@@ -520,7 +522,8 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
     flags = flags_of(r.to_row())
     for f in flags:
         title, text, colours = FLAG_TEXT[f]
-        why = (ctx.referral.describe([p.probs[c] for c in ctx.classes], f == FLAG_UNCERTAIN,
+        why = (ctx.referral.describe([p.probs[c] for c in ctx.classes], ctx.classes.index(p.pred),
+                                     p.threshold, f == FLAG_UNCERTAIN,
                                      f == FLAG_TYPE_UNCERTAIN)
                if ctx.referral is not None and f in (FLAG_UNCERTAIN, FLAG_TYPE_UNCERTAIN) else None)
         if why:  # the numbers make the referral checkable
@@ -668,13 +671,18 @@ def _probability(text: str) -> float:
     return v
 
 
-def _line(r: ScanResult) -> str:
-    if not r.ok:
-        return f"{r.name}: error: {r.error}"
-    p = r.prediction
-    tp = "" if p.tumour_probability is None else f" (tumour probability {p.tumour_probability:.3f})"
-    flags = f" [{', '.join(r.flags)}]" if r.flags else ""
-    return f"{r.name}: {p.pred if p.in_distribution else 'no diagnosis'}{tp}{flags}"
+def text_line(row: Mapping) -> str:
+    """One result row (the `predict_many` shape) as the CLI prints it. A flagged scan shows no
+    call and no tumour probability: only the flag and why."""
+    if not row.get("ok"):
+        return f"{row['file']}: error: {row['error']}"
+    flags = flags_of(row)
+    tp = row.get("tumour_probability")
+    text = f"{row['file']}: {call_of(row) or 'no diagnosis'}"
+    if tp is not None and call_of(row):
+        text += f" (tumour probability {tp:.3f})"
+    text += f" [{', '.join(flags)}]" if flags else ""
+    return text + (f" {row['ood_reason']}" if row.get("ood_reason") else "")
 
 
 def _write(path: str, data: bytes | str, what: str) -> bool:
@@ -713,7 +721,7 @@ def cmd_report(args) -> int:
     results = analyse([(f, f) for f in args.files], predictor, args.threshold, args.method,
                       keep_bytes=bool(args.audit))
     for r in results:
-        print(_line(r), flush=True)
+        print(text_line(r.to_row()), flush=True)
     pdf = render_pdf(results, ReportContext.of(predictor, args.threshold, args.method))
     if not _write(args.out, pdf, "report"):
         return 2

@@ -118,7 +118,8 @@ def test_no_gate_warning_names_a_model_with_one(tmp_path):
         gate = None
     gated = tmp_path / "gated"
     gated.mkdir()
-    (gated / "card.json").write_text(json.dumps({"name": "safe-model"}))
+    (gated / "card.json").write_text(json.dumps({"name": "safe-model", "classes": ["tumor", "notumor"],
+                                                 "arch": "simple_cnn", "preprocessing": {}}))
     (gated / "ood.safetensors").write_bytes(b"")
     text = app_support.no_gate_warning(Fake(), [tmp_path / "plain", gated])
     assert "No out-of-distribution gate" in text and "Prefer safe-model" in text
@@ -253,3 +254,60 @@ def test_lgg_layout_masks_pair_by_name_and_values():
         assert len(items) == 2 and not masks
     items, masks = app_support.pair_masks([("t1/X.jpg", scan), ("flair/X.png", png(mask))])
     assert len(items) == 2 and not masks
+
+
+# ----------------------------------------------------------------------------- session 15 review
+def test_the_report_covers_the_slice_on_screen(app, monkeypatch):
+    """A volume viewed at slice 1 is reported at slice 1, not at the middle one."""
+    import nibabel as nib
+    import numpy as np
+    from core import report
+    seen = []
+    monkeypatch.setattr(report, "report_downloads_data", lambda items, *a, **k: seen.append(list(items)) or {
+        "pdf": (b"%PDF", "application/pdf", "report.pdf"), "csv": ("a,b\n", "text/csv", "report.csv")})
+    vol = (np.random.default_rng(0).random((48, 48, 5)) * 200).astype(np.float32)
+    buf = io.BytesIO(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("vol.nii", buf.getvalue(), "application/octet-stream")).run()
+    next(s for s in app.slider if s.key.startswith("s-")).set_value(1).run()
+    next(b for b in app.button if b.label.startswith("Prepare a PDF")).click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    (items,) = seen
+    assert [(name, kw) for name, _, kw in items] == [("vol.nii", {"slice_index": 1})]
+
+
+def test_yes_no_zip_referral_follows_the_operating_point():
+    """Records folded to tumour vs no tumour are referred by the card's band at the slider's value."""
+    from core.evaluation import _as_tumour_vs_none
+    from core.referral import ReferralRule
+    rule = ReferralRule(tuple(CLASSES), lo=0.04, hi=0.95, min_type_confidence=0.9)
+    p = {"glioma": 0.4, "meningioma": 0.35, "pituitary": 0.236, "notumor": 0.014}
+    rec = {"file": "yes/a.jpg", "label": "tumor", "pred": "glioma", "probs": p, "tumour_probability": 0.986,
+           "confidence": 0.4, "uncertain": False, "type_uncertain": True, "in_distribution": True}
+    folded = [_as_tumour_vs_none(rec, 0.5)]
+    (r,) = app_support.records_at(folded, ["tumor", "notumor"], 0.99, rule.as_tumour_vs_none())
+    assert r["pred"] == "notumor" and r["uncertain"] is True and r["type_uncertain"] is False
+    ev = app_support.evaluation_at(folded, ["tumor", "notumor"], 0.99, rule=rule.as_tumour_vs_none())
+    assert ev["tumour_missed"] == 1 and ev["silent_misses"] == 0 and ev["referred_type_uncertain"] == 0
+
+
+def test_the_report_names_the_card_threshold_as_the_cards(random_weights):
+    from core.report import ReportContext
+    pred = core.inference.Predictor(random_weights)
+    assert ReportContext.of(pred, pred.threshold, "gradcam").threshold_source == "model card"
+    assert ReportContext.of(pred, 0.3, "gradcam").threshold_source == "set for this report"
+
+
+def test_a_version_1_gate_card_shows_its_measurements():
+    card = json.loads((REPO / "weights" / "resnet18" / "card.json").read_text())["ood"]
+    text = ood_summary(card)
+    assert "at most 1.0 % in any source" in text and "never trained on" in text
+
+
+def test_model_card_says_its_test_figures_include_copies(tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    assert app_support.copies_note(w) is None                     # no eval.json
+    recs = [{"file": "a", "copy_in_training": True}, {"file": "b", "copy_in_training": False}]
+    (w / "eval.json").write_text(json.dumps({"predictions": recs}))
+    assert "Over all 2 test scans, including the 1 with a copy" in app_support.copies_note(w)

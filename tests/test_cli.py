@@ -407,3 +407,60 @@ def test_rescore_recomputes_a_stale_summary_from_the_records(tmp_path, capsys):
     assert card["metrics"]["accuracy"] == pytest.approx(0.75) and card["metrics"]["kept"] == 1
     assert "lgg.macro_f1 0.25 ->" in capsys.readouterr().out
     assert main(["rescore", str(tmp_path / "missing")]) == 2
+
+
+def test_predict_text_gives_a_flagged_scan_no_call(weights, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    photo = tmp_path / "cat.png"
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((96, 96)).save(photo)
+    assert main(["predict", "--weights", str(weights), str(photo)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{photo}: no diagnosis [out-of-distribution]"), line
+    assert "tumour probability" not in line and "notumor" not in line
+
+
+@pytest.mark.parametrize("card, why", [([], "not a model card"), ({"name": "x"}, "lacks classes, arch, preprocessing"),
+                                       ({"classes": ["a"], "arch": "simple_cnn", "preprocessing": {}},
+                                        "fewer than two classes")])
+def test_a_malformed_card_is_one_sentence_and_exit_2(weights, tmp_path, capsys, card, why):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(weights, bad)
+    (bad / "card.json").write_text(json.dumps(card))
+    assert main(["predict", "--json", "--weights", str(bad), __file__]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err
+
+
+def test_a_card_without_a_threshold_decides_at_one_half_everywhere(weights, tmp_path):
+    """The CLI and the app used to differ: argmax in one, 0.5 in the other."""
+    import shutil
+    from core.app_support import card_threshold
+    from core.inference import Predictor
+    w = tmp_path / "w"
+    shutil.copytree(weights, w)
+    card = json.loads((w / "card.json").read_text())
+    card.pop("operating_point", None)
+    (w / "card.json").write_text(json.dumps(card))
+    assert Predictor(w).threshold == card_threshold(card) == 0.5
+
+
+def test_confidence_is_the_probability_of_the_class_called(tmp_path, four_class_dir, capsys):
+    # tumour probability 0.289 >= 0.2: called glioma (p 0.096) while notumor holds 0.711
+    w = make_weights(tmp_path / "w_low", threshold=0.2)
+    assert main(["predict", "--json", "--weights", str(w), str(four_class_dir / "pituitary" / "pi0.jpg")]) == 0
+    x = json.loads(capsys.readouterr().out)
+    assert x["pred"] == "glioma" and x["confidence"] == pytest.approx(x["probs"]["glioma"])
+
+
+def test_records_without_a_source_are_one_source_named_data():
+    from core.app_support import evaluation_at
+    from core.evaluation import evaluate_records
+    p = {"glioma": .9, "meningioma": .04, "pituitary": .03, "notumor": .03}
+    recs = [{"file": "a", "label": "glioma", "pred": "glioma", "probs": p, "tumour_probability": .97,
+             "confidence": .9, "uncertain": False, "in_distribution": True},
+            {**{"file": "b", "label": "glioma", "pred": "glioma", "probs": p, "tumour_probability": .97,
+                "confidence": .9, "uncertain": False, "in_distribution": True}, "source": "lgg"}]
+    ev = evaluate_records(recs, C4, 0.5)
+    assert ev["per_source"]["data"]["n"] == 1 and ev["per_source"]["lgg"]["n"] == 1
+    assert evaluation_at(recs, C4, 0.5, "data")["n"] == 1

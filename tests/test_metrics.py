@@ -217,3 +217,24 @@ def test_macro_f1_averages_the_classes_the_set_has():
     m = classification_metrics(probs, labels, classes)
     f1_glioma, f1_notumor = 2 * 3 / (2 * 3 + 1), 1.0
     assert m["macro_f1"] == pytest.approx((f1_glioma + f1_notumor) / 2)
+
+
+def test_a_class_without_images_has_no_recall_and_one_never_called_no_precision():
+    """LGG has glioma and notumor only: meningioma's recall and F1 are n/a, not 0.000."""
+    labels, preds = ["glioma", "glioma", "notumor"], ["glioma", "meningioma", "notumor"]
+    m = classification_metrics(probs_for(preds, [True, False, True]), labels, C4)
+    men, pit = m["per_class"]["meningioma"], m["per_class"]["pituitary"]
+    assert men["support"] == 0 and men["recall"] is None and men["f1"] is None
+    assert men["precision"] == 0.0                      # called once, wrongly
+    assert pit["precision"] is None and pit["recall"] is None and pit["specificity"] == 1.0
+    assert m["per_class"]["glioma"]["recall"] == pytest.approx(0.5)
+
+
+def test_the_reliability_diagram_uses_the_bins_of_its_ece():
+    from core.metrics import expected_calibration_error, reliability
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1, 500)
+    correct = rng.random(500) < conf
+    bins = reliability(conf, correct)
+    from_bins = sum(b["n"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / 500
+    assert from_bins == pytest.approx(expected_calibration_error(conf, correct))

@@ -10,8 +10,8 @@ from PIL import Image
 
 from core.evaluation import evaluate_records
 from core.metrics import decide
-from core.referral import (BAND_RULE, TOP_CLASS_RULE, ReferralRule, pick_band, pick_referral,
-                           reassess, type_confidence)
+from core.referral import (BAND_RULE, TOP_CLASS_RULE, ReferralRule, at_threshold, pick_band,
+                           pick_referral, type_confidence)
 
 C4 = ["glioma", "meningioma", "pituitary", "notumor"]
 TYPES = C4[:3]
@@ -120,16 +120,53 @@ def test_old_card_keeps_the_top_class_rule():
     assert ReferralRule.from_card({"classes": C4}).flags(probs, np.zeros(3, int))[0].sum() == 0
 
 
-def test_type_flag_follows_a_moved_threshold():
+def served(p: np.ndarray, rule: ReferralRule, threshold: float):
+    """A `Prediction` as predict_scan makes it at ``threshold``."""
     from core.inference import Prediction
+    k = int(decide(p[None], C4, threshold)[0])
+    unc, typ = rule.flags(p, np.array([k]), threshold)
+    return Prediction(pred=C4[k], probs=dict(zip(C4, p)), tumour_probability=float(p[:3].sum()),
+                      threshold=threshold, confidence=float(p[k]), uncertain=bool(unc[0]),
+                      type_uncertain=bool(typ[0]), in_distribution=True, ood_score=None)
+
+
+def test_type_flag_follows_a_moved_threshold():
     rule = ReferralRule(tuple(C4), lo=0.1, hi=0.6, min_type_confidence=0.7)
-    p = rows(0.4, 0.4)
-    pred = Prediction(pred="notumor", probs=dict(zip(C4, p)), tumour_probability=0.4, threshold=0.5,
-                      confidence=float(p.max()), uncertain=True, in_distribution=True, ood_score=None)
-    assert reassess(pred, rule).type_uncertain is False
-    moved = reassess(dataclasses.replace(pred, pred="glioma"), rule)
-    assert moved.type_uncertain is True and moved.uncertain is True
+    pred = served(rows(0.4, 0.4), rule, 0.5)
+    assert (pred.pred, pred.type_uncertain, pred.uncertain) == ("notumor", False, True)
+    moved = at_threshold(pred, C4, 0.3, rule)
+    assert moved.pred == "glioma" and moved.type_uncertain is True and moved.uncertain is True
     assert "referral band" in moved.uncertain_reason and "tumour type" in moved.uncertain_reason
+
+
+@pytest.mark.parametrize("t_prob, threshold, call", [(0.986, 0.99, "notumor"), (0.029, 0.01, "glioma")])
+def test_a_threshold_moved_past_the_band_refers_the_calls_it_turns(t_prob, threshold, call):
+    """No tumour at p(tumour) 0.986 (or a tumour at 0.029) is a call against the side the model is
+    sure of: the band stretches to the operating point, so it is referred, never shown plain."""
+    rule = ReferralRule(tuple(C4), lo=0.04, hi=0.95, min_type_confidence=0.0)
+    pred = served(rows(t_prob, 0.9), rule, 0.5)
+    assert pred.uncertain is False                          # confident at the card's threshold
+    moved = at_threshold(pred, C4, threshold, rule)
+    assert moved.pred == call and moved.uncertain is True
+    assert moved.confidence == pytest.approx(pred.probs[call])
+    assert "stretched to the operating point" in moved.uncertain_reason
+    # and the same for the dashboards' records at that threshold
+    from core.app_support import records_at
+    rec = {"file": "x", "label": "glioma", "probs": pred.probs, "confidence": pred.confidence,
+           "tumour_probability": pred.tumour_probability, "uncertain": False, "type_uncertain": False}
+    (r,) = records_at([rec], C4, threshold, rule)
+    assert (r["pred"], r["uncertain"], r["confidence"]) == (call, True, pytest.approx(pred.probs[call]))
+    assert not records_at([rec], C4, 0.5, rule)[0]["uncertain"]
+
+
+def test_old_card_rule_judges_the_class_called_not_the_top_one():
+    """Called glioma at threshold 0.02 while p(notumor) is 0.95: the call's own 0.03 is referred."""
+    rule = ReferralRule.from_card({"classes": C4, "uncertainty": {"min_confidence": 0.6}})
+    p = np.array([[0.03, 0.01, 0.01, 0.95]])
+    k = decide(p, C4, 0.02)
+    assert C4[k[0]] == "glioma"
+    assert rule.flags(p, k)[0].tolist() == [True]
+    assert "probability of glioma, 0.030" in rule.reason(p[0], int(k[0]))
 
 
 def _record(source, label, p, rule, threshold=0.3):
