@@ -417,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
             if is_best:
                 torch.save(judged.state_dict(), out / "best.pt")
                 shipped_average = None
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+            write_json(out / "history.json", history)
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
                               bad=bad, rng=torch.get_rng_state(),

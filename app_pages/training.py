@@ -19,8 +19,10 @@ if predictor is not None:
         st.caption(f"{len(history)} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')}"
                    f" schedule, batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')}"
                    f" in {tr.get('train_time_s', 0) / 60:.1f} min.")
+        if (note := app.loss_note(tr)):
+            st.caption(note)
     else:
-        st.info(f"No history.json in {predictor.dir}.")
+        st.info(f"No readable history.json in {predictor.dir}.")
 
 st.subheader("Every model")
 dirs = [str(d) for d in app.model_choices()]

@@ -167,9 +167,23 @@ def _read_json(path: str, mtime_ns: int):
     return json.loads(Path(path).read_text())
 
 
+def loss_note(training: dict) -> str | None:
+    """Why the training loss can sit above the validation loss without underfitting."""
+    if not training.get("label_smoothing"):
+        return None
+    return (f"The training loss is taken with label smoothing {training['label_smoothing']:g} on "
+            "augmented images, the validation loss as plain cross-entropy on clean ones: the "
+            "training curve sits above the other without meaning underfitting.")
+
+
 def load_history(weights_dir: str | Path) -> list[dict] | None:
+    """A run's per-epoch history; None when absent or unreadable (a run being written)."""
     f = Path(weights_dir) / "history.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    try:
+        history = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return history if isinstance(history, list) else None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -517,7 +531,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
     tumour ``mask`` of a 2D scan, both images carry its outline and a caption scores the map.
     The method offered first is the one the card measured best against tumour masks.
     """
-    from .saliency import METHODS, colour_map, contour_overlay, default_method, overlay
+    from .saliency import CLASS_AGNOSTIC, METHODS, colour_map, contour_overlay, default_method, overlay
     frame = input_mask(scan, mask, predictor.spec) if slice_index is None else None
     first = default_method(predictor.card)
 
@@ -531,8 +545,11 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
             method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
                                   key=f"m-{wkey}")
             others = [c for c in predictor.classes if c != predicted]
-            target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}",
-                                  format_func=lambda c: f"{c} (predicted)" if c == predicted else c)
+            # keyed by the call too: a call moved by the operating point is explained afresh
+            target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}-{predicted}",
+                                  format_func=lambda c: f"{c} (predicted)" if c == predicted else c,
+                                  disabled=method in CLASS_AGNOSTIC,
+                                  help=f"{method} draws one map whatever the class" if method in CLASS_AGNOSTIC else None)
             opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key=f"o-{wkey}")
         try:
             cam = cached_saliency(predictor, scan, key, method, target, slice_index)
@@ -544,7 +561,9 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
         over, alone = overlay(base, cam, opacity), colour_map(cam)
         if frame is not None:
             over, alone = contour_overlay(over, frame), contour_overlay(alone, frame)
-        a.image(over, caption=f"{method} for '{target}' over the model input", width="stretch")
+        what = "class-agnostic: the activations' first principal component" if method in CLASS_AGNOSTIC \
+            else f"for '{target}'"
+        a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
         if frame is not None:
             st.caption(f"Magenta outline: the uploaded tumour mask; {mask_note(cam, frame)}.")
@@ -639,6 +658,14 @@ def gallery_scan(card: dict, record: dict, blobs: dict[str, bytes] | None = None
     return read_scan(path) if path is not None else None
 
 
+def gallery_key(record: dict, blobs: dict[str, bytes] | None = None) -> str:
+    """Saliency cache key of a gallery scan: an uploaded one's content (two zips may both hold
+    glioma/x.jpg), a stored one's source and path."""
+    if blobs is not None and record["file"] in blobs:
+        return digest(blobs[record["file"]])
+    return f"{record.get('source', 'data')}/{record['file']}"
+
+
 def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] | None = None,
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
@@ -668,7 +695,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             if scan is None:
                 absent.add(r.get("source", "?"))
                 continue
-            key = f"{r.get('source')}/{r['file']}"
+            key = gallery_key(r, blobs)
             # A coarse label ('tumor') is no class of a 4-class model: explain the prediction.
             target = next(c for c in (r[explain], r.get("pred_type"), r["pred"]) if c in predictor.classes)
             cam = cached_saliency(predictor, scan, key, method, target)

@@ -113,7 +113,7 @@ def evaluate_records(records: list[dict], classes: list[str], threshold: float |
     return ev
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict | list) -> None:
     """Replace a JSON file atomically: a run stopped half-way never leaves a truncated card."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))

@@ -164,7 +164,11 @@ def calibration_text(card: dict) -> str:
 
 
 class Predictor:
-    """A loaded model with its card. Thread-safe for prediction; saliency takes ``lock``."""
+    """A loaded model with its card, shared by every app session.
+
+    Every pass of the model holds ``lock``: saliency hooks, and the features the gate reads
+    after a pass, would otherwise see another session's scan.
+    """
 
     def __init__(self, weights_dir: str | Path | None = None, device: str = "cpu"):
         from safetensors.torch import load_file
@@ -194,7 +198,7 @@ class Predictor:
         # respect to the input instead, which spares a model-sized set of weight gradients.
         self.model.requires_grad_(False)
         self.weights_sha256 = file_sha256(self.dir / "model.safetensors")
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
         if (self.dir / "ood.safetensors").exists():
             from .ood import OODGate
@@ -219,7 +223,7 @@ class Predictor:
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         """Calibrated class probabilities for a batch of model inputs."""
         tap = self.gate.tap if self.gate is not None and self.gate.uses_classifier else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with self.lock, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(x).float()
             with tap.paused() if tap else contextlib.nullcontext():  # the gate reads the plain pass
                 logits = apply_tta(self.model, x, logits, self.tta)
@@ -227,12 +231,13 @@ class Predictor:
 
     def predict_scan(self, scan: ScanImage) -> Prediction:
         x = self.input_tensor(scan)
-        p = self.probabilities(x)
+        with self.lock:  # the gate reads the features this pass leaves behind
+            p = self.probabilities(x)
+            in_dist, score, reason = self.distribution_check(scan, x)
         k = int(decide(p, self.classes, self.threshold)[0])
         t_prob = float(tumour_probability(p, self.classes)[0]) if self.is_tumour_model else None
         conf = float(p[0, k])  # of the class called, which a threshold can make other than the top one
         unc, typ = self.referral.flags(p, np.array([k]), self.threshold)
-        in_dist, score, reason = self.distribution_check(scan, x)
         return Prediction(pred=self.classes[k],
                           probs={c: float(v) for c, v in zip(self.classes, p[0])},
                           tumour_probability=t_prob, threshold=self.threshold, confidence=conf,

@@ -31,6 +31,8 @@ METHODS = {
 }
 
 
+# The first principal component of the layer's activations: one map whatever class is asked for.
+CLASS_AGNOSTIC = {"EigenCAM"}
 FALLBACK_METHOD = "Grad-CAM"  # for cards without a measured saliency default
 POINTING_PX = 4  # the pointing game forgives a peak this many input pixels off the mask
 
@@ -190,7 +192,7 @@ def mask_scores(cam: np.ndarray, mask: np.ndarray, tolerance: float = 0.05) -> d
     cam = resize_map(np.asarray(cam, dtype=np.float32), mask.shape)
     if not mask.any():
         return {"pointing_hit": None, "energy_in_mask": None}
-    grown = dilate(mask, max(1, int(round(tolerance * max(mask.shape)))))
+    grown = dilate(mask, max(0, int(round(tolerance * max(mask.shape)))))  # 0: no tolerance
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     total = float(cam.sum())
     return {"pointing_hit": bool(grown[peak]),
@@ -219,11 +221,14 @@ def mask_path_for(image: str | Path) -> Path | None:
 
 
 def read_mask(src: str | Path | bytes) -> np.ndarray:
-    """A binary mask image (path or bytes) as a bool array; anything above mid-grey is lesion."""
+    """A binary mask image (path or bytes) as a bool array: lesion is the brighter of its two
+    values, whether they are 0/255 or 0/1 (which the upload pairing also takes for a mask)."""
     import io
     from PIL import Image
     with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
-        return np.asarray(im.convert("L")) > 127
+        a = np.asarray(im.convert("L"), dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    return a > ((lo + hi) / 2 if hi > lo else 127)
 
 
 def contour_overlay(rgb: np.ndarray, mask: np.ndarray,

@@ -65,10 +65,15 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     assert calls == [1]
     # Display-only controls re-run the saliency fragment, never the model.
     app.slider(key=next(s.key for s in app.slider if s.key.startswith("o-"))).set_value(0.9).run()
-    app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("EigenCAM").run()
+    app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("HiResCAM").run()
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("t-"))).set_value("notumor").run()
     assert not app.exception and calls == [1]
-    assert "EigenCAM for 'notumor'" in " ".join(c for im in app.image for c in im.captions)
+    assert "HiResCAM (for 'notumor')" in " ".join(c for im in app.image for c in im.captions)
+    # EigenCAM draws one map whatever the class: no class is claimed for it.
+    app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("EigenCAM").run()
+    assert next(s for s in app.selectbox if s.key.startswith("t-")).disabled
+    captions = " ".join(c for im in app.image for c in im.captions)
+    assert "EigenCAM (class-agnostic" in captions and "'notumor'" not in captions
 
 
 @pytest.mark.parametrize("reason, shown", [

@@ -311,3 +311,51 @@ def test_model_card_says_its_test_figures_include_copies(tmp_path):
     recs = [{"file": "a", "copy_in_training": True}, {"file": "b", "copy_in_training": False}]
     (w / "eval.json").write_text(json.dumps({"predictions": recs}))
     assert "Over all 2 test scans, including the 1 with a copy" in app_support.copies_note(w)
+
+
+def test_gallery_maps_of_two_zips_with_the_same_names_are_kept_apart():
+    rec = {"file": "glioma/x.jpg", "source": "upload"}
+    one, two = app_support.gallery_key(rec, {"glioma/x.jpg": b"one"}), app_support.gallery_key(rec, {"glioma/x.jpg": b"two"})
+    assert one != two
+    assert app_support.gallery_key(rec) == "upload/glioma/x.jpg"
+
+
+def test_the_explained_class_follows_a_call_moved_by_the_operating_point(app):
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+    calls = []
+    for t in (0.0, 1.0):
+        threshold_slider(app).set_value(t).run()
+        assert not app.exception
+        (line,) = predictions(app)
+        call = line.split("**")[1]
+        explain = next(s for s in app.selectbox if s.key.startswith("t-"))
+        assert explain.value == call, (t, call, explain.value)
+        calls.append(call)
+    assert calls[1] == "notumor" and calls[0] != "notumor"
+
+
+def test_a_torn_history_leaves_the_training_page_standing(tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "history.json").write_text('[{"epoch": 1, "train": {"loss": 0.')
+    assert app_support.load_history(w) is None
+    (w / "history.json").write_text('[{"epoch": 1}]')
+    assert app_support.load_history(w) == [{"epoch": 1}]
+    assert "label smoothing 0.1" in app_support.loss_note({"label_smoothing": 0.1})
+    assert app_support.loss_note({"label_smoothing": 0.0}) is None
+
+
+def test_a_zero_one_mask_is_outlined_like_a_zero_255_one():
+    from PIL import Image
+    import numpy as np
+    from core.saliency import mask_scores, read_mask
+    a = np.zeros((20, 20), np.uint8)
+    a[5:9, 5:9] = 1
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    assert read_mask(buf.getvalue()).sum() == 16
+    # tolerance 0 means no tolerance: a peak one pixel off the mask misses
+    cam = np.zeros((20, 20), np.float32)
+    cam[9, 5] = 1.0
+    assert mask_scores(cam, a > 0, tolerance=0.0)["pointing_hit"] is False

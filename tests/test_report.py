@@ -195,7 +195,8 @@ def test_a_flagged_scan_gets_no_call_in_the_pdf(four, tmp_path, monkeypatch):
     for call in ("Predicted class", "confidence", "read as", "UNCERTAIN - REFER", "TYPE UNCERTAIN",
                  "Grad-CAM for"):
         assert call not in words, call
-    assert "no diagnosis" in R._line(results[0]) and results[0].flags == [R.FLAG_OOD]
+    assert "no diagnosis" in R.text_line(results[0].to_row()) and results[0].flags == [R.FLAG_OOD]
+    assert "tumour probability" not in R.text_line(results[0].to_row())
 
 
 def test_a_flagged_scan_has_no_prediction_in_the_csv(four, monkeypatch):

@@ -175,3 +175,31 @@ def test_real_lgg_mask_runs_end_to_end():
     s = mask_scores(cam, mask_to_input(scan.pixels, mask, spec))
     if mask.any():
         assert isinstance(s["pointing_hit"], bool) and 0 <= s["energy_in_mask"] <= 1
+
+
+def test_a_map_is_not_touched_by_another_session_predicting(random_weights):
+    """Every model pass holds the Predictor's lock, so a prediction running in another thread
+    (the report, the most-tumour-like slice) never feeds the map's hooks."""
+    from core.inference import Predictor
+    pred = Predictor(random_weights)
+    rng = np.random.default_rng(0)
+    a, b = (ScanImage((rng.random((64, 64)) * 255).astype(np.float32)) for _ in range(2))
+    ref = saliency_map(pred, a, "gradcam", "glioma")
+    stop, errors, diffs = threading.Event(), [], []
+
+    def other():
+        while not stop.is_set():
+            pred.predict_scan(b)
+
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    try:
+        for _ in range(15):
+            try:
+                diffs.append(float(np.abs(saliency_map(pred, a, "gradcam", "glioma") - ref).max()))
+            except Exception as e:  # noqa: BLE001 - the race showed itself as exceptions too
+                errors.append(repr(e))
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and max(diffs) < 1e-4
