@@ -29,7 +29,7 @@ from core import distributed as DD
 from core import engine as E
 from core.evaluation import card_metrics, evaluate_records, prediction_records, write_json
 from core.inference import file_sha256
-from core.labels import label_targets, model_classes, tumour_classes
+from core.labels import label_targets, model_classes, normalise_label, tumour_classes
 from core.metrics import tumour_probability
 from core.models import count_parameters, create_model, has_class_maps
 from core.preprocess import DEFAULT_SPEC
@@ -141,7 +141,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except (ValueError, KeyError, TypeError) as e:
         p.error(f"--data: {e}")
     for src in sources:
-        if not Path(src["path"]).is_dir():
+        if not D.resolve_root(src["path"]).is_dir():
             p.error(f"--data {src['path']}: not a directory")
     names = [src["name"] for src in sources]
     if len(set(names)) < len(names):
@@ -209,7 +209,7 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
     samples, skipped = [], []
     for src in sources:
         try:
-            scan = D.discover(src["path"], src["name"])
+            scan = D.discover(D.resolve_root(src["path"]), src["name"])
         except ValueError as e:  # no images in it
             raise DataError(str(e)) from None
         found = scan.samples
@@ -219,6 +219,10 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
         # One decode each (~5 ms): an unreadable file is reported and skipped, not fatal later.
         scan = D.drop_unreadable(D.Scan(found, scan.skipped))
         found = scan.samples
+        renames = src.get("label_map") or {}  # the config's own folder -> class names
+        for s in found:
+            if s.original in renames:
+                s.label = normalise_label(renames[s.original])
         if args.binary:
             for s in found:
                 s.label = "tumor" if s.label in ("glioma", "meningioma", "pituitary") else s.label
@@ -270,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sources = D.parse_sources(args.data)
+    for src in sources:  # recorded so that later commands find the data from any folder
+        src["path"] = D.portable_root(src["path"])
     spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
 
     if rank > 0:

@@ -35,7 +35,7 @@ class Sample:
     label: str           # normalised label (fine class, notumor or coarse 'tumor')
     original: str        # the folder name as found
     source: str = "data"
-    preset_split: str | None = None   # 'test' when the dataset ships a Testing/ folder
+    preset_split: str | None = None   # 'test'/'val' when the dataset ships a Testing/ or Validation/ folder
     group: str = ""
     split: str = ""
 
@@ -81,22 +81,59 @@ def _is_image_file(f: Path) -> bool:
         return False
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_KEYS = {"path", "name", "weight", "label_map"}
+
+
+def resolve_root(path: str | Path) -> Path:
+    """A data root as configs write it: from the working directory, else from the repository
+    root (the shipped configs say ../shared/..., which holds from the repository)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+def portable_root(path: str | Path) -> str:
+    """A data root as a card records it: as written when it reads the same from the repository
+    root (later commands resolve it from there, from any folder), else absolute."""
+    p = Path(path)
+    if p.is_absolute() or (REPO_ROOT / p).resolve() == resolve_root(p).resolve():
+        return str(path)
+    return str(resolve_root(p).resolve())
+
+
+def _checked_entry(e: dict) -> dict:
+    """A config's source table, refused in one sentence when a key or a value is wrong (a typo
+    such as 'wieght' would otherwise train a held-out source at weight 1)."""
+    if "path" not in e:
+        raise ValueError(f"a source without a path: {e}")
+    unknown = sorted(set(e) - SOURCE_KEYS)
+    if unknown:
+        raise ValueError(f"source {e['path']}: unknown key(s) {', '.join(unknown)} "
+                         f"(a source takes {', '.join(sorted(SOURCE_KEYS))})")
+    w = e.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        raise ValueError(f"source {e['path']}: weight must be a number >= 0, not {w!r}")
+    lm = e.get("label_map", {})
+    if not isinstance(lm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in lm.items()):
+        raise ValueError(f"source {e['path']}: label_map must map folder names to class names")
+    return {**e, "weight": float(w)}
+
+
 def parse_sources(entries: list) -> list[dict]:
-    """`PATH`, `PATH=WEIGHT` or {path, weight, name} -> [{path, weight, name}]; a source is named
-    after its folder (the parent of a Training/Testing folder), as train.py records it."""
+    """`PATH`, `PATH=WEIGHT` or {path, weight, name, label_map} -> [{path, weight, name, ...}]; a
+    source is named after its folder (the parent of a Training/Testing folder), as train.py
+    records it. ``label_map`` renames folders of that source: {"lesion": "tumor"}."""
     out = []
     for e in entries:
         if isinstance(e, dict):
-            if "path" not in e:
-                raise ValueError(f"a source without a path: {e}")
-            d = {"weight": 1.0, **e}
+            d = _checked_entry(e)
         else:
             path, _, w = str(e).partition("=")
             try:
                 d = {"path": path, "weight": float(w or 1.0)}
             except ValueError:
                 raise ValueError(f"{e}: the weight after '=' must be a number") from None
-        p = Path(d["path"])
+        p = resolve_root(d["path"]).resolve()  # `.` and `data/` are named after the folder itself
         d.setdefault("name", p.parent.name if p.name.lower() in SPLIT_DIRS else p.name)
         out.append(d)
     return out
@@ -117,6 +154,9 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
     layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(root, None)]
     scan.skipped += _stray(root, root)
+    if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
+        scan.skipped += [(d.name + "/", "a folder beside the Training/Testing folders: not read "
+                                        "(move it into one of them)") for d in tops if d not in split_tops]
     for base, preset in layout:
         if base != root:
             scan.skipped += _stray(base, root)
@@ -134,7 +174,7 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
                     scan.skipped.append((rel, "not an image file"))
                 else:
                     scan.samples.append(Sample(str(f), rel, label, cdir.name, source,
-                                               "test" if preset == "test" else None))
+                                               preset if preset in ("test", "val") else None))
     if check_readable:
         scan = drop_unreadable(scan)
     if not scan.samples:
@@ -326,8 +366,8 @@ def _patient_id(path: str) -> str | None:
 
 
 def _patient_key(s: Sample) -> str | None:
-    pid = _patient_id(s.path)
-    return f"{s.source}:{pid}" if pid else None
+    """TCGA ids are global: one patient's slices in two sources (a copied folder) are one group."""
+    return _patient_id(s.path)
 
 
 def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,
@@ -351,13 +391,16 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
                    test: float = 0.15) -> None:
     """Assign train/val/test by group, stratified by (source, label), seeded.
 
-    Samples with a preset split (a shipped Testing/ folder) keep it, and their groups are kept
-    out of train/val as well so that no near duplicate crosses the boundary.
+    Samples with a preset split (a shipped Testing/ or Validation/ folder) keep it, and their
+    groups go with them so that no near duplicate crosses the boundary. A source without a
+    Testing/ folder gets its own grouped test share, whatever the other sources ship.
     """
     from sklearn.model_selection import StratifiedGroupKFold
     groups = np.array([s.group for s in samples])
     n_folds = max(2, min(20, len(set(groups))))  # StratifiedGroupKFold needs a group per fold
     preset_groups = {s.group for s in samples if s.preset_split == "test"}
+    preset_val = {s.group for s in samples if s.preset_split == "val"} - preset_groups
+    tested = {s.source for s in samples if s.preset_split == "test"}  # sources shipping a test set
     strat = np.array([f"{s.source}/{s.label}" for s in samples])
     folds = np.zeros(len(samples), dtype=int)
     # StratifiedGroupKFold needs every stratum to have a few members; tiny strata go to train.
@@ -366,12 +409,13 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):
         folds[idx] = k
-    has_preset = bool(preset_groups)
-    n_test = 0 if has_preset else round(test * n_folds)
     n_val = round(val * n_folds)
     for s, f in zip(samples, folds):
+        n_test = 0 if s.source in tested else round(test * n_folds)
         if s.group in preset_groups:
             s.split = "test"
+        elif s.group in preset_val:
+            s.split = "val"
         elif f < n_test:
             s.split = "test"
         elif f < n_test + n_val:

@@ -36,7 +36,9 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
     out = []
     for i, s in enumerate(samples):
         conf = float(probs[i, pred[i]])
-        rec = {"file": s.rel, "source": s.source, "label": s.label, "pred": classes[pred[i]],
+        # a typed tumour scored by a tumour/no-tumour model is a 'tumor' (as score_labelled does)
+        label = TUMOUR if TUMOUR in classes and s.label in FINE_TUMOURS else s.label
+        rec = {"file": s.rel, "source": s.source, "label": label, "pred": classes[pred[i]],
                "probs": {c: round(float(v), 6) for c, v in zip(classes, probs[i])},
                "tumour_probability": None if t_prob is None else round(float(t_prob[i]), 6),
                "confidence": round(conf, 6), "uncertain": bool(unc[i]),

@@ -16,11 +16,12 @@ CANONICAL = (*FINE_TUMOURS, NO_TUMOUR, TUMOUR)
 _ALIASES = {
     "glioma": "glioma", "gliomatumor": "glioma", "gliomatumour": "glioma", "brainglioma": "glioma",
     "meningioma": "meningioma", "meningiomatumor": "meningioma", "brainmenin": "meningioma",
-    "menin": "meningioma", "brainmeningioma": "meningioma",
+    "menin": "meningioma", "brainmeningioma": "meningioma", "meningiomatumour": "meningioma",
     "pituitary": "pituitary", "pituitarytumor": "pituitary", "pituitarytumour": "pituitary",
     "brainpituitary": "pituitary",
     "notumor": "notumor", "notumour": "notumor", "no": "notumor", "normal": "notumor",
     "healthy": "notumor", "braintumornot": "notumor", "nontumor": "notumor",
+    "nontumour": "notumor",
     "yes": "tumor", "tumor": "tumor", "tumour": "tumor", "braintumor": "tumor",
     "braintumour": "tumor",
 }
@@ -41,11 +42,15 @@ def normalise_label(folder_name: str) -> str:
 def model_classes(labels: set[str] | list[str]) -> list[str]:
     """The classes a model trained on these labels predicts, in a stable order.
 
-    The coarse ``tumor`` label becomes a class of its own only when no fine tumour class is
-    present (a yes/no dataset); otherwise it trains the fine classes through their sum.
+    The coarse ``tumor`` label becomes a class of its own when no fine tumour class is present
+    (a yes/no dataset); otherwise it trains the fine classes through their sum. With a single
+    tumour type beside it (LGG glioma + Br35H yes) that sum is the one type, and every tumour
+    would be taught as that type: the model is then tumour vs no tumour, the type folded in.
     """
     labels = set(labels)
     fine = [c for c in FINE_TUMOURS if c in labels]
+    if TUMOUR in labels and len(fine) == 1:
+        labels, fine = labels - set(fine), []
     other = sorted(labels - set(CANONICAL))
     classes = fine + other
     if TUMOUR in labels and not fine:
@@ -64,6 +69,8 @@ def label_targets(label: str, classes: list[str]) -> list[int]:
     """Indices of the model classes that a label allows (several for a coarse label)."""
     if label in classes:
         return [classes.index(label)]
+    if label in FINE_TUMOURS and TUMOUR in classes:  # a typed tumour for a tumour/no-tumour model
+        return [classes.index(TUMOUR)]
     if label == TUMOUR:
         idx = [classes.index(c) for c in tumour_classes(classes)]
         if idx:

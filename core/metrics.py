@@ -92,6 +92,10 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
     out: dict = {"classes": classes, "n": len(labels), "threshold": threshold}
     ci95: dict = {}  # 95% Wilson intervals of the rates below
     fine = np.array([lab in classes for lab in labels], dtype=bool)
+    if TUMOUR not in classes and TUMOUR in labels and not any(lab in FINE_TUMOURS for lab in labels):
+        # a yes/no set against a typed model: its tumours have no type, so an 'accuracy' over
+        # its normal scans alone would pass for the set's; it is judged on the tumour call only
+        fine[:] = False
     if fine.any():
         y = np.array([classes.index(lab) for lab, f in zip(labels, fine) if f])
         p = pred[fine]

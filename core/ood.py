@@ -156,7 +156,7 @@ class TrainingCache:
         samples = []
         try:
             for e in sources:
-                samples += D.discover(_resolve(e["path"]), e["name"]).samples
+                samples += D.discover(D.resolve_root(e["path"]), e["name"]).samples
         except (OSError, ValueError):
             return None
         # The key must match engine.cache_images exactly; any mismatch just means "not found".
@@ -703,27 +703,20 @@ def colour_limit_from(pos: ImageSet, floor: float = 0.03) -> float:
 # ----------------------------------------------------------------------------- data for fitting
 def source_roots(card: dict | None, data_config: str | Path | None) -> dict[str, Path]:
     """Source name -> data root, from the model card and from the training config (TOML)."""
+    from . import data as D
     entries = list((card or {}).get("sources", []))
     if data_config and Path(data_config).exists():
         import tomllib
-        from .data import parse_sources
         data = tomllib.loads(Path(data_config).read_text()).get("data", [])
         data = [data] if isinstance(data, (str, dict)) else data
         # named as train.py names them; a table without a path is no root (train.py refuses it)
-        entries += parse_sources([e for e in data if not isinstance(e, dict) or "path" in e])
+        entries += D.parse_sources([e for e in data if not isinstance(e, dict) or "path" in e])
     roots = {}
     for e in entries:
         name, path = e.get("name"), e.get("path")
         if name and path and name not in roots:
-            roots[name] = _resolve(path)
+            roots[name] = D.resolve_root(path)
     return roots
-
-
-def _resolve(path: str) -> Path:
-    """Config paths are relative to the repository root; accept the working directory too."""
-    from .inference import ROOT
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else ROOT / p
 
 
 def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], list[str]]]]:

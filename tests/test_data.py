@@ -223,13 +223,18 @@ def test_split_record_round_trip(tmp_path):
     assert [s.split for s in fresh if s.rel == "glioma/new.jpg"] == [""]
 
 
-def test_testing_folder_stays_test_and_pulls_its_duplicates(tmp_path):
-    root = tmp_path / "kaggle"
+def kaggle_layout(root, train_seed: int, test_seed: int, n_train: int = 12, n_test: int = 4):
+    """glioma/notumor under Training/ and Testing/, every image its own pattern."""
     for ci, c in enumerate(("glioma", "notumor")):
-        for k in range(12):
-            save(root / "Training" / c / f"tr{k}.jpg", pattern(1000 + 50 * ci + k))
-        for k in range(4):
-            save(root / "Testing" / c / f"te{k}.jpg", pattern(2000 + 50 * ci + k))
+        for k in range(n_train):
+            save(root / "Training" / c / f"tr{k}.jpg", pattern(train_seed + 50 * ci + k))
+        for k in range(n_test):
+            save(root / "Testing" / c / f"te{k}.jpg", pattern(test_seed + 50 * ci + k))
+    return root
+
+
+def test_testing_folder_stays_test_and_pulls_its_duplicates(tmp_path):
+    root = kaggle_layout(tmp_path / "kaggle", 1000, 2000)
     # A Training image that is a re-saved copy of a Testing image must not stay in training.
     save(root / "Training" / "glioma" / "copy_of_te1.jpg", pattern(2001), quality=40)
     samples = grouped_split(root, seed=0)
@@ -382,3 +387,56 @@ def test_mark_copies_flags_test_records_whose_copy_was_trained_on(tmp_path):
     assert {r["file"]: r["copy_in_training"] for r in ev["predictions"]} == {"glioma/mirror.png": True,
                                                                           "glioma/p2.jpg": False}
     assert ev["copies_in_training"]["per_source"] == {"ds": {"copy_in_training": 1, "n": 2}}
+
+
+# ----------------------------------------------------------------------------- several sources
+def test_one_patient_copied_into_two_sources_is_one_group(tmp_path):
+    for src in ("lgg", "lgg_copy"):
+        for k in range(3):
+            save(tmp_path / src / "glioma" / f"TCGA_CS_4942_{k + 1:03d}.jpg", pattern(40 + k))
+    samples = D.discover(tmp_path / "lgg").samples + D.discover(tmp_path / "lgg_copy").samples
+    D.assign_groups(samples)
+    assert len({s.group for s in samples}) == 1
+
+
+def test_a_source_without_testing_gets_its_own_test_share(tmp_path):
+    kaggle, flat = kaggle_layout(tmp_path / "kaggle", 3000, 4000), tmp_path / "br35h"
+    for k in range(30):
+        save(flat / ("yes" if k % 2 else "no") / f"{k}.jpg", pattern(5000 + k))
+    samples = D.discover(kaggle).samples + D.discover(flat).samples
+    D.assign_groups(samples)
+    D.split_by_group(samples, seed=0)
+    splits = {src: {s.split for s in samples if s.source == src} for src in ("kaggle", "br35h")}
+    assert splits["br35h"] == {"train", "val", "test"}
+    # the shipped Testing/ stays the kaggle source's only test set
+    assert {s.rel.split("/")[0] for s in samples if s.source == "kaggle" and s.split == "test"} == {"Testing"}
+
+
+def test_a_shipped_validation_folder_is_validation_and_stray_folders_are_reported(tmp_path):
+    root = tmp_path / "ds"
+    for ci, c in enumerate(("glioma", "notumor")):
+        for k in range(10):
+            save(root / "Training" / c / f"tr{k}.jpg", pattern(6000 + 50 * ci + k))
+        for k in range(3):
+            save(root / "Validation" / c / f"va{k}.jpg", pattern(7000 + 50 * ci + k))
+    save(root / "yes" / "lost.jpg", pattern(7999))
+    scan = D.discover(root)
+    assert any(rel == "yes/" and "beside the Training/Testing" in why for rel, why in scan.skipped)
+    D.assign_groups(scan.samples)
+    D.split_by_group(scan.samples, seed=0)
+    assert all(s.split == "val" for s in scan.samples if s.rel.startswith("Validation/"))
+
+
+@pytest.mark.parametrize("entry, why", [({"path": "x", "wieght": 0.0}, "unknown key(s) wieght"),
+                                        ({"path": "x", "weight": "0.5"}, "weight must be a number"),
+                                        ({"path": "x", "label_map": ["a"]}, "label_map must map")])
+def test_a_source_table_with_a_typo_or_a_wrong_value_is_refused(entry, why):
+    with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        D.parse_sources([entry])
+
+
+def test_a_root_is_named_after_its_folder_even_as_dot(tmp_path, monkeypatch):
+    (tmp_path / "br35h").mkdir()
+    monkeypatch.chdir(tmp_path / "br35h")
+    assert D.parse_sources(["."])[0]["name"] == "br35h"
+    assert D.portable_root(".") == str(tmp_path / "br35h")        # recorded absolute: not the repo's '.'

@@ -56,7 +56,21 @@ def test_label_targets_fine_and_coarse():
 
 
 def test_label_targets_rejects_what_the_model_cannot_express():
+    assert label_targets("glioma", ["tumor", "notumor"]) == [0]  # a typed tumour is a tumour
     with pytest.raises(ValueError):
-        label_targets("glioma", ["tumor", "notumor"])
+        label_targets("glioma", ["notumor", "other"])
     with pytest.raises(ValueError):
         label_targets(TUMOUR, ["notumor", "other"])
+
+
+def test_one_tumour_type_beside_coarse_tumours_makes_a_tumour_vs_no_tumour_model():
+    """LGG glioma + Br35H yes: the coarse scans would all be taught as glioma."""
+    assert model_classes({"glioma", "tumor", "notumor"}) == ["tumor", "notumor"]
+    assert model_classes({"glioma", "meningioma", "tumor", "notumor"}) == ["glioma", "meningioma", "notumor"]
+    assert model_classes({"glioma", "notumor"}) == ["glioma", "notumor"]
+
+
+@pytest.mark.parametrize("name, label", [("meningioma_tumour", "meningioma"), ("non-tumour", "notumor"),
+                                         ("Non Tumor", "notumor")])
+def test_more_folder_spellings(name, label):
+    assert normalise_label(name) == label

@@ -238,3 +238,10 @@ def test_the_reliability_diagram_uses_the_bins_of_its_ece():
     bins = reliability(conf, correct)
     from_bins = sum(b["n"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / 500
     assert from_bins == pytest.approx(expected_calibration_error(conf, correct))
+
+
+def test_a_yes_no_set_against_a_typed_model_has_no_accuracy_from_its_normals_alone():
+    labels, preds = ["tumor", "tumor", "notumor", "notumor"], ["glioma", "notumor", "notumor", "glioma"]
+    m = classification_metrics(probs_for(preds, [True, False, True, False]), labels, C4, 0.5)
+    assert m.get("accuracy") is None and "confusion" not in m
+    assert m["sensitivity"] == pytest.approx(0.5) and m["specificity"] == pytest.approx(0.5)

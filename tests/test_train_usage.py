@@ -98,3 +98,33 @@ def test_card_split_sizes_count_what_was_trained(data, tmp_path):
     assert card["split"]["sizes"]["train"] == per_source["data"]["train"]   # the held-out source is not in it
     assert card["split"]["sizes"]["test"] == per_source["data"]["test"] + per_source["held"]["test"]
     assert [x.split(": ")[0] for x in card["data_notes"]["skipped"]] == ["held/glioma/broken.png"]
+
+
+def test_a_config_label_map_renames_its_source_folders(tmp_path):
+    data = tmp_path / "study"
+    make_blob_dataset(data)
+    for old, new in (("glioma", "lesion"), ("notumor", "controls")):
+        (data / old).rename(data / new)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = [{{ path = "{data}", label_map = {{ lesion = "glioma", controls = "notumor" }} }}]\n')
+    out = tmp_path / "run"
+    assert train.main(["--config", str(cfg), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["classes"] == ["glioma", "meningioma", "pituitary", "notumor"]
+    assert card["sources"][0]["label_map"]["lesion"] == "glioma"
+
+
+def test_a_typed_tumour_beside_coarse_ones_trains_tumour_vs_none(tmp_path):
+    """LGG-like glioma + Br35H-like yes: every coarse tumour would otherwise be taught as glioma."""
+    data = tmp_path / "mix"
+    make_blob_dataset(data)
+    for c in ("meningioma", "pituitary"):
+        (data / c).rename(data / ("yes" if c == "meningioma" else "extra"))
+    for f in (data / "extra").iterdir():
+        f.rename(data / "yes" / f"x_{f.name}")
+    (data / "extra").rmdir()
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    assert json.loads((out / "card.json").read_text())["classes"] == ["tumor", "notumor"]
+    ev = json.loads((out / "eval.json").read_text())
+    assert {r["label"] for r in ev["predictions"]} <= {"tumor", "notumor"}
