@@ -8,7 +8,8 @@ from pathlib import Path
 import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
-from core.app_support import card_threshold, class_wording, current_predictor, model_choices
+from core.app_support import (card_threshold, class_wording, current_predictor, model_choices,
+                              operating_point_text)
 from core.inference import load_card
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
@@ -61,10 +62,7 @@ def sidebar() -> None:
                       0.0, 1.0, value=float(state["threshold"]), step=0.001, format="%.3f", key=widget,
                       on_change=_keep, args=("threshold", widget),
                       help="Lower it to miss fewer tumours at the cost of more false alarms.")
-    op = card.get("operating_point", {})
-    st.sidebar.caption(f"Card default {default:.3f}"
-                       + (f", chosen for sensitivity >= {op['target_sensitivity']:.0%} on validation"
-                          if op.get("target_sensitivity") else ""))
+    st.sidebar.caption(operating_point_text(card, default))
     st.sidebar.button("Reset to the card's value", on_click=state.update,
                       kwargs={"threshold": default,
                               "_threshold_rev": state.get("_threshold_rev", 0) + 1})

@@ -36,7 +36,7 @@ else:
                                 progress=lambda f: bar.progress(f, text=f"{f:.0%} evaluated"))
         app.keep_result("zip_eval", predictor, {"name": up.name, "ev": ev,
                                                 "skipped": skipped + ev["errors"],
-                                                "blobs": {n: b for n, _, b in items}})
+                                                "blobs": app.gallery_blobs(items, ev)})
     held, dropped = app.held_result("zip_eval", predictor)  # another model's results are dropped
     if held is None:
         st.info("The last results came from another model: press Evaluate to run the zip through "

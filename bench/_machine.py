@@ -7,6 +7,18 @@ import shlex
 import sys
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (0 runs or threads is a usage error, not a crash later)."""
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
 def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):

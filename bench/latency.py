@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, positive  # noqa: E402
 from core.inference import Predictor, default_weights  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
@@ -60,16 +60,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="model directory (default: weights/DEFAULT)")
     p.add_argument("--arch", help="benchmark an untrained architecture instead of --weights")
-    p.add_argument("--img", type=int, default=192, help="input size with --arch")
+    p.add_argument("--img", type=positive, default=192, help="input size with --arch")
     p.add_argument("--image", help="JPEG/PNG/DICOM file (default: a benchmark JPEG)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--threads", type=positive, nargs="+", default=[1, 2])
+    p.add_argument("--runs", type=positive, default=50)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args(argv)
     meta = header("cpu")
-    wdir = random_weights_dir(args.arch, args.img) if args.arch else Path(args.weights or default_weights())
-    pred = Predictor(wdir, device="cpu")
-    image = pick_image(args.image)
+    try:  # a missing model or image is a usage error, not a traceback
+        wdir = random_weights_dir(args.arch, args.img) if args.arch else Path(args.weights or default_weights())
+        pred = Predictor(wdir, device="cpu")
+        image = pick_image(args.image)
+        read_scan(image)
+    except (OSError, ValueError) as e:  # ScanError is a ValueError
+        p.error(str(e))
     print(f"model: {pred.name} ({pred.card['arch']}, input {pred.spec['size']}px) from {wdir}")
     print(f"image: {image}")
     results = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, positive  # noqa: E402
 from core.engine import train_one_epoch  # noqa: E402
 from core.models import count_parameters, create_model, list_models  # noqa: E402
 from core.preprocess import DEFAULT_SPEC  # noqa: E402
@@ -27,11 +27,11 @@ from core.preprocess import DEFAULT_SPEC  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="mobilenet_v3_small", choices=list_models())
-    p.add_argument("--img", type=int, default=192)
+    p.add_argument("--img", type=positive, default=192)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--steps", type=positive, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--classes", type=int, default=4)

@@ -58,11 +58,16 @@ def model_choices() -> list[Path]:
     return uniq
 
 
-def weights_stamp(weights_dir: str | Path) -> tuple[str, int, int]:
-    """Cache key for a loaded model: path, mtime and size of its safetensors file."""
-    f = Path(weights_dir).resolve() / "model.safetensors"
-    info = f.stat()
-    return str(f.parent), info.st_mtime_ns, info.st_size
+def weights_stamp(weights_dir: str | Path) -> tuple:
+    """Cache key for a loaded model: its folder and the mtime and size of each file a Predictor
+    reads (weights, card, gate), so that fit-ood's new gate or card is loaded, not missed."""
+    d = Path(weights_dir).resolve()
+    stamps = []
+    for name in ("model.safetensors", "card.json", "ood.safetensors"):
+        f = d / name
+        info = f.stat() if f.is_file() else None
+        stamps.append((info.st_mtime_ns, info.st_size) if info else None)
+    return str(d), tuple(stamps)
 
 
 def has_gate_file(weights_dir: str | Path) -> bool:
@@ -89,10 +94,26 @@ def no_gate_warning(predictor: Predictor, choices: list[Path] | None = None) -> 
     return text + f" Prefer {load_card(gated).get('name', Path(gated).name)}, which has one."
 
 
-def model_identity(predictor: Predictor) -> tuple[str, str]:
-    """What a stored result depends on: the weights dir (its card: classes, calibration) and
-    the weights themselves."""
-    return str(Path(predictor.dir).resolve()), predictor.weights_sha256
+def operating_point_text(card: dict, default: float) -> str:
+    """The card's operating point with what it reached on validation, not only what it aimed at."""
+    op = card.get("operating_point") or {}
+    text = f"Card default {default:.3f}"
+    target, sens, spec = op.get("target_sensitivity"), op.get("val_sensitivity"), op.get("val_specificity")
+    if target is None:
+        return text + "."
+    text += f", aiming at sensitivity {target:.0%} on validation"
+    if sens is None:
+        return text + "."
+    text += f"; reached {sens:.1%}" + (f" at specificity {spec:.1%}" if spec is not None else "")
+    if sens < target and op.get("min_specificity"):
+        text += f" (the specificity floor of {op['min_specificity']:.0%} per source bound it)"
+    return text + "."
+
+
+def model_identity(predictor: Predictor) -> tuple:
+    """What a stored or cached result depends on: the weights dir, its weights, card and gate."""
+    return getattr(predictor, "identity", None) or (str(Path(predictor.dir).resolve()),
+                                                    predictor.weights_sha256)
 
 
 def _or_list(words: list[str]) -> str:
@@ -196,21 +217,52 @@ def sample_scans() -> dict[str, Path]:
     return {p.name: p for p in sorted(SAMPLES_DIR.glob("*")) if p.is_file()}
 
 
-def expand_uploads(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes | Exception]]:
+# One batch of uploads, zips unpacked, held in memory at once: the cloud host has about 1 GB.
+BATCH_BYTES = 200 * 2**20
+# Labelled-zip scans kept for the Evaluation gallery after scoring; beyond it the gallery says so.
+GALLERY_BYTES = 64 * 2**20
+
+
+def expand_uploads(files: list[tuple[str, bytes]],
+                   budget: int = BATCH_BYTES) -> list[tuple[str, bytes | Exception]]:
     """Uploads with zips unpacked (in memory) into their members. A member the archive reader
-    left out, or a zip that cannot be used at all, becomes an entry holding its ScanError."""
+    left out, or a zip that cannot be used at all, becomes an entry holding its ScanError, and
+    so does everything past ``budget`` bytes of the batch (the others are still shown)."""
     out: list = []
+    used = 0
+    over = ScanError(f"The batch is over {budget // 2**20} MB (zips unpacked): upload fewer files "
+                     "at a time.")
     for name, data in files:
+        if used + len(data) > budget:
+            out.append((name, over))
+            continue
         if not name.lower().endswith(".zip"):
             out.append((name, data))
+            used += len(data)
             continue
         try:
             members = read_zip(data)
         except ScanError as e:
             out.append((name, e))
             continue
-        out += [(f"{name}/{member}", content) for member, content in members]
+        for member, content in members:
+            fits = used + len(content) <= budget
+            out.append((f"{name}/{member}", content if fits else over))
+            used += len(content) if fits else 0
         out += [(f"{name}/{member}", ScanError(why)) for member, why in members.skipped]
+    return out
+
+
+def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
+                  budget: int = GALLERY_BYTES) -> dict[str, bytes]:
+    """The scored scans of a labelled zip to keep for the gallery: failed files never, and none
+    past ``budget`` bytes (their gallery tiles say the scan is not at hand)."""
+    scored = {r["file"] for r in ev.get("predictions", [])}
+    out, used = {}, 0
+    for name, _, data in items:
+        if name in scored and used + len(data) <= budget:
+            out[name] = data
+            used += len(data)
     return out
 
 
@@ -223,7 +275,8 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
 
 def volume_slices(data: bytes, name: str) -> int:
     """Number of slices of a volume (NIfTI, multi-frame DICOM); 1 for a plain image."""
-    if not name.lower().endswith(VOLUME_SUFFIXES):
+    from .reader import sniff
+    if not (name.lower().endswith(VOLUME_SUFFIXES) or sniff(data) in ("dicom", "gzip", "nifti")):
         return 1  # reading a 2D image twice just to count to one is not worth it
     try:
         return len(read_volume_slices(data, name))
@@ -444,12 +497,12 @@ def mask_note(cam: np.ndarray, mask: np.ndarray) -> str:
 # Two models at most stay loaded (the chosen one and the one before, for switching back):
 # each holds its weights (ResNet18: 45 MB) in a server with about 1 GB on Community Cloud.
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
-def _load_predictor(path: str, mtime_ns: int, size: int) -> Predictor:
+def _load_predictor(path: str, stamps: tuple) -> Predictor:
     return Predictor(path)
 
 
 def load_predictor(weights_dir: str | Path) -> Predictor:
-    """The model, loaded once per process and per weights file (path, mtime, size)."""
+    """The model, loaded once per process and per version of its files (`weights_stamp`)."""
     return _load_predictor(*weights_stamp(weights_dir))
 
 
@@ -494,11 +547,13 @@ def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
 
 
 def cached_slice_count(data: bytes, name: str) -> int:
-    return _cache("_slices", 64).get_or(digest(data), lambda: volume_slices(data, name))
+    # the name counts too: a raw DICOM without its preamble is told apart by its suffix alone
+    return _cache("_slices", 64).get_or((digest(data), name.lower().endswith(VOLUME_SUFFIXES)),
+                                        lambda: volume_slices(data, name))
 
 
 def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> int:
-    return _cache("_best_slice", 64).get_or((predictor.weights_sha256, digest(data)),
+    return _cache("_best_slice", 64).get_or((model_identity(predictor), digest(data)),
                                             lambda: best_slice(predictor, data, name))
 
 
@@ -508,14 +563,14 @@ def cached_prediction(predictor: Predictor, scan: ScanImage, key: str,
     def run() -> Prediction:
         with predictor.lock:  # saliency hooks may be attached to the shared model
             return predictor.predict_scan(scan)
-    return _cache("_predictions", 1024).get_or((predictor.weights_sha256, key, slice_index), run)
+    return _cache("_predictions", 1024).get_or((model_identity(predictor), key, slice_index), run)
 
 
 def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str,
                     target: str | None, slice_index: int | None = None) -> np.ndarray:
     from .saliency import saliency_map
     return _cache("_saliency", 128, 32 * 2**20).get_or(
-        (predictor.weights_sha256, key, slice_index, method, target),
+        (model_identity(predictor), key, slice_index, method, target),
         lambda: saliency_map(predictor, scan, method, target))
 
 
@@ -633,7 +688,7 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
     slices = slices or {}
     files = [(n, d, {"slice_index": slices[i]} if slices.get(i) is not None else {})
              for i, (n, d) in enumerate(items) if isinstance(d, (bytes, bytearray))]
-    key = (predictor.weights_sha256, threshold, tuple((digest(d), kw.get("slice_index")) for _, d, kw in files))
+    key = (model_identity(predictor), threshold, tuple((digest(d), kw.get("slice_index")) for _, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
         if not files or not st.button("Prepare a PDF and CSV report", key="report-build"):
@@ -709,6 +764,10 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                               caption=f"{r['file']}: true {r['label']}, predicted {r['pred']}"
                                       + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note)
         for src in sorted(absent):
+            if blobs is not None and src == "upload":
+                st.info(f"Only the zip's first {GALLERY_BYTES // 2**20} MB of scans are kept for this "
+                        "gallery: the others cannot be shown.")
+                continue
             root = source_root(predictor.card, src)
             st.info(f"The scans of source '{src}' are not on this machine"
                     + (f" (expected under {root})" if root else "") + ", so they cannot be shown.")

@@ -88,6 +88,13 @@ def cmd_rescore(args) -> int:
     return 0
 
 
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is below 0")
+    return v
+
+
 def _writable_file(path: str) -> Path:
     """Check an output path before a long run, not after it."""
     out = Path(path)
@@ -138,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("audit", help="counts, sizes, duplicate groups and cross-split leaks")
-    a.add_argument("data_dir"); a.add_argument("--max-distance", type=int, default=6)
+    a.add_argument("data_dir"); a.add_argument("--max-distance", type=_non_negative, default=6)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(fn=cmd_audit)
     e = sub.add_parser("evaluate", help="evaluate a class-per-folder directory")
@@ -168,6 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse exits 2 on a usage error
     try:
         return args.fn(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing, unreadable or unwritable paths; bad values
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -198,6 +198,12 @@ class Predictor:
         # respect to the input instead, which spares a model-sized set of weight gradients.
         self.model.requires_grad_(False)
         self.weights_sha256 = file_sha256(self.dir / "model.safetensors")
+        # What a cached result depends on besides the pixels: the folder, the weights, the card
+        # (classes, calibration, threshold, referral) and the gate, which fit-ood adds later.
+        gate_file = self.dir / "ood.safetensors"
+        self.identity = (str(self.dir.resolve()), self.weights_sha256,
+                         file_sha256(self.dir / "card.json"),
+                         file_sha256(gate_file) if gate_file.is_file() else None)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
         if (self.dir / "ood.safetensors").exists():

@@ -210,12 +210,13 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str]) -> st
     for r in results:
         row = r.to_row() if isinstance(r, ScanResult) else dict(r)
         ok = bool(row.get("ok"))
+        called = bool(call_of(row))  # a flagged scan keeps its raw p_ columns, nothing read as a call
         probs = row.get("probs") or {}
         w.writerow([_csv_safe(display_name(row.get("file", ""))), int(ok), call_of(row),
                     *[_fmt(probs.get(c)) if ok else "" for c in classes],
-                    _fmt(row.get("tumour_probability")), _fmt(row.get("threshold")),
-                    _fmt(row.get("confidence")),
-                    int(bool(row.get("uncertain"))) if ok else "",
+                    _fmt(row.get("tumour_probability")) if called else "", _fmt(row.get("threshold")),
+                    _fmt(row.get("confidence")) if called else "",
+                    int(bool(row.get("uncertain"))) if called else "",
                     int(not row.get("in_distribution", True)) if ok else "",
                     "; ".join(flags_of(row)), row.get("error") or ""])
     return buf.getvalue()
@@ -478,7 +479,9 @@ def _images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     pdf.cell(side, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(x2)
     target = class_label(r.prediction.pred)
-    caption = (f"{ctx.method} for '{target}' (red = strongest evidence)"
+    from .saliency import CLASS_AGNOSTIC
+    what = "(class-agnostic)" if ctx.method in CLASS_AGNOSTIC else f"for '{target}'"
+    caption = (f"{ctx.method} {what} (red = strongest evidence)"
                if r.overlay is not None else f"{ctx.method} saliency: not available")
     pdf.cell(side, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
 
@@ -610,7 +613,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
                 p = r.prediction
                 call = class_label(p.pred) if p.in_distribution else "No diagnosis"
                 row.cell(pdf.t(call), link=link)
-                row.cell("" if p.tumour_probability is None else f"{p.tumour_probability:.3f}", link=link)
+                shown = p.tumour_probability if p.in_distribution else None  # no call, no number
+                row.cell("" if shown is None else f"{shown:.3f}", link=link)
                 flags = r.flags
                 row.cell(pdf.t(", ".join(flags) or "-"), link=link,
                          style=FontFace(color=RED[1] if flags else INK))
@@ -707,9 +711,28 @@ def _unknown_method(method: str) -> str | None:
     return None
 
 
+def _output_problem(args) -> str | None:
+    """Why the output paths cannot be used, checked before any file is analysed (a typo must not
+    cost a batch, and a report must never overwrite a scan or another output)."""
+    outs = [(flag, Path(p)) for flag, p in (("--out", args.out), ("--csv", args.csv), ("--audit", args.audit)) if p]
+    inputs = {Path(f).resolve() for f in args.files}
+    seen: dict[Path, str] = {}
+    for flag, p in outs:
+        if p.resolve() in inputs:
+            return f"{flag} {p} is one of the input files"
+        if p.resolve() in seen:
+            return f"{flag} and {seen[p.resolve()]} name the same file {p}"
+        seen[p.resolve()] = flag
+        if p.is_dir():
+            return f"{flag} {p} is a folder; give a file name"
+        if not p.parent.is_dir():
+            return f"{flag} {p}: the folder {p.parent} does not exist"
+    return None
+
+
 def cmd_report(args) -> int:
     from .inference import Predictor
-    if (why := _unknown_method(args.method)):
+    if (why := _unknown_method(args.method) or _output_problem(args)):
         print(f"error: {why}", file=sys.stderr)
         return 2
     try:

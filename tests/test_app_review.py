@@ -359,3 +359,41 @@ def test_a_zero_one_mask_is_outlined_like_a_zero_255_one():
     cam = np.zeros((20, 20), np.float32)
     cam[9, 5] = 1.0
     assert mask_scores(cam, a > 0, tolerance=0.0)["pointing_hit"] is False
+
+
+def test_a_batch_past_its_budget_refuses_the_rest_and_keeps_the_first():
+    big = b"x" * 60
+    out = app_support.expand_uploads([("a.jpg", big), ("b.jpg", big), ("c.jpg", b"y" * 10)], budget=100)
+    assert out[0][1] == big and isinstance(out[1][1], app_support.ScanError) and out[2][1] == b"y" * 10
+    assert "upload fewer files" in str(out[1][1])
+
+
+def test_the_gallery_keeps_scored_scans_only_and_within_its_budget():
+    items = [("a.jpg", "glioma", b"a" * 40), ("bad.jpg", "glioma", b"b" * 10), ("c.jpg", "notumor", b"c" * 40)]
+    ev = {"predictions": [{"file": "a.jpg"}, {"file": "c.jpg"}]}
+    assert set(app_support.gallery_blobs(items, ev, budget=100)) == {"a.jpg", "c.jpg"}
+    assert set(app_support.gallery_blobs(items, ev, budget=50)) == {"a.jpg"}
+
+
+def test_a_gate_added_beside_unchanged_weights_is_a_new_model(random_weights, tmp_path):
+    """fit-ood writes ood.safetensors and card.json next to the same weights: cached results
+    of the model without its gate must not be served as the gated model's."""
+    w = tmp_path / "w"
+    shutil.copytree(random_weights, w)
+    before = app_support.weights_stamp(w)
+    first = core.inference.Predictor(w)
+    from core.ood import OODGate
+    OODGate("colour", [], 0.0, colour_limit=0.03).save(w)
+    assert app_support.weights_stamp(w) != before
+    second = core.inference.Predictor(w)
+    assert app_support.model_identity(first) != app_support.model_identity(second)
+    other = tmp_path / "same_weights"
+    shutil.copytree(random_weights, other)
+    assert app_support.model_identity(core.inference.Predictor(other)) != app_support.model_identity(first)
+
+
+def test_the_sidebar_says_what_the_operating_point_reached():
+    card = {"operating_point": {"threshold": 0.5, "target_sensitivity": 0.99, "min_specificity": 0.97,
+                                "val_sensitivity": 0.971, "val_specificity": 0.970}}
+    text = app_support.operating_point_text(card, 0.5)
+    assert "aiming at sensitivity 99%" in text and "reached 97.1%" in text and "floor" in text

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,7 +311,7 @@ def test_cli_report_csv_audit_and_exit_codes(four, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--weights", "/nonexistent/model"], "cannot load the model"),
     (["--method", "nosuchcam"], "unknown saliency method"),
-    (["--out", "/nonexistent/dir/r.pdf"], "cannot write the report"),
+    (["--out", "/nonexistent/dir/r.pdf"], "the folder /nonexistent/dir does not exist"),
 ])
 def test_cli_errors_are_one_line_not_tracebacks(four, tmp_path, capsys, extra, message):
     (tmp_path / "s.png").write_bytes(scan_png(30))
@@ -325,3 +326,22 @@ def test_cli_rejects_a_threshold_outside_0_1(four, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "x.png", "--out", str(tmp_path / "r.pdf"), "--threshold", "1.5"])
     assert e.value.code == 2 and "outside [0, 1]" in capsys.readouterr().err
+
+
+def test_report_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    from core.cli import main
+    scan = tmp_path / "g.jpg"
+    scan.write_bytes((Path(__file__).resolve().parents[1] / "assets" / "samples" / "glioma.jpg").read_bytes())
+    before = scan.read_bytes()
+    assert main(["report", str(scan), "--out", str(scan)]) == 2
+    assert scan.read_bytes() == before and "one of the input files" in capsys.readouterr().err
+    assert main(["report", str(scan), "--out", str(tmp_path / "x.pdf"), "--csv", str(tmp_path / "x.pdf")]) == 2
+    assert "name the same file" in capsys.readouterr().err
+    assert main(["report", str(scan), "--out", str(tmp_path / "nope" / "x.pdf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_flagged_scan_has_no_tumour_probability_or_confidence_in_the_csv(four, monkeypatch):
+    flagged(four, monkeypatch)
+    (row,) = csv.DictReader(io.StringIO(R.build_csv(R.analyse([("cat.png", scan_png(43))], four), four.classes)))
+    assert row["tumour_probability"] == row["confidence"] == row["uncertain"] == ""
