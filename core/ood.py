@@ -99,7 +99,7 @@ def _read_one(args) -> tuple[np.ndarray, float]:
 def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 N x 1 x S x S, colourfulness) for files at one spec, cached on disk by path list."""
     from .data import HASH_CACHE
-    key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items()))).encode()).hexdigest()[:16]
+    key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items())) + _code_key()).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-{key}.npz"
     if cache.exists():
         z = np.load(cache)
@@ -494,8 +494,17 @@ class Component:
 
 
 def per_source_threshold(scores: dict[str, np.ndarray], fpr: float) -> float:
-    """The lowest threshold that flags at most ``fpr`` of every source's validation slices."""
-    return float(max(np.quantile(s, 1 - fpr, method="higher") for s in scores.values() if len(s)))
+    """A threshold that flags at most ``fpr`` of every source's validation slices.
+
+    Not on the highest score allowed to pass but halfway to the next one: a score lying on the
+    threshold flips with rounding (single vs batched passes, bf16, fp16-stored densities), and
+    the served gate would flag more than the stated share.
+    """
+    kept = [s for s in scores.values() if len(s)]
+    t = float(max(np.quantile(s, 1 - fpr, method="higher") for s in kept))
+    above = np.concatenate([np.asarray(s, np.float64) for s in kept])
+    above = above[above > t]
+    return (t + float(above.min())) / 2 if len(above) else t + 1.0
 
 
 class OODGate:
@@ -734,9 +743,12 @@ def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dic
     return out
 
 
-def _outliers_key() -> str:
-    from . import outliers
-    return hashlib.sha1(Path(outliers.__file__).read_bytes()).hexdigest()[:10]
+def _code_key() -> str:
+    """The code that makes the cached gate inputs: a fix to reading, preparing or drawing them
+    must not leave fit-ood training and thresholding on the old pixels while serving uses new."""
+    from . import outliers, preprocess, reader
+    return hashlib.sha1(b"".join(Path(m.__file__).read_bytes()
+                                 for m in (outliers, preprocess, reader))).hexdigest()[:10]
 
 
 def outlier_set(category: str, n: int, seed: int, main_spec: dict | None, mri_paths: list[str]) -> ImageSet:
@@ -745,7 +757,7 @@ def outlier_set(category: str, n: int, seed: int, main_spec: dict | None, mri_pa
     from .data import HASH_CACHE
     from .reader import read_scan
     derived = category in O.MRI_DERIVED
-    key = hashlib.sha1(repr((category, n, seed, main_spec and sorted(main_spec.items()), _outliers_key(),
+    key = hashlib.sha1(repr((category, n, seed, main_spec and sorted(main_spec.items()), _code_key(),
                              mri_paths if derived else None, GATE_SPEC)).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-out-{key}.npz"
     if cache.exists():

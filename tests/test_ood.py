@@ -279,3 +279,31 @@ def test_feature_tap_keeps_the_plain_pass_through_a_paused_tta_pass():
         y = torch.rand(1, 1, 64, 64)
         assert np.allclose(tap.get(model, y)["logits"], model(y).detach().numpy(), atol=1e-5)
     assert not tap.local.paused
+
+
+def test_the_threshold_leaves_room_on_both_sides_of_the_boundary_scores():
+    """A validation score on the threshold would flip with rounding noise between fit and serve."""
+    from core.ood import per_source_threshold
+    a = np.arange(100, dtype=np.float64)          # the 98 % quantile ('higher') is 98: only 99 flagged
+    b = np.array([0.5, 10.0, 96.4])
+    t = per_source_threshold({"a": a, "b": b}, 0.02)
+    assert t == pytest.approx(98.5)               # halfway to the next score, not on 98
+    for s in (a, b):
+        assert (s > t).mean() <= 0.02 and not np.any(np.abs(s - t) < 0.5)
+    assert per_source_threshold({"a": np.array([1.0, 2.0])}, 0.0) == pytest.approx(3.0)
+
+
+def test_prepared_gate_inputs_are_redone_when_the_reading_code_changes(tmp_path, monkeypatch):
+    import core.data
+    import core.ood as O
+    monkeypatch.setattr(core.data, "HASH_CACHE", tmp_path / "phash.json")
+    f = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(f)
+    spec = {"size": 32, "crop": "none", "mean": 0.2, "std": 0.25}
+    O._prepare_files([str(f)], spec, "t", 1)
+    assert len(list(tmp_path.glob("ood-*.npz"))) == 1
+    O._prepare_files([str(f)], spec, "t", 1)                 # same code: the cache serves it
+    assert len(list(tmp_path.glob("ood-*.npz"))) == 1
+    monkeypatch.setattr(O, "_code_key", lambda: "a reader fix")
+    O._prepare_files([str(f)], spec, "t", 1)
+    assert len(list(tmp_path.glob("ood-*.npz"))) == 2
