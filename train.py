@@ -395,6 +395,11 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     train_time = sum(h["train"]["time_s"] for h in history)
     for epoch in range(start_epoch, args.epochs):
+        # Before the epoch, not after it: a run resumed from the checkpoint of the epoch that
+        # stopped it must stop too, not train on (one better epoch would reset the count).
+        if DD.rank0_decides(bad >= args.patience, world, device):
+            say(f"early stop: no validation improvement for {bad} epochs", flush=True)
+            break
         gen.manual_seed(args.seed * 1000 + epoch)
         small = bool(args.small_img) and epoch < args.small_img_epochs
         size = args.small_img if small else None
@@ -412,8 +417,10 @@ def run(args: argparse.Namespace) -> int:
         tr = DD.reduce_epoch_stats(tr, len(order), world, device)
         if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
             judged = ema.module if ema is not None else model
+            t_val = time.time()
             va = E.evaluate_split(judged, images[idx["val"]], masks[idx["val"]], spec, device, precision,
                                   out_size=size)
+            va["time_s"] = round(time.time() - t_val, 2)
             train_time += tr["time_s"]
             history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
             print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
@@ -429,9 +436,6 @@ def run(args: argparse.Namespace) -> int:
                               bad=bad, rng=torch.get_rng_state(),
                               ema=ema.state_dict() if ema is not None else None,
                               args=vars(args) | {"config_values": None})
-        if DD.rank0_decides(bad >= args.patience, world, device):
-            say(f"early stop: no validation improvement for {bad} epochs", flush=True)
-            break
 
     DD.debug_dump(model, rank, world)
     if rank == 0:

@@ -128,3 +128,22 @@ def test_a_typed_tumour_beside_coarse_ones_trains_tumour_vs_none(tmp_path):
     assert json.loads((out / "card.json").read_text())["classes"] == ["tumor", "notumor"]
     ev = json.loads((out / "eval.json").read_text())
     assert {r["label"] for r in ev["predictions"]} <= {"tumor", "notumor"}
+
+
+def test_a_run_resumed_from_the_epoch_that_stopped_it_stays_stopped(data, tmp_path):
+    """The checkpoint of the stopping epoch already counts `patience` bad epochs: a resume
+    (after a crash there, or to redo the finish) must not train on."""
+    import torch
+    from core.engine import load_checkpoint, save_checkpoint
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", *TINY]) == 0
+    ck = load_checkpoint(out / "checkpoint.pt")
+    ck.update(epoch=0, bad=3, history=ck["history"][:1])   # as if epoch 1 had been the third bad one
+    save_checkpoint(out / "checkpoint.pt", **ck)
+    (out / "history.json").write_text(json.dumps(ck["history"]))   # written with it, each epoch
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", "--patience", "3",
+                       "--resume", *TINY]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and "time_s" in history[0]["val"]
+    assert json.loads((out / "card.json").read_text())["training"]["epochs_run"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
