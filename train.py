@@ -29,7 +29,8 @@ from core import distributed as DD
 from core import engine as E
 from core.evaluation import card_metrics, evaluate_records, prediction_records, write_json
 from core.inference import file_sha256
-from core.labels import label_targets, model_classes, normalise_label, tumour_classes
+from core.labels import (FINE_TUMOURS, TUMOUR, label_targets, model_classes, normalise_label,
+                         tumour_classes)
 from core.metrics import tumour_probability
 from core.models import count_parameters, create_model, has_class_maps
 from core.preprocess import DEFAULT_SPEC
@@ -225,7 +226,7 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
                 s.label = normalise_label(renames[s.original])
         if args.binary:
             for s in found:
-                s.label = "tumor" if s.label in ("glioma", "meningioma", "pituitary") else s.label
+                s.label = TUMOUR if s.label in FINE_TUMOURS else s.label
         samples += found
         skipped += [(src["name"], rel, why) for rel, why in scan.skipped]
         src["label_map"] = sorted({(s.original, s.label) for s in found})

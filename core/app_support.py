@@ -24,7 +24,7 @@ from .metrics import decide
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
 from .reader import (VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
-                     read_zip, zip_to_labelled)
+                     read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 
@@ -112,8 +112,7 @@ def operating_point_text(card: dict, default: float) -> str:
 
 def model_identity(predictor: Predictor) -> tuple:
     """What a stored or cached result depends on: the weights dir, its weights, card and gate."""
-    return getattr(predictor, "identity", None) or (str(Path(predictor.dir).resolve()),
-                                                    predictor.weights_sha256)
+    return predictor.identity
 
 
 def _or_list(words: list[str]) -> str:
@@ -275,7 +274,6 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
 
 def volume_slices(data: bytes, name: str) -> int:
     """Number of slices of a volume (NIfTI, multi-frame DICOM); 1 for a plain image."""
-    from .reader import sniff
     if not (name.lower().endswith(VOLUME_SUFFIXES) or sniff(data) in ("dicom", "gzip", "nifti")):
         return 1  # reading a 2D image twice just to count to one is not worth it
     try:
@@ -560,10 +558,8 @@ def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> int:
 def cached_prediction(predictor: Predictor, scan: ScanImage, key: str,
                       slice_index: int | None = None) -> Prediction:
     """Prediction at the card's operating point, computed once per file content and model."""
-    def run() -> Prediction:
-        with predictor.lock:  # saliency hooks may be attached to the shared model
-            return predictor.predict_scan(scan)
-    return _cache("_predictions", 1024).get_or((model_identity(predictor), key, slice_index), run)
+    return _cache("_predictions", 1024).get_or((model_identity(predictor), key, slice_index),
+                                               lambda: predictor.predict_scan(scan))
 
 
 def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str,

@@ -95,14 +95,21 @@ def _non_negative(text: str) -> int:
     return v
 
 
-def _writable_file(path: str) -> Path:
-    """Check an output path before a long run, not after it."""
+def output_problem(flag: str, path: str | Path, example: str | None = None) -> str | None:
+    """Why an output file cannot be written at ``path`` (checked before a long run, not after
+    it), or None. ``example`` names a file to suggest when ``path`` is a folder."""
     out = Path(path)
     if out.is_dir():
-        raise ValueError(f"--json {path} is a folder; give a file name such as {out / 'eval.json'}")
+        return f"{flag} {path} is a folder; give a file name" + (f" such as {out / example}" if example else "")
     if not out.parent.is_dir():
-        raise ValueError(f"--json {path}: the folder {out.parent} does not exist")
-    return out
+        return f"{flag} {path}: the folder {out.parent} does not exist"
+    return None
+
+
+def _writable_file(path: str) -> Path:
+    if (why := output_problem("--json", path, "eval.json")):
+        raise ValueError(why)
+    return Path(path)
 
 
 def _print_skipped(errors: list[dict]) -> None:

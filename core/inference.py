@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import REPO_ROOT
 from .header import header_reason
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, tumour_probability
@@ -20,7 +21,7 @@ from .preprocess import preprocess
 from .reader import ScanError, ScanImage, read_scan
 from .referral import ReferralRule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 WEIGHTS_ROOT = ROOT / "weights"
 
 
@@ -206,7 +207,7 @@ class Predictor:
                          file_sha256(gate_file) if gate_file.is_file() else None)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
-        if (self.dir / "ood.safetensors").exists():
+        if gate_file.is_file():
             from .ood import OODGate
             self.gate = OODGate.load(self.dir)
             if self.gate.uses_classifier:

@@ -714,6 +714,7 @@ def _unknown_method(method: str) -> str | None:
 def _output_problem(args) -> str | None:
     """Why the output paths cannot be used, checked before any file is analysed (a typo must not
     cost a batch, and a report must never overwrite a scan or another output)."""
+    from .cli import output_problem
     outs = [(flag, Path(p)) for flag, p in (("--out", args.out), ("--csv", args.csv), ("--audit", args.audit)) if p]
     inputs = {Path(f).resolve() for f in args.files}
     seen: dict[Path, str] = {}
@@ -723,10 +724,8 @@ def _output_problem(args) -> str | None:
         if p.resolve() in seen:
             return f"{flag} and {seen[p.resolve()]} name the same file {p}"
         seen[p.resolve()] = flag
-        if p.is_dir():
-            return f"{flag} {p} is a folder; give a file name"
-        if not p.parent.is_dir():
-            return f"{flag} {p}: the folder {p.parent} does not exist"
+        if (why := output_problem(flag, p)):
+            return why
     return None
 
 

@@ -192,7 +192,7 @@ def mask_scores(cam: np.ndarray, mask: np.ndarray, tolerance: float = 0.05) -> d
     cam = resize_map(np.asarray(cam, dtype=np.float32), mask.shape)
     if not mask.any():
         return {"pointing_hit": None, "energy_in_mask": None}
-    grown = dilate(mask, max(0, int(round(tolerance * max(mask.shape)))))  # 0: no tolerance
+    grown = dilate(mask, int(round(tolerance * max(mask.shape))))  # 0: no tolerance
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     total = float(cam.sum())
     return {"pointing_hit": bool(grown[peak]),
