@@ -386,6 +386,10 @@ def run(args: argparse.Namespace) -> int:
             shipped_average = done if done.get("shipped") == "average" else None
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
         torch.set_rng_state(resume["rng"])
+        if resume.get("rng_cuda") is not None and device.type == "cuda" and world == 1:
+            # augmentation draws on the device: without its generator a GPU resume diverges
+            # (rank 0's state alone is saved: under DDP each rank keeps its own seeded stream)
+            torch.cuda.set_rng_state(resume["rng_cuda"], device)
         say(f"resumed from epoch {start_epoch}", flush=True)
     if rank == 0:
         (out / "split.json").write_text(json.dumps({
@@ -435,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
                               bad=bad, rng=torch.get_rng_state(),
+                              rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                               ema=ema.state_dict() if ema is not None else None,
                               args=vars(args) | {"config_values": None})
 

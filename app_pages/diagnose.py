@@ -34,10 +34,16 @@ def slice_choice(pos: int, name: str, data) -> int | None:
         return None
     key = app.widget_key(pos, name, data)
     if st.toggle("Most tumour-like slice", key=f"best-{key}"):
-        best = app.cached_best_slice(predictor, data, name)
-        st.caption(f"Slice {best} of 0-{n - 1}: the highest tumour probability in the volume.")
-        return best
-    return st.slider(f"Slice (of {n})", 0, n - 1, n // 2, key=f"s-{key}")
+        best, text = app.cached_best_slice(predictor, data, name)
+        if best is not None:
+            st.caption(text)
+            app.remember_slice(key, best)
+            return best
+        st.warning(text)
+    last = app.remembered_slice(key)
+    k = st.slider(f"Slice (of {n})", 0, n - 1, n // 2 if last is None else last, key=f"s-{key}")
+    app.remember_slice(key, k)
+    return k
 
 
 def show_refusal(pred, key: str) -> None:
@@ -84,6 +90,11 @@ def show(pos: int, name: str, data, slice_index: int | None) -> dict:
     if pred.in_distribution:
         app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index,
                            mask=masks.get(name), widget_key=wkey)
+    if slice_index is not None:  # after the result: scoring every slice of a volume takes seconds
+        with st.spinner("Checking the volume's other slices..."):
+            alert = app.volume_alert(predictor, data, name, threshold, slice_index)
+        if alert:
+            st.warning(alert, icon=":material/warning:")
     return row
 
 items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif
@@ -102,7 +113,10 @@ elif len(items) <= DETAILED:
             results.append(show(pos, name, data, slices[pos]))
 else:
     summary = st.container()
-    results = [app.analyse(predictor, name, data, threshold)[0] for name, data in items]
+    # each volume at the slice last shown of it (the middle one until then), as the report
+    slices = {k: app.remembered_slice(app.widget_key(k, *item)) for k, item in enumerate(items)}
+    results = [app.analyse(predictor, name, data, threshold, slices[k])[0]
+               for k, (name, data) in enumerate(items)]
     for r in results:
         if not r["ok"]:
             st.error(f"**{r['file']}**: {r['error']}")
@@ -123,5 +137,4 @@ if len(items) > 1:
         st.download_button("Download the table (CSV)", app.results_csv(table), "predictions.csv",
                            "text/csv", on_click="ignore")
 
-# ---- plug-in spot: PDF/CSV report downloads from core.report (another issue) ----
 app.report_downloads(items, predictor, threshold, slices)

@@ -10,7 +10,7 @@ predictor = app.required_predictor()
 threshold = app.session_threshold(predictor)
 classes, rule = predictor.classes, predictor.referral
 
-where = st.radio("Data", ["card", "zip"], horizontal=True, format_func={
+where = app.sticky_radio("Data", ["card", "zip"], "eval_data", horizontal=True, format_func={
     "card": "the model's held-out test set (eval.json)",
     "zip": "a labelled zip of my own (one folder per class)"}.get)
 blobs = None
@@ -23,20 +23,14 @@ if where == "card":
 else:
     up = st.file_uploader("Labelled zip: <class>/<image> inside", type=["zip"])
     if up is not None and st.button("Evaluate", type="primary"):
-        data = up.getvalue()
+        bar = st.progress(0.0, text="Evaluating the zip's scans...")
         try:
-            items, skipped = app.labelled_zip(data)
+            held = app.evaluate_zip(predictor, up.name, up.getvalue(),
+                                    progress=lambda f: bar.progress(f, text=f"{f:.0%} evaluated"))
         except app.ScanError as e:
             st.error(f"{up.name}: {e}")
             st.stop()
-        bar = st.progress(0.0, text=f"Evaluating {len(items)} scans...")
-        ev = app.evaluate_items(predictor, items,
-                                lambda n, b: app.cached_prediction(
-                                    predictor, app.read_upload(b, n), app.digest(b)),
-                                progress=lambda f: bar.progress(f, text=f"{f:.0%} evaluated"))
-        app.keep_result("zip_eval", predictor, {"name": up.name, "ev": ev,
-                                                "skipped": skipped + ev["errors"],
-                                                "blobs": app.gallery_blobs(items, ev)})
+        app.keep_result("zip_eval", predictor, held)
     held, dropped = app.held_result("zip_eval", predictor)  # another model's results are dropped
     if held is None:
         st.info("The last results came from another model: press Evaluate to run the zip through "
@@ -46,8 +40,8 @@ else:
     for s in held["skipped"][:20]:
         st.error(f"{s['file']}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
-    if held["ev"].get("scored_as"):  # yes/no folders: scored as tumour vs no tumour
-        classes, rule = held["ev"]["classes"], rule.as_tumour_vs_none()
+    classes, rule = app.zip_view(held, predictor)
+    if held["ev"].get("scored_as"):
         st.caption(f"Folders without a tumour type: scored {held['ev']['scored_as']}.")
     if not records:
         st.error(f"No scan in {held['name']} could be evaluated.")

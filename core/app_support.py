@@ -18,12 +18,12 @@ import streamlit as st
 
 from .evaluation import NothingToScore, evaluate_records, prediction_record, score_labelled
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
-                        most_tumour_like_slice, shipped_models)
+                        most_tumour_like_slice, shipped_models, slice_scores)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import decide
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
-from .reader import (VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
+from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
@@ -105,8 +105,15 @@ def operating_point_text(card: dict, default: float) -> str:
     if sens is None:
         return text + "."
     text += f"; reached {sens:.1%}" + (f" at specificity {spec:.1%}" if spec is not None else "")
-    if sens < target and op.get("min_specificity"):
-        text += f" (the specificity floor of {op['min_specificity']:.0%} per source bound it)"
+    from .engine import CAP_THRESHOLD
+    floor = op.get("min_specificity")
+    if sens < target and floor and default >= CAP_THRESHOLD and spec is not None and spec < floor:
+        # pick_threshold never goes above the cap: the floor pushed the threshold there, unmet
+        text += (f" (the specificity floor of {floor:.0%} per source raised the threshold to its "
+                 f"{CAP_THRESHOLD} cap; there, validation specificity is still below the floor "
+                 "in some source)")
+    elif sens < target and floor:
+        text += f" (the specificity floor of {floor:.0%} per source bound it)"
     return text + "."
 
 
@@ -222,6 +229,10 @@ BATCH_BYTES = 200 * 2**20
 GALLERY_BYTES = 64 * 2**20
 
 
+# Formats stored as zip archives that are documents, not folders of scans.
+ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk", ".npz")
+
+
 def expand_uploads(files: list[tuple[str, bytes]],
                    budget: int = BATCH_BYTES) -> list[tuple[str, bytes | Exception]]:
     """Uploads with zips unpacked (in memory) into their members. A member the archive reader
@@ -235,7 +246,9 @@ def expand_uploads(files: list[tuple[str, bytes]],
         if used + len(data) > budget:
             out.append((name, over))
             continue
-        if not name.lower().endswith(".zip"):
+        if sniff(data) != "zip" or name.lower().endswith(ZIP_DOCUMENTS):
+            # by content, as the reader goes ("scans.ZIP.download" is a zip); documents that are
+            # zips inside (.docx ...) are one file, which the reader refuses in one sentence
             out.append((name, data))
             used += len(data)
             continue
@@ -243,6 +256,9 @@ def expand_uploads(files: list[tuple[str, bytes]],
             members = read_zip(data)
         except ScanError as e:
             out.append((name, e))
+            continue
+        if not members and not members.skipped:
+            out.append((name, ScanError("The zip archive contains no files.")))
             continue
         for member, content in members:
             fits = used + len(content) <= budget
@@ -274,11 +290,11 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
 
 def volume_slices(data: bytes, name: str) -> int:
     """Number of slices of a volume (NIfTI, multi-frame DICOM); 1 for a plain image."""
-    if not (name.lower().endswith(VOLUME_SUFFIXES) or sniff(data) in ("dicom", "gzip", "nifti")):
+    if not (name.lower().endswith(VOLUME_SUFFIXES + STACK_SUFFIXES) or sniff(data) in ("dicom", "gzip", "nifti")):
         return 1  # reading a 2D image twice just to count to one is not worth it
     try:
         return len(read_volume_slices(data, name))
-    except ScanError:
+    except Exception:  # a damaged header too: the page must go on to the batch's other files
         return 1  # read_scan reports the problem with its own sentence
 
 
@@ -293,9 +309,45 @@ def read_upload(data: bytes | ScanImage | Exception, name: str, slice_index: int
     return read_scan(data, name, slice=slice_index)
 
 
-def best_slice(predictor: Predictor, data: bytes, name: str) -> int:
-    """Index of the slice of a volume that the model finds most tumour-like."""
-    return most_tumour_like_slice(predictor, data, name)[0]
+def best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None, str]:
+    """(index of the slice the model finds most tumour-like among those the out-of-distribution
+    check accepts, a caption saying so) or, when no slice can be chosen (every slice empty, a
+    damaged file), (None, why in one sentence)."""
+    try:
+        k, pred = most_tumour_like_slice(predictor, data, name,
+                                         scores=cached_slice_scores(predictor, data, name))
+    except ScanError as e:
+        return None, str(e)
+    except Exception as e:  # a bug on one file must not stop the batch
+        return None, f"No slice could be chosen ({type(e).__name__})."
+    n = pred.info.get("n_slices", 1)
+    if not pred.in_distribution:
+        return k, (f"Slice {k} of 0-{n - 1}: the most tumour-like, but no slice the model scored "
+                   "highest passes the out-of-distribution check.")
+    return k, (f"Slice {k} of 0-{n - 1}: the highest tumour probability among the slices that pass "
+               "the out-of-distribution check.")
+
+
+def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
+                 shown: int | None) -> str | None:
+    """A warning when slices other than the one shown reach the operating point and the one shown
+    does not: a tumour on slice 12 must not hide behind a clean middle slice. None otherwise."""
+    if not predictor.is_tumour_model or shown is None:
+        return None
+    try:
+        scores = cached_slice_scores(predictor, data, name)
+    except Exception:  # read_scan reports the file's problem with its own sentence
+        return None
+    if scores.get(shown, 0.0) >= threshold:
+        return None
+    hot = sorted(k for k, v in scores.items() if v >= threshold)
+    if not hot:
+        return None
+    top = max(hot, key=scores.get)
+    listed = ", ".join(map(str, hot[:12])) + (f" and {len(hot) - 12} more" if len(hot) > 12 else "")
+    return (f"Other slices of this volume reach the operating point: {listed} (highest tumour "
+            f"probability {scores[top]:.3f}, slice {top}; before the out-of-distribution check). "
+            "The slice shown does not: look at those slices before calling this volume clear.")
 
 
 def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
@@ -546,11 +598,16 @@ def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
 
 def cached_slice_count(data: bytes, name: str) -> int:
     # the name counts too: a raw DICOM without its preamble is told apart by its suffix alone
-    return _cache("_slices", 64).get_or((digest(data), name.lower().endswith(VOLUME_SUFFIXES)),
+    return _cache("_slices", 64).get_or((digest(data), name.lower().endswith(VOLUME_SUFFIXES + STACK_SUFFIXES)),
                                         lambda: volume_slices(data, name))
 
 
-def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> int:
+def cached_slice_scores(predictor: Predictor, data: bytes, name: str) -> dict[int, float]:
+    return _cache("_slice_scores", 64).get_or((model_identity(predictor), digest(data)),
+                                              lambda: slice_scores(predictor, data, name)[2])
+
+
+def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None, str]:
     return _cache("_best_slice", 64).get_or((model_identity(predictor), digest(data)),
                                             lambda: best_slice(predictor, data, name))
 
@@ -564,9 +621,11 @@ def cached_prediction(predictor: Predictor, scan: ScanImage, key: str,
 
 def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str,
                     target: str | None, slice_index: int | None = None) -> np.ndarray:
-    from .saliency import saliency_map
+    from .saliency import CLASS_AGNOSTIC, method_name, saliency_map
+    # a class-agnostic map is one map whatever the class: one cache entry, not one per class
     return _cache("_saliency", 128, 32 * 2**20).get_or(
-        (model_identity(predictor), key, slice_index, method, target),
+        (model_identity(predictor), key, slice_index, method,
+         None if method_name(method) in CLASS_AGNOSTIC else target),
         lambda: saliency_map(predictor, scan, method, target))
 
 
@@ -652,6 +711,46 @@ def widget_key(position: int, name: str, data) -> str:
     return f"{position}-{item_key(name, data)}"
 
 
+def evaluate_zip(predictor: Predictor, name: str, data: bytes,
+                 progress: Callable[[float], None] | None = None) -> dict:
+    """A labelled zip scored through the served path, as the Evaluation page holds it: its name,
+    the evaluation, every file left out with why, and the scans kept for the gallery. Raises
+    ScanError when the zip itself cannot be used."""
+    items, skipped = labelled_zip(data)
+    ev = evaluate_items(predictor, items,
+                        lambda n, b: cached_prediction(predictor, read_upload(b, n), digest(b)),
+                        progress=progress)
+    return {"name": name, "ev": ev, "skipped": skipped + ev["errors"], "blobs": gallery_blobs(items, ev)}
+
+
+def zip_view(held: dict, predictor: Predictor) -> tuple[list[str], "ReferralRule"]:
+    """(classes, referral rule) to judge a held zip evaluation by: yes/no folders against a
+    typed model are scored as tumour vs no tumour, with the rule folded the same way."""
+    if held["ev"].get("scored_as"):
+        return held["ev"]["classes"], predictor.referral.as_tumour_vs_none()
+    return predictor.classes, predictor.referral
+
+
+def remembered_slice(key: str) -> int | None:
+    """The slice last shown of the volume whose widgets are keyed ``key`` (`widget_key`), if any:
+    a big batch shows one file's details at a time, and the table and report must keep the
+    slice chosen for each volume, not fall back to its middle one."""
+    return st.session_state.get("_slices_shown", {}).get(key)
+
+
+def remember_slice(key: str, index: int | None) -> None:
+    st.session_state.setdefault("_slices_shown", {})[key] = index
+
+
+def sticky_radio(label: str, options: list[str], key: str, **kw) -> str:
+    """A radio whose choice survives a visit to another page: Streamlit forgets the state of a
+    widget that a run does not draw, so the choice lives in the plain session key ``key``."""
+    state, widget = st.session_state, f"_{key}_widget"
+    chosen = state.get(key, options[0])
+    return st.radio(label, options, index=options.index(chosen) if chosen in options else 0, key=widget,
+                    on_change=lambda: state.update({key: state[widget]}), **kw)
+
+
 def keep_result(name: str, predictor: Predictor, value: dict) -> None:
     """Store a result in the session with the identity of the model that made it."""
     st.session_state[name] = {**value, "model": model_identity(predictor)}
@@ -721,7 +820,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
     where a tumour mask lies beside the scan (LGG), its outline and a pointing-game note."""
-    from .saliency import contour_overlay, default_method, overlay
+    from .saliency import CLASS_AGNOSTIC, contour_overlay, default_method, overlay
     method = default_method(predictor.card)
 
     @st.fragment
@@ -730,7 +829,9 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                         format_func={"missed": "missed tumours",
                                      "misclassified": "every misclassified scan"}.get)
         explain = st.radio(f"{method} for", ["pred", "label"], horizontal=True, key="gallery-explain",
-                           format_func={"pred": "the predicted class", "label": "the true class"}.get)
+                           format_func={"pred": "the predicted class", "label": "the true class"}.get,
+                           disabled=method in CLASS_AGNOSTIC,
+                           help=f"{method} draws one map whatever the class" if method in CLASS_AGNOSTIC else None)
         sel = gallery_records(records, kind)
         if not sel:
             st.success("None at this operating point.")

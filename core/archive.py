@@ -52,6 +52,9 @@ def _open_zip(data: bytes) -> zipfile.ZipFile:
         raise ScanError(f"The zip archive is larger than the {MAX_BYTES // 2**20} MB limit.")
     try:
         return zipfile.ZipFile(io.BytesIO(data))
+    except UnicodeDecodeError as e:  # flagged UTF-8, yet not: zipfile cannot list any member
+        raise ScanError("The zip archive has a file name that is not valid UTF-8; "
+                        "create the zip again.") from e
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
         raise ScanError("The file is not a valid zip archive.") from e
 

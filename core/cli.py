@@ -20,16 +20,12 @@ def _predictor(weights: str | None):
 
 
 def _image_facts(path: str) -> tuple[tuple[int, int], str]:
-    """(width, height) and mode of an image file; DICOM and NIfTI through the scan reader."""
-    from PIL import Image
+    """(width, height) and mode of an image file. The scan reader decides what is readable, as
+    in training and evaluation (its formats and size limits); Pillow only names the mode."""
     from .reader import read_scan
-    try:
-        with Image.open(path) as im:
-            im.load()  # a truncated file opens lazily; decoding is what fails
-            return im.size, im.mode
-    except Exception:
-        scan = read_scan(path)  # raises ScanError for an unreadable file
-        return (scan.pixels.shape[1], scan.pixels.shape[0]), scan.kind
+    scan = read_scan(path)  # raises ScanError for a file training and evaluate would skip
+    size = (int(scan.info.get("width", scan.pixels.shape[1])), int(scan.info.get("height", scan.pixels.shape[0])))
+    return size, str(scan.info.get("mode") or scan.kind)
 
 
 def cmd_audit(args) -> int:
@@ -132,6 +128,7 @@ def cmd_evaluate(args) -> int:
                if k != "scored_as" or k in ev}
     print(json.dumps(summary, indent=1))
     _print_skipped(ev["errors"])
+    print(f"evaluated: {ev['evaluated']}", file=sys.stderr)
     if out:
         out.write_text(json.dumps(ev, indent=1))
     return 0

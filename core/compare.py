@@ -56,8 +56,9 @@ def card_latency(card: dict) -> float | None:
     return None
 
 
-def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3) -> float:
-    """Median single-image forward time in ms on one CPU thread, as the shipped model loads.
+def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3) -> tuple[float, str]:
+    """(median single-image forward time in ms on one CPU thread, the precision it ran in), on
+    the served path (`Predictor.probabilities`: bf16 autocast on CPUs with native bf16).
 
     One thread because that is what a shared CPU server gives each request, and it makes
     numbers comparable between machines with different core counts.
@@ -74,12 +75,12 @@ def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3)
         with torch.inference_mode():
             for k in range(warmup + repeats):
                 t0 = time.perf_counter()
-                pred.model(x)
+                pred.probabilities(x)
                 if k >= warmup:
                     times.append((time.perf_counter() - t0) * 1000)
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)
+    return statistics.median(times), pred.precision
 
 
 # ----------------------------------------------------------------------------- rows
@@ -159,7 +160,8 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -
         row["latency_from"] = "card"
     elif latency:
         try:
-            row["latency_ms"], row["latency_from"] = measure_latency(d, repeats), "measured, 1 thread"
+            ms, precision = measure_latency(d, repeats)
+            row["latency_ms"], row["latency_from"] = ms, f"measured, 1 thread, {precision}"
         except Exception as e:  # a broken model must not hide the other rows
             row["latency_from"] = f"not measured ({type(e).__name__}: {e})"
     row["settings"] = settings_text(row)
@@ -168,7 +170,19 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -
 
 def compare_rows(dirs: list[str | Path], latency: bool = True, repeats: int = 20) -> list[dict]:
     """Rows for every directory (or its subdirectories) with a card.json; see `card_row`."""
-    return [card_row(d, latency, repeats) for d in model_dirs(dirs)]
+    return [_row_or_problem(d, latency, repeats) for d in model_dirs(dirs)]
+
+
+def _row_or_problem(d: Path, latency: bool, repeats: int) -> dict:
+    """`card_row`, or a row naming the broken card: one bad model must not hide the others."""
+    try:
+        return card_row(d, latency, repeats)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        why = f"{Path(d) / 'card.json'} cannot be read: {e or type(e).__name__}"
+        return {"name": Path(d).name, "dir": str(d), "classes": [], "sources": [], "problem": why,
+                "settings": why, **dict.fromkeys(("accuracy", "macro_f1", "tumour_missed", "ece",
+                                                  "parameters", "train_time_s", "latency_ms",
+                                                  "latency_from"))}
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -220,7 +234,9 @@ def to_markdown(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(esc(c) for c in display_row(r)) + " |" for r in rows]
     notes = [f"- **{r['name']}** public seed reported: {r['reported']}" for r in rows if r.get("reported")]
     foot = ["", "Test metrics are on each run's own grouped (near-duplicate-free) test split. "
-            "CPU latency: single-image forward, 1 thread, median (from the card where it has one)."]
+            "CPU latency: single image, 1 thread, median; from the card where it has one (its "
+            "benchmark.what says which pass: cards recorded before 2026-12-03 timed the fp32 "
+            "forward alone), else measured now on the served pass (bf16 on CPUs with it)."]
     return "\n".join(lines + foot + ([""] + notes if notes else [])) + "\n"
 
 
@@ -241,12 +257,18 @@ def record_latency(rows: list[dict]) -> None:
         path = Path(r["dir"]) / "card.json"
         card = json.loads(path.read_text())
         card["benchmark"] = {"latency_ms": round(r["latency_ms"], 2), "threads": 1,
-                             "what": "median single-image forward, CPU", "machine": platform.processor()
+                             "what": f"median single-image served pass, CPU ({r['latency_from']})",
+                             "machine": platform.processor()
                              or platform.machine(), "command": "python -m core compare --record"}
         path.write_text(json.dumps(card, indent=1))
 
 
 def cmd_compare(args) -> int:
+    from .cli import output_problem
+    for flag, path in (("--md", args.md), ("--json", args.json)):  # before minutes of timing
+        if path and (why := output_problem(flag, path) if Path(path).parent.is_dir() or Path(path).is_dir()
+                     else None):
+            raise ValueError(why)
     rows = compare_rows(args.dirs, latency=not args.no_latency, repeats=args.repeats)
     if not rows:
         raise ValueError(f"no card.json in any of: {' '.join(args.dirs)}")

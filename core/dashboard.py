@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from .header import PREFIX as HEADER_PREFIX
-from .labels import NO_TUMOUR
+from .labels import FINE_TUMOURS, NO_TUMOUR
 from .metrics import is_tumour_label
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -202,6 +202,16 @@ def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.
     return _layout(fig, {"acc": "Accuracy", "loss": "Loss"}.get(key, key))
 
 
+def benchmark_accuracy(row: dict) -> float | None:
+    """4-class accuracy on the benchmark part of a model's test split: the per-source figure, or
+    the overall one of a model that saw the benchmark alone. None for a model with other classes
+    (a yes/no model's two-class accuracy is no figure to rank beside four-class ones)."""
+    if sorted(row.get("classes") or []) != sorted([*FINE_TUMOURS, NO_TUMOUR]):
+        return None
+    per = (row.get("accuracy_per_source") or {}).get("benchmark")
+    return per if per is not None else row.get("accuracy") if row.get("sources") == ["benchmark"] else None
+
+
 def models_table(dirs: list[str | Path]) -> pd.DataFrame:
     """The `python -m core compare` rows (read from the cards, no timing) as a sortable table."""
     from .compare import compare_rows
@@ -210,7 +220,7 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
         size, params, t = r.get("weights_file_bytes"), r.get("parameters"), r.get("train_time_s")
         rows.append({"model": r["name"], "classes": len(r["classes"]), "sources": "+".join(r["sources"]),
                      "test images": r.get("test_images"), "accuracy": r.get("accuracy"),
-                     "benchmark accuracy": (r.get("accuracy_per_source") or {}).get("benchmark"),
+                     "benchmark accuracy": benchmark_accuracy(r),
                      "macro F1": r.get("macro_f1"), "tumours missed": r.get("tumour_missed"),
                      "ECE": r.get("ece"), "parameters (M)": round(params / 1e6, 2) if params else None,
                      "size (MB)": round(size / 2**20, 1) if size else None,
@@ -237,10 +247,10 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
             flags += [text for key, text in (("uncertain", "uncertain — refer for review"),
                                              ("type_uncertain", "tumour — type uncertain"))
                       if r.get(key)]
-        rows.append({"file": r["file"],
-                     "prediction": r["pred"] if r.get("in_distribution", True) else None,
-                     "tumour probability": r.get("tumour_probability"),
-                     "confidence": r.get("confidence"), "flags": ", ".join(flags)})
+        called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
+        rows.append({"file": r["file"], "prediction": r["pred"] if called else None,
+                     "tumour probability": r.get("tumour_probability") if called else None,
+                     "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
     return pd.DataFrame(rows, columns=["file", "prediction", "tumour probability", "confidence",
                                        "flags"])
 

@@ -19,9 +19,9 @@ import numpy as np
 from .labels import normalise_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
-                  ".dcm", ".dicom", ".nii", ".gz"}
+                  ".dcm", ".dicom", ".ima", ".nii", ".gz"}
 SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test",
-              "validation": "val", "val": "val"}
+              "validation": "val", "val": "val", "valid": "val"}
 SKIP_DIRS = {"masks", "mask", "__macosx"}
 # TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group.
 PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
@@ -69,10 +69,11 @@ def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
 
 
 def _is_image_file(f: Path) -> bool:
-    """By suffix, or a DICOM file without one (scanner exports often have none)."""
+    """By suffix, or by content for a DICOM file: scanner exports often have no suffix, a UID
+    for a name ("1.2.840.113619.2.55.1") or a vendor's (".IMA")."""
     if f.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    if f.suffix:
+    if not f.is_file():  # opening a pipe to sniff it would wait for ever
         return False
     try:
         with open(f, "rb") as fh:
@@ -163,9 +164,11 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
         for cdir in _class_dirs(base):
             label = normalise_label(cdir.name)
             for f in sorted(cdir.rglob("*")):
-                if f.is_dir():
-                    continue
                 rel = str(f.relative_to(root))
+                if f.is_dir():
+                    if f.is_symlink():  # rglob does not enter linked folders: say so
+                        scan.skipped.append((rel + "/", "a linked folder: not followed (copy its files in)"))
+                    continue
                 if _is_hidden(f) or any(_is_hidden(p) for p in f.relative_to(root).parents if p.name):
                     scan.skipped.append((rel, "hidden file"))
                 elif not f.exists():
@@ -397,6 +400,10 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     """
     from sklearn.model_selection import StratifiedGroupKFold
     groups = np.array([s.group for s in samples])
+    if len(set(groups)) < 2:  # one group cannot be split (nor leak): it stays where it was put
+        for s in samples:
+            s.split = s.preset_split or "train"
+        return
     n_folds = max(2, min(20, len(set(groups))))  # StratifiedGroupKFold needs a group per fold
     preset_groups = {s.group for s in samples if s.preset_split == "test"}
     preset_val = {s.group for s in samples if s.preset_split == "val"} - preset_groups

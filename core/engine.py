@@ -479,6 +479,10 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
     return float(log_t.exp().clamp(0.05, 20).item())
 
 
+# The operating point never rises above even odds: a tumour more likely than not is flagged.
+CAP_THRESHOLD = 0.5
+
+
 def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float,
                    min_specificity: float | None = None, groups: np.ndarray | None = None,
                    min_group_normals: int = 20) -> float:
@@ -495,7 +499,7 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
     if len(tp) == 0:
         return 0.5
     k = int(math.floor((1 - target_sensitivity) * len(tp)))  # tumours we may miss
-    thr = float(min(0.5, max(1e-4, tp[k] - 1e-6)))
+    thr = float(min(CAP_THRESHOLD, max(1e-4, tp[k] - 1e-6)))
     if min_specificity is None:
         return thr
     groups = np.zeros(len(t_prob), int) if groups is None else np.asarray(groups)
@@ -506,5 +510,5 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
             continue
         # lowest threshold keeping at least min_specificity of this group's normals below it
         j = min(len(normals) - 1, int(math.ceil(min_specificity * len(normals))) - 1)
-        thr = max(thr, min(0.5, float(normals[j]) + 1e-6))
+        thr = max(thr, min(CAP_THRESHOLD, float(normals[j]) + 1e-6))
     return thr

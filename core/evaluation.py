@@ -19,7 +19,8 @@ def prediction_record(file: str, source: str, label: str, p) -> dict:
     return {"file": file, "source": source, "label": label, "pred": p.pred, "probs": p.probs,
             "tumour_probability": p.tumour_probability, "confidence": p.confidence,
             "uncertain": p.uncertain, "type_uncertain": p.type_uncertain,
-            "in_distribution": p.in_distribution, "ood_score": p.ood_score, "ood_reason": p.ood_reason}
+            "in_distribution": p.in_distribution, "ood_score": p.ood_score, "ood_reason": p.ood_reason,
+            "threshold": p.threshold}
 
 
 def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold: float | None,
@@ -43,7 +44,7 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
                "tumour_probability": None if t_prob is None else round(float(t_prob[i]), 6),
                "confidence": round(conf, 6), "uncertain": bool(unc[i]),
                "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None,
-               "ood_reason": None}
+               "ood_reason": None, "threshold": threshold}
         if flags:
             rec.update(flags[i])
         out.append(rec)
@@ -56,7 +57,7 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
     m = classification_metrics(probs, labels, classes, threshold)
     truth = [is_tumour_label(lab) for lab in labels]
     known = [i for i, t in enumerate(truth) if t is not None]
-    if known and m.get("n_tumour") is not None:
+    if known and m.get("n_tumour") is not None and has_tumour_decision(classes):
         tp = np.array([records[i]["tumour_probability"] for i in known])
         is_t = np.array([truth[i] for i in known])
         m["threshold_curve"] = threshold_curve(tp, is_t)
@@ -131,6 +132,19 @@ def card_metrics(ev: dict) -> dict:
                               for k, v in ev.get("per_source", {}).items()}})
 
 
+def _reflag(records: list[dict], classes: list[str], threshold: float | None, rule: ReferralRule) -> None:
+    """Each record's referral flags and confidence, recomputed by today's rule from its stored
+    probabilities and call (older files judged the top class, not the class called)."""
+    rows = [r for r in records if r["pred"] in classes]
+    if not rows:
+        return
+    probs = np.array([[r["probs"][c] for c in classes] for r in rows])
+    pred = np.array([classes.index(r["pred"]) for r in rows])
+    unc, typ = rule.flags(probs, pred, threshold)
+    for r, p, k, u, t in zip(rows, probs, pred, unc, typ):
+        r.update(uncertain=bool(u), type_uncertain=bool(t), confidence=round(float(p[k]), 6))
+
+
 def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict:
     """Recompute eval.json's summary, and the card's metrics, from its stored per-image records.
 
@@ -145,6 +159,10 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
         raise FileNotFoundError(f"{path} does not exist: train.py writes it")
     ev = json.loads(path.read_text())
     old = card_metrics(ev)
+    card_path = weights_dir / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    if card and list(card.get("classes", [])) == list(ev["classes"]):
+        _reflag(ev["predictions"], ev["classes"], ev.get("threshold"), ReferralRule.from_card(card))
     ev.update(evaluate_records(ev["predictions"], ev["classes"], ev.get("threshold")))
     write_json(path, ev)
     new = card_metrics(ev)
@@ -152,9 +170,7 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
                for src, o, n in [("all", old, new)] + [(s, old["per_source"].get(s, {}), v)
                                                        for s, v in new["per_source"].items()]
                for k in n if k != "per_source" and o.get(k) != n.get(k)}
-    card_path = weights_dir / "card.json"
-    if card_path.is_file():
-        card = json.loads(card_path.read_text())
+    if card is not None:
         card["metrics"] = {**card.get("metrics", {}), **new}
         write_json(card_path, card)
     log(f"rescore {weights_dir}: " + (", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items())
@@ -247,9 +263,17 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     from .data import discover
     from .reader import ScanError, read_scan
     scan = discover(data_dir)
-    records, errors = [], [{"file": rel, "error": why} for rel, why in scan.skipped]
-    # With a Training/Testing layout, the test images are the evaluation set.
-    samples = [s for s in scan.samples if s.preset_split == "test"] or scan.samples
+    samples, evaluated = evaluation_set(scan.samples)
+    records = []
+    errors = [{"file": rel, "error": why} for rel, why in scan.skipped
+              if evaluated.startswith("every image")
+              or not rel.replace("\\", "/").lower().startswith(("training/", "train/"))]
+    # Only what can be scored is run through the model (an 'astrocytoma' folder is not).
+    errors += [{"file": s.rel, "error": f"its folder ('{s.label}') names no class of this model"}
+               for s in samples if not _scorable(s.label, predictor.classes)]
+    samples = [s for s in samples if _scorable(s.label, predictor.classes)]
+    if not samples:
+        raise NothingToScore("no image is in a folder that names a class of this model", errors)
     for k, s in enumerate(samples):
         try:
             p = predictor.predict_scan(read_scan(s.path, s.rel))
@@ -265,7 +289,23 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
     ev["errors"] = errors
     ev["model"] = predictor.name
+    ev["evaluated"] = evaluated
     return ev
+
+
+def evaluation_set(samples: list) -> tuple[list, str]:
+    """(the images to evaluate, which they are): a Testing/ folder's when the dataset ships one,
+    else a Validation/ folder's, else every image, training images included (said so: a model's
+    own training images flatter it)."""
+    for split, folder in (("test", "Testing/ images"), ("val", "Validation/ images")):
+        chosen = [s for s in samples if s.preset_split == split]
+        if chosen:
+            return chosen, folder
+    from .data import SPLIT_DIRS
+    if any(s.rel.replace("\\", "/").split("/")[0].lower() in SPLIT_DIRS for s in samples):
+        return samples, ("every image, Training/ included (no Testing/ or Validation/ folder): "
+                         "a model's own training images would flatter it")
+    return samples, "every image"
 
 
 def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path] | None = None,

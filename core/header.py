@@ -44,7 +44,8 @@ def header_reason(info: dict) -> str | None:
     ``info`` is a `ScanImage.info`: only DICOM files carry ``modality`` and ``body_part``.
     """
     modality = str(info.get("modality", "")).strip().upper()
-    if modality not in MRI_MODALITIES:
+    # "MRI", "MR " and the like are non-standard spellings of MR, not another kind of scan
+    if modality not in MRI_MODALITIES and not modality.startswith("MR"):
         kind = MODALITY_NAMES.get(modality, f"a {modality}")
         return (f"{PREFIX} this is {kind} image (Modality {modality}), not an MRI; "
                 "the model reads brain MRI only.")

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,9 @@ PIXEL_OOD_REASON = ("The image does not look like the brain MRI slices the model
 NO_GATE_COLOUR_LIMIT = 0.03
 COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
                      "out-of-distribution gate: only colour is checked).")
+# The reader keeps blank images readable (training sources hold all-black slices); served, one
+# value everywhere holds no anatomy, so every model refuses it, with or without a gate.
+BLANK_OOD_REASON = "The image is blank (one value everywhere): there is nothing to classify."
 
 
 @dataclass
@@ -253,13 +256,13 @@ class Predictor:
                           ood_reason=reason, info=dict(scan.info))
 
     def distribution_check(self, scan: ScanImage, x: torch.Tensor | None) -> tuple[bool, float | None, str | None]:
-        """(in_distribution, ood_score, reason): the DICOM header first, then the pixel gate.
+        """(in_distribution, ood_score, reason): a blank image, the DICOM header, then the pixel gate.
 
         Call after ``probabilities(x)``: a gate on the classifier's features reads that pass.
         ``ood_score`` is always the pixel gate's (None without one), so that thresholds and
         dashboards stay on one scale; a header verdict flags whatever the score.
         """
-        reason = header_reason(scan.info)
+        reason = BLANK_OOD_REASON if scan.info.get("blank") else header_reason(scan.info)
         ok, score = True, None
         if self.gate is not None:
             ok, score = self.gate.check(scan, x, self.model)
@@ -288,28 +291,62 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], **r
     return out
 
 
-def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
-                           batch_size: int = 64, **read_kw) -> tuple[int, Prediction]:
-    """The slice (NIfTI axial slice, DICOM frame) the model finds most tumour-like, predicted.
+def indexed_slices(src: str | Path | bytes, name: str | None = None, **read_kw) -> tuple[list[ScanImage], str]:
+    """(every slice of a volume as a ScanImage carrying its index and the slice count, kind)."""
+    from .reader import read_volume_scans
+    scans, kind, _ = read_volume_scans(src, name, **read_kw)
+    index_key = "slice_index" if kind == "nifti" else "frame"
+    return [replace(s, info={**s.info, index_key: k, "n_slices": len(scans)})
+            for k, s in enumerate(scans)], kind
 
-    Every non-empty slice is scored in batches; the highest tumour probability wins (the
-    highest confidence for a model without a no-tumour class). The returned Prediction is the
-    ordinary one for that slice, flags included, with slice_index / n_slices in its info.
-    A 2D image has one slice: (0, its prediction).
+
+def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
+                 batch_size: int = 64, **read_kw) -> tuple[list[ScanImage], str, dict[int, float]]:
+    """(slices, kind, {slice index: score}) of a volume (NIfTI slices, DICOM frames, TIFF/GIF pages).
+
+    Each slice is the ScanImage `read_scan` would give for it (its index, colour and blank flag
+    included). Every non-empty slice is scored in batches: its tumour probability (the top
+    class's probability for a model without a no-tumour class), before the out-of-distribution check.
     """
-    from .reader import is_empty_slice, read_volume
-    slices, kind, info = read_volume(src, name, **read_kw)
-    keep = [i for i, s in enumerate(slices) if not is_empty_slice(s)]
+    from .reader import is_empty_slice
+    scans, kind = indexed_slices(src, name, **read_kw)
+    keep = [i for i, s in enumerate(scans) if not is_empty_slice(s.pixels)]
     if not keep:
         raise ScanError("Every slice of the volume is empty.")
     scores = []
     for start in range(0, len(keep), batch_size):  # batches bound memory on large volumes
-        x = torch.cat([predictor.input_tensor(ScanImage(slices[i]))
-                       for i in keep[start:start + batch_size]])
+        x = torch.cat([predictor.input_tensor(ScanImage(scans[i].pixels)) for i in keep[start:start + batch_size]])
         p = predictor.probabilities(x)
         scores.append(tumour_probability(p, predictor.classes) if predictor.is_tumour_model else p.max(1))
-    best = keep[int(np.argmax(np.concatenate(scores)))]
-    index_key = "slice_index" if kind == "nifti" else "frame"
-    scan_info = {**info, index_key: best, "n_slices": len(slices), "slices_scored": len(keep),
-                 "slice_choice": "most tumour-like"}
-    return best, predictor.predict_scan(ScanImage(slices[best], 0.0, kind, scan_info))
+    return scans, kind, dict(zip(keep, np.concatenate(scores).astype(float).tolist()))
+
+
+# A volume's slices tried, most tumour-like first, for one the gate accepts: past these the
+# search stops (a volume the gate refuses throughout would cost one pass per slice).
+GATE_TRIES = 8
+
+
+def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
+                           batch_size: int = 64, scores: dict[int, float] | None = None,
+                           **read_kw) -> tuple[int, Prediction]:
+    """The slice (NIfTI axial slice, DICOM frame, TIFF/GIF page) the model finds most tumour-like, predicted.
+
+    The highest score of `slice_scores` (or of ``scores``, computed before) among the slices the
+    out-of-distribution check accepts wins: a refused slice's output is no diagnosis, so it must
+    not hide an accepted tumour slice. When none of the `GATE_TRIES` highest passes, the highest
+    is returned (refused). The returned Prediction is the ordinary one for that slice, flags
+    included, with slice_index / n_slices in its info. A 2D image has one slice: (0, its prediction).
+    """
+    if scores is None:
+        scans, _, scores = slice_scores(predictor, src, name, batch_size, **read_kw)
+    else:  # the slices again (reading is cheap beside scoring)
+        scans = indexed_slices(src, name, **read_kw)[0]
+    first = None
+    for k in sorted(scores, key=scores.get, reverse=True)[:GATE_TRIES]:
+        scan = replace(scans[k], info={**scans[k].info, "slices_scored": len(scores),
+                                       "slice_choice": "most tumour-like"})
+        pred = predictor.predict_scan(scan)
+        if pred.in_distribution:
+            return k, pred
+        first = first or (k, pred)
+    return first

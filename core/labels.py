@@ -21,7 +21,7 @@ _ALIASES = {
     "brainpituitary": "pituitary",
     "notumor": "notumor", "notumour": "notumor", "no": "notumor", "normal": "notumor",
     "healthy": "notumor", "braintumornot": "notumor", "nontumor": "notumor",
-    "nontumour": "notumor",
+    "nontumour": "notumor", "nottumor": "notumor", "nottumour": "notumor", "notumors": "notumor",
     "yes": "tumor", "tumor": "tumor", "tumour": "tumor", "braintumor": "tumor",
     "braintumour": "tumor",
 }

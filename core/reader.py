@@ -39,6 +39,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF")
 SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP, GIF, DICOM or NIfTI"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
+STACK_SUFFIXES = (".tif", ".tiff", ".gif")  # images that may hold several pages (slices)
+MAX_STACK_PAGES = 256  # pages of a TIFF/GIF stack read as slices (also bounded by MAX_VOXELS)
 
 # The only keys `ScanImage.info` may carry (technical, never identifying).
 SAFE_INFO_KEYS = frozenset({
@@ -115,9 +118,13 @@ def _read_path(path: Path) -> bytes:
     try:
         if path.is_dir():
             raise ScanError("The path is a folder, not a file.")
-        if path.stat().st_size > MAX_BYTES:  # refuse before reading a huge file into memory
+        st = path.stat()
+        if not S_ISREG(st.st_mode):  # /dev/zero has no size to check and a FIFO never ends
+            raise ScanError("The path is not a regular file (a device, pipe or socket).")
+        if st.st_size > MAX_BYTES:  # refuse before reading a huge file into memory
             raise ScanError(f"The file is larger than the {MAX_BYTES // 2**20} MB limit.")
-        return path.read_bytes()
+        with path.open("rb") as f:  # bounded: the file may grow between stat and read
+            return f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise ScanError("The file does not exist.") from None
     except PermissionError:
@@ -212,6 +219,8 @@ def _frame_index(options: dict, n_frames: int, default: int, what: str = "frame"
         k = int(k)
     except (TypeError, ValueError):
         raise ScanError(f"The {what} number must be a whole number.") from None
+    if n_frames < 1:
+        raise ScanError(f"The file has no {what}s: there is no image in it.")
     if not 0 <= k < n_frames:
         raise ScanError(f"The file has {n_frames} {what}s, numbered 0 to {n_frames - 1}; "
                         f"{what} {k} does not exist.")
@@ -323,7 +332,7 @@ def _seek(img: Image.Image, frame: int) -> None:
 
 def _decode_loaded(img: Image.Image, info: dict) -> tuple[np.ndarray, float, dict]:
     orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-    if orientation not in (None, 1):
+    if isinstance(orientation, int) and 2 <= orientation <= 8:  # a malformed tag is ignored, as viewers do
         img = ImageOps.exif_transpose(img)
         info["exif_rotated"] = int(orientation)
     img = _flatten_mode(img)
@@ -352,6 +361,15 @@ def _is_compressed(ts) -> bool:
         return True
 
 
+def _decoder_available(ts) -> bool:
+    """Whether a pixel decoder for transfer syntax ``ts`` is installed here."""
+    from pydicom.pixels import get_decoder
+    try:
+        return bool(get_decoder(ts).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
 def _dicom_frame(ds, index: int | None) -> np.ndarray:
     """Decode one frame; compressed syntaxes go through pydicom's decoders (see `_read_dicom`)."""
     from pydicom.pixels import pixel_array
@@ -366,9 +384,11 @@ def _dicom_frame(ds, index: int | None) -> np.ndarray:
             warnings.simplefilter("ignore")
             return pixel_array(ds, index=index)
     except (NotImplementedError, RuntimeError) as e:
-        if _is_compressed(ts):
+        if _is_compressed(ts) and not _decoder_available(ts):
             raise ScanError(f"The DICOM file uses a compression ({ts.name}) that cannot be "
                             "decoded here.") from e
+        if _is_compressed(ts):  # the decoder is there: the compressed data is what failed
+            raise ScanError("The DICOM file's compressed pixel data is damaged or incomplete.") from e
         raise ScanError("The DICOM file's pixel data cannot be decoded.") from e
     except MemoryError:
         raise ScanError("The DICOM image is too large to process.") from None
@@ -455,7 +475,12 @@ def _dicom_header(data: bytes):
         raise ScanError("The DICOM file is damaged (its image size is missing).") from None
     _check_size(cols, rows)
     from pydicom.pixels.utils import get_nr_frames
-    n_frames = max(1, int(get_nr_frames(ds, warn=False)))
+    try:
+        with warnings.catch_warnings():  # pydicom warns with the element's (possibly private) value
+            warnings.simplefilter("ignore")
+            n_frames = max(1, int(get_nr_frames(ds, warn=False)))
+    except Exception:
+        raise ScanError("The DICOM file is damaged (its number of frames is not a number).") from None
     return ds, rows, cols, n_frames
 
 
@@ -494,21 +519,32 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     arr = _dicom_frame(ds, frame if n_frames > 1 else None)
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
-    grey, colour, window = _dicom_grey(arr, ds)
+    try:
+        grey, colour, window = _dicom_grey(arr, ds)
+    except MemoryError:
+        raise ScanError("The DICOM image is too large to process.") from None
+    except Exception as e:  # a palette without its table, a non-numeric slope, a broken LUT
+        raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
     info = _dicom_info(ds, rows, cols, n_frames) | window | {"frame": frame} | _blank(grey)
     return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
 
 
-def _dicom_frames(data: bytes) -> tuple[list[np.ndarray], dict]:
+def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
+    """Every frame as (grey, colourfulness), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)
     if rows * cols * n_frames > MAX_VOXELS:
         raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
     arr = _dicom_frame(ds, None)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
-    greys = [_dicom_grey(f, ds) for f in frames]
+    try:
+        greys = [_dicom_grey(f, ds) for f in frames]
+    except MemoryError:
+        raise ScanError("The DICOM image is too large to process.") from None
+    except Exception as e:  # as in _read_dicom
+        raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
     window = greys[len(greys) // 2][2]  # the same header window for every frame
-    return [g[0] for g in greys], _dicom_info(ds, rows, cols, n_frames) | window
+    return [(g[0], g[1]) for g in greys], _dicom_info(ds, rows, cols, n_frames) | window
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -550,8 +586,12 @@ def _gunzip_nifti(data: bytes) -> bytes:
                             f"the limit is {MAX_DECOMPRESSED // 2**20} MB).")
         chunks, got = [head], len(head)
         while got < need:
-            chunk = d.decompress(d.unconsumed_tail, need - got)
-            if not chunk:
+            if d.eof and d.unused_data:  # a multi-member gzip (bgzip, concatenated .gz parts)
+                rest, d = d.unused_data, zlib.decompressobj(wbits=31)
+                chunk = d.decompress(rest, need - got)
+            else:
+                chunk = d.decompress(d.unconsumed_tail, need - got)
+            if not chunk and (not d.eof or not d.unused_data):
                 break
             chunks.append(chunk)
             got += len(chunk)
@@ -616,8 +656,11 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
         raise ScanError("The volume is too large to process.") from None
     except Exception as e:
         raise ScanError("The NIfTI file's image data is damaged or incomplete.") from e
-    orientation = "".join(nib.aff2axcodes(img.affine))
-    canon = nib.as_closest_canonical(nib.Nifti1Image(vol, img.affine))
+    try:
+        orientation = "".join(nib.aff2axcodes(img.affine))
+        canon = nib.as_closest_canonical(nib.Nifti1Image(vol, img.affine))
+    except Exception as e:  # a NaN or all-zero affine has no orientation to reorient by
+        raise ScanError("The NIfTI file's orientation (affine) is damaged.") from e
     vol = np.asarray(canon.dataobj, dtype=np.float32)
     zooms = tuple(float(z) for z in canon.header.get_zooms()[:3])
     vol, (lo, hi) = robust_window(vol)
@@ -733,24 +776,64 @@ def read_scan(src: str | Path | bytes, name: str | None = None, **options) -> Sc
 
 def read_volume(src: str | Path | bytes, name: str | None = None,
                 **options) -> tuple[list[np.ndarray], str, dict]:
-    """Every slice of a scan: NIfTI axial slices, DICOM frames, or the one image; with kind and
-    info. Slices come out exactly as `read_scan` gives them one at a time (same window)."""
+    """Every slice of a scan: NIfTI axial slices, DICOM frames, pages of a TIFF/GIF stack, or the
+    one image; with kind and info. Slices come out exactly as `read_scan` gives them one at a
+    time (same window)."""
+    scans, kind, info = read_volume_scans(src, name, **options)
+    return [s.pixels for s in scans], kind, info
+
+
+def read_volume_scans(src: str | Path | bytes, name: str | None = None,
+                      **options) -> tuple[list[ScanImage], str, dict]:
+    """`read_volume` with each slice as the ScanImage `read_scan` would give for it: a NIfTI
+    slice or DICOM frame with the volume's info and its own blank flag, a page with its own
+    colour and flags. The index of each slice is the caller's to add."""
     name = _source_name(src, name)
     data = load_bytes(src)
     kind = sniff(data)
     if kind in ("gzip", "nifti"):
         vol, plane, zooms, info = _nifti_slices(data, options)
-        return [_slice_2d(vol, plane, k, zooms) for k in range(info["n_slices"])], "nifti", info
+        slices = [_slice_2d(vol, plane, k, zooms) for k in range(info["n_slices"])]
+        return [ScanImage(g, 0.0, "nifti", info | _blank(g)) for g in slices], "nifti", info
     if kind == "dicom" or (kind == "other" and (_suffix(name) in (".dcm", ".dicom")
                                                 or _looks_like_raw_dicom(data))):
         try:
             frames, info = _dicom_frames(data)
-            return frames, "dicom", info
+            return [ScanImage(g, c, "dicom", info | _blank(g)) for g, c in frames], "dicom", info
         except ScanError:
             if kind == "dicom":
                 raise
-    scan = read_scan(data, name, **options)
-    return [scan.pixels], scan.kind, scan.info
+    pages = read_image_pages(data, name, **options)  # a multi-page TIFF or GIF is a stack
+    return pages, pages[0].kind, pages[0].info
+
+
+def read_image_pages(src: str | Path | bytes, name: str | None = None, **options) -> list[ScanImage]:
+    """Every page of a multi-page TIFF or GIF, each exactly as ``read_scan(frame=k)`` gives it
+    (its own colour and blank flag), in one forward pass over the file: reading page k afresh
+    would decode pages 0..k again each time. Any other image gives ``[read_scan(...)]``."""
+    name = _source_name(src, name)
+    data = load_bytes(src)
+    first = read_scan(data, name, **options)
+    n = int(first.info.get("n_frames") or 1)
+    if first.kind != "image" or n <= 1 or any(options.get(k) is not None for k in ("frame", "slice", "slice_index")):
+        return [first]
+    if n > MAX_STACK_PAGES or first.info["width"] * first.info["height"] * n > MAX_VOXELS:
+        raise ScanError(f"The image has too many pages to read at once ({n}).")
+    pages = [first]
+    try:
+        with Image.open(io.BytesIO(data), formats=_image_formats()) as img:
+            for k in range(1, n):
+                img.seek(k)
+                img.load()
+                info = {key: first.info[key] for key in ("format", "mode", "width", "height")
+                        if key in first.info} | {"frame": k, "n_frames": n}
+                grey, colour, extra = _decode_loaded(img, info)
+                pages.append(ScanImage(grey, colour, "image", info | extra | _blank(grey)))
+    except MemoryError:
+        raise ScanError("The image is too large to process.") from None
+    except Exception as e:  # a page past the first that does not decode
+        raise ScanError(f"Page {len(pages)} of the image is damaged and cannot be decoded.") from e
+    return pages
 
 
 def read_volume_slices(src: str | Path | bytes, name: str | None = None, **options) -> list[np.ndarray]:

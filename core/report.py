@@ -3,23 +3,23 @@
 API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predict_many`, or
 ``(name, bytes_or_path, {"slice_index": k})`` to report the slice or frame a volume was viewed at):
 
-- ``build_report(items, predictor, threshold=None, method="gradcam") -> bytes``: the PDF.
+- ``build_report(items, predictor, threshold=None, method=None) -> bytes``: the PDF.
   A batch (more than one item) opens with a summary page; every scan then gets one page with the
   image the model saw, the saliency overlay, the predicted class, every calibrated probability,
   the tumour probability against the operating point, the flags, and the model's identity.
   A file that cannot be read gets a page of its own saying why.
 - ``build_csv(results, classes) -> str``: one row per scan; ``results`` are `ScanResult`s from
   `analyse` or the dicts `predict_many` returns.
-- ``report_downloads_data(items, predictor, threshold=None, method="gradcam")
+- ``report_downloads_data(items, predictor, threshold=None, method=None)
   -> {"pdf": (bytes, "application/pdf", "report.pdf"), "csv": (str, "text/csv", "report.csv")}``:
   for the app's Diagnose page, ``items = [(uploaded name, raw bytes)]``; feed each tuple to
   ``st.download_button(label, data=..., mime=..., file_name=...)``. It predicts and computes
   saliency again (about one forward and one backward pass per file), so call it behind a button
   or cache it on the uploaded bytes.
-- ``analyse(items, predictor, threshold=None, method="gradcam") -> list[ScanResult]``: the
+- ``analyse(items, predictor, threshold=None, method=None) -> list[ScanResult]``: the
   prediction and saliency for each file, computed once and shared by the PDF and the CSV.
 - CLI: ``python -m core report FILE... --out report.pdf [--csv F] [--weights DIR]
-  [--threshold T] [--method gradcam] [--audit LOG]``; exit 0 when every file was predicted,
+  [--threshold T] [--method NAME] [--audit LOG]``; exit 0 when every file was predicted,
   1 when some failed (they still get a page), 2 on a usage error or an unwritable output.
 
 ``threshold=None`` uses the model card's operating point. Privacy: everything is built in memory;
@@ -145,7 +145,7 @@ def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
 
 
 def analyse_one(name: str, src, predictor, threshold: float | None = None,
-                method: str = "gradcam", keep_bytes: bool = False, **read_kw) -> ScanResult:
+                method: str | None = None, keep_bytes: bool = False, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
     ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume).
@@ -161,7 +161,7 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
         return ScanResult(shown, False, error=str(e))
     except Exception as e:  # a bug in one file must not take down the rest of a batch
         return ScanResult(shown, False, error=f"The file could not be processed ({type(e).__name__}).")
-    over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
+    over, note = (_saliency(predictor, scan, method or card_method(predictor), pred.pred, view) if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
     pred.info = {}  # reader metadata stays out of reports and CSVs; `source` is allow-listed
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
@@ -169,7 +169,7 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
 
 
 def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
-            method: str = "gradcam", keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
+            method: str | None = None, keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
     """`analyse_one` for every item, in order.
 
     An item may carry its own reader options as a third element, e.g. ``(name, data,
@@ -268,8 +268,9 @@ class ReportContext:
     referral: ReferralRule | None = None   # the card's rule (tumour band, type confidence)
 
     @classmethod
-    def of(cls, predictor, threshold: float | None, method: str) -> "ReportContext":
+    def of(cls, predictor, threshold: float | None, method: str | None) -> "ReportContext":
         card = predictor.card
+        method = method or card_method(predictor)
         t = predictor.threshold if threshold is None else float(threshold)
         # The app always passes its slider's value: only a value other than the card's was set here.
         source = "model card" if threshold is None or t == predictor.threshold else "set for this report"
@@ -647,14 +648,14 @@ def render_pdf(results: list[ScanResult], ctx: ReportContext) -> bytes:
 
 
 def build_report(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
-                 method: str = "gradcam", **read_kw) -> bytes:
+                 method: str | None = None, **read_kw) -> bytes:
     """PDF report for ``items`` = [(name, bytes or path)]; see the module docstring."""
     results = analyse(items, predictor, threshold, method, **read_kw)
     return render_pdf(results, ReportContext.of(predictor, threshold, method))
 
 
 def report_downloads_data(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
-                          method: str = "gradcam", **read_kw) -> dict[str, tuple[bytes | str, str, str]]:
+                          method: str | None = None, **read_kw) -> dict[str, tuple[bytes | str, str, str]]:
     """{"pdf": (bytes, mime, file name), "csv": (text, mime, file name)} for download buttons."""
     results = analyse(items, predictor, threshold, method, **read_kw)
     pdf = render_pdf(results, ReportContext.of(predictor, threshold, method))
@@ -699,11 +700,21 @@ def _write(path: str, data: bytes | str, what: str) -> bool:
         return False
 
 
-def _unknown_method(method: str) -> str | None:
+def card_method(predictor) -> str:
+    """The saliency method the app offers first: the card's best against tumour masks."""
+    try:
+        from .saliency import default_method
+        return default_method(predictor.card)
+    except ImportError:
+        return "gradcam"
+
+
+def _unknown_method(method: str | None) -> str | None:
     """The error for a saliency method that does not exist, or None (also when saliency is absent)."""
     try:
         from .saliency import method_name
-        method_name(method)
+        if method is not None:
+            method_name(method)
     except ImportError:
         return None  # the pages will say that saliency is unavailable
     except ValueError as e:
@@ -748,7 +759,7 @@ def cmd_report(args) -> int:
     if not _write(args.out, pdf, "report"):
         return 2
     print(f"wrote {args.out} ({len(results)} file{'s' * (len(results) != 1)}, "
-          f"{method_label(args.method)} saliency)")
+          f"{method_label(args.method or card_method(predictor))} saliency)")
     if args.csv:
         if not _write(args.csv, build_csv(results, predictor.classes), "CSV"):
             return 2
@@ -778,8 +789,8 @@ def add_cli(sub) -> None:
     r.add_argument("--weights", help="model directory (default: $BT_WEIGHTS or weights/DEFAULT)")
     r.add_argument("--threshold", type=_probability,
                    help="operating point on the tumour probability (default: the model card's)")
-    r.add_argument("--method", default="gradcam", help="saliency method (gradcam, gradcam++, "
-                                                       "hirescam, xgradcam, layercam, eigencam)")
+    r.add_argument("--method", help="saliency method (gradcam, gradcam++, hirescam, xgradcam, "
+                                    "layercam, eigencam; default: the card's, as in the app)")
     r.add_argument("--audit", help="append one JSON line per prediction to this log (opt-in; "
                                    "holds file hashes and results, never file names)")
     r.set_defaults(fn=cmd_report)

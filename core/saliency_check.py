@@ -28,6 +28,13 @@ DEFAULT_DILATE_PX = S.POINTING_PX
 
 
 # ----------------------------------------------------------------------------- inputs
+def lesion_class(classes: list[str]) -> str | None:
+    """The class the masked lesions (gliomas) belong to: glioma, or the any-tumour class of a
+    yes/no model (the "glioma" target of the tables then reads "tumour"); None if neither."""
+    from .labels import TUMOUR
+    return next((c for c in ("glioma", TUMOUR) if c in classes), None)
+
+
 def masked_test_slices(weights_dir: str | Path, source: str = "lgg",
                data_config: str | Path | None = "experiments/default.toml") -> list[tuple[Path, Path]]:
     """(image, mask) for the test-split slices of ``source`` that have a mask file."""
@@ -83,9 +90,10 @@ def score_slice(predictor, image: Path, mask_file: Path, dilate_px: int,
     for name in BASELINES:
         s = S.mask_scores(baseline_map(name, size, rng), mask, tol)
         out["glioma"][name] = out["predicted"][name] = [s["pointing_hit"], s["energy_in_mask"]]
-    # One pass per target serves every method; a glioma prediction needs no second one.
-    for key, target in (("glioma", "glioma"), ("predicted", pred)):
-        if key == "predicted" and pred == "glioma":
+    lesion = lesion_class(predictor.classes)
+    # One pass per target serves every method; a lesion-class prediction needs no second one.
+    for key, target in (("glioma", lesion), ("predicted", pred)):
+        if key == "predicted" and pred == lesion:
             out["predicted"].update({m: out["glioma"][m] for m in methods})
             continue
         for m, cam in S.saliency_maps(predictor, scan, methods, target).items():
@@ -130,7 +138,7 @@ def check(predictor, pairs: list[tuple[Path, Path]], dilate_px: int = DEFAULT_DI
     return {"rows": rows, "best": best_method(rows), "slices": slices, "skipped_empty": empty,
             "chance": {"area_share": float(np.mean([s["area_share"] for s in slices])),
                        "grown_share": float(np.mean([s["grown_share"] for s in slices]))},
-            "predicted_glioma": sum(s["pred"] == "glioma" for s in slices),
+            "predicted_glioma": sum(s["pred"] == lesion_class(predictor.classes) for s in slices),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -173,6 +181,9 @@ def cmd_saliency_check(args) -> int:
     from .inference import Predictor
     torch.set_num_threads(args.threads)  # a background check, not a race with training
     predictor = Predictor(args.weights)
+    if lesion_class(predictor.classes) is None:
+        raise ValueError(f"{predictor.dir} has no glioma or tumour class ({', '.join(predictor.classes)}): "
+                         "its maps cannot be checked against glioma masks")
     all_pairs = masked_test_slices(predictor.dir, args.source, args.data_config)
     pairs = spread(all_pairs, args.limit)
     if not pairs:

@@ -101,6 +101,35 @@ def nifti_header_pair() -> bytes:
     return hdr.binaryblock
 
 
+def damaged_dicom(**elements: str) -> bytes:
+    """A good DICOM whose given elements hold letters where the standard wants a number."""
+    import pydicom
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(dicom12(phantom()))))
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue().replace(b"987654321", b"abcdefghi")
+
+
+def nan_affine(raw_nii: bytes) -> bytes:
+    """A NIfTI-1 whose sform (the one used: sform_code 1, qform_code 0) holds a NaN."""
+    b = bytearray(raw_nii)
+    struct.pack_into("<hh", b, 252, 0, 1)
+    struct.pack_into("<12f", b, 280, np.nan, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0)
+    return bytes(b)
+
+
+def exif_orientation_as_text() -> bytes:
+    """A JPEG whose EXIF Orientation tag holds text: viewers ignore it, so must we."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    entry = b"\x01\x12\x00\x03\x00\x00\x00\x01"  # tag 0x0112, type SHORT, count 1 (Pillow: big endian)
+    assert entry in raw
+    return encode(grey8(), "JPEG", exif=raw.replace(entry, b"\x01\x12\x00\x02\x00\x00\x00\x01"))  # ASCII
+
+
 def make_zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as zf:
@@ -183,6 +212,12 @@ def build_corpus() -> list[Case]:
         Case("cut_pixels.dcm", pixels_cut, r"DICOM file.*(damaged|incomplete)"),
         Case("mpeg2.dcm", dicom_with_syntax("1.2.840.10008.1.2.4.100"),
              r"compression \(MPEG2.*cannot be decoded"),
+        Case("frames_not_a_number.dcm", damaged_dicom(NumberOfFrames="987654321"),
+             r"damaged \(its number of frames is not a number\)"),
+        Case("slope_not_a_number.dcm", damaged_dicom(RescaleSlope="987654321", RescaleIntercept="0"),
+             r"rescale or colour tables are damaged"),
+        Case("palette_without_lut.dcm", make_dicom(dicom12(base), photometric="PALETTE COLOR"),
+             r"rescale or colour tables are damaged"),
         Case("garbage_after_magic.dcm", b"\0" * 128 + b"DICM" + random_bytes(600), r"DICOM file.*damaged"),
         # -- NIfTI
         Case("vol3d.nii.gz", lps_volume(vol), OK,
@@ -196,6 +231,12 @@ def build_corpus() -> list[Case]:
         Case("bomb.nii.gz", nifti_bomb(), r"volume is too large"),
         Case("pair.hdr", nifti_header_pair(), r"header without its image data"),
         Case("five_d.nii", five_d, r"5 dimensions"),
+        Case("nan_affine.nii", nan_affine(raw_nii), r"orientation \(affine\) is damaged"),
+        Case("no_slices.nii.gz", nifti_bytes(np.zeros((64, 64, 0), np.int16)), r"has no slices"),
+        Case("two_members.nii.gz", gzip.compress(raw_nii[:1000]) + gzip.compress(raw_nii[1000:]), OK,
+             lambda s: s.info["n_slices"] == 5),
+        Case("exif_text_orientation.jpg", exif_orientation_as_text(), OK),
+        Case("pipe.png", None, r"not a regular file", make_path=lambda p: os.mkfifo(p)),
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -64,7 +65,7 @@ def test_rows_have_every_field(two_models, tmp_path):
     binary, four = rows
     assert binary["sources"] == ["benchmark"]  # the weight-0 source was not trained on
     assert binary["reduced"] == "CPU budget: 32 px" and "REDUCED: CPU budget: 32 px" in binary["settings"]
-    assert binary["latency_from"] == "measured, 1 thread" and binary["latency_ms"] > 0
+    assert binary["latency_from"].startswith("measured, 1 thread, ") and binary["latency_ms"] > 0  # + precision
     assert four["latency_ms"] == 7.5 and four["latency_from"] == "card"
     assert four["reduced"] is None and "REDUCED" not in four["settings"]
     assert "12/30 epochs" in four["settings"]
@@ -130,7 +131,8 @@ def test_app_table_shows_the_compare_rows(two_models):
     from core.dashboard import models_table
     table = models_table(two_models)
     assert list(table["model"]) == ["binary", "four"]
-    assert table["benchmark accuracy"].tolist() == [0.92, 0.92]
+    # a yes/no model's two-class accuracy is not ranked beside four-class ones
+    assert pd.isna(table["benchmark accuracy"][0]) and table["benchmark accuracy"][1] == 0.92
     assert table["CPU latency (ms)"].tolist()[1] == 7.5
     assert "REDUCED" in table["settings"][0]
 

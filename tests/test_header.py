@@ -21,6 +21,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
     ({"modality": "MR", "body_part": "l-spine"}, True, "l-spine"),
     ({"modality": "", "body_part": "Whole_Body"}, True, "Whole_Body"),
     ({"modality": "MR"}, False, None),
+    ({"modality": "MRI"}, False, None),                    # a non-standard spelling of MR
     ({"modality": "MR", "body_part": "HEAD"}, False, None),
     ({"modality": "MR", "body_part": "KOPF"}, False, None),   # unknown wording: left to the pixels
     ({"modality": "OT", "body_part": ""}, False, None),        # secondary capture says nothing

@@ -71,6 +71,6 @@ def test_one_tumour_type_beside_coarse_tumours_makes_a_tumour_vs_no_tumour_model
 
 
 @pytest.mark.parametrize("name, label", [("meningioma_tumour", "meningioma"), ("non-tumour", "notumor"),
-                                         ("Non Tumor", "notumor")])
+                                         ("Non Tumor", "notumor"), ("Not Tumor", "notumor"), ("not_tumour", "notumor")])
 def test_more_folder_spellings(name, label):
     assert normalise_label(name) == label

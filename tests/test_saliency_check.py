@@ -18,7 +18,7 @@ from core.reader import ScanImage
 from core.saliency import (METHODS, contour_overlay, default_method, mask_path_for, mask_scores,
                            read_mask, saliency_map, saliency_maps)
 from core.metrics import wilson
-from core.saliency_check import BASELINES, best_method, spread, to_markdown
+from core.saliency_check import BASELINES, best_method, lesion_class, spread, to_markdown
 from test_saliency import Stub, square_scan
 
 
@@ -174,6 +174,30 @@ def test_cli_on_a_tiny_lgg_like_folder(tmp_path, capsys):
                  "--no-card", "--json", str(tmp_path / "s.json")]) == 0
     assert "saliency" not in json.loads((w / "card.json").read_text())
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["slices_used"] == 2
+
+
+def test_a_yes_no_model_is_checked_on_its_tumour_class(tmp_path):
+    """LGG's lesions are gliomas: a yes/no model's maps are checked for its 'tumor' class."""
+    from safetensors.torch import save_file
+    assert lesion_class(["glioma", "notumor"]) == "glioma" and lesion_class(["tumor", "notumor"]) == "tumor"
+    assert lesion_class(["meningioma", "notumor"]) is None
+    w = make_weights(tmp_path / "w")
+    rels = lgg_like(tmp_path / "lgg")
+    card = json.loads((w / "card.json").read_text())
+    card["sources"].append({"name": "lgg", "path": str(tmp_path / "lgg")})
+    card["classes"] = ["tumor", "notumor"]
+    card.pop("calibration", None)
+    (w / "card.json").write_text(json.dumps(card))
+    save_file({k: v.contiguous() for k, v in create_model("simple_cnn", 2).state_dict().items()},
+              w / "model.safetensors")
+    (w / "split.json").write_text(json.dumps({"files": {"lgg": {"test": rels, "train": []}}}))
+    assert main(["saliency-check", "--weights", str(w), "--limit", "0", "--data-config", "", "--no-card"]) == 0
+    out = json.loads((w / "saliency_eval.json").read_text())
+    assert len(out["slices"]) == 3 and {s["pred"] for s in out["slices"]} <= {"tumor", "notumor"}
+    assert out["predicted_glioma"] == sum(s["pred"] == "tumor" for s in out["slices"])
+    card["classes"] = ["meningioma", "notumor"]  # no class for a glioma: one sentence, exit 2
+    (w / "card.json").write_text(json.dumps(card))
+    assert main(["saliency-check", "--weights", str(w), "--data-config", ""]) == 2
 
 
 # ----------------------------------------------------------------------------- the app
