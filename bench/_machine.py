@@ -7,16 +7,43 @@ import shlex
 import sys
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1 (0 runs or threads is a usage error, not a crash later)."""
+def _integer_at_least(low: int):
+    """argparse type: an integer >= ``low`` (0 runs or threads is a usage error, not a crash later)."""
     import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {low}")
+        return v
+    return parse
+
+
+positive = _integer_at_least(1)
+non_negative = _integer_at_least(0)
+
+
+def load_predictor(parser, weights):
+    """`core.inference.Predictor` of ``weights``; a missing or broken model is a usage error
+    (one sentence, exit 2), not a traceback."""
+    from core.inference import Predictor
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+        return Predictor(weights)
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(f"cannot load the model {weights}: {e}")
+
+
+def json_output(path: str | None) -> str | None:
+    """Make the folder of a --json output before a long run, so the result is not lost at its end."""
+    if path:
+        from pathlib import Path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if Path(path).is_dir():
+            raise SystemExit(f"error: --json {path} is a folder; give a file name")
+    return path
 
 
 def cpu_model() -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, json_output, load_predictor, positive  # noqa: E402
 from bench.tta_eval import labelled_files  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.reader import read_scan  # noqa: E402
@@ -46,12 +46,13 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="+", required=True, help="model directories (same classes and split)")
     p.add_argument("--source", default="benchmark")
     p.add_argument("--split", choices=("test", "val"), default="val")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    json_output(args.json)  # its folder made now, not after the run
     torch.set_num_threads(args.threads)
     run = header()
-    preds = [Predictor(w) for w in args.weights]
+    preds = [load_predictor(p, w) for w in args.weights]
     if any(pr.classes != preds[0].classes for pr in preds):
         p.error("the models have different class lists")
     rows = labelled_files(preds[0], args.source, args.split)

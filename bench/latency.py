@@ -1,4 +1,5 @@
-"""Single-image CPU latency of what the app and CLI do per scan: decode + preprocess + forward.
+"""Single-image CPU latency of what the app and CLI do per scan: decode + preprocess + forward
++ the out-of-distribution check.
 
     python bench/latency.py                              # the shipped default model
     python bench/latency.py --weights weights/NAME --threads 1 2 --runs 50
@@ -6,8 +7,10 @@
 
 Each run reads the file from disk, decodes it (`core.reader.read_scan`), preprocesses it
 (`Predictor.input_tensor`: head crop, pad, resize, normalise) and runs the calibrated forward
-pass (`Predictor.probabilities`). Median and 90th percentile over --runs, after --warmup runs,
-for each thread count, plus the median CPU time the process used per image. Target for the
+pass (`Predictor.probabilities`), then the out-of-distribution check every served scan gets
+(`Predictor.distribution_check`: DICOM header, the gate network and feature head). Median and 90th percentile over --runs, after --warmup runs,
+for each thread count, plus the median CPU time the process used per image. The precision
+(bf16 on CPUs with native bf16; `BT_PRECISION=fp32` turns it off) is printed. Target for the
 default model: <= 30 ms per image on one thread.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._machine import header, positive  # noqa: E402
+from bench._machine import header, non_negative, positive  # noqa: E402
 from core.inference import Predictor, default_weights  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--image", help="JPEG/PNG/DICOM file (default: a benchmark JPEG)")
     p.add_argument("--threads", type=positive, nargs="+", default=[1, 2])
     p.add_argument("--runs", type=positive, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=non_negative, default=5)
     args = p.parse_args(argv)
     meta = header("cpu")
     try:  # a missing model or image is a usage error, not a traceback
@@ -74,12 +77,13 @@ def main(argv=None) -> int:
         read_scan(image)
     except (OSError, ValueError) as e:  # ScanError is a ValueError
         p.error(str(e))
-    print(f"model: {pred.name} ({pred.card['arch']}, input {pred.spec['size']}px) from {wdir}")
+    print(f"model: {pred.name} ({pred.card['arch']}, input {pred.spec['size']}px, {pred.precision}, "
+          f"{'with' if pred.gate is not None else 'no'} out-of-distribution gate) from {wdir}")
     print(f"image: {image}")
     results = []
     for n in args.threads:
         torch.set_num_threads(n)
-        times = {"decode": [], "preprocess": [], "forward": [], "total": []}
+        times = {"decode": [], "preprocess": [], "forward": [], "ood_check": [], "total": []}
         cpu = []
         for i in range(args.warmup + args.runs):
             c0 = time.process_time()
@@ -90,10 +94,12 @@ def main(argv=None) -> int:
             t2 = time.perf_counter()
             probs = pred.probabilities(x)
             t3 = time.perf_counter()
-            c3 = time.process_time()
+            pred.distribution_check(scan, x)  # every served scan runs it (DICOM header, gate)
+            t4 = time.perf_counter()
+            c4 = time.process_time()
             if i >= args.warmup:
-                cpu.append(1000 * (c3 - c0))
-                for stage, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                cpu.append(1000 * (c4 - c0))
+                for stage, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                     times[stage].append(1000 * dt)
         assert probs.shape == (1, len(pred.classes))
         row = {"threads": n, "runs": args.runs}
@@ -108,9 +114,11 @@ def main(argv=None) -> int:
             TARGET_MS, "met" if row["total_median_ms"] <= TARGET_MS else "NOT met"))
         print(f"{n} thread(s): median {row['total_median_ms']:.1f} ms, p90 {row['total_p90_ms']:.1f} ms"
               f"  [decode {row['decode_median_ms']:.1f}, preprocess {row['preprocess_median_ms']:.1f},"
-              f" forward {row['forward_median_ms']:.1f}]; process CPU time {row['cpu_time_median_ms']:.1f} ms"
+              f" forward {row['forward_median_ms']:.1f}, out-of-distribution check {row['ood_check_median_ms']:.1f}];"
+              f" process CPU time {row['cpu_time_median_ms']:.1f} ms"
               f"{verdict}")
-    print(json.dumps({**meta, "model": pred.name, "arch": pred.card["arch"],
+    print(json.dumps({**meta, "model": pred.name, "arch": pred.card["arch"], "precision": pred.precision,
+                      "ood_gate": pred.gate is not None,
                       "input_size": pred.spec["size"], "image": str(image), "warmup": args.warmup,
                       "results": results}))
     return 0

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, load_predictor  # noqa: E402
 from core.header import header_reason  # noqa: E402
 from core.inference import Predictor, default_weights  # noqa: E402
 from core.outliers import REAL_MEDICAL  # noqa: E402
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args.weights = str(args.weights or default_weights())
     run = header()
     import pydicom
-    pred = Predictor(args.weights)
+    pred = load_predictor(p, args.weights)
     real = [Path(pydicom.__file__).parent / "data" / "test_files" / n for n in REAL_MEDICAL]
     brain = sorted(f for f in SAMPLES.glob("*.dcm") if f.name != "sample_no_pixels.dcm")
     rows = rows_for(pred, real, "non-brain") + rows_for(pred, brain, "brain MRI")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, json_output, positive  # noqa: E402
 from core import outliers as O  # noqa: E402
 from core.ood import (ImageSet, OODGate, _load_mri, category_folds, outlier_set,  # noqa: E402
                       train_gate_net)
@@ -48,10 +48,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="weights/resnet18_176")
     p.add_argument("--data-config", default="experiments/default.toml")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    json_output(args.json)  # its folder made now, not after the run
     torch.set_num_threads(2)
     run = header()
     w = Path(args.weights)

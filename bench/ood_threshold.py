@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, load_predictor  # noqa: E402
 from core import outliers as O  # noqa: E402
-from core.inference import Predictor, default_weights  # noqa: E402
+from core.inference import default_weights  # noqa: E402
 from core.ood import source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.weights = str(args.weights or default_weights())
     run = header()
-    pred = Predictor(args.weights)
+    pred = load_predictor(p, args.weights)
     files = split_files(Path(args.weights) / "split.json", source_roots(pred.card, args.data_config))
     val = {src: np.array([pred.predict_file(f).ood_score for f in sp["val"][0]]) for src, sp in files.items()}
     rng = np.random.default_rng(args.seed)

@@ -32,7 +32,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, json_output, load_predictor, positive  # noqa: E402
 from bench.tta_eval import labelled_files  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.labels import NO_TUMOUR, TUMOUR  # noqa: E402
@@ -160,16 +160,17 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="val: the model's validation files (decide there; test only reports)")
     p.add_argument("--limit", type=int, default=0, help="a seeded sample of N images of each source (0: all)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
+    json_output(args.json)  # its folder made now, not after the run
     if args.table:
         results = [json.loads(Path(f).read_text()) for f in args.table]
         for src in args.sources:
             print(markdown_table(results, src))
         return 0
     torch.set_num_threads(args.threads)
-    pred = Predictor(args.weights)
+    pred = load_predictor(p, args.weights)
     run = header()
     result: dict = {}
     for src in args.sources:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header  # noqa: E402
+from bench._machine import header, load_predictor, positive  # noqa: E402
 from core.app_support import record_scan_path  # noqa: E402
 from core.inference import MIRROR_ALWAYS, Predictor, apply_tta, tta_rows  # noqa: E402
 from core.ood import source_roots, split_files  # noqa: E402
@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--sources", nargs="+", default=["benchmark", "lgg"])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--selective", type=float, default=0.95,
                    help="run the mirror pass only below this plain confidence")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pred = Predictor(args.weights)
+    pred = load_predictor(p, args.weights)
     run = header()
     # the served rule (core.inference.apply_tta), picking rows at this model's plain temperature
     rule = {"kind": "mirror", "below_confidence": args.selective, "selection_temperature": pred.temperature}

@@ -312,3 +312,26 @@ def test_a_big_batch_keeps_each_volumes_slice(at, predictor):
     assert not at.exception and row() == pytest.approx(scores[chosen], abs=2e-3)
     details().set_value(0).run()
     assert next(s for s in at.slider if s.label.startswith("Slice")).value == chosen
+
+
+# ----------------------------------------------------------------------------- bench
+def test_latency_times_the_served_out_of_distribution_check(random_weights, capsys):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import latency
+    img = Path(__file__).resolve().parents[1] / "assets" / "samples" / "glioma.jpg"
+    assert latency.main(["--weights", str(random_weights), "--image", str(img), "--threads", "1",
+                         "--runs", "2", "--warmup", "0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = out["results"][0]
+    assert out["precision"] in ("bf16", "fp32") and out["ood_gate"] is False
+    assert row["ood_check_median_ms"] >= 0
+    parts = sum(row[f"{k}_median_ms"] for k in ("decode", "preprocess", "forward", "ood_check"))
+    assert row["total_median_ms"] == pytest.approx(parts, rel=0.35, abs=1.0)
+
+
+def test_bench_json_folder_is_made_before_the_run(tmp_path):
+    from bench._machine import json_output
+    assert json_output(str(tmp_path / "new" / "x.json")) and (tmp_path / "new").is_dir()
+    with pytest.raises(SystemExit):
+        json_output(str(tmp_path))
