@@ -36,6 +36,13 @@ def load_predictor(parser, weights):
         parser.error(f"cannot load the model {weights}: {e}")
 
 
+def no_files_error(parser, pred, source: str, split: str) -> None:
+    """A source with no file in the split (misspelt, or data not beside the checkout) is a usage
+    error, not a silent run over n = 0."""
+    known = ", ".join(s.get("name", "?") for s in pred.card.get("sources", []))
+    parser.error(f"no {split} file of source {source!r} found for {pred.dir} (its sources: {known})")
+
+
 def json_output(path: str | None) -> str | None:
     """Make the folder of a --json output before a long run, so the result is not lost at its end."""
     if path:

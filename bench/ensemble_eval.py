@@ -41,6 +41,18 @@ def agreement(probs: dict[str, np.ndarray], y: np.ndarray) -> dict:
             "wrong_in_all": len(set.intersection(*wrong.values()))}
 
 
+def trained_on(preds: list, source: str, files: list[Path]) -> tuple[str, int] | None:
+    """(a model, how many of ``files`` it trained on) for the first model that trained on any
+    of them, else None: an ensemble measured on a member's training images flatters it."""
+    names = {(f.parent.name, f.name) for f in files}  # class folder and file: unique in a source
+    for pr in preds:
+        split = json.loads((Path(pr.dir) / "split.json").read_text())["files"]
+        train = {tuple(Path(rel).parts[-2:]) for rel in split.get(source, {}).get("train", [])}
+        if (n := len(names & train)):
+            return str(pr.dir), n
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", nargs="+", required=True, help="model directories (same classes and split)")
@@ -56,6 +68,9 @@ def main(argv=None) -> int:
     if any(pr.classes != preds[0].classes for pr in preds):
         p.error("the models have different class lists")
     rows = labelled_files(preds[0], args.source, args.split)
+    if (seen := trained_on(preds, args.source, [f for f, _ in rows])):
+        p.error(f"{seen[0]} trained on {seen[1]} of these {len(rows)} {args.split} files: the models "
+                "must share one split (train.py --split-from, or --init)")
     if not rows:
         p.error(f"no {args.split} file of source {args.source!r} found (is ../shared beside the checkout?)")
     files, y = [f for f, _ in rows], np.array([preds[0].classes.index(c) for _, c in rows])

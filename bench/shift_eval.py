@@ -32,7 +32,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header, json_output, load_predictor, positive  # noqa: E402
+from bench._machine import header, json_output, load_predictor, no_files_error, positive  # noqa: E402
 from bench.tta_eval import labelled_files  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.labels import NO_TUMOUR, TUMOUR  # noqa: E402
@@ -175,6 +175,8 @@ def main(argv=None) -> int:
     result: dict = {}
     for src in args.sources:
         rows = labelled_files(pred, src, args.split, extra_labels=(TUMOUR,))
+        if not rows:  # a misspelt source, or data not beside the checkout: no silent n=0
+            no_files_error(p, pred, src, args.split)
         if args.limit:  # a seeded sample across classes, not the first files of one class
             keep = np.random.default_rng(0).permutation(len(rows))[:args.limit]
             rows = [rows[i] for i in sorted(keep)]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header, load_predictor, positive  # noqa: E402
+from bench._machine import header, load_predictor, no_files_error, positive  # noqa: E402
 from core.app_support import record_scan_path  # noqa: E402
 from core.inference import MIRROR_ALWAYS, Predictor, apply_tta, tta_rows  # noqa: E402
 from core.ood import source_roots, split_files  # noqa: E402
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     result = {}
     for src in args.sources:
         rows = labelled_files(pred, src, args.split)
+        if not rows:  # a misspelt source, or data not beside the checkout: no silent n=0
+            no_files_error(p, pred, src, args.split)
         hits = {"plain": [], "tta": [], "selective": [], "selective_share": []}
         with torch.inference_mode():
             for path, label in rows:

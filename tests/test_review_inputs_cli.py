@@ -335,3 +335,16 @@ def test_bench_json_folder_is_made_before_the_run(tmp_path):
     assert json_output(str(tmp_path / "new" / "x.json")) and (tmp_path / "new").is_dir()
     with pytest.raises(SystemExit):
         json_output(str(tmp_path))
+
+
+def test_ensemble_eval_refuses_models_that_trained_on_the_files(tmp_path):
+    from types import SimpleNamespace
+    from bench.ensemble_eval import trained_on
+    for name, train in (("a", ["glioma/1.jpg"]), ("b", ["glioma/2.jpg", "notumor/3.jpg"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "split.json").write_text(json.dumps({"files": {"src": {"train": train, "val": []}}}))
+    a, b = SimpleNamespace(dir=tmp_path / "a"), SimpleNamespace(dir=tmp_path / "b")
+    files = [tmp_path / "root" / "glioma" / "2.jpg", tmp_path / "root" / "notumor" / "3.jpg"]
+    assert trained_on([a], "src", files) is None
+    assert trained_on([a, b], "src", files) == (str(tmp_path / "b"), 2)
+    assert trained_on([a, b], "other", files) is None  # another source's files are another's
