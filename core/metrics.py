@@ -22,7 +22,9 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np
     """Predicted class index per row at an operating point on the tumour probability.
 
     At or above the threshold the most likely tumour class is predicted, below it 'notumor'.
-    Without a threshold, or for a model with no notumor class, plain argmax.
+    Without a threshold, or for a model with no notumor class, plain argmax. A class that is
+    neither (a dataset's own 'stroke' folder, say) is predicted when it is the most likely: the
+    operating point decides tumour against no tumour, not against it.
     """
     probs = np.asarray(probs)
     pred = probs.argmax(axis=1)
@@ -31,7 +33,8 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np
         return pred
     is_t = tumour_probability(probs, classes) >= threshold
     best_t = np.array(tum)[probs[:, tum].argmax(axis=1)]
-    return np.where(is_t, best_t, classes.index(NO_TUMOUR))
+    other = [i for i, c in enumerate(classes) if is_tumour_label(c) is None]
+    return np.where(np.isin(pred, other), pred, np.where(is_t, best_t, classes.index(NO_TUMOUR)))
 
 
 def is_tumour_label(label: str) -> bool | None:

@@ -118,6 +118,15 @@ def test_decide_at_thresholds():
     assert m["threshold"] == 0.1 and m["tumour_missed"] == 0 and m["normal_flagged"] == 1
 
 
+def test_decide_keeps_a_class_that_is_neither_tumour_nor_none():
+    c5 = ["glioma", "meningioma", "pituitary", "stroke", "notumor"]
+    p = np.array([[0.05, 0.0, 0.0, 0.90, 0.05],    # stroke, tumour probability 0.05
+                  [0.30, 0.0, 0.0, 0.20, 0.50],    # tumour probability 0.3
+                  [0.60, 0.0, 0.0, 0.30, 0.10]])
+    assert decide(p, c5, 0.5).tolist() == [3, 4, 0]
+    assert decide(p, c5, 0.2).tolist() == [3, 0, 0]
+
+
 def test_is_tumour_label():
     assert [is_tumour_label(x) for x in ("glioma", "tumor", "notumor", "other")] == \
         [True, True, False, None]
