@@ -138,7 +138,8 @@ def cmd_predict(args) -> int:
     from .inference import predict_many
     from .report import text_line
     pred = _predictor(args.weights)
-    results = predict_many(pred, [(f, f) for f in args.files])
+    read_kw = {} if args.slice is None else {"slice": args.slice}
+    results = predict_many(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw)
     for r in results:
         print(json.dumps(r) if args.json else text_line(r), flush=True)
     return 0 if all(r["ok"] for r in results) else 1
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict image, DICOM or NIfTI files")
     pr.add_argument("files", nargs="+"); pr.add_argument("--weights")
     pr.add_argument("--json", action="store_true", help="one JSON object a line")
+    which = pr.add_mutually_exclusive_group()
+    which.add_argument("--slice", type=_non_negative, help="the slice (NIfTI) or frame (DICOM, TIFF/GIF) "
+                                                            "to predict; default: the middle one")
+    which.add_argument("--best-slice", action="store_true",
+                       help="each volume's most tumour-like slice that passes the out-of-distribution check")
     pr.set_defaults(fn=cmd_predict)
     mc = sub.add_parser("mark-copies", help="mark eval.json's test records that have a copy "
                                             "(near duplicate, mirrored or turned) in training")

@@ -276,12 +276,14 @@ class Predictor:
         return self.predict_scan(read_scan(src, name, **read_kw))
 
 
-def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], **read_kw) -> list[dict]:
-    """One result per input, in order: a failing file never stops the others."""
+def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], best_slice: bool = False,
+                 **read_kw) -> list[dict]:
+    """One result per input, in order: a failing file never stops the others. ``best_slice``:
+    a volume's most tumour-like slice the out-of-distribution check accepts, not its middle one."""
     out = []
     for name, src in items:
         try:
-            pr = predictor.predict_file(src, name, **read_kw)
+            pr = _predict_one(predictor, src, name, best_slice, **read_kw)
             out.append({"file": name, "ok": True, **pr.to_json()})
         except ScanError as e:
             out.append({"file": name, "ok": False, "error": str(e)})
@@ -289,6 +291,9 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], **r
             out.append({"file": name, "ok": False,
                         "error": f"The file could not be processed ({type(e).__name__})."})
     return out
+
+
+EMPTY_VOLUME = "Every slice of the volume is empty."
 
 
 def indexed_slices(src: str | Path | bytes, name: str | None = None, **read_kw) -> tuple[list[ScanImage], str]:
@@ -312,13 +317,23 @@ def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None
     scans, kind = indexed_slices(src, name, **read_kw)
     keep = [i for i, s in enumerate(scans) if not is_empty_slice(s.pixels)]
     if not keep:
-        raise ScanError("Every slice of the volume is empty.")
+        raise ScanError(EMPTY_VOLUME)
     scores = []
     for start in range(0, len(keep), batch_size):  # batches bound memory on large volumes
         x = torch.cat([predictor.input_tensor(ScanImage(scans[i].pixels)) for i in keep[start:start + batch_size]])
         p = predictor.probabilities(x)
         scores.append(tumour_probability(p, predictor.classes) if predictor.is_tumour_model else p.max(1))
     return scans, kind, dict(zip(keep, np.concatenate(scores).astype(float).tolist()))
+
+
+def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_kw) -> Prediction:
+    if best_slice:
+        try:
+            return most_tumour_like_slice(predictor, src, name, **read_kw)[1]
+        except ScanError as e:
+            if str(e) != EMPTY_VOLUME:
+                raise
+    return predictor.predict_file(src, name, **read_kw)  # an empty one: its middle slice, refused as blank
 
 
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the

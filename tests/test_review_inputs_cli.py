@@ -348,3 +348,21 @@ def test_ensemble_eval_refuses_models_that_trained_on_the_files(tmp_path):
     assert trained_on([a], "src", files) is None
     assert trained_on([a, b], "src", files) == (str(tmp_path / "b"), 2)
     assert trained_on([a, b], "other", files) is None  # another source's files are another's
+
+
+def test_predict_a_volume_at_a_slice_or_its_most_tumour_like_one(random_weights, predictor, tmp_path, capsys):
+    from core.inference import most_tumour_like_slice
+    data, _ = volume()
+    f = tmp_path / "v.nii.gz"
+    f.write_bytes(data)
+    empty = tmp_path / "e.nii.gz"
+    empty.write_bytes(lps_volume([np.zeros((32, 32), np.float32)] * 3))
+    best = most_tumour_like_slice(predictor, data, "v.nii.gz")[0]
+    assert main(["predict", str(f), str(empty), "--weights", str(random_weights), "--json", "--best-slice"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["info"]["slice_index"] == best and rows[0]["info"]["slice_choice"] == "most tumour-like"
+    assert rows[1]["ok"] and rows[1]["in_distribution"] is False  # an empty volume: refused as blank
+    assert main(["predict", str(f), "--weights", str(random_weights), "--json", "--slice", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["info"]["slice_index"] == 1
+    assert main(["predict", str(f), "--weights", str(random_weights), "--slice", "9"]) == 1
+    assert "does not exist" in capsys.readouterr().out
