@@ -6,24 +6,10 @@ import platform
 import shlex
 import sys
 
+from core.cli import integer_at_least  # the CLI's own argparse type
 
-def _integer_at_least(low: int):
-    """argparse type: an integer >= ``low`` (0 runs or threads is a usage error, not a crash later)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v} must be at least {low}")
-        return v
-    return parse
-
-
-positive = _integer_at_least(1)
-non_negative = _integer_at_least(0)
+positive = integer_at_least(1)
+non_negative = integer_at_least(0)
 
 
 def load_predictor(parser, weights):

@@ -621,12 +621,18 @@ def cached_prediction(predictor: Predictor, scan: ScanImage, key: str,
 
 def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str,
                     target: str | None, slice_index: int | None = None) -> np.ndarray:
-    from .saliency import CLASS_AGNOSTIC, method_name, saliency_map
+    from .saliency import is_class_agnostic, saliency_map
     # a class-agnostic map is one map whatever the class: one cache entry, not one per class
     return _cache("_saliency", 128, 32 * 2**20).get_or(
-        (model_identity(predictor), key, slice_index, method,
-         None if method_name(method) in CLASS_AGNOSTIC else target),
+        (model_identity(predictor), key, slice_index, method, None if is_class_agnostic(method) else target),
         lambda: saliency_map(predictor, scan, method, target))
+
+
+def class_control(method: str) -> dict:
+    """A class chooser's state for ``method``: off, and saying why, for a class-agnostic one."""
+    from .saliency import is_class_agnostic
+    off = is_class_agnostic(method)
+    return {"disabled": off, "help": f"{method} draws one map whatever the class" if off else None}
 
 
 def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: str,
@@ -641,7 +647,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
     tumour ``mask`` of a 2D scan, both images carry its outline and a caption scores the map.
     The method offered first is the one the card measured best against tumour masks.
     """
-    from .saliency import CLASS_AGNOSTIC, METHODS, colour_map, contour_overlay, default_method, overlay
+    from .saliency import METHODS, colour_map, contour_overlay, default_method, is_class_agnostic, overlay
     frame = input_mask(scan, mask, predictor.spec) if slice_index is None else None
     first = default_method(predictor.card)
 
@@ -658,8 +664,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
             # keyed by the call too: a call moved by the operating point is explained afresh
             target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}-{predicted}",
                                   format_func=lambda c: f"{c} (predicted)" if c == predicted else c,
-                                  disabled=method in CLASS_AGNOSTIC,
-                                  help=f"{method} draws one map whatever the class" if method in CLASS_AGNOSTIC else None)
+                                  **class_control(method))
             opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key=f"o-{wkey}")
         try:
             cam = cached_saliency(predictor, scan, key, method, target, slice_index)
@@ -671,7 +676,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
         over, alone = overlay(base, cam, opacity), colour_map(cam)
         if frame is not None:
             over, alone = contour_overlay(over, frame), contour_overlay(alone, frame)
-        what = "class-agnostic: the activations' first principal component" if method in CLASS_AGNOSTIC \
+        what = "class-agnostic: the activations' first principal component" if is_class_agnostic(method) \
             else f"for '{target}'"
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
@@ -820,7 +825,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
     where a tumour mask lies beside the scan (LGG), its outline and a pointing-game note."""
-    from .saliency import CLASS_AGNOSTIC, contour_overlay, default_method, overlay
+    from .saliency import contour_overlay, default_method, overlay
     method = default_method(predictor.card)
 
     @st.fragment
@@ -830,8 +835,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                                      "misclassified": "every misclassified scan"}.get)
         explain = st.radio(f"{method} for", ["pred", "label"], horizontal=True, key="gallery-explain",
                            format_func={"pred": "the predicted class", "label": "the true class"}.get,
-                           disabled=method in CLASS_AGNOSTIC,
-                           help=f"{method} draws one map whatever the class" if method in CLASS_AGNOSTIC else None)
+                           **class_control(method))
         sel = gallery_records(records, kind)
         if not sel:
             st.success("None at this operating point.")

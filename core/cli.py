@@ -84,11 +84,20 @@ def cmd_rescore(args) -> int:
     return 0
 
 
-def _non_negative(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is below 0")
-    return v
+def integer_at_least(low: int):
+    """argparse type: an integer >= ``low`` (0 runs or -1 slices is a usage error, not a crash later)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {low}")
+        return v
+    return parse
+
+
+_non_negative = integer_at_least(0)
 
 
 def output_problem(flag: str, path: str | Path, example: str | None = None) -> str | None:

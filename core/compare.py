@@ -266,9 +266,8 @@ def record_latency(rows: list[dict]) -> None:
 def cmd_compare(args) -> int:
     from .cli import output_problem
     for flag, path in (("--md", args.md), ("--json", args.json)):  # before minutes of timing
-        if path and (why := output_problem(flag, path) if Path(path).parent.is_dir() or Path(path).is_dir()
-                     else None):
-            raise ValueError(why)
+        if path and Path(path).is_dir():  # a missing folder is made below; a folder is no file
+            raise ValueError(output_problem(flag, path))
     rows = compare_rows(args.dirs, latency=not args.no_latency, repeats=args.repeats)
     if not rows:
         raise ValueError(f"no card.json in any of: {' '.join(args.dirs)}")

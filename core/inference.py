@@ -293,7 +293,8 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
     return out
 
 
-EMPTY_VOLUME = "Every slice of the volume is empty."
+class EmptyVolume(ScanError):
+    """Every slice of a volume is empty: no slice to choose."""
 
 
 def indexed_slices(src: str | Path | bytes, name: str | None = None, **read_kw) -> tuple[list[ScanImage], str]:
@@ -317,7 +318,7 @@ def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None
     scans, kind = indexed_slices(src, name, **read_kw)
     keep = [i for i, s in enumerate(scans) if not is_empty_slice(s.pixels)]
     if not keep:
-        raise ScanError(EMPTY_VOLUME)
+        raise EmptyVolume("Every slice of the volume is empty.")
     scores = []
     for start in range(0, len(keep), batch_size):  # batches bound memory on large volumes
         x = torch.cat([predictor.input_tensor(ScanImage(scans[i].pixels)) for i in keep[start:start + batch_size]])
@@ -330,9 +331,8 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
     if best_slice:
         try:
             return most_tumour_like_slice(predictor, src, name, **read_kw)[1]
-        except ScanError as e:
-            if str(e) != EMPTY_VOLUME:
-                raise
+        except EmptyVolume:
+            pass
     return predictor.predict_file(src, name, **read_kw)  # an empty one: its middle slice, refused as blank
 
 

@@ -443,7 +443,17 @@ def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
 
 
 def _dicom_grey(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
-    """One decoded frame -> grey [0, 1], colourfulness, window info."""
+    """One decoded frame -> grey [0, 1], colourfulness, window info; ScanError when the file's
+    tables cannot be applied."""
+    try:
+        return _dicom_grey_values(arr, ds)
+    except MemoryError:
+        raise ScanError("The DICOM image is too large to process.") from None
+    except Exception as e:  # a palette without its table, a non-numeric slope, a broken LUT
+        raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
+
+
+def _dicom_grey_values(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if pi == "PALETTE COLOR":
@@ -519,12 +529,7 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     arr = _dicom_frame(ds, frame if n_frames > 1 else None)
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
-    try:
-        grey, colour, window = _dicom_grey(arr, ds)
-    except MemoryError:
-        raise ScanError("The DICOM image is too large to process.") from None
-    except Exception as e:  # a palette without its table, a non-numeric slope, a broken LUT
-        raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
+    grey, colour, window = _dicom_grey(arr, ds)
     info = _dicom_info(ds, rows, cols, n_frames) | window | {"frame": frame} | _blank(grey)
     return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
 
@@ -537,12 +542,7 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
     arr = _dicom_frame(ds, None)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
-    try:
-        greys = [_dicom_grey(f, ds) for f in frames]
-    except MemoryError:
-        raise ScanError("The DICOM image is too large to process.") from None
-    except Exception as e:  # as in _read_dicom
-        raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
+    greys = [_dicom_grey(f, ds) for f in frames]
     window = greys[len(greys) // 2][2]  # the same header window for every frame
     return [(g[0], g[1]) for g in greys], _dicom_info(ds, rows, cols, n_frames) | window
 

@@ -480,8 +480,8 @@ def _images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     pdf.cell(side, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(x2)
     target = class_label(r.prediction.pred)
-    from .saliency import CLASS_AGNOSTIC
-    what = "(class-agnostic)" if ctx.method in CLASS_AGNOSTIC else f"for '{target}'"
+    from .saliency import is_class_agnostic
+    what = "(class-agnostic)" if is_class_agnostic(ctx.method) else f"for '{target}'"
     caption = (f"{ctx.method} {what} (red = strongest evidence)"
                if r.overlay is not None else f"{ctx.method} saliency: not available")
     pdf.cell(side, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")

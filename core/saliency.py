@@ -62,6 +62,11 @@ def method_name(method: str) -> str:
     raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def is_class_agnostic(method: str) -> bool:
+    """Whether ``method`` (any spelling `method_name` takes) draws one map whatever the class."""
+    return method_name(method) in CLASS_AGNOSTIC
+
+
 def saliency_map(predictor, scan: ScanImage, method: str = "gradcam",
                  target: str | int | None = None) -> np.ndarray:
     """H x W map in [0, 1] at the model input size, for ``target`` (class name or index).
