@@ -352,7 +352,7 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
 
 def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
     """The image the model sees (cropped, padded, resized), the frame of the saliency map."""
-    return prepare(scan.pixels, spec)
+    return prepare(scan.pixels, spec, scan.head_box)
 
 
 # ----------------------------------------------------------------------------- results

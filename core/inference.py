@@ -227,7 +227,7 @@ class Predictor:
         return bool(tumour_classes(self.classes)) and NO_TUMOUR in self.classes
 
     def input_tensor(self, scan: ScanImage) -> torch.Tensor:
-        return preprocess(scan.pixels, self.spec)[None].to(self.device)
+        return preprocess(scan.pixels, self.spec, scan.head_box)[None].to(self.device)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:

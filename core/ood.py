@@ -75,16 +75,16 @@ def _to_u8(a: np.ndarray) -> np.ndarray:
     return (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
 
 
-def prepare_small(grey: np.ndarray) -> np.ndarray:
+def prepare_small(grey: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The gate network's input for one grey image, quantised like the training cache."""
-    return _to_u8(prepare(grey, GATE_SPEC))
+    return _to_u8(prepare(grey, GATE_SPEC, box))
 
 
 def from_scans(scans: list[ScanImage], main_spec: dict | None = None, groups: list[str] | None = None) -> ImageSet:
-    small = np.stack([prepare_small(s.pixels) for s in scans])[:, None]
+    small = np.stack([prepare_small(s.pixels, s.head_box) for s in scans])[:, None]
     main = None
     if main_spec is not None:
-        main = torch.from_numpy(np.stack([_to_u8(prepare(s.pixels, main_spec)) for s in scans])[:, None])
+        main = torch.from_numpy(np.stack([_to_u8(prepare(s.pixels, main_spec, s.head_box)) for s in scans])[:, None])
     return ImageSet(torch.from_numpy(small), np.array([s.colourfulness for s in scans], np.float32),
                     main, groups or [])
 
@@ -559,7 +559,7 @@ class OODGate:
         raw = {}
         names = {c.name for c in self.components}
         if "cnn" in names:
-            small = torch.from_numpy(prepare_small(scan.pixels))[None, None]
+            small = torch.from_numpy(prepare_small(scan.pixels, scan.head_box))[None, None]
             raw["cnn"] = net_scores(self.net, small)
         if self.uses_classifier:
             raw.update(_model_scores(names, self.density, self.tap.get(model, x)))

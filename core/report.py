@@ -156,7 +156,7 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
         scan = read_scan(data, shown, **read_kw)
         pred = at_threshold(predictor.predict_scan(scan), predictor.classes, threshold,
                             getattr(predictor, "referral", None))
-        view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX})
+        view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX}, scan.head_box)
     except ScanError as e:
         return ScanResult(shown, False, error=str(e))
     except Exception as e:  # a bug in one file must not take down the rest of a batch

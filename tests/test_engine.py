@@ -44,6 +44,33 @@ def test_head_bbox_of_blank_and_noise_images_is_the_whole_image():
     assert head_bbox(speckle) == (0, 64, 0, 64)
 
 
+def test_open_cross_is_scipys_binary_opening():
+    # head_bbox's opening is hand-written for speed; it must stay the exact scipy operation
+    # (training caches and shipped gates were built with scipy's), borders and tiny masks included.
+    from scipy import ndimage
+    from core.preprocess import _open_cross
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1), (1, 6), (2, 2), (3, 3), (6, 1), (7, 9), (40, 33)]:
+        for p in (0.3, 0.7, 0.95, 1.0):
+            m = rng.random(shape) < p
+            assert np.array_equal(_open_cross(m), ndimage.binary_opening(m)), (shape, p)
+
+
+def test_a_served_scan_searches_for_the_head_once(monkeypatch, tmp_path):
+    # The model's input, the gate's 64 px view and the display view crop to one box.
+    import core.preprocess as P
+    from core.reader import ScanImage
+    calls = []
+    real = P.head_bbox
+    monkeypatch.setattr(P, "head_bbox", lambda g, *a, **k: calls.append(1) or real(g, *a, **k))
+    scan = ScanImage(synthetic_head())
+    small = prepare(scan.pixels, {**DEFAULT_SPEC, "size": 64}, scan.head_box)
+    big = prepare(scan.pixels, DEFAULT_SPEC, scan.head_box)
+    assert len(calls) == 1
+    assert np.array_equal(small, prepare(scan.pixels, {**DEFAULT_SPEC, "size": 64}))
+    assert np.array_equal(big, prepare(scan.pixels, DEFAULT_SPEC))
+
+
 def test_prepare_shapes_ranges_and_crop():
     img = synthetic_head()
     spec = {**DEFAULT_SPEC, "size": 64}

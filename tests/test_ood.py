@@ -151,6 +151,21 @@ def test_predictor_reports_out_of_distribution(synthetic_gate, tiny_weights):
     assert p.predict_scan(_heads(1, 11)[0]).in_distribution is True
 
 
+def test_a_served_scan_is_cropped_once_for_the_model_and_the_gate(synthetic_gate, tiny_weights, monkeypatch):
+    # The head search was a third of the check's time when the gate redid it (bench/latency.py).
+    import core.preprocess as P
+    from core.inference import Predictor
+    synthetic_gate.save(tiny_weights)
+    p = Predictor(tiny_weights)
+    calls = []
+    real = P.head_bbox
+    monkeypatch.setattr(P, "head_bbox", lambda g, *a, **k: calls.append(1) or real(g, *a, **k))
+    scan = _heads(1, 12)[0]
+    pr = p.predict_scan(scan)
+    assert len(calls) == 1 and pr.ood_score is not None
+    assert pr.ood_score == pytest.approx(synthetic_gate.scores(from_scans([_heads(1, 12)[0]]))[0], abs=1e-4)
+
+
 def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
     """Mahalanobis on the classifier's pooled features, combined with the network; the
     features come from the Predictor's own forward pass (no second pass)."""
