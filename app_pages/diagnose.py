@@ -137,4 +137,5 @@ if len(items) > 1:
         st.download_button("Download the table (CSV)", app.results_csv(table), "predictions.csv",
                            "text/csv", on_click="ignore")
 
-app.report_downloads(items, predictor, threshold, slices)
+if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one
+    app.report_downloads(items, predictor, threshold, slices)

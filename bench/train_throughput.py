@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header, positive  # noqa: E402
+from bench._machine import header, non_negative, positive  # noqa: E402
+from core.cli import integer_at_least  # noqa: E402
 from core.engine import train_one_epoch  # noqa: E402
 from core.models import count_parameters, create_model, list_models  # noqa: E402
 from core.preprocess import DEFAULT_SPEC  # noqa: E402
@@ -32,9 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--steps", type=positive, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--warmup", type=non_negative, default=3, help="untimed steps first")
+    p.add_argument("--threads", type=non_negative, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--classes", type=integer_at_least(2), default=4)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first (compilation happens in the warm-up steps)")
     args = p.parse_args(argv)

@@ -29,6 +29,14 @@ def _result_fields(result: Any) -> dict:
     return {k: result.get(k) for k in RESULT_FIELDS}
 
 
+def _slice_of(result: Any) -> int | None:
+    """The slice (NIfTI) or frame (DICOM, TIFF) of a volume that was predicted: the bytes'
+    hash names the whole volume, not the image the result is about."""
+    info = (result.get("info") if isinstance(result, Mapping) else getattr(result, "info", None)) or {}
+    index = info.get("slice_index", info.get("frame"))
+    return int(index) if index is not None else None
+
+
 def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str]) -> dict:
     """The JSON object one prediction adds to the log (see the module docstring)."""
     return {
@@ -38,6 +46,7 @@ def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str
         "model_version": predictor.card.get("version"),
         "weights_sha256": predictor.weights_sha256,
         "result": _result_fields(result),
+        "slice": _slice_of(result),
         "flags": [str(f) for f in flags],
     }
 
@@ -52,14 +61,24 @@ def append_audit(path: str | Path, data_bytes: bytes, predictor: Any, result: An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    with _LOCK, path.open("a", encoding="utf-8") as f:
-        f.write(line)
+    with _LOCK, path.open("a+b") as f:
+        if f.tell() > 0:  # a write cut short (a killed process) must not swallow this record
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
     return record
 
 
 def read_audit(path: str | Path) -> list[dict]:
-    """Every record in a log, oldest first (for the app's settings page and for tests)."""
+    """Every whole record in a log, oldest first; a line cut short by a killed process is skipped."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]

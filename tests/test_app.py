@@ -123,6 +123,17 @@ def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
     assert any(b.label.startswith("Download the table") for b in app.get("download_button"))
 
 
+def test_a_batch_of_only_unreadable_files_offers_no_report(app):
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("a.jpg", b"not a picture", "image/jpeg"),
+                                    ("b.png", b"nor this", "image/png")]).run()
+    assert not app.exception and len(app.error) == 2
+    assert not any(b.label.startswith("Prepare a PDF") for b in app.button)
+    app.file_uploader[0].set_value([("a.jpg", b"not a picture", "image/jpeg"),
+                                    ("good.jpg", SAMPLE.read_bytes(), "image/jpeg")]).run()
+    assert any(b.label.startswith("Prepare a PDF") for b in app.button)
+
+
 def test_zip_upload_is_unpacked_in_memory(app):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:

@@ -284,10 +284,24 @@ def test_audit_lines_hold_hashes_and_results_never_names(four, tmp_path):
     append_audit(log, data, four, pred.to_json(), [])
     lines = read_audit(log)
     assert lines[0] == rec and len(lines) == 2
-    assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "result", "flags"}
+    assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "result", "slice", "flags"}
+    assert rec["slice"] is None  # a single image has no slice
     assert set(rec["result"]) == {"pred", "probs", "tumour_probability", "threshold"}
     assert rec["time"].endswith("+00:00") and rec["weights_sha256"] == four.weights_sha256
     assert "secret-name" not in log.read_text()
+
+
+def test_audit_survives_a_line_cut_short_and_names_a_volumes_slice(four, tmp_path):
+    log = tmp_path / "audit.jsonl"
+    data = scan_png(13)
+    pred = four.predict_file(data, "a.png")
+    append_audit(log, data, four, pred, [])
+    log.write_bytes(log.read_bytes() + b'{"time": "2026-12-03T10:00:00+00:00", "sha2')  # a killed write
+    pred.info["slice_index"] = 7
+    rec = append_audit(log, data, four, pred, [])
+    assert rec["slice"] == 7
+    lines = read_audit(log)
+    assert len(lines) == 2 and lines[1] == rec  # the new record is whole; the fragment is skipped
 
 
 def test_cli_report_csv_audit_and_exit_codes(four, tmp_path, capsys):

@@ -330,6 +330,17 @@ def test_latency_times_the_served_out_of_distribution_check(random_weights, caps
     assert row["total_median_ms"] == pytest.approx(parts, rel=0.35, abs=1.0)
 
 
+@pytest.mark.parametrize("args, message", [(["--threads", "-1"], "-1 must be at least 0"),
+                                           (["--classes", "1"], "1 must be at least 2")])
+def test_train_throughput_usage_errors_are_one_line(args, message, capsys):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import train_throughput
+    with pytest.raises(SystemExit) as e:  # -1 threads was a RuntimeError from torch
+        train_throughput.main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_json_folder_is_made_before_the_run(tmp_path):
     from bench._machine import json_output
     assert json_output(str(tmp_path / "new" / "x.json")) and (tmp_path / "new").is_dir()
