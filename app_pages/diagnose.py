@@ -2,7 +2,7 @@
 import streamlit as st
 
 from core import app_support as app
-from core.dashboard import batch_table, probability_bar, tumour_gauge
+from core.dashboard import batch_table, probability_bar, series_table, tumour_gauge
 
 DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
 
@@ -136,6 +136,13 @@ if len(items) > 1:
             "confidence": st.column_config.NumberColumn(format="%.3f")})
         st.download_button("Download the table (CSV)", app.results_csv(table), "predictions.csv",
                            "text/csv", on_click="ignore")
+        series = series_table(results)
+        if len(series):
+            st.markdown("**DICOM series** (several files of one series, one slice each)")
+            st.caption("A tumour called on any slice is a tumour call for the series, however "
+                       "clear its other slices look. Slices are named by Instance Number.")
+            st.dataframe(series, hide_index=True, column_config={
+                "highest tumour probability": st.column_config.NumberColumn(format="%.3f")})
 
 if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one
     app.report_downloads(items, predictor, threshold, slices)

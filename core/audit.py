@@ -33,7 +33,9 @@ def _slice_of(result: Any) -> int | None:
     """The slice (NIfTI) or frame (DICOM, TIFF) of a volume that was predicted: the bytes'
     hash names the whole volume, not the image the result is about."""
     info = (result.get("info") if isinstance(result, Mapping) else getattr(result, "info", None)) or {}
-    index = info.get("slice_index", info.get("frame"))
+    index = info.get("slice_index")
+    if index is None and int(info.get("n_frames") or 1) > 1:  # frame 0 of a one-frame file is no slice
+        index = info.get("frame")
     return int(index) if index is not None else None
 
 

@@ -255,6 +255,41 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
                                        "flags"])
 
 
+SERIES_COLUMNS = ["series", "files", "tumour called", "slices called tumour", "highest tumour probability",
+                  "highest at", "out of distribution", "uncertain"]
+
+
+def _slice_label(row: dict) -> str:
+    instance = (row.get("info") or {}).get("instance")
+    return f"#{instance}" if instance is not None else row["file"]
+
+
+def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
+    """One row per DICOM series that has two or more files in a batch (a series exported one
+    file per slice): how many slices are called tumour, and which, by Instance Number; the
+    highest tumour probability and where; the slices refused or referred. A tumour called on
+    any slice is a tumour call for the scan, however clear the others look."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        key = (r.get("info") or {}).get("series") if r.get("ok") else None
+        if key:
+            groups.setdefault(key, []).append(r)
+    order = lambda r: ((r.get("info") or {}).get("instance", float("inf")), r["file"])  # noqa: E731
+    rows = []
+    for members in (sorted(m, key=order) for m in groups.values() if len(m) > 1):
+        called = [r for r in members if r.get("in_distribution", True)]
+        tumour = [_slice_label(r) for r in called if is_tumour_label(r["pred"])]
+        scored = [r for r in called if r.get("tumour_probability") is not None]
+        best = max(scored, key=lambda r: r["tumour_probability"], default=None)
+        rows.append({"series": f"series {len(rows) + 1}", "files": len(members), "tumour called": len(tumour),
+                     "slices called tumour": ", ".join(tumour[:listed]) + (", ..." if len(tumour) > listed else ""),
+                     "highest tumour probability": best["tumour_probability"] if best else None,
+                     "highest at": _slice_label(best) if best else None,
+                     "out of distribution": len(members) - len(called),
+                     "uncertain": sum(bool(r.get("uncertain")) for r in called)})
+    return pd.DataFrame(rows, columns=SERIES_COLUMNS)
+
+
 def is_missed_tumour(record: dict) -> bool:
     return bool(is_tumour_label(record["label"])) and record["pred"] == NO_TUMOUR
 

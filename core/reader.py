@@ -27,14 +27,17 @@ Decisions:
   silently change the datasets; the app can warn on the flag instead.
 * `ScanImage.info` only ever holds technical fields listed in `SAFE_INFO_KEYS` (format, size,
   frame, window, orientation...); no DICOM/EXIF metadata is copied, so no patient name, ID or
-  date can reach the app, the logs or a report.
+  date can reach the app, the logs or a report. A DICOM's series is kept only as a salted hash of
+  its UID (new salt each process), enough to group one batch's files by series.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
+import os
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -70,6 +73,7 @@ SAFE_INFO_KEYS = frozenset({
     "bits_stored", "rescale", "window", "window_source", "n_slices", "slice_index",
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
     "body_part",                      # DICOM Body Part Examined (core.header)
+    "series", "instance",             # DICOM series (a salted hash, see _series_key) and Instance Number
     "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
 })
 
@@ -515,7 +519,26 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     slope, intercept = _first(ds.get("RescaleSlope")), _first(ds.get("RescaleIntercept"))
     if slope is not None and intercept is not None:
         info["rescale"] = {"slope": slope, "intercept": intercept}
-    return info
+    return info | _series_fields(ds)
+
+
+# Salted per process: the key groups one batch's files by series and links to nothing outside it
+# (de-identification replaces UIDs: a plain hash could still be matched to the archive's UID).
+_SERIES_SALT = os.urandom(16)
+
+
+def _series_fields(ds) -> dict:
+    """``series`` (12 hex digits from the Series Instance UID) and ``instance`` (Instance
+    Number), when present: a series exported as one file per slice is then seen as one scan."""
+    out: dict[str, Any] = {}
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        out["series"] = hashlib.sha256(_SERIES_SALT + uid.encode()).hexdigest()[:12]
+    try:
+        out["instance"] = int(str(ds.get("InstanceNumber", "")).strip())
+    except ValueError:
+        pass
+    return out
 
 
 def _read_dicom(data: bytes, options: dict) -> ScanImage:

@@ -144,6 +144,9 @@ def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
         return None, f"The saliency map could not be computed ({type(e).__name__})."
 
 
+REPORT_INFO_KEYS = ("slice_index", "frame", "n_frames", "series", "instance")
+
+
 def analyse_one(name: str, src, predictor, threshold: float | None = None,
                 method: str | None = None, keep_bytes: bool = False, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
@@ -163,7 +166,9 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
         return ScanResult(shown, False, error=f"The file could not be processed ({type(e).__name__}).")
     over, note = (_saliency(predictor, scan, method or card_method(predictor), pred.pred, view) if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
-    pred.info = {}  # reader metadata stays out of reports and CSVs; `source` is allow-listed
+    # Reader metadata stays out of reports and CSVs (`source` is allow-listed), but for what names
+    # the slice and its series: the audit log's slice and the summary's series lines read them.
+    pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), data=data if keep_bytes else None)
 
@@ -623,6 +628,27 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
                 row.cell("-", link=link)
                 row.cell("-", link=link)
                 row.cell(pdf.t(FLAG_UNREADABLE), link=link, style=FontFace(color=RED[1]))
+    lines = series_lines([r.to_row() for r in results])
+    if lines:
+        pdf.ln(3)
+        pdf.font(9, False, INK)
+        pdf.multi_cell(0, 5, pdf.t("DICOM series (files of one series, slices by Instance Number; a tumour "
+                                   "called on any slice is a tumour call for the series):\n" + "\n".join(lines)),
+                       new_x="LMARGIN", new_y="NEXT")
+
+
+def series_lines(rows: list[dict]) -> list[str]:
+    """One sentence per DICOM series with several files in a batch (`dashboard.series_table`)."""
+    from .dashboard import series_table
+    out = []
+    for s in series_table(rows).to_dict("records"):
+        called = (f"tumour called on {s['tumour called']}: {s['slices called tumour']}" if s["tumour called"]
+                  else "no slice called tumour")
+        best = ("" if s["highest at"] is None
+                else f"; highest tumour probability {s['highest tumour probability']:.3f} at {s['highest at']}")
+        extra = "".join(f"; {s[k]} {k}" for k in ("out of distribution", "uncertain") if s[k])
+        out.append(f"{s['series'].capitalize()} ({s['files']} files): {called}{best}{extra}.")
+    return out
 
 
 def render_pdf(results: list[ScanResult], ctx: ReportContext) -> bytes:

@@ -134,6 +134,44 @@ def test_a_batch_of_only_unreadable_files_offers_no_report(app):
     assert any(b.label.startswith("Prepare a PDF") for b in app.button)
 
 
+def test_series_table_counts_slices_called_tumour_by_instance():
+    from core.dashboard import series_table
+
+    def row(file, series, instance, pred, p, ok=True, ood=False, uncertain=False):
+        return {"file": file, "ok": ok, "pred": pred, "tumour_probability": p, "in_distribution": not ood,
+                "uncertain": uncertain, "info": {"series": series, "instance": instance}}
+    rows = [row("c.dcm", "s1", 3, "glioma", 0.91), row("a.dcm", "s1", 1, "notumor", 0.02),
+            row("b.dcm", "s1", 2, "meningioma", 0.97, uncertain=True), row("d.dcm", "s1", 4, "glioma", 0.99, ood=True),
+            row("lone.dcm", "s2", 1, "glioma", 0.9), {"file": "bad.dcm", "ok": False, "error": "x"},
+            {"file": "x.png", "ok": True, "pred": "glioma", "tumour_probability": 0.9, "info": {}}]
+    table = series_table(rows)
+    assert len(table) == 1  # a series with one file here, a plain image and an error: no row
+    r = table.iloc[0]
+    assert (r["files"], r["tumour called"], r["out of distribution"], r["uncertain"]) == (4, 2, 1, 1)
+    assert r["slices called tumour"] == "#2, #3"  # by Instance Number; the refused slice is no call
+    assert r["highest tumour probability"] == 0.97 and r["highest at"] == "#2"
+    assert series_table([row(f"{k}.dcm", "s", k, "glioma", 0.9) for k in range(12)], listed=3).iloc[0][
+        "slices called tumour"] == "#0, #1, #2, ..."
+
+
+def test_a_dicom_series_uploaded_as_files_gets_a_series_row(app):
+    import numpy as np
+    from PIL import Image
+    from test_reader import dicom12, make_dicom
+    grey = np.asarray(Image.open(SAMPLE).convert("L"), np.float32) / 255
+    uid = "1.2.826.0.1.3680043.8.498.777"
+    files = [(f"IM{k}", make_dicom(dicom12(np.roll(grey, 3 * k, 0)), series=uid, instance=k), "application/dicom")
+             for k in (3, 1, 2)]
+    files.append(("other.dcm", make_dicom(dicom12(grey), series=uid + "9", instance=1), "application/dicom"))
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(files).run()
+    assert not app.exception
+    series = app.dataframe[1].value
+    assert len(series) == 1 and series.iloc[0]["files"] == 3
+    assert series.iloc[0]["highest at"] in ("#1", "#2", "#3")
+    assert any("A tumour called on any slice" in c.value for c in app.caption)
+
+
 def test_zip_upload_is_unpacked_in_memory(app):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:

@@ -56,7 +56,7 @@ def grey8(h: int = 96, w: int = 96) -> Image.Image:
 def make_dicom(frames: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int = 12,
                window: tuple[float, float] | None = (2048, 4096), rescale: tuple[float, float] | None = None,
                signed: bool = False, preamble: bool = True, with_pixels: bool = True,
-               rgb: bool = False) -> bytes:
+               rgb: bool = False, series: str | None = None, instance: int | None = None) -> bytes:
     """A small MR DICOM with fake patient identifiers (which must never come out again)."""
     from pydicom.dataset import FileMetaDataset, Dataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -86,6 +86,10 @@ def make_dicom(frames: np.ndarray, *, photometric: str = "MONOCHROME2", bits_sto
         ds.WindowCenter, ds.WindowWidth = window
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if series:
+        ds.SeriesInstanceUID = series
+    if instance is not None:
+        ds.InstanceNumber = instance
     if with_pixels:
         dtype = np.uint8 if rgb else (np.int16 if signed else np.uint16)
         ds.PixelData = arr.astype(dtype).tobytes()
@@ -323,6 +327,17 @@ def test_dicom_info_carries_no_identifiers():
     assert set(scan.info) <= SAFE_INFO_KEYS
     text = json.dumps(scan.info)
     assert not any(p.lower() in text.lower() for p in PHI)
+
+
+def test_dicom_series_key_groups_files_without_carrying_the_uid():
+    uid_a, uid_b = "1.2.826.0.1.3680043.8.498.111", "1.2.826.0.1.3680043.8.498.222"
+    a1, a2, b = (read_scan(make_dicom(dicom12(phantom()), series=u, instance=k))
+                 for u, k in ((uid_a, 1), (uid_a, 2), (uid_b, 1)))
+    assert a1.info["series"] == a2.info["series"] != b.info["series"]
+    assert len(a1.info["series"]) == 12 and (a1.info["instance"], a2.info["instance"]) == (1, 2)
+    assert set(a1.info) <= SAFE_INFO_KEYS and "3680043" not in json.dumps(a1.info)
+    plain = read_scan(make_dicom(dicom12(phantom())))
+    assert "series" not in plain.info and "instance" not in plain.info
 
 
 # ----------------------------------------------------------------------------- NIfTI

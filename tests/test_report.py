@@ -183,6 +183,32 @@ def flagged(predictor, monkeypatch) -> None:
 
 
 @needs_poppler
+def test_a_dicom_series_gets_one_line_on_the_summary_page(four, tmp_path):
+    from test_reader import dicom12, make_dicom
+    grey = np.asarray(Image.open(io.BytesIO(scan_png(40))), np.float32) / 255
+    uid = "1.2.826.0.1.3680043.8.498.4242"
+    items = [(f"IM{k}", make_dicom(dicom12(np.roll(grey, k, 1)), series=uid, instance=k)) for k in (2, 1)]
+    items.append(("single.png", scan_png(41)))
+    results = R.analyse(items, four, 0.3)
+    (line,) = R.series_lines([r.to_row() for r in results])
+    assert line.startswith("Series 1 (2 files): ") and "at #" in line
+    summary = flat(pdf_pages(R.render_pdf(results, R.ReportContext.of(four, 0.3, None)), tmp_path)[0])
+    assert "DICOM series" in summary and line in summary
+    assert results[0].prediction.info["instance"] == 2 and "window" not in results[0].prediction.info
+
+
+def test_cli_audit_names_the_frame_of_a_multiframe_dicom(four, tmp_path):
+    from test_reader import dicom12, make_dicom
+    grey = np.asarray(Image.open(io.BytesIO(scan_png(42))), np.float32) / 255
+    (tmp_path / "multi.dcm").write_bytes(make_dicom(np.stack([dicom12(np.roll(grey, k, 0)) for k in range(3)])))
+    (tmp_path / "one.dcm").write_bytes(make_dicom(dicom12(grey)))
+    log = tmp_path / "audit.jsonl"
+    assert main(["report", str(tmp_path / "multi.dcm"), str(tmp_path / "one.dcm"), "--out", str(tmp_path / "r.pdf"),
+                 "--weights", str(four.dir), "--audit", str(log)]) == 0
+    assert [r["slice"] for r in read_audit(log)] == [1, None]  # the middle frame; a one-frame file has none
+
+
+@needs_poppler
 def test_a_flagged_scan_gets_no_call_in_the_pdf(four, tmp_path, monkeypatch):
     flagged(four, monkeypatch)
     items = [("cat.png", scan_png(40)), ("dog.png", scan_png(41))]
