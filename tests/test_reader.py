@@ -371,6 +371,25 @@ def test_nifti_slice_option_and_read_volume_slices_agree():
         read_scan(data, slice_index=5)
 
 
+def test_a_volume_is_decoded_once_for_many_slice_reads_and_stays_unchanged(monkeypatch):
+    import core.reader as reader
+    imgs = [phantom() * (0.5 + 0.1 * k) for k in range(5)]
+    data = lps_volume(imgs)
+    first = {k: read_scan(data, slice_index=k).pixels for k in range(5)}  # a cold read each...
+    calls = []
+    real = reader._nifti_volume
+    monkeypatch.setattr(reader, "_nifti_volume", lambda *a: calls.append(1) or real(*a))
+    reader._LAST_VOLUME.clear()
+    scans = [read_scan(data, slice_index=k) for k in (3, 1, 3)]
+    assert len(calls) == 1  # ...against one decode for three reads of one file
+    scans[0].pixels[:] = 0  # a caller changing its slice must not reach the cached volume
+    assert np.array_equal(read_scan(data, slice_index=3).pixels, first[3])
+    assert np.array_equal(scans[1].pixels, first[1]) and scans[1].info["slice_index"] == 1
+    other = lps_volume([phantom()] * 3)
+    assert read_scan(other).info["n_slices"] == 3 and len(calls) == 2  # another file: decoded anew
+    assert read_scan(data, volume=0).info["n_slices"] == 5
+
+
 def test_nifti_4d_and_uncompressed_and_nifti2():
     vol = np.stack([np.stack([phantom().T] * 3, -1), np.stack([phantom().T[::-1]] * 3, -1)], -1)
     data = nifti_bytes(vol.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), gz=False)
