@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,10 +35,11 @@ def _slice_of(result: Any) -> int | None:
     """The slice (NIfTI) or frame (DICOM, TIFF) of a volume that was predicted: the bytes'
     hash names the whole volume, not the image the result is about."""
     info = (result.get("info") if isinstance(result, Mapping) else getattr(result, "info", None)) or {}
-    index = info.get("slice_index")
-    if index is None and int(info.get("n_frames") or 1) > 1:  # frame 0 of a one-frame file is no slice
-        index = info.get("frame")
-    return int(index) if index is not None else None
+    # slice 0 of a one-slice NIfTI, frame 0 of a one-frame DICOM: no slice of anything
+    for index, count in (("slice_index", "n_slices"), ("frame", "n_frames")):
+        if info.get(index) is not None and int(info.get(count) or 1) > 1:
+            return int(info[index])
+    return None
 
 
 def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str]) -> dict:
@@ -63,13 +66,25 @@ def append_audit(path: str | Path, data_bytes: bytes, predictor: Any, result: An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    with _LOCK, path.open("a+b") as f:
-        if f.tell() > 0:  # a write cut short (a killed process) must not swallow this record
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
+    with _LOCK:
+        if _ends_mid_line(path):  # a write cut short (a killed process) must not swallow this record
+            line = "\n" + line
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line)
     return record
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a regular file's last byte is not a newline. Anything else (a pipe, /dev/stdout,
+    a write-only log) is appended to as it is: reading it could block or is not allowed."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) or os.stat(path).st_size == 0:
+            return False
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def read_audit(path: str | Path) -> list[dict]:
@@ -77,10 +92,20 @@ def read_audit(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    records = []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+    return [r for line in p.read_bytes().splitlines() if (r := _record(line)) is not None]
+
+
+def _record(line: bytes) -> dict | None:
+    """One line's record; a fragment of a killed write is skipped, and a whole record written
+    after one on the same line (by versions before the newline check) is recovered."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    for start in [0] + [i for i in range(len(text) - 1, 0, -1) if text.startswith('{"', i)]:
         try:
-            records.append(json.loads(line))
+            value = json.loads(text[start:])
         except json.JSONDecodeError:
             continue
-    return [r for r in records if isinstance(r, dict)]
+        return value if isinstance(value, dict) else None
+    return None

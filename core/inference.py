@@ -321,7 +321,7 @@ def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None
         raise EmptyVolume("Every slice of the volume is empty.")
     scores = []
     for start in range(0, len(keep), batch_size):  # batches bound memory on large volumes
-        x = torch.cat([predictor.input_tensor(ScanImage(scans[i].pixels)) for i in keep[start:start + batch_size]])
+        x = torch.cat([predictor.input_tensor(scans[i]) for i in keep[start:start + batch_size]])
         p = predictor.probabilities(x)
         scores.append(tumour_probability(p, predictor.classes) if predictor.is_tumour_model else p.max(1))
     return scans, kind, dict(zip(keep, np.concatenate(scores).astype(float).tolist()))
@@ -358,8 +358,8 @@ def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: 
         scans = indexed_slices(src, name, **read_kw)[0]
     first = None
     for k in sorted(scores, key=scores.get, reverse=True)[:GATE_TRIES]:
-        scan = replace(scans[k], info={**scans[k].info, "slices_scored": len(scores),
-                                       "slice_choice": "most tumour-like"})
+        scan = scans[k]  # this call's own slice: its info is ours to extend, its head box stays found
+        scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like"})
         pred = predictor.predict_scan(scan)
         if pred.in_distribution:
             return k, pred

@@ -323,11 +323,56 @@ def test_audit_survives_a_line_cut_short_and_names_a_volumes_slice(four, tmp_pat
     pred = four.predict_file(data, "a.png")
     append_audit(log, data, four, pred, [])
     log.write_bytes(log.read_bytes() + b'{"time": "2026-12-03T10:00:00+00:00", "sha2')  # a killed write
-    pred.info["slice_index"] = 7
+    pred.info.update(slice_index=7, n_slices=20)
     rec = append_audit(log, data, four, pred, [])
     assert rec["slice"] == 7
     lines = read_audit(log)
     assert len(lines) == 2 and lines[1] == rec  # the new record is whole; the fragment is skipped
+    # a log from before the newline check: the record written after a fragment, on its line
+    glued = tmp_path / "old.jsonl"
+    glued.write_bytes(b'{"time": "2026-12-0' + json.dumps(rec).encode() + b"\n" + b'{"sha256": "\xff"}\n')
+    assert read_audit(glued) == [rec]  # and a line that is not UTF-8 is no record
+    pred.info = {"slice_index": 0, "n_slices": 1, "frame": 0, "n_frames": 1}
+    assert append_audit(log, data, four, pred, [])["slice"] is None  # a one-slice volume: no slice
+
+
+def test_audit_goes_to_a_pipe(four, tmp_path):
+    import os
+    import threading
+    data = scan_png(14)
+    pred = four.predict_file(data, "a.png")
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        rec = append_audit(fifo, data, four, pred, [])  # was "not seekable": a+b on a pipe
+    finally:
+        try:  # unblock the reader whatever happened (ENXIO: it has already finished)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    reader.join(10)
+    assert json.loads(got[0]) == rec
+
+def test_appending_to_the_audit_log_needs_no_read_access(four, tmp_path, monkeypatch):
+    # A write-only log sink (-w--w--w-); root reads anything, so reading is refused here instead.
+    from pathlib import Path
+    data = scan_png(15)
+    pred = four.predict_file(data, "a.png")
+    log = tmp_path / "wo.jsonl"
+    log.write_text('{"cut sh')
+    real_open = Path.open
+
+    def write_only(self, mode="r", *a, **k):
+        if self == log and ("r" in mode or "+" in mode):
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, mode, *a, **k)
+    monkeypatch.setattr(Path, "open", write_only)
+    rec = append_audit(log, data, four, pred, [])
+    monkeypatch.undo()
+    assert read_audit(log) == [rec]  # glued to the fragment it could not see, and recovered
 
 
 def test_cli_report_csv_audit_and_exit_codes(four, tmp_path, capsys):

@@ -30,6 +30,18 @@ def volume() -> tuple[bytes, list[np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------- volumes
+def test_best_slice_searches_each_slice_for_the_head_once(predictor, monkeypatch):
+    import core.preprocess as P
+    from core.inference import most_tumour_like_slice
+    calls = []
+    real = P.head_bbox
+    monkeypatch.setattr(P, "head_bbox", lambda g, *a, **k: calls.append(1) or real(g, *a, **k))
+    data, imgs = volume()
+    k, pred = most_tumour_like_slice(predictor, data, "v.nii.gz")
+    assert len(calls) == len(imgs)  # scored, then the chosen slice predicted: one search each
+    assert pred.info["slice_choice"] == "most tumour-like" and pred.info["slice_index"] == k
+
+
 def test_best_slice_skips_slices_the_gate_refuses(predictor, monkeypatch):
     from core.inference import most_tumour_like_slice, slice_scores
     data, _ = volume()
