@@ -145,12 +145,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .inference import predict_many
-    from .report import text_line
+    from .report import series_lines, text_line
     pred = _predictor(args.weights)
     read_kw = {} if args.slice is None else {"slice": args.slice}
     results = predict_many(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw)
     for r in results:
         print(json.dumps(r) if args.json else text_line(r), flush=True)
+    for line in series_lines(results):  # stdout stays one line per file
+        print(line, file=sys.stderr)
     return 0 if all(r["ok"] for r in results) else 1
 
 

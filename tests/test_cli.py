@@ -419,6 +419,20 @@ def test_predict_text_gives_a_flagged_scan_no_call(weights, tmp_path, capsys):
     assert "tumour probability" not in line and "notumor" not in line
 
 
+def test_predict_sums_up_a_dicom_series_on_stderr(weights, tmp_path, capsys):
+    from test_reader import dicom12, make_dicom
+    uid = "1.2.826.0.1.3680043.8.498.5151"
+    files = []
+    for k in (1, 2, 3):
+        f = tmp_path / f"IM{k}"
+        f.write_bytes(make_dicom(dicom12(np.asarray(pattern(k), np.float32) / 255), series=uid, instance=k))
+        files.append(str(f))
+    assert main(["predict", "--json", "--weights", str(weights), *files]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 3 and all(json.loads(x)["ok"] for x in out.splitlines())
+    assert err.strip().startswith("Series 1 (3 files): ") and uid not in out + err
+
+
 @pytest.mark.parametrize("card, why", [([], "not a model card"), ({"name": "x"}, "lacks classes, arch, preprocessing"),
                                        ({"classes": ["a"], "arch": "simple_cnn", "preprocessing": {}},
                                         "fewer than two classes")])
