@@ -16,6 +16,8 @@ import math
 import os
 import platform
 import random
+import re
+import shlex
 import sys
 import time
 import tomllib
@@ -32,7 +34,7 @@ from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, TUMOUR, label_targets, model_classes, normalise_label,
                          tumour_classes)
 from core.metrics import tumour_probability
-from core.models import count_parameters, create_model, has_class_maps
+from core.models import count_parameters, create_model, has_class_maps, list_models
 from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
 
@@ -127,16 +129,99 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
     return cfg
 
 
+INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "patience", "limit",
+               "workers", "threads", "seed", "max_distance")
+FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "aug", "skull_strip_p", "rotate", "shear",
+                 "turn_p", "blur_p", "gamma_log", "target_sensitivity", "min_specificity", "min_head", "tta_below")
+FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "ood")
+# What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
+# split and cached images were made with them. --epochs may change (the schedule follows).
+RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
+                "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "crop", "binary",
+                "seed", "max_distance", "min_head", "limit", "init", "split_from", "average_init")
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_types(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A config's values get no argparse conversion: 1.5 epochs or resume = "no" stop here."""
+    for d in INT_OPTIONS:
+        v = getattr(args, d)
+        if isinstance(v, bool) or not isinstance(v, int):
+            p.error(f"{_option(d)}: a whole number is expected, not {v!r}")
+    for d in FLOAT_OPTIONS:
+        v = getattr(args, d)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            p.error(f"{_option(d)}: a finite number is expected, not {v!r}")
+    for d in FLAG_OPTIONS:
+        if not isinstance(getattr(args, d), bool):
+            p.error(f"{_option(d)}: true or false is expected, not {getattr(args, d)!r}")
+    for d, choices in (("crop", ("head", "none")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
+        if getattr(args, d) not in choices:
+            p.error(f"{_option(d)}: one of {', '.join(choices)}, not {getattr(args, d)!r}")
+
+
+def _check_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.arch not in list_models():
+        p.error(f"--arch {args.arch}: unknown model; one of {', '.join(list_models())}")
+    dev = args.device
+    if dev not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", dev):
+        p.error(f"--device {dev}: use auto, cpu, cuda, cuda:N or mps")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is available here")
+    if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        p.error("--device mps, but no Apple MPS device is available here")
+
+
+def resume_conflicts(saved: dict, now: dict) -> list[str]:
+    """The settings of a resumed run that differ from those its checkpoint was made with."""
+    out = [f"{_option(k)} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
+           if k in saved and saved[k] != now.get(k)]
+    if saved.get("mask_loss") and now.get("mask_loss") and saved["mask_loss"] != now["mask_loss"]:
+        out.append(f"--mask-loss {saved['mask_loss']!r} -> {now['mask_loss']!r}")
+    if "data" in saved:
+        def roots(data):
+            return [(str(D.resolve_root(s["path"])), s["weight"], s["name"]) for s in D.parse_sources(data)]
+        try:
+            same = roots(saved["data"]) == roots(now["data"])
+        except (ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            out.append("--data (other sources or weights)")
+    return out
+
+
+def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if not ckpt.is_file():
+        p.error(f"--resume: no checkpoint.pt in {args.out} to continue from")
+    try:
+        saved = E.load_checkpoint(ckpt).get("args") or {}
+    except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
+        p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
+                "remove it to start the run afresh")
+    diff = resume_conflicts(saved, vars(args))
+    if diff:
+        p.error(f"--resume continues the run in {args.out} with its own settings, and these differ: "
+                f"{'; '.join(diff)} (only --epochs and how it runs may change)")
+
+
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what would fail later (after minutes of caching) or leave a damaged run behind."""
+    _check_types(p, args)
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         p.error("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+    if args.img < 8 or args.small_img < 0 or 0 < args.small_img < 8:
+        p.error("--img must be >= 8 pixels (and --small-img 0 or >= 8)")
+    if args.patience < 1 or args.limit < 0 or args.threads < 0 or args.workers < 0:
+        p.error("--patience must be >= 1, and --limit, --threads and --workers >= 0")
+    if not 0 <= args.seed < 2**31:
+        p.error("--seed must be between 0 and 2**31 - 1")
+    _check_device(p, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, not a directory")
-    if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
-        p.error(f"--resume: no checkpoint.pt in {args.out} to continue from")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda, but no CUDA device is available here")
     try:
         sources = D.parse_sources(args.data)
     except (ValueError, KeyError, TypeError) as e:
@@ -148,8 +233,13 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if len(set(names)) < len(names):
         p.error(f"two sources share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
                 "give each its own (PATH in a config with name = ...)")
+    bad = [src["name"] for src in sources if not (math.isfinite(src["weight"]) and src["weight"] >= 0)]
+    if bad:
+        p.error(f"--data {bad[0]}: a source's weight must be a finite number >= 0")
     if sum(src["weight"] for src in sources) <= 0:
         p.error("every source has weight 0: nothing to train on")
+    if args.resume:
+        _check_resume(p, args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,6 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     args.out = args.out or f"weights/{args.arch}"
+    # shlex: a path with spaces must replay as one argument
+    args.command = (shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("train.py")
+                    else None)
     for opt, d in (("--split-from", args.split_from), ("--init", args.init)):
         if d and not (Path(d) / "split.json").is_file():
             p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
@@ -274,6 +367,10 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not args.resume:
+        # Another run's state in this folder must never be resumed or shipped as this one's.
+        for f in ("checkpoint.pt", "best.pt"):
+            (out / f).unlink(missing_ok=True)
     sources = D.parse_sources(args.data)
     for src in sources:  # recorded so that later commands find the data from any folder
         src["path"] = D.portable_root(src["path"])
@@ -326,6 +423,10 @@ def run(args: argparse.Namespace) -> int:
     if len(classes) < 2:
         raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
                          "a classifier needs at least two")
+    untrained = sorted(set(classes) - {samples[i].label for i in idx["train"].tolist()})
+    if untrained:
+        raise DataError(f"no training image of {', '.join(untrained)} after the grouped split (too few "
+                        "images, or all in one near-duplicate group): add images or leave the class out")
     if len(idx["train"]) < 2 or len(idx["val"]) == 0:
         raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
@@ -375,10 +476,12 @@ def run(args: argparse.Namespace) -> int:
         else:  # resumed with another --epochs: follow the new schedule from the step reached
             sched.last_epoch = resume["scheduler"]["last_epoch"]
         history = resume["history"]
-        old = json.loads((out / "card.json").read_text()).get("training", {}) \
-            if (out / "card.json").exists() else {}
-        args.init_record = args.init_record or old.get("init")
-        if not (out / "best.pt").exists() and (out / "model.safetensors").exists():
+        saved = resume.get("args") or {}
+        args.first_command = saved.get("first_command") or saved.get("command")  # the run's own command
+        card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else {}
+        old = card.get("training", {})
+        finished = card.get("arch") == args.arch and old.get("epochs_run") == len(history)
+        if finished and not (out / "best.pt").exists() and (out / "model.safetensors").exists():
             # A finished run removed best.pt; its best weights are the ones it shipped (which
             # may already be the average with the parent: then it is not averaged again).
             torch.save(E.shipped_state(model, out), out / "best.pt")
@@ -445,6 +548,9 @@ def run(args: argparse.Namespace) -> int:
 
     DD.debug_dump(model, rank, world)
     if rank == 0:
+        if not (out / "best.pt").exists():
+            raise DataError("no epoch after the warm-up improved the validation loss (was it NaN or "
+                            "infinite? try a lower --lr): there are no best weights to ship")
         model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
         args.average_record = shipped_average or (
             average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]], spec, device,
@@ -606,7 +712,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "mask_loss": getattr(args, "mask_record", None)},
         "parameters": count_parameters(model),
         "weights_file_bytes": weights.stat().st_size,
-        "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("train.py") else None,
+        "command": getattr(args, "first_command", None) or getattr(args, "command", None),
+        "resumed_with": args.command if getattr(args, "first_command", None) else None,
         "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                       "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -476,10 +476,13 @@ def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tupl
 
 
 def data_fingerprint(samples: list[Sample]) -> str:
-    """A short hash of which files (by relative path, size and label) a run saw."""
+    """A short hash of which files (relative path, content, label) a run saw: the same names
+    with other pixels are other data. Stable across machines (no paths, no times)."""
     h = hashlib.sha256()
     for s in sorted(samples, key=lambda s: (s.source, s.rel)):
-        h.update(f"{s.source}/{s.rel}|{os.path.getsize(s.path)}|{s.label}\n".encode())
+        with open(s.path, "rb") as f:
+            content = hashlib.file_digest(f, "sha1").hexdigest()
+        h.update(f"{s.source}/{s.rel}|{content}|{s.label}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -28,11 +28,13 @@ def _prepare_one(args) -> np.ndarray:
     return (prepare(read_scan(path).pixels, spec) * 255).round().astype(np.uint8)
 
 
-def _cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Path:
-    """Where `kind` (images, lesions) of these files under this spec are cached. The image key
-    has no prefix because it predates the others: existing image caches stay valid."""
-    key = hashlib.sha1(((kind + "|" if kind != "images" else "") + "|".join(s.path for s in samples)
-                        + repr(sorted(spec.items()))).encode())
+def cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Path:
+    """Where `kind` (images, lesions) of these files under this spec are cached. Each file's
+    size and modification time are part of the key: a file replaced under the same name (a
+    re-exported dataset) must not be trained on as its old pixels."""
+    stamps = "|".join(f"{s.path}:{st.st_size}:{st.st_mtime_ns}" for s in samples
+                      for st in (os.stat(s.path),))
+    key = hashlib.sha1(f"{kind}|v2|{stamps}{sorted(spec.items())!r}".encode())
     return HASH_CACHE.parent / f"{kind}-{key.hexdigest()[:16]}{suffix}"
 
 
@@ -47,7 +49,7 @@ def _map_files(fn, samples: list[Sample], spec: dict, workers: int) -> list:
 
 def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.Tensor:
     """Decode and prepare every image once: uint8 tensor (N, 1, S, S), cached on disk."""
-    path = _cache_path("images", samples, spec, ".npy")
+    path = cache_path("images", samples, spec, ".npy")
     if path.exists():
         return torch.from_numpy(np.load(path))
     arr = np.stack(_map_files(_prepare_one, samples, spec, workers))[:, None]
@@ -73,7 +75,7 @@ def cache_lesions(samples: list[Sample], spec: dict, workers: int = 2) -> tuple[
     which images have a mask. Brought into the frame exactly as `cache_images` prepares the
     image (`core.saliency.mask_to_input`), and cached on disk like it.
     """
-    path = _cache_path("lesions", samples, spec, ".npz")
+    path = cache_path("lesions", samples, spec, ".npz")
     if path.exists():
         z = np.load(path)
         return torch.from_numpy(z["masks"]), torch.from_numpy(z["known"])

@@ -159,9 +159,8 @@ class TrainingCache:
                 samples += D.discover(D.resolve_root(e["path"]), e["name"]).samples
         except (OSError, ValueError):
             return None
-        # The key must match engine.cache_images exactly; any mismatch just means "not found".
-        key = hashlib.sha1(("|".join(s.path for s in samples) + repr(sorted(spec.items()))).encode())
-        path = D.HASH_CACHE.parent / f"images-{key.hexdigest()[:16]}.npy"
+        from .engine import cache_path
+        path = cache_path("images", samples, spec, ".npy")  # engine.cache_images' own file
         if not path.exists():
             return None
         arr = np.load(path, mmap_mode="r")

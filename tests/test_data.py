@@ -367,6 +367,41 @@ def test_data_fingerprint_changes_with_files(tmp_path):
     assert D.data_fingerprint(D.discover(root).samples) != f1
 
 
+def test_a_file_replaced_under_its_name_is_new_data_for_the_fingerprint_and_the_image_cache(tmp_path):
+    import os
+    import core.engine as E
+    from core.preprocess import DEFAULT_SPEC
+    root = tmp_path / "ds"
+    for cls, seed in (("glioma", 1), ("notumor", 2)):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(pattern(seed)).save(root / cls / "a.bmp")
+    samples = D.discover(root).samples
+    fp, cache = D.data_fingerprint(samples), E.cache_path("images", samples, DEFAULT_SPEC, ".npy")
+    f = root / "glioma" / "a.bmp"
+    size = f.stat().st_size
+    Image.fromarray(pattern(7)).save(f)  # other pixels, same name and byte size
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert f.stat().st_size == size
+    assert D.data_fingerprint(samples) != fp  # was equal: path, size and label only
+    assert E.cache_path("images", samples, DEFAULT_SPEC, ".npy") != cache  # was the old pixels' cache
+
+
+def test_the_gate_finds_the_classifiers_image_cache(tmp_path):
+    # fit-ood reads train.py's prepared images instead of decoding every file again; it kept its
+    # own copy of the cache key, which had to change in step with engine's
+    from core.ood import TrainingCache
+    from core.preprocess import DEFAULT_SPEC
+    root = tmp_path / "ds"
+    for cls, seed in (("glioma", 1), ("notumor", 2), ("glioma", 3)):
+        save(root / cls / f"{seed}.png", pattern(seed))
+    spec = {**DEFAULT_SPEC, "size": 32}
+    samples = D.discover(D.resolve_root(str(root)), "src").samples
+    assert TrainingCache.find([{"path": str(root), "name": "src"}], spec) is None
+    E.cache_images(samples, spec, workers=1)
+    found = TrainingCache.find([{"path": str(root), "name": "src"}], spec)
+    assert found is not None and sorted(found.index) == sorted(s.path for s in samples)
+
+
 def test_mark_copies_flags_test_records_whose_copy_was_trained_on(tmp_path):
     """`python -m core mark-copies`: eval.json's test records gain copy_in_training."""
     from core.cli import main

@@ -81,9 +81,10 @@ def test_a_failed_resume_leaves_the_run_as_it_was(data, tmp_path, capsys):
     split = (out / "split.json").read_bytes()
     argv = ["--data", str(data), "--out", str(out), "--epochs", "2", "--resume", *TINY]
     argv[argv.index("simple_cnn")] = "cnn_bn"   # another architecture than the checkpoint's
-    assert train.main(argv) == 2
+    with pytest.raises(SystemExit) as e:  # refused before any data work
+        train.main(argv)
     err = capsys.readouterr().err
-    assert "does not match this run" in err and "Traceback" not in err
+    assert e.value.code == 2 and "these differ: --arch 'simple_cnn' -> 'cnn_bn'" in err and "Traceback" not in err
     assert (out / "split.json").read_bytes() == split
 
 
@@ -141,9 +142,90 @@ def test_a_run_resumed_from_the_epoch_that_stopped_it_stays_stopped(data, tmp_pa
     ck.update(epoch=0, bad=3, history=ck["history"][:1])   # as if epoch 1 had been the third bad one
     save_checkpoint(out / "checkpoint.pt", **ck)
     (out / "history.json").write_text(json.dumps(ck["history"]))   # written with it, each epoch
+    card = json.loads((out / "card.json").read_text())
+    card["training"]["epochs_run"] = 1   # and the finish after that epoch wrote the card
+    (out / "card.json").write_text(json.dumps(card))
     assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", "--patience", "3",
                        "--resume", *TINY]) == 0
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and "time_s" in history[0]["val"]
     assert json.loads((out / "card.json").read_text())["training"]["epochs_run"] == 1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "mps"], "no Apple MPS device"), (["--device", "tpu"], "use auto, cpu, cuda"),
+    (["--arch", "foo"], "unknown model"), (["--img", "0"], "--img must be >= 8"),
+    (["--limit", "-1"], ">= 0"), (["--threads", "-1"], ">= 0"), (["--seed", "-1"], "--seed must be"),
+    (["--lr", "nan"], "finite number"), (["--patience", "0"], "--patience must be >= 1"),
+])
+def test_nonsense_options_are_refused_before_any_work(data, tmp_path, capsys, extra, message):
+    # each was a traceback, most of them after every image had been decoded
+    assert message in refused(["--data", data, "--out", tmp_path / "run", *extra], capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("line, message", [("epochs = 1.5", "whole number"), ('resume = "no"', "true or false"),
+                                           ('crop = "bogus"', "one of head, none")])
+def test_config_values_get_the_checks_argparse_gives_the_command_line(data, tmp_path, capsys, line, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(line + "\n")
+    assert message in refused(["--config", cfg, "--data", data, "--out", tmp_path / "run"], capsys)
+
+
+def test_a_source_weight_must_be_finite_and_not_negative(data, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_blob_dataset(other, per_class=3)  # was "every source has weight 0", which is not so
+    assert "finite number >= 0" in refused(["--data", data, "--data", f"{other}=-1", "--out", tmp_path / "r"], capsys)
+    assert "finite number >= 0" in refused(["--data", f"{data}=inf", "--out", tmp_path / "r"], capsys)
+
+
+def test_resume_refuses_other_settings_and_a_damaged_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    argv = ["--data", data, "--out", out, "--epochs", "2", "--resume", *TINY]
+    argv[argv.index("8")] = "16"  # --batch-size: was a scheduler ValueError after all the data work
+    assert "--batch-size 8 -> 16" in refused(argv, capsys)
+    ok = ["--data", data, "--out", out, "--epochs", "2", "--resume", *TINY]
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    err = refused(ok, capsys)  # was a RuntimeError traceback from torch.load
+    assert "the checkpoint in" in err and "is damaged" in err
+
+
+def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    (out / "best.pt").write_bytes(b"another run's best weights")
+    one_class = tmp_path / "one"
+    make_blob_dataset(one_class, per_class=6)
+    for d in one_class.iterdir():
+        if d.name != "glioma":
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    # a fresh run that stops early (one class) must not leave the old run's state to be resumed
+    assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
+    assert not (out / "checkpoint.pt").exists() and not (out / "best.pt").exists()
+    assert "no checkpoint.pt" in refused(["--data", one_class, "--out", out, "--resume", *TINY], capsys)
+
+
+def test_the_cards_command_replays_a_path_with_spaces(tmp_path, monkeypatch):
+    import shlex
+    import sys
+    spaced = tmp_path / "my data"
+    make_blob_dataset(spaced)
+    out = tmp_path / "run"
+    argv = ["--data", str(spaced), "--out", str(out), "--epochs", "1", *TINY]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    assert train.main(argv) == 0
+    command = json.loads((out / "card.json").read_text())["command"]
+    assert shlex.split(command)[2:] == argv  # 'python train.py ...': was joined with plain spaces
+
+
+def test_a_class_without_training_images_stops_the_run(tmp_path, capsys):
+    data = tmp_path / "d"
+    make_blob_dataset(data / "Training", per_class=8)
+    (data / "Testing").mkdir()
+    (data / "Training" / "pituitary").rename(data / "Testing" / "pituitary")  # only in the test split
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 2
+    assert "no training image of pituitary" in capsys.readouterr().err
