@@ -135,10 +135,11 @@ FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "aug", "skull_stri
                  "turn_p", "blur_p", "gamma_log", "target_sensitivity", "min_specificity", "min_head", "tta_below")
 FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "ood")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
-# split and cached images were made with them. --epochs may change (the schedule follows).
+# split and cached images were made with them (and --data, --init, --split-from, compared as real
+# paths). --epochs may change (the schedule follows), and so may what only the finish does.
 RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
                 "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "crop", "binary",
-                "seed", "max_distance", "min_head", "limit", "init", "split_from", "average_init")
+                "seed", "max_distance", "min_head", "limit")
 
 
 def _option(dest: str) -> str:
@@ -175,21 +176,32 @@ def _check_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--device mps, but no Apple MPS device is available here")
 
 
+def resolved_paths(args: argparse.Namespace | dict) -> dict:
+    """--data roots, --init and --split-from as absolute real paths: a resume from another folder,
+    or one that names the same folder another way, is the same run."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else args
+    real = lambda p: os.path.realpath(D.resolve_root(str(p))) if p else None  # noqa: E731
+    try:
+        data = [(real(s["path"]), s["weight"], s["name"]) for s in D.parse_sources(a.get("data"))]
+    except (ValueError, KeyError, TypeError):
+        data = None
+    return {"data": data, "init": real(a.get("init")), "split_from": real(a.get("split_from"))}
+
+
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
     """The settings of a resumed run that differ from those its checkpoint was made with."""
     out = [f"{_option(k)} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
            if k in saved and saved[k] != now.get(k)]
-    if saved.get("mask_loss") and now.get("mask_loss") and saved["mask_loss"] != now["mask_loss"]:
+    # a resume without --mask-loss keeps the run's; one with it must not switch it on or change it
+    if "mask_loss" in saved and now.get("mask_loss") and (saved["mask_loss"] or 0) != now["mask_loss"]:
         out.append(f"--mask-loss {saved['mask_loss']!r} -> {now['mask_loss']!r}")
-    if "data" in saved:
-        def roots(data):
-            return [(str(D.resolve_root(s["path"])), s["weight"], s["name"]) for s in D.parse_sources(data)]
-        try:
-            same = roots(saved["data"]) == roots(now["data"])
-        except (ValueError, KeyError, TypeError):
-            same = False
-        if not same:
-            out.append("--data (other sources or weights)")
+    was = saved.get("paths_resolved") or resolved_paths(saved)  # older checkpoints: resolved here
+    is_ = resolved_paths(now)
+    for k in ("init", "split_from"):
+        if k in saved and was[k] != is_[k]:
+            out.append(f"{_option(k)} {saved[k]!r} -> {now.get(k)!r}")
+    if "data" in saved and was["data"] != is_["data"]:
+        out.append("--data (other sources or weights)")
     return out
 
 
@@ -202,10 +214,13 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
         p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
                 "remove it to start the run afresh")
+    for k in ("init", "split_from"):  # left out on the resume: the run's own
+        if getattr(args, k) is None and saved.get(k):
+            setattr(args, k, (saved.get("paths_resolved") or {}).get(k) or saved[k])
     diff = resume_conflicts(saved, vars(args))
     if diff:
         p.error(f"--resume continues the run in {args.out} with its own settings, and these differ: "
-                f"{'; '.join(diff)} (only --epochs and how it runs may change)")
+                f"{'; '.join(diff)} (only --epochs and how it runs or finishes may change)")
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -265,11 +280,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for opt, d in (("--split-from", args.split_from), ("--init", args.init)):
         if d and not (Path(d) / "split.json").is_file():
             p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
-    if args.average_init and not args.init:
-        p.error("--average-init needs --init")
     if args.mask_loss < 0:
         p.error("--mask-loss must be 0 (off) or positive")
-    _check(p, args)
+    _check(p, args)  # a resume takes its run's --init when left out
+    if args.average_init and not args.init:
+        p.error("--average-init needs --init")
+    args.paths_resolved = resolved_paths(args)  # into the checkpoint: what a resume is compared with
     return args
 
 
@@ -368,9 +384,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:
-        # Another run's state in this folder must never be resumed or shipped as this one's.
-        for f in ("checkpoint.pt", "best.pt"):
-            (out / f).unlink(missing_ok=True)
+        # Another run's state in this folder must never be resumed or shipped as this one's; it is
+        # moved aside, not deleted: a forgotten --resume must not cost the interrupted run.
+        moved = [f for f in ("checkpoint.pt", "best.pt") if (out / f).exists()]
+        for f in moved:
+            os.replace(out / f, out / f"{f}.prev")
+        if moved:
+            say(f"moved the previous run's {' and '.join(moved)} aside to *.prev (a fresh run; "
+                "--resume continues one)", flush=True)
     sources = D.parse_sources(args.data)
     for src in sources:  # recorded so that later commands find the data from any folder
         src["path"] = D.portable_root(src["path"])
@@ -423,10 +444,15 @@ def run(args: argparse.Namespace) -> int:
     if len(classes) < 2:
         raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
                          "a classifier needs at least two")
-    untrained = sorted(set(classes) - {samples[i].label for i in idx["train"].tolist()})
-    if untrained:
-        raise DataError(f"no training image of {', '.join(untrained)} after the grouped split (too few "
-                        "images, or all in one near-duplicate group): add images or leave the class out")
+    train_labels = {samples[i].label for i in idx["train"].tolist()}
+    taught = {classes[k] for lab in train_labels for k in label_targets(lab, classes)}
+    if set(classes) - taught:
+        raise DataError(f"no training image of {', '.join(sorted(set(classes) - taught))} after the grouped "
+                        "split (too few images, or all in one near-duplicate group): add images or leave "
+                        "the class out")
+    if coarse_only := sorted(taught - train_labels - {TUMOUR}):
+        say(f"warning: {', '.join(coarse_only)} learnt only through coarse labels in training: "
+            "the model cannot tell these types apart", flush=True)
     if len(idx["train"]) < 2 or len(idx["val"]) == 0:
         raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")

@@ -107,5 +107,6 @@ def _record(line: bytes) -> dict | None:
             value = json.loads(text[start:])
         except json.JSONDecodeError:
             continue
-        return value if isinstance(value, dict) else None
+        # a cut-off line can end in a whole nested object ("probs": {...}): that is no record
+        return value if isinstance(value, dict) and "sha256" in value else None
     return None

@@ -269,14 +269,14 @@ def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
     file per slice): how many slices are called tumour, and which, by Instance Number; the
     highest tumour probability and where; the slices refused or referred. A tumour called on
     any slice is a tumour call for the scan, however clear the others look."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, dict[str, dict]] = {}
     for r in results:
         key = (r.get("info") or {}).get("series") if r.get("ok") else None
-        if key:
-            groups.setdefault(key, []).append(r)
+        if key:  # a file given twice is one slice
+            groups.setdefault(key, {}).setdefault(r["file"], r)
     order = lambda r: ((r.get("info") or {}).get("instance", float("inf")), r["file"])  # noqa: E731
     rows = []
-    for members in (sorted(m, key=order) for m in groups.values() if len(m) > 1):
+    for members in (sorted(m.values(), key=order) for m in groups.values() if len(m) > 1):
         called = [r for r in members if r.get("in_distribution", True)]
         tumour = [_slice_label(r) for r in called if is_tumour_label(r["pred"])]
         scored = [r for r in called if r.get("tumour_probability") is not None]

@@ -32,6 +32,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -766,7 +767,7 @@ def _decoded_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict
             if hit[0].nbytes <= LAST_VOLUME_BYTES:
                 _LAST_VOLUME[key] = hit
     vol, zooms, info = hit
-    return vol, zooms, dict(info)
+    return vol, zooms, copy.deepcopy(info)  # its lists too: a caller's edit must not reach the cache
 
 
 def _nifti_slices(data: bytes, options: dict) -> tuple[np.ndarray, str, tuple, dict]:

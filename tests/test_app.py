@@ -152,6 +152,8 @@ def test_series_table_counts_slices_called_tumour_by_instance():
     assert r["highest tumour probability"] == 0.97 and r["highest at"] == "#2"
     assert series_table([row(f"{k}.dcm", "s", k, "glioma", 0.9) for k in range(12)], listed=3).iloc[0][
         "slices called tumour"] == "#0, #1, #2, ..."
+    twice = series_table(rows + [row("b.dcm", "s1", 2, "meningioma", 0.97)]).iloc[0]  # a file given twice
+    assert (twice["files"], twice["tumour called"]) == (4, 2)
 
 
 def test_a_dicom_series_uploaded_as_files_gets_a_series_row(app):

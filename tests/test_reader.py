@@ -388,6 +388,8 @@ def test_a_volume_is_decoded_once_for_many_slice_reads_and_stays_unchanged(monke
     other = lps_volume([phantom()] * 3)
     assert read_scan(other).info["n_slices"] == 3 and len(calls) == 2  # another file: decoded anew
     assert read_scan(data, volume=0).info["n_slices"] == 5
+    read_scan(data).info["voxel_size_mm"].append(99)  # nor does a change to its info's lists
+    assert 99 not in read_scan(data).info["voxel_size_mm"]
 
 
 def test_nifti_4d_and_uncompressed_and_nifti2():

@@ -206,6 +206,11 @@ def test_cli_audit_names_the_frame_of_a_multiframe_dicom(four, tmp_path):
     assert main(["report", str(tmp_path / "multi.dcm"), str(tmp_path / "one.dcm"), "--out", str(tmp_path / "r.pdf"),
                  "--weights", str(four.dir), "--audit", str(log)]) == 0
     assert [r["slice"] for r in read_audit(log)] == [1, None]  # the middle frame; a one-frame file has none
+    from test_reader import lps_volume
+    (tmp_path / "v.nii.gz").write_bytes(lps_volume([grey * (0.5 + 0.1 * k) for k in range(5)]))
+    assert main(["report", str(tmp_path / "v.nii.gz"), "--out", str(tmp_path / "r.pdf"),
+                 "--weights", str(four.dir), "--audit", str(log)]) == 0
+    assert read_audit(log)[-1]["slice"] == 2  # a NIfTI volume's middle slice (was null: no n_slices)
 
 
 @needs_poppler
@@ -332,6 +337,10 @@ def test_audit_survives_a_line_cut_short_and_names_a_volumes_slice(four, tmp_pat
     glued = tmp_path / "old.jsonl"
     glued.write_bytes(b'{"time": "2026-12-0' + json.dumps(rec).encode() + b"\n" + b'{"sha256": "\xff"}\n')
     assert read_audit(glued) == [rec]  # and a line that is not UTF-8 is no record
+    text = json.dumps(rec, sort_keys=True)
+    cut = tmp_path / "cut.jsonl"  # cut just after a nested object: that object is no record
+    cut.write_text(text[:text.index("}") + 1] + "\n" + text + "\n")
+    assert read_audit(cut) == [rec]
     pred.info = {"slice_index": 0, "n_slices": 1, "frame": 0, "n_frames": 1}
     assert append_audit(log, data, four, pred, [])["slice"] is None  # a one-slice volume: no slice
 

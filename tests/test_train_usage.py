@@ -1,6 +1,8 @@
 """train.py refuses bad usage with one sentence and exit code 2, before it writes anything, and a
 failed resume leaves the run it was pointed at as it was."""
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,29 +205,60 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()
-    # a fresh run that stops early (one class) must not leave the old run's state to be resumed
+    # a fresh run that stops early (one class) must not leave the old run's state to be resumed,
+    # nor lose it (a forgotten --resume): it is moved aside
     assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
     assert not (out / "checkpoint.pt").exists() and not (out / "best.pt").exists()
+    assert (out / "best.pt.prev").read_bytes() == b"another run's best weights"
+    assert (out / "checkpoint.pt.prev").stat().st_size > 0
     assert "no checkpoint.pt" in refused(["--data", one_class, "--out", out, "--resume", *TINY], capsys)
 
 
-def test_the_cards_command_replays_a_path_with_spaces(tmp_path, monkeypatch):
-    import shlex
-    import sys
-    spaced = tmp_path / "my data"
-    make_blob_dataset(spaced)
+def test_resume_accepts_the_same_run_named_another_way(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = ["--data", str(spaced), "--out", str(out), "--epochs", "1", *TINY]
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    assert train.main(argv) == 0
-    command = json.loads((out / "card.json").read_text())["command"]
-    assert shlex.split(command)[2:] == argv  # 'python train.py ...': was joined with plain spaces
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--data", "data", "--out", "run", "--epochs", "1", *TINY]) == 0
+    child = ["--data", "data", "--init", "run", "--out", "child", "--epochs", "1", *TINY]
+    monkeypatch.setattr(sys, "argv", ["train.py", *child])
+    assert train.main(child) == 0
+    monkeypatch.chdir(out)  # another folder, absolute paths, --init left out, --average-init added
+    again = ["--data", str(data), "--out", str(tmp_path / "child"), "--epochs", "2", "--resume",
+             "--average-init", *TINY]
+    monkeypatch.setattr(sys, "argv", ["train.py", *again])
+    assert train.main(again) == 0, capsys.readouterr().err  # each was refused as "other settings"
+    card = json.loads((tmp_path / "child" / "card.json").read_text())
+    assert card["training"]["init"] and card["command"] == shlex.join(["python", "train.py", *child])
+    assert card["resumed_with"] == shlex.join(["python", "train.py", *again])
 
 
-def test_a_class_without_training_images_stops_the_run(tmp_path, capsys):
+def test_resume_cannot_switch_the_mask_loss_on(tmp_path, capsys):
     data = tmp_path / "d"
-    make_blob_dataset(data / "Training", per_class=8)
-    (data / "Testing").mkdir()
-    (data / "Training" / "pituitary").rename(data / "Testing" / "pituitary")  # only in the test split
-    assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 2
-    assert "no training image of pituitary" in capsys.readouterr().err
+    make_blob_dataset(data)
+    out = tmp_path / "run"
+    tiny = [*TINY]
+    tiny[tiny.index("simple_cnn")] = "resnet18"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *tiny]) == 0
+    err = refused(["--data", data, "--out", out, "--epochs", "2", "--resume", "--mask-loss", "0.5", *tiny], capsys)
+    assert "--mask-loss 0.0 -> 0.5" in err
+
+
+def test_coarse_labels_alone_teach_the_types_with_a_warning(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    src, coarse, typed = tmp_path / "src", tmp_path / "yn", tmp_path / "typed"
+    make_blob_dataset(src, per_class=10)
+    (coarse / "yes").mkdir(parents=True)
+    for c in ("glioma", "meningioma", "pituitary"):
+        for f in (src / c).iterdir():
+            f.rename(coarse / "yes" / f.name)
+    (src / "notumor").rename(coarse / "no")
+    for ci, c in enumerate(["glioma", "meningioma", "pituitary", "notumor"]):  # other blobs, typed
+        (typed / c).mkdir(parents=True)
+        for k in range(4):
+            rng = np.random.default_rng(7000 + 100 * ci + k)
+            Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8)).resize(
+                (64, 64), Image.BICUBIC).save(typed / c / f"{k}.png")
+    # a yes/no source trained, a typed one held out (weight 0): the types exist only through 'yes'
+    assert train.main(["--data", str(coarse), "--data", f"{typed}=0", "--out", str(tmp_path / "run"),
+                       "--epochs", "1", *TINY]) == 0
+    assert "learnt only through coarse labels" in capsys.readouterr().out
