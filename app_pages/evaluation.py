@@ -67,7 +67,8 @@ c = st.columns(6)
 c[0].metric("Scans", ev["n"])
 c[1].metric("Accuracy", f"{ev['accuracy']:.1%}" if "accuracy" in ev else "n/a",
             help=dash.interval_text(ev, "accuracy"))
-c[2].metric("Macro F1", f"{ev['macro_f1']:.3f}" if "macro_f1" in ev else "n/a")
+c[2].metric("Macro F1", f"{ev['macro_f1']:.3f}" if ev.get("macro_f1") is not None else "n/a",
+            help="Over the classes this set has images of; none for a set of one class")
 c[3].metric("Tumours missed", ev.get("tumour_missed", "n/a"),
             help="Tumour scans predicted 'no tumour' at the sidebar's operating point")
 c[4].metric("Sensitivity", f"{ev['sensitivity']:.1%}" if ev.get("sensitivity") is not None else "n/a",

@@ -81,8 +81,11 @@ def _risk_coverages(records: list[dict], classes: list[str], threshold: float | 
     out = {}
     fine = [r for r in records if r["label"] in classes]
     if fine:
-        conf = np.array([max(r["probs"].values()) for r in fine])  # the top class, judged below
-        correct = np.array([max(r["probs"], key=r["probs"].get) == r["label"] for r in fine])
+        # the call made at the operating point, as accuracy judges it and referral keeps or refers
+        # it (not the top class: with a low threshold the two differ, and 100 % coverage must be
+        # the headline accuracy)
+        conf = np.array([r["probs"][r["pred"]] for r in fine])
+        correct = np.array([r["pred"] == r["label"] for r in fine])
         out["risk_coverage"] = risk_coverage(conf, correct)
     if not has_tumour_decision(classes):
         return out
@@ -163,6 +166,8 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
     if card and list(card.get("classes", [])) == list(ev["classes"]):
         _reflag(ev["predictions"], ev["classes"], ev.get("threshold"), ReferralRule.from_card(card))
+    for r in ev["predictions"]:  # files written before records carried it: the run's one threshold
+        r.setdefault("threshold", ev.get("threshold"))
     ev.update(evaluate_records(ev["predictions"], ev["classes"], ev.get("threshold")))
     write_json(path, ev)
     new = card_metrics(ev)

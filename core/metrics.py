@@ -121,7 +121,10 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
         hits = int((p == y).sum())
         ci95 = {"accuracy": list(wilson(hits, len(y)))}
         out.update(n_fine=int(fine.sum()), accuracy=hits / len(y),
-                   macro_f1=float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
+                   # one class present (BRISC: normals only): an "average" of one F1 reads above
+                   # the accuracy it is computed from, and means nothing
+                   macro_f1=(float(f1_score(y, p, labels=present, average="macro", zero_division=0))
+                             if len(present) > 1 else None),
                    per_class=per_class, confusion=cm.tolist(),
                    ece=expected_calibration_error(conf, correct),
                    reliability=reliability(conf, correct))

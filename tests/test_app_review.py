@@ -397,3 +397,20 @@ def test_the_sidebar_says_what_the_operating_point_reached():
                                 "val_sensitivity": 0.971, "val_specificity": 0.970}}
     text = app_support.operating_point_text(card, 0.5)
     assert "aiming at sensitivity 99%" in text and "reached 97.1%" in text and "floor" in text
+
+
+DEFAULT = REPO / "weights" / "resnet18_176_copyaware_ft"
+
+
+@pytest.mark.skipif(not (DEFAULT / "eval.json").exists(), reason="shipped default model not present")
+def test_evaluation_shows_a_source_of_one_class(monkeypatch):
+    # BRISC holds normals only: its macro F1 is None (no average over one class), which the page
+    # formatted as a number and crashed on
+    monkeypatch.setenv("BT_WEIGHTS", str(DEFAULT))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/evaluation.py").run()
+    box = next(b for b in at.selectbox if b.label == "Source")
+    box.select("brisc").run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Macro F1"] == "n/a" and metrics["Specificity"] == "100.0%"

@@ -401,7 +401,8 @@ def test_rescore_recomputes_a_stale_summary_from_the_records(tmp_path, capsys):
     assert main(["rescore", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "eval.json").read_text())
     assert out["per_source"]["lgg"]["macro_f1"] == pytest.approx(fresh_f1)
-    assert out["accuracy"] == pytest.approx(0.75) and out["predictions"] == records
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["predictions"] == [{**r, "threshold": 0.5} for r in records]  # records gain the run's threshold
     card = json.loads((tmp_path / "card.json").read_text())
     assert card["metrics"]["per_source"]["lgg"]["macro_f1"] == pytest.approx(fresh_f1)
     assert card["metrics"]["accuracy"] == pytest.approx(0.75) and card["metrics"]["kept"] == 1

@@ -254,3 +254,23 @@ def test_a_yes_no_set_against_a_typed_model_has_no_accuracy_from_its_normals_alo
     m = classification_metrics(probs_for(preds, [True, False, True, False]), labels, C4, 0.5)
     assert m.get("accuracy") is None and "confusion" not in m
     assert m["sensitivity"] == pytest.approx(0.5) and m["specificity"] == pytest.approx(0.5)
+
+
+def test_risk_coverage_judges_the_call_and_a_one_class_set_has_no_macro_f1():
+    from core.evaluation import evaluate_records
+    C = ["glioma", "meningioma", "pituitary", "notumor"]
+    def rec(lab, p, src="s"):
+        t = 1 - p["notumor"]
+        pred = max((c for c in C if c != "notumor"), key=p.get) if t >= 0.05 else "notumor"
+        return {"file": f"{lab}{len(p)}", "source": src, "label": lab, "pred": pred, "probs": p,
+                "tumour_probability": t, "confidence": p[pred], "uncertain": False,
+                "type_uncertain": False, "in_distribution": True, "ood_score": None}
+    # a normal scan called pituitary at a low operating point (0.05): the top class is right, the call is not
+    normal = rec("notumor", {"glioma": .02, "meningioma": .02, "pituitary": .04, "notumor": .92})
+    tumour = rec("glioma", {"glioma": .9, "meningioma": .04, "pituitary": .03, "notumor": .03})
+    ev = evaluate_records([normal, tumour], C, 0.05)
+    assert normal["pred"] == "pituitary" and ev["accuracy"] == 0.5
+    assert ev["risk_coverage"][-1]["coverage"] == 1.0 and ev["risk_coverage"][-1]["accuracy"] == 0.5  # was 1.0
+    normals = [rec("notumor", {"glioma": .01, "meningioma": .01, "pituitary": .01, "notumor": .97}, "brisc")] * 3
+    brisc = evaluate_records(normals, C, 0.5)
+    assert brisc["accuracy"] == 1.0 and brisc["macro_f1"] is None  # an average over one class
