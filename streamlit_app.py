@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
-from core.app_support import (card_threshold, class_wording, current_predictor, model_choices,
+from core.app_support import (card_threshold, class_wording, current_predictor, env_weights_problem, model_choices,
                               operating_point_text)
 from core.inference import load_card
 
@@ -36,6 +36,8 @@ def sidebar() -> None:
     the widgets only write to them, so the choice holds whatever page is shown.
     """
     state = st.session_state
+    if (problem := env_weights_problem()):
+        st.sidebar.warning(problem, icon=":material/warning:")
     choices = [str(d) for d in model_choices()]
     if not choices:
         st.sidebar.error("No trained model found. Train one with `python train.py` "

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ import streamlit as st
 
 from .evaluation import NothingToScore, evaluate_records, prediction_record, score_labelled
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
-                        most_tumour_like_slice, shipped_models, slice_scores)
+                        most_tumour_like_slice, shipped_default, shipped_models, slice_scores)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import decide
 from .preprocess import prepare
@@ -48,6 +49,10 @@ def model_choices() -> list[Path]:
         out.append(default_weights())
     except OSError:  # no weights/DEFAULT file
         pass
+    try:  # a mistyped $BT_WEIGHTS falls back to the project's default, not to the first folder
+        out.append(shipped_default())
+    except OSError:
+        pass
     out += shipped_models()
     seen, uniq = set(), []
     for d in out:
@@ -56,6 +61,14 @@ def model_choices() -> list[Path]:
             seen.add(key)
             uniq.append(Path(d))
     return uniq
+
+
+def env_weights_problem() -> str | None:
+    """A sentence when $BT_WEIGHTS names no usable model folder (a typo must not pass silently)."""
+    env = os.environ.get("BT_WEIGHTS")
+    if env and not is_model_dir(Path(env)):
+        return f"BT_WEIGHTS={env} is not a model folder (card.json and model.safetensors); showing the default model."
+    return None
 
 
 def weights_stamp(weights_dir: str | Path) -> tuple:

@@ -29,6 +29,11 @@ def default_weights() -> Path:
     """The shipped default model: $BT_WEIGHTS, else the directory named in weights/DEFAULT."""
     if os.environ.get("BT_WEIGHTS"):
         return Path(os.environ["BT_WEIGHTS"])
+    return shipped_default()
+
+
+def shipped_default() -> Path:
+    """The directory named in weights/DEFAULT (whatever $BT_WEIGHTS says)."""
     return WEIGHTS_ROOT / (WEIGHTS_ROOT / "DEFAULT").read_text().strip()
 
 

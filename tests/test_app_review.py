@@ -414,3 +414,13 @@ def test_evaluation_shows_a_source_of_one_class(monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Macro F1"] == "n/a" and metrics["Specificity"] == "100.0%"
+
+
+def test_a_mistyped_bt_weights_says_so_and_shows_the_default(monkeypatch):
+    # it silently loaded the alphabetically first folder (a gateless 87.7 % model)
+    from core.inference import shipped_default
+    monkeypatch.setenv("BT_WEIGHTS", str(REPO / "weights" / "simple_cnn_binry"))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    assert not at.exception
+    assert any("is not a model folder" in w.value for w in at.sidebar.warning)
+    assert at.session_state["weights_dir"] == str(shipped_default())
