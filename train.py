@@ -210,7 +210,7 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not ckpt.is_file():
         p.error(f"--resume: no checkpoint.pt in {args.out} to continue from")
     try:
-        saved = E.load_checkpoint(ckpt).get("args") or {}
+        saved = E.load_checkpoint(ckpt, mmap=True).get("args") or {}  # run() reads the tensors
     except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
         p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
                 "remove it to start the run afresh")

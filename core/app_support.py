@@ -45,14 +45,12 @@ def is_model_dir(d: Path) -> bool:
 def model_choices() -> list[Path]:
     """Every usable weights dir: the default ($BT_WEIGHTS or weights/DEFAULT) first."""
     out: list[Path] = []
-    try:
-        out.append(default_weights())
-    except OSError:  # no weights/DEFAULT file
-        pass
-    try:  # a mistyped $BT_WEIGHTS falls back to the project's default, not to the first folder
-        out.append(shipped_default())
-    except OSError:
-        pass
+    # then weights/DEFAULT: a mistyped $BT_WEIGHTS falls back to it, not to the first folder
+    for default in (default_weights, shipped_default):
+        try:
+            out.append(default())
+        except OSError:  # no weights/DEFAULT file
+            pass
     out += shipped_models()
     seen, uniq = set(), []
     for d in out:

@@ -78,7 +78,8 @@ def _ends_mid_line(path: Path) -> bool:
     """Whether a regular file's last byte is not a newline. Anything else (a pipe, /dev/stdout,
     a write-only log) is appended to as it is: reading it could block or is not allowed."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode) or os.stat(path).st_size == 0:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return False
         with path.open("rb") as f:
             f.seek(-1, os.SEEK_END)

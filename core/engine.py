@@ -417,8 +417,9 @@ def save_checkpoint(path: str | Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``mmap``: tensors are mapped, not read (a check that needs only the stored args)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, classes: list[str],

@@ -338,7 +338,9 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
             return most_tumour_like_slice(predictor, src, name, **read_kw)[1]
         except EmptyVolume:
             pass
-    return predictor.predict_file(src, name, **read_kw)  # an empty one: its middle slice, refused as blank
+    # an empty volume: its middle slice as read_scan gives it (refused as blank only when it is
+    # one value everywhere; a nearly empty slice goes to the gate like any other)
+    return predictor.predict_file(src, name, **read_kw)
 
 
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the

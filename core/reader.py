@@ -75,7 +75,7 @@ SAFE_INFO_KEYS = frozenset({
     "bits_stored", "rescale", "window", "window_source", "n_slices", "slice_index",
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
     "body_part",                      # DICOM Body Part Examined (core.header)
-    "series", "instance",             # DICOM series (a salted hash, see _series_key) and Instance Number
+    "series", "instance",             # DICOM series (a salted hash, see _series_fields) and Instance Number
     "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
 })
 
