@@ -688,19 +688,42 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
         raise ScanError("The volume is too large to process.") from None
     except Exception as e:
         raise ScanError("The NIfTI file's image data is damaged or incomplete.") from e
-    try:
-        orientation = "".join(nib.aff2axcodes(img.affine))
-        canon = nib.as_closest_canonical(nib.Nifti1Image(vol, img.affine))
-    except Exception as e:  # a NaN or all-zero affine has no orientation to reorient by
-        raise ScanError("The NIfTI file's orientation (affine) is damaged.") from e
-    vol = np.asarray(canon.dataobj, dtype=np.float32)
-    zooms = tuple(float(z) for z in canon.header.get_zooms()[:3])
+    if _stores_geometry(img):
+        try:
+            orientation = "".join(nib.aff2axcodes(img.affine))
+            canon = nib.as_closest_canonical(nib.Nifti1Image(vol, img.affine))
+        except Exception as e:  # a NaN or all-zero affine has no orientation to reorient by
+            raise ScanError("The NIfTI file's orientation (affine) is damaged.") from e
+        vol = np.asarray(canon.dataobj, dtype=np.float32)
+        zooms = tuple(float(z) for z in canon.header.get_zooms()[:3])
+        orientation += " (shown as RAS, radiological)"
+    else:
+        # Flipping x and y reads the identity as image tools and ITK mean it (x across, y down):
+        # `_slice_2d` then shows vol[:, :, k].T, the stored image, upright.
+        vol = np.ascontiguousarray(vol[::-1, ::-1, :])
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        orientation = NO_GEOMETRY
     vol, (lo, hi) = robust_window(vol)
     info = {"format": "NIfTI", "n_volumes": n_vol,
-            "volume": vol_index, "orientation": f"{orientation} (shown as RAS, radiological)",
+            "volume": vol_index, "orientation": orientation,
             "voxel_size_mm": [round(z, 3) for z in zooms],
             "intensity_window": [round(lo, 3), round(hi, 3)]}
     return vol, zooms, info
+
+
+NO_GEOMETRY = "none stored (identity affine or none): shown in stored order, axis 0 across, axis 1 down"
+
+
+def _stores_geometry(img) -> bool:
+    """False for a file that carries no scanner geometry: no qform or sform, or an exactly
+    identity affine. A scanner or converter (dcm2niix) writes real voxel sizes and offsets; an
+    identity is what a script that saves image arrays writes (the shared samples are such files,
+    stored x = image column, y = image row). Reoriented as RAS, those show upside down (a 180°
+    turn the classifier was not trained for), so they are shown in stored image order instead."""
+    h = img.header
+    if int(h.get("qform_code", 0)) == 0 and int(h.get("sform_code", 0)) == 0:
+        return False
+    return not np.array_equal(np.asarray(img.affine, dtype=float), np.eye(4))
 
 
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS+ axis each plane cuts across
@@ -773,7 +796,9 @@ def _decoded_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict
 def _nifti_slices(data: bytes, options: dict) -> tuple[np.ndarray, str, tuple, dict]:
     vol, zooms, info = _decoded_volume(data, options)
     plane = _plane(vol.shape, options)
-    info |= {"plane": plane, "n_slices": int(vol.shape[PLANES[plane]]), "display": PLANE_DISPLAY[plane]}
+    display = PLANE_DISPLAY[plane] if info["orientation"] != NO_GEOMETRY else \
+        f"{plane} assumed (the file stores no orientation), in stored image order"
+    info |= {"plane": plane, "n_slices": int(vol.shape[PLANES[plane]]), "display": display}
     return vol, plane, zooms, info
 
 

@@ -355,8 +355,33 @@ def test_nifti_orientation_does_not_depend_on_storage_order():
     ras = np.stack([s.T[::-1, ::-1] for s in imgs], -1)  # same anatomy stored RAS
     stored_yx = np.ascontiguousarray(ras.transpose(1, 0, 2))  # and with x/y swapped on disk
     swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
-    for data in (nifti_bytes(ras), nifti_bytes(stored_yx, swap)):
+    swap[:3, 3] = ras_offset = [-90.0, -100.0, -40.0]  # a scanner's affine is never the identity
+    ras_affine = np.eye(4); ras_affine[:3, 3] = ras_offset
+    for data in (nifti_bytes(ras, ras_affine), nifti_bytes(stored_yx, swap)):
         assert np.abs(read_scan(data).pixels - lps).max() < 1e-5
+
+
+def test_nifti_without_geometry_shows_the_stored_image_upright():
+    """An identity affine (or none) is what scripts saving image arrays write; the shared sample
+    is one, stored x = column, y = row. Reoriented as RAS it showed upside down."""
+    imgs = [np.roll(phantom(), 4 * k, axis=0) for k in range(5)]
+    stored = np.stack([s.T for s in imgs], -1).astype(np.float32)
+    no_codes = nib.Nifti1Image(stored, None)  # nibabel writes qform_code = sform_code = 0
+    assert int(no_codes.header["qform_code"]) == int(no_codes.header["sform_code"]) == 0
+    for data in (nifti_bytes(stored), gzip.compress(no_codes.to_bytes())):
+        scan = read_scan(data, "arrays.nii.gz")
+        assert corr(scan.pixels, imgs[2]) > 0.999
+        assert scan.info["orientation"].startswith("none stored")
+        assert "assumed" in scan.info["display"]
+
+
+@pytest.mark.skipif(not (SHARED / "samples" / "sample_glioma_volume.nii.gz").exists(),
+                    reason="shared NIfTI sample not present")
+def test_shared_nifti_sample_shows_its_source_slice_upright():
+    scan = read_scan((SHARED / "samples" / "sample_glioma_volume.nii.gz").read_bytes())
+    src = Image.open(SHARED / "brain-tumor-mri" / "Training" / "glioma" / "Tr-glTr_0007.jpg").convert("L")
+    src = np.asarray(src.resize(scan.pixels.shape[::-1]), np.float32)
+    assert corr(scan.pixels, src) > 0.99
 
 
 def test_nifti_slice_option_and_read_volume_slices_agree():
