@@ -18,7 +18,7 @@ from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, tumour_probability
 from .models import create_model
 from .preprocess import preprocess
-from .reader import ScanError, ScanImage, read_scan
+from .reader import ScanError, ScanImage, is_empty_slice, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -90,6 +90,11 @@ COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this mod
 # The reader keeps blank images readable (training sources hold all-black slices); served, one
 # value everywhere holds no anatomy, so every model refuses it, with or without a gate.
 BLANK_OOD_REASON = "The image is blank (one value everywhere): there is nothing to classify."
+# Without a gate, a nearly empty slice (a volume's end, a padding frame, one bright voxel) got
+# confident tumour calls (simple_cnn_4class: glioma 0.92). A gate flags those; a gateless model
+# refuses what `is_empty_slice` calls empty, the rule --best-slice already skips such slices by.
+EMPTY_OOD_REASON = ("The image is nearly empty (almost no signal): there is nothing to classify "
+                    "(this model has no out-of-distribution gate).")
 
 
 @dataclass
@@ -273,8 +278,11 @@ class Predictor:
             ok, score = self.gate.check(scan, x, self.model)
         if reason is None and not ok:
             reason = PIXEL_OOD_REASON
-        if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
-            reason = COLOUR_OOD_REASON
+        if reason is None and self.gate is None:
+            if scan.colourfulness > NO_GATE_COLOUR_LIMIT:
+                reason = COLOUR_OOD_REASON
+            elif is_empty_slice(scan.pixels):
+                reason = EMPTY_OOD_REASON
         return reason is None, score, reason
 
     def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:
@@ -319,7 +327,6 @@ def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None
     included). Every non-empty slice is scored in batches: its tumour probability (the top
     class's probability for a model without a no-tumour class), before the out-of-distribution check.
     """
-    from .reader import is_empty_slice
     scans, kind = indexed_slices(src, name, **read_kw)
     keep = [i for i, s in enumerate(scans) if not is_empty_slice(s.pixels)]
     if not keep:

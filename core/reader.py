@@ -924,7 +924,8 @@ def read_volume_slices(src: str | Path | bytes, name: str | None = None, **optio
 
 
 def is_empty_slice(grey: np.ndarray) -> bool:
-    """True for slices with (almost) no signal: the ends of a volume, padding frames."""
+    """True for slices with (almost) no signal: the ends of a volume, padding frames. --best-slice
+    skips them; a model without an out-of-distribution gate refuses them (`Predictor`)."""
     return float(grey.max()) - float(grey.min()) < 0.05 or float((grey > 0.1).mean()) < 0.02
 
 

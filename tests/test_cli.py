@@ -479,3 +479,21 @@ def test_records_without_a_source_are_one_source_named_data():
     ev = evaluate_records(recs, C4, 0.5)
     assert ev["per_source"]["data"]["n"] == 1 and ev["per_source"]["lgg"]["n"] == 1
     assert evaluation_at(recs, C4, 0.5, "data")["n"] == 1
+
+
+def test_model_without_gate_refuses_a_nearly_empty_slice(weights, four_class_dir, tmp_path, capsys):
+    """One bright voxel in an empty volume: gateless models called its middle slice glioma
+    (0.92 to 0.98). Nothing is there to classify; a real slice still gets its call."""
+    import gzip
+    import nibabel as nib
+    vol = np.zeros((64, 64, 9), np.int16)
+    vol[30, 30, 4] = 1000
+    affine = np.diag([-0.9, -0.9, 3.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    f = tmp_path / "one_voxel.nii.gz"
+    f.write_bytes(gzip.compress(nib.Nifti1Image(vol, affine).to_bytes()))
+    grey = four_class_dir / "glioma_tumor" / "gl0.jpg"
+    assert main(["predict", "--json", "--weights", str(weights), str(f), str(grey)]) == 0
+    a, b = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert a["in_distribution"] is False and "nearly empty" in a["ood_reason"]
+    assert b["in_distribution"] is True and b["ood_reason"] is None
