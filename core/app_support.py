@@ -21,7 +21,7 @@ from .evaluation import NothingToScore, evaluate_records, prediction_record, sco
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
                         most_tumour_like_slice, shipped_default, shipped_models, slice_scores)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
-from .metrics import decide
+from .metrics import apart, decide
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
@@ -115,14 +115,16 @@ def operating_point_text(card: dict, default: float) -> str:
     text += f", aiming at sensitivity {target:.0%} on validation"
     if sens is None:
         return text + "."
-    text += f"; reached {sens:.1%}" + (f" at specificity {spec:.1%}" if spec is not None else "")
     from .engine import CAP_THRESHOLD
     floor = op.get("min_specificity")
-    if sens < target and floor and default >= CAP_THRESHOLD and spec is not None and spec < floor:
-        # pick_threshold never goes above the cap: the floor pushed the threshold there, unmet
-        text += (f" (the specificity floor of {floor:.0%} per source raised the threshold to its "
-                 f"{CAP_THRESHOLD} cap; there, validation specificity is still below the floor "
-                 "in some source)")
+    capped = bool(sens < target and floor and default >= CAP_THRESHOLD and spec is not None and spec < floor)
+    # the numbers a sentence compares are written apart (96.96 % against a 97.00 % floor)
+    spec_s, floor_s = apart(spec, floor, 1, True) if capped else (f"{spec:.1%}" if spec is not None else "", "")
+    text += f"; reached {sens:.1%}" + (f" at specificity {spec_s}" if spec is not None else "")
+    if capped:
+        # pick_threshold never goes above the cap: the floor pushed the threshold there
+        text += (f" (a specificity floor of {floor_s} in every source raised the threshold to its "
+                 f"{CAP_THRESHOLD} cap; even there some source's validation specificity stays below it)")
     elif sens < target and floor:
         text += f" (the specificity floor of {floor:.0%} per source bound it)"
     return text + "."

@@ -37,6 +37,23 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np
     return np.where(np.isin(pred, other), pred, np.where(is_t, best_t, classes.index(NO_TUMOUR)))
 
 
+def digits_apart(a: float, b: float, digits: int = 3, percent: bool = False) -> int:
+    """The fewest decimals (at least ``digits``; for ``percent``, of the percentage) that write
+    ``a`` and ``b`` differently, so that a sentence saying one is below the other never reads
+    "0.967 is below 0.967". Equal values stay at ``digits``."""
+    scale = 100 if percent else 1
+    for d in range(digits, digits + 5):
+        if f"{a * scale:.{d}f}" != f"{b * scale:.{d}f}":
+            return d
+    return digits
+
+
+def apart(a: float, b: float, digits: int = 3, percent: bool = False) -> tuple[str, str]:
+    """``a`` and ``b`` written with `digits_apart` decimals."""
+    d = digits_apart(a, b, digits, percent)
+    return tuple((f"{v * 100:.{d}f}%" if percent else f"{v:.{d}f}") for v in (a, b))
+
+
 def is_tumour_label(label: str) -> bool | None:
     if label in FINE_TUMOURS or label == TUMOUR:
         return True

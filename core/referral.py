@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
-from .metrics import decide, is_tumour_label, tumour_probability
+from .metrics import apart, decide, digits_apart, is_tumour_label, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
 TOP_CLASS_RULE = "top-class confidence"
@@ -110,14 +110,15 @@ class ReferralRule:
         if uncertain and self.uses_band:
             lo, hi = self.band(threshold)
             moved = " (stretched to the operating point)" if (lo, hi) != (self.lo, self.hi) else ""
-            out.append(f"tumour probability {tumour_probability(probs, classes)[0]:.3f} is inside "
-                       f"the referral band {lo:.3f}-{hi:.3f}{moved}")
+            t = float(tumour_probability(probs, classes)[0])
+            d = max(digits_apart(t, lo), digits_apart(t, hi))
+            out.append(f"tumour probability {t:.{d}f} is inside the referral band {lo:.{d}f}-{hi:.{d}f}{moved}")
         elif uncertain:
-            out.append(f"the probability of {classes[pred]}, {probs[0, pred]:.3f}, is below the "
-                       f"referral level {self.min_confidence:.3f}")
+            p, level = apart(float(probs[0, pred]), self.min_confidence)
+            out.append(f"the probability of {classes[pred]}, {p}, is below the referral level {level}")
         if type_uncertain:
-            out.append(f"the most likely tumour type holds {type_confidence(probs, classes)[0]:.0%} "
-                       f"of the tumour probability, below {self.min_type_confidence:.0%}")
+            held, level = apart(float(type_confidence(probs, classes)[0]), self.min_type_confidence, 0, True)
+            out.append(f"the most likely tumour type holds {held} of the tumour probability, below {level}")
         return "; ".join(out) or None
 
 

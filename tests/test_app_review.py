@@ -424,3 +424,10 @@ def test_a_mistyped_bt_weights_says_so_and_shows_the_default(monkeypatch):
     assert not at.exception
     assert any("is not a model folder" in w.value for w in at.sidebar.warning)
     assert at.session_state["weights_dir"] == str(shipped_default())
+
+
+def test_operating_point_text_writes_a_capped_specificity_apart_from_its_floor():
+    card = {"operating_point": {"threshold": 0.5, "target_sensitivity": 0.99, "min_specificity": 0.97,
+                                "val_sensitivity": 0.971, "val_specificity": 0.9695652}}
+    text = app_support.operating_point_text(card, 0.5)
+    assert "specificity 96.96%" in text and "floor of 97.00%" in text, text

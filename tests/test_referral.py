@@ -253,3 +253,26 @@ def test_annotate_ood_adds_the_gate_flags_to_eval_json(tmp_path, capsys):
     assert ev["ood_annotation"] | {"seconds": 0} == {"gate": "colour", "checked": 12, "missing": 2,
                                                      "unreadable": 0, "flagged": 1, "seconds": 0}
     assert ev["accuracy"] == before["accuracy"] and len(ev["predictions"]) == len(before["predictions"])
+
+
+def test_reasons_never_write_a_number_below_an_equal_looking_level():
+    """Rounded to 3 decimals, 0.96695 "is below the referral level 0.967" read as a contradiction."""
+    import re
+    classes = ("glioma", "meningioma", "pituitary", "notumor")
+    top = ReferralRule(classes, min_confidence=0.967)
+    text = top.describe(np.array([[0.96695, 0.01, 0.01, 0.01305]]), 0, None, True, False)
+    p, level = re.findall(r"\d\.\d+", text)
+    assert p != level and float(p) < float(level), text
+    band = ReferralRule(classes, 0.2, 0.8, 0.0, 0.8)
+    text = band.describe(np.array([[0.3999, 0.3999, 0.0, 0.2002]]), 0, None, True, True)
+    t, lo, hi = (float(v) for v in re.findall(r"\d\.\d+", text)[:3])
+    assert lo <= t < hi, text
+    assert "holds 50% of the tumour probability, below 80%" in text
+
+
+def test_apart_adds_decimals_only_where_they_differ():
+    from core.metrics import apart
+    assert apart(0.96695, 0.967) == ("0.9669", "0.9670")
+    assert apart(0.5, 0.9) == ("0.500", "0.900")
+    assert apart(0.9696, 0.97, 1, percent=True) == ("96.96%", "97.00%")
+    assert apart(0.97, 0.97) == ("0.970", "0.970")
