@@ -10,7 +10,7 @@ predictor = app.required_predictor()
 threshold = app.session_threshold(predictor)
 classes, rule = predictor.classes, predictor.referral
 
-where = app.sticky_radio("Data", ["card", "zip"], "eval_data", horizontal=True, format_func={
+where = app.sticky_choice("Data", ["card", "zip"], "eval_data", horizontal=True, format_func={
     "card": "the model's held-out test set (eval.json)",
     "zip": "a labelled zip of my own (one folder per class)"}.get)
 blobs = None
@@ -33,8 +33,9 @@ else:
         app.keep_result("zip_eval", predictor, held)
     held, dropped = app.held_result("zip_eval", predictor)  # another model's results are dropped
     if held is None:
-        st.info("The last results came from another model: press Evaluate to run the zip through "
-                "this one." if dropped else
+        st.info(("The zip's results came from another model and were cleared: "
+                 + ("press Evaluate to run it through this one." if up is not None else
+                    "upload it again and press Evaluate.")) if dropped else
                 "Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
         st.stop()
     for s in held["skipped"][:20]:
@@ -48,8 +49,8 @@ else:
         st.stop()
 
 kept, n_copies = app.without_copies(records)
-if n_copies and st.toggle(f"Leave out the {n_copies} test scans with a copy in training", value=True,
-                          help="The public sets hold near duplicates and mirrored or turned copies of "
+if n_copies and app.sticky_toggle(f"Leave out the {n_copies} test scans with a copy in training", "eval_no_copies",
+                                  help="The public sets hold near duplicates and mirrored or turned copies of "
                                "their own images; a test scan whose copy was trained on is a scan the "
                                "model has already seen, not a new patient's."):
     records = kept
@@ -57,8 +58,8 @@ if not records:
     st.info("Every test scan has a copy in training: switch the toggle off to see them.")
     st.stop()
 sources = app.sources_of(records)
-source = st.selectbox("Source", [None, *sources], format_func=lambda s: s or "all sources") \
-    if len(sources) > 1 else None
+source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectbox,
+                           format_func=lambda s: s or "all sources") if len(sources) > 1 else None
 ev = app.evaluation_at(records, classes, threshold, source, rule)
 shown = app.records_at([r for r in records if source in (None, r.get("source", "data"))], classes,
                        threshold, rule)

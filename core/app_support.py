@@ -760,13 +760,22 @@ def remember_slice(key: str, index: int | None) -> None:
     st.session_state.setdefault("_slices_shown", {})[key] = index
 
 
-def sticky_radio(label: str, options: list[str], key: str, **kw) -> str:
-    """A radio whose choice survives a visit to another page: Streamlit forgets the state of a
-    widget that a run does not draw, so the choice lives in the plain session key ``key``."""
-    state, widget = st.session_state, f"_{key}_widget"
+def sticky_choice(label: str, options: list, key: str, widget=None, **kw):
+    """A radio (or ``widget=st.selectbox``) whose choice survives a visit to another page and a
+    switch of model: Streamlit forgets the state of a widget that a run does not draw, or whose
+    options or label change, so the choice lives in the plain session key ``key``. A choice
+    missing from ``options`` (a source the new model has no scans of) falls back to the first."""
+    state, name = st.session_state, f"_{key}_widget"
     chosen = state.get(key, options[0])
-    return st.radio(label, options, index=options.index(chosen) if chosen in options else 0, key=widget,
-                    on_change=lambda: state.update({key: state[widget]}), **kw)
+    return (widget or st.radio)(label, options, index=options.index(chosen) if chosen in options else 0,
+                                key=name, on_change=lambda: state.update({key: state[name]}), **kw)
+
+
+def sticky_toggle(label: str, key: str, value: bool = True, **kw) -> bool:
+    """A toggle whose state survives like `sticky_choice`'s (its label may carry a count)."""
+    state, name = st.session_state, f"_{key}_widget"
+    return st.toggle(label, value=state.get(key, value), key=name,
+                     on_change=lambda: state.update({key: state[name]}), **kw)
 
 
 def keep_result(name: str, predictor: Predictor, value: dict) -> None:

@@ -431,3 +431,18 @@ def test_operating_point_text_writes_a_capped_specificity_apart_from_its_floor()
                                 "val_sensitivity": 0.971, "val_specificity": 0.9695652}}
     text = app_support.operating_point_text(card, 0.5)
     assert "specificity 96.96%" in text and "floor of 97.00%" in text, text
+
+
+@pytest.mark.skipif(not (DEFAULT / "eval.json").exists(), reason="shipped default model not present")
+def test_evaluation_keeps_source_and_copies_toggle_across_a_model_switch(monkeypatch):
+    # both widgets were keyless, and their label (the copy count) or options changed with the
+    # model, so a switch reset them to "all sources" / copies left out
+    monkeypatch.setenv("BT_WEIGHTS", str(DEFAULT))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/evaluation.py").run()
+    next(b for b in at.selectbox if b.label == "Source").select("lgg").run()
+    at.toggle[0].set_value(False).run()
+    choose_model(at, "resnet18_176_ft_rot_mild")
+    assert not at.exception, [e.value for e in at.exception]
+    assert next(b for b in at.selectbox if b.label == "Source").value == "lgg"
+    assert "483" in at.toggle[0].label and at.toggle[0].value is False
