@@ -322,3 +322,35 @@ def test_prepared_gate_inputs_are_redone_when_the_reading_code_changes(tmp_path,
     monkeypatch.setattr(O, "_code_key", lambda: "a reader fix")
     O._prepare_files([str(f)], spec, "t", 1)
     assert len(list(tmp_path.glob("ood-*.npz"))) == 2
+
+
+def test_rethreshold_moves_a_threshold_off_a_validation_score(synthetic_gate, tmp_path, monkeypatch, private_cache):
+    """A gate fitted by the old rule sat exactly on one validation scan's score (flagged once served
+    alone, by rounding); rethreshold-ood puts it halfway to the next score and measures again."""
+    from conftest import make_weights
+    from core import ood
+    w = make_weights(tmp_path / "w")
+    rels = sorted(str(p.relative_to(w / "data" / "synth")) for p in (w / "data" / "synth").rglob("*.png"))
+    split = {"train": rels[0::3], "val": rels[1::3] + rels[2::3][:2], "test": rels[2::3][2:]}
+    (w / "split.json").write_text(json.dumps({"files": {"synth": split}}))
+    seen = O.SEEN   # two cheap categories stand in for the 22
+    monkeypatch.setattr(O, "SEEN", {"noise": seen["noise"]})
+    monkeypatch.setattr(O, "UNSEEN", {"text": seen["text"]})
+    monkeypatch.setattr(O, "TEST_ONLY", {})
+    synthetic_gate.save(tmp_path / "copy")
+    gate = OODGate.load(tmp_path / "copy")   # a copy: the module's fixture stays as fitted
+    val = from_scans([read_scan(w / "data" / "synth" / r) for r in split["val"]])
+    comb = gate.combine(gate.raw_scores(val), val.colour) + gate.threshold
+    gate.threshold = float(np.quantile(comb, 0.8, method="higher"))   # the old rule: on a score
+    gate.info = {"trained_on": {"seed": 0, "counts": {"test_outliers_per_category": 3},
+                                "negative_categories": ["noise"]}}
+    gate.save(w)
+    rep = ood.rethreshold_gate(w, tmp_path / "none.toml", fpr=0.2, log=lambda *a: None)
+    above = np.sort(comb[comb > rep["from"]])
+    assert rep["from"] == gate.threshold and rep["to"] == pytest.approx((rep["from"] + above[0]) / 2)
+    saved = OODGate.load(w)
+    assert saved.threshold == rep["to"] and saved.info["rethresholded"]["from"] == rep["from"]
+    assert set(saved.info["measured"]["outliers_flagged_pct"]) == {"noise", "text"}
+    card = json.loads((w / "card.json").read_text())
+    assert card["ood"]["threshold"] == rep["to"]
+    assert rep["after"]["val_mri_flagged_pct"]["synth"] <= rep["before"]["val_mri_flagged_pct"]["synth"]
