@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -42,12 +43,17 @@ def cmd_audit(args) -> int:
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)
     if not samples:
-        raise ValueError(f"none of the {len(scan.samples)} image files under {args.data_dir} could be read")
+        for rel, why in scan.skipped + unreadable:
+            print(f"  skipped {rel}: {why}", file=sys.stderr)
+        print(f"error: none of the {len(scan.samples)} image files under {args.data_dir} could be read",
+              file=sys.stderr)
+        return 1
     preset = any(s.preset_split for s in samples)
     print(f"{len(samples)} readable images in {args.data_dir}")
     for (split, label), n in sorted(Counter((s.preset_split or ("train" if preset else "all"), s.label)
                                             for s in samples).items()):
-        orig = sorted({s.original for s in samples if s.label == label})
+        orig = sorted({s.original for s in samples if s.label == label
+                       and (s.preset_split or ("train" if preset else "all")) == split})
         print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(orig)}")
     print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
     print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
@@ -59,6 +65,13 @@ def cmd_audit(args) -> int:
     print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
           f"largest: {groups.most_common(1)[0][1]}")
+    members = {g: sorted(s.rel for s in samples if s.group == g) for g in multi}
+    for g in sorted(multi, key=lambda g: (-len(members[g]), members[g][0]))[:20]:  # largest first
+        shown = members[g][:6]
+        print(f"  group of {len(members[g])}: {', '.join(shown)}"
+              + (f", ... (+{len(members[g]) - 6})" if len(members[g]) > 6 else ""))
+    if len(multi) > 20:
+        print(f"  ... and {len(multi) - 20} more groups")
     if preset:
         for s in samples:
             s.split = s.preset_split or "train"
@@ -68,6 +81,8 @@ def cmd_audit(args) -> int:
     print(f"cross-split near duplicates and flipped copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
     for a in leaks[:20]:
         print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
+    if len(leaks) > 20:
+        print(f"  ... and {len(leaks) - 20} more")
     return 0
 
 
@@ -108,6 +123,16 @@ def output_problem(flag: str, path: str | Path, example: str | None = None) -> s
         return f"{flag} {path} is a folder; give a file name" + (f" such as {out / example}" if example else "")
     if not out.parent.is_dir():
         return f"{flag} {path}: the folder {out.parent} does not exist"
+    try:  # a real probe: os.access says yes to root even where nothing can be written (/proc)
+        if out.exists():
+            with open(out, "a"):
+                pass
+        else:
+            with open(out, "x"):
+                pass
+            out.unlink()
+    except OSError as e:
+        return f"{flag} {path}: cannot be written ({e.strerror or e})"
     return None
 
 
@@ -124,7 +149,8 @@ def _print_skipped(errors: list[dict]) -> None:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import NothingToScore, evaluate_dir
-    out = _writable_file(args.json) if args.json else None
+    to_stdout = args.json == "-"   # the whole JSON on stdout; the summary moves to stderr
+    out = _writable_file(args.json) if args.json and not to_stdout else None
     pred = _predictor(args.weights)
     try:
         ev = evaluate_dir(pred, args.data_dir)
@@ -135,10 +161,12 @@ def cmd_evaluate(args) -> int:
     summary = {k: ev.get(k) for k in ("model", "scored_as", "n", "accuracy", "macro_f1", "tumour_missed",
                                       "normal_flagged", "sensitivity", "specificity", "ece")
                if k != "scored_as" or k in ev}
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1), file=sys.stderr if to_stdout else sys.stdout)
     _print_skipped(ev["errors"])
     print(f"evaluated: {ev['evaluated']}", file=sys.stderr)
-    if out:
+    if to_stdout:
+        print(json.dumps(ev, indent=1))
+    elif out:
         out.write_text(json.dumps(ev, indent=1))
     return 0
 
@@ -193,9 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name the console cannot encode must not end a batch
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)  # argparse exits 2 on a usage error
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `... | head`: the reader has gone; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (OSError, ValueError) as e:  # missing, unreadable or unwritable paths; bad values
         print(f"error: {e}", file=sys.stderr)
         return 2

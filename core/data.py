@@ -18,7 +18,7 @@ import numpy as np
 
 from .labels import normalise_label
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                   ".dcm", ".dicom", ".ima", ".nii", ".gz"}
 SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test",
               "validation": "val", "val": "val", "valid": "val"}
@@ -63,23 +63,32 @@ def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
         rel = str(f.relative_to(root))
         if f.is_dir() and _is_hidden(f):
             out.append((rel + "/", "hidden folder"))
+        elif f.is_dir() and f.name.lower() in SKIP_DIRS:
+            out.append((rel + "/", "archive metadata" if f.name.lower() == "__macosx"
+                        else "a folder of masks: not read as scans"))
         elif not f.is_dir():
             out.append((rel, "hidden file" if _is_hidden(f) else "not inside a class folder"))
     return out
 
 
+# First bytes of the image formats the reader decodes (what `predict` reads whatever the name).
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
+
+
 def _is_image_file(f: Path) -> bool:
-    """By suffix, or by content for a DICOM file: scanner exports often have no suffix, a UID
-    for a name ("1.2.840.113619.2.55.1") or a vendor's (".IMA")."""
+    """By suffix, or by content: scanner exports often have no suffix, a UID for a name
+    ("1.2.840.113619.2.55.1") or a vendor's (".IMA"), and a saved JPEG may have none either."""
     if f.suffix.lower() in IMAGE_SUFFIXES:
         return True
     if not f.is_file():  # opening a pipe to sniff it would wait for ever
         return False
     try:
         with open(f, "rb") as fh:
-            return fh.read(132)[128:] == b"DICM"
+            head = fh.read(132)
     except OSError:
         return False
+    return (head[128:] == b"DICM" or head.startswith(IMAGE_MAGIC)
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +149,25 @@ def parse_sources(entries: list) -> list[dict]:
     return out
 
 
+def _layout_like(d: Path) -> bool:
+    """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
+    folders, or two or more folders named like classes."""
+    from .labels import CANONICAL
+    subs = _class_dirs(d)
+    named = [x for x in subs if normalise_label(x.name) in CANONICAL]
+    return any(x.name.lower() in SPLIT_DIRS for x in subs) or len(named) >= 2
+
+
+def _unwrapped(root: Path) -> Path:
+    """The folder the classes are in: an archive often unpacks into one wrapper folder
+    ("Brain Tumor/Training/glioma/..."), whose name must not label every image below it."""
+    while True:
+        tops = _class_dirs(root)
+        if len(tops) != 1 or tops[0].name.lower() in SPLIT_DIRS or not _layout_like(tops[0]):
+            return root
+        root = tops[0]
+
+
 def discover(root: str | Path, source: str | None = None, check_readable: bool = False) -> Scan:
     """Find ``root/<class>/*`` or ``root/{Training,Testing}/<class>/*`` images.
 
@@ -151,15 +179,16 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
         raise FileNotFoundError(f"{root} is not a directory")
     source = source or root.name
     scan = Scan()
-    tops = _class_dirs(root)
+    top = _unwrapped(root)
+    tops = _class_dirs(top)
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
-    layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(root, None)]
-    scan.skipped += _stray(root, root)
+    layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(top, None)]
+    scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
     if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
         scan.skipped += [(d.name + "/", "a folder beside the Training/Testing folders: not read "
                                         "(move it into one of them)") for d in tops if d not in split_tops]
     for base, preset in layout:
-        if base != root:
+        if base != top:
             scan.skipped += _stray(base, root)
         for cdir in _class_dirs(base):
             label = normalise_label(cdir.name)

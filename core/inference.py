@@ -54,7 +54,10 @@ def shipped_models() -> list[Path]:
 def load_card(weights_dir: str | Path) -> dict:
     """The card, checked for what serving needs: a hand-edited card fails in one sentence."""
     path = Path(weights_dir) / "card.json"
-    card = json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # a hand edit gone wrong: name the file, not only the column
+        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None
     if not isinstance(card, dict):
         raise ValueError(f"{path} is not a model card (a JSON object)")
     missing = [k for k, kind in (("classes", list), ("arch", str), ("preprocessing", dict))

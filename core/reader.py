@@ -291,7 +291,8 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
         raise _NotAnImage from e
     except Image.DecompressionBombError:
         raise ScanError(f"The image is too large (its header declares more than "
-                        f"{2 * MAX_PIXELS // 1_000_000} megapixels).") from None
+                        f"{2 * MAX_PIXELS // 1_000_000} megapixels; the limit is "
+                        f"{MAX_PIXELS // 1_000_000} megapixels).") from None
     except Exception as e:  # a broken header: Pillow raises many types here
         raise ScanError("The image file is damaged and cannot be read.") from e
     with img:

@@ -208,6 +208,8 @@ def test_audit_prints_counts_groups_and_cross_split(tmp_path, capsys):
     assert "glioma" in out and "folders: glioma_tumor" in out and "folders: no_tumor" in out
     assert "skipped glioma_tumor/broken.jpg" in out
     assert "near-duplicate groups (phash <= 6 bits, and mirrored or half-turned copies): 24 groups, 24 with more than one image, 48 images" in out
+    assert "group of 2: glioma_tumor/0_a.jpg, glioma_tumor/0_b.jpg" in out   # the groups, named
+    assert "... and 4 more groups" in out
     assert "cross-split near duplicates and flipped copies (grouped split, seed 0): 0" in out
 
 
@@ -497,3 +499,34 @@ def test_model_without_gate_refuses_a_nearly_empty_slice(weights, four_class_dir
     a, b = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert a["in_distribution"] is False and "nearly empty" in a["ood_reason"]
     assert b["in_distribution"] is True and b["ood_reason"] is None
+
+
+def test_evaluate_json_dash_writes_the_json_to_stdout(weights, four_class_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(four_class_dir), "--weights", str(weights), "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    ev = json.loads(out)   # stdout is the whole JSON and nothing else; the summary went to stderr
+    assert EVAL_KEYS <= set(ev) and len(ev["predictions"]) == ev["n"] and '"accuracy"' in err
+    assert not (tmp_path / "-").exists()
+
+
+def test_an_unwritable_json_path_is_refused_before_the_run(weights, four_class_dir, tmp_path, capsys):
+    locked = tmp_path / "locked.json"
+    locked.mkdir()   # a folder where the file would go
+    for path in (str(locked), "/proc/eval.json"):
+        assert main(["evaluate", str(four_class_dir), "--weights", str(weights), "--json", path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --json") and "Errno" not in err, err
+
+
+def test_a_name_the_console_cannot_encode_does_not_end_the_batch(weights, four_class_dir, tmp_path):
+    import shutil
+    odd = tmp_path / "scan \u8111.jpg"
+    shutil.copy(four_class_dir / "meningioma" / "me0.jpg", odd)
+    good = four_class_dir / "glioma_tumor" / "gl0.jpg"
+    env = {**os.environ, "BT_CACHE": str(tmp_path / "cache"), "PYTHONIOENCODING": "cp1252"}
+    r = subprocess.run([sys.executable, "-m", "core", "predict", "--weights", str(weights), str(good), str(odd),
+                        str(good)], cwd=ROOT, env=env, capture_output=True, text=True, encoding="cp1252",
+                       errors="replace", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 3 and "\\u8111" in r.stdout.splitlines()[1]

@@ -99,7 +99,8 @@ def test_flat_layout_with_aliases_hidden_and_non_images(tmp_path):
     assert skipped["no_tumor/.thumbs/x.jpg"] == "hidden file"
     assert skipped["no_tumor/notes.txt"] == "not an image file"
     assert skipped[".hidden_class/"] == "hidden folder"   # reported once, not walked
-    assert len(scan.skipped) == 5
+    assert skipped["masks/"] == "a folder of masks: not read as scans"
+    assert len(scan.skipped) == 6
 
 
 def test_training_testing_layout_marks_testing_as_test(tmp_path):
@@ -115,6 +116,40 @@ def test_training_testing_layout_marks_testing_as_test(tmp_path):
                    "Testing/glioma_tumor/g2.jpg": ("glioma", "test"),
                    "Testing/no_tumor/n2.jpg": ("notumor", "test")}
     assert {s.source for s in scan.samples} == {"kaggle"}
+
+
+def test_a_wrapper_folder_named_like_a_class_does_not_label_its_contents(tmp_path):
+    """An archive unpacked as "Brain Tumor/Training/glioma/..." labelled every image 'tumor'
+    (normal scans included) and read Training as test data."""
+    root = tmp_path / "download"
+    save(root / "Brain Tumor" / "Training" / "glioma" / "g1.jpg", pattern(1))
+    save(root / "Brain Tumor" / "Testing" / "glioma" / "g2.jpg", pattern(2))
+    save(root / "Brain Tumor" / "Testing" / "notumor" / "n1.jpg", pattern(3))
+    (root / "README.txt").write_text("from a download page")
+    got = {s.rel: (s.label, s.preset_split) for s in D.discover(root).samples}
+    assert got == {"Brain Tumor/Training/glioma/g1.jpg": ("glioma", None),
+                   "Brain Tumor/Testing/glioma/g2.jpg": ("glioma", "test"),
+                   "Brain Tumor/Testing/notumor/n1.jpg": ("notumor", "test")}
+    nested = tmp_path / "nested"
+    save(nested / "brain-tumor" / "glioma_tumor" / "a.jpg", pattern(4))
+    save(nested / "brain-tumor" / "no_tumor" / "b.jpg", pattern(5))
+    assert {s.label for s in D.discover(nested).samples} == {"glioma", "notumor"}
+    one_class = tmp_path / "one"   # a class folder holding patients' folders stays one class
+    save(one_class / "yes" / "patient1" / "a.jpg", pattern(6))
+    save(one_class / "yes" / "patient2" / "b.jpg", pattern(7))
+    assert {s.label for s in D.discover(one_class).samples} == {"tumor"}
+
+
+def test_jpegs_without_a_usual_suffix_are_read(tmp_path):
+    root = tmp_path / "ds"
+    for name in ("a.jfif", "b.jpe", "c_no_suffix", "d.bak"):
+        save(root / "glioma" / "x.jpg", pattern(len(name)))
+        (root / "glioma" / "x.jpg").rename(root / "glioma" / name)
+    (root / "glioma" / "notes").write_text("plain text, no image")
+    scan = D.discover(root)
+    assert sorted(s.rel for s in scan.samples) == ["glioma/a.jfif", "glioma/b.jpe", "glioma/c_no_suffix",
+                                                   "glioma/d.bak"]
+    assert dict(scan.skipped) == {"glioma/notes": "not an image file"}
 
 
 def test_unreadable_images_are_skipped_only_when_checked(tmp_path):
