@@ -173,10 +173,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .inference import predict_many
-    from .report import series_lines, text_line
+    from .report import call_of, series_lines, text_line
     pred = _predictor(args.weights)
     read_kw = {} if args.slice is None else {"slice": args.slice}
     results = predict_many(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw)
+    # `call`: what a user is told (null for a scan the out-of-distribution check refuses, a cat
+    # photo); `pred` stays the model's raw output, which evaluation and the audit log keep
+    results = [{**r, "call": call_of(r) or None} if r["ok"] else r for r in results]
     for r in results:
         print(json.dumps(r) if args.json else text_line(r), flush=True)
     for line in series_lines(results):  # stdout stays one line per file

@@ -346,6 +346,7 @@ def test_model_without_gate_still_flags_colour(weights, four_class_dir, tmp_path
     a, b = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert a["in_distribution"] is False and "colour" in a["ood_reason"]
     assert b["in_distribution"] is True and b["ood_reason"] is None
+    assert a["call"] is None and b["call"] == b["pred"]   # a refused photo is told no diagnosis
 
 
 def test_odd_nifti_headers_leave_stderr_quiet(weights, tmp_path):
