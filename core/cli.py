@@ -124,13 +124,14 @@ def output_problem(flag: str, path: str | Path, example: str | None = None) -> s
     if not out.parent.is_dir():
         return f"{flag} {path}: the folder {out.parent} does not exist"
     try:  # a real probe: os.access says yes to root even where nothing can be written (/proc)
-        if out.exists():
+        if out.is_file():   # a file, or a link to one
             with open(out, "a"):
                 pass
-        else:
+        elif not os.path.lexists(out):
             with open(out, "x"):
                 pass
             out.unlink()
+        # else a pipe, a device or a link to a file not made yet: opening it now would consume it
     except OSError as e:
         return f"{flag} {path}: cannot be written ({e.strerror or e})"
     return None

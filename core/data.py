@@ -45,6 +45,12 @@ class Scan:
     """What a walk over a data root found: the samples and everything it skipped, with why."""
     samples: list[Sample] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    wrapper: str = ""   # "Brain Tumor/" when the classes sit in one wrapper folder (`_unwrapped`)
+
+    def inner(self, rel: str) -> str:
+        """``rel`` below the wrapper: where Training/ or Testing/ would start."""
+        rel = rel.replace("\\", "/")
+        return rel[len(self.wrapper):] if self.wrapper and rel.startswith(self.wrapper) else rel
 
 
 def _is_hidden(p: Path) -> bool:
@@ -72,7 +78,8 @@ def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
 
 
 # First bytes of the image formats the reader decodes (what `predict` reads whatever the name).
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}   # after "BM": a note starting "BM..." is no bitmap
 
 
 def _is_image_file(f: Path) -> bool:
@@ -88,7 +95,8 @@ def _is_image_file(f: Path) -> bool:
     except OSError:
         return False
     return (head[128:] == b"DICM" or head.startswith(IMAGE_MAGIC)
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES))
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -149,13 +157,16 @@ def parse_sources(entries: list) -> list[dict]:
     return out
 
 
-def _layout_like(d: Path) -> bool:
+def _layout_like(d: Path, depth: int = 3) -> bool:
     """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
-    folders, or two or more folders named like classes."""
+    folders, two or more folders named like classes, or one folder that holds such a layout
+    (wrappers nest: "archive/Brain Tumor/Training/...")."""
     from .labels import CANONICAL
     subs = _class_dirs(d)
     named = [x for x in subs if normalise_label(x.name) in CANONICAL]
-    return any(x.name.lower() in SPLIT_DIRS for x in subs) or len(named) >= 2
+    if any(x.name.lower() in SPLIT_DIRS for x in subs) or len(named) >= 2:
+        return True
+    return depth > 1 and len(subs) == 1 and _layout_like(subs[0], depth - 1)
 
 
 def _unwrapped(root: Path) -> Path:
@@ -180,12 +191,13 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     source = source or root.name
     scan = Scan()
     top = _unwrapped(root)
+    scan.wrapper = "" if top == root else top.relative_to(root).as_posix() + "/"
     tops = _class_dirs(top)
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
     layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(top, None)]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
     if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
-        scan.skipped += [(d.name + "/", "a folder beside the Training/Testing folders: not read "
+        scan.skipped += [(str(d.relative_to(root)) + "/", "a folder beside the Training/Testing folders: not read "
                                         "(move it into one of them)") for d in tops if d not in split_tops]
     for base, preset in layout:
         if base != top:

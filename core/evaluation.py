@@ -268,11 +268,11 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     from .data import discover
     from .reader import ScanError, read_scan
     scan = discover(data_dir)
-    samples, evaluated = evaluation_set(scan.samples)
+    samples, evaluated = evaluation_set(scan.samples, scan.inner)
     records = []
     errors = [{"file": rel, "error": why} for rel, why in scan.skipped
               if evaluated.startswith("every image")
-              or not rel.replace("\\", "/").lower().startswith(("training/", "train/"))]
+              or not scan.inner(rel).lower().startswith(("training/", "train/"))]
     # Only what can be scored is run through the model (an 'astrocytoma' folder is not).
     errors += [{"file": s.rel, "error": f"its folder ('{s.label}') names no class of this model"}
                for s in samples if not _scorable(s.label, predictor.classes)]
@@ -298,16 +298,16 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     return ev
 
 
-def evaluation_set(samples: list) -> tuple[list, str]:
+def evaluation_set(samples: list, inner: Callable[[str], str] = lambda rel: rel.replace("\\", "/")) -> tuple[list, str]:
     """(the images to evaluate, which they are): a Testing/ folder's when the dataset ships one,
     else a Validation/ folder's, else every image, training images included (said so: a model's
-    own training images flatter it)."""
+    own training images flatter it). ``inner``: a path below the dataset's wrapper folder."""
     for split, folder in (("test", "Testing/ images"), ("val", "Validation/ images")):
         chosen = [s for s in samples if s.preset_split == split]
         if chosen:
             return chosen, folder
     from .data import SPLIT_DIRS
-    if any(s.rel.replace("\\", "/").split("/")[0].lower() in SPLIT_DIRS for s in samples):
+    if any(inner(s.rel).split("/")[0].lower() in SPLIT_DIRS for s in samples):
         return samples, ("every image, Training/ included (no Testing/ or Validation/ folder): "
                          "a model's own training images would flatter it")
     return samples, "every image"

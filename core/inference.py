@@ -97,7 +97,7 @@ BLANK_OOD_REASON = "The image is blank (one value everywhere): there is nothing 
 # confident tumour calls (simple_cnn_4class: glioma 0.92). A gate flags those; a gateless model
 # refuses what `is_empty_slice` calls empty, the rule --best-slice already skips such slices by.
 EMPTY_OOD_REASON = ("The image is nearly empty (almost no signal): there is nothing to classify "
-                    "(this model has no out-of-distribution gate).")
+                    "(this model's out-of-distribution check does not judge pixels).")
 
 
 @dataclass
@@ -281,11 +281,10 @@ class Predictor:
             ok, score = self.gate.check(scan, x, self.model)
         if reason is None and not ok:
             reason = PIXEL_OOD_REASON
-        if reason is None and self.gate is None:
-            if scan.colourfulness > NO_GATE_COLOUR_LIMIT:
-                reason = COLOUR_OOD_REASON
-            elif is_empty_slice(scan.pixels):
-                reason = EMPTY_OOD_REASON
+        if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
+            reason = COLOUR_OOD_REASON
+        if reason is None and (self.gate is None or not self.gate.components) and is_empty_slice(scan.pixels):
+            reason = EMPTY_OOD_REASON   # no gate, or one that judges colour alone
         return reason is None, score, reason
 
     def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:

@@ -998,9 +998,11 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     measured = {k: row[k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct", "outliers_flagged_pct", "check_ms")}
     held = gate.info.get("held_out_estimate")
     if held and "per_category" in held:
-        for c in O.TEST_ONLY:
-            if c in held["per_category"]:
-                held["per_category"][c] = row["outliers_flagged_pct"][c]
+        # fold gates (final="all") measured the held-out categories, this gate only the real
+        # images; a gate shipped as measured (final="seen", no folds) held all of them out itself
+        mine = held["per_category"] if not held.get("folds") else [c for c in O.TEST_ONLY if c in held["per_category"]]
+        for c in list(mine):
+            held["per_category"][c] = row["outliers_flagged_pct"][c]
         per = held["per_category"]
         non_brain = [v for c, v in per.items() if c not in O.ALTERED_MRI]
         held.update({"mean_pct": round(float(np.mean(list(per.values()))), 2), "min_pct": min(per.values())})

@@ -500,6 +500,10 @@ def test_model_without_gate_refuses_a_nearly_empty_slice(weights, four_class_dir
     a, b = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert a["in_distribution"] is False and "nearly empty" in a["ood_reason"]
     assert b["in_distribution"] is True and b["ood_reason"] is None
+    from core.ood import OODGate
+    OODGate("colour", [], 0.0, colour_limit=0.03).save(weights)   # a gate that judges colour alone
+    assert main(["predict", "--json", "--weights", str(weights), str(f)]) == 0
+    assert "nearly empty" in json.loads(capsys.readouterr().out)["ood_reason"]
 
 
 def test_evaluate_json_dash_writes_the_json_to_stdout(weights, four_class_dir, tmp_path, capsys, monkeypatch):
@@ -531,3 +535,34 @@ def test_a_name_the_console_cannot_encode_does_not_end_the_batch(weights, four_c
                        errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 3 and "\\u8111" in r.stdout.splitlines()[1]
+
+
+def test_a_wrapped_training_only_folder_still_warns_and_filters_as_unwrapped(weights, tmp_path, capsys):
+    """Behind a wrapper folder, rel starts with the wrapper's name: the Training/ warning and the
+    Training/ error filter looked at that and missed it."""
+    root = tmp_path / "download"
+    for k, c in enumerate(("glioma", "notumor")):
+        (root / "Brain Tumor" / "Training" / c).mkdir(parents=True)
+        pattern(400 + k).save(root / "Brain Tumor" / "Training" / c / f"{k}.jpg")
+    (root / "Brain Tumor" / "pituitary").mkdir()   # beside Training/: reported with its whole path
+    assert main(["evaluate", str(root), "--weights", str(weights)]) == 0
+    err = capsys.readouterr().err
+    assert "Training/ included" in err and "training images would flatter it" in err
+    assert "skipped Brain Tumor/pituitary/:" in err
+    (root / "Brain Tumor" / "Testing" / "glioma").mkdir(parents=True)
+    pattern(500).save(root / "Brain Tumor" / "Testing" / "glioma" / "t.jpg")
+    (root / "Brain Tumor" / "Training" / "glioma" / "notes.txt").write_text("x")
+    assert main(["evaluate", str(root), "--weights", str(weights)]) == 0
+    err = capsys.readouterr().err
+    assert "evaluated: Testing/ images" in err and "notes.txt" not in err   # Training/ is not evaluated
+
+
+def test_json_paths_that_a_probe_would_spoil_are_left_to_the_write(tmp_path):
+    from core.cli import output_problem
+    target = tmp_path / "made_later.json"
+    (tmp_path / "link.json").symlink_to(target)   # a link to a file not made yet
+    assert output_problem("--json", tmp_path / "link.json") is None and not target.exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)   # opening it for writing would hand a waiting reader an empty stream
+    assert output_problem("--json", fifo) is None
+    assert output_problem("--json", tmp_path / "new.json") is None and not (tmp_path / "new.json").exists()

@@ -134,6 +134,12 @@ def test_a_wrapper_folder_named_like_a_class_does_not_label_its_contents(tmp_pat
     save(nested / "brain-tumor" / "glioma_tumor" / "a.jpg", pattern(4))
     save(nested / "brain-tumor" / "no_tumor" / "b.jpg", pattern(5))
     assert {s.label for s in D.discover(nested).samples} == {"glioma", "notumor"}
+    twice = tmp_path / "twice"   # wrappers nest: "archive/Brain Tumor/Training/..."
+    save(twice / "archive" / "Brain Tumor" / "Training" / "glioma" / "a.jpg", pattern(8))
+    save(twice / "archive" / "Brain Tumor" / "Training" / "pituitary" / "b.jpg", pattern(9))
+    scan = D.discover(twice)
+    assert {s.label for s in scan.samples} == {"glioma", "pituitary"}
+    assert scan.wrapper == "archive/Brain Tumor/" and scan.inner(scan.samples[0].rel).startswith("Training/")
     one_class = tmp_path / "one"   # a class folder holding patients' folders stays one class
     save(one_class / "yes" / "patient1" / "a.jpg", pattern(6))
     save(one_class / "yes" / "patient2" / "b.jpg", pattern(7))
@@ -146,10 +152,12 @@ def test_jpegs_without_a_usual_suffix_are_read(tmp_path):
         save(root / "glioma" / "x.jpg", pattern(len(name)))
         (root / "glioma" / "x.jpg").rename(root / "glioma" / name)
     (root / "glioma" / "notes").write_text("plain text, no image")
+    (root / "glioma" / "BMI_notes.txt").write_text("BMI 24, no image either")   # "BM" alone is no bitmap
+    Image.new("L", (32, 32), 90).save(root / "glioma" / "e_bitmap", "BMP")
     scan = D.discover(root)
     assert sorted(s.rel for s in scan.samples) == ["glioma/a.jfif", "glioma/b.jpe", "glioma/c_no_suffix",
-                                                   "glioma/d.bak"]
-    assert dict(scan.skipped) == {"glioma/notes": "not an image file"}
+                                                   "glioma/d.bak", "glioma/e_bitmap"]
+    assert dict(scan.skipped) == {"glioma/notes": "not an image file", "glioma/BMI_notes.txt": "not an image file"}
 
 
 def test_unreadable_images_are_skipped_only_when_checked(tmp_path):

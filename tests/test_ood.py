@@ -354,3 +354,30 @@ def test_rethreshold_moves_a_threshold_off_a_validation_score(synthetic_gate, tm
     card = json.loads((w / "card.json").read_text())
     assert card["ood"]["threshold"] == rep["to"]
     assert rep["after"]["val_mri_flagged_pct"]["synth"] <= rep["before"]["val_mri_flagged_pct"]["synth"]
+
+
+def test_rethreshold_updates_a_gate_that_held_its_categories_out_itself(synthetic_gate, tmp_path, monkeypatch,
+                                                                        private_cache):
+    """A gate shipped as measured (final="seen", no fold gates): its held-out estimate is its own
+    rates on the categories it never trained on, so all of them move with the threshold."""
+    from conftest import make_weights
+    from core import ood
+    w = make_weights(tmp_path / "w")
+    rels = sorted(str(p.relative_to(w / "data" / "synth")) for p in (w / "data" / "synth").rglob("*.png"))
+    (w / "split.json").write_text(json.dumps({"files": {"synth": {
+        "train": rels[0::3], "val": rels[1::3] + rels[2::3][:2], "test": rels[2::3][2:]}}}))
+    seen = O.SEEN
+    monkeypatch.setattr(O, "SEEN", {"noise": seen["noise"]})
+    monkeypatch.setattr(O, "UNSEEN", {"text": seen["text"]})
+    monkeypatch.setattr(O, "TEST_ONLY", {})
+    synthetic_gate.save(tmp_path / "copy")
+    gate = OODGate.load(tmp_path / "copy")
+    gate.info = {"trained_on": {"seed": 0, "counts": {"test_outliers_per_category": 20},
+                                "negative_categories": ["noise"], "held_out_categories": ["text"]},
+                 "held_out_estimate": {"per_category": {"text": 12.34}, "mean_pct": 12.34, "min_pct": 12.34}}
+    gate.save(w)
+    ood.rethreshold_gate(w, tmp_path / "none.toml", fpr=0.2, log=lambda *a: None)
+    info = OODGate.load(w).info
+    text = info["measured"]["outliers_flagged_pct"]["text"]
+    assert info["held_out_estimate"]["per_category"]["text"] == text != 12.34
+    assert info["held_out_estimate"]["mean_pct"] == info["held_out_estimate"]["min_pct"] == text
