@@ -172,6 +172,8 @@ def _check_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device {dev}: use auto, cpu, cuda, cuda:N or mps")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is available here")
+    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
+        p.error(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         p.error("--device mps, but no Apple MPS device is available here")
 
@@ -428,8 +430,13 @@ def run(args: argparse.Namespace) -> int:
         D.assign_groups(samples, args.max_distance)
         D.split_by_group(samples, seed=args.seed)
     head = (images > 25).float().mean(dim=(1, 2, 3))
-    keep = head >= args.min_head
-    dropped = [(s.source, s.rel) for s, k in zip(samples, keep) if not k]
+    # Files a recorded split (--split-from) does not name are not this run's data: left out of
+    # training, the split record and the data fingerprint alike.
+    unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool)
+    if unsplit.any():
+        say(f"{int(unsplit.sum())} files are not in the recorded split: left out", flush=True)
+    keep = (head >= args.min_head) & ~unsplit
+    dropped = [(s.source, s.rel) for s, k, u in zip(samples, keep, unsplit) if not k and not u]
     samples = [s for s, k in zip(samples, keep) if k]
     images = images[keep]
     classes = model_classes({s.label for s in samples})
@@ -503,6 +510,11 @@ def run(args: argparse.Namespace) -> int:
             sched.last_epoch = resume["scheduler"]["last_epoch"]
         history = resume["history"]
         saved = resume.get("args") or {}
+        # a spliced schedule is not one run's: the card says so (the rate jumps to the new cycle)
+        args.schedule_splices = [*(saved.get("schedule_splices") or []),
+                                 *([{"epochs_before": saved.get("epochs"), "epochs_after": args.epochs,
+                                     "at_epoch": resume["epoch"] + 1}] if saved.get("epochs") not in (None, args.epochs) else [])]
+        args.resume_commands = [*(saved.get("resume_commands") or []), args.command]
         args.first_command = saved.get("first_command") or saved.get("command")  # the run's own command
         card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else {}
         old = card.get("training", {})
@@ -587,6 +599,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _best_epoch(history: list[dict], args: argparse.Namespace) -> int | None:
+    """The epoch (1-based) whose weights were kept as the best, as `judge_epoch` chose them:
+    the lowest validation loss after the warm-up epochs (an average with --init is recorded apart)."""
+    warmup = int(WARMUP * args.epochs)
+    judged = [h for h in history if h["epoch"] > warmup and math.isfinite(h["val"]["loss"])]
+    return min(judged, key=lambda h: h["val"]["loss"])["epoch"] if judged else None
+
+
 def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: int,
                 counts: bool = True) -> tuple[bool, float, int]:
     """(keep this epoch's weights as the best?, best loss, epochs without improvement) after one
@@ -618,6 +638,8 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     from safetensors.torch import save_file
     out = Path(args.out)
     model.eval()
+    # Calibrate and evaluate the weights that ship (fp16 safetensors), not their fp32 originals.
+    model.load_state_dict({k: (v.half().float() if v.is_floating_point() else v) for k, v in model.state_dict().items()})
     val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision)
     tta = None
     if args.tta_below > 0:
@@ -720,6 +742,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                      if args.small_img and args.small_img_epochs else None),
                      "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
                      "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
+                     "schedule_splices": getattr(args, "schedule_splices", None) or None,
+                     "best_epoch": _best_epoch(history, args), "stopped_early": len(history) < args.epochs,
                      "weight_ema": args.ema or None,
                      "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
                                       **aug_options(args),
@@ -740,6 +764,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
         "weights_file_bytes": weights.stat().st_size,
         "command": getattr(args, "first_command", None) or getattr(args, "command", None),
         "resumed_with": args.command if getattr(args, "first_command", None) else None,
+        "resume_commands": getattr(args, "resume_commands", None) or None,   # every resume, in order
         "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                       "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

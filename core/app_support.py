@@ -408,6 +408,11 @@ def result_row(name: str, pred: Prediction | None = None, error: str | None = No
 
 
 def results_csv(rows) -> bytes:
+    """The batch table as CSV; text cells that a spreadsheet would run as formulas are quoted."""
+    from .report import csv_safe
+    rows = rows.copy()
+    for c in rows.columns:   # text columns are object or (pandas 3) str dtype: check the values
+        rows[c] = rows[c].map(lambda v: csv_safe(v) if isinstance(v, str) else v)
     return rows.to_csv(index=False).encode()
 
 
@@ -808,12 +813,16 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
     except ImportError:  # the report module is not there: no buttons, no error
         return
     slices = slices or {}
+    # every listed upload, the unreadable ones too: a report must not hold fewer files than the page
     files = [(n, d, {"slice_index": slices[i]} if slices.get(i) is not None else {})
-             for i, (n, d) in enumerate(items) if isinstance(d, (bytes, bytearray))]
-    key = (model_identity(predictor), threshold, tuple((digest(d), kw.get("slice_index")) for _, d, kw in files))
+             for i, (n, d) in enumerate(items)]
+    key = (model_identity(predictor), threshold,
+           tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"))
+                 for n, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
-        if not files or not st.button("Prepare a PDF and CSV report", key="report-build"):
+        readable = any(isinstance(d, (bytes, bytearray)) for _, d, _ in files)
+        if not readable or not st.button("Prepare a PDF and CSV report", key="report-build"):
             return
         with st.spinner("Building the report..."):
             try:
@@ -874,8 +883,10 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 absent.add(r.get("source", "?"))
                 continue
             key = gallery_key(r, blobs)
-            # A coarse label ('tumor') is no class of a 4-class model: explain the prediction.
-            target = next(c for c in (r[explain], r.get("pred_type"), r["pred"]) if c in predictor.classes)
+            # A coarse label or call ('tumor') is no class of a 4-class model: a tumour call explains
+            # its most likely type (pred_type is the card threshold's call, which a moved one may flip)
+            coarse = r.get("tumour_type") if r["pred"] == TUMOUR else r.get("pred_type")
+            target = next(c for c in (r[explain], coarse, r["pred"]) if c in predictor.classes)
             cam = cached_saliency(predictor, scan, key, method, target)
             tp = r.get("tumour_probability")
             img = overlay(display_image(scan, predictor.spec), cam, 0.4)

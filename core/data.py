@@ -451,19 +451,28 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     tested = {s.source for s in samples if s.preset_split == "test"}  # sources shipping a test set
     strat = np.array([f"{s.source}/{s.label}" for s in samples])
     folds = np.zeros(len(samples), dtype=int)
-    # StratifiedGroupKFold needs every stratum to have a few members; tiny strata go to train.
+    # StratifiedGroupKFold needs every stratum to have a few members: smaller strata are pooled
+    # as "rare". One of fewer than 3 groups cannot fill train, val and test: it goes to train (a
+    # class of one image in val or test leaves the model without it), its groups with it.
     counts = Counter(strat)
+    n_groups = {k: len({g for g, k2 in zip(groups, strat) if k2 == k}) for k in counts}
+    rare_groups = {g for g, k in zip(groups, strat) if n_groups[k] < 3}
     strat = np.array([k if counts[k] >= n_folds else "rare" for k in strat])
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):
         folds[idx] = k
     n_val = round(val * n_folds)
+    # A group is decided once: one with a member from a source that ships its own test set takes
+    # no test share (its other members would land in test beside their copy in training).
+    untested = {s.group for s in samples} - {s.group for s in samples if s.source in tested}
     for s, f in zip(samples, folds):
-        n_test = 0 if s.source in tested else round(test * n_folds)
+        n_test = round(test * n_folds) if s.group in untested else 0
         if s.group in preset_groups:
             s.split = "test"
         elif s.group in preset_val:
             s.split = "val"
+        elif s.group in rare_groups:
+            s.split = "train"
         elif f < n_test:
             s.split = "test"
         elif f < n_test + n_val:

@@ -219,8 +219,11 @@ def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
     The call is the binary one, as the metrics decide it (argmax of the two without a threshold)."""
     t = r["tumour_probability"]
     called = t >= (0.5 if threshold is None else threshold)
+    types = [c for c in tumour_classes(list(r["probs"])) if c != TUMOUR]
+    # the type a tumour call names whatever the operating point (pred_type is the card's call)
+    top = max(types, key=lambda c: r["probs"][c]) if types else None
     return {**r, "label": TUMOUR if is_tumour_label(r["label"]) else NO_TUMOUR,
-            "pred": TUMOUR if called else NO_TUMOUR, "pred_type": r["pred"],
+            "pred": TUMOUR if called else NO_TUMOUR, "pred_type": r["pred"], "tumour_type": top,
             "probs": {TUMOUR: t, NO_TUMOUR: round(1 - t, 6)}, "confidence": max(t, 1 - t)}
 
 

@@ -30,6 +30,7 @@ metadata the reader found.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import sys
 import unicodedata
@@ -107,10 +108,12 @@ def call_of(row: Mapping) -> str:
 
 
 def display_name(name: str | PurePath) -> str:
-    """Base name only, printable characters only, at most 120 of them."""
+    """Base name only, printable characters only, at most 120 of them. A longer name keeps its
+    start and its end (where series numbers and the suffix are): two long names that share a
+    prefix must not print as one."""
     text = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "(unnamed)"
     text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
-    return text[:117] + "..." if len(text) > 120 else text
+    return text[:60] + "..." + text[-57:] if len(text) > 120 else text
 
 
 def source_line(info: Mapping) -> str:
@@ -154,6 +157,8 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume).
     """
     shown = display_name(name)
+    if isinstance(src, Exception):  # an upload that could not be unpacked (a zip member): listed, as on the page
+        return ScanResult(shown, False, error=str(src))
     try:
         data = load_bytes(src)
         scan = read_scan(data, shown, **read_kw)
@@ -197,7 +202,7 @@ def method_label(method: str) -> str:
 
 # ---------------------------------------------------------------- CSV
 
-def _csv_safe(text: str) -> str:
+def csv_safe(text: str) -> str:
     """Spreadsheets run cells that start with = + - @ as formulas; a file name must not."""
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
@@ -217,7 +222,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str]) -> st
         ok = bool(row.get("ok"))
         called = bool(call_of(row))  # a flagged scan keeps its raw p_ columns, nothing read as a call
         probs = row.get("probs") or {}
-        w.writerow([_csv_safe(display_name(row.get("file", ""))), int(ok), call_of(row),
+        w.writerow([csv_safe(display_name(row.get("file", ""))), int(ok), call_of(row),
                     *[_fmt(probs.get(c)) if ok else "" for c in classes],
                     _fmt(row.get("tumour_probability")) if called else "", _fmt(row.get("threshold")),
                     _fmt(row.get("confidence")) if called else "",
@@ -238,6 +243,14 @@ def _font_paths() -> tuple[Path, Path] | None:
         return None
     regular, bold = d / "DejaVuSans.ttf", d / "DejaVuSans-Bold.ttf"
     return (regular, bold) if regular.exists() and bold.exists() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _code_points(*paths: str) -> frozenset[int]:
+    """The characters every one of these font files has a glyph for."""
+    from fontTools.ttLib import TTFont
+    sets = [set(TTFont(p, lazy=True).getBestCmap()) for p in paths]
+    return frozenset(set.intersection(*sets))
 
 
 # Colours (RGB): a restrained clinical palette; colour is never the only carrier of a flag.
@@ -327,6 +340,7 @@ def _report_pdf_class():
             else:  # core font: Latin-1 only, so text goes through _t
                 self.family = "Helvetica"
             self.unicode = bool(fonts)
+            self.glyphs = _code_points(str(fonts[0]), str(fonts[1])) if fonts else frozenset()
             self.set_title("Brain MRI classifier report")
             self.set_author(f"{ctx.model} {ctx.version}")
             self.set_creator("core.report")
@@ -336,7 +350,13 @@ def _report_pdf_class():
             return super().multi_cell(*args, **kw)
 
         def t(self, text: str) -> str:
-            return text if self.unicode else text.encode("latin-1", "replace").decode("latin-1")
+            """Text the font can draw. A character it has no glyph for (CJK, emoji) is written as
+            its code point, \\u8111: fpdf2 dropped it silently, and two names such as 脑_1.jpg
+            and 正常_1.jpg both printed as _1.jpg."""
+            if not self.unicode:
+                return text.encode("latin-1", "backslashreplace").decode("latin-1")
+            return "".join(ch if ord(ch) in self.glyphs or ch in "\n\t" else
+                           ch.encode("ascii", "backslashreplace").decode("ascii") for ch in text)
 
         def font(self, size: float, bold: bool = False, colour=INK) -> None:
             self.set_font(self.family, "B" if bold else "", size)

@@ -446,3 +446,22 @@ def test_evaluation_keeps_source_and_copies_toggle_across_a_model_switch(monkeyp
     assert not at.exception, [e.value for e in at.exception]
     assert next(b for b in at.selectbox if b.label == "Source").value == "lgg"
     assert "483" in at.toggle[0].label and at.toggle[0].value is False
+
+
+def test_batch_table_csv_quotes_cells_a_spreadsheet_would_run():
+    from core.dashboard import batch_table
+    row = {"file": "=HYPERLINK(\"x\")notumor.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.9,
+           "confidence": 0.9, "in_distribution": True, "uncertain": False, "type_uncertain": False}
+    text = app_support.results_csv(batch_table([row, {**row, "file": "-lgg+.jpg"}])).decode()
+    assert "'=HYPERLINK" in text and "\n'-lgg+.jpg," in text
+
+
+def test_a_folded_tumour_call_at_a_moved_threshold_explains_its_tumour_type():
+    """A yes/no zip against the 4-class model: records keep the card's call as pred_type, which
+    a lowered threshold turns into a tumour call; the gallery explained 'notumor' for it."""
+    from core.evaluation import _as_tumour_vs_none
+    r = {"file": "a.png", "label": "yes", "pred": "notumor", "tumour_probability": 0.3,
+         "probs": {"glioma": 0.05, "meningioma": 0.2, "pituitary": 0.05, "notumor": 0.7}}
+    folded = _as_tumour_vs_none(r, 0.5)
+    assert folded["pred"] == "notumor" and folded["pred_type"] == "notumor"
+    assert folded["tumour_type"] == "meningioma"   # what a tumour call at a lower threshold names

@@ -518,3 +518,40 @@ def test_a_root_is_named_after_its_folder_even_as_dot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "br35h")
     assert D.parse_sources(["."])[0]["name"] == "br35h"
     assert D.portable_root(".") == str(tmp_path / "br35h")        # recorded absolute: not the repo's '.'
+
+
+def _samples(spec: list[tuple[str, str, str | None, str]]) -> list:
+    """Samples from (source, label, preset_split, group) rows."""
+    return [D.Sample(f"/x/{i}", f"{lab}/{i}.jpg", lab, lab, src, pre, grp)
+            for i, (src, lab, pre, grp) in enumerate(spec)]
+
+
+def test_a_group_spanning_a_tested_and_an_untested_source_stays_in_one_split():
+    """Source A ships Testing/, source B does not; B holds copies of A's training images. The test
+    share was decided per sample's source, so a group's B member went to test or val while its A
+    member trained."""
+    rows = []
+    for k in range(40):
+        for lab in ("glioma", "notumor"):
+            g = f"{lab}{k}"
+            rows.append(("A", lab, "test" if k < 8 else None, g))
+            if k >= 8:
+                rows.append(("B", lab, None, g))                 # a copy of A's training image
+            rows.append(("B", lab, None, f"b-{lab}{k}"))         # B's own images
+    for seed in range(5):
+        samples = _samples(rows)
+        D.split_by_group(samples, seed=seed)
+        by_group: dict = {}
+        for s in samples:
+            by_group.setdefault(s.group, set()).add(s.split)
+        assert all(len(v) == 1 for v in by_group.values()), seed
+        assert any(s.split == "test" and s.source == "B" for s in samples)   # B still gets a test share
+
+
+def test_a_class_of_one_image_always_trains():
+    rows = [("ds", lab, None, f"{lab}{k}") for lab in ("glioma", "notumor") for k in range(30)]
+    rows.append(("ds", "meningioma", None, "m0"))
+    for seed in range(10):
+        samples = _samples(rows)
+        D.split_by_group(samples, seed=seed)
+        assert next(s.split for s in samples if s.label == "meningioma") == "train", seed

@@ -439,3 +439,21 @@ def test_a_flagged_scan_has_no_tumour_probability_or_confidence_in_the_csv(four,
     flagged(four, monkeypatch)
     (row,) = csv.DictReader(io.StringIO(R.build_csv(R.analyse([("cat.png", scan_png(43))], four), four.classes)))
     assert row["tumour_probability"] == row["confidence"] == row["uncertain"] == ""
+
+
+@needs_poppler
+def test_names_without_glyphs_stay_apart_and_unpacking_errors_are_reported(four, tmp_path):
+    """CJK characters were dropped silently (two scans both printed as _1.jpg); a zip member the
+    page listed as damaged was left out of the app's report."""
+    from core.reader import ScanError
+    items = [("脑肿瘤_1.jpg", scan_png(20)), ("正常_1.jpg", scan_png(21)),
+             ("scans.zip/bad.jpg", ScanError("The file is damaged inside the zip archive.")),
+             ("x" * 70 + "_series_001.dcm.png", scan_png(22)), ("x" * 70 + "_series_002.dcm.png", scan_png(23))]
+    out = R.report_downloads_data(items, four)
+    summary = pdf_pages(out["pdf"][0], tmp_path)[0]
+    assert "\\u8111\\u80bf\\u7624_1.jpg" in summary and "\\u6b63\\u5e38_1.jpg" in summary
+    assert "5 files" in summary and "bad.jpg" in summary
+    rows = list(csv.DictReader(io.StringIO(out["csv"][0])))
+    assert [r["file"] for r in rows][:3] == ["脑肿瘤_1.jpg", "正常_1.jpg", "bad.jpg"]
+    assert rows[2]["error"] == "The file is damaged inside the zip archive."
+    assert rows[3]["file"] != rows[4]["file"] and rows[4]["file"].endswith("_series_002.dcm.png")

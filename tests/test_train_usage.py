@@ -262,3 +262,47 @@ def test_coarse_labels_alone_teach_the_types_with_a_warning(tmp_path, capsys):
     assert train.main(["--data", str(coarse), "--data", f"{typed}=0", "--out", str(tmp_path / "run"),
                        "--epochs", "1", *TINY]) == 0
     assert "learnt only through coarse labels" in capsys.readouterr().out
+
+
+def test_a_cuda_index_past_the_machine_s_devices_is_refused(data, tmp_path, capsys, monkeypatch):
+    # only availability was checked: cuda:3 on a one-GPU machine failed later with a CUDA traceback
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = refused(["--data", data, "--out", tmp_path / "run", "--device", "cuda:3"], capsys)
+    assert "1 CUDA device(s)" in err and not (tmp_path / "run").exists()
+
+
+def test_files_outside_a_recorded_split_are_not_this_run_s_data(data, tmp_path, capsys):
+    """With --split-from, files the record does not name were left with split '' and still
+    entered the data fingerprint and split.json (under a '' key)."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    first = tmp_path / "first"
+    assert train.main(["--data", str(data), "--out", str(first), "--epochs", "1", *TINY]) == 0
+    more = tmp_path / "more" / "data"
+    shutil.copytree(data, more)
+    for k in range(4):   # images the first run never saw
+        Image.fromarray((np.random.default_rng(90 + k).random((64, 64)) * 255).astype(np.uint8)).save(
+            more / "notumor" / f"new_{k}.png")
+    second = tmp_path / "second"
+    assert train.main(["--data", str(more), "--out", str(second), "--epochs", "1", "--split-from", str(first),
+                       *TINY]) == 0
+    assert "4 files are not in the recorded split: left out" in capsys.readouterr().out
+    card1, card2 = (json.loads((d / "card.json").read_text()) for d in (first, second))
+    assert card2["data_fingerprint"] == card1["data_fingerprint"]
+    files = json.loads((second / "split.json").read_text())["files"]
+    assert all("" not in splits for splits in files.values())
+
+
+def test_calibration_describes_the_fp16_weights_that_ship(data, tmp_path):
+    """The temperature was fitted on the fp32 model in memory, then fp16 weights were saved:
+    finishing the same run again from its shipped weights gave another temperature."""
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "2", *TINY]
+    assert train.main(argv) == 0
+    first = json.loads((out / "card.json").read_text())["calibration"]["temperature"]
+    assert train.main([*argv, "--resume"]) == 0   # a finished run: re-finished from what it shipped
+    again = json.loads((out / "card.json").read_text())["calibration"]["temperature"]
+    assert again == pytest.approx(first, abs=1e-6)
