@@ -60,7 +60,7 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
     if known and m.get("n_tumour") is not None and has_tumour_decision(classes):
         tp = np.array([records[i]["tumour_probability"] for i in known])
         is_t = np.array([truth[i] for i in known])
-        m["threshold_curve"] = threshold_curve(tp, is_t)
+        m["threshold_curve"] = threshold_curve(tp, is_t, extra=(threshold,))
         flagged = np.array([(not records[i]["in_distribution"]) or records[i]["uncertain"]
                             for i in known])
         missed = is_t & np.array([records[i]["pred"] == NO_TUMOUR for i in known])

@@ -165,11 +165,15 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
     return out
 
 
-def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101) -> list[dict]:
-    """Miss rate and false-alarm rate against the tumour-probability threshold."""
+def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101,
+                    extra: tuple[float | None, ...] = ()) -> list[dict]:
+    """Miss rate and false-alarm rate against the tumour-probability threshold, on a grid of
+    ``n`` points plus the ``extra`` thresholds (the operating point: between grid points the
+    figure would draw a line, not the page's own numbers)."""
     t_prob, is_tumour = np.asarray(t_prob), np.asarray(is_tumour, bool)
     rows = []
-    for t in np.linspace(0, 1, n):
+    grid = np.union1d(np.linspace(0, 1, n), [float(t) for t in extra if t is not None and 0 <= t <= 1])
+    for t in grid:
         flagged = t_prob >= t
         rows.append({"threshold": float(t),
                      "missed": int((is_tumour & ~flagged).sum()),

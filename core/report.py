@@ -308,14 +308,15 @@ class ReportContext:
                else "no out-of-distribution check for this model")
         rule = self.referral
         if rule is not None and rule.uses_band:
+            # levels at 4 decimals and 0.1 %: a scan's 0.959 must not read as below a level of "0.96" (0.9586)
             lo, hi = rule.band(self.threshold)
-            conf = f"tumour probability outside the referral band {lo:.2f}-{hi:.2f}"
+            conf = f"tumour probability outside the referral band {lo:.4f}-{hi:.4f}"
             if rule.min_type_confidence > 0:
                 conf += (f", tumour type clear (the top type holds at least "
-                         f"{rule.min_type_confidence:.0%} of the tumour probability)")
+                         f"{rule.min_type_confidence:.1%} of the tumour probability)")
         else:
             level = rule.min_confidence if rule is not None else 0.0
-            conf = (f"probability of the class called above the referral level {level:.2f}"
+            conf = (f"probability of the class called above the referral level {level:.4f}"
                     if level > 0 else "no referral level set")
         return f"{ood.capitalize()}; {conf}."
 
@@ -563,6 +564,9 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
         _banner(pdf, title, text, colours)
     if not flags:
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)
+    elif not ctx.ood_check:  # a flagged page of a gateless model must still say nothing checked the image
+        _banner(pdf, "NO IMAGE CHECK", "No out-of-distribution check for this model: it answers for "
+                "any image, even one that is not a brain MRI.", AMBER, height=7.5)
     pdf.ln(1)
     _images(pdf, r, ctx)
     _section(pdf, "Calibrated probabilities" if p.in_distribution

@@ -140,6 +140,9 @@ def test_threshold_curve_and_risk_coverage():
     assert rows[0.5]["missed"] == 1 and rows[0.5]["miss_rate"] == 0.5
     assert rows[0.5]["false_alarm_rate"] == 0.5
     assert rows[1.0]["missed"] == 2
+    # an operating point between grid points is on the curve itself (0.4 < 0.45 < 0.5 drew a line)
+    exact = {r["threshold"]: r for r in threshold_curve(t, is_t, n=11, extra=(0.45, None))}
+    assert len(exact) == 12 and exact[0.45]["miss_rate"] == 0.5 and exact[0.45]["false_alarm_rate"] == 0.5
     rc = risk_coverage(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 1, 0, 0]))
     assert rc[0]["coverage"] == 0.5 and rc[0]["accuracy"] == 1.0
     assert rc[-1]["coverage"] == 1.0 and rc[-1]["accuracy"] == 0.5

@@ -160,6 +160,10 @@ def test_binary_model_report_shows_tumour_probability_and_refer_flag(binary, tmp
     (page,) = pdf_pages(R.build_report([("yes_1.png", scan_png(3))], binary), tmp_path)
     assert "Tumour probability" in page and "No tumour" in page
     assert "UNCERTAIN - REFER" in page  # min_confidence 0.999 flags every result
+    # a flagged page of a model without a gate still says nothing checked the image (it said so
+    # only inside the NO FLAGS banner, so a grey cat photo read "Tumour / UNCERTAIN - REFER" alone)
+    assert "NO IMAGE CHECK" in page and "No out-of-distribution check for this model" in page
+    assert "referral level 0.9990" in R.ReportContext.of(binary, None, None).no_flags_text()
 
 
 @needs_poppler
