@@ -69,7 +69,7 @@ def show_call(pred, key: str) -> None:
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
     if pred.tumour_probability is not None:
         st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold), key=f"g-{key}")
-        flagged = pred.tumour_probability >= threshold
+        flagged = pred.pred != "notumor"   # the call itself (decided in float64), never a second comparison
         st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
                    f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
 

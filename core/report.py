@@ -464,7 +464,8 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
     pdf.cell(42, 6, pdf.t("Tumour probability"))
     pdf.cell(18, 6, f"{tp:.3f}", align="R")
     bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
-    above = t is not None and tp >= t
+    # from the call itself: decide() compares in float64, and a float32 tp can sit 1e-7 either side
+    above = t is not None and p.pred != "notumor"
     _bar(pdf, bar_x, y + 1.3, bar_w, 3.6, tp, RED[1] if above else GREEN[1])
     if t is not None:
         tx = bar_x + bar_w * t
