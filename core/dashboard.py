@@ -14,6 +14,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 from .header import PREFIX as HEADER_PREFIX
 from .labels import FINE_TUMOURS, NO_TUMOUR
 from .metrics import is_tumour_label
+from .report import flags_of
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
@@ -239,14 +240,11 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
             rows.append({"file": r["file"], "prediction": None, "tumour probability": None,
                          "confidence": None, "flags": "error: " + r.get("error", "")})
             continue
-        flags = []
-        if not r.get("in_distribution", True):  # that flag alone: no call to refer or doubt
-            by_header = (r.get("ood_reason") or "").startswith(HEADER_PREFIX)
-            flags.append("out of distribution" + (" (DICOM header)" if by_header else ""))
-        else:
-            flags += [text for key, text in (("uncertain", "uncertain — refer for review"),
-                                             ("type_uncertain", "tumour — type uncertain"))
-                      if r.get(key)]
+        # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
+        # out-of-distribution scan has that flag alone: no call to refer or doubt
+        flags = flags_of(r)
+        if (r.get("ood_reason") or "").startswith(HEADER_PREFIX):
+            flags = [f"{flags[0]} (DICOM header)"]
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         rows.append({"file": r["file"], "prediction": r["pred"] if called else None,
                      "tumour probability": r.get("tumour_probability") if called else None,

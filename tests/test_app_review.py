@@ -150,7 +150,7 @@ def test_batch_table_gives_a_flagged_scan_no_call():
     row = {"file": "cat.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.6,
            "confidence": 0.5, "in_distribution": False, "uncertain": True, "type_uncertain": True}
     table = batch_table([row, {**row, "file": "mri.jpg", "in_distribution": True}])
-    assert table["prediction"].isna()[0] and table["flags"][0] == "out of distribution"
+    assert table["prediction"].isna()[0] and table["flags"][0] == "out-of-distribution"
     assert table["prediction"][1] == "glioma" and "type uncertain" in table["flags"][1]
 
 
