@@ -486,6 +486,7 @@ def run(args: argparse.Namespace) -> int:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
     history, start_epoch, best, bad = [], 0, float("inf"), 0
+    best_epoch = None  # the epoch whose weights are in best.pt (1-based), recorded when it is saved
     shipped_average = None  # set when best.pt is rebuilt from weights that are already an average
     args.init_record = None
     if args.init:  # before the EMA copies the weights; a resumed checkpoint then overrides them
@@ -507,6 +508,10 @@ def run(args: argparse.Namespace) -> int:
         if resume["scheduler"].get("total_steps") == steps + 1:
             sched.load_state_dict(resume["scheduler"])
         else:  # resumed with another --epochs: follow the new schedule from the step reached
+            if resume["scheduler"]["last_epoch"] >= steps:
+                raise DataError(f"--resume: the run has taken {resume['scheduler']['last_epoch']} steps, more than "
+                                f"this schedule's {steps} ({args.epochs} epochs of {steps_per_epoch} steps on "
+                                f"{world} process(es)): give more --epochs, or resume on as many processes as before")
             sched.last_epoch = resume["scheduler"]["last_epoch"]
         history = resume["history"]
         saved = resume.get("args") or {}
@@ -526,6 +531,7 @@ def run(args: argparse.Namespace) -> int:
             done = old.get("weight_average") or {}
             shipped_average = done if done.get("shipped") == "average" else None
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
+        best_epoch = resume.get("best_epoch")
         torch.set_rng_state(resume["rng"])
         if resume.get("rng_cuda") is not None and device.type == "cuda" and world == 1:
             # augmentation draws on the device: without its generator a GPU resume diverges
@@ -575,11 +581,11 @@ def run(args: argparse.Namespace) -> int:
             is_best, best, bad = judge_epoch(epoch, va["loss"], best, bad, warmup_epochs, counts=not small)
             if is_best:
                 torch.save(judged.state_dict(), out / "best.pt")
-                shipped_average = None
+                shipped_average, best_epoch = None, epoch + 1
             write_json(out / "history.json", history)
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
-                              bad=bad, rng=torch.get_rng_state(),
+                              bad=bad, best_epoch=best_epoch, rng=torch.get_rng_state(),
                               rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                               ema=ema.state_dict() if ema is not None else None,
                               args=vars(args) | {"config_values": None})
@@ -590,6 +596,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError("no epoch after the warm-up improved the validation loss (was it NaN or "
                             "infinite? try a lower --lr): there are no best weights to ship")
         model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+        args.best_epoch_record = best_epoch
         args.average_record = shipped_average or (
             average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]], spec, device,
                               precision) if args.average_init else None)
@@ -597,14 +604,6 @@ def run(args: argparse.Namespace) -> int:
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
     return 0
-
-
-def _best_epoch(history: list[dict], args: argparse.Namespace) -> int | None:
-    """The epoch (1-based) whose weights were kept as the best, as `judge_epoch` chose them:
-    the lowest validation loss after the warm-up epochs (an average with --init is recorded apart)."""
-    warmup = int(WARMUP * args.epochs)
-    judged = [h for h in history if h["epoch"] > warmup and math.isfinite(h["val"]["loss"])]
-    return min(judged, key=lambda h: h["val"]["loss"])["epoch"] if judged else None
 
 
 def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: int,
@@ -743,7 +742,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
                      "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
                      "schedule_splices": getattr(args, "schedule_splices", None) or None,
-                     "best_epoch": _best_epoch(history, args), "stopped_early": len(history) < args.epochs,
+                     "best_epoch": getattr(args, "best_epoch_record", None), "stopped_early": len(history) < args.epochs,
                      "weight_ema": args.ema or None,
                      "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
                                       **aug_options(args),

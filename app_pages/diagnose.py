@@ -3,6 +3,7 @@ import streamlit as st
 
 from core import app_support as app
 from core.dashboard import batch_table, probability_bar, series_table, tumour_gauge
+from core.labels import tumour_classes
 
 DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
 
@@ -68,8 +69,8 @@ def show_call(pred, key: str) -> None:
                 "read the type as a suggestion.", icon=":material/help:")
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
     if pred.tumour_probability is not None:
-        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold), key=f"g-{key}")
-        flagged = pred.pred != "notumor"   # the call itself (decided in float64), never a second comparison
+        flagged = pred.pred in tumour_classes(predictor.classes)   # the call itself (decided in float64)
+        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged), key=f"g-{key}")
         st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
                    f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
 

@@ -131,7 +131,11 @@ def output_problem(flag: str, path: str | Path, example: str | None = None) -> s
             with open(out, "x"):
                 pass
             out.unlink()
-        # else a pipe, a device or a link to a file not made yet: opening it now would consume it
+        elif out.is_symlink() and not out.exists():  # a link to a file not made yet: its folder must be
+            target = out.parent / os.readlink(out)
+            if not target.parent.is_dir():
+                return f"{flag} {path}: it links to {target}, whose folder does not exist"
+        # else a pipe or a device: opening it now would consume it
     except OSError as e:
         return f"{flag} {path}: cannot be written ({e.strerror or e})"
     return None

@@ -38,10 +38,12 @@ def probability_bar(probs: dict[str, float], predicted: str | None = None) -> go
     return _layout(fig, "Class probabilities (calibrated)", height=60 + 40 * len(names))
 
 
-def tumour_gauge(p: float, threshold: float | None) -> go.Figure:
-    """Tumour probability as a bullet gauge with the operating point as its threshold line."""
+def tumour_gauge(p: float, threshold: float | None, called: bool | None = None) -> go.Figure:
+    """Tumour probability as a bullet gauge with the operating point as its threshold line;
+    ``called``: whether the call is a tumour (its colour; compared again it could contradict the call)."""
+    called = (threshold is not None and p >= threshold) if called is None else called
     gauge = {"shape": "bullet", "axis": {"range": [0, 1], "tickformat": ".0%"},
-             "bar": {"color": PALETTE[3] if threshold is not None and p >= threshold else PALETTE[2]}}
+             "bar": {"color": PALETTE[3] if called else PALETTE[2]}}
     if threshold is not None:
         gauge["threshold"] = {"value": threshold, "line": {"color": "black", "width": 3},
                               "thickness": 0.9}

@@ -455,8 +455,10 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     # as "rare". One of fewer than 3 groups cannot fill train, val and test: it goes to train (a
     # class of one image in val or test leaves the model without it), its groups with it.
     counts = Counter(strat)
-    n_groups = {k: len({g for g, k2 in zip(groups, strat) if k2 == k}) for k in counts}
-    rare_groups = {g for g, k in zip(groups, strat) if n_groups[k] < 3}
+    # counted among the groups left to split: a shipped Testing/ folder's groups train nothing
+    free = [(g, k) for g, k, s in zip(groups, strat, samples) if not s.preset_split]
+    n_groups = Counter(k for _, k in set(free))
+    rare_groups = {g for g, k in free if n_groups[k] < 3}
     strat = np.array([k if counts[k] >= n_folds else "rare" for k in strat])
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):

@@ -89,7 +89,7 @@ PIXEL_OOD_REASON = ("The image does not look like the brain MRI slices the model
 # at most 0.0185 of chroma, a Br35H JPEG); the fitted gates' colour limit is this same floor.
 NO_GATE_COLOUR_LIMIT = 0.03
 COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
-                     "out-of-distribution gate: only colour is checked).")
+                     "out-of-distribution gate: only colour, blank and nearly empty images are refused).")
 # The reader keeps blank images readable (training sources hold all-black slices); served, one
 # value everywhere holds no anatomy, so every model refuses it, with or without a gate.
 BLANK_OOD_REASON = "The image is blank (one value everywhere): there is nothing to classify."
@@ -97,7 +97,7 @@ BLANK_OOD_REASON = "The image is blank (one value everywhere): there is nothing 
 # confident tumour calls (simple_cnn_4class: glioma 0.92). A gate flags those; a gateless model
 # refuses what `is_empty_slice` calls empty, the rule --best-slice already skips such slices by.
 EMPTY_OOD_REASON = ("The image is nearly empty (almost no signal): there is nothing to classify "
-                    "(this model's out-of-distribution check does not judge pixels).")
+                    "(this model has no out-of-distribution gate that judges pixels).")
 
 
 @dataclass

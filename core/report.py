@@ -42,7 +42,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .inference import Prediction, calibration_text
-from .labels import NO_TUMOUR, TUMOUR
+from .labels import NO_TUMOUR, TUMOUR, tumour_classes
+from .metrics import digits_apart
 from .preprocess import prepare
 from .reader import ScanError, load_bytes, read_scan
 from .referral import ReferralRule, at_threshold
@@ -455,6 +456,15 @@ def _probability_rows(pdf, p: Prediction, classes: list[str]) -> None:
         pdf.set_xy(pdf.l_margin, y + 5.5)
 
 
+def _tp_digits(tp: float, ctx: ReportContext) -> int:
+    """Decimals that keep a tumour probability apart from the operating point and the referral
+    band's edges it is compared with on the page (0.95849 is not "0.958" beside an edge 0.9585)."""
+    edges = [ctx.threshold] if ctx.threshold is not None else []
+    if ctx.referral is not None and ctx.referral.uses_band:
+        edges += list(ctx.referral.band(ctx.threshold))
+    return max([3, *(digits_apart(tp, e) for e in edges)])
+
+
 def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
     """Tumour probability as a bar with the operating point marked on it."""
     tp, t = p.tumour_probability, p.threshold
@@ -462,10 +472,10 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
     pdf.set_xy(pdf.l_margin, y)
     pdf.font(9, True, INK)
     pdf.cell(42, 6, pdf.t("Tumour probability"))
-    pdf.cell(18, 6, f"{tp:.3f}", align="R")
+    pdf.cell(18, 6, f"{tp:.{_tp_digits(tp, ctx)}f}", align="R")
     bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
     # from the call itself: decide() compares in float64, and a float32 tp can sit 1e-7 either side
-    above = t is not None and p.pred != "notumor"
+    above = t is not None and p.pred in tumour_classes(ctx.classes)
     _bar(pdf, bar_x, y + 1.3, bar_w, 3.6, tp, RED[1] if above else GREEN[1])
     if t is not None:
         tx = bar_x + bar_w * t
@@ -565,7 +575,7 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
         _banner(pdf, title, text, colours)
     if not flags:
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)
-    elif not ctx.ood_check:  # a flagged page of a gateless model must still say nothing checked the image
+    elif not ctx.ood_check and p.in_distribution:  # a gateless model's call, flagged: nothing checked the image
         _banner(pdf, "NO IMAGE CHECK", "No out-of-distribution check for this model: it answers for "
                 "any image, even one that is not a brain MRI.", AMBER, height=7.5)
     pdf.ln(1)

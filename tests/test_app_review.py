@@ -465,3 +465,19 @@ def test_a_folded_tumour_call_at_a_moved_threshold_explains_its_tumour_type():
     folded = _as_tumour_vs_none(r, 0.5)
     assert folded["pred"] == "notumor" and folded["pred_type"] == "notumor"
     assert folded["tumour_type"] == "meningioma"   # what a tumour call at a lower threshold names
+
+
+def test_gauge_and_tumour_row_follow_the_call_not_a_second_comparison():
+    from core.dashboard import tumour_gauge
+    from core.report import ReportContext, _tp_digits
+    from core.referral import ReferralRule
+    # a float32 tp a hair above the threshold that decide() (float64) called no tumour
+    fig = tumour_gauge(0.998681902, 0.998681886, called=False)
+    assert fig.data[0].gauge.bar.color == tumour_gauge(0.1, 0.5).data[0].gauge.bar.color
+    assert tumour_gauge(0.9, 0.5).data[0].gauge.bar.color != tumour_gauge(0.1, 0.5).data[0].gauge.bar.color
+    rule = ReferralRule(("glioma", "meningioma", "pituitary", "notumor"), 0.2, 0.95848, 0.0, 0.0)
+    ctx = ReportContext(model="m", version="v", arch="a", weights_sha256="0" * 64, classes=list(rule.classes),
+                        threshold=0.5, threshold_source="model card", calibration="", disclaimer="",
+                        method="", date="", ood_check=True, referral=rule)
+    assert f"{0.95849:.{_tp_digits(0.95849, ctx)}f}" == "0.95849"   # not "0.958" beside the edge 0.9585
+    assert _tp_digits(0.7, ctx) == 3

@@ -566,3 +566,9 @@ def test_json_paths_that_a_probe_would_spoil_are_left_to_the_write(tmp_path):
     os.mkfifo(fifo)   # opening it for writing would hand a waiting reader an empty stream
     assert output_problem("--json", fifo) is None
     assert output_problem("--json", tmp_path / "new.json") is None and not (tmp_path / "new.json").exists()
+
+
+def test_a_link_into_a_missing_folder_is_refused_before_the_run(tmp_path):
+    from core.cli import output_problem
+    (tmp_path / "bad.json").symlink_to(tmp_path / "no_such_dir" / "x.json")
+    assert "does not exist" in output_problem("--json", tmp_path / "bad.json")

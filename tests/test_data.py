@@ -555,3 +555,15 @@ def test_a_class_of_one_image_always_trains():
         samples = _samples(rows)
         D.split_by_group(samples, seed=seed)
         assert next(s.split for s in samples if s.label == "meningioma") == "train", seed
+
+
+def test_the_rare_rule_counts_only_groups_left_to_split():
+    """One meningioma group in Training/ and two in Testing/ counted as 3 groups, so the class's
+    only training group could go to val (6 seeds of 40)."""
+    rows = [("ds", lab, None, f"{lab}{k}") for lab in ("glioma", "notumor") for k in range(30)]
+    rows += [("ds", lab, "test", f"t-{lab}{k}") for lab in ("glioma", "notumor") for k in range(6)]
+    rows += [("ds", "meningioma", None, "m0"), ("ds", "meningioma", "test", "mt1"), ("ds", "meningioma", "test", "mt2")]
+    for seed in range(40):
+        samples = _samples(rows)
+        D.split_by_group(samples, seed=seed)
+        assert next(s.split for s in samples if s.group == "m0") == "train", seed

@@ -461,3 +461,14 @@ def test_names_without_glyphs_stay_apart_and_unpacking_errors_are_reported(four,
     assert [r["file"] for r in rows][:3] == ["脑肿瘤_1.jpg", "正常_1.jpg", "bad.jpg"]
     assert rows[2]["error"] == "The file is damaged inside the zip archive."
     assert rows[3]["file"] != rows[4]["file"] and rows[4]["file"].endswith("_series_002.dcm.png")
+
+
+@needs_poppler
+def test_a_refused_page_of_a_gateless_model_does_not_say_it_answers_anything(four, tmp_path):
+    assert getattr(four, "gate", None) is None
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[:, :48, 0], rgb[:, 48:, 1] = 230, 200          # colour: refused even without a gate
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    (page,) = pdf_pages(R.build_report([("photo.png", buf.getvalue())], four), tmp_path)
+    assert "OUT OF DISTRIBUTION" in page and "NO IMAGE CHECK" not in page

@@ -75,7 +75,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert card2["training"]["epochs_run"] == 3 and card2["classes"] == C4
     # the card says which epoch ships, and that the 2-epoch cycle was stretched to 3 on resume
     assert card1["training"]["best_epoch"] in (1, 2) and card1["training"]["stopped_early"] is False
-    assert card2["training"]["best_epoch"] in (1, 2, 3)
+    assert card2["training"]["best_epoch"] == card1["training"]["best_epoch"]   # epoch 3 beat nothing
     assert card2["training"]["schedule_splices"] == [{"epochs_before": 2, "epochs_after": 3, "at_epoch": 2}]
     assert card2["resume_commands"] and card1.get("resume_commands") is None
     # No epoch improved on the (forced) best: the shipped weights are still the first run's.

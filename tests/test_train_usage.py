@@ -306,3 +306,25 @@ def test_calibration_describes_the_fp16_weights_that_ship(data, tmp_path):
     assert train.main([*argv, "--resume"]) == 0   # a finished run: re-finished from what it shipped
     again = json.loads((out / "card.json").read_text())["calibration"]["temperature"]
     assert again == pytest.approx(first, abs=1e-6)
+
+
+def test_the_card_names_the_epoch_saved_as_best(data, tmp_path):
+    """best_epoch was recomputed from history (the lowest validation loss after the warm-up), which
+    named a low-resolution epoch of progressive resizing whose weights never shipped."""
+    import torch
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "4", "--small-img", "16",
+                       "--small-img-epochs", "2", *TINY]) == 0
+    card = json.loads((out / "card.json").read_text())
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert card["training"]["best_epoch"] == ck["best_epoch"] in (3, 4)   # full resolution restarts the choice
+
+
+def test_a_resume_past_the_end_of_a_shorter_schedule_is_one_sentence(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), *TINY]
+    assert train.main([*argv, "--epochs", "3"]) == 0
+    capsys.readouterr()
+    assert train.main([*argv, "--epochs", "1", "--resume"]) != 0
+    err = capsys.readouterr().err
+    assert "more than this schedule's" in err and "Traceback" not in err
