@@ -112,7 +112,15 @@ def roc_figure(records: list[dict], classes: list[str]) -> go.Figure:
                     showlegend=False)
     fig.update_xaxes(title="false positive rate", range=[0, 1])
     fig.update_yaxes(title="true positive rate", range=[0, 1.02])
+    _say_if_empty(fig, records, classes)
     return _layout(fig, "ROC, one class against the rest", height=380)
+
+
+def _say_if_empty(fig: go.Figure, records: list[dict], classes: list[str]) -> None:
+    """An empty curve plot says why, instead of showing blank axes."""
+    if not _score_sets(records, classes):
+        fig.add_annotation(x=0.5, y=0.5, showarrow=False,
+                           text="No curve: it needs scans of a class and of others (this set has one class)")
 
 
 def pr_figure(records: list[dict], classes: list[str]) -> go.Figure:
@@ -125,6 +133,7 @@ def pr_figure(records: list[dict], classes: list[str]) -> go.Figure:
                                   width=3 if name.startswith("tumour") else 1.5))
     fig.update_xaxes(title="recall", range=[0, 1])
     fig.update_yaxes(title="precision", range=[0, 1.02])
+    _say_if_empty(fig, records, classes)
     return _layout(fig, "Precision-recall", height=380)
 
 

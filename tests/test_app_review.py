@@ -481,3 +481,14 @@ def test_gauge_and_tumour_row_follow_the_call_not_a_second_comparison():
                         method="", date="", ood_check=True, referral=rule)
     assert f"{0.95849:.{_tp_digits(0.95849, ctx)}f}" == "0.95849"   # not "0.958" beside the edge 0.9585
     assert _tp_digits(0.7, ctx) == 3
+
+
+def test_an_empty_curve_plot_says_why():
+    from core.dashboard import pr_figure, roc_figure
+    one_class = [{"label": "notumor", "pred": "notumor", "tumour_probability": 0.1,
+                  "probs": {"glioma": 0.05, "meningioma": 0.03, "pituitary": 0.02, "notumor": 0.9}}] * 3
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    for fig in (roc_figure(one_class, classes), pr_figure(one_class, classes)):
+        assert any("No curve" in a.text for a in fig.layout.annotations)
+    two = one_class + [{**one_class[0], "label": "glioma"}]
+    assert not any("No curve" in a.text for a in roc_figure(two, classes).layout.annotations)
