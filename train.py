@@ -508,10 +508,12 @@ def run(args: argparse.Namespace) -> int:
         if resume["scheduler"].get("total_steps") == steps + 1:
             sched.load_state_dict(resume["scheduler"])
         else:  # resumed with another --epochs: follow the new schedule from the step reached
-            if resume["scheduler"]["last_epoch"] >= steps:
-                raise DataError(f"--resume: the run has taken {resume['scheduler']['last_epoch']} steps, more than "
-                                f"this schedule's {steps} ({args.epochs} epochs of {steps_per_epoch} steps on "
-                                f"{world} process(es)): give more --epochs, or resume on as many processes as before")
+            remaining = max(0, args.epochs - resume["epoch"] - 1) * steps_per_epoch
+            if not schedule_fits(resume["scheduler"]["last_epoch"], remaining, steps):
+                raise DataError(f"--resume: the run has taken {resume['scheduler']['last_epoch']} steps, and "
+                                f"{remaining} more do not fit in this schedule's {steps} ({args.epochs} epochs of "
+                                f"{steps_per_epoch} steps on {world} process(es)): give more --epochs, or resume "
+                                "on as many processes as before")
             sched.last_epoch = resume["scheduler"]["last_epoch"]
         history = resume["history"]
         saved = resume.get("args") or {}
@@ -604,6 +606,13 @@ def run(args: argparse.Namespace) -> int:
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
     return 0
+
+
+def schedule_fits(taken: int, remaining: int, steps: int) -> bool:
+    """Whether a resumed run's steps (``taken`` before, ``remaining`` to come) fit in a OneCycle
+    schedule of ``steps`` (+1 spare): more processes mean fewer steps an epoch, and a schedule
+    resized by them could run out mid-run, in the scheduler, with a traceback."""
+    return taken + remaining <= steps
 
 
 def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: int,

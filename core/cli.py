@@ -131,8 +131,8 @@ def output_problem(flag: str, path: str | Path, example: str | None = None) -> s
             with open(out, "x"):
                 pass
             out.unlink()
-        elif out.is_symlink() and not out.exists():  # a link to a file not made yet: its folder must be
-            target = out.parent / os.readlink(out)
+        elif out.is_symlink() and not out.exists():  # a link (or a chain) to a file not made yet
+            target = Path(os.path.realpath(out))
             if not target.parent.is_dir():
                 return f"{flag} {path}: it links to {target}, whose folder does not exist"
         # else a pipe or a device: opening it now would consume it

@@ -51,7 +51,9 @@ def simple_cnn(num_classes: int) -> nn.Module:
     """The seed project's model: 2 x (conv, ReLU, max-pool), then 2 fully connected layers."""
     m = nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        # not in place: Grad-CAM hooks the conv ("3") and keeps its output, which an in-place
+        # ReLU overwrote on CPU only (grad-cam's .cpu() copies on a GPU): maps differed by device
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.AdaptiveAvgPool2d(8), nn.Flatten(),
         nn.Linear(64 * 8 * 8, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
     m.cam_layer = "3"

@@ -572,3 +572,10 @@ def test_a_link_into_a_missing_folder_is_refused_before_the_run(tmp_path):
     from core.cli import output_problem
     (tmp_path / "bad.json").symlink_to(tmp_path / "no_such_dir" / "x.json")
     assert "does not exist" in output_problem("--json", tmp_path / "bad.json")
+
+
+def test_a_chain_of_links_into_a_missing_folder_is_refused(tmp_path):
+    from core.cli import output_problem
+    (tmp_path / "b.json").symlink_to(tmp_path / "missing" / "x.json")
+    (tmp_path / "a.json").symlink_to(tmp_path / "b.json")
+    assert "does not exist" in output_problem("--json", tmp_path / "a.json")

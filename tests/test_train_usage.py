@@ -327,4 +327,26 @@ def test_a_resume_past_the_end_of_a_shorter_schedule_is_one_sentence(data, tmp_p
     capsys.readouterr()
     assert train.main([*argv, "--epochs", "1", "--resume"]) != 0
     err = capsys.readouterr().err
-    assert "more than this schedule's" in err and "Traceback" not in err
+    assert "do not fit in this schedule" in err and "Traceback" not in err
+
+
+def test_a_schedule_that_more_processes_shrink_is_checked_for_the_whole_rest():
+    # 4 epochs of 10 steps on 1 process, stopped after epoch 1 (10 steps), resumed on 2 processes
+    # (5 steps an epoch, 20 in all): 10 + 3 x 5 = 25 steps did not fit, and the scheduler raised
+    # mid-run; only "taken >= steps" was checked
+    assert not train.schedule_fits(10, 3 * 5, 20)
+    assert train.schedule_fits(10, 3 * 10, 40)      # the same run resumed on 1 process
+    assert not train.schedule_fits(30, 0, 20)       # a finished run resumed with fewer --epochs
+
+
+def test_simple_cnn_keeps_the_hooked_conv_output_on_cpu():
+    """grad-cam stores the hooked layer's output as output.cpu().detach(): on a CPU the same
+    memory, which an in-place ReLU after the conv overwrote (maps differed between CPU and GPU)."""
+    import torch
+    from core.models import create_model, saliency_layer
+    model = create_model("simple_cnn", 4).eval()
+    stored = []
+    saliency_layer(model).register_forward_hook(lambda m, i, o: stored.append(o.cpu().detach()))
+    with torch.no_grad():
+        model(torch.randn(2, 1, 32, 32))
+    assert float(stored[0].min()) < 0   # the conv's own output, not relu(conv)
