@@ -765,22 +765,28 @@ def remember_slice(key: str, index: int | None) -> None:
     st.session_state.setdefault("_slices_shown", {})[key] = index
 
 
+def _sticky(key: str) -> tuple[str, Callable[[], None]]:
+    """(widget key, on_change) that copy a widget's value into the plain session key ``key``:
+    Streamlit forgets the state of a widget that a run does not draw, or whose options or label
+    change, and a plain key survives both."""
+    state, name = st.session_state, f"_{key}_widget"
+    return name, lambda: state.update({key: state[name]})
+
+
 def sticky_choice(label: str, options: list, key: str, widget=None, **kw):
     """A radio (or ``widget=st.selectbox``) whose choice survives a visit to another page and a
-    switch of model: Streamlit forgets the state of a widget that a run does not draw, or whose
-    options or label change, so the choice lives in the plain session key ``key``. A choice
-    missing from ``options`` (a source the new model has no scans of) falls back to the first."""
-    state, name = st.session_state, f"_{key}_widget"
-    chosen = state.get(key, options[0])
+    switch of model (`_sticky`). A choice missing from ``options`` (a source the new model has
+    no scans of) falls back to the first."""
+    name, on_change = _sticky(key)
+    chosen = st.session_state.get(key, options[0])
     return (widget or st.radio)(label, options, index=options.index(chosen) if chosen in options else 0,
-                                key=name, on_change=lambda: state.update({key: state[name]}), **kw)
+                                key=name, on_change=on_change, **kw)
 
 
 def sticky_toggle(label: str, key: str, value: bool = True, **kw) -> bool:
     """A toggle whose state survives like `sticky_choice`'s (its label may carry a count)."""
-    state, name = st.session_state, f"_{key}_widget"
-    return st.toggle(label, value=state.get(key, value), key=name,
-                     on_change=lambda: state.update({key: state[name]}), **kw)
+    name, on_change = _sticky(key)
+    return st.toggle(label, value=st.session_state.get(key, value), key=name, on_change=on_change, **kw)
 
 
 def keep_result(name: str, predictor: Predictor, value: dict) -> None:

@@ -42,30 +42,34 @@ def cmd_audit(args) -> int:
             continue
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)
+    skipped = [f"  skipped {rel}: {why}" for rel, why in scan.skipped + unreadable]
     if not samples:
-        for rel, why in scan.skipped + unreadable:
-            print(f"  skipped {rel}: {why}", file=sys.stderr)
-        print(f"error: none of the {len(scan.samples)} image files under {args.data_dir} could be read",
-              file=sys.stderr)
+        print(*skipped, f"error: none of the {len(scan.samples)} image files under {args.data_dir} could be read",
+              sep="\n", file=sys.stderr)
         return 1
     preset = any(s.preset_split for s in samples)
+    split_of = lambda s: s.preset_split or ("train" if preset else "all")  # noqa: E731
+    folders: dict[tuple[str, str], set[str]] = {}
+    for s in samples:
+        folders.setdefault((split_of(s), s.label), set()).add(s.original)
     print(f"{len(samples)} readable images in {args.data_dir}")
-    for (split, label), n in sorted(Counter((s.preset_split or ("train" if preset else "all"), s.label)
-                                            for s in samples).items()):
-        orig = sorted({s.original for s in samples if s.label == label
-                       and (s.preset_split or ("train" if preset else "all")) == split})
-        print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(orig)}")
+    for (split, label), n in sorted(Counter((split_of(s), s.label) for s in samples).items()):
+        print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(sorted(folders[split, label]))}")
     print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
     print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
-    for rel, why in scan.skipped + unreadable:
-        print(f"  skipped {rel}: {why}")
+    for line in skipped:
+        print(line)
     D.assign_groups(samples, args.max_distance)
     groups = Counter(s.group for s in samples)
     multi = [g for g, n in groups.items() if n > 1]
     print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
           f"largest: {groups.most_common(1)[0][1]}")
-    members = {g: sorted(s.rel for s in samples if s.group == g) for g in multi}
+    members: dict[str, list[str]] = {}   # one pass: a scan per group was quadratic in the images
+    for s in samples:
+        if groups[s.group] > 1:
+            members.setdefault(s.group, []).append(s.rel)
+    members = {g: sorted(v) for g, v in members.items()}
     for g in sorted(multi, key=lambda g: (-len(members[g]), members[g][0]))[:20]:  # largest first
         shown = members[g][:6]
         print(f"  group of {len(members[g])}: {', '.join(shown)}"

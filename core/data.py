@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import normalise_label
+from .labels import CANONICAL, normalise_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                   ".dcm", ".dicom", ".ima", ".nii", ".gz"}
@@ -161,7 +161,6 @@ def _layout_like(d: Path, depth: int = 3) -> bool:
     """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
     folders, two or more folders named like classes, or one folder that holds such a layout
     (wrappers nest: "archive/Brain Tumor/Training/...")."""
-    from .labels import CANONICAL
     subs = _class_dirs(d)
     named = [x for x in subs if normalise_label(x.name) in CANONICAL]
     if any(x.name.lower() in SPLIT_DIRS for x in subs) or len(named) >= 2:

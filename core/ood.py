@@ -538,12 +538,16 @@ class OODGate:
             out.update(_model_scores(names, self.density, cache))
         return out
 
+    def standardised(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """The largest standardised component score per image: what the threshold is set on."""
+        return np.max([c.standardise(raw[c.name]) for c in self.components], axis=0)
+
     def combine(self, raw: dict[str, np.ndarray], colour: np.ndarray) -> np.ndarray:
         """Standardised max over components, minus the threshold; the colour rule overrides."""
         if not self.components:  # the colour rule alone
             z = np.full(len(colour), -1.0)
         else:
-            z = np.max([c.standardise(raw[c.name]) for c in self.components], axis=0) - self.threshold
+            z = self.standardised(raw) - self.threshold
         if self.colour_limit is not None:
             zc = (np.asarray(colour, np.float64) - self.colour_limit) / self.colour_limit
             z = np.where(zc > 0, np.maximum(z, zc), z)
@@ -682,8 +686,7 @@ class OODGate:
             med, hi = np.median(pooled), np.quantile(pooled, 1 - fpr)
             gate.components.append(Component(n, float(med), float(max(hi - med, 1e-6))))
         if names:
-            comb = {s: np.max([c.standardise(raw_val[s][c.name]) for c in gate.components], axis=0)
-                    for s in val}
+            comb = {s: gate.standardised(raw_val[s]) for s in val}
             gate.threshold = per_source_threshold(comb, fpr)
         return gate
 
@@ -987,10 +990,7 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     caches = _with_cnn(caches, gate.net, keyed) if gate.net is not None else caches
     trained = fit.get("negative_categories", list(O.SEEN))
     before = evaluate_gate(gate, d["val"], d["test"], test_out, caches, trained)
-    comb = {}
-    for src, data in d["val"].items():
-        raw = gate.raw_scores(data, model, spec, caches[src])
-        comb[src] = np.max([c.standardise(raw[c.name]) for c in gate.components], axis=0)
+    comb = {src: gate.standardised(gate.raw_scores(data, model, spec, caches[src])) for src, data in d["val"].items()}
     old, gate.threshold = gate.threshold, per_source_threshold(comb, fpr)
     row = evaluate_gate(gate, d["val"], d["test"], test_out, caches, trained)
     timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in d["test_mri"][:15]]
@@ -1003,12 +1003,8 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
         mine = held["per_category"] if not held.get("folds") else [c for c in O.TEST_ONLY if c in held["per_category"]]
         for c in list(mine):
             held["per_category"][c] = row["outliers_flagged_pct"][c]
-        per = held["per_category"]
-        non_brain = [v for c, v in per.items() if c not in O.ALTERED_MRI]
-        held.update({"mean_pct": round(float(np.mean(list(per.values()))), 2), "min_pct": min(per.values())})
-        if "non_brain_mean_pct" in held:
-            held.update({"non_brain_mean_pct": round(float(np.mean(non_brain)), 2),
-                         "non_brain_min_pct": min(non_brain)})
+        # the figures this estimate already states, from its new rates (a seen gate's has fewer)
+        held.update({k: v for k, v in _estimate_stats(held["per_category"]).items() if k in held})
     gate.info["measured"] = measured
     gate.info["rethresholded"] = {
         "from": old, "to": gate.threshold, "date": time.strftime("%Y-%m-%d"),
@@ -1097,14 +1093,20 @@ def category_folds(categories: list[str], k: int) -> list[list[str]]:
 def held_out_estimate(rows: dict[str, dict], chosen: str, folds: list[list[str]], test_only: list[str]) -> dict:
     """Each category's rate from the fold gate that never trained on it; real (test-only) images
     from the shipped gate, which never trained on them either."""
-    from . import outliers as O
     per = {c: rows[f"{chosen} [fold {i + 1}]"]["outliers_flagged_pct"][c] for i, held in enumerate(folds)
            for c in held}
     per |= {c: rows[f"{chosen} [all]"]["outliers_flagged_pct"][c] for c in test_only}
-    non_brain = [per[c] for c in per if c not in O.ALTERED_MRI]
-    altered = [per[c] for c in per if c in O.ALTERED_MRI]
-    return {"per_category": per, "folds": folds,
-            "non_brain_mean_pct": round(float(np.mean(non_brain)), 2), "non_brain_min_pct": min(non_brain),
+    return {"per_category": per, "folds": folds, **_estimate_stats(per)}
+
+
+def _estimate_stats(per: dict[str, float]) -> dict:
+    """Mean and worst flag rate over the non-brain categories, over the altered MRI ones, and
+    over all of them, from {category: % flagged}."""
+    from . import outliers as O
+    non_brain = [v for c, v in per.items() if c not in O.ALTERED_MRI]
+    altered = [v for c, v in per.items() if c in O.ALTERED_MRI]
+    return {**({"non_brain_mean_pct": round(float(np.mean(non_brain)), 2), "non_brain_min_pct": min(non_brain)}
+               if non_brain else {}),
             "altered_mri_mean_pct": round(float(np.mean(altered)), 2) if altered else None,
             "mean_pct": round(float(np.mean(list(per.values()))), 2), "min_pct": min(per.values())}
 
