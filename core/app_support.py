@@ -408,12 +408,12 @@ def result_row(name: str, pred: Prediction | None = None, error: str | None = No
 
 
 def results_csv(rows) -> bytes:
-    """The batch table as CSV; text cells that a spreadsheet would run as formulas are quoted."""
-    from .report import csv_safe
+    """The batch table as a CSV download; text cells that a spreadsheet would run as formulas are quoted."""
+    from .report import csv_safe, spreadsheet_csv
     rows = rows.copy()
     for c in rows.columns:   # text columns are object or (pandas 3) str dtype: check the values
         rows[c] = rows[c].map(lambda v: csv_safe(v) if isinstance(v, str) else v)
-    return rows.to_csv(index=False).encode()
+    return spreadsheet_csv(rows.to_csv(index=False))
 
 
 def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],

@@ -11,7 +11,7 @@ API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predi
 - ``build_csv(results, classes) -> str``: one row per scan; ``results`` are `ScanResult`s from
   `analyse` or the dicts `predict_many` returns.
 - ``report_downloads_data(items, predictor, threshold=None, method=None)
-  -> {"pdf": (bytes, "application/pdf", "report.pdf"), "csv": (str, "text/csv", "report.csv")}``:
+  -> {"pdf": (bytes, "application/pdf", "report.pdf"), "csv": (bytes, "text/csv", "report.csv")}``:
   for the app's Diagnose page, ``items = [(uploaded name, raw bytes)]``; feed each tuple to
   ``st.download_button(label, data=..., mime=..., file_name=...)``. It predicts and computes
   saliency again (about one forward and one backward pass per file), so call it behind a button
@@ -206,6 +206,13 @@ def method_label(method: str) -> str:
 def csv_safe(text: str) -> str:
     """Spreadsheets run cells that start with = + - @ as formulas; a file name must not."""
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def spreadsheet_csv(text: str) -> bytes:
+    """CSV text as a download: UTF-8 with a byte-order mark. Without one, Excel reads the file in
+    the local code page and garbles non-ASCII file names and the flags' dashes. (The CLI's
+    ``--csv`` file stays plain UTF-8, for scripts.)"""
+    return text.encode("utf-8-sig")
 
 
 def _fmt(x: float | None) -> str:
@@ -717,11 +724,11 @@ def build_report(items: Iterable[tuple[str, Any]], predictor, threshold: float |
 
 def report_downloads_data(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
                           method: str | None = None, **read_kw) -> dict[str, tuple[bytes | str, str, str]]:
-    """{"pdf": (bytes, mime, file name), "csv": (text, mime, file name)} for download buttons."""
+    """{"pdf": (bytes, mime, file name), "csv": (bytes, mime, file name)} for download buttons."""
     results = analyse(items, predictor, threshold, method, **read_kw)
     pdf = render_pdf(results, ReportContext.of(predictor, threshold, method))
     return {"pdf": (pdf, PDF_MIME, "report.pdf"),
-            "csv": (build_csv(results, predictor.classes), CSV_MIME, "report.csv")}
+            "csv": (spreadsheet_csv(build_csv(results, predictor.classes)), CSV_MIME, "report.csv")}
 
 
 # ---------------------------------------------------------------- CLI

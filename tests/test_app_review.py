@@ -264,7 +264,7 @@ def test_the_report_covers_the_slice_on_screen(app, monkeypatch):
     from core import report
     seen = []
     monkeypatch.setattr(report, "report_downloads_data", lambda items, *a, **k: seen.append(list(items)) or {
-        "pdf": (b"%PDF", "application/pdf", "report.pdf"), "csv": ("a,b\n", "text/csv", "report.csv")})
+        "pdf": (b"%PDF", "application/pdf", "report.pdf"), "csv": (b"a,b\n", "text/csv", "report.csv")})
     vol = (np.random.default_rng(0).random((48, 48, 5)) * 200).astype(np.float32)
     buf = io.BytesIO(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
     app.switch_page("app_pages/diagnose.py").run()
@@ -454,6 +454,15 @@ def test_batch_table_csv_quotes_cells_a_spreadsheet_would_run():
            "confidence": 0.9, "in_distribution": True, "uncertain": False, "type_uncertain": False}
     text = app_support.results_csv(batch_table([row, {**row, "file": "-lgg+.jpg"}])).decode()
     assert "'=HYPERLINK" in text and "\n'-lgg+.jpg," in text
+
+
+def test_batch_table_csv_opens_as_utf8_in_a_spreadsheet():
+    """Excel takes a CSV without a byte-order mark for the local code page: 'Müller' was garbled."""
+    from core.dashboard import batch_table
+    row = {"file": "Müller_T1.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.9,
+           "confidence": 0.9, "in_distribution": True, "uncertain": False, "type_uncertain": False}
+    data = app_support.results_csv(batch_table([row]))
+    assert data.startswith(b"\xef\xbb\xbf") and "Müller_T1.jpg" in data.decode("utf-8-sig")
 
 
 def test_a_folded_tumour_call_at_a_moved_threshold_explains_its_tumour_type():

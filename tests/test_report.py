@@ -306,8 +306,8 @@ def test_downloads_for_the_app(binary):
     out = R.report_downloads_data([("a.png", scan_png(10)), ("b.png", scan_png(11))], binary)
     data, mime, name = out["pdf"]
     assert data.startswith(b"%PDF") and mime == "application/pdf" and name == "report.pdf"
-    text, mime, name = out["csv"]
-    assert mime == "text/csv" and name == "report.csv" and len(text.strip().splitlines()) == 3
+    data, mime, name = out["csv"]
+    assert mime == "text/csv" and name == "report.csv" and len(data.decode("utf-8-sig").strip().splitlines()) == 3
 
 
 # ----------------------------------------------------------------------------- audit + CLI
@@ -457,7 +457,8 @@ def test_names_without_glyphs_stay_apart_and_unpacking_errors_are_reported(four,
     summary = pdf_pages(out["pdf"][0], tmp_path)[0]
     assert "\\u8111\\u80bf\\u7624_1.jpg" in summary and "\\u6b63\\u5e38_1.jpg" in summary
     assert "5 files" in summary and "bad.jpg" in summary
-    rows = list(csv.DictReader(io.StringIO(out["csv"][0])))
+    assert out["csv"][0].startswith(b"\xef\xbb\xbf")   # Excel reads the names as UTF-8, not the code page
+    rows = list(csv.DictReader(io.StringIO(out["csv"][0].decode("utf-8-sig"))))
     assert [r["file"] for r in rows][:3] == ["脑肿瘤_1.jpg", "正常_1.jpg", "bad.jpg"]
     assert rows[2]["error"] == "The file is damaged inside the zip archive."
     assert rows[3]["file"] != rows[4]["file"] and rows[4]["file"].endswith("_series_002.dcm.png")
