@@ -246,38 +246,48 @@ GALLERY_BYTES = 64 * 2**20
 ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk", ".npz")
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """The names with repeats told apart: the second 'scans.zip' becomes 'scans.zip (2)'. Rows,
+    reports and mask pairing go by name, and two patients' zips are often named alike."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
+
+
 def expand_uploads(files: list[tuple[str, bytes]],
                    budget: int = BATCH_BYTES) -> list[tuple[str, bytes | Exception]]:
-    """Uploads with zips unpacked (in memory) into their members. A member the archive reader
-    left out, or a zip that cannot be used at all, becomes an entry holding its ScanError, and
-    so does everything past ``budget`` bytes of the batch (the others are still shown)."""
+    """Uploads with zips unpacked (in memory) into their members, in archive order. A member
+    the archive reader left out, or a zip that cannot be used at all, becomes an entry holding its
+    ScanError, and so does everything past ``budget`` bytes of the batch (the others are still
+    shown; a zip's members past it are never inflated)."""
     out: list = []
     used = 0
-    over = ScanError(f"The batch is over {budget // 2**20} MB (zips unpacked): upload fewer files "
-                     "at a time.")
-    for name, data in files:
-        if used + len(data) > budget:
-            out.append((name, over))
-            continue
+    over = (f"The batch is over {budget // 2**20} MB (zips unpacked): upload fewer files "
+            "at a time.")
+    for name, (_, data) in zip(unique_names([n for n, _ in files]), files):
         if sniff(data) != "zip" or name.lower().endswith(ZIP_DOCUMENTS):
             # by content, as the reader goes ("scans.ZIP.download" is a zip); documents that are
             # zips inside (.docx ...) are one file, which the reader refuses in one sentence
-            out.append((name, data))
-            used += len(data)
+            fits = used + len(data) <= budget
+            out.append((name, data if fits else ScanError(over)))
+            used += len(data) if fits else 0
             continue
         try:
-            members = read_zip(data)
+            members = read_zip(data, budget - used, over)
         except ScanError as e:
             out.append((name, e))
             continue
-        if not members and not members.skipped:
+        except Exception as e:  # never one zip's surprise for the whole batch
+            out.append((name, ScanError(f"The zip archive could not be read ({type(e).__name__}).")))
+            continue
+        if not members.entries:
             out.append((name, ScanError("The zip archive contains no files.")))
             continue
-        for member, content in members:
-            fits = used + len(content) <= budget
-            out.append((f"{name}/{member}", content if fits else over))
-            used += len(content) if fits else 0
-        out += [(f"{name}/{member}", ScanError(why)) for member, why in members.skipped]
+        out += [(f"{name}/{m}", ScanError(c) if isinstance(c, str) else c) for m, c in members.entries]
+        used += sum(len(c) for _, c in members)
     return out
 
 
@@ -296,7 +306,12 @@ def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
 
 def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
     """A class-per-folder zip as (file, label, bytes) items plus the skipped files with why."""
-    members = zip_to_labelled(data)
+    try:
+        members = zip_to_labelled(data)
+    except ScanError:
+        raise
+    except Exception as e:  # the Evaluation page shows a ScanError as one sentence
+        raise ScanError(f"The zip archive could not be read ({type(e).__name__}).") from e
     items = [(name, normalise_label(folder), content) for folder, name, content in members]
     return items, [{"file": name, "error": why} for name, why in members.skipped]
 

@@ -3,46 +3,93 @@
 Nothing here writes a file, so a member's path is only ever a label; even so, members with
 absolute or ``..`` paths are refused (a zip carrying them was not made by a scanner export), as
 are links and encrypted members. Hidden files and macOS ``__MACOSX`` resource forks are skipped
-silently. Before anything is inflated the archive is checked against zip-bomb limits: member
-count, total declared size, and each member's compression ratio; reads are then bounded by the
-declared size, so a lying header cannot inflate more.
+silently and count towards no limit. Zip bombs are bounded by sizes, not guessed from ratios: the
+number of entries is checked in the end record before the listing is parsed, members are
+inflated only while ``budget`` (their declared sizes) lasts, and a read stops at the declared
+size, so a lying header cannot inflate more. A well-compressed scan (a NIfTI label map is mostly
+zeros) is therefore read like any other.
 """
 from __future__ import annotations
 
 import io
 import stat
+import struct
 import zipfile
 from pathlib import PurePosixPath
 
 from .reader import MAX_BYTES, ScanError
 
-MAX_MEMBERS = 2000
+MAX_MEMBERS = 2000                   # files a zip may hold (resource forks and folders not counted)
+MAX_ENTRIES = 4 * MAX_MEMBERS        # entries of any kind, from the end record, before parsing
 MAX_TOTAL_BYTES = 4 * MAX_BYTES      # everything inflated, held in memory at once
-MAX_RATIO = 100                      # uncompressed / compressed, per member
-RATIO_FLOOR = 2**20                  # small members may compress well (blank DICOM padding)
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
+UTF8_FLAG, UNICODE_PATH_EXTRA = 0x800, 0x7075
 
 
 class ZipMembers(list):
-    """A list of (member_name, bytes); ``skipped`` holds (member_name, reason) for the others."""
+    """A list of (member_name, bytes); ``skipped`` holds (member_name, reason) for the others,
+    and ``entries`` every member in archive order as (name, bytes or reason)."""
 
     def __init__(self, items=(), skipped=None):
         super().__init__(items)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self.entries: list[tuple[str, bytes | str]] = []
+
+    def add(self, name: str, content: bytes) -> None:
+        self.append((name, content))
+        self.entries.append((name, content))
+
+    def skip(self, name: str, why: str) -> None:
+        self.skipped.append((name, why))
+        self.entries.append((name, why))
 
 
 def _clean_name(raw: str) -> tuple[str, str | None]:
-    """(display name, reason to refuse or None) for a member path."""
+    """(display name, reason to refuse or None) for a member path. A refused name is shown as
+    stored: the message speaks of its '..' and it must not pass for a safe member's name."""
     name = raw.replace("\\", "/")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     unsafe = name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts
-    shown = "/".join(p for p in parts if p != "..") or "(unnamed)"
-    return shown, "The file's path in the zip is unsafe (absolute or containing '..')." if unsafe else None
+    if unsafe:
+        return raw, "The file's path in the zip is unsafe (absolute or containing '..')."
+    return "/".join(parts) or "(unnamed)", None
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as its maker wrote it. Info-ZIP (Linux ``zip``) stores UTF-8 names
+    without the UTF-8 flag, which zipfile then reads as cp437 ('Müller' became 'M├╝ller'): take
+    the Unicode Path extra field if there is one, else the name's bytes as UTF-8 if they are."""
+    if info.flag_bits & UTF8_FLAG:
+        return info.filename
+    extra, at = info.extra, 0
+    while at + 4 <= len(extra):
+        kind, size = struct.unpack_from("<HH", extra, at)
+        if kind == UNICODE_PATH_EXTRA and size > 5 and extra[at + 4] == 1:
+            try:
+                return extra[at + 9:at + 4 + size].decode("utf-8")
+            except UnicodeDecodeError:
+                break
+        at += 4 + size
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
 
 
 def _is_junk(name: str) -> bool:
     parts = PurePosixPath(name).parts
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1].lower() in JUNK_NAMES
+    hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
+    return hidden or "__MACOSX" in parts or parts[-1].lower() in JUNK_NAMES
+
+
+def _declared_entries(data: bytes) -> int | None:
+    """The entry count the end-of-central-directory record declares (None if not found, or
+    zip64): read before zipfile parses the listing, which for 600,000 entries takes seconds."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 2**16 - 22))
+    if at < 0 or at + 12 > len(data):
+        return None
+    count = struct.unpack_from("<H", data, at + 10)[0]
+    return None if count == 0xFFFF else count
 
 
 def _open_zip(data: bytes) -> zipfile.ZipFile:
@@ -50,26 +97,17 @@ def _open_zip(data: bytes) -> zipfile.ZipFile:
         raise ScanError("The zip archive is empty.")
     if len(data) > MAX_BYTES:
         raise ScanError(f"The zip archive is larger than the {MAX_BYTES // 2**20} MB limit.")
+    if (_declared_entries(data) or 0) > MAX_ENTRIES:
+        raise ScanError(f"The zip archive holds more than {MAX_MEMBERS} files.")
     try:
         return zipfile.ZipFile(io.BytesIO(data))
     except UnicodeDecodeError as e:  # flagged UTF-8, yet not: zipfile cannot list any member
         raise ScanError("The zip archive has a file name that is not valid UTF-8; "
                         "create the zip again.") from e
+    except NotImplementedError as e:  # a (damaged) listing asks for a zip version zipfile lacks
+        raise ScanError("The zip archive uses a zip version that is not supported, or is damaged.") from e
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
         raise ScanError("The file is not a valid zip archive.") from e
-
-
-def _check_bomb(infos: list[zipfile.ZipInfo]) -> None:
-    """Refuse the whole archive from its central directory, before inflating anything."""
-    if len(infos) > MAX_MEMBERS:
-        raise ScanError(f"The zip archive holds more than {MAX_MEMBERS} files.")
-    total = sum(i.file_size for i in infos)
-    if total > MAX_TOTAL_BYTES:
-        raise ScanError(f"The zip archive unpacks to more than {MAX_TOTAL_BYTES // 2**20} MB.")
-    for i in infos:
-        if i.file_size > RATIO_FLOOR and i.file_size > MAX_RATIO * max(i.compress_size, 1):
-            raise ScanError(f"The zip archive looks like a zip bomb (a file expands more than "
-                            f"{MAX_RATIO} times).")
 
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
@@ -93,34 +131,48 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return content
 
 
-def read_zip(data: bytes) -> ZipMembers:
+def _listing(zf: zipfile.ZipFile) -> list[tuple[str, zipfile.ZipInfo]]:
+    """(name, info) of the files worth reading, in archive order: no folders, no junk."""
+    try:
+        named = [(_member_name(i), i) for i in zf.infolist() if not i.is_dir()]
+    except Exception as e:
+        raise ScanError("The zip archive is damaged.") from e
+    files = [(n, i) for n, i in named if not _is_junk(_clean_name(n)[0])]
+    if len(files) > MAX_MEMBERS:
+        raise ScanError(f"The zip archive holds more than {MAX_MEMBERS} files.")
+    return files
+
+
+def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None = None) -> ZipMembers:
     """The scans inside a zip as (member_name, bytes), in archive order, all in memory.
 
-    Raises ScanError (one sentence) for an archive that cannot be used at all: not a zip, too
-    many files, too large once unpacked, a zip bomb. A single bad member is left out and listed
-    in ``.skipped`` with its reason, so it never stops the others.
+    Raises ScanError (one sentence) for an archive that cannot be used at all: not a zip, damaged,
+    too many files. A single bad member is left out and listed in ``.skipped`` with its reason,
+    so it never stops the others; so is each member past ``budget`` bytes (declared sizes, checked
+    before inflating), with the reason ``over_budget``.
     """
     out = ZipMembers()
+    over = over_budget or (f"The zip archive unpacks to more than {budget // 2**20} MB: this file "
+                           "was not read.")
     with _open_zip(data) as zf:
-        try:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
-        except Exception as e:
-            raise ScanError("The zip archive is damaged.") from e
-        _check_bomb(infos)
-        for info in infos:
-            name, unsafe = _clean_name(info.filename)
-            if _is_junk(name):
-                continue
+        for raw, info in _listing(zf):
+            name, unsafe = _clean_name(raw)
             problem = unsafe or _member_problem(info)
+            if not problem and info.file_size > budget:
+                problem = over
             if problem:
-                out.skipped.append((name, problem))
+                out.skip(name, problem)
                 continue
             try:
-                out.append((name, _read_member(zf, info)))
+                content = _read_member(zf, info)
             except NotImplementedError:
-                out.skipped.append((name, "The file uses a zip compression method that is not supported."))
+                out.skip(name, "The file uses a zip compression method that is not supported.")
+                continue
             except Exception:  # CRC error, truncated archive, bad deflate stream
-                out.skipped.append((name, "The file is damaged inside the zip archive."))
+                out.skip(name, "The file is damaged inside the zip archive.")
+                continue
+            out.add(name, content)
+            budget -= len(content)
     return out
 
 

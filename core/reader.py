@@ -930,10 +930,10 @@ def is_empty_slice(grey: np.ndarray) -> bool:
     return float(grey.max()) - float(grey.min()) < 0.05 or float((grey > 0.1).mean()) < 0.02
 
 
-def read_zip(data: bytes):
+def read_zip(data: bytes, *args, **kw):
     """The scans in a zip as (member_name, bytes); see `core.archive.read_zip`."""
     from .archive import read_zip as _read_zip  # imported here: archive imports this module
-    return _read_zip(data)
+    return _read_zip(data, *args, **kw)
 
 
 def zip_to_labelled(data: bytes):

@@ -368,6 +368,41 @@ def test_a_batch_past_its_budget_refuses_the_rest_and_keeps_the_first():
     assert "upload fewer files" in str(out[1][1])
 
 
+def _zipped(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, c in members.items():
+            zf.writestr(n, c)
+    return buf.getvalue()
+
+
+def test_a_zip_past_the_batch_budget_is_not_inflated_beyond_it(monkeypatch):
+    """Two zips that unpack to 199 and 200 MB held 399 MB at once before the budget was checked."""
+    from core import archive
+    inflated = []
+    real = archive._read_member
+    monkeypatch.setattr(archive, "_read_member", lambda zf, info: inflated.append(info.filename) or real(zf, info))
+    data = _zipped({f"m{i}.png": b"\0" * 40 for i in range(5)})
+    out = app_support.expand_uploads([("a.jpg", b"y" * 20), ("s.zip", data)], budget=120)
+    assert inflated == ["m0.png", "m1.png"]
+    assert [n for n, _ in out] == ["a.jpg", *[f"s.zip/m{i}.png" for i in range(5)]]
+    assert all("upload fewer files" in str(c) for _, c in out[3:])
+
+
+def test_uploads_with_the_same_name_are_told_apart_and_keep_their_own_masks():
+    """Two patients' 'scans.zip': patient A's X_mask.png outlined patient B's X.png as well."""
+    import numpy as np
+    from PIL import Image
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, "PNG")
+    a = _zipped({"X.png": png.getvalue(), "X_mask.png": png.getvalue()})
+    b = _zipped({"X.png": png.getvalue()})
+    out = app_support.expand_uploads([("scans.zip", a), ("scans.zip", b)])
+    assert [n for n, _ in out] == ["scans.zip/X.png", "scans.zip/X_mask.png", "scans.zip (2)/X.png"]
+    _, masks = app_support.pair_masks(out)
+    assert set(masks) == {"scans.zip/X.png"}
+
+
 def test_the_gallery_keeps_scored_scans_only_and_within_its_budget():
     items = [("a.jpg", "glioma", b"a" * 40), ("bad.jpg", "glioma", b"b" * 10), ("c.jpg", "notumor", b"c" * 40)]
     ev = {"predictions": [{"file": "a.jpg"}, {"file": "c.jpg"}]}

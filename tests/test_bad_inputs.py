@@ -374,7 +374,8 @@ def test_zip_members_are_read_in_memory_and_unsafe_ones_refused():
     assert [name for name, _ in got] == ["scans/a.png", "scans/sub/b.png"]
     assert all(content == png for _, content in got)
     skipped = dict(got.skipped)
-    for name in ("evil.png", "etc/abs.png", "scans/up.png", "C:/win.png"):
+    # shown as stored: the message speaks of '..', and "up.png" must not pass for a safe name
+    for name in ("../evil.png", "/etc/abs.png", "scans/../../up.png", "C:\\win.png"):
         assert "unsafe" in skipped[name], skipped
     assert skipped["scans/empty.png"] == "The file is empty."
     assert not any("MACOSX" in n or "DS_Store" in n or "hidden" in n for n in skipped)
@@ -391,20 +392,89 @@ def test_zip_symlink_member_is_skipped():
     assert [n for n, _ in got] == ["scans/a.png"] and "link" in dict(got.skipped)["scans/link.png"]
 
 
-def test_zip_bomb_is_refused_before_inflating():
-    data = make_zip({"a.png": encode(grey8(), "PNG"), "bomb.dcm": b"\0" * (20 * 2**20)})
+def test_zip_bomb_is_bounded_by_the_budget_without_inflating_it(monkeypatch):
+    """A member past the budget is listed, never inflated; the others are read."""
+    png = encode(grey8(), "PNG")
+    data = make_zip({"a.png": png, "bomb.dcm": b"\0" * (20 * 2**20), "c.png": png})
     assert len(data) < 100_000
-    with pytest.raises(ScanError, match="zip bomb"):
-        reader.read_zip(data)
+    inflated = []
+    real = archive._read_member
+    monkeypatch.setattr(archive, "_read_member", lambda zf, info: inflated.append(info.filename) or real(zf, info))
+    got = reader.read_zip(data, budget=10 * 2**20)
+    assert [n for n, _ in got] == ["a.png", "c.png"] and inflated == ["a.png", "c.png"]
+    assert "more than 10 MB" in dict(got.skipped)["bomb.dcm"]
+    assert [n for n, _ in got.entries] == ["a.png", "bomb.dcm", "c.png"]   # archive order
 
 
-def test_zip_limits_on_count_and_total_size(monkeypatch):
+def test_a_scan_that_compresses_well_is_read_not_refused_as_a_bomb():
+    """A NIfTI label map is mostly zeros (it deflated 918 times): the whole zip was refused."""
+    vol = np.zeros((240, 240, 40), np.uint8)
+    vol[100:120, 100:120, 18:22] = 1
+    nii = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    data = make_zip({"case/seg.nii": nii, "case/t1.png": encode(grey8(), "PNG")})
+    assert len(nii) > 100 * len(data)
+    got = reader.read_zip(data)
+    assert [n for n, _ in got] == ["case/seg.nii", "case/t1.png"] and not got.skipped
+
+
+def test_zip_limits_on_count(monkeypatch):
     with pytest.raises(ScanError, match=f"more than {archive.MAX_MEMBERS} files"):
         archive.read_zip(make_zip({f"f{i}.png": b"x" for i in range(archive.MAX_MEMBERS + 1)},
                                   zipfile.ZIP_STORED))
-    monkeypatch.setattr(archive, "MAX_TOTAL_BYTES", 100)
-    with pytest.raises(ScanError, match="unpacks to more than"):
-        archive.read_zip(make_zip({"a.png": encode(grey8(), "PNG")}, zipfile.ZIP_STORED))
+    many = make_zip({f"f{i}": b"" for i in range(archive.MAX_ENTRIES + 1)}, zipfile.ZIP_STORED)
+    # refused from the end record, before zipfile parses the listing
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: pytest.fail("the listing was parsed"))
+    with pytest.raises(ScanError, match="more than"):
+        archive.read_zip(many)
+
+
+def test_mac_resource_forks_count_towards_no_limit():
+    """A Mac-made zip of 1,100 scans also holds 1,100 __MACOSX/._* forks: it was refused."""
+    n = archive.MAX_MEMBERS // 2 + 100
+    members = {}
+    for i in range(n):
+        members[f"scans/s{i}.png"] = b"x"
+        members[f"__MACOSX/scans/._s{i}.png"] = b"\0" * 20
+    got = archive.read_zip(make_zip(members, zipfile.ZIP_STORED))
+    assert len(got) == n and not got.skipped
+
+
+def test_a_zip_listing_of_an_unsupported_version_is_one_sentence():
+    """A (damaged) listing asking for zip version 6.4: zipfile raised NotImplementedError, which
+    took down the whole Diagnose batch."""
+    good = bytearray(make_zip({"a.png": encode(grey8(), "PNG")}))
+    struct.pack_into("<H", good, good.find(b"PK\x01\x02") + 6, 64)
+    with pytest.raises(ScanError, match="not supported, or is damaged"):
+        archive.read_zip(bytes(good))
+
+
+def _zip_with_raw_name(raw: bytes) -> bytes:
+    """A one-member zip whose name is stored as these bytes, without the UTF-8 flag (as
+    Info-ZIP writes it): zipfile would set the flag for any non-ASCII name it is given."""
+    placeholder = b"#" * len(raw)
+    data = make_zip({placeholder.decode(): b"x"}, zipfile.ZIP_STORED)
+    assert data.count(placeholder) == 2   # the local header and the central directory
+    return data.replace(placeholder, raw)
+
+
+def test_utf8_member_names_without_the_utf8_flag_are_read_as_utf8():
+    """Linux `zip` writes UTF-8 names without the flag; zipfile reads them as cp437."""
+    name = "Müller_脑肿瘤.png"
+    raw = _zip_with_raw_name(name.encode("utf-8"))
+    assert not zipfile.ZipFile(io.BytesIO(raw)).infolist()[0].flag_bits & 0x800
+    assert [n for n, _ in archive.read_zip(raw)] == [name]
+    # a genuine cp437 name (not valid UTF-8) stays as zipfile reads it
+    assert [n for n, _ in archive.read_zip(_zip_with_raw_name("Ç├ü.png".encode("cp437")))] == ["Ç├ü.png"]
+
+
+def test_unicode_path_extra_field_names_the_member():
+    info = zipfile.ZipInfo("M_ller.png")
+    utf8 = "Müller.png".encode()
+    info.extra = struct.pack("<HHB", 0x7075, 5 + len(utf8), 1) + struct.pack("<I", zlib.crc32(b"M_ller.png")) + utf8
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(info, b"x")
+    assert [n for n, _ in archive.read_zip(buf.getvalue())] == ["Müller.png"]
 
 
 def test_damaged_zip_member_does_not_stop_the_others():
