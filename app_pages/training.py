@@ -31,8 +31,10 @@ if dirs:
         c: st.column_config.NumberColumn(format="%.3f")
         for c in ("accuracy", "benchmark accuracy", "macro F1", "ECE")})
     st.caption("The rows of `python -m core compare weights/*`, from each card's held-out test split at "
-               "its own operating point; latency as recorded by `compare --record` (1 thread). Models "
-               "trained on other source mixes are tested on other images: compare the benchmark column.")
+               "its own operating point. Rows with different test-set codes were tested on different "
+               "images, so a gap between them is not a paired comparison: `python -m core compare A B "
+               "--paired` compares two models on the images both were tested on. Latency as recorded "
+               "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")
 
     st.subheader("Learning curves side by side")
     names = {app.load_card(d).get("name", d): d for d in dirs if app.load_history(d)}

@@ -7,6 +7,7 @@ settings it was trained at, with "reduced" where its config says the run was cut
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import sys
@@ -83,6 +84,76 @@ def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3)
     return statistics.median(times), pred.precision
 
 
+# ----------------------------------------------------------------------------- test sets
+def test_records(weights_dir: str | Path) -> dict[tuple[str, str], dict]:
+    """eval.json's test records keyed by (source, file); {} when there is no eval.json."""
+    path = Path(weights_dir) / "eval.json"
+    if not path.is_file():
+        return {}
+    return {(r.get("source", "data"), r["file"]): r for r in json.loads(path.read_text()).get("predictions", [])}
+
+
+def test_set_code(records: dict) -> str | None:
+    """8 hex digits naming the set of test images: two rows with different codes were tested on
+    different images (each run draws its own grouped split), so their figures are not paired."""
+    if not records:
+        return None
+    return hashlib.sha1("\n".join(f"{s}/{f}" for s, f in sorted(records)).encode()).hexdigest()[:8]
+
+
+def _hit(r: dict, classes: list[str]) -> bool | None:
+    """Whether one record's call is right: its type where the label has one this model knows,
+    else the tumour / no-tumour call (a coarse 'tumour' label); None when neither can be said."""
+    from .labels import NO_TUMOUR
+    from .metrics import is_tumour_label
+    if r["label"] in classes:
+        return r["pred"] == r["label"]
+    truth = is_tumour_label(r["label"])
+    return None if truth is None else (r["pred"] != NO_TUMOUR) == truth
+
+
+def paired(a: str | Path, b: str | Path) -> dict:
+    """Two models on the test images both were tested on, per source: each one's accuracy, the
+    images only one of them gets right, and the exact McNemar p-value. Side-by-side rows of
+    `compare` come from different splits; only this says which model is better on the same
+    images (a shared test image is in neither model's training split)."""
+    from scipy.stats import binomtest
+    a, b = Path(a), Path(b)
+    ra, rb = test_records(a), test_records(b)
+    if not ra or not rb:
+        raise ValueError(f"no eval.json in {a if not ra else b}: train.py writes it")
+    ca = json.loads((a / "card.json").read_text()).get("classes", [])
+    cb = json.loads((b / "card.json").read_text()).get("classes", [])
+    shared = sorted(set(ra) & set(rb))
+    out = {"a": str(a), "b": str(b), "shared": len(shared), "per_source": {}}
+    for src in sorted({s for s, _ in shared}) + ["all"]:
+        keys = [k for k in shared if src == "all" or k[0] == src]
+        pairs = [(h, g) for h, g in ((_hit(ra[k], ca), _hit(rb[k], cb)) for k in keys)
+                 if h is not None and g is not None]
+        if not pairs:
+            continue
+        a_only = sum(h and not g for h, g in pairs)
+        b_only = sum(g and not h for h, g in pairs)
+        n = a_only + b_only
+        out["per_source"][src] = {"n": len(pairs), "a": sum(h for h, _ in pairs) / len(pairs),
+                                  "b": sum(g for _, g in pairs) / len(pairs), "a_only": a_only,
+                                  "b_only": b_only,
+                                  "p": binomtest(min(a_only, b_only), n, 0.5).pvalue if n else 1.0}
+    return out
+
+
+def paired_text(res: dict) -> str:
+    a, b = Path(res["a"]).name, Path(res["b"]).name
+    lines = [f"{a} (A) against {b} (B) on the {res['shared']} test images both were tested on:",
+             "source      n     A        B        only A right  only B right  McNemar p"]
+    for src, r in res["per_source"].items():
+        lines.append(f"{src:10s} {r['n']:5d}  {100 * r['a']:6.2f}%  {100 * r['b']:6.2f}%  {r['a_only']:12d}  "
+                     f"{r['b_only']:12d}  {r['p']:.3g}")
+    if not res["per_source"]:
+        lines.append("(no image in common: the two runs were tested on different splits)")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- rows
 def _training_sources(card: dict) -> list[str]:
     """Sources the model learnt from (weight > 0); held-out sources are only evaluated."""
@@ -153,7 +224,7 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -
            "tumour_missed": m.get("tumour_missed"), "sensitivity": m.get("sensitivity"),
            "specificity": m.get("specificity"), "ece": m.get("ece"),
            "parameters": card.get("parameters"), "weights_file_bytes": card.get("weights_file_bytes"),
-           "latency_ms": card_latency(card), "latency_from": None,
+           "latency_ms": card_latency(card), "latency_from": None, **_test_set(d),
            "train_time_s": tr.get("train_time_s"), "device": tr.get("device"),
            **_settings(tr, cfg)}
     if row["latency_ms"] is not None:
@@ -166,6 +237,15 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -
             row["latency_from"] = f"not measured ({type(e).__name__}: {e})"
     row["settings"] = settings_text(row)
     return row
+
+
+def _test_set(d: Path) -> dict:
+    """The test-set code, and the tumours the counts of missed ones are out of."""
+    ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+    bench = (ev.get("per_source") or {}).get("benchmark") or {}
+    return {"test_set": test_set_code({(r.get("source", "data"), r["file"]): r for r in ev.get("predictions", [])}),
+            "n_tumour": ev.get("n_tumour"), "benchmark_missed": bench.get("tumour_missed"),
+            "benchmark_n_tumour": bench.get("n_tumour")}
 
 
 def compare_rows(dirs: list[str | Path], latency: bool = True, repeats: int = 20) -> list[dict]:
@@ -212,16 +292,26 @@ def _classes(classes: list[str]) -> str:
     return "/".join(classes) if len(classes) <= 2 else f"{len(classes)}-class"
 
 
-COLUMNS = ("model", "classes", "sources", "test n", "accuracy", "macro F1", "tumours missed",
+COLUMNS = ("model", "classes", "sources", "test n", "test set", "accuracy", "macro F1", "tumours missed",
            "ECE", "params", "size", "CPU latency", "train time", "device", "settings")
+
+
+def missed_text(r: dict) -> str:
+    """'30 of 983 (benchmark 2 of 614)': counts over different numbers of tumours do not compare."""
+    if r.get("tumour_missed") is None:
+        return "-"
+    text = str(r["tumour_missed"]) + (f" of {r['n_tumour']}" if r.get("n_tumour") else "")
+    if r.get("benchmark_missed") is not None and r.get("sources") != ["benchmark"]:
+        text += f" (benchmark {r['benchmark_missed']} of {r['benchmark_n_tumour']})"
+    return text
 
 
 def display_row(r: dict) -> list[str]:
     size = r.get("weights_file_bytes")
     lat = r.get("latency_ms")
     return [r["name"], _classes(r["classes"]), "+".join(r["sources"]) or "-",
-            _num(r.get("test_images"), "d"), _accuracy(r), _num(r["macro_f1"], ".3f"),
-            _num(r["tumour_missed"], "d"), _num(r["ece"], ".3f"),
+            _num(r.get("test_images"), "d"), r.get("test_set") or "-", _accuracy(r), _num(r["macro_f1"], ".3f"),
+            missed_text(r), _num(r["ece"], ".3f"),
             "-" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f} M",
             "-" if size is None else f"{size / 2**20:.1f} MiB",
             "-" if lat is None else f"{lat:.1f} ms", _duration(r["train_time_s"]),
@@ -233,8 +323,12 @@ def to_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(esc(c) for c in display_row(r)) + " |" for r in rows]
     notes = [f"- **{r['name']}** public seed reported: {r['reported']}" for r in rows if r.get("reported")]
-    foot = ["", "Test metrics are on each run's own grouped (near-duplicate-free) test split. "
-            "CPU latency: single image, 1 thread, median; from the card where it has one (its "
+    codes = {r.get("test_set") for r in rows if r.get("test_set")}
+    foot = ["", "Test metrics are on each run's own grouped (near-duplicate-free) test split"
+            + (f": {len(codes)} different test sets among these rows (the 'test set' code), so "
+               "a difference between two rows is not a paired comparison; `python -m core compare A B "
+               "--paired` compares two models on the images both were tested on. " if len(codes) > 1 else ". ")
+            + "CPU latency: single image, 1 thread, median; from the card where it has one (its "
             "benchmark.what says which pass: cards recorded before 2026-12-03 timed the fp32 "
             "forward alone), else measured now on the served pass (bf16 on CPUs with it)."]
     return "\n".join(lines + foot + ([""] + notes if notes else [])) + "\n"
@@ -268,6 +362,16 @@ def cmd_compare(args) -> int:
     for flag, path in (("--md", args.md), ("--json", args.json)):  # before minutes of timing
         if path and Path(path).is_dir():  # a missing folder is made below; a folder is no file
             raise ValueError(output_problem(flag, path))
+    if args.paired:
+        dirs = model_dirs(args.dirs)
+        if len(dirs) != 2:
+            raise ValueError(f"--paired compares exactly two model directories; {len(dirs)} given")
+        res = paired(*dirs)
+        print(paired_text(res))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     rows = compare_rows(args.dirs, latency=not args.no_latency, repeats=args.repeats)
     if not rows:
         raise ValueError(f"no card.json in any of: {' '.join(args.dirs)}")
@@ -287,12 +391,16 @@ def cmd_compare(args) -> int:
 
 
 def add_cli(sub) -> None:
+    from .cli import integer_at_least
     c = sub.add_parser("compare", help="one row per trained model (dirs with a card.json)")
     c.add_argument("dirs", nargs="+", help="model directories, or folders of them")
     c.add_argument("--md", help="also write the table as Markdown")
     c.add_argument("--json", help="also write the rows as JSON")
     c.add_argument("--no-latency", action="store_true", help="do not measure CPU latency")
-    c.add_argument("--repeats", type=int, default=20, help="timed forwards per model")
+    c.add_argument("--repeats", type=integer_at_least(1), default=20, help="timed forwards per model")
+    c.add_argument("--paired", action="store_true",
+                   help="two models on the test images both were tested on: accuracies, discordant "
+                        "images, exact McNemar p (per source)")
     c.add_argument("--record", action="store_true",
                    help="write each measured latency into the model's card (card['benchmark'])")
     c.set_defaults(fn=cmd_compare)

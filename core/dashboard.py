@@ -74,6 +74,9 @@ def interval_text(ev: dict, key: str) -> str | None:
     lo_hi = ev.get("ci95", {}).get(key)
     if not lo_hi:
         return None
+    if ev.get("ci95_method"):   # slices grouped by patient: the patients are the sample
+        return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({ev['ci95_method']}): "
+                "a patient more or less moves the figure by this much.")
     return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} (Wilson): with this many scans, "
             "a few images either way move the figure by this much.")
 
@@ -231,9 +234,11 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
     for r in compare_rows(dirs, latency=False):
         size, params, t = r.get("weights_file_bytes"), r.get("parameters"), r.get("train_time_s")
         rows.append({"model": r["name"], "classes": len(r["classes"]), "sources": "+".join(r["sources"]),
-                     "test images": r.get("test_images"), "accuracy": r.get("accuracy"),
+                     "test images": r.get("test_images"), "test set": r.get("test_set"),
+                     "accuracy": r.get("accuracy"),
                      "benchmark accuracy": benchmark_accuracy(r),
                      "macro F1": r.get("macro_f1"), "tumours missed": r.get("tumour_missed"),
+                     "of tumour scans": r.get("n_tumour"), "benchmark missed": r.get("benchmark_missed"),
                      "ECE": r.get("ece"), "parameters (M)": round(params / 1e6, 2) if params else None,
                      "size (MB)": round(size / 2**20, 1) if size else None,
                      "CPU latency (ms)": r.get("latency_ms"),

@@ -360,7 +360,7 @@ def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> l
     crossed the first copy-aware split that way), or mark another patient's slice as a copy.
     """
     hashes = _all_hashes(paths)
-    patient = [_patient_id(p) for p in paths]
+    patient = [patient_id(p) for p in paths]
     thumb = _thumbs(paths)
 
     def same_scan(i: int, j: int) -> bool:
@@ -402,7 +402,7 @@ def _union_find(n: int, pairs, patient: list[str | None] | None = None) -> list[
     return [find(i) for i in range(n)]
 
 
-def _patient_id(path: str) -> str | None:
+def patient_id(path: str) -> str | None:
     """The TCGA patient a slice's file name gives (`PATIENT_RE`), if any."""
     m = PATIENT_RE.match(Path(path).name)
     return m.group(1) if m else None
@@ -410,7 +410,7 @@ def _patient_id(path: str) -> str | None:
 
 def _patient_key(s: Sample) -> str | None:
     """TCGA ids are global: one patient's slices in two sources (a copied folder) are one group."""
-    return _patient_id(s.path)
+    return patient_id(s.path)
 
 
 def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,

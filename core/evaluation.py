@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
-from .metrics import (classification_metrics, decide, is_tumour_label, risk_coverage,
+from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, risk_coverage,
                       threshold_curve, tumour_probability)
 from .referral import ReferralRule, has_tumour_decision, type_confidence
 
@@ -65,11 +65,32 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
                             for i in known])
         missed = is_t & np.array([records[i]["pred"] == NO_TUMOUR for i in known])
         m["silent_misses"] = int((missed & ~flagged).sum())
+    _patient_intervals(m, records, classes, threshold)
     m["flagged_ood"] = int(sum(not r["in_distribution"] for r in records))
     m["referred_uncertain"] = int(sum(r["uncertain"] for r in records))
     m["referred_type_uncertain"] = int(sum(r.get("type_uncertain", False) for r in records))
     m.update(_risk_coverages(records, classes, threshold))
     return m
+
+
+def _patient_intervals(m: dict, records: list[dict], classes: list[str], threshold: float | None) -> None:
+    """Replace ``m``'s Wilson intervals by patient-cluster bootstraps when every record names its
+    patient (LGG's ``TCGA_<site>_<patient>`` files) and patients hold several slices each."""
+    from .data import patient_id
+    patients = [patient_id(r["file"]) for r in records]
+    if not records or not all(patients) or len(set(patients)) == len(records) or "ci95" not in m:
+        return
+    probs = np.array([[r["probs"][c] for c in classes] for r in records])
+    pred = [classes[k] for k in decide(probs, classes, threshold)]
+    labels = [r["label"] for r in records]
+    truth = [is_tumour_label(lab) for lab in labels]
+    rates = {"accuracy": [(p == lab, i) for i, (p, lab) in enumerate(zip(pred, labels)) if lab in classes],
+             "sensitivity": [(p != NO_TUMOUR, i) for i, (p, t) in enumerate(zip(pred, truth)) if t is True],
+             "specificity": [(p == NO_TUMOUR, i) for i, (p, t) in enumerate(zip(pred, truth)) if t is False]}
+    for key, rows in rates.items():
+        if key in m["ci95"] and rows:
+            m["ci95"][key] = list(cluster_interval(np.array([h for h, _ in rows]), [patients[i] for _, i in rows]))
+    m["ci95_method"] = f"bootstrap over {len(set(patients))} patients (slices of one patient are not independent)"
 
 
 def _risk_coverages(records: list[dict], classes: list[str], threshold: float | None) -> dict:

@@ -104,6 +104,22 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def cluster_interval(hits: np.ndarray, groups: list[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap of a rate that resamples whole groups. The slices of one patient
+    are not independent: LGG's 433 test slices come from 13 patients, and a Wilson interval over
+    slices (94.1-97.7 %) is much narrower than the spread between patients (93.8-98.4 %)."""
+    hits = np.asarray(hits, dtype=float)
+    keys = sorted(set(groups))
+    idx = {g: i for i, g in enumerate(keys)}
+    g = np.array([idx[x] for x in groups])
+    k, n = np.bincount(g, weights=hits, minlength=len(keys)), np.bincount(g, minlength=len(keys))
+    draws = np.random.default_rng(seed).integers(len(keys), size=(n_boot, len(keys)))
+    counts = n[draws].sum(axis=1)
+    rates = k[draws].sum(axis=1) / np.maximum(counts, 1)
+    lo, hi = np.percentile(rates[counts > 0], [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
 def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[str],
                            threshold: float | None = None) -> dict:
     """Everything the CLI's ``evaluate`` JSON and the dashboards report, for one set of samples."""

@@ -144,3 +144,68 @@ def test_overlaid_curves_have_train_and_val_per_run():
     names = [t.name for t in fig.data]
     assert names == ["aug (val)", "aug (train)", "noaug (val)", "noaug (train)"]
     assert list(fig.data[2].y) == pytest.approx([0.5, 0.6])
+
+
+def _with_eval(d: Path, records: list[tuple[str, str, str, str]], train: list[str] = ()) -> Path:
+    """eval.json records (source, file, label, pred) and a split.json, as train.py writes them."""
+    preds = [{"source": s, "file": f, "label": lab, "pred": p} for s, f, lab, p in records]
+    n_t = sum(lab != "notumor" for _, _, lab, _ in records)
+    (d / "eval.json").write_text(json.dumps({"predictions": preds, "n_tumour": n_t, "per_source": {
+        "benchmark": {"tumour_missed": 1, "n_tumour": n_t}}}))
+    (d / "split.json").write_text(json.dumps({"files": {"benchmark": {"train": list(train)}}}))
+    return d
+
+
+def test_paired_compares_two_models_on_the_images_both_were_tested_on(tmp_path):
+    """Side-by-side rows of different splits reversed a conclusion (cnn_bn with and without
+    augmentation): the paired figures are on the shared images only, with McNemar's p."""
+    from core.compare import paired
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    a = make_model_dir(tmp_path / "a", four)
+    b = make_model_dir(tmp_path / "b", four)
+    shared = [("benchmark", f"glioma/s{i}.jpg", "glioma") for i in range(12)]
+    _with_eval(a, [(s, f, lab, "glioma") for s, f, lab in shared] + [("benchmark", "glioma/only_a.jpg", "glioma", "notumor")])
+    _with_eval(b, [(s, f, lab, "notumor" if i < 10 else "glioma") for i, (s, f, lab) in enumerate(shared)]
+               + [("benchmark", "notumor/only_b.jpg", "notumor", "notumor")])
+    res = paired(a, b)
+    bench = res["per_source"]["benchmark"]
+    assert res["shared"] == 12 and bench["n"] == 12
+    assert (bench["a"], round(bench["b"], 4), bench["a_only"], bench["b_only"]) == (1.0, round(2 / 12, 4), 10, 0)
+    assert bench["p"] == pytest.approx(2 * 0.5 ** 10)   # exact two-sided McNemar
+    rows = {r["name"]: r for r in compare_rows([a, b], latency=False)}
+    assert rows["a"]["test_set"] != rows["b"]["test_set"]   # 13 images each, not the same 13
+    md = to_markdown(list(rows.values()))
+    assert "2 different test sets" in md and "--paired" in md
+    assert cli_main(["compare", str(a), str(b), "--paired"]) == 0
+    with pytest.raises(SystemExit):
+        cli_main(["compare", str(a), "--repeats", "0"])
+
+
+def test_tumours_missed_is_shown_out_of_its_tumour_scans(tmp_path):
+    from core.compare import missed_text
+    d = make_model_dir(tmp_path / "m", ["glioma", "meningioma", "pituitary", "notumor"],
+                       extra={"sources": [{"name": "benchmark"}, {"name": "lgg"}]})
+    _with_eval(d, [("benchmark", "glioma/a.jpg", "glioma", "glioma"), ("lgg", "glioma/b.jpg", "glioma", "notumor")])
+    (row,) = compare_rows([d], latency=False)
+    assert missed_text(row) == "2 of 2 (benchmark 1 of 2)"
+
+
+def test_lgg_intervals_resample_patients_not_slices():
+    """433 LGG slices of 13 patients: a Wilson interval over slices was far too narrow."""
+    from core.evaluation import evaluate_records
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    recs = []
+    for p in range(6):   # six patients, 40 slices each; two patients' slices mostly wrong
+        for k in range(40):
+            wrong = p < 2 and k < 20
+            recs.append({"file": f"glioma/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "glioma",
+                         "probs": dict(zip(classes, [0.1, 0.1, 0.1, 0.7] if wrong else [0.7, 0.1, 0.1, 0.1])),
+                         "tumour_probability": 0.3 if wrong else 0.9, "pred": "notumor" if wrong else "glioma",
+                         "in_distribution": True, "uncertain": False, "confidence": 0.7})
+    ev = evaluate_records(recs, classes, 0.5)
+    lo, hi = ev["ci95"]["accuracy"]
+    from core.metrics import wilson
+    w_lo, w_hi = wilson(200, 240)
+    assert "6 patients" in ev["ci95_method"] and lo < w_lo - 0.03 and hi > w_hi
+    plain = evaluate_records([{**r, "file": f"glioma/x{i}.jpg"} for i, r in enumerate(recs)], classes, 0.5)
+    assert "ci95_method" not in plain and plain["ci95"]["accuracy"] == pytest.approx(list(wilson(200, 240)))
