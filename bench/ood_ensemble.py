@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench._machine import header, json_output, positive  # noqa: E402
 from core import outliers as O  # noqa: E402
 from core.ood import (ImageSet, OODGate, _load_mri, category_folds, outlier_set,  # noqa: E402
@@ -46,8 +47,8 @@ def rates(net: nn.Module, d: dict, test_out: dict[str, ImageSet]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/resnet18_176")
-    p.add_argument("--data-config", default="experiments/default.toml")
+    p.add_argument("--weights", default=str(ROOT / "weights" / "resnet18_176"))
+    p.add_argument("--data-config", default=str(ROOT / "experiments" / "default.toml"))
     p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--json", default=None)

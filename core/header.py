@@ -34,8 +34,25 @@ NON_HEAD_PARTS = frozenset({
 })
 
 
+# Words that make a Body Part Examined not the head wherever they stand in it ("LUMBAR SPINE",
+# "CHEST_TO_PELVIS", "LOWER LEG"), unless a head word stands there too ("HEAD^NECK").
+NON_HEAD_WORDS = NON_HEAD_PARTS | {"CARDIAC", "ABDOMINAL", "PELVIC", "LUMBAR", "THORACIC", "SPINAL",
+                                   "SACRAL", "BREASTS", "LEGS", "ARMS", "HANDS", "FEET", "KNEES"}
+HEAD_WORDS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBRUM", "KOPF", "SCHADEL", "CRANE",
+                        "CERVEAU", "CRANEO", "CEREBRO", "ORBIT", "SELLA", "IAC", "HEADNECK"})
+
+
 def _part_key(text: str) -> str:
     return re.sub(r"[\s_\-^]+", "", text.upper())
+
+
+def _not_head(part: str) -> bool:
+    """Whether a Body Part Examined names a part that is not the head: the whole term (spaces
+    and separators dropped, "C-SPINE" = "CSPINE") or any word of it, unless a word names the head."""
+    words = set(re.split(r"[\s_\-^/,.&+]+", part.upper())) - {""}
+    if words & HEAD_WORDS:
+        return False
+    return _part_key(part) in NON_HEAD_PARTS or bool(words & NON_HEAD_WORDS)
 
 
 def header_reason(info: dict) -> str | None:
@@ -50,7 +67,7 @@ def header_reason(info: dict) -> str | None:
         return (f"{PREFIX} this is {kind} image (Modality {modality}), not an MRI; "
                 "the model reads brain MRI only.")
     part = str(info.get("body_part", "")).strip()
-    if part and _part_key(part) in NON_HEAD_PARTS:
+    if part and _not_head(part):
         return (f"{PREFIX} the body part examined is {part}, not the head; "
                 "the model reads brain MRI only.")
     return None

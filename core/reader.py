@@ -188,16 +188,24 @@ def _suffix(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- pixels
-def robust_window(a: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """Scale to [0, 1] between the 0.5 and 99.5 percentiles (outliers do not set the contrast)."""
-    a = np.nan_to_num(np.asarray(a, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if a.size == 0:
-        return a, (0.0, 1.0)
-    sample = a if a.size <= 4_000_000 else a.ravel()[:: a.size // 4_000_000 + 1]
+def robust_window(a: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, tuple[float, float]]:
+    """Scale to [0, 1] between the 0.5 and 99.5 percentiles (outliers do not set the contrast).
+
+    ``inplace``: the caller owns ``a`` (float32) and lets it be overwritten; a 128 MB volume then
+    needs no second and third copy on a 1 GB host."""
+    out = np.asarray(a, dtype=np.float32)
+    if (out is a and not inplace) or not out.flags.writeable:
+        out = out.copy()
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if out.size == 0:
+        return out, (0.0, 1.0)
+    sample = out if out.size <= 4_000_000 else out.ravel()[:: out.size // 4_000_000 + 1]
     lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     if hi - lo < 1e-6:  # nearly constant: fall back to the full range
-        lo, hi = float(a.min()), float(a.max())
-    out = np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+    out -= lo
+    out /= max(hi - lo, 1e-6)   # a division, as before: bit-identical results (a reciprocal is not)
+    np.clip(out, 0.0, 1.0, out=out)
     return out, (lo, hi)
 
 
@@ -264,7 +272,7 @@ def _flatten_mode(img: Image.Image) -> Image.Image:
 def _to_grey(img: Image.Image) -> tuple[np.ndarray, float, dict]:
     """A flattened (L, RGB, I or F) image -> grey [0, 1], colourfulness, info."""
     if img.mode in ("I", "F"):
-        grey, (lo, hi) = robust_window(np.asarray(img))
+        grey, (lo, hi) = robust_window(np.asarray(img, dtype=np.float32), inplace=True)
         return grey, 0.0, {"intensity_window": [round(lo, 3), round(hi, 3)]}
     a = np.asarray(img, dtype=np.float32) / 255.0
     if a.ndim == 2:
@@ -298,22 +306,28 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
     with img:
         width, height = img.size
         _check_size(width, height)  # from the header: nothing decoded yet
-        n_frames = _count_frames(img)
         info: dict[str, Any] = {"format": img.format, "mode": img.mode, "width": width,
                                 "height": height}
         try:
+            n_frames = _count_frames(img)  # a damaged GIF or TIFF fails here already
             frame = _frame_index(options, n_frames or 2**31, 0)
             _seek(img, frame)
+            if frame:
+                _check_page(img, info)
             if n_frames != 1:
                 info.update(frame=frame, n_frames=n_frames)
             if img.format in ("JPEG", "MPO") and max(width, height) > MAX_SIDE:
                 img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4...: less memory
-            img.load()
+            with warnings.catch_warnings():  # a later page's size was checked by _check_page
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
             grey, colour, extra = _decode_loaded(img, info)
         except ScanError:
             raise
         except MemoryError:
             raise ScanError("The image is too large to process.") from None
+        except Image.DecompressionBombError:
+            raise ScanError(f"The image is too large (over {MAX_PIXELS // 1_000_000} megapixels).") from None
         except OSError as e:
             if "truncated" in str(e).lower():
                 raise ScanError("The image file is truncated (incomplete).") from e
@@ -323,6 +337,14 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
     info.update(extra)
     info.update(_blank(grey))
     return ScanImage(grey, colour, "image", info)
+
+
+def _check_page(img: Image.Image, info: dict) -> None:
+    """A later page of a TIFF or GIF is checked as the first was (each page has its own size and
+    mode: a 64-megapixel page 2 was decoded, a 600 x 4 strip read as a slice), and ``info``
+    describes the page shown."""
+    _check_size(*img.size)
+    info.update(mode=img.mode, width=img.width, height=img.height)
 
 
 def _count_frames(img: Image.Image) -> int | None:
@@ -346,15 +368,28 @@ def _seek(img: Image.Image, frame: int) -> None:
 
 def _decode_loaded(img: Image.Image, info: dict) -> tuple[np.ndarray, float, dict]:
     orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-    if isinstance(orientation, int) and 2 <= orientation <= 8:  # a malformed tag is ignored, as viewers do
+    turned = isinstance(orientation, int) and 2 <= orientation <= 8  # a malformed tag is ignored, as viewers do
+    img = _reduce_image(img, info, swap=turned and orientation >= 5)  # first: the steps below copy
+    if turned:
         img = ImageOps.exif_transpose(img)
         info["exif_rotated"] = int(orientation)
-    img = _flatten_mode(img)
+    return _to_grey(_flatten_mode(img))
+
+
+def _reduce_image(img: Image.Image, info: dict, swap: bool = False) -> Image.Image:
+    """The image reduced to MAX_SIDE, before any conversion: a 6300 x 6300 RGBA PNG converted at
+    full size took 800 MB. Palette and 1-bit images are sampled (their values are indices)."""
     longest = max(img.size)
-    if longest > MAX_SIDE:
-        info["downscaled_from"] = list(img.size)
-        img = img.reduce(math.ceil(longest / MAX_SIDE))
-    return _to_grey(img)
+    if longest <= MAX_SIDE:
+        return img
+    factor = math.ceil(longest / MAX_SIDE)
+    info["downscaled_from"] = list(img.size[::-1] if swap else img.size)
+    if img.mode in ("P", "PA", "1"):
+        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.NEAREST)
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not take (CMYK, YCbCr, I;16...)
+        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.BOX)
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -387,11 +422,12 @@ def _decoder_available(ts) -> bool:
 def _dicom_frame(ds, index: int | None) -> np.ndarray:
     """Decode one frame; compressed syntaxes go through pydicom's decoders (see `_read_dicom`)."""
     from pydicom.pixels import pixel_array
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # A data set without file meta (no preamble): its encoding is what pydicom read.
-        implicit = getattr(ds, "original_encoding", (True, True))[0]
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
     ts = ds.file_meta.TransferSyntaxUID
     try:
         with warnings.catch_warnings():
@@ -432,7 +468,9 @@ def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
     if "VOILUTSequence" in ds:
         try:
             from pydicom.pixels import apply_voi
-            out = apply_voi(values, ds).astype(np.float32)
+            with warnings.catch_warnings():  # "Applying a VOI LUT on a float input" and the like
+                warnings.simplefilter("ignore")
+                out = apply_voi(values, ds).astype(np.float32)
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             grey = np.clip(out / float(2**bits - 1), 0, 1)
             if float(grey.std()) > 1e-3:
@@ -486,9 +524,16 @@ def _dicom_grey_values(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
     return grey, 0.0, info
 
 
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"   # DICOMDIR: a CD/DVD export's index, not an image
+
+
 def _dicom_header(data: bytes):
     force = sniff(data) != "dicom"  # no preamble: ask pydicom to try anyway
     ds = _dcmread(data, force=force)
+    if (str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY
+            or "DirectoryRecordSequence" in ds):
+        raise ScanError("This is a DICOMDIR, the index of a CD or DVD export, not an image: upload "
+                        "the image files it lists (usually in the folders beside it).")
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows")):  # nothing parsed
             raise ScanError("The DICOM file is damaged and cannot be read.")
@@ -562,9 +607,36 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     arr = _dicom_frame(ds, frame if n_frames > 1 else None)
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
+    info = _safe_dicom_info(ds, rows, cols, n_frames)
+    arr = _reduce_frame(arr, ds, info)
     grey, colour, window = _dicom_grey(arr, ds)
-    info = _dicom_info(ds, rows, cols, n_frames) | window | {"frame": frame} | _blank(grey)
+    info |= window | {"frame": frame} | _blank(grey)
     return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
+
+
+def _reduce_frame(arr: np.ndarray, ds, info: dict) -> np.ndarray:
+    """A decoded frame reduced to MAX_SIDE before any table is applied: at 6300 x 6300 the
+    rescale and window steps each made a 160 MB float copy. Block means of the stored values
+    (the rescale is linear, so it commutes); palette indices are sampled, not averaged."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= MAX_SIDE:
+        return arr
+    f = math.ceil(max(h, w) / MAX_SIDE)
+    info["downscaled_from"] = [w, h]
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
+        return np.ascontiguousarray(arr[::f, ::f])
+    blocks = arr[: h // f * f, : w // f * f].reshape(h // f, f, w // f, f, *arr.shape[2:])
+    out = blocks.mean(axis=(1, 3), dtype=np.float32)
+    # stored integers stay integers: a Modality or VOI LUT looks its values up
+    return np.rint(out).astype(arr.dtype) if arr.dtype.kind in "ui" else out
+
+
+def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
+    """`_dicom_info`, with a damaged header element (pydicom parses lazily, on access) as one sentence."""
+    try:
+        return _dicom_info(ds, rows, cols, n_frames)
+    except Exception as e:
+        raise ScanError("The DICOM file is damaged (a header element cannot be read).") from e
 
 
 def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
@@ -575,9 +647,10 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
     arr = _dicom_frame(ds, None)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
-    greys = [_dicom_grey(f, ds) for f in frames]
+    info = _safe_dicom_info(ds, rows, cols, n_frames)
+    greys = [_dicom_grey(_reduce_frame(f, ds, info), ds) for f in frames]
     window = greys[len(greys) // 2][2]  # the same header window for every frame
-    return [(g[0], g[1]) for g in greys], _dicom_info(ds, rows, cols, n_frames) | window
+    return [(g[0], g[1]) for g in greys], info | window
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -685,6 +758,7 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
             raw = np.asanyarray(img.dataobj).reshape(shape)
             raw = raw[..., vol_index] if raw.ndim == 4 else raw
         vol = np.asarray(raw, dtype=np.float32).reshape(raw.shape if raw.ndim == 3 else raw.shape + (1,))
+        del raw   # the stored values, no longer needed: a 128 MB volume must not be held twice
     except MemoryError:
         raise ScanError("The volume is too large to process.") from None
     except Exception as e:
@@ -695,8 +769,10 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
             canon = nib.as_closest_canonical(nib.Nifti1Image(vol, img.affine))
         except Exception as e:  # a NaN or all-zero affine has no orientation to reorient by
             raise ScanError("The NIfTI file's orientation (affine) is damaged.") from e
-        vol = np.asarray(canon.dataobj, dtype=np.float32)
+        del vol
+        vol = np.ascontiguousarray(canon.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in canon.header.get_zooms()[:3])
+        del canon
         orientation += " (shown as RAS, radiological)"
     else:
         # Flipping x and y reads the identity as image tools and ITK mean it (x across, y down):
@@ -704,7 +780,8 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
         vol = np.ascontiguousarray(vol[::-1, ::-1, :])
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         orientation = NO_GEOMETRY
-    vol, (lo, hi) = robust_window(vol)
+    del img
+    vol, (lo, hi) = robust_window(vol, inplace=True)
     info = {"format": "NIfTI", "n_volumes": n_vol,
             "volume": vol_index, "orientation": orientation,
             "voxel_size_mm": [round(z, 3) for z in zooms],
@@ -897,25 +974,44 @@ def read_image_pages(src: str | Path | bytes, name: str | None = None, **options
     name = _source_name(src, name)
     data = load_bytes(src)
     first = read_scan(data, name, **options)
-    n = int(first.info.get("n_frames") or 1)
+    counted = first.info.get("n_frames", 1)   # None: a large GIF, whose frames are counted here
+    n = MAX_STACK_PAGES if counted is None else int(counted or 1)
     if first.kind != "image" or n <= 1 or any(options.get(k) is not None for k in ("frame", "slice", "slice_index")):
         return [first]
-    if n > MAX_STACK_PAGES or first.info["width"] * first.info["height"] * n > MAX_VOXELS:
+    if counted is not None and (n > MAX_STACK_PAGES or first.info["width"] * first.info["height"] * n > MAX_VOXELS):
         raise ScanError(f"The image has too many pages to read at once ({n}).")
     pages = [first]
     try:
         with Image.open(io.BytesIO(data), formats=_image_formats()) as img:
             for k in range(1, n):
-                img.seek(k)
-                img.load()
-                info = {key: first.info[key] for key in ("format", "mode", "width", "height")
-                        if key in first.info} | {"frame": k, "n_frames": n}
+                if counted is None:
+                    try:
+                        img.seek(k)
+                    except EOFError:  # the last frame was read
+                        break
+                    if first.info["width"] * first.info["height"] * (k + 1) > MAX_VOXELS:
+                        raise ScanError(f"The image has too many pages to read at once (over {k}).")
+                else:
+                    img.seek(k)
+                info = {"format": first.info.get("format"), "frame": k, "n_frames": n}
+                try:
+                    _check_page(img, info)
+                except ScanError as e:
+                    raise ScanError(f"Page {k + 1} of the image: {e}") from None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    img.load()
                 grey, colour, extra = _decode_loaded(img, info)
                 pages.append(ScanImage(grey, colour, "image", info | extra | _blank(grey)))
+    except ScanError:
+        raise
     except MemoryError:
         raise ScanError("The image is too large to process.") from None
     except Exception as e:  # a page past the first that does not decode
         raise ScanError(f"Page {len(pages)} of the image is damaged and cannot be decoded.") from e
+    if counted is None:
+        for page in pages:
+            page.info["n_frames"] = len(pages)
     return pages
 
 

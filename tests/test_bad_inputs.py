@@ -502,3 +502,117 @@ def test_zip_to_labelled_uses_the_class_folder():
     assert [(c, n) for c, n, _ in got] == [("glioma", "Testing/glioma/a.png"),
                                            ("notumor", "Testing/notumor/b.png")]
     assert dict(got.skipped) == {"top.png": "The file is not inside a class folder."}
+
+
+# ----------------------------------------------------------------------------- reader review (session 19)
+def _big_frame(side: int = 2100) -> np.ndarray:
+    a = np.zeros((side, side), np.uint16)
+    a[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 2048   # mid-grey square on black
+    return a
+
+
+def test_a_large_dicom_frame_is_reduced_before_its_tables(monkeypatch):
+    """A 6300 x 6300 DICOM took 740 MB in the reader: rescale and window each copied it at full size."""
+    seen = []
+    real = reader._dicom_grey_values
+    monkeypatch.setattr(reader, "_dicom_grey_values", lambda arr, ds: seen.append(arr.shape) or real(arr, ds))
+    s = reader.read_scan(make_dicom(_big_frame(), window=(2048, 4096)), "big.dcm")
+    assert seen == [(1050, 1050)] and s.pixels.shape == (1050, 1050)
+    assert s.info["downscaled_from"] == [2100, 2100]
+    assert abs(float(s.pixels[525, 525]) - 0.5) < 0.01 and float(s.pixels[5, 5]) == 0.0
+
+
+def test_a_large_rgba_png_is_reduced_before_it_is_flattened(monkeypatch):
+    """A 0.2 MB RGBA PNG of 6300 x 6300 took 800 MB: converted and composited at full size."""
+    seen = []
+    real = reader._flatten_mode
+    monkeypatch.setattr(reader, "_flatten_mode", lambda img: seen.append(img.size) or real(img))
+    rgba = Image.fromarray((_big_frame() >> 4).astype(np.uint8)).convert("RGBA")
+    s = reader.read_scan(encode(rgba, "PNG"), "big.png")
+    assert seen == [(1050, 1050)] and s.info["downscaled_from"] == [2100, 2100]
+
+
+def test_robust_window_leaves_the_callers_array_alone_unless_told():
+    a = np.linspace(0, 100, 1000, dtype=np.float32)
+    before = a.copy()
+    out, _ = reader.robust_window(a)
+    assert np.array_equal(a, before) and out.max() == 1.0
+    out2, _ = reader.robust_window(a, inplace=True)
+    assert out2 is a and np.allclose(out, out2)
+
+
+def test_damaged_header_element_and_damaged_gif_are_one_sentence():
+    """pydicom parses elements lazily: a corrupt VR raised NotImplementedError from the info step;
+    a damaged GIF failed while its frames were counted, outside the reader's guard."""
+    d = bytearray(make_dicom(dicom12(np.asarray(grey8()) / 255.0), series="1.2.3.4"))
+    i = d.index(b"\x20\x00\x0e\x00UI")
+    d[i + 4:i + 6] = b"UO"
+    with pytest.raises(ScanError, match="damaged"):
+        reader.read_scan(bytes(d), "series.dcm")
+    y, x = np.mgrid[:64, :64]
+    a = np.where(((y - 32) / 25.6) ** 2 + ((x - 32) / 22.4) ** 2 < 1, 100, 0)
+    g = Image.fromarray(np.where((y < 32) & (x < 32) & (a > 0), 200, a).astype(np.uint8))
+    buf = io.BytesIO()
+    g.save(buf, "GIF", save_all=True, append_images=[g])
+    gif = bytearray(buf.getvalue())
+    gif[134], gif[303] = 245, 33
+    with pytest.raises(ScanError):
+        reader.read_scan(bytes(gif), "stack.gif")
+
+
+def _tiff(*pages: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(buf, "TIFF", save_all=True, append_images=list(pages), **kw)
+    return buf.getvalue()
+
+
+def test_later_tiff_pages_are_checked_like_the_first():
+    """A 600 x 4 page 2 was read as a slice, a 64-megapixel one decoded, and info described page 1."""
+    strip = _tiff(Image.fromarray(np.full((4, 600), 100, np.uint8)))
+    with pytest.raises(ScanError, match="Page 2 .*too small"):
+        reader.read_image_pages(strip, "x.tif")
+    with pytest.raises(ScanError, match="too small"):
+        reader.read_scan(strip, "x.tif", frame=1)
+    big = _tiff(Image.new("L", (7000, 7000)), compression="tiff_adobe_deflate")
+    with pytest.raises(ScanError, match="too large"):
+        reader.read_scan(big, "x.tif", frame=1)
+    f = reader.read_scan(_tiff(Image.fromarray(np.random.default_rng(0).random((300, 200), np.float32))), "x.tif", frame=1)
+    assert (f.info["mode"], f.info["width"], f.info["height"]) == ("F", 200, 300)
+
+
+def test_every_frame_of_a_large_gif_is_read():
+    """Frames of a GIF over 1 megapixel are not counted up front: the stack showed one page."""
+    frames = [Image.fromarray(np.full((1000, 1200), v, np.uint8)) for v in (50, 120, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    pages = reader.read_image_pages(buf.getvalue(), "stack.gif")
+    assert len(pages) == 3 and all(p.info["n_frames"] == 3 for p in pages)
+
+
+def test_a_dicomdir_says_what_it_is():
+    import pydicom
+    p = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "DICOMDIR"
+    with pytest.raises(ScanError, match="DICOMDIR, the index of a CD"):
+        reader.read_scan(p)
+
+
+def test_big_endian_dicom_without_a_transfer_syntax_is_not_byte_swapped():
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+    a = dicom12(np.asarray(grey8()) / 255.0)
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(a, window=None)))
+    del ds.file_meta
+    ds.PixelData = a.astype(">u2").tobytes()
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, implicit_vr=False, little_endian=False)
+    little = reader.read_scan(make_dicom(a, window=None), "le.dcm").pixels
+    assert np.allclose(reader.read_scan(buf.getvalue(), "be.dcm").pixels, little, atol=1e-6)
+
+
+@pytest.mark.parametrize("part,refused", [("LUMBAR SPINE", True), ("CERVICAL SPINE", True), ("CARDIAC", True),
+                                          ("CHEST_TO_PELVIS", True), ("LOWER LEG", True), ("C-SPINE", True),
+                                          ("HEAD^NECK", False), ("HEAD AND NECK", False), ("brain", False),
+                                          ("KOPF", False), ("", False)])
+def test_body_part_words_not_only_whole_terms(part, refused):
+    from core.header import header_reason
+    assert (header_reason({"modality": "MR", "body_part": part}) is not None) == refused
