@@ -40,6 +40,9 @@ def cmd_audit(args) -> int:
         except ScanError as e:
             unreadable.append((s.rel, str(e)))
             continue
+        except Exception as e:  # the reader's surprise for one file never ends the audit
+            unreadable.append((s.rel, f"the file could not be processed ({type(e).__name__})"))
+            continue
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)
     skipped = [f"  skipped {rel}: {why}" for rel, why in scan.skipped + unreadable]
