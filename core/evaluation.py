@@ -74,11 +74,13 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
 
 
 def _patient_intervals(m: dict, records: list[dict], classes: list[str], threshold: float | None) -> None:
-    """Replace ``m``'s Wilson intervals by patient-cluster bootstraps when every record names its
-    patient (LGG's ``TCGA_<site>_<patient>`` files) and patients hold several slices each."""
+    """Replace ``m``'s Wilson intervals by patient-cluster bootstraps when records name their
+    patient (LGG's ``TCGA_<site>_<patient>`` files) and patients hold several slices each; a
+    record without a patient is its own group (all sources pooled: LGG's slices still cluster)."""
     from .data import patient_id
-    patients = [patient_id(r["file"]) for r in records]
-    if not records or not all(patients) or len(set(patients)) == len(records) or "ci95" not in m:
+    named = [patient_id(r["file"]) for r in records]
+    patients = [p or f"{r.get('source', 'data')}/{r['file']}" for p, r in zip(named, records)]
+    if not records or len(set(patients)) == len(records) or "ci95" not in m:
         return
     probs = np.array([[r["probs"][c] for c in classes] for r in records])
     pred = [classes[k] for k in decide(probs, classes, threshold)]
@@ -90,7 +92,9 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     for key, rows in rates.items():
         if key in m["ci95"] and rows:
             m["ci95"][key] = list(cluster_interval(np.array([h for h, _ in rows]), [patients[i] for _, i in rows]))
-    m["ci95_method"] = f"bootstrap over {len(set(patients))} patients (slices of one patient are not independent)"
+    n_named = len({p for p in named if p})
+    m["ci95_method"] = (f"bootstrap over {n_named} patients" + (" and the other scans one by one" if not all(named) else "")
+                        + " (slices of one patient are not independent)")
 
 
 def _risk_coverages(records: list[dict], classes: list[str], threshold: float | None) -> dict:
