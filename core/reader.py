@@ -458,7 +458,25 @@ def _first(value) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
+def _functional(ds, name: str, frame: int | None):
+    """The first item of functional-group sequence ``name`` (Enhanced MR and CT keep the window,
+    the rescale and the anatomy there, not at the top level) for ``frame``: its per-frame group,
+    else the shared one; None when the file has neither."""
+    groups = []
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is not None and frame is not None and 0 <= frame < len(per):
+        groups.append(per[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for g in groups:
+        seq = g.get(name)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _dicom_window(values: np.ndarray, ds, frame: int | None = None) -> tuple[np.ndarray, dict]:
     """Modality values -> [0, 1] display values with the file's VOI (window or LUT).
 
     Linear window per DICOM PS3.3 C.11.2.1.2 (pydicom's apply_windowing returns the result in a
@@ -477,8 +495,9 @@ def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
                 return grey, {"window_source": "VOI LUT"}
         except Exception:  # a broken LUT falls back to the window or percentiles below
             pass
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+    voi = ds if "WindowCenter" in ds else (_functional(ds, "FrameVOILUTSequence", frame) or ds)
+    center, width = _first(voi.get("WindowCenter")), _first(voi.get("WindowWidth"))
+    function = str(voi.get("VOILUTFunction", "LINEAR")).strip().upper()
     if center is not None and width is not None and width >= (1 if function == "LINEAR" else 1e-9):
         if function == "SIGMOID":
             grey = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
@@ -494,18 +513,18 @@ def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray, dict]:
                   "window_source": "percentile 0.5-99.5"}
 
 
-def _dicom_grey(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
+def _dicom_grey(arr: np.ndarray, ds, frame: int | None = None) -> tuple[np.ndarray, float, dict]:
     """One decoded frame -> grey [0, 1], colourfulness, window info; ScanError when the file's
     tables cannot be applied."""
     try:
-        return _dicom_grey_values(arr, ds)
+        return _dicom_grey_values(arr, ds, frame)
     except MemoryError:
         raise ScanError("The DICOM image is too large to process.") from None
     except Exception as e:  # a palette without its table, a non-numeric slope, a broken LUT
         raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
 
 
-def _dicom_grey_values(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
+def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None) -> tuple[np.ndarray, float, dict]:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if pi == "PALETTE COLOR":
@@ -518,7 +537,10 @@ def _dicom_grey_values(arr: np.ndarray, ds) -> tuple[np.ndarray, float, dict]:
         grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return grey.astype(np.float32), float(np.abs(rgb - grey[..., None]).mean()), {}
     values = apply_modality_lut(arr, ds).astype(np.float32)  # Rescale Slope/Intercept or LUT
-    grey, info = _dicom_window(values, ds)
+    pvt = None if "RescaleSlope" in ds else _functional(ds, "PixelValueTransformationSequence", frame)
+    if pvt is not None and _first(pvt.get("RescaleSlope")) is not None:
+        values = values * np.float32(_first(pvt.RescaleSlope)) + np.float32(_first(pvt.get("RescaleIntercept")) or 0.0)
+    grey, info = _dicom_window(values, ds, frame)
     if pi == "MONOCHROME1":  # the lowest value is white
         grey = 1.0 - grey
     return grey, 0.0, info
@@ -558,7 +580,7 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     info: dict[str, Any] = {
         "format": "DICOM", "width": cols, "height": rows,
         "modality": str(ds.get("Modality", ""))[:16],
-        "body_part": str(ds.get("BodyPartExamined", ""))[:32],
+        "body_part": (str(ds.get("BodyPartExamined", "")) or _anatomy(ds))[:32],
         "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
         "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
@@ -568,6 +590,13 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     if slope is not None and intercept is not None:
         info["rescale"] = {"slope": slope, "intercept": intercept}
     return info | _series_fields(ds)
+
+
+def _anatomy(ds) -> str:
+    """The body part an Enhanced MR or CT states in its Frame Anatomy (no BodyPartExamined)."""
+    fa = _functional(ds, "FrameAnatomySequence", 0)
+    region = fa.get("AnatomicRegionSequence") if fa is not None else None
+    return str(region[0].get("CodeMeaning", "")) if region else ""
 
 
 # Salted per process: the key groups one batch's files by series and links to nothing outside it
@@ -609,7 +638,7 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
     info = _safe_dicom_info(ds, rows, cols, n_frames)
     arr = _reduce_frame(arr, ds, info)
-    grey, colour, window = _dicom_grey(arr, ds)
+    grey, colour, window = _dicom_grey(arr, ds, frame)
     info |= window | {"frame": frame} | _blank(grey)
     return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
 
@@ -648,7 +677,7 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
     info = _safe_dicom_info(ds, rows, cols, n_frames)
-    greys = [_dicom_grey(_reduce_frame(f, ds, info), ds) for f in frames]
+    greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k) for k, f in enumerate(frames)]
     window = greys[len(greys) // 2][2]  # the same header window for every frame
     return [(g[0], g[1]) for g in greys], info | window
 

@@ -515,7 +515,7 @@ def test_a_large_dicom_frame_is_reduced_before_its_tables(monkeypatch):
     """A 6300 x 6300 DICOM took 740 MB in the reader: rescale and window each copied it at full size."""
     seen = []
     real = reader._dicom_grey_values
-    monkeypatch.setattr(reader, "_dicom_grey_values", lambda arr, ds: seen.append(arr.shape) or real(arr, ds))
+    monkeypatch.setattr(reader, "_dicom_grey_values", lambda arr, ds, *a: seen.append(arr.shape) or real(arr, ds, *a))
     s = reader.read_scan(make_dicom(_big_frame(), window=(2048, 4096)), "big.dcm")
     assert seen == [(1050, 1050)] and s.pixels.shape == (1050, 1050)
     assert s.info["downscaled_from"] == [2100, 2100]
@@ -616,3 +616,29 @@ def test_big_endian_dicom_without_a_transfer_syntax_is_not_byte_swapped():
 def test_body_part_words_not_only_whole_terms(part, refused):
     from core.header import header_reason
     assert (header_reason({"modality": "MR", "body_part": part}) is not None) == refused
+
+
+def test_enhanced_mr_window_rescale_and_body_part_come_from_its_functional_groups():
+    """Enhanced MR keeps them in functional groups: the window fell back to percentiles and an
+    abdominal Enhanced MR passed the header check."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from core.header import header_reason
+    a = np.tile(np.linspace(0, 1000, 96, dtype=np.float32), (96, 1)).astype(np.uint16)
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.stack([a, a, a]), window=None)))
+    group, voi, pvt, anat, region = Dataset(), Dataset(), Dataset(), Dataset(), Dataset()
+    voi.WindowCenter, voi.WindowWidth = 300, 200
+    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = 1, 100, "US"   # stored 200-400 -> window 200-400
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "T-D4000", "SRT", "Abdomen"
+    anat.AnatomicRegionSequence = Sequence([region])
+    group.FrameVOILUTSequence, group.PixelValueTransformationSequence = Sequence([voi]), Sequence([pvt])
+    group.FrameAnatomySequence = Sequence([anat])
+    ds.SharedFunctionalGroupsSequence = Sequence([group])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    s = reader.read_scan(buf.getvalue(), "enhanced.dcm")
+    assert s.info["window_source"] == "header" and s.info["window"] == {"center": 300.0, "width": 200.0}
+    row = s.pixels[48]
+    assert row[a[48] < 100].max() == 0.0 and row[a[48] > 300].min() == 1.0   # rescaled, then windowed
+    assert "Abdomen" in (header_reason(s.info) or "")
