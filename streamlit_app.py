@@ -8,8 +8,8 @@ from pathlib import Path
 import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
-from core.app_support import (card_threshold, class_wording, current_predictor, env_weights_problem, model_choices,
-                              operating_point_text)
+from core.app_support import (card_threshold, class_wording, current_predictor, env_weights_problem, home_figures,
+                              model_choices, one_source_warning, operating_point_text, training_sources)
 from core.inference import load_card
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
@@ -57,7 +57,10 @@ def sidebar() -> None:
         st.sidebar.caption("This model has no tumour/no-tumour classes: no operating point.")
         return
     if state.get("_threshold_for") != state["weights_dir"]:  # a new model brings its own
-        state.update(threshold=default, _threshold_for=state["weights_dir"],
+        kept = state.setdefault("_thresholds", {})  # ...and a model chosen again the point set for it
+        if state.get("_threshold_for") is not None and "threshold" in state:
+            kept[state["_threshold_for"]] = state["threshold"]
+        state.update(threshold=kept.get(state["weights_dir"], default), _threshold_for=state["weights_dir"],
                      _threshold_rev=state.get("_threshold_rev", 0) + 1)
     widget = f"_threshold_widget_{state.get('_threshold_rev', 0)}"  # new key = fresh widget
     st.sidebar.slider("Operating point: flag a tumour when its probability is at least",
@@ -87,15 +90,15 @@ def home() -> None:
         "only the classes it was trained on, and can be confidently wrong on scans unlike "
         "its training data.")
     if pred is not None:
-        card, m = pred.card, pred.card.get("metrics", {})
+        card = pred.card
         st.subheader(f"Loaded model: {pred.name} ({card.get('arch', '?')})")
-        cols = st.columns(4)
-        cols[0].metric("Test scans", m.get("n", "n/a"))
-        cols[1].metric("Test accuracy", f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a")
-        cols[2].metric("Macro F1", f"{m['macro_f1']:.3f}" if m.get("macro_f1") is not None else "n/a")
-        cols[3].metric("Tumours missed (test)", m.get("tumour_missed", "n/a"))
-        st.caption(f"Classes: {', '.join(pred.classes)} · input {pred.spec['size']} px grey · "
-                   f"trained on {', '.join(s['name'] for s in card.get('sources', [])) or 'n/a'}")
+        figures, note = home_figures(pred)
+        for col, (label, value) in zip(st.columns(len(figures)), figures.items()):
+            col.metric(label, value)
+        st.caption(f"{note} Classes: {', '.join(pred.classes)} · input {pred.spec['size']} px grey · "
+                   f"trained on {', '.join(training_sources(card)) or 'n/a'}")
+        if (narrow := one_source_warning(pred)):
+            st.warning(narrow, icon=":material/warning:")
     st.subheader("Pages")
     for page, what in ((PAGES["diagnose"], "upload scans, see predictions, flags and saliency"),
                        (PAGES["evaluation"], "confusion matrix, ROC, missed tumours, calibration"),

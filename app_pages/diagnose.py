@@ -4,6 +4,7 @@ import streamlit as st
 from core import app_support as app
 from core.dashboard import batch_table, probability_bar, series_table, tumour_gauge
 from core.labels import tumour_classes
+from core.metrics import apart
 
 DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
 
@@ -12,8 +13,8 @@ predictor = app.required_predictor(", so nothing can be predicted")
 threshold = app.session_threshold(predictor)
 st.caption("Research demo, not a medical device: every result needs a clinician's review. "
            "Files are processed in memory and never stored.")
-if (no_gate := app.no_gate_warning(predictor)):
-    st.warning(no_gate, icon=":material/warning:")
+for warning in filter(None, (app.no_gate_warning(predictor), app.one_source_warning(predictor))):
+    st.warning(warning, icon=":material/warning:")
 
 # No type filter: scanner exports often have no extension; the reader goes by content.
 uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM, NIfTI or a zip",
@@ -56,9 +57,11 @@ def show_refusal(pred, key: str) -> None:
         st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}")
 
 
-def show_call(pred, key: str) -> None:
+def show_call(pred, key: str, mask: bytes | None = None) -> None:
     """The call with its referral flags, probabilities and the tumour gauge."""
     st.markdown(f"### Prediction: **{pred.pred}**")
+    if (contradiction := app.mask_contradiction(pred, mask)):
+        st.error(contradiction, icon=":material/error:")
     probs, k = [pred.probs[c] for c in predictor.classes], predictor.classes.index(pred.pred)
     if pred.uncertain:
         st.warning("**Uncertain — refer for review**: "
@@ -71,8 +74,11 @@ def show_call(pred, key: str) -> None:
     if pred.tumour_probability is not None:
         flagged = pred.pred in tumour_classes(predictor.classes)   # the call itself (decided in float64)
         st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged), key=f"g-{key}")
-        st.caption(f"Tumour probability {pred.tumour_probability:.1%}, operating point "
-                   f"{threshold:.3f}: " + ("**tumour flagged**" if flagged else "not flagged"))
+        tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
+        st.caption(f"Tumour probability {tp}, operating point {op}: "
+                   + ("**tumour flagged**" if flagged else "not flagged"))
+        if not flagged and (note := app.miss_note(predictor, threshold)):
+            st.caption(note)
 
 
 def show(pos: int, name: str, data, slice_index: int | None) -> dict:
@@ -87,7 +93,10 @@ def show(pos: int, name: str, data, slice_index: int | None) -> dict:
     left.image(scan.pixels, clamp=True, width="stretch",
                caption=f"{name} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
     with right:
-        (show_call if pred.in_distribution else show_refusal)(pred, f"{wkey}-{slice_index}")
+        if pred.in_distribution:
+            show_call(pred, f"{wkey}-{slice_index}", masks.get(name))
+        else:
+            show_refusal(pred, f"{wkey}-{slice_index}")
     if pred.in_distribution:
         app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index,
                            mask=masks.get(name), widget_key=wkey)
@@ -121,6 +130,10 @@ else:
     for r in results:
         if not r["ok"]:
             st.error(f"**{r['file']}**: {r['error']}")
+        elif r.get("hot_slices"):  # a volume's other slices: not only inside a file's details
+            st.warning(f"**{r['file']}**: slices {', '.join(map(str, r['hot_slices'][:12]))} reach the operating "
+                       "point; the slice in the table does not. Show its details before calling it clear.",
+                       icon=":material/warning:")
     ok = [k for k, r in enumerate(results) if r["ok"]]
     if ok:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])

@@ -19,9 +19,10 @@ import streamlit as st
 
 from .evaluation import NothingToScore, evaluate_records, prediction_record, score_labelled
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
-                        most_tumour_like_slice, shipped_default, shipped_models, slice_scores)
+                        hot_slices, most_tumour_like_slice, shipped_default, shipped_models, shown_slice, slice_scores,
+                        training_sources)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
-from .metrics import apart, decide
+from .metrics import apart, decide, is_tumour_label
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
@@ -105,6 +106,39 @@ def no_gate_warning(predictor: Predictor, choices: list[Path] | None = None) -> 
     return text + f" Prefer {load_card(gated).get('name', Path(gated).name)}, which has one."
 
 
+def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) -> str | None:
+    """The standing warning for a model that learnt from one collection only (None otherwise),
+    naming the model of ``choices`` that learnt from the most."""
+    sources = training_sources(predictor.card)
+    if len(sources) != 1:
+        return None
+    text = (f"**Trained on one collection only ({sources[0]})**: it learnt that collection's look and was "
+            "never tested on scans from other hospitals. Such models call most tumour scans of other "
+            "collections 'no tumour', without a flag (docs/generalisation.md).")
+    choices = model_choices() if choices is None else choices
+    best = max(choices, key=lambda d: len(training_sources(load_card(d))), default=None)
+    if best is None or len(training_sources(load_card(best))) <= 1:
+        return text
+    return text + f" For such scans prefer {load_card(best).get('name', Path(best).name)}."
+
+
+def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
+    """The Home page's test figures ({label: value}) and what they are: the card's operating
+    point, every test image (copies in training included), unlike the Evaluation page's default."""
+    m, ev = predictor.card.get("metrics", {}), load_eval(predictor.dir) or {}
+    missed = m.get("tumour_missed")
+    figures = {"Test scans": str(m.get("n", "n/a")),
+               "Test accuracy": f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a",
+               "Macro F1": f"{m['macro_f1']:.3f}" if m.get("macro_f1") is not None else "n/a",
+               "Tumours missed (test)": "n/a" if missed is None else
+               f"{missed} of {ev['n_tumour']}" if ev.get("n_tumour") else str(missed)}
+    copies = without_copies(ev.get("predictions", []))[1]
+    note = ("At the card's operating point, on every test image"
+            + (f" (including {copies} with a copy in training, which the Evaluation page leaves out by "
+               "default; its figures are therefore lower)" if copies else "") + ".")
+    return figures, note
+
+
 def operating_point_text(card: dict, default: float) -> str:
     """The card's operating point with what it reached on validation, not only what it aimed at."""
     op = card.get("operating_point") or {}
@@ -172,6 +206,39 @@ def evaluation_at(records: list[dict], classes: list[str], threshold: float | No
     if source:
         records = [r for r in records if r.get("source", "data") == source]
     return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
+
+
+def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
+    """For a 'no tumour' call: how many of its test tumours this model called 'no tumour' at this
+    operating point, per source (eval.json records without copies in training, as the Evaluation
+    page shows them). A clear call is not a clear scan, and the rate differs between collections."""
+    stored = load_eval(predictor.dir)
+    if not stored or not predictor.is_tumour_model:
+        return None
+    per: dict[str, list[int]] = {}
+    for r in records_at(without_copies(stored["predictions"])[0], predictor.classes, threshold):
+        if is_tumour_label(r["label"]):
+            n_missed = per.setdefault(r.get("source", "test"), [0, 0])
+            n_missed[0] += 1
+            n_missed[1] += r["pred"] == NO_TUMOUR
+    if not per:
+        return None
+    parts = ", ".join(f"{src} {m} of {n}" for src, (n, m) in per.items())
+    return ("'No tumour' is not a guarantee: at this operating point the model called these test tumours "
+            f"'no tumour': {parts} (Evaluation page, missed tumours).")
+
+
+def mask_contradiction(pred: Prediction, mask: bytes | None) -> str | None:
+    """A warning when the uploaded tumour mask marks a lesion and the call is 'no tumour'."""
+    from .saliency import read_mask
+    if mask is None or pred.pred != NO_TUMOUR or not pred.in_distribution:
+        return None
+    try:
+        lesion = bool(read_mask(mask).any())
+    except Exception:  # an unreadable mask outlines nothing and contradicts nothing
+        return None
+    return ("**The uploaded tumour mask marks a lesion, but the model calls no tumour**: by the mask this "
+            "is a missed tumour. Lower the operating point or read the scan yourself.") if lesion else None
 
 
 def without_copies(records: list[dict]) -> tuple[list[dict], int]:
@@ -366,9 +433,7 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
         scores = cached_slice_scores(predictor, data, name)
     except Exception:  # read_scan reports the file's problem with its own sentence
         return None
-    if scores.get(shown, 0.0) >= threshold:
-        return None
-    hot = sorted(k for k, v in scores.items() if v >= threshold)
+    hot = hot_slices(scores, threshold, shown)
     if not hot:
         return None
     top = max(hot, key=scores.get)
@@ -478,7 +543,6 @@ def gallery_records(records: list[dict], kind: str) -> list[dict]:
     if kind == "missed":
         sel = [r for r in records if is_missed_tumour(r)]
         return sorted(sel, key=lambda r: r.get("tumour_probability") or 0.0)
-    from .metrics import is_tumour_label
     sel = [r for r in records if (r["label"] in r["probs"] and r["pred"] != r["label"])
            or (r["label"] not in r["probs"] and is_tumour_label(r["label"]) is not None
                and bool(is_tumour_label(r["label"])) != (r["pred"] != NO_TUMOUR))]
@@ -735,7 +799,14 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
         return result_row(name, error=str(e)), None, None
     except Exception as e:  # a bug on one file must not stop the batch
         return result_row(name, error=f"The file could not be processed ({type(e).__name__})."), None, None
-    return result_row(name, pred), scan, pred
+    row = result_row(name, pred)
+    shown = shown_slice(scan.info)
+    if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
+        try:  # the table, its CSV and the report flag a volume whose other slices reach the point
+            row["hot_slices"] = hot_slices(cached_slice_scores(predictor, data, name), threshold, shown)
+        except Exception:  # an empty volume, say: the slice shown stands alone
+            pass
+    return row, scan, pred
 
 
 def item_key(name: str, data) -> str:
@@ -835,11 +906,14 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
         return
     slices = slices or {}
     # every listed upload, the unreadable ones too: a report must not hold fewer files than the page
-    files = [(n, d, {"slice_index": slices[i]} if slices.get(i) is not None else {})
+    # each file's slice on screen and the saliency method chosen for it (`saliency_panel`'s widget)
+    files = [(n, d, {k: v for k, v in (("slice_index", slices.get(i)),
+                                       ("method", st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}")))
+                     if v is not None})
              for i, (n, d) in enumerate(items)]
     key = (model_identity(predictor), threshold,
-           tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"))
-                 for n, d, kw in files))
+           tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"),
+                  kw.get("method")) for n, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
         readable = any(isinstance(d, (bytes, bytearray)) for _, d, _ in files)

@@ -155,11 +155,6 @@ def paired_text(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- rows
-def _training_sources(card: dict) -> list[str]:
-    """Sources the model learnt from (weight > 0); held-out sources are only evaluated."""
-    return [s.get("name", "?") for s in card.get("sources", []) if s.get("weight", 1.0) > 0]
-
-
 def _settings(tr: dict, cfg: dict) -> dict:
     aug = tr.get("augmentation") or {}
     return {"img": tr.get("img"), "epochs": tr.get("epochs"), "epochs_run": tr.get("epochs_run"),
@@ -211,13 +206,14 @@ def settings_text(row: dict) -> str:
 
 def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -> dict:
     """One comparison row for a model directory (card.json, model.safetensors)."""
+    from .inference import training_sources
     d = Path(weights_dir)
     card = json.loads((d / "card.json").read_text())
     m, tr = card.get("metrics") or {}, card.get("training") or {}
     cfg = tr.get("config") or {}
     row = {"name": card.get("name", d.name), "dir": str(d), "arch": card.get("arch"),
            "task": card.get("task"), "classes": card.get("classes", []),
-           "sources": _training_sources(card), "test_images": m.get("n"),
+           "sources": training_sources(card), "test_images": m.get("n"),
            "accuracy": m.get("accuracy"),
            "accuracy_per_source": {k: v.get("accuracy") for k, v in (m.get("per_source") or {}).items()},
            "macro_f1": m.get("macro_f1"),

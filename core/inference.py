@@ -51,6 +51,11 @@ def shipped_models() -> list[Path]:
     return sorted(p.parent for p in WEIGHTS_ROOT.glob("*/card.json"))
 
 
+def training_sources(card: dict) -> list[str]:
+    """The sources a model learnt from (sampling weight above 0); held-out ones are only evaluated."""
+    return [s.get("name", "?") for s in card.get("sources", []) if s.get("weight", 1.0) > 0]
+
+
 def load_card(weights_dir: str | Path) -> dict:
     """The card, checked for what serving needs: a hand-edited card fails in one sentence."""
     path = Path(weights_dir) / "card.json"
@@ -339,6 +344,22 @@ def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None
         p = predictor.probabilities(x)
         scores.append(tumour_probability(p, predictor.classes) if predictor.is_tumour_model else p.max(1))
     return scans, kind, dict(zip(keep, np.concatenate(scores).astype(float).tolist()))
+
+
+def hot_slices(scores: dict[int, float], threshold: float | None, shown: int | None) -> list[int]:
+    """The slices of a volume that reach the operating point when the slice shown does not: a
+    tumour on slice 12 must not hide behind a clean middle slice. [] otherwise."""
+    if threshold is None or shown is None or scores.get(shown, 0.0) >= threshold:
+        return []
+    return sorted(k for k, v in scores.items() if v >= threshold)
+
+
+def shown_slice(info: dict) -> int | None:
+    """The index of the slice a volume's ScanImage holds (NIfTI slice, DICOM/TIFF frame), or None
+    for a single image."""
+    if max(int(info.get("n_slices") or 1), int(info.get("n_frames") or 1)) <= 1:
+        return None
+    return info.get("slice_index", info.get("frame"))
 
 
 def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_kw) -> Prediction:

@@ -34,7 +34,7 @@ import functools
 import io
 import sys
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping
@@ -56,6 +56,8 @@ FLAG_OOD = "out-of-distribution"
 FLAG_UNCERTAIN = "uncertain, refer"
 FLAG_TYPE_UNCERTAIN = "tumour type uncertain"
 FLAG_UNREADABLE = "cannot read"
+FLAG_NOT_CHECKED = "image not checked"   # a model without an out-of-distribution gate
+FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its slice shown below it
 
 _CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
                 "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
@@ -80,6 +82,8 @@ class ScanResult:
     saliency_note: str | None = None       # why there is no overlay, if there is none
     source: str = ""                       # format, size and slice, from technical fields only
     data: bytes | None = None              # the file's bytes, for the audit hash only
+    hot_slices: list[int] = field(default_factory=list)   # a volume's other slices at the operating point
+    method: str | None = None              # the saliency method of this page (each file may have its own)
 
     @property
     def flags(self) -> list[str]:
@@ -89,7 +93,8 @@ class ScanResult:
         """The `predict_many` shape: {"file", "ok", ...Prediction fields} or {"file", "ok", "error"}."""
         if not self.ok:
             return {"file": self.name, "ok": False, "error": self.error}
-        return {"file": self.name, "ok": True, **self.prediction.to_json()}
+        return {"file": self.name, "ok": True, **self.prediction.to_json(),
+                **({"hot_slices": self.hot_slices} if self.hot_slices else {})}
 
 
 def flags_of(row: Mapping) -> list[str]:
@@ -97,10 +102,13 @@ def flags_of(row: Mapping) -> list[str]:
     flag alone: it gets no call, so there is no call to refer or to doubt the type of."""
     if not row.get("ok"):
         return [FLAG_UNREADABLE]
+    hot = [FLAG_OTHER_SLICES] if row.get("hot_slices") else []
     if not row.get("in_distribution", True):
-        return [FLAG_OOD]
-    return [name for name, on in ((FLAG_UNCERTAIN, bool(row.get("uncertain"))),
-                                  (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on]
+        return [FLAG_OOD] + hot
+    # no gate scored it ("ood_score" null): a moon photo was called pituitary with no flag at all
+    unchecked = "ood_score" in row and row["ood_score"] is None
+    return [name for name, on in ((FLAG_NOT_CHECKED, unchecked), (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
+                                  (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on] + hot
 
 
 def call_of(row: Mapping) -> str:
@@ -170,26 +178,42 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
         return ScanResult(shown, False, error=str(e))
     except Exception as e:  # a bug in one file must not take down the rest of a batch
         return ScanResult(shown, False, error=f"The file could not be processed ({type(e).__name__}).")
-    over, note = (_saliency(predictor, scan, method or card_method(predictor), pred.pred, view) if pred.in_distribution
+    method = method or card_method(predictor)
+    over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
     # Reader metadata stays out of reports and CSVs (`source` is allow-listed), but for what names
     # the slice and its series: the audit log's slice and the summary's series lines read them.
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
-                      source=source_line(scan.info), data=data if keep_bytes else None)
+                      source=source_line(scan.info), data=data if keep_bytes else None, method=method,
+                      hot_slices=_hot_slices(predictor, data, shown, scan, pred.threshold))
+
+
+def _hot_slices(predictor, data: bytes, name: str, scan, threshold: float | None) -> list[int]:
+    """A volume's other slices at the operating point (`inference.hot_slices`); [] otherwise."""
+    from .inference import hot_slices, shown_slice, slice_scores
+    shown = shown_slice(scan.info)
+    if shown is None or threshold is None or not getattr(predictor, "is_tumour_model", False):
+        return []
+    try:
+        return hot_slices(slice_scores(predictor, data, name)[2], threshold, shown)
+    except Exception:  # an empty volume, say: the slice shown stands alone
+        return []
 
 
 def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
             method: str | None = None, keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
     """`analyse_one` for every item, in order.
 
-    An item may carry its own reader options as a third element, e.g. ``(name, data,
-    {"slice_index": 7})``, so a report shows the slice each volume was viewed at.
+    An item may carry its own options as a third element, e.g. ``(name, data, {"slice_index": 7,
+    "method": "gradcam"})``, so a report shows the slice each volume was viewed at and the saliency
+    method chosen for it on the page.
     """
     out = []
     for name, src, *own in items:
-        out.append(analyse_one(name, src, predictor, threshold, method, keep_bytes,
-                               **{**read_kw, **(own[0] if own and own[0] else {})}))
+        opts = {**read_kw, **(own[0] if own and own[0] else {})}
+        out.append(analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
+                               keep_bytes, **opts))
     return out
 
 
@@ -271,6 +295,10 @@ FLAG_TEXT = {
                "do not rely on this result.", RED),
     FLAG_UNCERTAIN: ("UNCERTAIN - REFER", "Confidence is below the model's referral level; "
                      "refer for expert review.", AMBER),
+    FLAG_NOT_CHECKED: ("IMAGE NOT CHECKED", "This model has no out-of-distribution check: it answers for "
+                       "any image, even one that is not a brain MRI. Check that this is one.", AMBER),
+    FLAG_OTHER_SLICES: ("OTHER SLICES REACH THE OPERATING POINT", "Other slices of this volume reach the "
+                        "operating point; this one does not. Look at them before calling the volume clear.", AMBER),
     FLAG_TYPE_UNCERTAIN: ("TUMOUR - TYPE UNCERTAIN", "A tumour is called but its type is not "
                           "clear; read the type as a suggestion only.", AMBER),
 }
@@ -525,9 +553,10 @@ def _images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     pdf.set_x(x2)
     target = class_label(r.prediction.pred)
     from .saliency import is_class_agnostic
-    what = "(class-agnostic)" if is_class_agnostic(ctx.method) else f"for '{target}'"
-    caption = (f"{ctx.method} {what} (red = strongest evidence)"
-               if r.overlay is not None else f"{ctx.method} saliency: not available")
+    shown = method_label(r.method) if r.method else ctx.method
+    what = "(class-agnostic)" if is_class_agnostic(r.method or ctx.method) else f"for '{target}'"
+    caption = (f"{shown} {what} (red = strongest evidence)"
+               if r.overlay is not None else f"{shown} saliency: not available")
     pdf.cell(side, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
 
 
@@ -579,12 +608,13 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
                                                else "; read the type as a suggestion only.")
         if f == FLAG_OOD and p.ood_reason:  # the header or the pixels: say which
             text = f"{p.ood_reason} Do not rely on this result."
+        if f == FLAG_OTHER_SLICES:
+            listed = ", ".join(map(str, r.hot_slices[:12])) + (" ..." if len(r.hot_slices) > 12 else "")
+            text = (f"Slices {listed} of this volume reach the operating point; the slice shown does not. "
+                    "Look at them before calling the volume clear.")
         _banner(pdf, title, text, colours)
     if not flags:
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)
-    elif not ctx.ood_check and p.in_distribution:  # a gateless model's call, flagged: nothing checked the image
-        _banner(pdf, "NO IMAGE CHECK", "No out-of-distribution check for this model: it answers for "
-                "any image, even one that is not a brain MRI.", AMBER, height=7.5)
     pdf.ln(1)
     _images(pdf, r, ctx)
     _section(pdf, "Calibrated probabilities" if p.in_distribution
@@ -596,7 +626,7 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
     _kv(pdf, [("Model / version", f"{ctx.model} / {ctx.version} ({ctx.arch})"),
               ("Weights SHA-256", ctx.weights_sha256[:16]),
               ("Calibration", ctx.calibration),
-              ("Saliency method", ctx.method),
+              ("Saliency method", method_label(r.method) if r.method else ctx.method),
               ("Report date", ctx.date)])
     pdf.ln(1)
     pdf.font(7.5, False, MUTED)

@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -111,6 +112,35 @@ def test_a_model_without_a_gate_says_so_on_diagnose(app):
     app.switch_page("app_pages/diagnose.py").run()
     warnings = " ".join(w.value for w in app.warning)
     assert "No out-of-distribution gate" in warnings and "not a brain MRI" in warnings
+
+
+def test_a_one_collection_model_is_warned_about_and_the_broadest_named(tmp_path):
+    """cnn_bn_aug (benchmark only) called 1,128 of Br35H's 1,324 tumours 'no tumour', 1,057 of
+    them without a flag, and the app offered it with a warning about its gate alone."""
+    def model(name, sources):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "card.json").write_text(json.dumps({"name": name, "classes": ["tumor", "notumor"], "arch": "simple_cnn",
+                                                 "preprocessing": {},
+                                                 "sources": [{"name": s, "weight": 1.0} for s in sources]}))
+        return d
+    narrow, broad = model("narrow", ["benchmark"]), model("broad", ["benchmark", "br35h", "lgg"])
+
+    class Fake:
+        card = json.loads((narrow / "card.json").read_text())
+    text = app_support.one_source_warning(Fake(), [narrow, broad])
+    assert "one collection only (benchmark)" in text and "prefer broad" in text
+    Fake.card = json.loads((broad / "card.json").read_text())
+    assert app_support.one_source_warning(Fake(), [narrow, broad]) is None
+
+
+def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
+    """Home read 'Tumours missed 16' beside an Evaluation page showing 8, with no word on why."""
+    pred = app_support.load_predictor(str(DEFAULT))
+    figures, note = app_support.home_figures(pred)
+    ev = json.loads((DEFAULT / "eval.json").read_text())
+    assert figures["Tumours missed (test)"] == f"{ev['tumour_missed']} of {ev['n_tumour']}"
+    assert "card's operating point" in note and "28 with a copy in training" in note
 
 
 def test_no_gate_warning_names_a_model_with_one(tmp_path):
@@ -273,7 +303,7 @@ def test_the_report_covers_the_slice_on_screen(app, monkeypatch):
     next(b for b in app.button if b.label.startswith("Prepare a PDF")).click().run()
     assert not app.exception, [e.value for e in app.exception]
     (items,) = seen
-    assert [(name, kw) for name, _, kw in items] == [("vol.nii", {"slice_index": 1})]
+    assert [(name, kw.get("slice_index")) for name, _, kw in items] == [("vol.nii", 1)]
 
 
 def test_yes_no_zip_referral_follows_the_operating_point():
@@ -536,3 +566,83 @@ def test_an_empty_curve_plot_says_why():
         assert any("No curve" in a.text for a in fig.layout.annotations)
     two = one_class + [{**one_class[0], "label": "glioma"}]
     assert not any("No curve" in a.text for a in roc_figure(two, classes).layout.annotations)
+
+
+def test_a_big_batch_flags_a_volume_whose_other_slices_reach_the_point(app, monkeypatch):
+    """In a batch of more than six files the volume's warning lived only in its details."""
+    import nibabel as nib
+    import numpy as np
+    monkeypatch.setattr(app_support, "cached_slice_scores", lambda p, d, n: {0: 0.99, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0})
+    vol = (np.random.default_rng(0).random((48, 48, 5)) * 200).astype(np.float32)
+    files = [(f"s{i}.png", _png_bytes(i), "image/png") for i in range(6)]
+    files.append(("vol.nii", nib.Nifti1Image(vol, np.eye(4)).to_bytes(), "application/octet-stream"))
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(files).run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = app.dataframe[0].value
+    row = table[table["file"] == "vol.nii"].iloc[0]
+    assert "other slices reach the operating point" in row["flags"]
+    assert any("vol.nii" in w.value and "slices 0 reach" in w.value for w in app.warning)
+
+
+def _png_bytes(seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((64, 64)) * 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_report_uses_the_saliency_method_chosen_for_each_file(app, monkeypatch):
+    """Grad-CAM chosen on the page, HiResCAM in the PDF: the report ignored the choice."""
+    from core import report
+    seen = []
+    monkeypatch.setattr(report, "report_downloads_data", lambda items, *a, **k: seen.append(list(items)) or {
+        "pdf": (b"%PDF", "application/pdf", "report.pdf"), "csv": (b"a,b\n", "text/csv", "report.csv")})
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("a.png", _png_bytes(1), "image/png")).run()
+    box = next(s for s in app.selectbox if s.label == "Saliency method")
+    other = next(m for m in box.options if m != box.value)
+    box.select(other).run()
+    next(b for b in app.button if b.label.startswith("Prepare a PDF")).click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    ((name, _, opts),) = seen[0]
+    assert opts.get("method") == other
+    (r,) = report.analyse([("a.png", _png_bytes(1), {"method": "Grad-CAM"})], app_support.load_predictor(
+        app.session_state["weights_dir"]))
+    assert r.method == "Grad-CAM"
+
+
+@needs_binary
+def test_a_model_chosen_again_keeps_the_operating_point_set_for_it(app):
+    """Set to 0.05, switched to another model and back: it was silently 0.500 again."""
+    first = app.session_state["weights_dir"]
+    threshold_slider(app).set_value(0.123).run()
+    choose_model(app, BINARY.name)
+    from core.inference import card_threshold, load_card
+    assert threshold_slider(app).value == pytest.approx(card_threshold(load_card(BINARY)))
+    choose_model(app, Path(first).name)
+    assert threshold_slider(app).value == pytest.approx(0.123)
+
+
+def test_a_no_tumour_call_says_how_often_the_model_missed_tumours_and_a_mask_contradicts_it():
+    """A held-out LGG glioma, uploaded with its mask, read 'notumor ... not flagged' with nothing
+    pointing at the mask's lesion or at LGG's 12 misses in 172 test tumours."""
+    import numpy as np
+    from PIL import Image
+    pred = app_support.load_predictor(str(DEFAULT))
+    note = app_support.miss_note(pred, 0.5)
+    ev = json.loads((DEFAULT / "eval.json").read_text())
+    lgg = [r for r in ev["predictions"] if r["source"] == "lgg" and r["label"] != "notumor"
+           and not r.get("copy_in_training")]
+    missed = sum(r["pred"] == "notumor" for r in lgg)
+    assert f"lgg {missed} of {len(lgg)}" in note
+    assert app_support.miss_note(pred, 0.0).count(" 0 of ") == 3   # nothing is missed at 0
+    a = np.zeros((32, 32), np.uint8)
+    a[10:20, 10:20] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    clear = replace(core.inference.Prediction("notumor", {}, 0.1, 0.5, 0.9, False, True, -1.0))
+    assert "missed tumour" in app_support.mask_contradiction(clear, buf.getvalue())
+    assert app_support.mask_contradiction(replace(clear, pred="glioma"), buf.getvalue()) is None
+    assert app_support.mask_contradiction(clear, None) is None

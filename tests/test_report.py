@@ -162,7 +162,7 @@ def test_binary_model_report_shows_tumour_probability_and_refer_flag(binary, tmp
     assert "UNCERTAIN - REFER" in page  # min_confidence 0.999 flags every result
     # a flagged page of a model without a gate still says nothing checked the image (it said so
     # only inside the NO FLAGS banner, so a grey cat photo read "Tumour / UNCERTAIN - REFER" alone)
-    assert "NO IMAGE CHECK" in page and "No out-of-distribution check for this model" in page
+    assert "IMAGE NOT CHECKED" in page and "no out-of-distribution check" in page
     assert "referral level 0.9990" in R.ReportContext.of(binary, None, None).no_flags_text()
 
 
@@ -472,4 +472,36 @@ def test_a_refused_page_of_a_gateless_model_does_not_say_it_answers_anything(fou
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG")
     (page,) = pdf_pages(R.build_report([("photo.png", buf.getvalue())], four), tmp_path)
-    assert "OUT OF DISTRIBUTION" in page and "NO IMAGE CHECK" not in page
+    assert "OUT OF DISTRIBUTION" in page and "IMAGE NOT CHECKED" not in page
+
+
+@needs_poppler
+def test_a_gateless_models_unflagged_call_is_never_a_green_no_flags(four, tmp_path):
+    """cnn_bn_aug called a moon photo 'pituitary 0.998' with an empty flags column and a green
+    NO FLAGS banner: every call of a model without a gate carries 'image not checked'."""
+    assert getattr(four, "gate", None) is None
+    row = R.analyse([("scan.png", scan_png(5))], four)[0].to_row()
+    assert R.FLAG_NOT_CHECKED in R.flags_of(row)
+    pages = pdf_pages(R.build_report([("scan.png", scan_png(5))], four), tmp_path)
+    assert "IMAGE NOT CHECKED" in pages[0] and "NO FLAGS" not in pages[0]
+    assert "image not checked" in R.build_csv(R.analyse([("scan.png", scan_png(5))], four), four.classes)
+
+
+def test_a_volume_whose_other_slices_reach_the_point_is_flagged_in_the_report(four, monkeypatch):
+    """A glioma on slice 4 behind a clear middle slice: the table, both CSVs and the PDF said
+    'notumor' with no flag unless the file's details were opened."""
+    import nibabel as nib
+    from core import inference
+    from core.inference import hot_slices
+    assert hot_slices({0: 0.9, 1: 0.2, 2: 0.1}, 0.5, 1) == [0]
+    assert hot_slices({0: 0.9, 1: 0.6}, 0.5, 1) == [] and hot_slices({0: 0.9}, 0.5, None) == []
+    vol = (np.random.default_rng(0).random((48, 48, 5)) * 200).astype(np.float32)
+    data = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    real = inference.slice_scores
+    monkeypatch.setattr(inference, "slice_scores", lambda p, src, name=None, **kw: (
+        *real(p, src, name)[:2], {0: 0.1, 1: 0.1, 2: 0.0, 3: 0.2, 4: 0.99}))
+    (r,) = R.analyse([("vol.nii", data)], four, threshold=0.5)
+    assert r.hot_slices == [4] and R.FLAG_OTHER_SLICES in r.flags
+    assert R.FLAG_OTHER_SLICES in R.build_csv([r], four.classes)
+    (flat,) = R.analyse([("flat.png", scan_png(3))], four, threshold=0.5)
+    assert flat.hot_slices == [] and R.FLAG_OTHER_SLICES not in flat.flags
