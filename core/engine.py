@@ -502,7 +502,8 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
     if len(tp) == 0:
         return 0.5
     k = int(math.floor((1 - target_sensitivity) * len(tp)))  # tumours we may miss
-    thr = float(min(CAP_THRESHOLD, max(1e-4, tp[k] - 1e-6)))
+    # no floor above 0: a weak model's tumours at p < 1e-4 are still to be reached if the target needs them
+    thr = float(min(CAP_THRESHOLD, max(0.0, tp[k] - 1e-6)))
     if min_specificity is None:
         return thr
     groups = np.zeros(len(t_prob), int) if groups is None else np.asarray(groups)

@@ -249,7 +249,8 @@ def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
     top = max(types, key=lambda c: r["probs"][c]) if types else None
     return {**r, "label": TUMOUR if is_tumour_label(r["label"]) else NO_TUMOUR,
             "pred": TUMOUR if called else NO_TUMOUR, "pred_type": r["pred"], "tumour_type": top,
-            "probs": {TUMOUR: t, NO_TUMOUR: round(1 - t, 6)}, "confidence": max(t, 1 - t)}
+            "probs": {TUMOUR: t, NO_TUMOUR: round(1 - t, 6)},
+            "confidence": t if called else 1 - t}   # of the class called, as everywhere (not the likelier side)
 
 
 class NothingToScore(ValueError):

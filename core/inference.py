@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
@@ -71,7 +72,34 @@ def load_card(weights_dir: str | Path) -> dict:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a card written by train.py")
     if len(card["classes"]) < 2:
         raise ValueError(f"{path} names fewer than two classes")
+    if (problem := _served_blocks_problem(card)):
+        raise ValueError(f"{path}: {problem}")
     return card
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _served_blocks_problem(card: dict) -> str | None:
+    """What is wrong with the blocks every served probability goes through (calibration, the
+    mirror pass), if anything: a null temperature crashed, a mirror rule without its selection
+    temperature failed every file with a KeyError."""
+    if "calibration" in card:
+        cal = card["calibration"]
+        if not isinstance(cal, dict) or not _positive(cal.get("temperature", 1.0)):
+            return "its calibration block has no usable temperature (a positive number)"
+    tta = card.get("tta")
+    if tta is not None and not (isinstance(tta, dict)
+                                and all(_positive(tta.get(k)) for k in ("below_confidence", "selection_temperature"))):
+        return "its tta block needs below_confidence and selection_temperature (positive numbers)"
+    return None
+
+
+def temperature(card: dict) -> float | None:
+    """The card's calibration temperature; None when the card has no calibration at all."""
+    cal = card.get("calibration")
+    return float(cal.get("temperature", 1.0)) if isinstance(cal, dict) else None
 
 
 def card_threshold(card: dict) -> float | None:
@@ -137,9 +165,10 @@ def native_bf16_cpu() -> bool:
 def serving_precision(device: torch.device) -> str:
     """``BT_PRECISION`` (fp32 or bf16) if set. Otherwise bf16 on a CPU with native bf16, else fp32.
 
-    On such a CPU, bf16 roughly halves ResNet18's single-thread forward (bench/README.md). On the
-    default model's 1,640 test images it changed no prediction, and no calibrated probability
-    by more than 0.012.
+    On such a CPU, bf16 roughly halves ResNet18's single-thread forward (bench/README.md). On
+    resnet18_176's 1,640 test images it changed no prediction and no calibrated probability by
+    more than 0.012; on the default's records nearest a decision edge it flips a type call and a
+    referral flag now and then (README, the latency paragraph).
     """
     env = os.environ.get("BT_PRECISION", "auto")
     if env in ("fp32", "bf16"):
@@ -175,8 +204,9 @@ def apply_tta(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, rul
 
 def calibration_text(card: dict) -> str:
     """How a served probability is made, in words (the report and the Model card page)."""
-    t = float(card.get("calibration", {}).get("temperature", 1.0))
-    text = f"temperature scaling, T = {t:.3g}"
+    t = temperature(card)
+    text = ("none: the card has no calibration, so probabilities are the model's raw softmax" if t is None
+            else f"temperature scaling, T = {t:.3g}")
     rule = card.get("tta")
     if rule:
         text += (f"; a second, mirror-image pass averaged in when the plain confidence is below "
@@ -200,7 +230,7 @@ class Predictor:
         self.card = load_card(self.dir)
         self.classes: list[str] = self.card["classes"]
         self.spec: dict = self.card["preprocessing"]
-        self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
+        self.temperature = temperature(self.card) or 1.0   # no calibration block: raw softmax, said so
         self.threshold = card_threshold(self.card)
         self.referral = ReferralRule.from_card(self.card)
         self.tta: dict | None = self.card.get("tta")  # selective mirror pass (`apply_tta`)

@@ -14,8 +14,11 @@ from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 
 
 def tumour_probability(probs: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Sum of the tumour classes' probabilities, in float64 whatever comes in: summed in float32
+    the served path reached 0.5 where the app's float64 sum stayed at 0.49999999, and the CLI and
+    the app called the same scan differently at the 0.5 operating point."""
     idx = [classes.index(c) for c in tumour_classes(classes)]
-    return probs[:, idx].sum(axis=1)
+    return np.asarray(probs, dtype=np.float64)[:, idx].sum(axis=1)
 
 
 def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np.ndarray:
@@ -26,7 +29,7 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np
     neither (a dataset's own 'stroke' folder, say) is predicted when it is the most likely: the
     operating point decides tumour against no tumour, not against it.
     """
-    probs = np.asarray(probs)
+    probs = np.asarray(probs, dtype=np.float64)   # one precision for every caller (`tumour_probability`)
     pred = probs.argmax(axis=1)
     tum = [classes.index(c) for c in tumour_classes(classes)]
     if threshold is None or NO_TUMOUR not in classes or not tum:

@@ -642,3 +642,30 @@ def test_enhanced_mr_window_rescale_and_body_part_come_from_its_functional_group
     row = s.pixels[48]
     assert row[a[48] < 100].max() == 0.0 and row[a[48] > 300].min() == 1.0   # rescaled, then windowed
     assert "Abdomen" in (header_reason(s.info) or "")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"calibration": None}, "calibration block"), ({"calibration": {"temperature": None}}, "calibration block"),
+    ({"tta": {"kind": "mirror", "below_confidence": 0.9}}, "tta block")])
+def test_a_card_with_a_broken_served_block_fails_in_one_sentence(random_weights, tmp_path, edit, message):
+    """A null temperature crashed the Predictor with a traceback; a mirror rule without its
+    selection temperature loaded, then failed every file with a KeyError."""
+    import shutil
+    from core.inference import Predictor
+    d = tmp_path / "w"
+    shutil.copytree(random_weights, d)
+    card = json.loads((d / "card.json").read_text())
+    (d / "card.json").write_text(json.dumps({**card, **edit}))
+    with pytest.raises(ValueError, match=message):
+        Predictor(d)
+
+
+def test_a_card_without_calibration_says_its_probabilities_are_raw(random_weights, tmp_path):
+    import shutil
+    from core.inference import Predictor, calibration_text
+    d = tmp_path / "w"
+    shutil.copytree(random_weights, d)
+    card = json.loads((d / "card.json").read_text())
+    card.pop("calibration", None)
+    (d / "card.json").write_text(json.dumps(card))
+    assert Predictor(d).temperature == 1.0 and calibration_text(card).startswith("none")

@@ -277,3 +277,31 @@ def test_risk_coverage_judges_the_call_and_a_one_class_set_has_no_macro_f1():
     normals = [rec("notumor", {"glioma": .01, "meningioma": .01, "pituitary": .01, "notumor": .97}, "brisc")] * 3
     brisc = evaluate_records(normals, C, 0.5)
     assert brisc["accuracy"] == 1.0 and brisc["macro_f1"] is None  # an average over one class
+
+
+def test_decide_sums_the_tumour_probability_in_float64_whatever_comes_in():
+    """Served float32 probabilities summed to 0.5 in float32 and 0.49999999 in float64: the CLI
+    (float32) called a tumour, the app (float64) no tumour, at the 0.5 operating point."""
+    from core.metrics import decide, tumour_probability
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    t = np.array([0.19961661100387573, 0.28152167797088623, 0.01886170543730259], np.float32)
+    p32 = np.array([[*t, 0.5]], np.float32)
+    assert p32[0, :3].sum(dtype=np.float32) >= 0.5 > p32[0, :3].astype(np.float64).sum()
+    assert tumour_probability(p32, classes)[0] < 0.5
+    assert decide(p32, classes, 0.5)[0] == decide(p32.astype(np.float64), classes, 0.5)[0] == 3
+
+
+def test_pick_threshold_reaches_tumours_below_one_in_ten_thousand():
+    """A floor at 1e-4 left a weak model's tumours at p < 1e-4 missed against the target."""
+    t_prob = np.array([5e-5] * 2 + [0.9] * 98 + [0.01] * 50)
+    is_t = np.array([True] * 100 + [False] * 50)
+    thr = pick_threshold(t_prob, is_t, 0.99)
+    assert (t_prob[is_t] >= thr).mean() >= 0.99
+
+
+def test_a_folded_record_is_as_confident_as_the_class_it_calls():
+    from core.evaluation import _as_tumour_vs_none
+    r = {"file": "a.png", "label": "yes", "pred": "glioma", "tumour_probability": 0.4,
+         "probs": {"glioma": 0.3, "meningioma": 0.05, "pituitary": 0.05, "notumor": 0.6}}
+    folded = _as_tumour_vs_none(r, 0.154)
+    assert folded["pred"] == "tumor" and folded["confidence"] == 0.4
