@@ -105,3 +105,14 @@ def make_weights(out: Path, arch: str = "simple_cnn", size: int = 64, name: str 
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory) -> Path:
     return make_weights(tmp_path_factory.mktemp("weights") / "random")
+
+
+def edited_weights(src: Path, dst: Path, changes: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of the model folder ``src`` at ``dst`` whose card has ``changes`` set and ``drop`` removed."""
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    card = json.loads((dst / "card.json").read_text())
+    card = {k: v for k, v in {**card, **(changes or {})}.items() if k not in drop}
+    (dst / "card.json").write_text(json.dumps(card))
+    return dst

@@ -650,22 +650,14 @@ def test_enhanced_mr_window_rescale_and_body_part_come_from_its_functional_group
 def test_a_card_with_a_broken_served_block_fails_in_one_sentence(random_weights, tmp_path, edit, message):
     """A null temperature crashed the Predictor with a traceback; a mirror rule without its
     selection temperature loaded, then failed every file with a KeyError."""
-    import shutil
+    from conftest import edited_weights
     from core.inference import Predictor
-    d = tmp_path / "w"
-    shutil.copytree(random_weights, d)
-    card = json.loads((d / "card.json").read_text())
-    (d / "card.json").write_text(json.dumps({**card, **edit}))
     with pytest.raises(ValueError, match=message):
-        Predictor(d)
+        Predictor(edited_weights(random_weights, tmp_path / "w", edit))
 
 
 def test_a_card_without_calibration_says_its_probabilities_are_raw(random_weights, tmp_path):
-    import shutil
+    from conftest import edited_weights
     from core.inference import Predictor, calibration_text
-    d = tmp_path / "w"
-    shutil.copytree(random_weights, d)
-    card = json.loads((d / "card.json").read_text())
-    card.pop("calibration", None)
-    (d / "card.json").write_text(json.dumps(card))
-    assert Predictor(d).temperature == 1.0 and calibration_text(card).startswith("none")
+    d = edited_weights(random_weights, tmp_path / "w", drop=("calibration",))
+    assert Predictor(d).temperature == 1.0 and calibration_text(Predictor(d).card).startswith("none")

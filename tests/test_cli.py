@@ -452,15 +452,11 @@ def test_a_malformed_card_is_one_sentence_and_exit_2(weights, tmp_path, capsys, 
 
 def test_a_card_without_a_threshold_decides_at_one_half_everywhere(weights, tmp_path):
     """The CLI and the app used to differ: argmax in one, 0.5 in the other."""
-    import shutil
+    from conftest import edited_weights
     from core.app_support import card_threshold
     from core.inference import Predictor
-    w = tmp_path / "w"
-    shutil.copytree(weights, w)
-    card = json.loads((w / "card.json").read_text())
-    card.pop("operating_point", None)
-    (w / "card.json").write_text(json.dumps(card))
-    assert Predictor(w).threshold == card_threshold(card) == 0.5
+    w = edited_weights(weights, tmp_path / "w", drop=("operating_point",))
+    assert Predictor(w).threshold == card_threshold(Predictor(w).card) == 0.5
 
 
 def test_confidence_is_the_probability_of_the_class_called(tmp_path, four_class_dir, capsys):
