@@ -57,10 +57,11 @@ def show_refusal(pred, key: str) -> None:
         st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}")
 
 
-def show_call(pred, key: str, mask: bytes | None = None) -> None:
-    """The call with its referral flags, probabilities and the tumour gauge."""
+def show_call(pred, key: str, contradiction: str | None = None) -> None:
+    """The call with its referral flags, probabilities and the tumour gauge; ``contradiction``:
+    what an uploaded tumour mask says against a 'no tumour' call."""
     st.markdown(f"### Prediction: **{pred.pred}**")
-    if (contradiction := app.mask_contradiction(pred, mask)):
+    if contradiction:
         st.error(contradiction, icon=":material/error:")
     probs, k = [pred.probs[c] for c in predictor.classes], predictor.classes.index(pred.pred)
     if pred.uncertain:
@@ -94,7 +95,8 @@ def show(pos: int, name: str, data, slice_index: int | None) -> dict:
                caption=f"{name} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
     with right:
         if pred.in_distribution:
-            show_call(pred, f"{wkey}-{slice_index}", masks.get(name))
+            show_call(pred, f"{wkey}-{slice_index}",
+                      app.mask_contradiction(pred, scan, masks.get(name), predictor.spec, slice_index))
         else:
             show_refusal(pred, f"{wkey}-{slice_index}")
     if pred.in_distribution:

@@ -228,17 +228,17 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
             f"'no tumour': {parts} (Evaluation page, missed tumours).")
 
 
-def mask_contradiction(pred: Prediction, mask: bytes | None) -> str | None:
-    """A warning when the uploaded tumour mask marks a lesion and the call is 'no tumour'."""
-    from .saliency import read_mask
-    if mask is None or pred.pred != NO_TUMOUR or not pred.in_distribution:
+def mask_contradiction(pred: Prediction, scan: ScanImage, mask: bytes | None, spec: dict,
+                       slice_index: int | None = None) -> str | None:
+    """A warning when the uploaded tumour mask marks a lesion and the call is 'no tumour'; only a
+    mask that fits the scan counts, as for the outline (`input_mask`: same size, not a volume slice)."""
+    if mask is None or pred.pred != NO_TUMOUR or not pred.in_distribution or slice_index is not None:
         return None
-    try:
-        lesion = bool(read_mask(mask).any())
-    except Exception:  # an unreadable mask outlines nothing and contradicts nothing
+    fitted = input_mask(scan, mask, spec)
+    if fitted is None or not fitted.any():
         return None
     return ("**The uploaded tumour mask marks a lesion, but the model calls no tumour**: by the mask this "
-            "is a missed tumour. Lower the operating point or read the scan yourself.") if lesion else None
+            "is a missed tumour. Lower the operating point or read the scan yourself.")
 
 
 def without_copies(records: list[dict]) -> tuple[list[dict], int]:
@@ -314,13 +314,20 @@ ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".j
 
 
 def unique_names(names: list[str]) -> list[str]:
-    """The names with repeats told apart: the second 'scans.zip' becomes 'scans.zip (2)'. Rows,
-    reports and mask pairing go by name, and two patients' zips are often named alike."""
-    seen: dict[str, int] = {}
-    out = []
+    """The names with repeats told apart: the second 'scans.zip' becomes 'scans.zip (2)', or the
+    first number not taken by any name. Rows, reports and mask pairing go by name, and two
+    patients' zips are often named alike."""
+    taken, out = set(names), []
+    seen: set[str] = set()
     for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+        if n in seen:
+            k = 2
+            while f"{n} ({k})" in taken:
+                k += 1
+            n = f"{n} ({k})"
+            taken.add(n)
+        seen.add(n)
+        out.append(n)
     return out
 
 
@@ -355,7 +362,8 @@ def expand_uploads(files: list[tuple[str, bytes]],
             continue
         out += [(f"{name}/{m}", ScanError(c) if isinstance(c, str) else c) for m, c in members.entries]
         used += sum(len(c) for _, c in members)
-    return out
+    # once more over the whole list: members of one zip may clash ('a.png' and './a.png')
+    return list(zip(unique_names([n for n, _ in out]), [c for _, c in out]))
 
 
 def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
@@ -906,14 +914,17 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
         return
     slices = slices or {}
     # every listed upload, the unreadable ones too: a report must not hold fewer files than the page
-    # each file's slice on screen and the saliency method chosen for it (`saliency_panel`'s widget)
+    # each file's slice on screen, the saliency method chosen for it (`saliency_panel`'s widget)
+    # and a volume's hot slices as the table has them (`analyse`: scored once, cached)
     files = [(n, d, {k: v for k, v in (("slice_index", slices.get(i)),
-                                       ("method", st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}")))
+                                       ("method", st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}")),
+                                       ("hot_slices", analyse(predictor, n, d, threshold, slices.get(i))[0]
+                                        .get("hot_slices", []) if isinstance(d, (bytes, bytearray)) else None))
                      if v is not None})
              for i, (n, d) in enumerate(items)]
     key = (model_identity(predictor), threshold,
            tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"),
-                  kw.get("method")) for n, d, kw in files))
+                  kw.get("method"), tuple(kw.get("hot_slices") or ())) for n, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
         readable = any(isinstance(d, (bytes, bytearray)) for _, d, _ in files)

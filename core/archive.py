@@ -15,6 +15,7 @@ import io
 import stat
 import struct
 import zipfile
+import zlib
 from pathlib import PurePosixPath
 
 from .reader import MAX_BYTES, ScanError
@@ -58,21 +59,31 @@ def _clean_name(raw: str) -> tuple[str, str | None]:
 def _member_name(info: zipfile.ZipInfo) -> str:
     """The member's name as its maker wrote it. Info-ZIP (Linux ``zip``) stores UTF-8 names
     without the UTF-8 flag, which zipfile then reads as cp437 ('Müller' became 'M├╝ller'): take
-    the Unicode Path extra field if there is one, else the name's bytes as UTF-8 if they are."""
+    the Unicode Path extra field if it matches the name (its CRC), else, for a Unix-made zip, the
+    name's bytes as UTF-8 if they are."""
     if info.flag_bits & UTF8_FLAG:
+        return info.filename
+    try:
+        stored = info.filename.encode("cp437")   # the name's bytes as the zip holds them
+    except UnicodeEncodeError:
         return info.filename
     extra, at = info.extra, 0
     while at + 4 <= len(extra):
         kind, size = struct.unpack_from("<HH", extra, at)
         if kind == UNICODE_PATH_EXTRA and size > 5 and extra[at + 4] == 1:
-            try:
-                return extra[at + 9:at + 4 + size].decode("utf-8")
-            except UnicodeDecodeError:
-                break
+            # valid only for the name it was written for: a renamed member keeps a stale field
+            if struct.unpack_from("<I", extra, at + 5)[0] == zlib.crc32(stored):
+                try:
+                    return extra[at + 9:at + 4 + size].decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            break
         at += 4 + size
+    if info.create_system != 3:   # not Unix-made: a DOS/Windows tool's cp437 name is what it says
+        return info.filename
     try:
-        return info.filename.encode("cp437").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
+        return stored.decode("utf-8")
+    except UnicodeDecodeError:
         return info.filename
 
 

@@ -112,11 +112,13 @@ def _hit(r: dict, classes: list[str]) -> bool | None:
     return None if truth is None else (r["pred"] != NO_TUMOUR) == truth
 
 
-def paired(a: str | Path, b: str | Path) -> dict:
+def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     """Two models on the test images both were tested on, per source: each one's accuracy, the
     images only one of them gets right, and the exact McNemar p-value. Side-by-side rows of
     `compare` come from different splits; only this says which model is better on the same
-    images (a shared test image is in neither model's training split)."""
+    images (a shared test image is in neither model's training split). Images with a copy in either
+    model's training split (``copy_in_training``) are left out, as the Evaluation page does by
+    default, unless ``with_copies``."""
     from scipy.stats import binomtest
     a, b = Path(a), Path(b)
     ra, rb = test_records(a), test_records(b)
@@ -124,8 +126,11 @@ def paired(a: str | Path, b: str | Path) -> dict:
         raise ValueError(f"no eval.json in {a if not ra else b}: train.py writes it")
     ca = json.loads((a / "card.json").read_text()).get("classes", [])
     cb = json.loads((b / "card.json").read_text()).get("classes", [])
-    shared = sorted(set(ra) & set(rb))
-    out = {"a": str(a), "b": str(b), "shared": len(shared), "per_source": {}}
+    both = sorted(set(ra) & set(rb))
+    shared = both if with_copies else [k for k in both if not (ra[k].get("copy_in_training")
+                                                             or rb[k].get("copy_in_training"))]
+    out = {"a": str(a), "b": str(b), "shared": len(both), "copies_left_out": len(both) - len(shared),
+           "per_source": {}}
     for src in sorted({s for s, _ in shared}) + ["all"]:
         keys = [k for k in shared if src == "all" or k[0] == src]
         pairs = [(h, g) for h, g in ((_hit(ra[k], ca), _hit(rb[k], cb)) for k in keys)
@@ -144,7 +149,9 @@ def paired(a: str | Path, b: str | Path) -> dict:
 
 def paired_text(res: dict) -> str:
     a, b = Path(res["a"]).name, Path(res["b"]).name
-    lines = [f"{a} (A) against {b} (B) on the {res['shared']} test images both were tested on:",
+    copies = res.get("copies_left_out", 0)
+    lines = [f"{a} (A) against {b} (B) on the {res['shared']} test images both were tested on"
+             + (f", less {copies} with a copy in either model's training split" if copies else "") + ":",
              "source      n     A        B        only A right  only B right  McNemar p"]
     for src, r in res["per_source"].items():
         lines.append(f"{src:10s} {r['n']:5d}  {100 * r['a']:6.2f}%  {100 * r['b']:6.2f}%  {r['a_only']:12d}  "
@@ -362,7 +369,7 @@ def cmd_compare(args) -> int:
         dirs = model_dirs(args.dirs)
         if len(dirs) != 2:
             raise ValueError(f"--paired compares exactly two model directories; {len(dirs)} given")
-        res = paired(*dirs)
+        res = paired(*dirs, with_copies=args.with_copies)
         print(paired_text(res))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -397,6 +404,8 @@ def add_cli(sub) -> None:
     c.add_argument("--paired", action="store_true",
                    help="two models on the test images both were tested on: accuracies, discordant "
                         "images, exact McNemar p (per source)")
+    c.add_argument("--with-copies", action="store_true",
+                   help="--paired: keep test images with a copy in either model's training split")
     c.add_argument("--record", action="store_true",
                    help="write each measured latency into the model's card (card['benchmark'])")
     c.set_defaults(fn=cmd_compare)

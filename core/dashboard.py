@@ -74,9 +74,12 @@ def interval_text(ev: dict, key: str) -> str | None:
     lo_hi = ev.get("ci95", {}).get(key)
     if not lo_hi:
         return None
-    if ev.get("ci95_method"):   # slices grouped by patient: the patients are the sample
-        return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({ev['ci95_method']}): "
+    method = ev.get("ci95_method") or ""
+    if method.startswith("bootstrap"):   # slices grouped by patient: the patients are the sample
+        return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({method}): "
                 "a patient more or less moves the figure by this much.")
+    if method:
+        return f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({method})."
     return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} (Wilson): with this many scans, "
             "a few images either way move the figure by this much.")
 
@@ -260,7 +263,7 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         # out-of-distribution scan has that flag alone: no call to refer or doubt
         flags = flags_of(r)
         if (r.get("ood_reason") or "").startswith(HEADER_PREFIX):
-            flags = [f"{flags[0]} (DICOM header)"]
+            flags = [f"{flags[0]} (DICOM header)", *flags[1:]]
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         rows.append({"file": r["file"], "prediction": r["pred"] if called else None,
                      "tumour probability": r.get("tumour_probability") if called else None,

@@ -73,6 +73,9 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
     return m
 
 
+MIN_PATIENTS = 10   # fewer, and the patient bootstrap's interval is narrower than the truth (1 patient: zero width)
+
+
 def _patient_intervals(m: dict, records: list[dict], classes: list[str], threshold: float | None) -> None:
     """Replace ``m``'s Wilson intervals by patient-cluster bootstraps when records name their
     patient (LGG's ``TCGA_<site>_<patient>`` files) and patients hold several slices each; a
@@ -81,6 +84,11 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     named = [patient_id(r["file"]) for r in records]
     patients = [p or f"{r.get('source', 'data')}/{r['file']}" for p, r in zip(named, records)]
     if not records or len(set(patients)) == len(records) or "ci95" not in m:
+        return
+    n_named = len({p for p in named if p})
+    if n_named < MIN_PATIENTS:   # a percentile bootstrap over a handful of groups is no interval
+        m["ci95_method"] = (f"Wilson over slices: only {n_named} patient(s), too few to resample; slices of "
+                            "one patient are not independent, so the interval is too narrow")
         return
     probs = np.array([[r["probs"][c] for c in classes] for r in records])
     pred = [classes[k] for k in decide(probs, classes, threshold)]
@@ -92,7 +100,6 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     for key, rows in rates.items():
         if key in m["ci95"] and rows:
             m["ci95"][key] = list(cluster_interval(np.array([h for h, _ in rows]), [patients[i] for _, i in rows]))
-    n_named = len({p for p in named if p})
     m["ci95_method"] = (f"bootstrap over {n_named} patients" + (" and the other scans one by one" if not all(named) else "")
                         + " (slices of one patient are not independent)")
 

@@ -334,13 +334,28 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
     for name, src in items:
         try:
             pr = _predict_one(predictor, src, name, best_slice, **read_kw)
-            out.append({"file": name, "ok": True, **pr.to_json()})
+            row = {"file": name, "ok": True, **pr.to_json()}
+            if not best_slice and (hot := _volume_hot_slices(predictor, src, name, pr)):
+                row["hot_slices"] = hot   # as the app and the report flag it
+            out.append(row)
         except ScanError as e:
             out.append({"file": name, "ok": False, "error": str(e)})
         except Exception as e:  # a bug must not take down the rest of a batch
             out.append({"file": name, "ok": False,
                         "error": f"The file could not be processed ({type(e).__name__})."})
     return out
+
+
+def _volume_hot_slices(predictor: Predictor, src, name: str, pr: Prediction) -> list[int]:
+    """`hot_slices` of a volume's prediction (its other slices at the operating point); [] for a
+    single image, a model without a tumour class, or a volume that cannot be scored whole."""
+    shown = shown_slice(pr.info)
+    if shown is None or not predictor.is_tumour_model:
+        return []
+    try:
+        return hot_slices(slice_scores(predictor, src, name)[2], pr.threshold, shown)
+    except Exception:  # an empty volume, say: the slice shown stands alone
+        return []
 
 
 class EmptyVolume(ScanError):

@@ -160,10 +160,13 @@ REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "i
 
 
 def analyse_one(name: str, src, predictor, threshold: float | None = None,
-                method: str | None = None, keep_bytes: bool = False, **read_kw) -> ScanResult:
+                method: str | None = None, keep_bytes: bool = False, hot: list[int] | None = None,
+                **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
-    ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume).
+    ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume). ``hot``:
+    the volume's other slices at the operating point when the caller has them already (the app
+    scored every slice for its table); None scores them here.
     """
     shown = display_name(name)
     if isinstance(src, Exception):  # an upload that could not be unpacked (a zip member): listed, as on the page
@@ -186,7 +189,7 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), data=data if keep_bytes else None, method=method,
-                      hot_slices=_hot_slices(predictor, data, shown, scan, pred.threshold))
+                      hot_slices=_hot_slices(predictor, data, shown, scan, pred.threshold) if hot is None else hot)
 
 
 def _hot_slices(predictor, data: bytes, name: str, scan, threshold: float | None) -> list[int]:
@@ -213,7 +216,7 @@ def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None
     for name, src, *own in items:
         opts = {**read_kw, **(own[0] if own and own[0] else {})}
         out.append(analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
-                               keep_bytes, **opts))
+                               keep_bytes, opts.pop("hot_slices", None), **opts))
     return out
 
 

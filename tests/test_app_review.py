@@ -638,11 +638,26 @@ def test_a_no_tumour_call_says_how_often_the_model_missed_tumours_and_a_mask_con
     missed = sum(r["pred"] == "notumor" for r in lgg)
     assert f"lgg {missed} of {len(lgg)}" in note
     assert app_support.miss_note(pred, 0.0).count(" 0 of ") == 3   # nothing is missed at 0
-    a = np.zeros((32, 32), np.uint8)
-    a[10:20, 10:20] = 255
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
+    from core.reader import read_scan
+    scan = read_scan(_png_bytes(3), "x.png")   # 64 x 64
+    def mask(h, w):
+        a = np.zeros((h, w), np.uint8)
+        a[h // 3: h // 2, w // 3: w // 2] = 255
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        return buf.getvalue()
     clear = replace(core.inference.Prediction("notumor", {}, 0.1, 0.5, 0.9, False, True, -1.0))
-    assert "missed tumour" in app_support.mask_contradiction(clear, buf.getvalue())
-    assert app_support.mask_contradiction(replace(clear, pred="glioma"), buf.getvalue()) is None
-    assert app_support.mask_contradiction(clear, None) is None
+    spec = pred.spec
+    assert "missed tumour" in app_support.mask_contradiction(clear, scan, mask(64, 64), spec)
+    assert app_support.mask_contradiction(replace(clear, pred="glioma"), scan, mask(64, 64), spec) is None
+    assert app_support.mask_contradiction(clear, scan, None, spec) is None
+    # a mask that does not fit the scan outlines nothing, so it contradicts nothing
+    assert app_support.mask_contradiction(clear, scan, mask(300, 512), spec) is None
+    assert app_support.mask_contradiction(clear, scan, mask(64, 64), spec, slice_index=2) is None
+
+
+def test_renamed_uploads_never_take_a_name_already_in_the_batch():
+    assert app_support.unique_names(["x.png", "x.png (2)", "x.png"]) == ["x.png", "x.png (2)", "x.png (3)"]
+    one = _zipped({"a.png": b"1", "./a.png": b"2"})
+    names = [n for n, _ in app_support.expand_uploads([("one.zip", one)])]
+    assert len(set(names)) == 2

@@ -467,14 +467,20 @@ def test_utf8_member_names_without_the_utf8_flag_are_read_as_utf8():
     assert [n for n, _ in archive.read_zip(_zip_with_raw_name("Ç├ü.png".encode("cp437")))] == ["Ç├ü.png"]
 
 
-def test_unicode_path_extra_field_names_the_member():
-    info = zipfile.ZipInfo("M_ller.png")
-    utf8 = "Müller.png".encode()
-    info.extra = struct.pack("<HHB", 0x7075, 5 + len(utf8), 1) + struct.pack("<I", zlib.crc32(b"M_ller.png")) + utf8
+def _zip_with_unicode_path(stored: str, unicode: str, crc_of: str) -> bytes:
+    """A one-member zip named ``stored`` with a Unicode Path extra field naming ``unicode``,
+    written for the name ``crc_of``."""
+    info = zipfile.ZipInfo(stored)
+    utf8 = unicode.encode()
+    info.extra = struct.pack("<HHB", 0x7075, 5 + len(utf8), 1) + struct.pack("<I", zlib.crc32(crc_of.encode())) + utf8
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(info, b"x")
-    assert [n for n, _ in archive.read_zip(buf.getvalue())] == ["Müller.png"]
+    return buf.getvalue()
+
+
+def test_unicode_path_extra_field_names_the_member():
+    assert [n for n, _ in archive.read_zip(_zip_with_unicode_path("M_ller.png", "Müller.png", "M_ller.png"))] == ["Müller.png"]
 
 
 def test_damaged_zip_member_does_not_stop_the_others():
@@ -661,3 +667,14 @@ def test_a_card_without_calibration_says_its_probabilities_are_raw(random_weight
     from core.inference import Predictor, calibration_text
     d = edited_weights(random_weights, tmp_path / "w", drop=("calibration",))
     assert Predictor(d).temperature == 1.0 and calibration_text(Predictor(d).card).startswith("none")
+
+
+def test_a_stale_unicode_path_field_and_a_dos_made_cp437_name_are_not_taken():
+    """The Unicode Path field holds only for the name it was written for (its CRC), and a name
+    from a DOS/Windows tool is cp437, even where its bytes happen to be valid UTF-8."""
+    stale = _zip_with_unicode_path("patient_B.png", "patient_A.png", "patient_A.png")
+    assert [n for n, _ in archive.read_zip(stale)] == ["patient_B.png"]
+    raw = bytearray(_zip_with_raw_name("Maßüé.png".encode("cp437")))
+    for sig, at in ((b"PK\x01\x02", 5),):   # the central directory's "made by" system: 0 = MS-DOS
+        raw[raw.find(sig) + at] = 0
+    assert [n for n, _ in archive.read_zip(bytes(raw))] == ["Maßüé.png"]

@@ -575,3 +575,23 @@ def test_a_chain_of_links_into_a_missing_folder_is_refused(tmp_path):
     (tmp_path / "b.json").symlink_to(tmp_path / "missing" / "x.json")
     (tmp_path / "a.json").symlink_to(tmp_path / "b.json")
     assert "does not exist" in output_problem("--json", tmp_path / "a.json")
+
+
+def test_predict_flags_a_volume_whose_other_slices_reach_the_point(weights, tmp_path, capsys, monkeypatch):
+    """`predict` said 'notumor' with no flag for a volume whose slices 5, 6 and 50 were gliomas,
+    where the app and the report flagged it."""
+    import nibabel as nib
+    from core import inference
+    vol = (np.random.default_rng(0).random((48, 48, 7)) * 200).astype(np.float32)
+    f = tmp_path / "vol.nii"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), f)
+    real = inference.slice_scores
+    monkeypatch.setattr(inference, "slice_scores", lambda p, src, name=None, **kw: (
+        *real(p, src, name)[:2], {0: 0.99, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 0.0}))
+    monkeypatch.setattr(inference.Predictor, "predict_scan", lambda self, scan: inference.Prediction(
+        "notumor", {"tumor": 0.0, "notumor": 1.0}, 0.0, 0.5, 1.0, False, True, None, info=dict(scan.info)))
+    assert main(["predict", "--json", "--weights", str(weights), str(f)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["hot_slices"] == [0]
+    assert main(["predict", "--weights", str(weights), str(f)]) == 0
+    assert "other slices reach the operating point" in capsys.readouterr().out
