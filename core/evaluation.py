@@ -397,7 +397,9 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
     ev["ood_annotation"] = {"gate": gate.method, "checked": checked, "missing": missing,
                             "unreadable": unreadable, "flagged": int(sum(not r["in_distribution"]
                                                                          for r in records)),
-                            "seconds": round(time.time() - t0, 1)}
+                            "seconds": round(time.time() - t0, 1),
+                            # the served pass's precision: bf16 moves gate scores near the threshold
+                            "precision": getattr(predictor, "precision", None)}
     write_json(path, ev)
     log(f"annotate-ood: {checked} test files checked, {ev['ood_annotation']['flagged']} flagged "
         f"out of distribution, {missing} missing, {unreadable} unreadable "

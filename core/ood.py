@@ -1018,7 +1018,26 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     changed = {c: (before["outliers_flagged_pct"][c], v) for c, v in row["outliers_flagged_pct"].items()
                if v != before["outliers_flagged_pct"][c]}
     log(f"outlier categories whose rate moved (before, after): {changed or 'none'}")
+    mark_superseded(weights)
     return {"from": old, "to": gate.threshold, "before": before, "after": row}
+
+
+def mark_superseded(weights: str | Path) -> None:
+    """ood_eval.json is fit-ood's report of the gates as fitted; after rethreshold-ood its shipped
+    row no longer describes the shipped gate. Say so in it, with the gate's current figures."""
+    weights = Path(weights)
+    path, card_path = weights / "ood_eval.json", weights / "card.json"
+    if not path.is_file() or not card_path.is_file():
+        return
+    gate = json.loads(card_path.read_text()).get("ood") or {}
+    report = json.loads(path.read_text())
+    report["superseded"] = {
+        "by": "python -m core rethreshold-ood", "threshold": gate.get("threshold"),
+        "rethresholded": gate.get("rethresholded"), "measured": gate.get("measured"),
+        "held_out_estimate": gate.get("held_out_estimate"),
+        "note": "the rows above are the gates as fitted; the shipped gate's threshold has moved since, "
+                "and its current figures are these (also card.json's ood section)"}
+    path.write_text(json.dumps(report, indent=1))
 
 
 def _load_mri(card: dict | None, data_config, split_file, spec: dict | None, max_feature_train: int,

@@ -678,3 +678,14 @@ def test_a_stale_unicode_path_field_and_a_dos_made_cp437_name_are_not_taken():
     for sig, at in ((b"PK\x01\x02", 5),):   # the central directory's "made by" system: 0 = MS-DOS
         raw[raw.find(sig) + at] = 0
     assert [n for n, _ in archive.read_zip(bytes(raw))] == ["Maßüé.png"]
+
+
+def test_an_8bit_slice_saved_as_16bit_reads_as_the_8bit_one():
+    """A JPEG re-saved as a 16-bit PNG (values x 257) was stretched by the percentile window:
+    another contrast from the same slice, and other verdicts from the gate and the model."""
+    a = np.asarray(grey8())
+    wide = Image.fromarray(a.astype(np.uint16) * 257)
+    assert np.allclose(reader.read_scan(encode(wide, "PNG"), "w.png").pixels,
+                       reader.read_scan(encode(grey8(), "PNG"), "n.png").pixels, atol=1e-6)
+    genuine = Image.fromarray((a.astype(np.uint16) * 16 + 3))   # 12-bit data: still windowed
+    assert reader.read_scan(encode(genuine, "PNG"), "g.png").pixels.max() == 1.0

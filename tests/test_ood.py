@@ -381,3 +381,17 @@ def test_rethreshold_updates_a_gate_that_held_its_categories_out_itself(syntheti
     text = info["measured"]["outliers_flagged_pct"]["text"]
     assert info["held_out_estimate"]["per_category"]["text"] == text != 12.34
     assert info["held_out_estimate"]["mean_pct"] == info["held_out_estimate"]["min_pct"] == text
+
+
+def test_a_rethresholded_gates_fit_report_says_it_is_superseded(tmp_path):
+    """ood_eval.json kept the gate as fitted (BRISC test 0.66 %, real views 88.5 %) while the card
+    held the rethresholded gate's 0.0 % and 88.0 %."""
+    import json
+    from core.ood import mark_superseded
+    (tmp_path / "card.json").write_text(json.dumps({"ood": {"threshold": 1.3, "measured": {"x": 1},
+                                                            "rethresholded": {"from": 1.2, "to": 1.3}}}))
+    (tmp_path / "ood_eval.json").write_text(json.dumps({"shipped": "cnn [all]"}))
+    mark_superseded(tmp_path)
+    report = json.loads((tmp_path / "ood_eval.json").read_text())
+    assert report["shipped"] == "cnn [all]" and report["superseded"]["threshold"] == 1.3
+    assert report["superseded"]["rethresholded"] == {"from": 1.2, "to": 1.3}
