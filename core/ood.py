@@ -1011,7 +1011,9 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
         "rule": "halfway between the highest validation score allowed to pass and the next one",
         "measured_before": {k: before[k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct",
                                                    "outliers_flagged_pct")}}
+    kept = json.loads((weights / "card.json").read_text()).get("ood") or {}
     gate.save(weights)
+    _keep_card_fields(weights, kept)
     log(f"threshold {old:.6f} -> {gate.threshold:.6f}")
     for k in ("val_mri_flagged_pct", "test_mri_flagged_pct"):
         log(f"{k}: before {before[k]} after {row[k]}")
@@ -1020,6 +1022,20 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     log(f"outlier categories whose rate moved (before, after): {changed or 'none'}")
     mark_superseded(weights)
     return {"from": old, "to": gate.threshold, "before": before, "after": row}
+
+
+def _keep_card_fields(weights: Path, before: dict) -> None:
+    """Put back the card's gate fields that a re-save does not write (an older card's
+    ``fitted_by``, ``compared``, ``note``: how the gate was made); an older format's measurements
+    are kept as ``measured_at_fit``."""
+    path = weights / "card.json"
+    card = json.loads(path.read_text())
+    section = card.get("ood") or {}
+    section.update({k: v for k, v in before.items() if k not in section})
+    if before.get("measured") and set(before["measured"]) != set(section.get("measured") or {}):
+        section.setdefault("measured_at_fit", before["measured"])
+    card["ood"] = section
+    path.write_text(json.dumps(card, indent=1))
 
 
 def mark_superseded(weights: str | Path) -> None:

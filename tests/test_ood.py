@@ -395,3 +395,17 @@ def test_a_rethresholded_gates_fit_report_says_it_is_superseded(tmp_path):
     report = json.loads((tmp_path / "ood_eval.json").read_text())
     assert report["shipped"] == "cnn [all]" and report["superseded"]["threshold"] == 1.3
     assert report["superseded"]["rethresholded"] == {"from": 1.2, "to": 1.3}
+
+
+def test_a_resaved_gate_keeps_the_card_fields_it_does_not_write(tmp_path):
+    """rethreshold-ood re-saved resnet18's version-1 gate section and dropped fitted_by, compared
+    and note, and its measurements (another format) without a trace."""
+    import json
+    from core.ood import _keep_card_fields
+    before = {"threshold": 1.0, "fitted_by": "python -m core fit-ood ...", "note": "n",
+              "measured": {"max_test_mri_flagged_pct": 1.0}}
+    (tmp_path / "card.json").write_text(json.dumps({"ood": {"threshold": 1.1, "measured": {"val_mri_flagged_pct": {}}}}))
+    _keep_card_fields(tmp_path, before)
+    ood = json.loads((tmp_path / "card.json").read_text())["ood"]
+    assert ood["threshold"] == 1.1 and ood["fitted_by"] == before["fitted_by"] and ood["note"] == "n"
+    assert ood["measured"] == {"val_mri_flagged_pct": {}} and ood["measured_at_fit"] == before["measured"]
