@@ -133,7 +133,7 @@ else:
         if not r["ok"]:
             st.error(f"**{r['file']}**: {r['error']}")
         elif r.get("hot_slices"):  # a volume's other slices: not only inside a file's details
-            st.warning(f"**{r['file']}**: slices {', '.join(map(str, r['hot_slices'][:12]))} reach the operating "
+            st.warning(f"**{r['file']}**: slices {app.listed_slices(r['hot_slices'])} reach the operating "
                        "point; the slice in the table does not. Show its details before calling it clear.",
                        icon=":material/warning:")
     ok = [k for k, r in enumerate(results) if r["ok"]]
@@ -161,4 +161,4 @@ if len(items) > 1:
                 "highest tumour probability": st.column_config.NumberColumn(format="%.3f")})
 
 if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one
-    app.report_downloads(items, predictor, threshold, slices)
+    app.report_downloads(items, predictor, threshold, slices, results)

@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 import streamlit as st
 
-from .evaluation import NothingToScore, evaluate_records, prediction_record, score_labelled
+from .evaluation import NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
-                        hot_slices, most_tumour_like_slice, shipped_default, shipped_models, shown_slice, slice_scores,
+                        hot_slices, listed_slices, most_tumour_like_slice, shipped_default, shipped_models, shown_slice, slice_scores,
                         training_sources)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import apart, decide, is_tumour_label
@@ -115,11 +115,11 @@ def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) 
     text = (f"**Trained on one collection only ({sources[0]})**: it learnt that collection's look and was "
             "never tested on scans from other hospitals. Such models call most tumour scans of other "
             "collections 'no tumour', without a flag (docs/generalisation.md).")
-    choices = model_choices() if choices is None else choices
-    best = max(choices, key=lambda d: len(training_sources(load_card(d))), default=None)
-    if best is None or len(training_sources(load_card(best))) <= 1:
+    cards = [(Path(d), load_card(d)) for d in (model_choices() if choices is None else choices)]
+    best = max(cards, key=lambda dc: len(training_sources(dc[1])), default=None)
+    if best is None or len(training_sources(best[1])) <= 1:
         return text
-    return text + f" For such scans prefer {load_card(best).get('name', Path(best).name)}."
+    return text + f" For such scans prefer {best[1].get('name', best[0].name)}."
 
 
 def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
@@ -445,8 +445,7 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
     if not hot:
         return None
     top = max(hot, key=scores.get)
-    listed = ", ".join(map(str, hot[:12])) + (f" and {len(hot) - 12} more" if len(hot) > 12 else "")
-    return (f"Other slices of this volume reach the operating point: {listed} (highest tumour "
+    return (f"Other slices of this volume reach the operating point: {listed_slices(hot)} (highest tumour "
             f"probability {scores[top]:.3f}, slice {top}; before the out-of-distribution check). "
             "The slice shown does not: look at those slices before calling this volume clear.")
 
@@ -551,9 +550,7 @@ def gallery_records(records: list[dict], kind: str) -> list[dict]:
     if kind == "missed":
         sel = [r for r in records if is_missed_tumour(r)]
         return sorted(sel, key=lambda r: r.get("tumour_probability") or 0.0)
-    sel = [r for r in records if (r["label"] in r["probs"] and r["pred"] != r["label"])
-           or (r["label"] not in r["probs"] and is_tumour_label(r["label"]) is not None
-               and bool(is_tumour_label(r["label"])) != (r["pred"] != NO_TUMOUR))]
+    sel = [r for r in records if call_is_right(r, list(r["probs"])) is False]
     return sorted(sel, key=lambda r: -r["probs"].get(r["pred"], 0.0))
 
 
@@ -901,7 +898,8 @@ def held_result(name: str, predictor: Predictor) -> tuple[dict | None, bool]:
 
 
 def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
-                     threshold: float | None, slices: dict[int, int | None] | None = None) -> None:
+                     threshold: float | None, slices: dict[int, int | None] | None = None,
+                     rows: list[dict] | None = None) -> None:
     """PDF/CSV report buttons from core.report, built on request and kept for these files.
 
     ``core.report.report_downloads_data(items, predictor, threshold)`` predicts and computes
@@ -915,13 +913,13 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
     slices = slices or {}
     # every listed upload, the unreadable ones too: a report must not hold fewer files than the page
     # each file's slice on screen, the saliency method chosen for it (`saliency_panel`'s widget)
-    # and a volume's hot slices as the table has them (`analyse`: scored once, cached)
-    files = [(n, d, {k: v for k, v in (("slice_index", slices.get(i)),
-                                       ("method", st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}")),
-                                       ("hot_slices", analyse(predictor, n, d, threshold, slices.get(i))[0]
-                                        .get("hot_slices", []) if isinstance(d, (bytes, bytearray)) else None))
-                     if v is not None})
-             for i, (n, d) in enumerate(items)]
+    # and a volume's hot slices as the page's row has them (``rows``, one per item: not scored again)
+    def options(i: int, n: str, d) -> dict:
+        opts = {"slice_index": slices.get(i),
+                "method": st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}"),
+                "hot_slices": rows[i].get("hot_slices", []) if rows and rows[i].get("ok") else None}
+        return {k: v for k, v in opts.items() if v is not None}
+    files = [(n, d, options(i, n, d)) for i, (n, d) in enumerate(items)]
     key = (model_identity(predictor), threshold,
            tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"),
                   kw.get("method"), tuple(kw.get("hot_slices") or ())) for n, d, kw in files))

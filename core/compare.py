@@ -85,12 +85,18 @@ def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3)
 
 
 # ----------------------------------------------------------------------------- test sets
+def _stored_eval(weights_dir: str | Path) -> dict:
+    path = Path(weights_dir) / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _keyed(ev: dict) -> dict[tuple[str, str], dict]:
+    return {(r.get("source", "data"), r["file"]): r for r in ev.get("predictions", [])}
+
+
 def test_records(weights_dir: str | Path) -> dict[tuple[str, str], dict]:
     """eval.json's test records keyed by (source, file); {} when there is no eval.json."""
-    path = Path(weights_dir) / "eval.json"
-    if not path.is_file():
-        return {}
-    return {(r.get("source", "data"), r["file"]): r for r in json.loads(path.read_text()).get("predictions", [])}
+    return _keyed(_stored_eval(weights_dir))
 
 
 def test_set_code(records: dict) -> str | None:
@@ -101,17 +107,6 @@ def test_set_code(records: dict) -> str | None:
     return hashlib.sha1("\n".join(f"{s}/{f}" for s, f in sorted(records)).encode()).hexdigest()[:8]
 
 
-def _hit(r: dict, classes: list[str]) -> bool | None:
-    """Whether one record's call is right: its type where the label has one this model knows,
-    else the tumour / no-tumour call (a coarse 'tumour' label); None when neither can be said."""
-    from .labels import NO_TUMOUR
-    from .metrics import is_tumour_label
-    if r["label"] in classes:
-        return r["pred"] == r["label"]
-    truth = is_tumour_label(r["label"])
-    return None if truth is None else (r["pred"] != NO_TUMOUR) == truth
-
-
 def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     """Two models on the test images both were tested on, per source: each one's accuracy, the
     images only one of them gets right, and the exact McNemar p-value. Side-by-side rows of
@@ -120,6 +115,7 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     model's training split (``copy_in_training``) are left out, as the Evaluation page does by
     default, unless ``with_copies``."""
     from scipy.stats import binomtest
+    from .evaluation import call_is_right
     a, b = Path(a), Path(b)
     ra, rb = test_records(a), test_records(b)
     if not ra or not rb:
@@ -133,7 +129,7 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
            "per_source": {}}
     for src in sorted({s for s, _ in shared}) + ["all"]:
         keys = [k for k in shared if src == "all" or k[0] == src]
-        pairs = [(h, g) for h, g in ((_hit(ra[k], ca), _hit(rb[k], cb)) for k in keys)
+        pairs = [(h, g) for h, g in ((call_is_right(ra[k], ca), call_is_right(rb[k], cb)) for k in keys)
                  if h is not None and g is not None]
         if not pairs:
             continue
@@ -244,9 +240,9 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -
 
 def _test_set(d: Path) -> dict:
     """The test-set code, and the tumours the counts of missed ones are out of."""
-    ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+    ev = _stored_eval(d)
     bench = (ev.get("per_source") or {}).get("benchmark") or {}
-    return {"test_set": test_set_code({(r.get("source", "data"), r["file"]): r for r in ev.get("predictions", [])}),
+    return {"test_set": test_set_code(_keyed(ev)),
             "n_tumour": ev.get("n_tumour"), "benchmark_missed": bench.get("tumour_missed"),
             "benchmark_n_tumour": bench.get("n_tumour")}
 

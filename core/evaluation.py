@@ -260,6 +260,15 @@ def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
             "confidence": t if called else 1 - t}   # of the class called, as everywhere (not the likelier side)
 
 
+def call_is_right(r: dict, classes: list[str]) -> bool | None:
+    """Whether one record's call is right: its type where the label is one of ``classes``, else
+    the tumour / no-tumour call (a coarse 'tumour' label); None when neither can be said."""
+    if r["label"] in classes:
+        return r["pred"] == r["label"]
+    truth = is_tumour_label(r["label"])
+    return None if truth is None else (r["pred"] != NO_TUMOUR) == truth
+
+
 class NothingToScore(ValueError):
     """No image of a folder could be read or scored; ``errors`` says why for each file."""
 

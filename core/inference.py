@@ -335,7 +335,7 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
         try:
             pr = _predict_one(predictor, src, name, best_slice, **read_kw)
             row = {"file": name, "ok": True, **pr.to_json()}
-            if not best_slice and (hot := _volume_hot_slices(predictor, src, name, pr)):
+            if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold)):
                 row["hot_slices"] = hot   # as the app and the report flag it
             out.append(row)
         except ScanError as e:
@@ -346,14 +346,15 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
     return out
 
 
-def _volume_hot_slices(predictor: Predictor, src, name: str, pr: Prediction) -> list[int]:
-    """`hot_slices` of a volume's prediction (its other slices at the operating point); [] for a
-    single image, a model without a tumour class, or a volume that cannot be scored whole."""
-    shown = shown_slice(pr.info)
-    if shown is None or not predictor.is_tumour_model:
+def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None) -> list[int]:
+    """`hot_slices` of the volume slice whose reader ``info`` is given, every slice scored here
+    (`predict`, the report); [] for a single image, a model without a tumour class, or a volume
+    that cannot be scored whole."""
+    shown = shown_slice(info)
+    if shown is None or not getattr(predictor, "is_tumour_model", False):
         return []
     try:
-        return hot_slices(slice_scores(predictor, src, name)[2], pr.threshold, shown)
+        return hot_slices(slice_scores(predictor, src, name)[2], threshold, shown)
     except Exception:  # an empty volume, say: the slice shown stands alone
         return []
 
@@ -397,6 +398,11 @@ def hot_slices(scores: dict[int, float], threshold: float | None, shown: int | N
     if threshold is None or shown is None or scores.get(shown, 0.0) >= threshold:
         return []
     return sorted(k for k, v in scores.items() if v >= threshold)
+
+
+def listed_slices(hot: list[int], most: int = 12) -> str:
+    """'3, 4, 5 and 9 more': the slice numbers a warning names, at most ``most`` of them."""
+    return ", ".join(map(str, hot[:most])) + (f" and {len(hot) - most} more" if len(hot) > most else "")
 
 
 def shown_slice(info: dict) -> int | None:

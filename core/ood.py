@@ -1011,7 +1011,7 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
         "rule": "halfway between the highest validation score allowed to pass and the next one",
         "measured_before": {k: before[k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct",
                                                    "outliers_flagged_pct")}}
-    kept = json.loads((weights / "card.json").read_text()).get("ood") or {}
+    kept = card.get("ood") or {}   # as read above: nothing since has written the card
     gate.save(weights)
     _keep_card_fields(weights, kept)
     log(f"threshold {old:.6f} -> {gate.threshold:.6f}")

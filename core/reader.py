@@ -271,10 +271,11 @@ def _flatten_mode(img: Image.Image) -> Image.Image:
 
 def _to_grey(img: Image.Image) -> tuple[np.ndarray, float, dict]:
     """A flattened (L, RGB, I or F) image -> grey [0, 1], colourfulness, info."""
-    if img.mode == "I" and (widened := _widened_8bit(np.asarray(img))) is not None:
-        return widened, 0.0, {"intensity_window": [0.0, 65535.0]}
     if img.mode in ("I", "F"):
-        grey, (lo, hi) = robust_window(np.asarray(img, dtype=np.float32), inplace=True)
+        values = np.asarray(img)
+        if (widened := _widened_8bit(values)) is not None:
+            return widened, 0.0, {"intensity_window": [0.0, 65535.0]}
+        grey, (lo, hi) = robust_window(values.astype(np.float32), inplace=True)
         return grey, 0.0, {"intensity_window": [round(lo, 3), round(hi, 3)]}
     a = np.asarray(img, dtype=np.float32) / 255.0
     if a.ndim == 2:
@@ -329,9 +330,7 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
                 info.update(frame=frame, n_frames=n_frames)
             if img.format in ("JPEG", "MPO") and max(width, height) > MAX_SIDE:
                 img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4...: less memory
-            with warnings.catch_warnings():  # a later page's size was checked by _check_page
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
+            _load(img)
             grey, colour, extra = _decode_loaded(img, info)
         except ScanError:
             raise
@@ -348,6 +347,14 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
     info.update(extra)
     info.update(_blank(grey))
     return ScanImage(grey, colour, "image", info)
+
+
+def _load(img: Image.Image) -> None:
+    """Decode the current page; Pillow's bomb warning stays quiet: `_check_size` checked this
+    page's size (the first from the header, a later one in `_check_page`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img.load()
 
 
 def _check_page(img: Image.Image, info: dict) -> None:
@@ -1038,9 +1045,7 @@ def read_image_pages(src: str | Path | bytes, name: str | None = None, **options
                     _check_page(img, info)
                 except ScanError as e:
                     raise ScanError(f"Page {k + 1} of the image: {e}") from None
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    img.load()
+                _load(img)
                 grey, colour, extra = _decode_loaded(img, info)
                 pages.append(ScanImage(grey, colour, "image", info | extra | _blank(grey)))
     except ScanError:

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .inference import Prediction, calibration_text
+from .inference import Prediction, calibration_text, listed_slices, volume_hot_slices
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart
 from .preprocess import prepare
@@ -189,19 +189,8 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), data=data if keep_bytes else None, method=method,
-                      hot_slices=_hot_slices(predictor, data, shown, scan, pred.threshold) if hot is None else hot)
-
-
-def _hot_slices(predictor, data: bytes, name: str, scan, threshold: float | None) -> list[int]:
-    """A volume's other slices at the operating point (`inference.hot_slices`); [] otherwise."""
-    from .inference import hot_slices, shown_slice, slice_scores
-    shown = shown_slice(scan.info)
-    if shown is None or threshold is None or not getattr(predictor, "is_tumour_model", False):
-        return []
-    try:
-        return hot_slices(slice_scores(predictor, data, name)[2], threshold, shown)
-    except Exception:  # an empty volume, say: the slice shown stands alone
-        return []
+                      hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold)
+                      if hot is None else hot)
 
 
 def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
@@ -612,8 +601,7 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
         if f == FLAG_OOD and p.ood_reason:  # the header or the pixels: say which
             text = f"{p.ood_reason} Do not rely on this result."
         if f == FLAG_OTHER_SLICES:
-            listed = ", ".join(map(str, r.hot_slices[:12])) + (" ..." if len(r.hot_slices) > 12 else "")
-            text = (f"Slices {listed} of this volume reach the operating point; the slice shown does not. "
+            text = (f"Slices {listed_slices(r.hot_slices)} of this volume reach the operating point; the slice shown does not. "
                     "Look at them before calling the volume clear.")
         _banner(pdf, title, text, colours)
     if not flags:
