@@ -231,7 +231,7 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
 def mask_contradiction(pred: Prediction, scan: ScanImage, mask: bytes | None, spec: dict,
                        slice_index: int | None = None) -> str | None:
     """A warning when the uploaded tumour mask marks a lesion and the call is 'no tumour'; only a
-    mask that fits the scan counts, as for the outline (`input_mask`: same size, not a volume slice)."""
+    mask that fits the scan counts, as for the outline (`input_mask`: same size or the size the reader reduced, not a volume slice)."""
     if mask is None or pred.pred != NO_TUMOUR or not pred.in_distribution or slice_index is not None:
         return None
     fitted = input_mask(scan, mask, spec)
@@ -556,7 +556,10 @@ def gallery_records(records: list[dict], kind: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- tumour masks
 def _stem(name: str) -> str:
-    """Upload name without its extension, folder kept: zip members pair within one folder."""
+    """Upload name without its extension (``.nii.gz`` is one), folder kept: zip members pair
+    within one folder."""
+    if name.lower().endswith(".nii.gz"):
+        return name[:-len(".nii.gz")]
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
 
 
@@ -622,9 +625,18 @@ def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> n
         mask = read_mask(src)
     except Exception:  # not an image: no outline rather than a broken page
         return None
+    if mask.shape != scan.pixels.shape and scan.info.get("downscaled_from") == [mask.shape[1], mask.shape[0]]:
+        mask = _reduced_mask(mask, scan.pixels.shape)  # the reader shrank a large scan: shrink its mask alike
     if mask.shape != scan.pixels.shape or not mask.any():
         return None
     return mask_to_input(scan.pixels, mask, spec)
+
+
+def _reduced_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A full-size mask brought to the reader's reduced scan: area mean, then the half-way cut."""
+    from PIL import Image
+    small = Image.fromarray(mask.astype(np.float32)).resize((shape[1], shape[0]), Image.Resampling.BOX)
+    return np.asarray(small) >= 0.5
 
 
 def record_mask_path(card: dict, record: dict) -> Path | None:
@@ -784,6 +796,8 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
         if frame is not None:
             st.caption(f"Magenta outline: the uploaded tumour mask; {mask_note(cam, frame)}.")
+        elif mask is not None and slice_index is not None:
+            st.caption("Tumour masks are outlined on 2D scans only: this volume's mask is not drawn.")
         elif mask is not None:
             st.caption("The uploaded mask does not fit this scan (size, or an empty mask): no outline.")
         if cam.max() <= 0:

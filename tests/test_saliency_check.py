@@ -48,6 +48,9 @@ def test_wilson_interval_and_best_method():
             {"method": "B", "baseline": False, "pointing_glioma": 0.5, "energy_glioma": 0.3},
             {"method": "random map", "baseline": True, "pointing_glioma": 0.9, "energy_glioma": 0.9}]
     assert best_method(rows) == "B"  # ties broken by energy; a baseline is never the default
+    rounding = [{"method": "Grad-CAM", "baseline": False, "pointing_glioma": 0.8867, "energy_glioma": 0.17258768},
+                {"method": "HiResCAM", "baseline": False, "pointing_glioma": 0.8867, "energy_glioma": 0.17258769}]
+    assert best_method(rounding) == "Grad-CAM"  # the same map up to float rounding: the first kept
     assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
 
 
@@ -112,6 +115,30 @@ def test_input_mask_and_note_on_an_upload():
     assert app.input_mask(ScanImage(grey), _png(m[:50]), spec) is None      # another size
     assert app.input_mask(ScanImage(grey), b"not an image", spec) is None
     assert app.input_mask(ScanImage(grey), None, spec) is None
+
+
+def test_input_mask_follows_the_readers_reduction_of_a_large_scan():
+    from core.reader import MAX_SIDE, read_scan
+    side = MAX_SIDE + 512                             # the reader shrinks this scan to MAX_SIDE
+    grey = np.zeros((side, side), np.uint8)
+    grey[100:-100, 100:-100] = 150
+    m = np.zeros((side, side), np.uint8)
+    m[600:1200, 700:1300] = 255
+    scan = read_scan(_png(grey), "big.png")
+    small = scan.pixels.shape[0]
+    assert scan.pixels.shape == (small, small) and small <= MAX_SIDE and scan.info["downscaled_from"] == [side, side]
+    spec = {"size": 64, "crop": "head", "mean": 0.2, "std": 0.25}
+    frame = app.input_mask(scan, _png(m), spec)
+    assert frame is not None
+    same = app.input_mask(ScanImage(scan.pixels), _png(np.asarray(
+        Image.fromarray(m).resize((small, small), Image.Resampling.NEAREST))), spec)
+    assert (frame != same).mean() < 0.01             # where a mask drawn on the reduced scan falls
+    assert app.input_mask(scan, _png(m[:, :-8]), spec) is None     # another size still does not fit
+
+
+def test_pair_masks_takes_nifti_gz_masks_as_one_suffix():
+    kept, masks = app.pair_masks([("vol.nii.gz", b"v"), ("vol_mask.nii.gz", b"m"), ("b.nii", b"w")])
+    assert masks == {"vol.nii.gz": b"m"} and [n for n, _ in kept] == ["vol.nii.gz", "b.nii"]
 
 
 def test_mask_path_for_both_lgg_layouts(tmp_path):
