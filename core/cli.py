@@ -10,6 +10,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from .report import printable_path
 
 
 PLUGIN_MODULES = ("report", "compare", "ood", "saliency_check")
@@ -45,7 +46,7 @@ def cmd_audit(args) -> int:
             continue
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)
-    skipped = [f"  skipped {rel}: {why}" for rel, why in scan.skipped + unreadable]
+    skipped = [f"  skipped {printable_path(rel)}: {why}" for rel, why in scan.skipped + unreadable]
     if not samples:
         print(*skipped, f"error: none of the {len(scan.samples)} image files under {args.data_dir} could be read",
               sep="\n", file=sys.stderr)
@@ -56,6 +57,8 @@ def cmd_audit(args) -> int:
     for s in samples:
         folders.setdefault((split_of(s), s.label), set()).add(s.original)
     print(f"{len(samples)} readable images in {args.data_dir}")
+    if (note := D.one_folder_note(scan)):
+        print(f"note: {note}")
     for (split, label), n in sorted(Counter((split_of(s), s.label) for s in samples).items()):
         print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(sorted(folders[split, label]))}")
     print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
@@ -156,7 +159,7 @@ def _writable_file(path: str) -> Path:
 
 def _print_skipped(errors: list[dict]) -> None:
     for e in errors:
-        print(f"skipped {e['file']}: {e['error']}", file=sys.stderr)
+        print(f"skipped {printable_path(e['file'])}: {e['error']}", file=sys.stderr)
 
 
 def cmd_evaluate(args) -> int:

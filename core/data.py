@@ -6,6 +6,7 @@ where the file name gives one, and groups, never single images, are assigned to 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -57,9 +58,21 @@ def _is_hidden(p: Path) -> bool:
     return p.name.startswith(".") or p.name.startswith("._")
 
 
+def _links_above(d: Path) -> bool:
+    """A linked folder pointing at itself or a folder above it: walking it would loop."""
+    try:
+        return d.is_symlink() and d.parent.resolve().is_relative_to(d.resolve())
+    except (OSError, RuntimeError):  # a loop of links
+        return True
+
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir()
-                  if d.is_dir() and not _is_hidden(d) and d.name.lower() not in SKIP_DIRS)
+                  if d.is_dir() and not _is_hidden(d) and d.name.lower() not in SKIP_DIRS and not _links_above(d))
+
+
+def _skip_reason(name: str) -> str:
+    return "archive metadata" if name.lower() == "__macosx" else "a folder of masks: not read as scans"
 
 
 def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
@@ -70,8 +83,9 @@ def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
         if f.is_dir() and _is_hidden(f):
             out.append((rel + "/", "hidden folder"))
         elif f.is_dir() and f.name.lower() in SKIP_DIRS:
-            out.append((rel + "/", "archive metadata" if f.name.lower() == "__macosx"
-                        else "a folder of masks: not read as scans"))
+            out.append((rel + "/", _skip_reason(f.name)))
+        elif _links_above(f):
+            out.append((rel + "/", "a link to this folder or one above it: not followed"))
         elif not f.is_dir():
             out.append((rel, "hidden file" if _is_hidden(f) else "not inside a class folder"))
     return out
@@ -168,14 +182,44 @@ def _layout_like(d: Path, depth: int = 3) -> bool:
     return depth > 1 and len(subs) == 1 and _layout_like(subs[0], depth - 1)
 
 
+def _is_wrapper(d: Path) -> bool:
+    """A lone folder that only wraps the classes: it holds a layout, or it is named like no class
+    and holds a folder named like one ("MyData/glioma/"; a lone "yes/patient1/" stays a class)."""
+    if _layout_like(d):
+        return True
+    return normalise_label(d.name) not in CANONICAL and \
+        any(normalise_label(x.name) in CANONICAL for x in _class_dirs(d))
+
+
 def _unwrapped(root: Path) -> Path:
     """The folder the classes are in: an archive often unpacks into one wrapper folder
     ("Brain Tumor/Training/glioma/..."), whose name must not label every image below it."""
     while True:
         tops = _class_dirs(root)
-        if len(tops) != 1 or tops[0].name.lower() in SPLIT_DIRS or not _layout_like(tops[0]):
+        if len(tops) != 1 or tops[0].name.lower() in SPLIT_DIRS or not _is_wrapper(tops[0]):
             return root
         root = tops[0]
+
+
+def _split_base(base: Path) -> Path:
+    """Inside a Training/ folder, the folder the classes are in: archives double the split folder
+    ("Training/Training/glioma/") or wrap it ("Training/data/glioma/")."""
+    for _ in range(3):
+        subs = _class_dirs(base)
+        if len(subs) != 1 or not (subs[0].name.lower() in SPLIT_DIRS or _is_wrapper(subs[0])):
+            break
+        base = subs[0]
+    return base
+
+
+def _nothing_found(root: Path, skipped: list[tuple[str, str]]) -> str:
+    """Why a walk found no image, with what it set aside (five loose JPEGs are not 'nothing')."""
+    msg = f"no images found in class folders under {root} (expected {root}/<class>/*.jpg)"
+    if not skipped:
+        return msg
+    why = Counter(reason for _, reason in skipped)
+    parts = ", ".join(f"{n} {reason}" for reason, n in why.most_common(3))
+    return f"{msg}; set aside: {parts} (e.g. {skipped[0][0]})"
 
 
 def discover(root: str | Path, source: str | None = None, check_readable: bool = False) -> Scan:
@@ -193,7 +237,7 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     scan.wrapper = "" if top == root else top.relative_to(root).as_posix() + "/"
     tops = _class_dirs(top)
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
-    layout = [(d, SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(top, None)]
+    layout = [(_split_base(d), SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(top, None)]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
     if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
         scan.skipped += [(str(d.relative_to(root)) + "/", "a folder beside the Training/Testing folders: not read "
@@ -203,16 +247,25 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
             scan.skipped += _stray(base, root)
         for cdir in _class_dirs(base):
             label = normalise_label(cdir.name)
-            for f in sorted(cdir.rglob("*")):
+            found = sorted(cdir.rglob("*"))
+            if not found:  # a failed copy leaves an empty folder: its class would just drop out
+                scan.skipped.append((str(cdir.relative_to(root)) + "/", "an empty class folder"))
+            for f in found:
                 rel = str(f.relative_to(root))
+                if any(p.name.lower() in SKIP_DIRS for p in f.relative_to(cdir).parents):
+                    if f.is_dir() and f.name.lower() in SKIP_DIRS:  # said once, for the folder
+                        scan.skipped.append((rel + "/", _skip_reason(f.name)))
+                    continue
                 if f.is_dir():
-                    if f.is_symlink():  # rglob does not enter linked folders: say so
+                    if f.name.lower() in SKIP_DIRS:
+                        scan.skipped.append((rel + "/", _skip_reason(f.name)))
+                    elif f.is_symlink():  # rglob does not enter linked folders: say so
                         scan.skipped.append((rel + "/", "a linked folder: not followed (copy its files in)"))
                     continue
                 if _is_hidden(f) or any(_is_hidden(p) for p in f.relative_to(root).parents if p.name):
                     scan.skipped.append((rel, "hidden file"))
                 elif not f.exists():
-                    scan.skipped.append((rel, "broken link: the file it points to is missing"))
+                    scan.skipped.append((rel, _broken_link(f)))
                 elif not _is_image_file(f):
                     scan.skipped.append((rel, "not an image file"))
                 else:
@@ -221,8 +274,30 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     if check_readable:
         scan = drop_unreadable(scan)
     if not scan.samples:
-        raise ValueError(f"no images found under {root} (expected {root}/<class>/*.jpg)")
+        raise ValueError(_nothing_found(root, scan.skipped))
     return scan
+
+
+def _broken_link(f: Path) -> str:
+    try:
+        os.stat(f)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of links: not read"
+    return "broken link: the file it points to is missing"
+
+
+def one_folder_note(scan: Scan) -> str | None:
+    """A hint when every image sits in subfolders of one class folder ('archive/cats/',
+    'archive/dogs/'): those subfolders may be the classes, under a wrapper named like none."""
+    tops = {Path(scan.inner(s.rel)).parts[0] for s in scan.samples}
+    subs = {Path(scan.inner(s.rel)).parts[1] for s in scan.samples if len(Path(scan.inner(s.rel)).parts) > 2}
+    if len(tops) != 1 or len(subs) < 2 or any(len(Path(scan.inner(s.rel)).parts) < 3 for s in scan.samples):
+        return None
+    (top,) = tops
+    return (f"every image sits in subfolders of the one folder '{top}' ({len(subs)} of them), so all are "
+            f"labelled '{normalise_label(top)}': if those subfolders are the classes, pass the folder "
+            f"'{top}' itself")
 
 
 def drop_unreadable(scan: Scan) -> Scan:

@@ -319,7 +319,7 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
               if evaluated.startswith("every image")
               or not scan.inner(rel).lower().startswith(("training/", "train/"))]
     # Only what can be scored is run through the model (an 'astrocytoma' folder is not).
-    errors += [{"file": s.rel, "error": f"its folder ('{s.label}') names no class of this model"}
+    errors += [{"file": s.rel, "error": f"its folder ('{s.original}') names no class of this model"}
                for s in samples if not _scorable(s.label, predictor.classes)]
     samples = [s for s in samples if _scorable(s.label, predictor.classes)]
     if not samples:
@@ -329,6 +329,9 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
             p = predictor.predict_scan(read_scan(s.path, s.rel))
         except ScanError as e:
             errors.append({"file": s.rel, "error": str(e)})
+            continue
+        except Exception as e:  # the reader's surprise for one file never ends the run
+            errors.append({"file": s.rel, "error": f"The file could not be processed ({type(e).__name__})."})
             continue
         records.append(prediction_record(s.rel, s.source, s.label, p))
         if progress:

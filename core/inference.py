@@ -236,6 +236,8 @@ class Predictor:
         self.tta: dict | None = self.card.get("tta")  # selective mirror pass (`apply_tta`)
         self.device = torch.device(device)
         self.model = create_model(self.card["arch"], len(self.classes))
+        if not (self.dir / "model.safetensors").is_file():
+            raise ValueError(f"{self.dir} has a card but no model.safetensors: the weights are missing")
         try:
             state = load_file(self.dir / "model.safetensors")
             self.model.load_state_dict({k: v.float() for k, v in state.items()})

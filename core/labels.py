@@ -6,6 +6,7 @@ the coarse class ``tumor`` ("some tumour, type not given", e.g. Br35H ``yes``).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 FINE_TUMOURS = ("glioma", "meningioma", "pituitary")
 NO_TUMOUR = "notumor"
@@ -30,13 +31,20 @@ _ALIASES = {
 def normalise_label(folder_name: str) -> str:
     """Map a folder name such as ``glioma_tumor``, ``Brain_Menin`` or ``yes`` to the vocabulary.
 
-    Unknown names are kept (lower-cased, non-letters as ``_``) so that any class-per-folder
+    Unknown names are kept (accents dropped, lower-cased, runs of non-letters/digits as ``_``) so that any class-per-folder
     dataset still trains, just without the tumour/no-tumour semantics.
     """
-    key = re.sub(r"[^a-z]", "", folder_name.lower())
+    name = _plain(folder_name).lower()
+    key = re.sub(r"[^a-z]", "", name)
     if key in _ALIASES:
         return _ALIASES[key]
-    return re.sub(r"[^a-z0-9]+", "_", folder_name.lower()).strip("_") or folder_name
+    return re.sub(r"[\W_]+", "_", name).strip("_") or folder_name
+
+
+def _plain(name: str) -> str:
+    """Accents dropped and compatibility forms unfolded ('Gliôma' -> 'Glioma', 'Ⅱ' -> 'II'), so
+    that NFC and NFD spellings of one folder name give one label."""
+    return "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
 
 
 def model_classes(labels: set[str] | list[str]) -> list[str]:

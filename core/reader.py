@@ -243,6 +243,8 @@ def _frame_index(options: dict, n_frames: int, default: int, what: str = "frame"
     if n_frames < 1:
         raise ScanError(f"The file has no {what}s: there is no image in it.")
     if not 0 <= k < n_frames:
+        if n_frames == 1:
+            raise ScanError(f"The file has one {what} (number 0); {what} {k} does not exist.")
         raise ScanError(f"The file has {n_frames} {what}s, numbered 0 to {n_frames - 1}; "
                         f"{what} {k} does not exist.")
     return k
@@ -413,6 +415,9 @@ def _reduce_image(img: Image.Image, info: dict, swap: bool = False) -> Image.Ima
 # ----------------------------------------------------------------------------- DICOM
 def _dcmread(data: bytes, force: bool):
     import pydicom
+    # pydicom parses elements lazily, on first access, and then warns about invalid values with
+    # its own file and line (and the value) on stderr: reading never validates here.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         with warnings.catch_warnings():  # pydicom warnings may quote element values
             warnings.simplefilter("ignore")
@@ -636,6 +641,21 @@ def _series_fields(ds) -> dict:
     return out
 
 
+def _lazy_damage_guard(read):
+    """pydicom parses elements when first read, so a damaged element (an unknown VR, say) raises
+    wherever the reader first touches it: as one sentence, whichever step that is."""
+    @functools.wraps(read)
+    def guarded(*args, **kw):
+        try:
+            return read(*args, **kw)
+        except (ScanError, MemoryError):
+            raise
+        except Exception as e:
+            raise ScanError(f"The DICOM file is damaged and cannot be read ({type(e).__name__}).") from e
+    return guarded
+
+
+@_lazy_damage_guard
 def _read_dicom(data: bytes, options: dict) -> ScanImage:
     """One frame of a DICOM file (default: the middle frame of a multi-frame file).
 
@@ -686,6 +706,7 @@ def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
         raise ScanError("The DICOM file is damaged (a header element cannot be read).") from e
 
 
+@_lazy_damage_guard
 def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
     """Every frame as (grey, colourfulness), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)

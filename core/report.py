@@ -125,6 +125,13 @@ def display_name(name: str | PurePath) -> str:
     return text[:60] + "..." + text[-57:] if len(text) > 120 else text
 
 
+def printable_path(name: str) -> str:
+    """The full name with control characters escaped: a newline in a file name must not split
+    the one line the CLI prints per file."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
+                   for ch in str(name))
+
+
 def source_line(info: Mapping) -> str:
     """'DICOM, MR, 224 x 224 px; frame 1 of 3' from allow-listed technical fields only."""
     parts = [str(info[k]) for k in ("format", "modality") if info.get(k)]
@@ -768,11 +775,12 @@ def _probability(text: str) -> float:
 def text_line(row: Mapping) -> str:
     """One result row (the `predict_many` shape) as the CLI prints it. A flagged scan shows no
     call and no tumour probability: only the flag and why."""
+    name = printable_path(row["file"])
     if not row.get("ok"):
-        return f"{row['file']}: error: {row['error']}"
+        return f"{name}: error: {row['error']}"
     flags = flags_of(row)
     tp = row.get("tumour_probability")
-    text = f"{row['file']}: {call_of(row) or 'no diagnosis'}"
+    text = f"{name}: {call_of(row) or 'no diagnosis'}"
     if tp is not None and call_of(row):
         text += f" (tumour probability {tp:.3f})"
     text += f" [{', '.join(flags)}]" if flags else ""

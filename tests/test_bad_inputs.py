@@ -689,3 +689,24 @@ def test_an_8bit_slice_saved_as_16bit_reads_as_the_8bit_one():
                        reader.read_scan(encode(grey8(), "PNG"), "n.png").pixels, atol=1e-6)
     genuine = Image.fromarray((a.astype(np.uint16) * 16 + 3))   # 12-bit data: still windowed
     assert reader.read_scan(encode(genuine, "PNG"), "g.png").pixels.max() == 1.0
+
+
+def test_pydicom_value_warnings_stay_off_stderr(capfd):
+    """An invalid UID value made pydicom warn, with its own file and line, when the element was
+    first read (after dcmread's guard)."""
+    import warnings
+    d = bytearray(make_dicom(dicom12(np.asarray(grey8()) / 255.0)))
+    i = d.index(b"\x02\x00\x10\x00UI")
+    d[i + 9] = ord("#")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            reader.read_scan(bytes(d), "uid.dcm")
+        except ScanError:
+            pass
+    assert not [w for w in seen if "pydicom" in str(w.filename)], [str(w.message) for w in seen]
+
+
+def test_one_frame_is_said_in_the_singular():
+    with pytest.raises(ScanError, match=r"has one frame \(number 0\); frame 999"):
+        reader.read_scan(encode(grey8(), "PNG"), "x.png", slice=999)

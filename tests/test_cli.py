@@ -595,3 +595,34 @@ def test_predict_flags_a_volume_whose_other_slices_reach_the_point(weights, tmp_
     assert row["hot_slices"] == [0]
     assert main(["predict", "--weights", str(weights), str(f)]) == 0
     assert "other slices reach the operating point" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- review F, session 20
+def _damaged_vr_dicom() -> bytes:
+    """A DICOM whose (0002,0002) element claims a VR that does not exist: pydicom raises
+    NotImplementedError when the element is first read, not when the file is opened."""
+    from test_reader import dicom12, grey8, make_dicom
+    d = bytearray(make_dicom(dicom12(np.asarray(grey8()) / 255.0)))
+    i = d.index(b"\x02\x00\x02\x00UI")
+    d[i + 4:i + 6] = b"U7"
+    return bytes(d)
+
+
+def test_a_damaged_dicom_is_one_skipped_file_of_evaluate(weights, four_class_dir, capsys):
+    (four_class_dir / "glioma_tumor" / "bad_vr.dcm").write_bytes(_damaged_vr_dicom())
+    assert main(["evaluate", str(four_class_dir), "--weights", str(weights)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped glioma_tumor/bad_vr.dcm: The DICOM file is damaged" in err and "Traceback" not in err
+
+
+def test_text_lines_keep_one_line_per_file_and_weights_name_what_is_missing(weights, four_class_dir, tmp_path, capsys):
+    odd = tmp_path / "new\nline.jpg"
+    odd.write_bytes((four_class_dir / "glioma_tumor" / "gl0.jpg").read_bytes())
+    assert main(["predict", "--weights", str(weights), str(odd)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "new\\nline.jpg:" in out
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "card.json").write_text((weights / "card.json").read_text())
+    assert main(["predict", "--weights", str(bare), str(odd)]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err

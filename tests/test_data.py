@@ -567,3 +567,51 @@ def test_the_rare_rule_counts_only_groups_left_to_split():
         samples = _samples(rows)
         D.split_by_group(samples, seed=seed)
         assert next(s.split for s in samples if s.group == "m0") == "train", seed
+
+
+# ----------------------------------------------------------------------------- odd layouts (review, session 20)
+def test_a_wrapper_around_class_folders_names_no_class(tmp_path):
+    """'MyData/glioma/' labelled every image 'mydata'; 'Training/Training/<class>' labelled them
+    'training'."""
+    for k in range(2):
+        save(tmp_path / "a" / "MyData" / "glioma" / f"{k}.png", pattern(k))
+        save(tmp_path / "a" / "MyData" / "astrocytoma" / f"{k}.png", pattern(10 + k))
+        for split in ("Training", "Testing"):
+            save(tmp_path / "b" / split / split / "notumor" / f"{split}{k}.png", pattern(20 + k))
+    assert {s.label for s in D.discover(tmp_path / "a").samples} == {"glioma", "astrocytoma"}
+    b = D.discover(tmp_path / "b").samples
+    assert {(s.label, s.preset_split) for s in b} == {("notumor", None), ("notumor", "test")}
+    save(tmp_path / "c" / "yes" / "patient1" / "0.png", pattern(30))  # a class with patient folders stays one
+    assert {s.label for s in D.discover(tmp_path / "c").samples} == {"tumor"}
+
+
+def test_masks_loops_and_empty_folders_inside_class_folders_are_reported(tmp_path):
+    import os
+    save(tmp_path / "glioma" / "0.png", pattern(1))
+    save(tmp_path / "glioma" / "masks" / "0_mask.png", pattern(2))
+    (tmp_path / "meningioma").mkdir()
+    os.symlink("b.png", tmp_path / "glioma" / "a.png")
+    os.symlink("a.png", tmp_path / "glioma" / "b.png")
+    os.symlink(".", tmp_path / "loop")
+    scan = D.discover(tmp_path)
+    assert [s.rel for s in scan.samples] == ["glioma/0.png"]
+    why = dict(scan.skipped)
+    assert why["glioma/masks/"].startswith("a folder of masks")
+    assert why["glioma/a.png"] == why["glioma/b.png"] == "a loop of links: not read"
+    assert why["meningioma/"] == "an empty class folder"
+    assert why["loop/"].startswith("a link to this folder")
+
+
+def test_no_class_folders_says_what_was_set_aside(tmp_path):
+    for k in range(3):
+        save(tmp_path / f"img{k}.jpg", pattern(k))
+    with pytest.raises(ValueError, match=r"set aside: 3 not inside a class folder \(e.g. img0.jpg\)"):
+        D.discover(tmp_path)
+
+
+def test_one_folder_of_unknown_subfolders_gets_a_note(tmp_path):
+    for k in range(2):
+        save(tmp_path / "archive" / "cats" / f"{k}.png", pattern(k))
+        save(tmp_path / "archive" / "dogs" / f"{k}.png", pattern(5 + k))
+    assert "pass the folder 'archive' itself" in D.one_folder_note(D.discover(tmp_path))
+    assert D.one_folder_note(D.discover(tmp_path / "archive")) is None

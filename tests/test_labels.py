@@ -74,3 +74,11 @@ def test_one_tumour_type_beside_coarse_tumours_makes_a_tumour_vs_no_tumour_model
                                          ("Non Tumor", "notumor"), ("Not Tumor", "notumor"), ("not_tumour", "notumor")])
 def test_more_folder_spellings(name, label):
     assert normalise_label(name) == label
+
+
+def test_accents_and_compatibility_forms_fold():
+    """'Gliôma' was 'gli_ma'; NFC and NFD 'Méningiome' two labels; 'grade_Ⅰ' and 'grade_Ⅱ' one."""
+    assert normalise_label("Gliôma") == "glioma"
+    assert normalise_label("M\u00e9ningiome") == normalise_label("Me\u0301ningiome") == "meningiome"
+    assert normalise_label("grade_Ⅰ") != normalise_label("grade_Ⅱ")
+    assert normalise_label("肿瘤_A") != normalise_label("正常_A")
