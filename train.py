@@ -18,6 +18,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import sys
 import time
 import tomllib
@@ -34,7 +35,7 @@ from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, TUMOUR, label_targets, model_classes, normalise_label,
                          tumour_classes)
 from core.metrics import tumour_probability
-from core.models import count_parameters, create_model, has_class_maps, list_models
+from core.models import count_parameters, create_model, has_class_maps, list_models, min_input_size
 from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
 
@@ -176,6 +177,10 @@ def _check_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         p.error("--device mps, but no Apple MPS device is available here")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev == "mps":
+        p.error("--device mps under torchrun: several processes train on CUDA or the CPU only")
+    if args.precision == "fp16" and not (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())):
+        p.error("--precision fp16 needs CUDA (its loss scaling runs there); use bf16 or fp32")
 
 
 def resolved_paths(args: argparse.Namespace | dict) -> dict:
@@ -236,6 +241,14 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--patience must be >= 1, and --limit, --threads and --workers >= 0")
     if not 0 <= args.seed < 2**31:
         p.error("--seed must be between 0 and 2**31 - 1")
+    if not 0 < args.target_sensitivity <= 1 or not 0 <= args.smoothing < 1:
+        p.error("--target-sensitivity must be in (0, 1] and --smoothing in [0, 1)")
+    shares = {k: getattr(args, k) for k in ("min_specificity", "turn_p", "blur_p", "skull_strip_p", "tta_below")}
+    if (bad := [k for k, v in shares.items() if not 0 <= v <= 1]):
+        p.error(f"--{bad[0].replace('_', '-')} must be between 0 and 1")
+    least = min_input_size(args.arch)
+    if args.img < least or 0 < args.small_img < least:
+        p.error(f"{args.arch} needs --img (and --small-img) of at least {least} pixels")
     _check_device(p, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, not a directory")
@@ -257,6 +270,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("every source has weight 0: nothing to train on")
     if args.resume:
         _check_resume(p, args)
+    else:
+        for opt, d in (("--init", args.init), ("--split-from", args.split_from)):
+            if d and os.path.realpath(D.resolve_root(d)) == os.path.realpath(args.out):
+                p.error(f"{opt} and --out name the same folder: a fresh run moves that folder's files "
+                        "aside before reading them; write the new run to another folder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -279,6 +297,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # shlex: a path with spaces must replay as one argument
     args.command = (shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("train.py")
                     else None)
+    # where it ran: its relative paths replay from there ("." = the repository root)
+    here = Path.cwd().resolve()
+    args.command_dir = os.path.relpath(here, D.REPO_ROOT) if here.is_relative_to(D.REPO_ROOT) else str(here)
     for opt, d in (("--split-from", args.split_from), ("--init", args.init)):
         if d and not (Path(d) / "split.json").is_file():
             p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
@@ -386,14 +407,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:
-        # Another run's state in this folder must never be resumed or shipped as this one's; it is
-        # moved aside, not deleted: a forgotten --resume must not cost the interrupted run.
-        moved = [f for f in ("checkpoint.pt", "best.pt") if (out / f).exists()]
-        for f in moved:
-            os.replace(out / f, out / f"{f}.prev")
+        moved = move_aside(out, [f.name for f in out.iterdir() if f.is_file()], clear=True)
         if moved:
-            say(f"moved the previous run's {' and '.join(moved)} aside to *.prev (a fresh run; "
-                "--resume continues one)", flush=True)
+            say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) "
+                f"aside to {out / PREVIOUS}/ (a fresh run; --resume continues one)", flush=True)
     sources = D.parse_sources(args.data)
     for src in sources:  # recorded so that later commands find the data from any folder
         src["path"] = D.portable_root(src["path"])
@@ -523,6 +540,7 @@ def run(args: argparse.Namespace) -> int:
                                      "at_epoch": resume["epoch"] + 1}] if saved.get("epochs") not in (None, args.epochs) else [])]
         args.resume_commands = [*(saved.get("resume_commands") or []), args.command]
         args.first_command = saved.get("first_command") or saved.get("command")  # the run's own command
+        args.command_dir = saved.get("command_dir") or args.command_dir
         card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else {}
         old = card.get("training", {})
         finished = card.get("arch") == args.arch and old.get("epochs_run") == len(history)
@@ -533,6 +551,8 @@ def run(args: argparse.Namespace) -> int:
             done = old.get("weight_average") or {}
             shipped_average = done if done.get("shipped") == "average" else None
         start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
+        if scaler is not None and resume.get("scaler"):  # fp16's loss scale, grown over the run
+            scaler.load_state_dict(resume["scaler"])
         best_epoch = resume.get("best_epoch")
         torch.set_rng_state(resume["rng"])
         if resume.get("rng_cuda") is not None and device.type == "cuda" and world == 1:
@@ -590,6 +610,7 @@ def run(args: argparse.Namespace) -> int:
                               bad=bad, best_epoch=best_epoch, rng=torch.get_rng_state(),
                               rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                               ema=ema.state_dict() if ema is not None else None,
+                              scaler=scaler.state_dict() if scaler is not None else None,
                               args=vars(args) | {"config_values": None})
 
     DD.debug_dump(model, rank, world)
@@ -606,6 +627,36 @@ def run(args: argparse.Namespace) -> int:
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
     return 0
+
+
+PREVIOUS = "previous"  # where a fresh run puts the files another run left in its folder
+
+
+def move_aside(out: Path, names: list[str], clear: bool = False) -> list[str]:
+    """Move these files of ``out`` into ``out/previous/`` (replacing what an older run left there).
+
+    Another run's files must never be resumed, shipped or served with this run's: an interrupted
+    run left its new split beside the old weights and card, and a retrained model kept the old
+    out-of-distribution gate, which then read the new network's features. Moved, not deleted: a
+    forgotten --resume must not cost the interrupted run. ``clear``: a fresh run's previous/ holds
+    one run's files, not a mix with an older one's."""
+    names = [n for n in names if (out / n).is_file()]
+    if names:
+        prev = out / PREVIOUS
+        if clear:
+            shutil.rmtree(prev, ignore_errors=True)
+        prev.mkdir(exist_ok=True)
+        for n in names:
+            os.replace(out / n, prev / n)
+    return names
+
+
+def retire_measurements(out: Path, old_sha: str | None) -> list[str]:
+    """Move aside what later commands measured on the folder's weights (the gate, the saliency
+    check) when this run's weights differ from them: a gate reads the network's features."""
+    if old_sha == file_sha256(out / "model.safetensors"):
+        return []
+    return move_aside(out, ["ood.safetensors", "ood_eval.json", "saliency_eval.json"])
 
 
 def schedule_fits(taken: int, remaining: int, steps: int) -> bool:
@@ -684,7 +735,10 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights_file = out / "model.safetensors"
     old_sha = file_sha256(weights_file) if args.resume and weights_file.is_file() else None
-    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, weights_file)
+    # Written whole, then swapped in: a run killed here leaves the old weights or the new ones.
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, f"{weights_file}.tmp")
+    os.replace(f"{weights_file}.tmp", weights_file)
+    retire_measurements(out, old_sha)
     test = [samples[i] for i in idx["test"]]
     test_probs = torch.softmax(E.predict_logits(model, images[idx["test"]], spec, device,
                                                 precision=precision, tta=tta) / temperature, 1).numpy()
@@ -773,6 +827,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
         "command": getattr(args, "first_command", None) or getattr(args, "command", None),
         "resumed_with": args.command if getattr(args, "first_command", None) else None,
         "resume_commands": getattr(args, "resume_commands", None) or None,   # every resume, in order
+        "command_dir": getattr(args, "command_dir", None),
+        "weights_sha256": file_sha256(weights),  # the Predictor refuses weights another run swapped in
         "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                       "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

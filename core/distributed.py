@@ -34,7 +34,8 @@ def setup(device_arg: str) -> tuple[int, int, torch.device | None]:
         return 0, 1, None
     import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg in ("auto", "cuda") and torch.cuda.is_available()
+    # each process takes the GPU of its LOCAL_RANK, whichever cuda:N was named
+    use_cuda = (device_arg == "auto" or device_arg.startswith("cuda")) and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)

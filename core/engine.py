@@ -16,7 +16,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .data import HASH_CACHE, Sample
-from .inference import MIRROR_ALWAYS, apply_tta, file_sha256, tta_rows  # noqa: F401 (re-exported for train.py)
+from .inference import MIRROR_ALWAYS, apply_tta, file_sha256, tta_rows, weights_mismatch  # noqa: F401 (re-exported for train.py)
 from .labels import label_targets
 from .preprocess import normalise, prepare
 
@@ -34,8 +34,18 @@ def cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Pat
     re-exported dataset) must not be trained on as its old pixels."""
     stamps = "|".join(f"{s.path}:{st.st_size}:{st.st_mtime_ns}" for s in samples
                       for st in (os.stat(s.path),))
+    if kind == "lesions":  # a corrected, added or removed mask must not train as the old one
+        from .saliency import mask_path_for
+        stamps += "|masks|" + "|".join(_stamp(mask_path_for(s.path)) for s in samples)
     key = hashlib.sha1(f"{kind}|v2|{stamps}{sorted(spec.items())!r}".encode())
     return HASH_CACHE.parent / f"{kind}-{key.hexdigest()[:16]}{suffix}"
+
+
+def _stamp(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    st = os.stat(path)
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _map_files(fn, samples: list[Sample], spec: dict, workers: int) -> list:
@@ -435,6 +445,8 @@ def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, cla
     if card["arch"] != arch or card["classes"] != classes:
         raise ValueError(f"--init {weights_dir}: it is a {card['arch']} for {card['classes']}, "
                          f"this run trains a {arch} for {classes}")
+    if (why := weights_mismatch(card, file_sha256(weights_dir / "model.safetensors"), weights_dir)):
+        raise ValueError(why)
     parent = json.loads((weights_dir / "split.json").read_text())["files"]
     seen = {(src, rel) for src, d in parent.items() for rel in d.get("train", [])}
     leaked = sorted((src, rel) for src, d in split.items() for k in ("val", "test")

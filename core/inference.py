@@ -116,6 +116,16 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def weights_mismatch(card: dict, sha256: str, where: str | Path) -> str | None:
+    """A sentence when the card names other weights than the file holds (a run killed between
+    writing its weights and its card, or files copied from two runs); None when they agree or
+    the card predates the field."""
+    if card.get("weights_sha256") in (None, sha256):
+        return None
+    return (f"the weights in {where} are not the ones its card describes (model.safetensors from "
+            "another run?): retrain, or restore the folder's files together")
+
+
 PIXEL_OOD_REASON = ("The image does not look like the brain MRI slices the model was trained on "
                     "(out-of-distribution gate).")
 # A model without a gate still refuses colour: MRI is grey (the 11,314 shared training scans reach
@@ -252,6 +262,8 @@ class Predictor:
         # respect to the input instead, which spares a model-sized set of weight gradients.
         self.model.requires_grad_(False)
         self.weights_sha256 = file_sha256(self.dir / "model.safetensors")
+        if (why := weights_mismatch(self.card, self.weights_sha256, self.dir)):
+            raise ValueError(why)
         # What a cached result depends on besides the pixels: the folder, the weights, the card
         # (classes, calibration, threshold, referral) and the gate, which fit-ood adds later.
         gate_file = self.dir / "ood.safetensors"
@@ -260,7 +272,9 @@ class Predictor:
                          file_sha256(gate_file) if gate_file.is_file() else None)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
-        if gate_file.is_file():
+        # Only a gate the card lists: a gate file left from other weights reads features this
+        # network does not make (train.py moves it aside; a copied folder may still carry one).
+        if gate_file.is_file() and self.card.get("ood"):
             from .ood import OODGate
             self.gate = OODGate.load(self.dir)
             if self.gate.uses_classifier:

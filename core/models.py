@@ -29,6 +29,15 @@ def create_model(name: str, num_classes: int, **kw) -> nn.Module:
     return _REGISTRY[name](num_classes=num_classes, **kw)
 
 
+# Smallest input side each model takes; the others run from 8 px. VGG halves its map five times
+# with unpadded 2 x 2 max-pools, which leave nothing of a map under 32 px.
+MIN_INPUT = {"vgg16": 32}
+
+
+def min_input_size(name: str) -> int:
+    return MIN_INPUT.get(name, 8)
+
+
 def saliency_layer(model: nn.Module) -> nn.Module:
     """The last convolutional block: where Grad-CAM looks (each builder sets ``cam_layer``)."""
     return model.get_submodule(model.cam_layer)

@@ -162,6 +162,13 @@ def test_cache_lesions_reads_masks_beside_the_images(tmp_path, private_cache):
     assert len(list(private_cache.parent.glob("lesions-*.npz"))) == 1
     again = E.cache_lesions(samples, spec, workers=1)
     assert torch.equal(again[0], masks) and torch.equal(again[1], known)
+    # a corrected mask is read afresh (the cache key stamped the images only)
+    first = samples[glioma[0]]
+    mfile = tmp_path / "lgg" / "masks" / Path(first.rel).name
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mfile)
+    os.utime(mfile, ns=(1, 1))
+    fixed = E.cache_lesions(samples, spec, workers=1)
+    assert fixed[0][glioma[0]].sum() == 0 and len(list(private_cache.parent.glob("lesions-*.npz"))) == 2
 
 
 def test_train_py_mask_loss_end_to_end_and_refused_for_a_model_without_class_maps(tmp_path):

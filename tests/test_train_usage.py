@@ -209,9 +209,43 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
     # nor lose it (a forgotten --resume): it is moved aside
     assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
     assert not (out / "checkpoint.pt").exists() and not (out / "best.pt").exists()
-    assert (out / "best.pt.prev").read_bytes() == b"another run's best weights"
-    assert (out / "checkpoint.pt.prev").stat().st_size > 0
+    assert (out / "previous" / "best.pt").read_bytes() == b"another run's best weights"
+    assert (out / "previous" / "checkpoint.pt").stat().st_size > 0
     assert "no checkpoint.pt" in refused(["--data", one_class, "--out", out, "--resume", *TINY], capsys)
+    # nor its weights, card and gate beside this run's split (review, session 20: an interrupted
+    # retrain left the old model.safetensors, card.json and ood.safetensors with a new split.json)
+    assert not any((out / f).exists() for f in ("model.safetensors", "card.json", "eval.json"))
+    assert {"model.safetensors", "card.json", "eval.json", "history.json"} <= {f.name for f in (out / "previous").iterdir()}
+
+
+def test_weights_another_run_swapped_in_are_refused(data, tmp_path, capsys):
+    from core.inference import Predictor
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, seed in ((a, "0"), (b, "1")):
+        assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", "--seed", seed, *TINY]) == 0
+    card = json.loads((a / "card.json").read_text())
+    assert card["weights_sha256"] and card["command_dir"]
+    Predictor(a)
+    (a / "ood.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # a gate the card does not list
+    assert Predictor(a).gate is None
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="not the ones its card describes"):
+        Predictor(a)
+    capsys.readouterr()
+    assert train.main([str(x) for x in ["--data", data, "--init", a, "--out", tmp_path / "c", "--epochs", "1", *TINY]]) == 2
+    assert "not the ones its card describes" in capsys.readouterr().err
+    assert "name the same folder" in refused(["--data", data, "--init", b, "--out", b, *TINY], capsys)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-sensitivity", "5"], "--target-sensitivity must be in (0, 1]"),
+    (["--smoothing", "3"], "--smoothing in [0, 1)"),
+    (["--min-specificity", "2"], "--min-specificity must be between 0 and 1"),
+    (["--arch", "vgg16", "--img", "16"], "vgg16 needs --img (and --small-img) of at least 32"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+])
+def test_out_of_range_options_are_refused_before_any_work(data, tmp_path, capsys, extra, message):
+    assert message in refused(["--data", data, "--out", tmp_path / "r", *TINY, *extra], capsys)
 
 
 def test_resume_accepts_the_same_run_named_another_way(data, tmp_path, monkeypatch, capsys):
@@ -350,3 +384,15 @@ def test_simple_cnn_keeps_the_hooked_conv_output_on_cpu():
     with torch.no_grad():
         model(torch.randn(2, 1, 32, 32))
     assert float(stored[0].min()) < 0   # the conv's own output, not relu(conv)
+
+
+def test_measurements_of_other_weights_are_moved_aside(data, tmp_path):
+    from core.inference import file_sha256
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    (out / "ood.safetensors").write_bytes(b"a gate fitted on these weights' features")
+    (out / "saliency_eval.json").write_text("{}")
+    assert train.retire_measurements(out, file_sha256(out / "model.safetensors")) == []  # same weights: kept
+    assert train.retire_measurements(out, "another run's sha") == ["ood.safetensors", "saliency_eval.json"]
+    assert not (out / "ood.safetensors").exists() and not (out / "saliency_eval.json").exists()
+    assert (out / "previous" / "ood.safetensors").read_bytes().startswith(b"a gate")
