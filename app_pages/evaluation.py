@@ -17,7 +17,8 @@ blobs = None
 if where == "card":
     stored = app.load_eval(predictor.dir)
     if stored is None:
-        st.warning(f"{predictor.dir}/eval.json is missing: train.py writes it after training.")
+        st.warning(app.eval_problem(predictor.dir)
+                   or f"{predictor.dir}/eval.json is missing: train.py writes it after training.")
         st.stop()
     records = stored["predictions"]
 else:
@@ -65,7 +66,7 @@ shown = app.records_at([r for r in records if source in (None, r.get("source", "
                        threshold, rule)
 
 c = st.columns(6)
-c[0].metric("Scans", ev["n"])
+c[0].metric("Scans", ev["n"], help=dash.scans_help(ev))
 c[1].metric("Accuracy", f"{ev['accuracy']:.1%}" if "accuracy" in ev else "n/a",
             help=dash.interval_text(ev, "accuracy"))
 c[2].metric("Macro F1", f"{ev['macro_f1']:.3f}" if ev.get("macro_f1") is not None else "n/a",
@@ -119,7 +120,11 @@ with t4:
                   "probability (e.g. scans labelled only 'tumour')")
     if ev.get("reliability"):
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
+    elif (why := dash.calibration_note(ev)):
+        a.info(why)
     if ev.get("risk_coverage"):
         b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc")
-        b.caption("Scans ranked by the model's confidence in its top class (the tumour call for "
-                  "sets without types): this curve does not move with the operating point.")
+        b.caption("Scans ranked by the probability of the class called at the operating point (for sets "
+                  "without types, of the tumour / no-tumour side called), the least sure referred first. "
+                  "At full coverage it reads the accuracy above (tumour / no tumour for sets without "
+                  "types), so it moves with the operating point.")

@@ -45,6 +45,8 @@ with b:
     st.markdown("#### Test metrics")
     if (copies := app.copies_note(predictor.dir)):
         st.caption(copies)
+    if (problem := app.eval_problem(predictor.dir)):
+        st.warning(problem)
     st.json({k: v for k, v in card.get("metrics", {}).items() if k != "per_source"})
     if card.get("metrics", {}).get("per_source"):
         with st.expander("Per source"):

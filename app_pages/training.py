@@ -2,6 +2,7 @@
 import streamlit as st
 
 from core import app_support as app
+from core.compare import COPIES_NOTE
 from core.dashboard import history_figures, models_table, overlay_histories
 
 st.title("Training")
@@ -29,9 +30,10 @@ dirs = [str(d) for d in app.model_choices()]
 if dirs:
     st.dataframe(models_table(dirs), hide_index=True, column_config={
         c: st.column_config.NumberColumn(format="%.3f")
-        for c in ("accuracy", "benchmark accuracy", "macro F1", "ECE")})
+        for c in ("accuracy", "benchmark accuracy", "macro F1", "ECE", "copy-free accuracy",
+                  "copy-free benchmark accuracy")})
     st.caption("The rows of `python -m core compare weights/*`, from each card's held-out test split at "
-               "its own operating point. Rows with different test-set codes were tested on different "
+               f"its own operating point. {COPIES_NOTE} Rows with different test-set codes were tested on different "
                "images, so a gap between them is not a paired comparison: `python -m core compare A B "
                "--paired` compares two models on the images both were tested on. Latency as recorded "
                "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")

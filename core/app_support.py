@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import streamlit as st
 
-from .evaluation import NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled
+from .evaluation import (NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled,
+                         without_copies)
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
                         hot_slices, listed_slices, most_tumour_like_slice, shipped_default, shipped_models, shown_slice, slice_scores,
                         training_sources)
@@ -136,7 +137,8 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
     note = ("At the card's operating point, on every test image"
             + (f" (including {copies} with a copy in training, which the Evaluation page leaves out by "
                "default; its figures are therefore lower)" if copies else "") + ".")
-    return figures, note
+    problem = eval_problem(predictor.dir)
+    return figures, note if problem is None else f"{note} {problem}"
 
 
 def operating_point_text(card: dict, default: float) -> str:
@@ -195,9 +197,21 @@ def records_at(records: list[dict], classes: list[str], threshold: float | None,
     k = decide(p, classes, threshold)
     out = [{**r, "pred": classes[i], "confidence": float(p[j, i])} for j, (r, i) in enumerate(zip(records, k))]
     if rule is not None:
-        for r, u, t in zip(out, *rule.flags(p, k, threshold)):
+        for r, u, t in zip(out, *rule.flags(*_rule_inputs(records, rule, p, k, threshold), threshold)):
             r["uncertain"], r["type_uncertain"] = bool(u), bool(t)
     return out
+
+
+def _rule_inputs(records: list[dict], rule: ReferralRule, probs: np.ndarray, pred: np.ndarray,
+                 threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, calls) the referral ``rule`` judges: the model's own (``model_probs``) for
+    records folded to tumour vs no tumour, as the served prediction's flags were judged (the rule's
+    band, type share or top-class level mean nothing on the two folded probabilities)."""
+    if not all("model_probs" in r for r in records):
+        return probs, pred
+    own = list(rule.classes)
+    mp = np.array([[r["model_probs"][c] for c in own] for r in records])
+    return mp, decide(mp, own, threshold)
 
 
 def evaluation_at(records: list[dict], classes: list[str], threshold: float | None,
@@ -241,13 +255,6 @@ def mask_contradiction(pred: Prediction, scan: ScanImage, mask: bytes | None, sp
             "is a missed tumour. Lower the operating point or read the scan yourself.")
 
 
-def without_copies(records: list[dict]) -> tuple[list[dict], int]:
-    """The records whose image has no copy in the training split (``copy_in_training``, written
-    by `core.evaluation.mark_copies`), and how many were left out."""
-    kept = [r for r in records if not r.get("copy_in_training")]
-    return kept, len(records) - len(kept)
-
-
 def copies_note(weights_dir: str | Path) -> str | None:
     """Says that the card's test figures count scans the Evaluation page leaves out by default."""
     stored = load_eval(weights_dir)
@@ -264,14 +271,36 @@ def sources_of(records: list[dict]) -> list[str]:
 
 
 def load_eval(weights_dir: str | Path) -> dict | None:
-    """The model's eval.json (parsed once per file version; callers must not modify it)."""
+    """The model's eval.json (parsed once per file version; callers must not modify it); None when
+    absent or unreadable (`eval_problem` says why), as for history.json."""
+    try:
+        return _eval_json(weights_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def eval_problem(weights_dir: str | Path) -> str | None:
+    """The sentence a page shows when eval.json is there but cannot be used (a hand edit, a copy
+    cut short); None when it is fine or absent."""
+    try:
+        _eval_json(weights_dir)
+    except (OSError, ValueError) as e:
+        return (f"{Path(weights_dir) / 'eval.json'} is unreadable ({e}): the per-image test results "
+                "cannot be shown.")
+    return None
+
+
+def _eval_json(weights_dir: str | Path) -> dict | None:
     f = Path(weights_dir) / "eval.json"
     return _read_json(str(f.resolve()), f.stat().st_mtime_ns) if f.is_file() else None
 
 
 @functools.lru_cache(maxsize=8)
-def _read_json(path: str, mtime_ns: int):
-    return json.loads(Path(path).read_text())
+def _read_json(path: str, mtime_ns: int) -> dict:
+    ev = json.loads(Path(path).read_text())
+    if not isinstance(ev, dict) or not isinstance(ev.get("predictions"), list):  # every page reads them
+        raise ValueError("no list of per-image predictions")
+    return ev
 
 
 def loss_note(training: dict) -> str | None:
@@ -853,10 +882,9 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
 
 def zip_view(held: dict, predictor: Predictor) -> tuple[list[str], "ReferralRule"]:
     """(classes, referral rule) to judge a held zip evaluation by: yes/no folders against a
-    typed model are scored as tumour vs no tumour, with the rule folded the same way."""
-    if held["ev"].get("scored_as"):
-        return held["ev"]["classes"], predictor.referral.as_tumour_vs_none()
-    return predictor.classes, predictor.referral
+    typed model are scored as tumour vs no tumour; the card's rule judges each record's own
+    probabilities (`records_at`), so its referrals are the CLI's and the Diagnose page's."""
+    return held["ev"]["classes"] if held["ev"].get("scored_as") else predictor.classes, predictor.referral
 
 
 def remembered_slice(key: str) -> int | None:

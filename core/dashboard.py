@@ -84,6 +84,26 @@ def interval_text(ev: dict, key: str) -> str | None:
             "a few images either way move the figure by this much.")
 
 
+def scans_help(ev: dict) -> str | None:
+    """The scans accuracy is over, where fewer than all: a label without a tumour type (Br35H's
+    'yes') says nothing of the class, so such scans count in the tumour figures only."""
+    n, n_fine = ev.get("n", 0), ev.get("n_fine") or 0
+    if n_fine == n:
+        return None
+    return (f"Accuracy, macro F1, the confusion matrix and the calibration are over the {n_fine} scans "
+            f"labelled with a class of the model; the other {n - n_fine} are labelled only 'tumour' "
+            "(type unknown) and count in sensitivity and tumours missed alone.")
+
+
+def calibration_note(ev: dict) -> str | None:
+    """Why an evaluation has no reliability diagram: no scan's label names a class of the model."""
+    if ev.get("reliability") or not ev.get("n"):
+        return None
+    return ("No reliability diagram or ECE: these scans are labelled only 'tumour' (type unknown), so "
+            "whether the model's class is right cannot be judged; the risk-coverage curve judges the "
+            "tumour / no-tumour call instead.")
+
+
 def per_class_table(ev: dict) -> pd.DataFrame:
     rows = [{"class": c, **{k: m.get(k) for k in ("precision", "recall", "f1", "specificity",
                                                   "support")}}
@@ -191,7 +211,7 @@ def history_figures(history: list[dict]) -> dict[str, go.Figure]:
     for key, title in (("loss", "Loss"), ("acc", "Accuracy")):
         fig = go.Figure()
         for split, colour in (("train", PALETTE[0]), ("val", PALETTE[1])):
-            ys = [h.get(split, {}).get(key) for h in history]
+            ys = [(h.get(split) or {}).get(key) for h in history]   # "val": null where a run had none
             if any(y is not None for y in ys):
                 fig.add_scatter(x=ep, y=ys, mode="lines+markers", name=split,
                                 line=dict(color=colour))
@@ -212,7 +232,7 @@ def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.
         colour = PALETTE[i % len(PALETTE)]
         ep = [h["epoch"] for h in history]
         for split, dash in (("val", "solid"), ("train", "dot")):
-            ys = [h.get(split, {}).get(key) for h in history]
+            ys = [(h.get(split) or {}).get(key) for h in history]
             if any(y is not None for y in ys):
                 fig.add_scatter(x=ep, y=ys, mode="lines", name=f"{name} ({split})",
                                 line=dict(color=colour, dash=dash))
@@ -220,14 +240,15 @@ def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.
     return _layout(fig, {"acc": "Accuracy", "loss": "Loss"}.get(key, key))
 
 
-def benchmark_accuracy(row: dict) -> float | None:
+def benchmark_accuracy(row: dict, key: str = "accuracy") -> float | None:
     """4-class accuracy on the benchmark part of a model's test split: the per-source figure, or
     the overall one of a model that saw the benchmark alone. None for a model with other classes
-    (a yes/no model's two-class accuracy is no figure to rank beside four-class ones)."""
+    (a yes/no model's two-class accuracy is no figure to rank beside four-class ones).
+    ``key``: "copy_free_accuracy" for the figures without copies in training."""
     if sorted(row.get("classes") or []) != sorted([*FINE_TUMOURS, NO_TUMOUR]):
         return None
-    per = (row.get("accuracy_per_source") or {}).get("benchmark")
-    return per if per is not None else row.get("accuracy") if row.get("sources") == ["benchmark"] else None
+    per = (row.get(f"{key}_per_source") or {}).get("benchmark")
+    return per if per is not None else row.get(key) if row.get("sources") == ["benchmark"] else None
 
 
 def models_table(dirs: list[str | Path]) -> pd.DataFrame:
@@ -240,6 +261,11 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
                      "test images": r.get("test_images"), "test set": r.get("test_set"),
                      "accuracy": r.get("accuracy"),
                      "benchmark accuracy": benchmark_accuracy(r),
+                     # beside the card's figures, which count test images the model trained on a copy of
+                     "copies in training": r.get("copies_in_training"),
+                     "copy-free accuracy": r.get("copy_free_accuracy"),
+                     "copy-free benchmark accuracy": benchmark_accuracy(r, "copy_free_accuracy"),
+                     "copy-free benchmark missed": r.get("copy_free_benchmark_missed"),
                      "macro F1": r.get("macro_f1"), "tumours missed": r.get("tumour_missed"),
                      "of tumour scans": r.get("n_tumour"), "benchmark missed": r.get("benchmark_missed"),
                      "ECE": r.get("ece"), "parameters (M)": round(params / 1e6, 2) if params else None,

@@ -58,7 +58,9 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
     truth = [is_tumour_label(lab) for lab in labels]
     known = [i for i, t in enumerate(truth) if t is not None]
     if known and m.get("n_tumour") is not None and has_tumour_decision(classes):
-        tp = np.array([records[i]["tumour_probability"] for i in known])
+        # from the probabilities the headline decides on, not the separately rounded stored value:
+        # the curve must count the headline's misses at the operating point
+        tp = tumour_probability(probs[known], classes)
         is_t = np.array([truth[i] for i in known])
         m["threshold_curve"] = threshold_curve(tp, is_t, extra=(threshold,))
         flagged = np.array([(not records[i]["in_distribution"]) or records[i]["uncertain"]
@@ -124,7 +126,7 @@ def _risk_coverages(records: list[dict], classes: list[str], threshold: float | 
     known = [r for r in records if is_tumour_label(r["label"]) is not None]
     if known:
         called = np.array([r["pred"] != NO_TUMOUR for r in known])
-        t = np.array([r["tumour_probability"] for r in known])
+        t = tumour_probability(np.array([[r["probs"][c] for c in classes] for r in known]), classes)
         truth = np.array([bool(is_tumour_label(r["label"])) for r in known])
         # confidence in the decision taken: the probability of the side it went to
         out["risk_coverage_tumour"] = risk_coverage(np.where(called, t, 1 - t), called == truth)
@@ -215,6 +217,13 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     return changed
 
 
+def without_copies(records: list[dict]) -> tuple[list[dict], int]:
+    """The records whose image has no copy in the training split (``copy_in_training``, written
+    by `mark_copies`), and how many were left out."""
+    kept = [r for r in records if not r.get("copy_in_training")]
+    return kept, len(records) - len(kept)
+
+
 def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, log=print) -> dict:
     """Mark each test record of eval.json with ``copy_in_training`` and rewrite it.
 
@@ -248,15 +257,19 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
 
 def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
     """A record of a multi-class model seen as tumour vs no tumour (its type kept in ``pred_type``).
-    The call is the binary one, as the metrics decide it (argmax of the two without a threshold)."""
-    t = r["tumour_probability"]
+    The call is the binary one, as the metrics decide it (argmax of the two without a threshold).
+    ``model_probs`` keeps the model's own probabilities: the card's referral rule is judged on
+    them (`core.app_support.records_at`), as the served prediction's flags were."""
+    classes = list(r["probs"])
+    # the sum `decide` makes of the same probabilities, so that the folded call and the model's agree
+    t = float(tumour_probability(np.array([[r["probs"][c] for c in classes]]), classes)[0])
     called = t >= (0.5 if threshold is None else threshold)
-    types = [c for c in tumour_classes(list(r["probs"])) if c != TUMOUR]
+    types = [c for c in tumour_classes(classes) if c != TUMOUR]
     # the type a tumour call names whatever the operating point (pred_type is the card's call)
     top = max(types, key=lambda c: r["probs"][c]) if types else None
     return {**r, "label": TUMOUR if is_tumour_label(r["label"]) else NO_TUMOUR,
             "pred": TUMOUR if called else NO_TUMOUR, "pred_type": r["pred"], "tumour_type": top,
-            "probs": {TUMOUR: t, NO_TUMOUR: round(1 - t, 6)},
+            "probs": {TUMOUR: t, NO_TUMOUR: 1 - t}, "model_probs": r["probs"],
             "confidence": t if called else 1 - t}   # of the class called, as everywhere (not the likelier side)
 
 

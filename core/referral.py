@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, tumour_classes
 from .metrics import apart, decide, digits_apart, is_tumour_label, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
@@ -61,11 +61,6 @@ class ReferralRule:
             return cls(classes, min_confidence=old)
         return cls(classes, float(u["lo"]), float(u["hi"]), old,
                    float(u.get("min_type_confidence") or 0.0))
-
-    def as_tumour_vs_none(self) -> "ReferralRule":
-        """The rule for records folded to tumor/notumor (a yes/no set scored against a typed model):
-        the band is on the same tumour probability; the type is not judged there."""
-        return dataclasses.replace(self, classes=(TUMOUR, NO_TUMOUR), min_type_confidence=0.0)
 
     @property
     def uses_band(self) -> bool:

@@ -22,6 +22,7 @@ from conftest import CLASSES, REPO
 from core import app_support as app_support
 from core.dashboard import ood_summary, readable
 from core.inference import Prediction
+from core.referral import ReferralRule
 
 SAMPLES = REPO / "assets" / "samples"
 BINARY = REPO / "weights" / "simple_cnn_binary"
@@ -315,9 +316,9 @@ def test_yes_no_zip_referral_follows_the_operating_point():
     rec = {"file": "yes/a.jpg", "label": "tumor", "pred": "glioma", "probs": p, "tumour_probability": 0.986,
            "confidence": 0.4, "uncertain": False, "type_uncertain": True, "in_distribution": True}
     folded = [_as_tumour_vs_none(rec, 0.5)]
-    (r,) = app_support.records_at(folded, ["tumor", "notumor"], 0.99, rule.as_tumour_vs_none())
+    (r,) = app_support.records_at(folded, ["tumor", "notumor"], 0.99, rule)
     assert r["pred"] == "notumor" and r["uncertain"] is True and r["type_uncertain"] is False
-    ev = app_support.evaluation_at(folded, ["tumor", "notumor"], 0.99, rule=rule.as_tumour_vs_none())
+    ev = app_support.evaluation_at(folded, ["tumor", "notumor"], 0.99, rule=rule)
     assert ev["tumour_missed"] == 1 and ev["silent_misses"] == 0 and ev["referred_type_uncertain"] == 0
 
 
@@ -662,3 +663,59 @@ def test_renamed_uploads_never_take_a_name_already_in_the_batch():
     one = _zipped({"a.png": b"1", "./a.png": b"2"})
     names = [n for n, _ in app_support.expand_uploads([("one.zip", one)])]
     assert len(set(names)) == 2
+
+
+# ----------------------------------------------------------------------------- review D
+@pytest.mark.parametrize("rule", [ReferralRule(tuple(CLASSES), min_confidence=0.6),     # an old card's
+                                  ReferralRule(tuple(CLASSES), 0.2, 0.8, 0.0, 0.7)])  # band + type share
+def test_a_yes_no_zip_refers_what_the_cli_refers(rule):
+    """The page judged folded records by a folded rule: weights/resnet18 showed 1 scan 'uncertain'
+    where `evaluate` (and Diagnose) said 10, the default 0 'type uncertain' where they said 8."""
+    import numpy as np
+    from types import SimpleNamespace
+    from core.evaluation import prediction_records, score_labelled
+    probs = np.round(np.random.default_rng(3).dirichlet(np.full(4, 0.8), 40), 6)
+    samples = [SimpleNamespace(rel=f"{lab}/{i}.png", source="upload", label=lab)
+               for i, lab in enumerate(["tumor", "notumor"] * 20)]
+    cli = score_labelled(prediction_records(samples, probs, CLASSES, 0.4, referral=rule), CLASSES, 0.4, [])
+    assert cli["scored_as"] and cli["referred_uncertain"] + cli["referred_type_uncertain"] > 0
+    classes, page_rule = app_support.zip_view({"ev": cli}, SimpleNamespace(classes=CLASSES, referral=rule))
+    page = app_support.evaluation_at(cli["predictions"], classes, 0.4, None, page_rule)
+    assert [page[k] for k in ("referred_uncertain", "referred_type_uncertain", "silent_misses")] == \
+        [cli[k] for k in ("referred_uncertain", "referred_type_uncertain", "silent_misses")]
+
+
+def test_an_unreadable_eval_json_is_one_sentence_on_every_page(random_weights, tmp_path, monkeypatch):
+    from conftest import edited_weights
+    w = edited_weights(random_weights, tmp_path / "w")
+    (w / "eval.json").write_text('{"classes": ["glioma"')   # a copy cut short
+    monkeypatch.setenv("BT_WEIGHTS", str(w))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90).run()
+    for page in (None, "app_pages/evaluation.py", "app_pages/model_card.py"):
+        if page:
+            at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert "eval.json is unreadable" in texts(at), page
+    assert app_support.load_eval(w) is None
+
+
+def test_learning_curves_stand_a_run_without_validation():
+    from core.dashboard import history_figures, overlay_histories
+    h = [{"epoch": 1, "train": {"loss": 1.0, "acc": 0.5}, "val": None, "lr": 1e-3}]
+    assert [t.name for t in history_figures(h)["loss"].data] == ["train"]
+    assert [t.name for t in overlay_histories({"run": h}).data] == ["run (train)"]
+
+
+@pytest.mark.skipif(not (DEFAULT / "eval.json").exists(), reason="shipped default model not present")
+def test_evaluation_says_what_its_accuracy_and_calibration_are_over(monkeypatch):
+    """'Scans 1610' beside an accuracy over 1,410; Br35H showed no calibration and no reason; the
+    risk-coverage caption said it did not move with the operating point, which it does."""
+    monkeypatch.setenv("BT_WEIGHTS", str(DEFAULT))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/evaluation.py").run()
+    scans = next(m for m in at.metric if m.label == "Scans")
+    assert scans.value == "1610" and "over the 1410 scans" in scans.help
+    assert "moves with the operating point" in texts(at) and "does not move" not in texts(at)
+    next(b for b in at.selectbox if b.label == "Source").select("br35h").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("No reliability diagram" in i.value for i in at.info)
