@@ -19,9 +19,12 @@ N_SAMPLE, SEED = 200, 20240601
 # A regression floor, not the target. Until session 12 this was 0.98, which the default
 # passed on a split where mirrored and half-turned copies of test images sat in training (353 of
 # 858 benchmark test images; 97.0 % on the rest). The default since session 13 is split with
-# copies joined and scores 96.7 % on its whole benchmark test split (96.5 % on this sample), so
-# the 98-99 % target is not met and this guards what is.
-MIN_ACCURACY, MAX_MISSED = 0.95, 2
+# copies joined and scores 96.7 % on its whole benchmark test split, so
+# the 98 % target is not met (97.0 % on this sample, 6 of 200 wrong): this floor guards what is,
+# and the target has its own test below, marked as the known failure it is (strict: passing it
+# fails the run, so that the floor is raised when a model meets it).
+MIN_ACCURACY, MAX_MISSED = 0.96, 2
+TARGET_ACCURACY = 0.98
 
 
 def shipped_model_dir() -> Path:
@@ -80,6 +83,14 @@ def test_shipped_model_accuracy_on_benchmark_test_sample(golden):
     assert len(rows) == N_SAMPLE
     acc, wrong = _accuracy(rows)
     assert acc >= MIN_ACCURACY, f"{d.name}: accuracy {acc:.3f} on {len(rows)} images; wrong: {wrong}"
+
+
+@pytest.mark.xfail(strict=True, reason="the issue's target, 98 % on this sample: the shipped model "
+                   "scores 97.0 % (6 of 200 wrong) on its copy-aware split")
+def test_shipped_model_meets_the_target_accuracy(golden):
+    d, rows = golden
+    acc, wrong = _accuracy(rows)
+    assert acc >= TARGET_ACCURACY, f"{d.name}: accuracy {acc:.3f} on {len(rows)} images"
 
 
 def test_shipped_model_matches_its_card(golden):
