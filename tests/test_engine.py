@@ -269,7 +269,10 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 
 def test_checkpoint_refuses_arbitrary_objects(tmp_path):
     import argparse
+    import pickle
     path = tmp_path / "bad.pt"
     E.save_checkpoint(path, args=argparse.Namespace(a=1))
-    with pytest.raises(Exception):
+    # weights_only loading refuses the pickled class (torch raises pickle's UnpicklingError)
+    with pytest.raises(pickle.UnpicklingError,
+                       match=r"(?s)Weights only load failed.*Unsupported global: GLOBAL argparse\.Namespace"):
         E.load_checkpoint(path)

@@ -327,17 +327,31 @@ def test_a_big_batch_keeps_each_volumes_slice(at, predictor):
 
 
 # ----------------------------------------------------------------------------- bench
-def test_latency_times_the_served_out_of_distribution_check(random_weights, capsys):
+def test_latency_times_the_served_out_of_distribution_check(random_weights, capsys, monkeypatch):
     import sys
+    import time
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench import latency
+    from core.inference import Predictor
+    real, calls = Predictor.distribution_check, []
+
+    def slow_check(self, scan, x):  # the served check, made to take >= 30 ms
+        calls.append((scan, x))
+        time.sleep(0.03)
+        return real(self, scan, x)
+
+    monkeypatch.setattr(Predictor, "distribution_check", slow_check)
     img = Path(__file__).resolve().parents[1] / "assets" / "samples" / "glioma.jpg"
     assert latency.main(["--weights", str(random_weights), "--image", str(img), "--threads", "1",
-                         "--runs", "2", "--warmup", "0"]) == 0
+                         "--runs", "2", "--warmup", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     row = out["results"][0]
     assert out["precision"] in ("bf16", "fp32") and out["ood_gate"] is False
-    assert row["ood_check_median_ms"] >= 0
+    # once per timed or warm-up image, on the scan and the tensor that was classified
+    assert len(calls) == 3
+    assert all(x is not None and x.shape[0] == 1 and scan.pixels is not None for scan, x in calls)
+    # and the ood_check column times that call (the sleep), which the total includes
+    assert 30 <= row["ood_check_median_ms"] <= row["total_median_ms"]
     parts = sum(row[f"{k}_median_ms"] for k in ("decode", "preprocess", "forward", "ood_check"))
     assert row["total_median_ms"] == pytest.approx(parts, rel=0.35, abs=1.0)
 

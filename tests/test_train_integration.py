@@ -33,6 +33,28 @@ def run_train(args, cache_dir, timeout=600):
     return r.stdout
 
 
+def train_validating(args, monkeypatch, losses=None) -> list[dict]:
+    """train.py's main in this process (the hash cache is the private_cache fixture's), with
+    validation watched: returns, per validated epoch, a copy of the state of the model that was
+    validated. ``losses``: each epoch's validation loss is replaced by the next of these, so that
+    which epoch is best is known in advance."""
+    import train
+    real, seen = E.evaluate_split, []
+    scripted = None if losses is None else iter(losses)
+
+    def watched(model, *a, **k):
+        va = real(model, *a, **k)
+        seen.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+        if scripted is not None:
+            va["loss"] = next(scripted)
+        return va
+
+    monkeypatch.setattr(E, "evaluate_split", watched)
+    assert train.main([*map(str, args), "--no-progress"]) == 0
+    monkeypatch.setattr(E, "evaluate_split", real)
+    return seen
+
+
 
 
 # ----------------------------------------------------------------------------- resume
@@ -155,22 +177,31 @@ def test_init_weights_loads_exactly_and_refuses_a_leaking_parent(tmp_path):
         E.init_weights(child, tmp_path, "simple_cnn", ["no", "yes"], {})
 
 
-def test_ema_run_validates_and_ships_the_average(tmp_path):
+def test_ema_run_validates_and_ships_the_average(tmp_path, monkeypatch):
     data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
     make_dataset(data)
     common = ["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32,
               "--batch-size", 8, "--workers", 1, "--seed", 0, "--ema", 0.9]
-    run_train([*common, "--epochs", 2], cache)
+    validated = train_validating([*common, "--epochs", 2], monkeypatch)
     ck = E.load_checkpoint(out / "checkpoint.pt")
-    assert ck["ema"]["updates"] > 0
-    # The average differs from the raw weights, and it is what the run shipped.
+    assert ck["ema"]["updates"] > 0 and len(validated) == 2
+    # The average differs from the raw weights ...
     assert any(not torch.equal(ck["model"][k], ck["ema"]["model"][k]) for k in ck["model"])
+    # ... and it is what validation judged: the last epoch's validated model is the
+    # checkpoint's average, not its raw weights.
+    assert validated[-1].keys() == ck["ema"]["model"].keys()
+    assert all(torch.equal(v, ck["ema"]["model"][k]) for k, v in validated[-1].items())
+    # The run shipped (in fp16) the average it validated in the epoch the card records as best.
     from safetensors.torch import load_file
     shipped = load_file(out / "model.safetensors")
-    best_epoch = min(range(2), key=lambda i: json.loads((out / "history.json").read_text())[i]["val"]["loss"])
-    if best_epoch == 1:  # the last epoch's average is the checkpoint's
-        assert all(torch.equal(shipped[k], ck["ema"]["model"][k].to(shipped[k].dtype)) for k in shipped)
-    assert json.loads((out / "card.json").read_text())["training"]["weight_ema"] == 0.9
+    card = json.loads((out / "card.json").read_text())
+    losses = [h["val"]["loss"] for h in json.loads((out / "history.json").read_text())]
+    best_epoch = card["training"]["best_epoch"]
+    assert best_epoch == 1 + int(np.argmin(losses))
+    kept = validated[best_epoch - 1]
+    assert shipped.keys() == kept.keys()
+    assert all(torch.equal(shipped[k], kept[k].to(shipped[k].dtype)) for k in shipped)
+    assert card["training"]["weight_ema"] == 0.9
     run_train([*common, "--epochs", 3, "--resume"], cache)
     ck3 = E.load_checkpoint(out / "checkpoint.pt")
     assert ck3["ema"]["updates"] > ck["ema"]["updates"]   # the average continued, not restarted
@@ -312,22 +343,42 @@ def test_tta_below_refits_on_served_outputs_and_the_predictor_serves_them(tmp_pa
     assert np.allclose(got, torch.softmax(want / pred.temperature, 1).numpy(), atol=1e-5)
 
 
-def test_warmup_epochs_are_neither_best_nor_counted_by_early_stopping(tmp_path):
-    data, out, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
+def test_warmup_epochs_are_neither_best_nor_counted_by_early_stopping(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "run"
     make_dataset(data)
     import train
-    epochs = 7
+    epochs, patience = 14, 2
     warm = int(train.WARMUP * epochs)
-    assert warm == 1
-    run_train(["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
-               "--workers", 1, "--epochs", epochs, "--patience", 2], cache)
+    assert warm == patience == 2
+    # Scripted validation losses: the warm-up epochs have the lowest (as a fine-tune's do), and
+    # they are as many as --patience, so counting them would stop the run before any best epoch.
+    # After them epoch 4 is best, and epochs 5 and 6 are worse: the run stops there.
+    losses = [0.05, 0.06, 0.50, 0.40, 0.45, 0.46] + [0.90] * (epochs - 6)
+    real, judged = train.judge_epoch, []
+
+    def watched(epoch, loss, best, bad, warmup_epochs, counts=True):
+        verdict = real(epoch, loss, best, bad, warmup_epochs, counts=counts)
+        judged.append({"epoch": epoch, "warmup_epochs": warmup_epochs, "is_best": verdict[0]})
+        return verdict
+
+    monkeypatch.setattr(train, "judge_epoch", watched)
+    validated = train_validating(["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32,
+                                  "--batch-size", 8, "--workers", 1, "--epochs", epochs,
+                                  "--patience", patience], monkeypatch, losses)
     hist = json.loads((out / "history.json").read_text())
+    assert [h["val"]["loss"] for h in hist] == losses[:6]   # stopped after 2 epochs without a better one
+    assert len(validated) == 6
+    assert [j["warmup_epochs"] for j in judged] == [warm] * 6
+    assert [j["epoch"] for j in judged if j["is_best"]] == [2, 3]   # never a warm-up epoch
     ck = E.load_checkpoint(out / "checkpoint.pt")
-    losses = [h["val"]["loss"] for h in hist]
-    assert len(hist) >= warm + 2                       # the warm-up epoch never counted towards patience
-    assert ck["best"] == pytest.approx(min(losses[warm:]))
-    # early stopping: after the best epoch (past the warm-up), at most `patience` epochs ran
-    assert len(hist) == epochs or len(hist) - 1 - int(np.argmin(losses[warm:])) - warm == 2
+    assert ck["best"] == 0.40 and ck["bad"] == patience
+    training = json.loads((out / "card.json").read_text())["training"]
+    assert training["best_epoch"] == 4 and training["stopped_early"] is True
+    assert training["epochs_run"] == 6
+    # the shipped weights are those of epoch 4 (in fp16), not of the warm-up's lowest loss
+    from safetensors.torch import load_file
+    shipped = load_file(out / "model.safetensors")
+    assert all(torch.equal(shipped[k], validated[3][k].to(shipped[k].dtype)) for k in shipped)
 
 
 def test_judge_epoch_skips_the_warmup_then_tracks_the_best():
