@@ -195,6 +195,7 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train.py writes it")
     ev = json.loads(path.read_text())
+    stored = json.loads(path.read_text())
     old = card_metrics(ev)
     card_path = weights_dir / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
@@ -203,18 +204,31 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     for r in ev["predictions"]:  # files written before records carried it: the run's one threshold
         r.setdefault("threshold", ev.get("threshold"))
     ev.update(evaluate_records(ev["predictions"], ev["classes"], ev.get("threshold")))
-    write_json(path, ev)
+    if not same_figures(stored, ev):  # a tracked file is not rewritten for float noise
+        write_json(path, ev)
     new = card_metrics(ev)
     changed = {f"{src}.{k}": (o.get(k), n.get(k))
                for src, o, n in [("all", old, new)] + [(s, old["per_source"].get(s, {}), v)
                                                        for s, v in new["per_source"].items()]
                for k in n if k != "per_source" and o.get(k) != n.get(k)}
-    if card is not None:
+    if card is not None and not same_figures(card.get("metrics", {}), {**card.get("metrics", {}), **new}):
         card["metrics"] = {**card.get("metrics", {}), **new}
         write_json(card_path, card)
     log(f"rescore {weights_dir}: " + (", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items())
                                       or "every figure already current"))
     return changed
+
+
+def same_figures(a, b, tol: float = 2e-6) -> bool:
+    """Equal JSON-like values, numbers within ``tol``: a recomputation that only moves the sixth
+    decimal (0.98994 stored, 0.989939 recomputed) has changed nothing."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_figures(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_figures(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(a - b) <= tol
+    return a == b
 
 
 def without_copies(records: list[dict]) -> tuple[list[dict], int]:

@@ -1106,7 +1106,9 @@ def _with_cnn(caches: dict, net: GateNet, keyed: list[tuple[str, ImageSet]]) -> 
 
 
 def category_folds(categories: list[str], k: int) -> list[list[str]]:
-    """``k`` folds in which no two categories of one kind (`outliers.KIND`) are held out together.
+    """``k`` folds in which no two categories of one kind (`outliers.KIND`) are held out together,
+    where the kind has no more categories than folds (five synthetic patterns in four pinned folds:
+    `blank` and `pattern` share one).
 
     With ``k`` = len(`outliers.PINNED_FOLDS`) the pinned folds are kept (add shipped categories
     there), and a category they do not name goes to the smallest fold without one of its kind:

@@ -626,3 +626,21 @@ def test_text_lines_keep_one_line_per_file_and_weights_name_what_is_missing(weig
     (bare / "card.json").write_text((weights / "card.json").read_text())
     assert main(["predict", "--weights", str(bare), str(odd)]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_rescore_leaves_current_files_untouched(tmp_path):
+    """It rewrote eval.json whenever it ran: recomputed figures moved in the sixth decimal, so a
+    rescore of the shipped weights left a git diff with nothing changed."""
+    import shutil
+    from core.evaluation import rescore, same_figures
+    src = Path(__file__).resolve().parents[1] / "weights" / "resnet18_176_copyaware_ft"
+    if not (src / "eval.json").is_file():
+        pytest.skip("shipped default absent")
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("eval.json", "card.json"):
+        shutil.copy(src / f, d / f)
+    assert rescore(d, log=lambda _: None) == {}
+    assert (d / "eval.json").read_bytes() == (src / "eval.json").read_bytes()
+    assert (d / "card.json").read_bytes() == (src / "card.json").read_bytes()
+    assert same_figures({"a": [0.98994, 1]}, {"a": [0.989939, 1]}) and not same_figures({"a": 0.98}, {"a": 0.97})
