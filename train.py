@@ -18,7 +18,6 @@ import platform
 import random
 import re
 import shlex
-import shutil
 import sys
 import time
 import tomllib
@@ -407,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:
-        moved = move_aside(out, [f.name for f in out.iterdir() if f.is_file()], clear=True)
+        moved = move_aside(out, list(RUN_FILES), clear=True)
         if moved:
             say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) "
                 f"aside to {out / PREVIOUS}/ (a fresh run; --resume continues one)", flush=True)
@@ -630,6 +629,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 PREVIOUS = "previous"  # where a fresh run puts the files another run left in its folder
+# What train.py and the later commands on its folder write: only these are moved, whatever else
+# the folder holds (--out . must not move a repository's own files).
+RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors.tmp", "card.json", "eval.json",
+             "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json")
 
 
 def move_aside(out: Path, names: list[str], clear: bool = False) -> list[str]:
@@ -643,9 +646,9 @@ def move_aside(out: Path, names: list[str], clear: bool = False) -> list[str]:
     names = [n for n in names if (out / n).is_file()]
     if names:
         prev = out / PREVIOUS
-        if clear:
-            shutil.rmtree(prev, ignore_errors=True)
         prev.mkdir(exist_ok=True)
+        for n in RUN_FILES if clear else ():  # only what a run wrote: the folder may hold more
+            (prev / n).unlink(missing_ok=True)
         for n in names:
             os.replace(out / n, prev / n)
     return names

@@ -198,6 +198,7 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
     out = tmp_path / "run"
     assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
     (out / "best.pt").write_bytes(b"another run's best weights")
+    (out / "notes.txt").write_text("the user's own file")  # not a run's: stays where it is
     one_class = tmp_path / "one"
     make_blob_dataset(one_class, per_class=6)
     for d in one_class.iterdir():
@@ -215,6 +216,7 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
     # nor its weights, card and gate beside this run's split (review, session 20: an interrupted
     # retrain left the old model.safetensors, card.json and ood.safetensors with a new split.json)
     assert not any((out / f).exists() for f in ("model.safetensors", "card.json", "eval.json"))
+    assert (out / "notes.txt").read_text() == "the user's own file"
     assert {"model.safetensors", "card.json", "eval.json", "history.json"} <= {f.name for f in (out / "previous").iterdir()}
 
 
