@@ -161,4 +161,4 @@ if len(items) > 1:
                 "highest tumour probability": st.column_config.NumberColumn(format="%.3f")})
 
 if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one
-    app.report_downloads(items, predictor, threshold, slices, results)
+    app.report_downloads(items, predictor, threshold, slices, results, masks)

@@ -941,30 +941,34 @@ def held_result(name: str, predictor: Predictor) -> tuple[dict | None, bool]:
 
 def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
                      threshold: float | None, slices: dict[int, int | None] | None = None,
-                     rows: list[dict] | None = None) -> None:
+                     rows: list[dict] | None = None, masks: dict[str, bytes] | None = None) -> None:
     """PDF/CSV report buttons from core.report, built on request and kept for these files.
 
     ``core.report.report_downloads_data(items, predictor, threshold)`` predicts and computes
     saliency again, so it runs behind a button, once per set of files, slices shown (``slices``:
-    position -> slice index of a volume) and operating point.
+    position -> slice index of a volume), tumour masks paired with them (``masks``: name -> bytes,
+    `pair_masks`) and operating point.
     """
     try:
         from .report import report_downloads_data
     except ImportError:  # the report module is not there: no buttons, no error
         return
-    slices = slices or {}
+    slices, masks = slices or {}, masks or {}
     # every listed upload, the unreadable ones too: a report must not hold fewer files than the page
     # each file's slice on screen, the saliency method chosen for it (`saliency_panel`'s widget)
-    # and a volume's hot slices as the page's row has them (``rows``, one per item: not scored again)
+    # a volume's hot slices as the page's row has them (``rows``, one per item: not scored again)
+    # and its paired mask, which flags a 'no tumour' call it contradicts, as the page does
     def options(i: int, n: str, d) -> dict:
         opts = {"slice_index": slices.get(i),
                 "method": st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}"),
-                "hot_slices": rows[i].get("hot_slices", []) if rows and rows[i].get("ok") else None}
+                "hot_slices": rows[i].get("hot_slices", []) if rows and rows[i].get("ok") else None,
+                "mask": masks.get(n)}
         return {k: v for k, v in opts.items() if v is not None}
     files = [(n, d, options(i, n, d)) for i, (n, d) in enumerate(items)]
     key = (model_identity(predictor), threshold,
            tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"),
-                  kw.get("method"), tuple(kw.get("hot_slices") or ())) for n, d, kw in files))
+                  kw.get("method"), tuple(kw.get("hot_slices") or ()), kw.get("mask") and digest(kw["mask"]))
+                 for n, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
         readable = any(isinstance(d, (bytes, bytearray)) for _, d, _ in files)

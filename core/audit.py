@@ -1,12 +1,15 @@
 """Opt-in audit log: one JSON line per prediction, so a result can be traced to a model later.
 
 A line holds the UTC time, the SHA-256 of the scan's bytes (enough to match a file the user
-still has, useless for recovering it), the model's name, version and weights SHA-256, the
-result (prediction, calibrated probabilities, tumour probability, threshold) and the flags.
+still has, useless for recovering it), the model's name and version, the SHA-256 of its weights,
+of its card (calibration, operating point, referral rule) and of its out-of-distribution gate (null
+when it has none): a result depends on all three. Then the result (prediction, calibrated
+probabilities, tumour probability, threshold) and the flags. Lines written before the card and
+gate hashes were added lack those two keys; `read_audit` returns them as they are.
 It never holds a file name, pixel data, DICOM tags or anything else that could name a patient:
 records are built from an allow-list of fields, not by copying the prediction.
 
-Used by ``python -m core report --audit FILE`` and by the app's settings.
+Written by ``python -m core report --audit FILE``; the app writes no audit log.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def _result_fields(result: Any) -> dict:
     return {k: result.get(k) for k in RESULT_FIELDS}
 
 
-def _slice_of(result: Any) -> int | None:
+def slice_of(result: Any) -> int | None:
     """The slice (NIfTI) or frame (DICOM, TIFF) of a volume that was predicted: the bytes'
     hash names the whole volume, not the image the result is about."""
     info = (result.get("info") if isinstance(result, Mapping) else getattr(result, "info", None)) or {}
@@ -42,16 +45,23 @@ def _slice_of(result: Any) -> int | None:
     return None
 
 
+def model_fields(predictor: Any) -> dict:
+    """What names the model behind a result, for audit lines and the report's CSV: the card and
+    the gate change a result as much as the weights do (`Predictor.identity`)."""
+    return {"model": predictor.name, "model_version": predictor.card.get("version"),
+            "weights_sha256": predictor.weights_sha256,
+            "card_sha256": getattr(predictor, "card_sha256", None),
+            "gate_sha256": getattr(predictor, "gate_sha256", None)}
+
+
 def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str]) -> dict:
     """The JSON object one prediction adds to the log (see the module docstring)."""
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sha256": hashlib.sha256(bytes(data_bytes)).hexdigest(),
-        "model": predictor.name,
-        "model_version": predictor.card.get("version"),
-        "weights_sha256": predictor.weights_sha256,
+        **model_fields(predictor),
         "result": _result_fields(result),
-        "slice": _slice_of(result),
+        "slice": slice_of(result),
         "flags": [str(f) for f in flags],
     }
 

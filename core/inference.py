@@ -267,9 +267,9 @@ class Predictor:
         # What a cached result depends on besides the pixels: the folder, the weights, the card
         # (classes, calibration, threshold, referral) and the gate, which fit-ood adds later.
         gate_file = self.dir / "ood.safetensors"
-        self.identity = (str(self.dir.resolve()), self.weights_sha256,
-                         file_sha256(self.dir / "card.json"),
-                         file_sha256(gate_file) if gate_file.is_file() else None)
+        gate_sha256 = file_sha256(gate_file) if gate_file.is_file() else None
+        self.card_sha256 = file_sha256(self.dir / "card.json")
+        self.identity = (str(self.dir.resolve()), self.weights_sha256, self.card_sha256, gate_sha256)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
         # Only a gate the card lists: a gate file left from other weights reads features this
@@ -281,6 +281,8 @@ class Predictor:
                 # Hook the feature tap now, so that the first served pass already leaves its (bf16)
                 # features for the gate, and no thread attaches hooks while another runs the model.
                 self.gate.tap.attach(self.model)
+        # the gate that judges this model's scans (audit lines, reports); a file the card does not list judges none
+        self.gate_sha256 = gate_sha256 if self.gate is not None else None
 
     @property
     def name(self) -> str:

@@ -8,8 +8,9 @@ API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predi
   image the model saw, the saliency overlay, the predicted class, every calibrated probability,
   the tumour probability against the operating point, the flags, and the model's identity.
   A file that cannot be read gets a page of its own saying why.
-- ``build_csv(results, classes) -> str``: one row per scan; ``results`` are `ScanResult`s from
-  `analyse` or the dicts `predict_many` returns.
+- ``build_csv(results, classes, predictor=None) -> str``: one row per scan; ``results`` are
+  `ScanResult`s from `analyse` or the dicts `predict_many` returns; ``predictor`` fills the model
+  columns (name, version, weights, card and gate SHA-256).
 - ``report_downloads_data(items, predictor, threshold=None, method=None)
   -> {"pdf": (bytes, "application/pdf", "report.pdf"), "csv": (bytes, "text/csv", "report.csv")}``:
   for the app's Diagnose page, ``items = [(uploaded name, raw bytes)]``; feed each tuple to
@@ -24,24 +25,28 @@ API (``items`` are ``(name, bytes_or_path)`` pairs, as for `core.inference.predi
 
 ``threshold=None`` uses the model card's operating point. Privacy: everything is built in memory;
 nothing the user uploads is written anywhere but the report they ask for. Only the base name of
-each file is printed (no folders, which may carry patient names), never DICOM tags or other
-metadata the reader found.
+each file is printed (no folders, which may carry patient names), unless two files of one report
+share it: then the fewest folders that tell them apart are (patient_A/slice_01.jpg), or a number
+when none do. Never DICOM tags or other metadata the reader found.
 """
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
+import re
 import sys
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .inference import Prediction, calibration_text, listed_slices, volume_hot_slices
+from .inference import Prediction, calibration_text, listed_slices, shown_slice, volume_hot_slices
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart
 from .preprocess import prepare
@@ -58,6 +63,7 @@ FLAG_TYPE_UNCERTAIN = "tumour type uncertain"
 FLAG_UNREADABLE = "cannot read"
 FLAG_NOT_CHECKED = "image not checked"   # a model without an out-of-distribution gate
 FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its slice shown below it
+FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
 
 _CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
                 "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
@@ -73,7 +79,7 @@ def class_label(c: str) -> str:
 @dataclass
 class ScanResult:
     """Everything a report needs about one file; pixels only for the pages, never saved."""
-    name: str                              # base name as the user gave it
+    name: str                              # as printed: base name, with folders where two collide
     ok: bool
     error: str | None = None
     prediction: Prediction | None = None
@@ -84,6 +90,8 @@ class ScanResult:
     data: bytes | None = None              # the file's bytes, for the audit hash only
     hot_slices: list[int] = field(default_factory=list)   # a volume's other slices at the operating point
     method: str | None = None              # the saliency method of this page (each file may have its own)
+    sha256: str | None = None              # of the file's bytes: a CSV row matches its audit line and file
+    mask_note: str | None = None           # a paired tumour mask marks a lesion under a 'no tumour' call
 
     @property
     def flags(self) -> list[str]:
@@ -93,8 +101,9 @@ class ScanResult:
         """The `predict_many` shape: {"file", "ok", ...Prediction fields} or {"file", "ok", "error"}."""
         if not self.ok:
             return {"file": self.name, "ok": False, "error": self.error}
-        return {"file": self.name, "ok": True, **self.prediction.to_json(),
-                **({"hot_slices": self.hot_slices} if self.hot_slices else {})}
+        return {"file": self.name, "ok": True, "sha256": self.sha256, **self.prediction.to_json(),
+                **({"hot_slices": self.hot_slices} if self.hot_slices else {}),
+                **({"mask_contradicts": True} if self.mask_note else {})}
 
 
 def flags_of(row: Mapping) -> list[str]:
@@ -107,7 +116,8 @@ def flags_of(row: Mapping) -> list[str]:
         return [FLAG_OOD] + hot
     # no gate scored it ("ood_score" null): a moon photo was called pituitary with no flag at all
     unchecked = "ood_score" in row and row["ood_score"] is None
-    return [name for name, on in ((FLAG_NOT_CHECKED, unchecked), (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
+    return [name for name, on in ((FLAG_MASK, bool(row.get("mask_contradicts"))), (FLAG_NOT_CHECKED, unchecked),
+                                  (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
                                   (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on] + hot
 
 
@@ -116,13 +126,61 @@ def call_of(row: Mapping) -> str:
     return row.get("pred", "") if row.get("ok") and row.get("in_distribution", True) else ""
 
 
+NAME_CHARS = 120   # a longer name keeps its start and its end: see `display_name`
+# A backslash separates folders only in a Windows path (C:\ or \\server\ first); on Linux it is a
+# character of the name. Zip members come with "/" already (`core.archive`).
+_WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:\\|\\\\)")
+
+
+def _shown_char(ch: str) -> str:
+    """A character as a name prints it: a byte the file system could not decode (a lone surrogate
+    from Python's surrogateescape) as \\xNN, so two such names stay apart; other control and
+    format characters (a newline, a right-to-left override) dropped: they change how a line reads."""
+    if 0xDC80 <= ord(ch) <= 0xDCFF:
+        return f"\\x{ord(ch) - 0xDC00:02x}"
+    return "" if unicodedata.category(ch)[0] == "C" else ch
+
+
+def _name_parts(name: str | PurePath) -> list[str]:
+    """The printable folders and base name of a path, base name last."""
+    text = str(name)
+    if _WINDOWS_PATH.match(text):
+        text = text.replace("\\", "/")
+    parts = ["".join(map(_shown_char, p)) for p in text.split("/")]
+    return [p for p in parts if p] or ["(unnamed)"]
+
+
+def _capped(text: str) -> str:
+    """At most NAME_CHARS characters, start and end kept (where series numbers and the suffix
+    are): two long names that share a prefix must not print as one."""
+    return text[:60] + "..." + text[-57:] if len(text) > NAME_CHARS else text
+
+
 def display_name(name: str | PurePath) -> str:
-    """Base name only, printable characters only, at most 120 of them. A longer name keeps its
-    start and its end (where series numbers and the suffix are): two long names that share a
-    prefix must not print as one."""
-    text = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "(unnamed)"
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
-    return text[:60] + "..." + text[-57:] if len(text) > 120 else text
+    """Base name only, printable characters only, at most NAME_CHARS of them."""
+    return _capped(_name_parts(name)[-1])
+
+
+def display_names(names: list[str | PurePath]) -> list[str]:
+    """`display_name` of each, with names that would print alike told apart: by the shortest end
+    of their paths that differs (patient_A/slice_01.jpg, patient_B/slice_01.jpg), else by a number
+    ("x.jpg (2)"). Folders are printed only where the base names collide."""
+    parts = [tuple(_name_parts(n)) for n in names]
+    depth = [1] * len(parts)
+    while True:
+        shown = [_capped("/".join(p[-k:])) for p, k in zip(parts, depth)]
+        # a name printed like another path takes one more folder, while it has one (the same path
+        # twice gains nothing from its folders: it is numbered below)
+        paths = Counter(text for text, _ in set(zip(shown, parts)))
+        grow = [i for i, text in enumerate(shown) if paths[text] > 1 and depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    if len(set(shown)) == len(shown):
+        return shown
+    from .app_support import unique_names   # the same file twice: numbered as the app's uploads are
+    return unique_names(shown)
 
 
 def printable_path(name: str) -> str:
@@ -168,12 +226,13 @@ REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "i
 
 def analyse_one(name: str, src, predictor, threshold: float | None = None,
                 method: str | None = None, keep_bytes: bool = False, hot: list[int] | None = None,
-                **read_kw) -> ScanResult:
+                mask: bytes | None = None, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
     ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume). ``hot``:
     the volume's other slices at the operating point when the caller has them already (the app
-    scored every slice for its table); None scores them here.
+    scored every slice for its table); None scores them here. ``mask``: the tumour mask the page
+    paired with the scan (`app_support.pair_masks`), judged against the call as the page does.
     """
     shown = display_name(name)
     if isinstance(src, Exception):  # an upload that could not be unpacked (a zip member): listed, as on the page
@@ -196,8 +255,19 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), data=data if keep_bytes else None, method=method,
+                      sha256=hashlib.sha256(data).hexdigest(), mask_note=_mask_note(pred, scan, mask, predictor),
                       hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold)
                       if hot is None else hot)
+
+
+def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor) -> str | None:
+    """The Diagnose page's red warning (`app_support.mask_contradiction`) without its markdown:
+    the report must not call 'no tumour, no flags' what the page calls a missed tumour."""
+    if mask is None:
+        return None
+    from .app_support import mask_contradiction
+    note = mask_contradiction(pred, scan, mask, predictor.spec, shown_slice(scan.info))
+    return note.replace("**", "") if note else None
 
 
 def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
@@ -205,14 +275,17 @@ def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None
     """`analyse_one` for every item, in order.
 
     An item may carry its own options as a third element, e.g. ``(name, data, {"slice_index": 7,
-    "method": "gradcam"})``, so a report shows the slice each volume was viewed at and the saliency
-    method chosen for it on the page.
+    "method": "gradcam", "mask": mask_bytes})``, so a report shows the slice each volume was viewed
+    at, the saliency method chosen for it on the page and what its paired tumour mask says.
     """
+    items = list(items)
     out = []
-    for name, src, *own in items:
+    for shown, (name, src, *own) in zip(display_names([it[0] for it in items]), items):
         opts = {**read_kw, **(own[0] if own and own[0] else {})}
-        out.append(analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
-                               keep_bytes, opts.pop("hot_slices", None), **opts))
+        r = analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
+                        keep_bytes, opts.pop("hot_slices", None), opts.pop("mask", None), **opts)
+        r.name = shown   # told apart from the batch's other files of the same base name
+        out.append(r)
     return out
 
 
@@ -238,28 +311,52 @@ def spreadsheet_csv(text: str) -> bytes:
     return text.encode("utf-8-sig")
 
 
-def _fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.4f}"
+CSV_DIGITS = 6   # a spreadsheet compares a probability with the threshold: 4 decimals hid the side
+MODEL_COLUMNS = ("model", "model_version", "weights_sha256", "card_sha256", "gate_sha256")   # `audit.model_fields`
 
 
-def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str]) -> str:
-    """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags, error."""
+def _fmt(x: float | None, digits: int = CSV_DIGITS) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _tp_cells(row: Mapping, called: bool) -> list[str]:
+    """Tumour probability and threshold, with decimals enough to write them apart."""
+    tp, t = row.get("tumour_probability"), row.get("threshold")
+    digits = digits_apart(tp, t, CSV_DIGITS) if tp is not None and t is not None else CSV_DIGITS
+    return [_fmt(tp, digits) if called else "", _fmt(t, digits)]
+
+
+def _model_cells(predictor) -> list[str]:
+    """The model columns of every row: a CSV read on its own still names what made it."""
+    from .audit import model_fields
+    fields = model_fields(predictor) if predictor is not None else dict.fromkeys(MODEL_COLUMNS)
+    return [csv_safe(str(fields[k])) if fields[k] is not None else "" for k in MODEL_COLUMNS]
+
+
+def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predictor=None) -> str:
+    """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags,
+    error, the slice of a volume, the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
+    from .audit import slice_of
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
-                "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error"])
-    for r in results:
-        row = r.to_row() if isinstance(r, ScanResult) else dict(r)
+                "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error",
+                "slice", "file_sha256", *MODEL_COLUMNS])
+    rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
+    model = _model_cells(predictor)
+    for name, row in zip(display_names([row.get("file", "") for row in rows]), rows):
         ok = bool(row.get("ok"))
         called = bool(call_of(row))  # a flagged scan keeps its raw p_ columns, nothing read as a call
         probs = row.get("probs") or {}
-        w.writerow([csv_safe(display_name(row.get("file", ""))), int(ok), call_of(row),
+        shown = slice_of(row) if ok else None
+        w.writerow([csv_safe(name), int(ok), call_of(row),
                     *[_fmt(probs.get(c)) if ok else "" for c in classes],
-                    _fmt(row.get("tumour_probability")) if called else "", _fmt(row.get("threshold")),
+                    *_tp_cells(row, called),
                     _fmt(row.get("confidence")) if called else "",
                     int(bool(row.get("uncertain"))) if called else "",
                     int(not row.get("in_distribution", True)) if ok else "",
-                    "; ".join(flags_of(row)), row.get("error") or ""])
+                    "; ".join(flags_of(row)), row.get("error") or "",
+                    "" if shown is None else shown, row.get("sha256") or "", *model])
     return buf.getvalue()
 
 
@@ -298,6 +395,7 @@ FLAG_TEXT = {
                        "any image, even one that is not a brain MRI. Check that this is one.", AMBER),
     FLAG_OTHER_SLICES: ("OTHER SLICES REACH THE OPERATING POINT", "Other slices of this volume reach the "
                         "operating point; this one does not. Look at them before calling the volume clear.", AMBER),
+    FLAG_MASK: ("MASK CONTRADICTS CALL", "The uploaded tumour mask marks a lesion; the call is 'no tumour'.", RED),
     FLAG_TYPE_UNCERTAIN: ("TUMOUR - TYPE UNCERTAIN", "A tumour is called but its type is not "
                           "clear; read the type as a suggestion only.", AMBER),
 }
@@ -319,6 +417,9 @@ class ReportContext:
     date: str
     ood_check: bool          # the model ships an out-of-distribution gate
     referral: ReferralRule | None = None   # the card's rule (tumour band, type confidence)
+    card_sha256: str = ""    # the card and the gate change results as the weights do (audit lines too)
+    gate_sha256: str | None = None
+    miss_note: str | None = None   # under every 'no tumour' call: how often the model missed tumours
 
     @classmethod
     def of(cls, predictor, threshold: float | None, method: str | None) -> "ReportContext":
@@ -335,7 +436,15 @@ class ReportContext:
                    method=method_label(method),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    ood_check=getattr(predictor, "gate", None) is not None,
-                   referral=getattr(predictor, "referral", None))
+                   referral=getattr(predictor, "referral", None),
+                   card_sha256=str(getattr(predictor, "card_sha256", "")),
+                   gate_sha256=getattr(predictor, "gate_sha256", None),
+                   miss_note=_miss_note(predictor, t))
+
+    def hashes_text(self) -> str:
+        """The card's and the gate's SHA-256, short, for the Model section."""
+        gate = self.gate_sha256[:16] if self.gate_sha256 else "no gate"
+        return f"{self.card_sha256[:16] or 'unknown'} / {gate}"
 
     def no_flags_text(self) -> str:
         """What 'no flags' means for this model: only the checks it actually has."""
@@ -355,6 +464,16 @@ class ReportContext:
                     if level > 0 else "no referral level set")
         return f"{ood.capitalize()}; {conf}."
 
+
+
+def _miss_note(predictor, threshold: float | None) -> str | None:
+    """The Diagnose page's note under a 'no tumour' call (`app_support.miss_note`): the model's
+    test tumours called 'no tumour' at this operating point, from its eval.json."""
+    from .app_support import miss_note
+    try:
+        return miss_note(predictor, threshold)
+    except AttributeError:   # a predictor without a folder or classes (a stand-in): no figures to give
+        return None
 
 
 def _report_pdf_class():
@@ -380,6 +499,7 @@ def _report_pdf_class():
             self.set_title("Brain MRI classifier report")
             self.set_author(f"{ctx.model} {ctx.version}")
             self.set_creator("core.report")
+            self.probe = None   # `height_of`'s spare document
 
         def multi_cell(self, *args, **kw):
             kw.setdefault("align", "L")  # fpdf2 justifies by default: odd gaps in short lines
@@ -421,6 +541,15 @@ def _report_pdf_class():
             self.multi_cell(self.epw - 22, 3.6, self.t(f"Intended use: {self.ctx.disclaimer}"))
             self.set_xy(self.w - self.r_margin - 22, -15.5)
             self.cell(22, 3.6, f"Page {self.page_no()} of {{nb}}", align="R")
+
+        def height_of(self, draw: Callable[[Any], None]) -> float:
+            """The height (mm) ``draw(pdf)`` takes, drawn on a page of a spare document."""
+            if self.probe is None:
+                self.probe = type(self)(self.ctx)
+            self.probe.add_page()
+            top = self.probe.get_y()
+            draw(self.probe)
+            return self.probe.get_y() - top
 
         def _rule(self) -> None:
             self.set_draw_color(*RULE)
@@ -502,11 +631,12 @@ def _tp_digits(tp: float, ctx: ReportContext) -> int:
 def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
     """Tumour probability as a bar with the operating point marked on it."""
     tp, t = p.tumour_probability, p.threshold
+    digits = _tp_digits(tp, ctx)   # the probability and the point it is read against, alike
     y = pdf.get_y() + 1
     pdf.set_xy(pdf.l_margin, y)
     pdf.font(9, True, INK)
     pdf.cell(42, 6, pdf.t("Tumour probability"))
-    pdf.cell(18, 6, f"{tp:.{_tp_digits(tp, ctx)}f}", align="R")
+    pdf.cell(18, 6, f"{tp:.{digits}f}", align="R")
     bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
     # from the call itself: decide() compares in float64, and a float32 tp can sit 1e-7 either side
     above = t is not None and p.pred in tumour_classes(ctx.classes)
@@ -520,7 +650,7 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
         pdf.font(8, False, MUTED)
         side = "at or above" if above else "below"
         pdf.multi_cell(0, 4, pdf.t(
-            f"{side.capitalize()} the operating point {t:.3f} ({ctx.threshold_source}; "
+            f"{side.capitalize()} the operating point {t:.{digits}f} ({ctx.threshold_source}; "
             f"black mark on the bar): read as {'tumour' if above else 'no tumour'}."
             + (" The operating point was chosen on validation data to favour sensitivity."
                if ctx.threshold_source == "model card" else "")),
@@ -529,15 +659,25 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
         pdf.set_xy(pdf.l_margin, y + 7)
 
 
-def _images(pdf, r: ScanResult, ctx: ReportContext) -> None:
-    """The model's view and the saliency overlay side by side, same frame, same size."""
+IMAGE_GAP, MIN_IMAGE_MM, CAPTION_MM = 6, 40, 5
+
+
+def _image_side(pdf, below: float) -> float:
+    """The images' side (mm): their column's width, less what the ``below`` sections need to
+    keep a scan on one page (a page with several banners printed its caveat on a page of its own)."""
+    room = pdf.page_break_trigger - pdf.get_y() - CAPTION_MM - below - 1
+    return max(MIN_IMAGE_MM, min((pdf.epw - IMAGE_GAP) / 2, room))
+
+
+def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
+    """The model's view and the saliency overlay side by side, same frame, same size, each
+    centred in its half of the page above its caption."""
     from PIL import Image
-    gap = 6
-    side = (pdf.epw - gap) / 2
+    col = (pdf.epw - IMAGE_GAP) / 2
     y = pdf.get_y()
-    x2 = pdf.l_margin + side + gap
+    x1, x2 = (pdf.l_margin + k * (col + IMAGE_GAP) + (col - side) / 2 for k in (0, 1))
     pdf.image(Image.fromarray((np.clip(r.view, 0, 1) * 255).astype(np.uint8), "L"),
-              x=pdf.l_margin, y=y, w=side, h=side)
+              x=x1, y=y, w=side, h=side)
     if r.overlay is not None:
         pdf.image(Image.fromarray(r.overlay, "RGB"), x=x2, y=y, w=side, h=side)
     else:  # an empty frame with the reason, so the missing map is never silent
@@ -548,15 +688,15 @@ def _images(pdf, r: ScanResult, ctx: ReportContext) -> None:
         pdf.multi_cell(side - 12, 4.5, pdf.t(r.saliency_note or "No saliency map."), align="C")
     pdf.set_xy(pdf.l_margin, y + side + 1)
     pdf.font(8, False, MUTED)
-    pdf.cell(side, 4, pdf.t("Image as the model sees it (cropped to the head)"))
-    pdf.set_x(x2)
+    pdf.cell(col, 4, pdf.t("Image as the model sees it (cropped to the head)"))
+    pdf.set_x(pdf.l_margin + col + IMAGE_GAP)
     target = class_label(r.prediction.pred)
     from .saliency import is_class_agnostic
     shown = method_label(r.method) if r.method else ctx.method
     what = "(class-agnostic)" if is_class_agnostic(r.method or ctx.method) else f"for '{target}'"
     caption = (f"{shown} {what} (red = strongest evidence)"
                if r.overlay is not None else f"{shown} saliency: not available")
-    pdf.cell(side, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(col, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
 
 
 def _file_heading(pdf, r: ScanResult, index: int, total: int) -> None:
@@ -592,9 +732,17 @@ def _result_box(pdf, p: Prediction) -> None:
 
 
 def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -> None:
-    p = r.prediction
     _file_heading(pdf, r, index, total)
-    _result_box(pdf, p)  # result first
+    _result_box(pdf, r.prediction)  # result first
+    _flag_banners(pdf, r, ctx)
+    pdf.ln(1)
+    _images(pdf, r, ctx, _image_side(pdf, pdf.height_of(lambda probe: _below_images(probe, r, ctx))))
+    _below_images(pdf, r, ctx)
+
+
+def _flag_banners(pdf, r: ScanResult, ctx: ReportContext) -> None:
+    """One banner per flag, with the numbers or the sentence that explain it; NO FLAGS if none."""
+    p = r.prediction
     flags = flags_of(r.to_row())
     for f in flags:
         title, text, colours = FLAG_TEXT[f]
@@ -607,22 +755,32 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
                                                else "; read the type as a suggestion only.")
         if f == FLAG_OOD and p.ood_reason:  # the header or the pixels: say which
             text = f"{p.ood_reason} Do not rely on this result."
+        if f == FLAG_MASK:   # the page's own sentence
+            text = r.mask_note or text
         if f == FLAG_OTHER_SLICES:
             text = (f"Slices {listed_slices(r.hot_slices)} of this volume reach the operating point; the slice shown does not. "
                     "Look at them before calling the volume clear.")
         _banner(pdf, title, text, colours)
     if not flags:
         _banner(pdf, "NO FLAGS", ctx.no_flags_text(), GREEN, height=7.5)
-    pdf.ln(1)
-    _images(pdf, r, ctx)
+
+
+def _below_images(pdf, r: ScanResult, ctx: ReportContext) -> None:
+    """Probabilities, the tumour probability against the operating point, the miss note under a
+    'no tumour' call, the model's identity and the caveat."""
+    p = r.prediction
     _section(pdf, "Calibrated probabilities" if p.in_distribution
              else "Raw model output, not a diagnosis")
     _probability_rows(pdf, p, ctx.classes)
     if p.tumour_probability is not None and p.in_distribution:  # its operating point makes a call
         _tumour_row(pdf, p, ctx)
+    if p.in_distribution and p.pred == NO_TUMOUR and ctx.miss_note:   # a clear call is not a clear scan
+        pdf.font(8, False, MUTED)
+        pdf.multi_cell(0, 4, pdf.t(ctx.miss_note), new_x="LMARGIN", new_y="NEXT")
     _section(pdf, "Model")
     _kv(pdf, [("Model / version", f"{ctx.model} / {ctx.version} ({ctx.arch})"),
               ("Weights SHA-256", ctx.weights_sha256[:16]),
+              ("Card / gate SHA-256", ctx.hashes_text()),
               ("Calibration", ctx.calibration),
               ("Saliency method", method_label(r.method) if r.method else ctx.method),
               ("Report date", ctx.date)])
@@ -630,7 +788,7 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
     pdf.font(7.5, False, MUTED)
     pdf.multi_cell(0, 3.6, pdf.t(
         "Probabilities are the model's calibrated estimates, not a diagnosis. A saliency map shows "
-        "which pixels moved the model's score, not the extent of a lesion."))
+        "which pixels moved the model's score, not the extent of a lesion."), new_x="LMARGIN", new_y="NEXT")
 
 
 def _error_page(pdf, r: ScanResult, index: int, total: int) -> None:
@@ -658,6 +816,12 @@ def _fit(pdf, text: str, width: float) -> str:
     return f"{head}...{tail}"
 
 
+def _called_tp(r: ScanResult) -> float | None:
+    """The tumour probability a summary row prints: none for an unread or out-of-distribution
+    scan (no call, no number)."""
+    return r.prediction.tumour_probability if r.ok and r.prediction.in_distribution else None
+
+
 def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: list[str]) -> None:
     from fpdf.fonts import FontFace
     n_ok = sum(r.ok for r in results)
@@ -665,7 +829,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
     pdf.font(12, True, INK)
     pdf.cell(0, 7, pdf.t("Batch summary"), new_x="LMARGIN", new_y="NEXT")
     pdf.font(9, False, INK)
-    t = "not set" if ctx.threshold is None else f"{ctx.threshold:.3f} ({ctx.threshold_source})"
+    digits = max([3, *(_tp_digits(p, ctx) for p in map(_called_tp, results) if p is not None)])
+    t = "not set" if ctx.threshold is None else f"{ctx.threshold:.{digits}f} ({ctx.threshold_source})"
     pdf.multi_cell(0, 5, pdf.t(
         f"{len(results)} files: {n_ok} predicted, {len(results) - n_ok} could not be read, "
         f"{n_flag} flagged for review. Operating point on the tumour probability: {t}. "
@@ -689,8 +854,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
                 p = r.prediction
                 call = class_label(p.pred) if p.in_distribution else "No diagnosis"
                 row.cell(pdf.t(call), link=link)
-                shown = p.tumour_probability if p.in_distribution else None  # no call, no number
-                row.cell("" if shown is None else f"{shown:.3f}", link=link)
+                shown = _called_tp(r)
+                row.cell("" if shown is None else f"{shown:.{digits}f}", link=link)
                 flags = r.flags
                 row.cell(pdf.t(", ".join(flags) or "-"), link=link,
                          style=FontFace(color=RED[1] if flags else INK))
@@ -756,7 +921,7 @@ def report_downloads_data(items: Iterable[tuple[str, Any]], predictor, threshold
     results = analyse(items, predictor, threshold, method, **read_kw)
     pdf = render_pdf(results, ReportContext.of(predictor, threshold, method))
     return {"pdf": (pdf, PDF_MIME, "report.pdf"),
-            "csv": (spreadsheet_csv(build_csv(results, predictor.classes)), CSV_MIME, "report.csv")}
+            "csv": (spreadsheet_csv(build_csv(results, predictor.classes, predictor)), CSV_MIME, "report.csv")}
 
 
 # ---------------------------------------------------------------- CLI
@@ -858,7 +1023,7 @@ def cmd_report(args) -> int:
     print(f"wrote {args.out} ({len(results)} file{'s' * (len(results) != 1)}, "
           f"{method_label(args.method or card_method(predictor))} saliency)")
     if args.csv:
-        if not _write(args.csv, build_csv(results, predictor.classes), "CSV"):
+        if not _write(args.csv, build_csv(results, predictor.classes, predictor), "CSV"):
             return 2
         print(f"wrote {args.csv}")
     if args.audit:

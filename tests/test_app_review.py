@@ -719,3 +719,22 @@ def test_evaluation_says_what_its_accuracy_and_calibration_are_over(monkeypatch)
     next(b for b in at.selectbox if b.label == "Source").select("br35h").run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("No reliability diagram" in i.value for i in at.info)
+
+
+# ----------------------------------------------------------------------------- review I
+def test_the_report_gets_the_mask_paired_with_each_scan(app, monkeypatch):
+    """The page warned that the paired mask contradicts a 'no tumour' call; the report was never
+    given the mask, so its PDF and CSV said nothing of it."""
+    from core import report
+    seen = []
+    monkeypatch.setattr(report, "report_downloads_data", lambda items, *a, **k: seen.append(list(items)) or {
+        "pdf": (b"%PDF", "application/pdf", "report.pdf"), "csv": (b"a,b\n", "text/csv", "report.csv")})
+    mask = _png_bytes(9)
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("case.png", _png_bytes(1), "image/png"),
+                                    ("case_mask.png", mask, "image/png"),
+                                    ("other.png", _png_bytes(2), "image/png")]).run()
+    next(b for b in app.button if b.label.startswith("Prepare a PDF")).click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    (items,) = seen
+    assert [(name, kw.get("mask")) for name, _, kw in items] == [("case.png", mask), ("other.png", None)]

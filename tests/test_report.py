@@ -319,7 +319,8 @@ def test_audit_lines_hold_hashes_and_results_never_names(four, tmp_path):
     append_audit(log, data, four, pred.to_json(), [])
     lines = read_audit(log)
     assert lines[0] == rec and len(lines) == 2
-    assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "result", "slice", "flags"}
+    assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "card_sha256",
+                        "gate_sha256", "result", "slice", "flags"}
     assert rec["slice"] is None  # a single image has no slice
     assert set(rec["result"]) == {"pred", "probs", "tumour_probability", "threshold"}
     assert rec["time"].endswith("+00:00") and rec["weights_sha256"] == four.weights_sha256
@@ -505,3 +506,111 @@ def test_a_volume_whose_other_slices_reach_the_point_is_flagged_in_the_report(fo
     assert R.FLAG_OTHER_SLICES in R.build_csv([r], four.classes)
     (flat,) = R.analyse([("flat.png", scan_png(3))], four, threshold=0.5)
     assert flat.hot_slices == [] and R.FLAG_OTHER_SLICES not in flat.flags
+
+
+# ----------------------------------------------------------------------------- review I
+def lesion_png(size: int = 96) -> bytes:
+    """A two-valued tumour mask the size of `scan_png`, marking a square inside the head."""
+    a = np.zeros((size, size), np.uint8)
+    a[size // 3: size // 2, size // 3: size // 2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_files_of_one_base_name_stay_apart_in_the_report():
+    """A zip with patient_A/slice_01.jpg and patient_B/slice_01.jpg printed both as slice_01.jpg;
+    a Linux name's backslash cut it, and an undecodable byte vanished."""
+    names = R.display_names(["study.zip/patient_A/slice_01.jpg", "study.zip/patient_B/slice_01.jpg", "x.png"])
+    assert names == ["patient_A/slice_01.jpg", "patient_B/slice_01.jpg", "x.png"]   # folders only where needed
+    assert R.display_names(["/a/x.png", "/a/x.png"]) == ["x.png", "x.png (2)"]   # the same path twice
+    assert R.display_names(["C" * 200 + "/A/x.png", "C" * 200 + "/B/x.png"]) == ["A/x.png", "B/x.png"]
+    assert all(len(n) <= R.NAME_CHARS for n in R.display_names(["A/" + "y" * 200 + "/x.png", "B/x.png"]))
+    assert R.display_name("scans/(paren) \\ back.jpg") == "(paren) \\ back.jpg"   # a Linux name's character
+    assert R.display_name("C:\\Users\\DOE\\scan.jpg") == "scan.jpg"           # a Windows path's separator
+    assert R.display_name("/tmp/a\udcff\udcfeb.jpg") == "a\\xff\\xfeb.jpg"    # os.fsdecode(b"a\xff\xfeb.jpg")
+    assert R.display_name("a\nb\u202e.jpg") == "ab.jpg"   # control and format characters still dropped
+
+
+def test_the_report_and_its_csv_tell_same_named_files_apart(four):
+    items = [("study.zip/patient_A/slice_01.jpg", scan_png(50)), ("study.zip/patient_B/slice_01.jpg", scan_png(51))]
+    results = R.analyse(items, four)
+    assert [r.name for r in results] == ["patient_A/slice_01.jpg", "patient_B/slice_01.jpg"]
+    rows = list(csv.DictReader(io.StringIO(R.build_csv(results, four.classes))))
+    assert [r["file"] for r in rows] == ["patient_A/slice_01.jpg", "patient_B/slice_01.jpg"]
+    dict_rows = [{**r.to_row(), "file": name} for r, (name, _) in zip(results, items)]   # `predict_many` rows
+    assert R.build_csv(dict_rows, four.classes) == R.build_csv(results, four.classes)
+
+
+@needs_poppler
+def test_audit_lines_and_the_pdf_name_the_card_and_the_gate(four, tmp_path):
+    """A result depends on card.json (calibration, threshold, referral) and the gate as much as on
+    the weights; audit lines and the PDF named the weights alone."""
+    from core.inference import file_sha256
+    data = scan_png(52)
+    log = tmp_path / "audit.jsonl"
+    old = {"time": "2026-12-01T10:00:00+00:00", "sha256": "0" * 64, "model": "m", "model_version": "v",
+           "weights_sha256": "1" * 64, "result": {}, "slice": None, "flags": []}
+    log.write_text(json.dumps(old) + "\n")   # a line written before the card and gate hashes
+    rec = append_audit(log, data, four, four.predict_file(data, "a.png"), [])
+    assert rec["card_sha256"] == file_sha256(four.dir / "card.json") == four.identity[2]
+    assert rec["gate_sha256"] is None and four.gate is None   # no gate: nothing judged the image
+    assert read_audit(log) == [old, rec]
+    (page,) = pdf_pages(R.build_report([("a.png", data)], four), tmp_path)
+    assert f"{four.card_sha256[:16]} / no gate" in page
+
+
+@needs_poppler
+def test_a_mask_that_contradicts_a_no_tumour_call_flags_the_report(four, tmp_path, monkeypatch):
+    """The Diagnose page showed a red 'missed tumour' error and the miss note; the PDF said
+    'No tumour' with neither (a gateless model: not a green NO FLAGS, but no word of the mask)."""
+    from core import app_support
+    monkeypatch.setattr(app_support, "miss_note", lambda p, t: "MISS NOTE: 'No tumour' is not a guarantee.")
+    items = [("lesion.png", scan_png(53), {"mask": lesion_png()}), ("clear.png", scan_png(54))]
+    results = R.analyse(items, four, threshold=1.0)   # at 1.0 every call is 'no tumour'
+    assert [R.FLAG_MASK in r.flags for r in results] == [True, False]
+    rows = list(csv.DictReader(io.StringIO(R.build_csv(results, four.classes))))
+    assert R.FLAG_MASK in rows[0]["flags"] and R.FLAG_MASK not in rows[1]["flags"]
+    summary, lesion, clear = map(flat, pdf_pages(R.render_pdf(results, R.ReportContext.of(four, 1.0, None)), tmp_path))
+    assert R.FLAG_MASK in summary and "MASK CONTRADICTS CALL" in lesion and "missed tumour" in lesion
+    assert "MASK CONTRADICTS CALL" not in clear
+    assert "MISS NOTE" in lesion and "MISS NOTE" in clear   # under every 'no tumour' call
+    tumour = R.analyse([("t.png", scan_png(53), {"mask": lesion_png()})], four, threshold=0.0)
+    assert tumour[0].mask_note is None   # a tumour call agrees with the mask
+
+
+@needs_poppler
+@pytest.mark.parametrize("shift", [-4e-5, 4e-5])
+def test_the_operating_point_is_printed_with_the_digits_of_the_probability_read_against_it(four, tmp_path, shift):
+    """'Tumour probability 0.99531 / Below the operating point 0.995' and 'Glioma 0.995' beside
+    'No tumour 0.995': the point printed at 3 decimals, the CSV at 4."""
+    from core.metrics import digits_apart
+    items = [("a.png", scan_png(55)), ("b.png", scan_png(56))]
+    tp = R.analyse(items[:1], four)[0].prediction.tumour_probability
+    t = tp + shift
+    results = R.analyse(items, four, threshold=t)
+    d = digits_apart(tp, t)
+    assert f"{tp:.3f}" == f"{t:.3f}" and d > 3
+    summary, page, _ = map(flat, pdf_pages(R.render_pdf(results, R.ReportContext.of(four, t, None)), tmp_path))
+    assert f"operating point {t:.{d}f} (" in page and f"{tp:.{d}f}" in page
+    assert f"tumour probability: {t:.{d}f}" in summary and f"{tp:.{d}f}" in summary
+    row = next(csv.DictReader(io.StringIO(R.build_csv(results, four.classes))))
+    assert (float(row["tumour_probability"]) >= float(row["threshold"])) == (row["prediction"] != "notumor")
+
+
+def test_the_csv_names_the_model_the_slice_and_the_file(four, tmp_path):
+    import hashlib
+    import nibabel as nib
+    vol = np.zeros((48, 48, 5), np.float32)
+    vol[8:40, 10:38, :] = 120
+    volume = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    items = [("a.png", scan_png(57)), ("v.nii", volume, {"slice_index": 3}), ("bad.png", b"no image")]
+    out = R.report_downloads_data(items, four)
+    assert out["csv"][0].startswith(b"\xef\xbb\xbf")
+    a, v, bad = csv.DictReader(io.StringIO(out["csv"][0].decode("utf-8-sig")))
+    for row in (a, v, bad):
+        assert (row["model"], row["model_version"]) == (four.name, "0.0-test")
+        assert (row["weights_sha256"], row["card_sha256"], row["gate_sha256"]) == (
+            four.weights_sha256, four.card_sha256, "")
+    assert a["file_sha256"] == hashlib.sha256(scan_png(57)).hexdigest() and a["slice"] == ""
+    assert v["slice"] == "3" and bad["file_sha256"] == bad["slice"] == ""
