@@ -85,7 +85,7 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
 def show(pos: int, name: str, data, slice_index: int | None) -> dict:
     """One file in full: image, prediction, flags, probabilities, saliency. Returns its row.
     ``pos`` (its place in the batch) keys the widgets: the same scan may come twice."""
-    row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index)
+    row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index, masks.get(name))
     if scan is None:
         st.error(f"**{name}**: {row['error']}")
         return row
@@ -127,7 +127,7 @@ else:
     summary = st.container()
     # each volume at the slice last shown of it (the middle one until then), as the report
     slices = {k: app.remembered_slice(app.widget_key(k, *item)) for k, item in enumerate(items)}
-    results = [app.analyse(predictor, name, data, threshold, slices[k])[0]
+    results = [app.analyse(predictor, name, data, threshold, slices[k], masks.get(name))[0]
                for k, (name, data) in enumerate(items)]
     for r in results:
         if not r["ok"]:

@@ -836,8 +836,11 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
 
 
 def analyse(predictor: Predictor, name: str, data, threshold: float | None,
-            slice_index: int | None = None) -> tuple[dict, ScanImage | None, Prediction | None]:
-    """Read and predict one upload (cached); a failure becomes an error row, never an exception."""
+            slice_index: int | None = None,
+            mask: bytes | None = None) -> tuple[dict, ScanImage | None, Prediction | None]:
+    """Read and predict one upload (cached); a failure becomes an error row, never an exception.
+    With its paired tumour ``mask``, a 'no tumour' call the mask contradicts is flagged in the row
+    (the batch table and its CSV, as the detail view and the report)."""
     key = item_key(name, data)
     try:
         scan = cached_scan(data, name, key, slice_index)
@@ -854,6 +857,8 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
             row["hot_slices"] = hot_slices(cached_slice_scores(predictor, data, name), threshold, shown)
         except Exception:  # an empty volume, say: the slice shown stands alone
             pass
+    if mask is not None and mask_contradiction(pred, scan, mask, predictor.spec, slice_index):
+        row["mask_contradicts"] = True
     return row, scan, pred
 
 

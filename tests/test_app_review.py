@@ -738,3 +738,28 @@ def test_the_report_gets_the_mask_paired_with_each_scan(app, monkeypatch):
     assert not app.exception, [e.value for e in app.exception]
     (items,) = seen
     assert [(name, kw.get("mask")) for name, _, kw in items] == [("case.png", mask), ("other.png", None)]
+
+
+def test_the_batch_table_flags_a_call_its_mask_contradicts():
+    """The red 'mask marks a lesion' warning was in the detail view only: a batch's table and
+    its CSV showed the missed tumour with no flag."""
+    import numpy as np
+    from PIL import Image
+    from core.dashboard import batch_table
+    brisc = REPO.parent / "shared" / "data" / "brisc" / "no_tumor"
+    if not brisc.is_dir() or not (REPO / "weights" / "DEFAULT").is_file():
+        pytest.skip("shared BRISC scans or the shipped model absent")
+    f = sorted(brisc.iterdir())[0]
+    data = f.read_bytes()
+    predictor = app_support.load_predictor(REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip())
+    with Image.open(f) as im:
+        w, h = im.size
+    lesion = np.zeros((h, w), np.uint8)
+    lesion[h // 3: h // 2, w // 3: w // 2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(lesion).save(buf, "PNG")
+    row, _, pred = app_support.analyse(predictor, f.name, data, predictor.threshold, None, buf.getvalue())
+    assert pred.pred == "notumor" and row["mask_contradicts"] is True
+    assert "mask contradicts call" in batch_table([row])["flags"][0]
+    plain, _, _ = app_support.analyse(predictor, f.name, data, predictor.threshold)
+    assert "mask_contradicts" not in plain and "mask" not in batch_table([plain])["flags"][0]
