@@ -406,10 +406,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:
-        moved = move_aside(out, list(RUN_FILES), clear=True)
+        moved, where = move_aside(out, list(RUN_FILES))
         if moved:
             say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) "
-                f"aside to {out / PREVIOUS}/ (a fresh run; --resume continues one)", flush=True)
+                f"aside to {where}/ (a fresh run; --resume continues one)", flush=True)
     sources = D.parse_sources(args.data)
     for src in sources:  # recorded so that later commands find the data from any folder
         src["path"] = D.portable_root(src["path"])
@@ -628,30 +628,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-PREVIOUS = "previous"  # where a fresh run puts the files another run left in its folder
+PREVIOUS = "previous"  # a fresh run puts the files another run left into out/previous-<UTC time>/
 # What train.py and the later commands on its folder write: only these are moved, whatever else
 # the folder holds (--out . must not move a repository's own files).
 RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors.tmp", "card.json", "eval.json",
              "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json")
 
 
-def move_aside(out: Path, names: list[str], clear: bool = False) -> list[str]:
-    """Move these files of ``out`` into ``out/previous/`` (replacing what an older run left there).
+def move_aside(out: Path, names: list[str]) -> tuple[list[str], Path | None]:
+    """Move these files of ``out`` into a new ``out/previous-<UTC time>/``; returns the names
+    moved and where to.
 
     Another run's files must never be resumed, shipped or served with this run's: an interrupted
     run left its new split beside the old weights and card, and a retrained model kept the old
-    out-of-distribution gate, which then read the new network's features. Moved, not deleted: a
-    forgotten --resume must not cost the interrupted run. ``clear``: a fresh run's previous/ holds
-    one run's files, not a mix with an older one's."""
+    out-of-distribution gate, which then read the new network's features. Moved, never deleted
+    or overwritten: a forgotten --resume must not cost the interrupted run, and a failed retry
+    must not cost the finished model an earlier retry moved aside. (While a run retrains a folder
+    in place, that folder serves no model.)"""
     names = [n for n in names if (out / n).is_file()]
-    if names:
-        prev = out / PREVIOUS
-        prev.mkdir(exist_ok=True)
-        for n in RUN_FILES if clear else ():  # only what a run wrote: the folder may hold more
-            (prev / n).unlink(missing_ok=True)
-        for n in names:
-            os.replace(out / n, prev / n)
-    return names
+    if not names:
+        return [], None
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    prev = out / f"{PREVIOUS}-{stamp}"
+    k = 1
+    while prev.exists():  # two moves within one second
+        k += 1
+        prev = out / f"{PREVIOUS}-{stamp}-{k}"
+    prev.mkdir()
+    for n in names:
+        os.replace(out / n, prev / n)
+    return names, prev
 
 
 def retire_measurements(out: Path, old_sha: str | None) -> list[str]:
@@ -659,7 +665,7 @@ def retire_measurements(out: Path, old_sha: str | None) -> list[str]:
     check) when this run's weights differ from them: a gate reads the network's features."""
     if old_sha == file_sha256(out / "model.safetensors"):
         return []
-    return move_aside(out, ["ood.safetensors", "ood_eval.json", "saliency_eval.json"])
+    return move_aside(out, ["ood.safetensors", "ood_eval.json", "saliency_eval.json"])[0]
 
 
 def schedule_fits(taken: int, remaining: int, steps: int) -> bool:

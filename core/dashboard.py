@@ -87,7 +87,12 @@ def interval_text(ev: dict, key: str) -> str | None:
 def scans_help(ev: dict) -> str | None:
     """The scans accuracy is over, where fewer than all: a label without a tumour type (Br35H's
     'yes') says nothing of the class, so such scans count in the tumour figures only."""
-    n, n_fine = ev.get("n", 0), ev.get("n_fine") or 0
+    n, n_fine = ev.get("n", 0), ev.get("n_fine")
+    if n_fine is None and n:  # a yes/no set (Br35H: 'yes' and a few 'no'), judged on the call alone
+        return (f"These {n} scans are labelled tumour / no tumour without a tumour type: they are judged on "
+                "the tumour call alone (sensitivity, specificity, tumours missed); no accuracy, confusion "
+                "matrix or calibration over the model's classes.")
+    n_fine = n_fine or 0
     if n_fine == n:
         return None
     return (f"Accuracy, macro F1, the confusion matrix and the calibration are over the {n_fine} scans "
@@ -99,7 +104,7 @@ def calibration_note(ev: dict) -> str | None:
     """Why an evaluation has no reliability diagram: no scan's label names a class of the model."""
     if ev.get("reliability") or not ev.get("n"):
         return None
-    return ("No reliability diagram or ECE: these scans are labelled only 'tumour' (type unknown), so "
+    return ("No reliability diagram or ECE: these scans are labelled without a tumour type, so "
             "whether the model's class is right cannot be judged; the risk-coverage curve judges the "
             "tumour / no-tumour call instead.")
 

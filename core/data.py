@@ -173,10 +173,10 @@ def parse_sources(entries: list) -> list[dict]:
 
 def _layout_like(d: Path, depth: int = 3) -> bool:
     """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
-    folders, two or more folders named like classes, or one folder that holds such a layout
+    folders, folders named like two different classes, or one folder that holds such a layout
     (wrappers nest: "archive/Brain Tumor/Training/...")."""
     subs = _class_dirs(d)
-    named = [x for x in subs if normalise_label(x.name) in CANONICAL]
+    named = {normalise_label(x.name) for x in subs} & set(CANONICAL)  # distinct: "no_1", "no_2" are patients
     if any(x.name.lower() in SPLIT_DIRS for x in subs) or len(named) >= 2:
         return True
     return depth > 1 and len(subs) == 1 and _layout_like(subs[0], depth - 1)
@@ -184,11 +184,14 @@ def _layout_like(d: Path, depth: int = 3) -> bool:
 
 def _is_wrapper(d: Path) -> bool:
     """A lone folder that only wraps the classes: it holds a layout, or it is named like no class
-    and holds a folder named like one ("MyData/glioma/"; a lone "yes/patient1/" stays a class)."""
+    and every folder in it names a different class ("MyData/glioma/"). Patient folders stay inside
+    their class: "yes/patient1/", and "astrocytoma/{normal_01, p2}" or "astrocytoma/{no_1, no_2}",
+    whose names only look like classes."""
     if _layout_like(d):
         return True
-    return normalise_label(d.name) not in CANONICAL and \
-        any(normalise_label(x.name) in CANONICAL for x in _class_dirs(d))
+    labels = [normalise_label(x.name) for x in _class_dirs(d)]
+    return normalise_label(d.name) not in CANONICAL and bool(labels) and \
+        all(lab in CANONICAL for lab in labels) and len(set(labels)) == len(labels)
 
 
 def _unwrapped(root: Path) -> Path:
@@ -238,6 +241,10 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     tops = _class_dirs(top)
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
     layout = [(_split_base(d), SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(top, None)]
+    for d, (base, _) in zip(split_tops, layout):  # loose files in the levels a doubled split folder skips
+        while d != base:
+            scan.skipped += _stray(d, root)
+            d = _class_dirs(d)[0]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
     if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
         scan.skipped += [(str(d.relative_to(root)) + "/", "a folder beside the Training/Testing folders: not read "
@@ -295,6 +302,8 @@ def one_folder_note(scan: Scan) -> str | None:
     if len(tops) != 1 or len(subs) < 2 or any(len(Path(scan.inner(s.rel)).parts) < 3 for s in scan.samples):
         return None
     (top,) = tops
+    if top.lower() in SPLIT_DIRS:  # Training/<class>/: the classes are right
+        return None
     return (f"every image sits in subfolders of the one folder '{top}' ({len(subs)} of them), so all are "
             f"labelled '{normalise_label(top)}': if those subfolders are the classes, pass the folder "
             f"'{top}' itself")

@@ -204,7 +204,8 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     for r in ev["predictions"]:  # files written before records carried it: the run's one threshold
         r.setdefault("threshold", ev.get("threshold"))
     ev.update(evaluate_records(ev["predictions"], ev["classes"], ev.get("threshold")))
-    if not same_figures(stored, ev):  # a tracked file is not rewritten for float noise
+    rewritten = not same_figures(stored, ev)  # a tracked file is not rewritten for float noise
+    if rewritten:
         write_json(path, ev)
     new = card_metrics(ev)
     changed = {f"{src}.{k}": (o.get(k), n.get(k))
@@ -215,7 +216,8 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
         card["metrics"] = {**card.get("metrics", {}), **new}
         write_json(card_path, card)
     log(f"rescore {weights_dir}: " + (", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items())
-                                      or "every figure already current"))
+                                      or ("the card's figures already current; eval.json's curves rewritten"
+                                          if rewritten else "every figure already current")))
     return changed
 
 

@@ -763,3 +763,13 @@ def test_the_batch_table_flags_a_call_its_mask_contradicts():
     assert "mask contradicts call" in batch_table([row])["flags"][0]
     plain, _, _ = app_support.analyse(predictor, f.name, data, predictor.threshold)
     assert "mask_contradicts" not in plain and "mask" not in batch_table([plain])["flags"][0]
+
+
+def test_scans_help_of_a_yes_no_source_says_it_is_judged_on_the_call():
+    """Br35H (199 'yes', 2 'no') read 'over the 0 scans labelled with a class; the other 201 are
+    labelled only tumour': two of them are labelled no tumour."""
+    from core import dashboard as dash
+    text = dash.scans_help({"n": 201, "n_fine": None})
+    assert "tumour call alone" in text and "0 scans" not in text
+    assert "over the 1410 scans" in dash.scans_help({"n": 1610, "n_fine": 1410})
+    assert dash.scans_help({"n": 5, "n_fine": 5}) is None

@@ -578,7 +578,10 @@ def test_a_wrapper_around_class_folders_names_no_class(tmp_path):
         save(tmp_path / "a" / "MyData" / "astrocytoma" / f"{k}.png", pattern(10 + k))
         for split in ("Training", "Testing"):
             save(tmp_path / "b" / split / split / "notumor" / f"{split}{k}.png", pattern(20 + k))
-    assert {s.label for s in D.discover(tmp_path / "a").samples} == {"glioma", "astrocytoma"}
+    assert {s.label for s in D.discover(tmp_path / "a").samples} == {"mydata"}  # one unknown name: patients?
+    assert "pass the folder 'MyData' itself" in D.one_folder_note(D.discover(tmp_path / "a"))
+    (tmp_path / "a" / "MyData" / "astrocytoma").rename(tmp_path / "a2")
+    assert {s.label for s in D.discover(tmp_path / "a").samples} == {"glioma"}
     b = D.discover(tmp_path / "b").samples
     assert {(s.label, s.preset_split) for s in b} == {("notumor", None), ("notumor", "test")}
     save(tmp_path / "c" / "yes" / "patient1" / "0.png", pattern(30))  # a class with patient folders stays one
@@ -615,3 +618,22 @@ def test_one_folder_of_unknown_subfolders_gets_a_note(tmp_path):
         save(tmp_path / "archive" / "dogs" / f"{k}.png", pattern(5 + k))
     assert "pass the folder 'archive' itself" in D.one_folder_note(D.discover(tmp_path))
     assert D.one_folder_note(D.discover(tmp_path / "archive")) is None
+
+
+def test_patient_folders_named_like_classes_stay_in_their_class(tmp_path):
+    """'astrocytoma/{normal_01, p2}' had become notumor and p2; a stray file in the outer level
+    of 'Training/Training/' was dropped silently; a Training-only layout got the one-folder note."""
+    save(tmp_path / "a" / "astrocytoma" / "normal_01" / "1.png", pattern(1))
+    save(tmp_path / "a" / "astrocytoma" / "p2" / "1.png", pattern(2))
+    save(tmp_path / "a" / "glioma" / "1.png", pattern(3))
+    for k in (1, 2):
+        save(tmp_path / "b" / "Training" / "astrocytoma" / f"no_{k}" / "1.png", pattern(10 + k))
+    assert {s.label for s in D.discover(tmp_path / "a").samples} == {"astrocytoma", "glioma"}
+    assert {s.label for s in D.discover(tmp_path / "b").samples} == {"astrocytoma"}
+    save(tmp_path / "c" / "Training" / "Training" / "glioma" / "1.png", pattern(20))
+    save(tmp_path / "c" / "Training" / "stray.png", pattern(21))
+    save(tmp_path / "c" / "Testing" / "Testing" / "glioma" / "2.png", pattern(22))
+    assert "Training/stray.png" in dict(D.discover(tmp_path / "c").skipped)
+    save(tmp_path / "d" / "Training" / "glioma" / "1.png", pattern(30))
+    save(tmp_path / "d" / "Training" / "notumor" / "1.png", pattern(31))
+    assert D.one_folder_note(D.discover(tmp_path / "d")) is None

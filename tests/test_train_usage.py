@@ -210,14 +210,20 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
     # nor lose it (a forgotten --resume): it is moved aside
     assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
     assert not (out / "checkpoint.pt").exists() and not (out / "best.pt").exists()
-    assert (out / "previous" / "best.pt").read_bytes() == b"another run's best weights"
-    assert (out / "previous" / "checkpoint.pt").stat().st_size > 0
+    (prev,) = out.glob("previous-*")
+    assert (prev / "best.pt").read_bytes() == b"another run's best weights"
+    assert (prev / "checkpoint.pt").stat().st_size > 0
     assert "no checkpoint.pt" in refused(["--data", one_class, "--out", out, "--resume", *TINY], capsys)
     # nor its weights, card and gate beside this run's split (review, session 20: an interrupted
     # retrain left the old model.safetensors, card.json and ood.safetensors with a new split.json)
     assert not any((out / f).exists() for f in ("model.safetensors", "card.json", "eval.json"))
     assert (out / "notes.txt").read_text() == "the user's own file"
-    assert {"model.safetensors", "card.json", "eval.json", "history.json"} <= {f.name for f in (out / "previous").iterdir()}
+    assert {"model.safetensors", "card.json", "eval.json", "history.json"} <= {f.name for f in prev.iterdir()}
+    # a failed retry never empties the folder that holds the finished model (it did: previous/
+    # was cleared for the next run's leftovers); leftovers go to a folder of their own
+    (out / "split.json").write_text("{}")   # what an interrupted retry leaves
+    assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
+    assert (prev / "model.safetensors").is_file() and len(list(out.glob("previous-*"))) == 2
 
 
 def test_weights_another_run_swapped_in_are_refused(data, tmp_path, capsys):
@@ -397,4 +403,5 @@ def test_measurements_of_other_weights_are_moved_aside(data, tmp_path):
     assert train.retire_measurements(out, file_sha256(out / "model.safetensors")) == []  # same weights: kept
     assert train.retire_measurements(out, "another run's sha") == ["ood.safetensors", "saliency_eval.json"]
     assert not (out / "ood.safetensors").exists() and not (out / "saliency_eval.json").exists()
-    assert (out / "previous" / "ood.safetensors").read_bytes().startswith(b"a gate")
+    (prev,) = out.glob("previous-*")
+    assert (prev / "ood.safetensors").read_bytes().startswith(b"a gate")
