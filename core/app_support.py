@@ -26,6 +26,7 @@ from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import apart, decide, is_tumour_label
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
+from .report import unique_names  # noqa: F401 (the upload batch names files as the report does)
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, sniff, zip_to_labelled)
 
@@ -340,24 +341,6 @@ GALLERY_BYTES = 64 * 2**20
 
 # Formats stored as zip archives that are documents, not folders of scans.
 ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk", ".npz")
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """The names with repeats told apart: the second 'scans.zip' becomes 'scans.zip (2)', or the
-    first number not taken by any name. Rows, reports and mask pairing go by name, and two
-    patients' zips are often named alike."""
-    taken, out = set(names), []
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            k = 2
-            while f"{n} ({k})" in taken:
-                k += 1
-            n = f"{n} ({k})"
-            taken.add(n)
-        seen.add(n)
-        out.append(n)
-    return out
 
 
 def expand_uploads(files: list[tuple[str, bytes]],

@@ -179,8 +179,25 @@ def display_names(names: list[str | PurePath]) -> list[str]:
             depth[i] += 1
     if len(set(shown)) == len(shown):
         return shown
-    from .app_support import unique_names   # the same file twice: numbered as the app's uploads are
-    return unique_names(shown)
+    return unique_names(shown)   # the same file twice: numbered as the app's uploads are
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """The names with repeats told apart: the second 'scans.zip' becomes 'scans.zip (2)', or the
+    first number not taken by any name. Rows, reports and mask pairing go by name, and two
+    patients' zips are often named alike."""
+    taken, out = set(names), []
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            k = 2
+            while f"{n} ({k})" in taken:
+                k += 1
+            n = f"{n} ({k})"
+            taken.add(n)
+        seen.add(n)
+        out.append(n)
+    return out
 
 
 def printable_path(name: str) -> str:
@@ -344,7 +361,10 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                 "slice", "file_sha256", *MODEL_COLUMNS])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     model = _model_cells(predictor)
-    for name, row in zip(display_names([row.get("file", "") for row in rows]), rows):
+    # ScanResults already carry their display names (analyse): naming them again loses a folder
+    names = ([r.name for r in results] if all(isinstance(r, ScanResult) for r in results)
+             else display_names([row.get("file", "") for row in rows]))
+    for name, row in zip(names, rows):
         ok = bool(row.get("ok"))
         called = bool(call_of(row))  # a flagged scan keeps its raw p_ columns, nothing read as a call
         probs = row.get("probs") or {}
@@ -469,7 +489,10 @@ class ReportContext:
 def _miss_note(predictor, threshold: float | None) -> str | None:
     """The Diagnose page's note under a 'no tumour' call (`app_support.miss_note`): the model's
     test tumours called 'no tumour' at this operating point, from its eval.json."""
-    from .app_support import miss_note
+    try:
+        from .app_support import miss_note   # imports streamlit: a CLI without it prints no note
+    except ImportError:
+        return None
     try:
         return miss_note(predictor, threshold)
     except AttributeError:   # a predictor without a folder or classes (a stand-in): no figures to give
@@ -845,9 +868,11 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
         hdr = table.row()
         for h in ("#", "File", "Prediction", "Tumour p.", "Flags"):
             hdr.cell(pdf.t(h))
-        for i, (r, link) in enumerate(zip(results, links), 1):
+        fitted = [_fit(pdf, pdf.t(r.name), 62 - 2 * 1.2 - 1) for r in results]
+        if len(set(fitted)) < len(fitted):  # shortening cut out what tells two names apart: wrap them
+            fitted = [pdf.t(r.name) for r in results]
+        for i, (r, link, name) in enumerate(zip(results, links, fitted), 1):
             row = table.row()
-            name = _fit(pdf, pdf.t(r.name), 62 - 2 * 1.2 - 1)
             row.cell(str(i), link=link)
             row.cell(name, link=link)
             if r.ok:

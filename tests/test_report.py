@@ -614,3 +614,19 @@ def test_the_csv_names_the_model_the_slice_and_the_file(four, tmp_path):
             four.weights_sha256, four.card_sha256, "")
     assert a["file_sha256"] == hashlib.sha256(scan_png(57)).hexdigest() and a["slice"] == ""
     assert v["slice"] == "3" and bad["file_sha256"] == bad["slice"] == ""
+
+
+def test_display_names_are_stable_and_the_csv_keeps_them():
+    """A file passed twice printed 'pA/scan.jpg (2)' in the PDF but 'scan.jpg (2)' in the CSV:
+    the CSV named the already-named rows again."""
+    from core.report import display_names
+    once = display_names(["pA/scan.jpg", "pB/scan.jpg", "pA/scan.jpg"])
+    assert once == ["pA/scan.jpg", "pB/scan.jpg", "pA/scan.jpg (2)"]
+    assert display_names(once) != once   # why the CSV must not name ScanResults again
+
+
+def test_a_file_given_twice_keeps_its_pdf_name_in_the_csv(four):
+    items = [("pA/scan.jpg", scan_png(53)), ("pB/scan.jpg", scan_png(54)), ("pA/scan.jpg", scan_png(53))]
+    results = R.analyse(items, four)
+    rows = list(csv.DictReader(io.StringIO(R.build_csv(results, four.classes))))
+    assert [r["file"] for r in rows] == [r.name for r in results] == ["pA/scan.jpg", "pB/scan.jpg", "pA/scan.jpg (2)"]
