@@ -660,10 +660,10 @@ def move_aside(out: Path, names: list[str]) -> tuple[list[str], Path | None]:
     return names, prev
 
 
-def retire_measurements(out: Path, old_sha: str | None) -> list[str]:
+def retire_measurements(out: Path, old_sha: str | None, new_sha: str) -> list[str]:
     """Move aside what later commands measured on the folder's weights (the gate, the saliency
-    check) when this run's weights differ from them: a gate reads the network's features."""
-    if old_sha == file_sha256(out / "model.safetensors"):
+    check) when this run's weights (``new_sha``) differ from them: a gate reads the network's features."""
+    if old_sha == new_sha:
         return []
     return move_aside(out, ["ood.safetensors", "ood_eval.json", "saliency_eval.json"])[0]
 
@@ -747,7 +747,8 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     # Written whole, then swapped in: a run killed here leaves the old weights or the new ones.
     save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, f"{weights_file}.tmp")
     os.replace(f"{weights_file}.tmp", weights_file)
-    retire_measurements(out, old_sha)
+    args.weights_sha256_record = new_sha = file_sha256(weights_file)   # read once: the card records it
+    retire_measurements(out, old_sha, new_sha)
     test = [samples[i] for i in idx["test"]]
     test_probs = torch.softmax(E.predict_logits(model, images[idx["test"]], spec, device,
                                                 precision=precision, tta=tta) / temperature, 1).numpy()
@@ -759,7 +760,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
     card["tta"] = tta
-    if old_sha and old_sha == file_sha256(weights_file) and (out / "card.json").exists():
+    if old_sha == new_sha and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
@@ -837,7 +838,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
         "resumed_with": args.command if getattr(args, "first_command", None) else None,
         "resume_commands": getattr(args, "resume_commands", None) or None,   # every resume, in order
         "command_dir": getattr(args, "command_dir", None),
-        "weights_sha256": file_sha256(weights),  # the Predictor refuses weights another run swapped in
+        "weights_sha256": args.weights_sha256_record,  # the Predictor refuses weights another run swapped in
         "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                       "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -204,15 +204,16 @@ def _unwrapped(root: Path) -> Path:
         root = tops[0]
 
 
-def _split_base(base: Path) -> Path:
-    """Inside a Training/ folder, the folder the classes are in: archives double the split folder
-    ("Training/Training/glioma/") or wrap it ("Training/data/glioma/")."""
+def _split_levels(split_dir: Path) -> list[Path]:
+    """A Training/ folder and the folders below it down to the one the classes are in (last):
+    archives double the split folder ("Training/Training/glioma/") or wrap it ("Training/data/glioma/")."""
+    levels = [split_dir]
     for _ in range(3):
-        subs = _class_dirs(base)
+        subs = _class_dirs(levels[-1])
         if len(subs) != 1 or not (subs[0].name.lower() in SPLIT_DIRS or _is_wrapper(subs[0])):
             break
-        base = subs[0]
-    return base
+        levels.append(subs[0])
+    return levels
 
 
 def _nothing_found(root: Path, skipped: list[tuple[str, str]]) -> str:
@@ -240,11 +241,10 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     scan.wrapper = "" if top == root else top.relative_to(root).as_posix() + "/"
     tops = _class_dirs(top)
     split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
-    layout = [(_split_base(d), SPLIT_DIRS[d.name.lower()]) for d in split_tops] if split_tops else [(top, None)]
-    for d, (base, _) in zip(split_tops, layout):  # loose files in the levels a doubled split folder skips
-        while d != base:
-            scan.skipped += _stray(d, root)
-            d = _class_dirs(d)[0]
+    levels = [_split_levels(d) for d in split_tops]
+    layout = [(ls[-1], SPLIT_DIRS[ls[0].name.lower()]) for ls in levels] if split_tops else [(top, None)]
+    # loose files in the levels a doubled split folder skips
+    scan.skipped += [item for ls in levels for d in ls[:-1] for item in _stray(d, root)]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
     if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
         scan.skipped += [(str(d.relative_to(root)) + "/", "a folder beside the Training/Testing folders: not read "
@@ -260,9 +260,7 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
             for f in found:
                 rel = str(f.relative_to(root))
                 if any(p.name.lower() in SKIP_DIRS for p in f.relative_to(cdir).parents):
-                    if f.is_dir() and f.name.lower() in SKIP_DIRS:  # said once, for the folder
-                        scan.skipped.append((rel + "/", _skip_reason(f.name)))
-                    continue
+                    continue   # inside a masks/ folder, which is reported once below
                 if f.is_dir():
                     if f.name.lower() in SKIP_DIRS:
                         scan.skipped.append((rel + "/", _skip_reason(f.name)))
@@ -297,9 +295,10 @@ def _broken_link(f: Path) -> str:
 def one_folder_note(scan: Scan) -> str | None:
     """A hint when every image sits in subfolders of one class folder ('archive/cats/',
     'archive/dogs/'): those subfolders may be the classes, under a wrapper named like none."""
-    tops = {Path(scan.inner(s.rel)).parts[0] for s in scan.samples}
-    subs = {Path(scan.inner(s.rel)).parts[1] for s in scan.samples if len(Path(scan.inner(s.rel)).parts) > 2}
-    if len(tops) != 1 or len(subs) < 2 or any(len(Path(scan.inner(s.rel)).parts) < 3 for s in scan.samples):
+    parts = [Path(scan.inner(s.rel)).parts for s in scan.samples]
+    tops = {p[0] for p in parts}
+    subs = {p[1] for p in parts if len(p) > 2}
+    if len(tops) != 1 or len(subs) < 2 or any(len(p) < 3 for p in parts):
         return None
     (top,) = tops
     if top.lower() in SPLIT_DIRS:  # Training/<class>/: the classes are right

@@ -400,8 +400,9 @@ def test_measurements_of_other_weights_are_moved_aside(data, tmp_path):
     assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
     (out / "ood.safetensors").write_bytes(b"a gate fitted on these weights' features")
     (out / "saliency_eval.json").write_text("{}")
-    assert train.retire_measurements(out, file_sha256(out / "model.safetensors")) == []  # same weights: kept
-    assert train.retire_measurements(out, "another run's sha") == ["ood.safetensors", "saliency_eval.json"]
+    sha = file_sha256(out / "model.safetensors")
+    assert train.retire_measurements(out, sha, sha) == []  # same weights: kept
+    assert train.retire_measurements(out, "another run's sha", sha) == ["ood.safetensors", "saliency_eval.json"]
     assert not (out / "ood.safetensors").exists() and not (out / "saliency_eval.json").exists()
     (prev,) = out.glob("previous-*")
     assert (prev / "ood.safetensors").read_bytes().startswith(b"a gate")
