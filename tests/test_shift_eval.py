@@ -76,3 +76,19 @@ def test_ood_threshold_table_caps_every_source_by_hand():
     assert rows[1]["val_flagged_pct"] == {"a": 50.0, "b": 0.0}
     everything = threshold_table({"a": np.arange(4.0), "empty": np.array([])}, np.array([0.0]), [1.0])[0]
     assert everything["cut"] == float("-inf") and everything["outliers_flagged_pct"] == 100.0
+
+
+def test_false_alarm_errors_and_series_by_hand():
+    from bench.false_alarms import clusters, errors
+    recs = [{"source": "b", "label": "notumor", "tumour_probability": 0.7, "file": "n1"},
+            {"source": "b", "label": "notumor", "tumour_probability": 0.5, "file": "n2"},  # at the threshold: a call
+            {"source": "b", "label": "notumor", "tumour_probability": 0.2, "file": "n3"},
+            {"source": "b", "label": "glioma", "tumour_probability": 0.1, "file": "g1"},
+            {"source": "b", "label": "tumor", "tumour_probability": 0.9, "file": "t1"},
+            {"source": "other", "label": "notumor", "tumour_probability": 0.9, "file": "x"}]
+    assert [r["file"] for r in errors(recs, "b", 0.5, "false-alarm")] == ["n1", "n2"]
+    assert [r["file"] for r in errors(recs, "b", 0.5, "missed")] == ["g1"]
+    # a-b and b-c are alike, a-c are not: single linkage joins all three; d stays alone
+    a, b, c, d = (np.array(v, dtype=float) for v in ([1, 0, 0], [.8, .6, 0], [.28, .96, 0], [0, 0, 1]))
+    ids = clusters(np.stack([a, b, c, d]), join=0.75)
+    assert ids[0] == ids[1] == ids[2] != ids[3]
