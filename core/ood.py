@@ -22,6 +22,7 @@ the card's ``"ood"`` section and ``ood_eval.json``; it ends with ``annotate-ood`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -99,7 +100,8 @@ def _read_one(args) -> tuple[np.ndarray, float]:
 def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 N x 1 x S x S, colourfulness) for files at one spec, cached on disk by path list."""
     from .data import HASH_CACHE
-    key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items())) + _code_key()).encode()).hexdigest()[:16]
+    key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items())) + _code_key()
+                        + _stamps(paths)).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-{key}.npz"
     if cache.exists():
         z = np.load(cache)
@@ -117,6 +119,16 @@ def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int) -> tupl
     cache.parent.mkdir(parents=True, exist_ok=True)
     _save_npz(cache, small=imgs, colour=colour)
     return imgs, colour
+
+
+def _stamps(paths: list[str]) -> str:
+    """Size and modification time of each file: one replaced under its old name is read again
+    (as `engine.cache_path` does), not served to the gate as its old pixels."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}|".encode())
+    return h.hexdigest()
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -262,7 +274,10 @@ def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0
     gate combines them (another method, the feature head) then reuses them.
     """
     from .data import HASH_CACHE
-    key = (epochs, seed, VERSION, GATE_SPEC, pos.groups, neg.groups) + ((geometry,) if geometry else ())
+    # the training code too: a change to it must not be answered by a network the old code trained
+    from .engine import augment
+    code = "".join(inspect.getsource(f) for f in (GateNet, train_gate_net, augment))
+    key = (epochs, seed, VERSION, GATE_SPEC, pos.groups, neg.groups, code) + ((geometry,) if geometry else ())
     h = hashlib.sha1(repr(key).encode())
     for t in (pos.small, neg.small):
         h.update(t.contiguous().numpy().tobytes())
@@ -603,9 +618,18 @@ class OODGate:
 
     @classmethod
     def load(cls, weights_dir: str | Path) -> "OODGate":
+        """The gate in ``weights_dir``; ValueError (one sentence) when its file is damaged."""
+        path = Path(weights_dir) / "ood.safetensors"
+        try:
+            return cls._load(path)
+        except Exception as e:  # safetensors' own error, a missing config key, a shape mismatch
+            raise ValueError(f"the out-of-distribution gate {path} could not be loaded ({type(e).__name__}): "
+                             "the file is damaged; fit it again with `python -m core fit-ood`") from e
+
+    @classmethod
+    def _load(cls, path: Path) -> "OODGate":
         from safetensors import safe_open
         from safetensors.torch import load_file
-        path = Path(weights_dir) / "ood.safetensors"
         with safe_open(str(path), "pt") as f:
             cfg = json.loads(f.metadata()["config"])
         t = load_file(str(path))
@@ -625,6 +649,22 @@ class OODGate:
         info = {k: v for k, v in cfg.items() if k not in ("version", "method", "threshold", "colour_limit",
                                                           "components", "density", "knn_k", "net_width", "input")}
         return cls(cfg["method"], comps, cfg["threshold"], cfg.get("colour_limit"), net, density, info)
+
+    def mismatch(self, card: dict, weights_sha256: str, feature_channels: int | None) -> str | None:
+        """Why this gate cannot judge for this card's model (None when it can): a gate file the
+        card does not describe (copied from another folder, or written without its card), or one
+        fitted on another network's features, would flag scans by another model's measure."""
+        listed = (card.get("ood") or {}).get("threshold")
+        if not isinstance(listed, (int, float)) or abs(float(listed) - self.threshold) > 1e-9:
+            return (f"the out-of-distribution gate's threshold ({self.threshold:.6g}) is not the one its card "
+                    f"lists ({listed}): the gate file comes from another fit; fit it again with "
+                    "`python -m core fit-ood`")
+        if (fitted := self.info.get("weights_sha256")) and fitted != weights_sha256:
+            return "the out-of-distribution gate was fitted for other weights; fit it again with `python -m core fit-ood`"
+        if isinstance(self.density, FeatureHead) and feature_channels and len(self.density.mu) != feature_channels:
+            return (f"the out-of-distribution gate reads {len(self.density.mu)} features, this network makes "
+                    f"{feature_channels}: it was fitted for another network")
+        return None
 
     # -- fitting
     @classmethod
@@ -759,8 +799,12 @@ def outlier_set(category: str, n: int, seed: int, main_spec: dict | None, mri_pa
     from .data import HASH_CACHE
     from .reader import read_scan
     derived = category in O.MRI_DERIVED
+    # what the draw reads besides the code: the MRI slices it transforms, the real head CT's file
+    source = (mri_paths, _stamps(mri_paths)) if derived else None
+    if category.startswith("real_head_ct"):
+        source = (str(O.HEAD_CT_FILE), _stamps([str(O.HEAD_CT_FILE)]))
     key = hashlib.sha1(repr((category, n, seed, main_spec and sorted(main_spec.items()), _code_key(),
-                             mri_paths if derived else None, GATE_SPEC)).encode()).hexdigest()[:16]
+                             source, GATE_SPEC)).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-out-{key}.npz"
     if cache.exists():
         z = np.load(cache)
@@ -862,6 +906,8 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     model, spec = _load_classifier(weights, card)
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log)
     seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
+    log(f"real head CT ({O.HEAD_CT_FILE}): " + ("trained on its lower slices, tested on its upper ones"
+        if O.has_head_ct() else "not installed, so the gate trains without it (apt-get install invesalius-examples)"))
     t0 = time.time()
     neg_by = {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen}
     neg = ImageSet.concat(list(neg_by.values()))
@@ -941,6 +987,8 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
               "train_outliers_per_category": n_train, "test_outliers_per_category": n_test}
     gate.info = _card_info(rows[shipped], trained_on, [c for c in seen + unseen + test_only if c not in trained_on],
                            counts, epochs, seed, net_time, held_out)
+    from .inference import file_sha256
+    gate.info["weights_sha256"] = file_sha256(Path(weights) / "model.safetensors")  # the features it read
     path = gate.save(out)
     report = {"weights": str(weights), "chosen": chosen, "shipped": shipped, "methods": rows,
               "seen_categories": seen, "unseen_categories": unseen, "test_only_categories": test_only,

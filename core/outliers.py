@@ -10,12 +10,16 @@ rates coming from category folds (`core.ood.category_folds`); ``TEST_ONLY`` (rea
 trains any gate. Natural photos are split
 by *image* as well: training crops come from one set of photos, test crops from another.
 Only images stored inside installed packages are used (skimage, sklearn, matplotlib sample
-data); nothing is downloaded.
+data, pydicom's test files and, when Debian's ``invesalius-examples`` is installed, its real head CT);
+nothing is downloaded.
 """
 from __future__ import annotations
 
 import io
 import math
+import os
+import plistlib
+import tarfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -492,6 +496,62 @@ def real_medical(rng: Rng) -> Image.Image:
     return _view(rng, _dicom_u8(REAL_MEDICAL[int(rng.integers(len(REAL_MEDICAL)))]), 0.5, 1.0)
 
 
+# One real head CT: the example of InVesalius, shipped by Debian's ``invesalius-examples`` (GPL-2;
+# `apt-get install invesalius-examples`): 108 axial slices of 256 x 256 in Hounsfield units. A head
+# CT is the likeliest wrong upload after other MRI, and drawn CTs did not teach the gate real ones.
+# Its lower slices (skull base to the ventricles) train; the upper ones (cerebrum to the vertex,
+# the most brain-like) are only tested: the same patient, so that test is kinder than a new one's.
+HEAD_CT_FILE = Path(os.environ.get("BT_HEAD_CT", "/usr/share/doc/invesalius-examples/examples/Cranium.inv3"))
+HEAD_CT_SPLIT = 54
+CT_WINDOWS = ((40, 80), (35, 40), (75, 215), (50, 400), (400, 1800), (600, 2800), (1000, 4000))
+
+
+@lru_cache(maxsize=1)
+def head_ct_volume() -> np.ndarray:
+    """The InVesalius project's CT volume (z, y, x) in HU; FileNotFoundError without the package."""
+    if not HEAD_CT_FILE.is_file():
+        raise FileNotFoundError(f"{HEAD_CT_FILE} not found: `apt-get install invesalius-examples` "
+                                "(or set BT_HEAD_CT to a copy of Cranium.inv3)")
+    with tarfile.open(HEAD_CT_FILE) as t:
+        files = {Path(m.name).name: m for m in t.getmembers() if m.isfile()}
+        matrix = plistlib.loads(t.extractfile(files["main.plist"]).read())["matrix"]
+        raw = t.extractfile(files[matrix["filename"]]).read()
+    return np.frombuffer(raw, dtype=np.dtype(matrix["dtype"]).newbyteorder("<")).reshape(matrix["shape"])
+
+
+def ct_slices(lo: int, hi: int) -> tuple[int, ...]:
+    """Slices lo..hi-1 that hold some head: the top two are air, which the reader marks blank."""
+    return tuple(z for z in range(lo, hi) if z < len(_tissue()) and _tissue()[z] >= 0.01)
+
+
+@lru_cache(maxsize=1)
+def _tissue() -> np.ndarray:
+    return (head_ct_volume() > -500).mean(axis=(1, 2))
+
+
+def _ct_view(rng: Rng, lo: int, hi: int) -> Image.Image:
+    """One slice of the real head CT in a random display window (brain to full range), either way
+    up, then cropped, turned and resized like every packaged image."""
+    z = ct_slices(lo, hi)
+    hu = head_ct_volume()[z[int(rng.integers(len(z)))]].astype(np.float32)
+    c, w = CT_WINDOWS[int(rng.integers(len(CT_WINDOWS)))]
+    c, w = c * rng.uniform(0.85, 1.15), w * rng.uniform(0.8, 1.25)
+    a = (np.clip((hu - (c - w / 2)) / w, 0, 1) * 255).astype(np.uint8)
+    return _view(rng, np.ascontiguousarray(a[::-1] if rng.random() < 0.5 else a), 0.6, 1.0)
+
+
+def real_head_ct(rng: Rng) -> Image.Image:
+    return _ct_view(rng, 0, HEAD_CT_SPLIT)
+
+
+def real_head_ct_top(rng: Rng) -> Image.Image:
+    return _ct_view(rng, HEAD_CT_SPLIT, 10**6)
+
+
+def has_head_ct() -> bool:
+    return HEAD_CT_FILE.is_file()
+
+
 # ----------------------------------------------------------------------------- from MRI
 def mri_inverted(rng: Rng, grey: np.ndarray) -> Image.Image:
     return _from_float((1 - grey) ** rng.uniform(0.6, 1.6))
@@ -564,6 +624,10 @@ PINNED_FOLDS = (("blank", "pattern", "scanned_document", "elevation_map", "ultra
                 ("shapes", "screenshot", "medical_photo", "mri_solarised", "head_ct"))
 # Never trained on by any gate, in any fold: real images, the check closest to an unknown upload.
 TEST_ONLY: dict[str, Generator | MriGenerator] = {"real_medical": real_medical}
+if has_head_ct():  # the gate and its report then say they used it (fit-ood's negative_categories)
+    SEEN["real_head_ct"] = real_head_ct
+    TEST_ONLY["real_head_ct_top"] = real_head_ct_top
+    KIND |= {"real_head_ct": "head_not_mri", "real_head_ct_top": "real_medical"}
 MRI_DERIVED = {"mri_inverted", "mri_patch", "mri_solarised", "head_ct"}
 # Brain MRI slices that were altered (inverted, cut to a patch, solarised): flagged where possible,
 # but reported apart from the images that are not brain MRI at all (the ">= 99 %" target).
@@ -597,7 +661,7 @@ def make_scans(category: str, n: int, seed: int, mri: list[np.ndarray] | None = 
     """Like `make_images`, but each one round-tripped through file bytes and `read_scan`."""
     rng = np.random.default_rng([seed, 7])
     out: list[ScanImage] = []
-    for attempt in range(5):  # images the reader refuses (e.g. blank after JPEG) are replaced
+    for attempt in range(5):  # images the reader refuses are replaced (a blank one it only marks)
         for im in make_images(category, n - len(out), seed + 7919 * attempt, mri):
             try:
                 out.append(read_scan(encode(im, rng)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -67,7 +68,12 @@ def test_category_folds_partition_and_held_out_estimate_reads_the_right_fold():
         assert len(kinds) == len(set(kinds)), f
     assert set(O.KIND) == set(O.CATEGORIES)
     # The pinned folds are the shipped gate's (its ood_eval.json records them), and a new category
-    # moves no other: it joins the smallest fold without one of its kind.
+    # moves no other: it joins the smallest fold without one of its kind. (The real head CT, where
+    # its package is installed, is such a category.)
+    pinned = {c for f in O.PINNED_FOLDS for c in f}
+    assert [[c for c in f if c in pinned] for f in folds] == [list(f) for f in O.PINNED_FOLDS]
+    cats = [c for c in cats if c in pinned]
+    folds = category_folds(cats, 4)
     assert folds == [list(f) for f in O.PINNED_FOLDS]
     O.KIND["new_body_scan"] = "body_medical"
     try:
@@ -238,9 +244,15 @@ def test_cached_gate_net_reuses_the_same_training_and_only_it(tmp_path, monkeypa
     assert np.allclose(net_scores(a, pos.small), net_scores(b, pos.small))
     cached_gate_net(pos, neg, epochs=1, seed=1, log=logs.append)   # another seed: trained anew
     assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 2
+    import core.engine                                              # changed training code: trained anew
+    monkeypatch.setattr(core.engine, "augment", lambda x, *a, **k: x)
+    cached_gate_net(pos, neg, epochs=1, log=logs.append)
+    assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(core.data, "HASH_CACHE", tmp_path / "phash.json")
     turned = {"rotate": 45.0, "shear": 0.25, "turn_p": 0.25}      # a classifier trained with turns
     cached_gate_net(pos, neg, epochs=1, log=logs.append, geometry=turned)
-    assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 3
+    assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 4
 
 
 def test_gate_geometry_follows_only_a_widened_classifier_augmentation():
@@ -409,3 +421,70 @@ def test_a_resaved_gate_keeps_the_card_fields_it_does_not_write(tmp_path):
     ood = json.loads((tmp_path / "card.json").read_text())["ood"]
     assert ood["threshold"] == 1.1 and ood["fitted_by"] == before["fitted_by"] and ood["note"] == "n"
     assert ood["measured"] == {"val_mri_flagged_pct": {}} and ood["measured_at_fit"] == before["measured"]
+
+
+def _fake_inv3(path, volume: np.ndarray) -> None:
+    """An InVesalius project as Debian ships one: a gzipped tar of main.plist and the raw matrix."""
+    import plistlib
+    import tarfile
+    plist = plistlib.dumps({"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": list(volume.shape)},
+                            "modality": "CT"})
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in (("tmpx/main.plist", plist), ("tmpx/matrix.dat", volume.astype("<i2").tobytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def test_real_head_ct_is_read_from_its_project_file_and_its_halves_stay_apart(tmp_path, monkeypatch):
+    # Bright squares on air: small ones below the split, large ones above it, and a top slice of
+    # air only. The trained category must draw only small squares, the test-only one only large.
+    vol = np.full((8, 64, 64), -5000, np.int16)
+    vol[:4, 28:36, 28:36] = 10000
+    vol[4:7, 12:52, 12:52] = 10000
+    _fake_inv3(tmp_path / "Cranium.inv3", vol)
+    monkeypatch.setattr(O, "HEAD_CT_FILE", tmp_path / "Cranium.inv3")
+    monkeypatch.setattr(O, "HEAD_CT_SPLIT", 4)
+    O.head_ct_volume.cache_clear()
+    O._tissue.cache_clear()
+    try:
+        assert np.array_equal(O.head_ct_volume(), vol)
+        assert O.ct_slices(0, 4) == (0, 1, 2, 3) and O.ct_slices(4, 10**6) == (4, 5, 6)   # no air slice
+        white = [float((np.asarray(f(np.random.default_rng(s)).convert("L")) > 127).mean())
+                 for f in (O.real_head_ct, O.real_head_ct_top) for s in range(12)]
+        assert max(white[:12]) < 0.08 < min(white[12:]), white
+        monkeypatch.setattr(O, "HEAD_CT_FILE", tmp_path / "missing.inv3")
+        O.head_ct_volume.cache_clear()
+        with pytest.raises(FileNotFoundError, match="invesalius-examples"):
+            O.head_ct_volume()
+    finally:
+        O.head_ct_volume.cache_clear()
+        O._tissue.cache_clear()
+
+
+def test_a_file_replaced_under_its_name_is_prepared_again(tmp_path, private_cache):
+    from core.ood import load_files
+    p = tmp_path / "scan.png"
+    yy, xx = np.mgrid[0:128, 0:128]
+    head = ((((xx - 64) / 40) ** 2 + ((yy - 64) / 50) ** 2) < 1) * 180
+    Image.fromarray(head.astype(np.uint8)).save(p)
+    a = load_files([str(p)], None, workers=1).small
+    Image.fromarray((255 - head).astype(np.uint8)).save(p)
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))  # a coarse clock may not tick
+    b = load_files([str(p)], None, workers=1).small
+    assert not torch.equal(a, b)
+
+
+def test_a_damaged_or_foreign_gate_is_refused_in_one_sentence(synthetic_gate, tmp_path):
+    synthetic_gate.save(tmp_path)
+    (tmp_path / "ood.safetensors").write_bytes((tmp_path / "ood.safetensors").read_bytes()[:300])
+    with pytest.raises(ValueError, match="could not be loaded .* damaged"):
+        OODGate.load(tmp_path)
+    card = {"ood": synthetic_gate.config()}
+    assert synthetic_gate.mismatch(card, "abc", None) is None
+    assert "not the one its card lists" in synthetic_gate.mismatch({"ood": {**card["ood"], "threshold": 9.0}}, "abc", None)
+    assert "not the one its card lists" in synthetic_gate.mismatch({}, "abc", None)
+    fitted = OODGate(synthetic_gate.method, synthetic_gate.components, synthetic_gate.threshold,
+                     synthetic_gate.colour_limit, synthetic_gate.net, None, {"weights_sha256": "abc"})
+    assert fitted.mismatch(card, "abc", None) is None
+    assert "fitted for other weights" in fitted.mismatch(card, "def", None)
