@@ -8,8 +8,9 @@ from pathlib import Path
 import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
-from core.app_support import (card_threshold, class_wording, current_predictor, env_weights_problem, home_figures,
-                              model_choices, one_source_warning, operating_point_text, training_sources)
+from core.app_support import (card_threshold, class_wording, current_predictor, default_file_problem,
+                              env_weights_problem, home_figures, model_choices, model_label, one_source_warning,
+                              operating_point_text, predictor_problem, training_sources)
 from core.inference import load_card
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
@@ -44,24 +45,23 @@ def sidebar() -> None:
                          "(it writes weights/<name>/) or set BT_WEIGHTS to a weights folder.")
         state.pop("weights_dir", None)
         return
+    if (problem := default_file_problem()):
+        st.sidebar.warning(problem, icon=":material/warning:")
     if state.get("weights_dir") not in choices:
         state["weights_dir"] = choices[0]
     if len(choices) > 1:
         st.sidebar.selectbox("Model", choices, index=choices.index(state["weights_dir"]),
                              key="_model_widget", on_change=_keep, args=("weights_dir", "_model_widget"),
-                             format_func=lambda d: f"{load_card(d).get('name', Path(d).name)}"
-                                                   f" ({Path(d).name})")
+                             format_func=model_label)
+    if (problem := predictor_problem(state["weights_dir"])):  # no operating point for a model that cannot run
+        st.sidebar.error(problem, icon=":material/error:")
+        return
     card = load_card(state["weights_dir"])
     default = card_threshold(card)
     if default is None:
         st.sidebar.caption("This model has no tumour/no-tumour classes: no operating point.")
         return
-    if state.get("_threshold_for") != state["weights_dir"]:  # a new model brings its own
-        kept = state.setdefault("_thresholds", {})  # ...and a model chosen again the point set for it
-        if state.get("_threshold_for") is not None and "threshold" in state:
-            kept[state["_threshold_for"]] = state["threshold"]
-        state.update(threshold=kept.get(state["weights_dir"], default), _threshold_for=state["weights_dir"],
-                     _threshold_rev=state.get("_threshold_rev", 0) + 1)
+    _follow_model(state["weights_dir"], default)
     widget = f"_threshold_widget_{state.get('_threshold_rev', 0)}"  # new key = fresh widget
     st.sidebar.slider("Operating point: flag a tumour when its probability is at least",
                       0.0, 1.0, value=float(state["threshold"]), step=0.001, format="%.3f", key=widget,
@@ -71,6 +71,21 @@ def sidebar() -> None:
     st.sidebar.button("Reset to the card's value", on_click=state.update,
                       kwargs={"threshold": default,
                               "_threshold_rev": state.get("_threshold_rev", 0) + 1})
+
+
+def _follow_model(weights_dir: str, default: float) -> None:
+    """Set the session's operating point for the chosen model: a model chosen again gets the point
+    set for it, a new one its card's. A point never moved follows its card's ``default``, which
+    train.py may rewrite while the app runs; a moved one stays. A change gets a fresh slider."""
+    state = st.session_state
+    kept = state.setdefault("_thresholds", {})  # weights dir -> (point, card default it started from)
+    if state.get("_threshold_for") is not None and "threshold" in state:
+        kept[state["_threshold_for"]] = (state["threshold"], state.get("_threshold_default"))
+    point, seeded_from = kept.get(weights_dir, (default, default))
+    now = {"threshold": default if point == seeded_from else point, "_threshold_for": weights_dir,
+           "_threshold_default": default}
+    if any(state.get(k) != v for k, v in now.items()):
+        state.update(now, _threshold_rev=state.get("_threshold_rev", 0) + 1)
 
 
 def home() -> None:

@@ -5,6 +5,7 @@ from core import app_support as app
 from core.dashboard import batch_table, probability_bar, series_table, tumour_gauge
 from core.labels import tumour_classes
 from core.metrics import apart
+from core.report import tp_column_format
 
 DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
 
@@ -146,8 +147,9 @@ if len(items) > 1:
     with summary:
         st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
         table = batch_table(results)
+        tp_format = tp_column_format(results)  # decimals enough to tell each from its threshold
         st.dataframe(table, hide_index=True, column_config={
-            "tumour probability": st.column_config.ProgressColumn(format="%.3f", min_value=0,
+            "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
                                                                   max_value=1),
             "confidence": st.column_config.NumberColumn(format="%.3f")})
         st.download_button("Download the table (CSV)", app.results_csv(table), "predictions.csv",
@@ -158,7 +160,7 @@ if len(items) > 1:
             st.caption("A tumour called on any slice is a tumour call for the series, however "
                        "clear its other slices look. Slices are named by Instance Number.")
             st.dataframe(series, hide_index=True, column_config={
-                "highest tumour probability": st.column_config.NumberColumn(format="%.3f")})
+                "highest tumour probability": st.column_config.NumberColumn(format=tp_format)})
 
 if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one
     app.report_downloads(items, predictor, threshold, slices, results, masks)

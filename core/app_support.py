@@ -19,9 +19,10 @@ import streamlit as st
 
 from .evaluation import (NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled,
                          without_copies)
+from . import inference
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold, default_weights, load_card,
-                        hot_slices, listed_slices, most_tumour_like_slice, shipped_default, shipped_models, shown_slice, slice_scores,
-                        training_sources)
+                        hot_slices, listed_slices, most_tumour_like_slice, resolve_weights, shipped_default,
+                        shipped_models, shown_slice, slice_scores, training_sources)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import apart, decide, is_tumour_label
 from .preprocess import prepare
@@ -34,15 +35,22 @@ SAMPLES_DIR = ROOT / "assets" / "samples"
 
 
 # ----------------------------------------------------------------------------- models
-def is_model_dir(d: Path) -> bool:
-    """Weights beside a card that can serve them (a hand-broken card is left out of the list)."""
+def model_dir_problem(d: str | Path) -> str | None:
+    """Why ``d`` cannot serve a model, in one sentence (a hand-broken card says what is wrong with
+    it); None when its weights sit beside a card that can serve them."""
+    d = Path(d)
     if not ((d / "card.json").is_file() and (d / "model.safetensors").is_file()):
-        return False
+        return f"{d} is not a model folder (card.json and model.safetensors)"
     try:
         load_card(d)
-    except (OSError, ValueError):
-        return False
-    return True
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def is_model_dir(d: Path) -> bool:
+    """Weights beside a card that can serve them (a hand-broken card is left out of the list)."""
+    return model_dir_problem(d) is None
 
 
 def model_choices() -> list[Path]:
@@ -52,7 +60,7 @@ def model_choices() -> list[Path]:
     for default in (default_weights, shipped_default):
         try:
             out.append(default())
-        except OSError:  # no weights/DEFAULT file
+        except (OSError, ValueError):  # no weights/DEFAULT file, or not text: `default_file_problem` says so
             pass
     out += shipped_models()
     seen, uniq = set(), []
@@ -67,9 +75,42 @@ def model_choices() -> list[Path]:
 def env_weights_problem() -> str | None:
     """A sentence when $BT_WEIGHTS names no usable model folder (a typo must not pass silently)."""
     env = os.environ.get("BT_WEIGHTS")
-    if env and not is_model_dir(Path(env)):
-        return f"BT_WEIGHTS={env} is not a model folder (card.json and model.safetensors); showing the default model."
-    return None
+    if not env or (problem := model_dir_problem(resolve_weights(env))) is None:
+        return None
+    return f"BT_WEIGHTS={env} cannot be used: {problem}; showing the default model."
+
+
+def default_file_problem() -> str | None:
+    """A sentence when weights/DEFAULT is missing or names no usable model folder while it decides
+    (no usable $BT_WEIGHTS): the first folder in the list is shown instead, which may be a narrow
+    model without a gate, and that must not pass silently."""
+    env = os.environ.get("BT_WEIGHTS")
+    if env and is_model_dir(resolve_weights(env)):
+        return None  # $BT_WEIGHTS decides; the file is not read
+    f = inference.WEIGHTS_ROOT / "DEFAULT"
+    try:
+        name = f.read_text().strip()
+    except (OSError, ValueError):
+        return f"{f} is missing or unreadable, so the first model folder in the list is shown instead."
+    if is_model_dir(inference.WEIGHTS_ROOT / name):
+        return None
+    return (f"{f} names '{name}', which is not a usable model folder in {inference.WEIGHTS_ROOT}, "
+            "so the first model folder in the list is shown instead.")
+
+
+def model_label(weights_dir: str | Path) -> str:
+    """The model chooser's name for a weights dir: its card's name, then its folder when that
+    differs and a mark on the $BT_WEIGHTS folder (a copy may carry a shipped model's name)."""
+    d = Path(weights_dir)
+    try:
+        name = load_card(d).get("name", d.name)
+    except (OSError, ValueError):  # rewritten since the list was made: its folder will do
+        name = d.name
+    notes = [d.name] if d.name != name else []
+    env = os.environ.get("BT_WEIGHTS")
+    if env and resolve_weights(env).resolve() == d.resolve():
+        notes.append("BT_WEIGHTS")
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 def weights_stamp(weights_dir: str | Path) -> tuple:
@@ -282,18 +323,35 @@ def load_eval(weights_dir: str | Path) -> dict | None:
 
 def eval_problem(weights_dir: str | Path) -> str | None:
     """The sentence a page shows when eval.json is there but cannot be used (a hand edit, a copy
-    cut short); None when it is fine or absent."""
+    cut short, results of other classes than the card's); None when it is fine or absent."""
     try:
         _eval_json(weights_dir)
+    except _OtherClasses as e:
+        return str(e)
     except (OSError, ValueError) as e:
         return (f"{Path(weights_dir) / 'eval.json'} is unreadable ({e}): the per-image test results "
                 "cannot be shown.")
     return None
 
 
+class _OtherClasses(ValueError):
+    """eval.json scored other classes than the card names (files copied from two runs)."""
+
+
 def _eval_json(weights_dir: str | Path) -> dict | None:
     f = Path(weights_dir) / "eval.json"
-    return _read_json(str(f.resolve()), f.stat().st_mtime_ns) if f.is_file() else None
+    if not f.is_file():
+        return None
+    ev = _read_json(str(f.resolve()), f.stat().st_mtime_ns)
+    # every page decides its records by the card's classes: a record without one was a KeyError
+    try:
+        ours, theirs = load_card(weights_dir)["classes"], ev.get("classes")
+    except (OSError, ValueError):  # no card to compare with: what cannot serve is said elsewhere
+        return ev
+    if isinstance(theirs, list) and set(theirs) != set(ours):
+        raise _OtherClasses(f"{f} holds results for the classes {', '.join(map(str, theirs))}, not the card's "
+                            f"{', '.join(ours)}: the per-image test results cannot be shown.")
+    return ev
 
 
 @functools.lru_cache(maxsize=8)
@@ -682,23 +740,34 @@ def load_predictor(weights_dir: str | Path) -> Predictor:
     return _load_predictor(*weights_stamp(weights_dir))
 
 
+def predictor_problem(weights_dir: str | Path) -> str | None:
+    """The sentence saying why the model in ``weights_dir`` cannot be loaded (weights from another
+    run, a truncated file, an unknown arch...); None when it loads (cached: `load_predictor`)."""
+    try:
+        load_predictor(weights_dir)
+    except Exception as e:  # a broken weights dir must not take the app down
+        return f"The model in {weights_dir} could not be loaded: {e}"
+    return None
+
+
 def current_predictor() -> Predictor | None:
     """The model chosen in the sidebar (None, with an error shown, when none can be loaded)."""
     wdir = st.session_state.get("weights_dir")
     if not wdir:
         return None
-    try:
-        return load_predictor(wdir)
-    except Exception as e:  # a broken weights dir must not take the app down
-        st.error(f"The model in {wdir} could not be loaded: {e}")
+    if (problem := predictor_problem(wdir)):
+        st.error(problem)
         return None
+    return load_predictor(wdir)
 
 
 def required_predictor(consequence: str = "") -> Predictor:
-    """`current_predictor`, or stop the page with an error saying so (pages that need a model)."""
-    predictor = current_predictor()
-    if predictor is None:
+    """`current_predictor`, or stop the page with one error saying why (pages that need a model)."""
+    if not st.session_state.get("weights_dir"):
         st.error(f"No model is loaded{consequence}. See the sidebar.")
+        st.stop()
+    predictor = current_predictor()
+    if predictor is None:  # current_predictor has said why
         st.stop()
     return predictor
 

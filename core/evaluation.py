@@ -29,26 +29,42 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
     """One record per image: file, source, label, pred, probs and the flags.
 
     ``referral`` (the card's rule) sets ``uncertain``/``type_uncertain``; without one nothing is referred.
+    Probabilities are rounded to the 6 decimals the file keeps before anything is decided: the
+    summary (and `rescore`) decides again from the stored values, and a call or flag made from the
+    unrounded ones could contradict it (0.49999995 called 'notumor' but stored as 0.5).
     """
+    probs = _as_stored(probs)
     pred = decide(probs, classes, threshold)
     t_prob = tumour_probability(probs, classes) if tumour_classes(classes) else None
     rule = referral or ReferralRule(tuple(classes))
     unc, typ = rule.flags(probs, pred, threshold)
     out = []
     for i, s in enumerate(samples):
-        conf = float(probs[i, pred[i]])
         # a typed tumour scored by a tumour/no-tumour model is a 'tumor' (as score_labelled does)
         label = TUMOUR if TUMOUR in classes and s.label in FINE_TUMOURS else s.label
         rec = {"file": s.rel, "source": s.source, "label": label, "pred": classes[pred[i]],
-               "probs": {c: round(float(v), 6) for c, v in zip(classes, probs[i])},
-               "tumour_probability": None if t_prob is None else round(float(t_prob[i]), 6),
-               "confidence": round(conf, 6), "uncertain": bool(unc[i]),
+               "probs": {c: float(v) for c, v in zip(classes, probs[i])},
+               "tumour_probability": None if t_prob is None else _stored_tumour_probability(float(t_prob[i]), threshold),
+               "confidence": float(probs[i, pred[i]]), "uncertain": bool(unc[i]),
                "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None,
                "ood_reason": None, "threshold": threshold}
         if flags:
             rec.update(flags[i])
         out.append(rec)
     return out
+
+
+def _as_stored(probs) -> np.ndarray:
+    """Probabilities as eval.json keeps them: 6 decimals, by Python's `round` as ever written."""
+    return np.vectorize(lambda v: round(float(v), 6), otypes=[np.float64])(np.asarray(probs, np.float64))
+
+
+def _stored_tumour_probability(t: float, threshold: float | None) -> float:
+    """``t`` (a sum of 6-decimal probabilities) to 6 decimals, unless that lands on the other side
+    of the threshold than ``t`` itself, which the call was made from: the sum's float error
+    (0.49999999999999994) must not read 0.5 beside a 'notumor' call at 0.5."""
+    r = round(t, 6)
+    return t if threshold is not None and (r >= threshold) != (t >= threshold) else r
 
 
 def _metrics_for(records: list[dict], classes: list[str], threshold: float | None) -> dict:

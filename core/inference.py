@@ -17,7 +17,7 @@ from .data import REPO_ROOT
 from .header import header_reason
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, tumour_probability
-from .models import create_model
+from .models import create_model, feature_channels
 from .preprocess import preprocess
 from .reader import ScanError, ScanImage, is_empty_slice, read_scan
 from .referral import ReferralRule
@@ -27,9 +27,10 @@ WEIGHTS_ROOT = ROOT / "weights"
 
 
 def default_weights() -> Path:
-    """The shipped default model: $BT_WEIGHTS, else the directory named in weights/DEFAULT."""
+    """The shipped default model: $BT_WEIGHTS, else the directory named in weights/DEFAULT. A
+    relative $BT_WEIGHTS is looked up as ``--weights`` is (`resolve_weights`)."""
     if os.environ.get("BT_WEIGHTS"):
-        return Path(os.environ["BT_WEIGHTS"])
+        return resolve_weights(os.environ["BT_WEIGHTS"])
     return shipped_default()
 
 
@@ -77,8 +78,16 @@ def load_card(weights_dir: str | Path) -> dict:
     return card
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return _number(v) and v > 0
+
+
+# The operating point's fields that are rates: a hand edit to text or NaN must not reach a page.
+OPERATING_POINT_RATES = ("threshold", "target_sensitivity", "val_sensitivity", "val_specificity", "min_specificity")
 
 
 def _served_blocks_problem(card: dict) -> str | None:
@@ -93,6 +102,42 @@ def _served_blocks_problem(card: dict) -> str | None:
     if tta is not None and not (isinstance(tta, dict)
                                 and all(_positive(tta.get(k)) for k in ("below_confidence", "selection_temperature"))):
         return "its tta block needs below_confidence and selection_temperature (positive numbers)"
+    spec = card["preprocessing"]  # what `core.preprocess` reads for every served image
+    if not (isinstance(spec.get("size"), int) and _positive(spec["size"]) and _number(spec.get("mean"))
+            and _positive(spec.get("std"))):
+        return "its preprocessing block needs size (a positive whole number), mean and std (numbers, std above 0)"
+    if spec.get("crop", "head") not in ("head", "none"):  # a typo would silently turn the head crop off
+        return f"its preprocessing crop is {spec['crop']!r}: 'head' or 'none'"
+    return _operating_point_problem(card.get("operating_point")) or _uncertainty_problem(card.get("uncertainty"))
+
+
+def _uncertainty_problem(u) -> str | None:
+    """What is wrong with a card's referral block: a list was a traceback, text a bare float()
+    error, and a band with lo above hi silently referred nothing."""
+    if u is None:
+        return None
+    if not isinstance(u, dict):
+        return "its uncertainty block is not a block of named values (lo, hi, min_confidence, ...)"
+    bad = [k for k in ("lo", "hi", "min_confidence", "min_type_confidence")
+           if u.get(k) is not None and not (_number(u[k]) and 0 <= u[k] <= 1)]
+    if bad:
+        return f"its uncertainty block's {' and '.join(bad)} must be numbers between 0 and 1"
+    if u.get("lo") is not None and u.get("hi") is not None and u["lo"] > u["hi"]:
+        return f"its uncertainty band runs backwards (lo {u['lo']} above hi {u['hi']})"
+    return None
+
+
+def _operating_point_problem(op) -> str | None:
+    """What is wrong with a card's operating point (absent is fine: 0.5, see `card_threshold`);
+    a threshold of 'high' crashed every page, NaN or 1.5 silently called every scan 'notumor'."""
+    if op is None:
+        return None
+    if not isinstance(op, dict):
+        return "its operating_point is not a block of named values (threshold, target_sensitivity, ...)"
+    bad = [k for k in OPERATING_POINT_RATES if op.get(k) is not None and not (_number(op[k]) and 0 <= op[k] <= 1)]
+    if bad:
+        return (f"its operating_point's {' and '.join(bad)} must be "
+                f"{'a number' if len(bad) == 1 else 'numbers'} between 0 and 1")
     return None
 
 
@@ -277,6 +322,8 @@ class Predictor:
         if gate_file.is_file() and self.card.get("ood"):
             from .ood import OODGate
             self.gate = OODGate.load(self.dir)
+            if (why := self.gate.mismatch(self.card, self.weights_sha256, feature_channels(self.model))):
+                raise ValueError(f"{self.dir}: {why}")
             if self.gate.uses_classifier:
                 # Hook the feature tap now, so that the first served pass already leaves its (bf16)
                 # features for the gate, and no thread attaches hooks while another runs the model.
@@ -310,6 +357,9 @@ class Predictor:
         with self.lock:  # the gate reads the features this pass leaves behind
             p = self.probabilities(x)
             in_dist, score, reason = self.distribution_check(scan, x)
+        if not np.isfinite(p).all():  # NaN compares false: it would read as a plain "no tumour"
+            raise ScanError("The model gave no usable probabilities for this scan (not finite numbers): "
+                            "its weights or card may be damaged, so nothing is shown as a diagnosis.")
         k = int(decide(p, self.classes, self.threshold)[0])
         t_prob = float(tumour_probability(p, self.classes)[0]) if self.is_tumour_model else None
         conf = float(p[0, k])  # of the class called, which a threshold can make other than the top one

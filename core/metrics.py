@@ -203,13 +203,20 @@ def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101,
 
 
 def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> list[dict]:
-    """Accuracy of the predictions kept when the least confident are referred, at each coverage."""
-    order = np.argsort(-np.asarray(conf))
-    c = np.asarray(correct, float)[order]
+    """Accuracy of the predictions kept when the least confident are referred, at each coverage.
+
+    Equal confidences are kept or referred together (as `referral.pick_min_confidence` does): a
+    cut inside a tie is a point no confidence threshold can produce, its accuracy set by the order
+    the sort left the tie in. So a coverage is the nearest one at or above the nominal share.
+    """
+    conf = np.asarray(conf, np.float64)
+    order = np.argsort(-conf, kind="stable")
+    s, c = conf[order], np.asarray(correct, float)[order]
     n = len(c)
     out = []
     for cov in np.linspace(0.5, 1.0, 11):
         k = max(1, int(round(cov * n)))
+        k = int(np.searchsorted(-s, -s[k - 1], side="right"))   # every prediction as confident as the k-th
         out.append({"coverage": float(k / n), "accuracy": float(c[:k].mean()),
-                    "min_confidence": float(np.asarray(conf)[order][k - 1])})
+                    "min_confidence": float(s[k - 1])})
     return out

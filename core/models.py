@@ -43,6 +43,16 @@ def saliency_layer(model: nn.Module) -> nn.Module:
     return model.get_submodule(model.cam_layer)
 
 
+def feature_channels(model: nn.Module) -> int | None:
+    """Channels of the saliency layer's output: the pooled features an OOD feature head reads."""
+    for m in reversed(list(saliency_layer(model).modules())):
+        if isinstance(m, nn.BatchNorm2d):
+            return m.num_features
+        if isinstance(m, nn.Conv2d):
+            return m.out_channels
+    return None
+
+
 def has_class_maps(model: nn.Module) -> bool:
     """Whether the head is global pooling + one linear layer on ``cam_layer`` (builders say so with
     ``cam_head``): then each class's map is exact (in eval mode: EfficientNet's dropout sits

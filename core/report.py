@@ -343,6 +343,20 @@ def _tp_cells(row: Mapping, called: bool) -> list[str]:
     return [_fmt(tp, digits) if called else "", _fmt(t, digits)]
 
 
+def tp_digits(tp: float, threshold: float | None, digits: int = 3) -> int:
+    """Decimals (at least ``digits``) that write a tumour probability apart from the operating
+    point it was called against: a 'notumor' call at 0.5 must not read "0.500"."""
+    return digits if threshold is None else digits_apart(tp, threshold, digits)
+
+
+def tp_column_format(rows: Iterable[Mapping]) -> str:
+    """A printf format for a column of the rows' tumour probabilities (the app's batch table):
+    one for the column, with the decimals its closest value to its threshold needs."""
+    return "%.{}f".format(max([3, *(tp_digits(r["tumour_probability"], r.get("threshold"))
+                                    for r in rows if r.get("ok") and r.get("in_distribution", True)
+                                    and r.get("tumour_probability") is not None)]))
+
+
 def _model_cells(predictor) -> list[str]:
     """The model columns of every row: a CSV read on its own still names what made it."""
     from .audit import model_fields
@@ -972,7 +986,7 @@ def text_line(row: Mapping) -> str:
     tp = row.get("tumour_probability")
     text = f"{name}: {call_of(row) or 'no diagnosis'}"
     if tp is not None and call_of(row):
-        text += f" (tumour probability {tp:.3f})"
+        text += f" (tumour probability {tp:.{tp_digits(tp, row.get('threshold'))}f})"
     text += f" [{', '.join(flags)}]" if flags else ""
     return text + (f" {row['ood_reason']}" if row.get("ood_reason") else "")
 

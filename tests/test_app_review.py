@@ -47,8 +47,8 @@ def predictions(at: AppTest) -> list[str]:
 
 
 def choose_model(at: AppTest, dirname: str) -> AppTest:
-    box = at.selectbox(key="_model_widget")
-    box.select_index(next(k for k, o in enumerate(box.options) if o.endswith(f"({dirname})")))
+    # by folder, not by label: a label names its folder only when the card's name differs
+    at.selectbox(key="_model_widget").select(next(str(d) for d in app_support.model_choices() if d.name == dirname))
     return at.run()
 
 
@@ -122,7 +122,7 @@ def test_a_one_collection_model_is_warned_about_and_the_broadest_named(tmp_path)
         d = tmp_path / name
         d.mkdir()
         (d / "card.json").write_text(json.dumps({"name": name, "classes": ["tumor", "notumor"], "arch": "simple_cnn",
-                                                 "preprocessing": {},
+                                                 "preprocessing": {"size": 64, "mean": 0.2, "std": 0.25},
                                                  "sources": [{"name": s, "weight": 1.0} for s in sources]}))
         return d
     narrow, broad = model("narrow", ["benchmark"]), model("broad", ["benchmark", "br35h", "lgg"])
@@ -150,7 +150,8 @@ def test_no_gate_warning_names_a_model_with_one(tmp_path):
     gated = tmp_path / "gated"
     gated.mkdir()
     (gated / "card.json").write_text(json.dumps({"name": "safe-model", "classes": ["tumor", "notumor"],
-                                                 "arch": "simple_cnn", "preprocessing": {}}))
+                                                 "arch": "simple_cnn",
+                                                 "preprocessing": {"size": 64, "mean": 0.2, "std": 0.25}}))
     (gated / "ood.safetensors").write_bytes(b"")
     text = app_support.no_gate_warning(Fake(), [tmp_path / "plain", gated])
     assert "No out-of-distribution gate" in text and "Prefer safe-model" in text
