@@ -275,8 +275,9 @@ def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0
     """
     from .data import HASH_CACHE
     # the training code too: a change to it must not be answered by a network the old code trained
-    from .engine import augment
-    code = "".join(inspect.getsource(f) for f in (GateNet, train_gate_net, augment))
+    from . import engine, preprocess  # the augmentation lives in helpers all over engine.py
+    code = "".join(inspect.getsource(f) for f in (GateNet, train_gate_net)) + hashlib.sha1(
+        b"".join(Path(m.__file__).read_bytes() for m in (engine, preprocess))).hexdigest()
     key = (epochs, seed, VERSION, GATE_SPEC, pos.groups, neg.groups, code) + ((geometry,) if geometry else ())
     h = hashlib.sha1(repr(key).encode())
     for t in (pos.small, neg.small):
@@ -620,6 +621,9 @@ class OODGate:
     def load(cls, weights_dir: str | Path) -> "OODGate":
         """The gate in ``weights_dir``; ValueError (one sentence) when its file is damaged."""
         path = Path(weights_dir) / "ood.safetensors"
+        if not path.is_file():
+            raise ValueError(f"{weights_dir} has no out-of-distribution gate ({path.name}): "
+                             "fit one with `python -m core fit-ood`")
         try:
             return cls._load(path)
         except Exception as e:  # safetensors' own error, a missing config key, a shape mismatch
@@ -973,7 +977,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     table = markdown_table(rows, list(d["val"]), seen, unseen + test_only)
     if held_out:
         table += ("\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it; "
-                  "real_medical is never trained on):\n"
+                  "real_medical is never trained on; real_head_ct_top from the fold without real_head_ct):\n"
                   + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items())
                   + f"\nnot brain MRI: mean {held_out['non_brain_mean_pct']}, worst {held_out['non_brain_min_pct']}"
                   + f"; altered brain MRI ({', '.join(O.ALTERED_MRI)}): mean {held_out['altered_mri_mean_pct']}")
@@ -1000,7 +1004,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
                       "shown to them ('photo_unseen' are different photos). '[fold K]' gates trained on every "
                       "category but one fold (held_out_estimate.folds), whose rates are held out; '[all]' "
                       "on every category (its rates are not held out, except real_medical, which no gate "
-                      "trains on). Mean/worst 'seen' lines of a fold row are over its own trained "
+                      "trains on; real_head_ct_top is the upper slices of the CT whose lower ones it trains on). Mean/worst 'seen' lines of a fold row are over its own trained "
                       "categories. Test MRI is never trained on."}
     (out / "ood_eval.json").write_text(json.dumps(report, indent=1))
     log(table)
@@ -1020,6 +1024,7 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     estimate keeps its fold gates' figures, except the real images', which this gate scores.
     """
     from . import outliers as O
+    from .inference import file_sha256
     weights = Path(weights)
     card = json.loads((weights / "card.json").read_text())
     gate = OODGate.load(weights)
@@ -1048,12 +1053,15 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     if held and "per_category" in held:
         # fold gates (final="all") measured the held-out categories, this gate only the real
         # images; a gate shipped as measured (final="seen", no folds) held all of them out itself
-        mine = held["per_category"] if not held.get("folds") else [c for c in O.TEST_ONLY if c in held["per_category"]]
+        mine = held["per_category"] if not held.get("folds") else [
+            c for c in O.TEST_ONLY if c in held["per_category"] and c not in O.TRAINED_SIBLING]  # those: a fold's
         for c in list(mine):
             held["per_category"][c] = row["outliers_flagged_pct"][c]
+        _sibling_rates(held, weights / "ood_eval.json")
         # the figures this estimate already states, from its new rates (a seen gate's has fewer)
         held.update({k: v for k, v in _estimate_stats(held["per_category"]).items() if k in held})
     gate.info["measured"] = measured
+    gate.info.setdefault("weights_sha256", file_sha256(weights / "model.safetensors"))  # fits before it was kept
     gate.info["rethresholded"] = {
         "from": old, "to": gate.threshold, "date": time.strftime("%Y-%m-%d"),
         "rule": "halfway between the highest validation score allowed to pass and the next one",
@@ -1177,11 +1185,32 @@ def category_folds(categories: list[str], k: int) -> list[list[str]]:
 
 def held_out_estimate(rows: dict[str, dict], chosen: str, folds: list[list[str]], test_only: list[str]) -> dict:
     """Each category's rate from the fold gate that never trained on it; real (test-only) images
-    from the shipped gate, which never trained on them either."""
-    per = {c: rows[f"{chosen} [fold {i + 1}]"]["outliers_flagged_pct"][c] for i, held in enumerate(folds)
-           for c in held}
-    per |= {c: rows[f"{chosen} [all]"]["outliers_flagged_pct"][c] for c in test_only}
+    from the shipped gate, which never trained on them either, except those whose patient's other
+    slices it trained on (`outliers.TRAINED_SIBLING`): from the fold gate that held those out."""
+    from . import outliers as O
+    fold_of = {c: i for i, held in enumerate(folds) for c in held}
+    per = {c: rows[f"{chosen} [fold {fold_of[c] + 1}]"]["outliers_flagged_pct"][c] for c in fold_of}
+    for c in test_only:
+        sibling = O.TRAINED_SIBLING.get(c)
+        gate = f"{chosen} [fold {fold_of[sibling] + 1}]" if sibling in fold_of else f"{chosen} [all]"
+        per[c] = rows[gate]["outliers_flagged_pct"][c]
     return {"per_category": per, "folds": folds, **_estimate_stats(per)}
+
+
+def _sibling_rates(held: dict, report_path: Path) -> None:
+    """Give each test-only category drawn from a trained one's patient (`outliers.TRAINED_SIBLING`)
+    the rate of the fold gate that held that category out, from fit-ood's stored fold rows (a gate
+    fitted before the rule took it from the shipped gate, which trained on the patient's other slices)."""
+    from . import outliers as O
+    folds = held.get("folds") or []
+    if not report_path.is_file() or not folds:
+        return
+    report = json.loads(report_path.read_text())
+    for c, sibling in O.TRAINED_SIBLING.items():
+        k = next((i for i, f in enumerate(folds) if sibling in f), None)
+        row = report.get("methods", {}).get(f"{report.get('chosen')} [fold {k + 1}]") if k is not None else None
+        if c in held["per_category"] and row and c in row.get("outliers_flagged_pct", {}):
+            held["per_category"][c] = row["outliers_flagged_pct"][c]
 
 
 def _estimate_stats(per: dict[str, float]) -> dict:

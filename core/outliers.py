@@ -500,9 +500,12 @@ def real_medical(rng: Rng) -> Image.Image:
 # `apt-get install invesalius-examples`): 108 axial slices of 256 x 256 in Hounsfield units. A head
 # CT is the likeliest wrong upload after other MRI, and drawn CTs did not teach the gate real ones.
 # Its lower slices (skull base to the ventricles) train; the upper ones (cerebrum to the vertex,
-# the most brain-like) are only tested: the same patient, so that test is kinder than a new one's.
+# the most brain-like) are only tested, ten slices (15 mm) further up: below that gap a test slice's
+# thumbnail correlates >= 0.97 with a trained one in the wide windows (the copy rule of `core.data`).
+# Still one patient, so the held-out estimate takes them from the fold gate that never saw the CT.
 HEAD_CT_FILE = Path(os.environ.get("BT_HEAD_CT", "/usr/share/doc/invesalius-examples/examples/Cranium.inv3"))
 HEAD_CT_SPLIT = 54
+HEAD_CT_TEST_FROM = 64
 CT_WINDOWS = ((40, 80), (35, 40), (75, 215), (50, 400), (400, 1800), (600, 2800), (1000, 4000))
 
 
@@ -545,7 +548,7 @@ def real_head_ct(rng: Rng) -> Image.Image:
 
 
 def real_head_ct_top(rng: Rng) -> Image.Image:
-    return _ct_view(rng, HEAD_CT_SPLIT, 10**6)
+    return _ct_view(rng, HEAD_CT_TEST_FROM, 10**6)
 
 
 def has_head_ct() -> bool:
@@ -628,6 +631,8 @@ if has_head_ct():  # the gate and its report then say they used it (fit-ood's ne
     SEEN["real_head_ct"] = real_head_ct
     TEST_ONLY["real_head_ct_top"] = real_head_ct_top
     KIND |= {"real_head_ct": "head_not_mri", "real_head_ct_top": "real_medical"}
+# A test-only category drawn from the same patient as a trained one (held out with it, not apart)
+TRAINED_SIBLING = {"real_head_ct_top": "real_head_ct"}
 MRI_DERIVED = {"mri_inverted", "mri_patch", "mri_solarised", "head_ct"}
 # Brain MRI slices that were altered (inverted, cut to a patch, solarised): flagged where possible,
 # but reported apart from the images that are not brain MRI at all (the ">= 99 %" target).

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,17 @@ def test_category_folds_partition_and_held_out_estimate_reads_the_right_fold():
     assert est["min_pct"] == 10.0
     non_brain = [v for c, v in est["per_category"].items() if c not in O.ALTERED_MRI]
     assert est["non_brain_min_pct"] == min(non_brain)
+    # A test-only category whose patient's other slices trained: from the fold that held those out
+    sib = [f + ["ct_low"] if i == 2 else f for i, f in enumerate(folds)]
+    for i, f in enumerate(sib):
+        rows[f"g [fold {i + 1}]"]["outliers_flagged_pct"] |= {"ct_low": 100.0, "ct_top": 30.0 + i}
+    rows["g [all]"]["outliers_flagged_pct"] |= {"ct_low": 100.0, "ct_top": 99.0}
+    O.TRAINED_SIBLING["ct_top"] = "ct_low"
+    try:
+        est = held_out_estimate(rows, "g", sib, ["real_medical", "ct_top"])
+    finally:
+        del O.TRAINED_SIBLING["ct_top"]
+    assert est["per_category"]["ct_top"] == 32.0 and est["per_category"]["real_medical"] == 55.0
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +256,10 @@ def test_cached_gate_net_reuses_the_same_training_and_only_it(tmp_path, monkeypa
     assert np.allclose(net_scores(a, pos.small), net_scores(b, pos.small))
     cached_gate_net(pos, neg, epochs=1, seed=1, log=logs.append)   # another seed: trained anew
     assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 2
-    import core.engine                                              # changed training code: trained anew
-    monkeypatch.setattr(core.engine, "augment", lambda x, *a, **k: x)
+    import core.engine                     # an edit anywhere in engine.py (its augmentation helpers): trained anew
+    edited = tmp_path / "engine.py"
+    edited.write_text(Path(core.engine.__file__).read_text().replace("0.08", "0.30"))
+    monkeypatch.setattr(core.engine, "__file__", str(edited))
     cached_gate_net(pos, neg, epochs=1, log=logs.append)
     assert sum("reused" in m for m in logs) == 1 and len(list(tmp_path.glob("gate-net-*.pt"))) == 3
     monkeypatch.undo()
@@ -445,6 +459,7 @@ def test_real_head_ct_is_read_from_its_project_file_and_its_halves_stay_apart(tm
     _fake_inv3(tmp_path / "Cranium.inv3", vol)
     monkeypatch.setattr(O, "HEAD_CT_FILE", tmp_path / "Cranium.inv3")
     monkeypatch.setattr(O, "HEAD_CT_SPLIT", 4)
+    monkeypatch.setattr(O, "HEAD_CT_TEST_FROM", 4)
     O.head_ct_volume.cache_clear()
     O._tissue.cache_clear()
     try:
@@ -488,3 +503,15 @@ def test_a_damaged_or_foreign_gate_is_refused_in_one_sentence(synthetic_gate, tm
                      synthetic_gate.colour_limit, synthetic_gate.net, None, {"weights_sha256": "abc"})
     assert fitted.mismatch(card, "abc", None) is None
     assert "fitted for other weights" in fitted.mismatch(card, "def", None)
+
+
+def test_rethreshold_takes_a_same_patient_test_category_from_the_fold_without_its_sibling(tmp_path, monkeypatch):
+    from core.ood import _sibling_rates
+    monkeypatch.setitem(O.TRAINED_SIBLING, "ct_top", "ct_low")
+    report = {"chosen": "g", "methods": {"g [fold 1]": {"outliers_flagged_pct": {"ct_top": 11.0}},
+                                         "g [fold 2]": {"outliers_flagged_pct": {"ct_top": 42.0}},
+                                         "g [all]": {"outliers_flagged_pct": {"ct_top": 99.0}}}}
+    (tmp_path / "ood_eval.json").write_text(json.dumps(report))
+    held = {"folds": [["blank"], ["ct_low", "noise"]], "per_category": {"ct_top": 99.0, "blank": 80.0}}
+    _sibling_rates(held, tmp_path / "ood_eval.json")
+    assert held["per_category"] == {"ct_top": 42.0, "blank": 80.0}
