@@ -6,6 +6,7 @@
 
 Writes model.safetensors, card.json, history.json, eval.json and split.json into --out.
 A checkpoint is saved every epoch (checkpoint.pt, not shipped); --resume continues from it.
+The out-of-distribution gate is fitted afterwards: python -m core fit-ood --weights OUT
 """
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="serve with a mirror-image second pass for predictions whose plain calibrated "
                         "confidence is below this (0 = off); calibration, operating point and referral "
                         "are fitted on those served outputs and the rule is written to the card")
-    p.add_argument("--ood", action="store_true", help="also fit the out-of-distribution gate")
     return p
 
 
@@ -133,7 +133,7 @@ INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "
                "workers", "threads", "seed", "max_distance")
 FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "aug", "skull_strip_p", "rotate", "shear",
                  "turn_p", "blur_p", "gamma_log", "target_sensitivity", "min_specificity", "min_head", "tta_below")
-FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "ood")
+FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.

@@ -317,6 +317,10 @@ class Predictor:
         self.identity = (str(self.dir.resolve()), self.weights_sha256, self.card_sha256, gate_sha256)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
+        if self.card.get("ood") and not gate_file.is_file():
+            # a folder copied without its gate would serve every image, noise too, as in distribution
+            raise ValueError(f"the card lists an out-of-distribution gate but {gate_file} is missing: "
+                             "copy it with the model, or fit it again with `python -m core fit-ood`")
         # Only a gate the card lists: a gate file left from other weights reads features this
         # network does not make (train.py moves it aside; a copied folder may still carry one).
         if gate_file.is_file() and self.card.get("ood"):

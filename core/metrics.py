@@ -44,9 +44,14 @@ def digits_apart(a: float, b: float, digits: int = 3, percent: bool = False) -> 
     """The fewest decimals (at least ``digits``; for ``percent``, of the percentage) that write
     ``a`` and ``b`` differently, so that a sentence saying one is below the other never reads
     "0.967 is below 0.967". Equal values stay at ``digits``."""
-    scale = 100 if percent else 1
-    for d in range(digits, digits + 5):
-        if f"{a * scale:.{d}f}" != f"{b * scale:.{d}f}":
+    a, b = (a * 100, b * 100) if percent else (a, b)
+    if a == b or not (math.isfinite(a) and math.isfinite(b)):
+        return digits
+    # 17 significant digits of the larger tell any two distinct floats apart: a float32
+    # 0.49999997, or 0.49999999999999994, must not read "0.500" beside a threshold 0.5
+    last = max(digits, 17 - math.floor(math.log10(max(abs(a), abs(b)))))
+    for d in range(digits, last + 1):
+        if f"{a:.{d}f}" != f"{b:.{d}f}":
             return d
     return digits
 

@@ -231,10 +231,12 @@ def test_readable_card_values():
 
 
 def test_model_card_page_prints_no_python_reprs(random_weights, tmp_path, monkeypatch):
+    from core.ood import OODGate
     w = tmp_path / "w"
     shutil.copytree(random_weights, w)
+    OODGate("cnn+colour", [], 0.0, 0.03).save(w)   # a card lists only a gate its folder holds
     card = json.loads((w / "card.json").read_text())
-    card.update(ood={"method": "cnn+colour"}, libraries={"torch": "2.9", "python": "3.11"},
+    card.update(libraries={"torch": "2.9", "python": "3.11"},
                 split={"method": "grouped", "sizes": {"train": 10, "test": 14}})
     (w / "card.json").write_text(json.dumps(card))
     monkeypatch.setenv("BT_WEIGHTS", str(w))
