@@ -42,9 +42,11 @@ def model_dir_problem(d: str | Path) -> str | None:
     if not ((d / "card.json").is_file() and (d / "model.safetensors").is_file()):
         return f"{d} is not a model folder (card.json and model.safetensors)"
     try:
-        load_card(d)
+        card = load_card(d)
     except (OSError, ValueError) as e:
         return str(e)
+    if card.get("ood") and not (d / "ood.safetensors").is_file():  # the Predictor refuses it too
+        return f"{d}: its card lists an out-of-distribution gate, but ood.safetensors is not beside it"
     return None
 
 

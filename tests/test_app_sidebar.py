@@ -214,3 +214,15 @@ def test_a_gate_from_another_model_is_refused(tmp_path):
     assert card_of(mixed)["ood"]["threshold"] != card_of(other)["ood"]["threshold"]
     with pytest.raises(ValueError, match="not the one its card lists"):
         Predictor(mixed)
+
+
+def test_a_folder_missing_the_gate_its_card_lists_is_named_so_and_left_out(tmp_path):
+    src = REPO / "weights" / "resnet18_176_copyaware_ft"
+    d = tmp_path / "nogate"
+    d.mkdir()
+    for f in ("card.json", "model.safetensors"):   # what the app called a model folder
+        shutil.copy(src / f, d / f)
+    assert "ood.safetensors is not beside it" in app_support.model_dir_problem(d)
+    assert not app_support.is_model_dir(d)
+    shutil.copy(src / "ood.safetensors", d / "ood.safetensors")
+    assert app_support.model_dir_problem(d) is None
