@@ -1107,8 +1107,10 @@ def mark_superseded(weights: str | Path) -> None:
         "by": "python -m core rethreshold-ood", "threshold": gate.get("threshold"),
         "rethresholded": gate.get("rethresholded"), "measured": gate.get("measured"),
         "held_out_estimate": gate.get("held_out_estimate"),
-        "note": "the rows above are the gates as fitted; the shipped gate's threshold has moved since, "
-                "and its current figures are these (also card.json's ood section)"}
+        "note": "the rows above are the gates as fitted; the shipped gate was measured again since ("
+                + ("its threshold moved" if (gate.get("rethresholded") or {}).get("from") != gate.get("threshold")
+                   else "its threshold did not move; the rule or the test draws did")
+                + "), and its current figures are these (also card.json's ood section)"}
     path.write_text(json.dumps(report, indent=1))
 
 
