@@ -45,9 +45,7 @@ def model_dir_problem(d: str | Path) -> str | None:
         card = load_card(d)
     except (OSError, ValueError) as e:
         return str(e)
-    if card.get("ood") and not (d / "ood.safetensors").is_file():  # the Predictor refuses it too
-        return f"{d}: its card lists an out-of-distribution gate, but ood.safetensors is not beside it"
-    return None
+    return inference.missing_gate(d, card)  # the Predictor refuses it too
 
 
 def is_model_dir(d: Path) -> bool:
@@ -91,13 +89,13 @@ def default_file_problem() -> str | None:
         return None  # $BT_WEIGHTS decides; the file is not read
     f = inference.WEIGHTS_ROOT / "DEFAULT"
     try:
-        name = f.read_text().strip()
+        d = inference.shipped_default()
     except (OSError, ValueError):
         return f"{f} is missing or unreadable, so the first model folder in the list is shown instead."
-    if is_model_dir(inference.WEIGHTS_ROOT / name):
+    if is_model_dir(d):
         return None
-    return (f"{f} names '{name}', which is not a usable model folder in {inference.WEIGHTS_ROOT}, "
-            "so the first model folder in the list is shown instead.")
+    return (f"{f} names '{d.relative_to(inference.WEIGHTS_ROOT)}', which is not a usable model folder in "
+            f"{inference.WEIGHTS_ROOT}, so the first model folder in the list is shown instead.")
 
 
 def model_label(weights_dir: str | Path) -> str:

@@ -111,6 +111,11 @@ def _served_blocks_problem(card: dict) -> str | None:
     return _operating_point_problem(card.get("operating_point")) or _uncertainty_problem(card.get("uncertainty"))
 
 
+def _not_rates(block: dict, keys: tuple[str, ...]) -> list[str]:
+    """The keys of ``block`` that are present but not a finite number in [0, 1]."""
+    return [k for k in keys if block.get(k) is not None and not (_number(block[k]) and 0 <= block[k] <= 1)]
+
+
 def _uncertainty_problem(u) -> str | None:
     """What is wrong with a card's referral block: a list was a traceback, text a bare float()
     error, and a band with lo above hi silently referred nothing."""
@@ -118,9 +123,7 @@ def _uncertainty_problem(u) -> str | None:
         return None
     if not isinstance(u, dict):
         return "its uncertainty block is not a block of named values (lo, hi, min_confidence, ...)"
-    bad = [k for k in ("lo", "hi", "min_confidence", "min_type_confidence")
-           if u.get(k) is not None and not (_number(u[k]) and 0 <= u[k] <= 1)]
-    if bad:
+    if (bad := _not_rates(u, ("lo", "hi", "min_confidence", "min_type_confidence"))):
         return f"its uncertainty block's {' and '.join(bad)} must be numbers between 0 and 1"
     if u.get("lo") is not None and u.get("hi") is not None and u["lo"] > u["hi"]:
         return f"its uncertainty band runs backwards (lo {u['lo']} above hi {u['hi']})"
@@ -134,8 +137,7 @@ def _operating_point_problem(op) -> str | None:
         return None
     if not isinstance(op, dict):
         return "its operating_point is not a block of named values (threshold, target_sensitivity, ...)"
-    bad = [k for k in OPERATING_POINT_RATES if op.get(k) is not None and not (_number(op[k]) and 0 <= op[k] <= 1)]
-    if bad:
+    if (bad := _not_rates(op, OPERATING_POINT_RATES)):
         return (f"its operating_point's {' and '.join(bad)} must be "
                 f"{'a number' if len(bad) == 1 else 'numbers'} between 0 and 1")
     return None
@@ -155,6 +157,16 @@ def card_threshold(card: dict) -> float | None:
         return None
     t = (card.get("operating_point") or {}).get("threshold")
     return 0.5 if t is None else float(t)
+
+
+def missing_gate(weights_dir: str | Path, card: dict) -> str | None:
+    """A sentence when the card lists an out-of-distribution gate whose file is not beside it: a
+    folder copied without its gate would serve every image, noise too, as in distribution."""
+    f = Path(weights_dir) / "ood.safetensors"
+    if card.get("ood") and not f.is_file():
+        return (f"the card lists an out-of-distribution gate but {f} is missing: copy it with the model, "
+                "or fit it again with `python -m core fit-ood`")
+    return None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -317,10 +329,8 @@ class Predictor:
         self.identity = (str(self.dir.resolve()), self.weights_sha256, self.card_sha256, gate_sha256)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
-        if self.card.get("ood") and not gate_file.is_file():
-            # a folder copied without its gate would serve every image, noise too, as in distribution
-            raise ValueError(f"the card lists an out-of-distribution gate but {gate_file} is missing: "
-                             "copy it with the model, or fit it again with `python -m core fit-ood`")
+        if (why := missing_gate(self.dir, self.card)):
+            raise ValueError(why)
         # Only a gate the card lists: a gate file left from other weights reads features this
         # network does not make (train.py moves it aside; a copied folder may still carry one).
         if gate_file.is_file() and self.card.get("ood"):

@@ -1190,13 +1190,17 @@ def held_out_estimate(rows: dict[str, dict], chosen: str, folds: list[list[str]]
     from the shipped gate, which never trained on them either, except those whose patient's other
     slices it trained on (`outliers.TRAINED_SIBLING`): from the fold gate that held those out."""
     from . import outliers as O
-    fold_of = {c: i for i, held in enumerate(folds) for c in held}
-    per = {c: rows[f"{chosen} [fold {fold_of[c] + 1}]"]["outliers_flagged_pct"][c] for c in fold_of}
+    per = {c: rows[_fold_row(chosen, folds, c)]["outliers_flagged_pct"][c] for held in folds for c in held}
     for c in test_only:
-        sibling = O.TRAINED_SIBLING.get(c)
-        gate = f"{chosen} [fold {fold_of[sibling] + 1}]" if sibling in fold_of else f"{chosen} [all]"
+        gate = _fold_row(chosen, folds, O.TRAINED_SIBLING.get(c)) or f"{chosen} [all]"
         per[c] = rows[gate]["outliers_flagged_pct"][c]
     return {"per_category": per, "folds": folds, **_estimate_stats(per)}
+
+
+def _fold_row(chosen: str, folds: list[list[str]], category: str | None) -> str | None:
+    """The row of the fold gate that held ``category`` out (None when no fold holds it)."""
+    k = next((i for i, held in enumerate(folds) if category in held), None)
+    return None if k is None else f"{chosen} [fold {k + 1}]"
 
 
 def _sibling_rates(held: dict, report_path: Path) -> None:
@@ -1209,8 +1213,7 @@ def _sibling_rates(held: dict, report_path: Path) -> None:
         return
     report = json.loads(report_path.read_text())
     for c, sibling in O.TRAINED_SIBLING.items():
-        k = next((i for i, f in enumerate(folds) if sibling in f), None)
-        row = report.get("methods", {}).get(f"{report.get('chosen')} [fold {k + 1}]") if k is not None else None
+        row = report.get("methods", {}).get(_fold_row(report.get("chosen"), folds, sibling))
         if c in held["per_category"] and row and c in row.get("outliers_flagged_pct", {}):
             held["per_category"][c] = row["outliers_flagged_pct"][c]
 

@@ -222,7 +222,8 @@ def test_a_folder_missing_the_gate_its_card_lists_is_named_so_and_left_out(tmp_p
     d.mkdir()
     for f in ("card.json", "model.safetensors"):   # what the app called a model folder
         shutil.copy(src / f, d / f)
-    assert "ood.safetensors is not beside it" in app_support.model_dir_problem(d)
+    assert "lists an out-of-distribution gate but" in app_support.model_dir_problem(d)
+    assert "ood.safetensors is missing" in app_support.model_dir_problem(d)
     assert not app_support.is_model_dir(d)
     shutil.copy(src / "ood.safetensors", d / "ood.safetensors")
     assert app_support.model_dir_problem(d) is None
