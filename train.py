@@ -108,6 +108,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="start from a finished run's weights (weights/NAME of the same arch, classes "
                         "and split) for a second, shorter cycle; recorded in the card")
+    p.add_argument("--finish-from", default=None,
+                   help="no training: take the weights and history of a run made elsewhere (DIR with "
+                        "model.safetensors, history.json and card.json; e.g. a GPU machine trained on "
+                        "images packed by bench/prepare_gpu_data.py) and calibrate, evaluate and write the "
+                        "card on this data; the run's other options must be the ones it was trained with")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tta-below", type=float, default=0.0,
                    help="serve with a mirror-image second pass for predictions whose plain calibrated "
@@ -564,6 +569,12 @@ def run(args: argparse.Namespace) -> int:
             "method": method, "from": origin,
             "dropped_small_head": dropped, "files": D.split_record(samples)}))
         DD.barrier(world)
+    if args.finish_from:
+        history, train_time = adopt_trained(model, Path(args.finish_from), args, classes)
+        write_json(out / "history.json", history)
+        finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
+               history, skipped, dropped, train_time, time.time() - t_start)
+        return 0
     net = DD.wrap(model, device, world)  # DDP when world > 1; `model` stays the plain module
     gen = torch.Generator().manual_seed(args.seed)
     train_time = sum(h["train"]["time_s"] for h in history)
@@ -684,6 +695,43 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
     if loss < best:
         return True, loss, 0
     return False, best, bad + int(counts)
+
+
+# Options that must be the same as the run --finish-from adopts (what it was trained with).
+TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
+                "small_img_epochs", "mask_loss", "aug", "skull_strip_p", "rotate", "shear", "turn_p",
+                "blur_p", "gamma_log", "seed", "patience")
+
+
+def adopt_trained(model, src: Path, args, classes: list[str]) -> tuple[list, float]:
+    """Load the weights and history of a run trained elsewhere (--finish-from) into ``model``.
+
+    Its card must name this architecture, these classes and these training options: the card
+    written here describes that training, so a mismatch would describe another run."""
+    try:
+        card = json.loads((src / "card.json").read_text())
+        history = json.loads((src / "history.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"--finish-from {src}: not a finished run's folder ({e})") from None
+    options = (card.get("training") or {}).get("options") or {}
+    differ = [k for k in TRAINED_WITH if options.get(k) != getattr(args, k)]
+    if card.get("arch") != args.arch or card.get("classes") != classes or differ:
+        raise DataError(f"--finish-from {src}: trained with other settings "
+                        f"({', '.join(differ) or 'architecture or classes'}); give the options it was trained with")
+    if file_sha256(src / "model.safetensors") != card.get("weights_sha256"):
+        raise DataError(f"--finish-from {src}: model.safetensors is not the file its card describes")
+    model.load_state_dict(E.shipped_state(model, src))
+    t = card["training"]
+    args.best_epoch_record = t.get("best_epoch")
+    args.init_record, args.average_record = t.get("init"), t.get("weight_average")
+    args.elsewhere_record = {"from": str(src), "device": t.get("device"), "precision": t.get("precision"),
+                             "command": card.get("command"), "date": card.get("date"),
+                             "data": [s["path"] for s in card.get("sources", [])],
+                             "preprocessing": card.get("preprocessing"),
+                             "weights_sha256": card.get("weights_sha256"),
+                             "libraries": card.get("libraries"),
+                             "metrics_there": card.get("metrics")}
+    return history, float(t.get("train_time_s") or 0.0)
 
 
 def average_with_init(model, init: str, val_images, val_masks, spec, device, precision) -> dict:
@@ -826,12 +874,14 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                              + ", contrast, brightness, noise, skull removal"
                                              + (f", blur (p {args.blur_p:g})" if args.blur_p else "")},
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
-                     "device": device_name(device), "precision": precision,
+                     **_where_trained(args, device, precision),
                      "world_size": getattr(args, "world_size", 1),
                      "config": getattr(args, "config_values", None),
                      "init": getattr(args, "init_record", None),
                      "weight_average": getattr(args, "average_record", None),
-                     "mask_loss": getattr(args, "mask_record", None)},
+                     "mask_loss": getattr(args, "mask_record", None),
+                     "options": {k: getattr(args, k) for k in TRAINED_WITH},
+                     "trained_elsewhere": getattr(args, "elsewhere_record", None)},
         "parameters": count_parameters(model),
         "weights_file_bytes": weights.stat().st_size,
         "command": getattr(args, "first_command", None) or getattr(args, "command", None),
@@ -844,6 +894,15 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "intended_use": "Research and teaching demo. Not a medical device; not for diagnosis.",
     }
+
+
+def _where_trained(args, device: torch.device, precision: str) -> dict:
+    """The card's device and precision: the training's, also when it ran elsewhere (--finish-from)."""
+    there = getattr(args, "elsewhere_record", None)
+    if there:
+        return {"device": f"{there['device']} (calibrated and evaluated on {device_name(device)})",
+                "precision": there["precision"]}
+    return {"device": device_name(device), "precision": precision}
 
 
 def device_name(device: torch.device) -> str:

@@ -392,3 +392,53 @@ def test_judge_epoch_skips_the_warmup_then_tracks_the_best():
     # progressive resizing's small epochs do not count towards patience
     assert judge_epoch(3, 0.5, 0.2, 1, 1, counts=False) == (False, 0.2, 1)
     assert judge_epoch(3, 0.5, 0.2, 1, 1) == (False, 0.2, 2)
+
+
+# ----------------------------------------------------------------------------- --finish-from
+def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
+    """A run trained on another machine (a GPU, on packed images) is calibrated, evaluated and
+    carded here on this data: same weights, its history, a record of where it was trained; a run
+    with other options, altered weights or no card is refused in one sentence."""
+    import hashlib
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
+              "--workers", 1, "--epochs", 2, "--lr", 0.01]
+    there = tmp_path / "there"
+    run_train([*common, "--out", there], cache)
+    log = run_train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there], cache)
+    assert "epoch 1/" not in log                                    # nothing trained here
+    sha = lambda d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    assert sha(tmp_path / "here") == sha(there)
+    card_there = json.loads((there / "card.json").read_text())
+    card = json.loads((tmp_path / "here" / "card.json").read_text())
+    t = card["training"]
+    assert t["trained_elsewhere"]["from"] == str(there)
+    assert t["trained_elsewhere"]["weights_sha256"] == card_there["weights_sha256"] == card["weights_sha256"]
+    assert t["epochs_run"] == card_there["training"]["epochs_run"]
+    assert t["train_time_s"] == card_there["training"]["train_time_s"]
+    assert json.loads((tmp_path / "here" / "history.json").read_text()) == \
+        json.loads((there / "history.json").read_text())
+    assert "calibrated and evaluated on" in t["device"]
+    assert card["metrics"] and (tmp_path / "here" / "eval.json").is_file()
+
+    def refused(extra, src):
+        env = {**os.environ, "BT_CACHE": str(cache)}
+        r = subprocess.run([sys.executable, "train.py", *map(str, common), *map(str, extra), "--no-progress",
+                            "--out", str(tmp_path / "refused"), "--finish-from", str(src),
+                            "--split-from", str(there)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "refused" / "card.json").exists()
+        return r.stderr
+
+    assert "other settings (lr)" in refused(["--lr", 0.02], there)
+    altered = tmp_path / "altered"
+    import shutil
+    shutil.copytree(there, altered)
+    raw = bytearray((altered / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (altered / "model.safetensors").write_bytes(bytes(raw))
+    assert "not the file its card describes" in refused([], altered)
+    (altered / "card.json").unlink()
+    assert "not a finished run's folder" in refused([], altered)

@@ -1,0 +1,114 @@
+"""Pack the shared sources and train.py configs for a GPU machine (the device tool: 64 MiB a call).
+
+Each image is decoded, head-cropped and resized exactly as training prepares it
+(`core.engine.cache_images` with the configs' input size), then stored as an 8-bit WebP (about
+1 grey level mean error, a third the size of JPEG at that error) under its own relative path, so
+that the recorded split still names it; LGG tumour masks go through the same frame
+(`core.engine.cache_lesions`) as PNGs. Only the training and validation files of the recorded
+split travel, with every Nth test file so that the run there can finish.
+
+For each --config, gpu/<name>.toml is the same config pointed at the packed images, with
+`crop = "none"` (they are already cropped), the recorded split copied into gpu/split and its
+output in gpu/out/<name>. `bash bench/gpu_run.sh` trains them there side by side; here,
+`train.py --config CONFIG --finish-from DIR` calibrates, evaluates and writes the card on the
+original files with the head crop, as they are served (docs/gpu.md).
+
+    python bench/prepare_gpu_data.py --config experiments/resnet18_192_gpu.toml \\
+        --config experiments/resnet18_192_gpu_ema.toml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from core import data as D, engine as E  # noqa: E402
+from core.preprocess import DEFAULT_SPEC  # noqa: E402
+
+BUDGET_MIB = 56  # of the 64 MiB a call carries: the repository and the wheels need the rest
+
+
+def travelling(samples: list[D.Sample], record: dict, test_every: int) -> list[bool]:
+    """Which samples go: the record's training and validation files, and every Nth test file."""
+    where = {(src, rel): k for src, splits in record.items() for k, rels in splits.items() for rel in rels}
+    tests = sorted((s.source, s.rel) for s in samples if where.get((s.source, s.rel)) == "test")
+    kept_tests = set(tests[::test_every])
+    return [where.get((s.source, s.rel)) in ("train", "val") or (s.source, s.rel) in kept_tests
+            for s in samples]
+
+
+def device_config(text: str, name: str, roots: dict[str, str]) -> str:
+    """A config's TOML pointed at the packed images: each data path replaced by its packed root,
+    the split, output, crop and workers set for the GPU machine."""
+    for path, packed in roots.items():
+        text = text.replace(f'"{path}"', f'"{packed}"')
+    text = re.sub(r'(?m)^(out|split_from|crop|workers|no_progress|init)\s*=.*\n', "", text)
+    settings = (f'out = "gpu/out/{name}"\nsplit_from = "gpu/split"\ncrop = "none"\n'
+                f'workers = 8\nno_progress = true\n')
+    head, sep, rest = text.partition("\ndata = [")
+    return head.rstrip("\n") + "\n" + settings + sep.lstrip("\n") + rest if sep else text + settings
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", required=True, help="train.py TOML, repeatable")
+    p.add_argument("--quality", type=int, default=90, help="WebP quality")
+    p.add_argument("--test-every", type=int, default=8)
+    p.add_argument("--out", default="gpu")
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args()
+    cfgs = {Path(c).stem: tomllib.loads(Path(c).read_text()) for c in a.config}
+    first = next(iter(cfgs.values()))
+    if any(c.get("img") != first.get("img") or c.get("data") != first.get("data")
+           or c.get("split_from") != first.get("split_from") for c in cfgs.values()):
+        p.error("the configs must share img, data and split_from (one packed copy serves them all)")
+    if not first.get("split_from"):
+        p.error("the configs need a split_from: the split must be the one the card will be finished on")
+    spec = {**DEFAULT_SPEC, "size": first["img"], "crop": "head"}
+    sources = D.parse_sources(first["data"])
+    samples, skipped = train.load_samples(sources, types.SimpleNamespace(limit=0, seed=0, binary=False))
+    images = E.cache_images(samples, spec, workers=a.workers).numpy()
+    masks, known = (t.numpy() for t in E.cache_lesions(samples, spec, workers=a.workers))
+    record = json.loads((Path(first["split_from"]) / "split.json").read_text())
+    go = travelling(samples, record["files"], a.test_every)
+    out = Path(a.out)
+    for old in ("data", "split", "out"):
+        shutil.rmtree(out / old, ignore_errors=True)
+    roots = {s["path"]: f"{out}/data/{s['name']}" for s in sources}
+    root_of = {s["name"]: Path(roots[s["path"]]) for s in sources}
+    total = 0
+    for s, img, m, k, g in zip(samples, images, masks, known, go):
+        if not g:
+            continue
+        dest = root_of[s.source] / s.rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(dest, "WEBP", quality=a.quality, method=6)  # keeps the name the split knows
+        total += dest.stat().st_size
+        if k:  # where core.saliency.mask_path_for looks: <root>/masks/<stem>.png
+            mdest = root_of[s.source] / "masks" / f"{Path(s.rel).stem}.png"
+            mdest.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((m[0] > 0).astype(np.uint8) * 255).save(mdest, optimize=True)
+            total += mdest.stat().st_size
+    (out / "split").mkdir(parents=True)
+    shutil.copy(Path(first["split_from"]) / "split.json", out / "split" / "split.json")
+    for c in a.config:
+        (out / f"{Path(c).stem}.toml").write_text(device_config(Path(c).read_text(), Path(c).stem, roots))
+    mib = total / 2**20
+    print(f"{sum(go)} of {len(samples)} images ({len(skipped)} unreadable) packed in {out}/data: {mib:.1f} MiB"
+          + (f" -- over the {BUDGET_MIB} MiB a call can carry beside the code: lower --quality"
+             if mib > BUDGET_MIB else ""))
+    return 0 if mib <= BUDGET_MIB else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

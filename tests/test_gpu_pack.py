@@ -1,0 +1,49 @@
+"""bench/prepare_gpu_data.py: what travels to a GPU machine, and the configs it trains there."""
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import prepare_gpu_data as P  # noqa: E402
+import train  # noqa: E402
+from core.data import Sample  # noqa: E402
+
+
+def _sample(source, rel):
+    return Sample(path=f"/x/{source}/{rel}", rel=rel, label="glioma", original="glioma", source=source)
+
+
+def test_travelling_keeps_train_and_val_and_every_nth_test_file():
+    record = {"a": {"train": ["t1.jpg"], "val": ["v1.jpg"], "test": [f"x{k}.jpg" for k in range(10)]},
+              "b": {"train": ["t1.jpg"], "val": [], "test": []}}
+    samples = [_sample("a", "t1.jpg"), _sample("a", "v1.jpg"), _sample("b", "t1.jpg"),
+               _sample("b", "v1.jpg"),  # not in the record: stays here
+               *[_sample("a", f"x{k}.jpg") for k in range(10)]]
+    go = P.travelling(samples, record, test_every=4)
+    assert go[:4] == [True, True, True, False]
+    assert [s.rel for s, g in zip(samples[4:], go[4:]) if g] == ["x0.jpg", "x4.jpg", "x8.jpg"]
+
+
+@pytest.mark.parametrize("config", ["experiments/resnet18_192_gpu.toml", "experiments/resnet18_192_gpu_ema.toml"])
+def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_path):
+    """The device's config differs from the original only in where it reads and writes and in
+    the crop (its images are cropped already): every option --finish-from compares is the same,
+    or the finish here would refuse the run."""
+    text = (ROOT / config).read_text()
+    orig = tomllib.loads(text)
+    roots = {d["path"]: f"gpu/data/{d['name']}" for d in orig["data"]}
+    dev_text = P.device_config(text, Path(config).stem, roots)
+    dev = tomllib.loads(dev_text)
+    assert [d["path"] for d in dev["data"]] == [roots[d["path"]] for d in orig["data"]]
+    assert [d["name"] for d in dev["data"]] == [d["name"] for d in orig["data"]]
+    assert dev["crop"] == "none" and dev["split_from"] == "gpu/split"
+    assert dev["out"] == f"gpu/out/{Path(config).stem}"
+    changed = {k for k in orig.keys() | dev.keys() if orig.get(k) != dev.get(k)}
+    assert changed <= {"data", "out", "split_from", "crop", "workers", "no_progress"}
+    (tmp_path / "dev.toml").write_text(dev_text)
+    a = train.parse_args(["--config", str(ROOT / config)])
+    b = train.parse_args(["--config", str(tmp_path / "dev.toml")])
+    assert {k: getattr(a, k) for k in train.TRAINED_WITH} == {k: getattr(b, k) for k in train.TRAINED_WITH}
