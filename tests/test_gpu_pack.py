@@ -28,13 +28,15 @@ def test_travelling_keeps_train_and_val_and_every_nth_test_file():
 
 
 @pytest.mark.parametrize("config", ["experiments/resnet18_192_gpu.toml", "experiments/resnet18_192_gpu_ema.toml"])
-def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_path):
+def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_path, monkeypatch):
     """The device's config differs from the original only in where it reads and writes and in
     the crop (its images are cropped already): every option --finish-from compares is the same,
     or the finish here would refuse the run."""
     text = (ROOT / config).read_text()
     orig = tomllib.loads(text)
-    roots = {d["path"]: f"gpu/data/{d['name']}" for d in orig["data"]}
+    roots = {d["path"]: str(tmp_path / "data" / d["name"]) for d in orig["data"]}
+    for r in roots.values():  # train.py's parser wants each data root to exist
+        Path(r).mkdir(parents=True)
     dev_text = P.device_config(text, Path(config).stem, roots)
     dev = tomllib.loads(dev_text)
     assert [d["path"] for d in dev["data"]] == [roots[d["path"]] for d in orig["data"]]
@@ -43,7 +45,10 @@ def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_pat
     assert dev["out"] == f"gpu/out/{Path(config).stem}"
     changed = {k for k in orig.keys() | dev.keys() if orig.get(k) != dev.get(k)}
     assert changed <= {"data", "out", "split_from", "crop", "workers", "no_progress"}
-    (tmp_path / "dev.toml").write_text(dev_text)
+    monkeypatch.chdir(ROOT)  # the configs' relative paths; the device's split is packed beside it
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "split.json").write_text((ROOT / orig["split_from"] / "split.json").read_text())
+    (tmp_path / "dev.toml").write_text(dev_text.replace('"gpu/split"', f'"{tmp_path / "split"}"'))
     a = train.parse_args(["--config", str(ROOT / config)])
     b = train.parse_args(["--config", str(tmp_path / "dev.toml")])
     assert {k: getattr(a, k) for k in train.TRAINED_WITH} == {k: getattr(b, k) for k in train.TRAINED_WITH}
