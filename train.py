@@ -408,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = ddp_device or pick_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":  # one input size for the whole run: let cuDNN time and keep its fastest kernels
+        torch.backends.cudnn.benchmark = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:
@@ -484,9 +486,8 @@ def run(args: argparse.Namespace) -> int:
     if len(idx["train"]) < 2 or len(idx["val"]) == 0:
         raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
-    model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     lesions = None
-    if args.mask_loss > 0:
+    if args.mask_loss > 0:  # before the model goes to the device: its worker processes fork a CUDA-free parent
         lesions = E.cache_lesions(samples, spec, workers=args.workers)
         n_masked = int(lesions[1][idx["train"]].sum())
         args.mask_record = {"weight": args.mask_loss, "loss": "pointing (class map vs tumour mask)",
@@ -494,6 +495,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"mask loss {args.mask_loss}: {n_masked} training images have a tumour mask"
             + ("" if n_masked else " (none: the loss does nothing; masks are read from <root>/masks/)"),
             flush=True)
+    model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
     steps_per_epoch = max(1, len(idx["train"]) // (args.batch_size * world))
@@ -570,7 +572,8 @@ def run(args: argparse.Namespace) -> int:
             "dropped_small_head": dropped, "files": D.split_record(samples)}))
         DD.barrier(world)
     if args.finish_from:
-        history, train_time = adopt_trained(model, Path(args.finish_from), args, classes)
+        history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources,
+                                            D.split_record(samples))
         write_json(out / "history.json", history)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)
@@ -611,10 +614,13 @@ def run(args: argparse.Namespace) -> int:
                   f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
             # the low-resolution warm-up of progressive resizing never stops a run
             is_best, best, bad = judge_epoch(epoch, va["loss"], best, bad, warmup_epochs, counts=not small)
-            if is_best:
-                torch.save(judged.state_dict(), out / "best.pt")
+            if is_best:  # written whole, then swapped in: a run killed here keeps its previous best
+                torch.save(judged.state_dict(), out / "best.pt.tmp")
+                os.replace(out / "best.pt.tmp", out / "best.pt")
                 shipped_average, best_epoch = None, epoch + 1
             write_json(out / "history.json", history)
+            write_json(out / TRAINED, trained_record(args, classes, sources, device, precision,
+                                                     best_epoch, train_time))
             E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
                               bad=bad, best_epoch=best_epoch, rng=torch.get_rng_state(),
@@ -643,7 +649,8 @@ PREVIOUS = "previous"  # a fresh run puts the files another run left into out/pr
 # What train.py and the later commands on its folder write: only these are moved, whatever else
 # the folder holds (--out . must not move a repository's own files).
 RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors.tmp", "card.json", "eval.json",
-             "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json")
+             "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json",
+             "trained.json", "salvaged.safetensors", "best.pt.tmp")
 
 
 def move_aside(out: Path, names: list[str]) -> tuple[list[str], Path | None]:
@@ -700,38 +707,86 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
                 "small_img_epochs", "mask_loss", "aug", "skull_strip_p", "rotate", "shear", "turn_p",
-                "blur_p", "gamma_log", "seed", "patience")
+                "blur_p", "gamma_log", "seed", "patience", "limit", "min_head", "binary")
+# What a run records of itself from its first epoch on, for --finish-from when it was stopped
+# before its card (a time limit on a lent GPU); removed once the card is written.
+TRAINED = "trained.json"
 
 
-def adopt_trained(model, src: Path, args, classes: list[str]) -> tuple[list, float]:
+def trained_record(args, classes, sources, device, precision, best_epoch, train_time) -> dict:
+    return {"arch": args.arch, "classes": classes, "options": {k: getattr(args, k) for k in TRAINED_WITH},
+            "device": device_name(device), "precision": precision, "command": getattr(args, "command", None),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "sources": [{"name": s["name"], "path": s["path"], "weight": s["weight"]} for s in sources],
+            "best_epoch": best_epoch, "train_time_s": round(train_time, 1)}
+
+
+def _adopted(src: Path) -> tuple[dict, Path, str | None]:
+    """(what the run says of itself, its weights file, their recorded SHA-256 or None): from its
+    card when it finished, else from trained.json beside its shipped or salvaged weights."""
+    if (src / "card.json").is_file():
+        card = json.loads((src / "card.json").read_text())
+        t = card["training"]
+        record = {"arch": card.get("arch"), "classes": card.get("classes"), "options": t.get("options"),
+                  "device": t.get("device"), "precision": t.get("precision"), "command": card.get("command"),
+                  "date": card.get("date"), "sources": card.get("sources", []), "best_epoch": t.get("best_epoch"),
+                  "train_time_s": t.get("train_time_s"), "init": t.get("init"),
+                  "weight_average": t.get("weight_average"), "metrics_there": card.get("metrics"),
+                  "preprocessing": card.get("preprocessing")}
+        return record, src / "model.safetensors", card.get("weights_sha256")
+    record = json.loads((src / TRAINED).read_text())
+    for name in ("model.safetensors", "salvaged.safetensors"):  # stopped after its weights, or mid-run
+        if (src / name).is_file():
+            return record | {"salvaged": name}, src / name, None
+    raise OSError(f"no model.safetensors or salvaged.safetensors in {src}")
+
+
+def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict],
+                  split_here: dict) -> tuple[list, float]:
     """Load the weights and history of a run trained elsewhere (--finish-from) into ``model``.
 
-    Its card must name this architecture, these classes and these training options: the card
-    written here describes that training, so a mismatch would describe another run."""
+    The card written here describes that training and tests on this split: refused unless the
+    run names this architecture, these classes, these options, these sources and weights, and
+    none of its training or validation images has another role here."""
     try:
-        card = json.loads((src / "card.json").read_text())
+        record, weights, sha = _adopted(src)
         history = json.loads((src / "history.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"--finish-from {src}: not a finished run's folder ({e})") from None
-    options = (card.get("training") or {}).get("options") or {}
-    differ = [k for k in TRAINED_WITH if options.get(k) != getattr(args, k)]
-    if card.get("arch") != args.arch or card.get("classes") != classes or differ:
+        split_there = json.loads((src / "split.json").read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"--finish-from {src}: not a run's folder ({e})") from None
+    options = record.get("options") or {}
+    differ = [k for k in TRAINED_WITH if k in options and options[k] != getattr(args, k)]
+    if record.get("arch") != args.arch or record.get("classes") != classes or differ or not options:
         raise DataError(f"--finish-from {src}: trained with other settings "
                         f"({', '.join(differ) or 'architecture or classes'}); give the options it was trained with")
-    if file_sha256(src / "model.safetensors") != card.get("weights_sha256"):
+    mix = lambda ss: sorted((s["name"], float(s["weight"])) for s in ss)
+    if mix(record.get("sources", [])) != mix(sources):
+        raise DataError(f"--finish-from {src}: trained on other sources or source weights "
+                        f"({mix(record.get('sources', []))}); give the same data entries")
+    if moved := roles_moved(split_there, split_here):
+        raise DataError(f"--finish-from {src}: {moved} of its training or validation images have another "
+                        "role in this run's split (give the --split-from it was trained on)")
+    if sha is not None and file_sha256(weights) != sha:
         raise DataError(f"--finish-from {src}: model.safetensors is not the file its card describes")
-    model.load_state_dict(E.shipped_state(model, src))
-    t = card["training"]
-    args.best_epoch_record = t.get("best_epoch")
-    args.init_record, args.average_record = t.get("init"), t.get("weight_average")
-    args.elsewhere_record = {"from": str(src), "device": t.get("device"), "precision": t.get("precision"),
-                             "command": card.get("command"), "date": card.get("date"),
-                             "data": [s["path"] for s in card.get("sources", [])],
-                             "preprocessing": card.get("preprocessing"),
-                             "weights_sha256": card.get("weights_sha256"),
-                             "libraries": card.get("libraries"),
-                             "metrics_there": card.get("metrics")}
-    return history, float(t.get("train_time_s") or 0.0)
+    from safetensors.torch import load_file
+    ref = model.state_dict()
+    model.load_state_dict({k: v.to(ref[k].dtype) for k, v in load_file(weights).items()})
+    args.best_epoch_record = record.get("best_epoch")
+    args.init_record, args.average_record = record.get("init"), record.get("weight_average")
+    args.elsewhere_record = {"from": str(src), "weights_sha256": file_sha256(weights),
+                             "data": [s["path"] for s in record.get("sources", [])],
+                             **{k: record.get(k) for k in ("device", "precision", "command", "date",
+                                                           "preprocessing", "metrics_there", "salvaged")
+                                if record.get(k) is not None}}
+    return history, float(record.get("train_time_s") or 0.0)
+
+
+def roles_moved(there: dict, here: dict) -> int:
+    """How many training or validation files of one split record have another role in another
+    (files the other does not hold are not counted: a record may cover fewer files)."""
+    role = {(src, rel): k for src, splits in here.items() for k, rels in splits.items() for rel in rels}
+    return sum(1 for src, splits in there.items() for k in ("train", "val") for rel in splits.get(k, [])
+               if role.get((src, rel), k) != k)
 
 
 def average_with_init(model, init: str, val_images, val_masks, spec, device, precision) -> dict:
@@ -813,7 +868,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         old = json.loads((out / "card.json").read_text())
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
     write_json(out / "card.json", card)
-    for f in ("best.pt",):
+    for f in ("best.pt", TRAINED):  # the card now says what trained.json said
         (out / f).unlink(missing_ok=True)
     print(json.dumps({"test_accuracy": ev.get("accuracy"), "macro_f1": ev.get("macro_f1"),
                       "tumour_missed": ev.get("tumour_missed"), "ece": ev.get("ece"),

@@ -49,12 +49,12 @@ def travelling(samples: list[D.Sample], record: dict, test_every: int) -> list[b
 
 def device_config(text: str, name: str, roots: dict[str, str]) -> str:
     """A config's TOML pointed at the packed images: each data path replaced by its packed root,
-    the split, output, crop and workers set for the GPU machine."""
+    the split, output, crop, workers and threads set for the GPU machine (two runs share its cores)."""
     for path, packed in roots.items():
         text = text.replace(f'"{path}"', f'"{packed}"')
-    text = re.sub(r'(?m)^(out|split_from|crop|workers|no_progress|init)\s*=.*\n', "", text)
+    text = re.sub(r'(?m)^(out|split_from|crop|workers|threads|no_progress|init)\s*=.*\n', "", text)
     settings = (f'out = "gpu/out/{name}"\nsplit_from = "gpu/split"\ncrop = "none"\n'
-                f'workers = 8\nno_progress = true\n')
+                f'workers = 8\nthreads = 4\nno_progress = true\n')
     head, sep, rest = text.partition("\ndata = [")
     return head.rstrip("\n") + "\n" + settings + sep.lstrip("\n") + rest if sep else text + settings
 

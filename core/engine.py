@@ -335,7 +335,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
             f = feats.pop("f", None)
             if lesion is not None and lesion.any():
                 cls = allowed.float().argmax(1)
-                point = pointing_loss(class_maps(plain, f)[torch.arange(len(idx)), cls], lesion)
+                point = pointing_loss(class_maps(plain, f)[torch.arange(len(idx), device=cls.device), cls], lesion)
                 loss = cls_loss + mask_weight * point
                 point_sum += point.item(); point_n += 1
             optimizer.zero_grad(set_to_none=True)
@@ -468,6 +468,19 @@ def shipped_state(model: torch.nn.Module, weights_dir: str | Path) -> dict:
     from safetensors.torch import load_file
     ref = model.state_dict()
     return {k: v.to(ref[k].dtype) for k, v in load_file(Path(weights_dir) / "model.safetensors").items()}
+
+
+def salvage_best(run_dir: str | Path) -> Path | None:
+    """The best epoch's weights of a run stopped before its finish (a time limit on a lent GPU),
+    as the fp16 ``salvaged.safetensors`` that ``train.py --finish-from`` takes; None without best.pt."""
+    from safetensors.torch import save_file
+    best = Path(run_dir) / "best.pt"
+    if not best.is_file():
+        return None
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    dest = Path(run_dir) / "salvaged.safetensors"
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, dest)
+    return dest
 
 
 def average_states(a: dict, b: dict) -> dict:

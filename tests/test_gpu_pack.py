@@ -44,7 +44,7 @@ def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_pat
     assert dev["crop"] == "none" and dev["split_from"] == "gpu/split"
     assert dev["out"] == f"gpu/out/{Path(config).stem}"
     changed = {k for k in orig.keys() | dev.keys() if orig.get(k) != dev.get(k)}
-    assert changed <= {"data", "out", "split_from", "crop", "workers", "no_progress"}
+    assert changed <= {"data", "out", "split_from", "crop", "workers", "threads", "no_progress"}
     monkeypatch.chdir(ROOT)  # the configs' relative paths; the device's split is packed beside it
     (tmp_path / "split").mkdir()
     (tmp_path / "split" / "split.json").write_text((ROOT / orig["split_from"] / "split.json").read_text())

@@ -422,9 +422,9 @@ def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
     assert "calibrated and evaluated on" in t["device"]
     assert card["metrics"] and (tmp_path / "here" / "eval.json").is_file()
 
-    def refused(extra, src):
+    def refused(extra, src, base=common):
         env = {**os.environ, "BT_CACHE": str(cache)}
-        r = subprocess.run([sys.executable, "train.py", *map(str, common), *map(str, extra), "--no-progress",
+        r = subprocess.run([sys.executable, "train.py", *map(str, base), *map(str, extra), "--no-progress",
                             "--out", str(tmp_path / "refused"), "--finish-from", str(src),
                             "--split-from", str(there)],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -441,4 +441,45 @@ def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
     (altered / "model.safetensors").write_bytes(bytes(raw))
     assert "not the file its card describes" in refused([], altered)
     (altered / "card.json").unlink()
-    assert "not a finished run's folder" in refused([], altered)
+    assert "not a run's folder" in refused([], altered)   # no card and no trained.json
+    assert "other settings (limit)" in refused(["--limit", 39], there)
+    assert "other sources or source weights" in refused([], there, base=["--data", f"{data}=2", *common[2:]])
+    # A split on which its training images are tested here is refused.
+    run_train([*common, "--out", tmp_path / "reseeded", "--seed", 7, "--epochs", 1], cache)
+    env = {**os.environ, "BT_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "train.py", *map(str, common), "--no-progress", "--out",
+                        str(tmp_path / "refused"), "--finish-from", str(there), "--split-from",
+                        str(tmp_path / "reseeded")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "another role in this run's split" in r.stderr, r.stderr
+
+
+def test_finish_from_cards_a_run_stopped_before_its_card(tmp_path, monkeypatch):
+    """A run stopped by a time limit after some epochs (no card): its best epoch's weights are
+    salvaged (core.engine.salvage_best) and carded from trained.json, which says so."""
+    import train
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data)
+    monkeypatch.setenv("BT_CACHE", str(cache))
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
+              "--workers", 1, "--epochs", 3, "--lr", 0.01, "--no-progress"]
+    there = tmp_path / "there"
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt  # the time limit, after the last epoch and before the card
+    monkeypatch.setattr(train, "finish", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*map(str, common), "--out", str(there)])
+    monkeypatch.undo()
+    assert not (there / "card.json").exists() and (there / "trained.json").is_file()
+    salvaged = E.salvage_best(there)
+    assert salvaged == there / "salvaged.safetensors"
+    best_epoch = json.loads((there / "trained.json").read_text())["best_epoch"]
+    log = run_train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there], cache)
+    card = json.loads((tmp_path / "here" / "card.json").read_text())
+    t = card["training"]
+    assert t["trained_elsewhere"]["salvaged"] == "salvaged.safetensors"
+    assert t["best_epoch"] == best_epoch and t["epochs_run"] == 3
+    assert not (tmp_path / "here" / "trained.json").exists()   # the card says it now
+    from safetensors.torch import load_file
+    a, b = load_file(salvaged), load_file(tmp_path / "here" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
