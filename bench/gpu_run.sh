@@ -16,6 +16,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 BT_CACHE=/tmp/btcache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, torchvision; print('torch', torch.__version__, torchvision.__version__, 'cuda', torch.cuda.is_available())"
 configs=(gpu/*.toml)
+# The GPU's training throughput alone (issue 3 asks for it; the runs below share the GPU):
+timeout 90 python3 bench/train_throughput.py --arch resnet18 --img 192 --device cuda --precision bf16 \
+    --steps 50 > gpu/out/logs/throughput.log 2>&1; tail -3 gpu/out/logs/throughput.log
 # A check of the whole path (CUDA, worker processes, mask loss, EMA, finish) for every config at
 # once on 60 images a source: a bug found here costs a minute of the session's device time, not the runs.
 for cfg in "${configs[@]}"; do
