@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -342,24 +343,50 @@ def _eval_json(weights_dir: str | Path) -> dict | None:
     f = Path(weights_dir) / "eval.json"
     if not f.is_file():
         return None
-    ev = _read_json(str(f.resolve()), f.stat().st_mtime_ns)
-    # every page decides its records by the card's classes: a record without one was a KeyError
     try:
-        ours, theirs = load_card(weights_dir)["classes"], ev.get("classes")
+        ours = tuple(load_card(weights_dir)["classes"])
     except (OSError, ValueError):  # no card to compare with: what cannot serve is said elsewhere
-        return ev
-    if isinstance(theirs, list) and set(theirs) != set(ours):
-        raise _OtherClasses(f"{f} holds results for the classes {', '.join(map(str, theirs))}, not the card's "
-                            f"{', '.join(ours)}: the per-image test results cannot be shown.")
-    return ev
+        ours = None
+    return _read_json(str(f.resolve()), f.stat().st_mtime_ns, ours)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_json(path: str, mtime_ns: int) -> dict:
+def _read_json(path: str, mtime_ns: int, classes: tuple[str, ...] | None) -> dict:
+    """eval.json checked against the card's ``classes`` once per file version: every page decides
+    its records by those classes, so one record short of a class (or holding NaN) was a KeyError
+    on the Evaluation and Diagnose pages, or a crash of the ROC curve."""
     ev = json.loads(Path(path).read_text())
     if not isinstance(ev, dict) or not isinstance(ev.get("predictions"), list):  # every page reads them
         raise ValueError("no list of per-image predictions")
+    theirs = ev.get("classes")
+    if classes is not None and isinstance(theirs, list) and set(theirs) != set(classes):
+        raise _OtherClasses(f"{path} holds results for the classes {', '.join(map(str, theirs))}, not the "
+                            f"card's {', '.join(classes)}: the per-image test results cannot be shown.")
+    wanted = classes or (tuple(theirs) if isinstance(theirs, list) else None)
+    for k, record in enumerate(ev["predictions"]):
+        if (why := _record_problem(record, wanted)):
+            raise ValueError(f"its record {k + 1} {why}")
     return ev
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | None:
+    """What an eval.json record lacks that the pages read: its label, and a finite probability
+    of every class (of its own ones where the card is unreadable)."""
+    if not isinstance(record, dict) or not isinstance(record.get("label"), str):
+        return "has no label"
+    probs = record.get("probs")
+    if not isinstance(probs, dict):
+        return "has no probabilities"
+    for c in classes or tuple(probs):
+        if not _finite(probs.get(c)):
+            return f"has no finite probability of '{c}'"
+    if record.get("tumour_probability") is not None and not _finite(record["tumour_probability"]):
+        return "has a tumour probability that is not a finite number"
+    return None
 
 
 def loss_note(training: dict) -> str | None:
@@ -457,8 +484,12 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
         raise
     except Exception as e:  # the Evaluation page shows a ScanError as one sentence
         raise ScanError(f"The zip archive could not be read ({type(e).__name__}).") from e
-    items = [(name, normalise_label(folder), content) for folder, name, content in members]
-    return items, [{"file": name, "error": why} for name, why in members.skipped]
+    # names made unique, as an upload batch's are: 'glioma/a.jpg' and './glioma/a.jpg' were one
+    # name, and the gallery, keyed by name, showed the other scan for a missed tumour
+    names = unique_names([name for _, name, _ in members] + [name for name, _ in members.skipped])
+    items = [(name, normalise_label(folder), content)
+             for name, (folder, _, content) in zip(names, members)]
+    return items, [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]
 
 
 def volume_slices(data: bytes, name: str) -> int:

@@ -4,9 +4,11 @@ Nothing here writes a file, so a member's path is only ever a label; even so, me
 absolute or ``..`` paths are refused (a zip carrying them was not made by a scanner export), as
 are links and encrypted members. Hidden files and macOS ``__MACOSX`` resource forks are skipped
 silently and count towards no limit. Zip bombs are bounded by sizes, not guessed from ratios: the
-number of entries is checked in the end record before the listing is parsed, members are
-inflated only while ``budget`` (their declared sizes) lasts, and a read stops at the declared
-size, so a lying header cannot inflate more. A well-compressed scan (a NIfTI label map is mostly
+number of entries and the listing's size are checked in the end record (or the zip64 one)
+before the listing is parsed, members are inflated only while ``budget`` (their declared sizes)
+lasts, and a read stops at the declared size, so a lying header cannot inflate more. That stop
+holds for stored and deflated members only (zipfile bounds no other decompressor), so bzip2 and
+lzma members are refused. A well-compressed scan (a NIfTI label map is mostly
 zeros) is therefore read like any other.
 """
 from __future__ import annotations
@@ -25,6 +27,11 @@ MAX_ENTRIES = 4 * MAX_MEMBERS        # entries of any kind, from the end record,
 MAX_TOTAL_BYTES = 4 * MAX_BYTES      # everything inflated, held in memory at once
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 UTF8_FLAG, UNICODE_PATH_EXTRA = 0x800, 0x7075
+ZIP64_LOCATOR, ZIP64_END = 20, 56    # bytes of the zip64 end locator and of its end record
+CD_ENTRY_BYTES = 46                  # a listing entry without its name, extra field and comment
+MAX_NAME_BYTES = 300                 # a generous average for a path plus extra fields
+# zipfile stops a read at the declared size only for these (it bounds no other decompressor)
+READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
 
 
 class ZipMembers(list):
@@ -93,14 +100,32 @@ def _is_junk(name: str) -> bool:
     return hidden or "__MACOSX" in parts or parts[-1].lower() in JUNK_NAMES
 
 
-def _declared_entries(data: bytes) -> int | None:
-    """The entry count the end-of-central-directory record declares (None if not found, or
-    zip64): read before zipfile parses the listing, which for 600,000 entries takes seconds."""
+def _declared_listing(data: bytes) -> tuple[int, int] | None:
+    """(entries, listing bytes) the end record declares, the zip64 end record's where one stands
+    before it, as zipfile reads them (None if no end record): read before zipfile parses the
+    listing, which for 450,000 entries takes seconds and hundreds of MB."""
     at = data.rfind(b"PK\x05\x06", max(0, len(data) - 2**16 - 22))
-    if at < 0 or at + 12 > len(data):
+    if at < 0 or at + 16 > len(data):
         return None
-    count = struct.unpack_from("<H", data, at + 10)[0]
-    return None if count == 0xFFFF else count
+    declared = struct.unpack_from("<HI", data, at + 10)
+    z64 = at - ZIP64_LOCATOR - ZIP64_END
+    if z64 >= 0 and data[at - ZIP64_LOCATOR:at - ZIP64_LOCATOR + 4] == b"PK\x06\x07" \
+            and data[z64:z64 + 4] == b"PK\x06\x06":
+        # zipfile takes these over the 16-bit count (0xFFFF past 65,535 entries) whatever it says
+        declared = struct.unpack_from("<QQ", data, z64 + 32)
+    return declared
+
+
+def _listing_problem(data: bytes) -> str | None:
+    """Why the listing is too large to parse: zipfile parses as many entries as the listing's
+    declared size holds, whatever their count says, so both are bounded."""
+    entries, size = _declared_listing(data) or (0, 0)
+    if entries > MAX_ENTRIES:
+        return f"The zip archive holds more than {MAX_MEMBERS} files."
+    if size > MAX_ENTRIES * (CD_ENTRY_BYTES + MAX_NAME_BYTES):
+        return (f"The zip archive's list of files is too large (more than {MAX_MEMBERS} files, "
+                "or very long names).")
+    return None
 
 
 def _open_zip(data: bytes) -> zipfile.ZipFile:
@@ -108,8 +133,8 @@ def _open_zip(data: bytes) -> zipfile.ZipFile:
         raise ScanError("The zip archive is empty.")
     if len(data) > MAX_BYTES:
         raise ScanError(f"The zip archive is larger than the {MAX_BYTES // 2**20} MB limit.")
-    if (_declared_entries(data) or 0) > MAX_ENTRIES:
-        raise ScanError(f"The zip archive holds more than {MAX_MEMBERS} files.")
+    if (problem := _listing_problem(data)):
+        raise ScanError(problem)
     try:
         return zipfile.ZipFile(io.BytesIO(data))
     except UnicodeDecodeError as e:  # flagged UTF-8, yet not: zipfile cannot list any member
@@ -127,6 +152,10 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
         return "The file is a link, not a scan."
     if info.flag_bits & 0x1:
         return "The file is encrypted."
+    if info.compress_type not in READABLE_METHODS:
+        # a bzip2 member declaring 1 kB inflated to 600 MB before the size check could stop it
+        return ("The file is compressed with a method this app does not read (bzip2, lzma or "
+                "other): re-zip it with the standard method.")
     if info.file_size == 0:
         return "The file is empty."
     if info.file_size > MAX_BYTES:

@@ -55,11 +55,13 @@ def tumour_gauge(p: float, threshold: float | None, called: bool | None = None) 
 
 # ----------------------------------------------------------------------------- evaluation
 def confusion_heatmap(cm: list[list[int]], classes: list[str], normalise: bool = False) -> go.Figure:
-    """Rows are the true class; with ``normalise`` every row sums to 1 (recall on the diagonal)."""
+    """Rows are the true class; with ``normalise`` every row sums to 1 (recall on the diagonal),
+    and a class without test scans has no row to show ('n/a', not a recall of 0 %)."""
     a = np.asarray(cm, dtype=float)
     if normalise:
-        a = a / np.maximum(a.sum(axis=1, keepdims=True), 1)
-    text = [[f"{v:.0%}" if normalise else f"{int(v)}" for v in row] for row in a]
+        totals = a.sum(axis=1, keepdims=True)
+        a = np.divide(a, totals, out=np.full_like(a, np.nan), where=totals > 0)
+    text = [["n/a" if np.isnan(v) else f"{v:.0%}" if normalise else f"{int(v)}" for v in row] for row in a]
     fig = go.Figure(go.Heatmap(z=a, x=classes, y=classes, colorscale="Blues", text=text,
                                texttemplate="%{text}", showscale=False,
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))

@@ -182,6 +182,15 @@ def sniff(data: bytes) -> str:
     return "other"
 
 
+TAR_REFUSED = "Tar archives are not supported: upload a zip."
+
+
+def _is_tar(data: bytes) -> bool:
+    """A tar archive (plain, or the first bytes inflated from a .tar.gz): its header says
+    'ustar' at byte 257, whatever the file is named."""
+    return data[257:262] == b"ustar"
+
+
 def _suffix(name: str) -> str:
     low = name.lower()
     return ".nii.gz" if low.endswith(".nii.gz") else Path(low).suffix
@@ -753,6 +762,8 @@ def _gunzip_nifti(data: bytes) -> bytes:
     try:
         head = d.decompress(data, 544)
         need = _nifti_nbytes(head)
+        if need is None and _is_tar(head):
+            raise ScanError(TAR_REFUSED)
         if need is None:
             raise ScanError("The compressed file does not contain a NIfTI volume.")
         if need > MAX_DECOMPRESSED:
@@ -967,6 +978,8 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
     if kind == "pdf":
         return ScanError("The file is a PDF document; please upload the scan itself "
                          f"({SUPPORTED}).")
+    if _is_tar(data):
+        return ScanError(TAR_REFUSED)
     if _looks_like_text(data):
         return ScanError("The file contains text (for example a web page), not an image or scan.")
     ext = _suffix(name)

@@ -343,7 +343,8 @@ def test_model_card_says_its_test_figures_include_copies(tmp_path):
     w = tmp_path / "w"
     w.mkdir()
     assert app_support.copies_note(w) is None                     # no eval.json
-    recs = [{"file": "a", "copy_in_training": True}, {"file": "b", "copy_in_training": False}]
+    recs = [{"file": f, "label": "glioma", "probs": {"glioma": 1.0}, "copy_in_training": c}
+            for f, c in (("a", True), ("b", False))]   # records the pages can read (review R)
     (w / "eval.json").write_text(json.dumps({"predictions": recs}))
     assert "Over all 2 test scans, including the 1 with a copy" in app_support.copies_note(w)
 
