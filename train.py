@@ -237,6 +237,10 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what would fail later (after minutes of caching) or leave a damaged run behind."""
     _check_types(p, args)
+    if args.finish_from and (args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        p.error("--finish-from trains nothing: run it alone, without --resume or torchrun")
+    if args.finish_from and args.out and Path(args.finish_from).resolve() == Path(args.out).resolve():
+        p.error("--finish-from DIR --out DIR: the run there would be moved aside first; give another --out")
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         p.error("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
     if args.img < 8 or args.small_img < 0 or 0 < args.small_img < 8:
@@ -718,7 +722,8 @@ def trained_record(args, classes, sources, device, precision, best_epoch, train_
             "device": device_name(device), "precision": precision, "command": getattr(args, "command", None),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "sources": [{"name": s["name"], "path": s["path"], "weight": s["weight"]} for s in sources],
-            "best_epoch": best_epoch, "train_time_s": round(train_time, 1)}
+            "best_epoch": best_epoch, "train_time_s": round(train_time, 1),
+            "init": getattr(args, "init_record", None), "weight_average": getattr(args, "average_record", None)}
 
 
 def _adopted(src: Path) -> tuple[dict, Path, str | None]:
@@ -746,47 +751,56 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
     """Load the weights and history of a run trained elsewhere (--finish-from) into ``model``.
 
     The card written here describes that training and tests on this split: refused unless the
-    run names this architecture, these classes, these options, these sources and weights, and
-    none of its training or validation images has another role here."""
+    run names this architecture, these classes, every one of these options, these sources and
+    weights, and its training and validation images are this run's, in the same roles."""
     try:
         record, weights, sha = _adopted(src)
         history = json.loads((src / "history.json").read_text())
         split_there = json.loads((src / "split.json").read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
+        if not (isinstance(record, dict) and isinstance(history, list) and isinstance(split_there, dict)):
+            raise ValueError("its trained.json, history.json or split.json is not what train.py writes")
+        options = record.get("options")
+        there_mix = sorted((s["name"], float(s["weight"])) for s in record.get("sources") or [])
+        moved, missing, total = roles_moved(split_there, split_here)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"--finish-from {src}: not a run's folder ({e})") from None
-    options = record.get("options") or {}
-    differ = [k for k in TRAINED_WITH if k in options and options[k] != getattr(args, k)]
-    if record.get("arch") != args.arch or record.get("classes") != classes or differ or not options:
+    if not isinstance(options, dict) or set(TRAINED_WITH) - set(options):
+        raise DataError(f"--finish-from {src}: it does not record every option it was trained with "
+                        "(a run of an older train.py); it cannot be finished here")
+    differ = [k for k in TRAINED_WITH if options[k] != getattr(args, k)]
+    if record.get("arch") != args.arch or record.get("classes") != classes or differ:
         raise DataError(f"--finish-from {src}: trained with other settings "
                         f"({', '.join(differ) or 'architecture or classes'}); give the options it was trained with")
-    mix = lambda ss: sorted((s["name"], float(s["weight"])) for s in ss)
-    if mix(record.get("sources", [])) != mix(sources):
-        raise DataError(f"--finish-from {src}: trained on other sources or source weights "
-                        f"({mix(record.get('sources', []))}); give the same data entries")
-    if moved := roles_moved(split_there, split_here):
-        raise DataError(f"--finish-from {src}: {moved} of its training or validation images have another "
-                        "role in this run's split (give the --split-from it was trained on)")
-    if sha is not None and file_sha256(weights) != sha:
-        raise DataError(f"--finish-from {src}: model.safetensors is not the file its card describes")
-    from safetensors.torch import load_file
-    ref = model.state_dict()
-    model.load_state_dict({k: v.to(ref[k].dtype) for k, v in load_file(weights).items()})
+    if there_mix != sorted((s["name"], float(s["weight"])) for s in sources):
+        raise DataError(f"--finish-from {src}: trained on other sources or source weights ({there_mix}); "
+                        "give the same data entries")
+    if moved or missing > max(5, 0.01 * total):  # a few may be dropped as near-empty on one side only
+        raise DataError(f"--finish-from {src}: of its {total} training and validation images, {moved} have "
+                        f"another role in this run's split and {missing} are not in it (give the data and "
+                        "--split-from it was trained on)")
+    if sha is not None and (why := E.weights_mismatch({"weights_sha256": sha}, file_sha256(weights), src)):
+        raise DataError(f"--finish-from {src}: {why}")
+    try:
+        model.load_state_dict(E.state_from_file(model, weights))
+    except Exception as e:  # a cut or foreign file: safetensors' and torch's own errors
+        raise DataError(f"--finish-from {src}: cannot load {weights.name} ({str(e).splitlines()[0]})") from None
     args.best_epoch_record = record.get("best_epoch")
     args.init_record, args.average_record = record.get("init"), record.get("weight_average")
     args.elsewhere_record = {"from": str(src), "weights_sha256": file_sha256(weights),
-                             "data": [s["path"] for s in record.get("sources", [])],
+                             "data": [s.get("path") for s in record.get("sources", [])],
                              **{k: record.get(k) for k in ("device", "precision", "command", "date",
                                                            "preprocessing", "metrics_there", "salvaged")
                                 if record.get(k) is not None}}
     return history, float(record.get("train_time_s") or 0.0)
 
 
-def roles_moved(there: dict, here: dict) -> int:
-    """How many training or validation files of one split record have another role in another
-    (files the other does not hold are not counted: a record may cover fewer files)."""
-    role = {(src, rel): k for src, splits in here.items() for k, rels in splits.items() for rel in rels}
-    return sum(1 for src, splits in there.items() for k in ("train", "val") for rel in splits.get(k, [])
-               if role.get((src, rel), k) != k)
+def roles_moved(there: dict, here: dict) -> tuple[int, int, int]:
+    """(moved, missing, total): of one split record's training and validation files, how many
+    have another role in another record, and how many it does not hold at all."""
+    role = D.split_roles(here)
+    theirs = [(key, k) for key, k in D.split_roles(there).items() if k in ("train", "val")]
+    moved = sum(1 for key, k in theirs if role.get(key, k) != k)
+    return moved, sum(1 for key, _ in theirs if key not in role), len(theirs)
 
 
 def average_with_init(model, init: str, val_images, val_masks, spec, device, precision) -> dict:
@@ -848,7 +862,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     weights_file = out / "model.safetensors"
     old_sha = file_sha256(weights_file) if args.resume and weights_file.is_file() else None
     # Written whole, then swapped in: a run killed here leaves the old weights or the new ones.
-    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, f"{weights_file}.tmp")
+    save_file(E.half_state(state), f"{weights_file}.tmp")
     os.replace(f"{weights_file}.tmp", weights_file)
     args.weights_sha256_record = new_sha = file_sha256(weights_file)   # read once: the card records it
     retire_measurements(out, old_sha, new_sha)
@@ -955,8 +969,8 @@ def _where_trained(args, device: torch.device, precision: str) -> dict:
     """The card's device and precision: the training's, also when it ran elsewhere (--finish-from)."""
     there = getattr(args, "elsewhere_record", None)
     if there:
-        return {"device": f"{there['device']} (calibrated and evaluated on {device_name(device)})",
-                "precision": there["precision"]}
+        return {"device": f"{there.get('device', 'elsewhere')} (calibrated and evaluated on {device_name(device)})",
+                "precision": there.get("precision", precision)}
     return {"device": device_name(device), "precision": precision}
 
 

@@ -34,6 +34,7 @@ for cfg in "${configs[@]}"; do
     fi
 done
 LIMIT=$(( BUDGET - (SECONDS - START) - 45 ))  # 45 s kept for salvage and packing
+[ "$LIMIT" -lt 30 ] && LIMIT=30  # timeout 0 would mean no limit at all
 echo "check runs passed after $(( SECONDS - START )) s; each run may take $LIMIT s"
 for cfg in "${configs[@]}"; do
     m=$(basename "$cfg" .toml)

@@ -628,9 +628,13 @@ def split_record(samples: list[Sample]) -> dict:
     return {src: {k: sorted(v) for k, v in d.items()} for src, d in rec.items()}
 
 
+def split_roles(record: dict) -> dict[tuple[str, str], str]:
+    """A split record ({source: {split: [rel, ...]}}) as (source, rel) -> split."""
+    return {(src, rel): split for src, d in record.items() for split, rels in d.items() for rel in rels}
+
+
 def apply_split_record(samples: list[Sample], record: dict) -> None:
-    lookup = {(src, rel): split for src, d in record.items() for split, rels in d.items()
-              for rel in rels}
+    lookup = split_roles(record)
     for s in samples:
         s.split = lookup.get((s.source, s.rel), "")
 

@@ -465,9 +465,19 @@ def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, cla
 
 def shipped_state(model: torch.nn.Module, weights_dir: str | Path) -> dict:
     """A run's shipped (fp16) weights as a state dict in `model`'s dtypes."""
+    return state_from_file(model, Path(weights_dir) / "model.safetensors")
+
+
+def state_from_file(model: torch.nn.Module, path: str | Path) -> dict:
+    """A safetensors file of `model`'s weights as a state dict in `model`'s dtypes."""
     from safetensors.torch import load_file
     ref = model.state_dict()
-    return {k: v.to(ref[k].dtype) for k, v in load_file(Path(weights_dir) / "model.safetensors").items()}
+    return {k: v.to(ref[k].dtype) for k, v in load_file(path).items()}
+
+
+def half_state(state: dict) -> dict:
+    """Weights as shipped: floating tensors in fp16 (counters kept), contiguous, on the CPU."""
+    return {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
 
 
 def salvage_best(run_dir: str | Path) -> Path | None:
@@ -479,7 +489,7 @@ def salvage_best(run_dir: str | Path) -> Path | None:
         return None
     state = torch.load(best, map_location="cpu", weights_only=True)
     dest = Path(run_dir) / "salvaged.safetensors"
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, dest)
+    save_file(half_state(state), dest)
     return dest
 
 

@@ -52,3 +52,13 @@ def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_pat
     a = train.parse_args(["--config", str(ROOT / config)])
     b = train.parse_args(["--config", str(tmp_path / "dev.toml")])
     assert {k: getattr(a, k) for k in train.TRAINED_WITH} == {k: getattr(b, k) for k in train.TRAINED_WITH}
+
+
+def test_device_config_keeps_its_settings_top_level_with_data_tables():
+    """A config written with [[data]] tables: the device's settings must not fall into the last table."""
+    import tomllib
+    text = ('# a comment\narch = "resnet18"\nimg = 192\n\n[[data]]\npath = "../shared/data/br35h"\n'
+            'name = "br35h"\nweight = 1.0\n')
+    dev = tomllib.loads(P.device_config(text, "x", {"../shared/data/br35h": "gpu/data/br35h"}))
+    assert dev["crop"] == "none" and dev["out"] == "gpu/out/x" and dev["split_from"] == "gpu/split"
+    assert dev["data"] == [{"path": "gpu/data/br35h", "name": "br35h", "weight": 1.0}]

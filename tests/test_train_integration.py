@@ -422,11 +422,11 @@ def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
     assert "calibrated and evaluated on" in t["device"]
     assert card["metrics"] and (tmp_path / "here" / "eval.json").is_file()
 
-    def refused(extra, src, base=common):
+    def refused(extra, src, base=common, split_from=there):
         env = {**os.environ, "BT_CACHE": str(cache)}
+        split = ["--split-from", str(split_from)] if split_from else []
         r = subprocess.run([sys.executable, "train.py", *map(str, base), *map(str, extra), "--no-progress",
-                            "--out", str(tmp_path / "refused"), "--finish-from", str(src),
-                            "--split-from", str(there)],
+                            "--out", str(tmp_path / "refused"), "--finish-from", str(src), *split],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "refused" / "card.json").exists()
@@ -439,11 +439,31 @@ def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
     raw = bytearray((altered / "model.safetensors").read_bytes())
     raw[-1] ^= 1
     (altered / "model.safetensors").write_bytes(bytes(raw))
-    assert "not the file its card describes" in refused([], altered)
+    assert "the ones its card describes" in refused([], altered)
     (altered / "card.json").unlink()
     assert "not a run's folder" in refused([], altered)   # no card and no trained.json
     assert "other settings (limit)" in refused(["--limit", 39], there)
     assert "other sources or source weights" in refused([], there, base=["--data", f"{data}=2", *common[2:]])
+    assert "without --resume or torchrun" in refused(["--resume"], there)
+    # A run of an older train.py (no options recorded) is refused for that reason.
+    old_card = tmp_path / "old_card"
+    shutil.copytree(there, old_card)
+    c = json.loads((old_card / "card.json").read_text())
+    del c["training"]["options"]
+    (old_card / "card.json").write_text(json.dumps(c))
+    assert "does not record every option" in refused([], old_card)
+    # A damaged split record or history: one sentence.
+    for name, junk in (("split.json", {"files": [1, 2]}), ("history.json", {"epoch": 1})):
+        bad = tmp_path / f"bad_{name}"
+        shutil.copytree(there, bad)
+        (bad / name).write_text(json.dumps(junk))
+        assert "not a run's folder" in refused([], bad)
+    # The same images read under another source root (other relative names) are not "this run's".
+    moved_root = tmp_path / "moved_root"
+    shutil.copytree(data, moved_root / "inner")
+    cfg = tmp_path / "moved.toml"
+    cfg.write_text(f'data = [{{ path = "{moved_root}", name = "{data.name}" }}]\n')
+    assert "are not in it" in refused([], there, base=["--config", cfg, *common[2:]], split_from=None)
     # A split on which its training images are tested here is refused.
     run_train([*common, "--out", tmp_path / "reseeded", "--seed", 7, "--epochs", 1], cache)
     env = {**os.environ, "BT_CACHE": str(cache)}
@@ -473,7 +493,9 @@ def test_finish_from_cards_a_run_stopped_before_its_card(tmp_path, monkeypatch):
     assert not (there / "card.json").exists() and (there / "trained.json").is_file()
     salvaged = E.salvage_best(there)
     assert salvaged == there / "salvaged.safetensors"
-    best_epoch = json.loads((there / "trained.json").read_text())["best_epoch"]
+    trained = json.loads((there / "trained.json").read_text())
+    best_epoch = trained["best_epoch"]
+    assert {"init", "weight_average", "options", "sources"} <= trained.keys()  # a continued run says so too
     log = run_train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there], cache)
     card = json.loads((tmp_path / "here" / "card.json").read_text())
     t = card["training"]
