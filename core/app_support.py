@@ -818,8 +818,10 @@ def _cache(name: str, size: int, max_bytes: int | None = None) -> LRU:
 
 def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
                 slice_index: int | None = None) -> ScanImage:
-    return _cache("_scans", 16, 64 * 2**20).get_or((key, slice_index),
-                                       lambda: read_upload(data, name, slice_index))
+    # Bounded by bytes, not by a small count: each rerun reads every row of a batch again, and
+    # 16 entries made a 40-scan batch re-read 24+ files on every click.
+    return _cache("_scans", 1024, 64 * 2**20).get_or((key, slice_index),
+                                                     lambda: read_upload(data, name, slice_index))
 
 
 def cached_slice_count(data: bytes, name: str) -> int:

@@ -182,3 +182,36 @@ def test_a_tar_archive_is_said_to_be_one(name, data):
         read_scan(data, name)
     with pytest.raises(ScanError, match="Tar archives"):
         app_support.read_upload(data, name)
+
+
+# ----------------------------------------------------------------------------- reruns of a batch
+def test_a_rerun_of_a_40_scan_batch_reads_no_file_again(random_weights, monkeypatch):
+    """Every widget click reruns the page, which analyses every row again: the scans must come
+    from the session's cache (bounded by bytes), not be decoded again (16 entries did that)."""
+    from PIL import Image
+    monkeypatch.setenv("BT_WEIGHTS", str(random_weights))
+    reads = {"n": 0}
+    real = app_support.read_upload
+
+    def counting(*a, **k):
+        reads["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(app_support, "read_upload", counting)
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(buf, "w") as z:
+        for k in range(40):
+            img = Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).resize((96, 96))
+            b = io.BytesIO()
+            img.save(b, "PNG")
+            z.writestr(f"batch/{k}.png", b.getvalue())
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300).run()
+    at.switch_page("app_pages/diagnose.py").run()
+    at.file_uploader[0].set_value([("batch.zip", buf.getvalue(), "application/zip")]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert reads["n"] >= 40
+    reads["n"] = 0
+    details = next(s for s in at.selectbox if s.label == "Show the details of")
+    details.set_value(details.options[5]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert reads["n"] == 0
