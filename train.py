@@ -570,14 +570,13 @@ def run(args: argparse.Namespace) -> int:
             # (rank 0's state alone is saved: under DDP each rank keeps its own seeded stream)
             torch.cuda.set_rng_state(resume["rng_cuda"], device)
         say(f"resumed from epoch {start_epoch}", flush=True)
+    split_files = D.split_record(samples)
     if rank == 0:
         (out / "split.json").write_text(json.dumps({
-            "method": method, "from": origin,
-            "dropped_small_head": dropped, "files": D.split_record(samples)}))
+            "method": method, "from": origin, "dropped_small_head": dropped, "files": split_files}))
         DD.barrier(world)
     if args.finish_from:
-        history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources,
-                                            D.split_record(samples))
+        history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources, split_files)
         write_json(out / "history.json", history)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)

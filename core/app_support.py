@@ -9,7 +9,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -369,10 +368,6 @@ def _read_json(path: str, mtime_ns: int, classes: tuple[str, ...] | None) -> dic
     return ev
 
 
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | None:
     """What an eval.json record lacks that the pages read: its label, and a finite probability
     of every class (of its own ones where the card is unreadable)."""
@@ -382,9 +377,9 @@ def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | No
     if not isinstance(probs, dict):
         return "has no probabilities"
     for c in classes or tuple(probs):
-        if not _finite(probs.get(c)):
+        if not inference.finite_number(probs.get(c)):
             return f"has no finite probability of '{c}'"
-    if record.get("tumour_probability") is not None and not _finite(record["tumour_probability"]):
+    if record.get("tumour_probability") is not None and not inference.finite_number(record["tumour_probability"]):
         return "has a tumour probability that is not a finite number"
     return None
 

@@ -78,12 +78,13 @@ def load_card(weights_dir: str | Path) -> dict:
     return card
 
 
-def _number(v) -> bool:
+def finite_number(v) -> bool:
+    """A real int or float (not a bool), finite: what a card or eval.json field must hold."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive(v) -> bool:
-    return _number(v) and v > 0
+    return finite_number(v) and v > 0
 
 
 # The operating point's fields that are rates: a hand edit to text or NaN must not reach a page.
@@ -103,7 +104,7 @@ def _served_blocks_problem(card: dict) -> str | None:
                                 and all(_positive(tta.get(k)) for k in ("below_confidence", "selection_temperature"))):
         return "its tta block needs below_confidence and selection_temperature (positive numbers)"
     spec = card["preprocessing"]  # what `core.preprocess` reads for every served image
-    if not (isinstance(spec.get("size"), int) and _positive(spec["size"]) and _number(spec.get("mean"))
+    if not (isinstance(spec.get("size"), int) and _positive(spec["size"]) and finite_number(spec.get("mean"))
             and _positive(spec.get("std"))):
         return "its preprocessing block needs size (a positive whole number), mean and std (numbers, std above 0)"
     if spec.get("crop", "head") not in ("head", "none"):  # a typo would silently turn the head crop off
@@ -113,7 +114,7 @@ def _served_blocks_problem(card: dict) -> str | None:
 
 def _not_rates(block: dict, keys: tuple[str, ...]) -> list[str]:
     """The keys of ``block`` that are present but not a finite number in [0, 1]."""
-    return [k for k in keys if block.get(k) is not None and not (_number(block[k]) and 0 <= block[k] <= 1)]
+    return [k for k in keys if block.get(k) is not None and not (finite_number(block[k]) and 0 <= block[k] <= 1)]
 
 
 def _uncertainty_problem(u) -> str | None:
