@@ -406,3 +406,15 @@ def test_measurements_of_other_weights_are_moved_aside(data, tmp_path):
     assert not (out / "ood.safetensors").exists() and not (out / "saliency_eval.json").exists()
     (prev,) = out.glob("previous-*")
     assert (prev / "ood.safetensors").read_bytes().startswith(b"a gate")
+
+
+CONFIGS = sorted((Path(train.__file__).parent / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_committed_config_passes_the_checks_a_run_starts_with(config, monkeypatch):
+    """A config named in the docs must start: no misspelt key (e.g. `mask-los`), no wrong type, and
+    its --init/--split-from name a run with a split. Read from the repository root, as the docs run them."""
+    monkeypatch.chdir(config.parents[1])
+    args = train.parse_args(["--config", str(config.relative_to(config.parents[1]))])
+    assert args.data and args.epochs >= 1
