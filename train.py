@@ -759,7 +759,7 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
         if not (isinstance(record, dict) and isinstance(history, list) and isinstance(split_there, dict)):
             raise ValueError("its trained.json, history.json or split.json is not what train.py writes")
         options = record.get("options")
-        there_mix = sorted((s["name"], float(s["weight"])) for s in record.get("sources") or [])
+        there_mix = _source_mix(record.get("sources") or [])
         moved, missing, total = roles_moved(split_there, split_here)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"--finish-from {src}: not a run's folder ({e})") from None
@@ -770,14 +770,15 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
     if record.get("arch") != args.arch or record.get("classes") != classes or differ:
         raise DataError(f"--finish-from {src}: trained with other settings "
                         f"({', '.join(differ) or 'architecture or classes'}); give the options it was trained with")
-    if there_mix != sorted((s["name"], float(s["weight"])) for s in sources):
+    if there_mix != _source_mix(sources):
         raise DataError(f"--finish-from {src}: trained on other sources or source weights ({there_mix}); "
                         "give the same data entries")
     if moved or missing > max(5, 0.01 * total):  # a few may be dropped as near-empty on one side only
         raise DataError(f"--finish-from {src}: of its {total} training and validation images, {moved} have "
                         f"another role in this run's split and {missing} are not in it (give the data and "
                         "--split-from it was trained on)")
-    if sha is not None and (why := E.weights_mismatch({"weights_sha256": sha}, file_sha256(weights), src)):
+    got_sha = file_sha256(weights)  # read once: checked against the card, then recorded
+    if sha is not None and (why := E.weights_mismatch({"weights_sha256": sha}, got_sha, src)):
         raise DataError(f"--finish-from {src}: {why}")
     try:
         model.load_state_dict(E.state_from_file(model, weights))
@@ -785,12 +786,17 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
         raise DataError(f"--finish-from {src}: cannot load {weights.name} ({str(e).splitlines()[0]})") from None
     args.best_epoch_record = record.get("best_epoch")
     args.init_record, args.average_record = record.get("init"), record.get("weight_average")
-    args.elsewhere_record = {"from": str(src), "weights_sha256": file_sha256(weights),
+    args.elsewhere_record = {"from": str(src), "weights_sha256": got_sha,
                              "data": [s.get("path") for s in record.get("sources", [])],
                              **{k: record.get(k) for k in ("device", "precision", "command", "date",
                                                            "preprocessing", "metrics_there", "salvaged")
                                 if record.get(k) is not None}}
     return history, float(record.get("train_time_s") or 0.0)
+
+
+def _source_mix(sources: list[dict]) -> list[tuple[str, float]]:
+    """Sources as sorted (name, sampling weight) pairs: what two runs must share to be one training."""
+    return sorted((s["name"], float(s["weight"])) for s in sources)
 
 
 def roles_moved(there: dict, here: dict) -> tuple[int, int, int]:
