@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from .data import HASH_CACHE, Sample
+from .data import HASH_CACHE, Sample, save_whole
 from .inference import MIRROR_ALWAYS, apply_tta, file_sha256, tta_rows, weights_mismatch  # noqa: F401 (re-exported for train.py)
 from .labels import label_targets
 from .preprocess import normalise, prepare
@@ -63,8 +63,7 @@ def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.T
     if path.exists():
         return torch.from_numpy(np.load(path))
     arr = np.stack(_map_files(_prepare_one, samples, spec, workers))[:, None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, arr)
+    save_whole(path, lambda tmp: np.save(tmp, arr))
     return torch.from_numpy(arr)
 
 
@@ -96,8 +95,7 @@ def cache_lesions(samples: list[Sample], spec: dict, workers: int = 2) -> tuple[
     for i, m in enumerate(found):
         if m is not None:
             masks[i, 0] = m
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, masks=masks, known=known)
+    save_whole(path, lambda tmp: np.savez_compressed(tmp, masks=masks, known=known))
     return torch.from_numpy(masks), torch.from_numpy(known)
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from .data import save_whole
 from .evaluation import write_json
 from .preprocess import normalise, prepare
 from .reader import ScanImage
@@ -133,9 +134,7 @@ def _stamps(paths: list[str]) -> str:
 
 def _save_npz(path: Path, **arrays) -> None:
     """Atomic: several fit-ood runs may fill the same cache at once."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    save_whole(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_files(paths: list[str], main_spec: dict | None, groups: list[str] | None = None,
@@ -289,10 +288,7 @@ def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0
         log(f"gate net: reused {path.name}")
         return net.eval()
     net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log, geometry=geometry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
+    save_whole(path, lambda tmp: torch.save(net.state_dict(), tmp))
     return net
 
 

@@ -276,3 +276,23 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
     with pytest.raises(pickle.UnpicklingError,
                        match=r"(?s)Weights only load failed.*Unsupported global: GLOBAL argparse\.Namespace"):
         E.load_checkpoint(path)
+
+
+def test_a_cache_is_never_seen_half_written(tmp_path, private_cache, monkeypatch):
+    """Two runs side by side (the GPU machine's) fill one cache: the second once read the first's
+    half-written file and stopped (BadZipFile). A write stopped part-way leaves no cache file."""
+    samples = _write_images(tmp_path)
+    spec = {**DEFAULT_SPEC, "size": 32}
+    real_save = np.save
+
+    def save_then_die(file, arr, *a, **k):
+        with open(file, "wb") as f:
+            f.write(b"\x93NUMPY half of it")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", save_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        E.cache_images(samples, spec, workers=1)
+    assert list(private_cache.parent.iterdir()) == []  # neither the cache nor a stray temporary
+    monkeypatch.setattr(np, "save", real_save)
+    assert E.cache_images(samples, spec, workers=1).shape == (6, 1, 32, 32)

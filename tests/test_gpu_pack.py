@@ -62,3 +62,29 @@ def test_device_config_keeps_its_settings_top_level_with_data_tables():
     dev = tomllib.loads(P.device_config(text, "x", {"../shared/data/br35h": "gpu/data/br35h"}))
     assert dev["crop"] == "none" and dev["out"] == "gpu/out/x" and dev["split_from"] == "gpu/split"
     assert dev["data"] == [{"path": "gpu/data/br35h", "name": "br35h", "weight": 1.0}]
+
+
+def test_the_pack_travels_as_one_archive_that_gpu_run_unpacks(tmp_path, monkeypatch):
+    """The device tool refused ~10,000 small files as over 64 MiB; one archive of them went. What
+    bench/gpu_run.sh unpacks there must be the folder, under its own name, byte for byte."""
+    import subprocess
+    import tarfile
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpu" / "data" / "lgg" / "masks").mkdir(parents=True)
+    (tmp_path / "gpu" / "data" / "lgg" / "a.webp").write_bytes(b"\x00webp")
+    (tmp_path / "gpu" / "data" / "lgg" / "masks" / "a.png").write_bytes(b"png")
+    (tmp_path / "gpu" / "run.toml").write_text('name = "x"\n')
+    tgz = P.pack(Path("gpu"))
+    assert tgz == Path("gpupack/gpu.tgz")
+    with tarfile.open(tgz) as t:
+        assert {"gpu/run.toml", "gpu/data/lgg/a.webp", "gpu/data/lgg/masks/a.png"} <= set(t.getnames())
+    there = tmp_path / "there"
+    there.mkdir()
+    (there / "gpupack").mkdir()
+    (there / "gpupack" / "gpu.tgz").write_bytes(tgz.read_bytes())
+    # the first lines of gpu_run.sh that unpack it (the rest needs a GPU machine)
+    script = (ROOT / "bench" / "gpu_run.sh").read_text()
+    unpack = next(line for line in script.splitlines() if "gpupack/gpu.tgz" in line and "tar" in line)
+    subprocess.run(["bash", "-c", unpack], cwd=there, check=True)
+    assert (there / "gpu" / "data" / "lgg" / "a.webp").read_bytes() == b"\x00webp"
+    assert not (there / "gpupack").exists()  # unpacked, then removed: no second copy on its disk
