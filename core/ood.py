@@ -374,7 +374,7 @@ class FeatureHead:
     equally), whose logit is the score (> 0 leans "not brain MRI").
 
     The 64 px gate network and the classifier see different things: the network a small whole
-    view, the features what a 176 px tumour classifier learned. They miss different kinds of
+    view, the features what the tumour classifier (176-192 px) learned. They miss different kinds of
     image (held out, the network misses abdominal CT, the head misses head CT), so the gate can
     take the larger of the two standardised scores.
     """

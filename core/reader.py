@@ -11,7 +11,7 @@ the wording of messages, so a scan with the wrong extension still reads.
   animated or multi-page files unless ``frame=`` says otherwise. Every Pillow mode becomes grey:
   8-bit modes by ITU-R 601 luminance / 255, alpha composited on black (the MRI background),
   16/32-bit integer and float modes by a robust 0.5-99.5 percentile window. EXIF orientation
-  is applied. Images larger than `MAX_SIDE` are reduced (the model sees ~176 px), images larger
+  is applied. Images larger than `MAX_SIDE` are reduced (the model sees 176-192 px), images larger
   than `MAX_PIXELS` are refused from the header, before any pixel is decoded.
 * DICOM (pydicom): see `_read_dicom` for the transfer syntaxes and the display pipeline.
 * NIfTI-1/2 (.nii, .nii.gz; nibabel): see `_nifti_volume` for orientation and intensity.
