@@ -29,7 +29,6 @@ PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
 HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash4.json"  # plain + flips: not the one-hash phash.json of older versions
 
 
-
 def save_whole(path: str | Path, write) -> None:
     """``write(tmp)``, then ``tmp`` swapped in for ``path``: a reader (another run filling the same
     cache at the same moment, as two runs side by side on one GPU machine do) never opens a
@@ -43,6 +42,7 @@ def save_whole(path: str | Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
 
 @dataclass
 class Sample:

@@ -419,10 +419,7 @@ class ModelEma:
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, **state) -> None:
     """Tensors and plain types only, so it loads with weights_only=True. Atomic replace."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_whole(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
@@ -487,7 +484,7 @@ def salvage_best(run_dir: str | Path) -> Path | None:
         return None
     state = torch.load(best, map_location="cpu", weights_only=True)
     dest = Path(run_dir) / "salvaged.safetensors"
-    save_file(half_state(state), dest)
+    save_whole(dest, lambda tmp: save_file(half_state(state), tmp))
     return dest
 
 
