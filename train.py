@@ -72,6 +72,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-loss", type=float, default=0.0,
                    help="weight of a pointing loss that puts each class map's evidence on the tumour "
                         "mask where a source has masks (LGG); 0 = off")
+    p.add_argument("--teacher", default=None,
+                   help="distil from a finished run (DIR written by train.py, same classes, none of this "
+                        "run's validation or test images in its training split): its logits for each "
+                        "training image, on its own input, become soft targets")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="with --teacher: weight of the distillation loss; the label's loss gets 1 - this")
+    p.add_argument("--distill-t", type=float, default=2.0, help="with --teacher: softening temperature")
+    p.add_argument("--distill-online", action="store_true",
+                   help="with --teacher: at the full input size the teacher reads each augmented batch as "
+                        "the student sees it (a third more time per step) instead of its fixed answer "
+                        "for the clean image; the low-resolution epochs keep the fixed answers")
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength, 0 = none")
     p.add_argument("--skull-strip-p", type=float, default=0.2)
     d = E.AUG_OPTION_DEFAULTS
@@ -136,15 +147,15 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
 
 INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "patience", "limit",
                "workers", "threads", "seed", "max_distance")
-FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "aug", "skull_strip_p", "rotate", "shear",
+FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p", "rotate", "shear",
                  "turn_p", "blur_p", "gamma_log", "target_sensitivity", "min_specificity", "min_head", "tta_below")
-FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress")
+FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_online")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.
 RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
                 "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "crop", "binary",
-                "seed", "max_distance", "min_head", "limit")
+                "seed", "max_distance", "min_head", "limit", "distill", "distill_t", "distill_online")
 
 
 def _option(dest: str) -> str:
@@ -196,7 +207,8 @@ def resolved_paths(args: argparse.Namespace | dict) -> dict:
         data = [(real(s["path"]), s["weight"], s["name"]) for s in D.parse_sources(a.get("data"))]
     except (ValueError, KeyError, TypeError):
         data = None
-    return {"data": data, "init": real(a.get("init")), "split_from": real(a.get("split_from"))}
+    return {"data": data, "init": real(a.get("init")), "split_from": real(a.get("split_from")),
+            "teacher": real(a.get("teacher"))}
 
 
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
@@ -208,8 +220,8 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
         out.append(f"--mask-loss {saved['mask_loss']!r} -> {now['mask_loss']!r}")
     was = saved.get("paths_resolved") or resolved_paths(saved)  # older checkpoints: resolved here
     is_ = resolved_paths(now)
-    for k in ("init", "split_from"):
-        if k in saved and was[k] != is_[k]:
+    for k in ("init", "split_from", "teacher"):
+        if k in saved and was.get(k) != is_[k]:
             out.append(f"{_option(k)} {saved[k]!r} -> {now.get(k)!r}")
     if "data" in saved and was["data"] != is_["data"]:
         out.append("--data (other sources or weights)")
@@ -225,7 +237,7 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
         p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
                 "remove it to start the run afresh")
-    for k in ("init", "split_from"):  # left out on the resume: the run's own
+    for k in ("init", "split_from", "teacher"):  # left out on the resume: the run's own
         if getattr(args, k) is None and saved.get(k):
             setattr(args, k, (saved.get("paths_resolved") or {}).get(k) or saved[k])
     diff = resume_conflicts(saved, vars(args))
@@ -239,6 +251,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _check_types(p, args)
     if args.finish_from and (args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         p.error("--finish-from trains nothing: run it alone, without --resume or torchrun")
+    if args.finish_from and args.teacher:
+        p.error("--finish-from trains nothing, so a --teacher has nothing to teach: leave it out")
+    if not 0 < args.distill <= 1 or args.distill_t <= 0:
+        p.error("--distill must be in (0, 1] and --distill-t > 0")
     if args.finish_from and args.out and Path(args.finish_from).resolve() == Path(args.out).resolve():
         p.error("--finish-from DIR --out DIR: the run there would be moved aside first; give another --out")
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
@@ -279,7 +295,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.resume:
         _check_resume(p, args)
     else:
-        for opt, d in (("--init", args.init), ("--split-from", args.split_from)):
+        for opt, d in (("--init", args.init), ("--split-from", args.split_from), ("--teacher", args.teacher)):
             if d and os.path.realpath(D.resolve_root(d)) == os.path.realpath(args.out):
                 p.error(f"{opt} and --out name the same folder: a fresh run moves that folder's files "
                         "aside before reading them; write the new run to another folder")
@@ -308,7 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # where it ran: its relative paths replay from there ("." = the repository root)
     here = Path.cwd().resolve()
     args.command_dir = os.path.relpath(here, D.REPO_ROOT) if here.is_relative_to(D.REPO_ROOT) else str(here)
-    for opt, d in (("--split-from", args.split_from), ("--init", args.init)):
+    for opt, d in (("--split-from", args.split_from), ("--init", args.init), ("--teacher", args.teacher)):
         if d and not (Path(d) / "split.json").is_file():
             p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
     if args.mask_loss < 0:
@@ -464,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"{int(unsplit.sum())} files are not in the recorded split: left out", flush=True)
     keep = (head >= args.min_head) & ~unsplit
     dropped = [(s.source, s.rel) for s, k, u in zip(samples, keep, unsplit) if not k and not u]
-    samples = [s for s, k in zip(samples, keep) if k]
+    all_samples, samples = samples, [s for s, k in zip(samples, keep) if k]
     images = images[keep]
     classes = model_classes({s.label for s in samples})
     masks = E.target_masks(samples, classes)
@@ -491,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
     lesions = None
-    if args.mask_loss > 0:  # before the model goes to the device: its worker processes fork a CUDA-free parent
+    if args.mask_loss > 0:  # the tumour masks, prepared like the images (in worker processes)
         lesions = E.cache_lesions(samples, spec, workers=args.workers)
         n_masked = int(lesions[1][idx["train"]].sum())
         args.mask_record = {"weight": args.mask_loss, "loss": "pointing (class map vs tumour mask)",
@@ -499,6 +515,10 @@ def run(args: argparse.Namespace) -> int:
         say(f"mask loss {args.mask_loss}: {n_masked} training images have a tumour mask"
             + ("" if n_masked else " (none: the loss does nothing; masks are read from <root>/masks/)"),
             flush=True)
+    teacher = None
+    if args.teacher and not args.finish_from:
+        teacher = distillation(args, all_samples, keep, idx["train"], classes, D.split_record(samples),
+                               spec, device, precision, say)
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
@@ -599,11 +619,13 @@ def run(args: argparse.Namespace) -> int:
         n_draw = steps_per_epoch * args.batch_size * world
         order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
         order = DD.shard(order, rank, world)  # same draw on every rank; each trains its share
+        teach = None if teacher is None else (  # the teacher reads the low-resolution batches poorly
+            (teacher[3] if args.distill_online and not small else teacher[0]), teacher[1], teacher[2])
         tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
                                args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
                                out_size=size, ema=ema, lesions=lesions, mask_weight=args.mask_loss,
-                               aug_options=aug_options(args))
+                               aug_options=aug_options(args), teacher=teach)
         tr = DD.reduce_epoch_stats(tr, len(order), world, device)
         if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
             judged = ema.module if ema is not None else model
@@ -654,6 +676,31 @@ PREVIOUS = "previous"  # a fresh run puts the files another run left into out/pr
 RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors.tmp", "card.json", "eval.json",
              "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json",
              "trained.json", "salvaged.safetensors", "best.pt.tmp")
+
+
+def distillation(args, all_samples, keep, train_rows, classes, split, spec, device, precision, say):
+    """(teacher logits of the kept samples, weight, temperature, the teacher) for
+    `E.train_one_epoch`, computed on the unfiltered list, whose cached images the teacher's own
+    run already made."""
+    rows = keep.nonzero().flatten()[train_rows]
+    try:
+        logits, args.distill_record, net = E.teacher_logits(args.teacher, all_samples, rows, classes, split,
+                                                            device, precision, args.workers)
+    except (OSError, ValueError, KeyError) as e:  # a missing, foreign or leaking teacher: one sentence
+        raise DataError(f"cannot distil from {args.teacher}: {e}") from None
+    t_spec = json.loads((Path(args.teacher) / "card.json").read_text())["preprocessing"]
+    if args.distill_online and any(t_spec.get(k) != spec.get(k) for k in ("mean", "std", "crop")):
+        raise DataError(f"--distill-online: {args.teacher} normalises or crops otherwise than this run, "
+                        "so it cannot read this run's batches; leave --distill-online out")
+    args.distill_record |= {"weight": args.distill, "temperature": args.distill_t,
+                            "online": ("the teacher reads each augmented batch at the full input size; fixed "
+                                       "answers for the clean images in the low-resolution epochs")
+                            if args.distill_online else None,
+                            "loss": "(1 - weight) x label loss + weight x t^2 KL(teacher_t || student_t)"}
+    r = args.distill_record
+    say(f"teacher {args.teacher}: logits for {r['images']} training images in {r['time_s']} s "
+        f"(its top class agrees with the label on {r['train_accuracy_of_teacher']:.1%})", flush=True)
+    return logits[keep], args.distill, args.distill_t, net
 
 
 def move_aside(out: Path, names: list[str]) -> tuple[list[str], Path | None]:
@@ -954,6 +1001,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "init": getattr(args, "init_record", None),
                      "weight_average": getattr(args, "average_record", None),
                      "mask_loss": getattr(args, "mask_record", None),
+                     "distillation": getattr(args, "distill_record", None),
                      "options": {k: getattr(args, k) for k in TRAINED_WITH},
                      "trained_elsewhere": getattr(args, "elsewhere_record", None)},
         "parameters": count_parameters(model),

@@ -52,7 +52,10 @@ def _map_files(fn, samples: list[Sample], spec: dict, workers: int) -> list:
     """fn((path, spec)) for every sample, in worker processes when it is worth it."""
     jobs = [(s.path, spec) for s in samples]
     if workers > 1 and len(jobs) > 200:
-        with ProcessPoolExecutor(workers) as ex:
+        # spawn, not fork (as in core.ood): a forked child of a process whose torch thread pool
+        # has run hangs forever in its first parallel op (seen: resize, for a --teacher's cache)
+        import multiprocessing
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             return list(ex.map(fn, jobs, chunksize=64))
     return [fn(j) for j in jobs]
 
@@ -301,13 +304,19 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     aug_strength: float = 1.0, skull_strip_p: float = 0.2,
                     scaler=None, progress: bool = True, out_size: int | None = None,
                     ema: ModelEma | None = None, lesions: tuple | None = None,
-                    mask_weight: float = 0.0, aug_options: dict | None = None) -> dict:
+                    mask_weight: float = 0.0, aug_options: dict | None = None,
+                    teacher: tuple[torch.Tensor | nn.Module, float, float] | None = None) -> dict:
     """One pass over ``order``; ``aug_options`` widens the augmentation (`augment`).
+    With ``teacher`` (logits for every image from `teacher_logits`, or the teacher itself to read
+    each augmented batch as the student sees it; weight w; temperature t) the class loss is
+    (1 - w) x the label's loss + w x `distill_loss` (the reported loss stays the label's,
+    comparable with runs without a teacher).
     With ``lesions`` (masks, known) from `cache_lesions` and
     ``mask_weight`` > 0, images of a true class that carry a tumour mask add ``mask_weight`` x
     `pointing_loss` of that class's map, so the evidence for it sits on the lesion."""
     model.train()
     total, correct, loss_sum, point_sum, point_n, t0 = 0, 0, 0.0, 0.0, 0, time.time()
+    kd_sum = 0.0
     plain = getattr(model, "module", model)  # under DDP the hooks and head live on the module
     feats: dict = {}
     hook = None
@@ -330,11 +339,15 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
             with _autocast(device, precision):
                 logits = model(x)
             cls_loss = loss = set_nll(logits, allowed, smoothing)
+            if teacher is not None:
+                kd = distill_loss(logits, _teacher_says(teacher[0], x, idx, device, precision), teacher[2])
+                loss = (1 - teacher[1]) * cls_loss + teacher[1] * kd
+                kd_sum += kd.item() * len(idx)
             f = feats.pop("f", None)
             if lesion is not None and lesion.any():
                 cls = allowed.float().argmax(1)
                 point = pointing_loss(class_maps(plain, f)[torch.arange(len(idx), device=cls.device), cls], lesion)
-                loss = cls_loss + mask_weight * point
+                loss = loss + mask_weight * point
                 point_sum += point.item(); point_n += 1
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -355,6 +368,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
            "time_s": time.time() - t0, "images_per_s": total / max(time.time() - t0, 1e-9)}
     if point_n:
         out["pointing_loss"] = point_sum / point_n
+    if teacher is not None:
+        out["distill_loss"] = kd_sum / max(total, 1)
     return out
 
 
@@ -436,10 +451,25 @@ def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, cla
     leak those images into this run's measurements. Returns what the card records of the parent.
     """
     weights_dir = Path(weights_dir)
+    card = checked_parent(weights_dir, classes, split, "--init")
+    if card["arch"] != arch:
+        raise ValueError(f"--init {weights_dir}: it is a {card['arch']}, this run trains a {arch}")
+    path = weights_dir / "model.safetensors"
+    model.load_state_dict(shipped_state(model, weights_dir))
+    return {"from": str(weights_dir), "command": card.get("command"), "date": card.get("date"),
+            "weights_sha256": file_sha256(path),
+            "epochs_run": card.get("training", {}).get("epochs_run"),
+            "train_time_s": card.get("training", {}).get("train_time_s")}
+
+
+def checked_parent(weights_dir: Path, classes: list[str], split: dict, option: str) -> dict:
+    """The card of a finished run this one learns from (--init, --teacher), refused when its
+    classes differ, its weights are not the card's, or any of this run's validation or test
+    images (``split``, this run's record) was one of its training images: the run's
+    measurements would then be of images it had, through that model, already seen."""
     card = json.loads((weights_dir / "card.json").read_text())
-    if card["arch"] != arch or card["classes"] != classes:
-        raise ValueError(f"--init {weights_dir}: it is a {card['arch']} for {card['classes']}, "
-                         f"this run trains a {arch} for {classes}")
+    if card["classes"] != classes:
+        raise ValueError(f"{option} {weights_dir}: it is for {card['classes']}, this run trains {classes}")
     if (why := weights_mismatch(card, file_sha256(weights_dir / "model.safetensors"), weights_dir)):
         raise ValueError(why)
     parent = json.loads((weights_dir / "split.json").read_text())["files"]
@@ -447,15 +477,57 @@ def init_weights(model: torch.nn.Module, weights_dir: str | Path, arch: str, cla
     leaked = sorted((src, rel) for src, d in split.items() for k in ("val", "test")
                     for rel in d.get(k, []) if (src, rel) in seen)
     if leaked:
-        raise ValueError(f"--init {weights_dir}: {len(leaked)} of this run's validation/test images "
+        raise ValueError(f"{option} {weights_dir}: {len(leaked)} of this run's validation/test images "
                          f"were training images of that model (e.g. {leaked[0][0]}/{leaked[0][1]}); "
-                         "use the same data and --seed so the split is the same")
-    path = weights_dir / "model.safetensors"
+                         "use the same data and --seed (or --split-from it) so the split is the same")
+    return card
+
+
+def teacher_logits(weights_dir: str | Path, samples: list[Sample], rows: torch.Tensor, classes: list[str],
+                   split: dict, device: torch.device, precision: str,
+                   workers: int = 2) -> tuple[torch.Tensor, dict, nn.Module]:
+    """A finished run's raw logits (N, C) for ``samples`` at ``rows`` (NaN elsewhere), each
+    image prepared by the teacher's own card (its input size), un-augmented: computed once, so
+    that distillation (`distill_loss`) costs nothing per step. Returns them, the card's record
+    and the teacher (frozen, for reading augmented batches during training)."""
+    weights_dir = Path(weights_dir)
+    t0 = time.time()
+    card = checked_parent(weights_dir, classes, split, "--teacher")
+    spec = card["preprocessing"]
+    images = cache_images(samples, spec, workers)
+    from .models import create_model
+    model = create_model(card["arch"], len(classes)).to(device).to(memory_format=torch.channels_last)
     model.load_state_dict(shipped_state(model, weights_dir))
-    return {"from": str(weights_dir), "command": card.get("command"), "date": card.get("date"),
-            "weights_sha256": file_sha256(path),
-            "epochs_run": card.get("training", {}).get("epochs_run"),
-            "train_time_s": card.get("training", {}).get("train_time_s")}
+    out = torch.full((len(samples), len(classes)), float("nan"))
+    out[rows] = predict_logits(model, images[rows], spec, device, precision=precision)
+    record = {"teacher": str(weights_dir), "teacher_sha256": card.get("weights_sha256"),
+              "teacher_arch": card["arch"], "teacher_input": spec["size"],
+              "teacher_command": card.get("command"), "images": len(rows),
+              "train_accuracy_of_teacher": _agreement(out[rows], samples, rows, classes),
+              "time_s": round(time.time() - t0, 1)}
+    return out, record, model.eval().requires_grad_(False)
+
+
+def _agreement(logits: torch.Tensor, samples: list[Sample], rows: torch.Tensor, classes: list[str]) -> float:
+    """Share of the rows whose label allows the teacher's top class (a coarse label: any it allows)."""
+    allowed = target_masks([samples[i] for i in rows.tolist()], classes)
+    return round(allowed.gather(1, logits.argmax(1, keepdim=True)).float().mean().item(), 4)
+
+
+def _teacher_says(teacher: torch.Tensor | nn.Module, x: torch.Tensor, idx: torch.Tensor,
+                  device: torch.device, precision: str) -> torch.Tensor:
+    if isinstance(teacher, nn.Module):
+        with torch.no_grad(), _autocast(device, precision):
+            return teacher(x).float()
+    return teacher[idx].to(device)
+
+
+def distill_loss(logits: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher || student) of the two softened by temperature ``t``, times t^2 so that its
+    gradients keep their size as t grows (Hinton et al. 2015)."""
+    s = nnf.log_softmax(logits.float() / t, dim=1)
+    q = nnf.log_softmax(teacher.float() / t, dim=1)
+    return nnf.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
 
 
 def shipped_state(model: torch.nn.Module, weights_dir: str | Path) -> dict:

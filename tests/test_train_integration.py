@@ -150,6 +150,60 @@ def test_init_continues_from_a_finished_run_on_its_split(tmp_path):
     assert card["split"]["from"] == str(tmp_path / "parent")
 
 
+def test_teacher_distils_into_another_arch_on_its_split_and_a_leaking_teacher_is_refused(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--batch-size", 8, "--workers", 1, "--epochs", 1]
+    run_train([*common, "--arch", "simple_cnn", "--img", 40, "--out", tmp_path / "teacher", "--seed", 0], cache)
+    # another architecture and input size, on the teacher's split
+    log = run_train([*common, "--arch", "cnn_bn", "--img", 32, "--out", tmp_path / "student",
+                     "--split-from", tmp_path / "teacher", "--teacher", tmp_path / "teacher",
+                     "--distill", 0.7, "--distill-t", 3, "--distill-online"], cache)
+    assert "teacher" in log and "training images in" in log
+    card = json.loads((tmp_path / "student" / "card.json").read_text())
+    rec = card["training"]["distillation"]
+    teacher_card = json.loads((tmp_path / "teacher" / "card.json").read_text())
+    assert rec["teacher_sha256"] == teacher_card["weights_sha256"] and rec["teacher_input"] == 40
+    assert rec["images"] == card["split"]["sizes"]["train"]
+    assert (rec["weight"], rec["temperature"]) == (0.7, 3.0) and rec["online"]
+    history = json.loads((tmp_path / "student" / "history.json").read_text())
+    assert history[0]["train"]["distill_loss"] >= 0
+
+    # Another seed splits otherwise: the teacher trained on some of this run's held-out images.
+    env = {**os.environ, "BT_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "train.py", *map(str, common), "--arch", "cnn_bn", "--img", "32",
+                        "--seed", "3", "--no-progress", "--out", str(tmp_path / "leaky"),
+                        "--teacher", str(tmp_path / "teacher")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "training images of that model" in r.stderr
+    assert not (tmp_path / "leaky" / "model.safetensors").exists()
+
+
+def test_distillation_alone_teaches_the_teachers_answer_not_the_label():
+    from core.models import create_model
+    torch.manual_seed(0)
+    images = (torch.rand(16, 1, 32, 32) * 255).to(torch.uint8)
+    masks = torch.zeros(16, 4, dtype=torch.bool); masks[:, 0] = True        # every label: class 0
+    teacher = torch.full((16, 4), -4.0); teacher[:, 2] = 4.0                 # the teacher: class 2
+
+    class Says(torch.nn.Module):  # a teacher that reads the batch: class 1 for every image
+        def forward(self, x):
+            return torch.tensor([-4.0, 4.0, -4.0, -4.0]).expand(len(x), 4)
+
+    spec = {"size": 32, "mean": 0.2, "std": 0.25}
+    for source, want in ((teacher, 2), (Says(), 1)):
+        model = create_model("simple_cnn", 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(15):
+            E.train_one_epoch(model, images, masks, torch.arange(16), opt, None, spec, torch.device("cpu"),
+                              batch_size=8, progress=False, aug_strength=0.0, teacher=(source, 1.0, 2.0))
+        pred = E.predict_logits(model, images, spec, torch.device("cpu")).argmax(1)
+        assert (pred == want).all()
+    s = torch.randn(5, 4)
+    assert E.distill_loss(s, s.clone(), 2.0).abs() < 1e-6 < E.distill_loss(s, -s, 2.0)
+
+
 def test_average_states_means_floats_and_keeps_counters():
     a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
     b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
@@ -445,6 +499,7 @@ def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
     assert "other settings (limit)" in refused(["--limit", 39], there)
     assert "other sources or source weights" in refused([], there, base=["--data", f"{data}=2", *common[2:]])
     assert "without --resume or torchrun" in refused(["--resume"], there)
+    assert "nothing to teach" in refused(["--teacher", there], there)
     # A run of an older train.py (no options recorded) is refused for that reason.
     old_card = tmp_path / "old_card"
     shutil.copytree(there, old_card)
