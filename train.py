@@ -253,6 +253,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--finish-from trains nothing: run it alone, without --resume or torchrun")
     if args.finish_from and args.teacher:
         p.error("--finish-from trains nothing, so a --teacher has nothing to teach: leave it out")
+    plain = get_args_parser()  # the built-in defaults: a config's values are p's defaults by now
+    given = [o for o in ("distill", "distill_t", "distill_online") if getattr(args, o) != plain.get_default(o)]
+    if given and not args.teacher and not args.resume:
+        p.error(f"{_option(given[0])} needs --teacher (the model to distil from)")
     if not 0 < args.distill <= 1 or args.distill_t <= 0:
         p.error("--distill must be in (0, 1] and --distill-t > 0")
     if args.finish_from and args.out and Path(args.finish_from).resolve() == Path(args.out).resolve():
@@ -518,7 +522,8 @@ def run(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher and not args.finish_from:
         teacher = distillation(args, all_samples, keep, idx["train"], classes, D.split_record(samples),
-                               spec, device, precision, say)
+                               spec, device, precision, say,
+                               saved=((resume or {}).get("args") or {}).get("distill_record"))
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
@@ -678,20 +683,30 @@ RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors
              "trained.json", "salvaged.safetensors", "best.pt.tmp")
 
 
-def distillation(args, all_samples, keep, train_rows, classes, split, spec, device, precision, say):
+def distillation(args, all_samples, keep, train_rows, classes, split, spec, device, precision, say,
+                 saved: dict | None = None):
     """(teacher logits of the kept samples, weight, temperature, the teacher) for
     `E.train_one_epoch`, computed on the unfiltered list, whose cached images the teacher's own
-    run already made."""
+    run already made. ``saved``: the record of the run a resume continues, whose teacher must be
+    the same weights."""
+    try:
+        t_spec = json.loads((Path(args.teacher) / "card.json").read_text())["preprocessing"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot distil from {args.teacher}: no readable card.json there ({e})") from None
+    if args.distill_online and {k: v for k, v in t_spec.items() if k != "size"} != \
+            {k: v for k, v in spec.items() if k != "size"}:
+        raise DataError(f"--distill-online: {args.teacher} prepares its input otherwise than this run "
+                        "(grey handling, crop or normalisation), so it cannot read this run's batches; "
+                        "leave --distill-online out")
     rows = keep.nonzero().flatten()[train_rows]
     try:
         logits, args.distill_record, net = E.teacher_logits(args.teacher, all_samples, rows, classes, split,
                                                             device, precision, args.workers)
     except (OSError, ValueError, KeyError) as e:  # a missing, foreign or leaking teacher: one sentence
         raise DataError(f"cannot distil from {args.teacher}: {e}") from None
-    t_spec = json.loads((Path(args.teacher) / "card.json").read_text())["preprocessing"]
-    if args.distill_online and any(t_spec.get(k) != spec.get(k) for k in ("mean", "std", "crop")):
-        raise DataError(f"--distill-online: {args.teacher} normalises or crops otherwise than this run, "
-                        "so it cannot read this run's batches; leave --distill-online out")
+    if saved and saved.get("teacher_sha256") != args.distill_record["teacher_sha256"]:
+        raise DataError(f"--resume: the teacher in {args.teacher} is not the one this run started with "
+                        "(its weights changed): resume with that teacher, or start the run afresh")
     args.distill_record |= {"weight": args.distill, "temperature": args.distill_t,
                             "online": ("the teacher reads each augmented batch at the full input size; fixed "
                                        "answers for the clean images in the low-resolution epochs")

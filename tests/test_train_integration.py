@@ -153,6 +153,11 @@ def test_init_continues_from_a_finished_run_on_its_split(tmp_path):
 def test_teacher_distils_into_another_arch_on_its_split_and_a_leaking_teacher_is_refused(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_dataset(data)
+    # A near-black slice, listed first and left out of training: the teacher's logits are made for
+    # the unfiltered list, so the student's rows must skip it (the mapping: the test below).
+    from PIL import Image
+    black = np.zeros((64, 64), np.uint8); black[30:33, 30:33] = 200  # an all-zero file is skipped as blank
+    Image.fromarray(black).save(data / "glioma" / "aaa_black.png")
     common = ["--data", data, "--batch-size", 8, "--workers", 1, "--epochs", 1]
     run_train([*common, "--arch", "simple_cnn", "--img", 40, "--out", tmp_path / "teacher", "--seed", 0], cache)
     # another architecture and input size, on the teacher's split
@@ -160,6 +165,9 @@ def test_teacher_distils_into_another_arch_on_its_split_and_a_leaking_teacher_is
                      "--split-from", tmp_path / "teacher", "--teacher", tmp_path / "teacher",
                      "--distill", 0.7, "--distill-t", 3, "--distill-online"], cache)
     assert "teacher" in log and "training images in" in log
+    dropped = json.loads((tmp_path / "teacher" / "split.json").read_text())["dropped_small_head"]
+    assert [rel for _, rel in dropped] == ["glioma/aaa_black.png"]
+    assert "1 files are not in the recorded split" in log  # so the student leaves it out too
     card = json.loads((tmp_path / "student" / "card.json").read_text())
     rec = card["training"]["distillation"]
     teacher_card = json.loads((tmp_path / "teacher" / "card.json").read_text())
@@ -178,6 +186,31 @@ def test_teacher_distils_into_another_arch_on_its_split_and_a_leaking_teacher_is
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "training images of that model" in r.stderr
     assert not (tmp_path / "leaky" / "model.safetensors").exists()
+    r = subprocess.run([sys.executable, "train.py", *map(str, common), "--distill-online", "--out",
+                        str(tmp_path / "alone")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "--distill-online needs --teacher" in r.stderr, r.stderr
+
+
+def test_distillation_maps_the_teachers_rows_onto_the_kept_samples(tmp_path, monkeypatch):
+    import argparse
+    import train
+    keep = torch.tensor([False, True, True, False, True, True])   # of six files, four kept
+    train_rows = torch.tensor([0, 2, 3])                            # training rows among the kept
+
+    def fake(teacher, samples, rows, *a, **k):  # each row's logits hold its index in the full list
+        out = torch.full((len(samples), 4), float("nan"))
+        out[rows] = rows.float()[:, None].expand(-1, 4)
+        return out, {"teacher_sha256": "x", "images": len(rows), "time_s": 0.0,
+                     "train_accuracy_of_teacher": 1.0}, None
+
+    monkeypatch.setattr(E, "teacher_logits", fake)
+    (tmp_path / "card.json").write_text(json.dumps({"preprocessing": {"size": 32}}))
+    args = argparse.Namespace(teacher=str(tmp_path), distill=0.5, distill_t=2.0, distill_online=False, workers=1)
+    logits, w, t, _ = train.distillation(args, list(range(6)), keep, train_rows, C4, {}, {"size": 32},
+                                         torch.device("cpu"), "fp32", lambda *a, **k: None)
+    assert logits.shape == (4, 4) and (w, t) == (0.5, 2.0)
+    assert logits[train_rows, 0].tolist() == [1.0, 4.0, 5.0]        # kept rows 0, 2, 3 = files 1, 4, 5
+    assert logits[1].isnan().all()                                  # kept row 1 (file 2) is not trained on
 
 
 def test_distillation_alone_teaches_the_teachers_answer_not_the_label():
