@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
         # before any process group or data work: a refusal costs nothing and writes nothing
         print(f"train.py: error: --mask-loss needs a model whose head is pooling + one linear layer "
-              f"(resnet18, resnet50, efficientnet_b0), not {args.arch}", file=sys.stderr)
+              f"(resnet18, resnet18_half, resnet50, efficientnet_b0), not {args.arch}", file=sys.stderr)
         return 2
     t_start = time.time()
     # Under torchrun (WORLD_SIZE > 1) a process group; otherwise rank 0 of 1 and nothing changes.

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from core.engine import set_nll
-from core.models import (count_parameters, create_model, list_models, penultimate,
-                         register_model, saliency_layer)
+from core.models import (count_parameters, create_model, feature_channels, has_class_maps,
+                         list_models, penultimate, register_model, saliency_layer)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -17,7 +17,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-EXPECTED = {"simple_cnn", "cnn_bn", "resnet18", "resnet50", "efficientnet_b0", "vgg16",
+EXPECTED = {"simple_cnn", "cnn_bn", "resnet18", "resnet18_half", "resnet50", "efficientnet_b0", "vgg16",
             "mobilenet_v3_small", "mobilenet_v3_large"}
 
 
@@ -71,6 +71,20 @@ def test_forward_train_step_and_saliency_layer(name):
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
     assert changed >= 0.9 * len(before), f"only {changed}/{len(before)} tensors changed"
     assert count_parameters(model) > 0
+
+
+def test_resnet18_half_is_resnet18_at_half_width():
+    """Same depth and head (so the mask loss and exact class maps apply), half the channels:
+    about a quarter of the weights; the gate's feature head reads its 256 channels."""
+    full, half = create_model("resnet18", 4), create_model("resnet18_half", 4)
+    convs = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert len(convs(half)) == len(convs(full))
+    assert [c.out_channels * 2 for c in convs(half)] == [c.out_channels for c in convs(full)]
+    assert has_class_maps(half) and feature_channels(half) == 256
+    assert 0.2 < count_parameters(half) / count_parameters(full) < 0.3
+    # ResNet's own init (kaiming normal, fan out), not the default uniform one of a bare Conv2d
+    w = half.layer1[0].conv1.weight
+    assert abs(w.std().item() - (2 / (w.shape[0] * 9)) ** 0.5) < 0.02
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "mobilenet_v3_small"])
