@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from core.engine import set_nll
-from core.models import (count_parameters, create_model, feature_channels, has_class_maps,
-                         list_models, penultimate, register_model, saliency_layer)
+from core.models import (cam_features, count_parameters, create_model, feature_channels,
+                         has_class_maps, list_models, penultimate, register_model, saliency_layer)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -81,6 +81,8 @@ def test_resnet18_half_is_resnet18_at_half_width():
     assert len(convs(half)) == len(convs(full))
     assert [c.out_channels * 2 for c in convs(half)] == [c.out_channels for c in convs(full)]
     assert has_class_maps(half) and feature_channels(half) == 256
+    x = torch.randn(1, 1, 96, 96)  # same strides: the same 3 x 3 map for Grad-CAM
+    assert cam_features(half.eval(), x)[0].shape[-2:] == cam_features(full.eval(), x)[0].shape[-2:]
     assert 0.2 < count_parameters(half) / count_parameters(full) < 0.3
     # ResNet's own init (kaiming normal, fan out), not the default uniform one of a bare Conv2d
     w = half.layer1[0].conv1.weight
