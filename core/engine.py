@@ -48,16 +48,21 @@ def _stamp(path: Path | None) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _map_files(fn, samples: list[Sample], spec: dict, workers: int) -> list:
-    """fn((path, spec)) for every sample, in worker processes when it is worth it."""
-    jobs = [(s.path, spec) for s in samples]
-    if workers > 1 and len(jobs) > 200:
-        # spawn, not fork (as in core.ood): a forked child of a process whose torch thread pool
-        # has run hangs forever in its first parallel op (seen: resize, for a --teacher's cache)
+def map_in_processes(fn, jobs: list, workers: int, min_jobs: int = 200, chunksize: int = 64) -> list:
+    """[fn(job) for job in jobs], in ``workers`` spawned processes when there are more than
+    ``min_jobs`` (the image caches here and in core.ood)."""
+    if workers > 1 and len(jobs) > min_jobs:
+        # spawn, not fork: a forked child of a process whose torch thread pool has run hangs
+        # forever in its first parallel op (seen: resize, for a --teacher's cache)
         import multiprocessing
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            return list(ex.map(fn, jobs, chunksize=64))
+            return list(ex.map(fn, jobs, chunksize=chunksize))
     return [fn(j) for j in jobs]
+
+
+def _map_files(fn, samples: list[Sample], spec: dict, workers: int) -> list:
+    """fn((path, spec)) for every sample."""
+    return map_in_processes(fn, [(s.path, spec) for s in samples], workers)
 
 
 def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.Tensor:

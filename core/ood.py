@@ -29,7 +29,6 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,15 +106,8 @@ def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int) -> tupl
     if cache.exists():
         z = np.load(cache)
         return z["main" if "main" in z else "small"], z["colour"]
-    jobs = [(p, spec) for p in paths]
-    if workers > 1 and len(jobs) > 100:
-        # spawn, not fork: a forked child of a process whose torch thread pool already ran
-        # (a loaded classifier) can hang forever in its first parallel op.
-        import multiprocessing
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            out = list(ex.map(_read_one, jobs, chunksize=32))
-    else:
-        out = [_read_one(j) for j in jobs]
+    from .engine import map_in_processes
+    out = map_in_processes(_read_one, [(p, spec) for p in paths], workers, min_jobs=100, chunksize=32)
     imgs, colour = np.stack([o[0] for o in out])[:, None], np.array([o[1] for o in out], np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     _save_npz(cache, small=imgs, colour=colour)
