@@ -519,11 +519,11 @@ def run(args: argparse.Namespace) -> int:
         say(f"mask loss {args.mask_loss}: {n_masked} training images have a tumour mask"
             + ("" if n_masked else " (none: the loss does nothing; masks are read from <root>/masks/)"),
             flush=True)
-    teacher = None
+    teacher, teacher_net = None, None
     if args.teacher and not args.finish_from:
-        teacher = distillation(args, all_samples, keep, idx["train"], classes, D.split_record(samples),
-                               spec, device, precision, say,
-                               saved=((resume or {}).get("args") or {}).get("distill_record"))
+        teacher, teacher_net = distillation(args, all_samples, keep, idx["train"], classes,
+                                            D.split_record(samples), spec, device, precision, say,
+                                            saved=((resume or {}).get("args") or {}).get("distill_record"))
     model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
@@ -624,8 +624,9 @@ def run(args: argparse.Namespace) -> int:
         n_draw = steps_per_epoch * args.batch_size * world
         order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
         order = DD.shard(order, rank, world)  # same draw on every rank; each trains its share
-        teach = None if teacher is None else (  # the teacher reads the low-resolution batches poorly
-            (teacher[3] if args.distill_online and not small else teacher[0]), teacher[1], teacher[2])
+        teach = teacher  # online only at full size: the teacher reads the low-resolution batches poorly
+        if teacher is not None and args.distill_online and not small:
+            teach = teacher._replace(source=teacher_net)
         tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
                                args.batch_size, precision, args.smoothing, args.aug,
                                args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
@@ -685,9 +686,9 @@ RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors
 
 def distillation(args, all_samples, keep, train_rows, classes, split, spec, device, precision, say,
                  saved: dict | None = None):
-    """(teacher logits of the kept samples, weight, temperature, the teacher) for
-    `E.train_one_epoch`, computed on the unfiltered list, whose cached images the teacher's own
-    run already made. ``saved``: the record of the run a resume continues, whose teacher must be
+    """(`E.Distill` of the teacher's logits for the kept samples, the teacher itself) for
+    `E.train_one_epoch`, the logits computed on the unfiltered list, whose cached images the
+    teacher's own run already made. ``saved``: the record of the run a resume continues, whose teacher must be
     the same weights."""
     try:
         t_spec = json.loads((Path(args.teacher) / "card.json").read_text())["preprocessing"]
@@ -715,7 +716,7 @@ def distillation(args, all_samples, keep, train_rows, classes, split, spec, devi
     r = args.distill_record
     say(f"teacher {args.teacher}: logits for {r['images']} training images in {r['time_s']} s "
         f"(its top class agrees with the label on {r['train_accuracy_of_teacher']:.1%})", flush=True)
-    return logits[keep], args.distill, args.distill_t, net
+    return E.Distill(logits[keep], args.distill, args.distill_t), net
 
 
 def move_aside(out: Path, names: list[str]) -> tuple[list[str], Path | None]:

@@ -9,6 +9,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -303,6 +304,14 @@ def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_
     return x, lesion * sel.to(device)[:, None, None, None]
 
 
+class Distill(NamedTuple):
+    """What `train_one_epoch` distils from: ``source`` is the teacher's logits for every image
+    (`teacher_logits`) or the teacher itself, reading each augmented batch as the student sees it."""
+    source: torch.Tensor | nn.Module
+    weight: float
+    temperature: float
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     order: torch.Tensor, optimizer, scheduler, spec: dict, device: torch.device,
                     batch_size: int = 64, precision: str = "fp32", smoothing: float = 0.1,
@@ -310,12 +319,10 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     scaler=None, progress: bool = True, out_size: int | None = None,
                     ema: ModelEma | None = None, lesions: tuple | None = None,
                     mask_weight: float = 0.0, aug_options: dict | None = None,
-                    teacher: tuple[torch.Tensor | nn.Module, float, float] | None = None) -> dict:
+                    teacher: Distill | None = None) -> dict:
     """One pass over ``order``; ``aug_options`` widens the augmentation (`augment`).
-    With ``teacher`` (logits for every image from `teacher_logits`, or the teacher itself to read
-    each augmented batch as the student sees it; weight w; temperature t) the class loss is
-    (1 - w) x the label's loss + w x `distill_loss` (the reported loss stays the label's,
-    comparable with runs without a teacher).
+    With ``teacher`` the class loss is (1 - weight) x the label's loss + weight x `distill_loss`
+    (the reported loss stays the label's, comparable with runs without a teacher).
     With ``lesions`` (masks, known) from `cache_lesions` and
     ``mask_weight`` > 0, images of a true class that carry a tumour mask add ``mask_weight`` x
     `pointing_loss` of that class's map, so the evidence for it sits on the lesion."""
@@ -345,8 +352,9 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                 logits = model(x)
             cls_loss = loss = set_nll(logits, allowed, smoothing)
             if teacher is not None:
-                kd = distill_loss(logits, _teacher_says(teacher[0], x, idx, device, precision), teacher[2])
-                loss = (1 - teacher[1]) * cls_loss + teacher[1] * kd
+                kd = distill_loss(logits, _teacher_says(teacher.source, x, idx, device, precision),
+                                  teacher.temperature)
+                loss = (1 - teacher.weight) * cls_loss + teacher.weight * kd
                 kd_sum += kd.item() * len(idx)
             f = feats.pop("f", None)
             if lesion is not None and lesion.any():

@@ -206,8 +206,8 @@ def test_distillation_maps_the_teachers_rows_onto_the_kept_samples(tmp_path, mon
     monkeypatch.setattr(E, "teacher_logits", fake)
     (tmp_path / "card.json").write_text(json.dumps({"preprocessing": {"size": 32}}))
     args = argparse.Namespace(teacher=str(tmp_path), distill=0.5, distill_t=2.0, distill_online=False, workers=1)
-    logits, w, t, _ = train.distillation(args, list(range(6)), keep, train_rows, C4, {}, {"size": 32},
-                                         torch.device("cpu"), "fp32", lambda *a, **k: None)
+    (logits, w, t), _ = train.distillation(args, list(range(6)), keep, train_rows, C4, {}, {"size": 32},
+                                           torch.device("cpu"), "fp32", lambda *a, **k: None)
     assert logits.shape == (4, 4) and (w, t) == (0.5, 2.0)
     assert logits[train_rows, 0].tolist() == [1.0, 4.0, 5.0]        # kept rows 0, 2, 3 = files 1, 4, 5
     assert logits[1].isnan().all()                                  # kept row 1 (file 2) is not trained on
@@ -230,7 +230,7 @@ def test_distillation_alone_teaches_the_teachers_answer_not_the_label():
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(15):
             E.train_one_epoch(model, images, masks, torch.arange(16), opt, None, spec, torch.device("cpu"),
-                              batch_size=8, progress=False, aug_strength=0.0, teacher=(source, 1.0, 2.0))
+                              batch_size=8, progress=False, aug_strength=0.0, teacher=E.Distill(source, 1.0, 2.0))
         pred = E.predict_logits(model, images, spec, torch.device("cpu")).argmax(1)
         assert (pred == want).all()
     s = torch.randn(5, 4)
