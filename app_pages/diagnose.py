@@ -61,13 +61,13 @@ def show_refusal(pred, key: str) -> None:
 def show_call(pred, key: str, contradiction: str | None = None) -> None:
     """The call with its referral flags, probabilities and the tumour gauge; ``contradiction``:
     what an uploaded tumour mask says against a 'no tumour' call."""
+    probs, k = [pred.probs[c] for c in predictor.classes], predictor.classes.index(pred.pred)
+    if pred.uncertain:   # read before the call: an uncertain call is a referral first
+        st.warning("**Uncertain — refer for review**: "
+                   f"{predictor.referral.describe(probs, k, pred.threshold, True, False)}.", icon=":material/warning:")
     st.markdown(f"### Prediction: **{pred.pred}**")
     if contradiction:
         st.error(contradiction, icon=":material/error:")
-    probs, k = [pred.probs[c] for c in predictor.classes], predictor.classes.index(pred.pred)
-    if pred.uncertain:
-        st.warning("**Uncertain — refer for review**: "
-                   f"{predictor.referral.describe(probs, k, pred.threshold, True, False)}.", icon=":material/warning:")
     if pred.type_uncertain:
         st.info("**Tumour — type uncertain**: "
                 f"{predictor.referral.describe(probs, k, pred.threshold, False, True)}. The tumour call stands; "

@@ -105,7 +105,10 @@ with t3:
                  help="Missed tumours with no out-of-distribution or uncertainty flag")
         d.metric("Out of distribution", f"{ev.get('flagged_ood', 0)} of {ev['n']}",
                  help="Refused by the model's gate: the app gives these scans no call. Every "
-                      "figure on this page still counts the model's raw output for them.")
+                      "figure on this page still counts the model's raw output for them."
+                      + (f" {ev['not_mri_flagged']} of them are among the {ev['not_mri']} head CTs "
+                         "that the source filed as MRI (core/not_mri.txt), where a flag is right."
+                         if ev.get("not_mri") else ""))
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
     else:
         st.info("No tumour/no-tumour labels here, so no false-negative analysis.")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header, load_predictor  # noqa: E402
 from core import outliers as O  # noqa: E402
 from core.inference import default_weights  # noqa: E402
-from core.ood import source_roots, split_files  # noqa: E402
+from core.ood import mri_only, source_roots, split_files  # noqa: E402
 from core.reader import read_scan  # noqa: E402
 
 
@@ -55,16 +55,18 @@ def main(argv=None) -> int:
     p.add_argument("--data-config", default="experiments/default.toml")
     p.add_argument("--views", type=int, default=200)
     p.add_argument("--category", default="real_medical", help="outlier category to draw the views from "
-                   "(core.outliers.CATEGORIES; real_head_ct_top needs Debian's invesalius-examples)")
+                   "(core.outliers.CATEGORIES; real_head_ct_top needs Debian's invesalius-examples; "
+                   "scan_ct_test: the test split's head CTs of core/not_mri.txt)")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.025, 0.03, 0.05])
     args = p.parse_args(argv)
-    if args.category not in O.CATEGORIES or args.category in O.MRI_DERIVED:
-        p.error(f"--category: one of {', '.join(c for c in O.CATEGORIES if c not in O.MRI_DERIVED)}")
     args.weights = str(args.weights or default_weights())
     run = header()
     pred = load_predictor(p, args.weights)
-    files = split_files(Path(args.weights) / "split.json", source_roots(pred.card, args.data_config))
+    files, not_mri = mri_only(split_files(Path(args.weights) / "split.json", source_roots(pred.card, args.data_config)))
+    O.use_scan_ct(not_mri["train"], not_mri["test"])   # the sources' own head CTs, as fit-ood draws them
+    if args.category not in O.CATEGORIES or args.category in O.MRI_DERIVED:
+        p.error(f"--category: one of {', '.join(c for c in O.CATEGORIES if c not in O.MRI_DERIVED)}")
     val = {src: np.array([pred.predict_file(f).ood_score for f in sp["val"][0]]) for src, sp in files.items()}
     rng = np.random.default_rng(args.seed)
     draw = O.CATEGORIES[args.category]

@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -504,6 +505,22 @@ def patient_id(path: str) -> str | None:
     """The TCGA patient a slice's file name gives (`PATIENT_RE`), if any."""
     m = PATIENT_RE.match(Path(path).name)
     return m.group(1) if m else None
+
+
+NOT_MRI_FILE = Path(__file__).with_name("not_mri.txt")
+
+
+@lru_cache(maxsize=1)
+def _not_mri() -> dict[str, str]:
+    rows = (line.split() for line in NOT_MRI_FILE.read_text().splitlines() if not line.startswith("#"))
+    return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
+def not_mri(path: str | Path) -> str | None:
+    """What a scan of the shared sources that is not brain MRI is ("CT"), by its file name
+    (`NOT_MRI_FILE`, found by eye); None for every other file. BRISC files head CTs as T1: the
+    gate must learn them as outliers, and a CT it flags is no MRI wrongly flagged."""
+    return _not_mri().get(Path(path).name)
 
 
 def _patient_key(s: Sample) -> str | None:

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from .data import not_mri
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, risk_coverage,
                       threshold_curve, tumour_probability)
@@ -85,6 +86,10 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
         m["silent_misses"] = int((missed & ~flagged).sum())
     _patient_intervals(m, records, classes, threshold)
     m["flagged_ood"] = int(sum(not r["in_distribution"] for r in records))
+    odd = [r for r in records if not_mri(r["file"])]
+    if odd:   # head CTs a source filed as MRI: flagging one is right, so MRI flag rates leave them out
+        m["not_mri"] = len(odd)
+        m["not_mri_flagged"] = int(sum(not r["in_distribution"] for r in odd))
     m["referred_uncertain"] = int(sum(r["uncertain"] for r in records))
     m["referred_type_uncertain"] = int(sum(r.get("type_uncertain", False) for r in records))
     m.update(_risk_coverages(records, classes, threshold))
@@ -176,13 +181,21 @@ def write_json(path: Path, obj: dict | list) -> None:
     tmp.replace(path)
 
 
+# What a card keeps from eval.json: the issue's headline figures (always, None where missing),
+# then the trust figures where the file has them (a silent miss is a tumour called "no tumour" with
+# neither flag; head CTs a source filed as MRI are counted apart).
+CARD_METRICS = ("n", "accuracy", "macro_f1", "tumour_missed", "normal_flagged", "sensitivity",
+                "specificity", "ece")
+CARD_SOURCE_METRICS = ("n", "accuracy", "macro_f1", "sensitivity", "specificity", "tumour_missed", "ece")
+CARD_TRUST_METRICS = ("silent_misses", "flagged_ood", "referred_uncertain", "not_mri", "not_mri_flagged")
+
+
 def card_metrics(ev: dict) -> dict:
     """The headline figures a model card keeps from its eval.json, overall and per source."""
-    return ({k: ev.get(k) for k in ("n", "accuracy", "macro_f1", "tumour_missed", "normal_flagged",
-                                    "sensitivity", "specificity", "ece")}
-            | {"per_source": {k: {m: v.get(m) for m in ("n", "accuracy", "macro_f1", "sensitivity",
-                                                       "specificity", "tumour_missed", "ece")}
-                              for k, v in ev.get("per_source", {}).items()}})
+    def pick(d: dict, keys: tuple[str, ...]) -> dict:
+        return {k: d.get(k) for k in keys} | {k: d[k] for k in CARD_TRUST_METRICS if k in d}
+    return pick(ev, CARD_METRICS) | {"per_source": {k: pick(v, CARD_SOURCE_METRICS)
+                                                    for k, v in ev.get("per_source", {}).items()}}
 
 
 def _reflag(records: list[dict], classes: list[str], threshold: float | None, rule: ReferralRule) -> None:

@@ -795,6 +795,8 @@ def outlier_set(category: str, n: int, seed: int, main_spec: dict | None, mri_pa
     source = (mri_paths, _stamps(mri_paths)) if derived else None
     if category.startswith("real_head_ct"):
         source = (str(O.HEAD_CT_FILE), _stamps([str(O.HEAD_CT_FILE)]))
+    if category in O.SCAN_CT_FILES:
+        source = (O.SCAN_CT_FILES[category], _stamps(list(O.SCAN_CT_FILES[category])))
     key = hashlib.sha1(repr((category, n, seed, main_spec and sorted(main_spec.items()), _code_key(),
                              source, GATE_SPEC)).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-out-{key}.npz"
@@ -897,6 +899,9 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     card = json.loads((weights / "card.json").read_text()) if (weights / "card.json").exists() else None
     model, spec = _load_classifier(weights, card)
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log)
+    O.use_scan_ct(d["not_mri"]["train"], d["not_mri"]["test"])
+    log(f"head CTs among the sources' scans (core/not_mri.txt): {len(d['not_mri']['train'])} train "
+        f"as outliers (scan_ct), {len(d['not_mri']['test'])} test only (scan_ct_test)")
     seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
     log(f"real head CT ({O.HEAD_CT_FILE}): " + ("trained on its lower slices, tested on its upper ones"
         if O.has_head_ct() else "not installed, so the gate trains without it (apt-get install invesalius-examples)"))
@@ -965,7 +970,8 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     table = markdown_table(rows, list(d["val"]), seen, unseen + test_only)
     if held_out:
         table += ("\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it; "
-                  "real_medical is never trained on; real_head_ct_top from the fold without real_head_ct):\n"
+                  "real_medical is never trained on; real_head_ct_top and scan_ct_test from the fold without "
+                  "real_head_ct and scan_ct):\n"
                   + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items())
                   + f"\nnot brain MRI: mean {held_out['non_brain_mean_pct']}, worst {held_out['non_brain_min_pct']}"
                   + f"; altered brain MRI ({', '.join(O.ALTERED_MRI)}): mean {held_out['altered_mri_mean_pct']}")
@@ -1106,7 +1112,7 @@ def _load_mri(card: dict | None, data_config, split_file, spec: dict | None, max
               seed: int, log) -> dict:
     """Train/val/test MRI per source (64 px for the network, the classifier's size for val/test),
     a training subset at the classifier's size for densities, and slices to derive outliers from."""
-    files = split_files(split_file, source_roots(card, data_config))
+    files, not_mri = mri_only(split_files(split_file, source_roots(card, data_config)))
     t0 = time.time()
     known = TrainingCache.find((card or {}).get("sources", []), spec) if spec else None
     log(f"classifier's training image cache: {'found' if known else 'not found, reading the files'}")
@@ -1126,7 +1132,23 @@ def _load_mri(card: dict | None, data_config, split_file, spec: dict | None, max
         paths = [p for s in files for p in files[s].get(sp, ([], []))[0]]
         pick[sp] = sorted(rng.choice(paths, min(400, len(paths)), replace=False).tolist())
     return {"sets": sets, "val": sets["val"], "test": sets["test"], "pos": pos, "feat_train": feat_train,
-            "train_mri": pick["train"], "test_mri": pick["test"]}
+            "train_mri": pick["train"], "test_mri": pick["test"], "not_mri": not_mri}
+
+
+def mri_only(files: dict[str, dict[str, tuple[list[str], list[str]]]]) -> tuple[dict, dict[str, list[str]]]:
+    """`split_files` without the scans `core.data.not_mri` knows are no MRI, and those scans by
+    split: {"train": training and validation files, "test": test files}. The gate must not learn a
+    head CT as MRI, nor set its threshold on CTs or count one it flags as MRI flagged."""
+    from .data import not_mri
+    kept: dict = {}
+    odd: dict[str, list[str]] = {"train": [], "test": []}
+    for src, splits in files.items():
+        kept[src] = {}
+        for sp, (paths, groups) in splits.items():
+            keep = [i for i, p in enumerate(paths) if not not_mri(p)]
+            kept[src][sp] = ([paths[i] for i in keep], [groups[i] for i in keep])
+            odd["test" if sp == "test" else "train"] += [p for p in paths if not_mri(p)]
+    return kept, odd
 
 
 def _classifier_caches(model, spec, keyed: list[tuple[str, ImageSet]], log) -> dict:
@@ -1222,7 +1244,8 @@ def _card_info(row: dict, trained_on: list[str], held_out_cats: list[str], count
                seed: int, net_time: float, held_out: dict | None) -> dict:
     from . import outliers as O
     return {
-        "trained_on": {"positives": "train-split MRI of every source in split.json",
+        "trained_on": {"positives": "train-split MRI of every source in split.json, without the scans "
+                                    "core/not_mri.txt knows are no MRI (BRISC's head CTs: negatives, scan_ct)",
                        "negative_categories": trained_on, "held_out_categories": held_out_cats,
                        "photos_train": list(O.PHOTOS_TRAIN), "photos_test": list(O.PHOTOS_TEST),
                        "counts": counts, "epochs": epochs, "seed": seed,

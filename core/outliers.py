@@ -555,6 +555,27 @@ def has_head_ct() -> bool:
     return HEAD_CT_FILE.is_file()
 
 
+# Head CTs that a source filed among its MRI (`core.data.not_mri`: BRISC's no_tumor folder holds
+# 56): real CTs of many patients and scanners, where the InVesalius CT is one. fit-ood sets them
+# from the model's split (`use_scan_ct`): training and validation files train, test files only test.
+SCAN_CT_FILES: dict[str, tuple[str, ...]] = {}
+
+
+def _scan_ct_view(rng: Rng, category: str) -> Image.Image:
+    files = SCAN_CT_FILES[category]
+    with Image.open(files[int(rng.integers(len(files)))]) as im:
+        a = np.asarray(im.convert("L"))
+    return _view(rng, a, 0.6, 1.0)
+
+
+def scan_ct(rng: Rng) -> Image.Image:
+    return _scan_ct_view(rng, "scan_ct")
+
+
+def scan_ct_test(rng: Rng) -> Image.Image:
+    return _scan_ct_view(rng, "scan_ct_test")
+
+
 # ----------------------------------------------------------------------------- from MRI
 def mri_inverted(rng: Rng, grey: np.ndarray) -> Image.Image:
     return _from_float((1 - grey) ** rng.uniform(0.6, 1.6))
@@ -640,6 +661,21 @@ ALTERED_MRI = tuple(c for c, k in KIND.items() if k == "altered_mri")
 CATEGORIES = {**SEEN, **UNSEEN, **TEST_ONLY}
 
 
+def use_scan_ct(train: list[str], test: list[str]) -> None:
+    """Make the sources' own head CTs two categories: ``train`` files a trained one (`scan_ct`),
+    ``test`` files a test-only one (`scan_ct_test`; BRISC names no patient, so it is held out
+    with `scan_ct`, like the InVesalius CT's upper slices). Without files, neither exists."""
+    for name, files, table in (("scan_ct", train, SEEN), ("scan_ct_test", test, TEST_ONLY)):
+        SCAN_CT_FILES.pop(name, None)
+        table.pop(name, None)
+        CATEGORIES.pop(name, None)
+        if files:
+            SCAN_CT_FILES[name] = tuple(sorted(files))
+            table[name] = CATEGORIES[name] = scan_ct if name == "scan_ct" else scan_ct_test
+    KIND.update(scan_ct="head_not_mri", scan_ct_test="real_medical")
+    TRAINED_SIBLING["scan_ct_test"] = "scan_ct"
+
+
 def encode(img: Image.Image, rng: Rng) -> bytes:
     """PNG or JPEG bytes, as an upload would arrive."""
     buf = io.BytesIO()
@@ -689,4 +725,5 @@ def head_like(rng: Rng, size: int = 128) -> np.ndarray:
 
 
 __all__ = ["SEEN", "UNSEEN", "TEST_ONLY", "CATEGORIES", "MRI_DERIVED", "ALTERED_MRI", "make_images", "make_scans", "head_like",
+           "use_scan_ct",
            "PHOTOS_TRAIN", "PHOTOS_TEST"]

@@ -177,6 +177,25 @@ def test_a_flagged_scan_gets_no_call_at_any_operating_point(app, monkeypatch):
         assert len(app.image) == 1  # the scan; no saliency map of a call that was not made
 
 
+def test_an_uncertain_call_is_headed_by_its_referral(app, monkeypatch):
+    """The referral came under the call: a reader saw "Prediction: glioma" before "refer"."""
+    real = core.inference.Predictor.predict_scan
+    monkeypatch.setattr(core.inference.Predictor, "predict_scan",
+                        lambda self, scan: replace(real(self, scan), uncertain=True))
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+
+    def text(node) -> str:
+        try:
+            return str(node.value)
+        except Exception:   # blocks and widgets without a text value
+            return ""
+    shown = [text(n) for n in app.main]
+    refer = next(i for i, t in enumerate(shown) if t.startswith("**Uncertain — refer for review**"))
+    call = next(i for i, t in enumerate(shown) if t.startswith("### Prediction:"))
+    assert not app.exception and refer < call
+
+
 def test_batch_table_gives_a_flagged_scan_no_call():
     from core.dashboard import batch_table
     row = {"file": "cat.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.6,

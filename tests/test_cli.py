@@ -109,6 +109,10 @@ def test_evaluate_contract_four_class(weights, four_class_dir, tmp_path, capsys)
     assert "glioma_tumor/gl0.jpg" in files and len(files) == 10
     assert {r["label"] for r in ev["predictions"]} == set(C4)
     assert {e["file"] for e in ev["errors"]} == {"no_tumor/broken.jpg", "no_tumor/Thumbs.txt"}
+    # issue 11: calibration error, and the trust flags on every record
+    assert 0 <= ev["ece"] <= 1
+    for r in ev["predictions"]:
+        assert {"in_distribution", "ood_score", "uncertain", "threshold"} <= set(r) and r["threshold"] == 0.5
 
 
 def test_evaluate_yes_no_folder_as_tumour_vs_no_tumour(weights, tmp_path, capsys):
@@ -154,6 +158,10 @@ def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, ca
         assert x["ok"] is True and x["pred"] == "notumor"
         assert {"file", "ok", "pred", "probs", "tumour_probability"} <= set(x)
         assert x["tumour_probability"] == pytest.approx(p[:3].sum(), abs=1e-5)
+        # issue 11's fields on every line (a gateless model: in distribution, no score)
+        assert {"in_distribution", "ood_score", "uncertain", "threshold"} <= set(x)
+        assert x["in_distribution"] is True and x["ood_score"] is None
+        assert isinstance(x["uncertain"], bool) and x["threshold"] == 0.5
 
     bad = four_class_dir / "no_tumor" / "broken.jpg"
     missing = tmp_path / "nope.jpg"

@@ -515,3 +515,66 @@ def test_rethreshold_takes_a_same_patient_test_category_from_the_fold_without_it
     held = {"folds": [["blank"], ["ct_low", "noise"]], "per_category": {"ct_top": 99.0, "blank": 80.0}}
     _sibling_rates(held, tmp_path / "ood_eval.json")
     assert held["per_category"] == {"ct_top": 42.0, "blank": 80.0}
+
+
+# ----------------------------------------------------------------------------- the sources' own head CTs
+KNOWN_CT = "brisc2025_train_02545_no_ax_t1.jpg"   # the first line of core/not_mri.txt
+
+
+def test_head_cts_a_source_files_as_mri_leave_the_gates_mri_and_split_by_split():
+    from core.data import not_mri
+    from core.ood import mri_only
+    assert not_mri(f"/any/root/no_tumor/{KNOWN_CT}") == "CT" and not_mri("no_tumor/other.jpg") is None
+    files = {"brisc": {sp: ([f"/r/no_tumor/{sp}.jpg", f"/r/no_tumor/{KNOWN_CT}"], ["brisc/notumor"] * 2)
+                       for sp in ("train", "val", "test")},
+             "lgg": {"train": (["/l/glioma/a.jpg"], ["lgg/glioma"])}}
+    kept, odd = mri_only(files)
+    assert kept["brisc"] == {sp: ([f"/r/no_tumor/{sp}.jpg"], ["brisc/notumor"]) for sp in ("train", "val", "test")}
+    assert kept["lgg"] == files["lgg"]
+    # validation CTs train the gate too (its threshold is set on validation MRI only); test CTs only test
+    assert odd == {"train": [f"/r/no_tumor/{KNOWN_CT}"] * 2, "test": [f"/r/no_tumor/{KNOWN_CT}"]}
+
+
+def test_not_mri_list_names_each_file_once_and_they_exist_in_shared_brisc():
+    from core.data import NOT_MRI_FILE, _not_mri
+    names = [ln.split()[0] for ln in NOT_MRI_FILE.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(names) == len(set(names)) == len(_not_mri()) == 99
+    assert set(_not_mri().values()) == {"CT"}
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    folders = (data / "brisc" / "no_tumor", data / "brain-tumor-mri" / "Training" / "notumor")
+    if not all(f.is_dir() for f in folders):
+        pytest.skip("../shared/data not present")
+    found = [n for n in names if any((f / n).is_file() for f in folders)]
+    assert found == names   # each names a tumour-free scan of BRISC or the benchmark
+
+
+def test_scan_ct_categories_draw_their_own_files_and_go_away_without_them(tmp_path):
+    # dark files train, bright files test: each category must draw only its own
+    def save(name, value):
+        Image.fromarray(np.full((48, 40), value, np.uint8)).save(tmp_path / name)
+        return str(tmp_path / name)
+    train, test = [save("a.png", 20), save("b.png", 30)], [save("c.png", 230)]
+    try:
+        O.use_scan_ct(train, test)
+        assert "scan_ct" in O.SEEN and "scan_ct_test" in O.TEST_ONLY and "scan_ct" not in O.TEST_ONLY
+        assert O.TRAINED_SIBLING["scan_ct_test"] == "scan_ct" and O.KIND["scan_ct"] == "head_not_mri"
+        dark = [np.asarray(im.convert("L")).mean() for im in O.make_images("scan_ct", 6, 0)]
+        bright = [np.asarray(im.convert("L")).mean() for im in O.make_images("scan_ct_test", 6, 0)]
+        assert max(dark) < 60 and min(bright) > 180, (dark, bright)
+        O.use_scan_ct(train, [])
+        assert "scan_ct" in O.CATEGORIES and "scan_ct_test" not in O.CATEGORIES
+    finally:
+        O.use_scan_ct([], [])
+    assert "scan_ct" not in O.SEEN and "scan_ct" not in O.CATEGORIES and not O.SCAN_CT_FILES
+
+
+def test_evaluation_counts_flagged_head_cts_apart_from_flagged_mri():
+    from core.evaluation import evaluate_records
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    def rec(f, ok):
+        return {"file": f, "label": "notumor", "pred": "notumor", "in_distribution": ok, "uncertain": False,
+                "probs": {"glioma": 0.05, "meningioma": 0.05, "pituitary": 0.05, "notumor": 0.85}}
+    records = [rec(f"no_tumor/{KNOWN_CT}", False), rec("no_tumor/mri1.jpg", False), rec("no_tumor/mri2.jpg", True)]
+    m = evaluate_records(records, classes, 0.5)
+    assert (m["flagged_ood"], m["not_mri"], m["not_mri_flagged"]) == (2, 1, 1)
+    assert "not_mri" not in evaluate_records(records[1:], classes, 0.5)
