@@ -1029,6 +1029,7 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     seed = int(fit.get("seed", 0))
     n_test = int(fit.get("counts", {}).get("test_outliers_per_category", 200))
     d = _load_mri(card, data_config, weights / "split.json", spec, 1, seed, log)
+    O.use_scan_ct(d["not_mri"]["train"], d["not_mri"]["test"])   # as fit-ood drew them, from this split
     cats = list(O.SEEN) + list(O.UNSEEN) + list(O.TEST_ONLY)
     test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in cats}
     keyed = [*d["val"].items(), *[(f"test/{s}", x) for s, x in d["test"].items()],
@@ -1245,7 +1246,7 @@ def _card_info(row: dict, trained_on: list[str], held_out_cats: list[str], count
     from . import outliers as O
     return {
         "trained_on": {"positives": "train-split MRI of every source in split.json, without the scans "
-                                    "core/not_mri.txt knows are no MRI (BRISC's head CTs: negatives, scan_ct)",
+                                    "core/not_mri.txt knows are no MRI (head CTs of BRISC and the benchmark: negatives, scan_ct)",
                        "negative_categories": trained_on, "held_out_categories": held_out_cats,
                        "photos_train": list(O.PHOTOS_TRAIN), "photos_test": list(O.PHOTOS_TEST),
                        "counts": counts, "epochs": epochs, "seed": seed,

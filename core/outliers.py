@@ -555,9 +555,10 @@ def has_head_ct() -> bool:
     return HEAD_CT_FILE.is_file()
 
 
-# Head CTs that a source filed among its MRI (`core.data.not_mri`: BRISC's no_tumor folder holds
-# 56): real CTs of many patients and scanners, where the InVesalius CT is one. fit-ood sets them
-# from the model's split (`use_scan_ct`): training and validation files train, test files only test.
+# Head CTs that a source filed among its MRI (`core.data.not_mri`: 56 in BRISC's no_tumor folder,
+# 43 in the benchmark's notumor): real CTs of many patients and scanners, where the InVesalius CT is
+# one. fit-ood sets them from the model's split (`use_scan_ct`): training and validation files
+# train, test files only test.
 SCAN_CT_FILES: dict[str, tuple[str, ...]] = {}
 
 
