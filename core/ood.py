@@ -1146,9 +1146,9 @@ def mri_only(files: dict[str, dict[str, tuple[list[str], list[str]]]]) -> tuple[
     for src, splits in files.items():
         kept[src] = {}
         for sp, (paths, groups) in splits.items():
-            keep = [i for i, p in enumerate(paths) if not not_mri(p)]
-            kept[src][sp] = ([paths[i] for i in keep], [groups[i] for i in keep])
-            odd["test" if sp == "test" else "train"] += [p for p in paths if not_mri(p)]
+            mri = [not not_mri(p) for p in paths]
+            kept[src][sp] = ([p for p, m in zip(paths, mri) if m], [g for g, m in zip(groups, mri) if m])
+            odd["test" if sp == "test" else "train"] += [p for p, m in zip(paths, mri) if not m]
     return kept, odd
 
 

@@ -666,13 +666,13 @@ def use_scan_ct(train: list[str], test: list[str]) -> None:
     """Make the sources' own head CTs two categories: ``train`` files a trained one (`scan_ct`),
     ``test`` files a test-only one (`scan_ct_test`; BRISC names no patient, so it is held out
     with `scan_ct`, like the InVesalius CT's upper slices). Without files, neither exists."""
-    for name, files, table in (("scan_ct", train, SEEN), ("scan_ct_test", test, TEST_ONLY)):
+    for name, draw, files, table in (("scan_ct", scan_ct, train, SEEN), ("scan_ct_test", scan_ct_test, test, TEST_ONLY)):
         SCAN_CT_FILES.pop(name, None)
         table.pop(name, None)
         CATEGORIES.pop(name, None)
         if files:
             SCAN_CT_FILES[name] = tuple(sorted(files))
-            table[name] = CATEGORIES[name] = scan_ct if name == "scan_ct" else scan_ct_test
+            table[name] = CATEGORIES[name] = draw
     KIND.update(scan_ct="head_not_mri", scan_ct_test="real_medical")
     TRAINED_SIBLING["scan_ct_test"] = "scan_ct"
 
