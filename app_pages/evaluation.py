@@ -106,7 +106,7 @@ with t3:
         d.metric("Out of distribution", f"{ev.get('flagged_ood', 0)} of {ev['n']}",
                  help="Refused by the model's gate: the app gives these scans no call. Every "
                       "figure on this page still counts the model's raw output for them."
-                      + (f" {ev['not_mri_flagged']} of them are among the {ev['not_mri']} head CTs "
+                      + (f" {ev['not_mri_flagged']} of them are among the {ev['not_mri']} CTs "
                          "that the source filed as MRI (core/not_mri.txt), where a flag is right."
                          if ev.get("not_mri") else ""))
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
@@ -123,7 +123,10 @@ with t4:
                   "probability (e.g. scans labelled only 'tumour')")
     if ev.get("reliability"):
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
-    elif (why := dash.calibration_note(ev)):
+    elif ev.get("tumour_reliability"):
+        a.plotly_chart(dash.reliability_figure(ev["tumour_reliability"], ev.get("tumour_ece"), tumour=True),
+                       key="rel")
+    if (why := dash.calibration_note(ev)):
         a.info(why)
     if ev.get("risk_coverage"):
         b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc")

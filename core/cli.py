@@ -159,26 +159,34 @@ def _writable_file(path: str) -> Path:
 
 def _print_skipped(errors: list[dict]) -> None:
     for e in errors:
-        print(f"skipped {printable_path(e['file'])}: {e['error']}", file=sys.stderr)
+        where = f"{e['source']}: " if "source" in e else ""
+        print(f"skipped {where}{printable_path(e['file'])}: {e['error']}", file=sys.stderr)
+
+
+SOURCE_SUMMARY = ("n", "accuracy", "tumour_missed", "sensitivity", "specificity", "ece", "tumour_ece")
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import NothingToScore, evaluate_dir
+    from .evaluation import NothingToScore, evaluate_dirs
     to_stdout = args.json == "-"   # the whole JSON on stdout; the summary moves to stderr
     out = _writable_file(args.json) if args.json and not to_stdout else None
     pred = _predictor(args.weights)
     try:
-        ev = evaluate_dir(pred, args.data_dir)
+        ev = evaluate_dirs(pred, args.data_dir)
     except NothingToScore as e:
         _print_skipped(e.errors)
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = {k: ev.get(k) for k in ("model", "scored_as", "n", "accuracy", "macro_f1", "tumour_missed",
-                                      "normal_flagged", "sensitivity", "specificity", "ece")
+                                      "normal_flagged", "sensitivity", "specificity", "ece", "tumour_ece")
                if k != "scored_as" or k in ev}
+    if "per_source" in ev:
+        summary["per_source"] = {s: {k: m.get(k) for k in SOURCE_SUMMARY if k in m} for s, m in ev["per_source"].items()}
     print(json.dumps(summary, indent=1), file=sys.stderr if to_stdout else sys.stdout)
     _print_skipped(ev["errors"])
-    print(f"evaluated: {ev['evaluated']}", file=sys.stderr)
+    what = ev["evaluated"]
+    print("evaluated: " + ("; ".join(f"{k}: {v}" for k, v in what.items()) if isinstance(what, dict) else what),
+          file=sys.stderr)
     if to_stdout:
         print(json.dumps(ev, indent=1))
     elif out:
@@ -210,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("data_dir"); a.add_argument("--max-distance", type=_non_negative, default=6)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(fn=cmd_audit)
-    e = sub.add_parser("evaluate", help="evaluate a class-per-folder directory")
-    e.add_argument("data_dir"); e.add_argument("--weights"); e.add_argument("--json")
+    e = sub.add_parser("evaluate", help="evaluate class-per-folder directories (several: each one source, "
+                                        "reported apart in per_source)")
+    e.add_argument("data_dir", nargs="+"); e.add_argument("--weights"); e.add_argument("--json")
     e.set_defaults(fn=cmd_evaluate)
     pr = sub.add_parser("predict", help="predict image, DICOM or NIfTI files")
     pr.add_argument("files", nargs="+"); pr.add_argument("--weights")

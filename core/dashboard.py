@@ -103,12 +103,13 @@ def scans_help(ev: dict) -> str | None:
 
 
 def calibration_note(ev: dict) -> str | None:
-    """Why an evaluation has no reliability diagram: no scan's label names a class of the model."""
+    """Why an evaluation has no class reliability diagram: no scan's label names a class of the model."""
     if ev.get("reliability") or not ev.get("n"):
         return None
-    return ("No reliability diagram or ECE: these scans are labelled without a tumour type, so "
-            "whether the model's class is right cannot be judged; the risk-coverage curve judges the "
-            "tumour / no-tumour call instead.")
+    return ("These scans are labelled without a tumour type, so whether the model's class is right "
+            "cannot be judged: the calibration shown is the tumour probability's (does a scan given "
+            "tumour probability p hold a tumour with frequency p?)" if ev.get("tumour_reliability")
+            else "No reliability diagram or ECE: these scans carry no label the model's classes can judge.")
 
 
 def per_class_table(ev: dict) -> pd.DataFrame:
@@ -187,7 +188,9 @@ def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
                    legend=dict(orientation="h", y=-0.25))
 
 
-def reliability_figure(bins: list[dict], ece: float | None) -> go.Figure:
+def reliability_figure(bins: list[dict], ece: float | None, tumour: bool = False) -> go.Figure:
+    """Reliability diagram of the top-class confidence, or with ``tumour`` of the tumour probability
+    (bins of `metrics.reliability`: mean probability against the share right / the share tumours)."""
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"),
                     name="perfect calibration")
@@ -195,9 +198,10 @@ def reliability_figure(bins: list[dict], ece: float | None) -> go.Figure:
                     mode="lines+markers", name="model", text=[f"n={b['n']}" for b in bins],
                     marker=dict(size=[6 + 14 * np.sqrt(b["n"] / max(1, max(x["n"] for x in bins)))
                                       for b in bins]))
-    fig.update_xaxes(title="confidence (top-class probability)", range=[0, 1])
-    fig.update_yaxes(title="accuracy", range=[0, 1.02])
-    title = "Reliability" + (f" (ECE {ece:.3f})" if ece is not None and ece == ece else "")
+    fig.update_xaxes(title="tumour probability" if tumour else "confidence (top-class probability)", range=[0, 1])
+    fig.update_yaxes(title="share that hold a tumour" if tumour else "accuracy", range=[0, 1.02])
+    title = ("Tumour-probability reliability" if tumour else "Reliability") + (
+        f" (ECE {ece:.3f})" if ece is not None and ece == ece else "")
     return _layout(fig, title, height=360)
 
 

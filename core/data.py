@@ -518,8 +518,9 @@ def _not_mri() -> dict[str, str]:
 
 def not_mri(path: str | Path) -> str | None:
     """What a scan of the shared sources that is not brain MRI is ("CT"), by its file name
-    (`NOT_MRI_FILE`, found by eye); None for every other file. BRISC files head CTs as T1: the
-    gate must learn them as outliers, and a CT it flags is no MRI wrongly flagged."""
+    (`NOT_MRI_FILE`, found by eye); None for every other file. BRISC files head CTs as T1, and
+    the benchmark and Br35H hold a few CTs too: the gate must learn them as outliers, and a CT it
+    flags is no MRI wrongly flagged."""
     return _not_mri().get(Path(path).name)
 
 

@@ -185,8 +185,9 @@ def write_json(path: Path, obj: dict | list) -> None:
 # then the trust figures where the file has them (a silent miss is a tumour called "no tumour" with
 # neither flag; head CTs a source filed as MRI are counted apart).
 CARD_METRICS = ("n", "accuracy", "macro_f1", "tumour_missed", "normal_flagged", "sensitivity",
-                "specificity", "ece")
-CARD_SOURCE_METRICS = ("n", "accuracy", "macro_f1", "sensitivity", "specificity", "tumour_missed", "ece")
+                "specificity", "ece", "tumour_ece")
+CARD_SOURCE_METRICS = ("n", "accuracy", "macro_f1", "sensitivity", "specificity", "tumour_missed", "ece",
+                       "tumour_ece")
 CARD_TRUST_METRICS = ("silent_misses", "flagged_ood", "referred_uncertain", "not_mri", "not_mri_flagged")
 
 
@@ -368,9 +369,57 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
 
 def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], None] | None = None) -> dict:
     """Evaluate any class-per-folder directory with a loaded `Predictor`."""
+    records, errors, evaluated = _predict_dir(predictor, data_dir, None, progress)
+    ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
+    ev.update(errors=errors, model=predictor.name, evaluated=evaluated)
+    return ev
+
+
+def evaluate_dirs(predictor, data_dirs: list[str | Path]) -> dict:
+    """Several class-per-folder directories, each one source named by its folder: ``per_source``
+    scores each alone, as a model's eval.json does (a yes/no source's tumours count in tumour
+    figures only), and the overall figures pool every scan (its accuracy covers every scan whose
+    label is a class of the model, a yes/no source's no-tumour scans included)."""
+    if len(data_dirs) == 1:
+        return evaluate_dir(predictor, data_dirs[0])
+    if (missing := [str(d) for d in data_dirs if not Path(d).is_dir()]):
+        raise FileNotFoundError(f"not a directory: {', '.join(missing)}")   # before any is run
+    names = source_names(data_dirs)
+    records, errors, evaluated = [], [], {}
+    for name, d in zip(names, data_dirs):
+        try:
+            recs, errs, evaluated[name] = _predict_dir(predictor, d, name)
+        except NothingToScore as e:
+            recs, errs, evaluated[name] = [], e.errors + [{"file": str(d), "error": str(e)}], "nothing"
+        records += recs
+        errors += [{**e, "source": name} for e in errs]
+    if not records:
+        raise NothingToScore("no directory holds an image this model can be judged on", errors)
+    if TUMOUR in predictor.classes:   # a binary model: glioma, meningioma... are all 'tumor'
+        records = [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
+    ev = evaluate_records(records, predictor.classes, predictor.threshold)
+    ev.update(errors=errors, model=predictor.name, evaluated=evaluated)
+    return ev
+
+
+def source_names(data_dirs: list[str | Path]) -> list[str]:
+    """Each directory's folder name, numbered where two are alike (two 'Training' folders)."""
+    names = [Path(d).resolve().name or "data" for d in data_dirs]
+    out: list[str] = []
+    for n in names:
+        k, name = 1, n
+        while name in out or (names.count(n) > 1 and name == n):
+            name, k = f"{n}-{k}", k + 1
+        out.append(name)
+    return out
+
+
+def _predict_dir(predictor, data_dir: str | Path, source: str | None,
+                 progress: Callable[[float], None] | None = None) -> tuple[list[dict], list[dict], str]:
+    """(records, errors, which images were evaluated) of one directory; records of scorable images only."""
     from .data import discover
     from .reader import ScanError, read_scan
-    scan = discover(data_dir)
+    scan = discover(data_dir, source)
     samples, evaluated = evaluation_set(scan.samples, scan.inner)
     records = []
     errors = [{"file": rel, "error": why} for rel, why in scan.skipped
@@ -397,11 +446,7 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     if not records:
         raise NothingToScore(f"none of the {len(samples)} image files under {data_dir} could be read",
                              errors)
-    ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
-    ev["errors"] = errors
-    ev["model"] = predictor.name
-    ev["evaluated"] = evaluated
-    return ev
+    return records, errors, evaluated
 
 
 def evaluation_set(samples: list, inner: Callable[[str], str] = lambda rel: rel.replace("\\", "/")) -> tuple[list, str]:

@@ -73,24 +73,31 @@ def is_tumour_label(label: str) -> bool | None:
 ECE_BINS = 15  # the reliability diagram draws the same bins its ECE is computed on
 
 
+def _bins(conf: np.ndarray, bins: int):
+    """Masks of ``conf`` per bin of (lo, hi]; the first bin also takes 0 (a tumour probability
+    can be 0, a top-class confidence never is) and the last anything above 1 (a sum of stored,
+    rounded probabilities can reach 1.000001): every finite value lands in exactly one bin."""
+    edges = np.linspace(0, 1, bins + 1)
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        yield lo, hi, ((conf > lo) | (i == 0) & (conf >= 0)) & ((conf <= hi) | (i == bins - 1) & (conf > lo))
+
+
 def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     conf, correct = np.asarray(conf, float), np.asarray(correct, float)
     if len(conf) == 0:
         return float("nan")
-    edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
+    for _, _, m in _bins(conf, bins):
         if m.any():
             ece += m.mean() * abs(conf[m].mean() - correct[m].mean())
     return float(ece)
 
 
 def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
-    edges = np.linspace(0, 1, bins + 1)
+    """Per bin of ``conf``: mean confidence and the share ``correct``, the bins `ECE` sums over."""
+    conf, correct = np.asarray(conf, float), np.asarray(correct, float)
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
+    for lo, hi, m in _bins(conf, bins):
         if m.any():
             out.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
                         "confidence": float(conf[m].mean()), "accuracy": float(correct[m].mean())})
@@ -177,9 +184,14 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
         t_pred = (pred[has] != no_idx)
         tp = int((t_true & t_pred).sum()); fn = int((t_true & ~t_pred).sum())
         tn = int((~t_true & ~t_pred).sum()); fp = int((~t_true & t_pred).sum())
+        # calibration of the tumour probability itself: the only calibration a source labelled
+        # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads
+        t_prob = tumour_probability(probs[has], classes)
         out.update(tumour_missed=fn, normal_flagged=fp, n_tumour=tp + fn, n_normal=tn + fp,
                    sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
-                   binary_accuracy=_ratio(tp + tn, tp + tn + fp + fn))
+                   binary_accuracy=_ratio(tp + tn, tp + tn + fp + fn),
+                   tumour_ece=expected_calibration_error(t_prob, t_true),
+                   tumour_reliability=reliability(t_prob, t_true))
         if tp + fn:
             ci95["sensitivity"] = list(wilson(tp, tp + fn))
         if tn + fp:

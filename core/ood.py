@@ -900,7 +900,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     model, spec = _load_classifier(weights, card)
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log)
     O.use_scan_ct(d["not_mri"]["train"], d["not_mri"]["test"])
-    log(f"head CTs among the sources' scans (core/not_mri.txt): {len(d['not_mri']['train'])} train "
+    log(f"CTs among the sources' scans (core/not_mri.txt): {len(d['not_mri']['train'])} train "
         f"as outliers (scan_ct), {len(d['not_mri']['test'])} test only (scan_ct_test)")
     seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
     log(f"real head CT ({O.HEAD_CT_FILE}): " + ("trained on its lower slices, tested on its upper ones"
@@ -1246,7 +1246,7 @@ def _card_info(row: dict, trained_on: list[str], held_out_cats: list[str], count
     from . import outliers as O
     return {
         "trained_on": {"positives": "train-split MRI of every source in split.json, without the scans "
-                                    "core/not_mri.txt knows are no MRI (head CTs of BRISC and the benchmark: negatives, scan_ct)",
+                                    "core/not_mri.txt knows are no MRI (CTs of BRISC, the benchmark and Br35H: negatives, scan_ct)",
                        "negative_categories": trained_on, "held_out_categories": held_out_cats,
                        "photos_train": list(O.PHOTOS_TRAIN), "photos_test": list(O.PHOTOS_TEST),
                        "counts": counts, "epochs": epochs, "seed": seed,

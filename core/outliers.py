@@ -663,7 +663,7 @@ CATEGORIES = {**SEEN, **UNSEEN, **TEST_ONLY}
 
 
 def use_scan_ct(train: list[str], test: list[str]) -> None:
-    """Make the sources' own head CTs two categories: ``train`` files a trained one (`scan_ct`),
+    """Make the sources' own CTs two categories: ``train`` files a trained one (`scan_ct`),
     ``test`` files a test-only one (`scan_ct_test`; BRISC names no patient, so it is held out
     with `scan_ct`, like the InVesalius CT's upper slices). Without files, neither exists."""
     for name, draw, files, table in (("scan_ct", scan_ct, train, SEEN), ("scan_ct_test", scan_ct_test, test, TEST_ONLY)):

@@ -743,7 +743,8 @@ def test_evaluation_says_what_its_accuracy_and_calibration_are_over(monkeypatch)
     assert "moves with the operating point" in texts(at) and "does not move" not in texts(at)
     next(b for b in at.selectbox if b.label == "Source").select("br35h").run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("No reliability diagram" in i.value for i in at.info)
+    # no class calibration without types: the tumour probability's instead, and the page says so
+    assert any("calibration shown is the tumour probability's" in i.value for i in at.info)
 
 
 # ----------------------------------------------------------------------------- review I

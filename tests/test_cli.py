@@ -115,12 +115,17 @@ def test_evaluate_contract_four_class(weights, four_class_dir, tmp_path, capsys)
         assert {"in_distribution", "ood_score", "uncertain", "threshold"} <= set(r) and r["threshold"] == 0.5
 
 
-def test_evaluate_yes_no_folder_as_tumour_vs_no_tumour(weights, tmp_path, capsys):
-    root = tmp_path / "br35h"
-    for ci, (c, n) in enumerate((("yes", 5), ("no", 3))):
+def yes_no_dir(root, yes: int, no: int, seed: int):
+    """A Br35H-like folder: ``yes`` and ``no`` images in yes/ and no/."""
+    for ci, (c, n) in enumerate((("yes", yes), ("no", no))):
         (root / c).mkdir(parents=True)
         for k in range(n):
-            pattern(100 + 10 * ci + k).save(root / c / f"{c}{k}.png")
+            pattern(seed + 10 * ci + k).save(root / c / f"{c}{k}.png")
+    return root
+
+
+def test_evaluate_yes_no_folder_as_tumour_vs_no_tumour(weights, tmp_path, capsys):
+    root = yes_no_dir(tmp_path / "br35h", yes=5, no=3, seed=100)
     out = tmp_path / "ev.json"
     assert main(["evaluate", str(root), "--weights", str(weights), "--json", str(out)]) == 0
     ev = json.loads(out.read_text())
@@ -146,6 +151,27 @@ def test_evaluate_fine_and_coarse_mix_folds_to_binary(weights, tmp_path):
     ev = json.loads(out.read_text())
     assert sorted(r["label"] for r in ev["predictions"]) == ["notumor", "tumor", "tumor"]
     assert ev["tumour_missed"] == 2
+
+
+def test_evaluate_several_directories_reports_each_as_a_source(weights, four_class_dir, tmp_path, capsys):
+    # issue 10: `evaluate` reports every source apart. A typed set and a yes/no set together:
+    # each is one source (its folder's name); the yes/no one counts in tumour figures only.
+    yes_no = yes_no_dir(tmp_path / "br35h", yes=3, no=2, seed=300)
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(four_class_dir), str(yes_no), "--weights", str(weights), "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["n"] == 10 + 5 and set(ev["per_source"]) == {"eval4", "br35h"}
+    typed, coarse = ev["per_source"]["eval4"], ev["per_source"]["br35h"]
+    assert typed["n"] == 10 and typed["accuracy"] == pytest.approx(4 / 10)   # the model says notumor
+    assert coarse["n"] == 5 and coarse["tumour_missed"] == 3 and coarse["specificity"] == 1.0
+    assert "ece" not in coarse and coarse["tumour_ece"] >= 0     # no types: tumour calibration only
+    assert {r["source"] for r in ev["predictions"] if r["file"].startswith("yes")} == {"br35h"}
+    assert ev["tumour_missed"] == 6 + 3
+    printed = capsys.readouterr()
+    assert "per_source" in printed.out and "skipped eval4: " in printed.err   # the broken jpeg, by source
+    # two folders of one name stay two sources
+    from core.evaluation import source_names
+    assert source_names(["/a/Training", "/b/Training", "/c/br35h"]) == ["Training-1", "Training-2", "br35h"]
 
 
 def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, capsys):

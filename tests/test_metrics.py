@@ -252,6 +252,25 @@ def test_the_reliability_diagram_uses_the_bins_of_its_ece():
     assert from_bins == pytest.approx(expected_calibration_error(conf, correct))
 
 
+def test_the_tumour_probability_is_calibrated_on_every_source_typed_or_not():
+    from core.metrics import reliability
+    # Br35H labels ("tumor", no type) have no class calibration; the tumour probability has one.
+    # Tumour probabilities 0.9, 0.9 (both tumours: |0.9 - 1| = 0.1) and 0.6, 0.6 (one tumour:
+    # |0.6 - 0.5| = 0.1): ECE 0.1.
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    probs = np.array([[0.5, 0.4, 0.1, 0.0], [0.0, 0.0, 0.1, 0.9], [0.6, 0.0, 0.4, 0.0], [0.3, 0.3, 0.4, 0.0]])
+    m = classification_metrics(probs, ["tumor", "tumor", "tumor", "notumor"], classes, threshold=0.5)
+    assert "ece" not in m and m["tumour_ece"] == pytest.approx(0.1)
+    assert [(b["n"], b["accuracy"]) for b in m["tumour_reliability"]] == [(2, 0.5), (2, 1.0)]
+    # every value is binned once: exactly 0 (a top-class confidence never is 0) and a stored sum
+    # of rounded probabilities just above 1
+    bins = reliability(np.array([0.0, 0.5, 1.0, 1.000001]), np.array([0, 1, 1, 1]))
+    assert sum(b["n"] for b in bins) == 4 and bins[-1]["n"] == 2
+    assert expected_calibration_error([1.000001], [1]) == pytest.approx(0, abs=1e-5)
+    zero = classification_metrics(np.array([[0.0, 0.0, 1.0, 0.0]]), ["notumor"], classes)
+    assert zero["tumour_ece"] == 0.0 and zero["tumour_reliability"][0]["n"] == 1
+
+
 def test_a_yes_no_set_against_a_typed_model_has_no_accuracy_from_its_normals_alone():
     labels, preds = ["tumor", "tumor", "notumor", "notumor"], ["glioma", "notumor", "notumor", "glioma"]
     m = classification_metrics(probs_for(preds, [True, False, True, False]), labels, C4, 0.5)

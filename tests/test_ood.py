@@ -535,17 +535,18 @@ def test_head_cts_a_source_files_as_mri_leave_the_gates_mri_and_split_by_split()
     assert odd == {"train": [f"/r/no_tumor/{KNOWN_CT}"] * 2, "test": [f"/r/no_tumor/{KNOWN_CT}"]}
 
 
-def test_not_mri_list_names_each_file_once_and_they_exist_in_shared_brisc():
+def test_not_mri_list_names_each_file_once_and_they_exist_in_the_shared_sources():
     from core.data import NOT_MRI_FILE, _not_mri
     names = [ln.split()[0] for ln in NOT_MRI_FILE.read_text().splitlines() if ln and not ln.startswith("#")]
-    assert len(names) == len(set(names)) == len(_not_mri()) == 99
+    assert len(names) == len(set(names)) == len(_not_mri()) == 108
     assert set(_not_mri().values()) == {"CT"}
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    folders = (data / "brisc" / "no_tumor", data / "brain-tumor-mri" / "Training" / "notumor")
+    bench = data / "brain-tumor-mri" / "Training"
+    folders = (data / "brisc" / "no_tumor", bench / "notumor", bench / "meningioma", data / "br35h" / "yes")
     if not all(f.is_dir() for f in folders):
         pytest.skip("../shared/data not present")
-    found = [n for n in names if any((f / n).is_file() for f in folders)]
-    assert found == names   # each names a tumour-free scan of BRISC or the benchmark
+    found = [n for n in names if sum((f / n).is_file() for f in folders) == 1]
+    assert found == names   # each names one scan of BRISC, the benchmark or Br35H
 
 
 def test_scan_ct_categories_draw_their_own_files_and_go_away_without_them(tmp_path):
