@@ -384,6 +384,10 @@ def evaluate_dirs(predictor, data_dirs: list[str | Path]) -> dict:
         return evaluate_dir(predictor, data_dirs[0])
     if (missing := [str(d) for d in data_dirs if not Path(d).is_dir()]):
         raise FileNotFoundError(f"not a directory: {', '.join(missing)}")   # before any is run
+    resolved = [Path(d).resolve() for d in data_dirs]
+    if (twice := [f"{a} and {b}" for i, a in enumerate(resolved) for b in resolved[i + 1:]
+                  if a == b or a in b.parents or b in a.parents]):
+        raise ValueError(f"directories overlap, so their scans would count twice: {'; '.join(twice)}")
     names = source_names(data_dirs)
     records, errors, evaluated = [], [], {}
     for name, d in zip(names, data_dirs):

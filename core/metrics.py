@@ -76,7 +76,7 @@ ECE_BINS = 15  # the reliability diagram draws the same bins its ECE is computed
 def _bins(conf: np.ndarray, bins: int):
     """Masks of ``conf`` per bin of (lo, hi]; the first bin also takes 0 (a tumour probability
     can be 0, a top-class confidence never is) and the last anything above 1 (a sum of stored,
-    rounded probabilities can reach 1.000001): every finite value lands in exactly one bin."""
+    rounded probabilities can reach 1.000001): every value in [0, inf) lands in exactly one bin."""
     edges = np.linspace(0, 1, bins + 1)
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         yield lo, hi, ((conf > lo) | (i == 0) & (conf >= 0)) & ((conf <= hi) | (i == bins - 1) & (conf > lo))

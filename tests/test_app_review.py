@@ -745,6 +745,7 @@ def test_evaluation_says_what_its_accuracy_and_calibration_are_over(monkeypatch)
     assert not at.exception, [e.value for e in at.exception]
     # no class calibration without types: the tumour probability's instead, and the page says so
     assert any("calibration shown is the tumour probability's" in i.value for i in at.info)
+    assert "Tumour-probability reliability" in "\n".join(p.proto.spec for p in at.get("plotly_chart"))
 
 
 # ----------------------------------------------------------------------------- review I

@@ -164,7 +164,12 @@ def test_evaluate_several_directories_reports_each_as_a_source(weights, four_cla
     typed, coarse = ev["per_source"]["eval4"], ev["per_source"]["br35h"]
     assert typed["n"] == 10 and typed["accuracy"] == pytest.approx(4 / 10)   # the model says notumor
     assert coarse["n"] == 5 and coarse["tumour_missed"] == 3 and coarse["specificity"] == 1.0
-    assert "ece" not in coarse and coarse["tumour_ece"] >= 0     # no types: tumour calibration only
+    # no types: only the tumour probability's calibration, over this source's own records
+    from core.metrics import expected_calibration_error
+    recs = [r for r in ev["predictions"] if r["source"] == "br35h"]
+    p_t = [sum(v for c, v in r["probs"].items() if c != "notumor") for r in recs]
+    assert "ece" not in coarse and coarse["tumour_ece"] == pytest.approx(
+        expected_calibration_error(p_t, [r["label"] == "tumor" for r in recs]))
     assert {r["source"] for r in ev["predictions"] if r["file"].startswith("yes")} == {"br35h"}
     assert ev["tumour_missed"] == 6 + 3
     printed = capsys.readouterr()
@@ -172,6 +177,9 @@ def test_evaluate_several_directories_reports_each_as_a_source(weights, four_cla
     # two folders of one name stay two sources
     from core.evaluation import source_names
     assert source_names(["/a/Training", "/b/Training", "/c/br35h"]) == ["Training-1", "Training-2", "br35h"]
+    # a folder and its own subfolder would count scans twice: refused, a clear error, no traceback
+    assert main(["evaluate", str(yes_no), str(yes_no / "yes"), "--weights", str(weights)]) == 2
+    assert "overlap" in capsys.readouterr().err
 
 
 def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, capsys):

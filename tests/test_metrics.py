@@ -266,7 +266,8 @@ def test_the_tumour_probability_is_calibrated_on_every_source_typed_or_not():
     # of rounded probabilities just above 1
     bins = reliability(np.array([0.0, 0.5, 1.0, 1.000001]), np.array([0, 1, 1, 1]))
     assert sum(b["n"] for b in bins) == 4 and bins[-1]["n"] == 2
-    assert expected_calibration_error([1.000001], [1]) == pytest.approx(0, abs=1e-5)
+    # binned, each counts: 1.000001 wrong and 0 right give ECE 1 (unbinned, both would give 0)
+    assert expected_calibration_error([1.000001, 0.0], [0, 1]) == pytest.approx(1.0, abs=1e-5)
     zero = classification_metrics(np.array([[0.0, 0.0, 1.0, 0.0]]), ["notumor"], classes)
     assert zero["tumour_ece"] == 0.0 and zero["tumour_reliability"][0]["n"] == 1
 
