@@ -356,15 +356,19 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
     records = [r for r in records if _scorable(r["label"], classes)]
     if not records:
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
-    labels = {r["label"] for r in records}
-    if TUMOUR in classes:  # a binary model: glioma, meningioma... are all 'tumor'
-        records = [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
-    elif not labels <= set(classes):  # 'yes' folders against a typed model
+    if TUMOUR in classes:
+        records = _folded_to_binary(records)
+    elif not {r["label"] for r in records} <= set(classes):  # 'yes' folders against a typed model
         ev = evaluate_records([_as_tumour_vs_none(r, threshold) for r in records], [TUMOUR, NO_TUMOUR],
                               threshold)
         ev.update(model_classes=classes, scored_as="tumour vs no tumour")
         return ev
     return evaluate_records(records, classes, threshold)
+
+
+def _folded_to_binary(records: list[dict]) -> list[dict]:
+    """Labels for a binary model: glioma, meningioma... are all 'tumor'."""
+    return [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
 
 
 def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], None] | None = None) -> dict:
@@ -399,8 +403,8 @@ def evaluate_dirs(predictor, data_dirs: list[str | Path]) -> dict:
         errors += [{**e, "source": name} for e in errs]
     if not records:
         raise NothingToScore("no directory holds an image this model can be judged on", errors)
-    if TUMOUR in predictor.classes:   # a binary model: glioma, meningioma... are all 'tumor'
-        records = [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
+    if TUMOUR in predictor.classes:
+        records = _folded_to_binary(records)
     ev = evaluate_records(records, predictor.classes, predictor.threshold)
     ev.update(errors=errors, model=predictor.name, evaluated=evaluated)
     return ev
