@@ -93,6 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur-p", type=float, default=d["blur_p"], help="probability of a random Gaussian blur")
     p.add_argument("--gamma-log", type=float, default=d["gamma_log"],
                    help="largest |ln gamma| of the random gamma (0.4: 0.67-1.49; 0.8: 0.45-2.2)")
+    p.add_argument("--lesion-dim-p", type=float, default=d["lesion_dim_p"],
+                   help="probability of dimming a masked lesion (x 0.35-1; needs --mask-loss: the masks)")
     p.add_argument("--crop", default="head", choices=["head", "none"])
     p.add_argument("--binary", action="store_true", help="fold every tumour class into 'tumor'")
     p.add_argument("--seed", type=int, default=0)
@@ -148,13 +150,14 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
 INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "patience", "limit",
                "workers", "threads", "seed", "max_distance")
 FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p", "rotate", "shear",
-                 "turn_p", "blur_p", "gamma_log", "target_sensitivity", "min_specificity", "min_head", "tta_below")
+                 "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "target_sensitivity", "min_specificity", "min_head",
+                 "tta_below")
 FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_online")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.
 RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
-                "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "crop", "binary",
+                "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "crop", "binary",
                 "seed", "max_distance", "min_head", "limit", "distill", "distill_t", "distill_online")
 
 
@@ -271,9 +274,12 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--seed must be between 0 and 2**31 - 1")
     if not 0 < args.target_sensitivity <= 1 or not 0 <= args.smoothing < 1:
         p.error("--target-sensitivity must be in (0, 1] and --smoothing in [0, 1)")
-    shares = {k: getattr(args, k) for k in ("min_specificity", "turn_p", "blur_p", "skull_strip_p", "tta_below")}
+    shares = {k: getattr(args, k) for k in ("min_specificity", "turn_p", "blur_p", "lesion_dim_p", "skull_strip_p",
+                                             "tta_below")}
     if (bad := [k for k, v in shares.items() if not 0 <= v <= 1]):
         p.error(f"--{bad[0].replace('_', '-')} must be between 0 and 1")
+    if args.lesion_dim_p and not args.mask_loss:
+        p.error("--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads")
     least = min_input_size(args.arch)
     if args.img < least or 0 < args.small_img < least:
         p.error(f"{args.arch} needs --img (and --small-img) of at least {least} pixels")
@@ -773,7 +779,7 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
                 "small_img_epochs", "mask_loss", "aug", "skull_strip_p", "rotate", "shear", "turn_p",
-                "blur_p", "gamma_log", "seed", "patience", "limit", "min_head", "binary")
+                "blur_p", "gamma_log", "lesion_dim_p", "seed", "patience", "limit", "min_head", "binary")
 # What a run records of itself from its first epoch on, for --finish-from when it was stopped
 # before its card (a time limit on a lent GPU); removed once the card is written.
 TRAINED = "trained.json"
@@ -826,6 +832,8 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
         moved, missing, total = roles_moved(split_there, split_here)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"--finish-from {src}: not a run's folder ({e})") from None
+    if isinstance(options, dict):  # options added since: a run that does not record one trained without it
+        options = {**E.LESION_DEFAULTS, **options}
     if not isinstance(options, dict) or set(TRAINED_WITH) - set(options):
         raise DataError(f"--finish-from {src}: it does not record every option it was trained with "
                         "(a run of an older train.py); it cannot be finished here")
@@ -1009,7 +1017,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                              + (f"quarter turns (p {args.turn_p:g}), " if args.turn_p else "")
                                              + _gamma_words(args.gamma_log)
                                              + ", contrast, brightness, noise, skull removal"
-                                             + (f", blur (p {args.blur_p:g})" if args.blur_p else "")},
+                                             + (f", blur (p {args.blur_p:g})" if args.blur_p else "")
+                                             + (f", dimmed lesions (p {args.lesion_dim_p:g})" if args.lesion_dim_p else "")},
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
                      **_where_trained(args, device, precision),
                      "world_size": getattr(args, "world_size", 1),

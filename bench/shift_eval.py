@@ -105,6 +105,8 @@ PERTURBATIONS: dict[str, Perturb] = {
     "blur 2 px": lambda a, r: np.asarray(_pil(a).filter(ImageFilter.GaussianBlur(2)), dtype=np.float32) / 255.0,
     "gamma 0.5": lambda a, r: np.clip(a, 0, 1) ** 0.5,
     "gamma 2": lambda a, r: np.clip(a, 0, 1) ** 2.0,
+    "gamma 1.2": lambda a, r: np.clip(a, 0, 1) ** 1.2,   # milder: the size of one site's difference
+    "scale 0.85": lambda a, r: np.clip(a, 0, 1) * 0.85,  # a dimmer file (a brighter site brought to the others)
     "noise 0.05": lambda a, r: np.clip(a + r.normal(0, 0.05, a.shape), 0, 1).astype(np.float32),
     "skull stripped": lambda a, r: _skull_strip(a),
 }
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="val: the model's validation files (decide there; test only reports)")
     p.add_argument("--limit", type=int, default=0, help="a seeded sample of N images of each source (0: all)")
+    p.add_argument("--match", default=None, metavar="TEXT",
+                   help="only files whose path holds TEXT (e.g. TCGA_CS_: one LGG site)")
     p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
@@ -175,6 +179,10 @@ def main(argv=None) -> int:
     result: dict = {}
     for src in args.sources:
         rows = labelled_files(pred, src, args.split, extra_labels=(TUMOUR,))
+        if args.match and rows:
+            rows = [(path, label) for path, label in rows if args.match in str(path)]
+            if not rows:
+                p.error(f"no {args.split} file of source {src!r} has {args.match!r} in its path")
         if not rows:  # a misspelt source, or data not beside the checkout: no silent n=0
             no_files_error(p, pred, src, args.split)
         if args.limit:  # a seeded sample across classes, not the first files of one class

@@ -120,7 +120,8 @@ def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
 # The ranges `augment` widens and their defaults (train.py's flags and the cards use these names).
 GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_affine`
 INTENSITY_DEFAULTS = {"blur_p": 0.0, "gamma_log": 0.4}            # `random_intensity`
-AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS}
+LESION_DEFAULTS = {"lesion_dim_p": 0.0}                           # `dim_lesions` (images with a tumour mask)
+AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS, **LESION_DEFAULTS}
 
 
 def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
@@ -301,7 +302,21 @@ def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_
     sel = lesions[1][idx] & (masks[idx].sum(1) == 1)  # a mask and one true class
     x, lesion = augment_carrying(x, lesions[0][idx].to(device).float(), strength, skull_strip_p,
                                  out_size, options)
-    return x, lesion * sel.to(device)[:, None, None, None]
+    lesion = lesion * sel.to(device)[:, None, None, None]
+    dim_p = float({**AUG_OPTION_DEFAULTS, **(options or {})}["lesion_dim_p"]) * (strength > 0)
+    return (dim_lesions(x, lesion, dim_p) if dim_p > 0 else x), lesion
+
+
+def dim_lesions(x: torch.Tensor, lesion: torch.Tensor, p: float) -> torch.Tensor:
+    """With probability ``p``, each image with a tumour mask has the lesion's pixels scaled by a
+    factor drawn in [0.35, 1]: a bright FLAIR lesion turns faint, as bright as the brain around it,
+    or darker (a cyst or a resection cavity). Left out of a site, the gliomas missed there were these
+    (docs/generalisation.md, "LGG on sites the model never trained on"); the label stays, so the
+    model must read the mass and its edge, not the brightness alone. Draws after everything else."""
+    n = x.shape[0]
+    on = (torch.rand(n, device=x.device) < p) & (lesion.flatten(1).amax(1) > 0)
+    factor = torch.where(on, 0.35 + 0.65 * torch.rand(n, device=x.device), torch.ones(n, device=x.device))
+    return x * (1 - lesion.clamp(0, 1) * (1 - factor[:, None, None, None]))
 
 
 class Distill(NamedTuple):

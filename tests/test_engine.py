@@ -170,6 +170,41 @@ def test_gamma_range_widens_on_request_and_keeps_the_default_stream():
     assert wide.mean((1, 2, 3)).std() > 1.5 * narrow.mean((1, 2, 3)).std()
 
 
+def test_dim_lesions_scales_only_masked_pixels_of_chosen_images():
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 8, 8), 0.8)
+    lesion = torch.zeros_like(x)
+    lesion[:32, :, 2:5, 2:5] = 1  # half the images carry a lesion
+    y = E.dim_lesions(x, lesion, 0.5)
+    assert torch.equal(y[32:], x[32:])                            # no mask: untouched
+    assert torch.equal(y * (1 - lesion), x * (1 - lesion))        # outside the lesion: untouched
+    inside = y[:32, 0, 3, 3]
+    dimmed = inside < 0.8
+    assert 8 <= int(dimmed.sum()) <= 24                           # about half of them
+    assert (inside[dimmed] >= 0.8 * 0.35 - 1e-6).all() and inside.max() <= 0.8
+    assert torch.equal(E.dim_lesions(x, lesion, 0.0), x)
+
+
+def test_augmented_batch_dims_lesions_on_request_and_keeps_the_default_stream():
+    torch.manual_seed(0)
+    images = (torch.rand(8, 1, 16, 16) * 255).to(torch.uint8)
+    les = torch.zeros(8, 1, 16, 16, dtype=torch.uint8)
+    les[:, :, 4:12, 4:12] = 1
+    lesions = (les, torch.ones(8, dtype=torch.bool))
+    masks = torch.zeros(8, 2, dtype=torch.bool)
+    masks[:, 0] = True
+    idx = torch.arange(8)
+    run = lambda opts: E._augmented_batch(images, masks, lesions, idx, torch.device("cpu"), 1.0, 0.0, None, opts)  # noqa: E731
+    torch.manual_seed(3); a, la = run(None)
+    torch.manual_seed(3); b, lb = run({"lesion_dim_p": 0.0})
+    assert torch.equal(a, b) and torch.equal(la, lb)  # off by default: old runs keep their numbers
+    torch.manual_seed(3); c, lc = run({"lesion_dim_p": 1.0})
+    assert torch.equal(lc, la)                         # the same geometry, the mask unchanged
+    inside = la > 0.5
+    assert (c[inside] <= a[inside] + 1e-6).all() and (c[inside] < a[inside] - 1e-3).any()
+    assert torch.equal(c[la == 0], a[la == 0])
+
+
 # ----------------------------------------------------------------------------- cache and loops
 def _write_images(root, n=6):
     paths = []

@@ -249,6 +249,8 @@ def test_weights_another_run_swapped_in_are_refused(data, tmp_path, capsys):
     (["--target-sensitivity", "5"], "--target-sensitivity must be in (0, 1]"),
     (["--smoothing", "3"], "--smoothing in [0, 1)"),
     (["--min-specificity", "2"], "--min-specificity must be between 0 and 1"),
+    (["--lesion-dim-p", "1.5", "--mask-loss", "0.2"], "--lesion-dim-p must be between 0 and 1"),
+    (["--lesion-dim-p", "0.3"], "--lesion-dim-p needs --mask-loss"),
     (["--arch", "vgg16", "--img", "16"], "vgg16 needs --img (and --small-img) of at least 32"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
 ])
