@@ -216,6 +216,7 @@ def resolved_paths(args: argparse.Namespace | dict) -> dict:
 
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
     """The settings of a resumed run that differ from those its checkpoint was made with."""
+    saved = {**E.LESION_DEFAULTS, **saved}  # options added since: a checkpoint without one trained without it
     out = [f"{_option(k)} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
            if k in saved and saved[k] != now.get(k)]
     # a resume without --mask-loss keeps the run's; one with it must not switch it on or change it
@@ -278,7 +279,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                              "tta_below")}
     if (bad := [k for k, v in shares.items() if not 0 <= v <= 1]):
         p.error(f"--{bad[0].replace('_', '-')} must be between 0 and 1")
-    if args.lesion_dim_p and not args.mask_loss:
+    if args.lesion_dim_p and not args.mask_loss and not args.resume:  # a resume keeps its run's mask loss
         p.error("--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads")
     least = min_input_size(args.arch)
     if args.img < least or 0 < args.small_img < least:
@@ -465,6 +466,8 @@ def run(args: argparse.Namespace) -> int:
     resume = E.load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     if resume and not args.mask_loss:  # a resumed run keeps the loss it was started with
         args.mask_loss = (resume.get("args") or {}).get("mask_loss", 0.0)
+    if args.lesion_dim_p and not args.mask_loss:  # (resumed: checked once the run's own loss is known)
+        raise DataError("--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads")
     # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
     split_from = out if resume else (args.split_from or args.init)

@@ -122,8 +122,10 @@ def error_edges(eval_json: dict, root: str | Path, site: str | None = None, sour
     """Sensitivity (and silent misses: called no tumour with neither flag) by mask area, and
     specificity by distance (in slices) to the patient's nearest tumour slice, over ``source``'s
     test records (of ``site`` only, if given). The tumour slices of a patient are all of its files
-    under ``root``'s tumour folders, in the split or not."""
+    under ``root``'s tumour folders, in the split or not; a patient with none counts as far (>= 4)."""
     root = Path(root)
+    if not root.is_dir():  # without the masks and the other slices there is nothing to bin by
+        raise ValueError(f"no LGG folder at {root} (its masks and slices say where the errors lie)")
     tumour_slices: dict[str, set[int]] = defaultdict(set)
     for f in root.glob("*/*"):
         m = PATIENT_RE.match(f.name)
@@ -137,7 +139,7 @@ def error_edges(eval_json: dict, root: str | Path, site: str | None = None, sour
             continue
         if r["label"] == NO_TUMOUR:
             d = min((abs(_slice_no(r["file"]) - t) for t in tumour_slices[m.group(1)]), default=99)
-            near[max(b for b in DISTANCE_BINS if d >= b)].append(r["pred"] == NO_TUMOUR)
+            near[max((b for b in DISTANCE_BINS if d >= b), default=DISTANCE_BINS[0])].append(r["pred"] == NO_TUMOUR)
         elif (mp := mask_path_for(root / r["file"])) is not None:
             a = int(read_mask(mp).sum())
             silent = r["pred"] == NO_TUMOUR and r.get("in_distribution", True) and not r.get("uncertain", False)
@@ -164,8 +166,10 @@ def main(argv=None) -> int:
                 print(run, json.dumps(per_site(ev)))
                 if args.site:
                     print(run, json.dumps(site_gap(ev, args.site)))
-                if (root := source_roots(load_card(run), None).get("lgg")) is not None:
+                if (root := source_roots(load_card(run), None).get("lgg")) is not None and root.is_dir():
                     print(run, json.dumps(error_edges(ev, root, args.site)))
+                else:
+                    print(run, "(no LGG folder beside the checkout: where the errors lie is not reported)")
             except (OSError, ValueError, KeyError) as e:  # no such run, no LGG records of that site
                 p.error(f"{run}: {e}")
         return 0

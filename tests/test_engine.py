@@ -195,9 +195,22 @@ def test_augmented_batch_dims_lesions_on_request_and_keeps_the_default_stream():
     masks[:, 0] = True
     idx = torch.arange(8)
     run = lambda opts: E._augmented_batch(images, masks, lesions, idx, torch.device("cpu"), 1.0, 0.0, None, opts)  # noqa: E731
+    # off (by default or at 0) it is the path before dimming existed: same batch, and no random
+    # number drawn, so the next batch of an old recipe is what it was
+    torch.manual_seed(3)
+    ref, lref = E.augment_carrying(images.float().div(255), les.float(), 1.0, 0.0, None, None)
+    after_ref = torch.rand(4)
+    for opts in (None, {"lesion_dim_p": 0.0}):
+        torch.manual_seed(3); b, lb = run(opts)
+        assert torch.equal(b, ref) and torch.equal(lb, lref) and torch.equal(torch.rand(4), after_ref)
     torch.manual_seed(3); a, la = run(None)
-    torch.manual_seed(3); b, lb = run({"lesion_dim_p": 0.0})
-    assert torch.equal(a, b) and torch.equal(la, lb)  # off by default: old runs keep their numbers
+    torch.manual_seed(3); off, _ = E._augmented_batch(images, masks, lesions, idx, torch.device("cpu"), 0.0, 0.0,
+                                                      None, {"lesion_dim_p": 1.0})
+    assert torch.equal(off, images.float().div(255))   # strength 0 (evaluation): nothing dimmed
+    coarse = masks.clone(); coarse[:, 1] = True          # a coarse label: no mask counts, nothing dimmed
+    torch.manual_seed(3); d, ld = E._augmented_batch(images, coarse, lesions, idx, torch.device("cpu"), 1.0, 0.0,
+                                                     None, {"lesion_dim_p": 1.0})
+    assert torch.equal(d, a) and not ld.any()
     torch.manual_seed(3); c, lc = run({"lesion_dim_p": 1.0})
     assert torch.equal(lc, la)                         # the same geometry, the mask unchanged
     inside = la > 0.5

@@ -99,24 +99,35 @@ def test_error_edges_bins_by_mask_area_and_distance_to_the_tumour(tmp_path):
     from bench.site_split import error_edges
     for d in ("glioma", "notumor", "masks"):
         (tmp_path / d).mkdir()
-    areas = {5: 100, 6: 3000}  # slice -> lesion pixels: a tumour's edge and its middle
+    areas = {5: 100, 6: 3000, 30: 199, 31: 200, 32: 500, 33: 999, 34: 1000}  # slice -> lesion pixels
     for n, a in areas.items():
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "glioma" / f"TCGA_HT_1111_{n:03d}.jpg")
         m = np.zeros((64, 64), np.uint8)
         m.flat[:a] = 255
         Image.fromarray(m).save(tmp_path / "masks" / f"TCGA_HT_1111_{n:03d}.png")
     rows = [("glioma/TCGA_HT_1111_005.jpg", "glioma", "notumor"),     # the small one missed
+            ("glioma/TCGA_HT_1111_030.jpg", "glioma", "glioma"), ("glioma/TCGA_HT_1111_031.jpg", "glioma", "glioma"),
+            ("glioma/TCGA_HT_1111_032.jpg", "glioma", "notumor"), ("glioma/TCGA_HT_1111_033.jpg", "glioma", "glioma"),
+            ("glioma/TCGA_HT_1111_034.jpg", "glioma", "glioma"),
             ("glioma/TCGA_HT_1111_006.jpg", "glioma", "meningioma"),  # found (type aside)
             ("notumor/TCGA_HT_1111_004.jpg", "notumor", "glioma"),    # next to the tumour: a false alarm
             ("notumor/TCGA_HT_1111_008.jpg", "notumor", "notumor"),   # 2 slices away
             ("notumor/TCGA_HT_1111_020.jpg", "notumor", "notumor"),   # far
             ("notumor/TCGA_DU_2222_001.jpg", "notumor", "glioma")]    # another site: left out with site="HT"
-    got = error_edges(_eval(rows), tmp_path, site="HT")
-    assert got["sensitivity_by_mask_px"] == {">=0": {"n": 1, "right": 0, "silent_misses": 1},
+    ev = _eval(rows)
+    next(r for r in ev["predictions"] if r["file"].endswith("_032.jpg"))["in_distribution"] = False  # flagged
+    got = error_edges(ev, tmp_path, site="HT")
+    # each bin holds its lower edge: 199 -> below 200, 200 -> 200-500, 999 -> 500-1000, 1000 -> 1000-2000
+    assert got["sensitivity_by_mask_px"] == {">=0": {"n": 2, "right": 1, "silent_misses": 1},
+                                             ">=200": {"n": 1, "right": 1, "silent_misses": 0},
+                                             ">=500": {"n": 2, "right": 1, "silent_misses": 0},  # the flagged miss
+                                             ">=1000": {"n": 1, "right": 1, "silent_misses": 0},
                                              ">=2000": {"n": 1, "right": 1, "silent_misses": 0}}
     rows[0] = rows[0] + (True,)  # the same miss, referred "uncertain": no longer silent
     got = error_edges(_eval(rows), tmp_path, site="HT")
-    assert got["sensitivity_by_mask_px"][">=0"] == {"n": 1, "right": 0, "silent_misses": 0}
+    assert got["sensitivity_by_mask_px"][">=0"] == {"n": 2, "right": 1, "silent_misses": 0}
+    with pytest.raises(ValueError, match="no LGG folder"):
+        error_edges(_eval(rows), tmp_path / "absent")
     assert got["specificity_by_slices_to_tumour"] == {">=1": {"n": 1, "right": 0}, ">=2": {"n": 1, "right": 1},
                                                       ">=4": {"n": 1, "right": 1}}
     assert error_edges(_eval(rows), tmp_path)["specificity_by_slices_to_tumour"][">=4"] == {"n": 2, "right": 1}

@@ -420,3 +420,30 @@ def test_every_committed_config_passes_the_checks_a_run_starts_with(config, monk
     monkeypatch.chdir(config.parents[1])
     args = train.parse_args(["--config", str(config.relative_to(config.parents[1]))])
     assert args.data and args.epochs >= 1
+
+
+def test_lesion_dimming_reaches_the_loop_and_survives_a_resume(data, tmp_path, monkeypatch):
+    import core.engine as E
+    calls = []
+    real = E.dim_lesions
+    monkeypatch.setattr(E, "dim_lesions", lambda x, lesion, p: calls.append(p) or real(x, lesion, p))
+    small = ["--arch", "resnet18", "--img", "32", "--batch-size", "8", "--workers", "1", "--no-progress"]
+    out = tmp_path / "dim"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", "--mask-loss", "0.2",
+                       "--lesion-dim-p", "0.3", *small]) == 0
+    assert calls and set(calls) == {0.3}  # every training batch, at the run's probability
+    calls.clear()
+    # the usual resume names neither --mask-loss nor the run's other settings: the checkpoint's hold
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", "--resume",
+                       "--lesion-dim-p", "0.3", *small]) == 0
+    assert calls and set(calls) == {0.3}
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["augmentation"]["lesion_dim_p"] == 0.3
+
+
+def test_a_checkpoint_from_before_lesion_dimming_refuses_to_switch_it_on():
+    saved = {k: 0 for k in train.RESUME_FIXED if k != "lesion_dim_p"}  # an older run's recorded args
+    now = {**saved, "lesion_dim_p": 0.0}
+    assert train.resume_conflicts(saved, now) == []          # off, as that run trained
+    now["lesion_dim_p"] = 0.3
+    assert any("--lesion-dim-p" in c for c in train.resume_conflicts(saved, now))
