@@ -9,6 +9,7 @@ every site in training) does not measure. Train on the written split with `train
     python train.py --config experiments/resnet18_half_192_fast.toml --seed 1 \
         --split-from runs/loso_HT_split --out runs/loso_HT
     python bench/site_split.py --report runs/loso_HT --site HT   # per site, and unseen against seen
+    python bench/site_split.py --report runs/loso_DU runs/loso_DU_dim --site DU --paired   # two runs, McNemar
 
 The report also says where the errors lie in each patient's volume: tumour slices by the area of
 their radiologist's mask, tumour-free slices by their distance to the patient's nearest tumour slice.
@@ -114,6 +115,30 @@ def site_gap(eval_json: dict, site: str, source: str = "lgg", n_boot: int = 2000
             "slices": [int(per_patient[0][:, 1].sum()), int(per_patient[1][:, 1].sum())]}
 
 
+def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
+    """Two runs' eval.json on ``site``'s slices both were tested on: per call (the type right, a
+    tumour found, a tumour-free slice right), the slices only one run gets right and the exact
+    McNemar p-value (as `python -m core compare --paired` does per source)."""
+    from scipy.stats import binomtest
+    ra = {r["file"]: r for r in a["predictions"] if r.get("source") == source and site_of(r["file"]) == site}
+    rb = {r["file"]: r for r in b["predictions"] if r.get("source") == source and site_of(r["file"]) == site}
+    shared = sorted(set(ra) & set(rb))
+    if not shared:
+        raise ValueError(f"the two runs share no {source} test slice of site {site}")
+    calls = {"accuracy": (lambda r: True, lambda r: r["pred"] == r["label"]),
+             "tumours_found": (lambda r: r["label"] != NO_TUMOUR, lambda r: r["pred"] != NO_TUMOUR),
+             "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
+    out = {"site": site, "n": len(shared)}
+    for name, (counts, right) in calls.items():
+        keys = [k for k in shared if counts(ra[k])]
+        a_only = sum(right(ra[k]) and not right(rb[k]) for k in keys)
+        b_only = sum(right(rb[k]) and not right(ra[k]) for k in keys)
+        n = a_only + b_only
+        out[name] = {"n": len(keys), "a_only": a_only, "b_only": b_only,
+                     "p": round(float(binomtest(min(a_only, b_only), n, 0.5).pvalue), 6) if n else 1.0}
+    return out
+
+
 def _slice_no(rel: str) -> int:
     return int(Path(rel).stem.rsplit("_", 1)[1])
 
@@ -158,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="a folder to write split.json into")
     p.add_argument("--report", nargs="+", metavar="RUN",
                    help="print per-site LGG test figures of these runs (with --site: unseen against seen)")
+    p.add_argument("--paired", action="store_true",
+                   help="with --report A B --site S: the two runs paired on S's slices (McNemar)")
     args = p.parse_args(argv)
     if args.report:
         for run in args.report:
@@ -172,6 +199,14 @@ def main(argv=None) -> int:
                     print(run, "(no LGG folder beside the checkout: where the errors lie is not reported)")
             except (OSError, ValueError, KeyError) as e:  # no such run, no LGG records of that site
                 p.error(f"{run}: {e}")
+        if args.paired:
+            if len(args.report) != 2 or not args.site:
+                p.error("--paired compares two runs on one site: --report A B --site S")
+            try:
+                a, b = (json.loads((Path(r) / "eval.json").read_text()) for r in args.report)
+                print("paired (A = first, B = second):", json.dumps(paired_on_site(a, b, args.site)))
+            except ValueError as e:
+                p.error(str(e))
         return 0
     if not (args.site and args.out):
         p.error("give --site and --out (or --report RUN...)")

@@ -131,3 +131,17 @@ def test_error_edges_bins_by_mask_area_and_distance_to_the_tumour(tmp_path):
     assert got["specificity_by_slices_to_tumour"] == {">=1": {"n": 1, "right": 0}, ">=2": {"n": 1, "right": 1},
                                                       ">=4": {"n": 1, "right": 1}}
     assert error_edges(_eval(rows), tmp_path)["specificity_by_slices_to_tumour"][">=4"] == {"n": 2, "right": 1}
+
+
+def test_paired_on_site_counts_each_call_by_hand():
+    from bench.site_split import paired_on_site
+    a = _eval(ROWS)
+    b = _eval([(f, lab, {"TCGA_HT_1111_002": "notumor", "TCGA_HT_2222_001": "notumor"}.get(f.split("/")[1][:16], p))
+               for f, lab, p in ROWS])
+    got = paired_on_site(a, b, "HT")  # B fixes HT 1111's false alarm and misses HT 2222's tumour
+    assert got["n"] == 4
+    assert got["accuracy"] == {"n": 4, "a_only": 1, "b_only": 1, "p": 1.0}
+    assert got["tumours_found"] == {"n": 2, "a_only": 1, "b_only": 0, "p": 1.0}
+    assert got["normals_right"] == {"n": 2, "a_only": 0, "b_only": 1, "p": 1.0}
+    with pytest.raises(ValueError, match="share no lgg test slice of site EZ"):
+        paired_on_site(a, b, "EZ")
