@@ -214,9 +214,18 @@ def resolved_paths(args: argparse.Namespace | dict) -> dict:
             "teacher": real(a.get("teacher"))}
 
 
+LESION_NEEDS_MASKS = "--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads"
+
+
+def with_added_options(recorded: dict) -> dict:
+    """A run's recorded options, with those added to train.py since at their defaults: a run that
+    does not record one trained without it."""
+    return {**E.LESION_DEFAULTS, **recorded}
+
+
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
     """The settings of a resumed run that differ from those its checkpoint was made with."""
-    saved = {**E.LESION_DEFAULTS, **saved}  # options added since: a checkpoint without one trained without it
+    saved = with_added_options(saved)
     out = [f"{_option(k)} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
            if k in saved and saved[k] != now.get(k)]
     # a resume without --mask-loss keeps the run's; one with it must not switch it on or change it
@@ -280,7 +289,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if (bad := [k for k, v in shares.items() if not 0 <= v <= 1]):
         p.error(f"--{bad[0].replace('_', '-')} must be between 0 and 1")
     if args.lesion_dim_p and not args.mask_loss and not args.resume:  # a resume keeps its run's mask loss
-        p.error("--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads")
+        p.error(LESION_NEEDS_MASKS)
     least = min_input_size(args.arch)
     if args.img < least or 0 < args.small_img < least:
         p.error(f"{args.arch} needs --img (and --small-img) of at least {least} pixels")
@@ -467,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     if resume and not args.mask_loss:  # a resumed run keeps the loss it was started with
         args.mask_loss = (resume.get("args") or {}).get("mask_loss", 0.0)
     if args.lesion_dim_p and not args.mask_loss:  # (resumed: checked once the run's own loss is known)
-        raise DataError("--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads")
+        raise DataError(LESION_NEEDS_MASKS)
     # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
     split_from = out if resume else (args.split_from or args.init)
@@ -835,8 +844,8 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
         moved, missing, total = roles_moved(split_there, split_here)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"--finish-from {src}: not a run's folder ({e})") from None
-    if isinstance(options, dict):  # options added since: a run that does not record one trained without it
-        options = {**E.LESION_DEFAULTS, **options}
+    if isinstance(options, dict):
+        options = with_added_options(options)
     if not isinstance(options, dict) or set(TRAINED_WITH) - set(options):
         raise DataError(f"--finish-from {src}: it does not record every option it was trained with "
                         "(a run of an older train.py); it cannot be finished here")

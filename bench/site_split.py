@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.compare import mcnemar  # noqa: E402
 from core.data import PATIENT_RE  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
 from core.inference import load_card  # noqa: E402
@@ -119,7 +120,6 @@ def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
     """Two runs' eval.json on ``site``'s slices both were tested on: per call (the type right, a
     tumour found, a tumour-free slice right), the slices only one run gets right and the exact
     McNemar p-value (as `python -m core compare --paired` does per source)."""
-    from scipy.stats import binomtest
     ra = {r["file"]: r for r in a["predictions"] if r.get("source") == source and site_of(r["file"]) == site}
     rb = {r["file"]: r for r in b["predictions"] if r.get("source") == source and site_of(r["file"]) == site}
     shared = sorted(set(ra) & set(rb))
@@ -131,11 +131,8 @@ def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
     out = {"site": site, "n": len(shared)}
     for name, (counts, right) in calls.items():
         keys = [k for k in shared if counts(ra[k])]
-        a_only = sum(right(ra[k]) and not right(rb[k]) for k in keys)
-        b_only = sum(right(rb[k]) and not right(ra[k]) for k in keys)
-        n = a_only + b_only
-        out[name] = {"n": len(keys), "a_only": a_only, "b_only": b_only,
-                     "p": round(float(binomtest(min(a_only, b_only), n, 0.5).pvalue), 6) if n else 1.0}
+        m = mcnemar([(right(ra[k]), right(rb[k])) for k in keys])
+        out[name] = {"n": len(keys), **m, "p": round(float(m["p"]), 6)}
     return out
 
 

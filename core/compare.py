@@ -115,7 +115,6 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     images (a shared test image is in neither model's training split). Images with a copy in either
     model's training split (``copy_in_training``) are left out, as the Evaluation page does by
     default, unless ``with_copies``."""
-    from scipy.stats import binomtest
     from .evaluation import call_is_right
     a, b = Path(a), Path(b)
     ra, rb = test_records(a), test_records(b)
@@ -134,14 +133,19 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
                  if h is not None and g is not None]
         if not pairs:
             continue
-        a_only = sum(h and not g for h, g in pairs)
-        b_only = sum(g and not h for h, g in pairs)
-        n = a_only + b_only
         out["per_source"][src] = {"n": len(pairs), "a": sum(h for h, _ in pairs) / len(pairs),
-                                  "b": sum(g for _, g in pairs) / len(pairs), "a_only": a_only,
-                                  "b_only": b_only,
-                                  "p": binomtest(min(a_only, b_only), n, 0.5).pvalue if n else 1.0}
+                                  "b": sum(g for _, g in pairs) / len(pairs), **mcnemar(pairs)}
     return out
+
+
+def mcnemar(pairs: list[tuple[bool, bool]]) -> dict:
+    """(A right, B right) per image -> the images only A and only B get right, and the exact
+    McNemar p-value (a two-sided binomial test on those; 1.0 when they never disagree)."""
+    from scipy.stats import binomtest
+    a_only = sum(h and not g for h, g in pairs)
+    b_only = sum(g and not h for h, g in pairs)
+    n = a_only + b_only
+    return {"a_only": a_only, "b_only": b_only, "p": binomtest(min(a_only, b_only), n, 0.5).pvalue if n else 1.0}
 
 
 def paired_text(res: dict) -> str:

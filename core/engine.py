@@ -303,7 +303,7 @@ def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_
     x, lesion = augment_carrying(x, lesions[0][idx].to(device).float(), strength, skull_strip_p,
                                  out_size, options)
     lesion = lesion * sel.to(device)[:, None, None, None]
-    dim_p = float({**AUG_OPTION_DEFAULTS, **(options or {})}["lesion_dim_p"]) * (strength > 0)
+    dim_p = float((options or {}).get("lesion_dim_p", LESION_DEFAULTS["lesion_dim_p"])) * (strength > 0)
     return (dim_lesions(x, lesion, dim_p) if dim_p > 0 else x), lesion
 
 
