@@ -579,3 +579,50 @@ def test_evaluation_counts_flagged_head_cts_apart_from_flagged_mri():
     m = evaluate_records(records, classes, 0.5)
     assert (m["flagged_ood"], m["not_mri"], m["not_mri_flagged"]) == (2, 1, 1)
     assert "not_mri" not in evaluate_records(records[1:], classes, 0.5)
+
+
+def test_strip_to_brain_removes_the_rim_keeps_the_centre_and_is_seeded():
+    from core.ood import strip_to_brain
+    rng = np.random.default_rng(3)
+    a = O.head_like(rng, 128)
+    yy, xx = np.mgrid[0:128, 0:128] / 128
+    for seed in range(5):
+        s = strip_to_brain(a, np.random.default_rng(seed))
+        r = ((xx - 0.5) / 0.3) ** 2 + ((yy - 0.5) / 0.36) ** 2   # inside the smallest head head_like draws
+        assert s.dtype == np.float32 and s.shape == a.shape
+        assert not s[a < 0.01].any()                              # nothing appears outside the head
+        outer = a > 0.8                                           # the skull ring (and no brain pixel: those stay < 0.8)
+        assert (s[outer] == 0).mean() > 0.5                       # most of the skull is gone
+        assert np.array_equal(s[r < 0.3], a[r < 0.3])             # the middle of the brain is kept as it was
+        assert np.array_equal(s, strip_to_brain(a, np.random.default_rng(seed)))
+    blank = np.zeros((64, 64), np.float32)
+    assert strip_to_brain(blank, np.random.default_rng(0)) is blank
+
+
+def test_the_gate_learns_skull_stripped_copies_as_brain_mri(tmp_path, monkeypatch):
+    """fit-ood's positives gain N stripped training slices, as one group, for the network and the
+    feature densities alike; validation (the threshold) and test stay the sources' own scans."""
+    import core.data
+    import core.ood as OO
+    monkeypatch.setattr(core.data, "HASH_CACHE", tmp_path / "cache" / "phash.json")
+    rng = np.random.default_rng(0)
+    rel = {"train": [], "val": [], "test": []}
+    for i in range(12):
+        sp = "train" if i < 8 else "val" if i < 10 else "test"
+        f = tmp_path / "data" / "notumor" / f"h{i}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((O.head_like(rng, 96) * 255).astype(np.uint8)).save(f)
+        rel[sp].append(f"notumor/{f.name}")
+    (tmp_path / "split.json").write_text(json.dumps({"files": {"src": rel}}))
+    card = {"sources": [{"name": "src", "path": str(tmp_path / "data")}]}
+    spec = {"size": 48, "crop": "head", "mean": 0.2, "std": 0.25}
+    args = (card, None, tmp_path / "split.json", spec, 100, 0, lambda *a: None)
+    plain, stripped = OO._load_mri(*args), OO._load_mri(*args, n_stripped=5)
+    assert plain["pos"].groups == ["src/notumor"] * 8 and len(plain["feat_train"]) == 8
+    assert stripped["pos"].groups == ["src/notumor"] * 8 + [OO.STRIPPED_GROUP] * 5
+    assert stripped["feat_train"].groups.count(OO.STRIPPED_GROUP) == 5
+    assert stripped["feat_train"].main.shape[1:] == (1, 48, 48)
+    assert torch.equal(stripped["pos"].small[:8], plain["pos"].small)
+    assert not any(torch.equal(c, o) for c in stripped["pos"].small[8:] for o in plain["pos"].small)  # stripped pixels
+    assert {s: len(x) for s, x in stripped["val"].items()} == {"src": 2}
+    assert len(stripped["feat_train"].main) == len(stripped["feat_train"].small)

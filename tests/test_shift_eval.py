@@ -92,3 +92,33 @@ def test_false_alarm_errors_and_series_by_hand():
     a, b, c, d = (np.array(v, dtype=float) for v in ([1, 0, 0], [.8, .6, 0], [.28, .96, 0], [0, 0, 1]))
     ids = clusters(np.stack([a, b, c, d]), join=0.75)
     assert ids[0] == ids[1] == ids[2] != ids[3]
+
+
+def test_stripped_template_serves_brain_slices_of_each_plane_and_counts_flags(tmp_path):
+    """bench/stripped_template.py: slices read as an uploaded volume's are, near-empty ones
+    skipped; a tumour call counts as a silent false alarm only without either flag."""
+    import nibabel as nib
+    from bench.stripped_template import brain_slices, serve
+    zz, yy, xx = np.mgrid[0:40, 0:48, 0:36]
+    brain = ((xx - 18) / 15) ** 2 + ((yy - 24) / 20) ** 2 + ((zz - 20) / 16) ** 2 < 1
+    vol = np.where(brain, 0.6 + 0.1 * np.sin(xx / 3.0), 0.0).astype(np.float32).transpose(2, 1, 0)  # x, y, z
+    path = tmp_path / "t.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), path)
+    axial = brain_slices(path, "axial", step=4)
+    ks = [k for k, _ in axial]
+    assert ks and all(k % 4 == 0 for k in ks) and 0 not in ks and 36 not in ks  # the ends hold no brain
+    assert {s.pixels.shape for _, s in axial} == {(48, 36)}
+    assert brain_slices(path, "sagittal", step=4) and brain_slices(path, "coronal", step=4)
+
+    class Stub:
+        def __init__(self):
+            self.i = 0
+
+        def predict_scan(self, scan):
+            self.i += 1   # slice 1 flagged tumour, 2 uncertain tumour, 3 silent tumour, 4 healthy...
+            kind = self.i % 4
+            return SimpleNamespace(pred="notumor" if kind == 0 else "glioma", in_distribution=kind != 1,
+                                   uncertain=kind == 2, ood_score=1.0 if kind == 1 else -1.0)
+    r = serve(Stub(), axial[:4])
+    assert (r["n"], r["flagged"], r["tumour_calls"], r["silent_false_alarms"]) == (4, 1, 3, 1)
+    assert r["flagged_pct"] == 25.0 and [s["slice"] for s in r["slices"]] == ks[:4]
