@@ -50,7 +50,9 @@ def nilearn_template() -> Path | None:
 def brain_slices(path: Path, plane: str, step: int = 4, min_brain: float = 0.08) -> list[tuple[int, object]]:
     """(index, ScanImage) of every ``step``-th slice of ``plane`` holding at least ``min_brain``
     of its area above a tenth of the window."""
-    scans, _, _ = read_volume_scans(path, plane=plane)
+    scans, kind, _ = read_volume_scans(path, plane=plane)
+    if kind != "nifti":
+        raise ScanError("not a NIfTI volume")
     return [(k, s) for k, s in enumerate(scans)
             if k % step == 0 and float((s.pixels > 0.1).mean()) >= min_brain]
 
@@ -86,12 +88,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     pred = load_predictor(p, args.weights)
     run = header()
-    result = {}
+    planes = {}
     for plane in PLANES:
         try:
-            slices = brain_slices(path, plane, args.step)
+            planes[plane] = brain_slices(path, plane, args.step)
         except ScanError as e:
-            p.error(f"{path} cannot be read: {e}")
+            p.error(f"{path} cannot be used: {e}")
+    if not any(planes.values()):
+        p.error(f"{path} has no slice with at least 8 % brain")
+    result = {}
+    for plane, slices in planes.items():
         r = result[plane] = serve(pred, slices)
         print(f"{plane:9s} slices {r['n']:3d}  flagged {r['flagged']:3d} ({r['flagged_pct']} %)  "
               f"tumour calls {r['tumour_calls']:3d}  silent false alarms {r['silent_false_alarms']}", flush=True)

@@ -586,15 +586,17 @@ def test_strip_to_brain_removes_the_rim_keeps_the_centre_and_is_seeded():
     rng = np.random.default_rng(3)
     a = O.head_like(rng, 128)
     yy, xx = np.mgrid[0:128, 0:128] / 128
+    outs = []
     for seed in range(5):
         s = strip_to_brain(a, np.random.default_rng(seed))
+        outs.append(s)
         r = ((xx - 0.5) / 0.3) ** 2 + ((yy - 0.5) / 0.36) ** 2   # inside the smallest head head_like draws
         assert s.dtype == np.float32 and s.shape == a.shape
         assert not s[a < 0.01].any()                              # nothing appears outside the head
         outer = a > 0.8                                           # the skull ring (and no brain pixel: those stay < 0.8)
         assert (s[outer] == 0).mean() > 0.5                       # most of the skull is gone
         assert np.array_equal(s[r < 0.3], a[r < 0.3])             # the middle of the brain is kept as it was
-        assert np.array_equal(s, strip_to_brain(a, np.random.default_rng(seed)))
+    assert len({o.astype(bool).sum() for o in outs}) > 1   # the depth is drawn: seeds strip differently
     blank = np.zeros((64, 64), np.float32)
     assert strip_to_brain(blank, np.random.default_rng(0)) is blank
 

@@ -103,7 +103,7 @@ def test_stripped_template_serves_brain_slices_of_each_plane_and_counts_flags(tm
     brain = ((xx - 18) / 15) ** 2 + ((yy - 24) / 20) ** 2 + ((zz - 20) / 16) ** 2 < 1
     vol = np.where(brain, 0.6 + 0.1 * np.sin(xx / 3.0), 0.0).astype(np.float32).transpose(2, 1, 0)  # x, y, z
     path = tmp_path / "t.nii.gz"
-    nib.save(nib.Nifti1Image(vol, np.eye(4)), path)
+    nib.save(nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])), path)   # stored LPS: the reader turns it to RAS
     axial = brain_slices(path, "axial", step=4)
     ks = [k for k, _ in axial]
     assert ks and all(k % 4 == 0 for k in ks) and 0 not in ks and 36 not in ks  # the ends hold no brain
