@@ -35,6 +35,7 @@ from core.reader import ScanError, read_volume_scans  # noqa: E402
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 PLANES = ("axial", "coronal", "sagittal")
+MIN_BRAIN = 0.08   # share of a slice above a tenth of the window: the volume's end slices fall below it
 
 
 def nilearn_template() -> Path | None:
@@ -47,7 +48,7 @@ def nilearn_template() -> Path | None:
     return path if path.is_file() else None
 
 
-def brain_slices(path: Path, plane: str, step: int = 4, min_brain: float = 0.08) -> list[tuple[int, object]]:
+def brain_slices(path: Path, plane: str, step: int = 4, min_brain: float = MIN_BRAIN) -> list[tuple[int, object]]:
     """(index, ScanImage) of every ``step``-th slice of ``plane`` holding at least ``min_brain``
     of its area above a tenth of the window."""
     scans, kind, _ = read_volume_scans(path, plane=plane)
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         except ScanError as e:
             p.error(f"{path} cannot be used: {e}")
     if not any(planes.values()):
-        p.error(f"{path} has no slice with at least 8 % brain")
+        p.error(f"{path} has no slice with at least {MIN_BRAIN:.0%} brain")
     result = {}
     for plane, slices in planes.items():
         r = result[plane] = serve(pred, slices)

@@ -1169,11 +1169,10 @@ def _load_mri(card: dict | None, data_config, split_file, spec: dict | None, max
                  for src in files if files[src].get(sp, ([], []))[0]} for sp in ("train", "val", "test")}
     pos = ImageSet.concat(list(sets["train"].values()))
     feat_train = None
+    train_paths = [p for s in sets["train"] for p in files[s]["train"][0]]   # in pos's order
     if spec is not None:  # feature densities need no more than a few thousand training slices
-        feat_train = _main_subset(pos, [p for s in sets["train"] for p in files[s]["train"][0]], spec,
-                                  max_feature_train, seed, known)
+        feat_train = _main_subset(pos, train_paths, spec, max_feature_train, seed, known)
     if n_stripped:  # brain MRI with its skull removed is still brain MRI, for both components
-        train_paths = [p for s in sets["train"] for p in files[s]["train"][0]]
         strip_pick = sorted(np.random.default_rng(seed + 1).choice(train_paths, min(n_stripped, len(train_paths)),
                                                              replace=False).tolist())
         stripped = load_stripped(strip_pick, spec)
