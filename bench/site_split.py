@@ -10,6 +10,8 @@ every site in training) does not measure. Train on the written split with `train
         --split-from runs/loso_HT_split --out runs/loso_HT
     python bench/site_split.py --report runs/loso_HT --site HT   # per site, and unseen against seen
     python bench/site_split.py --report runs/loso_DU runs/loso_DU_dim --site DU --paired   # two runs, McNemar
+    python bench/site_split.py --pooled runs/loso_DU runs/loso_DU_dim DU runs/loso_CS runs/loso_CS_dim CS
+                                                   # several such pairs, each on its own site, in one test
 
 The report also says where the errors lie in each patient's volume: tumour slices by the area of
 their radiologist's mask, tumour-free slices by their distance to the patient's nearest tumour slice.
@@ -116,24 +118,43 @@ def site_gap(eval_json: dict, site: str, source: str = "lgg", n_boot: int = 2000
             "slices": [int(per_patient[0][:, 1].sum()), int(per_patient[1][:, 1].sum())]}
 
 
-def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
-    """Two runs' eval.json on ``site``'s slices both were tested on: per call (the type right, a
-    tumour found, a tumour-free slice right), the slices only one run gets right and the exact
-    McNemar p-value (as `python -m core compare --paired` does per source)."""
+def _site_pairs(a: dict, b: dict, site: str, source: str = "lgg") -> list[tuple[dict, dict]]:
+    """The two runs' records of ``site``'s slices both were tested on, matched by file."""
     ra = {r["file"]: r for r in a["predictions"] if r.get("source") == source and site_of(r["file"]) == site}
     rb = {r["file"]: r for r in b["predictions"] if r.get("source") == source and site_of(r["file"]) == site}
     shared = sorted(set(ra) & set(rb))
     if not shared:
         raise ValueError(f"the two runs share no {source} test slice of site {site}")
+    return [(ra[k], rb[k]) for k in shared]
+
+
+def _paired(pairs: list[tuple[dict, dict]]) -> dict:
+    """Per call (the type right, a tumour found, a tumour-free slice right): how many slices it
+    counts, how many each run gets right, the slices only one run gets right and the exact McNemar
+    p-value (as `python -m core compare --paired` does per source)."""
     calls = {"accuracy": (lambda r: True, lambda r: r["pred"] == r["label"]),
              "tumours_found": (lambda r: r["label"] != NO_TUMOUR, lambda r: r["pred"] != NO_TUMOUR),
              "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
-    out = {"site": site, "n": len(shared)}
+    out = {"n": len(pairs)}
     for name, (counts, right) in calls.items():
-        keys = [k for k in shared if counts(ra[k])]
-        m = mcnemar([(right(ra[k]), right(rb[k])) for k in keys])
-        out[name] = {"n": len(keys), **m, "p": round(float(m["p"]), 6)}
+        hits = [(right(ra), right(rb)) for ra, rb in pairs if counts(ra)]
+        m = mcnemar(hits)
+        out[name] = {"n": len(hits), "a_right": sum(h for h, _ in hits), "b_right": sum(g for _, g in hits),
+                     **m, "p": round(float(m["p"]), 6)}
     return out
+
+
+def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
+    """Two runs' eval.json paired on ``site``'s slices both were tested on (see `_paired`)."""
+    return {"site": site, **_paired(_site_pairs(a, b, site, source))}
+
+
+def paired_pooled(triples: list[tuple[dict, dict, str]], source: str = "lgg") -> dict:
+    """Several (A, B, site) comparisons, each pair of runs on its own site (a leave-one-site-out
+    run and its twin, judged on the site they never saw), pooled slice by slice into one McNemar
+    test: a change that helps a little on each site shows here when no site alone can show it."""
+    pairs = [pr for a, b, site in triples for pr in _site_pairs(a, b, site, source)]
+    return {"sites": [site for _, _, site in triples], **_paired(pairs)}
 
 
 def _slice_no(rel: str) -> int:
@@ -182,7 +203,19 @@ def main(argv=None) -> int:
                    help="print per-site LGG test figures of these runs (with --site: unseen against seen)")
     p.add_argument("--paired", action="store_true",
                    help="with --report A B --site S: the two runs paired on S's slices (McNemar)")
+    p.add_argument("--pooled", nargs="+", metavar="A B SITE",
+                   help="triples of two runs and the site to pair them on, pooled into one McNemar test")
     args = p.parse_args(argv)
+    if args.pooled:
+        if len(args.pooled) % 3:
+            p.error("--pooled takes triples: RUN_A RUN_B SITE [RUN_A RUN_B SITE ...]")
+        try:
+            triples = [(*(json.loads((Path(r) / "eval.json").read_text()) for r in args.pooled[i:i + 2]),
+                        args.pooled[i + 2]) for i in range(0, len(args.pooled), 3)]
+            print("pooled (A = first of each triple, B = second):", json.dumps(paired_pooled(triples)))
+        except (OSError, ValueError, KeyError) as e:
+            p.error(str(e))
+        return 0
     if args.report:
         for run in args.report:
             try:

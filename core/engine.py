@@ -121,7 +121,10 @@ def target_masks(samples: list[Sample], classes: list[str]) -> torch.Tensor:
 GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_affine`
 INTENSITY_DEFAULTS = {"blur_p": 0.0, "gamma_log": 0.4}            # `random_intensity`
 LESION_DEFAULTS = {"lesion_dim_p": 0.0}                           # `dim_lesions` (images with a tumour mask)
-AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS, **LESION_DEFAULTS}
+STRIP_CROP_DEFAULTS = {"strip_crop_p": 0.0}                       # `strip_and_crop`
+AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS, **LESION_DEFAULTS, **STRIP_CROP_DEFAULTS}
+# Options added after runs were recorded without them: such a run trained with them off.
+ADDED_LATER = {**LESION_DEFAULTS, **STRIP_CROP_DEFAULTS}
 
 
 def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
@@ -144,9 +147,51 @@ def augment_carrying(x: torch.Tensor, carry: torch.Tensor | None, strength: floa
     kept out of the intensity changes, so that a mask stays on its image."""
     geo, blur_p, gamma_log = _split_options(options)
     k = x.shape[1]
+    strip_p = float((options or {}).get("strip_crop_p", 0.0)) * (strength > 0)
+    if strip_p > 0:  # drawn first, and only when on: runs without it keep their random stream
+        x, carry = strip_and_crop(x, carry, strip_p)
     moved = random_affine(x if carry is None else torch.cat([x, carry], 1), strength, out_size, **geo)
     x = random_intensity(moved[:, :k], strength, skull_strip_p, blur_p, gamma_log)
     return x, None if carry is None else moved[:, k:]
+
+
+def strip_and_crop(x: torch.Tensor, carry: torch.Tensor | None, p: float,
+                   margin: float = 0.04) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With probability ``p`` per image of a [0, 1] batch (N, 1, H, W) of head crops: strip the
+    skull (`core.preprocess.brain_mask`, as `core.ood.strip_to_brain` strips a whole slice), then
+    crop to the brain's box and fill the frame, as the one preprocessing path does with a
+    skull-stripped upload (`head_bbox`'s 4 % margin, padded square). Training's other strip
+    (`_random_skull_strip`) leaves the brain at the head's scale, which no stripped upload shows.
+    ``carry`` (lesion masks) is cropped alike. An image with no brain left is left as it was."""
+    from .preprocess import brain_mask
+    n, _, h, w = x.shape
+    sel = torch.nonzero(torch.rand(n, device=x.device) < p).flatten().tolist()
+    if not sel:
+        return x, carry
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,)).item()))
+    # the mask at half resolution: a quarter of the pixels, and a stripped brain's edge is smooth anyway
+    half = nnf.avg_pool2d(x[sel].float(), 2, ceil_mode=True).cpu().numpy()[:, 0]
+    masks = torch.from_numpy(np.stack([brain_mask(a, rng) for a in half])[:, None].astype(np.float32)).to(x.device)
+    brain = (nnf.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False) > 0.5).float()
+    rows, cols = brain.amax(3)[:, 0] > 0, brain.amax(2)[:, 0] > 0  # (m, H), (m, W)
+    keep = rows.any(1)
+    if not keep.any():
+        return x, carry
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    y0 = torch.where(rows, ar_h, h).amin(1); y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, w).amin(1); x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    side = torch.maximum(y1 - y0, x1 - x0).float() / 2 + margin * max(h, w)  # half the square's side
+    theta = torch.zeros(len(sel), 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2] = 2 * side / w, (x0 + x1).float() / w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = 2 * side / h, (y0 + y1).float() / h - 1
+    idx = torch.tensor(sel, device=x.device)[keep]
+    grid = nnf.affine_grid(theta[keep], [len(idx), 1, h, w], align_corners=False)
+    x = x.clone()
+    x[idx] = nnf.grid_sample(x[idx] * brain[keep], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if carry is not None:
+        carry = carry.clone()
+        carry[idx] = nnf.grid_sample(carry[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x, carry
 
 
 def _split_options(options: dict | None) -> tuple[dict, float, float]:

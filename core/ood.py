@@ -39,7 +39,7 @@ from torch import nn
 
 from .data import save_whole
 from .evaluation import write_json
-from .preprocess import normalise, prepare
+from .preprocess import brain_mask, normalise, prepare
 from .reader import ScanImage
 
 GATE_SPEC = {"size": 64, "crop": "head", "mean": 0.20, "std": 0.25}
@@ -91,26 +91,17 @@ def from_scans(scans: list[ScanImage], main_spec: dict | None = None, groups: li
 
 
 def strip_to_brain(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A skull-stripped look of one whole slice, before the head crop: keep what lies deeper than
-    a random 8-20 % of the head's equivalent radius inside the head, zero the rest.
+    """A skull-stripped look of one whole slice, before the head crop (`core.preprocess.brain_mask`).
 
     Skull-stripped collections (the BraTS kind) are brain MRI, but a gate trained only on scans
     with a skull flags many of them (`bench/shift_eval.py`'s strip: a fifth to two fifths).
     Training's random strip (`core.engine`) acts after the crop, so the brain never fills the frame
     as a stripped upload's does once cropped to its own box; this strips first, and the crop
-    follows the brain. The head is the largest component above a random 5-15 % of the slice's
-    maximum, closed and filled.
+    follows the brain.
     """
-    from scipy import ndimage
     if float(a.max()) <= float(a.min()):
         return a
-    fg = ndimage.binary_closing(a > rng.uniform(0.05, 0.15) * float(a.max()), iterations=2)
-    lab, n = ndimage.label(fg)
-    if n == 0:
-        return a
-    head = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
-    depth = rng.uniform(0.08, 0.20) * math.sqrt(head.sum() / math.pi)
-    return (a * (ndimage.distance_transform_edt(head) > depth)).astype(np.float32)
+    return (a * brain_mask(a, rng)).astype(np.float32)
 
 
 def _read_one(args) -> tuple[np.ndarray, float]:
@@ -129,7 +120,8 @@ def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int,
     ``stripped``: each slice through `strip_to_brain` first."""
     from .data import HASH_CACHE
     if stripped:
-        tag += "stripped" + hashlib.sha1(inspect.getsource(strip_to_brain).encode()).hexdigest()[:10]
+        tag += "stripped" + hashlib.sha1((inspect.getsource(strip_to_brain) + inspect.getsource(brain_mask))
+                                         .encode()).hexdigest()[:10]
     key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items())) + _code_key()
                         + _stamps(paths)).encode()).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-{key}.npz"

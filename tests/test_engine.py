@@ -229,6 +229,50 @@ def _write_images(root, n=6):
     return [D.Sample(str(p), p.name, "glioma" if k % 2 else "notumor", "x") for k, p in enumerate(paths)]
 
 
+def _head_with_rim(size=192) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head crop: a grey brain (0.5) with a dark ventricle (0.05) and a bright spot (0.8, under
+    the 'lesion' returned with it), inside a bright rim (0.9, the skull: 4 % of the radius)."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    img = np.zeros((size, size), np.float32)
+    img[r < 0.35 * size] = 0.9  # the head fills 70 % of the frame, so only a crop can fill it
+    img[r < 0.335 * size] = 0.5
+    img[(abs(yy - size / 2) < 0.05 * size) & (abs(xx - size / 2) < 0.1 * size)] = 0.05
+    spot = (abs(yy - 0.5 * size) < 0.05 * size) & (abs(xx - 0.7 * size) < 0.05 * size)
+    img[spot] = 0.8
+    return torch.from_numpy(img)[None, None], torch.from_numpy(spot.astype(np.float32))[None, None]
+
+
+def test_strip_and_crop_removes_the_rim_fills_the_frame_and_moves_the_lesion_alike():
+    x, lesion = _head_with_rim()
+    x, lesion = x.repeat(6, 1, 1, 1), lesion.repeat(6, 1, 1, 1)
+    torch.manual_seed(0)
+    y, ly = E.strip_and_crop(x, lesion, 1.0)
+    for i in range(6):  # each with its own threshold and depth
+        img, les = y[i, 0], ly[i, 0]
+        assert img.max() < 0.85                              # the bright rim is gone
+        rows = torch.nonzero(img.amax(1) > 0.2).flatten()
+        assert rows.max() - rows.min() >= 0.85 * 192         # the brain fills the frame (the head filled 70 %)
+        assert img[94:98, 94:98].max() < 0.1                 # the dark ventricle stays inside, dark
+        on = les > 0.5
+        assert on.sum() > 0 and (img[on] > 0.6).float().mean() > 0.95  # the lesion still lies on the spot
+    blank = torch.zeros(2, 1, 32, 32)
+    assert torch.equal(E.strip_and_crop(blank, None, 1.0)[0], blank)  # nothing to strip: unchanged
+
+
+def test_strip_and_crop_is_off_by_default_and_keeps_the_default_stream():
+    x = _head_with_rim()[0].repeat(4, 1, 1, 1)
+    torch.manual_seed(5)
+    ref = E.augment(x, 1.0, 0.0)
+    after_ref = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(E.augment(x, 1.0, 0.0, options={"strip_crop_p": 0.0}), ref)
+    assert torch.equal(torch.rand(3), after_ref)
+    torch.manual_seed(5)
+    assert not torch.equal(E.augment(x, 1.0, 0.0, options={"strip_crop_p": 1.0}), ref)
+    assert torch.equal(E.augment(x, 0.0, 0.0, options={"strip_crop_p": 1.0}), x)  # evaluation: untouched
+
+
 def test_cache_images_shape_dtype_and_disk_cache(tmp_path, private_cache):
     samples = _write_images(tmp_path)
     spec = {**DEFAULT_SPEC, "size": 32}

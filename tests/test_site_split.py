@@ -140,8 +140,43 @@ def test_paired_on_site_counts_each_call_by_hand():
                for f, lab, p in ROWS])
     got = paired_on_site(a, b, "HT")  # B fixes HT 1111's false alarm and misses HT 2222's tumour
     assert got["n"] == 4
-    assert got["accuracy"] == {"n": 4, "a_only": 1, "b_only": 1, "p": 1.0}
-    assert got["tumours_found"] == {"n": 2, "a_only": 1, "b_only": 0, "p": 1.0}
-    assert got["normals_right"] == {"n": 2, "a_only": 0, "b_only": 1, "p": 1.0}
+    assert got["accuracy"] == {"n": 4, "a_right": 3, "b_right": 3, "a_only": 1, "b_only": 1, "p": 1.0}
+    assert got["tumours_found"] == {"n": 2, "a_right": 2, "b_right": 1, "a_only": 1, "b_only": 0, "p": 1.0}
+    assert got["normals_right"] == {"n": 2, "a_right": 1, "b_right": 2, "a_only": 0, "b_only": 1, "p": 1.0}
     with pytest.raises(ValueError, match="share no lgg test slice of site EZ"):
         paired_on_site(a, b, "EZ")
+
+
+def _b_runs() -> tuple[dict, dict]:
+    """A, and B that fixes HT 1111's false alarm and misses HT 2222's tumour (CS as A)."""
+    a = _eval(ROWS)
+    b = _eval([(f, lab, {"TCGA_HT_1111_002": "notumor", "TCGA_HT_2222_001": "notumor"}.get(f.split("/")[1][:16], p))
+               for f, lab, p in ROWS])
+    return a, b
+
+
+def test_paired_pooled_adds_each_sites_slices_by_hand():
+    from bench.site_split import paired_pooled
+    a, b = _b_runs()
+    got = paired_pooled([(a, b, "HT"), (a, b, "CS")])  # HT's 4 slices and CS's 2 (A and B agree on CS)
+    assert got["sites"] == ["HT", "CS"] and got["n"] == 6
+    assert got["accuracy"] == {"n": 6, "a_right": 4, "b_right": 4, "a_only": 1, "b_only": 1, "p": 1.0}
+    assert got["tumours_found"] == {"n": 3, "a_right": 2, "b_right": 1, "a_only": 1, "b_only": 0, "p": 1.0}
+    assert got["normals_right"] == {"n": 3, "a_right": 2, "b_right": 3, "a_only": 0, "b_only": 1, "p": 1.0}
+
+
+def test_pooled_cli_reads_runs_and_refuses_what_is_not_triples(tmp_path, capsys):
+    a, b = _b_runs()
+    for name, ev in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(ev))
+    ra, rb = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["--pooled", ra, rb, "HT", ra, rb, "CS"]) == 0
+    out = json.loads(capsys.readouterr().out.split(":", 1)[1])
+    assert out["n"] == 6 and out["accuracy"]["a_right"] == 4
+    with pytest.raises(SystemExit) as e:
+        main(["--pooled", ra, rb])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--pooled", ra, rb, "EZ"])  # no slice of that site
+    assert e.value.code == 2

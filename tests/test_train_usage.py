@@ -250,6 +250,7 @@ def test_weights_another_run_swapped_in_are_refused(data, tmp_path, capsys):
     (["--smoothing", "3"], "--smoothing in [0, 1)"),
     (["--min-specificity", "2"], "--min-specificity must be between 0 and 1"),
     (["--lesion-dim-p", "1.5", "--mask-loss", "0.2"], "--lesion-dim-p must be between 0 and 1"),
+    (["--strip-crop-p", "-0.1"], "--strip-crop-p must be between 0 and 1"),
     (["--lesion-dim-p", "0.3"], "--lesion-dim-p needs --mask-loss"),
     (["--arch", "vgg16", "--img", "16"], "vgg16 needs --img (and --small-img) of at least 32"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
@@ -441,9 +442,10 @@ def test_lesion_dimming_reaches_the_loop_and_survives_a_resume(data, tmp_path, m
     assert card["training"]["augmentation"]["lesion_dim_p"] == 0.3
 
 
-def test_a_checkpoint_from_before_lesion_dimming_refuses_to_switch_it_on():
-    saved = {k: 0 for k in train.RESUME_FIXED if k != "lesion_dim_p"}  # an older run's recorded args
-    now = {**saved, "lesion_dim_p": 0.0}
+@pytest.mark.parametrize("option", ["lesion_dim_p", "strip_crop_p"])
+def test_a_checkpoint_from_before_an_added_option_refuses_to_switch_it_on(option):
+    saved = {k: 0 for k in train.RESUME_FIXED if k != option}  # an older run's recorded args
+    now = {**saved, option: 0.0}
     assert train.resume_conflicts(saved, now) == []          # off, as that run trained
-    now["lesion_dim_p"] = 0.3
-    assert any("--lesion-dim-p" in c for c in train.resume_conflicts(saved, now))
+    now[option] = 0.3
+    assert any(train._option(option) in c for c in train.resume_conflicts(saved, now))
