@@ -207,14 +207,19 @@ def main(argv=None) -> int:
                    help="triples of two runs and the site to pair them on, pooled into one McNemar test")
     args = p.parse_args(argv)
     if args.pooled:
-        if len(args.pooled) % 3:
-            p.error("--pooled takes triples: RUN_A RUN_B SITE [RUN_A RUN_B SITE ...]")
-        try:
-            triples = [(*(json.loads((Path(r) / "eval.json").read_text()) for r in args.pooled[i:i + 2]),
-                        args.pooled[i + 2]) for i in range(0, len(args.pooled), 3)]
-            print("pooled (A = first of each triple, B = second):", json.dumps(paired_pooled(triples)))
-        except (OSError, ValueError, KeyError) as e:
-            p.error(str(e))
+        named = [tuple(args.pooled[i:i + 3]) for i in range(0, len(args.pooled), 3)]
+        if len(args.pooled) % 3 or args.report or args.site or args.out:
+            p.error("--pooled takes triples RUN_A RUN_B SITE [RUN_A RUN_B SITE ...] and nothing else")
+        if len(set(named)) < len(named):
+            p.error("--pooled: a triple given twice would count its slices twice")
+        triples = []
+        for a, b, site in named:
+            try:
+                triples.append((*(json.loads((Path(r) / "eval.json").read_text()) for r in (a, b)), site))
+                _site_pairs(*triples[-1])
+            except (OSError, ValueError, KeyError) as e:
+                p.error(f"--pooled {a} {b} {site}: {e}")
+        print("pooled (A = first of each triple, B = second):", json.dumps(paired_pooled(triples)))
         return 0
     if args.report:
         for run in args.report:

@@ -162,7 +162,9 @@ def strip_and_crop(x: torch.Tensor, carry: torch.Tensor | None, p: float,
     crop to the brain's box and fill the frame, as the one preprocessing path does with a
     skull-stripped upload (`head_bbox`'s 4 % margin, padded square). Training's other strip
     (`_random_skull_strip`) leaves the brain at the head's scale, which no stripped upload shows.
-    ``carry`` (lesion masks) is cropped alike. An image with no brain left is left as it was."""
+    ``carry`` (lesion masks) is cropped alike but not cut by the brain mask (a lesion at the
+    brain's surface may be stripped while its label stays). An image with no brain left is left
+    as it was."""
     from .preprocess import brain_mask
     n, _, h, w = x.shape
     sel = torch.nonzero(torch.rand(n, device=x.device) < p).flatten().tolist()
@@ -171,7 +173,9 @@ def strip_and_crop(x: torch.Tensor, carry: torch.Tensor | None, p: float,
     rng = np.random.default_rng(int(torch.randint(2**31, (1,)).item()))
     # the mask at half resolution: a quarter of the pixels, and a stripped brain's edge is smooth anyway
     half = nnf.avg_pool2d(x[sel].float(), 2, ceil_mode=True).cpu().numpy()[:, 0]
-    masks = torch.from_numpy(np.stack([brain_mask(a, rng) for a in half])[:, None].astype(np.float32)).to(x.device)
+    found = [brain_mask(a, rng) for a in half]
+    masks = torch.from_numpy(np.stack([np.zeros(a.shape, bool) if m is None else m for m, a in zip(found, half)])
+                             [:, None].astype(np.float32)).to(x.device)
     brain = (nnf.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False) > 0.5).float()
     rows, cols = brain.amax(3)[:, 0] > 0, brain.amax(2)[:, 0] > 0  # (m, H), (m, W)
     keep = rows.any(1)

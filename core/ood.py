@@ -99,9 +99,9 @@ def strip_to_brain(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     as a stripped upload's does once cropped to its own box; this strips first, and the crop
     follows the brain.
     """
-    if float(a.max()) <= float(a.min()):
+    if float(a.max()) <= float(a.min()) or (mask := brain_mask(a, rng)) is None:
         return a
-    return (a * brain_mask(a, rng)).astype(np.float32)
+    return (a * mask).astype(np.float32)
 
 
 def _read_one(args) -> tuple[np.ndarray, float]:

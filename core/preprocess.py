@@ -59,15 +59,15 @@ def _open_cross(m: np.ndarray) -> np.ndarray:
     return d
 
 
-def brain_mask(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def brain_mask(a: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     """A rough brain mask of one grey slice, as a skull-stripping tool leaves it: what lies deeper
     than a random 8-20 % of the head's equivalent radius inside the head, where the head is the
     largest component above a random 5-15 % of the slice's maximum, closed and filled (so dark
-    ventricles stay in). All False when nothing stands out."""
+    ventricles stay in). None when nothing stands out (no head to strip)."""
     fg = ndimage.binary_closing(a > rng.uniform(0.05, 0.15) * float(a.max()), iterations=2)
     lab, n = ndimage.label(fg)
     if n == 0:
-        return np.zeros(a.shape, bool)
+        return None
     head = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
     depth = rng.uniform(0.08, 0.20) * np.sqrt(head.sum() / np.pi)
     return ndimage.distance_transform_edt(head) > depth

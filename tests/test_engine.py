@@ -229,11 +229,11 @@ def _write_images(root, n=6):
     return [D.Sample(str(p), p.name, "glioma" if k % 2 else "notumor", "x") for k, p in enumerate(paths)]
 
 
-def _head_with_rim(size=192) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_with_rim(size=192, centre=(0.5, 0.5)) -> tuple[torch.Tensor, torch.Tensor]:
     """A head crop: a grey brain (0.5) with a dark ventricle (0.05) and a bright spot (0.8, under
     the 'lesion' returned with it), inside a bright rim (0.9, the skull: 4 % of the radius)."""
     yy, xx = np.mgrid[:size, :size]
-    r = np.hypot(yy - size / 2, xx - size / 2)
+    r = np.hypot(yy - centre[0] * size, xx - centre[1] * size)
     img = np.zeros((size, size), np.float32)
     img[r < 0.35 * size] = 0.9  # the head fills 70 % of the frame, so only a crop can fill it
     img[r < 0.335 * size] = 0.5
@@ -258,6 +258,18 @@ def test_strip_and_crop_removes_the_rim_fills_the_frame_and_moves_the_lesion_ali
         assert on.sum() > 0 and (img[on] > 0.6).float().mean() > 0.95  # the lesion still lies on the spot
     blank = torch.zeros(2, 1, 32, 32)
     assert torch.equal(E.strip_and_crop(blank, None, 1.0)[0], blank)  # nothing to strip: unchanged
+
+
+def test_strip_and_crop_centres_an_off_centre_brain_with_the_preprocessing_margin():
+    x, _ = _head_with_rim(centre=(0.4, 0.62))  # the head up and to the right; the ventricle and spot stay put
+    torch.manual_seed(1)
+    y, _ = E.strip_and_crop(x.repeat(4, 1, 1, 1), None, 1.0)
+    for img in y[:, 0]:
+        rows = torch.nonzero(img.amax(1) > 0.2).flatten().float()
+        cols = torch.nonzero(img.amax(0) > 0.2).flatten().float()
+        assert abs((rows.min() + rows.max()) / 2 - 95.5) <= 2 and abs((cols.min() + cols.max()) / 2 - 95.5) <= 2
+        # head_bbox's 4 % margin of the frame it crops from (7.7 px of 192), enlarged with the brain
+        assert 6 <= rows.min() <= 16 and 175 <= rows.max() <= 185
 
 
 def test_strip_and_crop_is_off_by_default_and_keeps_the_default_stream():

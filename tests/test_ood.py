@@ -599,6 +599,9 @@ def test_strip_to_brain_removes_the_rim_keeps_the_centre_and_is_seeded():
     assert len({o.astype(bool).sum() for o in outs}) > 1   # the depth is drawn: seeds strip differently
     blank = np.zeros((64, 64), np.float32)
     assert strip_to_brain(blank, np.random.default_rng(0)) is blank
+    edge = np.zeros((64, 64), np.float32)
+    edge[0, :] = 1.0                                       # bright only along the border: no head once closed
+    assert strip_to_brain(edge, np.random.default_rng(0)) is edge
 
 
 def test_the_gate_learns_skull_stripped_copies_as_brain_mri(tmp_path, monkeypatch):

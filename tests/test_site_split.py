@@ -177,6 +177,9 @@ def test_pooled_cli_reads_runs_and_refuses_what_is_not_triples(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         main(["--pooled", ra, rb])
     assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(["--pooled", ra, rb, "EZ"])  # no slice of that site
-    assert e.value.code == 2
+    for bad in (["--pooled", ra, rb, "EZ"],                        # no slice of that site
+                ["--pooled", ra, rb, "HT", ra, rb, "HT"],          # one triple twice: its slices twice
+                ["--pooled", ra, rb, "HT", "--site", "HT"]):       # --pooled takes nothing else
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2
