@@ -1,6 +1,7 @@
 """How the served model copes with scans that are rotated, sheared or re-processed.
 
     python bench/shift_eval.py --weights weights/resnet18_176_ft_rot_mild [--sources benchmark] [--limit 0]
+    python bench/shift_eval.py --paired A.json B.json   # two models' --json results, image by image (McNemar)
 
 One of the hidden test sets is T1-contrast tumour scans of another collection, "rotated, sheared
 and re-processed", and none of them is in shared/. This is the nearest proxy the project can
@@ -34,6 +35,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header, json_output, load_predictor, no_files_error, positive  # noqa: E402
 from bench.tta_eval import labelled_files  # noqa: E402
+from core.compare import paired_calls  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.labels import NO_TUMOUR, TUMOUR  # noqa: E402
 from core.reader import ScanImage, read_scan  # noqa: E402
@@ -113,7 +115,7 @@ PERTURBATIONS: dict[str, Perturb] = {
 
 
 def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb) -> dict:
-    hits, tumour_hits, normal_hits, flagged, silent = [], [], [], [], 0
+    hits, tumour_hits, normal_hits, flagged, silent, records = [], [], [], [], 0, []
     for i, (path, label) in enumerate(rows):
         scan = read_scan(path)
         rng = np.random.default_rng(i)
@@ -128,10 +130,30 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb) ->
         else:
             tumour_hits.append(p.pred != NO_TUMOUR)
             silent += p.pred == NO_TUMOUR and p.in_distribution and not p.uncertain
+        records.append({"file": str(path), "label": label, "pred": p.pred})
     mean = lambda v: round(float(np.mean(v)), 4) if v else None  # noqa: E731
     return {"n": len(rows), "accuracy": mean(hits), "sensitivity": mean(tumour_hits),
             "tumours_missed": len(tumour_hits) - int(np.sum(tumour_hits)),
-            "specificity": mean(normal_hits), "ood_flagged": mean(flagged), "silent_misses": silent}
+            "specificity": mean(normal_hits), "ood_flagged": mean(flagged), "silent_misses": silent,
+            "records": records}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Two --json results (two models, the same images and seeded perturbations), paired image by
+    image per source and perturbation (`core.compare.paired_calls`: the type right, tumours found,
+    tumour-free images right, with exact McNemar p-values)."""
+    out: dict = {}
+    for src, perts in a["result"].items():
+        for name, ra in perts.items():
+            rb = b["result"].get(src, {}).get(name)
+            if rb is None or "records" not in ra or "records" not in rb:
+                continue  # not in both, or written before the records were kept
+            by_file = {r["file"]: r for r in rb["records"]}
+            pairs = [(r, by_file[r["file"]]) for r in ra["records"] if r["file"] in by_file]
+            out.setdefault(src, {})[name] = paired_calls(pairs)
+    if not out:
+        raise ValueError("the two results share no source and perturbation with per-image records")
+    return out
 
 
 def markdown_table(results: list[dict], source: str = "benchmark") -> str:
@@ -156,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="print a markdown table of earlier --json results (accuracy / tumours missed / "
                         "specificity / %% flagged) and exit")
+    p.add_argument("--paired", nargs=2, default=None, metavar="JSON",
+                   help="two --json results, paired image by image (McNemar) per source and perturbation")
     p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--sources", nargs="+", default=["benchmark"])
     p.add_argument("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=list(PERTURBATIONS))
@@ -168,6 +192,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     json_output(args.json)  # its folder made now, not after the run
+    if args.paired:
+        try:
+            res = paired(*(json.loads(Path(f).read_text()) for f in args.paired))
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--paired: {e}")
+        for src, perts in res.items():
+            for name, r in perts.items():
+                print(f"{src:10s} {name:30s} " + json.dumps(r))
+        return 0
     if args.table:
         results = [json.loads(Path(f).read_text()) for f in args.table]
         for src in args.sources:
@@ -198,7 +231,9 @@ def main(argv=None) -> int:
     out = run | {"weights": str(pred.dir), "result": result}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
+    # the per-image records go to --json only (for --paired); the printed summary stays one line
+    print(json.dumps(out | {"result": {src: {k: {m: v for m, v in r.items() if m != "records"}
+                                             for k, r in perts.items()} for src, perts in result.items()}}))
     return 0
 
 

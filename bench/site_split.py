@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.compare import mcnemar  # noqa: E402
+from core.compare import paired_calls  # noqa: E402
 from core.data import PATIENT_RE  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
 from core.inference import load_card  # noqa: E402
@@ -128,25 +128,9 @@ def _site_pairs(a: dict, b: dict, site: str, source: str = "lgg") -> list[tuple[
     return [(ra[k], rb[k]) for k in shared]
 
 
-def _paired(pairs: list[tuple[dict, dict]]) -> dict:
-    """Per call (the type right, a tumour found, a tumour-free slice right): how many slices it
-    counts, how many each run gets right, the slices only one run gets right and the exact McNemar
-    p-value (as `python -m core compare --paired` does per source)."""
-    calls = {"accuracy": (lambda r: True, lambda r: r["pred"] == r["label"]),
-             "tumours_found": (lambda r: r["label"] != NO_TUMOUR, lambda r: r["pred"] != NO_TUMOUR),
-             "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
-    out = {"n": len(pairs)}
-    for name, (counts, right) in calls.items():
-        hits = [(right(ra), right(rb)) for ra, rb in pairs if counts(ra)]
-        m = mcnemar(hits)
-        out[name] = {"n": len(hits), "a_right": sum(h for h, _ in hits), "b_right": sum(g for _, g in hits),
-                     **m, "p": round(float(m["p"]), 6)}
-    return out
-
-
 def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
-    """Two runs' eval.json paired on ``site``'s slices both were tested on (see `_paired`)."""
-    return {"site": site, **_paired(_site_pairs(a, b, site, source))}
+    """Two runs' eval.json paired on ``site``'s slices both were tested on (`core.compare.paired_calls`)."""
+    return {"site": site, **paired_calls(_site_pairs(a, b, site, source))}
 
 
 def paired_pooled(triples: list[tuple[dict, dict, str]], source: str = "lgg") -> dict:
@@ -154,7 +138,7 @@ def paired_pooled(triples: list[tuple[dict, dict, str]], source: str = "lgg") ->
     run and its twin, judged on the site they never saw), pooled slice by slice into one McNemar
     test: a change that helps a little on each site shows here when no site alone can show it."""
     pairs = [pr for a, b, site in triples for pr in _site_pairs(a, b, site, source)]
-    return {"sites": [site for _, _, site in triples], **_paired(pairs)}
+    return {"sites": [site for _, _, site in triples], **paired_calls(pairs)}
 
 
 def _slice_no(rel: str) -> int:

@@ -148,6 +148,23 @@ def mcnemar(pairs: list[tuple[bool, bool]]) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p": binomtest(min(a_only, b_only), n, 0.5).pvalue if n else 1.0}
 
 
+def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
+    """Two runs' records of the same images ({label, pred} each, matched by the caller): per call
+    (the type right, a tumour found, a tumour-free image right), how many images it counts, how
+    many each run gets right, the images only one run gets right and the exact McNemar p-value."""
+    from .labels import NO_TUMOUR
+    calls = {"accuracy": (lambda r: True, lambda r: r["pred"] == r["label"]),
+             "tumours_found": (lambda r: r["label"] != NO_TUMOUR, lambda r: r["pred"] != NO_TUMOUR),
+             "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
+    out = {"n": len(pairs)}
+    for name, (counts, right) in calls.items():
+        hits = [(right(ra), right(rb)) for ra, rb in pairs if counts(ra)]
+        m = mcnemar(hits)
+        out[name] = {"n": len(hits), "a_right": sum(h for h, _ in hits), "b_right": sum(g for _, g in hits),
+                     **m, "p": round(float(m["p"]), 6)}
+    return out
+
+
 def paired_text(res: dict) -> str:
     a, b = Path(res["a"]).name, Path(res["b"]).name
     copies = res.get("copies_left_out", 0)

@@ -2,11 +2,13 @@
 only for sensitivity, and silent misses are tumours called healthy with no flag."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +50,33 @@ def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
     assert r["specificity"] == 1.0 and r["silent_misses"] == 2
     table = markdown_table([{"weights": "w/m", "result": {"br35h": {"none": {**r, "accuracy": None}}}}], "br35h")
     assert "| none | — / 2 / 1.000 / 0.0 % |" in table
+    assert [(Path(x["file"]).stem, x["label"], x["pred"]) for x in r["records"]] == [
+        (Path(f).stem, lab, Path(f).stem.split("_")[0]) for f, lab in rows]   # one record per image, in order
+
+
+def _result(preds: dict[str, str], labels: dict[str, str]) -> dict:
+    recs = [{"file": f, "label": labels[f], "pred": p} for f, p in preds.items()]
+    return {"result": {"br35h": {"skull stripped": {"records": recs}}, "lgg": {"none": {"n": 2}}}}
+
+
+def test_paired_pairs_two_results_image_by_image_and_refuses_what_has_no_records(tmp_path, capsys):
+    from bench.shift_eval import main, paired
+    labels = {"a.png": "tumor", "b.png": "tumor", "c.png": "tumor", "d.png": "notumor"}
+    a = _result({"a.png": "notumor", "b.png": "notumor", "c.png": "glioma", "d.png": "notumor"}, labels)
+    b = _result({"a.png": "glioma", "b.png": "meningioma", "c.png": "glioma", "d.png": "glioma"}, labels)
+    got = paired(a, b)
+    assert list(got) == ["br35h"] and list(got["br35h"]) == ["skull stripped"]  # LGG: no records, skipped
+    r = got["br35h"]["skull stripped"]
+    assert r["tumours_found"] == {"n": 3, "a_right": 1, "b_right": 3, "a_only": 0, "b_only": 2, "p": 0.5}
+    assert r["normals_right"] == {"n": 1, "a_right": 1, "b_right": 0, "a_only": 1, "b_only": 0, "p": 1.0}
+    fa, fb = tmp_path / "a.json", tmp_path / "b.json"
+    fa.write_text(json.dumps(a)); fb.write_text(json.dumps(b))
+    assert main(["--paired", str(fa), str(fb)]) == 0
+    assert '"b_only": 2' in capsys.readouterr().out
+    fb.write_text(json.dumps({"result": {"lgg": {"none": {"n": 2}}}}))
+    with pytest.raises(SystemExit) as e:
+        main(["--paired", str(fa), str(fb)])
+    assert e.value.code == 2
 
 
 def test_ensemble_agreement_by_hand():
