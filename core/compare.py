@@ -150,10 +150,10 @@ def mcnemar(pairs: list[tuple[bool, bool]]) -> dict:
 
 def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
     """Two runs' records of the same images ({label, pred} each, matched by the caller): per call
-    (the type right, a tumour found, a tumour-free image right), how many images it counts, how
+    (the type right, where the label gives one; a tumour found, a tumour-free image right), how many images it counts, how
     many each run gets right, the images only one run gets right and the exact McNemar p-value."""
-    from .labels import NO_TUMOUR
-    calls = {"accuracy": (lambda r: True, lambda r: r["pred"] == r["label"]),
+    from .labels import NO_TUMOUR, TUMOUR
+    calls = {"accuracy": (lambda r: r["label"] != TUMOUR, lambda r: r["pred"] == r["label"]),  # coarse: no type
              "tumours_found": (lambda r: r["label"] != NO_TUMOUR, lambda r: r["pred"] != NO_TUMOUR),
              "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
     out = {"n": len(pairs)}

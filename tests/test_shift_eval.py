@@ -69,6 +69,7 @@ def test_paired_pairs_two_results_image_by_image_and_refuses_what_has_no_records
     r = got["br35h"]["skull stripped"]
     assert r["tumours_found"] == {"n": 3, "a_right": 1, "b_right": 3, "a_only": 0, "b_only": 2, "p": 0.5}
     assert r["normals_right"] == {"n": 1, "a_right": 1, "b_right": 0, "a_only": 1, "b_only": 0, "p": 1.0}
+    assert r["accuracy"]["n"] == 1                      # a coarse "tumour" has no type to get right
     fa, fb = tmp_path / "a.json", tmp_path / "b.json"
     fa.write_text(json.dumps(a)); fb.write_text(json.dumps(b))
     assert main(["--paired", str(fa), str(fb)]) == 0
