@@ -147,7 +147,7 @@ def augment_carrying(x: torch.Tensor, carry: torch.Tensor | None, strength: floa
     kept out of the intensity changes, so that a mask stays on its image."""
     geo, blur_p, gamma_log = _split_options(options)
     k = x.shape[1]
-    strip_p = float((options or {}).get("strip_crop_p", 0.0)) * (strength > 0)
+    strip_p = float((options or {}).get("strip_crop_p", STRIP_CROP_DEFAULTS["strip_crop_p"])) * (strength > 0)
     if strip_p > 0:  # drawn first, and only when on: runs without it keep their random stream
         x, carry = strip_and_crop(x, carry, strip_p)
     moved = random_affine(x if carry is None else torch.cat([x, carry], 1), strength, out_size, **geo)

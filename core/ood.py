@@ -94,10 +94,9 @@ def strip_to_brain(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A skull-stripped look of one whole slice, before the head crop (`core.preprocess.brain_mask`).
 
     Skull-stripped collections (the BraTS kind) are brain MRI, but a gate trained only on scans
-    with a skull flags many of them (`bench/shift_eval.py`'s strip: a fifth to two fifths).
-    Training's random strip (`core.engine`) acts after the crop, so the brain never fills the frame
-    as a stripped upload's does once cropped to its own box; this strips first, and the crop
-    follows the brain.
+    with a skull flags many of them (`bench/shift_eval.py`'s strip: a fifth to two fifths). This
+    strips first, and the crop follows the brain, as with a stripped upload (the classifier's
+    batched twin on head crops is `core.engine.strip_and_crop`).
     """
     if float(a.max()) <= float(a.min()) or (mask := brain_mask(a, rng)) is None:
         return a
