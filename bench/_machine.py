@@ -29,6 +29,22 @@ def no_files_error(parser, pred, source: str, split: str) -> None:
     parser.error(f"no {split} file of source {source!r} found for {pred.dir} (its sources: {known})")
 
 
+def flagging_parts(pred, scan) -> list[str]:
+    """The parts of the model's gate that each alone flag ``scan`` (`Predictor.gate_margins`):
+    "cnn" (the 64 px network: the image's look), the feature head or density (the classifier's
+    features), "colour"."""
+    return sorted(k for k, v in pred.gate_margins(scan).items() if v > 0)
+
+
+def part_counts(flagged_by: list[list[str]]) -> dict[str, int]:
+    """How many scans each part flags (a scan flagged by two parts counts for both)."""
+    counts: dict[str, int] = {}
+    for parts in flagged_by:
+        for k in parts:
+            counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def json_output(path: str | None) -> str | None:
     """Make the folder of a --json output before a long run, so the result is not lost at its end."""
     if path:

@@ -33,7 +33,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header, json_output, load_predictor, no_files_error, positive  # noqa: E402
+from bench._machine import (flagging_parts, header, json_output, load_predictor, no_files_error,  # noqa: E402
+                            part_counts, positive)
 from bench.tta_eval import labelled_files  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.inference import Predictor  # noqa: E402
@@ -114,7 +115,8 @@ PERTURBATIONS: dict[str, Perturb] = {
 }
 
 
-def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb) -> dict:
+def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, parts: bool = False) -> dict:
+    """``parts``: also which gate parts flag each image (one more forward pass per image)."""
     hits, tumour_hits, normal_hits, flagged, silent, records = [], [], [], [], 0, []
     for i, (path, label) in enumerate(rows):
         scan = read_scan(path)
@@ -130,12 +132,15 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb) ->
         else:
             tumour_hits.append(p.pred != NO_TUMOUR)
             silent += p.pred == NO_TUMOUR and p.in_distribution and not p.uncertain
-        records.append({"file": str(path), "label": label, "pred": p.pred})
+        records.append({"file": str(path), "label": label, "pred": p.pred}
+                       | ({"flagged_by": flagging_parts(pred, scan)} if parts else {}))
     mean = lambda v: round(float(np.mean(v)), 4) if v else None  # noqa: E731
+    by_part = {"ood_flagged_by": {k: round(c / len(rows), 4) for k, c in
+                                  part_counts([r["flagged_by"] for r in records]).items()}} if parts and rows else {}
     return {"n": len(rows), "accuracy": mean(hits), "sensitivity": mean(tumour_hits),
             "tumours_missed": len(tumour_hits) - int(np.sum(tumour_hits)),
             "specificity": mean(normal_hits), "ood_flagged": mean(flagged), "silent_misses": silent,
-            "records": records}
+            **by_part, "records": records}
 
 
 def paired(a: dict, b: dict) -> dict:
@@ -188,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="a seeded sample of N images of each source (0: all)")
     p.add_argument("--match", default=None, metavar="TEXT",
                    help="only files whose path holds TEXT (e.g. TCGA_CS_: one LGG site)")
+    p.add_argument("--parts", action="store_true",
+                   help="also the share of images each part of the gate flags on its own (network, "
+                        "feature head, colour): which part withholds a kind of scan")
     p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
@@ -223,11 +231,12 @@ def main(argv=None) -> int:
             rows = [rows[i] for i in sorted(keep)]
         result[src] = {}
         for name in args.perturbations:
-            r = evaluate(pred, rows, PERTURBATIONS[name])
+            r = evaluate(pred, rows, PERTURBATIONS[name], parts=args.parts)
             result[src][name] = r
             print(f"{src:10s} {name:30s} n={r['n']} acc {r['accuracy']} sens {r['sensitivity']} "
                   f"(missed {r['tumours_missed']}) spec {r['specificity']} OOD {r['ood_flagged']} "
-                  f"silent misses {r['silent_misses']}", flush=True)
+                  f"silent misses {r['silent_misses']}"
+                  + (f" flagged by {r['ood_flagged_by']}" if args.parts else ""), flush=True)
     out = run | {"weights": str(pred.dir), "result": result}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

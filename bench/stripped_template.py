@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._machine import header, json_output, load_predictor, positive  # noqa: E402
+from bench._machine import flagging_parts, header, json_output, load_predictor, part_counts, positive  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
 from core.reader import ScanError, read_volume_scans  # noqa: E402
@@ -58,18 +58,21 @@ def brain_slices(path: Path, plane: str, step: int = 4, min_brain: float = MIN_B
             if k % step == 0 and float((s.pixels > 0.1).mean()) >= min_brain]
 
 
-def serve(pred: Predictor, slices: list[tuple[int, object]]) -> dict:
+def serve(pred: Predictor, slices: list[tuple[int, object]], parts: bool = False) -> dict:
+    """``parts``: also which gate parts flag each slice on their own."""
     rows = []
     for k, scan in slices:
         p = pred.predict_scan(scan)
         rows.append({"slice": k, "pred": p.pred, "in_distribution": bool(p.in_distribution),
-                     "uncertain": bool(p.uncertain), "ood_score": p.ood_score})
+                     "uncertain": bool(p.uncertain), "ood_score": p.ood_score}
+                    | ({"flagged_by": flagging_parts(pred, scan)} if parts else {}))
     flagged = [not r["in_distribution"] for r in rows]
     tumour = [r["pred"] != NO_TUMOUR for r in rows]
     silent = [t and not f and not r["uncertain"] for t, f, r in zip(tumour, flagged, rows)]
     n = len(rows)
     return {"n": n, "flagged": int(sum(flagged)), "flagged_pct": round(100 * sum(flagged) / n, 1) if n else None,
-            "tumour_calls": int(sum(tumour)), "silent_false_alarms": int(sum(silent)), "slices": rows}
+            "tumour_calls": int(sum(tumour)), "silent_false_alarms": int(sum(silent)),
+            **({"flagged_by": part_counts([r["flagged_by"] for r in rows])} if parts else {}), "slices": rows}
 
 
 def main(argv=None) -> int:
@@ -77,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--template", default=None, help=f"a skull-stripped brain NIfTI (default: nilearn's {TEMPLATE})")
     p.add_argument("--step", type=positive, default=4, help="every STEP-th slice of each plane")
+    p.add_argument("--parts", action="store_true",
+                   help="also how many slices each part of the gate flags on its own (network, feature head, colour)")
     p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
@@ -99,9 +104,10 @@ def main(argv=None) -> int:
         p.error(f"{path} has no slice with at least {MIN_BRAIN:.0%} brain")
     result = {}
     for plane, slices in planes.items():
-        r = result[plane] = serve(pred, slices)
+        r = result[plane] = serve(pred, slices, parts=args.parts)
         print(f"{plane:9s} slices {r['n']:3d}  flagged {r['flagged']:3d} ({r['flagged_pct']} %)  "
-              f"tumour calls {r['tumour_calls']:3d}  silent false alarms {r['silent_false_alarms']}", flush=True)
+              f"tumour calls {r['tumour_calls']:3d}  silent false alarms {r['silent_false_alarms']}"
+              + (f"  flagged by {r['flagged_by']}" if args.parts else ""), flush=True)
     total = {k: sum(r[k] for r in result.values()) for k in ("n", "flagged", "tumour_calls", "silent_false_alarms")}
     print(f"all       slices {total['n']:3d}  flagged {total['flagged']:3d} "
           f"({100 * total['flagged'] / max(1, total['n']):.1f} %)  tumour calls {total['tumour_calls']:3d}  "

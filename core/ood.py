@@ -593,8 +593,9 @@ class OODGate:
         return self.combine(self.raw_scores(data, model, spec, cache), data.colour)
 
     @torch.no_grad()
-    def check(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> tuple[bool, float]:
-        """One upload: the gate network on its own 64 px view, features reused from the model's pass."""
+    def _raw_one(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> dict[str, np.ndarray]:
+        """One upload's raw component scores: the gate network on its own 64 px view, features
+        reused from the model's pass."""
         raw = {}
         names = {c.name for c in self.components}
         if "cnn" in names:
@@ -602,8 +603,22 @@ class OODGate:
             raw["cnn"] = net_scores(self.net, small)
         if self.uses_classifier:
             raw.update(_model_scores(names, self.density, self.tap.get(model, x)))
-        score = float(self.combine(raw, np.array([scan.colourfulness]))[0])
+        return raw
+
+    def check(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> tuple[bool, float]:
+        score = float(self.combine(self._raw_one(scan, x, model), np.array([scan.colourfulness]))[0])
         return score <= 0, score
+
+    def margins(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> dict[str, float]:
+        """Each part's own score over the threshold (> 0: that part alone flags the upload), and
+        the colour rule's: which part withholds a scan, the gate network (the image's look) or
+        the feature head (the classifier's features). ``check``'s score is their maximum, the
+        colour rule counting only when it flags."""
+        raw = self._raw_one(scan, x, model)
+        out = {c.name: float(c.standardise(raw[c.name])[0] - self.threshold) for c in self.components}
+        if self.colour_limit is not None:
+            out["colour"] = float((scan.colourfulness - self.colour_limit) / self.colour_limit)
+        return out
 
     # -- persistence
     def config(self) -> dict:

@@ -140,6 +140,20 @@ def test_check_matches_batch_scores_and_threshold_sets_val_rate(synthetic_gate):
     assert np.mean(val > 0) <= 0.02 + 1e-9
 
 
+def test_margins_name_the_part_that_flags_and_their_maximum_is_the_score(synthetic_gate):
+    """Noise is flagged by the network, a colour photo (at least) by the colour rule; for every
+    scan the gate's score is the largest margin, the colour one counting only when it flags."""
+    g = synthetic_gate
+    noise, photo = _noise(6), _colour_photo()
+    assert g.margins(noise, None, None)["cnn"] > 0 and g.margins(photo, None, None)["colour"] > 0
+    for scan in _heads(5, 5) + [noise, photo]:
+        m = g.margins(scan, None, None)
+        assert set(m) == {"cnn", "colour"}
+        ok, score = g.check(scan, None, None)
+        assert score == pytest.approx(max([m["cnn"]] + [m["colour"]] * (m["colour"] > 0)), abs=1e-6)
+        assert ok == (m["cnn"] <= 0 and m["colour"] <= 0)
+
+
 def test_save_load_round_trip(synthetic_gate, tmp_path):
     synthetic_gate.save(tmp_path)
     assert (tmp_path / "ood.safetensors").stat().st_size < 1_000_000
@@ -205,6 +219,11 @@ def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
     ok, score = p.gate.check(scan, x, p.model)
     h.remove()
     assert calls == [] and not ok
+    # the served verdict and the parts' margins agree, the feature density scored among them
+    for s in _heads(3, 7) + [scan, _colour_photo()]:
+        m, pr = p.gate_margins(s), p.predict_scan(s)
+        assert set(m) == {"cnn", "mahalanobis", "colour"}
+        assert pr.ood_score == pytest.approx(max([m["cnn"], m["mahalanobis"]] + [m["colour"]] * (m["colour"] > 0)), abs=1e-4)
 
 
 def test_feature_head_gate_trains_on_outlier_features_and_round_trips(synthetic_gate, tiny_weights):

@@ -28,6 +28,18 @@ class FixedPredictor:
         return SimpleNamespace(pred=name.split("_")[0], in_distribution=True, uncertain=False)
 
 
+def _reads_with_name(monkeypatch) -> None:
+    """shift_eval reads each file with its stem in ``info["file"]``, for `FixedPredictor`."""
+    import bench.shift_eval as se
+    real_read = se.read_scan
+
+    def read_with_name(path):
+        scan = real_read(path)
+        scan.info["file"] = Path(path).stem
+        return scan
+    monkeypatch.setattr(se, "read_scan", read_with_name)
+
+
 def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
     import bench.shift_eval as se
     rows = []
@@ -36,13 +48,7 @@ def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
         path = tmp_path / f"{pred}_{i}.png"
         Image.fromarray(np.full((32, 32), 100, np.uint8)).save(path)
         rows.append((path, label))
-    real_read = se.read_scan
-
-    def read_with_name(path):
-        scan = real_read(path)
-        scan.info["file"] = Path(path).stem
-        return scan
-    monkeypatch.setattr(se, "read_scan", read_with_name)
+    _reads_with_name(monkeypatch)
     r = evaluate(FixedPredictor(), rows, PERTURBATIONS["rotate 90"])
     assert r["n"] == 5
     assert r["accuracy"] == round(2 / 3, 4)          # the three fine labels: glioma right, glioma missed, notumor right
@@ -52,6 +58,28 @@ def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
     assert "| none | — / 2 / 1.000 / 0.0 % |" in table
     assert [(Path(x["file"]).stem, x["label"], x["pred"]) for x in r["records"]] == [
         (Path(f).stem, lab, Path(f).stem.split("_")[0]) for f, lab in rows]   # one record per image, in order
+
+
+def test_parts_count_each_gate_part_that_flags_on_its_own(tmp_path, monkeypatch):
+    """--parts: per image, the gate parts over their threshold; per run, the share each flags
+    (an image flagged by two parts counts for both, an unflagged one for none)."""
+    margins = [{"cnn": 0.5, "head": 1.0, "colour": -1.0}, {"cnn": -0.1, "head": 2.0, "colour": -1.0},
+               {"cnn": -1.0, "head": -1.0, "colour": -1.0}, {"cnn": -1.0, "head": 0.0, "colour": 3.0}]
+
+    class Gated(FixedPredictor):
+        def gate_margins(self, scan):
+            return margins[len(self.seen) - 1]   # the image predict_scan just saw
+    rows = []
+    for i in range(4):
+        path = tmp_path / f"glioma_{i}.png"
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(path)
+        rows.append((path, "glioma"))
+    _reads_with_name(monkeypatch)
+    r = evaluate(Gated(), rows, PERTURBATIONS["none"], parts=True)
+    plain = evaluate(Gated(), rows, PERTURBATIONS["none"])
+    assert [x["flagged_by"] for x in r["records"]] == [["cnn", "head"], ["head"], [], ["colour"]]
+    assert r["ood_flagged_by"] == {"cnn": 0.25, "colour": 0.25, "head": 0.5}
+    assert "ood_flagged_by" not in plain and "flagged_by" not in plain["records"][0]
 
 
 def _result(preds: dict[str, str], labels: dict[str, str]) -> dict:
@@ -151,4 +179,8 @@ def test_stripped_template_serves_brain_slices_of_each_plane_and_counts_flags(tm
                                    uncertain=kind == 2, ood_score=1.0 if kind == 1 else -1.0)
     r = serve(Stub(), axial[:4])
     assert (r["n"], r["flagged"], r["tumour_calls"], r["silent_false_alarms"]) == (4, 1, 3, 1)
+    assert "flagged_by" not in r
+    Stub.gate_margins = lambda self, scan: {"cnn": 1.0 if self.i % 4 == 1 else -1.0, "head": 0.5}
+    by = serve(Stub(), axial[:4], parts=True)
+    assert by["flagged_by"] == {"cnn": 1, "head": 4} and by["slices"][0]["flagged_by"] == ["cnn", "head"]
     assert r["flagged_pct"] == 25.0 and [s["slice"] for s in r["slices"]] == ks[:4]
