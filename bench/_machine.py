@@ -29,11 +29,14 @@ def no_files_error(parser, pred, source: str, split: str) -> None:
     parser.error(f"no {split} file of source {source!r} found for {pred.dir} (its sources: {known})")
 
 
-def flagging_parts(pred, scan) -> list[str]:
-    """The parts of the model's gate that each alone flag ``scan`` (`Predictor.gate_margins`):
-    "cnn" (the 64 px network: the image's look), the feature head or density (the classifier's
-    features), "colour"."""
-    return sorted(k for k, v in pred.gate_margins(scan).items() if v > 0)
+def flagging_parts(pred, scan, flagged: bool) -> list[str]:
+    """The parts of the model's gate that each alone flag ``scan`` (`Predictor.gate_margins`; the
+    gate's component names: "cnn", the 64 px network that reads the image's look; "head", the
+    feature head on the classifier's features; "colour"), or ["other"] for a scan ``flagged``
+    by none of them (a blank image, the DICOM header, an empty slice, a model without a gate)."""
+    import math
+    parts = sorted(k for k, v in pred.gate_margins(scan).items() if v > 0 or not math.isfinite(v))
+    return parts or (["other"] if flagged else [])
 
 
 def part_counts(flagged_by: list[list[str]]) -> dict[str, int]:

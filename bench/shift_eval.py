@@ -116,7 +116,7 @@ PERTURBATIONS: dict[str, Perturb] = {
 
 
 def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, parts: bool = False) -> dict:
-    """``parts``: also which gate parts flag each image (one more forward pass per image)."""
+    """``parts``: also which gate parts flag each image (the served pass again: about twice the time)."""
     hits, tumour_hits, normal_hits, flagged, silent, records = [], [], [], [], 0, []
     for i, (path, label) in enumerate(rows):
         scan = read_scan(path)
@@ -133,7 +133,7 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
             tumour_hits.append(p.pred != NO_TUMOUR)
             silent += p.pred == NO_TUMOUR and p.in_distribution and not p.uncertain
         records.append({"file": str(path), "label": label, "pred": p.pred}
-                       | ({"flagged_by": flagging_parts(pred, scan)} if parts else {}))
+                       | ({"flagged_by": flagging_parts(pred, scan, not p.in_distribution)} if parts else {}))
     mean = lambda v: round(float(np.mean(v)), 4) if v else None  # noqa: E731
     by_part = {"ood_flagged_by": {k: round(c / len(rows), 4) for k, c in
                                   part_counts([r["flagged_by"] for r in records]).items()}} if parts and rows else {}

@@ -65,7 +65,7 @@ def serve(pred: Predictor, slices: list[tuple[int, object]], parts: bool = False
         p = pred.predict_scan(scan)
         rows.append({"slice": k, "pred": p.pred, "in_distribution": bool(p.in_distribution),
                      "uncertain": bool(p.uncertain), "ood_score": p.ood_score}
-                    | ({"flagged_by": flagging_parts(pred, scan)} if parts else {}))
+                    | ({"flagged_by": flagging_parts(pred, scan, not p.in_distribution)} if parts else {}))
     flagged = [not r["in_distribution"] for r in rows]
     tumour = [r["pred"] != NO_TUMOUR for r in rows]
     silent = [t and not f and not r["uncertain"] for t, f, r in zip(tumour, flagged, rows)]
@@ -109,9 +109,12 @@ def main(argv=None) -> int:
               f"tumour calls {r['tumour_calls']:3d}  silent false alarms {r['silent_false_alarms']}"
               + (f"  flagged by {r['flagged_by']}" if args.parts else ""), flush=True)
     total = {k: sum(r[k] for r in result.values()) for k in ("n", "flagged", "tumour_calls", "silent_false_alarms")}
+    if args.parts:
+        total["flagged_by"] = part_counts([s["flagged_by"] for r in result.values() for s in r["slices"]])
     print(f"all       slices {total['n']:3d}  flagged {total['flagged']:3d} "
           f"({100 * total['flagged'] / max(1, total['n']):.1f} %)  tumour calls {total['tumour_calls']:3d}  "
-          f"silent false alarms {total['silent_false_alarms']}")
+          f"silent false alarms {total['silent_false_alarms']}"
+          + (f"  flagged by {total['flagged_by']}" if args.parts else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(run | {"weights": str(pred.dir), "template": str(path),
                                                      "total": total, "result": result}, indent=1))

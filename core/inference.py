@@ -407,13 +407,14 @@ class Predictor:
 
     def gate_margins(self, scan: ScanImage) -> dict[str, float]:
         """Each part of the pixel gate on this scan, over its threshold (`OODGate.margins`: > 0
-        flags), from the served pass; empty without a gate. For reports: which part withholds
-        a kind of scan."""
+        flags), from a repeat of the served pass; empty without a gate. For reports: which part
+        withholds a kind of scan."""
         if self.gate is None:
             return {}
         x = self.input_tensor(scan)
         with self.lock:
-            self.probabilities(x)  # the served pass (its precision) whose features the gate reads
+            if self.gate.uses_classifier:
+                self.probabilities(x)  # the served pass (its precision) whose features the gate reads
             return self.gate.margins(scan, x, self.model)
 
     def predict_file(self, src: str | Path | bytes, name: str | None = None, **read_kw) -> Prediction:

@@ -606,6 +606,7 @@ class OODGate:
         return raw
 
     def check(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> tuple[bool, float]:
+        """One upload: (in_distribution, ood_score); ``ood_score > 0`` means flagged."""
         score = float(self.combine(self._raw_one(scan, x, model), np.array([scan.colourfulness]))[0])
         return score <= 0, score
 
@@ -613,7 +614,8 @@ class OODGate:
         """Each part's own score over the threshold (> 0: that part alone flags the upload), and
         the colour rule's: which part withholds a scan, the gate network (the image's look) or
         the feature head (the classifier's features). ``check``'s score is their maximum, the
-        colour rule counting only when it flags."""
+        colour rule counting only when it flags (a gate of the colour rule alone scores -1 when
+        it passes)."""
         raw = self._raw_one(scan, x, model)
         out = {c.name: float(c.standardise(raw[c.name])[0] - self.threshold) for c in self.components}
         if self.colour_limit is not None:

@@ -146,6 +146,13 @@ def test_margins_name_the_part_that_flags_and_their_maximum_is_the_score(synthet
     g = synthetic_gate
     noise, photo = _noise(6), _colour_photo()
     assert g.margins(noise, None, None)["cnn"] > 0 and g.margins(photo, None, None)["colour"] > 0
+    # a head in colour: the network passes it, so the colour rule alone decides its score
+    head = _heads(1, 5)[0]
+    tinted = ScanImage(head.pixels, colourfulness=0.5)
+    m = g.margins(tinted, None, None)
+    assert m["colour"] == pytest.approx((0.5 - g.colour_limit) / g.colour_limit)
+    if m["cnn"] <= 0:
+        assert g.check(tinted, None, None)[1] == pytest.approx(m["colour"])
     for scan in _heads(5, 5) + [noise, photo]:
         m = g.margins(scan, None, None)
         assert set(m) == {"cnn", "colour"}
@@ -219,7 +226,12 @@ def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
     ok, score = p.gate.check(scan, x, p.model)
     h.remove()
     assert calls == [] and not ok
-    # the served verdict and the parts' margins agree, the feature density scored among them
+    # the served verdict and the parts' margins agree, the feature density scored among them,
+    # from one repeat of the served pass
+    h = p.model.register_forward_hook(lambda *a: calls.append(1))
+    p.gate_margins(scan)
+    h.remove()
+    assert calls == [1]
     for s in _heads(3, 7) + [scan, _colour_photo()]:
         m, pr = p.gate_margins(s), p.predict_scan(s)
         assert set(m) == {"cnn", "mahalanobis", "colour"}

@@ -64,21 +64,27 @@ def test_parts_count_each_gate_part_that_flags_on_its_own(tmp_path, monkeypatch)
     """--parts: per image, the gate parts over their threshold; per run, the share each flags
     (an image flagged by two parts counts for both, an unflagged one for none)."""
     margins = [{"cnn": 0.5, "head": 1.0, "colour": -1.0}, {"cnn": -0.1, "head": 2.0, "colour": -1.0},
-               {"cnn": -1.0, "head": -1.0, "colour": -1.0}, {"cnn": -1.0, "head": 0.0, "colour": 3.0}]
+               {"cnn": -1.0, "head": -1.0, "colour": -1.0}, {"cnn": -1.0, "head": 0.0, "colour": 3.0},
+               {"cnn": -1.0, "head": -1.0, "colour": -1.0}]   # the last one flagged by its header
 
     class Gated(FixedPredictor):
+        def predict_scan(self, scan):
+            p = super().predict_scan(scan)
+            p.in_distribution = len(self.seen) < 5
+            return p
+
         def gate_margins(self, scan):
             return margins[len(self.seen) - 1]   # the image predict_scan just saw
     rows = []
-    for i in range(4):
+    for i in range(5):
         path = tmp_path / f"glioma_{i}.png"
         Image.fromarray(np.full((32, 32), 100, np.uint8)).save(path)
         rows.append((path, "glioma"))
     _reads_with_name(monkeypatch)
     r = evaluate(Gated(), rows, PERTURBATIONS["none"], parts=True)
     plain = evaluate(Gated(), rows, PERTURBATIONS["none"])
-    assert [x["flagged_by"] for x in r["records"]] == [["cnn", "head"], ["head"], [], ["colour"]]
-    assert r["ood_flagged_by"] == {"cnn": 0.25, "colour": 0.25, "head": 0.5}
+    assert [x["flagged_by"] for x in r["records"]] == [["cnn", "head"], ["head"], [], ["colour"], ["other"]]
+    assert r["ood_flagged_by"] == {"cnn": 0.2, "colour": 0.2, "head": 0.4, "other": 0.2}
     assert "ood_flagged_by" not in plain and "flagged_by" not in plain["records"][0]
 
 
