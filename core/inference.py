@@ -189,6 +189,12 @@ PIXEL_OOD_REASON = ("The image does not look like the brain MRI slices the model
 # A model without a gate still refuses colour: MRI is grey (the 11,314 shared training scans reach
 # at most 0.0185 of chroma, a Br35H JPEG); the fitted gates' colour limit is this same floor.
 NO_GATE_COLOUR_LIMIT = 0.03
+# The gate's verdict in words, by the part that flags (`OODGate.margins`): the colour rule, the
+# 64 px network (the image's look) or, alone, the feature head (the classifier's own features).
+GATE_COLOUR_OOD_REASON = "The image is in colour, and an MRI slice is grey (out-of-distribution gate)."
+FEATURE_OOD_REASON = ("The image looks like a brain MRI slice, but the model's own features for it are unlike "
+                      "those of the scans it was trained on (another sequence, or a skull-stripped or "
+                      "re-processed scan, for example): out-of-distribution gate.")
 COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
                      "out-of-distribution gate: only colour, blank and nearly empty images are refused).")
 # The reader keeps blank images readable (training sources hold all-black slices); served, one
@@ -398,12 +404,24 @@ class Predictor:
         if self.gate is not None:
             ok, score = self.gate.check(scan, x, self.model)
         if reason is None and not ok:
-            reason = PIXEL_OOD_REASON
+            reason = self.gate_reason(scan, x)
         if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
             reason = COLOUR_OOD_REASON
         if reason is None and (self.gate is None or not self.gate.components) and is_empty_slice(scan.pixels):
             reason = EMPTY_OOD_REASON   # no gate, or one that judges colour alone
         return reason is None, score, reason
+
+    def gate_reason(self, scan: ScanImage, x: torch.Tensor | None) -> str:
+        """Why the pixel gate flags ``scan``, by the part that does (only flagged scans pay for it;
+        the classifier's features are the served pass's, left by ``probabilities(x)``)."""
+        m = self.gate.margins(scan, x, self.model)
+        if m.get("colour", 0.0) > 0:
+            return GATE_COLOUR_OOD_REASON
+        network = [v for k, v in m.items() if k == "cnn"]
+        features = [v for k, v in m.items() if k not in ("cnn", "colour")]
+        if features and max(features) > 0 and not (network and max(network) > 0):
+            return FEATURE_OOD_REASON
+        return PIXEL_OOD_REASON
 
     def gate_margins(self, scan: ScanImage) -> dict[str, float]:
         """Each part of the pixel gate on this scan, over its threshold (`OODGate.margins`: > 0

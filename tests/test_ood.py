@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from core import outliers as O
+from core.inference import FEATURE_OOD_REASON, GATE_COLOUR_OOD_REASON, PIXEL_OOD_REASON
 from core.ood import GATE_SPEC, ImageSet, OODGate, from_scans
 from core.reader import ScanImage, read_scan
 
@@ -217,7 +218,8 @@ def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
     g.save(tiny_weights)
     p = Predictor(tiny_weights)
     assert p.gate.density is not None
-    assert p.predict_scan(_colour_photo()).in_distribution is False
+    photo = p.predict_scan(_colour_photo())
+    assert photo.in_distribution is False and photo.ood_reason == GATE_COLOUR_OOD_REASON
     scan = _noise(3)
     x = p.input_tensor(scan)
     p.probabilities(x)                          # the model's pass that the gate reuses
@@ -236,6 +238,31 @@ def test_feature_gate_with_the_classifier(synthetic_gate, tiny_weights):
         m, pr = p.gate_margins(s), p.predict_scan(s)
         assert set(m) == {"cnn", "mahalanobis", "colour"}
         assert pr.ood_score == pytest.approx(max([m["cnn"], m["mahalanobis"]] + [m["colour"]] * (m["colour"] > 0)), abs=1e-4)
+
+
+def test_a_flagged_scan_is_told_which_part_flagged_it(synthetic_gate, tiny_weights, monkeypatch):
+    """The served reason follows the part over its threshold: colour first, then the network
+    (the image's look), and the feature density alone gets its own sentence; passing scans none."""
+    from core.inference import Predictor
+    p = Predictor(tiny_weights)
+    spec = p.card["preprocessing"]
+    pos = from_scans(_heads(60, 0), spec, ["heads/a"] * 30 + ["heads/b"] * 30)
+    g = OODGate.fit(pos, None, {"synthetic": from_scans(_heads(40, 1), spec)}, "cnn+mahalanobis+colour",
+                    p.model, spec, net=synthetic_gate.net)
+    g.save(tiny_weights)
+    p = Predictor(tiny_weights)
+    cases = [({"cnn": -1.0, "mahalanobis": 2.0, "colour": -0.5}, FEATURE_OOD_REASON),
+             ({"cnn": 0.5, "mahalanobis": 2.0, "colour": -0.5}, PIXEL_OOD_REASON),
+             ({"cnn": 0.5, "mahalanobis": -1.0, "colour": -0.5}, PIXEL_OOD_REASON),
+             ({"cnn": -1.0, "mahalanobis": -1.0, "colour": 0.4}, GATE_COLOUR_OOD_REASON),
+             ({"cnn": 3.0, "mahalanobis": 3.0, "colour": 0.4}, GATE_COLOUR_OOD_REASON)]
+    scan = _heads(1, 9)[0]
+    for margins, reason in cases:
+        monkeypatch.setattr(p.gate, "margins", lambda *a, m=margins: m)
+        monkeypatch.setattr(p.gate, "check", lambda *a, m=margins: (False, max(m.values())))
+        assert p.predict_scan(scan).ood_reason == reason
+    monkeypatch.setattr(p.gate, "check", lambda *a: (True, -1.0))
+    assert p.predict_scan(scan).ood_reason is None
 
 
 def test_feature_head_gate_trains_on_outlier_features_and_round_trips(synthetic_gate, tiny_weights):
