@@ -192,9 +192,10 @@ NO_GATE_COLOUR_LIMIT = 0.03
 # The gate's verdict in words, by the part that flags (`OODGate.margins`): the colour rule, the
 # 64 px network (the image's look) or, alone, the feature head (the classifier's own features).
 GATE_COLOUR_OOD_REASON = "The image is in colour, and an MRI slice is grey (out-of-distribution gate)."
-FEATURE_OOD_REASON = ("The image looks like a brain MRI slice, but the model's own features for it are unlike "
-                      "those of the scans it was trained on (another sequence, or a skull-stripped or "
-                      "re-processed scan, for example): out-of-distribution gate.")
+FEATURE_OOD_REASON = ("The image passed the check of its overall appearance, but the tumour model's internal "
+                      "reading of it is unlike its reading of the brain MRI slices it was trained on "
+                      "(out-of-distribution gate). It may not be a brain MRI slice, or it may be one prepared "
+                      "differently from the training scans (skull-stripped, for example).")
 COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
                      "out-of-distribution gate: only colour, blank and nearly empty images are refused).")
 # The reader keeps blank images readable (training sources hold all-black slices); served, one
@@ -415,11 +416,11 @@ class Predictor:
         """Why the pixel gate flags ``scan``, by the part that does (only flagged scans pay for it;
         the classifier's features are the served pass's, left by ``probabilities(x)``)."""
         m = self.gate.margins(scan, x, self.model)
-        if m.get("colour", 0.0) > 0:
+        if m.get("colour", 0.0) > 0:  # the colour rule counts only over its limit, as in `combine`
             return GATE_COLOUR_OOD_REASON
-        network = [v for k, v in m.items() if k == "cnn"]
-        features = [v for k, v in m.items() if k not in ("cnn", "colour")]
-        if features and max(features) > 0 and not (network and max(network) > 0):
+        flags = lambda v: not v <= 0  # noqa: E731  (a NaN part flags, as the gate's maximum does)
+        model_part = any(flags(v) for k, v in m.items() if k not in ("cnn", "colour"))
+        if model_part and "cnn" in m and not flags(m["cnn"]):  # the network passed it: say so
             return FEATURE_OOD_REASON
         return PIXEL_OOD_REASON
 

@@ -251,10 +251,16 @@ def test_a_flagged_scan_is_told_which_part_flagged_it(synthetic_gate, tiny_weigh
                     p.model, spec, net=synthetic_gate.net)
     g.save(tiny_weights)
     p = Predictor(tiny_weights)
+    nan = float("nan")
     cases = [({"cnn": -1.0, "mahalanobis": 2.0, "colour": -0.5}, FEATURE_OOD_REASON),
+             ({"cnn": -1.0, "head": 0.3, "colour": -0.5}, FEATURE_OOD_REASON),     # the shipped gates' part
+             ({"cnn": -1.0, "head": nan, "colour": -0.5}, FEATURE_OOD_REASON),     # a NaN flags
+             ({"cnn": nan, "head": 2.0, "colour": -0.5}, PIXEL_OOD_REASON),        # the network said nothing usable
+             ({"head": 2.0, "colour": -0.5}, PIXEL_OOD_REASON),                    # no network: nothing passed the look
              ({"cnn": 0.5, "mahalanobis": 2.0, "colour": -0.5}, PIXEL_OOD_REASON),
              ({"cnn": 0.5, "mahalanobis": -1.0, "colour": -0.5}, PIXEL_OOD_REASON),
              ({"cnn": -1.0, "mahalanobis": -1.0, "colour": 0.4}, GATE_COLOUR_OOD_REASON),
+             ({"colour": 0.4}, GATE_COLOUR_OOD_REASON),                            # a colour-only gate
              ({"cnn": 3.0, "mahalanobis": 3.0, "colour": 0.4}, GATE_COLOUR_OOD_REASON)]
     scan = _heads(1, 9)[0]
     for margins, reason in cases:
@@ -263,6 +269,16 @@ def test_a_flagged_scan_is_told_which_part_flagged_it(synthetic_gate, tiny_weigh
         assert p.predict_scan(scan).ood_reason == reason
     monkeypatch.setattr(p.gate, "check", lambda *a: (True, -1.0))
     assert p.predict_scan(scan).ood_reason is None
+    # unpatched: a real flag, its reason from the served pass's features (no second model pass)
+    monkeypatch.undo()
+    noise = _noise(4)
+    calls = []
+    h = p.model.register_forward_hook(lambda *a: calls.append(1))
+    pr = p.predict_scan(noise)
+    h.remove()
+    assert not pr.in_distribution and pr.ood_reason in (PIXEL_OOD_REASON, FEATURE_OOD_REASON) and calls == [1]
+    m = p.gate_margins(noise)
+    assert pr.ood_reason == (PIXEL_OOD_REASON if m["cnn"] > 0 else FEATURE_OOD_REASON)
 
 
 def test_feature_head_gate_trains_on_outlier_features_and_round_trips(synthetic_gate, tiny_weights):
