@@ -34,9 +34,8 @@ def flagging_parts(pred, scan, flagged: bool) -> list[str]:
     gate's component names: "cnn", the 64 px network that reads the image's look; "head", the
     feature head on the classifier's features; "colour"), or ["other"] for a scan ``flagged``
     by none of them (a blank image, the DICOM header, an empty slice, a model without a gate)."""
-    import math
-    parts = sorted(k for k, v in pred.gate_margins(scan).items() if v > 0 or not math.isfinite(v))
-    return parts or (["other"] if flagged else [])
+    from core.ood import flagging
+    return flagging(pred.gate_margins(scan)) or (["other"] if flagged else [])
 
 
 def part_counts(flagged_by: list[list[str]]) -> dict[str, int]:

@@ -227,6 +227,17 @@ class Prediction:
         return asdict(self)
 
 
+def gate_reason(margins: dict[str, float]) -> str:
+    """Why the pixel gate flags a scan, by the part that does (`OODGate.verdict`'s margins)."""
+    from .ood import flagging  # core.ood is imported only where a gate is loaded
+    parts = flagging(margins)
+    if "colour" in parts:
+        return GATE_COLOUR_OOD_REASON
+    if "cnn" in margins and "cnn" not in parts and parts:  # the network passed it: say so
+        return FEATURE_OOD_REASON
+    return PIXEL_OOD_REASON
+
+
 def native_bf16_cpu() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere bf16 is
     emulated and slower than fp32."""
@@ -403,26 +414,14 @@ class Predictor:
         reason = BLANK_OOD_REASON if scan.info.get("blank") else header_reason(scan.info)
         ok, score = True, None
         if self.gate is not None:
-            ok, score = self.gate.check(scan, x, self.model)
+            ok, score, margins = self.gate.verdict(scan, x, self.model)
         if reason is None and not ok:
-            reason = self.gate_reason(scan, x)
+            reason = gate_reason(margins)
         if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
             reason = COLOUR_OOD_REASON
         if reason is None and (self.gate is None or not self.gate.components) and is_empty_slice(scan.pixels):
             reason = EMPTY_OOD_REASON   # no gate, or one that judges colour alone
         return reason is None, score, reason
-
-    def gate_reason(self, scan: ScanImage, x: torch.Tensor | None) -> str:
-        """Why the pixel gate flags ``scan``, by the part that does (only flagged scans pay for it;
-        the classifier's features are the served pass's, left by ``probabilities(x)``)."""
-        m = self.gate.margins(scan, x, self.model)
-        if m.get("colour", 0.0) > 0:  # the colour rule counts only over its limit, as in `combine`
-            return GATE_COLOUR_OOD_REASON
-        flags = lambda v: not v <= 0  # noqa: E731  (a NaN part flags, as the gate's maximum does)
-        model_part = any(flags(v) for k, v in m.items() if k not in ("cnn", "colour"))
-        if model_part and "cnn" in m and not flags(m["cnn"]):  # the network passed it: say so
-            return FEATURE_OOD_REASON
-        return PIXEL_OOD_REASON
 
     def gate_margins(self, scan: ScanImage) -> dict[str, float]:
         """Each part of the pixel gate on this scan, over its threshold (`OODGate.margins`: > 0

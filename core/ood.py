@@ -528,6 +528,12 @@ class Component:
         return (np.asarray(raw, np.float64) - self.center) / self.scale
 
 
+def flagging(margins: dict[str, float]) -> list[str]:
+    """The parts of `OODGate.verdict`'s margins that each alone flag the upload, sorted: over 0, a
+    NaN counting as flagging as it does in the gate's maximum (the colour rule is never NaN)."""
+    return sorted(k for k, v in margins.items() if not v <= 0)
+
+
 def per_source_threshold(scores: dict[str, np.ndarray], fpr: float) -> float:
     """A threshold that flags at most ``fpr`` of every source's validation slices.
 
@@ -585,9 +591,13 @@ class OODGate:
         else:
             z = self.standardised(raw) - self.threshold
         if self.colour_limit is not None:
-            zc = (np.asarray(colour, np.float64) - self.colour_limit) / self.colour_limit
+            zc = self.colour_margin(colour)
             z = np.where(zc > 0, np.maximum(z, zc), z)
         return z
+
+    def colour_margin(self, colour) -> np.ndarray:
+        """The colour rule's score over its limit (> 0 flags), in the components' units."""
+        return (np.asarray(colour, np.float64) - self.colour_limit) / self.colour_limit
 
     def scores(self, data: ImageSet, model=None, spec=None, cache=None) -> np.ndarray:
         return self.combine(self.raw_scores(data, model, spec, cache), data.colour)
@@ -605,22 +615,27 @@ class OODGate:
             raw.update(_model_scores(names, self.density, self.tap.get(model, x)))
         return raw
 
+    def verdict(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> tuple[bool, float, dict[str, float]]:
+        """One upload: (in_distribution, ood_score, margins) from one scoring; ``ood_score > 0``
+        means flagged. ``margins``: each part's own score over the threshold (> 0: that part alone
+        flags the upload), and the colour rule's: which part withholds a scan, the gate network
+        (the image's look) or the feature head (the classifier's features). ``ood_score`` is their
+        maximum, the colour rule counting only when it flags (a gate of the colour rule alone
+        scores -1 when it passes); `flagging` names the parts that flag."""
+        raw = self._raw_one(scan, x, model)
+        score = float(self.combine(raw, np.array([scan.colourfulness]))[0])
+        margins = {c.name: float(c.standardise(raw[c.name])[0] - self.threshold) for c in self.components}
+        if self.colour_limit is not None:
+            margins["colour"] = float(self.colour_margin(scan.colourfulness))
+        return score <= 0, score, margins
+
     def check(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> tuple[bool, float]:
         """One upload: (in_distribution, ood_score); ``ood_score > 0`` means flagged."""
-        score = float(self.combine(self._raw_one(scan, x, model), np.array([scan.colourfulness]))[0])
-        return score <= 0, score
+        return self.verdict(scan, x, model)[:2]
 
     def margins(self, scan: ScanImage, x: torch.Tensor, model: nn.Module) -> dict[str, float]:
-        """Each part's own score over the threshold (> 0: that part alone flags the upload), and
-        the colour rule's: which part withholds a scan, the gate network (the image's look) or
-        the feature head (the classifier's features). ``check``'s score is their maximum, the
-        colour rule counting only when it flags (a gate of the colour rule alone scores -1 when
-        it passes)."""
-        raw = self._raw_one(scan, x, model)
-        out = {c.name: float(c.standardise(raw[c.name])[0] - self.threshold) for c in self.components}
-        if self.colour_limit is not None:
-            out["colour"] = float((scan.colourfulness - self.colour_limit) / self.colour_limit)
-        return out
+        """``verdict``'s margins alone."""
+        return self.verdict(scan, x, model)[2]
 
     # -- persistence
     def config(self) -> dict:

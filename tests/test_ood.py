@@ -264,10 +264,9 @@ def test_a_flagged_scan_is_told_which_part_flagged_it(synthetic_gate, tiny_weigh
              ({"cnn": 3.0, "mahalanobis": 3.0, "colour": 0.4}, GATE_COLOUR_OOD_REASON)]
     scan = _heads(1, 9)[0]
     for margins, reason in cases:
-        monkeypatch.setattr(p.gate, "margins", lambda *a, m=margins: m)
-        monkeypatch.setattr(p.gate, "check", lambda *a, m=margins: (False, max(m.values())))
+        monkeypatch.setattr(p.gate, "verdict", lambda *a, m=margins: (False, max(m.values()), m))
         assert p.predict_scan(scan).ood_reason == reason
-    monkeypatch.setattr(p.gate, "check", lambda *a: (True, -1.0))
+    monkeypatch.setattr(p.gate, "verdict", lambda *a: (True, -1.0, {"cnn": -1.0}))
     assert p.predict_scan(scan).ood_reason is None
     # unpatched: a real flag, its reason from the served pass's features (no second model pass)
     monkeypatch.undo()
