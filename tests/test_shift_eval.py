@@ -190,3 +190,29 @@ def test_stripped_template_serves_brain_slices_of_each_plane_and_counts_flags(tm
     by = serve(Stub(), axial[:4], parts=True)
     assert by["flagged_by"] == {"cnn": 1, "head": 4} and by["slices"][0]["flagged_by"] == ["cnn", "head"]
     assert r["flagged_pct"] == 25.0 and [s["slice"] for s in r["slices"]] == ks[:4]
+
+
+def test_package_images_reads_metaimages_and_refuses_without_the_packages(tmp_path, monkeypatch, capsys):
+    """bench/package_images.py: a 2D MetaImage of bytes is read through its raw file (rows of
+    DimSize's second number), other element types are refused, and a machine without the Debian
+    packages gets a usage error, not a traceback."""
+    import bench.package_images as P
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    a.tofile(tmp_path / "x.raw")
+    (tmp_path / "x.mha").write_text("ObjectType = Image\nNDims = 2\nDimSize = 4 3\n"
+                                    "ElementType = MET_UCHAR\nElementDataFile = x.raw\n")
+    assert np.array_equal(P.read_image(tmp_path / "x.mha"), a)
+    Image.fromarray(np.kron(a, np.ones((8, 8), np.uint8))).convert("P").save(tmp_path / "p.png")
+    assert P.read_image(tmp_path / "p.png").shape == (24, 32, 3)   # palette: colours, not indices
+    assert P.scan_of(np.kron(a, np.ones((8, 8), np.uint8))).pixels.shape == (24, 32)   # as an uploaded PNG
+    for bad in ("NDims = 2\nElementType = MET_FLOAT", "NDims = 3\nElementType = MET_UCHAR"):
+        (tmp_path / "f.mha").write_text(f"{bad}\nDimSize = 4 3\nElementDataFile = x.raw\n")
+        with pytest.raises(ValueError, match="2D MET_UCHAR"):
+            P.read_image(tmp_path / "f.mha")
+    assert P.total([{"n": 3, "flagged": 1, "tumour_calls": 2, "silent_false_alarms": 0}] * 2) == \
+        {"n": 6, "flagged": 2, "tumour_calls": 4, "silent_false_alarms": 0}
+    monkeypatch.setattr(P, "ITK", tmp_path / "absent")
+    with pytest.raises(SystemExit) as e:
+        P.main(["--weights", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(tmp_path / "absent" / "FatMRISlice.png") in err and "apt-get install" in err
