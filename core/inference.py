@@ -540,6 +540,19 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the
 # search stops (a volume the gate refuses throughout would cost one pass per slice).
 GATE_TRIES = 8
+# A slice whose lit area is under this share of the volume's largest is near an end of the head
+# (vertex, skull base, a pole). The training sources are mostly slices through the middle of the
+# brain, and on T1 slices near the vertex and a pole of two healthy volumes the model called
+# glioma at 0.995 (docs/generalisation.md, "Real images from two Debian packages"). It is said to
+# the user, not acted on: LGG's edge slices, which it trained on, raised no false alarm.
+END_SLICE_SHARE = 0.5
+
+
+def head_shares(scans: list[ScanImage]) -> list[float]:
+    """Each slice's lit area (pixels above a tenth of the window) over the volume's largest."""
+    lit = [float((s.pixels > 0.1).mean()) for s in scans]
+    top = max(lit, default=0.0)
+    return [v / top if top > 0 else 0.0 for v in lit]
 
 
 def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
@@ -557,10 +570,11 @@ def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: 
         scans, _, scores = slice_scores(predictor, src, name, batch_size, **read_kw)
     else:  # the slices again (reading is cheap beside scoring)
         scans = indexed_slices(src, name, **read_kw)[0]
-    first = None
+    first, shares = None, head_shares(scans)
     for k in sorted(scores, key=scores.get, reverse=True)[:GATE_TRIES]:
         scan = scans[k]  # this call's own slice: its info is ours to extend, its head box stays found
-        scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like"})
+        scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like",
+                          "head_share": round(shares[k], 3)})
         pred = predictor.predict_scan(scan)
         if pred.in_distribution:
             return k, pred

@@ -403,3 +403,23 @@ def test_predict_a_volume_at_a_slice_or_its_most_tumour_like_one(random_weights,
     assert json.loads(capsys.readouterr().out)["info"]["slice_index"] == 1
     assert main(["predict", str(f), "--weights", str(random_weights), "--slice", "9"]) == 1
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_best_slice_near_an_end_of_the_head_is_said(predictor, monkeypatch):
+    """A chosen slice whose lit area is under END_SLICE_SHARE of the volume's largest carries its
+    share, and the app's caption says it lies near an end of the head; a middle slice's does not."""
+    from core import inference as I
+    big, small = phantom(), np.zeros_like(phantom())
+    cap = np.asarray(Image.fromarray(big).resize((56, 56)))   # the same head, smaller: near the vertex
+    small[20:76, 20:76] = cap
+    data = lps_volume([small, big * 0.8, big, big * 0.9])
+    shares = I.head_shares(I.indexed_slices(data, "v.nii.gz")[0])
+    assert shares[2] == 1.0 and shares[0] < I.END_SLICE_SHARE <= min(shares[1:])
+    for chosen, said in ((0, True), (2, False)):
+        monkeypatch.setattr(I, "slice_scores", lambda p, d, n=None, *a, c=chosen, **k: (
+            I.indexed_slices(d, n)[0], "nifti", {i: float(i == c) for i in range(4)}))
+        monkeypatch.setattr(app, "cached_slice_scores", lambda p, d, n, c=chosen: {i: float(i == c) for i in range(4)})
+        k, pred = I.most_tumour_like_slice(predictor, data, "v.nii.gz")
+        assert k == chosen and pred.info["head_share"] == round(shares[chosen], 3)
+        text = app.best_slice(predictor, data, "v.nii.gz")[1]
+        assert ("near an end of the head" in text) is said and ("% of the volume's largest" in text) is said
