@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import flagging_parts, header, json_output, load_predictor, part_counts, positive  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
-from core.reader import ScanError, read_volume_scans  # noqa: E402
+from core.reader import ScanError, lit_share, read_volume_scans  # noqa: E402
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 PLANES = ("axial", "coronal", "sagittal")
@@ -55,7 +55,7 @@ def brain_slices(path: Path, plane: str, step: int = 4, min_brain: float = MIN_B
     if kind != "nifti":
         raise ScanError("not a NIfTI volume")
     return [(k, s) for k, s in enumerate(scans)
-            if k % step == 0 and float((s.pixels > 0.1).mean()) >= min_brain]
+            if k % step == 0 and lit_share(s.pixels) >= min_brain]
 
 
 def serve(pred: Predictor, slices: list[tuple[int, object]], parts: bool = False) -> dict:

@@ -20,10 +20,10 @@ import streamlit as st
 from .evaluation import (NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled,
                          without_copies)
 from . import inference
-from .inference import (END_SLICE_SHARE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
-                        default_weights, load_card, hot_slices, listed_slices, most_tumour_like_slice,
-                        resolve_weights, shipped_default, shipped_models, shown_slice, slice_scores,
-                        training_sources)
+from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
+                        default_weights, end_slice_note, load_card, hot_slices, listed_slices,
+                        most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
+                        slice_scores, training_sources)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import apart, decide, is_tumour_label
 from .preprocess import prepare
@@ -524,17 +524,9 @@ def best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None
     if not pred.in_distribution:
         return k, (f"Slice {k} of 0-{n - 1}: the most tumour-like, but no slice the model scored "
                    "highest passes the out-of-distribution check.")
+    note = end_slice_note(pred.info, pred.pred, predictor.classes)
     return k, (f"Slice {k} of 0-{n - 1}: the highest tumour probability among the slices that pass "
-               "the out-of-distribution check." + end_slice_note(pred.info.get("head_share")))
-
-
-def end_slice_note(share: float | None) -> str:
-    """A caveat for a chosen slice near an end of the head (`END_SLICE_SHARE`), else ''."""
-    if share is None or share >= END_SLICE_SHARE:
-        return ""
-    return (f" It lies near an end of the head (its cross-section is {share:.0%} of the volume's "
-            "largest): the model learnt mostly from slices through the middle of the brain, and near "
-            "the vertex or a pole it has called healthy heads tumours. Compare it with the middle slices.")
+               "the out-of-distribution check." + (f" {note}" if note else ""))
 
 
 def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,

@@ -19,7 +19,7 @@ from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
-from .reader import ScanError, ScanImage, is_empty_slice, read_scan
+from .reader import ScanError, ScanImage, is_empty_slice, lit_share, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -541,16 +541,30 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
 # search stops (a volume the gate refuses throughout would cost one pass per slice).
 GATE_TRIES = 8
 # A slice whose lit area is under this share of the volume's largest is near an end of the head
-# (vertex, skull base, a pole). The training sources are mostly slices through the middle of the
-# brain, and on T1 slices near the vertex and a pole of two healthy volumes the model called
-# glioma at 0.995 (docs/generalisation.md, "Real images from two Debian packages"). It is said to
-# the user, not acted on: LGG's edge slices, which it trained on, raised no false alarm.
+# (vertex, skull base, a pole): a round number, chosen after seeing the false calls below (0.25-0.44
+# of the widest), so they do not test it. On T1 slices near the vertex and a pole of two healthy
+# volumes the model called glioma at 0.995 (docs/generalisation.md, "Real images from two Debian
+# packages"). A tumour call there is said to be less reliable, not changed: on LGG, whose training
+# volumes hold such slices, edge slices raised no false alarm.
 END_SLICE_SHARE = 0.5
+END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is {share:.0%} of the volume's "
+                  "widest). On two healthy T1 heads the model called such slices glioma with confidence: a "
+                  "tumour call here is less reliable than one on a middle slice. Read this slice itself.")
+
+
+def end_slice_note(info: dict, pred: str, classes: list[str]) -> str | None:
+    """`END_SLICE_NOTE` for a tumour call on a volume's slice near an end of the head, else None."""
+    share = info.get("head_share")
+    is_tumour_call = NO_TUMOUR in classes and pred in tumour_classes(classes)
+    if share is None or share >= END_SLICE_SHARE or not is_tumour_call:
+        return None
+    return END_SLICE_NOTE.format(share=share)
 
 
 def head_shares(scans: list[ScanImage]) -> list[float]:
-    """Each slice's lit area (pixels above a tenth of the window) over the volume's largest."""
-    lit = [float((s.pixels > 0.1).mean()) for s in scans]
+    """Each slice's lit area (`lit_share`) over the volume's largest: its cross-section of the head
+    relative to the widest. (TIFF/GIF pages are windowed one by one, so there it is a rough guide.)"""
+    lit = [lit_share(s.pixels) for s in scans]
     top = max(lit, default=0.0)
     return [v / top if top > 0 else 0.0 for v in lit]
 
@@ -564,17 +578,20 @@ def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: 
     out-of-distribution check accepts wins: a refused slice's output is no diagnosis, so it must
     not hide an accepted tumour slice. When none of the `GATE_TRIES` highest passes, the highest
     is returned (refused). The returned Prediction is the ordinary one for that slice, flags
-    included, with slice_index / n_slices in its info. A 2D image has one slice: (0, its prediction).
+    included, with slice_index / n_slices in its info, and head_share, the slice's cross-section
+    of the head over the volume's widest (`head_shares`; see `end_slice_note`). A 2D image has one
+    slice: (0, its prediction).
     """
     if scores is None:
         scans, _, scores = slice_scores(predictor, src, name, batch_size, **read_kw)
     else:  # the slices again (reading is cheap beside scoring)
         scans = indexed_slices(src, name, **read_kw)[0]
-    first, shares = None, head_shares(scans)
+    shares = head_shares(scans)
+    first = None
     for k in sorted(scores, key=scores.get, reverse=True)[:GATE_TRIES]:
         scan = scans[k]  # this call's own slice: its info is ours to extend, its head box stays found
         scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like",
-                          "head_share": round(shares[k], 3)})
+                          "head_share": round(shares[k], 4)})
         pred = predictor.predict_scan(scan)
         if pred.in_distribution:
             return k, pred

@@ -76,7 +76,7 @@ SAFE_INFO_KEYS = frozenset({
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
     "body_part",                      # DICOM Body Part Examined (core.header)
     "series", "instance",             # DICOM series (a salted hash, see _series_fields) and Instance Number
-    "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
+    "slices_scored", "slice_choice", "head_share",  # added by inference.most_tumour_like_slice
 })
 
 
@@ -1099,10 +1099,18 @@ def read_volume_slices(src: str | Path | bytes, name: str | None = None, **optio
     return read_volume(src, name, **options)[0]
 
 
+LIT_LEVEL = 0.1   # a tenth of the window: above it a pixel holds signal, below it is background
+
+
+def lit_share(grey: np.ndarray) -> float:
+    """The share of a slice's pixels above `LIT_LEVEL`: how much of it is head."""
+    return float((grey > LIT_LEVEL).mean())
+
+
 def is_empty_slice(grey: np.ndarray) -> bool:
     """True for slices with (almost) no signal: the ends of a volume, padding frames. --best-slice
     skips them; a model without an out-of-distribution gate refuses them (`Predictor`)."""
-    return float(grey.max()) - float(grey.min()) < 0.05 or float((grey > 0.1).mean()) < 0.02
+    return float(grey.max()) - float(grey.min()) < 0.05 or lit_share(grey) < 0.02
 
 
 def read_zip(data: bytes, *args, **kw):

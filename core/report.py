@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .inference import Prediction, calibration_text, listed_slices, shown_slice, volume_hot_slices
+from .inference import Prediction, calibration_text, end_slice_note, listed_slices, shown_slice, volume_hot_slices
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart
 from .preprocess import prepare
@@ -64,6 +64,7 @@ FLAG_UNREADABLE = "cannot read"
 FLAG_NOT_CHECKED = "image not checked"   # a model without an out-of-distribution gate
 FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its slice shown below it
 FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
+FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
 
 _CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
                 "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
@@ -116,9 +117,11 @@ def flags_of(row: Mapping) -> list[str]:
         return [FLAG_OOD] + hot
     # no gate scored it ("ood_score" null): a moon photo was called pituitary with no flag at all
     unchecked = "ood_score" in row and row["ood_score"] is None
+    end = end_slice_note(row.get("info") or {}, row.get("pred", ""), list(row.get("probs") or {})) is not None
     return [name for name, on in ((FLAG_MASK, bool(row.get("mask_contradicts"))), (FLAG_NOT_CHECKED, unchecked),
                                   (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
-                                  (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain")))) if on] + hot
+                                  (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain"))),
+                                  (FLAG_END_SLICE, end)) if on] + hot
 
 
 def call_of(row: Mapping) -> str:
@@ -432,6 +435,9 @@ FLAG_TEXT = {
     FLAG_MASK: ("MASK CONTRADICTS CALL", "The uploaded tumour mask marks a lesion; the call is 'no tumour'.", RED),
     FLAG_TYPE_UNCERTAIN: ("TUMOUR - TYPE UNCERTAIN", "A tumour is called but its type is not "
                           "clear; read the type as a suggestion only.", AMBER),
+    FLAG_END_SLICE: ("SLICE NEAR AN END OF THE HEAD", "On two healthy T1 heads the model called slices near "
+                     "the vertex or a pole glioma: a tumour call here is less reliable than one on a middle "
+                     "slice. Read this slice itself.", AMBER),
 }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import json
 import zipfile
 from pathlib import Path
@@ -406,20 +407,32 @@ def test_predict_a_volume_at_a_slice_or_its_most_tumour_like_one(random_weights,
 
 
 def test_best_slice_near_an_end_of_the_head_is_said(predictor, monkeypatch):
-    """A chosen slice whose lit area is under END_SLICE_SHARE of the volume's largest carries its
-    share, and the app's caption says it lies near an end of the head; a middle slice's does not."""
+    """A chosen slice's cross-section over the volume's widest is recorded as head_share (slice
+    indices kept across an empty slice); a tumour call on a slice under END_SLICE_SHARE gets the
+    note in the app's caption and a flag in the CLI's text, a middle slice, a 'no tumour' call or a
+    refused slice does not."""
     from core import inference as I
+    from core.reader import SAFE_INFO_KEYS
+    from core.report import FLAG_END_SLICE, flags_of
     big, small = phantom(), np.zeros_like(phantom())
-    cap = np.asarray(Image.fromarray(big).resize((56, 56)))   # the same head, smaller: near the vertex
-    small[20:76, 20:76] = cap
-    data = lps_volume([small, big * 0.8, big, big * 0.9])
+    small[24:72, 24:72] = np.asarray(Image.fromarray(big).resize((48, 48)))  # the same head, smaller
+    data = lps_volume([np.zeros_like(big), small, big * 0.8, big])
+    expected = (big > 0.1).mean(), (small > 0.1).mean()
     shares = I.head_shares(I.indexed_slices(data, "v.nii.gz")[0])
-    assert shares[2] == 1.0 and shares[0] < I.END_SLICE_SHARE <= min(shares[1:])
-    for chosen, said in ((0, True), (2, False)):
-        monkeypatch.setattr(I, "slice_scores", lambda p, d, n=None, *a, c=chosen, **k: (
-            I.indexed_slices(d, n)[0], "nifti", {i: float(i == c) for i in range(4)}))
-        monkeypatch.setattr(app, "cached_slice_scores", lambda p, d, n, c=chosen: {i: float(i == c) for i in range(4)})
-        k, pred = I.most_tumour_like_slice(predictor, data, "v.nii.gz")
-        assert k == chosen and pred.info["head_share"] == round(shares[chosen], 3)
-        text = app.best_slice(predictor, data, "v.nii.gz")[1]
-        assert ("near an end of the head" in text) is said and ("% of the volume's largest" in text) is said
+    assert shares[0] == 0.0 and shares[3] == 1.0
+    assert shares[1] == pytest.approx(expected[1] / expected[0], abs=0.02)
+    assert shares[1] < I.END_SLICE_SHARE <= shares[2]
+    tumour = next(c for c in predictor.classes if c != "notumor")
+    for chosen, call, said in ((1, tumour, True), (3, tumour, False), (1, "notumor", False)):
+        scores = {i: float(i == chosen) for i in range(1, 4)}
+        monkeypatch.setattr(app, "cached_slice_scores", lambda p, d, n, s=scores: s)
+        monkeypatch.setattr(predictor, "predict_scan", lambda scan, c=call, real=type(predictor).predict_scan:
+                            replace(real(predictor, scan), pred=c))
+        k, pred = I.most_tumour_like_slice(predictor, data, "v.nii.gz", scores=scores)
+        assert k == chosen and pred.info["head_share"] == pytest.approx(shares[chosen], abs=1e-4)
+        assert set(pred.info) <= SAFE_INFO_KEYS
+        assert ("near an end of the head" in app.best_slice(predictor, data, "v.nii.gz")[1]) is said
+        row = {"ok": True, **pred.to_json()}
+        assert (FLAG_END_SLICE in flags_of(row)) is said
+    monkeypatch.setattr(predictor, "distribution_check", lambda scan, x: (False, 1.0, "refused"))
+    assert "near an end" not in app.best_slice(predictor, data, "v.nii.gz")[1]   # refused: no call to doubt
