@@ -68,6 +68,8 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
     st.markdown(f"### Prediction: **{pred.pred}**")
     if contradiction:
         st.error(contradiction, icon=":material/error:")
+    if note := app.end_slice_note(pred.info, pred.pred, predictor.classes):   # the call shown, at this threshold
+        st.info(note, icon=":material/help:")
     if pred.type_uncertain:
         st.info("**Tumour — type uncertain**: "
                 f"{predictor.referral.describe(probs, k, pred.threshold, False, True)}. The tumour call stands; "

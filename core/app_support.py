@@ -524,9 +524,8 @@ def best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None
     if not pred.in_distribution:
         return k, (f"Slice {k} of 0-{n - 1}: the most tumour-like, but no slice the model scored "
                    "highest passes the out-of-distribution check.")
-    note = end_slice_note(pred.info, pred.pred, predictor.classes)
     return k, (f"Slice {k} of 0-{n - 1}: the highest tumour probability among the slices that pass "
-               "the out-of-distribution check." + (f" {note}" if note else ""))
+               "the out-of-distribution check.")
 
 
 def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,

@@ -19,7 +19,7 @@ from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
-from .reader import ScanError, ScanImage, is_empty_slice, lit_share, read_scan
+from .reader import ScanError, ScanImage, is_empty_slice, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -540,14 +540,15 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the
 # search stops (a volume the gate refuses throughout would cost one pass per slice).
 GATE_TRIES = 8
-# A slice whose lit area is under this share of the volume's largest is near an end of the head
-# (vertex, skull base, a pole): a round number, chosen after seeing the false calls below (0.25-0.44
-# of the widest), so they do not test it. On T1 slices near the vertex and a pole of two healthy
-# volumes the model called glioma at 0.995 (docs/generalisation.md, "Real images from two Debian
-# packages"). A tumour call there is said to be less reliable, not changed: on LGG, whose training
-# volumes hold such slices, edge slices raised no false alarm.
+# A NIfTI slice whose lit area is under this share of the volume's widest (info "head_share", set
+# by the reader) lies near an end of the head: the vertex, the skull base or a pole. On such T1
+# slices of two healthy volumes the model called glioma at 0.995 (docs/generalisation.md, "Real
+# images from two Debian packages"); the share is a round number chosen after seeing those calls
+# (0.25-0.42 unreferred, 0.12-0.44 in all), so they do not test it. A tumour call there is said to
+# be less reliable, not changed: on LGG, whose training volumes hold such slices, edge slices
+# raised no false alarm.
 END_SLICE_SHARE = 0.5
-END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is {share:.0%} of the volume's "
+END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is {share:.1%} of the volume's "
                   "widest). On two healthy T1 heads the model called such slices glioma with confidence: a "
                   "tumour call here is less reliable than one on a middle slice. Read this slice itself.")
 
@@ -561,14 +562,6 @@ def end_slice_note(info: dict, pred: str, classes: list[str]) -> str | None:
     return END_SLICE_NOTE.format(share=share)
 
 
-def head_shares(scans: list[ScanImage]) -> list[float]:
-    """Each slice's lit area (`lit_share`) over the volume's largest: its cross-section of the head
-    relative to the widest. (TIFF/GIF pages are windowed one by one, so there it is a rough guide.)"""
-    lit = [lit_share(s.pixels) for s in scans]
-    top = max(lit, default=0.0)
-    return [v / top if top > 0 else 0.0 for v in lit]
-
-
 def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
                            batch_size: int = 64, scores: dict[int, float] | None = None,
                            **read_kw) -> tuple[int, Prediction]:
@@ -578,20 +571,17 @@ def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: 
     out-of-distribution check accepts wins: a refused slice's output is no diagnosis, so it must
     not hide an accepted tumour slice. When none of the `GATE_TRIES` highest passes, the highest
     is returned (refused). The returned Prediction is the ordinary one for that slice, flags
-    included, with slice_index / n_slices in its info, and head_share, the slice's cross-section
-    of the head over the volume's widest (`head_shares`; see `end_slice_note`). A 2D image has one
-    slice: (0, its prediction).
+    included, with slice_index / n_slices in its info (and a NIfTI slice's head_share, see
+    `end_slice_note`). A 2D image has one slice: (0, its prediction).
     """
     if scores is None:
         scans, _, scores = slice_scores(predictor, src, name, batch_size, **read_kw)
     else:  # the slices again (reading is cheap beside scoring)
         scans = indexed_slices(src, name, **read_kw)[0]
-    shares = head_shares(scans)
     first = None
     for k in sorted(scores, key=scores.get, reverse=True)[:GATE_TRIES]:
         scan = scans[k]  # this call's own slice: its info is ours to extend, its head box stays found
-        scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like",
-                          "head_share": round(shares[k], 4)})
+        scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like"})
         pred = predictor.predict_scan(scan)
         if pred.in_distribution:
             return k, pred

@@ -76,7 +76,8 @@ SAFE_INFO_KEYS = frozenset({
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
     "body_part",                      # DICOM Body Part Examined (core.header)
     "series", "instance",             # DICOM series (a salted hash, see _series_fields) and Instance Number
-    "slices_scored", "slice_choice", "head_share",  # added by inference.most_tumour_like_slice
+    "head_share",                     # a NIfTI slice's cross-section of the head over the widest
+    "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
 })
 
 
@@ -959,13 +960,22 @@ def _nifti_slices(data: bytes, options: dict) -> tuple[np.ndarray, str, tuple, d
     return vol, plane, zooms, info
 
 
+def _head_shares(vol: np.ndarray, plane: str) -> np.ndarray:
+    """Each slice's lit share over the volume's widest: how far it lies from an end of the head
+    (`inference.end_slice_note` reads it). From the windowed volume, before any resampling."""
+    axis = PLANES[plane]
+    lit = (vol > LIT_LEVEL).mean(axis=tuple(a for a in range(vol.ndim) if a != axis))
+    top = float(lit.max()) if lit.size else 0.0
+    return np.round(lit / top, 4) if top > 0 else np.zeros_like(lit)
+
+
 def _read_nifti(data: bytes, options: dict) -> ScanImage:
     vol, plane, zooms, info = _nifti_slices(data, options)
     n = info["n_slices"]
     k = _frame_index(options, n, n // 2, "slice")
     grey = _slice_2d(vol, plane, k, zooms)
     _check_size(grey.shape[1], grey.shape[0])
-    info |= {"slice_index": k} | _blank(grey)
+    info |= {"slice_index": k, "head_share": float(_head_shares(vol, plane)[k])} | _blank(grey)
     return ScanImage(grey, 0.0, "nifti", info)
 
 
@@ -1035,7 +1045,9 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
     if kind in ("gzip", "nifti"):
         vol, plane, zooms, info = _nifti_slices(data, options)
         slices = [_slice_2d(vol, plane, k, zooms) for k in range(info["n_slices"])]
-        return [ScanImage(g, 0.0, "nifti", info | _blank(g)) for g in slices], "nifti", info
+        shares = _head_shares(vol, plane)
+        return [ScanImage(g, 0.0, "nifti", info | {"head_share": float(h)} | _blank(g))
+                for g, h in zip(slices, shares)], "nifti", info
     if kind == "dicom" or (kind == "other" and (_suffix(name) in (".dcm", ".dicom")
                                                 or _looks_like_raw_dicom(data))):
         try:

@@ -241,7 +241,7 @@ def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
         return None, f"The saliency map could not be computed ({type(e).__name__})."
 
 
-REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance")
+REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance", "head_share")
 
 
 def analyse_one(name: str, src, predictor, threshold: float | None = None,

@@ -406,33 +406,28 @@ def test_predict_a_volume_at_a_slice_or_its_most_tumour_like_one(random_weights,
     assert "does not exist" in capsys.readouterr().out
 
 
-def test_best_slice_near_an_end_of_the_head_is_said(predictor, monkeypatch):
-    """A chosen slice's cross-section over the volume's widest is recorded as head_share (slice
-    indices kept across an empty slice); a tumour call on a slice under END_SLICE_SHARE gets the
-    note in the app's caption and a flag in the CLI's text, a middle slice, a 'no tumour' call or a
-    refused slice does not."""
+def test_a_tumour_call_near_an_end_of_the_head_is_flagged(predictor, monkeypatch):
+    """Each NIfTI slice carries head_share, its lit cross-section over the volume's widest (slice
+    indices kept across an empty slice), whether read alone or as a volume; a tumour call on a
+    slice under END_SLICE_SHARE gets the note and the flag (CLI text, report, table), a middle
+    slice or a 'no tumour' call does not, and a refused slice has no call to doubt."""
     from core import inference as I
     from core.reader import SAFE_INFO_KEYS
-    from core.report import FLAG_END_SLICE, flags_of
+    from core.report import FLAG_END_SLICE, REPORT_INFO_KEYS, flags_of
     big, small = phantom(), np.zeros_like(phantom())
     small[24:72, 24:72] = np.asarray(Image.fromarray(big).resize((48, 48)))  # the same head, smaller
     data = lps_volume([np.zeros_like(big), small, big * 0.8, big])
-    expected = (big > 0.1).mean(), (small > 0.1).mean()
-    shares = I.head_shares(I.indexed_slices(data, "v.nii.gz")[0])
+    shares = [s.info["head_share"] for s in I.indexed_slices(data, "v.nii.gz")[0]]
+    assert shares == [read_scan(data, "v.nii.gz", slice=k).info["head_share"] for k in range(4)]
     assert shares[0] == 0.0 and shares[3] == 1.0
-    assert shares[1] == pytest.approx(expected[1] / expected[0], abs=0.02)
+    assert shares[1] == pytest.approx((small > 0.1).mean() / (big > 0.1).mean(), abs=0.02)
     assert shares[1] < I.END_SLICE_SHARE <= shares[2]
+    assert "head_share" in SAFE_INFO_KEYS and "head_share" in REPORT_INFO_KEYS   # the report keeps it
     tumour = next(c for c in predictor.classes if c != "notumor")
-    for chosen, call, said in ((1, tumour, True), (3, tumour, False), (1, "notumor", False)):
-        scores = {i: float(i == chosen) for i in range(1, 4)}
-        monkeypatch.setattr(app, "cached_slice_scores", lambda p, d, n, s=scores: s)
-        monkeypatch.setattr(predictor, "predict_scan", lambda scan, c=call, real=type(predictor).predict_scan:
-                            replace(real(predictor, scan), pred=c))
-        k, pred = I.most_tumour_like_slice(predictor, data, "v.nii.gz", scores=scores)
-        assert k == chosen and pred.info["head_share"] == pytest.approx(shares[chosen], abs=1e-4)
-        assert set(pred.info) <= SAFE_INFO_KEYS
-        assert ("near an end of the head" in app.best_slice(predictor, data, "v.nii.gz")[1]) is said
-        row = {"ok": True, **pred.to_json()}
-        assert (FLAG_END_SLICE in flags_of(row)) is said
-    monkeypatch.setattr(predictor, "distribution_check", lambda scan, x: (False, 1.0, "refused"))
-    assert "near an end" not in app.best_slice(predictor, data, "v.nii.gz")[1]   # refused: no call to doubt
+    for k, call, said in ((1, tumour, True), (3, tumour, False), (1, "notumor", False)):
+        pred = replace(predictor.predict_file(data, "v.nii.gz", slice=k), pred=call)
+        assert (I.end_slice_note(pred.info, pred.pred, predictor.classes) is not None) is said
+        assert (FLAG_END_SLICE in flags_of({"ok": True, **pred.to_json()})) is said
+    refused = {"ok": True, **replace(pred, pred=tumour, in_distribution=False).to_json()}
+    assert FLAG_END_SLICE not in flags_of(refused)
+    assert I.end_slice_note({"head_share": 0.2}, tumour, ["glioma", "meningioma"]) is None  # no 'no tumour' class
