@@ -540,11 +540,11 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the
 # search stops (a volume the gate refuses throughout would cost one pass per slice).
 GATE_TRIES = 8
-# A NIfTI slice whose lit area is under this share of the volume's widest (info "head_share", set
+# A volume slice whose lit area is under this share of the volume's widest (info "head_share", set
 # by the reader) lies near an end of the head: the vertex, the skull base or a pole. On such T1
 # slices of two healthy volumes the model called glioma at 0.995 (docs/generalisation.md, "Real
 # images from two Debian packages"); the share is a round number chosen after seeing those calls
-# (0.25-0.42 unreferred, 0.12-0.44 in all), so they do not test it. A tumour call there is said to
+# (the unreferred ones at 0.25-0.42), so they do not test it. A tumour call there is said to
 # be less reliable, not changed: on LGG, whose training volumes hold such slices, edge slices
 # raised no false alarm.
 END_SLICE_SHARE = 0.5

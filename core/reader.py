@@ -33,6 +33,7 @@ Decisions:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import io
@@ -76,7 +77,7 @@ SAFE_INFO_KEYS = frozenset({
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
     "body_part",                      # DICOM Body Part Examined (core.header)
     "series", "instance",             # DICOM series (a salted hash, see _series_fields) and Instance Number
-    "head_share",                     # a NIfTI slice's cross-section of the head over the widest
+    "head_share",                     # a volume slice's cross-section of the head over the widest
     "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
 })
 
@@ -1052,12 +1053,22 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
                                                 or _looks_like_raw_dicom(data))):
         try:
             frames, info = _dicom_frames(data)
-            return [ScanImage(g, c, "dicom", info | _blank(g)) for g, c in frames], "dicom", info
+            return _with_head_shares([ScanImage(g, c, "dicom", info | _blank(g)) for g, c in frames]), "dicom", info
         except ScanError:
             if kind == "dicom":
                 raise
     pages = read_image_pages(data, name, **options)  # a multi-page TIFF or GIF is a stack
-    return pages, pages[0].kind, pages[0].info
+    return (_with_head_shares(pages) if len(pages) > 1 else pages), pages[0].kind, pages[0].info
+
+
+def _with_head_shares(scans: list[ScanImage]) -> list[ScanImage]:
+    """DICOM frames or stack pages, each with its head_share from its own lit share (frames are
+    windowed alike; pages one by one, so there it is a rough guide). A NIfTI slice gets it from
+    the volume (`_head_shares`); a frame read alone gets none."""
+    lit = [lit_share(s.pixels) for s in scans]
+    top = max(lit, default=0.0)
+    return [dataclasses.replace(s, info={**s.info, "head_share": round(v / top, 4) if top > 0 else 0.0})
+            for s, v in zip(scans, lit)]
 
 
 def read_image_pages(src: str | Path | bytes, name: str | None = None, **options) -> list[ScanImage]:

@@ -428,6 +428,13 @@ def test_a_tumour_call_near_an_end_of_the_head_is_flagged(predictor, monkeypatch
         pred = replace(predictor.predict_file(data, "v.nii.gz", slice=k), pred=call)
         assert (I.end_slice_note(pred.info, pred.pred, predictor.classes) is not None) is said
         assert (FLAG_END_SLICE in flags_of({"ok": True, **pred.to_json()})) is said
+    k, best = I.most_tumour_like_slice(predictor, data, "v.nii.gz", scores={1: 1.0, 2: 0.0, 3: 0.0})
+    assert k == 1 and best.info["head_share"] == shares[1]
+    pages = [Image.fromarray((a * 255).astype(np.uint8)) for a in (big, small)]   # a TIFF stack too
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    stack = [sc.info["head_share"] for sc in I.indexed_slices(buf.getvalue(), "s.tif")[0]]
+    assert stack[0] == 1.0 and stack[1] < I.END_SLICE_SHARE   # pages are windowed one by one: a rough guide
     refused = {"ok": True, **replace(pred, pred=tumour, in_distribution=False).to_json()}
     assert FLAG_END_SLICE not in flags_of(refused)
     assert I.end_slice_note({"head_share": 0.2}, tumour, ["glioma", "meningioma"]) is None  # no 'no tumour' class
