@@ -800,3 +800,26 @@ def test_scans_help_of_a_yes_no_source_says_it_is_judged_on_the_call():
     assert "tumour call alone" in text and "0 scans" not in text
     assert "over the 1410 scans" in dash.scans_help({"n": 1610, "n_fine": 1410})
     assert dash.scans_help({"n": 5, "n_fine": 5}) is None
+
+
+def test_a_tumour_call_near_an_end_of_the_head_gets_the_note_and_the_flag(app, monkeypatch):
+    """A volume's slice with under half the widest cross-section, called a tumour: the page says it
+    lies near an end of the head, beside the call, and the batch table's flags say so too."""
+    import nibabel as nib
+    import numpy as np
+    real = core.inference.Predictor.predict_scan
+    g = glioma_like()
+    monkeypatch.setattr(core.inference.Predictor, "predict_scan", lambda self, scan: replace(
+        real(self, scan), pred=g.pred, probs=g.probs, tumour_probability=g.tumour_probability,
+        confidence=g.confidence, uncertain=False, in_distribution=True, ood_reason=None))
+    yy, xx = np.mgrid[0:64, 0:64]
+    head = lambda r: ((yy - 32) ** 2 + (xx - 32) ** 2 < r * r) * (0.5 + 0.3 * np.sin(xx / 3.0))   # noqa: E731
+    vol = np.stack([head(28), head(12), head(28)], axis=-1).astype(np.float32) * 200   # the middle slice: a cap
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("vol.nii", nib.Nifti1Image(vol, np.eye(4)).to_bytes(), "application/octet-stream"),
+                                    ("s0.png", _png_bytes(0), "image/png")]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert sum("lies near an end of the head" in i.value for i in app.info) == 1   # the volume's, not the PNG's
+    table = app.dataframe[0].value
+    assert "slice near an end of the head" in table[table["file"] == "vol.nii"].iloc[0]["flags"]
+    assert "slice near an end of the head" not in table[table["file"] == "s0.png"].iloc[0]["flags"]
