@@ -548,9 +548,11 @@ GATE_TRIES = 8
 # be less reliable, not changed: on LGG, whose training volumes hold such slices, edge slices
 # raised no false alarm.
 END_SLICE_SHARE = 0.5
+# Why such a call is marked: the app's note (`end_slice_note`) and the report's flag text.
+END_SLICE_CAVEAT = ("On two healthy T1 heads the model called such slices glioma with confidence: a tumour "
+                    "call here is less reliable than one on a middle slice. Read this slice itself.")
 END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is {share:.1%} of the volume's "
-                  "widest). On two healthy T1 heads the model called such slices glioma with confidence: a "
-                  "tumour call here is less reliable than one on a middle slice. Read this slice itself.")
+                  "widest). " + END_SLICE_CAVEAT)
 
 
 def end_slice_note(info: dict, pred: str, classes: list[str]) -> str | None:
@@ -571,7 +573,7 @@ def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: 
     out-of-distribution check accepts wins: a refused slice's output is no diagnosis, so it must
     not hide an accepted tumour slice. When none of the `GATE_TRIES` highest passes, the highest
     is returned (refused). The returned Prediction is the ordinary one for that slice, flags
-    included, with slice_index / n_slices in its info (and a NIfTI slice's head_share, see
+    included, with slice_index / n_slices and the reader's head_share in its info (see
     `end_slice_note`). A 2D image has one slice: (0, its prediction).
     """
     if scores is None:

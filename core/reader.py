@@ -965,7 +965,11 @@ def _head_shares(vol: np.ndarray, plane: str) -> np.ndarray:
     """Each slice's lit share over the volume's widest: how far it lies from an end of the head
     (`inference.end_slice_note` reads it). From the windowed volume, before any resampling."""
     axis = PLANES[plane]
-    lit = (vol > LIT_LEVEL).mean(axis=tuple(a for a in range(vol.ndim) if a != axis))
+    return _over_widest((vol > LIT_LEVEL).mean(axis=tuple(a for a in range(vol.ndim) if a != axis)))
+
+
+def _over_widest(lit: np.ndarray) -> np.ndarray:
+    """Each slice's lit share over the largest of them (all 0 when nothing is lit), as head_share."""
     top = float(lit.max()) if lit.size else 0.0
     return np.round(lit / top, 4) if top > 0 else np.zeros_like(lit)
 
@@ -1065,10 +1069,8 @@ def _with_head_shares(scans: list[ScanImage]) -> list[ScanImage]:
     """DICOM frames or stack pages, each with its head_share from its own lit share (frames are
     windowed alike; pages one by one, so there it is a rough guide). A NIfTI slice gets it from
     the volume (`_head_shares`); a frame read alone gets none."""
-    lit = [lit_share(s.pixels) for s in scans]
-    top = max(lit, default=0.0)
-    return [dataclasses.replace(s, info={**s.info, "head_share": round(v / top, 4) if top > 0 else 0.0})
-            for s, v in zip(scans, lit)]
+    shares = _over_widest(np.array([lit_share(s.pixels) for s in scans]))
+    return [dataclasses.replace(s, info={**s.info, "head_share": float(h)}) for s, h in zip(scans, shares)]
 
 
 def read_image_pages(src: str | Path | bytes, name: str | None = None, **options) -> list[ScanImage]:

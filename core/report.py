@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .inference import Prediction, calibration_text, end_slice_note, listed_slices, shown_slice, volume_hot_slices
+from .inference import (END_SLICE_CAVEAT, Prediction, calibration_text, end_slice_note, listed_slices,
+                        shown_slice, volume_hot_slices)
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart
 from .preprocess import prepare
@@ -435,9 +436,8 @@ FLAG_TEXT = {
     FLAG_MASK: ("MASK CONTRADICTS CALL", "The uploaded tumour mask marks a lesion; the call is 'no tumour'.", RED),
     FLAG_TYPE_UNCERTAIN: ("TUMOUR - TYPE UNCERTAIN", "A tumour is called but its type is not "
                           "clear; read the type as a suggestion only.", AMBER),
-    FLAG_END_SLICE: ("SLICE NEAR AN END OF THE HEAD", "On two healthy T1 heads the model called slices near "
-                     "the vertex or a pole glioma: a tumour call here is less reliable than one on a middle "
-                     "slice. Read this slice itself.", AMBER),
+    FLAG_END_SLICE: ("SLICE NEAR AN END OF THE HEAD", "The slice lies near the vertex, the skull base or a pole. "
+                     + END_SLICE_CAVEAT, AMBER),
 }
 
 
