@@ -42,6 +42,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -961,11 +962,27 @@ def _nifti_slices(data: bytes, options: dict) -> tuple[np.ndarray, str, tuple, d
     return vol, plane, zooms, info
 
 
+# The shares of the volume last asked about, per plane: every slider move re-reads one cached volume,
+# and thresholding all of it again took 10-30 ms a read. A weak reference, so that a volume too
+# large for `_LAST_VOLUME` is not kept alive by this.
+_SHARES_OF: list = [lambda: None, {}]
+
+
 def _head_shares(vol: np.ndarray, plane: str) -> np.ndarray:
     """Each slice's lit share over the volume's widest: how far it lies from an end of the head
     (`inference.end_slice_note` reads it). From the windowed volume, before any resampling."""
+    with _LAST_VOLUME_LOCK:
+        ref, by_plane = _SHARES_OF
+        if ref() is vol and plane in by_plane:
+            return by_plane[plane]
     axis = PLANES[plane]
-    return _over_widest((vol > LIT_LEVEL).mean(axis=tuple(a for a in range(vol.ndim) if a != axis)))
+    shares = _over_widest((vol > LIT_LEVEL).mean(axis=tuple(a for a in range(vol.ndim) if a != axis)))
+    shares.flags.writeable = False
+    with _LAST_VOLUME_LOCK:
+        if _SHARES_OF[0]() is not vol:
+            _SHARES_OF[:] = [weakref.ref(vol), {}]
+        _SHARES_OF[1][plane] = shares
+    return shares
 
 
 def _over_widest(lit: np.ndarray) -> np.ndarray:

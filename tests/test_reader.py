@@ -407,6 +407,10 @@ def test_a_volume_is_decoded_once_for_many_slice_reads_and_stays_unchanged(monke
     reader._LAST_VOLUME.clear()
     scans = [read_scan(data, slice_index=k) for k in (3, 1, 3)]
     assert len(calls) == 1  # ...against one decode for three reads of one file
+    widest, thresholded = reader._over_widest, []
+    monkeypatch.setattr(reader, "_over_widest", lambda *a: thresholded.append(1) or widest(*a))
+    again = [read_scan(data, slice_index=k).info["head_share"] for k in (3, 1)]
+    assert again == [s.info["head_share"] for s in scans[:2]] and not thresholded  # shares kept too
     scans[0].pixels[:] = 0  # a caller changing its slice must not reach the cached volume
     assert np.array_equal(read_scan(data, slice_index=3).pixels, first[3])
     assert np.array_equal(scans[1].pixels, first[1]) and scans[1].info["slice_index"] == 1
