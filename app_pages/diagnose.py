@@ -3,9 +3,10 @@ import streamlit as st
 
 from core import app_support as app
 from core.dashboard import batch_table, probability_bar, series_table, tumour_gauge
+from core.inference import BEST_SLICE
 from core.labels import tumour_classes
 from core.metrics import apart
-from core.report import tp_column_format
+from core.report import tp_column_format, volume_words
 
 DETAILED = 6  # batches up to this size show every file in full; larger ones show one chosen file
 
@@ -30,23 +31,24 @@ if not files:
     st.stop()
 
 
-def slice_choice(pos: int, name: str, data) -> int | None:
-    """Slice slider (middle by default) and 'most tumour-like' toggle for volumes."""
+def pick_slice(pos: int, name: str, data) -> tuple[int | None, str | None]:
+    """Slice slider (middle by default) and 'most tumour-like' toggle for volumes: (slice, how
+    it was chosen), (None, None) for a 2D image."""
     n = app.cached_slice_count(data, name) if isinstance(data, bytes) else 1
     if n <= 1:
-        return None
+        return None, None
     key = app.widget_key(pos, name, data)
     if st.toggle("Most tumour-like slice", key=f"best-{key}"):
         best, text = app.cached_best_slice(predictor, data, name)
         if best is not None:
             st.caption(text)
-            app.remember_slice(key, best)
-            return best
+            app.remember_slice(key, best, BEST_SLICE)
+            return best, BEST_SLICE
         st.warning(text)
-    last = app.remembered_slice(key)
+    last, _ = app.remembered_slice(key)
     k = st.slider(f"Slice (of {n})", 0, n - 1, n // 2 if last is None else last, key=f"s-{key}")
     app.remember_slice(key, k)
-    return k
+    return k, None
 
 
 def show_refusal(pred, key: str) -> None:
@@ -85,13 +87,18 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
             st.caption(note)
 
 
-def show(pos: int, name: str, data, slice_index: int | None) -> dict:
+def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dict:
     """One file in full: image, prediction, flags, probabilities, saliency. Returns its row.
-    ``pos`` (its place in the batch) keys the widgets: the same scan may come twice."""
-    row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index, masks.get(name))
+    ``pos`` (its place in the batch) keys the widgets: the same scan may come twice. ``shown``:
+    a volume's slice and how it was chosen (`pick_slice`)."""
+    slice_index = shown[0]
+    row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index, masks.get(name), shown[1])
     if scan is None:
         st.error(f"**{name}**: {row['error']}")
         return row
+    if (scan.info.get("n_volumes") or 1) > 1:   # a 4D file: a series in time, or several sequences
+        st.info(f"**{name}** holds {scan.info['n_volumes']} volumes: {volume_words(scan.info)}. "
+                "Export the volume you mean as its own file to read another.", icon=":material/info:")
     wkey = app.widget_key(pos, name, data)
     left, right = st.columns([1, 2])
     left.image(scan.pixels, clamp=True, width="stretch",
@@ -116,21 +123,22 @@ items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines 
 if masks:
     st.caption(f"{len(masks)} tumour mask(s) paired with their scans (X_mask.* beside X.*, or a two-valued X.png beside X.jpg): "
                "outlined on the saliency maps, not predicted.")
-slices: dict[int, int | None] = {}  # the slice on screen per volume: the report shows the same
+# the slice on screen per volume, and how it was chosen: the table and the report show the same
+slices: dict[int, tuple[int | None, str | None]] = {}
 if len(items) == 1:
-    slices[0] = slice_choice(0, *items[0])
+    slices[0] = pick_slice(0, *items[0])
     results = [show(0, *items[0], slices[0])]
 elif len(items) <= DETAILED:
     summary, results = st.container(), []
     for pos, (name, data) in enumerate(items):
         with st.expander(name, expanded=True):
-            slices[pos] = slice_choice(pos, name, data)
+            slices[pos] = pick_slice(pos, name, data)
             results.append(show(pos, name, data, slices[pos]))
 else:
     summary = st.container()
     # each volume at the slice last shown of it (the middle one until then), as the report
     slices = {k: app.remembered_slice(app.widget_key(k, *item)) for k, item in enumerate(items)}
-    results = [app.analyse(predictor, name, data, threshold, slices[k], masks.get(name))[0]
+    results = [app.analyse(predictor, name, data, threshold, slices[k][0], masks.get(name), slices[k][1])[0]
                for k, (name, data) in enumerate(items)]
     for r in results:
         if not r["ok"]:
@@ -143,7 +151,7 @@ else:
     if ok:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])
         with st.container(border=True):
-            slices[k] = slice_choice(k, *items[k])
+            slices[k] = pick_slice(k, *items[k])
             results[k] = show(k, *items[k], slices[k])  # the table follows the slice shown
 if len(items) > 1:
     with summary:
@@ -154,7 +162,7 @@ if len(items) > 1:
             "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
                                                                   max_value=1),
             "confidence": st.column_config.NumberColumn(format="%.3f")})
-        st.download_button("Download the table (CSV)", app.results_csv(table), "predictions.csv",
+        st.download_button("Download the table (CSV)", app.results_csv(results, predictor), "predictions.csv",
                            "text/csv", on_click="ignore")
         series = series_table(results)
         if len(series):

@@ -591,13 +591,12 @@ def result_row(name: str, pred: Prediction | None = None, error: str | None = No
     return {"file": name, "ok": True, **pred.to_json()}
 
 
-def results_csv(rows) -> bytes:
-    """The batch table as a CSV download; text cells that a spreadsheet would run as formulas are quoted."""
-    from .report import csv_safe, spreadsheet_csv
-    rows = rows.copy()
-    for c in rows.columns:   # text columns are object or (pandas 3) str dtype: check the values
-        rows[c] = rows[c].map(lambda v: csv_safe(v) if isinstance(v, str) else v)
-    return spreadsheet_csv(rows.to_csv(index=False))
+def results_csv(rows: list[dict], predictor: Predictor) -> bytes:
+    """The batch as a CSV download: the report's CSV (`report.build_csv`: every probability, the
+    operating point, the slice of a volume and how it was chosen, the file's hash and the model),
+    so a table read later still says why each call was made. Opens as UTF-8 in a spreadsheet."""
+    from .report import build_csv, spreadsheet_csv
+    return spreadsheet_csv(build_csv(rows, predictor.classes, predictor))
 
 
 def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
@@ -852,6 +851,12 @@ def cached_saliency(predictor: Predictor, scan: ScanImage, key: str, method: str
         lambda: saliency_map(predictor, scan, method, target))
 
 
+def _drop_report() -> None:
+    """A held report was built with the saliency method on screen: a new method makes it stale."""
+    if st.session_state.pop("_report", None) is not None:
+        st.session_state["_report_dropped"] = True
+
+
 def class_control(method: str) -> dict:
     """A class chooser's state for ``method``: off, and saying why, for a class-agnostic one."""
     from .saliency import is_class_agnostic
@@ -883,7 +888,9 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
         else:
             c1, c2, c3 = st.columns(3)
             method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
-                                  key=f"m-{wkey}")
+                                  key=f"m-{wkey}", on_change=_drop_report)
+            if st.session_state.pop("_report_dropped", False):
+                st.rerun()   # the report's download buttons lie outside this fragment: take them down
             others = [c for c in predictor.classes if c != predicted]
             # keyed by the call too: a call moved by the operating point is explained afresh
             target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}-{predicted}",
@@ -917,11 +924,12 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
 
 
 def analyse(predictor: Predictor, name: str, data, threshold: float | None,
-            slice_index: int | None = None,
-            mask: bytes | None = None) -> tuple[dict, ScanImage | None, Prediction | None]:
+            slice_index: int | None = None, mask: bytes | None = None,
+            slice_choice: str | None = None) -> tuple[dict, ScanImage | None, Prediction | None]:
     """Read and predict one upload (cached); a failure becomes an error row, never an exception.
     With its paired tumour ``mask``, a 'no tumour' call the mask contradicts is flagged in the row
-    (the batch table and its CSV, as the detail view and the report)."""
+    (the batch table and its CSV, as the detail view and the report). ``slice_choice``: how the
+    page chose a volume's slice (`remembered_slice`), which the table and its CSV name."""
     key = item_key(name, data)
     try:
         scan = cached_scan(data, name, key, slice_index)
@@ -933,6 +941,10 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
         return result_row(name, error=f"The file could not be processed ({type(e).__name__})."), None, None
     row = result_row(name, pred)
     shown = shown_slice(scan.info)
+    if shown is not None and slice_choice:
+        row["info"] = {**row["info"], "slice_choice": slice_choice}
+    if isinstance(data, (bytes, bytearray)):
+        row["sha256"] = key   # the CSV's file_sha256, as in the report and the audit log
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
             row["hot_slices"] = hot_slices(cached_slice_scores(predictor, data, name), threshold, shown)
@@ -973,15 +985,16 @@ def zip_view(held: dict, predictor: Predictor) -> tuple[list[str], "ReferralRule
     return held["ev"]["classes"] if held["ev"].get("scored_as") else predictor.classes, predictor.referral
 
 
-def remembered_slice(key: str) -> int | None:
-    """The slice last shown of the volume whose widgets are keyed ``key`` (`widget_key`), if any:
-    a big batch shows one file's details at a time, and the table and report must keep the
-    slice chosen for each volume, not fall back to its middle one."""
-    return st.session_state.get("_slices_shown", {}).get(key)
+def remembered_slice(key: str) -> tuple[int | None, str | None]:
+    """(slice, how it was chosen: `BEST_SLICE` or None for the slider) last shown of the volume
+    whose widgets are keyed ``key`` (`widget_key`), (None, None) before: a big batch shows one
+    file's details at a time, and the table and report must keep the slice chosen for each
+    volume, and say so, not fall back to its middle one."""
+    return st.session_state.get("_slices_shown", {}).get(key, (None, None))
 
 
-def remember_slice(key: str, index: int | None) -> None:
-    st.session_state.setdefault("_slices_shown", {})[key] = index
+def remember_slice(key: str, index: int | None, choice: str | None = None) -> None:
+    st.session_state.setdefault("_slices_shown", {})[key] = (index, choice)
 
 
 def _sticky(key: str) -> tuple[str, Callable[[], None]]:
@@ -1026,14 +1039,14 @@ def held_result(name: str, predictor: Predictor) -> tuple[dict | None, bool]:
 
 
 def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
-                     threshold: float | None, slices: dict[int, int | None] | None = None,
+                     threshold: float | None, slices: dict[int, tuple[int | None, str | None]] | None = None,
                      rows: list[dict] | None = None, masks: dict[str, bytes] | None = None) -> None:
     """PDF/CSV report buttons from core.report, built on request and kept for these files.
 
     ``core.report.report_downloads_data(items, predictor, threshold)`` predicts and computes
     saliency again, so it runs behind a button, once per set of files, slices shown (``slices``:
-    position -> slice index of a volume), tumour masks paired with them (``masks``: name -> bytes,
-    `pair_masks`) and operating point.
+    position -> (slice index of a volume, how it was chosen), `remembered_slice`), tumour masks
+    paired with them (``masks``: name -> bytes, `pair_masks`) and operating point.
     """
     try:
         from .report import report_downloads_data
@@ -1045,20 +1058,22 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
     # a volume's hot slices as the page's row has them (``rows``, one per item: not scored again)
     # and its paired mask, which flags a 'no tumour' call it contradicts, as the page does
     def options(i: int, n: str, d) -> dict:
-        opts = {"slice_index": slices.get(i),
-                "method": st.session_state.get(f"m-{widget_key(i, n, d)}-{slices.get(i)}"),
+        index, choice = slices.get(i, (None, None))
+        opts = {"slice_index": index, "slice_choice": choice,
+                "method": st.session_state.get(f"m-{widget_key(i, n, d)}-{index}"),
                 "hot_slices": rows[i].get("hot_slices", []) if rows and rows[i].get("ok") else None,
                 "mask": masks.get(n)}
         return {k: v for k, v in opts.items() if v is not None}
     files = [(n, d, options(i, n, d)) for i, (n, d) in enumerate(items)]
     key = (model_identity(predictor), threshold,
            tuple((n, digest(d) if isinstance(d, (bytes, bytearray)) else str(d), kw.get("slice_index"),
-                  kw.get("method"), tuple(kw.get("hot_slices") or ()), kw.get("mask") and digest(kw["mask"]))
+                  kw.get("slice_choice"), kw.get("method"), tuple(kw.get("hot_slices") or ()), kw.get("mask") and digest(kw["mask"]))
                  for n, d, kw in files))
     held = st.session_state.get("_report")
     if held is None or held[0] != key:
         readable = any(isinstance(d, (bytes, bytearray)) for _, d, _ in files)
-        if not readable or not st.button("Prepare a PDF and CSV report", key="report-build"):
+        slot = st.empty()   # the button goes once the report is built: not beside its downloads
+        if not readable or not slot.button("Prepare a PDF and CSV report", key="report-build"):
             return
         with st.spinner("Building the report..."):
             try:
@@ -1066,6 +1081,7 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
             except Exception as e:  # a report bug must not hide the predictions above
                 st.error(f"The report could not be built ({type(e).__name__}: {e}).")
                 return
+        slot.empty()
         st.session_state["_report"] = held
     for col, (kind, (blob, mime, fname)) in zip(st.columns(len(held[1])), held[1].items()):
         col.download_button(f"Download the {kind.upper()} report", blob, fname, mime,

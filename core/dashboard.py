@@ -12,9 +12,10 @@ import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from .header import PREFIX as HEADER_PREFIX
+from .inference import shown_slice
 from .labels import FINE_TUMOURS, NO_TUMOUR
 from .metrics import is_tumour_label
-from .report import flags_of
+from .report import flags_of, slice_words
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
@@ -289,7 +290,8 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- batches
 def batch_table(results: list[dict]) -> pd.DataFrame:
-    """File, prediction, tumour probability and flags for a batch (errors included)."""
+    """File, prediction, tumour probability and flags for a batch (errors included); with a
+    volume in the batch, the slice each row is about and how it was chosen."""
     rows = []
     for r in results:
         if not r.get("ok"):
@@ -302,11 +304,15 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         if (r.get("ood_reason") or "").startswith(HEADER_PREFIX):
             flags = [f"{flags[0]} (DICOM header)", *flags[1:]]
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
-        rows.append({"file": r["file"], "prediction": r["pred"] if called else None,
+        info = r.get("info") or {}
+        rows.append({"file": r["file"], "slice": slice_words(info) if shown_slice(info) is not None else None,
+                     "prediction": r["pred"] if called else None,
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
-    return pd.DataFrame(rows, columns=["file", "prediction", "tumour probability", "confidence",
-                                       "flags"])
+    columns = ["file", "slice", "prediction", "tumour probability", "confidence", "flags"]
+    if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
+        columns.remove("slice")
+    return pd.DataFrame(rows, columns=columns)
 
 
 SERIES_COLUMNS = ["series", "files", "tumour called", "slices called tumour", "highest tumour probability",

@@ -537,6 +537,8 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
     return predictor.predict_file(src, name, **read_kw)
 
 
+BEST_SLICE = "most tumour-like"   # info["slice_choice"] of a slice picked by `most_tumour_like_slice`
+
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the
 # search stops (a volume the gate refuses throughout would cost one pass per slice).
 GATE_TRIES = 8
@@ -583,7 +585,7 @@ def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: 
     first = None
     for k in sorted(scores, key=scores.get, reverse=True)[:GATE_TRIES]:
         scan = scans[k]  # this call's own slice: its info is ours to extend, its head box stays found
-        scan.info.update({"slices_scored": len(scores), "slice_choice": "most tumour-like"})
+        scan.info.update({"slices_scored": len(scores), "slice_choice": BEST_SLICE})
         pred = predictor.predict_scan(scan)
         if pred.in_distribution:
             return k, pred

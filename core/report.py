@@ -211,22 +211,36 @@ def printable_path(name: str) -> str:
                    for ch in str(name))
 
 
+def slice_words(info: Mapping, numbering: str = "") -> str:
+    """'slice 15 of 19, chosen as most tumour-like' (a NIfTI slice; 'frame' of a DICOM or TIFF
+    stack), '' for a single image."""
+    for key, word in (("slice_index", "slice"), ("frame", "frame")):
+        if info.get(key) is not None:
+            n = info.get("n_slices") or info.get("n_frames")
+            text = f"{word} {info[key]}" + (f" of {n}{numbering}" if n else "")
+            return text + (f", chosen as {info['slice_choice']}" if info.get("slice_choice") else "")
+    return ""
+
+
 def source_line(info: Mapping) -> str:
     """'DICOM, MR, 224 x 224 px; frame 1 of 3' from allow-listed technical fields only."""
     parts = [str(info[k]) for k in ("format", "modality") if info.get(k)]
     if info.get("width") and info.get("height"):
         parts.append(f"{info['width']} x {info['height']} px")
     text = ", ".join(parts)
-    for key, word in (("slice_index", "slice"), ("frame", "frame")):
-        if info.get(key) is not None:
-            n = info.get("n_slices") or info.get("n_frames")
-            text += f"; {word} {info[key]}" + (f" of {n} (numbered from 0)" if n else "")
-            if info.get("slice_choice"):
-                text += f", chosen as {info['slice_choice']}"
-            break
+    if where := slice_words(info, " (numbered from 0)"):
+        text += f"; {where}"
     if info.get("display"):
         text += f"; {info['display']}"
+    if (info.get("n_volumes") or 1) > 1:   # a 4D file: say which of its volumes was read
+        text += f"; {volume_words(info)}"
     return text
+
+
+def volume_words(info: Mapping) -> str:
+    """'volume 0 of 3 (numbered from 0); the others were not read' for a 4D NIfTI."""
+    return (f"volume {info.get('volume', 0)} of {info['n_volumes']} (numbered from 0); "
+            "the others were not read")
 
 
 def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
@@ -242,18 +256,20 @@ def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
         return None, f"The saliency map could not be computed ({type(e).__name__})."
 
 
-REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance", "head_share")
+REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance", "head_share",
+                    "slice_choice")
 
 
 def analyse_one(name: str, src, predictor, threshold: float | None = None,
                 method: str | None = None, keep_bytes: bool = False, hot: list[int] | None = None,
-                mask: bytes | None = None, **read_kw) -> ScanResult:
+                mask: bytes | None = None, slice_choice: str | None = None, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
     ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume). ``hot``:
     the volume's other slices at the operating point when the caller has them already (the app
     scored every slice for its table); None scores them here. ``mask``: the tumour mask the page
     paired with the scan (`app_support.pair_masks`), judged against the call as the page does.
+    ``slice_choice``: how the caller chose ``slice_index`` ("most tumour-like"), for the source line.
     """
     shown = display_name(name)
     if isinstance(src, Exception):  # an upload that could not be unpacked (a zip member): listed, as on the page
@@ -261,6 +277,8 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
     try:
         data = load_bytes(src)
         scan = read_scan(data, shown, **read_kw)
+        if slice_choice and shown_slice(scan.info) is not None:
+            scan.info["slice_choice"] = slice_choice
         pred = at_threshold(predictor.predict_scan(scan), predictor.classes, threshold,
                             getattr(predictor, "referral", None))
         view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX}, scan.head_box)
@@ -304,7 +322,8 @@ def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None
     for shown, (name, src, *own) in zip(display_names([it[0] for it in items]), items):
         opts = {**read_kw, **(own[0] if own and own[0] else {})}
         r = analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
-                        keep_bytes, opts.pop("hot_slices", None), opts.pop("mask", None), **opts)
+                        keep_bytes, opts.pop("hot_slices", None), opts.pop("mask", None),
+                        opts.pop("slice_choice", None), **opts)
         r.name = shown   # told apart from the batch's other files of the same base name
         out.append(r)
     return out
@@ -376,7 +395,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
                 "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error",
-                "slice", "file_sha256", *MODEL_COLUMNS])
+                "slice", "slice_choice", "file_sha256", *MODEL_COLUMNS])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     model = _model_cells(predictor)
     # ScanResults already carry their display names (analyse): naming them again loses a folder
@@ -394,7 +413,9 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     int(bool(row.get("uncertain"))) if called else "",
                     int(not row.get("in_distribution", True)) if ok else "",
                     "; ".join(flags_of(row)), row.get("error") or "",
-                    "" if shown is None else shown, row.get("sha256") or "", *model])
+                    "" if shown is None else shown,
+                    (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
+                    row.get("sha256") or "", *model])
     return buf.getvalue()
 
 
@@ -712,6 +733,18 @@ def _image_side(pdf, below: float) -> float:
     return max(MIN_IMAGE_MM, min((pdf.epw - IMAGE_GAP) / 2, room))
 
 
+PDF_JPEG_QUALITY = 92
+
+
+def _jpeg(img) -> io.BytesIO:
+    """The picture as JPEG bytes, which fpdf embeds as they are: lossless (Flate) pictures made
+    a 60-scan report 19 MB, ~300 kB a page; at this quality the difference does not show."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=PDF_JPEG_QUALITY)
+    buf.seek(0)
+    return buf
+
+
 def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     """The model's view and the saliency overlay side by side, same frame, same size, each
     centred in its half of the page above its caption."""
@@ -719,10 +752,10 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     col = (pdf.epw - IMAGE_GAP) / 2
     y = pdf.get_y()
     x1, x2 = (pdf.l_margin + k * (col + IMAGE_GAP) + (col - side) / 2 for k in (0, 1))
-    pdf.image(Image.fromarray((np.clip(r.view, 0, 1) * 255).astype(np.uint8), "L"),
+    pdf.image(_jpeg(Image.fromarray((np.clip(r.view, 0, 1) * 255).astype(np.uint8), "L")),
               x=x1, y=y, w=side, h=side)
     if r.overlay is not None:
-        pdf.image(Image.fromarray(r.overlay, "RGB"), x=x2, y=y, w=side, h=side)
+        pdf.image(_jpeg(Image.fromarray(r.overlay, "RGB")), x=x2, y=y, w=side, h=side)
     else:  # an empty frame with the reason, so the missing map is never silent
         pdf.set_draw_color(*RULE)
         pdf.rect(x2, y, side, side, style="D")

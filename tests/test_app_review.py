@@ -21,7 +21,7 @@ import core.inference
 from conftest import CLASSES, REPO
 from core import app_support as app_support
 from core.dashboard import ood_summary, readable
-from core.inference import Prediction
+from core.inference import Prediction, Predictor
 from core.referral import ReferralRule
 
 SAMPLES = REPO / "assets" / "samples"
@@ -540,20 +540,18 @@ def test_evaluation_keeps_source_and_copies_toggle_across_a_model_switch(monkeyp
     assert "483" in at.toggle[0].label and at.toggle[0].value is False
 
 
-def test_batch_table_csv_quotes_cells_a_spreadsheet_would_run():
-    from core.dashboard import batch_table
+def test_batch_table_csv_quotes_cells_a_spreadsheet_would_run(random_weights):
     row = {"file": "=HYPERLINK(\"x\")notumor.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.9,
            "confidence": 0.9, "in_distribution": True, "uncertain": False, "type_uncertain": False}
-    text = app_support.results_csv(batch_table([row, {**row, "file": "-lgg+.jpg"}])).decode()
+    text = app_support.results_csv([row, {**row, "file": "-lgg+.jpg"}], Predictor(random_weights)).decode()
     assert "'=HYPERLINK" in text and "\n'-lgg+.jpg," in text
 
 
-def test_batch_table_csv_opens_as_utf8_in_a_spreadsheet():
+def test_batch_table_csv_opens_as_utf8_in_a_spreadsheet(random_weights):
     """Excel takes a CSV without a byte-order mark for the local code page: 'Müller' was garbled."""
-    from core.dashboard import batch_table
     row = {"file": "Müller_T1.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.9,
            "confidence": 0.9, "in_distribution": True, "uncertain": False, "type_uncertain": False}
-    data = app_support.results_csv(batch_table([row]))
+    data = app_support.results_csv([row], Predictor(random_weights))
     assert data.startswith(b"\xef\xbb\xbf") and "Müller_T1.jpg" in data.decode("utf-8-sig")
 
 
@@ -823,3 +821,55 @@ def test_a_tumour_call_near_an_end_of_the_head_gets_the_note_and_the_flag(app, m
     table = app.dataframe[0].value
     assert "slice near an end of the head" in table[table["file"] == "vol.nii"].iloc[0]["flags"]
     assert "slice near an end of the head" not in table[table["file"] == "s0.png"].iloc[0]["flags"]
+
+
+# ----------------------------------------------------------------------------- session 34 review
+def test_the_table_its_csv_and_the_report_say_which_slice_and_how_it_was_chosen(app, monkeypatch):
+    """With 'Most tumour-like slice' on, a volume's row changed its call with nothing saying which
+    slice it was about or why; the table's CSV lacked the operating point and the model, and the
+    report's source line did not say the slice was picked."""
+    import csv
+    import nibabel as nib
+    import numpy as np
+    from core import report
+    from core.inference import BEST_SLICE
+    seen = []
+    monkeypatch.setattr(report, "report_downloads_data", lambda items, *a, **k: seen.append(list(items)) or {
+        "pdf": (b"%PDF", "application/pdf", "report.pdf"), "csv": (b"a,b\n", "text/csv", "report.csv")})
+    vol = (np.random.default_rng(0).random((48, 48, 5)) * 200).astype(np.float32)
+    nii = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("vol.nii", nii, "application/octet-stream"),
+                                    ("a.png", _png_bytes(1), "image/png")]).run()
+    (table,) = app.dataframe
+    assert table.value["slice"].tolist()[0] == "slice 2 of 5" and table.value["slice"].isna().tolist()[1]
+    next(t for t in app.toggle if t.label == "Most tumour-like slice").set_value(True).run()
+    assert not app.exception, [e.value for e in app.exception]
+    best = app.session_state["_slices_shown"]
+    (k, how), = [v for v in best.values() if v[1]]
+    assert how == BEST_SLICE and app.dataframe[0].value["slice"][0] == f"slice {k} of 5, chosen as {BEST_SLICE}"
+    predictor = app_support.load_predictor(app.session_state["weights_dir"])
+    row = app_support.analyse(predictor, "vol.nii", nii, predictor.threshold, k, None, how)[0]
+    (line,) = list(csv.DictReader(io.StringIO(app_support.results_csv([row], predictor).decode("utf-8-sig"))))
+    assert (line["slice"], line["slice_choice"]) == (str(k), BEST_SLICE)
+    assert line["threshold"] and line["model"] and len(line["file_sha256"]) == 64
+    next(b for b in app.button if b.label.startswith("Prepare a PDF")).click().run()
+    opts = seen[0][0][2]
+    assert (opts["slice_index"], opts["slice_choice"]) == (k, BEST_SLICE)
+    (r,) = report.analyse([("vol.nii", nii, opts)], predictor)
+    assert f"slice {k} of 5 (numbered from 0), chosen as {BEST_SLICE}" in r.source
+
+
+def test_a_4d_nifti_says_which_volume_was_read(app):
+    """A 4D file (a time series, several sequences) was read at its first volume without a word."""
+    import nibabel as nib
+    import numpy as np
+    from core.report import source_line
+    from core.reader import read_scan
+    vol = (np.random.default_rng(0).random((48, 48, 5, 3)) * 200).astype(np.float32)
+    nii = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("four_d.nii", nii, "application/octet-stream")).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("holds 3 volumes: volume 0 of 3" in i.value for i in app.info)
+    assert "volume 0 of 3 (numbered from 0); the others were not read" in source_line(read_scan(nii, "v.nii").info)

@@ -192,3 +192,26 @@ def test_batch_upload_shows_table_and_per_file_error(server, browser, tmp_path):
     assert page.get_by_text("Prediction:").count() == len(files) - 1
     assert page.locator("[data-testid='stDataFrame']").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "6_diagnose_batch.png"), full_page=True)
+
+
+def test_a_report_goes_stale_when_the_saliency_method_changes(server, browser):
+    """The method box lives in a fragment: changing it re-ran only the maps, and the PDF offered
+    beside them still held the old method's maps. The Prepare button also stood beside the downloads."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{server['url']}/diagnose")
+    dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
+                            "[data-testid='stFileUploadDropzone']").first
+    with page.expect_file_chooser() as chooser:
+        dropzone.click()
+    chooser.value.set_files(str(REPO / "assets" / "samples" / "glioma.jpg"))
+    wait_for_app(page, "map alone")
+    prepare = page.get_by_role("button", name="Prepare a PDF and CSV report")
+    prepare.click()
+    wait_for_app(page, "Download the PDF report")
+    assert prepare.count() == 0   # built: the downloads replace the button
+    page.get_by_test_id("stSelectbox").filter(has_text="Saliency method").click()
+    page.get_by_role("option", name="HiResCAM").click()
+    wait_for_app(page, "Prepare a PDF and CSV report")
+    assert page.get_by_text("Download the PDF report").count() == 0
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -630,3 +630,12 @@ def test_a_file_given_twice_keeps_its_pdf_name_in_the_csv(four):
     results = R.analyse(items, four)
     rows = list(csv.DictReader(io.StringIO(R.build_csv(results, four.classes))))
     assert [r["file"] for r in rows] == [r.name for r in results] == ["pA/scan.jpg", "pB/scan.jpg", "pA/scan.jpg (2)"]
+
+
+def test_pdf_pictures_are_embedded_as_jpeg(four):
+    """The view and the overlay go in as JPEG: Flate-packed pictures made ~300 kB a page, and a
+    batch report of tens of scans tens of MB. The pictures are still there, two per scan."""
+    items = [(f"s{k}.png", scan_png(k, 256)) for k in range(3)]
+    pdf = R.build_report(items, four)
+    assert pdf.count(b"/DCTDecode") == 2 * len(items) and b"/FlateDecode\n/Height 384" not in pdf
+    assert len(pdf) < 100_000 * (len(items) + 1), len(pdf)
