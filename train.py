@@ -279,8 +279,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--finish-from DIR --out DIR: the run there would be moved aside first; give another --out")
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         p.error("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
-    if args.img < 8 or args.small_img < 0 or 0 < args.small_img < 8:
-        p.error("--img must be >= 8 pixels (and --small-img 0 or >= 8)")
+    from core.reader import MAX_SIDE   # no scan reaches the model larger: a bigger input only upsamples
+    if not 8 <= args.img <= MAX_SIDE or args.small_img < 0 or 0 < args.small_img < 8 or args.small_img > MAX_SIDE:
+        p.error(f"--img must be between 8 and {MAX_SIDE} pixels (and --small-img 0 or in that range)")
     if args.patience < 1 or args.limit < 0 or args.threads < 0 or args.workers < 0:
         p.error("--patience must be >= 1, and --limit, --threads and --workers >= 0")
     if not 0 <= args.seed < 2**31:
@@ -954,8 +955,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     weights_file = out / "model.safetensors"
     old_sha = file_sha256(weights_file) if args.resume and weights_file.is_file() else None
     # Written whole, then swapped in: a run killed here leaves the old weights or the new ones.
-    save_file(E.half_state(state), f"{weights_file}.tmp")
-    os.replace(f"{weights_file}.tmp", weights_file)
+    D.save_whole(weights_file, lambda tmp: save_file(E.half_state(state), str(tmp)))
     args.weights_sha256_record = new_sha = file_sha256(weights_file)   # read once: the card records it
     retire_measurements(out, old_sha, new_sha)
     test = [samples[i] for i in idx["test"]]

@@ -30,6 +30,12 @@ PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
 HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash4.json"  # plain + flips: not the one-hash phash.json of older versions
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)   # read by setting: there is no getter
+    os.umask(mask)
+    return mask
+
+
 def save_whole(path: str | Path, write) -> None:
     """``write(tmp)``, then ``tmp`` swapped in for ``path``: a reader (another run filling the same
     cache at the same moment, as two runs side by side on one GPU machine do) never opens a
@@ -40,6 +46,9 @@ def save_whole(path: str | Path, write) -> None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
+        # the mode a plain open() gives: safetensors writes 0600, and weights that only their
+        # trainer can read fail to load in an app or CLI run by another user
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -175,8 +184,10 @@ def parse_sources(entries: list) -> list[dict]:
     for e in entries:
         if isinstance(e, dict):
             d = _checked_entry(e)
-        else:
-            path, _, w = str(e).partition("=")
+        elif Path(str(e)).is_dir():   # a folder whose name holds '=' ("run=3") is a folder
+            d = {"path": str(e), "weight": 1.0}
+        else:   # the weight follows the last '=': "a=b/c=2" is the folder "a=b/c", weight 2
+            path, _, w = str(e).rpartition("=") if "=" in str(e) else (str(e), "", "")
             try:
                 d = {"path": path, "weight": float(w or 1.0)}
             except ValueError:

@@ -661,7 +661,8 @@ class OODGate:
         if not tensors:  # safetensors needs at least one tensor; the colour rule alone has none
             tensors["colour_limit"] = torch.tensor([self.colour_limit or 0.0])
         cfg = self.config()
-        save_file(tensors, str(out_dir / "ood.safetensors"), metadata={"config": json.dumps(cfg)})
+        save_whole(out_dir / "ood.safetensors",   # swapped in whole, readable as any file the run writes
+                   lambda tmp: save_file(tensors, str(tmp), metadata={"config": json.dumps(cfg)}))
         card = out_dir / "card.json"
         if card.exists():
             data = json.loads(card.read_text())
@@ -1378,8 +1379,20 @@ def _load_classifier(weights: Path, card: dict | None) -> tuple[nn.Module | None
     return model.eval(), card["preprocessing"]
 
 
+def _model_folder(weights: str | Path, *needed: str) -> None:
+    """A clear sentence, not an errno line, for a --weights folder that is not a trained model's."""
+    d = Path(weights)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--weights {d}: no such folder")
+    for name in ("card.json", *needed):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"--weights {d}: it has no {name}, so it is not a folder "
+                                    "train.py wrote" + ("" if name == "card.json" else " (or not all of one)"))
+
+
 def cmd_fit_ood(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    _model_folder(args.weights, *(() if args.split else ("split.json",)))
     rep = fit_gate_for_weights(args.weights, args.data_config, args.method, args.out, args.split,
                                args.epochs, args.n_train, args.n_test, args.seed, final=args.final,
                                n_folds=args.folds, n_stripped=args.stripped)
@@ -1393,6 +1406,7 @@ def cmd_fit_ood(args) -> int:
 
 def cmd_rethreshold_ood(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    _model_folder(args.weights)
     rethreshold_gate(args.weights, args.data_config)
     if (Path(args.weights) / "eval.json").exists():
         from .evaluation import annotate_ood  # the test records' flags follow the new threshold
@@ -1403,6 +1417,7 @@ def cmd_rethreshold_ood(args) -> int:
 def cmd_annotate_ood(args) -> int:
     from .evaluation import annotate_ood
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    _model_folder(args.weights, "eval.json")
     annotate_ood(args.weights, data_config=args.data_config)
     return 0
 

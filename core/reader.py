@@ -1014,6 +1014,9 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
         return ScanError(TAR_REFUSED)
     if _looks_like_text(data):
         return ScanError("The file contains text (for example a web page), not an image or scan.")
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):   # a TIFF (or BigTIFF) Pillow cannot decode
+        return ScanError("The file is a TIFF whose pixel type or layout cannot be read (64-bit floating "
+                         "point, say); save it as 8- or 16-bit grey, or 32-bit floating point.")
     ext = _suffix(name)
     if ext:
         return ScanError(f"The file is named '{ext}' but its content is not a supported "

@@ -710,3 +710,12 @@ def test_pydicom_value_warnings_stay_off_stderr(capfd):
 def test_one_frame_is_said_in_the_singular():
     with pytest.raises(ScanError, match=r"has one frame \(number 0\); frame 999"):
         reader.read_scan(encode(grey8(), "PNG"), "x.png", slice=999)
+
+
+def test_a_tiff_pillow_cannot_decode_is_called_a_tiff():
+    """A float64 TIFF (tifffile's default for a float array) was 'not a supported scan'."""
+    tifffile = pytest.importorskip("tifffile")   # comes with scikit-image
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.random.default_rng(0).random((32, 32)))
+    with pytest.raises(reader.ScanError, match="is a TIFF whose pixel type"):
+        reader.read_scan(buf.getvalue(), "f.tif")

@@ -687,3 +687,13 @@ def test_rescore_leaves_current_files_untouched(tmp_path):
         assert (d / "eval.json").read_bytes() == (src / "eval.json").read_bytes(), src.name
         assert (d / "card.json").read_bytes() == (src / "card.json").read_bytes(), src.name
     assert same_figures({"a": [0.98994, 1]}, {"a": [0.989939, 1]}) and not same_figures({"a": 0.98}, {"a": 0.97})
+
+
+@pytest.mark.parametrize("command", ["fit-ood", "rethreshold-ood", "annotate-ood"])
+def test_gate_commands_name_a_folder_that_is_no_model(command, tmp_path, capsys):
+    """They printed "[Errno 2] No such file or directory: '.../split.json'"."""
+    assert main([command, "--weights", str(tmp_path / "nowhere")]) == 2
+    assert "--weights " in capsys.readouterr().err
+    assert main([command, "--weights", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no card.json, so it is not a folder train.py wrote" in err and "Errno" not in err

@@ -637,3 +637,27 @@ def test_patient_folders_named_like_classes_stay_in_their_class(tmp_path):
     save(tmp_path / "d" / "Training" / "glioma" / "1.png", pattern(30))
     save(tmp_path / "d" / "Training" / "notumor" / "1.png", pattern(31))
     assert D.one_folder_note(D.discover(tmp_path / "d")) is None
+
+
+def test_a_folder_whose_name_holds_an_equals_sign_is_a_source(tmp_path):
+    """`--data /data/run=3` was read as the folder /data/run with weight 3 (or refused)."""
+    for name in ("run=3", "run=x"):
+        (tmp_path / name).mkdir()
+        (d,) = D.parse_sources([str(tmp_path / name)])
+        assert (d["path"], d["weight"], d["name"]) == (str(tmp_path / name), 1.0, name)
+    (d,) = D.parse_sources([f"{tmp_path / 'run=x'}=0.5"])   # and weighted: after the last '='
+    assert (d["path"], d["weight"]) == (str(tmp_path / "run=x"), 0.5)
+    with pytest.raises(ValueError, match="must be a number"):
+        D.parse_sources([f"{tmp_path / 'run=x'}=y"])
+
+
+def test_files_written_whole_are_readable_as_any_file_the_run_writes(tmp_path):
+    """safetensors creates its files 0600: weights a trainer wrote failed to load for another user."""
+    import stat
+    import torch
+    from safetensors.torch import save_file
+    D.save_whole(tmp_path / "m.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    (tmp_path / "plain.txt").write_text("x")
+    mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) and mode & stat.S_IRGRP
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "plain.txt"]

@@ -157,7 +157,8 @@ def test_a_run_resumed_from_the_epoch_that_stopped_it_stays_stopped(data, tmp_pa
 
 @pytest.mark.parametrize("extra, message", [
     (["--device", "mps"], "no Apple MPS device"), (["--device", "tpu"], "use auto, cpu, cuda"),
-    (["--arch", "foo"], "unknown model"), (["--img", "0"], "--img must be >= 8"),
+    (["--arch", "foo"], "unknown model"), (["--img", "0"], "--img must be between 8 and"),
+    (["--img", "100000"], "--img must be between 8 and 2048"),
     (["--limit", "-1"], ">= 0"), (["--threads", "-1"], ">= 0"), (["--seed", "-1"], "--seed must be"),
     (["--lr", "nan"], "finite number"), (["--patience", "0"], "--patience must be >= 1"),
 ])
