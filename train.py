@@ -455,12 +455,6 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":  # one input size for the whole run: let cuDNN time and keep its fastest kernels
         torch.backends.cudnn.benchmark = True
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and not args.resume:
-        moved, where = move_aside(out, list(RUN_FILES))
-        if moved:
-            say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) "
-                f"aside to {where}/ (a fresh run; --resume continues one)", flush=True)
     sources = D.parse_sources(args.data)
     for src in sources:  # recorded so that later commands find the data from any folder
         src["path"] = D.portable_root(src["path"])
@@ -502,6 +496,7 @@ def run(args: argparse.Namespace) -> int:
     # Files a recorded split (--split-from) does not name are not this run's data: left out of
     # training, the split record and the data fingerprint alike.
     unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool)
+    args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
     if unsplit.any():
         say(f"{int(unsplit.sum())} files are not in the recorded split: left out", flush=True)
     keep = (head >= args.min_head) & ~unsplit
@@ -619,6 +614,15 @@ def run(args: argparse.Namespace) -> int:
         say(f"resumed from epoch {start_epoch}", flush=True)
     split_files = D.split_record(samples)
     if rank == 0:
+        # Only now, with the data read and checked: a wrong --data moved the previous model aside
+        # and then failed, leaving --out without one (a folder made for nothing, too).
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            moved, where = move_aside(out, list(RUN_FILES))
+            if moved:
+                say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}"
+                    f"{', ...' if len(moved) > 4 else ''}) aside to {where}/ (a fresh run; --resume continues one)",
+                    flush=True)
         (out / "split.json").write_text(json.dumps({
             "method": method, "from": origin, "dropped_small_head": dropped, "files": split_files}))
         DD.barrier(world)
@@ -1016,7 +1020,10 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
         "data_notes": {"skipped_files": len(skipped),
                        "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],
                        "dropped_small_head": f"{len(dropped)} slices whose head covers < "
-                                             f"{args.min_head:.0%} of the image (near-black ends of volumes)"},
+                                             f"{args.min_head:.0%} of the image (near-black ends of volumes)",
+                       "not_in_recorded_split": f"{getattr(args, 'left_out_record', 0)} files the recorded split "
+                                                "does not name, left out (the run that made the split dropped "
+                                                "them, or they are new)"},
         "metrics": card_metrics(ev),
         "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
                      "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}

@@ -65,7 +65,7 @@ st.markdown("#### How it was made")
 st.code(card.get("command", "n/a"), language="bash")
 libraries = dash.readable(card.get("libraries"))
 st.caption(f"{card.get('parameters', 0) / 1e6:.2f} M parameters, weights "
-           f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MB, sha256 {predictor.weights_sha256[:16]}..."
+           f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MiB, sha256 {predictor.weights_sha256[:16]}..."
            + (f", libraries {libraries}" if libraries else "") + f", built {card.get('date', '?')}")
 st.download_button("Download card.json", json.dumps(card, indent=1), "card.json",
                    "application/json", on_click="ignore")

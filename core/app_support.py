@@ -1104,6 +1104,22 @@ def gallery_key(record: dict, blobs: dict[str, bytes] | None = None) -> str:
     return f"{record.get('source', 'data')}/{record['file']}"
 
 
+def explained_class(record: dict, explain: str, classes: list[str]) -> str:
+    """The class a gallery map explains for ``record[explain]`` ('label' or 'pred'): itself where it
+    is a class of the model; a coarse 'tumor' (a Br35H label, a folded yes/no call) its likeliest
+    type, never 'no tumour' (a missed Br35H tumour's 'true class' map was the no-tumour one)."""
+    c = record[explain]
+    if c in classes:
+        return c
+    if is_tumour_label(c):
+        probs = record.get("model_probs") or record.get("probs") or {}
+        types = [t for t in tumour_classes(classes) if t in probs]
+        likeliest = record.get("tumour_type") or (max(types, key=probs.get) if types else None)
+        if likeliest in classes:
+            return likeliest
+    return next(x for x in (record.get("pred_type"), record["pred"], *classes) if x in classes)
+
+
 def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] | None = None,
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
@@ -1135,10 +1151,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 absent.add(r.get("source", "?"))
                 continue
             key = gallery_key(r, blobs)
-            # A coarse label or call ('tumor') is no class of a 4-class model: a tumour call explains
-            # its most likely type (pred_type is the card threshold's call, which a moved one may flip)
-            coarse = r.get("tumour_type") if r["pred"] == TUMOUR else r.get("pred_type")
-            target = next(c for c in (r[explain], coarse, r["pred"]) if c in predictor.classes)
+            target = explained_class(r, explain, predictor.classes)
             cam = cached_saliency(predictor, scan, key, method, target)
             tp = r.get("tumour_probability")
             img = overlay(display_image(scan, predictor.spec), cam, 0.4)

@@ -873,3 +873,18 @@ def test_a_4d_nifti_says_which_volume_was_read(app):
     assert not app.exception, [e.value for e in app.exception]
     assert any("holds 3 volumes: volume 0 of 3" in i.value for i in app.info)
     assert "volume 0 of 3 (numbered from 0); the others were not read" in source_line(read_scan(nii, "v.nii").info)
+
+
+def test_the_gallery_explains_a_coarse_tumour_label_by_its_likeliest_type():
+    """'Grad-CAM for the true class' of a missed Br35H tumour (label 'tumor', no type) drew the
+    no-tumour map: the fallback was the call. It is the tumour's likeliest type."""
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    missed = {"label": "tumor", "pred": "notumor",
+              "probs": {"glioma": 0.01, "meningioma": 0.02, "notumor": 0.9, "pituitary": 0.07}}
+    assert app_support.explained_class(missed, "label", classes) == "pituitary"
+    assert app_support.explained_class(missed, "pred", classes) == "notumor"
+    folded = {"label": "tumor", "pred": "notumor", "pred_type": "notumor", "tumour_type": "meningioma",
+              "probs": {"tumor": 0.1, "notumor": 0.9}}   # a yes/no zip's record, folded
+    assert app_support.explained_class(folded, "label", classes) == "meningioma"
+    assert app_support.explained_class({**folded, "pred": "tumor", "label": "notumor"}, "pred", classes) == "meningioma"
+    assert app_support.explained_class({"label": "glioma", "pred": "notumor"}, "label", classes) == "glioma"

@@ -207,23 +207,24 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()
-    # a fresh run that stops early (one class) must not leave the old run's state to be resumed,
-    # nor lose it (a forgotten --resume): it is moved aside
+    # a fresh run refused on its data (one class) leaves the old run as it was, whole: nothing
+    # of the new run was written (session 34: it had moved the model aside, then failed)
     assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
-    assert not (out / "checkpoint.pt").exists() and not (out / "best.pt").exists()
+    assert (out / "best.pt").read_bytes() == b"another run's best weights" and not list(out.glob("previous-*"))
+    # a fresh run that gets past its data must not leave the old run's state to be resumed, nor
+    # lose it (a forgotten --resume): it is moved aside before the new split is written
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
     (prev,) = out.glob("previous-*")
     assert (prev / "best.pt").read_bytes() == b"another run's best weights"
     assert (prev / "checkpoint.pt").stat().st_size > 0
-    assert "no checkpoint.pt" in refused(["--data", one_class, "--out", out, "--resume", *TINY], capsys)
     # nor its weights, card and gate beside this run's split (review, session 20: an interrupted
     # retrain left the old model.safetensors, card.json and ood.safetensors with a new split.json)
-    assert not any((out / f).exists() for f in ("model.safetensors", "card.json", "eval.json"))
-    assert (out / "notes.txt").read_text() == "the user's own file"
     assert {"model.safetensors", "card.json", "eval.json", "history.json"} <= {f.name for f in prev.iterdir()}
-    # a failed retry never empties the folder that holds the finished model (it did: previous/
-    # was cleared for the next run's leftovers); leftovers go to a folder of their own
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    # a later run never empties the folder that holds the earlier model (it did: previous/ was
+    # cleared for the next run's leftovers); leftovers go to a folder of their own
     (out / "split.json").write_text("{}")   # what an interrupted retry leaves
-    assert train.main(["--data", str(one_class), "--out", str(out), "--epochs", "1", *TINY]) == 2
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
     assert (prev / "model.safetensors").is_file() and len(list(out.glob("previous-*"))) == 2
 
 
@@ -338,6 +339,8 @@ def test_files_outside_a_recorded_split_are_not_this_run_s_data(data, tmp_path, 
     assert "4 files are not in the recorded split: left out" in capsys.readouterr().out
     card1, card2 = (json.loads((d / "card.json").read_text()) for d in (first, second))
     assert card2["data_fingerprint"] == card1["data_fingerprint"]
+    assert card2["data_notes"]["not_in_recorded_split"].startswith("4 files the recorded split does not name")
+    assert card1["data_notes"]["not_in_recorded_split"].startswith("0 files")
     files = json.loads((second / "split.json").read_text())["files"]
     assert all("" not in splits for splits in files.values())
 
@@ -450,3 +453,17 @@ def test_a_checkpoint_from_before_an_added_option_refuses_to_switch_it_on(option
     assert train.resume_conflicts(saved, now) == []          # off, as that run trained
     now[option] = 0.3
     assert any(train._option(option) in c for c in train.resume_conflicts(saved, now))
+
+
+def test_a_fresh_run_on_wrong_data_leaves_the_previous_model_in_place(data, tmp_path, capsys):
+    """A typo in --data moved the model in --out aside, then failed: --out was left with no model.
+    And a run that fails on its data makes no --out folder."""
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    (tmp_path / "empty").mkdir()
+    for bad in ([tmp_path / "empty"], [data / "glioma"]):   # no class folders; one class only
+        code = train.main(["--data", str(bad[0]), "--out", str(out), "--epochs", "1", *TINY])
+        assert code == 2 and sorted(p.name for p in out.iterdir()) == before
+    assert train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "new"), *TINY]) == 2
+    assert not (tmp_path / "new").exists()
