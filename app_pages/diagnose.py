@@ -2,8 +2,8 @@
 import streamlit as st
 
 from core import app_support as app
-from core.dashboard import batch_table, probability_bar, series_table, tumour_gauge
-from core.inference import BEST_SLICE
+from core.dashboard import batch_table, probability_bar, series_table, slice_profile, tumour_gauge
+from core.inference import BEST_SLICE, END_SLICE_SHARE
 from core.labels import tumour_classes
 from core.metrics import apart
 from core.report import tp_column_format, volume_words
@@ -117,6 +117,14 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
             alert = app.volume_alert(predictor, data, name, threshold, slice_index)
         if alert:
             st.warning(alert, icon=":material/warning:")
+        if predictor.is_tumour_model and row.get("ok"):
+            with st.expander("Tumour probability across the slices", expanded=bool(alert)):
+                scores, shares = app.cached_slice_profile(predictor, data, name)
+                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE),
+                                key=f"profile-{wkey}-{slice_index}")
+                st.caption("Every non-empty slice, before the out-of-distribution check. Grey: slices "
+                           "under half the head's widest cross-section, near an end of the head, where "
+                           "the model called slices of two healthy T1 heads glioma.")
     return row
 
 items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif

@@ -826,8 +826,15 @@ def cached_slice_count(data: bytes, name: str) -> int:
 
 
 def cached_slice_scores(predictor: Predictor, data: bytes, name: str) -> dict[int, float]:
-    return _cache("_slice_scores", 64).get_or((model_identity(predictor), digest(data)),
-                                              lambda: slice_scores(predictor, data, name)[2])
+    return cached_slice_profile(predictor, data, name)[0]
+
+
+def cached_slice_profile(predictor: Predictor, data: bytes, name: str) -> tuple[dict[int, float], dict[int, float]]:
+    """({slice: tumour probability}, {slice: head_share}) of a volume, scored once per file and model."""
+    def profile():
+        scans, _, scores = slice_scores(predictor, data, name)
+        return scores, {k: scans[k].info["head_share"] for k in scores if "head_share" in scans[k].info}
+    return _cache("_slice_scores", 64).get_or((model_identity(predictor), digest(data)), profile)
 
 
 def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None, str]:

@@ -54,6 +54,40 @@ def tumour_gauge(p: float, threshold: float | None, called: bool | None = None) 
     return _layout(fig, "", height=90, margin=dict(l=10, r=20, t=10, b=20))
 
 
+def slice_profile(scores: dict[int, float], threshold: float | None, shown: int | None,
+                  shares: dict[int, float] | None = None, end_share: float = 0.5) -> go.Figure:
+    """A volume's tumour probability slice by slice: the operating point as a dashed line, the
+    slice shown as a dotted one, and slices under ``end_share`` of the head's widest cross-section
+    (``shares``: slice -> head_share) shaded grey. A run of hot slices at the top of a healthy head
+    reads differently from one in the middle of the brain."""
+    ks = sorted(scores)
+    fig = go.Figure(go.Scatter(x=ks, y=[scores[k] for k in ks], mode="lines+markers", name="tumour probability",
+                               marker={"size": 4, "color": PALETTE[0]},
+                               hovertemplate="slice %{x}<br>tumour probability %{y:.3f}<extra></extra>"))
+    for lo, hi in _runs([k for k in ks if (shares or {}).get(k, 1.0) < end_share]):
+        fig.add_vrect(x0=lo - 0.5, x1=hi + 0.5, fillcolor="grey", opacity=0.18, line_width=0)
+    if threshold is not None:
+        fig.add_hline(y=threshold, line_dash="dash", line_color="black",
+                      annotation_text=f"operating point {threshold:.3f}", annotation_position="top left")
+    if shown is not None:
+        fig.add_vline(x=shown, line_dash="dot", line_color=PALETTE[3],
+                      annotation_text=f"slice {shown}", annotation_position="top right")
+    fig.update_xaxes(title="slice")
+    fig.update_yaxes(title="tumour probability", range=[0, 1.02])
+    return _layout(fig, "", height=240, margin=dict(l=10, r=10, t=20, b=10), showlegend=False)
+
+
+def _runs(ks: list[int]) -> list[tuple[int, int]]:
+    """Sorted slice numbers as (first, last) runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for k in ks:
+        if out and k == out[-1][1] + 1:
+            out[-1] = (out[-1][0], k)
+        else:
+            out.append((k, k))
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluation
 def confusion_heatmap(cm: list[list[int]], classes: list[str], normalise: bool = False) -> go.Figure:
     """Rows are the true class; with ``normalise`` every row sums to 1 (recall on the diagonal),

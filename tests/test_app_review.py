@@ -888,3 +888,27 @@ def test_the_gallery_explains_a_coarse_tumour_label_by_its_likeliest_type():
     assert app_support.explained_class(folded, "label", classes) == "meningioma"
     assert app_support.explained_class({**folded, "pred": "tumor", "label": "notumor"}, "pred", classes) == "meningioma"
     assert app_support.explained_class({"label": "glioma", "pred": "notumor"}, "label", classes) == "glioma"
+
+
+def test_a_volume_shows_its_tumour_probability_slice_by_slice(app):
+    """The page named the hot slices in a sentence; a chart shows where they lie (a run at an end
+    of the head, shaded, reads differently from one mid-brain), with the operating point and the
+    slice shown."""
+    import nibabel as nib
+    import numpy as np
+    from core.dashboard import slice_profile
+    vol = np.zeros((48, 48, 7), np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    for k, r in enumerate((6, 12, 18, 20, 18, 12, 6)):   # a head that narrows towards both ends
+        vol[..., k] = ((yy - 24) ** 2 + (xx - 24) ** 2 < r * r) * (100 + 50 * np.random.default_rng(k).random((48, 48)))
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("v.nii", nib.Nifti1Image(vol, np.eye(4)).to_bytes(), "application/octet-stream")).run()
+    assert not app.exception, [e.value for e in app.exception]
+    (box,) = [e for e in app.expander if e.label == "Tumour probability across the slices"]
+    assert len(box.get("plotly_chart")) == 1
+    predictor = app_support.load_predictor(app.session_state["weights_dir"])
+    scores, shares = app_support.cached_slice_profile(predictor, nib.Nifti1Image(vol, np.eye(4)).to_bytes(), "v.nii")
+    assert sorted(scores) == list(range(7)) and shares[3] == 1.0 and shares[0] < 0.5 <= shares[2]
+    fig = slice_profile(scores, 0.3, 3, shares)
+    bands = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect"]
+    assert bands == [(-0.5, 1.5), (4.5, 6.5)] and list(fig.data[0].x) == list(range(7))
