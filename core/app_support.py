@@ -265,6 +265,24 @@ def evaluation_at(records: list[dict], classes: list[str], threshold: float | No
     return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
 
 
+def accepted_note(records: list[dict], classes: list[str], threshold: float | None,
+                  source: str | None = None, rule: ReferralRule | None = None) -> str | None:
+    """What the page's figures are over the scans the gate accepts, when it refuses some: the
+    figures count a refused scan's raw output (a cat photo in a 'no tumour' folder scored as a
+    right 'no tumour'), and the app gives such a scan no call at all. None when none is refused."""
+    ev = evaluation_at(records, classes, threshold, source, rule)
+    if not ev.get("flagged_ood"):
+        return None
+    kept = evaluation_at([r for r in records if r.get("in_distribution", True)], classes, threshold, source, rule)
+    parts = [f"accuracy {kept['accuracy']:.1%}" if kept.get("accuracy") is not None else None,
+             f"tumours missed {kept['tumour_missed']} of {kept['n_tumour']}" if kept.get("n_tumour") else None,
+             f"specificity {kept['specificity']:.1%}" if kept.get("specificity") is not None else None]
+    said = ", ".join(p for p in parts if p)
+    return (f"{ev['flagged_ood']} of these {ev['n']} scans are refused by the out-of-distribution check and "
+            "counted above by the model's raw output (the app gives them no call). Over the "
+            f"{kept['n']} it accepts" + (f": {said}." if said else ", no figure can be given."))
+
+
 def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     """For a 'no tumour' call: how many of its test tumours this model called 'no tumour' at this
     operating point, per source (eval.json records without copies in training, as the Evaluation

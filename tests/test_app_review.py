@@ -912,3 +912,22 @@ def test_a_volume_shows_its_tumour_probability_slice_by_slice(app):
     fig = slice_profile(scores, 0.3, 3, shares)
     bands = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect"]
     assert bands == [(-0.5, 1.5), (4.5, 6.5)] and list(fig.data[0].x) == list(range(7))
+
+
+def test_the_evaluation_says_what_the_figures_are_over_the_scans_the_gate_accepts():
+    """A cat photo in a labelled zip's notumor/ folder, refused by the gate, counted as a right
+    'no tumour' (100 % accuracy): the page now also gives the figures without the refused scans."""
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+
+    def rec(label, pred, ok=True):
+        p = {c: 0.01 for c in classes}
+        p[pred] = 0.97
+        return {"file": f"{label}/{pred}{ok}.jpg", "label": label, "pred": pred, "probs": p,
+                "tumour_probability": 1 - p["notumor"], "confidence": 0.97, "uncertain": False,
+                "type_uncertain": False, "in_distribution": ok}
+    records = [rec("notumor", "notumor", False), rec("glioma", "glioma"), rec("glioma", "notumor"),
+               rec("notumor", "notumor")]
+    note = app_support.accepted_note(records, classes, 0.5)
+    assert note.startswith("1 of these 4 scans are refused")
+    assert "Over the 3 it accepts: accuracy 66.7%, tumours missed 1 of 2, specificity 100.0%." in note
+    assert app_support.accepted_note(records[1:], classes, 0.5) is None
