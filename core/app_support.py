@@ -1175,10 +1175,15 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             if scan is None:
                 absent.add(r.get("source", "?"))
                 continue
+            tp = r.get("tumour_probability")
+            if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
+                cols[k % 4].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
+                                  caption=f"{r['file']}: true {r['label']}, refused by the out-of-distribution "
+                                          f"check (raw output {r['pred']}): no map")
+                continue
             key = gallery_key(r, blobs)
             target = explained_class(r, explain, predictor.classes)
             cam = cached_saliency(predictor, scan, key, method, target)
-            tp = r.get("tumour_probability")
             img = overlay(display_image(scan, predictor.spec), cam, 0.4)
             on_disk = blobs is None or r["file"] not in blobs  # an uploaded zip has no masks
             frame = input_mask(scan, record_mask_path(predictor.card, r), predictor.spec) \

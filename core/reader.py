@@ -345,6 +345,8 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
             if img.format in ("JPEG", "MPO") and max(width, height) > MAX_SIDE:
                 img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4...: less memory
             _load(img)
+            if img.size != (width, height):   # the decoder reduced it already: say from what
+                info["downscaled_from"] = [width, height]
             grey, colour, extra = _decode_loaded(img, info)
         except ScanError:
             raise
@@ -401,7 +403,10 @@ def _seek(img: Image.Image, frame: int) -> None:
 def _decode_loaded(img: Image.Image, info: dict) -> tuple[np.ndarray, float, dict]:
     orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
     turned = isinstance(orientation, int) and 2 <= orientation <= 8  # a malformed tag is ignored, as viewers do
-    img = _reduce_image(img, info, swap=turned and orientation >= 5)  # first: the steps below copy
+    swap = turned and orientation >= 5
+    if swap and "downscaled_from" in info:   # a JPEG reduced while decoding: its size as displayed
+        info["downscaled_from"] = info["downscaled_from"][::-1]
+    img = _reduce_image(img, info, swap)  # first: the steps below copy
     if turned:
         img = ImageOps.exif_transpose(img)
         info["exif_rotated"] = int(orientation)
@@ -415,7 +420,7 @@ def _reduce_image(img: Image.Image, info: dict, swap: bool = False) -> Image.Ima
     if longest <= MAX_SIDE:
         return img
     factor = math.ceil(longest / MAX_SIDE)
-    info["downscaled_from"] = list(img.size[::-1] if swap else img.size)
+    info.setdefault("downscaled_from", list(img.size[::-1] if swap else img.size))   # a JPEG's draft set it
     if img.mode in ("P", "PA", "1"):
         return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.NEAREST)
     try:

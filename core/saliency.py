@@ -230,8 +230,10 @@ def read_mask(src: str | Path | bytes) -> np.ndarray:
     values, whether they are 0/255 or 0/1 (which the upload pairing also takes for a mask)."""
     import io
     from PIL import Image
+    from PIL import ImageOps
     with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
-        a = np.asarray(im.convert("L"), dtype=np.float32)
+        # turned by its EXIF tag as the reader turns its scan, or the outline misses the lesion
+        a = np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.float32)
     lo, hi = float(a.min()), float(a.max())
     return a > ((lo + hi) / 2 if hi > lo else 127)
 

@@ -231,6 +231,11 @@ def test_a_yes_no_model_is_checked_on_its_tumour_class(tmp_path):
 @pytest.fixture
 def masked_app(tmp_path, monkeypatch):
     """The app on a random model whose card names EigenCAM and whose synth data has a mask."""
+    return _masked_app(tmp_path, monkeypatch)
+
+
+def _masked_app(tmp_path, monkeypatch, refused: bool = False):
+    """``refused``: the missed scan's record is one the out-of-distribution gate refused."""
     from streamlit.testing.v1 import AppTest
     from conftest import REPO
     w = make_weights(tmp_path / "w")
@@ -240,7 +245,7 @@ def masked_app(tmp_path, monkeypatch):
     ev = json.loads((w / "eval.json").read_text())
     for r in ev["predictions"]:  # one tumour missed for sure, so the gallery shows it
         if r["source"] == "synth" and r["file"] == "glioma/0.png":
-            r.update(pred="notumor", tumour_probability=0.2, confidence=0.8,
+            r.update(pred="notumor", tumour_probability=0.2, confidence=0.8, in_distribution=not refused,
                      probs={"glioma": 0.1, "meningioma": 0.05, "pituitary": 0.05, "notumor": 0.8})
     (w / "eval.json").write_text(json.dumps(ev))
     (w / "data" / "synth" / "masks").mkdir()
@@ -278,3 +283,51 @@ def test_gallery_outlines_the_mask_beside_a_missed_lgg_like_scan(masked_app):
     assert at.radio(key="gallery-explain").label == "EigenCAM for"
     caption = next(c for im in at.image for c in im.captions if c.startswith("glioma/0.png"))
     assert "magenta: tumour mask" in caption and "map peak" in caption
+
+
+def test_the_gallery_draws_no_map_for_a_scan_the_gate_refused(tmp_path, monkeypatch):
+    """A missed Br35H scan refused by the gate got its Grad-CAM in the gallery, captioned as a call."""
+    from core import app_support
+    at = _masked_app(tmp_path, monkeypatch, refused=True)
+    asked = []
+    real = app_support.cached_saliency
+    monkeypatch.setattr(app_support, "cached_saliency", lambda p, scan, key, *a, **k: asked.append(key) or real(p, scan, key, *a, **k))
+    at.switch_page("app_pages/evaluation.py").run()
+    at.selectbox[0].set_value("synth").run()
+    assert not at.exception
+    caption = next(c for im in at.image for c in im.captions if c.startswith("glioma/0.png"))
+    assert "refused by the out-of-distribution check" in caption and "no map" in caption
+    assert not any(k.endswith("glioma/0.png") for k in asked)
+
+
+def _blob_scan_and_mask(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A grey head with a bright lesion off-centre, and the lesion's mask."""
+    yy, xx = np.mgrid[:h, :w] / np.array([h, w])[:, None, None]
+    head = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.16) * 90.0
+    lesion = (yy - 0.35) ** 2 + (xx - 0.62) ** 2 < 0.006
+    return np.clip(head + lesion * 150, 0, 255).astype(np.uint8), lesion.astype(np.uint8) * 255
+
+
+@pytest.mark.parametrize("orientation, fmt, size", [(6, "JPEG", (300, 240)), (3, "PNG", (300, 240)),
+                                                    (1, "JPEG", (4100, 4100))])
+def test_a_mask_lands_on_its_lesion_when_the_reader_turns_or_shrinks_the_scan(orientation, fmt, size):
+    """A mask with its scan's EXIF turn was read unturned (outline off the lesion, IoU 0); a JPEG
+    of 4096 px or more, reduced while decoding, recorded no (or a wrong) original size, so its
+    full-size mask matched nothing (no outline, no contradiction warning)."""
+    import io
+    from core.app_support import display_image, input_mask
+    from core.preprocess import DEFAULT_SPEC
+    from core.reader import read_scan
+    scan_a, mask_a = _blob_scan_and_mask(*size)
+
+    def saved(a, f):
+        im, buf = Image.fromarray(a), io.BytesIO()
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(buf, f, exif=exif) if orientation != 1 else im.save(buf, f)
+        return buf.getvalue()
+    scan = read_scan(saved(scan_a, fmt), f"x.{fmt.lower()}")
+    mask = input_mask(scan, saved(mask_a, "PNG"), DEFAULT_SPEC)
+    assert mask is not None and mask.any()
+    view = display_image(scan, DEFAULT_SPEC)
+    assert view[mask].mean() > 2 * view[(view > 0.05) & ~mask].mean()   # on the bright lesion
