@@ -94,10 +94,10 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
     slice_index = shown[0]
     row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index, masks.get(name), shown[1])
     if scan is None:
-        st.error(f"**{name}**: {row['error']}")
+        st.error(f"**{app.md_name(name)}**: {row['error']}")
         return row
     if (scan.info.get("n_volumes") or 1) > 1:   # a 4D file: a series in time, or several sequences
-        st.info(f"**{name}** holds {scan.info['n_volumes']} volumes: {volume_words(scan.info)}. "
+        st.info(f"**{app.md_name(name)}** holds {scan.info['n_volumes']} volumes: {volume_words(scan.info)}. "
                 "Export the volume you mean as its own file to read another.", icon=":material/info:")
     wkey = app.widget_key(pos, name, data)
     left, right = st.columns([1, 2])
@@ -139,7 +139,7 @@ if len(items) == 1:
 elif len(items) <= DETAILED:
     summary, results = st.container(), []
     for pos, (name, data) in enumerate(items):
-        with st.expander(name, expanded=True):
+        with st.expander(app.md_name(name), expanded=True):
             slices[pos] = pick_slice(pos, name, data)
             results.append(show(pos, name, data, slices[pos]))
 else:
@@ -150,9 +150,9 @@ else:
                for k, (name, data) in enumerate(items)]
     for r in results:
         if not r["ok"]:
-            st.error(f"**{r['file']}**: {r['error']}")
+            st.error(f"**{app.md_name(r['file'])}**: {r['error']}")
         elif r.get("hot_slices"):  # a volume's other slices: not only inside a file's details
-            st.warning(f"**{r['file']}**: slices {app.listed_slices(r['hot_slices'])} reach the operating "
+            st.warning(f"**{app.md_name(r['file'])}**: slices {app.listed_slices(r['hot_slices'])} reach the operating "
                        "point; the slice in the table does not. Show its details before calling it clear.",
                        icon=":material/warning:")
     ok = [k for k, r in enumerate(results) if r["ok"]]

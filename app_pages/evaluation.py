@@ -29,7 +29,7 @@ else:
             held = app.evaluate_zip(predictor, up.name, up.getvalue(),
                                     progress=lambda f: bar.progress(f, text=f"{f:.0%} evaluated"))
         except app.ScanError as e:
-            st.error(f"{up.name}: {e}")
+            st.error(f"{app.md_name(up.name)}: {e}")
             st.stop()
         app.keep_result("zip_eval", predictor, held)
     held, dropped = app.held_result("zip_eval", predictor)  # another model's results are dropped
@@ -40,13 +40,13 @@ else:
                 "Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
         st.stop()
     for s in held["skipped"][:20]:
-        st.error(f"{s['file']}: {s['error']}")
+        st.error(f"{app.md_name(s['file'])}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
     classes, rule = app.zip_view(held, predictor)
     if held["ev"].get("scored_as"):
         st.caption(f"Folders without a tumour type: scored {held['ev']['scored_as']}.")
     if not records:
-        st.error(f"No scan in {held['name']} could be evaluated.")
+        st.error(f"No scan in {app.md_name(held['name'])} could be evaluated.")
         st.stop()
 
 kept, n_copies = app.without_copies(records)

@@ -474,7 +474,20 @@ def expand_uploads(files: list[tuple[str, bytes]],
         out += [(f"{name}/{m}", ScanError(c) if isinstance(c, str) else c) for m, c in members.entries]
         used += sum(len(c) for _, c in members)
     # once more over the whole list: members of one zip may clash ('a.png' and './a.png')
-    return list(zip(unique_names([n for n, _ in out]), [c for _, c in out]))
+    return list(zip(unique_names([shown_name(n) for n, _ in out]), [c for _, c in out]))
+
+
+def shown_name(name: str) -> str:
+    """An upload's name as every part of the page shows it: no control or format characters (an
+    escape sequence, a right-to-left override, zero-width ones), at most NAME_CHARS characters."""
+    from .report import _capped, _name_parts
+    return _capped("/".join(_name_parts(name)))
+
+
+def md_name(name: str) -> str:
+    """A file name inside markdown (warnings, errors, expander labels) as literal text: a name is
+    the uploader's, and '[sign in](https:/x)' or '![](https:/tracker)' must not become a link."""
+    return "`" + str(name).replace("`", "'") + "`"
 
 
 def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
@@ -500,7 +513,7 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
         raise ScanError(f"The zip archive could not be read ({type(e).__name__}).") from e
     # names made unique, as an upload batch's are: 'glioma/a.jpg' and './glioma/a.jpg' were one
     # name, and the gallery, keyed by name, showed the other scan for a missed tumour
-    names = unique_names([name for _, name, _ in members] + [name for name, _ in members.skipped])
+    names = unique_names([shown_name(name) for _, name, _ in members] + [shown_name(name) for name, _ in members.skipped])
     items = [(name, normalise_label(folder), content)
              for name, (folder, _, content) in zip(names, members)]
     return items, [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]
@@ -1170,7 +1183,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             try:
                 scan = gallery_scan(predictor.card, r, blobs)
             except ScanError as e:
-                cols[k % 4].error(f"{r['file']}: {e}")
+                cols[k % 4].error(f"{md_name(r['file'])}: {e}")
                 continue
             if scan is None:
                 absent.add(r.get("source", "?"))

@@ -366,8 +366,8 @@ def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
     groups: dict[str, dict[str, dict]] = {}
     for r in results:
         key = (r.get("info") or {}).get("series") if r.get("ok") else None
-        if key:  # a file given twice is one slice
-            groups.setdefault(key, {}).setdefault(r["file"], r)
+        if key:  # a file given twice, under one name or two (its content hash where known), is one slice
+            groups.setdefault(key, {}).setdefault(r.get("sha256") or r["file"], r)
     order = lambda r: ((r.get("info") or {}).get("instance", float("inf")), r["file"])  # noqa: E731
     rows = []
     for members in (sorted(m.values(), key=order) for m in groups.values() if len(m) > 1):

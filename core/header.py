@@ -55,6 +55,15 @@ def _not_head(part: str) -> bool:
     return _part_key(part) in NON_HEAD_PARTS or bool(words & NON_HEAD_WORDS)
 
 
+def _named_part(part: str) -> str:
+    """The non-head term recognised in a Body Part Examined ("LOWER LEG" -> "LEG"): the only text of
+    that free-text field a reason repeats."""
+    if _part_key(part) in NON_HEAD_PARTS:   # a whole term ("L-SPINE"): as written, its letters only
+        return re.sub(r"[^A-Z0-9 _\-^]", "", part.upper())
+    words = [w for w in re.split(r"[\s_\-^/,.&+]+", part.upper()) if w in NON_HEAD_WORDS]
+    return " ".join(words) if words else _part_key(part)
+
+
 def header_reason(info: dict) -> str | None:
     """One plain sentence when the file's header says it is not a brain MRI, else None.
 
@@ -68,6 +77,6 @@ def header_reason(info: dict) -> str | None:
                 "the model reads brain MRI only.")
     part = str(info.get("body_part", "")).strip()
     if part and _not_head(part):
-        return (f"{PREFIX} the body part examined is {part}, not the head; "
+        return (f"{PREFIX} the body part examined is {_named_part(part)}, not the head; "
                 "the model reads brain MRI only.")
     return None

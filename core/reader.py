@@ -430,8 +430,39 @@ def _reduce_image(img: Image.Image, info: dict, swap: bool = False) -> Image.Ima
 
 
 # ----------------------------------------------------------------------------- DICOM
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole dataset zlib-packed
+
+
+def _check_deflated(data: bytes, force: bool) -> None:
+    """Refuse a deflated DICOM that inflates beyond MAX_DECOMPRESSED: pydicom inflates such a file
+    whole and without a limit (a 1.5 MB file took 3 GB). Counted here first, 1 MB at a time."""
+    if DEFLATED_TS.encode() not in data[:4096]:   # the file meta (uncompressed) names the syntax
+        return
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, force)
+        if str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) != DEFLATED_TS:
+            return
+    except Exception:  # dcmread says what is wrong with the file
+        return
+    d, rest, total = zlib.decompressobj(-zlib.MAX_WBITS), data[fp.tell():], 0
+    try:
+        while not d.eof:
+            got = len(d.decompress(rest, 2**20))
+            rest, total = d.unconsumed_tail, total + got
+            if total > MAX_DECOMPRESSED:
+                raise ScanError(f"The DICOM file is compressed (deflated) and would take more than "
+                                f"{MAX_DECOMPRESSED // 2**20} MB once inflated: too large to read.")
+            if not got and not rest:   # the input ends before the stream does
+                break
+    except zlib.error as e:
+        raise ScanError("The DICOM file is damaged and cannot be read.") from e
+
+
 def _dcmread(data: bytes, force: bool):
     import pydicom
+    _check_deflated(data, force)
     # pydicom parses elements lazily, on first access, and then warns about invalid values with
     # its own file and line (and the value) on stderr: reading never validates here.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -615,12 +646,19 @@ def _dicom_header(data: bytes):
     return ds, rows, cols, n_frames
 
 
+def _code_string(value, n: int) -> str:
+    """A header's code word as DICOM's CS values are written (upper case, digits, space, '_'),
+    at most ``n`` characters: these fields are typed by hand and reach every output (an
+    `ood_reason`, the PDF, the page), so nothing else of them may (a name, a markdown link)."""
+    return "".join(ch for ch in str(value).upper() if ch.isascii() and (ch.isalnum() or ch in " _-^"))[:n].strip()
+
+
 def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     """Only technical fields, copied one by one (never the data set itself)."""
     info: dict[str, Any] = {
         "format": "DICOM", "width": cols, "height": rows,
-        "modality": str(ds.get("Modality", ""))[:16],
-        "body_part": (str(ds.get("BodyPartExamined", "")) or _anatomy(ds))[:32],
+        "modality": _code_string(ds.get("Modality", ""), 16),
+        "body_part": _code_string(ds.get("BodyPartExamined", "") or _anatomy(ds), 32),
         "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
         "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
@@ -1022,7 +1060,7 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):   # a TIFF (or BigTIFF) Pillow cannot decode
         return ScanError("The file is a TIFF whose pixel type or layout cannot be read (64-bit floating "
                          "point, say); save it as 8- or 16-bit grey, or 32-bit floating point.")
-    ext = _suffix(name)
+    ext = "".join(ch for ch in _suffix(name) if ch.isprintable())[:16]   # a name's control characters stay out
     if ext:
         return ScanError(f"The file is named '{ext}' but its content is not a supported "
                          f"scan ({SUPPORTED}).")

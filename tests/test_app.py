@@ -154,6 +154,9 @@ def test_series_table_counts_slices_called_tumour_by_instance():
         "slices called tumour"] == "#0, #1, #2, ..."
     twice = series_table(rows + [row("b.dcm", "s1", 2, "meningioma", 0.97)]).iloc[0]  # a file given twice
     assert (twice["files"], twice["tumour called"]) == (4, 2)
+    hashed = [{**r, "sha256": r["file"] * 2} for r in rows]   # ...or under another name (its hash tells)
+    again = series_table(hashed + [{**hashed[0], "file": "copy/c.dcm"}]).iloc[0]
+    assert (again["files"], again["slices called tumour"]) == (4, "#2, #3")
 
 
 def test_a_dicom_series_uploaded_as_files_gets_a_series_row(app):

@@ -931,3 +931,20 @@ def test_the_evaluation_says_what_the_figures_are_over_the_scans_the_gate_accept
     assert note.startswith("1 of these 4 scans are refused")
     assert "Over the 3 it accepts: accuracy 66.7%, tumours missed 1 of 2, specificity 100.0%." in note
     assert app_support.accepted_note(records[1:], classes, 0.5) is None
+
+
+def test_an_uploaded_name_is_shown_as_text_not_markdown_or_control_characters(app):
+    """A name is the uploader's: '[sign in](https:/evil)' became a link in a warning and an expander
+    label, and a right-to-left override or an escape sequence went to the page as they were."""
+    evil = "[sign in](https:/evil.example)\u202e\x1b[31m.png"
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([(evil, b"not an image", "image/png"),
+                                    ("b.png", _png_bytes(2), "image/png")]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    shown = app_support.shown_name(evil)
+    assert shown == "[sign in](https:/evil.example)[31m.png"
+    (err,) = [e.value for e in app.error]
+    assert err.startswith(f"**`{shown}`**:")
+    assert [e.label for e in app.expander if "sign in" in e.label] == [f"`{shown}`"]
+    assert all("\u202e" not in f and "\x1b" not in f for f in app.dataframe[0].value["file"])
+    assert app_support.md_name("a`b") == "`a'b`"

@@ -18,8 +18,10 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
     ({"modality": "NM", "body_part": "WHOLE BODY"}, True, "nuclear"),
     ({"modality": "XYZ"}, True, "XYZ"),                  # any stated non-MR modality
     ({"modality": "MR", "body_part": "ABDOMEN"}, True, "ABDOMEN"),
-    ({"modality": "MR", "body_part": "l-spine"}, True, "l-spine"),
-    ({"modality": "", "body_part": "Whole_Body"}, True, "Whole_Body"),
+    ({"modality": "MR", "body_part": "l-spine"}, True, "L-SPINE"),
+    ({"modality": "", "body_part": "Whole_Body"}, True, "WHOLE_BODY"),
+    # free text: only the recognised term is repeated, never a name or a markdown link beside it
+    ({"modality": "MR", "body_part": "LEG [Q. Zyxwar](https:/e.x)"}, True, "examined is LEG, not"),
     ({"modality": "MR"}, False, None),
     ({"modality": "MRI"}, False, None),                    # a non-standard spelling of MR
     ({"modality": "MR", "body_part": "HEAD"}, False, None),
@@ -70,3 +72,11 @@ def test_predictor_flags_a_brain_slice_whose_header_says_ct():
     assert not belly.in_distribution and "ABDOMEN" in belly.ood_reason
     assert ct.ood_score == pytest.approx(mr.ood_score) == pytest.approx(belly.ood_score)
     assert ct.pred == mr.pred == "glioma"   # flagged, not changed: the app withholds it
+
+
+def test_header_words_reach_outputs_as_code_words_only(tmp_path):
+    """Modality and Body Part Examined are typed by hand and reach the JSON info, the reason, the
+    PDF and the page: a name or a markdown link there came out word for word."""
+    from core.reader import _code_string
+    assert _code_string("LEG [Q. Zyxwar](https:/e.x)", 32) == "LEG Q ZYXWARHTTPSEX"
+    assert _code_string("mr\n", 16) == "MR" and _code_string("Kopf", 32) == "KOPF"
