@@ -58,7 +58,10 @@ MAX_SIDE = 2048                   # larger images are reduced to this (longest s
 MIN_SIDE = 16                     # smaller images are refused (see the module docstring)
 MAX_ASPECT = 8.0                  # longest side / shortest side
 MAX_VOXELS = 32_000_000           # one 3D volume (128 MB as float32)
-MAX_DECOMPRESSED = 256 * 2**20    # a .nii.gz may not inflate beyond this (gzip bomb)
+# A .nii.gz or deflated DICOM may not inflate beyond this (a bomb): one volume of MAX_VOXELS as
+# float32 and its header. A 0.5 MB .nii.gz inflating to 256 MB (the old limit) took 630 MB of a
+# cloud host's 1 GB; a larger 4D file is refused (its first volume alone is read anyway).
+MAX_DECOMPRESSED = MAX_VOXELS * 4 + 2**20
 
 # Pillow refuses (DecompressionBombError) above twice this, inside Image.open, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS

@@ -744,3 +744,16 @@ def test_a_deflated_dicom_that_inflates_past_the_limit_is_refused_before_pydicom
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 64 * 2**20
     ok = Path(pydicom.__file__).parent / "data" / "test_files" / "image_dfl.dcm"   # a real deflated file still reads
     assert reader.read_scan(ok.read_bytes(), ok.name).pixels.shape == (512, 512)
+
+
+def test_a_nifti_that_inflates_past_one_float_volume_is_refused_from_its_header():
+    """A 0.5 MB .nii.gz inflating to 256 MB (the old limit) took 630 MB of a 1 GB cloud host. The
+    limit is now one volume of MAX_VOXELS as float32: such a 3D volume still fits, a larger 4D
+    file is refused from its header before anything of it is inflated."""
+    assert reader.MAX_VOXELS * 4 + 352 <= reader.MAX_DECOMPRESSED < 2 * reader.MAX_VOXELS * 4
+    big = nib.Nifti1Image(np.zeros((256, 256, 64, 8), np.float32), np.eye(4))   # 128 MB of zeros
+    data = gzip.compress(big.to_bytes(), 6)
+    with pytest.raises(reader.ScanError, match=r"too large \(128 MB once decompressed; the limit is 123 MB\)"):
+        reader.read_scan(data, "big.nii.gz")
+    ok = nib.Nifti1Image(np.zeros((64, 64, 8, 2), np.float32) + 1, np.eye(4))
+    assert reader.read_scan(gzip.compress(ok.to_bytes()), "ok.nii.gz").info["n_volumes"] == 2
