@@ -322,7 +322,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         for opt, d in (("--init", args.init), ("--split-from", args.split_from), ("--teacher", args.teacher)):
             if d and os.path.realpath(D.resolve_root(d)) == os.path.realpath(args.out):
                 p.error(f"{opt} and --out name the same folder: a fresh run moves that folder's files "
-                        "aside before reading them; write the new run to another folder")
+                        "aside while it still needs them; write the new run to another folder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -1021,9 +1021,10 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                        "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],
                        "dropped_small_head": f"{len(dropped)} slices whose head covers < "
                                              f"{args.min_head:.0%} of the image (near-black ends of volumes)",
-                       "not_in_recorded_split": f"{getattr(args, 'left_out_record', 0)} files the recorded split "
-                                                "does not name, left out (the run that made the split dropped "
-                                                "them, or they are new)"},
+                       **({"not_in_recorded_split": f"{args.left_out_record} files the recorded split does not "
+                                                    "name, left out (the run that made the split dropped them, "
+                                                    "or they are new)"}
+                          if getattr(args, "left_out_record", 0) else {})},
         "metrics": card_metrics(ev),
         "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
                      "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}

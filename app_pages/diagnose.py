@@ -102,7 +102,7 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
     wkey = app.widget_key(pos, name, data)
     left, right = st.columns([1, 2])
     left.image(scan.pixels, clamp=True, width="stretch",
-               caption=f"{name} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
+               caption=f"{app.md_name(name)} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
     with right:
         if pred.in_distribution:
             show_call(pred, f"{wkey}-{slice_index}",

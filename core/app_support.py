@@ -273,7 +273,12 @@ def accepted_note(records: list[dict], classes: list[str], threshold: float | No
     ev = evaluation_at(records, classes, threshold, source, rule)
     if not ev.get("flagged_ood"):
         return None
-    kept = evaluation_at([r for r in records if r.get("in_distribution", True)], classes, threshold, source, rule)
+    accepted = [r for r in records if r.get("in_distribution", True)
+                and (source is None or r.get("source", "data") == source)]
+    if not accepted:
+        return (f"All {ev['n']} scans here are refused by the out-of-distribution check: the figures above "
+                "count only the model's raw output, and the app gives none of them a call.")
+    kept = evaluation_at(accepted, classes, threshold, None, rule)
     parts = [f"accuracy {kept['accuracy']:.1%}" if kept.get("accuracy") is not None else None,
              f"tumours missed {kept['tumour_missed']} of {kept['n_tumour']}" if kept.get("n_tumour") else None,
              f"specificity {kept['specificity']:.1%}" if kept.get("specificity") is not None else None]
@@ -479,9 +484,10 @@ def expand_uploads(files: list[tuple[str, bytes]],
 
 def shown_name(name: str) -> str:
     """An upload's name as every part of the page shows it: no control or format characters (an
-    escape sequence, a right-to-left override, zero-width ones), at most NAME_CHARS characters."""
+    escape sequence, a right-to-left override, zero-width ones), each folder and the base name at
+    most NAME_CHARS characters (mask pairing and `display_names` need the whole path)."""
     from .report import _capped, _name_parts
-    return _capped("/".join(_name_parts(name)))
+    return "/".join(map(_capped, _name_parts(name)))   # each part capped: the path keeps its folders
 
 
 def md_name(name: str) -> str:
@@ -1191,7 +1197,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             tp = r.get("tumour_probability")
             if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
                 cols[k % 4].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
-                                  caption=f"{r['file']}: true {r['label']}, refused by the out-of-distribution "
+                                  caption=f"{md_name(r['file'])}: true {r['label']}, refused by the out-of-distribution "
                                           f"check (raw output {r['pred']}): no map")
                 continue
             key = gallery_key(r, blobs)
@@ -1203,7 +1209,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 if on_disk else None
             note = "" if frame is None else f"; magenta: tumour mask, {mask_note(cam, frame)}"
             cols[k % 4].image(img if frame is None else contour_overlay(img, frame), width="stretch",
-                              caption=f"{r['file']}: true {r['label']}, predicted {r['pred']}"
+                              caption=f"{md_name(r['file'])}: true {r['label']}, predicted {r['pred']}"
                                       + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note)
         for src in sorted(absent):
             if blobs is not None and src == "upload":

@@ -40,6 +40,7 @@ import io
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -348,8 +349,8 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
             if img.format in ("JPEG", "MPO") and max(width, height) > MAX_SIDE:
                 img.draft(img.mode, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4...: less memory
             _load(img)
-            if img.size != (width, height):   # the decoder reduced it already: say from what
-                info["downscaled_from"] = [width, height]
+            if img.format in ("JPEG", "MPO") and img.size != (width, height):   # the decoder reduced it
+                info["downscaled_from"] = [width, height]   # already: say from what
             grey, colour, extra = _decode_loaded(img, info)
         except ScanError:
             raise
@@ -653,7 +654,8 @@ def _code_string(value, n: int) -> str:
     """A header's code word as DICOM's CS values are written (upper case, digits, space, '_'),
     at most ``n`` characters: these fields are typed by hand and reach every output (an
     `ood_reason`, the PDF, the page), so nothing else of them may (a name, a markdown link)."""
-    return "".join(ch for ch in str(value).upper() if ch.isascii() and (ch.isalnum() or ch in " _-^"))[:n].strip()
+    text = re.sub(r"[/,.&+]", " ", str(value).upper())   # word separators stay separators ("HIP/FEMUR")
+    return " ".join("".join(ch for ch in text if ch.isascii() and (ch.isalnum() or ch in " _-^")).split())[:n]
 
 
 def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
@@ -801,6 +803,20 @@ def _nifti_nbytes(head: bytes) -> int | None:
         raise ScanError("The NIfTI header is damaged.") from e
 
 
+def _too_large(head: bytes, need: int) -> str | None:
+    """Why a NIfTI of ``need`` bytes may not be inflated, or None: beyond MAX_DECOMPRESSED, unless
+    it is one 3D volume within MAX_VOXELS (a 256^3 float64 scan is a scan, not a bomb)."""
+    if need <= MAX_DECOMPRESSED:
+        return None
+    import nibabel as nib
+    cls = nib.Nifti2Header if head[4:8] == b"n+2\x00" else nib.Nifti1Header
+    shape = cls.from_fileobj(io.BytesIO(head), check=False).get_data_shape()
+    if math.prod(int(d) for d in shape[3:]) <= 1 and math.prod(int(d) for d in shape[:3]) <= MAX_VOXELS:
+        return None
+    return (f"The volume is too large ({need // 2**20} MB once decompressed; "
+            f"the limit is {MAX_DECOMPRESSED // 2**20} MB).")
+
+
 def _gunzip_nifti(data: bytes) -> bytes:
     """Inflate a .nii.gz only as far as its header says the volume goes.
 
@@ -815,9 +831,8 @@ def _gunzip_nifti(data: bytes) -> bytes:
             raise ScanError(TAR_REFUSED)
         if need is None:
             raise ScanError("The compressed file does not contain a NIfTI volume.")
-        if need > MAX_DECOMPRESSED:
-            raise ScanError(f"The volume is too large ({need // 2**20} MB once decompressed; "
-                            f"the limit is {MAX_DECOMPRESSED // 2**20} MB).")
+        if why := _too_large(head, need):
+            raise ScanError(why)
         chunks, got = [head], len(head)
         while got < need:
             if d.eof and d.unused_data:  # a multi-member gzip (bgzip, concatenated .gz parts)
@@ -844,7 +859,7 @@ def _nifti_image(data: bytes):
     need = _nifti_nbytes(data[:544])
     if need is None:
         raise ScanError("The file is not a NIfTI volume.")
-    if need > MAX_DECOMPRESSED:
+    if _too_large(data[:544], need):
         raise ScanError(f"The volume is too large ({need // 2**20} MB).")
     if len(data) < need:
         raise ScanError("The NIfTI file is truncated (incomplete).")

@@ -948,3 +948,28 @@ def test_an_uploaded_name_is_shown_as_text_not_markdown_or_control_characters(ap
     assert [e.label for e in app.expander if "sign in" in e.label] == [f"`{shown}`"]
     assert all("\u202e" not in f and "\x1b" not in f for f in app.dataframe[0].value["file"])
     assert app_support.md_name("a`b") == "`a'b`"
+
+
+def test_session_34_second_review():
+    """A second look at this session's fixes: every scan refused crashed the Evaluation page; a
+    long zip path lost its folders (and its mask's pairing) to a cap on the whole path."""
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    rec = {"file": "notumor/cat.jpg", "label": "notumor", "pred": "notumor", "uncertain": False,
+           "type_uncertain": False, "in_distribution": False, "tumour_probability": 0.01, "confidence": 0.99,
+           "probs": {"glioma": 0.0, "meningioma": 0.0, "notumor": 0.99, "pituitary": 0.01}}
+    assert app_support.accepted_note([rec], classes, 0.5).startswith("All 1 scans here are refused")
+    assert app_support.accepted_note([{**rec, "source": "a"}, {**rec, "source": "b", "in_distribution": True}],
+                                     classes, 0.5, "a").startswith("All 1 scans")
+    folder = "lgg-mri-segmentation/Brain_MRI_segmentation/kaggle_3m/TCGA_CS_4941_19960909"
+    items = app_support.expand_uploads([(f"{folder}/TCGA_CS_4941_19960909_12.tif", b"x"),
+                                        (f"{folder}/TCGA_CS_4941_19960909_12_mask.tif", b"y")])
+    assert [n for n, _ in items][0] == f"{folder}/TCGA_CS_4941_19960909_12.tif"
+    assert len(app_support.pair_masks(items)[1]) == 1
+
+
+def test_an_image_caption_shows_its_name_as_text(app):
+    """st.image captions render markdown: a readable scan named as a link was a link under it."""
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("[sign in](https:/evil.example).png", _png_bytes(3), "image/png")).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.image[0].captions[0].startswith("`[sign in](https:/evil.example).png` (")

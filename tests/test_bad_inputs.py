@@ -757,3 +757,18 @@ def test_a_nifti_that_inflates_past_one_float_volume_is_refused_from_its_header(
         reader.read_scan(data, "big.nii.gz")
     ok = nib.Nifti1Image(np.zeros((64, 64, 8, 2), np.float32) + 1, np.eye(4))
     assert reader.read_scan(gzip.compress(ok.to_bytes()), "ok.nii.gz").info["n_volumes"] == 2
+
+
+def test_session_34_second_review_of_the_reader():
+    """A body part written 'HIP/FEMUR' lost its separator to the code-word cleaning and was no
+    longer flagged; a 256^3 float64 volume (a scan, not a bomb) fell over the byte limit; a later
+    TIFF page was said to be reduced from page 0's size."""
+    from core.header import header_reason
+    assert reader._code_string("HIP/FEMUR", 32) == "HIP FEMUR"
+    assert header_reason({"modality": "MR", "body_part": reader._code_string("SHOULDER,RIGHT", 32)})
+    f64 = gzip.compress(nib.Nifti1Image(np.zeros((256, 256, 256)), np.eye(4)).to_bytes(), 1)
+    assert reader.read_scan(f64, "f64.nii.gz").pixels.shape == (256, 256)
+    pages = [Image.fromarray(np.full((64, 64), 100, np.uint8)), Image.fromarray(np.full((80, 100), 100, np.uint8))]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    assert "downscaled_from" not in reader.read_scan(buf.getvalue(), "s.tif", frame=1).info

@@ -659,5 +659,5 @@ def test_files_written_whole_are_readable_as_any_file_the_run_writes(tmp_path):
     D.save_whole(tmp_path / "m.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
     (tmp_path / "plain.txt").write_text("x")
     mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
-    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) and mode & stat.S_IRGRP
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~D._umask()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "plain.txt"]

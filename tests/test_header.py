@@ -78,5 +78,5 @@ def test_header_words_reach_outputs_as_code_words_only(tmp_path):
     """Modality and Body Part Examined are typed by hand and reach the JSON info, the reason, the
     PDF and the page: a name or a markdown link there came out word for word."""
     from core.reader import _code_string
-    assert _code_string("LEG [Q. Zyxwar](https:/e.x)", 32) == "LEG Q ZYXWARHTTPSEX"
+    assert _code_string("LEG [Q. Zyxwar](https:/e.x)", 32) == "LEG Q ZYXWARHTTPS E X"
     assert _code_string("mr\n", 16) == "MR" and _code_string("Kopf", 32) == "KOPF"

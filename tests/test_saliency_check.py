@@ -281,7 +281,7 @@ def test_gallery_outlines_the_mask_beside_a_missed_lgg_like_scan(masked_app):
     at.selectbox[0].set_value("synth").run()
     assert not at.exception
     assert at.radio(key="gallery-explain").label == "EigenCAM for"
-    caption = next(c for im in at.image for c in im.captions if c.startswith("glioma/0.png"))
+    caption = next(c for im in at.image for c in im.captions if c.startswith("`glioma/0.png`"))
     assert "magenta: tumour mask" in caption and "map peak" in caption
 
 
@@ -295,7 +295,7 @@ def test_the_gallery_draws_no_map_for_a_scan_the_gate_refused(tmp_path, monkeypa
     at.switch_page("app_pages/evaluation.py").run()
     at.selectbox[0].set_value("synth").run()
     assert not at.exception
-    caption = next(c for im in at.image for c in im.captions if c.startswith("glioma/0.png"))
+    caption = next(c for im in at.image for c in im.captions if c.startswith("`glioma/0.png`"))
     assert "refused by the out-of-distribution check" in caption and "no map" in caption
     assert not any(k.endswith("glioma/0.png") for k in asked)
 
