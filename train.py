@@ -497,8 +497,8 @@ def run(args: argparse.Namespace) -> int:
     # training, the split record and the data fingerprint alike.
     unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool)
     args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
-    if unsplit.any():
-        say(f"{int(unsplit.sum())} files are not in the recorded split: left out", flush=True)
+    if args.left_out_record:
+        say(f"{args.left_out_record} files are not in the recorded split: left out", flush=True)
     keep = (head >= args.min_head) & ~unsplit
     dropped = [(s.source, s.rel) for s, k, u in zip(samples, keep, unsplit) if not k and not u]
     all_samples, samples = samples, [s for s, k in zip(samples, keep) if k]

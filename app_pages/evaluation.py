@@ -79,7 +79,7 @@ c[5].metric("Specificity", f"{ev['specificity']:.1%}" if ev.get("specificity") i
             help=dash.interval_text(ev, "specificity"))
 st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if threshold is not None
            else "This model has no operating point: plain top-class predictions.")
-if note := app.accepted_note(records, classes, threshold, source, rule):
+if note := app.accepted_note(ev, records, classes, threshold, source, rule):
     st.caption(note)
 
 t1, t2, t3, t4 = st.tabs(["Confusion", "ROC and PR", "False negatives", "Calibration"])

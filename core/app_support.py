@@ -28,7 +28,7 @@ from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import apart, decide, is_tumour_label
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
-from .report import unique_names  # noqa: F401 (the upload batch names files as the report does)
+from .report import shown_path, unique_names  # noqa: F401 (the upload batch names files as the report does)
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, sniff, zip_to_labelled)
 
@@ -265,12 +265,12 @@ def evaluation_at(records: list[dict], classes: list[str], threshold: float | No
     return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
 
 
-def accepted_note(records: list[dict], classes: list[str], threshold: float | None,
+def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: float | None,
                   source: str | None = None, rule: ReferralRule | None = None) -> str | None:
-    """What the page's figures are over the scans the gate accepts, when it refuses some: the
-    figures count a refused scan's raw output (a cat photo in a 'no tumour' folder scored as a
-    right 'no tumour'), and the app gives such a scan no call at all. None when none is refused."""
-    ev = evaluation_at(records, classes, threshold, source, rule)
+    """What the page's figures (``ev``, `evaluation_at` of these arguments) are over the scans the
+    gate accepts, when it refuses some: the figures count a refused scan's raw output (a cat photo
+    in a 'no tumour' folder scored as a right 'no tumour'), and the app gives such a scan no call at
+    all. None when none is refused."""
     if not ev.get("flagged_ood"):
         return None
     accepted = [r for r in records if r.get("in_distribution", True)
@@ -479,15 +479,7 @@ def expand_uploads(files: list[tuple[str, bytes]],
         out += [(f"{name}/{m}", ScanError(c) if isinstance(c, str) else c) for m, c in members.entries]
         used += sum(len(c) for _, c in members)
     # once more over the whole list: members of one zip may clash ('a.png' and './a.png')
-    return list(zip(unique_names([shown_name(n) for n, _ in out]), [c for _, c in out]))
-
-
-def shown_name(name: str) -> str:
-    """An upload's name as every part of the page shows it: no control or format characters (an
-    escape sequence, a right-to-left override, zero-width ones), each folder and the base name at
-    most NAME_CHARS characters (mask pairing and `display_names` need the whole path)."""
-    from .report import _capped, _name_parts
-    return "/".join(map(_capped, _name_parts(name)))   # each part capped: the path keeps its folders
+    return list(zip(unique_names([shown_path(n) for n, _ in out]), [c for _, c in out]))
 
 
 def md_name(name: str) -> str:
@@ -519,7 +511,7 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
         raise ScanError(f"The zip archive could not be read ({type(e).__name__}).") from e
     # names made unique, as an upload batch's are: 'glioma/a.jpg' and './glioma/a.jpg' were one
     # name, and the gallery, keyed by name, showed the other scan for a missed tumour
-    names = unique_names([shown_name(name) for _, name, _ in members] + [shown_name(name) for name, _ in members.skipped])
+    names = unique_names([shown_path(name) for _, name, _ in members] + [shown_path(name) for name, _ in members.skipped])
     items = [(name, normalise_label(folder), content)
              for name, (folder, _, content) in zip(names, members)]
     return items, [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]

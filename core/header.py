@@ -46,10 +46,15 @@ def _part_key(text: str) -> str:
     return re.sub(r"[\s_\-^]+", "", text.upper())
 
 
+def _words(part: str) -> list[str]:
+    """The words of a Body Part Examined, upper-cased, in order ("LOWER_LEG" -> LOWER, LEG)."""
+    return [w for w in re.split(r"[\s_\-^/,.&+]+", part.upper()) if w]
+
+
 def _not_head(part: str) -> bool:
     """Whether a Body Part Examined names a part that is not the head: the whole term (spaces
     and separators dropped, "C-SPINE" = "CSPINE") or any word of it, unless a word names the head."""
-    words = set(re.split(r"[\s_\-^/,.&+]+", part.upper())) - {""}
+    words = set(_words(part))
     if words & HEAD_WORDS:
         return False
     return _part_key(part) in NON_HEAD_PARTS or bool(words & NON_HEAD_WORDS)
@@ -60,7 +65,7 @@ def _named_part(part: str) -> str:
     that free-text field a reason repeats."""
     if _part_key(part) in NON_HEAD_PARTS:   # a whole term ("L-SPINE"): as written, its letters only
         return re.sub(r"[^A-Z0-9 _\-^]", "", part.upper())
-    words = [w for w in re.split(r"[\s_\-^/,.&+]+", part.upper()) if w in NON_HEAD_WORDS]
+    words = [w for w in _words(part) if w in NON_HEAD_WORDS]
     return " ".join(words) if words else _part_key(part)
 
 

@@ -782,9 +782,9 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
 
 
 # ----------------------------------------------------------------------------- NIfTI
-def _nifti_nbytes(head: bytes) -> int | None:
-    """Bytes a single-file NIfTI needs (header, extensions, voxels), from its header alone;
-    None when ``head`` is not a NIfTI header."""
+def _nifti_header(head: bytes):
+    """(nibabel header, its least data offset) of a single-file NIfTI's first bytes; None when
+    ``head`` is not a NIfTI header."""
     import nibabel as nib
     if head[344:348] == b"ni1\x00":
         raise ScanError("This is a NIfTI header without its image data; please upload a single "
@@ -796,7 +796,18 @@ def _nifti_nbytes(head: bytes) -> int | None:
     else:
         return None
     try:
-        hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+        return cls.from_fileobj(io.BytesIO(head), check=False), minimum
+    except Exception as e:
+        raise ScanError("The NIfTI header is damaged.") from e
+
+
+def _nifti_nbytes(head: bytes) -> int | None:
+    """Bytes a single-file NIfTI needs (header, extensions, voxels), from its header alone;
+    None when ``head`` is not a NIfTI header."""
+    if (found := _nifti_header(head)) is None:
+        return None
+    hdr, minimum = found
+    try:
         voxels = math.prod(int(d) for d in hdr.get_data_shape())
         return max(int(hdr.get_data_offset()), minimum) + voxels * hdr.get_data_dtype().itemsize
     except Exception as e:
@@ -808,9 +819,7 @@ def _too_large(head: bytes, need: int) -> str | None:
     it is one 3D volume within MAX_VOXELS (a 256^3 float64 scan is a scan, not a bomb)."""
     if need <= MAX_DECOMPRESSED:
         return None
-    import nibabel as nib
-    cls = nib.Nifti2Header if head[4:8] == b"n+2\x00" else nib.Nifti1Header
-    shape = cls.from_fileobj(io.BytesIO(head), check=False).get_data_shape()
+    shape = _nifti_header(head)[0].get_data_shape()
     if math.prod(int(d) for d in shape[3:]) <= 1 and math.prod(int(d) for d in shape[:3]) <= MAX_VOXELS:
         return None
     return (f"The volume is too large ({need // 2**20} MB once decompressed; "

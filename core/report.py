@@ -165,6 +165,13 @@ def display_name(name: str | PurePath) -> str:
     return _capped(_name_parts(name)[-1])
 
 
+def shown_path(name: str | PurePath) -> str:
+    """The whole path, as `display_name` shows a base name: no control or format characters (an
+    escape sequence, a right-to-left override, zero-width ones), each folder and the base name at
+    most NAME_CHARS characters (mask pairing and `display_names` need the whole path)."""
+    return "/".join(map(_capped, _name_parts(name)))
+
+
 def display_names(names: list[str | PurePath]) -> list[str]:
     """`display_name` of each, with names that would print alike told apart: by the shortest end
     of their paths that differs (patient_A/slice_01.jpg, patient_B/slice_01.jpg), else by a number

@@ -914,6 +914,12 @@ def test_a_volume_shows_its_tumour_probability_slice_by_slice(app):
     assert bands == [(-0.5, 1.5), (4.5, 6.5)] and list(fig.data[0].x) == list(range(7))
 
 
+def accepted(records, classes, threshold, source=None):
+    """`accepted_note` with the page's evaluation of the same records, as the page calls it."""
+    ev = app_support.evaluation_at(records, classes, threshold, source)
+    return app_support.accepted_note(ev, records, classes, threshold, source)
+
+
 def test_the_evaluation_says_what_the_figures_are_over_the_scans_the_gate_accepts():
     """A cat photo in a labelled zip's notumor/ folder, refused by the gate, counted as a right
     'no tumour' (100 % accuracy): the page now also gives the figures without the refused scans."""
@@ -927,10 +933,10 @@ def test_the_evaluation_says_what_the_figures_are_over_the_scans_the_gate_accept
                 "type_uncertain": False, "in_distribution": ok}
     records = [rec("notumor", "notumor", False), rec("glioma", "glioma"), rec("glioma", "notumor"),
                rec("notumor", "notumor")]
-    note = app_support.accepted_note(records, classes, 0.5)
+    note = accepted(records, classes, 0.5)
     assert note.startswith("1 of these 4 scans are refused")
     assert "Over the 3 it accepts: accuracy 66.7%, tumours missed 1 of 2, specificity 100.0%." in note
-    assert app_support.accepted_note(records[1:], classes, 0.5) is None
+    assert accepted(records[1:], classes, 0.5) is None
 
 
 def test_an_uploaded_name_is_shown_as_text_not_markdown_or_control_characters(app):
@@ -941,7 +947,7 @@ def test_an_uploaded_name_is_shown_as_text_not_markdown_or_control_characters(ap
     app.file_uploader[0].set_value([(evil, b"not an image", "image/png"),
                                     ("b.png", _png_bytes(2), "image/png")]).run()
     assert not app.exception, [e.value for e in app.exception]
-    shown = app_support.shown_name(evil)
+    shown = app_support.shown_path(evil)
     assert shown == "[sign in](https:/evil.example)[31m.png"
     (err,) = [e.value for e in app.error]
     assert err.startswith(f"**`{shown}`**:")
@@ -957,9 +963,9 @@ def test_session_34_second_review():
     rec = {"file": "notumor/cat.jpg", "label": "notumor", "pred": "notumor", "uncertain": False,
            "type_uncertain": False, "in_distribution": False, "tumour_probability": 0.01, "confidence": 0.99,
            "probs": {"glioma": 0.0, "meningioma": 0.0, "notumor": 0.99, "pituitary": 0.01}}
-    assert app_support.accepted_note([rec], classes, 0.5).startswith("All 1 scans here are refused")
-    assert app_support.accepted_note([{**rec, "source": "a"}, {**rec, "source": "b", "in_distribution": True}],
-                                     classes, 0.5, "a").startswith("All 1 scans")
+    assert accepted([rec], classes, 0.5).startswith("All 1 scans here are refused")
+    assert accepted([{**rec, "source": "a"}, {**rec, "source": "b", "in_distribution": True}],
+                    classes, 0.5, "a").startswith("All 1 scans")
     folder = "lgg-mri-segmentation/Brain_MRI_segmentation/kaggle_3m/TCGA_CS_4941_19960909"
     items = app_support.expand_uploads([(f"{folder}/TCGA_CS_4941_19960909_12.tif", b"x"),
                                         (f"{folder}/TCGA_CS_4941_19960909_12_mask.tif", b"y")])
