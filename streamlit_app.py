@@ -9,8 +9,9 @@ import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
 from core.app_support import (card_threshold, class_wording, current_predictor, default_file_problem,
-                              env_weights_problem, home_figures, model_choices, model_label, one_source_warning,
-                              operating_point_text, predictor_problem, training_sources)
+                              env_weights_problem, follow_model_threshold, home_figures, keep_widget_value,
+                              model_choices, model_label, one_source_warning, operating_point_text,
+                              predictor_problem, training_sources)
 from core.inference import load_card
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
@@ -23,11 +24,6 @@ PAGES = {
     "training": st.Page(HERE / "app_pages/training.py", title="Training", icon=":material/show_chart:"),
     "card": st.Page(HERE / "app_pages/model_card.py", title="Model card", icon=":material/description:"),
 }
-
-
-def _keep(target: str, widget: str) -> None:
-    """Copy a widget's value to a plain session key, which survives pages without the widget."""
-    st.session_state[target] = st.session_state[widget]
 
 
 def sidebar() -> None:
@@ -51,7 +47,7 @@ def sidebar() -> None:
         state["weights_dir"] = choices[0]
     if len(choices) > 1:
         st.sidebar.selectbox("Model", choices, index=choices.index(state["weights_dir"]),
-                             key="_model_widget", on_change=_keep, args=("weights_dir", "_model_widget"),
+                             key="_model_widget", on_change=keep_widget_value, args=("weights_dir", "_model_widget"),
                              format_func=model_label)
     if (problem := predictor_problem(state["weights_dir"])):  # no operating point for a model that cannot run
         st.sidebar.error(problem, icon=":material/error:")
@@ -61,31 +57,16 @@ def sidebar() -> None:
     if default is None:
         st.sidebar.caption("This model has no tumour/no-tumour classes: no operating point.")
         return
-    _follow_model(state["weights_dir"], default)
+    follow_model_threshold(state["weights_dir"], default)
     widget = f"_threshold_widget_{state.get('_threshold_rev', 0)}"  # new key = fresh widget
     st.sidebar.slider("Operating point: flag a tumour when its probability is at least",
                       0.0, 1.0, value=float(state["threshold"]), step=0.001, format="%.3f", key=widget,
-                      on_change=_keep, args=("threshold", widget),
+                      on_change=keep_widget_value, args=("threshold", widget),
                       help="Lower it to miss fewer tumours at the cost of more false alarms.")
     st.sidebar.caption(operating_point_text(card, default))
     st.sidebar.button("Reset to the card's value", on_click=state.update,
                       kwargs={"threshold": default,
                               "_threshold_rev": state.get("_threshold_rev", 0) + 1})
-
-
-def _follow_model(weights_dir: str, default: float) -> None:
-    """Set the session's operating point for the chosen model: a model chosen again gets the point
-    set for it, a new one its card's. A point never moved follows its card's ``default``, which
-    train.py may rewrite while the app runs; a moved one stays. A change gets a fresh slider."""
-    state = st.session_state
-    kept = state.setdefault("_thresholds", {})  # weights dir -> (point, card default it started from)
-    if state.get("_threshold_for") is not None and "threshold" in state:
-        kept[state["_threshold_for"]] = (state["threshold"], state.get("_threshold_default"))
-    point, seeded_from = kept.get(weights_dir, (default, default))
-    now = {"threshold": default if point == seeded_from else point, "_threshold_for": weights_dir,
-           "_threshold_default": default}
-    if any(state.get(k) != v for k, v in now.items()):
-        state.update(now, _threshold_rev=state.get("_threshold_rev", 0) + 1)
 
 
 def home() -> None:

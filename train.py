@@ -32,9 +32,9 @@ from core import distributed as DD
 from core import engine as E
 from core.evaluation import card_metrics, evaluate_records, prediction_records, write_json
 from core.inference import file_sha256
-from core.labels import (FINE_TUMOURS, TUMOUR, label_targets, model_classes, normalise_label,
-                         tumour_classes)
-from core.metrics import tumour_probability
+from core.labels import (FINE_TUMOURS, TUMOUR, has_tumour_decision, label_targets, model_classes,
+                         normalise_label, tumour_classes)
+from core.metrics import is_tumour_label, tumour_probability
 from core.models import count_parameters, create_model, has_class_maps, list_models, min_input_size
 from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
@@ -943,10 +943,12 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     val_samples = [samples[i] for i in idx["val"]]
     operating, uncertainty = {}, {}
-    if tumour_classes(classes) and "notumor" in classes:
-        t_prob = tumour_probability(val_probs, classes)
-        is_t = np.array([s.label != "notumor" for s in val_samples])
-        src = np.array([s.source for s in val_samples])
+    if has_tumour_decision(classes):
+        # Rows of a class that is neither a tumour nor 'no tumour' say nothing about the threshold.
+        known = [i for i, s in enumerate(val_samples) if is_tumour_label(s.label) is not None]
+        t_prob = tumour_probability(val_probs[known], classes)
+        is_t = np.array([bool(is_tumour_label(val_samples[i].label)) for i in known], bool)
+        src = np.array([val_samples[i].source for i in known])
         thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity, groups=src)
         operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
                      "min_specificity": args.min_specificity,

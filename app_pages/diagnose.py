@@ -4,7 +4,7 @@ import streamlit as st
 from core import app_support as app
 from core.dashboard import batch_table, probability_bar, series_table, slice_profile, tumour_gauge
 from core.inference import BEST_SLICE, END_SLICE_SHARE
-from core.labels import tumour_classes
+from core.labels import is_tumour_call
 from core.metrics import apart
 from core.report import tp_column_format, volume_words
 
@@ -25,7 +25,7 @@ samples = app.sample_scans()
 picked = st.multiselect("...or try built-in sample scans (one per class, from the test split)",
                         list(samples))
 files = [(f.name, f.getvalue()) for f in uploads or []]
-files += [(f"sample/{n}", samples[n].read_bytes()) for n in picked]
+files += app.sample_files(picked)
 if not files:
     st.info("Upload one or more scans, or pick a sample, to see a prediction.")
     st.stop()
@@ -63,10 +63,9 @@ def show_refusal(pred, key: str) -> None:
 def show_call(pred, key: str, contradiction: str | None = None) -> None:
     """The call with its referral flags, probabilities and the tumour gauge; ``contradiction``:
     what an uploaded tumour mask says against a 'no tumour' call."""
-    probs, k = [pred.probs[c] for c in predictor.classes], predictor.classes.index(pred.pred)
     if pred.uncertain:   # read before the call: an uncertain call is a referral first
         st.warning("**Uncertain — refer for review**: "
-                   f"{predictor.referral.describe(probs, k, pred.threshold, True, False)}.", icon=":material/warning:")
+                   f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
     st.markdown(f"### Prediction: **{pred.pred}**")
     if contradiction:
         st.error(contradiction, icon=":material/error:")
@@ -74,11 +73,11 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
         st.info(note, icon=":material/help:")
     if pred.type_uncertain:
         st.info("**Tumour — type uncertain**: "
-                f"{predictor.referral.describe(probs, k, pred.threshold, False, True)}. The tumour call stands; "
+                f"{predictor.referral.describe_call(pred, type_uncertain=True)}. The tumour call stands; "
                 "read the type as a suggestion.", icon=":material/help:")
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
     if pred.tumour_probability is not None:
-        flagged = pred.pred in tumour_classes(predictor.classes)   # the call itself (decided in float64)
+        flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)
         st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged), key=f"g-{key}")
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
         st.caption(f"Tumour probability {tp}, operating point {op}: "
@@ -144,17 +143,12 @@ elif len(items) <= DETAILED:
             results.append(show(pos, name, data, slices[pos]))
 else:
     summary = st.container()
-    # each volume at the slice last shown of it (the middle one until then), as the report
-    slices = {k: app.remembered_slice(app.widget_key(k, *item)) for k, item in enumerate(items)}
-    results = [app.analyse(predictor, name, data, threshold, slices[k][0], masks.get(name), slices[k][1])[0]
-               for k, (name, data) in enumerate(items)]
-    for r in results:
-        if not r["ok"]:
-            st.error(f"**{app.md_name(r['file'])}**: {r['error']}")
-        elif r.get("hot_slices"):  # a volume's other slices: not only inside a file's details
-            st.warning(f"**{app.md_name(r['file'])}**: slices {app.listed_slices(r['hot_slices'])} reach the operating "
-                       "point; the slice in the table does not. Show its details before calling it clear.",
-                       icon=":material/warning:")
+    slices, results = app.analyse_batch(predictor, items, threshold, masks)
+    for kind, text in app.batch_problems(results):
+        if kind == "error":
+            st.error(text)
+        else:
+            st.warning(text, icon=":material/warning:")
     ok = [k for k, r in enumerate(results) if r["ok"]]
     if ok:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])

@@ -62,21 +62,10 @@ sources = app.sources_of(records)
 source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectbox,
                            format_func=lambda s: s or "all sources") if len(sources) > 1 else None
 ev = app.evaluation_at(records, classes, threshold, source, rule)
-shown = app.records_at([r for r in records if source in (None, r.get("source", "data"))], classes,
-                       threshold, rule)
+shown = app.records_at(app.of_source(records, source), classes, threshold, rule)
 
-c = st.columns(6)
-c[0].metric("Scans", ev["n"], help=dash.scans_help(ev))
-c[1].metric("Accuracy", f"{ev['accuracy']:.1%}" if "accuracy" in ev else "n/a",
-            help=dash.interval_text(ev, "accuracy"))
-c[2].metric("Macro F1", f"{ev['macro_f1']:.3f}" if ev.get("macro_f1") is not None else "n/a",
-            help="Over the classes this set has images of; none for a set of one class")
-c[3].metric("Tumours missed", ev.get("tumour_missed", "n/a"),
-            help="Tumour scans predicted 'no tumour' at the sidebar's operating point")
-c[4].metric("Sensitivity", f"{ev['sensitivity']:.1%}" if ev.get("sensitivity") is not None else "n/a",
-            help=dash.interval_text(ev, "sensitivity"))
-c[5].metric("Specificity", f"{ev['specificity']:.1%}" if ev.get("specificity") is not None else "n/a",
-            help=dash.interval_text(ev, "specificity"))
+for col, (label, value, help_text) in zip(st.columns(6), dash.headline_metrics(ev)):
+    col.metric(label, value, help=help_text)
 st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if threshold is not None
            else "This model has no operating point: plain top-class predictions.")
 if note := app.accepted_note(ev, records, classes, threshold, source, rule):

@@ -24,9 +24,7 @@ st.markdown(
     "yours; numbers below hold for data like the test split only.")
 
 st.markdown("#### Data and sources")
-st.dataframe([{"source": s.get("name"), "path": s.get("path"), **s.get("images", {}),
-               "labels": ", ".join(f"{k}->{v}" for k, v in s.get("label_map", {}).items())}
-              for s in card.get("sources", [])], hide_index=True)
+st.dataframe(dash.sources_table(card), hide_index=True)
 split = card.get("split", {})
 sizes = dash.readable(split.get("sizes"))
 st.markdown(f"**Split**: {split.get('method', 'n/a')}" + (f"; sizes {sizes}" if sizes else ""))
@@ -47,7 +45,7 @@ with b:
         st.caption(copies)
     if (problem := app.eval_problem(predictor.dir)):
         st.warning(problem)
-    st.json({k: v for k, v in card.get("metrics", {}).items() if k != "per_source"})
+    st.json(dash.overall_metrics(card))
     if card.get("metrics", {}).get("per_source"):
         with st.expander("Per source"):
             st.json(card["metrics"]["per_source"])
@@ -63,9 +61,6 @@ else:
 
 st.markdown("#### How it was made")
 st.code(card.get("command", "n/a"), language="bash")
-libraries = dash.readable(card.get("libraries"))
-st.caption(f"{card.get('parameters', 0) / 1e6:.2f} M parameters, weights "
-           f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MiB, sha256 {predictor.weights_sha256[:16]}..."
-           + (f", libraries {libraries}" if libraries else "") + f", built {card.get('date', '?')}")
+st.caption(dash.build_caption(card, predictor.weights_sha256))
 st.download_button("Download card.json", json.dumps(card, indent=1), "card.json",
                    "application/json", on_click="ignore")

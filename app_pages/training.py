@@ -16,11 +16,8 @@ if predictor is not None:
         a.plotly_chart(figs["loss"], key="loss")
         b.plotly_chart(figs["acc"], key="acc")
         c.plotly_chart(figs["lr"], key="lr")
-        tr = predictor.card.get("training", {})
-        st.caption(f"{len(history)} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')}"
-                   f" schedule, batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')}"
-                   f" in {tr.get('train_time_s', 0) / 60:.1f} min.")
-        if (note := app.loss_note(tr)):
+        st.caption(app.training_caption(predictor.card, len(history)))
+        if (note := app.loss_note(predictor.card.get("training", {}))):
             st.caption(note)
     else:
         st.info(f"No readable history.json in {predictor.dir}.")
@@ -39,12 +36,12 @@ if dirs:
                "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")
 
     st.subheader("Learning curves side by side")
-    names = {app.load_card(d).get("name", d): d for d in dirs if app.load_history(d)}
-    pre = [n for n in names if n.startswith("cnn_bn")] or list(names)[:2]
-    chosen = st.multiselect("Runs", list(names), default=pre,
+    runs = app.histories(dirs)
+    pre = [n for n in runs if n.startswith("cnn_bn")] or list(runs)[:2]   # the augmentation study's pair
+    chosen = st.multiselect("Runs", list(runs), default=pre,
                             help="e.g. cnn_bn_aug against cnn_bn_noaug: the augmentation study")
     if chosen:
-        hist = {n: app.load_history(names[n]) for n in chosen}
+        hist = {n: runs[n] for n in chosen}
         a, b = st.columns(2)
         a.plotly_chart(overlay_histories(hist, "acc"), key="cmp_acc")
         b.plotly_chart(overlay_histories(hist, "loss"), key="cmp_loss")

@@ -20,6 +20,7 @@ import streamlit as st
 from .evaluation import (NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled,
                          without_copies)
 from . import inference
+from .data import source_of
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, load_card, hot_slices, listed_slices,
                         most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
@@ -28,7 +29,7 @@ from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .metrics import apart, decide, is_tumour_label
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
-from .report import shown_path, unique_names  # noqa: F401 (the upload batch names files as the report does)
+from .report import shown_path, unique_names  # the upload batch names files as the report does
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, sniff, zip_to_labelled)
 
@@ -257,12 +258,15 @@ def _rule_inputs(records: list[dict], rule: ReferralRule, probs: np.ndarray, pre
     return mp, decide(mp, own, threshold)
 
 
+def of_source(records: list[dict], source: str | None) -> list[dict]:
+    """The records of one source, or all of them for ``None``."""
+    return records if source is None else [r for r in records if source_of(r) == source]
+
+
 def evaluation_at(records: list[dict], classes: list[str], threshold: float | None,
                   source: str | None = None, rule: ReferralRule | None = None) -> dict:
     """All metrics recomputed from the predictions at ``threshold``, for one source or all."""
-    if source:
-        records = [r for r in records if r.get("source", "data") == source]
-    return evaluate_records(records_at(records, classes, threshold, rule), classes, threshold)
+    return evaluate_records(records_at(of_source(records, source), classes, threshold, rule), classes, threshold)
 
 
 def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: float | None,
@@ -273,8 +277,7 @@ def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: 
     all. None when none is refused."""
     if not ev.get("flagged_ood"):
         return None
-    accepted = [r for r in records if r.get("in_distribution", True)
-                and (source is None or r.get("source", "data") == source)]
+    accepted = [r for r in of_source(records, source) if r.get("in_distribution", True)]
     if not accepted:
         return (f"All {ev['n']} scans here are refused by the out-of-distribution check: the figures above "
                 "count only the model's raw output, and the app gives none of them a call.")
@@ -298,7 +301,7 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     per: dict[str, list[int]] = {}
     for r in records_at(without_copies(stored["predictions"])[0], predictor.classes, threshold):
         if is_tumour_label(r["label"]):
-            n_missed = per.setdefault(r.get("source", "test"), [0, 0])
+            n_missed = per.setdefault(source_of(r), [0, 0])
             n_missed[0] += 1
             n_missed[1] += r["pred"] == NO_TUMOUR
     if not per:
@@ -333,7 +336,7 @@ def copies_note(weights_dir: str | Path) -> str | None:
 
 
 def sources_of(records: list[dict]) -> list[str]:
-    return sorted({r.get("source", "data") for r in records})
+    return sorted({source_of(r) for r in records})
 
 
 def load_eval(weights_dir: str | Path) -> dict | None:
@@ -408,6 +411,22 @@ def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | No
     return None
 
 
+def training_caption(card: dict, epochs: int) -> str:
+    """One line on how the card's model was trained."""
+    tr = card.get("training", {})
+    return (f"{epochs} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')} schedule, "
+            f"batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')} in {tr.get('train_time_s', 0) / 60:.1f} min.")
+
+
+def histories(dirs: list[str | Path]) -> dict[str, list[dict]]:
+    """Each model's per-epoch history by the card's name, for the models that have one."""
+    out = {}
+    for d in dirs:
+        if (h := load_history(d)):
+            out[load_card(d).get("name", str(d))] = h
+    return out
+
+
 def loss_note(training: dict) -> str | None:
     """Why the training loss can sit above the validation loss without underfitting."""
     if not training.get("label_smoothing"):
@@ -435,6 +454,12 @@ def digest(data: bytes) -> str:
 def sample_scans() -> dict[str, Path]:
     """Built-in sample scans (assets/samples/<class>.jpg), name -> path."""
     return {p.name: p for p in sorted(SAMPLES_DIR.glob("*")) if p.is_file()}
+
+
+def sample_files(names: list[str]) -> list[tuple[str, bytes]]:
+    """The picked sample scans as uploads: ('sample/<name>', bytes)."""
+    samples = sample_scans()
+    return [(f"sample/{n}", samples[n].read_bytes()) for n in names]
 
 
 # One batch of uploads, zips unpacked, held in memory at once: the cloud host has about 1 GB.
@@ -662,7 +687,7 @@ def source_root(card: dict, source: str) -> Path | None:
 
 def record_scan_path(card: dict, record: dict) -> Path | None:
     """The scan behind an eval.json record when present on disk, else None."""
-    root = source_root(card, record.get("source", ""))
+    root = source_root(card, source_of(record))
     if root is None:
         return None
     f = root / record["file"]
@@ -782,7 +807,8 @@ def mask_note(cam: np.ndarray, mask: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- Streamlit glue
-# Everything below needs a running Streamlit script; everything above is plain Python.
+# What follows is mostly Streamlit glue (caches, widgets, session state); the key and gallery
+# helpers among it are plain Python too.
 # Two models at most stay loaded (the chosen one and the one before, for switching back):
 # each holds its weights (ResNet18: 45 MB) in a server with about 1 GB on Community Cloud.
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
@@ -825,6 +851,26 @@ def required_predictor(consequence: str = "") -> Predictor:
     if predictor is None:  # current_predictor has said why
         st.stop()
     return predictor
+
+
+def keep_widget_value(target: str, widget: str) -> None:
+    """Copy a widget's value to a plain session key, which survives pages without the widget."""
+    st.session_state[target] = st.session_state[widget]
+
+
+def follow_model_threshold(weights_dir: str, default: float) -> None:
+    """Set the session's operating point for the chosen model: a model chosen again gets the point
+    set for it, a new one its card's. A point never moved follows its card's ``default``, which
+    train.py may rewrite while the app runs; a moved one stays. A change gets a fresh slider."""
+    state = st.session_state
+    kept = state.setdefault("_thresholds", {})  # weights dir -> (point, card default it started from)
+    if state.get("_threshold_for") is not None and "threshold" in state:
+        kept[state["_threshold_for"]] = (state["threshold"], state.get("_threshold_default"))
+    point, seeded_from = kept.get(weights_dir, (default, default))
+    now = {"threshold": default if point == seeded_from else point, "_threshold_for": weights_dir,
+           "_threshold_default": default}
+    if any(state.get(k) != v for k, v in now.items()):
+        state.update(now, _threshold_rev=state.get("_threshold_rev", 0) + 1)
 
 
 def session_threshold(predictor: Predictor) -> float | None:
@@ -1033,12 +1079,35 @@ def remember_slice(key: str, index: int | None, choice: str | None = None) -> No
     st.session_state.setdefault("_slices_shown", {})[key] = (index, choice)
 
 
+def analyse_batch(predictor: Predictor, items: list[tuple[str, object]], threshold: float | None,
+                  masks: dict[str, bytes]) -> tuple[dict[int, tuple[int | None, str | None]], list[dict]]:
+    """(slice shown per position, result row per file) for a batch shown as a table: each volume
+    at the slice last shown of it (its middle one until then), as the report reads it."""
+    slices = {k: remembered_slice(widget_key(k, *item)) for k, item in enumerate(items)}
+    rows = [analyse(predictor, name, data, threshold, slices[k][0], masks.get(name), slices[k][1])[0]
+            for k, (name, data) in enumerate(items)]
+    return slices, rows
+
+
+def batch_problems(rows: list[dict]) -> list[tuple[str, str]]:
+    """(kind, markdown) for each row a batch table alone would hide: 'error' for an unreadable
+    file, 'warning' for a volume whose other slices reach the operating point."""
+    out = []
+    for r in rows:
+        if not r["ok"]:
+            out.append(("error", f"**{md_name(r['file'])}**: {r['error']}"))
+        elif r.get("hot_slices"):
+            out.append(("warning", f"**{md_name(r['file'])}**: slices {listed_slices(r['hot_slices'])} reach the "
+                        "operating point; the slice in the table does not. Show its details before calling it clear."))
+    return out
+
+
 def _sticky(key: str) -> tuple[str, Callable[[], None]]:
     """(widget key, on_change) that copy a widget's value into the plain session key ``key``:
     Streamlit forgets the state of a widget that a run does not draw, or whose options or label
     change, and a plain key survives both."""
-    state, name = st.session_state, f"_{key}_widget"
-    return name, lambda: state.update({key: state[name]})
+    name = f"_{key}_widget"
+    return name, functools.partial(keep_widget_value, key, name)
 
 
 def sticky_choice(label: str, options: list, key: str, widget=None, **kw):
@@ -1184,7 +1253,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 cols[k % 4].error(f"{md_name(r['file'])}: {e}")
                 continue
             if scan is None:
-                absent.add(r.get("source", "?"))
+                absent.add(source_of(r))
                 continue
             tp = r.get("tumour_probability")
             if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .data import source_of
+
 # The keys the dashboard also accepts for a latency recorded in a card (ms per image).
 _LATENCY_KEYS = ("latency_ms", "cpu_latency_ms")
 _BENCH_KEYS = ("latency_ms", "cpu_ms", "ms_per_image", "p50_ms")
@@ -92,7 +94,7 @@ def _stored_eval(weights_dir: str | Path) -> dict:
 
 
 def _keyed(ev: dict) -> dict[tuple[str, str], dict]:
-    return {(r.get("source", "data"), r["file"]): r for r in ev.get("predictions", [])}
+    return {(source_of(r), r["file"]): r for r in ev.get("predictions", [])}
 
 
 def test_records(weights_dir: str | Path) -> dict[tuple[str, str], dict]:

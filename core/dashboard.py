@@ -121,6 +121,19 @@ def interval_text(ev: dict, key: str) -> str | None:
             "a few images either way move the figure by this much.")
 
 
+def headline_metrics(ev: dict) -> list[tuple[str, str, str | None]]:
+    """The Evaluation page's six headline figures as (label, value, help); 'n/a' where not defined."""
+    def shown(key: str, fmt: str) -> str:
+        return format(ev[key], fmt) if ev.get(key) is not None else "n/a"
+    return [("Scans", str(ev.get("n", 0)), scans_help(ev)),
+            ("Accuracy", shown("accuracy", ".1%"), interval_text(ev, "accuracy")),
+            ("Macro F1", shown("macro_f1", ".3f"), "Over the classes this set has images of; none for a set of one class"),
+            ("Tumours missed", shown("tumour_missed", "d"),
+             "Tumour scans predicted 'no tumour' at the sidebar's operating point"),
+            ("Sensitivity", shown("sensitivity", ".1%"), interval_text(ev, "sensitivity")),
+            ("Specificity", shown("specificity", ".1%"), interval_text(ev, "specificity"))]
+
+
 def scans_help(ev: dict) -> str | None:
     """The scans accuracy is over, where fewer than all: a label without a tumour type (Br35H's
     'yes') says nothing of the class, so such scans count in the tumour figures only."""
@@ -423,6 +436,26 @@ def ood_summary(ood: dict) -> str:
         text += (" Images that are not brain MRI, each kind measured by a gate that never saw it, "
                  f"flagged: {rates}.")
     return text
+
+
+def sources_table(card: dict) -> pd.DataFrame:
+    """The card's sources: path, image counts per split and label map."""
+    return pd.DataFrame([{"source": s.get("name"), "path": s.get("path"), **s.get("images", {}),
+                          "labels": ", ".join(f"{k}->{v}" for k, v in s.get("label_map", {}).items())}
+                         for s in card.get("sources", [])])
+
+
+def overall_metrics(card: dict) -> dict:
+    """The card's test metrics over all sources (the per-source ones are shown apart)."""
+    return {k: v for k, v in card.get("metrics", {}).items() if k != "per_source"}
+
+
+def build_caption(card: dict, weights_sha256: str) -> str:
+    """Size, weights hash, libraries and date of a model, in one line."""
+    libraries = readable(card.get("libraries"))
+    return (f"{card.get('parameters', 0) / 1e6:.2f} M parameters, weights "
+            f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MiB, sha256 {weights_sha256[:16]}..."
+            + (f", libraries {libraries}" if libraries else "") + f", built {card.get('date', '?')}")
 
 
 def ood_table(card: dict) -> pd.DataFrame:

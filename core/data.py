@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,6 +53,13 @@ def save_whole(path: str | Path, write) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
+DEFAULT_SOURCE = "data"   # the source of a sample, or an eval.json record, that names none
+
+
+def source_of(record: dict) -> str:
+    """The source an eval.json record belongs to."""
+    return record.get("source", DEFAULT_SOURCE)
+
 
 @dataclass
 class Sample:
@@ -60,7 +67,7 @@ class Sample:
     rel: str             # path relative to the source root (what cards and eval.json record)
     label: str           # normalised label (fine class, notumor or coarse 'tumor')
     original: str        # the folder name as found
-    source: str = "data"
+    source: str = DEFAULT_SOURCE
     preset_split: str | None = None   # 'test'/'val' when the dataset ships a Testing/ or Validation/ folder
     group: str = ""
     split: str = ""
@@ -681,7 +688,3 @@ def apply_split_record(samples: list[Sample], record: dict) -> None:
     lookup = split_roles(record)
     for s in samples:
         s.split = lookup.get((s.source, s.rel), "")
-
-
-def samples_to_json(samples: list[Sample]) -> list[dict]:
-    return [asdict(s) for s in samples]

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .data import not_mri
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
+from .data import not_mri, source_of
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
 from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, risk_coverage,
                       threshold_curve, tumour_probability)
-from .referral import ReferralRule, has_tumour_decision, type_confidence
+from .referral import ReferralRule, type_confidence
+
+if TYPE_CHECKING:  # for the type hints only: core.inference loads torch and the models
+    from .inference import Predictor
 
 
 def prediction_record(file: str, source: str, label: str, p) -> dict:
@@ -166,9 +169,9 @@ def _risk_coverages(records: list[dict], classes: list[str], threshold: float | 
 def evaluate_records(records: list[dict], classes: list[str], threshold: float | None) -> dict:
     """Overall metrics, the same per source, and the records themselves as ``predictions``."""
     ev = _metrics_for(records, classes, threshold)
-    sources = sorted({r.get("source", "data") for r in records})
+    sources = sorted({source_of(r) for r in records})
     if len(sources) > 1:
-        ev["per_source"] = {s: _metrics_for([r for r in records if r.get("source", "data") == s],
+        ev["per_source"] = {s: _metrics_for([r for r in records if source_of(r) == s],
                                             classes, threshold) for s in sources}
     ev["predictions"] = records
     return ev
@@ -288,8 +291,8 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     path = weights_dir / "eval.json"
     ev = json.loads(path.read_text())
     for r in ev["predictions"]:
-        r["copy_in_training"] = (r.get("source", "data"), r["file"]) in copies
-    src_of = [r.get("source", "data") for r in ev["predictions"]]
+        r["copy_in_training"] = (source_of(r), r["file"]) in copies
+    src_of = [source_of(r) for r in ev["predictions"]]
     counts = {src: {"copy_in_training": sum(r["copy_in_training"] for r, s in zip(ev["predictions"], src_of) if s == src),
                     "n": src_of.count(src)}
               for src in sorted(set(src_of))}
@@ -338,8 +341,7 @@ class NothingToScore(ValueError):
 
 def _scorable(label: str, classes: list[str]) -> bool:
     """A label the model can be judged on: one of its classes, or tumour/no tumour when it has both."""
-    return label in classes or (bool(tumour_classes(classes)) and NO_TUMOUR in classes
-                                and is_tumour_label(label) is not None)
+    return label in classes or (has_tumour_decision(classes) and is_tumour_label(label) is not None)
 
 
 def score_labelled(records: list[dict], classes: list[str], threshold: float | None,
@@ -371,7 +373,7 @@ def _folded_to_binary(records: list[dict]) -> list[dict]:
     return [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
 
 
-def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], None] | None = None) -> dict:
+def evaluate_dir(predictor: Predictor, data_dir: str | Path, progress: Callable[[float], None] | None = None) -> dict:
     """Evaluate any class-per-folder directory with a loaded `Predictor`."""
     records, errors, evaluated = _predict_dir(predictor, data_dir, None, progress)
     ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
@@ -379,7 +381,7 @@ def evaluate_dir(predictor, data_dir: str | Path, progress: Callable[[float], No
     return ev
 
 
-def evaluate_dirs(predictor, data_dirs: list[str | Path]) -> dict:
+def evaluate_dirs(predictor: Predictor, data_dirs: list[str | Path]) -> dict:
     """Several class-per-folder directories, each one source named by its folder: ``per_source``
     scores each alone, as a model's eval.json does (a yes/no source's tumours count in tumour
     figures only), and the overall figures pool every scan (its accuracy covers every scan whose
@@ -422,7 +424,7 @@ def source_names(data_dirs: list[str | Path]) -> list[str]:
     return out
 
 
-def _predict_dir(predictor, data_dir: str | Path, source: str | None,
+def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
                  progress: Callable[[float], None] | None = None) -> tuple[list[dict], list[dict], str]:
     """(records, errors, which images were evaluated) of one directory; records of scorable images only."""
     from .data import discover
@@ -496,7 +498,7 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
     gate = predictor.gate
     records, missing, unreadable, t0 = ev["predictions"], 0, 0, time.time()
     for r in records:
-        root = roots.get(r.get("source", ""))
+        root = roots.get(source_of(r))
         f = root / r["file"] if root is not None else None
         if f is None or not f.is_file():
             missing += 1

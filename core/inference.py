@@ -15,7 +15,7 @@ import torch
 
 from .data import REPO_ROOT
 from .header import header_reason
-from .labels import NO_TUMOUR, TUMOUR, tumour_classes
+from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
@@ -153,8 +153,7 @@ def temperature(card: dict) -> float | None:
 def card_threshold(card: dict) -> float | None:
     """The card's operating point, or None for a model without tumour/no-tumour classes
     (decided by the top class). A tumour model's card without one gets 0.5, everywhere."""
-    classes = card.get("classes", [])
-    if not (tumour_classes(classes) and NO_TUMOUR in classes):
+    if not has_tumour_decision(card.get("classes", [])):
         return None
     t = (card.get("operating_point") or {}).get("threshold")
     return 0.5 if t is None else float(t)
@@ -370,7 +369,7 @@ class Predictor:
 
     @property
     def is_tumour_model(self) -> bool:
-        return bool(tumour_classes(self.classes)) and NO_TUMOUR in self.classes
+        return has_tumour_decision(self.classes)
 
     def input_tensor(self, scan: ScanImage) -> torch.Tensor:
         return preprocess(scan.pixels, self.spec, scan.head_box)[None].to(self.device)
@@ -560,8 +559,7 @@ END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is 
 def end_slice_note(info: dict, pred: str, classes: list[str]) -> str | None:
     """`END_SLICE_NOTE` for a tumour call on a volume's slice near an end of the head, else None."""
     share = info.get("head_share")
-    is_tumour_call = NO_TUMOUR in classes and pred in tumour_classes(classes)
-    if share is None or share >= END_SLICE_SHARE or not is_tumour_call:
+    if share is None or share >= END_SLICE_SHARE or not is_tumour_call(pred, classes):
         return None
     return END_SLICE_NOTE.format(share=share)
 

@@ -73,6 +73,16 @@ def tumour_classes(classes: list[str]) -> list[str]:
     return [c for c in classes if c in FINE_TUMOURS or c == TUMOUR]
 
 
+def has_tumour_decision(classes: list[str]) -> bool:
+    """A model with tumour classes and 'no tumour': its calls are decided by an operating point."""
+    return bool(tumour_classes(classes)) and NO_TUMOUR in classes
+
+
+def is_tumour_call(pred: str, classes: list[str]) -> bool:
+    """Whether the class ``pred`` of a model with ``classes`` says 'a tumour is present'."""
+    return has_tumour_decision(classes) and pred in tumour_classes(classes)
+
+
 def label_targets(label: str, classes: list[str]) -> list[int]:
     """Indices of the model classes that a label allows (several for a coarse label)."""
     if label in classes:

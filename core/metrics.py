@@ -94,7 +94,7 @@ def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int 
 
 
 def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
-    """Per bin of ``conf``: mean confidence and the share ``correct``, the bins `ECE` sums over."""
+    """Per bin of ``conf``: mean confidence and the share ``correct``, the bins `expected_calibration_error` sums over."""
     conf, correct = np.asarray(conf, float), np.asarray(correct, float)
     out = []
     for lo, hi, m in _bins(conf, bins):
@@ -182,8 +182,7 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
         t_true = np.array([bool(t) for t in truth])[has]
         no_idx = classes.index(NO_TUMOUR) if NO_TUMOUR in classes else -1
         t_pred = (pred[has] != no_idx)
-        tp = int((t_true & t_pred).sum()); fn = int((t_true & ~t_pred).sum())
-        tn = int((~t_true & ~t_pred).sum()); fp = int((~t_true & t_pred).sum())
+        tn, fp, fn, tp = (int(v) for v in confusion_matrix(t_true, t_pred, labels=[False, True]).ravel())
         # calibration of the tumour probability itself: the only calibration a source labelled
         # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads
         t_prob = tumour_probability(probs[has], classes)

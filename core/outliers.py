@@ -724,7 +724,3 @@ def head_like(rng: Rng, size: int = 128) -> np.ndarray:
     a[((xx - 0.5) / 0.06) ** 2 + ((yy - 0.5) / 0.15) ** 2 < 1] = 0.1
     return np.clip(a + rng.normal(0, 0.02, a.shape), 0, 1).astype(np.float32)
 
-
-__all__ = ["SEEN", "UNSEEN", "TEST_ONLY", "CATEGORIES", "MRI_DERIVED", "ALTERED_MRI", "make_images", "make_scans", "head_like",
-           "use_scan_ct",
-           "PHOTOS_TRAIN", "PHOTOS_TEST"]

@@ -22,15 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, has_tumour_decision, tumour_classes
 from .metrics import apart, decide, digits_apart, is_tumour_label, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
 TOP_CLASS_RULE = "top-class confidence"
-
-
-def has_tumour_decision(classes: list[str]) -> bool:
-    return bool(tumour_classes(classes)) and NO_TUMOUR in classes
 
 
 def type_confidence(probs: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -115,6 +111,12 @@ class ReferralRule:
             held, level = apart(float(type_confidence(probs, classes)[0]), self.min_type_confidence, 0, True)
             out.append(f"the most likely tumour type holds {held} of the tumour probability, below {level}")
         return "; ".join(out) or None
+
+    def describe_call(self, pred, uncertain: bool = False, type_uncertain: bool = False) -> str | None:
+        """`describe` for one `core.inference.Prediction` (its probabilities, call and threshold)."""
+        classes = list(self.classes)
+        return self.describe([pred.probs[c] for c in classes], classes.index(pred.pred), pred.threshold,
+                             uncertain, type_uncertain)
 
 
 def at_threshold(pred, classes: list[str], threshold: float | None, rule: ReferralRule | None = None):

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .inference import (END_SLICE_CAVEAT, Prediction, calibration_text, end_slice_note, listed_slices,
+from .inference import (END_SLICE_CAVEAT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
                         shown_slice, volume_hot_slices)
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart
@@ -250,7 +250,7 @@ def volume_words(info: Mapping) -> str:
             "the others were not read")
 
 
-def _saliency(predictor, scan, method: str, target: str, view: np.ndarray):
+def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.ndarray):
     """(overlay RGB, None) or (None, why not): a failing map must not lose the prediction."""
     try:
         from . import saliency as S
@@ -267,7 +267,7 @@ REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "i
                     "slice_choice")
 
 
-def analyse_one(name: str, src, predictor, threshold: float | None = None,
+def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = None,
                 method: str | None = None, keep_bytes: bool = False, hot: list[int] | None = None,
                 mask: bytes | None = None, slice_choice: str | None = None, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
@@ -306,7 +306,7 @@ def analyse_one(name: str, src, predictor, threshold: float | None = None,
                       if hot is None else hot)
 
 
-def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor) -> str | None:
+def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor) -> str | None:
     """The Diagnose page's red warning (`app_support.mask_contradiction`) without its markdown:
     the report must not call 'no tumour, no flags' what the page calls a missed tumour."""
     if mask is None:
@@ -316,7 +316,7 @@ def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor) -> str | N
     return note.replace("**", "") if note else None
 
 
-def analyse(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
+def analyse(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: float | None = None,
             method: str | None = None, keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
     """`analyse_one` for every item, in order.
 
@@ -387,7 +387,7 @@ def tp_column_format(rows: Iterable[Mapping]) -> str:
                                     and r.get("tumour_probability") is not None)]))
 
 
-def _model_cells(predictor) -> list[str]:
+def _model_cells(predictor: Predictor) -> list[str]:
     """The model columns of every row: a CSV read on its own still names what made it."""
     from .audit import model_fields
     fields = model_fields(predictor) if predictor is not None else dict.fromkeys(MODEL_COLUMNS)
@@ -490,7 +490,7 @@ class ReportContext:
     miss_note: str | None = None   # under every 'no tumour' call: how often the model missed tumours
 
     @classmethod
-    def of(cls, predictor, threshold: float | None, method: str | None) -> "ReportContext":
+    def of(cls, predictor: Predictor, threshold: float | None, method: str | None) -> "ReportContext":
         card = predictor.card
         method = method or card_method(predictor)
         t = predictor.threshold if threshold is None else float(threshold)
@@ -534,7 +534,7 @@ class ReportContext:
 
 
 
-def _miss_note(predictor, threshold: float | None) -> str | None:
+def _miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     """The Diagnose page's note under a 'no tumour' call (`app_support.miss_note`): the model's
     test tumours called 'no tumour' at this operating point, from its eval.json."""
     try:
@@ -829,9 +829,7 @@ def _flag_banners(pdf, r: ScanResult, ctx: ReportContext) -> None:
     flags = flags_of(r.to_row())
     for f in flags:
         title, text, colours = FLAG_TEXT[f]
-        why = (ctx.referral.describe([p.probs[c] for c in ctx.classes], ctx.classes.index(p.pred),
-                                     p.threshold, f == FLAG_UNCERTAIN,
-                                     f == FLAG_TYPE_UNCERTAIN)
+        why = (ctx.referral.describe_call(p, f == FLAG_UNCERTAIN, f == FLAG_TYPE_UNCERTAIN)
                if ctx.referral is not None and f in (FLAG_UNCERTAIN, FLAG_TYPE_UNCERTAIN) else None)
         if why:  # the numbers make the referral checkable
             text = why[0].upper() + why[1:] + ("; refer for expert review." if f == FLAG_UNCERTAIN
@@ -993,14 +991,14 @@ def render_pdf(results: list[ScanResult], ctx: ReportContext) -> bytes:
     return bytes(pdf.output())
 
 
-def build_report(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
+def build_report(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: float | None = None,
                  method: str | None = None, **read_kw) -> bytes:
     """PDF report for ``items`` = [(name, bytes or path)]; see the module docstring."""
     results = analyse(items, predictor, threshold, method, **read_kw)
     return render_pdf(results, ReportContext.of(predictor, threshold, method))
 
 
-def report_downloads_data(items: Iterable[tuple[str, Any]], predictor, threshold: float | None = None,
+def report_downloads_data(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: float | None = None,
                           method: str | None = None, **read_kw) -> dict[str, tuple[bytes | str, str, str]]:
     """{"pdf": (bytes, mime, file name), "csv": (bytes, mime, file name)} for download buttons."""
     results = analyse(items, predictor, threshold, method, **read_kw)
@@ -1047,7 +1045,7 @@ def _write(path: str, data: bytes | str, what: str) -> bool:
         return False
 
 
-def card_method(predictor) -> str:
+def card_method(predictor: Predictor) -> str:
     """The saliency method the app offers first: the card's best against tumour masks."""
     try:
         from .saliency import default_method

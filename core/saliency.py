@@ -3,7 +3,8 @@ outline on a map and scores of a map against them.
 
 The model is shared by every app session (``st.cache_resource``); grad-cam registers hooks on
 it, so each map is computed under ``predictor.lock`` with a CAM object created for that call
-and released by its context manager.
+and released by its context manager (`saliency_maps`' other methods release their own hooks at
+once and borrow the first object's activations and gradients).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy import ndimage
 
+from .inference import Predictor
 from .models import saliency_layer
 from .preprocess import head_bbox, pad_square
 from .reader import ScanImage
@@ -67,7 +69,7 @@ def is_class_agnostic(method: str) -> bool:
     return method_name(method) in CLASS_AGNOSTIC
 
 
-def saliency_map(predictor, scan: ScanImage, method: str = "gradcam",
+def saliency_map(predictor: Predictor, scan: ScanImage, method: str = "gradcam",
                  target: str | int | None = None) -> np.ndarray:
     """H x W map in [0, 1] at the model input size, for ``target`` (class name or index).
 
@@ -92,7 +94,7 @@ def saliency_map(predictor, scan: ScanImage, method: str = "gradcam",
     return _unit(np.nan_to_num(np.asarray(grey_cam, dtype=np.float32)))
 
 
-def saliency_maps(predictor, scan: ScanImage, methods: list[str],
+def saliency_maps(predictor: Predictor, scan: ScanImage, methods: list[str],
                   target: str | int | None = None) -> dict[str, np.ndarray]:
     """What `saliency_map` gives for each of ``methods``, from one forward and backward pass.
 
@@ -135,7 +137,7 @@ def _from_store(cls, model, layers, store, x, targets) -> np.ndarray:
     return _unit(np.nan_to_num(np.asarray(grey, dtype=np.float32)))
 
 
-def _target_index(predictor, target: str | int) -> int:
+def _target_index(predictor: Predictor, target: str | int) -> int:
     if isinstance(target, (int, np.integer)):
         if not 0 <= int(target) < len(predictor.classes):
             raise ValueError(f"class index {target} out of range")

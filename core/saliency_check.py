@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import saliency as S
 from .metrics import wilson
+
+if TYPE_CHECKING:  # for the type hints only: core.inference loads torch and the models
+    from .inference import Predictor
 
 BASELINES = ("random map", "centre Gaussian")
 TARGETS = ("glioma", "predicted")
@@ -68,13 +72,13 @@ def baseline_map(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2)).astype(np.float32)
 
 
-def _predicted(predictor, scan) -> str:
+def _predicted(predictor: Predictor, scan) -> str:
     from .metrics import decide
     p = predictor.probabilities(predictor.input_tensor(scan))
     return predictor.classes[int(decide(p, predictor.classes, predictor.threshold)[0])]
 
 
-def score_slice(predictor, image: Path, mask_file: Path, dilate_px: int,
+def score_slice(predictor: Predictor, image: Path, mask_file: Path, dilate_px: int,
                 rng: np.random.Generator, methods: list[str]) -> dict | None:
     """Every method's scores on one slice, for both targets; None when the mask is empty here."""
     from .reader import read_scan
@@ -127,7 +131,7 @@ def best_method(rows: list[dict]) -> str:
     return max(cands, key=lambda r: (round(r["pointing_glioma"], 4), round(r["energy_glioma"], 4)))["method"]
 
 
-def check(predictor, pairs: list[tuple[Path, Path]], dilate_px: int = DEFAULT_DILATE_PX,
+def check(predictor: Predictor, pairs: list[tuple[Path, Path]], dilate_px: int = DEFAULT_DILATE_PX,
           seed: int = 0, methods: list[str] | None = None) -> dict:
     """Scores every method on ``pairs``; returns rows, per-slice scores, chance levels, timing."""
     methods = list(methods or S.METHODS)

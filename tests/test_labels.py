@@ -82,3 +82,15 @@ def test_accents_and_compatibility_forms_fold():
     assert normalise_label("M\u00e9ningiome") == normalise_label("Me\u0301ningiome") == "meningiome"
     assert normalise_label("grade_Ⅰ") != normalise_label("grade_Ⅱ")
     assert normalise_label("肿瘤_A") != normalise_label("正常_A")
+
+
+def test_tumour_decision_and_tumour_call_need_both_sides():
+    from core.labels import has_tumour_decision, is_tumour_call
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    assert has_tumour_decision(four) and has_tumour_decision(["tumor", "notumor"])
+    assert not has_tumour_decision(["glioma", "meningioma"])   # no 'no tumour' to decide against
+    assert not has_tumour_decision(["cat", "notumor"])
+    assert is_tumour_call("glioma", four) and is_tumour_call("tumor", ["tumor", "notumor"])
+    assert not is_tumour_call("notumor", four)
+    assert not is_tumour_call("cat", ["glioma", "cat", "notumor"])
+    assert not is_tumour_call("glioma", ["glioma", "meningioma"])   # a type, not a decision

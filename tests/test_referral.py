@@ -278,3 +278,14 @@ def test_apart_adds_decimals_only_where_they_differ():
     assert apart(0.5, 0.9) == ("0.500", "0.900")
     assert apart(0.9696, 0.97, 1, percent=True) == ("96.96%", "97.00%")
     assert apart(0.97, 0.97) == ("0.970", "0.970")
+
+
+def test_describe_call_reads_a_prediction_as_describe_reads_its_row():
+    from types import SimpleNamespace
+    rule = ReferralRule(tuple(C4), 0.3, 0.7, 0.0, 0.8)
+    row = rows(0.5, 0.6, top=1)
+    pred = SimpleNamespace(probs=dict(zip(C4, row)), pred="meningioma", threshold=0.4)
+    text = rule.describe_call(pred, uncertain=True, type_uncertain=True)
+    assert text == rule.describe(row, 1, 0.4, True, True)
+    assert "tumour probability 0.500 is inside the referral band 0.300-0.700" in text and "holds 60% " in text
+    assert rule.describe_call(pred) is None

@@ -593,3 +593,28 @@ def test_finish_from_cards_a_run_stopped_before_its_card(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     a, b = load_file(salvaged), load_file(tmp_path / "here" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_operating_point_is_picked_on_tumour_and_normal_rows_only(tmp_path, monkeypatch):
+    """A folder that is neither a tumour nor 'no tumour' (here 'cat') becomes a class of its own;
+    its validation rows must not count as tumours when the threshold is picked."""
+    data = tmp_path / "data"
+    make_dataset(data, per_class=12)
+    (data / "pituitary").rename(data / "cat")
+    seen = {}
+    real = E.pick_threshold
+
+    def watched(t_prob, is_t, *a, **k):
+        seen["n"], seen["tumours"] = len(is_t), int(np.sum(is_t))
+        return real(t_prob, is_t, *a, **k)
+
+    monkeypatch.setattr(E, "pick_threshold", watched)
+    out = tmp_path / "run"
+    train_validating(["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32, "--epochs", 1,
+                      "--batch-size", 8, "--workers", 1, "--seed", 0], monkeypatch)
+    (roles,) = json.loads((out / "split.json").read_text())["files"].values()   # one source
+    labels = [normalise_label(Path(f).parts[0]) for f in roles["val"]]
+    assert "cat" in json.loads((out / "card.json").read_text())["classes"]
+    assert labels.count("cat") > 0
+    assert seen["n"] == len(labels) - labels.count("cat")
+    assert seen["tumours"] == sum(lab in ("glioma", "meningioma") for lab in labels)

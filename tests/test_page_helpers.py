@@ -1,0 +1,69 @@
+"""What the pages used to work out themselves and now ask core for: the Evaluation page's headline
+figures and source filter, the Training and Model card pages' tables and captions, the Diagnose
+page's problems of a large batch."""
+from __future__ import annotations
+
+from core import app_support as app
+from core import dashboard as dash
+
+
+def test_headline_metrics_say_na_where_a_figure_is_undefined():
+    ev = {"n": 12, "accuracy": None, "macro_f1": None, "tumour_missed": 2, "sensitivity": 0.8,
+          "specificity": None}
+    shown = {label: value for label, value, _ in dash.headline_metrics(ev)}
+    assert shown == {"Scans": "12", "Accuracy": "n/a", "Macro F1": "n/a", "Tumours missed": "2",
+                     "Sensitivity": "80.0%", "Specificity": "n/a"}
+    full = {"n": 3, "accuracy": 2 / 3, "macro_f1": 0.5, "tumour_missed": 0, "sensitivity": 1.0,
+            "specificity": 0.5, "ci95": {"accuracy": [0.2, 0.9]}}
+    rows = dash.headline_metrics(full)
+    assert [v for _, v, _ in rows] == ["3", "66.7%", "0.500", "0", "100.0%", "50.0%"]
+    assert "20.0% to 90.0%" in rows[1][2]
+
+
+def test_of_source_keeps_one_source_and_records_without_one_are_data():
+    recs = [{"file": "a", "source": "br35h"}, {"file": "b"}, {"file": "c", "source": "lgg"}]
+    assert app.of_source(recs, None) == recs
+    assert [r["file"] for r in app.of_source(recs, "data")] == ["b"]
+    assert [r["file"] for r in app.of_source(recs, "lgg")] == ["c"]
+    assert app.sources_of(recs) == ["br35h", "data", "lgg"]
+
+
+def test_batch_problems_name_unreadable_files_and_hot_volumes_only():
+    rows = [{"ok": False, "file": "broken*.jpg", "error": "Not an image."},
+            {"ok": True, "file": "vol.nii.gz", "hot_slices": [3, 4, 5]},
+            {"ok": True, "file": "clear.png", "hot_slices": []},
+            {"ok": True, "file": "plain.png"}]
+    problems = app.batch_problems(rows)
+    assert [k for k, _ in problems] == ["error", "warning"]
+    assert "Not an image." in problems[0][1] and "`broken*.jpg`" in problems[0][1]
+    assert "slices 3-5" in problems[1][1] or "slices 3, 4, 5" in problems[1][1]
+
+
+def test_model_card_tables_and_caption_come_from_the_card():
+    card = {"sources": [{"name": "br35h", "path": "../shared/data/br35h", "images": {"train": 10, "test": 2},
+                         "label_map": {"yes": "tumor", "no": "notumor"}}],
+            "metrics": {"accuracy": 0.9, "per_source": {"br35h": {}}},
+            "parameters": 2_500_000, "weights_file_bytes": 3 * 2**20, "date": "2026-12-05"}
+    table = dash.sources_table(card)
+    assert table.loc[0, "source"] == "br35h" and table.loc[0, "test"] == 2
+    assert table.loc[0, "labels"] == "yes->tumor, no->notumor"
+    assert dash.overall_metrics(card) == {"accuracy": 0.9}
+    caption = dash.build_caption(card, "ab" * 32)
+    assert caption.startswith("2.50 M parameters, weights 3.0 MiB, sha256 abababababababab...")
+    assert caption.endswith("built 2026-12-05")
+
+
+def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
+    import json
+    import shutil
+    card = {"training": {"optimizer": "AdamW", "schedule": "cosine", "batch_size": 32, "device": "cpu",
+                         "train_time_s": 90}}
+    assert app.training_caption(card, 7) == "7 epochs, AdamW with cosine schedule, batch 32, on cpu in 1.5 min."
+    with_history, without = tmp_path / "a", tmp_path / "b"
+    for d in (with_history, without):
+        shutil.copytree(random_weights, d)
+        (d / "history.json").unlink(missing_ok=True)
+        c = json.loads((d / "card.json").read_text())
+        (d / "card.json").write_text(json.dumps({**c, "name": f"run-{d.name}"}))
+    (with_history / "history.json").write_text(json.dumps([{"epoch": 1, "acc": 0.5, "loss": 1.0}]))
+    assert app.histories([with_history, without]) == {"run-a": [{"epoch": 1, "acc": 0.5, "loss": 1.0}]}
