@@ -435,6 +435,116 @@ def main(argv=None) -> int:
         return 2
 
 
+def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Path | None) -> tuple[str, str | None]:
+    """Give every sample its split: the one recorded by the run continued (``resumed``), by
+    --split-from or by --init, else near-duplicate groups split anew. Returns (the split's method
+    for the card, the run whose recorded split is reused)."""
+    split_from = resumed or args.split_from or args.init
+    origin = None  # the run whose recorded split this one reuses
+    method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits), mirrored or half-turned "
+              f"copies (a flip's phash, then head thumbnails correlating >= {D.TWIN_CORRELATION}) and TCGA patient "
+              f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
+    if split_from:
+        record = json.loads((Path(split_from) / "split.json").read_text())
+        D.apply_split_record(samples, record["files"])
+        method = record["method"] if resumed else f"the split recorded in {split_from} ({record['method']})"
+        origin = record.get("from") if resumed else str(split_from)
+    else:
+        # Group and split before dropping anything, so that the split depends only on the files
+        # and the seed, not on the input size or filters: runs with other settings share test sets.
+        D.assign_groups(samples, args.max_distance)
+        D.split_by_group(samples, seed=args.seed)
+    return method, origin
+
+
+def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.nn.Module,
+                opt: torch.optim.Optimizer, sched, ema, scaler, steps: int, steps_per_epoch: int, world: int,
+                device: torch.device) -> tuple[list[dict], int, float, int, int | None, dict | None]:
+    """Put a checkpointed run back where it stopped: weights, optimiser, schedule, EMA, loss scale
+    and random state; returns (history, first epoch to run, best validation loss, epochs without
+    improvement, best epoch, the shipped weights' average record when best.pt was rebuilt from
+    them). What the card says of the continuation is set on ``args``."""
+    try:
+        model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten
+        raise DataError(f"the checkpoint in {out} does not match this run (another --arch or other "
+                         f"classes?): {str(e).splitlines()[0]}") from None
+    if ema is not None and resume.get("ema"):
+        ema.load_state_dict(resume["ema"])
+    if resume["scheduler"].get("total_steps") == steps + 1:
+        sched.load_state_dict(resume["scheduler"])
+    else:  # resumed with another --epochs: follow the new schedule from the step reached
+        remaining = max(0, args.epochs - resume["epoch"] - 1) * steps_per_epoch
+        if not schedule_fits(resume["scheduler"]["last_epoch"], remaining, steps):
+            raise DataError(f"--resume: the run has taken {resume['scheduler']['last_epoch']} steps, and "
+                            f"{remaining} more do not fit in this schedule's {steps} ({args.epochs} epochs of "
+                            f"{steps_per_epoch} steps on {world} process(es)): give more --epochs, or resume "
+                            "on as many processes as before")
+        sched.last_epoch = resume["scheduler"]["last_epoch"]
+    history, shipped_average = resume["history"], None
+    saved = resume.get("args") or {}
+    # a spliced schedule is not one run's: the card says so (the rate jumps to the new cycle)
+    args.schedule_splices = [*(saved.get("schedule_splices") or []),
+                             *([{"epochs_before": saved.get("epochs"), "epochs_after": args.epochs,
+                                 "at_epoch": resume["epoch"] + 1}] if saved.get("epochs") not in (None, args.epochs) else [])]
+    args.resume_commands = [*(saved.get("resume_commands") or []), args.command]
+    args.first_command = saved.get("first_command") or saved.get("command")  # the run's own command
+    args.command_dir = saved.get("command_dir") or args.command_dir
+    card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else {}
+    old = card.get("training", {})
+    finished = card.get("arch") == args.arch and old.get("epochs_run") == len(history)
+    if finished and not (out / "best.pt").exists() and (out / "model.safetensors").exists():
+        # A finished run removed best.pt; its best weights are the ones it shipped (which
+        # may already be the average with the parent: then it is not averaged again).
+        torch.save(E.shipped_state(model, out), out / "best.pt")
+        done = old.get("weight_average") or {}
+        shipped_average = done if done.get("shipped") == "average" else None
+    start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
+    if scaler is not None and resume.get("scaler"):  # fp16's loss scale, grown over the run
+        scaler.load_state_dict(resume["scaler"])
+    best_epoch = resume.get("best_epoch")
+    torch.set_rng_state(resume["rng"])
+    if resume.get("rng_cuda") is not None and device.type == "cuda" and world == 1:
+        # augmentation draws on the device: without its generator a GPU resume diverges
+        # (rank 0's state alone is saved: under DDP each rank keeps its own seeded stream)
+        torch.cuda.set_rng_state(resume["rng_cuda"], device)
+    return history, start_epoch, best, bad, best_epoch, shipped_average
+
+
+def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str], say) -> None:
+    """Refuse, in one sentence (DataError), data a classifier cannot be trained and validated on;
+    warn of tumour types taught only through coarse labels."""
+    if len(classes) < 2:
+        raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
+                         "a classifier needs at least two")
+    train_labels = {samples[i].label for i in idx["train"].tolist()}
+    taught = {classes[k] for lab in train_labels for k in label_targets(lab, classes)}
+    if set(classes) - taught:
+        raise DataError(f"no training image of {', '.join(sorted(set(classes) - taught))} after the grouped "
+                        "split (too few images, or all in one near-duplicate group): add images or leave "
+                        "the class out")
+    if coarse_only := sorted(taught - train_labels - {TUMOUR}):
+        say(f"warning: {', '.join(coarse_only)} learnt only through coarse labels in training: "
+            "the model cannot tell these types apart", flush=True)
+    if len(idx["train"]) < 2 or len(idx["val"]) == 0:
+        raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
+                         f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
+
+
+def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:
+    """Make --out ready for this run: a fresh run moves the previous run's files aside; the split
+    is recorded. Called only once the data is read and checked: a wrong --data moved the previous
+    model aside and then failed, leaving --out without one (a folder made for nothing, too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        moved, where = move_aside(out, list(RUN_FILES))
+        if moved:
+            say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}"
+                f"{', ...' if len(moved) > 4 else ''}) aside to {where}/ (a fresh run; --resume continues one)",
+                flush=True)
+    (out / "split.json").write_text(json.dumps(split))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
         # before any process group or data work: a refusal costs nothing and writes nothing
@@ -477,21 +587,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(LESION_NEEDS_MASKS)
     # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
-    split_from = out if resume else (args.split_from or args.init)
-    origin = None  # the run whose recorded split this one reuses
-    method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits), mirrored or half-turned "
-              f"copies (a flip's phash, then head thumbnails correlating >= {D.TWIN_CORRELATION}) and TCGA patient "
-              f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
-    if split_from:
-        record = json.loads((Path(split_from) / "split.json").read_text())
-        D.apply_split_record(samples, record["files"])
-        method = record["method"] if resume else f"the split recorded in {split_from} ({record['method']})"
-        origin = record.get("from") if resume else str(split_from)
-    else:
-        # Group and split before dropping anything, so that the split depends only on the files
-        # and the seed, not on the input size or filters: runs with other settings share test sets.
-        D.assign_groups(samples, args.max_distance)
-        D.split_by_group(samples, seed=args.seed)
+    method, origin = assign_splits(samples, args, out if resume else None)
     head = (images > 25).float().mean(dim=(1, 2, 3))
     # Files a recorded split (--split-from) does not name are not this run's data: left out of
     # training, the split record and the data fingerprint alike.
@@ -512,21 +608,7 @@ def run(args: argparse.Namespace) -> int:
                             and (k == "test" or s.source in trained)], dtype=torch.long)
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
-    if len(classes) < 2:
-        raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
-                         "a classifier needs at least two")
-    train_labels = {samples[i].label for i in idx["train"].tolist()}
-    taught = {classes[k] for lab in train_labels for k in label_targets(lab, classes)}
-    if set(classes) - taught:
-        raise DataError(f"no training image of {', '.join(sorted(set(classes) - taught))} after the grouped "
-                        "split (too few images, or all in one near-duplicate group): add images or leave "
-                        "the class out")
-    if coarse_only := sorted(taught - train_labels - {TUMOUR}):
-        say(f"warning: {', '.join(coarse_only)} learnt only through coarse labels in training: "
-            "the model cannot tell these types apart", flush=True)
-    if len(idx["train"]) < 2 or len(idx["val"]) == 0:
-        raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
-                         f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
+    check_trainable(samples, idx, classes, say)
     lesions = None
     if args.mask_loss > 0:  # the tumour masks, prepared like the images (in worker processes)
         lesions = E.cache_lesions(samples, spec, workers=args.workers)
@@ -567,64 +649,13 @@ def run(args: argparse.Namespace) -> int:
         say(f"initialised from {args.init}", flush=True)
     ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
     if resume:
-        try:
-            model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten
-            raise DataError(f"the checkpoint in {out} does not match this run (another --arch or other "
-                             f"classes?): {str(e).splitlines()[0]}") from None
-        if ema is not None and resume.get("ema"):
-            ema.load_state_dict(resume["ema"])
-        if resume["scheduler"].get("total_steps") == steps + 1:
-            sched.load_state_dict(resume["scheduler"])
-        else:  # resumed with another --epochs: follow the new schedule from the step reached
-            remaining = max(0, args.epochs - resume["epoch"] - 1) * steps_per_epoch
-            if not schedule_fits(resume["scheduler"]["last_epoch"], remaining, steps):
-                raise DataError(f"--resume: the run has taken {resume['scheduler']['last_epoch']} steps, and "
-                                f"{remaining} more do not fit in this schedule's {steps} ({args.epochs} epochs of "
-                                f"{steps_per_epoch} steps on {world} process(es)): give more --epochs, or resume "
-                                "on as many processes as before")
-            sched.last_epoch = resume["scheduler"]["last_epoch"]
-        history = resume["history"]
-        saved = resume.get("args") or {}
-        # a spliced schedule is not one run's: the card says so (the rate jumps to the new cycle)
-        args.schedule_splices = [*(saved.get("schedule_splices") or []),
-                                 *([{"epochs_before": saved.get("epochs"), "epochs_after": args.epochs,
-                                     "at_epoch": resume["epoch"] + 1}] if saved.get("epochs") not in (None, args.epochs) else [])]
-        args.resume_commands = [*(saved.get("resume_commands") or []), args.command]
-        args.first_command = saved.get("first_command") or saved.get("command")  # the run's own command
-        args.command_dir = saved.get("command_dir") or args.command_dir
-        card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else {}
-        old = card.get("training", {})
-        finished = card.get("arch") == args.arch and old.get("epochs_run") == len(history)
-        if finished and not (out / "best.pt").exists() and (out / "model.safetensors").exists():
-            # A finished run removed best.pt; its best weights are the ones it shipped (which
-            # may already be the average with the parent: then it is not averaged again).
-            torch.save(E.shipped_state(model, out), out / "best.pt")
-            done = old.get("weight_average") or {}
-            shipped_average = done if done.get("shipped") == "average" else None
-        start_epoch, best, bad = resume["epoch"] + 1, resume["best"], resume["bad"]
-        if scaler is not None and resume.get("scaler"):  # fp16's loss scale, grown over the run
-            scaler.load_state_dict(resume["scaler"])
-        best_epoch = resume.get("best_epoch")
-        torch.set_rng_state(resume["rng"])
-        if resume.get("rng_cuda") is not None and device.type == "cuda" and world == 1:
-            # augmentation draws on the device: without its generator a GPU resume diverges
-            # (rank 0's state alone is saved: under DDP each rank keeps its own seeded stream)
-            torch.cuda.set_rng_state(resume["rng_cuda"], device)
+        history, start_epoch, best, bad, best_epoch, shipped_average = restore_run(
+            resume, out, args, model, opt, sched, ema, scaler, steps, steps_per_epoch, world, device)
         say(f"resumed from epoch {start_epoch}", flush=True)
     split_files = D.split_record(samples)
     if rank == 0:
-        # Only now, with the data read and checked: a wrong --data moved the previous model aside
-        # and then failed, leaving --out without one (a folder made for nothing, too).
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            moved, where = move_aside(out, list(RUN_FILES))
-            if moved:
-                say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}"
-                    f"{', ...' if len(moved) > 4 else ''}) aside to {where}/ (a fresh run; --resume continues one)",
-                    flush=True)
-        (out / "split.json").write_text(json.dumps({
-            "method": method, "from": origin, "dropped_small_head": dropped, "files": split_files}))
+        open_out_dir(out, args.resume, {"method": method, "from": origin, "dropped_small_head": dropped,
+                                        "files": split_files}, say)
         DD.barrier(world)
     if args.finish_from:
         history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources, split_files)
