@@ -971,6 +971,9 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
             tta["scale"] = E.fit_temperature(val_logits[~two], m[~two]) / E.fit_temperature(val_logits[two], m[two])
             val_logits[two] *= tta["scale"]
     temperature = E.fit_temperature(val_logits, masks[idx["val"]])
+    if not math.isfinite(temperature):   # non-finite validation logits: no card that no command can load
+        raise DataError("the validation outputs are not finite (NaN or infinite weights? try a lower --lr): "
+                        "the model cannot be calibrated")
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     val_samples = [samples[i] for i in idx["val"]]
     operating, uncertainty = {}, {}

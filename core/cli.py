@@ -82,6 +82,12 @@ def cmd_audit(args) -> int:
               + (f", ... (+{len(members[g]) - 6})" if len(members[g]) > 6 else ""))
     if len(multi) > 20:
         print(f"  ... and {len(multi) - 20} more groups")
+    if (mixed := D.mixed_label_groups(samples)):
+        print(f"groups whose labels disagree: {len(mixed)}, {sum(sum(c.values()) for c in mixed)} images; largest: "
+              + ", ".join(f"{n} {lab}" for lab, n in mixed[0].most_common())
+              + " (a copy under two labels is a labelling error; a hash link between"
+              " different scans of no known patient joins groups too. A group is split as one: these cost"
+              " stratification, and a large one lands in the same split whatever the seed)")
     if preset:
         for s in samples:
             s.split = s.preset_split or "train"

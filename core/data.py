@@ -261,7 +261,8 @@ def _nothing_found(root: Path, skipped: list[tuple[str, str]]) -> str:
 
 
 def discover(root: str | Path, source: str | None = None, check_readable: bool = False) -> Scan:
-    """Find ``root/<class>/*`` or ``root/{Training,Testing}/<class>/*`` images.
+    """Find ``root/<class>/*`` or ``root/{Training,Testing}/<class>/*`` images; with a Testing/
+    (or Validation/) folder and no Training/ one, the class folders beside it are the training part.
 
     Hidden files, non-images and (with ``check_readable``) unreadable images are reported in
     ``Scan.skipped`` and never stop the walk.
@@ -280,13 +281,19 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     # loose files in the levels a doubled split folder skips
     scan.skipped += [item for ls in levels for d in ls[:-1] for item in _stray(d, root)]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
-    if split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
+    beside = [d for d in tops if d not in split_tops]
+    if split_tops and beside and "train" not in {preset for _, preset in layout}:
+        # class folders beside Testing/ (or Validation/) with no Training/: they are the training part
+        layout.append((top, None))
+    elif split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
         scan.skipped += [(str(d.relative_to(root)) + "/", "a folder beside the Training/Testing folders: not read "
-                                        "(move it into one of them)") for d in tops if d not in split_tops]
+                                        "(move it into one of them)") for d in beside]
     for base, preset in layout:
         if base != top:
             scan.skipped += _stray(base, root)
         for cdir in _class_dirs(base):
+            if base == top and cdir in split_tops:
+                continue
             label = normalise_label(cdir.name)
             found = sorted(cdir.rglob("*"))
             if not found:  # a failed copy leaves an empty folder: its class would just drop out
@@ -517,6 +524,24 @@ def _union_find(n: int, pairs, patient: list[str | None] | None = None) -> list[
         parent[hi] = lo
         owner[lo] = owner[lo] or owner[hi]
     return [find(i) for i in range(n)]
+
+
+def mixed_label_groups(samples: list[Sample]) -> list[Counter]:
+    """Label counts of each near-duplicate group whose labels disagree (a coarse 'tumor' beside
+    tumour types does not), largest first. Such groups come from hash links alone between images
+    of no known patient, kept because neighbouring slices of one patient are linked that way: the
+    group is split as one, which costs stratification, and a large one lands in the same split
+    whatever the seed."""
+    from .labels import FINE_TUMOURS, TUMOUR
+    by_group: dict[str, Counter] = defaultdict(Counter)
+    for s in samples:
+        by_group[s.group][s.label] += 1
+    mixed = []
+    for counts in by_group.values():
+        labels = set(counts) - ({TUMOUR} if set(counts) & set(FINE_TUMOURS) else set())
+        if len(labels) > 1:
+            mixed.append(counts)
+    return sorted(mixed, key=lambda c: -sum(c.values()))
 
 
 def patient_id(path: str) -> str | None:

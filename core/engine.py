@@ -645,6 +645,9 @@ def average_states(a: dict, b: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- calibration
+T_RANGE = (0.05, 20.0)   # the temperatures fit_temperature may return
+
+
 def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
     """Temperature scaling: one scalar T minimising the validation NLL of softmax(logits / T)."""
     if len(logits) == 0:
@@ -658,7 +661,18 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
         loss.backward()
         return loss
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20).item())
+    t = float(log_t.exp().clamp(T_RANGE[0], T_RANGE[1]).item())
+
+    def nll(temp: float) -> float:
+        with torch.no_grad():
+            return float(set_nll(logits / temp, masks))
+    # LBFGS without a line search can overshoot on small logits (log T to -46, then NaN): a
+    # temperature that is not finite, or fits worse than none, is found again by a bounded search.
+    if not math.isfinite(t) or not nll(t) <= nll(1.0):
+        from scipy.optimize import minimize_scalar
+        lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
+        t = float(math.exp(minimize_scalar(lambda lt: nll(math.exp(lt)), bounds=(lo, hi), method="bounded").x))
+    return t
 
 
 # The operating point never rises above even odds: a tumour more likely than not is flagged.

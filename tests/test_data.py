@@ -661,3 +661,44 @@ def test_files_written_whole_are_readable_as_any_file_the_run_writes(tmp_path):
     mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~D._umask()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "plain.txt"]
+
+
+def test_audit_names_groups_whose_labels_disagree(tmp_path, capsys):
+    """One scan saved under three labels is one group (split as one); the audit says its labels
+    disagree. A coarse 'tumor' beside a tumour type is no disagreement."""
+    from core import data as D
+    from core.cli import main
+    rng = np.random.default_rng(0)
+    base = Image.fromarray((rng.random((6, 6)) * 200 + 40).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+    for k, c in enumerate(("glioma", "notumor", "meningioma")):
+        (tmp_path / c).mkdir()
+        base.save(tmp_path / c / f"same_{k}.png")
+        for j in range(3):
+            r = np.random.default_rng(100 * k + j)
+            Image.fromarray((r.random((6, 6)) * 200 + 40).astype(np.uint8)).resize(
+                (64, 64), Image.BICUBIC).save(tmp_path / c / f"other_{j}.png")
+    assert main(["audit", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "groups whose labels disagree: 1," in out and "1 meningioma" in out and "1 notumor" in out
+    samples = [D.Sample(path="", rel=f"{k}", label=lab, original=lab, group="g") for k, lab in
+               enumerate(("glioma", "tumor"))]
+    assert D.mixed_label_groups(samples) == []
+
+
+def test_class_folders_beside_testing_without_training_are_the_training_part(tmp_path):
+    for part, n in (("", 3), ("Testing/", 2)):
+        for c in ("glioma", "notumor"):
+            (tmp_path / part / c).mkdir(parents=True)
+            for j in range(n):
+                Image.new("L", (32, 32), 40 + 30 * j).save(tmp_path / part / c / f"{j}.png")
+    scan = D.discover(tmp_path)
+    seen = sorted((s.rel, s.preset_split) for s in scan.samples)
+    assert ("glioma/0.png", None) in seen and ("Testing/notumor/1.png", "test") in seen
+    assert len(seen) == 10 and not scan.skipped
+    (tmp_path / "Training" / "glioma").mkdir(parents=True)   # with a Training/ folder they belong to no split
+    Image.new("L", (32, 32), 99).save(tmp_path / "Training" / "glioma" / "t.png")
+    scan = D.discover(tmp_path)
+    assert sorted(s.rel for s in scan.samples) == ["Testing/glioma/0.png", "Testing/glioma/1.png",
+                                                   "Testing/notumor/0.png", "Testing/notumor/1.png",
+                                                   "Training/glioma/t.png"]
+    assert {r for r, _ in scan.skipped} == {"glioma/", "notumor/"}

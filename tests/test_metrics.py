@@ -339,3 +339,19 @@ def test_the_threshold_curve_counts_the_headline_misses_at_the_operating_point()
     ev = evaluate_records([rec, normal], classes, 0.925)
     row = next(r for r in ev["threshold_curve"] if r["threshold"] == 0.925)
     assert ev["tumour_missed"] == row["missed"] == 1
+
+
+def test_fit_temperature_stays_finite_and_no_worse_than_none_on_small_logits():
+    """LBFGS without a line search overshot on small, half-wrong logits (log T to -46, then NaN):
+    a run then shipped a card with temperature NaN that every command refused."""
+    import math
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(12, 4, generator=g) * 0.2
+        y = z.argmax(1).clone()
+        y[::2] = torch.randint(0, 4, (6,), generator=g)
+        masks = torch.zeros(12, 4, dtype=torch.bool)
+        masks[torch.arange(12), y] = True
+        t = fit_temperature(z, masks)
+        assert math.isfinite(t) and 0.05 <= t <= 20, (seed, t)
+        assert float(set_nll(z / t, masks)) <= float(set_nll(z, masks)) + 1e-6, seed
