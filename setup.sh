@@ -16,15 +16,16 @@ if ! log=$(python3 -m pip install -q -r requirements.txt 2>&1); then
   exit 1
 fi
 [ -z "$log" ] || echo "$log" >&2
-# The browser and PDF tests skip without these tools, so failing to install them is not fatal.
+# The browser and PDF tests need these tools; without them tests/test_environment.py fails (unless
+# BT_NO_BROWSER=1), so failing to install them here is a warning, not the end of the setup.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   need=""
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need="$need chromium"
   command -v pdftotext >/dev/null || need="$need poppler-utils"
   if [ -n "$need" ]; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null; } ||
-      echo "setup.sh: could not apt-install$need: the browser and PDF tests will skip" >&2
+      echo "setup.sh: could not apt-install$need: the browser and PDF tests will fail (BT_NO_BROWSER=1 skips them)" >&2
   fi
 else
-  echo "setup.sh: not root or no apt-get: Chromium and poppler not installed (the browser and PDF tests skip without them)" >&2
+  echo "setup.sh: not root or no apt-get: Chromium and poppler not installed here (the browser and PDF tests need them; BT_NO_BROWSER=1 skips them)" >&2
 fi

@@ -124,11 +124,15 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
         raise ValueError(f"no eval.json in {a if not ra else b}: train.py writes it")
     ca = json.loads((a / "card.json").read_text()).get("classes", [])
     cb = json.loads((b / "card.json").read_text()).get("classes", [])
+    judged_on = None
+    if set(ca) != set(cb):   # a yes/no model's right call and a typed model's are not one task:
+        ca = cb = []         # both are judged on the call they share, tumour or no tumour
+        judged_on = "tumour vs no tumour (the models' classes differ)"
     both = sorted(set(ra) & set(rb))
     shared = both if with_copies else [k for k in both if not (ra[k].get("copy_in_training")
                                                              or rb[k].get("copy_in_training"))]
     out = {"a": str(a), "b": str(b), "shared": len(both), "copies_left_out": len(both) - len(shared),
-           "per_source": {}}
+           "judged_on": judged_on, "per_source": {}}
     for src in sorted({s for s, _ in shared}) + ["all"]:
         keys = [k for k in shared if src == "all" or k[0] == src]
         pairs = [(h, g) for h, g in ((call_is_right(ra[k], ca), call_is_right(rb[k], cb)) for k in keys)
@@ -171,7 +175,8 @@ def paired_text(res: dict) -> str:
     a, b = Path(res["a"]).name, Path(res["b"]).name
     copies = res.get("copies_left_out", 0)
     lines = [f"{a} (A) against {b} (B) on the {res['shared']} test images both were tested on"
-             + (f", less {copies} with a copy in either model's training split" if copies else "") + ":",
+             + (f", less {copies} with a copy in either model's training split" if copies else "")
+             + (f", judged on {res['judged_on']}" if res.get("judged_on") else "") + ":",
              "source      n     A        B        only A right  only B right  McNemar p"]
     for src, r in res["per_source"].items():
         lines.append(f"{src:10s} {r['n']:5d}  {100 * r['a']:6.2f}%  {100 * r['b']:6.2f}%  {r['a_only']:12d}  "

@@ -275,3 +275,20 @@ def test_benchmark_missed_of_a_benchmark_only_model_is_its_overall_count(tmp_pat
     (d / "eval.json").write_text(json.dumps({"predictions": [], "tumour_missed": 3, "n_tumour": 9}))
     table = models_table([d])
     assert table["benchmark missed"][0] == 3
+
+
+def test_paired_judges_models_with_other_classes_on_the_tumour_call(tmp_path):
+    """A yes/no model against a typed one: each was scored on its own task (the yes/no model's
+    tumour call, the typed model's exact type), and McNemar then ranked them the wrong way round."""
+    from core.compare import paired, paired_text
+    binary = make_model_dir(tmp_path / "yn", ["tumor", "notumor"])
+    typed = make_model_dir(tmp_path / "four", ["glioma", "meningioma", "pituitary", "notumor"])
+    files = [f"glioma/s{i}.jpg" for i in range(10)]
+    # the binary model misses 3 tumours; the typed one finds all 10, 6 of them with the wrong type
+    _with_eval(binary, [("benchmark", f, "tumor", "notumor" if i < 3 else "tumor") for i, f in enumerate(files)])
+    _with_eval(typed, [("benchmark", f, "glioma", "meningioma" if i < 6 else "glioma") for i, f in enumerate(files)])
+    res = paired(binary, typed)
+    bench = res["per_source"]["benchmark"]
+    assert res["judged_on"].startswith("tumour vs no tumour")
+    assert (bench["a"], bench["b"], bench["a_only"], bench["b_only"]) == (0.7, 1.0, 0, 3)
+    assert "judged on tumour vs no tumour" in paired_text(res)

@@ -1,11 +1,16 @@
-"""Golden test: the shipped default model on a fixed sample of the benchmark's own test split.
+"""Golden test: the shipped default model, through the served path (reader, preprocessing,
+calibration, operating point), on the benchmark's own test split.
 
-The sample is drawn (seeded) from the file list that the model's `split.json` records as the
-benchmark's test split, so none of these images (nor their near duplicates) was trained on.
-Skips when the shipped model or the shared data is absent.
+The images are every file the model's `split.json` records as the benchmark's test split, less
+those eval.json marks as having a near-duplicate or a mirrored or half-turned copy in the training
+split (`copy_in_training`, 26 of 853): no image here, nor a copy of it, was trained on. An
+earlier version sampled 200 test images, 9 of them with such a copy, and passed issue 3's 98 %
+with them (196 of 200); on the 191 others the model scored 97.9 %.
+
+Fails, never skips, when the shipped model is incomplete or its benchmark folder is missing while
+../shared is present; without ../shared it skips, and tests/test_environment.py fails.
 """
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -15,24 +20,20 @@ from core.labels import NO_TUMOUR, normalise_label
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-N_SAMPLE, SEED = 200, 20240601
-# The issue's target on this sample. The default of sessions 13-23 (resnet18_176_copyaware_ft,
-# trained on the CPU) scored 97.0 % here (6 of 200 wrong) and this test was marked as its known
-# failure; the default since session 24 (resnet18_192_gpu_ema120_s2, trained on a GPU, same split)
-# scores 98.0 % (4 of 200 wrong, all meningiomas called another type; no tumour missed), in bf16
-# and in fp32, the closest right call 0.18 from its runner-up.
+# Issue 3's targets. The shipped default (resnet18_192_gpu_ema120_s2) scores 97.8 % here (809 of
+# 827, no tumour missed): the accuracy target is not met, and the test says so as a strict xfail
+# (a model that meets it turns that into a failure, so the mark cannot outlive the gap).
 MAX_MISSED = 2
 TARGET_ACCURACY = 0.98
+MEETS_TARGET = False
 
 
 def shipped_model_dir() -> Path:
     default = ROOT / "weights" / "DEFAULT"
-    if not default.is_file():
-        pytest.skip("no weights/DEFAULT")
+    assert default.is_file(), "no weights/DEFAULT"
     d = ROOT / "weights" / default.read_text().strip()
-    for f in ("card.json", "model.safetensors", "split.json"):
-        if not (d / f).is_file():
-            pytest.skip(f"shipped model incomplete: {d / f} missing")
+    for f in ("card.json", "model.safetensors", "split.json", "eval.json"):
+        assert (d / f).is_file(), f"shipped model incomplete: {d / f} missing"
     return d
 
 
@@ -50,12 +51,14 @@ def golden():
     card = json.loads((d / "card.json").read_text())
     root = benchmark_root(card)
     if not root.is_dir():
-        pytest.skip(f"benchmark data not present at {root}")
-    files = json.loads((d / "split.json").read_text())["files"]
-    if "benchmark" not in files or not files["benchmark"].get("test"):
-        pytest.skip("split.json records no benchmark test split")
-    rels = sorted(files["benchmark"]["test"])
-    chosen = random.Random(SEED).sample(rels, min(N_SAMPLE, len(rels)))
+        if not SHARED.is_dir():
+            pytest.skip("../shared is not beside the checkout")
+        pytest.fail(f"the card's benchmark folder {root} does not exist although ../shared does")
+    test = json.loads((d / "split.json").read_text())["files"]["benchmark"]["test"]
+    recorded = {r["file"]: r for r in json.loads((d / "eval.json").read_text())["predictions"]
+                if r.get("source") == "benchmark"}
+    assert set(recorded) == set(test), "eval.json's benchmark records are not split.json's test files"
+    chosen = sorted(f for f in test if not recorded[f].get("copy_in_training"))
     from core.inference import Predictor
     predictor = Predictor(d)
     rows = []
@@ -64,7 +67,8 @@ def golden():
     try:
         for rel in chosen:
             p = predictor.predict_file(root / rel)
-            rows.append({"file": rel, "label": normalise_label(Path(rel).parts[0]), "pred": p.pred})
+            rows.append({"file": rel, "label": normalise_label(Path(rel).parts[0]), "pred": p.pred,
+                         "recorded": recorded[rel]["pred"]})
     finally:
         torch.set_num_threads(threads)
     return d, rows
@@ -75,21 +79,22 @@ def _accuracy(rows) -> tuple[float, list]:
     return 1 - len(wrong) / len(rows), wrong
 
 
+@pytest.mark.xfail(not MEETS_TARGET, strict=True,
+                   reason="issue 3's 98 % is not met on copy-free test images: 97.8 % (809 of 827)")
 def test_shipped_model_meets_the_target_accuracy(golden):
     d, rows = golden
-    assert len(rows) == N_SAMPLE
     acc, wrong = _accuracy(rows)
-    assert acc >= TARGET_ACCURACY, f"{d.name}: accuracy {acc:.3f} on {len(rows)} images; wrong: {wrong}"
+    assert acc >= TARGET_ACCURACY, f"{d.name}: accuracy {acc:.4f} on {len(rows)} images; wrong: {wrong}"
 
 
-def test_shipped_model_matches_its_card(golden):
-    """Regression guard: the app/CLI path (reader, preprocessing, calibration, operating point)
-    reproduces the benchmark accuracy that train.py recorded, within sampling error of 200 images."""
+def test_shipped_model_matches_its_evaluation(golden):
+    """Regression guard: the served path reproduces the copy-free benchmark accuracy that train.py
+    recorded in eval.json (cached uint8 images, fp32 weights), to within two images."""
     d, rows = golden
-    card = json.loads((d / "card.json").read_text())
-    recorded = card["metrics"]["per_source"]["benchmark"]["accuracy"]
+    recorded = sum(r["recorded"] == r["label"] for r in rows) / len(rows)
     acc, wrong = _accuracy(rows)
-    assert acc >= recorded - 0.03, f"{d.name}: {acc:.3f} here vs {recorded:.3f} in the card; wrong: {wrong}"
+    assert len(rows) > 500 and acc >= recorded - 2 / len(rows), \
+        f"{d.name}: {acc:.4f} served vs {recorded:.4f} recorded; wrong: {wrong}"
 
 
 def test_shipped_model_misses_few_tumours(golden):
@@ -99,14 +104,8 @@ def test_shipped_model_misses_few_tumours(golden):
 
 
 def test_serving_path_agrees_with_the_training_evaluation(golden):
-    """The app/CLI path (decode + preprocess + fp16 weights) against eval.json from training
-    (cached uint8 images, fp32 weights): the same decisions on all but a couple of images."""
+    """The app/CLI path (decode + preprocess + half-precision weights) against eval.json from
+    training: the same decisions on all but a few images."""
     d, rows = golden
-    if not (d / "eval.json").is_file():
-        pytest.skip("no eval.json")
-    recorded = {r["file"]: r["pred"] for r in json.loads((d / "eval.json").read_text())["predictions"]
-                if r.get("source") == "benchmark"}
-    both = [r for r in rows if r["file"] in recorded]
-    assert len(both) == len(rows)
-    differ = [(r["file"], r["pred"], recorded[r["file"]]) for r in both if r["pred"] != recorded[r["file"]]]
-    assert len(differ) <= 2, differ
+    differ = [(r["file"], r["pred"], r["recorded"]) for r in rows if r["pred"] != r["recorded"]]
+    assert len(differ) <= 4, differ

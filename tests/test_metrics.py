@@ -355,3 +355,27 @@ def test_fit_temperature_stays_finite_and_no_worse_than_none_on_small_logits():
         t = fit_temperature(z, masks)
         assert math.isfinite(t) and 0.05 <= t <= 20, (seed, t)
         assert float(set_nll(z / t, masks)) <= float(set_nll(z, masks)) + 1e-6, seed
+
+
+def test_the_specificity_floor_never_lifts_the_threshold_above_even_odds():
+    """Normals of a source at p(tumour) 0.6-0.9: the floor would ask for 0.9, but a tumour more
+    likely than not is still flagged (CAP_THRESHOLD)."""
+    rng = np.random.default_rng(0)
+    t_prob = np.r_[rng.uniform(0.8, 1.0, 50), rng.uniform(0.6, 0.9, 30)]
+    is_t = np.r_[np.ones(50, bool), np.zeros(30, bool)]
+    thr = pick_threshold(t_prob, is_t, 0.99, min_specificity=0.9)
+    assert thr == pytest.approx(0.5)
+    low = np.r_[rng.uniform(0.8, 1.0, 50), rng.uniform(0.0, 0.3, 30)]
+    assert 0.3 < pick_threshold(low, is_t, 0.99, min_specificity=0.9) <= 0.5
+
+
+def test_specificity_and_sensitivity_by_hand_with_misses_and_false_alarms_apart():
+    """4 tumours (1 called no tumour) and 4 normals (2 flagged): sensitivity 3/4, specificity 2/4;
+    the fixture above has as many misses as false alarms, which a swapped formula passes."""
+    labels = ["glioma"] * 4 + ["notumor"] * 4
+    preds = ["glioma", "glioma", "glioma", "notumor", "notumor", "notumor", "glioma", "glioma"]
+    m = classification_metrics(probs_for(preds, [a == b for a, b in zip(labels, preds)]), labels, C4)
+    assert (m["tumour_missed"], m["normal_flagged"]) == (1, 2)
+    assert m["sensitivity"] == pytest.approx(3 / 4) and m["specificity"] == pytest.approx(2 / 4)
+    assert m["per_class"]["notumor"]["specificity"] == pytest.approx(3 / 4)   # of the 4 non-normals, 1 called normal
+    assert m["per_class"]["glioma"]["specificity"] == pytest.approx(2 / 4)

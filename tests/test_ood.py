@@ -704,3 +704,14 @@ def test_the_gate_learns_skull_stripped_copies_as_brain_mri(tmp_path, monkeypatc
     assert not any(torch.equal(c, o) for c in stripped["pos"].small[8:] for o in plain["pos"].small)  # stripped pixels
     assert {s: len(x) for s, x in stripped["val"].items()} == {"src": 2}
     assert len(stripped["feat_train"].main) == len(stripped["feat_train"].small)
+
+
+def test_a_score_above_zero_flags_and_zero_or_below_passes(synthetic_gate, monkeypatch):
+    """The gate's rule is 'flagged when ood_score > 0': a verdict at 0.5 let 8 of the default's 29
+    flagged test scans through unnoticed by any test."""
+    g = synthetic_gate
+    head = _heads(1, 7)[0]
+    for score, passes in ((0.3, False), (1e-6, False), (0.0, True), (-0.2, True)):
+        monkeypatch.setattr(g, "combine", lambda raw, colour, s=score: np.array([s]))
+        ok, got = g.check(head, None, None)
+        assert (ok, got) == (passes, pytest.approx(score)), score

@@ -543,3 +543,17 @@ def test_shipped_model_predicts_the_sample_labels():
         if got != label:
             wrong[name] = f"{got} (expected {label})"
     assert not wrong, wrong
+
+
+def test_bytes_and_file_objects_past_the_size_limit_are_refused(monkeypatch):
+    """The limit held for a path (by its size on disk) but was not tested for uploaded bytes."""
+    import core.reader as R
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 90).save(buf, "PNG")
+    data = buf.getvalue() + b"\0" * 4000
+    monkeypatch.setattr(R, "MAX_BYTES", 2000)
+    for src in (data, io.BytesIO(data)):
+        with pytest.raises(R.ScanError, match="larger than"):
+            R.read_scan(src, "big.png")
+    monkeypatch.setattr(R, "MAX_BYTES", 10_000)
+    assert R.read_scan(data, "big.png").pixels.shape == (64, 64)

@@ -289,3 +289,22 @@ def test_describe_call_reads_a_prediction_as_describe_reads_its_row():
     assert text == rule.describe(row, 1, 0.4, True, True)
     assert "tumour probability 0.500 is inside the referral band 0.300-0.700" in text and "holds 60% " in text
     assert rule.describe_call(pred) is None
+
+
+def test_the_band_refers_its_lower_edge_and_not_its_upper_one():
+    """[lo, hi): at a band stretched to the operating point, a scan exactly at the threshold is
+    called a tumour plainly, one just below it is referred."""
+    rule = ReferralRule(tuple(C4), 0.25, 0.75)
+    probs = np.array([[t, 0, 0, 1 - t] for t in (0.25, 0.5, 0.75, 0.875, 0.125)])
+    unc, _ = rule.flags(probs, decide(probs, C4, 0.5), 0.5)
+    assert unc.tolist() == [True, True, False, False, False]
+    unc, _ = rule.flags(probs, decide(probs, C4, 0.875), 0.875)   # band stretched to [0.25, 0.875)
+    assert unc.tolist() == [True, True, True, False, False]
+
+
+def test_equal_confidences_are_kept_or_referred_together():
+    from core.referral import pick_min_confidence
+    conf = np.r_[np.full(8, 0.9), 0.7, 0.7]
+    correct = np.r_[np.ones(8, bool), True, False]   # the right 0.7 first: a split inside the tie keeps it
+    r = pick_min_confidence(conf, correct, target_error=0.0, max_referred=0.5)
+    assert r["min_confidence"] == pytest.approx(0.9) and r["val_referred"] == pytest.approx(0.2)

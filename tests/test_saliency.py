@@ -111,12 +111,19 @@ def test_concurrent_maps_equal_sequential_ones():
     scans = [square_scan(), square_scan(slice(20, 40), slice(10, 30))]
     expected = [saliency_map(p, s, "gradcam") for s in scans]
     got: dict[int, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, saliency_map(p, scans[k % 2], "gradcam")))
-               for k in range(6)]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:   # a thread's exception is otherwise lost, and `got` stays empty
+        try:
+            got[k] = saliency_map(p, scans[k % 2], "gradcam")
+        except BaseException as e:
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors and sorted(got) == list(range(6)), errors
     for k, cam in got.items():
         np.testing.assert_allclose(cam, expected[k % 2], atol=1e-5)
 
