@@ -89,29 +89,16 @@ with t2:
     b.plotly_chart(dash.pr_figure(shown, classes), key="pr")
 with t3:
     if "threshold_curve" in ev:
-        a, b, c, d = st.columns(4)
-        a.metric("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}")
-        b.metric("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}")
-        c.metric("Silent misses", ev.get("silent_misses", "n/a"),
-                 help="Missed tumours with no out-of-distribution or uncertainty flag")
-        d.metric("Out of distribution", f"{ev.get('flagged_ood', 0)} of {ev['n']}",
-                 help="Refused by the model's gate: the app gives these scans no call. Every "
-                      "figure on this page still counts the model's raw output for them."
-                      + (f" {ev['not_mri_flagged']} of them are among the {ev['not_mri']} CTs "
-                         "that the source filed as MRI (core/not_mri.txt), where a flag is right."
-                         if ev.get("not_mri") else ""))
+        for col, (label, value, help_text) in zip(st.columns(4), dash.miss_metrics(ev, dash.gate_scored(shown))):
+            col.metric(label, value, help=help_text)
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
     else:
         st.info("No tumour/no-tumour labels here, so no false-negative analysis.")
     app.gallery(predictor, shown, blobs)
 with t4:
     a, b = st.columns(2)
-    a.metric("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0)} of {ev['n']}",
-             help="The tumour / no-tumour call is not confident (tumour probability inside the "
-                  "card's referral band; top-class confidence for older cards)")
-    b.metric("Tumour — type uncertain", f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}",
-             help="Called tumour, but the most likely type holds too little of the tumour "
-                  "probability (e.g. scans labelled only 'tumour')")
+    for col, (label, value, help_text) in zip((a, b), dash.referral_metrics(ev, classes)):
+        col.metric(label, value, help=help_text)
     if ev.get("reliability"):
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
     elif ev.get("tumour_reliability"):

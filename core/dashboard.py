@@ -13,7 +13,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
 from .header import PREFIX as HEADER_PREFIX
 from .inference import shown_slice
-from .labels import FINE_TUMOURS, NO_TUMOUR
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import is_tumour_label
 from .report import flags_of, slice_words
 
@@ -132,6 +132,46 @@ def headline_metrics(ev: dict) -> list[tuple[str, str, str | None]]:
              "Tumour scans predicted 'no tumour' at the sidebar's operating point"),
             ("Sensitivity", shown("sensitivity", ".1%"), interval_text(ev, "sensitivity")),
             ("Specificity", shown("specificity", ".1%"), interval_text(ev, "specificity"))]
+
+
+def gate_scored(records: list[dict]) -> bool:
+    """Whether an out-of-distribution gate scored these records (a model without one leaves
+    ``ood_score`` empty, and refuses only colour and blank images)."""
+    return any(r.get("ood_score") is not None for r in records)
+
+
+def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
+    """The false-negative tab's four figures as (label, value, help)."""
+    refused = f"{ev.get('flagged_ood', 0)} of {ev['n']}"
+    if gated:
+        ood = ("Out of distribution", refused,
+               "Refused by the model's gate: the app gives these scans no call. Every figure on this page "
+               "still counts the model's raw output for them."
+               + (f" {ev['not_mri_flagged']} of them are among the {ev['not_mri']} CTs that the source filed "
+                  "as MRI (core/not_mri.txt), where a flag is right." if ev.get("not_mri") else ""))
+    else:
+        ood = ("Refused (no gate)", refused,
+               "This model has no out-of-distribution gate: only colour, blank and nearly empty images are "
+               "refused, and any other image gets a call, whatever it shows.")
+    return [("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}", None),
+            ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}", None),
+            ("Silent misses", str(ev.get("silent_misses", "n/a")),
+             "Missed tumours with no out-of-distribution or uncertainty flag"
+             + ("" if gated else " (no gate here: only the uncertainty flag can speak)")),
+            ood]
+
+
+def referral_metrics(ev: dict, classes: list[str]) -> list[tuple[str, str, str | None]]:
+    """The calibration tab's two referral counts as (label, value, help); a model with fewer than
+    two tumour types has no type to be unsure of."""
+    types = [c for c in tumour_classes(classes) if c != TUMOUR]
+    return [("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0)} of {ev['n']}",
+             "The tumour / no-tumour call is not confident (tumour probability inside the card's referral "
+             "band; top-class confidence for older cards)"),
+            ("Tumour — type uncertain",
+             f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}" if len(types) > 1 else "n/a",
+             "Called tumour, but the most likely type holds too little of the tumour probability (e.g. scans "
+             "labelled only 'tumour')" if len(types) > 1 else "This model names no tumour type.")]
 
 
 def scans_help(ev: dict) -> str | None:
@@ -263,8 +303,9 @@ def risk_coverage_figure(rows: list[dict]) -> go.Figure:
 
 
 # ----------------------------------------------------------------------------- training
-def history_figures(history: list[dict]) -> dict[str, go.Figure]:
-    """Loss, accuracy and learning rate per epoch (train and validation)."""
+def history_figures(history: list[dict], shipped_epoch: int | None = None) -> dict[str, go.Figure]:
+    """Loss, accuracy and learning rate per epoch (train and validation); ``shipped_epoch``, the
+    epoch whose weights were kept (the card's best_epoch), is marked on the loss and accuracy."""
     ep = [h["epoch"] for h in history]
     figs = {}
     for key, title in (("loss", "Loss"), ("acc", "Accuracy")):
@@ -275,6 +316,9 @@ def history_figures(history: list[dict]) -> dict[str, go.Figure]:
                 fig.add_scatter(x=ep, y=ys, mode="lines+markers", name=split,
                                 line=dict(color=colour))
         fig.update_xaxes(title="epoch")
+        if shipped_epoch is not None:
+            fig.add_vline(x=shipped_epoch, line=dict(color="grey", dash="dot"),
+                          annotation_text=f"shipped: epoch {shipped_epoch}", annotation_position="top left")
         figs[key] = _layout(fig, title)
     lr = go.Figure(go.Scatter(x=ep, y=[h.get("lr") for h in history], mode="lines+markers"))
     lr.update_xaxes(title="epoch")

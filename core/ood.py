@@ -716,6 +716,13 @@ class OODGate:
             return (f"the out-of-distribution gate's threshold ({self.threshold:.6g}) is not the one its card "
                     f"lists ({listed}): the gate file comes from another fit; fit it again with "
                     "`python -m core fit-ood`")
+        described = (card.get("ood") or {}).get("input") or {}
+        if self.net is not None and (other := {k: described[k] for k in GATE_SPEC
+                                               if k in described and described[k] != GATE_SPEC[k]}):
+            # the gate network is fed GATE_SPEC, whatever a card says: a card that says otherwise
+            # describes a gate fitted on other inputs, which this code would feed wrongly
+            return (f"the card's out-of-distribution gate reads its input as {other}, this code feeds it "
+                    f"{ {k: GATE_SPEC[k] for k in other} }: fit it again with `python -m core fit-ood`")
         if (fitted := self.info.get("weights_sha256")) and fitted != weights_sha256:
             return "the out-of-distribution gate was fitted for other weights; fit it again with `python -m core fit-ood`"
         if isinstance(self.density, FeatureHead) and feature_channels and len(self.density.mu) != feature_channels:

@@ -715,3 +715,14 @@ def test_a_score_above_zero_flags_and_zero_or_below_passes(synthetic_gate, monke
         monkeypatch.setattr(g, "combine", lambda raw, colour, s=score: np.array([s]))
         ok, got = g.check(head, None, None)
         assert (ok, got) == (passes, pytest.approx(score)), score
+
+
+def test_a_card_describing_other_gate_inputs_is_refused(synthetic_gate):
+    """The gate network is fed GATE_SPEC whatever the card says: a card describing other inputs
+    (another size or normalisation) belongs to a gate this code would feed wrongly."""
+    card = {"ood": synthetic_gate.config()}
+    assert card["ood"]["input"]["size"] == GATE_SPEC["size"]
+    assert synthetic_gate.mismatch(card, "abc", None) is None
+    for key, value in (("size", 96), ("mean", 0.5)):
+        other = {"ood": {**card["ood"], "input": {**card["ood"]["input"], key: value}}}
+        assert f"'{key}': {value}" in synthetic_gate.mismatch(other, "abc", None)

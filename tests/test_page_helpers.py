@@ -59,6 +59,12 @@ def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
     card = {"training": {"optimizer": "AdamW", "schedule": "cosine", "batch_size": 32, "device": "cpu",
                          "train_time_s": 90}}
     assert app.training_caption(card, 7) == "7 epochs, AdamW with cosine schedule, batch 32, on cpu in 1.5 min."
+    stopped = {"training": {**card["training"], "epochs": 12, "best_epoch": 5, "stopped_early": True}}
+    assert app.training_caption(stopped, 7).endswith(
+        "1.5 min; stopped early, of 12 planned; the weights shipped are epoch 5's, the lowest validation loss (dotted line).")
+    figs = dash.history_figures([{"epoch": e, "train": {"loss": 1 / e, "acc": 0.5}, "val": {"loss": 1 / e, "acc": 0.5},
+                                  "lr": 0.1} for e in (1, 2, 3)], shipped_epoch=2)
+    assert [s.x0 for s in figs["loss"].layout.shapes] == [2] and not figs["lr"].layout.shapes
     with_history, without = tmp_path / "a", tmp_path / "b"
     for d in (with_history, without):
         shutil.copytree(random_weights, d)
@@ -67,3 +73,18 @@ def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
         (d / "card.json").write_text(json.dumps({**c, "name": f"run-{d.name}"}))
     (with_history / "history.json").write_text(json.dumps([{"epoch": 1, "acc": 0.5, "loss": 1.0}]))
     assert app.histories([with_history, without]) == {"run-a": [{"epoch": 1, "acc": 0.5, "loss": 1.0}]}
+
+
+def test_a_model_without_a_gate_is_not_shown_as_checked():
+    """cnn_bn_aug's Evaluation page read 'Out of distribution 0 of 540' and a binary model's
+    'Tumour — type uncertain 0 of 527': neither was ever checked."""
+    ev = {"n": 10, "tumour_missed": 1, "n_tumour": 6, "normal_flagged": 0, "n_normal": 4, "silent_misses": 1,
+          "flagged_ood": 0, "referred_uncertain": 2, "referred_type_uncertain": 0}
+    assert not dash.gate_scored([{"ood_score": None}]) and dash.gate_scored([{"ood_score": -1.2}])
+    gated, plain = dash.miss_metrics(ev, True), dash.miss_metrics(ev, False)
+    assert gated[3][:2] == ("Out of distribution", "0 of 10")
+    assert plain[3][:2] == ("Refused (no gate)", "0 of 10") and "no out-of-distribution gate" in plain[3][2]
+    assert "no gate here" in plain[2][2] and "no gate here" not in gated[2][2]
+    four = dash.referral_metrics(ev, ["glioma", "meningioma", "pituitary", "notumor"])
+    binary = dash.referral_metrics(ev, ["tumor", "notumor"])
+    assert four[1][1] == "0 of 10" and binary[1][1] == "n/a" and binary[0][1] == "2 of 10"
