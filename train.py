@@ -703,8 +703,7 @@ def run(args: argparse.Namespace) -> int:
             # the low-resolution warm-up of progressive resizing never stops a run
             is_best, best, bad = judge_epoch(epoch, va["loss"], best, bad, warmup_epochs, counts=not small)
             if is_best:  # written whole, then swapped in: a run killed here keeps its previous best
-                torch.save(judged.state_dict(), out / "best.pt.tmp")
-                os.replace(out / "best.pt.tmp", out / "best.pt")
+                D.save_whole(out / "best.pt", lambda tmp: torch.save(judged.state_dict(), tmp))
                 shipped_average, best_epoch = None, epoch + 1
             write_json(out / "history.json", history)
             write_json(out / TRAINED, trained_record(args, classes, sources, device, precision,

@@ -53,6 +53,7 @@ def save_whole(path: str | Path, write) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
+
 DEFAULT_SOURCE = "data"   # the source of a sample, or an eval.json record, that names none
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .data import not_mri, source_of
+from .data import not_mri, save_whole, source_of
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
 from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, risk_coverage,
                       threshold_curve, tumour_probability)
@@ -179,9 +179,7 @@ def evaluate_records(records: list[dict], classes: list[str], threshold: float |
 
 def write_json(path: Path, obj: dict | list) -> None:
     """Replace a JSON file atomically: a run stopped half-way never leaves a truncated card."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    save_whole(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 # What a card keeps from eval.json: the issue's headline figures (always, None where missing),

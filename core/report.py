@@ -307,11 +307,11 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
 
 
 def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor) -> str | None:
-    """The Diagnose page's red warning (`app_support.mask_contradiction`) without its markdown:
+    """The Diagnose page's red warning (`core.masks.mask_contradiction`) without its markdown:
     the report must not call 'no tumour, no flags' what the page calls a missed tumour."""
     if mask is None:
         return None
-    from .app_support import mask_contradiction
+    from .masks import mask_contradiction
     note = mask_contradiction(pred, scan, mask, predictor.spec, shown_slice(scan.info))
     return note.replace("**", "") if note else None
 
