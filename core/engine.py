@@ -377,10 +377,11 @@ class Distill(NamedTuple):
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
-                    order: torch.Tensor, optimizer, scheduler, spec: dict, device: torch.device,
+                    order: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, spec: dict, device: torch.device,
                     batch_size: int = 64, precision: str = "fp32", smoothing: float = 0.1,
                     aug_strength: float = 1.0, skull_strip_p: float = 0.2,
-                    scaler=None, progress: bool = True, out_size: int | None = None,
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = True, out_size: int | None = None,
                     ema: ModelEma | None = None, lesions: tuple | None = None,
                     mask_weight: float = 0.0, aug_options: dict | None = None,
                     teacher: Distill | None = None) -> dict:
@@ -468,7 +469,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, spec: dict, device: t
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate_split(model, images, masks, spec, device, precision="fp32", out_size=None) -> dict:
+def evaluate_split(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, spec: dict, device: torch.device,
+                   precision: str = "fp32", out_size: int | None = None) -> dict:
+    """Validation loss (the coarse-label NLL) and accuracy of ``model`` on prepared images."""
     logits = predict_logits(model, images, spec, device, precision=precision, out_size=out_size)
     loss = set_nll(logits, masks).item() if len(logits) else float("nan")
     acc = masks.gather(1, logits.argmax(1, keepdim=True)).float().mean().item() if len(logits) else 0

@@ -31,6 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from .evaluation import write_json
 from .preprocess import brain_mask, normalise, prepare
 from .reader import ScanImage
 
+Logger = Callable[..., None]   # print, or a quiet stand-in: where progress lines go
 GATE_SPEC = {"size": 64, "crop": "head", "mean": 0.20, "std": 0.25}
 FEATURE_METHODS = ("mahalanobis", "knn", "head")
 LOGIT_METHODS = ("energy", "maxprob")
@@ -240,7 +242,7 @@ def _balanced_weights(groups: list[str]) -> torch.Tensor:
 
 
 def train_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0,
-                   batch_size: int = 128, lr: float = 3e-3, width: int = 16, log=print,
+                   batch_size: int = 128, lr: float = 3e-3, width: int = 16, log: Logger = print,
                    geometry: dict | None = None) -> GateNet:
     """Outlier exposure: brain MRI (label 0) vs generated non-MRI images (label 1), balanced.
 
@@ -289,7 +291,7 @@ def gate_geometry(card: dict | None) -> dict | None:
     return geo if geo and geo != GEOMETRY_DEFAULTS else None
 
 
-def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0, log=print,
+def cached_gate_net(pos: ImageSet, neg: ImageSet, epochs: int = 8, seed: int = 0, log: Logger = print,
                     geometry: dict | None = None) -> GateNet:
     """`train_gate_net`, kept on disk by the exact training data, groups, epochs and seed.
 
@@ -736,7 +738,7 @@ class OODGate:
             model: nn.Module | None = None, spec: dict | None = None, fpr: float = 0.02,
             epochs: int = 8, seed: int = 0, net: GateNet | None = None, caches: dict | None = None,
             feature_train: ImageSet | None = None, neg_feats: tuple[np.ndarray, list[str]] | None = None,
-            log=print) -> "OODGate":
+            log: Logger = print) -> "OODGate":
         """Fit the components named in ``method`` (e.g. "cnn+mahalanobis+colour") and the threshold.
 
         ``pos``: training MRI; ``neg``: training outliers (for the network); ``val``: validation
@@ -957,7 +959,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
                          out: str | Path | None = None, split: str | Path | None = None, epochs: int = 8,
                          n_train: int = 700, n_test: int = 200, seed: int = 0,
                          max_feature_train: int = 3000, final: str = "seen", n_folds: int = 4,
-                         n_stripped: int = 0, log=print) -> dict:
+                         n_stripped: int = 0, log: Logger = print) -> dict:
     """Fit every compared method for one model, measure them, ship one: the ``fit-ood`` command.
 
     ``final="seen"`` ships the gate exactly as measured (trained on the SEEN categories only);
@@ -1082,7 +1084,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
 
 
 def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None, fpr: float = 0.02,
-                     log=print) -> dict:
+                     log: Logger = print) -> dict:
     """Set a shipped gate's threshold again by the current rule (`per_source_threshold`), on its
     own networks and feature head, and measure it again on the fit's validation, test and outlier
     sets (the same seeded draws): the ``rethreshold-ood`` command.

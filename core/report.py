@@ -389,7 +389,7 @@ def tp_column_format(rows: Iterable[Mapping]) -> str:
 
 def _model_cells(predictor: Predictor) -> list[str]:
     """The model columns of every row: a CSV read on its own still names what made it."""
-    from .audit import model_fields
+    from .audit_log import model_fields
     fields = model_fields(predictor) if predictor is not None else dict.fromkeys(MODEL_COLUMNS)
     return [csv_safe(str(fields[k])) if fields[k] is not None else "" for k in MODEL_COLUMNS]
 
@@ -397,7 +397,7 @@ def _model_cells(predictor: Predictor) -> list[str]:
 def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predictor=None) -> str:
     """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags,
     error, the slice of a volume, the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
-    from .audit import slice_of
+    from .audit_log import slice_of
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
@@ -1110,7 +1110,7 @@ def cmd_report(args) -> int:
             return 2
         print(f"wrote {args.csv}")
     if args.audit:
-        from .audit import append_audit
+        from .audit_log import append_audit
         try:
             for r in results:
                 if r.ok:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from core import report as R
-from core.audit import append_audit, read_audit
+from core.audit_log import append_audit, read_audit
 from core.cli import main
 from core.inference import Predictor
 from core.models import create_model
