@@ -536,8 +536,9 @@ def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:
     is recorded. Called only once the data is read and checked: a wrong --data moved the previous
     model aside and then failed, leaving --out without one (a folder made for nothing, too)."""
     out.mkdir(parents=True, exist_ok=True)
-    if not resumed:
-        moved, where = move_aside(out, list(RUN_FILES))
+    if not resumed:   # with any temporary file a killed write left (`core.data.save_whole` names)
+        leftovers = sorted(p.name for p in out.glob("*.tmp*"))
+        moved, where = move_aside(out, list(dict.fromkeys([*RUN_FILES, *leftovers])))
         if moved:
             say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}"
                 f"{', ...' if len(moved) > 4 else ''}) aside to {where}/ (a fresh run; --resume continues one)",

@@ -11,7 +11,7 @@ if predictor is not None:
     st.subheader(f"Learning curves: {predictor.name}")
     history = app.load_history(predictor.dir)
     if history:
-        figs = history_figures(history, predictor.card.get("training", {}).get("best_epoch"))
+        figs = history_figures(history, *app.shipped_epoch(predictor.card))
         a, b, c = st.columns(3)
         a.plotly_chart(figs["loss"], key="loss")
         b.plotly_chart(figs["acc"], key="acc")
@@ -32,7 +32,7 @@ if dirs:
     st.caption("The rows of `python -m core compare weights/*`, from each card's held-out test split at "
                f"its own operating point. {COPIES_NOTE} Rows with different test-set codes were tested on different "
                "images, so a gap between them is not a paired comparison: `python -m core compare A B "
-               "--paired` compares two models on the images both were tested on. A yes/no model's benchmark cells "
+               "--paired` compares two models on the images both were tested on. A yes/no model's benchmark accuracy cells "
                "stay empty: its two-class accuracy is no figure to rank beside four-class ones. Latency as recorded "
                "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")
 

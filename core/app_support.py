@@ -402,11 +402,23 @@ def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | No
 def training_caption(card: dict, epochs: int) -> str:
     """One line on how the card's model was trained."""
     tr = card.get("training", {})
-    kept = tr.get("best_epoch")
+    kept, averaged = shipped_epoch(card)
+    shipped = "."
+    if kept and averaged:
+        shipped = (f"; the weights shipped are epoch {kept}'s (the lowest validation loss, dotted line) averaged "
+                   f"with those of the run it continued ({(tr.get('weight_average') or {}).get('with', '?')}).")
+    elif kept:
+        shipped = f"; the weights shipped are epoch {kept}'s, the lowest validation loss (dotted line)."
     return (f"{epochs} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')} schedule, "
             f"batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')} in {tr.get('train_time_s', 0) / 60:.1f} min"
             + (f"; stopped early, of {tr['epochs']} planned" if tr.get("stopped_early") and tr.get("epochs") else "")
-            + (f"; the weights shipped are epoch {kept}'s, the lowest validation loss (dotted line)." if kept else "."))
+            + shipped)
+
+
+def shipped_epoch(card: dict) -> tuple[int | None, bool]:
+    """(the epoch whose weights a run kept, whether they were then averaged with its parent's)."""
+    tr = card.get("training", {})
+    return tr.get("best_epoch"), (tr.get("weight_average") or {}).get("shipped") == "average"
 
 
 def histories(dirs: list[str | Path]) -> dict[str, list[dict]]:

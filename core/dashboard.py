@@ -303,9 +303,11 @@ def risk_coverage_figure(rows: list[dict]) -> go.Figure:
 
 
 # ----------------------------------------------------------------------------- training
-def history_figures(history: list[dict], shipped_epoch: int | None = None) -> dict[str, go.Figure]:
+def history_figures(history: list[dict], shipped_epoch: int | None = None,
+                    averaged: bool = False) -> dict[str, go.Figure]:
     """Loss, accuracy and learning rate per epoch (train and validation); ``shipped_epoch``, the
-    epoch whose weights were kept (the card's best_epoch), is marked on the loss and accuracy."""
+    epoch whose weights were kept (the card's best_epoch; ``averaged``: then averaged with the
+    parent run's), is marked on the loss and accuracy."""
     ep = [h["epoch"] for h in history]
     figs = {}
     for key, title in (("loss", "Loss"), ("acc", "Accuracy")):
@@ -318,7 +320,8 @@ def history_figures(history: list[dict], shipped_epoch: int | None = None) -> di
         fig.update_xaxes(title="epoch")
         if shipped_epoch is not None:
             fig.add_vline(x=shipped_epoch, line=dict(color="grey", dash="dot"),
-                          annotation_text=f"shipped: epoch {shipped_epoch}", annotation_position="top left")
+                          annotation_text=f"shipped: epoch {shipped_epoch}" + (" + parent" if averaged else ""),
+                          annotation_position="top left")
         figs[key] = _layout(fig, title)
     lr = go.Figure(go.Scatter(x=ep, y=[h.get("lr") for h in history], mode="lines+markers"))
     lr.update_xaxes(title="epoch")

@@ -655,6 +655,8 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
     """Temperature scaling: one scalar T minimising the validation NLL of softmax(logits / T)."""
     if len(logits) == 0:
         return 1.0
+    if not torch.isfinite(logits).all():   # no temperature calibrates NaN outputs: the caller refuses
+        return float("nan")
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
 

@@ -379,3 +379,11 @@ def test_specificity_and_sensitivity_by_hand_with_misses_and_false_alarms_apart(
     assert m["sensitivity"] == pytest.approx(3 / 4) and m["specificity"] == pytest.approx(2 / 4)
     assert m["per_class"]["notumor"]["specificity"] == pytest.approx(3 / 4)   # of the 4 non-normals, 1 called normal
     assert m["per_class"]["glioma"]["specificity"] == pytest.approx(2 / 4)
+
+
+def test_fit_temperature_of_non_finite_logits_is_nan_for_the_caller_to_refuse():
+    masks = torch.eye(4, dtype=torch.bool)
+    for bad in (float("nan"), float("inf")):
+        z = torch.eye(4)
+        z[1, 2] = bad
+        assert math.isnan(fit_temperature(z, masks))

@@ -65,6 +65,9 @@ def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
     figs = dash.history_figures([{"epoch": e, "train": {"loss": 1 / e, "acc": 0.5}, "val": {"loss": 1 / e, "acc": 0.5},
                                   "lr": 0.1} for e in (1, 2, 3)], shipped_epoch=2)
     assert [s.x0 for s in figs["loss"].layout.shapes] == [2] and not figs["lr"].layout.shapes
+    averaged = {"training": {**stopped["training"], "weight_average": {"with": "weights/parent", "shipped": "average"}}}
+    assert app.shipped_epoch(averaged) == (5, True)
+    assert app.training_caption(averaged, 7).endswith("averaged with those of the run it continued (weights/parent).")
     with_history, without = tmp_path / "a", tmp_path / "b"
     for d in (with_history, without):
         shutil.copytree(random_weights, d)

@@ -199,6 +199,7 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
     out = tmp_path / "run"
     assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
     (out / "best.pt").write_bytes(b"another run's best weights")
+    (out / "card.4242.tmp.json").write_text("{")   # what a write killed half-way leaves (save_whole)
     (out / "notes.txt").write_text("the user's own file")  # not a run's: stays where it is
     one_class = tmp_path / "one"
     make_blob_dataset(one_class, per_class=6)
@@ -216,6 +217,7 @@ def test_a_fresh_run_clears_another_runs_checkpoint_and_best_weights(data, tmp_p
     assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
     (prev,) = out.glob("previous-*")
     assert (prev / "best.pt").read_bytes() == b"another run's best weights"
+    assert (prev / "card.4242.tmp.json").is_file() and not list(out.glob("*.tmp*"))
     assert (prev / "checkpoint.pt").stat().st_size > 0
     # nor its weights, card and gate beside this run's split (review, session 20: an interrupted
     # retrain left the old model.safetensors, card.json and ood.safetensors with a new split.json)
@@ -467,3 +469,14 @@ def test_a_fresh_run_on_wrong_data_leaves_the_previous_model_in_place(data, tmp_
         assert code == 2 and sorted(p.name for p in out.iterdir()) == before
     assert train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "new"), *TINY]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_whose_validation_outputs_are_not_finite_ships_no_card(data, tmp_path, monkeypatch, capsys):
+    """NaN weights (or half-precision overflow) make every validation output NaN, and no temperature
+    calibrates them (`fit_temperature` then gives NaN, tested in test_metrics): no card is shipped."""
+    import core.engine as E
+    monkeypatch.setattr(E, "fit_temperature", lambda logits, masks: float("nan"))
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 2
+    assert "not finite" in capsys.readouterr().err
+    assert not (out / "card.json").exists()
