@@ -34,6 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from bench._machine import header  # noqa: E402
 from core import data as D, engine as E  # noqa: E402
 from core.preprocess import DEFAULT_SPEC  # noqa: E402
 
@@ -87,6 +88,7 @@ def main() -> int:
                    help="then read N packed images back as the GPU run does (crop none) and print how far "
                         "they are from the images served here, in grey levels of 255")
     a = p.parse_args()
+    header("cpu")
     cfgs = {Path(c).stem: tomllib.loads(Path(c).read_text()) for c in a.config}
     first = next(iter(cfgs.values()))
     if any(c.get("img") != first.get("img") or c.get("data") != first.get("data")

@@ -210,7 +210,10 @@ def main(argv=None) -> int:
                 print(f"{src:10s} {name:30s} " + json.dumps(r))
         return 0
     if args.table:
-        results = [json.loads(Path(f).read_text()) for f in args.table]
+        try:
+            results = [json.loads(Path(f).read_text()) for f in args.table]
+        except (OSError, ValueError) as e:
+            p.error(f"--table: {e}")
         for src in args.sources:
             print(markdown_table(results, src))
         return 0

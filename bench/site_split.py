@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._machine import header  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.data import PATIENT_RE  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--pooled", nargs="+", metavar="A B SITE",
                    help="triples of two runs and the site to pair them on, pooled into one McNemar test")
     args = p.parse_args(argv)
+    header("cpu")
     if args.pooled:
         named = [tuple(args.pooled[i:i + 3]) for i in range(0, len(args.pooled), 3)]
         if len(args.pooled) % 3 or args.report or args.site or args.out:

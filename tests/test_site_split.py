@@ -172,7 +172,9 @@ def test_pooled_cli_reads_runs_and_refuses_what_is_not_triples(tmp_path, capsys)
         (tmp_path / name / "eval.json").write_text(json.dumps(ev))
     ra, rb = str(tmp_path / "a"), str(tmp_path / "b")
     assert main(["--pooled", ra, rb, "HT", ra, rb, "CS"]) == 0
-    out = json.loads(capsys.readouterr().out.split(":", 1)[1])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("command: ") and printed[1].startswith("machine: ")   # bench/_machine.header
+    out = json.loads(next(line for line in printed if line.startswith("pooled")).split(":", 1)[1])
     assert out["n"] == 6 and out["accuracy"]["a_right"] == 4
     with pytest.raises(SystemExit) as e:
         main(["--pooled", ra, rb])
