@@ -1024,6 +1024,19 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                       "train_time_s": round(train_time)}, indent=1), flush=True)
 
 
+def mixed_groups_note(samples: list[D.Sample]) -> dict:
+    """The card's word on near-duplicate groups whose labels disagree, for a split grouped by this
+    run (a reused split's groups are its parent's): split as one, they cost stratification."""
+    if not samples or not all(s.group for s in samples):
+        return {}
+    mixed = D.mixed_label_groups(samples)
+    if not mixed:
+        return {}
+    return {"groups_whose_labels_disagree": {
+        "groups": len(mixed), "images": sum(sum(c.values()) for c in mixed), "largest": dict(mixed[0].most_common()),
+        "note": "near-duplicate groups are split whole; a large one lands in one split whatever the seed"}}
+
+
 def make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty, ev,
               history, skipped, dropped, train_time, wall_time, model, device, precision) -> dict:
     import torchvision
@@ -1060,7 +1073,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                        **({"not_in_recorded_split": f"{args.left_out_record} files the recorded split does not "
                                                     "name, left out (the run that made the split dropped them, "
                                                     "or they are new)"}
-                          if getattr(args, "left_out_record", 0) else {})},
+                          if getattr(args, "left_out_record", 0) else {}),
+                       **mixed_groups_note(samples)},
         "metrics": card_metrics(ev),
         "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
                      "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}

@@ -480,3 +480,13 @@ def test_a_run_whose_validation_outputs_are_not_finite_ships_no_card(data, tmp_p
     assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 2
     assert "not finite" in capsys.readouterr().err
     assert not (out / "card.json").exists()
+
+
+def test_the_card_notes_groups_whose_labels_disagree_only_for_its_own_grouping():
+    import core.data as D
+    grouped = [D.Sample("", str(i), lab, lab, group=g)
+               for i, (lab, g) in enumerate([("glioma", "a"), ("notumor", "a"), ("glioma", "b"), ("tumor", "b")])]
+    note = train.mixed_groups_note(grouped)["groups_whose_labels_disagree"]
+    assert (note["groups"], note["images"], note["largest"]) == (1, 2, {"glioma": 1, "notumor": 1})
+    reused = [D.Sample("", str(i), lab, lab) for i, lab in enumerate(["glioma", "notumor"])]   # --split-from: no groups
+    assert train.mixed_groups_note(reused) == {}
