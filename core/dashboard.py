@@ -161,17 +161,19 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
             ood]
 
 
-def referral_metrics(ev: dict, classes: list[str]) -> list[tuple[str, str, str | None]]:
+def referral_metrics(ev: dict, classes: list[str], min_type_confidence: float = 0.0) -> list[tuple[str, str, str | None]]:
     """The calibration tab's two referral counts as (label, value, help); a model with fewer than
-    two tumour types has no type to be unsure of."""
+    two tumour types, or whose card sets no type-confidence level, has no type to be unsure of."""
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
+    judged = len(types) > 1 and min_type_confidence > 0
     return [("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0)} of {ev['n']}",
              "The tumour / no-tumour call is not confident (tumour probability inside the card's referral "
              "band; top-class confidence for older cards)"),
             ("Tumour — type uncertain",
-             f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}" if len(types) > 1 else "n/a",
+             f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}" if judged else "n/a",
              "Called tumour, but the most likely type holds too little of the tumour probability (e.g. scans "
-             "labelled only 'tumour')" if len(types) > 1 else "This model names no tumour type.")]
+             "labelled only 'tumour')" if judged else
+             "This model names no tumour type." if len(types) < 2 else "This model's card sets no type-confidence level.")]
 
 
 def scans_help(ev: dict) -> str | None:
@@ -285,7 +287,7 @@ def reliability_figure(bins: list[dict], ece: float | None, tumour: bool = False
     fig.add_scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins],
                     mode="lines+markers", name="model", text=[f"n={b['n']}" for b in bins],
                     marker=dict(size=[6 + 14 * np.sqrt(b["n"] / max(1, max(x["n"] for x in bins)))
-                                      for b in bins]))
+                                      for b in bins]), cliponaxis=False)   # the (1, 1) bin's marker whole
     fig.update_xaxes(title="tumour probability" if tumour else "confidence (top-class probability)", range=[0, 1])
     fig.update_yaxes(title="share that hold a tumour" if tumour else "accuracy", range=[0, 1.02])
     title = ("Tumour-probability reliability" if tumour else "Reliability") + (
@@ -298,7 +300,8 @@ def risk_coverage_figure(rows: list[dict]) -> go.Figure:
                                mode="lines+markers",
                                text=[f"refer below confidence {r['min_confidence']:.2f}" for r in rows]))
     fig.update_xaxes(title="coverage (share of scans answered)", tickformat=".0%")
-    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".0%")
+    # gridlines 0.5 % apart on a good model: whole percents labelled 99.5 % as "100%"
+    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".1%")
     return _layout(fig, "Risk-coverage: refer the least confident", height=360)
 
 
@@ -321,7 +324,8 @@ def history_figures(history: list[dict], shipped_epoch: int | None = None,
         if shipped_epoch is not None:
             fig.add_vline(x=shipped_epoch, line=dict(color="grey", dash="dot"),
                           annotation_text=f"shipped: epoch {shipped_epoch}" + (" + parent" if averaged else ""),
-                          annotation_position="top left")
+                          # where the curves are not by then: losses fall, accuracies rise
+                          annotation_position="top left" if key == "loss" else "bottom left")
         figs[key] = _layout(fig, title)
     lr = go.Figure(go.Scatter(x=ep, y=[h.get("lr") for h in history], mode="lines+markers"))
     lr.update_xaxes(title="epoch")
