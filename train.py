@@ -536,9 +536,8 @@ def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:
     is recorded. Called only once the data is read and checked: a wrong --data moved the previous
     model aside and then failed, leaving --out without one (a folder made for nothing, too)."""
     out.mkdir(parents=True, exist_ok=True)
-    if not resumed:   # with any temporary file a killed write left (`core.data.save_whole` names)
-        leftovers = sorted(p.name for p in out.glob("*.tmp*"))
-        moved, where = move_aside(out, list(dict.fromkeys([*RUN_FILES, *leftovers])))
+    if not resumed:   # with any temporary file a killed write left (`core.data.save_whole`'s names, older ones too)
+        moved, where = move_aside(out, [*RUN_FILES, *sorted(p.name for p in out.glob("*.tmp*"))])
         if moved:
             say(f"moved the previous run's {len(moved)} files ({', '.join(moved[:4])}"
                 f"{', ...' if len(moved) > 4 else ''}) aside to {where}/ (a fresh run; --resume continues one)",
@@ -736,9 +735,9 @@ def run(args: argparse.Namespace) -> int:
 PREVIOUS = "previous"  # a fresh run puts the files another run left into out/previous-<UTC time>/
 # What train.py and the later commands on its folder write: only these are moved, whatever else
 # the folder holds (--out . must not move a repository's own files).
-RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "model.safetensors.tmp", "card.json", "eval.json",
+RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "card.json", "eval.json",
              "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json",
-             "trained.json", "salvaged.safetensors", "best.pt.tmp")
+             "trained.json", "salvaged.safetensors")   # and any *.tmp* a killed write left (open_out_dir)
 
 
 def distillation(args, all_samples, keep, train_rows, classes, split, spec, device, precision, say,

@@ -97,7 +97,7 @@ with t3:
     app.gallery(predictor, shown, blobs)
 with t4:
     a, b = st.columns(2)
-    for col, (label, value, help_text) in zip((a, b), dash.referral_metrics(ev, classes, rule.min_type_confidence if rule else 0.0)):
+    for col, (label, value, help_text) in zip((a, b), dash.referral_metrics(ev, classes, rule)):
         col.metric(label, value, help=help_text)
     if ev.get("reliability"):
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")

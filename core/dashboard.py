@@ -15,6 +15,7 @@ from .header import PREFIX as HEADER_PREFIX
 from .inference import shown_slice
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import is_tumour_label
+from .referral import ReferralRule
 from .report import flags_of, slice_words
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -161,11 +162,12 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
             ood]
 
 
-def referral_metrics(ev: dict, classes: list[str], min_type_confidence: float = 0.0) -> list[tuple[str, str, str | None]]:
-    """The calibration tab's two referral counts as (label, value, help); a model with fewer than
-    two tumour types, or whose card sets no type-confidence level, has no type to be unsure of."""
+def referral_metrics(ev: dict, classes: list[str], rule: ReferralRule) -> list[tuple[str, str, str | None]]:
+    """The calibration tab's two referral counts as (label, value, help); a set judged on fewer than
+    two tumour types (``classes``), or a rule that never judges a type (`ReferralRule.judges_type`),
+    has no type to be unsure of."""
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
-    judged = len(types) > 1 and min_type_confidence > 0
+    judged = len(types) > 1 and rule.judges_type
     return [("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0)} of {ev['n']}",
              "The tumour / no-tumour call is not confident (tumour probability inside the card's referral "
              "band; top-class confidence for older cards)"),

@@ -62,6 +62,12 @@ class ReferralRule:
     def uses_band(self) -> bool:
         return self.lo is not None and self.hi is not None
 
+    @property
+    def judges_type(self) -> bool:
+        """Whether `flags` can ever call a tumour's type uncertain: a band rule with a type level,
+        over two tumour classes or more."""
+        return self.uses_band and self.min_type_confidence > 0 and len(tumour_classes(list(self.classes))) > 1
+
     def band(self, threshold: float | None = None) -> tuple[float, float]:
         """The referral band, stretched to hold an operating point moved outside it.
 

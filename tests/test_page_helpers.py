@@ -88,8 +88,10 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     assert gated[3][:2] == ("Out of distribution", "0 of 10")
     assert plain[3][:2] == ("Refused (no gate)", "0 of 10") and "no out-of-distribution gate" in plain[3][2]
     assert "no gate here" in plain[2][2] and "no gate here" not in gated[2][2]
-    four = dash.referral_metrics(ev, ["glioma", "meningioma", "pituitary", "notumor"], 0.8)
-    no_rule = dash.referral_metrics(ev, ["glioma", "meningioma", "pituitary", "notumor"])   # cnn_bn_aug's card
-    binary = dash.referral_metrics(ev, ["tumor", "notumor"], 0.8)
+    from core.referral import ReferralRule
+    c4, yn = ["glioma", "meningioma", "pituitary", "notumor"], ["tumor", "notumor"]
+    four = dash.referral_metrics(ev, c4, ReferralRule(tuple(c4), 0.3, 0.7, 0.0, 0.8))
+    no_rule = dash.referral_metrics(ev, c4, ReferralRule(tuple(c4)))   # cnn_bn_aug's card: no band, no type level
+    binary = dash.referral_metrics(ev, yn, ReferralRule(tuple(yn), 0.3, 0.7, 0.0, 0.8))
     assert four[1][1] == "0 of 10" and binary[1][1] == "n/a" and binary[0][1] == "2 of 10"
     assert no_rule[1][1] == "n/a" and "no type-confidence level" in no_rule[1][2]
