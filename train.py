@@ -98,6 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-crop-p", type=float, default=d["strip_crop_p"],
                    help="probability of stripping the skull and cropping to the brain, as a skull-stripped "
                         "upload is served (core.engine.strip_and_crop)")
+    p.add_argument("--marks-p", type=float, default=d["marks_p"],
+                   help="probability of burning a reader's marks into an image (lines, outlines, arrows, "
+                        "labels: core.engine.draw_marks), as screen captures and annotated exports carry them")
     p.add_argument("--crop", default="head", choices=["head", "none"])
     p.add_argument("--binary", action="store_true", help="fold every tumour class into 'tumor'")
     p.add_argument("--seed", type=int, default=0)
@@ -153,14 +156,14 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
 INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "patience", "limit",
                "workers", "threads", "seed", "max_distance")
 FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p", "rotate", "shear",
-                 "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "target_sensitivity", "min_specificity",
+                 "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "marks_p", "target_sensitivity", "min_specificity",
                  "min_head", "tta_below")
 FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_online")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.
 RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
-                "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "crop",
+                "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "marks_p", "crop",
                 "binary", "seed", "max_distance", "min_head", "limit", "distill", "distill_t", "distill_online")
 
 
@@ -289,7 +292,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not 0 < args.target_sensitivity <= 1 or not 0 <= args.smoothing < 1:
         p.error("--target-sensitivity must be in (0, 1] and --smoothing in [0, 1)")
     shares = {k: getattr(args, k) for k in ("min_specificity", "turn_p", "blur_p", "lesion_dim_p", "skull_strip_p",
-                                             "strip_crop_p", "tta_below")}
+                                             "strip_crop_p", "marks_p", "tta_below")}
     if (bad := [k for k, v in shares.items() if not 0 <= v <= 1]):
         p.error(f"--{bad[0].replace('_', '-')} must be between 0 and 1")
     if args.lesion_dim_p and not args.mask_loss and not args.resume:  # a resume keeps its run's mask loss
@@ -829,7 +832,7 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
                 "small_img_epochs", "mask_loss", "aug", "skull_strip_p", "rotate", "shear", "turn_p",
-                "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "seed", "patience", "limit", "min_head",
+                "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "marks_p", "seed", "patience", "limit", "min_head",
                 "binary")
 # What a run records of itself from its first epoch on, for --finish-from when it was stopped
 # before its card (a time limit on a lent GPU); removed once the card is written.
@@ -1093,7 +1096,9 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                              + (f", blur (p {args.blur_p:g})" if args.blur_p else "")
                                              + (f", dimmed lesions (p {args.lesion_dim_p:g})" if args.lesion_dim_p else "")
                                              + (f", stripped and cropped to the brain (p {args.strip_crop_p:g})"
-                                                if args.strip_crop_p else "")},
+                                                if args.strip_crop_p else "")
+                                             + (f", a reader's marks burned in (p {args.marks_p:g})"
+                                                if args.marks_p else "")},
                      "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
                      **_where_trained(args, device, precision),
                      "world_size": getattr(args, "world_size", 1),

@@ -20,7 +20,7 @@ for warning in filter(None, (app.no_gate_warning(predictor), app.one_source_warn
 
 # No type filter: scanner exports often have no extension; the reader goes by content.
 uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM, NIfTI or a zip",
-                           accept_multiple_files=True)
+                           accept_multiple_files=True, help=app.UPLOAD_HELP)
 samples = app.sample_scans()
 picked = st.multiselect("...or try built-in sample scans (one per class, from the test split)",
                         list(samples))

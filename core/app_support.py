@@ -35,6 +35,13 @@ from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read
                      read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
+# What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
+# text around a slice does no harm; a reader's marks on it, panels and photos of a screen do.
+UPLOAD_HELP = ("One slice per image, as the scanner or viewer exports it: DICOM, NIfTI or a plain image "
+               "(text around the slice, as a viewer prints it, does no harm). Avoid screen captures with "
+               "a reader's marks drawn on the slice (lines, circles, arrows, labels), several panels in one "
+               "image, or photos of a screen: on test scans prepared like that the model called the wrong "
+               "type or a tumour in a healthy scan far more often, mostly without a warning.")
 
 
 # ----------------------------------------------------------------------------- models

@@ -201,7 +201,8 @@ def _widened(aug: dict) -> str | None:
     """'rotate 45, turns 0.25, blur 0.3' where train.py's geometric/blur options left their defaults."""
     from .engine import AUG_OPTION_DEFAULTS
     words = {"rotate": "rotate", "shear": "shear", "turn_p": "turns", "blur_p": "blur", "gamma_log": "ln gamma",
-             "lesion_dim_p": "dimmed lesions", "strip_crop_p": "stripped + cropped"}
+             "lesion_dim_p": "dimmed lesions", "strip_crop_p": "stripped + cropped",
+             "marks_p": "marks"}
     parts = [f"{words[k]} {aug[k]:g}" for k, d in AUG_OPTION_DEFAULTS.items() if aug.get(k, d) != d]
     return ", ".join(parts) or None
 

@@ -122,9 +122,11 @@ GEOMETRY_DEFAULTS = {"rotate": 15.0, "shear": 0.1, "turn_p": 0.0}  # `random_aff
 INTENSITY_DEFAULTS = {"blur_p": 0.0, "gamma_log": 0.4}            # `random_intensity`
 LESION_DEFAULTS = {"lesion_dim_p": 0.0}                           # `dim_lesions` (images with a tumour mask)
 STRIP_CROP_DEFAULTS = {"strip_crop_p": 0.0}                       # `strip_and_crop`
-AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS, **LESION_DEFAULTS, **STRIP_CROP_DEFAULTS}
+MARKS_DEFAULTS = {"marks_p": 0.0}                                 # `draw_marks`
+AUG_OPTION_DEFAULTS = {**GEOMETRY_DEFAULTS, **INTENSITY_DEFAULTS, **LESION_DEFAULTS, **STRIP_CROP_DEFAULTS,
+                       **MARKS_DEFAULTS}
 # Options added after runs were recorded without them: such a run trained with them off.
-ADDED_LATER = {**LESION_DEFAULTS, **STRIP_CROP_DEFAULTS}
+ADDED_LATER = {**LESION_DEFAULTS, **STRIP_CROP_DEFAULTS, **MARKS_DEFAULTS}
 
 
 def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
@@ -152,7 +154,67 @@ def augment_carrying(x: torch.Tensor, carry: torch.Tensor | None, strength: floa
         x, carry = strip_and_crop(x, carry, strip_p)
     moved = random_affine(x if carry is None else torch.cat([x, carry], 1), strength, out_size, **geo)
     x = random_intensity(moved[:, :k], strength, skull_strip_p, blur_p, gamma_log)
+    marks_p = float((options or {}).get("marks_p", MARKS_DEFAULTS["marks_p"])) * (strength > 0)
+    if marks_p > 0:  # drawn last, and only when on: runs without it keep their random stream
+        x = draw_marks(x, marks_p)
     return x, None if carry is None else moved[:, k:]
+
+
+MARK_WORDS = ("12.3 mm", "ROI", "A", "R", "L", "Se 4", "Im 12", "W 400 L 40", "HU", "T1", "x", "1", "2", "cm")
+
+
+def draw_marks(x: torch.Tensor, p: float) -> torch.Tensor:
+    """With probability ``p`` per image of a [0, 1] batch (N, 1, H, W), a reader's marks burned
+    into it, as a screen capture or an annotated export carries them: one to four of lines (with
+    end ticks or not), freehand polylines, ellipse and box outlines, arrows, crosshairs and short
+    labels, anywhere in the image (not at the lesion), 1-2 px wide at the model's size, drawn in
+    white, a light grey or black. The label stays: a mark is not the scan. Drawn with PIL on the
+    CPU (a few ms an image; a fraction of each batch)."""
+    from PIL import Image, ImageDraw, ImageFont
+    n, _, h, w = x.shape
+    sel = torch.nonzero(torch.rand(n, device=x.device) < p).flatten().tolist()
+    if not sel:
+        return x
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,)).item()))
+    layers, values = [], []
+    for _ in sel:
+        im = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(im)
+        pt = lambda: (float(rng.uniform(0, w)), float(rng.uniform(0, h)))  # noqa: E731
+        for _ in range(int(rng.integers(1, 5))):
+            kind, width = int(rng.integers(6)), int(rng.integers(1, 3))
+            if kind == 0:    # a measured line, ticks at its ends half the time
+                (x0, y0), (x1, y1) = pt(), pt()
+                draw.line([(x0, y0), (x1, y1)], fill=255, width=width)
+                if rng.random() < 0.5:
+                    for cx, cy in ((x0, y0), (x1, y1)):
+                        draw.line([(cx - 3, cy - 3), (cx + 3, cy + 3)], fill=255, width=1)
+            elif kind == 1:  # freehand
+                draw.line([pt() for _ in range(int(rng.integers(3, 8)))], fill=255, width=width)
+            elif kind == 2:  # a region: ellipse or box
+                (cx, cy), r = pt(), float(rng.uniform(0.03, 0.15)) * w
+                box = [cx - r, cy - r * rng.uniform(0.5, 1), cx + r, cy + r * rng.uniform(0.5, 1)]
+                (draw.ellipse if rng.random() < 0.6 else draw.rectangle)(box, outline=255, width=width)
+            elif kind == 3:  # an arrow
+                (ax, ay), r, a = pt(), float(rng.uniform(0.05, 0.15)) * w, float(rng.uniform(0, 2 * np.pi))
+                bx, by = ax + r * np.cos(a), ay + r * np.sin(a)
+                draw.line([(ax, ay), (bx, by)], fill=255, width=width + 1)
+                head = [(ax + 0.35 * r * np.cos(a + s), ay + 0.35 * r * np.sin(a + s)) for s in (-0.4, 0.4)]
+                draw.polygon([(ax, ay), *head], fill=255)
+            elif kind == 4:  # a crosshair
+                (cx, cy), r = pt(), float(rng.uniform(0.02, 0.06)) * w
+                draw.line([(cx - r, cy), (cx + r, cy)], fill=255, width=1)
+                draw.line([(cx, cy - r), (cx, cy + r)], fill=255, width=1)
+            else:            # a label
+                font = ImageFont.load_default(size=int(rng.integers(max(6, h // 24), max(8, h // 10))))
+                draw.text(pt(), str(rng.choice(MARK_WORDS)), fill=255, font=font)
+        layers.append(np.asarray(im, np.float32) / 255)
+        values.append(float(rng.choice([1.0, rng.uniform(0.6, 0.95), 0.0], p=[0.6, 0.25, 0.15])))
+    mark = torch.from_numpy(np.stack(layers))[:, None].to(x.device)
+    value = torch.tensor(values, device=x.device)[:, None, None, None]
+    x = x.clone()
+    x[sel] = x[sel] * (1 - mark) + value * mark
+    return x
 
 
 def strip_and_crop(x: torch.Tensor, carry: torch.Tensor | None, p: float,

@@ -1020,6 +1020,9 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
         if method == "auto" else method
     gate, trained_on, held_out, alternatives = gates[chosen], seen, None, {}
+    if final == "all" and "cnn" not in chosen.split("+"):
+        log(f"--final all: {chosen} has no gate network to retrain on every category, so it ships as "
+            f"measured, trained on the seen categories only, with no held-out estimate")
     if final == "all" and "cnn" in chosen.split("+"):
         trainable = seen + unseen
         neg_all = neg_by | {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen}
@@ -1062,8 +1065,9 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         counts["train_mri_skull_stripped_copies"] = d["pos"].groups.count(STRIPPED_GROUP)
     gate.info = _card_info(rows[shipped], trained_on, [c for c in seen + unseen + test_only if c not in trained_on],
                            counts, epochs, seed, net_time, held_out)
-    from .inference import file_sha256
-    gate.info["weights_sha256"] = file_sha256(Path(weights) / "model.safetensors")  # the features it read
+    if model is not None:   # a gate fitted before the classifier (no model.safetensors) reads no features
+        from .inference import file_sha256
+        gate.info["weights_sha256"] = file_sha256(Path(weights) / "model.safetensors")  # the features it read
     path = gate.save(out)
     report = {"weights": str(weights), "chosen": chosen, "shipped": shipped, "methods": rows,
               "seen_categories": seen, "unseen_categories": unseen, "test_only_categories": test_only,
@@ -1440,13 +1444,16 @@ def add_cli(sub) -> None:
                    help="auto (by the seen categories), or e.g. cnn+head+colour (the default model's), cnn+colour, mahalanobis (see COMPARED)")
     f.add_argument("--out", help="write here instead of --weights")
     f.add_argument("--split", help="a split.json other than the one in --weights")
-    f.add_argument("--epochs", type=int, default=8)
-    f.add_argument("--n-train", type=int, default=700, help="training outliers per seen category")
-    f.add_argument("--n-test", type=int, default=200, help="test outliers per category")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--threads", type=int, default=2)
-    f.add_argument("--folds", type=int, default=4, help="category folds for the held-out estimate (--final all)")
     from .cli import integer_at_least
+    positive = integer_at_least(1)
+    f.add_argument("--epochs", type=positive, default=8)
+    f.add_argument("--n-train", type=positive, default=700, help="training outliers per seen category")
+    f.add_argument("--n-test", type=positive, default=200, help="test outliers per category")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=positive, default=2)
+    # one fold would hold every category, and its gate network no outlier to train on
+    f.add_argument("--folds", type=integer_at_least(2), default=4,
+                   help="category folds for the held-out estimate (--final all; at least 2)")
     f.add_argument("--stripped", type=integer_at_least(0), default=0, metavar="N",
                    help="N training slices added again, skull-stripped, as brain MRI (default 0: none, as "
                         "the shipped gate; 1500 was measured in session 30, docs/generalisation.md)")

@@ -272,17 +272,34 @@ def test_strip_and_crop_centres_an_off_centre_brain_with_the_preprocessing_margi
         assert 6 <= rows.min() <= 16 and 175 <= rows.max() <= 185
 
 
-def test_strip_and_crop_is_off_by_default_and_keeps_the_default_stream():
+@pytest.mark.parametrize("option", ["strip_crop_p", "marks_p"])
+def test_an_added_augmentation_is_off_by_default_and_keeps_the_default_stream(option):
     x = _head_with_rim()[0].repeat(4, 1, 1, 1)
     torch.manual_seed(5)
     ref = E.augment(x, 1.0, 0.0)
     after_ref = torch.rand(3)
     torch.manual_seed(5)
-    assert torch.equal(E.augment(x, 1.0, 0.0, options={"strip_crop_p": 0.0}), ref)
+    assert torch.equal(E.augment(x, 1.0, 0.0, options={option: 0.0}), ref)
     assert torch.equal(torch.rand(3), after_ref)
     torch.manual_seed(5)
-    assert not torch.equal(E.augment(x, 1.0, 0.0, options={"strip_crop_p": 1.0}), ref)
-    assert torch.equal(E.augment(x, 0.0, 0.0, options={"strip_crop_p": 1.0}), x)  # evaluation: untouched
+    assert not torch.equal(E.augment(x, 1.0, 0.0, options={option: 1.0}), ref)
+    assert torch.equal(E.augment(x, 0.0, 0.0, options={option: 1.0}), x)  # evaluation: untouched
+
+
+def test_draw_marks_burns_thin_marks_into_the_chosen_images():
+    x = torch.full((32, 1, 96, 96), 0.5)  # mid-grey: a black, grey or white mark shows on it
+    torch.manual_seed(0)
+    out = E.draw_marks(x, 1.0)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    changed = (out != x).flatten(1)
+    share = changed.float().mean(1)
+    # every image marked (p = 1); the marks are lines and labels, not fills of the image
+    assert bool((share > 0).all()) and float(share.max()) < 0.2
+    torch.manual_seed(0)
+    assert torch.equal(E.draw_marks(x, 0.0), x)
+    torch.manual_seed(0)
+    few = (E.draw_marks(x, 0.25) != x).flatten(1).any(1).float().mean()
+    assert 0.05 < float(few) < 0.6  # about a quarter of 32
 
 
 def test_cache_images_shape_dtype_and_disk_cache(tmp_path, private_cache):

@@ -40,14 +40,19 @@ def _reads_with_name(monkeypatch) -> None:
     monkeypatch.setattr(se, "read_scan", read_with_name)
 
 
-def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
-    import bench.shift_eval as se
+def _named_files(folder: Path, names_labels: list[tuple[str, str]]) -> list[tuple[Path, str]]:
+    """(file, label) rows of flat grey PNGs named ``<name>_<i>.png``, for `FixedPredictor`."""
     rows = []
-    for i, (pred, label) in enumerate([("glioma", "glioma"), ("notumor", "glioma"), ("notumor", "notumor"),
-                                       ("meningioma", "tumor"), ("notumor", "tumor")]):
-        path = tmp_path / f"{pred}_{i}.png"
+    for i, (name, label) in enumerate(names_labels):
+        path = folder / f"{name}_{i}.png"
         Image.fromarray(np.full((32, 32), 100, np.uint8)).save(path)
         rows.append((path, label))
+    return rows
+
+
+def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
+    rows = _named_files(tmp_path, [("glioma", "glioma"), ("notumor", "glioma"), ("notumor", "notumor"),
+                                   ("meningioma", "tumor"), ("notumor", "tumor")])
     _reads_with_name(monkeypatch)
     r = evaluate(FixedPredictor(), rows, PERTURBATIONS["rotate 90"])
     assert r["n"] == 5
@@ -58,6 +63,36 @@ def test_coarse_tumour_labels_count_for_sensitivity_only(tmp_path, monkeypatch):
     assert "| none | — / 2 / 1.000 / 0.0 % |" in table
     assert [(Path(x["file"]).stem, x["label"], x["pred"]) for x in r["records"]] == [
         (Path(f).stem, lab, Path(f).stem.split("_")[0]) for f, lab in rows]   # one record per image, in order
+
+
+def test_accepted_accuracy_and_silent_errors_by_hand(tmp_path, monkeypatch):
+    """A name ``<pred>_<flag>_<n>``: 'ood' served out of distribution, 'unc' referred uncertain."""
+    class Flagging(FixedPredictor):
+        def predict_scan(self, scan):
+            pred, flag, _ = scan.info["file"].split("_")
+            return SimpleNamespace(pred=pred, in_distribution=flag != "ood", uncertain=flag == "unc")
+    rows = _named_files(tmp_path, [("glioma_ok", "glioma"), ("meningioma_ok", "glioma"),
+                                   ("meningioma_ood", "glioma"), ("notumor_unc", "glioma"),
+                                   ("notumor_ok", "tumor"), ("meningioma_ok", "tumor")])
+    _reads_with_name(monkeypatch)
+    r = evaluate(Flagging(), rows, PERTURBATIONS["none"])
+    assert r["accuracy"] == 0.25                     # fine labels, flagged or not: 1 right of 4
+    assert r["accepted_accuracy"] == round(1 / 3, 4)  # the three fine-labelled scans the gate accepts
+    assert r["silent_errors"] == 2                   # the meningioma call and the coarse tumour called healthy
+    assert r["silent_misses"] == 1 and r["ood_flagged"] == round(1 / 6, 4)
+
+
+def test_screen_captures_are_seeded_grey_images_and_run_only_when_named():
+    import bench.shift_eval as se
+    from bench.screen_captures import CAPTURES
+    yy, xx = np.mgrid[:160, :140]
+    head = (np.hypot(yy - 80, xx - 70) < 55).astype(np.float32) * 0.6
+    for name, capture in CAPTURES.items():
+        a, b = capture(head, np.random.default_rng(3)), capture(head, np.random.default_rng(3))
+        assert a.dtype == np.float32 and a.ndim == 2 and 0 <= a.min() and a.max() <= 1, name
+        assert np.array_equal(a, b), name                  # seeded per image: two models see the same capture
+        assert a.shape != head.shape or np.abs(a - head).mean() > 0.001, name
+    assert set(CAPTURES) <= set(se.PERTURBATIONS) and not set(CAPTURES) & set(se.RUN_BY_DEFAULT)
 
 
 def test_parts_count_each_gate_part_that_flags_on_its_own(tmp_path, monkeypatch):

@@ -255,6 +255,7 @@ def test_weights_another_run_swapped_in_are_refused(data, tmp_path, capsys):
     (["--min-specificity", "2"], "--min-specificity must be between 0 and 1"),
     (["--lesion-dim-p", "1.5", "--mask-loss", "0.2"], "--lesion-dim-p must be between 0 and 1"),
     (["--strip-crop-p", "-0.1"], "--strip-crop-p must be between 0 and 1"),
+    (["--marks-p", "1.2"], "--marks-p must be between 0 and 1"),
     (["--lesion-dim-p", "0.3"], "--lesion-dim-p needs --mask-loss"),
     (["--arch", "vgg16", "--img", "16"], "vgg16 needs --img (and --small-img) of at least 32"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
@@ -448,7 +449,7 @@ def test_lesion_dimming_reaches_the_loop_and_survives_a_resume(data, tmp_path, m
     assert card["training"]["augmentation"]["lesion_dim_p"] == 0.3
 
 
-@pytest.mark.parametrize("option", ["lesion_dim_p", "strip_crop_p"])
+@pytest.mark.parametrize("option", ["lesion_dim_p", "strip_crop_p", "marks_p"])
 def test_a_checkpoint_from_before_an_added_option_refuses_to_switch_it_on(option):
     saved = {k: 0 for k in train.RESUME_FIXED if k != option}  # an older run's recorded args
     now = {**saved, option: 0.0}
