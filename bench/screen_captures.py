@@ -7,7 +7,8 @@ Used by `bench/shift_eval.py` (``--perturbations`` names them; none runs by defa
 
 Each capture is drawn on the decoded grey slice, seeded per image, with PIL's own font (so the text
 is the same on every machine). None of these looks was drawn or trained on before this file was
-written: the training augmentation has no text, frames or panels, and the gate's outlier kinds
+written: the default's training augmentation has no text, frames or panels (`train.py --marks-p`
+came after, and is off by default), and the gate's outlier kinds
 hold screenshots and text pages but no brain slice inside a viewer. What a served capture should
 do: a single slice with text around it is still that slice (right call, or a flag); a capture of
 several panels or a whole window is not one slice, so a flag is the right answer, and a silent
@@ -23,7 +24,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-Capture = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# A capture returns the grey image, or (grey image, colourfulness) when it draws in colour.
+Capture = Callable[[np.ndarray, np.random.Generator], np.ndarray | tuple[np.ndarray, float]]
 
 # What a DICOM viewer prints in the corners of a slice (invented values; no real patient).
 CORNERS = (("ANON^PATIENT", "ID 0000000", "1970-01-01 F"),
@@ -85,11 +87,11 @@ def burned_in_text(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _to_array(im)
 
 
-def annotation_marks(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _annotate(im: Image.Image, a: np.ndarray, rng: np.random.Generator, fill: int | tuple[int, int, int]) -> None:
     """A reader's marks on the slice: a measured line with its length, an elliptic region with its
     statistics and an arrow, placed at random inside the lit part of the slice (not at the lesion,
     which the bench does not know)."""
-    im, (h, w) = _to_pil(a), a.shape
+    (h, w) = a.shape
     draw, font = ImageDraw.Draw(im), _font(max(9, h // 32))
     ys, xs = np.nonzero(a > 0.1)
     if len(xs) == 0:
@@ -99,16 +101,33 @@ def annotation_marks(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         i = int(rng.integers(len(xs)))
         return float(xs[i]), float(ys[i])
     (x0, y0), (x1, y1) = point(), point()
-    draw.line([(x0, y0), (x1, y1)], fill=255, width=2)
-    draw.text((x1 + 4, y1), f"{np.hypot(x1 - x0, y1 - y0) * 0.45:.1f} mm", fill=255, font=font)
+    draw.line([(x0, y0), (x1, y1)], fill=fill, width=2)
+    draw.text((x1 + 4, y1), f"{np.hypot(x1 - x0, y1 - y0) * 0.45:.1f} mm", fill=fill, font=font)
     cx, cy = point()
     r = max(6, min(h, w) // 14)
-    draw.ellipse([cx - r, cy - r * 0.7, cx + r, cy + r * 0.7], outline=255, width=2)
-    draw.text((cx - r, cy + r), "ROI 1: mean 412, SD 37, 1.2 cm2", fill=255, font=font)
+    draw.ellipse([cx - r, cy - r * 0.7, cx + r, cy + r * 0.7], outline=fill, width=2)
+    draw.text((cx - r, cy + r), "ROI 1: mean 412, SD 37, 1.2 cm2", fill=fill, font=font)
     ax, ay = point()
-    draw.line([(ax, ay), (ax + r, ay - r)], fill=255, width=3)
-    draw.polygon([(ax, ay), (ax + r * 0.45, ay - r * 0.1), (ax + r * 0.1, ay - r * 0.45)], fill=255)
+    draw.line([(ax, ay), (ax + r, ay - r)], fill=fill, width=3)
+    draw.polygon([(ax, ay), (ax + r * 0.45, ay - r * 0.1), (ax + r * 0.1, ay - r * 0.45)], fill=fill)
+
+
+def annotation_marks(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`_annotate`'s marks in white."""
+    im = _to_pil(a)
+    _annotate(im, a, rng, 255)
     return _to_array(im)
+
+
+def annotation_marks_yellow(a: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The same marks in yellow, as many viewers draw them: the grey image and its colourfulness as
+    the reader computes them from an RGB file (`core.reader`), so that the gate's colour rule sees
+    what it would see in an upload."""
+    from core.reader import _to_grey
+    im = _to_pil(a).convert("RGB")
+    _annotate(im, a, rng, (255, 255, 0))
+    grey, colourfulness, _ = _to_grey(im)
+    return grey, colourfulness
 
 
 def panels_2x2(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -179,6 +198,7 @@ CAPTURES: dict[str, Capture] = {
     "viewer frame": viewer_frame,
     "burned-in text": burned_in_text,
     "annotation marks": annotation_marks,
+    "annotation marks yellow": annotation_marks_yellow,
     "2x2 panels": panels_2x2,
     "screen photo": screen_photo,
     "viewer window": viewer_window,

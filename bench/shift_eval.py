@@ -45,7 +45,7 @@ from core.inference import Predictor  # noqa: E402
 from core.labels import NO_TUMOUR, TUMOUR  # noqa: E402
 from core.reader import ScanImage, read_scan  # noqa: E402
 
-Perturb = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+Perturb = Callable[[np.ndarray, np.random.Generator], np.ndarray | tuple[np.ndarray, float]]
 
 
 def _affine(a: np.ndarray, angle: float = 0.0, shear: float = 0.0, scale: float = 1.0) -> np.ndarray:
@@ -134,8 +134,10 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
     for i, (path, label) in enumerate(rows):
         scan = read_scan(path)
         rng = np.random.default_rng(i)
-        scan = ScanImage(pixels=np.asarray(perturb(scan.pixels, rng), dtype=np.float32),
-                         colourfulness=scan.colourfulness, kind=scan.kind, info=scan.info)
+        out = perturb(scan.pixels, rng)   # a capture drawn in colour also gives its colourfulness
+        pixels, colour = out if isinstance(out, tuple) else (out, scan.colourfulness)
+        scan = ScanImage(pixels=np.asarray(pixels, dtype=np.float32), colourfulness=colour, kind=scan.kind,
+                         info=scan.info)
         p = pred.predict_scan(scan)
         right = p.pred == label if label in pred.classes else p.pred != NO_TUMOUR
         if label in pred.classes:  # a coarse "tumour" counts for sensitivity only
@@ -158,7 +160,7 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
     return {"n": len(rows), "accuracy": mean(hits), "sensitivity": mean(tumour_hits),
             "tumours_missed": len(tumour_hits) - int(np.sum(tumour_hits)),
             "specificity": mean(normal_hits), "ood_flagged": mean(flagged), "silent_misses": silent,
-            "accepted_accuracy": mean(accepted), "silent_errors": silent_errors,
+            "accepted_accuracy": mean(accepted), "accepted_n": len(accepted), "silent_errors": silent_errors,
             **by_part, "records": records}
 
 
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
             result[src][name] = r
             print(f"{src:10s} {name:30s} n={r['n']} acc {r['accuracy']} sens {r['sensitivity']} "
                   f"(missed {r['tumours_missed']}) spec {r['specificity']} OOD {r['ood_flagged']} "
-                  f"silent misses {r['silent_misses']} accepted acc {r['accepted_accuracy']} "
+                  f"silent misses {r['silent_misses']} accepted acc {r['accepted_accuracy']} (n {r['accepted_n']}) "
                   f"silent errors {r['silent_errors']}"
                   + (f" flagged by {r['ood_flagged_by']}" if args.parts else ""), flush=True)
     out = run | {"weights": str(pred.dir), "result": result}

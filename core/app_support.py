@@ -36,12 +36,13 @@ from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 # What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
-# text around a slice does no harm; a reader's marks on it, panels and photos of a screen do.
-UPLOAD_HELP = ("One slice per image, as the scanner or viewer exports it: DICOM, NIfTI or a plain image "
-               "(text around the slice, as a viewer prints it, does no harm). Avoid screen captures with "
-               "a reader's marks drawn on the slice (lines, circles, arrows, labels), several panels in one "
-               "image, or photos of a screen: on test scans prepared like that the model called the wrong "
-               "type or a tumour in a healthy scan far more often, mostly without a warning.")
+# text around a slice costs little; a reader's marks on it, panels and photos of a screen cost more.
+UPLOAD_HELP = ("Upload the scan as the scanner or viewer exports it: DICOM, NIfTI (a volume is read slice "
+               "by slice), a zip, or an image of one slice. A viewer's text around the slice costs little. "
+               "Avoid screen captures with a reader's marks drawn on the slice (lines, circles, arrows, "
+               "labels): on test scans marked like that, the model called the wrong type, or a tumour in a "
+               "healthy scan, far more often, often without a warning. Several panels in one image, or a "
+               "photo of a screen, miss more tumours, though most of those misses are flagged or referred.")
 
 
 # ----------------------------------------------------------------------------- models

@@ -137,7 +137,8 @@ def augment(x: torch.Tensor, strength: float = 1.0, skull_strip_p: float = 0.2,
     forward pass of a small model on a 2-core CPU. ``out_size`` resamples to a smaller square in
     the same pass (progressive resizing: early epochs at low resolution cost a fraction).
     ``options`` widens it: `random_affine`'s rotate, shear and turn_p, `random_intensity`'s blur_p
-    and gamma_log.
+    and gamma_log, and adds what is off by default: `strip_and_crop` (strip_crop_p) and
+    `draw_marks` (marks_p).
     """
     return augment_carrying(x, None, strength, skull_strip_p, out_size, options)[0]
 
@@ -167,9 +168,9 @@ def draw_marks(x: torch.Tensor, p: float) -> torch.Tensor:
     """With probability ``p`` per image of a [0, 1] batch (N, 1, H, W), a reader's marks burned
     into it, as a screen capture or an annotated export carries them: one to four of lines (with
     end ticks or not), freehand polylines, ellipse and box outlines, arrows, crosshairs and short
-    labels, anywhere in the image (not at the lesion), 1-2 px wide at the model's size, drawn in
-    white, a light grey or black. The label stays: a mark is not the scan. Drawn with PIL on the
-    CPU (a few ms an image; a fraction of each batch)."""
+    labels, anywhere in the image (not at the lesion), 1-2 px wide at the model's size (arrows 2-3 px
+    with a filled head), drawn in white, a light grey or black. The label stays: a mark is not the
+    scan. Drawn with PIL on the CPU (1-2 ms a marked image, whatever the batch's device)."""
     from PIL import Image, ImageDraw, ImageFont
     n, _, h, w = x.shape
     sel = torch.nonzero(torch.rand(n, device=x.device) < p).flatten().tolist()
@@ -210,8 +211,8 @@ def draw_marks(x: torch.Tensor, p: float) -> torch.Tensor:
                 draw.text(pt(), str(rng.choice(MARK_WORDS)), fill=255, font=font)
         layers.append(np.asarray(im, np.float32) / 255)
         values.append(float(rng.choice([1.0, rng.uniform(0.6, 0.95), 0.0], p=[0.6, 0.25, 0.15])))
-    mark = torch.from_numpy(np.stack(layers))[:, None].to(x.device)
-    value = torch.tensor(values, device=x.device)[:, None, None, None]
+    mark = torch.from_numpy(np.stack(layers))[:, None].to(x.device, x.dtype)
+    value = torch.tensor(values, device=x.device, dtype=x.dtype)[:, None, None, None]
     x = x.clone()
     x[sel] = x[sel] * (1 - mark) + value * mark
     return x

@@ -666,15 +666,19 @@ def use_scan_ct(train: list[str], test: list[str]) -> None:
     """Make the sources' own CTs two categories: ``train`` files a trained one (`scan_ct`),
     ``test`` files a test-only one (`scan_ct_test`; BRISC names no patient, so it is held out
     with `scan_ct`, like the InVesalius CT's upper slices). Without files, neither exists."""
+    # KIND and TRAINED_SIBLING follow the categories too: a category's kind left behind made
+    # KIND name categories that no longer exist (a later fit, or test, then saw them).
+    kinds = {"scan_ct": "head_not_mri", "scan_ct_test": "real_medical"}
     for name, draw, files, table in (("scan_ct", scan_ct, train, SEEN), ("scan_ct_test", scan_ct_test, test, TEST_ONLY)):
-        SCAN_CT_FILES.pop(name, None)
-        table.pop(name, None)
-        CATEGORIES.pop(name, None)
+        for registry in (SCAN_CT_FILES, table, CATEGORIES, KIND):
+            registry.pop(name, None)
         if files:
             SCAN_CT_FILES[name] = tuple(sorted(files))
             table[name] = CATEGORIES[name] = draw
-    KIND.update(scan_ct="head_not_mri", scan_ct_test="real_medical")
-    TRAINED_SIBLING["scan_ct_test"] = "scan_ct"
+            KIND[name] = kinds[name]
+    TRAINED_SIBLING.pop("scan_ct_test", None)
+    if "scan_ct_test" in CATEGORIES:
+        TRAINED_SIBLING["scan_ct_test"] = "scan_ct"
 
 
 def encode(img: Image.Image, rng: Rng) -> bytes:

@@ -275,8 +275,8 @@ def test_strip_and_crop_centres_an_off_centre_brain_with_the_preprocessing_margi
 @pytest.mark.parametrize("option", ["strip_crop_p", "marks_p"])
 def test_an_added_augmentation_is_off_by_default_and_keeps_the_default_stream(option):
     x = _head_with_rim()[0].repeat(4, 1, 1, 1)
-    torch.manual_seed(5)
-    ref = E.augment(x, 1.0, 0.0)
+    torch.manual_seed(5)   # the reference composed by hand, not by augment: a change there shows
+    ref = E.random_intensity(E.random_affine(x, 1.0, None), 1.0, 0.0)
     after_ref = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(E.augment(x, 1.0, 0.0, options={option: 0.0}), ref)
@@ -300,6 +300,12 @@ def test_draw_marks_burns_thin_marks_into_the_chosen_images():
     torch.manual_seed(0)
     few = (E.draw_marks(x, 0.25) != x).flatten(1).any(1).float().mean()
     assert 0.05 < float(few) < 0.6  # about a quarter of 32
+    again = E.draw_marks(x, 1.0)   # the next batch gets other marks, and not only white ones
+    assert not torch.equal(again, out)
+    marked = torch.cat([out, again])[torch.cat([out, again]) != 0.5]
+    assert (marked < 0.45).any() and ((marked > 0.55) & (marked < 0.97)).any() and (marked > 0.99).any()
+    half = E.draw_marks(x.to(torch.bfloat16), 1.0)   # as a bf16 batch arrives: no dtype clash
+    assert half.dtype == torch.bfloat16 and (half != x.to(torch.bfloat16)).any()
 
 
 def test_cache_images_shape_dtype_and_disk_cache(tmp_path, private_cache):

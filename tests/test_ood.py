@@ -640,6 +640,9 @@ def test_scan_ct_categories_draw_their_own_files_and_go_away_without_them(tmp_pa
     finally:
         O.use_scan_ct([], [])
     assert "scan_ct" not in O.SEEN and "scan_ct" not in O.CATEGORIES and not O.SCAN_CT_FILES
+    # nothing left behind: a fit-ood on data without CTs (tests/test_fit_ood_e2e.py) left their
+    # kinds in KIND, and a later test found KIND naming categories that did not exist
+    assert set(O.KIND) == set(O.CATEGORIES) and "scan_ct_test" not in O.TRAINED_SIBLING
 
 
 def test_evaluation_counts_flagged_head_cts_apart_from_flagged_mri():

@@ -77,9 +77,23 @@ def test_accepted_accuracy_and_silent_errors_by_hand(tmp_path, monkeypatch):
     _reads_with_name(monkeypatch)
     r = evaluate(Flagging(), rows, PERTURBATIONS["none"])
     assert r["accuracy"] == 0.25                     # fine labels, flagged or not: 1 right of 4
-    assert r["accepted_accuracy"] == round(1 / 3, 4)  # the three fine-labelled scans the gate accepts
+    assert r["accepted_accuracy"] == round(1 / 3, 4) and r["accepted_n"] == 3  # fine labels the gate accepts
     assert r["silent_errors"] == 2                   # the meningioma call and the coarse tumour called healthy
     assert r["silent_misses"] == 1 and r["ood_flagged"] == round(1 / 6, 4)
+
+
+def test_a_capture_in_colour_reaches_the_gate_with_its_colourfulness(tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(FixedPredictor):
+        def predict_scan(self, scan):
+            seen.append(scan.colourfulness)
+            return super().predict_scan(scan)
+    rows = _named_files(tmp_path, [("glioma", "glioma")])
+    _reads_with_name(monkeypatch)
+    evaluate(Recording(), rows, lambda a, r: (a, 0.25))   # drawn in colour
+    evaluate(Recording(), rows, lambda a, r: a)           # grey: the file's own (0 for a grey PNG)
+    assert seen == [0.25, 0.0]
 
 
 def test_screen_captures_are_seeded_grey_images_and_run_only_when_named():
@@ -89,6 +103,9 @@ def test_screen_captures_are_seeded_grey_images_and_run_only_when_named():
     head = (np.hypot(yy - 80, xx - 70) < 55).astype(np.float32) * 0.6
     for name, capture in CAPTURES.items():
         a, b = capture(head, np.random.default_rng(3)), capture(head, np.random.default_rng(3))
+        if isinstance(a, tuple):   # drawn in colour: the reader's grey and colourfulness
+            assert a[1] == b[1] and 0 < a[1] < 1, name
+            a, b = a[0], b[0]
         assert a.dtype == np.float32 and a.ndim == 2 and 0 <= a.min() and a.max() <= 1, name
         assert np.array_equal(a, b), name                  # seeded per image: two models see the same capture
         assert a.shape != head.shape or np.abs(a - head).mean() > 0.001, name

@@ -449,6 +449,16 @@ def test_lesion_dimming_reaches_the_loop_and_survives_a_resume(data, tmp_path, m
     assert card["training"]["augmentation"]["lesion_dim_p"] == 0.3
 
 
+def test_every_augmentation_option_is_parsed_resumed_finished_and_named():
+    """An option added to the engine must reach every list train.py keeps and the compare table's
+    words; marks_p was added by hand to each, and a forgotten one fails only on a resume or a finish."""
+    import core.engine as E
+    from core.compare import _widened
+    for option in E.AUG_OPTION_DEFAULTS:
+        assert option in train.FLOAT_OPTIONS and option in train.RESUME_FIXED and option in train.TRAINED_WITH, option
+    assert len(_widened({k: 0.77 for k in E.AUG_OPTION_DEFAULTS}).split(", ")) == len(E.AUG_OPTION_DEFAULTS)
+
+
 @pytest.mark.parametrize("option", ["lesion_dim_p", "strip_crop_p", "marks_p"])
 def test_a_checkpoint_from_before_an_added_option_refuses_to_switch_it_on(option):
     saved = {k: 0 for k in train.RESUME_FIXED if k != option}  # an older run's recorded args
