@@ -42,7 +42,8 @@ UPLOAD_HELP = ("Upload the scan as the scanner or viewer exports it: DICOM, NIfT
                "Avoid screen captures with a reader's marks drawn on the slice (lines, circles, arrows, "
                "labels): on test scans marked like that, the model called the wrong type, or a tumour in a "
                "healthy scan, far more often, often without a warning. Several panels in one image, or a "
-               "photo of a screen, miss more tumours, though most of those misses are flagged or referred.")
+               "photo of a screen, miss more tumours (on the benchmark's scans most of those misses were "
+               "flagged or referred, on FLAIR slices fewer).")
 
 
 # ----------------------------------------------------------------------------- models
