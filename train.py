@@ -155,16 +155,16 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
 
 INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "patience", "limit",
                "workers", "threads", "seed", "max_distance")
-FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p", "rotate", "shear",
-                 "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "marks_p", "target_sensitivity", "min_specificity",
-                 "min_head", "tta_below")
+# The augmentation's options (rotate ... marks_p) come from the engine, so that one added there
+# is parsed, fixed on resume and checked on a finish without a hand edit in each list.
+FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p",
+                 *E.AUG_OPTION_DEFAULTS, "target_sensitivity", "min_specificity", "min_head", "tta_below")
 FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_online")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.
 RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
-                "aug", "skull_strip_p", "rotate", "shear", "turn_p", "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "marks_p", "crop",
-                "binary", "seed", "max_distance", "min_head", "limit", "distill", "distill_t", "distill_online")
+                "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "crop", "binary", "seed", "max_distance", "min_head", "limit", "distill", "distill_t", "distill_online")
 
 
 def _option(dest: str) -> str:
@@ -831,9 +831,8 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
-                "small_img_epochs", "mask_loss", "aug", "skull_strip_p", "rotate", "shear", "turn_p",
-                "blur_p", "gamma_log", "lesion_dim_p", "strip_crop_p", "marks_p", "seed", "patience", "limit", "min_head",
-                "binary")
+                "small_img_epochs", "mask_loss", "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "seed", "patience",
+                "limit", "min_head", "binary")
 # What a run records of itself from its first epoch on, for --finish-from when it was stopped
 # before its card (a time limit on a lent GPU); removed once the card is written.
 TRAINED = "trained.json"

@@ -34,12 +34,20 @@ CORNERS = (("ANON^PATIENT", "ID 0000000", "1970-01-01 F"),
            ("Zoom 1.00", "HFS", "2026-12-06 10:41"))
 
 
-def _to_pil(a: np.ndarray) -> Image.Image:
+# Grey [0, 1] arrays to and from 8-bit PIL images (also shift_eval's JPEG, resampling and blur).
+def to_pil(a: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
 
 
-def _to_array(im: Image.Image) -> np.ndarray:
+def to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def jpeg(im: Image.Image, quality: int) -> np.ndarray:
+    """``im`` saved as a JPEG and read back: the file's compression, as an upload would carry it."""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return to_array(Image.open(buf))
 
 
 def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -69,22 +77,22 @@ def viewer_frame(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     H, W = int(h * rng.uniform(1.2, 1.35)), int(w * rng.uniform(1.5, 1.8))
     canvas = Image.new("L", (W, H), 0)
     top, left = (H - h) // 2, (W - w) // 2
-    canvas.paste(_to_pil(a), (left, top))
+    canvas.paste(to_pil(a), (left, top))
     draw = ImageDraw.Draw(canvas)
     _corner_text(draw, (0, 0, W, H), h // 26)
     bar_x, ticks = W - max(6, W // 40), np.linspace(top + h * 0.3, top + h * 0.7, 6)
     draw.line([(bar_x, ticks[0]), (bar_x, ticks[-1])], fill=220, width=2)
     for t in ticks:
         draw.line([(bar_x - 5, t), (bar_x, t)], fill=220, width=1)
-    return _to_array(canvas)
+    return to_array(canvas)
 
 
 def burned_in_text(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The corner text written into the slice itself, as a screen capture of a tight viewport (or
     a DICOM with burned-in annotations) has it."""
-    im = _to_pil(a)
+    im = to_pil(a)
     _corner_text(ImageDraw.Draw(im), (0, 0, *im.size), max(9, im.size[1] // 30))
-    return _to_array(im)
+    return to_array(im)
 
 
 def _annotate(im: Image.Image, a: np.ndarray, rng: np.random.Generator, fill: int | tuple[int, int, int]) -> None:
@@ -114,9 +122,9 @@ def _annotate(im: Image.Image, a: np.ndarray, rng: np.random.Generator, fill: in
 
 def annotation_marks(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`_annotate`'s marks in white."""
-    im = _to_pil(a)
+    im = to_pil(a)
     _annotate(im, a, rng, 255)
-    return _to_array(im)
+    return to_array(im)
 
 
 def annotation_marks_yellow(a: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
@@ -124,7 +132,7 @@ def annotation_marks_yellow(a: np.ndarray, rng: np.random.Generator) -> tuple[np
     the reader computes them from an RGB file (`core.reader`), so that the gate's colour rule sees
     what it would see in an upload."""
     from core.reader import _to_grey
-    im = _to_pil(a).convert("RGB")
+    im = to_pil(a).convert("RGB")
     _annotate(im, a, rng, (255, 255, 0))
     grey, colourfulness, _ = _to_grey(im)
     return grey, colourfulness
@@ -163,10 +171,7 @@ def screen_photo(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     gy, gx = np.mgrid[0:H, 0:W].astype(np.float32)
     light = 1.0 - 0.25 * (((gx - W * rng.uniform(0.3, 0.7)) / W) ** 2 + ((gy - H * rng.uniform(0.3, 0.7)) / H) ** 2)
     out = np.clip(out * light + rng.normal(0, 0.02, out.shape), 0, 1)
-    im = _to_pil(out).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.8, 1.5))))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=80)
-    return _to_array(Image.open(buf))
+    return jpeg(to_pil(out).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.8, 1.5)))), 80)
 
 
 def viewer_window(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -182,16 +187,16 @@ def viewer_window(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for i in range(10):
         x = side + i * (bar + 4) + 6
         draw.rectangle([x, bar // 2 + 3, x + bar - 6, bar - 3], outline=170, width=1)
-    thumb = _to_pil(a).resize((side - 10, max(8, (side - 10) * h // w)))
+    thumb = to_pil(a).resize((side - 10, max(8, (side - 10) * h // w)))
     for i in range(3):
         y = bar + 6 + i * (thumb.size[1] + font.size * 2)
         canvas.paste(thumb, (5, y))
         draw.text((5, y + thumb.size[1] + 2), f"Se {i + 3}: AX {('T1', 'T2', 'FLAIR')[i]}", fill=210, font=font)
     view = Image.new("L", (w + 2 * bar, h), 0)
-    view.paste(_to_pil(a), (bar, 0))
+    view.paste(to_pil(a), (bar, 0))
     _corner_text(ImageDraw.Draw(view), (0, 0, *view.size), max(9, h // 30))
     canvas.paste(view, (side + bar // 2, bar + bar // 2))
-    return _to_array(canvas)
+    return to_array(canvas)
 
 
 CAPTURES: dict[str, Capture] = {

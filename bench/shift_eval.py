@@ -24,7 +24,6 @@ screen, a whole window) run only when named in --perturbations.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import (flagging_parts, header, json_output, load_predictor, no_files_error,  # noqa: E402
                             part_counts, positive)
-from bench.screen_captures import CAPTURES  # noqa: E402
+from bench.screen_captures import CAPTURES, jpeg, to_array, to_pil  # noqa: E402
 from bench.tta_eval import labelled_files  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.inference import Predictor  # noqa: E402
@@ -55,24 +54,14 @@ def _affine(a: np.ndarray, angle: float = 0.0, shear: float = 0.0, scale: float 
     return out[0].numpy()
 
 
-def _pil(a: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
-
-
 def _sign(rng: np.random.Generator) -> float:
     return float(rng.choice([-1.0, 1.0]))
 
 
-def _jpeg(a: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    _pil(a).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buf), dtype=np.float32) / 255.0
-
-
 def _resample(a: np.ndarray, side: int) -> np.ndarray:
     h, w = a.shape
-    small = _pil(a).resize((max(8, side * w // max(h, w)), max(8, side * h // max(h, w))), Image.BILINEAR)
-    return np.asarray(small.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    small = to_pil(a).resize((max(8, side * w // max(h, w)), max(8, side * h // max(h, w))), Image.BILINEAR)
+    return to_array(small.resize((w, h), Image.BICUBIC))
 
 
 def _skull_strip(a: np.ndarray, depth: float = 0.12) -> np.ndarray:
@@ -107,9 +96,9 @@ PERTURBATIONS: dict[str, Perturb] = {
     "rotate 20 + shear 15 + scale": lambda a, r: _affine(a, angle=20 * _sign(r), shear=15 * _sign(r),
                                                          scale=float(r.uniform(0.8, 1.2))),
     "zoom out 0.6": lambda a, r: _affine(a, scale=0.6),
-    "jpeg q20": lambda a, r: _jpeg(a, 20),
+    "jpeg q20": lambda a, r: jpeg(to_pil(a), 20),
     "resample via 96 px": lambda a, r: _resample(a, 96),
-    "blur 2 px": lambda a, r: np.asarray(_pil(a).filter(ImageFilter.GaussianBlur(2)), dtype=np.float32) / 255.0,
+    "blur 2 px": lambda a, r: to_array(to_pil(a).filter(ImageFilter.GaussianBlur(2))),
     "gamma 0.5": lambda a, r: np.clip(a, 0, 1) ** 0.5,
     "gamma 2": lambda a, r: np.clip(a, 0, 1) ** 2.0,
     "gamma 1.2": lambda a, r: np.clip(a, 0, 1) ** 1.2,   # milder: the size of one site's difference

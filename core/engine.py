@@ -150,12 +150,12 @@ def augment_carrying(x: torch.Tensor, carry: torch.Tensor | None, strength: floa
     kept out of the intensity changes, so that a mask stays on its image."""
     geo, blur_p, gamma_log = _split_options(options)
     k = x.shape[1]
-    strip_p = float((options or {}).get("strip_crop_p", STRIP_CROP_DEFAULTS["strip_crop_p"])) * (strength > 0)
+    strip_p = _option_p(options, "strip_crop_p", strength)
     if strip_p > 0:  # drawn first, and only when on: runs without it keep their random stream
         x, carry = strip_and_crop(x, carry, strip_p)
     moved = random_affine(x if carry is None else torch.cat([x, carry], 1), strength, out_size, **geo)
     x = random_intensity(moved[:, :k], strength, skull_strip_p, blur_p, gamma_log)
-    marks_p = float((options or {}).get("marks_p", MARKS_DEFAULTS["marks_p"])) * (strength > 0)
+    marks_p = _option_p(options, "marks_p", strength)
     if marks_p > 0:  # drawn last, and only when on: runs without it keep their random stream
         x = draw_marks(x, marks_p)
     return x, None if carry is None else moved[:, k:]
@@ -259,6 +259,12 @@ def strip_and_crop(x: torch.Tensor, carry: torch.Tensor | None, p: float,
         carry = carry.clone()
         carry[idx] = nnf.grid_sample(carry[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return x, carry
+
+
+def _option_p(options: dict | None, name: str, strength: float) -> float:
+    """An added augmentation's probability, its default filled in; 0 when augmentation is off
+    (evaluation, strength 0)."""
+    return float({**AUG_OPTION_DEFAULTS, **(options or {})}[name]) * (strength > 0)
 
 
 def _split_options(options: dict | None) -> tuple[dict, float, float]:
@@ -415,7 +421,7 @@ def _augmented_batch(images, masks, lesions, idx, device, strength, skull_strip_
     x, lesion = augment_carrying(x, lesions[0][idx].to(device).float(), strength, skull_strip_p,
                                  out_size, options)
     lesion = lesion * sel.to(device)[:, None, None, None]
-    dim_p = float((options or {}).get("lesion_dim_p", LESION_DEFAULTS["lesion_dim_p"])) * (strength > 0)
+    dim_p = _option_p(options, "lesion_dim_p", strength)
     return (dim_lesions(x, lesion, dim_p) if dim_p > 0 else x), lesion
 
 
