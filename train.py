@@ -108,6 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--patience", type=int, default=8,
                    help="early stopping on validation loss (the warm-up epochs do not count)")
+    p.add_argument("--keep", default="best", choices=["best", "last"],
+                   help="which epoch's weights ship: the lowest validation loss (best, with early "
+                        "stopping), or the final epoch (last, as the torchvision references do: for a "
+                        "short fine-tune whose validation losses differ by less than their noise)")
     p.add_argument("--target-sensitivity", type=float, default=0.99)
     p.add_argument("--min-specificity", type=float, default=0.97,
                    help="the operating point never trades validation specificity below this")
@@ -164,7 +168,8 @@ FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_onli
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.
 RESUME_FIXED = ("arch", "img", "batch_size", "lr", "wd", "smoothing", "ema", "small_img", "small_img_epochs",
-                "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "crop", "binary", "seed", "max_distance", "min_head", "limit", "distill", "distill_t", "distill_online")
+                "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "crop", "binary", "seed", "max_distance",
+                "min_head", "limit", "distill", "distill_t", "distill_online", "keep")
 
 
 def _option(dest: str) -> str:
@@ -184,7 +189,8 @@ def _check_types(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for d in FLAG_OPTIONS:
         if not isinstance(getattr(args, d), bool):
             p.error(f"{_option(d)}: true or false is expected, not {getattr(args, d)!r}")
-    for d, choices in (("crop", ("head", "none")), ("precision", ("auto", "fp32", "bf16", "fp16"))):
+    for d, choices in (("crop", ("head", "none")), ("precision", ("auto", "fp32", "bf16", "fp16")),
+                       ("keep", ("best", "last"))):
         if getattr(args, d) not in choices:
             p.error(f"{_option(d)}: one of {', '.join(choices)}, not {getattr(args, d)!r}")
 
@@ -705,6 +711,8 @@ def run(args: argparse.Namespace) -> int:
                   f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
             # the low-resolution warm-up of progressive resizing never stops a run
             is_best, best, bad = judge_epoch(epoch, va["loss"], best, bad, warmup_epochs, counts=not small)
+            if args.keep == "last":  # every epoch replaces the last, and none stops the run early
+                is_best, bad = True, 0
             if is_best:  # written whole, then swapped in: a run killed here keeps its previous best
                 D.save_whole(out / "best.pt", lambda tmp: torch.save(judged.state_dict(), tmp))
                 shipped_average, best_epoch = None, epoch + 1
@@ -1083,6 +1091,7 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
                      "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
                      "schedule_splices": getattr(args, "schedule_splices", None) or None,
+                     "kept": args.keep,
                      "best_epoch": getattr(args, "best_epoch_record", None), "stopped_early": len(history) < args.epochs,
                      "weight_ema": args.ema or None,
                      "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,

@@ -1,7 +1,6 @@
 """Referral: the tumour call (band around the threshold) and the tumour type, judged apart."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np

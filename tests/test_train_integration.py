@@ -468,6 +468,24 @@ def test_warmup_epochs_are_neither_best_nor_counted_by_early_stopping(tmp_path, 
     assert all(torch.equal(shipped[k], validated[3][k].to(shipped[k].dtype)) for k in shipped)
 
 
+def test_keep_last_ships_the_final_epoch_and_never_stops_early(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_dataset(data)
+    # the lowest validation loss is epoch 2, and three worse epochs follow (patience 2): --keep best
+    # would stop after epoch 4 and ship epoch 2; --keep last runs all 5 and ships epoch 5
+    losses = [0.5, 0.1, 0.6, 0.7, 0.8]
+    validated = train_validating(["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32,
+                                  "--batch-size", 8, "--workers", 1, "--epochs", 5, "--patience", 2,
+                                  "--keep", "last"], monkeypatch, losses)
+    assert len(validated) == 5
+    training = json.loads((out / "card.json").read_text())["training"]
+    assert training["kept"] == "last" and training["best_epoch"] == 5 and training["stopped_early"] is False
+    from safetensors.torch import load_file
+    shipped = load_file(out / "model.safetensors")
+    assert all(torch.equal(shipped[k], validated[4][k].to(shipped[k].dtype)) for k in shipped)
+    assert not all(torch.equal(shipped[k], validated[1][k].to(shipped[k].dtype)) for k in shipped)
+
+
 def test_judge_epoch_skips_the_warmup_then_tracks_the_best():
     from train import judge_epoch
     best, bad, kept = float("inf"), 0, []
@@ -584,7 +602,7 @@ def test_finish_from_cards_a_run_stopped_before_its_card(tmp_path, monkeypatch):
     trained = json.loads((there / "trained.json").read_text())
     best_epoch = trained["best_epoch"]
     assert {"init", "weight_average", "options", "sources"} <= trained.keys()  # a continued run says so too
-    log = run_train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there], cache)
+    run_train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there], cache)
     card = json.loads((tmp_path / "here" / "card.json").read_text())
     t = card["training"]
     assert t["trained_elsewhere"]["salvaged"] == "salvaged.safetensors"
