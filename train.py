@@ -111,7 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", default="best", choices=["best", "last"],
                    help="which epoch's weights ship: the lowest validation loss (best, with early "
                         "stopping), or the final epoch (last, as the torchvision references do: for a "
-                        "short fine-tune whose validation losses differ by less than their noise)")
+                        "short fine-tune whose validation losses differ by less than their noise; with --average-init, "
+                        "validation still chooses between the final epoch and its average with the parent)")
     p.add_argument("--target-sensitivity", type=float, default=0.99)
     p.add_argument("--min-specificity", type=float, default=0.97,
                    help="the operating point never trades validation specificity below this")
@@ -229,10 +230,14 @@ def resolved_paths(args: argparse.Namespace | dict) -> dict:
 LESION_NEEDS_MASKS = "--lesion-dim-p needs --mask-loss: the lesions it dims are the masks that loss reads"
 
 
+# Options of the run itself (not the augmentation's) added since runs began recording theirs.
+ADDED_LATER = {"keep": "best"}
+
+
 def with_added_options(recorded: dict) -> dict:
     """A run's recorded options, with those added to train.py since at their defaults: a run that
     does not record one trained without it."""
-    return {**E.ADDED_LATER, **recorded}
+    return {**E.ADDED_LATER, **ADDED_LATER, **recorded}
 
 
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
@@ -840,7 +845,7 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
                 "small_img_epochs", "mask_loss", "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "seed", "patience",
-                "limit", "min_head", "binary")
+                "limit", "min_head", "binary", "keep")
 # What a run records of itself from its first epoch on, for --finish-from when it was stopped
 # before its card (a time limit on a lent GPU); removed once the card is written.
 TRAINED = "trained.json"

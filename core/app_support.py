@@ -412,12 +412,14 @@ def training_caption(card: dict, epochs: int) -> str:
     """One line on how the card's model was trained."""
     tr = card.get("training", {})
     kept, averaged = shipped_epoch(card)
+    # train.py --keep last ships the final epoch whatever its validation loss (cards before it: best)
+    why = "the final epoch, kept by choice" if tr.get("kept") == "last" else "the lowest validation loss"
     shipped = "."
     if kept and averaged:
-        shipped = (f"; the weights shipped are epoch {kept}'s (the lowest validation loss, dotted line) averaged "
+        shipped = (f"; the weights shipped are epoch {kept}'s ({why}, dotted line) averaged "
                    f"with those of the run it continued ({(tr.get('weight_average') or {}).get('with', '?')}).")
     elif kept:
-        shipped = f"; the weights shipped are epoch {kept}'s, the lowest validation loss (dotted line)."
+        shipped = f"; the weights shipped are epoch {kept}'s, {why} (dotted line)."
     return (f"{epochs} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')} schedule, "
             f"batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')} in {tr.get('train_time_s', 0) / 60:.1f} min"
             + (f"; stopped early, of {tr['epochs']} planned" if tr.get("stopped_early") and tr.get("epochs") else "")

@@ -62,6 +62,9 @@ def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
     stopped = {"training": {**card["training"], "epochs": 12, "best_epoch": 5, "stopped_early": True}}
     assert app.training_caption(stopped, 7).endswith(
         "1.5 min; stopped early, of 12 planned; the weights shipped are epoch 5's, the lowest validation loss (dotted line).")
+    last = {"training": {**card["training"], "epochs": 6, "best_epoch": 6, "kept": "last"}}   # train.py --keep last
+    assert app.training_caption(last, 6).endswith(
+        "the weights shipped are epoch 6's, the final epoch, kept by choice (dotted line).")
     figs = dash.history_figures([{"epoch": e, "train": {"loss": 1 / e, "acc": 0.5}, "val": {"loss": 1 / e, "acc": 0.5},
                                   "lr": 0.1} for e in (1, 2, 3)], shipped_epoch=2)
     assert [s.x0 for s in figs["loss"].layout.shapes] == [2] and not figs["lr"].layout.shapes

@@ -460,7 +460,7 @@ def test_warmup_epochs_are_neither_best_nor_counted_by_early_stopping(tmp_path, 
     ck = E.load_checkpoint(out / "checkpoint.pt")
     assert ck["best"] == 0.40 and ck["bad"] == patience
     training = json.loads((out / "card.json").read_text())["training"]
-    assert training["best_epoch"] == 4 and training["stopped_early"] is True
+    assert training["best_epoch"] == 4 and training["stopped_early"] is True and training["kept"] == "best"
     assert training["epochs_run"] == 6
     # the shipped weights are those of epoch 4 (in fp16), not of the warm-up's lowest loss
     from safetensors.torch import load_file

@@ -169,7 +169,7 @@ def test_nonsense_options_are_refused_before_any_work(data, tmp_path, capsys, ex
 
 
 @pytest.mark.parametrize("line, message", [("epochs = 1.5", "whole number"), ('resume = "no"', "true or false"),
-                                           ('crop = "bogus"', "one of head, none")])
+                                           ('crop = "bogus"', "one of head, none"), ("keep = 3", "one of best, last")])
 def test_config_values_get_the_checks_argparse_gives_the_command_line(data, tmp_path, capsys, line, message):
     cfg = tmp_path / "c.toml"
     cfg.write_text(line + "\n")
@@ -501,3 +501,13 @@ def test_the_card_notes_groups_whose_labels_disagree_only_for_its_own_grouping()
     assert (note["groups"], note["images"], note["largest"]) == (1, 2, {"glioma": 1, "notumor": 1})
     reused = [D.Sample("", str(i), lab, lab) for i, lab in enumerate(["glioma", "notumor"])]   # --split-from: no groups
     assert train.mixed_groups_note(reused) == {}
+
+
+def test_keep_is_fixed_on_resume_and_finish_and_older_runs_kept_the_best():
+    saved = {k: 0 for k in train.RESUME_FIXED if k != "keep"}   # a checkpoint from before --keep
+    now = {**saved, "keep": "best"}
+    assert train.resume_conflicts(saved, now) == []
+    now["keep"] = "last"
+    assert any("--keep" in c for c in train.resume_conflicts(saved, now))
+    # --finish-from compares TRAINED_WITH: a run's card then says which epoch it kept
+    assert "keep" in train.TRAINED_WITH and train.with_added_options({})["keep"] == "best"
