@@ -116,9 +116,10 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
             alert = app.volume_alert(predictor, data, name, threshold, slice_index)
         if alert:
             st.warning(alert, icon=":material/warning:")
-        if predictor.is_tumour_model and row.get("ok"):
+        profile = app.volume_profile(predictor, data, name) if predictor.is_tumour_model and row.get("ok") else None
+        if profile:
             with st.expander("Tumour probability across the slices", expanded=bool(alert)):
-                scores, shares = app.cached_slice_profile(predictor, data, name)
+                scores, shares = profile
                 st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE),
                                 key=f"profile-{wkey}-{slice_index}")
                 st.caption("Every non-empty slice, before the out-of-distribution check. Grey: slices "

@@ -24,7 +24,7 @@ from .data import source_of
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, load_card, hot_slices, listed_slices,
                         most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
-                        slice_scores, training_sources)
+                        slice_scores, training_sources, EmptyVolume)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label
@@ -445,9 +445,11 @@ def loss_note(training: dict) -> str | None:
     """Why the training loss can sit above the validation loss without underfitting."""
     if not training.get("label_smoothing"):
         return None
-    return (f"The training loss is taken with label smoothing {training['label_smoothing']:g} on "
-            "augmented images, the validation loss as plain cross-entropy on clean ones: the "
-            "training curve sits above the other without meaning underfitting.")
+    augmented = (training.get("augmentation") or {}).get("strength", 1) != 0   # cnn_bn_noaug: 0
+    return (f"The training loss is taken with label smoothing {training['label_smoothing']:g}"
+            + (" on augmented images" if augmented else "")
+            + ", the validation loss as plain cross-entropy" + (" on clean ones" if augmented else "")
+            + ": the training curve sits above the other without meaning underfitting.")
 
 
 def load_history(weights_dir: str | Path) -> list[dict] | None:
@@ -901,6 +903,16 @@ def cached_slice_profile(predictor: Predictor, data: bytes, name: str) -> tuple[
         scans, _, scores = slice_scores(predictor, data, name)
         return scores, {k: scans[k].info["head_share"] for k in scores if "head_share" in scans[k].info}
     return _cache("_slice_scores", 64).get_or((model_identity(predictor), digest(data)), profile)
+
+
+def volume_profile(predictor: Predictor, data: bytes,
+                   name: str) -> tuple[dict[int, float], dict[int, float]] | None:
+    """The slice profile the Diagnose page plots, or None when every slice of the volume is empty
+    (a blank volume is refused as out of distribution; there is nothing to plot)."""
+    try:
+        return cached_slice_profile(predictor, data, name)
+    except EmptyVolume:
+        return None
 
 
 def cached_best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None, str]:

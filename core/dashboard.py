@@ -16,7 +16,7 @@ from .inference import shown_slice
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
-from .report import flags_of, slice_words
+from .report import flags_of, slice_words, volume_words
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
@@ -405,7 +405,8 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
             flags = [f"{flags[0]} (DICOM header)", *flags[1:]]
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         info = r.get("info") or {}
-        rows.append({"file": r["file"], "slice": slice_words(info) if shown_slice(info) is not None else None,
+        where = ", ".join(w for w in (slice_words(info), volume_words(info, short=True)) if w)
+        rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None else None,
                      "prediction": r["pred"] if called else None,
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
@@ -517,7 +518,9 @@ def ood_table(card: dict) -> pd.DataFrame:
     ood = card.get("ood") or {}
     shipped = (ood.get("measured") or {}).get("outliers_flagged_pct", {})
     held = (ood.get("held_out_estimate") or {}).get("per_category", {})
-    trained = set((ood.get("trained_on") or {}).get("negative_categories", []))
+    on = ood.get("trained_on") or {}
+    # gates fitted before the key was renamed record it as negatives_seen_categories
+    trained = set(on.get("negative_categories") or on.get("negatives_seen_categories") or [])
     return pd.DataFrame([{"category": c, "trained on": c in trained,
                           "% flagged, held out": held.get(c), "% flagged, shipped gate": shipped.get(c)}
                          for c in dict.fromkeys([*held, *shipped])])

@@ -239,15 +239,18 @@ def source_line(info: Mapping) -> str:
         text += f"; {where}"
     if info.get("display"):
         text += f"; {info['display']}"
-    if (info.get("n_volumes") or 1) > 1:   # a 4D file: say which of its volumes was read
-        text += f"; {volume_words(info)}"
+    if volume := volume_words(info):   # a 4D file: say which of its volumes was read
+        text += f"; {volume}"
     return text
 
 
-def volume_words(info: Mapping) -> str:
-    """'volume 0 of 3 (numbered from 0); the others were not read' for a 4D NIfTI."""
-    return (f"volume {info.get('volume', 0)} of {info['n_volumes']} (numbered from 0); "
-            "the others were not read")
+def volume_words(info: Mapping, short: bool = False) -> str:
+    """'volume 0 of 3 (numbered from 0); the others were not read' for a 4D NIfTI ('volume 0 of 3'
+    when ``short``); '' for a file of one volume."""
+    if (info.get("n_volumes") or 1) <= 1:
+        return ""
+    text = f"volume {info.get('volume', 0)} of {info['n_volumes']}"
+    return text if short else f"{text} (numbered from 0); the others were not read"
 
 
 def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.ndarray):
@@ -394,15 +397,20 @@ def _model_cells(predictor: Predictor) -> list[str]:
     return [csv_safe(str(fields[k])) if fields[k] is not None else "" for k in MODEL_COLUMNS]
 
 
+def _volume_cell(info: Mapping) -> str:
+    """'0 of 3': which volume of a 4D file was read; '' for a file of one volume."""
+    return f"{info.get('volume', 0)} of {info['n_volumes']}" if (info.get("n_volumes") or 1) > 1 else ""
+
+
 def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predictor=None) -> str:
     """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags,
-    error, the slice of a volume, the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
+    error, the slice of a volume (and which volume of a 4D file), the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
     from .audit_log import slice_of
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
                 "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error",
-                "slice", "slice_choice", "file_sha256", *MODEL_COLUMNS])
+                "slice", "slice_choice", "volume", "file_sha256", *MODEL_COLUMNS])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     model = _model_cells(predictor)
     # ScanResults already carry their display names (analyse): naming them again loses a folder
@@ -422,6 +430,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     "; ".join(flags_of(row)), row.get("error") or "",
                     "" if shown is None else shown,
                     (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
+                    _volume_cell(row.get("info") or {}) if ok else "",
                     row.get("sha256") or "", *model])
     return buf.getvalue()
 
@@ -1032,6 +1041,7 @@ def text_line(row: Mapping) -> str:
     if tp is not None and call_of(row):
         text += f" (tumour probability {tp:.{tp_digits(tp, row.get('threshold'))}f})"
     text += f" [{', '.join(flags)}]" if flags else ""
+    text += f" ({volume})" if (volume := volume_words(row.get("info") or {})) else ""
     return text + (f" {row['ood_reason']}" if row.get("ood_reason") else "")
 
 

@@ -399,6 +399,10 @@ def test_a_torn_history_leaves_the_training_page_standing(tmp_path):
     assert app_support.load_history(w) == [{"epoch": 1}]
     assert "label smoothing 0.1" in app_support.loss_note({"label_smoothing": 0.1})
     assert app_support.loss_note({"label_smoothing": 0.0}) is None
+    # a model trained without augmentation (weights/cnn_bn_noaug) is not said to have had it
+    plain = app_support.loss_note({"label_smoothing": 0.1, "augmentation": {"strength": 0.0}})
+    assert "augmented" not in plain and "label smoothing 0.1" in plain
+    assert "on augmented images" in app_support.loss_note({"label_smoothing": 0.1, "augmentation": {"strength": 1.0}})
 
 
 def test_a_zero_one_mask_is_outlined_like_a_zero_255_one():
@@ -860,7 +864,7 @@ def test_the_table_its_csv_and_the_report_say_which_slice_and_how_it_was_chosen(
     assert f"slice {k} of 5 (numbered from 0), chosen as {BEST_SLICE}" in r.source
 
 
-def test_a_4d_nifti_says_which_volume_was_read(app):
+def test_a_4d_nifti_says_which_volume_was_read(app, random_weights):
     """A 4D file (a time series, several sequences) was read at its first volume without a word."""
     import nibabel as nib
     import numpy as np
@@ -868,11 +872,24 @@ def test_a_4d_nifti_says_which_volume_was_read(app):
     from core.reader import read_scan
     vol = (np.random.default_rng(0).random((48, 48, 5, 3)) * 200).astype(np.float32)
     nii = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    nii_3d = nib.Nifti1Image(vol[..., 0], np.eye(4)).to_bytes()
     app.switch_page("app_pages/diagnose.py").run()
     app.file_uploader[0].set_value(("four_d.nii", nii, "application/octet-stream")).run()
     assert not app.exception, [e.value for e in app.exception]
     assert any("holds 3 volumes: volume 0 of 3" in i.value for i in app.info)
     assert "volume 0 of 3 (numbered from 0); the others were not read" in source_line(read_scan(nii, "v.nii").info)
+    # and outside the detail view (session 37 review): the batch table, its CSV and the CLI's line
+    import csv
+    from core.dashboard import batch_table
+    from core.report import build_csv, text_line
+    predictor = Predictor(random_weights)
+    row = app_support.result_row("four_d.nii", predictor.predict_scan(read_scan(nii, "four_d.nii")))
+    assert batch_table([row])["slice"][0] == "slice 2 of 5, volume 0 of 3"
+    assert next(csv.DictReader(io.StringIO(build_csv([row], predictor.classes))))["volume"] == "0 of 3"
+    assert "(volume 0 of 3 (numbered from 0); the others were not read)" in text_line(row)
+    plain = app_support.result_row("v.nii", predictor.predict_scan(read_scan(nii_3d, "v.nii")))
+    assert "volume" not in text_line(plain) and batch_table([plain])["slice"][0] == "slice 2 of 5"
+    assert next(csv.DictReader(io.StringIO(build_csv([plain], predictor.classes))))["volume"] == ""
 
 
 def test_the_gallery_explains_a_coarse_tumour_label_by_its_likeliest_type():
@@ -979,3 +996,21 @@ def test_an_image_caption_shows_its_name_as_text(app):
     app.file_uploader[0].set_value(("[sign in](https:/evil.example).png", _png_bytes(3), "image/png")).run()
     assert not app.exception, [e.value for e in app.exception]
     assert app.image[0].captions[0].startswith("`[sign in](https:/evil.example).png` (")
+
+
+# ----------------------------------------------------------------------------- session 37 review
+@pytest.mark.parametrize("fill", [0.0, float("nan")])
+def test_a_blank_volume_is_refused_without_taking_down_the_batch(app, fill):
+    """Every slice empty: the slice profile has nothing to plot. It raised EmptyVolume inside the page,
+    and the files after it, the table and the report buttons were lost."""
+    import nibabel as nib
+    import numpy as np
+    blank = nib.Nifti1Image(np.full((64, 64, 5), fill, np.float32), np.eye(4)).to_bytes()
+    glioma = (SAMPLES / "glioma.jpg").read_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("blank.nii", blank, "application/octet-stream"),
+                                    ("glioma.jpg", glioma, "image/jpeg")]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert "blank" in texts(app).lower()          # the volume's refusal is said
+    assert len(predictions(app)) == 1             # the JPEG after it still gets its result
+    assert app.dataframe and any(b.label.startswith("Prepare a PDF") for b in app.button)

@@ -361,6 +361,9 @@ def test_ood_table_lists_held_out_and_shipped_rates():
     assert t.loc["real_medical", "% flagged, shipped gate"] == 90.0
     assert not bool(t.loc["real_medical", "trained on"])
     assert ood_table({}).empty
+    # older cards (weights/resnet18) name the list negatives_seen_categories: still read
+    older = {"ood": {**card["ood"], "trained_on": {"negatives_seen_categories": ["noise"]}}}
+    assert bool(ood_table(older).set_index("category").loc["noise", "trained on"])
 
 
 def test_feature_tap_keeps_the_plain_pass_through_a_paused_tta_pass():
