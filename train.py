@@ -32,7 +32,7 @@ from core import distributed as DD
 from core import engine as E
 from core.evaluation import card_metrics, evaluate_records, prediction_records, write_json
 from core.inference import file_sha256
-from core.labels import (FINE_TUMOURS, TUMOUR, has_tumour_decision, label_targets, model_classes,
+from core.labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
                          normalise_label, tumour_classes)
 from core.metrics import is_tumour_label, tumour_probability
 from core.models import count_parameters, create_model, has_class_maps, list_models, min_input_size
@@ -319,8 +319,14 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except (ValueError, KeyError, TypeError) as e:
         p.error(f"--data: {e}")
     for src in sources:
+        if not str(src["path"]).strip():   # an unset "$DATA" must not train on the working directory
+            p.error("--data: an empty path (an unset variable?): name the dataset's folder")
         if not D.resolve_root(src["path"]).is_dir():
             p.error(f"--data {src['path']}: not a directory")
+    roots = [(src["name"], D.resolve_root(src["path"]).resolve()) for src in sources]
+    if overlap := [f"{a} and {b}" for i, (a, ra) in enumerate(roots) for b, rb in roots[i + 1:]
+                   if ra == rb or ra in rb.parents or rb in ra.parents]:
+        p.error(f"--data: the sources {overlap[0]} overlap, so their images would count twice")
     names = [src["name"] for src in sources]
     if len(set(names)) < len(names):
         p.error(f"two sources share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
@@ -407,20 +413,27 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
             scan = D.discover(D.resolve_root(src["path"]), src["name"])
         except ValueError as e:  # no images in it
             raise DataError(str(e)) from None
+        if note := D.one_folder_note(scan):
+            print(f"note: {src['name']}: {note}", flush=True)
         found = scan.samples
+        renames = src.get("label_map") or {}  # the config's own folder -> class names
+        if unknown := sorted(set(renames) - {s.original for s in found}):
+            raise DataError(f"source {src['name']}: its label_map names {', '.join(map(repr, unknown))}, which "
+                            f"no folder of it is called (its folders: "
+                            f"{', '.join(sorted(map(repr, {s.original for s in found})))})")
         if args.limit:
             rng = random.Random(args.seed)
             found = rng.sample(found, min(args.limit, len(found)))
-        # One decode each (~5 ms): an unreadable file is reported and skipped, not fatal later.
-        scan = D.drop_unreadable(D.Scan(found, scan.skipped))
-        found = scan.samples
-        renames = src.get("label_map") or {}  # the config's own folder -> class names
         for s in found:
             if s.original in renames:
                 s.label = normalise_label(renames[s.original])
         if args.binary:
             for s in found:
                 s.label = TUMOUR if s.label in FINE_TUMOURS else s.label
+        args.labels_found = getattr(args, "labels_found", set()) | {s.label for s in found}
+        # One decode each (~5 ms): an unreadable file is reported and skipped, not fatal later.
+        scan = D.drop_unreadable(D.Scan(found, scan.skipped))
+        found = scan.samples
         samples += found
         skipped += [(src["name"], rel, why) for rel, why in scan.skipped]
         src["label_map"] = sorted({(s.original, s.label) for s in found})
@@ -525,6 +538,20 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
     return history, start_epoch, best, bad, best_epoch, shipped_average
 
 
+def untaught_reason(samples: list[D.Sample], idx: dict[str, torch.Tensor], untaught: list[str]) -> str:
+    """Why classes have no training image: the dataset's own split, a held-out source, or ours."""
+    in_split = {i for v in idx.values() for i in v.tolist()}
+    theirs = [s for i, s in enumerate(samples) if s.label in untaught]
+    if theirs and all(s.preset_split for s in theirs):
+        return ("its images are all in the dataset's own Testing/ or Validation/ folders: put some in "
+                "Training/, or leave the class out")
+    if theirs and not any(i in in_split and samples[i].split != "test"
+                          for i, s in enumerate(samples) if s.label in untaught):
+        return "its images are all in held-out sources (weight 0) or the test split: train on a source that has it"
+    return ("none is left for training after the grouped split (too few images, or all in one "
+            "near-duplicate group): add images or leave the class out")
+
+
 def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str], say) -> None:
     """Refuse, in one sentence (DataError), data a classifier cannot be trained and validated on;
     warn of tumour types taught only through coarse labels."""
@@ -533,10 +560,8 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
                          "a classifier needs at least two")
     train_labels = {samples[i].label for i in idx["train"].tolist()}
     taught = {classes[k] for lab in train_labels for k in label_targets(lab, classes)}
-    if set(classes) - taught:
-        raise DataError(f"no training image of {', '.join(sorted(set(classes) - taught))} after the grouped "
-                        "split (too few images, or all in one near-duplicate group): add images or leave "
-                        "the class out")
+    if untaught := sorted(set(classes) - taught):
+        raise DataError(f"no training image of {', '.join(untaught)}: {untaught_reason(samples, idx, untaught)}")
     if coarse_only := sorted(taught - train_labels - {TUMOUR}):
         say(f"warning: {', '.join(coarse_only)} learnt only through coarse labels in training: "
             "the model cannot tell these types apart", flush=True)
@@ -614,6 +639,9 @@ def run(args: argparse.Namespace) -> int:
     all_samples, samples = samples, [s for s, k in zip(samples, keep) if k]
     images = images[keep]
     classes = model_classes({s.label for s in samples})
+    if gone := sorted(getattr(args, "labels_found", set()) - {s.label for s in samples}):
+        say(f"warning: no image of {', '.join(gone)} is left (every one unreadable, or dropped as a "
+            f"near-black slice): the model has no such class", flush=True)
     masks = E.target_masks(samples, classes)
     # A source with weight 0 is held out: never trained or validated on, but its test split is
     # evaluated, so that runs on different source mixes are measured on the same test images.
@@ -1063,7 +1091,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
         "name": args.name or Path(args.out).name,
         "version": dt.date.today().isoformat(),
         "arch": args.arch,
-        "task": "binary tumour / no tumour" if len(classes) == 2 else f"{len(classes)}-class",
+        "task": ("binary tumour / no tumour" if sorted(classes) == sorted([TUMOUR, NO_TUMOUR])
+                 else f"{len(classes)}-class"),
         "classes": classes,
         "tumour_classes": tumour_classes(classes),
         "input": {"channels": 1, "size": spec["size"], "dtype": "float32",

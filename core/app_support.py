@@ -233,6 +233,8 @@ def class_wording(classes: list[str]) -> str:
     """The classes in a sentence: 'a glioma, meningioma or pituitary tumour, or no tumour'."""
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
     parts = [f"a {_or_list(types)} tumour"] if types else ["a tumour"] if TUMOUR in classes else []
+    if types and TUMOUR in classes:   # Brain_Glioma/ Brain_Menin/ Brain Tumor/: the named types, or another
+        parts.append("another tumour")
     parts += [c.replace("_", " ") for c in classes if c not in (*tumour_classes(classes), NO_TUMOUR)]
     if NO_TUMOUR not in classes:
         return _or_list(parts) if parts else "one of its classes"

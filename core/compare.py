@@ -107,7 +107,7 @@ def test_set_code(records: dict) -> str | None:
     different images (each run draws its own grouped split), so their figures are not paired."""
     if not records:
         return None
-    return hashlib.sha1("\n".join(f"{s}/{f}" for s, f in sorted(records)).encode()).hexdigest()[:8]
+    return hashlib.sha1("\n".join(f"{s}/{f}" for s, f in sorted(records)).encode(errors="surrogateescape")).hexdigest()[:8]
 
 
 def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:

@@ -24,6 +24,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".ti
                   ".dcm", ".dicom", ".ima", ".nii", ".gz"}
 SPLIT_DIRS = {"training": "train", "train": "train", "testing": "test", "test": "test",
               "validation": "val", "val": "val", "valid": "val"}
+
+
+def split_of(folder_name: str) -> str | None:
+    """'train', 'test' or 'val' for a split folder ('Training', 'Testing ', 'training_set',
+    'test-data', 'Validation'), None for any other: a trailing space or a '_set' suffix must not
+    make the split a class."""
+    key = re.sub(r"[^a-z]", "", folder_name.lower())
+    key = re.sub(r"(set|data)$", "", key) or key
+    return SPLIT_DIRS.get(key)
 SKIP_DIRS = {"masks", "mask", "__macosx"}
 # TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group.
 PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
@@ -146,6 +155,13 @@ def _is_image_file(f: Path) -> bool:
             or (head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES))
 
 
+def _is_mask_beside_scan(f: Path) -> bool:
+    """``X_mask.tif`` next to ``X.tif`` (the Kaggle LGG layout `saliency.mask_path_for` reads):
+    a radiologist's outline, which must not train or be scored as a scan of its class."""
+    stem = f.stem
+    return stem.lower().endswith("_mask") and f.with_name(stem[:-5] + f.suffix).is_file()
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_KEYS = {"path", "name", "weight", "label_map"}
 
@@ -201,7 +217,7 @@ def parse_sources(entries: list) -> list[dict]:
             except ValueError:
                 raise ValueError(f"{e}: the weight after '=' must be a number") from None
         p = resolve_root(d["path"]).resolve()  # `.` and `data/` are named after the folder itself
-        d.setdefault("name", p.parent.name if p.name.lower() in SPLIT_DIRS else p.name)
+        d.setdefault("name", p.parent.name if split_of(p.name) else p.name)
         out.append(d)
     return out
 
@@ -212,7 +228,7 @@ def _layout_like(d: Path, depth: int = 3) -> bool:
     (wrappers nest: "archive/Brain Tumor/Training/...")."""
     subs = _class_dirs(d)
     named = {normalise_label(x.name) for x in subs} & set(CANONICAL)  # distinct: "no_1", "no_2" are patients
-    if any(x.name.lower() in SPLIT_DIRS for x in subs) or len(named) >= 2:
+    if any(split_of(x.name) for x in subs) or len(named) >= 2:
         return True
     return depth > 1 and len(subs) == 1 and _layout_like(subs[0], depth - 1)
 
@@ -234,7 +250,7 @@ def _unwrapped(root: Path) -> Path:
     ("Brain Tumor/Training/glioma/..."), whose name must not label every image below it."""
     while True:
         tops = _class_dirs(root)
-        if len(tops) != 1 or tops[0].name.lower() in SPLIT_DIRS or not _is_wrapper(tops[0]):
+        if len(tops) != 1 or split_of(tops[0].name) or not _is_wrapper(tops[0]):
             return root
         root = tops[0]
 
@@ -245,7 +261,7 @@ def _split_levels(split_dir: Path) -> list[Path]:
     levels = [split_dir]
     for _ in range(3):
         subs = _class_dirs(levels[-1])
-        if len(subs) != 1 or not (subs[0].name.lower() in SPLIT_DIRS or _is_wrapper(subs[0])):
+        if len(subs) != 1 or not (split_of(subs[0].name) or _is_wrapper(subs[0])):
             break
         levels.append(subs[0])
     return levels
@@ -276,9 +292,9 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     top = _unwrapped(root)
     scan.wrapper = "" if top == root else top.relative_to(root).as_posix() + "/"
     tops = _class_dirs(top)
-    split_tops = [d for d in tops if d.name.lower() in SPLIT_DIRS]
+    split_tops = [d for d in tops if split_of(d.name)]
     levels = [_split_levels(d) for d in split_tops]
-    layout = [(ls[-1], SPLIT_DIRS[ls[0].name.lower()]) for ls in levels] if split_tops else [(top, None)]
+    layout = [(ls[-1], split_of(ls[0].name)) for ls in levels] if split_tops else [(top, None)]
     # loose files in the levels a doubled split folder skips
     scan.skipped += [item for ls in levels for d in ls[:-1] for item in _stray(d, root)]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
@@ -315,6 +331,9 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
                     scan.skipped.append((rel, _broken_link(f)))
                 elif not _is_image_file(f):
                     scan.skipped.append((rel, "not an image file"))
+                elif _is_mask_beside_scan(f):
+                    scan.skipped.append((rel, "a tumour mask beside its scan (Kaggle LGG's X_mask): "
+                                              "not a scan; --mask-loss reads it"))
                 else:
                     scan.samples.append(Sample(str(f), rel, label, cdir.name, source,
                                                preset if preset in ("test", "val") else None))
@@ -343,7 +362,7 @@ def one_folder_note(scan: Scan) -> str | None:
     if len(tops) != 1 or len(subs) < 2 or any(len(p) < 3 for p in parts):
         return None
     (top,) = tops
-    if top.lower() in SPLIT_DIRS:  # Training/<class>/: the classes are right
+    if split_of(top):  # Training/<class>/: the classes are right
         return None
     return (f"every image sits in subfolders of the one folder '{top}' ({len(subs)} of them), so all are "
             f"labelled '{normalise_label(top)}': if those subfolders are the classes, pass the folder "
@@ -388,7 +407,7 @@ def _hashes_file(path: str) -> list[int]:
     try:
         grey = read_scan(path).pixels
     except Exception:  # unreadable files get a unique hash: they form a group of their own
-        return [int(hashlib.sha1(f"{path}|{k}".encode()).hexdigest()[:16], 16) for k in range(4)]
+        return [int(hashlib.sha1(f"{path}|{k}".encode(errors="surrogateescape")).hexdigest()[:16], 16) for k in range(4)]
     return [_phash_grey(grey)] + [_phash_grey(_flip(grey, t)) for t in TRANSFORMS]
 
 
@@ -693,7 +712,7 @@ def data_fingerprint(samples: list[Sample]) -> str:
     for s in sorted(samples, key=lambda s: (s.source, s.rel)):
         with open(s.path, "rb") as f:
             content = hashlib.file_digest(f, "sha1").hexdigest()
-        h.update(f"{s.source}/{s.rel}|{content}|{s.label}\n".encode())
+        h.update(f"{s.source}/{s.rel}|{content}|{s.label}\n".encode(errors="surrogateescape"))
     return h.hexdigest()[:16]
 
 

@@ -38,7 +38,7 @@ def cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Pat
     if kind == "lesions":  # a corrected, added or removed mask must not train as the old one
         from .saliency import mask_path_for
         stamps += "|masks|" + "|".join(_stamp(mask_path_for(s.path)) for s in samples)
-    key = hashlib.sha1(f"{kind}|v2|{stamps}{sorted(spec.items())!r}".encode())
+    key = hashlib.sha1(f"{kind}|v2|{stamps}{sorted(spec.items())!r}".encode(errors="surrogateescape"))
     return HASH_CACHE.parent / f"{kind}-{key.hexdigest()[:16]}{suffix}"
 
 

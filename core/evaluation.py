@@ -465,8 +465,8 @@ def evaluation_set(samples: list, inner: Callable[[str], str] = lambda rel: rel.
         chosen = [s for s in samples if s.preset_split == split]
         if chosen:
             return chosen, folder
-    from .data import SPLIT_DIRS
-    if any(inner(s.rel).split("/")[0].lower() in SPLIT_DIRS for s in samples):
+    from .data import split_of
+    if any(split_of(inner(s.rel).split("/")[0]) for s in samples):
         return samples, ("every image, Training/ included (no Testing/ or Validation/ folder): "
                          "a model's own training images would flatter it")
     return samples, "every image"

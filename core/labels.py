@@ -26,6 +26,8 @@ _ALIASES = {
     "yes": "tumor", "tumor": "tumor", "tumour": "tumor", "braintumor": "tumor",
     "braintumour": "tumor",
 }
+# Plural folder names ('Gliomas', 'Pituitary Tumors', 'No Tumours', 'Brain Tumors') are the same classes.
+_ALIASES.update({k + "s": v for k, v in list(_ALIASES.items()) if k not in ("no", "yes", "menin")})
 
 
 def normalise_label(folder_name: str) -> str:
@@ -54,9 +56,14 @@ def model_classes(labels: set[str] | list[str]) -> list[str]:
     (a yes/no dataset); otherwise it trains the fine classes through their sum. With a single
     tumour type beside it (LGG glioma + Br35H yes) that sum is the one type, and every tumour
     would be taught as that type: the model is then tumour vs no tumour, the type folded in.
+    Without a no-tumour class beside it (``Brain_Glioma/ Brain_Menin/ Brain Tumor/``) "some tumour"
+    rules nothing out, and its images would teach nothing: it is then a class of its own, the
+    tumours that are none of the named types.
     """
     labels = set(labels)
     fine = [c for c in FINE_TUMOURS if c in labels]
+    if TUMOUR in labels and fine and NO_TUMOUR not in labels:
+        return fine + sorted(labels - set(CANONICAL)) + [TUMOUR]
     if TUMOUR in labels and len(fine) == 1:
         labels, fine = labels - set(fine), []
     other = sorted(labels - set(CANONICAL))

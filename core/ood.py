@@ -111,7 +111,7 @@ def _read_one(args) -> tuple[np.ndarray, float]:
     scan = read_scan(path)
     pixels = scan.pixels
     if stripped:  # seeded by the file, so the gate's two views of one slice strip it alike
-        pixels = strip_to_brain(pixels, np.random.default_rng(int(hashlib.sha1(path.encode()).hexdigest()[:8], 16)))
+        pixels = strip_to_brain(pixels, np.random.default_rng(int(hashlib.sha1(path.encode(errors="surrogateescape")).hexdigest()[:8], 16)))
     return _to_u8(prepare(pixels, spec)), scan.colourfulness
 
 
@@ -124,7 +124,7 @@ def _prepare_files(paths: list[str], spec: dict, tag: str, workers: int,
         tag += "stripped" + hashlib.sha1((inspect.getsource(strip_to_brain) + inspect.getsource(brain_mask))
                                          .encode()).hexdigest()[:10]
     key = hashlib.sha1(("|".join(paths) + tag + repr(sorted(spec.items())) + _code_key()
-                        + _stamps(paths)).encode()).hexdigest()[:16]
+                        + _stamps(paths)).encode(errors="surrogateescape")).hexdigest()[:16]
     cache = HASH_CACHE.parent / f"ood-{key}.npz"
     if cache.exists():
         z = np.load(cache)

@@ -118,6 +118,29 @@ def test_training_testing_layout_marks_testing_as_test(tmp_path):
     assert {s.source for s in scan.samples} == {"kaggle"}
 
 
+@pytest.mark.parametrize("train_dir, test_dir", [("Training ", "Testing "), ("training_set", "test_set"),
+                                                 ("Train-Data", "Testing")])
+def test_split_folders_spelled_otherwise_are_splits_not_classes(tmp_path, train_dir, test_dir):
+    """'Training /' or 'training_set/' became classes named training and testing (session 37 review)."""
+    root = tmp_path / "kaggle"
+    save(root / train_dir / "glioma" / "g1.jpg", pattern(1))
+    save(root / train_dir / "no_tumor" / "n1.jpg", pattern(2))
+    save(root / test_dir / "glioma" / "g2.jpg", pattern(3))
+    scan = D.discover(root)
+    assert {(s.label, s.preset_split) for s in scan.samples} == {("glioma", None), ("notumor", None),
+                                                                ("glioma", "test")}
+    assert D.split_of("data") is None and D.split_of("Validation") == "val" and D.split_of("glioma") is None
+
+
+def test_a_mask_beside_its_scan_is_not_a_scan(tmp_path):
+    save(tmp_path / "d" / "glioma" / "TCGA_CS_1_1.tif", pattern(1))
+    save(tmp_path / "d" / "glioma" / "TCGA_CS_1_1_mask.tif", pattern(2))
+    save(tmp_path / "d" / "notumor" / "lone_mask.tif", pattern(3))   # no scan beside it: a scan
+    scan = D.discover(tmp_path / "d")
+    assert sorted(s.rel for s in scan.samples) == ["glioma/TCGA_CS_1_1.tif", "notumor/lone_mask.tif"]
+    assert dict(scan.skipped)["glioma/TCGA_CS_1_1_mask.tif"].startswith("a tumour mask beside its scan")
+
+
 def test_a_wrapper_folder_named_like_a_class_does_not_label_its_contents(tmp_path):
     """An archive unpacked as "Brain Tumor/Training/glioma/..." labelled every image 'tumor'
     (normal scans included) and read Training as test data."""

@@ -13,6 +13,9 @@ from core.labels import (CANONICAL, NO_TUMOUR, TUMOUR, label_targets, model_clas
     ("pituitary", "pituitary"), ("pituitary_tumor", "pituitary"),
     ("notumor", "notumor"), ("no_tumor", "notumor"), ("no", "notumor"), ("No", "notumor"),
     ("yes", "tumor"), ("Yes", "tumor"), ("tumor", "tumor"),
+    # plurals (session 37 review: they stayed unknown classes, the model without tumour semantics)
+    ("Gliomas", "glioma"), ("Meningiomas", "meningioma"), ("Pituitary Tumors", "pituitary"),
+    ("glioma tumours", "glioma"), ("Brain Tumors", "tumor"), ("No Tumors", "notumor"),
 ])
 def test_known_folder_names_map_to_the_vocabulary(folder, label):
     assert normalise_label(folder) == label
@@ -20,6 +23,7 @@ def test_known_folder_names_map_to_the_vocabulary(folder, label):
 
 @pytest.mark.parametrize("folder, kept", [
     ("Astrocytoma", "astrocytoma"), ("Schwannoma T2", "schwannoma_t2"), ("class_7", "class_7"),
+    ("nos", "nos"), ("Menins", "menins"),
 ])
 def test_unknown_folder_names_are_kept(folder, kept):
     out = normalise_label(folder)
@@ -68,6 +72,11 @@ def test_one_tumour_type_beside_coarse_tumours_makes_a_tumour_vs_no_tumour_model
     assert model_classes({"glioma", "tumor", "notumor"}) == ["tumor", "notumor"]
     assert model_classes({"glioma", "meningioma", "tumor", "notumor"}) == ["glioma", "meningioma", "notumor"]
     assert model_classes({"glioma", "notumor"}) == ["glioma", "notumor"]
+    # no tumour-free class: "some tumour" rules nothing out, so Brain_Glioma/ Brain_Menin/ Brain Tumor/
+    # is three classes (the coarse sum over every class taught nothing; session 37 review)
+    assert model_classes({"glioma", "meningioma", "tumor"}) == ["glioma", "meningioma", "tumor"]
+    assert model_classes({"glioma", "tumor"}) == ["glioma", "tumor"]
+    assert label_targets("tumor", ["glioma", "meningioma", "tumor"]) == [2]
 
 
 @pytest.mark.parametrize("name, label", [("meningioma_tumour", "meningioma"), ("non-tumour", "notumor"),

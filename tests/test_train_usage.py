@@ -511,3 +511,44 @@ def test_keep_is_fixed_on_resume_and_finish_and_older_runs_kept_the_best():
     assert any("--keep" in c for c in train.resume_conflicts(saved, now))
     # --finish-from compares TRAINED_WITH: a run's card then says which epoch it kept
     assert "keep" in train.TRAINED_WITH and train.with_added_options({})["keep"] == "best"
+
+
+# ----------------------------------------------------------------------------- session 37 review
+def test_odd_files_of_real_archives_train_and_are_said(data, tmp_path, capsys):
+    """A name that is not UTF-8 (a Latin-1 archive) crashed hashing with a traceback; a class whose
+    files are all unreadable vanished without a word; Kaggle LGG's X_mask beside X trained as scans."""
+    import os
+    import shutil
+    shutil.copy(data / "glioma" / "glioma_1.png",
+                os.fsencode(data / "glioma") + b"/T1_\xe9chantillon.png")   # not valid UTF-8
+    shutil.copy(data / "glioma" / "glioma_2.png", data / "glioma" / "glioma_2_mask.png")
+    (data / "astrocytoma").mkdir()
+    (data / "astrocytoma" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "skipped data/glioma/glioma_2_mask.png: a tumour mask beside its scan" in out
+    assert "warning: no image of astrocytoma is left" in out
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert sum(card["split"]["sizes"].values()) == 41 and "astrocytoma" not in card["classes"]
+    assert card["task"] == "4-class"
+
+
+def test_an_empty_or_overlapping_data_path_is_refused(data, tmp_path, capsys):
+    assert "an empty path" in refused(["--data", "", "--out", tmp_path / "r"], capsys)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = [{{ path = "{data}", name = "one" }}, {{ path = "{data}/", name = "two" }}]\n')
+    assert "overlap" in refused(["--config", cfg, "--out", tmp_path / "r"], capsys)
+
+
+def test_a_label_map_naming_no_folder_and_a_class_only_in_testing_are_told_apart(tmp_path, capsys):
+    make_blob_dataset(tmp_path / "d" / "Training")
+    (tmp_path / "d" / "Testing" / "schwannoma").mkdir(parents=True)
+    for k in range(3):
+        shutil_copy = (tmp_path / "d" / "Training" / "glioma" / f"glioma_{k}.png").read_bytes()
+        (tmp_path / "d" / "Testing" / "schwannoma" / f"s{k}.png").write_bytes(shutil_copy[:-1] + b"\x00")
+    assert train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]) == 2
+    assert "in the dataset's own Testing/" in capsys.readouterr().err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = [{{ path = "{tmp_path / "d" / "Training"}", label_map = {{ Lesion = "glioma" }} }}]\n')
+    assert train.main(["--config", str(cfg), "--out", str(tmp_path / "r2"), "--epochs", "1", *TINY]) == 2
+    assert "label_map names 'Lesion', which no folder of it is called" in capsys.readouterr().err
