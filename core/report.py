@@ -38,7 +38,7 @@ import io
 import re
 import sys
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -151,7 +151,8 @@ def _name_parts(name: str | PurePath) -> list[str]:
     if _WINDOWS_PATH.match(text):
         text = text.replace("\\", "/")
     parts = ["".join(map(_shown_char, p)) for p in text.split("/")]
-    return [p for p in parts if p] or ["(unnamed)"]
+    # a base name of invisible characters only must not leave its folder to stand in for it
+    return [p for p in parts[:-1] if p] + [parts[-1] or "(unnamed)"]
 
 
 def _capped(text: str) -> str:
@@ -190,7 +191,14 @@ def display_names(names: list[str | PurePath]) -> list[str]:
             depth[i] += 1
     if len(set(shown)) == len(shown):
         return shown
-    return unique_names(shown)   # the same file twice: numbered as the app's uploads are
+    # Still alike: the same file twice (numbered), or different files whose long names differ only
+    # where the cap cuts: for those the folders told nothing apart, so they are not printed (they
+    # may name a patient), and the files are numbered
+    files = defaultdict(set)
+    for text, p in zip(shown, parts):
+        files[text].add(p)
+    shown = [_capped(p[-1]) if len(files[text]) > 1 else text for text, p in zip(shown, parts)]
+    return unique_names(shown)
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -212,10 +220,10 @@ def unique_names(names: list[str]) -> list[str]:
 
 
 def printable_path(name: str) -> str:
-    """The full name with control characters escaped: a newline in a file name must not split
-    the one line the CLI prints per file."""
-    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
-                   for ch in str(name))
+    """The full name with control and format characters escaped: a newline in a file name must not
+    split the one line the CLI prints per file, nor a right-to-left override (U+202E) reverse it."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf")
+                   else ch for ch in str(name))
 
 
 def slice_words(info: Mapping, numbering: str = "") -> str:
@@ -267,7 +275,7 @@ def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.nda
 
 
 REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance", "head_share",
-                    "slice_choice")
+                    "slice_choice", "n_volumes", "volume")
 
 
 def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = None,
@@ -928,7 +936,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
     pdf.ln(3)
     pdf.font(8.5)
     head = FontFace(emphasis="BOLD", color=(255, 255, 255), fill_color=ACCENT)
-    with pdf.table(col_widths=(8, 62, 30, 22, 56), text_align=("RIGHT", "LEFT", "LEFT", "RIGHT", "LEFT"),
+    # the row number fits four digits at 8.5 pt: a batch's row 113 wrapped to "11" over "3"
+    with pdf.table(col_widths=(12, 58, 30, 22, 56), text_align=("RIGHT", "LEFT", "LEFT", "RIGHT", "LEFT"),
                    headings_style=head, line_height=5.2, padding=1.2,
                    borders_layout="HORIZONTAL_LINES", cell_fill_color=(248, 249, 250),
                    cell_fill_mode="ROWS") as table:

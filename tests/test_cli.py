@@ -663,6 +663,11 @@ def test_text_lines_keep_one_line_per_file_and_weights_name_what_is_missing(weig
     assert main(["predict", "--weights", str(weights), str(odd)]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "new\\nline.jpg:" in out
+    rtl = tmp_path / "\u202eabc.gpj.jpg"   # a right-to-left override would show the line reversed
+    rtl.write_bytes(odd.read_bytes())
+    assert main(["predict", "--weights", str(weights), str(rtl)]) == 0
+    out = capsys.readouterr().out
+    assert "\u202e" not in out and "\\u202eabc.gpj.jpg:" in out
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "card.json").write_text((weights / "card.json").read_text())

@@ -526,6 +526,12 @@ def test_files_of_one_base_name_stay_apart_in_the_report():
     assert R.display_names(["/a/x.png", "/a/x.png"]) == ["x.png", "x.png (2)"]   # the same path twice
     assert R.display_names(["C" * 200 + "/A/x.png", "C" * 200 + "/B/x.png"]) == ["A/x.png", "B/x.png"]
     assert all(len(n) <= R.NAME_CHARS for n in R.display_names(["A/" + "y" * 200 + "/x.png", "B/x.png"]))
+    # long names that differ only where the cap cuts: folders tell nothing apart, so none is printed
+    a, b = "A" * 70, "B" * 70
+    long = R.display_names([f"/SMITH_JOHN/mri/{a}1{b}.jpg", f"/SMITH_JOHN/mri/{a}2{b}.jpg"])
+    assert not any("SMITH" in n for n in long) and long[1] == long[0] + " (2)"
+    # a base name of invisible characters only is not named after its (patient's) folder
+    assert R.display_names(["/p/PATIENT_DOE/\u200b"]) == ["(unnamed)"]
     assert R.display_name("scans/(paren) \\ back.jpg") == "(paren) \\ back.jpg"   # a Linux name's character
     assert R.display_name("C:\\Users\\DOE\\scan.jpg") == "scan.jpg"           # a Windows path's separator
     assert R.display_name("/tmp/a\udcff\udcfeb.jpg") == "a\\xff\\xfeb.jpg"    # os.fsdecode(b"a\xff\xfeb.jpg")
@@ -639,3 +645,13 @@ def test_pdf_pictures_are_embedded_as_jpeg(four):
     pdf = R.build_report(items, four)
     assert pdf.count(b"/DCTDecode") == 2 * len(items) and b"/FlateDecode\n/Height 384" not in pdf
     assert len(pdf) < 100_000 * (len(items) + 1), len(pdf)
+
+
+def test_the_report_names_the_volume_of_a_4d_file_as_the_app_table_does(four):
+    """`report` kept only some info keys: its CSV and line lost the volume the app's table names."""
+    import nibabel as nib
+    vol = (np.random.default_rng(0).random((48, 48, 5, 3)) * 200).astype(np.float32)
+    (r,) = R.analyse([("four_d.nii", nib.Nifti1Image(vol, np.eye(4)).to_bytes())], four)
+    row = r.to_row()
+    assert next(csv.DictReader(io.StringIO(R.build_csv([r], four.classes))))["volume"] == "0 of 3"
+    assert "volume 0 of 3" in R.text_line(row)
