@@ -155,6 +155,9 @@ def _is_image_file(f: Path) -> bool:
             or (head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES))
 
 
+MASK_BESIDE_SCAN = "a tumour mask beside its scan (Kaggle LGG's X_mask): not a scan (train.py --mask-loss reads it)"
+
+
 def _is_mask_beside_scan(f: Path) -> bool:
     """``X_mask.tif`` next to ``X.tif`` (the Kaggle LGG layout `saliency.mask_path_for` reads):
     a radiologist's outline, which must not train or be scored as a scan of its class."""
@@ -332,8 +335,7 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
                 elif not _is_image_file(f):
                     scan.skipped.append((rel, "not an image file"))
                 elif _is_mask_beside_scan(f):
-                    scan.skipped.append((rel, "a tumour mask beside its scan (Kaggle LGG's X_mask): "
-                                              "not a scan; --mask-loss reads it"))
+                    scan.skipped.append((rel, MASK_BESIDE_SCAN))
                 else:
                     scan.samples.append(Sample(str(f), rel, label, cdir.name, source,
                                                preset if preset in ("test", "val") else None))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .data import not_mri, save_whole, source_of
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, folds_types, has_tumour_decision, tumour_classes
 from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, risk_coverage,
                       threshold_curve, tumour_probability)
 from .referral import ReferralRule, type_confidence
@@ -45,7 +45,7 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
     out = []
     for i, s in enumerate(samples):
         # a typed tumour scored by a tumour/no-tumour model is a 'tumor' (as score_labelled does)
-        label = TUMOUR if TUMOUR in classes and s.label in FINE_TUMOURS else s.label
+        label = TUMOUR if folds_types(classes) and s.label in FINE_TUMOURS else s.label
         rec = {"file": s.rel, "source": s.source, "label": label, "pred": classes[pred[i]],
                "probs": {c: float(v) for c, v in zip(classes, probs[i])},
                "tumour_probability": None if t_prob is None else _stored_tumour_probability(float(t_prob[i]), threshold),
@@ -356,7 +356,7 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
     records = [r for r in records if _scorable(r["label"], classes)]
     if not records:
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
-    if TUMOUR in classes:
+    if folds_types(classes):
         records = _folded_to_binary(records)
     elif not {r["label"] for r in records} <= set(classes):  # 'yes' folders against a typed model
         ev = evaluate_records([_as_tumour_vs_none(r, threshold) for r in records], [TUMOUR, NO_TUMOUR],
@@ -403,7 +403,7 @@ def evaluate_dirs(predictor: Predictor, data_dirs: list[str | Path]) -> dict:
         errors += [{**e, "source": name} for e in errs]
     if not records:
         raise NothingToScore("no directory holds an image this model can be judged on", errors)
-    if TUMOUR in predictor.classes:
+    if folds_types(predictor.classes):
         records = _folded_to_binary(records)
     ev = evaluate_records(records, predictor.classes, predictor.threshold)
     ev.update(errors=errors, model=predictor.name, evaluated=evaluated)
@@ -425,14 +425,16 @@ def source_names(data_dirs: list[str | Path]) -> list[str]:
 def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
                  progress: Callable[[float], None] | None = None) -> tuple[list[dict], list[dict], str]:
     """(records, errors, which images were evaluated) of one directory; records of scorable images only."""
-    from .data import discover
+    from .data import MASK_BESIDE_SCAN, discover, split_of
     from .reader import ScanError, read_scan
     scan = discover(data_dir, source)
     samples, evaluated = evaluation_set(scan.samples, scan.inner)
     records = []
+    # neither a training folder's leftovers (when a test split is evaluated) nor the masks kept
+    # beside their scans are errors of this evaluation
     errors = [{"file": rel, "error": why} for rel, why in scan.skipped
-              if evaluated.startswith("every image")
-              or not scan.inner(rel).lower().startswith(("training/", "train/"))]
+              if why != MASK_BESIDE_SCAN and (evaluated.startswith("every image")
+                                              or split_of(scan.inner(rel).split("/")[0]) != "train")]
     # Only what can be scored is run through the model (an 'astrocytoma' folder is not).
     errors += [{"file": s.rel, "error": f"its folder ('{s.original}') names no class of this model"}
                for s in samples if not _scorable(s.label, predictor.classes)]

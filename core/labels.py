@@ -75,6 +75,13 @@ def model_classes(labels: set[str] | list[str]) -> list[str]:
     return classes
 
 
+def folds_types(classes: list[str]) -> bool:
+    """A tumour / no-tumour model (a 'tumor' class and no typed one): a typed tumour is scored as
+    its 'tumor'. A model with 'tumor' beside typed classes (glioma, meningioma, another tumour)
+    scores each type as itself."""
+    return TUMOUR in classes and not any(c in FINE_TUMOURS for c in classes)
+
+
 def tumour_classes(classes: list[str]) -> list[str]:
     """Classes that count as 'a tumour is present'."""
     return [c for c in classes if c in FINE_TUMOURS or c == TUMOUR]

@@ -150,7 +150,7 @@ def _name_parts(name: str | PurePath) -> list[str]:
     text = str(name)
     if _WINDOWS_PATH.match(text):
         text = text.replace("\\", "/")
-    parts = ["".join(map(_shown_char, p)) for p in text.split("/")]
+    parts = ["".join(map(_shown_char, p)) for p in (text.rstrip("/") or text).split("/")]   # a folder's "x/"
     # a base name of invisible characters only must not leave its folder to stand in for it
     return [p for p in parts[:-1] if p] + [parts[-1] or "(unnamed)"]
 

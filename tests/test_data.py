@@ -725,3 +725,20 @@ def test_class_folders_beside_testing_without_training_are_the_training_part(tmp
                                                    "Testing/notumor/0.png", "Testing/notumor/1.png",
                                                    "Training/glioma/t.png"]
     assert {r for r, _ in scan.skipped} == {"glioma/", "notumor/"}
+
+
+def test_masks_beside_scans_and_training_leftovers_are_no_evaluation_errors(tmp_path, random_weights):
+    """Kaggle LGG's ~3.9k X_mask files were each an error line of `evaluate`; so were a
+    training_set/ folder's leftovers, which a Training/ folder's never were (session 37 review)."""
+    from core.evaluation import evaluate_dir
+    from core.inference import Predictor
+    save(tmp_path / "d" / "glioma" / "TCGA_CS_1_1.png", pattern(1))
+    save(tmp_path / "d" / "glioma" / "TCGA_CS_1_1_mask.png", pattern(2))
+    save(tmp_path / "d" / "no_tumor" / "n.png", pattern(3))
+    ev = evaluate_dir(Predictor(random_weights), tmp_path / "d")
+    assert ev["n"] == 2 and not ev["errors"]
+    save(tmp_path / "k" / "training_set" / "glioma" / "g.png", pattern(4))
+    (tmp_path / "k" / "training_set" / "glioma" / "notes.txt").write_text("x")
+    save(tmp_path / "k" / "Testing" / "glioma" / "t.png", pattern(5))
+    ev = evaluate_dir(Predictor(random_weights), tmp_path / "k")
+    assert ev["n"] == 1 and not ev["errors"]

@@ -103,3 +103,21 @@ def test_tumour_decision_and_tumour_call_need_both_sides():
     assert not is_tumour_call("notumor", four)
     assert not is_tumour_call("cat", ["glioma", "cat", "notumor"])
     assert not is_tumour_call("glioma", ["glioma", "meningioma"])   # a type, not a decision
+
+
+def test_a_model_with_another_tumour_class_scores_each_type_as_itself():
+    """glioma / meningioma / another tumour (no tumour-free class): typed labels were folded to
+    'tumor' as for a tumour / no-tumour model, and a perfect model scored 33 % (session 37 review)."""
+    from types import SimpleNamespace
+    import numpy as np
+    from core.evaluation import evaluate_records, prediction_records, score_labelled
+    from core.labels import folds_types
+    labels = ["glioma"] * 3 + ["meningioma"] * 3 + ["tumor"] * 3
+    classes = model_classes(set(labels))
+    assert not folds_types(classes) and folds_types(["tumor", "notumor"])
+    perfect = np.array([[1.0 if c == lab else 0.0 for c in classes] for lab in labels])
+    samples = [SimpleNamespace(rel=f"{lab}/{i}.jpg", source="d", label=lab) for i, lab in enumerate(labels)]
+    records = prediction_records(samples, perfect, classes, None)
+    assert [r["label"] for r in records] == labels
+    assert evaluate_records(records, classes, None)["accuracy"] == 1.0
+    assert score_labelled(records, classes, None, [])["accuracy"] == 1.0

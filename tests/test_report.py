@@ -532,6 +532,7 @@ def test_files_of_one_base_name_stay_apart_in_the_report():
     assert not any("SMITH" in n for n in long) and long[1] == long[0] + " (2)"
     # a base name of invisible characters only is not named after its (patient's) folder
     assert R.display_names(["/p/PATIENT_DOE/\u200b"]) == ["(unnamed)"]
+    assert R.display_names(["/p/x.jpg", "/p/patient_07/"]) == ["x.jpg", "patient_07"]   # a folder given
     assert R.display_name("scans/(paren) \\ back.jpg") == "(paren) \\ back.jpg"   # a Linux name's character
     assert R.display_name("C:\\Users\\DOE\\scan.jpg") == "scan.jpg"           # a Windows path's separator
     assert R.display_name("/tmp/a\udcff\udcfeb.jpg") == "a\\xff\\xfeb.jpg"    # os.fsdecode(b"a\xff\xfeb.jpg")
