@@ -76,14 +76,22 @@ def cache_images(samples: list[Sample], spec: dict, workers: int = 2) -> torch.T
     return torch.from_numpy(arr)
 
 
-def _lesion_one(args) -> np.ndarray | None:
+def _lesion_one(args) -> np.ndarray | str | None:
+    """The image's mask in the input frame; None without one; why not, for a mask that cannot serve."""
     path, spec = args
     from .reader import read_scan
     from .saliency import mask_path_for, mask_to_input, read_mask
     mpath = mask_path_for(path)
     if mpath is None:
         return None
-    return mask_to_input(read_scan(path).pixels, read_mask(mpath), spec).astype(np.uint8)
+    try:
+        mask = read_mask(mpath)
+    except Exception as e:   # one damaged mask must not end a run whose image reads fine
+        return f"its mask {mpath.name} could not be read ({type(e).__name__})"
+    grey = read_scan(path).pixels
+    if np.asarray(mask).shape[:2] != grey.shape[:2]:   # drawn on another image: it would land misaligned
+        return f"its mask {mpath.name} is {mask.shape[1]} x {mask.shape[0]} px, the scan {grey.shape[1]} x {grey.shape[0]}"
+    return mask_to_input(grey, mask, spec).astype(np.uint8)
 
 
 def cache_lesions(samples: list[Sample], spec: dict, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +106,10 @@ def cache_lesions(samples: list[Sample], spec: dict, workers: int = 2) -> tuple[
         z = np.load(path)
         return torch.from_numpy(z["masks"]), torch.from_numpy(z["known"])
     found = _map_files(_lesion_one, samples, spec, workers)
+    if bad := [(s.rel, m) for s, m in zip(samples, found) if isinstance(m, str)]:
+        print(f"note: {len(bad)} masks not used (the images train without one): "
+              + "; ".join(f"{rel}: {why}" for rel, why in bad[:5]) + (" ..." if len(bad) > 5 else ""), flush=True)
+        found = [None if isinstance(m, str) else m for m in found]
     size = spec["size"]
     known = np.array([m is not None for m in found], bool)
     masks = np.zeros((len(found), 1, size, size), np.uint8)

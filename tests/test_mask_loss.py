@@ -190,3 +190,17 @@ def test_train_py_mask_loss_end_to_end_and_refused_for_a_model_without_class_map
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--mask-loss" in r.stderr
     assert not (tmp_path / "bad").exists()              # refused before anything is written
+
+
+def test_a_damaged_or_mis_sized_mask_is_left_out_not_fatal(tmp_path, private_cache, capsys):
+    """An unreadable X_mask ended a --mask-loss run; one of another size was used, misaligned."""
+    _lgg_like(tmp_path / "lgg", n=3)
+    samples = D.discover(tmp_path / "lgg").samples
+    glioma = [s for s in samples if s.label == "glioma"]
+    (tmp_path / "lgg" / "masks" / Path(glioma[0].rel).name).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.full((40, 100), 255, np.uint8)).save(tmp_path / "lgg" / "masks" / Path(glioma[1].rel).name)
+    masks, known = E.cache_lesions(samples, {**DEFAULT_SPEC, "size": 32}, workers=1)
+    assert [known[samples.index(s)].item() for s in glioma] == [False, False, True]
+    assert masks[samples.index(glioma[1])].sum() == 0
+    out = capsys.readouterr().out
+    assert "note: 2 masks not used" in out and "could not be read" in out and "100 x 40 px, the scan 64 x 64" in out
