@@ -323,9 +323,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--data: an empty path (an unset variable?): name the dataset's folder")
         if not D.resolve_root(src["path"]).is_dir():
             p.error(f"--data {src['path']}: not a directory")
-    roots = [(src["name"], D.resolve_root(src["path"]).resolve()) for src in sources]
-    if overlap := [f"{a} and {b}" for i, (a, ra) in enumerate(roots) for b, rb in roots[i + 1:]
-                   if ra == rb or ra in rb.parents or rb in ra.parents]:
+    if overlap := D.overlapping([(src["name"], D.resolve_root(src["path"]).resolve()) for src in sources]):
         p.error(f"--data: the sources {overlap[0]} overlap, so their images would count twice")
     names = [src["name"] for src in sources]
     if len(set(names)) < len(names):
@@ -540,13 +538,12 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
 
 def untaught_reason(samples: list[D.Sample], idx: dict[str, torch.Tensor], untaught: list[str]) -> str:
     """Why classes have no training image: the dataset's own split, a held-out source, or ours."""
-    in_split = {i for v in idx.values() for i in v.tolist()}
-    theirs = [s for i, s in enumerate(samples) if s.label in untaught]
-    if theirs and all(s.preset_split for s in theirs):
+    theirs = [i for i, s in enumerate(samples) if s.label in untaught]
+    trained_on = set(idx["train"].tolist()) | set(idx["val"].tolist())
+    if theirs and all(samples[i].preset_split for i in theirs):
         return ("its images are all in the dataset's own Testing/ or Validation/ folders: put some in "
                 "Training/, or leave the class out")
-    if theirs and not any(i in in_split and samples[i].split != "test"
-                          for i, s in enumerate(samples) if s.label in untaught):
+    if theirs and not trained_on.intersection(theirs):
         return "its images are all in held-out sources (weight 0) or the test split: train on a source that has it"
     return ("none is left for training after the grouped split (too few images, or all in one "
             "near-duplicate group): add images or leave the class out")

@@ -225,6 +225,13 @@ def parse_sources(entries: list) -> list[dict]:
     return out
 
 
+def overlapping(roots: list[tuple[str, Path]]) -> list[str]:
+    """'a and b' for each pair of (name, resolved folder) where one is the other or lies inside it:
+    their images would count twice."""
+    return [f"{a} and {b}" for i, (a, ra) in enumerate(roots) for b, rb in roots[i + 1:]
+            if ra == rb or ra in rb.parents or rb in ra.parents]
+
+
 def _layout_like(d: Path, depth: int = 3) -> bool:
     """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
     folders, folders named like two different classes, or one folder that holds such a layout

@@ -388,9 +388,9 @@ def evaluate_dirs(predictor: Predictor, data_dirs: list[str | Path]) -> dict:
         return evaluate_dir(predictor, data_dirs[0])
     if (missing := [str(d) for d in data_dirs if not Path(d).is_dir()]):
         raise FileNotFoundError(f"not a directory: {', '.join(missing)}")   # before any is run
+    from .data import overlapping
     resolved = [Path(d).resolve() for d in data_dirs]
-    if (twice := [f"{a} and {b}" for i, a in enumerate(resolved) for b in resolved[i + 1:]
-                  if a == b or a in b.parents or b in a.parents]):
+    if (twice := overlapping([(str(r), r) for r in resolved])):
         raise ValueError(f"directories overlap, so their scans would count twice: {'; '.join(twice)}")
     names = source_names(data_dirs)
     records, errors, evaluated = [], [], {}

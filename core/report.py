@@ -252,13 +252,17 @@ def source_line(info: Mapping) -> str:
     return text
 
 
+def volume_of(info: Mapping) -> str:
+    """'0 of 3': which volume of a 4D file was read (the CSV's cell); '' for a file of one volume."""
+    return f"{info.get('volume', 0)} of {info['n_volumes']}" if (info.get("n_volumes") or 1) > 1 else ""
+
+
 def volume_words(info: Mapping, short: bool = False) -> str:
     """'volume 0 of 3 (numbered from 0); the others were not read' for a 4D NIfTI ('volume 0 of 3'
     when ``short``); '' for a file of one volume."""
-    if (info.get("n_volumes") or 1) <= 1:
+    if not (volume := volume_of(info)):
         return ""
-    text = f"volume {info.get('volume', 0)} of {info['n_volumes']}"
-    return text if short else f"{text} (numbered from 0); the others were not read"
+    return f"volume {volume}" if short else f"volume {volume} (numbered from 0); the others were not read"
 
 
 def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.ndarray):
@@ -405,11 +409,6 @@ def _model_cells(predictor: Predictor) -> list[str]:
     return [csv_safe(str(fields[k])) if fields[k] is not None else "" for k in MODEL_COLUMNS]
 
 
-def _volume_cell(info: Mapping) -> str:
-    """'0 of 3': which volume of a 4D file was read; '' for a file of one volume."""
-    return f"{info.get('volume', 0)} of {info['n_volumes']}" if (info.get("n_volumes") or 1) > 1 else ""
-
-
 def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predictor=None) -> str:
     """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags,
     error, the slice of a volume (and which volume of a 4D file), the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
@@ -438,7 +437,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     "; ".join(flags_of(row)), row.get("error") or "",
                     "" if shown is None else shown,
                     (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
-                    _volume_cell(row.get("info") or {}) if ok else "",
+                    volume_of(row.get("info") or {}) if ok else "",
                     row.get("sha256") or "", *model])
     return buf.getvalue()
 
