@@ -30,7 +30,8 @@ import torch
 from core import data as D
 from core import distributed as DD
 from core import engine as E
-from core.evaluation import card_metrics, evaluate_records, prediction_records, write_json
+from core.evaluation import (card_metrics, copies_trained_on, evaluate_records, mark_records, prediction_records,
+                             write_json)
 from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
                          normalise_label, tumour_classes)
@@ -1044,6 +1045,9 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                                  referral=ReferralRule.from_card({"classes": classes,
                                                                   "uncertainty": uncertainty}))
     ev = evaluate_records(records, classes, threshold)
+    # a test image whose copy was trained on is a scan the model has seen: marked now, the Evaluation
+    # page and `compare --paired` can leave it out (about a minute on the shared data; hashes cached)
+    mark_records(ev, copies_trained_on(samples, sources))
     write_json(out / "eval.json", ev)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)

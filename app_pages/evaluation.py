@@ -39,6 +39,10 @@ else:
                     "upload it again and press Evaluate.")) if dropped else
                 "Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
         st.stop()
+    if stale := app.unscored_upload(held, up and up.name, up and up.getvalue()):
+        st.info(stale)
+        st.stop()
+    st.caption(f"Results of {app.md_name(held['name'])}.")
     for s in held["skipped"][:20]:
         st.error(f"{app.md_name(s['file'])}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
@@ -81,8 +85,7 @@ with t1:
             k: st.column_config.NumberColumn(format="%.3f")
             for k in ("precision", "recall", "f1", "specificity")})
     else:
-        st.info("These labels name no model class (e.g. only 'tumour'/'no tumour'): see the "
-                "false-negative tab.")
+        st.info(dash.scans_help(ev) or "These labels name no model class: see the false-negative tab.")
 with t2:
     a, b = st.columns(2)
     a.plotly_chart(dash.roc_figure(shown, classes), key="roc")
@@ -93,7 +96,7 @@ with t3:
             col.metric(label, value, help=help_text)
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
     else:
-        st.info("No tumour/no-tumour labels here, so no false-negative analysis.")
+        st.info(dash.no_miss_analysis(classes))
     app.gallery(predictor, shown, blobs)
 with t4:
     a, b = st.columns(2)

@@ -10,15 +10,16 @@ import hashlib
 import io
 import json
 import os
-from collections import OrderedDict
+import re
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import streamlit as st
 
-from .evaluation import (NothingToScore, call_is_right, evaluate_records, prediction_record, score_labelled,
-                         without_copies)
+from .evaluation import (NothingToScore, OtherClasses, call_is_right, evaluate_records, prediction_record,
+                         read_eval, score_labelled, without_copies)
 from . import inference
 from .data import source_of
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
@@ -315,7 +316,7 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
         if is_tumour_label(r["label"]):
             n_missed = per.setdefault(source_of(r), [0, 0])
             n_missed[0] += 1
-            n_missed[1] += r["pred"] == NO_TUMOUR
+            n_missed[1] += not is_tumour_label(r["pred"])
     if not per:
         return None
     parts = ", ".join(f"{src} {m} of {n}" for src, (n, m) in per.items())
@@ -352,16 +353,12 @@ def eval_problem(weights_dir: str | Path) -> str | None:
     cut short, results of other classes than the card's); None when it is fine or absent."""
     try:
         _eval_json(weights_dir)
-    except _OtherClasses as e:
+    except OtherClasses as e:
         return str(e)
     except (OSError, ValueError) as e:
         return (f"{Path(weights_dir) / 'eval.json'} is unreadable ({e}): the per-image test results "
                 "cannot be shown.")
     return None
-
-
-class _OtherClasses(ValueError):
-    """eval.json scored other classes than the card names (files copied from two runs)."""
 
 
 def _eval_json(weights_dir: str | Path) -> dict | None:
@@ -377,37 +374,8 @@ def _eval_json(weights_dir: str | Path) -> dict | None:
 
 @functools.lru_cache(maxsize=8)
 def _read_json(path: str, mtime_ns: int, classes: tuple[str, ...] | None) -> dict:
-    """eval.json checked against the card's ``classes`` once per file version: every page decides
-    its records by those classes, so one record short of a class (or holding NaN) was a KeyError
-    on the Evaluation and Diagnose pages, or a crash of the ROC curve."""
-    ev = json.loads(Path(path).read_text())
-    if not isinstance(ev, dict) or not isinstance(ev.get("predictions"), list):  # every page reads them
-        raise ValueError("no list of per-image predictions")
-    theirs = ev.get("classes")
-    if classes is not None and isinstance(theirs, list) and set(theirs) != set(classes):
-        raise _OtherClasses(f"{path} holds results for the classes {', '.join(map(str, theirs))}, not the "
-                            f"card's {', '.join(classes)}: the per-image test results cannot be shown.")
-    wanted = classes or (tuple(theirs) if isinstance(theirs, list) else None)
-    for k, record in enumerate(ev["predictions"]):
-        if (why := _record_problem(record, wanted)):
-            raise ValueError(f"its record {k + 1} {why}")
-    return ev
-
-
-def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | None:
-    """What an eval.json record lacks that the pages read: its label, and a finite probability
-    of every class (of its own ones where the card is unreadable)."""
-    if not isinstance(record, dict) or not isinstance(record.get("label"), str):
-        return "has no label"
-    probs = record.get("probs")
-    if not isinstance(probs, dict):
-        return "has no probabilities"
-    for c in classes or tuple(probs):
-        if not inference.finite_number(probs.get(c)):
-            return f"has no finite probability of '{c}'"
-    if record.get("tumour_probability") is not None and not inference.finite_number(record["tumour_probability"]):
-        return "has a tumour probability that is not a finite number"
-    return None
+    """`evaluation.read_eval` once per file version."""
+    return read_eval(path, classes)
 
 
 def training_caption(card: dict, epochs: int) -> str:
@@ -725,10 +693,19 @@ def gallery_records(records: list[dict], kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------- tumour masks
 def _stem(name: str) -> str:
     """Upload name without its extension (``.nii.gz`` is one), folder kept: zip members pair
-    within one folder."""
+    within one folder. A repeat's counter stays (`report.unique_names`: 'X.png (2)' -> 'X (2)'), so
+    the second patient's X.png is not the first's X."""
+    if (m := re.fullmatch(r"(.*[^/])\.[^./]+( \(\d+\))", name)):
+        return _stem(m[1]) + m[2]
     if name.lower().endswith(".nii.gz"):
         return name[:-len(".nii.gz")]
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+
+
+def _mask_partner(stem: str) -> str | None:
+    """The scan stem an ``X_mask`` stem outlines ('X_mask (2)' -> 'X (2)'), None for a scan's."""
+    base, counter = re.fullmatch(r"(.*?)((?: \(\d+\))?)", stem).groups()
+    return base[:-len("_mask")] + counter if base.endswith("_mask") else None
 
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif")  # lossless: a JPEG is never two-valued
@@ -750,10 +727,11 @@ def _is_mask_file(name: str, data) -> bool:
 
 
 def _mask_beside(mask_name: str, scan_name: str) -> bool:
-    """The LGG layouts: X.png beside X.jpg in one folder, or masks/X.png beside <class>/X.jpg."""
+    """The LGG layouts: X.png beside X.jpg in one folder, or masks/X.png beside <class>/X.jpg,
+    the two folders side by side (another zip's or patient's masks/ outlines nothing here)."""
     folder = lambda n: n.rsplit("/", 1)[0] if "/" in n else ""  # noqa: E731
-    return folder(mask_name) == folder(scan_name) or \
-        folder(mask_name).rsplit("/", 1)[-1].lower() in ("masks", "mask")
+    fm, fs = folder(mask_name), folder(scan_name)
+    return fm == fs or (fm.rsplit("/", 1)[-1].lower() in ("masks", "mask") and folder(fm) == folder(fs))
 
 
 def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
@@ -763,23 +741,30 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
     A paired mask is never predicted as a scan; a mask without its image stays an ordinary
     upload. Returns the remaining items and {image name: mask bytes}.
     """
-    images = {_stem(n): n for n, d in items if not _stem(n).endswith("_mask")}
+    images: dict[str, list[str]] = {}
+    for n, _ in items:
+        if _mask_partner(_stem(n)) is None:
+            images.setdefault(_stem(n), []).append(n)
+    named = [(n, d, images.get(_mask_partner(_stem(n)), [])) for n, d in items if _mask_partner(_stem(n))]
+    claims = Counter(scans[0] for _, _, scans in named if len(scans) == 1)
     masks, used = {}, set()
-    for name, data in items:
-        partner = images.get(_stem(name)[:-len("_mask")]) if _stem(name).endswith("_mask") else None
-        if partner is not None and isinstance(data, (bytes, bytearray)):
-            masks[partner] = bytes(data)
+    for name, data, scans in named:
+        # one scan of that stem (X.jpg and X.tif beside X_mask.tif: which one it outlines is a guess)
+        if len(scans) == 1 and claims[scans[0]] == 1 and isinstance(data, (bytes, bytearray)):
+            masks[scans[0]] = bytes(data)
             used.add(name)
     same_base: dict[str, list[tuple[str, object]]] = {}
     for name, data in items:
         if name not in used and name not in masks:
             same_base.setdefault(_stem(name).rsplit("/", 1)[-1], []).append((name, data))
-    for pair in same_base.values():
-        flags = [_is_mask_file(n, d) for n, d in pair] if len(pair) == 2 else []
-        if flags.count(True) == 1:  # exactly one of the two is a mask
-            (mask_name, mask), (scan_name, _) = pair if flags[0] else pair[::-1]
-            if _mask_beside(mask_name, scan_name):
-                masks[scan_name] = bytes(mask)
+    for group in (g for g in same_base.values() if len(g) > 1):
+        is_mask = [_is_mask_file(n, d) for n, d in group]
+        found = [(m, [s for (s, _), f in zip(group, is_mask) if not f and _mask_beside(m, s)])
+                 for (m, _), f in zip(group, is_mask) if f]
+        claims = Counter(s for _, beside in found for s in beside)
+        for (mask_name, beside), mask in zip(found, [d for (_, d), f in zip(group, is_mask) if f]):
+            if len(beside) == 1 and claims[beside[0]] == 1:   # one scan beside it, and no other mask beside that
+                masks[beside[0]] = bytes(mask)
                 used.add(mask_name)
     return [(n, d) for n, d in items if n not in used], masks
 
@@ -797,6 +782,8 @@ def mask_note(cam: np.ndarray, mask: np.ndarray) -> str:
     s = mask_scores(cam, mask, tolerance=POINTING_PX / max(mask.shape))
     if s["pointing_hit"] is None:
         return "the mask is empty in the model's view"
+    if not np.nanmax(cam) > np.nanmin(cam):
+        return "the map is flat: it points nowhere, so it cannot point at the tumour mask"
     return (f"map peak {'inside' if s['pointing_hit'] else 'outside'} the tumour mask "
             f"(within {POINTING_PX} px), {s['energy_in_mask']:.0%} of its mass inside")
 
@@ -1062,7 +1049,17 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
     ev = evaluate_items(predictor, items,
                         lambda n, b: cached_prediction(predictor, read_upload(b, n), digest(b)),
                         progress=progress)
-    return {"name": name, "ev": ev, "skipped": skipped + ev["errors"], "blobs": gallery_blobs(items, ev)}
+    return {"name": name, "digest": digest(data), "ev": ev, "skipped": skipped + ev["errors"],
+            "blobs": gallery_blobs(items, ev)}
+
+
+def unscored_upload(held: dict, name: str | None, data: bytes | None) -> str | None:
+    """What to say when the zip now in the uploader is not the one whose results are held: those
+    results, shown under the new zip's name, would pass for its own."""
+    if data is None or held.get("digest") == digest(data):
+        return None
+    return (f"{md_name(name or 'This zip')} is not evaluated yet: press Evaluate. The results held are of "
+            f"{md_name(held['name'])}, another zip.")
 
 
 def zip_view(held: dict, predictor: Predictor) -> tuple[list[str], "ReferralRule"]:

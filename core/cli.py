@@ -104,6 +104,8 @@ def cmd_audit(args) -> int:
 
 def cmd_mark_copies(args) -> int:
     from .evaluation import mark_copies
+    from .ood import require_model_folder
+    require_model_folder(args.weights, "split.json", "eval.json")   # before the whole dataset is hashed
     mark_copies(args.weights, args.data_config)
     return 0
 

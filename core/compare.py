@@ -88,9 +88,39 @@ def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3)
 
 
 # ----------------------------------------------------------------------------- test sets
+class UnusableFile(ValueError):
+    """A model folder's file that cannot be used; its message names the file."""
+
+
 def _stored_eval(weights_dir: str | Path) -> dict:
+    """eval.json with what compare reads of each record (its file, label and call) checked; {}
+    when there is none. `UnusableFile` naming it when it cannot be used (a traceback before)."""
     path = Path(weights_dir) / "eval.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        ev = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnusableFile(f"{path} cannot be used: not JSON ({e})") from None
+    records = ev.get("predictions") if isinstance(ev, dict) else None
+    if not isinstance(records, list):
+        raise UnusableFile(f"{path} cannot be used: no list of per-image predictions")
+    for k, r in enumerate(records):
+        if not (isinstance(r, dict) and all(isinstance(r.get(f), str) for f in ("file", "label", "pred"))):
+            raise UnusableFile(f"{path} cannot be used: its record {k + 1} has no file, label or call")
+    return ev
+
+
+def _card_classes(weights_dir: Path) -> list[str]:
+    """The card's class list; ValueError naming the card when it has none."""
+    path = weights_dir / "card.json"
+    try:
+        classes = json.loads(path.read_text()).get("classes")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        classes = None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise UnusableFile(f"{path} cannot be used: it names no list of classes")
+    return classes
 
 
 def _keyed(ev: dict) -> dict[tuple[str, str], dict]:
@@ -122,8 +152,7 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     ra, rb = test_records(a), test_records(b)
     if not ra or not rb:
         raise ValueError(f"no eval.json in {a if not ra else b}: train.py writes it")
-    ca = json.loads((a / "card.json").read_text()).get("classes", [])
-    cb = json.loads((b / "card.json").read_text()).get("classes", [])
+    ca, cb = _card_classes(a), _card_classes(b)
     judged_on = None
     if set(ca) != set(cb):   # a yes/no model's right call and a typed model's are not one task:
         ca = cb = []         # both are judged on the call they share, tumour or no tumour
@@ -131,8 +160,11 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     both = sorted(set(ra) & set(rb))
     shared = both if with_copies else [k for k in both if not (ra[k].get("copy_in_training")
                                                              or rb[k].get("copy_in_training"))]
+    # a run never marked (train.py does not; `python -m core mark-copies`) has no copy to leave out
+    unmarked = [] if with_copies else [str(d) for d, r in ((a, ra), (b, rb))
+                                       if not any("copy_in_training" in x for x in r.values())]
     out = {"a": str(a), "b": str(b), "shared": len(both), "copies_left_out": len(both) - len(shared),
-           "judged_on": judged_on, "per_source": {}}
+           "copies_unmarked": unmarked, "judged_on": judged_on, "per_source": {}}
     for src in sorted({s for s, _ in shared}) + ["all"]:
         keys = [k for k in shared if src == "all" or k[0] == src]
         pairs = [(h, g) for h, g in ((call_is_right(ra[k], ca), call_is_right(rb[k], cb)) for k in keys)
@@ -183,6 +215,9 @@ def paired_text(res: dict) -> str:
                      f"{r['b_only']:12d}  {r['p']:.3g}")
     if not res["per_source"]:
         lines.append("(no image in common: the two runs were tested on different splits)")
+    for d in res.get("copies_unmarked") or []:
+        lines.append(f"Note: {Path(d).name}'s test records were never marked for copies in its training split, "
+                     f"so its test images with one are counted here (python -m core mark-copies --weights {d}).")
     return "\n".join(lines)
 
 
@@ -276,7 +311,15 @@ def _test_set(d: Path, card: dict) -> dict:
     bench = benchmark_part(ev, training_sources(card))
     return {"test_set": test_set_code(_keyed(ev)),
             "n_tumour": ev.get("n_tumour"), "benchmark_missed": bench.get("tumour_missed"),
-            "benchmark_n_tumour": bench.get("n_tumour"), **copy_free(ev, card)}
+            "benchmark_n_tumour": bench.get("n_tumour"), **_copy_free_of(d, ev, card)}
+
+
+def _copy_free_of(d: Path, ev: dict, card: dict) -> dict:
+    """`copy_free`, its failure named as eval.json's (records without probabilities)."""
+    try:
+        return copy_free(ev, card)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnusableFile(f"{Path(d) / 'eval.json'} cannot be used: its records lack {e}") from None
 
 
 def benchmark_part(m: dict, sources: list[str]) -> dict:
@@ -318,7 +361,7 @@ def _row_or_problem(d: Path, latency: bool, repeats: int) -> dict:
     try:
         return card_row(d, latency, repeats)
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-        why = f"{Path(d) / 'card.json'} cannot be read: {e or type(e).__name__}"
+        why = str(e) if isinstance(e, UnusableFile) else f"{Path(d) / 'card.json'} cannot be read: {e or type(e).__name__}"
         return {"name": Path(d).name, "dir": str(d), "classes": [], "sources": [], "problem": why,
                 "settings": why, **dict.fromkeys(("accuracy", "macro_f1", "tumour_missed", "ece",
                                                   "parameters", "train_time_s", "latency_ms",
@@ -431,18 +474,32 @@ def record_latency(rows: list[dict]) -> None:
                              "what": f"median single-image served pass, CPU ({r['latency_from']})",
                              "machine": platform.processor()
                              or platform.machine(), "command": "python -m core compare --record"}
-        path.write_text(json.dumps(card, indent=1))
+        from .evaluation import write_json
+        write_json(path, card)   # atomic: a stopped run must not leave a truncated card
 
 
 def cmd_compare(args) -> int:
     from .cli import output_problem
     for flag, path in (("--md", args.md), ("--json", args.json)):  # before minutes of timing
-        if path and Path(path).is_dir():  # a missing folder is made below; a folder is no file
-            raise ValueError(output_problem(flag, path))
+        # a missing folder is made below; an existing one is probed for a write now
+        if path and (Path(path).is_dir() or Path(path).parent.is_dir()) and (why := output_problem(flag, path)):
+            raise ValueError(why)
+    unused = [f for f, on in (("--md", args.md), ("--record", args.record), ("--no-latency", args.no_latency),
+                              ("--repeats", args.repeats != 20)) if on] if args.paired else \
+        (["--with-copies"] if args.with_copies else [])
+    if unused:   # silently ignored, a flag reads as obeyed
+        raise ValueError(f"{', '.join(unused)} " + ("is not used by --paired" if args.paired else
+                                                     "is for --paired only"))
+    missing = [d for d in args.dirs if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"no such folder: {', '.join(missing)}")
     if args.paired:
         dirs = model_dirs(args.dirs)
         if len(dirs) != 2:
-            raise ValueError(f"--paired compares exactly two model directories; {len(dirs)} given")
+            same = len(args.dirs) == 2 and Path(args.dirs[0]).resolve() == Path(args.dirs[1]).resolve()
+            raise ValueError("--paired was given the same model twice" if same else
+                             f"--paired compares exactly two model folders (with a card.json); found {len(dirs)}"
+                             + (f" in {' '.join(args.dirs)}" if dirs else ""))
         res = paired(*dirs, with_copies=args.with_copies)
         print(paired_text(res))
         if args.json:

@@ -13,7 +13,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
 from .header import PREFIX as HEADER_PREFIX
 from .inference import shown_slice
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
 from .report import flags_of, slice_words, volume_words
@@ -176,6 +176,14 @@ def referral_metrics(ev: dict, classes: list[str], rule: ReferralRule) -> list[t
              "Called tumour, but the most likely type holds too little of the tumour probability (e.g. scans "
              "labelled only 'tumour')" if judged else
              "This model names no tumour type." if len(types) < 2 else "This model's card sets no type-confidence level.")]
+
+
+def no_miss_analysis(classes: list[str]) -> str:
+    """Why the false-negative tab is empty: the model cannot call 'no tumour', or no label says."""
+    if not has_tumour_decision(classes):
+        return ("This model has no 'no tumour' class: every call names a class, none says the scan is "
+                "clear, so there is no tumour it can miss that way and no false-negative analysis.")
+    return "No tumour/no-tumour labels here, so no false-negative analysis."
 
 
 def scans_help(ev: dict) -> str | None:
@@ -452,7 +460,8 @@ def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
 
 
 def is_missed_tumour(record: dict) -> bool:
-    return bool(is_tumour_label(record["label"])) and record["pred"] == NO_TUMOUR
+    """A tumour the call does not name as one: 'no tumour', or a class that is neither (a 'stroke')."""
+    return bool(is_tumour_label(record["label"])) and not is_tumour_label(record["pred"])
 
 
 def readable(value, unit: str = "") -> str | None:

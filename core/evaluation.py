@@ -10,7 +10,7 @@ import numpy as np
 
 from .data import not_mri, save_whole, source_of
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, folds_types, has_tumour_decision, tumour_classes
-from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, risk_coverage,
+from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, other_calls, risk_coverage,
                       threshold_curve, tumour_probability)
 from .referral import ReferralRule, type_confidence
 
@@ -82,10 +82,11 @@ def _metrics_for(records: list[dict], classes: list[str], threshold: float | Non
         # the curve must count the headline's misses at the operating point
         tp = tumour_probability(probs[known], classes)
         is_t = np.array([truth[i] for i in known])
-        m["threshold_curve"] = threshold_curve(tp, is_t, extra=(threshold,))
+        m["threshold_curve"] = threshold_curve(tp, is_t, extra=(threshold,),
+                                               other=other_calls(probs[known], classes))
         flagged = np.array([(not records[i]["in_distribution"]) or records[i]["uncertain"]
                             for i in known])
-        missed = is_t & np.array([records[i]["pred"] == NO_TUMOUR for i in known])
+        missed = is_t & ~np.array([bool(is_tumour_label(records[i]["pred"])) for i in known])
         m["silent_misses"] = int((missed & ~flagged).sum())
     _patient_intervals(m, records, classes, threshold)
     m["flagged_ood"] = int(sum(not r["in_distribution"] for r in records))
@@ -121,7 +122,7 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     labels = [r["label"] for r in records]
     truth = [is_tumour_label(lab) for lab in labels]
     rates = {"accuracy": [(p == lab, i) for i, (p, lab) in enumerate(zip(pred, labels)) if lab in classes],
-             "sensitivity": [(p != NO_TUMOUR, i) for i, (p, t) in enumerate(zip(pred, truth)) if t is True],
+             "sensitivity": [(bool(is_tumour_label(p)), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is True],
              "specificity": [(p == NO_TUMOUR, i) for i, (p, t) in enumerate(zip(pred, truth)) if t is False]}
     for key, rows in rates.items():
         if key in m["ci95"] and rows:
@@ -149,7 +150,7 @@ def _risk_coverages(records: list[dict], classes: list[str], threshold: float | 
         return out
     known = [r for r in records if is_tumour_label(r["label"]) is not None]
     if known:
-        called = np.array([r["pred"] != NO_TUMOUR for r in known])
+        called = np.array([bool(is_tumour_label(r["pred"])) for r in known])
         t = tumour_probability(np.array([[r["probs"][c] for c in classes] for r in known]), classes)
         truth = np.array([bool(is_tumour_label(r["label"])) for r in known])
         # confidence in the decision taken: the probability of the side it went to
@@ -157,7 +158,7 @@ def _risk_coverages(records: list[dict], classes: list[str], threshold: float | 
         if not any(r["label"] in FINE_TUMOURS for r in known) and truth.any():
             out["risk_coverage"] = out["risk_coverage_tumour"]
     types = tumour_classes(classes)
-    typed = [r for r in records if r["label"] in types and r["pred"] != NO_TUMOUR]
+    typed = [r for r in records if r["label"] in types and is_tumour_label(r["pred"])]
     if typed and len(types) > 1:
         p = np.array([[r["probs"][c] for c in classes] for r in typed])
         best = np.array([types[int(np.argmax([r["probs"][c] for c in types]))] for r in typed])
@@ -175,6 +176,53 @@ def evaluate_records(records: list[dict], classes: list[str], threshold: float |
                                             classes, threshold) for s in sources}
     ev["predictions"] = records
     return ev
+
+
+class OtherClasses(ValueError):
+    """eval.json scored other classes than the card names (files copied from two runs)."""
+
+
+def read_eval(path: str | Path, classes: tuple[str, ...] | None = None) -> dict:
+    """eval.json checked against the card's ``classes``: every page and command decides its records
+    by those classes, so one record short of a class (or holding NaN) was a KeyError on the
+    Evaluation and Diagnose pages, a crash of the ROC curve, or a traceback of compare and rescore.
+    Raises ValueError (`OtherClasses` for another model's results) that says what is wrong."""
+    try:
+        ev = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(ev, dict) or not isinstance(ev.get("predictions"), list):
+        raise ValueError("no list of per-image predictions")
+    theirs = ev.get("classes")
+    if classes is not None and isinstance(theirs, list) and set(theirs) != set(classes):
+        raise OtherClasses(f"{path} holds results for the classes {', '.join(map(str, theirs))}, not the "
+                           f"card's {', '.join(classes)}: the per-image test results cannot be shown.")
+    wanted = classes or (tuple(theirs) if isinstance(theirs, list) else None)
+    for k, record in enumerate(ev["predictions"]):
+        if (why := _record_problem(record, wanted)):
+            raise ValueError(f"its record {k + 1} {why}")
+    return ev
+
+
+def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | None:
+    """What an eval.json record lacks that the pages read: its file, label and gate flag, and a
+    finite probability of every class (of its own ones where the card is unreadable)."""
+    from .inference import finite_number
+    if not isinstance(record, dict) or not isinstance(record.get("label"), str):
+        return "has no label"
+    if not isinstance(record.get("file"), str):
+        return "has no file name"
+    if not isinstance(record.get("in_distribution"), bool):
+        return "has no in_distribution flag (true or false)"
+    probs = record.get("probs")
+    if not isinstance(probs, dict):
+        return "has no probabilities"
+    for c in classes or tuple(probs):
+        if not finite_number(probs.get(c)):
+            return f"has no finite probability of '{c}'"
+    if record.get("tumour_probability") is not None and not finite_number(record["tumour_probability"]):
+        return "has a tumour probability that is not a finite number"
+    return None
 
 
 def write_json(path: Path, obj: dict | list) -> None:
@@ -225,11 +273,19 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     path = weights_dir / "eval.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train.py writes it")
-    ev = json.loads(path.read_text())
+    try:
+        ev = read_eval(path)
+        if not (isinstance(ev.get("classes"), list) and ev["classes"]):
+            raise ValueError("it names no list of classes")
+        read_eval(path, tuple(ev["classes"]))   # every record holds every class
+    except ValueError as e:
+        raise ValueError(f"{path} cannot be rescored: {e}") from None
     stored = json.loads(path.read_text())
     old = card_metrics(ev)
     card_path = weights_dir / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    if card is not None and not isinstance(card, dict):
+        raise ValueError(f"{card_path} is not a model card (a JSON object)")
     if card and list(card.get("classes", [])) == list(ev["classes"]):
         _reflag(ev["predictions"], ev["classes"], ev.get("threshold"), ReferralRule.from_card(card))
     for r in ev["predictions"]:  # files written before records carried it: the run's one threshold
@@ -280,14 +336,29 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     every image of the split (ValueError otherwise); returns the counts per source.
     """
     from . import data as D
-    from .ood import source_roots
+    from .ood import read_split_file, source_roots
     weights_dir = Path(weights_dir)
     card = json.loads((weights_dir / "card.json").read_text())
-    record = json.loads((weights_dir / "split.json").read_text())["files"]
+    record = read_split_file(weights_dir / "split.json")
     samples = D.samples_from_record(record, source_roots(card, data_config))
-    copies = D.copies_in_training(samples)
     path = weights_dir / "eval.json"
     ev = json.loads(path.read_text())
+    counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log)
+    write_json(path, ev)
+    return counts
+
+
+def copies_trained_on(samples: list, sources: list[dict]) -> set[tuple[str, str]]:
+    """`core.data.copies_in_training` where the train split of a source with weight 0 (held out:
+    its test split is scored, nothing of it trained) is no training."""
+    from . import data as D
+    held = {s["name"] for s in sources if isinstance(s, dict) and s.get("weight", 1) == 0}
+    return D.copies_in_training([s for s in samples if s.split != "train" or s.source not in held])
+
+
+def mark_records(ev: dict, copies: set[tuple[str, str]], log=print) -> dict:
+    """Mark ``ev``'s records with ``copy_in_training`` from (source, file) ``copies``
+    (`core.data.copies_in_training`), and add the counts per source; returns them."""
     for r in ev["predictions"]:
         r["copy_in_training"] = (source_of(r), r["file"]) in copies
     src_of = [source_of(r) for r in ev["predictions"]]
@@ -296,7 +367,6 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
               for src in sorted(set(src_of))}
     ev["copies_in_training"] = {"method": "a near duplicate or a mirrored/half-turned copy in the train "
                                           "split (core.data.copies_in_training)", "per_source": counts}
-    write_json(path, ev)
     log("test images with a copy in training: " + ", ".join(
         f"{s} {c['copy_in_training']} of {c['n']}" for s, c in counts.items()))
     return counts
@@ -309,8 +379,9 @@ def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
     them (`core.app_support.records_at`), as the served prediction's flags were."""
     classes = list(r["probs"])
     # the sum `decide` makes of the same probabilities, so that the folded call and the model's agree
-    t = float(tumour_probability(np.array([[r["probs"][c] for c in classes]]), classes)[0])
-    called = t >= (0.5 if threshold is None else threshold)
+    row = np.array([[r["probs"][c] for c in classes]])
+    t = float(tumour_probability(row, classes)[0])
+    called = t >= (0.5 if threshold is None else threshold) and not other_calls(row, classes)[0]
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
     # the type a tumour call names whatever the operating point (pred_type is the card's call)
     top = max(types, key=lambda c: r["probs"][c]) if types else None
@@ -326,7 +397,7 @@ def call_is_right(r: dict, classes: list[str]) -> bool | None:
     if r["label"] in classes:
         return r["pred"] == r["label"]
     truth = is_tumour_label(r["label"])
-    return None if truth is None else (r["pred"] != NO_TUMOUR) == truth
+    return None if truth is None else bool(is_tumour_label(r["pred"])) == truth
 
 
 class NothingToScore(ValueError):

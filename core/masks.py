@@ -17,9 +17,11 @@ def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> n
     from .saliency import mask_to_input, read_mask
     if src is None:
         return None
+    h, w = scan.pixels.shape[:2]
+    sizes = {(w, h), *([tuple(scan.info["downscaled_from"])] if scan.info.get("downscaled_from") else [])}
     try:
-        mask = read_mask(src)
-    except Exception:  # not an image: no outline rather than a broken page
+        mask = read_mask(src, sizes)
+    except Exception:  # not an image, or not of its scan's size: no outline rather than a broken page
         return None
     if mask.shape != scan.pixels.shape and scan.info.get("downscaled_from") == [mask.shape[1], mask.shape[0]]:
         mask = _reduced_mask(mask, scan.pixels.shape)  # the reader shrank a large scan: shrink its mask alike

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
 
 
 def tumour_probability(probs: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -36,8 +36,14 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np
         return pred
     is_t = tumour_probability(probs, classes) >= threshold
     best_t = np.array(tum)[probs[:, tum].argmax(axis=1)]
+    return np.where(other_calls(probs, classes), pred, np.where(is_t, best_t, classes.index(NO_TUMOUR)))
+
+
+def other_calls(probs: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Rows whose most likely class is neither a tumour nor 'notumor' (a dataset's 'stroke'):
+    `decide` calls them that class at every operating point, so they are never a tumour call."""
     other = [i for i, c in enumerate(classes) if is_tumour_label(c) is None]
-    return np.where(np.isin(pred, other), pred, np.where(is_t, best_t, classes.index(NO_TUMOUR)))
+    return np.isin(np.asarray(probs).argmax(axis=1), other)
 
 
 def digits_apart(a: float, b: float, digits: int = 3, percent: bool = False) -> int:
@@ -178,10 +184,13 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
                    reliability=reliability(conf, correct))
     truth = [is_tumour_label(lab) for lab in labels]
     has = np.array([t is not None for t in truth], dtype=bool)
-    if has.any() and tumour_classes(classes):
+    # only a model that can say 'no tumour' has a sensitivity: without that class every call is a
+    # tumour and 100 % is true by construction
+    if has.any() and has_tumour_decision(classes):
         t_true = np.array([bool(t) for t in truth])[has]
-        no_idx = classes.index(NO_TUMOUR) if NO_TUMOUR in classes else -1
-        t_pred = (pred[has] != no_idx)
+        # a tumour call is a tumour class, not 'anything but notumor': a tumour called 'stroke'
+        # (a dataset's own class) is missed, as the Diagnose page and the threshold curve say
+        t_pred = np.isin(pred[has], [classes.index(c) for c in tumour_classes(classes)])
         tn, fp, fn, tp = (int(v) for v in confusion_matrix(t_true, t_pred, labels=[False, True]).ravel())
         # calibration of the tumour probability itself: the only calibration a source labelled
         # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads
@@ -201,15 +210,17 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
 
 
 def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101,
-                    extra: tuple[float | None, ...] = ()) -> list[dict]:
+                    extra: tuple[float | None, ...] = (), other: np.ndarray | None = None) -> list[dict]:
     """Miss rate and false-alarm rate against the tumour-probability threshold, on a grid of
     ``n`` points plus the ``extra`` thresholds (the operating point: between grid points the
-    figure would draw a line, not the page's own numbers)."""
+    figure would draw a line, not the page's own numbers). ``other`` marks the rows called a class
+    that is neither tumour nor no tumour (`other_calls`): no threshold makes them a tumour call."""
     t_prob, is_tumour = np.asarray(t_prob), np.asarray(is_tumour, bool)
+    never = np.zeros(len(t_prob), bool) if other is None else np.asarray(other, bool)
     rows = []
     grid = np.union1d(np.linspace(0, 1, n), [float(t) for t in extra if t is not None and 0 <= t <= 1])
     for t in grid:
-        flagged = t_prob >= t
+        flagged = (t_prob >= t) & ~never
         rows.append({"threshold": float(t),
                      "missed": int((is_tumour & ~flagged).sum()),
                      "miss_rate": _ratio(int((is_tumour & ~flagged).sum()), int(is_tumour.sum())),

@@ -749,13 +749,7 @@ class OODGate:
         """
         feature_train = feature_train or pos
         parts = method.split("+")
-        unknown = set(parts) - {"cnn", "colour", *MODEL_METHODS}
-        if unknown:
-            raise ValueError(f"unknown OOD method part(s): {', '.join(sorted(unknown))}")
-        if len(set(parts) & set(FEATURE_METHODS)) > 1:
-            raise ValueError(f"method {method!r} names more than one feature scorer ({', '.join(FEATURE_METHODS)})")
-        if set(parts) & set(MODEL_METHODS) and model is None and caches is None:
-            raise ValueError(f"method {method!r} needs the classifier")
+        check_method(method, model is not None or caches is not None)
         colour_limit = colour_limit_from(pos) if "colour" in parts else None
         if "cnn" in parts and net is None:
             net = train_gate_net(pos, neg, epochs=epochs, seed=seed, log=log)
@@ -836,10 +830,21 @@ def source_roots(card: dict | None, data_config: str | Path | None) -> dict[str,
     return roots
 
 
+def read_split_file(split_file: str | Path) -> dict:
+    """split.json's {source: {split: [files]}}; ValueError naming the file when it is not one."""
+    try:
+        record = json.loads(Path(split_file).read_text()).get("files")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"{split_file} is not a split.json that train.py wrote (no 'files' by source)")
+    return record
+
+
 def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
     """{source: {split: (absolute paths, "source/label" groups)}} from a split.json."""
     from .labels import normalise_label
-    record = json.loads(Path(split_file).read_text())["files"]
+    record = read_split_file(split_file)
     out: dict = {}
     for src, splits in record.items():
         if src not in roots:
@@ -950,6 +955,21 @@ def markdown_table(rows: dict[str, dict], sources: list[str], seen: list[str], u
 
 
 # ----------------------------------------------------------------------------- fit-ood
+def check_method(method: str, with_classifier: bool) -> None:
+    """Raise ValueError for a gate ``method`` that cannot be fitted: fit-ood checks it before its
+    46 minutes of work, not at the end."""
+    parts = method.split("+")
+    unknown = set(parts) - {"cnn", "colour", *MODEL_METHODS}
+    if unknown:
+        raise ValueError(f"unknown OOD method part(s): {', '.join(sorted(unknown))} (parts: cnn, colour, "
+                         f"{', '.join(MODEL_METHODS)}, joined by '+', e.g. cnn+head+colour)")
+    if len(set(parts) & set(FEATURE_METHODS)) > 1:
+        raise ValueError(f"method {method!r} names more than one feature scorer ({', '.join(FEATURE_METHODS)})")
+    if set(parts) & set(MODEL_METHODS) and not with_classifier:
+        raise ValueError(f"method {method!r} reads the classifier's features or logits, and this folder has "
+                         "no trained classifier (model.safetensors)")
+
+
 COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+colour", "head+colour",
             "cnn", "cnn+colour", "cnn+mahalanobis+colour", "cnn+knn+colour", "cnn+head+colour")
 HEAD_OUTLIERS = 400   # training outliers per category for the feature head (classifier-sized)
@@ -1019,10 +1039,13 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         gates[m], rows[m] = fit_eval(m, net, caches_a)
     chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
         if method == "auto" else method
-    gate, trained_on, held_out, alternatives = gates[chosen], seen, None, {}
+    # only the network and the feature head learn from outliers: a gate of scores alone has seen none
+    learns = bool({"cnn", "head"} & set(chosen.split("+")))
+    gate, trained_on, held_out, alternatives = gates[chosen], (seen if learns else []), None, {}
     if final == "all" and "cnn" not in chosen.split("+"):
         log(f"--final all: {chosen} has no gate network to retrain on every category, so it ships as "
-            f"measured, trained on the seen categories only, with no held-out estimate")
+            f"measured" + (", trained on the seen categories only" if learns else "") + ", with its own "
+            "rates on the categories it never trained on as the held-out estimate")
     if final == "all" and "cnn" in chosen.split("+"):
         trainable = seen + unseen
         neg_all = neg_by | {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen}
@@ -1081,7 +1104,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
                       "on every category (its rates are not held out, except real_medical, which no gate "
                       "trains on; real_head_ct_top is the upper slices of the CT whose lower ones it trains on). Mean/worst 'seen' lines of a fold row are over its own trained "
                       "categories. Test MRI is never trained on."}
-    (out / "ood_eval.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "ood_eval.json", report)
     log(table)
     log(f"shipped: {shipped} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return report
@@ -1167,7 +1190,7 @@ def _keep_card_fields(weights: Path, before: dict) -> None:
     if before.get("measured") and set(before["measured"]) != set(section.get("measured") or {}):
         section.setdefault("measured_at_fit", before["measured"])
     card["ood"] = section
-    path.write_text(json.dumps(card, indent=1))
+    write_json(path, card)
 
 
 def mark_superseded(weights: str | Path) -> None:
@@ -1187,7 +1210,7 @@ def mark_superseded(weights: str | Path) -> None:
                 + ("its threshold moved" if (gate.get("rethresholded") or {}).get("from") != gate.get("threshold")
                    else "its threshold did not move; the rule or the test draws did")
                 + "), and its current figures are these (also card.json's ood section)"}
-    path.write_text(json.dumps(report, indent=1))
+    write_json(path, report)
 
 
 def _load_mri(card: dict | None, data_config, split_file, spec: dict | None, max_feature_train: int,
@@ -1350,10 +1373,18 @@ def _card_info(row: dict, trained_on: list[str], held_out_cats: list[str], count
                           "is always flagged; ood_score > 0 means out of distribution",
         "measured": {k: row[k] for k in ("val_mri_flagged_pct", "test_mri_flagged_pct",
                                          "outliers_flagged_pct", "check_ms")},
-        "held_out_estimate": held_out or {"per_category": {c: row["outliers_flagged_pct"][c]
-                                                            for c in held_out_cats},
-                                          "mean_pct": row["unseen_mean_pct"], "min_pct": row["unseen_min_pct"]},
+        "held_out_estimate": held_out or _measured_estimate(row, held_out_cats, trained_on),
     }
+
+
+def _measured_estimate(row: dict, held_out_cats: list[str], trained_on: list[str]) -> dict:
+    """The shipped gate's own rates on the categories it never trained on (``--final seen``), split
+    as `held_out_estimate` splits them: altered brain MRI is not 'not brain MRI' (the app's line
+    read a worst 2.5 % that was solarised MRI), and a category drawn from a trained one's patient
+    (`outliers.TRAINED_SIBLING`) is not held out."""
+    from . import outliers as O
+    per = {c: row["outliers_flagged_pct"][c] for c in held_out_cats if O.TRAINED_SIBLING.get(c) not in trained_on}
+    return {"per_category": per, **_estimate_stats(per)} if per else {"per_category": {}}
 
 
 def _main_subset(pos: ImageSet, paths: list[str], spec: dict, n: int, seed: int,
@@ -1392,7 +1423,7 @@ def _load_classifier(weights: Path, card: dict | None) -> tuple[nn.Module | None
     return model.eval(), card["preprocessing"]
 
 
-def _model_folder(weights: str | Path, *needed: str) -> None:
+def require_model_folder(weights: str | Path, *needed: str) -> None:
     """A clear sentence, not an errno line, for a --weights folder that is not a trained model's."""
     d = Path(weights)
     if not d.is_dir():
@@ -1403,9 +1434,29 @@ def _model_folder(weights: str | Path, *needed: str) -> None:
                                     "train.py wrote" + ("" if name == "card.json" else " (or not all of one)"))
 
 
+def _same_model(weights: Path, out: Path) -> None:
+    """--out must hold the same model as --weights: the gate is merged into its card.json and reads
+    that model's features, so a folder without a card got no card (the gate unusable), and another
+    model's folder got a gate fitted for other weights."""
+    from .inference import file_sha256
+    if out.resolve() == weights.resolve():
+        return
+    same = [(out / f).is_file() and (weights / f).is_file() and file_sha256(out / f) == file_sha256(weights / f)
+            for f in ("model.safetensors",)] + [(out / "card.json").is_file()]
+    if not all(same):
+        raise ValueError(f"--out {out}: it must be a copy of --weights {weights} (its card.json and the same "
+                         "model.safetensors), which the gate is written into; copy the folder there first")
+
+
 def cmd_fit_ood(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
-    _model_folder(args.weights, *(() if args.split else ("split.json",)))
+    require_model_folder(args.weights, *(() if args.split else ("split.json",)))
+    if args.method != "auto":
+        check_method(args.method, (Path(args.weights) / "model.safetensors").is_file())
+    if args.out:
+        _same_model(Path(args.weights), Path(args.out))
+    if args.split:
+        read_split_file(args.split)   # a file that is no split.json, said before the work
     rep = fit_gate_for_weights(args.weights, args.data_config, args.method, args.out, args.split,
                                args.epochs, args.n_train, args.n_test, args.seed, final=args.final,
                                n_folds=args.folds, n_stripped=args.stripped)
@@ -1419,7 +1470,7 @@ def cmd_fit_ood(args) -> int:
 
 def cmd_rethreshold_ood(args) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
-    _model_folder(args.weights)
+    require_model_folder(args.weights)
     rethreshold_gate(args.weights, args.data_config)
     if (Path(args.weights) / "eval.json").exists():
         from .evaluation import annotate_ood  # the test records' flags follow the new threshold
@@ -1430,7 +1481,7 @@ def cmd_rethreshold_ood(args) -> int:
 def cmd_annotate_ood(args) -> int:
     from .evaluation import annotate_ood
     torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
-    _model_folder(args.weights, "eval.json")
+    require_model_folder(args.weights, "eval.json")
     annotate_ood(args.weights, data_config=args.data_config)
     return 0
 

@@ -202,7 +202,9 @@ def mask_scores(cam: np.ndarray, mask: np.ndarray, tolerance: float = 0.05) -> d
     grown = dilate(mask, int(round(tolerance * max(mask.shape))))  # 0: no tolerance
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     total = float(cam.sum())
-    return {"pointing_hit": bool(grown[peak]),
+    # a flat map (Grad-CAM of 'notumor' is often all zero) has no peak: argmax's top-left corner
+    # would score a hit for a lesion there
+    return {"pointing_hit": bool(grown[peak]) and bool(cam.max() > cam.min()),
             "energy_in_mask": float(cam[mask].sum() / total) if total > 0 else 0.0}
 
 
@@ -227,17 +229,27 @@ def mask_path_for(image: str | Path) -> Path | None:
     return None
 
 
-def read_mask(src: str | Path | bytes) -> np.ndarray:
+def read_mask(src: str | Path | bytes, sizes: set[tuple[int, int]] | None = None) -> np.ndarray:
     """A binary mask image (path or bytes) as a bool array: lesion is the brighter of its two
-    values, whether they are 0/255 or 0/1 (which the upload pairing also takes for a mask)."""
+    values, whether they are 0/255 or 0/1 (which the upload pairing also takes for a mask).
+
+    ``sizes``: the (width, height) it may have (its scan's), checked from the header: a 77 KB PNG
+    of 8,900² pixels took 575 MB to decode before its size was found wrong. Any mask is held to the
+    reader's pixel limit. Raises ValueError when refused."""
     import io
     from PIL import Image
     from PIL import ImageOps
+    from .reader import MAX_PIXELS
     with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
-        # turned by its EXIF tag as the reader turns its scan, or the outline misses the lesion
-        a = np.asarray(ImageOps.exif_transpose(im).convert("L"), dtype=np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    return a > ((lo + hi) / 2 if hi > lo else 127)
+        w, h = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):   # a quarter turn: its size as the reader shows it
+            w, h = h, w
+        if w * h > MAX_PIXELS or (sizes is not None and (w, h) not in sizes):   # before exif_transpose decodes it
+            raise ValueError(f"a mask of {w} x {h} pixels does not fit its scan")
+        im = ImageOps.exif_transpose(im)   # turned as the reader turns its scan, or the outline misses
+        a = np.asarray(im.convert("L"))   # uint8: a float copy of a large mask was 4 bytes a pixel
+    lo, hi = int(a.min()), int(a.max())
+    return a > ((lo + hi) // 2 if hi > lo else 127)   # integers: a > 127 is a > 127.5
 
 
 def contour_overlay(rgb: np.ndarray, mask: np.ndarray,

@@ -80,11 +80,13 @@ def _predicted(predictor: Predictor, scan) -> str:
 
 def score_slice(predictor: Predictor, image: Path, mask_file: Path, dilate_px: int,
                 rng: np.random.Generator, methods: list[str]) -> dict | None:
-    """Every method's scores on one slice, for both targets; None when the mask is empty here."""
+    """Every method's scores on one slice, for both targets; None when the mask is empty here or
+    does not fit its scan."""
+    from .masks import input_mask
     from .reader import read_scan
     scan = read_scan(image)
-    mask = S.mask_to_input(scan.pixels, S.read_mask(mask_file), predictor.spec)
-    if not mask.any():  # a lesion outside the head crop, or an empty mask file
+    mask = input_mask(scan, mask_file, predictor.spec)   # the app's fitting: size checked, reduced alike
+    if mask is None or not mask.any():  # a lesion outside the head crop, an empty or misfit mask file
         return None
     size = mask.shape[0]
     tol = dilate_px / size  # mask_scores takes the tolerance as a share of the frame
@@ -180,7 +182,8 @@ def write_card_default(weights_dir: Path, result: dict, settings: dict) -> None:
         "n_slices": best["n"], "target": "glioma", "dilate_px": settings["dilate_px"],
         "source": settings["source"], "split": "test", "file": "saliency_eval.json",
         "command": settings["command"], "date": settings["date"]}}
-    card_file.write_text(json.dumps(card, indent=1))
+    from .evaluation import write_json
+    write_json(card_file, card)   # atomic: a stopped run must not leave a truncated card
 
 
 def cmd_saliency_check(args) -> int:
@@ -206,7 +209,8 @@ def cmd_saliency_check(args) -> int:
                             f"--limit {args.limit} --dilate {args.dilate} --seed {args.seed}")}
     out = Path(args.json) if args.json else predictor.dir / "saliency_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": settings, **result}, indent=1))
+    from .evaluation import write_json
+    write_json(out, {"settings": settings, **result})
     if not args.no_card:
         write_card_default(predictor.dir, result, settings)
     print(to_markdown(result))
@@ -218,18 +222,19 @@ def cmd_saliency_check(args) -> int:
 
 
 def add_cli(sub) -> None:
+    from .cli import integer_at_least
     c = sub.add_parser("saliency-check", help="pointing game and mask energy of each CAM method "
                                               "on the LGG test slices with tumour masks")
     c.add_argument("--weights", required=True, help="model directory with card.json and split.json")
-    c.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+    c.add_argument("--limit", type=integer_at_least(0), default=DEFAULT_LIMIT,
                    help=f"at most this many slices, evenly spread (default {DEFAULT_LIMIT}; 0 = all)")
     c.add_argument("--json", help="where to write the results (default WEIGHTS/saliency_eval.json)")
-    c.add_argument("--dilate", type=int, default=DEFAULT_DILATE_PX,
+    c.add_argument("--dilate", type=integer_at_least(0), default=DEFAULT_DILATE_PX,
                    help="pointing-game tolerance: pixels the mask is grown by at the input size")
     c.add_argument("--source", default="lgg", help="the source whose masks to use")
     c.add_argument("--data-config", default="experiments/default.toml",
                    help="TOML whose [[data]] entries name the source roots (besides the card's)")
-    c.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    c.add_argument("--threads", type=integer_at_least(1), default=1, help="CPU threads for torch")
     c.add_argument("--seed", type=int, default=0, help="seed of the random-map floor")
     c.add_argument("--no-card", action="store_true",
                    help="do not record the best method as the card's saliency default")

@@ -107,6 +107,29 @@ def test_zip_results_of_another_model_are_dropped_not_shown(app):
     assert "zip_eval" not in app.session_state
 
 
+def test_a_new_zip_in_the_uploader_does_not_show_the_previous_zips_results(app):
+    """Zip A evaluated, then zip B uploaded without pressing Evaluate: A's figures stood under B's
+    uploader, with nothing naming A."""
+    def zipped(classes):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for c in classes:
+                z.writestr(f"{c}/{c}.jpg", (SAMPLES / f"{c}.jpg").read_bytes())
+        return buf.getvalue()
+    app.switch_page("app_pages/evaluation.py").run()
+    app.radio[0].set_value("zip").run()
+    app.file_uploader[0].set_value(("a.zip", zipped(CLASSES), "application/zip")).run()
+    next(b for b in app.button if b.label == "Evaluate").click().run()
+    assert {m.label: m.value for m in app.metric}["Scans"] == "4"
+    assert "Results of `a.zip`" in texts(app)
+    app.file_uploader[0].set_value(("b.zip", zipped(CLASSES[:1]), "application/zip")).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.metric
+    assert any("`b.zip` is not evaluated yet" in i.value and "`a.zip`" in i.value for i in app.info)
+    next(b for b in app.button if b.label == "Evaluate").click().run()
+    assert {m.label: m.value for m in app.metric}["Scans"] == "1" and "Results of `b.zip`" in texts(app)
+
+
 # ----------------------------------------------------------------------------- 3: no gate
 def test_a_model_without_a_gate_says_so_on_diagnose(app):
     assert not app_support.has_ood_gate(app_support.load_predictor(app.session_state["weights_dir"]))
@@ -309,6 +332,39 @@ def test_lgg_layout_masks_pair_by_name_and_values():
     assert len(items) == 2 and not masks
 
 
+def test_a_mask_outlines_only_the_scan_of_its_own_folder_and_upload():
+    """Patient B's masks/slice_15.png outlined patient A's slice_15.jpg (pairing went by base name,
+    and any masks/ folder counted as beside any scan); the second of two uploads named X.png took the
+    first one's X_mask.png, and the first patient's mask was dropped."""
+    from PIL import Image
+    import numpy as np
+
+    def png(a) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a.astype(np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+    scan = png(np.random.default_rng(0).integers(0, 255, (32, 32)))
+    mask = np.zeros((32, 32)); mask[8:16, 8:16] = 255
+    for mask_name, scan_name in [("patientA.zip/masks/slice_10.png", "patientB.zip/glioma/slice_10.jpg"),
+                                 ("A/mask/10.png", "B/C/D/10.jpg"), ("p.zip/masks/10.png", "10.jpg")]:
+        items, masks = app_support.pair_masks([(mask_name, png(mask)), (scan_name, scan)])
+        assert len(items) == 2 and not masks, (mask_name, scan_name)
+    items, masks = app_support.pair_masks([("p.zip/masks/10.png", png(mask)), ("p.zip/glioma/10.jpg", scan)])
+    assert set(masks) == {"p.zip/glioma/10.jpg"}
+    # two masks beside one scan, or one mask beside two scans: which goes with which is a guess
+    items, masks = app_support.pair_masks([("p/masks/10.png", png(mask)), ("p/glioma/10.png", png(mask)),
+                                           ("p/glioma/10.jpg", scan)])
+    assert not masks
+    m1, m2 = png(mask), png(mask[::-1])
+    out = app_support.expand_uploads([("X.png", scan), ("X_mask.png", m1), ("X.png", scan), ("X_mask.png", m2)])
+    items, masks = app_support.pair_masks(out)
+    assert masks == {"X.png": m1, "X.png (2)": m2} and [n for n, _ in items] == ["X.png", "X.png (2)"]
+    out = app_support.expand_uploads([("X.png", scan), ("X_mask.png", m1), ("X.png", scan)])
+    assert app_support.pair_masks(out)[1] == {"X.png": m1}
+    items, masks = app_support.pair_masks([("X.jpg", scan), ("X.tif", scan), ("X_mask.tif", m1)])
+    assert not masks and len(items) == 3
+
+
 # ----------------------------------------------------------------------------- session 15 review
 def test_the_report_covers_the_slice_on_screen(app, monkeypatch):
     """A volume viewed at slice 1 is reported at slice 1, not at the middle one."""
@@ -362,7 +418,7 @@ def test_model_card_says_its_test_figures_include_copies(tmp_path):
     w = tmp_path / "w"
     w.mkdir()
     assert app_support.copies_note(w) is None                     # no eval.json
-    recs = [{"file": f, "label": "glioma", "probs": {"glioma": 1.0}, "copy_in_training": c}
+    recs = [{"file": f, "label": "glioma", "probs": {"glioma": 1.0}, "in_distribution": True, "copy_in_training": c}
             for f, c in (("a", True), ("b", False))]   # records the pages can read (review R)
     (w / "eval.json").write_text(json.dumps({"predictions": recs}))
     assert "Over all 2 test scans, including the 1 with a copy" in app_support.copies_note(w)

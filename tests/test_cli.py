@@ -455,6 +455,21 @@ def test_rescore_recomputes_a_stale_summary_from_the_records(tmp_path, capsys):
     assert main(["rescore", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.parametrize("ev, card, said", [
+    ({"predictions": []}, {}, "names no list of classes"),
+    ({"classes": C4, "predictions": [{"file": "a.jpg", "label": "glioma", "in_distribution": True,
+                                      "probs": {"glioma": 1.0}}]}, {}, "no finite probability of 'meningioma'"),
+    ({"classes": C4, "predictions": []}, [], "is not a model card"),
+    ([], {}, "no list of per-image predictions")])
+def test_rescore_of_a_damaged_file_is_one_sentence(tmp_path, capsys, ev, card, said):
+    """A KeyError, TypeError or AttributeError traceback before."""
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    assert main(["rescore", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_predict_text_gives_a_flagged_scan_no_call(weights, tmp_path, capsys):
     rng = np.random.default_rng(1)
     photo = tmp_path / "cat.png"

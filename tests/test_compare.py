@@ -292,3 +292,49 @@ def test_paired_judges_models_with_other_classes_on_the_tumour_call(tmp_path):
     assert res["judged_on"].startswith("tumour vs no tumour")
     assert (bench["a"], bench["b"], bench["a_only"], bench["b_only"]) == (0.7, 1.0, 0, 3)
     assert "judged on tumour vs no tumour" in paired_text(res)
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("[]", "no list of per-image predictions"),
+    ('{"predictions": [{"x": 1}]}', "its record 1 has no file, label or call"),
+    ("{oops", "not JSON")])
+def test_a_damaged_eval_json_is_one_sentence_naming_it(tmp_path, capsys, damage, said):
+    """compare --paired ended in an AttributeError or KeyError traceback; the table named card.json."""
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    a = _with_eval(make_model_dir(tmp_path / "a", four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
+    b = _with_eval(make_model_dir(tmp_path / "b", four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
+    (b / "eval.json").write_text(damage)
+    assert cli_main(["compare", str(a), str(b), "--paired"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{b / 'eval.json'} cannot be used" in err and said in err
+    row = {r["name"]: r for r in compare_rows([a, b], latency=False)}["b"]
+    assert row["problem"].startswith(f"{b / 'eval.json'} cannot be used")
+
+
+def test_paired_says_when_a_run_was_never_marked_for_copies(tmp_path):
+    """train.py does not mark copies: a fresh run's copies were silently counted as copy-free."""
+    from core.compare import paired, paired_text
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    a = _with_eval(make_model_dir(tmp_path / "a", four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
+    b = _with_eval(make_model_dir(tmp_path / "b", four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
+    ev = json.loads((a / "eval.json").read_text())
+    ev["predictions"][0]["copy_in_training"] = False
+    (a / "eval.json").write_text(json.dumps(ev))
+    res = paired(a, b)
+    assert res["copies_unmarked"] == [str(b)]
+    assert "b's test records were never marked for copies" in paired_text(res)
+    assert "never marked" not in paired_text(paired(a, b, with_copies=True))
+
+
+@pytest.mark.parametrize("args, said", [(["a", "a", "--paired"], "the same model twice"),
+                                        (["a", "nope", "--paired"], "no such folder: "),
+                                        (["a", "nope", "--no-latency"], "no such folder: "),
+                                        (["a", "b", "--paired", "--md", "x.md"], "--md is not used by --paired"),
+                                        (["a", "--with-copies", "--no-latency"], "--with-copies is for --paired only")])
+def test_compare_usage_errors_say_what_is_wrong(tmp_path, capsys, args, said):
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    for name in ("a", "b"):
+        _with_eval(make_model_dir(tmp_path / name, four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
+    argv = [str(tmp_path / x) if x in ("a", "b", "nope") else x for x in args]
+    assert cli_main(["compare", *argv]) == 2
+    assert said in capsys.readouterr().err

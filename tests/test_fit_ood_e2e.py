@@ -134,3 +134,41 @@ def test_fit_ood_refuses_sizes_that_would_fail_late(tmp_path, capsys, args, mess
     with pytest.raises(SystemExit) as e:
         main(["fit-ood", "--weights", str(tmp_path), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["unknown part", "two feature scorers", "classifier part, no classifier",
+                                  "--out without the model", "--split that is no split"])
+def test_fit_ood_refuses_a_bad_request_before_any_work(tmp_path, capsys, monkeypatch, case):
+    """A bad --method was refused only after the whole comparison (about 46 minutes); --out a
+    folder without the model's card got no card (the gate unusable) though the command said it
+    wrote one; a --split that is no split.json ended in a traceback."""
+    import core.ood
+    from conftest import make_weights
+    w = make_weights(tmp_path / "w")
+    (w / "split.json").write_text(json.dumps({"files": {"synth": {"train": [], "val": [], "test": []}}}))
+    monkeypatch.setattr(core.ood, "fit_gate_for_weights", lambda *a, **k: pytest.fail("the fit started"))
+    args, message = {
+        "unknown part": (["--method", "bogus+colour"], "unknown OOD method part(s): bogus"),
+        "two feature scorers": (["--method", "mahalanobis+knn"], "more than one feature scorer"),
+        "classifier part, no classifier": (["--method", "head+colour"], "no trained classifier"),
+        "--out without the model": (["--out", str(tmp_path / "elsewhere")], "must be a copy of --weights"),
+        "--split that is no split": (["--split", str(w / "card.json")], "is not a split.json"),
+    }[case]
+    if case == "classifier part, no classifier":
+        (w / "model.safetensors").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    assert main(["fit-ood", "--weights", str(w), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_measured_estimate_keeps_altered_mri_and_trained_siblings_apart():
+    """--final seen: the card's 'not brain MRI' worst was 2.5 %, which was solarised brain MRI, and a
+    slice of the trained head CT's own patient was counted as held out."""
+    from core.ood import _measured_estimate
+    row = {"outliers_flagged_pct": {"photo": 90.0, "chart": 80.0, "mri_solarised": 2.5,
+                                    "real_head_ct_top": 10.0, "noise": 100.0}}
+    est = _measured_estimate(row, ["photo", "chart", "mri_solarised", "real_head_ct_top"], ["noise", "real_head_ct"])
+    assert set(est["per_category"]) == {"photo", "chart", "mri_solarised"}
+    assert (est["non_brain_mean_pct"], est["non_brain_min_pct"], est["altered_mri_mean_pct"]) == (85.0, 80.0, 2.5)
+    est = _measured_estimate(row, ["real_head_ct_top"], [])     # a gate of scores alone trained on nothing
+    assert est["per_category"] == {"real_head_ct_top": 10.0}

@@ -127,6 +127,37 @@ def test_decide_keeps_a_class_that_is_neither_tumour_nor_none():
     assert decide(p, c5, 0.2).tolist() == [3, 0, 0]
 
 
+def test_a_call_of_a_class_that_is_neither_is_not_a_tumour_call():
+    """A tumour called 'stroke' is missed and a normal called 'stroke' is no false alarm: the
+    headline, the threshold curve, silent misses and the gallery count it alike (they counted
+    'anything but notumor' as a tumour call, the curve did not)."""
+    from core.dashboard import is_missed_tumour
+    from core.evaluation import evaluate_records
+    from core.metrics import other_calls
+    c5 = ["glioma", "meningioma", "pituitary", "notumor", "stroke"]
+    p = np.array([[.1, .05, .05, .1, .7], [.6, .1, .1, .1, .1], [.05, .05, .05, .15, .7], [.05, .05, .05, .8, .05]])
+    labels = ["glioma", "glioma", "notumor", "notumor"]
+    m = classification_metrics(p, labels, c5, 0.5)
+    assert (m["tumour_missed"], m["sensitivity"], m["normal_flagged"]) == (1, 0.5, 0)
+    at = {r["threshold"]: r for r in threshold_curve(tumour_probability(p, c5), np.array([1, 1, 0, 0], bool),
+                                                     extra=(0.5,), other=other_calls(p, c5))}
+    assert (at[0.5]["missed"], at[0.5]["false_alarm_rate"]) == (1, 0.0)
+    assert at[0.0]["missed"] == 1          # no operating point makes 'stroke' a tumour call
+    records = [{"file": f"{k}.png", "label": lab, "probs": dict(zip(c5, row)), "in_distribution": True,
+                "uncertain": False} for k, (lab, row) in enumerate(zip(labels, p.tolist()))]
+    for r, k in zip(records, decide(p, c5, 0.5)):
+        r["pred"] = c5[k]
+    ev = evaluate_records(records, c5, 0.5)
+    assert (ev["tumour_missed"], ev["silent_misses"]) == (1, 1)
+    assert [is_missed_tumour(r) for r in records] == [True, False, False, False]
+
+
+def test_a_model_that_cannot_call_no_tumour_has_no_sensitivity():
+    """Without 'notumor' every call is a tumour: 100 % sensitivity would be true by construction."""
+    m = classification_metrics(np.array([[.2, .3, .5]]), ["glioma"], ["glioma", "meningioma", "pituitary"])
+    assert "sensitivity" not in m and "tumour_missed" not in m and m["accuracy"] == 0.0
+
+
 def test_is_tumour_label():
     assert [is_tumour_label(x) for x in ("glioma", "tumor", "notumor", "other")] == \
         [True, True, False, None]

@@ -131,7 +131,9 @@ def _damaged(random_weights, tmp_path, damage) -> Path:
 DAMAGES = {"a class missing": lambda r: r["probs"].pop("glioma"),
            "NaN": lambda r: r["probs"].update(glioma=float("nan")),
            "infinite tumour probability": lambda r: r.update(tumour_probability=float("inf")),
-           "no label": lambda r: r.pop("label")}
+           "no label": lambda r: r.pop("label"),
+           "no gate flag": lambda r: r.pop("in_distribution"),   # the page's _metrics_for: a KeyError
+           "no file": lambda r: r.pop("file")}
 
 
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
@@ -144,7 +146,8 @@ def test_a_damaged_eval_record_is_one_sentence(random_weights, tmp_path, damage)
     assert app_support.miss_note(Predictor(w), 0.5) is None   # the Diagnose page's note: a KeyError
 
 
-@pytest.mark.parametrize("damage", [DAMAGES["a class missing"], DAMAGES["NaN"]], ids=["missing", "NaN"])
+@pytest.mark.parametrize("damage", [DAMAGES["a class missing"], DAMAGES["NaN"], DAMAGES["no gate flag"]],
+                         ids=["missing", "NaN", "no gate flag"])
 def test_the_evaluation_page_stands_a_damaged_eval_record(random_weights, tmp_path, monkeypatch, damage):
     w = _damaged(random_weights, tmp_path, damage)
     monkeypatch.setenv("BT_WEIGHTS", str(w))

@@ -136,6 +136,39 @@ def test_input_mask_follows_the_readers_reduction_of_a_large_scan():
     assert app.input_mask(scan, _png(m[:, :-8]), spec) is None     # another size still does not fit
 
 
+def test_a_mask_of_another_size_is_refused_from_its_header_not_decoded():
+    """A 77 KB PNG of 8,900² pixels named X_mask.png took 575 MB to decode, then was found the
+    wrong size; read_mask now refuses it from the header."""
+    import resource
+    big = _png(np.zeros((8900, 8900), np.uint8))
+    grey = np.zeros((96, 96), np.float32)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert app.input_mask(ScanImage(grey), big, {"size": 48, "crop": "head", "mean": 0.2, "std": 0.25}) is None
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 40_000     # KiB: not decoded
+    with pytest.raises(ValueError, match="8900 x 8900"):
+        read_mask(big, {(96, 96)})
+    assert read_mask(_png(np.full((4, 4), 255, np.uint8)), {(4, 4)}).all()
+
+
+def test_a_flat_map_points_nowhere():
+    """argmax of an all-zero map (Grad-CAM of 'notumor') is the top-left pixel: a mask there scored a hit."""
+    corner = np.zeros((10, 10), bool)
+    corner[:3, :3] = True
+    assert mask_scores(np.zeros((10, 10)), corner, 0)["pointing_hit"] is False
+    assert mask_scores(np.full((10, 10), 0.4), corner, 0)["pointing_hit"] is False
+    assert "flat" in app.mask_note(np.zeros((10, 10), np.float32), corner)
+    peak = np.zeros((10, 10))
+    peak[1, 1] = 1
+    assert mask_scores(peak, corner, 0)["pointing_hit"] is True
+
+
+@pytest.mark.parametrize("arg", [["--threads", "0"], ["--limit", "-3"], ["--dilate", "-2"]])
+def test_saliency_check_refuses_impossible_counts(arg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["saliency-check", "--weights", "weights/x", *arg])
+    assert e.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
 def test_pair_masks_takes_nifti_gz_masks_as_one_suffix():
     kept, masks = app.pair_masks([("vol.nii.gz", b"v"), ("vol_mask.nii.gz", b"m"), ("b.nii", b"w")])
     assert masks == {"vol.nii.gz": b"m"} and [n for n, _ in kept] == ["vol.nii.gz", "b.nii"]

@@ -636,3 +636,36 @@ def test_operating_point_is_picked_on_tumour_and_normal_rows_only(tmp_path, monk
     assert labels.count("cat") > 0
     assert seen["n"] == len(labels) - labels.count("cat")
     assert seen["tumours"] == sum(lab in ("glioma", "meningioma") for lab in labels)
+
+
+def test_copies_trained_on_leaves_out_a_held_out_sources_train_split(tmp_path):
+    """train.py marks eval.json's test records with a copy in training (before, only the separate
+    mark-copies did, so a fresh run's copies were scored as new scans); a source with weight 0 is
+    held out, and its train split trained nothing."""
+    from PIL import Image
+    from core.data import Sample
+    from core.evaluation import copies_trained_on, mark_records
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+    other = Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+    for name, im in (("a/glioma/x.png", img), ("b/glioma/x.png", img), ("b/glioma/y.png", other)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        im.save(tmp_path / name)
+    samples = [Sample(str(tmp_path / "a/glioma/x.png"), "glioma/x.png", "glioma", "glioma", "a", split="train"),
+               Sample(str(tmp_path / "b/glioma/x.png"), "glioma/x.png", "glioma", "glioma", "b", split="test"),
+               Sample(str(tmp_path / "b/glioma/y.png"), "glioma/y.png", "glioma", "glioma", "b", split="test")]
+    assert copies_trained_on(samples, [{"name": "a", "weight": 1.0}, {"name": "b", "weight": 1.0}]) == {("b", "glioma/x.png")}
+    assert copies_trained_on(samples, [{"name": "a", "weight": 0.0}, {"name": "b", "weight": 1.0}]) == set()
+    ev = {"predictions": [{"source": "b", "file": "glioma/x.png"}, {"source": "b", "file": "glioma/y.png"}]}
+    assert mark_records(ev, {("b", "glioma/x.png")}, log=lambda *_: None) == {"b": {"copy_in_training": 1, "n": 2}}
+    assert [r["copy_in_training"] for r in ev["predictions"]] == [True, False]
+
+
+def test_a_training_run_marks_its_test_records_for_copies(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_dataset(data)
+    train_validating(["--data", data, "--out", tmp_path / "m", "--arch", "simple_cnn", "--img", 32, "--epochs", 1,
+                      "--batch-size", 8, "--workers", 1], monkeypatch)
+    ev = json.loads((tmp_path / "m" / "eval.json").read_text())
+    assert ev["predictions"] and all(r["copy_in_training"] is False for r in ev["predictions"])   # blobs: none alike
+    assert sum(c["n"] for c in ev["copies_in_training"]["per_source"].values()) == len(ev["predictions"])
