@@ -39,7 +39,7 @@ else:
                     "upload it again and press Evaluate.")) if dropped else
                 "Upload a zip with one folder per class (e.g. glioma/, notumor/) and press Evaluate.")
         st.stop()
-    if stale := app.unscored_upload(held, up and up.name, up and up.getvalue()):
+    if stale := app.unscored_upload(held, up):
         st.info(stale)
         st.stop()
     st.caption(f"Results of {app.md_name(held['name'])}.")

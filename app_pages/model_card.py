@@ -11,6 +11,8 @@ st.title("Model card")
 predictor = app.required_predictor()
 card = predictor.card
 st.subheader(f"{card.get('name', predictor.dir.name)} ({card.get('arch')}, {card.get('version', '')})")
+if (note := app.unreadable_note(card)):
+    st.warning(note)
 
 st.markdown("#### Intended use")
 st.write(card.get("intended_use", "Research and teaching demo; not for diagnosis."))
@@ -58,6 +60,9 @@ if not ood:
 else:
     st.write(dash.ood_summary(ood))
     st.dataframe(dash.ood_table(card), hide_index=True)
+
+for line in dash.saliency_and_speed(card):
+    st.write(line)
 
 st.markdown("#### How it was made")
 st.code(card.get("command", "n/a"), language="bash")

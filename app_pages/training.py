@@ -9,6 +9,8 @@ st.title("Training")
 predictor = app.current_predictor()
 if predictor is not None:
     st.subheader(f"Learning curves: {predictor.name}")
+    if (note := app.unreadable_note(predictor.card)):
+        st.warning(note)
     history = app.load_history(predictor.dir)
     if history:
         figs = history_figures(history, *app.shipped_epoch(predictor.card))

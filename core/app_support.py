@@ -23,7 +23,7 @@ from .evaluation import (NothingToScore, OtherClasses, call_is_right, evaluate_r
 from . import inference
 from .data import source_of
 from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
-                        default_weights, end_slice_note, load_card, hot_slices, listed_slices,
+                        default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, EmptyVolume)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
@@ -320,8 +320,8 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     if not per:
         return None
     parts = ", ".join(f"{src} {m} of {n}" for src, (n, m) in per.items())
-    return ("'No tumour' is not a guarantee: at this operating point the model called these test tumours "
-            f"'no tumour': {parts} (Evaluation page, missed tumours).")
+    return ("'No tumour' is not a guarantee: at this operating point the model did not call these test tumours a "
+            f"tumour: {parts} (Evaluation page, missed tumours).")
 
 
 def copies_note(weights_dir: str | Path) -> str | None:
@@ -390,10 +390,35 @@ def training_caption(card: dict, epochs: int) -> str:
                    f"with those of the run it continued ({(tr.get('weight_average') or {}).get('with', '?')}).")
     elif kept:
         shipped = f"; the weights shipped are epoch {kept}'s, {why} (dotted line)."
-    return (f"{epochs} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')} schedule, "
-            f"batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')} in {tr.get('train_time_s', 0) / 60:.1f} min"
+    minutes = f"{tr['train_time_s'] / 60:.1f} min" if tr.get("train_time_s") is not None else "a time not recorded"
+    return (f"{tr.get('epochs_run') or epochs} epochs, {tr.get('optimizer', '?')} with {tr.get('schedule', '?')} schedule, "
+            f"batch {tr.get('batch_size', '?')}, on {tr.get('device', '?')} in {minutes}"
             + (f"; stopped early, of {tr['epochs']} planned" if tr.get("stopped_early") and tr.get("epochs") else "")
-            + shipped)
+            + shipped + "".join(f" {n}" for n in _training_notes(tr, epochs)))
+
+
+def _training_notes(tr: dict, shown: int) -> list[str]:
+    """What else the card records that changes how the curves read: a jump, a head start, two curves
+    of different weights, epochs the history lacks."""
+    notes = []
+    if isinstance(tr.get("progressive"), dict) and tr["progressive"].get("epochs"):
+        p = tr["progressive"]
+        notes.append(f"Epochs 1-{p['epochs']} ran at {p.get('small_img', '?')} px, the rest at {tr.get('img', '?')} px: "
+                     "the curves jump where the size changes.")
+    if isinstance(tr.get("init"), dict) and tr["init"].get("from"):
+        parent = tr["init"]
+        took = f", {parent['train_time_s'] / 60:.1f} min" if finite_number(parent.get("train_time_s")) else ""
+        notes.append(f"It continued {parent['from']} ({parent.get('epochs_run', '?')} epochs{took}, not counted "
+                     "above): epoch 1 here starts from a trained model.")
+    if tr.get("weight_ema"):
+        notes.append(f"Validation is of the weights' moving average (decay {tr['weight_ema']:g}), training of the "
+                     "raw weights: part of the gap between the curves is that.")
+    if tr and tr.get("best_epoch") is None:
+        notes.append("The card does not record which epoch's weights shipped (train.py keeps the lowest "
+                     "validation loss unless told --keep last).")
+    if finite_number(tr.get("epochs_run")) and tr["epochs_run"] != shown:
+        notes.append(f"history.json holds {shown} of the {tr['epochs_run']} epochs run.")
+    return notes
 
 
 def shipped_epoch(card: dict) -> tuple[int | None, bool]:
@@ -403,17 +428,14 @@ def shipped_epoch(card: dict) -> tuple[int | None, bool]:
 
 
 def histories(dirs: list[str | Path]) -> dict[str, list[dict]]:
-    """Each model's per-epoch history by the card's name, for the models that have one."""
-    out = {}
-    for d in dirs:
-        if (h := load_history(d)):
-            out[load_card(d).get("name", str(d))] = h
-    return out
+    """Each model's per-epoch history by the model chooser's name (`model_label`: two copies of one
+    card are told apart, where the card's name let the last hide the first), for those that have one."""
+    return {model_label(d): h for d in dirs if (h := load_history(d))}
 
 
 def loss_note(training: dict) -> str | None:
     """Why the training loss can sit above the validation loss without underfitting."""
-    if not training.get("label_smoothing"):
+    if not finite_number(training.get("label_smoothing")) or not training["label_smoothing"]:
         return None
     augmented = (training.get("augmentation") or {}).get("strength", 1) != 0   # cnn_bn_noaug: 0
     return (f"The training loss is taken with label smoothing {training['label_smoothing']:g}"
@@ -423,13 +445,24 @@ def loss_note(training: dict) -> str | None:
 
 
 def load_history(weights_dir: str | Path) -> list[dict] | None:
-    """A run's per-epoch history; None when absent or unreadable (a run being written)."""
+    """A run's per-epoch history; None when absent or unreadable (a run being written, a hand edit:
+    every entry must be a record with a whole epoch number, its train and val records or null)."""
     f = Path(weights_dir) / "history.json"
     try:
         history = json.loads(f.read_text()) if f.is_file() else None
     except (OSError, ValueError):
         return None
-    return history if isinstance(history, list) else None
+    ok = isinstance(history, list) and all(
+        isinstance(h, dict) and isinstance(h.get("epoch"), int) and not isinstance(h["epoch"], bool)
+        and all(h.get(k) is None or isinstance(h[k], dict) for k in ("train", "val")) for h in history)
+    return history if ok else None
+
+
+def unreadable_note(card: dict) -> str | None:
+    """The card's fields of the wrong type (a hand edit), left out of the page (`inference.shown_card`)."""
+    bad = card.get("unreadable_fields")
+    return (f"Some of this card's fields are of the wrong type and are not shown: {', '.join(bad)} "
+            "(a hand edit? train.py writes them).") if bad else None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -695,7 +728,7 @@ def _stem(name: str) -> str:
     """Upload name without its extension (``.nii.gz`` is one), folder kept: zip members pair
     within one folder. A repeat's counter stays (`report.unique_names`: 'X.png (2)' -> 'X (2)'), so
     the second patient's X.png is not the first's X."""
-    if (m := re.fullmatch(r"(.*[^/])\.[^./]+( \(\d+\))", name)):
+    if (m := re.fullmatch(r"(.*[^/])( \(\d+\))", name)) and "." in m[1].rsplit("/", 1)[-1]:
         return _stem(m[1]) + m[2]
     if name.lower().endswith(".nii.gz"):
         return name[:-len(".nii.gz")]
@@ -715,6 +748,7 @@ def _is_mask_file(name: str, data) -> bool:
     """A tumour mask: a lossless image of exactly two grey values (lesion and background). A blank
     slice has one value and an MRI many, so neither is ever taken for a mask."""
     from PIL import Image
+    name = re.sub(r" \(\d+\)$", "", name)   # a repeat's counter (`report.unique_names`): 'X.png (2)'
     if not isinstance(data, (bytes, bytearray)) or not name.lower().endswith(MASK_SUFFIXES):
         return False
     try:
@@ -728,10 +762,11 @@ def _is_mask_file(name: str, data) -> bool:
 
 def _mask_beside(mask_name: str, scan_name: str) -> bool:
     """The LGG layouts: X.png beside X.jpg in one folder, or masks/X.png beside <class>/X.jpg,
-    the two folders side by side (another zip's or patient's masks/ outlines nothing here)."""
+    the two folders side by side, or masks/ inside the scan's folder (another zip's or patient's
+    masks/ outlines nothing here)."""
     folder = lambda n: n.rsplit("/", 1)[0] if "/" in n else ""  # noqa: E731
     fm, fs = folder(mask_name), folder(scan_name)
-    return fm == fs or (fm.rsplit("/", 1)[-1].lower() in ("masks", "mask") and folder(fm) == folder(fs))
+    return fm == fs or (fm.rsplit("/", 1)[-1].lower() in ("masks", "mask") and folder(fm) in (fs, folder(fs)))
 
 
 def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
@@ -746,6 +781,12 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
         if _mask_partner(_stem(n)) is None:
             images.setdefault(_stem(n), []).append(n)
     named = [(n, d, images.get(_mask_partner(_stem(n)), [])) for n, d in items if _mask_partner(_stem(n))]
+    # repeats are numbered per name ('X.png (2)'): with as many X scans as X masks the numbers pair
+    # them; scan A + mask, scan B, scan C + mask would give C's mask to B, so then none pairs
+    uncounted = lambda stem: re.sub(r" \(\d+\)$", "", stem)  # noqa: E731
+    n_scans = Counter(uncounted(s) for s, names in images.items() for _ in names)
+    n_masks = Counter(uncounted(_mask_partner(_stem(n))) for n, _, _ in named)
+    named = [x for x in named if n_scans[uncounted(_mask_partner(_stem(x[0])))] == n_masks[uncounted(_mask_partner(_stem(x[0])))]]
     claims = Counter(scans[0] for _, _, scans in named if len(scans) == 1)
     masks, used = {}, set()
     for name, data, scans in named:
@@ -1053,10 +1094,17 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
             "blobs": gallery_blobs(items, ev)}
 
 
-def unscored_upload(held: dict, name: str | None, data: bytes | None) -> str | None:
-    """What to say when the zip now in the uploader is not the one whose results are held: those
-    results, shown under the new zip's name, would pass for its own."""
-    if data is None or held.get("digest") == digest(data):
+def unscored_upload(held: dict, up) -> str | None:
+    """What to say when the zip now in the uploader (``up``, Streamlit's UploadedFile or None) is
+    not the one whose results are held: those results, shown under the new zip's name, would pass
+    for its own. The upload's id spares hashing a large zip on every rerun of the page."""
+    if up is None or "digest" not in held:   # nothing uploaded; a result held from before digests
+        return None
+    if held.get("upload_id") is not None and held["upload_id"] == getattr(up, "file_id", None):
+        return None
+    name, data = up.name, up.getvalue()
+    if held["digest"] == digest(data):
+        held["upload_id"] = getattr(up, "file_id", None)
         return None
     return (f"{md_name(name or 'This zip')} is not evaluated yet: press Evaluate. The results held are of "
             f"{md_name(held['name'])}, another zip.")

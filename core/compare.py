@@ -20,6 +20,7 @@ from .data import source_of
 # The keys the dashboard also accepts for a latency recorded in a card (ms per image).
 _LATENCY_KEYS = ("latency_ms", "cpu_latency_ms")
 _BENCH_KEYS = ("latency_ms", "cpu_ms", "ms_per_image", "p50_ms")
+REPEATS = 20   # timed forwards per model
 
 
 # ----------------------------------------------------------------------------- finding models
@@ -60,7 +61,7 @@ def card_latency(card: dict) -> float | None:
     return None
 
 
-def measure_latency(weights_dir: str | Path, repeats: int = 20, warmup: int = 3) -> tuple[float, str]:
+def measure_latency(weights_dir: str | Path, repeats: int = REPEATS, warmup: int = 3) -> tuple[float, str]:
     """(median single-image forward time in ms on one CPU thread, the precision it ran in), on
     the served path (`Predictor.probabilities`: bf16 autocast on CPUs with native bf16).
 
@@ -191,8 +192,10 @@ def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
     (the type right, where the label gives one; a tumour found, a tumour-free image right), how many images it counts, how
     many each run gets right, the images only one run gets right and the exact McNemar p-value."""
     from .labels import NO_TUMOUR, TUMOUR
+    from .metrics import is_tumour_label
+    # a tumour is found by a tumour call, not by 'anything but notumor' (a 'stroke' call misses it)
     calls = {"accuracy": (lambda r: r["label"] != TUMOUR, lambda r: r["pred"] == r["label"]),  # coarse: no type
-             "tumours_found": (lambda r: r["label"] != NO_TUMOUR, lambda r: r["pred"] != NO_TUMOUR),
+             "tumours_found": (lambda r: is_tumour_label(r["label"]) is True, lambda r: bool(is_tumour_label(r["pred"]))),
              "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
     out = {"n": len(pairs)}
     for name, (counts, right) in calls.items():
@@ -273,7 +276,7 @@ def settings_text(row: dict) -> str:
     return f"{text}; REDUCED: {row['reduced']}" if row.get("reduced") else text
 
 
-def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = 20) -> dict:
+def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = REPEATS) -> dict:
     """One comparison row for a model directory (card.json, model.safetensors)."""
     from .inference import training_sources
     d = Path(weights_dir)
@@ -351,7 +354,7 @@ def copy_free(ev: dict, card: dict) -> dict:
                                 bench.get("tumour_missed"), bench.get("n_tumour"))))
 
 
-def compare_rows(dirs: list[str | Path], latency: bool = True, repeats: int = 20) -> list[dict]:
+def compare_rows(dirs: list[str | Path], latency: bool = True, repeats: int = REPEATS) -> list[dict]:
     """Rows for every directory (or its subdirectories) with a card.json; see `card_row`."""
     return [_row_or_problem(d, latency, repeats) for d in model_dirs(dirs)]
 
@@ -485,12 +488,16 @@ def cmd_compare(args) -> int:
         if path and (Path(path).is_dir() or Path(path).parent.is_dir()) and (why := output_problem(flag, path)):
             raise ValueError(why)
     unused = [f for f, on in (("--md", args.md), ("--record", args.record), ("--no-latency", args.no_latency),
-                              ("--repeats", args.repeats != 20)) if on] if args.paired else \
-        (["--with-copies"] if args.with_copies else [])
+                              ("--repeats", args.repeats is not None)) if on] if args.paired else \
+        [f for f, on in (("--with-copies", args.with_copies),) if on]
+    if args.no_latency and args.repeats is not None and not args.paired:
+        unused.append("--repeats")
+    args.repeats = REPEATS if args.repeats is None else args.repeats
     if unused:   # silently ignored, a flag reads as obeyed
         raise ValueError(f"{', '.join(unused)} " + ("is not used by --paired" if args.paired else
-                                                     "is for --paired only"))
-    missing = [d for d in args.dirs if not Path(d).is_dir()]
+                                                     "is for --paired only" if unused == ["--with-copies"] else
+                                                     "times the latency, which --no-latency skips"))
+    missing = [d for d in args.dirs if not Path(d).exists()]   # weights/* holds the file DEFAULT: passed over
     if missing:
         raise ValueError(f"no such folder: {', '.join(missing)}")
     if args.paired:
@@ -531,7 +538,7 @@ def add_cli(sub) -> None:
     c.add_argument("--md", help="also write the table as Markdown")
     c.add_argument("--json", help="also write the rows as JSON")
     c.add_argument("--no-latency", action="store_true", help="do not measure CPU latency")
-    c.add_argument("--repeats", type=integer_at_least(1), default=20, help="timed forwards per model")
+    c.add_argument("--repeats", type=integer_at_least(1), help=f"timed forwards per model (default {REPEATS})")
     c.add_argument("--paired", action="store_true",
                    help="two models on the test images both were tested on: accuracies, discordant "
                         "images, exact McNemar p (per source)")

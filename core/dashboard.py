@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from .header import PREFIX as HEADER_PREFIX
-from .inference import shown_slice
+from .inference import finite_number, shown_slice
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
@@ -351,7 +351,9 @@ def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.
     for i, (name, history) in enumerate(histories.items()):
         colour = PALETTE[i % len(PALETTE)]
         ep = [h["epoch"] for h in history]
-        for split, dash in (("val", "solid"), ("train", "dot")):
+        # past the palette, another pair of dashes: the 8th run drew the 1st run's lines
+        styles = [("val", "solid"), ("train", "dot")] if i < len(PALETTE) else [("val", "dash"), ("train", "dashdot")]
+        for split, dash in styles:
             ys = [(h.get(split) or {}).get(key) for h in history]
             if any(y is not None for y in ys):
                 fig.add_scatter(x=ep, y=ys, mode="lines", name=f"{name} ({split})",
@@ -389,7 +391,7 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
                      "macro F1": r.get("macro_f1"), "tumours missed": r.get("tumour_missed"),
                      "of tumour scans": r.get("n_tumour"), "benchmark missed": r.get("benchmark_missed"),
                      "ECE": r.get("ece"), "parameters (M)": round(params / 1e6, 2) if params else None,
-                     "size (MB)": round(size / 2**20, 1) if size else None,
+                     "size (MiB)": round(size / 2**20, 1) if size else None,
                      "CPU latency (ms)": r.get("latency_ms"),
                      "training (min)": round(t / 60, 1) if t else None,
                      "device": r.get("device"), "settings": r.get("settings")})
@@ -513,11 +515,36 @@ def overall_metrics(card: dict) -> dict:
     return {k: v for k, v in card.get("metrics", {}).items() if k != "per_source"}
 
 
+def saliency_and_speed(card: dict) -> list[str]:
+    """The card's saliency default with its check against tumour masks, and its recorded CPU latency:
+    what the Diagnose page uses and how fast it serves, said on the Model card page."""
+    from .compare import card_latency
+    from .saliency import default_method
+    lines = []
+    sal = card.get("saliency") or {}
+    if sal.get("default_method") and default_method(card) == sal["default_method"]:
+        m = sal.get("measured") or {}
+        checked = (f": its map peaks within {m.get('dilate_px', '?')} px of the {m.get('source', '?')} tumour mask on "
+                   f"{m['pointing_game']:.0%} of {m.get('n_slices', '?')} test slices, with {m['energy_in_mask']:.0%} "
+                   "of its mass inside" if finite_number(m.get("pointing_game")) and finite_number(m.get("energy_in_mask"))
+                   else "")
+        lines.append(f"Saliency: {sal['default_method']} by default{checked} (`python -m core saliency-check`).")
+    else:
+        lines.append("Saliency: no method was checked against tumour masks for this model (or the card names one "
+                     f"this version lacks); {default_method(card)} is shown by default.")
+    if (ms := card_latency(card)) is not None:
+        what = (card.get("benchmark") or {}).get("what", "single-image CPU pass")
+        lines.append(f"Speed: {ms:.1f} ms per image, {what} (`python -m core compare --record`).")
+    return lines
+
+
 def build_caption(card: dict, weights_sha256: str) -> str:
     """Size, weights hash, libraries and date of a model, in one line."""
     libraries = readable(card.get("libraries"))
-    return (f"{card.get('parameters', 0) / 1e6:.2f} M parameters, weights "
-            f"{card.get('weights_file_bytes', 0) / 2**20:.1f} MiB, sha256 {weights_sha256[:16]}..."
+    params, size = card.get("parameters"), card.get("weights_file_bytes")
+    return ((f"{params / 1e6:.2f} M parameters" if params is not None else "parameters not recorded")
+            + ", weights " + (f"{size / 2**20:.1f} MiB" if size is not None else "of unrecorded size")
+            + f", sha256 {weights_sha256[:16]}..."
             + (f", libraries {libraries}" if libraries else "") + f", built {card.get('date', '?')}")
 
 

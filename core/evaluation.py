@@ -123,7 +123,7 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     truth = [is_tumour_label(lab) for lab in labels]
     rates = {"accuracy": [(p == lab, i) for i, (p, lab) in enumerate(zip(pred, labels)) if lab in classes],
              "sensitivity": [(bool(is_tumour_label(p)), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is True],
-             "specificity": [(p == NO_TUMOUR, i) for i, (p, t) in enumerate(zip(pred, truth)) if t is False]}
+             "specificity": [(not is_tumour_label(p), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is False]}
     for key, rows in rates.items():
         if key in m["ci95"] and rows:
             m["ci95"][key] = list(cluster_interval(np.array([h for h, _ in rows]), [patients[i] for _, i in rows]))
@@ -381,7 +381,7 @@ def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
     # the sum `decide` makes of the same probabilities, so that the folded call and the model's agree
     row = np.array([[r["probs"][c] for c in classes]])
     t = float(tumour_probability(row, classes)[0])
-    called = t >= (0.5 if threshold is None else threshold) and not other_calls(row, classes)[0]
+    called = t >= (0.5 if threshold is None else threshold)
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
     # the type a tumour call names whatever the operating point (pred_type is the card's call)
     top = max(types, key=lambda c: r["probs"][c]) if types else None
@@ -429,12 +429,20 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
     if folds_types(classes):
         records = _folded_to_binary(records)
-    elif not {r["label"] for r in records} <= set(classes):  # 'yes' folders against a typed model
+    elif not {r["label"] for r in records} <= set(classes) and not has_other_class(classes):
+        # 'yes' folders against a typed model. Not a model with a class that is neither (a 'stroke'):
+        # two classes cannot hold its call (the model calls 'stroke' where the summed tumour
+        # probability would say tumour), so its coarse labels are scored as eval.json scores Br35H's
         ev = evaluate_records([_as_tumour_vs_none(r, threshold) for r in records], [TUMOUR, NO_TUMOUR],
                               threshold)
         ev.update(model_classes=classes, scored_as="tumour vs no tumour")
         return ev
     return evaluate_records(records, classes, threshold)
+
+
+def has_other_class(classes: list[str]) -> bool:
+    """A class that is neither a tumour nor 'no tumour' (a dataset's own 'stroke' folder)."""
+    return any(is_tumour_label(c) is None for c in classes)
 
 
 def _folded_to_binary(records: list[dict]) -> list[dict]:

@@ -75,7 +75,40 @@ def load_card(weights_dir: str | Path) -> dict:
         raise ValueError(f"{path} names fewer than two classes")
     if (problem := _served_blocks_problem(card)):
         raise ValueError(f"{path}: {problem}")
-    return card
+    return shown_card(card)
+
+
+# Blocks the pages only show (serving never reads them), by the type they must have: a hand edit
+# to another type was a traceback on the Training or Model card page, not a reason to refuse the model.
+SHOWN_BLOCKS = {"training": dict, "split": dict, "metrics": dict, "sources": list, "benchmark": dict,
+                "saliency": dict, "parameters": "number", "weights_file_bytes": "number"}
+SHOWN_TRAINING_NUMBERS = ("train_time_s", "best_epoch", "epochs", "epochs_run", "batch_size", "label_smoothing")
+
+
+def shown_card(card: dict) -> dict:
+    """The card with its shown blocks of the wrong type left out (null ones too), each named in
+    ``unreadable_fields``; unchanged when all are fine."""
+    clean, bad = dict(card), []
+    for key, kind in SHOWN_BLOCKS.items():
+        v = clean.get(key)
+        if key in clean and (v is None or not (finite_number(v) if kind == "number" else isinstance(v, kind))):
+            bad += [key] if v is not None else []
+            del clean[key]
+    if "sources" in clean:
+        srcs = [s for s in clean["sources"] if isinstance(s, dict)]
+        bad += ["sources"] if len(srcs) < len(clean["sources"]) else []
+        bad += [f"sources.{k}" for s in srcs for k in ("label_map", "images") if s.get(k) is not None
+                and not isinstance(s[k], dict)]
+        clean["sources"] = [{k: v for k, v in s.items() if k not in ("label_map", "images") or isinstance(v, dict)}
+                            for s in srcs]
+    if "training" in clean:
+        tr = clean["training"]
+        wrong = [k for k in SHOWN_TRAINING_NUMBERS if tr.get(k) is not None and not finite_number(tr[k])]
+        bad += [f"training.{k}" for k in wrong]
+        clean["training"] = {k: v for k, v in tr.items() if k not in wrong}
+    if bad:
+        clean["unreadable_fields"] = sorted(set(bad))
+    return clean if clean != card else card   # unchanged: the very card, as read
 
 
 def finite_number(v) -> bool:

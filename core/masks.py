@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .inference import Prediction
-from .labels import NO_TUMOUR
+from .metrics import is_tumour_label
 from .reader import ScanImage
 
 
@@ -41,7 +41,7 @@ def mask_contradiction(pred: Prediction, scan: ScanImage, mask: bytes | None, sp
                        slice_index: int | None = None) -> str | None:
     """A warning when the uploaded tumour mask marks a lesion and the call is 'no tumour'; only a
     mask that fits the scan counts, as for the outline (`input_mask`: same size or the size the reader reduced, not a volume slice)."""
-    if mask is None or pred.pred != NO_TUMOUR or not pred.in_distribution or slice_index is not None:
+    if mask is None or is_tumour_label(pred.pred) or not pred.in_distribution or slice_index is not None:
         return None
     fitted = input_mask(scan, mask, spec)
     if fitted is None or not fitted.any():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, has_tumour_decision, tumour_classes
 from .metrics import apart, decide, digits_apart, is_tumour_label, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
@@ -89,7 +89,7 @@ class ReferralRule:
         classes = list(self.classes)
         t = tumour_probability(probs, classes)
         lo, hi = self.band(threshold)
-        called = pred != classes.index(NO_TUMOUR)
+        called = np.isin(pred, [classes.index(c) for c in tumour_classes(classes)])   # not a 'stroke' call
         return ((t >= lo) & (t < hi),
                 called & (type_confidence(probs, classes) < self.min_type_confidence))
 
@@ -228,7 +228,7 @@ def _type_block(probs: np.ndarray, labels: list[str], classes: list[str], thresh
                 target_error: float, max_referred: float) -> dict:
     """min_type_confidence on the fine-labelled tumours called 'tumour' (type errors only count there)."""
     types = tumour_classes(classes)
-    called = decide(probs, classes, threshold) != classes.index(NO_TUMOUR)
+    called = np.isin(decide(probs, classes, threshold), [classes.index(c) for c in types])
     sel = [i for i, lab in enumerate(labels) if lab in FINE_TUMOURS and lab in types and called[i]]
     if len(types) < 2 or not sel:
         return {"min_type_confidence": 0.0}

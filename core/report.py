@@ -49,7 +49,7 @@ import numpy as np
 from .inference import (END_SLICE_CAVEAT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
                         shown_slice, volume_hot_slices)
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
-from .metrics import digits_apart
+from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
 from .reader import ScanError, load_bytes, read_scan
 from .referral import ReferralRule, at_threshold
@@ -871,7 +871,8 @@ def _below_images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     _probability_rows(pdf, p, ctx.classes)
     if p.tumour_probability is not None and p.in_distribution:  # its operating point makes a call
         _tumour_row(pdf, p, ctx)
-    if p.in_distribution and p.pred == NO_TUMOUR and ctx.miss_note:   # a clear call is not a clear scan
+    # a clear call is not a clear scan: under any call but a tumour's, as the Diagnose page says it
+    if p.in_distribution and p.tumour_probability is not None and not is_tumour_label(p.pred) and ctx.miss_note:
         pdf.font(8, False, MUTED)
         pdf.multi_cell(0, 4, pdf.t(ctx.miss_note), new_x="LMARGIN", new_y="NEXT")
     _section(pdf, "Model")

@@ -359,8 +359,23 @@ def test_a_mask_outlines_only_the_scan_of_its_own_folder_and_upload():
     out = app_support.expand_uploads([("X.png", scan), ("X_mask.png", m1), ("X.png", scan), ("X_mask.png", m2)])
     items, masks = app_support.pair_masks(out)
     assert masks == {"X.png": m1, "X.png (2)": m2} and [n for n, _ in items] == ["X.png", "X.png (2)"]
+    # as many X masks as X scans, or none paired: A + mask, B, C + mask gave C's mask to B
     out = app_support.expand_uploads([("X.png", scan), ("X_mask.png", m1), ("X.png", scan)])
-    assert app_support.pair_masks(out)[1] == {"X.png": m1}
+    assert app_support.pair_masks(out)[1] == {}
+    out = app_support.expand_uploads([("X.png", scan), ("X_mask.png", m1), ("X.png", scan), ("X.png", scan),
+                                      ("X_mask.png", m2)])
+    assert app_support.pair_masks(out)[1] == {}
+    # a dotted name's repeat keeps its own stem ('p1.s10.png (2)' is not 'p1 (2)')
+    out = app_support.expand_uploads([("p1.s10.png", scan), ("p1.s10_mask.png", m1), ("p1.s10.png", scan),
+                                      ("p1.s10_mask.png", m2)])
+    assert app_support.pair_masks(out)[1] == {"p1.s10.png": m1, "p1.s10.png (2)": m2}
+    # masks/ inside the scan's own folder, as well as beside it
+    for mask_name, scan_name in [("p.zip/masks/10.png", "p.zip/10.jpg"),
+                                 ("p.zip/glioma/masks/10.png", "p.zip/glioma/10.jpg")]:
+        assert set(app_support.pair_masks([(mask_name, m1), (scan_name, scan)])[1]) == {scan_name}
+    # a two-valued repeat is still a mask by its content
+    out = app_support.expand_uploads([("a/X.jpg", scan), ("a/X.png", m1), ("b/X.jpg", scan), ("b/X.png", m2)])
+    assert len(app_support.pair_masks(out)[1]) == 2
     items, masks = app_support.pair_masks([("X.jpg", scan), ("X.tif", scan), ("X_mask.tif", m1)])
     assert not masks and len(items) == 3
 

@@ -338,3 +338,13 @@ def test_compare_usage_errors_say_what_is_wrong(tmp_path, capsys, args, said):
     argv = [str(tmp_path / x) if x in ("a", "b", "nope") else x for x in args]
     assert cli_main(["compare", *argv]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_compare_passes_over_a_file_among_the_folders(tmp_path, capsys):
+    """`compare weights/* --no-latency` takes in weights/DEFAULT, a file: passed over, not refused."""
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    a = _with_eval(make_model_dir(tmp_path / "a", four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
+    (tmp_path / "DEFAULT").write_text("a\n")
+    assert cli_main(["compare", str(a), str(tmp_path / "DEFAULT"), "--no-latency"]) == 0
+    assert cli_main(["compare", str(a), "--no-latency", "--repeats", "3"]) == 2
+    assert "--no-latency skips" in capsys.readouterr().err

@@ -152,6 +152,27 @@ def test_a_call_of_a_class_that_is_neither_is_not_a_tumour_call():
     assert [is_missed_tumour(r) for r in records] == [True, False, False, False]
 
 
+def test_a_call_that_is_neither_is_no_tumour_call_for_referral_pairing_and_yes_no_folders():
+    """The same 'anything but notumor' remained in the type-referral rule, the paired comparison
+    and the tumour-vs-no-tumour scoring of yes/no folders (which then called a 'stroke' call a
+    tumour again from the summed probability)."""
+    from core.compare import paired_calls
+    from core.evaluation import score_labelled
+    from core.referral import ReferralRule
+    c5 = ["glioma", "meningioma", "pituitary", "notumor", "stroke"]
+    rule = ReferralRule(c5, .3, .4, min_type_confidence=.6)
+    assert not rule.flags(np.array([[.1, .1, .1, .1, .6]]), np.array([4]), .5)[1][0]   # no type to doubt
+    assert rule.flags(np.array([[.3, .25, .2, .1, .15]]), np.array([0]), .5)[1][0]
+    found = paired_calls([({"label": "stroke", "pred": "stroke"},) * 2, ({"label": "glioma", "pred": "stroke"},) * 2])
+    assert (found["tumours_found"]["n"], found["tumours_found"]["a_right"]) == (1, 0)
+    rows = [[.3, .1, .1, .1, .4], [.6, .1, .1, .1, .1], [.05, .05, .05, .8, .05]]
+    recs = [{"file": f"{k}.png", "label": lab, "probs": dict(zip(c5, row)), "in_distribution": True, "uncertain": False,
+             "pred": c5[int(np.argmax(row))]} for k, (lab, row) in enumerate(zip(["tumor", "tumor", "notumor"], rows))]
+    ev = score_labelled(recs, c5, 0.5, [])
+    at = {r["threshold"]: r for r in ev["threshold_curve"]}
+    assert (ev["tumour_missed"], ev["silent_misses"], at[0.5]["missed"]) == (1, 1, 1)
+
+
 def test_a_model_that_cannot_call_no_tumour_has_no_sensitivity():
     """Without 'notumor' every call is a tumour: 100 % sensitivity would be true by construction."""
     m = classification_metrics(np.array([[.2, .3, .5]]), ["glioma"], ["glioma", "meningioma", "pituitary"])

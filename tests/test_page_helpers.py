@@ -58,7 +58,9 @@ def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
     import shutil
     card = {"training": {"optimizer": "AdamW", "schedule": "cosine", "batch_size": 32, "device": "cpu",
                          "train_time_s": 90}}
-    assert app.training_caption(card, 7) == "7 epochs, AdamW with cosine schedule, batch 32, on cpu in 1.5 min."
+    assert app.training_caption(card, 7) == ("7 epochs, AdamW with cosine schedule, batch 32, on cpu in 1.5 min. The card "
+                                            "does not record which epoch's weights shipped (train.py keeps the lowest "
+                                            "validation loss unless told --keep last).")
     stopped = {"training": {**card["training"], "epochs": 12, "best_epoch": 5, "stopped_early": True}}
     assert app.training_caption(stopped, 7).endswith(
         "1.5 min; stopped early, of 12 planned; the weights shipped are epoch 5's, the lowest validation loss (dotted line).")
@@ -78,7 +80,53 @@ def test_training_caption_and_histories_by_card_name(random_weights, tmp_path):
         c = json.loads((d / "card.json").read_text())
         (d / "card.json").write_text(json.dumps({**c, "name": f"run-{d.name}"}))
     (with_history / "history.json").write_text(json.dumps([{"epoch": 1, "acc": 0.5, "loss": 1.0}]))
-    assert app.histories([with_history, without]) == {"run-a": [{"epoch": 1, "acc": 0.5, "loss": 1.0}]}
+    assert app.histories([with_history, without]) == {"run-a (a)": [{"epoch": 1, "acc": 0.5, "loss": 1.0}]}
+    # two copies of one card: both offered, told apart by folder (the last hid the first)
+    twin = tmp_path / "c"
+    shutil.copytree(with_history, twin)
+    assert set(app.histories([with_history, twin])) == {"run-a (a)", "run-a (c)"}
+
+
+def test_training_caption_says_what_changes_how_the_curves_read():
+    """Progressive resizing (a jump at epoch 11), a fine-tune's parent, an EMA run's two kinds of
+    weights and a history with gaps read as instability, a from-scratch run, or another length."""
+    base = {"optimizer": "AdamW", "schedule": "cosine", "batch_size": 32, "device": "cpu", "img": 176}
+    caption = app.training_caption({"training": {**base, "progressive": {"small_img": 128, "epochs": 10}}}, 30)
+    assert "Epochs 1-10 ran at 128 px, the rest at 176 px" in caption and "a time not recorded" in caption
+    caption = app.training_caption({"training": {**base, "train_time_s": 60, "init": {
+        "from": "weights/parent", "epochs_run": 30, "train_time_s": 2890.7}}}, 12)
+    assert "It continued weights/parent (30 epochs, 48.2 min, not counted above)" in caption
+    assert "moving average (decay 0.999)" in app.training_caption({"training": {**base, "weight_ema": 0.999}}, 5)
+    caption = app.training_caption({"training": {**base, "epochs_run": 30}}, 24)
+    assert caption.startswith("30 epochs") and "history.json holds 24 of the 30 epochs run" in caption
+
+
+def test_shown_card_leaves_out_wrong_typed_fields_and_names_them():
+    """A hand-edited card whose shown blocks had another type was a traceback on the Training and
+    Model card pages (serving never reads them, so the model still loads)."""
+    from core.inference import shown_card
+    card = {"classes": ["a", "b"], "training": [], "split": None, "parameters": "2M",
+            "sources": [{"name": "x", "images": None, "label_map": ["yes"]}, "benchmark"],
+            "metrics": {"accuracy": 0.9}}
+    shown = shown_card(card)
+    assert shown["unreadable_fields"] == ["parameters", "sources", "sources.label_map", "training"]
+    assert "training" not in shown and "split" not in shown and shown["sources"] == [{"name": "x"}]
+    assert shown["metrics"] == {"accuracy": 0.9}
+    fine = {"classes": ["a", "b"], "training": {"best_epoch": 3}, "sources": [{"name": "x", "images": {"train": 1}}]}
+    assert shown_card(fine) is fine
+    assert shown_card({"training": {"best_epoch": "7"}})["unreadable_fields"] == ["training.best_epoch"]
+    assert "not recorded" in dash.build_caption({}, "ab" * 32)
+
+
+def test_the_model_card_says_its_saliency_default_and_speed():
+    card = {"saliency": {"default_method": "Grad-CAM", "measured": {"pointing_game": 0.8933, "energy_in_mask": 0.2708,
+                                                                   "n_slices": 150, "dilate_px": 4, "source": "lgg"}},
+            "benchmark": {"latency_ms": 16.57, "what": "median single-image served pass"}}
+    sal, speed = dash.saliency_and_speed(card)
+    assert "Grad-CAM by default" in sal and "89% of 150 test slices" in sal and "27% of its mass" in sal
+    assert speed.startswith("Speed: 16.6 ms per image, median single-image served pass")
+    assert dash.saliency_and_speed({}) == ["Saliency: no method was checked against tumour masks for this model "
+                                           "(or the card names one this version lacks); Grad-CAM is shown by default."]
 
 
 def test_a_model_without_a_gate_is_not_shown_as_checked():

@@ -10,6 +10,7 @@ import bz2
 import gzip
 import io
 import json
+import shutil
 import math
 import struct
 import tarfile
@@ -218,3 +219,27 @@ def test_a_rerun_of_a_40_scan_batch_reads_no_file_again(random_weights, monkeypa
     details.set_value(details.options[5]).run()
     assert not at.exception, [e.value for e in at.exception]
     assert reads["n"] == 0
+
+
+SHOWN_DAMAGES = {"history of numbers": ("history.json", lambda h: [1, 2, 3]),
+                 "history without epochs": ("history.json", lambda h: [{k: v for k, v in e.items() if k != "epoch"}
+                                                                       for e in h]),
+                 "training a list": ("card.json", lambda c: {**c, "training": []}),
+                 "best epoch as text": ("card.json", lambda c: {**c, "training": {**c["training"], "best_epoch": "7"}}),
+                 "source images null": ("card.json", lambda c: {**c, "sources": [{**s, "images": None} for s in c["sources"]]}),
+                 "metrics null": ("card.json", lambda c: {**c, "metrics": None})}
+
+
+@pytest.mark.parametrize("damage", SHOWN_DAMAGES.values(), ids=SHOWN_DAMAGES.keys())
+def test_the_training_and_card_pages_stand_a_damaged_shown_field(tmp_path, monkeypatch, damage):
+    """Each of these was a traceback on the Training or Model card page (or Home)."""
+    name, fn = damage
+    w = tmp_path / "w"
+    shutil.copytree(REPO / "weights" / "cnn_bn_aug", w)
+    (w / name).write_text(json.dumps(fn(json.loads((w / name).read_text()))))
+    monkeypatch.setenv("BT_WEIGHTS", str(w))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90).run()
+    assert not at.exception, [e.value for e in at.exception]
+    for page in ("app_pages/training.py", "app_pages/model_card.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])

@@ -136,15 +136,23 @@ def test_input_mask_follows_the_readers_reduction_of_a_large_scan():
     assert app.input_mask(scan, _png(m[:, :-8]), spec) is None     # another size still does not fit
 
 
-def test_a_mask_of_another_size_is_refused_from_its_header_not_decoded():
+def test_a_mask_of_another_size_is_refused_from_its_header_not_decoded(tmp_path):
     """A 77 KB PNG of 8,900² pixels named X_mask.png took 575 MB to decode, then was found the
-    wrong size; read_mask now refuses it from the header."""
-    import resource
+    wrong size; read_mask now refuses it from the header. Measured in a fresh process: the suite's
+    own peak memory would hide the decode."""
+    import subprocess
+    import sys
     big = _png(np.zeros((8900, 8900), np.uint8))
-    grey = np.zeros((96, 96), np.float32)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert app.input_mask(ScanImage(grey), big, {"size": 48, "crop": "head", "mean": 0.2, "std": 0.25}) is None
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 40_000     # KiB: not decoded
+    (tmp_path / "big.png").write_bytes(big)
+    code = (f"import resource, numpy as np; from core.masks import input_mask; from core.reader import ScanImage\n"
+            f"b = open({str(tmp_path / 'big.png')!r}, 'rb').read()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "m = input_mask(ScanImage(np.zeros((96, 96), np.float32)), b, {'size': 48, 'crop': 'head', 'mean': 0.2, 'std': 0.25})\n"
+            "print(m is None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    refused, grown_kib = out.stdout.split()
+    assert refused == "True" and int(grown_kib) < 40_000, out.stdout + out.stderr    # 8900² would be 77+ MB
     with pytest.raises(ValueError, match="8900 x 8900"):
         read_mask(big, {(96, 96)})
     assert read_mask(_png(np.full((4, 4), 255, np.uint8)), {(4, 4)}).all()
