@@ -1,6 +1,4 @@
 """Model card: what the loaded model is for, what it was trained on, how well it does, limits."""
-import json
-
 import streamlit as st
 
 from core import app_support as app
@@ -67,5 +65,5 @@ for line in dash.saliency_and_speed(card):
 st.markdown("#### How it was made")
 st.code(card.get("command", "n/a"), language="bash")
 st.caption(dash.build_caption(card, predictor.weights_sha256))
-st.download_button("Download card.json", json.dumps(card, indent=1), "card.json",
+st.download_button("Download card.json", (predictor.dir / "card.json").read_bytes(), "card.json",
                    "application/json", on_click="ignore")

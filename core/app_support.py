@@ -320,7 +320,7 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     if not per:
         return None
     parts = ", ".join(f"{src} {m} of {n}" for src, (n, m) in per.items())
-    return ("'No tumour' is not a guarantee: at this operating point the model did not call these test tumours a "
+    return ("A call other than a tumour is not a guarantee: at this operating point the model did not call these test tumours a "
             f"tumour: {parts} (Evaluation page, missed tumours).")
 
 
@@ -401,7 +401,7 @@ def _training_notes(tr: dict, shown: int) -> list[str]:
     """What else the card records that changes how the curves read: a jump, a head start, two curves
     of different weights, epochs the history lacks."""
     notes = []
-    if isinstance(tr.get("progressive"), dict) and tr["progressive"].get("epochs"):
+    if isinstance(tr.get("progressive"), dict) and finite_number(tr["progressive"].get("epochs")):
         p = tr["progressive"]
         notes.append(f"Epochs 1-{p['epochs']} ran at {p.get('small_img', '?')} px, the rest at {tr.get('img', '?')} px: "
                      "the curves jump where the size changes.")
@@ -410,7 +410,7 @@ def _training_notes(tr: dict, shown: int) -> list[str]:
         took = f", {parent['train_time_s'] / 60:.1f} min" if finite_number(parent.get("train_time_s")) else ""
         notes.append(f"It continued {parent['from']} ({parent.get('epochs_run', '?')} epochs{took}, not counted "
                      "above): epoch 1 here starts from a trained model.")
-    if tr.get("weight_ema"):
+    if finite_number(tr.get("weight_ema")) and tr["weight_ema"]:
         notes.append(f"Validation is of the weights' moving average (decay {tr['weight_ema']:g}), training of the "
                      "raw weights: part of the gap between the curves is that.")
     if tr and tr.get("best_epoch") is None:
@@ -462,7 +462,7 @@ def unreadable_note(card: dict) -> str | None:
     """The card's fields of the wrong type (a hand edit), left out of the page (`inference.shown_card`)."""
     bad = card.get("unreadable_fields")
     return (f"Some of this card's fields are of the wrong type and are not shown: {', '.join(bad)} "
-            "(a hand edit? train.py writes them).") if bad else None
+            "(a hand edit? train.py, compare --record and saliency-check write them).") if bad else None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -783,10 +783,11 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
     named = [(n, d, images.get(_mask_partner(_stem(n)), [])) for n, d in items if _mask_partner(_stem(n))]
     # repeats are numbered per name ('X.png (2)'): with as many X scans as X masks the numbers pair
     # them; scan A + mask, scan B, scan C + mask would give C's mask to B, so then none pairs
-    uncounted = lambda stem: re.sub(r" \(\d+\)$", "", stem)  # noqa: E731
-    n_scans = Counter(uncounted(s) for s, names in images.items() for _ in names)
-    n_masks = Counter(uncounted(_mask_partner(_stem(n))) for n, _, _ in named)
-    named = [x for x in named if n_scans[uncounted(_mask_partner(_stem(x[0])))] == n_masks[uncounted(_mask_partner(_stem(x[0])))]]
+    # (only the counter `unique_names` puts after the extension: 'brain (1).png' is a name of its own)
+    base = lambda n: _stem(re.sub(r"(\.[^./]+) \(\d+\)$", r"\1", n))  # noqa: E731
+    n_scans = Counter(base(n) for names in images.values() for n in names)
+    n_masks = Counter(_mask_partner(base(n)) for n, _, _ in named)
+    named = [x for x in named if n_scans[_mask_partner(base(x[0]))] == n_masks[_mask_partner(base(x[0]))]]
     claims = Counter(scans[0] for _, _, scans in named if len(scans) == 1)
     masks, used = {}, set()
     for name, data, scans in named:

@@ -161,7 +161,7 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     both = sorted(set(ra) & set(rb))
     shared = both if with_copies else [k for k in both if not (ra[k].get("copy_in_training")
                                                              or rb[k].get("copy_in_training"))]
-    # a run never marked (train.py does not; `python -m core mark-copies`) has no copy to leave out
+    # a run never marked (trained before 2026-12-06, when train.py began to; `mark-copies`) has no copy to leave out
     unmarked = [] if with_copies else [str(d) for d, r in ((a, ra), (b, rb))
                                        if not any("copy_in_training" in x for x in r.values())]
     out = {"a": str(a), "b": str(b), "shared": len(both), "copies_left_out": len(both) - len(shared),
@@ -487,16 +487,15 @@ def cmd_compare(args) -> int:
         # a missing folder is made below; an existing one is probed for a write now
         if path and (Path(path).is_dir() or Path(path).parent.is_dir()) and (why := output_problem(flag, path)):
             raise ValueError(why)
-    unused = [f for f, on in (("--md", args.md), ("--record", args.record), ("--no-latency", args.no_latency),
-                              ("--repeats", args.repeats is not None)) if on] if args.paired else \
-        [f for f, on in (("--with-copies", args.with_copies),) if on]
-    if args.no_latency and args.repeats is not None and not args.paired:
-        unused.append("--repeats")
+    # a flag silently ignored reads as obeyed
+    if args.paired and (unused := [f for f, on in (("--md", args.md), ("--record", args.record), ("--no-latency",
+                                   args.no_latency), ("--repeats", args.repeats is not None)) if on]):
+        raise ValueError(f"{', '.join(unused)}: not used by --paired")
+    if not args.paired and args.with_copies:
+        raise ValueError("--with-copies is for --paired only")
+    if not args.paired and args.no_latency and args.repeats is not None:
+        raise ValueError("--repeats times the latency, which --no-latency skips")
     args.repeats = REPEATS if args.repeats is None else args.repeats
-    if unused:   # silently ignored, a flag reads as obeyed
-        raise ValueError(f"{', '.join(unused)} " + ("is not used by --paired" if args.paired else
-                                                     "is for --paired only" if unused == ["--with-copies"] else
-                                                     "times the latency, which --no-latency skips"))
     missing = [d for d in args.dirs if not Path(d).exists()]   # weights/* holds the file DEFAULT: passed over
     if missing:
         raise ValueError(f"no such folder: {', '.join(missing)}")

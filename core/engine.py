@@ -380,7 +380,8 @@ def _random_skull_strip(x: torch.Tensor, p: float) -> torch.Tensor:
 def set_nll(logits: torch.Tensor, allowed: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """-log P(label) where a coarse label's probability is the sum over the classes it allows.
 
-    For a fine label this is cross-entropy; for Br35H 'yes' it is -log(1 - p(notumor)).
+    For a fine label this is cross-entropy; for Br35H 'yes' it is -log of the summed tumour classes'
+    probability (-log(1 - p(notumor)) when every other class is a tumour).
     Label smoothing mixes in the mean cross-entropy over all classes.
     """
     logp = nnf.log_softmax(logits.float(), dim=1)

@@ -80,9 +80,10 @@ def load_card(weights_dir: str | Path) -> dict:
 
 # Blocks the pages only show (serving never reads them), by the type they must have: a hand edit
 # to another type was a traceback on the Training or Model card page, not a reason to refuse the model.
-SHOWN_BLOCKS = {"training": dict, "split": dict, "metrics": dict, "sources": list, "benchmark": dict,
+SHOWN_BLOCKS = {"training": dict, "split": dict, "metrics": dict, "sources": list, "benchmark": (dict, "number"),
                 "saliency": dict, "parameters": "number", "weights_file_bytes": "number"}
-SHOWN_TRAINING_NUMBERS = ("train_time_s", "best_epoch", "epochs", "epochs_run", "batch_size", "label_smoothing")
+SHOWN_TRAINING_NUMBERS = ("train_time_s", "best_epoch", "epochs", "epochs_run", "batch_size", "label_smoothing",
+                          "weight_ema")
 
 
 def shown_card(card: dict) -> dict:
@@ -91,7 +92,8 @@ def shown_card(card: dict) -> dict:
     clean, bad = dict(card), []
     for key, kind in SHOWN_BLOCKS.items():
         v = clean.get(key)
-        if key in clean and (v is None or not (finite_number(v) if kind == "number" else isinstance(v, kind))):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if key in clean and (v is None or not any(finite_number(v) if k == "number" else isinstance(v, k) for k in kinds)):
             bad += [key] if v is not None else []
             del clean[key]
     if "sources" in clean:

@@ -46,5 +46,5 @@ def mask_contradiction(pred: Prediction, scan: ScanImage, mask: bytes | None, sp
     fitted = input_mask(scan, mask, spec)
     if fitted is None or not fitted.any():
         return None
-    return ("**The uploaded tumour mask marks a lesion, but the model calls no tumour**: by the mask this "
+    return ("**The uploaded tumour mask marks a lesion, but the model does not call a tumour**: by the mask this "
             "is a missed tumour. Lower the operating point or read the scan yourself.")

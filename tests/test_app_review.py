@@ -130,6 +130,25 @@ def test_a_new_zip_in_the_uploader_does_not_show_the_previous_zips_results(app):
     assert {m.label: m.value for m in app.metric}["Scans"] == "1" and "Results of `b.zip`" in texts(app)
 
 
+
+def test_the_zip_check_hashes_an_upload_once():
+    """The page reruns on every widget: a 200 MB zip was hashed on each."""
+    class Upload:
+        name, file_id, reads = "a.zip", "id-1", 0
+
+        def getvalue(self):
+            Upload.reads += 1
+            return b"zip bytes"
+    held = {"name": "a.zip", "digest": app_support.digest(b"zip bytes")}
+    up = Upload()
+    assert app_support.unscored_upload(held, up) is None and app_support.unscored_upload(held, up) is None
+    assert Upload.reads == 1 and held["upload_id"] == "id-1"
+    other = Upload()
+    other.file_id, other.name = "id-2", "b.zip"
+    other.getvalue = lambda: b"other bytes"
+    assert "`b.zip` is not evaluated yet" in app_support.unscored_upload(held, other)
+
+
 # ----------------------------------------------------------------------------- 3: no gate
 def test_a_model_without_a_gate_says_so_on_diagnose(app):
     assert not app_support.has_ood_gate(app_support.load_predictor(app.session_state["weights_dir"]))
@@ -373,9 +392,13 @@ def test_a_mask_outlines_only_the_scan_of_its_own_folder_and_upload():
     for mask_name, scan_name in [("p.zip/masks/10.png", "p.zip/10.jpg"),
                                  ("p.zip/glioma/masks/10.png", "p.zip/glioma/10.jpg")]:
         assert set(app_support.pair_masks([(mask_name, m1), (scan_name, scan)])[1]) == {scan_name}
-    # a two-valued repeat is still a mask by its content
-    out = app_support.expand_uploads([("a/X.jpg", scan), ("a/X.png", m1), ("b/X.jpg", scan), ("b/X.png", m2)])
-    assert len(app_support.pair_masks(out)[1]) == 2
+    # a two-valued repeat is still a mask by its content ('X.png (2)' ends in a counter, not .png)
+    two_valued = png(mask)
+    out = app_support.expand_uploads([("X.jpg", scan), ("X.png", two_valued), ("X.jpg", scan), ("X.png", two_valued)])
+    assert set(app_support.pair_masks(out)[1]) == {"X.jpg", "X.jpg (2)"}
+    # a ' (1)' of the file's own name (a browser's second download) is not a repeat's counter
+    items, masks = app_support.pair_masks([("brain.png", scan), ("brain_mask.png", m1), ("brain (1).png", scan)])
+    assert masks == {"brain.png": m1} and len(items) == 2
     items, masks = app_support.pair_masks([("X.jpg", scan), ("X.tif", scan), ("X_mask.tif", m1)])
     assert not masks and len(items) == 3
 

@@ -312,7 +312,7 @@ def test_a_damaged_eval_json_is_one_sentence_naming_it(tmp_path, capsys, damage,
 
 
 def test_paired_says_when_a_run_was_never_marked_for_copies(tmp_path):
-    """train.py does not mark copies: a fresh run's copies were silently counted as copy-free."""
+    """Runs trained before train.py marked copies (2026-12-06): their copies were silently counted as copy-free."""
     from core.compare import paired, paired_text
     four = ["glioma", "meningioma", "pituitary", "notumor"]
     a = _with_eval(make_model_dir(tmp_path / "a", four), [("benchmark", "glioma/s.jpg", "glioma", "glioma")])
@@ -329,8 +329,10 @@ def test_paired_says_when_a_run_was_never_marked_for_copies(tmp_path):
 @pytest.mark.parametrize("args, said", [(["a", "a", "--paired"], "the same model twice"),
                                         (["a", "nope", "--paired"], "no such folder: "),
                                         (["a", "nope", "--no-latency"], "no such folder: "),
-                                        (["a", "b", "--paired", "--md", "x.md"], "--md is not used by --paired"),
-                                        (["a", "--with-copies", "--no-latency"], "--with-copies is for --paired only")])
+                                        (["a", "b", "--paired", "--md", "x.md"], "--md: not used by --paired"),
+                                        (["a", "--with-copies", "--no-latency"], "--with-copies is for --paired only"),
+                                        (["a", "--no-latency", "--repeats", "3", "--with-copies"],
+                                         "--with-copies is for --paired only")])
 def test_compare_usage_errors_say_what_is_wrong(tmp_path, capsys, args, said):
     four = ["glioma", "meningioma", "pituitary", "notumor"]
     for name in ("a", "b"):

@@ -115,6 +115,9 @@ def test_shown_card_leaves_out_wrong_typed_fields_and_names_them():
     fine = {"classes": ["a", "b"], "training": {"best_epoch": 3}, "sources": [{"name": "x", "images": {"train": 1}}]}
     assert shown_card(fine) is fine
     assert shown_card({"training": {"best_epoch": "7"}})["unreadable_fields"] == ["training.best_epoch"]
+    assert shown_card({"training": {"weight_ema": "0.999"}})["unreadable_fields"] == ["training.weight_ema"]
+    number = {"benchmark": 16.5}    # a latency as compare reads it (`card_latency`)
+    assert shown_card(number) is number
     assert "not recorded" in dash.build_caption({}, "ab" * 32)
 
 
