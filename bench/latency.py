@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=positive, default=50)
     p.add_argument("--warmup", type=non_negative, default=5)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads[0])   # the machine line says the first row's threads, not torch's default
     meta = header("cpu")
     try:  # a missing model or image is a usage error, not a traceback
         wdir = random_weights_dir(args.arch, args.img) if args.arch else Path(args.weights or default_weights())

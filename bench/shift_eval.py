@@ -24,6 +24,7 @@ screen, a whole window) run only when named in --perturbations.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,9 @@ from bench.screen_captures import CAPTURES, jpeg, to_array, to_pil  # noqa: E402
 from bench.tta_eval import labelled_files  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.inference import Predictor  # noqa: E402
+from core.cli import integer_at_least  # noqa: E402
 from core.labels import NO_TUMOUR, TUMOUR  # noqa: E402
+from core.metrics import is_tumour_label  # noqa: E402
 from core.reader import ScanImage, read_scan  # noqa: E402
 
 Perturb = Callable[[np.ndarray, np.random.Generator], np.ndarray | tuple[np.ndarray, float]]
@@ -112,6 +115,15 @@ RUN_BY_DEFAULT = list(PERTURBATIONS)
 PERTURBATIONS |= CAPTURES
 
 
+def file_seed(path: str | Path) -> int:
+    """The perturbation's seed of one image, from its class folder and name: the same draw (a turn
+    left or right, the noise) whatever the list it is in. By position in the list (before
+    2026-12-06), two runs on different lists turned one scan +45 and -45 degrees and `--paired`
+    compared them."""
+    p = Path(path)
+    return int(hashlib.sha1(f"{p.parent.name}/{p.name}".encode(errors="surrogateescape")).hexdigest()[:8], 16)
+
+
 def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, parts: bool = False) -> dict:
     """``parts``: also which gate parts flag each image (the served pass again: about twice the time).
 
@@ -120,15 +132,17 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
     calls served with neither flag (out of distribution, "uncertain"): for a coarse "tumour"
     label, a tumour called no tumour."""
     hits, tumour_hits, normal_hits, flagged, silent, silent_errors, accepted, records = [], [], [], [], 0, 0, [], []
-    for i, (path, label) in enumerate(rows):
+    for path, label in rows:
         scan = read_scan(path)
-        rng = np.random.default_rng(i)
+        seed = file_seed(path)
+        rng = np.random.default_rng(seed)
         out = perturb(scan.pixels, rng)   # a capture drawn in colour also gives its colourfulness
         pixels, colour = out if isinstance(out, tuple) else (out, scan.colourfulness)
         scan = ScanImage(pixels=np.asarray(pixels, dtype=np.float32), colourfulness=colour, kind=scan.kind,
                          info=scan.info)
         p = pred.predict_scan(scan)
-        right = p.pred == label if label in pred.classes else p.pred != NO_TUMOUR
+        called = bool(is_tumour_label(p.pred))   # a call that is neither tumour nor 'notumor' finds no tumour
+        right = p.pred == label if label in pred.classes else called
         if label in pred.classes:  # a coarse "tumour" counts for sensitivity only
             hits.append(right)
             if p.in_distribution:
@@ -136,11 +150,11 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
         flagged.append(not p.in_distribution)
         silent_errors += not right and p.in_distribution and not p.uncertain
         if label == NO_TUMOUR:
-            normal_hits.append(p.pred == NO_TUMOUR)
-        else:
-            tumour_hits.append(p.pred != NO_TUMOUR)
-            silent += p.pred == NO_TUMOUR and p.in_distribution and not p.uncertain
-        records.append({"file": str(path), "label": label, "pred": p.pred,
+            normal_hits.append(not called)
+        elif is_tumour_label(label):
+            tumour_hits.append(called)
+            silent += not called and p.in_distribution and not p.uncertain
+        records.append({"file": str(path), "label": label, "pred": p.pred, "seed": seed,
                         "in_distribution": bool(p.in_distribution), "uncertain": bool(p.uncertain)}
                        | ({"flagged_by": flagging_parts(pred, scan, not p.in_distribution)} if parts else {}))
     mean = lambda v: round(float(np.mean(v)), 4) if v else None  # noqa: E731
@@ -165,6 +179,9 @@ def paired(a: dict, b: dict) -> dict:
                 continue  # not in both, or written before the records were kept
             by_file = {r["file"]: r for r in rb["records"]}
             pairs = [(r, by_file[r["file"]]) for r in ra["records"] if r["file"] in by_file]
+            if any(x.get("seed") != y.get("seed") for x, y in pairs):   # one scan, two draws: not paired
+                raise ValueError(f"{src} / {name}: the two results perturbed the same images with other seeds "
+                                 "(one written before seeds were per file): rerun the older one")
             out.setdefault(src, {})[name] = paired_calls(pairs)
     if not out:
         raise ValueError("the two results share no source and perturbation with per-image records")
@@ -201,7 +218,7 @@ def main(argv=None) -> int:
                    help="default: all but the screen captures (bench/screen_captures.py), which run when named")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="val: the model's validation files (decide there; test only reports)")
-    p.add_argument("--limit", type=int, default=0, help="a seeded sample of N images of each source (0: all)")
+    p.add_argument("--limit", type=integer_at_least(0), default=0, help="a seeded sample of N images of each source (0: all)")
     p.add_argument("--match", default=None, metavar="TEXT",
                    help="only files whose path holds TEXT (e.g. TCGA_CS_: one LGG site)")
     p.add_argument("--parts", action="store_true",

@@ -31,6 +31,7 @@ from bench._machine import header  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.data import PATIENT_RE  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
+from core.metrics import is_tumour_label  # noqa: E402
 from core.inference import load_card  # noqa: E402
 from core.ood import source_roots  # noqa: E402
 from core.saliency import mask_path_for, read_mask  # noqa: E402
@@ -66,7 +67,7 @@ def _lgg_records(eval_json: dict, source: str) -> list[tuple[str, str, bool, boo
         m = PATIENT_RE.match(Path(r["file"]).name)
         if r.get("source") == source and m:
             out.append((m.group(1).split("_")[1], m.group(1), r["pred"] == r["label"], r["label"] != NO_TUMOUR,
-                        r["pred"] != NO_TUMOUR, r.get("tumour_probability")))
+                        bool(is_tumour_label(r["pred"])), r.get("tumour_probability")))
     return out
 
 
@@ -167,11 +168,12 @@ def error_edges(eval_json: dict, root: str | Path, site: str | None = None, sour
             continue
         if r["label"] == NO_TUMOUR:
             d = min((abs(_slice_no(r["file"]) - t) for t in tumour_slices[m.group(1)]), default=99)
-            near[max((b for b in DISTANCE_BINS if d >= b), default=DISTANCE_BINS[0])].append(r["pred"] == NO_TUMOUR)
+            near[max((b for b in DISTANCE_BINS if d >= b), default=DISTANCE_BINS[0])].append(not is_tumour_label(r["pred"]))
         elif (mp := mask_path_for(root / r["file"])) is not None:
             a = int(read_mask(mp).sum())
-            silent = r["pred"] == NO_TUMOUR and r.get("in_distribution", True) and not r.get("uncertain", False)
-            area[max(b for b in AREA_BINS if a >= b)].append((r["pred"] != NO_TUMOUR, silent))
+            called = bool(is_tumour_label(r["pred"]))   # not 'anything but notumor': core's tumour call
+            silent = not called and r.get("in_distribution", True) and not r.get("uncertain", False)
+            area[max(b for b in AREA_BINS if a >= b)].append((called, silent))
     row = lambda v: {"n": len(v), "right": int(sum(v))}  # noqa: E731
     tumour_row = lambda v: {**row([h for h, _ in v]), "silent_misses": int(sum(s for _, s in v))}  # noqa: E731
     return {"sensitivity_by_mask_px": {f">={b}": tumour_row(area[b]) for b in AREA_BINS if area[b]},

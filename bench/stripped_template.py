@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import flagging_parts, header, json_output, load_predictor, part_counts, positive  # noqa: E402
 from core.inference import Predictor  # noqa: E402
-from core.labels import NO_TUMOUR  # noqa: E402
+from core.metrics import is_tumour_label  # noqa: E402
 from core.reader import ScanError, lit_share, read_volume_scans  # noqa: E402
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -66,7 +66,7 @@ def serve(pred: Predictor, slices: list[tuple[int, object]], parts: bool = False
                      "uncertain": bool(p.uncertain), "ood_score": p.ood_score}
                     | ({"flagged_by": flagging_parts(pred, scan, not p.in_distribution)} if parts else {}))
     flagged = [not r["in_distribution"] for r in rows]
-    tumour = [r["pred"] != NO_TUMOUR for r in rows]
+    tumour = [bool(is_tumour_label(r["pred"])) for r in rows]   # core's tumour call
     silent = [t and not f and not r["uncertain"] for t, f, r in zip(tumour, flagged, rows)]
     n = len(rows)
     return {"n": n, "flagged": int(sum(flagged)), "flagged_pct": round(100 * sum(flagged) / n, 1) if n else None,

@@ -4,8 +4,9 @@
     python bench/train_throughput.py --arch resnet18 --img 224 --device cuda --precision bf16
 
 Runs `core.engine.train_one_epoch` (batched augmentation, normalisation, forward, set-valued
-loss, backward, AdamW step, OneCycle schedule) exactly as train.py does; the warm-up steps
-(allocator, kernel selection) are excluded from the timing.
+loss, backward, AdamW step, OneCycle schedule) as train.py does: a plain step, without the
+weights' moving average (EMA) or the mask loss that some recipes add (the default's did); the
+warm-up steps (allocator, kernel selection) are excluded from the timing.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--img", type=positive, default=192)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--batch-size", type=positive, default=64)
+    # train_one_epoch skips a batch of one (batch-norm): --batch-size 1 timed no training at all
+    p.add_argument("--batch-size", type=integer_at_least(2), default=64)
     p.add_argument("--steps", type=positive, default=10, help="timed steps")
     p.add_argument("--warmup", type=non_negative, default=3, help="untimed steps first")
     p.add_argument("--threads", type=non_negative, default=0, help="CPU threads (0 = torch default)")

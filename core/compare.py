@@ -196,7 +196,7 @@ def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
     # a tumour is found by a tumour call, not by 'anything but notumor' (a 'stroke' call misses it)
     calls = {"accuracy": (lambda r: r["label"] != TUMOUR, lambda r: r["pred"] == r["label"]),  # coarse: no type
              "tumours_found": (lambda r: is_tumour_label(r["label"]) is True, lambda r: bool(is_tumour_label(r["pred"]))),
-             "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: r["pred"] == NO_TUMOUR)}
+             "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: not is_tumour_label(r["pred"]))}
     out = {"n": len(pairs)}
     for name, (counts, right) in calls.items():
         hits = [(right(ra), right(rb)) for ra, rb in pairs if counts(ra)]

@@ -17,10 +17,8 @@ def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> n
     from .saliency import mask_to_input, read_mask
     if src is None:
         return None
-    h, w = scan.pixels.shape[:2]
-    sizes = {(w, h), *([tuple(scan.info["downscaled_from"])] if scan.info.get("downscaled_from") else [])}
     try:
-        mask = read_mask(src, sizes)
+        mask = read_mask(src, mask_sizes(scan))
     except Exception:  # not an image, or not of its scan's size: no outline rather than a broken page
         return None
     if mask.shape != scan.pixels.shape and scan.info.get("downscaled_from") == [mask.shape[1], mask.shape[0]]:
@@ -28,6 +26,12 @@ def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> n
     if mask.shape != scan.pixels.shape or not mask.any():
         return None
     return mask_to_input(scan.pixels, mask, spec)
+
+
+def mask_sizes(scan: ScanImage) -> set[tuple[int, int]]:
+    """The (width, height) a mask of ``scan`` may have: the scan's, or the size the reader reduced it from."""
+    h, w = scan.pixels.shape[:2]
+    return {(w, h), *([tuple(scan.info["downscaled_from"])] if scan.info.get("downscaled_from") else [])}
 
 
 def _reduced_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

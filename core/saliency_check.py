@@ -80,13 +80,19 @@ def _predicted(predictor: Predictor, scan) -> str:
 
 def score_slice(predictor: Predictor, image: Path, mask_file: Path, dilate_px: int,
                 rng: np.random.Generator, methods: list[str]) -> dict | None:
-    """Every method's scores on one slice, for both targets; None when the mask is empty here or
-    does not fit its scan."""
-    from .masks import input_mask
+    """Every method's scores on one slice, for both targets; None when the mask is empty here.
+    ValueError when the mask file cannot be read or does not fit its scan: a measurement must not
+    quietly drop the slices it cannot use."""
+    from .masks import input_mask, mask_sizes
     from .reader import read_scan
     scan = read_scan(image)
     mask = input_mask(scan, mask_file, predictor.spec)   # the app's fitting: size checked, reduced alike
-    if mask is None or not mask.any():  # a lesion outside the head crop, an empty or misfit mask file
+    if mask is None:   # input_mask's None is also an unreadable or misfit file: say which
+        try:
+            S.read_mask(mask_file, mask_sizes(scan))
+        except Exception as e:
+            raise ValueError(f"{mask_file} cannot be used as the mask of {image.name}: {e}") from None
+    if mask is None or not mask.any():  # a lesion outside the head crop, or an empty mask file
         return None
     size = mask.shape[0]
     tol = dilate_px / size  # mask_scores takes the tolerance as a share of the frame

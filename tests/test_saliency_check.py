@@ -372,3 +372,20 @@ def test_a_mask_lands_on_its_lesion_when_the_reader_turns_or_shrinks_the_scan(or
     assert mask is not None and mask.any()
     view = display_image(scan, DEFAULT_SPEC)
     assert view[mask].mean() > 2 * view[(view > 0.05) & ~mask].mean()   # on the bright lesion
+
+
+def test_score_slice_refuses_a_mask_it_cannot_use(tmp_path):
+    """saliency-check dropped a slice whose mask was unreadable or misfit as if its mask were
+    empty: the measurement quietly covered fewer slices."""
+    from core.saliency_check import score_slice
+    from conftest import make_weights
+    from core.inference import Predictor
+    pred = Predictor(make_weights(tmp_path / "w"))
+    scan = tmp_path / "s.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(scan)
+    for bad in (b"not an image", _png(np.zeros((30, 30), np.uint8))):
+        (tmp_path / "m.png").write_bytes(bad)
+        with pytest.raises(ValueError, match="cannot be used as the mask of s.png"):
+            score_slice(pred, scan, tmp_path / "m.png", 2, np.random.default_rng(0), ["gradcam"])
+    (tmp_path / "m.png").write_bytes(_png(np.zeros((64, 64), np.uint8)))       # empty: skipped, not an error
+    assert score_slice(pred, scan, tmp_path / "m.png", 2, np.random.default_rng(0), ["gradcam"]) is None

@@ -166,6 +166,20 @@ def test_paired_pairs_two_results_image_by_image_and_refuses_what_has_no_records
     assert e.value.code == 2
 
 
+def test_perturbation_seeds_are_per_file_and_paired_refuses_other_draws():
+    """Seeded by list position, one scan turned +45 degrees in one run and -45 in a run on another
+    list (--limit, another model's split), and --paired compared the two."""
+    from bench.shift_eval import file_seed, paired
+    assert file_seed("/x/data/glioma/a.jpg") == file_seed("/elsewhere/glioma/a.jpg")   # class folder + name
+    assert file_seed("/x/glioma/a.jpg") != file_seed("/x/glioma/b.jpg")
+    labels = {"a.png": "tumor"}
+    a, b = _result({"a.png": "glioma"}, labels), _result({"a.png": "glioma"}, labels)
+    a["result"]["br35h"]["skull stripped"]["records"][0]["seed"] = 1
+    b["result"]["br35h"]["skull stripped"]["records"][0]["seed"] = 2
+    with pytest.raises(ValueError, match="other seeds"):
+        paired(a, b)
+
+
 def test_ensemble_agreement_by_hand():
     from bench.ensemble_eval import agreement
     y = np.array([0, 1, 1, 0])
