@@ -35,7 +35,7 @@ from core.evaluation import (card_metrics, copies_trained_on, evaluate_records, 
 from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
                          normalise_label, tumour_classes)
-from core.metrics import is_tumour_label, tumour_probability
+from core.metrics import is_tumour_label, other_calls, tumour_probability
 from core.models import count_parameters, create_model, has_class_maps, list_models, min_input_size
 from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
@@ -297,6 +297,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from core.reader import MAX_SIDE   # no scan reaches the model larger: a bigger input only upsamples
     if not 8 <= args.img <= MAX_SIDE or args.small_img < 0 or 0 < args.small_img < 8 or args.small_img > MAX_SIDE:
         p.error(f"--img must be between 8 and {MAX_SIDE} pixels (and --small-img 0 or in that range)")
+    if args.small_img and args.small_img_epochs >= args.epochs:
+        # every epoch small: early stopping never counts, and the model is calibrated and tested at
+        # a size it never trained on
+        p.error(f"--small-img-epochs {args.small_img_epochs} leaves no epoch at --img {args.img}: "
+                f"fewer than --epochs {args.epochs}")
     if args.patience < 1 or args.limit < 0 or args.threads < 0 or args.workers < 0:
         p.error("--patience must be >= 1, and --limit, --threads and --workers >= 0")
     if not 0 <= args.seed < 2**31:
@@ -1023,12 +1028,16 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         t_prob = tumour_probability(val_probs[known], classes)
         is_t = np.array([bool(is_tumour_label(val_samples[i].label)) for i in known], bool)
         src = np.array([val_samples[i].source for i in known])
-        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity, groups=src)
+        # a row called a class that is neither ('stroke') is no tumour call at any threshold (`decide`)
+        never = other_calls(val_probs[known], classes)
+        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity, groups=src, never=never)
+        called = (t_prob >= thr) & ~never
         operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
                      "min_specificity": args.min_specificity,
-                     "min_specificity_applies_to": "every source with >= 20 validation normals",
-                     "val_sensitivity": float((t_prob[is_t] >= thr).mean()) if is_t.any() else None,
-                     "val_specificity": float((t_prob[~is_t] < thr).mean()) if (~is_t).any() else None}
+                     "min_specificity_applies_to": "every source with >= 20 validation normals "
+                                                   "(all sources pooled when none has that many)",
+                     "val_sensitivity": float(called[is_t].mean()) if is_t.any() else None,
+                     "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None}
     threshold = operating.get("threshold")
     uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -1047,7 +1056,11 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     ev = evaluate_records(records, classes, threshold)
     # a test image whose copy was trained on is a scan the model has seen: marked now, the Evaluation
     # page and `compare --paired` can leave it out (about a minute on the shared data; hashes cached)
-    mark_records(ev, copies_trained_on(samples, sources))
+    try:   # an auxiliary mark must not end a finished run: without it the records stay unmarked
+        mark_records(ev, copies_trained_on(samples, sources))
+    except (OSError, ValueError) as e:
+        print(f"warning: test records not marked for copies in training ({e}); "
+              "`python -m core mark-copies` can do it later", flush=True)
     write_json(out / "eval.json", ev)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)

@@ -768,31 +768,40 @@ CAP_THRESHOLD = 0.5
 
 def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float,
                    min_specificity: float | None = None, groups: np.ndarray | None = None,
-                   min_group_normals: int = 20) -> float:
+                   min_group_normals: int = 20, never: np.ndarray | None = None) -> float:
     """The highest tumour-probability threshold whose validation sensitivity meets the target.
 
     With ``min_specificity``, never go so low that validation specificity falls below it: a
     threshold that calls most healthy scans tumours is no operating point. With ``groups``
     (the source of each image) the floor holds in every source with at least
-    ``min_group_normals`` normals, so that many easy normals of one collection cannot pay for
-    false alarms on another. The card records the sensitivity and specificity actually reached.
+    ``min_group_normals`` normals (in the pooled normals when no source has that many), so that
+    many easy normals of one collection cannot pay for false alarms on another. ``never``: rows
+    called a class that is neither tumour nor 'no tumour' (`metrics.other_calls`), no tumour call
+    at any threshold: a tumour among them is a miss, a normal a right call. The card records the
+    sensitivity and specificity actually reached.
     """
     t_prob, is_tumour = np.asarray(t_prob), np.asarray(is_tumour, bool)
-    tp = np.sort(t_prob[is_tumour])
+    never = np.zeros(len(t_prob), bool) if never is None else np.asarray(never, bool)
+    tp = np.sort(t_prob[is_tumour & ~never])
     if len(tp) == 0:
         return 0.5
-    k = int(math.floor((1 - target_sensitivity) * len(tp)))  # tumours we may miss
+    # tumours we may miss, those no threshold reaches first (0: every reachable one, the target then out of reach)
+    k = max(0, int(math.floor((1 - target_sensitivity) * int(is_tumour.sum()))) - int((is_tumour & never).sum()))
     # no floor above 0: a weak model's tumours at p < 1e-4 are still to be reached if the target needs them
-    thr = float(min(CAP_THRESHOLD, max(0.0, tp[k] - 1e-6)))
+    thr = float(min(CAP_THRESHOLD, max(0.0, tp[min(k, len(tp) - 1)] - 1e-6)))
     if min_specificity is None:
         return thr
     groups = np.zeros(len(t_prob), int) if groups is None else np.asarray(groups)
-    names = np.unique(groups)
-    for g in names:
-        normals = np.sort(t_prob[~is_tumour & (groups == g)])
-        if len(normals) == 0 or (len(names) > 1 and len(normals) < min_group_normals):
-            continue
+    counted = [g for g in np.unique(groups) if (~is_tumour & (groups == g)).sum() >= min_group_normals]
+    # no source with enough normals: the floor holds over them all, not nowhere
+    sets = [groups == g for g in counted] if counted else [np.ones(len(t_prob), bool)]
+    for in_group in sets:
+        n_normals = int((~is_tumour & in_group).sum())
+        normals = np.sort(t_prob[~is_tumour & ~never & in_group])
         # lowest threshold keeping at least min_specificity of this group's normals below it
-        j = min(len(normals) - 1, int(math.ceil(min_specificity * len(normals))) - 1)
-        thr = max(thr, min(CAP_THRESHOLD, float(normals[j]) + 1e-6))
+        # (those called the other class are below any threshold)
+        below = int(math.ceil(min_specificity * n_normals)) - int((~is_tumour & never & in_group).sum())
+        if below <= 0 or len(normals) == 0:
+            continue
+        thr = max(thr, min(CAP_THRESHOLD, float(normals[min(len(normals), below) - 1]) + 1e-6))
     return thr

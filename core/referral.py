@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .labels import FINE_TUMOURS, has_tumour_decision, tumour_classes
-from .metrics import apart, decide, digits_apart, is_tumour_label, tumour_probability
+from .metrics import apart, decide, digits_apart, is_tumour_label, other_calls, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
 TOP_CLASS_RULE = "top-class confidence"
@@ -172,25 +172,29 @@ def pick_min_confidence(conf: np.ndarray, correct: np.ndarray, target_error: flo
 
 
 def pick_band(t_prob: np.ndarray, is_tumour: np.ndarray, threshold: float,
-              target_error: float = 0.005, max_referred: float = 0.10) -> dict:
+              target_error: float = 0.005, max_referred: float = 0.10, never: np.ndarray | None = None) -> dict:
     """The band [lo, hi) around ``threshold`` that refers the fewest validation images while the
     decisions kept outside it err <= ``target_error``, referring at most ``max_referred``.
 
     When no band within that cap reaches the target, the one with the lowest kept error. Only
     bands whose edges sit on an error need trying: lo at a missed tumour's probability, hi just
     above a false alarm's (moving an edge elsewhere refers more without removing an error).
+    ``never``: rows called a class that is neither tumour nor 'no tumour' (`metrics.other_calls`):
+    a tumour among them is missed wherever it lies (only the band refers it), a normal is right.
     """
     t, y = np.asarray(t_prob, np.float64), np.asarray(is_tumour, bool)
+    never = np.zeros(len(t), bool) if never is None else np.asarray(never, bool)
     n, cap = len(t), int(math.floor(max_referred * len(t)))
     below = t < threshold
-    ts, tum, nor = np.sort(t), np.sort(t[y]), np.sort(t[~y])
+    ts, tum, nor, lost = np.sort(t), np.sort(t[y & ~never]), np.sort(t[~y & ~never]), np.sort(t[y & never])
     lo_c = np.unique(np.r_[threshold, t[below & y]])
-    hi_c = np.unique(np.r_[threshold, np.nextafter(t[~below & ~y], np.inf)])
+    hi_c = np.unique(np.r_[threshold, np.nextafter(t[~below & ((~y & ~never) | (y & never))], np.inf)])
     # an edge that alone refers more than the cap can never be part of an allowed band
     lo_c = lo_c[np.searchsorted(ts, threshold) - np.searchsorted(ts, lo_c) <= cap]
     hi_c = hi_c[np.searchsorted(ts, hi_c) - np.searchsorted(ts, threshold) <= cap]
     referred = np.searchsorted(ts, hi_c)[None, :] - np.searchsorted(ts, lo_c)[:, None]
-    errors = np.searchsorted(tum, lo_c)[:, None] + (len(nor) - np.searchsorted(nor, hi_c))[None, :]
+    errors = (np.searchsorted(tum, lo_c)[:, None] + (len(nor) - np.searchsorted(nor, hi_c))[None, :]
+              + np.searchsorted(lost, lo_c)[:, None] + (len(lost) - np.searchsorted(lost, hi_c))[None, :])
     rate = errors / np.maximum(n - referred, 1)
     allowed = referred <= cap
     meets = allowed & (rate <= target_error)
@@ -219,7 +223,7 @@ def pick_referral(probs: np.ndarray, labels: list[str], classes: list[str], thre
     known = [i for i, v in enumerate(truth) if v is not None]
     t = tumour_probability(probs, classes)
     band = pick_band(t[known], np.array([truth[i] for i in known], bool), threshold,
-                     target_error, max_referred)
+                     target_error, max_referred, never=other_calls(probs[known], classes))
     kind = _type_block(probs, labels, classes, threshold, type_target_error, type_max_referred)
     return {"rule": BAND_RULE, "threshold": threshold, **band, **kind}
 

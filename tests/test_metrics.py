@@ -439,3 +439,29 @@ def test_fit_temperature_of_non_finite_logits_is_nan_for_the_caller_to_refuse():
         z = torch.eye(4)
         z[1, 2] = bad
         assert math.isnan(fit_temperature(z, masks))
+
+
+def test_pick_threshold_counts_calls_of_another_class_and_pools_a_floor_no_source_can_hold():
+    """A tumour called 'stroke' (p(stroke) 0.45, the tumour types 0.55 together) is served as
+    'stroke' whatever the threshold, but counted as caught: the card said 1.0 where it was 0.9.
+    And with two sources of 15 validation normals each, the specificity floor held nowhere."""
+    t = np.r_[np.full(90, 0.9), np.full(10, 0.55), np.full(50, 0.05)]
+    is_t = np.r_[np.ones(100, bool), np.zeros(50, bool)]
+    never = np.r_[np.zeros(90, bool), np.ones(10, bool), np.zeros(50, bool)]
+    thr = pick_threshold(t, is_t, 0.99, never=never)
+    called = (t >= thr) & ~never
+    assert called[is_t].mean() == 0.9                       # the target cannot be met: every reachable tumour is
+    assert thr < 0.9
+    # normals called the other class are right at any threshold: they do not push the floor
+    probs = np.r_[np.full(90, 0.3), np.full(10, 0.4), np.full(30, 0.01)]
+    y = np.r_[np.ones(90, bool), np.zeros(40, bool)]
+    assert pick_threshold(probs, y, 0.99, 0.97) > 0.4          # as tumour calls, the 0.4 normals set the floor
+    assert pick_threshold(probs, y, 0.99, 0.97, never=np.r_[np.zeros(90, bool), np.ones(10, bool),
+                                                            np.zeros(30, bool)]) < 0.4
+    rng = np.random.default_rng(0)
+    tum = np.r_[np.full(95, 0.9), np.full(5, 0.001)]
+    normals = rng.uniform(0.1, 0.3, 30)
+    probs, y = np.r_[tum, normals], np.r_[np.ones(100, bool), np.zeros(30, bool)]
+    groups = np.r_[np.array(["a", "b"] * 50), np.array(["a", "b"] * 15)]
+    thr = pick_threshold(probs, y, 0.99, 0.97, groups=groups)
+    assert (normals < thr).mean() >= 0.97                  # pooled: 15 + 15 normals hold the floor

@@ -307,3 +307,13 @@ def test_equal_confidences_are_kept_or_referred_together():
     correct = np.r_[np.ones(8, bool), True, False]   # the right 0.7 first: a split inside the tie keeps it
     r = pick_min_confidence(conf, correct, target_error=0.0, max_referred=0.5)
     assert r["min_confidence"] == pytest.approx(0.9) and r["val_referred"] == pytest.approx(0.2)
+
+
+def test_pick_band_counts_a_tumour_called_another_class_as_an_error_only_the_band_refers():
+    t = np.array([0.9, 0.8, 0.6, 0.1, 0.05, 0.02])
+    y = np.array([True, True, True, False, False, False])
+    plain = pick_band(t, y, threshold=0.5, target_error=0.0, max_referred=0.5)
+    assert plain["val_error_kept"] == 0.0 and plain["val_referred"] == 0.0
+    never = np.array([False, False, True, False, False, False])   # the 0.6 tumour is served as 'stroke'
+    band = pick_band(t, y, threshold=0.5, target_error=0.0, max_referred=0.5, never=never)
+    assert band["val_error_kept"] == 0.0 and band["lo"] <= 0.6 < band["hi"]

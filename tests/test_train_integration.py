@@ -669,3 +669,18 @@ def test_a_training_run_marks_its_test_records_for_copies(tmp_path, monkeypatch)
     ev = json.loads((tmp_path / "m" / "eval.json").read_text())
     assert ev["predictions"] and all(r["copy_in_training"] is False for r in ev["predictions"])   # blobs: none alike
     assert sum(c["n"] for c in ev["copies_in_training"]["per_source"].values()) == len(ev["predictions"])
+
+
+def test_a_failed_copy_mark_does_not_end_a_finished_run(tmp_path, monkeypatch, capsys):
+    import train
+
+    def fail(*_):
+        raise ValueError("3 files of the split are missing")
+    monkeypatch.setattr(train, "copies_trained_on", fail)
+    data = tmp_path / "data"
+    make_dataset(data)
+    train_validating(["--data", data, "--out", tmp_path / "m", "--arch", "simple_cnn", "--img", 32, "--epochs", 1,
+                      "--batch-size", 8, "--workers", 1], monkeypatch)
+    ev = json.loads((tmp_path / "m" / "eval.json").read_text())
+    assert (tmp_path / "m" / "card.json").is_file() and not any("copy_in_training" in r for r in ev["predictions"])
+    assert "not marked for copies in training (3 files of the split are missing)" in capsys.readouterr().out

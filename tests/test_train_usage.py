@@ -552,3 +552,11 @@ def test_a_label_map_naming_no_folder_and_a_class_only_in_testing_are_told_apart
     cfg.write_text(f'data = [{{ path = "{tmp_path / "d" / "Training"}", label_map = {{ Lesion = "glioma" }} }}]\n')
     assert train.main(["--config", str(cfg), "--out", str(tmp_path / "r2"), "--epochs", "1", *TINY]) == 2
     assert "label_map names 'Lesion', which no folder of it is called" in capsys.readouterr().err
+
+
+def test_progressive_resizing_must_leave_an_epoch_at_full_size(data, tmp_path, capsys):
+    """--small-img-epochs >= --epochs trained every epoch small: early stopping never counted and the
+    model was calibrated and tested at a size it never trained on."""
+    err = refused(["--data", data, "--out", tmp_path / "run", "--epochs", 2, "--small-img", 16,
+                   "--small-img-epochs", 2], capsys)
+    assert "--small-img-epochs 2 leaves no epoch at --img" in err
