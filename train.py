@@ -300,8 +300,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.small_img and args.small_img_epochs >= args.epochs:
         # every epoch small: early stopping never counts, and the model is calibrated and tested at
         # a size it never trained on
-        p.error(f"--small-img-epochs {args.small_img_epochs} leaves no epoch at --img {args.img}: "
-                f"fewer than --epochs {args.epochs}")
+        p.error(f"--small-img-epochs {args.small_img_epochs} leaves no epoch at --img {args.img}: it must be "
+                f"fewer than --epochs {args.epochs} (or --small-img 0)")
     if args.patience < 1 or args.limit < 0 or args.threads < 0 or args.workers < 0:
         p.error("--patience must be >= 1, and --limit, --threads and --workers >= 0")
     if not 0 <= args.seed < 2**31:

@@ -27,7 +27,7 @@ timeout 90 python3 bench/train_throughput.py --arch resnet18 --img 192 --device 
 # once on 60 images a source: a bug found here costs a minute of the session's device time, not the runs.
 for cfg in "${configs[@]}"; do
     m=$(basename "$cfg" .toml)
-    timeout 150 python3 train.py --config "$cfg" --limit 60 --epochs 1 --img 64 --out "/tmp/check_$m" \
+    timeout 150 python3 train.py --config "$cfg" --limit 60 --epochs 1 --img 64 --small-img 0 --out "/tmp/check_$m" \
         > "gpu/out/logs/check_$m.log" 2>&1 &
 done
 wait

@@ -216,6 +216,10 @@ def operating_point_text(card: dict, default: float) -> str:
         # pick_threshold never goes above the cap: the floor pushed the threshold there
         text += (f" (a specificity floor of {floor_s} in every source raised the threshold to its "
                  f"{CAP_THRESHOLD} cap; even there some source's validation specificity stays below it)")
+    elif sens < target and (others := [c for c in card.get("classes", []) if is_tumour_label(c) is None]):
+        # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
+        text += (f" (a tumour called {_or_list(others)} is missed at any threshold"
+                 + (f"; the specificity floor of {floor:.0%} per source may also have bound it)" if floor else ")"))
     elif sens < target and floor:
         text += f" (the specificity floor of {floor:.0%} per source bound it)"
     return text + "."

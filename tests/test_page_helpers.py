@@ -149,3 +149,10 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     binary = dash.referral_metrics(ev, yn, ReferralRule(tuple(yn), 0.3, 0.7, 0.0, 0.8))
     assert four[1][1] == "0 of 10" and binary[1][1] == "n/a" and binary[0][1] == "2 of 10"
     assert no_rule[1][1] == "n/a" and "no type-confidence level" in no_rule[1][2]
+
+
+def test_a_shortfall_of_a_model_with_a_class_that_is_neither_is_not_blamed_on_the_floor_alone():
+    op = {"target_sensitivity": .99, "val_sensitivity": .9, "val_specificity": .99, "min_specificity": .97}
+    text = app.operating_point_text({"classes": ["glioma", "notumor", "stroke"], "operating_point": op}, 0.3)
+    assert "a tumour called stroke is missed at any threshold" in text
+    assert "bound it)" in app.operating_point_text({"classes": ["glioma", "notumor"], "operating_point": op}, 0.3)

@@ -172,12 +172,22 @@ def test_perturbation_seeds_are_per_file_and_paired_refuses_other_draws():
     from bench.shift_eval import file_seed, paired
     assert file_seed("/x/data/glioma/a.jpg") == file_seed("/elsewhere/glioma/a.jpg")   # class folder + name
     assert file_seed("/x/glioma/a.jpg") != file_seed("/x/glioma/b.jpg")
-    labels = {"a.png": "tumor"}
-    a, b = _result({"a.png": "glioma"}, labels), _result({"a.png": "glioma"}, labels)
-    a["result"]["br35h"]["skull stripped"]["records"][0]["seed"] = 1
-    b["result"]["br35h"]["skull stripped"]["records"][0]["seed"] = 2
+
+    def result(name, recs):
+        return {"result": {"br35h": {name: {"records": [{"label": "tumor", "pred": "glioma", **r} for r in recs]}}}}
+    a = result("rotate 45", [{"file": "a.png", "seed": 1}])
+    b = result("rotate 45", [{"file": "a.png", "seed": 2}])
     with pytest.raises(ValueError, match="other seeds"):
         paired(a, b)
+    # results written before seeds: a record's seed was its place in its list
+    old_a = result("rotate 45", [{"file": "a.png"}, {"file": "b.png"}])
+    old_b = result("rotate 45", [{"file": "b.png"}, {"file": "a.png"}])
+    with pytest.raises(ValueError, match="other seeds"):
+        paired(old_a, old_b)
+    assert paired(old_a, old_a)["br35h"]["rotate 45"]["tumours_found"]["n"] == 2
+    # a perturbation that draws nothing pairs an old result with a new one
+    assert paired(result("skull stripped", [{"file": "a.png"}]),
+                  result("skull stripped", [{"file": "a.png", "seed": file_seed("a.png")}]))
 
 
 def test_ensemble_agreement_by_hand():
