@@ -647,7 +647,25 @@ def _dicom_header(data: bytes):
             n_frames = max(1, int(get_nr_frames(ds, warn=False)))
     except Exception:
         raise ScanError("The DICOM file is damaged (its number of frames is not a number).") from None
+    if (size := _frame_bytes(ds, rows, cols)) > MAX_FRAME_BYTES:
+        raise ScanError(f"The DICOM image is too large ({size // 2**20} MB a frame once decoded; "
+                        f"the limit is {MAX_FRAME_BYTES // 2**20} MB).")
     return ds, rows, cols, n_frames
+
+
+# Pixels count, bytes matter: 3 samples of 32 bits passed as 40 megapixels and decoded to 476 MB.
+# A frame at the pixel limit may hold 16-bit grey or 8-bit colour; a file's frames together, what
+# MAX_VOXELS of float32 would.
+MAX_FRAME_BYTES = MAX_PIXELS * 3
+
+
+def _frame_bytes(ds, rows: int, cols: int) -> int:
+    """Bytes one decoded frame takes, from the header (samples per pixel x bits allocated)."""
+    try:
+        return rows * cols * max(1, int(ds.get("SamplesPerPixel", 1) or 1)) * \
+            max(8, int(ds.get("BitsAllocated", 16) or 16)) // 8
+    except (TypeError, ValueError):
+        raise ScanError("The DICOM file is damaged (its sample size is not a number).") from None
 
 
 def _code_string(value, n: int) -> str:
@@ -770,7 +788,7 @@ def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
 def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
     """Every frame as (grey, colourfulness), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)
-    if rows * cols * n_frames > MAX_VOXELS:
+    if rows * cols * n_frames > MAX_VOXELS or _frame_bytes(ds, rows, cols) * n_frames > MAX_VOXELS * 4:
         raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
     arr = _dicom_frame(ds, None)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -814,6 +832,15 @@ def _nifti_nbytes(head: bytes) -> int | None:
         raise ScanError("The NIfTI header is damaged.") from e
 
 
+def _check_nifti_dtype(dtype: np.dtype) -> None:
+    """Refuse colour and complex voxels from the header: a 0.5 MB .nii.gz of complex128 zeros was
+    inflated and decoded (1 GB) before this was found. Real values of up to 8 bytes are scans."""
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ScanError("The NIfTI file holds colour or complex values, which are not supported.")
+    if dtype.itemsize > 8:   # float128: no scanner writes it, and it doubles a float64 volume's memory
+        raise ScanError(f"The NIfTI file stores its values in {dtype.itemsize} bytes each, which is not supported.")
+
+
 def _too_large(head: bytes, need: int) -> str | None:
     """Why a NIfTI of ``need`` bytes may not be inflated, or None: beyond MAX_DECOMPRESSED, unless
     it is one 3D volume within MAX_VOXELS (a 256^3 float64 scan is a scan, not a bomb)."""
@@ -840,6 +867,7 @@ def _gunzip_nifti(data: bytes) -> bytes:
             raise ScanError(TAR_REFUSED)
         if need is None:
             raise ScanError("The compressed file does not contain a NIfTI volume.")
+        _check_nifti_dtype(_nifti_header(head)[0].get_data_dtype())   # before inflating, not after
         if why := _too_large(head, need):
             raise ScanError(why)
         chunks, got = [head], len(head)
@@ -896,9 +924,7 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
     if len(shape) not in (2, 3, 4):
         raise ScanError(f"The NIfTI file has {len(shape)} dimensions; only 2D, 3D and 4D "
                         "volumes are supported.")
-    if not np.issubdtype(img.header.get_data_dtype(), np.number) or np.issubdtype(
-            img.header.get_data_dtype(), np.complexfloating):
-        raise ScanError("The NIfTI file holds colour or complex values, which are not supported.")
+    _check_nifti_dtype(img.header.get_data_dtype())
     n_vol = shape[3] if len(shape) == 4 else 1
     if int(np.prod(shape[:3])) > MAX_VOXELS:
         raise ScanError(f"The volume is too large ({' x '.join(map(str, shape[:3]))} voxels).")
@@ -1140,6 +1166,8 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
     if kind in ("gzip", "nifti"):
         vol, plane, zooms, info = _nifti_slices(data, options)
         slices = [_slice_2d(vol, plane, k, zooms) for k in range(info["n_slices"])]
+        if slices:   # as read_scan refuses a slice of this size (a thin stack seen from the side)
+            _check_size(slices[0].shape[1], slices[0].shape[0])
         shares = _head_shares(vol, plane)
         return [ScanImage(g, 0.0, "nifti", info | {"head_share": float(h)} | _blank(g))
                 for g, h in zip(slices, shares)], "nifti", info

@@ -557,3 +557,43 @@ def test_bytes_and_file_objects_past_the_size_limit_are_refused(monkeypatch):
             R.read_scan(src, "big.png")
     monkeypatch.setattr(R, "MAX_BYTES", 10_000)
     assert R.read_scan(data, "big.png").pixels.shape == (64, 64)
+
+
+def test_a_nifti_of_complex_values_is_refused_from_its_header_before_inflating():
+    """A 0.5 MB .nii.gz of complex128 zeros (320 x 320 x 312) was inflated and decoded, 1 GB,
+    before its type was refused. Header only here: refused from it, nothing else is read."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((320, 320, 312))
+    hdr.set_data_dtype(np.complex128)
+    hdr["vox_offset"] = 352
+    data = gzip.compress(hdr.binaryblock + b"\0" * 4)
+    with pytest.raises(ScanError, match="colour or complex values"):
+        read_scan(data, "big.nii.gz")
+    hdr.set_data_dtype(np.float64)
+    with pytest.raises(ScanError) as e:
+        read_scan(gzip.compress(hdr.binaryblock + b"\0" * 4), "short.nii.gz")
+    assert "colour or complex" not in str(e.value)
+
+
+def test_a_dicom_frame_is_limited_by_its_decoded_bytes_not_its_pixels():
+    """6300 x 6300 with 3 samples of 32 bits passed the 40-megapixel check and decoded to 476 MB."""
+    from pydicom import dcmread
+    ds = dcmread(io.BytesIO(make_dicom(np.zeros((16, 16)), with_pixels=False)))
+    ds.Rows = ds.Columns = 6300
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 3, 32, 32, 31
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.PixelData = b"\0" * 64
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(ScanError, match="MB a frame once decoded"):
+        read_scan(buf.getvalue(), "big.dcm")
+
+
+def test_volume_slices_are_held_to_the_slice_size_limits():
+    from core.reader import read_volume_scans
+    data = nifti_bytes(np.random.default_rng(0).random((10, 10, 10)).astype(np.float32))
+    with pytest.raises(ScanError, match="too small"):
+        read_scan(data, "tiny.nii.gz")
+    with pytest.raises(ScanError, match="too small"):
+        read_volume_scans(data, "tiny.nii.gz")
