@@ -551,7 +551,8 @@ def _functional(ds, name: str, frame: int | None):
     return None
 
 
-def _dicom_window(values: np.ndarray, ds, frame: int | None = None) -> tuple[np.ndarray, dict]:
+def _dicom_window(values: np.ndarray, ds, frame: int | None = None,
+                  shared: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """Modality values -> [0, 1] display values with the file's VOI (window or LUT).
 
     Linear window per DICOM PS3.3 C.11.2.1.2 (pydicom's apply_windowing returns the result in a
@@ -583,23 +584,30 @@ def _dicom_window(values: np.ndarray, ds, frame: int | None = None) -> tuple[np.
         grey = np.clip(grey, 0, 1).astype(np.float32)
         if float(grey.std()) > 1e-3:
             return grey, {"window": {"center": center, "width": width}, "window_source": "header"}
+    if shared is not None:   # the volume's window (`_dicom_frames`), not this frame's own
+        lo, hi = shared
+        grey = np.clip((np.nan_to_num(values) - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+        return grey, {"window": {"center": round((lo + hi) / 2, 3), "width": round(hi - lo, 3)},
+                      "window_source": "percentile 0.5-99.5 of every frame"}
     grey, (lo, hi) = robust_window(values)
     return grey, {"window": {"center": round((lo + hi) / 2, 3), "width": round(hi - lo, 3)},
-                  "window_source": "percentile 0.5-99.5"}
+                  "window_source": "percentile 0.5-99.5", "range": (lo, hi)}
 
 
-def _dicom_grey(arr: np.ndarray, ds, frame: int | None = None) -> tuple[np.ndarray, float, dict]:
+def _dicom_grey(arr: np.ndarray, ds, frame: int | None = None,
+                shared: tuple[float, float] | None = None) -> tuple[np.ndarray, float, dict]:
     """One decoded frame -> grey [0, 1], colourfulness, window info; ScanError when the file's
-    tables cannot be applied."""
+    tables cannot be applied. ``shared``: the window to use where the file gives none."""
     try:
-        return _dicom_grey_values(arr, ds, frame)
+        return _dicom_grey_values(arr, ds, frame, shared)
     except MemoryError:
         raise ScanError("The DICOM image is too large to process.") from None
     except Exception as e:  # a palette without its table, a non-numeric slope, a broken LUT
         raise ScanError("The DICOM file's rescale or colour tables are damaged.") from e
 
 
-def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None) -> tuple[np.ndarray, float, dict]:
+def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None,
+                       shared: tuple[float, float] | None = None) -> tuple[np.ndarray, float, dict]:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if pi == "PALETTE COLOR":
@@ -615,7 +623,7 @@ def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None) -> tuple[n
     pvt = None if "RescaleSlope" in ds else _functional(ds, "PixelValueTransformationSequence", frame)
     if pvt is not None and _first(pvt.get("RescaleSlope")) is not None:
         values = values * np.float32(_first(pvt.RescaleSlope)) + np.float32(_first(pvt.get("RescaleIntercept")) or 0.0)
-    grey, info = _dicom_window(values, ds, frame)
+    grey, info = _dicom_window(values, ds, frame, shared)
     if pi == "MONOCHROME1":  # the lowest value is white
         grey = 1.0 - grey
     return grey, 0.0, info
@@ -755,6 +763,7 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     info = _safe_dicom_info(ds, rows, cols, n_frames)
     arr = _reduce_frame(arr, ds, info)
     grey, colour, window = _dicom_grey(arr, ds, frame)
+    window.pop("range", None)   # `_dicom_frames`' to pool; not a ScanImage info key
     info |= window | {"frame": frame} | _blank(grey)
     return ScanImage(np.ascontiguousarray(grey, dtype=np.float32), colour, "dicom", info)
 
@@ -795,7 +804,13 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
     info = _safe_dicom_info(ds, rows, cols, n_frames)
     greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k) for k, f in enumerate(frames)]
-    window = greys[len(greys) // 2][2]  # the same header window for every frame
+    ranges = [g[2]["range"] for g in greys if "range" in g[2]]
+    if len(greys) > 1 and len(ranges) == len(greys):
+        # no window in the file: one for the volume, as a NIfTI gets. Each frame stretched to its
+        # own percentiles made noise-only end frames full-contrast: not blank, and 'all head'.
+        shared = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+        greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k, shared) for k, f in enumerate(frames)]
+    window = {k: v for k, v in greys[len(greys) // 2][2].items() if k != "range"}  # the same for every frame
     return [(g[0], g[1]) for g in greys], info | window
 
 

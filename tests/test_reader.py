@@ -597,3 +597,20 @@ def test_volume_slices_are_held_to_the_slice_size_limits():
         read_scan(data, "tiny.nii.gz")
     with pytest.raises(ScanError, match="too small"):
         read_volume_scans(data, "tiny.nii.gz")
+
+
+def test_a_multi_frame_dicom_without_a_window_gets_one_for_the_volume():
+    """Each frame stretched to its own percentiles: noise-only end frames came out full-contrast,
+    not blank, and 'all head'. The same volume as NIfTI (one window) had them right."""
+    from core.reader import read_volume_scans
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    head = np.where((yy - 32) ** 2 / 26 ** 2 + (xx - 32) ** 2 / 22 ** 2 <= 1, 2000.0, 0.0)
+    noise = rng.integers(0, 6, (64, 64)).astype(float)
+    vol = np.stack([noise, head + noise, head + noise, noise])
+    scans, kind, info = read_volume_scans(make_dicom(vol, window=None), "four.dcm")
+    assert kind == "dicom" and len(scans) == 4
+    from core.reader import is_empty_slice
+    assert [is_empty_slice(s.pixels) for s in scans] == [True, False, False, True]
+    assert scans[0].info["head_share"] < scans[1].info["head_share"]
+    assert info["window_source"] == "percentile 0.5-99.5 of every frame"
