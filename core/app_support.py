@@ -28,7 +28,7 @@ from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_thre
                         slice_scores, training_sources, EmptyVolume)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .masks import input_mask, mask_contradiction  # the pages' names for them
-from .metrics import apart, decide, is_tumour_label
+from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold
 from .report import shown_path, unique_names  # the upload batch names files as the report does
@@ -216,7 +216,7 @@ def operating_point_text(card: dict, default: float) -> str:
         # pick_threshold never goes above the cap: the floor pushed the threshold there
         text += (f" (a specificity floor of {floor_s} in every source raised the threshold to its "
                  f"{CAP_THRESHOLD} cap; even there some source's validation specificity stays below it)")
-    elif sens < target and (others := [c for c in card.get("classes", []) if is_tumour_label(c) is None]):
+    elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
         text += (f" (a tumour called {_or_list(others)} is missed at any threshold"
                  + (f"; the specificity floor of {floor:.0%} per source may also have bound it)" if floor else ")"))
@@ -739,6 +739,12 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
 
 
+def _uncounted(name: str) -> str:
+    """An upload's name without the counter `report.unique_names` puts after a repeat's extension
+    ('X.png (2)' -> 'X.png'; 'brain (1).png' is a name of its own)."""
+    return re.sub(r"(\.[^./]+) \(\d+\)$", r"\1", name)
+
+
 def _mask_partner(stem: str) -> str | None:
     """The scan stem an ``X_mask`` stem outlines ('X_mask (2)' -> 'X (2)'), None for a scan's."""
     base, counter = re.fullmatch(r"(.*?)((?: \(\d+\))?)", stem).groups()
@@ -752,7 +758,7 @@ def _is_mask_file(name: str, data) -> bool:
     """A tumour mask: a lossless image of exactly two grey values (lesion and background). A blank
     slice has one value and an MRI many, so neither is ever taken for a mask."""
     from PIL import Image
-    name = re.sub(r" \(\d+\)$", "", name)   # a repeat's counter (`report.unique_names`): 'X.png (2)'
+    name = _uncounted(name)
     if not isinstance(data, (bytes, bytearray)) or not name.lower().endswith(MASK_SUFFIXES):
         return False
     try:
@@ -780,18 +786,18 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
     A paired mask is never predicted as a scan; a mask without its image stays an ordinary
     upload. Returns the remaining items and {image name: mask bytes}.
     """
+    partner = {n: _mask_partner(_stem(n)) for n, _ in items}
     images: dict[str, list[str]] = {}
     for n, _ in items:
-        if _mask_partner(_stem(n)) is None:
+        if partner[n] is None:
             images.setdefault(_stem(n), []).append(n)
-    named = [(n, d, images.get(_mask_partner(_stem(n)), [])) for n, d in items if _mask_partner(_stem(n))]
+    named = [(n, d, images.get(partner[n], [])) for n, d in items if partner[n]]
     # repeats are numbered per name ('X.png (2)'): with as many X scans as X masks the numbers pair
     # them; scan A + mask, scan B, scan C + mask would give C's mask to B, so then none pairs
-    # (only the counter `unique_names` puts after the extension: 'brain (1).png' is a name of its own)
-    base = lambda n: _stem(re.sub(r"(\.[^./]+) \(\d+\)$", r"\1", n))  # noqa: E731
-    n_scans = Counter(base(n) for names in images.values() for n in names)
-    n_masks = Counter(_mask_partner(base(n)) for n, _, _ in named)
-    named = [x for x in named if n_scans[_mask_partner(base(x[0]))] == n_masks[_mask_partner(base(x[0]))]]
+    n_scans = Counter(_stem(_uncounted(n)) for names in images.values() for n in names)
+    outlines = {n: _mask_partner(_stem(_uncounted(n))) for n, _, _ in named}
+    n_masks = Counter(outlines.values())
+    named = [x for x in named if n_scans[outlines[x[0]]] == n_masks[outlines[x[0]]]]
     claims = Counter(scans[0] for _, _, scans in named if len(scans) == 1)
     masks, used = {}, set()
     for name, data, scans in named:

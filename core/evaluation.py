@@ -10,8 +10,8 @@ import numpy as np
 
 from .data import not_mri, save_whole, source_of
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, folds_types, has_tumour_decision, tumour_classes
-from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, other_calls, risk_coverage,
-                      threshold_curve, tumour_probability)
+from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, other_calls, other_classes,
+                      risk_coverage, threshold_curve, tumour_probability)
 from .referral import ReferralRule, type_confidence
 
 if TYPE_CHECKING:  # for the type hints only: core.inference loads torch and the models
@@ -274,10 +274,9 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train.py writes it")
     try:
-        ev = read_eval(path)
+        ev = read_eval(path)   # every record holds every class it names
         if not (isinstance(ev.get("classes"), list) and ev["classes"]):
             raise ValueError("it names no list of classes")
-        read_eval(path, tuple(ev["classes"]))   # every record holds every class
     except ValueError as e:
         raise ValueError(f"{path} cannot be rescored: {e}") from None
     stored = json.loads(path.read_text())
@@ -379,8 +378,7 @@ def _as_tumour_vs_none(r: dict, threshold: float | None) -> dict:
     them (`core.app_support.records_at`), as the served prediction's flags were."""
     classes = list(r["probs"])
     # the sum `decide` makes of the same probabilities, so that the folded call and the model's agree
-    row = np.array([[r["probs"][c] for c in classes]])
-    t = float(tumour_probability(row, classes)[0])
+    t = float(tumour_probability(np.array([[r["probs"][c] for c in classes]]), classes)[0])
     called = t >= (0.5 if threshold is None else threshold)
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
     # the type a tumour call names whatever the operating point (pred_type is the card's call)
@@ -429,7 +427,7 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
     if folds_types(classes):
         records = _folded_to_binary(records)
-    elif not {r["label"] for r in records} <= set(classes) and not has_other_class(classes):
+    elif not {r["label"] for r in records} <= set(classes) and not other_classes(classes):
         # 'yes' folders against a typed model. Not a model with a class that is neither (a 'stroke'):
         # two classes cannot hold its call (the model calls 'stroke' where the summed tumour
         # probability would say tumour), so its coarse labels are scored as eval.json scores Br35H's
@@ -438,11 +436,6 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
         ev.update(model_classes=classes, scored_as="tumour vs no tumour")
         return ev
     return evaluate_records(records, classes, threshold)
-
-
-def has_other_class(classes: list[str]) -> bool:
-    """A class that is neither a tumour nor 'no tumour' (a dataset's own 'stroke' folder)."""
-    return any(is_tumour_label(c) is None for c in classes)
 
 
 def _folded_to_binary(records: list[dict]) -> list[dict]:

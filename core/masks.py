@@ -14,18 +14,26 @@ from .reader import ScanImage
 
 def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> np.ndarray | None:
     """A mask file in the model-input frame of ``scan``; None when there is none or it does not fit."""
-    from .saliency import mask_to_input, read_mask
+    from .saliency import mask_to_input
     if src is None:
         return None
     try:
-        mask = read_mask(src, mask_sizes(scan))
+        mask = frame_mask(scan, src)
     except Exception:  # not an image, or not of its scan's size: no outline rather than a broken page
         return None
+    return mask_to_input(scan.pixels, mask, spec) if mask.any() else None
+
+
+def frame_mask(scan: ScanImage, src: bytes | str | Path) -> np.ndarray:
+    """A mask file in ``scan``'s own frame (shrunk alike where the reader shrank the scan). Raises
+    (ValueError, or the image library's error) when it cannot be read or is not of the scan's size."""
+    from .saliency import read_mask
+    mask = read_mask(src, mask_sizes(scan))
     if mask.shape != scan.pixels.shape and scan.info.get("downscaled_from") == [mask.shape[1], mask.shape[0]]:
         mask = _reduced_mask(mask, scan.pixels.shape)  # the reader shrank a large scan: shrink its mask alike
-    if mask.shape != scan.pixels.shape or not mask.any():
-        return None
-    return mask_to_input(scan.pixels, mask, spec)
+    if mask.shape != scan.pixels.shape:
+        raise ValueError(f"a mask of {mask.shape[1]} x {mask.shape[0]} pixels does not fit its scan")
+    return mask
 
 
 def mask_sizes(scan: ScanImage) -> set[tuple[int, int]]:

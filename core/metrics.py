@@ -39,11 +39,21 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> np
     return np.where(other_calls(probs, classes), pred, np.where(is_t, best_t, classes.index(NO_TUMOUR)))
 
 
+def other_classes(classes: list[str]) -> list[str]:
+    """The classes that are neither a tumour nor 'notumor' (a dataset's own 'stroke' folder)."""
+    return [c for c in classes if is_tumour_label(c) is None]
+
+
 def other_calls(probs: np.ndarray, classes: list[str]) -> np.ndarray:
     """Rows whose most likely class is neither a tumour nor 'notumor' (a dataset's 'stroke'):
     `decide` calls them that class at every operating point, so they are never a tumour call."""
-    other = [i for i, c in enumerate(classes) if is_tumour_label(c) is None]
-    return np.isin(np.asarray(probs).argmax(axis=1), other)
+    return np.isin(np.asarray(probs).argmax(axis=1), [classes.index(c) for c in other_classes(classes)])
+
+
+def tumour_calls(pred: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Which predicted class indices say 'a tumour is present': a tumour class, not 'anything but
+    notumor' (a tumour called 'stroke' is missed)."""
+    return np.isin(pred, [classes.index(c) for c in tumour_classes(classes)])
 
 
 def digits_apart(a: float, b: float, digits: int = 3, percent: bool = False) -> int:
@@ -188,9 +198,7 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
     # tumour and 100 % is true by construction
     if has.any() and has_tumour_decision(classes):
         t_true = np.array([bool(t) for t in truth])[has]
-        # a tumour call is a tumour class, not 'anything but notumor': a tumour called 'stroke'
-        # (a dataset's own class) is missed, as the Diagnose page and the threshold curve say
-        t_pred = np.isin(pred[has], [classes.index(c) for c in tumour_classes(classes)])
+        t_pred = tumour_calls(pred[has], classes)   # as the Diagnose page and the threshold curve say
         tn, fp, fn, tp = (int(v) for v in confusion_matrix(t_true, t_pred, labels=[False, True]).ravel())
         # calibration of the tumour probability itself: the only calibration a source labelled
         # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads

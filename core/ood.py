@@ -1441,9 +1441,9 @@ def _same_model(weights: Path, out: Path) -> None:
     from .inference import file_sha256
     if out.resolve() == weights.resolve():
         return
-    same = [(out / f).is_file() and (weights / f).is_file() and file_sha256(out / f) == file_sha256(weights / f)
-            for f in ("model.safetensors",)] + [(out / "card.json").is_file()]
-    if not all(same):
+    model = "model.safetensors"
+    if not ((out / "card.json").is_file() and (out / model).is_file() and (weights / model).is_file()
+            and file_sha256(out / model) == file_sha256(weights / model)):
         raise ValueError(f"--out {out}: it must be a copy of --weights {weights} (its card.json and the same "
                          "model.safetensors), which the gate is written into; copy the folder there first")
 

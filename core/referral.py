@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .labels import FINE_TUMOURS, has_tumour_decision, tumour_classes
-from .metrics import apart, decide, digits_apart, is_tumour_label, other_calls, tumour_probability
+from .metrics import apart, decide, digits_apart, is_tumour_label, other_calls, tumour_calls, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
 TOP_CLASS_RULE = "top-class confidence"
@@ -89,7 +89,7 @@ class ReferralRule:
         classes = list(self.classes)
         t = tumour_probability(probs, classes)
         lo, hi = self.band(threshold)
-        called = np.isin(pred, [classes.index(c) for c in tumour_classes(classes)])   # not a 'stroke' call
+        called = tumour_calls(pred, classes)   # not a 'stroke' call
         return ((t >= lo) & (t < hi),
                 called & (type_confidence(probs, classes) < self.min_type_confidence))
 
@@ -232,7 +232,7 @@ def _type_block(probs: np.ndarray, labels: list[str], classes: list[str], thresh
                 target_error: float, max_referred: float) -> dict:
     """min_type_confidence on the fine-labelled tumours called 'tumour' (type errors only count there)."""
     types = tumour_classes(classes)
-    called = np.isin(decide(probs, classes, threshold), [classes.index(c) for c in types])
+    called = tumour_calls(decide(probs, classes, threshold), classes)
     sel = [i for i, lab in enumerate(labels) if lab in FINE_TUMOURS and lab in types and called[i]]
     if len(types) < 2 or not sel:
         return {"min_type_confidence": 0.0}

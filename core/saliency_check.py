@@ -83,15 +83,14 @@ def score_slice(predictor: Predictor, image: Path, mask_file: Path, dilate_px: i
     """Every method's scores on one slice, for both targets; None when the mask is empty here.
     ValueError when the mask file cannot be read or does not fit its scan: a measurement must not
     quietly drop the slices it cannot use."""
-    from .masks import input_mask, mask_sizes
+    from .masks import frame_mask
     from .reader import read_scan
     scan = read_scan(image)
-    mask = input_mask(scan, mask_file, predictor.spec)   # the app's fitting: size checked, reduced alike
-    if mask is None:   # input_mask's None is also an unreadable or misfit file: say which
-        try:
-            S.read_mask(mask_file, mask_sizes(scan))
-        except Exception as e:
-            raise ValueError(f"{mask_file} cannot be used as the mask of {image.name}: {e}") from None
+    try:   # the app's fitting: size checked, reduced alike
+        full = frame_mask(scan, mask_file)
+    except Exception as e:
+        raise ValueError(f"{mask_file} cannot be used as the mask of {image.name}: {e}") from None
+    mask = S.mask_to_input(scan.pixels, full, predictor.spec) if full.any() else None
     if mask is None or not mask.any():  # a lesion outside the head crop, or an empty mask file
         return None
     size = mask.shape[0]
