@@ -417,6 +417,8 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
             scan = D.discover(D.resolve_root(src["path"]), src["name"])
         except ValueError as e:  # no images in it
             raise DataError(str(e)) from None
+        if nested := D.nested_classes_note(scan):   # a model of 'train_imgs' vs 'test_imgs' is no model
+            raise DataError(f"source {src['name']}: {nested}")
         if note := D.one_folder_note(scan):
             print(f"note: {src['name']}: {note}", flush=True)
         found = scan.samples
@@ -477,7 +479,11 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
               f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
     if split_from:
         record = json.loads((Path(split_from) / "split.json").read_text())
-        D.apply_split_record(samples, record["files"])
+        for note in D.apply_split_record(samples, record["files"]):
+            print(f"note: {note}", flush=True)
+        if not any(s.split for s in samples):
+            raise DataError(f"no file of --data is in the split recorded in {split_from} (its sources: "
+                            f"{', '.join(sorted(record['files']))}): give the sources the record's names")
         method = record["method"] if resumed else f"the split recorded in {split_from} ({record['method']})"
         origin = record.get("from") if resumed else str(split_from)
     else:

@@ -32,9 +32,9 @@ if not files:
 
 
 def pick_slice(pos: int, name: str, data) -> tuple[int | None, str | None]:
-    """Slice slider (middle by default) and 'most tumour-like' toggle for volumes: (slice, how
-    it was chosen), (None, None) for a 2D image."""
-    n = app.cached_slice_count(data, name) if isinstance(data, bytes) else 1
+    """Slice slider (at the slice the reader shows by default, as the CLI does) and 'most
+    tumour-like' toggle for volumes: (slice, how it was chosen), (None, None) for a 2D image."""
+    n, default = app.cached_volume_slices(data, name) if isinstance(data, bytes) else (1, 0)
     if n <= 1:
         return None, None
     key = app.widget_key(pos, name, data)
@@ -42,11 +42,11 @@ def pick_slice(pos: int, name: str, data) -> tuple[int | None, str | None]:
         best, text = app.cached_best_slice(predictor, data, name)
         if best is not None:
             st.caption(text)
-            app.remember_slice(key, best, BEST_SLICE)
+            app.remember_slice(key, best, BEST_SLICE, predictor)
             return best, BEST_SLICE
         st.warning(text)
     last, _ = app.remembered_slice(key)
-    k = st.slider(f"Slice (of {n})", 0, n - 1, n // 2 if last is None else last, key=f"s-{key}")
+    k = st.slider(f"Slice (of {n})", 0, n - 1, default if last is None else last, key=f"s-{key}")
     app.remember_slice(key, k)
     return k, None
 
@@ -113,7 +113,7 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
                            mask=masks.get(name), widget_key=wkey)
     if slice_index is not None:  # after the result: scoring every slice of a volume takes seconds
         with st.spinner("Checking the volume's other slices..."):
-            alert = app.volume_alert(predictor, data, name, threshold, slice_index)
+            alert = app.volume_alert(predictor, data, name, threshold, slice_index, pred.in_distribution)
         if alert:
             st.warning(alert, icon=":material/warning:")
         profile = app.volume_profile(predictor, data, name) if predictor.is_tumour_model and row.get("ok") else None
@@ -145,17 +145,19 @@ elif len(items) <= DETAILED:
 else:
     summary = st.container()
     slices, results = app.analyse_batch(predictor, items, threshold, masks)
-    for kind, text in app.batch_problems(results):
-        if kind == "error":
-            st.error(text)
-        else:
-            st.warning(text, icon=":material/warning:")
+    problems = st.container()   # filled below: from the rows as the details leave them
     ok = [k for k, r in enumerate(results) if r["ok"]]
     if ok:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])
         with st.container(border=True):
             slices[k] = pick_slice(k, *items[k])
             results[k] = show(k, *items[k], slices[k])  # the table follows the slice shown
+    with problems:
+        for kind, text in app.batch_problems(results):
+            if kind == "error":
+                st.error(text)
+            else:
+                st.warning(text, icon=":material/warning:")
 if len(items) > 1:
     with summary:
         st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")

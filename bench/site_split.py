@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
-from core.data import PATIENT_RE  # noqa: E402
+from core.data import patient_id  # noqa: E402
 from core.labels import NO_TUMOUR  # noqa: E402
 from core.metrics import is_tumour_label  # noqa: E402
 from core.inference import load_card  # noqa: E402
@@ -42,8 +42,8 @@ DISTANCE_BINS = (1, 2, 4)               # slices to the nearest tumour slice: 1,
 
 def site_of(rel: str) -> str | None:
     """``TCGA_HT_7690_012.jpg`` -> ``HT``; None for a file of no known patient."""
-    m = PATIENT_RE.match(Path(rel).name)
-    return m.group(1).split("_")[1] if m else None
+    p = patient_id(rel)
+    return p.split("_")[1] if p else None
 
 
 def leave_site_out(record: dict, site: str, source: str = "lgg") -> tuple[dict, int]:
@@ -64,9 +64,9 @@ def _lgg_records(eval_json: dict, source: str) -> list[tuple[str, str, bool, boo
     test records with a known patient."""
     out = []
     for r in eval_json["predictions"]:
-        m = PATIENT_RE.match(Path(r["file"]).name)
-        if r.get("source") == source and m:
-            out.append((m.group(1).split("_")[1], m.group(1), r["pred"] == r["label"], r["label"] != NO_TUMOUR,
+        p = patient_id(r["file"])
+        if r.get("source") == source and p:
+            out.append((p.split("_")[1], p, r["pred"] == r["label"], r["label"] != NO_TUMOUR,
                         bool(is_tumour_label(r["pred"])), r.get("tumour_probability")))
     return out
 
@@ -157,17 +157,17 @@ def error_edges(eval_json: dict, root: str | Path, site: str | None = None, sour
         raise ValueError(f"no LGG folder at {root} (its masks and slices say where the errors lie)")
     tumour_slices: dict[str, set[int]] = defaultdict(set)
     for f in root.glob("*/*"):
-        m = PATIENT_RE.match(f.name)
-        if m and f.parent.name != "masks" and f.parent.name.lower() not in ("notumor", "no_tumor", "no"):
-            tumour_slices[m.group(1)].add(_slice_no(f.name))
+        p = patient_id(str(f))
+        if p and f.parent.name != "masks" and f.parent.name.lower() not in ("notumor", "no_tumor", "no"):
+            tumour_slices[p].add(_slice_no(f.name))
     area: dict[int, list[bool]] = defaultdict(list)
     near: dict[int, list[bool]] = defaultdict(list)
     for r in eval_json["predictions"]:
-        m = PATIENT_RE.match(Path(r["file"]).name)
-        if r.get("source") != source or not m or (site and site_of(r["file"]) != site):
+        p = patient_id(r["file"])
+        if r.get("source") != source or not p or (site and site_of(r["file"]) != site):
             continue
         if r["label"] == NO_TUMOUR:
-            d = min((abs(_slice_no(r["file"]) - t) for t in tumour_slices[m.group(1)]), default=99)
+            d = min((abs(_slice_no(r["file"]) - t) for t in tumour_slices[p]), default=99)
             near[max((b for b in DISTANCE_BINS if d >= b), default=DISTANCE_BINS[0])].append(not is_tumour_label(r["pred"]))
         elif (mp := mask_path_for(root / r["file"])) is not None:
             a = int(read_mask(mp).sum())

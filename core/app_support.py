@@ -22,7 +22,7 @@ from .evaluation import (NothingToScore, OtherClasses, call_is_right, evaluate_r
                          read_eval, score_labelled, without_copies)
 from . import inference
 from .data import source_of
-from .inference import (PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
+from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, EmptyVolume)
@@ -58,7 +58,7 @@ def model_dir_problem(d: str | Path) -> str | None:
         card = load_card(d)
     except (OSError, ValueError) as e:
         return str(e)
-    return inference.missing_gate(d, card)  # the Predictor refuses it too
+    return inference.gate_file_problem(d, card)  # the Predictor refuses it too
 
 
 def is_model_dir(d: Path) -> bool:
@@ -139,13 +139,22 @@ def weights_stamp(weights_dir: str | Path) -> tuple:
 
 
 def has_gate_file(weights_dir: str | Path) -> bool:
-    """Whether a weights dir ships an out-of-distribution gate (what `Predictor` loads)."""
-    return (Path(weights_dir) / "ood.safetensors").is_file()
+    """Whether a weights dir ships an out-of-distribution gate that checks pixels (what `Predictor`
+    loads; a gate of the colour rule alone checks none)."""
+    f = Path(weights_dir) / "ood.safetensors"
+    if not f.is_file():
+        return False
+    try:
+        return bool((load_card(weights_dir).get("ood") or {}).get("components"))
+    except (OSError, ValueError):
+        return False
 
 
 def has_ood_gate(predictor: Predictor) -> bool:
-    """Whether the model screens out images unlike its training data before answering."""
-    return getattr(predictor, "gate", None) is not None
+    """Whether the model screens out images unlike its training data before answering (more than
+    the colour rule every model has)."""
+    gate = getattr(predictor, "gate", None)
+    return gate is not None and bool(gate.components)
 
 
 def no_gate_warning(predictor: Predictor, choices: list[Path] | None = None) -> str | None:
@@ -156,7 +165,8 @@ def no_gate_warning(predictor: Predictor, choices: list[Path] | None = None) -> 
     text = ("**No out-of-distribution gate**: apart from refusing colour images, this model "
             "answers for any image, even one that is not a brain MRI.")
     choices = model_choices() if choices is None else choices
-    gated = next((d for d in choices if has_gate_file(d)), None)
+    here = Path(predictor.dir).resolve() if getattr(predictor, "dir", None) else None
+    gated = next((d for d in choices if Path(d).resolve() != here and has_gate_file(d)), None)
     if gated is None:
         return text
     return text + f" Prefer {load_card(gated).get('name', Path(gated).name)}, which has one."
@@ -565,14 +575,20 @@ def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]
     return items, [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]
 
 
-def volume_slices(data: bytes, name: str) -> int:
-    """Number of slices of a volume (NIfTI, multi-frame DICOM); 1 for a plain image."""
-    if not (name.lower().endswith(VOLUME_SUFFIXES + STACK_SUFFIXES) or sniff(data) in ("dicom", "gzip", "nifti")):
-        return 1  # reading a 2D image twice just to count to one is not worth it
+def volume_slices(data: bytes, name: str) -> tuple[int, int]:
+    """(slices of a volume: NIfTI slices, DICOM frames, TIFF/GIF pages, the slice `read_scan` shows
+    when none is asked for), (1, 0) for a plain image or an unreadable file (`read_scan` reports
+    its problem with its own sentence). Found by content, as `read_scan` finds them: a TIFF stack
+    or a raw DICOM uploaded without its suffix was shown as one image, while the report and the
+    CLI read it as a stack; and the default is the reader's, so the page and the CLI show one slice."""
     try:
-        return len(read_volume_slices(data, name))
-    except Exception:  # a damaged header too: the page must go on to the batch's other files
-        return 1  # read_scan reports the problem with its own sentence
+        info = cached_scan(data, name, item_key(name, data)).info   # the read `analyse` reuses
+        if info.get("n_frames", 1) is None:   # a large GIF, whose pages read_scan does not count
+            return max(1, len(read_volume_slices(data, name))), 0
+    except Exception:
+        return 1, 0
+    shown = shown_slice(info)
+    return (1, 0) if shown is None else (max(int(info.get("n_slices") or 1), int(info.get("n_frames") or 1)), int(shown))
 
 
 def read_upload(data: bytes | ScanImage | Exception, name: str, slice_index: int | None = None) -> ScanImage:
@@ -606,22 +622,24 @@ def best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None
 
 
 def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
-                 shown: int | None) -> str | None:
+                 shown: int | None, shown_in_distribution: bool = True) -> str | None:
     """A warning when slices other than the one shown reach the operating point and the one shown
-    does not: a tumour on slice 12 must not hide behind a clean middle slice. None otherwise."""
+    does not (`hot_slices`): a tumour on slice 12 must not hide behind a clean middle slice, nor
+    behind a refused one. None otherwise."""
     if not predictor.is_tumour_model or shown is None:
         return None
     try:
         scores = cached_slice_scores(predictor, data, name)
     except Exception:  # read_scan reports the file's problem with its own sentence
         return None
-    hot = hot_slices(scores, threshold, shown)
+    hot = hot_slices(scores, threshold, shown, shown_in_distribution)
     if not hot:
         return None
     top = max(hot, key=scores.get)
     return (f"Other slices of this volume reach the operating point: {listed_slices(hot)} (highest tumour "
             f"probability {scores[top]:.3f}, slice {top}; before the out-of-distribution check). "
-            "The slice shown does not: look at those slices before calling this volume clear.")
+            + ("The slice shown does not" if shown_in_distribution else "The slice shown is out of distribution")
+            + ": look at those slices before calling this volume clear.")
 
 
 def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
@@ -928,8 +946,8 @@ def cached_scan(data: bytes | ScanImage | Exception, name: str, key: str,
                                                      lambda: read_upload(data, name, slice_index))
 
 
-def cached_slice_count(data: bytes, name: str) -> int:
-    # the name counts too: a raw DICOM without its preamble is told apart by its suffix alone
+def cached_volume_slices(data: bytes, name: str) -> tuple[int, int]:
+    # the name counts too: a raw DICOM without its preamble may be told apart by its suffix
     return _cache("_slices", 64).get_or((digest(data), name.lower().endswith(VOLUME_SUFFIXES + STACK_SUFFIXES)),
                                         lambda: volume_slices(data, name))
 
@@ -1073,7 +1091,8 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
         row["sha256"] = key   # the CSV's file_sha256, as in the report and the audit log
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
-            row["hot_slices"] = hot_slices(cached_slice_scores(predictor, data, name), threshold, shown)
+            row["hot_slices"] = hot_slices(cached_slice_scores(predictor, data, name), threshold, shown,
+                                           pred.in_distribution)
         except Exception:  # an empty volume, say: the slice shown stands alone
             pass
     if mask is not None and mask_contradiction(pred, scan, mask, predictor.spec, slice_index):
@@ -1128,23 +1147,35 @@ def zip_view(held: dict, predictor: Predictor) -> tuple[list[str], "ReferralRule
     return held["ev"]["classes"] if held["ev"].get("scored_as") else predictor.classes, predictor.referral
 
 
-def remembered_slice(key: str) -> tuple[int | None, str | None]:
+def remembered_slice(key: str, predictor: Predictor | None = None, data: bytes | None = None,
+                     name: str = "") -> tuple[int | None, str | None]:
     """(slice, how it was chosen: `BEST_SLICE` or None for the slider) last shown of the volume
     whose widgets are keyed ``key`` (`widget_key`), (None, None) before: a big batch shows one
     file's details at a time, and the table and report must keep the slice chosen for each
-    volume, and say so, not fall back to its middle one."""
-    return st.session_state.get("_slices_shown", {}).get(key, (None, None))
+    volume, and say so, not fall back to the reader's default one. A most tumour-like slice is
+    ``predictor``'s own: one chosen by another model is chosen again (the table called another
+    model's pick 'most tumour-like', which reads as a clear volume when this model's is not)."""
+    index, choice, model = st.session_state.get("_slices_shown", {}).get(key, (None, None, None))
+    if choice == BEST_SLICE and predictor is not None and model != model_identity(predictor):
+        best, _ = cached_best_slice(predictor, data, name)
+        index, choice = (best, BEST_SLICE) if best is not None else (None, None)
+        remember_slice(key, index, choice, predictor)
+    return index, choice
 
 
-def remember_slice(key: str, index: int | None, choice: str | None = None) -> None:
-    st.session_state.setdefault("_slices_shown", {})[key] = (index, choice)
+def remember_slice(key: str, index: int | None, choice: str | None = None,
+                   predictor: Predictor | None = None) -> None:
+    """``predictor``: the model that chose a `BEST_SLICE`."""
+    st.session_state.setdefault("_slices_shown", {})[key] = (
+        index, choice, model_identity(predictor) if predictor is not None else None)
 
 
 def analyse_batch(predictor: Predictor, items: list[tuple[str, object]], threshold: float | None,
                   masks: dict[str, bytes]) -> tuple[dict[int, tuple[int | None, str | None]], list[dict]]:
     """(slice shown per position, result row per file) for a batch shown as a table: each volume
-    at the slice last shown of it (its middle one until then), as the report reads it."""
-    slices = {k: remembered_slice(widget_key(k, *item)) for k, item in enumerate(items)}
+    at the slice last shown of it (the reader's default until then), as the report reads it."""
+    slices = {k: remembered_slice(widget_key(k, name, data), predictor, data, name)
+              for k, (name, data) in enumerate(items)}
     rows = [analyse(predictor, name, data, threshold, slices[k][0], masks.get(name), slices[k][1])[0]
             for k, (name, data) in enumerate(items)]
     return slices, rows

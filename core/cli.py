@@ -57,7 +57,7 @@ def cmd_audit(args) -> int:
     for s in samples:
         folders.setdefault((split_of(s), s.label), set()).add(s.original)
     print(f"{len(samples)} readable images in {args.data_dir}")
-    if (note := D.one_folder_note(scan)):
+    for note in filter(None, (D.nested_classes_note(scan), D.one_folder_note(scan))):
         print(f"note: {note}")
     for (split, label), n in sorted(Counter((split_of(s), s.label) for s in samples).items()):
         print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(sorted(folders[split, label]))}")
@@ -171,7 +171,10 @@ def _print_skipped(errors: list[dict]) -> None:
         print(f"skipped {where}{printable_path(e['file'])}: {e['error']}", file=sys.stderr)
 
 
-SOURCE_SUMMARY = ("n", "accuracy", "tumour_missed", "sensitivity", "specificity", "ece", "tumour_ece")
+# the trust figures too: accuracy and tumours missed count every scan, refused ones included, so
+# the summary must say how many were refused and how many misses went without any flag
+SOURCE_SUMMARY = ("n", "accuracy", "tumour_missed", "silent_misses", "flagged_ood", "referred_uncertain",
+                  "sensitivity", "specificity", "ece", "tumour_ece")
 
 
 def cmd_evaluate(args) -> int:
@@ -186,8 +189,9 @@ def cmd_evaluate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = {k: ev.get(k) for k in ("model", "scored_as", "n", "accuracy", "macro_f1", "tumour_missed",
-                                      "normal_flagged", "sensitivity", "specificity", "ece", "tumour_ece")
-               if k != "scored_as" or k in ev}
+                                      "silent_misses", "normal_flagged", "flagged_ood", "referred_uncertain",
+                                      "sensitivity", "specificity", "ece", "tumour_ece")
+               if k not in ("scored_as", "silent_misses") or k in ev}
     if "per_source" in ev:
         summary["per_source"] = {s: {k: m.get(k) for k in SOURCE_SUMMARY if k in m} for s, m in ev["per_source"].items()}
     print(json.dumps(summary, indent=1), file=sys.stderr if to_stdout else sys.stdout)
@@ -235,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="one JSON object a line")
     which = pr.add_mutually_exclusive_group()
     which.add_argument("--slice", type=_non_negative, help="the slice (NIfTI) or frame (DICOM, TIFF/GIF) "
-                                                            "to predict; default: the middle one")
+                                                            "to predict; default: the middle one (NIfTI, DICOM), "
+                                                            "the first page (TIFF/GIF), as the app shows it")
     which.add_argument("--best-slice", action="store_true",
                        help="each volume's most tumour-like slice that passes the out-of-distribution check")
     pr.set_defaults(fn=cmd_predict)

@@ -31,11 +31,13 @@ def split_of(folder_name: str) -> str | None:
     'test-data', 'Validation'), None for any other: a trailing space or a '_set' suffix must not
     make the split a class."""
     key = re.sub(r"[^a-z]", "", folder_name.lower())
-    key = re.sub(r"(set|data)$", "", key) or key
+    key = re.sub(r"(set|data|images|imgs|split|files)$", "", key) or key   # train_images, test_split
     return SPLIT_DIRS.get(key)
 SKIP_DIRS = {"masks", "mask", "__macosx"}
-# TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group.
-PATIENT_RE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+")
+# TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group. Hyphens (the
+# usual barcode, TCGA-CS-4941) and any case too, or a patient folder (TCGA_CS_4941_19960909/011.jpg).
+PATIENT_RE = re.compile(r"^(TCGA[_-][A-Z0-9]+[_-][A-Z0-9]+)[_-]\d+", re.I)
+PATIENT_DIR_RE = re.compile(r"^(TCGA[_-][A-Z0-9]+[_-][A-Z0-9]+)(?:[_-]|$)", re.I)
 HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash4.json"  # plain + flips: not the one-hash phash.json of older versions
 
 
@@ -362,6 +364,24 @@ def _broken_link(f: Path) -> str:
     return "broken link: the file it points to is missing"
 
 
+def nested_classes_note(scan: Scan) -> str | None:
+    """A sentence when every class folder holds folders named like two or more classes
+    ('train_imgs/{glioma, notumor}/', 'scans_a/{yes, no}/'): those outer folders are splits or
+    collections, not classes, and every image would be labelled by them. None otherwise."""
+    inner: dict[str, set[str]] = defaultdict(set)
+    for s in scan.samples:
+        p = Path(scan.inner(s.rel)).parts
+        k = p.index(s.original) if s.original in p else 0   # below Training/ in a split layout
+        inner[s.original].add(normalise_label(p[k + 1]) if len(p) > k + 2 else "")
+    if len(inner) < 2 or any(len(names & set(CANONICAL)) < 2 or "" in names for names in inner.values()):
+        return None
+    outer = ", ".join(sorted(inner))
+    return (f"every class folder ({outer}) holds folders named like classes "
+            f"({', '.join(sorted(set.union(*inner.values())))}), so the images would be labelled {outer}: "
+            "if those are splits, name them Training/ and Testing/; if they are collections, pass each as "
+            "its own --data source")
+
+
 def one_folder_note(scan: Scan) -> str | None:
     """A hint when every image sits in subfolders of one class folder ('archive/cats/',
     'archive/dogs/'): those subfolders may be the classes, under a wrapper named like none."""
@@ -574,9 +594,12 @@ def mixed_label_groups(samples: list[Sample]) -> list[Counter]:
 
 
 def patient_id(path: str) -> str | None:
-    """The TCGA patient a slice's file name gives (`PATIENT_RE`), if any."""
-    m = PATIENT_RE.match(Path(path).name)
-    return m.group(1) if m else None
+    """The TCGA patient a slice's file name gives (`PATIENT_RE`), else its folder's
+    (`PATIENT_DIR_RE`), as TCGA_<SITE>_<PATIENT>; None for none. With only the underscored file
+    name read, TCGA-CS-4941-011.jpg or glioma/TCGA_CS_4941/011.jpg spread a patient over the splits."""
+    p = Path(path)
+    m = PATIENT_RE.match(p.name) or PATIENT_DIR_RE.match(p.parent.name)
+    return m.group(1).replace("-", "_").upper() if m else None
 
 
 NOT_MRI_FILE = Path(__file__).with_name("not_mri.txt")
@@ -648,8 +671,12 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     rare_groups = {g for g, k in free if n_groups[k] < 3}
     strat = np.array([k if counts[k] >= n_folds else "rare" for k in strat])
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    # Which folds test and validate is drawn from the seed too: the splitter places the largest
+    # groups first, into fold 0, whatever the seed (shuffling only breaks ties), so the biggest
+    # groups were in test for every seed, and a third of LGG's patients never were.
+    role = np.random.default_rng(seed).permutation(n_folds)
     for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):
-        folds[idx] = k
+        folds[idx] = role[k]
     n_val = round(val * n_folds)
     # A group is decided once: one with a member from a source that ships its own test set takes
     # no test share (its other members would land in test beside their copy in training).
@@ -683,14 +710,30 @@ def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
 
 
 def samples_from_record(record: dict, roots: dict[str, Path]) -> list[Sample]:
-    """A recorded split (split.json's ``files``, flat ``<class>/<file>`` layouts) as Samples,
-    paths resolved under ``roots``."""
+    """A recorded split (split.json's ``files``) as Samples, paths resolved under ``roots``, each
+    labelled by its class folder as `discover` finds it (any layout)."""
     missing = sorted(set(record) - set(roots))
     if missing:
         raise ValueError(f"no data root is known for source(s) {', '.join(missing)}: pass --data-config")
-    return [Sample(path=str(Path(roots[src]) / rel), rel=rel, label=normalise_label(Path(rel).parts[0]),
-                   original=Path(rel).parts[0], source=src, split=split)
-            for src, splits in record.items() for split, rels in splits.items() for rel in rels]
+    folders = {src: class_folders(roots[src]) for src in record}
+    out = []
+    for src, splits in record.items():
+        for split, rels in splits.items():
+            for rel in rels:
+                original = folders[src].get(rel) or Path(rel).parts[0]
+                out.append(Sample(path=str(Path(roots[src]) / rel), rel=rel, label=normalise_label(original),
+                                  original=original, source=src, split=split))
+    return out
+
+
+def class_folders(root: str | Path) -> dict[str, str]:
+    """{rel: its class folder's name} of every image `discover` finds under ``root`` ({} when
+    there is none): a recorded rel's first folder is its class only in a flat layout, and
+    'Training/glioma/x.jpg' or 'archive/glioma/x.jpg' were labelled 'training' and 'archive'."""
+    try:
+        return {s.rel: s.original for s in discover(root).samples}
+    except (OSError, ValueError):
+        return {}
 
 
 def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tuple[str, str]]:
@@ -738,7 +781,22 @@ def split_roles(record: dict) -> dict[tuple[str, str], str]:
     return {(src, rel): split for src, d in record.items() for split, rels in d.items() for rel in rels}
 
 
-def apply_split_record(samples: list[Sample], record: dict) -> None:
+def apply_split_record(samples: list[Sample], record: dict) -> list[str]:
+    """Give each sample its recorded split ('' for a file the record does not name); returns what
+    the record names that is not here, a sentence each: sources no sample is called (a renamed
+    --data name: every file looked new) and, per source, recorded files that are gone."""
     lookup = split_roles(record)
     for s in samples:
         s.split = lookup.get((s.source, s.rel), "")
+    here = {(s.source, s.rel) for s in samples}
+    sources = {s.source for s in samples}
+    notes = []
+    if unknown := sorted(set(record) - sources):
+        notes.append(f"the recorded split names source(s) {', '.join(unknown)}, which no --data source is "
+                     f"called (these are: {', '.join(sorted(sources))}): none of their files is used")
+    for src in sorted(set(record) & sources):
+        gone = sorted(rel for rel in (r for rels in record[src].values() for r in rels) if (src, rel) not in here)
+        if gone:
+            notes.append(f"{len(gone)} file(s) the recorded split names are not in source {src} "
+                         f"(first: {gone[0]}): the split is smaller than recorded")
+    return notes

@@ -138,6 +138,10 @@ def _served_blocks_problem(card: dict) -> str | None:
     if tta is not None and not (isinstance(tta, dict)
                                 and all(_positive(tta.get(k)) for k in ("below_confidence", "selection_temperature"))):
         return "its tta block needs below_confidence and selection_temperature (positive numbers)"
+    ood = card.get("ood")   # a list or a string here was an AttributeError in every predict
+    if ood is not None and not (isinstance(ood, dict) and (not ood or finite_number(ood.get("threshold")))):
+        return ("its ood block must be an object with the gate's threshold (a number): fit the gate again "
+                "with `python -m core fit-ood`")
     spec = card["preprocessing"]  # what `core.preprocess` reads for every served image
     if not (isinstance(spec.get("size"), int) and _positive(spec["size"]) and finite_number(spec.get("mean"))
             and _positive(spec.get("std"))):
@@ -194,13 +198,19 @@ def card_threshold(card: dict) -> float | None:
     return 0.5 if t is None else float(t)
 
 
-def missing_gate(weights_dir: str | Path, card: dict) -> str | None:
-    """A sentence when the card lists an out-of-distribution gate whose file is not beside it: a
-    folder copied without its gate would serve every image, noise too, as in distribution."""
+def gate_file_problem(weights_dir: str | Path, card: dict) -> str | None:
+    """A sentence when the card and the folder disagree on the out-of-distribution gate: a card
+    listing a gate whose file is not beside it (a folder copied without its gate would serve every
+    image, noise too, as in distribution), or a gate file the card does not describe (fit-ood
+    stopped between the two writes, or a hand edit: the gate was ignored without a word, and the
+    app recommended this very model as one with a gate). train.py moves a stale gate aside."""
     f = Path(weights_dir) / "ood.safetensors"
     if card.get("ood") and not f.is_file():
         return (f"the card lists an out-of-distribution gate but {f} is missing: copy it with the model, "
                 "or fit it again with `python -m core fit-ood`")
+    if f.is_file() and not card.get("ood"):
+        return (f"{f} is an out-of-distribution gate its card does not describe: fit it again with "
+                "`python -m core fit-ood`, or remove the file to serve the model without a gate")
     return None
 
 
@@ -382,11 +392,9 @@ class Predictor:
         self.identity = (str(self.dir.resolve()), self.weights_sha256, self.card_sha256, gate_sha256)
         self.lock = threading.RLock()  # re-entered: predict_scan holds it around probabilities
         self.gate = None
-        if (why := missing_gate(self.dir, self.card)):
+        if (why := gate_file_problem(self.dir, self.card)):
             raise ValueError(why)
-        # Only a gate the card lists: a gate file left from other weights reads features this
-        # network does not make (train.py moves it aside; a copied folder may still carry one).
-        if gate_file.is_file() and self.card.get("ood"):
+        if gate_file.is_file():
             from .ood import OODGate
             self.gate = OODGate.load(self.dir)
             if (why := self.gate.mismatch(self.card, self.weights_sha256, feature_channels(self.model))):
@@ -395,8 +403,7 @@ class Predictor:
                 # Hook the feature tap now, so that the first served pass already leaves its (bf16)
                 # features for the gate, and no thread attaches hooks while another runs the model.
                 self.gate.tap.attach(self.model)
-        # the gate that judges this model's scans (audit lines, reports); a file the card does not list judges none
-        self.gate_sha256 = gate_sha256 if self.gate is not None else None
+        self.gate_sha256 = gate_sha256   # of the gate that judges this model's scans (audit lines, reports)
 
     @property
     def name(self) -> str:
@@ -449,6 +456,8 @@ class Predictor:
         ok, score = True, None
         if self.gate is not None:
             ok, score, margins = self.gate.verdict(scan, x, self.model)
+            if not self.gate.components:   # the colour rule alone: the pixels were not checked, and
+                score = None               # a score would hide that ('image not checked' keys on None)
         if reason is None and not ok:
             reason = gate_reason(margins)
         if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
@@ -482,7 +491,8 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
         try:
             pr = _predict_one(predictor, src, name, best_slice, **read_kw)
             row = {"file": name, "ok": True, **pr.to_json()}
-            if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold)):
+            if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold,
+                                                            pr.in_distribution)):
                 row["hot_slices"] = hot   # as the app and the report flag it
             out.append(row)
         except ScanError as e:
@@ -493,7 +503,8 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
     return out
 
 
-def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None) -> list[int]:
+def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None,
+                      in_distribution: bool = True) -> list[int]:
     """`hot_slices` of the volume slice whose reader ``info`` is given, every slice scored here
     (`predict`, the report); [] for a single image, a model without a tumour class, or a volume
     that cannot be scored whole."""
@@ -501,7 +512,7 @@ def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshol
     if shown is None or not getattr(predictor, "is_tumour_model", False):
         return []
     try:
-        return hot_slices(slice_scores(predictor, src, name)[2], threshold, shown)
+        return hot_slices(slice_scores(predictor, src, name)[2], threshold, shown, in_distribution)
     except Exception:  # an empty volume, say: the slice shown stands alone
         return []
 
@@ -539,12 +550,15 @@ def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None
     return scans, kind, dict(zip(keep, np.concatenate(scores).astype(float).tolist()))
 
 
-def hot_slices(scores: dict[int, float], threshold: float | None, shown: int | None) -> list[int]:
-    """The slices of a volume that reach the operating point when the slice shown does not: a
-    tumour on slice 12 must not hide behind a clean middle slice. [] otherwise."""
-    if threshold is None or shown is None or scores.get(shown, 0.0) >= threshold:
+def hot_slices(scores: dict[int, float], threshold: float | None, shown: int | None,
+               shown_in_distribution: bool = True) -> list[int]:
+    """The other slices of a volume that reach the operating point when the slice shown does not
+    (a tumour on slice 12 must not hide behind a clean middle slice); [] otherwise. A slice shown
+    out of distribution gets no call, so it reaches nothing, whatever its raw score: without
+    this, a refused slice scoring high hid a tumour called on the next one."""
+    if threshold is None or shown is None or (shown_in_distribution and scores.get(shown, 0.0) >= threshold):
         return []
-    return sorted(k for k, v in scores.items() if v >= threshold)
+    return sorted(k for k, v in scores.items() if v >= threshold and k != shown)
 
 
 def listed_slices(hot: list[int], most: int = 12) -> str:

@@ -25,6 +25,11 @@ _ALIASES = {
     "nontumour": "notumor", "nottumor": "notumor", "nottumour": "notumor", "notumors": "notumor",
     "yes": "tumor", "tumor": "tumor", "tumour": "tumor", "braintumor": "tumor",
     "braintumour": "tumor",
+    # Kaggle-style yes/no sets: 'Brain Tumor' beside 'No Brain Tumor' or 'Healthy', 'Positive'
+    # beside 'Negative': left unmapped, evaluate skipped the whole normal class (specificity null)
+    "nobraintumor": "notumor", "nobraintumour": "notumor", "brainhealthy": "notumor", "healthybrain": "notumor",
+    "brainnormal": "notumor", "normalbrain": "notumor", "withouttumor": "notumor", "withouttumour": "notumor",
+    "negative": "notumor", "positive": "tumor", "withtumor": "tumor", "withtumour": "tumor",
 }
 # Plural folder names ('Gliomas', 'Pituitary Tumors', 'No Tumours', 'Brain Tumors') are the same classes.
 _ALIASES.update({k + "s": v for k, v in list(_ALIASES.items()) if k not in ("no", "yes", "menin")})

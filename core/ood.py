@@ -40,6 +40,7 @@ from torch import nn
 
 from .data import save_whole
 from .evaluation import write_json
+from .inference import finite_number
 from .preprocess import brain_mask, normalise, prepare
 from .reader import ScanImage
 
@@ -368,6 +369,14 @@ class Mahalanobis:
         d = ((f[:, None, :] - m[None]) @ L).pow(2).sum(-1)   # (N, C) squared distances
         return d.min(1).values.sqrt().numpy()
 
+    @property
+    def features(self) -> int:
+        return self.means.shape[-1]
+
+    def shape_problem(self) -> str | None:
+        d = self.features
+        return None if self.means.ndim == 2 and self.chol.shape == (d, d) else "its Mahalanobis means and factor disagree"
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.means": torch.from_numpy(self.means).half(),
                 f"{prefix}.chol": torch.from_numpy(self.chol).half()}
@@ -389,6 +398,14 @@ class KNN:
         sims = torch.from_numpy(_l2(feats)) @ torch.from_numpy(self.bank).T
         k = min(self.k, sims.shape[1])
         return (1 - sims.topk(k, dim=1).values[:, -1]).numpy()
+
+    @property
+    def features(self) -> int:
+        return self.bank.shape[-1]
+
+    def shape_problem(self) -> str | None:
+        ok = self.bank.ndim == 2 and len(self.bank) and isinstance(self.k, int) and self.k >= 1
+        return None if ok else "its nearest-neighbour bank or k is unusable"
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.bank": torch.from_numpy(self.bank).half()}
@@ -436,6 +453,16 @@ class FeatureHead:
     def score(self, feats: np.ndarray) -> np.ndarray:
         h = np.maximum(((np.asarray(feats, np.float32) - self.mu) / self.sd) @ self.w1.T + self.b1, 0)
         return (h @ self.w2.T + self.b2)[:, 0]
+
+    @property
+    def features(self) -> int:
+        return len(self.mu)
+
+    def shape_problem(self) -> str | None:
+        d, h = self.features, len(self.b1)
+        ok = (self.mu.shape == self.sd.shape == (d,) and self.w1.shape == (h, d) and self.w2.shape == (1, h)
+              and self.b2.shape == (1,) and bool(np.all(self.sd > 0)))
+        return None if ok else "its feature head's layers do not fit together"
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         names = ("mu", "sd", "w1", "b1", "w2", "b2")
@@ -519,6 +546,10 @@ class FeatureTap:
 
 
 # ----------------------------------------------------------------------------- the gate
+class GateError(ValueError):
+    """A gate file that reads but cannot judge (its numbers or parts): one sentence saying why."""
+
+
 @dataclass
 class Component:
     """One score turned into standard units: (raw - center) / scale; the colour rule has its own."""
@@ -681,6 +712,8 @@ class OODGate:
                              "fit one with `python -m core fit-ood`")
         try:
             return cls._load(path)
+        except GateError:
+            raise
         except Exception as e:  # safetensors' own error, a missing config key, a shape mismatch
             raise ValueError(f"the out-of-distribution gate {path} could not be loaded ({type(e).__name__}): "
                              "the file is damaged; fit it again with `python -m core fit-ood`") from e
@@ -707,14 +740,42 @@ class OODGate:
         comps = [Component(**c) for c in cfg["components"]]
         info = {k: v for k, v in cfg.items() if k not in ("version", "method", "threshold", "colour_limit",
                                                           "components", "density", "knn_k", "net_width", "input")}
-        return cls(cfg["method"], comps, cfg["threshold"], cfg.get("colour_limit"), net, density, info)
+        gate = cls(cfg["method"], comps, cfg["threshold"], cfg.get("colour_limit"), net, density, info)
+        if (why := gate.config_problem()):
+            raise GateError(f"the out-of-distribution gate {path} cannot be used: {why}; fit it again with "
+                            "`python -m core fit-ood`")
+        return gate
+
+    def config_problem(self) -> str | None:
+        """What makes this gate's numbers or parts unusable, in words (None when they fit): a NaN
+        threshold flagged every scan with a NaN score (invalid JSON) and passed the card check, a
+        scale of 0 scored infinity, and a part without its scorer failed every file at scoring."""
+        if not finite_number(self.threshold):
+            return "its threshold is not a finite number"
+        if self.colour_limit is not None and not (finite_number(self.colour_limit) and self.colour_limit > 0):
+            return "its colour limit is not a positive number"
+        names = [c.name for c in self.components]
+        if unknown := sorted(set(names) - {"cnn", *MODEL_METHODS}):
+            return f"it names parts no code scores ({', '.join(unknown)})"
+        if bad := [c.name for c in self.components if not (finite_number(c.center) and finite_number(c.scale) and c.scale > 0)]:
+            return f"the centre or scale of {', '.join(bad)} is not a finite number (a scale above 0)"
+        if ("cnn" in names) != (self.net is not None):
+            return "its gate network and its list of parts disagree"
+        scorers = [n for n in names if n in FEATURE_METHODS]
+        if len(scorers) > 1 or (scorers and SCORER_NAME.get(type(self.density)) != scorers[0]):
+            return f"its feature scorer does not match its parts ({', '.join(scorers)})"
+        if self.density is not None and (why := self.density.shape_problem()):
+            return why
+        if not self.components and self.colour_limit is None:
+            return "it holds no part that judges an image"
+        return None
 
     def mismatch(self, card: dict, weights_sha256: str, feature_channels: int | None) -> str | None:
         """Why this gate cannot judge for this card's model (None when it can): a gate file the
         card does not describe (copied from another folder, or written without its card), or one
         fitted on another network's features, would flag scans by another model's measure."""
-        listed = (card.get("ood") or {}).get("threshold")
-        if not isinstance(listed, (int, float)) or abs(float(listed) - self.threshold) > 1e-9:
+        listed = (card.get("ood") or {}).get("threshold") if isinstance(card.get("ood"), dict) else None
+        if not finite_number(listed) or not abs(float(listed) - self.threshold) <= 1e-9:   # NaN: never equal
             return (f"the out-of-distribution gate's threshold ({self.threshold:.6g}) is not the one its card "
                     f"lists ({listed}): the gate file comes from another fit; fit it again with "
                     "`python -m core fit-ood`")
@@ -727,8 +788,8 @@ class OODGate:
                     f"{ {k: GATE_SPEC[k] for k in other} }: fit it again with `python -m core fit-ood`")
         if (fitted := self.info.get("weights_sha256")) and fitted != weights_sha256:
             return "the out-of-distribution gate was fitted for other weights; fit it again with `python -m core fit-ood`"
-        if isinstance(self.density, FeatureHead) and feature_channels and len(self.density.mu) != feature_channels:
-            return (f"the out-of-distribution gate reads {len(self.density.mu)} features, this network makes "
+        if self.uses_classifier and self.density is not None and feature_channels and self.density.features != feature_channels:
+            return (f"the out-of-distribution gate reads {self.density.features} features, this network makes "
                     f"{feature_channels}: it was fitted for another network")
         return None
 
@@ -843,6 +904,7 @@ def read_split_file(split_file: str | Path) -> dict:
 
 def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
     """{source: {split: (absolute paths, "source/label" groups)}} from a split.json."""
+    from .data import class_folders
     from .labels import normalise_label
     record = read_split_file(split_file)
     out: dict = {}
@@ -850,8 +912,9 @@ def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dic
         if src not in roots:
             raise ValueError(f"split.json names source {src!r} but no data root is known for it "
                              f"(known: {', '.join(roots) or 'none'}); pass --data-config")
+        folders = class_folders(roots[src])   # 'Training/glioma/x.jpg' is glioma, not 'training'
         out[src] = {sp: ([str(roots[src] / r) for r in rels],
-                         [f"{src}/{normalise_label(Path(r).parts[0])}" for r in rels])
+                         [f"{src}/{normalise_label(folders.get(r) or Path(r).parts[0])}" for r in rels])
                     for sp, rels in splits.items()}
     return out
 

@@ -317,7 +317,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), data=data if keep_bytes else None, method=method,
                       sha256=hashlib.sha256(data).hexdigest(), mask_note=_mask_note(pred, scan, mask, predictor),
-                      hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold)
+                      hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
                       if hot is None else hot)
 
 

@@ -13,6 +13,7 @@ import shutil
 import zipfile
 from pathlib import Path
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -193,12 +194,13 @@ def test_no_gate_warning_names_a_model_with_one(tmp_path):
     gated.mkdir()
     (gated / "card.json").write_text(json.dumps({"name": "safe-model", "classes": ["tumor", "notumor"],
                                                  "arch": "simple_cnn",
-                                                 "preprocessing": {"size": 64, "mean": 0.2, "std": 0.25}}))
+                                                 "preprocessing": {"size": 64, "mean": 0.2, "std": 0.25},
+                                                 "ood": {"threshold": 0.0, "components": [{"name": "cnn"}]}}))
     (gated / "ood.safetensors").write_bytes(b"")
     text = app_support.no_gate_warning(Fake(), [tmp_path / "plain", gated])
     assert "No out-of-distribution gate" in text and "Prefer safe-model" in text
     assert "Prefer" not in app_support.no_gate_warning(Fake(), [tmp_path / "plain"])
-    Fake.gate = object()
+    Fake.gate = SimpleNamespace(components=["cnn"])   # a gate that checks pixels
     assert app_support.no_gate_warning(Fake(), [gated]) is None
 
 
@@ -944,7 +946,7 @@ def test_the_table_its_csv_and_the_report_say_which_slice_and_how_it_was_chosen(
     next(t for t in app.toggle if t.label == "Most tumour-like slice").set_value(True).run()
     assert not app.exception, [e.value for e in app.exception]
     best = app.session_state["_slices_shown"]
-    (k, how), = [v for v in best.values() if v[1]]
+    (k, how, _), = [v for v in best.values() if v[1]]   # (slice, how, the model that chose it)
     assert how == BEST_SLICE and app.dataframe[0].value["slice"][0] == f"slice {k} of 5, chosen as {BEST_SLICE}"
     predictor = app_support.load_predictor(app.session_state["weights_dir"])
     row = app_support.analyse(predictor, "vol.nii", nii, predictor.threshold, k, None, how)[0]

@@ -82,7 +82,8 @@ def test_multipage_tiff_is_a_stack_of_slices():
     assert len(slices) == 3 and info["n_frames"] == 3
     for k, s in enumerate(slices):
         assert np.array_equal(s, read_scan(buf.getvalue(), "stack.tif", frame=k).pixels)
-    assert app.volume_slices(buf.getvalue(), "stack.tif") == 3
+    assert app.volume_slices(buf.getvalue(), "stack.tif") == (3, 0)   # (pages, the reader's default)
+    assert app.volume_slices(buf.getvalue(), "stack") == (3, 0)   # exports often have no suffix
 
 
 def test_stack_pages_carry_their_own_flags_and_big_stacks_are_refused(predictor, monkeypatch):
@@ -118,7 +119,7 @@ def test_an_office_document_is_one_file_not_a_zip_of_scans():
 
 def test_a_damaged_volume_header_does_not_stop_the_page(predictor):
     data = make_dicom(dicom12(phantom()), photometric="PALETTE COLOR")  # no colour table
-    assert app.volume_slices(data, "bad.dcm") == 1  # read_scan tells the user why
+    assert app.volume_slices(data, "bad.dcm") == (1, 0)  # read_scan tells the user why
     assert app.best_slice(predictor, lps_volume([np.zeros((32, 32), np.float32)] * 3), "e.nii.gz") \
         == (None, "Every slice of the volume is empty.")
 
