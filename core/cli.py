@@ -68,7 +68,10 @@ def cmd_audit(args) -> int:
     D.assign_groups(samples, args.max_distance)
     groups = Counter(s.group for s in samples)
     multi = [g for g, n in groups.items() if n > 1]
-    print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies): {len(groups)} groups, "
+    patients = len({p for s in samples if (p := D.patient_id(s.path))})
+    print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies"
+          + (f"; the slices of each of {patients} TCGA patients are one group" if patients else
+             "; no TCGA patient id found in the file or folder names") + f"): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
           f"largest: {groups.most_common(1)[0][1]}")
     members: dict[str, list[str]] = {}   # one pass: a scan per group was quadratic in the images
@@ -87,7 +90,7 @@ def cmd_audit(args) -> int:
               + ", ".join(f"{n} {lab}" for lab, n in mixed[0].most_common())
               + " (a copy under two labels is a labelling error; a hash link between"
               " different scans of no known patient joins groups too. A group is split as one: these cost"
-              " stratification, and a large one lands in the same split whatever the seed)")
+              " stratification)")
     if preset:
         for s in samples:
             s.split = s.preset_split or "train"

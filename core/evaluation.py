@@ -585,7 +585,7 @@ def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path]
             x = predictor.input_tensor(scan)
             predictor.probabilities(x)
         ok, score, reason = predictor.distribution_check(scan, x)
-        r["in_distribution"], r["ood_score"] = bool(ok), round(float(score), 6)
+        r["in_distribution"], r["ood_score"] = bool(ok), None if score is None else round(float(score), 6)
         r["ood_reason"] = reason
     threshold = ev.get("threshold", predictor.threshold)
     fresh = evaluate_records(records, predictor.classes, threshold)

@@ -456,6 +456,9 @@ class Predictor:
         ok, score = True, None
         if self.gate is not None:
             ok, score, margins = self.gate.verdict(scan, x, self.model)
+            if not math.isfinite(score):   # damaged gate weights: a NaN score is no verdict (nor valid JSON)
+                raise ScanError("The out-of-distribution check gave no usable score for this scan (not a finite "
+                                "number): its gate file may be damaged, so nothing is shown as a diagnosis.")
             if not self.gate.components:   # the colour rule alone: the pixels were not checked, and
                 score = None               # a score would hide that ('image not checked' keys on None)
         if reason is None and not ok:

@@ -244,8 +244,9 @@ def test_annotate_ood_adds_the_gate_flags_to_eval_json(tmp_path, capsys):
     ev = json.loads((w / "eval.json").read_text())
     byfile = {(r["source"], r["file"]): r for r in ev["predictions"]}
     bad = byfile[("synth", "glioma/0.png")]
-    assert bad["in_distribution"] is False and bad["ood_score"] > 0
-    assert all(r["in_distribution"] and r["ood_score"] <= 0 for k, r in byfile.items()
+    # the colour rule alone checks no pixels: no score, as served (`Predictor.distribution_check`)
+    assert bad["in_distribution"] is False and bad["ood_score"] is None
+    assert all(r["in_distribution"] and r["ood_score"] is None for k, r in byfile.items()
                if k[0] == "synth" and k[1] != "glioma/0.png")
     assert byfile[("elsewhere", "missing/x.png")]["ood_score"] is None
     assert ev["flagged_ood"] == 1 and ev["per_source"]["synth"]["flagged_ood"] == 1

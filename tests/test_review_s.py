@@ -352,3 +352,60 @@ def test_a_recorded_split_is_labelled_by_class_folder_in_any_layout(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"files": record}))
     groups = split_files(tmp_path / "split.json", {"k": root})["k"]["test"][1]
     assert groups == ["k/glioma", "k/notumor"]
+
+
+def test_the_audit_counts_patients_and_does_not_call_a_patients_slices_a_labelling_error(tmp_path, capsys,
+                                                                                         private_cache):
+    import core.data as D
+    from core.cli import main
+    for k, rel in enumerate(("glioma/TCGA_CS_4941_011.png", "notumor/TCGA_CS_4941_012.png",
+                             "glioma/TCGA_DU_5872_003.png", "notumor/TCGA_DU_5872_004.png")):
+        png(tmp_path / "L" / rel, k)
+    samples = D.discover(tmp_path / "L").samples
+    D.assign_groups(samples)
+    assert len({s.group for s in samples}) == 2 and D.mixed_label_groups(samples) == []
+    assert main(["audit", str(tmp_path / "L")]) == 0
+    out = capsys.readouterr().out
+    assert "the slices of each of 2 TCGA patients are one group" in out and "labels disagree" not in out
+
+
+def test_a_linked_class_folder_pointing_at_its_sibling_is_read_once(tmp_path):
+    import os
+    import core.data as D
+    for k in range(3):
+        png(tmp_path / "M" / "glioma" / f"{k}.png", k)
+    png(tmp_path / "M" / "notumor" / "n.png", 9)
+    os.symlink(tmp_path / "M" / "glioma", tmp_path / "M" / "gliomalink")
+    elsewhere = tmp_path / "elsewhere" / "meningioma"
+    png(elsewhere / "m.png", 10)
+    os.symlink(elsewhere, tmp_path / "M" / "meningioma")   # a class kept elsewhere is read
+    scan = D.discover(tmp_path / "M")
+    assert sorted(s.rel for s in scan.samples) == ["glioma/0.png", "glioma/1.png", "glioma/2.png",
+                                                   "meningioma/m.png", "notumor/n.png"]
+    assert ("gliomalink/", "a link to the folder glioma/: read once, there") in scan.skipped
+
+
+def test_a_gate_whose_weights_give_nan_is_an_error_row_not_a_nan(synthetic_gate, tmp_path):
+    import torch
+    d = gated(synthetic_gate, tmp_path / "m")
+    from safetensors.torch import load_file
+    t = load_file(str(d / "ood.safetensors"))
+    head = next(k for k in t if k.startswith("net.head") and k.endswith("weight"))
+    retouch(d, tensors={head: torch.full_like(t[head], float("nan"))})
+    row, = predict_many(Predictor(d), [("g.jpg", str(REPO / "assets" / "samples" / "glioma.jpg"))])
+    assert not row["ok"] and "out-of-distribution check gave no usable score" in row["error"]
+    json.dumps(row, allow_nan=False)
+
+
+def test_the_split_does_not_depend_on_the_order_of_the_sources(tmp_path, private_cache):
+    import core.data as D
+    for src in ("a", "b", "c"):
+        for c in ("glioma", "notumor"):
+            for k in range(12):
+                png(tmp_path / src / c / f"{k}.png", 100 * "abc".index(src) + 50 * (c == "notumor") + k)
+    def split(order):
+        samples = [s for src in order for s in D.discover(tmp_path / src, src).samples]
+        D.assign_groups(samples)
+        D.split_by_group(samples, seed=1)
+        return {(s.source, s.rel): (s.split, s.group) for s in samples}
+    assert split("abc") == split("cba") == split("bca")

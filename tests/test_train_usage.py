@@ -239,7 +239,8 @@ def test_weights_another_run_swapped_in_are_refused(data, tmp_path, capsys):
     assert card["weights_sha256"] and card["command_dir"]
     Predictor(a)
     (a / "ood.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # a gate the card does not list
-    assert Predictor(a).gate is None
+    with pytest.raises(ValueError, match="its card does not describe"):   # was served without it, unsaid
+        Predictor(a)
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="not the ones its card describes"):
         Predictor(a)
