@@ -476,7 +476,8 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
     origin = None  # the run whose recorded split this one reuses
     method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits), mirrored or half-turned "
               f"copies (a flip's phash, then head thumbnails correlating >= {D.TWIN_CORRELATION}) and TCGA patient "
-              f"ids, across sources; StratifiedGroupKFold by source/label, seed {args.seed}")
+              f"ids, across sources; StratifiedGroupKFold by source/label, files in (source, path) order, "
+              f"the test and validation folds drawn from seed {args.seed}")
     if split_from:
         record = json.loads((Path(split_from) / "split.json").read_text())
         for note in D.apply_split_record(samples, record["files"]):

@@ -24,7 +24,7 @@ from . import inference
 from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
-                        most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
+                        checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, EmptyVolume)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .masks import input_mask, mask_contradiction  # the pages' names for them
@@ -630,9 +630,9 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
         return None
     try:
         scores = cached_slice_scores(predictor, data, name)
+        hot = cached_hot_slices(predictor, data, name, threshold, shown, shown_in_distribution)
     except Exception:  # read_scan reports the file's problem with its own sentence
         return None
-    hot = hot_slices(scores, threshold, shown, shown_in_distribution)
     if not hot:
         return None
     top = max(hot, key=scores.get)
@@ -952,6 +952,18 @@ def cached_volume_slices(data: bytes, name: str) -> tuple[int, int]:
                                         lambda: volume_slices(data, name))
 
 
+def cached_hot_slices(predictor: Predictor, data: bytes, name: str, threshold: float | None, shown: int,
+                      shown_in_distribution: bool = True) -> list[int]:
+    """`inference.checked_hot_slices` on the cached scores; a refused slice's check of the others
+    (a few predictions) is kept per file, model and threshold: the page asks again on every rerun."""
+    scores = cached_slice_scores(predictor, data, name)
+    if shown_in_distribution:
+        return hot_slices(scores, threshold, shown)
+    return _cache("_hot_checked", 64).get_or(
+        (model_identity(predictor), digest(data), threshold, shown),
+        lambda: checked_hot_slices(predictor, data, name, scores, threshold, shown, False))
+
+
 def cached_slice_scores(predictor: Predictor, data: bytes, name: str) -> dict[int, float]:
     return cached_slice_profile(predictor, data, name)[0]
 
@@ -1091,8 +1103,7 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
         row["sha256"] = key   # the CSV's file_sha256, as in the report and the audit log
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
-            row["hot_slices"] = hot_slices(cached_slice_scores(predictor, data, name), threshold, shown,
-                                           pred.in_distribution)
+            row["hot_slices"] = cached_hot_slices(predictor, data, name, threshold, shown, pred.in_distribution)
         except Exception:  # an empty volume, say: the slice shown stands alone
             pass
     if mask is not None and mask_contradiction(pred, scan, mask, predictor.spec, slice_index):

@@ -31,13 +31,16 @@ def split_of(folder_name: str) -> str | None:
     'test-data', 'Validation'), None for any other: a trailing space or a '_set' suffix must not
     make the split a class."""
     key = re.sub(r"[^a-z]", "", folder_name.lower())
-    key = re.sub(r"(set|data|images|imgs|split|files)$", "", key) or key   # train_images, test_split
+    for _ in range(2):   # train_images, test_split, Training_Set_Images
+        key = re.sub(r"(set|data|images|imgs|split|files)$", "", key) or key
     return SPLIT_DIRS.get(key)
 SKIP_DIRS = {"masks", "mask", "__macosx"}
 # TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group. Hyphens (the
 # usual barcode, TCGA-CS-4941) and any case too, or a patient folder (TCGA_CS_4941_19960909/011.jpg).
-PATIENT_RE = re.compile(r"^(TCGA[_-][A-Z0-9]+[_-][A-Z0-9]+)[_-]\d+", re.I)
-PATIENT_DIR_RE = re.compile(r"^(TCGA[_-][A-Z0-9]+[_-][A-Z0-9]+)(?:[_-]|$)", re.I)
+# A barcode's site is 2 characters and its patient 4 (all 95 of lgg-flair): 'tcga_batch_1/' or
+# 'TCGA-GBM-T1-0001.png' name no patient, and must not join a folder's images into one group.
+PATIENT_RE = re.compile(r"^(TCGA[_-][A-Z0-9]{2}[_-][A-Z0-9]{4})[_-]\d+", re.I)
+PATIENT_DIR_RE = re.compile(r"^(TCGA[_-][A-Z0-9]{2}[_-][A-Z0-9]{4})(?:[_-]|$)", re.I)
 HASH_CACHE = Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour")) / "phash4.json"  # plain + flips: not the one-hash phash.json of older versions
 
 

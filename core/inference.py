@@ -456,9 +456,8 @@ class Predictor:
         ok, score = True, None
         if self.gate is not None:
             ok, score, margins = self.gate.verdict(scan, x, self.model)
-            if not math.isfinite(score):   # damaged gate weights: a NaN score is no verdict (nor valid JSON)
-                raise ScanError("The out-of-distribution check gave no usable score for this scan (not a finite "
-                                "number): its gate file may be damaged, so nothing is shown as a diagnosis.")
+            if not math.isfinite(score):   # a NaN part flags (`ood.flagging`); as a score it is no number,
+                score = None               # and NaN is no JSON: none, the scan flagged (NaN <= 0 is False)
             if not self.gate.components:   # the colour rule alone: the pixels were not checked, and
                 score = None               # a score would hide that ('image not checked' keys on None)
         if reason is None and not ok:
@@ -515,9 +514,22 @@ def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshol
     if shown is None or not getattr(predictor, "is_tumour_model", False):
         return []
     try:
-        return hot_slices(slice_scores(predictor, src, name)[2], threshold, shown, in_distribution)
+        return checked_hot_slices(predictor, src, name, slice_scores(predictor, src, name)[2], threshold, shown,
+                                  in_distribution)
     except Exception:  # an empty volume, say: the slice shown stands alone
         return []
+
+
+def checked_hot_slices(predictor: Predictor, src, name: str, scores: dict[int, float], threshold: float | None,
+                       shown: int, shown_in_distribution: bool = True) -> list[int]:
+    """`hot_slices`, and when the slice shown is refused, only if the out-of-distribution check
+    accepts one of the most tumour-like of them (`most_tumour_like_slice`): a volume that is no
+    brain MRI is refused throughout, and its raw scores are no reason to send anyone to its slices."""
+    hot = hot_slices(scores, threshold, shown, shown_in_distribution)
+    if hot and not shown_in_distribution:
+        _, pred = most_tumour_like_slice(predictor, src, name, scores={k: scores[k] for k in hot})
+        return hot if pred.in_distribution else []
+    return hot
 
 
 class EmptyVolume(ScanError):
