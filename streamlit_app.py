@@ -10,7 +10,7 @@ import streamlit as st
 from core import runtime  # first: process memory settings, before torch is imported
 from core.app_support import (card_threshold, class_wording, current_predictor, default_file_problem,
                               env_weights_problem, follow_model_threshold, home_figures, keep_widget_value,
-                              model_choices, model_label, one_source_warning, operating_point_text,
+                              metric_rows, model_choices, model_label, one_source_warning, operating_point_text,
                               predictor_problem, training_sources)
 from core.inference import load_card
 
@@ -89,8 +89,7 @@ def home() -> None:
         card = pred.card
         st.subheader(f"Loaded model: {pred.name} ({card.get('arch', '?')})")
         figures, note = home_figures(pred)
-        for col, (label, value) in zip(st.columns(len(figures)), figures.items()):
-            col.metric(label, value)
+        metric_rows([(label, value, None) for label, value in figures.items()])
         st.caption(f"{note} Classes: {', '.join(pred.classes)} · input {pred.spec['size']} px grey · "
                    f"trained on {', '.join(training_sources(card)) or 'n/a'}")
         if (narrow := one_source_warning(pred)):

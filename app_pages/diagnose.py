@@ -20,11 +20,16 @@ for warning in filter(None, (app.no_gate_warning(predictor), app.one_source_warn
 
 # No type filter: scanner exports often have no extension; the reader goes by content.
 uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM, NIfTI or a zip",
-                           accept_multiple_files=True, help=app.UPLOAD_HELP)
+                           accept_multiple_files=True, help=app.UPLOAD_HELP, key="diagnose_uploads",
+                           on_change=app.keep_uploads, args=("diagnose_uploads",))
+files, kept = app.uploaded_files(uploads)
+if kept:
+    left, right = st.columns([3, 1])
+    left.caption(f"Showing the {len(files)} file(s) uploaded before you left this page.")
+    right.button("Clear them", on_click=app.forget_uploads)
 samples = app.sample_scans()
 picked = st.multiselect("...or try built-in sample scans (one per class, from the test split)",
                         list(samples))
-files = [(f.name, f.getvalue()) for f in uploads or []]
 files += app.sample_files(picked)
 if not files:
     st.info("Upload one or more scans, or pick a sample, to see a prediction.")
@@ -46,7 +51,8 @@ def pick_slice(pos: int, name: str, data) -> tuple[int | None, str | None]:
             return best, BEST_SLICE
         st.warning(text)
     last, _ = app.remembered_slice(key)
-    k = st.slider(f"Slice (of {n})", 0, n - 1, default if last is None else last, key=f"s-{key}")
+    k = st.slider(f"Slice or frame (of {n}, numbered from 0)", 0, n - 1, default if last is None else last,
+                  key=f"s-{key}")
     app.remember_slice(key, k)
     return k, None
 
@@ -67,6 +73,8 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
         st.warning("**Uncertain — refer for review**: "
                    f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
     st.markdown(f"### Prediction: **{pred.pred}**")
+    if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
+        st.caption(why)
     if contradiction:
         st.error(contradiction, icon=":material/error:")
     if note := app.end_slice_note(pred.info, pred.pred, predictor.classes):   # the call shown, at this threshold
@@ -164,6 +172,7 @@ if len(items) > 1:
         table = batch_table(results)
         tp_format = tp_column_format(results)  # decimals enough to tell each from its threshold
         st.dataframe(table, hide_index=True, column_config={
+            "slice": st.column_config.TextColumn("slice (numbered from 0)"),
             "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
                                                                   max_value=1),
             "confidence": st.column_config.NumberColumn(format="%.3f")})

@@ -68,10 +68,11 @@ source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectb
 ev = app.evaluation_at(records, classes, threshold, source, rule)
 shown = app.records_at(app.of_source(records, source), classes, threshold, rule)
 
-for col, (label, value, help_text) in zip(st.columns(6), dash.headline_metrics(ev)):
-    col.metric(label, value, help=help_text)
+app.metric_rows(dash.headline_metrics(ev))
 st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if threshold is not None
            else "This model has no operating point: plain top-class predictions.")
+if note := dash.scans_help(ev):   # in plain sight: the confusion matrix below covers fewer scans than the headline
+    st.caption(note)
 if note := app.accepted_note(ev, records, classes, threshold, source, rule):
     st.caption(note)
 
@@ -92,8 +93,7 @@ with t2:
     b.plotly_chart(dash.pr_figure(shown, classes), key="pr")
 with t3:
     if "threshold_curve" in ev:
-        for col, (label, value, help_text) in zip(st.columns(4), dash.miss_metrics(ev, dash.gate_scored(shown))):
-            col.metric(label, value, help=help_text)
+        app.metric_rows(dash.miss_metrics(ev, dash.gate_scored(shown)), per_row=2)
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
     else:
         st.info(dash.no_miss_analysis(classes))

@@ -30,8 +30,8 @@ from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
-from .referral import ReferralRule, at_threshold
-from .report import shown_path, unique_names  # the upload batch names files as the report does
+from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
+from .report import SALIENCY_CAVEAT, shown_path, unique_names  # the upload batch names files as the report does
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
                      read_zip, sniff, zip_to_labelled)
 
@@ -189,21 +189,39 @@ def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) 
 
 
 def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
-    """The Home page's test figures ({label: value}) and what they are: the card's operating
-    point, every test image (copies in training included), unlike the Evaluation page's default."""
-    m, ev = predictor.card.get("metrics", {}), load_eval(predictor.dir) or {}
+    """The Home page's test figures ({label: value}) and what they are: at the card's operating
+    point, over the test scans without a copy in training, as the Evaluation page shows them by
+    default (Home showed the card's figures over every test image: 96.7 % beside an Evaluation
+    page's 94.7 % for one model, and no specificity). The card's own figures when eval.json has
+    no records."""
+    ev = load_eval(predictor.dir) or {}
+    kept, copies = without_copies(ev.get("predictions") or [])
+    if not kept:
+        return _card_figures(predictor, ev), ("At the card's operating point, on every test image (the card's "
+                                               "figures).") + (f" {p}" if (p := eval_problem(predictor.dir)) else "")
+    m = evaluation_at(kept, predictor.classes, predictor.threshold, None, predictor.referral)
+    def pct(key: str) -> str:
+        return f"{m[key]:.1%}" if m.get(key) is not None else "n/a"
+    figures = {"Test scans": str(m.get("n", len(kept))), "Accuracy": pct("accuracy"),
+               "Sensitivity": pct("sensitivity"), "Specificity": pct("specificity"),
+               "Tumours missed": f"{m['tumour_missed']} of {m['n_tumour']}" if m.get("n_tumour") else "n/a"}
+    note = "At the card's operating point, on the held-out test scans"
+    if copies:
+        all_m = predictor.card.get("metrics") or {}
+        note += (f" with no copy in training (as the Evaluation page shows them; {copies} more have one"
+                 + (f", and with them the card reads accuracy {all_m['accuracy']:.1%}"
+                    if finite_number(all_m.get("accuracy")) else "") + ")")
+    return figures, note + "."
+
+
+def _card_figures(predictor: Predictor, ev: dict) -> dict[str, str]:
+    m = predictor.card.get("metrics") or {}
     missed = m.get("tumour_missed")
-    figures = {"Test scans": str(m.get("n", "n/a")),
-               "Test accuracy": f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a",
-               "Macro F1": f"{m['macro_f1']:.3f}" if m.get("macro_f1") is not None else "n/a",
-               "Tumours missed (test)": "n/a" if missed is None else
-               f"{missed} of {ev['n_tumour']}" if ev.get("n_tumour") else str(missed)}
-    copies = without_copies(ev.get("predictions", []))[1]
-    note = ("At the card's operating point, on every test image"
-            + (f" (including {copies} with a copy in training, which the Evaluation page leaves out by "
-               "default; its figures are therefore lower)" if copies else "") + ".")
-    problem = eval_problem(predictor.dir)
-    return figures, note if problem is None else f"{note} {problem}"
+    return {"Test scans": str(m.get("n", "n/a")),
+            "Accuracy": f"{m['accuracy']:.1%}" if finite_number(m.get("accuracy")) else "n/a",
+            "Macro F1": f"{m['macro_f1']:.3f}" if finite_number(m.get("macro_f1")) else "n/a",
+            "Tumours missed": "n/a" if missed is None else
+            f"{missed} of {ev['n_tumour']}" if ev.get("n_tumour") else str(missed)}
 
 
 def operating_point_text(card: dict, default: float) -> str:
@@ -854,8 +872,9 @@ def mask_note(cam: np.ndarray, mask: np.ndarray) -> str:
         return "the mask is empty in the model's view"
     if not np.nanmax(cam) > np.nanmin(cam):
         return "the map is flat: it points nowhere, so it cannot point at the tumour mask"
-    return (f"map peak {'inside' if s['pointing_hit'] else 'outside'} the tumour mask "
-            f"(within {POINTING_PX} px), {s['energy_in_mask']:.0%} of its mass inside")
+    where = ("on the tumour mask (or within {px} px of it)" if s["pointing_hit"] else
+             "more than {px} px from the tumour mask").format(px=POINTING_PX)
+    return f"map peak {where}, {s['energy_in_mask']:.0%} of its mass inside the mask"
 
 
 # ----------------------------------------------------------------------------- Streamlit glue
@@ -908,6 +927,29 @@ def required_predictor(consequence: str = "") -> Predictor:
 def keep_widget_value(target: str, widget: str) -> None:
     """Copy a widget's value to a plain session key, which survives pages without the widget."""
     st.session_state[target] = st.session_state[widget]
+
+
+UPLOADS_KEPT = "_uploads_kept"
+
+
+def keep_uploads(widget: str) -> None:
+    """The uploader's on_change: what it holds now, as (name, bytes), kept for `uploaded_files`."""
+    st.session_state[UPLOADS_KEPT] = [(f.name, f.getvalue()) for f in st.session_state.get(widget) or []]
+
+
+def uploaded_files(uploads) -> tuple[list[tuple[str, bytes]], bool]:
+    """(the files to show, whether they are kept from before): the uploader's files, or, when it
+    comes back empty without the user emptying it (Streamlit forgets a widget that a run of
+    another page did not draw), the files it last held: a clinician sent to the Evaluation page
+    came back to an empty Diagnose page."""
+    if uploads:
+        return [(f.name, f.getvalue()) for f in uploads], False
+    kept = st.session_state.get(UPLOADS_KEPT) or []
+    return list(kept), bool(kept)
+
+
+def forget_uploads() -> None:
+    st.session_state.pop(UPLOADS_KEPT, None)
 
 
 def follow_model_threshold(weights_dir: str, default: float) -> None:
@@ -1067,6 +1109,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
             else f"for '{target}'"
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
+        st.caption(SALIENCY_CAVEAT)
         if frame is not None:
             st.caption(f"Magenta outline: the uploaded tumour mask; {mask_note(cam, frame)}.")
         elif mask is not None and slice_index is not None:
@@ -1213,6 +1256,14 @@ def _sticky(key: str) -> tuple[str, Callable[[], None]]:
     return name, functools.partial(keep_widget_value, key, name)
 
 
+def metric_rows(figures: list[tuple[str, str, str | None]], per_row: int = 3) -> None:
+    """Headline figures as st.metric, ``per_row`` to a row: six in one row were cut to '9…' and
+    'Accu…' on a tablet (800 px, the sidebar open)."""
+    for start in range(0, len(figures), per_row):
+        for col, (label, value, help_text) in zip(st.columns(per_row), figures[start:start + per_row]):
+            col.metric(label, value, help=help_text)
+
+
 def sticky_choice(label: str, options: list, key: str, widget=None, **kw):
     """A radio (or ``widget=st.selectbox``) whose choice survives a visit to another page and a
     switch of model (`_sticky`). A choice missing from ``options`` (a source the new model has
@@ -1347,9 +1398,11 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         if not sel:
             st.success("None at this operating point.")
             return
-        st.caption(f"{len(sel)} scans; the {min(limit, len(sel))} most confident mistakes first.")
+        shown = len(sel) if len(sel) <= limit else st.slider(
+            "Scans shown (each map takes a moment)", limit, len(sel), limit, key="gallery-count")
+        st.caption(f"{len(sel)} scans, the most confident mistakes first; {shown} shown.")
         cols, absent = st.columns(4), set()
-        for k, r in enumerate(sel[:limit]):
+        for k, r in enumerate(sel[:shown]):
             try:
                 scan = gallery_scan(predictor.card, r, blobs)
             except ScanError as e:

@@ -399,13 +399,17 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- batches
+NO_CALL_OOD, NO_CALL_UNREADABLE = "no call: not like its training scans", "no call: unreadable"
+
+
 def batch_table(results: list[dict]) -> pd.DataFrame:
-    """File, prediction, tumour probability and flags for a batch (errors included); with a
-    volume in the batch, the slice each row is about and how it was chosen."""
+    """File, prediction, flags, tumour probability and confidence for a batch (errors included);
+    with a volume in the batch, the slice each row is about and how it was chosen. A scan with no
+    call says why in its prediction cell: an empty one read 'None', which reads as 'no finding'."""
     rows = []
     for r in results:
         if not r.get("ok"):
-            rows.append({"file": r["file"], "prediction": None, "tumour probability": None,
+            rows.append({"file": r["file"], "prediction": NO_CALL_UNREADABLE, "tumour probability": None,
                          "confidence": None, "flags": "error: " + r.get("error", "")})
             continue
         # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
@@ -417,10 +421,10 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         info = r.get("info") or {}
         where = ", ".join(w for w in (slice_words(info), volume_words(info, short=True)) if w)
         rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None else None,
-                     "prediction": r["pred"] if called else None,
+                     "prediction": r["pred"] if called else NO_CALL_OOD,
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
-    columns = ["file", "slice", "prediction", "tumour probability", "confidence", "flags"]
+    columns = ["file", "slice", "prediction", "flags", "tumour probability", "confidence"]   # flags in sight
     if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
         columns.remove("slice")
     return pd.DataFrame(rows, columns=columns)

@@ -145,6 +145,24 @@ def at_threshold(pred, classes: list[str], threshold: float | None, rule: Referr
 
 
 # ----------------------------------------------------------------------------- fitting on validation
+def call_note(pred, classes: list[str]) -> str | None:
+    """A sentence when the call is not the likeliest class (None otherwise): at a low operating
+    point 'pituitary' was called beside bars showing 'no tumour' at 88 %, with nothing saying the
+    call is the tumour decision and the class only the likeliest tumour type."""
+    if not (pred.in_distribution and pred.tumour_probability is not None and pred.threshold is not None):
+        return None
+    top = max(pred.probs, key=pred.probs.get)
+    if top == pred.pred:
+        return None
+    tp, op = apart(pred.tumour_probability, pred.threshold)
+    if is_tumour_label(pred.pred):
+        return (f"Called a tumour: the tumour probability {tp} (all tumour classes together) reaches the "
+                f"operating point {op}, though 'no tumour' is the likeliest single class; "
+                f"{pred.pred} is the likeliest tumour type.")
+    return (f"Called {pred.pred}: the tumour probability {tp} (all tumour classes together) is below the "
+            f"operating point {op}, though {top} is the likeliest single class.")
+
+
 def pick_min_confidence(conf: np.ndarray, correct: np.ndarray, target_error: float = 0.005,
                         max_referred: float = 0.10) -> dict:
     """Lowest confidence below which predictions are referred, so that kept ones err <= target.

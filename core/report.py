@@ -52,9 +52,12 @@ from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
 from .reader import ScanError, load_bytes, read_scan
-from .referral import ReferralRule, at_threshold
+from .referral import ReferralRule, at_threshold, call_note
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
+# on the page and in the report: a red spot on a 'no tumour' map read as a suspected lesion
+SALIENCY_CAVEAT = ("A saliency map shows which pixels moved the model's score for the class explained, not "
+                   "the extent of a lesion; a map for 'no tumour' marks what spoke against a tumour.")
 DISPLAY_PX = 384  # the model's crop redone at this size, so the pictures print sharp
 PDF_MIME, CSV_MIME = "application/pdf", "text/csv"
 
@@ -833,6 +836,10 @@ def _result_box(pdf, p: Prediction) -> None:
 def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -> None:
     _file_heading(pdf, r, index, total)
     _result_box(pdf, r.prediction)  # result first
+    if why := call_note(r.prediction, ctx.classes):   # a call that is not the top probability: why
+        pdf.font(8.5, False, INK)
+        pdf.multi_cell(0, 4.2, pdf.t(why), new_x="LMARGIN", new_y="NEXT")
+        pdf.ln(1)
     _flag_banners(pdf, r, ctx)
     pdf.ln(1)
     _images(pdf, r, ctx, _image_side(pdf, pdf.height_of(lambda probe: _below_images(probe, r, ctx))))
@@ -885,8 +892,8 @@ def _below_images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     pdf.ln(1)
     pdf.font(7.5, False, MUTED)
     pdf.multi_cell(0, 3.6, pdf.t(
-        "Probabilities are the model's calibrated estimates, not a diagnosis. A saliency map shows "
-        "which pixels moved the model's score, not the extent of a lesion."), new_x="LMARGIN", new_y="NEXT")
+        "Probabilities are the model's calibrated estimates, not a diagnosis. " + SALIENCY_CAVEAT),
+        new_x="LMARGIN", new_y="NEXT")
 
 
 def _error_page(pdf, r: ScanResult, index: int, total: int) -> None:

@@ -183,8 +183,12 @@ def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
     pred = app_support.load_predictor(str(PINNED))
     figures, note = app_support.home_figures(pred)
     ev = json.loads((PINNED / "eval.json").read_text())
-    assert figures["Tumours missed (test)"] == f"{ev['tumour_missed']} of {ev['n_tumour']}"
-    assert "card's operating point" in note and "28 with a copy in training" in note
+    # the Evaluation page's default view: copies in training left out, at the card's operating point
+    kept = [r for r in ev["predictions"] if not r.get("copy_in_training")]
+    m = app_support.evaluation_at(kept, pred.classes, pred.threshold, None, pred.referral)
+    assert figures["Tumours missed"] == f"{m['tumour_missed']} of {m['n_tumour']}"
+    assert figures["Specificity"] == f"{m['specificity']:.1%}" and figures["Test scans"] == str(len(kept))
+    assert "card's operating point" in note and "28 more have one" in note
 
 
 def test_no_gate_warning_names_a_model_with_one(tmp_path):
@@ -245,7 +249,7 @@ def test_batch_table_gives_a_flagged_scan_no_call():
     row = {"file": "cat.jpg", "ok": True, "pred": "glioma", "tumour_probability": 0.6,
            "confidence": 0.5, "in_distribution": False, "uncertain": True, "type_uncertain": True}
     table = batch_table([row, {**row, "file": "mri.jpg", "in_distribution": True}])
-    assert table["prediction"].isna()[0] and table["flags"][0] == "out-of-distribution"
+    assert table["prediction"][0] == "no call: not like its training scans" and table["flags"][0] == "out-of-distribution"
     assert table["prediction"][1] == "glioma" and "type uncertain" in table["flags"][1]
 
 

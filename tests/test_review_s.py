@@ -425,3 +425,63 @@ def test_the_split_does_not_depend_on_the_order_of_the_sources(tmp_path, private
         D.split_by_group(samples, seed=1)
         return {(s.source, s.rel): (s.split, s.group) for s in samples}
     assert split("abc") == split("cba") == split("bca")
+
+
+# -------------------------------------------------------------- the browser review's findings
+def low_point_call(threshold: float = 0.05):
+    from core.inference import Prediction
+    probs = {"glioma": 0.01, "meningioma": 0.005, "pituitary": 0.102, "notumor": 0.883}
+    return Prediction(pred="pituitary", probs=probs, tumour_probability=0.117, threshold=threshold,
+                      confidence=0.102, uncertain=False, in_distribution=True, ood_score=-1.0)
+
+
+def test_a_call_that_is_not_the_top_class_says_why():
+    from core.referral import call_note
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    note = call_note(low_point_call(), classes)
+    assert note.startswith("Called a tumour: the tumour probability 0.117") and "operating point 0.050" in note
+    assert "pituitary is the likeliest tumour type" in note
+    high = replace(low_point_call(0.5), pred="notumor", probs={"glioma": 0.6, "meningioma": 0.0, "pituitary": 0.0,
+                                                                 "notumor": 0.4}, tumour_probability=0.6, threshold=0.7)
+    assert "below the operating point 0.700, though glioma is the likeliest single class" in call_note(high, classes)
+    top = replace(low_point_call(), pred="notumor", tumour_probability=0.117, threshold=0.5)
+    assert call_note(top, classes) is None and call_note(replace(low_point_call(), in_distribution=False), classes) is None
+
+
+def test_the_batch_table_says_why_a_scan_has_no_call():
+    from core.dashboard import batch_table
+    rows = [{"file": "cat.jpg", "ok": True, "pred": "glioma", "probs": {"glioma": 1.0}, "in_distribution": False,
+             "tumour_probability": 1.0, "confidence": 1.0},
+            {"file": "broken.jpg", "ok": False, "error": "The image file is damaged and cannot be read."}]
+    table = batch_table(rows)
+    assert list(table["prediction"]) == ["no call: not like its training scans", "no call: unreadable"]
+    assert list(table.columns[:3]) == ["file", "prediction", "flags"]   # the reason beside the call
+
+
+def test_home_shows_the_evaluation_pages_default_figures(tmp_path):
+    from conftest import make_weights
+    from core.evaluation import without_copies
+    w = make_weights(tmp_path / "w")   # its own: the session's random model stays as made
+    ev = json.loads((w / "eval.json").read_text())
+    ev["predictions"][0]["copy_in_training"] = True
+    (w / "eval.json").write_text(json.dumps(ev))
+    figures, note = app.home_figures(Predictor(w))
+    kept, copies = without_copies(ev["predictions"])
+    assert figures["Test scans"] == str(len(kept)) and copies == 1 and "1 more have one" in note
+    assert {"Sensitivity", "Specificity", "Tumours missed"} <= set(figures)
+
+
+def test_uploads_are_still_there_after_a_visit_to_another_page(page):
+    glioma = (REPO / "assets" / "samples" / "glioma.jpg").read_bytes()
+    page.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg")]).run()
+    assert [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
+    page.switch_page("app_pages/model_card.py").run()
+    page.switch_page("app_pages/diagnose.py").run()
+    assert not page.exception, [e.value for e in page.exception]
+    assert [m.value for m in page.markdown if m.value.startswith("### Prediction:")]   # was an empty page
+    assert any("uploaded before you left this page" in c.value for c in page.caption)
+    next(b for b in page.button if b.label == "Clear them").click().run()
+    assert not [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
+    page.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg")]).run()
+    page.file_uploader[0].set_value([]).run()   # emptied by the user: nothing comes back
+    assert not [m.value for m in page.markdown if m.value.startswith("### Prediction:")]

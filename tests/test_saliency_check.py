@@ -111,7 +111,7 @@ def test_input_mask_and_note_on_an_upload():
     frame = app.input_mask(ScanImage(grey), _png(m), spec)
     assert frame.shape == (48, 48) and frame.any()
     cam = frame.astype(np.float32)
-    assert "peak inside" in app.mask_note(cam, frame) and "100%" in app.mask_note(cam, frame)
+    assert "peak on the tumour mask" in app.mask_note(cam, frame) and "100%" in app.mask_note(cam, frame)
     assert app.input_mask(ScanImage(grey), _png(m[:50]), spec) is None      # another size
     assert app.input_mask(ScanImage(grey), b"not an image", spec) is None
     assert app.input_mask(ScanImage(grey), None, spec) is None
