@@ -63,6 +63,9 @@ def sidebar() -> None:
                       0.0, 1.0, value=float(state["threshold"]), step=0.001, format="%.3f", key=widget,
                       on_change=keep_widget_value, args=("threshold", widget),
                       help="Lower it to miss fewer tumours at the cost of more false alarms.")
+    if abs(float(state["threshold"]) - default) > 5e-4:   # kept per model: coming back to one brings it back
+        st.sidebar.warning(f"Set by hand to {float(state['threshold']):.3f} for this model, not the card's "
+                           f"{default:.3f}.", icon=":material/tune:")
     st.sidebar.caption(operating_point_text(card, default))
     st.sidebar.button("Reset to the card's value", on_click=state.update,
                       kwargs={"threshold": default,

@@ -88,7 +88,7 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
         flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)
         st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged), key=f"g-{key}")
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
-        st.caption(f"Tumour probability {tp}, operating point {op}: "
+        st.caption(f"Tumour probability {tp}, operating point {op} (the black mark): "
                    + ("**tumour flagged**" if flagged else "not flagged"))
         if not flagged and (note := app.miss_note(predictor, threshold)):
             st.caption(note)

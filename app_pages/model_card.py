@@ -24,31 +24,34 @@ st.markdown(
     "yours; numbers below hold for data like the test split only.")
 
 st.markdown("#### Data and sources")
-st.dataframe(dash.sources_table(card), hide_index=True)
+st.dataframe(dash.sources_readable(card), hide_index=True)
 split = card.get("split", {})
 sizes = dash.readable(split.get("sizes"))
-st.markdown(f"**Split**: {split.get('method', 'n/a')}" + (f"; sizes {sizes}" if sizes else ""))
+st.markdown("**Split**: by groups, not by image: near duplicates, mirrored copies and one patient's slices go to "
+            "one side" + (f"; sizes {sizes}" if sizes else "") + ".")
+with st.expander("How the split was made"):
+    st.write(split.get("method", "n/a"))
 
-a, b = st.columns(2)
-with a:
-    st.markdown("#### Preprocessing")
-    st.json(card.get("preprocessing", {}))
-    st.markdown("#### Calibration")
-    st.markdown(calibration_text(card))
-    st.json(card.get("calibration", {}) | ({"test_time_augmentation": card["tta"]} if card.get("tta") else {}))
-with b:
-    st.markdown("#### Operating point and uncertainty")
-    st.json({"operating_point": card.get("operating_point", {}),
-             "uncertainty": card.get("uncertainty", {})})
-    st.markdown("#### Test metrics")
-    if (copies := app.copies_note(predictor.dir)):
-        st.caption(copies)
-    if (problem := app.eval_problem(predictor.dir)):
-        st.warning(problem)
-    st.json(dash.overall_metrics(card))
-    if card.get("metrics", {}).get("per_source"):
-        with st.expander("Per source"):
-            st.json(card["metrics"]["per_source"])
+st.markdown("#### Test results")
+if (copies := app.copies_note(predictor.dir)):
+    st.caption(copies)
+if (problem := app.eval_problem(predictor.dir)):
+    st.warning(problem)
+st.dataframe(dash.metrics_readable(card), hide_index=True, column_config={
+    c: st.column_config.NumberColumn(format="%.3f") for c in ("accuracy", "sensitivity", "specificity",
+                                                              "calibration error")})
+st.caption("At the card's operating point. Sensitivity: tumour scans called tumour; specificity: tumour-free scans "
+           "called tumour-free; missed with no flag: tumours called 'no tumour' with no referral or "
+           "out-of-distribution flag; calibration error (ECE): how far stated probabilities are from observed rates.")
+
+st.markdown("#### How a scan is read and called")
+lines = [("Preprocessing", dash.preprocessing_text(predictor.spec)), ("Calibration", calibration_text(card) + "."),
+         ("Operating point", app.operating_point_text(card, predictor.threshold) if predictor.threshold is not None
+          else "none: the top class is the call."), ("Referral", dash.referral_text(card))]
+st.markdown("\n".join(f"- **{k}**: {v}" for k, v in lines))
+with st.expander("The card's raw fields"):
+    st.json({k: card.get(k) for k in ("preprocessing", "calibration", "tta", "operating_point", "uncertainty",
+                                       "metrics") if card.get(k) is not None})
 
 ood = card.get("ood")
 st.markdown("#### Out-of-distribution gate")

@@ -73,7 +73,7 @@ def slice_profile(scores: dict[int, float], threshold: float | None, shown: int 
     if shown is not None:
         fig.add_vline(x=shown, line_dash="dot", line_color=PALETTE[3],
                       annotation_text=f"slice {shown}", annotation_position="top right")
-    fig.update_xaxes(title="slice")
+    fig.update_xaxes(title="slice (numbered from 0)", tickformat="d", dtick=max(1, len(ks) // 10))   # whole slices: no 0.5 ticks
     fig.update_yaxes(title="tumour probability", range=[0, 1.02])
     return _layout(fig, "", height=240, margin=dict(l=10, r=10, t=20, b=10), showlegend=False)
 
@@ -507,16 +507,61 @@ def ood_summary(ood: dict) -> str:
     return text
 
 
-def sources_table(card: dict) -> pd.DataFrame:
-    """The card's sources: path, image counts per split and label map."""
-    return pd.DataFrame([{"source": s.get("name"), "path": s.get("path"), **s.get("images", {}),
-                          "labels": ", ".join(f"{k}->{v}" for k, v in s.get("label_map", {}).items())}
-                         for s in card.get("sources", [])])
+# What the shared sources are, for a reader who does not know the datasets by their short names
+SOURCE_NOTES = {
+    "benchmark": "public 4-class set (figshare, SARTAJ, Br35H), mostly T1 with contrast",
+    "br35h": "Br35H tumour scans, tumour type not given",
+    "lgg": "TCGA lower-grade glioma FLAIR slices, tumour and tumour-free slices of 83 patients",
+    "brisc": "BRISC 2025 tumour-free scans, mostly T1, three planes",
+}
 
 
-def overall_metrics(card: dict) -> dict:
-    """The card's test metrics over all sources (the per-source ones are shown apart)."""
-    return {k: v for k, v in card.get("metrics", {}).items() if k != "per_source"}
+def sources_readable(card: dict) -> pd.DataFrame:
+    """The card's sources for a reader: what each is, images per split, folders -> classes."""
+    rows = []
+    for s in card.get("sources", []):
+        row = {"source": s.get("name"), "what it is": SOURCE_NOTES.get(s.get("name"), "")}
+        row.update({f"{k} images": v for k, v in (s.get("images") or {}).items()})
+        row["folders -> classes"] = ", ".join(f"{k} -> {v}" for k, v in (s.get("label_map") or {}).items())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def preprocessing_text(spec: dict) -> str:
+    """The card's preprocessing in one sentence."""
+    crop = "cropped to the head, " if spec.get("crop", "head") == "head" else ""
+    return (f"Read as grey ({spec.get('grey', 'luminance')}); {crop}resized to {spec.get('size')} x "
+            f"{spec.get('size')} px; scaled by mean {spec.get('mean')} and standard deviation {spec.get('std')}.")
+
+
+def referral_text(card: dict) -> str:
+    """The card's 'uncertain, refer' rule in words, with what it did on validation."""
+    u = card.get("uncertainty") or {}
+    def pct(key: str) -> str:
+        return f"{u[key]:.1%}" if finite_number(u.get(key)) else "?"
+    if not (finite_number(u.get("lo")) and finite_number(u.get("hi"))):
+        return ("Uncertain, refer: when the top class's probability is below "
+                f"{u['min_confidence']:.3f}." if finite_number(u.get("min_confidence")) else
+                "This model has no 'uncertain, refer' rule.")
+    text = (f"Uncertain, refer: when the tumour probability lies between {u['lo']:.3f} and {u['hi']:.3f}, "
+            f"close to the operating point (on validation: {pct('val_referred')} of scans referred, "
+            f"{pct('val_error_kept')} wrong among the rest).")
+    if finite_number(u.get("min_type_confidence")):
+        text += (f" Tumour type uncertain: when the likeliest type holds less than {u['min_type_confidence']:.0%} "
+                 f"of the tumour probability ({pct('type_val_referred')} of validation tumours).")
+    return text
+
+
+METRIC_COLUMNS = {"n": "scans", "accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
+                  "tumour_missed": "tumours missed", "silent_misses": "missed with no flag", "ece": "calibration error"}
+
+
+def metrics_readable(card: dict) -> pd.DataFrame:
+    """The card's test figures, all sources then each, one row each, in words."""
+    m = card.get("metrics") or {}
+    rows = [("all sources", m)] + sorted((m.get("per_source") or {}).items())
+    return pd.DataFrame([{"test set": name, **{label: r.get(k) for k, label in METRIC_COLUMNS.items()}}
+                         for name, r in rows if isinstance(r, dict)])
 
 
 def saliency_and_speed(card: dict) -> list[str]:

@@ -931,13 +931,15 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
     from fpdf.fonts import FontFace
     n_ok = sum(r.ok for r in results)
     n_flag = sum(bool(r.flags) for r in results if r.ok)
+    n_called = sum(bool(call_of(r.to_row())) for r in results)   # a refused scan was read, but gets no call
     pdf.font(12, True, INK)
     pdf.cell(0, 7, pdf.t("Batch summary"), new_x="LMARGIN", new_y="NEXT")
     pdf.font(9, False, INK)
     digits = max([3, *(_tp_digits(p, ctx) for p in map(_called_tp, results) if p is not None)])
     t = "not set" if ctx.threshold is None else f"{ctx.threshold:.{digits}f} ({ctx.threshold_source})"
     pdf.multi_cell(0, 5, pdf.t(
-        f"{len(results)} files: {n_ok} predicted, {len(results) - n_ok} could not be read, "
+        f"{len(results)} files: {n_called} called, {n_ok - n_called} refused as out of distribution, "
+        f"{len(results) - n_ok} could not be read, "
         f"{n_flag} flagged for review. Operating point on the tumour probability: {t}. "
         f"One page per file follows; click a row to jump to it."), new_x="LMARGIN", new_y="NEXT")
     pdf.ln(3)

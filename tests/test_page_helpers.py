@@ -44,10 +44,12 @@ def test_model_card_tables_and_caption_come_from_the_card():
                          "label_map": {"yes": "tumor", "no": "notumor"}}],
             "metrics": {"accuracy": 0.9, "per_source": {"br35h": {}}},
             "parameters": 2_500_000, "weights_file_bytes": 3 * 2**20, "date": "2026-12-05"}
-    table = dash.sources_table(card)
-    assert table.loc[0, "source"] == "br35h" and table.loc[0, "test"] == 2
-    assert table.loc[0, "labels"] == "yes->tumor, no->notumor"
-    assert dash.overall_metrics(card) == {"accuracy": 0.9}
+    table = dash.sources_readable(card)
+    assert table.loc[0, "source"] == "br35h" and table.loc[0, "test images"] == 2
+    assert table.loc[0, "folders -> classes"] == "yes -> tumor, no -> notumor"
+    assert "type not given" in table.loc[0, "what it is"]   # a reader need not know the datasets' short names
+    metrics = dash.metrics_readable(card)
+    assert list(metrics["test set"]) == ["all sources", "br35h"] and metrics.loc[0, "accuracy"] == 0.9
     caption = dash.build_caption(card, "ab" * 32)
     assert caption.startswith("2.50 M parameters, weights 3.0 MiB, sha256 abababababababab...")
     assert caption.endswith("built 2026-12-05")

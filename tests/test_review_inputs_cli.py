@@ -161,7 +161,7 @@ def test_batch_table_lists_no_numbers_for_a_refused_scan():
     from core.dashboard import batch_table
     t = batch_table([{"file": "c.png", "ok": True, "pred": "notumor", "tumour_probability": 0.16,
                       "confidence": 0.84, "in_distribution": False}])
-    assert t.iloc[0]["prediction"] is None and t.iloc[0]["tumour probability"] is None
+    assert t.iloc[0]["prediction"] == "no call: not like its training scans" and t.iloc[0]["tumour probability"] is None
     assert t.iloc[0]["confidence"] is None and t.iloc[0]["flags"] == "out-of-distribution"
 
 

@@ -485,3 +485,49 @@ def test_uploads_are_still_there_after_a_visit_to_another_page(page):
     page.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg")]).run()
     page.file_uploader[0].set_value([]).run()   # emptied by the user: nothing comes back
     assert not [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
+
+
+def test_the_model_card_reads_in_words():
+    from core import dashboard as dash
+    card = json.loads((REPO / "weights" / "resnet18_192_gpu_ema120_s2" / "card.json").read_text())
+    text = dash.referral_text(card)
+    assert text.startswith("Uncertain, refer: when the tumour probability lies between 0.041 and 0.972")
+    assert "Tumour type uncertain: when the likeliest type holds less than 96%" in text
+    assert dash.preprocessing_text(card["preprocessing"]).startswith("Read as grey")
+    assert "resized to 192 x 192 px" in dash.preprocessing_text(card["preprocessing"])
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=90)
+    at.run()
+    at.switch_page("app_pages/model_card.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = "\n".join(m.value for m in at.markdown)
+    assert "**Referral**: Uncertain, refer" in shown and "**Preprocessing**: Read as grey" in shown
+
+
+def test_the_reports_summary_does_not_count_a_refused_scan_as_called(predictor, monkeypatch, tmp_path):
+    from test_report import flat, pdf_pages
+    from core.report import build_report
+    glioma = (REPO / "assets" / "samples" / "glioma.jpg").read_bytes()
+    real = Predictor.predict_scan
+    monkeypatch.setattr(Predictor, "predict_scan", lambda self, scan: replace(
+        real(self, scan), in_distribution=scan.info.get("width") != 97, ood_reason=None))
+    odd = io.BytesIO()
+    Image.fromarray((phantom(97, 97) * 255).astype(np.uint8)).save(odd, "PNG")   # refused by its width
+    pdf = build_report([("a.jpg", glioma), ("b.png", odd.getvalue()), ("c.jpg", b"broken")], predictor)
+    summary = flat(pdf_pages(pdf, tmp_path)[0])
+    assert "3 files: 1 called, 1 refused as out of distribution, 1 could not be read" in summary
+
+
+def test_the_report_says_why_a_call_is_not_the_top_class(predictor, monkeypatch, tmp_path):
+    from test_report import flat, pdf_pages
+    from core.report import build_report
+    monkeypatch.setattr(Predictor, "predict_scan", lambda self, scan: replace(low_point_call(), info=dict(scan.info)))
+    pdf = build_report([("a.jpg", (REPO / "assets" / "samples" / "glioma.jpg").read_bytes())], predictor,
+                       threshold=0.05)
+    page = flat(pdf_pages(pdf, tmp_path)[0])
+    assert "Called a tumour: the tumour probability 0.117" in page and "pituitary is the likeliest tumour type" in page
+
+
+def test_the_sidebar_says_when_the_operating_point_was_set_by_hand(page):
+    assert not any("Set by hand" in w.value for w in page.sidebar.warning)
+    set_threshold(page, 0.123)
+    assert any("Set by hand to 0.123 for this model" in w.value for w in page.sidebar.warning)
