@@ -25,7 +25,8 @@ uploads = st.file_uploader("Upload scans: JPG, PNG, BMP, TIFF, WebP, GIF, DICOM,
 files, kept = app.uploaded_files(uploads)
 if kept:
     left, right = st.columns([3, 1])
-    left.caption(f"Showing the {len(files)} file(s) uploaded before you left this page.")
+    left.caption(f"{kept} file(s) below were uploaded before you left this page"
+                 + (", the others since." if kept < len(files) else "."))
     right.button("Clear them", on_click=app.forget_uploads)
 samples = app.sample_scans()
 picked = st.multiselect("...or try built-in sample scans (one per class, from the test split)",

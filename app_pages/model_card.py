@@ -26,9 +26,7 @@ st.markdown(
 st.markdown("#### Data and sources")
 st.dataframe(dash.sources_readable(card), hide_index=True)
 split = card.get("split", {})
-sizes = dash.readable(split.get("sizes"))
-st.markdown("**Split**: by groups, not by image: near duplicates, mirrored copies and one patient's slices go to "
-            "one side" + (f"; sizes {sizes}" if sizes else "") + ".")
+st.markdown(f"**Split**: {dash.split_text(split)}")
 with st.expander("How the split was made"):
     st.write(split.get("method", "n/a"))
 
@@ -37,10 +35,9 @@ if (copies := app.copies_note(predictor.dir)):
     st.caption(copies)
 if (problem := app.eval_problem(predictor.dir)):
     st.warning(problem)
-st.dataframe(dash.metrics_readable(card), hide_index=True, column_config={
-    c: st.column_config.NumberColumn(format="%.3f") for c in ("accuracy", "sensitivity", "specificity",
-                                                              "calibration error")})
-st.caption("At the card's operating point. Sensitivity: tumour scans called tumour; specificity: tumour-free scans "
+st.dataframe(dash.metrics_readable(card), hide_index=True)
+st.caption("At the card's operating point; '—': not defined for that set (no tumour scans, no tumour-free ones, or "
+           "no tumour types). Sensitivity: tumour scans called tumour; specificity: tumour-free scans "
            "called tumour-free; missed with no flag: tumours called 'no tumour' with no referral or "
            "out-of-distribution flag; calibration error (ECE): how far stated probabilities are from observed rates.")
 

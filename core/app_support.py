@@ -929,7 +929,7 @@ def keep_widget_value(target: str, widget: str) -> None:
     st.session_state[target] = st.session_state[widget]
 
 
-UPLOADS_KEPT = "_uploads_kept"
+UPLOADS_KEPT, UPLOADS_BEFORE = "_uploads_kept", "_uploads_before"
 
 
 def keep_uploads(widget: str) -> None:
@@ -937,19 +937,22 @@ def keep_uploads(widget: str) -> None:
     st.session_state[UPLOADS_KEPT] = [(f.name, f.getvalue()) for f in st.session_state.get(widget) or []]
 
 
-def uploaded_files(uploads) -> tuple[list[tuple[str, bytes]], bool]:
-    """(the files to show, whether they are kept from before): the uploader's files, or, when it
-    comes back empty without the user emptying it (Streamlit forgets a widget that a run of
-    another page did not draw), the files it last held: a clinician sent to the Evaluation page
-    came back to an empty Diagnose page."""
-    if uploads:
-        return [(f.name, f.getvalue()) for f in uploads], False
-    kept = st.session_state.get(UPLOADS_KEPT) or []
-    return list(kept), bool(kept)
+def uploaded_files(uploads) -> tuple[list[tuple[str, bytes]], int]:
+    """(the files to show, how many of them are kept from before a visit to another page).
+    Streamlit forgets a widget that a run of another page did not draw, so a clinician sent to
+    the Evaluation page came back to an empty Diagnose page: an uploader that comes back empty
+    without the user emptying it (`keep_uploads` saw no change) gives its files back, and files
+    uploaded after that are added to them (they replaced them without a word)."""
+    state = st.session_state
+    if not uploads and state.get(UPLOADS_KEPT):
+        state[UPLOADS_BEFORE] = (state.get(UPLOADS_BEFORE) or []) + state.pop(UPLOADS_KEPT)
+    before = state.get(UPLOADS_BEFORE) or []
+    return list(before) + [(f.name, f.getvalue()) for f in uploads or []], len(before)
 
 
 def forget_uploads() -> None:
-    st.session_state.pop(UPLOADS_KEPT, None)
+    for key in (UPLOADS_KEPT, UPLOADS_BEFORE):
+        st.session_state.pop(key, None)
 
 
 def follow_model_threshold(weights_dir: str, default: float) -> None:

@@ -409,7 +409,7 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
         if not r.get("ok"):
-            rows.append({"file": r["file"], "prediction": NO_CALL_UNREADABLE, "tumour probability": None,
+            rows.append({"file": r["file"], "prediction": NO_CALL_UNREADABLE, "slice": "", "tumour probability": None,
                          "confidence": None, "flags": "error: " + r.get("error", "")})
             continue
         # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
@@ -420,11 +420,11 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         info = r.get("info") or {}
         where = ", ".join(w for w in (slice_words(info), volume_words(info, short=True)) if w)
-        rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None else None,
+        rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None else "",
                      "prediction": r["pred"] if called else NO_CALL_OOD,
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
-    columns = ["file", "slice", "prediction", "flags", "tumour probability", "confidence"]   # flags in sight
+    columns = ["file", "prediction", "flags", "slice", "tumour probability", "confidence"]   # flags in sight
     if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
         columns.remove("slice")
     return pd.DataFrame(rows, columns=columns)
@@ -510,8 +510,8 @@ def ood_summary(ood: dict) -> str:
 # What the shared sources are, for a reader who does not know the datasets by their short names
 SOURCE_NOTES = {
     "benchmark": "public 4-class set (figshare, SARTAJ, Br35H), mostly T1 with contrast",
-    "br35h": "Br35H tumour scans, tumour type not given",
-    "lgg": "TCGA lower-grade glioma FLAIR slices, tumour and tumour-free slices of 83 patients",
+    "br35h": "Br35H scans: tumours of a type not given, and a few tumour-free",
+    "lgg": "TCGA lower-grade glioma FLAIR slices of three sites, tumour and tumour-free slices of the same patients",
     "brisc": "BRISC 2025 tumour-free scans, mostly T1, three planes",
 }
 
@@ -540,8 +540,9 @@ def referral_text(card: dict) -> str:
     def pct(key: str) -> str:
         return f"{u[key]:.1%}" if finite_number(u.get(key)) else "?"
     if not (finite_number(u.get("lo")) and finite_number(u.get("hi"))):
-        return ("Uncertain, refer: when the top class's probability is below "
-                f"{u['min_confidence']:.3f}." if finite_number(u.get("min_confidence")) else
+        return (f"Uncertain, refer: when the probability of the class called is below {u['min_confidence']:.3f}"
+                + (f" (on validation: {pct('val_referred')} of scans referred)" if finite_number(u.get("val_referred"))
+                   else "") + "." if finite_number(u.get("min_confidence")) else
                 "This model has no 'uncertain, refer' rule.")
     text = (f"Uncertain, refer: when the tumour probability lies between {u['lo']:.3f} and {u['hi']:.3f}, "
             f"close to the operating point (on validation: {pct('val_referred')} of scans referred, "
@@ -552,16 +553,31 @@ def referral_text(card: dict) -> str:
     return text
 
 
-METRIC_COLUMNS = {"n": "scans", "accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
-                  "tumour_missed": "tumours missed", "silent_misses": "missed with no flag", "ece": "calibration error"}
+# (label, format) of each test figure the Model card page lists; '—' where a set has none (a
+# source of tumour-free scans has no sensitivity, one without tumour types no accuracy)
+METRIC_COLUMNS = {"n": ("scans", "d"), "accuracy": ("accuracy", ".1%"), "sensitivity": ("sensitivity", ".1%"),
+                  "specificity": ("specificity", ".1%"), "tumour_missed": ("tumours missed", "d"),
+                  "silent_misses": ("missed with no flag", "d"), "ece": ("calibration error", ".3f")}
 
 
 def metrics_readable(card: dict) -> pd.DataFrame:
-    """The card's test figures, all sources then each, one row each, in words."""
+    """The card's test figures, all sources then each, one row each, as text ('—': not defined)."""
     m = card.get("metrics") or {}
     rows = [("all sources", m)] + sorted((m.get("per_source") or {}).items())
-    return pd.DataFrame([{"test set": name, **{label: r.get(k) for k, label in METRIC_COLUMNS.items()}}
+    def cell(v, fmt: str) -> str:
+        return format(v, fmt) if finite_number(v) else "—"
+    return pd.DataFrame([{"test set": name, **{label: cell(r.get(k), fmt) for k, (label, fmt) in METRIC_COLUMNS.items()}}
                          for name, r in rows if isinstance(r, dict)])
+
+
+def split_text(split: dict) -> str:
+    """How the card's split kept copies apart, from its recorded method: older splits grouped near
+    duplicates and patients only, not mirrored copies (their test sets hold many copies)."""
+    method = str(split.get("method", ""))
+    kept = ("near duplicates, mirrored or turned copies and one patient's slices" if "mirrored" in method else
+            "near duplicates and one patient's slices (not mirrored or turned copies)")
+    sizes = readable(split.get("sizes"))
+    return f"by groups, not by image: {kept} go to one side" + (f"; sizes {sizes}" if sizes else "") + "."
 
 
 def saliency_and_speed(card: dict) -> list[str]:

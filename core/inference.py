@@ -523,12 +523,14 @@ def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshol
 def checked_hot_slices(predictor: Predictor, src, name: str, scores: dict[int, float], threshold: float | None,
                        shown: int, shown_in_distribution: bool = True) -> list[int]:
     """`hot_slices`, and when the slice shown is refused, only if the out-of-distribution check
-    accepts one of the most tumour-like of them (`most_tumour_like_slice`): a volume that is no
-    brain MRI is refused throughout, and its raw scores are no reason to send anyone to its slices."""
+    accepts one of them (tried most tumour-like first, every one if need be: stopping after a few
+    erred on the silent side): a volume that is no brain MRI is refused throughout, and its raw
+    scores are no reason to send anyone to its slices."""
     hot = hot_slices(scores, threshold, shown, shown_in_distribution)
     if hot and not shown_in_distribution:
-        _, pred = most_tumour_like_slice(predictor, src, name, scores={k: scores[k] for k in hot})
-        return hot if pred.in_distribution else []
+        scans = indexed_slices(src, name)[0]
+        accepted = any(predictor.predict_scan(scans[k]).in_distribution for k in sorted(hot, key=scores.get, reverse=True))
+        return hot if accepted else []
     return hot
 
 

@@ -49,7 +49,8 @@ def test_model_card_tables_and_caption_come_from_the_card():
     assert table.loc[0, "folders -> classes"] == "yes -> tumor, no -> notumor"
     assert "type not given" in table.loc[0, "what it is"]   # a reader need not know the datasets' short names
     metrics = dash.metrics_readable(card)
-    assert list(metrics["test set"]) == ["all sources", "br35h"] and metrics.loc[0, "accuracy"] == 0.9
+    assert list(metrics["test set"]) == ["all sources", "br35h"] and metrics.loc[0, "accuracy"] == "90.0%"
+    assert metrics.loc[1, "accuracy"] == "—"   # not defined for that set: no 'None' on the page
     caption = dash.build_caption(card, "ab" * 32)
     assert caption.startswith("2.50 M parameters, weights 3.0 MiB, sha256 abababababababab...")
     assert caption.endswith("built 2026-12-05")

@@ -443,7 +443,12 @@ def test_a_call_that_is_not_the_top_class_says_why():
     assert "pituitary is the likeliest tumour type" in note
     high = replace(low_point_call(0.5), pred="notumor", probs={"glioma": 0.6, "meningioma": 0.0, "pituitary": 0.0,
                                                                  "notumor": 0.4}, tumour_probability=0.6, threshold=0.7)
-    assert "below the operating point 0.700, though glioma is the likeliest single class" in call_note(high, classes)
+    assert "below the operating point 0.700, though 'glioma' is the likeliest single class" in call_note(high, classes)
+    assert call_note(high, classes).startswith("Called no tumour:")
+    binary = replace(low_point_call(), pred="tumor", probs={"tumor": 0.117, "notumor": 0.883})
+    note = call_note(binary, ["tumor", "notumor"])   # 'tumor' is no tumour type, and one class is no sum
+    assert note == ("Called a tumour: the tumour probability 0.117 reaches the operating point 0.050, though "
+                    "'no tumour' is the likeliest single class.")
     top = replace(low_point_call(), pred="notumor", tumour_probability=0.117, threshold=0.5)
     assert call_note(top, classes) is None and call_note(replace(low_point_call(), in_distribution=False), classes) is None
 
@@ -456,6 +461,9 @@ def test_the_batch_table_says_why_a_scan_has_no_call():
     table = batch_table(rows)
     assert list(table["prediction"]) == ["no call: not like its training scans", "no call: unreadable"]
     assert list(table.columns[:3]) == ["file", "prediction", "flags"]   # the reason beside the call
+    vol = {**rows[0], "in_distribution": True, "info": {"slice_index": 2, "n_slices": 5}}
+    table = batch_table([vol, rows[1]])
+    assert list(table.columns[:4]) == ["file", "prediction", "flags", "slice"] and table["slice"][1] == ""
 
 
 def test_home_shows_the_evaluation_pages_default_figures(tmp_path):
@@ -480,6 +488,12 @@ def test_uploads_are_still_there_after_a_visit_to_another_page(page):
     assert not page.exception, [e.value for e in page.exception]
     assert [m.value for m in page.markdown if m.value.startswith("### Prediction:")]   # was an empty page
     assert any("uploaded before you left this page" in c.value for c in page.caption)
+    other = (REPO / "assets" / "samples" / "notumor.jpg").read_bytes()
+    page.file_uploader[0].set_value([("b.jpg", other, "image/jpeg")]).run()   # one more after coming back
+    assert len([m for m in page.markdown if m.value.startswith("### Prediction:")]) == 2   # a.jpg was dropped
+    assert any("1 file(s) below were uploaded before you left this page, the others since" in c.value
+               for c in page.caption)
+    page.file_uploader[0].set_value([]).run()
     next(b for b in page.button if b.label == "Clear them").click().run()
     assert not [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
     page.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg")]).run()
@@ -501,6 +515,12 @@ def test_the_model_card_reads_in_words():
     assert not at.exception, [e.value for e in at.exception]
     shown = "\n".join(m.value for m in at.markdown)
     assert "**Referral**: Uncertain, refer" in shown and "**Preprocessing**: Read as grey" in shown
+    assert "mirrored or turned copies and one patient's slices go to one side" in dash.split_text(card["split"])
+    old = json.loads((REPO / "weights" / "cnn_bn_aug" / "card.json").read_text())
+    assert "(not mirrored or turned copies)" in dash.split_text(old["split"])   # an older split: many copies
+    assert dash.referral_text(old).startswith("Uncertain, refer: when the probability of the class called is below")
+    table = dash.metrics_readable(card)
+    assert "None" not in table.to_string() and (table == "—").any().any()   # br35h has no accuracy
 
 
 def test_the_reports_summary_does_not_count_a_refused_scan_as_called(predictor, monkeypatch, tmp_path):
@@ -531,3 +551,16 @@ def test_the_sidebar_says_when_the_operating_point_was_set_by_hand(page):
     assert not any("Set by hand" in w.value for w in page.sidebar.warning)
     set_threshold(page, 0.123)
     assert any("Set by hand to 0.123 for this model" in w.value for w in page.sidebar.warning)
+
+
+def test_a_refused_slices_others_are_all_tried_before_none_is_named(predictor, monkeypatch):
+    from core.inference import checked_hot_slices, slice_scores
+    data = volume(12)
+    scores = slice_scores(predictor, data, "v.nii.gz")[2]
+    lowest = min(scores, key=scores.get)   # the only slice the check accepts: past the first 8 tried
+    real = Predictor.predict_scan
+    monkeypatch.setattr(Predictor, "predict_scan", lambda self, scan: replace(
+        real(self, scan), in_distribution=scan.info.get("slice_index") == lowest))
+    shown = next(k for k in scores if k != lowest)
+    assert checked_hot_slices(predictor, data, "v.nii.gz", scores, 0.0, shown, False) == sorted(
+        k for k in scores if k != shown)
