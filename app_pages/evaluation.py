@@ -43,8 +43,11 @@ else:
         st.info(stale)
         st.stop()
     st.caption(f"Results of {app.md_name(held['name'])}.")
-    for s in held["skipped"][:20]:
-        st.error(f"{app.md_name(s['file'])}: {s['error']}")
+    if held["skipped"]:
+        st.error(app.skipped_summary(held["skipped"]))
+        with st.expander("The files left out"):
+            for s in held["skipped"][:200]:
+                st.markdown(f"{app.md_name(s['file'])}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
     classes, rule = app.zip_view(held, predictor)
     if held["ev"].get("scored_as"):
@@ -54,7 +57,12 @@ else:
         st.stop()
 
 kept, n_copies = app.without_copies(records)
-if n_copies and app.sticky_toggle(f"Leave out the {n_copies} test scans with a copy in training", "eval_no_copies",
+if n_copies and where == "zip":
+    st.warning(f"{n_copies} of the zip's scans have the file name of an image the model trained or was validated "
+               "on: most likely the same images, which score higher than new patients' scans would.",
+               icon=":material/warning:")
+if n_copies and app.sticky_toggle(f"Leave out the {n_copies} {'test ' if where == 'card' else ''}scans with a copy "
+                                  "in training", "eval_no_copies",
                                   help="The public sets hold near duplicates and mirrored or turned copies of "
                                "their own images; a test scan whose copy was trained on is a scan the "
                                "model has already seen, not a new patient's."):
@@ -82,9 +90,7 @@ with t1:
         a, b = st.columns(2)
         a.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
         b.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes, normalise=True), key="cmn")
-        st.dataframe(dash.per_class_table(ev), hide_index=True, column_config={
-            k: st.column_config.NumberColumn(format="%.3f")
-            for k in ("precision", "recall", "f1", "specificity")})
+        st.dataframe(dash.per_class_table(ev), hide_index=True)
     else:
         st.info(dash.scans_help(ev) or "These labels name no model class: see the false-negative tab.")
 with t2:

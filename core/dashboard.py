@@ -213,8 +213,10 @@ def calibration_note(ev: dict) -> str | None:
 
 
 def per_class_table(ev: dict) -> pd.DataFrame:
-    rows = [{"class": c, **{k: m.get(k) for k in ("precision", "recall", "f1", "specificity",
-                                                  "support")}}
+    """Precision, recall, F1, specificity and support per class; '—' where a figure is not defined
+    (a class with no scans has no recall: 'None' read as a finding)."""
+    rows = [{"class": c, **{k: (f"{m[k]:.3f}" if finite_number(m.get(k)) else "—")
+                            for k in ("precision", "recall", "f1", "specificity")}, "support": m.get("support", 0)}
             for c, m in ev.get("per_class", {}).items()]
     return pd.DataFrame(rows)
 

@@ -564,3 +564,37 @@ def test_a_refused_slices_others_are_all_tried_before_none_is_named(predictor, m
     shown = next(k for k in scores if k != lowest)
     assert checked_hot_slices(predictor, data, "v.nii.gz", scores, 0.0, shown, False) == sorted(
         k for k in scores if k != shown)
+
+
+# ------------------------------------------------------------- the volumes and zips review's findings
+def test_a_zip_of_the_models_own_training_images_is_said_to_be_one(tmp_path):
+    import zipfile
+    from conftest import make_weights
+    w = make_weights(tmp_path / "w")
+    split = {"files": {"synth": {"train": ["glioma/seen.jpg"], "val": [], "test": []}}}
+    (w / "split.json").write_text(json.dumps(split))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in ("seen.jpg", "new.jpg"):
+            z.writestr(f"glioma/{name}", (REPO / "assets" / "samples" / "glioma.jpg").read_bytes())
+    held = app.evaluate_zip(Predictor(w), "z.zip", buf.getvalue())
+    marked = {r["file"]: bool(r.get("copy_in_training")) for r in held["ev"]["predictions"]}
+    assert marked == {"glioma/seen.jpg": True, "glioma/new.jpg": False}
+
+
+def test_many_skipped_files_are_one_line_by_reason():
+    skipped = [{"file": f"x/{k}.jpg", "error": "Its folder names no class of this model."} for k in range(30)]
+    skipped += [{"file": "notes.txt", "error": "Not an image."}]
+    line = app.skipped_summary(skipped)
+    assert line.startswith("31 file(s) left out of these figures: 30 x Its folder names no class")
+    assert "1 x Not an image" in line
+    assert "bad.jpg" in app.skipped_summary([{"file": "bad.jpg", "error": "Damaged."}])
+
+
+def test_a_class_without_scans_has_no_figures_rather_than_none():
+    from core.dashboard import per_class_table
+    table = per_class_table({"per_class": {"glioma": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "specificity": 1.0,
+                                                      "support": 4},
+                                           "pituitary": {"precision": None, "recall": None, "f1": None,
+                                                         "specificity": 1.0, "support": 0}}})
+    assert list(table.loc[1, ["precision", "recall", "f1"]]) == ["—", "—", "—"] and table.loc[0, "recall"] == "1.000"
