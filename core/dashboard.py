@@ -408,6 +408,10 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
     """File, prediction, flags, tumour probability and confidence for a batch (errors included);
     with a volume in the batch, the slice each row is about and how it was chosen. A scan with no
     call says why in its prediction cell: an empty one read 'None', which reads as 'no finding'."""
+    # a file of a series uploaded one file per slice: which series, which slice (the series table
+    # says 'highest at #12', and nothing led from there to a file)
+    in_series = {id(r): f"series {k}, #{(r.get('info') or {}).get('instance', '?')}"
+                 for k, members in enumerate(series_groups(results), 1) for r in members}
     rows = []
     for r in results:
         if not r.get("ok"):
@@ -422,7 +426,9 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         info = r.get("info") or {}
         where = ", ".join(w for w in (slice_words(info), volume_words(info, short=True)) if w)
-        rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None else "",
+        if id(r) in in_series:
+            where = in_series[id(r)]
+        rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None or id(r) in in_series else "",
                      "prediction": r["pred"] if called else NO_CALL_OOD,
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
@@ -441,19 +447,25 @@ def _slice_label(row: dict) -> str:
     return f"#{instance}" if instance is not None else row["file"]
 
 
-def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
-    """One row per DICOM series that has two or more files in a batch (a series exported one
-    file per slice): how many slices are called tumour, and which, by Instance Number; the
-    highest tumour probability and where; the slices refused or referred. A tumour called on
-    any slice is a tumour call for the scan, however clear the others look."""
+def series_groups(results: list[dict]) -> list[list[dict]]:
+    """The DICOM series with two or more files in a batch, in order of first upload, each by
+    Instance Number: 'series 1' of the series table is the first."""
     groups: dict[str, dict[str, dict]] = {}
     for r in results:
         key = (r.get("info") or {}).get("series") if r.get("ok") else None
         if key:  # a file given twice, under one name or two (its content hash where known), is one slice
             groups.setdefault(key, {}).setdefault(r.get("sha256") or r["file"], r)
     order = lambda r: ((r.get("info") or {}).get("instance", float("inf")), r["file"])  # noqa: E731
+    return [sorted(m.values(), key=order) for m in groups.values() if len(m) > 1]
+
+
+def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
+    """One row per DICOM series that has two or more files in a batch (a series exported one
+    file per slice): how many slices are called tumour, and which, by Instance Number; the
+    highest tumour probability and where; the slices refused or referred. A tumour called on
+    any slice is a tumour call for the scan, however clear the others look."""
     rows = []
-    for members in (sorted(m.values(), key=order) for m in groups.values() if len(m) > 1):
+    for members in series_groups(results):
         called = [r for r in members if r.get("in_distribution", True)]
         tumour = [_slice_label(r) for r in called if is_tumour_label(r["pred"])]
         scored = [r for r in called if r.get("tumour_probability") is not None]

@@ -235,6 +235,8 @@ def slice_words(info: Mapping, numbering: str = "") -> str:
     for key, word in (("slice_index", "slice"), ("frame", "frame")):
         if info.get(key) is not None:
             n = info.get("n_slices") or info.get("n_frames")
+            if n == 1:   # a one-frame file: 'frame 0 of 1' says nothing
+                return ""
             text = f"{word} {info[key]}" + (f" of {n}{numbering}" if n else "")
             return text + (f", chosen as {info['slice_choice']}" if info.get("slice_choice") else "")
     return ""
@@ -615,10 +617,15 @@ def _report_pdf_class():
             self.set_xy(self.l_margin, self.t_margin)
             self.cell(0, 7, self.t("RESEARCH DEMO - NOT FOR DIAGNOSIS"), align="R")
             self.ln(8)
-            self.font(8, False, MUTED)
             c = self.ctx
-            self.cell(0, 4, self.t(f"Model {c.model}, version {c.version}  |  weights SHA-256 "
-                                   f"{c.weights_sha256[:12]}  |  generated {c.date}"))
+            line = self.t(f"Model {c.model}, version {c.version}  |  weights SHA-256 "
+                          f"{c.weights_sha256[:12]}  |  generated {c.date}")
+            size = 8.0
+            self.font(size, False, MUTED)
+            while self.get_string_width(line) > self.epw and size > 5:   # a long model name ran past the margin
+                size -= 0.5
+                self.font(size, False, MUTED)
+            self.cell(0, 4, line)
             self.ln(5)
             self._rule()
             self.ln(4)

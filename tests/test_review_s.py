@@ -17,7 +17,7 @@ from conftest import REPO
 from test_reader import dicom12, lps_volume, make_dicom, phantom
 
 from core import app_support as app
-from core.inference import BEST_SLICE, Predictor, hot_slices, predict_many, volume_hot_slices
+from core.inference import Predictor, hot_slices, predict_many, volume_hot_slices
 
 
 @pytest.fixture(scope="module")
@@ -598,3 +598,35 @@ def test_a_class_without_scans_has_no_figures_rather_than_none():
                                            "pituitary": {"precision": None, "recall": None, "f1": None,
                                                          "specificity": 1.0, "support": 0}}})
     assert list(table.loc[1, ["precision", "recall", "f1"]]) == ["—", "—", "—"] and table.loc[0, "recall"] == "1.000"
+
+
+def test_the_reports_header_line_stays_inside_the_margins(predictor, monkeypatch):
+    import fpdf
+    from core.report import build_report
+    monkeypatch.setattr(predictor, "card", {**predictor.card, "name": "a-long-model-name-" * 4, "version": "2026-12-06"})
+    widths, real_cell = [], fpdf.FPDF.cell
+    def cell(self, w=None, h=None, text="", *a, **k):
+        if "weights SHA-256" in str(text):   # the header's identity line, on every page
+            widths.append((self.get_string_width(str(text)), self.epw))
+        return real_cell(self, w, h, text, *a, **k)
+    monkeypatch.setattr(fpdf.FPDF, "cell", cell)
+    build_report([("a.jpg", (REPO / "assets" / "samples" / "glioma.jpg").read_bytes())], predictor)
+    assert widths and all(w <= epw for w, epw in widths), widths
+
+
+def test_a_series_files_row_names_its_series_and_instance():
+    from core.dashboard import batch_table, series_table
+    def dcm(name, instance, series, tp):
+        return {"file": name, "ok": True, "pred": "glioma" if tp >= 0.5 else "notumor", "tumour_probability": tp,
+                "confidence": 0.9, "probs": {}, "in_distribution": True, "sha256": name,
+                "info": {"series": series, "instance": instance, "frame": 0, "n_frames": 1}}
+    rows = [dcm("IM9.dcm", 12, "s1", 0.99), dcm("IM3.dcm", 11, "s1", 0.2), dcm("IM5.dcm", 4, "s2", 0.1),
+            dcm("IM7.dcm", 5, "s2", 0.3), {"file": "a.png", "ok": True, "pred": "notumor", "tumour_probability": 0.1,
+                                          "confidence": 0.9, "probs": {}, "in_distribution": True, "info": {}}]
+    assert series_table(rows)["highest at"].tolist() == ["#12", "#5"]
+    assert batch_table(rows)["slice"].tolist() == ["series 1, #12", "series 1, #11", "series 2, #4", "series 2, #5", ""]
+
+
+def test_a_one_frame_file_has_no_frame_words():
+    from core.report import slice_words
+    assert slice_words({"frame": 0, "n_frames": 1}) == "" and slice_words({"frame": 1, "n_frames": 3}) == "frame 1 of 3"
