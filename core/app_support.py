@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections import Counter, OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -1182,7 +1182,24 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
         if Path(r["file"]).name in seen:
             r["copy_in_training"] = True
     return {"name": name, "digest": digest(data), "ev": ev, "skipped": skipped + ev["errors"],
-            "blobs": gallery_blobs(items, ev)}
+            "blobs": gallery_blobs(items, ev), "splits": zip_splits(r["file"] for r in ev["predictions"])}
+
+
+def zip_splits(files) -> list[str]:
+    """The split folders (Training/, Testing/, ...) a zip's scored files sit in: a zip of a
+    Training/Testing layout is scored as one pool, and the page must say so."""
+    from .data import split_of
+    return sorted({f for name in files for part in PurePosixPath(name).parts[:-2] if (f := split_of(part))})
+
+
+def pooled_splits_note(held: dict) -> str | None:
+    """What the Evaluation page says of a zip holding several split folders (None otherwise)."""
+    splits = held.get("splits") or []
+    if len(splits) < 2:
+        return None
+    words = {"train": "training", "test": "test", "val": "validation"}
+    return (f"The zip holds {' and '.join(words[s] for s in splits)} folders: their scans are scored together. "
+            "Upload the test folder alone to score only the held-out part.")
 
 
 @functools.lru_cache(maxsize=8)

@@ -630,3 +630,10 @@ def test_a_series_files_row_names_its_series_and_instance():
 def test_a_one_frame_file_has_no_frame_words():
     from core.report import slice_words
     assert slice_words({"frame": 0, "n_frames": 1}) == "" and slice_words({"frame": 1, "n_frames": 3}) == "frame 1 of 3"
+
+
+def test_a_zip_of_a_training_testing_layout_says_it_is_scored_pooled():
+    assert app.zip_splits(["archive/Training/glioma/a.jpg", "archive/Testing/notumor/b.jpg"]) == ["test", "train"]
+    assert app.zip_splits(["mine/glioma/a.jpg", "glioma/b.jpg"]) == []
+    note = app.pooled_splits_note({"splits": ["test", "train"]})
+    assert note.startswith("The zip holds test and training folders: their scans are scored together")
