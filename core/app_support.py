@@ -1204,12 +1204,13 @@ def pooled_splits_note(held: dict) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _trained_names(split_file: str, stamp: float) -> frozenset[str]:
+    from .data import split_roles
+    from .ood import read_split_file
     try:
-        record = json.loads(Path(split_file).read_text())["files"]
-        return frozenset(Path(rel).name for splits in record.values() for role in ("train", "val")
-                         for rel in splits.get(role, []))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        roles = split_roles(read_split_file(split_file))
+    except (OSError, ValueError, TypeError, AttributeError):   # no usable split.json: nothing to match
         return frozenset()
+    return frozenset(Path(rel).name for (_, rel), role in roles.items() if role in ("train", "val"))
 
 
 def trained_file_names(weights_dir: str | Path) -> frozenset[str]:

@@ -514,21 +514,23 @@ def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshol
     if shown is None or not getattr(predictor, "is_tumour_model", False):
         return []
     try:
-        return checked_hot_slices(predictor, src, name, slice_scores(predictor, src, name)[2], threshold, shown,
-                                  in_distribution)
+        scans, _, scores = slice_scores(predictor, src, name)
+        return checked_hot_slices(predictor, src, name, scores, threshold, shown, in_distribution, scans)
     except Exception:  # an empty volume, say: the slice shown stands alone
         return []
 
 
 def checked_hot_slices(predictor: Predictor, src, name: str, scores: dict[int, float], threshold: float | None,
-                       shown: int, shown_in_distribution: bool = True) -> list[int]:
+                       shown: int, shown_in_distribution: bool = True,
+                       scans: list[ScanImage] | None = None) -> list[int]:
     """`hot_slices`, and when the slice shown is refused, only if the out-of-distribution check
     accepts one of them (tried most tumour-like first, every one if need be: stopping after a few
     erred on the silent side): a volume that is no brain MRI is refused throughout, and its raw
-    scores are no reason to send anyone to its slices."""
+    scores are no reason to send anyone to its slices. ``scans``: the volume's slices when the
+    caller has read them (`slice_scores`), else read here."""
     hot = hot_slices(scores, threshold, shown, shown_in_distribution)
     if hot and not shown_in_distribution:
-        scans = indexed_slices(src, name)[0]
+        scans = scans if scans is not None else indexed_slices(src, name)[0]
         accepted = any(predictor.predict_scan(scans[k]).in_distribution for k in sorted(hot, key=scores.get, reverse=True))
         return hot if accepted else []
     return hot

@@ -903,19 +903,19 @@ def read_split_file(split_file: str | Path) -> dict:
 
 
 def split_files(split_file: str | Path, roots: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
-    """{source: {split: (absolute paths, "source/label" groups)}} from a split.json."""
-    from .data import class_folders
-    from .labels import normalise_label
+    """{source: {split: (absolute paths, "source/label" groups)}} from a split.json, each file
+    labelled as `core.data.samples_from_record` labels it (by its class folder, in any layout)."""
+    from .data import samples_from_record
     record = read_split_file(split_file)
-    out: dict = {}
-    for src, splits in record.items():
+    for src in record:
         if src not in roots:
             raise ValueError(f"split.json names source {src!r} but no data root is known for it "
                              f"(known: {', '.join(roots) or 'none'}); pass --data-config")
-        folders = class_folders(roots[src])   # 'Training/glioma/x.jpg' is glioma, not 'training'
-        out[src] = {sp: ([str(roots[src] / r) for r in rels],
-                         [f"{src}/{normalise_label(folders.get(r) or Path(r).parts[0])}" for r in rels])
-                    for sp, rels in splits.items()}
+    out: dict = {src: {sp: ([], []) for sp in splits} for src, splits in record.items()}
+    for s in samples_from_record(record, roots):
+        paths, groups = out[s.source][s.split]
+        paths.append(s.path)
+        groups.append(f"{s.source}/{s.label}")
     return out
 
 

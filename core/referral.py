@@ -144,7 +144,6 @@ def at_threshold(pred, classes: list[str], threshold: float | None, rule: Referr
                                uncertain_reason=rule.describe(p, k, threshold, bool(unc[0]), bool(typ[0])))
 
 
-# ----------------------------------------------------------------------------- fitting on validation
 def call_note(pred, classes: list[str]) -> str | None:
     """A sentence when the call is not the likeliest class (None otherwise): at a low operating
     point 'pituitary' was called beside bars showing 'no tumour' at 88 %, with nothing saying the
@@ -166,6 +165,7 @@ def call_note(pred, classes: list[str]) -> str | None:
             f"{op}, though '{said(top)}' is the likeliest single class.")
 
 
+# ----------------------------------------------------------------------------- fitting on validation
 def pick_min_confidence(conf: np.ndarray, correct: np.ndarray, target_error: float = 0.005,
                         max_referred: float = 0.10) -> dict:
     """Lowest confidence below which predictions are referred, so that kept ones err <= target.
