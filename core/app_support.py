@@ -27,6 +27,7 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, EmptyVolume)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
+from .archive import MAX_TOTAL_BYTES
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
@@ -515,6 +516,8 @@ def sample_files(names: list[str]) -> list[tuple[str, bytes]]:
 
 # One batch of uploads, zips unpacked, held in memory at once: the cloud host has about 1 GB.
 BATCH_BYTES = 200 * 2**20
+# Of it, what zips may add when unpacked (the uploads themselves are held by Streamlit anyway).
+UNPACKED_BYTES = MAX_TOTAL_BYTES
 # Labelled-zip scans kept for the Evaluation gallery after scoring; beyond it the gallery says so.
 GALLERY_BYTES = 64 * 2**20
 
@@ -523,14 +526,15 @@ GALLERY_BYTES = 64 * 2**20
 ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk", ".npz")
 
 
-def expand_uploads(files: list[tuple[str, bytes]],
-                   budget: int = BATCH_BYTES) -> list[tuple[str, bytes | Exception]]:
+def expand_uploads(files: list[tuple[str, bytes]], budget: int = BATCH_BYTES,
+                   unpacked: int = UNPACKED_BYTES) -> list[tuple[str, bytes | Exception]]:
     """Uploads with zips unpacked (in memory) into their members, in archive order. A member
     the archive reader left out, or a zip that cannot be used at all, becomes an entry holding its
-    ScanError, and so does everything past ``budget`` bytes of the batch (the others are still
-    shown; a zip's members past it are never inflated)."""
+    ScanError, and so does everything past ``budget`` bytes of the batch, or past ``unpacked``
+    bytes inflated from its zips (the memory they add to the uploads); the others are still
+    shown, and a zip's members past either are never inflated."""
     out: list = []
-    used = 0
+    used = inflated = 0
     over = (f"The batch is over {budget // 2**20} MB (zips unpacked): upload fewer files "
             "at a time.")
     for name, (_, data) in zip(unique_names([n for n, _ in files]), files):
@@ -541,8 +545,12 @@ def expand_uploads(files: list[tuple[str, bytes]],
             out.append((name, data if fits else ScanError(over)))
             used += len(data) if fits else 0
             continue
+        room = min(budget - used, unpacked - inflated)
+        why = over if room == budget - used else (
+            f"The zips of this batch unpack to more than {unpacked // 2**20} MB, the most this app "
+            "holds at once: this file was not read (upload it unzipped, or fewer zips at a time).")
         try:
-            members = read_zip(data, budget - used, over)
+            members = read_zip(data, room, why)
         except ScanError as e:
             out.append((name, e))
             continue
@@ -553,7 +561,9 @@ def expand_uploads(files: list[tuple[str, bytes]],
             out.append((name, ScanError("The zip archive contains no files.")))
             continue
         out += [(f"{name}/{m}", ScanError(c) if isinstance(c, str) else c) for m, c in members.entries]
-        used += sum(len(c) for _, c in members)
+        size = sum(len(c) for _, c in members)
+        used += size
+        inflated += size
     # once more over the whole list: members of one zip may clash ('a.png' and './a.png')
     return list(zip(unique_names([shown_path(n) for n, _ in out]), [c for _, c in out]))
 
@@ -577,10 +587,14 @@ def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
     return out
 
 
-def labelled_zip(data: bytes) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
-    """A class-per-folder zip as (file, label, bytes) items plus the skipped files with why."""
+def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
+    """A class-per-folder zip as (file, label, bytes) items plus the skipped files with why. With
+    the model's ``classes``, a file's class is the nearest folder above it that the model can be
+    scored on ('glioma/patient01/x.jpg' is glioma, as `python -m core evaluate` reads the tree)."""
+    from .evaluation import scorable
+    known = (lambda folder: scorable(normalise_label(folder), classes)) if classes else None
     try:
-        members = zip_to_labelled(data)
+        members = zip_to_labelled(data, known)
     except ScanError:
         raise
     except Exception as e:  # the Evaluation page shows a ScanError as one sentence
@@ -1173,7 +1187,7 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
     """A labelled zip scored through the served path, as the Evaluation page holds it: its name,
     the evaluation, every file left out with why, and the scans kept for the gallery. Raises
     ScanError when the zip itself cannot be used."""
-    items, skipped = labelled_zip(data)
+    items, skipped = labelled_zip(data, predictor.classes)
     ev = evaluate_items(predictor, items,
                         lambda n, b: cached_prediction(predictor, read_upload(b, n), digest(b)),
                         progress=progress)

@@ -19,12 +19,17 @@ import struct
 import zipfile
 import zlib
 from pathlib import PurePosixPath
+from typing import Callable
 
+from .labels import CANONICAL, normalise_label
 from .reader import MAX_BYTES, ScanError
 
 MAX_MEMBERS = 2000                   # files a zip may hold (resource forks and folders not counted)
 MAX_ENTRIES = 4 * MAX_MEMBERS        # entries of any kind, from the end record, before parsing
-MAX_TOTAL_BYTES = 4 * MAX_BYTES      # everything inflated, held in memory at once
+# Everything inflated from the zips of one batch, held in memory at once on top of the uploads
+# themselves: the cloud host has about 1 GB and the app uses most of it (README, "Deploy"). At
+# 200 MB a 400 kB zip of zeros pinned 240 MB per session; bench/app_memory.py measures this cap.
+MAX_TOTAL_BYTES = 64 * 2**20
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 UTF8_FLAG, UNICODE_PATH_EXTRA = 0x800, 0x7075
 ZIP64_LOCATOR, ZIP64_END = 20, 56    # bytes of the zip64 end locator and of its end record
@@ -183,13 +188,15 @@ def _listing(zf: zipfile.ZipFile) -> list[tuple[str, zipfile.ZipInfo]]:
     return files
 
 
-def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None = None) -> ZipMembers:
+def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None = None,
+             unwanted: Callable[[str], str | None] | None = None) -> ZipMembers:
     """The scans inside a zip as (member_name, bytes), in archive order, all in memory.
 
     Raises ScanError (one sentence) for an archive that cannot be used at all: not a zip, damaged,
     too many files. A single bad member is left out and listed in ``.skipped`` with its reason,
     so it never stops the others; so is each member past ``budget`` bytes (declared sizes, checked
-    before inflating), with the reason ``over_budget``.
+    before inflating), with the reason ``over_budget``, and each member ``unwanted`` gives a
+    reason for (never inflated, so it costs no budget).
     """
     out = ZipMembers()
     over = over_budget or (f"The zip archive unpacks to more than {budget // 2**20} MB: this file "
@@ -197,7 +204,7 @@ def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None
     with _open_zip(data) as zf:
         for raw, info in _listing(zf):
             name, unsafe = _clean_name(raw)
-            problem = unsafe or _member_problem(info)
+            problem = unsafe or _member_problem(info) or (unwanted(name) if unwanted else None)
             if not problem and info.file_size > budget:
                 problem = over
             if problem:
@@ -216,16 +223,26 @@ def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None
     return out
 
 
-def zip_to_labelled(data: bytes) -> ZipMembers:
-    """A class-per-folder zip as (class_folder, member_name, bytes): the class is the folder
-    holding the file (``any/prefix/<class>/scan.jpg``), as named in the zip; map it with
-    `core.labels.normalise_label`. Files at the top level are listed in ``.skipped``."""
-    members = read_zip(data)
+def class_folder(name: str, known: Callable[[str], bool] | None = None) -> str | None:
+    """The class folder of a member path: the nearest folder above the file that ``known`` accepts
+    (default: a name of the vocabulary), so ``glioma/patient01/scan.jpg`` is glioma as
+    `core.data.discover` reads the same tree; else the folder holding the file
+    (``any/prefix/<class>/scan.jpg``); None for a file at the top level."""
+    known = known or (lambda folder: normalise_label(folder) in CANONICAL)
+    folders = PurePosixPath(name).parts[:-1]
+    return ([f for f in folders if known(f)] or folders or [None])[-1]
+
+
+def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
+                    budget: int = MAX_TOTAL_BYTES) -> ZipMembers:
+    """A class-per-folder zip as (class_folder, member_name, bytes), the class as named in the zip
+    (`class_folder` with ``known``); map it with `core.labels.normalise_label`. Files at the top
+    level are listed in ``.skipped``, never inflated."""
+    over = (f"The zip archive unpacks to more than {budget // 2**20} MB: this file was not read "
+            "(evaluate larger sets with `python -m core evaluate` on the folder).")
+    members = read_zip(data, budget, over, unwanted=lambda name: None if class_folder(name) else
+                       "The file is not inside a class folder.")
     out = ZipMembers(skipped=members.skipped)
     for name, content in members:
-        parts = PurePosixPath(name).parts
-        if len(parts) < 2:
-            out.skipped.append((name, "The file is not inside a class folder."))
-            continue
-        out.append((parts[-2], name, content))
+        out.append((class_folder(name, known), name, content))
     return out

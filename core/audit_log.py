@@ -13,7 +13,6 @@ Written by ``python -m core report --audit FILE``; the app writes no audit log.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -22,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-# Several app sessions may share one log file; one lock keeps their lines whole.
+# Several threads or processes may share one log file; locks keep their lines whole.
 _LOCK = threading.Lock()
 RESULT_FIELDS = ("pred", "probs", "tumour_probability", "threshold")
 
@@ -54,11 +53,13 @@ def model_fields(predictor: Any) -> dict:
             "gate_sha256": getattr(predictor, "gate_sha256", None)}
 
 
-def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str]) -> dict:
-    """The JSON object one prediction adds to the log (see the module docstring)."""
+def audit_record(file_sha256: str, predictor: Any, result: Any, flags: list[str]) -> dict:
+    """The JSON object one prediction adds to the log (see the module docstring); ``file_sha256``
+    is the hex SHA-256 of the scan's bytes, the report's own (`ScanResult.sha256`): a batch's
+    files are not held in memory until their lines are written."""
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sha256": hashlib.sha256(bytes(data_bytes)).hexdigest(),
+        "sha256": str(file_sha256),
         **model_fields(predictor),
         "result": _result_fields(result),
         "slice": slice_of(result),
@@ -66,22 +67,32 @@ def audit_record(data_bytes: bytes, predictor: Any, result: Any, flags: list[str
     }
 
 
-def append_audit(path: str | Path, data_bytes: bytes, predictor: Any, result: Any,
+def append_audit(path: str | Path, file_sha256: str, predictor: Any, result: Any,
                  flags: list[str]) -> dict:
     """Append one line for one prediction to the log at ``path``; returns the record written.
 
     Raises OSError when the log cannot be written: the caller decides whether that is fatal.
     """
-    record = audit_record(data_bytes, predictor, result, flags)
+    record = audit_record(file_sha256, predictor, result, flags)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    with _LOCK:
+    with _LOCK, path.open("a", encoding="utf-8") as f:
+        _lock_file(f)   # other processes too: each checks the last byte and appends in turn
         if _ends_mid_line(path):  # a write cut short (a killed process) must not swallow this record
             line = "\n" + line
-        with path.open("a", encoding="utf-8") as f:
-            f.write(line)
+        f.write(line)
     return record
+
+
+def _lock_file(f) -> None:
+    """An exclusive advisory lock on an open log until it is closed, where the OS has one (four
+    processes appending at once each saw the other's half-written line and added blank lines)."""
+    try:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    except (ImportError, OSError):   # Windows, or a pipe or device that takes no lock
+        pass
 
 
 def _ends_mid_line(path: Path) -> bool:
@@ -96,6 +107,23 @@ def _ends_mid_line(path: Path) -> bool:
             return f.read(1) != b"\n"
     except OSError:
         return False
+
+
+def foreign_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` must not take audit lines: a file that exists and holds no record in its first
+    lines (an old CSV, a scan: appending JSON would spoil it). None for a new or empty file, a log,
+    or one that cannot be read (a write-only sink is appended to as it is)."""
+    p = Path(path)
+    try:
+        if not p.is_file() or p.stat().st_size == 0:
+            return None
+        with p.open("rb") as f:
+            head = [f.readline(2**16) for _ in range(5)]
+    except OSError:
+        return None
+    if any(_record(line.rstrip(b"\r\n")) is not None for line in head):
+        return None
+    return f"--audit {p} exists and is not an audit log: name a new file or an earlier log"
 
 
 def read_audit(path: str | Path) -> list[dict]:

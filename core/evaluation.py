@@ -406,7 +406,7 @@ class NothingToScore(ValueError):
         self.errors = errors
 
 
-def _scorable(label: str, classes: list[str]) -> bool:
+def scorable(label: str, classes: list[str]) -> bool:
     """A label the model can be judged on: one of its classes, or tumour/no tumour when it has both."""
     return label in classes or (has_tumour_decision(classes) and is_tumour_label(label) is not None)
 
@@ -421,8 +421,8 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
     'tumor'). An image whose folder names no class of the model goes to ``errors``, not into ``n``.
     """
     errors += [{"file": r["file"], "error": f"its folder ('{r['label']}') names no class of this model"}
-               for r in records if not _scorable(r["label"], classes)]
-    records = [r for r in records if _scorable(r["label"], classes)]
+               for r in records if not scorable(r["label"], classes)]
+    records = [r for r in records if scorable(r["label"], classes)]
     if not records:
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
     if folds_types(classes):
@@ -509,8 +509,8 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
                                               or split_of(scan.inner(rel).split("/")[0]) != "train")]
     # Only what can be scored is run through the model (an 'astrocytoma' folder is not).
     errors += [{"file": s.rel, "error": f"its folder ('{s.original}') names no class of this model"}
-               for s in samples if not _scorable(s.label, predictor.classes)]
-    samples = [s for s in samples if _scorable(s.label, predictor.classes)]
+               for s in samples if not scorable(s.label, predictor.classes)]
+    samples = [s for s in samples if scorable(s.label, predictor.classes)]
     if not samples:
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
     for k, s in enumerate(samples):

@@ -1117,7 +1117,7 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
     """The sentence for content nobody could read."""
     kind = sniff(data)
     if kind == "zip":
-        return ScanError("The file is a zip archive, not a single scan.")
+        return ScanError("The file is a zip archive, not a single scan: unzip it first.")
     if kind == "pdf":
         return ScanError("The file is a PDF document; please upload the scan itself "
                          f"({SUPPORTED}).")
@@ -1277,7 +1277,7 @@ def read_zip(data: bytes, *args, **kw):
     return _read_zip(data, *args, **kw)
 
 
-def zip_to_labelled(data: bytes):
+def zip_to_labelled(data: bytes, *args, **kw):
     """A class-per-folder zip as (class_folder, member_name, bytes); see `core.archive`."""
     from .archive import zip_to_labelled as _zip_to_labelled
-    return _zip_to_labelled(data)
+    return _zip_to_labelled(data, *args, **kw)

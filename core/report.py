@@ -92,7 +92,6 @@ class ScanResult:
     overlay: np.ndarray | None = None      # RGB uint8 saliency overlay on `view`
     saliency_note: str | None = None       # why there is no overlay, if there is none
     source: str = ""                       # format, size and slice, from technical fields only
-    data: bytes | None = None              # the file's bytes, for the audit hash only
     hot_slices: list[int] = field(default_factory=list)   # a volume's other slices at the operating point
     method: str | None = None              # the saliency method of this page (each file may have its own)
     sha256: str | None = None              # of the file's bytes: a CSV row matches its audit line and file
@@ -288,7 +287,7 @@ REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "i
 
 
 def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = None,
-                method: str | None = None, keep_bytes: bool = False, hot: list[int] | None = None,
+                method: str | None = None, hot: list[int] | None = None,
                 mask: bytes | None = None, slice_choice: str | None = None, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
@@ -320,7 +319,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     # the slice and its series: the audit log's slice and the summary's series lines read them.
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
-                      source=source_line(scan.info), data=data if keep_bytes else None, method=method,
+                      source=source_line(scan.info), method=method,
                       sha256=hashlib.sha256(data).hexdigest(), mask_note=_mask_note(pred, scan, mask, predictor),
                       hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
                       if hot is None else hot)
@@ -337,7 +336,7 @@ def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor)
 
 
 def analyse(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: float | None = None,
-            method: str | None = None, keep_bytes: bool = False, **read_kw) -> list[ScanResult]:
+            method: str | None = None, **read_kw) -> list[ScanResult]:
     """`analyse_one` for every item, in order.
 
     An item may carry its own options as a third element, e.g. ``(name, data, {"slice_index": 7,
@@ -349,7 +348,7 @@ def analyse(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: f
     for shown, (name, src, *own) in zip(display_names([it[0] for it in items]), items):
         opts = {**read_kw, **(own[0] if own and own[0] else {})}
         r = analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
-                        keep_bytes, opts.pop("hot_slices", None), opts.pop("mask", None),
+                        opts.pop("hot_slices", None), opts.pop("mask", None),
                         opts.pop("slice_choice", None), **opts)
         r.name = shown   # told apart from the batch's other files of the same base name
         out.append(r)
@@ -1117,6 +1116,9 @@ def _output_problem(args) -> str | None:
         seen[p.resolve()] = flag
         if (why := output_problem(flag, p)):
             return why
+    if args.audit:
+        from .audit_log import foreign_file_problem
+        return foreign_file_problem(args.audit)
     return None
 
 
@@ -1131,8 +1133,16 @@ def cmd_report(args) -> int:
         where = f" from {args.weights}" if args.weights else ""
         print(f"error: cannot load the model{where}: {e or type(e).__name__}", file=sys.stderr)
         return 2
-    results = analyse([(f, f) for f in args.files], predictor, args.threshold, args.method,
-                      keep_bytes=bool(args.audit))
+    results = analyse([(f, f) for f in args.files], predictor, args.threshold, args.method)
+    if args.audit:   # first: a closed pipe or a failed PDF must not lose the trace of results made
+        from .audit_log import append_audit
+        try:
+            for r in results:
+                if r.ok:
+                    append_audit(args.audit, r.sha256, predictor, r.prediction, r.flags)
+        except OSError as e:
+            print(f"error: cannot write the audit log {args.audit}: {e.strerror or e}", file=sys.stderr)
+            return 2
     for r in results:
         print(text_line(r.to_row()), flush=True)
     pdf = render_pdf(results, ReportContext.of(predictor, args.threshold, args.method))
@@ -1145,14 +1155,6 @@ def cmd_report(args) -> int:
             return 2
         print(f"wrote {args.csv}")
     if args.audit:
-        from .audit_log import append_audit
-        try:
-            for r in results:
-                if r.ok:
-                    append_audit(args.audit, r.data, predictor, r.prediction, r.flags)
-        except OSError as e:
-            print(f"error: cannot write the audit log {args.audit}: {e.strerror or e}", file=sys.stderr)
-            return 2
         print(f"audit: {sum(r.ok for r in results)} lines appended to {args.audit}")
     return 0 if all(r.ok for r in results) else 1
 

@@ -311,12 +311,17 @@ def test_downloads_for_the_app(binary):
 
 
 # ----------------------------------------------------------------------------- audit + CLI
+def sha(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_audit_lines_hold_hashes_and_results_never_names(four, tmp_path):
     log = tmp_path / "logs" / "audit.jsonl"
     data = scan_png(12)
     pred = four.predict_file(data, "secret-name.png")
-    rec = append_audit(log, data, four, pred, ["uncertain, refer"])
-    append_audit(log, data, four, pred.to_json(), [])
+    rec = append_audit(log, sha(data), four, pred, ["uncertain, refer"])
+    append_audit(log, sha(data), four, pred.to_json(), [])
     lines = read_audit(log)
     assert lines[0] == rec and len(lines) == 2
     assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "card_sha256",
@@ -331,10 +336,10 @@ def test_audit_survives_a_line_cut_short_and_names_a_volumes_slice(four, tmp_pat
     log = tmp_path / "audit.jsonl"
     data = scan_png(13)
     pred = four.predict_file(data, "a.png")
-    append_audit(log, data, four, pred, [])
+    append_audit(log, sha(data), four, pred, [])
     log.write_bytes(log.read_bytes() + b'{"time": "2026-12-03T10:00:00+00:00", "sha2')  # a killed write
     pred.info.update(slice_index=7, n_slices=20)
-    rec = append_audit(log, data, four, pred, [])
+    rec = append_audit(log, sha(data), four, pred, [])
     assert rec["slice"] == 7
     lines = read_audit(log)
     assert len(lines) == 2 and lines[1] == rec  # the new record is whole; the fragment is skipped
@@ -347,7 +352,7 @@ def test_audit_survives_a_line_cut_short_and_names_a_volumes_slice(four, tmp_pat
     cut.write_text(text[:text.index("}") + 1] + "\n" + text + "\n")
     assert read_audit(cut) == [rec]
     pred.info = {"slice_index": 0, "n_slices": 1, "frame": 0, "n_frames": 1}
-    assert append_audit(log, data, four, pred, [])["slice"] is None  # a one-slice volume: no slice
+    assert append_audit(log, sha(data), four, pred, [])["slice"] is None  # a one-slice volume: no slice
 
 
 def test_audit_goes_to_a_pipe(four, tmp_path):
@@ -361,7 +366,7 @@ def test_audit_goes_to_a_pipe(four, tmp_path):
     reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
     reader.start()
     try:
-        rec = append_audit(fifo, data, four, pred, [])  # was "not seekable": a+b on a pipe
+        rec = append_audit(fifo, sha(data), four, pred, [])  # was "not seekable": a+b on a pipe
     finally:
         try:  # unblock the reader whatever happened (ENXIO: it has already finished)
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
@@ -384,7 +389,7 @@ def test_appending_to_the_audit_log_needs_no_read_access(four, tmp_path, monkeyp
             raise PermissionError(13, "Permission denied")
         return real_open(self, mode, *a, **k)
     monkeypatch.setattr(Path, "open", write_only)
-    rec = append_audit(log, data, four, pred, [])
+    rec = append_audit(log, sha(data), four, pred, [])
     monkeypatch.undo()
     assert read_audit(log) == [rec]  # glued to the fragment it could not see, and recovered
 
@@ -559,7 +564,7 @@ def test_audit_lines_and_the_pdf_name_the_card_and_the_gate(four, tmp_path):
     old = {"time": "2026-12-01T10:00:00+00:00", "sha256": "0" * 64, "model": "m", "model_version": "v",
            "weights_sha256": "1" * 64, "result": {}, "slice": None, "flags": []}
     log.write_text(json.dumps(old) + "\n")   # a line written before the card and gate hashes
-    rec = append_audit(log, data, four, four.predict_file(data, "a.png"), [])
+    rec = append_audit(log, sha(data), four, four.predict_file(data, "a.png"), [])
     assert rec["card_sha256"] == file_sha256(four.dir / "card.json") == four.identity[2]
     assert rec["gate_sha256"] is None and four.gate is None   # no gate: nothing judged the image
     assert read_audit(log) == [old, rec]
