@@ -166,6 +166,9 @@ INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "
 FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p",
                  *E.AUG_OPTION_DEFAULTS, "target_sensitivity", "min_specificity", "min_head", "tta_below")
 FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_online")
+# Text options: a config's out = 3 or name = 2026-01-01 (a TOML date) failed late, the date only
+# when the card was written after the whole run.
+STR_OPTIONS = ("out", "name", "device", "init", "split_from", "teacher", "finish_from")
 # What a resumed run must share with the run it continues: its checkpoint's optimiser, schedule,
 # split and cached images were made with them (and --data, --init, --split-from, compared as real
 # paths). --epochs may change (the schedule follows), and so may what only the finish does.
@@ -191,6 +194,12 @@ def _check_types(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for d in FLAG_OPTIONS:
         if not isinstance(getattr(args, d), bool):
             p.error(f"{_option(d)}: true or false is expected, not {getattr(args, d)!r}")
+    for d in STR_OPTIONS:
+        if (v := getattr(args, d)) is not None and not isinstance(v, str):
+            p.error(f"{_option(d)}: a text (in quotes in a config) is expected, not {v!r}")
+    for k, v in (getattr(args, "config_values", None) or {}).items():
+        if k in CONFIG_NOTES and not isinstance(v, (str, int, float, bool)):
+            p.error(f"--config: {k} must be a text or a number (it goes into the card), not {v!r}")
     for d, choices in (("crop", ("head", "none")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                        ("keep", ("best", "last"))):
         if getattr(args, d) not in choices:
@@ -220,8 +229,9 @@ def resolved_paths(args: argparse.Namespace | dict) -> dict:
     or one that names the same folder another way, is the same run."""
     a = vars(args) if isinstance(args, argparse.Namespace) else args
     real = lambda p: os.path.realpath(D.resolve_root(str(p))) if p else None  # noqa: E731
-    try:
-        data = [(real(s["path"]), s["weight"], s["name"]) for s in D.parse_sources(a.get("data"))]
+    try:   # a changed label_map relabels the images mid-run
+        data = [(real(s["path"]), s["weight"], s["name"], sorted((s.get("label_map") or {}).items()))
+                for s in D.parse_sources(a.get("data"))]
     except (ValueError, KeyError, TypeError):
         data = None
     return {"data": data, "init": real(a.get("init")), "split_from": real(a.get("split_from")),
@@ -249,7 +259,10 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
     # a resume without --mask-loss keeps the run's; one with it must not switch it on or change it
     if "mask_loss" in saved and now.get("mask_loss") and (saved["mask_loss"] or 0) != now["mask_loss"]:
         out.append(f"--mask-loss {saved['mask_loss']!r} -> {now['mask_loss']!r}")
-    was = saved.get("paths_resolved") or resolved_paths(saved)  # older checkpoints: resolved here
+    was = dict(saved.get("paths_resolved") or resolved_paths(saved))  # older checkpoints: resolved here
+    if was.get("data") and any(len(d) == 3 for d in was["data"]):   # recorded before label maps were compared
+        maps = [sorted((src.get("label_map") or {}).items()) for src in D.parse_sources(saved["data"])]
+        was["data"] = [(*d, m) for d, m in zip(was["data"], maps)]
     is_ = resolved_paths(now)
     for k in ("init", "split_from", "teacher"):
         if k in saved and was.get(k) != is_[k]:
@@ -294,6 +307,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--finish-from DIR --out DIR: the run there would be moved aside first; give another --out")
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         p.error("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+    if args.wd < 0 or not 0 <= args.ema < 1 or args.aug < 0 or args.max_distance < 0:
+        # AdamW refused a negative decay after minutes of caching; --ema 1 or 1.5 averaged by the
+        # warm-up's schedule alone, -0.5 was off without a word
+        p.error("--wd, --aug and --max-distance must be >= 0, and --ema in [0, 1) (0 = off)")
     from core.reader import MAX_SIDE   # no scan reaches the model larger: a bigger input only upsamples
     if not 8 <= args.img <= MAX_SIDE or args.small_img < 0 or 0 < args.small_img < 8 or args.small_img > MAX_SIDE:
         p.error(f"--img must be between 8 and {MAX_SIDE} pixels (and --small-img 0 or in that range)")
@@ -351,7 +368,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_args_parser()
-    args = p.parse_args(argv)
+    args = given_alone = p.parse_args(argv)   # the command line's own values, before the config's
     cfg_data = None
     if args.config:
         cfg = _read_config(p, args.config)
@@ -365,6 +382,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.data = [cfg_data] if isinstance(cfg_data, (str, dict)) else cfg_data
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
+    _check_types(p, args)
+    if args.out is not None and not args.out.strip():
+        # an unset "$OUT" retrained weights/<arch> in place, the shipped model moved aside
+        p.error("--out: an empty path (an unset variable?): name the folder to write the model to")
+    if args.config and given_alone.out is not None and given_alone.name is None:
+        args.name = None   # the config's name is its own folder's: --out names this run (card, compare)
     args.out = args.out or f"weights/{args.arch}"
     # shlex: a path with spaces must replay as one argument
     args.command = (shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("train.py")
@@ -372,9 +395,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     # where it ran: its relative paths replay from there ("." = the repository root)
     here = Path.cwd().resolve()
     args.command_dir = os.path.relpath(here, D.REPO_ROOT) if here.is_relative_to(D.REPO_ROOT) else str(here)
-    for opt, d in (("--split-from", args.split_from), ("--init", args.init), ("--teacher", args.teacher)):
-        if d and not (Path(d) / "split.json").is_file():
-            p.error(f"{opt} {d}: no split.json there (a directory written by train.py is expected)")
+    for key in ("split_from", "init", "teacher"):
+        if not (d := getattr(args, key)):
+            continue
+        if not (D.resolve_root(d) / "split.json").is_file():
+            p.error(f"{_option(key)} {d}: no split.json there (a directory written by train.py is expected)")
+        if (why := _split_file_problem(D.resolve_root(d) / "split.json")):
+            p.error(f"{_option(key)} {d}: {why}")
+        # found as --data is, from here, else from the repository: a config run from another
+        # folder found its data but not its split
+        setattr(args, key, str(D.resolve_root(d)))
     if args.mask_loss < 0:
         p.error("--mask-loss must be 0 (off) or positive")
     _check(p, args)  # a resume takes its run's --init when left out
@@ -382,6 +412,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--average-init needs --init")
     args.paths_resolved = resolved_paths(args)  # into the checkpoint: what a resume is compared with
     return args
+
+
+def _split_file_problem(path: Path) -> str | None:
+    """Why a recorded split cannot be used (damaged, or no split.json of train.py), before the images are read."""
+    from core.ood import read_split_file
+    try:
+        read_split_file(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def _gamma_words(gamma_log: float) -> str:
@@ -479,7 +519,10 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
               f"ids, across sources; StratifiedGroupKFold by source/label, files in (source, path) order, "
               f"the test and validation folds drawn from seed {args.seed}")
     if split_from:
-        record = json.loads((Path(split_from) / "split.json").read_text())
+        split_file = Path(split_from) / "split.json"
+        if (why := _split_file_problem(split_file)):   # a resumed run's own, cut short by a full disk
+            raise DataError(why)
+        record = json.loads(split_file.read_text())
         for note in D.apply_split_record(samples, record["files"]):
             print(f"note: {note}", flush=True)
         if not any(s.split for s in samples):
@@ -575,9 +618,11 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
     if coarse_only := sorted(taught - train_labels - {TUMOUR}):
         say(f"warning: {', '.join(coarse_only)} learnt only through coarse labels in training: "
             "the model cannot tell these types apart", flush=True)
-    if len(idx["train"]) < 2 or len(idx["val"]) == 0:
-        raise DataError(f"too few images to train and validate: {len(idx['train'])} in training, "
-                         f"{len(idx['val'])} in validation (a split groups near duplicates; add images)")
+    if len(idx["train"]) < 2 or len(idx["val"]) == 0 or len(idx["test"]) == 0:
+        # no test image: the whole run trained, then its evaluation failed with a traceback
+        raise DataError(f"too few images to train, validate and test: {len(idx['train'])} in training, "
+                         f"{len(idx['val'])} in validation, {len(idx['test'])} in test (a split groups near "
+                         "duplicates; add images, or with --split-from give the data its recorded test files)")
 
 
 def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:

@@ -204,6 +204,9 @@ def _checked_entry(e: dict) -> dict:
     such as 'wieght' would otherwise train a held-out source at weight 1)."""
     if "path" not in e:
         raise ValueError(f"a source without a path: {e}")
+    for key in ("path", "name"):   # a TOML name = 2021 trained, then its split.json's "2021" failed a resume
+        if key in e and not (isinstance(e[key], str) and e[key].strip()):
+            raise ValueError(f"source {e['path']!r}: {key} must be a non-empty text, not {e[key]!r}")
     unknown = sorted(set(e) - SOURCE_KEYS)
     if unknown:
         raise ValueError(f"source {e['path']}: unknown key(s) {', '.join(unknown)} "
@@ -221,6 +224,8 @@ def parse_sources(entries: list) -> list[dict]:
     """`PATH`, `PATH=WEIGHT` or {path, weight, name, label_map} -> [{path, weight, name, ...}]; a
     source is named after its folder (the parent of a Training/Testing folder), as train.py
     records it. ``label_map`` renames folders of that source: {"lesion": "tumor"}."""
+    if isinstance(entries, (str, dict)) or not isinstance(entries, (list, tuple)):
+        raise ValueError(f"a list of sources is expected (data = [...]), not {entries!r}")
     out = []
     for e in entries:
         if isinstance(e, dict):

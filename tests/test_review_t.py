@@ -9,6 +9,7 @@ import multiprocessing
 import zipfile
 
 import pytest
+from pathlib import Path
 
 from core import app_support as app
 from core import archive
@@ -137,3 +138,125 @@ def test_audit_lines_of_several_processes_stay_one_a_line(tmp_path):
     raw = log.read_bytes().split(b"\n")
     assert raw[-1] == b"" and all(raw[:-1]) and len(raw) - 1 == 1200
     assert len({json.loads(x)["sha256"] for x in raw[:-1]}) == 1200
+
+
+# ----------------------------------------------------------------------------- train.py
+import shutil  # noqa: E402
+
+import train  # noqa: E402
+from conftest import make_blob_dataset  # noqa: E402
+from test_train_usage import TINY, refused  # noqa: E402
+
+
+@pytest.fixture
+def data(tmp_path, private_cache):
+    make_blob_dataset(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_a_split_with_no_test_image_is_refused_before_training(data, tmp_path, capsys):
+    # the run trained to its end, then its evaluation was a numpy AxisError traceback
+    first = tmp_path / "first"
+    assert train.main(["--data", str(data), "--out", str(first), "--epochs", "1", *TINY]) == 0
+    split = json.loads((first / "split.json").read_text())["files"]["data"]
+    less = tmp_path / "less" / "data"
+    shutil.copytree(data, less)
+    for rel in split["test"]:
+        (less / rel).unlink()
+    out = tmp_path / "second"
+    assert train.main(["--data", str(less), "--out", str(out), "--epochs", "1", "--split-from", str(first),
+                       *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "0 in test" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_an_empty_out_is_refused(data, tmp_path, capsys, monkeypatch):
+    # an unset "$OUT" retrained weights/<arch> in place, the shipped model moved aside
+    monkeypatch.chdir(tmp_path)
+    assert "--out: an empty path" in refused(["--data", data, "--out", "", *TINY], capsys)
+    assert "--out: an empty path" in refused(["--data", data, "--out", "  ", *TINY], capsys)
+    assert not (tmp_path / "weights").exists()
+
+
+def test_a_resume_with_another_label_map_is_refused(data, tmp_path, capsys):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(f'data = [{{path = "{data}", name = "blobs"}}]\n')
+    b.write_text(f'data = [{{path = "{data}", name = "blobs", label_map = {{glioma = "meningioma", '
+                 f'meningioma = "glioma"}}}}]\n')
+    out = tmp_path / "run"
+    assert train.main(["--config", str(a), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    err = refused(["--config", b, "--out", out, "--epochs", "2", "--resume", *TINY], capsys)
+    assert "--data (other sources or weights)" in err
+
+
+@pytest.mark.parametrize("text", ['{"files": ', "{}", "[]"])
+def test_a_damaged_recorded_split_is_one_sentence_before_any_work(data, tmp_path, capsys, text):
+    (rec := tmp_path / "rec").mkdir()
+    (rec / "split.json").write_text(text)
+    err = refused(["--data", data, "--out", tmp_path / "run", "--split-from", rec, *TINY], capsys)
+    assert "is not a split.json that train.py wrote" in err
+
+
+def test_a_resumed_runs_damaged_split_is_one_sentence(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    (out / "split.json").write_text('{"files": ')   # a full disk cut it short
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", "--resume", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "is not a split.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("out = 3", "--out: a text"), ("device = 3", "--device: a text"), ("name = 2026-01-01", "--name: a text"),
+    ("split_from = 3", "--split-from: a text"), ("init = true", "--init: a text"),
+    ("reported = 2024-01-01", "reported must be a text or a number"),
+    ('data = [{path = "DATA", name = 2021}]', "name must be a non-empty text"),
+    ("data = 5", "a list of sources is expected"),
+])
+def test_config_texts_are_checked_before_any_work(data, tmp_path, capsys, lines, message):
+    # each was a TypeError traceback; a TOML date as the name only once the whole run had trained
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((lines if "data" in lines else f'data = ["{data}"]\n{lines}').replace("DATA", str(data)) + "\n")
+    argv = ["--config", cfg, *TINY] + ([] if lines.startswith("out") else ["--out", tmp_path / "run"])
+    assert message in refused(argv, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra", [["--wd", "-1"], ["--ema", "1"], ["--ema", "1.5"], ["--ema", "-0.5"],
+                                   ["--aug", "-3"], ["--max-distance", "-5"]])
+def test_out_of_range_decay_ema_and_strength_are_refused(data, tmp_path, capsys, extra):
+    # --wd -1 was AdamW's traceback after the caching; --ema 1 and 1.5 trained as the warm-up's average
+    assert "--ema in [0, 1)" in refused(["--data", data, "--out", tmp_path / "run", *TINY, *extra], capsys)
+
+
+def test_out_names_a_run_whose_config_names_another(data, tmp_path):
+    # the README's CPU reproduction (--config <default> --out runs/...) made a card named like the
+    # shipped default: two rows of one name in compare and on the dashboard
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = ["{data}"]\nname = "shipped_default"\n')
+    out = tmp_path / "my_run"
+    assert train.main(["--config", str(cfg), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    assert json.loads((out / "card.json").read_text())["name"] == "my_run"
+    args = train.parse_args(["--config", str(cfg), "--out", str(out), "--name", "mine"])
+    assert args.name == "mine"
+    cfg.write_text(f'data = ["{data}"]\nname = "shipped_default"\nout = "{out}"\n')
+    assert train.parse_args(["--config", str(cfg)]).name == "shipped_default"   # the config's own out
+
+
+def test_a_configs_recorded_split_is_found_as_its_data_is(data, tmp_path, monkeypatch):
+    # data paths were found from the repository root when not from here, --split-from only from here
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(["--data", str(data), "--out", str(tmp_path / "run"), "--split-from",
+                             "weights/resnet18_176"])
+    assert Path(args.split_from) == train.D.REPO_ROOT / "weights" / "resnet18_176"
+
+
+def test_a_checkpoint_from_before_label_maps_were_compared_still_resumes(data, tmp_path):
+    import torch
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["args"]["paths_resolved"]["data"] = [tuple(d[:3]) for d in ckpt["args"]["paths_resolved"]["data"]]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", "--resume", *TINY]) == 0
