@@ -281,6 +281,8 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
         p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
                 "remove it to start the run afresh")
+    if not getattr(args, "name_given", False) and saved.get("name"):
+        args.name = saved["name"]   # a resumed run keeps its name, whatever its --out or config says
     for k in ("init", "split_from", "teacher"):  # left out on the resume: the run's own
         if getattr(args, k) is None and saved.get(k):
             setattr(args, k, (saved.get("paths_resolved") or {}).get(k) or saved[k])
@@ -386,8 +388,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is not None and not args.out.strip():
         # an unset "$OUT" retrained weights/<arch> in place, the shipped model moved aside
         p.error("--out: an empty path (an unset variable?): name the folder to write the model to")
-    if args.config and given_alone.out is not None and given_alone.name is None:
-        args.name = None   # the config's name is its own folder's: --out names this run (card, compare)
+    args.name_given = given_alone.name is not None
+    own_out = (cfg.get("out") if args.config else None) or ""
+    if args.config and given_alone.out is not None and not args.name_given and \
+            os.path.realpath(own_out) != os.path.realpath(given_alone.out):
+        args.name = None   # the config's name is its own out's: another --out names this run (card, compare)
     args.out = args.out or f"weights/{args.arch}"
     # shlex: a path with spaces must replay as one argument
     args.command = (shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("train.py")

@@ -50,6 +50,8 @@ else:
                 st.markdown(f"{app.md_name(s['file'])}: {s['error']}")
     records, blobs = held["ev"]["predictions"], held["blobs"]
     classes, rule = app.zip_view(held, predictor)
+    if held.get("layout_note"):
+        st.warning(held["layout_note"], icon=":material/warning:")
     if note := app.pooled_splits_note(held):
         st.caption(note)
     if held["ev"].get("scored_as"):

@@ -10,7 +10,8 @@ off, so edits to the working tree during a run change nothing), then drives it w
 and the system Chromium (as tests/test_browser.py launches it, no browser download): open Home,
 open Diagnose, pick a built-in sample and wait for its prediction and saliency map, upload a
 batch of scans (--batch, default 8, from the benchmark's Training folders) and wait for the
-table, then open Evaluation, Training and Model card. Meanwhile the RSS of the server's process
+table, then a zip of zeros that inflates to --zip-mb (default 100 MB: past the 64 MB a batch's
+zips may add, `core.archive.MAX_TOTAL_BYTES`), then open Evaluation, Training and Model card. Meanwhile the RSS of the server's process
 tree is sampled every --interval seconds (psutil when installed, else /proc).
 
 Prints the exact command and the machine (the server's Python, torch build and Streamlit), then:
@@ -34,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -211,6 +213,16 @@ def mem_total_mb() -> float | None:
     return None
 
 
+def zeros_zip(path: Path, megabytes: int, member_mb: int = 20) -> Path:
+    """A zip of members of zeros that inflates to ``megabytes`` (a few hundred kB on disk): the
+    worst case of what a batch's zips add to the server's memory."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for k in range(-(-megabytes // member_mb)):
+            z.writestr(f"m{k}.jpg", bytes(min(member_mb, megabytes - k * member_mb) * 2**20))
+    return path
+
+
 def batch_files(n: int) -> list[Path]:
     """``n`` benchmark training images, round-robin over the classes (the same every run)."""
     per = {c: sorted((DATA / c).glob("*.jpg")) for c in CLASSES}
@@ -235,7 +247,7 @@ def wait_for_app(page, marker) -> None:
 
 
 def drive(url: str, sampler: Sampler, t0: float, sample: str, files: list[Path],
-          timings: dict, pid: int) -> None:
+          timings: dict, pid: int, zip_file: Path | None = None, zip_mb: int = 0) -> None:
     from playwright.sync_api import sync_playwright
     exe = chromium_path()
     with sync_playwright() as pw:
@@ -273,6 +285,15 @@ def drive(url: str, sampler: Sampler, t0: float, sample: str, files: list[Path],
             wait_for_app(page, "map alone")
             sampler.mark(f"batch of {len(files)} uploads")
 
+        if zip_file:   # what a small zip that inflates far costs the server (core.archive's cap)
+            dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
+                                    "[data-testid='stFileUploadDropzone']").first
+            with page.expect_file_chooser() as chooser:
+                dropzone.click()
+            chooser.value.set_files([str(zip_file)])
+            wait_for_app(page, re.compile(r"^\d+ files, \d+ read$"))
+            sampler.mark(f"zip of {zip_file.stat().st_size // 1024} kB inflating to {zip_mb} MB")
+
         nav = page.get_by_test_id("stSidebarNav")
         for link, marker in (("Evaluation", "Tumours missed"), ("Training", "Every model"),
                              ("Model card", "How it was made")):
@@ -300,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="BT_WEIGHTS for the server (default: weights/DEFAULT)")
     p.add_argument("--sample", default="glioma.jpg", help="built-in sample to predict first")
     p.add_argument("--batch", type=int, default=8, help="scans to upload at once (0: none)")
+    p.add_argument("--zip-mb", type=int, default=100,
+                   help="then upload a zip inflating to this many MB of zeros (0: none)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between RSS samples")
     p.add_argument("--idle", type=float, default=5.0, help="seconds idle at the end (steady RSS)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -346,7 +369,8 @@ def main(argv=None) -> int:
         wait_healthy(proc, url, 300 - (time.time() - t0))
         timings["server_healthy_s"] = round(time.time() - t0, 2)
         sampler.mark("server healthy")
-        drive(url, sampler, t0, a.sample, files, timings, proc.pid)
+        zip_file = zeros_zip(Path(tempfile.mkdtemp()) / "zeros.zip", a.zip_mb) if a.zip_mb else None
+        drive(url, sampler, t0, a.sample, files, timings, proc.pid, zip_file, a.zip_mb)
         time.sleep(a.idle)
         sampler.mark("idle")
     except (Exception, KeyboardInterrupt, SystemExit) as e:  # SIGTERM too: report what we have

@@ -27,7 +27,7 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, EmptyVolume)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
-from .archive import MAX_TOTAL_BYTES
+from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
@@ -516,8 +516,6 @@ def sample_files(names: list[str]) -> list[tuple[str, bytes]]:
 
 # One batch of uploads, zips unpacked, held in memory at once: the cloud host has about 1 GB.
 BATCH_BYTES = 200 * 2**20
-# Of it, what zips may add when unpacked (the uploads themselves are held by Streamlit anyway).
-UNPACKED_BYTES = MAX_TOTAL_BYTES
 # Labelled-zip scans kept for the Evaluation gallery after scoring; beyond it the gallery says so.
 GALLERY_BYTES = 64 * 2**20
 
@@ -526,15 +524,14 @@ GALLERY_BYTES = 64 * 2**20
 ZIP_DOCUMENTS = (".docx", ".xlsx", ".pptx", ".odt", ".ods", ".odp", ".epub", ".jar", ".apk", ".npz")
 
 
-def expand_uploads(files: list[tuple[str, bytes]], budget: int = BATCH_BYTES,
-                   unpacked: int = UNPACKED_BYTES) -> list[tuple[str, bytes | Exception]]:
+def expand_uploads(files: list[tuple[str, bytes]], budget: int = BATCH_BYTES) -> list[tuple[str, bytes | Exception]]:
     """Uploads with zips unpacked (in memory) into their members, in archive order. A member
     the archive reader left out, or a zip that cannot be used at all, becomes an entry holding its
-    ScanError, and so does everything past ``budget`` bytes of the batch, or past ``unpacked``
-    bytes inflated from its zips (the memory they add to the uploads); the others are still
-    shown, and a zip's members past either are never inflated."""
+    ScanError, and so does everything past ``budget`` bytes of the batch, or past what the
+    batch's zips may inflate to for their weight (`core.archive.unpack_allowance`: the memory they
+    add to the uploads); the others are still shown, and members past either are never inflated."""
     out: list = []
-    used = inflated = 0
+    used = inflated = zipped = 0
     over = (f"The batch is over {budget // 2**20} MB (zips unpacked): upload fewer files "
             "at a time.")
     for name, (_, data) in zip(unique_names([n for n, _ in files]), files):
@@ -545,10 +542,12 @@ def expand_uploads(files: list[tuple[str, bytes]], budget: int = BATCH_BYTES,
             out.append((name, data if fits else ScanError(over)))
             used += len(data) if fits else 0
             continue
-        room = min(budget - used, unpacked - inflated)
+        zipped += len(data)
+        allowed = unpack_allowance(zipped)
+        room = min(budget - used, allowed - inflated)
         why = over if room == budget - used else (
-            f"The zips of this batch unpack to more than {unpacked // 2**20} MB, the most this app "
-            "holds at once: this file was not read (upload it unzipped, or fewer zips at a time).")
+            f"The zips of this batch unpack to more than {allowed // 2**20} MB, far more than they weigh: "
+            "this file was not read (upload it unzipped, or fewer zips at a time).")
         try:
             members = read_zip(data, room, why)
         except ScanError as e:
@@ -587,10 +586,11 @@ def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
     return out
 
 
-def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tuple[str, str, bytes]], list[dict]]:
-    """A class-per-folder zip as (file, label, bytes) items plus the skipped files with why. With
-    the model's ``classes``, a file's class is the nearest folder above it that the model can be
-    scored on ('glioma/patient01/x.jpg' is glioma, as `python -m core evaluate` reads the tree)."""
+def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tuple[str, str, bytes]], list[dict], str | None]:
+    """A class-per-folder zip as (file, label, bytes) items, the skipped files with why, and a hint
+    when its layout looks like a wrapper of classes (`core.data.one_folder_words`). Each file is
+    labelled as `python -m core evaluate` labels the same tree (`core.archive.zip_to_labelled`);
+    with the model's ``classes``, files of a folder it cannot be scored on are never inflated."""
     from .evaluation import scorable
     known = (lambda folder: scorable(normalise_label(folder), classes)) if classes else None
     try:
@@ -604,7 +604,8 @@ def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tu
     names = unique_names([shown_path(name) for _, name, _ in members] + [shown_path(name) for name, _ in members.skipped])
     items = [(name, normalise_label(folder), content)
              for name, (folder, _, content) in zip(names, members)]
-    return items, [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]
+    skipped = [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]
+    return items, skipped, members.note
 
 
 def volume_slices(data: bytes, name: str) -> tuple[int, int]:
@@ -1187,7 +1188,7 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
     """A labelled zip scored through the served path, as the Evaluation page holds it: its name,
     the evaluation, every file left out with why, and the scans kept for the gallery. Raises
     ScanError when the zip itself cannot be used."""
-    items, skipped = labelled_zip(data, predictor.classes)
+    items, skipped, layout_note = labelled_zip(data, predictor.classes)
     ev = evaluate_items(predictor, items,
                         lambda n, b: cached_prediction(predictor, read_upload(b, n), digest(b)),
                         progress=progress)
@@ -1196,7 +1197,8 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
         if Path(r["file"]).name in seen:
             r["copy_in_training"] = True
     return {"name": name, "digest": digest(data), "ev": ev, "skipped": skipped + ev["errors"],
-            "blobs": gallery_blobs(items, ev), "splits": zip_splits(r["file"] for r in ev["predictions"])}
+            "blobs": gallery_blobs(items, ev), "splits": zip_splits(r["file"] for r in ev["predictions"]),
+            "layout_note": layout_note and layout_note[0].upper() + layout_note[1:] + "."}
 
 
 def zip_splits(files) -> list[str]:

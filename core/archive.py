@@ -21,15 +21,17 @@ import zlib
 from pathlib import PurePosixPath
 from typing import Callable
 
-from .labels import CANONICAL, normalise_label
 from .reader import MAX_BYTES, ScanError
 
 MAX_MEMBERS = 2000                   # files a zip may hold (resource forks and folders not counted)
 MAX_ENTRIES = 4 * MAX_MEMBERS        # entries of any kind, from the end record, before parsing
-# Everything inflated from the zips of one batch, held in memory at once on top of the uploads
-# themselves: the cloud host has about 1 GB and the app uses most of it (README, "Deploy"). At
-# 200 MB a 400 kB zip of zeros pinned 240 MB per session; bench/app_memory.py measures this cap.
-MAX_TOTAL_BYTES = 64 * 2**20
+MAX_TOTAL_BYTES = 4 * MAX_BYTES      # everything inflated, held in memory at once
+# What zips may add when unpacked, on top of their own bytes: 64 MB, plus 4x what they weigh. A
+# 0.4 MB zip of zeros pinned 240 MB per session (and on every rerun) on a 1 GB host; a DICOM
+# series deflates 2-3x (176 slices: 32 MB zipped, 88 MB unpacked) and must still be read whole.
+# bench/app_memory.py --zip-mb measures it.
+FREE_UNPACK_BYTES = 64 * 2**20
+UNPACK_RATIO = 4
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 UTF8_FLAG, UNICODE_PATH_EXTRA = 0x800, 0x7075
 ZIP64_LOCATOR, ZIP64_END = 20, 56    # bytes of the zip64 end locator and of its end record
@@ -47,6 +49,7 @@ class ZipMembers(list):
         super().__init__(items)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self.entries: list[tuple[str, bytes | str]] = []
+        self.note: str | None = None   # a labelled zip's one-folder hint (`core.data.tree_classes`)
 
     def add(self, name: str, content: bytes) -> None:
         self.append((name, content))
@@ -188,7 +191,13 @@ def _listing(zf: zipfile.ZipFile) -> list[tuple[str, zipfile.ZipInfo]]:
     return files
 
 
-def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None = None,
+def unpack_allowance(zip_bytes: int) -> int:
+    """Bytes that zips weighing ``zip_bytes`` may inflate to, held at once: bounded by what they
+    weigh, so a small zip cannot cost the host far more memory than an upload of its size."""
+    return min(MAX_TOTAL_BYTES, FREE_UNPACK_BYTES + UNPACK_RATIO * zip_bytes)
+
+
+def read_zip(data: bytes, budget: int | None = None, over_budget: str | None = None,
              unwanted: Callable[[str], str | None] | None = None) -> ZipMembers:
     """The scans inside a zip as (member_name, bytes), in archive order, all in memory.
 
@@ -199,6 +208,7 @@ def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None
     reason for (never inflated, so it costs no budget).
     """
     out = ZipMembers()
+    budget = unpack_allowance(len(data)) if budget is None else budget
     over = over_budget or (f"The zip archive unpacks to more than {budget // 2**20} MB: this file "
                            "was not read.")
     with _open_zip(data) as zf:
@@ -223,26 +233,31 @@ def read_zip(data: bytes, budget: int = MAX_TOTAL_BYTES, over_budget: str | None
     return out
 
 
-def class_folder(name: str, known: Callable[[str], bool] | None = None) -> str | None:
-    """The class folder of a member path: the nearest folder above the file that ``known`` accepts
-    (default: a name of the vocabulary), so ``glioma/patient01/scan.jpg`` is glioma as
-    `core.data.discover` reads the same tree; else the folder holding the file
-    (``any/prefix/<class>/scan.jpg``); None for a file at the top level."""
-    known = known or (lambda folder: normalise_label(folder) in CANONICAL)
-    folders = PurePosixPath(name).parts[:-1]
-    return ([f for f in folders if known(f)] or folders or [None])[-1]
-
-
 def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
-                    budget: int = MAX_TOTAL_BYTES) -> ZipMembers:
-    """A class-per-folder zip as (class_folder, member_name, bytes), the class as named in the zip
-    (`class_folder` with ``known``); map it with `core.labels.normalise_label`. Files at the top
-    level are listed in ``.skipped``, never inflated."""
+                    budget: int | None = None) -> ZipMembers:
+    """A class-per-folder zip as (class_folder, member_name, bytes), each member labelled as
+    `python -m core evaluate` labels the same tree on disk (`core.data.tree_classes`: wrappers
+    unwrapped, Training/Testing passed, patient folders inside their class, masks left out); map
+    the folder with `core.labels.normalise_label`. Members outside a class folder, and with
+    ``known`` those of a class folder it rejects, are listed in ``.skipped`` and never inflated."""
+    from .data import tree_classes
+    with _open_zip(data) as zf:   # the names alone: the layout is decided before anything is inflated
+        names = [_clean_name(raw)[0] for raw, _ in _listing(zf)]
+    home = tree_classes(names)
+
+    def unwanted(name: str) -> str | None:
+        folder, why = home.get(name, (None, "the file is not inside a class folder"))
+        if why:
+            return why[0].upper() + why[1:] + "."
+        if known and not known(PurePosixPath(folder).name):
+            return f"its folder ('{PurePosixPath(folder).name}') names no class of this model"
+        return None
+    budget = unpack_allowance(len(data)) if budget is None else budget
     over = (f"The zip archive unpacks to more than {budget // 2**20} MB: this file was not read "
             "(evaluate larger sets with `python -m core evaluate` on the folder).")
-    members = read_zip(data, budget, over, unwanted=lambda name: None if class_folder(name) else
-                       "The file is not inside a class folder.")
+    members = read_zip(data, budget, over, unwanted)
     out = ZipMembers(skipped=members.skipped)
+    out.note = home.note
     for name, content in members:
-        out.append((class_folder(name, known), name, content))
+        out.append((PurePosixPath(home[name][0]).name, name, content))
     return out

@@ -121,7 +121,8 @@ def foreign_file_problem(path: str | Path) -> str | None:
             head = [f.readline(2**16) for _ in range(5)]
     except OSError:
         return None
-    if any(_record(line.rstrip(b"\r\n")) is not None for line in head):
+    # a whole record, or the start of one a killed first write left (`_ends_mid_line` mends it)
+    if any(line.lstrip(b"\xef\xbb\xbf \t").startswith(b'{"') for line in head):
         return None
     return f"--audit {p} exists and is not an audit log: name a new file or an earlier log"
 

@@ -251,49 +251,101 @@ def overlapping(roots: list[tuple[str, Path]]) -> list[str]:
             if ra == rb or ra in rb.parents or rb in ra.parents]
 
 
-def _layout_like(d: Path, depth: int = 3) -> bool:
+def _layout_like(d: Path, depth: int = 3, children=_class_dirs) -> bool:
     """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
     folders, folders named like two different classes, or one folder that holds such a layout
-    (wrappers nest: "archive/Brain Tumor/Training/...")."""
-    subs = _class_dirs(d)
+    (wrappers nest: "archive/Brain Tumor/Training/..."). ``children``: a folder's class-level
+    subfolders (on disk, or in a zip's listing: `tree_classes`)."""
+    subs = children(d)
     named = {normalise_label(x.name) for x in subs} & set(CANONICAL)  # distinct: "no_1", "no_2" are patients
     if any(split_of(x.name) for x in subs) or len(named) >= 2:
         return True
-    return depth > 1 and len(subs) == 1 and _layout_like(subs[0], depth - 1)
+    return depth > 1 and len(subs) == 1 and _layout_like(subs[0], depth - 1, children)
 
 
-def _is_wrapper(d: Path) -> bool:
+def _is_wrapper(d: Path, children=_class_dirs) -> bool:
     """A lone folder that only wraps the classes: it holds a layout, or it is named like no class
     and every folder in it names a different class ("MyData/glioma/"). Patient folders stay inside
     their class: "yes/patient1/", and "astrocytoma/{normal_01, p2}" or "astrocytoma/{no_1, no_2}",
     whose names only look like classes."""
-    if _layout_like(d):
+    if _layout_like(d, children=children):
         return True
-    labels = [normalise_label(x.name) for x in _class_dirs(d)]
+    labels = [normalise_label(x.name) for x in children(d)]
     return normalise_label(d.name) not in CANONICAL and bool(labels) and \
         all(lab in CANONICAL for lab in labels) and len(set(labels)) == len(labels)
 
 
-def _unwrapped(root: Path) -> Path:
+def _unwrapped(root: Path, children=_class_dirs) -> Path:
     """The folder the classes are in: an archive often unpacks into one wrapper folder
     ("Brain Tumor/Training/glioma/..."), whose name must not label every image below it."""
     while True:
-        tops = _class_dirs(root)
-        if len(tops) != 1 or split_of(tops[0].name) or not _is_wrapper(tops[0]):
+        tops = children(root)
+        if len(tops) != 1 or split_of(tops[0].name) or not _is_wrapper(tops[0], children):
             return root
         root = tops[0]
 
 
-def _split_levels(split_dir: Path) -> list[Path]:
+def _split_levels(split_dir: Path, children=_class_dirs) -> list[Path]:
     """A Training/ folder and the folders below it down to the one the classes are in (last):
     archives double the split folder ("Training/Training/glioma/") or wrap it ("Training/data/glioma/")."""
     levels = [split_dir]
     for _ in range(3):
-        subs = _class_dirs(levels[-1])
-        if len(subs) != 1 or not (split_of(subs[0].name) or _is_wrapper(subs[0])):
+        subs = children(levels[-1])
+        if len(subs) != 1 or not (split_of(subs[0].name) or _is_wrapper(subs[0], children)):
             break
         levels.append(subs[0])
     return levels
+
+
+def _class_levels(top: Path, children=_class_dirs) -> tuple[list[tuple[Path, str | None]], list[Path], list[Path]]:
+    """([(folder the classes are in, its split or None)], the split folders, the folders beside
+    them) of an unwrapped ``top``: Training/Testing levels passed, class folders beside a Testing/
+    with no Training/ being the training part (`discover`)."""
+    tops = children(top)
+    split_tops = [d for d in tops if split_of(d.name)]
+    levels = [_split_levels(d, children) for d in split_tops]
+    layout = [(ls[-1], split_of(ls[0].name)) for ls in levels] if split_tops else [(top, None)]
+    beside = [d for d in tops if d not in split_tops]
+    if split_tops and beside and "train" not in {preset for _, preset in layout}:
+        layout.append((top, None))
+    return layout, split_tops, beside
+
+
+class TreeClasses(dict):
+    """`tree_classes`'s {rel: (class folder, why not read)}, with ``note``: `one_folder_words`."""
+    note: str | None = None
+
+
+def tree_classes(rels: list[str]) -> TreeClasses:
+    """{rel: (its class folder's path, None) or (None, why it is not read)} for files given by
+    their relative paths (a zip's members, no pixels at hand), read as `discover` reads the same
+    tree on disk: wrapper folders unwrapped, Training/Testing levels passed, every file below a
+    class folder of that class ('glioma/patient01/x.jpg'), masks left out."""
+    from pathlib import PurePosixPath
+    kids: dict[PurePosixPath, set[PurePosixPath]] = defaultdict(set)
+    for rel in rels:
+        for folder in list(PurePosixPath(rel).parents)[:-1]:
+            kids[folder.parent].add(folder)
+
+    def children(d):
+        return sorted(x for x in kids.get(d, ()) if not x.name.startswith(".") and x.name.lower() not in SKIP_DIRS)
+    top = _unwrapped(PurePosixPath("."), children)
+    layout, split_tops, _ = _class_levels(top, children)
+    classes = {c: str(c) for base, _ in layout for c in children(base) if c not in split_tops}
+    names = set(rels)
+    out = TreeClasses()
+    for rel in rels:
+        p = PurePosixPath(rel)
+        home = next((classes[f] for f in p.parents if f in classes), None)
+        if (skip := next((f.name for f in p.parents if f.name.lower() in SKIP_DIRS), None)):
+            out[rel] = (None, _skip_reason(skip))
+        elif p.stem.lower().endswith("_mask") and str(p.with_name(p.stem[:-5] + p.suffix)) in names:
+            out[rel] = (None, MASK_BESIDE_SCAN)
+        else:
+            out[rel] = (home, None if home else "the file is not inside a class folder")
+    out.note = one_folder_words([PurePosixPath(r).relative_to(top).parts for r, (c, _) in out.items() if c],
+                                "zip the contents of '{top}' instead")
+    return out
 
 
 def _nothing_found(root: Path, skipped: list[tuple[str, str]]) -> str:
@@ -320,18 +372,13 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     scan = Scan()
     top = _unwrapped(root)
     scan.wrapper = "" if top == root else top.relative_to(root).as_posix() + "/"
-    tops = _class_dirs(top)
-    split_tops = [d for d in tops if split_of(d.name)]
-    levels = [_split_levels(d) for d in split_tops]
-    layout = [(ls[-1], split_of(ls[0].name)) for ls in levels] if split_tops else [(top, None)]
+    layout, split_tops, beside = _class_levels(top)
     # loose files in the levels a doubled split folder skips
-    scan.skipped += [item for ls in levels for d in ls[:-1] for item in _stray(d, root)]
+    scan.skipped += [item for d in split_tops for lv in _split_levels(d)[:-1] for item in _stray(lv, root)]
     scan.skipped += _stray(root, root) + (_stray(top, root) if top != root else [])
-    beside = [d for d in tops if d not in split_tops]
-    if split_tops and beside and "train" not in {preset for _, preset in layout}:
-        # class folders beside Testing/ (or Validation/) with no Training/: they are the training part
-        layout.append((top, None))
-    elif split_tops:  # class folders beside Training/Testing belong to no split: say so, never drop silently
+    # class folders beside Testing/ with no Training/ are the training part (in `layout`); beside
+    # Training/Testing they belong to no split: say so, never drop silently
+    if split_tops and (top, None) not in layout:
         scan.skipped += [(str(d.relative_to(root)) + "/", "a folder beside the Training/Testing folders: not read "
                                         "(move it into one of them)") for d in beside]
     for base, preset in layout:
@@ -406,7 +453,12 @@ def nested_classes_note(scan: Scan) -> str | None:
 def one_folder_note(scan: Scan) -> str | None:
     """A hint when every image sits in subfolders of one class folder ('archive/cats/',
     'archive/dogs/'): those subfolders may be the classes, under a wrapper named like none."""
-    parts = [Path(scan.inner(s.rel)).parts for s in scan.samples]
+    return one_folder_words([Path(scan.inner(s.rel)).parts for s in scan.samples], "pass the folder '{top}' itself")
+
+
+def one_folder_words(parts: list[tuple[str, ...]], advice: str) -> str | None:
+    """`one_folder_note` for files given by their path parts below the unwrapped top; ``advice``
+    (with '{top}') says what to do instead."""
     tops = {p[0] for p in parts}
     subs = {p[1] for p in parts if len(p) > 2}
     if len(tops) != 1 or len(subs) < 2 or any(len(p) < 3 for p in parts):
@@ -415,8 +467,8 @@ def one_folder_note(scan: Scan) -> str | None:
     if split_of(top):  # Training/<class>/: the classes are right
         return None
     return (f"every image sits in subfolders of the one folder '{top}' ({len(subs)} of them), so all are "
-            f"labelled '{normalise_label(top)}': if those subfolders are the classes, pass the folder "
-            f"'{top}' itself")
+            f"labelled '{normalise_label(top)}': if those subfolders are the classes, "
+            + advice.format(top=top))
 
 
 def drop_unreadable(scan: Scan) -> Scan:
