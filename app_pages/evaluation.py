@@ -90,7 +90,7 @@ if note := app.accepted_note(ev, records, classes, threshold, source, rule):
 
 t1, t2, t3, t4 = st.tabs(["Confusion", "ROC and PR", "False negatives", "Calibration"])
 with t1:
-    if "confusion" in ev:
+    if ev.get("confusion"):
         a, b = st.columns(2)
         a.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
         b.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes, normalise=True), key="cmn")

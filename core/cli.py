@@ -1,11 +1,11 @@
 """`python -m core` - audit a dataset, evaluate a folder, predict files.
 
-Exit codes: 0 all good, 1 some inputs failed (their lines are still printed), 2 usage error.
+Exit codes: 0 all good, 1 some inputs failed or (predict) were refused as no brain MRI (their lines
+are still printed), 2 usage error.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -181,7 +181,7 @@ SOURCE_SUMMARY = ("n", "accuracy", "tumour_missed", "silent_misses", "flagged_oo
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import NothingToScore, evaluate_dirs
+    from .evaluation import NothingToScore, evaluate_dirs, json_text
     to_stdout = args.json == "-"   # the whole JSON on stdout; the summary moves to stderr
     out = _writable_file(args.json) if args.json and not to_stdout else None
     pred = _predictor(args.weights)
@@ -197,19 +197,20 @@ def cmd_evaluate(args) -> int:
                if k not in ("scored_as", "silent_misses") or k in ev}
     if "per_source" in ev:
         summary["per_source"] = {s: {k: m.get(k) for k in SOURCE_SUMMARY if k in m} for s, m in ev["per_source"].items()}
-    print(json.dumps(summary, indent=1), file=sys.stderr if to_stdout else sys.stdout)
+    print(json_text(summary, indent=1), file=sys.stderr if to_stdout else sys.stdout)
     _print_skipped(ev["errors"])
     what = ev["evaluated"]
     print("evaluated: " + ("; ".join(f"{k}: {v}" for k, v in what.items()) if isinstance(what, dict) else what),
           file=sys.stderr)
     if to_stdout:
-        print(json.dumps(ev, indent=1))
+        print(json_text(ev, indent=1))
     elif out:
-        out.write_text(json.dumps(ev, indent=1))
+        out.write_text(json_text(ev, indent=1))
     return 0
 
 
 def cmd_predict(args) -> int:
+    from .evaluation import json_text
     from .inference import predict_many
     from .report import call_of, series_lines, text_line
     pred = _predictor(args.weights)
@@ -219,10 +220,12 @@ def cmd_predict(args) -> int:
     # photo); `pred` stays the model's raw output, which evaluation and the audit log keep
     results = [{**r, "call": call_of(r) or None} if r["ok"] else r for r in results]
     for r in results:
-        print(json.dumps(r) if args.json else text_line(r), flush=True)
+        print(json_text(r) if args.json else text_line(r), flush=True)
     for line in series_lines(results):  # stdout stays one line per file
         print(line, file=sys.stderr)
-    return 0 if all(r["ok"] for r in results) else 1
+    # a refused input (a photo) has probabilities but no call: a script checking the exit status
+    # alone must not take it for a scan read as 'no tumour'
+    return 0 if all(r["ok"] and r.get("in_distribution", True) for r in results) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "reported apart in per_source)")
     e.add_argument("data_dir", nargs="+"); e.add_argument("--weights"); e.add_argument("--json")
     e.set_defaults(fn=cmd_evaluate)
-    pr = sub.add_parser("predict", help="predict image, DICOM or NIfTI files")
+    pr = sub.add_parser("predict", help="predict image, DICOM or NIfTI files",
+                        description="One line per file, in order. Exit 0 when every file was predicted, 1 when "
+                                    "some failed or were refused by the out-of-distribution check (no call), "
+                                    "2 on a usage error.")
     pr.add_argument("files", nargs="+"); pr.add_argument("--weights")
     pr.add_argument("--json", action="store_true", help="one JSON object a line")
     which = pr.add_mutually_exclusive_group()

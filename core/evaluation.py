@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -11,7 +13,7 @@ import numpy as np
 from .data import not_mri, save_whole, source_of
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, folds_types, has_tumour_decision, tumour_classes
 from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, other_calls, other_classes,
-                      risk_coverage, threshold_curve, tumour_probability)
+                      risk_coverage, threshold_curve, tumour_probability, wilson)
 from .referral import ReferralRule, type_confidence
 
 if TYPE_CHECKING:  # for the type hints only: core.inference loads torch and the models
@@ -124,11 +126,25 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     rates = {"accuracy": [(p == lab, i) for i, (p, lab) in enumerate(zip(pred, labels)) if lab in classes],
              "sensitivity": [(bool(is_tumour_label(p)), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is True],
              "specificity": [(not is_tumour_label(p), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is False]}
+    by_groups = []
     for key, rows in rates.items():
-        if key in m["ci95"] and rows:
-            m["ci95"][key] = list(cluster_interval(np.array([h for h, _ in rows]), [patients[i] for _, i in rows]))
+        if key not in m["ci95"] or not rows:
+            continue
+        hits, groups = np.array([h for h, _ in rows], dtype=float), [patients[i] for _, i in rows]
+        if len(set(groups)) < MIN_PATIENTS or hits.all() or not hits.any():
+            # a percentile bootstrap collapses to a point at 0 % or 100 % (specificity [1, 1] over 3
+            # patients), and is no interval over a few groups: Wilson with each group one observation
+            per = defaultdict(list)
+            for h, g in zip(hits, groups):
+                per[g].append(h)
+            m["ci95"][key] = list(wilson(round(sum(np.mean(v) for v in per.values())), len(per)))
+            by_groups.append(key)
+        else:
+            m["ci95"][key] = list(cluster_interval(hits, groups))
     m["ci95_method"] = (f"bootstrap over {n_named} patients" + (" and the other scans one by one" if not all(named) else "")
-                        + " (slices of one patient are not independent)")
+                        + " (slices of one patient are not independent)"
+                        + (f"; {', '.join(by_groups)}: Wilson over patients (a rate of 0 or 1, or few patients, "
+                           "gives the bootstrap no spread)" if by_groups else ""))
 
 
 def _risk_coverages(records: list[dict], classes: list[str], threshold: float | None) -> dict:
@@ -225,9 +241,23 @@ def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | No
     return None
 
 
+def json_text(obj, indent: int | None = None) -> str:
+    """JSON that every parser reads: a non-finite float (a NaN voxel size in a damaged header, a
+    rate of nothing) becomes null instead of Python's NaN/Infinity, which strict parsers refuse."""
+    def finite(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, obj: dict | list) -> None:
     """Replace a JSON file atomically: a run stopped half-way never leaves a truncated card."""
-    save_whole(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+    save_whole(path, lambda tmp: tmp.write_text(json_text(obj, indent=1)))
 
 
 # What a card keeps from eval.json: the issue's headline figures (always, None where missing),
@@ -427,8 +457,10 @@ def score_labelled(records: list[dict], classes: list[str], threshold: float | N
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
     if folds_types(classes):
         records = _folded_to_binary(records)
-    elif not {r["label"] for r in records} <= set(classes) and not other_classes(classes):
-        # 'yes' folders against a typed model. Not a model with a class that is neither (a 'stroke'):
+    elif not {r["label"] for r in records} <= set(classes) and not other_classes(classes) \
+            and not any(r["label"] in FINE_TUMOURS for r in records):
+        # 'yes' folders against a typed model (beside typed folders, each keeps its type: scored as
+        # several sources are, types where known). Not a model with a class that is neither (a 'stroke'):
         # two classes cannot hold its call (the model calls 'stroke' where the summed tumour
         # probability would say tumour), so its coarse labels are scored as eval.json scores Br35H's
         ev = evaluate_records([_as_tumour_vs_none(r, threshold) for r in records], [TUMOUR, NO_TUMOUR],

@@ -156,7 +156,10 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
     """Everything the CLI's ``evaluate`` JSON and the dashboards report, for one set of samples."""
     probs = np.asarray(probs, dtype=np.float64)
     pred = decide(probs, classes, threshold)
-    out: dict = {"classes": classes, "n": len(labels), "threshold": threshold}
+    # every key always there (null where the set has no typed image: a yes/no set against a typed
+    # model), so that a reader of the JSON finds the contract's fields in every evaluation
+    out: dict = {"classes": classes, "n": len(labels), "threshold": threshold, "n_fine": 0, "accuracy": None,
+                 "macro_f1": None, "per_class": {}, "confusion": [], "ece": None, "reliability": None}
     ci95: dict = {}  # 95% Wilson intervals of the rates below
     fine = np.array([lab in classes for lab in labels], dtype=bool)
     if TUMOUR not in classes and TUMOUR in labels and not any(lab in FINE_TUMOURS for lab in labels):

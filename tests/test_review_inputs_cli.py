@@ -397,7 +397,7 @@ def test_predict_a_volume_at_a_slice_or_its_most_tumour_like_one(random_weights,
     empty = tmp_path / "e.nii.gz"
     empty.write_bytes(lps_volume([np.zeros((32, 32), np.float32)] * 3))
     best = most_tumour_like_slice(predictor, data, "v.nii.gz")[0]
-    assert main(["predict", str(f), str(empty), "--weights", str(random_weights), "--json", "--best-slice"]) == 0
+    assert main(["predict", str(f), str(empty), "--weights", str(random_weights), "--json", "--best-slice"]) == 1   # the empty volume: no call
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows[0]["info"]["slice_index"] == best and rows[0]["info"]["slice_choice"] == "most tumour-like"
     assert rows[1]["ok"] and rows[1]["in_distribution"] is False  # an empty volume: refused as blank

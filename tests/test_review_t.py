@@ -343,3 +343,49 @@ def test_a_log_holding_only_a_cut_first_write_takes_more_lines(predictor, tmp_pa
     assert main(["report", str(scan), "--out", str(tmp_path / "r.pdf"), "--weights", str(predictor.dir),
                  "--audit", str(log)]) == 0
     assert len(read_audit(log)) == 1
+
+
+# ----------------------------------------------------------------------------- evaluate / predict contract
+def test_a_rate_of_one_over_few_patients_has_an_interval_of_some_width():
+    # 12 glioma patients and 3 tumour-free ones, 2 slices each: specificity [1.0, 1.0] "bootstrap
+    # over 12 patients", though it rests on 3 patients
+    from core.evaluation import evaluate_records
+    from core.metrics import wilson
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    recs = []
+    for p in range(15):
+        label = "glioma" if p < 12 else "notumor"
+        for k in range(2):
+            wrong = p < 3 and k == 0
+            call = ("notumor" if wrong else "glioma") if label == "glioma" else "notumor"
+            probs = [0.7, 0.1, 0.1, 0.1] if call == "glioma" else [0.1, 0.1, 0.1, 0.7]
+            recs.append({"file": f"{label}/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": label,
+                         "probs": dict(zip(classes, probs)), "tumour_probability": 0.9 if call == "glioma" else 0.3,
+                         "pred": call, "in_distribution": True, "uncertain": False, "confidence": 0.7})
+    ev = evaluate_records(recs, classes, 0.5)
+    assert ev["specificity"] == 1.0 and ev["ci95"]["specificity"] == pytest.approx(list(wilson(3, 3)))
+    assert ev["ci95"]["specificity"][0] < 0.5 and "specificity: Wilson over patients" in ev["ci95_method"]
+    lo, hi = ev["ci95"]["sensitivity"]   # 12 patients, some misses: still the bootstrap
+    assert lo < hi < 1 or lo < hi == 1
+
+
+def test_predict_json_never_prints_nan_or_infinity(tmp_path, capsys, random_weights):
+    # a NIfTI header with NaN and infinite voxel sizes printed "voxel_size_mm": [NaN, Infinity, 1.0]
+    import nibabel as nib
+    from test_reader import phantom
+    vol = np.stack([phantom().T] * 3, axis=-1).astype(np.float32)
+    header = nib.Nifti1Image(vol, np.eye(4)).header.copy()
+    header["qform_code"], header["sform_code"] = 0, 2
+    z = header["pixdim"].copy()
+    z[1:4] = [np.nan, np.inf, 1]
+    header["pixdim"] = z
+    img = nib.Nifti1Image(vol, None, header)
+    f = tmp_path / "nanvox.nii"
+    nib.save(img, f)
+    assert main(["predict", "--json", str(f), "--weights", str(random_weights)]) in (0, 1)
+    line = capsys.readouterr().out.strip()
+
+    def refuse(name):
+        raise ValueError(name)
+    rec = json.loads(line, parse_constant=refuse)
+    assert rec["ok"] and rec["info"]["voxel_size_mm"] == [None, None, 1.0]
