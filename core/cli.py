@@ -211,16 +211,17 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .evaluation import json_text
-    from .inference import predict_many
+    from .inference import iter_predictions
     from .report import call_of, series_lines, text_line
     pred = _predictor(args.weights)
     read_kw = {} if args.slice is None else {"slice": args.slice}
-    results = predict_many(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw)
-    # `call`: what a user is told (null for a scan the out-of-distribution check refuses, a cat
-    # photo); `pred` stays the model's raw output, which evaluation and the audit log keep
-    results = [{**r, "call": call_of(r) or None} if r["ok"] else r for r in results]
-    for r in results:
-        print(json_text(r) if args.json else text_line(r), flush=True)
+    results = []
+    for r in iter_predictions(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw):
+        # `call`: what a user is told (null for a scan the out-of-distribution check refuses, a cat
+        # photo); `pred` stays the model's raw output, which evaluation and the audit log keep
+        r = {**r, "call": call_of(r) or None} if r["ok"] else r
+        print(json_text(r) if args.json else text_line(r), flush=True)   # each line as it is ready
+        results.append(r)
     for line in series_lines(results):  # stdout stays one line per file
         print(line, file=sys.stderr)
     # a refused input (a photo) has probabilities but no call: a script checking the exit status

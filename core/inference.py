@@ -9,6 +9,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -488,7 +489,13 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
                  **read_kw) -> list[dict]:
     """One result per input, in order: a failing file never stops the others. ``best_slice``:
     a volume's most tumour-like slice the out-of-distribution check accepts, not its middle one."""
-    out = []
+    return list(iter_predictions(predictor, items, best_slice, **read_kw))
+
+
+def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]], best_slice: bool = False,
+                     **read_kw) -> Iterator[dict]:
+    """`predict_many` one result at a time, as each is ready: `predict` prints each line at once
+    (a long batch stopped half-way keeps what it printed)."""
     for name, src in items:
         try:
             pr = _predict_one(predictor, src, name, best_slice, **read_kw)
@@ -496,13 +503,11 @@ def predict_many(predictor: Predictor, items: list[tuple[str, bytes | str]], bes
             if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold,
                                                             pr.in_distribution)):
                 row["hot_slices"] = hot   # as the app and the report flag it
-            out.append(row)
+            yield row
         except ScanError as e:
-            out.append({"file": name, "ok": False, "error": str(e)})
+            yield {"file": name, "ok": False, "error": str(e)}
         except Exception as e:  # a bug must not take down the rest of a batch
-            out.append({"file": name, "ok": False,
-                        "error": f"The file could not be processed ({type(e).__name__})."})
-    return out
+            yield {"file": name, "ok": False, "error": f"The file could not be processed ({type(e).__name__})."}
 
 
 def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None,

@@ -389,3 +389,24 @@ def test_predict_json_never_prints_nan_or_infinity(tmp_path, capsys, random_weig
         raise ValueError(name)
     rec = json.loads(line, parse_constant=refuse)
     assert rec["ok"] and rec["info"]["voxel_size_mm"] == [None, None, 1.0]
+
+
+def test_predict_prints_each_line_as_it_is_ready(tmp_path, capsys, monkeypatch, random_weights):
+    # every file was predicted before the first line was printed: a batch stopped half-way lost all
+    import core.inference as inf
+    files = []
+    for i in range(3):
+        (f := tmp_path / f"s{i}.png").write_bytes(scan_png(20 + i))
+        files.append(str(f))
+    real, calls = inf._predict_one, []
+
+    def stop_at_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(inf, "_predict_one", stop_at_the_second)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["predict", "--json", "--weights", str(random_weights), *files])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["file"] == files[0]
