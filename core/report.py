@@ -415,14 +415,20 @@ def _model_cells(predictor: Predictor) -> list[str]:
 
 def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predictor=None) -> str:
     """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags,
-    error, the slice of a volume (and which volume of a 4D file), the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
+    error, the slice of a volume (and which volume of a 4D file), the DICOM series and Instance
+    Number of a file of a series, the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
     from .audit_log import slice_of
+    from .dashboard import series_groups
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
                 "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error",
-                "slice", "slice_choice", "volume", "file_sha256", *MODEL_COLUMNS])
+                "slice", "slice_choice", "volume", "series", "instance", "file_sha256", *MODEL_COLUMNS])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
+    # a DICOM series uploaded one file per slice: its number in the batch ('series 1' of the
+    # series table) and each file's Instance Number, as the batch table names them
+    in_series = {id(r): (k, (r.get("info") or {}).get("instance", ""))
+                 for k, members in enumerate(series_groups(rows), 1) for r in members}
     model = _model_cells(predictor)
     # ScanResults already carry their display names (analyse): naming them again loses a folder
     names = ([r.name for r in results] if all(isinstance(r, ScanResult) for r in results)
@@ -442,6 +448,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     "" if shown is None else shown,
                     (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
                     volume_of(row.get("info") or {}) if ok else "",
+                    *in_series.get(id(row), ("", "")),
                     row.get("sha256") or "", *model])
     return buf.getvalue()
 

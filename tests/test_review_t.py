@@ -410,3 +410,17 @@ def test_predict_prints_each_line_as_it_is_ready(tmp_path, capsys, monkeypatch, 
         main(["predict", "--json", "--weights", str(random_weights), *files])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["file"] == files[0]
+
+
+def test_the_csv_names_a_series_files_series_and_instance():
+    # the batch table said 'series 1, #12'; its CSV and the report's said nothing of either
+    import csv as _csv
+    def dcm(name, instance, series, tp):
+        return {"file": name, "ok": True, "pred": "glioma" if tp >= 0.5 else "notumor", "tumour_probability": tp,
+                "confidence": 0.9, "probs": {"glioma": tp, "notumor": 1 - tp}, "in_distribution": True,
+                "sha256": name, "info": {"series": series, "instance": instance, "frame": 0, "n_frames": 1}}
+    rows = [dcm("IM9.dcm", 12, "s1", 0.99), dcm("IM3.dcm", 11, "s1", 0.2), dcm("IM5.dcm", 4, "s2", 0.1),
+            dcm("IM7.dcm", 5, "s2", 0.3), {"file": "a.png", "ok": True, "pred": "notumor", "tumour_probability": 0.1,
+                                          "confidence": 0.9, "probs": {}, "in_distribution": True, "info": {}}]
+    got = list(_csv.DictReader(io.StringIO(R.build_csv(rows, ["glioma", "notumor"]))))
+    assert [(r["series"], r["instance"]) for r in got] == [("1", "12"), ("1", "11"), ("2", "4"), ("2", "5"), ("", "")]
