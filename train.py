@@ -389,7 +389,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         # an unset "$OUT" retrained weights/<arch> in place, the shipped model moved aside
         p.error("--out: an empty path (an unset variable?): name the folder to write the model to")
     args.name_given = given_alone.name is not None
-    own_out = (cfg.get("out") if args.config else None) or ""
+    own_out = cfg.get("out") if args.config and isinstance(cfg.get("out"), str) else ""
     if args.config and given_alone.out is not None and not args.name_given and \
             os.path.realpath(own_out) != os.path.realpath(given_alone.out):
         args.name = None   # the config's name is its own out's: another --out names this run (card, compare)

@@ -10,8 +10,8 @@ off, so edits to the working tree during a run change nothing), then drives it w
 and the system Chromium (as tests/test_browser.py launches it, no browser download): open Home,
 open Diagnose, pick a built-in sample and wait for its prediction and saliency map, upload a
 batch of scans (--batch, default 8, from the benchmark's Training folders) and wait for the
-table, then a zip of zeros that inflates to --zip-mb (default 100 MB: past the 64 MB a batch's
-zips may add, `core.archive.MAX_TOTAL_BYTES`), then open Evaluation, Training and Model card. Meanwhile the RSS of the server's process
+table, then a zip of zeros that inflates to --zip-mb (default 100 MB: past what a batch's zips
+may add for their weight, `core.archive.unpack_allowance`), then open Evaluation, Training and Model card. Meanwhile the RSS of the server's process
 tree is sampled every --interval seconds (psutil when installed, else /proc).
 
 Prints the exact command and the machine (the server's Python, torch build and Streamlit), then:

@@ -594,7 +594,8 @@ def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tu
     from .evaluation import scorable
     known = (lambda folder: scorable(normalise_label(folder), classes)) if classes else None
     try:
-        members = zip_to_labelled(data, known)
+        # what it may inflate to for its weight, within the batch cap the Diagnose page keeps too
+        members = zip_to_labelled(data, known, max(0, min(unpack_allowance(len(data)), BATCH_BYTES - len(data))))
     except ScanError:
         raise
     except Exception as e:  # the Evaluation page shows a ScanError as one sentence

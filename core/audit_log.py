@@ -24,6 +24,7 @@ from typing import Any, Mapping
 # Several threads or processes may share one log file; locks keep their lines whole.
 _LOCK = threading.Lock()
 RESULT_FIELDS = ("pred", "probs", "tumour_probability", "threshold")
+RECORD_STARTS = (b'{"card_sha256": ', b'{"flags": ')   # sort_keys: the first key now, and before card hashes
 
 
 def _result_fields(result: Any) -> dict:
@@ -121,8 +122,11 @@ def foreign_file_problem(path: str | Path) -> str | None:
             head = [f.readline(2**16) for _ in range(5)]
     except OSError:
         return None
-    # a whole record, or the start of one a killed first write left (`_ends_mid_line` mends it)
-    if any(line.lstrip(b"\xef\xbb\xbf \t").startswith(b'{"') for line in head):
+    if any(_record(line.rstrip(b"\r\n")) is not None for line in head):
+        return None
+    # the start of a record a killed first write left (`_ends_mid_line` mends it): records are
+    # written with sorted keys, so they open with one of these; any '{"' would let a split.json in
+    if len(head[0]) and not head[1] and not head[0].endswith(b"\n") and head[0].startswith(RECORD_STARTS):
         return None
     return f"--audit {p} exists and is not an audit log: name a new file or an earlier log"
 

@@ -190,7 +190,7 @@ def scans_help(ev: dict) -> str | None:
     """The scans accuracy is over, where fewer than all: a label without a tumour type (Br35H's
     'yes') says nothing of the class, so such scans count in the tumour figures only."""
     n, n_fine = ev.get("n", 0), ev.get("n_fine")
-    if n_fine is None and n:  # a yes/no set (Br35H: 'yes' and a few 'no'), judged on the call alone
+    if not n_fine and n:  # a yes/no set (Br35H: 'yes' and a few 'no'), judged on the call alone (0 or absent)
         return (f"These {n} scans are labelled tumour / no tumour without a tumour type: they are judged on "
                 "the tumour call alone (sensitivity, specificity, tumours missed); no accuracy, confusion "
                 "matrix or calibration over the model's classes.")

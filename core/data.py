@@ -251,10 +251,11 @@ def overlapping(roots: list[tuple[str, Path]]) -> list[str]:
             if ra == rb or ra in rb.parents or rb in ra.parents]
 
 
-def _layout_like(d: Path, depth: int = 3, children=_class_dirs) -> bool:
+def _layout_like(d: Path, depth: int = 8, children=_class_dirs) -> bool:
     """Whether a folder holds a dataset layout rather than images of one class: Training/Testing
     folders, folders named like two different classes, or one folder that holds such a layout
-    (wrappers nest: "archive/Brain Tumor/Training/..."). ``children``: a folder's class-level
+    (wrappers nest: "archive/Brain Tumor/Training/...", and `zip -r` of an absolute path nests
+    /home/user/data/set/ four deep and more). ``children``: a folder's class-level
     subfolders (on disk, or in a zip's listing: `tree_classes`)."""
     subs = children(d)
     named = {normalise_label(x.name) for x in subs} & set(CANONICAL)  # distinct: "no_1", "no_2" are patients

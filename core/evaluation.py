@@ -115,10 +115,6 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     if not records or len(set(patients)) == len(records) or "ci95" not in m:
         return
     n_named = len({p for p in named if p})
-    if n_named < MIN_PATIENTS:   # a percentile bootstrap over a handful of groups is no interval
-        m["ci95_method"] = (f"Wilson over slices: only {n_named} patient(s), too few to resample; slices of "
-                            "one patient are not independent, so the interval is too narrow")
-        return
     probs = np.array([[r["probs"][c] for c in classes] for r in records])
     pred = [classes[k] for k in decide(probs, classes, threshold)]
     labels = [r["label"] for r in records]
@@ -126,25 +122,31 @@ def _patient_intervals(m: dict, records: list[dict], classes: list[str], thresho
     rates = {"accuracy": [(p == lab, i) for i, (p, lab) in enumerate(zip(pred, labels)) if lab in classes],
              "sensitivity": [(bool(is_tumour_label(p)), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is True],
              "specificity": [(not is_tumour_label(p), i) for i, (p, t) in enumerate(zip(pred, truth)) if t is False]}
-    by_groups = []
+    by_groups, booted = [], []
     for key, rows in rates.items():
         if key not in m["ci95"] or not rows:
             continue
         hits, groups = np.array([h for h, _ in rows], dtype=float), [patients[i] for _, i in rows]
-        if len(set(groups)) < MIN_PATIENTS or hits.all() or not hits.any():
-            # a percentile bootstrap collapses to a point at 0 % or 100 % (specificity [1, 1] over 3
-            # patients), and is no interval over a few groups: Wilson with each group one observation
-            per = defaultdict(list)
-            for h, g in zip(hits, groups):
-                per[g].append(h)
+        per = defaultdict(list)
+        for h, g in zip(hits, groups):
+            per[g].append(h)
+        # the rarer outcome (the misses of a good rate) in fewer than 3 groups: resampling them
+        # gives the bootstrap almost no spread (specificity [1, 1] over 3 patients; one missed
+        # slice narrowed [0.77, 1] to [0.99, 1]), and a handful of groups is no resampling
+        rare = min(sum(any(v) for v in per.values()), sum(not all(v) for v in per.values()))
+        if len(per) < MIN_PATIENTS or rare < 3:
+            # Wilson with each group one observation: the slices of one patient are not independent
             m["ci95"][key] = list(wilson(round(sum(np.mean(v) for v in per.values())), len(per)))
             by_groups.append(key)
         else:
             m["ci95"][key] = list(cluster_interval(hits, groups))
-    m["ci95_method"] = (f"bootstrap over {n_named} patients" + (" and the other scans one by one" if not all(named) else "")
-                        + " (slices of one patient are not independent)"
-                        + (f"; {', '.join(by_groups)}: Wilson over patients (a rate of 0 or 1, or few patients, "
-                           "gives the bootstrap no spread)" if by_groups else ""))
+            booted.append(key)
+    others = " and the other scans one by one" if not all(named) else ""
+    m["ci95_method"] = "; ".join(
+        ([f"{', '.join(booted)}: bootstrap over {n_named} patients{others} (slices of one patient are not "
+          "independent)"] if booted else [])
+        + ([f"{', '.join(by_groups)}: Wilson over patients{others}, each one observation (errors in under 3 "
+            f"patients, or under {MIN_PATIENTS} patients, give a bootstrap no spread)"] if by_groups else []))
 
 
 def _risk_coverages(records: list[dict], classes: list[str], threshold: float | None) -> dict:

@@ -975,12 +975,13 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
         orientation = NO_GEOMETRY
     del img
     vol, (lo, hi) = robust_window(vol, inplace=True)
-    # a damaged header's NaN, infinite or zero voxel size is unknown: square pixels, said as null
-    known = [math.isfinite(z) and z != 0 for z in zooms]
-    zooms = tuple(z if ok else 1.0 for z, ok in zip(zooms, known))
+    # a damaged header's NaN, infinite or zero voxel size is unknown, said as null; the voxels are
+    # then taken as cubes (one unknown side beside a known 0.5 mm one doubled the slice's height)
+    stored = [round(z, 3) if math.isfinite(z) and z != 0 else None for z in zooms]
+    zooms = zooms if None not in stored else (1.0, 1.0, 1.0)
     info = {"format": "NIfTI", "n_volumes": n_vol,
             "volume": vol_index, "orientation": orientation,
-            "voxel_size_mm": [round(z, 3) if ok else None for z, ok in zip(zooms, known)],
+            "voxel_size_mm": stored,
             "intensity_window": [round(lo, 3), round(hi, 3)]}
     return vol, zooms, info
 

@@ -1163,7 +1163,8 @@ def cmd_report(args) -> int:
         print(f"wrote {args.csv}")
     if args.audit:
         print(f"audit: {sum(r.ok for r in results)} lines appended to {args.audit}")
-    return 0 if all(r.ok for r in results) else 1
+    # as `predict`: a scan the out-of-distribution check refused has no call
+    return 0 if all(r.ok and r.prediction.in_distribution for r in results) else 1
 
 
 def add_cli(sub) -> None:
@@ -1171,7 +1172,8 @@ def add_cli(sub) -> None:
                        description="Predict each file and write a printable PDF report: a summary "
                                    "page for a batch, then one page per file (files that cannot be "
                                    "read get a page saying why). Exit 0 when every file was "
-                                   "predicted, 1 when some failed, 2 on a usage or output error.")
+                                   "predicted, 1 when some failed or were refused by the "
+                                   "out-of-distribution check, 2 on a usage or output error.")
     r.add_argument("files", nargs="+", help="image, DICOM or NIfTI files")
     r.add_argument("--out", required=True, help="the PDF to write")
     r.add_argument("--csv", help="also write the results as CSV here")

@@ -40,8 +40,10 @@ POINTING_PX = 4  # the pointing game forgives a peak this many input pixels off 
 
 
 def default_method(card: dict | None) -> str:
-    """The method a model's card names as best on the tumour-mask check, else Grad-CAM."""
-    name = ((card or {}).get("saliency") or {}).get("default_method")
+    """The method a model's card names as best on the tumour-mask check, else Grad-CAM (also when
+    that best is no better than a map that ignores the model: `saliency_check.beats_floors`)."""
+    saved = (card or {}).get("saliency") or {}
+    name = saved.get("default_method") if saved.get("beats_floors", True) else None
     try:
         return method_name(name) if name else FALLBACK_METHOD
     except ValueError:  # a card written for a method this version no longer offers

@@ -195,9 +195,9 @@ def test_lgg_intervals_resample_patients_not_slices():
     from core.evaluation import evaluate_records
     classes = ["glioma", "meningioma", "pituitary", "notumor"]
     recs = []
-    for p in range(12):   # twelve patients, 20 slices each; two patients' slices half wrong
+    for p in range(12):   # twelve patients, 20 slices each; three patients' slices a third wrong
         for k in range(20):
-            wrong = p < 2 and k < 10
+            wrong = p < 3 and k < 7
             recs.append({"file": f"glioma/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "glioma",
                          "probs": dict(zip(classes, [0.1, 0.1, 0.1, 0.7] if wrong else [0.7, 0.1, 0.1, 0.1])),
                          "tumour_probability": 0.3 if wrong else 0.9, "pred": "notumor" if wrong else "glioma",
@@ -205,14 +205,15 @@ def test_lgg_intervals_resample_patients_not_slices():
     ev = evaluate_records(recs, classes, 0.5)
     lo, hi = ev["ci95"]["accuracy"]
     from core.metrics import wilson
-    w_lo, w_hi = wilson(220, 240)
+    w_lo, w_hi = wilson(219, 240)
     assert "12 patients" in ev["ci95_method"] and lo < w_lo - 0.01 and hi > w_hi
     plain = evaluate_records([{**r, "file": f"glioma/x{i}.jpg"} for i, r in enumerate(recs)], classes, 0.5)
-    assert "ci95_method" not in plain and plain["ci95"]["accuracy"] == pytest.approx(list(wilson(220, 240)))
+    assert "ci95_method" not in plain and plain["ci95"]["accuracy"] == pytest.approx(list(wilson(219, 240)))
 
 
-def test_too_few_patients_keep_the_wilson_interval_and_say_so():
-    """One patient's 40 slices gave a zero-width '95 % interval 90.0 % to 90.0 %'."""
+def test_too_few_patients_get_a_wilson_interval_over_patients_and_say_so():
+    """One patient's 40 slices gave a zero-width '95 % interval 90.0 % to 90.0 %', then a Wilson
+    interval over slices as if they were 40 patients: one patient is one observation."""
     from core.evaluation import evaluate_records
     from core.metrics import wilson
     classes = ["glioma", "meningioma", "pituitary", "notumor"]
@@ -221,8 +222,8 @@ def test_too_few_patients_keep_the_wilson_interval_and_say_so():
              "tumour_probability": 0.3 if k < 4 else 0.9, "pred": "notumor" if k < 4 else "glioma",
              "in_distribution": True, "uncertain": False, "confidence": 0.7} for k in range(40)]
     ev = evaluate_records(recs, classes, 0.5)
-    assert ev["ci95"]["accuracy"] == pytest.approx(list(wilson(36, 40)))
-    assert "too few to resample" in ev["ci95_method"]
+    assert ev["ci95"]["accuracy"] == pytest.approx(list(wilson(1, 1)))
+    assert "Wilson over patients" in ev["ci95_method"] and "bootstrap over" not in ev["ci95_method"]
 
 
 def test_paired_leaves_out_images_with_a_copy_in_either_models_training(tmp_path):

@@ -339,7 +339,7 @@ def test_a_checkpoint_from_before_label_maps_were_compared_still_resumes(data, t
 def test_a_log_holding_only_a_cut_first_write_takes_more_lines(predictor, tmp_path):
     (scan := tmp_path / "s.png").write_bytes(scan_png(14))
     log = tmp_path / "audit.jsonl"
-    log.write_text('{"time": "2026-12-03T10:00:00+00:00", "sha2')   # a killed first write
+    log.write_text('{"card_sha256": "3f2a')   # a killed first write (keys are written sorted)
     assert main(["report", str(scan), "--out", str(tmp_path / "r.pdf"), "--weights", str(predictor.dir),
                  "--audit", str(log)]) == 0
     assert len(read_audit(log)) == 1
@@ -364,7 +364,7 @@ def test_a_rate_of_one_over_few_patients_has_an_interval_of_some_width():
                          "pred": call, "in_distribution": True, "uncertain": False, "confidence": 0.7})
     ev = evaluate_records(recs, classes, 0.5)
     assert ev["specificity"] == 1.0 and ev["ci95"]["specificity"] == pytest.approx(list(wilson(3, 3)))
-    assert ev["ci95"]["specificity"][0] < 0.5 and "specificity: Wilson over patients" in ev["ci95_method"]
+    assert ev["ci95"]["specificity"][0] < 0.5 and "Wilson over patients" in ev["ci95_method"]
     lo, hi = ev["ci95"]["sensitivity"]   # 12 patients, some misses: still the bootstrap
     assert lo < hi < 1 or lo < hi == 1
 
@@ -424,3 +424,117 @@ def test_the_csv_names_a_series_files_series_and_instance():
                                           "confidence": 0.9, "probs": {}, "in_distribution": True, "info": {}}]
     got = list(_csv.DictReader(io.StringIO(R.build_csv(rows, ["glioma", "notumor"]))))
     assert [(r["series"], r["instance"]) for r in got] == [("1", "12"), ("1", "11"), ("2", "4"), ("2", "5"), ("", "")]
+
+
+def test_one_more_error_never_narrows_a_patient_interval():
+    # 13 patients x 40 slices: all right gave [0.77, 1]; one missed slice switched to a bootstrap
+    # that gave [0.99, 1]; a tenth patient switched from Wilson over slices to one over patients
+    from core.evaluation import evaluate_records
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+
+    def spec(patients: int, errors: int):
+        recs = []
+        for p in range(patients):
+            for k in range(40):
+                wrong = p * 40 + k < errors
+                recs.append({"file": f"notumor/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "notumor",
+                             "probs": dict(zip(classes, [0.7, 0.1, 0.1, 0.1] if wrong else [0.1, 0.1, 0.1, 0.7])),
+                             "tumour_probability": 0.9 if wrong else 0.3, "pred": "glioma" if wrong else "notumor",
+                             "in_distribution": True, "uncertain": False, "confidence": 0.7})
+        return evaluate_records(recs, classes, 0.5)["ci95"]["specificity"]
+    assert spec(13, 1)[0] <= spec(13, 0)[0] + 1e-9
+    assert spec(10, 0)[0] <= spec(9, 0)[0] + 0.1   # no jump from 0.98 to 0.72 at the tenth patient
+
+
+def test_a_yes_no_sources_help_comes_from_its_real_metrics():
+    # n_fine became 0 (not absent) for a yes/no set, and the page told Br35H 'over the 0 scans
+    # labelled with a class; the other 200 are labelled only tumour'
+    from core import dashboard as dash
+    from core.metrics import classification_metrics
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7], [0.1, 0.1, 0.1, 0.7]])
+    m = classification_metrics(probs, ["tumor", "tumor", "notumor"], classes, 0.5)
+    assert "judged on the tumour call alone" in dash.scans_help(m)
+
+
+def test_audit_lines_never_go_into_a_json_file_that_is_no_log(predictor, tmp_path, capsys):
+    # any line starting '{"' passed for a log: a compact split.json took a line and no longer parsed
+    (scan := tmp_path / "s.png").write_bytes(scan_png(15))
+    for name, text in (("split.json", '{"files": {"x": {"test": ["a.png"]}}, "method": "m"}'),
+                       ("preds.jsonl", '{"file": "a.png", "ok": true}\n{"file": "b.png", "ok": true}\n')):
+        (f := tmp_path / name).write_text(text)
+        assert main(["report", str(scan), "--out", str(tmp_path / "r.pdf"), "--weights", str(predictor.dir),
+                     "--audit", str(f)]) == 2
+        assert "is not an audit log" in capsys.readouterr().err and f.read_text() == text
+
+
+def test_a_zip_of_an_absolute_path_is_read_through_its_wrappers(predictor):
+    # 'zip -r' of /home/user/data/set nests the classes four folders deep: nothing was scored
+    data = zipped({"home/user/data/set/glioma/a.png": scan_png(16), "home/user/data/set/notumor/b.png": scan_png(17)})
+    items, skipped, _ = app.labelled_zip(data, predictor.classes)
+    assert sorted(label for _, label, _ in items) == ["glioma", "notumor"] and not skipped
+
+
+def test_a_configs_out_of_another_type_is_one_sentence(data, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = ["{data}"]\nout = 5\n')
+    assert "--out: a text" in refused(["--config", cfg, *TINY], capsys)
+    args = train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "o")])   # a TypeError traceback
+    assert args.out == str(tmp_path / "o")
+
+
+def test_one_unknown_voxel_size_leaves_the_slice_square():
+    # zooms (nan, 0.5, 3): the unknown side taken as 1 mm beside 0.5 mm doubled the slice's height
+    import nibabel as nib
+    from core.reader import read_scan
+    vol = np.zeros((64, 64, 3), np.float32)
+    vol[16:48, 16:48, :] = 1
+    header = nib.Nifti1Image(vol, np.eye(4)).header.copy()
+    header["qform_code"], header["sform_code"] = 0, 2
+    z = header["pixdim"].copy()
+    z[1:4] = [np.nan, 0.5, 3]
+    header["pixdim"] = z
+    scan = read_scan(nib.Nifti1Image(vol, None, header).to_bytes(), "v.nii")
+    assert scan.pixels.shape[0] == scan.pixels.shape[1] and scan.info["voxel_size_mm"] == [None, 0.5, 3.0]
+
+
+def test_report_exits_1_for_a_refused_scan_as_predict_does(predictor, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    photo = tmp_path / "cat.png"
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((96, 96)).save(photo)
+    assert main(["report", str(photo), "--out", str(tmp_path / "r.pdf"), "--weights", str(predictor.dir)]) == 1
+
+
+# ----------------------------------------------------------------------------- saliency check
+def test_a_best_method_under_a_floor_is_not_the_apps_default():
+    from core.saliency import default_method
+    assert default_method({"saliency": {"default_method": "EigenCAM", "beats_floors": False}}) == "Grad-CAM"
+    assert default_method({"saliency": {"default_method": "EigenCAM"}}) == "EigenCAM"   # older cards: as written
+    from core.saliency_check import beats_floors
+    rows = [{"method": "EigenCAM", "baseline": False, "pointing_glioma": 0.08},
+            {"method": "random map", "baseline": True, "pointing_glioma": 0.113}]
+    assert not beats_floors(rows, "EigenCAM")
+
+
+def test_a_short_saliency_run_never_replaces_the_shipped_measurement(tmp_path, capsys):
+    # --limit 5 rewrote the card's default method (LayerCAM -> EigenCAM) and saliency_eval.json
+    import shutil
+    from test_saliency_check import lgg_like
+    from conftest import make_weights
+    w = make_weights(tmp_path / "w")
+    rels = lgg_like(tmp_path / "lgg")
+    card = json.loads((w / "card.json").read_text())
+    card["sources"].append({"name": "lgg", "path": str(tmp_path / "lgg")})
+    (w / "card.json").write_text(json.dumps(card))
+    (w / "split.json").write_text(json.dumps({"files": {"lgg": {"test": rels, "train": []}}}))
+    before = (w / "card.json").read_text()
+    assert main(["saliency-check", "--weights", str(w), "--limit", "2", "--data-config", ""]) == 2
+    assert "is a probe: give --json OUT" in capsys.readouterr().err
+    assert main(["saliency-check", "--weights", str(w), "--limit", "2", "--data-config", "",
+                 "--json", str(tmp_path / "probe.json")]) == 0
+    assert (w / "card.json").read_text() == before and not (w / "saliency_eval.json").exists()
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert "blurred image" in [r["method"] for r in probe["rows"]]
+    assert 0 < probe["chance"]["grown_share"] < probe["chance"]["grown_share_of_head"] <= 1
+    shutil.rmtree(tmp_path / "lgg")
