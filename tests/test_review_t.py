@@ -519,15 +519,8 @@ def test_a_best_method_under_a_floor_is_not_the_apps_default():
 
 def test_a_short_saliency_run_never_replaces_the_shipped_measurement(tmp_path, capsys):
     # --limit 5 rewrote the card's default method (LayerCAM -> EigenCAM) and saliency_eval.json
-    import shutil
-    from test_saliency_check import lgg_like
-    from conftest import make_weights
-    w = make_weights(tmp_path / "w")
-    rels = lgg_like(tmp_path / "lgg")
-    card = json.loads((w / "card.json").read_text())
-    card["sources"].append({"name": "lgg", "path": str(tmp_path / "lgg")})
-    (w / "card.json").write_text(json.dumps(card))
-    (w / "split.json").write_text(json.dumps({"files": {"lgg": {"test": rels, "train": []}}}))
+    from test_saliency_check import lgg_weights
+    w, _ = lgg_weights(tmp_path)
     before = (w / "card.json").read_text()
     assert main(["saliency-check", "--weights", str(w), "--limit", "2", "--data-config", ""]) == 2
     assert "is a probe: give --json OUT" in capsys.readouterr().err
@@ -537,4 +530,3 @@ def test_a_short_saliency_run_never_replaces_the_shipped_measurement(tmp_path, c
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert "blurred image" in [r["method"] for r in probe["rows"]]
     assert 0 < probe["chance"]["grown_share"] < probe["chance"]["grown_share_of_head"] <= 1
-    shutil.rmtree(tmp_path / "lgg")

@@ -215,13 +215,19 @@ def lgg_like(root: Path, n: int = 4) -> list[str]:
     return rels + ["notumor/TCGA_XX_0001_99.jpg"]
 
 
-def test_cli_on_a_tiny_lgg_like_folder(tmp_path, capsys):
+def lgg_weights(tmp_path: Path) -> tuple[Path, dict]:
+    """(a random model whose card names an lgg-like source and whose split tests it, its card)."""
     w = make_weights(tmp_path / "w")
     rels = lgg_like(tmp_path / "lgg")
     card = json.loads((w / "card.json").read_text())
     card["sources"].append({"name": "lgg", "path": str(tmp_path / "lgg")})
     (w / "card.json").write_text(json.dumps(card))
     (w / "split.json").write_text(json.dumps({"files": {"lgg": {"test": rels, "train": []}}}))
+    return w, card
+
+
+def test_cli_on_a_tiny_lgg_like_folder(tmp_path, capsys):
+    w, card = lgg_weights(tmp_path)
     assert main(["saliency-check", "--weights", str(w), "--limit", "0", "--data-config", ""]) == 0
     out = json.loads((w / "saliency_eval.json").read_text())
     assert [r["method"] for r in out["rows"]] == [*METHODS, *BASELINES]
