@@ -96,6 +96,7 @@ class ScanResult:
     method: str | None = None              # the saliency method of this page (each file may have its own)
     sha256: str | None = None              # of the file's bytes: a CSV row matches its audit line and file
     mask_note: str | None = None           # a paired tumour mask marks a lesion under a 'no tumour' call
+    series: str | None = None              # "DICOM series 1 of this report, Instance Number 12" (render_pdf)
 
     @property
     def flags(self) -> list[str]:
@@ -819,9 +820,10 @@ def _file_heading(pdf, r: ScanResult, index: int, total: int) -> None:
     pdf.cell(0, 4.5, pdf.t(f"Scan {index} of {total}"), new_x="LMARGIN", new_y="NEXT")
     pdf.font(11, True, INK)
     pdf.multi_cell(0, 5.5, pdf.t(f"File: {r.name}"), new_x="LMARGIN", new_y="NEXT")
-    if r.source:
+    if r.source or r.series:
         pdf.font(8.5, False, MUTED)
-        pdf.multi_cell(0, 4.2, pdf.t(f"Source: {r.source}"), new_x="LMARGIN", new_y="NEXT")
+        source = "; ".join(x for x in (r.source, r.series) if x)
+        pdf.multi_cell(0, 4.2, pdf.t(f"Source: {source}"), new_x="LMARGIN", new_y="NEXT")
     pdf.ln(1.5)
 
 
@@ -1009,8 +1011,22 @@ def series_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def _name_series(results: list[ScanResult]) -> None:
+    """Each file of a DICOM series uploaded one file per slice gets its series (numbered as the
+    batch table and CSV number them) and Instance Number, for its page."""
+    from .dashboard import series_groups
+    rows = [r.to_row() for r in results]
+    at = {id(row): i for i, row in enumerate(rows)}
+    for k, members in enumerate(series_groups(rows), 1):
+        for row in members:
+            instance = (row.get("info") or {}).get("instance")
+            results[at[id(row)]].series = f"DICOM series {k} of this report" + (
+                f", Instance Number {instance}" if instance is not None else "")
+
+
 def render_pdf(results: list[ScanResult], ctx: ReportContext) -> bytes:
     """The PDF for already analysed results: summary page for a batch, then one page per file."""
+    _name_series(results)
     pdf = _report_pdf_class()(ctx)
     # Named destinations: the summary links to pages whose numbers are not known yet.
     links = [f"#scan-{i}" for i in range(1, len(results) + 1)]

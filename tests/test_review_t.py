@@ -530,3 +530,14 @@ def test_a_short_saliency_run_never_replaces_the_shipped_measurement(tmp_path, c
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert "blurred image" in [r["method"] for r in probe["rows"]]
     assert 0 < probe["chance"]["grown_share"] < probe["chance"]["grown_share_of_head"] <= 1
+
+
+def test_a_series_files_page_names_its_series_and_instance(predictor):
+    # the table and CSV said 'series 1, #12'; the PDF page of that file said nothing of either
+    from test_reader import dicom12, make_dicom, phantom
+    files = [(f"IM{k}.dcm", make_dicom(dicom12(phantom()), series="1.2.3.4", instance=k)) for k in (12, 11)]
+    results = R.analyse(files + [("a.png", scan_png(30))], predictor)
+    R._name_series(results)
+    assert [r.series for r in results] == ["DICOM series 1 of this report, Instance Number 12",
+                                           "DICOM series 1 of this report, Instance Number 11", None]
+    assert R.build_report(files, predictor).startswith(b"%PDF")
