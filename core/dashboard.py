@@ -608,6 +608,12 @@ def saliency_and_speed(card: dict) -> list[str]:
                    "of its mass inside" if finite_number(m.get("pointing_game")) and finite_number(m.get("energy_in_mask"))
                    else "")
         lines.append(f"Saliency: {sal['default_method']} by default{checked} (`python -m core saliency-check`).")
+    elif sal.get("default_method") and sal.get("beats_floors") is False:
+        m = sal.get("measured") or {}
+        score = f" ({m['pointing_game']:.0%})" if finite_number(m.get("pointing_game")) else ""
+        lines.append(f"Saliency: {sal['default_method']} scored best against tumour masks{score}, but no better than "
+                     f"a map that ignores the model; {default_method(card)} is shown by default, and no map of this "
+                     "model is known to point at tumours.")
     else:
         lines.append("Saliency: no method was checked against tumour masks for this model (or the card names one "
                      f"this version lacks); {default_method(card)} is shown by default.")

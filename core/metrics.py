@@ -124,9 +124,10 @@ def _ratio(a: int, b: int) -> float | None:
     return float(a / b) if b else None
 
 
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(hits: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson interval of a rate: honest at n of a hundred or so and near 0 or 1, where a
-    99 % target and a 98 % result are a handful of images apart."""
+    99 % target and a 98 % result are a handful of images apart. ``hits`` may be fractional (a
+    rate times an effective number of observations, such as patients)."""
     if n == 0:
         return (0.0, 1.0)
     p = hits / n

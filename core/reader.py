@@ -975,10 +975,12 @@ def _nifti_volume(data: bytes, options: dict) -> tuple[np.ndarray, tuple, dict]:
         orientation = NO_GEOMETRY
     del img
     vol, (lo, hi) = robust_window(vol, inplace=True)
-    # a damaged header's NaN, infinite or zero voxel size is unknown, said as null; the voxels are
-    # then taken as cubes (one unknown side beside a known 0.5 mm one doubled the slice's height)
+    # a damaged header's NaN, infinite or zero voxel size is unknown, said as null; an unknown side
+    # takes the smallest known one (1 mm beside a known 0.5 mm doubled the slice's height; cubes
+    # for all three dropped a known 2:1 shape), 1 mm when none is known
     stored = [round(z, 3) if math.isfinite(z) and z != 0 else None for z in zooms]
-    zooms = zooms if None not in stored else (1.0, 1.0, 1.0)
+    known = [abs(z) for z, k in zip(zooms, stored) if k is not None]
+    zooms = tuple(z if k is not None else min(known, default=1.0) for z, k in zip(zooms, stored))
     info = {"format": "NIfTI", "n_volumes": n_vol,
             "volume": vol_index, "orientation": orientation,
             "voxel_size_mm": stored,

@@ -541,3 +541,66 @@ def test_a_series_files_page_names_its_series_and_instance(predictor):
     assert [r.series for r in results] == ["DICOM series 1 of this report, Instance Number 12",
                                            "DICOM series 1 of this report, Instance Number 11", None]
     assert R.build_report(files, predictor).startswith(b"%PDF")
+
+
+def test_the_saliency_default_is_chosen_on_validation_slices(tmp_path, monkeypatch):
+    # the best of six was picked on the test slices it was then reported on
+    import core.saliency_check as SC
+    from test_saliency_check import lgg_weights
+    w, _ = lgg_weights(tmp_path)
+    split = json.loads((w / "split.json").read_text())
+    split["files"]["lgg"]["val"] = split["files"]["lgg"]["test"]
+    (w / "split.json").write_text(json.dumps(split))
+    real, calls = SC.check, []
+
+    def check(predictor, pairs, *a, **k):
+        out = real(predictor, pairs, *a, **k)
+        calls.append(out)
+        if len(calls) == 2:   # the validation pass: its own winner, whatever the test rows say
+            out["best"] = "Grad-CAM++"
+        return out
+    monkeypatch.setattr(SC, "check", check)
+    assert main(["saliency-check", "--weights", str(w), "--data-config", ""]) == 0
+    out = json.loads((w / "saliency_eval.json").read_text())
+    assert out["best"] == "Grad-CAM++" and out["chosen_on"]["split"] == "val"
+    assert json.loads((w / "card.json").read_text())["saliency"]["measured"]["chosen_on"] == "val"
+
+
+def test_an_unknown_voxel_size_takes_the_smallest_known_one():
+    # zooms (0.5, 1.0, nan): all three taken as cubes squashed the axial slice's 2:1 shape
+    import nibabel as nib
+    from core.reader import read_scan
+    vol = np.zeros((64, 64, 3), np.float32)
+    vol[16:48, 16:48, :] = 1
+    header = nib.Nifti1Image(vol, np.eye(4)).header.copy()
+    header["qform_code"], header["sform_code"] = 0, 2
+    z = header["pixdim"].copy()
+    z[1:4] = [0.5, 1.0, np.nan]
+    header["pixdim"] = z
+    scan = read_scan(nib.Nifti1Image(vol, None, header).to_bytes(), "v.nii")
+    assert sorted(scan.pixels.shape) == [64, 128] and scan.info["voxel_size_mm"] == [0.5, 1.0, None]
+
+
+def test_a_wilson_interval_over_patients_holds_the_pooled_rate():
+    # one patient with 100 slices all wrong, eleven with 10 right: 0.524 printed beside [0.646, 0.985]
+    from core.evaluation import evaluate_records
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    recs = []
+    for p in range(12):
+        for k in range(100 if p == 0 else 10):
+            wrong = p == 0
+            recs.append({"file": f"notumor/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "notumor",
+                         "probs": dict(zip(classes, [0.7, 0.1, 0.1, 0.1] if wrong else [0.1, 0.1, 0.1, 0.7])),
+                         "tumour_probability": 0.9 if wrong else 0.3, "pred": "glioma" if wrong else "notumor",
+                         "in_distribution": True, "uncertain": False, "confidence": 0.7})
+    ev = evaluate_records(recs, classes, 0.5)
+    lo, hi = ev["ci95"]["specificity"]
+    assert lo <= ev["specificity"] <= hi
+
+
+def test_the_model_card_says_a_best_method_under_a_floor_was_checked():
+    from core import dashboard as D
+    card = {"saliency": {"default_method": "EigenCAM", "beats_floors": False,
+                         "measured": {"pointing_game": 0.08, "energy_in_mask": 0.05}}}
+    text = D.saliency_and_speed(card)[0]
+    assert "EigenCAM scored best against tumour masks (8%)" in text and "Grad-CAM is shown" in text
