@@ -346,22 +346,26 @@ def test_a_log_holding_only_a_cut_first_write_takes_more_lines(predictor, tmp_pa
 
 
 # ----------------------------------------------------------------------------- evaluate / predict contract
+CLASSES4 = ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+def slice_record(label: str, patient: int, k: int, wrong: bool) -> dict:
+    """An eval record of slice k of TCGA patient ``patient``, called right or wrong."""
+    call = label if not wrong else ("notumor" if label != "notumor" else "glioma")
+    tumour = call != "notumor"
+    return {"file": f"{label}/TCGA_CS_{1000 + patient}_{k:03d}.jpg", "source": "lgg", "label": label,
+            "probs": dict(zip(CLASSES4, [0.7, 0.1, 0.1, 0.1] if tumour else [0.1, 0.1, 0.1, 0.7])),
+            "tumour_probability": 0.9 if tumour else 0.3, "pred": call,
+            "in_distribution": True, "uncertain": False, "confidence": 0.7}
+
+
 def test_a_rate_of_one_over_few_patients_has_an_interval_of_some_width():
     # 12 glioma patients and 3 tumour-free ones, 2 slices each: specificity [1.0, 1.0] "bootstrap
     # over 12 patients", though it rests on 3 patients
     from core.evaluation import evaluate_records
     from core.metrics import wilson
-    classes = ["glioma", "meningioma", "pituitary", "notumor"]
-    recs = []
-    for p in range(15):
-        label = "glioma" if p < 12 else "notumor"
-        for k in range(2):
-            wrong = p < 3 and k == 0
-            call = ("notumor" if wrong else "glioma") if label == "glioma" else "notumor"
-            probs = [0.7, 0.1, 0.1, 0.1] if call == "glioma" else [0.1, 0.1, 0.1, 0.7]
-            recs.append({"file": f"{label}/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": label,
-                         "probs": dict(zip(classes, probs)), "tumour_probability": 0.9 if call == "glioma" else 0.3,
-                         "pred": call, "in_distribution": True, "uncertain": False, "confidence": 0.7})
+    classes = CLASSES4
+    recs = [slice_record("glioma" if p < 12 else "notumor", p, k, p < 3 and k == 0) for p in range(15) for k in range(2)]
     ev = evaluate_records(recs, classes, 0.5)
     assert ev["specificity"] == 1.0 and ev["ci95"]["specificity"] == pytest.approx(list(wilson(3, 3)))
     assert ev["ci95"]["specificity"][0] < 0.5 and "Wilson over patients" in ev["ci95_method"]
@@ -430,17 +434,10 @@ def test_one_more_error_never_narrows_a_patient_interval():
     # 13 patients x 40 slices: all right gave [0.77, 1]; one missed slice switched to a bootstrap
     # that gave [0.99, 1]; a tenth patient switched from Wilson over slices to one over patients
     from core.evaluation import evaluate_records
-    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    classes = CLASSES4
 
     def spec(patients: int, errors: int):
-        recs = []
-        for p in range(patients):
-            for k in range(40):
-                wrong = p * 40 + k < errors
-                recs.append({"file": f"notumor/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "notumor",
-                             "probs": dict(zip(classes, [0.7, 0.1, 0.1, 0.1] if wrong else [0.1, 0.1, 0.1, 0.7])),
-                             "tumour_probability": 0.9 if wrong else 0.3, "pred": "glioma" if wrong else "notumor",
-                             "in_distribution": True, "uncertain": False, "confidence": 0.7})
+        recs = [slice_record("notumor", p, k, p * 40 + k < errors) for p in range(patients) for k in range(40)]
         return evaluate_records(recs, classes, 0.5)["ci95"]["specificity"]
     assert spec(13, 1)[0] <= spec(13, 0)[0] + 1e-9
     assert spec(10, 0)[0] <= spec(9, 0)[0] + 0.1   # no jump from 0.98 to 0.72 at the tenth patient
@@ -451,7 +448,7 @@ def test_a_yes_no_sources_help_comes_from_its_real_metrics():
     # labelled with a class; the other 200 are labelled only tumour'
     from core import dashboard as dash
     from core.metrics import classification_metrics
-    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    classes = CLASSES4
     probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7], [0.1, 0.1, 0.1, 0.7]])
     m = classification_metrics(probs, ["tumor", "tumor", "notumor"], classes, 0.5)
     assert "judged on the tumour call alone" in dash.scans_help(m)
@@ -584,15 +581,8 @@ def test_an_unknown_voxel_size_takes_the_smallest_known_one():
 def test_a_wilson_interval_over_patients_holds_the_pooled_rate():
     # one patient with 100 slices all wrong, eleven with 10 right: 0.524 printed beside [0.646, 0.985]
     from core.evaluation import evaluate_records
-    classes = ["glioma", "meningioma", "pituitary", "notumor"]
-    recs = []
-    for p in range(12):
-        for k in range(100 if p == 0 else 10):
-            wrong = p == 0
-            recs.append({"file": f"notumor/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "notumor",
-                         "probs": dict(zip(classes, [0.7, 0.1, 0.1, 0.1] if wrong else [0.1, 0.1, 0.1, 0.7])),
-                         "tumour_probability": 0.9 if wrong else 0.3, "pred": "glioma" if wrong else "notumor",
-                         "in_distribution": True, "uncertain": False, "confidence": 0.7})
+    classes = CLASSES4
+    recs = [slice_record("notumor", p, k, p == 0) for p in range(12) for k in range(100 if p == 0 else 10)]
     ev = evaluate_records(recs, classes, 0.5)
     lo, hi = ev["ci95"]["specificity"]
     assert lo <= ev["specificity"] <= hi
