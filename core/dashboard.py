@@ -601,7 +601,7 @@ def saliency_and_speed(card: dict) -> list[str]:
     from .saliency import default_method
     lines = []
     sal = card.get("saliency") or {}
-    if sal.get("default_method") and default_method(card) == sal["default_method"]:
+    if sal.get("default_method") and default_method(card) == sal["default_method"] and sal.get("beats_floors", True):
         m = sal.get("measured") or {}
         checked = (f": its map peaks within {m.get('dilate_px', '?')} px of the {m.get('source', '?')} tumour mask on "
                    f"{m['pointing_game']:.0%} of {m.get('n_slices', '?')} test slices, with {m['energy_in_mask']:.0%} "

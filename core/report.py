@@ -1017,6 +1017,8 @@ def _name_series(results: list[ScanResult]) -> None:
     from .dashboard import series_groups
     rows = [r.to_row() for r in results]
     at = {id(row): i for i, row in enumerate(rows)}
+    for r in results:   # a result rendered again in another report keeps no label of the last one
+        r.series = None
     for k, members in enumerate(series_groups(rows), 1):
         for row in members:
             instance = (row.get("info") or {}).get("instance")

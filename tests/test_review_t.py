@@ -594,3 +594,29 @@ def test_the_model_card_says_a_best_method_under_a_floor_was_checked():
                          "measured": {"pointing_game": 0.08, "energy_in_mask": 0.05}}}
     text = D.saliency_and_speed(card)[0]
     assert "EigenCAM scored best against tumour masks (8%)" in text and "Grad-CAM is shown" in text
+
+
+def test_a_grad_cam_below_the_floors_is_not_called_checked():
+    from core import dashboard as D
+    card = {"saliency": {"default_method": "Grad-CAM", "beats_floors": False,
+                         "measured": {"pointing_game": 0.05, "energy_in_mask": 0.03}}}
+    assert "no better than a map that ignores the model" in D.saliency_and_speed(card)[0]
+
+
+def test_a_result_rendered_again_keeps_no_series_label(predictor):
+    from test_reader import dicom12, make_dicom, phantom
+    files = [(f"IM{k}.dcm", make_dicom(dicom12(phantom()), series="1.2.3.5", instance=k)) for k in (12, 11)]
+    results = R.analyse(files, predictor)
+    R._name_series(results)
+    R._name_series(results[:1])
+    assert results[0].series is None
+
+
+def test_validation_masks_all_empty_leave_the_test_measurement(tmp_path):
+    from test_saliency_check import lgg_weights
+    w, _ = lgg_weights(tmp_path)
+    split = json.loads((w / "split.json").read_text())
+    split["files"]["lgg"]["val"] = ["glioma/TCGA_XX_0001_03.jpg"]   # lgg_like's empty mask
+    (w / "split.json").write_text(json.dumps(split))
+    assert main(["saliency-check", "--weights", str(w), "--data-config", ""]) == 0
+    assert json.loads((w / "saliency_eval.json").read_text())["chosen_on"]["split"] == "test"
