@@ -545,9 +545,13 @@ def expand_uploads(files: list[tuple[str, bytes]], budget: int = BATCH_BYTES) ->
         zipped += len(data)
         allowed = unpack_allowance(zipped)
         room = min(budget - used, allowed - inflated)
+        alone = zipped == len(data)   # the batch's first zip: speak of it alone
         why = over if room == budget - used else (
-            f"The zips of this batch unpack to more than {allowed // 2**20} MB, far more than they weigh: "
-            "this file was not read (upload it unzipped, or fewer zips at a time).")
+            (f"{name} unpacks to far more data than its size ({len(data) / 2**20:.1f} MB zipped, over "
+             f"{allowed // 2**20} MB unpacked): this file, past that point, was not unpacked. Unzip it and "
+             "upload the files themselves.") if alone else
+            (f"The zips of this batch unpack to far more data than their size (over {allowed // 2**20} MB): "
+             "this file was not unpacked. Upload the files unzipped, or fewer zips at a time."))
         try:
             members = read_zip(data, room, why)
         except ScanError as e:
@@ -584,6 +588,18 @@ def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
             out[name] = data
             used += len(data)
     return out
+
+
+def saliency_choice_help(card: dict) -> str:
+    """Why the saliency box opens on its method: the card's choice against tumour masks, or none."""
+    from .saliency import default_method
+    sal = card.get("saliency") or {}
+    first = default_method(card)
+    if sal.get("default_method") == first and sal.get("beats_floors", True):
+        where = "validation" if (sal.get("measured") or {}).get("chosen_on") == "val" else "test"
+        return (f"First: {first}, the method whose map pointed at the tumour mask most often on the LGG "
+                f"{where} slices (the Model card page has its figures). Any method can be picked.")
+    return f"First: {first}, the usual default: no method of this model was shown to point at tumours."
 
 
 def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tuple[str, str, bytes]], list[dict], str | None]:
@@ -1105,7 +1121,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
         else:
             c1, c2, c3 = st.columns(3)
             method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
-                                  key=f"m-{wkey}", on_change=_drop_report)
+                                  key=f"m-{wkey}", on_change=_drop_report, help=saliency_choice_help(predictor.card))
             if st.session_state.pop("_report_dropped", False):
                 st.rerun()   # the report's download buttons lie outside this fragment: take them down
             others = [c for c in predictor.classes if c != predicted]
@@ -1241,13 +1257,14 @@ def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
 def skipped_summary(skipped: list[dict]) -> str:
     """One line for the files a zip's evaluation left out, by reason, largest first: 20 red boxes
     for 30 files of an unknown class folder, then the figures of the 4 left, said nothing of the 30."""
+    files = f"{len(skipped)} file{'s' * (len(skipped) != 1)}"
     if len(skipped) <= 3:   # few: by name
-        return (f"{len(skipped)} file(s) left out of these figures: "
+        return (f"{files} left out of these figures: "
                 + "; ".join(f"{md_name(s['file'])}: {s['error'].rstrip('.')}" for s in skipped) + ".")
     why = Counter(s["error"] for s in skipped)
-    parts = [f"{n} x {reason.rstrip('.')}" for reason, n in why.most_common(3)]
+    parts = [f"{n} x {reason[0].lower() + reason[1:].rstrip('.')}" for reason, n in why.most_common(3)]
     more = len(why) - 3
-    return (f"{len(skipped)} file(s) left out of these figures: " + "; ".join(parts)
+    return (f"{files} left out of these figures: " + "; ".join(parts)
             + (f"; and {more} other reason(s)" if more > 0 else "") + ".")
 
 
@@ -1473,7 +1490,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             return
         shown = len(sel) if len(sel) <= limit else st.slider(
             "Scans shown (each map takes a moment)", limit, len(sel), limit, key="gallery-count")
-        st.caption(f"{len(sel)} scans, the most confident mistakes first; {shown} shown.")
+        st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown.")
         cols, absent = st.columns(4), set()
         for k, r in enumerate(sel[:shown]):
             try:

@@ -410,7 +410,7 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
     call says why in its prediction cell: an empty one read 'None', which reads as 'no finding'."""
     # a file of a series uploaded one file per slice: which series, which slice (the series table
     # says 'highest at #12', and nothing led from there to a file)
-    in_series = {id(r): f"series {k}, #{(r.get('info') or {}).get('instance', '?')}"
+    in_series = {id(r): f"series {k}, instance {(r.get('info') or {}).get('instance', '?')}"
                  for k, members in enumerate(series_groups(results), 1) for r in members}
     rows = []
     for r in results:
@@ -607,7 +607,9 @@ def saliency_and_speed(card: dict) -> list[str]:
                    f"{m['pointing_game']:.0%} of {m.get('n_slices', '?')} test slices, with {m['energy_in_mask']:.0%} "
                    "of its mass inside" if finite_number(m.get("pointing_game")) and finite_number(m.get("energy_in_mask"))
                    else "")
-        lines.append(f"Saliency: {sal['default_method']} by default{checked} (`python -m core saliency-check`).")
+        chosen = (", chosen on the validation patients' slices (every method's figures: the model's "
+                  "saliency_eval.json, docs/generalisation.md)" if m.get("chosen_on") == "val" else "")
+        lines.append(f"Saliency: {sal['default_method']} by default{checked}{chosen} (`python -m core saliency-check`).")
     elif sal.get("default_method") and sal.get("beats_floors") is False:
         m = sal.get("measured") or {}
         score = f" ({m['pointing_game']:.0%})" if finite_number(m.get("pointing_game")) else ""

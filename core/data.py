@@ -7,6 +7,7 @@ where the file name gives one, and groups, never single images, are assigned to 
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -173,10 +174,14 @@ MASK_BESIDE_SCAN = "a tumour mask beside its scan (Kaggle LGG's X_mask): not a s
 
 
 def _is_mask_beside_scan(f: Path) -> bool:
-    """``X_mask.tif`` next to ``X.tif`` (the Kaggle LGG layout `saliency.mask_path_for` reads):
-    a radiologist's outline, which must not train or be scored as a scan of its class."""
+    """``X_mask.tif`` next to ``X.tif`` (the Kaggle LGG layout `saliency.mask_path_for` reads), or
+    ``X_mask.png`` next to ``X.jpg`` as the Diagnose page pairs them: a radiologist's outline,
+    which must not train or be scored as a scan of its class."""
     stem = f.stem
-    return stem.lower().endswith("_mask") and f.with_name(stem[:-5] + f.suffix).is_file()
+    return stem.lower().endswith("_mask") and any(
+        g.is_file() for g in f.parent.glob(glob.escape(stem[:-5]) + ".*")
+        if g != f and g.suffix.lower() in IMAGE_SUFFIXES)
+
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -333,14 +338,15 @@ def tree_classes(rels: list[str]) -> TreeClasses:
     top = _unwrapped(PurePosixPath("."), children)
     layout, split_tops, _ = _class_levels(top, children)
     classes = {c: str(c) for base, _ in layout for c in children(base) if c not in split_tops}
-    names = set(rels)
+    scans = {(q.parent, q.stem) for q in map(PurePosixPath, rels) if q.suffix.lower() in IMAGE_SUFFIXES
+             and not q.stem.lower().endswith("_mask")}
     out = TreeClasses()
     for rel in rels:
         p = PurePosixPath(rel)
         home = next((classes[f] for f in p.parents if f in classes), None)
         if (skip := next((f.name for f in p.parents if f.name.lower() in SKIP_DIRS), None)):
             out[rel] = (None, _skip_reason(skip))
-        elif p.stem.lower().endswith("_mask") and str(p.with_name(p.stem[:-5] + p.suffix)) in names:
+        elif p.stem.lower().endswith("_mask") and (p.parent, p.stem[:-5]) in scans:
             out[rel] = (None, MASK_BESIDE_SCAN)
         else:
             out[rel] = (home, None if home else "the file is not inside a class folder")

@@ -586,8 +586,8 @@ def test_many_skipped_files_are_one_line_by_reason():
     skipped = [{"file": f"x/{k}.jpg", "error": "Its folder names no class of this model."} for k in range(30)]
     skipped += [{"file": "notes.txt", "error": "Not an image."}]
     line = app.skipped_summary(skipped)
-    assert line.startswith("31 file(s) left out of these figures: 30 x Its folder names no class")
-    assert "1 x Not an image" in line
+    assert line.startswith("31 files left out of these figures: 30 x its folder names no class")
+    assert "1 x not an image" in line
     assert "bad.jpg" in app.skipped_summary([{"file": "bad.jpg", "error": "Damaged."}])
 
 
@@ -624,7 +624,7 @@ def test_a_series_files_row_names_its_series_and_instance():
             dcm("IM7.dcm", 5, "s2", 0.3), {"file": "a.png", "ok": True, "pred": "notumor", "tumour_probability": 0.1,
                                           "confidence": 0.9, "probs": {}, "in_distribution": True, "info": {}}]
     assert series_table(rows)["highest at"].tolist() == ["#12", "#5"]
-    assert batch_table(rows)["slice"].tolist() == ["series 1, #12", "series 1, #11", "series 2, #4", "series 2, #5", ""]
+    assert batch_table(rows)["slice"].tolist() == ["series 1, instance 12", "series 1, instance 11", "series 2, instance 4", "series 2, instance 5", ""]
 
 
 def test_a_one_frame_file_has_no_frame_words():

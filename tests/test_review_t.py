@@ -45,7 +45,7 @@ def test_a_batchs_zips_unpack_to_at_most_a_few_times_their_weight():
     kept = [c for _, c in got if isinstance(c, bytes)]
     refused = [c for _, c in got if isinstance(c, ScanError)]
     assert sum(len(c) for c in kept) - len(scan_png(1)) <= archive.unpack_allowance(len(bomb)) < 70 * 2**20
-    assert len(refused) == 2 and "far more than they weigh" in str(refused[0])
+    assert len(refused) == 2 and "a.zip unpacks to far more data than its size" in str(refused[0])
     assert isinstance(got[-1][1], bytes)   # a plain upload after the zip is still read
 
 
@@ -620,3 +620,19 @@ def test_validation_masks_all_empty_leave_the_test_measurement(tmp_path):
     (w / "split.json").write_text(json.dumps(split))
     assert main(["saliency-check", "--weights", str(w), "--data-config", ""]) == 0
     assert json.loads((w / "saliency_eval.json").read_text())["chosen_on"]["split"] == "test"
+
+
+def test_a_png_mask_beside_a_jpeg_scan_is_no_scan_on_disk_or_in_a_zip(tmp_path, predictor):
+    # X_mask.png beside X.jpg: the Diagnose page pairs them, evaluate and the labelled zip scored
+    # the mask as a glioma (the only 'missed tumour' on the page was a black image with a blob)
+    from core.data import MASK_BESIDE_SCAN, discover
+    rels = ["glioma/TCGA_DU_5855_013.jpg", "glioma/TCGA_DU_5855_013_mask.png", "notumor/b.png"]
+    for rel in rels:
+        (tmp_path / "d" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / rel).write_bytes(scan_png(31))
+    scan = discover(tmp_path / "d")
+    assert sorted(s.rel for s in scan.samples) == ["glioma/TCGA_DU_5855_013.jpg", "notumor/b.png"]
+    assert ("glioma/TCGA_DU_5855_013_mask.png", MASK_BESIDE_SCAN) in scan.skipped
+    items, skipped, _ = app.labelled_zip(zipped({r: scan_png(31) for r in rels}), predictor.classes)
+    assert sorted(n for n, _, _ in items) == ["glioma/TCGA_DU_5855_013.jpg", "notumor/b.png"]
+    assert [s["file"] for s in skipped] == ["glioma/TCGA_DU_5855_013_mask.png"]
