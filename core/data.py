@@ -473,7 +473,8 @@ def one_folder_words(parts: list[tuple[str, ...]], advice: str) -> str | None:
     (top,) = tops
     if split_of(top):  # Training/<class>/: the classes are right
         return None
-    return (f"every image sits in subfolders of the one folder '{top}' ({len(subs)} of them), so all are "
+    named = ", ".join(f"'{x}'" for x in sorted(subs)[:3]) + (", ..." if len(subs) > 3 else "")
+    return (f"every image sits in subfolders of the one folder '{top}' ({len(subs)} of them: {named}), so all are "
             f"labelled '{normalise_label(top)}': if those subfolders are the classes, "
             + advice.format(top=top))
 
