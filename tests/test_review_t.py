@@ -375,17 +375,8 @@ def test_a_rate_of_one_over_few_patients_has_an_interval_of_some_width():
 
 def test_predict_json_never_prints_nan_or_infinity(tmp_path, capsys, random_weights):
     # a NIfTI header with NaN and infinite voxel sizes printed "voxel_size_mm": [NaN, Infinity, 1.0]
-    import nibabel as nib
-    from test_reader import phantom
-    vol = np.stack([phantom().T] * 3, axis=-1).astype(np.float32)
-    header = nib.Nifti1Image(vol, np.eye(4)).header.copy()
-    header["qform_code"], header["sform_code"] = 0, 2
-    z = header["pixdim"].copy()
-    z[1:4] = [np.nan, np.inf, 1]
-    header["pixdim"] = z
-    img = nib.Nifti1Image(vol, None, header)
     f = tmp_path / "nanvox.nii"
-    nib.save(img, f)
+    f.write_bytes(nifti_with_zooms([np.nan, np.inf, 1]))
     assert main(["predict", "--json", str(f), "--weights", str(random_weights)]) in (0, 1)
     line = capsys.readouterr().out.strip()
 
@@ -480,18 +471,23 @@ def test_a_configs_out_of_another_type_is_one_sentence(data, tmp_path, capsys):
     assert args.out == str(tmp_path / "o")
 
 
-def test_one_unknown_voxel_size_leaves_the_slice_square():
-    # zooms (nan, 0.5, 3): the unknown side taken as 1 mm beside 0.5 mm doubled the slice's height
+def nifti_with_zooms(zooms: list[float]) -> bytes:
+    """A 64 x 64 x 3 NIfTI whose header stores ``zooms`` as they are (no affine to rewrite them)."""
     import nibabel as nib
-    from core.reader import read_scan
     vol = np.zeros((64, 64, 3), np.float32)
     vol[16:48, 16:48, :] = 1
     header = nib.Nifti1Image(vol, np.eye(4)).header.copy()
     header["qform_code"], header["sform_code"] = 0, 2
     z = header["pixdim"].copy()
-    z[1:4] = [np.nan, 0.5, 3]
+    z[1:4] = zooms
     header["pixdim"] = z
-    scan = read_scan(nib.Nifti1Image(vol, None, header).to_bytes(), "v.nii")
+    return nib.Nifti1Image(vol, None, header).to_bytes()
+
+
+def test_one_unknown_voxel_size_leaves_the_slice_square():
+    # zooms (nan, 0.5, 3): the unknown side taken as 1 mm beside 0.5 mm doubled the slice's height
+    from core.reader import read_scan
+    scan = read_scan(nifti_with_zooms([np.nan, 0.5, 3]), "v.nii")
     assert scan.pixels.shape[0] == scan.pixels.shape[1] and scan.info["voxel_size_mm"] == [None, 0.5, 3.0]
 
 
@@ -565,16 +561,8 @@ def test_the_saliency_default_is_chosen_on_validation_slices(tmp_path, monkeypat
 
 def test_an_unknown_voxel_size_takes_the_smallest_known_one():
     # zooms (0.5, 1.0, nan): all three taken as cubes squashed the axial slice's 2:1 shape
-    import nibabel as nib
     from core.reader import read_scan
-    vol = np.zeros((64, 64, 3), np.float32)
-    vol[16:48, 16:48, :] = 1
-    header = nib.Nifti1Image(vol, np.eye(4)).header.copy()
-    header["qform_code"], header["sform_code"] = 0, 2
-    z = header["pixdim"].copy()
-    z[1:4] = [0.5, 1.0, np.nan]
-    header["pixdim"] = z
-    scan = read_scan(nib.Nifti1Image(vol, None, header).to_bytes(), "v.nii")
+    scan = read_scan(nifti_with_zooms([0.5, 1.0, np.nan]), "v.nii")
     assert sorted(scan.pixels.shape) == [64, 128] and scan.info["voxel_size_mm"] == [0.5, 1.0, None]
 
 
