@@ -224,14 +224,18 @@ def _check_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--precision fp16 needs CUDA (its loss scaling runs there); use bf16 or fp32")
 
 
+def _label_map_key(source: dict) -> list:
+    """A source's label_map as `resolved_paths` compares it (sorted: the order of a table is no change)."""
+    return sorted((source.get("label_map") or {}).items())
+
+
 def resolved_paths(args: argparse.Namespace | dict) -> dict:
     """--data roots, --init and --split-from as absolute real paths: a resume from another folder,
     or one that names the same folder another way, is the same run."""
     a = vars(args) if isinstance(args, argparse.Namespace) else args
     real = lambda p: os.path.realpath(D.resolve_root(str(p))) if p else None  # noqa: E731
     try:   # a changed label_map relabels the images mid-run
-        data = [(real(s["path"]), s["weight"], s["name"], sorted((s.get("label_map") or {}).items()))
-                for s in D.parse_sources(a.get("data"))]
+        data = [(real(s["path"]), s["weight"], s["name"], _label_map_key(s)) for s in D.parse_sources(a.get("data"))]
     except (ValueError, KeyError, TypeError):
         data = None
     return {"data": data, "init": real(a.get("init")), "split_from": real(a.get("split_from")),
@@ -261,7 +265,7 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
         out.append(f"--mask-loss {saved['mask_loss']!r} -> {now['mask_loss']!r}")
     was = dict(saved.get("paths_resolved") or resolved_paths(saved))  # older checkpoints: resolved here
     if was.get("data") and any(len(d) == 3 for d in was["data"]):   # recorded before label maps were compared
-        maps = [sorted((src.get("label_map") or {}).items()) for src in D.parse_sources(saved["data"])]
+        maps = [_label_map_key(src) for src in D.parse_sources(saved["data"])]
         was["data"] = [(*d, m) for d, m in zip(was["data"], maps)]
     is_ = resolved_paths(now)
     for k in ("init", "split_from", "teacher"):

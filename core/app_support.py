@@ -592,10 +592,9 @@ def gallery_blobs(items: list[tuple[str, str, bytes]], ev: dict,
 
 def saliency_choice_help(card: dict) -> str:
     """Why the saliency box opens on its method: the card's choice against tumour masks, or none."""
-    from .saliency import default_method
-    sal = card.get("saliency") or {}
+    from .saliency import default_method, measured_default
     first = default_method(card)
-    if sal.get("default_method") == first and sal.get("beats_floors", True):
+    if (sal := measured_default(card)):
         where = "validation" if (sal.get("measured") or {}).get("chosen_on") == "val" else "test"
         return (f"First: {first}, the method whose map pointed at the tumour mask most often on the LGG "
                 f"{where} slices (the Model card page has its figures). Any method can be picked.")

@@ -249,8 +249,8 @@ def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
         folder, why = home.get(name, (None, "the file is not inside a class folder"))
         if why:
             return why[0].upper() + why[1:] + "."
-        if known and not known(PurePosixPath(folder).name):
-            return f"its folder ('{PurePosixPath(folder).name}') names no class of this model"
+        if known and not known(folder):
+            return f"its folder ('{folder}') names no class of this model"
         return None
     budget = unpack_allowance(len(data)) if budget is None else budget
     over = (f"The zip archive unpacks to more than {budget // 2**20} MB: this file was not read "
@@ -259,5 +259,5 @@ def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
     out = ZipMembers(skipped=members.skipped)
     out.note = home.note
     for name, content in members:
-        out.append((PurePosixPath(home[name][0]).name, name, content))
+        out.append((home[name][0], name, content))
     return out

@@ -410,8 +410,8 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
     call says why in its prediction cell: an empty one read 'None', which reads as 'no finding'."""
     # a file of a series uploaded one file per slice: which series, which slice (the series table
     # says 'highest at #12', and nothing led from there to a file)
-    in_series = {id(r): f"series {k}, instance {(r.get('info') or {}).get('instance', '?')}"
-                 for k, members in enumerate(series_groups(results), 1) for r in members}
+    in_series = {i: f"series {k}, instance {'?' if inst is None else inst}"
+                 for i, (k, inst) in series_positions(results).items()}
     rows = []
     for r in results:
         if not r.get("ok"):
@@ -457,6 +457,13 @@ def series_groups(results: list[dict]) -> list[list[dict]]:
             groups.setdefault(key, {}).setdefault(r.get("sha256") or r["file"], r)
     order = lambda r: ((r.get("info") or {}).get("instance", float("inf")), r["file"])  # noqa: E731
     return [sorted(m.values(), key=order) for m in groups.values() if len(m) > 1]
+
+
+def series_positions(results: list[dict]) -> dict[int, tuple[int, object]]:
+    """{id(row): (its series' number in the batch, its Instance Number or None)} for the files of
+    `series_groups`: the batch table, its CSV and the PDF pages name them alike."""
+    return {id(r): (k, (r.get("info") or {}).get("instance"))
+            for k, members in enumerate(series_groups(results), 1) for r in members}
 
 
 def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
@@ -598,10 +605,10 @@ def saliency_and_speed(card: dict) -> list[str]:
     """The card's saliency default with its check against tumour masks, and its recorded CPU latency:
     what the Diagnose page uses and how fast it serves, said on the Model card page."""
     from .compare import card_latency
-    from .saliency import default_method
+    from .saliency import default_method, measured_default
     lines = []
     sal = card.get("saliency") or {}
-    if sal.get("default_method") and default_method(card) == sal["default_method"] and sal.get("beats_floors", True):
+    if measured_default(card):
         m = sal.get("measured") or {}
         checked = (f": its map peaks within {m.get('dilate_px', '?')} px of the {m.get('source', '?')} tumour mask on "
                    f"{m['pointing_game']:.0%} of {m.get('n_slices', '?')} test slices, with {m['energy_in_mask']:.0%} "

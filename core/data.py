@@ -183,7 +183,6 @@ def _is_mask_beside_scan(f: Path) -> bool:
         if g != f and g.suffix.lower() in IMAGE_SUFFIXES)
 
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_KEYS = {"path", "name", "weight", "label_map"}
 
@@ -323,7 +322,7 @@ class TreeClasses(dict):
 
 
 def tree_classes(rels: list[str]) -> TreeClasses:
-    """{rel: (its class folder's path, None) or (None, why it is not read)} for files given by
+    """{rel: (its class folder's name, None) or (None, why it is not read)} for files given by
     their relative paths (a zip's members, no pixels at hand), read as `discover` reads the same
     tree on disk: wrapper folders unwrapped, Training/Testing levels passed, every file below a
     class folder of that class ('glioma/patient01/x.jpg'), masks left out."""
@@ -337,7 +336,7 @@ def tree_classes(rels: list[str]) -> TreeClasses:
         return sorted(x for x in kids.get(d, ()) if not x.name.startswith(".") and x.name.lower() not in SKIP_DIRS)
     top = _unwrapped(PurePosixPath("."), children)
     layout, split_tops, _ = _class_levels(top, children)
-    classes = {c: str(c) for base, _ in layout for c in children(base) if c not in split_tops}
+    classes = {c: c.name for base, _ in layout for c in children(base) if c not in split_tops}
     scans = {(q.parent, q.stem) for q in map(PurePosixPath, rels) if q.suffix.lower() in IMAGE_SUFFIXES
              and not q.stem.lower().endswith("_mask")}
     out = TreeClasses()

@@ -419,7 +419,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
     error, the slice of a volume (and which volume of a 4D file), the DICOM series and Instance
     Number of a file of a series, the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
     from .audit_log import slice_of
-    from .dashboard import series_groups
+    from .dashboard import series_positions
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
@@ -428,8 +428,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     # a DICOM series uploaded one file per slice: its number in the batch ('series 1' of the
     # series table) and each file's Instance Number, as the batch table names them
-    in_series = {id(r): (k, (r.get("info") or {}).get("instance", ""))
-                 for k, members in enumerate(series_groups(rows), 1) for r in members}
+    in_series = {i: (k, "" if inst is None else inst) for i, (k, inst) in series_positions(rows).items()}
     model = _model_cells(predictor)
     # ScanResults already carry their display names (analyse): naming them again loses a folder
     names = ([r.name for r in results] if all(isinstance(r, ScanResult) for r in results)
@@ -1014,16 +1013,13 @@ def series_lines(rows: list[dict]) -> list[str]:
 def _name_series(results: list[ScanResult]) -> None:
     """Each file of a DICOM series uploaded one file per slice gets its series (numbered as the
     batch table and CSV number them) and Instance Number, for its page."""
-    from .dashboard import series_groups
+    from .dashboard import series_positions
     rows = [r.to_row() for r in results]
-    at = {id(row): i for i, row in enumerate(rows)}
-    for r in results:   # a result rendered again in another report keeps no label of the last one
-        r.series = None
-    for k, members in enumerate(series_groups(rows), 1):
-        for row in members:
-            instance = (row.get("info") or {}).get("instance")
-            results[at[id(row)]].series = f"DICOM series {k} of this report" + (
-                f", Instance Number {instance}" if instance is not None else "")
+    at = series_positions(rows)
+    for r, row in zip(results, rows):   # a result rendered again in another report keeps no label of the last one
+        k, instance = at.get(id(row), (None, None))
+        r.series = None if k is None else f"DICOM series {k} of this report" + (
+            f", Instance Number {instance}" if instance is not None else "")
 
 
 def render_pdf(results: list[ScanResult], ctx: ReportContext) -> bytes:

@@ -50,6 +50,15 @@ def default_method(card: dict | None) -> str:
         return FALLBACK_METHOD
 
 
+def measured_default(card: dict | None) -> dict | None:
+    """The card's saliency block when the method shown first is the one it measured best against
+    tumour masks, above every floor; None when the first method was never shown to point at them."""
+    saved = (card or {}).get("saliency") or {}
+    if saved.get("default_method") and saved.get("beats_floors", True) and default_method(card) == saved["default_method"]:
+        return saved
+    return None
+
+
 def _key(name: str) -> str:
     """'Grad-CAM++', 'gradcam++' and 'GradCAMPlusPlus' all become 'gradcampp'."""
     return "".join(ch for ch in name.lower().replace("+", "p") if ch.isalnum()).replace(

@@ -131,7 +131,7 @@ def test_a_zips_labels_are_those_of_the_same_tree_on_disk(tmp_path, rels):
     scan = discover(tmp_path)
     on_disk = {s.rel: s.original for s in scan.samples}
     tree = tree_classes(rels)
-    assert {rel: Path(c).name for rel, (c, _) in tree.items() if c} == on_disk
+    assert {rel: c for rel, (c, _) in tree.items() if c} == on_disk
     assert (tree.note is None) == (one_folder_note(scan) is None)
 
 
