@@ -22,21 +22,28 @@ MODALITY_NAMES = {
     "PX": "a dental X-ray", "OP": "an ophthalmic", "OPT": "an eye OCT", "SM": "a microscopy",
     "XC": "a photographic", "GM": "a photographic", "ES": "an endoscopy", "ECG": "an ECG",
 }
-# Body Part Examined terms (DICOM PS3.16 CID 4031 and common variants) that are not the head,
+# Body Part Examined terms (DICOM PS3.16 CID 4031 and common variants) that are not the head
+# (the neck, face, jaw and vessels of the neck are left to the pixels: near enough to be imaged with it),
 # compared after upper-casing and dropping spaces, '_', '-' and '^'.
 NON_HEAD_PARTS = frozenset({
-    "ABDOMEN", "ABDOMENPELVIS", "CHESTABDOMEN", "CHESTABDOMENPELVIS", "PELVIS", "CHEST", "THORAX",
-    "BREAST", "HEART", "LUNG", "LIVER", "KIDNEY", "PROSTATE", "BLADDER", "UTERUS", "SPINE",
-    "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE", "COCCYX", "SACRUM",
-    "WHOLEBODY", "EXTREMITY", "UPPEREXTREMITY", "LOWEREXTREMITY", "ARM", "LEG", "HAND", "FOOT",
-    "FINGER", "TOE", "WRIST", "ELBOW", "SHOULDER", "CLAVICLE", "HIP", "KNEE", "ANKLE", "FEMUR",
-    "TIBIA", "HUMERUS", "RIB", "STERNUM", "SCAPULA", "HEEL", "FOREARM", "THIGH", "AORTA",
+    "ABDOMEN", "ABDOMENPELVIS", "CHESTABDOMEN", "CHESTABDPELVIS", "CHESTABDOMENPELVIS", "PELVIS",
+    "CHEST", "THORAX", "NECKCHEST", "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "MEDIASTINUM",
+    "BREAST", "HEART", "CORONARYARTERY", "LUNG", "TRACHEA", "BRONCHUS", "ESOPHAGUS", "THYMUS",
+    "THYROID", "LIVER", "GALLBLADDER", "BILEDUCT", "PANCREAS", "SPLEEN", "STOMACH", "DUODENUM",
+    "JEJUNUM", "ILEUM", "COLON", "CECUM", "APPENDIX", "RECTUM", "ADRENAL", "KIDNEY", "URETER",
+    "BLADDER", "URETHRA", "PROSTATE", "TESTIS", "SCROTUM", "PENIS", "UTERUS", "CERVIX", "OVARY",
+    "VAGINA", "VULVA", "PERINEUM", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE",
+    "TLSPINE", "LSSPINE", "COCCYX", "SACRUM", "SIJOINT", "ILIUM", "WHOLEBODY", "ENTIREBODY",
+    "EXTREMITY", "UPPEREXTREMITY", "LOWEREXTREMITY", "ARM", "LEG", "HAND", "FOOT", "FINGER", "THUMB",
+    "TOE", "WRIST", "ELBOW", "SHOULDER", "AXILLA", "CLAVICLE", "HIP", "BUTTOCK", "KNEE", "PATELLA",
+    "ANKLE", "CALCANEUS", "HEEL", "FEMUR", "TIBIA", "FIBULA", "TIBIAFIBULA", "CALF", "HUMERUS",
+    "RADIUS", "ULNA", "RADIUSULNA", "FOREARM", "THIGH", "RIB", "STERNUM", "SCAPULA", "BACK", "AORTA",
 })
 
 
 # Words that make a Body Part Examined not the head wherever they stand in it ("LUMBAR SPINE",
 # "CHEST_TO_PELVIS", "LOWER LEG"), unless a head word stands there too ("HEAD^NECK").
-NON_HEAD_WORDS = NON_HEAD_PARTS | {"CARDIAC", "ABDOMINAL", "PELVIC", "LUMBAR", "THORACIC", "SPINAL",
+NON_HEAD_WORDS = NON_HEAD_PARTS | {"CARDIAC", "ABDOMINAL", "PELVIC", "LUMBAR", "THORACIC", "SPINAL", "CERVICAL",
                                    "SACRAL", "BREASTS", "LEGS", "ARMS", "HANDS", "FEET", "KNEES"}
 HEAD_WORDS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBRUM", "KOPF", "SCHADEL", "CRANE",
                         "CERVEAU", "CRANEO", "CEREBRO", "ORBIT", "SELLA", "IAC", "HEADNECK"})
@@ -64,7 +71,8 @@ def _named_part(part: str) -> str:
     """The non-head term recognised in a Body Part Examined ("LOWER LEG" -> "LEG"): the only text of
     that free-text field a reason repeats."""
     if _part_key(part) in NON_HEAD_PARTS:   # a whole term ("L-SPINE"): as written, its letters only
-        return re.sub(r"[^A-Z0-9 _\-^]", "", part.upper())
+        # '_' as a space: the app shows reasons as markdown, where "_ABDOMEN_" is italics
+        return re.sub(r"[^A-Z0-9 \-^]", "", part.upper().replace("_", " "))
     words = [w for w in _words(part) if w in NON_HEAD_WORDS]
     return " ".join(words) if words else _part_key(part)
 
@@ -75,11 +83,15 @@ def header_reason(info: dict) -> str | None:
     ``info`` is a `ScanImage.info`: only DICOM files carry ``modality`` and ``body_part``.
     """
     modality = str(info.get("modality", "")).strip().upper()
-    # "MRI", "MR " and the like are non-standard spellings of MR, not another kind of scan
-    if modality not in MRI_MODALITIES and not modality.startswith("MR"):
-        kind = MODALITY_NAMES.get(modality, f"a {modality}")
-        return (f"{PREFIX} this is {kind} image (Modality {modality}), not an MRI; "
-                "the model reads brain MRI only.")
+    # Modality holds one value; a file with several ("MR\\CT", read as "MR CT") is judged by
+    # every one of them, so their order cannot decide. "MRI", "MR " and the like are non-standard
+    # spellings of MR, not another kind of scan.
+    others = [m for m in modality.split() if m not in MRI_MODALITIES and not m.startswith("MR")]
+    if others:
+        kind = MODALITY_NAMES.get(others[0])
+        said = (f"this is {kind} image (Modality {modality}), not an MRI" if kind
+                else f"this image's modality is {modality}, not MR")
+        return f"{PREFIX} {said}; the model reads brain MRI only."
     part = str(info.get("body_part", "")).strip()
     if part and _not_head(part):
         return (f"{PREFIX} the body part examined is {_named_part(part)}, not the head; "

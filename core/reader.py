@@ -45,6 +45,7 @@ import threading
 import warnings
 import weakref
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -677,19 +678,25 @@ def _frame_bytes(ds, rows: int, cols: int) -> int:
 
 
 def _code_string(value, n: int) -> str:
-    """A header's code word as DICOM's CS values are written (upper case, digits, space, '_'),
+    """A header's code word as DICOM's CS values are written (upper case, digits, spaces),
     at most ``n`` characters: these fields are typed by hand and reach every output (an
     `ood_reason`, the PDF, the page), so nothing else of them may (a name, a markdown link)."""
-    text = re.sub(r"[/,.&+]", " ", str(value).upper())   # word separators stay separators ("HIP/FEMUR")
-    return " ".join("".join(ch for ch in text if ch.isascii() and (ch.isalnum() or ch in " _-^")).split())[:n]
+    if isinstance(value, bytes):   # a value stored under a binary VR (OB, UN): its text, not "b'MR'"
+        value = value.decode("latin-1")
+    elif isinstance(value, Sequence) and not isinstance(value, str):   # pydicom's MultiValue: its values, not "['MR', 'CT']"
+        value = " ".join(str(v) for v in value)
+    # word separators stay separators ("HIP/FEMUR"); '_' too, which a markdown page reads as italics
+    text = re.sub(r"[/,.&+_]", " ", str(value).upper())
+    return " ".join("".join(ch for ch in text if ch.isascii() and (ch.isalnum() or ch in " -^")).split())[:n]
 
 
-def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
-    """Only technical fields, copied one by one (never the data set itself)."""
+def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = None) -> dict:
+    """Only technical fields, copied one by one (never the data set itself); the body part of
+    ``frame`` where an Enhanced MR states one per frame (default: the middle frame's)."""
     info: dict[str, Any] = {
         "format": "DICOM", "width": cols, "height": rows,
         "modality": _code_string(ds.get("Modality", ""), 16),
-        "body_part": _code_string(ds.get("BodyPartExamined", "") or _anatomy(ds), 32),
+        "body_part": _body_part(ds, n_frames // 2 if frame is None else frame),
         "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
         "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
@@ -701,11 +708,15 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
     return info | _series_fields(ds)
 
 
-def _anatomy(ds) -> str:
-    """The body part an Enhanced MR or CT states in its Frame Anatomy (no BodyPartExamined)."""
-    fa = _functional(ds, "FrameAnatomySequence", 0)
-    region = fa.get("AnatomicRegionSequence") if fa is not None else None
-    return str(region[0].get("CodeMeaning", "")) if region else ""
+def _body_part(ds, frame: int) -> str:
+    """Body Part Examined, else the anatomy an Enhanced MR or CT states for ``frame`` in its
+    Frame Anatomy: per frame where frames differ, so a frame is judged by what it shows."""
+    part = ds.get("BodyPartExamined", "")
+    if not part:
+        fa = _functional(ds, "FrameAnatomySequence", frame)
+        region = fa.get("AnatomicRegionSequence") if fa is not None else None
+        part = region[0].get("CodeMeaning", "") if region else ""
+    return _code_string(part, 32)
 
 
 # Salted per process: the key groups one batch's files by series and links to nothing outside it
@@ -760,7 +771,7 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     arr = _dicom_frame(ds, frame if n_frames > 1 else None)
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
-    info = _safe_dicom_info(ds, rows, cols, n_frames)
+    info = _safe_dicom_info(ds, rows, cols, n_frames, frame)
     arr = _reduce_frame(arr, ds, info)
     grey, colour, window = _dicom_grey(arr, ds, frame)
     window.pop("range", None)   # `_dicom_frames`' to pool; not a ScanImage info key
@@ -785,17 +796,17 @@ def _reduce_frame(arr: np.ndarray, ds, info: dict) -> np.ndarray:
     return np.rint(out).astype(arr.dtype) if arr.dtype.kind in "ui" else out
 
 
-def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int) -> dict:
+def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = None) -> dict:
     """`_dicom_info`, with a damaged header element (pydicom parses lazily, on access) as one sentence."""
     try:
-        return _dicom_info(ds, rows, cols, n_frames)
+        return _dicom_info(ds, rows, cols, n_frames, frame)
     except Exception as e:
         raise ScanError("The DICOM file is damaged (a header element cannot be read).") from e
 
 
 @_lazy_damage_guard
-def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
-    """Every frame as (grey, colourfulness), and the file's info."""
+def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, str]], dict]:
+    """Every frame as (grey, colourfulness, body part), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)
     if rows * cols * n_frames > MAX_VOXELS or _frame_bytes(ds, rows, cols) * n_frames > MAX_VOXELS * 4:
         raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
@@ -811,7 +822,11 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float]], dict]:
         shared = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
         greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k, shared) for k, f in enumerate(frames)]
     window = {k: v for k, v in greys[len(greys) // 2][2].items() if k != "range"}  # the same for every frame
-    return [(g[0], g[1]) for g in greys], info | window
+    try:
+        parts = [_body_part(ds, k) for k in range(len(greys))]
+    except Exception as e:
+        raise ScanError("The DICOM file is damaged (a header element cannot be read).") from e
+    return [(g[0], g[1], part) for g, part in zip(greys, parts)], info | window
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -1196,7 +1211,8 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
                                                 or _looks_like_raw_dicom(data))):
         try:
             frames, info = _dicom_frames(data)
-            return _with_head_shares([ScanImage(g, c, "dicom", info | _blank(g)) for g, c in frames]), "dicom", info
+            return _with_head_shares([ScanImage(g, c, "dicom", info | {"body_part": part} | _blank(g))
+                                      for g, c, part in frames]), "dicom", info
         except ScanError:
             if kind == "dicom":
                 raise

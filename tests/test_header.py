@@ -19,7 +19,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
     ({"modality": "XYZ"}, True, "XYZ"),                  # any stated non-MR modality
     ({"modality": "MR", "body_part": "ABDOMEN"}, True, "ABDOMEN"),
     ({"modality": "MR", "body_part": "l-spine"}, True, "L-SPINE"),
-    ({"modality": "", "body_part": "Whole_Body"}, True, "WHOLE_BODY"),
+    ({"modality": "", "body_part": "Whole_Body"}, True, "WHOLE BODY"),
     # free text: only the recognised term is repeated, never a name or a markdown link beside it
     ({"modality": "MR", "body_part": "LEG [Q. Zyxwar](https:/e.x)"}, True, "examined is LEG, not"),
     ({"modality": "MR"}, False, None),

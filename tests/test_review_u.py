@@ -1,0 +1,94 @@
+"""Findings of session 41's reviews, each test failing on the code before its fix."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from core.header import header_reason
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
+needs_samples = pytest.mark.skipif(not (SAMPLES / "sample_glioma_multiframe.dcm").exists(),
+                                   reason="needs ../shared/data/samples")
+
+
+# ----------------------------------------------------------------- the DICOM header check
+@pytest.mark.parametrize("part", ["CHESTABDPELVIS", "NECKCHEST", "NECKCHESTABDPELV", "PANCREAS",
+                                  "SPLEEN", "COLON", "TIBIAFIBULA", "RADIUSULNA", "ENTIREBODY",
+                                  "MEDIASTINUM", "CORONARYARTERY", "BUTTOCK", "THYROID"])
+def test_standard_non_head_body_parts_are_flagged(part):
+    """DICOM's own codes (CID 4031) for parts that are not the head: CHESTABDPELVIS is the
+    standard spelling of what was listed only as CHESTABDOMENPELVIS (18 characters: no valid file
+    holds it)."""
+    reason = header_reason({"modality": "MR", "body_part": part})
+    assert reason is not None and part in reason
+
+
+@pytest.mark.parametrize("part", ["HEAD", "NECK", "HEADNECK", "FACE", "JAW"])
+def test_head_and_neighbours_are_left_to_the_pixels(part):
+    assert header_reason({"modality": "MR", "body_part": part}) is None
+
+
+@pytest.mark.parametrize("modality", ["MR CT", "CT MR", "OT CT"])
+def test_several_modalities_are_judged_by_every_one(modality):
+    """Modality holds one value; in a file with several their order decided: MR\\CT passed,
+    CT\\MR did not."""
+    reason = header_reason({"modality": modality})
+    assert reason is not None and "a CT image" in reason
+
+
+def test_an_unknown_modality_is_named_once_without_an_article():
+    reason = header_reason({"modality": "IVUS"})
+    assert reason == ("The DICOM header says this image's modality is IVUS, not MR; "
+                      "the model reads brain MRI only.")
+
+
+def test_header_words_are_decoded_and_carry_no_markdown():
+    """A value under a binary VR came out as "BMR" (str of b'MR'): a real MR refused as a 'BMR
+    image'; '_' survived and put the app's warning into italics ("_ABDOMEN_")."""
+    from pydicom.multival import MultiValue
+    from core.reader import _code_string
+    assert _code_string(b"MR", 16) == "MR" and _code_string(b"ABDOMEN ", 32) == "ABDOMEN"
+    assert _code_string(MultiValue(str, ["MR", "CT"]), 16) == "MR CT"
+    assert _code_string("_ABDOMEN_", 32) == "ABDOMEN" and _code_string("__CT__", 16) == "CT"
+    reason = header_reason({"modality": "MR", "body_part": "Whole_Body"})
+    assert "_" not in reason and "WHOLE BODY" in reason
+
+
+def _enhanced(per_frame: list[str]) -> bytes:
+    """The sample 3-frame MR with one Frame Anatomy per frame and no Body Part Examined."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    ds = pydicom.dcmread(SAMPLES / "sample_glioma_multiframe.dcm")
+    if "BodyPartExamined" in ds:
+        del ds.BodyPartExamined
+    groups = []
+    for meaning in per_frame:
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "0", "SCT", meaning
+        anatomy = Dataset()
+        anatomy.FrameLaterality = "U"
+        anatomy.AnatomicRegionSequence = DicomSequence([code])
+        group = Dataset()
+        group.FrameAnatomySequence = DicomSequence([anatomy])
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(groups)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@needs_samples
+def test_each_frame_is_judged_by_its_own_anatomy():
+    """Frame 0's anatomy stood for every frame: a brain frame was refused as spine, an abdomen
+    frame read as brain."""
+    from core.reader import read_scan, read_volume_scans
+    data = _enhanced(["Cervical spine", "Brain", "Abdomen"])
+    parts = [read_scan(data, "e.dcm", frame=k).info["body_part"] for k in range(3)]
+    assert parts == ["CERVICAL SPINE", "BRAIN", "ABDOMEN"]
+    assert [header_reason({"modality": "MR", "body_part": p}) is None for p in parts] == [False, True, False]
+    assert read_scan(data, "e.dcm").info["body_part"] == "BRAIN"     # the middle frame, read by default
+    scans, _, _ = read_volume_scans(data, "e.dcm")
+    assert [s.info["body_part"] for s in scans] == parts
