@@ -554,6 +554,11 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
     and random state; returns (history, first epoch to run, best validation loss, epochs without
     improvement, best epoch, the shipped weights' average record when best.pt was rebuilt from
     them). What the card says of the continuation is set on ``args``."""
+    ran_on = (resume.get("args") or {}).get("world_size", 1)
+    if ran_on != world:   # the global batch and the steps of an epoch follow the process count
+        how = "python train.py" if ran_on == 1 else f"torchrun --nproc_per_node {ran_on} train.py"
+        raise DataError(f"--resume: the run in {out} was trained on {ran_on} process(es) and this is "
+                        f"{world}: resume it as it ran ({how}), or start a new run")
     try:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten
@@ -568,8 +573,7 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
         if not schedule_fits(resume["scheduler"]["last_epoch"], remaining, steps):
             raise DataError(f"--resume: the run has taken {resume['scheduler']['last_epoch']} steps, and "
                             f"{remaining} more do not fit in this schedule's {steps} ({args.epochs} epochs of "
-                            f"{steps_per_epoch} steps on {world} process(es)): give more --epochs, or resume "
-                            "on as many processes as before")
+                            f"{steps_per_epoch} steps on {world} process(es)): give more --epochs")
         sched.last_epoch = resume["scheduler"]["last_epoch"]
     history, shipped_average = resume["history"], None
     saved = resume.get("args") or {}
@@ -593,11 +597,15 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
     if scaler is not None and resume.get("scaler"):  # fp16's loss scale, grown over the run
         scaler.load_state_dict(resume["scaler"])
     best_epoch = resume.get("best_epoch")
-    torch.set_rng_state(resume["rng"])
-    if resume.get("rng_cuda") is not None and device.type == "cuda" and world == 1:
-        # augmentation draws on the device: without its generator a GPU resume diverges
-        # (rank 0's state alone is saved: under DDP each rank keeps its own seeded stream)
-        torch.cuda.set_rng_state(resume["rng_cuda"], device)
+    if world > 1:
+        # Only rank 0's random state is saved: restored on every rank, it made every rank draw the
+        # same augmentations. Each rank gets its own stream, fixed by seed, rank and epoch.
+        seed_everything(args.seed + torch.distributed.get_rank() + 7919 * start_epoch)
+    else:
+        torch.set_rng_state(resume["rng"])
+        if resume.get("rng_cuda") is not None and device.type == "cuda":
+            # augmentation draws on the device: without its generator a GPU resume diverges
+            torch.cuda.set_rng_state(resume["rng_cuda"], device)
     return history, start_epoch, best, bad, best_epoch, shipped_average
 
 

@@ -109,7 +109,8 @@ def debug_dump(model: nn.Module, rank: int, world: int) -> Path | None:
     """With $BT_DDP_DEBUG_DIR set, write rank<r>.safetensors (parameters) and rank<r>.json.
 
     Tests compare the ranks: under DDP every rank must end with the same parameters. Buffers
-    (batch-norm running statistics) are per process on CPU and are left out.
+    (batch-norm running statistics) are per process on CPU and are left out. The random state
+    is hashed too: every rank must draw its own augmentations, resumed or not.
     """
     root = os.environ.get(DEBUG_ENV)
     if not root:
@@ -124,5 +125,6 @@ def debug_dump(model: nn.Module, rank: int, world: int) -> Path | None:
     save_file(params, out / f"rank{rank}.safetensors")
     (out / f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": world, "params_sha256": h.hexdigest(),
+         "rng_sha256": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
          "backend": torch.distributed.get_backend() if world > 1 else None}))
     return out

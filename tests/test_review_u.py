@@ -116,3 +116,36 @@ def test_every_text_font_draws_latin_letters():
         img = Image.new("L", (200, 60))
         ImageDraw.Draw(img).text((5, 5), "Brain MRI scan", fill=255, font=ImageFont.truetype(path, 24))
         assert img.getbbox() is not None, path
+
+
+# ----------------------------------------------------------------- resuming a torchrun run
+def test_a_resumed_ddp_run_keeps_a_stream_per_rank_and_its_process_count(tmp_path):
+    """Rank 0's random state was restored on every rank: after a resume all ranks drew the same
+    augmentations. A resume on another process count ran on, its card silent about it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import make_blob_dataset
+    root = Path(__file__).resolve().parents[1]
+    data, out, debug = tmp_path / "data", tmp_path / "out", tmp_path / "debug"
+    make_blob_dataset(data)
+    env = {**os.environ, "BT_CACHE": str(tmp_path / "cache"), "BT_DDP_DEBUG_DIR": str(debug),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = ["train.py", "--data", str(data), "--out", str(out), "--arch", "cnn_bn", "--binary",
+            "--img", "32", "--batch-size", "8", "--workers", "1", "--no-progress", "--keep", "last"]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def run(cmd):
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    r = run(ddp + args + ["--epochs", "1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = run([sys.executable] + args + ["--epochs", "2", "--resume"])
+    assert single.returncode != 0 and "trained on 2 process(es)" in single.stderr
+    assert "Traceback" not in single.stderr
+    r = run(ddp + args + ["--epochs", "2", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = [json.loads((debug / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert meta[0]["params_sha256"] == meta[1]["params_sha256"]
+    assert meta[0]["rng_sha256"] != meta[1]["rng_sha256"]
