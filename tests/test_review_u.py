@@ -149,3 +149,29 @@ def test_a_resumed_ddp_run_keeps_a_stream_per_rank_and_its_process_count(tmp_pat
     meta = [json.loads((debug / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert meta[0]["params_sha256"] == meta[1]["params_sha256"]
     assert meta[0]["rng_sha256"] != meta[1]["rng_sha256"]
+
+
+# ----------------------------------------------------------------- process settings of the app
+@pytest.mark.parametrize("env, arenas_set, triton_blocked", [
+    ({"MALLOC_ARENA_MAX": ""}, True, True),          # glibc ignores an empty cap: no cap at all
+    ({"MALLOC_ARENA_MAX": "many"}, True, True),
+    ({"MALLOC_ARENA_MAX": "4"}, False, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"}, False, True),   # the tunable is a cap too
+    ({"BT_ALLOW_TRITON": "false"}, True, True),      # "false" let triton load
+    ({"BT_ALLOW_TRITON": "yes"}, True, False),
+])
+def test_runtime_reads_its_environment_as_meant(env, arenas_set, triton_blocked):
+    import os
+    import subprocess
+    import sys
+    code = ("import sys; from core import runtime; "
+            "print(runtime._LIBC is None or runtime.ARENAS_SET, 'triton' in sys.modules and sys.modules['triton'] is None)")
+    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "BT_ALLOW_TRITON")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         env={**base, **env}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    libc_missing_or_set, blocked = out.stdout.split()
+    assert blocked == str(triton_blocked)
+    import core.runtime as R
+    if R._LIBC is not None:
+        assert libc_missing_or_set == str(arenas_set)
