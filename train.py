@@ -281,10 +281,18 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not ckpt.is_file():
         p.error(f"--resume: no checkpoint.pt in {args.out} to continue from")
     try:
-        saved = E.load_checkpoint(ckpt, mmap=True).get("args") or {}  # run() reads the tensors
+        checkpoint = E.load_checkpoint(ckpt, mmap=True)   # run() reads the tensors
+        saved, done = checkpoint.get("args") or {}, int(checkpoint.get("epoch", -1)) + 1
     except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
         p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
                 "remove it to start the run afresh")
+    ran_on, world = saved.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if ran_on != world and done < args.epochs:
+        # epochs to train: the global batch and the steps of an epoch follow the process count
+        # (a finished run may be finished anywhere)
+        how = "python train.py" if ran_on == 1 else f"torchrun --nproc_per_node {ran_on} train.py"
+        p.error(f"--resume: the run in {args.out} was trained on {ran_on} process(es) and this is "
+                f"{world}: resume it as it ran ({how}), or start a new run")
     if not getattr(args, "name_given", False) and saved.get("name"):
         args.name = saved["name"]   # a resumed run keeps its name, whatever its --out or config says
     for k in ("init", "split_from", "teacher"):  # left out on the resume: the run's own
@@ -554,11 +562,6 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
     and random state; returns (history, first epoch to run, best validation loss, epochs without
     improvement, best epoch, the shipped weights' average record when best.pt was rebuilt from
     them). What the card says of the continuation is set on ``args``."""
-    ran_on = (resume.get("args") or {}).get("world_size", 1)
-    if ran_on != world:   # the global batch and the steps of an epoch follow the process count
-        how = "python train.py" if ran_on == 1 else f"torchrun --nproc_per_node {ran_on} train.py"
-        raise DataError(f"--resume: the run in {out} was trained on {ran_on} process(es) and this is "
-                        f"{world}: resume it as it ran ({how}), or start a new run")
     try:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten

@@ -23,13 +23,13 @@ MODALITY_NAMES = {
     "XC": "a photographic", "GM": "a photographic", "ES": "an endoscopy", "ECG": "an ECG",
 }
 # Body Part Examined terms (DICOM PS3.16 CID 4031 and common variants) that are not the head
-# (the neck, face, jaw and vessels of the neck are left to the pixels: near enough to be imaged with it),
+# (the neck and what is in it, the face and the jaw are left to the pixels: imaged with the head),
 # compared after upper-casing and dropping spaces, '_', '-' and '^'.
 NON_HEAD_PARTS = frozenset({
     "ABDOMEN", "ABDOMENPELVIS", "CHESTABDOMEN", "CHESTABDPELVIS", "CHESTABDOMENPELVIS", "PELVIS",
     "CHEST", "THORAX", "NECKCHEST", "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "MEDIASTINUM",
     "BREAST", "HEART", "CORONARYARTERY", "LUNG", "TRACHEA", "BRONCHUS", "ESOPHAGUS", "THYMUS",
-    "THYROID", "LIVER", "GALLBLADDER", "BILEDUCT", "PANCREAS", "SPLEEN", "STOMACH", "DUODENUM",
+    "LIVER", "GALLBLADDER", "BILEDUCT", "PANCREAS", "SPLEEN", "STOMACH", "DUODENUM",
     "JEJUNUM", "ILEUM", "COLON", "CECUM", "APPENDIX", "RECTUM", "ADRENAL", "KIDNEY", "URETER",
     "BLADDER", "URETHRA", "PROSTATE", "TESTIS", "SCROTUM", "PENIS", "UTERUS", "CERVIX", "OVARY",
     "VAGINA", "VULVA", "PERINEUM", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE",
@@ -43,9 +43,9 @@ NON_HEAD_PARTS = frozenset({
 
 # Words that make a Body Part Examined not the head wherever they stand in it ("LUMBAR SPINE",
 # "CHEST_TO_PELVIS", "LOWER LEG"), unless a head word stands there too ("HEAD^NECK").
-NON_HEAD_WORDS = NON_HEAD_PARTS | {"CARDIAC", "ABDOMINAL", "PELVIC", "LUMBAR", "THORACIC", "SPINAL", "CERVICAL",
+NON_HEAD_WORDS = NON_HEAD_PARTS | {"CARDIAC", "ABDOMINAL", "PELVIC", "LUMBAR", "THORACIC", "SPINAL",
                                    "SACRAL", "BREASTS", "LEGS", "ARMS", "HANDS", "FEET", "KNEES"}
-HEAD_WORDS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBRUM", "KOPF", "SCHADEL", "CRANE",
+HEAD_WORDS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "CRANIO", "CEREBRUM", "NEURO", "KOPF", "SCHADEL", "CRANE",
                         "CERVEAU", "CRANEO", "CEREBRO", "ORBIT", "SELLA", "IAC", "HEADNECK"})
 
 
@@ -84,9 +84,13 @@ def header_reason(info: dict) -> str | None:
     """
     modality = str(info.get("modality", "")).strip().upper()
     # Modality holds one value; a file with several ("MR\\CT", read as "MR CT") is judged by
-    # every one of them, so their order cannot decide. "MRI", "MR " and the like are non-standard
+    # every one of them, so their order cannot decide; hand-typed words beside MR are not modalities. "MRI", "MR " and the like are non-standard
     # spellings of MR, not another kind of scan.
-    others = [m for m in modality.split() if m not in MRI_MODALITIES and not m.startswith("MR")]
+    words = modality.split()
+    others = [m for m in words if m not in MRI_MODALITIES and not m.startswith("MR")]
+    if len(others) < len(words) and any(m.startswith("MR") for m in words):
+        # beside MR only a named other modality counts ("MR CT"); "MR BRAIN", "MR T1" are MR
+        others = [m for m in others if m in MODALITY_NAMES]
     if others:
         kind = MODALITY_NAMES.get(others[0])
         said = (f"this is {kind} image (Modality {modality}), not an MRI" if kind

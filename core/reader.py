@@ -686,7 +686,7 @@ def _code_string(value, n: int) -> str:
     elif isinstance(value, Sequence) and not isinstance(value, str):   # pydicom's MultiValue: its values, not "['MR', 'CT']"
         value = " ".join(str(v) for v in value)
     # word separators stay separators ("HIP/FEMUR"); '_' too, which a markdown page reads as italics
-    text = re.sub(r"[/,.&+_]", " ", str(value).upper())
+    text = re.sub(r"[/,.&+_\\]", " ", str(value).upper())   # a binary VR's values stay apart (MR\CT)
     return " ".join("".join(ch for ch in text if ch.isascii() and (ch.isalnum() or ch in " -^")).split())[:n]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 
 M_ARENA_MAX = -8  # glibc <malloc.h>
@@ -39,7 +40,8 @@ def _arenas_given() -> bool:
     """Whether the environment already caps the arenas in a way glibc honours: a positive
     $MALLOC_ARENA_MAX (glibc ignores an empty or non-numeric one), or the tunable."""
     given = os.environ.get("MALLOC_ARENA_MAX", "").strip()
-    return (given.isdigit() and int(given) > 0) or "malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", "")
+    tunable = re.search(r"malloc\.arena_max=(\d+)", os.environ.get("GLIBC_TUNABLES", ""))
+    return (given.isdigit() and int(given) > 0) or bool(tunable and int(tunable.group(1)) > 0)
 
 
 _LIBC = _glibc()

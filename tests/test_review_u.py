@@ -16,7 +16,7 @@ needs_samples = pytest.mark.skipif(not (SAMPLES / "sample_glioma_multiframe.dcm"
 # ----------------------------------------------------------------- the DICOM header check
 @pytest.mark.parametrize("part", ["CHESTABDPELVIS", "NECKCHEST", "NECKCHESTABDPELV", "PANCREAS",
                                   "SPLEEN", "COLON", "TIBIAFIBULA", "RADIUSULNA", "ENTIREBODY",
-                                  "MEDIASTINUM", "CORONARYARTERY", "BUTTOCK", "THYROID"])
+                                  "MEDIASTINUM", "CORONARYARTERY", "BUTTOCK"])
 def test_standard_non_head_body_parts_are_flagged(part):
     """DICOM's own codes (CID 4031) for parts that are not the head: CHESTABDPELVIS is the
     standard spelling of what was listed only as CHESTABDOMENPELVIS (18 characters: no valid file
@@ -25,9 +25,15 @@ def test_standard_non_head_body_parts_are_flagged(part):
     assert reason is not None and part in reason
 
 
-@pytest.mark.parametrize("part", ["HEAD", "NECK", "HEADNECK", "FACE", "JAW"])
+@pytest.mark.parametrize("part", ["HEAD", "NECK", "HEADNECK", "FACE", "JAW", "THYROID", "CRANIO CERVICAL",
+                                  "NEURO CERVICAL", "CERVICAL VESSELS"])
 def test_head_and_neighbours_are_left_to_the_pixels(part):
     assert header_reason({"modality": "MR", "body_part": part}) is None
+
+
+@pytest.mark.parametrize("modality", ["MR BRAIN", "MRI BRAIN", "MR T1", "MR 3T"])
+def test_words_typed_beside_mr_are_not_modalities(modality):
+    assert header_reason({"modality": modality, "body_part": "HEAD"}) is None
 
 
 @pytest.mark.parametrize("modality", ["MR CT", "CT MR", "OT CT"])
@@ -51,6 +57,7 @@ def test_header_words_are_decoded_and_carry_no_markdown():
     from core.reader import _code_string
     assert _code_string(b"MR", 16) == "MR" and _code_string(b"ABDOMEN ", 32) == "ABDOMEN"
     assert _code_string(MultiValue(str, ["MR", "CT"]), 16) == "MR CT"
+    assert _code_string(b"MR\\CT", 16) == "MR CT" and _code_string(b"CT\\MR", 16) == "CT MR"
     assert _code_string("_ABDOMEN_", 32) == "ABDOMEN" and _code_string("__CT__", 16) == "CT"
     reason = header_reason({"modality": "MR", "body_part": "Whole_Body"})
     assert "_" not in reason and "WHOLE BODY" in reason
@@ -144,6 +151,8 @@ def test_a_resumed_ddp_run_keeps_a_stream_per_rank_and_its_process_count(tmp_pat
     single = run([sys.executable] + args + ["--epochs", "2", "--resume"])
     assert single.returncode != 0 and "trained on 2 process(es)" in single.stderr
     assert "Traceback" not in single.stderr
+    finish = run([sys.executable] + args + ["--epochs", "1", "--resume"])   # nothing left to train:
+    assert finish.returncode == 0, finish.stderr[-2000:]                     # finished anywhere
     r = run(ddp + args + ["--epochs", "2", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     meta = [json.loads((debug / f"rank{k}.json").read_text()) for k in (0, 1)]

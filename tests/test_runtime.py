@@ -21,7 +21,7 @@ def _run(code: str, **env) -> str:
 
 def test_runtime_blocks_triton_and_caps_arenas():
     code = ("import os, sys; from core import runtime; print(sys.modules['triton'] is None, "
-            "runtime._LIBC is None or runtime.ARENAS_SET == ('MALLOC_ARENA_MAX' not in os.environ))")
+            "runtime._LIBC is None or runtime.ARENAS_SET == (not runtime._arenas_given()))")
     assert _run(code, BT_ALLOW_TRITON="") == "True True"
 
 
