@@ -61,9 +61,15 @@ def card_latency(card: dict) -> float | None:
     return None
 
 
+# what measure_latency times, as a card says it (the Model card page quotes it)
+LATENCY_WHAT = ("median classifier forward of one prepared image (decoding, preprocessing and the gate "
+                "not included: `bench/latency.py` times the whole served path)")
+
+
 def measure_latency(weights_dir: str | Path, repeats: int = REPEATS, warmup: int = 3) -> tuple[float, str]:
-    """(median single-image forward time in ms on one CPU thread, the precision it ran in), on
-    the served path (`Predictor.probabilities`: bf16 autocast on CPUs with native bf16).
+    """(median single-image forward time in ms on one CPU thread, the precision it ran in), in
+    the served precision (`Predictor.probabilities`: bf16 autocast on CPUs with native bf16), on
+    an input already decoded and preprocessed, without the gate.
 
     One thread because that is what a shared CPU server gives each request, and it makes
     numbers comparable between machines with different core counts.
@@ -474,7 +480,7 @@ def record_latency(rows: list[dict]) -> None:
         path = Path(r["dir"]) / "card.json"
         card = json.loads(path.read_text())
         card["benchmark"] = {"latency_ms": round(r["latency_ms"], 2), "threads": 1,
-                             "what": f"median single-image served pass, CPU ({r['latency_from']})",
+                             "what": f"{LATENCY_WHAT}, CPU ({r['latency_from']})",
                              "machine": platform.processor()
                              or platform.machine(), "command": "python -m core compare --record"}
         from .evaluation import write_json

@@ -628,7 +628,7 @@ def saliency_and_speed(card: dict) -> list[str]:
                      f"this version lacks); {default_method(card)} is shown by default.")
     if (ms := card_latency(card)) is not None:
         what = (card.get("benchmark") or {}).get("what", "single-image CPU pass")
-        lines.append(f"Speed: {ms:.1f} ms per image, {what} (`python -m core compare --record`).")
+        lines.append(f"Speed: {ms:.1f} ms, {what} (`python -m core compare --record`).")
     return lines
 
 
