@@ -149,11 +149,14 @@ def test_set_code(records: dict) -> str | None:
 
 def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
     """Two models on the test images both were tested on, per source: each one's accuracy, the
-    images only one of them gets right, and the exact McNemar p-value. Side-by-side rows of
+    images only one of them gets right, and an exact p-value (`mcnemar`: McNemar's test, with one
+    patient's slices as one unit). Each model is judged at its own operating point (its card's
+    threshold), as it serves. Side-by-side rows of
     `compare` come from different splits; only this says which model is better on the same
     images (a shared test image is in neither model's training split). Images with a copy in either
     model's training split (``copy_in_training``) are left out, as the Evaluation page does by
     default, unless ``with_copies``."""
+    from .data import patient_id
     from .evaluation import call_is_right
     a, b = Path(a), Path(b)
     ra, rb = test_records(a), test_records(b)
@@ -174,23 +177,56 @@ def paired(a: str | Path, b: str | Path, with_copies: bool = False) -> dict:
            "copies_unmarked": unmarked, "judged_on": judged_on, "per_source": {}}
     for src in sorted({s for s, _ in shared}) + ["all"]:
         keys = [k for k in shared if src == "all" or k[0] == src]
-        pairs = [(h, g) for h, g in ((call_is_right(ra[k], ca), call_is_right(rb[k], cb)) for k in keys)
-                 if h is not None and g is not None]
-        if not pairs:
+        judged = [(k, h, g) for k, h, g in ((k, call_is_right(ra[k], ca), call_is_right(rb[k], cb)) for k in keys)
+                  if h is not None and g is not None]
+        if not judged:
             continue
+        pairs = [(h, g) for _, h, g in judged]
+        # slices of one patient (LGG's file names give it) are one unit of the test, not many
+        groups = [None if (pid := patient_id(k[1])) is None else f"{k[0]}/{pid}" for k, _, _ in judged]
         out["per_source"][src] = {"n": len(pairs), "a": sum(h for h, _ in pairs) / len(pairs),
-                                  "b": sum(g for _, g in pairs) / len(pairs), **mcnemar(pairs)}
+                                  "b": sum(g for _, g in pairs) / len(pairs), **mcnemar(pairs, groups)}
     return out
 
 
-def mcnemar(pairs: list[tuple[bool, bool]]) -> dict:
-    """(A right, B right) per image -> the images only A and only B get right, and the exact
-    McNemar p-value (a two-sided binomial test on those; 1.0 when they never disagree)."""
-    from scipy.stats import binomtest
+def mcnemar(pairs: list[tuple[bool, bool]], groups: list[str | None] | None = None) -> dict:
+    """(A right, B right) per image -> the images only A and only B get right, and an exact
+    two-sided p-value for "A and B are equally good" (1.0 when they never disagree).
+
+    Without ``groups`` (or with every image its own) this is the exact McNemar test, a binomial
+    test on the discordant images. Images that share a group (slices of one patient: ``groups``
+    gives its id, None for an image of its own) are not independent: one patient's slices went
+    3 of 6 one way in a comparison of 433 LGG slices. They then count as one unit: an exact
+    sign-flip test over the units, each unit's difference (only A right minus only B right)
+    equally likely to have either sign. With single images it is McNemar's test again."""
     a_only = sum(h and not g for h, g in pairs)
     b_only = sum(g and not h for h, g in pairs)
-    n = a_only + b_only
-    return {"a_only": a_only, "b_only": b_only, "p": binomtest(min(a_only, b_only), n, 0.5).pvalue if n else 1.0}
+    diff: dict[object, int] = {}
+    for i, ((h, g), key) in enumerate(zip(pairs, groups or [None] * len(pairs))):
+        if h != g:
+            unit = ("group", key) if key is not None else ("image", i)
+            diff[unit] = diff.get(unit, 0) + (1 if h else -1)
+    units = [abs(d) for d in diff.values() if d]
+    out = {"a_only": a_only, "b_only": b_only, "p": _sign_flip_p(units, abs(a_only - b_only)) if units else 1.0}
+    if any(k is not None for k in (groups or [])):
+        out["units"] = len(units)   # patients and single images that disagree, what the p-value counts
+    return out
+
+
+def _sign_flip_p(units: list[int], observed: int) -> float:
+    """P(|sum of +-u| >= observed) with every sign a fair coin: the exact distribution of the
+    sum, built one unit at a time (integers, so a table of at most 2 x sum(units) + 1 entries)."""
+    total = sum(units)
+    dist = [0.0] * (2 * total + 1)
+    dist[total] = 1.0
+    for u in units:
+        nxt = [0.0] * len(dist)
+        for v, q in enumerate(dist):
+            if q:
+                nxt[v - u] += q / 2
+                nxt[v + u] += q / 2
+        dist = nxt
+    return min(1.0, sum(q for v, q in enumerate(dist) if abs(v - total) >= observed))
 
 
 def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
@@ -218,12 +254,15 @@ def paired_text(res: dict) -> str:
     lines = [f"{a} (A) against {b} (B) on the {res['shared']} test images both were tested on"
              + (f", less {copies} with a copy in either model's training split" if copies else "")
              + (f", judged on {res['judged_on']}" if res.get("judged_on") else "") + ":",
-             "source      n     A        B        only A right  only B right  McNemar p"]
+             "source      n     A        B        only A right  only B right  p"]
     for src, r in res["per_source"].items():
         lines.append(f"{src:10s} {r['n']:5d}  {100 * r['a']:6.2f}%  {100 * r['b']:6.2f}%  {r['a_only']:12d}  "
                      f"{r['b_only']:12d}  {r['p']:.3g}")
     if not res["per_source"]:
         lines.append("(no image in common: the two runs were tested on different splits)")
+    else:
+        lines.append("p: exact McNemar test; where file names give the patient (LGG) one patient's slices count "
+                     "as one unit (an exact sign-flip test over patients). Each model at its own threshold.")
     for d in res.get("copies_unmarked") or []:
         lines.append(f"Note: {Path(d).name}'s test records were never marked for copies in its training split, "
                      f"so its test images with one are counted here (python -m core mark-copies --weights {d}).")

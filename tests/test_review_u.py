@@ -184,3 +184,34 @@ def test_runtime_reads_its_environment_as_meant(env, arenas_set, triton_blocked)
     import core.runtime as R
     if R._LIBC is not None:
         assert libc_missing_or_set == str(arenas_set)
+
+
+# ----------------------------------------------------------------- the paired test
+def test_the_paired_test_counts_a_patient_once():
+    """LGG's test slices are 13 patients': counted as independent images, one patient whose slices
+    all went one way made a difference look significant."""
+    from scipy.stats import binomtest
+    from core.compare import mcnemar
+    pairs = [(True, False)] * 6 + [(False, True)] * 2 + [(True, True)] * 20
+    alone = mcnemar(pairs)
+    assert alone["p"] == pytest.approx(binomtest(2, 8, 0.5).pvalue)          # McNemar, unchanged
+    grouped = mcnemar(pairs, ["P1"] * 6 + [None, None] + [None] * 20)          # six slices of one patient
+    assert (grouped["a_only"], grouped["b_only"], grouped["units"]) == (6, 2, 3)
+    assert grouped["p"] == pytest.approx(1.0)   # +-6 +-1 +-1: |sum| >= 4 in every sign pattern
+    for a, b in [(12, 25), (13, 8), (0, 7)]:    # single images: the exact binomial test
+        ps = [(True, False)] * a + [(False, True)] * b
+        assert mcnemar(ps, [None] * len(ps))["p"] == pytest.approx(binomtest(min(a, b), a + b, 0.5).pvalue)
+
+
+def test_compare_paired_groups_lgg_slices_by_patient(tmp_path):
+    from test_compare import _with_eval, make_model_dir
+    from core.compare import paired
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    a, b = make_model_dir(tmp_path / "a", four), make_model_dir(tmp_path / "b", four)
+    files = [f"glioma/TCGA_CS_4941_1996090{k}_{k}.tif" for k in range(8)] + \
+            [f"glioma/TCGA_DU_{7000 + k}_19960909_1.tif" for k in range(3)]
+    _with_eval(a, [("lgg", f, "glioma", "glioma") for f in files])
+    _with_eval(b, [("lgg", f, "glioma", "notumor" if k < 8 else "glioma") for k, f in enumerate(files)])
+    lgg = paired(a, b)["per_source"]["lgg"]
+    assert (lgg["a_only"], lgg["b_only"], lgg["units"]) == (8, 0, 1)
+    assert lgg["p"] == pytest.approx(1.0)     # one patient: no evidence (8 slices alone: p = 0.008)
