@@ -232,17 +232,20 @@ def _sign_flip_p(units: list[int], observed: int) -> float:
 def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
     """Two runs' records of the same images ({label, pred} each, matched by the caller): per call
     (the type right, where the label gives one; a tumour found, a tumour-free image right), how many images it counts, how
-    many each run gets right, the images only one run gets right and the exact McNemar p-value."""
+    many each run gets right, the images only one run gets right and the exact p-value (`mcnemar`;
+    slices of one patient, where the file names give it, as one unit)."""
     from .labels import NO_TUMOUR, TUMOUR
     from .metrics import is_tumour_label
     # a tumour is found by a tumour call, not by 'anything but notumor' (a 'stroke' call misses it)
     calls = {"accuracy": (lambda r: r["label"] != TUMOUR, lambda r: r["pred"] == r["label"]),  # coarse: no type
              "tumours_found": (lambda r: is_tumour_label(r["label"]) is True, lambda r: bool(is_tumour_label(r["pred"]))),
              "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: not is_tumour_label(r["pred"]))}
+    from .data import patient_id
     out = {"n": len(pairs)}
     for name, (counts, right) in calls.items():
-        hits = [(right(ra), right(rb)) for ra, rb in pairs if counts(ra)]
-        m = mcnemar(hits)
+        kept = [(ra, rb) for ra, rb in pairs if counts(ra)]
+        hits = [(right(ra), right(rb)) for ra, rb in kept]
+        m = mcnemar(hits, [patient_id(ra.get("file", "")) for ra, _ in kept])   # a patient's slices: one unit
         out[name] = {"n": len(hits), "a_right": sum(h for h, _ in hits), "b_right": sum(g for _, g in hits),
                      **m, "p": round(float(m["p"]), 6)}
     return out
