@@ -1,7 +1,7 @@
 """How the served model copes with scans that are rotated, sheared or re-processed.
 
     python bench/shift_eval.py --weights weights/resnet18_176_ft_rot_mild [--sources benchmark] [--limit 0]
-    python bench/shift_eval.py --paired A.json B.json   # two models' --json results, image by image (McNemar)
+    python bench/shift_eval.py --paired A.json B.json   # two models' --json results, image by image (McNemar; one unit per LGG patient)
 
 One of the hidden test sets is T1-contrast tumour scans of another collection, "rotated, sheared
 and re-processed", and none of them is in shared/. This is the nearest proxy the project can
@@ -173,7 +173,7 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
 def paired(a: dict, b: dict) -> dict:
     """Two --json results (two models, the same images and seeded perturbations), paired image by
     image per source and perturbation (`core.compare.paired_calls`: the type right, tumours found,
-    tumour-free images right, with exact McNemar p-values)."""
+    tumour-free images right, with exact p-values: McNemar's, one LGG patient's slices one unit)."""
     out: dict = {}
     for src, perts in a["result"].items():
         for name, ra in perts.items():
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                    help="print a markdown table of earlier --json results (accuracy / tumours missed / "
                         "specificity / %% flagged) and exit")
     p.add_argument("--paired", nargs=2, default=None, metavar="JSON",
-                   help="two --json results, paired image by image (McNemar) per source and perturbation")
+                   help="two --json results, paired image by image (McNemar; one unit per LGG patient) per source and perturbation")
     p.add_argument("--weights", default=None, help="model directory (default: weights/DEFAULT)")
     p.add_argument("--sources", nargs="+", default=["benchmark"])
     p.add_argument("--perturbations", nargs="+", default=RUN_BY_DEFAULT, choices=list(PERTURBATIONS),

@@ -9,7 +9,7 @@ every site in training) does not measure. Train on the written split with `train
     python train.py --config experiments/resnet18_half_192_fast.toml --seed 1 \
         --split-from runs/loso_HT_split --out runs/loso_HT
     python bench/site_split.py --report runs/loso_HT --site HT   # per site, and unseen against seen
-    python bench/site_split.py --report runs/loso_DU runs/loso_DU_dim --site DU --paired   # two runs, McNemar
+    python bench/site_split.py --report runs/loso_DU runs/loso_DU_dim --site DU --paired   # two runs, paired by patient
     python bench/site_split.py --pooled runs/loso_DU runs/loso_DU_dim DU runs/loso_CS runs/loso_CS_dim CS
                                                    # several such pairs, each on its own site, in one test
 
@@ -137,8 +137,9 @@ def paired_on_site(a: dict, b: dict, site: str, source: str = "lgg") -> dict:
 
 def paired_pooled(triples: list[tuple[dict, dict, str]], source: str = "lgg") -> dict:
     """Several (A, B, site) comparisons, each pair of runs on its own site (a leave-one-site-out
-    run and its twin, judged on the site they never saw), pooled slice by slice into one McNemar
-    test: a change that helps a little on each site shows here when no site alone can show it."""
+    run and its twin, judged on the site they never saw), pooled into one exact test with one unit
+    per patient (`core.compare.mcnemar`; until session 41 slice by slice, which overstated the
+    evidence): a change that helps a little on each site shows here when no site alone can show it."""
     pairs = [pr for a, b, site in triples for pr in _site_pairs(a, b, site, source)]
     return {"sites": [site for _, _, site in triples], **paired_calls(pairs)}
 
@@ -189,9 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", nargs="+", metavar="RUN",
                    help="print per-site LGG test figures of these runs (with --site: unseen against seen)")
     p.add_argument("--paired", action="store_true",
-                   help="with --report A B --site S: the two runs paired on S's slices (McNemar)")
+                   help="with --report A B --site S: the two runs paired on S's slices (exact test, one unit per patient)")
     p.add_argument("--pooled", nargs="+", metavar="A B SITE",
-                   help="triples of two runs and the site to pair them on, pooled into one McNemar test")
+                   help="triples of two runs and the site to pair them on, pooled into one exact test (one unit per patient)")
     args = p.parse_args(argv)
     header("cpu")
     if args.pooled:

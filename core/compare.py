@@ -196,9 +196,11 @@ def mcnemar(pairs: list[tuple[bool, bool]], groups: list[str | None] | None = No
     Without ``groups`` (or with every image its own) this is the exact McNemar test, a binomial
     test on the discordant images. Images that share a group (slices of one patient: ``groups``
     gives its id, None for an image of its own) are not independent: one patient's slices went
-    3 of 6 one way in a comparison of 433 LGG slices. They then count as one unit: an exact
+    3 of 6 one way in a comparison of 432 LGG slices. They then count as one unit: an exact
     sign-flip test over the units, each unit's difference (only A right minus only B right)
     equally likely to have either sign. With single images it is McNemar's test again."""
+    if groups is not None and len(groups) != len(pairs):
+        raise ValueError(f"{len(pairs)} pairs and {len(groups)} groups")
     a_only = sum(h and not g for h, g in pairs)
     b_only = sum(g and not h for h, g in pairs)
     diff: dict[object, int] = {}

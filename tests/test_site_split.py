@@ -140,9 +140,9 @@ def test_paired_on_site_counts_each_call_by_hand():
                for f, lab, p in ROWS])
     got = paired_on_site(a, b, "HT")  # B fixes HT 1111's false alarm and misses HT 2222's tumour
     assert got["n"] == 4
-    assert got["accuracy"] == {"n": 4, "a_right": 3, "b_right": 3, "a_only": 1, "b_only": 1, "p": 1.0}
-    assert got["tumours_found"] == {"n": 2, "a_right": 2, "b_right": 1, "a_only": 1, "b_only": 0, "p": 1.0}
-    assert got["normals_right"] == {"n": 2, "a_right": 1, "b_right": 2, "a_only": 0, "b_only": 1, "p": 1.0}
+    assert got["accuracy"] == {"n": 4, "a_right": 3, "b_right": 3, "a_only": 1, "b_only": 1, "p": 1.0, "units": 2}
+    assert got["tumours_found"] == {"n": 2, "a_right": 2, "b_right": 1, "a_only": 1, "b_only": 0, "p": 1.0, "units": 1}
+    assert got["normals_right"] == {"n": 2, "a_right": 1, "b_right": 2, "a_only": 0, "b_only": 1, "p": 1.0, "units": 1}
     with pytest.raises(ValueError, match="share no lgg test slice of site EZ"):
         paired_on_site(a, b, "EZ")
 
@@ -160,9 +160,9 @@ def test_paired_pooled_adds_each_sites_slices_by_hand():
     a, b = _b_runs()
     got = paired_pooled([(a, b, "HT"), (a, b, "CS")])  # HT's 4 slices and CS's 2 (A and B agree on CS)
     assert got["sites"] == ["HT", "CS"] and got["n"] == 6
-    assert got["accuracy"] == {"n": 6, "a_right": 4, "b_right": 4, "a_only": 1, "b_only": 1, "p": 1.0}
-    assert got["tumours_found"] == {"n": 3, "a_right": 2, "b_right": 1, "a_only": 1, "b_only": 0, "p": 1.0}
-    assert got["normals_right"] == {"n": 3, "a_right": 2, "b_right": 3, "a_only": 0, "b_only": 1, "p": 1.0}
+    assert got["accuracy"] == {"n": 6, "a_right": 4, "b_right": 4, "a_only": 1, "b_only": 1, "p": 1.0, "units": 2}
+    assert got["tumours_found"] == {"n": 3, "a_right": 2, "b_right": 1, "a_only": 1, "b_only": 0, "p": 1.0, "units": 1}
+    assert got["normals_right"] == {"n": 3, "a_right": 2, "b_right": 3, "a_only": 0, "b_only": 1, "p": 1.0, "units": 1}
 
 
 def test_pooled_cli_reads_runs_and_refuses_what_is_not_triples(tmp_path, capsys):
