@@ -1332,8 +1332,10 @@ def batch_problems(rows: list[dict]) -> list[tuple[str, str]]:
         if not r["ok"]:
             out.append(("error", f"**{md_name(r['file'])}**: {r['error']}"))
         elif r.get("hot_slices"):
+            shown = ("the slice in the table does not" if r.get("in_distribution", True)
+                     else "the slice in the table is out of distribution")
             out.append(("warning", f"**{md_name(r['file'])}**: slices {listed_slices(r['hot_slices'])} reach the "
-                        "operating point; the slice in the table does not. Show its details before calling it clear."))
+                        f"operating point; {shown}. Show its details before calling it clear."))
     return out
 
 

@@ -98,6 +98,7 @@ def header_reason(info: dict) -> str | None:
         return f"{PREFIX} {said}; the model reads brain MRI only."
     part = str(info.get("body_part", "")).strip()
     if part and _not_head(part):
-        return (f"{PREFIX} the body part examined is {_named_part(part)}, not the head; "
-                "the model reads brain MRI only.")
+        what = ("the anatomy it states for this frame" if info.get("body_part_of_frame")
+                else "the body part examined")
+        return f"{PREFIX} {what} is {_named_part(part)}, not the head; the model reads brain MRI only."
     return None

@@ -81,7 +81,7 @@ SAFE_INFO_KEYS = frozenset({
     "intensity_window", "modality", "photometric_interpretation", "transfer_syntax",
     "bits_stored", "rescale", "window", "window_source", "n_slices", "slice_index",
     "n_volumes", "volume", "orientation", "voxel_size_mm", "display", "blank", "plane",
-    "body_part",                      # DICOM Body Part Examined (core.header)
+    "body_part", "body_part_of_frame",   # DICOM Body Part Examined, or a frame's own anatomy (core.header)
     "series", "instance",             # DICOM series (a salted hash, see _series_fields) and Instance Number
     "head_share",                     # a volume slice's cross-section of the head over the widest
     "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
@@ -696,7 +696,7 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = Non
     info: dict[str, Any] = {
         "format": "DICOM", "width": cols, "height": rows,
         "modality": _code_string(ds.get("Modality", ""), 16),
-        "body_part": _body_part(ds, n_frames // 2 if frame is None else frame),
+        **_body_part(ds, n_frames // 2 if frame is None else frame),
         "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
         "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
@@ -708,15 +708,17 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = Non
     return info | _series_fields(ds)
 
 
-def _body_part(ds, frame: int) -> str:
-    """Body Part Examined, else the anatomy an Enhanced MR or CT states for ``frame`` in its
-    Frame Anatomy: per frame where frames differ, so a frame is judged by what it shows."""
+def _body_part(ds, frame: int) -> dict:
+    """``body_part``: Body Part Examined, else the anatomy an Enhanced MR or CT states for
+    ``frame`` in its Frame Anatomy (per frame where frames differ, so a frame is judged by what it
+    shows; ``body_part_of_frame`` then says so, since the file's Body Part Examined is empty)."""
     part = ds.get("BodyPartExamined", "")
-    if not part:
-        fa = _functional(ds, "FrameAnatomySequence", frame)
-        region = fa.get("AnatomicRegionSequence") if fa is not None else None
-        part = region[0].get("CodeMeaning", "") if region else ""
-    return _code_string(part, 32)
+    if part:
+        return {"body_part": _code_string(part, 32)}
+    fa = _functional(ds, "FrameAnatomySequence", frame)
+    region = fa.get("AnatomicRegionSequence") if fa is not None else None
+    part = _code_string(region[0].get("CodeMeaning", "") if region else "", 32)
+    return {"body_part": part, "body_part_of_frame": True} if part else {"body_part": ""}
 
 
 # Salted per process: the key groups one batch's files by series and links to nothing outside it
@@ -805,8 +807,8 @@ def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None 
 
 
 @_lazy_damage_guard
-def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, str]], dict]:
-    """Every frame as (grey, colourfulness, body part), and the file's info."""
+def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], dict]:
+    """Every frame as (grey, colourfulness, its body part's info keys), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)
     if rows * cols * n_frames > MAX_VOXELS or _frame_bytes(ds, rows, cols) * n_frames > MAX_VOXELS * 4:
         raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
@@ -1211,7 +1213,7 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
                                                 or _looks_like_raw_dicom(data))):
         try:
             frames, info = _dicom_frames(data)
-            return _with_head_shares([ScanImage(g, c, "dicom", info | {"body_part": part} | _blank(g))
+            return _with_head_shares([ScanImage(g, c, "dicom", info | part | _blank(g))
                                       for g, c, part in frames]), "dicom", info
         except ScanError:
             if kind == "dicom":

@@ -128,6 +128,17 @@ def flags_of(row: Mapping) -> list[str]:
                                   (FLAG_END_SLICE, end)) if on] + hot
 
 
+def flag_labels(row: Mapping) -> list[str]:
+    """`flags_of` as a table shows them: the out-of-distribution flag says when the DICOM header
+    raised it (a CT's header and a photo's pixels are not one finding). The batch table, its CSV
+    and the PDF's summary use these; banners and the audit log the flags themselves."""
+    from .header import PREFIX as HEADER_PREFIX
+    flags = flags_of(row)
+    if flags and flags[0] == FLAG_OOD and (row.get("ood_reason") or "").startswith(HEADER_PREFIX):
+        flags = [f"{FLAG_OOD} (DICOM header)", *flags[1:]]
+    return flags
+
+
 def call_of(row: Mapping) -> str:
     """The class a result row calls; '' for an unreadable or out-of-distribution scan."""
     return row.get("pred", "") if row.get("ok") and row.get("in_distribution", True) else ""
@@ -423,7 +434,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
-                "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error",
+                "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error", "ood_reason",
                 "slice", "slice_choice", "volume", "series", "instance", "file_sha256", *MODEL_COLUMNS])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     # a DICOM series uploaded one file per slice: its number in the batch ('series 1' of the
@@ -444,7 +455,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     _fmt(row.get("confidence")) if called else "",
                     int(bool(row.get("uncertain"))) if called else "",
                     int(not row.get("in_distribution", True)) if ok else "",
-                    "; ".join(flags_of(row)), row.get("error") or "",
+                    "; ".join(flag_labels(row)), row.get("error") or "", row.get("ood_reason") or "",
                     "" if shown is None else shown,
                     (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
                     volume_of(row.get("info") or {}) if ok else "",
@@ -876,7 +887,8 @@ def _flag_banners(pdf, r: ScanResult, ctx: ReportContext) -> None:
         if f == FLAG_MASK:   # the page's own sentence
             text = r.mask_note or text
         if f == FLAG_OTHER_SLICES:
-            text = (f"Slices {listed_slices(r.hot_slices)} of this volume reach the operating point; the slice shown does not. "
+            shown = "the slice shown does not" if p.in_distribution else "the slice shown is out of distribution"
+            text = (f"Slices {listed_slices(r.hot_slices)} of this volume reach the operating point; {shown}. "
                     "Look at them before calling the volume clear.")
         _banner(pdf, title, text, colours)
     if not flags:
@@ -980,7 +992,7 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
                 row.cell(pdf.t(call), link=link)
                 shown = _called_tp(r)
                 row.cell("" if shown is None else f"{shown:.{digits}f}", link=link)
-                flags = r.flags
+                flags = flag_labels(r.to_row())
                 row.cell(pdf.t(", ".join(flags) or "-"), link=link,
                          style=FontFace(color=RED[1] if flags else INK))
             else:

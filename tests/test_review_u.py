@@ -97,6 +97,7 @@ def test_each_frame_is_judged_by_its_own_anatomy():
     assert parts == ["CERVICAL SPINE", "BRAIN", "ABDOMEN"]
     assert [header_reason({"modality": "MR", "body_part": p}) is None for p in parts] == [False, True, False]
     assert read_scan(data, "e.dcm").info["body_part"] == "BRAIN"     # the middle frame, read by default
+    assert read_scan(data, "e.dcm", frame=2).info["body_part_of_frame"] is True   # not Body Part Examined
     scans, _, _ = read_volume_scans(data, "e.dcm")
     assert [s.info["body_part"] for s in scans] == parts
 
@@ -215,3 +216,43 @@ def test_compare_paired_groups_lgg_slices_by_patient(tmp_path):
     lgg = paired(a, b)["per_source"]["lgg"]
     assert (lgg["a_only"], lgg["b_only"], lgg["units"]) == (8, 0, 1)
     assert lgg["p"] == pytest.approx(1.0)     # one patient: no evidence (8 slices alone: p = 0.008)
+
+
+# ----------------------------------------------------------------- header refusals in tables
+def _header_row(**extra) -> dict:
+    return {"file": "ct.dcm", "ok": True, "pred": "glioma", "probs": {"glioma": 0.99, "notumor": 0.01},
+            "tumour_probability": 0.99, "threshold": 0.3, "confidence": 0.99, "uncertain": False,
+            "in_distribution": False, "ood_score": -0.7, "info": {"format": "DICOM"},
+            "ood_reason": "The DICOM header says this is a CT image (Modality CT), not an MRI; "
+                          "the model reads brain MRI only.", **extra}
+
+
+def test_the_csv_and_the_table_say_when_the_header_refused_a_scan():
+    """The page's table marked '(DICOM header)'; the CSV said only 'out-of-distribution' and
+    had no reason, so a CT's header and a photo's pixels read alike; the table's call cell gave
+    the pixel gate's reason ('not like its training scans') for a header refusal."""
+    import csv
+    from core.dashboard import NO_CALL_HEADER, NO_CALL_OOD, batch_table
+    from core.report import build_csv
+    header = _header_row()
+    photo = _header_row(file="cat.png", ood_reason="The image is in colour; brain MRI is grey.")
+    rows = list(csv.DictReader(io.StringIO(build_csv([header, photo], ["glioma", "notumor"]))))
+    assert rows[0]["flags"] == "out-of-distribution (DICOM header)" and rows[1]["flags"] == "out-of-distribution"
+    assert rows[0]["ood_reason"].startswith("The DICOM header says") and "colour" in rows[1]["ood_reason"]
+    table = batch_table([header, photo])
+    assert list(table["prediction"]) == [NO_CALL_HEADER, NO_CALL_OOD]
+
+
+def test_a_refused_shown_slice_is_not_said_to_miss_the_operating_point():
+    """'slices 0, 2 reach the operating point; the slice in the table does not' of a slice the
+    header refused (its raw tumour probability 0.996)."""
+    from core.app_support import batch_problems
+    ((kind, text),) = batch_problems([_header_row(hot_slices=[0, 2])])
+    assert kind == "warning" and "the slice in the table is out of distribution" in text
+    ((_, clean),) = batch_problems([_header_row(hot_slices=[0, 2], in_distribution=True, ood_reason=None)])
+    assert "the slice in the table does not" in clean
+
+
+def test_a_frames_own_anatomy_is_not_called_the_body_part_examined():
+    reason = header_reason({"modality": "MR", "body_part": "ABDOMEN", "body_part_of_frame": True})
+    assert "the anatomy it states for this frame is ABDOMEN" in reason
