@@ -1213,7 +1213,8 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
                                                 or _looks_like_raw_dicom(data))):
         try:
             frames, info = _dicom_frames(data)
-            return _with_head_shares([ScanImage(g, c, "dicom", info | part | _blank(g))
+            volume_info = {k: v for k, v in info.items() if k != "body_part_of_frame"}   # each frame says its own
+            return _with_head_shares([ScanImage(g, c, "dicom", volume_info | part | _blank(g))
                                       for g, c, part in frames]), "dicom", info
         except ScanError:
             if kind == "dicom":

@@ -455,7 +455,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     _fmt(row.get("confidence")) if called else "",
                     int(bool(row.get("uncertain"))) if called else "",
                     int(not row.get("in_distribution", True)) if ok else "",
-                    "; ".join(flag_labels(row)), row.get("error") or "", row.get("ood_reason") or "",
+                    "; ".join(flag_labels(row)), csv_safe(row.get("error") or ""), csv_safe(row.get("ood_reason") or ""),
                     "" if shown is None else shown,
                     (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
                     volume_of(row.get("info") or {}) if ok else "",

@@ -100,6 +100,11 @@ def test_each_frame_is_judged_by_its_own_anatomy():
     assert read_scan(data, "e.dcm", frame=2).info["body_part_of_frame"] is True   # not Body Part Examined
     scans, _, _ = read_volume_scans(data, "e.dcm")
     assert [s.info["body_part"] for s in scans] == parts
+    mixed = _enhanced(["", "Brain", ""])   # frames read together carry what each read alone does
+    together, _, _ = read_volume_scans(mixed, "m.dcm")
+    alone = [read_scan(mixed, "m.dcm", frame=k).info for k in range(3)]
+    assert [s.info.get("body_part_of_frame") for s in together] == [i.get("body_part_of_frame") for i in alone] \
+        == [None, True, None]
 
 
 # ----------------------------------------------------------------- the gate's outlier sets
