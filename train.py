@@ -493,6 +493,8 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
         if args.binary:
             for s in found:
                 s.label = TUMOUR if s.label in FINE_TUMOURS else s.label
+        if note := D.untyped_tumour_note(found):
+            print(f"note: {src['name']}: {note}", flush=True)
         args.labels_found = getattr(args, "labels_found", set()) | {s.label for s in found}
         # One decode each (~5 ms): an unreadable file is reported and skipped, not fatal later.
         scan = D.drop_unreadable(D.Scan(found, scan.skipped))

@@ -57,8 +57,11 @@ def cmd_audit(args) -> int:
     for s in samples:
         folders.setdefault((split_of(s), s.label), set()).add(s.original)
     print(f"{len(samples)} readable images in {args.data_dir}")
-    for note in filter(None, (D.nested_classes_note(scan), D.one_folder_note(scan))):
+    for note in filter(None, (D.nested_classes_note(scan), D.one_folder_note(scan),
+                              D.untyped_tumour_note(samples))):
         print(f"note: {note}")
+    if lost := sorted({s.label for s in scan.samples} - {s.label for s in samples}):
+        print(f"note: no image of {', '.join(lost)} could be read (its files are listed as skipped below)")
     for (split, label), n in sorted(Counter((split_of(s), s.label) for s in samples).items()):
         print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(sorted(folders[split, label]))}")
     print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
@@ -191,7 +194,7 @@ def cmd_evaluate(args) -> int:
         _print_skipped(e.errors)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    summary = {k: ev.get(k) for k in ("model", "scored_as", "n", "accuracy", "macro_f1", "tumour_missed",
+    summary = {k: ev.get(k) for k in ("model", "scored_as", "n", "n_fine", "accuracy", "macro_f1", "tumour_missed",
                                       "silent_misses", "normal_flagged", "flagged_ood", "referred_uncertain",
                                       "sensitivity", "specificity", "ece", "tumour_ece")
                if k not in ("scored_as", "silent_misses") or k in ev}

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import CANONICAL, normalise_label
+from .labels import CANONICAL, FINE_TUMOURS, TUMOUR, normalise_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                   ".dcm", ".dicom", ".ima", ".nii", ".gz"}
@@ -456,6 +457,21 @@ def nested_classes_note(scan: Scan) -> str | None:
             "its own --data source")
 
 
+def untyped_tumour_note(samples: list[Sample]) -> str | None:
+    """A sentence when a folder read as 'some tumour, type unknown' ('Brain Tumor', 'yes') sits
+    beside typed tumour folders in one dataset ('Brain_Glioma/ Brain_Menin/ Brain Tumor/'): its
+    images then count toward finding tumours but not toward typed accuracy, and nothing said so."""
+    if not any(s.label in FINE_TUMOURS for s in samples):
+        return None   # a yes/no dataset: coarse by design
+    coarse = sorted({s.original for s in samples if s.label == TUMOUR})
+    if not coarse:
+        return None
+    named = ", ".join(f"'{c}'" for c in coarse)
+    return (f"{named} names no tumour type, beside folders that do: its images are read as 'tumor' (some "
+            "tumour, type unknown) and count toward finding tumours, not toward typed accuracy; if it holds "
+            "one type, name the folder by it (e.g. pituitary_tumor)")
+
+
 def one_folder_note(scan: Scan) -> str | None:
     """A hint when every image sits in subfolders of one class folder ('archive/cats/',
     'archive/dogs/'): those subfolders may be the classes, under a wrapper named like none."""
@@ -662,7 +678,6 @@ def mixed_label_groups(samples: list[Sample]) -> list[Counter]:
     group is split as one, which costs stratification. A patient's own slices are left out of the
     count: a patient's tumour and tumour-free slices disagree by design (the audit called all 95
     LGG patients labelling errors)."""
-    from .labels import FINE_TUMOURS, TUMOUR
     by_group: dict[str, Counter] = defaultdict(Counter)
     for s in samples:
         if patient_id(s.path) is None:
@@ -765,8 +780,10 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
     # groups first, into fold 0, whatever the seed (shuffling only breaks ties), so the biggest
     # groups were in test for every seed, and a third of LGG's patients never were.
     role = np.random.default_rng(seed).permutation(n_folds)
-    for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):
-        folds[idx] = role[k]
+    with warnings.catch_warnings():   # the pooled 'rare' stratum may still be small: sklearn warns on
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)   # stderr, splits alike
+        for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(samples)), strat, groups)):
+            folds[idx] = role[k]
     n_val = round(val * n_folds)
     # A group is decided once: one with a member from a source that ships its own test set takes
     # no test share (its other members would land in test beside their copy in training).

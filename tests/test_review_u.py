@@ -261,3 +261,45 @@ def test_a_refused_shown_slice_is_not_said_to_miss_the_operating_point():
 def test_a_frames_own_anatomy_is_not_called_the_body_part_examined():
     reason = header_reason({"modality": "MR", "body_part": "ABDOMEN", "body_part_of_frame": True})
     assert "the anatomy it states for this frame is ABDOMEN" in reason
+
+
+# ----------------------------------------------------------------- other people's layouts
+def _kaggle_layout(root: Path) -> Path:
+    """'Brain_Glioma/ Brain_Menin/ Brain Tumor/': the last names no tumour type."""
+    from conftest import make_blob_dataset
+    make_blob_dataset(root / "tmp", per_class=8)
+    for src, dst in (("glioma", "Brain_Glioma"), ("meningioma", "Brain_Menin"), ("pituitary", "Brain Tumor")):
+        (root / "tmp" / src).rename(root / dst)
+    return root
+
+
+def test_an_untyped_tumour_folder_beside_typed_ones_is_said(tmp_path, capsys):
+    """'Brain Tumor' was read as 'some tumour' in audit, evaluate and train.py without a word, and
+    evaluate's summary printed n 60 beside an accuracy over 40."""
+    from core import data as D
+    from core.cli import main as cli_main
+    root = _kaggle_layout(tmp_path / "kaggle")
+    scan = D.discover(root)
+    assert "'Brain Tumor' names no tumour type" in D.untyped_tumour_note(scan.samples)
+    yes_no = [D.Sample(path="x", rel="yes/x.png", label="tumor", original="yes"),
+              D.Sample(path="y", rel="no/y.png", label="notumor", original="no")]
+    assert D.untyped_tumour_note(yes_no) is None   # coarse by design
+    assert cli_main(["audit", str(root)]) == 0
+    assert "note: 'Brain Tumor' names no tumour type" in capsys.readouterr().out
+
+
+def test_audit_says_when_a_class_loses_every_image(tmp_path, capsys):
+    from conftest import make_blob_dataset
+    from core.cli import main as cli_main
+    make_blob_dataset(tmp_path / "d", per_class=20)
+    for f in (tmp_path / "d" / "meningioma").iterdir():
+        f.write_bytes(b"not an image")
+    for f in sorted((tmp_path / "d" / "pituitary").iterdir())[8:]:   # a class of 8: a small stratum
+        f.unlink()
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli_main(["audit", str(tmp_path / "d")]) == 0
+    assert "no image of meningioma could be read" in capsys.readouterr().out
+    # sklearn's note on the pooled small stratum reached the terminal as a library warning
+    assert not [w for w in seen if "least populated class" in str(w.message)]
