@@ -541,6 +541,8 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
         evaluated += f" (note: {note})"
     if note := untyped_tumour_note(samples):   # 'Brain_Glioma/ Brain Tumor/': the last has no type
         evaluated += f" (note: {note})"
+    if note := trained_name_note(predictor.dir, [s.rel for s in samples]):
+        evaluated += f" (note: {note})"
     records = []
     # neither a training folder's leftovers (when a test split is evaluated) nor the masks kept
     # beside their scans are errors of this evaluation
@@ -569,6 +571,21 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
         raise NothingToScore(f"none of the {len(samples)} image files under {data_dir} could be read",
                              errors)
     return records, errors, evaluated
+
+
+def trained_name_note(model_dir: Path, rels: list[str]) -> str | None:
+    """A hint when evaluated files carry the names of this model's own training or validation
+    images (its split.json records them by name): the shared benchmark's Training/ folder, or a
+    download of it, scores far higher than unseen scans, and nothing said so. Names only (the
+    images themselves may not be on this machine): 'if they are the same scans'."""
+    try:
+        files = json.loads((Path(model_dir) / "split.json").read_text())["files"]
+        seen = {Path(r).name for parts in files.values() for split in ("train", "val") for r in parts.get(split, [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    n = sum(Path(r).name in seen for r in rels)
+    return (f"{n} of these {len(rels)} images share a file name with images this model trained or was "
+            "validated on (its split.json): if they are the same scans, these figures flatter it") if n else None
 
 
 def evaluation_set(samples: list, inner: Callable[[str], str] = lambda rel: rel.replace("\\", "/")) -> tuple[list, str]:

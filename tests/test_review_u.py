@@ -303,3 +303,19 @@ def test_audit_says_when_a_class_loses_every_image(tmp_path, capsys):
     assert "no image of meningioma could be read" in capsys.readouterr().out
     # sklearn's note on the pooled small stratum reached the terminal as a library warning
     assert not [w for w in seen if "least populated class" in str(w.message)]
+
+
+def test_evaluate_says_when_its_images_carry_the_models_training_names(tmp_path):
+    """The shared benchmark's Training/ folder (or a download of it) evaluated at 97.5 % with no
+    word that 32 of its 40 images were the model's own training and validation scans."""
+    import json
+    from core.evaluation import trained_name_note
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "split.json").write_text(json.dumps({"files": {"benchmark": {
+        "train": ["glioma/Tr-gl_0010.jpg"], "val": ["notumor/Tr-no_0002.jpg"], "test": ["glioma/Te-gl_0001.jpg"]}}}))
+    note = trained_name_note(model, ["glioma_tumor/Tr-gl_0010.jpg", "no_tumor/Tr-no_0002.jpg",
+                                     "glioma_tumor/Te-gl_0001.jpg", "glioma_tumor/other.jpg"])
+    assert note.startswith("2 of these 4 images share a file name")
+    assert trained_name_note(model, ["glioma/Te-gl_0001.jpg"]) is None      # its test images: fine
+    assert trained_name_note(tmp_path / "none", ["x.jpg"]) is None          # no split.json: nothing said
