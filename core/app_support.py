@@ -19,7 +19,7 @@ import numpy as np
 import streamlit as st
 
 from .evaluation import (NothingToScore, OtherClasses, call_is_right, evaluate_records, prediction_record,
-                         read_eval, score_labelled, without_copies)
+                         read_eval, score_labelled, trained_file_names, without_copies)
 from . import inference
 from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
@@ -1232,25 +1232,6 @@ def pooled_splits_note(held: dict) -> str | None:
     words = {"train": "training", "test": "test", "val": "validation"}
     return (f"The zip holds {' and '.join(words[s] for s in splits)} folders: their scans are scored together. "
             "Upload the test folder alone to score only the held-out part.")
-
-
-@functools.lru_cache(maxsize=8)
-def _trained_names(split_file: str, stamp: float) -> frozenset[str]:
-    from .data import split_roles
-    from .ood import read_split_file
-    try:
-        roles = split_roles(read_split_file(split_file))
-    except (OSError, ValueError, TypeError, AttributeError):   # no usable split.json: nothing to match
-        return frozenset()
-    return frozenset(Path(rel).name for (_, rel), role in roles.items() if role in ("train", "val"))
-
-
-def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
-    """Base names of the files the model trained or was validated on (its split.json): an uploaded
-    zip's scan of the same name is taken for the same image. The public sets name their files
-    uniquely (Tr-gl_0011.jpg, TCGA_CS_4941_011.jpg); the images themselves are not on the host."""
-    f = Path(weights_dir) / "split.json"
-    return _trained_names(str(f), f.stat().st_mtime) if f.is_file() else frozenset()
 
 
 def skipped_summary(skipped: list[dict]) -> str:

@@ -1,6 +1,7 @@
 """Evaluation records and reports shared by train.py, `python -m core evaluate` and the app."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -573,16 +574,31 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
     return records, errors, evaluated
 
 
+@functools.lru_cache(maxsize=8)
+def _trained_names(split_file: str, stamp: float) -> frozenset[str]:
+    from .data import split_roles
+    from .ood import read_split_file
+    try:
+        roles = split_roles(read_split_file(split_file))
+    except (OSError, ValueError, TypeError, AttributeError):   # no usable split.json: nothing to match
+        return frozenset()
+    return frozenset(Path(rel).name for (_, rel), role in roles.items() if role in ("train", "val"))
+
+
+def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
+    """Base names of the files the model trained or was validated on (its split.json): an uploaded
+    zip's scan of the same name is taken for the same image. The public sets name their files
+    uniquely (Tr-gl_0011.jpg, TCGA_CS_4941_011.jpg); the images themselves are not on the host."""
+    f = Path(weights_dir) / "split.json"
+    return _trained_names(str(f), f.stat().st_mtime) if f.is_file() else frozenset()
+
+
 def trained_name_note(model_dir: Path, rels: list[str]) -> str | None:
     """A hint when evaluated files carry the names of this model's own training or validation
-    images (its split.json records them by name): the shared benchmark's Training/ folder, or a
-    download of it, scores far higher than unseen scans, and nothing said so. Names only (the
-    images themselves may not be on this machine): 'if they are the same scans'."""
-    try:
-        files = json.loads((Path(model_dir) / "split.json").read_text())["files"]
-        seen = {Path(r).name for parts in files.values() for split in ("train", "val") for r in parts.get(split, [])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    images (`trained_file_names`): the shared benchmark's Training/ folder, or a download of it,
+    scores far higher than unseen scans, and nothing said so. Names only (the images themselves
+    may not be on this machine): 'if they are the same scans'."""
+    seen = trained_file_names(model_dir)
     n = sum(Path(r).name in seen for r in rels)
     return (f"{n} of these {len(rels)} images share a file name with images this model trained or was "
             "validated on (its split.json): if they are the same scans, these figures flatter it") if n else None
