@@ -603,7 +603,8 @@ def saliency_choice_help(card: dict) -> str:
 
 def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tuple[str, str, bytes]], list[dict], str | None]:
     """A class-per-folder zip as (file, label, bytes) items, the skipped files with why, and a hint
-    when its layout looks like a wrapper of classes (`core.data.one_folder_words`). Each file is
+    when its layout looks like a wrapper of classes (`core.data.one_folder_words`) or a folder names
+    no tumour type beside typed ones (`core.data.untyped_tumour_note`). Each file is
     labelled as `python -m core evaluate` labels the same tree (`core.archive.zip_to_labelled`);
     with the model's ``classes``, files of a folder it cannot be scored on are never inflated."""
     from .evaluation import scorable
@@ -621,7 +622,10 @@ def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tu
     items = [(name, normalise_label(folder), content)
              for name, (folder, _, content) in zip(names, members)]
     skipped = [{"file": name, "error": why} for name, (_, why) in zip(names[len(items):], members.skipped)]
-    return items, skipped, members.note
+    from .data import Sample, untyped_tumour_note   # 'Brain Tumor/' beside 'Brain_Glioma/', as evaluate says
+    untyped = untyped_tumour_note([Sample(path="", rel=name, label=label, original=folder)
+                                   for (name, label, _), (folder, _, _) in zip(items, members)])
+    return items, skipped, "; ".join(filter(None, (members.note, untyped))) or None
 
 
 def volume_slices(data: bytes, name: str) -> tuple[int, int]:

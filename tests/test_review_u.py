@@ -319,3 +319,17 @@ def test_evaluate_says_when_its_images_carry_the_models_training_names(tmp_path)
     assert note.startswith("2 of these 4 images share a file name")
     assert trained_name_note(model, ["glioma/Te-gl_0001.jpg"]) is None      # its test images: fine
     assert trained_name_note(tmp_path / "none", ["x.jpg"]) is None          # no split.json: nothing said
+
+
+def test_a_labelled_zip_says_when_a_folder_names_no_tumour_type(tmp_path):
+    """evaluate said it of 'Brain Tumor/' beside 'Brain_Glioma/'; the Evaluation page's zip did not."""
+    import zipfile
+    from core.app_support import labelled_zip
+    root = _kaggle_layout(tmp_path / "k")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(root.rglob("*.png")):
+            z.write(f, f.relative_to(root).as_posix())
+    items, _, note = labelled_zip(buf.getvalue(), ["glioma", "meningioma", "pituitary", "notumor"])
+    assert {label for _, label, _ in items} == {"glioma", "meningioma", "tumor"}
+    assert "'Brain Tumor' names no tumour type" in note
