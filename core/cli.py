@@ -179,7 +179,7 @@ def _print_skipped(errors: list[dict]) -> None:
 
 # the trust figures too: accuracy and tumours missed count every scan, refused ones included, so
 # the summary must say how many were refused and how many misses went without any flag
-SOURCE_SUMMARY = ("n", "accuracy", "tumour_missed", "silent_misses", "flagged_ood", "referred_uncertain",
+SOURCE_SUMMARY = ("n", "n_fine", "accuracy", "tumour_missed", "silent_misses", "flagged_ood", "referred_uncertain",
                   "sensitivity", "specificity", "ece", "tumour_ece")
 
 

@@ -459,8 +459,8 @@ def nested_classes_note(scan: Scan) -> str | None:
 
 def untyped_tumour_note(samples: list[Sample]) -> str | None:
     """A sentence when a folder read as 'some tumour, type unknown' ('Brain Tumor', 'yes') sits
-    beside typed tumour folders in one dataset ('Brain_Glioma/ Brain_Menin/ Brain Tumor/'): its
-    images then count toward finding tumours but not toward typed accuracy, and nothing said so."""
+    beside typed tumour folders in one dataset ('Brain_Glioma/ Brain_Menin/ Brain Tumor/'): a
+    folder of one type read as no type, and nothing said so."""
     if not any(s.label in FINE_TUMOURS for s in samples):
         return None   # a yes/no dataset: coarse by design
     coarse = sorted({s.original for s in samples if s.label == TUMOUR})
@@ -468,8 +468,8 @@ def untyped_tumour_note(samples: list[Sample]) -> str | None:
         return None
     named = ", ".join(f"'{c}'" for c in coarse)
     return (f"{named} names no tumour type, beside folders that do: its images are read as 'tumor' (some "
-            "tumour, type unknown) and count toward finding tumours, not toward typed accuracy; if it holds "
-            "one type, name the folder by it (e.g. pituitary_tumor)")
+            "tumour, type unknown), not as one type, and if it holds one type, name the folder by it "
+            "(e.g. pituitary_tumor)")
 
 
 def one_folder_note(scan: Scan) -> str | None:

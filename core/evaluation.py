@@ -575,14 +575,16 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
 
 
 @functools.lru_cache(maxsize=8)
-def _trained_names(split_file: str, stamp: float) -> frozenset[str]:
+def _trained_names(split_file: str, stamp: float, held: frozenset[str]) -> frozenset[str]:
     from .data import split_roles
     from .ood import read_split_file
     try:
         roles = split_roles(read_split_file(split_file))
     except (OSError, ValueError, TypeError, AttributeError):   # no usable split.json: nothing to match
         return frozenset()
-    return frozenset(Path(rel).name for (_, rel), role in roles.items() if role in ("train", "val"))
+    # a held-out source's (weight 0) train split trained nothing (`copies_trained_on`)
+    return frozenset(Path(rel).name for (src, rel), role in roles.items()
+                     if role == "val" or (role == "train" and src not in held))
 
 
 def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
@@ -590,7 +592,14 @@ def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
     zip's scan of the same name is taken for the same image. The public sets name their files
     uniquely (Tr-gl_0011.jpg, TCGA_CS_4941_011.jpg); the images themselves are not on the host."""
     f = Path(weights_dir) / "split.json"
-    return _trained_names(str(f), f.stat().st_mtime) if f.is_file() else frozenset()
+    if not f.is_file():
+        return frozenset()
+    try:
+        sources = json.loads((Path(weights_dir) / "card.json").read_text()).get("sources") or []
+    except (OSError, ValueError, AttributeError):
+        sources = []
+    held = frozenset(s["name"] for s in sources if isinstance(s, dict) and s.get("weight", 1) == 0 and "name" in s)
+    return _trained_names(str(f), f.stat().st_mtime, held)
 
 
 def trained_name_note(model_dir: Path, rels: list[str]) -> str | None:

@@ -333,3 +333,18 @@ def test_a_labelled_zip_says_when_a_folder_names_no_tumour_type(tmp_path):
     items, _, note = labelled_zip(buf.getvalue(), ["glioma", "meningioma", "pituitary", "notumor"])
     assert {label for _, label, _ in items} == {"glioma", "meningioma", "tumor"}
     assert "'Brain Tumor' names no tumour type" in note
+
+
+def test_a_held_out_sources_training_split_is_not_called_trained_on(tmp_path):
+    """A source of weight 0 trains nothing: its files were called 'trained or validated on'."""
+    import json
+    from core.evaluation import trained_name_note
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "split.json").write_text(json.dumps({"files": {
+        "benchmark": {"train": ["glioma/Tr-gl_0010.jpg"], "val": [], "test": []},
+        "held": {"train": ["glioma/H-1.jpg", "glioma/H-2.jpg"], "val": ["glioma/H-3.jpg"], "test": []}}}))
+    (model / "card.json").write_text(json.dumps({"sources": [{"name": "benchmark", "weight": 1.0},
+                                                             {"name": "held", "weight": 0}]}))
+    note = trained_name_note(model, ["glioma/H-1.jpg", "glioma/H-2.jpg", "glioma/H-3.jpg", "glioma/Tr-gl_0010.jpg"])
+    assert note.startswith("2 of these 4 images")   # H-3 (validation) and Tr-gl_0010 (trained)
