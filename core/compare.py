@@ -236,13 +236,13 @@ def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
     (the type right, where the label gives one; a tumour found, a tumour-free image right), how many images it counts, how
     many each run gets right, the images only one run gets right and the exact p-value (`mcnemar`;
     slices of one patient, where the file names give it, as one unit)."""
+    from .data import patient_id
     from .labels import NO_TUMOUR, TUMOUR
     from .metrics import is_tumour_label
     # a tumour is found by a tumour call, not by 'anything but notumor' (a 'stroke' call misses it)
     calls = {"accuracy": (lambda r: r["label"] != TUMOUR, lambda r: r["pred"] == r["label"]),  # coarse: no type
              "tumours_found": (lambda r: is_tumour_label(r["label"]) is True, lambda r: bool(is_tumour_label(r["pred"]))),
              "normals_right": (lambda r: r["label"] == NO_TUMOUR, lambda r: not is_tumour_label(r["pred"]))}
-    from .data import patient_id
     out = {"n": len(pairs)}
     for name, (counts, right) in calls.items():
         kept = [(ra, rb) for ra, rb in pairs if counts(ra)]

@@ -11,12 +11,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
-from .header import PREFIX as HEADER_PREFIX
 from .inference import finite_number, shown_slice
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
-from .report import flag_labels, slice_words, volume_words
+from .report import flag_labels, refused_by_header, slice_words, volume_words
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
@@ -422,14 +421,13 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
         # out-of-distribution scan has that flag alone: no call to refer or doubt
         flags = flag_labels(r)
-        header = (r.get("ood_reason") or "").startswith(HEADER_PREFIX)
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         info = r.get("info") or {}
         where = ", ".join(w for w in (slice_words(info), volume_words(info, short=True)) if w)
         if id(r) in in_series:
             where = in_series[id(r)]
         rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None or id(r) in in_series else "",
-                     "prediction": r["pred"] if called else (NO_CALL_HEADER if header else NO_CALL_OOD),
+                     "prediction": r["pred"] if called else (NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
     columns = ["file", "prediction", "flags", "slice", "tumour probability", "confidence"]   # flags in sight

@@ -386,8 +386,14 @@ def copies_trained_on(samples: list, sources: list[dict]) -> set[tuple[str, str]
     """`core.data.copies_in_training` where the train split of a source with weight 0 (held out:
     its test split is scored, nothing of it trained) is no training."""
     from . import data as D
-    held = {s["name"] for s in sources if isinstance(s, dict) and s.get("weight", 1) == 0}
+    held = held_out_sources(sources)
     return D.copies_in_training([s for s in samples if s.split != "train" or s.source not in held])
+
+
+def held_out_sources(sources: list) -> frozenset[str]:
+    """Names of the sources of weight 0 (a card's or config's list): scored on their test split,
+    nothing of their train split trained."""
+    return frozenset(s["name"] for s in sources if isinstance(s, dict) and s.get("weight", 1) == 0 and "name" in s)
 
 
 def mark_records(ev: dict, copies: set[tuple[str, str]], log=print) -> dict:
@@ -538,11 +544,10 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
     from .reader import ScanError, read_scan
     scan = discover(data_dir, source)
     samples, evaluated = evaluation_set(scan.samples, scan.inner)
-    if note := one_folder_note(scan):   # 'Brain Tumor/{Normal T1, Glioma T1}/': all scored as tumours
-        evaluated += f" (note: {note})"
-    if note := untyped_tumour_note(samples):   # 'Brain_Glioma/ Brain Tumor/': the last has no type
-        evaluated += f" (note: {note})"
-    if note := trained_name_note(predictor.dir, [s.rel for s in samples]):
+    # 'Brain Tumor/{Normal T1, Glioma T1}/' (all scored as tumours); 'Brain_Glioma/ Brain Tumor/'
+    # (the last has no type); the model's own training images
+    for note in filter(None, (one_folder_note(scan), untyped_tumour_note(samples),
+                              trained_name_note(predictor.dir, [s.rel for s in samples]))):
         evaluated += f" (note: {note})"
     records = []
     # neither a training folder's leftovers (when a test split is evaluated) nor the masks kept
@@ -598,8 +603,7 @@ def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
         sources = json.loads((Path(weights_dir) / "card.json").read_text()).get("sources") or []
     except (OSError, ValueError, AttributeError):
         sources = []
-    held = frozenset(s["name"] for s in sources if isinstance(s, dict) and s.get("weight", 1) == 0 and "name" in s)
-    return _trained_names(str(f), f.stat().st_mtime, held)
+    return _trained_names(str(f), f.stat().st_mtime, held_out_sources(sources))
 
 
 def trained_name_note(model_dir: Path, rels: list[str]) -> str | None:

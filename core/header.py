@@ -83,12 +83,12 @@ def header_reason(info: dict) -> str | None:
     ``info`` is a `ScanImage.info`: only DICOM files carry ``modality`` and ``body_part``.
     """
     modality = str(info.get("modality", "")).strip().upper()
-    # Modality holds one value; a file with several ("MR\\CT", read as "MR CT") is judged by
-    # every one of them, so their order cannot decide; hand-typed words beside MR are not modalities. "MRI", "MR " and the like are non-standard
-    # spellings of MR, not another kind of scan.
+    # Modality holds one value; a file with several ("MR\\CT", read as "MR CT") is judged by every
+    # one of them, so their order cannot decide. "MRI", "MR " and the like are non-standard
+    # spellings of MR, not another kind of scan; hand-typed words beside MR are not modalities.
     words = modality.split()
     others = [m for m in words if m not in MRI_MODALITIES and not m.startswith("MR")]
-    if len(others) < len(words) and any(m.startswith("MR") for m in words):
+    if any(m.startswith("MR") for m in words):
         # beside MR only a named other modality counts ("MR CT"); "MR BRAIN", "MR T1" are MR
         others = [m for m in others if m in MODALITY_NAMES]
     if others:

@@ -1365,9 +1365,9 @@ def category_folds(categories: list[str], k: int) -> list[list[str]]:
     from . import outliers as O
     folds = [[c for c in pinned if c in categories] for pinned in O.PINNED_FOLDS]
     if k == len(O.PINNED_FOLDS) and all(folds):   # (a subset that empties a fold is dealt instead)
-        for c, k in O.PINNED_WHERE_PRESENT.items():
+        for c, fold in O.PINNED_WHERE_PRESENT.items():
             if c in categories:
-                folds[k].append(c)
+                folds[fold].append(c)
         for c in (c for c in categories if not any(c in f for f in folds)):
             free = [f for f in folds if O.KIND.get(c, c) not in {O.KIND.get(x, x) for x in f}] or folds
             min(free, key=len).append(c)

@@ -773,7 +773,7 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     arr = _dicom_frame(ds, frame if n_frames > 1 else None)
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
-    info = _safe_dicom_info(ds, rows, cols, n_frames, frame)
+    info = _header_read(_dicom_info, ds, rows, cols, n_frames, frame)
     arr = _reduce_frame(arr, ds, info)
     grey, colour, window = _dicom_grey(arr, ds, frame)
     window.pop("range", None)   # `_dicom_frames`' to pool; not a ScanImage info key
@@ -798,10 +798,11 @@ def _reduce_frame(arr: np.ndarray, ds, info: dict) -> np.ndarray:
     return np.rint(out).astype(arr.dtype) if arr.dtype.kind in "ui" else out
 
 
-def _safe_dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = None) -> dict:
-    """`_dicom_info`, with a damaged header element (pydicom parses lazily, on access) as one sentence."""
+def _header_read(read, *args):
+    """``read(*args)`` of header fields (`_dicom_info`, `_body_part`), with a damaged element
+    (pydicom parses lazily, on access) as one sentence."""
     try:
-        return _dicom_info(ds, rows, cols, n_frames, frame)
+        return read(*args)
     except Exception as e:
         raise ScanError("The DICOM file is damaged (a header element cannot be read).") from e
 
@@ -815,7 +816,7 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], di
     arr = _dicom_frame(ds, None)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
-    info = _safe_dicom_info(ds, rows, cols, n_frames)
+    info = _header_read(_dicom_info, ds, rows, cols, n_frames)
     greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k) for k, f in enumerate(frames)]
     ranges = [g[2]["range"] for g in greys if "range" in g[2]]
     if len(greys) > 1 and len(ranges) == len(greys):
@@ -824,10 +825,7 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], di
         shared = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
         greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k, shared) for k, f in enumerate(frames)]
     window = {k: v for k, v in greys[len(greys) // 2][2].items() if k != "range"}  # the same for every frame
-    try:
-        parts = [_body_part(ds, k) for k in range(len(greys))]
-    except Exception as e:
-        raise ScanError("The DICOM file is damaged (a header element cannot be read).") from e
+    parts = [_header_read(_body_part, ds, k) for k in range(len(greys))]
     return [(g[0], g[1], part) for g, part in zip(greys, parts)], info | window
 
 

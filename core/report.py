@@ -128,13 +128,18 @@ def flags_of(row: Mapping) -> list[str]:
                                   (FLAG_END_SLICE, end)) if on] + hot
 
 
+def refused_by_header(row: Mapping) -> bool:
+    """Whether a result row's out-of-distribution reason is its DICOM header's (`core.header`)."""
+    from .header import PREFIX as HEADER_PREFIX
+    return (row.get("ood_reason") or "").startswith(HEADER_PREFIX)
+
+
 def flag_labels(row: Mapping) -> list[str]:
     """`flags_of` as a table shows them: the out-of-distribution flag says when the DICOM header
     raised it (a CT's header and a photo's pixels are not one finding). The batch table, its CSV
     and the PDF's summary use these; banners and the audit log the flags themselves."""
-    from .header import PREFIX as HEADER_PREFIX
     flags = flags_of(row)
-    if flags and flags[0] == FLAG_OOD and (row.get("ood_reason") or "").startswith(HEADER_PREFIX):
+    if flags and flags[0] == FLAG_OOD and refused_by_header(row):
         flags = [f"{FLAG_OOD} (DICOM header)", *flags[1:]]
     return flags
 

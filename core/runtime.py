@@ -6,10 +6,12 @@ by `bench/app_memory.py` (numbers in bench/README.md). Importing this module, on
 - caps glibc malloc at 2 arenas. Streamlit runs every script run in a new thread, and glibc
   gives threads arenas of their own (up to 8 per core), each of which keeps the memory freed in
   it; with two arenas the runs reuse each other's free memory. A cap set in the environment
-  ($MALLOC_ARENA_MAX as a positive number, or glibc.malloc.arena_max in $GLIBC_TUNABLES) wins. Nothing happens where the C library is not glibc (macOS, Windows, musl).
+  ($MALLOC_ARENA_MAX as a positive number, or glibc.malloc.arena_max in $GLIBC_TUNABLES) wins.
+  Nothing happens where the C library is not glibc (macOS, Windows, musl).
 - keeps `triton` from being imported. torchvision imports `torch._dynamo`, which loads triton
   when it is installed (it comes with PyPI's CUDA build of torch): about 75 MB resident that a
-  CPU-only app never uses. Set BT_ALLOW_TRITON=1 (or true, yes, on) to let it load (torch.compile on a GPU).
+  CPU-only app never uses. Set BT_ALLOW_TRITON=1 (or true, yes, on) to let it load
+  (torch.compile on a GPU).
 
 `trim()` hands the heap's free pages back to the kernel; the app calls it after every run, so
 an idle server does not hold the peak of its last prediction.
