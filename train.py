@@ -130,6 +130,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-from", default=None,
                    help="use the split recorded in DIR/split.json instead of computing one (images it "
                         "does not list are left out); default with --init: the parent's")
+    p.add_argument("--drop-copies", action="append", default=None, metavar="TSV",
+                   help="leave out of training every training image this list pairs with a validation or "
+                        "test image (a copy of the same slice; columns source, file, train_source, "
+                        "train_file: bench/copy_audit.py --pairs-out writes one); repeatable; recorded in "
+                        "split.json and the card")
     p.add_argument("--init", default=None,
                    help="start from a finished run's weights (weights/NAME of the same arch, classes "
                         "and split) for a second, shorter cycle; recorded in the card")
@@ -197,6 +202,11 @@ def _check_types(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for d in STR_OPTIONS:
         if (v := getattr(args, d)) is not None and not isinstance(v, str):
             p.error(f"{_option(d)}: a text (in quotes in a config) is expected, not {v!r}")
+    if isinstance(args.drop_copies, str):   # a config's drop_copies = "x.tsv"
+        args.drop_copies = [args.drop_copies]
+    if args.drop_copies is not None and not (isinstance(args.drop_copies, list)
+                                             and all(isinstance(x, str) for x in args.drop_copies)):
+        p.error(f"--drop-copies: paths (texts) are expected, not {args.drop_copies!r}")
     for k, v in (getattr(args, "config_values", None) or {}).items():
         if k in CONFIG_NOTES and not isinstance(v, (str, int, float, bool)):
             p.error(f"--config: {k} must be a text or a number (it goes into the card), not {v!r}")
@@ -246,7 +256,7 @@ LESION_NEEDS_MASKS = "--lesion-dim-p needs --mask-loss: the lesions it dims are 
 
 
 # Options of the run itself (not the augmentation's) added since runs began recording theirs.
-ADDED_LATER = {"keep": "best"}
+ADDED_LATER = {"keep": "best", "drop_copies_sha256": []}
 
 
 def with_added_options(recorded: dict) -> dict:
@@ -273,6 +283,8 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
             out.append(f"{_option(k)} {saved[k]!r} -> {now.get(k)!r}")
     if "data" in saved and was["data"] != is_["data"]:
         out.append("--data (other sources or weights)")
+    if saved["drop_copies_sha256"] != (now.get("drop_copies_sha256") or []):
+        out.append("--drop-copies (other lists: other training images would be left out)")
     return out
 
 
@@ -298,6 +310,9 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for k in ("init", "split_from", "teacher"):  # left out on the resume: the run's own
         if getattr(args, k) is None and saved.get(k):
             setattr(args, k, (saved.get("paths_resolved") or {}).get(k) or saved[k])
+    if args.drop_copies is None and saved.get("drop_copies"):
+        # the run's split.json already leaves its listed copies out: the lists need not be here
+        args.drop_copies, args.drop_copies_sha256 = saved["drop_copies"], saved.get("drop_copies_sha256") or []
     diff = resume_conflicts(saved, vars(args))
     if diff:
         p.error(f"--resume continues the run in {args.out} with its own settings, and these differ: "
@@ -424,6 +439,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         setattr(args, key, str(D.resolve_root(d)))
     if args.mask_loss < 0:
         p.error("--mask-loss must be 0 (off) or positive")
+    args.drop_copies_sha256 = []
+    for i, f in enumerate(args.drop_copies or []):   # read now: a wrong file fails before the images are
+        f = args.drop_copies[i] = str(D.resolve_root(f).resolve())   # from here, else the repository, as --data
+        try:
+            D.read_copy_pairs(f)
+            args.drop_copies_sha256.append(file_sha256(f))
+        except (OSError, ValueError) as e:
+            p.error(f"--drop-copies: {e}")
     _check(p, args)  # a resume takes its run's --init when left out
     if args.average_init and not args.init:
         p.error("--average-init needs --init")
@@ -647,6 +670,13 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
                          "duplicates; add images, or with --split-from give the data its recorded test files)")
 
 
+def listed_copies_out(samples: list[D.Sample], lists: list[str], trained: set[str]) -> set[tuple[str, str]]:
+    """(source, file) of the training images of trained sources that a --drop-copies list pairs with
+    a validation or test image (`core.data.listed_training_copies`)."""
+    pairs = [pair for f in lists for pair in D.read_copy_pairs(f)]
+    return {(s.source, s.rel) for s in D.listed_training_copies(samples, pairs) if s.source in trained}
+
+
 def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:
     """Make --out ready for this run: a fresh run moves the previous run's files aside; the split
     is recorded. Called only once the data is read and checked: a wrong --data moved the previous
@@ -707,12 +737,20 @@ def run(args: argparse.Namespace) -> int:
     head = (images > 25).float().mean(dim=(1, 2, 3))
     # Files a recorded split (--split-from) does not name are not this run's data: left out of
     # training, the split record and the data fingerprint alike.
-    unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool)
+    copies_out = listed_copies_out(samples, args.drop_copies or [], {s["name"] for s in sources if s["weight"] > 0})
+    if resume:   # the run's own split.json leaves out the copies its lists named when it began
+        copies_out |= {tuple(x) for x in json.loads((out / "split.json").read_text()).get("dropped_copies") or []}
+    listed = torch.tensor([(s.source, s.rel) in copies_out for s in samples], dtype=torch.bool)
+    unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool) & ~listed
     args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
     if args.left_out_record:
         say(f"{args.left_out_record} files are not in the recorded split: left out", flush=True)
-    keep = (head >= args.min_head) & ~unsplit
-    dropped = [(s.source, s.rel) for s, k, u in zip(samples, keep, unsplit) if not k and not u]
+    if copies_out:
+        say(f"{len(copies_out)} training images are copies of validation or test images (--drop-copies): "
+            "left out of training", flush=True)
+    keep = (head >= args.min_head) & ~unsplit & ~listed
+    dropped = [(s.source, s.rel) for s, k, u, c in zip(samples, keep, unsplit, listed) if not (k or u or c)]
+    args.dropped_copies = sorted(copies_out)
     all_samples, samples = samples, [s for s, k in zip(samples, keep) if k]
     images = images[keep]
     classes = model_classes({s.label for s in samples})
@@ -774,6 +812,7 @@ def run(args: argparse.Namespace) -> int:
     split_files = D.split_record(samples)
     if rank == 0:
         open_out_dir(out, args.resume, {"method": method, "from": origin, "dropped_small_head": dropped,
+                                        **({"dropped_copies": args.dropped_copies} if args.dropped_copies else {}),
                                         "files": split_files}, say)
         DD.barrier(world)
     if args.finish_from:
@@ -1195,7 +1234,14 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                      "images": {k: sum(1 for x in samples if x.source == s["name"] and x.split == k)
                                 for k in ("train", "val", "test")}} for s in sources],
         "split": {"method": split_rec["method"], "from": split_rec.get("from"),
-                  "file": "split.json", "sizes": per_split, "seed": args.seed},
+                  "file": "split.json", "sizes": per_split, "seed": args.seed,
+                  **({"dropped_copies": {"n": len(split_rec["dropped_copies"]),
+                                         "lists": [{"file": Path(f).name, "sha256": h} for f, h in
+                                                   zip(args.drop_copies or [], args.drop_copies_sha256)],
+                                         "what": "training images a --drop-copies list pairs with a validation "
+                                                 "or test image (the same slice), left out of training "
+                                                 "(split.json's dropped_copies)"}}
+                     if split_rec.get("dropped_copies") else {})},
         "data_fingerprint": D.data_fingerprint(samples),
         "data_notes": {"skipped_files": len(skipped),
                        "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],

@@ -6,6 +6,7 @@ not mark. Their scores flatter the model; the summary says by how much, per sour
     PYTHONPATH=. python bench/copy_audit.py                                   # default model, test split
     PYTHONPATH=. python bench/copy_audit.py --out runs/unmarked_copies.tsv
     PYTHONPATH=. python bench/copy_audit.py --split val --out runs/unmarked_copies_val.tsv
+    PYTHONPATH=. python bench/copy_audit.py --pairs-out runs/copy_pairs_test.tsv   # every copy, for train.py --drop-copies
     PYTHONPATH=. python bench/copy_audit.py --weights weights/resnet18_176 --workers 2
 
 Method (the 2026-12-06 audit, made one script):
@@ -273,16 +274,13 @@ def cached(cache_dir: Path, name: str, fn):
 
 
 def audit(paths, split_of, target, workers, cache_dir, log=print):
-    """{target index: (hp256, train index, kind)}: each target image's best 256 px partner."""
+    """({target index: (hp256, train index, kind)}: each target image's best 256 px partner,
+    {(target index, train index): (hp256, kind)}: every pair scored at 256 px)."""
     tr = np.nonzero(split_of == "train")[0]
     te = np.nonzero(split_of == target)[0]
     t0 = time.time()
 
-    def crops64():
-        with Pool(workers, _init, (paths,)) as p:
-            c = np.stack(p.map(_crop64, range(len(paths)), chunksize=64)).astype(np.float32)
-        return c, np.stack([equalise(x) for x in c])
-    crops, eq = cached(cache_dir, "crops64", crops64)
+    crops, eq = crops64(paths, workers, cache_dir)
     log(f"  crops: {len(paths)} images, {time.time() - t0:.0f} s")
     cand = cached(cache_dir, "candidates", lambda: candidates(crops, eq, tr, te))
     log(f"  candidates: {len(cand)} pairs, {time.time() - t0:.0f} s")
@@ -323,11 +321,11 @@ def audit(paths, split_of, target, workers, cache_dir, log=print):
     E = cached(cache_dir, "hp256_extra", lambda: run_chunks(_hp256, extra))
     log(f"  256 px second look: {len(E)} pairs, {time.time() - t0:.0f} s")
 
-    best = {}
-    for (i, j), (h, k) in {**P, **E}.items():
+    best, scored = {}, {**P, **E}
+    for (i, j), (h, k) in scored.items():
         if i not in best or h > best[i][0]:
             best[i] = (h, j, k)
-    return best
+    return best, scored
 
 
 def metrics(recs, threshold):
@@ -352,11 +350,40 @@ def metrics(recs, threshold):
     return n, f(ok, n), f(tp, pos), f(tn, neg)
 
 
+def audit_files(record: dict, roots: dict, split: str, cache: str | None = None):
+    """(source, split, file) arrays, paths and the cache folder of an audit of ``split`` against
+    the training split of split.json's ``record``: train files first, then the target split,
+    source by source (the audit's order, which its cache key holds)."""
+    recs = [(s, sp, rel) for s, d in record.items() for sp in ("train", split) for rel in d.get(sp, [])]
+    missing = sorted({s for s, _, _ in recs} - set(roots))
+    if missing:
+        raise ValueError(f"no data root for source(s) {missing}")
+    paths = [str(roots[s] / r) for s, _, r in recs]
+    key = hashlib.sha1("\n".join(f"{s}|{sp}|{r}" for s, sp, r in recs).encode()).hexdigest()[:16]
+    base = Path(cache) if cache else Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour"))
+    cache_dir = base / "copy_audit" / f"{split}_{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return (np.array([r[0] for r in recs]), np.array([r[1] for r in recs]), np.array([r[2] for r in recs]),
+            paths, cache_dir)
+
+
+def crops64(paths, workers: int, cache_dir: Path):
+    """Step 1's 64 px head crops, plain and equalised (cached)."""
+    def make():
+        with Pool(workers, _init, (paths,)) as p:
+            c = np.stack(p.map(_crop64, range(len(paths)), chunksize=64)).astype(np.float32)
+        return c, np.stack([equalise(x) for x in c])
+    return cached(cache_dir, "crops64", make)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="model directory (default: weights/DEFAULT)")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--out", help="write the unmarked copies as TSV here")
+    p.add_argument("--out", help="write the unmarked copies as TSV here (each image's best copy)")
+    p.add_argument("--pairs-out", help="write every pair at or above the copy threshold as TSV here, marked "
+                                       "or not, each image with all its copies: what train.py --drop-copies "
+                                       "takes to leave the copies out of training")
     p.add_argument("--workers", type=positive, default=2, help="processes (default 2)")
     p.add_argument("--cache", help="cache folder (default $BT_CACHE or ~/.cache/brain-tumour, /copy_audit)")
     args = p.parse_args(argv)
@@ -374,23 +401,14 @@ def main(argv=None) -> int:
             ev = json.loads((wdir / "eval.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             p.error(f"{wdir}/eval.json: {e}")
-    # train files first, then the target split, source by source: the audit's order
-    recs = [(s, sp, rel) for s, d in record.items() for sp in ("train", args.split) for rel in d.get(sp, [])]
-    missing = sorted({s for s, _, _ in recs} - set(roots))
-    if missing:
-        p.error(f"no data root for source(s) {missing} in {wdir}/card.json")
-    src = np.array([r[0] for r in recs])
-    split_of = np.array([r[1] for r in recs])
-    rel = np.array([r[2] for r in recs])
-    paths = [str(roots[s] / r) for s, _, r in recs]
-    key = hashlib.sha1("\n".join(f"{s}|{sp}|{r}" for s, sp, r in recs).encode()).hexdigest()[:16]
-    base = Path(args.cache) if args.cache else Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour"))
-    cache_dir = base / "copy_audit" / f"{args.split}_{key}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        src, split_of, rel, paths, cache_dir = audit_files(record, roots, args.split, args.cache)
+    except ValueError as e:
+        p.error(f"{wdir}/card.json: {e}")
     print(f"model: {wdir}; split: {args.split} ({int((split_of == args.split).sum())} images against "
           f"{int((split_of == 'train').sum())} training images); cache: {cache_dir}")
     t0 = time.time()
-    best = audit(paths, split_of, args.split, args.workers, cache_dir)
+    best, scored = audit(paths, split_of, args.split, args.workers, cache_dir)
 
     # what the project marks already
     if ev is not None:
@@ -437,6 +455,15 @@ def main(argv=None) -> int:
             for r in rows:
                 f.write("\t".join(map(str, r)) + "\n")
         print(f"wrote {len(rows)} unmarked copies to {args.out}")
+    if args.pairs_out:
+        pairs = sorted(((src[i], rel[i], src[j], rel[j], f"{h:.3f}", k) for (i, j), (h, k) in scored.items()
+                        if h >= COPY), key=lambda r: (r[0], r[1], -float(r[4])))
+        Path(args.pairs_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.pairs_out).write_text(
+            "\t".join((f"{args.split}_source", f"{args.split}_file", "train_source", "train_file", "hp256",
+                       "dihedral_k")) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in pairs))
+        print(f"wrote {len(pairs)} pairs ({len({r[:2] for r in pairs})} {args.split} images, "
+              f"{len({r[2:4] for r in pairs})} training images) to {args.pairs_out}")
     print(f"audit: {time.time() - t0:.0f} s")
 
     # per-source summary

@@ -112,7 +112,7 @@ def cmd_mark_copies(args) -> int:
     from .evaluation import mark_copies
     from .ood import require_model_folder
     require_model_folder(args.weights, "split.json", "eval.json")   # before the whole dataset is hashed
-    mark_copies(args.weights, args.data_config)
+    mark_copies(args.weights, args.data_config, args.copy_list or ())
     return 0
 
 
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(near duplicate, mirrored or turned) in training")
     mc.add_argument("--weights", required=True)
     mc.add_argument("--data-config", help="TOML whose [[data]] entries name the source roots")
+    mc.add_argument("--copy-list", action="append", metavar="TSV",
+                    help="also mark the images this list names (source, file, train_source, train_file "
+                         "columns; bench/copy_audit.py --out writes one); repeatable")
     mc.set_defaults(fn=cmd_mark_copies)
     rs = sub.add_parser("rescore", help="recompute eval.json's summary and the card's metrics from "
                                         "the stored per-image records (no data needed)")

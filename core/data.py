@@ -864,6 +864,35 @@ def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tupl
     return out
 
 
+COPY_LIST_COLUMNS = ("source", "file", "train_source", "train_file")
+
+
+def read_copy_pairs(path: str | Path) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """The pairs of a copy list: a TSV with a header line whose first four columns are an image's
+    source and file and its copy's (`bench/copy_audit.py --out` and ``--pairs-out`` write one: the
+    copy is a training image of the split it audited). ValueError when the file is not one."""
+    lines = Path(path).read_text().splitlines()
+    if not lines or len(lines[0].split("\t")) < 4:
+        raise ValueError(f"{path}: not a copy list (a TSV whose header names {', '.join(COPY_LIST_COLUMNS)})")
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    if any(len(r) < 4 for r in rows):
+        raise ValueError(f"{path}: not a copy list (a row with fewer than 4 columns)")
+    return [((r[0], r[1]), (r[2], r[3])) for r in rows]
+
+
+def listed_training_copies(samples: list[Sample], pairs) -> list[Sample]:
+    """The training samples a listed pair (`read_copy_pairs`) joins to a validation or test sample,
+    either way round: left out of training, no image is tested or validated on while its copy
+    trains. Pairs of files not among ``samples``, or within one split, change nothing."""
+    where = {(s.source, s.rel): s for s in samples}
+    out: dict[tuple[str, str], Sample] = {}
+    for a, b in pairs:
+        for x, y in ((where.get(a), where.get(b)), (where.get(b), where.get(a))):
+            if x is not None and y is not None and x.split == "train" and y.split in ("val", "test"):
+                out[(x.source, x.rel)] = x
+    return list(out.values())
+
+
 def data_fingerprint(samples: list[Sample]) -> str:
     """A short hash of which files (relative path, content, label) a run saw: the same names
     with other pixels are other data. Stable across machines (no paths, no times)."""

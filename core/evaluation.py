@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import time
@@ -361,12 +362,15 @@ def without_copies(records: list[dict]) -> tuple[list[dict], int]:
     return kept, len(records) - len(kept)
 
 
-def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, log=print) -> dict:
+def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
+                copy_lists: list[str | Path] = (), log=print) -> dict:
     """Mark each test record of eval.json with ``copy_in_training`` and rewrite it.
 
     True when a near duplicate or a mirrored/half-turned copy of the image is in the model's
     training split (`core.data.copies_in_training` over split.json): its figures then measure a
-    scan the model has seen, not generalisation. The Evaluation page can leave these out. Needs
+    scan the model has seen, not generalisation. ``copy_lists``: TSVs of further copies found
+    another way (`read_copy_list`; `bench/copy_audit.py` aligns re-framed and re-contrasted copies
+    the hashes miss), marked too and counted apart. The Evaluation page can leave these out. Needs
     every image of the split (ValueError otherwise); returns the counts per source.
     """
     from . import data as D
@@ -374,12 +378,30 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None, 
     weights_dir = Path(weights_dir)
     card = json.loads((weights_dir / "card.json").read_text())
     record = read_split_file(weights_dir / "split.json")
+    listed = {name: read_copy_list(name, record) for name in copy_lists}   # before the slow hashing
     samples = D.samples_from_record(record, source_roots(card, data_config))
     path = weights_dir / "eval.json"
     ev = json.loads(path.read_text())
-    counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log)
+    counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log, listed)
     write_json(path, ev)
     return counts
+
+
+def read_copy_list(path: str | Path, split: dict | None = None) -> set[tuple[str, str]]:
+    """(source, file) of the scored images of a copy list (`core.data.read_copy_pairs`). With
+    ``split`` (split.json's files), a row whose copy is not a training file of that split, or whose
+    image is not one of its test or validation files, is a list made for another split:
+    ValueError, so that no mark is made from it."""
+    from .data import read_copy_pairs
+    pairs = read_copy_pairs(path)
+    if split is not None:
+        where = {(s, f): sp for s, d in split.items() for sp, files in d.items() for f in files}
+        wrong = [(a, b) for a, b in pairs if where.get(b) != "train" or where.get(a) not in ("val", "test")]
+        if wrong:
+            (s1, f1), (s2, f2) = wrong[0]
+            raise ValueError(f"{path}: {len(wrong)} of its {len(pairs)} rows do not fit the model's split "
+                             f"(first: {s1}/{f1} ~ {s2}/{f2}): a list made for another split")
+    return {a for a, _ in pairs}
 
 
 def copies_trained_on(samples: list, sources: list[dict]) -> set[tuple[str, str]]:
@@ -396,19 +418,33 @@ def held_out_sources(sources: list) -> frozenset[str]:
     return frozenset(s["name"] for s in sources if isinstance(s, dict) and s.get("weight", 1) == 0 and "name" in s)
 
 
-def mark_records(ev: dict, copies: set[tuple[str, str]], log=print) -> dict:
+def mark_records(ev: dict, copies: set[tuple[str, str]], log=print,
+                 listed: dict[str | Path, set[tuple[str, str]]] | None = None) -> dict:
     """Mark ``ev``'s records with ``copy_in_training`` from (source, file) ``copies``
-    (`core.data.copies_in_training`), and add the counts per source; returns them."""
+    (`core.data.copies_in_training`) and the copy lists ``listed`` ({list: its (source, file)},
+    `read_copy_list`), and add the counts per source; returns them."""
+    listed = {str(k): v for k, v in (listed or {}).items()}
+    from_lists = set().union(*listed.values()) - copies
     for r in ev["predictions"]:
-        r["copy_in_training"] = (source_of(r), r["file"]) in copies
+        r["copy_in_training"] = (key := (source_of(r), r["file"])) in copies or key in from_lists
     src_of = [source_of(r) for r in ev["predictions"]]
     counts = {src: {"copy_in_training": sum(r["copy_in_training"] for r, s in zip(ev["predictions"], src_of) if s == src),
                     "n": src_of.count(src)}
               for src in sorted(set(src_of))}
+    if listed:
+        for src, c in counts.items():
+            c["from_lists"] = sum((s, r["file"]) in from_lists for r, s in zip(ev["predictions"], src_of) if s == src)
     ev["copies_in_training"] = {"method": "a near duplicate or a mirrored/half-turned copy in the train "
                                           "split (core.data.copies_in_training)", "per_source": counts}
+    if listed:
+        ev["copies_in_training"]["method"] += (", or a copy the lists name (found another way; "
+                                               "counted apart as from_lists)")
+        ev["copies_in_training"]["lists"] = [{"file": Path(k).name, "n": len(v),
+                                              "sha256": hashlib.sha256(Path(k).read_bytes()).hexdigest()}
+                                             for k, v in listed.items()]
     log("test images with a copy in training: " + ", ".join(
-        f"{s} {c['copy_in_training']} of {c['n']}" for s, c in counts.items()))
+        f"{s} {c['copy_in_training']} of {c['n']}" + (f" ({c['from_lists']} from the lists)" if listed else "")
+        for s, c in counts.items()))
     return counts
 
 

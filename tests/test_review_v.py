@@ -1,0 +1,159 @@
+"""Findings of session 42, each test failing on the code before its fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_data import pattern, save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------- copies the hashes miss
+def _model_with_split(tmp_path: Path) -> Path:
+    """A model folder over a 5-image dataset: p0, p1 trained; p2, shifted (a re-framed copy of p0
+    no hash links) and mirror.png (a mirrored copy of p0) tested; p3 validated."""
+    root = tmp_path / "ds"
+    for k in range(4):
+        save(root / "glioma" / f"p{k}.jpg", pattern(700 + k))
+    save(root / "glioma" / "mirror.png", np.ascontiguousarray(pattern(700)[:, ::-1]))
+    save(root / "glioma" / "shifted.png", np.roll(pattern(700), 17, axis=1))
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "card.json").write_text(json.dumps({"sources": [{"name": "ds", "path": str(root)}]}))
+    split = {"train": ["glioma/p0.jpg", "glioma/p1.jpg"], "val": ["glioma/p3.jpg"],
+             "test": ["glioma/mirror.png", "glioma/p2.jpg", "glioma/shifted.png"]}
+    (w / "split.json").write_text(json.dumps({"method": "test", "files": {"ds": split}}))
+    recs = [{"file": f, "source": "ds", "label": "glioma"} for f in split["test"]]
+    (w / "eval.json").write_text(json.dumps({"predictions": recs}))
+    return w
+
+
+def test_mark_copies_adds_the_copies_a_list_names(tmp_path):
+    """`mark-copies --copy-list`: the aligned audit's copies (bench/copy_audit.py --out) are marked
+    beside the hash check's, counted apart, and the list is named with its digest. Before, the
+    shipped eval.json could only carry the hash check's 28 of the 229 copies the audit found."""
+    from core.cli import main
+    w = _model_with_split(tmp_path)
+    tsv = tmp_path / "aligned.tsv"
+    tsv.write_text("test_source\ttest_file\ttrain_source\ttrain_file\thp256\n"
+                   "ds\tglioma/shifted.png\tds\tglioma/p0.jpg\t0.91\n")
+    assert main(["mark-copies", "--weights", str(w), "--copy-list", str(tsv)]) == 0
+    ev = json.loads((w / "eval.json").read_text())
+    assert {r["file"]: r["copy_in_training"] for r in ev["predictions"]} == {
+        "glioma/mirror.png": True, "glioma/p2.jpg": False, "glioma/shifted.png": True}
+    assert ev["copies_in_training"]["per_source"] == {"ds": {"copy_in_training": 2, "n": 3, "from_lists": 1}}
+    (listed,) = ev["copies_in_training"]["lists"]
+    assert listed["file"] == "aligned.tsv" and listed["n"] == 1 and len(listed["sha256"]) == 64
+
+
+@pytest.mark.parametrize("row", ["ds\tglioma/shifted.png\tds\tglioma/p3.jpg",     # its copy was validated on
+                                 "ds\tglioma/p0.jpg\tds\tglioma/p1.jpg",           # a training image
+                                 "other\tglioma/shifted.png\tds\tglioma/p0.jpg"])  # another source
+def test_a_copy_list_made_for_another_split_marks_nothing(tmp_path, row, capsys):
+    """A list whose pairs are not (test or val image, training image) of this model's split was made
+    for another split: a clear error, and eval.json is left as it was."""
+    from core.cli import main
+    w = _model_with_split(tmp_path)
+    before = (w / "eval.json").read_text()
+    tsv = tmp_path / "other.tsv"
+    tsv.write_text(f"test_source\ttest_file\ttrain_source\ttrain_file\n{row}\n")
+    assert main(["mark-copies", "--weights", str(w), "--copy-list", str(tsv)]) != 0
+    err = capsys.readouterr().err
+    assert "another split" in err and "Traceback" not in err
+    assert (w / "eval.json").read_text() == before
+
+
+def test_a_file_that_is_not_a_copy_list_is_refused(tmp_path, capsys):
+    from core.cli import main
+    w = _model_with_split(tmp_path)
+    tsv = tmp_path / "notes.txt"
+    tsv.write_text("some notes, not a table\n")
+    assert main(["mark-copies", "--weights", str(w), "--copy-list", str(tsv)]) != 0
+    assert "not a copy list" in capsys.readouterr().err
+
+
+def test_shipped_default_marks_every_copy_its_list_names():
+    """The shipped default's eval.json carries its copy_pairs_test.tsv (the same list, by digest),
+    and every test image the list names is marked."""
+    from core.evaluation import read_copy_list
+    d = ROOT / "weights" / (ROOT / "weights" / "DEFAULT").read_text().strip()
+    ev = json.loads((d / "eval.json").read_text())
+    lists = ev["copies_in_training"].get("lists") or []
+    assert [x["file"] for x in lists] == ["copy_pairs_test.tsv"]
+    import hashlib
+    assert lists[0]["sha256"] == hashlib.sha256((d / "copy_pairs_test.tsv").read_bytes()).hexdigest()
+    named = read_copy_list(d / "copy_pairs_test.tsv", json.loads((d / "split.json").read_text())["files"])
+    marked = {(r["source"], r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
+    assert named and named <= marked
+
+
+# ----------------------------------------------------------------- train.py --drop-copies
+def _train(args, cache_dir, expect=0):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "BT_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "train.py", *map(str, args), "--no-progress"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == expect, f"train.py exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_out(tmp_path):
+    """A split whose test images have copies in training (the default's: 229 of 1,638) can be
+    reused by a new run without them: the training member of each listed pair is left out, the
+    test and validation files stay as they were (paired comparisons still hold), split.json and the
+    card say so, and a resume keeps them out whether or not it names the list again."""
+    from conftest import make_blob_dataset
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_blob_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8, "--workers", 1, "--seed", 0]
+    _train([*common, "--epochs", 1, "--out", tmp_path / "parent"], cache)
+    files = json.loads((tmp_path / "parent" / "split.json").read_text())["files"]["data"]
+    train, test, val = sorted(files["train"]), sorted(files["test"]), sorted(files["val"])
+    lst = tmp_path / "pairs.tsv"
+    lst.write_text("test_source\ttest_file\ttrain_source\ttrain_file\n"
+                   f"data\t{test[0]}\tdata\t{train[0]}\n"
+                   f"data\t{val[0]}\tdata\t{train[1]}\n"
+                   f"data\t{train[2]}\tdata\t{test[1]}\n"      # either way round
+                   f"data\t{train[3]}\tdata\t{train[4]}\n"     # both in training: no leak
+                   f"data\tglioma/gone.png\tdata\t{train[5]}\n")   # not in the data: nothing
+    child = tmp_path / "child"
+    log = _train([*common, "--epochs", 1, "--out", child, "--split-from", tmp_path / "parent",
+                  "--drop-copies", lst], cache)
+    assert "3 training images are copies of validation or test images" in log
+    assert "not in the recorded split" not in log
+    rec = json.loads((child / "split.json").read_text())
+    out = {rel for _, rel in rec["dropped_copies"]}
+    assert out == {train[0], train[1], train[2]}
+    assert sorted(rec["files"]["data"]["train"]) == sorted(set(train) - out)
+    assert sorted(rec["files"]["data"]["test"]) == test and sorted(rec["files"]["data"]["val"]) == val
+    card = json.loads((child / "card.json").read_text())
+    dc = card["split"]["dropped_copies"]
+    assert dc["n"] == 3 and dc["lists"][0]["file"] == "pairs.tsv" and len(dc["lists"][0]["sha256"]) == 64
+    assert card["split"]["sizes"]["train"] == len(train) - 3
+
+    # resumed without the list: the run's own split keeps them out, and says nothing of them as
+    # files "not in the recorded split"
+    log = _train([*common, "--epochs", 2, "--out", child, "--resume"], cache)
+    assert "resumed from epoch" in log and "not in the recorded split" not in log
+    rec2 = json.loads((child / "split.json").read_text())
+    assert rec2["dropped_copies"] == rec["dropped_copies"] and rec2["files"] == rec["files"]
+    assert json.loads((child / "card.json").read_text())["split"]["dropped_copies"]["n"] == 3
+
+    # another list on a resume would change the training set mid-run
+    other = tmp_path / "other.tsv"
+    other.write_text(f"a\tb\tc\td\ndata\t{test[2]}\tdata\t{train[6]}\n")
+    log = _train([*common, "--epochs", 3, "--out", child, "--resume", "--drop-copies", other], cache, expect=2)
+    assert "--drop-copies (other lists" in log
+
+
+def test_drop_copies_refuses_a_file_that_is_not_a_list_before_reading_images(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a table\n")
+    log = _train(["--data", tmp_path / "nowhere_yet", "--drop-copies", bad], tmp_path / "cache", expect=2)
+    assert "--drop-copies" in log and "not a copy list" in log and "Traceback" not in log
