@@ -738,8 +738,12 @@ def run(args: argparse.Namespace) -> int:
     # Files a recorded split (--split-from) does not name are not this run's data: left out of
     # training, the split record and the data fingerprint alike.
     copies_out = listed_copies_out(samples, args.drop_copies or [], {s["name"] for s in sources if s["weight"] > 0})
-    if resume:   # the run's own split.json leaves out the copies its lists named when it began
-        copies_out |= {tuple(x) for x in json.loads((out / "split.json").read_text()).get("dropped_copies") or []}
+    # The copies the recorded split's run left out (this run's own, resumed; or --split-from/--init's)
+    # stay out, and are named so rather than as files the record does not hold.
+    if split_dir := (out if resume else (args.split_from or args.init)):
+        present = {(s.source, s.rel) for s in samples}
+        copies_out |= present & {tuple(x) for x in
+                                 json.loads((Path(split_dir) / "split.json").read_text()).get("dropped_copies") or []}
     listed = torch.tensor([(s.source, s.rel) in copies_out for s in samples], dtype=torch.bool)
     unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool) & ~listed
     args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
@@ -989,7 +993,7 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
                 "small_img_epochs", "mask_loss", "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "seed", "patience",
-                "limit", "min_head", "binary", "keep")
+                "limit", "min_head", "binary", "keep", "drop_copies_sha256")
 # What a run records of itself from its first epoch on, for --finish-from when it was stopped
 # before its card (a time limit on a lent GPU); removed once the card is written.
 TRAINED = "trained.json"
@@ -1049,8 +1053,9 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
                         "(a run of an older train.py); it cannot be finished here")
     differ = [k for k in TRAINED_WITH if options[k] != getattr(args, k)]
     if record.get("arch") != args.arch or record.get("classes") != classes or differ:
+        named = ["--drop-copies (other lists)" if k == "drop_copies_sha256" else k for k in differ]
         raise DataError(f"--finish-from {src}: trained with other settings "
-                        f"({', '.join(differ) or 'architecture or classes'}); give the options it was trained with")
+                        f"({', '.join(named) or 'architecture or classes'}); give the options it was trained with")
     if there_mix != _source_mix(sources):
         raise DataError(f"--finish-from {src}: trained on other sources or source weights ({there_mix}); "
                         "give the same data entries")

@@ -157,3 +157,28 @@ def test_drop_copies_refuses_a_file_that_is_not_a_list_before_reading_images(tmp
     bad.write_text("not a table\n")
     log = _train(["--data", tmp_path / "nowhere_yet", "--drop-copies", bad], tmp_path / "cache", expect=2)
     assert "--drop-copies" in log and "not a copy list" in log and "Traceback" not in log
+
+
+def test_finish_from_needs_the_lists_the_run_was_trained_with(tmp_path):
+    """A GPU run trained with --drop-copies and finished here without them was carded as if it had
+    trained on the copies (the split check only compares the files the run kept): refused now, and
+    finished with the same lists the card says what was left out."""
+    from conftest import make_blob_dataset
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_blob_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8, "--workers", 1,
+              "--seed", 0, "--epochs", 1]
+    _train([*common, "--out", tmp_path / "parent"], cache)
+    files = json.loads((tmp_path / "parent" / "split.json").read_text())["files"]["data"]
+    lst = tmp_path / "pairs.tsv"
+    lst.write_text(f"a\tb\tc\td\ndata\t{sorted(files['test'])[0]}\tdata\t{sorted(files['train'])[0]}\n")
+    there = tmp_path / "there"
+    _train([*common, "--out", there, "--split-from", tmp_path / "parent", "--drop-copies", lst], cache)
+    log = _train([*common, "--out", tmp_path / "bare", "--finish-from", there, "--split-from", there], cache,
+                 expect=2)
+    assert "--drop-copies (other lists)" in log and "Traceback" not in log
+    _train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there,
+            "--drop-copies", lst], cache)
+    card = json.loads((tmp_path / "here" / "card.json").read_text())
+    assert card["split"]["dropped_copies"]["n"] == 1
+    assert card["split"]["sizes"]["train"] == len(files["train"]) - 1
