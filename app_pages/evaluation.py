@@ -67,9 +67,10 @@ if n_copies and where == "zip":
                icon=":material/warning:")
 if n_copies and app.sticky_toggle(f"Leave out the {n_copies} {'test ' if where == 'card' else ''}scans with a copy "
                                   "in training", "eval_no_copies",
-                                  help="The public sets hold near duplicates and mirrored or turned copies of "
-                               "their own images; a test scan whose copy was trained on is a scan the "
-                               "model has already seen, not a new patient's."):
+                                  help="The public sets hold near duplicates and mirrored, turned, re-framed or "
+                               "re-contrasted copies of their own images, across collections too; a test "
+                               "scan whose copy was trained on is a scan the model has already seen, not a "
+                               "new patient's."):
     records = kept
 if not records:
     st.info("Every test scan has a copy in training: switch the toggle off to see them.")

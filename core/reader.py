@@ -640,6 +640,27 @@ def _dicom_header(data: bytes):
             or "DirectoryRecordSequence" in ds):
         raise ScanError("This is a DICOMDIR, the index of a CD or DVD export, not an image: upload "
                         "the image files it lists (usually in the folders beside it).")
+    try:
+        return (ds, *_dicom_geometry(ds))
+    except ScanError as e:
+        raise _named_by_header(e, ds) from e
+
+
+def _named_by_header(e: ScanError, ds, frame: int | None = None) -> ScanError:
+    """``e``, followed by the header's own word when it says the file is not a brain MRI
+    (`core.header.header_reason`): a CT whose pixels cannot be read is named a CT, not only a file
+    that cannot be read (the header is otherwise judged after the pixels decode)."""
+    from .header import header_reason
+    try:
+        reason = header_reason({"modality": _code_string(ds.get("Modality", ""), 16),
+                                **_body_part(ds, frame or 0)})
+    except Exception:   # a damaged element: the first sentence stands alone
+        return e
+    return ScanError(f"{e} {reason}") if reason else e
+
+
+def _dicom_geometry(ds) -> tuple[int, int, int]:
+    """(rows, columns, frames) of a data set that holds pixels; ScanError otherwise."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows")):  # nothing parsed
             raise ScanError("The DICOM file is damaged and cannot be read.")
@@ -659,7 +680,7 @@ def _dicom_header(data: bytes):
     if (size := _frame_bytes(ds, rows, cols)) > MAX_FRAME_BYTES:
         raise ScanError(f"The DICOM image is too large ({size // 2**20} MB a frame once decoded; "
                         f"the limit is {MAX_FRAME_BYTES // 2**20} MB).")
-    return ds, rows, cols, n_frames
+    return rows, cols, n_frames
 
 
 # Pixels count, bytes matter: 3 samples of 32 bits passed as 40 megapixels and decoded to 476 MB.
@@ -770,7 +791,10 @@ def _read_dicom(data: bytes, options: dict) -> ScanImage:
     """
     ds, rows, cols, n_frames = _dicom_header(data)
     frame = _frame_index(options, n_frames, n_frames // 2)
-    arr = _dicom_frame(ds, frame if n_frames > 1 else None)
+    try:
+        arr = _dicom_frame(ds, frame if n_frames > 1 else None)
+    except ScanError as e:
+        raise _named_by_header(e, ds, frame) from e
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
         arr = arr[0]  # a frame index pydicom ignored: keep one frame
     info = _header_read(_dicom_info, ds, rows, cols, n_frames, frame)
@@ -812,8 +836,11 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], di
     """Every frame as (grey, colourfulness, its body part's info keys), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)
     if rows * cols * n_frames > MAX_VOXELS or _frame_bytes(ds, rows, cols) * n_frames > MAX_VOXELS * 4:
-        raise ScanError(f"The DICOM file has too many frames to read at once ({n_frames}).")
-    arr = _dicom_frame(ds, None)
+        raise _named_by_header(ScanError(f"The DICOM file has too many frames to read at once ({n_frames})."), ds)
+    try:
+        arr = _dicom_frame(ds, None)
+    except ScanError as e:
+        raise _named_by_header(e, ds, n_frames // 2) from e
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if arr.ndim == (4 if spp > 1 else 3) else arr[None]
     info = _header_read(_dicom_info, ds, rows, cols, n_frames)

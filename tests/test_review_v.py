@@ -182,3 +182,44 @@ def test_finish_from_needs_the_lists_the_run_was_trained_with(tmp_path):
     card = json.loads((tmp_path / "here" / "card.json").read_text())
     assert card["split"]["dropped_copies"]["n"] == 1
     assert card["split"]["sizes"]["train"] == len(files["train"]) - 1
+
+
+# ----------------------------------------------------------------- the header names what cannot be read
+SAMPLES = ROOT.parent / "shared" / "data" / "samples"
+needs_samples = pytest.mark.skipif(not (SAMPLES / "sample_no_pixels.dcm").exists(), reason="needs ../shared/data/samples")
+
+
+def _dicom_bytes(name: str, **change) -> bytes:
+    import io
+    import pydicom
+    ds = pydicom.dcmread(SAMPLES / name)
+    for k, v in change.items():
+        setattr(ds, k, v(getattr(ds, k)) if callable(v) else v)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@needs_samples
+@pytest.mark.parametrize("change,said", [({"Modality": "CT"}, "a CT image (Modality CT)"),
+                                         ({"BodyPartExamined": "CHEST"}, "is CHEST, not the head"),
+                                         ({}, None)])
+def test_a_file_without_pixels_is_named_by_its_header(change, said):
+    """The header was judged only after the pixels decoded: a CT with no pixel data read 'contains no
+    image' with no word that it is a CT, which the model would refuse whole."""
+    from core.reader import ScanError, read_scan
+    with pytest.raises(ScanError) as e:
+        read_scan(_dicom_bytes("sample_no_pixels.dcm", **change), name="x.dcm")
+    msg = str(e.value)
+    assert msg.startswith("The DICOM file contains no image (it has no pixel data).")
+    assert (said in msg and "The DICOM header says" in msg) if said else "header" not in msg
+
+
+@needs_samples
+def test_a_ct_whose_pixels_are_cut_is_named_a_ct_in_a_slice_and_a_volume_read():
+    from core.reader import ScanError, read_scan, read_volume_scans
+    data = _dicom_bytes("sample_glioma.dcm", Modality="CT", PixelData=lambda b: b[: len(b) // 2])
+    for read in (lambda: read_scan(data, name="x.dcm"), lambda: read_volume_scans(data, name="x.dcm")):
+        with pytest.raises(ScanError) as e:
+            read()
+        assert "damaged or incomplete" in str(e.value) and "a CT image (Modality CT)" in str(e.value)
