@@ -398,17 +398,21 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_args_parser()
     args = given_alone = p.parse_args(argv)   # the command line's own values, before the config's
-    cfg_data = None
+    cfg_data = cfg_drop = None
     if args.config:
         cfg = _read_config(p, args.config)
         defaults = {k.replace("-", "_"): v for k, v in cfg.items()}
         # --data appends: given on the command line, it replaces the config's sources.
         cfg_data = defaults.pop("data", None)
+        # --drop-copies appends too: given on the command line, it replaces the config's lists
+        cfg_drop = defaults.pop("drop_copies", None)
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
         args.config_values = cfg
     if not args.data:
         args.data = [cfg_data] if isinstance(cfg_data, (str, dict)) else cfg_data
+    if args.drop_copies is None and args.config:
+        args.drop_copies = [cfg_drop] if isinstance(cfg_drop, str) else cfg_drop
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     _check_types(p, args)
@@ -670,11 +674,29 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
                          "duplicates; add images, or with --split-from give the data its recorded test files)")
 
 
-def listed_copies_out(samples: list[D.Sample], lists: list[str], trained: set[str]) -> set[tuple[str, str]]:
+def check_copy_lists(samples: list[D.Sample], lists: list[str], say=print) -> None:
+    """Before the images are cached: a --drop-copies list that names no image of the data is one
+    for other data (another source name, another dataset): DataError, not a silent run on the
+    copies. Pairs of files the data lacks are counted in a note."""
+    present = {(s.source, s.rel) for s in samples}
+    for f in lists:
+        got = D.read_copy_pairs(f)
+        named = sum(1 for a, b in got if a in present or b in present)
+        if not named:
+            raise DataError(f"--drop-copies {f}: none of its {len(got)} pairs names an image of --data "
+                            "(a list made for other sources or names?)")
+        if named < len(got):
+            say(f"note: --drop-copies {Path(f).name}: {len(got) - named} of its {len(got)} pairs name no "
+                "image of --data", flush=True)
+
+
+def listed_copies_out(samples: list[D.Sample], lists: list[str], trained: set[str],
+                      roles: dict) -> set[tuple[str, str]]:
     """(source, file) of the training images of trained sources that a --drop-copies list pairs with
-    a validation or test image (`core.data.listed_training_copies`)."""
+    a validation or test image (`core.data.listed_training_copies`; ``roles``: the recorded split's,
+    for partners the data holds no longer, e.g. test files left out of a GPU pack)."""
     pairs = [pair for f in lists for pair in D.read_copy_pairs(f)]
-    return {(s.source, s.rel) for s in D.listed_training_copies(samples, pairs) if s.source in trained}
+    return {(s.source, s.rel) for s in D.listed_training_copies(samples, pairs, roles) if s.source in trained}
 
 
 def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:
@@ -720,6 +742,8 @@ def run(args: argparse.Namespace) -> int:
         DD.barrier(world)  # rank 0 fills the image and hash caches and writes split.json first
     samples, skipped = load_samples(sources, args)
     say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
+    if not args.resume and not args.limit:   # a resume's copies are its split.json's; --limit reads a subset
+        check_copy_lists(samples, args.drop_copies or [], say)
     for src, rel, why in skipped[:20]:
         say(f"  skipped {src}/{rel}: {why}")
     if len(skipped) > 20:
@@ -737,13 +761,16 @@ def run(args: argparse.Namespace) -> int:
     head = (images > 25).float().mean(dim=(1, 2, 3))
     # Files a recorded split (--split-from) does not name are not this run's data: left out of
     # training, the split record and the data fingerprint alike.
-    copies_out = listed_copies_out(samples, args.drop_copies or [], {s["name"] for s in sources if s["weight"] > 0})
+    split_dir = out if resume else (args.split_from or args.init)
+    record = json.loads((Path(split_dir) / "split.json").read_text()) if split_dir else {}
+    # A resumed run's copies are its split.json's: its lists are not read again (moved or edited since).
+    copies_out = set() if resume else listed_copies_out(
+        samples, args.drop_copies or [], {s["name"] for s in sources if s["weight"] > 0},
+        D.split_roles(record.get("files") or {}))
     # The copies the recorded split's run left out (this run's own, resumed; or --split-from/--init's)
     # stay out, and are named so rather than as files the record does not hold.
-    if split_dir := (out if resume else (args.split_from or args.init)):
-        present = {(s.source, s.rel) for s in samples}
-        copies_out |= present & {tuple(x) for x in
-                                 json.loads((Path(split_dir) / "split.json").read_text()).get("dropped_copies") or []}
+    present = {(s.source, s.rel) for s in samples}
+    copies_out |= present & {tuple(x) for x in record.get("dropped_copies") or []}
     listed = torch.tensor([(s.source, s.rel) in copies_out for s in samples], dtype=torch.bool)
     unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool) & ~listed
     args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
@@ -1240,13 +1267,13 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                 for k in ("train", "val", "test")}} for s in sources],
         "split": {"method": split_rec["method"], "from": split_rec.get("from"),
                   "file": "split.json", "sizes": per_split, "seed": args.seed,
-                  **({"dropped_copies": {"n": len(split_rec["dropped_copies"]),
+                  **({"dropped_copies": {"n": len(split_rec.get("dropped_copies") or []),
                                          "lists": [{"file": Path(f).name, "sha256": h} for f, h in
                                                    zip(args.drop_copies or [], args.drop_copies_sha256)],
                                          "what": "training images a --drop-copies list pairs with a validation "
                                                  "or test image (the same slice), left out of training "
                                                  "(split.json's dropped_copies)"}}
-                     if split_rec.get("dropped_copies") else {})},
+                     if split_rec.get("dropped_copies") or args.drop_copies else {})},
         "data_fingerprint": D.data_fingerprint(samples),
         "data_notes": {"skipped_files": len(skipped),
                        "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],

@@ -382,8 +382,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--out", help="write the unmarked copies as TSV here (each image's best copy)")
     p.add_argument("--pairs-out", help="write every pair at or above the copy threshold as TSV here, marked "
-                                       "or not, each image with all its copies: what train.py --drop-copies "
-                                       "takes to leave the copies out of training")
+                                       "or not, each image with all its copies, and the project's own check's "
+                                       "pairs (hp256 'hash'): what train.py --drop-copies takes to leave the "
+                                       "copies out of training")
     p.add_argument("--workers", type=positive, default=2, help="processes (default 2)")
     p.add_argument("--cache", help="cache folder (default $BT_CACHE or ~/.cache/brain-tumour, /copy_audit)")
     args = p.parse_args(argv)
@@ -456,8 +457,14 @@ def main(argv=None) -> int:
                 f.write("\t".join(map(str, r)) + "\n")
         print(f"wrote {len(rows)} unmarked copies to {args.out}")
     if args.pairs_out:
-        pairs = sorted(((src[i], rel[i], src[j], rel[j], f"{h:.3f}", k) for (i, j), (h, k) in scored.items()
-                        if h >= COPY), key=lambda r: (r[0], r[1], -float(r[4])))
+        # the project's own check's pairs too (hp256 "hash"): a run dropping the list's copies
+        # must drop those as well, and the audit does not score every one of them as a copy
+        aligned = {(i, j) for (i, j), (h, k) in scored.items() if h >= COPY}
+        hashed = {(a, b) for i, j in D.copy_pairs(paths) for a, b in ((i, j), (j, i))
+                  if split_of[a] == args.split and split_of[b] == "train" and (a, b) not in aligned}
+        pairs = sorted([(src[i], rel[i], src[j], rel[j], f"{scored[(i, j)][0]:.3f}", scored[(i, j)][1])
+                        for i, j in aligned] + [(src[i], rel[i], src[j], rel[j], "hash", "") for i, j in hashed],
+                       key=lambda r: (r[0], r[1], -float(r[4]) if r[4] != "hash" else 0.0))
         Path(args.pairs_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.pairs_out).write_text(
             "\t".join((f"{args.split}_source", f"{args.split}_file", "train_source", "train_file", "hp256",

@@ -50,10 +50,11 @@ def travelling(samples: list[D.Sample], record: dict, test_every: int) -> list[b
             for s in samples]
 
 
-def device_config(text: str, name: str, roots: dict[str, str]) -> str:
+def device_config(text: str, name: str, roots: dict[str, str], lists: dict[str, str] | None = None) -> str:
     """A config's TOML pointed at the packed images: each data path replaced by its packed root,
-    the split, output, crop, workers and threads set for the GPU machine (two runs share its cores)."""
-    for path, packed in roots.items():
+    each drop_copies list by its packed copy (``lists``: weights/ does not travel), the split,
+    output, crop, workers and threads set for the GPU machine (two runs share its cores)."""
+    for path, packed in {**roots, **(lists or {})}.items():
         text = text.replace(f'"{path}"', f'"{packed}"')
     text = re.sub(r'(?m)^(out|split_from|crop|workers|threads|no_progress|init)\s*=.*\n', "", text)
     settings = (f'out = "gpu/out/{name}"\nsplit_from = "gpu/split"\ncrop = "none"\n'
@@ -104,7 +105,7 @@ def main() -> int:
     record = json.loads((Path(first["split_from"]) / "split.json").read_text())
     go = travelling(samples, record["files"], a.test_every)
     out = Path(a.out)
-    for old in ("data", "split", "out"):
+    for old in ("data", "split", "out", "lists"):
         shutil.rmtree(out / old, ignore_errors=True)
     roots = {s["path"]: f"{out}/data/{s['name']}" for s in sources}
     root_of = {s["name"]: Path(roots[s["path"]]) for s in sources}
@@ -124,7 +125,8 @@ def main() -> int:
     (out / "split").mkdir(parents=True)
     shutil.copy(Path(first["split_from"]) / "split.json", out / "split" / "split.json")
     for c in a.config:
-        (out / f"{Path(c).stem}.toml").write_text(device_config(Path(c).read_text(), Path(c).stem, roots))
+        (out / f"{Path(c).stem}.toml").write_text(device_config(Path(c).read_text(), Path(c).stem, roots,
+                                                                pack_lists(cfgs[Path(c).stem], out)))
     if a.check:
         print(packed_difference(samples, images, go, root_of, spec, a.check))
     tgz = pack(out)
@@ -134,6 +136,21 @@ def main() -> int:
           + (f" -- over the {BUDGET_MIB} MiB a call can carry beside the code: lower --quality"
              if mib > BUDGET_MIB else ""))
     return 0 if mib <= BUDGET_MIB else 1
+
+
+def pack_lists(cfg: dict, out: Path) -> dict[str, str]:
+    """Copy a config's drop_copies lists into ``out``/lists/ (the same bytes, so the same digests
+    that `train.py --finish-from` compares here); {the path as the config writes it: the copy's}.
+    The GPU run drops each listed copy whose partner the recorded split puts in validation or test,
+    packed or not (`core.data.listed_training_copies` with the split's roles)."""
+    lists = cfg.get("drop_copies") or []
+    found = {}
+    for i, f in enumerate([lists] if isinstance(lists, str) else lists):
+        dest = out / "lists" / f"{i}_{Path(f).name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(D.resolve_root(f), dest)
+        found[f] = str(dest)
+    return found
 
 
 def pack(out: Path) -> Path:

@@ -870,26 +870,37 @@ COPY_LIST_COLUMNS = ("source", "file", "train_source", "train_file")
 def read_copy_pairs(path: str | Path) -> list[tuple[tuple[str, str], tuple[str, str]]]:
     """The pairs of a copy list: a TSV with a header line whose first four columns are an image's
     source and file and its copy's (`bench/copy_audit.py --out` and ``--pairs-out`` write one: the
-    copy is a training image of the split it audited). ValueError when the file is not one."""
-    lines = Path(path).read_text().splitlines()
-    if not lines or len(lines[0].split("\t")) < 4:
-        raise ValueError(f"{path}: not a copy list (a TSV whose header names {', '.join(COPY_LIST_COLUMNS)})")
-    rows = [line.split("\t") for line in lines[1:] if line.strip()]
-    if any(len(r) < 4 for r in rows):
+    copy is a training image of the split it audited). ValueError, naming the file, when it is not
+    one (no header: its first pair would be taken for one and lost)."""
+    try:
+        lines = resolve_root(path).read_text(encoding="utf-8-sig").splitlines()   # from here, else the repository
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a copy list (not UTF-8 text)") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    head = [c.strip() for c in lines[0].split("\t")] if lines else []
+    if len(head) < 4 or not head[0].endswith("source") or not head[2].endswith("source"):
+        raise ValueError(f"{path}: not a copy list (a TSV whose header line names "
+                         f"{', '.join(COPY_LIST_COLUMNS)}, or test_source ... as the audit writes it)")
+    rows = [[c.strip() for c in line.split("\t")] for line in lines[1:] if line.strip()]
+    if any(len(r) < 4 or not all(r[:4]) for r in rows):
         raise ValueError(f"{path}: not a copy list (a row with fewer than 4 columns)")
     return [((r[0], r[1]), (r[2], r[3])) for r in rows]
 
 
-def listed_training_copies(samples: list[Sample], pairs) -> list[Sample]:
-    """The training samples a listed pair (`read_copy_pairs`) joins to a validation or test sample,
+def listed_training_copies(samples: list[Sample], pairs, roles: dict | None = None) -> list[Sample]:
+    """The training samples a listed pair (`read_copy_pairs`) joins to a validation or test image,
     either way round: left out of training, no image is tested or validated on while its copy
-    trains. Pairs of files not among ``samples``, or within one split, change nothing."""
+    trains. ``roles``: {(source, file): split} of a recorded split, for partners not among
+    ``samples`` (a packed subset of the test files); the samples' own splits come first. Pairs of
+    files in neither, or within one split, change nothing."""
     where = {(s.source, s.rel): s for s in samples}
+    role = {**(roles or {}), **{k: s.split for k, s in where.items() if s.split}}
     out: dict[tuple[str, str], Sample] = {}
     for a, b in pairs:
-        for x, y in ((where.get(a), where.get(b)), (where.get(b), where.get(a))):
-            if x is not None and y is not None and x.split == "train" and y.split in ("val", "test"):
-                out[(x.source, x.rel)] = x
+        for x, y in ((a, b), (b, a)):
+            if x in where and where[x].split == "train" and role.get(y) in ("val", "test"):
+                out[x] = where[x]
     return list(out.values())
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import time
@@ -370,28 +369,52 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     training split (`core.data.copies_in_training` over split.json): its figures then measure a
     scan the model has seen, not generalisation. ``copy_lists``: TSVs of further copies found
     another way (`read_copy_list`; `bench/copy_audit.py` aligns re-framed and re-contrasted copies
-    the hashes miss), marked too and counted apart. The Evaluation page can leave these out. Needs
-    every image of the split (ValueError otherwise); returns the counts per source.
+    the hashes miss), marked too and counted apart; without them, the lists eval.json already
+    names are read again (`recorded_copy_lists`), so that a second run keeps their marks. The
+    Evaluation page can leave these out. Needs every image of the split (ValueError otherwise);
+    returns the counts per source.
     """
     from . import data as D
     from .ood import read_split_file, source_roots
     weights_dir = Path(weights_dir)
     card = json.loads((weights_dir / "card.json").read_text())
     record = read_split_file(weights_dir / "split.json")
-    listed = {name: read_copy_list(name, record) for name in copy_lists}   # before the slow hashing
-    samples = D.samples_from_record(record, source_roots(card, data_config))
     path = weights_dir / "eval.json"
     ev = json.loads(path.read_text())
+    held = held_out_sources(card.get("sources") or [])
+    lists = [str(x) for x in copy_lists] or recorded_copy_lists(ev, log)
+    listed = {name: read_copy_list(name, record, held) for name in lists}   # before the slow hashing
+    samples = D.samples_from_record(record, source_roots(card, data_config))
     counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log, listed)
     write_json(path, ev)
     return counts
 
 
-def read_copy_list(path: str | Path, split: dict | None = None) -> set[tuple[str, str]]:
-    """(source, file) of the scored images of a copy list (`core.data.read_copy_pairs`). With
-    ``split`` (split.json's files), a row whose copy is not a training file of that split, or whose
-    image is not one of its test or validation files, is a list made for another split:
-    ValueError, so that no mark is made from it."""
+def recorded_copy_lists(ev: dict, log=print) -> list[str]:
+    """The copy lists an eval.json's marks came from (`mark_records`), found where they were read
+    (from here, else the repository) with the same content; ValueError naming one that is not."""
+    from .data import resolve_root
+    from .inference import file_sha256
+    out = []
+    for entry in (ev.get("copies_in_training") or {}).get("lists") or []:
+        where = resolve_root(entry.get("path") or entry.get("file", ""))
+        if not where.is_file() or file_sha256(where) != entry.get("sha256"):
+            raise ValueError(f"eval.json's marks include the copy list {entry.get('file')} (sha256 "
+                             f"{str(entry.get('sha256'))[:12]}...), which is not at {where} as it was: give it "
+                             "again with --copy-list, or its marks would be lost")
+        out.append(entry.get("path") or str(where))   # as recorded: a relative path stays relative
+    if out:
+        log(f"the copy lists eval.json names, read again: {', '.join(out)}")
+    return out
+
+
+def read_copy_list(path: str | Path, split: dict | None = None,
+                   held: frozenset[str] = frozenset()) -> set[tuple[str, str]]:
+    """(source, file) of the scored images of a copy list (`core.data.read_copy_pairs`) whose copy
+    trained: not those whose copy is in a ``held`` source (weight 0: its training split trains
+    nothing, as `copies_trained_on` has it). With ``split`` (split.json's files), a row whose copy
+    is not a training file of that split, or whose image is not one of its test or validation
+    files, is a list made for another split: ValueError, so that no mark is made from it."""
     from .data import read_copy_pairs
     pairs = read_copy_pairs(path)
     if split is not None:
@@ -401,7 +424,7 @@ def read_copy_list(path: str | Path, split: dict | None = None) -> set[tuple[str
             (s1, f1), (s2, f2) = wrong[0]
             raise ValueError(f"{path}: {len(wrong)} of its {len(pairs)} rows do not fit the model's split "
                              f"(first: {s1}/{f1} ~ {s2}/{f2}): a list made for another split")
-    return {a for a, _ in pairs}
+    return {a for a, b in pairs if b[0] not in held}
 
 
 def copies_trained_on(samples: list, sources: list[dict]) -> set[tuple[str, str]]:
@@ -439,8 +462,10 @@ def mark_records(ev: dict, copies: set[tuple[str, str]], log=print,
     if listed:
         ev["copies_in_training"]["method"] += (", or a copy the lists name (found another way; "
                                                "counted apart as from_lists)")
-        ev["copies_in_training"]["lists"] = [{"file": Path(k).name, "n": len(v),
-                                              "sha256": hashlib.sha256(Path(k).read_bytes()).hexdigest()}
+        from .data import portable_root, resolve_root
+        from .inference import file_sha256
+        ev["copies_in_training"]["lists"] = [{"file": Path(k).name, "path": portable_root(k), "n": len(v),
+                                              "sha256": file_sha256(resolve_root(k))}
                                              for k, v in listed.items()]
     log("test images with a copy in training: " + ", ".join(
         f"{s} {c['copy_in_training']} of {c['n']}" + (f" ({c['from_lists']} from the lists)" if listed else "")

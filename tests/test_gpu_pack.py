@@ -88,3 +88,42 @@ def test_the_pack_travels_as_one_archive_that_gpu_run_unpacks(tmp_path, monkeypa
     subprocess.run(["bash", "-c", unpack], cwd=there, check=True)
     assert (there / "gpu" / "data" / "lgg" / "a.webp").read_bytes() == b"\x00webp"
     assert not (there / "gpupack").exists()  # unpacked, then removed: no second copy on its disk
+
+
+def test_a_config_that_drops_copies_travels_with_its_lists(tmp_path, monkeypatch):
+    """experiments/resnet18_192_gpu_ema120_nocopies.toml named lists under weights/, which does not
+    travel: the device's check run stopped on a missing file (and with it every config of the call).
+    Its lists are packed, same bytes, so the options --finish-from compares (their digests among
+    them) are the same there and here."""
+    config = "experiments/resnet18_192_gpu_ema120_nocopies.toml"
+    text = (ROOT / config).read_text()
+    orig = tomllib.loads(text)
+    assert orig["drop_copies"]
+    roots = {d["path"]: str(tmp_path / "data" / d["name"]) for d in orig["data"]}
+    for r in roots.values():
+        Path(r).mkdir(parents=True)
+    monkeypatch.chdir(ROOT)
+    lists = P.pack_lists(orig, tmp_path / "gpu")
+    assert set(lists) == set(orig["drop_copies"]) and all(Path(v).is_file() for v in lists.values())
+    dev_text = P.device_config(text, Path(config).stem, roots, lists)
+    dev = tomllib.loads(dev_text)
+    assert dev["drop_copies"] == [lists[f] for f in orig["drop_copies"]]
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "split.json").write_text((ROOT / orig["split_from"] / "split.json").read_text())
+    (tmp_path / "dev.toml").write_text(dev_text.replace('"gpu/split"', f'"{tmp_path / "split"}"'))
+    a = train.parse_args(["--config", str(ROOT / config)])
+    b = train.parse_args(["--config", str(tmp_path / "dev.toml")])
+    assert a.drop_copies_sha256 and len(a.drop_copies_sha256) == 2
+    assert {k: getattr(a, k) for k in train.TRAINED_WITH} == {k: getattr(b, k) for k in train.TRAINED_WITH}
+
+
+def test_a_copy_whose_partner_was_not_packed_is_still_dropped():
+    """Only every 8th test file travels: a training copy of an unpacked test image trained there
+    and not here (118 of the 339 then), and the finish refused the run. The recorded split's roles
+    decide for partners the data lacks."""
+    from core.data import listed_training_copies
+    train_a = Sample(path="/x/a", rel="a.jpg", label="glioma", original="glioma", source="s", split="train")
+    pairs = [(("s", "gone_test.jpg"), ("s", "a.jpg"))]
+    assert listed_training_copies([train_a], pairs) == []
+    assert listed_training_copies([train_a], pairs, {("s", "gone_test.jpg"): "test"}) == [train_a]
+    assert listed_training_copies([train_a], pairs, {("s", "gone_test.jpg"): "train"}) == []

@@ -84,11 +84,21 @@ def test_shipped_default_marks_every_copy_its_list_names():
     ev = json.loads((d / "eval.json").read_text())
     lists = ev["copies_in_training"].get("lists") or []
     assert [x["file"] for x in lists] == ["copy_pairs_test.tsv"]
-    import hashlib
-    assert lists[0]["sha256"] == hashlib.sha256((d / "copy_pairs_test.tsv").read_bytes()).hexdigest()
     named = read_copy_list(d / "copy_pairs_test.tsv", json.loads((d / "split.json").read_text())["files"])
     marked = {(r["source"], r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
     assert named and named <= marked
+
+
+@pytest.mark.parametrize("model", sorted(p.parent.name for p in (ROOT / "weights").glob("*/eval.json")))
+def test_every_shipped_eval_names_lists_that_are_there(model):
+    """A shipped eval.json whose marks came from a copy list names it where it is, with its digest:
+    `mark-copies` run again reads it (the two 176 px models named a file their folders lack)."""
+    from core.evaluation import recorded_copy_lists
+    ev = json.loads((ROOT / "weights" / model / "eval.json").read_text())
+    recorded = (ev.get("copies_in_training") or {}).get("lists") or []
+    assert len(recorded_copy_lists(ev, log=lambda *_: None)) == len(recorded)
+    for entry in recorded:
+        assert not Path(entry["path"]).is_absolute()   # a path of this machine would not travel
 
 
 # ----------------------------------------------------------------- train.py --drop-copies
@@ -137,8 +147,9 @@ def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_o
     assert dc["n"] == 3 and dc["lists"][0]["file"] == "pairs.tsv" and len(dc["lists"][0]["sha256"]) == 64
     assert card["split"]["sizes"]["train"] == len(train) - 3
 
-    # resumed without the list: the run's own split keeps them out, and says nothing of them as
-    # files "not in the recorded split"
+    # resumed without the list, moved away since: the run's own split keeps them out (the list is
+    # not read again), and says nothing of them as files "not in the recorded split"
+    lst.rename(tmp_path / "moved.tsv")
     log = _train([*common, "--epochs", 2, "--out", child, "--resume"], cache)
     assert "resumed from epoch" in log and "not in the recorded split" not in log
     rec2 = json.loads((child / "split.json").read_text())
@@ -147,7 +158,7 @@ def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_o
 
     # another list on a resume would change the training set mid-run
     other = tmp_path / "other.tsv"
-    other.write_text(f"a\tb\tc\td\ndata\t{test[2]}\tdata\t{train[6]}\n")
+    other.write_text(f"test_source\ttest_file\ttrain_source\ttrain_file\ndata\t{test[2]}\tdata\t{train[6]}\n")
     log = _train([*common, "--epochs", 3, "--out", child, "--resume", "--drop-copies", other], cache, expect=2)
     assert "--drop-copies (other lists" in log
 
@@ -171,7 +182,7 @@ def test_finish_from_needs_the_lists_the_run_was_trained_with(tmp_path):
     _train([*common, "--out", tmp_path / "parent"], cache)
     files = json.loads((tmp_path / "parent" / "split.json").read_text())["files"]["data"]
     lst = tmp_path / "pairs.tsv"
-    lst.write_text(f"a\tb\tc\td\ndata\t{sorted(files['test'])[0]}\tdata\t{sorted(files['train'])[0]}\n")
+    lst.write_text(f"test_source\ttest_file\ttrain_source\ttrain_file\ndata\t{sorted(files['test'])[0]}\tdata\t{sorted(files['train'])[0]}\n")
     there = tmp_path / "there"
     _train([*common, "--out", there, "--split-from", tmp_path / "parent", "--drop-copies", lst], cache)
     log = _train([*common, "--out", tmp_path / "bare", "--finish-from", there, "--split-from", there], cache,
@@ -223,3 +234,78 @@ def test_a_ct_whose_pixels_are_cut_is_named_a_ct_in_a_slice_and_a_volume_read():
         with pytest.raises(ScanError) as e:
             read()
         assert "damaged or incomplete" in str(e.value) and "a CT image (Modality CT)" in str(e.value)
+
+
+def test_drop_copies_refuses_a_list_for_other_data(tmp_path):
+    """A list whose source names are not --data's dropped nothing and said nothing."""
+    from conftest import make_blob_dataset
+    data = tmp_path / "data"
+    make_blob_dataset(data)
+    lst = tmp_path / "pairs.tsv"
+    lst.write_text("test_source\ttest_file\ttrain_source\ttrain_file\n"
+                   "benchmark\tglioma/glioma_0.png\tbenchmark\tglioma/glioma_1.png\n")
+    log = _train(["--data", data, "--arch", "simple_cnn", "--img", 32, "--epochs", 1, "--workers", 1,
+                  "--out", tmp_path / "run", "--drop-copies", lst], tmp_path / "cache", expect=2)
+    assert "none of its 1 pairs names an image of --data" in log and "Traceback" not in log
+    assert not (tmp_path / "run" / "card.json").exists()
+
+
+def test_drop_copies_on_the_command_line_replaces_a_configs(tmp_path, monkeypatch):
+    """drop_copies = "a.tsv" in a config with --drop-copies b.tsv crashed (str.append)."""
+    import train
+    (tmp_path / "data" / "glioma").mkdir(parents=True)
+    head = "test_source\ttest_file\ttrain_source\ttrain_file\n"
+    for name in ("a.tsv", "b.tsv"):
+        (tmp_path / name).write_text(head + f"data\tglioma/{name}.png\tdata\tglioma/x.png\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{tmp_path / "data"}"\ndrop_copies = "{tmp_path / "a.tsv"}"\n')
+    monkeypatch.chdir(tmp_path)
+    assert train.parse_args(["--config", str(cfg)]).drop_copies == [str(tmp_path / "a.tsv")]
+    args = train.parse_args(["--config", str(cfg), "--drop-copies", str(tmp_path / "b.tsv")])
+    assert args.drop_copies == [str(tmp_path / "b.tsv")] and len(args.drop_copies_sha256) == 1
+
+
+def test_mark_copies_again_keeps_the_lists_marks_and_a_held_out_source_marks_nothing(tmp_path):
+    """Run again without --copy-list, mark-copies dropped every mark the lists had made (201 of the
+    default's 229); a list whose copy is in a held-out source (weight 0) marked it though that
+    training split trains nothing."""
+    import shutil
+    from core.cli import main
+    w = _model_with_split(tmp_path)
+    tsv = tmp_path / "lists" / "aligned.tsv"
+    tsv.parent.mkdir()
+    tsv.write_text("test_source\ttest_file\ttrain_source\ttrain_file\n"
+                   "ds\tglioma/shifted.png\tds\tglioma/p0.jpg\n")
+    assert main(["mark-copies", "--weights", str(w), "--copy-list", str(tsv)]) == 0
+    assert main(["mark-copies", "--weights", str(w)]) == 0
+    ev = json.loads((w / "eval.json").read_text())
+    assert {r["file"] for r in ev["predictions"] if r["copy_in_training"]} == {"glioma/mirror.png", "glioma/shifted.png"}
+    shutil.move(tsv, tmp_path / "elsewhere.tsv")
+    before = (w / "eval.json").read_text()
+    assert main(["mark-copies", "--weights", str(w)]) != 0   # the list is gone: say so, change nothing
+    assert (w / "eval.json").read_text() == before
+    card = json.loads((w / "card.json").read_text())
+    card["sources"][0]["weight"] = 0
+    (w / "card.json").write_text(json.dumps(card))
+    assert main(["mark-copies", "--weights", str(w), "--copy-list", str(tmp_path / "elsewhere.tsv")]) == 0
+    ev = json.loads((w / "eval.json").read_text())
+    assert not any(r["copy_in_training"] for r in ev["predictions"])
+
+
+@pytest.mark.parametrize("text,why", [("", "header line"), ("ds\tglioma/a.png\tds\tglioma/b.png\n", "header line"),
+                                      ("test_source\ttest_file\ttrain_source\ttrain_file\nds\ta\n", "fewer than 4"),
+                                      (b"\xff\xfe\x00", "not UTF-8")])
+def test_read_copy_pairs_names_what_is_wrong(tmp_path, text, why):
+    from core.data import read_copy_pairs
+    f = tmp_path / "l.tsv"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=why) as e:
+        read_copy_pairs(f)
+    assert str(f) in str(e.value)
+
+
+def test_read_copy_pairs_strips_cells_and_line_ends(tmp_path):
+    from core.data import read_copy_pairs
+    f = tmp_path / "l.tsv"
+    f.write_bytes(b"\xef\xbb\xbftest_source\ttest_file\ttrain_source\ttrain_file\r\nds \ta.png\tds\tb.png \r\n")
+    assert read_copy_pairs(f) == [(("ds", "a.png"), ("ds", "b.png"))]
