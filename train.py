@@ -30,8 +30,8 @@ import torch
 from core import data as D
 from core import distributed as DD
 from core import engine as E
-from core.evaluation import (card_metrics, copies_trained_on, evaluate_records, mark_records, prediction_records,
-                             write_json)
+from core.evaluation import (SEEN_FILE, card_metrics, copies_trained_on, evaluate_records, mark_records,
+                             prediction_records, seen_files, write_json, write_seen_files)
 from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
                          normalise_label, tumour_classes)
@@ -450,6 +450,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             D.read_copy_pairs(f)
             args.drop_copies_sha256.append(file_sha256(f))
         except (OSError, ValueError) as e:
+            if args.resume and not os.path.exists(f):
+                # a config's lists moved since the run began: the run's split.json holds its copies
+                args.drop_copies, args.drop_copies_sha256 = None, []
+                break
             p.error(f"--drop-copies: {e}")
     _check(p, args)  # a resume takes its run's --init when left out
     if args.average_init and not args.init:
@@ -928,7 +932,7 @@ PREVIOUS = "previous"  # a fresh run puts the files another run left into out/pr
 # the folder holds (--out . must not move a repository's own files).
 RUN_FILES = ("checkpoint.pt", "best.pt", "model.safetensors", "card.json", "eval.json",
              "split.json", "history.json", "ood.safetensors", "ood_eval.json", "saliency_eval.json",
-             "trained.json", "salvaged.safetensors")   # and any *.tmp* a killed write left (open_out_dir)
+             "trained.json", "salvaged.safetensors", SEEN_FILE)   # and any *.tmp* a killed write left (open_out_dir)
 
 
 def distillation(args, all_samples, keep, train_rows, classes, split, spec, device, precision, say,
@@ -1020,7 +1024,7 @@ def judge_epoch(epoch: int, loss: float, best: float, bad: int, warmup_epochs: i
 # Options that must be the same as the run --finish-from adopts (what it was trained with).
 TRAINED_WITH = ("arch", "img", "epochs", "batch_size", "lr", "wd", "smoothing", "ema", "small_img",
                 "small_img_epochs", "mask_loss", "aug", "skull_strip_p", *E.AUG_OPTION_DEFAULTS, "seed", "patience",
-                "limit", "min_head", "binary", "keep", "drop_copies_sha256")
+                "limit", "min_head", "binary", "keep")
 # What a run records of itself from its first epoch on, for --finish-from when it was stopped
 # before its card (a time limit on a lent GPU); removed once the card is written.
 TRAINED = "trained.json"
@@ -1065,7 +1069,9 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
     try:
         record, weights, sha = _adopted(src)
         history = json.loads((src / "history.json").read_text())
-        split_there = json.loads((src / "split.json").read_text())["files"]
+        split_full = json.loads((src / "split.json").read_text())
+        split_there = split_full["files"]
+        dropped_there = {tuple(x) for x in split_full.get("dropped_copies") or []}
         if not (isinstance(record, dict) and isinstance(history, list) and isinstance(split_there, dict)):
             raise ValueError("its trained.json, history.json or split.json is not what train.py writes")
         options = record.get("options")
@@ -1080,12 +1086,18 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
                         "(a run of an older train.py); it cannot be finished here")
     differ = [k for k in TRAINED_WITH if options[k] != getattr(args, k)]
     if record.get("arch") != args.arch or record.get("classes") != classes or differ:
-        named = ["--drop-copies (other lists)" if k == "drop_copies_sha256" else k for k in differ]
         raise DataError(f"--finish-from {src}: trained with other settings "
-                        f"({', '.join(named) or 'architecture or classes'}); give the options it was trained with")
+                        f"({', '.join(differ) or 'architecture or classes'}); give the options it was trained with")
     if there_mix != _source_mix(sources):
         raise DataError(f"--finish-from {src}: trained on other sources or source weights ({there_mix}); "
                         "give the same data entries")
+    # The copies left out of training (--drop-copies) are part of what it trained on: a run finished
+    # here without its lists was carded as if it had trained on them, and with lists it never had
+    # as if it had not (its digest alone cannot tell: a run of an older train.py records none).
+    if dropped_there != (dropped_here := {tuple(x) for x in getattr(args, "dropped_copies", None) or []}):
+        raise DataError(f"--finish-from {src}: it left {len(dropped_there)} training copies out (its split.json's "
+                        f"dropped_copies) and this run leaves {len(dropped_here)} out: give the --drop-copies "
+                        "lists it was trained with")
     if moved or missing > max(5, 0.01 * total):  # a few may be dropped as near-empty on one side only
         raise DataError(f"--finish-from {src}: of its {total} training and validation images, {moved} have "
                         f"another role in this run's split and {missing} are not in it (give the data and "
@@ -1207,6 +1219,11 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         print(f"warning: test records not marked for copies in training ({e}); "
               "`python -m core mark-copies` can do it later", flush=True)
     write_json(out / "eval.json", ev)
+    try:   # an upload of a file it trained on is flagged 'seen in training' (app, predict, reports)
+        marked = {(D.source_of(r), r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
+        write_seen_files(out, seen_files(samples, sources, marked))
+    except OSError as e:
+        print(f"warning: {SEEN_FILE} not written ({e}); `python -m core seen-files` can do it later", flush=True)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
     card["tta"] = tta

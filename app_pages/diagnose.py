@@ -112,6 +112,8 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
     left.image(scan.pixels, clamp=True, width="stretch",
                caption=f"{app.md_name(name)} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
     with right:
+        if row.get("seen_in_training"):
+            st.info(f"**Seen in training**: {app.SEEN_TEXT}", icon=":material/school:")
         if pred.in_distribution:
             show_call(pred, f"{wkey}-{slice_index}",
                       app.mask_contradiction(pred, scan, masks.get(name), predictor.spec, slice_index))

@@ -62,8 +62,8 @@ else:
 
 kept, n_copies = app.without_copies(records)
 if n_copies and where == "zip":
-    st.warning(f"{n_copies} of the zip's scans have the file name of an image the model trained or was validated "
-               "on: most likely the same images, which score higher than new patients' scans would.",
+    st.warning(f"{n_copies} of the zip's scans have the file name or the very bytes of an image the model trained "
+               "or was validated on: most likely the same images, which score higher than new patients' scans would.",
                icon=":material/warning:")
 if n_copies and app.sticky_toggle(f"Leave out the {n_copies} {'test ' if where == 'card' else ''}scans with a copy "
                                   "in training", "eval_no_copies",

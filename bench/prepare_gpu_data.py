@@ -20,6 +20,7 @@ original files with the head crop, as they are served (docs/gpu.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -97,6 +98,12 @@ def main() -> int:
         p.error("the configs must share img, data and split_from (one packed copy serves them all)")
     if not first.get("split_from"):
         p.error("the configs need a split_from: the split must be the one the card will be finished on")
+    for c in cfgs.values():   # before minutes of caching: a missing or damaged list stops the pack now
+        for f in config_lists(c):
+            try:
+                D.read_copy_pairs(f)
+            except ValueError as e:
+                p.error(f"drop_copies: {e}")
     spec = {**DEFAULT_SPEC, "size": first["img"], "crop": "head"}
     sources = D.parse_sources(first["data"])
     samples, skipped = train.load_samples(sources, types.SimpleNamespace(limit=0, seed=0, binary=False))
@@ -139,18 +146,24 @@ def main() -> int:
 
 
 def pack_lists(cfg: dict, out: Path) -> dict[str, str]:
-    """Copy a config's drop_copies lists into ``out``/lists/ (the same bytes, so the same digests
-    that `train.py --finish-from` compares here); {the path as the config writes it: the copy's}.
-    The GPU run drops each listed copy whose partner the recorded split puts in validation or test,
-    packed or not (`core.data.listed_training_copies` with the split's roles)."""
-    lists = cfg.get("drop_copies") or []
+    """Copy a config's drop_copies lists into ``out``/lists/ (weights/ does not travel); {the path as
+    the config writes it: the copy's}. The GPU run drops each listed copy whose partner the recorded
+    split puts in validation or test, packed or not (`core.data.listed_training_copies` with the
+    split's roles): the same training images as here, which `train.py --finish-from` checks."""
     found = {}
-    for i, f in enumerate([lists] if isinstance(lists, str) else lists):
-        dest = out / "lists" / f"{i}_{Path(f).name}"
+    for f in config_lists(cfg):
+        data = D.resolve_root(f).read_bytes()
+        # named by content: two configs' lists of one name (weights/A/x.tsv, weights/B/x.tsv) stay apart
+        dest = out / "lists" / f"{hashlib.sha256(data).hexdigest()[:12]}_{Path(f).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(D.resolve_root(f), dest)
+        dest.write_bytes(data)
         found[f] = str(dest)
     return found
+
+
+def config_lists(cfg: dict) -> list[str]:
+    lists = cfg.get("drop_copies") or []
+    return [lists] if isinstance(lists, str) else list(lists)
 
 
 def pack(out: Path) -> Path:

@@ -1,6 +1,7 @@
 """How much do the validation images with a copy in training move the calibration and the
 operating point that train.py fits on validation? The shipped default's temperature and threshold
-were fitted on a validation split in which 187 images (bench/copy_audit.py --split val) have a
+were fitted on a validation split in which 189 images (bench/copy_audit.py --split val, and the
+split's own hash check) have a
 copy of the same slice in training: the model is surer of those than of a new scan.
 
     PYTHONPATH=. python bench/val_copies.py                       # the default; ~4 min on 2 cores

@@ -25,7 +25,7 @@ from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
-                        slice_scores, training_sources, EmptyVolume)
+                        slice_scores, training_sources, EmptyVolume, SEEN_TEXT)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
@@ -1182,6 +1182,8 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
         row["info"] = {**row["info"], "slice_choice": slice_choice}
     if isinstance(data, (bytes, bytearray)):
         row["sha256"] = key   # the CSV's file_sha256, as in the report and the audit log
+        if predictor.seen_in_training(key):
+            row["seen_in_training"] = True
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
             row["hot_slices"] = cached_hot_slices(predictor, data, name, threshold, shown, pred.in_distribution)
@@ -1213,8 +1215,9 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
                         lambda n, b: cached_prediction(predictor, read_upload(b, n), digest(b)),
                         progress=progress)
     seen = trained_file_names(predictor.dir)
+    trained = {name for name, _, b in items if predictor.seen_in_training(digest(b))}   # by content, renamed too
     for r in ev["predictions"]:   # the public sets' own images: a zip of them scored 100 % with no word
-        if Path(r["file"]).name in seen:
+        if Path(r["file"]).name in seen or r["file"] in trained:
             r["copy_in_training"] = True
     return {"name": name, "digest": digest(data), "ev": ev, "skipped": skipped + ev["errors"],
             "blobs": gallery_blobs(items, ev), "splits": zip_splits(r["file"] for r in ev["predictions"]),

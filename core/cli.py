@@ -116,6 +116,14 @@ def cmd_mark_copies(args) -> int:
     return 0
 
 
+def cmd_seen_files(args) -> int:
+    from .evaluation import mark_seen_files
+    from .ood import require_model_folder
+    require_model_folder(args.weights, "split.json")
+    mark_seen_files(args.weights, args.data_config)
+    return 0
+
+
 def cmd_rescore(args) -> int:
     from .evaluation import rescore
     for w in args.weights:
@@ -265,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also mark the images this list names (source, file, train_source, train_file "
                          "columns; bench/copy_audit.py --out writes one); repeatable")
     mc.set_defaults(fn=cmd_mark_copies)
+    sf = sub.add_parser("seen-files", help="list the SHA-256 of every file the model trained or was validated "
+                                           "on (seen_sha256.txt): an upload of one is flagged 'seen in training'")
+    sf.add_argument("--weights", required=True)
+    sf.add_argument("--data-config", help="TOML whose [[data]] entries name the source roots")
+    sf.set_defaults(fn=cmd_seen_files)
     rs = sub.add_parser("rescore", help="recompute eval.json's summary and the card's metrics from "
                                         "the stored per-image records (no data needed)")
     rs.add_argument("weights", nargs="+", help="weights directories holding eval.json")

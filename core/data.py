@@ -195,6 +195,13 @@ def resolve_root(path: str | Path) -> Path:
     return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
+def repo_relative(path: str | Path) -> str:
+    """A file's path as a record keeps it: relative to the repository (with /) when it lies inside
+    it, so that the record holds on another machine or checkout; else absolute."""
+    p = resolve_root(path).resolve()
+    return p.relative_to(REPO_ROOT).as_posix() if p.is_relative_to(REPO_ROOT) else str(p)
+
+
 def portable_root(path: str | Path) -> str:
     """A data root as a card records it: as written when it reads the same from the repository
     root (later commands resolve it from there, from any folder), else absolute."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -382,7 +383,7 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     path = weights_dir / "eval.json"
     ev = json.loads(path.read_text())
     held = held_out_sources(card.get("sources") or [])
-    lists = [str(x) for x in copy_lists] or recorded_copy_lists(ev, log)
+    lists = [str(x) for x in copy_lists] or recorded_copy_lists(ev, log, weights_dir)
     listed = {name: read_copy_list(name, record, held) for name in lists}   # before the slow hashing
     samples = D.samples_from_record(record, source_roots(card, data_config))
     counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log, listed)
@@ -390,19 +391,25 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     return counts
 
 
-def recorded_copy_lists(ev: dict, log=print) -> list[str]:
+def recorded_copy_lists(ev: dict, log=print, weights_dir: str | Path | None = None) -> list[str]:
     """The copy lists an eval.json's marks came from (`mark_records`), found where they were read
-    (from here, else the repository) with the same content; ValueError naming one that is not."""
+    (from here, else the repository; else, by name, beside the model) with the same content;
+    ValueError naming one that is not."""
     from .data import resolve_root
     from .inference import file_sha256
     out = []
     for entry in (ev.get("copies_in_training") or {}).get("lists") or []:
-        where = resolve_root(entry.get("path") or entry.get("file", ""))
-        if not where.is_file() or file_sha256(where) != entry.get("sha256"):
-            raise ValueError(f"eval.json's marks include the copy list {entry.get('file')} (sha256 "
-                             f"{str(entry.get('sha256'))[:12]}...), which is not at {where} as it was: give it "
+        if not isinstance(entry, dict):
+            raise ValueError("eval.json's copies_in_training.lists is not what mark-copies writes")
+        name = str(entry.get("file", ""))
+        recorded = str(entry.get("path") or name).replace("\\", "/")   # a path recorded on Windows
+        places = [resolve_root(recorded)] + ([Path(weights_dir) / name] if weights_dir and name else [])
+        found = next((p for p in places if p.is_file() and file_sha256(p) == entry.get("sha256")), None)
+        if found is None:
+            raise ValueError(f"eval.json's marks include the copy list {name} (sha256 "
+                             f"{str(entry.get('sha256'))[:12]}...), which is not at {places[0]} as it was: give it "
                              "again with --copy-list, or its marks would be lost")
-        out.append(entry.get("path") or str(where))   # as recorded: a relative path stays relative
+        out.append(recorded if found == places[0] else str(found))   # a relative path stays relative
     if out:
         log(f"the copy lists eval.json names, read again: {', '.join(out)}")
     return out
@@ -462,9 +469,9 @@ def mark_records(ev: dict, copies: set[tuple[str, str]], log=print,
     if listed:
         ev["copies_in_training"]["method"] += (", or a copy the lists name (found another way; "
                                                "counted apart as from_lists)")
-        from .data import portable_root, resolve_root
+        from .data import repo_relative, resolve_root
         from .inference import file_sha256
-        ev["copies_in_training"]["lists"] = [{"file": Path(k).name, "path": portable_root(k), "n": len(v),
+        ev["copies_in_training"]["lists"] = [{"file": Path(k).name, "path": repo_relative(k), "n": len(v),
                                               "sha256": file_sha256(resolve_root(k))}
                                              for k, v in listed.items()]
     log("test images with a copy in training: " + ", ".join(
@@ -665,6 +672,55 @@ def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
     except (OSError, ValueError, AttributeError):
         sources = []
     return _trained_names(str(f), f.stat().st_mtime, held_out_sources(sources))
+
+
+SEEN_FILE = "seen_sha256.txt"
+SEEN_DIGITS = 16   # of the SHA-256: 64 bits, no chance meeting among a few thousand files
+
+
+def seen_files(samples: list, sources: list, marked: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """The first `SEEN_DIGITS` hex digits of the SHA-256 of every file the model trained or was
+    validated on (sources of weight 0 apart: nothing of theirs trained), and of every test file
+    with a copy in training (``marked``, eval.json's ``copy_in_training``): sorted, one each."""
+    from .inference import file_sha256
+    held = held_out_sources(sources)
+    return sorted({file_sha256(s.path)[:SEEN_DIGITS] for s in samples
+                   if (s.split in ("train", "val") and s.source not in held) or (s.source, s.rel) in marked})
+
+
+def write_seen_files(weights_dir: str | Path, digests: list[str]) -> None:
+    text = ("# SHA-256 (first 16 hex digits) of the files this model trained or was validated on, "
+            "or whose copy it trained on: an upload of one of them is flagged 'seen in training'\n"
+            + "".join(f"{d}\n" for d in digests))
+    save_whole(Path(weights_dir) / SEEN_FILE, lambda tmp: tmp.write_text(text))
+
+
+def seen_digests(weights_dir: str | Path) -> frozenset[str] | None:
+    """`SEEN_FILE` of a model folder (None when it has none: no upload can be told apart)."""
+    f = Path(weights_dir) / SEEN_FILE
+    try:
+        lines = f.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return frozenset(x.strip() for x in lines if x.strip() and not x.startswith("#"))
+
+
+def mark_seen_files(weights_dir: str | Path, data_config: str | Path | None = None, log=print) -> int:
+    """Write a model's `SEEN_FILE` from its split.json, its data and eval.json's copy marks
+    (`python -m core seen-files`); returns how many files it lists. Needs every file (ValueError)."""
+    from . import data as D
+    from .ood import read_split_file, source_roots
+    weights_dir = Path(weights_dir)
+    card = json.loads((weights_dir / "card.json").read_text())
+    samples = D.samples_from_record(read_split_file(weights_dir / "split.json"), source_roots(card, data_config))
+    if absent := [s.path for s in samples if not os.path.isfile(s.path)]:
+        raise ValueError(f"{len(absent)} files of the split are missing (first: {absent[0]})")
+    ev = json.loads((weights_dir / "eval.json").read_text()) if (weights_dir / "eval.json").is_file() else {}
+    marked = {(source_of(r), r["file"]) for r in ev.get("predictions") or [] if r.get("copy_in_training")}
+    digests = seen_files(samples, card.get("sources") or [], marked)
+    write_seen_files(weights_dir, digests)
+    log(f"{weights_dir / SEEN_FILE}: {len(digests)} files (training, validation and test files with a copy in training)")
+    return len(digests)
 
 
 def trained_name_note(model_dir: Path, rels: list[str]) -> str | None:

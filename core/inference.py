@@ -405,6 +405,15 @@ class Predictor:
                 # features for the gate, and no thread attaches hooks while another runs the model.
                 self.gate.tap.attach(self.model)
         self.gate_sha256 = gate_sha256   # of the gate that judges this model's scans (audit lines, reports)
+        from .evaluation import seen_digests
+        self.seen = seen_digests(self.dir)   # the files it trained on, by content (None: not known)
+
+    def seen_in_training(self, sha256: str | None) -> bool:
+        """Whether a file of this SHA-256 (hex) is one the model trained or was validated on, or a
+        test file whose copy it trained on (`core.evaluation.SEEN_FILE`): its result then shows
+        what the model learnt, not how it reads a new patient's scan."""
+        from .evaluation import SEEN_DIGITS
+        return bool(self.seen and sha256 and sha256[:SEEN_DIGITS] in self.seen)
 
     @property
     def name(self) -> str:
@@ -503,11 +512,21 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold,
                                                             pr.in_distribution)):
                 row["hot_slices"] = hot   # as the app and the report flag it
+            if getattr(predictor, "seen", None) and predictor.seen_in_training(_sha256_of(src)):
+                row["seen_in_training"] = True   # as the app and the report flag it
             yield row
         except ScanError as e:
             yield {"file": name, "ok": False, "error": str(e)}
         except Exception as e:  # a bug must not take down the rest of a batch
             yield {"file": name, "ok": False, "error": f"The file could not be processed ({type(e).__name__})."}
+
+
+def _sha256_of(src: bytes | str) -> str | None:
+    """SHA-256 (hex) of an input's bytes: a file read again, or the bytes given; None if unreadable."""
+    try:
+        return hashlib.sha256(src if isinstance(src, (bytes, bytearray)) else Path(src).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None,
@@ -623,6 +642,8 @@ GATE_TRIES = 8
 # raised no false alarm.
 END_SLICE_SHARE = 0.5
 # Why such a call is marked: the app's note (`end_slice_note`) and the report's flag text.
+SEEN_TEXT = ("This exact file is one the model trained or was validated on (or a copy of one it trained "
+             "on): the result shows what it learnt, not how it reads a new patient's scan.")
 END_SLICE_CAVEAT = ("On two healthy T1 heads the model called such slices glioma with confidence: a tumour "
                     "call here is less reliable than one on a middle slice. Read this slice itself.")
 END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is {share:.1%} of the volume's "

@@ -656,7 +656,11 @@ def _named_by_header(e: ScanError, ds, frame: int | None = None) -> ScanError:
                                 **_body_part(ds, frame or 0)})
     except Exception:   # a damaged element: the first sentence stands alone
         return e
-    return ScanError(f"{e} {reason}") if reason else e
+    if not reason:
+        return e
+    # one short sentence, as every reader error is: the read failure, then what the header says
+    said = reason.split("; the model reads")[0].rstrip(".")
+    return ScanError(f"{str(e).rstrip('.')}; {said[0].lower()}{said[1:]}.")
 
 
 def _dicom_geometry(ds) -> tuple[int, int, int]:

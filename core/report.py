@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .inference import (END_SLICE_CAVEAT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
+from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
                         shown_slice, volume_hot_slices)
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart, is_tumour_label
@@ -69,6 +69,7 @@ FLAG_NOT_CHECKED = "image not checked"   # a model without an out-of-distributio
 FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its slice shown below it
 FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
 FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
+FLAG_SEEN = "seen in training"   # the file itself is one the model trained on (Predictor.seen_in_training)
 
 _CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
                 "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
@@ -97,6 +98,7 @@ class ScanResult:
     sha256: str | None = None              # of the file's bytes: a CSV row matches its audit line and file
     mask_note: str | None = None           # a paired tumour mask marks a lesion under a 'no tumour' call
     series: str | None = None              # "DICOM series 1 of this report, Instance Number 12" (render_pdf)
+    seen: bool = False                     # the file is one the model trained on (`Predictor.seen_in_training`)
 
     @property
     def flags(self) -> list[str]:
@@ -108,7 +110,8 @@ class ScanResult:
             return {"file": self.name, "ok": False, "error": self.error}
         return {"file": self.name, "ok": True, "sha256": self.sha256, **self.prediction.to_json(),
                 **({"hot_slices": self.hot_slices} if self.hot_slices else {}),
-                **({"mask_contradicts": True} if self.mask_note else {})}
+                **({"mask_contradicts": True} if self.mask_note else {}),
+                **({"seen_in_training": True} if self.seen else {})}
 
 
 def flags_of(row: Mapping) -> list[str]:
@@ -125,7 +128,8 @@ def flags_of(row: Mapping) -> list[str]:
     return [name for name, on in ((FLAG_MASK, bool(row.get("mask_contradicts"))), (FLAG_NOT_CHECKED, unchecked),
                                   (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
                                   (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain"))),
-                                  (FLAG_END_SLICE, end)) if on] + hot
+                                  (FLAG_END_SLICE, end), (FLAG_SEEN, bool(row.get("seen_in_training"))))
+            if on] + hot
 
 
 def refused_by_header(row: Mapping) -> bool:
@@ -337,7 +341,8 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), method=method,
-                      sha256=hashlib.sha256(data).hexdigest(), mask_note=_mask_note(pred, scan, mask, predictor),
+                      sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
+                      seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)),
                       hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
                       if hot is None else hot)
 
@@ -509,6 +514,7 @@ FLAG_TEXT = {
                           "clear; read the type as a suggestion only.", AMBER),
     FLAG_END_SLICE: ("SLICE NEAR AN END OF THE HEAD", "The slice lies near the vertex, the skull base or a pole. "
                      + END_SLICE_CAVEAT, AMBER),
+    FLAG_SEEN: ("SEEN IN TRAINING", SEEN_TEXT, AMBER),
 }
 
 

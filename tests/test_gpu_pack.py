@@ -127,3 +127,17 @@ def test_a_copy_whose_partner_was_not_packed_is_still_dropped():
     assert listed_training_copies([train_a], pairs) == []
     assert listed_training_copies([train_a], pairs, {("s", "gone_test.jpg"): "test"}) == [train_a]
     assert listed_training_copies([train_a], pairs, {("s", "gone_test.jpg"): "train"}) == []
+
+
+def test_two_configs_lists_of_one_name_are_packed_apart(tmp_path):
+    """Packed as '<position>_<name>', weights/A/x.tsv and weights/B/x.tsv landed on one file: one
+    config trained on the GPU with the other's list."""
+    head = "test_source\ttest_file\ttrain_source\ttrain_file\n"
+    for d, row in (("A", "s\ta.png\ts\tb.png\n"), ("B", "s\tc.png\ts\td.png\n")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.tsv").write_text(head + row)
+    a = P.pack_lists({"drop_copies": [str(tmp_path / "A" / "x.tsv")]}, tmp_path / "gpu")
+    b = P.pack_lists({"drop_copies": str(tmp_path / "B" / "x.tsv")}, tmp_path / "gpu")
+    (pa,), (pb,) = a.values(), b.values()
+    assert pa != pb and Path(pa).read_text() == (tmp_path / "A" / "x.tsv").read_text()
+    assert Path(pb).read_text() == (tmp_path / "B" / "x.tsv").read_text()

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_bad_inputs import assert_plain_sentence
 from test_data import pattern, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,12 @@ def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_o
     dc = card["split"]["dropped_copies"]
     assert dc["n"] == 3 and dc["lists"][0]["file"] == "pairs.tsv" and len(dc["lists"][0]["sha256"]) == 64
     assert card["split"]["sizes"]["train"] == len(train) - 3
+    # what the app flags as 'seen in training': the files it trained on, not the ones left out
+    from core.evaluation import seen_digests
+    from core.inference import file_sha256
+    seen = seen_digests(child)
+    assert file_sha256(data / train[5])[:16] in seen and file_sha256(data / val[1])[:16] in seen
+    assert file_sha256(data / train[0])[:16] not in seen and file_sha256(data / test[0])[:16] not in seen
 
     # resumed without the list, moved away since: the run's own split keeps them out (the list is
     # not read again), and says nothing of them as files "not in the recorded split"
@@ -172,27 +179,35 @@ def test_drop_copies_refuses_a_file_that_is_not_a_list_before_reading_images(tmp
 
 def test_finish_from_needs_the_lists_the_run_was_trained_with(tmp_path):
     """A GPU run trained with --drop-copies and finished here without them was carded as if it had
-    trained on the copies (the split check only compares the files the run kept): refused now, and
-    finished with the same lists the card says what was left out."""
+    trained on the copies (the split check only compares the files the run kept): refused now, by
+    the copies each side leaves out (a run of an older train.py records no digest of its lists);
+    finished with the lists, or on the run's own split, the card says what was left out."""
     from conftest import make_blob_dataset
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_blob_dataset(data)
     common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8, "--workers", 1,
               "--seed", 0, "--epochs", 1]
-    _train([*common, "--out", tmp_path / "parent"], cache)
-    files = json.loads((tmp_path / "parent" / "split.json").read_text())["files"]["data"]
+    parent = tmp_path / "parent"
+    _train([*common, "--out", parent], cache)
+    files = json.loads((parent / "split.json").read_text())["files"]["data"]
     lst = tmp_path / "pairs.tsv"
-    lst.write_text(f"test_source\ttest_file\ttrain_source\ttrain_file\ndata\t{sorted(files['test'])[0]}\tdata\t{sorted(files['train'])[0]}\n")
+    lst.write_text(f"test_source\ttest_file\ttrain_source\ttrain_file\n"
+                   f"data\t{sorted(files['test'])[0]}\tdata\t{sorted(files['train'])[0]}\n")
     there = tmp_path / "there"
-    _train([*common, "--out", there, "--split-from", tmp_path / "parent", "--drop-copies", lst], cache)
-    log = _train([*common, "--out", tmp_path / "bare", "--finish-from", there, "--split-from", there], cache,
+    _train([*common, "--out", there, "--split-from", parent, "--drop-copies", lst], cache)
+    log = _train([*common, "--out", tmp_path / "bare", "--finish-from", there, "--split-from", parent], cache,
                  expect=2)
-    assert "--drop-copies (other lists)" in log and "Traceback" not in log
-    _train([*common, "--out", tmp_path / "here", "--finish-from", there, "--split-from", there,
-            "--drop-copies", lst], cache)
-    card = json.loads((tmp_path / "here" / "card.json").read_text())
-    assert card["split"]["dropped_copies"]["n"] == 1
-    assert card["split"]["sizes"]["train"] == len(files["train"]) - 1
+    assert "it left 1 training copies out" in log and "this run leaves 0 out" in log and "Traceback" not in log
+    for k, extra in enumerate((["--split-from", parent, "--drop-copies", lst], ["--split-from", there])):
+        _train([*common, "--out", tmp_path / f"here{k}", "--finish-from", there, *extra], cache)
+        card = json.loads((tmp_path / f"here{k}" / "card.json").read_text())
+        assert card["split"]["dropped_copies"]["n"] == 1
+        assert card["split"]["sizes"]["train"] == len(files["train"]) - 1
+    # trained without a list, finished with one: refused too
+    _train([*common, "--out", tmp_path / "plain", "--split-from", parent], cache)
+    log = _train([*common, "--out", tmp_path / "late", "--finish-from", tmp_path / "plain", "--split-from", parent,
+                  "--drop-copies", lst], cache, expect=2)
+    assert "it left 0 training copies out" in log
 
 
 # ----------------------------------------------------------------- the header names what cannot be read
@@ -222,8 +237,9 @@ def test_a_file_without_pixels_is_named_by_its_header(change, said):
     with pytest.raises(ScanError) as e:
         read_scan(_dicom_bytes("sample_no_pixels.dcm", **change), name="x.dcm")
     msg = str(e.value)
-    assert msg.startswith("The DICOM file contains no image (it has no pixel data).")
-    assert (said in msg and "The DICOM header says" in msg) if said else "header" not in msg
+    assert_plain_sentence(msg)   # the error contract: one sentence
+    assert msg.startswith("The DICOM file contains no image (it has no pixel data)")
+    assert (said in msg and "the DICOM header says" in msg) if said else "header" not in msg
 
 
 @needs_samples
@@ -234,6 +250,7 @@ def test_a_ct_whose_pixels_are_cut_is_named_a_ct_in_a_slice_and_a_volume_read():
         with pytest.raises(ScanError) as e:
             read()
         assert "damaged or incomplete" in str(e.value) and "a CT image (Modality CT)" in str(e.value)
+        assert_plain_sentence(str(e.value))
 
 
 def test_drop_copies_refuses_a_list_for_other_data(tmp_path):
@@ -309,3 +326,133 @@ def test_read_copy_pairs_strips_cells_and_line_ends(tmp_path):
     f = tmp_path / "l.tsv"
     f.write_bytes(b"\xef\xbb\xbftest_source\ttest_file\ttrain_source\ttrain_file\r\nds \ta.png\tds\tb.png \r\n")
     assert read_copy_pairs(f) == [(("ds", "a.png"), ("ds", "b.png"))]
+
+
+# ----------------------------------------------------------------- a scan the model trained on
+def _seen_model(tmp_path, random_weights, files) -> Path:
+    import hashlib
+    import shutil
+    w = tmp_path / "seen_model"
+    shutil.copytree(random_weights, w)
+    (w / "seen_sha256.txt").write_text("# test\n" + "".join(
+        hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] + "\n" for f in files))
+    return w
+
+
+def test_a_file_the_model_trained_on_is_flagged_in_predict_and_the_report(tmp_path, random_weights):
+    """A clinician trying the public set's own images read the model's memory as its skill, with no
+    word: the file itself, by content, is now flagged 'seen in training' (CLI line, JSON, flags)."""
+    from core.inference import Predictor, iter_predictions
+    from core.report import FLAG_SEEN, analyse_one, flags_of, text_line
+    samples = ROOT / "assets" / "samples"
+    pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
+    rows = list(iter_predictions(pred, [("g.jpg", str(samples / "glioma.jpg")),
+                                        ("n.jpg", (samples / "notumor.jpg").read_bytes())]))
+    assert rows[0].get("seen_in_training") is True and "seen_in_training" not in rows[1]
+    assert FLAG_SEEN in flags_of(rows[0]) and FLAG_SEEN not in flags_of(rows[1])
+    assert "[" in text_line(rows[0]) and FLAG_SEEN in text_line(rows[0])
+    assert analyse_one("g.jpg", str(samples / "glioma.jpg"), pred).seen
+    assert not analyse_one("n.jpg", str(samples / "notumor.jpg"), pred).seen
+    # without the list (an older model folder) nothing is flagged
+    assert "seen_in_training" not in next(iter_predictions(Predictor(random_weights), [("g.jpg", str(samples / "glioma.jpg"))]))
+
+
+def test_the_diagnose_page_says_when_a_scan_was_trained_on(tmp_path, random_weights, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    samples = ROOT / "assets" / "samples"
+    monkeypatch.setenv("BT_WEIGHTS", str(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"])))
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/diagnose.py").run()
+    at.file_uploader[0].set_value([("mine.jpg", (samples / "glioma.jpg").read_bytes(), "image/jpeg"),
+                                   ("other.jpg", (samples / "notumor.jpg").read_bytes(), "image/jpeg")]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert sum("Seen in training" in i.value for i in at.info) == 1
+    table = at.dataframe[0].value
+    flags = dict(zip(table["file"], table["flags"]))
+    assert "seen in training" in flags["mine.jpg"] and "seen in training" not in flags["other.jpg"]
+
+
+def test_seen_files_lists_training_and_validation_files_and_copies_not_plain_test_files(tmp_path):
+    from core.cli import main
+    from core.evaluation import seen_digests
+    from core.inference import file_sha256
+    w = _model_with_split(tmp_path)
+    ev = json.loads((w / "eval.json").read_text())
+    ev["predictions"][0]["copy_in_training"] = True   # mirror.png
+    (w / "eval.json").write_text(json.dumps(ev))
+    assert main(["seen-files", "--weights", str(w)]) == 0
+    seen = seen_digests(w)
+    digest = lambda rel: file_sha256(tmp_path / "ds" / rel)[:16]  # noqa: E731
+    assert {digest("glioma/p0.jpg"), digest("glioma/p1.jpg"), digest("glioma/p3.jpg"),
+            digest("glioma/mirror.png")} == seen
+
+
+def test_recorded_copy_lists_are_found_as_older_or_other_machines_wrote_them(tmp_path):
+    """eval.json of the first version named a list by file only; a Windows run wrote backslashes;
+    a damaged entry was a traceback."""
+    from core.evaluation import recorded_copy_lists
+    from core.inference import file_sha256
+    w = tmp_path / "w"
+    w.mkdir()
+    tsv = w / "copy_pairs_test.tsv"
+    tsv.write_text("test_source\ttest_file\ttrain_source\ttrain_file\n")
+    sha = file_sha256(tsv)
+    quiet = lambda *_: None  # noqa: E731
+    assert recorded_copy_lists({"copies_in_training": {"lists": [{"file": tsv.name, "sha256": sha}]}},
+                               quiet, w) == [str(tsv)]
+    shipped = ROOT / "weights" / "resnet18_192_gpu_ema120_s2" / "copy_pairs_test.tsv"
+    windows = {"file": shipped.name, "path": "weights\\resnet18_192_gpu_ema120_s2\\copy_pairs_test.tsv",
+               "sha256": file_sha256(shipped)}
+    assert recorded_copy_lists({"copies_in_training": {"lists": [windows]}}, quiet) == [
+        "weights/resnet18_192_gpu_ema120_s2/copy_pairs_test.tsv"]
+    with pytest.raises(ValueError, match="not what mark-copies writes"):
+        recorded_copy_lists({"copies_in_training": {"lists": ["copy_pairs_test.tsv"]}}, quiet)
+
+
+def test_a_list_inside_the_repository_is_recorded_relative_to_it():
+    from core.data import repo_relative
+    shipped = ROOT / "weights" / "resnet18_192_gpu_ema120_s2" / "copy_pairs_test.tsv"
+    assert repo_relative(str(shipped)) == "weights/resnet18_192_gpu_ema120_s2/copy_pairs_test.tsv"
+    assert repo_relative("/tmp/x.tsv") == str(Path("/tmp/x.tsv").resolve())
+
+
+def test_a_resume_from_a_config_whose_lists_moved_goes_on(tmp_path):
+    """--config X --resume read the config's lists again: moved since the run began, the resume
+    stopped, though the run's split.json holds its copies."""
+    from conftest import make_blob_dataset
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_blob_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8, "--workers", 1, "--seed", 0]
+    _train([*common, "--epochs", 1, "--out", tmp_path / "parent"], cache)
+    files = json.loads((tmp_path / "parent" / "split.json").read_text())["files"]["data"]
+    lst = tmp_path / "lists" / "pairs.tsv"
+    lst.parent.mkdir()
+    lst.write_text("test_source\ttest_file\ttrain_source\ttrain_file\n"
+                   f"data\t{sorted(files['test'])[0]}\tdata\t{sorted(files['train'])[0]}\n")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'drop_copies = ["{lst}"]\nsplit_from = "{tmp_path / "parent"}"\n')
+    run = tmp_path / "run"
+    _train(["--config", cfg, *common, "--epochs", 1, "--out", run], cache)
+    lst.rename(tmp_path / "moved.tsv")
+    log = _train(["--config", cfg, *common, "--epochs", 2, "--out", run, "--resume"], cache)
+    assert "resumed from epoch" in log
+    rec = json.loads((run / "split.json").read_text())
+    assert [rel for _, rel in rec["dropped_copies"]] == [sorted(files["train"])[0]]
+
+
+def test_a_zip_of_renamed_training_files_is_marked_by_content(tmp_path, random_weights):
+    """The Evaluation page's zip marked the model's own images by file name only: renamed, they
+    scored as new patients'."""
+    import io
+    import zipfile
+    from core import app_support
+    from core.inference import Predictor
+    samples = ROOT / "assets" / "samples"
+    pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("glioma/renamed.jpg", (samples / "glioma.jpg").read_bytes())
+        z.writestr("notumor/other.jpg", (samples / "notumor.jpg").read_bytes())
+    held = app_support.evaluate_zip(pred, "mine.zip", buf.getvalue())
+    marks = {r["file"]: bool(r.get("copy_in_training")) for r in held["ev"]["predictions"]}
+    assert marks == {"glioma/renamed.jpg": True, "notumor/other.jpg": False}
