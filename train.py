@@ -450,8 +450,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             D.read_copy_pairs(f)
             args.drop_copies_sha256.append(file_sha256(f))
         except (OSError, ValueError) as e:
-            if args.resume and not os.path.exists(f):
+            if args.resume and given_alone.drop_copies is None and not os.path.exists(f):
                 # a config's lists moved since the run began: the run's split.json holds its copies
+                print(f"note: --resume: the config's list {f} is not there; the run's own split.json "
+                      "holds the copies it leaves out", file=sys.stderr)
                 args.drop_copies, args.drop_copies_sha256 = None, []
                 break
             p.error(f"--drop-copies: {e}")
@@ -1219,6 +1221,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         print(f"warning: test records not marked for copies in training ({e}); "
               "`python -m core mark-copies` can do it later", flush=True)
     write_json(out / "eval.json", ev)
+    (out / SEEN_FILE).unlink(missing_ok=True)   # a failed write must not leave the previous weights' list
     try:   # an upload of a file it trained on is flagged 'seen in training' (app, predict, reports)
         marked = {(D.source_of(r), r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
         write_seen_files(out, seen_files(samples, sources, marked))

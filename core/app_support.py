@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import streamlit as st
 
-from .evaluation import (NothingToScore, OtherClasses, call_is_right, evaluate_records, prediction_record,
+from .evaluation import (SEEN_FILE, NothingToScore, OtherClasses, call_is_right, evaluate_records, prediction_record,
                          read_eval, score_labelled, trained_file_names, without_copies)
 from . import inference
 from .data import source_of
@@ -129,10 +129,11 @@ def model_label(weights_dir: str | Path) -> str:
 
 def weights_stamp(weights_dir: str | Path) -> tuple:
     """Cache key for a loaded model: its folder and the mtime and size of each file a Predictor
-    reads (weights, card, gate), so that fit-ood's new gate or card is loaded, not missed."""
+    reads (weights, card, gate, the list of files it trained on), so that fit-ood's new gate or
+    card, or seen-files' list, is loaded, not missed."""
     d = Path(weights_dir).resolve()
     stamps = []
-    for name in ("model.safetensors", "card.json", "ood.safetensors"):
+    for name in ("model.safetensors", "card.json", "ood.safetensors", SEEN_FILE):
         f = d / name
         info = f.stat() if f.is_file() else None
         stamps.append((info.st_mtime_ns, info.st_size) if info else None)

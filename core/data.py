@@ -199,7 +199,8 @@ def repo_relative(path: str | Path) -> str:
     """A file's path as a record keeps it: relative to the repository (with /) when it lies inside
     it, so that the record holds on another machine or checkout; else absolute."""
     p = resolve_root(path).resolve()
-    return p.relative_to(REPO_ROOT).as_posix() if p.is_relative_to(REPO_ROOT) else str(p)
+    # outside it (../shared/...), as a card records a data root: as written when that holds from the repository
+    return p.relative_to(REPO_ROOT).as_posix() if p.is_relative_to(REPO_ROOT) else portable_root(path)
 
 
 def portable_root(path: str | Path) -> str:

@@ -388,6 +388,9 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     samples = D.samples_from_record(record, source_roots(card, data_config))
     counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log, listed)
     write_json(path, ev)
+    # the files an upload is flagged 'seen in training' for include the test files just marked
+    marked = {(source_of(r), r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
+    write_seen_files(weights_dir, seen_files(samples, card.get("sources") or [], marked))
     return counts
 
 
@@ -615,7 +618,7 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
     # 'Brain Tumor/{Normal T1, Glioma T1}/' (all scored as tumours); 'Brain_Glioma/ Brain Tumor/'
     # (the last has no type); the model's own training images
     for note in filter(None, (one_folder_note(scan), untyped_tumour_note(samples),
-                              trained_name_note(predictor.dir, [s.rel for s in samples]))):
+                              trained_note(predictor, samples))):
         evaluated += f" (note: {note})"
     records = []
     # neither a training folder's leftovers (when a test split is evaluated) nor the masks kept
@@ -716,11 +719,26 @@ def mark_seen_files(weights_dir: str | Path, data_config: str | Path | None = No
     if absent := [s.path for s in samples if not os.path.isfile(s.path)]:
         raise ValueError(f"{len(absent)} files of the split are missing (first: {absent[0]})")
     ev = json.loads((weights_dir / "eval.json").read_text()) if (weights_dir / "eval.json").is_file() else {}
+    if "copies_in_training" not in ev:
+        log("note: eval.json has no copy marks (`python -m core mark-copies`): test files with a copy in "
+            "training are not listed")
     marked = {(source_of(r), r["file"]) for r in ev.get("predictions") or [] if r.get("copy_in_training")}
     digests = seen_files(samples, card.get("sources") or [], marked)
     write_seen_files(weights_dir, digests)
     log(f"{weights_dir / SEEN_FILE}: {len(digests)} files (training, validation and test files with a copy in training)")
     return len(digests)
+
+
+def trained_note(predictor: Predictor, samples: list) -> str | None:
+    """A hint when evaluated files are this model's own training or validation images: by content
+    where the model lists them (`SEEN_FILE`; renamed copies too), else by name (`trained_name_note`)."""
+    from .inference import file_sha256
+    if getattr(predictor, "seen", None):
+        n = sum(predictor.seen_in_training(file_sha256(s.path)) for s in samples)
+        if n:
+            return (f"{n} of these {len(samples)} images are, byte for byte, files this model trained or was "
+                    "validated on, or whose copy it trained on (its seen_sha256.txt): these figures flatter it")
+    return trained_name_note(predictor.dir, [s.rel for s in samples])
 
 
 def trained_name_note(model_dir: Path, rels: list[str]) -> str | None:

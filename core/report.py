@@ -120,16 +120,16 @@ def flags_of(row: Mapping) -> list[str]:
     if not row.get("ok"):
         return [FLAG_UNREADABLE]
     hot = [FLAG_OTHER_SLICES] if row.get("hot_slices") else []
+    seen = [FLAG_SEEN] if row.get("seen_in_training") else []
     if not row.get("in_distribution", True):
-        return [FLAG_OOD] + hot
+        return [FLAG_OOD] + hot + seen
     # no gate scored it ("ood_score" null): a moon photo was called pituitary with no flag at all
     unchecked = "ood_score" in row and row["ood_score"] is None
     end = end_slice_note(row.get("info") or {}, row.get("pred", ""), list(row.get("probs") or {})) is not None
     return [name for name, on in ((FLAG_MASK, bool(row.get("mask_contradicts"))), (FLAG_NOT_CHECKED, unchecked),
                                   (FLAG_UNCERTAIN, bool(row.get("uncertain"))),
                                   (FLAG_TYPE_UNCERTAIN, bool(row.get("type_uncertain"))),
-                                  (FLAG_END_SLICE, end), (FLAG_SEEN, bool(row.get("seen_in_training"))))
-            if on] + hot
+                                  (FLAG_END_SLICE, end)) if on] + hot + seen
 
 
 def refused_by_header(row: Mapping) -> bool:
@@ -967,7 +967,8 @@ def _called_tp(r: ScanResult) -> float | None:
 def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: list[str]) -> None:
     from fpdf.fonts import FontFace
     n_ok = sum(r.ok for r in results)
-    n_flag = sum(bool(r.flags) for r in results if r.ok)
+    # 'seen in training' says what a result is worth, not that the scan needs a second reader
+    n_flag = sum(bool(set(r.flags) - {FLAG_SEEN}) for r in results if r.ok)
     n_called = sum(bool(call_of(r.to_row())) for r in results)   # a refused scan was read, but gets no call
     pdf.font(12, True, INK)
     pdf.cell(0, 7, pdf.t("Batch summary"), new_x="LMARGIN", new_y="NEXT")
@@ -1004,8 +1005,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
                 shown = _called_tp(r)
                 row.cell("" if shown is None else f"{shown:.{digits}f}", link=link)
                 flags = flag_labels(r.to_row())
-                row.cell(pdf.t(", ".join(flags) or "-"), link=link,
-                         style=FontFace(color=RED[1] if flags else INK))
+                colour = RED[1] if set(flags) - {FLAG_SEEN} else AMBER[1] if flags else INK
+                row.cell(pdf.t(", ".join(flags) or "-"), link=link, style=FontFace(color=colour))
             else:
                 row.cell("-", link=link)
                 row.cell("-", link=link)

@@ -438,6 +438,10 @@ def test_a_resume_from_a_config_whose_lists_moved_goes_on(tmp_path):
     assert "resumed from epoch" in log
     rec = json.loads((run / "split.json").read_text())
     assert [rel for _, rel in rec["dropped_copies"]] == [sorted(files["train"])[0]]
+    # a list typed on the command line that is not there is still an error, not a silent fallback
+    log = _train(["--config", cfg, *common, "--epochs", 3, "--out", run, "--resume", "--drop-copies",
+                  tmp_path / "typo.tsv"], cache, expect=2)
+    assert "--drop-copies" in log and "cannot be read" in log
 
 
 def test_a_zip_of_renamed_training_files_is_marked_by_content(tmp_path, random_weights):
@@ -456,3 +460,76 @@ def test_a_zip_of_renamed_training_files_is_marked_by_content(tmp_path, random_w
     held = app_support.evaluate_zip(pred, "mine.zip", buf.getvalue())
     marks = {r["file"]: bool(r.get("copy_in_training")) for r in held["ev"]["predictions"]}
     assert marks == {"glioma/renamed.jpg": True, "notumor/other.jpg": False}
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "brain-tumor-mri").is_dir(), reason="needs ../shared")
+def test_the_shipped_defaults_seen_list_holds_its_training_files_and_not_its_clean_test_files():
+    from core.evaluation import seen_digests
+    from core.inference import file_sha256
+    d = ROOT / "weights" / (ROOT / "weights" / "DEFAULT").read_text().strip()
+    seen = seen_digests(d)
+    root = ROOT.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
+    files = json.loads((d / "split.json").read_text())["files"]["benchmark"]
+    ev = json.loads((d / "eval.json").read_text())["predictions"]
+    clean = [r["file"] for r in ev if r["source"] == "benchmark" and not r.get("copy_in_training")]
+    copied = [r["file"] for r in ev if r["source"] == "benchmark" and r.get("copy_in_training")]
+    assert all(file_sha256(root / f)[:16] in seen for f in files["train"][::97] + files["val"][::29] + copied[::9])
+    assert not any(file_sha256(root / f)[:16] in seen for f in clean[::7])
+
+
+def test_seen_in_training_rides_beside_the_out_of_distribution_flag_and_is_no_review_flag():
+    """A refused training file lost its 'seen' flag in the text line, table, CSV and PDF (the JSON
+    kept it); the PDF summary counted a training file as 'flagged for review'."""
+    from core.report import FLAG_OOD, FLAG_SEEN, flags_of
+    assert flags_of({"ok": True, "in_distribution": False, "seen_in_training": True}) == [FLAG_OOD, FLAG_SEEN]
+    assert flags_of({"ok": True, "in_distribution": True, "seen_in_training": True, "probs": {}}) == [FLAG_SEEN]
+
+
+def test_the_pdf_summary_does_not_count_a_seen_file_for_review(tmp_path, random_weights):
+    from test_report import flat, pdf_pages
+    from core.inference import Predictor
+    from core.report import ReportContext, analyse_one, render_pdf
+    samples = ROOT / "assets" / "samples"
+    pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
+    results = [analyse_one(n, str(samples / n), pred) for n in ("glioma.jpg", "notumor.jpg")]
+    assert results[0].seen and not results[1].seen and "seen in training" in results[0].flags
+    flagged_other = sum(bool(set(r.flags) - {"seen in training"}) for r in results)
+    summary = flat(pdf_pages(render_pdf(results, ReportContext.of(pred, None, None)), tmp_path)[0])
+    assert f"{flagged_other} flagged for review" in summary and "seen in training" in summary
+
+
+def test_mark_copies_rewrites_the_seen_list_and_a_new_seen_file_is_loaded(tmp_path):
+    from core.app_support import weights_stamp
+    from core.cli import main
+    from core.evaluation import SEEN_FILE, seen_digests
+    from core.inference import file_sha256
+    w = _model_with_split(tmp_path)
+    before = weights_stamp(w)
+    tsv = tmp_path / "aligned.tsv"
+    tsv.write_text("test_source\ttest_file\ttrain_source\ttrain_file\nds\tglioma/shifted.png\tds\tglioma/p0.jpg\n")
+    assert main(["mark-copies", "--weights", str(w), "--copy-list", str(tsv)]) == 0
+    assert file_sha256(tmp_path / "ds" / "glioma" / "shifted.png")[:16] in seen_digests(w)
+    assert (w / SEEN_FILE).is_file() and weights_stamp(w) != before   # the app reloads the model
+
+
+def test_a_list_under_shared_is_recorded_as_written():
+    from core.data import repo_relative
+    shared = ROOT.parent / "shared" / "data" / "README.md"
+    if not shared.exists():
+        pytest.skip("needs ../shared")
+    assert repo_relative("../shared/data/README.md") == "../shared/data/README.md"
+
+
+def test_evaluate_notes_renamed_training_files_by_content(tmp_path, random_weights):
+    """`evaluate` noticed the model's own images by file name only: renamed, they scored as new."""
+    import shutil
+    from core.evaluation import evaluate_dir
+    from core.inference import Predictor
+    samples = ROOT / "assets" / "samples"
+    pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
+    d = tmp_path / "eval"
+    for c in ("glioma", "notumor"):
+        (d / c).mkdir(parents=True)
+        shutil.copy(samples / f"{c}.jpg", d / c / f"renamed_{c}.jpg")
+    ev = evaluate_dir(pred, d)
+    assert "1 of these 2 images are, byte for byte, files this model trained" in ev["evaluated"]
