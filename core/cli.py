@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each volume's most tumour-like slice that passes the out-of-distribution check")
     pr.set_defaults(fn=cmd_predict)
     mc = sub.add_parser("mark-copies", help="mark eval.json's test records that have a copy "
-                                            "(near duplicate, mirrored or turned) in training")
+                                            "(near duplicate, mirrored or turned) in training, and "
+                                            "rewrite seen_sha256.txt with them")
     mc.add_argument("--weights", required=True)
     mc.add_argument("--data-config", help="TOML whose [[data]] entries name the source roots")
     mc.add_argument("--copy-list", action="append", metavar="TSV",

@@ -419,7 +419,8 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
                          "confidence": None, "flags": "error: " + r.get("error", "")})
             continue
         # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
-        # out-of-distribution scan has that flag alone: no call to refer or doubt
+        # out-of-distribution scan has no referral or type flag (no call to refer or doubt), only
+        # the other-slices and seen-in-training notes beside it
         flags = flag_labels(r)
         called = r.get("in_distribution", True)  # a refused scan's raw output is no result to list
         info = r.get("info") or {}

@@ -197,7 +197,8 @@ def resolve_root(path: str | Path) -> Path:
 
 def repo_relative(path: str | Path) -> str:
     """A file's path as a record keeps it: relative to the repository (with /) when it lies inside
-    it, so that the record holds on another machine or checkout; else absolute."""
+    it, so that the record holds on another machine or checkout; else as `portable_root` keeps a
+    data root (as written when it reads the same from the repository root, else absolute)."""
     p = resolve_root(path).resolve()
     # outside it (../shared/...), as a card records a data root: as written when that holds from the repository
     return p.relative_to(REPO_ROOT).as_posix() if p.is_relative_to(REPO_ROOT) else portable_root(path)

@@ -387,10 +387,13 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     listed = {name: read_copy_list(name, record, held) for name in lists}   # before the slow hashing
     samples = D.samples_from_record(record, source_roots(card, data_config))
     counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log, listed)
-    write_json(path, ev)
-    # the files an upload is flagged 'seen in training' for include the test files just marked
+    # the files an upload is flagged 'seen in training' for include the test files just marked:
+    # hashed before either file is written, so that the two are rewritten together
     marked = {(source_of(r), r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
-    write_seen_files(weights_dir, seen_files(samples, card.get("sources") or [], marked))
+    digests = seen_files(samples, card.get("sources") or [], marked)
+    write_json(path, ev)
+    write_seen_files(weights_dir, digests)
+    log(f"{weights_dir / SEEN_FILE}: {len(digests)} files (rewritten with the marks)")
     return counts
 
 
@@ -732,9 +735,9 @@ def mark_seen_files(weights_dir: str | Path, data_config: str | Path | None = No
 def trained_note(predictor: Predictor, samples: list) -> str | None:
     """A hint when evaluated files are this model's own training or validation images: by content
     where the model lists them (`SEEN_FILE`; renamed copies too), else by name (`trained_name_note`)."""
-    from .inference import file_sha256
-    if getattr(predictor, "seen", None):
-        n = sum(predictor.seen_in_training(file_sha256(s.path)) for s in samples)
+    from .inference import sha256_of
+    if getattr(predictor, "seen", None):   # a file gone or unreadable is the evaluation's error row, not here
+        n = sum(predictor.seen_in_training(sha256_of(s.path)) for s in samples)
         if n:
             return (f"{n} of these {len(samples)} images are, byte for byte, files this model trained or was "
                     "validated on, or whose copy it trained on (its seen_sha256.txt): these figures flatter it")

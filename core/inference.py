@@ -512,7 +512,7 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold,
                                                             pr.in_distribution)):
                 row["hot_slices"] = hot   # as the app and the report flag it
-            if getattr(predictor, "seen", None) and predictor.seen_in_training(_sha256_of(src)):
+            if getattr(predictor, "seen", None) and predictor.seen_in_training(sha256_of(src)):
                 row["seen_in_training"] = True   # as the app and the report flag it
             yield row
         except ScanError as e:
@@ -521,10 +521,13 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             yield {"file": name, "ok": False, "error": f"The file could not be processed ({type(e).__name__})."}
 
 
-def _sha256_of(src: bytes | str) -> str | None:
-    """SHA-256 (hex) of an input's bytes: a file read again, or the bytes given; None if unreadable."""
+def sha256_of(src: bytes | str | Path) -> str | None:
+    """SHA-256 (hex) of an input's bytes: a regular file read again, or the bytes given; None for
+    what cannot be read (gone, a pipe that would block, no permission)."""
+    if isinstance(src, (bytes, bytearray)):
+        return hashlib.sha256(src).hexdigest()
     try:
-        return hashlib.sha256(src if isinstance(src, (bytes, bytearray)) else Path(src).read_bytes()).hexdigest()
+        return hashlib.sha256(Path(src).read_bytes()).hexdigest() if os.path.isfile(src) else None
     except OSError:
         return None
 

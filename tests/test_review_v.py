@@ -533,3 +533,29 @@ def test_evaluate_notes_renamed_training_files_by_content(tmp_path, random_weigh
         shutil.copy(samples / f"{c}.jpg", d / c / f"renamed_{c}.jpg")
     ev = evaluate_dir(pred, d)
     assert "1 of these 2 images are, byte for byte, files this model trained" in ev["evaluated"]
+
+
+def test_evaluate_goes_on_past_a_file_it_cannot_hash(tmp_path, random_weights, monkeypatch):
+    """Hashing every evaluated file for the 'seen' note ran before the per-file error handling: a
+    file gone since discovery ended the evaluation, and a pipe named .jpg hung it."""
+    import os
+    import shutil
+    import core.evaluation as EV
+    from core.evaluation import evaluate_dir
+    from core.inference import Predictor
+    samples = ROOT / "assets" / "samples"
+    pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
+    d = tmp_path / "eval"
+    for c in ("glioma", "notumor"):
+        (d / c).mkdir(parents=True)
+        shutil.copy(samples / f"{c}.jpg", d / c / f"a_{c}.jpg")
+    os.mkfifo(d / "notumor" / "pipe.jpg")
+    real = EV.evaluation_set
+
+    def vanishing(*a, **k):   # a file removed between discovery and scoring
+        out = real(*a, **k)
+        (d / "glioma" / "a_glioma.jpg").unlink(missing_ok=True)
+        return out
+    monkeypatch.setattr(EV, "evaluation_set", vanishing)
+    ev = evaluate_dir(pred, d)
+    assert {e["file"] for e in ev["errors"]} >= {"glioma/a_glioma.jpg", "notumor/pipe.jpg"}
