@@ -30,7 +30,7 @@ import torch
 from core import data as D
 from core import distributed as DD
 from core import engine as E
-from core.evaluation import (SEEN_FILE, card_metrics, copies_trained_on, evaluate_records, mark_records,
+from core.evaluation import (SEEN_FILE, card_metrics, copies_trained_on, copy_marked, evaluate_records, mark_records,
                              prediction_records, seen_files, write_json, write_seen_files)
 from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
@@ -1223,8 +1223,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     write_json(out / "eval.json", ev)
     (out / SEEN_FILE).unlink(missing_ok=True)   # a failed write must not leave the previous weights' list
     try:   # an upload of a file it trained on is flagged 'seen in training' (app, predict, reports)
-        marked = {(D.source_of(r), r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
-        write_seen_files(out, seen_files(samples, sources, marked))
+        write_seen_files(out, seen_files(samples, sources, copy_marked(ev)))
     except OSError as e:
         print(f"warning: {SEEN_FILE} not written ({e}); `python -m core seen-files` can do it later", flush=True)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,

@@ -355,6 +355,11 @@ def same_figures(a, b, tol: float = 2e-6) -> bool:
     return a == b
 
 
+def copy_marked(ev: dict) -> set[tuple[str, str]]:
+    """(source, file) of eval.json's test records marked ``copy_in_training`` (`mark_records`)."""
+    return {(source_of(r), r["file"]) for r in ev.get("predictions") or [] if r.get("copy_in_training")}
+
+
 def without_copies(records: list[dict]) -> tuple[list[dict], int]:
     """The records whose image has no copy in the training split (``copy_in_training``, written
     by `mark_copies`), and how many were left out."""
@@ -389,8 +394,7 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     counts = mark_records(ev, copies_trained_on(samples, card.get("sources") or []), log, listed)
     # the files an upload is flagged 'seen in training' for include the test files just marked:
     # hashed before either file is written, so that the two are rewritten together
-    marked = {(source_of(r), r["file"]) for r in ev["predictions"] if r.get("copy_in_training")}
-    digests = seen_files(samples, card.get("sources") or [], marked)
+    digests = seen_files(samples, card.get("sources") or [], copy_marked(ev))
     write_json(path, ev)
     write_seen_files(weights_dir, digests)
     log(f"{weights_dir / SEEN_FILE}: {len(digests)} files (rewritten with the marks)")
@@ -428,10 +432,10 @@ def read_copy_list(path: str | Path, split: dict | None = None,
     nothing, as `copies_trained_on` has it). With ``split`` (split.json's files), a row whose copy
     is not a training file of that split, or whose image is not one of its test or validation
     files, is a list made for another split: ValueError, so that no mark is made from it."""
-    from .data import read_copy_pairs
+    from .data import read_copy_pairs, split_roles
     pairs = read_copy_pairs(path)
     if split is not None:
-        where = {(s, f): sp for s, d in split.items() for sp, files in d.items() for f in files}
+        where = split_roles(split)
         wrong = [(a, b) for a, b in pairs if where.get(b) != "train" or where.get(a) not in ("val", "test")]
         if wrong:
             (s1, f1), (s2, f2) = wrong[0]
@@ -725,8 +729,7 @@ def mark_seen_files(weights_dir: str | Path, data_config: str | Path | None = No
     if "copies_in_training" not in ev:
         log("note: eval.json has no copy marks (`python -m core mark-copies`): test files with a copy in "
             "training are not listed")
-    marked = {(source_of(r), r["file"]) for r in ev.get("predictions") or [] if r.get("copy_in_training")}
-    digests = seen_files(samples, card.get("sources") or [], marked)
+    digests = seen_files(samples, card.get("sources") or [], copy_marked(ev))
     write_seen_files(weights_dir, digests)
     log(f"{weights_dir / SEEN_FILE}: {len(digests)} files (training, validation and test files with a copy in training)")
     return len(digests)

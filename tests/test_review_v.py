@@ -520,17 +520,24 @@ def test_a_list_under_shared_is_recorded_as_written():
     assert repo_relative("../shared/data/README.md") == "../shared/data/README.md"
 
 
-def test_evaluate_notes_renamed_training_files_by_content(tmp_path, random_weights):
-    """`evaluate` noticed the model's own images by file name only: renamed, they scored as new."""
+def _seen_glioma_and_a_folder(tmp_path, random_weights, prefix: str):
+    """(a model that trained on the built-in glioma sample, a class folder holding both samples
+    renamed ``prefix``<class>.jpg)."""
     import shutil
-    from core.evaluation import evaluate_dir
     from core.inference import Predictor
     samples = ROOT / "assets" / "samples"
     pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
     d = tmp_path / "eval"
     for c in ("glioma", "notumor"):
         (d / c).mkdir(parents=True)
-        shutil.copy(samples / f"{c}.jpg", d / c / f"renamed_{c}.jpg")
+        shutil.copy(samples / f"{c}.jpg", d / c / f"{prefix}{c}.jpg")
+    return pred, d
+
+
+def test_evaluate_notes_renamed_training_files_by_content(tmp_path, random_weights):
+    """`evaluate` noticed the model's own images by file name only: renamed, they scored as new."""
+    from core.evaluation import evaluate_dir
+    pred, d = _seen_glioma_and_a_folder(tmp_path, random_weights, "renamed_")
     ev = evaluate_dir(pred, d)
     assert "1 of these 2 images are, byte for byte, files this model trained" in ev["evaluated"]
 
@@ -539,16 +546,9 @@ def test_evaluate_goes_on_past_a_file_it_cannot_hash(tmp_path, random_weights, m
     """Hashing every evaluated file for the 'seen' note ran before the per-file error handling: a
     file gone since discovery ended the evaluation, and a pipe named .jpg hung it."""
     import os
-    import shutil
     import core.evaluation as EV
     from core.evaluation import evaluate_dir
-    from core.inference import Predictor
-    samples = ROOT / "assets" / "samples"
-    pred = Predictor(_seen_model(tmp_path, random_weights, [samples / "glioma.jpg"]))
-    d = tmp_path / "eval"
-    for c in ("glioma", "notumor"):
-        (d / c).mkdir(parents=True)
-        shutil.copy(samples / f"{c}.jpg", d / c / f"a_{c}.jpg")
+    pred, d = _seen_glioma_and_a_folder(tmp_path, random_weights, "a_")
     os.mkfifo(d / "notumor" / "pipe.jpg")
     real = EV.evaluation_set
 
