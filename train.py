@@ -567,8 +567,8 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
     split_from = resumed or args.split_from or args.init
     origin = None  # the run whose recorded split this one reuses
     method = (f"phash near-duplicate groups (<= {args.max_distance} of 64 bits), mirrored or half-turned "
-              f"copies (a flip's phash, then head thumbnails correlating >= {D.TWIN_CORRELATION}) and TCGA patient "
-              f"ids, across sources; StratifiedGroupKFold by source/label, files in (source, path) order, "
+              f"copies (a flip's phash, then head thumbnails correlating >= {D.TWIN_CORRELATION}), the aligned copies "
+              f"{D.KNOWN_COPIES_FILE.name} lists (by content) and TCGA patient ids, across sources; StratifiedGroupKFold by source/label, files in (source, path) order, "
               f"the test and validation folds drawn from seed {args.seed}")
     if split_from:
         split_file = Path(split_from) / "split.json"
@@ -1224,7 +1224,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     (out / SEEN_FILE).unlink(missing_ok=True)   # a failed write must not leave the previous weights' list
     try:   # an upload of a file it trained on is flagged 'seen in training' (app, predict, reports)
         write_seen_files(out, seen_files(samples, sources, copy_marked(ev)))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"warning: {SEEN_FILE} not written ({e}); `python -m core seen-files` can do it later", flush=True)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)

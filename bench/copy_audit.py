@@ -8,6 +8,9 @@ not mark. Their scores flatter the model; the summary says by how much, per sour
     PYTHONPATH=. python bench/copy_audit.py --split val --out runs/unmarked_copies_val.tsv
     PYTHONPATH=. python bench/copy_audit.py --pairs-out runs/copy_pairs_test.tsv   # every copy, for train.py --drop-copies
     PYTHONPATH=. python bench/copy_audit.py --weights weights/resnet18_176 --workers 2
+    PYTHONPATH=. python bench/copy_audit.py --split all --pairs-out core/known_copies.tsv \
+        --merge weights/resnet18_192_gpu_ema120_s2/copy_pairs_test.tsv \
+        --merge weights/resnet18_192_gpu_ema120_s2/copy_pairs_val.tsv     # the list fresh splits join (34 min)
 
 Method (the 2026-12-06 audit, made one script):
  1. every image cropped to the head (`head_bbox`, rel_threshold 0.1), 64 px; also histogram-
@@ -26,6 +29,12 @@ Method (the 2026-12-06 audit, made one script):
     LGG slices of other patients, the cross-patient control, never exceed 0.60).
  "Unmarked": test images not marked copy_in_training in the model's eval.json; val images (no
  eval.json records) not in a `core.data.copy_pairs` pair with a training image.
+
+`--split all` (session 43) runs the same steps on every image of the split against every other,
+whatever its part, leaving out pairs the project's own check already groups (`core.data.group_roots`
+without the list): 11,097 images, 113,965 candidate pairs, 34 min on the 2-core host with an empty
+cache. Its list, `core/known_copies.tsv`, gives each pair's content keys (SHA-256, 16 hex digits),
+so that `core.data.assign_groups` joins the pairs in every fresh split under any layout or names.
 
 Intermediate arrays are cached under $BT_CACHE (default ~/.cache/brain-tumour)/copy_audit/,
 keyed by the split's files, so a rerun with another --out only redoes the summary.
@@ -231,8 +240,15 @@ def _chunks(pairs_kinds, n):
 # ---------------------------------------------------------------- the sweep (step 2)
 
 
-def candidates(crops, eq, tr, te):
-    """{(test index, train index): set of dihedral kinds} proposed by any coarse feature."""
+INVERSE = (0, 1, 6, 3, 4, 5, 2, 7)   # dihedral(dihedral(a, k), INVERSE[k]) is a
+
+
+def candidates(crops, eq, tr, te, group=None):
+    """{(test index, train index): set of dihedral kinds} proposed by any coarse feature.
+
+    ``group`` (the all-pairs audit, ``tr`` and ``te`` then the same images): each image's group
+    under the project's own check; pairs within one group (an image and itself included) are
+    not proposed, and each pair is keyed once, lower index first, its kinds turned to match."""
     def pool(a, f):
         n, h, w = a.shape
         return a.reshape(n, h // f, f, w // f, f).mean((2, 4))
@@ -246,16 +262,23 @@ def candidates(crops, eq, tr, te):
     cand = defaultdict(set)
     for name, f in feats.items():
         B = znorm(f[tr])
-        best = np.full((len(te), len(tr)), -np.inf, np.float32)
-        kind = np.zeros((len(te), len(tr)), np.int8)
-        for k in range(8):   # strict > keeps the first kind on ties, as argmax over the 8 did
-            C = znorm(dihedral(f[te], k)) @ B.T
-            up = C > best
-            best[up], kind[up] = C[up], k
-        idx = np.argpartition(-best, TOP_K, axis=1)[:, :TOP_K]
-        for a in range(len(te)):
-            for j in idx[a]:
-                cand[(int(te[a]), int(tr[j]))].add(int(kind[a, j]))
+        for lo in range(0, len(te), 2048):   # row blocks: the all-pairs matrix would be 0.5 GB a copy
+            rows = te[lo:lo + 2048]
+            best = np.full((len(rows), len(tr)), -np.inf, np.float32)
+            kind = np.zeros((len(rows), len(tr)), np.int8)
+            for k in range(8):   # strict > keeps the first kind on ties, as argmax over the 8 did
+                C = znorm(dihedral(f[rows], k)) @ B.T
+                up = C > best
+                best[up], kind[up] = C[up], k
+            if group is not None:
+                best[group[rows][:, None] == group[tr][None, :]] = -np.inf
+            idx = np.argpartition(-best, TOP_K, axis=1)[:, :TOP_K]
+            for a in range(len(rows)):
+                for j in idx[a]:
+                    i, t, k = int(rows[a]), int(tr[j]), int(kind[a, j])
+                    if group is not None and i > t:
+                        i, t, k = t, i, INVERSE[k]
+                    cand[(i, t)].add(k)
     return cand
 
 
@@ -273,16 +296,20 @@ def cached(cache_dir: Path, name: str, fn):
     return v
 
 
-def audit(paths, split_of, target, workers, cache_dir, log=print):
+def audit(paths, split_of, target, workers, cache_dir, log=print, group=None):
     """({target index: (hp256, train index, kind)}: each target image's best 256 px partner,
-    {(target index, train index): (hp256, kind)}: every pair scored at 256 px)."""
-    tr = np.nonzero(split_of == "train")[0]
-    te = np.nonzero(split_of == target)[0]
+    {(target index, train index): (hp256, kind)}: every pair scored at 256 px).
+
+    ``group`` (`project_groups`): every image against every other, pairs within a group left
+    out; pairs are (lower index, higher index), and an image is looked at from either end."""
+    every = group is not None
+    tr = np.arange(len(paths)) if every else np.nonzero(split_of == "train")[0]
+    te = tr if every else np.nonzero(split_of == target)[0]
     t0 = time.time()
 
     crops, eq = crops64(paths, workers, cache_dir)
     log(f"  crops: {len(paths)} images, {time.time() - t0:.0f} s")
-    cand = cached(cache_dir, "candidates", lambda: candidates(crops, eq, tr, te))
+    cand = cached(cache_dir, "candidates", lambda: candidates(crops, eq, tr, te, group))
     log(f"  candidates: {len(cand)} pairs, {time.time() - t0:.0f} s")
 
     def refine():
@@ -309,16 +336,18 @@ def audit(paths, split_of, target, workers, cache_dir, log=print):
     log(f"  256 px: {len(P)} pairs, {time.time() - t0:.0f} s")
 
     # second look: a copy re-framed or re-contrasted enough to fail at 128 px still tops the 64 px list
-    found = {i for (i, j), (h, k) in P.items() if h >= FOUND}
+    ends = (lambda ij: ij) if every else (lambda ij: ij[:1])
+    found = {n for ij, (h, k) in P.items() if h >= FOUND for n in ends(ij)}
     byi = defaultdict(list)
-    for (i, j), r in R.items():
-        if i not in found and (i, j) not in P:
-            byi[i].append((r["score"], j, r["kind"]))
-    extra = []
-    for i, L in byi.items():
+    for ij, r in R.items():
+        for n in ends(ij):
+            if n not in found and ij not in P:
+                byi[n].append((r["score"], ij, r["kind"]))
+    extra = set()
+    for n, L in byi.items():
         L.sort(reverse=True)
-        extra += [((i, j), k) for s, j, k in L[:EXTRA_TOP] if s >= EXTRA_MIN]
-    E = cached(cache_dir, "hp256_extra", lambda: run_chunks(_hp256, extra))
+        extra |= {(ij, k) for s, ij, k in L[:EXTRA_TOP] if s >= EXTRA_MIN}
+    E = cached(cache_dir, "hp256_extra", lambda: run_chunks(_hp256, sorted(extra)))
     log(f"  256 px second look: {len(E)} pairs, {time.time() - t0:.0f} s")
 
     best, scored = {}, {**P, **E}
@@ -354,7 +383,8 @@ def audit_files(record: dict, roots: dict, split: str, cache: str | None = None)
     """(source, split, file) arrays, paths and the cache folder of an audit of ``split`` against
     the training split of split.json's ``record``: train files first, then the target split,
     source by source (the audit's order, which its cache key holds)."""
-    recs = [(s, sp, rel) for s, d in record.items() for sp in ("train", split) for rel in d.get(sp, [])]
+    parts = ("train", "val", "test") if split == "all" else ("train", split)
+    recs = [(s, sp, rel) for s, d in record.items() for sp in parts for rel in d.get(sp, [])]
     missing = sorted({s for s, _, _ in recs} - set(roots))
     if missing:
         raise ValueError(f"no data root for source(s) {missing}")
@@ -376,15 +406,71 @@ def crops64(paths, workers: int, cache_dir: Path):
     return cached(cache_dir, "crops64", make)
 
 
+def merged_pairs(lists, src, rel) -> dict[tuple[int, int], tuple[float, int]]:
+    """The aligned pairs (hp256 a number, not 'hash') of earlier audits' ``--pairs-out`` lists,
+    by the all-pairs audit's indices: a test image's copy that the all-pairs sweep did not put
+    among its candidates (other copies or neighbouring slices took the places) stays listed."""
+    at = {(s, r): n for n, (s, r) in enumerate(zip(src, rel))}
+    out = {}
+    for f in lists:
+        for line in Path(f).read_text().splitlines()[1:]:
+            c = line.split("\t")
+            if len(c) >= 6 and c[4] != "hash":
+                i, j = at[(c[0], c[1])], at[(c[2], c[3])]
+                out[(min(i, j), max(i, j))] = (float(c[4]), int(c[5]) if i < j else INVERSE[int(c[5])])
+    return out
+
+
+def audit_all(src, rel, paths, workers: int, cache_dir: Path, pairs_out: str | None, merge=()) -> int:
+    """Every copy between two images of the split that the project's own grouping keeps apart:
+    the pairs a fresh split must join (`core.data.known_copy_pairs`), written with each file's
+    content key so that they hold under any folder layout or file name. ``merge``: earlier
+    audits' pair lists (`merged_pairs`), added where this one lacks the pair."""
+    t0 = time.time()
+    patient = [D.patient_id(x) for x in paths]
+    group = cached(cache_dir, "groups", lambda: np.array(D.group_roots(paths, patient, known=False)))
+    print(f"all-pairs audit: {len(paths)} images in {len(set(group.tolist()))} groups of the project's own "
+          f"check; cache: {cache_dir}")
+    _, scored = audit(paths, None, None, workers, cache_dir, group=group)
+    # Two LGG patients' slices are never one scan (their union is refused anyway): left out
+    found = {ij: hk for ij, hk in scored.items() if hk[0] >= COPY}
+    extra = {ij: hk for ij, hk in merged_pairs(merge, src, rel).items() if ij not in found and group[ij[0]] != group[ij[1]]}
+    if merge:
+        print(f"merged from {len(merge)} earlier lists: {len(extra)} pairs this audit does not list")
+    pairs = sorted((ij, hk) for ij, hk in {**found, **extra}.items()
+                   if not (patient[ij[0]] and patient[ij[1]] and patient[ij[0]] != patient[ij[1]]))
+    key = [D.content_key(x) for x in paths]
+    rows = [(src[i], rel[i], src[j], rel[j], f"{h:.3f}", k, key[i], key[j]) for (i, j), (h, k) in pairs]
+    roots = set(group.tolist())
+    merged = D._union_find(len(paths), [(int(group[i]), int(group[j])) for (i, j), _ in pairs])
+    print(f"audit: {time.time() - t0:.0f} s; {len(rows)} copies over {len({n for ij, _ in pairs for n in ij})} "
+          f"images: the project's {len(roots)} groups become {len({merged[g] for g in roots})}")
+    by = Counter(tuple(sorted((r[0], r[2]))) for r in rows)
+    for (a, b), c in sorted(by.items()):
+        print(f"  {a:10s} {b:10s} {c:5d}")
+    if pairs_out:
+        Path(pairs_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(pairs_out).write_text("\t".join(D.KNOWN_COPIES_COLUMNS) + "\n"
+                                   + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+        print(f"wrote {len(rows)} pairs to {pairs_out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="model directory (default: weights/DEFAULT)")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("test", "val", "all"), default="test",
+                   help="the split audited against the training split; 'all': every image of the split "
+                        "against every other one, whatever its part, pairs the project's own check groups "
+                        "left out (with --pairs-out: the list core/known_copies.tsv is)")
     p.add_argument("--out", help="write the unmarked copies as TSV here (each image's best copy)")
     p.add_argument("--pairs-out", help="write every pair at or above the copy threshold as TSV here, marked "
                                        "or not, each image with all its copies, and the project's own check's "
                                        "pairs (hp256 'hash'): what train.py --drop-copies takes to leave the "
                                        "copies out of training")
+    p.add_argument("--merge", action="append", metavar="LIST",
+                   help="with --split all: add the aligned pairs of an earlier audit's --pairs-out list that this "
+                        "one lacks (repeatable)")
     p.add_argument("--workers", type=positive, default=2, help="processes (default 2)")
     p.add_argument("--cache", help="cache folder (default $BT_CACHE or ~/.cache/brain-tumour, /copy_audit)")
     args = p.parse_args(argv)
@@ -406,6 +492,8 @@ def main(argv=None) -> int:
         src, split_of, rel, paths, cache_dir = audit_files(record, roots, args.split, args.cache)
     except ValueError as e:
         p.error(f"{wdir}/card.json: {e}")
+    if args.split == "all":
+        return audit_all(src, rel, paths, args.workers, cache_dir, args.pairs_out, args.merge or ())
     print(f"model: {wdir}; split: {args.split} ({int((split_of == args.split).sum())} images against "
           f"{int((split_of == 'train').sum())} training images); cache: {cache_dir}")
     t0 = time.time()

@@ -72,7 +72,8 @@ def cmd_audit(args) -> int:
     groups = Counter(s.group for s in samples)
     multi = [g for g, n in groups.items() if n > 1]
     patients = len({p for s in samples if (p := D.patient_id(s.path))})
-    print(f"near-duplicate groups (phash <= {args.max_distance} bits, and mirrored or half-turned copies"
+    print(f"near-duplicate groups (phash <= {args.max_distance} bits, mirrored or half-turned copies, and "
+          f"copies {D.KNOWN_COPIES_FILE.name} lists"
           + (f"; the slices of each of {patients} TCGA patients are one group" if patients else
              "; no TCGA patient id found in the file or folder names") + f"): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
@@ -100,7 +101,7 @@ def cmd_audit(args) -> int:
     else:
         D.split_by_group(samples, seed=args.seed)
     leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True)
-    print(f"cross-split near duplicates and flipped copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
+    print(f"cross-split near duplicates, flipped and listed copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
     for a in leaks[:20]:
         print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
     if len(leaks) > 20:

@@ -650,6 +650,46 @@ def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> l
     return pairs + flipped_twin_pairs(paths, max_distance, hashes, thumb) if flips else pairs
 
 
+# Copies of one slice that neither check above joins (re-framed, turned a quarter, re-contrasted),
+# found in the shared sources by aligning every image with its likeliest partners
+# (`bench/copy_audit.py --split all --pairs-out`): listed by content, so any layout or name of the
+# same files is joined, and a fresh split keeps each pair on one side.
+KNOWN_COPIES_FILE = Path(__file__).with_name("known_copies.tsv")
+KNOWN_COPIES_COLUMNS = ("source", "file", "copy_source", "copy_file", "hp256", "dihedral_k", "sha256", "copy_sha256")
+CONTENT_DIGITS = 16   # hex digits of the SHA-256: 64 bits, no chance meeting among the shared files
+
+
+def content_key(path: str | Path) -> str | None:
+    """A file's content key: the first `CONTENT_DIGITS` hex digits of its SHA-256 (None when it
+    cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:CONTENT_DIGITS]
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=4)
+def _known_copies(path: Path) -> tuple[tuple[str, str], ...]:
+    if not path.exists():
+        return ()
+    lines = path.read_text().splitlines()
+    at = {c: n for n, c in enumerate(lines[0].split("\t"))} if lines else {}
+    return tuple((r[at["sha256"]], r[at["copy_sha256"]]) for r in (x.split("\t") for x in lines[1:] if x.strip()))
+
+
+def known_copy_pairs(paths: list[str]) -> list[tuple[int, int]]:
+    """Pairs (i < j) of ``paths`` whose contents `KNOWN_COPIES_FILE` lists as copies of one slice."""
+    listed = _known_copies(KNOWN_COPIES_FILE)
+    if not listed:
+        return []
+    at: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(paths):
+        if (k := content_key(p)) is not None:
+            at[k].append(i)
+    return sorted({(min(i, j), max(i, j)) for a, b in listed for i in at.get(a, ()) for j in at.get(b, ()) if i != j})
+
+
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
     """All pairs (i < j) whose hashes differ in at most ``max_distance`` bits."""
     pairs = []
@@ -734,22 +774,30 @@ def _stable_key(s: Sample) -> tuple[str, str]:
     return s.source, s.rel
 
 
-def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,
-                  patients: bool = True) -> None:
-    """Give every sample a group id: near duplicates (by phash), mirrored or half-turned copies
-    (``flips``, `flipped_twin_pairs`) and one patient's slices share one. ``patients=False``
-    leaves a patient's other slices apart (groups of copies only), still never joining two patients."""
-    # In (source, rel) order, whatever the order of the --data sources: the groups, their names
-    # and so the split are the files' own (reversing three sources moved 18 of 97 images)
-    samples = sorted(samples, key=_stable_key)
-    paths = [s.path for s in samples]
-    patient = [_patient_key(s) for s in samples]
+def group_roots(paths: list[str], patient: list[str | None], max_distance: int = 6, flips: bool = True,
+                patients: bool = True, known: bool = True) -> list[int]:
+    """Each image's group (the index of one member): near duplicates, mirrored or half-turned copies
+    (``flips``), the copies `KNOWN_COPIES_FILE` lists (``known``) and one patient's slices
+    (``patients``) share one; two known patients never do."""
     first: dict[str, int] = {}
     # Patient links first, so that hash links cannot chain two patients' slices together:
     # similar-looking FLAIR slices of different patients are not duplicates.
     pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key and patients]
     pairs += copy_pairs(paths, max_distance, flips)
-    roots = _union_find(len(samples), pairs, patient)
+    if known:
+        pairs += known_copy_pairs(paths)
+    return _union_find(len(paths), pairs, patient)
+
+
+def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,
+                  patients: bool = True, known: bool = True) -> None:
+    """Give every sample a group id (`group_roots`). ``patients=False`` leaves a patient's other
+    slices apart (groups of copies only), still never joining two patients."""
+    # In (source, rel) order, whatever the order of the --data sources: the groups, their names
+    # and so the split are the files' own (reversing three sources moved 18 of 97 images)
+    samples = sorted(samples, key=_stable_key)
+    roots = group_roots([s.path for s in samples], [_patient_key(s) for s in samples],
+                        max_distance, flips, patients, known)
     for s, r in zip(samples, roots):
         s.group = f"g{r}"
 
@@ -815,10 +863,11 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
 
 def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
                            flips: bool = True) -> list[tuple[str, str, str, str]]:
-    """Near-duplicate pairs (and, with ``flips``, mirrored or half-turned copies) that sit in
-    different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
+    """Near-duplicate pairs (and, with ``flips``, mirrored or half-turned copies), and pairs
+    `KNOWN_COPIES_FILE` lists, that sit in different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
     out = []
-    for i, j in copy_pairs([s.path for s in samples], max_distance, flips):
+    paths = [s.path for s in samples]
+    for i, j in sorted(set(copy_pairs(paths, max_distance, flips)) | set(known_copy_pairs(paths))):
         a, b = samples[i], samples[j]
         if a.split != b.split:
             out.append((a.split, f"{a.source}/{a.rel}", b.split, f"{b.source}/{b.rel}"))
@@ -854,7 +903,8 @@ def class_folders(root: str | Path) -> dict[str, str]:
 
 def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tuple[str, str]]:
     """(source, rel) of the val/test samples with a copy in the train split: a training sample is
-    its near duplicate (phash) or its mirrored or half-turned copy (`flipped_twin_pairs`).
+    its near duplicate (phash), its mirrored or half-turned copy (`flipped_twin_pairs`) or a copy
+    `KNOWN_COPIES_FILE` lists.
 
     Direct pairs only: chains of near duplicates run along a patient's neighbouring slices, so
     one loose link would mark a whole run of slices. Splits made before flips were joined have
@@ -866,7 +916,8 @@ def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tupl
         raise ValueError(f"{len(absent)} files of the split are missing (first: {absent[0]}); "
                          "copies can only be found with every image present")
     out = set()
-    for i, j in copy_pairs([s.path for s in samples], max_distance):
+    paths = [s.path for s in samples]
+    for i, j in set(copy_pairs(paths, max_distance)) | set(known_copy_pairs(paths)):
         for a, b in ((samples[i], samples[j]), (samples[j], samples[i])):
             if a.split != "train" and b.split == "train":
                 out.add((a.source, a.rel))

@@ -474,8 +474,9 @@ def mark_records(ev: dict, copies: set[tuple[str, str]], log=print,
     if listed:
         for src, c in counts.items():
             c["from_lists"] = sum((s, r["file"]) in from_lists for r, s in zip(ev["predictions"], src_of) if s == src)
-    ev["copies_in_training"] = {"method": "a near duplicate or a mirrored/half-turned copy in the train "
-                                          "split (core.data.copies_in_training)", "per_source": counts}
+    ev["copies_in_training"] = {"method": "a near duplicate, a mirrored/half-turned copy or a copy "
+                                          "core/known_copies.tsv lists in the train split "
+                                          "(core.data.copies_in_training)", "per_source": counts}
     if listed:
         ev["copies_in_training"]["method"] += (", or a copy the lists name (found another way; "
                                                "counted apart as from_lists)")
@@ -685,17 +686,20 @@ def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
 
 
 SEEN_FILE = "seen_sha256.txt"
-SEEN_DIGITS = 16   # of the SHA-256: 64 bits, no chance meeting among a few thousand files
 
 
 def seen_files(samples: list, sources: list, marked: set[tuple[str, str]] = frozenset()) -> list[str]:
-    """The first `SEEN_DIGITS` hex digits of the SHA-256 of every file the model trained or was
-    validated on (sources of weight 0 apart: nothing of theirs trained), and of every test file
-    with a copy in training (``marked``, eval.json's ``copy_in_training``): sorted, one each."""
-    from .inference import file_sha256
+    """The content key (`core.data.content_key`: SHA-256, first 16 hex digits) of every file the
+    model trained or was validated on (sources of weight 0 apart: nothing of theirs trained), and
+    of every test file with a copy in training (``marked``, eval.json's ``copy_in_training``):
+    sorted, one each."""
+    from .data import content_key
     held = held_out_sources(sources)
-    return sorted({file_sha256(s.path)[:SEEN_DIGITS] for s in samples
-                   if (s.split in ("train", "val") and s.source not in held) or (s.source, s.rel) in marked})
+    listed = [s for s in samples if (s.split in ("train", "val") and s.source not in held) or (s.source, s.rel) in marked]
+    keys = {s.path: content_key(s.path) for s in listed}
+    if unread := [p for p, k in keys.items() if k is None]:
+        raise ValueError(f"{len(unread)} files of the split cannot be read (first: {unread[0]})")
+    return sorted(set(keys.values()))
 
 
 def write_seen_files(weights_dir: str | Path, digests: list[str]) -> None:

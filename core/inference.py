@@ -412,8 +412,8 @@ class Predictor:
         """Whether a file of this SHA-256 (hex) is one the model trained or was validated on, or a
         test file whose copy it trained on (`core.evaluation.SEEN_FILE`): its result then shows
         what the model learnt, not how it reads a new patient's scan."""
-        from .evaluation import SEEN_DIGITS
-        return bool(self.seen and sha256 and sha256[:SEEN_DIGITS] in self.seen)
+        from .data import CONTENT_DIGITS
+        return bool(self.seen and sha256 and sha256[:CONTENT_DIGITS] in self.seen)
 
     @property
     def name(self) -> str:

@@ -253,11 +253,12 @@ def test_audit_prints_counts_groups_and_cross_split(tmp_path, capsys):
     assert f"48 readable images in {root}" in out  # broken.jpg is reported, not counted
     assert "glioma" in out and "folders: glioma_tumor" in out and "folders: no_tumor" in out
     assert "skipped glioma_tumor/broken.jpg" in out
-    assert ("near-duplicate groups (phash <= 6 bits, and mirrored or half-turned copies; no TCGA patient id found "
+    assert ("near-duplicate groups (phash <= 6 bits, mirrored or half-turned copies, and copies known_copies.tsv "
+            "lists; no TCGA patient id found "
             "in the file or folder names): 24 groups, 24 with more than one image, 48 images") in out
     assert "group of 2: glioma_tumor/0_a.jpg, glioma_tumor/0_b.jpg" in out   # the groups, named
     assert "... and 4 more groups" in out
-    assert "cross-split near duplicates and flipped copies (grouped split, seed 0): 0" in out
+    assert "cross-split near duplicates, flipped and listed copies (grouped split, seed 0): 0" in out
 
 
 def test_audit_shipped_split_reports_leaks(tmp_path, capsys):
@@ -272,7 +273,7 @@ def test_audit_shipped_split_reports_leaks(tmp_path, capsys):
     pattern(99).save(root / "Testing" / "notumor" / "x.jpg")
     assert main(["audit", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "cross-split near duplicates and flipped copies (shipped split): 1" in out
+    assert "cross-split near duplicates, flipped and listed copies (shipped split): 1" in out
     assert "Training/glioma/1.jpg" in out and "Testing/glioma/copy.jpg" in out
 
 
