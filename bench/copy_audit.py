@@ -300,7 +300,7 @@ def audit(paths, split_of, target, workers, cache_dir, log=print, group=None):
     """({target index: (hp256, train index, kind)}: each target image's best 256 px partner,
     {(target index, train index): (hp256, kind)}: every pair scored at 256 px).
 
-    ``group`` (`project_groups`): every image against every other, pairs within a group left
+    ``group`` (`core.data.group_roots`): every image against every other, pairs within a group left
     out; pairs are (lower index, higher index), and an image is looked at from either end."""
     every = group is not None
     tr = np.arange(len(paths)) if every else np.nonzero(split_of == "train")[0]
@@ -416,6 +416,9 @@ def merged_pairs(lists, src, rel) -> dict[tuple[int, int], tuple[float, int]]:
         for line in Path(f).read_text().splitlines()[1:]:
             c = line.split("\t")
             if len(c) >= 6 and c[4] != "hash":
+                if (c[0], c[1]) not in at or (c[2], c[3]) not in at:
+                    raise SystemExit(f"{f}: names {c[0]}/{c[1]} ~ {c[2]}/{c[3]}, not both files of this split "
+                                     "(a list made for another split)")
                 i, j = at[(c[0], c[1])], at[(c[2], c[3])]
                 out[(min(i, j), max(i, j))] = (float(c[4]), int(c[5]) if i < j else INVERSE[int(c[5])])
     return out
@@ -474,6 +477,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=positive, default=2, help="processes (default 2)")
     p.add_argument("--cache", help="cache folder (default $BT_CACHE or ~/.cache/brain-tumour, /copy_audit)")
     args = p.parse_args(argv)
+    if args.split == "all" and args.out:
+        p.error("--out lists each test or validation image's best copy; with --split all give --pairs-out")
+    if args.merge and args.split != "all":
+        p.error("--merge adds earlier lists to the all-pairs list: give it with --split all")
     header("cpu")
     wdir = Path(args.weights or default_weights())
     try:

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     weights = Path(args.weights)
     record = json.loads((weights / "split.json").read_text())["files"]
     samples = D.samples_from_record(record, source_roots(load_card(weights), args.data_config))
-    leaky = D.copies_in_training(samples)
+    leaky = D.copies_in_training(samples, known=False)   # the hash and flip checks this study is about
     split_of = {(s.source, s.rel): s.split for s in samples}
     reached = Counter(f"{split_of[k]}/{k[0]}" for k in leaky)
     totals = Counter(f"{s.split}/{s.source}" for s in samples if s.split != "train")

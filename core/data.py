@@ -650,7 +650,7 @@ def copy_pairs(paths: list[str], max_distance: int = 6, flips: bool = True) -> l
     return pairs + flipped_twin_pairs(paths, max_distance, hashes, thumb) if flips else pairs
 
 
-# Copies of one slice that neither check above joins (re-framed, turned a quarter, re-contrasted),
+# Copies of one slice that neither check above joins (re-framed, mirrored or turned, re-contrasted),
 # found in the shared sources by aligning every image with its likeliest partners
 # (`bench/copy_audit.py --split all --pairs-out`): listed by content, so any layout or name of the
 # same files is joined, and a fresh split keeps each pair on one side.
@@ -662,7 +662,9 @@ CONTENT_DIGITS = 16   # hex digits of the SHA-256: 64 bits, no chance meeting am
 def content_key(path: str | Path) -> str | None:
     """A file's content key: the first `CONTENT_DIGITS` hex digits of its SHA-256 (None when it
     cannot be read)."""
-    try:
+    try:   # a regular file only: a pipe named .jpg would block the read
+        if not os.path.isfile(path):
+            return None
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()[:CONTENT_DIGITS]
     except OSError:
@@ -671,11 +673,19 @@ def content_key(path: str | Path) -> str | None:
 
 @lru_cache(maxsize=4)
 def _known_copies(path: Path) -> tuple[tuple[str, str], ...]:
+    """The (content key, content key) pairs of a known-copies list; () when there is none. ValueError
+    when it is not one: a list that silently joined nothing would let a split leak again."""
     if not path.exists():
         return ()
     lines = path.read_text().splitlines()
-    at = {c: n for n, c in enumerate(lines[0].split("\t"))} if lines else {}
-    return tuple((r[at["sha256"]], r[at["copy_sha256"]]) for r in (x.split("\t") for x in lines[1:] if x.strip()))
+    at = {c.strip(): n for n, c in enumerate(lines[0].split("\t"))} if lines else {}
+    if "sha256" not in at or "copy_sha256" not in at:
+        raise ValueError(f"{path}: not a known-copies list (a TSV whose header names sha256 and copy_sha256)")
+    rows = [[c.strip() for c in x.split("\t")] for x in lines[1:] if x.strip()]
+    a, b = at["sha256"], at["copy_sha256"]
+    if bad := [n for n, r in enumerate(rows, 2) if len(r) <= max(a, b) or not r[a] or not r[b]]:
+        raise ValueError(f"{path}: line {bad[0]} lacks a content key")
+    return tuple((r[a], r[b]) for r in rows)
 
 
 def known_copy_pairs(paths: list[str]) -> list[tuple[int, int]]:
@@ -901,10 +911,10 @@ def class_folders(root: str | Path) -> dict[str, str]:
         return {}
 
 
-def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tuple[str, str]]:
+def copies_in_training(samples: list[Sample], max_distance: int = 6, known: bool = True) -> set[tuple[str, str]]:
     """(source, rel) of the val/test samples with a copy in the train split: a training sample is
-    its near duplicate (phash), its mirrored or half-turned copy (`flipped_twin_pairs`) or a copy
-    `KNOWN_COPIES_FILE` lists.
+    its near duplicate (phash), its mirrored or half-turned copy (`flipped_twin_pairs`) or (``known``)
+    a copy `KNOWN_COPIES_FILE` lists.
 
     Direct pairs only: chains of near duplicates run along a patient's neighbouring slices, so
     one loose link would mark a whole run of slices. Splits made before flips were joined have
@@ -917,7 +927,7 @@ def copies_in_training(samples: list[Sample], max_distance: int = 6) -> set[tupl
                          "copies can only be found with every image present")
     out = set()
     paths = [s.path for s in samples]
-    for i, j in set(copy_pairs(paths, max_distance)) | set(known_copy_pairs(paths)):
+    for i, j in set(copy_pairs(paths, max_distance)) | set(known_copy_pairs(paths) if known else ()):
         for a, b in ((samples[i], samples[j]), (samples[j], samples[i])):
             if a.split != "train" and b.split == "train":
                 out.add((a.source, a.rel))

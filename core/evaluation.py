@@ -444,12 +444,12 @@ def read_copy_list(path: str | Path, split: dict | None = None,
     return {a for a, b in pairs if b[0] not in held}
 
 
-def copies_trained_on(samples: list, sources: list[dict]) -> set[tuple[str, str]]:
-    """`core.data.copies_in_training` where the train split of a source with weight 0 (held out:
-    its test split is scored, nothing of it trained) is no training."""
+def copies_trained_on(samples: list, sources: list[dict], known: bool = True) -> set[tuple[str, str]]:
+    """`core.data.copies_in_training` (``known``: with the listed copies) where the train split of a
+    source with weight 0 (held out: its test split is scored, nothing of it trained) is no training."""
     from . import data as D
     held = held_out_sources(sources)
-    return D.copies_in_training([s for s in samples if s.split != "train" or s.source not in held])
+    return D.copies_in_training([s for s in samples if s.split != "train" or s.source not in held], known=known)
 
 
 def held_out_sources(sources: list) -> frozenset[str]:

@@ -9,7 +9,8 @@ import pytest
 import core.data as D
 from test_data import grouped_split, pattern, save
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = (Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()   # discover() resolves too
+USER_HASH_CACHE = D.HASH_CACHE   # before the fixture below swaps it
 ROOTS = {"benchmark": SHARED / "brain-tumor-mri" / "Training", "br35h": SHARED / "br35h",
          "lgg": SHARED / "lgg-flair", "brisc": SHARED / "brisc"}
 
@@ -82,6 +83,20 @@ def test_listed_copies_are_found_by_content_under_any_name(tmp_path, monkeypatch
     assert D.known_copy_pairs(paths) == []
 
 
+def test_a_list_without_content_keys_is_an_error_not_a_silent_no_op(tmp_path, monkeypatch):
+    files = unrelated_dataset(tmp_path / "ds", n=2)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("source\tfile\tcopy_source\tcopy_file\nds\ta.png\tds\tb.png\n")
+    monkeypatch.setattr(D, "KNOWN_COPIES_FILE", bad)
+    with pytest.raises(ValueError, match="not a known-copies list"):
+        D.known_copy_pairs([str(f) for f in files])
+    short = write_list(tmp_path / "short.tsv", [(files[0], files[1])])
+    short.write_text(short.read_text() + "s\tx.png\ts\ty.png\t0.9\t0\tabc\n")
+    monkeypatch.setattr(D, "KNOWN_COPIES_FILE", short)
+    with pytest.raises(ValueError, match="line 3 lacks a content key"):
+        D.known_copy_pairs([str(f) for f in files])
+
+
 def test_the_known_copies_list_is_a_copy_list_train_py_reads(tmp_path):
     pairs = D.read_copy_pairs(D.KNOWN_COPIES_FILE)
     assert len(pairs) > 100
@@ -104,16 +119,17 @@ def test_the_shipped_list_matches_the_shared_files():
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (tests/test_environment.py fails without it)")
 def test_a_fresh_split_of_the_shared_data_keeps_listed_copies_together(monkeypatch):
-    """Grouped with the list (the hash checks stubbed out: they are tested apart and cost minutes
-    here), no listed pair crosses a fresh split, and no group grows so large that a split
-    fraction could not be met."""
+    """Grouped as train.py groups a fresh split (hash checks, patients and the list), no listed pair
+    crosses it: a pair the patient rule refused through a hash group would. And no group grows so
+    large that a split fraction could not be met (the largest without a patient: 712 of 11,097
+    images, 420 without the list). About a minute with a cold hash cache."""
+    monkeypatch.setattr(D, "HASH_CACHE", USER_HASH_CACHE)
     samples = [s for src, root in ROOTS.items() for s in D.discover(root, src).samples]
-    monkeypatch.setattr(D, "copy_pairs", lambda paths, *a, **k: [])
     D.assign_groups(samples)
     D.split_by_group(samples, seed=3)
-    by_path = {s.path: s for s in samples}
+    where = {(s.source, s.rel): s.split for s in samples}
     rows = [r.split("\t") for r in D.KNOWN_COPIES_FILE.read_text().splitlines()[1:]]
-    across = [r for r in rows if by_path[str(ROOTS[r[0]] / r[1])].split != by_path[str(ROOTS[r[2]] / r[3])].split]
+    across = [r for r in rows if where[r[0], r[1]] != where[r[2], r[3]]]
     assert not across, f"{len(across)} listed pairs cross the split (first: {across[0][:4]})"
     sizes = Counter(s.group for s in samples if D.patient_id(s.path) is None)
-    assert max(sizes.values()) < 0.1 * len(samples)   # 712 of 11,097 (one of the hash check's groups, grown)
+    assert max(sizes.values()) < 0.1 * len(samples)
