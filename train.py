@@ -135,6 +135,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "test image (a copy of the same slice; columns source, file, train_source, "
                         "train_file: bench/copy_audit.py --pairs-out writes one); repeatable; recorded in "
                         "split.json and the card")
+    p.add_argument("--join-copies", action="append", default=None, metavar="TSV",
+                   help="a fresh split also keeps together the copies this known-copies list names by "
+                        "content (columns as core/known_copies.tsv, which is always read: bench/copy_audit.py "
+                        "--split all --data NAME=DIR --pairs-out writes one for other data); repeatable; "
+                        "named in the card's split method")
     p.add_argument("--init", default=None,
                    help="start from a finished run's weights (weights/NAME of the same arch, classes "
                         "and split) for a second, shorter cycle; recorded in the card")
@@ -202,11 +207,11 @@ def _check_types(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for d in STR_OPTIONS:
         if (v := getattr(args, d)) is not None and not isinstance(v, str):
             p.error(f"{_option(d)}: a text (in quotes in a config) is expected, not {v!r}")
-    if isinstance(args.drop_copies, str):   # a config's drop_copies = "x.tsv"
-        args.drop_copies = [args.drop_copies]
-    if args.drop_copies is not None and not (isinstance(args.drop_copies, list)
-                                             and all(isinstance(x, str) for x in args.drop_copies)):
-        p.error(f"--drop-copies: paths (texts) are expected, not {args.drop_copies!r}")
+    for d in ("drop_copies", "join_copies"):
+        if isinstance(v := getattr(args, d), str):   # a config's drop_copies = "x.tsv"
+            setattr(args, d, v := [v])
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            p.error(f"{_option(d)}: paths (texts) are expected, not {v!r}")
     for k, v in (getattr(args, "config_values", None) or {}).items():
         if k in CONFIG_NOTES and not isinstance(v, (str, int, float, bool)):
             p.error(f"--config: {k} must be a text or a number (it goes into the card), not {v!r}")
@@ -398,7 +403,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_args_parser()
     args = given_alone = p.parse_args(argv)   # the command line's own values, before the config's
-    cfg_data = cfg_drop = None
+    cfg_data = cfg_drop = cfg_join = None
     if args.config:
         cfg = _read_config(p, args.config)
         defaults = {k.replace("-", "_"): v for k, v in cfg.items()}
@@ -406,6 +411,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         cfg_data = defaults.pop("data", None)
         # --drop-copies appends too: given on the command line, it replaces the config's lists
         cfg_drop = defaults.pop("drop_copies", None)
+        cfg_join = defaults.pop("join_copies", None)
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
         args.config_values = cfg
@@ -413,6 +419,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.data = [cfg_data] if isinstance(cfg_data, (str, dict)) else cfg_data
     if args.drop_copies is None and args.config:
         args.drop_copies = [cfg_drop] if isinstance(cfg_drop, str) else cfg_drop
+    if args.join_copies is None and args.config:
+        args.join_copies = [cfg_join] if isinstance(cfg_join, str) else cfg_join
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     _check_types(p, args)
@@ -457,6 +465,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                 args.drop_copies, args.drop_copies_sha256 = None, []
                 break
             p.error(f"--drop-copies: {e}")
+    for i, f in enumerate(args.join_copies or []):   # read now, as --drop-copies
+        try:
+            D.read_known_copies(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--join-copies: {e}")
+        args.join_copies[i] = str(D.resolve_root(f).resolve())
     _check(p, args)  # a resume takes its run's --init when left out
     if args.average_init and not args.init:
         p.error("--average-init needs --init")
@@ -581,12 +595,21 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
             raise DataError(f"no file of --data is in the split recorded in {split_from} (its sources: "
                             f"{', '.join(sorted(record['files']))}): give the sources the record's names")
         method = record["method"] if resumed else f"the split recorded in {split_from} ({record['method']})"
+        if args.join_copies:   # a config's lists on a recorded split: nothing to regroup, and said so
+            print(f"note: --join-copies: the split is the one recorded in {split_from}; its groups are "
+                  "not drawn again, so the lists change nothing (--drop-copies leaves copies out)", flush=True)
         origin = record.get("from") if resumed else str(split_from)
     else:
         # Group and split before dropping anything, so that the split depends only on the files
         # and the seed, not on the input size or filters: runs with other settings share test sets.
-        D.assign_groups(samples, args.max_distance)
+        try:
+            D.assign_groups(samples, args.max_distance, lists=args.join_copies or ())
+        except ValueError as e:   # a known-copies list damaged since it was checked (the shipped one too)
+            raise DataError(str(e)) from None
         D.split_by_group(samples, seed=args.seed)
+        if args.join_copies:
+            method = method.replace(" and TCGA patient ids", f", the copies {', '.join(Path(f).name for f in args.join_copies)} "
+                                    "list(s) and TCGA patient ids")
     return method, origin
 
 

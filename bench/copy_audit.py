@@ -459,6 +459,20 @@ def audit_all(src, rel, paths, workers: int, cache_dir: Path, pairs_out: str | N
     return 0
 
 
+def data_record(specs: list[str]) -> tuple[dict, dict]:
+    """({name: {"train": [rel, ...]}}, {name: root}) of ``--data NAME=DIR`` roots, every readable
+    image of each (`core.data.discover`), so that the audit reads them as one split's files."""
+    record, roots = {}, {}
+    for spec in specs:
+        name, sep, root = spec.partition("=")
+        if not sep or not name or not root:
+            raise ValueError(f"{spec!r}: NAME=DIR is expected")
+        scan = D.discover(root, name)
+        record[name] = {"train": sorted(s.rel for s in scan.samples)}
+        roots[name] = D.resolve_root(root).resolve()   # where discover's rel paths start
+    return record, roots
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="model directory (default: weights/DEFAULT)")
@@ -471,6 +485,9 @@ def main(argv=None) -> int:
                                        "or not, each image with all its copies, and the project's own check's "
                                        "pairs (hp256 'hash'): what train.py --drop-copies takes to leave the "
                                        "copies out of training")
+    p.add_argument("--data", action="append", metavar="NAME=DIR",
+                   help="with --split all: audit the images of these class-per-folder roots (named as train.py's "
+                        "--data sources) instead of a model's split; the list is what train.py --join-copies reads")
     p.add_argument("--merge", action="append", metavar="LIST",
                    help="with --split all: add the aligned pairs of an earlier audit's --pairs-out list that this "
                         "one lacks (repeatable)")
@@ -479,16 +496,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.split == "all" and args.out:
         p.error("--out lists each test or validation image's best copy; with --split all give --pairs-out")
+    if args.data and (args.split != "all" or args.weights):
+        p.error("--data audits every pair of other data: give it with --split all, without --weights")
     if args.merge and args.split != "all":
         p.error("--merge adds earlier lists to the all-pairs list: give it with --split all")
     header("cpu")
     wdir = Path(args.weights or default_weights())
     try:
-        card = load_card(wdir)
-        record = read_split_file(wdir / "split.json")
-        roots = source_roots(card, None)
+        if args.data:   # any data, as train.py reads it: the files of each root, whatever their part
+            record, roots = data_record(args.data)
+        else:
+            card = load_card(wdir)
+            record = read_split_file(wdir / "split.json")
+            roots = source_roots(card, None)
     except (OSError, ValueError) as e:
-        p.error(f"cannot read the model {wdir}: {e}")
+        p.error(f"cannot read {'--data' if args.data else f'the model {wdir}'}: {e}")
     ev = None
     if args.split == "test":
         try:

@@ -68,12 +68,14 @@ def cmd_audit(args) -> int:
     print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
     for line in skipped:
         print(line)
-    D.assign_groups(samples, args.max_distance)
+    D.assign_groups(samples, args.max_distance, lists=args.join_copies)
     groups = Counter(s.group for s in samples)
     multi = [g for g, n in groups.items() if n > 1]
     patients = len({p for s in samples if (p := D.patient_id(s.path))})
+    listed = len(D.known_copy_pairs([s.path for s in samples], args.join_copies))
+    names = ", ".join([D.KNOWN_COPIES_FILE.name] + [Path(f).name for f in args.join_copies])
     print(f"near-duplicate groups (phash <= {args.max_distance} bits, mirrored or half-turned copies, and "
-          f"copies {D.KNOWN_COPIES_FILE.name} lists"
+          f"copies {names} list: {listed} pairs among these files"
           + (f"; the slices of each of {patients} TCGA patients are one group" if patients else
              "; no TCGA patient id found in the file or folder names") + f"): {len(groups)} groups, "
           f"{len(multi)} with more than one image, {sum(groups[g] for g in multi)} images in them; "
@@ -100,7 +102,7 @@ def cmd_audit(args) -> int:
             s.split = s.preset_split or "train"
     else:
         D.split_by_group(samples, seed=args.seed)
-    leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True)
+    leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True, lists=args.join_copies)
     print(f"cross-split near duplicates, flipped and listed copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
     for a in leaks[:20]:
         print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
@@ -248,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="counts, sizes, duplicate groups and cross-split leaks")
     a.add_argument("data_dir"); a.add_argument("--max-distance", type=_non_negative, default=6)
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--join-copies", action="append", default=[], metavar="TSV",
+                   help="a known-copies list of this data (bench/copy_audit.py --split all --data ... writes one): "
+                        "its pairs are grouped and counted as leaks too, as train.py --join-copies does")
     a.set_defaults(fn=cmd_audit)
     e = sub.add_parser("evaluate", help="evaluate class-per-folder directories (several: each one source, "
                                         "reported apart in per_source)")

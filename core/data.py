@@ -688,9 +688,20 @@ def _known_copies(path: Path) -> tuple[tuple[str, str], ...]:
     return tuple((r[a], r[b]) for r in rows)
 
 
-def known_copy_pairs(paths: list[str]) -> list[tuple[int, int]]:
-    """Pairs (i < j) of ``paths`` whose contents `KNOWN_COPIES_FILE` lists as copies of one slice."""
-    listed = _known_copies(KNOWN_COPIES_FILE)
+def read_known_copies(path: str | Path) -> tuple[tuple[str, str], ...]:
+    """The content-key pairs of a known-copies list (`KNOWN_COPIES_COLUMNS`; `bench/copy_audit.py
+    --split all --pairs-out` writes one for any data); ValueError when the file is missing or is not one."""
+    f = resolve_root(path)
+    if not f.is_file():
+        raise ValueError(f"{path}: no such file")
+    return _known_copies(f.resolve())
+
+
+def known_copy_pairs(paths: list[str], lists: tuple | list = (), shipped: bool = True) -> list[tuple[int, int]]:
+    """Pairs (i < j) of ``paths`` whose contents `KNOWN_COPIES_FILE` (``shipped``), or one of
+    ``lists`` (more known-copies lists, `read_known_copies`), lists as copies of one slice."""
+    listed = ((_known_copies(KNOWN_COPIES_FILE) if shipped else ())
+              + tuple(q for f in lists for q in read_known_copies(f)))
     if not listed:
         return []
     at: dict[str, list[int]] = defaultdict(list)
@@ -785,29 +796,30 @@ def _stable_key(s: Sample) -> tuple[str, str]:
 
 
 def group_roots(paths: list[str], patient: list[str | None], max_distance: int = 6, flips: bool = True,
-                patients: bool = True, known: bool = True) -> list[int]:
+                patients: bool = True, known: bool = True, lists: tuple | list = ()) -> list[int]:
     """Each image's group (the index of one member): near duplicates, mirrored or half-turned copies
-    (``flips``), the copies `KNOWN_COPIES_FILE` lists (``known``) and one patient's slices
-    (``patients``) share one; two known patients never do."""
+    (``flips``), the copies `KNOWN_COPIES_FILE` (``known``) and ``lists`` list and one patient's
+    slices (``patients``) share one; two known patients never do."""
     first: dict[str, int] = {}
     # Patient links first, so that hash links cannot chain two patients' slices together:
     # similar-looking FLAIR slices of different patients are not duplicates.
     pairs = [(first.setdefault(key, i), i) for i, key in enumerate(patient) if key and patients]
     pairs += copy_pairs(paths, max_distance, flips)
-    if known:
-        pairs += known_copy_pairs(paths)
+    if known or lists:
+        pairs += known_copy_pairs(paths, lists, shipped=known)
     return _union_find(len(paths), pairs, patient)
 
 
 def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = True,
-                  patients: bool = True, known: bool = True) -> None:
-    """Give every sample a group id (`group_roots`). ``patients=False`` leaves a patient's other
-    slices apart (groups of copies only), still never joining two patients."""
+                  patients: bool = True, known: bool = True, lists: tuple | list = ()) -> None:
+    """Give every sample a group id (`group_roots`; ``lists``: more known-copies lists, such as
+    `bench/copy_audit.py --split all` writes for other data). ``patients=False`` leaves a patient's
+    other slices apart (groups of copies only), still never joining two patients."""
     # In (source, rel) order, whatever the order of the --data sources: the groups, their names
     # and so the split are the files' own (reversing three sources moved 18 of 97 images)
     samples = sorted(samples, key=_stable_key)
     roots = group_roots([s.path for s in samples], [_patient_key(s) for s in samples],
-                        max_distance, flips, patients, known)
+                        max_distance, flips, patients, known, lists)
     for s, r in zip(samples, roots):
         s.group = f"g{r}"
 
@@ -871,13 +883,13 @@ def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,
             s.split = "train"
 
 
-def cross_split_duplicates(samples: list[Sample], max_distance: int = 6,
-                           flips: bool = True) -> list[tuple[str, str, str, str]]:
+def cross_split_duplicates(samples: list[Sample], max_distance: int = 6, flips: bool = True,
+                           lists: tuple | list = ()) -> list[tuple[str, str, str, str]]:
     """Near-duplicate pairs (and, with ``flips``, mirrored or half-turned copies), and pairs
-    `KNOWN_COPIES_FILE` lists, that sit in different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
+    `KNOWN_COPIES_FILE` or ``lists`` list, that sit in different splits (a leak): (split_a, rel_a, split_b, rel_b)."""
     out = []
     paths = [s.path for s in samples]
-    for i, j in sorted(set(copy_pairs(paths, max_distance, flips)) | set(known_copy_pairs(paths))):
+    for i, j in sorted(set(copy_pairs(paths, max_distance, flips)) | set(known_copy_pairs(paths, lists))):
         a, b = samples[i], samples[j]
         if a.split != b.split:
             out.append((a.split, f"{a.source}/{a.rel}", b.split, f"{b.source}/{b.rel}"))

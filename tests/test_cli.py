@@ -254,7 +254,7 @@ def test_audit_prints_counts_groups_and_cross_split(tmp_path, capsys):
     assert "glioma" in out and "folders: glioma_tumor" in out and "folders: no_tumor" in out
     assert "skipped glioma_tumor/broken.jpg" in out
     assert ("near-duplicate groups (phash <= 6 bits, mirrored or half-turned copies, and copies known_copies.tsv "
-            "lists; no TCGA patient id found "
+            "list: 0 pairs among these files; no TCGA patient id found "
             "in the file or folder names): 24 groups, 24 with more than one image, 48 images") in out
     assert "group of 2: glioma_tumor/0_a.jpg, glioma_tumor/0_b.jpg" in out   # the groups, named
     assert "... and 4 more groups" in out

@@ -1,6 +1,7 @@
 """Copies of one slice that the hash checks miss, listed by content (core/known_copies.tsv): a
 fresh split keeps each listed pair on one side, the audit reports a pair across, a run marks a
 test image whose listed copy trains, and the shipped list matches the shared data."""
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import core.data as D
 from test_data import grouped_split, pattern, save
 
 SHARED = (Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()   # discover() resolves too
-USER_HASH_CACHE = D.HASH_CACHE   # before the fixture below swaps it
 ROOTS = {"benchmark": SHARED / "brain-tumor-mri" / "Training", "br35h": SHARED / "br35h",
          "lgg": SHARED / "lgg-flair", "brisc": SHARED / "brisc"}
 
@@ -118,12 +118,11 @@ def test_the_shipped_list_matches_the_shared_files():
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared (tests/test_environment.py fails without it)")
-def test_a_fresh_split_of_the_shared_data_keeps_listed_copies_together(monkeypatch):
+def test_a_fresh_split_of_the_shared_data_keeps_listed_copies_together():
     """Grouped as train.py groups a fresh split (hash checks, patients and the list), no listed pair
     crosses it: a pair the patient rule refused through a hash group would. And no group grows so
     large that a split fraction could not be met (the largest without a patient: 712 of 11,097
-    images, 420 without the list). About a minute with a cold hash cache."""
-    monkeypatch.setattr(D, "HASH_CACHE", USER_HASH_CACHE)
+    images, 420 without the list). About a minute: the hash cache is this test's own (cold)."""
     samples = [s for src, root in ROOTS.items() for s in D.discover(root, src).samples]
     D.assign_groups(samples)
     D.split_by_group(samples, seed=3)
@@ -133,3 +132,90 @@ def test_a_fresh_split_of_the_shared_data_keeps_listed_copies_together(monkeypat
     assert not across, f"{len(across)} listed pairs cross the split (first: {across[0][:4]})"
     sizes = Counter(s.group for s in samples if D.patient_id(s.path) is None)
     assert max(sizes.values()) < 0.1 * len(samples)
+
+
+# ----------------------------------------------------------------- train.py --join-copies
+def test_join_copies_keeps_a_listed_pair_of_other_data_on_one_side(tmp_path):
+    """Another dataset's list (as `bench/copy_audit.py --split all --data` writes it) joins its
+    pairs in a fresh split: a pair the seed put across train and test lands on one side, and the
+    card's split method names the list; on a recorded split it changes nothing, and says so."""
+    from conftest import make_blob_dataset
+    from test_review_v import _train
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_blob_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8, "--workers", 1,
+              "--seed", 0, "--epochs", 1]
+    _train([*common, "--out", tmp_path / "bare"], cache)
+    files = json.loads((tmp_path / "bare" / "split.json").read_text())["files"]["data"]
+    a, b = data / sorted(files["test"])[0], data / sorted(files["train"])[0]
+    lst = write_list(tmp_path / "mine.tsv", [(a, b)])
+    _train([*common, "--out", tmp_path / "joined", "--join-copies", lst], cache)
+    rec = json.loads((tmp_path / "joined" / "split.json").read_text())["files"]["data"]
+    side = {rel: part for part, rels in rec.items() for rel in rels}
+    assert side[a.relative_to(data).as_posix()] == side[b.relative_to(data).as_posix()]
+    card = json.loads((tmp_path / "joined" / "card.json").read_text())
+    assert "mine.tsv" in card["split"]["method"]
+    log = _train([*common, "--out", tmp_path / "again", "--split-from", tmp_path / "bare", "--join-copies", lst], cache)
+    assert "--join-copies: the split is the one recorded in" in log
+
+
+def test_join_copies_refuses_a_file_that_is_not_a_known_copies_list(tmp_path):
+    from test_review_v import _train
+    bad = tmp_path / "pairs.tsv"
+    bad.write_text("source\tfile\tcopy_source\tcopy_file\nds\ta.png\tds\tb.png\n")
+    log = _train(["--data", tmp_path / "nowhere_yet", "--join-copies", bad], tmp_path / "cache", expect=2)
+    assert "--join-copies" in log and "not a known-copies list" in log and "Traceback" not in log
+    log = _train(["--data", tmp_path / "nowhere_yet", "--join-copies", tmp_path / "gone.tsv"], tmp_path / "cache",
+                 expect=2)
+    assert "--join-copies" in log and "no such file" in log and "Traceback" not in log
+
+
+def test_the_all_pairs_audit_of_other_data_finds_a_reframed_mirrored_copy(tmp_path):
+    """`bench/copy_audit.py --split all --data NAME=DIR` on data of one's own: a copy padded,
+    mirrored, resized and re-saved as JPEG in another collection is found (no hash check joins it),
+    no other pair is, and the list it writes groups the pair (train.py --join-copies reads it)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    def head(seed: int) -> np.ndarray:   # a smooth pattern with fine detail of its own, in an oval
+        rng = np.random.default_rng(seed)
+        fine = Image.fromarray((rng.random((80, 80)) * 255).astype(np.uint8)).resize((160, 160), Image.BICUBIC)
+        a = pattern(seed, 160).astype(np.float32) * 0.6 + np.asarray(fine, np.float32) * 0.4
+        yy, xx = np.mgrid[:160, :160]
+        a[(yy - 80) ** 2 / 70 ** 2 + (xx - 80) ** 2 / 55 ** 2 > 1] = 0
+        return a.astype(np.uint8)
+    for k in range(6):
+        save(tmp_path / "a" / "glioma" / f"g{k}.png", head(10 + k))
+        save(tmp_path / "b" / "notumor" / f"n{k}.png", head(50 + k))
+    copy = np.asarray(Image.fromarray(np.pad(head(12), 20)[:, ::-1]).resize((230, 230), Image.BILINEAR))
+    save(tmp_path / "b" / "notumor" / "copy.jpg", copy, quality=90)
+    out = tmp_path / "list.tsv"
+    r = subprocess.run([sys.executable, "bench/copy_audit.py", "--split", "all", "--data", f"a={tmp_path / 'a'}",
+                        "--data", f"b={tmp_path / 'b'}", "--pairs-out", out, "--cache", tmp_path / "cache",
+                        "--workers", "1"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    assert [(x[0], x[1], x[2], x[3]) for x in rows] == [("a", "glioma/g2.png", "b", "notumor/copy.jpg")]
+    samples = [s for name in "ab" for s in D.discover(tmp_path / name, name).samples]
+    D.assign_groups(samples, lists=[out])
+    group = {s.rel: s.group for s in samples}
+    assert group["glioma/g2.png"] == group["notumor/copy.jpg"]
+    assert len(set(group.values())) == len(samples) - 1
+
+
+def test_the_dataset_audit_reads_a_list_of_ones_own(tmp_path, capsys):
+    from core.cli import main
+    files = unrelated_dataset(tmp_path / "ds", n=8)
+    lst = write_list(tmp_path / "mine.tsv", [(files[0], files[9])])
+    assert main(["audit", str(tmp_path / "ds"), "--join-copies", str(lst)]) == 0
+    out = capsys.readouterr().out
+    assert "copies known_copies.tsv, mine.tsv list: 1 pairs among these files" in out
+    assert f"{len(files) - 1} groups" in out
+    assert "cross-split near duplicates, flipped and listed copies (grouped split, seed 0): 0" in out
+    (tmp_path / "bad.tsv").write_text("not a list\n")
+    assert main(["audit", str(tmp_path / "ds"), "--join-copies", str(tmp_path / "bad.tsv")]) == 2
+    assert "not a known-copies list" in capsys.readouterr().err

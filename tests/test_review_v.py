@@ -115,7 +115,7 @@ def _train(args, cache_dir, expect=0):
 
 
 def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_out(tmp_path):
-    """A split whose test images have copies in training (the default's: 229 of 1,638) can be
+    """A split whose test images have copies in training (the default's: 241 of 1,638) can be
     reused by a new run without them: the training member of each listed pair is left out, the
     test and validation files stay as they were (paired comparisons still hold), split.json and the
     card say so, and a resume keeps them out whether or not it names the list again."""
