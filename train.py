@@ -417,10 +417,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.config_values = cfg
     if not args.data:
         args.data = [cfg_data] if isinstance(cfg_data, (str, dict)) else cfg_data
+    # copies of the config's lists: resolving their paths below must not rewrite the config the card keeps
     if args.drop_copies is None and args.config:
-        args.drop_copies = [cfg_drop] if isinstance(cfg_drop, str) else cfg_drop
+        args.drop_copies = [cfg_drop] if isinstance(cfg_drop, str) else list(cfg_drop) if isinstance(cfg_drop, list) else cfg_drop
     if args.join_copies is None and args.config:
-        args.join_copies = [cfg_join] if isinstance(cfg_join, str) else cfg_join
+        args.join_copies = [cfg_join] if isinstance(cfg_join, str) else list(cfg_join) if isinstance(cfg_join, list) else cfg_join
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     _check_types(p, args)
@@ -469,6 +470,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             D.read_known_copies(f)
         except (OSError, ValueError) as e:
+            if (args.resume or args.split_from or args.init) and given_alone.join_copies is None:
+                # a config's list gone on a recorded split: it would change nothing there anyway
+                print(f"note: the config's --join-copies list {f} cannot be read ({e}); the split is "
+                      "recorded, so it is not needed", file=sys.stderr)
+                args.join_copies = None
+                break
             p.error(f"--join-copies: {e}")
         args.join_copies[i] = str(D.resolve_root(f).resolve())
     _check(p, args)  # a resume takes its run's --init when left out

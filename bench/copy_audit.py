@@ -382,14 +382,16 @@ def metrics(recs, threshold):
 def audit_files(record: dict, roots: dict, split: str, cache: str | None = None):
     """(source, split, file) arrays, paths and the cache folder of an audit of ``split`` against
     the training split of split.json's ``record``: train files first, then the target split,
-    source by source (the audit's order, which its cache key holds)."""
+    source by source (the audit's order, which its cache key holds, with each file's content: a
+    folder edited in place, or other data under the same names, is audited afresh)."""
     parts = ("train", "val", "test") if split == "all" else ("train", split)
     recs = [(s, sp, rel) for s, d in record.items() for sp in parts for rel in d.get(sp, [])]
     missing = sorted({s for s, _, _ in recs} - set(roots))
     if missing:
         raise ValueError(f"no data root for source(s) {missing}")
     paths = [str(roots[s] / r) for s, _, r in recs]
-    key = hashlib.sha1("\n".join(f"{s}|{sp}|{r}" for s, sp, r in recs).encode()).hexdigest()[:16]
+    key = hashlib.sha1("\n".join(f"{s}|{sp}|{r}|{D.content_key(p)}" for (s, sp, r), p in zip(recs, paths))
+                       .encode()).hexdigest()[:16]
     base = Path(cache) if cache else Path(os.environ.get("BT_CACHE", Path.home() / ".cache" / "brain-tumour"))
     cache_dir = base / "copy_audit" / f"{split}_{key}"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -467,9 +469,14 @@ def data_record(specs: list[str]) -> tuple[dict, dict]:
         name, sep, root = spec.partition("=")
         if not sep or not name or not root:
             raise ValueError(f"{spec!r}: NAME=DIR is expected")
-        scan = D.discover(root, name)
+        if name in record:
+            raise ValueError(f"two roots are named {name}: give each its own name")
+        root = D.resolve_root(root)   # from here, else the repository, as train.py's --data
+        scan = D.discover(root, name, check_readable=True)   # unreadable files skipped, as train.py does
+        for rel, why in scan.skipped:
+            print(f"skipped {name}/{rel}: {why}")
         record[name] = {"train": sorted(s.rel for s in scan.samples)}
-        roots[name] = D.resolve_root(root).resolve()   # where discover's rel paths start
+        roots[name] = root.resolve()   # where discover's rel paths start
     return record, roots
 
 
@@ -486,8 +493,9 @@ def main(argv=None) -> int:
                                        "pairs (hp256 'hash'): what train.py --drop-copies takes to leave the "
                                        "copies out of training")
     p.add_argument("--data", action="append", metavar="NAME=DIR",
-                   help="with --split all: audit the images of these class-per-folder roots (named as train.py's "
-                        "--data sources) instead of a model's split; the list is what train.py --join-copies reads")
+                   help="with --split all: audit the images of these class-per-folder roots (each named; the list "
+                        "matches files by content, whatever the names) instead of a model's split; the list is what "
+                        "train.py --join-copies reads")
     p.add_argument("--merge", action="append", metavar="LIST",
                    help="with --split all: add the aligned pairs of an earlier audit's --pairs-out list that this "
                         "one lacks (repeatable)")
@@ -520,7 +528,7 @@ def main(argv=None) -> int:
     try:
         src, split_of, rel, paths, cache_dir = audit_files(record, roots, args.split, args.cache)
     except ValueError as e:
-        p.error(f"{wdir}/card.json: {e}")
+        p.error(f"--data: {e}" if args.data else f"{wdir}/card.json: {e}")
     if args.split == "all":
         return audit_all(src, rel, paths, args.workers, cache_dir, args.pairs_out, args.merge or ())
     print(f"model: {wdir}; split: {args.split} ({int((split_of == args.split).sum())} images against "

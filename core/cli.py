@@ -33,6 +33,8 @@ def _image_facts(path: str) -> tuple[tuple[int, int], str]:
 def cmd_audit(args) -> int:
     from . import data as D
     from .reader import ScanError
+    for f in args.join_copies:   # before the images are read: a wrong list fails at once
+        D.read_known_copies(f)
     scan = D.discover(args.data_dir)
     sizes, modes, unreadable, samples = Counter(), Counter(), [], []
     for s in scan.samples:

@@ -671,13 +671,22 @@ def content_key(path: str | Path) -> str | None:
         return None
 
 
-@lru_cache(maxsize=4)
 def _known_copies(path: Path) -> tuple[tuple[str, str], ...]:
     """The (content key, content key) pairs of a known-copies list; () when there is none. ValueError
     when it is not one: a list that silently joined nothing would let a split leak again."""
-    if not path.exists():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return ()
-    lines = path.read_text().splitlines()
+    return _known_copies_read(path, st.st_mtime_ns, st.st_size)   # an edited list is read again
+
+
+@lru_cache(maxsize=8)
+def _known_copies_read(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a known-copies list (not UTF-8 text)") from None
     at = {c.strip(): n for n, c in enumerate(lines[0].split("\t"))} if lines else {}
     if "sha256" not in at or "copy_sha256" not in at:
         raise ValueError(f"{path}: not a known-copies list (a TSV whose header names sha256 and copy_sha256)")

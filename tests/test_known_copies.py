@@ -190,6 +190,7 @@ def test_the_all_pairs_audit_of_other_data_finds_a_reframed_mirrored_copy(tmp_pa
     for k in range(6):
         save(tmp_path / "a" / "glioma" / f"g{k}.png", head(10 + k))
         save(tmp_path / "b" / "notumor" / f"n{k}.png", head(50 + k))
+    (tmp_path / "a" / "glioma" / "broken.jpg").write_text("not an image")   # skipped, as train.py skips it
     copy = np.asarray(Image.fromarray(np.pad(head(12), 20)[:, ::-1]).resize((230, 230), Image.BILINEAR))
     save(tmp_path / "b" / "notumor" / "copy.jpg", copy, quality=90)
     out = tmp_path / "list.tsv"
@@ -198,6 +199,7 @@ def test_the_all_pairs_audit_of_other_data_finds_a_reframed_mirrored_copy(tmp_pa
                         "--workers", "1"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "skipped a/glioma/broken.jpg" in r.stdout
     rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
     assert [(x[0], x[1], x[2], x[3]) for x in rows] == [("a", "glioma/g2.png", "b", "notumor/copy.jpg")]
     samples = [s for name in "ab" for s in D.discover(tmp_path / name, name).samples]
@@ -219,3 +221,42 @@ def test_the_dataset_audit_reads_a_list_of_ones_own(tmp_path, capsys):
     (tmp_path / "bad.tsv").write_text("not a list\n")
     assert main(["audit", str(tmp_path / "ds"), "--join-copies", str(tmp_path / "bad.tsv")]) == 2
     assert "not a known-copies list" in capsys.readouterr().err
+
+
+def test_a_listed_pair_across_a_shipped_testing_folder_is_a_leak_in_the_audit(tmp_path, capsys):
+    """A dataset's own Training/Testing split is kept as shipped: a pair a list names across it is
+    reported as a leak (the grouping cannot move a shipped test file)."""
+    from core.cli import main
+    root = tmp_path / "ds"
+    for k in range(6):
+        save(root / "Training" / "glioma" / f"tr{k}.png", pattern(300 + k))
+        save(root / "Testing" / "glioma" / f"te{k}.png", pattern(400 + k))
+    lst = write_list(tmp_path / "mine.tsv", [(root / "Training" / "glioma" / "tr1.png", root / "Testing" / "glioma" / "te4.png")])
+    assert main(["audit", str(root)]) == 0
+    assert "flipped and listed copies (shipped split): 0" in capsys.readouterr().out
+    assert main(["audit", str(root), "--join-copies", str(lst)]) == 0
+    out = capsys.readouterr().out
+    assert "flipped and listed copies (shipped split): 1" in out and "te4.png" in out
+
+
+def test_an_edited_list_is_read_again_and_a_binary_one_is_named(tmp_path):
+    files = unrelated_dataset(tmp_path / "ds", n=3)
+    lst = write_list(tmp_path / "mine.tsv", [(files[0], files[1])])
+    paths = [str(f) for f in files]
+    assert D.known_copy_pairs(paths, [lst], shipped=False) == [(0, 1)]
+    write_list(lst, [(files[0], files[1]), (files[3], files[4])])
+    assert D.known_copy_pairs(paths, [lst], shipped=False) == [(0, 1), (3, 4)]
+    lst.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="mine.tsv: not a known-copies list .not UTF-8 text."):
+        D.known_copy_pairs(paths, [lst], shipped=False)
+
+
+def test_a_configs_join_list_that_is_gone_is_no_error_on_a_recorded_split(tmp_path, capsys):
+    import train
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'join_copies = ["{tmp_path / "gone.tsv"}"]\ndata = ["{tmp_path}"]\n'
+                   f'split_from = "{Path(__file__).resolve().parents[1] / "weights" / "resnet18_192_gpu_ema120_s2"}"\n')
+    args = train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "out")])
+    assert args.join_copies is None and "cannot be read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # named on the command line, a missing list is still an error
+        train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "out"), "--join-copies", str(tmp_path / "gone.tsv")])
