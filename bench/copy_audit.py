@@ -477,6 +477,8 @@ def data_record(specs: list[str]) -> tuple[dict, dict]:
             print(f"skipped {name}/{rel}: {why}")
         record[name] = {"train": sorted(s.rel for s in scan.samples)}
         roots[name] = root.resolve()   # where discover's rel paths start
+    if overlap := D.overlapping(list(roots.items())):   # each image would be listed as its own copy
+        raise ValueError(f"roots overlap ({'; '.join(overlap)}): give each image once")
     return record, roots
 
 

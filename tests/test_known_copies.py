@@ -260,3 +260,30 @@ def test_a_configs_join_list_that_is_gone_is_no_error_on_a_recorded_split(tmp_pa
     assert args.join_copies is None and "cannot be read" in capsys.readouterr().err
     with pytest.raises(SystemExit):   # named on the command line, a missing list is still an error
         train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "out"), "--join-copies", str(tmp_path / "gone.tsv")])
+
+
+def test_a_configs_lists_stay_as_written_in_the_config_the_card_keeps(tmp_path):
+    import train
+    lst = write_list(tmp_path / "k.tsv", [])
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'join_copies = ["k.tsv"]\ndrop_copies = ["k.tsv"]\ndata = ["{tmp_path}"]\n')
+    import os
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        args = train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "out")])
+    finally:
+        os.chdir(here)
+    assert args.config_values["join_copies"] == ["k.tsv"] and args.config_values["drop_copies"] == ["k.tsv"]
+    assert args.join_copies == [str(lst.resolve())]
+
+
+def test_the_audit_of_other_data_refuses_overlapping_roots(tmp_path):
+    import subprocess
+    import sys
+    unrelated_dataset(tmp_path / "ds", n=2)
+    r = subprocess.run([sys.executable, "bench/copy_audit.py", "--split", "all", "--data", f"a={tmp_path / 'ds'}",
+                        "--data", f"b={tmp_path / 'ds'}", "--pairs-out", tmp_path / "x.tsv",
+                        "--cache", tmp_path / "cache"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "roots overlap (a and b)" in r.stderr and "Traceback" not in r.stderr
