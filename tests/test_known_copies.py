@@ -145,9 +145,9 @@ def test_join_copies_keeps_a_listed_pair_of_other_data_on_one_side(tmp_path):
     make_blob_dataset(data)
     common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8, "--workers", 1,
               "--seed", 0, "--epochs", 1]
-    _train([*common, "--out", tmp_path / "bare"], cache)
-    files = json.loads((tmp_path / "bare" / "split.json").read_text())["files"]["data"]
-    a, b = data / sorted(files["test"])[0], data / sorted(files["train"])[0]
+    samples = grouped_split(data, seed=0, source="data")   # the split train.py draws without a list
+    part = {s.split: s for s in sorted(samples, key=lambda s: s.rel)}
+    a, b = Path(part["test"].path), Path(part["train"].path)
     lst = write_list(tmp_path / "mine.tsv", [(a, b)])
     _train([*common, "--out", tmp_path / "joined", "--join-copies", lst], cache)
     rec = json.loads((tmp_path / "joined" / "split.json").read_text())["files"]["data"]
@@ -155,7 +155,7 @@ def test_join_copies_keeps_a_listed_pair_of_other_data_on_one_side(tmp_path):
     assert side[a.relative_to(data).as_posix()] == side[b.relative_to(data).as_posix()]
     card = json.loads((tmp_path / "joined" / "card.json").read_text())
     assert "mine.tsv" in card["split"]["method"]
-    log = _train([*common, "--out", tmp_path / "again", "--split-from", tmp_path / "bare", "--join-copies", lst], cache)
+    log = _train([*common, "--out", tmp_path / "again", "--split-from", tmp_path / "joined", "--join-copies", lst], cache)
     assert "--join-copies: the split is the one recorded in" in log
 
 
