@@ -418,10 +418,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data:
         args.data = [cfg_data] if isinstance(cfg_data, (str, dict)) else cfg_data
     # copies of the config's lists: resolving their paths below must not rewrite the config the card keeps
-    if args.drop_copies is None and args.config:
-        args.drop_copies = [cfg_drop] if isinstance(cfg_drop, str) else list(cfg_drop) if isinstance(cfg_drop, list) else cfg_drop
-    if args.join_copies is None and args.config:
-        args.join_copies = [cfg_join] if isinstance(cfg_join, str) else list(cfg_join) if isinstance(cfg_join, list) else cfg_join
+    for d, v in (("drop_copies", cfg_drop), ("join_copies", cfg_join)):
+        if getattr(args, d) is None and args.config:
+            setattr(args, d, [v] if isinstance(v, str) else list(v) if isinstance(v, list) else v)
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     _check_types(p, args)

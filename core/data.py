@@ -659,16 +659,22 @@ KNOWN_COPIES_COLUMNS = ("source", "file", "copy_source", "copy_file", "hp256", "
 CONTENT_DIGITS = 16   # hex digits of the SHA-256: 64 bits, no chance meeting among the shared files
 
 
-def content_key(path: str | Path) -> str | None:
-    """A file's content key: the first `CONTENT_DIGITS` hex digits of its SHA-256 (None when it
-    cannot be read)."""
-    try:   # a regular file only: a pipe named .jpg would block the read
-        if not os.path.isfile(path):
-            return None
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()[:CONTENT_DIGITS]
+def sha256_of(src: bytes | str | Path) -> str | None:
+    """SHA-256 (hex) of an input's bytes: a regular file read again, or the bytes given; None for
+    what cannot be read (gone, a pipe that would block, no permission)."""
+    if isinstance(src, (bytes, bytearray)):
+        return hashlib.sha256(src).hexdigest()
+    try:
+        return hashlib.sha256(Path(src).read_bytes()).hexdigest() if os.path.isfile(src) else None
     except OSError:
         return None
+
+
+def content_key(path: str | Path) -> str | None:
+    """A file's content key: the first `CONTENT_DIGITS` hex digits of its SHA-256 (`sha256_of`;
+    None when it cannot be read)."""
+    digest = sha256_of(path)
+    return digest and digest[:CONTENT_DIGITS]
 
 
 def _known_copies(path: Path) -> tuple[tuple[str, str], ...]:

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data import REPO_ROOT
+from .data import REPO_ROOT, sha256_of
 from .header import header_reason
 from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
@@ -519,17 +519,6 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             yield {"file": name, "ok": False, "error": str(e)}
         except Exception as e:  # a bug must not take down the rest of a batch
             yield {"file": name, "ok": False, "error": f"The file could not be processed ({type(e).__name__})."}
-
-
-def sha256_of(src: bytes | str | Path) -> str | None:
-    """SHA-256 (hex) of an input's bytes: a regular file read again, or the bytes given; None for
-    what cannot be read (gone, a pipe that would block, no permission)."""
-    if isinstance(src, (bytes, bytearray)):
-        return hashlib.sha256(src).hexdigest()
-    try:
-        return hashlib.sha256(Path(src).read_bytes()).hexdigest() if os.path.isfile(src) else None
-    except OSError:
-        return None
 
 
 def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None,
