@@ -24,8 +24,11 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-# A capture returns the grey image, or (grey image, colourfulness) when it draws in colour.
-Capture = Callable[[np.ndarray, np.random.Generator], np.ndarray | tuple[np.ndarray, float]]
+from core.reader import ScanImage
+
+# A capture returns the grey image, or, when it draws in colour, the scan read back from the
+# colour file it would be uploaded as.
+Capture = Callable[[np.ndarray, np.random.Generator], "np.ndarray | ScanImage"]
 
 # What a DICOM viewer prints in the corners of a slice (invented values; no real patient).
 CORNERS = (("ANON^PATIENT", "ID 0000000", "1970-01-01 F"),
@@ -127,15 +130,16 @@ def annotation_marks(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return to_array(im)
 
 
-def annotation_marks_yellow(a: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """The same marks in yellow, as many viewers draw them: the grey image and its colourfulness as
-    the reader computes them from an RGB file (`core.reader`), so that the gate's colour rule sees
-    what it would see in an upload."""
-    from core.reader import _to_grey
+def annotation_marks_yellow(a: np.ndarray, rng: np.random.Generator) -> ScanImage:
+    """The same marks in yellow, as many viewers draw them, saved as a PNG and read back as an
+    upload is (`core.reader`): the grey image, its colourfulness and the share of the head's core
+    in strong colour, which `core.inference.marks_reason` refuses above its limit."""
+    from core.reader import read_scan
     im = to_pil(a).convert("RGB")
     _annotate(im, a, rng, (255, 255, 0))
-    grey, colourfulness, _ = _to_grey(im)
-    return grey, colourfulness
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return read_scan(buf.getvalue(), "marked.png")
 
 
 def panels_2x2(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -139,10 +139,9 @@ def evaluate(pred: Predictor, rows: list[tuple[Path, str]], perturb: Perturb, pa
         scan = read_scan(path)
         seed = file_seed(path)
         rng = np.random.default_rng(seed)
-        out = perturb(scan.pixels, rng)   # a capture drawn in colour also gives its colourfulness
-        pixels, colour = out if isinstance(out, tuple) else (out, scan.colourfulness)
-        scan = ScanImage(pixels=np.asarray(pixels, dtype=np.float32), colourfulness=colour, kind=scan.kind,
-                         info=scan.info)
+        out = perturb(scan.pixels, rng)   # a capture drawn in colour is the scan read from its file
+        scan = out if isinstance(out, ScanImage) else ScanImage(
+            pixels=np.asarray(out, dtype=np.float32), colourfulness=scan.colourfulness, kind=scan.kind, info=scan.info)
         p = pred.predict_scan(scan)
         called = bool(is_tumour_label(p.pred))   # a call that is neither tumour nor 'notumor' finds no tumour
         right = p.pred == label if label in pred.classes else called

@@ -38,14 +38,15 @@ from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 # What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
-# text around a slice costs little; a reader's marks on it, panels and photos of a screen cost more.
+# text around a slice costs little; a reader's marks on it, panels and photos of a screen cost more
+# (marks in colour and panels are refused: core.inference.marks_reason, panels_reason).
 UPLOAD_HELP = ("Upload the scan as the scanner or viewer exports it: DICOM, NIfTI (a volume is read slice "
                "by slice), a zip, or an image of one slice. A viewer's text around the slice costs little. "
                "Avoid screen captures with a reader's marks drawn on the slice (lines, circles, arrows, "
-               "labels): on test scans marked like that, the model called the wrong type, or a tumour in a "
-               "healthy scan, far more often, often without a warning. Several panels in one image, or a "
-               "photo of a screen, miss more tumours (on the benchmark's scans most of those misses were "
-               "flagged or referred, on FLAIR slices fewer).")
+               "labels): marks in colour are refused, but on test scans marked in white the model called "
+               "the wrong type, or a tumour in a healthy scan, far more often, often without a warning. "
+               "Several slices in one image (a viewer's layout) are refused: upload them one by one. A photo "
+               "of a screen misses more tumours.")
 
 
 # ----------------------------------------------------------------------------- models

@@ -151,8 +151,8 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
                   "as MRI (core/not_mri.txt), where a flag is right." if ev.get("not_mri") else ""))
     else:
         ood = ("Refused (no gate)", refused,
-               "This model has no out-of-distribution gate: only colour, blank and nearly empty images are "
-               "refused, and any other image gets a call, whatever it shows.")
+               "This model has no out-of-distribution gate: only colour, blank and nearly empty images, and "
+               "marks drawn in colour, are refused, and any other image gets a call, whatever it shows.")
     return [("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}", None),
             ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}", None),
             ("Silent misses", str(ev.get("silent_misses", "n/a")),

@@ -20,7 +20,7 @@ from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
-from .reader import ScanError, ScanImage, is_empty_slice, read_scan
+from .reader import ScanError, ScanImage, is_empty_slice, panel_divider, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -242,7 +242,40 @@ FEATURE_OOD_REASON = ("The image passed the check of its overall appearance, but
                       "(out-of-distribution gate). It may not be a brain MRI slice, or it may be one prepared "
                       "differently from the training scans (skull-stripped, for example).")
 COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
-                     "out-of-distribution gate: only colour, blank and nearly empty images are refused).")
+                     "out-of-distribution gate: only colour, blank and nearly empty images, and marks drawn in colour, "
+                     "are refused).")
+# A reader's marks (a measured line, an outline, an arrow, a label) make the model see lesions: drawn
+# in white they cost the benchmark 16 points (docs/generalisation.md, "Screen captures"). Drawn in
+# colour, as most viewers draw them, the reader finds them (`info["colour_marks"]`, the share of the
+# head's core in strong colour): the 11,314 shared scans reach at most 0.00005, thin marks 0.001 and
+# more. Colour all over the image is the colour rule's to refuse, with its own reason.
+MARKS_SHARE_LIMIT = 2e-4
+MARKS_OOD_REASON = ("The slice has marks drawn on it in colour (a measured line, an outline, an arrow, a "
+                    "label or an overlay), and the model reads marks as lesions: upload the slice as "
+                    "exported, without annotations.")
+
+
+# A viewer's 2 x 2 layout shrinks each slice to a quarter and missed 75 of 614 benchmark tumours
+# (docs/generalisation.md, "Screen captures"): several images in one file are not one slice.
+PANELS_OOD_REASON = ("The image holds several images side by side, split by a plain band (a viewer's layout "
+                     "or a montage), and the model reads one slice at a time: upload one slice, as exported.")
+
+
+def panels_reason(scan: ScanImage) -> str | None:
+    """PANELS_OOD_REASON when a plain band splits the scan into lit parts (`reader.panel_divider`)."""
+    if not is_empty_slice(scan.pixels) and panel_divider(scan.pixels) is not None:
+        return PANELS_OOD_REASON
+    return None
+
+
+def marks_reason(scan: ScanImage, colour_limit: float = NO_GATE_COLOUR_LIMIT) -> str | None:
+    """MARKS_OOD_REASON for a mostly grey scan (colourfulness within ``colour_limit``, the colour
+    rule that runs: a gate's own, else the gateless one) whose head holds coloured marks, else None."""
+    if scan.info.get("colour_marks", 0.0) > MARKS_SHARE_LIMIT and scan.colourfulness <= colour_limit:
+        return MARKS_OOD_REASON
+    return None
+
+
 # The reader keeps blank images readable (training sources hold all-black slices); served, one
 # value everywhere holds no anatomy, so every model refuses it, with or without a gate.
 BLANK_OOD_REASON = "The image is blank (one value everywhere): there is nothing to classify."
@@ -456,7 +489,9 @@ class Predictor:
                           ood_reason=reason, info=dict(scan.info))
 
     def distribution_check(self, scan: ScanImage, x: torch.Tensor | None) -> tuple[bool, float | None, str | None]:
-        """(in_distribution, ood_score, reason): a blank image, the DICOM header, then the pixel gate.
+        """(in_distribution, ood_score, reason): a blank image, the DICOM header, the pixel gate,
+        then, on a scan the gate passed (or with no gate), marks drawn in colour and several
+        images in one.
 
         Call after ``probabilities(x)``: a gate on the classifier's features reads that pass.
         ``ood_score`` is always the pixel gate's (None without one), so that thresholds and
@@ -471,7 +506,10 @@ class Predictor:
             if not self.gate.components:   # the colour rule alone: the pixels were not checked, and
                 score = None               # a score would hide that ('image not checked' keys on None)
         if reason is None and not ok:
-            reason = gate_reason(margins)
+            reason = gate_reason(margins)   # a chart the gate refuses is told so, not of marks
+        if reason is None:
+            colour_limit = getattr(self.gate, "colour_limit", None) or NO_GATE_COLOUR_LIMIT
+            reason = marks_reason(scan, colour_limit) or panels_reason(scan)
         if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
             reason = COLOUR_OOD_REASON
         if reason is None and (self.gate is None or not self.gate.components) and is_empty_slice(scan.pixels):

@@ -68,6 +68,10 @@ MAX_DECOMPRESSED = MAX_VOXELS * 4 + 2**20
 # Pillow refuses (DecompressionBombError) above twice this, inside Image.open, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
+# A pixel's chroma (its largest |channel - grey|) above this is strong colour. Grey scans saved as
+# JPEG reach 0.15 at the odd sharp edge; thin yellow, green, cyan, red or blue marks are 0.59-0.89.
+MARK_CHROMA = 0.2
+
 # Only these Pillow plugins are tried: no EPS/PDF (they run Ghostscript) or exotic decoders.
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF")
 SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP, GIF, DICOM or NIfTI"
@@ -84,6 +88,7 @@ SAFE_INFO_KEYS = frozenset({
     "body_part", "body_part_of_frame",   # DICOM Body Part Examined, or a frame's own anatomy (core.header)
     "series", "instance",             # DICOM series (a salted hash, see _series_fields) and Instance Number
     "head_share",                     # a volume slice's cross-section of the head over the widest
+    "colour_marks",                   # share of the head's core in strong colour (_rgb_to_grey)
     "slices_scored", "slice_choice",  # added by inference.most_tumour_like_slice
 })
 
@@ -299,9 +304,29 @@ def _to_grey(img: Image.Image) -> tuple[np.ndarray, float, dict]:
     a = np.asarray(img, dtype=np.float32) / 255.0
     if a.ndim == 2:
         return a, 0.0, {}
-    grey = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    colour = float(np.abs(a - grey[..., None]).mean())
-    return grey.astype(np.float32), colour, {}
+    return _rgb_to_grey(a)
+
+
+def _rgb_to_grey(rgb: np.ndarray) -> tuple[np.ndarray, float, dict]:
+    """RGB in [0, 1] -> grey (luminance), colourfulness (mean |channel - grey|) and, where strongly
+    coloured pixels lie in the core of the head, ``{"colour_marks": their share}``: the measure of a
+    reader's marks drawn in colour, which the mean misses (`core.inference.marks_reason`)."""
+    grey = (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
+    deviation = np.abs(rgb - grey[..., None])
+    colour = float(deviation.mean())
+    strong = deviation.max(axis=-1) > MARK_CHROMA
+    share = round(_head_core_share(strong, grey), 6) if strong.any() else 0.0
+    return grey, colour, ({"colour_marks": share} if share > 0 else {})
+
+
+def _head_core_share(strong: np.ndarray, grey: np.ndarray) -> float:
+    """The share of the head box's inner part (an eighth cut from each side) that ``strong``
+    covers: a site's coloured banner or text at the edge of the image stays outside it."""
+    from .preprocess import head_bbox
+    y0, y1, x0, x1 = head_bbox(grey)
+    dy, dx = (y1 - y0) // 8, (x1 - x0) // 8
+    core = strong[y0 + dy:y1 - dy, x0 + dx:x1 - dx]
+    return float(core.mean()) if core.size else 0.0
 
 
 def _widened_8bit(a: np.ndarray) -> np.ndarray | None:
@@ -617,9 +642,7 @@ def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None,
     else:
         top = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
     if arr.ndim == 3:  # colour (YBR already converted to RGB by pydicom)
-        rgb = np.clip(arr.astype(np.float32) / top, 0, 1)
-        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return grey.astype(np.float32), float(np.abs(rgb - grey[..., None]).mean()), {}
+        return _rgb_to_grey(np.clip(arr.astype(np.float32) / top, 0, 1))
     values = apply_modality_lut(arr, ds).astype(np.float32)  # Rescale Slope/Intercept or LUT
     pvt = None if "RescaleSlope" in ds else _functional(ds, "PixelValueTransformationSequence", frame)
     if pvt is not None and _first(pvt.get("RescaleSlope")) is not None:
@@ -855,9 +878,11 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], di
         # own percentiles made noise-only end frames full-contrast: not blank, and 'all head'.
         shared = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
         greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k, shared) for k, f in enumerate(frames)]
-    window = {k: v for k, v in greys[len(greys) // 2][2].items() if k != "range"}  # the same for every frame
+    own = ("range", "colour_marks")   # each frame's, not the volume's
+    window = {k: v for k, v in greys[len(greys) // 2][2].items() if k not in own}  # the same for every frame
     parts = [_header_read(_body_part, ds, k) for k in range(len(greys))]
-    return [(g[0], g[1], part) for g, part in zip(greys, parts)], info | window
+    return [(g[0], g[1], part | {k: g[2][k] for k in own[1:] if k in g[2]}) for g, part in zip(greys, parts)], \
+        info | window
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -1249,7 +1274,8 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
             if kind == "dicom":
                 raise
     pages = read_image_pages(data, name, **options)  # a multi-page TIFF or GIF is a stack
-    return (_with_head_shares(pages) if len(pages) > 1 else pages), pages[0].kind, pages[0].info
+    stack_info = {k: v for k, v in pages[0].info.items() if k != "colour_marks"}   # each page has its own
+    return (_with_head_shares(pages) if len(pages) > 1 else pages), pages[0].kind, stack_info
 
 
 def _with_head_shares(scans: list[ScanImage]) -> list[ScanImage]:
@@ -1317,6 +1343,37 @@ LIT_LEVEL = 0.1   # a tenth of the window: above it a pixel holds signal, below 
 def lit_share(grey: np.ndarray) -> float:
     """The share of a slice's pixels above `LIT_LEVEL`: how much of it is head."""
     return float((grey > LIT_LEVEL).mean())
+
+
+# A plain band across the whole image, between two lit parts of comparable size, splits a viewer's
+# layout or a montage (`panel_divider`). Over the 11,314 shared scans none qualifies; 97 % of 2 x 2
+# layouts and side-by-side pairs of their test scans do, as PNG or JPEG (docs/generalisation.md,
+# "Several images in one").
+PANEL_FLAT = 0.02      # the band's standard deviation, over the image's 99th percentile
+PANEL_LIT = 0.2        # lit: above this share of the 99th percentile (the head, not background noise)
+PANEL_SIDE = 0.05      # each side holds at least this share of the image lit ...
+PANEL_BALANCE = 0.2    # ... and at least this share of the other side's lit area
+
+
+def panel_divider(grey: np.ndarray) -> tuple[str, float] | None:
+    """("row" or "column", its place as a share of the height or width) of the first plain band in
+    the middle half of the image with comparable lit parts on both sides; None for one slice."""
+    step = max(1, max(grey.shape) // 256)
+    g = grey[::step, ::step]
+    hi = float(np.percentile(g, 99))
+    if hi <= 1e-3:
+        return None
+    lit = g > PANEL_LIT * hi
+    for name, a, m in (("row", g, lit), ("column", g.T, lit.T)):
+        n = a.shape[0]
+        before = np.cumsum(m.sum(axis=1))
+        after = before[-1] - before
+        ok = ((a.std(axis=1) < PANEL_FLAT * hi) & (np.minimum(before, after) > PANEL_SIDE * m.size)
+              & (np.minimum(before, after) >= PANEL_BALANCE * np.maximum(before, after)))
+        ok[:n // 4] = ok[3 * n // 4:] = False
+        if ok.any():
+            return name, round(int(np.argmax(ok)) / n, 3)
+    return None
 
 
 def is_empty_slice(grey: np.ndarray) -> bool:

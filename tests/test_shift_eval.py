@@ -82,30 +82,35 @@ def test_accepted_accuracy_and_silent_errors_by_hand(tmp_path, monkeypatch):
     assert r["silent_misses"] == 1 and r["ood_flagged"] == round(1 / 6, 4)
 
 
-def test_a_capture_in_colour_reaches_the_gate_with_its_colourfulness(tmp_path, monkeypatch):
+def test_a_capture_in_colour_is_served_as_read_from_its_file(tmp_path, monkeypatch):
+    from core.reader import ScanImage
     seen = []
 
     class Recording(FixedPredictor):
         def predict_scan(self, scan):
-            seen.append(scan.colourfulness)
+            seen.append((scan.colourfulness, scan.info.get("colour_marks")))
             return super().predict_scan(scan)
     rows = _named_files(tmp_path, [("glioma", "glioma")])
     _reads_with_name(monkeypatch)
-    evaluate(Recording(), rows, lambda a, r: (a, 0.25))   # drawn in colour
-    evaluate(Recording(), rows, lambda a, r: a)           # grey: the file's own (0 for a grey PNG)
-    assert seen == [0.25, 0.0]
+    drawn = ScanImage(np.zeros((8, 8), np.float32), 0.25, "image", {"file": "glioma_0", "colour_marks": 0.01})
+    evaluate(Recording(), rows, lambda a, r: drawn)   # drawn in colour: the scan its file reads as
+    evaluate(Recording(), rows, lambda a, r: a)       # grey: the file's own (0 for a grey PNG)
+    assert seen == [(0.25, 0.01), (0.0, None)]
 
 
 def test_screen_captures_are_seeded_grey_images_and_run_only_when_named():
     import bench.shift_eval as se
     from bench.screen_captures import CAPTURES
+    from core.inference import MARKS_SHARE_LIMIT
+    from core.reader import ScanImage
     yy, xx = np.mgrid[:160, :140]
     head = (np.hypot(yy - 80, xx - 70) < 55).astype(np.float32) * 0.6
     for name, capture in CAPTURES.items():
         a, b = capture(head, np.random.default_rng(3)), capture(head, np.random.default_rng(3))
-        if isinstance(a, tuple):   # drawn in colour: the reader's grey and colourfulness
-            assert a[1] == b[1] and 1e-3 < a[1] < 1, name   # coloured: white on RGB gives ~1e-10
-            a, b = a[0], b[0]
+        if isinstance(a, ScanImage):   # drawn in colour: the scan read back from its file
+            assert a.colourfulness == b.colourfulness and 1e-3 < a.colourfulness < 1, name   # white gives ~1e-10
+            assert a.info["colour_marks"] > MARKS_SHARE_LIMIT, name   # refused as marks when served
+            a, b = a.pixels, b.pixels
         assert a.dtype == np.float32 and a.ndim == 2 and 0 <= a.min() and a.max() <= 1, name
         assert np.array_equal(a, b), name                  # seeded per image: two models see the same capture
         assert a.shape != head.shape or np.abs(a - head).mean() > 0.001, name
