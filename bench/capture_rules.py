@@ -5,7 +5,7 @@ scan of the sources?
   (the head box with an eighth cut from each side) in strong colour (chroma above
   `core.reader.MARK_CHROMA`), and `core.inference.marks_reason` refuses a mostly grey scan above
   `MARKS_SHARE_LIMIT`.
-- **Several images in one**: `core.inference.panels_reason` refuses a scan that a plain band
+- **Several slices in one image**: `core.inference.panels_reason` refuses a scan that a plain band
   splits into lit parts of comparable size (`core.reader.panel_divider`).
 
 Counted, as for a model without a gate (each rule alone):
@@ -18,7 +18,7 @@ Counted, as for a model without a gate (each rule alone):
   a side-by-side pair with a black gutter, each saved as PNG and as JPEG (quality 90 and 75) and read
   back as served: the share refused.
 
-    PYTHONPATH=. python bench/capture_rules.py                   # the default's sources (3 min)
+    PYTHONPATH=. python bench/capture_rules.py                   # the default's sources (2.5 min)
     PYTHONPATH=. python bench/capture_rules.py --per-source 100 --json runs/capture_rules.json
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from core import data as D  # noqa: E402
 from core.inference import (MARKS_SHARE_LIMIT, default_weights, load_card, marks_reason,  # noqa: E402
                             panels_reason)
 from core.ood import read_split_file, source_roots  # noqa: E402
+from core import reader as R  # noqa: E402
 from core.reader import ScanError, read_scan  # noqa: E402
 
 COLOURS = {"yellow": (255, 255, 0), "green": (0, 255, 0), "cyan": (0, 255, 255), "red": (255, 0, 0),
@@ -96,11 +97,14 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=positive, default=2)
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
-    header("cpu")
+    run = header("cpu")
     wdir = Path(args.weights or default_weights())
     roots = source_roots(load_card(wdir), None)
     role = D.split_roles(read_split_file(wdir / "split.json"))
-    result: dict = {"marks_share_limit": MARKS_SHARE_LIMIT, "sources": {}, "captures": {}}
+    result: dict = {**run, "weights": str(wdir), "marks_share_limit": MARKS_SHARE_LIMIT,
+                    "panel_rule": {k: getattr(R, k) for k in ("PANEL_FLAT", "PANEL_LIT", "PANEL_SIDE", "PANEL_BALANCE",
+                                                              "PANEL_MIN_BAND", "MARK_CHROMA")},
+                    "sources": {}, "captures": {}}
     with ProcessPoolExecutor(args.workers) as ex:
         for src, root in roots.items():
             samples = D.discover(root, src).samples

@@ -263,7 +263,7 @@ PANELS_OOD_REASON = ("The image holds several images side by side, split by a pl
 
 def panels_reason(scan: ScanImage) -> str | None:
     """PANELS_OOD_REASON when a plain band splits the scan into lit parts (`reader.panel_divider`)."""
-    if not is_empty_slice(scan.pixels) and panel_divider(scan.pixels) is not None:
+    if panel_divider(scan.pixels) is not None and not is_empty_slice(scan.pixels):   # the rare one second
         return PANELS_OOD_REASON
     return None
 
@@ -489,9 +489,9 @@ class Predictor:
                           ood_reason=reason, info=dict(scan.info))
 
     def distribution_check(self, scan: ScanImage, x: torch.Tensor | None) -> tuple[bool, float | None, str | None]:
-        """(in_distribution, ood_score, reason): a blank image, the DICOM header, the pixel gate,
-        then, on a scan the gate passed (or with no gate), marks drawn in colour and several
-        images in one.
+        """(in_distribution, ood_score, reason): a blank image, the DICOM header, the pixel gate
+        (without one: colour, a nearly empty slice), then, on what those passed, marks drawn in
+        colour and several slices in one image.
 
         Call after ``probabilities(x)``: a gate on the classifier's features reads that pass.
         ``ood_score`` is always the pixel gate's (None without one), so that thresholds and
@@ -507,13 +507,13 @@ class Predictor:
                 score = None               # a score would hide that ('image not checked' keys on None)
         if reason is None and not ok:
             reason = gate_reason(margins)   # a chart the gate refuses is told so, not of marks
-        if reason is None:
-            colour_limit = getattr(self.gate, "colour_limit", None) or NO_GATE_COLOUR_LIMIT
-            reason = marks_reason(scan, colour_limit) or panels_reason(scan)
         if reason is None and self.gate is None and scan.colourfulness > NO_GATE_COLOUR_LIMIT:
             reason = COLOUR_OOD_REASON
         if reason is None and (self.gate is None or not self.gate.components) and is_empty_slice(scan.pixels):
             reason = EMPTY_OOD_REASON   # no gate, or one that judges colour alone
+        if reason is None:              # what the checks above passed: a screen capture's tells
+            colour_limit = getattr(self.gate, "colour_limit", None) or NO_GATE_COLOUR_LIMIT
+            reason = marks_reason(scan, colour_limit) or panels_reason(scan)
         return reason is None, score, reason
 
     def gate_margins(self, scan: ScanImage) -> dict[str, float]:

@@ -194,7 +194,8 @@ def test_one_slice_is_not_a_layout_even_small_in_a_wide_dark_field():
     field = np.zeros((256, 256), np.uint8)
     field[150:246, 150:246] = head(96)
     noisy = np.clip(np.random.default_rng(0).normal(6, 2, (256, 256)), 0, 255).astype(np.uint8)
-    for grey in (head(), field, np.maximum(field, noisy), noisy):
+    loud = np.clip(np.random.default_rng(1).normal(120, 40, (256, 256)), 0, 255).astype(np.uint8)
+    for grey in (head(), field, np.maximum(field, noisy), noisy, loud):
         scan = read_scan(encode(Image.fromarray(grey), "PNG"), "one.png")
         assert panels_reason(scan) is None
 
@@ -202,7 +203,7 @@ def test_one_slice_is_not_a_layout_even_small_in_a_wide_dark_field():
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared")
 def test_shared_scans_are_not_layouts_but_their_pairs_are():
     """Shared scans that come nearest: a small head in a dark field, two separate lit parts
-    (found by measuring every shared scan, docs/generalisation.md "Several images in one")."""
+    (found by measuring every shared scan, docs/generalisation.md "Marks drawn in colour, and several slices in one image")."""
     names = ["lgg-flair/notumor/TCGA_DU_A5TS_032.jpg", "lgg-flair/notumor/TCGA_HT_7608_028.jpg",
              "br35h/yes/y560.jpg", "br35h/yes/y1155.jpg", "brain-tumor-mri/Training/notumor/Tr-no_0255.jpg"]
     for rel in names:
@@ -212,3 +213,59 @@ def test_shared_scans_are_not_layouts_but_their_pairs_are():
             continue   # a head this small (under 10 % of its tile) is too little lit for a layout's side
         pair = (np.concatenate([grey, np.zeros((grey.shape[0], 6), np.float32), grey], axis=1) * 255).astype(np.uint8)
         assert panel_divider(read_scan(encode(Image.fromarray(pair), "JPEG", quality=85), "p.jpg").pixels), rel
+
+
+class StubGate:
+    """A pixel gate that passes or refuses every scan (`Predictor.distribution_check`'s interface)."""
+    components, colour_limit, uses_classifier = ["cnn"], None, False
+
+    def __init__(self, refuses: bool):
+        self.refuses = refuses
+
+    def verdict(self, scan, x, model):
+        return not self.refuses, (1.0 if self.refuses else -1.0), {"cnn": 1.0 if self.refuses else -1.0}
+
+
+@pytest.mark.parametrize("refuses", [False, True])
+def test_with_a_gate_a_layout_it_passes_is_refused_as_one_and_its_own_refusal_stands(random_weights, refuses):
+    from core.inference import PIXEL_OOD_REASON
+    scan = read_scan(encode(Image.fromarray(layout([head()] * 4, 2)), "PNG"), "layout.png")
+    pred = Predictor(random_weights)
+    pred.gate = StubGate(refuses)
+    p = pred.predict_scan(scan)
+    assert not p.in_distribution and p.ood_reason == (PIXEL_OOD_REASON if refuses else PANELS_OOD_REASON)
+
+
+@pytest.mark.parametrize("fill", [0, 80, 160, 255])
+@pytest.mark.parametrize("shape", [(192, 400), (400, 192), (192, 192)])
+def test_one_slice_padded_with_any_plain_value_is_not_a_layout(fill, shape):
+    canvas = np.full(shape, fill, np.uint8)
+    y, x = (shape[0] - 192) // 2, (shape[1] - 192) // 2
+    canvas[y:y + 192, x:x + 192] = head()
+    assert panel_divider(canvas.astype(np.float32) / 255) is None
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared")
+def test_strips_and_tiny_images_are_not_layouts():
+    """A band across an 8:1 strip is a short line through tissue, not a gutter; a 16 px image is read."""
+    grey = read_scan(DATA / "brain-tumor-mri/Training/glioma/Tr-gl_0100.jpg").pixels
+    h, w = grey.shape
+    for strip in (grey[h // 2 - w // 16:h // 2 + w // 16], grey[:, w // 2 - h // 16:w // 2 + h // 16]):
+        assert panel_divider(strip) is None
+    tiny = read_scan(encode(Image.fromarray(head(16)), "PNG"), "tiny.png")
+    assert panels_reason(tiny) is None
+
+
+def test_no_slice_of_a_head_volume_is_refused_as_a_layout(random_weights):
+    """A synthetic head with skull, read as a volume in every plane, and its most tumour-like slice."""
+    from core.inference import most_tumour_like_slice
+    from test_reader import nifti_bytes
+    zz, yy, xx = np.mgrid[:40, :64, :56]
+    r = np.sqrt(((zz - 20) / 18) ** 2 + ((yy - 32) / 28) ** 2 + ((xx - 28) / 24) ** 2)
+    vol = (np.where(r < 1, 300, 0) + np.where(r < 0.85, 500, 0) + 20 * np.sin(xx / 3.0) * (r < 0.85)).astype(np.float32)
+    data = nifti_bytes(vol)
+    for plane in ("axial", "coronal", "sagittal"):
+        scans = read_volume_scans(data, "head.nii.gz", plane=plane)[0]
+        assert [k for k, s in enumerate(scans) if panels_reason(s)] == [], plane
+    k, p = most_tumour_like_slice(Predictor(random_weights), data, "head.nii.gz")
+    assert p.ood_reason != PANELS_OOD_REASON
