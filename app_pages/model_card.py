@@ -53,11 +53,13 @@ with st.expander("The card's raw fields"):
 ood = card.get("ood")
 st.markdown("#### Out-of-distribution gate")
 if not ood:
-    st.write("This model has no out-of-distribution gate: only colour, blank and nearly empty images, and "
-             "marks drawn in colour, are refused; every other grey upload gets a prediction, whatever it shows.")
+    st.write("This model has no out-of-distribution gate: only colour, blank and nearly empty images, marks "
+             "drawn in colour and several slices in one image are refused; every other grey upload gets a "
+             "prediction, whatever it shows.")
 else:
     st.write(dash.ood_summary(ood))
     st.dataframe(dash.ood_table(card), hide_index=True)
+st.caption(dash.CAPTURE_RULES)
 
 for line in dash.saliency_and_speed(card):
     st.write(line)

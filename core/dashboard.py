@@ -151,8 +151,9 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
                   "as MRI (core/not_mri.txt), where a flag is right." if ev.get("not_mri") else ""))
     else:
         ood = ("Refused (no gate)", refused,
-               "This model has no out-of-distribution gate: only colour, blank and nearly empty images, and "
-               "marks drawn in colour, are refused, and any other image gets a call, whatever it shows.")
+               "This model has no out-of-distribution gate: only colour, blank and nearly empty images, marks "
+               "drawn in colour and several slices in one image are refused, and any other image gets a call, "
+               "whatever it shows.")
     return [("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}", None),
             ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}", None),
             ("Silent misses", str(ev.get("silent_misses", "n/a")),
@@ -503,6 +504,12 @@ def readable(value, unit: str = "") -> str | None:
     if isinstance(value, float):
         return f"{value:g}{unit}"
     return f"{value}{unit}"
+
+
+# What the served path refuses besides the gate (core.inference.marks_reason, panels_reason)
+CAPTURE_RULES = ("With or without a gate, a scan is also refused when a reader's marks are drawn on it in colour, "
+                 "or when it holds several slices side by side (a viewer's layout or a montage): the model reads "
+                 "marks as lesions, and one slice at a time.")
 
 
 def ood_summary(ood: dict) -> str:

@@ -242,8 +242,8 @@ FEATURE_OOD_REASON = ("The image passed the check of its overall appearance, but
                       "(out-of-distribution gate). It may not be a brain MRI slice, or it may be one prepared "
                       "differently from the training scans (skull-stripped, for example).")
 COLOUR_OOD_REASON = ("The image is in colour, and an MRI slice is grey (this model has no "
-                     "out-of-distribution gate: only colour, blank and nearly empty images, and marks drawn in colour, "
-                     "are refused).")
+                     "out-of-distribution gate: only colour, blank and nearly empty images, marks drawn in colour "
+                     "and several slices in one image are refused).")
 # A reader's marks (a measured line, an outline, an arrow, a label) make the model see lesions: drawn
 # in white they cost the benchmark 16 points (docs/generalisation.md, "Screen captures"). Drawn in
 # colour, as most viewers draw them, the reader finds them (`info["colour_marks"]`, the share of the
