@@ -24,18 +24,16 @@ Counted, as for a model without a gate (each rule alone):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header, positive  # noqa: E402
-from bench.screen_captures import _annotate, panels_2x2, to_pil  # noqa: E402
+from bench.screen_captures import _annotate, encoded, panels_2x2, to_pil  # noqa: E402
 from bench.shift_eval import file_seed  # noqa: E402
 from core import data as D  # noqa: E402
 from core.inference import (MARKS_SHARE_LIMIT, default_weights, load_card, marks_reason,  # noqa: E402
@@ -57,15 +55,6 @@ def share_of(path: str) -> tuple[str, float | None, bool, bool]:
     except ScanError:
         return path, None, False, False
     return path, scan.info.get("colour_marks", 0.0), marks_reason(scan) is not None, panels_reason(scan) is not None
-
-
-def encoded(im: Image.Image, save: str) -> bytes:
-    buf = io.BytesIO()
-    if save == "png":
-        im.save(buf, "PNG")
-    else:
-        im.save(buf, "JPEG", quality=int(save.split()[1]))
-    return buf.getvalue()
 
 
 def side_by_side(a: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from core.reader import ScanImage
+from core.reader import ScanImage, read_scan
 
 # A capture returns the grey image, or, when it draws in colour, the scan read back from the
 # colour file it would be uploaded as.
@@ -46,11 +46,19 @@ def to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
+def encoded(im: Image.Image, save: str = "png") -> bytes:
+    """``im`` as the file bytes an upload would carry: "png", or "jpeg Q" at quality Q."""
+    buf = io.BytesIO()
+    if save == "png":
+        im.save(buf, "PNG")
+    else:
+        im.save(buf, "JPEG", quality=int(save.split()[1]))
+    return buf.getvalue()
+
+
 def jpeg(im: Image.Image, quality: int) -> np.ndarray:
     """``im`` saved as a JPEG and read back: the file's compression, as an upload would carry it."""
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    return to_array(Image.open(buf))
+    return to_array(Image.open(io.BytesIO(encoded(im, f"jpeg {quality}"))))
 
 
 def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -134,12 +142,9 @@ def annotation_marks_yellow(a: np.ndarray, rng: np.random.Generator) -> ScanImag
     """The same marks in yellow, as many viewers draw them, saved as a PNG and read back as an
     upload is (`core.reader`): the grey image, its colourfulness and the share of the head's core
     in strong colour, which `core.inference.marks_reason` refuses above its limit."""
-    from core.reader import read_scan
     im = to_pil(a).convert("RGB")
     _annotate(im, a, rng, (255, 255, 0))
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return read_scan(buf.getvalue(), "marked.png")
+    return read_scan(encoded(im), "marked.png")
 
 
 def panels_2x2(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:

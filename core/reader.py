@@ -881,11 +881,12 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], di
         # own percentiles made noise-only end frames full-contrast: not blank, and 'all head'.
         shared = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
         greys = [_dicom_grey(_reduce_frame(f, ds, info), ds, k, shared) for k, f in enumerate(frames)]
-    own = ("range", "colour_marks")   # each frame's, not the volume's
-    window = {k: v for k, v in greys[len(greys) // 2][2].items() if k not in own}  # the same for every frame
+    # the window is the same for every frame; the range is `_dicom_grey`'s to pool, and the colour
+    # measure each frame's own
+    window = {k: v for k, v in greys[len(greys) // 2][2].items() if k not in ("range", "colour_marks")}
     parts = [_header_read(_body_part, ds, k) for k in range(len(greys))]
-    return [(g[0], g[1], part | {k: g[2][k] for k in own[1:] if k in g[2]}) for g, part in zip(greys, parts)], \
-        info | window
+    marks = [{"colour_marks": g[2]["colour_marks"]} if "colour_marks" in g[2] else {} for g in greys]
+    return [(g[0], g[1], part | m) for g, part, m in zip(greys, parts, marks)], info | window
 
 
 # ----------------------------------------------------------------------------- NIfTI
