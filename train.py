@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -900,8 +901,12 @@ def run(args: argparse.Namespace) -> int:
         small = bool(args.small_img) and epoch < args.small_img_epochs
         size = args.small_img if small else None
         if args.small_img and epoch == args.small_img_epochs:
-            # Losses at another resolution are not comparable: early stopping starts afresh.
+            # Losses at another resolution are not comparable: early stopping starts afresh, and a
+            # low-resolution best is not one to ship (no full-size epoch improving must still fail)
             best, bad = float("inf"), 0
+            if rank == 0:
+                (out / "best.pt").unlink(missing_ok=True)
+                shipped_average, best_epoch = None, None
         n_draw = steps_per_epoch * args.batch_size * world
         order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
         order = DD.shard(order, rank, world)  # same draw on every rank; each trains its share
@@ -1203,7 +1208,11 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         if two.any() and (~two).any():
             tta["scale"] = E.fit_temperature(val_logits[~two], m[~two]) / E.fit_temperature(val_logits[two], m[two])
             val_logits[two] *= tta["scale"]
-    temperature = E.fit_temperature(val_logits, masks[idx["val"]])
+    with warnings.catch_warnings(record=True) as fit_notes:   # a fit at a bound: said here and in the card
+        warnings.simplefilter("always")
+        temperature = E.fit_temperature(val_logits, masks[idx["val"]])
+    for w in fit_notes:
+        print(f"warning: {w.message}", file=sys.stderr)
     if not math.isfinite(temperature):   # non-finite validation logits: no card that no command can load
         raise DataError("the validation outputs are not finite (NaN or infinite weights? try a lower --lr): "
                         "the model cannot be calibrated")
@@ -1258,6 +1267,8 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
     card["tta"] = tta
+    if fit_notes:
+        card["calibration"]["note"] = "; ".join(str(w.message) for w in fit_notes)
     if old_sha == new_sha and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())

@@ -33,8 +33,8 @@ from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
 from .report import SALIENCY_CAVEAT, shown_path, unique_names  # the upload batch names files as the report does
-from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, read_scan, read_volume_slices,
-                     read_zip, sniff, zip_to_labelled)
+from .reader import (STACK_SUFFIXES, UNPROCESSED, VOLUME_SUFFIXES, ScanError, ScanImage, is_file_fault, read_scan,
+                     read_volume_slices, read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 # What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
@@ -666,8 +666,10 @@ def best_slice(predictor: Predictor, data: bytes, name: str) -> tuple[int | None
                                          scores=cached_slice_scores(predictor, data, name))
     except ScanError as e:
         return None, str(e)
-    except Exception as e:  # a bug on one file must not stop the batch
-        return None, f"No slice could be chosen ({type(e).__name__})."
+    except BaseException as e:  # a bug on one file must not stop the batch
+        if not is_file_fault(e):
+            raise
+        return None, "No slice could be chosen: the file may be damaged, or a variant this reader does not handle."
     n = pred.info.get("n_slices", 1)
     if not pred.in_distribution:
         return k, (f"Slice {k} of 0-{n - 1}: the most tumour-like, but no slice the model scored "
@@ -760,8 +762,10 @@ def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
             records.append(prediction_record(name, "upload", label, p))
         except ScanError as e:
             errors.append({"file": name, "error": str(e)})
-        except Exception as e:  # one broken file never stops the evaluation
-            errors.append({"file": name, "error": f"The file could not be processed ({type(e).__name__})."})
+        except BaseException as e:  # one broken file never stops the evaluation
+            if not is_file_fault(e):
+                raise
+            errors.append({"file": name, "error": UNPROCESSED})
         if progress:
             progress((k + 1) / max(1, len(items)))
     try:  # yes/no folders are scored as tumour vs no tumour, unknown folders listed (as the CLI)
@@ -1176,8 +1180,10 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
                             predictor.classes, threshold, predictor.referral)
     except ScanError as e:
         return result_row(name, error=str(e)), None, None
-    except Exception as e:  # a bug on one file must not stop the batch
-        return result_row(name, error=f"The file could not be processed ({type(e).__name__})."), None, None
+    except BaseException as e:  # a bug on one file must not stop the batch
+        if not is_file_fault(e):
+            raise
+        return result_row(name, error=UNPROCESSED), None, None
     row = result_row(name, pred)
     shown = shown_slice(scan.info)
     if shown is not None and slice_choice:

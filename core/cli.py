@@ -32,7 +32,7 @@ def _image_facts(path: str) -> tuple[tuple[int, int], str]:
 
 def cmd_audit(args) -> int:
     from . import data as D
-    from .reader import ScanError
+    from .reader import UNPROCESSED, ScanError, is_file_fault
     for f in args.join_copies:   # before the images are read: a wrong list fails at once
         D.read_known_copies(f)
     scan = D.discover(args.data_dir)
@@ -43,8 +43,10 @@ def cmd_audit(args) -> int:
         except ScanError as e:
             unreadable.append((s.rel, str(e)))
             continue
-        except Exception as e:  # the reader's surprise for one file never ends the audit
-            unreadable.append((s.rel, f"the file could not be processed ({type(e).__name__})"))
+        except BaseException as e:  # the reader's surprise for one file never ends the audit
+            if not is_file_fault(e):
+                raise
+            unreadable.append((s.rel, UNPROCESSED[0].lower() + UNPROCESSED[1:-1]))
             continue
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)
@@ -65,7 +67,7 @@ def cmd_audit(args) -> int:
     if lost := sorted({s.label for s in scan.samples} - {s.label for s in samples}):
         print(f"note: no image of {', '.join(lost)} could be read (its files are listed as skipped below)")
     for (split, label), n in sorted(Counter((split_of(s), s.label) for s in samples).items()):
-        print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(sorted(folders[split, label]))}")
+        print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(map(printable_path, sorted(folders[split, label])))}")
     print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
     print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
     for line in skipped:
@@ -85,7 +87,7 @@ def cmd_audit(args) -> int:
     members: dict[str, list[str]] = {}   # one pass: a scan per group was quadratic in the images
     for s in samples:
         if groups[s.group] > 1:
-            members.setdefault(s.group, []).append(s.rel)
+            members.setdefault(s.group, []).append(printable_path(s.rel))
     members = {g: sorted(v) for g, v in members.items()}
     for g in sorted(multi, key=lambda g: (-len(members[g]), members[g][0]))[:20]:  # largest first
         shown = members[g][:6]
@@ -107,7 +109,7 @@ def cmd_audit(args) -> int:
     leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True, lists=args.join_copies)
     print(f"cross-split near duplicates, flipped and listed copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
     for a in leaks[:20]:
-        print(f"  {a[0]}:{a[1]} ~ {a[2]}:{a[3]}")
+        print(f"  {a[0]}:{printable_path(a[1])} ~ {a[2]}:{printable_path(a[3])}")
     if len(leaks) > 20:
         print(f"  ... and {len(leaks) - 20} more")
     return 0

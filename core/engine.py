@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -734,11 +735,20 @@ T_RANGE = (0.05, 20.0)   # the temperatures fit_temperature may return
 
 
 def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
-    """Temperature scaling: one scalar T minimising the validation NLL of softmax(logits / T)."""
+    """Temperature scaling: one scalar T minimising the validation NLL of softmax(logits / T).
+
+    With validation all right the NLL falls as T -> 0, and all wrong as T grows: no optimum, and
+    a fit ran to a bound of `T_RANGE` (0.05 multiplies every logit by 20, so each test error read
+    as certain). Then 1.0 (the model's own scale) is returned, with a warning."""
     if len(logits) == 0:
         return 1.0
     if not torch.isfinite(logits).all():   # no temperature calibrates NaN outputs: the caller refuses
         return float("nan")
+    right = masks[torch.arange(len(logits)), logits.argmax(1)]
+    if right.all() or not right.any():
+        warnings.warn(f"temperature scaling has no optimum to find ({int(right.sum())} of {len(logits)} "
+                      "validation images right): probabilities are left uncalibrated (T = 1)", stacklevel=2)
+        return 1.0
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
 
@@ -786,7 +796,8 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
     if len(tp) == 0:
         return 0.5
     # tumours we may miss, those no threshold reaches first (0: every reachable one, the target then out of reach)
-    k = max(0, int(math.floor((1 - target_sensitivity) * int(is_tumour.sum()))) - int((is_tumour & never).sum()))
+    # (less a hair: (1 - 0.9) * 10 is 0.99999..., which floored allowed no miss where the target allows one)
+    k = max(0, int(math.floor((1 - target_sensitivity) * int(is_tumour.sum()) + 1e-9)) - int((is_tumour & never).sum()))
     # no floor above 0: a weak model's tumours at p < 1e-4 are still to be reached if the target needs them
     thr = float(min(CAP_THRESHOLD, max(0.0, tp[min(k, len(tp) - 1)] - 1e-6)))
     if min_specificity is None:
@@ -800,7 +811,7 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
         normals = np.sort(t_prob[~is_tumour & ~never & in_group])
         # lowest threshold keeping at least min_specificity of this group's normals below it
         # (those called the other class are below any threshold)
-        below = int(math.ceil(min_specificity * n_normals)) - int((~is_tumour & never & in_group).sum())
+        below = int(math.ceil(min_specificity * n_normals - 1e-9)) - int((~is_tumour & never & in_group).sum())
         if below <= 0 or len(normals) == 0:
             continue
         thr = max(thr, min(CAP_THRESHOLD, float(normals[min(len(normals), below) - 1]) + 1e-6))

@@ -20,7 +20,7 @@ from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
-from .reader import ScanError, ScanImage, is_empty_slice, panel_divider, read_scan
+from .reader import UNPROCESSED, ScanError, ScanImage, is_empty_slice, is_file_fault, panel_divider, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -371,6 +371,8 @@ def calibration_text(card: dict) -> str:
     t = temperature(card)
     text = ("none: the card has no calibration, so probabilities are the model's raw softmax" if t is None
             else f"temperature scaling, T = {t:.3g}")
+    if note := (card.get("calibration") or {}).get("note"):
+        text += f" (not fitted: {note})"
     rule = card.get("tta")
     if rule:
         text += (f"; a second, mirror-image pass averaged in when the plain confidence is below "
@@ -410,8 +412,9 @@ class Predictor:
                              "the file is damaged or does not match the card") from e
         self.model.eval().to(self.device)
         self.precision = serving_precision(self.device)
-        if self.precision == "bf16":
-            self.model.to(memory_format=torch.channels_last)
+        # channels_last in fp32 too: ResNet18's one-thread forward on an AMD EPYC without bf16 fell
+        # from 46 to 36 ms (bench/latency.py); training and evaluate() run the model so already
+        self.model.to(memory_format=torch.channels_last)
         # Inference only: no parameter ever needs a gradient. Saliency differentiates with
         # respect to the input instead, which spares a model-sized set of weight gradients.
         self.model.requires_grad_(False)
@@ -555,8 +558,10 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             yield row
         except ScanError as e:
             yield {"file": name, "ok": False, "error": str(e)}
-        except Exception as e:  # a bug must not take down the rest of a batch
-            yield {"file": name, "ok": False, "error": f"The file could not be processed ({type(e).__name__})."}
+        except BaseException as e:  # a bug must not take down the rest of a batch
+            if not is_file_fault(e):
+                raise
+            yield {"file": name, "ok": False, "error": UNPROCESSED}
 
 
 def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None,

@@ -97,6 +97,18 @@ class ScanError(ValueError):
     """A file that cannot be used; str(error) is one plain sentence for the user."""
 
 
+# What a per-file safety net says when something other than a ScanError ends a file
+UNPROCESSED = "The file could not be processed: it may be damaged, or a variant this reader does not handle."
+
+
+def is_file_fault(e: BaseException) -> bool:
+    """Whether a per-file safety net may make ``e`` that file's error: any Exception, and the
+    PanicException of a decoder written in Rust (pylibjpeg-rle panics on some damaged RLE data;
+    pyo3 derives it from BaseException, so `except Exception` let one file end a whole batch).
+    Never an interrupt, nor Streamlit's rerun and stop, which derive from BaseException too."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 @dataclass
 class ScanImage:
     pixels: np.ndarray                 # float32, H x W, grey, in [0, 1]
@@ -226,7 +238,8 @@ def robust_window(a: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, tup
     if hi - lo < 1e-6:  # nearly constant: fall back to the full range
         lo, hi = float(out.min()), float(out.max())
     out -= lo
-    out /= max(hi - lo, 1e-6)   # a division, as before: bit-identical results (a reciprocal is not)
+    with np.errstate(over="ignore"):   # extreme values (-3.4e38 in a float TIFF) overflow, then clip
+        out /= max(hi - lo, 1e-6)   # a division, as before: bit-identical results (a reciprocal is not)
     np.clip(out, 0.0, 1.0, out=out)
     return out, (lo, hi)
 
@@ -351,8 +364,10 @@ def _image_formats() -> tuple[str, ...]:
 def _read_image(data: bytes, options: dict) -> ScanImage:
     try:
         with warnings.catch_warnings():
-            # Between MAX_PIXELS and 2x Pillow only warns; _check_size refuses those itself.
+            # Between MAX_PIXELS and 2x Pillow only warns; _check_size refuses those itself. A
+            # damaged EXIF block warns too ("Corrupt EXIF data"), which the CLI's stderr is not for.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             img = Image.open(io.BytesIO(data), formats=_image_formats())
     except UnidentifiedImageError as e:
         raise _NotAnImage from e
@@ -526,27 +541,32 @@ def _decoder_available(ts) -> bool:
 def _dicom_frame(ds, index: int | None) -> np.ndarray:
     """Decode one frame; compressed syntaxes go through pydicom's decoders (see `_read_dicom`)."""
     from pydicom.pixels import pixel_array
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # A data set without file meta (no preamble): its encoding is what pydicom read.
         implicit, little = getattr(ds, "original_encoding", (True, True))
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
     ts = ds.file_meta.TransferSyntaxUID
+    # RLE by pydicom's own decoder: pylibjpeg-rle's (Rust) panics on some damaged data, printing a
+    # backtrace that no Python handler can hold back (the panic itself is caught below)
+    plugin = "pydicom" if ts == RLELossless else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pixel_array(ds, index=index)
+            return pixel_array(ds, index=index, decoding_plugin=plugin)
     except (NotImplementedError, RuntimeError) as e:
         if _is_compressed(ts) and not _decoder_available(ts):
-            raise ScanError(f"The DICOM file uses a compression ({ts.name}) that cannot be "
+            raise ScanError(f"The DICOM file uses a compression ({_ascii_text(ts.name, 64)}) that cannot be "
                             "decoded here.") from e
         if _is_compressed(ts):  # the decoder is there: the compressed data is what failed
             raise ScanError("The DICOM file's compressed pixel data is damaged or incomplete.") from e
         raise ScanError("The DICOM file's pixel data cannot be decoded.") from e
     except MemoryError:
         raise ScanError("The DICOM image is too large to process.") from None
-    except Exception as e:
+    except BaseException as e:   # a Rust decoder's panic included
+        if not is_file_fault(e):
+            raise
         raise ScanError("The DICOM file's pixel data is damaged or incomplete.") from e
 
 
@@ -741,6 +761,12 @@ def _code_string(value, n: int) -> str:
     return " ".join("".join(ch for ch in text if ch.isascii() and (ch.isalnum() or ch in " -^")).split())[:n]
 
 
+def _ascii_text(value, n: int) -> str:
+    """A header value shown as it is written (a UID's name, a photometric word), printable ASCII
+    only, at most ``n`` characters: an escape sequence in a damaged header cleared the terminal."""
+    return "".join(ch for ch in str(value) if ch.isascii() and ch.isprintable())[:n]
+
+
 def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = None) -> dict:
     """Only technical fields, copied one by one (never the data set itself); the body part of
     ``frame`` where an Enhanced MR states one per frame (default: the middle frame's)."""
@@ -748,8 +774,8 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = Non
         "format": "DICOM", "width": cols, "height": rows,
         "modality": _code_string(ds.get("Modality", ""), 16),
         **_body_part(ds, n_frames // 2 if frame is None else frame),
-        "photometric_interpretation": str(ds.get("PhotometricInterpretation", ""))[:24],
-        "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""))[:64],
+        "photometric_interpretation": _ascii_text(ds.get("PhotometricInterpretation", ""), 24),
+        "transfer_syntax": _ascii_text(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""), 64),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "n_frames": n_frames,
     }
@@ -800,8 +826,10 @@ def _lazy_damage_guard(read):
             return read(*args, **kw)
         except (ScanError, MemoryError):
             raise
-        except Exception as e:
-            raise ScanError(f"The DICOM file is damaged and cannot be read ({type(e).__name__}).") from e
+        except BaseException as e:
+            if not is_file_fault(e):
+                raise
+            raise ScanError("The DICOM file is damaged and cannot be read.") from e
     return guarded
 
 
@@ -890,10 +918,17 @@ def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], di
 
 
 # ----------------------------------------------------------------------------- NIfTI
+def _quiet_nibabel() -> None:
+    """nibabel logs header fixes ("pixdim ... setting 0 dims to 1", "vox offset -100 too low") to
+    stderr; the CLI's stdout and stderr are for our lines, and a header it cannot fix is refused."""
+    logging.getLogger("nibabel").setLevel(logging.CRITICAL)   # a fixed problem is logged at 40-45
+
+
 def _nifti_header(head: bytes):
     """(nibabel header, its least data offset) of a single-file NIfTI's first bytes; None when
     ``head`` is not a NIfTI header."""
     import nibabel as nib
+    _quiet_nibabel()
     if head[344:348] == b"ni1\x00":
         raise ScanError("This is a NIfTI header without its image data; please upload a single "
                         ".nii or .nii.gz file.")
@@ -978,9 +1013,7 @@ def _gunzip_nifti(data: bytes) -> bytes:
 
 def _nifti_image(data: bytes):
     import nibabel as nib
-    # nibabel logs header fixes ("pixdim ... setting 0 dims to 1") to stderr; the CLI's stdout
-    # and stderr are for our lines, and the fix it makes is harmless for a 2D slice.
-    logging.getLogger("nibabel").setLevel(logging.ERROR)
+    _quiet_nibabel()
     if data[:2] == b"\x1f\x8b":
         data = _gunzip_nifti(data)
     need = _nifti_nbytes(data[:544])

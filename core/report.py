@@ -51,7 +51,7 @@ from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, Prediction, Predictor, cali
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
-from .reader import ScanError, load_bytes, read_scan
+from .reader import UNPROCESSED, ScanError, is_file_fault, load_bytes, read_scan
 from .referral import ReferralRule, at_threshold, call_note
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
@@ -331,8 +331,10 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
         view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX}, scan.head_box)
     except ScanError as e:
         return ScanResult(shown, False, error=str(e))
-    except Exception as e:  # a bug in one file must not take down the rest of a batch
-        return ScanResult(shown, False, error=f"The file could not be processed ({type(e).__name__}).")
+    except BaseException as e:  # a bug in one file must not take down the rest of a batch
+        if not is_file_fault(e):
+            raise
+        return ScanResult(shown, False, error=UNPROCESSED)
     method = method or card_method(predictor)
     over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))

@@ -723,3 +723,21 @@ def test_gate_commands_name_a_folder_that_is_no_model(command, tmp_path, capsys)
     assert main([command, "--weights", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "has no card.json, so it is not a folder train.py wrote" in err and "Errno" not in err
+
+
+def test_audit_escapes_control_characters_in_every_name_it_lists(tmp_path, capsys):
+    """A newline or a right-to-left override in a file name split or reversed the group and leak
+    lines (the skipped lines were escaped already)."""
+    root = tmp_path / "kaggle"
+    for part in ("Training", "Testing"):
+        (root / part / "glioma").mkdir(parents=True)
+    odd = "scan\u202eelif\nnext.jpg"
+    pattern(1).save(root / "Training" / "glioma" / odd)
+    pattern(1).save(root / "Training" / "glioma" / "plain.jpg", quality=60)
+    pattern(1).save(root / "Testing" / "glioma" / f"t{odd}", quality=50)   # its copy across the split
+    pattern(7).save(root / "Testing" / "glioma" / "other.jpg")
+    assert main(["audit", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "\u202e" not in out and "elif\\nnext.jpg" in out
+    assert all(not line.startswith("next.jpg") for line in out.splitlines())
+    assert "group of 3:" in out and out.count("scan\\u202eelif\\nnext.jpg") >= 2   # group and leak lines

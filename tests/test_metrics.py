@@ -465,3 +465,27 @@ def test_pick_threshold_counts_calls_of_another_class_and_pools_a_floor_no_sourc
     groups = np.r_[np.array(["a", "b"] * 50), np.array(["a", "b"] * 15)]
     thr = pick_threshold(probs, y, 0.99, 0.97, groups=groups)
     assert (normals < thr).mean() >= 0.97                  # pooled: 15 + 15 normals hold the floor
+
+
+def test_pick_threshold_allows_the_misses_its_target_allows_whatever_the_float_error():
+    """(1 - 0.9) * 10 is 0.99999...: floored, a 90 % target over 10 tumours allowed no miss, and the
+    threshold fell to the lowest tumour's. Likewise ceil(0.07 * 100) is 8, where 7 normals suffice."""
+    t_prob = np.linspace(0.1, 0.9, 10)
+    thr = pick_threshold(t_prob, np.ones(10, bool), 0.9)
+    assert (t_prob >= thr).sum() == 9 and thr == pytest.approx(t_prob[1], abs=1e-5)
+    normals = np.linspace(0.0, 0.495, 100)   # 7 of them below the floor's threshold keep 0.07
+    t = np.r_[np.full(10, 1e-4), normals]   # the tumours alone would put the threshold near 0
+    is_t = np.r_[np.ones(10, bool), np.zeros(100, bool)]
+    thr = pick_threshold(t, is_t, 0.9, min_specificity=0.07)
+    assert (normals < thr).sum() == 7
+
+
+def test_a_temperature_fit_with_no_optimum_leaves_the_model_uncalibrated_and_says_so():
+    """Validation all right: the NLL falls as T -> 0, and the fit ran to the bound 0.05, which
+    multiplies every logit by 20 (a test error then reads as certain). All wrong: it ran to 20."""
+    z = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    right = torch.zeros(3, 4, dtype=torch.bool)
+    right[[0, 1, 2], [0, 1, 3]] = True
+    for masks in (right, right.roll(1, dims=1)):
+        with pytest.warns(UserWarning, match="no optimum"):
+            assert fit_temperature(z, masks) == 1.0

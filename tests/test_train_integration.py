@@ -684,3 +684,45 @@ def test_a_failed_copy_mark_does_not_end_a_finished_run(tmp_path, monkeypatch, c
     ev = json.loads((tmp_path / "m" / "eval.json").read_text())
     assert (tmp_path / "m" / "card.json").is_file() and not any("copy_in_training" in r for r in ev["predictions"])
     assert "not marked for copies in training (3 files of the split are missing)" in capsys.readouterr().out
+
+
+def test_a_low_resolution_best_epoch_never_ships(tmp_path, monkeypatch, capsys):
+    """Progressive resizing: early stopping starts afresh at full size, and so does best.pt. Epoch 2
+    (16 px) had the lowest loss; with no full-size epoch finite, the run shipped it, tested at 32 px."""
+    import train
+    data = tmp_path / "data"
+    make_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--small-img", 16,
+              "--small-img-epochs", 2, "--batch-size", 8, "--workers", 1, "--epochs", 4]
+    scripted = iter([1.0, 0.5, 0.9, 0.8])
+    real = E.evaluate_split
+
+    def scripted_loss(*a, **k):
+        return {**real(*a, **k), "loss": next(scripted)}
+    monkeypatch.setattr(E, "evaluate_split", scripted_loss)
+    assert train.main([*map(str, common), "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "ok" / "card.json").read_text())["training"]["best_epoch"] == 4
+
+    scripted = iter([1.0, 0.5, float("nan"), float("nan")])
+    assert train.main([*map(str, common), "--out", str(tmp_path / "nan"), "--no-progress"]) == 2
+    assert "no epoch after the warm-up improved" in capsys.readouterr().err
+    assert not (tmp_path / "nan" / "card.json").exists()
+
+
+def test_a_calibration_left_undone_is_said_in_the_card(tmp_path, monkeypatch, capsys):
+    import warnings
+    import train
+    data = tmp_path / "data"
+    make_dataset(data)
+
+    def no_optimum(logits, masks):
+        warnings.warn("temperature scaling has no optimum to find (all right)")
+        return 1.0
+    monkeypatch.setattr(E, "fit_temperature", no_optimum)
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--arch", "simple_cnn", "--img", "32",
+                       "--batch-size", "8", "--workers", "1", "--epochs", "1", "--no-progress"]) == 0
+    cal = json.loads((tmp_path / "run" / "card.json").read_text())["calibration"]
+    assert cal["temperature"] == 1.0 and "no optimum" in cal["note"]
+    from core.inference import calibration_text
+    assert "not fitted: temperature scaling has no optimum" in calibration_text({"calibration": cal})
+    assert "warning: temperature scaling has no optimum" in capsys.readouterr().err
