@@ -1192,27 +1192,32 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     # Calibrate and evaluate the weights that ship (fp16 safetensors), not their fp32 originals.
     model.load_state_dict({k: (v.half().float() if v.is_floating_point() else v) for k, v in model.state_dict().items()})
     val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision)
-    tta = None
-    if args.tta_below > 0:
-        # The rule picks rows on the plain outputs' calibrated confidence; everything after it
-        # (temperature, operating point, referral, the test evaluation) sees the served outputs.
-        tta = {"kind": "mirror", "below_confidence": args.tta_below,
-               "selection_temperature": E.fit_temperature(val_logits, masks[idx["val"]])}
-        two = E.tta_rows(val_logits, tta)
-        tta["val_share"] = round(float(two.float().mean()), 4)
-        # Only the selected rows need the mirror pass (the mean of both passes, as served).
-        val_logits[two] = E.predict_logits(model, images[idx["val"]][two], spec, device,
-                                           precision=precision, tta=E.MIRROR_ALWAYS)
-        # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
-        m = masks[idx["val"]]
-        if two.any() and (~two).any():
-            tta["scale"] = E.fit_temperature(val_logits[~two], m[~two]) / E.fit_temperature(val_logits[two], m[two])
-            val_logits[two] *= tta["scale"]
-    with warnings.catch_warnings(record=True) as fit_notes:   # a fit at a bound: said here and in the card
-        warnings.simplefilter("always")
+    # a temperature left unfitted (validation all right: no optimum) is said here and in the card
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", E.CalibrationWarning)
+        tta = None
+        if args.tta_below > 0:
+            # The rule picks rows on the plain outputs' calibrated confidence; everything after it
+            # (temperature, operating point, referral, the test evaluation) sees the served outputs.
+            tta = {"kind": "mirror", "below_confidence": args.tta_below,
+                   "selection_temperature": E.fit_temperature(val_logits, masks[idx["val"]])}
+            two = E.tta_rows(val_logits, tta)
+            tta["val_share"] = round(float(two.float().mean()), 4)
+            # Only the selected rows need the mirror pass (the mean of both passes, as served).
+            val_logits[two] = E.predict_logits(model, images[idx["val"]][two], spec, device,
+                                               precision=precision, tta=E.MIRROR_ALWAYS)
+            # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
+            m = masks[idx["val"]]
+            if two.any() and (~two).any():
+                tta["scale"] = E.fit_temperature(val_logits[~two], m[~two]) / E.fit_temperature(val_logits[two], m[two])
+                val_logits[two] *= tta["scale"]
         temperature = E.fit_temperature(val_logits, masks[idx["val"]])
-    for w in fit_notes:
-        print(f"warning: {w.message}", file=sys.stderr)
+    fit_notes = [str(w.message) for w in caught if issubclass(w.category, E.CalibrationWarning)]
+    for w in caught:   # any other warning is shown as it would have been
+        if not issubclass(w.category, E.CalibrationWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for note in fit_notes:
+        print(f"warning: {note}", file=sys.stderr)
     if not math.isfinite(temperature):   # non-finite validation logits: no card that no command can load
         raise DataError("the validation outputs are not finite (NaN or infinite weights? try a lower --lr): "
                         "the model cannot be calibrated")
@@ -1268,7 +1273,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
     card["tta"] = tta
     if fit_notes:
-        card["calibration"]["note"] = "; ".join(str(w.message) for w in fit_notes)
+        card["calibration"]["note"] = "; ".join(fit_notes)
     if old_sha == new_sha and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
         old = json.loads((out / "card.json").read_text())

@@ -734,20 +734,27 @@ def average_states(a: dict, b: dict) -> dict:
 T_RANGE = (0.05, 20.0)   # the temperatures fit_temperature may return
 
 
+class CalibrationWarning(UserWarning):
+    """A temperature that could not be fitted (train.py says so in the card)."""
+
+
 def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
     """Temperature scaling: one scalar T minimising the validation NLL of softmax(logits / T).
 
-    With validation all right the NLL falls as T -> 0, and all wrong as T grows: no optimum, and
-    a fit ran to a bound of `T_RANGE` (0.05 multiplies every logit by 20, so each test error read
-    as certain). Then 1.0 (the model's own scale) is returned, with a warning."""
+    With validation all right the NLL falls as T -> 0 (and with two classes all wrong, as T
+    grows): no optimum, and a fit ran to a bound of `T_RANGE` (0.05 multiplies every logit by 20,
+    so each test error read as certain). Then 1.0 (the model's own scale) is returned, with a
+    `CalibrationWarning`. With more classes, all wrong can still have an optimum (the right class
+    a close second): that is fitted."""
     if len(logits) == 0:
         return 1.0
     if not torch.isfinite(logits).all():   # no temperature calibrates NaN outputs: the caller refuses
         return float("nan")
     right = masks[torch.arange(len(logits)), logits.argmax(1)]
-    if right.all() or not right.any():
+    if right.all() or (not right.any() and logits.shape[1] == 2):
         warnings.warn(f"temperature scaling has no optimum to find ({int(right.sum())} of {len(logits)} "
-                      "validation images right): probabilities are left uncalibrated (T = 1)", stacklevel=2)
+                      "validation images right): probabilities are left uncalibrated (T = 1)",
+                      CalibrationWarning, stacklevel=2)
         return 1.0
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)

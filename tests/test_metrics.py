@@ -1,12 +1,13 @@
 """Metrics against confusion matrices worked out by hand; loss, calibration and operating point."""
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
 
-from core.engine import fit_temperature, pick_threshold, set_nll
+from core.engine import CalibrationWarning, fit_temperature, pick_threshold, set_nll
 from core.metrics import (classification_metrics, decide, expected_calibration_error,
                           is_tumour_label, risk_coverage, threshold_curve, tumour_probability,
                           wilson)
@@ -486,6 +487,16 @@ def test_a_temperature_fit_with_no_optimum_leaves_the_model_uncalibrated_and_say
     z = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     right = torch.zeros(3, 4, dtype=torch.bool)
     right[[0, 1, 2], [0, 1, 3]] = True
-    for masks in (right, right.roll(1, dims=1)):
-        with pytest.warns(UserWarning, match="no optimum"):
-            assert fit_temperature(z, masks) == 1.0
+    two = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0]])
+    for logits, masks in ((z, right), (two, ~nnf.one_hot(two.argmax(1), 2).bool())):
+        with pytest.warns(CalibrationWarning, match="no optimum"):
+            assert fit_temperature(logits, masks) == 1.0
+    # Four classes all wrong, the right one a close second: an optimum exists, and is fitted
+    close = torch.tensor([[2.0, 1.9, -3.0, -3.0], [0.0, 3.0, 2.9, -2.0]]) * 5
+    second = torch.zeros(2, 4, dtype=torch.bool)
+    second[[0, 1], [1, 2]] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        t = fit_temperature(close, second)
+    nll = [float(set_nll(close / x, second)) for x in (1.0, t, 20.0)]
+    assert 1 < t < 20 and nll[1] < nll[0] and nll[1] < nll[2]   # inside the range, below both ends

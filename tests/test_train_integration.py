@@ -716,13 +716,15 @@ def test_a_calibration_left_undone_is_said_in_the_card(tmp_path, monkeypatch, ca
     make_dataset(data)
 
     def no_optimum(logits, masks):
-        warnings.warn("temperature scaling has no optimum to find (all right)")
+        warnings.warn("temperature scaling has no optimum to find (all right)", E.CalibrationWarning)
+        warnings.warn("another library's warning", UserWarning)   # shown, never a calibration note
         return 1.0
     monkeypatch.setattr(E, "fit_temperature", no_optimum)
-    assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--arch", "simple_cnn", "--img", "32",
-                       "--batch-size", "8", "--workers", "1", "--epochs", "1", "--no-progress"]) == 0
+    with pytest.warns(UserWarning, match="another library's warning"):   # passed on, not swallowed
+        assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--arch", "simple_cnn", "--img",
+                           "32", "--batch-size", "8", "--workers", "1", "--epochs", "1", "--no-progress"]) == 0
     cal = json.loads((tmp_path / "run" / "card.json").read_text())["calibration"]
-    assert cal["temperature"] == 1.0 and "no optimum" in cal["note"]
+    assert cal["temperature"] == 1.0 and "no optimum" in cal["note"] and "library" not in cal["note"]
     from core.inference import calibration_text
     assert "not fitted: temperature scaling has no optimum" in calibration_text({"calibration": cal})
     assert "warning: temperature scaling has no optimum" in capsys.readouterr().err
