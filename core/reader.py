@@ -1030,6 +1030,8 @@ def _nifti_image(data: bytes):
     need = _nifti_nbytes(data[:544])
     if need is None:
         raise ScanError("The file is not a NIfTI volume.")
+    if need > 2**50:   # a petabyte: stray dimensions of a damaged header (dim[0] = 8), not a scan
+        raise ScanError("The NIfTI header declares an impossible size: the file is damaged.")
     if _too_large(data[:544], need):
         raise ScanError(f"The volume is too large ({need // 2**20} MB).")
     if len(data) < need:

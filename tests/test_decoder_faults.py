@@ -161,3 +161,16 @@ def test_library_warnings_on_damaged_files_stay_off_stderr(tmp_path):
     files = [str(tmp_path / n) for n in ("exif.jpg", "extreme.tif", "offset.nii")]
     r = subprocess.run([sys.executable, "-c", code, *files], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_a_nifti_header_with_stray_dimensions_is_called_damaged_not_petabytes(tmp_path):
+    """dim[0] = 8 reads a ninth, stray value as a dimension: 'The volume is too large
+    (108086391056891904 MB).'"""
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)), tmp_path / "v.nii")
+    raw = bytearray((tmp_path / "v.nii").read_bytes())
+    raw[40:42] = np.int16(8).tobytes()
+    with pytest.raises(ScanError) as err:
+        read_scan(bytes(raw), "v.nii")
+    assert "impossible size" in str(err.value)
+    assert_plain_sentence(str(err.value))
