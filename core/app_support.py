@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections import Counter, OrderedDict
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -25,7 +26,7 @@ from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
-                        slice_scores, training_sources, EmptyVolume, SEEN_TEXT)
+                        slice_scores, training_sources, SEEN_TEXT)
 from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
@@ -1065,10 +1066,14 @@ def cached_slice_profile(predictor: Predictor, data: bytes, name: str) -> tuple[
 def volume_profile(predictor: Predictor, data: bytes,
                    name: str) -> tuple[dict[int, float], dict[int, float]] | None:
     """The slice profile the Diagnose page plots, or None when every slice of the volume is empty
-    (a blank volume is refused as out of distribution; there is nothing to plot)."""
+    (a blank volume is refused as out of distribution; there is nothing to plot) or the volume
+    cannot be read whole: a 130-frame 512 px DICOM or a 300-page TIFF, whose one frame the page
+    shows, ended the page (and the batch after it) with a traceback."""
     try:
         return cached_slice_profile(predictor, data, name)
-    except EmptyVolume:
+    except BaseException as e:
+        if not is_file_fault(e):
+            raise
         return None
 
 
@@ -1195,6 +1200,10 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
             row["hot_slices"] = cached_hot_slices(predictor, data, name, threshold, shown, pred.in_distribution)
+            # a DICOM frame or stack page read alone has no head_share: the volume's read gives it
+            if "head_share" not in pred.info and (share := cached_slice_profile(predictor, data, name)[1].get(shown)) is not None:
+                pred = replace(pred, info={**pred.info, "head_share": share})
+                row["info"] = {**row["info"], "head_share": share}
         except Exception:  # an empty volume, say: the slice shown stands alone
             pass
     if mask is not None and mask_contradiction(pred, scan, mask, predictor.spec, slice_index):
@@ -1408,6 +1417,7 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
         opts = {"slice_index": index, "slice_choice": choice,
                 "method": st.session_state.get(f"m-{widget_key(i, n, d)}-{index}"),
                 "hot_slices": rows[i].get("hot_slices", []) if rows and rows[i].get("ok") else None,
+                "head_share": (rows[i].get("info") or {}).get("head_share") if rows and rows[i].get("ok") else None,
                 "mask": masks.get(n)}
         return {k: v for k, v in opts.items() if v is not None}
     files = [(n, d, options(i, n, d)) for i, (n, d) in enumerate(items)]

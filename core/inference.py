@@ -9,7 +9,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -549,10 +549,13 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
     for name, src in items:
         try:
             pr = _predict_one(predictor, src, name, best_slice, **read_kw)
+            check = (VolumeCheck([], None) if best_slice else
+                     volume_check(predictor, src, name, pr.info, pr.threshold, pr.in_distribution))
+            if check.head_share is not None and "head_share" not in pr.info:
+                pr = replace(pr, info={**pr.info, "head_share": check.head_share})
             row = {"file": name, "ok": True, **pr.to_json()}
-            if not best_slice and (hot := volume_hot_slices(predictor, src, name, pr.info, pr.threshold,
-                                                            pr.in_distribution)):
-                row["hot_slices"] = hot   # as the app and the report flag it
+            if check.hot:
+                row["hot_slices"] = check.hot   # as the app and the report flag it
             if getattr(predictor, "seen", None) and predictor.seen_in_training(sha256_of(src)):
                 row["seen_in_training"] = True   # as the app and the report flag it
             yield row
@@ -564,19 +567,34 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             yield {"file": name, "ok": False, "error": UNPROCESSED}
 
 
-def volume_hot_slices(predictor: Predictor, src, name: str, info: dict, threshold: float | None,
-                      in_distribution: bool = True) -> list[int]:
+# Slices scored per forward pass: a batch of 64 at 192 px took 288 MB at its peak (16: 72 MB), and a
+# volume upload must fit beside the app's ~1 GB on Community Cloud (review of 2026-12-07)
+SLICE_BATCH = 16
+
+
+class VolumeCheck(NamedTuple):
+    """What the whole volume says of the slice shown (`volume_check`)."""
+    hot: list[int]               # `hot_slices`: other slices at the operating point
+    head_share: float | None     # the slice's head_share as the volume's read gives it
+
+
+def volume_check(predictor: Predictor, src, name: str, info: dict, threshold: float | None,
+                 in_distribution: bool = True) -> VolumeCheck:
     """`hot_slices` of the volume slice whose reader ``info`` is given, every slice scored here
-    (`predict`, the report); [] for a single image, a model without a tumour class, or a volume
-    that cannot be scored whole."""
+    (`predict`, the report), and that slice's head_share: a DICOM frame or stack page read alone
+    has none, so a tumour call on an end frame went unmarked where --best-slice marked it.
+    ([], None) for a single image, a model without a tumour class, or a volume that cannot be
+    scored whole."""
     shown = shown_slice(info)
     if shown is None or not getattr(predictor, "is_tumour_model", False):
-        return []
+        return VolumeCheck([], None)
     try:
         scans, _, scores = slice_scores(predictor, src, name)
-        return checked_hot_slices(predictor, src, name, scores, threshold, shown, in_distribution, scans)
+        share = scans[shown].info.get("head_share") if 0 <= shown < len(scans) else None
+        return VolumeCheck(checked_hot_slices(predictor, src, name, scores, threshold, shown, in_distribution,
+                                              scans), share)
     except Exception:  # an empty volume, say: the slice shown stands alone
-        return []
+        return VolumeCheck([], None)
 
 
 def checked_hot_slices(predictor: Predictor, src, name: str, scores: dict[int, float], threshold: float | None,
@@ -609,7 +627,7 @@ def indexed_slices(src: str | Path | bytes, name: str | None = None, **read_kw) 
 
 
 def slice_scores(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
-                 batch_size: int = 64, **read_kw) -> tuple[list[ScanImage], str, dict[int, float]]:
+                 batch_size: int = SLICE_BATCH, **read_kw) -> tuple[list[ScanImage], str, dict[int, float]]:
     """(slices, kind, {slice index: score}) of a volume (NIfTI slices, DICOM frames, TIFF/GIF pages).
 
     Each slice is the ScanImage `read_scan` would give for it (its index, colour and blank flag
@@ -694,7 +712,7 @@ def end_slice_note(info: dict, pred: str, classes: list[str]) -> str | None:
 
 
 def most_tumour_like_slice(predictor: Predictor, src: str | Path | bytes, name: str | None = None,
-                           batch_size: int = 64, scores: dict[int, float] | None = None,
+                           batch_size: int = SLICE_BATCH, scores: dict[int, float] | None = None,
                            **read_kw) -> tuple[int, Prediction]:
     """The slice (NIfTI axial slice, DICOM frame, TIFF/GIF page) the model finds most tumour-like, predicted.
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
-                        shown_slice, volume_hot_slices)
+                        shown_slice, volume_check)
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
@@ -309,12 +309,14 @@ REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "i
 
 def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = None,
                 method: str | None = None, hot: list[int] | None = None,
-                mask: bytes | None = None, slice_choice: str | None = None, **read_kw) -> ScanResult:
+                mask: bytes | None = None, slice_choice: str | None = None, head_share: float | None = None,
+                **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
     ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume). ``hot``:
     the volume's other slices at the operating point when the caller has them already (the app
-    scored every slice for its table); None scores them here. ``mask``: the tumour mask the page
+    scored every slice for its table), with ``head_share``, the slice's (`volume_check`: a DICOM
+    frame or stack page read alone has none); None scores them here. ``mask``: the tumour mask the page
     paired with the scan (`app_support.pair_masks`), judged against the call as the page does.
     ``slice_choice``: how the caller chose ``slice_index`` ("most tumour-like"), for the source line.
     """
@@ -338,15 +340,17 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     method = method or card_method(predictor)
     over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
+    if hot is None:
+        hot, head_share = volume_check(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
+    if head_share is not None and "head_share" not in scan.info:
+        scan.info["head_share"] = head_share   # flags a tumour call on an end frame, as --best-slice does
     # Reader metadata stays out of reports and CSVs (`source` is allow-listed), but for what names
     # the slice and its series: the audit log's slice and the summary's series lines read them.
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), method=method,
                       sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
-                      seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)),
-                      hot_slices=volume_hot_slices(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
-                      if hot is None else hot)
+                      seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot)
 
 
 def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor) -> str | None:
@@ -373,7 +377,7 @@ def analyse(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: f
         opts = {**read_kw, **(own[0] if own and own[0] else {})}
         r = analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
                         opts.pop("hot_slices", None), opts.pop("mask", None),
-                        opts.pop("slice_choice", None), **opts)
+                        opts.pop("slice_choice", None), opts.pop("head_share", None), **opts)
         r.name = shown   # told apart from the batch's other files of the same base name
         out.append(r)
     return out

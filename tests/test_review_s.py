@@ -17,7 +17,7 @@ from conftest import REPO
 from test_reader import dicom12, lps_volume, make_dicom, phantom
 
 from core import app_support as app
-from core.inference import Predictor, hot_slices, predict_many, volume_hot_slices
+from core.inference import Predictor, hot_slices, predict_many, volume_check
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_predict_names_the_hot_slices_of_a_volume_whose_shown_slice_is_refused(p
     row, = predict_many(predictor, [("v.nii.gz", data)])
     assert not row["in_distribution"] and row["hot_slices"] == [0, 1, 3, 4]   # the middle one is shown
     info = predictor.predict_file(data, "v.nii.gz").info
-    assert volume_hot_slices(predictor, data, "v.nii.gz", info, 0.0, in_distribution=False) == [0, 1, 3, 4]
+    assert volume_check(predictor, data, "v.nii.gz", info, 0.0, in_distribution=False).hot == [0, 1, 3, 4]
     alert = app.volume_alert(predictor, data, "v.nii.gz", 0.0, 2, shown_in_distribution=False)
     assert alert and "out of distribution" in alert
 
