@@ -1118,3 +1118,20 @@ def test_a_blank_volume_is_refused_without_taking_down_the_batch(app, fill):
     assert "blank" in texts(app).lower()          # the volume's refusal is said
     assert len(predictions(app)) == 1             # the JPEG after it still gets its result
     assert app.dataframe and any(b.label.startswith("Prepare a PDF") for b in app.button)
+
+
+# ----------------------------------------------------------------------------- session 45 review
+def test_a_stack_too_large_to_read_whole_keeps_the_batch(app):
+    """The page shows one page of a 300-page TIFF, but the slice profile's whole read refuses it:
+    that refusal ended the page with a traceback, and the JPEG after it, the table and the report."""
+    import numpy as np
+    from PIL import Image
+    pages = [Image.fromarray((np.random.default_rng(k).random((128, 128)) * 200).astype(np.uint8)) for k in range(300)]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    glioma = (SAMPLES / "glioma.jpg").read_bytes()
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("stack.tif", buf.getvalue(), "image/tiff"),
+                                    ("glioma.jpg", glioma, "image/jpeg")]).run(timeout=120)
+    assert not app.exception, [e.value for e in app.exception]
+    assert len(predictions(app)) == 2 and app.dataframe   # the JPEG after it, and the table
