@@ -1056,10 +1056,12 @@ def cached_slice_scores(predictor: Predictor, data: bytes, name: str) -> dict[in
 
 
 def cached_slice_profile(predictor: Predictor, data: bytes, name: str) -> tuple[dict[int, float], dict[int, float]]:
-    """({slice: tumour probability}, {slice: head_share}) of a volume, scored once per file and model."""
+    """({slice: tumour probability of the non-empty slices}, {slice: head_share of every slice}) of a
+    volume, scored once per file and model."""
     def profile():
         scans, _, scores = slice_scores(predictor, data, name)
-        return scores, {k: scans[k].info["head_share"] for k in scores if "head_share" in scans[k].info}
+        # every slice's share, the unscored (near-empty) ones too: the gate may accept such a slice
+        return scores, {k: s.info["head_share"] for k, s in enumerate(scans) if "head_share" in s.info}
     return _cache("_slice_scores", 64).get_or((model_identity(predictor), digest(data)), profile)
 
 

@@ -982,6 +982,8 @@ def _too_large(head: bytes, need: int) -> str | None:
     it is one 3D volume within MAX_VOXELS (a 256^3 float64 scan is a scan, not a bomb)."""
     if need <= MAX_DECOMPRESSED:
         return None
+    if need > 2**50:   # a petabyte: stray dimensions of a damaged header (dim[0] = 8), not a scan
+        return "The NIfTI header declares an impossible size: the file is damaged."
     shape = _nifti_header(head)[0].get_data_shape()
     if math.prod(int(d) for d in shape[3:]) <= 1 and math.prod(int(d) for d in shape[:3]) <= MAX_VOXELS:
         return None
@@ -1030,10 +1032,8 @@ def _nifti_image(data: bytes):
     need = _nifti_nbytes(data[:544])
     if need is None:
         raise ScanError("The file is not a NIfTI volume.")
-    if need > 2**50:   # a petabyte: stray dimensions of a damaged header (dim[0] = 8), not a scan
-        raise ScanError("The NIfTI header declares an impossible size: the file is damaged.")
-    if _too_large(data[:544], need):
-        raise ScanError(f"The volume is too large ({need // 2**20} MB).")
+    if why := _too_large(data[:544], need):
+        raise ScanError(why)
     if len(data) < need:
         raise ScanError("The NIfTI file is truncated (incomplete).")
     cls = nib.Nifti2Image if data[4:8] == b"n+2\x00" else nib.Nifti1Image

@@ -34,3 +34,13 @@ def test_a_frame_read_alone_carries_its_volume_head_share(random_weights):
     # the app hands the report what its row has, and nothing is scored again
     given = analyse_one("v.dcm", data, predictor, frame=0, hot=[], head_share=0.123)
     assert given.prediction.info["head_share"] == 0.123 and given.hot_slices == []
+
+
+def test_a_nearly_empty_end_frame_the_gate_may_accept_has_its_share_in_the_app_too(random_weights):
+    """Slices under 2 % lit are not scored (`is_empty_slice`), so the app's profile had no share for
+    them, where the CLI and the report read every slice's."""
+    predictor = Predictor(random_weights)
+    data = make_dicom(disc_frames([6, 12, 40, 40, 40]), window=None)
+    (cli,) = predict_many(predictor, [("v.dcm", data)], frame=0)
+    _, _, pred = app_support.analyse(predictor, "v.dcm", data, predictor.threshold, slice_index=0)
+    assert cli["info"]["head_share"] < 0.05 and pred.info["head_share"] == cli["info"]["head_share"]

@@ -5,6 +5,7 @@ derives from BaseException: every `except Exception` net let it through, and `pr
 `evaluate`, `audit` and the app's batch ended at that file with a Rust and Python traceback."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -170,7 +171,8 @@ def test_a_nifti_header_with_stray_dimensions_is_called_damaged_not_petabytes(tm
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)), tmp_path / "v.nii")
     raw = bytearray((tmp_path / "v.nii").read_bytes())
     raw[40:42] = np.int16(8).tobytes()
-    with pytest.raises(ScanError) as err:
-        read_scan(bytes(raw), "v.nii")
-    assert "impossible size" in str(err.value)
-    assert_plain_sentence(str(err.value))
+    for data, name in ((bytes(raw), "v.nii"), (gzip.compress(bytes(raw)), "v.nii.gz")):
+        with pytest.raises(ScanError) as err:
+            read_scan(data, name)
+        assert "impossible size" in str(err.value), name
+        assert_plain_sentence(str(err.value))
