@@ -34,8 +34,8 @@ from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
 from .report import SALIENCY_CAVEAT, shown_path, unique_names  # the upload batch names files as the report does
-from .reader import (STACK_SUFFIXES, UNPROCESSED, VOLUME_SUFFIXES, ScanError, ScanImage, is_file_fault, read_scan,
-                     read_volume_slices, read_zip, sniff, zip_to_labelled)
+from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
+                     read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 # What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
@@ -764,9 +764,7 @@ def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
         except ScanError as e:
             errors.append({"file": name, "error": str(e)})
         except BaseException as e:  # one broken file never stops the evaluation
-            if not is_file_fault(e):
-                raise
-            errors.append({"file": name, "error": UNPROCESSED})
+            errors.append({"file": name, "error": file_fault_error(e)})
         if progress:
             progress((k + 1) / max(1, len(items)))
     try:  # yes/no folders are scored as tumour vs no tumour, unknown folders listed (as the CLI)
@@ -1188,9 +1186,7 @@ def analyse(predictor: Predictor, name: str, data, threshold: float | None,
     except ScanError as e:
         return result_row(name, error=str(e)), None, None
     except BaseException as e:  # a bug on one file must not stop the batch
-        if not is_file_fault(e):
-            raise
-        return result_row(name, error=UNPROCESSED), None, None
+        return result_row(name, error=file_fault_error(e)), None, None
     row = result_row(name, pred)
     shown = shown_slice(scan.info)
     if shown is not None and slice_choice:

@@ -32,7 +32,7 @@ def _image_facts(path: str) -> tuple[tuple[int, int], str]:
 
 def cmd_audit(args) -> int:
     from . import data as D
-    from .reader import UNPROCESSED, ScanError, is_file_fault
+    from .reader import ScanError, file_fault_error
     for f in args.join_copies:   # before the images are read: a wrong list fails at once
         D.read_known_copies(f)
     scan = D.discover(args.data_dir)
@@ -44,9 +44,8 @@ def cmd_audit(args) -> int:
             unreadable.append((s.rel, str(e)))
             continue
         except BaseException as e:  # the reader's surprise for one file never ends the audit
-            if not is_file_fault(e):
-                raise
-            unreadable.append((s.rel, UNPROCESSED[0].lower() + UNPROCESSED[1:-1]))
+            why = file_fault_error(e)
+            unreadable.append((s.rel, why[0].lower() + why[1:-1]))
             continue
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)

@@ -620,7 +620,7 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
                  progress: Callable[[float], None] | None = None) -> tuple[list[dict], list[dict], str]:
     """(records, errors, which images were evaluated) of one directory; records of scorable images only."""
     from .data import MASK_BESIDE_SCAN, discover, one_folder_note, split_of, untyped_tumour_note
-    from .reader import UNPROCESSED, ScanError, is_file_fault, read_scan
+    from .reader import ScanError, file_fault_error, read_scan
     scan = discover(data_dir, source)
     samples, evaluated = evaluation_set(scan.samples, scan.inner)
     # 'Brain Tumor/{Normal T1, Glioma T1}/' (all scored as tumours); 'Brain_Glioma/ Brain Tumor/'
@@ -647,9 +647,7 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
             errors.append({"file": s.rel, "error": str(e)})
             continue
         except BaseException as e:  # the reader's surprise for one file never ends the run
-            if not is_file_fault(e):
-                raise
-            errors.append({"file": s.rel, "error": UNPROCESSED})
+            errors.append({"file": s.rel, "error": file_fault_error(e)})
             continue
         records.append(prediction_record(s.rel, s.source, s.label, p))
         if progress:

@@ -20,7 +20,7 @@ from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
-from .reader import UNPROCESSED, ScanError, ScanImage, is_empty_slice, is_file_fault, panel_divider, read_scan
+from .reader import ScanError, ScanImage, file_fault_error, is_empty_slice, panel_divider, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -562,9 +562,7 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
         except ScanError as e:
             yield {"file": name, "ok": False, "error": str(e)}
         except BaseException as e:  # a bug must not take down the rest of a batch
-            if not is_file_fault(e):
-                raise
-            yield {"file": name, "ok": False, "error": UNPROCESSED}
+            yield {"file": name, "ok": False, "error": file_fault_error(e)}
 
 
 # Slices scored per forward pass: a batch of 64 at 192 px took 288 MB at its peak (16: 72 MB), and a

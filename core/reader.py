@@ -109,6 +109,14 @@ def is_file_fault(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
+def file_fault_error(e: BaseException) -> str:
+    """`UNPROCESSED`, the error a per-file net gives a file that ``e`` ended, when the net may hold
+    ``e`` (`is_file_fault`); anything else (an interrupt, Streamlit's rerun or stop) is raised again."""
+    if not is_file_fault(e):
+        raise e
+    return UNPROCESSED
+
+
 @dataclass
 class ScanImage:
     pixels: np.ndarray                 # float32, H x W, grey, in [0, 1]

@@ -51,7 +51,7 @@ from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, Prediction, Predictor, cali
 from .labels import NO_TUMOUR, TUMOUR, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
-from .reader import UNPROCESSED, ScanError, is_file_fault, load_bytes, read_scan
+from .reader import ScanError, file_fault_error, load_bytes, read_scan
 from .referral import ReferralRule, at_threshold, call_note
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
@@ -334,9 +334,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     except ScanError as e:
         return ScanResult(shown, False, error=str(e))
     except BaseException as e:  # a bug in one file must not take down the rest of a batch
-        if not is_file_fault(e):
-            raise
-        return ScanResult(shown, False, error=UNPROCESSED)
+        return ScanResult(shown, False, error=file_fault_error(e))
     method = method or card_method(predictor)
     over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
