@@ -1183,6 +1183,39 @@ def average_with_init(model, init: str, val_images, val_masks, spec, device, pre
     return {"with": init, "shipped": shipped, "val_best": va_best, "val_average": va_avg}
 
 
+def calibrate(model, images, masks, spec, device, precision, tta_below: float
+              ) -> tuple[torch.Tensor, dict | None, float, list[str]]:
+    """The validation outputs as served, the mirror rule (``tta_below`` > 0), the temperature, and
+    what `E.CalibrationWarning` said of a temperature left unfitted (validation all right: no
+    optimum), for the card; any other warning is passed on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", E.CalibrationWarning)
+        val_logits = E.predict_logits(model, images, spec, device, precision=precision)
+        tta = None
+        if tta_below > 0:
+            # The rule picks rows on the plain outputs' calibrated confidence; everything after it
+            # (temperature, operating point, referral, the test evaluation) sees the served outputs.
+            tta = {"kind": "mirror", "below_confidence": tta_below,
+                   "selection_temperature": E.fit_temperature(val_logits, masks)}
+            two = E.tta_rows(val_logits, tta)
+            tta["val_share"] = round(float(two.float().mean()), 4)
+            # Only the selected rows need the mirror pass (the mean of both passes, as served).
+            val_logits[two] = E.predict_logits(model, images[two], spec, device, precision=precision,
+                                               tta=E.MIRROR_ALWAYS)
+            # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
+            if two.any() and (~two).any():
+                tta["scale"] = E.fit_temperature(val_logits[~two], masks[~two]) / E.fit_temperature(val_logits[two], masks[two])
+                val_logits[two] *= tta["scale"]
+        temperature = E.fit_temperature(val_logits, masks)
+    fit_notes = [str(w.message) for w in caught if issubclass(w.category, E.CalibrationWarning)]
+    for w in caught:
+        if not issubclass(w.category, E.CalibrationWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for note in fit_notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return val_logits, tta, temperature, fit_notes
+
+
 def finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
            history, skipped, dropped, train_time, wall_time) -> None:
     """Calibrate on validation, pick the operating point, evaluate the test split, write the card."""
@@ -1191,33 +1224,8 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
     model.eval()
     # Calibrate and evaluate the weights that ship (fp16 safetensors), not their fp32 originals.
     model.load_state_dict({k: (v.half().float() if v.is_floating_point() else v) for k, v in model.state_dict().items()})
-    val_logits = E.predict_logits(model, images[idx["val"]], spec, device, precision=precision)
-    # a temperature left unfitted (validation all right: no optimum) is said here and in the card
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", E.CalibrationWarning)
-        tta = None
-        if args.tta_below > 0:
-            # The rule picks rows on the plain outputs' calibrated confidence; everything after it
-            # (temperature, operating point, referral, the test evaluation) sees the served outputs.
-            tta = {"kind": "mirror", "below_confidence": args.tta_below,
-                   "selection_temperature": E.fit_temperature(val_logits, masks[idx["val"]])}
-            two = E.tta_rows(val_logits, tta)
-            tta["val_share"] = round(float(two.float().mean()), 4)
-            # Only the selected rows need the mirror pass (the mean of both passes, as served).
-            val_logits[two] = E.predict_logits(model, images[idx["val"]][two], spec, device,
-                                               precision=precision, tta=E.MIRROR_ALWAYS)
-            # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
-            m = masks[idx["val"]]
-            if two.any() and (~two).any():
-                tta["scale"] = E.fit_temperature(val_logits[~two], m[~two]) / E.fit_temperature(val_logits[two], m[two])
-                val_logits[two] *= tta["scale"]
-        temperature = E.fit_temperature(val_logits, masks[idx["val"]])
-    fit_notes = [str(w.message) for w in caught if issubclass(w.category, E.CalibrationWarning)]
-    for w in caught:   # any other warning is shown as it would have been
-        if not issubclass(w.category, E.CalibrationWarning):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    for note in fit_notes:
-        print(f"warning: {note}", file=sys.stderr)
+    val_logits, tta, temperature, fit_notes = calibrate(model, images[idx["val"]], masks[idx["val"]], spec, device,
+                                                        precision, args.tta_below)
     if not math.isfinite(temperature):   # non-finite validation logits: no card that no command can load
         raise DataError("the validation outputs are not finite (NaN or infinite weights? try a lower --lr): "
                         "the model cannot be calibrated")
