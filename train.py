@@ -128,6 +128,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-init", action="store_true",
                    help="with --init: ship the mean of the parent's and this run's best weights when "
                         "that has the lower validation loss (weight averaging over the two cycles)")
+    p.add_argument("--average-init-always", action="store_true",
+                   help="with --init: ship that mean whatever validation says (WiSE-FT at 0.5: the "
+                        "parent keeps what the fine-tune forgets); also with --finish-from, to average "
+                        "a finished fine-tune with its parent without training it again")
     p.add_argument("--split-from", default=None,
                    help="use the split recorded in DIR/split.json instead of computing one (images it "
                         "does not list are left out); default with --init: the parent's")
@@ -176,7 +180,7 @@ INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "
 # is parsed, fixed on resume and checked on a finish without a hand edit in each list.
 FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p",
                  *E.AUG_OPTION_DEFAULTS, "target_sensitivity", "min_specificity", "min_head", "tta_below")
-FLAG_OPTIONS = ("binary", "resume", "average_init", "no_progress", "distill_online")
+FLAG_OPTIONS = ("binary", "resume", "average_init", "average_init_always", "no_progress", "distill_online")
 # Text options: a config's out = 3 or name = 2026-01-01 (a TOML date) failed late, the date only
 # when the card was written after the whole run.
 STR_OPTIONS = ("out", "name", "device", "init", "split_from", "teacher", "finish_from")
@@ -479,8 +483,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--join-copies: {e}")
         args.join_copies[i] = str(D.resolve_root(f).resolve())
     _check(p, args)  # a resume takes its run's --init when left out
-    if args.average_init and not args.init:
-        p.error("--average-init needs --init")
+    if args.average_init and args.average_init_always:
+        p.error("give --average-init (validation loss chooses) or --average-init-always, not both")
+    for flag in ("average_init", "average_init_always"):
+        if getattr(args, flag) and not args.init:
+            p.error(f"{_option(flag)} needs --init")
     args.paths_resolved = resolved_paths(args)  # into the checkpoint: what a resume is compared with
     return args
 
@@ -885,6 +892,12 @@ def run(args: argparse.Namespace) -> int:
     if args.finish_from:
         history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources, split_files)
         write_json(out / "history.json", history)
+        if args.average_init_always and (args.average_record or {}).get("shipped") == "average":
+            raise DataError(f"--average-init-always: {args.finish_from} already ships an average with its "
+                            "parent; averaging again would weigh the parent three to one")
+        if args.average_init_always:
+            args.average_record = average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]],
+                                                    spec, device, precision, always=True)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)
         return 0
@@ -956,7 +969,8 @@ def run(args: argparse.Namespace) -> int:
         args.best_epoch_record = best_epoch
         args.average_record = shipped_average or (
             average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]], spec, device,
-                              precision) if args.average_init else None)
+                              precision, always=args.average_init_always)
+            if args.average_init or args.average_init_always else None)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)
     DD.cleanup(world)
@@ -1169,18 +1183,22 @@ def roles_moved(there: dict, here: dict) -> tuple[int, int, int]:
     return moved, sum(1 for key, _ in theirs if key not in role), len(theirs)
 
 
-def average_with_init(model, init: str, val_images, val_masks, spec, device, precision) -> dict:
-    """Replace the best weights by their mean with the parent's when validation loss prefers it."""
+def average_with_init(model, init: str, val_images, val_masks, spec, device, precision,
+                      always: bool = False) -> dict:
+    """Replace the run's weights by their mean with the parent's when validation loss prefers it,
+    or ``always`` (WiSE-FT: the rule fixed before the run, so validation only reports)."""
     best = {k: v.clone() for k, v in model.state_dict().items()}
     va_best = E.evaluate_split(model, val_images, val_masks, spec, device, precision)
     model.load_state_dict(E.average_states(E.shipped_state(model, init), best))
     va_avg = E.evaluate_split(model, val_images, val_masks, spec, device, precision)
-    shipped = "average" if va_avg["loss"] < va_best["loss"] else "best"
+    shipped = "average" if always or va_avg["loss"] < va_best["loss"] else "best"
     if shipped == "best":
         model.load_state_dict(best)
     print(f"weight average with {init}: val loss {va_avg['loss']:.4f} (acc {va_avg['acc']:.4f}) against "
-          f"{va_best['loss']:.4f} ({va_best['acc']:.4f}) for this run's best: shipping the {shipped}", flush=True)
-    return {"with": init, "shipped": shipped, "val_best": va_best, "val_average": va_avg}
+          f"{va_best['loss']:.4f} ({va_best['acc']:.4f}) for this run's weights: shipping the {shipped}"
+          f"{' (always)' if always else ''}", flush=True)
+    return {"with": init, "shipped": shipped, "rule": "always" if always else "lower validation loss",
+            "val_best": va_best, "val_average": va_avg}
 
 
 def calibrate(model, images, masks, spec, device, precision, tta_below: float

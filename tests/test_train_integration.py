@@ -499,6 +499,42 @@ def test_judge_epoch_skips_the_warmup_then_tracks_the_best():
     assert judge_epoch(3, 0.5, 0.2, 1, 1) == (False, 0.2, 2)
 
 
+def test_average_init_always_averages_a_finished_fine_tune_with_its_parent(tmp_path):
+    """WiSE-FT after the fact: --finish-from a fine-tune with --average-init-always ships exactly the
+    mean of its weights and its parent's, whatever validation says, and records the rule; the
+    averaged run cannot be averaged again, and the flag needs --init."""
+    from safetensors.torch import load_file
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_dataset(data)
+    common = ["--data", data, "--arch", "simple_cnn", "--img", 32, "--batch-size", 8,
+              "--workers", 1, "--epochs", 1]
+    run_train([*common, "--out", tmp_path / "parent", "--lr", 0.01], cache)
+    child = [*common, "--seed", 1, "--init", tmp_path / "parent"]
+    run_train([*child, "--out", tmp_path / "child"], cache)
+    log = run_train([*child, "--out", tmp_path / "wise", "--finish-from", tmp_path / "child",
+                     "--average-init-always"], cache)
+    assert "epoch 1/" not in log and "shipping the average (always)" in log
+    parent, tuned, wise = (load_file(tmp_path / d / "model.safetensors") for d in ("parent", "child", "wise"))
+    for k in wise:
+        if wise[k].is_floating_point():
+            assert torch.allclose(wise[k], (parent[k] + tuned[k]) / 2, atol=1e-6), k
+    assert any(not torch.equal(parent[k], tuned[k]) for k in parent if parent[k].is_floating_point())
+    avg = json.loads((tmp_path / "wise" / "card.json").read_text())["training"]["weight_average"]
+    assert avg["shipped"] == "average" and avg["rule"] == "always" and avg["with"] == str(tmp_path / "parent")
+
+    env = {**os.environ, "BT_CACHE": str(cache)}
+    def refused(*extra):
+        r = subprocess.run([sys.executable, "train.py", *map(str, extra), "--no-progress"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        return r.stderr
+    assert "three to one" in refused(*child, "--out", tmp_path / "twice", "--finish-from", tmp_path / "wise",
+                                     "--average-init-always")
+    assert not (tmp_path / "twice" / "card.json").exists()
+    assert "--average-init-always needs --init" in refused(*common, "--out", tmp_path / "x", "--average-init-always")
+    assert "not both" in refused(*child, "--out", tmp_path / "x", "--average-init", "--average-init-always")
+
+
 # ----------------------------------------------------------------------------- --finish-from
 def test_finish_from_cards_a_run_trained_elsewhere_without_training(tmp_path):
     """A run trained on another machine (a GPU, on packed images) is calibrated, evaluated and
