@@ -1068,12 +1068,17 @@ def volume_profile(predictor: Predictor, data: bytes,
     """The slice profile the Diagnose page plots, or None when every slice of the volume is empty
     (a blank volume is refused as out of distribution; there is nothing to plot) or the volume
     cannot be read whole: a 130-frame 512 px DICOM or a 300-page TIFF, whose one frame the page
-    shows, ended the page (and the batch after it) with a traceback."""
+    shows, ended the page (and the batch after it) with a traceback. The refusal is kept too: the
+    page asks on every rerun, and each asking read (and decoded) the whole file again."""
+    key, refused = (model_identity(predictor), digest(data)), _cache("_profile_refused", 64)
+    if key in refused:
+        return None
     try:
         return cached_slice_profile(predictor, data, name)
     except BaseException as e:
         if not is_file_fault(e):
             raise
+        refused.get_or(key, lambda: True)
         return None
 
 

@@ -674,12 +674,21 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
             return most_tumour_like_slice(predictor, src, name, **read_kw)[1]
         except EmptyVolume:
             pass
+        except ScanError as e:
+            # The whole volume cannot be read (a stack with one thumbnail-sized page, one too many
+            # pages): the slice read by default is still a result, as the app shows it, and says why.
+            pred = predictor.predict_file(src, name, **read_kw)
+            if shown_slice(pred.info) is None:
+                raise
+            return replace(pred, info={**pred.info, "slice_choice": f"{DEFAULT_SLICE}: {e}"})
     # an empty volume: its middle slice as read_scan gives it (refused as blank only when it is
     # one value everywhere; a nearly empty slice goes to the gate like any other)
     return predictor.predict_file(src, name, **read_kw)
 
 
 BEST_SLICE = "most tumour-like"   # info["slice_choice"] of a slice picked by `most_tumour_like_slice`
+# ... and of the slice read by default when --best-slice cannot read every slice (why follows)
+DEFAULT_SLICE = "the default slice, as not every slice could be read"
 
 # A volume's slices tried, most tumour-like first, for one the gate accepts: past these the
 # search stops (a volume the gate refuses throughout would cost one pass per slice).

@@ -44,3 +44,43 @@ def test_a_nearly_empty_end_frame_the_gate_may_accept_has_its_share_in_the_app_t
     (cli,) = predict_many(predictor, [("v.dcm", data)], frame=0)
     _, _, pred = app_support.analyse(predictor, "v.dcm", data, predictor.threshold, slice_index=0)
     assert cli["info"]["head_share"] < 0.05 and pred.info["head_share"] == cli["info"]["head_share"]
+
+
+def test_a_volume_refused_whole_is_not_read_again_on_every_rerun(random_weights, monkeypatch):
+    """The page asks for the slice profile on every rerun; a volume that cannot be read whole was
+    read (and refused) again each time."""
+    predictor = Predictor(random_weights)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise app_support.ScanError("too large to read whole")
+    monkeypatch.setattr(app_support, "slice_scores", refuse)
+    data = make_dicom(disc_frames([40, 40, 40]), window=None)
+    assert app_support.volume_profile(predictor, data, "v.dcm") is None
+    assert app_support.volume_profile(predictor, data, "v.dcm") is None
+    assert len(calls) == 1
+    other = make_dicom(disc_frames([40, 30, 40]), window=None)   # another file is read
+    assert app_support.volume_profile(predictor, other, "w.dcm") is None and len(calls) == 2
+
+
+def test_best_slice_on_a_stack_it_cannot_read_whole_gives_the_default_page_and_says_why(random_weights):
+    """A TIFF whose second page is thumbnail-sized: the default read gives page 0, but --best-slice
+    failed the whole file, where the app shows that page with the reason."""
+    import io
+    from PIL import Image
+    from core.inference import DEFAULT_SLICE
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray((rng.random(shape) * 200).astype(np.uint8)) for shape in ((96, 96), (10, 10), (96, 96))]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    predictor = Predictor(random_weights)
+    (plain,) = predict_many(predictor, [("s.tif", buf.getvalue())])
+    (best,) = predict_many(predictor, [("s.tif", buf.getvalue())], best_slice=True)
+    assert plain["ok"] and best["ok"], best
+    assert best["info"]["frame"] == plain["info"]["frame"] == 0
+    assert best["info"]["slice_choice"].startswith(DEFAULT_SLICE) and "too small" in best["info"]["slice_choice"]
+    assert best["probs"] == plain["probs"]
+    # a single image that cannot be read is still an error, with its own sentence
+    (bad,) = predict_many(predictor, [("x.png", b"\x89PNG\r\n\x1a\n broken")], best_slice=True)
+    assert not bad["ok"] and "slice_choice" not in bad
