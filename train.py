@@ -488,8 +488,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("average_init", "average_init_always"):
         if getattr(args, flag) and not args.init:
             p.error(f"{_option(flag)} needs --init")
+    if args.finish_from and (args.average_init or args.average_init_always):
+        if (why := _finish_average_problem(Path(args.finish_from), Path(args.init))):
+            p.error(why)   # before --out is touched: a refused run must not move a finished model aside
     args.paths_resolved = resolved_paths(args)  # into the checkpoint: what a resume is compared with
     return args
+
+
+def _finish_average_problem(src: Path, init: Path) -> str | None:
+    """Why the run in ``src`` cannot be averaged with ``init`` (--finish-from with --average-init[-always]):
+    it was not continued from those weights, or it ships such an average already. None when it can,
+    or when ``src`` cannot be read (adopt_trained then says why in its own sentence)."""
+    try:
+        record = _adopted(src)[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    parent = record.get("init") if isinstance(record, dict) else None
+    if not isinstance(parent, dict) or not parent.get("weights_sha256"):
+        return (f"--finish-from {src} was not continued from another model's weights (it records no --init): "
+                "there is no parent to average it with")
+    try:
+        sha = file_sha256(init / "model.safetensors")
+    except OSError:
+        return None   # --init's own check says what is wrong with that folder
+    if sha != parent["weights_sha256"]:
+        return (f"--finish-from {src} was continued from {parent.get('from', 'another model')}, whose weights "
+                f"are not those in {init}: give --init with the weights it was continued from")
+    if (record.get("weight_average") or {}).get("shipped") == "average":
+        return (f"--finish-from {src} already ships an average with its parent; averaging again would "
+                "weigh the parent three to one")
+    return None
 
 
 def _split_file_problem(path: Path) -> str | None:
@@ -892,12 +920,9 @@ def run(args: argparse.Namespace) -> int:
     if args.finish_from:
         history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources, split_files)
         write_json(out / "history.json", history)
-        if args.average_init_always and (args.average_record or {}).get("shipped") == "average":
-            raise DataError(f"--average-init-always: {args.finish_from} already ships an average with its "
-                            "parent; averaging again would weigh the parent three to one")
-        if args.average_init_always:
+        if args.average_init or args.average_init_always:   # checked in parse_args: its parent, not averaged yet
             args.average_record = average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]],
-                                                    spec, device, precision, always=True)
+                                                    spec, device, precision, always=args.average_init_always)
         finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
                history, skipped, dropped, train_time, time.time() - t_start)
         return 0

@@ -528,9 +528,25 @@ def test_average_init_always_averages_a_finished_fine_tune_with_its_parent(tmp_p
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         return r.stderr
-    assert "three to one" in refused(*child, "--out", tmp_path / "twice", "--finish-from", tmp_path / "wise",
+    # Refused before --out is touched: a finished model there stays where it is.
+    import shutil
+    shutil.copytree(tmp_path / "child", tmp_path / "kept")
+    before = sorted(p.name for p in (tmp_path / "kept").iterdir())
+    assert "three to one" in refused(*child, "--out", tmp_path / "kept", "--finish-from", tmp_path / "wise",
                                      "--average-init-always")
-    assert not (tmp_path / "twice" / "card.json").exists()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == before
+    # Only with the parent it was continued from: not another model, nor a run that had none.
+    run_train([*common, "--out", tmp_path / "other", "--lr", 0.02, "--seed", 3, "--split-from", tmp_path / "parent"], cache)
+    assert "whose weights are not those in" in refused(*common, "--seed", 1, "--init", tmp_path / "other", "--out",
+                                                       tmp_path / "x", "--finish-from", tmp_path / "child",
+                                                       "--average-init-always")
+    assert "records no --init" in refused(*common, "--lr", 0.01, "--init", tmp_path / "child", "--out", tmp_path / "x",
+                                          "--finish-from", tmp_path / "parent", "--average-init-always")
+    # --average-init (validation chooses) works there too
+    run_train([*child, "--out", tmp_path / "chosen", "--finish-from", tmp_path / "child", "--average-init"], cache)
+    avg = json.loads((tmp_path / "chosen" / "card.json").read_text())["training"]["weight_average"]
+    assert avg["rule"] == "lower validation loss"
+    assert (avg["shipped"] == "average") == (avg["val_average"]["loss"] < avg["val_best"]["loss"])
     assert "--average-init-always needs --init" in refused(*common, "--out", tmp_path / "x", "--average-init-always")
     assert "not both" in refused(*child, "--out", tmp_path / "x", "--average-init", "--average-init-always")
 
