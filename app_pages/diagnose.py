@@ -76,6 +76,9 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
     st.markdown(f"### Prediction: **{pred.pred}**")
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
         st.caption(why)
+    flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)
+    if pred.tumour_probability is not None and not flagged and (note := app.miss_note(predictor, threshold)):
+        st.warning(note, icon=":material/warning:")   # under the call, not below the charts: a missed tumour is the worst error
     if contradiction:
         st.error(contradiction, icon=":material/error:")
     if note := app.end_slice_note(pred.info, pred.pred, predictor.classes):   # the call shown, at this threshold
@@ -86,13 +89,10 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
                 "read the type as a suggestion.", icon=":material/help:")
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
     if pred.tumour_probability is not None:
-        flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)
         st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged), key=f"g-{key}")
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
         st.caption(f"Tumour probability {tp}, operating point {op} (the black mark): "
                    + ("**tumour flagged**" if flagged else "not flagged"))
-        if not flagged and (note := app.miss_note(predictor, threshold)):
-            st.caption(note)
 
 
 def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dict:
@@ -120,7 +120,7 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
         else:
             show_refusal(pred, f"{wkey}-{slice_index}")
     if pred.in_distribution:
-        app.saliency_panel(predictor, scan, app.item_key(name, data), pred.pred, slice_index,
+        app.saliency_panel(predictor, scan, app.item_key(name, data), pred, slice_index,
                            mask=masks.get(name), widget_key=wkey)
     if slice_index is not None:  # after the result: scoring every slice of a volume takes seconds
         with st.spinner("Checking the volume's other slices..."):

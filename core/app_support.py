@@ -355,9 +355,14 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
             n_missed[1] += not is_tumour_label(r["pred"])
     if not per:
         return None
-    parts = ", ".join(f"{src} {m} of {n}" for src, (n, m) in per.items())
-    return ("A call other than a tumour is not a guarantee: at this operating point the model did not call these test tumours a "
-            f"tumour: {parts} (Evaluation page, missed tumours).")
+    # worst collection first: a reader skims the first figure
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][1] / kv[1][0])
+    parts = ", ".join(f"{src} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
+    if not any(m for _, m in per.values()):
+        return ("A 'no tumour' call does not rule a tumour out: at this operating point the model called every "
+                f"test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
+    return ("A 'no tumour' call does not rule a tumour out: at this operating point the model called some test "
+            f"tumours 'no tumour': {parts} (Evaluation page, missed tumours). Read the scan yourself.")
 
 
 def copies_note(weights_dir: str | Path) -> str | None:
@@ -1116,7 +1121,7 @@ def class_control(method: str) -> dict:
     return {"disabled": off, "help": f"{method} draws one map whatever the class" if off else None}
 
 
-def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: str,
+def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Prediction,
                    slice_index: int | None = None, compact: bool = False,
                    mask: bytes | None = None, widget_key: str | None = None) -> None:
     """Method, target class and opacity controls; overlay and raw map side by side.
@@ -1126,27 +1131,32 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, predicted: s
 
     Runs as a fragment, so moving these controls never re-runs the page or the model. With a
     tumour ``mask`` of a 2D scan, both images carry its outline and a caption scores the map.
-    The method offered first is the one the card measured best against tumour masks.
+    The method offered first is the one the card measured best against tumour masks, and the class
+    the call (for a 'no tumour' call, the likeliest tumour class: `saliency.explained_class`).
     """
-    from .saliency import METHODS, colour_map, contour_overlay, default_method, is_class_agnostic, overlay
+    from .saliency import (METHODS, colour_map, contour_overlay, default_method, explained_class,
+                           is_class_agnostic, overlay)
     frame = input_mask(scan, mask, predictor.spec) if slice_index is None else None
     first = default_method(predictor.card)
+    predicted = pred.pred
+    explained = explained_class(predicted, pred.probs, predictor.classes)
 
     @st.fragment
     def panel() -> None:
         wkey = f"{widget_key or key}-{slice_index}"
         if compact:
-            method, target, opacity = first, predicted, 0.45
+            method, target, opacity = first, explained, 0.45
         else:
             c1, c2, c3 = st.columns(3)
             method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
                                   key=f"m-{wkey}", on_change=_drop_report, help=saliency_choice_help(predictor.card))
             if st.session_state.pop("_report_dropped", False):
                 st.rerun()   # the report's download buttons lie outside this fragment: take them down
-            others = [c for c in predictor.classes if c != predicted]
+            others = [c for c in predictor.classes if c != explained]
             # keyed by the call too: a call moved by the operating point is explained afresh
-            target = c2.selectbox("Explain class", [predicted, *others], key=f"t-{wkey}-{predicted}",
-                                  format_func=lambda c: f"{c} (predicted)" if c == predicted else c,
+            target = c2.selectbox("Explain class", [explained, *others], key=f"t-{wkey}-{predicted}",
+                                  format_func=lambda c: f"{c} (predicted)" if c == predicted else
+                                  f"{c} (likeliest tumour)" if c == explained else c,
                                   **class_control(method))
             opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key=f"o-{wkey}")
         try:
@@ -1334,12 +1344,17 @@ def analyse_batch(predictor: Predictor, items: list[tuple[str, object]], thresho
 
 def batch_problems(rows: list[dict]) -> list[tuple[str, str]]:
     """(kind, markdown) for each row a batch table alone would hide: 'error' for an unreadable
-    file, 'warning' for a volume whose other slices reach the operating point."""
+    file, 'warning' for a scan with no call (out of distribution: the table's cell is cut short) and
+    for a volume whose other slices reach the operating point."""
     out = []
     for r in rows:
         if not r["ok"]:
             out.append(("error", f"**{md_name(r['file'])}**: {r['error']}"))
-        elif r.get("hot_slices"):
+            continue
+        if not r.get("in_distribution", True):
+            out.append(("warning", f"**{md_name(r['file'])}**: out of distribution, no diagnosis. "
+                        f"{r.get('ood_reason') or PIXEL_OOD_REASON}"))
+        if r.get("hot_slices"):
             shown = ("the slice in the table does not" if r.get("in_distribution", True)
                      else "the slice in the table is out of distribution")
             out.append(("warning", f"**{md_name(r['file'])}**: slices {listed_slices(r['hot_slices'])} reach the "

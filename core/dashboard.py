@@ -432,7 +432,9 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
                      "prediction": r["pred"] if called else (NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
-    columns = ["file", "prediction", "flags", "slice", "tumour probability", "confidence"]   # flags in sight
+    # the call's probability (a narrow bar) and its flags beside it: at laptop width (1400 px) the
+    # columns after a long flag were off screen
+    columns = ["file", "prediction", "tumour probability", "flags", "slice", "confidence"]
     if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
         columns.remove("slice")
     return pd.DataFrame(rows, columns=columns)

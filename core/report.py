@@ -290,6 +290,15 @@ def volume_words(info: Mapping, short: bool = False) -> str:
     return f"volume {volume}" if short else f"volume {volume} (numbered from 0); the others were not read"
 
 
+def saliency_target(pred: Prediction, classes: list[str]) -> str:
+    """The class a report's map explains, as the Diagnose page's default (`saliency.explained_class`)."""
+    try:
+        from .saliency import explained_class
+    except ImportError:   # no saliency in this installation: there is no map to caption either
+        return pred.pred
+    return explained_class(pred.pred, pred.probs, classes)
+
+
 def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.ndarray):
     """(overlay RGB, None) or (None, why not): a failing map must not lose the prediction."""
     try:
@@ -336,7 +345,8 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     except BaseException as e:  # a bug in one file must not take down the rest of a batch
         return ScanResult(shown, False, error=file_fault_error(e))
     method = method or card_method(predictor)
-    over, note = (_saliency(predictor, scan, method, pred.pred, view) if pred.in_distribution
+    over, note = (_saliency(predictor, scan, method, saliency_target(pred, predictor.classes), view)
+                  if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
     if hot is None:
         hot, head_share = volume_check(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
@@ -831,7 +841,7 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     pdf.font(8, False, MUTED)
     pdf.cell(col, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(pdf.l_margin + col + IMAGE_GAP)
-    target = class_label(r.prediction.pred)
+    target = class_label(saliency_target(r.prediction, ctx.classes))
     from .saliency import is_class_agnostic
     shown = method_label(r.method) if r.method else ctx.method
     what = "(class-agnostic)" if is_class_agnostic(r.method or ctx.method) else f"for '{target}'"

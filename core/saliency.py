@@ -18,6 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy import ndimage
 
 from .inference import Predictor
+from .labels import has_tumour_decision, tumour_classes
 from .models import saliency_layer
 from .preprocess import head_bbox, pad_square
 from .reader import ScanImage
@@ -37,6 +38,16 @@ METHODS = {
 CLASS_AGNOSTIC = {"EigenCAM"}
 FALLBACK_METHOD = "Grad-CAM"  # for cards without a measured saliency default
 POINTING_PX = 4  # the pointing game forgives a peak this many input pixels off the mask
+
+
+def explained_class(pred: str, probs: dict[str, float], classes: list[str]) -> str:
+    """The class a map explains unless the reader picks another: the call, except for a 'no tumour'
+    call of a tumour model, where it is the likeliest tumour class. A missed tumour is the worst
+    error, and a map for 'no tumour' (a central blob) shows nothing a reader can check that call
+    against; where the model saw the most tumour-like evidence does."""
+    if pred in tumour_classes(classes) or not has_tumour_decision(classes):
+        return pred
+    return max(tumour_classes(classes), key=lambda c: probs.get(c, 0.0))
 
 
 def default_method(card: dict | None) -> str:

@@ -460,10 +460,10 @@ def test_the_batch_table_says_why_a_scan_has_no_call():
             {"file": "broken.jpg", "ok": False, "error": "The image file is damaged and cannot be read."}]
     table = batch_table(rows)
     assert list(table["prediction"]) == ["no call: not like its training scans", "no call: unreadable"]
-    assert list(table.columns[:3]) == ["file", "prediction", "flags"]   # the reason beside the call
+    assert list(table.columns[:4]) == ["file", "prediction", "tumour probability", "flags"]   # the reason beside the call
     vol = {**rows[0], "in_distribution": True, "info": {"slice_index": 2, "n_slices": 5}}
     table = batch_table([vol, rows[1]])
-    assert list(table.columns[:4]) == ["file", "prediction", "flags", "slice"] and table["slice"][1] == ""
+    assert list(table.columns[:5]) == ["file", "prediction", "tumour probability", "flags", "slice"] and table["slice"][1] == ""
 
 
 def test_home_shows_the_evaluation_pages_default_figures(tmp_path):

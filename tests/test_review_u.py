@@ -252,8 +252,9 @@ def test_a_refused_shown_slice_is_not_said_to_miss_the_operating_point():
     """'slices 0, 2 reach the operating point; the slice in the table does not' of a slice the
     header refused (its raw tumour probability 0.996)."""
     from core.app_support import batch_problems
-    ((kind, text),) = batch_problems([_header_row(hot_slices=[0, 2])])
+    refused, (kind, text) = batch_problems([_header_row(hot_slices=[0, 2])])
     assert kind == "warning" and "the slice in the table is out of distribution" in text
+    assert refused[0] == "warning" and "out of distribution, no diagnosis" in refused[1]
     ((_, clean),) = batch_problems([_header_row(hot_slices=[0, 2], in_distribution=True, ood_reason=None)])
     assert "the slice in the table does not" in clean
 

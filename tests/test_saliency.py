@@ -210,3 +210,13 @@ def test_a_map_is_not_touched_by_another_session_predicting(random_weights):
         stop.set()
         t.join()
     assert not errors and max(diffs) < 1e-4
+
+
+def test_a_no_tumour_call_is_explained_by_its_likeliest_tumour_class():
+    from core.saliency import explained_class
+    four = ["glioma", "meningioma", "pituitary", "notumor"]
+    probs = {"glioma": 0.02, "meningioma": 0.05, "pituitary": 0.01, "notumor": 0.92}
+    assert explained_class("notumor", probs, four) == "meningioma"
+    assert explained_class("glioma", probs, four) == "glioma"          # a tumour call explains itself
+    assert explained_class("notumor", {"tumor": 0.1, "notumor": 0.9}, ["tumor", "notumor"]) == "tumor"
+    assert explained_class("cat", {"cat": 0.9, "dog": 0.1}, ["cat", "dog"]) == "cat"   # no tumour decision
