@@ -73,7 +73,8 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
     if pred.uncertain:   # read before the call: an uncertain call is a referral first
         st.warning("**Uncertain — refer for review**: "
                    f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
-    st.markdown(f"### Prediction: **{pred.pred}**")
+    # a type in doubt must not read as firmly as the call: the tumour is called, its type suggested
+    st.markdown(f"### Prediction: **{pred.pred}**" + (" (a tumour; its type uncertain)" if pred.type_uncertain else ""))
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
         st.caption(why)
     flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)

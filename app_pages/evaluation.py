@@ -115,6 +115,8 @@ with t4:
         col.metric(label, value, help=help_text)
     if ev.get("reliability"):
         a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
+        if (mid := dash.reliability_note(ev["reliability"])):
+            a.caption(mid)
     elif ev.get("tumour_reliability"):
         a.plotly_chart(dash.reliability_figure(ev["tumour_reliability"], ev.get("tumour_ece"), tumour=True),
                        key="rel")

@@ -209,6 +209,10 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
     figures = {"Test scans": str(m.get("n", len(kept))), "Accuracy": pct("accuracy"),
                "Sensitivity": pct("sensitivity"), "Specificity": pct("specificity"),
                "Tumours missed": f"{m['tumour_missed']} of {m['n_tumour']}" if m.get("n_tumour") else "n/a"}
+    ranked = missed_by_source(predictor, kept, predictor.threshold) if predictor.is_tumour_model else []
+    if len(ranked) > 1:   # the pooled sensitivity hides the collection read worst
+        src, (n, missed) = ranked[0]
+        figures["Sensitivity, weakest source"] = f"{1 - missed / n:.1%} ({src})"
     note = "At the card's operating point, on the held-out test scans"
     if copies:
         all_m = predictor.card.get("metrics") or {}
@@ -340,6 +344,20 @@ def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: 
             f"{kept['n']} it accepts" + (f": {said}." if said else ", no figure can be given."))
 
 
+def missed_by_source(predictor: Predictor, records: list[dict], threshold: float | None
+                     ) -> list[tuple[str, tuple[int, int]]]:
+    """[(source, (test tumours, called 'no tumour'))], worst rate first, over the records without a
+    copy in training at ``threshold``: a reader skims the first figure, and the pooled sensitivity
+    hides a collection the model reads worse."""
+    per: dict[str, list[int]] = {}
+    for r in records_at(without_copies(records)[0], predictor.classes, threshold):
+        if is_tumour_label(r["label"]):
+            n_missed = per.setdefault(source_of(r), [0, 0])
+            n_missed[0] += 1
+            n_missed[1] += not is_tumour_label(r["pred"])
+    return sorted(((src, (n, m)) for src, (n, m) in per.items()), key=lambda kv: -kv[1][1] / kv[1][0])
+
+
 def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     """For a 'no tumour' call: how many of its test tumours this model called 'no tumour' at this
     operating point, per source (eval.json records without copies in training, as the Evaluation
@@ -347,16 +365,10 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     stored = load_eval(predictor.dir)
     if not stored or not predictor.is_tumour_model:
         return None
-    per: dict[str, list[int]] = {}
-    for r in records_at(without_copies(stored["predictions"])[0], predictor.classes, threshold):
-        if is_tumour_label(r["label"]):
-            n_missed = per.setdefault(source_of(r), [0, 0])
-            n_missed[0] += 1
-            n_missed[1] += not is_tumour_label(r["pred"])
-    if not per:
+    ranked = missed_by_source(predictor, stored["predictions"], threshold)
+    if not ranked:
         return None
-    # worst collection first: a reader skims the first figure
-    ranked = sorted(per.items(), key=lambda kv: -kv[1][1] / kv[1][0])
+    per = dict(ranked)
     parts = ", ".join(f"{src} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
     if not any(m for _, m in per.values()):
         return ("A 'no tumour' call does not rule a tumour out: at this operating point the model called every "

@@ -212,6 +212,27 @@ def calibration_note(ev: dict) -> str | None:
             else "No reliability diagram or ECE: these scans carry no label the model's classes can judge.")
 
 
+MID_CONFIDENCE = 0.9   # below it a top-class probability is "mid-range" for `reliability_note`
+
+
+def reliability_note(bins: list[dict]) -> str | None:
+    """What the class reliability diagram says of the probabilities below `MID_CONFIDENCE`: few
+    scans and, on the shipped models, overconfident. An ECE of 0.007 is a mean over bins where
+    nearly every scan sits at 0.99, and a reader took a '66 %' at its word."""
+    low = [b for b in bins if b.get("n") and b["confidence"] < MID_CONFIDENCE]
+    n_low, total = sum(b["n"] for b in low), sum(b.get("n") or 0 for b in bins)
+    if not n_low:
+        return None
+    conf = sum(b["confidence"] * b["n"] for b in low) / n_low
+    right = sum(b["accuracy"] * b["n"] for b in low) / n_low
+    reads = ("overconfident: read such a probability as less sure than it says" if right < conf - 0.05 else
+             "underconfident: the model was right more often than it says" if right > conf + 0.05 else
+             "about as often right as it says")
+    return (f"{n_low} of {total} scans ({n_low / total:.0%}) have a top-class probability under "
+            f"{MID_CONFIDENCE:.0%}: stated {conf:.0%} on average, right {right:.0%} of the time, so a "
+            f"mid-range probability here is {reads}. Marker size: scans per bin (hover for the count).")
+
+
 def per_class_table(ev: dict) -> pd.DataFrame:
     """Precision, recall, F1, specificity and support per class; '—' where a figure is not defined
     (a class with no scans has no recall: 'None' read as a finding)."""

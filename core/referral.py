@@ -109,7 +109,8 @@ class ReferralRule:
             moved = " (stretched to the operating point)" if (lo, hi) != (self.lo, self.hi) else ""
             t = float(tumour_probability(probs, classes)[0])
             d = max(digits_apart(t, lo), digits_apart(t, hi))
-            out.append(f"tumour probability {t:.{d}f} is inside the referral band {lo:.{d}f}-{hi:.{d}f}{moved}")
+            out.append(f"tumour probability {t:.{d}f} is inside the referral band {lo:.{d}f}-{hi:.{d}f}{moved}, "
+                       "where the model's calls were least reliable on validation")
         elif uncertain:
             p, level = apart(float(probs[0, pred]), self.min_confidence)
             out.append(f"the probability of {classes[pred]}, {p}, is below the referral level {level}")

@@ -190,6 +190,15 @@ def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
     assert figures["Specificity"] == f"{m['specificity']:.1%}" and figures["Test scans"] == str(len(kept))
     copies = len(ev["predictions"]) - len(kept)
     assert copies and "card's operating point" in note and f"{copies} more have one" in note
+    # the pooled sensitivity hid LGG's (a clinician found it only by filtering the Evaluation page)
+    per = {}
+    for r in kept:
+        if r["label"] != "notumor":
+            called = app_support.evaluation_at([r], pred.classes, pred.threshold, None, pred.referral)["tumour_missed"] == 0
+            per.setdefault(r["source"], []).append(called)
+    worst = min(per, key=lambda s: sum(per[s]) / len(per[s]))
+    assert figures["Sensitivity, weakest source"] == f"{sum(per[worst]) / len(per[worst]):.1%} ({worst})"
+    assert worst == "lgg" and figures["Sensitivity, weakest source"] != figures["Sensitivity"]
 
 
 def test_no_gate_warning_names_a_model_with_one(tmp_path):

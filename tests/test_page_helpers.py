@@ -159,3 +159,16 @@ def test_a_shortfall_of_a_model_with_a_class_that_is_neither_is_not_blamed_on_th
     text = app.operating_point_text({"classes": ["glioma", "notumor", "stroke"], "operating_point": op}, 0.3)
     assert "a tumour called stroke is missed at any threshold" in text
     assert "bound it)" in app.operating_point_text({"classes": ["glioma", "notumor"], "operating_point": op}, 0.3)
+
+
+def test_the_reliability_note_says_how_mid_range_probabilities_fared():
+    """'Reliability (ECE 0.007)' over bins where nearly every scan sits at 0.99 read as 'calibrated',
+    while the few scans at 0.5-0.8 were right about half the time."""
+    bins = [{"lo": 0.5, "hi": 0.6, "n": 10, "confidence": 0.55, "accuracy": 0.3},
+            {"lo": 0.7, "hi": 0.8, "n": 10, "confidence": 0.75, "accuracy": 0.5},
+            {"lo": 0.93, "hi": 1.0, "n": 980, "confidence": 0.99, "accuracy": 0.995}]
+    note = dash.reliability_note(bins)
+    assert note.startswith("20 of 1000 scans (2%)") and "stated 65%" in note and "right 40%" in note
+    assert "overconfident" in note
+    assert "about as often right" in dash.reliability_note([{**bins[0], "accuracy": 0.57}])
+    assert dash.reliability_note(bins[2:]) is None
