@@ -9,7 +9,7 @@ import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
 from core.app_support import (card_threshold, class_wording, current_predictor, default_file_problem,
-                              env_weights_problem, follow_model_threshold, home_figures, keep_widget_value,
+                              env_weights_problem, follow_model_threshold, hand_threshold_note, home_figures, keep_widget_value,
                               metric_rows, model_choices, model_label, one_source_warning, operating_point_text,
                               predictor_problem, training_sources)
 from core.inference import load_card
@@ -95,6 +95,8 @@ def home() -> None:
         metric_rows([(label, value, None) for label, value in figures.items()])
         st.caption(f"{note} Classes: {', '.join(pred.classes)} · input {pred.spec['size']} px grey · "
                    f"trained on {', '.join(training_sources(card)) or 'n/a'}")
+        if (moved := hand_threshold_note(pred, st.session_state.get("threshold"))):
+            st.info(moved, icon=":material/tune:")
         if (narrow := one_source_warning(pred)):
             st.warning(narrow, icon=":material/warning:")
     st.subheader("Pages")

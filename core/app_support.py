@@ -222,6 +222,16 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
     return figures, note + "."
 
 
+def hand_threshold_note(predictor: Predictor, threshold: float | None) -> str | None:
+    """Home's figures are at the card's operating point; when the sidebar's differs, say so and
+    where the figures at it are (a clinician moved it to 1.000 and Home still read 98.5 %)."""
+    if threshold is None or predictor.threshold is None or abs(float(threshold) - predictor.threshold) <= 5e-4:
+        return None
+    return (f"The sidebar's operating point is set by hand to {float(threshold):.3f}; the figures above are at "
+            f"the card's {predictor.threshold:.3f}. The Diagnose and Evaluation pages use yours: the "
+            "Evaluation page shows what it costs.")
+
+
 def _card_figures(predictor: Predictor, ev: dict) -> dict[str, str]:
     m = predictor.card.get("metrics") or {}
     missed = m.get("tumour_missed")

@@ -295,6 +295,14 @@ def test_home_names_the_classes_of_the_chosen_model(app):
     assert "**a tumour, or no tumour**" in home and "glioma" not in home
 
 
+def test_home_says_its_figures_are_not_at_an_operating_point_moved_by_hand(app):
+    """Moved to 1.000, the Evaluation page read sensitivity 0 % and Home still 98.5 %, unexplained."""
+    assert "set by hand" not in texts(app)
+    threshold_slider(app).set_value(1.0).run()
+    (note,) = [i.value for i in app.info if "set by hand to 1.000" in i.value]
+    assert "the card's" in note and not app.exception
+
+
 # ----------------------------------------------------------------------------- 7: model card
 def test_readable_card_values():
     assert readable({"train": 3996, "val": 855}) == "train 3996, val 855"
