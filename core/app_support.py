@@ -381,10 +381,10 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     per = dict(ranked)
     parts = ", ".join(f"{src} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
     if not any(m for _, m in per.values()):
-        return ("A 'no tumour' call does not rule a tumour out: at this operating point the model called every "
-                f"test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
-    return ("A 'no tumour' call does not rule a tumour out: at this operating point the model called some test "
-            f"tumours 'no tumour': {parts} (Evaluation page, missed tumours). Read the scan yourself.")
+        return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
+                f"every test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
+    return ("A call other than a tumour does not rule a tumour out: at this operating point the model did not call "
+            f"some test tumours a tumour: {parts} (Evaluation page, missed tumours). Read the scan yourself.")
 
 
 def copies_note(weights_dir: str | Path) -> str | None:

@@ -219,17 +219,19 @@ def reliability_note(bins: list[dict]) -> str | None:
     """What the class reliability diagram says of the probabilities below `MID_CONFIDENCE`: few
     scans and, on the shipped models, overconfident. An ECE of 0.007 is a mean over bins where
     nearly every scan sits at 0.99, and a reader took a '66 %' at its word."""
-    low = [b for b in bins if b.get("n") and b["confidence"] < MID_CONFIDENCE]
+    # whole bins below the cut (a bin's mean may sit above it while some of its scans do not)
+    low = [b for b in bins if b.get("n") and b["hi"] <= MID_CONFIDENCE + 1e-9]
     n_low, total = sum(b["n"] for b in low), sum(b.get("n") or 0 for b in bins)
     if not n_low:
         return None
+    cut = max(b["hi"] for b in low)
     conf = sum(b["confidence"] * b["n"] for b in low) / n_low
     right = sum(b["accuracy"] * b["n"] for b in low) / n_low
     reads = ("overconfident: read such a probability as less sure than it says" if right < conf - 0.05 else
              "underconfident: the model was right more often than it says" if right > conf + 0.05 else
              "about as often right as it says")
     return (f"{n_low} of {total} scans ({n_low / total:.0%}) have a top-class probability under "
-            f"{MID_CONFIDENCE:.0%}: stated {conf:.0%} on average, right {right:.0%} of the time, so a "
+            f"{cut:.0%}: stated {conf:.0%} on average, right {right:.0%} of the time, so a "
             f"mid-range probability here is {reads}. Marker size: scans per bin (hover for the count).")
 
 

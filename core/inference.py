@@ -678,7 +678,7 @@ def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_
             # The whole volume cannot be read (a stack with one thumbnail-sized page, one too many
             # pages): the slice read by default is still a result, as the app shows it, and says why.
             pred = predictor.predict_file(src, name, **read_kw)
-            if shown_slice(pred.info) is None:
+            if shown_slice(pred.info) is None and pred.info.get("frame") is None:   # a large GIF counts no pages
                 raise
             return replace(pred, info={**pred.info, "slice_choice": f"{DEFAULT_SLICE}: {e}"})
     # an empty volume: its middle slice as read_scan gives it (refused as blank only when it is

@@ -109,8 +109,10 @@ class ReferralRule:
             moved = " (stretched to the operating point)" if (lo, hi) != (self.lo, self.hi) else ""
             t = float(tumour_probability(probs, classes)[0])
             d = max(digits_apart(t, lo), digits_apart(t, hi))
-            out.append(f"tumour probability {t:.{d}f} is inside the referral band {lo:.{d}f}-{hi:.{d}f}{moved}, "
-                       "where the model's calls were least reliable on validation")
+            where = (", where the model's calls were least reliable on validation" if self.lo <= t < self.hi else
+                     ", between the band fitted on validation and the operating point moved by hand: a call "
+                     "there goes against the side the model is sure of")
+            out.append(f"tumour probability {t:.{d}f} is inside the referral band {lo:.{d}f}-{hi:.{d}f}{moved}{where}")
         elif uncertain:
             p, level = apart(float(probs[0, pred]), self.min_confidence)
             out.append(f"the probability of {classes[pred]}, {p}, is below the referral level {level}")

@@ -18,7 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy import ndimage
 
 from .inference import Predictor
-from .labels import has_tumour_decision, tumour_classes
+from .labels import NO_TUMOUR, has_tumour_decision, tumour_classes
 from .models import saliency_layer
 from .preprocess import head_bbox, pad_square
 from .reader import ScanImage
@@ -45,7 +45,7 @@ def explained_class(pred: str, probs: dict[str, float], classes: list[str]) -> s
     call of a tumour model, where it is the likeliest tumour class. A missed tumour is the worst
     error, and a map for 'no tumour' (a central blob) shows nothing a reader can check that call
     against; where the model saw the most tumour-like evidence does."""
-    if pred in tumour_classes(classes) or not has_tumour_decision(classes):
+    if pred != NO_TUMOUR or not has_tumour_decision(classes):   # a 'stroke' call explains itself
         return pred
     return max(tumour_classes(classes), key=lambda c: probs.get(c, 0.0))
 

@@ -84,3 +84,24 @@ def test_best_slice_on_a_stack_it_cannot_read_whole_gives_the_default_page_and_s
     # a single image that cannot be read is still an error, with its own sentence
     (bad,) = predict_many(predictor, [("x.png", b"\x89PNG\r\n\x1a\n broken")], best_slice=True)
     assert not bad["ok"] and "slice_choice" not in bad
+
+
+def test_best_slice_falls_back_on_a_large_gif_that_counts_no_pages(random_weights):
+    """A GIF over 1 MP records no page count (n_frames None): the fallback took it for a single
+    image and failed the file with 'too many pages', where the plain read gives page 0."""
+    import io
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    base = (rng.random((1000, 1100)) * 60).astype(np.uint8)
+    frames = []
+    for k in range(32):   # frames that differ, or Pillow merges them into one
+        a = base.copy()
+        a[k, :] = 255
+        frames.append(Image.fromarray(a))
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    predictor = Predictor(random_weights)
+    (plain,) = predict_many(predictor, [("big.gif", buf.getvalue())])
+    (best,) = predict_many(predictor, [("big.gif", buf.getvalue())], best_slice=True)
+    assert plain["ok"] and best["ok"], best
+    assert best["info"]["frame"] == plain["info"]["frame"] == 0 and "too many pages" in best["info"]["slice_choice"]

@@ -318,3 +318,14 @@ def test_pick_band_counts_a_tumour_called_another_class_as_an_error_only_the_ban
     never = np.array([False, False, True, False, False, False])   # the 0.6 tumour is served as 'stroke'
     band = pick_band(t, y, threshold=0.5, target_error=0.0, max_referred=0.5, never=never)
     assert band["val_error_kept"] == 0.0 and band["lo"] <= 0.6 < band["hi"]
+
+
+def test_the_band_text_says_least_reliable_only_inside_the_band_fitted_on_validation():
+    """The stretched part of a band, up to an operating point moved by hand, is where the model
+    was sure (the band's own docstring): 'least reliable on validation' was said of it too."""
+    rule = ReferralRule(tuple(C4), 0.3, 0.7)
+    inside = rule.describe(rows(0.5, 0.6, top=1), 1, 0.5, True, False)
+    assert "least reliable on validation" in inside and "moved by hand" not in inside
+    stretched = rule.describe(rows(0.8, 0.9, top=1), 3, 0.95, True, False)
+    assert "stretched to the operating point" in stretched and "least reliable" not in stretched
+    assert "moved by hand" in stretched

@@ -220,3 +220,6 @@ def test_a_no_tumour_call_is_explained_by_its_likeliest_tumour_class():
     assert explained_class("glioma", probs, four) == "glioma"          # a tumour call explains itself
     assert explained_class("notumor", {"tumor": 0.1, "notumor": 0.9}, ["tumor", "notumor"]) == "tumor"
     assert explained_class("cat", {"cat": 0.9, "dog": 0.1}, ["cat", "dog"]) == "cat"   # no tumour decision
+    # another finding is no 'no tumour' call: it explains itself
+    assert explained_class("stroke", {"glioma": 0.3, "notumor": 0.1, "stroke": 0.6},
+                           ["glioma", "notumor", "stroke"]) == "stroke"
