@@ -295,6 +295,20 @@ def test_home_names_the_classes_of_the_chosen_model(app):
     assert "**a tumour, or no tumour**" in home and "glioma" not in home
 
 
+def test_a_type_uncertain_call_says_so_in_its_headline(app):
+    """'Prediction: meningioma' in large type over 'type uncertain ... 66 %' in small: the headline
+    read firmer than the call."""
+    from conftest import DATA
+    y0 = DATA / "br35h" / "yes" / "y0.jpg"
+    if not y0.exists():
+        pytest.skip("../shared is not beside the checkout (tests/test_environment.py fails then)")
+    choose_model(app, DEFAULT_DIR.name)
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([("y0.jpg", y0.read_bytes(), "image/jpeg")]).run()
+    assert not app.exception
+    assert predictions(app) == ["### Prediction: **meningioma** (a tumour; its type uncertain)"]
+
+
 def test_home_says_its_figures_are_not_at_an_operating_point_moved_by_hand(app):
     """Moved to 1.000, the Evaluation page read sensitivity 0 % and Home still 98.5 %, unexplained."""
     assert "set by hand" not in texts(app)
