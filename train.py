@@ -649,6 +649,9 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
         except ValueError as e:   # a known-copies list damaged since it was checked (the shipped one too)
             raise DataError(str(e)) from None
         D.split_by_group(samples, seed=args.seed)
+        if (shipped := D.preset_split_text(samples)):
+            method += f"; {shipped}"
+            print(f"note: {shipped}", flush=True)
         if args.join_copies:
             method = method.replace(" and TCGA patient ids", f", the copies {', '.join(Path(f).name for f in args.join_copies)} "
                                     "list(s) and TCGA patient ids")

@@ -102,10 +102,16 @@ def _member_name(info: zipfile.ZipInfo) -> str:
         return info.filename
 
 
+# Metadata folders that archives, NAS boxes and Windows leave beside the images (a Synology @eaDir
+# holds a thumbnail per image, named like the image: a folder read it as a class, and inside a class
+# as scans). Lower case; skipped by zips here and by folders (core.data.SKIP_DIRS).
+METADATA_DIRS = {"__macosx", "@eadir", "$recycle.bin", "system volume information"}
+
+
 def _is_junk(name: str) -> bool:
     parts = PurePosixPath(name).parts
     hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
-    return hidden or "__MACOSX" in parts or parts[-1].lower() in JUNK_NAMES
+    return hidden or any(p.lower() in METADATA_DIRS for p in parts[:-1]) or parts[-1].lower() in JUNK_NAMES
 
 
 def _declared_listing(data: bytes) -> tuple[int, int] | None:

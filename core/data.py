@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .archive import METADATA_DIRS
 from .labels import CANONICAL, FINE_TUMOURS, TUMOUR, normalise_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
@@ -36,7 +37,7 @@ def split_of(folder_name: str) -> str | None:
     for _ in range(2):   # train_images, test_split, Training_Set_Images
         key = re.sub(r"(set|data|images|imgs|split|files)$", "", key) or key
     return SPLIT_DIRS.get(key)
-SKIP_DIRS = {"masks", "mask", "__macosx"}
+SKIP_DIRS = {"masks", "mask", *METADATA_DIRS}
 # TCGA_<site>_<patient>_<slice>: every slice of one patient belongs to one group. Hyphens (the
 # usual barcode, TCGA-CS-4941) and any case too, or a patient folder (TCGA_CS_4941_19960909/011.jpg).
 # A barcode's site is 2 characters and its patient 4 (all 95 of lgg-flair): 'tcga_batch_1/' or
@@ -130,7 +131,7 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _skip_reason(name: str) -> str:
-    return "archive metadata" if name.lower() == "__macosx" else "a folder of masks: not read as scans"
+    return "archive or system metadata" if name.lower() in METADATA_DIRS else "a folder of masks: not read as scans"
 
 
 def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
@@ -837,6 +838,24 @@ def assign_groups(samples: list[Sample], max_distance: int = 6, flips: bool = Tr
                         max_distance, flips, patients, known, lists)
     for s, r in zip(samples, roots):
         s.group = f"g{r}"
+
+
+def preset_split_text(samples: list[Sample]) -> str | None:
+    """For the card's split method: which sources' own Testing/ or Validation/ folder made a split,
+    and how many of their other images went with it as near copies (`split_by_group`); None when
+    no dataset shipped one. The card said only 'drawn from seed 0', of a test split that was the
+    dataset's own folder plus 2 moved images."""
+    parts = []
+    for role, folder in (("test", "Testing/"), ("val", "Validation/")):
+        shipped = [s for s in samples if s.preset_split == role]
+        if not shipped:
+            continue
+        groups = {s.group for s in shipped}
+        moved = sum(1 for s in samples if not s.preset_split and s.split == role and s.group in groups)
+        sources = ", ".join(sorted({s.source for s in shipped}))
+        parts.append(f"the {role} split of {sources} is the dataset's own {folder} folder ({len(shipped)} images"
+                     + (f", with {moved} of its other images, near copies of them, moved in" if moved else "") + ")")
+    return "; ".join(parts) or None
 
 
 def split_by_group(samples: list[Sample], seed: int = 0, val: float = 0.15,

@@ -625,8 +625,7 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
     samples, evaluated = evaluation_set(scan.samples, scan.inner)
     # 'Brain Tumor/{Normal T1, Glioma T1}/' (all scored as tumours); 'Brain_Glioma/ Brain Tumor/'
     # (the last has no type); the model's own training images
-    for note in filter(None, (one_folder_note(scan), untyped_tumour_note(samples),
-                              trained_note(predictor, samples))):
+    for note in filter(None, (one_folder_note(scan), untyped_tumour_note(samples))):
         evaluated += f" (note: {note})"
     records = []
     # neither a training folder's leftovers (when a test split is evaluated) nor the masks kept
@@ -655,6 +654,10 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
     if not records:
         raise NothingToScore(f"none of the {len(samples)} image files under {data_dir} could be read",
                              errors)
+    # over the images scored: an unreadable file counted in "68 of these 82" beside n = 80
+    scored = {r["file"] for r in records}
+    if (note := trained_note(predictor, [s for s in samples if s.rel in scored])):
+        evaluated += f" (note: {note})"
     return records, errors, evaluated
 
 

@@ -526,6 +526,25 @@ def test_a_shipped_validation_folder_is_validation_and_stray_folders_are_reporte
     D.assign_groups(scan.samples)
     D.split_by_group(scan.samples, seed=0)
     assert all(s.split == "val" for s in scan.samples if s.rel.startswith("Validation/"))
+    assert D.preset_split_text(scan.samples) == "the val split of ds is the dataset's own Validation/ folder (6 images)"
+
+
+def test_the_split_method_says_a_shipped_testing_folder_made_the_test_split(tmp_path):
+    """The card read 'the test and validation folds drawn from seed 0' of a test split that was the
+    dataset's own Testing/ folder plus its near copies moved from Training/."""
+    root = tmp_path / "kaggle"
+    for ci, c in enumerate(("glioma", "notumor")):
+        for k in range(10):
+            save(root / "Training" / c / f"tr{k}.jpg", pattern(8000 + 50 * ci + k))
+        for k in range(3):
+            save(root / "Testing" / c / f"te{k}.jpg", pattern(9000 + 50 * ci + k))
+    save(root / "Training" / "glioma" / "copy.jpg", pattern(9000), quality=80)   # a copy of te0
+    scan = D.discover(root)
+    D.assign_groups(scan.samples)
+    D.split_by_group(scan.samples, seed=0)
+    assert D.preset_split_text(scan.samples) == ("the test split of kaggle is the dataset's own Testing/ folder "
+                                                 "(6 images, with 1 of its other images, near copies of them, moved in)")
+    assert D.preset_split_text([s for s in scan.samples if not s.preset_split]) is None
 
 
 @pytest.mark.parametrize("entry, why", [({"path": "x", "wieght": 0.0}, "unknown key(s) wieght"),
@@ -742,3 +761,23 @@ def test_masks_beside_scans_and_training_leftovers_are_no_evaluation_errors(tmp_
     save(tmp_path / "k" / "Testing" / "glioma" / "t.png", pattern(5))
     ev = evaluate_dir(Predictor(random_weights), tmp_path / "k")
     assert ev["n"] == 1 and not ev["errors"]
+
+
+def test_nas_and_system_metadata_folders_are_neither_classes_nor_scans(tmp_path):
+    """A Synology NAS keeps a thumbnail of every image in @eaDir/<image>/: it became a class
+    'eadir', and the thumbnails inside a class folder were read as that class's scans."""
+    img = Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+    for cls in ("glioma", "notumor"):
+        (tmp_path / cls).mkdir()
+        for k in range(3):
+            img.save(tmp_path / cls / f"{k}.jpg")
+    for thumbs in (tmp_path / "@eaDir" / "0.jpg", tmp_path / "glioma" / "@eaDir" / "0.jpg",
+                   tmp_path / "System Volume Information"):
+        thumbs.mkdir(parents=True)
+        img.save(thumbs / "SYNOPHOTO_THUMB_XL.jpg")
+    scan = D.discover(tmp_path)
+    assert sorted({s.label for s in scan.samples}) == ["glioma", "notumor"] and len(scan.samples) == 6
+    skipped = dict(scan.skipped)
+    assert skipped["@eaDir/"] == skipped["glioma/@eaDir/"] == "archive or system metadata"
+    from core.archive import _is_junk
+    assert _is_junk("scans/@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg") and not _is_junk("scans/a.jpg")

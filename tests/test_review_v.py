@@ -540,6 +540,10 @@ def test_evaluate_notes_renamed_training_files_by_content(tmp_path, random_weigh
     pred, d = _seen_glioma_and_a_folder(tmp_path, random_weights, "renamed_")
     ev = evaluate_dir(pred, d)
     assert "1 of these 2 images are, byte for byte, files this model trained" in ev["evaluated"]
+    # counted over the images scored: an unreadable file beside them is an error row, not one of "these"
+    (d / "glioma" / "truncated.jpg").write_bytes((d / "glioma" / "renamed_glioma.jpg").read_bytes()[:300])
+    ev = evaluate_dir(pred, d)
+    assert ev["n"] == 2 and "1 of these 2 images are, byte for byte" in ev["evaluated"], ev["evaluated"]
 
 
 def test_evaluate_goes_on_past_a_file_it_cannot_hash(tmp_path, random_weights, monkeypatch):
