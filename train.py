@@ -565,7 +565,7 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
             raise DataError(str(e)) from None
         if nested := D.nested_classes_note(scan):   # a model of 'train_imgs' vs 'test_imgs' is no model
             raise DataError(f"source {src['name']}: {nested}")
-        if note := D.one_folder_note(scan):
+        for note in filter(None, (D.one_folder_note(scan), D.typed_inside_coarse_note(scan))):
             print(f"note: {src['name']}: {note}", flush=True)
         found = scan.samples
         renames = src.get("label_map") or {}  # the config's own folder -> class names

@@ -61,7 +61,7 @@ def cmd_audit(args) -> int:
         folders.setdefault((split_of(s), s.label), set()).add(s.original)
     print(f"{len(samples)} readable images in {args.data_dir}")
     for note in filter(None, (D.nested_classes_note(scan), D.one_folder_note(scan),
-                              D.untyped_tumour_note(samples))):
+                              D.typed_inside_coarse_note(scan), D.untyped_tumour_note(samples))):
         print(f"note: {note}")
     if lost := sorted({s.label for s in scan.samples} - {s.label for s in samples}):
         print(f"note: no image of {', '.join(lost)} could be read (its files are listed as skipped below)")

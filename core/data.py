@@ -467,6 +467,25 @@ def nested_classes_note(scan: Scan) -> str | None:
             "its own --data source")
 
 
+def typed_inside_coarse_note(scan: Scan) -> str | None:
+    """A sentence when a folder read as 'some tumour' ('Brain Tumor', 'yes') holds folders named by
+    tumour type ('Brain Tumor/Glioma/', 'Brain Tumor/Meningioma/'): every image is labelled by the
+    outer folder, so the types were dropped without a word. None otherwise."""
+    types: dict[str, set[str]] = defaultdict(set)
+    for s in scan.samples:
+        if s.label != TUMOUR:
+            continue
+        p = Path(scan.inner(s.rel)).parts
+        k = p.index(s.original) if s.original in p else 0
+        if len(p) > k + 2 and (inner := normalise_label(p[k + 1])) in FINE_TUMOURS:
+            types[s.original].add(inner)
+    if not types:
+        return None
+    said = "; ".join(f"'{outer}' holds {', '.join(sorted(t))} folders" for outer, t in sorted(types.items()))
+    return (f"{said}: their images are read as 'tumor' (some tumour, type unknown), after the outer folder; "
+            "to keep the types, move those folders up beside the others")
+
+
 def untyped_tumour_note(samples: list[Sample]) -> str | None:
     """A sentence when a folder read as 'some tumour, type unknown' ('Brain Tumor', 'yes') sits
     beside typed tumour folders in one dataset ('Brain_Glioma/ Brain_Menin/ Brain Tumor/'): a

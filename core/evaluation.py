@@ -619,13 +619,13 @@ def source_names(data_dirs: list[str | Path]) -> list[str]:
 def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
                  progress: Callable[[float], None] | None = None) -> tuple[list[dict], list[dict], str]:
     """(records, errors, which images were evaluated) of one directory; records of scorable images only."""
-    from .data import MASK_BESIDE_SCAN, discover, one_folder_note, split_of, untyped_tumour_note
+    from .data import MASK_BESIDE_SCAN, discover, one_folder_note, split_of, typed_inside_coarse_note, untyped_tumour_note
     from .reader import ScanError, file_fault_error, read_scan
     scan = discover(data_dir, source)
     samples, evaluated = evaluation_set(scan.samples, scan.inner)
     # 'Brain Tumor/{Normal T1, Glioma T1}/' (all scored as tumours); 'Brain_Glioma/ Brain Tumor/'
     # (the last has no type); the model's own training images
-    for note in filter(None, (one_folder_note(scan), untyped_tumour_note(samples))):
+    for note in filter(None, (one_folder_note(scan), typed_inside_coarse_note(scan), untyped_tumour_note(samples))):
         evaluated += f" (note: {note})"
     records = []
     # neither a training folder's leftovers (when a test split is evaluated) nor the masks kept

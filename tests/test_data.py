@@ -781,3 +781,20 @@ def test_nas_and_system_metadata_folders_are_neither_classes_nor_scans(tmp_path)
     assert skipped["@eaDir/"] == skipped["glioma/@eaDir/"] == "archive or system metadata"
     from core.archive import _is_junk
     assert _is_junk("scans/@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg") and not _is_junk("scans/a.jpg")
+
+
+def test_a_tumour_folder_holding_typed_folders_says_the_types_are_dropped(tmp_path):
+    root = tmp_path / "ds"
+    for k, c in enumerate(("Glioma", "Meningioma")):
+        save(root / "Brain Tumor" / c / f"{k}.jpg", pattern(9500 + k))
+    save(root / "Normal" / "n.jpg", pattern(9600))
+    scan = D.discover(root)
+    assert {s.label for s in scan.samples} == {"tumor", "notumor"}
+    note = D.typed_inside_coarse_note(scan)
+    assert note.startswith("'Brain Tumor' holds glioma, meningioma folders") and "move those folders up" in note
+    save(root / "Brain Tumor" / "loose.jpg", pattern(9700))   # typed ones still there: still said
+    assert D.typed_inside_coarse_note(D.discover(root)) == note
+    plain = tmp_path / "plain"
+    save(plain / "yes" / "a" / "1.jpg", pattern(9800))    # a folder that names no type
+    save(plain / "no" / "2.jpg", pattern(9801))
+    assert D.typed_inside_coarse_note(D.discover(plain)) is None
