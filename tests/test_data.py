@@ -513,13 +513,18 @@ def test_a_source_without_testing_gets_its_own_test_share(tmp_path):
     assert {s.rel.split("/")[0] for s in samples if s.source == "kaggle" and s.split == "test"} == {"Testing"}
 
 
-def test_a_shipped_validation_folder_is_validation_and_stray_folders_are_reported(tmp_path):
-    root = tmp_path / "ds"
+def shipped_split_dataset(root, held: str, seed: int):
+    """Training/ with 10 images per class and ``held`` (Validation/, Testing/) with 3, all unrelated."""
     for ci, c in enumerate(("glioma", "notumor")):
         for k in range(10):
-            save(root / "Training" / c / f"tr{k}.jpg", pattern(6000 + 50 * ci + k))
+            save(root / "Training" / c / f"tr{k}.jpg", pattern(seed + 50 * ci + k))
         for k in range(3):
-            save(root / "Validation" / c / f"va{k}.jpg", pattern(7000 + 50 * ci + k))
+            save(root / held / c / f"h{k}.jpg", pattern(seed + 1000 + 50 * ci + k))
+
+
+def test_a_shipped_validation_folder_is_validation_and_stray_folders_are_reported(tmp_path):
+    root = tmp_path / "ds"
+    shipped_split_dataset(root, "Validation", 6000)
     save(root / "yes" / "lost.jpg", pattern(7999))
     scan = D.discover(root)
     assert any(rel == "yes/" and "beside the Training/Testing" in why for rel, why in scan.skipped)
@@ -533,12 +538,8 @@ def test_the_split_method_says_a_shipped_testing_folder_made_the_test_split(tmp_
     """The card read 'the test and validation folds drawn from seed 0' of a test split that was the
     dataset's own Testing/ folder plus its near copies moved from Training/."""
     root = tmp_path / "kaggle"
-    for ci, c in enumerate(("glioma", "notumor")):
-        for k in range(10):
-            save(root / "Training" / c / f"tr{k}.jpg", pattern(8000 + 50 * ci + k))
-        for k in range(3):
-            save(root / "Testing" / c / f"te{k}.jpg", pattern(9000 + 50 * ci + k))
-    save(root / "Training" / "glioma" / "copy.jpg", pattern(9000), quality=80)   # a copy of te0
+    shipped_split_dataset(root, "Testing", 8000)
+    save(root / "Training" / "glioma" / "copy.jpg", pattern(9000), quality=80)   # a copy of Testing/glioma/h0
     scan = D.discover(root)
     D.assign_groups(scan.samples)
     D.split_by_group(scan.samples, seed=0)
