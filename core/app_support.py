@@ -378,9 +378,8 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     ranked = missed_by_source(predictor, stored["predictions"], threshold)
     if not ranked:
         return None
-    per = dict(ranked)
     parts = ", ".join(f"{src} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
-    if not any(m for _, m in per.values()):
+    if not any(m for _, (_, m) in ranked):
         return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
                 f"every test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
     return ("A call other than a tumour does not rule a tumour out: at this operating point the model did not call "

@@ -449,15 +449,22 @@ def _broken_link(f: Path) -> str:
     return "broken link: the file it points to is missing"
 
 
+def _folder_below_class(scan: Scan, s: Sample) -> str | None:
+    """The folder right below a sample's class folder ('Brain Tumor/Glioma/x.jpg' -> 'Glioma'), None
+    for a file directly in it; below Training/ in a split layout."""
+    p = Path(scan.inner(s.rel)).parts
+    k = p.index(s.original) if s.original in p else 0
+    return p[k + 1] if len(p) > k + 2 else None
+
+
 def nested_classes_note(scan: Scan) -> str | None:
     """A sentence when every class folder holds folders named like two or more classes
     ('train_imgs/{glioma, notumor}/', 'scans_a/{yes, no}/'): those outer folders are splits or
     collections, not classes, and every image would be labelled by them. None otherwise."""
     inner: dict[str, set[str]] = defaultdict(set)
     for s in scan.samples:
-        p = Path(scan.inner(s.rel)).parts
-        k = p.index(s.original) if s.original in p else 0   # below Training/ in a split layout
-        inner[s.original].add(normalise_label(p[k + 1]) if len(p) > k + 2 else "")
+        below = _folder_below_class(scan, s)
+        inner[s.original].add("" if below is None else normalise_label(below))
     if len(inner) < 2 or any(len(names & set(CANONICAL)) < 2 or "" in names for names in inner.values()):
         return None
     outer = ", ".join(sorted(inner))
@@ -473,11 +480,8 @@ def typed_inside_coarse_note(scan: Scan) -> str | None:
     outer folder, so the types were dropped without a word. None otherwise."""
     types: dict[str, set[str]] = defaultdict(set)
     for s in scan.samples:
-        if s.label != TUMOUR:
-            continue
-        p = Path(scan.inner(s.rel)).parts
-        k = p.index(s.original) if s.original in p else 0
-        if len(p) > k + 2 and (inner := normalise_label(p[k + 1])) in FINE_TUMOURS:
+        below = _folder_below_class(scan, s) if s.label == TUMOUR else None
+        if below is not None and (inner := normalise_label(below)) in FINE_TUMOURS:
             types[s.original].add(inner)
     if not types:
         return None

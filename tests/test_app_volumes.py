@@ -64,19 +64,26 @@ def test_a_volume_refused_whole_is_not_read_again_on_every_rerun(random_weights,
     assert app_support.volume_profile(predictor, other, "w.dcm") is None and len(calls) == 2
 
 
+def plain_and_best(predictor: Predictor, name: str, pages: list[np.ndarray], fmt: str) -> tuple[dict, dict]:
+    """The `predict` rows of a stack of ``pages`` saved as ``fmt``, read plainly and with --best-slice."""
+    import io
+    from PIL import Image
+    images = [Image.fromarray(a) for a in pages]
+    buf = io.BytesIO()
+    images[0].save(buf, fmt, save_all=True, append_images=images[1:])
+    (plain,) = predict_many(predictor, [(name, buf.getvalue())])
+    (best,) = predict_many(predictor, [(name, buf.getvalue())], best_slice=True)
+    return plain, best
+
+
 def test_best_slice_on_a_stack_it_cannot_read_whole_gives_the_default_page_and_says_why(random_weights):
     """A TIFF whose second page is thumbnail-sized: the default read gives page 0, but --best-slice
     failed the whole file, where the app shows that page with the reason."""
-    import io
-    from PIL import Image
     from core.inference import DEFAULT_SLICE
     rng = np.random.default_rng(0)
-    pages = [Image.fromarray((rng.random(shape) * 200).astype(np.uint8)) for shape in ((96, 96), (10, 10), (96, 96))]
-    buf = io.BytesIO()
-    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
     predictor = Predictor(random_weights)
-    (plain,) = predict_many(predictor, [("s.tif", buf.getvalue())])
-    (best,) = predict_many(predictor, [("s.tif", buf.getvalue())], best_slice=True)
+    plain, best = plain_and_best(predictor, "s.tif", [(rng.random(shape) * 200).astype(np.uint8)
+                                                      for shape in ((96, 96), (10, 10), (96, 96))], "TIFF")
     assert plain["ok"] and best["ok"], best
     assert best["info"]["frame"] == plain["info"]["frame"] == 0
     assert best["info"]["slice_choice"].startswith(DEFAULT_SLICE) and "too small" in best["info"]["slice_choice"]
@@ -89,19 +96,13 @@ def test_best_slice_on_a_stack_it_cannot_read_whole_gives_the_default_page_and_s
 def test_best_slice_falls_back_on_a_large_gif_that_counts_no_pages(random_weights):
     """A GIF over 1 MP records no page count (n_frames None): the fallback took it for a single
     image and failed the file with 'too many pages', where the plain read gives page 0."""
-    import io
-    from PIL import Image
     rng = np.random.default_rng(0)
     base = (rng.random((1000, 1100)) * 60).astype(np.uint8)
     frames = []
     for k in range(32):   # frames that differ, or Pillow merges them into one
         a = base.copy()
         a[k, :] = 255
-        frames.append(Image.fromarray(a))
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    predictor = Predictor(random_weights)
-    (plain,) = predict_many(predictor, [("big.gif", buf.getvalue())])
-    (best,) = predict_many(predictor, [("big.gif", buf.getvalue())], best_slice=True)
+        frames.append(a)
+    plain, best = plain_and_best(Predictor(random_weights), "big.gif", frames, "GIF")
     assert plain["ok"] and best["ok"], best
     assert best["info"]["frame"] == plain["info"]["frame"] == 0 and "too many pages" in best["info"]["slice_choice"]
