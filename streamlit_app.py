@@ -11,7 +11,7 @@ from core import runtime  # first: process memory settings, before torch is impo
 from core.app_support import (card_threshold, class_wording, current_predictor, default_file_problem,
                               env_weights_problem, follow_model_threshold, hand_threshold_note, home_figures, keep_widget_value,
                               metric_rows, model_choices, model_label, one_source_warning, operating_point_text,
-                              predictor_problem, training_sources)
+                              predictor_problem, reset_threshold, threshold_moved, training_sources)
 from core.inference import load_card
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
@@ -63,13 +63,11 @@ def sidebar() -> None:
                       0.0, 1.0, value=float(state["threshold"]), step=0.001, format="%.3f", key=widget,
                       on_change=keep_widget_value, args=("threshold", widget),
                       help="Lower it to miss fewer tumours at the cost of more false alarms.")
-    if abs(float(state["threshold"]) - default) > 5e-4:   # kept per model: coming back to one brings it back
+    if threshold_moved(state["threshold"], default):   # kept per model: coming back to one brings it back
         st.sidebar.warning(f"Set by hand to {float(state['threshold']):.3f} for this model, not the card's "
                            f"{default:.3f}.", icon=":material/tune:")
     st.sidebar.caption(operating_point_text(card, default))
-    st.sidebar.button("Reset to the card's value", on_click=state.update,
-                      kwargs={"threshold": default,
-                              "_threshold_rev": state.get("_threshold_rev", 0) + 1})
+    st.sidebar.button("Reset to the card's value", on_click=reset_threshold, args=(default,))
 
 
 def home() -> None:

@@ -728,9 +728,10 @@ def untaught_reason(samples: list[D.Sample], idx: dict[str, torch.Tensor], untau
             "near-duplicate group): add images or leave the class out")
 
 
-def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str], say) -> None:
+def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str], say) -> str | None:
     """Refuse, in one sentence (DataError), data a classifier cannot be trained and validated on;
-    warn of tumour types taught only through coarse labels."""
+    warn of tumour types taught only through coarse labels; return (and warn of) the classes that
+    have no validation or test image (`untested_classes_note`)."""
     if len(classes) < 2:
         raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
                          "a classifier needs at least two")
@@ -746,6 +747,41 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
         raise DataError(f"too few images to train, validate and test: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation, {len(idx['test'])} in test (a split groups near "
                          "duplicates; add images, or with --split-from give the data its recorded test files)")
+    if (note := untested_classes_note(samples, idx, classes)):
+        say(f"warning: {note}", flush=True)
+    return note
+
+
+def untested_classes_note(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str]) -> str | None:
+    """The classes with no image in validation or test, in one sentence with why and what it costs;
+    None when every class has both. A class of 1-2 near-duplicate groups all goes to training
+    (`split_by_group`), and a source shipping its own Testing/ folder takes no other test share:
+    such a class trained silently, then had no test figure and dropped out of the macro F1 unannounced."""
+    def exactly(s: D.Sample) -> str | None:   # the one class a label names (a coarse 'tumor' names none of several)
+        try:
+            t = label_targets(s.label, classes)
+        except ValueError:
+            return None
+        return classes[t[0]] if len(t) == 1 else None
+    used = [samples[i] for k in ("train", "val", "test") for i in idx[k].tolist()]
+    parts = []
+    for c in classes:
+        lacks = [name for k, name in (("val", "validation"), ("test", "test"))
+                 if not any(exactly(samples[i]) == c for i in idx[k].tolist())]
+        if not lacks:
+            continue
+        mine = [s for s in used if exactly(s) == c]
+        groups = {s.group for s in mine if s.group}
+        shipped = {s.source for s in samples if s.preset_split == "test"}
+        why = ("its source's own Testing/ folder holds none" if "test" in lacks and {s.source for s in mine} & shipped
+               else f"{len(groups)} near-duplicate group{'s' * (len(groups) != 1)}, and a class needs 3 to be split"
+               if groups and len(groups) < 3 else "the split gave it none")
+        cost = [*(["no test figure (the macro F1 averages the classes tested)"] if "test" in lacks else []),
+                *(["the operating point and calibration never saw it"] if "validation" in lacks else [])]
+        parts.append(f"{c}: {len(mine)} image{'s' * (len(mine) != 1)}, none in {' or '.join(lacks)} ({why}); "
+                     + " and ".join(cost))
+    return ". ".join(parts) + "." if parts else None
+
 
 
 def check_copy_lists(samples: list[D.Sample], lists: list[str], say=print) -> None:
@@ -787,6 +823,38 @@ def open_out_dir(out: Path, resumed: bool, split: dict, say) -> None:
     (out / "split.json").write_text(json.dumps(split))
 
 
+def leave_out(samples: list[D.Sample], images: torch.Tensor, args: argparse.Namespace, sources: list[dict],
+              out: Path, resume: dict | None, say) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Which samples the run uses (a boolean mask) and the near-black slices it drops: files a
+    recorded split does not name, --drop-copies' copies of validation or test images and slices
+    whose head covers less than --min-head are left out (counted on ``args`` for the card)."""
+    head = (images > 25).float().mean(dim=(1, 2, 3))
+    # Files a recorded split (--split-from) does not name are not this run's data: left out of
+    # training, the split record and the data fingerprint alike.
+    split_dir = out if resume else (args.split_from or args.init)
+    record = json.loads((Path(split_dir) / "split.json").read_text()) if split_dir else {}
+    # A resumed run's copies are its split.json's: its lists are not read again (moved or edited since).
+    copies_out = set() if resume else listed_copies_out(
+        samples, args.drop_copies or [], {s["name"] for s in sources if s["weight"] > 0},
+        D.split_roles(record.get("files") or {}))
+    # The copies the recorded split's run left out (this run's own, resumed; or --split-from/--init's)
+    # stay out, and are named so rather than as files the record does not hold.
+    present = {(s.source, s.rel) for s in samples}
+    copies_out |= present & {tuple(x) for x in record.get("dropped_copies") or []}
+    listed = torch.tensor([(s.source, s.rel) in copies_out for s in samples], dtype=torch.bool)
+    unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool) & ~listed
+    args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
+    if args.left_out_record:
+        say(f"{args.left_out_record} files are not in the recorded split: left out", flush=True)
+    if copies_out:
+        say(f"{len(copies_out)} training images are copies of validation or test images (--drop-copies): "
+            "left out of training", flush=True)
+    keep = (head >= args.min_head) & ~unsplit & ~listed
+    dropped = [(s.source, s.rel) for s, k, u, c in zip(samples, keep, unsplit, listed) if not (k or u or c)]
+    args.dropped_copies = sorted(copies_out)
+    return keep, dropped
+
+
 def run(args: argparse.Namespace) -> int:
     if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
         # before any process group or data work: a refusal costs nothing and writes nothing
@@ -815,7 +883,7 @@ def run(args: argparse.Namespace) -> int:
     if rank > 0:
         DD.barrier(world)  # rank 0 fills the image and hash caches and writes split.json first
     samples, skipped = load_samples(sources, args)
-    say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} files skipped", flush=True)
+    say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} skipped", flush=True)   # files or empty folders
     if not args.resume and not args.limit:   # a resume's copies are its split.json's; --limit reads a subset
         check_copy_lists(samples, args.drop_copies or [], say)
     for src, rel, why in skipped[:20]:
@@ -832,30 +900,7 @@ def run(args: argparse.Namespace) -> int:
     # The recorded split is the reference: recomputing it elsewhere can differ (another Pillow
     # moves a few hashes, which reshuffles the group folds). A continued run keeps its parent's.
     method, origin = assign_splits(samples, args, out if resume else None)
-    head = (images > 25).float().mean(dim=(1, 2, 3))
-    # Files a recorded split (--split-from) does not name are not this run's data: left out of
-    # training, the split record and the data fingerprint alike.
-    split_dir = out if resume else (args.split_from or args.init)
-    record = json.loads((Path(split_dir) / "split.json").read_text()) if split_dir else {}
-    # A resumed run's copies are its split.json's: its lists are not read again (moved or edited since).
-    copies_out = set() if resume else listed_copies_out(
-        samples, args.drop_copies or [], {s["name"] for s in sources if s["weight"] > 0},
-        D.split_roles(record.get("files") or {}))
-    # The copies the recorded split's run left out (this run's own, resumed; or --split-from/--init's)
-    # stay out, and are named so rather than as files the record does not hold.
-    present = {(s.source, s.rel) for s in samples}
-    copies_out |= present & {tuple(x) for x in record.get("dropped_copies") or []}
-    listed = torch.tensor([(s.source, s.rel) in copies_out for s in samples], dtype=torch.bool)
-    unsplit = torch.tensor([not s.split for s in samples], dtype=torch.bool) & ~listed
-    args.left_out_record = int(unsplit.sum())   # the card says so: a reused split's own drops are among them
-    if args.left_out_record:
-        say(f"{args.left_out_record} files are not in the recorded split: left out", flush=True)
-    if copies_out:
-        say(f"{len(copies_out)} training images are copies of validation or test images (--drop-copies): "
-            "left out of training", flush=True)
-    keep = (head >= args.min_head) & ~unsplit & ~listed
-    dropped = [(s.source, s.rel) for s, k, u, c in zip(samples, keep, unsplit, listed) if not (k or u or c)]
-    args.dropped_copies = sorted(copies_out)
+    keep, dropped = leave_out(samples, images, args, sources, out, resume, say)
     all_samples, samples = samples, [s for s, k in zip(samples, keep) if k]
     images = images[keep]
     classes = model_classes({s.label for s in samples})
@@ -870,7 +915,7 @@ def run(args: argparse.Namespace) -> int:
                             and (k == "test" or s.source in trained)], dtype=torch.long)
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
-    check_trainable(samples, idx, classes, say)
+    args.untested_classes = check_trainable(samples, idx, classes, say)
     lesions = None
     if args.mask_loss > 0:  # the tumour masks, prepared like the images (in worker processes)
         lesions = E.cache_lesions(samples, spec, workers=args.workers)
@@ -1294,6 +1339,11 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                                                    "(all sources pooled when none has that many)",
                      "val_sensitivity": float(called[is_t].mean()) if is_t.any() else None,
                      "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None}
+        if E.floor_unmet(operating):
+            print(f"warning: the operating point is at its {E.CAP_THRESHOLD} cap, and validation specificity "
+                  f"there is {operating['val_specificity']:.1%} (all sources pooled), under the "
+                  f"{args.min_specificity:.1%} floor: the model does not yet tell tumour-free scans apart",
+                  flush=True)
     threshold = operating.get("threshold")
     uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -1401,6 +1451,8 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                                                     "name, left out (the run that made the split dropped them, "
                                                     "or they are new)"}
                           if getattr(args, "left_out_record", 0) else {}),
+                       **({"classes_not_tested": args.untested_classes}
+                          if getattr(args, "untested_classes", None) else {}),
                        **mixed_groups_note(samples)},
         "metrics": card_metrics(ev),
         "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,

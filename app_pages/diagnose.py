@@ -15,7 +15,8 @@ predictor = app.required_predictor(", so nothing can be predicted")
 threshold = app.session_threshold(predictor)
 st.caption("Research demo, not a medical device: every result needs a clinician's review. "
            "Files are processed in memory and never stored.")
-for warning in filter(None, (app.no_gate_warning(predictor), app.one_source_warning(predictor))):
+for warning in filter(None, (app.no_rule_out_warning(predictor.classes), app.no_gate_warning(predictor),
+                             app.one_source_warning(predictor))):
     st.warning(warning, icon=":material/warning:")
 
 # No type filter: scanner exports often have no extension; the reader goes by content.
@@ -101,12 +102,12 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
     ``pos`` (its place in the batch) keys the widgets: the same scan may come twice. ``shown``:
     a volume's slice and how it was chosen (`pick_slice`)."""
     slice_index = shown[0]
-    row, scan, pred = app.analyse(predictor, name, data, threshold, slice_index, masks.get(name), shown[1])
+    row, scan, pred = app.analyse_upload(predictor, name, data, threshold, slice_index, masks.get(name), shown[1])
     if scan is None:
         st.error(f"**{app.md_name(name)}**: {row['error']}")
         return row
-    if (scan.info.get("n_volumes") or 1) > 1:   # a 4D file: a series in time, or several sequences
-        st.info(f"**{app.md_name(name)}** holds {scan.info['n_volumes']} volumes: {volume_words(scan.info)}. "
+    if (read := volume_words(scan.info)):   # a 4D file: a series in time, or several sequences
+        st.info(f"**{app.md_name(name)}** holds {scan.info['n_volumes']} volumes: {read}. "
                 "Export the volume you mean as its own file to read another.", icon=":material/info:")
     wkey = app.widget_key(pos, name, data)
     left, right = st.columns([1, 2])
@@ -175,7 +176,7 @@ if len(items) > 1:
         st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
         table = batch_table(results)
         tp_format = tp_column_format(results)  # decimals enough to tell each from its threshold
-        st.dataframe(table, hide_index=True, column_config={
+        st.dataframe(table, hide_index=True, placeholder="—", column_config={   # an unreadable file's empty cells
             "slice": st.column_config.TextColumn("slice (numbered from 0)"),
             "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
                                                                   max_value=1),
@@ -187,7 +188,7 @@ if len(items) > 1:
             st.markdown("**DICOM series** (several files of one series, one slice each)")
             st.caption("A tumour called on any slice is a tumour call for the series, however "
                        "clear its other slices look. Slices are named by Instance Number.")
-            st.dataframe(series, hide_index=True, column_config={
+            st.dataframe(series, hide_index=True, placeholder="—", column_config={
                 "highest tumour probability": st.column_config.NumberColumn(format=tp_format)})
 
 if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one

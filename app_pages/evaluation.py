@@ -95,7 +95,7 @@ with t1:
         a, b = st.columns(2)
         a.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
         b.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes, normalise=True), key="cmn")
-        st.dataframe(dash.per_class_table(ev), hide_index=True)
+        st.dataframe(dash.per_class_table(ev), hide_index=True, placeholder="—")
     else:
         st.info(dash.scans_help(ev) or "These labels name no model class: see the false-negative tab.")
 with t2:

@@ -3,7 +3,6 @@ import streamlit as st
 
 from core import app_support as app
 from core import dashboard as dash
-from core.inference import calibration_text
 
 st.title("Model card")
 predictor = app.required_predictor()
@@ -19,6 +18,7 @@ st.markdown(
     "- Not a medical device; never a substitute for a radiologist.\n"
     f"- Knows only these classes: {', '.join(card['classes'])}. Other pathology (metastases, "
     "stroke, haemorrhage...) will be forced into one of them unless flagged.\n"
+    + (f"- {no_rule_out}\n" if (no_rule_out := app.no_rule_out_warning(card['classes'])) else "") +
     "- One 2D slice at a time; no patient history, no other sequences.\n"
     "- Trained on public datasets whose scanners, sequences and populations may differ from "
     "yours; numbers below hold for data like the test split only.")
@@ -27,6 +27,8 @@ st.markdown("#### Data and sources")
 st.dataframe(dash.sources_readable(card), hide_index=True)
 split = card.get("split", {})
 st.markdown(f"**Split**: {dash.split_text(split)}")
+if (untested := (card.get("data_notes") or {}).get("classes_not_tested")):
+    st.warning(f"**Classes with no validation or test image**: {untested}")
 with st.expander("How the split was made"):
     st.write(split.get("method", "n/a"))
 
@@ -35,14 +37,14 @@ if (copies := app.copies_note(predictor.dir)):
     st.caption(copies)
 if (problem := app.eval_problem(predictor.dir)):
     st.warning(problem)
-st.dataframe(dash.metrics_readable(card), hide_index=True)
+st.dataframe(dash.metrics_readable(card), hide_index=True, placeholder="—")
 st.caption("At the card's operating point; '—': not defined for that set (no tumour scans, no tumour-free ones, or "
            "no tumour types). Sensitivity: tumour scans called tumour; specificity: tumour-free scans "
            "called tumour-free; missed with no flag: tumours called 'no tumour' with no referral or "
            "out-of-distribution flag; calibration error (ECE): how far stated probabilities are from observed rates.")
 
 st.markdown("#### How a scan is read and called")
-lines = [("Preprocessing", dash.preprocessing_text(predictor.spec)), ("Calibration", calibration_text(card) + "."),
+lines = [("Preprocessing", dash.preprocessing_text(predictor.spec)), ("Calibration", dash.calibration_line(card)),
          ("Operating point", app.operating_point_text(card, predictor.threshold) if predictor.threshold is not None
           else "none: the top class is the call."), ("Referral", dash.referral_text(card))]
 st.markdown("\n".join(f"- **{k}**: {v}" for k, v in lines))

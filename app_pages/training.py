@@ -27,7 +27,7 @@ if predictor is not None:
 st.subheader("Every model")
 dirs = [str(d) for d in app.model_choices()]
 if dirs:
-    st.dataframe(models_table(dirs), hide_index=True, column_config={
+    st.dataframe(models_table(dirs), hide_index=True, placeholder="—", column_config={
         c: st.column_config.NumberColumn(format="%.3f")
         for c in ("accuracy", "benchmark accuracy", "macro F1", "ECE", "copy-free accuracy",
                   "copy-free benchmark accuracy")})
@@ -35,13 +35,12 @@ if dirs:
                f"its own operating point. {COPIES_NOTE} Rows with different test-set codes were tested on different "
                "images, so a gap between them is not a paired comparison: `python -m core compare A B "
                "--paired` compares two models on the images both were tested on. A yes/no model's benchmark accuracy cells "
-               "stay empty: its two-class accuracy is no figure to rank beside four-class ones. Latency as recorded "
+               "read '—': its two-class accuracy is no figure to rank beside four-class ones. Latency as recorded "
                "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")
 
     st.subheader("Learning curves side by side")
     runs = app.histories(dirs)
-    pre = [n for n in runs if n.startswith("cnn_bn")] or list(runs)[:2]   # the augmentation study's pair
-    chosen = st.multiselect("Runs", list(runs), default=pre,
+    chosen = st.multiselect("Runs", list(runs), default=app.default_runs(runs, predictor),
                             help="e.g. cnn_bn_aug against cnn_bn_noaug: the augmentation study")
     if chosen:
         hist = {n: runs[n] for n in chosen}

@@ -11,7 +11,10 @@ and the system Chromium (as tests/test_browser.py launches it, no browser downlo
 open Diagnose, pick a built-in sample and wait for its prediction and saliency map, upload a
 batch of scans (--batch, default 8, from the benchmark's Training folders) and wait for the
 table, then a zip of zeros that inflates to --zip-mb (default 100 MB: past what a batch's zips
-may add for their weight, `core.archive.unpack_allowance`), then open Evaluation, Training and Model card. Meanwhile the RSS of the server's process
+may add for their weight, `core.archive.unpack_allowance`); then a second visitor, in a new tab
+(a second session beside the first), uploads one NIfTI volume (--volume, default 256 x 256 x 176
+slices, built from one benchmark scan) and waits for its slice profile (a model with tumour
+classes: the profile's marker; --volume none otherwise); then the first opens Evaluation, Training and Model card. Meanwhile the RSS of the server's process
 tree is sampled every --interval seconds (psutil when installed, else /proc).
 
 Prints the exact command and the machine (the server's Python, torch build and Streamlit), then:
@@ -223,6 +226,22 @@ def zeros_zip(path: Path, megabytes: int, member_mb: int = 20) -> Path:
     return path
 
 
+def head_volume(path: Path, shape: tuple[int, int, int]) -> Path:
+    """A NIfTI volume of ``shape`` (x, y, slices; int16, gzipped) built from one benchmark scan,
+    lit along the slices as a head is (the end slices empty): what a whole-volume upload costs,
+    as the Diagnose page reads, scores and profiles every slice. No real volume of that size is in
+    ../shared; the memory does not depend on what the slices show."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+    src = sorted((DATA / "glioma").glob("*.jpg"))[0]
+    plane = np.asarray(Image.open(src).convert("L").resize(shape[:2]), dtype=np.float32)
+    envelope = np.sin(np.linspace(0.0, np.pi, shape[2])) ** 0.5   # dark ends, lit middle
+    vol = (plane.T[:, :, None] * envelope[None, None, :] * 8).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(path))
+    return path
+
+
 def batch_files(n: int) -> list[Path]:
     """``n`` benchmark training images, round-robin over the classes (the same every run)."""
     per = {c: sorted((DATA / c).glob("*.jpg")) for c in CLASSES}
@@ -235,6 +254,15 @@ def batch_files(n: int) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- browser
+def upload(page, paths: list[Path]) -> None:
+    """Add ``paths`` to the Diagnose page's uploader, as a person choosing files would."""
+    dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
+                            "[data-testid='stFileUploadDropzone']").first
+    with page.expect_file_chooser() as chooser:
+        dropzone.click()
+    chooser.value.set_files([str(f) for f in paths])
+
+
 def wait_for_app(page, marker) -> None:
     """``marker`` is shown, the script run is over and nothing is still being drawn."""
     loc = page.get_by_text(marker).first
@@ -247,7 +275,8 @@ def wait_for_app(page, marker) -> None:
 
 
 def drive(url: str, sampler: Sampler, t0: float, sample: str, files: list[Path],
-          timings: dict, pid: int, zip_file: Path | None = None, zip_mb: int = 0) -> None:
+          timings: dict, pid: int, zip_file: Path | None = None, zip_mb: int = 0,
+          volume: Path | None = None) -> None:
     from playwright.sync_api import sync_playwright
     exe = chromium_path()
     with sync_playwright() as pw:
@@ -276,23 +305,28 @@ def drive(url: str, sampler: Sampler, t0: float, sample: str, files: list[Path],
         sampler.mark("sample prediction + saliency")
 
         if files:
-            dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
-                                    "[data-testid='stFileUploadDropzone']").first
-            with page.expect_file_chooser() as chooser:
-                dropzone.click()
-            chooser.value.set_files([str(f) for f in files])
+            upload(page, files)
             page.get_by_text(re.compile(r"^\d+ files, \d+ read$")).first.wait_for(timeout=TIMEOUT_MS)
             wait_for_app(page, "map alone")
             sampler.mark(f"batch of {len(files)} uploads")
 
         if zip_file:   # what a small zip that inflates far costs the server (core.archive's cap)
-            dropzone = page.locator("[data-testid='stFileUploaderDropzone'], "
-                                    "[data-testid='stFileUploadDropzone']").first
-            with page.expect_file_chooser() as chooser:
-                dropzone.click()
-            chooser.value.set_files([str(zip_file)])
+            upload(page, [zip_file])
             wait_for_app(page, re.compile(r"^\d+ files, \d+ read$"))
             sampler.mark(f"zip of {zip_file.stat().st_size // 1024} kB inflating to {zip_mb} MB")
+
+        if volume:   # a second visitor, the first one's session still held: one volume alone, each
+            # slice read and scored, its profile drawn (a tumour-class model: its marker; else --volume none)
+            second = browser.new_page(viewport={"width": 1400, "height": 2200})
+            second.set_default_timeout(TIMEOUT_MS)
+            second.goto(url, timeout=TIMEOUT_MS)
+            wait_for_app(second, "Pages")
+            second.get_by_test_id("stSidebarNav").get_by_text("Diagnose", exact=True).click()
+            wait_for_app(second, "Upload scans")
+            upload(second, [volume])
+            wait_for_app(second, "Tumour probability across the slices")
+            sampler.mark(f"second session: volume of {volume.stat().st_size // 1024} kB")
+            second.close()
 
         nav = page.get_by_test_id("stSidebarNav")
         for link, marker in (("Evaluation", "Tumours missed"), ("Training", "Every model"),
@@ -307,6 +341,19 @@ def drive(url: str, sampler: Sampler, t0: float, sample: str, files: list[Path],
 
 
 # ----------------------------------------------------------------------------- main
+def volume_shape(text: str) -> tuple[int, int, int] | None:
+    """'256x256x176' -> (256, 256, 176); 'none' -> None."""
+    if text == "none":
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 256x256x176, nor none")
+    return shape
+
+
 def _terminated(signum, frame):
     raise SystemExit(f"stopped by signal {signum}")
 
@@ -323,6 +370,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="scans to upload at once (0: none)")
     p.add_argument("--zip-mb", type=int, default=100,
                    help="then upload a zip inflating to this many MB of zeros (0: none)")
+    p.add_argument("--volume", default="256x256x176", type=volume_shape,
+                   help="then, in a second session, upload a NIfTI volume of this shape (x, y, slices) "
+                        "(none: no volume)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between RSS samples")
     p.add_argument("--idle", type=float, default=5.0, help="seconds idle at the end (steady RSS)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -370,7 +420,8 @@ def main(argv=None) -> int:
         timings["server_healthy_s"] = round(time.time() - t0, 2)
         sampler.mark("server healthy")
         zip_file = zeros_zip(Path(tempfile.mkdtemp()) / "zeros.zip", a.zip_mb) if a.zip_mb else None
-        drive(url, sampler, t0, a.sample, files, timings, proc.pid, zip_file, a.zip_mb)
+        volume = head_volume(Path(tempfile.mkdtemp()) / "head.nii.gz", a.volume) if a.volume else None
+        drive(url, sampler, t0, a.sample, files, timings, proc.pid, zip_file, a.zip_mb, volume)
         time.sleep(a.idle)
         sampler.mark("idle")
     except (Exception, KeyboardInterrupt, SystemExit) as e:  # SIGTERM too: report what we have

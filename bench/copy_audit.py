@@ -243,20 +243,25 @@ def _chunks(pairs_kinds, n):
 INVERSE = (0, 1, 6, 3, 4, 5, 2, 7)   # dihedral(dihedral(a, k), INVERSE[k]) is a
 
 
+def pool(a: np.ndarray, f: int) -> np.ndarray:
+    """Each f x f block's mean: a coarse feature of a stack of crops."""
+    n, h, w = a.shape
+    return a.reshape(n, h // f, f, w // f, f).mean((2, 4))
+
+
+def znorm(a: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit length: their dot products are correlations."""
+    a = a.reshape(len(a), -1).astype(np.float32)
+    a = a - a.mean(1, keepdims=True)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-6)
+
+
 def candidates(crops, eq, tr, te, group=None):
     """{(test index, train index): set of dihedral kinds} proposed by any coarse feature.
 
     ``group`` (the all-pairs audit, ``tr`` and ``te`` then the same images): each image's group
     under the project's own check; pairs within one group (an image and itself included) are
     not proposed, and each pair is keyed once, lower index first, its kinds turned to match."""
-    def pool(a, f):
-        n, h, w = a.shape
-        return a.reshape(n, h // f, f, w // f, f).mean((2, 4))
-
-    def znorm(a):
-        a = a.reshape(len(a), -1).astype(np.float32)
-        a = a - a.mean(1, keepdims=True)
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-6)
     feats = {"plain32": pool(crops, 2), "eq32": pool(eq, 2),
              "eqblur32": ndimage.gaussian_filter(pool(eq, 2), (0, 1, 1)), "plain16": pool(crops, 4)}
     cand = defaultdict(set)

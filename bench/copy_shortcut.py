@@ -25,7 +25,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
-from bench.copy_audit import audit_files, crops64, dihedral  # noqa: E402
+from bench.copy_audit import audit_files, crops64, dihedral, pool, znorm  # noqa: E402
 from core import data as D  # noqa: E402
 from core.data import patient_id, read_copy_pairs  # noqa: E402
 from core.evaluation import copies_trained_on, read_copy_list  # noqa: E402
@@ -33,17 +33,6 @@ from core.inference import default_weights, load_card  # noqa: E402
 from core.ood import read_split_file, source_roots  # noqa: E402
 
 THRESHOLDS = (0.90, 0.92, 0.94, 0.95, 0.96, 0.97)
-
-
-def znorm(a: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1).astype(np.float32)
-    a = a - a.mean(1, keepdims=True)
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-6)
-
-
-def pool(a: np.ndarray, f: int) -> np.ndarray:
-    n, h, w = a.shape
-    return a.reshape(n, h // f, f, w // f, f).mean((2, 4))
 
 
 def main(argv=None) -> int:

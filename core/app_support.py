@@ -27,13 +27,13 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, SEEN_TEXT)
-from .labels import TUMOUR, NO_TUMOUR, normalise_label, tumour_classes
+from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, normalise_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
-from .report import SALIENCY_CAVEAT, shown_path, unique_names  # the upload batch names files as the report does
+from .report import saliency_caveat, shown_path, unique_names  # the upload batch names files as the report does
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
                      read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
@@ -176,6 +176,12 @@ def no_gate_warning(predictor: Predictor, choices: list[Path] | None = None) -> 
     return text + f" Prefer {load_card(gated).get('name', Path(gated).name)}, which has one."
 
 
+def no_rule_out_warning(classes: list[str]) -> str | None:
+    """The standing warning for a model whose every class is a tumour type (None otherwise): it
+    calls a healthy scan one of them, and nothing on the page said so."""
+    return f"**Cannot rule a tumour out**: {text}" if (text := cannot_rule_out(classes)) else None
+
+
 def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) -> str | None:
     """The standing warning for a model that learnt from one collection only (None otherwise),
     naming the model of ``choices`` that learnt from the most."""
@@ -183,8 +189,10 @@ def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) 
     if len(sources) != 1:
         return None
     text = (f"**Trained on one collection only ({sources[0]})**: it learnt that collection's look and was "
-            "never tested on scans from other hospitals. Such models call most tumour scans of other "
-            "collections 'no tumour', without a flag (docs/generalisation.md).")
+            "never tested on scans from other hospitals. "
+            + ("Such models call most tumour scans of other collections 'no tumour', without a flag "
+               "(docs/generalisation.md)." if NO_TUMOUR in predictor.card.get("classes", [NO_TUMOUR]) else
+               "Its calls on scans of other collections are untested."))
     cards = [(Path(d), load_card(d)) for d in (model_choices() if choices is None else choices)]
     best = max(cards, key=lambda dc: len(training_sources(dc[1])), default=None)
     if best is None or len(training_sources(best[1])) <= 1:
@@ -222,10 +230,22 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
     return figures, note + "."
 
 
+def threshold_moved(threshold: float | None, card_point: float | None) -> bool:
+    """Whether the sidebar's operating point differs from the card's: by more than the slider's
+    step can leave from rounding."""
+    return threshold is not None and card_point is not None and abs(float(threshold) - card_point) > 5e-4
+
+
+def reset_threshold(card_point: float) -> None:
+    """The sidebar's reset: the card's point, on a fresh slider (a new key: Streamlit keeps a
+    widget's own value otherwise)."""
+    st.session_state.update(threshold=card_point, _threshold_rev=st.session_state.get("_threshold_rev", 0) + 1)
+
+
 def hand_threshold_note(predictor: Predictor, threshold: float | None) -> str | None:
     """Home's figures are at the card's operating point; when the sidebar's differs, say so and
     where the figures at it are (a clinician moved it to 1.000 and Home still read 98.5 %)."""
-    if threshold is None or predictor.threshold is None or abs(float(threshold) - predictor.threshold) <= 5e-4:
+    if not threshold_moved(threshold, predictor.threshold):
         return None
     return (f"The sidebar's operating point is set by hand to {float(threshold):.3f}; the figures above are at "
             f"the card's {predictor.threshold:.3f}. The Diagnose and Evaluation pages use yours: the "
@@ -252,16 +272,16 @@ def operating_point_text(card: dict, default: float) -> str:
     text += f", aiming at sensitivity {target:.0%} on validation"
     if sens is None:
         return text + "."
-    from .engine import CAP_THRESHOLD
+    from .engine import CAP_THRESHOLD, floor_unmet
     floor = op.get("min_specificity")
-    capped = bool(sens < target and floor and default >= CAP_THRESHOLD and spec is not None and spec < floor)
+    capped = floor_unmet({**op, "threshold": default})
     # the numbers a sentence compares are written apart (96.96 % against a 97.00 % floor)
     spec_s, floor_s = apart(spec, floor, 1, True) if capped else (f"{spec:.1%}" if spec is not None else "", "")
     text += f"; reached {sens:.1%}" + (f" at specificity {spec_s}" if spec is not None else "")
     if capped:
-        # pick_threshold never goes above the cap: the floor pushed the threshold there
-        text += (f" (a specificity floor of {floor_s} in every source raised the threshold to its "
-                 f"{CAP_THRESHOLD} cap; even there some source's validation specificity stays below it)")
+        # pick_threshold never goes above the cap: there, the floor is still not met
+        text += (f" (the specificity floor of {floor_s} in every source is not met: even at the threshold's "
+                 f"{CAP_THRESHOLD} cap some source's validation specificity stays below it)")
     elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
         text += (f" (a tumour called {_or_list(others)} is missed at any threshold"
@@ -495,6 +515,20 @@ def histories(dirs: list[str | Path]) -> dict[str, list[dict]]:
     return {model_label(d): h for d in dirs if (h := load_history(d))}
 
 
+def default_runs(runs: dict[str, list[dict]], predictor: Predictor | None) -> list[str]:
+    """The runs the side-by-side curves open on: the loaded model, then the model it was
+    fine-tuned from when that is shipped too, else the augmentation study's pair (cnn_bn with and
+    without augmentation). Names as `histories` gives them."""
+    study = [n for n in runs if n.startswith("cnn_bn")]
+    if predictor is None:
+        return study or list(runs)[:2]
+    own = model_label(predictor.dir)
+    parent = ((predictor.card.get("training") or {}).get("init") or {}).get("from")
+    parent = model_label(resolve_weights(parent)) if parent and resolve_weights(parent).is_dir() else None
+    pick = [own] + ([parent] if parent in runs else study)
+    return list(dict.fromkeys(n for n in pick if n in runs))
+
+
 def loss_note(training: dict) -> str | None:
     """Why the training loss can sit above the validation loss without underfitting."""
     if not finite_number(training.get("label_smoothing")) or not training["label_smoothing"]:
@@ -664,7 +698,7 @@ def volume_slices(data: bytes, name: str) -> tuple[int, int]:
     or a raw DICOM uploaded without its suffix was shown as one image, while the report and the
     CLI read it as a stack; and the default is the reader's, so the page and the CLI show one slice."""
     try:
-        info = cached_scan(data, name, item_key(name, data)).info   # the read `analyse` reuses
+        info = cached_scan(data, name, item_key(name, data)).info   # the read `analyse_upload` reuses
         if info.get("n_frames", 1) is None:   # a large GIF, whose pages read_scan does not count
             return max(1, len(read_volume_slices(data, name))), 0
     except Exception:
@@ -1143,8 +1177,7 @@ def class_control(method: str) -> dict:
 
 
 def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Prediction,
-                   slice_index: int | None = None, compact: bool = False,
-                   mask: bytes | None = None, widget_key: str | None = None) -> None:
+                   slice_index: int | None = None, mask: bytes | None = None, widget_key: str | None = None) -> None:
     """Method, target class and opacity controls; overlay and raw map side by side.
 
     ``key`` caches the maps (content: the same file twice computes once); ``widget_key``
@@ -1165,21 +1198,18 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
     @st.fragment
     def panel() -> None:
         wkey = f"{widget_key or key}-{slice_index}"
-        if compact:
-            method, target, opacity = first, explained, 0.45
-        else:
-            c1, c2, c3 = st.columns(3)
-            method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
-                                  key=f"m-{wkey}", on_change=_drop_report, help=saliency_choice_help(predictor.card))
-            if st.session_state.pop("_report_dropped", False):
-                st.rerun()   # the report's download buttons lie outside this fragment: take them down
-            others = [c for c in predictor.classes if c != explained]
-            # keyed by the call too: a call moved by the operating point is explained afresh
-            target = c2.selectbox("Explain class", [explained, *others], key=f"t-{wkey}-{predicted}",
-                                  format_func=lambda c: f"{c} (predicted)" if c == predicted else
-                                  f"{c} (likeliest tumour)" if c == explained else c,
-                                  **class_control(method))
-            opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key=f"o-{wkey}")
+        c1, c2, c3 = st.columns(3)
+        method = c1.selectbox("Saliency method", list(METHODS), index=list(METHODS).index(first),
+                              key=f"m-{wkey}", on_change=_drop_report, help=saliency_choice_help(predictor.card))
+        if st.session_state.pop("_report_dropped", False):
+            st.rerun()   # the report's download buttons lie outside this fragment: take them down
+        others = [c for c in predictor.classes if c != explained]
+        # keyed by the call too: a call moved by the operating point is explained afresh
+        target = c2.selectbox("Explain class", [explained, *others], key=f"t-{wkey}-{predicted}",
+                              format_func=lambda c: f"{c} (predicted)" if c == predicted else
+                              f"{c} (likeliest tumour)" if c == explained else c,
+                              **class_control(method))
+        opacity = c3.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key=f"o-{wkey}")
         try:
             cam = cached_saliency(predictor, scan, key, method, target, slice_index)
         except Exception as e:
@@ -1194,7 +1224,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
             else f"for '{target}'"
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
-        st.caption(SALIENCY_CAVEAT)
+        st.caption(saliency_caveat(predictor.classes))
         if frame is not None:
             st.caption(f"Magenta outline: the uploaded tumour mask; {mask_note(cam, frame)}.")
         elif mask is not None and slice_index is not None:
@@ -1207,7 +1237,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
     panel()
 
 
-def analyse(predictor: Predictor, name: str, data, threshold: float | None,
+def analyse_upload(predictor: Predictor, name: str, data, threshold: float | None,
             slice_index: int | None = None, mask: bytes | None = None,
             slice_choice: str | None = None) -> tuple[dict, ScanImage | None, Prediction | None]:
     """Read and predict one upload (cached); a failure becomes an error row, never an exception.
@@ -1358,7 +1388,7 @@ def analyse_batch(predictor: Predictor, items: list[tuple[str, object]], thresho
     at the slice last shown of it (the reader's default until then), as the report reads it."""
     slices = {k: remembered_slice(widget_key(k, name, data), predictor, data, name)
               for k, (name, data) in enumerate(items)}
-    rows = [analyse(predictor, name, data, threshold, slices[k][0], masks.get(name), slices[k][1])[0]
+    rows = [analyse_upload(predictor, name, data, threshold, slices[k][0], masks.get(name), slices[k][1])[0]
             for k, (name, data) in enumerate(items)]
     return slices, rows
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from .report import printable_path
 
 
@@ -185,10 +185,25 @@ def _writable_file(path: str) -> Path:
     return Path(path)
 
 
-def _print_skipped(errors: list[dict]) -> None:
-    for e in errors:
-        where = f"{e['source']}: " if "source" in e else ""
-        print(f"skipped {where}{printable_path(e['file'])}: {e['error']}", file=sys.stderr)
+def _print_skipped(errors: list[dict], most: int = 3) -> None:
+    """One line per skipped file, but one per folder for more than ``most`` of one folder skipped
+    for one reason: a yes/no folder against a three-type model printed 120 identical lines. The
+    JSON keeps every file."""
+    groups: dict[int | tuple, list[dict]] = {}
+    for k, e in enumerate(errors):
+        folder = str(PurePosixPath(e["file"]).parent)
+        # a skipped folder ('astro/'), or a file loose at the root, is named on its own line
+        alone = e["file"].endswith("/") or folder == "."
+        groups.setdefault(k if alone else (e.get("source"), folder, e["error"]), []).append(e)
+    for files in groups.values():
+        first = files[0]
+        where = f"{first['source']}: " if "source" in first else ""
+        if len(files) > most:
+            folder = str(PurePosixPath(first["file"]).parent)
+            print(f"skipped {where}{printable_path(folder)}/ ({len(files)} files): {first['error']}", file=sys.stderr)
+            continue
+        for e in files:
+            print(f"skipped {where}{printable_path(e['file'])}: {e['error']}", file=sys.stderr)
 
 
 # the trust figures too: accuracy and tumours missed count every scan, refused ones included, so
@@ -230,7 +245,10 @@ def cmd_predict(args) -> int:
     from .evaluation import json_text
     from .inference import iter_predictions
     from .report import call_of, series_lines, text_line
+    from .labels import cannot_rule_out
     pred = _predictor(args.weights)
+    if (note := cannot_rule_out(pred.classes)):   # stderr: stdout stays one line per file
+        print(f"note: {note}", file=sys.stderr)
     read_kw = {} if args.slice is None else {"slice": args.slice}
     results = []
     for r in iter_predictions(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw):

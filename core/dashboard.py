@@ -539,10 +539,22 @@ CAPTURE_RULES = ("With or without a gate, a scan is also refused when a reader's
                  "marks as lesions, and one slice at a time.")
 
 
+# each part of a gate's method in plain words (the Model card named `cnn+head+colour` and no more)
+GATE_PARTS = {"cnn": "a small network trained to tell brain MRI slices from other images",
+              "head": "a check on the classifier's own features, trained the same way",
+              "colour": "a rule refusing colour images",
+              "mahalanobis": "the distance of the classifier's features from the training scans'",
+              "knn": "the distance of the classifier's features from their nearest training scans'",
+              "energy": "how strongly the classifier answers at all (its logits' energy)",
+              "maxprob": "the classifier's top probability"}
+
+
 def ood_summary(ood: dict) -> str:
     """The gate in sentences, from its card section; a measurement the card lacks is left out."""
-    text = (f"Method `{ood.get('method', 'n/a')}`. Flags at most 2 % of each source's "
-            "validation MRI.")
+    method = ood.get("method", "n/a")
+    parts = [GATE_PARTS[m] for m in method.split("+") if m in GATE_PARTS]
+    text = (f"Method `{method}`" + (f" ({'; '.join(parts)})" if parts else "")
+            + ". Flags at most 2 % of each source's validation MRI.")
     measured = ood.get("measured") or {}
     flagged = readable(measured.get("test_mri_flagged_pct"), " %")
     if flagged:
@@ -584,8 +596,18 @@ def sources_readable(card: dict) -> pd.DataFrame:
 def preprocessing_text(spec: dict) -> str:
     """The card's preprocessing in one sentence."""
     crop = "cropped to the head, " if spec.get("crop", "head") == "head" else ""
-    return (f"Read as grey ({spec.get('grey', 'luminance')}); {crop}resized to {spec.get('size')} x "
-            f"{spec.get('size')} px; scaled by mean {spec.get('mean')} and standard deviation {spec.get('std')}.")
+    return (f"Read as greyscale (the card's rule: {spec.get('grey', 'luminance')}); {crop}resized to "
+            f"{spec.get('size')} x {spec.get('size')} px; intensities normalised with mean {spec.get('mean')} "
+            f"and standard deviation {spec.get('std')}, as in training.")
+
+
+def calibration_line(card: dict) -> str:
+    """`calibration_text` for the Model card, with what temperature scaling does in plain words
+    (the PDF's one-line cell keeps the short form)."""
+    from .inference import calibration_text, temperature
+    return calibration_text(card) + "." + (
+        " Temperature scaling: one number, fitted on the validation scans, rescales the model's scores so "
+        "that a stated 80 % is right about 80 % of the time." if temperature(card) is not None else "")
 
 
 def referral_text(card: dict) -> str:

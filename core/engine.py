@@ -34,8 +34,7 @@ def cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Pat
     """Where `kind` (images, lesions) of these files under this spec are cached. Each file's
     size and modification time are part of the key: a file replaced under the same name (a
     re-exported dataset) must not be trained on as its old pixels."""
-    stamps = "|".join(f"{s.path}:{st.st_size}:{st.st_mtime_ns}" for s in samples
-                      for st in (os.stat(s.path),))
+    stamps = "|".join(_stamp(s.path) for s in samples)
     if kind == "lesions":  # a corrected, added or removed mask must not train as the old one
         from .saliency import mask_path_for
         stamps += "|masks|" + "|".join(_stamp(mask_path_for(s.path)) for s in samples)
@@ -43,7 +42,8 @@ def cache_path(kind: str, samples: list[Sample], spec: dict, suffix: str) -> Pat
     return HASH_CACHE.parent / f"{kind}-{key.hexdigest()[:16]}{suffix}"
 
 
-def _stamp(path: Path | None) -> str:
+def _stamp(path: str | Path | None) -> str:
+    """'path:size:mtime': a file's identity in a cache key ('-' for no file)."""
     if path is None:
         return "-"
     st = os.stat(path)
@@ -781,6 +781,15 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
 
 # The operating point never rises above even odds: a tumour more likely than not is flagged.
 CAP_THRESHOLD = 0.5
+
+
+def floor_unmet(operating_point: dict) -> bool:
+    """Whether a card's operating point sits at the cap with some validation specificity still under
+    its floor (`pick_threshold` never goes higher): the floor is not met, whatever the sensitivity
+    reached. A binary model on 60 scans read 'reached 100 % at specificity 0 %' and no more."""
+    op = operating_point or {}
+    floor, spec, thr = op.get("min_specificity"), op.get("val_specificity"), op.get("threshold")
+    return bool(floor and spec is not None and thr is not None and thr >= CAP_THRESHOLD and spec < floor)
 
 
 def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float,

@@ -32,7 +32,6 @@ def prediction_record(file: str, source: str, label: str, p) -> dict:
 
 
 def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold: float | None,
-                       flags: list[dict] | None = None,
                        referral: ReferralRule | None = None) -> list[dict]:
     """One record per image: file, source, label, pred, probs and the flags.
 
@@ -50,15 +49,12 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
     for i, s in enumerate(samples):
         # a typed tumour scored by a tumour/no-tumour model is a 'tumor' (as score_labelled does)
         label = TUMOUR if folds_types(classes) and s.label in FINE_TUMOURS else s.label
-        rec = {"file": s.rel, "source": s.source, "label": label, "pred": classes[pred[i]],
+        out.append({"file": s.rel, "source": s.source, "label": label, "pred": classes[pred[i]],
                "probs": {c: float(v) for c, v in zip(classes, probs[i])},
                "tumour_probability": None if t_prob is None else _stored_tumour_probability(float(t_prob[i]), threshold),
                "confidence": float(probs[i, pred[i]]), "uncertain": bool(unc[i]),
                "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None,
-               "ood_reason": None, "threshold": threshold}
-        if flags:
-            rec.update(flags[i])
-        out.append(rec)
+               "ood_reason": None, "threshold": threshold})
     return out
 
 
@@ -565,9 +561,9 @@ def _folded_to_binary(records: list[dict]) -> list[dict]:
     return [{**r, "label": TUMOUR} if is_tumour_label(r["label"]) else r for r in records]
 
 
-def evaluate_dir(predictor: Predictor, data_dir: str | Path, progress: Callable[[float], None] | None = None) -> dict:
+def evaluate_dir(predictor: Predictor, data_dir: str | Path) -> dict:
     """Evaluate any class-per-folder directory with a loaded `Predictor`."""
-    records, errors, evaluated = _predict_dir(predictor, data_dir, None, progress)
+    records, errors, evaluated = _predict_dir(predictor, data_dir, None)
     ev = score_labelled(records, predictor.classes, predictor.threshold, errors)
     ev.update(errors=errors, model=predictor.name, evaluated=evaluated)
     return ev
@@ -616,8 +612,8 @@ def source_names(data_dirs: list[str | Path]) -> list[str]:
     return out
 
 
-def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
-                 progress: Callable[[float], None] | None = None) -> tuple[list[dict], list[dict], str]:
+def _predict_dir(predictor: Predictor, data_dir: str | Path,
+                 source: str | None) -> tuple[list[dict], list[dict], str]:
     """(records, errors, which images were evaluated) of one directory; records of scorable images only."""
     from .data import MASK_BESIDE_SCAN, discover, one_folder_note, split_of, typed_inside_coarse_note, untyped_tumour_note
     from .reader import ScanError, file_fault_error, read_scan
@@ -639,7 +635,7 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
     samples = [s for s in samples if scorable(s.label, predictor.classes)]
     if not samples:
         raise NothingToScore("no image is in a folder that names a class of this model", errors)
-    for k, s in enumerate(samples):
+    for s in samples:
         try:
             p = predictor.predict_scan(read_scan(s.path, s.rel))
         except ScanError as e:
@@ -649,8 +645,6 @@ def _predict_dir(predictor: Predictor, data_dir: str | Path, source: str | None,
             errors.append({"file": s.rel, "error": file_fault_error(e)})
             continue
         records.append(prediction_record(s.rel, s.source, s.label, p))
-        if progress:
-            progress((k + 1) / len(samples))
     if not records:
         raise NothingToScore(f"none of the {len(samples)} image files under {data_dir} could be read",
                              errors)

@@ -185,6 +185,8 @@ def cam_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return store["f"], logits
 
 
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pooled features before the classifier (for feature-density out-of-distribution scores)."""
-    return cam_features(model, x)[0].mean(dim=(2, 3))
+def pooled_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled features before the classifier, logits) in one pass: what the feature-density
+    out-of-distribution scores and the gate's feature head read."""
+    f, logits = cam_features(model, x)
+    return f.mean(dim=(2, 3)), logits

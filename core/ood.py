@@ -10,7 +10,7 @@ standardised score where larger means "less like brain MRI":
 - ``head``: outlier exposure on the main model's own pooled features (`FeatureHead`), which
   fails on other kinds of image than ``cnn`` (the default model ships ``cnn+head+colour``);
 - ``mahalanobis`` / ``knn`` / ``energy`` / ``maxprob``: densities or confidences of the main
-  model (pooled features from `core.models.penultimate`, or its logits).
+  model (pooled features from `core.models.pooled_features`, or its logits).
 
 The gate's ``ood_score`` is the largest standardised component score minus one threshold set so
 that at most ``fpr`` (2 %) of the validation slices of *every* source are flagged; it is > 0
@@ -330,12 +330,12 @@ def net_scores(net: GateNet, small: torch.Tensor, batch_size: int = 512) -> np.n
 def features_and_logits(model: nn.Module, main: torch.Tensor, spec: dict,
                         batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Pooled penultimate features and logits of the classifier, in one forward pass per batch."""
-    from .models import cam_features
+    from .models import pooled_features
     model.eval()
     feats, logits = [], []
     for c in main.split(batch_size):
-        f, z = cam_features(model, normalise(c.float().div(255), spec))
-        feats.append(f.mean(dim=(2, 3)).float())
+        f, z = pooled_features(model, normalise(c.float().div(255), spec))
+        feats.append(f.float())
         logits.append(z.float())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
@@ -495,7 +495,7 @@ class FeatureTap:
 
     `Predictor` runs ``model(x)`` just before ``gate.check(scan, x, model)``; re-running the
     model for its features would double the cost, so a forward hook keeps them and ``check``
-    reuses them when the input is the very same tensor (otherwise it runs `penultimate`).
+    reuses them when the input is the very same tensor (otherwise it runs the model once more).
     """
 
     def __init__(self):

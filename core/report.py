@@ -57,7 +57,12 @@ from .referral import ReferralRule, at_threshold, call_note
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
 # on the page and in the report: a red spot on a 'no tumour' map read as a suspected lesion
 SALIENCY_CAVEAT = ("A saliency map shows which pixels moved the model's score for the class explained, not "
-                   "the extent of a lesion; a map for 'no tumour' marks what spoke against a tumour.")
+                   "the extent of a lesion")
+
+
+def saliency_caveat(classes: list[str]) -> str:
+    """What a map is and is not, for a model with these classes (a 'no tumour' map only where there is one)."""
+    return SALIENCY_CAVEAT + ("; a map for 'no tumour' marks what spoke against a tumour." if NO_TUMOUR in classes else ".")
 DISPLAY_PX = 384  # the model's crop redone at this size, so the pictures print sharp
 PDF_MIME, CSV_MIME = "application/pdf", "text/csv"
 
@@ -943,7 +948,7 @@ def _below_images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     pdf.ln(1)
     pdf.font(7.5, False, MUTED)
     pdf.multi_cell(0, 3.6, pdf.t(
-        "Probabilities are the model's calibrated estimates, not a diagnosis. " + SALIENCY_CAVEAT),
+        "Probabilities are the model's calibrated estimates, not a diagnosis. " + saliency_caveat(ctx.classes)),
         new_x="LMARGIN", new_y="NEXT")
 
 

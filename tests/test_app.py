@@ -118,6 +118,7 @@ def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
     table = app.dataframe[0].value
     assert list(table["file"]) == ["first.jpg", "broken.jpg", "third.jpg"]
     assert table["flags"][1].startswith("error:") and table["prediction"][0] in CLASSES
+    assert app.dataframe[0].proto.placeholder == "—"   # its empty number cells: not a grey "None"
     assert any(b.label.startswith("Download the table") for b in app.get("download_button"))
 
 

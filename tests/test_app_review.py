@@ -322,8 +322,11 @@ def test_readable_card_values():
     assert readable({"train": 3996, "val": 855}) == "train 3996, val 855"
     assert readable({"benchmark": 0.35, "lgg": 1.0}, " %") == "benchmark 0.35 %, lgg 1 %"
     assert readable(None) is None and readable({}) is None and readable({"a": None}) is None
-    assert ood_summary({"method": "knn"}) == ("Method `knn`. Flags at most 2 % of each source's "
-                                              "validation MRI.")
+    assert ood_summary({"method": "knn"}) == ("Method `knn` (the distance of the classifier's features from "
+                                              "their nearest training scans'). Flags at most 2 % of each "
+                                              "source's validation MRI.")
+    assert "(a small network trained to tell brain MRI slices from other images; a check on the classifier's" \
+        in ood_summary({"method": "cnn+head+colour"})
     full = ood_summary({"method": "knn", "measured": {"test_mri_flagged_pct": {"lgg": 1.15}},
                         "held_out_estimate": {"non_brain_mean_pct": 93.5, "non_brain_min_pct": 46.5}})
     assert "lgg 1.15 %" in full and "mean 93.5 %, worst 46.5 %" in full
@@ -558,6 +561,20 @@ def test_a_torn_history_leaves_the_training_page_standing(tmp_path):
     plain = app_support.loss_note({"label_smoothing": 0.1, "augmentation": {"strength": 0.0}})
     assert "augmented" not in plain and "label smoothing 0.1" in plain
     assert "on augmented images" in app_support.loss_note({"label_smoothing": 0.1, "augmentation": {"strength": 1.0}})
+
+
+def test_side_by_side_curves_open_on_the_loaded_model_and_its_parent(tmp_path):
+    """They opened on the augmentation study's cnn_bn pair whatever model was loaded."""
+    runs = {n: [{"epoch": 1}] for n in ("cnn_bn_aug", "cnn_bn_noaug", "child", "parent")}
+    for name, card in (("parent", {"name": "parent"}),
+                       ("child", {"name": "child", "training": {"init": {"from": str(tmp_path / "parent")}}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps(card))
+    loaded = SimpleNamespace(dir=tmp_path / "child", card=json.loads((tmp_path / "child" / "card.json").read_text()))
+    assert app_support.default_runs(runs, loaded) == ["child", "parent"]
+    no_parent = SimpleNamespace(dir=tmp_path / "parent", card={"name": "parent"})
+    assert app_support.default_runs(runs, no_parent) == ["parent", "cnn_bn_aug", "cnn_bn_noaug"]
+    assert app_support.default_runs(runs, None) == ["cnn_bn_aug", "cnn_bn_noaug"]
 
 
 def test_a_zero_one_mask_is_outlined_like_a_zero_255_one():
@@ -946,10 +963,10 @@ def test_the_batch_table_flags_a_call_its_mask_contradicts():
     lesion[h // 3: h // 2, w // 3: w // 2] = 255
     buf = io.BytesIO()
     Image.fromarray(lesion).save(buf, "PNG")
-    row, _, pred = app_support.analyse(predictor, f.name, data, predictor.threshold, None, buf.getvalue())
+    row, _, pred = app_support.analyse_upload(predictor, f.name, data, predictor.threshold, None, buf.getvalue())
     assert pred.pred == "notumor" and row["mask_contradicts"] is True
     assert "mask contradicts call" in batch_table([row])["flags"][0]
-    plain, _, _ = app_support.analyse(predictor, f.name, data, predictor.threshold)
+    plain, _, _ = app_support.analyse_upload(predictor, f.name, data, predictor.threshold)
     assert "mask_contradicts" not in plain and "mask" not in batch_table([plain])["flags"][0]
 
 
@@ -1012,7 +1029,7 @@ def test_the_table_its_csv_and_the_report_say_which_slice_and_how_it_was_chosen(
     (k, how, _), = [v for v in best.values() if v[1]]   # (slice, how, the model that chose it)
     assert how == BEST_SLICE and app.dataframe[0].value["slice"][0] == f"slice {k} of 5, chosen as {BEST_SLICE}"
     predictor = app_support.load_predictor(app.session_state["weights_dir"])
-    row = app_support.analyse(predictor, "vol.nii", nii, predictor.threshold, k, None, how)[0]
+    row = app_support.analyse_upload(predictor, "vol.nii", nii, predictor.threshold, k, None, how)[0]
     (line,) = list(csv.DictReader(io.StringIO(app_support.results_csv([row], predictor).decode("utf-8-sig"))))
     assert (line["slice"], line["slice_choice"]) == (str(k), BEST_SLICE)
     assert line["threshold"] and line["model"] and len(line["file_sha256"]) == 64

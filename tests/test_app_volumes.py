@@ -27,7 +27,7 @@ def test_a_frame_read_alone_carries_its_volume_head_share(random_weights):
     assert row["ok"] and row["info"]["frame"] == 0 and row["info"]["head_share"] < 0.2
     (row,) = predict_many(predictor, [("v.dcm", data)])   # the middle frame, by default
     assert row["info"]["frame"] == 1 and row["info"]["head_share"] > 0.95
-    page_row, _, pred = app_support.analyse(predictor, "v.dcm", data, predictor.threshold, slice_index=0)
+    page_row, _, pred = app_support.analyse_upload(predictor, "v.dcm", data, predictor.threshold, slice_index=0)
     assert pred.info["head_share"] < 0.2 and page_row["info"]["head_share"] == pred.info["head_share"]
     report = analyse_one("v.dcm", data, predictor, frame=0)
     assert report.prediction.info["head_share"] == pred.info["head_share"]
@@ -42,7 +42,7 @@ def test_a_nearly_empty_end_frame_the_gate_may_accept_has_its_share_in_the_app_t
     predictor = Predictor(random_weights)
     data = make_dicom(disc_frames([6, 12, 40, 40, 40]), window=None)
     (cli,) = predict_many(predictor, [("v.dcm", data)], frame=0)
-    _, _, pred = app_support.analyse(predictor, "v.dcm", data, predictor.threshold, slice_index=0)
+    _, _, pred = app_support.analyse_upload(predictor, "v.dcm", data, predictor.threshold, slice_index=0)
     assert cli["info"]["head_share"] < 0.05 and pred.info["head_share"] == cli["info"]["head_share"]
 
 

@@ -741,3 +741,52 @@ def test_audit_escapes_control_characters_in_every_name_it_lists(tmp_path, capsy
     assert "\u202e" not in out and "elif\\nnext.jpg" in out
     assert all(not line.startswith("next.jpg") for line in out.splitlines())
     assert "group of 3:" in out and out.count("scan\\u202eelif\\nnext.jpg") >= 2   # group and leak lines
+
+
+def test_a_model_with_no_no_tumour_class_says_it_cannot_rule_one_out(tmp_path, four_class_dir, capsys, monkeypatch):
+    """A glioma/meningioma/pituitary model called a healthy scan 'pituitary' with nothing said, in
+    the CLI, on the Diagnose page and on the Model card."""
+    from streamlit.testing.v1 import AppTest
+    three = make_weights(tmp_path / "three", classes=C4[:3], bias=(0.0, 0.0, 2.0), threshold=None)
+    healthy = four_class_dir / "no_tumor" / "no1.jpg"
+    assert main(["predict", "--json", "--weights", str(three), str(healthy)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["pred"] == "pituitary"
+    assert "no 'no tumour' class" in err and "glioma, meningioma or pituitary" in err
+    from core.labels import cannot_rule_out   # a 'stroke' class beside the types rules nothing out either
+    assert "glioma, pituitary or stroke" in cannot_rule_out(["glioma", "pituitary", "stroke"])
+    assert cannot_rule_out(["tumor", "notumor"]) is None and cannot_rule_out(["stroke", "notumor"]) is None
+    assert main(["predict", "--weights", str(make_weights(tmp_path / "four")), str(healthy)]) == 0
+    assert "no 'no tumour' class" not in capsys.readouterr().err
+    card = json.loads((three / "card.json").read_text())   # and train.py's note on a class it could not test
+    card["data_notes"] = {"classes_not_tested": "pituitary (2 images; none in validation or test): ..."}
+    (three / "card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("BT_WEIGHTS", str(three))
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120).run()
+    for page in ("app_pages/diagnose.py", "app_pages/model_card.py"):
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        shown = [w.value for w in at.warning] + [m.value for m in at.markdown]
+        assert any("Cannot rule a tumour out" in t for t in shown), page
+    assert any(w.value.startswith("**Classes with no validation or test image**: pituitary") for w in at.warning)
+    from core.report import saliency_caveat   # no word of a 'no tumour' map for a model with none
+    assert "no tumour" not in saliency_caveat(C4[:3]) and "no tumour" in saliency_caveat(C4)
+
+
+def test_a_folder_skipped_whole_is_one_line(tmp_path, capsys):
+    """A yes/no folder against a three-type model printed one identical line per file (120 of them)."""
+    three = make_weights(tmp_path / "three", classes=C4[:3], bias=(0.0, 0.0, 2.0), threshold=None)
+    data = yes_no_dir(tmp_path / "yn", yes=2, no=5, seed=3)
+    (data / "glioma").mkdir()
+    pattern(9).save(data / "glioma" / "g.jpg")
+    assert main(["evaluate", str(data), "--weights", str(three), "--json", str(tmp_path / "e.json")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped no/ (5 files): its folder ('no') names no class of this model" in err
+    assert err.count("skipped yes/") == 2   # a few stay named one by one
+    assert len(json.loads((tmp_path / "e.json").read_text())["errors"]) == 7
+    # skipped folders and files loose at the root are each named, however many
+    from core.cli import _print_skipped
+    _print_skipped([{"file": f"{c}/", "error": "an empty class folder"} for c in "abcde"]
+                   + [{"file": f"n{k}.txt", "error": "not inside a class folder"} for k in range(5)])
+    err = capsys.readouterr().err
+    assert all(f"skipped {c}/: an empty class folder" in err for c in "abcde") and "skipped n4.txt:" in err

@@ -5,7 +5,7 @@ from torch import nn
 
 from core.engine import set_nll
 from core.models import (cam_features, count_parameters, create_model, feature_channels,
-                         has_class_maps, list_models, penultimate, register_model, saliency_layer)
+                         has_class_maps, list_models, pooled_features, register_model, saliency_layer)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -53,8 +53,8 @@ def test_forward_train_step_and_saliency_layer(name):
         model(x)
     h.remove()
     assert len(seen["shape"]) == 4 and seen["shape"][0] == 2
-    feats = penultimate(model, x)
-    assert feats.shape == (2, seen["shape"][1])
+    feats, logits = pooled_features(model, x)
+    assert feats.shape == (2, seen["shape"][1]) and logits.shape == (2, 4)
 
     # One training step with a fine and a coarse ('tumor') label: finite, and it moves weights.
     model.train()

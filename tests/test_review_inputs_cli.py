@@ -185,6 +185,10 @@ def test_operating_point_text_names_the_cap():
     low = {**op, "threshold": 0.2, "val_specificity": 0.971}
     text = app.operating_point_text({"operating_point": low}, 0.2)
     assert "bound it" in text and "cap" not in text
+    # the sensitivity target met, the floor not: a binary model on 60 scans said only "reached 100.0%
+    # at specificity 0.0%"
+    met = {**op, "val_sensitivity": 1.0, "val_specificity": 0.0}
+    assert "floor of 97.0% in every source is not met" in app.operating_point_text({"operating_point": met}, 0.5)
 
 
 def test_benchmark_accuracy_of_benchmark_only_and_binary_models():

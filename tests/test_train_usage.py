@@ -63,7 +63,7 @@ def test_unreadable_images_are_skipped_not_fatal(data, tmp_path, capsys):
     (data / "notumor" / "empty.png").write_bytes(b"")
     assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 0
     out = capsys.readouterr().out
-    assert "2 files skipped" in out and "skipped data/glioma/corrupt.jpg" in out
+    assert "; 2 skipped" in out and "skipped data/glioma/corrupt.jpg" in out
     card = json.loads((tmp_path / "run" / "card.json").read_text())
     assert sum(card["split"]["sizes"].values()) == 40
 
@@ -502,6 +502,33 @@ def test_the_card_notes_groups_whose_labels_disagree_only_for_its_own_grouping()
     assert (note["groups"], note["images"], note["largest"]) == (1, 2, {"glioma": 1, "notumor": 1})
     reused = [D.Sample("", str(i), lab, lab) for i, lab in enumerate(["glioma", "notumor"])]   # --split-from: no groups
     assert train.mixed_groups_note(reused) == {}
+
+
+def test_a_class_with_no_validation_or_test_image_is_named():
+    """A class of two images all went to training: it trained silently, had no test figure and fell
+    out of the macro F1 unannounced. A coarse 'tumor' scan in test stands for no one type."""
+    import torch
+    import core.data as D
+    rows = [("glioma", "train"), ("glioma", "val"), ("glioma", "test"), ("notumor", "train"),
+            ("notumor", "val"), ("notumor", "test"), ("pituitary", "train"), ("pituitary", "train"),
+            ("tumor", "val"), ("tumor", "test")]
+    samples = [D.Sample("", str(i), lab, lab, split=k) for i, (lab, k) in enumerate(rows)]
+    idx = {k: torch.tensor([i for i, (_, s) in enumerate(rows) if s == k]) for k in ("train", "val", "test")}
+    note = train.untested_classes_note(samples, idx, ["glioma", "notumor", "pituitary"])
+    assert note.startswith("pituitary: 2 images, none in validation or test (the split gave it none); no test "
+                           "figure") and "calibration never saw it" in note and "glioma" not in note
+    for k, smp in enumerate(samples):   # grouped: two groups are why
+        smp.group = f"g{k % 2}" if smp.label == "pituitary" else f"x{k}"
+    assert "(2 near-duplicate groups, and a class needs 3 to be split)" in train.untested_classes_note(
+        samples, idx, ["glioma", "notumor", "pituitary"])
+    # a source shipping its own Testing/ folder without the class: validated, not tested
+    shipped = [D.Sample("", str(i), lab, lab, source="s", preset_split="test" if k == "test" else None, split=k)
+               for i, (lab, k) in enumerate(rows + [("pituitary", "val")])]
+    idx2 = {k: torch.tensor([i for i, s in enumerate(shipped) if s.split == k]) for k in ("train", "val", "test")}
+    note = train.untested_classes_note(shipped, idx2, ["glioma", "notumor", "pituitary"])
+    assert note == ("pituitary: 3 images, none in test (its source's own Testing/ folder holds none); no test "
+                    "figure (the macro F1 averages the classes tested).")
+    assert train.untested_classes_note(samples, idx, ["notumor", "tumor"]) is None   # a binary model: typed scans are tumours
 
 
 def test_keep_is_fixed_on_resume_and_finish_and_older_runs_kept_the_best():
