@@ -566,8 +566,10 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
 
 
 # Slices scored per forward pass: a batch of 64 at 192 px took 288 MB at its peak (16: 72 MB), and a
-# volume upload must fit beside the app's ~1 GB on Community Cloud (review of 2026-12-07)
-SLICE_BATCH = 16
+# volume upload must fit beside the app's ~1 GB on Community Cloud (review of 2026-12-07). 8: scoring a
+# 256 x 256 x 176 volume peaked 76 MB over the process's RSS against 111-117 MB at 16, in the same
+# 1.5 s (session 47, 2 cores; 4: 55-62 MB, 3 % slower)
+SLICE_BATCH = 8
 
 
 class VolumeCheck(NamedTuple):
