@@ -36,7 +36,7 @@ from core.evaluation import (SEEN_FILE, card_metrics, copies_trained_on, copy_ma
 from core.inference import file_sha256
 from core.labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
                          normalise_label, tumour_classes)
-from core.metrics import is_tumour_label, other_calls, tumour_probability
+from core.metrics import apart, is_tumour_label, other_calls, tumour_probability
 from core.models import count_parameters, create_model, has_class_maps, list_models, min_input_size
 from core.preprocess import DEFAULT_SPEC
 from core.referral import ReferralRule, pick_referral
@@ -728,7 +728,8 @@ def untaught_reason(samples: list[D.Sample], idx: dict[str, torch.Tensor], untau
             "near-duplicate group): add images or leave the class out")
 
 
-def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str], say) -> str | None:
+def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str], say,
+                    trained: set[str] | None = None) -> str | None:
     """Refuse, in one sentence (DataError), data a classifier cannot be trained and validated on;
     warn of tumour types taught only through coarse labels; return (and warn of) the classes that
     have no validation or test image (`untested_classes_note`)."""
@@ -747,39 +748,47 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
         raise DataError(f"too few images to train, validate and test: {len(idx['train'])} in training, "
                          f"{len(idx['val'])} in validation, {len(idx['test'])} in test (a split groups near "
                          "duplicates; add images, or with --split-from give the data its recorded test files)")
-    if (note := untested_classes_note(samples, idx, classes)):
+    if (note := untested_classes_note(samples, idx, classes, trained)):
         say(f"warning: {note}", flush=True)
     return note
 
 
-def untested_classes_note(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str]) -> str | None:
+def untested_classes_note(samples: list[D.Sample], idx: dict[str, torch.Tensor], classes: list[str],
+                          trained: set[str] | None = None) -> str | None:
     """The classes with no image in validation or test, in one sentence with why and what it costs;
-    None when every class has both. A class of 1-2 near-duplicate groups all goes to training
-    (`split_by_group`), and a source shipping its own Testing/ folder takes no other test share:
-    such a class trained silently, then had no test figure and dropped out of the macro F1 unannounced."""
+    None when every class has both. A source's class of 1-2 near-duplicate groups all goes to
+    training (`split_by_group` splits each source and class apart), a source shipping its own
+    Testing/ folder takes no other test share, and a held-out source (``trained``: the sources
+    with weight) is never validated on: such a class trained silently, then had no test figure
+    and dropped out of the macro F1 unannounced."""
     def exactly(s: D.Sample) -> str | None:   # the one class a label names (a coarse 'tumor' names none of several)
         try:
             t = label_targets(s.label, classes)
         except ValueError:
             return None
         return classes[t[0]] if len(t) == 1 else None
-    used = [samples[i] for k in ("train", "val", "test") for i in idx[k].tolist()]
+    shipped = {s.source for s in samples if s.preset_split == "test"}
     parts = []
     for c in classes:
-        lacks = [name for k, name in (("val", "validation"), ("test", "test"))
-                 if not any(exactly(samples[i]) == c for i in idx[k].tolist())]
+        lacks = [k for k in ("val", "test") if not any(exactly(samples[i]) == c for i in idx[k].tolist())]
         if not lacks:
             continue
-        mine = [s for s in used if exactly(s) == c]
-        groups = {s.group for s in mine if s.group}
-        shipped = {s.source for s in samples if s.preset_split == "test"}
-        why = ("its source's own Testing/ folder holds none" if "test" in lacks and {s.source for s in mine} & shipped
-               else f"{len(groups)} near-duplicate group{'s' * (len(groups) != 1)}, and a class needs 3 to be split"
-               if groups and len(groups) < 3 else "the split gave it none")
+        mine = [s for s in samples if exactly(s) == c]
+        why = []
+        for src in sorted({s.source for s in mine}):
+            groups = {s.group for s in mine if s.source == src and s.group and not s.preset_split}
+            if "val" in lacks and trained is not None and src not in trained:
+                why.append(f"{src} is held out, never validated on")
+            if "test" in lacks and src in shipped:
+                why.append(f"{src}'s own Testing/ folder holds none")
+            if 0 < len(groups) < 3 and (src not in shipped or "val" in lacks):
+                why.append(f"{src} has {len(groups)} near-duplicate group{'s' * (len(groups) != 1)} of it, "
+                           "and a source's class needs 3 to be split")
         cost = [*(["no test figure (the macro F1 averages the classes tested)"] if "test" in lacks else []),
-                *(["the operating point and calibration never saw it"] if "validation" in lacks else [])]
-        parts.append(f"{c}: {len(mine)} image{'s' * (len(mine) != 1)}, none in {' or '.join(lacks)} ({why}); "
-                     + " and ".join(cost))
+                *(["the operating point and calibration never saw it"] if "val" in lacks else [])]
+        named = " or ".join({"val": "validation", "test": "test"}[k] for k in lacks)
+        parts.append(f"{c}: {len(mine)} image{'s' * (len(mine) != 1)}, none in {named} "
+                     f"({'; '.join(why) or 'the split gave it none'}); " + " and ".join(cost))
     return ". ".join(parts) + "." if parts else None
 
 
@@ -915,7 +924,7 @@ def run(args: argparse.Namespace) -> int:
                             and (k == "test" or s.source in trained)], dtype=torch.long)
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
-    args.untested_classes = check_trainable(samples, idx, classes, say)
+    args.untested_classes = check_trainable(samples, idx, classes, say, trained)
     lesions = None
     if args.mask_loss > 0:  # the tumour masks, prepared like the images (in worker processes)
         lesions = E.cache_lesions(samples, spec, workers=args.workers)
@@ -1338,12 +1347,16 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                      "min_specificity_applies_to": "every source with >= 20 validation normals "
                                                    "(all sources pooled when none has that many)",
                      "val_sensitivity": float(called[is_t].mean()) if is_t.any() else None,
-                     "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None}
-        if E.floor_unmet(operating):
+                     "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None,
+                     # per source, as pick_threshold holds the floor: a pooled 90.9 % hid one source's 0 %
+                     "val_specificity_by_source": {
+                         str(g): float((~called[~is_t & (src == g)]).mean()) for g in np.unique(src[~is_t])
+                         if (~is_t & (src == g)).sum() >= E.FLOOR_MIN_NORMALS} or None}
+        if (short := E.floor_unmet(operating)):
+            spec_s, floor_s = apart(short[1], args.min_specificity, 1, True)
             print(f"warning: the operating point is at its {E.CAP_THRESHOLD} cap, and validation specificity "
-                  f"there is {operating['val_specificity']:.1%} (all sources pooled), under the "
-                  f"{args.min_specificity:.1%} floor: the model does not yet tell tumour-free scans apart",
-                  flush=True)
+                  f"there is {spec_s} ({short[0]}), under the {floor_s} floor: the model does not yet tell "
+                  "tumour-free scans apart", flush=True)
     threshold = operating.get("threshold")
     uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -189,10 +189,9 @@ def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) 
     if len(sources) != 1:
         return None
     text = (f"**Trained on one collection only ({sources[0]})**: it learnt that collection's look and was "
-            "never tested on scans from other hospitals. "
-            + ("Such models call most tumour scans of other collections 'no tumour', without a flag "
-               "(docs/generalisation.md)." if NO_TUMOUR in predictor.card.get("classes", [NO_TUMOUR]) else
-               "Its calls on scans of other collections are untested."))
+            "never tested on scans from other hospitals."
+            + (" Such models call most tumour scans of other collections 'no tumour', without a flag "
+               "(docs/generalisation.md)." if NO_TUMOUR in predictor.card.get("classes", [NO_TUMOUR]) else ""))
     cards = [(Path(d), load_card(d)) for d in (model_choices() if choices is None else choices)]
     best = max(cards, key=lambda dc: len(training_sources(dc[1])), default=None)
     if best is None or len(training_sources(best[1])) <= 1:
@@ -274,14 +273,16 @@ def operating_point_text(card: dict, default: float) -> str:
         return text + "."
     from .engine import CAP_THRESHOLD, floor_unmet
     floor = op.get("min_specificity")
-    capped = floor_unmet({**op, "threshold": default})
+    short = floor_unmet({**op, "threshold": default})
+    capped = short is not None
     # the numbers a sentence compares are written apart (96.96 % against a 97.00 % floor)
     spec_s, floor_s = apart(spec, floor, 1, True) if capped else (f"{spec:.1%}" if spec is not None else "", "")
     text += f"; reached {sens:.1%}" + (f" at specificity {spec_s}" if spec is not None else "")
     if capped:
         # pick_threshold never goes above the cap: there, the floor is still not met
+        where = "" if short[0] == "all sources pooled" else f": {short[0]} {apart(short[1], floor, 1, True)[0]}"
         text += (f" (the specificity floor of {floor_s} in every source is not met: even at the threshold's "
-                 f"{CAP_THRESHOLD} cap some source's validation specificity stays below it)")
+                 f"{CAP_THRESHOLD} cap some source's validation specificity stays below it{where})")
     elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
         text += (f" (a tumour called {_or_list(others)} is missed at any threshold"

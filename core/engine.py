@@ -783,18 +783,29 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
 CAP_THRESHOLD = 0.5
 
 
-def floor_unmet(operating_point: dict) -> bool:
-    """Whether a card's operating point sits at the cap with some validation specificity still under
-    its floor (`pick_threshold` never goes higher): the floor is not met, whatever the sensitivity
-    reached. A binary model on 60 scans read 'reached 100 % at specificity 0 %' and no more."""
+FLOOR_MIN_NORMALS = 20   # a source with fewer validation normals is held to the floor pooled with the rest
+
+
+def floor_unmet(operating_point: dict) -> tuple[str, float] | None:
+    """(which set, its validation specificity) when a card's operating point sits at the cap with
+    that specificity still under its floor (`pick_threshold` never goes higher): the floor is not
+    met, whatever the sensitivity reached. The set is the worst source the floor holds in
+    (``val_specificity_by_source``), else all sources pooled (cards before 2026-12-07). None when
+    the floor is met or there is none. A binary model on 60 scans read 'reached 100 % at
+    specificity 0 %' and no more."""
     op = operating_point or {}
-    floor, spec, thr = op.get("min_specificity"), op.get("val_specificity"), op.get("threshold")
-    return bool(floor and spec is not None and thr is not None and thr >= CAP_THRESHOLD and spec < floor)
+    floor, thr = op.get("min_specificity"), op.get("threshold")
+    if not floor or thr is None or thr < CAP_THRESHOLD:
+        return None
+    by_source = op.get("val_specificity_by_source") or {}
+    worst = min(by_source.items(), key=lambda kv: kv[1]) if by_source else \
+        ("all sources pooled", op.get("val_specificity"))
+    return worst if worst[1] is not None and worst[1] < floor else None
 
 
 def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity: float,
                    min_specificity: float | None = None, groups: np.ndarray | None = None,
-                   min_group_normals: int = 20, never: np.ndarray | None = None) -> float:
+                   min_group_normals: int = FLOOR_MIN_NORMALS, never: np.ndarray | None = None) -> float:
     """The highest tumour-probability threshold whose validation sensitivity meets the target.
 
     With ``min_specificity``, never go so low that validation specificity falls below it: a

@@ -106,7 +106,7 @@ def cannot_rule_out(classes: list[str]) -> str | None:
     words = [("a tumour of no named type" if c == TUMOUR else c) for c in classes]
     named = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
     return (f"This model has no 'no tumour' class, so it calls every scan {named}, a healthy one too: "
-            "it cannot rule a tumour out.")
+            "it cannot call a scan tumour-free.")
 
 
 def is_tumour_call(pred: str, classes: list[str]) -> bool:

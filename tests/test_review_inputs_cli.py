@@ -15,6 +15,7 @@ from conftest import CLASSES, make_weights
 from test_reader import encode, grey8, lps_volume, make_dicom, dicom12, phantom
 
 from core import app_support as app
+from core import engine as E
 from core.cli import main
 from core.reader import ScanError, read_scan, read_volume
 
@@ -189,6 +190,12 @@ def test_operating_point_text_names_the_cap():
     # at specificity 0.0%"
     met = {**op, "val_sensitivity": 1.0, "val_specificity": 0.0}
     assert "floor of 97.0% in every source is not met" in app.operating_point_text({"operating_point": met}, 0.5)
+    # a pooled 90.9 % hid one source at 0 %: the floor holds per source, and so does the check
+    per = {**op, "min_specificity": 0.9, "val_sensitivity": 1.0, "val_specificity": 0.909,
+           "val_specificity_by_source": {"a": 0.0, "b": 1.0}}
+    assert E.floor_unmet(per) == ("a", 0.0) and E.floor_unmet({**per, "threshold": 0.3}) is None
+    assert "stays below it: a 0.0%)" in app.operating_point_text({"operating_point": per}, 0.5)
+    assert E.floor_unmet({**per, "val_specificity_by_source": {"a": 0.95, "b": 1.0}}) is None
 
 
 def test_benchmark_accuracy_of_benchmark_only_and_binary_models():

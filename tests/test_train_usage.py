@@ -512,23 +512,36 @@ def test_a_class_with_no_validation_or_test_image_is_named():
     rows = [("glioma", "train"), ("glioma", "val"), ("glioma", "test"), ("notumor", "train"),
             ("notumor", "val"), ("notumor", "test"), ("pituitary", "train"), ("pituitary", "train"),
             ("tumor", "val"), ("tumor", "test")]
-    samples = [D.Sample("", str(i), lab, lab, split=k) for i, (lab, k) in enumerate(rows)]
-    idx = {k: torch.tensor([i for i, (_, s) in enumerate(rows) if s == k]) for k in ("train", "val", "test")}
-    note = train.untested_classes_note(samples, idx, ["glioma", "notumor", "pituitary"])
-    assert note.startswith("pituitary: 2 images, none in validation or test (the split gave it none); no test "
-                           "figure") and "calibration never saw it" in note and "glioma" not in note
-    for k, smp in enumerate(samples):   # grouped: two groups are why
-        smp.group = f"g{k % 2}" if smp.label == "pituitary" else f"x{k}"
-    assert "(2 near-duplicate groups, and a class needs 3 to be split)" in train.untested_classes_note(
-        samples, idx, ["glioma", "notumor", "pituitary"])
-    # a source shipping its own Testing/ folder without the class: validated, not tested
-    shipped = [D.Sample("", str(i), lab, lab, source="s", preset_split="test" if k == "test" else None, split=k)
-               for i, (lab, k) in enumerate(rows + [("pituitary", "val")])]
-    idx2 = {k: torch.tensor([i for i, s in enumerate(shipped) if s.split == k]) for k in ("train", "val", "test")}
-    note = train.untested_classes_note(shipped, idx2, ["glioma", "notumor", "pituitary"])
-    assert note == ("pituitary: 3 images, none in test (its source's own Testing/ folder holds none); no test "
-                    "figure (the macro F1 averages the classes tested).")
+    C3 = ["glioma", "notumor", "pituitary"]
+
+    def made(extra=(), **kw):   # samples (source a unless given) and the run's index of them
+        smp = [D.Sample("", str(i), lab, lab, split=k, **kw) for i, (lab, k) in enumerate(rows)] + list(extra)
+        return smp, {k: torch.tensor([i for i, s in enumerate(smp) if s.split == k]) for k in ("train", "val", "test")}
+    samples, idx = made(source="a")
+    note = train.untested_classes_note(samples, idx, C3)
+    assert note == ("pituitary: 2 images, none in validation or test (the split gave it none); no test figure "
+                    "(the macro F1 averages the classes tested) and the operating point and calibration never saw it.")
     assert train.untested_classes_note(samples, idx, ["notumor", "tumor"]) is None   # a binary model: typed scans are tumours
+    # grouped: each source's class is split apart, so two sources of two groups each are why
+    more = [D.Sample("", f"b{k}", "pituitary", "pituitary", source="b", group=f"b{k % 2}", split="train") for k in range(4)]
+    samples, idx = made(more, source="a")
+    for k, smp in enumerate(samples[:len(rows)]):
+        smp.group = f"a{k % 2}" if smp.label == "pituitary" else f"x{k}"
+    note = train.untested_classes_note(samples, idx, C3)
+    assert ("(a has 2 near-duplicate groups of it, and a source's class needs 3 to be split; b has 2 "
+            "near-duplicate groups of it") in note and note.startswith("pituitary: 6 images")
+    # a held-out source is never validated on
+    held = [D.Sample("", "h0", "pituitary", "pituitary", source="h", split="test")]
+    samples, idx = made(held, source="a")
+    note = train.untested_classes_note(samples, idx, C3, trained={"a"})
+    assert note.startswith("pituitary: 3 images, none in validation (h is held out, never validated on)")
+    # a source shipping its own Testing/ folder without the class: validated, not tested
+    samples, idx = made([D.Sample("", "v", "pituitary", "pituitary", source="s", split="val")], source="s")
+    for smp in samples:
+        smp.preset_split = "test" if smp.split == "test" else None
+    assert train.untested_classes_note(samples, idx, C3) == (
+        "pituitary: 3 images, none in test (s's own Testing/ folder holds none); no test figure (the macro F1 "
+        "averages the classes tested).")
 
 
 def test_keep_is_fixed_on_resume_and_finish_and_older_runs_kept_the_best():
