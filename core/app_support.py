@@ -370,8 +370,10 @@ def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: 
              f"tumours missed {kept['tumour_missed']} of {kept['n_tumour']}" if kept.get("n_tumour") else None,
              f"specificity {kept['specificity']:.1%}" if kept.get("specificity") is not None else None]
     said = ", ".join(p for p in parts if p)
-    return (f"{ev['flagged_ood']} of these {ev['n']} scans are refused by the out-of-distribution check and "
-            "counted above by the model's raw output (the app gives them no call). Over the "
+    n = ev["flagged_ood"]
+    return (f"{n} of these {ev['n']} scans {'is' if n == 1 else 'are'} refused by the out-of-distribution check and "
+            "counted above by the model's raw output (the app gives them no call; the false-negative tab "
+            "names them). Over the "
             f"{kept['n']} it accepts" + (f": {said}." if said else ", no figure can be given."))
 
 
@@ -1331,10 +1333,18 @@ def skipped_summary(skipped: list[dict]) -> str:
         return (f"{files} left out of these figures: "
                 + "; ".join(f"{md_name(s['file'])}: {s['error'].rstrip('.')}" for s in skipped) + ".")
     why = Counter(s["error"] for s in skipped)
-    parts = [f"{n} x {reason[0].lower() + reason[1:].rstrip('.')}" for reason, n in why.most_common(3)]
-    more = len(why) - 3
-    return (f"{files} left out of these figures: " + "; ".join(parts)
-            + (f"; and {more} other reason(s)" if more > 0 else "") + ".")
+    parts = [f"{n} file{'s' * (n != 1)}: {reason[0].lower() + reason[1:].rstrip('.')}" for reason, n in why.most_common(3)]
+    more = sum(n for _, n in why.most_common()[3:])
+    return (f"{files} left out of these figures (each listed below). " + "; ".join(parts)
+            + (f"; {more} more for other reasons" if more > 0 else "") + ".")
+
+
+def refused_lines(records: list[dict]) -> list[str]:
+    """One markdown line per scan the out-of-distribution check refused: its file, label and why.
+    The page gave only their count ('3 of 60'), and a user could not find which."""
+    return [f"{md_name(r['file'])} (labelled {r['label']}): {r.get('ood_reason') or PIXEL_OOD_REASON}"
+            + (" It has a copy in training." if r.get("copy_in_training") else "")
+            for r in records if not r.get("in_distribution", True)]
 
 
 def unscored_upload(held: dict, up) -> str | None:
@@ -1422,12 +1432,15 @@ def _sticky(key: str) -> tuple[str, Callable[[], None]]:
     return name, functools.partial(keep_widget_value, key, name)
 
 
-def metric_rows(figures: list[tuple[str, str, str | None]], per_row: int = 3) -> None:
-    """Headline figures as st.metric, ``per_row`` to a row: six in one row were cut to '9…' and
-    'Accu…' on a tablet (800 px, the sidebar open)."""
+def metric_rows(figures: list[tuple], per_row: int = 3) -> None:
+    """Headline figures, (label, value, help[, count]), as st.metric, ``per_row`` to a row: six in
+    one row were cut to '9…' and 'Accu…' on a tablet (800 px, the sidebar open). A count ('965 of
+    986') is written small and grey under its value, with no arrow: it is no change."""
     for start in range(0, len(figures), per_row):
-        for col, (label, value, help_text) in zip(st.columns(per_row), figures[start:start + per_row]):
-            col.metric(label, value, help=help_text)
+        for col, (label, value, help_text, *count) in zip(st.columns(per_row), figures[start:start + per_row]):
+            note = count[0] if count else None
+            col.metric(label, value, help=help_text, **({"delta": note, "delta_color": "off",
+                                                          "delta_arrow": "off"} if note else {}))
 
 
 def sticky_choice(label: str, options: list, key: str, widget=None, **kw):
@@ -1594,7 +1607,8 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             note = "" if frame is None else f"; magenta: tumour mask, {mask_note(cam, frame)}"
             cols[k % 4].image(img if frame is None else contour_overlay(img, frame), width="stretch",
                               caption=f"{md_name(r['file'])}: true {r['label']}, predicted {r['pred']}"
-                                      + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note)
+                                      + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note
+                                      + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
         for src in sorted(absent):
             if blobs is not None and src == "upload":
                 st.info(f"Only the zip's first {GALLERY_BYTES // 2**20} MB of scans are kept for this "

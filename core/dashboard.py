@@ -121,17 +121,27 @@ def interval_text(ev: dict, key: str) -> str | None:
             "a few images either way move the figure by this much.")
 
 
-def headline_metrics(ev: dict) -> list[tuple[str, str, str | None]]:
-    """The Evaluation page's six headline figures as (label, value, help); 'n/a' where not defined."""
+def headline_metrics(ev: dict) -> list[tuple[str, str, str | None, str | None]]:
+    """The Evaluation page's six headline figures as (label, value, help, count); 'n/a' where not
+    defined. The count ('1 of 1') goes under a rate: a zip of 10 new scans read 'Sensitivity 100.0%'
+    in large type over one tumour, its interval in a tooltip."""
     def shown(key: str, fmt: str) -> str:
         return format(ev[key], fmt) if ev.get(key) is not None else "n/a"
-    return [("Scans", str(ev.get("n", 0)), scans_help(ev)),
-            ("Accuracy", shown("accuracy", ".1%"), interval_text(ev, "accuracy")),
-            ("Macro F1", shown("macro_f1", ".3f"), "Over the classes this set has images of; none for a set of one class"),
+
+    def of(right: int | None, n: int | None) -> str | None:
+        return f"{right:,} of {n:,}" if right is not None and n else None
+    n_t, n_n, n_f = ev.get("n_tumour"), ev.get("n_normal"), ev.get("n_fine")
+    acc = ev.get("accuracy")
+    return [("Scans", str(ev.get("n", 0)), scans_help(ev), None),
+            ("Accuracy", shown("accuracy", ".1%"), interval_text(ev, "accuracy"),
+             of(round(acc * n_f) if acc is not None and n_f else None, n_f)),
+            ("Macro F1", shown("macro_f1", ".3f"), "Over the classes this set has images of; none for a set of one class", None),
             ("Tumours missed", shown("tumour_missed", "d"),
-             "Tumour scans predicted 'no tumour' at the sidebar's operating point"),
-            ("Sensitivity", shown("sensitivity", ".1%"), interval_text(ev, "sensitivity")),
-            ("Specificity", shown("specificity", ".1%"), interval_text(ev, "specificity"))]
+             "Tumour scans predicted 'no tumour' at the sidebar's operating point", of(ev.get("tumour_missed"), n_t)),
+            ("Sensitivity", shown("sensitivity", ".1%"), interval_text(ev, "sensitivity"),
+             of(n_t - ev["tumour_missed"] if n_t and ev.get("tumour_missed") is not None else None, n_t)),
+            ("Specificity", shown("specificity", ".1%"), interval_text(ev, "specificity"),
+             of(n_n - ev["normal_flagged"] if n_n and ev.get("normal_flagged") is not None else None, n_n))]
 
 
 def gate_scored(records: list[dict]) -> bool:
@@ -175,7 +185,17 @@ def referral_metrics(ev: dict, classes: list[str], rule: ReferralRule) -> list[t
              f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}" if judged else "n/a",
              "Called tumour, but the most likely type holds too little of the tumour probability (e.g. scans "
              "labelled only 'tumour')" if judged else
-             "This model names no tumour type." if len(types) < 2 else "This model's card sets no type-confidence level.")]
+             _no_type_reason(types, rule))]
+
+
+def _no_type_reason(types: list[str], rule: ReferralRule) -> str:
+    """Why the type-uncertain count is n/a: a set scored tumour vs no tumour (a yes/no zip) is judged
+    on the call alone, though the model names types; else the model names none, or sets no level."""
+    if len(types) < 2 and len([c for c in tumour_classes(list(rule.classes)) if c != TUMOUR]) > 1:
+        return ("These scans are scored tumour vs no tumour (folders without a tumour type), so a tumour's "
+                "type is not judged here; `python -m core evaluate` counts the model's type flags on them "
+                "(referred_type_uncertain).")
+    return "This model names no tumour type." if len(types) < 2 else "This model's card sets no type-confidence level."
 
 
 def no_miss_analysis(classes: list[str]) -> str:
@@ -215,6 +235,9 @@ def calibration_note(ev: dict) -> str | None:
 MID_CONFIDENCE = 0.9   # below it a top-class probability is "mid-range" for `reliability_note`
 
 
+MIN_VERDICT = 20   # scans under the cut before the reliability note calls them over- or underconfident
+
+
 def reliability_note(bins: list[dict]) -> str | None:
     """What the class reliability diagram says of the probabilities below `MID_CONFIDENCE`: few
     scans and, on the shipped models, overconfident. An ECE of 0.007 is a mean over bins where
@@ -230,9 +253,12 @@ def reliability_note(bins: list[dict]) -> str | None:
     reads = ("overconfident: read such a probability as less sure than it says" if right < conf - 0.05 else
              "underconfident: the model was right more often than it says" if right > conf + 0.05 else
              "about as often right as it says")
+    # one scan 'right 0 % of the time' is no verdict on the model (a zip of 60 read 'overconfident')
+    verdict = (f"so a mid-range probability here is {reads}" if n_low >= MIN_VERDICT else
+               f"too few to say how far such a probability can be trusted (a verdict needs {MIN_VERDICT})")
     return (f"{n_low} of {total} scans ({n_low / total:.0%}) have a top-class probability under "
-            f"{cut:.0%}: stated {conf:.0%} on average, right {right:.0%} of the time, so a "
-            f"mid-range probability here is {reads}. Marker size: scans per bin (hover for the count).")
+            f"{cut:.0%}: stated {conf:.0%} on average, right {right:.0%} of the time, {verdict}. "
+            "Marker size: scans per bin (hover for the count).")
 
 
 def per_class_table(ev: dict) -> pd.DataFrame:
@@ -245,10 +271,12 @@ def per_class_table(ev: dict) -> pd.DataFrame:
 
 
 def _score_sets(records: list[dict], classes: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, y_true, score) for each class one-vs-rest and for tumour vs no tumour."""
+    """(name, y_true, score) for each class one-vs-rest and for tumour vs no tumour; a tumour / no
+    tumour model's (or a yes/no set's) is the last alone: its two one-vs-rest curves are that one
+    (three identical curves in the legend)."""
     out = []
     fine = [r for r in records if r["label"] in classes]
-    for c in classes:
+    for c in ([] if sorted(classes) == sorted([TUMOUR, NO_TUMOUR]) else classes):
         y = np.array([r["label"] == c for r in fine])
         if 0 < y.sum() < len(y):
             out.append((c, y, np.array([r["probs"][c] for r in fine])))
@@ -305,8 +333,10 @@ def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
     fig.add_scatter(x=t, y=[r["false_alarm_rate"] for r in curve],
                     name="normal scans flagged (false-alarm rate)", line=dict(color=PALETTE[0]))
     if threshold is not None:
+        # the label on the line's inner side: right of 0.9 it ran off the chart
         fig.add_vline(x=threshold, line=dict(color="black", dash="dash"),
-                      annotation_text=f"operating point {threshold:.3f}")
+                      annotation_text=f"operating point {threshold:.3f}",
+                      annotation_position="top left" if threshold > 0.6 else "top right")
     fig.update_xaxes(title="threshold on the tumour probability", range=[0, 1])
     fig.update_yaxes(title="rate", range=[0, 1.02], tickformat=".0%")
     return _layout(fig, "False negatives against the operating point", height=360,
@@ -335,8 +365,11 @@ def risk_coverage_figure(rows: list[dict]) -> go.Figure:
                                mode="lines+markers",
                                text=[f"refer below confidence {r['min_confidence']:.2f}" for r in rows]))
     fig.update_xaxes(title="coverage (share of scans answered)", tickformat=".0%")
-    # gridlines 0.5 % apart on a good model: whole percents labelled 99.5 % as "100%"
-    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".1%")
+    # gridlines 0.5 % apart on a good model: whole percents labelled 99.5 % as "100%"; a flat line at
+    # 100 % (a small zip) was drawn on an axis running to 200 %: no accuracy lies above 1
+    lo = min((r["accuracy"] for r in rows if r.get("accuracy") is not None), default=0.0)
+    pad = max(0.005, (1.0 - lo) * 0.1)
+    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".1%", range=[max(0.0, lo - pad), 1.0 + pad])
     return _layout(fig, "Risk-coverage: refer the least confident", height=360)
 
 

@@ -771,7 +771,7 @@ def evaluation_set(samples: list, inner: Callable[[str], str] = lambda rel: rel.
     if any(split_of(inner(s.rel).split("/")[0]) for s in samples):
         return samples, ("every image, Training/ included (no Testing/ or Validation/ folder): "
                          "a model's own training images would flatter it")
-    return samples, "every image"
+    return samples, "every image in the class folders (no Testing/ or Validation/ folder to choose from)"
 
 
 def annotate_ood(weights_dir: str | Path, predictor=None, roots: dict[str, Path] | None = None,

@@ -1127,7 +1127,7 @@ def test_the_evaluation_says_what_the_figures_are_over_the_scans_the_gate_accept
     records = [rec("notumor", "notumor", False), rec("glioma", "glioma"), rec("glioma", "notumor"),
                rec("notumor", "notumor")]
     note = accepted(records, classes, 0.5)
-    assert note.startswith("1 of these 4 scans are refused")
+    assert note.startswith("1 of these 4 scans is refused")
     assert "Over the 3 it accepts: accuracy 66.7%, tumours missed 1 of 2, specificity 100.0%." in note
     assert accepted(records[1:], classes, 0.5) is None
 

@@ -10,14 +10,17 @@ from core import dashboard as dash
 def test_headline_metrics_say_na_where_a_figure_is_undefined():
     ev = {"n": 12, "accuracy": None, "macro_f1": None, "tumour_missed": 2, "sensitivity": 0.8,
           "specificity": None}
-    shown = {label: value for label, value, _ in dash.headline_metrics(ev)}
+    shown = {label: value for label, value, _, _ in dash.headline_metrics(ev)}
     assert shown == {"Scans": "12", "Accuracy": "n/a", "Macro F1": "n/a", "Tumours missed": "2",
                      "Sensitivity": "80.0%", "Specificity": "n/a"}
     full = {"n": 3, "accuracy": 2 / 3, "macro_f1": 0.5, "tumour_missed": 0, "sensitivity": 1.0,
             "specificity": 0.5, "ci95": {"accuracy": [0.2, 0.9]}}
     rows = dash.headline_metrics(full)
-    assert [v for _, v, _ in rows] == ["3", "66.7%", "0.500", "0", "100.0%", "50.0%"]
+    assert [v for _, v, _, _ in rows] == ["3", "66.7%", "0.500", "0", "100.0%", "50.0%"]
     assert "20.0% to 90.0%" in rows[1][2]
+    # the counts under the rates: 'Sensitivity 100.0%' over one tumour said so nowhere in sight
+    counted = {**full, "n_fine": 3, "n_tumour": 1, "n_normal": 2, "normal_flagged": 1}
+    assert [c for *_, c in dash.headline_metrics(counted)] == [None, "2 of 3", None, "0 of 1", "1 of 1", "1 of 2"]
 
 
 def test_of_source_keeps_one_source_and_records_without_one_are_data():
@@ -152,6 +155,10 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     binary = dash.referral_metrics(ev, yn, ReferralRule(tuple(yn), 0.3, 0.7, 0.0, 0.8))
     assert four[1][1] == "0 of 10" and binary[1][1] == "n/a" and binary[0][1] == "2 of 10"
     assert no_rule[1][1] == "n/a" and "no type-confidence level" in no_rule[1][2]
+    # a yes/no zip against the typed model: scored tumour vs no tumour, though the model names types
+    folded = dash.referral_metrics(ev, yn, ReferralRule(tuple(c4), 0.3, 0.7, 0.0, 0.8))
+    assert folded[1][1] == "n/a" and "scored tumour vs no tumour" in folded[1][2]
+    assert "names no tumour type" in binary[1][2]
 
 
 def test_a_shortfall_of_a_model_with_a_class_that_is_neither_is_not_blamed_on_the_floor_alone():
@@ -173,5 +180,44 @@ def test_the_reliability_note_says_how_mid_range_probabilities_fared():
     # a bin whose mean is above the cut but whose scans straddle it is not counted under it
     assert dash.reliability_note([{"lo": 0.867, "hi": 0.933, "n": 23, "confidence": 0.909, "accuracy": 0.8}]) is None
     assert "overconfident" in note
-    assert "about as often right" in dash.reliability_note([{**bins[0], "accuracy": 0.57}])
+    assert "about as often right" in dash.reliability_note([{**bins[0], "n": 20, "accuracy": 0.57}])
     assert dash.reliability_note(bins[2:]) is None
+    # one scan under the cut is no verdict (a zip of 60 read 'overconfident' over one scan)
+    few = dash.reliability_note([{**bins[0], "n": 1, "accuracy": 0.0}, bins[2]])
+    assert "too few to say" in few and "confident" not in few
+
+
+def test_the_risk_coverage_axis_stops_at_100_percent():
+    """A small zip answered every scan right: the flat line at 100 % sat on an axis running to 200 %."""
+    rows = [{"coverage": c, "accuracy": 1.0, "min_confidence": m} for c, m in ((1.0, 0.0), (0.9, 0.6))]
+    lo, hi = dash.risk_coverage_figure(rows).layout.yaxis.range
+    assert 0.98 <= lo < 1.0 < hi <= 1.01
+
+
+def test_the_refused_scans_are_named():
+    """The false-negative tab said 'Out of distribution 3 of 60' and nowhere which three."""
+    probs = {"tumor": 0.2, "notumor": 0.8}
+    recs = [{"file": "no/a.jpg", "label": "notumor", "in_distribution": False, "ood_reason": "Looks like a CT.",
+             "copy_in_training": True, "probs": probs, "pred": "notumor"},
+            {"file": "yes/b.jpg", "label": "tumor", "in_distribution": True, "probs": probs, "pred": "notumor"}]
+    (line,) = app.refused_lines(recs)
+    assert line.startswith("`no/a.jpg` (labelled notumor): Looks like a CT.") and "copy in training" in line
+    import json
+    from conftest import REPO
+    shipped = REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip() / "eval.json"
+    two = json.loads(shipped.read_text())["predictions"][:2]
+    two[0] = {**two[0], "in_distribution": False}
+    classes = list(two[0]["probs"])
+    note = app.accepted_note({"flagged_ood": 1, "n": 2}, two, classes, 0.5)
+    assert note.startswith("1 of these 2 scans is refused") and "false-negative tab names them" in note
+
+
+def test_a_yes_no_set_draws_one_roc_curve():
+    """tumor, notumor and 'tumour vs no tumour': three identical curves in the legend."""
+    recs = [{"label": lab, "probs": {"tumor": p, "notumor": 1 - p}, "tumour_probability": p}
+            for lab, p in (("tumor", 0.9), ("tumor", 0.4), ("notumor", 0.2), ("notumor", 0.6))]
+    names = [t.name for t in dash.roc_figure(recs, ["tumor", "notumor"]).data if t.showlegend is not False]
+    assert len(names) == 1 and names[0].startswith("tumour vs no tumour")
+    four = [{**r, "label": "glioma" if r["label"] == "tumor" else "notumor",
+             "probs": {"glioma": r["probs"]["tumor"], "notumor": r["probs"]["notumor"]}} for r in recs]
+    assert len([t for t in dash.roc_figure(four, ["glioma", "notumor"]).data if t.showlegend is not False]) == 3

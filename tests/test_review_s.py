@@ -586,9 +586,12 @@ def test_many_skipped_files_are_one_line_by_reason():
     skipped = [{"file": f"x/{k}.jpg", "error": "Its folder names no class of this model."} for k in range(30)]
     skipped += [{"file": "notes.txt", "error": "Not an image."}]
     line = app.skipped_summary(skipped)
-    assert line.startswith("31 files left out of these figures: 30 x its folder names no class")
-    assert "1 x not an image" in line
+    assert line.startswith("31 files left out of these figures (each listed below). 30 files: its folder names no class")
+    assert "1 file: not an image" in line
     assert "bad.jpg" in app.skipped_summary([{"file": "bad.jpg", "error": "Damaged."}])
+    # a fourth reason is counted, not hidden as '1 other reason(s)'
+    four = app.skipped_summary([{"file": f"{k}.jpg", "error": f"Reason {k}."} for k in range(4)])
+    assert four.endswith("; 1 more for other reasons.")
 
 
 def test_a_class_without_scans_has_no_figures_rather_than_none():
