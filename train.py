@@ -774,20 +774,22 @@ def untested_classes_note(samples: list[D.Sample], idx: dict[str, torch.Tensor],
         if not lacks:
             continue
         mine = [s for s in samples if exactly(s) == c]
+        used = sum(exactly(samples[i]) == c for k in ("train", "val", "test") for i in idx[k].tolist())
         why = []
         for src in sorted({s.source for s in mine}):
             groups = {s.group for s in mine if s.source == src and s.group and not s.preset_split}
-            if "val" in lacks and trained is not None and src not in trained:
+            held_out = trained is not None and src not in trained
+            if "val" in lacks and held_out:
                 why.append(f"{src} is held out, never validated on")
             if "test" in lacks and src in shipped:
-                why.append(f"{src}'s own Testing/ folder holds none")
-            if 0 < len(groups) < 3 and (src not in shipped or "val" in lacks):
+                why.append(f"the own Testing/ folder of {src} holds none")
+            if 0 < len(groups) < 3 and not held_out and (src not in shipped or "val" in lacks):
                 why.append(f"{src} has {len(groups)} near-duplicate group{'s' * (len(groups) != 1)} of it, "
                            "and a source's class needs 3 to be split")
         cost = [*(["no test figure (the macro F1 averages the classes tested)"] if "test" in lacks else []),
                 *(["the operating point and calibration never saw it"] if "val" in lacks else [])]
         named = " or ".join({"val": "validation", "test": "test"}[k] for k in lacks)
-        parts.append(f"{c}: {len(mine)} image{'s' * (len(mine) != 1)}, none in {named} "
+        parts.append(f"{c}: {used} image{'s' * (used != 1)} in this run, none in {named} "
                      f"({'; '.join(why) or 'the split gave it none'}); " + " and ".join(cost))
     return ". ".join(parts) + "." if parts else None
 

@@ -105,14 +105,14 @@ with t2:
 with t3:
     if "threshold_curve" in ev:
         app.metric_rows(dash.miss_metrics(ev, dash.gate_scored(shown)), per_row=2)
-        if (refused := app.refused_lines(shown)):
-            with st.expander(f"The {len(refused)} scan{'s' * (len(refused) != 1)} refused as out of distribution"):
-                st.caption("The check judges how a scan looks, not whether the classifier trained on it: it "
-                           "refuses up to about 2 % of each source's brain MRI, training images included.")
-                st.markdown("\n".join(f"- {line}" for line in refused))
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
     else:
         st.info(dash.no_miss_analysis(classes))
+    if (refused := app.refused_lines(shown)):   # named whatever the model: the page's note points here
+        with st.expander(f"The {len(refused)} scan{'s' * (len(refused) != 1)} refused as out of distribution"):
+            st.caption("The check judges how a scan looks, not whether the classifier trained on it: it "
+                       "refuses up to about 2 % of each source's brain MRI, training images included.")
+            st.markdown("\n".join(f"- {line}" for line in refused))
     app.gallery(predictor, shown, blobs)
 with t4:
     a, b = st.columns(2)

@@ -280,9 +280,10 @@ def operating_point_text(card: dict, default: float) -> str:
     text += f"; reached {sens:.1%}" + (f" at specificity {spec_s}" if spec is not None else "")
     if capped:
         # pick_threshold never goes above the cap: there, the floor is still not met
-        where = "" if short[0] == "all sources pooled" else f": {short[0]} {apart(short[1], floor, 1, True)[0]}"
+        below = ("some source's validation specificity stays below it" if short[0] == "all sources pooled" else
+                 f"the validation specificity of {short[0]} is {apart(short[1], floor, 1, True)[0]}")
         text += (f" (the specificity floor of {floor_s} in every source is not met: even at the threshold's "
-                 f"{CAP_THRESHOLD} cap some source's validation specificity stays below it{where})")
+                 f"{CAP_THRESHOLD} cap {below})")
     elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
         text += (f" (a tumour called {_or_list(others)} is missed at any threshold"
@@ -1335,7 +1336,8 @@ def skipped_summary(skipped: list[dict]) -> str:
     why = Counter(s["error"] for s in skipped)
     parts = [f"{n} file{'s' * (n != 1)}: {reason[0].lower() + reason[1:].rstrip('.')}" for reason, n in why.most_common(3)]
     more = sum(n for _, n in why.most_common()[3:])
-    return (f"{files} left out of these figures (each listed below). " + "; ".join(parts)
+    return (f"{files} left out of these figures (listed below{', the first 200' if len(skipped) > 200 else ''}). "
+            + "; ".join(parts)
             + (f"; {more} more for other reasons" if more > 0 else "") + ".")
 
 

@@ -191,11 +191,12 @@ def referral_metrics(ev: dict, classes: list[str], rule: ReferralRule) -> list[t
 def _no_type_reason(types: list[str], rule: ReferralRule) -> str:
     """Why the type-uncertain count is n/a: a set scored tumour vs no tumour (a yes/no zip) is judged
     on the call alone, though the model names types; else the model names none, or sets no level."""
-    if len(types) < 2 and len([c for c in tumour_classes(list(rule.classes)) if c != TUMOUR]) > 1:
+    if len(types) < 2 and rule.judges_type:   # the model names types and judges them: not here
         return ("These scans are scored tumour vs no tumour (folders without a tumour type), so a tumour's "
                 "type is not judged here; `python -m core evaluate` counts the model's type flags on them "
                 "(referred_type_uncertain).")
-    return "This model names no tumour type." if len(types) < 2 else "This model's card sets no type-confidence level."
+    named = [c for c in tumour_classes(list(rule.classes) or types) if c != TUMOUR]
+    return "This model names no tumour type." if len(named) < 2 else "This model's card sets no type-confidence level."
 
 
 def no_miss_analysis(classes: list[str]) -> str:
@@ -276,15 +277,20 @@ def _score_sets(records: list[dict], classes: list[str]) -> list[tuple[str, np.n
     (three identical curves in the legend)."""
     out = []
     fine = [r for r in records if r["label"] in classes]
-    for c in ([] if sorted(classes) == sorted([TUMOUR, NO_TUMOUR]) else classes):
+    for c in ([] if len(classes) == 2 and NO_TUMOUR in classes else classes):
         y = np.array([r["label"] == c for r in fine])
         if 0 < y.sum() < len(y):
             out.append((c, y, np.array([r["probs"][c] for r in fine])))
-    known = [r for r in records if is_tumour_label(r["label"]) is not None
-             and r.get("tumour_probability") is not None]
-    y = np.array([bool(is_tumour_label(r["label"])) for r in known])
+    types = tumour_classes(classes)
+
+    def t_prob(r: dict) -> float | None:   # a record written without it: the tumour classes' sum
+        if r.get("tumour_probability") is not None:
+            return r["tumour_probability"]
+        return float(sum(r["probs"][c] for c in types)) if types and all(c in r["probs"] for c in types) else None
+    known = [(r, t) for r in records if is_tumour_label(r["label"]) is not None and (t := t_prob(r)) is not None]
+    y = np.array([bool(is_tumour_label(r["label"])) for r, _ in known])
     if known and 0 < y.sum() < len(y):
-        out.append(("tumour vs no tumour", y, np.array([r["tumour_probability"] for r in known])))
+        out.append(("tumour vs no tumour", y, np.array([t for _, t in known])))
     return out
 
 
@@ -369,7 +375,8 @@ def risk_coverage_figure(rows: list[dict]) -> go.Figure:
     # 100 % (a small zip) was drawn on an axis running to 200 %: no accuracy lies above 1
     lo = min((r["accuracy"] for r in rows if r.get("accuracy") is not None), default=0.0)
     pad = max(0.005, (1.0 - lo) * 0.1)
-    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".1%", range=[max(0.0, lo - pad), 1.0 + pad])
+    fig.update_traces(cliponaxis=False)   # the points at 100 % drawn whole on an axis that ends there
+    fig.update_yaxes(title="accuracy of the answered scans", tickformat=".1%", range=[max(0.0, lo - pad), 1.0])
     return _layout(fig, "Risk-coverage: refer the least confident", height=360)
 
 

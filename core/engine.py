@@ -783,7 +783,7 @@ def fit_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
 CAP_THRESHOLD = 0.5
 
 
-FLOOR_MIN_NORMALS = 20   # a source with fewer validation normals is held to the floor pooled with the rest
+FLOOR_MIN_NORMALS = 20   # a source with fewer validation normals is not held to the floor (all are pooled when none has more)
 
 
 def floor_unmet(operating_point: dict) -> tuple[str, float] | None:

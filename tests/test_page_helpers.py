@@ -158,6 +158,8 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     # a yes/no zip against the typed model: scored tumour vs no tumour, though the model names types
     folded = dash.referral_metrics(ev, yn, ReferralRule(tuple(c4), 0.3, 0.7, 0.0, 0.8))
     assert folded[1][1] == "n/a" and "scored tumour vs no tumour" in folded[1][2]
+    # ... unless its card sets no type level: then no CLI count to point to
+    assert "no type-confidence level" in dash.referral_metrics(ev, yn, ReferralRule(tuple(c4)))[1][2]
     assert "names no tumour type" in binary[1][2]
 
 
@@ -191,7 +193,7 @@ def test_the_risk_coverage_axis_stops_at_100_percent():
     """A small zip answered every scan right: the flat line at 100 % sat on an axis running to 200 %."""
     rows = [{"coverage": c, "accuracy": 1.0, "min_confidence": m} for c, m in ((1.0, 0.0), (0.9, 0.6))]
     lo, hi = dash.risk_coverage_figure(rows).layout.yaxis.range
-    assert 0.98 <= lo < 1.0 < hi <= 1.01
+    assert 0.98 <= lo < hi == 1.0
 
 
 def test_the_refused_scans_are_named():
@@ -218,6 +220,14 @@ def test_a_yes_no_set_draws_one_roc_curve():
             for lab, p in (("tumor", 0.9), ("tumor", 0.4), ("notumor", 0.2), ("notumor", 0.6))]
     names = [t.name for t in dash.roc_figure(recs, ["tumor", "notumor"]).data if t.showlegend is not False]
     assert len(names) == 1 and names[0].startswith("tumour vs no tumour")
-    four = [{**r, "label": "glioma" if r["label"] == "tumor" else "notumor",
-             "probs": {"glioma": r["probs"]["tumor"], "notumor": r["probs"]["notumor"]}} for r in recs]
-    assert len([t for t in dash.roc_figure(four, ["glioma", "notumor"]).data if t.showlegend is not False]) == 3
+    two = [{**r, "label": "glioma" if r["label"] == "tumor" else "notumor",
+            "probs": {"glioma": r["probs"]["tumor"], "notumor": r["probs"]["notumor"]}} for r in recs]
+    assert len([t for t in dash.roc_figure(two, ["glioma", "notumor"]).data if t.showlegend is not False]) == 1
+    # a record written without its tumour probability: the tumour classes' sum, not no curve
+    bare = [{k: v for k, v in r.items() if k != "tumour_probability"} for r in recs]
+    assert [t.name for t in dash.pr_figure(bare, ["tumor", "notumor"]).data][0].startswith("tumour vs no tumour")
+    three = [{**r, "label": {"tumor": "glioma"}.get(r["label"], r["label"]),
+              "probs": {"glioma": r["probs"]["tumor"] / 2, "pituitary": r["probs"]["tumor"] / 2,
+                        "notumor": r["probs"]["notumor"]}} for r in recs]
+    assert len([t for t in dash.roc_figure(three, ["glioma", "pituitary", "notumor"]).data
+                if t.showlegend is not False]) == 3   # glioma, notumor (pituitary has no scans) and the pooled one

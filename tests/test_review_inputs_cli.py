@@ -194,7 +194,7 @@ def test_operating_point_text_names_the_cap():
     per = {**op, "min_specificity": 0.9, "val_sensitivity": 1.0, "val_specificity": 0.909,
            "val_specificity_by_source": {"a": 0.0, "b": 1.0}}
     assert E.floor_unmet(per) == ("a", 0.0) and E.floor_unmet({**per, "threshold": 0.3}) is None
-    assert "stays below it: a 0.0%)" in app.operating_point_text({"operating_point": per}, 0.5)
+    assert "cap the validation specificity of a is 0.0%)." in app.operating_point_text({"operating_point": per}, 0.5)
     assert E.floor_unmet({**per, "val_specificity_by_source": {"a": 0.95, "b": 1.0}}) is None
 
 

@@ -586,7 +586,7 @@ def test_many_skipped_files_are_one_line_by_reason():
     skipped = [{"file": f"x/{k}.jpg", "error": "Its folder names no class of this model."} for k in range(30)]
     skipped += [{"file": "notes.txt", "error": "Not an image."}]
     line = app.skipped_summary(skipped)
-    assert line.startswith("31 files left out of these figures (each listed below). 30 files: its folder names no class")
+    assert line.startswith("31 files left out of these figures (listed below). 30 files: its folder names no class")
     assert "1 file: not an image" in line
     assert "bad.jpg" in app.skipped_summary([{"file": "bad.jpg", "error": "Damaged."}])
     # a fourth reason is counted, not hidden as '1 other reason(s)'

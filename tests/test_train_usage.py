@@ -519,7 +519,7 @@ def test_a_class_with_no_validation_or_test_image_is_named():
         return smp, {k: torch.tensor([i for i, s in enumerate(smp) if s.split == k]) for k in ("train", "val", "test")}
     samples, idx = made(source="a")
     note = train.untested_classes_note(samples, idx, C3)
-    assert note == ("pituitary: 2 images, none in validation or test (the split gave it none); no test figure "
+    assert note == ("pituitary: 2 images in this run, none in validation or test (the split gave it none); no test figure "
                     "(the macro F1 averages the classes tested) and the operating point and calibration never saw it.")
     assert train.untested_classes_note(samples, idx, ["notumor", "tumor"]) is None   # a binary model: typed scans are tumours
     # grouped: each source's class is split apart, so two sources of two groups each are why
@@ -529,18 +529,21 @@ def test_a_class_with_no_validation_or_test_image_is_named():
         smp.group = f"a{k % 2}" if smp.label == "pituitary" else f"x{k}"
     note = train.untested_classes_note(samples, idx, C3)
     assert ("(a has 2 near-duplicate groups of it, and a source's class needs 3 to be split; b has 2 "
-            "near-duplicate groups of it") in note and note.startswith("pituitary: 6 images")
+            "near-duplicate groups of it") in note and note.startswith("pituitary: 6 images in this run")
     # a held-out source is never validated on
-    held = [D.Sample("", "h0", "pituitary", "pituitary", source="h", split="test")]
+    held = [D.Sample("", "h0", "pituitary", "pituitary", source="h", split="test", group="h0")] + [
+        D.Sample("", f"h{k}", "pituitary", "pituitary", source="h", split="train", group=f"h{k}") for k in (1, 2)]
     samples, idx = made(held, source="a")
+    idx["train"] = idx["train"][:-2]   # a held-out source's training images are not the run's
     note = train.untested_classes_note(samples, idx, C3, trained={"a"})
-    assert note.startswith("pituitary: 3 images, none in validation (h is held out, never validated on)")
+    assert note.startswith("pituitary: 3 images in this run, none in validation (h is held out, never validated on)")
+    assert "h has" not in note   # never split for validation: its groups are no reason
     # a source shipping its own Testing/ folder without the class: validated, not tested
     samples, idx = made([D.Sample("", "v", "pituitary", "pituitary", source="s", split="val")], source="s")
     for smp in samples:
         smp.preset_split = "test" if smp.split == "test" else None
     assert train.untested_classes_note(samples, idx, C3) == (
-        "pituitary: 3 images, none in test (s's own Testing/ folder holds none); no test figure (the macro F1 "
+        "pituitary: 3 images in this run, none in test (the own Testing/ folder of s holds none); no test figure (the macro F1 "
         "averages the classes tested).")
 
 
