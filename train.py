@@ -767,14 +767,16 @@ def untested_classes_note(samples: list[D.Sample], idx: dict[str, torch.Tensor],
         except ValueError:
             return None
         return classes[t[0]] if len(t) == 1 else None
+    named = [exactly(s) for s in samples]
+    in_split = {k: {named[i] for i in idx[k].tolist()} for k in ("val", "test")}
     shipped = {s.source for s in samples if s.preset_split == "test"}
     parts = []
     for c in classes:
-        lacks = [k for k in ("val", "test") if not any(exactly(samples[i]) == c for i in idx[k].tolist())]
+        lacks = [k for k in ("val", "test") if c not in in_split[k]]
         if not lacks:
             continue
-        mine = [s for s in samples if exactly(s) == c]
-        used = sum(exactly(samples[i]) == c for k in ("train", "val", "test") for i in idx[k].tolist())
+        mine = [s for s, n in zip(samples, named) if n == c]
+        used = sum(named[i] == c for k in ("train", "val", "test") for i in idx[k].tolist())
         why = []
         for src in sorted({s.source for s in mine}):
             groups = {s.group for s in mine if s.source == src and s.group and not s.preset_split}
@@ -788,8 +790,8 @@ def untested_classes_note(samples: list[D.Sample], idx: dict[str, torch.Tensor],
                            "and a source's class needs 3 to be split")
         cost = [*(["no test figure (the macro F1 averages the classes tested)"] if "test" in lacks else []),
                 *(["the operating point and calibration never saw it"] if "val" in lacks else [])]
-        named = " or ".join({"val": "validation", "test": "test"}[k] for k in lacks)
-        parts.append(f"{c}: {used} image{'s' * (used != 1)} in this run, none in {named} "
+        splits = " or ".join({"val": "validation", "test": "test"}[k] for k in lacks)
+        parts.append(f"{c}: {used} image{'s' * (used != 1)} in this run, none in {splits} "
                      f"({'; '.join(why) or 'the split gave it none'}); " + " and ".join(cost))
     return ". ".join(parts) + "." if parts else None
 
@@ -1352,8 +1354,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                      "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None,
                      # per source, as pick_threshold holds the floor: a pooled 90.9 % hid one source's 0 %
                      "val_specificity_by_source": {
-                         str(g): float((~called[~is_t & (src == g)]).mean()) for g in np.unique(src[~is_t])
-                         if (~is_t & (src == g)).sum() >= E.FLOOR_MIN_NORMALS} or None}
+                         str(g): float((~called[~is_t & (src == g)]).mean()) for g in E.floor_groups(is_t, src)} or None}
         if (short := E.floor_unmet(operating)):
             spec_s, floor_s = apart(short[1], args.min_specificity, 1, True)
             print(f"warning: the operating point is at its {E.CAP_THRESHOLD} cap, and validation specificity "

@@ -27,7 +27,7 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, SEEN_TEXT)
-from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, normalise_label, tumour_classes
+from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, normalise_label, or_list, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
@@ -286,7 +286,7 @@ def operating_point_text(card: dict, default: float) -> str:
                  f"{CAP_THRESHOLD} cap {below})")
     elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
-        text += (f" (a tumour called {_or_list(others)} is missed at any threshold"
+        text += (f" (a tumour called {or_list(others)} is missed at any threshold"
                  + (f"; the specificity floor of {floor:.0%} per source may also have bound it)" if floor else ")"))
     elif sens < target and floor:
         text += f" (the specificity floor of {floor:.0%} per source bound it)"
@@ -298,20 +298,16 @@ def model_identity(predictor: Predictor) -> tuple:
     return predictor.identity
 
 
-def _or_list(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
-
-
 def class_wording(classes: list[str]) -> str:
     """The classes in a sentence: 'a glioma, meningioma or pituitary tumour, or no tumour'."""
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
-    parts = [f"a {_or_list(types)} tumour"] if types else ["a tumour"] if TUMOUR in classes else []
+    parts = [f"a {or_list(types)} tumour"] if types else ["a tumour"] if TUMOUR in classes else []
     if types and TUMOUR in classes:   # Brain_Glioma/ Brain_Menin/ Brain Tumor/: the named types, or another
         parts.append("another tumour")
     parts += [c.replace("_", " ") for c in classes if c not in (*tumour_classes(classes), NO_TUMOUR)]
     if NO_TUMOUR not in classes:
-        return _or_list(parts) if parts else "one of its classes"
-    return f"{_or_list(parts)}, or no tumour" if parts else "no tumour"
+        return or_list(parts) if parts else "one of its classes"
+    return f"{or_list(parts)}, or no tumour" if parts else "no tumour"
 
 
 # ----------------------------------------------------------------------------- operating point

@@ -786,6 +786,13 @@ CAP_THRESHOLD = 0.5
 FLOOR_MIN_NORMALS = 20   # a source with fewer validation normals is not held to the floor (all are pooled when none has more)
 
 
+def floor_groups(is_tumour: np.ndarray, groups: np.ndarray, min_normals: int = FLOOR_MIN_NORMALS) -> list:
+    """The groups (sources) the specificity floor holds in: each with at least ``min_normals``
+    normals; [] when none has that many (the floor then holds over them all, pooled)."""
+    is_tumour, groups = np.asarray(is_tumour, bool), np.asarray(groups)
+    return [g for g in np.unique(groups) if (~is_tumour & (groups == g)).sum() >= min_normals]
+
+
 def floor_unmet(operating_point: dict) -> tuple[str, float] | None:
     """(which set, its validation specificity) when a card's operating point sits at the cap with
     that specificity still under its floor (`pick_threshold` never goes higher): the floor is not
@@ -830,7 +837,7 @@ def pick_threshold(t_prob: np.ndarray, is_tumour: np.ndarray, target_sensitivity
     if min_specificity is None:
         return thr
     groups = np.zeros(len(t_prob), int) if groups is None else np.asarray(groups)
-    counted = [g for g in np.unique(groups) if (~is_tumour & (groups == g)).sum() >= min_group_normals]
+    counted = floor_groups(is_tumour, groups, min_group_normals)
     # no source with enough normals: the floor holds over them all, not nowhere
     sets = [groups == g for g in counted] if counted else [np.ones(len(t_prob), bool)]
     for in_group in sets:

@@ -50,11 +50,11 @@ def prediction_records(samples, probs: np.ndarray, classes: list[str], threshold
         # a typed tumour scored by a tumour/no-tumour model is a 'tumor' (as score_labelled does)
         label = TUMOUR if folds_types(classes) and s.label in FINE_TUMOURS else s.label
         out.append({"file": s.rel, "source": s.source, "label": label, "pred": classes[pred[i]],
-               "probs": {c: float(v) for c, v in zip(classes, probs[i])},
-               "tumour_probability": None if t_prob is None else _stored_tumour_probability(float(t_prob[i]), threshold),
-               "confidence": float(probs[i, pred[i]]), "uncertain": bool(unc[i]),
-               "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None,
-               "ood_reason": None, "threshold": threshold})
+                    "probs": {c: float(v) for c, v in zip(classes, probs[i])},
+                    "tumour_probability": None if t_prob is None else _stored_tumour_probability(float(t_prob[i]), threshold),
+                    "confidence": float(probs[i, pred[i]]), "uncertain": bool(unc[i]),
+                    "type_uncertain": bool(typ[i]), "in_distribution": True, "ood_score": None,
+                    "ood_reason": None, "threshold": threshold})
     return out
 
 

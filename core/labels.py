@@ -97,14 +97,18 @@ def has_tumour_decision(classes: list[str]) -> bool:
     return bool(tumour_classes(classes)) and NO_TUMOUR in classes
 
 
+def or_list(words: list[str]) -> str:
+    """'a, b or c' (one word alone)."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def cannot_rule_out(classes: list[str]) -> str | None:
     """For a model with tumour classes but no 'no tumour' one (glioma/meningioma/pituitary, or a
     'stroke' class beside them), the sentence that says what it cannot do: it calls a healthy scan
     one of its classes. None for a model that can call a scan tumour-free, or one with no tumour class."""
     if NO_TUMOUR in classes or not tumour_classes(classes):
         return None
-    words = [("a tumour of no named type" if c == TUMOUR else c) for c in classes]
-    named = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+    named = or_list([("a tumour of no named type" if c == TUMOUR else c) for c in classes])
     return (f"This model has no 'no tumour' class, so it calls every scan {named}, a healthy one too: "
             "it cannot call a scan tumour-free.")
 
