@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     pred = load_predictor(p, args.weights)
     header()
-    import train  # its reader of a card's sources, with their folder-name maps
+    from core import training as TR  # its reader of a card's sources, with their folder-name maps
     sources = [{k: s[k] for k in ("name", "path", "weight")} | {"label_map": s.get("label_map")}
                for s in pred.card["sources"]]
-    samples, _ = train.load_samples(sources, argparse.Namespace(limit=0, seed=0, binary=False))
+    samples, _ = TR.load_samples(sources, argparse.Namespace(limit=0, seed=0, binary=False))
     D.apply_split_record(samples, json.loads((pred.dir / "split.json").read_text())["files"])
     val = [i for i, s in enumerate(samples) if s.split == "val"]
     masks = E.target_masks([samples[i] for i in val], pred.classes)

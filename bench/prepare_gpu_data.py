@@ -34,9 +34,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
 from bench._machine import header  # noqa: E402
-from core import data as D, engine as E  # noqa: E402
+from core import data as D, engine as E, training as TR  # noqa: E402
 from core.preprocess import DEFAULT_SPEC  # noqa: E402
 
 BUDGET_MIB = 56  # of the 64 MiB a call carries: the repository and the wheels need the rest
@@ -106,7 +105,7 @@ def main() -> int:
                 p.error(f"drop_copies: {e}")
     spec = {**DEFAULT_SPEC, "size": first["img"], "crop": "head"}
     sources = D.parse_sources(first["data"])
-    samples, skipped = train.load_samples(sources, types.SimpleNamespace(limit=0, seed=0, binary=False))
+    samples, skipped = TR.load_samples(sources, types.SimpleNamespace(limit=0, seed=0, binary=False))
     images = E.cache_images(samples, spec, workers=a.workers).numpy()
     masks, known = (t.numpy() for t in E.cache_lesions(samples, spec, workers=a.workers))
     record = json.loads((Path(first["split_from"]) / "split.json").read_text())

@@ -39,7 +39,7 @@ def logits_of(pred: Predictor, samples: list[D.Sample], spec: dict) -> torch.Ten
 
 
 def fit(logits, samples, classes, card) -> tuple[float, float]:
-    """(temperature, threshold) as train.py's finish fits them."""
+    """(temperature, threshold) as `core.training.finish` fits them."""
     masks = E.target_masks(samples, classes)
     t = E.fit_temperature(logits, masks)
     probs = torch.softmax(logits / t, 1).numpy()

@@ -426,3 +426,19 @@ def test_a_cache_is_never_seen_half_written(tmp_path, private_cache, monkeypatch
     assert list(private_cache.parent.iterdir()) == []  # neither the cache nor a stray temporary
     monkeypatch.setattr(np, "save", real_save)
     assert E.cache_images(samples, spec, workers=1).shape == (6, 1, 32, 32)
+
+
+def test_the_served_probabilities_are_divided_by_the_cards_temperature(random_weights, tmp_path, monkeypatch):
+    """Every fixture card says T = 1, where dividing by it or not gives the same numbers: a
+    Predictor that served the raw softmax passed every test but one."""
+    from conftest import edited_weights
+    from core.inference import Predictor
+    monkeypatch.setenv("BT_PRECISION", "fp32")   # the logits below are fp32's; a bf16 CPU serves bf16
+    t = 2.5
+    pred = Predictor(edited_weights(random_weights, tmp_path / "w", {"calibration": {"method": "test", "temperature": t}}))
+    x = torch.rand(3, 1, *(2 * [pred.spec["size"]]))
+    with torch.no_grad():
+        logits = pred.model(x.to(pred.device)).float()
+    served = pred.probabilities(x)
+    assert np.allclose(served, torch.softmax(logits / t, 1).numpy(), atol=1e-5)
+    assert not np.allclose(served, torch.softmax(logits, 1).numpy(), atol=1e-3)

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import prepare_gpu_data as P  # noqa: E402
 import train  # noqa: E402
+from core import training as TR  # noqa: E402
 from core.data import Sample  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def test_device_config_trains_with_the_options_the_finish_checks(config, tmp_pat
     (tmp_path / "dev.toml").write_text(dev_text.replace('"gpu/split"', f'"{tmp_path / "split"}"'))
     a = train.parse_args(["--config", str(ROOT / config)])
     b = train.parse_args(["--config", str(tmp_path / "dev.toml")])
-    assert {k: getattr(a, k) for k in train.TRAINED_WITH} == {k: getattr(b, k) for k in train.TRAINED_WITH}
+    assert {k: getattr(a, k) for k in TR.TRAINED_WITH} == {k: getattr(b, k) for k in TR.TRAINED_WITH}
 
 
 def test_device_config_keeps_its_settings_top_level_with_data_tables():
@@ -114,7 +115,7 @@ def test_a_config_that_drops_copies_travels_with_its_lists(tmp_path, monkeypatch
     a = train.parse_args(["--config", str(ROOT / config)])
     b = train.parse_args(["--config", str(tmp_path / "dev.toml")])
     assert a.drop_copies_sha256 and len(a.drop_copies_sha256) == len(orig["drop_copies"])
-    assert {k: getattr(a, k) for k in train.TRAINED_WITH} == {k: getattr(b, k) for k in train.TRAINED_WITH}
+    assert {k: getattr(a, k) for k in TR.TRAINED_WITH} == {k: getattr(b, k) for k in TR.TRAINED_WITH}
 
 
 def test_a_copy_whose_partner_was_not_packed_is_still_dropped():

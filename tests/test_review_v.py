@@ -90,14 +90,24 @@ def test_shipped_default_marks_every_copy_its_list_names():
     assert named and named <= marked
 
 
-@pytest.mark.parametrize("model", sorted(p.parent.name for p in (ROOT / "weights").glob("*/eval.json")))
+def _models_with_copy_lists() -> list[str]:
+    """The shipped models whose eval.json marks came from copy lists (the others record none)."""
+    return sorted(p.parent.name for p in (ROOT / "weights").glob("*/eval.json")
+                  if (json.loads(p.read_text()).get("copies_in_training") or {}).get("lists"))
+
+
+def test_the_default_and_its_parents_record_their_copy_lists():
+    assert {"resnet18_192_gpu_ema120_s2", "resnet18_176_copyaware_ft"} <= set(_models_with_copy_lists())
+
+
+@pytest.mark.parametrize("model", _models_with_copy_lists())
 def test_every_shipped_eval_names_lists_that_are_there(model):
     """A shipped eval.json whose marks came from a copy list names it where it is, with its digest:
     `mark-copies` run again reads it (the two 176 px models named a file their folders lack)."""
     from core.evaluation import recorded_copy_lists
     ev = json.loads((ROOT / "weights" / model / "eval.json").read_text())
-    recorded = (ev.get("copies_in_training") or {}).get("lists") or []
-    assert len(recorded_copy_lists(ev, log=lambda *_: None)) == len(recorded)
+    recorded = ev["copies_in_training"]["lists"]
+    assert len(recorded_copy_lists(ev, log=lambda *_: None)) == len(recorded) > 0
     for entry in recorded:
         assert not Path(entry["path"]).is_absolute()   # a path of this machine would not travel
 

@@ -180,8 +180,8 @@ def test_real_lgg_mask_runs_end_to_end():
     p = Stub(create_model("simple_cnn", 4), spec)
     cam = saliency_map(p, scan, "gradcam")
     s = mask_scores(cam, mask_to_input(scan.pixels, mask, spec))
-    if mask.any():
-        assert isinstance(s["pointing_hit"], bool) and 0 <= s["energy_in_mask"] <= 1
+    assert mask.any(), f"{pair[1]} marks no lesion: pick a slice whose mask has one"
+    assert isinstance(s["pointing_hit"], bool) and 0 <= s["energy_in_mask"] <= 1
 
 
 def test_a_map_is_not_touched_by_another_session_predicting(random_weights):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import core.engine as E
+import core.training as TR
 from core.cli import main as cli_main
 from core.labels import normalise_label
 
@@ -193,7 +194,6 @@ def test_teacher_distils_into_another_arch_on_its_split_and_a_leaking_teacher_is
 
 def test_distillation_maps_the_teachers_rows_onto_the_kept_samples(tmp_path, monkeypatch):
     import argparse
-    import train
     keep = torch.tensor([False, True, True, False, True, True])   # of six files, four kept
     train_rows = torch.tensor([0, 2, 3])                            # training rows among the kept
 
@@ -206,7 +206,7 @@ def test_distillation_maps_the_teachers_rows_onto_the_kept_samples(tmp_path, mon
     monkeypatch.setattr(E, "teacher_logits", fake)
     (tmp_path / "card.json").write_text(json.dumps({"preprocessing": {"size": 32}}))
     args = argparse.Namespace(teacher=str(tmp_path), distill=0.5, distill_t=2.0, distill_online=False, workers=1)
-    (logits, w, t), _ = train.distillation(args, list(range(6)), keep, train_rows, C4, {}, {"size": 32},
+    (logits, w, t), _ = TR.distillation(args, list(range(6)), keep, train_rows, C4, {}, {"size": 32},
                                            torch.device("cpu"), "fp32", lambda *a, **k: None)
     assert logits.shape == (4, 4) and (w, t) == (0.5, 2.0)
     assert logits[train_rows, 0].tolist() == [1.0, 4.0, 5.0]        # kept rows 0, 2, 3 = files 1, 4, 5
@@ -433,22 +433,21 @@ def test_tta_below_refits_on_served_outputs_and_the_predictor_serves_them(tmp_pa
 def test_warmup_epochs_are_neither_best_nor_counted_by_early_stopping(tmp_path, monkeypatch):
     data, out = tmp_path / "data", tmp_path / "run"
     make_dataset(data)
-    import train
     epochs, patience = 14, 2
-    warm = int(train.WARMUP * epochs)
+    warm = int(TR.WARMUP * epochs)
     assert warm == patience == 2
     # Scripted validation losses: the warm-up epochs have the lowest (as a fine-tune's do), and
     # they are as many as --patience, so counting them would stop the run before any best epoch.
     # After them epoch 4 is best, and epochs 5 and 6 are worse: the run stops there.
     losses = [0.05, 0.06, 0.50, 0.40, 0.45, 0.46] + [0.90] * (epochs - 6)
-    real, judged = train.judge_epoch, []
+    real, judged = TR.judge_epoch, []
 
     def watched(epoch, loss, best, bad, warmup_epochs, counts=True):
         verdict = real(epoch, loss, best, bad, warmup_epochs, counts=counts)
         judged.append({"epoch": epoch, "warmup_epochs": warmup_epochs, "is_best": verdict[0]})
         return verdict
 
-    monkeypatch.setattr(train, "judge_epoch", watched)
+    monkeypatch.setattr(TR, "judge_epoch", watched)
     validated = train_validating(["--data", data, "--out", out, "--arch", "simple_cnn", "--img", 32,
                                   "--batch-size", 8, "--workers", 1, "--epochs", epochs,
                                   "--patience", patience], monkeypatch, losses)
@@ -487,7 +486,7 @@ def test_keep_last_ships_the_final_epoch_and_never_stops_early(tmp_path, monkeyp
 
 
 def test_judge_epoch_skips_the_warmup_then_tracks_the_best():
-    from train import judge_epoch
+    from core.training import judge_epoch
     best, bad, kept = float("inf"), 0, []
     # a fine-tune: lowest loss in epoch 0 (warm-up), then worse, then better than epoch 1
     for epoch, loss in enumerate([0.10, 0.30, 0.25, 0.26, 0.27, 0.20]):
@@ -644,7 +643,7 @@ def test_finish_from_cards_a_run_stopped_before_its_card(tmp_path, monkeypatch):
 
     def stopped(*a, **k):
         raise KeyboardInterrupt  # the time limit, after the last epoch and before the card
-    monkeypatch.setattr(train, "finish", stopped)
+    monkeypatch.setattr(TR, "finish", stopped)
     with pytest.raises(KeyboardInterrupt):
         train.main([*map(str, common), "--out", str(there)])
     monkeypatch.undo()
@@ -724,11 +723,10 @@ def test_a_training_run_marks_its_test_records_for_copies(tmp_path, monkeypatch)
 
 
 def test_a_failed_copy_mark_does_not_end_a_finished_run(tmp_path, monkeypatch, capsys):
-    import train
 
     def fail(*_):
         raise ValueError("3 files of the split are missing")
-    monkeypatch.setattr(train, "copies_trained_on", fail)
+    monkeypatch.setattr(TR, "copies_trained_on", fail)
     data = tmp_path / "data"
     make_dataset(data)
     train_validating(["--data", data, "--out", tmp_path / "m", "--arch", "simple_cnn", "--img", 32, "--epochs", 1,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import train
+from core import training as TR
 from conftest import make_blob_dataset
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # conftest: a per-test hash cache
@@ -361,6 +362,24 @@ def test_calibration_describes_the_fp16_weights_that_ship(data, tmp_path):
     assert again == pytest.approx(first, abs=1e-6)
 
 
+def test_the_card_stores_the_temperature_fitted_on_validation(data, tmp_path, monkeypatch):
+    """The test above compares two temperatures of the same code path: a card that stored 1.0
+    whatever was fitted passed it. The value fitted on the validation outputs is the card's."""
+    import core.engine as E
+    real, fitted = E.fit_temperature, []
+
+    def spy(logits, masks):
+        fitted.append((t := real(logits, masks), len(logits)))
+        return t
+    monkeypatch.setattr(E, "fit_temperature", spy)
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "2", *TINY]) == 0
+    card = json.loads((out / "card.json").read_text())
+    t, n = fitted[-1]   # without --tta-below, the one fit is on the whole validation split
+    assert n == card["split"]["sizes"]["val"] and t != 1.0
+    assert card["calibration"]["temperature"] == pytest.approx(t, rel=1e-9)
+
+
 def test_the_card_names_the_epoch_saved_as_best(data, tmp_path):
     """best_epoch was recomputed from history (the lowest validation loss after the warm-up), which
     named a low-resolution epoch of progressive resizing whose weights never shipped."""
@@ -387,9 +406,9 @@ def test_a_schedule_that_more_processes_shrink_is_checked_for_the_whole_rest():
     # 4 epochs of 10 steps on 1 process, stopped after epoch 1 (10 steps), resumed on 2 processes
     # (5 steps an epoch, 20 in all): 10 + 3 x 5 = 25 steps did not fit, and the scheduler raised
     # mid-run; only "taken >= steps" was checked
-    assert not train.schedule_fits(10, 3 * 5, 20)
-    assert train.schedule_fits(10, 3 * 10, 40)      # the same run resumed on 1 process
-    assert not train.schedule_fits(30, 0, 20)       # a finished run resumed with fewer --epochs
+    assert not TR.schedule_fits(10, 3 * 5, 20)
+    assert TR.schedule_fits(10, 3 * 10, 40)      # the same run resumed on 1 process
+    assert not TR.schedule_fits(30, 0, 20)       # a finished run resumed with fewer --epochs
 
 
 def test_simple_cnn_keeps_the_hooked_conv_output_on_cpu():
@@ -412,8 +431,8 @@ def test_measurements_of_other_weights_are_moved_aside(data, tmp_path):
     (out / "ood.safetensors").write_bytes(b"a gate fitted on these weights' features")
     (out / "saliency_eval.json").write_text("{}")
     sha = file_sha256(out / "model.safetensors")
-    assert train.retire_measurements(out, sha, sha) == []  # same weights: kept
-    assert train.retire_measurements(out, "another run's sha", sha) == ["ood.safetensors", "saliency_eval.json"]
+    assert TR.retire_measurements(out, sha, sha) == []  # same weights: kept
+    assert TR.retire_measurements(out, "another run's sha", sha) == ["ood.safetensors", "saliency_eval.json"]
     assert not (out / "ood.safetensors").exists() and not (out / "saliency_eval.json").exists()
     (prev,) = out.glob("previous-*")
     assert (prev / "ood.safetensors").read_bytes().startswith(b"a gate")
@@ -456,7 +475,7 @@ def test_every_augmentation_option_is_parsed_resumed_finished_and_named():
     import core.engine as E
     from core.compare import _widened
     for option in E.AUG_OPTION_DEFAULTS:
-        assert option in train.FLOAT_OPTIONS and option in train.RESUME_FIXED and option in train.TRAINED_WITH, option
+        assert option in train.FLOAT_OPTIONS and option in train.RESUME_FIXED and option in TR.TRAINED_WITH, option
     assert len(_widened({k: 0.77 for k in E.AUG_OPTION_DEFAULTS}).split(", ")) == len(E.AUG_OPTION_DEFAULTS)
 
 
@@ -498,10 +517,10 @@ def test_the_card_notes_groups_whose_labels_disagree_only_for_its_own_grouping()
     import core.data as D
     grouped = [D.Sample("", str(i), lab, lab, group=g)
                for i, (lab, g) in enumerate([("glioma", "a"), ("notumor", "a"), ("glioma", "b"), ("tumor", "b")])]
-    note = train.mixed_groups_note(grouped)["groups_whose_labels_disagree"]
+    note = TR.mixed_groups_note(grouped)["groups_whose_labels_disagree"]
     assert (note["groups"], note["images"], note["largest"]) == (1, 2, {"glioma": 1, "notumor": 1})
     reused = [D.Sample("", str(i), lab, lab) for i, lab in enumerate(["glioma", "notumor"])]   # --split-from: no groups
-    assert train.mixed_groups_note(reused) == {}
+    assert TR.mixed_groups_note(reused) == {}
 
 
 def test_a_class_with_no_validation_or_test_image_is_named():
@@ -518,16 +537,16 @@ def test_a_class_with_no_validation_or_test_image_is_named():
         smp = [D.Sample("", str(i), lab, lab, split=k, **kw) for i, (lab, k) in enumerate(rows)] + list(extra)
         return smp, {k: torch.tensor([i for i, s in enumerate(smp) if s.split == k]) for k in ("train", "val", "test")}
     samples, idx = made(source="a")
-    note = train.untested_classes_note(samples, idx, C3)
+    note = TR.untested_classes_note(samples, idx, C3)
     assert note == ("pituitary: 2 images in this run, none in validation or test (the split gave it none); no test figure "
                     "(the macro F1 averages the classes tested) and the operating point and calibration never saw it.")
-    assert train.untested_classes_note(samples, idx, ["notumor", "tumor"]) is None   # a binary model: typed scans are tumours
+    assert TR.untested_classes_note(samples, idx, ["notumor", "tumor"]) is None   # a binary model: typed scans are tumours
     # grouped: each source's class is split apart, so two sources of two groups each are why
     more = [D.Sample("", f"b{k}", "pituitary", "pituitary", source="b", group=f"b{k % 2}", split="train") for k in range(4)]
     samples, idx = made(more, source="a")
     for k, smp in enumerate(samples[:len(rows)]):
         smp.group = f"a{k % 2}" if smp.label == "pituitary" else f"x{k}"
-    note = train.untested_classes_note(samples, idx, C3)
+    note = TR.untested_classes_note(samples, idx, C3)
     assert ("(a has 2 near-duplicate groups of it, and a source's class needs 3 to be split; b has 2 "
             "near-duplicate groups of it") in note and note.startswith("pituitary: 6 images in this run")
     # a held-out source is never validated on
@@ -535,14 +554,14 @@ def test_a_class_with_no_validation_or_test_image_is_named():
         D.Sample("", f"h{k}", "pituitary", "pituitary", source="h", split="train", group=f"h{k}") for k in (1, 2)]
     samples, idx = made(held, source="a")
     idx["train"] = idx["train"][:-2]   # a held-out source's training images are not the run's
-    note = train.untested_classes_note(samples, idx, C3, trained={"a"})
+    note = TR.untested_classes_note(samples, idx, C3, trained={"a"})
     assert note.startswith("pituitary: 3 images in this run, none in validation (h is held out, never validated on)")
     assert "h has" not in note   # never split for validation: its groups are no reason
     # a source shipping its own Testing/ folder without the class: validated, not tested
     samples, idx = made([D.Sample("", "v", "pituitary", "pituitary", source="s", split="val")], source="s")
     for smp in samples:
         smp.preset_split = "test" if smp.split == "test" else None
-    assert train.untested_classes_note(samples, idx, C3) == (
+    assert TR.untested_classes_note(samples, idx, C3) == (
         "pituitary: 3 images in this run, none in test (the own Testing/ folder of s holds none); no test figure (the macro F1 "
         "averages the classes tested).")
 
@@ -554,7 +573,7 @@ def test_keep_is_fixed_on_resume_and_finish_and_older_runs_kept_the_best():
     now["keep"] = "last"
     assert any("--keep" in c for c in train.resume_conflicts(saved, now))
     # --finish-from compares TRAINED_WITH: a run's card then says which epoch it kept
-    assert "keep" in train.TRAINED_WITH and train.with_added_options({})["keep"] == "best"
+    assert "keep" in TR.TRAINED_WITH and TR.with_added_options({})["keep"] == "best"
 
 
 # ----------------------------------------------------------------------------- session 37 review
