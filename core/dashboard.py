@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from .inference import finite_number, shown_slice
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, class_label, has_tumour_decision, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
 from .report import flag_labels, refused_by_header, slice_words, volume_words
@@ -31,7 +31,7 @@ def probability_bar(probs: dict[str, float], predicted: str | None = None) -> go
     """Calibrated probability of every class; the predicted class in a stronger colour."""
     names = list(probs)
     colours = [PALETTE[3] if c == predicted else "#9ecae1" for c in names]
-    fig = go.Figure(go.Bar(x=[probs[c] for c in names], y=names, orientation="h",
+    fig = go.Figure(go.Bar(x=[probs[c] for c in names], y=[class_label(c) for c in names], orientation="h",
                            marker_color=colours, text=[f"{probs[c]:.1%}" for c in names],
                            textposition="auto"))
     fig.update_xaxes(range=[0, 1], tickformat=".0%")
@@ -97,7 +97,8 @@ def confusion_heatmap(cm: list[list[int]], classes: list[str], normalise: bool =
         totals = a.sum(axis=1, keepdims=True)
         a = np.divide(a, totals, out=np.full_like(a, np.nan), where=totals > 0)
     text = [["n/a" if np.isnan(v) else f"{v:.0%}" if normalise else f"{int(v)}" for v in row] for row in a]
-    fig = go.Figure(go.Heatmap(z=a, x=classes, y=classes, colorscale="Blues", text=text,
+    shown = [class_label(c) for c in classes]
+    fig = go.Figure(go.Heatmap(z=a, x=shown, y=shown, colorscale="Blues", text=text,
                                texttemplate="%{text}", showscale=False,
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title="true")
@@ -265,7 +266,7 @@ def reliability_note(bins: list[dict]) -> str | None:
 def per_class_table(ev: dict) -> pd.DataFrame:
     """Precision, recall, F1, specificity and support per class; '—' where a figure is not defined
     (a class with no scans has no recall: 'None' read as a finding)."""
-    rows = [{"class": c, **{k: (f"{m[k]:.3f}" if finite_number(m.get(k)) else "—")
+    rows = [{"class": class_label(c), **{k: (f"{m[k]:.3f}" if finite_number(m.get(k)) else "—")
                             for k in ("precision", "recall", "f1", "specificity")}, "support": m.get("support", 0)}
             for c, m in ev.get("per_class", {}).items()]
     return pd.DataFrame(rows)
@@ -280,7 +281,7 @@ def _score_sets(records: list[dict], classes: list[str]) -> list[tuple[str, np.n
     for c in ([] if len(classes) == 2 and NO_TUMOUR in classes else classes):
         y = np.array([r["label"] == c for r in fine])
         if 0 < y.sum() < len(y):
-            out.append((c, y, np.array([r["probs"][c] for r in fine])))
+            out.append((class_label(c), y, np.array([r["probs"][c] for r in fine])))
     types = tumour_classes(classes)
 
     def t_prob(r: dict) -> float | None:   # a record written without it: the tumour classes' sum
@@ -494,7 +495,7 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         if id(r) in in_series:
             where = in_series[id(r)]
         rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None or id(r) in in_series else "",
-                     "prediction": r["pred"] if called else (NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
+                     "prediction": class_label(r["pred"]) if called else (NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
                      "tumour probability": r.get("tumour_probability") if called else None,
                      "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
     # the call's probability (a narrow bar) and its flags beside it: at laptop width (1400 px) the

@@ -97,6 +97,16 @@ def has_tumour_decision(classes: list[str]) -> bool:
     return bool(tumour_classes(classes)) and NO_TUMOUR in classes
 
 
+_CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
+                "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
+
+
+def class_label(c: str) -> str:
+    """How a class is shown to a reader ('notumor' -> 'No tumour'): the app and the PDF. The
+    CSV, JSON and CLI keep the model's class names, which other programs read."""
+    return _CLASS_NAMES.get(c, c.replace("_", " ").capitalize())
+
+
 def or_list(words: list[str]) -> str:
     """'a, b or c' (one word alone)."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"

@@ -48,7 +48,7 @@ import numpy as np
 
 from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
                         shown_slice, volume_check)
-from .labels import NO_TUMOUR, TUMOUR, tumour_classes
+from .labels import NO_TUMOUR, class_label, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
 from .reader import ScanError, file_fault_error, load_bytes, read_scan
@@ -75,15 +75,6 @@ FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its s
 FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
 FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
 FLAG_SEEN = "seen in training"   # the file itself is one the model trained on (Predictor.seen_in_training)
-
-_CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
-                "meningioma": "Meningioma", "pituitary": "Pituitary tumour"}
-
-
-def class_label(c: str) -> str:
-    """How a class name is printed for a reader ('notumor' -> 'No tumour')."""
-    return _CLASS_NAMES.get(c, c.replace("_", " ").capitalize())
-
 
 # ---------------------------------------------------------------- analysis (once per file)
 

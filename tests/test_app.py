@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import core.inference
+from core.labels import class_label
 from conftest import CLASSES, DATA, REPO
 
 PAGES = ["app_pages/diagnose.py", "app_pages/evaluation.py", "app_pages/training.py", "app_pages/model_card.py"]
@@ -58,7 +59,7 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     app.multiselect[0].select("glioma.jpg").run()
     assert not app.exception
     (line,) = predictions(app)
-    assert any(f"**{c}**" in line for c in CLASSES)
+    assert any(f"**{class_label(c)}**" in line for c in CLASSES)
     assert len(app.image) >= 3  # the scan, the overlay, the raw map
     assert "over the model input" in " ".join(c for im in app.image for c in im.captions)
     assert "Class probabilities" in figure_titles(app)
@@ -117,7 +118,7 @@ def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
     assert len(predictions(app)) == 2
     table = app.dataframe[0].value
     assert list(table["file"]) == ["first.jpg", "broken.jpg", "third.jpg"]
-    assert table["flags"][1].startswith("error:") and table["prediction"][0] in CLASSES
+    assert table["flags"][1].startswith("error:") and table["prediction"][0] in map(class_label, CLASSES)
     assert app.dataframe[0].proto.placeholder == "—"   # its empty number cells: not a grey "None"
     assert any(b.label.startswith("Download the table") for b in app.get("download_button"))
 
@@ -199,9 +200,9 @@ def test_operating_point_is_shared_by_diagnose_and_evaluation(app):
     assert {m.label: m.value for m in app.metric}["Tumours missed"] == "10"  # all 10 of them
     app.switch_page("app_pages/diagnose.py").run()
     app.multiselect[0].select("glioma.jpg").run()
-    assert predictions(app) == ["### Prediction: **notumor**"]
+    assert predictions(app) == ["### Prediction: **No tumour**"]
     threshold_slider(app).set_value(0.0).run()  # everything flagged: nothing missed
-    assert predictions(app) != ["### Prediction: **notumor**"]
+    assert predictions(app) != ["### Prediction: **No tumour**"]
     app.switch_page("app_pages/evaluation.py").run()
     assert {m.label: m.value for m in app.metric}["Tumours missed"] == "0"
     assert threshold_slider(app).value == 0.0
@@ -221,7 +222,7 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     assert metrics["Scans"] == "14" and "of 10" in metrics["Tumours missed here"]
     helps = {m.label: m.proto.help for m in app.metric}
     assert "95 % interval" in helps["Accuracy"] and "95 % interval" in helps["Sensitivity"]
-    assert list(app.dataframe[0].value["class"]) == CLASSES
+    assert list(app.dataframe[0].value["class"]) == [class_label(c) for c in CLASSES]
     # One source at a time; the gallery says when a source's scans are not on disk.
     app.selectbox[0].set_value("synth").run()
     assert {m.label: m.value for m in app.metric}["Scans"] == "12"
@@ -313,7 +314,7 @@ def test_shipped_model_predicts_when_present(monkeypatch):
     at.switch_page("app_pages/diagnose.py").run()
     at.multiselect[0].select("pituitary.jpg").run()
     # the shipped model classifies all four assets/samples correctly
-    assert not at.exception and predictions(at) == ["### Prediction: **pituitary**"]
+    assert not at.exception and predictions(at) == ["### Prediction: **Pituitary tumour**"]
 
 
 def test_pages_without_a_model_say_so_instead_of_failing(monkeypatch):

@@ -23,6 +23,7 @@ from conftest import CLASSES, REPO
 from core import app_support as app_support
 from core.dashboard import ood_summary, readable
 from core.inference import Prediction, Predictor
+from core.labels import class_label
 from core.referral import ReferralRule
 
 SAMPLES = REPO / "assets" / "samples"
@@ -260,7 +261,7 @@ def test_batch_table_gives_a_flagged_scan_no_call():
            "confidence": 0.5, "in_distribution": False, "uncertain": True, "type_uncertain": True}
     table = batch_table([row, {**row, "file": "mri.jpg", "in_distribution": True}])
     assert table["prediction"][0] == "no call: not like its training scans" and table["flags"][0] == "out-of-distribution"
-    assert table["prediction"][1] == "glioma" and "type uncertain" in table["flags"][1]
+    assert table["prediction"][1] == "Glioma" and "type uncertain" in table["flags"][1]
 
 
 # ----------------------------------------------------------------------------- 5: confidence
@@ -306,7 +307,7 @@ def test_a_type_uncertain_call_says_so_in_its_headline(app):
     app.switch_page("app_pages/diagnose.py").run()
     app.file_uploader[0].set_value([("y0.jpg", y0.read_bytes(), "image/jpeg")]).run()
     assert not app.exception
-    assert predictions(app) == ["### Prediction: **meningioma** (a tumour; its type uncertain)"]
+    assert predictions(app) == ["### Prediction: **Meningioma** (a tumour; its type uncertain)"]
 
 
 def test_home_says_its_figures_are_not_at_an_operating_point_moved_by_hand(app):
@@ -518,7 +519,7 @@ def test_the_explained_class_follows_a_call_moved_by_the_operating_point(app):
         threshold_slider(app).set_value(t).run()
         assert not app.exception
         (line,) = predictions(app)
-        call = line.split("**")[1]
+        call = {class_label(c): c for c in probs(app)}[line.split("**")[1]]   # the class the heading names
         explain = next(s for s in app.selectbox if s.key.startswith("t-"))
         # a 'no tumour' call explains the likeliest tumour class: a map for 'notumor' shows nothing to check
         expected = call if call != "notumor" else max(("glioma", "meningioma", "pituitary"), key=lambda c: probs(app)[c])
@@ -540,12 +541,12 @@ def test_a_no_tumour_call_warns_under_the_call_and_its_map_explains_the_likelies
     app.switch_page("app_pages/diagnose.py").run()
     app.multiselect[0].select("notumor.jpg").run()
     assert not app.exception
-    assert predictions(app) == ["### Prediction: **notumor**"]
+    assert predictions(app) == ["### Prediction: **No tumour**"]
     (warning,) = [w.value for w in app.warning if "does not rule a tumour out" in w.value]
     assert "lgg" in warning and "%" in warning
     explain = next(s for s in app.selectbox if s.key.startswith("t-"))
     assert explain.value in ("glioma", "meningioma", "pituitary")
-    assert f"{explain.value} (likeliest tumour)" in explain.options and "notumor (predicted)" in explain.options
+    assert f"{class_label(explain.value)} (likeliest tumour)" in explain.options and "No tumour (predicted)" in explain.options
 
 
 def test_a_torn_history_leaves_the_training_page_standing(tmp_path):

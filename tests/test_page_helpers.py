@@ -203,7 +203,7 @@ def test_the_refused_scans_are_named():
              "copy_in_training": True, "probs": probs, "pred": "notumor"},
             {"file": "yes/b.jpg", "label": "tumor", "in_distribution": True, "probs": probs, "pred": "notumor"}]
     (line,) = app.refused_lines(recs)
-    assert line.startswith("`no/a.jpg` (labelled notumor): Looks like a CT.") and "copy in training" in line
+    assert line.startswith("`no/a.jpg` (labelled No tumour): Looks like a CT.") and "copy in training" in line
     import json
     from conftest import REPO
     shipped = REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip() / "eval.json"
