@@ -159,17 +159,6 @@ def test_join_copies_keeps_a_listed_pair_of_other_data_on_one_side(tmp_path):
     assert "--join-copies: the split is the one recorded in" in log
 
 
-def test_join_copies_refuses_a_file_that_is_not_a_known_copies_list(tmp_path):
-    from test_review_v import _train
-    bad = tmp_path / "pairs.tsv"
-    bad.write_text("source\tfile\tcopy_source\tcopy_file\nds\ta.png\tds\tb.png\n")
-    log = _train(["--data", tmp_path / "nowhere_yet", "--join-copies", bad], tmp_path / "cache", expect=2)
-    assert "--join-copies" in log and "not a known-copies list" in log and "Traceback" not in log
-    log = _train(["--data", tmp_path / "nowhere_yet", "--join-copies", tmp_path / "gone.tsv"], tmp_path / "cache",
-                 expect=2)
-    assert "--join-copies" in log and "no such file" in log and "Traceback" not in log
-
-
 def test_the_all_pairs_audit_of_other_data_finds_a_reframed_mirrored_copy(tmp_path):
     """`bench/copy_audit.py --split all --data NAME=DIR` on data of one's own: a copy padded,
     mirrored, resized and re-saved as JPEG in another collection is found (no hash check joins it),

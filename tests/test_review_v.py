@@ -180,11 +180,20 @@ def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_o
     assert "--drop-copies (other lists" in log
 
 
-def test_drop_copies_refuses_a_file_that_is_not_a_list_before_reading_images(tmp_path):
-    bad = tmp_path / "notes.txt"
-    bad.write_text("not a table\n")
-    log = _train(["--data", tmp_path / "nowhere_yet", "--drop-copies", bad], tmp_path / "cache", expect=2)
-    assert "--drop-copies" in log and "not a copy list" in log and "Traceback" not in log
+@pytest.mark.parametrize("option, content, why", [
+    ("--drop-copies", "not a table\n", "not a copy list"),
+    ("--drop-copies", None, "no such file"),
+    ("--join-copies", "source\tfile\tcopy_source\tcopy_file\nds\ta.png\tds\tb.png\n", "not a known-copies list"),
+    ("--join-copies", None, "no such file"),
+])
+def test_a_copy_list_that_cannot_be_used_is_refused_before_reading_images(tmp_path, option, content, why):
+    """--drop-copies reads test/train pairs, --join-copies a known-copies list: the other kind of
+    table, or no file at all, is one sentence (exit 2) before any image is read."""
+    f = tmp_path / "list.tsv"
+    if content is not None:
+        f.write_text(content)
+    log = _train(["--data", tmp_path / "nowhere_yet", option, f], tmp_path / "cache", expect=2)
+    assert option in log and why in log.lower() and "Traceback" not in log
 
 
 def test_finish_from_needs_the_lists_the_run_was_trained_with(tmp_path):
