@@ -1,8 +1,8 @@
 """Train a brain-tumour MRI classifier from class-per-folder data and write weights/<name>/.
 
-    python train.py --data ../shared/data/brain-tumor-mri/Training --arch mobilenet_v3_small \
-        --out weights/mobilenet_v3_small
-    python train.py --config experiments/default.toml
+    python train.py --data ../shared/data/brain-tumor-mri/Training --arch resnet18 --out runs/resnet18
+    python train.py --config experiments/resnet18_192_gpu_ema120_s2.toml --out runs/default   # the shipped
+        default's recipe (weights/DEFAULT names it; about 5 h on a 2-core CPU, minutes on a GPU)
 
 Writes model.safetensors, card.json, history.json, eval.json and split.json into --out.
 A checkpoint is saved every epoch (checkpoint.pt, not shipped); --resume continues from it.
@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None,
                    help="data root, repeatable; PATH or PATH=WEIGHT (sampling weight of the source)")
     p.add_argument("--arch", default="mobilenet_v3_small")
-    p.add_argument("--out", default=None, help="output directory (default weights/<arch>)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<arch>; weights/ holds the shipped "
+                   "models: give --out weights/NAME to ship one)")
     p.add_argument("--name", default=None, help="model name for the card (default: out dir name)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--img", type=int, default=192, help="input size in pixels")
@@ -405,7 +406,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config and given_alone.out is not None and not args.name_given and \
             os.path.realpath(own_out) != os.path.realpath(given_alone.out):
         args.name = None   # the config's name is its own out's: another --out names this run (card, compare)
-    args.out = args.out or f"weights/{args.arch}"
+    # not weights/<arch>: a first bare run replaced a shipped model, which the app then served
+    args.out = args.out or f"runs/{args.arch}"
     # shlex: a path with spaces must replay as one argument
     args.command = (shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0].endswith("train.py")
                     else None)

@@ -239,6 +239,15 @@ def test_an_empty_out_is_refused(data, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "weights").exists()
 
 
+def test_a_run_without_out_leaves_the_shipped_models_alone(data, tmp_path, monkeypatch):
+    """Without --out a run wrote weights/<arch>: the shipped model of that name was moved aside and
+    the app served the new one. It goes to runs/<arch> now."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--data", str(data), "--epochs", "1", *TINY]) == 0
+    assert (tmp_path / "runs" / "simple_cnn" / "model.safetensors").is_file()
+    assert not (tmp_path / "weights").exists()
+
+
 def test_a_resume_with_another_label_map_is_refused(data, tmp_path, capsys):
     a, b = tmp_path / "a.toml", tmp_path / "b.toml"
     a.write_text(f'data = [{{path = "{data}", name = "blobs"}}]\n')
