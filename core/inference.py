@@ -332,7 +332,7 @@ def serving_precision(device: torch.device) -> str:
     On such a CPU, bf16 roughly halves ResNet18's single-thread forward (bench/README.md). On
     resnet18_176's 1,640 test images it changed no prediction and no calibrated probability by
     more than 0.012; on the default's records nearest a decision edge it flips a type call and a
-    referral flag now and then (README, the latency paragraph).
+    referral flag now and then (docs/results.md, the latency paragraph).
     """
     env = os.environ.get("BT_PRECISION", "auto")
     if env in ("fp32", "bf16"):
