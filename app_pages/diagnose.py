@@ -4,7 +4,7 @@ import streamlit as st
 from core import app_support as app
 from core.dashboard import batch_table, probability_bar, series_table, slice_profile, tumour_gauge
 from core.inference import BEST_SLICE, END_SLICE_SHARE
-from core.labels import class_label, is_tumour_call
+from core.labels import class_label, class_word, is_tumour_call
 from core.metrics import apart
 from core.report import tp_column_format, volume_words
 
@@ -75,7 +75,8 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
         st.warning("**Uncertain — refer for review**: "
                    f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
     # a type in doubt must not read as firmly as the call: the tumour is called, its type suggested
-    st.markdown(f"### Prediction: **{class_label(pred.pred)}**" + (" (a tumour; its type uncertain)" if pred.type_uncertain else ""))
+    st.markdown(f"### Prediction: **Tumour**, type uncertain (likeliest: {class_word(pred.pred)})" if pred.type_uncertain
+                else f"### Prediction: **{class_label(pred.pred)}**")
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
         st.caption(why)
     flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)

@@ -3,6 +3,7 @@ import streamlit as st
 
 from core import app_support as app
 from core import dashboard as dash
+from core.labels import class_word
 
 st.title("Model card")
 predictor = app.required_predictor()
@@ -16,7 +17,7 @@ st.write(card.get("intended_use", "Research and teaching demo; not for diagnosis
 st.markdown("#### Limits")
 st.markdown(
     "- Not a medical device; never a substitute for a radiologist.\n"
-    f"- Knows only these classes: {', '.join(card['classes'])}. Other pathology (metastases, "
+    f"- Knows only these classes: {', '.join(map(class_word, card['classes']))}. Other pathology (metastases, "
     "stroke, haemorrhage...) will be forced into one of them unless flagged.\n"
     + (f"- {no_rule_out}\n" if (no_rule_out := app.no_rule_out_warning(card['classes'])) else "") +
     "- One 2D slice at a time; no patient history, no other sequences.\n"

@@ -27,7 +27,7 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, SEEN_TEXT)
-from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, normalise_label, or_list, tumour_classes
+from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
@@ -1221,7 +1221,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
         if frame is not None:
             over, alone = contour_overlay(over, frame), contour_overlay(alone, frame)
         what = "class-agnostic: the activations' first principal component" if is_class_agnostic(method) \
-            else f"for '{target}'"
+            else f"for '{class_word(target)}'"
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
         st.caption(saliency_caveat(predictor.classes))
@@ -1340,7 +1340,7 @@ def skipped_summary(skipped: list[dict]) -> str:
 def refused_lines(records: list[dict]) -> list[str]:
     """One markdown line per scan the out-of-distribution check refused: its file, label and why.
     The page gave only their count ('3 of 60'), and a user could not find which."""
-    return [f"{md_name(r['file'])} (labelled {class_label(r['label'])}): {r.get('ood_reason') or PIXEL_OOD_REASON}"
+    return [f"{md_name(r['file'])} (labelled {class_word(r['label'])}): {r.get('ood_reason') or PIXEL_OOD_REASON}"
             + (" It has a copy in training." if r.get("copy_in_training") else "")
             for r in records if not r.get("in_distribution", True)]
 
@@ -1592,8 +1592,8 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             tp = r.get("tumour_probability")
             if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
                 cols[k % 4].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
-                                  caption=f"{md_name(r['file'])}: true {class_label(r['label'])}, refused by the out-of-distribution "
-                                          f"check (raw output {class_label(r['pred'])}): no map")
+                                  caption=f"{md_name(r['file'])}: true {class_word(r['label'])}, refused by the out-of-distribution "
+                                          f"check (raw output {class_word(r['pred'])}): no map")
                 continue
             key = gallery_key(r, blobs)
             target = explained_class(r, explain, predictor.classes)
@@ -1604,7 +1604,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 if on_disk else None
             note = "" if frame is None else f"; magenta: tumour mask, {mask_note(cam, frame)}"
             cols[k % 4].image(img if frame is None else contour_overlay(img, frame), width="stretch",
-                              caption=f"{md_name(r['file'])}: true {class_label(r['label'])}, predicted {class_label(r['pred'])}"
+                              caption=f"{md_name(r['file'])}: true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
                                       + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note
                                       + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
         for src in sorted(absent):

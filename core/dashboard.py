@@ -629,7 +629,7 @@ def sources_readable(card: dict) -> pd.DataFrame:
     for s in card.get("sources", []):
         row = {"source": s.get("name"), "what it is": SOURCE_NOTES.get(s.get("name"), "")}
         row.update({f"{k} images": v for k, v in (s.get("images") or {}).items()})
-        row["folders -> classes"] = ", ".join(f"{k} -> {v}" for k, v in (s.get("label_map") or {}).items())
+        row["folders -> classes"] = ", ".join(f"{k} -> {class_label(v)}" for k, v in (s.get("label_map") or {}).items())
         rows.append(row)
     return pd.DataFrame(rows)
 

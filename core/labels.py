@@ -102,9 +102,17 @@ _CLASS_NAMES = {NO_TUMOUR: "No tumour", TUMOUR: "Tumour", "glioma": "Glioma",
 
 
 def class_label(c: str) -> str:
-    """How a class is shown to a reader ('notumor' -> 'No tumour'): the app and the PDF. The
-    CSV, JSON and CLI keep the model's class names, which other programs read."""
+    """How a class is shown to a reader ('notumor' -> 'No tumour'): headings, tables, charts of
+    the app and the PDF. The CSV, JSON and CLI keep the model's class names, which other
+    programs read."""
     return _CLASS_NAMES.get(c, c.replace("_", " ").capitalize())
+
+
+def class_word(c: str) -> str:
+    """A class inside a sentence ('notumor' -> 'no tumour', 'pituitary' -> 'pituitary tumour')."""
+    if c not in _CLASS_NAMES:   # a class of one's own data keeps its name ('stroke', 'Brain_Mets' -> 'Brain Mets')
+        return c.replace("_", " ")
+    return _CLASS_NAMES[c][0].lower() + _CLASS_NAMES[c][1:]
 
 
 def or_list(words: list[str]) -> str:
@@ -118,7 +126,7 @@ def cannot_rule_out(classes: list[str]) -> str | None:
     one of its classes. None for a model that can call a scan tumour-free, or one with no tumour class."""
     if NO_TUMOUR in classes or not tumour_classes(classes):
         return None
-    named = or_list([("a tumour of no named type" if c == TUMOUR else c) for c in classes])
+    named = or_list([("a tumour of no named type" if c == TUMOUR else class_word(c)) for c in classes])
     return (f"This model has no 'no tumour' class, so it calls every scan {named}, a healthy one too: "
             "it cannot call a scan tumour-free.")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, class_word, has_tumour_decision, tumour_classes
 from .metrics import apart, decide, digits_apart, is_tumour_label, other_calls, tumour_calls, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
@@ -157,15 +157,13 @@ def call_note(pred, classes: list[str]) -> str | None:
     if top == pred.pred:
         return None
     tp, op = apart(pred.tumour_probability, pred.threshold)
-    def said(c: str) -> str:
-        return "no tumour" if c == NO_TUMOUR else "tumour" if c == TUMOUR else c
     together = " (all tumour classes together)" if len(tumour_classes(classes)) > 1 else ""
     if is_tumour_label(pred.pred):
         return (f"Called a tumour: the tumour probability {tp}{together} reaches the operating point "
-                f"{op}, though '{said(top)}' is the likeliest single class"
-                + (f"; {pred.pred} is the likeliest tumour type." if pred.pred in FINE_TUMOURS else "."))
-    return (f"Called {said(pred.pred)}: the tumour probability {tp}{together} is below the operating point "
-            f"{op}, though '{said(top)}' is the likeliest single class.")
+                f"{op}, though '{class_word(top)}' is the likeliest single class"
+                + (f"; {class_word(pred.pred)} is the likeliest tumour type." if pred.pred in FINE_TUMOURS else "."))
+    return (f"Called {class_word(pred.pred)}: the tumour probability {tp}{together} is below the operating point "
+            f"{op}, though '{class_word(top)}' is the likeliest single class.")
 
 
 # ----------------------------------------------------------------------------- fitting on validation

@@ -69,7 +69,7 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("HiResCAM").run()
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("t-"))).set_value("notumor").run()
     assert not app.exception and calls == [1]
-    assert "HiResCAM (for 'notumor')" in " ".join(c for im in app.image for c in im.captions)
+    assert "HiResCAM (for 'no tumour')" in " ".join(c for im in app.image for c in im.captions)
     # EigenCAM draws one map whatever the class: no class is claimed for it.
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("EigenCAM").run()
     assert next(s for s in app.selectbox if s.key.startswith("t-")).disabled

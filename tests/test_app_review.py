@@ -298,7 +298,8 @@ def test_home_names_the_classes_of_the_chosen_model(app):
 
 def test_a_type_uncertain_call_says_so_in_its_headline(app):
     """'Prediction: meningioma' in large type over 'type uncertain ... 66 %' in small: the headline
-    read firmer than the call."""
+    read firmer than the call. Then 'Pituitary tumour (a tumour; its type uncertain)': the tumour is
+    the call, the type a suggestion."""
     from conftest import DATA
     y0 = DATA / "br35h" / "yes" / "y0.jpg"
     if not y0.exists():
@@ -307,7 +308,7 @@ def test_a_type_uncertain_call_says_so_in_its_headline(app):
     app.switch_page("app_pages/diagnose.py").run()
     app.file_uploader[0].set_value([("y0.jpg", y0.read_bytes(), "image/jpeg")]).run()
     assert not app.exception
-    assert predictions(app) == ["### Prediction: **Meningioma** (a tumour; its type uncertain)"]
+    assert predictions(app) == ["### Prediction: **Tumour**, type uncertain (likeliest: meningioma)"]
 
 
 def test_home_says_its_figures_are_not_at_an_operating_point_moved_by_hand(app):

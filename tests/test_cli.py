@@ -754,7 +754,7 @@ def test_a_model_with_no_no_tumour_class_says_it_cannot_rule_one_out(tmp_path, f
     assert json.loads(out)["pred"] == "pituitary"
     assert "no 'no tumour' class" in err and "glioma, meningioma or pituitary" in err
     from core.labels import cannot_rule_out   # a 'stroke' class beside the types rules nothing out either
-    assert "glioma, pituitary or stroke" in cannot_rule_out(["glioma", "pituitary", "stroke"])
+    assert "glioma, pituitary tumour or stroke" in cannot_rule_out(["glioma", "pituitary", "stroke"])
     assert cannot_rule_out(["tumor", "notumor"]) is None and cannot_rule_out(["stroke", "notumor"]) is None
     assert main(["predict", "--weights", str(make_weights(tmp_path / "four")), str(healthy)]) == 0
     assert "no 'no tumour' class" not in capsys.readouterr().err

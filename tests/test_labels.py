@@ -121,3 +121,12 @@ def test_a_model_with_another_tumour_class_scores_each_type_as_itself():
     assert [r["label"] for r in records] == labels
     assert evaluate_records(records, classes, None)["accuracy"] == 1.0
     assert score_labelled(records, classes, None, [])["accuracy"] == 1.0
+
+
+def test_classes_are_named_for_a_reader_and_the_model_names_kept_elsewhere():
+    from core.labels import class_label, class_word
+    assert [class_label(c) for c in ("notumor", "tumor", "glioma", "pituitary")] == \
+        ["No tumour", "Tumour", "Glioma", "Pituitary tumour"]
+    assert [class_word(c) for c in ("notumor", "tumor", "glioma", "pituitary")] == \
+        ["no tumour", "tumour", "glioma", "pituitary tumour"]
+    assert class_label("brain_mets") == "Brain mets" and class_word("stroke") == "stroke"

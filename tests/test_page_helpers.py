@@ -49,7 +49,7 @@ def test_model_card_tables_and_caption_come_from_the_card():
             "parameters": 2_500_000, "weights_file_bytes": 3 * 2**20, "date": "2026-12-05"}
     table = dash.sources_readable(card)
     assert table.loc[0, "source"] == "br35h" and table.loc[0, "test images"] == 2
-    assert table.loc[0, "folders -> classes"] == "yes -> tumor, no -> notumor"
+    assert table.loc[0, "folders -> classes"] == "yes -> Tumour, no -> No tumour"
     assert "type not given" in table.loc[0, "what it is"]   # a reader need not know the datasets' short names
     metrics = dash.metrics_readable(card)
     assert list(metrics["test set"]) == ["all sources", "br35h"] and metrics.loc[0, "accuracy"] == "90.0%"
@@ -203,7 +203,7 @@ def test_the_refused_scans_are_named():
              "copy_in_training": True, "probs": probs, "pred": "notumor"},
             {"file": "yes/b.jpg", "label": "tumor", "in_distribution": True, "probs": probs, "pred": "notumor"}]
     (line,) = app.refused_lines(recs)
-    assert line.startswith("`no/a.jpg` (labelled No tumour): Looks like a CT.") and "copy in training" in line
+    assert line.startswith("`no/a.jpg` (labelled no tumour): Looks like a CT.") and "copy in training" in line
     import json
     from conftest import REPO
     shipped = REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip() / "eval.json"

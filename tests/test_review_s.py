@@ -440,7 +440,7 @@ def test_a_call_that_is_not_the_top_class_says_why():
     classes = ["glioma", "meningioma", "pituitary", "notumor"]
     note = call_note(low_point_call(), classes)
     assert note.startswith("Called a tumour: the tumour probability 0.117") and "operating point 0.050" in note
-    assert "pituitary is the likeliest tumour type" in note
+    assert "pituitary tumour is the likeliest tumour type" in note
     high = replace(low_point_call(0.5), pred="notumor", probs={"glioma": 0.6, "meningioma": 0.0, "pituitary": 0.0,
                                                                  "notumor": 0.4}, tumour_probability=0.6, threshold=0.7)
     assert "below the operating point 0.700, though 'glioma' is the likeliest single class" in call_note(high, classes)
@@ -544,7 +544,7 @@ def test_the_report_says_why_a_call_is_not_the_top_class(predictor, monkeypatch,
     pdf = build_report([("a.jpg", (REPO / "assets" / "samples" / "glioma.jpg").read_bytes())], predictor,
                        threshold=0.05)
     page = flat(pdf_pages(pdf, tmp_path)[0])
-    assert "Called a tumour: the tumour probability 0.117" in page and "pituitary is the likeliest tumour type" in page
+    assert "Called a tumour: the tumour probability 0.117" in page and "pituitary tumour is the likeliest tumour type" in page
 
 
 def test_the_sidebar_says_when_the_operating_point_was_set_by_hand(page):
