@@ -77,7 +77,7 @@ if not records:
     st.stop()
 sources = app.sources_of(records)
 source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectbox,
-                           format_func=lambda s: s or "all sources") if len(sources) > 1 else None
+                           format_func=dash.source_text) if len(sources) > 1 else None
 ev = app.evaluation_at(records, classes, threshold, source, rule)
 shown = app.records_at(app.of_source(records, source), classes, threshold, rule)
 
@@ -86,6 +86,8 @@ st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if t
            else "This model has no operating point: plain top-class predictions.")
 if note := dash.scans_help(ev):   # in plain sight: the confusion matrix below covers fewer scans than the headline
     st.caption(note)
+if note := dash.one_side_note(ev):   # 100 % on BRISC's tumour-free scans is a specificity, not a perfect model
+    st.info(note)
 if note := app.accepted_note(ev, records, classes, threshold, source, rule):
     st.caption(note)
 
@@ -131,5 +133,6 @@ with t4:
         b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc")
         b.caption("Scans ranked by the probability of the class called at the operating point (for sets "
                   "without types, of the tumour / no-tumour side called), the least sure referred first. "
-                  "At full coverage it reads the accuracy above (tumour / no tumour for sets without "
-                  "types), so it moves with the operating point.")
+                  "At full coverage it reads the accuracy above (for sets without types, the share of right "
+                  "tumour / no-tumour calls: on a set of tumours alone, the sensitivity), so it moves with the "
+                  "operating point.")

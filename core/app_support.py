@@ -1578,7 +1578,10 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             return
         shown = len(sel) if len(sel) <= limit else st.slider(
             "Scans shown (each map takes a moment)", limit, len(sel), limit, key="gallery-count")
-        st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown.")
+        st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown."
+                   + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
+                      "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
+                      "for it." if explain == "pred" and kind == "missed" else ""))
         cols, absent = st.columns(4), set()
         for k, r in enumerate(sel[:shown]):
             try:

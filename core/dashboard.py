@@ -165,8 +165,11 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
                "This model has no out-of-distribution gate: only colour, blank and nearly empty images, marks "
                "drawn in colour and several slices in one image are refused, and any other image gets a call, "
                "whatever it shows.")
-    return [("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}", None),
-            ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}", None),
+    # '0 of 0' read as a perfect record on a set with no scans of that side (Br35H's test tumours)
+    return [("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}" if ev.get("n_tumour") else "n/a",
+             None if ev.get("n_tumour") else "No tumour scans here: none can be missed."),
+            ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}" if ev.get("n_normal") else "n/a",
+             None if ev.get("n_normal") else "No tumour-free scans here: none can be flagged."),
             ("Silent misses", str(ev.get("silent_misses", "n/a")),
              "Missed tumours with no out-of-distribution or uncertainty flag"
              + ("" if gated else " (no gate here: only the uncertainty flag can speak)")),
@@ -206,6 +209,26 @@ def no_miss_analysis(classes: list[str]) -> str:
         return ("This model has no 'no tumour' class: every call names a class, none says the scan is "
                 "clear, so there is no tumour it can miss that way and no false-negative analysis.")
     return "No tumour/no-tumour labels here, so no false-negative analysis."
+
+
+def one_side_note(ev: dict) -> str | None:
+    """A sentence for a set that holds one side only (BRISC's test scans are all tumour-free,
+    Br35H's all tumours): its accuracy read as a perfect model, though it measures one rate."""
+    n_t, n_n = ev.get("n_tumour") or 0, ev.get("n_normal") or 0
+    if n_t and not n_n:
+        return (f"All {n_t} scans here are tumours: they measure sensitivity (tumours found) only; "
+                "nothing here says how often the model flags a healthy scan.")
+    if n_n and not n_t:
+        return (f"All {n_n} scans here are tumour-free: accuracy here is the share called 'no tumour' "
+                "(the specificity); nothing here says how many tumours the model finds.")
+    return None
+
+
+def source_text(name: str | None) -> str:
+    """A source as the Evaluation page's selector names it: its key and what it is."""
+    if name is None:
+        return "all sources"
+    return f"{name}: {SOURCE_NOTES[name]}" if name in SOURCE_NOTES else name
 
 
 def scans_help(ev: dict) -> str | None:
@@ -617,7 +640,7 @@ def ood_summary(ood: dict) -> str:
 # What the shared sources are, for a reader who does not know the datasets by their short names
 SOURCE_NOTES = {
     "benchmark": "public 4-class set (figshare, SARTAJ, Br35H), mostly T1 with contrast",
-    "br35h": "Br35H scans: tumours of a type not given, and a few tumour-free",
+    "br35h": "Br35H scans: tumours of a type not given, and 12 tumour-free (a split may hold none of these in test)",
     "lgg": "TCGA lower-grade glioma FLAIR slices of three sites, tumour and tumour-free slices of the same patients",
     "brisc": "BRISC 2025 tumour-free scans, mostly T1, three planes",
 }
@@ -738,6 +761,22 @@ def build_caption(card: dict, weights_sha256: str) -> str:
             + (f", libraries {libraries}" if libraries else "") + f", built {card.get('date', '?')}")
 
 
+# The gate's outlier categories (core/outliers.py) for a reader; "drawn" ones are generated images.
+OUTLIER_NAMES = {
+    "blank": "blank images", "noise": "noise", "gradient": "gradients", "shapes": "drawn shapes",
+    "text": "text", "pattern": "patterns", "photo": "photos", "photo_unseen": "photos, a second set",
+    "mri_inverted": "brain MRI, inverted", "mri_patch": "a patch cut from a brain MRI",
+    "mri_solarised": "brain MRI, solarised", "head_ct": "head CT look-alikes (drawn)",
+    "real_head_ct": "a real head CT", "real_head_ct_top": "a real head CT, its upper slices",
+    "scan_ct": "head CTs filed as MRI in the sources", "scan_ct_test": "those head CTs, test files",
+    "ultrasound": "ultrasound (drawn)", "chart": "charts", "screenshot": "screenshots",
+    "scanned_document": "scanned documents", "medical_photo": "medical photos (microscopy, retina)",
+    "chest_xray": "chest X-rays (drawn)", "abdominal_ct": "abdominal CT (drawn)",
+    "shepp_logan": "Shepp-Logan phantom", "elevation_map": "elevation maps",
+    "real_medical": "real non-brain DICOM images",
+}
+
+
 def ood_table(card: dict) -> pd.DataFrame:
     """The gate's rate per outlier category: as shipped (on fresh draws) and held out (measured by
     a gate that never trained on that category), so that a reader sees what it has never seen."""
@@ -747,6 +786,6 @@ def ood_table(card: dict) -> pd.DataFrame:
     on = ood.get("trained_on") or {}
     # gates fitted before the key was renamed record it as negatives_seen_categories
     trained = set(on.get("negative_categories") or on.get("negatives_seen_categories") or [])
-    return pd.DataFrame([{"category": c, "trained on": c in trained,
+    return pd.DataFrame([{"category": OUTLIER_NAMES.get(c, c.replace("_", " ")), "trained on": c in trained,
                           "% flagged, held out": held.get(c), "% flagged, shipped gate": shipped.get(c)}
                          for c in dict.fromkeys([*held, *shipped])])

@@ -358,8 +358,8 @@ def test_ood_table_lists_held_out_and_shipped_rates():
                     "trained_on": {"negative_categories": ["noise"]}}}
     t = ood_table(card).set_index("category")
     assert t.loc["noise", "% flagged, held out"] == 97.0 and bool(t.loc["noise", "trained on"])
-    assert t.loc["real_medical", "% flagged, shipped gate"] == 90.0
-    assert not bool(t.loc["real_medical", "trained on"])
+    assert t.loc["real non-brain DICOM images", "% flagged, shipped gate"] == 90.0
+    assert not bool(t.loc["real non-brain DICOM images", "trained on"])
     assert ood_table({}).empty
     # older cards (weights/resnet18) name the list negatives_seen_categories: still read
     older = {"ood": {**card["ood"], "trained_on": {"negatives_seen_categories": ["noise"]}}}

@@ -231,3 +231,26 @@ def test_a_yes_no_set_draws_one_roc_curve():
                         "notumor": r["probs"]["notumor"]}} for r in recs]
     assert len([t for t in dash.roc_figure(three, ["glioma", "pituitary", "notumor"]).data
                 if t.showlegend is not False]) == 3   # glioma, notumor (pituitary has no scans) and the pooled one
+
+
+def test_a_set_of_one_side_says_what_its_figures_measure():
+    """BRISC's test scans are all tumour-free: 'Accuracy 100 %' and 'tumours missed 0 of 0' read as a
+    perfect model; Br35H's are all tumours: 'normal scans flagged 0 of 0'."""
+    brisc = {"n": 108, "n_tumour": 0, "n_normal": 108, "tumour_missed": 0, "normal_flagged": 0}
+    br35h = {"n": 200, "n_tumour": 200, "n_normal": 0, "tumour_missed": 3, "normal_flagged": 0}
+    assert "specificity" in dash.one_side_note(brisc) and "sensitivity" in dash.one_side_note(br35h)
+    assert dash.one_side_note({**brisc, "n_tumour": 5}) is None
+    figures = {label: value for label, value, _ in dash.miss_metrics(brisc, gated=True)}
+    assert figures["Tumours missed here"] == "n/a" and figures["Normal scans flagged"] == "0 of 108"
+    figures = {label: value for label, value, _ in dash.miss_metrics(br35h, gated=True)}
+    assert figures["Normal scans flagged"] == "n/a" and figures["Tumours missed here"] == "3 of 200"
+    assert dash.source_text(None) == "all sources" and dash.source_text("lgg").startswith("lgg: TCGA")
+    assert dash.source_text("mine") == "mine"
+
+
+def test_the_gates_categories_are_named_in_words():
+    import json
+    from conftest import REPO
+    card = json.loads((REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip() / "card.json").read_text())
+    names = list(dash.ood_table(card)["category"])
+    assert "Shepp-Logan phantom" in names and not any("_" in n for n in names)
