@@ -170,7 +170,7 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
              None if ev.get("n_tumour") else "No tumour scans here: none can be missed."),
             ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}" if ev.get("n_normal") else "n/a",
              None if ev.get("n_normal") else "No tumour-free scans here: none can be flagged."),
-            ("Silent misses", str(ev.get("silent_misses", "n/a")),
+            ("Silent misses", str(ev.get("silent_misses", "n/a")) if ev.get("n_tumour") else "n/a",
              "Missed tumours with no out-of-distribution or uncertainty flag"
              + ("" if gated else " (no gate here: only the uncertainty flag can speak)")),
             ood]
