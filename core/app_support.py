@@ -287,9 +287,10 @@ def operating_point_text(card: dict, default: float) -> str:
     elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
         text += (f" (a tumour called {or_list(others)} is missed at any threshold"
-                 + (f"; the specificity floor of {floor:.0%} per source may also have bound it)" if floor else ")"))
+                 + (f"; the threshold may also have been raised to keep every source's healthy scans at "
+                    f"{floor:.0%} specificity or more)" if floor else ")"))
     elif sens < target and floor:
-        text += f" (the specificity floor of {floor:.0%} per source bound it)"
+        text += f" (short of it: the threshold was raised to keep every source's healthy scans at {floor:.0%} specificity or more)"
     return text + "."
 
 
