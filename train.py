@@ -1,4 +1,4 @@
-"""Train a brain-tumour MRI classifier from class-per-folder data and write weights/<name>/.
+"""Train a brain-tumour MRI classifier from class-per-folder data into --out (default runs/<arch>).
 
     python train.py --data ../shared/data/brain-tumor-mri/Training --arch resnet18 --out runs/resnet18
     python train.py --config experiments/resnet18_192_gpu_ema120_s2.toml --out runs/default   # the shipped

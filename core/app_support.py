@@ -287,10 +287,11 @@ def operating_point_text(card: dict, default: float) -> str:
     elif sens < target and (others := other_classes(card.get("classes", []))):
         # no threshold makes a tumour called 'stroke' a tumour call (`metrics.decide`)
         text += (f" (a tumour called {or_list(others)} is missed at any threshold"
-                 + (f"; the threshold may also have been raised to keep every source's healthy scans at "
-                    f"{floor:.0%} specificity or more)" if floor else ")"))
+                 + (f"; the threshold may also have been raised to keep healthy scans at {floor:.0%} "
+                    "specificity or more in each source validated on 20 or more of them)" if floor else ")"))
     elif sens < target and floor:
-        text += f" (short of it: the threshold was raised to keep every source's healthy scans at {floor:.0%} specificity or more)"
+        text += (f" (short of it: the threshold was raised to keep healthy scans at {floor:.0%} specificity or "
+                 "more in each source validated on 20 or more of them)")
     return text + "."
 
 
@@ -1582,7 +1583,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown."
                    + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
                       "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
-                      "for it." if explain == "pred" and kind == "missed" else ""))
+                      "for it." if explain == "pred" and kind == "missed" and not class_control(method)["disabled"] else ""))
         cols, absent = st.columns(4), set()
         for k, r in enumerate(sel[:shown]):
             try:

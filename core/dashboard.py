@@ -216,8 +216,8 @@ def one_side_note(ev: dict) -> str | None:
     Br35H's all tumours): its accuracy read as a perfect model, though it measures one rate."""
     n_t, n_n = ev.get("n_tumour") or 0, ev.get("n_normal") or 0
     if n_t and not n_n:
-        return (f"All {n_t} scans here are tumours: they measure sensitivity (tumours found) only; "
-                "nothing here says how often the model flags a healthy scan.")
+        return (f"All {n_t} scans here are tumours: nothing here says how often the model flags a healthy "
+                "scan (no specificity).")
     if n_n and not n_t:
         return (f"All {n_n} scans here are tumour-free: accuracy here is the share called 'no tumour' "
                 "(the specificity); nothing here says how many tumours the model finds.")

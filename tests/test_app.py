@@ -236,6 +236,11 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     assert not app.exception
     captions = " ".join(c for im in app.image for c in im.captions)
     assert "true" in captions and "predicted" in captions
+    # a missed tumour's 'no tumour' map is said not to point at the tumour, only when that map is shown
+    app.radio(key="gallery-kind").set_value("missed").run()
+    assert "need not point at the one missed" not in texts(app)
+    app.radio(key="gallery-explain").set_value("pred").run()
+    assert "need not point at the one missed" in texts(app)
 
 
 def test_evaluation_leaves_out_test_scans_with_a_copy_in_training(random_weights, tmp_path, monkeypatch):

@@ -238,7 +238,7 @@ def test_a_set_of_one_side_says_what_its_figures_measure():
     perfect model; Br35H's are all tumours: 'normal scans flagged 0 of 0'."""
     brisc = {"n": 108, "n_tumour": 0, "n_normal": 108, "tumour_missed": 0, "normal_flagged": 0}
     br35h = {"n": 200, "n_tumour": 200, "n_normal": 0, "tumour_missed": 3, "normal_flagged": 0}
-    assert "specificity" in dash.one_side_note(brisc) and "sensitivity" in dash.one_side_note(br35h)
+    assert "(the specificity)" in dash.one_side_note(brisc) and "(no specificity)" in dash.one_side_note(br35h)
     assert dash.one_side_note({**brisc, "n_tumour": 5}) is None
     figures = {label: value for label, value, _ in dash.miss_metrics(brisc, gated=True)}
     assert figures["Tumours missed here"] == figures["Silent misses"] == "n/a" and figures["Normal scans flagged"] == "0 of 108"
