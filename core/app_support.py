@@ -1563,7 +1563,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
     where a tumour mask lies beside the scan (LGG), its outline and a pointing-game note."""
-    from .saliency import contour_overlay, default_method, overlay
+    from .saliency import contour_overlay, default_method, is_class_agnostic, overlay
     method = default_method(predictor.card)
 
     @st.fragment
@@ -1583,7 +1583,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown."
                    + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
                       "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
-                      "for it." if explain == "pred" and kind == "missed" and not class_control(method)["disabled"] else ""))
+                      "for it." if explain == "pred" and kind == "missed" and not is_class_agnostic(method) else ""))
         cols, absent = st.columns(4), set()
         for k, r in enumerate(sel[:shown]):
             try:

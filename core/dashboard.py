@@ -166,11 +166,12 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
                "drawn in colour and several slices in one image are refused, and any other image gets a call, "
                "whatever it shows.")
     # '0 of 0' read as a perfect record on a set with no scans of that side (Br35H's test tumours)
-    return [("Tumours missed here", f"{ev['tumour_missed']} of {ev['n_tumour']}" if ev.get("n_tumour") else "n/a",
-             None if ev.get("n_tumour") else "No tumour scans here: none can be missed."),
-            ("Normal scans flagged", f"{ev['normal_flagged']} of {ev['n_normal']}" if ev.get("n_normal") else "n/a",
-             None if ev.get("n_normal") else "No tumour-free scans here: none can be flagged."),
-            ("Silent misses", str(ev.get("silent_misses", "n/a")) if ev.get("n_tumour") else "n/a",
+    n_t, n_n = ev.get("n_tumour"), ev.get("n_normal")
+    return [("Tumours missed here", f"{ev['tumour_missed']} of {n_t}" if n_t else "n/a",
+             None if n_t else "No tumour scans here: none can be missed."),
+            ("Normal scans flagged", f"{ev['normal_flagged']} of {n_n}" if n_n else "n/a",
+             None if n_n else "No tumour-free scans here: none can be flagged."),
+            ("Silent misses", str(ev.get("silent_misses", "n/a")) if n_t else "n/a",
              "Missed tumours with no out-of-distribution or uncertainty flag"
              + ("" if gated else " (no gate here: only the uncertainty flag can speak)")),
             ood]

@@ -59,10 +59,6 @@ DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
 SALIENCY_CAVEAT = ("A saliency map shows which pixels moved the model's score for the class explained, not "
                    "the extent of a lesion")
 
-
-def saliency_caveat(classes: list[str]) -> str:
-    """What a map is and is not, for a model with these classes (a 'no tumour' map only where there is one)."""
-    return SALIENCY_CAVEAT + ("; a map for 'no tumour' marks what spoke against a tumour." if NO_TUMOUR in classes else ".")
 DISPLAY_PX = 384  # the model's crop redone at this size, so the pictures print sharp
 PDF_MIME, CSV_MIME = "application/pdf", "text/csv"
 
@@ -75,6 +71,11 @@ FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its s
 FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
 FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
 FLAG_SEEN = "seen in training"   # the file itself is one the model trained on (Predictor.seen_in_training)
+
+def saliency_caveat(classes: list[str]) -> str:
+    """What a map is and is not, for a model with these classes (a 'no tumour' map only where there is one)."""
+    return SALIENCY_CAVEAT + ("; a map for 'no tumour' marks what spoke against a tumour." if NO_TUMOUR in classes else ".")
+
 
 # ---------------------------------------------------------------- analysis (once per file)
 

@@ -254,3 +254,5 @@ def test_the_gates_categories_are_named_in_words():
     card = json.loads((REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip() / "card.json").read_text())
     names = list(dash.ood_table(card)["category"])
     assert "Shepp-Logan phantom" in names and not any("_" in n for n in names)
+    from core.outliers import CATEGORIES   # not imported by the app (5 s): the names kept beside it, in step
+    assert set(CATEGORIES) <= set(dash.OUTLIER_NAMES)
