@@ -3,6 +3,7 @@ the evaluation and the card written into --out. train.py parses and checks the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -12,6 +13,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +391,58 @@ def leave_out(samples: list[D.Sample], images: torch.Tensor, args: argparse.Name
     return keep, dropped
 
 
+@dataclasses.dataclass
+class Place:
+    """Where this process trains: its rank of ``world`` (1 without torchrun), device, precision,
+    and ``say`` (print on rank 0, quiet on the others)."""
+    rank: int
+    world: int
+    device: torch.device
+    precision: str
+    say: Callable
+
+
+@dataclasses.dataclass
+class RunData:
+    """The images a run uses, its split, and what it read but left out."""
+    all_samples: list[D.Sample]   # every image read, the left-out ones too (the teacher indexes them)
+    keep: torch.Tensor            # which of those the run uses
+    samples: list[D.Sample]
+    images: torch.Tensor
+    masks: torch.Tensor
+    idx: dict[str, torch.Tensor]  # rows of `samples` in "train", "val" and "test"
+    classes: list[str]
+    lesions: tuple | None         # the tumour masks the mask loss reads (--mask-loss)
+    skipped: list                 # unreadable files and empty folders
+    dropped: list                 # near-black slices left out (--min-head)
+    split: dict                   # how the split was drawn: {"method", "from"}
+    resume: dict | None           # the checkpoint this run continues (--resume)
+
+
+@dataclasses.dataclass
+class Fit:
+    """The model and what steps it."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.OneCycleLR
+    scaler: torch.amp.GradScaler | None   # fp16 only
+    ema: E.ModelEma | None
+    steps: int
+    steps_per_epoch: int
+
+
+@dataclasses.dataclass
+class Loop:
+    """What one epoch hands the next, and a checkpoint restores."""
+    history: list[dict] = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    best: float = float("inf")          # lowest validation loss so far
+    bad: int = 0                        # validated epochs without improvement
+    best_epoch: int | None = None       # the epoch whose weights are in best.pt (1-based), set when saved
+    shipped_average: dict | None = None  # set when best.pt is rebuilt from weights that are already an average
+    train_time: float = 0.0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.mask_loss > 0 and not has_class_maps(create_model(args.arch, 2)):
         # before any process group or data work: a refusal costs nothing and writes nothing
@@ -396,10 +450,55 @@ def run(args: argparse.Namespace) -> int:
               f"(resnet18, resnet18_half, resnet50, efficientnet_b0), not {args.arch}", file=sys.stderr)
         return 2
     t_start = time.time()
-    # Under torchrun (WORLD_SIZE > 1) a process group; otherwise rank 0 of 1 and nothing changes.
+    at = start(args)
+    out = Path(args.out)
+    sources = D.parse_sources(args.data)
+    for src in sources:  # recorded so that later commands find the data from any folder
+        src["path"] = D.portable_root(src["path"])
+    spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
+    data = read_data(args, sources, spec, out, at)
+    teacher = (None, None)
+    if args.teacher and not args.finish_from:
+        teacher = distillation(args, data.all_samples, data.keep, data.idx["train"], data.classes,
+                               D.split_record(data.samples), spec, at.device, at.precision, at.say,
+                               saved=((data.resume or {}).get("args") or {}).get("distill_record"))
+    fit = make_fit(args, data, at)
+    loop = Loop()
+    if data.resume:
+        f = fit
+        loop = Loop(*restore_run(data.resume, out, args, f.model, f.opt, f.sched, f.ema, f.scaler, f.steps,
+                                 f.steps_per_epoch, at.world, at.device))
+        at.say(f"resumed from epoch {loop.start_epoch}", flush=True)
+    split_files = D.split_record(data.samples)
+    if at.rank == 0:
+        open_out_dir(out, args.resume, {**data.split, "dropped_small_head": data.dropped,
+                                        **({"dropped_copies": args.dropped_copies} if args.dropped_copies else {}),
+                                        "files": split_files}, at.say)
+        DD.barrier(at.world)
+    if args.finish_from:
+        loop.history, loop.train_time = adopt_trained(fit.model, Path(args.finish_from), args, data.classes,
+                                                      sources, split_files)
+        write_json(out / "history.json", loop.history)
+        if args.average_init or args.average_init_always:   # checked in parse_args: its parent, not averaged yet
+            args.average_record = average_with_init(fit.model, args.init, data.images[data.idx["val"]],
+                                                    data.masks[data.idx["val"]], spec, at.device, at.precision,
+                                                    always=args.average_init_always)
+        finish_run(fit.model, args, sources, data, spec, at, loop, t_start)
+        return 0
+    train_epochs(args, fit, data, sources, spec, out, at, loop, teacher)
+    DD.debug_dump(fit.model, at.rank, at.world)
+    if at.rank == 0:
+        ship_best(fit.model, args, data, spec, out, at, loop)
+        finish_run(fit.model, args, sources, data, spec, at, loop, t_start)
+    DD.cleanup(at.world)
+    return 0
+
+
+def start(args: argparse.Namespace) -> Place:
+    """The process group under torchrun (WORLD_SIZE > 1; otherwise rank 0 of 1), the seed, the
+    threads and the device."""
     rank, world, ddp_device = DD.setup(args.device)
     args.world_size = world
-    say = print if rank == 0 else DD.quiet
     # Model init may differ by rank (DDP copies rank 0's weights); augmentation should differ.
     seed_everything(args.seed + rank)
     if args.threads:
@@ -408,14 +507,15 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":  # one input size for the whole run: let cuDNN time and keep its fastest kernels
         torch.backends.cudnn.benchmark = True
-    out = Path(args.out)
-    sources = D.parse_sources(args.data)
-    for src in sources:  # recorded so that later commands find the data from any folder
-        src["path"] = D.portable_root(src["path"])
-    spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
+    return Place(rank, world, device, precision, print if rank == 0 else DD.quiet)
 
-    if rank > 0:
-        DD.barrier(world)  # rank 0 fills the image and hash caches and writes split.json first
+
+def read_data(args: argparse.Namespace, sources: list[dict], spec: dict, out: Path, at: Place) -> RunData:
+    """The sources' images read, cached and split, those the run leaves out removed, the
+    checkpoint of a resumed run loaded (its split and loss are the run's)."""
+    say = at.say
+    if at.rank > 0:
+        DD.barrier(at.world)  # rank 0 fills the image and hash caches and writes split.json first
     samples, skipped = load_samples(sources, args)
     say(f"{len(samples)} images from {len(sources)} source(s); {len(skipped)} skipped", flush=True)   # files or empty folders
     if not args.resume and not args.limit:   # a resume's copies are its split.json's; --limit reads a subset
@@ -441,7 +541,6 @@ def run(args: argparse.Namespace) -> int:
     if gone := sorted(getattr(args, "labels_found", set()) - {s.label for s in samples}):
         say(f"warning: no image of {', '.join(gone)} is left (every one unreadable, or dropped as a "
             f"near-black slice): the model has no such class", flush=True)
-    masks = E.target_masks(samples, classes)
     # A source with weight 0 is held out: never trained or validated on, but its test split is
     # evaluated, so that runs on different source mixes are measured on the same test images.
     trained = {s["name"] for s in sources if s["weight"] > 0}
@@ -450,138 +549,143 @@ def run(args: argparse.Namespace) -> int:
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
     args.untested_classes = check_trainable(samples, idx, classes, say, trained)
-    lesions = None
-    if args.mask_loss > 0:  # the tumour masks, prepared like the images (in worker processes)
-        lesions = E.cache_lesions(samples, spec, workers=args.workers)
-        n_masked = int(lesions[1][idx["train"]].sum())
-        args.mask_record = {"weight": args.mask_loss, "loss": "pointing (class map vs tumour mask)",
-                            "train_images_with_mask": n_masked}
-        say(f"mask loss {args.mask_loss}: {n_masked} training images have a tumour mask"
-            + ("" if n_masked else " (none: the loss does nothing; masks are read from <root>/masks/)"),
-            flush=True)
-    teacher, teacher_net = None, None
-    if args.teacher and not args.finish_from:
-        teacher, teacher_net = distillation(args, all_samples, keep, idx["train"], classes,
-                                            D.split_record(samples), spec, device, precision, say,
-                                            saved=((resume or {}).get("args") or {}).get("distill_record"))
-    model = create_model(args.arch, len(classes)).to(device).to(memory_format=torch.channels_last)
+    return RunData(all_samples, keep, samples, images, E.target_masks(samples, classes), idx, classes,
+                   mask_lesions(args, samples, spec, idx, say), skipped, dropped,
+                   {"method": method, "from": origin}, resume)
+
+
+def mask_lesions(args: argparse.Namespace, samples: list[D.Sample], spec: dict, idx: dict[str, torch.Tensor],
+                 say) -> tuple | None:
+    """The tumour masks the mask loss reads, prepared like the images (in worker processes);
+    None without --mask-loss."""
+    if args.mask_loss <= 0:
+        return None
+    lesions = E.cache_lesions(samples, spec, workers=args.workers)
+    n_masked = int(lesions[1][idx["train"]].sum())
+    args.mask_record = {"weight": args.mask_loss, "loss": "pointing (class map vs tumour mask)",
+                        "train_images_with_mask": n_masked}
+    say(f"mask loss {args.mask_loss}: {n_masked} training images have a tumour mask"
+        + ("" if n_masked else " (none: the loss does nothing; masks are read from <root>/masks/)"), flush=True)
+    return lesions
+
+
+def make_fit(args: argparse.Namespace, data: RunData, at: Place) -> Fit:
+    """The model (from --init's weights when given), AdamW and its one-cycle schedule, the fp16
+    loss scale and the EMA copy."""
+    model = create_model(args.arch, len(data.classes)).to(at.device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     # --batch-size is per process: with N ranks an epoch has 1/N of the steps, N x the batch.
-    steps_per_epoch = max(1, len(idx["train"]) // (args.batch_size * world))
+    steps_per_epoch = max(1, len(data.idx["train"]) // (args.batch_size * at.world))
     steps = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1,
-                                                pct_start=WARMUP)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1, pct_start=WARMUP)
+    scaler = torch.amp.GradScaler("cuda") if at.precision == "fp16" else None
+    args.init_record = None
+    if args.init:  # before the EMA copies the weights; a resumed checkpoint then overrides them
+        try:
+            args.init_record = E.init_weights(model, args.init, args.arch, data.classes, D.split_record(data.samples))
+        except Exception as e:  # a corrupt or foreign parent: one sentence, and nothing written
+            raise DataError(f"cannot continue from {args.init}: {e}") from None
+        at.say(f"initialised from {args.init}", flush=True)
+    ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
+    return Fit(model, opt, sched, scaler, ema, steps, steps_per_epoch)
+
+
+def train_epochs(args: argparse.Namespace, fit: Fit, data: RunData, sources: list[dict], spec: dict, out: Path,
+                 at: Place, loop: Loop, teacher: tuple) -> None:
+    """The epochs from ``loop.start_epoch``: train, validate on rank 0, keep the best weights in
+    best.pt and checkpoint every epoch, until --epochs or --patience."""
     # The whole epochs before the learning rate peaks are neither kept as the best weights nor
     # counted by early stopping: a run continued from --init has its lowest validation loss in
     # epoch 1, before the new augmentation has taught it anything, and would stop there.
     warmup_epochs = int(WARMUP * args.epochs)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    draw_w = sampling_weights([samples[i] for i in idx["train"]], sources)
-    history, start_epoch, best, bad = [], 0, float("inf"), 0
-    best_epoch = None  # the epoch whose weights are in best.pt (1-based), recorded when it is saved
-    shipped_average = None  # set when best.pt is rebuilt from weights that are already an average
-    args.init_record = None
-    if args.init:  # before the EMA copies the weights; a resumed checkpoint then overrides them
-        try:
-            args.init_record = E.init_weights(model, args.init, args.arch, classes, D.split_record(samples))
-        except Exception as e:  # a corrupt or foreign parent: one sentence, and nothing written
-            print(f"train.py: error: cannot continue from {args.init}: {e}", file=sys.stderr)
-            return 2
-        say(f"initialised from {args.init}", flush=True)
-    ema = E.ModelEma(model, args.ema) if args.ema > 0 else None
-    if resume:
-        history, start_epoch, best, bad, best_epoch, shipped_average = restore_run(
-            resume, out, args, model, opt, sched, ema, scaler, steps, steps_per_epoch, world, device)
-        say(f"resumed from epoch {start_epoch}", flush=True)
-    split_files = D.split_record(samples)
-    if rank == 0:
-        open_out_dir(out, args.resume, {"method": method, "from": origin, "dropped_small_head": dropped,
-                                        **({"dropped_copies": args.dropped_copies} if args.dropped_copies else {}),
-                                        "files": split_files}, say)
-        DD.barrier(world)
-    if args.finish_from:
-        history, train_time = adopt_trained(model, Path(args.finish_from), args, classes, sources, split_files)
-        write_json(out / "history.json", history)
-        if args.average_init or args.average_init_always:   # checked in parse_args: its parent, not averaged yet
-            args.average_record = average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]],
-                                                    spec, device, precision, always=args.average_init_always)
-        finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
-               history, skipped, dropped, train_time, time.time() - t_start)
-        return 0
-    net = DD.wrap(model, device, world)  # DDP when world > 1; `model` stays the plain module
+    draw_w = sampling_weights([data.samples[i] for i in data.idx["train"]], sources)
+    net = DD.wrap(fit.model, at.device, at.world)  # DDP when world > 1; `fit.model` stays the plain module
     gen = torch.Generator().manual_seed(args.seed)
-    train_time = sum(h["train"]["time_s"] for h in history)
-    for epoch in range(start_epoch, args.epochs):
+    loop.train_time = sum(h["train"]["time_s"] for h in loop.history)
+    for epoch in range(loop.start_epoch, args.epochs):
         # Before the epoch, not after it: a run resumed from the checkpoint of the epoch that
         # stopped it must stop too, not train on (one better epoch would reset the count).
-        if DD.rank0_decides(bad >= args.patience, world, device):
-            say(f"early stop: no validation improvement for {bad} epochs", flush=True)
+        if DD.rank0_decides(loop.bad >= args.patience, at.world, at.device):
+            at.say(f"early stop: no validation improvement for {loop.bad} epochs", flush=True)
             break
         gen.manual_seed(args.seed * 1000 + epoch)
         small = bool(args.small_img) and epoch < args.small_img_epochs
-        size = args.small_img if small else None
         if args.small_img and epoch == args.small_img_epochs:
             # Losses at another resolution are not comparable: early stopping starts afresh, and a
             # low-resolution best is not one to ship (no full-size epoch improving must still fail)
-            best, bad = float("inf"), 0
-            if rank == 0:
+            loop.best, loop.bad = float("inf"), 0
+            if at.rank == 0:
                 (out / "best.pt").unlink(missing_ok=True)
-                shipped_average, best_epoch = None, None
-        n_draw = steps_per_epoch * args.batch_size * world
-        order = idx["train"][torch.multinomial(draw_w, n_draw, replacement=True, generator=gen)]
-        order = DD.shard(order, rank, world)  # same draw on every rank; each trains its share
-        teach = teacher  # online only at full size: the teacher reads the low-resolution batches poorly
-        if teacher is not None and args.distill_online and not small:
-            teach = teacher._replace(source=teacher_net)
-        tr = E.train_one_epoch(net, images, masks, order, opt, sched, spec, device,
-                               args.batch_size, precision, args.smoothing, args.aug,
-                               args.skull_strip_p, scaler, progress=not args.no_progress and rank == 0,
-                               out_size=size, ema=ema, lesions=lesions, mask_weight=args.mask_loss,
-                               aug_options=aug_options(args), teacher=teach)
-        tr = DD.reduce_epoch_stats(tr, len(order), world, device)
-        if rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
-            judged = ema.module if ema is not None else model
-            t_val = time.time()
-            va = E.evaluate_split(judged, images[idx["val"]], masks[idx["val"]], spec, device, precision,
-                                  out_size=size)
-            va["time_s"] = round(time.time() - t_val, 2)
-            train_time += tr["time_s"]
-            history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": opt.param_groups[0]["lr"]})
-            print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
-                  f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
-            # the low-resolution warm-up of progressive resizing never stops a run
-            is_best, best, bad = judge_epoch(epoch, va["loss"], best, bad, warmup_epochs, counts=not small)
-            if args.keep == "last":  # every epoch replaces the last, and none stops the run early
-                is_best, bad = True, 0
-            if is_best:  # written whole, then swapped in: a run killed here keeps its previous best
-                D.save_whole(out / "best.pt", lambda tmp: torch.save(judged.state_dict(), tmp))
-                shipped_average, best_epoch = None, epoch + 1
-            write_json(out / "history.json", history)
-            write_json(out / TRAINED, trained_record(args, classes, sources, device, precision,
-                                                     best_epoch, train_time))
-            E.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                              scheduler=sched.state_dict(), epoch=epoch, history=history, best=best,
-                              bad=bad, best_epoch=best_epoch, rng=torch.get_rng_state(),
-                              rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                              ema=ema.state_dict() if ema is not None else None,
-                              scaler=scaler.state_dict() if scaler is not None else None,
-                              args=vars(args) | {"config_values": None})
+                loop.shipped_average, loop.best_epoch = None, None
+        order = data.idx["train"][torch.multinomial(draw_w, fit.steps_per_epoch * args.batch_size * at.world,
+                                                    replacement=True, generator=gen)]
+        order = DD.shard(order, at.rank, at.world)  # same draw on every rank; each trains its share
+        teach, teacher_net = teacher  # online only at full size: the teacher reads the low-resolution batches poorly
+        if teach is not None and args.distill_online and not small:
+            teach = teach._replace(source=teacher_net)
+        f = fit
+        tr = E.train_one_epoch(net, data.images, data.masks, order, f.opt, f.sched, spec, at.device,
+                               args.batch_size, at.precision, args.smoothing, args.aug,
+                               args.skull_strip_p, f.scaler, progress=not args.no_progress and at.rank == 0,
+                               out_size=args.small_img if small else None, ema=f.ema, lesions=data.lesions,
+                               mask_weight=args.mask_loss, aug_options=aug_options(args), teacher=teach)
+        tr = DD.reduce_epoch_stats(tr, len(order), at.world, at.device)
+        if at.rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
+            end_epoch(args, fit, data, sources, spec, out, at, loop, epoch, tr, small, warmup_epochs)
 
-    DD.debug_dump(model, rank, world)
-    if rank == 0:
-        if not (out / "best.pt").exists():
-            raise DataError("no epoch after the warm-up improved the validation loss (was it NaN or "
-                            "infinite? try a lower --lr): there are no best weights to ship")
-        model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
-        args.best_epoch_record = best_epoch
-        args.average_record = shipped_average or (
-            average_with_init(model, args.init, images[idx["val"]], masks[idx["val"]], spec, device,
-                              precision, always=args.average_init_always)
-            if args.average_init or args.average_init_always else None)
-        finish(model, args, sources, samples, images, masks, idx, classes, spec, device, precision,
-               history, skipped, dropped, train_time, time.time() - t_start)
-    DD.cleanup(world)
-    return 0
+
+def end_epoch(args: argparse.Namespace, fit: Fit, data: RunData, sources: list[dict], spec: dict, out: Path,
+              at: Place, loop: Loop, epoch: int, tr: dict, small: bool, warmup_epochs: int) -> None:
+    """Validate the epoch's weights (the EMA's when kept), log it, keep them in best.pt when best,
+    and write the history, the run's record and the checkpoint."""
+    judged = fit.ema.module if fit.ema is not None else fit.model
+    t_val = time.time()
+    va = E.evaluate_split(judged, data.images[data.idx["val"]], data.masks[data.idx["val"]], spec, at.device,
+                          at.precision, out_size=args.small_img if small else None)
+    va["time_s"] = round(time.time() - t_val, 2)
+    loop.train_time += tr["time_s"]
+    loop.history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": fit.opt.param_groups[0]["lr"]})
+    print(f"epoch {epoch + 1}/{args.epochs} loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
+          f"val_loss {va['loss']:.4f} val_acc {va['acc']:.4f} {tr['images_per_s']:.0f} img/s", flush=True)
+    # the low-resolution warm-up of progressive resizing never stops a run
+    is_best, loop.best, loop.bad = judge_epoch(epoch, va["loss"], loop.best, loop.bad, warmup_epochs,
+                                               counts=not small)
+    if args.keep == "last":  # every epoch replaces the last, and none stops the run early
+        is_best, loop.bad = True, 0
+    if is_best:  # written whole, then swapped in: a run killed here keeps its previous best
+        D.save_whole(out / "best.pt", lambda tmp: torch.save(judged.state_dict(), tmp))
+        loop.shipped_average, loop.best_epoch = None, epoch + 1
+    write_json(out / "history.json", loop.history)
+    write_json(out / TRAINED, trained_record(args, data.classes, sources, at.device, at.precision,
+                                             loop.best_epoch, loop.train_time))
+    f = fit
+    E.save_checkpoint(out / "checkpoint.pt", model=f.model.state_dict(), optimizer=f.opt.state_dict(),
+                      scheduler=f.sched.state_dict(), epoch=epoch, history=loop.history, best=loop.best,
+                      bad=loop.bad, best_epoch=loop.best_epoch, rng=torch.get_rng_state(),
+                      rng_cuda=torch.cuda.get_rng_state(at.device) if at.device.type == "cuda" else None,
+                      ema=f.ema.state_dict() if f.ema is not None else None,
+                      scaler=f.scaler.state_dict() if f.scaler is not None else None,
+                      args=vars(args) | {"config_values": None})
+
+
+def ship_best(model: torch.nn.Module, args: argparse.Namespace, data: RunData, spec: dict, out: Path,
+              at: Place, loop: Loop) -> None:
+    """Load best.pt into ``model``, averaged with --init's weights where asked and it helps."""
+    if not (out / "best.pt").exists():
+        raise DataError("no epoch after the warm-up improved the validation loss (was it NaN or "
+                        "infinite? try a lower --lr): there are no best weights to ship")
+    model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+    args.best_epoch_record = loop.best_epoch
+    args.average_record = loop.shipped_average or (
+        average_with_init(model, args.init, data.images[data.idx["val"]], data.masks[data.idx["val"]], spec,
+                          at.device, at.precision, always=args.average_init_always)
+        if args.average_init or args.average_init_always else None)
+
+
+def finish_run(model: torch.nn.Module, args: argparse.Namespace, sources: list[dict], data: RunData, spec: dict,
+               at: Place, loop: Loop, t_start: float) -> None:
+    finish(model, args, sources, data.samples, data.images, data.masks, data.idx, data.classes, spec, at.device,
+           at.precision, loop.history, data.skipped, data.dropped, loop.train_time, time.time() - t_start)
 
 
 PREVIOUS = "previous"  # a fresh run puts the files another run left into out/previous-<UTC time>/
