@@ -13,7 +13,7 @@ from core.app_support import (card_threshold, class_wording, current_predictor, 
                               metric_rows, model_choices, model_label, one_source_warning, operating_point_text,
                               predictor_problem, reset_threshold, threshold_moved, training_sources)
 from core.inference import load_card
-from core.labels import class_label
+from core.labels import class_label, source_label
 
 # Pages relative to this file, not to the entry point: cloud/streamlit_app.py runs this file too.
 HERE = Path(__file__).resolve().parent
@@ -93,7 +93,7 @@ def home() -> None:
         figures, note = home_figures(pred)
         metric_rows([(label, value, None) for label, value in figures.items()])
         st.caption(f"{note} Classes: {', '.join(map(class_label, pred.classes))} · input {pred.spec['size']} px grey · "
-                   f"trained on {', '.join(training_sources(card)) or 'n/a'}")
+                   f"trained on {', '.join(map(source_label, training_sources(card))) or 'n/a'}")
         if (moved := hand_threshold_note(pred, st.session_state.get("threshold"))):
             st.info(moved, icon=":material/tune:")
         if (narrow := one_source_warning(pred)):

@@ -26,15 +26,15 @@ from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
-                        slice_scores, training_sources, SEEN_TEXT)
-from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, tumour_classes
+                        slice_scores, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
+from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, source_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
 from .report import saliency_caveat, shown_path, unique_names  # the upload batch names files as the report does
-from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
+from .reader import (MAX_SLICES, STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
                      read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
@@ -188,7 +188,7 @@ def one_source_warning(predictor: Predictor, choices: list[Path] | None = None) 
     sources = training_sources(predictor.card)
     if len(sources) != 1:
         return None
-    text = (f"**Trained on one collection only ({sources[0]})**: it learnt that collection's look and was "
+    text = (f"**Trained on one collection only ({source_label(sources[0])})**: it learnt that collection's look and was "
             "never tested on scans from other hospitals."
             + (" Such models call most tumour scans of other collections 'no tumour', without a flag "
                "(docs/generalisation.md)." if NO_TUMOUR in predictor.card.get("classes", [NO_TUMOUR]) else ""))
@@ -219,7 +219,7 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
     ranked = missed_by_source(predictor, kept, predictor.threshold) if predictor.is_tumour_model else []
     if len(ranked) > 1:   # the pooled sensitivity hides the collection read worst
         src, (n, missed) = ranked[0]
-        figures["Sensitivity, weakest source"] = f"{1 - missed / n:.1%} ({src})"
+        figures["Sensitivity, weakest source"] = f"{1 - missed / n:.1%} ({source_label(src)})"
     note = "At the card's operating point, on the held-out test scans"
     if copies:
         all_m = predictor.card.get("metrics") or {}
@@ -400,7 +400,7 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     ranked = missed_by_source(predictor, stored["predictions"], threshold)
     if not ranked:
         return None
-    parts = ", ".join(f"{src} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
+    parts = ", ".join(f"{source_label(src)} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
     if not any(m for _, (_, m) in ranked):
         return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
                 f"every test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
@@ -745,9 +745,11 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
                  shown: int | None, shown_in_distribution: bool = True) -> str | None:
     """A warning when slices other than the one shown reach the operating point and the one shown
     does not (`hot_slices`): a tumour on slice 12 must not hide behind a clean middle slice, nor
-    behind a refused one. None otherwise."""
+    behind a refused one; `UNCHECKED_TEXT` for a volume too long to score whole. None otherwise."""
     if not predictor.is_tumour_model or shown is None:
         return None
+    if cached_volume_slices(data, name)[0] > MAX_SLICES:   # not read whole: no hot slice is no finding
+        return UNCHECKED_TEXT
     try:
         scores = cached_slice_scores(predictor, data, name)
         hot = cached_hot_slices(predictor, data, name, threshold, shown, shown_in_distribution)

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from .inference import finite_number, shown_slice
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, class_label, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, class_label, has_tumour_decision, source_label, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
 from .report import flag_labels, refused_by_header, slice_words, volume_words
@@ -226,10 +226,10 @@ def one_side_note(ev: dict) -> str | None:
 
 
 def source_text(name: str | None) -> str:
-    """A source as the Evaluation page's selector names it: its key and what it is."""
+    """A source as the Evaluation page's selector names it: its name and what it is."""
     if name is None:
         return "all sources"
-    return f"{name}: {SOURCE_NOTES[name]}" if name in SOURCE_NOTES else name
+    return f"{source_label(name)}: {SOURCE_NOTES[name]}" if name in SOURCE_NOTES else name
 
 
 def scans_help(ev: dict) -> str | None:
@@ -475,7 +475,7 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
                      "copy-free accuracy": r.get("copy_free_accuracy"),
                      "copy-free benchmark accuracy": benchmark_accuracy(r, "copy_free_accuracy"),
                      "copy-free benchmark missed": r.get("copy_free_benchmark_missed"),
-                     "classes": len(r["classes"]), "sources": "+".join(r["sources"]),
+                     "classes": len(r["classes"]), "sources": "+".join(map(source_label, r["sources"])),
                      "test images": r.get("test_images"), "test set": r.get("test_set"),
                      "accuracy": r.get("accuracy"),
                      "benchmark accuracy": benchmark_accuracy(r),
@@ -621,7 +621,7 @@ def ood_summary(ood: dict) -> str:
     text = (f"Method `{method}`" + (f" ({'; '.join(parts)})" if parts else "")
             + ". Flags at most 2 % of each source's validation MRI.")
     measured = ood.get("measured") or {}
-    flagged = readable(measured.get("test_mri_flagged_pct"), " %")
+    flagged = readable({source_label(k): v for k, v in (measured.get("test_mri_flagged_pct") or {}).items()}, " %")
     if flagged:
         text += f" Test MRI flagged per source: {flagged}."
     elif measured.get("max_test_mri_flagged_pct") is not None:  # a version-1 card
@@ -651,7 +651,7 @@ def sources_readable(card: dict) -> pd.DataFrame:
     """The card's sources for a reader: what each is, images per split, folders -> classes."""
     rows = []
     for s in card.get("sources", []):
-        row = {"source": s.get("name"), "what it is": SOURCE_NOTES.get(s.get("name"), "")}
+        row = {"source": source_label(s.get("name", "?")), "what it is": SOURCE_NOTES.get(s.get("name"), "")}
         row.update({f"{k} images": v for k, v in (s.get("images") or {}).items()})
         row["folders -> classes"] = ", ".join(f"{k} -> {class_label(v)}" for k, v in (s.get("label_map") or {}).items())
         rows.append(row)
@@ -704,7 +704,7 @@ METRIC_COLUMNS = {"n": ("scans", "d"), "accuracy": ("accuracy", ".1%"), "sensiti
 def metrics_readable(card: dict) -> pd.DataFrame:
     """The card's test figures, all sources then each, one row each, as text ('—': not defined)."""
     m = card.get("metrics") or {}
-    rows = [("all sources", m)] + sorted((m.get("per_source") or {}).items())
+    rows = [("all sources", m)] + [(source_label(k), v) for k, v in sorted((m.get("per_source") or {}).items())]
     def cell(v, fmt: str) -> str:
         return format(v, fmt) if finite_number(v) else "—"
     return pd.DataFrame([{"test set": name, **{label: cell(r.get(k), fmt) for k, (label, fmt) in METRIC_COLUMNS.items()}}

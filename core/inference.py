@@ -20,7 +20,7 @@ from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
 from .models import create_model, feature_channels
 from .preprocess import preprocess
-from .reader import ScanError, ScanImage, file_fault_error, is_empty_slice, panel_divider, read_scan
+from .reader import MAX_SLICES, ScanError, ScanImage, file_fault_error, is_empty_slice, panel_divider, read_scan
 from .referral import ReferralRule
 
 ROOT = REPO_ROOT
@@ -556,6 +556,8 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             row = {"file": name, "ok": True, **pr.to_json()}
             if check.hot:
                 row["hot_slices"] = check.hot   # as the app and the report flag it
+            if getattr(predictor, "is_tumour_model", False) and slices_unchecked(pr.info):
+                row["other_slices_unchecked"] = True   # no hot_slices is then no finding
             if getattr(predictor, "seen", None) and predictor.seen_in_training(sha256_of(src)):
                 row["seen_in_training"] = True   # as the app and the report flag it
             yield row
@@ -668,6 +670,17 @@ def shown_slice(info: dict) -> int | None:
     if max(int(info.get("n_slices") or 1), int(info.get("n_frames") or 1)) <= 1:
         return None
     return info.get("slice_index", info.get("frame"))
+
+
+def slices_unchecked(info: dict) -> bool:
+    """Whether the slice shown is of a volume too long to read whole (`reader.MAX_SLICES`): its
+    other slices were not scored, so none of them can be said to reach the operating point."""
+    return shown_slice(info) is not None and max(int(info.get("n_slices") or 1), int(info.get("n_frames") or 1)) > MAX_SLICES
+
+
+# Why such a volume's call stands alone: the app's note, the report's flag text
+UNCHECKED_TEXT = (f"This volume has more than {MAX_SLICES} slices, too many to score each one: only the slice "
+                  "shown was read. Look at the other slices before calling the volume clear.")
 
 
 def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_kw) -> Prediction:

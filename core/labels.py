@@ -115,6 +115,15 @@ def class_word(c: str) -> str:
     return _CLASS_NAMES[c][0].lower() + _CLASS_NAMES[c][1:]
 
 
+# The shared sources' short keys (cards, eval.json, the CLI) as a reader knows the collections
+_SOURCE_NAMES = {"benchmark": "Benchmark", "br35h": "Br35H", "lgg": "LGG FLAIR", "brisc": "BRISC"}
+
+
+def source_label(key: str) -> str:
+    """How a source is shown to a reader ('lgg' -> 'LGG FLAIR'); another source keeps its name."""
+    return _SOURCE_NAMES.get(key, key)
+
+
 def or_list(words: list[str]) -> str:
     """'a, b or c' (one word alone)."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"

@@ -77,7 +77,10 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF")
 SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP, GIF, DICOM or NIfTI"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
 STACK_SUFFIXES = (".tif", ".tiff", ".gif")  # images that may hold several pages (slices)
-MAX_STACK_PAGES = 256  # pages of a TIFF/GIF stack read as slices (also bounded by MAX_VOXELS)
+# Slices of one volume read whole to be scored (NIfTI slices, DICOM frames, TIFF/GIF pages; also
+# bounded by MAX_VOXELS): every one is a forward pass, and a 171 KB NIfTI of 30,000 tiny slices held
+# a CPU for an hour. A 1 mm head has under 256 slices in any plane; past it the slice shown is read alone.
+MAX_SLICES = 256
 
 # The only keys `ScanImage.info` may carry (technical, never identifying).
 SAFE_INFO_KEYS = frozenset({
@@ -912,6 +915,7 @@ def _header_read(read, *args):
 def _dicom_frames(data: bytes) -> tuple[list[tuple[np.ndarray, float, dict]], dict]:
     """Every frame as (grey, colourfulness, its body part's info keys), and the file's info."""
     ds, rows, cols, n_frames = _dicom_header(data)
+    _check_slice_count(n_frames)
     if rows * cols * n_frames > MAX_VOXELS or _frame_bytes(ds, rows, cols) * n_frames > MAX_VOXELS * 4:
         raise _named_by_header(ScanError(f"The DICOM file has too many frames to read at once ({n_frames})."), ds)
     try:
@@ -1315,6 +1319,7 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
     kind = sniff(data)
     if kind in ("gzip", "nifti"):
         vol, plane, zooms, info = _nifti_slices(data, options)
+        _check_slice_count(info["n_slices"])
         slices = [_slice_2d(vol, plane, k, zooms) for k in range(info["n_slices"])]
         if slices:   # as read_scan refuses a slice of this size (a thin stack seen from the side)
             _check_size(slices[0].shape[1], slices[0].shape[0])
@@ -1336,6 +1341,12 @@ def read_volume_scans(src: str | Path | bytes, name: str | None = None,
     return (_with_head_shares(pages) if len(pages) > 1 else pages), pages[0].kind, stack_info
 
 
+def _check_slice_count(n: int) -> None:
+    """A volume of more than MAX_SLICES slices is not read whole (see there)."""
+    if n > MAX_SLICES:
+        raise ScanError(f"The volume has too many slices to read at once ({n}; at most {MAX_SLICES}).")
+
+
 def _with_head_shares(scans: list[ScanImage]) -> list[ScanImage]:
     """DICOM frames or stack pages, each with its head_share from its own lit share (frames are
     windowed alike; pages one by one, so there it is a rough guide). A NIfTI slice gets it from
@@ -1352,10 +1363,10 @@ def read_image_pages(src: str | Path | bytes, name: str | None = None, **options
     data = load_bytes(src)
     first = read_scan(data, name, **options)
     counted = first.info.get("n_frames", 1)   # None: a large GIF, whose frames are counted here
-    n = MAX_STACK_PAGES if counted is None else int(counted or 1)
+    n = MAX_SLICES if counted is None else int(counted or 1)
     if first.kind != "image" or n <= 1 or any(options.get(k) is not None for k in ("frame", "slice", "slice_index")):
         return [first]
-    if counted is not None and (n > MAX_STACK_PAGES or first.info["width"] * first.info["height"] * n > MAX_VOXELS):
+    if counted is not None and (n > MAX_SLICES or first.info["width"] * first.info["height"] * n > MAX_VOXELS):
         raise ScanError(f"The image has too many pages to read at once ({n}).")
     pages = [first]
     try:

@@ -46,9 +46,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, Prediction, Predictor, calibration_text, end_slice_note, listed_slices,
-                        shown_slice, volume_check)
-from .labels import NO_TUMOUR, class_label, tumour_classes
+from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, UNCHECKED_TEXT, Prediction, Predictor, calibration_text,
+                        end_slice_note, listed_slices, shown_slice, slices_unchecked, volume_check)
+from .labels import NO_TUMOUR, class_label, class_word, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
 from .reader import ScanError, file_fault_error, load_bytes, read_scan
@@ -68,6 +68,7 @@ FLAG_TYPE_UNCERTAIN = "tumour type uncertain"
 FLAG_UNREADABLE = "cannot read"
 FLAG_NOT_CHECKED = "image not checked"   # a model without an out-of-distribution gate
 FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its slice shown below it
+FLAG_UNCHECKED_SLICES = "other slices not checked"   # a volume too long to score whole (inference.slices_unchecked)
 FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
 FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
 FLAG_SEEN = "seen in training"   # the file itself is one the model trained on (Predictor.seen_in_training)
@@ -116,7 +117,9 @@ def flags_of(row: Mapping) -> list[str]:
     flag alone: it gets no call, so there is no call to refer or to doubt the type of."""
     if not row.get("ok"):
         return [FLAG_UNREADABLE]
-    hot = [FLAG_OTHER_SLICES] if row.get("hot_slices") else []
+    hot = ([FLAG_OTHER_SLICES] if row.get("hot_slices") else []) + (
+        [FLAG_UNCHECKED_SLICES] if slices_unchecked(row.get("info") or {}) and tumour_classes(list(row.get("probs") or {}))
+        else [])
     seen = [FLAG_SEEN] if row.get("seen_in_training") else []
     if not row.get("in_distribution", True):
         return [FLAG_OOD] + hot + seen
@@ -520,6 +523,7 @@ FLAG_TEXT = {
                        "any image, even one that is not a brain MRI. Check that this is one.", AMBER),
     FLAG_OTHER_SLICES: ("OTHER SLICES REACH THE OPERATING POINT", "Other slices of this volume reach the "
                         "operating point; this one does not. Look at them before calling the volume clear.", AMBER),
+    FLAG_UNCHECKED_SLICES: ("OTHER SLICES NOT CHECKED", UNCHECKED_TEXT, AMBER),
     FLAG_MASK: ("MASK CONTRADICTS CALL", "The uploaded tumour mask marks a lesion; the call is 'no tumour'.", RED),
     FLAG_TYPE_UNCERTAIN: ("TUMOUR - TYPE UNCERTAIN", "A tumour is called but its type is not "
                           "clear; read the type as a suggestion only.", AMBER),
@@ -870,10 +874,13 @@ def _result_box(pdf, p: Prediction) -> None:
              new_x="LMARGIN", new_y="NEXT")
     pdf.set_x(pdf.l_margin + 4)
     if p.in_distribution:
+        # a type in doubt must not read as firmly as the call (the app's headline says the same)
         pdf.font(15, True, ACCENT)
-        pdf.cell(90, 7, pdf.t(class_label(p.pred)))
+        pdf.cell(90, 7, pdf.t("Tumour, type uncertain" if p.type_uncertain else class_label(p.pred)))
         pdf.font(9, False, INK)
-        pdf.cell(pdf.epw - 98, 7, pdf.t(f"confidence {p.confidence:.3f}"), align="R")
+        side = (f"likeliest type: {class_word(p.pred)} ({p.confidence:.3f})" if p.type_uncertain
+                else f"confidence {p.confidence:.3f}")
+        pdf.cell(pdf.epw - 98, 7, pdf.t(side), align="R")
     else:
         pdf.font(15, True, RED[1])
         pdf.cell(0, 7, pdf.t("No diagnosis: out of distribution"))

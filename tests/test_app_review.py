@@ -174,7 +174,7 @@ def test_a_one_collection_model_is_warned_about_and_the_broadest_named(tmp_path)
     class Fake:
         card = json.loads((narrow / "card.json").read_text())
     text = app_support.one_source_warning(Fake(), [narrow, broad])
-    assert "one collection only (benchmark)" in text and "prefer broad" in text
+    assert "one collection only (Benchmark)" in text and "prefer broad" in text
     Fake.card = json.loads((broad / "card.json").read_text())
     assert app_support.one_source_warning(Fake(), [narrow, broad]) is None
 
@@ -198,7 +198,7 @@ def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
             called = app_support.evaluation_at([r], pred.classes, pred.threshold, None, pred.referral)["tumour_missed"] == 0
             per.setdefault(r["source"], []).append(called)
     worst = min(per, key=lambda s: sum(per[s]) / len(per[s]))
-    assert figures["Sensitivity, weakest source"] == f"{sum(per[worst]) / len(per[worst]):.1%} ({worst})"
+    assert figures["Sensitivity, weakest source"] == f"{sum(per[worst]) / len(per[worst]):.1%} (LGG FLAIR)"
     assert worst == "lgg" and figures["Sensitivity, weakest source"] != figures["Sensitivity"]
 
 
@@ -331,7 +331,7 @@ def test_readable_card_values():
         in ood_summary({"method": "cnn+head+colour"})
     full = ood_summary({"method": "knn", "measured": {"test_mri_flagged_pct": {"lgg": 1.15}},
                         "held_out_estimate": {"non_brain_mean_pct": 93.5, "non_brain_min_pct": 46.5}})
-    assert "lgg 1.15 %" in full and "mean 93.5 %, worst 46.5 %" in full
+    assert "LGG FLAIR 1.15 %" in full and "mean 93.5 %, worst 46.5 %" in full
 
 
 def test_model_card_page_prints_no_python_reprs(random_weights, tmp_path, monkeypatch):
@@ -544,7 +544,7 @@ def test_a_no_tumour_call_warns_under_the_call_and_its_map_explains_the_likelies
     assert not app.exception
     assert predictions(app) == ["### Prediction: **No tumour**"]
     (warning,) = [w.value for w in app.warning if "does not rule a tumour out" in w.value]
-    assert "lgg" in warning and "%" in warning
+    assert "LGG FLAIR" in warning and "%" in warning
     explain = next(s for s in app.selectbox if s.key.startswith("t-"))
     assert explain.value in ("glioma", "meningioma", "pituitary")
     assert f"{class_label(explain.value)} (likeliest tumour)" in explain.options and "No tumour (predicted)" in explain.options
@@ -840,7 +840,7 @@ def test_a_no_tumour_call_says_how_often_the_model_missed_tumours_and_a_mask_con
     lgg = [r for r in ev["predictions"] if r["source"] == "lgg" and r["label"] != "notumor"
            and not r.get("copy_in_training")]
     missed = sum(r["pred"] == "notumor" for r in lgg)
-    assert f"lgg {missed} of {len(lgg)}" in note
+    assert f"LGG FLAIR {missed} of {len(lgg)}" in note
     assert app_support.miss_note(pred, 0.0).count(" 0 of ") == 3   # nothing is missed at 0
     from core.reader import read_scan
     scan = read_scan(_png_bytes(3), "x.png")   # 64 x 64

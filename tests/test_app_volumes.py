@@ -106,3 +106,40 @@ def test_best_slice_falls_back_on_a_large_gif_that_counts_no_pages(random_weight
     plain, best = plain_and_best(Predictor(random_weights), "big.gif", frames, "GIF")
     assert plain["ok"] and best["ok"], best
     assert best["info"]["frame"] == plain["info"]["frame"] == 0 and "too many pages" in best["info"]["slice_choice"]
+
+
+def test_a_volume_too_long_to_score_whole_is_read_at_its_slice_and_flagged_unchecked(random_weights, monkeypatch):
+    """A 171 KB NIfTI of 30,000 tiny slices held `predict` and the Diagnose page for an hour: every
+    slice was scored to look for others reaching the operating point. Past `MAX_SLICES` the slice
+    shown is read alone, and every view says the others were not checked (review of 2026-12-07)."""
+    import io
+    import time
+
+    import nibabel as nib
+    import pytest
+    from core import inference
+    from core.reader import MAX_SLICES, ScanError, read_volume_scans
+    from core.report import FLAG_UNCHECKED_SLICES, flags_of, text_line
+    predictor = Predictor(random_weights)
+    vol = np.zeros((24, 24, MAX_SLICES + 1), np.uint8)
+    vol[3:21, 4:20] = 150
+    buf = io.BytesIO(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
+    data = buf.getvalue()
+    with pytest.raises(ScanError, match="too many slices"):
+        read_volume_scans(data, "long.nii")
+    with pytest.raises(ScanError, match="too many slices"):
+        read_volume_scans(make_dicom(disc_frames([10] * (MAX_SLICES + 1), side=32), window=None), "long.dcm")
+    scored = []
+    real = Predictor.probabilities
+    monkeypatch.setattr(Predictor, "probabilities", lambda self, x: scored.append(len(x)) or real(self, x))
+    start = time.time()
+    (row,) = predict_many(predictor, [("long.nii", data)])
+    assert row["ok"] and row["other_slices_unchecked"] and "hot_slices" not in row
+    assert sum(scored) <= 2 and time.time() - start < 30   # the slice shown, not every slice
+    assert FLAG_UNCHECKED_SLICES in flags_of(row) and FLAG_UNCHECKED_SLICES in text_line(row)
+    alert = app_support.volume_alert(predictor, data, "long.nii", predictor.threshold, row["info"]["slice_index"])
+    assert alert == inference.UNCHECKED_TEXT
+    # a volume read whole has no such flag
+    short = io.BytesIO(nib.Nifti1Image(vol[:, :, :8], np.eye(4)).to_bytes()).getvalue()
+    (row,) = predict_many(predictor, [("short.nii", short)])
+    assert "other_slices_unchecked" not in row and FLAG_UNCHECKED_SLICES not in flags_of(row)

@@ -48,11 +48,11 @@ def test_model_card_tables_and_caption_come_from_the_card():
             "metrics": {"accuracy": 0.9, "per_source": {"br35h": {}}},
             "parameters": 2_500_000, "weights_file_bytes": 3 * 2**20, "date": "2026-12-05"}
     table = dash.sources_readable(card)
-    assert table.loc[0, "source"] == "br35h" and table.loc[0, "test images"] == 2
+    assert table.loc[0, "source"] == "Br35H" and table.loc[0, "test images"] == 2
     assert table.loc[0, "folders -> classes"] == "yes -> Tumour, no -> No tumour"
     assert "type not given" in table.loc[0, "what it is"]   # a reader need not know the datasets' short names
     metrics = dash.metrics_readable(card)
-    assert list(metrics["test set"]) == ["all sources", "br35h"] and metrics.loc[0, "accuracy"] == "90.0%"
+    assert list(metrics["test set"]) == ["all sources", "Br35H"] and metrics.loc[0, "accuracy"] == "90.0%"
     assert metrics.loc[1, "accuracy"] == "—"   # not defined for that set: no 'None' on the page
     caption = dash.build_caption(card, "ab" * 32)
     assert caption.startswith("2.50 M parameters, weights 3.0 MiB, sha256 abababababababab...")
@@ -244,7 +244,7 @@ def test_a_set_of_one_side_says_what_its_figures_measure():
     assert figures["Tumours missed here"] == figures["Silent misses"] == "n/a" and figures["Normal scans flagged"] == "0 of 108"
     figures = {label: value for label, value, _ in dash.miss_metrics(br35h, gated=True)}
     assert figures["Normal scans flagged"] == "n/a" and figures["Tumours missed here"] == "3 of 200"
-    assert dash.source_text(None) == "all sources" and dash.source_text("lgg").startswith("lgg: TCGA")
+    assert dash.source_text(None) == "all sources" and dash.source_text("lgg").startswith("LGG FLAIR: TCGA")
     assert dash.source_text("mine") == "mine"
 
 

@@ -235,6 +235,20 @@ def test_a_flagged_scan_gets_no_call_in_the_pdf(four, tmp_path, monkeypatch):
     assert "tumour probability" not in R.text_line(results[0].to_row())
 
 
+@needs_poppler
+def test_a_type_uncertain_call_heads_its_page_as_a_tumour_not_as_its_likeliest_type(four, tmp_path, monkeypatch):
+    import dataclasses
+    real = four.predict_scan
+    monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(
+        real(scan), pred="meningioma", type_uncertain=True))
+    (page,) = pdf_pages(R.build_report([("case_t.png", scan_png(3))], four), tmp_path)
+    r = R.analyse([("case_t.png", scan_png(3))], four)[0]
+    head = flat(page.split("Probabilities")[0] if "Probabilities" in page else page)
+    assert "Tumour, type uncertain" in head
+    assert f"likeliest type: meningioma ({r.prediction.confidence:.3f})" in head
+    assert "confidence" not in head.split("likeliest type")[0]   # no 'Meningioma ... confidence 0.4' headline
+
+
 def test_a_flagged_scan_has_no_prediction_in_the_csv(four, monkeypatch):
     flagged(four, monkeypatch)
     results = R.analyse([("cat.png", scan_png(42))], four)
