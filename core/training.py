@@ -184,11 +184,10 @@ def assign_splits(samples: list[D.Sample], args: argparse.Namespace, resumed: Pa
 
 def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.nn.Module,
                 opt: torch.optim.Optimizer, sched, ema, scaler, steps: int, steps_per_epoch: int, world: int,
-                device: torch.device) -> tuple[list[dict], int, float, int, int | None, dict | None]:
+                device: torch.device) -> Loop:
     """Put a checkpointed run back where it stopped: weights, optimiser, schedule, EMA, loss scale
-    and random state; returns (history, first epoch to run, best validation loss, epochs without
-    improvement, best epoch, the shipped weights' average record when best.pt was rebuilt from
-    them). What the card says of the continuation is set on ``args``."""
+    and random state; returns where its epochs go on from (with the shipped weights' average record
+    when best.pt was rebuilt from them). What the card says of the continuation is set on ``args``."""
     try:
         model.load_state_dict(resume["model"]); opt.load_state_dict(resume["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # before anything in the run is rewritten
@@ -236,7 +235,8 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
         if resume.get("rng_cuda") is not None and device.type == "cuda":
             # augmentation draws on the device: without its generator a GPU resume diverges
             torch.cuda.set_rng_state(resume["rng_cuda"], device)
-    return history, start_epoch, best, bad, best_epoch, shipped_average
+    return Loop(history=history, start_epoch=start_epoch, best=best, bad=bad, best_epoch=best_epoch,
+                shipped_average=shipped_average)
 
 
 def untaught_reason(samples: list[D.Sample], idx: dict[str, torch.Tensor], untaught: list[str]) -> str:
@@ -393,18 +393,21 @@ def leave_out(samples: list[D.Sample], images: torch.Tensor, args: argparse.Name
 
 @dataclasses.dataclass
 class Place:
-    """Where this process trains: its rank of ``world`` (1 without torchrun), device, precision,
-    and ``say`` (print on rank 0, quiet on the others)."""
+    """Where this process trains and writes: its rank of ``world`` (1 without torchrun), device,
+    precision, the run's folder (--out) and ``say`` (print on rank 0, quiet on the others)."""
     rank: int
     world: int
     device: torch.device
     precision: str
-    say: Callable
+    out: Path
+    say: Callable[..., None]
 
 
 @dataclasses.dataclass
 class RunData:
-    """The images a run uses, its split, and what it read but left out."""
+    """The images a run uses, their sources and preprocessing, its split, and what it read but left out."""
+    sources: list[dict]           # --data's roots, each with its weight and label map
+    spec: dict                    # the preprocessing (size, crop, normalisation)
     all_samples: list[D.Sample]   # every image read, the left-out ones too (the teacher indexes them)
     keep: torch.Tensor            # which of those the run uses
     samples: list[D.Sample]
@@ -415,7 +418,7 @@ class RunData:
     lesions: tuple | None         # the tumour masks the mask loss reads (--mask-loss)
     skipped: list                 # unreadable files and empty folders
     dropped: list                 # near-black slices left out (--min-head)
-    split: dict                   # how the split was drawn: {"method", "from"}
+    split_method: dict            # how the split was drawn: {"method", "from"}
     resume: dict | None           # the checkpoint this run continues (--resume)
 
 
@@ -433,7 +436,8 @@ class Fit:
 
 @dataclasses.dataclass
 class Loop:
-    """What one epoch hands the next, and a checkpoint restores."""
+    """What one epoch hands the next (a checkpoint restores all but the training time, which is
+    summed again from the history)."""
     history: list[dict] = dataclasses.field(default_factory=list)
     start_epoch: int = 0
     best: float = float("inf")          # lowest validation loss so far
@@ -451,27 +455,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t_start = time.time()
     at = start(args)
-    out = Path(args.out)
+    out = at.out
     sources = D.parse_sources(args.data)
     for src in sources:  # recorded so that later commands find the data from any folder
         src["path"] = D.portable_root(src["path"])
-    spec = {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}
-    data = read_data(args, sources, spec, out, at)
-    teacher = (None, None)
+    data = read_data(args, sources, {**DEFAULT_SPEC, "size": args.img, "crop": args.crop}, at)
+    teacher, teacher_net = None, None   # the teacher's answers (E.Distill) and, online, its network
     if args.teacher and not args.finish_from:
-        teacher = distillation(args, data.all_samples, data.keep, data.idx["train"], data.classes,
-                               D.split_record(data.samples), spec, at.device, at.precision, at.say,
-                               saved=((data.resume or {}).get("args") or {}).get("distill_record"))
+        teacher, teacher_net = distillation(args, data.all_samples, data.keep, data.idx["train"], data.classes,
+                                            D.split_record(data.samples), data.spec, at.device, at.precision,
+                                            at.say, saved=((data.resume or {}).get("args") or {}).get("distill_record"))
     fit = make_fit(args, data, at)
     loop = Loop()
     if data.resume:
-        f = fit
-        loop = Loop(*restore_run(data.resume, out, args, f.model, f.opt, f.sched, f.ema, f.scaler, f.steps,
-                                 f.steps_per_epoch, at.world, at.device))
+        loop = restore_run(data.resume, out, args, fit.model, fit.opt, fit.sched, fit.ema, fit.scaler, fit.steps,
+                           fit.steps_per_epoch, at.world, at.device)
         at.say(f"resumed from epoch {loop.start_epoch}", flush=True)
     split_files = D.split_record(data.samples)
     if at.rank == 0:
-        open_out_dir(out, args.resume, {**data.split, "dropped_small_head": data.dropped,
+        open_out_dir(out, args.resume, {**data.split_method, "dropped_small_head": data.dropped,
                                         **({"dropped_copies": args.dropped_copies} if args.dropped_copies else {}),
                                         "files": split_files}, at.say)
         DD.barrier(at.world)
@@ -481,15 +483,15 @@ def run(args: argparse.Namespace) -> int:
         write_json(out / "history.json", loop.history)
         if args.average_init or args.average_init_always:   # checked in parse_args: its parent, not averaged yet
             args.average_record = average_with_init(fit.model, args.init, data.images[data.idx["val"]],
-                                                    data.masks[data.idx["val"]], spec, at.device, at.precision,
+                                                    data.masks[data.idx["val"]], data.spec, at.device, at.precision,
                                                     always=args.average_init_always)
-        finish_run(fit.model, args, sources, data, spec, at, loop, t_start)
+        finish_run(fit.model, args, data, at, loop, t_start)
         return 0
-    train_epochs(args, fit, data, sources, spec, out, at, loop, teacher)
+    train_epochs(args, fit, data, at, loop, teacher, teacher_net)
     DD.debug_dump(fit.model, at.rank, at.world)
     if at.rank == 0:
-        ship_best(fit.model, args, data, spec, out, at, loop)
-        finish_run(fit.model, args, sources, data, spec, at, loop, t_start)
+        ship_best(fit.model, args, data, at, loop)
+        finish_run(fit.model, args, data, at, loop, t_start)
     DD.cleanup(at.world)
     return 0
 
@@ -507,13 +509,13 @@ def start(args: argparse.Namespace) -> Place:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":  # one input size for the whole run: let cuDNN time and keep its fastest kernels
         torch.backends.cudnn.benchmark = True
-    return Place(rank, world, device, precision, print if rank == 0 else DD.quiet)
+    return Place(rank, world, device, precision, Path(args.out), print if rank == 0 else DD.quiet)
 
 
-def read_data(args: argparse.Namespace, sources: list[dict], spec: dict, out: Path, at: Place) -> RunData:
+def read_data(args: argparse.Namespace, sources: list[dict], spec: dict, at: Place) -> RunData:
     """The sources' images read, cached and split, those the run leaves out removed, the
     checkpoint of a resumed run loaded (its split and loss are the run's)."""
-    say = at.say
+    say, out = at.say, at.out
     if at.rank > 0:
         DD.barrier(at.world)  # rank 0 fills the image and hash caches and writes split.json first
     samples, skipped = load_samples(sources, args)
@@ -549,9 +551,11 @@ def read_data(args: argparse.Namespace, sources: list[dict], spec: dict, out: Pa
            for k in ("train", "val", "test")}
     say("split sizes:", {k: len(v) for k, v in idx.items()}, "classes:", classes, flush=True)
     args.untested_classes = check_trainable(samples, idx, classes, say, trained)
-    return RunData(all_samples, keep, samples, images, E.target_masks(samples, classes), idx, classes,
-                   mask_lesions(args, samples, spec, idx, say), skipped, dropped,
-                   {"method": method, "from": origin}, resume)
+    masks = E.target_masks(samples, classes)
+    lesions = mask_lesions(args, samples, spec, idx, say)
+    return RunData(sources=sources, spec=spec, all_samples=all_samples, keep=keep, samples=samples, images=images,
+                   masks=masks, idx=idx, classes=classes, lesions=lesions, skipped=skipped, dropped=dropped,
+                   split_method={"method": method, "from": origin}, resume=resume)
 
 
 def mask_lesions(args: argparse.Namespace, samples: list[D.Sample], spec: dict, idx: dict[str, torch.Tensor],
@@ -590,15 +594,15 @@ def make_fit(args: argparse.Namespace, data: RunData, at: Place) -> Fit:
     return Fit(model, opt, sched, scaler, ema, steps, steps_per_epoch)
 
 
-def train_epochs(args: argparse.Namespace, fit: Fit, data: RunData, sources: list[dict], spec: dict, out: Path,
-                 at: Place, loop: Loop, teacher: tuple) -> None:
+def train_epochs(args: argparse.Namespace, fit: Fit, data: RunData, at: Place, loop: Loop,
+                 teacher: E.Distill | None, teacher_net: torch.nn.Module | None) -> None:
     """The epochs from ``loop.start_epoch``: train, validate on rank 0, keep the best weights in
     best.pt and checkpoint every epoch, until --epochs or --patience."""
     # The whole epochs before the learning rate peaks are neither kept as the best weights nor
     # counted by early stopping: a run continued from --init has its lowest validation loss in
     # epoch 1, before the new augmentation has taught it anything, and would stop there.
     warmup_epochs = int(WARMUP * args.epochs)
-    draw_w = sampling_weights([data.samples[i] for i in data.idx["train"]], sources)
+    draw_w = sampling_weights([data.samples[i] for i in data.idx["train"]], data.sources)
     net = DD.wrap(fit.model, at.device, at.world)  # DDP when world > 1; `fit.model` stays the plain module
     gen = torch.Generator().manual_seed(args.seed)
     loop.train_time = sum(h["train"]["time_s"] for h in loop.history)
@@ -615,33 +619,32 @@ def train_epochs(args: argparse.Namespace, fit: Fit, data: RunData, sources: lis
             # low-resolution best is not one to ship (no full-size epoch improving must still fail)
             loop.best, loop.bad = float("inf"), 0
             if at.rank == 0:
-                (out / "best.pt").unlink(missing_ok=True)
+                (at.out / "best.pt").unlink(missing_ok=True)
                 loop.shipped_average, loop.best_epoch = None, None
         order = data.idx["train"][torch.multinomial(draw_w, fit.steps_per_epoch * args.batch_size * at.world,
                                                     replacement=True, generator=gen)]
         order = DD.shard(order, at.rank, at.world)  # same draw on every rank; each trains its share
-        teach, teacher_net = teacher  # online only at full size: the teacher reads the low-resolution batches poorly
-        if teach is not None and args.distill_online and not small:
-            teach = teach._replace(source=teacher_net)
-        f = fit
-        tr = E.train_one_epoch(net, data.images, data.masks, order, f.opt, f.sched, spec, at.device,
+        teach = teacher  # online only at full size: the teacher reads the low-resolution batches poorly
+        if teacher is not None and args.distill_online and not small:
+            teach = teacher._replace(source=teacher_net)
+        tr = E.train_one_epoch(net, data.images, data.masks, order, fit.opt, fit.sched, data.spec, at.device,
                                args.batch_size, at.precision, args.smoothing, args.aug,
-                               args.skull_strip_p, f.scaler, progress=not args.no_progress and at.rank == 0,
-                               out_size=args.small_img if small else None, ema=f.ema, lesions=data.lesions,
+                               args.skull_strip_p, fit.scaler, progress=not args.no_progress and at.rank == 0,
+                               out_size=args.small_img if small else None, ema=fit.ema, lesions=data.lesions,
                                mask_weight=args.mask_loss, aug_options=aug_options(args), teacher=teach)
         tr = DD.reduce_epoch_stats(tr, len(order), at.world, at.device)
         if at.rank == 0:  # validation, logs and checkpoints on rank 0 only, with the plain module
-            end_epoch(args, fit, data, sources, spec, out, at, loop, epoch, tr, small, warmup_epochs)
+            end_epoch(args, fit, data, at, loop, epoch, tr, small, warmup_epochs)
 
 
-def end_epoch(args: argparse.Namespace, fit: Fit, data: RunData, sources: list[dict], spec: dict, out: Path,
-              at: Place, loop: Loop, epoch: int, tr: dict, small: bool, warmup_epochs: int) -> None:
+def end_epoch(args: argparse.Namespace, fit: Fit, data: RunData, at: Place, loop: Loop, epoch: int, tr: dict,
+              small: bool, warmup_epochs: int) -> None:
     """Validate the epoch's weights (the EMA's when kept), log it, keep them in best.pt when best,
     and write the history, the run's record and the checkpoint."""
     judged = fit.ema.module if fit.ema is not None else fit.model
     t_val = time.time()
-    va = E.evaluate_split(judged, data.images[data.idx["val"]], data.masks[data.idx["val"]], spec, at.device,
-                          at.precision, out_size=args.small_img if small else None)
+    va = E.evaluate_split(judged, data.images[data.idx["val"]], data.masks[data.idx["val"]], data.spec,
+                          at.device, at.precision, out_size=args.small_img if small else None)
     va["time_s"] = round(time.time() - t_val, 2)
     loop.train_time += tr["time_s"]
     loop.history.append({"epoch": epoch + 1, "train": tr, "val": va, "lr": fit.opt.param_groups[0]["lr"]})
@@ -653,39 +656,38 @@ def end_epoch(args: argparse.Namespace, fit: Fit, data: RunData, sources: list[d
     if args.keep == "last":  # every epoch replaces the last, and none stops the run early
         is_best, loop.bad = True, 0
     if is_best:  # written whole, then swapped in: a run killed here keeps its previous best
-        D.save_whole(out / "best.pt", lambda tmp: torch.save(judged.state_dict(), tmp))
+        D.save_whole(at.out / "best.pt", lambda tmp: torch.save(judged.state_dict(), tmp))
         loop.shipped_average, loop.best_epoch = None, epoch + 1
-    write_json(out / "history.json", loop.history)
-    write_json(out / TRAINED, trained_record(args, data.classes, sources, at.device, at.precision,
-                                             loop.best_epoch, loop.train_time))
-    f = fit
-    E.save_checkpoint(out / "checkpoint.pt", model=f.model.state_dict(), optimizer=f.opt.state_dict(),
-                      scheduler=f.sched.state_dict(), epoch=epoch, history=loop.history, best=loop.best,
+    write_json(at.out / "history.json", loop.history)
+    write_json(at.out / TRAINED, trained_record(args, data.classes, data.sources, at.device, at.precision,
+                                                loop.best_epoch, loop.train_time))
+    E.save_checkpoint(at.out / "checkpoint.pt", model=fit.model.state_dict(), optimizer=fit.opt.state_dict(),
+                      scheduler=fit.sched.state_dict(), epoch=epoch, history=loop.history, best=loop.best,
                       bad=loop.bad, best_epoch=loop.best_epoch, rng=torch.get_rng_state(),
                       rng_cuda=torch.cuda.get_rng_state(at.device) if at.device.type == "cuda" else None,
-                      ema=f.ema.state_dict() if f.ema is not None else None,
-                      scaler=f.scaler.state_dict() if f.scaler is not None else None,
+                      ema=fit.ema.state_dict() if fit.ema is not None else None,
+                      scaler=fit.scaler.state_dict() if fit.scaler is not None else None,
                       args=vars(args) | {"config_values": None})
 
 
-def ship_best(model: torch.nn.Module, args: argparse.Namespace, data: RunData, spec: dict, out: Path,
-              at: Place, loop: Loop) -> None:
+def ship_best(model: torch.nn.Module, args: argparse.Namespace, data: RunData, at: Place, loop: Loop) -> None:
     """Load best.pt into ``model``, averaged with --init's weights where asked and it helps."""
-    if not (out / "best.pt").exists():
+    if not (at.out / "best.pt").exists():
         raise DataError("no epoch after the warm-up improved the validation loss (was it NaN or "
                         "infinite? try a lower --lr): there are no best weights to ship")
-    model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+    model.load_state_dict(torch.load(at.out / "best.pt", weights_only=True))
     args.best_epoch_record = loop.best_epoch
     args.average_record = loop.shipped_average or (
-        average_with_init(model, args.init, data.images[data.idx["val"]], data.masks[data.idx["val"]], spec,
-                          at.device, at.precision, always=args.average_init_always)
+        average_with_init(model, args.init, data.images[data.idx["val"]], data.masks[data.idx["val"]],
+                          data.spec, at.device, at.precision, always=args.average_init_always)
         if args.average_init or args.average_init_always else None)
 
 
-def finish_run(model: torch.nn.Module, args: argparse.Namespace, sources: list[dict], data: RunData, spec: dict,
-               at: Place, loop: Loop, t_start: float) -> None:
-    finish(model, args, sources, data.samples, data.images, data.masks, data.idx, data.classes, spec, at.device,
-           at.precision, loop.history, data.skipped, data.dropped, loop.train_time, time.time() - t_start)
+def finish_run(model: torch.nn.Module, args: argparse.Namespace, data: RunData, at: Place, loop: Loop,
+               t_start: float) -> None:
+    """Calibrate, pick the operating point, evaluate and write the card (`finish`)."""
+    finish(model, args, data.sources, data.samples, data.images, data.masks, data.idx, data.classes, data.spec,
+           at.device, at.precision, loop.history, data.skipped, data.dropped, loop.train_time, time.time() - t_start)
 
 
 PREVIOUS = "previous"  # a fresh run puts the files another run left into out/previous-<UTC time>/
