@@ -1038,6 +1038,42 @@ COMPARED = ("colour", "maxprob", "energy", "mahalanobis", "knn", "mahalanobis+co
 HEAD_OUTLIERS = 400   # training outliers per category for the feature head (classifier-sized)
 
 
+@dataclass
+class GateFit:
+    """What every gate of one ``fit-ood`` run is fitted and measured with: the classifier, its MRI
+    sets (`_load_mri`), the outlier draws and the classifier's outputs on them, cached once."""
+    model: nn.Module | None
+    spec: dict | None
+    d: dict                                  # `_load_mri`'s sets
+    test_out: dict[str, ImageSet]            # outliers to measure on, per category
+    head_neg: dict[str, np.ndarray]          # the feature head's outlier features, per category
+    caches: dict                             # the classifier's outputs on `keyed`
+    keyed: list[tuple[str, ImageSet]]        # every set measured on, by key
+    timing_scans: list[ScanImage]
+    geometry: dict | None
+    epochs: int
+    seed: int
+    log: Logger
+
+    def net(self, negatives: ImageSet) -> GateNet:
+        """The gate network trained on the MRI against these outliers (cached by its inputs)."""
+        return cached_gate_net(self.d["pos"], negatives, epochs=self.epochs, seed=self.seed, log=self.log,
+                               geometry=self.geometry)
+
+    def fit_eval(self, m: str, net: GateNet, caches: dict, trained: list[str]) -> tuple[OODGate, dict]:
+        """Method ``m`` fitted on the outlier categories ``trained`` (the feature head's part) with
+        this network, and measured (`evaluate_gate`, with its check time)."""
+        neg_feats = None
+        if self.head_neg:
+            neg_feats = (np.concatenate([self.head_neg[k] for k in trained]),
+                         [k for k in trained for _ in range(len(self.head_neg[k]))])
+        g = OODGate.fit(self.d["pos"], None, self.d["val"], m, self.model, self.spec, net=net, caches=caches,
+                        seed=self.seed, feature_train=self.d["feat_train"], neg_feats=neg_feats, log=self.log)
+        row = evaluate_gate(g, self.d["val"], self.d["test"], self.test_out, caches, trained)
+        row["check_ms"] = time_check(g, self.timing_scans, self.model, self.spec)
+        return g, row
+
+
 def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = None, method: str = "auto",
                          out: str | Path | None = None, split: str | Path | None = None, epochs: int = 8,
                          n_train: int = 700, n_test: int = 200, seed: int = 0,
@@ -1057,49 +1093,18 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     model, spec = _load_classifier(weights, card)
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log,
                   n_stripped)
-    O.use_scan_ct(d["not_mri"]["train"], d["not_mri"]["test"])
-    log(f"CTs among the sources' scans (core/not_mri.txt): {len(d['not_mri']['train'])} train "
-        f"as outliers (scan_ct), {len(d['not_mri']['test'])} test only (scan_ct_test)")
-    seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
-    log(f"real head CT ({O.HEAD_CT_FILE}): " + ("trained on its lower slices, tested on its upper ones"
-        if O.has_head_ct() else "not installed, so the gate trains without it (apt-get install invesalius-examples)"))
+    fit, neg_by = _gate_fit(model, spec, d, card, n_train, n_test, epochs, seed, log)
+    seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)   # after use_scan_ct (_gate_fit) adds the CTs
     t0 = time.time()
-    neg_by = {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen}
-    neg = ImageSet.concat(list(neg_by.values()))
-    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in seen + unseen + test_only}
-    log(f"outliers: {len(neg)} for training ({len(seen)} categories), "
-        f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
-    keyed = [*d["val"].items(), *[(f"test/{s}", x) for s, x in d["test"].items()],
-             *[(f"out/{c}", x) for c, x in test_out.items()]]
-    caches = _classifier_caches(model, spec, [("train", d["feat_train"]), *keyed], log)
-    head_neg: dict[str, np.ndarray] = {}
-    if model is not None:   # the feature head's outliers: drawn like the network's, classifier-sized
-        hs = [(c, outlier_set(c, min(n_train, HEAD_OUTLIERS), seed, spec, d["train_mri"])) for c in seen + unseen]
-        hc = _classifier_caches(model, spec, hs, log)
-        head_neg = {c: hc[c]["feats"] for c, _ in hs}
-    t0 = time.time()
-    geo = gate_geometry(card)
-    net = cached_gate_net(d["pos"], neg, epochs=epochs, seed=seed, log=log, geometry=geo)
+    net = fit.net(ImageSet.concat(list(neg_by.values())))
     net_time = time.time() - t0
-    caches_a = _with_cnn(caches, net, keyed)
     methods = [m for m in COMPARED if model is not None or not set(m.split("+")) & set(MODEL_METHODS)]
     if method not in ("auto", *methods):
         methods.append(method)
-    timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in d["test_mri"][:15]]
-
-    def fit_eval(m: str, n: GateNet, c: dict, trained: list[str] = seen) -> tuple[OODGate, dict]:
-        neg_feats = None
-        if head_neg:
-            neg_feats = (np.concatenate([head_neg[k] for k in trained]),
-                         [k for k in trained for _ in range(len(head_neg[k]))])
-        g = OODGate.fit(d["pos"], None, d["val"], m, model, spec, net=n, caches=c, seed=seed,
-                        feature_train=d["feat_train"], neg_feats=neg_feats, log=log)
-        row = evaluate_gate(g, d["val"], d["test"], test_out, c, trained)
-        row["check_ms"] = time_check(g, timing_scans, model, spec)
-        return g, row
     gates, rows = {}, {}
+    caches_a = _with_cnn(fit.caches, net, fit.keyed)
     for m in methods:
-        gates[m], rows[m] = fit_eval(m, net, caches_a)
+        gates[m], rows[m] = fit.fit_eval(m, net, caches_a, seen)
     chosen = pick_method(rows, [m for m in methods if m.startswith("cnn") and m.endswith("colour")]) \
         if method == "auto" else method
     # only the network and the feature head learn from outliers: a gate of scores alone has seen none
@@ -1110,39 +1115,9 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
             f"measured" + (", trained on the seen categories only" if learns else "") + ", with its own "
             "rates on the categories it never trained on as the held-out estimate")
     if final == "all" and "cnn" in chosen.split("+"):
-        trainable = seen + unseen
-        neg_all = neg_by | {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in unseen}
-        folds = category_folds(trainable, n_folds)
-        # The same fold networks also score the other network-based gates, so that their held-out
-        # rates are measured too (at no extra training); only `chosen` ships.
-        variants = [chosen] + [m for m in methods if m != chosen and m.startswith("cnn+") and m.endswith("colour")]
-        for i, held in enumerate(folds):  # each category's rate when a gate never saw it
-            kept = [c for c in trainable if c not in held]
-            net_i = cached_gate_net(d["pos"], ImageSet.concat([neg_all[c] for c in kept]), epochs=epochs,
-                                    seed=seed, log=log, geometry=geo)
-            for m in variants:
-                _, rows[f"{m} [fold {i + 1}]"] = fit_eval(m, net_i, _with_cnn(caches, net_i, keyed), kept)
-        net_all = cached_gate_net(d["pos"], ImageSet.concat(list(neg_all.values())), epochs=epochs,
-                                  seed=seed, log=log, geometry=geo)
-        for m in variants:
-            g, rows[f"{m} [all]"] = fit_eval(m, net_all, _with_cnn(caches, net_all, keyed), trainable)
-            gate = g if m == chosen else gate
-            alternatives[m] = held_out_estimate(rows, m, folds, test_only)
-        held_out = alternatives.pop(chosen)
-        trained_on = trainable
+        gate, held_out, alternatives = retrain_on_every_category(fit, chosen, methods, neg_by, rows, n_train, n_folds)
+        trained_on = seen + unseen
     shipped = f"{chosen} [all]" if held_out else chosen
-    table = markdown_table(rows, list(d["val"]), seen, unseen + test_only)
-    if held_out:
-        table += ("\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it; "
-                  "real_medical is never trained on; real_head_ct_top and scan_ct_test from the fold without "
-                  "real_head_ct and scan_ct):\n"
-                  + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items())
-                  + f"\nnot brain MRI: mean {held_out['non_brain_mean_pct']}, worst {held_out['non_brain_min_pct']}"
-                  + f"; altered brain MRI ({', '.join(O.ALTERED_MRI)}): mean {held_out['altered_mri_mean_pct']}")
-        for m, est in alternatives.items():
-            table += (f"\nNot shipped, {m} on the same fold networks: not brain MRI mean "
-                      f"{est['non_brain_mean_pct']}, worst {est['non_brain_min_pct']}; real_medical "
-                      f"{est['per_category'].get('real_medical')}")
     counts = {"train_mri": {s: len(x) for s, x in d["sets"]["train"].items()},
               "val_mri": {s: len(x) for s, x in d["val"].items()},
               "test_mri": {s: len(x) for s, x in d["test"].items()},
@@ -1155,22 +1130,100 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
         from .inference import file_sha256
         gate.info["weights_sha256"] = file_sha256(Path(weights) / "model.safetensors")  # the features it read
     path = gate.save(out)
+    table = markdown_table(rows, list(d["val"]), seen, unseen + test_only) + _held_out_text(held_out, alternatives)
     report = {"weights": str(weights), "chosen": chosen, "shipped": shipped, "methods": rows,
               "seen_categories": seen, "unseen_categories": unseen, "test_only_categories": test_only,
               "held_out_estimate": held_out, "held_out_estimate_alternatives": alternatives,
               "counts": counts, "table_markdown": table, "gate_file_bytes": path.stat().st_size,
-              "note": "'seen'/'UNSEEN' refer to the comparison fold (A): its gates trained on the seen "
-                      "categories only and are tested on fresh draws of them (photo: new crops of the "
-                      "training photos; MRI-derived: test-split slices) and on unseen categories never "
-                      "shown to them ('photo_unseen' are different photos). '[fold K]' gates trained on every "
-                      "category but one fold (held_out_estimate.folds), whose rates are held out; '[all]' "
-                      "on every category (its rates are not held out, except real_medical, which no gate "
-                      "trains on; real_head_ct_top is the upper slices of the CT whose lower ones it trains on). Mean/worst 'seen' lines of a fold row are over its own trained "
-                      "categories. Test MRI is never trained on."}
+              "note": FIT_REPORT_NOTE}
     write_json(out / "ood_eval.json", report)
     log(table)
     log(f"shipped: {shipped} -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return report
+
+
+FIT_REPORT_NOTE = (
+    "'seen'/'UNSEEN' refer to the comparison fold (A): its gates trained on the seen "
+    "categories only and are tested on fresh draws of them (photo: new crops of the "
+    "training photos; MRI-derived: test-split slices) and on unseen categories never "
+    "shown to them ('photo_unseen' are different photos). '[fold K]' gates trained on every "
+    "category but one fold (held_out_estimate.folds), whose rates are held out; '[all]' "
+    "on every category (its rates are not held out, except real_medical, which no gate "
+    "trains on; real_head_ct_top is the upper slices of the CT whose lower ones it trains on). Mean/worst 'seen' lines of a fold row are over its own trained "
+    "categories. Test MRI is never trained on.")
+
+
+def _gate_fit(model: nn.Module | None, spec: dict | None, d: dict, card: dict | None, n_train: int, n_test: int,
+              epochs: int, seed: int, log: Logger) -> tuple[GateFit, dict[str, ImageSet]]:
+    """The outliers drawn (to train on: the SEEN categories, returned by category; to measure
+    on: every category) and the classifier's outputs on every set measured, for `GateFit`."""
+    from . import outliers as O
+    O.use_scan_ct(d["not_mri"]["train"], d["not_mri"]["test"])
+    log(f"CTs among the sources' scans (core/not_mri.txt): {len(d['not_mri']['train'])} train "
+        f"as outliers (scan_ct), {len(d['not_mri']['test'])} test only (scan_ct_test)")
+    seen, unseen, test_only = list(O.SEEN), list(O.UNSEEN), list(O.TEST_ONLY)
+    log(f"real head CT ({O.HEAD_CT_FILE}): " + ("trained on its lower slices, tested on its upper ones"
+        if O.has_head_ct() else "not installed, so the gate trains without it (apt-get install invesalius-examples)"))
+    t0 = time.time()
+    neg_by = {c: outlier_set(c, n_train, seed, None, d["train_mri"]) for c in seen}
+    test_out = {c: outlier_set(c, n_test, seed + 1000, spec, d["test_mri"]) for c in seen + unseen + test_only}
+    log(f"outliers: {sum(map(len, neg_by.values()))} for training ({len(seen)} categories), "
+        f"{sum(map(len, test_out.values()))} for testing ({time.time() - t0:.0f} s)")
+    keyed = [*d["val"].items(), *[(f"test/{s}", x) for s, x in d["test"].items()],
+             *[(f"out/{c}", x) for c, x in test_out.items()]]
+    caches = _classifier_caches(model, spec, [("train", d["feat_train"]), *keyed], log)
+    head_neg: dict[str, np.ndarray] = {}
+    if model is not None:   # the feature head's outliers: drawn like the network's, classifier-sized
+        hs = [(c, outlier_set(c, min(n_train, HEAD_OUTLIERS), seed, spec, d["train_mri"])) for c in seen + unseen]
+        hc = _classifier_caches(model, spec, hs, log)
+        head_neg = {c: hc[c]["feats"] for c, _ in hs}
+    timing_scans = O.make_scans("photo_unseen", 5, seed + 7) + [_read(p) for p in d["test_mri"][:15]]
+    return GateFit(model, spec, d, test_out, head_neg, caches, keyed, timing_scans, gate_geometry(card), epochs,
+                   seed, log), neg_by
+
+
+def retrain_on_every_category(fit: GateFit, chosen: str, methods: list[str], neg_by: dict[str, ImageSet],
+                              rows: dict[str, dict], n_train: int, n_folds: int) -> tuple[OODGate, dict, dict]:
+    """``--final all``: the chosen gate retrained on every trainable category (SEEN and UNSEEN), and
+    how each category is caught when held out, from ``n_folds`` gates each trained without one fold
+    of them. The same fold networks also score the other network-based gates, so that their
+    held-out rates are measured too (at no extra training); only ``chosen`` ships. Adds the fold and
+    '[all]' rows to ``rows``; returns (the gate to ship, its held-out estimate, the others')."""
+    from . import outliers as O
+    trainable = list(O.SEEN) + list(O.UNSEEN)
+    neg_all = neg_by | {c: outlier_set(c, n_train, fit.seed, None, fit.d["train_mri"]) for c in O.UNSEEN}
+    folds = category_folds(trainable, n_folds)
+    variants = [chosen] + [m for m in methods if m != chosen and m.startswith("cnn+") and m.endswith("colour")]
+    for i, held in enumerate(folds):  # each category's rate when a gate never saw it
+        kept = [c for c in trainable if c not in held]
+        net_i = fit.net(ImageSet.concat([neg_all[c] for c in kept]))
+        for m in variants:
+            _, rows[f"{m} [fold {i + 1}]"] = fit.fit_eval(m, net_i, _with_cnn(fit.caches, net_i, fit.keyed), kept)
+    net_all = fit.net(ImageSet.concat(list(neg_all.values())))
+    gate, alternatives = None, {}
+    for m in variants:
+        g, rows[f"{m} [all]"] = fit.fit_eval(m, net_all, _with_cnn(fit.caches, net_all, fit.keyed), trainable)
+        gate = g if m == chosen else gate
+        alternatives[m] = held_out_estimate(rows, m, folds, list(O.TEST_ONLY))
+    return gate, alternatives.pop(chosen), alternatives
+
+
+def _held_out_text(held_out: dict | None, alternatives: dict) -> str:
+    """The report table's lines on the held-out estimate of the shipped gate and of the others."""
+    if not held_out:
+        return ""
+    from . import outliers as O
+    text = ("\n\nHeld-out estimate of the shipped gate (each category from the fold that never saw it; "
+            "real_medical is never trained on; real_head_ct_top and scan_ct_test from the fold without "
+            "real_head_ct and scan_ct):\n"
+            + " | ".join(f"{c} {v}" for c, v in held_out["per_category"].items())
+            + f"\nnot brain MRI: mean {held_out['non_brain_mean_pct']}, worst {held_out['non_brain_min_pct']}"
+            + f"; altered brain MRI ({', '.join(O.ALTERED_MRI)}): mean {held_out['altered_mri_mean_pct']}")
+    for m, est in alternatives.items():
+        text += (f"\nNot shipped, {m} on the same fold networks: not brain MRI mean "
+                 f"{est['non_brain_mean_pct']}, worst {est['non_brain_min_pct']}; real_medical "
+                 f"{est['per_category'].get('real_medical')}")
+    return text
 
 
 def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None, fpr: float = 0.02,
