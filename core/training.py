@@ -962,31 +962,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                         "the model cannot be calibrated")
     val_probs = torch.softmax(val_logits / temperature, 1).numpy()
     val_samples = [samples[i] for i in idx["val"]]
-    operating, uncertainty = {}, {}
-    if has_tumour_decision(classes):
-        # Rows of a class that is neither a tumour nor 'no tumour' say nothing about the threshold.
-        known = [i for i, s in enumerate(val_samples) if is_tumour_label(s.label) is not None]
-        t_prob = tumour_probability(val_probs[known], classes)
-        is_t = np.array([bool(is_tumour_label(val_samples[i].label)) for i in known], bool)
-        src = np.array([val_samples[i].source for i in known])
-        # a row called a class that is neither ('stroke') is no tumour call at any threshold (`decide`)
-        never = other_calls(val_probs[known], classes)
-        thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity, groups=src, never=never)
-        called = (t_prob >= thr) & ~never
-        operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
-                     "min_specificity": args.min_specificity,
-                     "min_specificity_applies_to": "every source with >= 20 validation normals "
-                                                   "(all sources pooled when none has that many)",
-                     "val_sensitivity": float(called[is_t].mean()) if is_t.any() else None,
-                     "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None,
-                     # per source, as pick_threshold holds the floor: a pooled 90.9 % hid one source's 0 %
-                     "val_specificity_by_source": {
-                         str(g): float((~called[~is_t & (src == g)]).mean()) for g in E.floor_groups(is_t, src)} or None}
-        if (short := E.floor_unmet(operating)):
-            spec_s, floor_s = apart(short[1], args.min_specificity, 1, True)
-            print(f"warning: the operating point is at its {E.CAP_THRESHOLD} cap, and validation specificity "
-                  f"there is {spec_s} ({short[0]}), under the {floor_s} floor: the model does not yet tell "
-                  "tumour-free scans apart", flush=True)
+    operating = operating_point(val_probs, val_samples, classes, args)
     threshold = operating.get("threshold")
     uncertainty = pick_referral(val_probs, [s.label for s in val_samples], classes, threshold)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -1003,19 +979,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                                  referral=ReferralRule.from_card({"classes": classes,
                                                                   "uncertainty": uncertainty}))
     ev = evaluate_records(records, classes, threshold)
-    # a test image whose copy was trained on is a scan the model has seen: marked now, the Evaluation
-    # page and `compare --paired` can leave it out (about a minute on the shared data; hashes cached)
-    try:   # an auxiliary mark must not end a finished run: without it the records stay unmarked
-        mark_records(ev, copies_trained_on(samples, sources))
-    except (OSError, ValueError) as e:
-        print(f"warning: test records not marked for copies in training ({e}); "
-              "`python -m core mark-copies` can do it later", flush=True)
-    write_json(out / "eval.json", ev)
-    (out / SEEN_FILE).unlink(missing_ok=True)   # a failed write must not leave the previous weights' list
-    try:   # an upload of a file it trained on is flagged 'seen in training' (app, predict, reports)
-        write_seen_files(out, seen_files(samples, sources, copy_marked(ev)))
-    except (OSError, ValueError) as e:
-        print(f"warning: {SEEN_FILE} not written ({e}); `python -m core seen-files` can do it later", flush=True)
+    write_evaluation(out, ev, samples, sources)
     card = make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty,
                      ev, history, skipped, dropped, train_time, wall_time, model, device, precision)
     card["tta"] = tta
@@ -1034,6 +998,57 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
                                                                  "tumour_missed")}
                                      for k, v in ev.get("per_source", {}).items()},
                       "train_time_s": round(train_time)}, indent=1), flush=True)
+
+
+def operating_point(val_probs: np.ndarray, val_samples: list[D.Sample], classes: list[str],
+                    args: argparse.Namespace) -> dict:
+    """The tumour-probability threshold picked on validation for --target-sensitivity, holding
+    --min-specificity in each source, with what it gives there ({} for a model without a tumour
+    decision)."""
+    if not has_tumour_decision(classes):
+        return {}
+    # Rows of a class that is neither a tumour nor 'no tumour' say nothing about the threshold.
+    known = [i for i, s in enumerate(val_samples) if is_tumour_label(s.label) is not None]
+    t_prob = tumour_probability(val_probs[known], classes)
+    is_t = np.array([bool(is_tumour_label(val_samples[i].label)) for i in known], bool)
+    src = np.array([val_samples[i].source for i in known])
+    # a row called a class that is neither ('stroke') is no tumour call at any threshold (`decide`)
+    never = other_calls(val_probs[known], classes)
+    thr = E.pick_threshold(t_prob, is_t, args.target_sensitivity, args.min_specificity, groups=src, never=never)
+    called = (t_prob >= thr) & ~never
+    operating = {"threshold": thr, "target_sensitivity": args.target_sensitivity,
+                 "min_specificity": args.min_specificity,
+                 "min_specificity_applies_to": "every source with >= 20 validation normals "
+                                               "(all sources pooled when none has that many)",
+                 "val_sensitivity": float(called[is_t].mean()) if is_t.any() else None,
+                 "val_specificity": float((~called[~is_t]).mean()) if (~is_t).any() else None,
+                 # per source, as pick_threshold holds the floor: a pooled 90.9 % hid one source's 0 %
+                 "val_specificity_by_source": {
+                     str(g): float((~called[~is_t & (src == g)]).mean()) for g in E.floor_groups(is_t, src)} or None}
+    if (short := E.floor_unmet(operating)):
+        spec_s, floor_s = apart(short[1], args.min_specificity, 1, True)
+        print(f"warning: the operating point is at its {E.CAP_THRESHOLD} cap, and validation specificity "
+              f"there is {spec_s} ({short[0]}), under the {floor_s} floor: the model does not yet tell "
+              "tumour-free scans apart", flush=True)
+    return operating
+
+
+def write_evaluation(out: Path, ev: dict, samples: list[D.Sample], sources: list[dict]) -> None:
+    """eval.json, its test records marked where a copy was trained on, and the list of files the
+    model trained on (`seen_sha256.txt`); neither auxiliary step ends a finished run."""
+    # a test image whose copy was trained on is a scan the model has seen: marked now, the Evaluation
+    # page and `compare --paired` can leave it out (about a minute on the shared data; hashes cached)
+    try:   # an auxiliary mark must not end a finished run: without it the records stay unmarked
+        mark_records(ev, copies_trained_on(samples, sources))
+    except (OSError, ValueError) as e:
+        print(f"warning: test records not marked for copies in training ({e}); "
+              "`python -m core mark-copies` can do it later", flush=True)
+    write_json(out / "eval.json", ev)
+    (out / SEEN_FILE).unlink(missing_ok=True)   # a failed write must not leave the previous weights' list
+    try:   # an upload of a file it trained on is flagged 'seen in training' (app, predict, reports)
+        write_seen_files(out, seen_files(samples, sources, copy_marked(ev)))
+    except (OSError, ValueError) as e:
+        print(f"warning: {SEEN_FILE} not written ({e}); `python -m core seen-files` can do it later", flush=True)
 
 
 def mixed_groups_note(samples: list[D.Sample]) -> dict:
