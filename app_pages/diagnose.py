@@ -45,7 +45,9 @@ def pick_slice(pos: int, name: str, data) -> tuple[int | None, str | None]:
     if n <= 1:
         return None, None
     key = app.widget_key(pos, name, data)
-    if st.toggle("Most tumour-like slice", key=f"best-{key}"):
+    too_long = n > app.MAX_SLICES   # not scored whole: there is no most tumour-like slice to find
+    if st.toggle("Most tumour-like slice", key=f"best-{key}", disabled=too_long,
+                 help=f"Not for a volume of more than {app.MAX_SLICES} slices: move the slider." if too_long else None):
         best, text = app.cached_best_slice(predictor, data, name)
         if best is not None:
             st.caption(text)
@@ -64,6 +66,8 @@ def show_refusal(pred, key: str) -> None:
     the warning, and the raw output folded away."""
     st.warning(f"**Out of distribution**: {pred.ood_reason or app.PIXEL_OOD_REASON} "
                "Its output is **not a diagnosis**.", icon=":material/block:")
+    if unchecked := app.unchecked_note(predictor, pred):
+        st.warning(unchecked, icon=":material/warning:")
     with st.expander("Raw model output, not a diagnosis"):
         st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}")
 
@@ -79,6 +83,8 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
                 else f"### Prediction: **{class_label(pred.pred)}**")
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
         st.caption(why)
+    if unchecked := app.unchecked_note(predictor, pred):   # under the call: a clear slice is no clear volume
+        st.warning(unchecked, icon=":material/warning:")
     flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)
     if pred.tumour_probability is not None and not flagged and (note := app.miss_note(predictor, threshold)):
         st.warning(note, icon=":material/warning:")   # under the call, not below the charts: a missed tumour is the worst error
@@ -92,7 +98,7 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
                 "read the type as a suggestion.", icon=":material/help:")
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
     if pred.tumour_probability is not None:
-        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged), key=f"g-{key}")
+        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged, pred.uncertain), key=f"g-{key}")
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
         st.caption(f"Tumour probability {tp}, operating point {op} (the black mark): "
                    + ("**tumour flagged**" if flagged else "not flagged"))
@@ -136,9 +142,9 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
                 scores, shares = profile
                 st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE),
                                 key=f"profile-{wkey}-{slice_index}")
-                st.caption("Every non-empty slice, before the out-of-distribution check. Grey: slices "
-                           "under half the head's widest cross-section, near an end of the head, where "
-                           "the model called slices of two healthy T1 heads glioma.")
+                st.caption("Every non-empty slice, before the out-of-distribution check. Grey: end slices "
+                           "(under half the head's widest cross-section), where the model has called healthy "
+                           "heads glioma: read a tumour call there with caution.")
     return row
 
 items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif

@@ -26,14 +26,14 @@ from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
-                        slice_scores, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
+                        slice_scores, slices_unchecked, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
 from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, source_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
-from .report import saliency_caveat, shown_path, unique_names  # the upload batch names files as the report does
+from .report import saliency_caveat, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
 from .reader import (MAX_SLICES, STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
                      read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
@@ -745,11 +745,11 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
                  shown: int | None, shown_in_distribution: bool = True) -> str | None:
     """A warning when slices other than the one shown reach the operating point and the one shown
     does not (`hot_slices`): a tumour on slice 12 must not hide behind a clean middle slice, nor
-    behind a refused one; `UNCHECKED_TEXT` for a volume too long to score whole. None otherwise."""
+    behind a refused one. None otherwise, and for a volume too long to score whole (`unchecked_note`)."""
     if not predictor.is_tumour_model or shown is None:
         return None
-    if cached_volume_slices(data, name)[0] > MAX_SLICES:   # not read whole: no hot slice is no finding
-        return UNCHECKED_TEXT
+    if cached_volume_slices(data, name)[0] > MAX_SLICES:   # not read whole (`unchecked_note` says so under the call)
+        return None
     try:
         scores = cached_slice_scores(predictor, data, name)
         hot = cached_hot_slices(predictor, data, name, threshold, shown, shown_in_distribution)
@@ -762,6 +762,14 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
             f"probability {scores[top]:.3f}, slice {top}; before the out-of-distribution check). "
             + ("The slice shown does not" if shown_in_distribution else "The slice shown is out of distribution")
             + ": look at those slices before calling this volume clear.")
+
+
+def unchecked_note(predictor: Predictor, pred: Prediction) -> str | None:
+    """For the slice of a volume too long to score whole (`inference.slices_unchecked`): that only
+    this slice was read; None otherwise. A 'no tumour' there says nothing of the other slices."""
+    if not predictor.is_tumour_model or not slices_unchecked(pred.info):
+        return None
+    return f"**Slice {shown_slice(pred.info)} only**: {UNCHECKED_TEXT}"
 
 
 def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
@@ -1225,7 +1233,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
         if frame is not None:
             over, alone = contour_overlay(over, frame), contour_overlay(alone, frame)
         what = "class-agnostic: the activations' first principal component" if is_class_agnostic(method) \
-            else f"for '{class_word(target)}'"
+            else f"for '{class_word(target)}'" + (f", {u}" if (u := uncalled_words(pred, target)) else "")
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
         b.image(alone, caption="map alone (red = most weight)", width="stretch")
         st.caption(saliency_caveat(predictor.classes))

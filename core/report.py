@@ -73,6 +73,15 @@ FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; 
 FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
 FLAG_SEEN = "seen in training"   # the file itself is one the model trained on (Predictor.seen_in_training)
 
+def uncalled_words(pred: Prediction, target: str) -> str:
+    """'p 0.004, not the call' when a map explains a class other than the call (a 'no tumour'
+    call's likeliest tumour): 'Grad-CAM++ for Meningioma (red = strongest evidence)' over a red
+    blob on a normal brain read as a located meningioma. '' for the call's own class."""
+    if target == pred.pred or target not in pred.probs:
+        return ""
+    return f"p {pred.probs[target]:.3f}, not the call"
+
+
 def saliency_caveat(classes: list[str]) -> str:
     """What a map is and is not, for a model with these classes (a 'no tumour' map only where there is one)."""
     return SALIENCY_CAVEAT + ("; a map for 'no tumour' marks what spoke against a tumour." if NO_TUMOUR in classes else ".")
@@ -845,9 +854,10 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     target = class_label(saliency_target(r.prediction, ctx.classes))
     from .saliency import is_class_agnostic
     shown = method_label(r.method) if r.method else ctx.method
-    what = "(class-agnostic)" if is_class_agnostic(r.method or ctx.method) else f"for '{target}'"
-    caption = (f"{shown} {what} (red = strongest evidence)"
-               if r.overlay is not None else f"{shown} saliency: not available")
+    agnostic = is_class_agnostic(r.method or ctx.method)
+    uncalled = "" if agnostic else uncalled_words(r.prediction, saliency_target(r.prediction, ctx.classes))
+    what = "(class-agnostic)" if agnostic else f"for '{target}' ({uncalled or 'red = strongest evidence'})"
+    caption = f"{shown} {what}" if r.overlay is not None else f"{shown} saliency: not available"
     pdf.cell(col, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
 
 

@@ -69,7 +69,9 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("HiResCAM").run()
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("t-"))).set_value("notumor").run()
     assert not app.exception and calls == [1]
-    assert "HiResCAM (for 'no tumour')" in " ".join(c for im in app.image for c in im.captions)
+    # a class other than the call is explained with its probability, and said not to be the call
+    assert "HiResCAM (for 'no tumour', p " in " ".join(c for im in app.image for c in im.captions)
+    assert ", not the call) over the model input" in " ".join(c for im in app.image for c in im.captions)
     # EigenCAM draws one map whatever the class: no class is claimed for it.
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("EigenCAM").run()
     assert next(s for s in app.selectbox if s.key.startswith("t-")).disabled
@@ -334,3 +336,24 @@ def test_pages_without_a_model_say_so_instead_of_failing(monkeypatch):
         at.switch_page(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
         assert any(words in e.value for e in at.error), (page, [e.value for e in at.error])
+
+
+def test_a_volume_too_long_to_score_whole_says_so_under_the_call_and_offers_no_best_slice(app):
+    """A reader stopped at 'No tumour' on slice 150 of 300; the note that the other slices were not
+    read came after the charts and both maps, and the 'most tumour-like' toggle did nothing."""
+    import nibabel as nib
+    import numpy as np
+    from core.reader import MAX_SLICES
+    vol = np.zeros((48, 48, MAX_SLICES + 4), np.uint8)
+    vol[6:42, 8:40] = 140
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("long.nii", nib.Nifti1Image(vol, np.eye(4)).to_bytes(),
+                                    "application/octet-stream")).run()
+    assert not app.exception
+    assert next(t for t in app.toggle if t.key.startswith("best-")).disabled
+    notes = [w.value for w in app.warning if "only the slice shown was read" in w.value]
+    assert len(notes) == 1 and notes[0].startswith(f"**Slice {(MAX_SLICES + 4) // 2} only**")
+    # right under the call (or the refusal), before the probability chart
+    kinds = [("note" if "only the slice shown" in str(getattr(e, "value", "")) else getattr(e, "type", ""))
+             for e in app.main]
+    assert "plotly_chart" in kinds and kinds.index("note") < kinds.index("plotly_chart"), kinds

@@ -753,6 +753,9 @@ def test_gauge_and_tumour_row_follow_the_call_not_a_second_comparison():
     fig = tumour_gauge(0.998681902, 0.998681886, called=False)
     assert fig.data[0].gauge.bar.color == tumour_gauge(0.1, 0.5).data[0].gauge.bar.color
     assert tumour_gauge(0.9, 0.5).data[0].gauge.bar.color != tumour_gauge(0.1, 0.5).data[0].gauge.bar.color
+    # a referred call is neither: green read as 'safe' beside 'Uncertain — refer' (a clinician's walkthrough)
+    amber = tumour_gauge(0.117, 0.3, called=False, referred=True).data[0].gauge.bar.color
+    assert amber not in {tumour_gauge(0.9, 0.5).data[0].gauge.bar.color, tumour_gauge(0.1, 0.5).data[0].gauge.bar.color}
     rule = ReferralRule(("glioma", "meningioma", "pituitary", "notumor"), 0.2, 0.95848, 0.0, 0.0)
     ctx = ReportContext(model="m", version="v", arch="a", weights_sha256="0" * 64, classes=list(rule.classes),
                         threshold=0.5, threshold_source="model card", calibration="", disclaimer="",

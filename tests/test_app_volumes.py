@@ -137,9 +137,15 @@ def test_a_volume_too_long_to_score_whole_is_read_at_its_slice_and_flagged_unche
     assert row["ok"] and row["other_slices_unchecked"] and "hot_slices" not in row
     assert sum(scored) <= 2 and time.time() - start < 30   # the slice shown, not every slice
     assert FLAG_UNCHECKED_SLICES in flags_of(row) and FLAG_UNCHECKED_SLICES in text_line(row)
-    alert = app_support.volume_alert(predictor, data, "long.nii", predictor.threshold, row["info"]["slice_index"])
-    assert alert == inference.UNCHECKED_TEXT
+    shown = row["info"]["slice_index"]
+    # the page says so under the call, and does not score the volume for its alert below
+    assert app_support.volume_alert(predictor, data, "long.nii", predictor.threshold, shown) is None
+    _, _, pred = app_support.analyse_upload(predictor, "long.nii", data, predictor.threshold)
+    assert app_support.unchecked_note(predictor, pred) == f"**Slice {shown} only**: {inference.UNCHECKED_TEXT}"
+    assert sum(scored) <= 4
     # a volume read whole has no such flag
     short = io.BytesIO(nib.Nifti1Image(vol[:, :, :8], np.eye(4)).to_bytes()).getvalue()
     (row,) = predict_many(predictor, [("short.nii", short)])
     assert "other_slices_unchecked" not in row and FLAG_UNCHECKED_SLICES not in flags_of(row)
+    _, _, pred = app_support.analyse_upload(predictor, "short.nii", short, predictor.threshold)
+    assert app_support.unchecked_note(predictor, pred) is None

@@ -133,6 +133,7 @@ def test_the_model_card_says_its_saliency_default_and_speed():
             "benchmark": {"latency_ms": 16.57, "what": "median single-image served pass"}}
     sal, speed = dash.saliency_and_speed(card)
     assert "Grad-CAM by default" in sal and "89% of 150 test slices" in sal and "27% of its mass" in sal
+    assert "the LGG FLAIR tumour mask" in sal and "is no outline of one" in sal   # 27 % inside: a pointer, not an outline
     assert speed.startswith("Speed: 16.6 ms, median single-image served pass")
     assert dash.saliency_and_speed({}) == ["Saliency: no method was checked against tumour masks for this model "
                                            "(or the card names one this version lacks); Grad-CAM is shown by default."]

@@ -249,6 +249,25 @@ def test_a_type_uncertain_call_heads_its_page_as_a_tumour_not_as_its_likeliest_t
     assert "confidence" not in head.split("likeliest type")[0]   # no 'Meningioma ... confidence 0.4' headline
 
 
+@needs_poppler
+def test_a_no_tumour_calls_map_of_the_likeliest_tumour_says_it_is_not_the_call(four, tmp_path, monkeypatch):
+    """'Grad-CAM++ for Meningioma (red = strongest evidence)' over a normal brain read as a located
+    meningioma (a clinician's walkthrough): the caption gives the class's probability instead."""
+    import dataclasses
+    real = four.predict_scan
+    monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="notumor"))
+    r = R.analyse([("clear.png", scan_png(5))], four)[0]
+    target = R.saliency_target(r.prediction, four.classes)
+    assert target != "notumor"
+    (page,) = pdf_pages(R.build_report([("clear.png", scan_png(5))], four), tmp_path)
+    words = flat(page)
+    assert f"for '{R.class_label(target)}' (p {r.prediction.probs[target]:.3f}, not the call)" in words
+    assert "strongest evidence" not in words
+    monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="glioma"))
+    (page,) = pdf_pages(R.build_report([("clear.png", scan_png(5))], four), tmp_path)
+    assert "for 'Glioma' (red = strongest evidence)" in flat(page)
+
+
 def test_a_flagged_scan_has_no_prediction_in_the_csv(four, monkeypatch):
     flagged(four, monkeypatch)
     results = R.analyse([("cat.png", scan_png(42))], four)
