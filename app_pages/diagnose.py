@@ -2,7 +2,7 @@
 import streamlit as st
 
 from core import app_support as app
-from core.dashboard import batch_table, probability_bar, series_table, slice_profile, tumour_gauge
+from core.dashboard import CALL_PROBABILITY, batch_table, probability_bar, series_table, slice_profile, tumour_gauge
 from core.inference import BEST_SLICE, END_SLICE_SHARE
 from core.labels import class_label, class_word, is_tumour_call
 from core.metrics import apart
@@ -187,7 +187,7 @@ if len(items) > 1:
             "slice": st.column_config.TextColumn("slice (numbered from 0)"),
             "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
                                                                   max_value=1),
-            "confidence": st.column_config.NumberColumn(format="%.3f")})
+            CALL_PROBABILITY: st.column_config.NumberColumn(format="%.3f")})
         st.download_button("Download the table (CSV)", app.results_csv(results, predictor), "predictions.csv",
                            "text/csv", on_click="ignore")
         series = series_table(results)

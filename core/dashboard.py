@@ -498,6 +498,11 @@ NO_CALL_OOD, NO_CALL_UNREADABLE = "no call: not like its training scans", "no ca
 NO_CALL_HEADER = "no call: its DICOM header says it is no brain MRI"
 
 
+# The called class's calibrated probability, as the batch table heads it: 'confidence 0.883' beside
+# 'uncertain, refer' read as a contradiction (a clinician's walkthrough). The CSV keeps 'confidence'.
+CALL_PROBABILITY = "probability of the call"
+
+
 def batch_table(results: list[dict]) -> pd.DataFrame:
     """File, prediction, flags, tumour probability and confidence for a batch (errors included);
     with a volume in the batch, the slice each row is about and how it was chosen. A scan with no
@@ -510,7 +515,7 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
     for r in results:
         if not r.get("ok"):
             rows.append({"file": r["file"], "prediction": NO_CALL_UNREADABLE, "slice": "", "tumour probability": None,
-                         "confidence": None, "flags": "error: " + r.get("error", "")})
+                         CALL_PROBABILITY: None, "flags": "error: " + r.get("error", "")})
             continue
         # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
         # out-of-distribution scan has no referral or type flag (no call to refer or doubt), only
@@ -524,10 +529,10 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None or id(r) in in_series else "",
                      "prediction": class_label(r["pred"]) if called else (NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
                      "tumour probability": r.get("tumour_probability") if called else None,
-                     "confidence": r.get("confidence") if called else None, "flags": ", ".join(flags)})
+                     CALL_PROBABILITY: r.get("confidence") if called else None, "flags": ", ".join(flags)})
     # the call's probability (a narrow bar) and its flags beside it: at laptop width (1400 px) the
     # columns after a long flag were off screen
-    columns = ["file", "prediction", "tumour probability", "flags", "slice", "confidence"]
+    columns = ["file", "prediction", "tumour probability", "flags", "slice", CALL_PROBABILITY]
     if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
         columns.remove("slice")
     return pd.DataFrame(rows, columns=columns)

@@ -889,7 +889,7 @@ def _result_box(pdf, p: Prediction) -> None:
         pdf.cell(90, 7, pdf.t("Tumour, type uncertain" if p.type_uncertain else class_label(p.pred)))
         pdf.font(9, False, INK)
         side = (f"likeliest type: {class_word(p.pred)} ({p.confidence:.3f})" if p.type_uncertain
-                else f"confidence {p.confidence:.3f}")
+                else f"probability {p.confidence:.3f}")
         pdf.cell(pdf.epw - 98, 7, pdf.t(side), align="R")
     else:
         pdf.font(15, True, RED[1])

@@ -127,7 +127,7 @@ def test_single_scan_pdf_has_prediction_probabilities_and_disclaimer(four, tmp_p
     assert pdf.startswith(b"%PDF")
     (page,) = pdf_pages(pdf, tmp_path)  # one scan: one page, no summary
     r = R.analyse([("case_a.png", scan_png(0))], four)[0]
-    assert R.class_label(r.prediction.pred) in page
+    assert R.class_label(r.prediction.pred) in page and f"probability {r.prediction.confidence:.3f}" in page
     for c in four.classes:
         assert R.class_label(c) in page
         assert f"{r.prediction.probs[c]:.3f}" in page
@@ -228,8 +228,8 @@ def test_a_flagged_scan_gets_no_call_in_the_pdf(four, tmp_path, monkeypatch):
     words = flat(page)
     assert "No diagnosis: out of distribution" in words and "OUT OF DISTRIBUTION" in words
     assert "Raw model output, not a diagnosis" in words
-    for call in ("Predicted class", "confidence", "read as", "UNCERTAIN - REFER", "TYPE UNCERTAIN",
-                 "Grad-CAM for"):
+    for call in ("Predicted class", f"probability {results[0].prediction.confidence:.3f}", "read as",
+                 "UNCERTAIN - REFER", "TYPE UNCERTAIN", "Grad-CAM for"):
         assert call not in words, call
     assert "no diagnosis" in R.text_line(results[0].to_row()) and results[0].flags == [R.FLAG_OOD]
     assert "tumour probability" not in R.text_line(results[0].to_row())
@@ -246,7 +246,7 @@ def test_a_type_uncertain_call_heads_its_page_as_a_tumour_not_as_its_likeliest_t
     head = flat(page.split("Probabilities")[0] if "Probabilities" in page else page)
     assert "Tumour, type uncertain" in head
     assert f"likeliest type: meningioma ({r.prediction.confidence:.3f})" in head
-    assert "confidence" not in head.split("likeliest type")[0]   # no 'Meningioma ... confidence 0.4' headline
+    assert "probability" not in head.split("likeliest type")[0]   # no 'Meningioma ... probability 0.4' headline
 
 
 @needs_poppler

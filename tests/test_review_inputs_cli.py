@@ -165,7 +165,7 @@ def test_batch_table_lists_no_numbers_for_a_refused_scan():
     t = batch_table([{"file": "c.png", "ok": True, "pred": "notumor", "tumour_probability": 0.16,
                       "confidence": 0.84, "in_distribution": False}])
     assert t.iloc[0]["prediction"] == "no call: not like its training scans" and t.iloc[0]["tumour probability"] is None
-    assert t.iloc[0]["confidence"] is None and t.iloc[0]["flags"] == "out-of-distribution"
+    assert t.iloc[0]["probability of the call"] is None and t.iloc[0]["flags"] == "out-of-distribution"
 
 
 def test_report_maps_default_to_the_cards_method(predictor):
