@@ -32,12 +32,41 @@ def _image_facts(path: str) -> tuple[tuple[int, int], str]:
 
 def cmd_audit(args) -> int:
     from . import data as D
-    from .reader import ScanError, file_fault_error
     for f in args.join_copies:   # before the images are read: a wrong list fails at once
         D.read_known_copies(f)
     scan = D.discover(args.data_dir)
+    samples, sizes, modes, unreadable = _readable(scan.samples)
+    skipped = [f"  skipped {printable_path(rel)}: {why}" for rel, why in scan.skipped + unreadable]
+    if not samples:
+        print(*skipped, f"error: none of the {len(scan.samples)} image files under {args.data_dir} could be read",
+              sep="\n", file=sys.stderr)
+        return 1
+    preset = any(s.preset_split for s in samples)
+    _print_counts(args, scan, samples, preset)
+    print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
+    print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
+    for line in skipped:
+        print(line)
+    _print_groups(args, samples)
+    if preset:
+        for s in samples:
+            s.split = s.preset_split or "train"
+    else:
+        D.split_by_group(samples, seed=args.seed)
+    leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True, lists=args.join_copies)
+    print(f"cross-split near duplicates, flipped and listed copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
+    for a in leaks[:20]:
+        print(f"  {a[0]}:{printable_path(a[1])} ~ {a[2]}:{printable_path(a[3])}")
+    if len(leaks) > 20:
+        print(f"  ... and {len(leaks) - 20} more")
+    return 0
+
+
+def _readable(found: list) -> tuple[list, Counter, Counter, list[tuple[str, str]]]:
+    """(the samples whose image can be read, their sizes, their modes, (file, why) for the others)."""
+    from .reader import ScanError, file_fault_error
     sizes, modes, unreadable, samples = Counter(), Counter(), [], []
-    for s in scan.samples:
+    for s in found:
         try:
             size, mode = _image_facts(s.path)
         except ScanError as e:
@@ -49,12 +78,12 @@ def cmd_audit(args) -> int:
             continue
         sizes[size] += 1; modes[mode] += 1
         samples.append(s)
-    skipped = [f"  skipped {printable_path(rel)}: {why}" for rel, why in scan.skipped + unreadable]
-    if not samples:
-        print(*skipped, f"error: none of the {len(scan.samples)} image files under {args.data_dir} could be read",
-              sep="\n", file=sys.stderr)
-        return 1
-    preset = any(s.preset_split for s in samples)
+    return samples, sizes, modes, unreadable
+
+
+def _print_counts(args, scan, samples: list, preset: bool) -> None:
+    """The audit's notes on the layout, and the images per split and class with their folders."""
+    from . import data as D
     split_of = lambda s: s.preset_split or ("train" if preset else "all")  # noqa: E731
     folders: dict[tuple[str, str], set[str]] = {}
     for s in samples:
@@ -67,10 +96,11 @@ def cmd_audit(args) -> int:
         print(f"note: no image of {', '.join(lost)} could be read (its files are listed as skipped below)")
     for (split, label), n in sorted(Counter((split_of(s), s.label) for s in samples).items()):
         print(f"  {split:5s} {label:12s} {n:6d}   folders: {', '.join(map(printable_path, sorted(folders[split, label])))}")
-    print("sizes (most common):", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(6)))
-    print("modes:", ", ".join(f"{m}: {n}" for m, n in modes.most_common()))
-    for line in skipped:
-        print(line)
+
+
+def _print_groups(args, samples: list) -> None:
+    """The near-duplicate groups (assigned here), the largest 20 listed, and those whose labels disagree."""
+    from . import data as D
     D.assign_groups(samples, args.max_distance, lists=args.join_copies)
     groups = Counter(s.group for s in samples)
     multi = [g for g, n in groups.items() if n > 1]
@@ -100,18 +130,6 @@ def cmd_audit(args) -> int:
               + " (a copy under two labels is a labelling error; a hash link between"
               " different scans of no known patient joins groups too. A group is split as one: these cost"
               " stratification)")
-    if preset:
-        for s in samples:
-            s.split = s.preset_split or "train"
-    else:
-        D.split_by_group(samples, seed=args.seed)
-    leaks = D.cross_split_duplicates(samples, args.max_distance, flips=True, lists=args.join_copies)
-    print(f"cross-split near duplicates, flipped and listed copies ({'shipped split' if preset else f'grouped split, seed {args.seed}'}): {len(leaks)}")
-    for a in leaks[:20]:
-        print(f"  {a[0]}:{printable_path(a[1])} ~ {a[2]}:{printable_path(a[3])}")
-    if len(leaks) > 20:
-        print(f"  ... and {len(leaks) - 20} more")
-    return 0
 
 
 def cmd_mark_copies(args) -> int:
