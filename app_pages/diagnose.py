@@ -61,20 +61,21 @@ def pick_slice(pos: int, name: str, data) -> tuple[int | None, str | None]:
     return k, None
 
 
-def show_refusal(pred, key: str) -> None:
+def show_refusal(pred, key: str, unchecked: str | None = None) -> None:
     """An out-of-distribution scan gets no call of any kind (no gauge, referral or saliency):
     the warning, and the raw output folded away."""
     st.warning(f"**Out of distribution**: {pred.ood_reason or app.PIXEL_OOD_REASON} "
                "Its output is **not a diagnosis**.", icon=":material/block:")
-    if unchecked := app.unchecked_note(predictor, pred):
+    if unchecked:   # the volume's other slices: not scored
         st.warning(unchecked, icon=":material/warning:")
     with st.expander("Raw model output, not a diagnosis"):
         st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}")
 
 
-def show_call(pred, key: str, contradiction: str | None = None) -> None:
+def show_call(pred, key: str, contradiction: str | None = None, unchecked: str | None = None) -> None:
     """The call with its referral flags, probabilities and the tumour gauge; ``contradiction``:
-    what an uploaded tumour mask says against a 'no tumour' call."""
+    what an uploaded tumour mask says against a 'no tumour' call; ``unchecked``: that a volume's
+    other slices were not scored (`app.unchecked_note`)."""
     if pred.uncertain:   # read before the call: an uncertain call is a referral first
         st.warning("**Uncertain — refer for review**: "
                    f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
@@ -83,7 +84,7 @@ def show_call(pred, key: str, contradiction: str | None = None) -> None:
                 else f"### Prediction: **{class_label(pred.pred)}**")
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
         st.caption(why)
-    if unchecked := app.unchecked_note(predictor, pred):   # under the call: a clear slice is no clear volume
+    if unchecked:   # under the call: a clear slice is no clear volume
         st.warning(unchecked, icon=":material/warning:")
     flagged = is_tumour_call(pred.pred, predictor.classes)   # the call itself (decided in float64)
     if pred.tumour_probability is not None and not flagged and (note := app.miss_note(predictor, threshold)):
@@ -125,9 +126,10 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
             st.info(f"**Seen in training**: {app.SEEN_TEXT}", icon=":material/school:")
         if pred.in_distribution:
             show_call(pred, f"{wkey}-{slice_index}",
-                      app.mask_contradiction(pred, scan, masks.get(name), predictor.spec, slice_index))
+                      app.mask_contradiction(pred, scan, masks.get(name), predictor.spec, slice_index),
+                      app.unchecked_note(row))
         else:
-            show_refusal(pred, f"{wkey}-{slice_index}")
+            show_refusal(pred, f"{wkey}-{slice_index}", app.unchecked_note(row))
     if pred.in_distribution:
         app.saliency_panel(predictor, scan, app.item_key(name, data), pred, slice_index,
                            mask=masks.get(name), widget_key=wkey)

@@ -281,7 +281,7 @@ def operating_point_text(card: dict, default: float) -> str:
     if capped:
         # pick_threshold never goes above the cap: there, the floor is still not met
         below = ("some source's validation specificity stays below it" if short[0] == "all sources pooled" else
-                 f"the validation specificity of {short[0]} is {apart(short[1], floor, 1, True)[0]}")
+                 f"the validation specificity of {source_label(short[0])} is {apart(short[1], floor, 1, True)[0]}")
         text += (f" (the specificity floor of {floor_s} in every source is not met: even at the threshold's "
                  f"{CAP_THRESHOLD} cap {below})")
     elif sens < target and (others := other_classes(card.get("classes", []))):
@@ -764,12 +764,12 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
             + ": look at those slices before calling this volume clear.")
 
 
-def unchecked_note(predictor: Predictor, pred: Prediction) -> str | None:
-    """For the slice of a volume too long to score whole (`inference.slices_unchecked`): that only
+def unchecked_note(row: dict) -> str | None:
+    """For the slice of a volume that could not be read whole (`analyse_upload`'s row): that only
     this slice was read; None otherwise. A 'no tumour' there says nothing of the other slices."""
-    if not predictor.is_tumour_model or not slices_unchecked(pred.info):
+    if not row.get("other_slices_unchecked"):
         return None
-    return f"**Slice {shown_slice(pred.info)} only**: {UNCHECKED_TEXT}"
+    return f"**Slice {shown_slice(row.get('info') or {})} only**: {UNCHECKED_TEXT}"
 
 
 def display_image(scan: ScanImage, spec: dict) -> np.ndarray:
@@ -1275,13 +1275,16 @@ def analyse_upload(predictor: Predictor, name: str, data, threshold: float | Non
             row["seen_in_training"] = True
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
+            if slices_unchecked(scan.info):   # not tried: too many slices (`reader.MAX_SLICES`)
+                raise ScanError("too many slices")
             row["hot_slices"] = cached_hot_slices(predictor, data, name, threshold, shown, pred.in_distribution)
             # a DICOM frame or stack page read alone has no head_share: the volume's read gives it
             if "head_share" not in pred.info and (share := cached_slice_profile(predictor, data, name)[1].get(shown)) is not None:
                 pred = replace(pred, info={**pred.info, "head_share": share})
                 row["info"] = {**row["info"], "head_share": share}
-        except Exception:  # an empty volume, say: the slice shown stands alone
-            pass
+        except Exception as e:  # an empty volume, say: the slice shown stands alone
+            if inference.whole_read_failed(e):   # ... or one that cannot be read whole: say its slices went unchecked
+                row["other_slices_unchecked"] = True
     if mask is not None and mask_contradiction(pred, scan, mask, predictor.spec, slice_index):
         row["mask_contradicts"] = True
     return row, scan, pred
@@ -1511,6 +1514,7 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
                 "method": st.session_state.get(f"m-{widget_key(i, n, d)}-{index}"),
                 "hot_slices": rows[i].get("hot_slices", []) if rows and rows[i].get("ok") else None,
                 "head_share": (rows[i].get("info") or {}).get("head_share") if rows and rows[i].get("ok") else None,
+                "unchecked": rows[i].get("other_slices_unchecked") if rows and rows[i].get("ok") else None,
                 "mask": masks.get(n)}
         return {k: v for k, v in opts.items() if v is not None}
     files = [(n, d, options(i, n, d)) for i, (n, d) in enumerate(items)]
@@ -1628,7 +1632,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                         "gallery: the others cannot be shown.")
                 continue
             root = source_root(predictor.card, src)
-            st.info(f"The scans of source '{src}' are not on this machine"
+            st.info(f"The scans of source '{source_label(src)}' are not on this machine"
                     + (f" (expected under {root})" if root else "") + ", so they cannot be shown.")
 
     panel()

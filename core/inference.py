@@ -556,7 +556,8 @@ def iter_predictions(predictor: Predictor, items: list[tuple[str, bytes | str]],
             row = {"file": name, "ok": True, **pr.to_json()}
             if check.hot:
                 row["hot_slices"] = check.hot   # as the app and the report flag it
-            if getattr(predictor, "is_tumour_model", False) and slices_unchecked(pr.info):
+            fell_back = best_slice and str(pr.info.get("slice_choice", "")).startswith(DEFAULT_SLICE)
+            if check.unchecked or (fell_back and getattr(predictor, "is_tumour_model", False)):
                 row["other_slices_unchecked"] = True   # no hot_slices is then no finding
             if getattr(predictor, "seen", None) and predictor.seen_in_training(sha256_of(src)):
                 row["seen_in_training"] = True   # as the app and the report flag it
@@ -578,6 +579,7 @@ class VolumeCheck(NamedTuple):
     """What the whole volume says of the slice shown (`volume_check`)."""
     hot: list[int]               # `hot_slices`: other slices at the operating point
     head_share: float | None     # the slice's head_share as the volume's read gives it
+    unchecked: bool = False      # the volume could not be read whole: no other slice was scored
 
 
 def volume_check(predictor: Predictor, src, name: str, info: dict, threshold: float | None,
@@ -585,8 +587,8 @@ def volume_check(predictor: Predictor, src, name: str, info: dict, threshold: fl
     """`hot_slices` of the volume slice whose reader ``info`` is given, every slice scored here
     (`predict`, the report), and that slice's head_share: a DICOM frame or stack page read alone
     has none, so a tumour call on an end frame went unmarked where --best-slice marked it.
-    ([], None) for a single image, a model without a tumour class, or a volume that cannot be
-    scored whole."""
+    ([], None) for a single image, a model without a tumour decision, or an empty volume; with
+    ``unchecked`` for a volume that cannot be read whole (`whole_read_failed`)."""
     shown = shown_slice(info)
     if shown is None or not getattr(predictor, "is_tumour_model", False):
         return VolumeCheck([], None)
@@ -595,8 +597,15 @@ def volume_check(predictor: Predictor, src, name: str, info: dict, threshold: fl
         share = scans[shown].info.get("head_share") if 0 <= shown < len(scans) else None
         return VolumeCheck(checked_hot_slices(predictor, src, name, scores, threshold, shown, in_distribution,
                                               scans), share)
-    except Exception:  # an empty volume, say: the slice shown stands alone
-        return VolumeCheck([], None)
+    except Exception as e:  # an empty volume, say: the slice shown stands alone
+        return VolumeCheck([], None, whole_read_failed(e))
+
+
+def whole_read_failed(e: BaseException) -> bool:
+    """Whether scoring a volume's slices failed because it cannot be read whole (too many slices
+    or pages, a page too small, a stack over MAX_VOXELS): its other slices went unchecked, where
+    an empty volume has none to check."""
+    return isinstance(e, ScanError) and not isinstance(e, EmptyVolume)
 
 
 def checked_hot_slices(predictor: Predictor, src, name: str, scores: dict[int, float], threshold: float | None,
@@ -674,13 +683,14 @@ def shown_slice(info: dict) -> int | None:
 
 def slices_unchecked(info: dict) -> bool:
     """Whether the slice shown is of a volume too long to read whole (`reader.MAX_SLICES`): its
-    other slices were not scored, so none of them can be said to reach the operating point."""
+    other slices cannot be scored (the app skips trying)."""
     return shown_slice(info) is not None and max(int(info.get("n_slices") or 1), int(info.get("n_frames") or 1)) > MAX_SLICES
 
 
-# Why such a volume's call stands alone: the app's note, the report's flag text
-UNCHECKED_TEXT = (f"This volume has more than {MAX_SLICES} slices, too many to score each one: only the slice "
-                  "shown was read. Look at the other slices before calling the volume clear.")
+# Why a volume's call stands alone (row key "other_slices_unchecked"): the app's note, the report's flag text
+UNCHECKED_TEXT = (f"This volume could not be read whole (more than {MAX_SLICES} slices, or slices that cannot "
+                  "be read together), so its other slices were not scored: only the slice shown was read. Look "
+                  "at the other slices before calling the volume clear.")
 
 
 def _predict_one(predictor: Predictor, src, name: str, best_slice: bool, **read_kw) -> Prediction:

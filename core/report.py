@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, UNCHECKED_TEXT, Prediction, Predictor, calibration_text,
-                        end_slice_note, listed_slices, shown_slice, slices_unchecked, volume_check)
+                        end_slice_note, listed_slices, shown_slice, volume_check)
 from .labels import NO_TUMOUR, class_label, class_word, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
@@ -101,6 +101,7 @@ class ScanResult:
     saliency_note: str | None = None       # why there is no overlay, if there is none
     source: str = ""                       # format, size and slice, from technical fields only
     hot_slices: list[int] = field(default_factory=list)   # a volume's other slices at the operating point
+    unchecked: bool = False                # the volume could not be read whole: its other slices unscored
     method: str | None = None              # the saliency method of this page (each file may have its own)
     sha256: str | None = None              # of the file's bytes: a CSV row matches its audit line and file
     mask_note: str | None = None           # a paired tumour mask marks a lesion under a 'no tumour' call
@@ -117,6 +118,7 @@ class ScanResult:
             return {"file": self.name, "ok": False, "error": self.error}
         return {"file": self.name, "ok": True, "sha256": self.sha256, **self.prediction.to_json(),
                 **({"hot_slices": self.hot_slices} if self.hot_slices else {}),
+                **({"other_slices_unchecked": True} if self.unchecked else {}),
                 **({"mask_contradicts": True} if self.mask_note else {}),
                 **({"seen_in_training": True} if self.seen else {})}
 
@@ -127,8 +129,7 @@ def flags_of(row: Mapping) -> list[str]:
     if not row.get("ok"):
         return [FLAG_UNREADABLE]
     hot = ([FLAG_OTHER_SLICES] if row.get("hot_slices") else []) + (
-        [FLAG_UNCHECKED_SLICES] if slices_unchecked(row.get("info") or {}) and tumour_classes(list(row.get("probs") or {}))
-        else [])
+        [FLAG_UNCHECKED_SLICES] if row.get("other_slices_unchecked") else [])
     seen = [FLAG_SEEN] if row.get("seen_in_training") else []
     if not row.get("in_distribution", True):
         return [FLAG_OOD] + hot + seen
@@ -328,13 +329,14 @@ REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "i
 def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = None,
                 method: str | None = None, hot: list[int] | None = None,
                 mask: bytes | None = None, slice_choice: str | None = None, head_share: float | None = None,
-                **read_kw) -> ScanResult:
+                unchecked: bool = False, **read_kw) -> ScanResult:
     """Read, predict and explain one file; any failure becomes a ScanResult with an error.
 
     ``read_kw`` go to `read_scan` (``frame=``/``slice_index=`` pick a slice of a volume). ``hot``:
     the volume's other slices at the operating point when the caller has them already (the app
     scored every slice for its table), with ``head_share``, the slice's (`volume_check`: a DICOM
-    frame or stack page read alone has none); None scores them here. ``mask``: the tumour mask the page
+    frame or stack page read alone has none) and ``unchecked`` (the volume could not be read whole);
+    None scores them here. ``mask``: the tumour mask the page
     paired with the scan (`app_support.pair_masks`), judged against the call as the page does.
     ``slice_choice``: how the caller chose ``slice_index`` ("most tumour-like"), for the source line.
     """
@@ -358,7 +360,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
                   if pred.in_distribution
                   else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
     if hot is None:
-        hot, head_share = volume_check(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
+        hot, head_share, unchecked = volume_check(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
     if head_share is not None and "head_share" not in scan.info:
         scan.info["head_share"] = head_share   # flags a tumour call on an end frame, as --best-slice does
     # Reader metadata stays out of reports and CSVs (`source` is allow-listed), but for what names
@@ -367,7 +369,8 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
                       source=source_line(scan.info), method=method,
                       sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
-                      seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot)
+                      seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot,
+                      unchecked=unchecked)
 
 
 def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor) -> str | None:
@@ -394,7 +397,8 @@ def analyse(items: Iterable[tuple[str, Any]], predictor: Predictor, threshold: f
         opts = {**read_kw, **(own[0] if own and own[0] else {})}
         r = analyse_one(name, src, predictor, threshold, opts.pop("method", None) or method,
                         opts.pop("hot_slices", None), opts.pop("mask", None),
-                        opts.pop("slice_choice", None), opts.pop("head_share", None), **opts)
+                        opts.pop("slice_choice", None), opts.pop("head_share", None),
+                        opts.pop("unchecked", False), **opts)
         r.name = shown   # told apart from the batch's other files of the same base name
         out.append(r)
     return out
@@ -789,7 +793,8 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
     bar_x, bar_w = pdf.l_margin + 62, pdf.epw - 62
     # from the call itself: decide() compares in float64, and a float32 tp can sit 1e-7 either side
     above = t is not None and p.pred in tumour_classes(ctx.classes)
-    _bar(pdf, bar_x, y + 1.3, bar_w, 3.6, tp, RED[1] if above else GREEN[1])
+    # a referred call's bar is amber, as on the page: green read as 'safe' under 'UNCERTAIN - REFER'
+    _bar(pdf, bar_x, y + 1.3, bar_w, 3.6, tp, AMBER[1] if p.uncertain else RED[1] if above else GREEN[1])
     if t is not None:
         tx = bar_x + bar_w * t
         pdf.set_draw_color(*INK)

@@ -88,6 +88,9 @@ def test_best_slice_on_a_stack_it_cannot_read_whole_gives_the_default_page_and_s
     assert best["info"]["frame"] == plain["info"]["frame"] == 0
     assert best["info"]["slice_choice"].startswith(DEFAULT_SLICE) and "too small" in best["info"]["slice_choice"]
     assert best["probs"] == plain["probs"]
+    # the other pages were not scored, in either read: the flag says so (a 130-page TIFF over the
+    # voxel limit, or one with a thumbnail page, went without it: a second reader's review)
+    assert plain.get("other_slices_unchecked") and best.get("other_slices_unchecked")
     # a single image that cannot be read is still an error, with its own sentence
     (bad,) = predict_many(predictor, [("x.png", b"\x89PNG\r\n\x1a\n broken")], best_slice=True)
     assert not bad["ok"] and "slice_choice" not in bad
@@ -140,12 +143,17 @@ def test_a_volume_too_long_to_score_whole_is_read_at_its_slice_and_flagged_unche
     shown = row["info"]["slice_index"]
     # the page says so under the call, and does not score the volume for its alert below
     assert app_support.volume_alert(predictor, data, "long.nii", predictor.threshold, shown) is None
-    _, _, pred = app_support.analyse_upload(predictor, "long.nii", data, predictor.threshold)
-    assert app_support.unchecked_note(predictor, pred) == f"**Slice {shown} only**: {inference.UNCHECKED_TEXT}"
+    page_row, _, _ = app_support.analyse_upload(predictor, "long.nii", data, predictor.threshold)
+    assert app_support.unchecked_note(page_row) == f"**Slice {shown} only**: {inference.UNCHECKED_TEXT}"
+    assert FLAG_UNCHECKED_SLICES in flags_of(page_row)   # the batch table and its CSV
+    report = analyse_one("long.nii", data, predictor)
+    assert FLAG_UNCHECKED_SLICES in report.flags
+    handed = analyse_one("long.nii", data, predictor, hot=[], unchecked=True)   # as the app hands its row over
+    assert FLAG_UNCHECKED_SLICES in handed.flags
     assert sum(scored) <= 4
     # a volume read whole has no such flag
     short = io.BytesIO(nib.Nifti1Image(vol[:, :, :8], np.eye(4)).to_bytes()).getvalue()
     (row,) = predict_many(predictor, [("short.nii", short)])
     assert "other_slices_unchecked" not in row and FLAG_UNCHECKED_SLICES not in flags_of(row)
-    _, _, pred = app_support.analyse_upload(predictor, "short.nii", short, predictor.threshold)
-    assert app_support.unchecked_note(predictor, pred) is None
+    page_row, _, _ = app_support.analyse_upload(predictor, "short.nii", short, predictor.threshold)
+    assert app_support.unchecked_note(page_row) is None and FLAG_UNCHECKED_SLICES not in analyse_one("short.nii", short, predictor).flags

@@ -694,3 +694,18 @@ def test_the_report_names_the_volume_of_a_4d_file_as_the_app_table_does(four):
     row = r.to_row()
     assert next(csv.DictReader(io.StringIO(R.build_csv([r], four.classes))))["volume"] == "0 of 3"
     assert "volume 0 of 3" in R.text_line(row)
+
+
+def test_a_referred_calls_tumour_bar_is_amber_not_green(four, monkeypatch):
+    """The app's gauge turned amber on a referred call; the PDF's bar stayed green under 'UNCERTAIN - REFER'."""
+    import dataclasses
+    real, colours = four.predict_scan, []
+    drawn = R._bar
+    monkeypatch.setattr(R, "_bar", lambda pdf, x, y, w, h, v, colour: colours.append(colour) or drawn(pdf, x, y, w, h, v, colour))
+    monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="notumor", uncertain=True))
+    R.build_report([("a.png", scan_png(6))], four)
+    assert R.AMBER[1] in colours and R.GREEN[1] not in colours
+    colours.clear()
+    monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="notumor", uncertain=False))
+    R.build_report([("a.png", scan_png(6))], four)
+    assert R.GREEN[1] in colours and R.AMBER[1] not in colours

@@ -195,6 +195,8 @@ def test_operating_point_text_names_the_cap():
            "val_specificity_by_source": {"a": 0.0, "b": 1.0}}
     assert E.floor_unmet(per) == ("a", 0.0) and E.floor_unmet({**per, "threshold": 0.3}) is None
     assert "cap the validation specificity of a is 0.0%)." in app.operating_point_text({"operating_point": per}, 0.5)
+    lgg = {**per, "val_specificity_by_source": {"lgg": 0.0, "brisc": 1.0}}   # a shared source, named for a reader
+    assert "specificity of LGG FLAIR is 0.0%" in app.operating_point_text({"operating_point": lgg}, 0.5)
     assert E.floor_unmet({**per, "val_specificity_by_source": {"a": 0.95, "b": 1.0}}) is None
 
 
