@@ -34,7 +34,7 @@ with st.expander("How the split was made"):
     st.write(split.get("method", "n/a"))
 
 st.markdown("#### Test results")
-if (copies := app.copies_note(predictor.dir)):
+if (copies := app.copies_note(predictor)):
     st.caption(copies)
 if (problem := app.eval_problem(predictor.dir)):
     st.warning(problem)

@@ -408,15 +408,19 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
             f"some test tumours a tumour: {parts} (Evaluation page, missed tumours). Read the scan yourself.")
 
 
-def copies_note(weights_dir: str | Path) -> str | None:
-    """Says that the card's test figures count scans the Evaluation page leaves out by default."""
-    stored = load_eval(weights_dir)
+def copies_note(predictor: Predictor) -> str | None:
+    """Says that the card's test figures count scans Home and the Evaluation page leave out by
+    default, and what those pages read without them: one model showed four sensitivities across
+    the pages (a clinician's walkthrough)."""
+    stored = load_eval(predictor.dir)
     n_copies = without_copies(stored["predictions"])[1] if stored else 0
     if not n_copies:
         return None
+    figures, _ = home_figures(predictor)
+    shown = "; ".join(f"{k.lower()} {v}" for k, v in figures.items() if k != "Test scans")
     return (f"Over all {len(stored['predictions'])} test scans, including the {n_copies} with a copy "
-            "(near duplicate, mirrored or turned) in training; the Evaluation page leaves those out "
-            "unless asked.")
+            "(near duplicate, mirrored or turned) in training. Home and the Evaluation page leave those out "
+            f"unless asked: over the other {figures['Test scans']}, {shown}.")
 
 
 def sources_of(records: list[dict]) -> list[str]:

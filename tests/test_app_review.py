@@ -495,14 +495,17 @@ def test_a_version_1_gate_card_shows_its_measurements():
     assert "at most 1.0 % in any source" in text and "never trained on" in text
 
 
-def test_model_card_says_its_test_figures_include_copies(tmp_path):
-    w = tmp_path / "w"
-    w.mkdir()
-    assert app_support.copies_note(w) is None                     # no eval.json
-    recs = [{"file": f, "label": "glioma", "probs": {"glioma": 1.0}, "in_distribution": True, "copy_in_training": c}
-            for f, c in (("a", True), ("b", False))]   # records the pages can read (review R)
-    (w / "eval.json").write_text(json.dumps({"predictions": recs}))
-    assert "Over all 2 test scans, including the 1 with a copy" in app_support.copies_note(w)
+def test_model_card_says_its_test_figures_include_copies_and_what_home_reads(random_weights):
+    """One model read four sensitivities across Home, the Model card, Training and Diagnose (a
+    clinician's walkthrough): the card's caption now gives the figures Home shows."""
+    assert app_support.copies_note(Predictor(random_weights)) is None     # no eval.json
+    pred = app_support.load_predictor(str(REPO / "weights" / "resnet18_176_copyaware_ft"))
+    note = app_support.copies_note(pred)
+    figures, _ = app_support.home_figures(pred)
+    n_all = len(json.loads((pred.dir / "eval.json").read_text())["predictions"])
+    assert f"Over all {n_all} test scans, including the {n_all - int(figures['Test scans'])} with a copy" in note
+    assert f"over the other {figures['Test scans']}, accuracy {figures['Accuracy']}" in note
+    assert f"specificity {figures['Specificity']}" in note and f"tumours missed {figures['Tumours missed']}" in note
 
 
 def test_gallery_maps_of_two_zips_with_the_same_names_are_kept_apart():
