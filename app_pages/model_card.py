@@ -25,7 +25,8 @@ st.markdown(
     "yours; numbers below hold for data like the test split only.")
 
 st.markdown("#### Data and sources")
-st.dataframe(dash.sources_readable(card), hide_index=True)
+sources = dash.sources_readable(card)   # a table, not a grid: its sentences wrapped instead of cut off
+st.table(sources.set_index("source") if "source" in sources else sources)
 split = card.get("split", {})
 st.markdown(f"**Split**: {dash.split_text(split)}")
 if (untested := (card.get("data_notes") or {}).get("classes_not_tested")):
