@@ -675,7 +675,7 @@ def _report_pdf_class():
             self.ln(8)
             c = self.ctx
             line = self.t(f"Model {c.model}, version {c.version}  |  weights SHA-256 "
-                          f"{c.weights_sha256[:12]}  |  generated {c.date}")
+                          f"{c.weights_sha256[:16]}  |  generated {c.date}")
             size = 8.0
             self.font(size, False, MUTED)
             while self.get_string_width(line) > self.epw and size > 5:   # a long model name ran past the margin

@@ -134,6 +134,7 @@ def test_single_scan_pdf_has_prediction_probabilities_and_disclaimer(four, tmp_p
     assert f"{r.prediction.tumour_probability:.3f}" in page and "operating point 0.300" in page
     assert "not for diagnosis" in page and DISCLAIMER.split(".")[0] in page
     assert four.weights_sha256[:12] in page and "0.0-test" in page and four.name in page
+    assert page.count(four.weights_sha256[:16]) >= 2   # the header and the body name it alike
     assert "Grad-CAM" in page and "case_a.png" in page
     assert r.overlay is not None and r.overlay.shape == (R.DISPLAY_PX, R.DISPLAY_PX, 3)
 
