@@ -450,7 +450,9 @@ def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.
                 fig.add_scatter(x=ep, y=ys, mode="lines", name=f"{name} ({split})",
                                 line=dict(color=colour, dash=dash))
     fig.update_xaxes(title="epoch")
-    return _layout(fig, {"acc": "Accuracy", "loss": "Loss"}.get(key, key))
+    # the legend under the plot: beside it, six runs' names took half of a half-width chart
+    return _layout(fig, {"acc": "Accuracy", "loss": "Loss"}.get(key, key), height=320 + 22 * len(histories),
+                   legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
 
 
 def benchmark_accuracy(row: dict, key: str = "accuracy") -> float | None:
