@@ -26,7 +26,7 @@ from .data import source_of
 from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predictor, card_threshold,
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
-                        slice_scores, slices_unchecked, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
+                        slice_scores, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
 from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, source_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
@@ -34,7 +34,8 @@ from .metrics import apart, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
 from .report import saliency_caveat, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
-from .reader import (MAX_SLICES, STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
+from .reader import MAX_SLICES  # noqa: F401 (the Diagnose page's name for it: its best-slice toggle)
+from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
                      read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
@@ -749,10 +750,8 @@ def volume_alert(predictor: Predictor, data: bytes, name: str, threshold: float,
                  shown: int | None, shown_in_distribution: bool = True) -> str | None:
     """A warning when slices other than the one shown reach the operating point and the one shown
     does not (`hot_slices`): a tumour on slice 12 must not hide behind a clean middle slice, nor
-    behind a refused one. None otherwise, and for a volume too long to score whole (`unchecked_note`)."""
+    behind a refused one. None otherwise, and for a volume that cannot be read whole (`unchecked_note`)."""
     if not predictor.is_tumour_model or shown is None:
-        return None
-    if cached_volume_slices(data, name)[0] > MAX_SLICES:   # not read whole (`unchecked_note` says so under the call)
         return None
     try:
         scores = cached_slice_scores(predictor, data, name)
@@ -1279,8 +1278,6 @@ def analyse_upload(predictor: Predictor, name: str, data, threshold: float | Non
             row["seen_in_training"] = True
     if shown is not None and predictor.is_tumour_model and isinstance(data, (bytes, bytearray)):
         try:  # the table, its CSV and the report flag a volume whose other slices reach the point
-            if slices_unchecked(scan.info):   # not tried: too many slices (`reader.MAX_SLICES`)
-                raise ScanError("too many slices")
             row["hot_slices"] = cached_hot_slices(predictor, data, name, threshold, shown, pred.in_distribution)
             # a DICOM frame or stack page read alone has no head_share: the volume's read gives it
             if "head_share" not in pred.info and (share := cached_slice_profile(predictor, data, name)[1].get(shown)) is not None:

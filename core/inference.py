@@ -681,12 +681,6 @@ def shown_slice(info: dict) -> int | None:
     return info.get("slice_index", info.get("frame"))
 
 
-def slices_unchecked(info: dict) -> bool:
-    """Whether the slice shown is of a volume too long to read whole (`reader.MAX_SLICES`): its
-    other slices cannot be scored (the app skips trying)."""
-    return shown_slice(info) is not None and max(int(info.get("n_slices") or 1), int(info.get("n_frames") or 1)) > MAX_SLICES
-
-
 # Why a volume's call stands alone (row key "other_slices_unchecked"): the app's note, the report's flag text
 UNCHECKED_TEXT = (f"This volume could not be read whole (more than {MAX_SLICES} slices, or slices that cannot "
                   "be read together), so its other slices were not scored: only the slice shown was read. Look "

@@ -68,10 +68,11 @@ FLAG_TYPE_UNCERTAIN = "tumour type uncertain"
 FLAG_UNREADABLE = "cannot read"
 FLAG_NOT_CHECKED = "image not checked"   # a model without an out-of-distribution gate
 FLAG_OTHER_SLICES = "other slices reach the operating point"   # a volume, its slice shown below it
-FLAG_UNCHECKED_SLICES = "other slices not checked"   # a volume too long to score whole (inference.slices_unchecked)
+FLAG_UNCHECKED_SLICES = "other slices not checked"   # a volume that cannot be read whole (inference.whole_read_failed)
 FLAG_MASK = "mask contradicts call"      # a paired tumour mask marks a lesion; the call is 'no tumour'
 FLAG_END_SLICE = "slice near an end of the head"   # a volume's tumour call on such a slice (inference.end_slice_note)
 FLAG_SEEN = "seen in training"   # the file itself is one the model trained on (Predictor.seen_in_training)
+
 
 def uncalled_words(pred: Prediction, target: str) -> str:
     """'p 0.004, not the call' when a map explains a class other than the call (a 'no tumour'
@@ -856,12 +857,12 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     pdf.font(8, False, MUTED)
     pdf.cell(col, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(pdf.l_margin + col + IMAGE_GAP)
-    target = class_label(saliency_target(r.prediction, ctx.classes))
+    explained = saliency_target(r.prediction, ctx.classes)
     from .saliency import is_class_agnostic
     shown = method_label(r.method) if r.method else ctx.method
-    agnostic = is_class_agnostic(r.method or ctx.method)
-    uncalled = "" if agnostic else uncalled_words(r.prediction, saliency_target(r.prediction, ctx.classes))
-    what = "(class-agnostic)" if agnostic else f"for '{target}' ({uncalled or 'red = strongest evidence'})"
+    uncalled = uncalled_words(r.prediction, explained)
+    what = ("(class-agnostic)" if is_class_agnostic(r.method or ctx.method)
+            else f"for '{class_label(explained)}' ({uncalled or 'red = strongest evidence'})")
     caption = f"{shown} {what}" if r.overlay is not None else f"{shown} saliency: not available"
     pdf.cell(col, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
 
