@@ -259,8 +259,9 @@ def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise ScanError(f"The image is too large ({width} x {height} pixels; "
                         f"the limit is {MAX_PIXELS // 1_000_000} megapixels).")
-    if min(width, height) < MIN_SIDE:
-        raise ScanError(f"The image is too small ({width} x {height} pixels); each side "
+    if min(width, height) < MIN_SIDE:   # "too small" read as a slip beside 60000 x 10: name the short side
+        what = "too small" if max(width, height) < MIN_SIDE else "too narrow"
+        raise ScanError(f"The image is {what} ({width} x {height} pixels); each side "
                         f"must be at least {MIN_SIDE} pixels.")
     if max(width, height) > MAX_ASPECT * min(width, height):
         raise ScanError(f"The image is too elongated ({width} x {height} pixels) to be a "

@@ -179,6 +179,7 @@ def build_corpus() -> list[Case]:
         Case("header_60000.png", png_header_only(60_000, 60_000), r"too large"),
         Case("header_7000.png", png_header_only(7_000, 7_000), r"too large \(7000 x 7000 pixels"),
         Case("tiny_8x8.png", encode(grey8(8, 8), "PNG"), r"too small \(8 x 8 pixels\)"),
+        Case("strip_60000x10.png", encode(grey8(10, 60000), "PNG"), r"too narrow \(60000 x 10 pixels\)"),
         Case("strip_2000x40.png", encode(grey8(40, 2000), "PNG"), r"too elongated"),
         # -- unusual but fine
         Case("big_4000.jpg", encode(big, "JPEG", quality=80), OK,
@@ -575,9 +576,9 @@ def _tiff(*pages: Image.Image, **kw) -> bytes:
 def test_later_tiff_pages_are_checked_like_the_first():
     """A 600 x 4 page 2 was read as a slice, a 64-megapixel one decoded, and info described page 1."""
     strip = _tiff(Image.fromarray(np.full((4, 600), 100, np.uint8)))
-    with pytest.raises(ScanError, match="Page 2 .*too small"):
+    with pytest.raises(ScanError, match="Page 2 .*too narrow"):
         reader.read_image_pages(strip, "x.tif")
-    with pytest.raises(ScanError, match="too small"):
+    with pytest.raises(ScanError, match="too narrow"):
         reader.read_scan(strip, "x.tif", frame=1)
     big = _tiff(Image.new("L", (7000, 7000)), compression="tiff_adobe_deflate")
     with pytest.raises(ScanError, match="too large"):

@@ -447,7 +447,7 @@ def test_thin_coronal_stack_is_shown_coronally_superior_up():
     scan = read_scan(data)
     assert scan.info["plane"] == "coronal" and scan.info["n_slices"] == 5
     assert corr(scan.pixels, imgs[2]) > 0.999
-    with pytest.raises(ScanError, match="too small \(96 x 5"):  # axial cuts are 96 x 5 strips
+    with pytest.raises(ScanError, match="too narrow \(96 x 5"):  # axial cuts are 96 x 5 strips
         read_scan(data, plane="axial")
     with pytest.raises(ScanError, match="plane must be"):
         read_scan(data, plane="oblique")
