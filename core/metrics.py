@@ -162,63 +162,79 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
     out: dict = {"classes": classes, "n": len(labels), "threshold": threshold, "n_fine": 0, "accuracy": None,
                  "macro_f1": None, "per_class": {}, "confusion": [], "ece": None, "reliability": None}
     ci95: dict = {}  # 95% Wilson intervals of the rates below
-    fine = np.array([lab in classes for lab in labels], dtype=bool)
-    if TUMOUR not in classes and TUMOUR in labels and not any(lab in FINE_TUMOURS for lab in labels):
-        # a yes/no set against a typed model: its tumours have no type, so an 'accuracy' over
-        # its normal scans alone would pass for the set's; it is judged on the tumour call only
-        fine[:] = False
+    fine = _typed(labels, classes)
     if fine.any():
-        y = np.array([classes.index(lab) for lab, f in zip(labels, fine) if f])
-        p = pred[fine]
-        cm = confusion_matrix(y, p, labels=range(len(classes)))
-        prec, rec, f1, sup = precision_recall_fscore_support(
-            y, p, labels=range(len(classes)), zero_division=0)
-        per_class = {}
-        for k, c in enumerate(classes):
-            tn = cm.sum() - cm[k].sum() - cm[:, k].sum() + cm[k, k]
-            fp = cm[:, k].sum() - cm[k, k]
-            # n/a, not 0, where a rate has no denominator: a class this set has no image of
-            # has no recall or F1, and one never predicted has no precision.
-            per_class[c] = {"precision": float(prec[k]) if cm[:, k].sum() else None,
-                            "recall": float(rec[k]) if sup[k] else None,
-                            "f1": float(f1[k]) if sup[k] else None,
-                            "specificity": _ratio(tn, tn + fp), "support": int(sup[k])}
-        conf = probs[fine].max(axis=1)
-        correct = probs[fine].argmax(axis=1) == y
-        present = sorted(set(y.tolist()))  # a class this set has no image of has no F1 to average
-        hits = int((p == y).sum())
-        ci95 = {"accuracy": list(wilson(hits, len(y)))}
-        out.update(n_fine=int(fine.sum()), accuracy=hits / len(y),
-                   # one class present (BRISC: normals only): an "average" of one F1 reads above
-                   # the accuracy it is computed from, and means nothing
-                   macro_f1=(float(f1_score(y, p, labels=present, average="macro", zero_division=0))
-                             if len(present) > 1 else None),
-                   per_class=per_class, confusion=cm.tolist(),
-                   ece=expected_calibration_error(conf, correct),
-                   reliability=reliability(conf, correct))
+        out.update(_class_metrics(probs[fine], pred[fine], [lab for lab, f in zip(labels, fine) if f], classes, ci95))
     truth = [is_tumour_label(lab) for lab in labels]
     has = np.array([t is not None for t in truth], dtype=bool)
     # only a model that can say 'no tumour' has a sensitivity: without that class every call is a
     # tumour and 100 % is true by construction
     if has.any() and has_tumour_decision(classes):
         t_true = np.array([bool(t) for t in truth])[has]
-        t_pred = tumour_calls(pred[has], classes)   # as the Diagnose page and the threshold curve say
-        tn, fp, fn, tp = (int(v) for v in confusion_matrix(t_true, t_pred, labels=[False, True]).ravel())
-        # calibration of the tumour probability itself: the only calibration a source labelled
-        # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads
-        t_prob = tumour_probability(probs[has], classes)
-        out.update(tumour_missed=fn, normal_flagged=fp, n_tumour=tp + fn, n_normal=tn + fp,
-                   sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
-                   binary_accuracy=_ratio(tp + tn, tp + tn + fp + fn),
-                   tumour_ece=expected_calibration_error(t_prob, t_true),
-                   tumour_reliability=reliability(t_prob, t_true))
-        if tp + fn:
-            ci95["sensitivity"] = list(wilson(tp, tp + fn))
-        if tn + fp:
-            ci95["specificity"] = list(wilson(tn, tn + fp))
+        out.update(_tumour_metrics(probs[has], pred[has], t_true, classes, ci95))
     if ci95:
         out["ci95"] = ci95
     return out
+
+
+def _typed(labels: list[str], classes: list[str]) -> np.ndarray:
+    """Which samples are judged class by class: those labelled with one of the model's classes."""
+    fine = np.array([lab in classes for lab in labels], dtype=bool)
+    if TUMOUR not in classes and TUMOUR in labels and not any(lab in FINE_TUMOURS for lab in labels):
+        # a yes/no set against a typed model: its tumours have no type, so an 'accuracy' over
+        # its normal scans alone would pass for the set's; it is judged on the tumour call only
+        fine[:] = False
+    return fine
+
+
+def _class_metrics(probs: np.ndarray, p: np.ndarray, labels: list[str], classes: list[str], ci95: dict) -> dict:
+    """Accuracy, macro F1, per-class rates, confusion and calibration of typed samples (``p``:
+    their calls); adds the accuracy's interval to ``ci95``."""
+    y = np.array([classes.index(lab) for lab in labels])
+    cm = confusion_matrix(y, p, labels=range(len(classes)))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, p, labels=range(len(classes)), zero_division=0)
+    per_class = {}
+    for k, c in enumerate(classes):
+        tn = cm.sum() - cm[k].sum() - cm[:, k].sum() + cm[k, k]
+        fp = cm[:, k].sum() - cm[k, k]
+        # n/a, not 0, where a rate has no denominator: a class this set has no image of
+        # has no recall or F1, and one never predicted has no precision.
+        per_class[c] = {"precision": float(prec[k]) if cm[:, k].sum() else None,
+                        "recall": float(rec[k]) if sup[k] else None,
+                        "f1": float(f1[k]) if sup[k] else None,
+                        "specificity": _ratio(tn, tn + fp), "support": int(sup[k])}
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    present = sorted(set(y.tolist()))  # a class this set has no image of has no F1 to average
+    hits = int((p == y).sum())
+    ci95["accuracy"] = list(wilson(hits, len(y)))
+    return dict(n_fine=len(y), accuracy=hits / len(y),
+                # one class present (BRISC: normals only): an "average" of one F1 reads above
+                # the accuracy it is computed from, and means nothing
+                macro_f1=(float(f1_score(y, p, labels=present, average="macro", zero_division=0))
+                          if len(present) > 1 else None),
+                per_class=per_class, confusion=cm.tolist(),
+                ece=expected_calibration_error(conf, correct),
+                reliability=reliability(conf, correct))
+
+
+def _tumour_metrics(probs: np.ndarray, pred: np.ndarray, t_true: np.ndarray, classes: list[str], ci95: dict) -> dict:
+    """Tumour vs no tumour of samples whose truth is known (``t_true``): misses, false alarms,
+    sensitivity, specificity and the tumour probability's calibration; adds their intervals to ``ci95``."""
+    t_pred = tumour_calls(pred, classes)   # as the Diagnose page and the threshold curve say
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(t_true, t_pred, labels=[False, True]).ravel())
+    # calibration of the tumour probability itself: the only calibration a source labelled
+    # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads
+    t_prob = tumour_probability(probs, classes)
+    if tp + fn:
+        ci95["sensitivity"] = list(wilson(tp, tp + fn))
+    if tn + fp:
+        ci95["specificity"] = list(wilson(tn, tn + fp))
+    return dict(tumour_missed=fn, normal_flagged=fp, n_tumour=tp + fn, n_normal=tn + fp,
+                sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
+                binary_accuracy=_ratio(tp + tn, tp + tn + fp + fn),
+                tumour_ece=expected_calibration_error(t_prob, t_true),
+                tumour_reliability=reliability(t_prob, t_true))
 
 
 def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101,
