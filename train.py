@@ -23,7 +23,7 @@ import torch
 
 from core import data as D
 from core import engine as E
-from core.inference import file_sha256
+from core.inference import file_sha256, shipped_default
 from core.models import list_models, min_input_size
 from core.training import (LESION_NEEDS_MASKS, DataError, adopted_record, run, split_file_problem,
                            with_added_options)
@@ -322,6 +322,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from core.reader import MAX_SIDE   # no scan reaches the model larger: a bigger input only upsamples
     if not 8 <= args.img <= MAX_SIDE or args.small_img < 0 or 0 < args.small_img < 8 or args.small_img > MAX_SIDE:
         p.error(f"--img must be between 8 and {MAX_SIDE} pixels (and --small-img 0 or in that range)")
+    if args.small_img_epochs and not args.small_img and not args.resume:   # ran every epoch at --img, silently
+        p.error("--small-img-epochs needs --small-img (the size of those first epochs)")
     if args.small_img and args.small_img_epochs >= args.epochs:
         # every epoch small: early stopping never counts, and the model is calibrated and tested at
         # a size it never trained on
@@ -354,7 +356,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--data: an empty path (an unset variable?): name the dataset's folder")
         if not D.resolve_root(src["path"]).is_dir():
             p.error(f"--data {src['path']}: not a directory")
-    if overlap := D.overlapping([(src["name"], D.resolve_root(src["path"]).resolve()) for src in sources]):
+    # by path: two sources from folders of one name are both named after it ("L3 and L3 overlap")
+    if overlap := D.overlapping([(str(src["path"]), D.resolve_root(src["path"]).resolve()) for src in sources]):
         p.error(f"--data: the sources {overlap[0]} overlap, so their images would count twice")
     names = [src["name"] for src in sources]
     if len(set(names)) < len(names):
@@ -365,6 +368,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--data {bad[0]}: a source's weight must be a finite number >= 0")
     if sum(src["weight"] for src in sources) <= 0:
         p.error("every source has weight 0: nothing to train on")
+    _check_out(p, args, sources)
     if args.resume:
         _check_resume(p, args)
     else:
@@ -372,6 +376,26 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if d and os.path.realpath(D.resolve_root(d)) == os.path.realpath(args.out):
                 p.error(f"{opt} and --out name the same folder: a fresh run moves that folder's files "
                         "aside while it still needs them; write the new run to another folder")
+
+
+def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: list[dict]) -> None:
+    """Refuse an --out that a run would damage: a data folder (the run's files were then read as
+    images of it), or, for a fresh run, the app's default model, which it would move aside, the app
+    then serving a model of however few epochs with no word (a helper's first run, session 50)."""
+    out = Path(args.out).resolve()
+    for src in sources:
+        root = D.resolve_root(src["path"]).resolve()
+        if out == root or root in out.parents:
+            p.error(f"--out {args.out} is inside --data {src['path']}: the run's files would sit among its images; "
+                    "write the model to another folder")
+    try:
+        default = shipped_default().resolve()
+    except OSError:
+        return   # no weights/DEFAULT: nothing served to protect
+    if out == default and not args.resume:
+        p.error(f"--out {args.out} is the app's default model (weights/DEFAULT): a fresh run would move it aside "
+                "and the app would serve the new one; write to another folder (runs/NAME) and ship it by "
+                "changing weights/DEFAULT")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -497,6 +521,15 @@ def main(argv=None) -> int:
     except (DataError, OSError) as e:  # bad data or files: one sentence; a bug keeps its traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: a sentence on what is kept, not a traceback through conv2d
+        print(f"train.py: interrupted. {_resume_hint(Path(args.out))}", file=sys.stderr)
+        return 130
+
+
+def _resume_hint(out: Path) -> str:
+    if (out / "checkpoint.pt").is_file():
+        return f"The last finished epoch is kept in {out / 'checkpoint.pt'}: rerun the same command with --resume to go on."
+    return "No epoch had finished, so there is nothing to resume: rerun the command to start again."
 
 
 if __name__ == "__main__":

@@ -470,7 +470,9 @@ def run(args: argparse.Namespace) -> int:
     if data.resume:
         loop = restore_run(data.resume, out, args, fit.model, fit.opt, fit.sched, fit.ema, fit.scaler, fit.steps,
                            fit.steps_per_epoch, at.world, at.device)
-        at.say(f"resumed from epoch {loop.start_epoch}", flush=True)
+        # "from epoch 3" read as epoch 3 run again: say how many are done
+        at.say(f"resumed after epoch {loop.start_epoch} of {args.epochs}"
+               + (" (every epoch done: finishing the run)" if loop.start_epoch >= args.epochs else ""), flush=True)
     split_files = D.split_record(data.samples)
     if at.rank == 0:
         open_out_dir(out, args.resume, {**data.split_method, "dropped_small_head": data.dropped,

@@ -243,7 +243,8 @@ def test_an_edited_list_is_read_again_and_a_binary_one_is_named(tmp_path):
 def test_a_configs_join_list_that_is_gone_is_no_error_on_a_recorded_split(tmp_path, capsys):
     import train
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'join_copies = ["{tmp_path / "gone.tsv"}"]\ndata = ["{tmp_path}"]\n'
+    (tmp_path / "d").mkdir()   # --out may not lie inside --data
+    cfg.write_text(f'join_copies = ["{tmp_path / "gone.tsv"}"]\ndata = ["{tmp_path / "d"}"]\n'
                    f'split_from = "{Path(__file__).resolve().parents[1] / "weights" / "resnet18_192_gpu_ema120_s2"}"\n')
     args = train.parse_args(["--config", str(cfg), "--out", str(tmp_path / "out")])
     assert args.join_copies is None and "cannot be read" in capsys.readouterr().err
@@ -255,7 +256,8 @@ def test_a_configs_lists_stay_as_written_in_the_config_the_card_keeps(tmp_path):
     import train
     lst = write_list(tmp_path / "k.tsv", [])
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'join_copies = ["k.tsv"]\ndrop_copies = ["k.tsv"]\ndata = ["{tmp_path}"]\n')
+    (tmp_path / "d").mkdir()   # --out may not lie inside --data
+    cfg.write_text(f'join_copies = ["k.tsv"]\ndrop_copies = ["k.tsv"]\ndata = ["{tmp_path / "d"}"]\n')
     import os
     here = os.getcwd()
     os.chdir(tmp_path)

@@ -168,7 +168,7 @@ def test_drop_copies_leaves_listed_training_copies_out_and_a_resume_keeps_them_o
     # not read again), and says nothing of them as files "not in the recorded split"
     lst.rename(tmp_path / "moved.tsv")
     log = _train([*common, "--epochs", 2, "--out", child, "--resume"], cache)
-    assert "resumed from epoch" in log and "not in the recorded split" not in log
+    assert "resumed after epoch" in log and "not in the recorded split" not in log
     rec2 = json.loads((child / "split.json").read_text())
     assert rec2["dropped_copies"] == rec["dropped_copies"] and rec2["files"] == rec["files"]
     assert json.loads((child / "card.json").read_text())["split"]["dropped_copies"]["n"] == 3
@@ -454,7 +454,7 @@ def test_a_resume_from_a_config_whose_lists_moved_goes_on(tmp_path):
     _train(["--config", cfg, *common, "--epochs", 1, "--out", run], cache)
     lst.rename(tmp_path / "moved.tsv")
     log = _train(["--config", cfg, *common, "--epochs", 2, "--out", run, "--resume"], cache)
-    assert "resumed from epoch" in log
+    assert "resumed after epoch" in log
     rec = json.loads((run / "split.json").read_text())
     assert [rel for _, rel in rec["dropped_copies"]] == [sorted(files["train"])[0]]
     # a list typed on the command line that is not there is still an error, not a silent fallback

@@ -81,7 +81,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     E.save_checkpoint(out / "checkpoint.pt", **{**ck1, "best": float("-inf")})
 
     log2 = run_train([*common, "--epochs", 3, "--resume"], cache)
-    assert "resumed from epoch 2" in log2
+    assert "resumed after epoch 2 of" in log2
     assert "epoch 3/3" in log2 and "epoch 1/3" not in log2 and "epoch 2/3" not in log2
     hist2 = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in hist2] == [1, 2, 3]
@@ -644,8 +644,7 @@ def test_finish_from_cards_a_run_stopped_before_its_card(tmp_path, monkeypatch):
     def stopped(*a, **k):
         raise KeyboardInterrupt  # the time limit, after the last epoch and before the card
     monkeypatch.setattr(TR, "finish", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*map(str, common), "--out", str(there)])
+    assert train.main([*map(str, common), "--out", str(there)]) == 130   # a sentence, not a traceback
     monkeypatch.undo()
     assert not (there / "card.json").exists() and (there / "trained.json").is_file()
     salvaged = E.salvage_best(there)

@@ -623,3 +623,44 @@ def test_progressive_resizing_must_leave_an_epoch_at_full_size(data, tmp_path, c
     err = refused(["--data", data, "--out", tmp_path / "run", "--epochs", 2, "--small-img", 16,
                    "--small-img-epochs", 2], capsys)
     assert "--small-img-epochs 2 leaves no epoch at --img" in err
+
+
+def test_out_may_not_be_a_data_folder_or_the_app_s_default_model(data, tmp_path, capsys, monkeypatch):
+    """A first run with --out weights/<the default> moved the shipped model aside and the app served
+    a 1-epoch model with no word; --out equal to --data left card.json among the class folders."""
+    served = tmp_path / "weights" / "served"
+    served.mkdir(parents=True)
+    (served / "card.json").write_text("{}")
+    monkeypatch.setattr(train, "shipped_default", lambda: served)
+    assert "the app's default model" in refused(["--data", data, "--out", served, *TINY], capsys)
+    assert (served / "card.json").read_text() == "{}" and len(list(served.iterdir())) == 1
+    assert "is inside --data" in refused(["--data", data, "--out", data, *TINY], capsys)
+    assert "is inside --data" in refused(["--data", data, "--out", data / "run", *TINY], capsys)
+    assert not (data / "run").exists()
+
+
+def test_small_image_epochs_without_a_small_image_is_refused(data, tmp_path, capsys):
+    err = refused(["--data", data, "--out", tmp_path / "r", "--small-img-epochs", 3, *TINY], capsys)
+    assert "--small-img-epochs needs --small-img" in err
+
+
+def test_overlapping_sources_are_named_by_their_paths(tmp_path, capsys):
+    make_blob_dataset(tmp_path / "L3" / "Training")
+    err = refused(["--data", tmp_path / "L3" / "Training", "--data", tmp_path / "L3", "--out", tmp_path / "r"], capsys)
+    assert f"{tmp_path / 'L3' / 'Training'} and {tmp_path / 'L3'} overlap" in err
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_ctrl_c_is_one_sentence_on_what_can_be_resumed(data, tmp_path, capsys, monkeypatch, checkpoint):
+    out = tmp_path / "r"
+    if checkpoint:
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"x")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main([str(a) for a in ["--data", data, "--out", out, *TINY]]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: interrupted.") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert ("--resume" in err) == checkpoint and ("nothing to resume" in err) == (not checkpoint)
