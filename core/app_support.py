@@ -247,9 +247,35 @@ def hand_threshold_note(predictor: Predictor, threshold: float | None) -> str | 
     where the figures at it are (a clinician moved it to 1.000 and Home still read 98.5 %)."""
     if not threshold_moved(threshold, predictor.threshold):
         return None
+    cost = threshold_cost(predictor, threshold)
     return (f"The sidebar's operating point is set by hand to {float(threshold):.3f}; the figures above are at "
-            f"the card's {predictor.threshold:.3f}. The Diagnose and Evaluation pages use yours: the "
-            "Evaluation page shows what it costs.")
+            f"the card's {predictor.threshold:.3f}. The Diagnose and Evaluation pages use yours"
+            + (f". {cost}" if cost else ": the Evaluation page shows what it costs."))
+
+
+def threshold_cost(predictor: Predictor, threshold: float | None) -> str | None:
+    """What a hand-set operating point costs on the test split (eval.json's records without a copy
+    in training, as the Evaluation page counts them), beside the card's point: the sidebar and a
+    report made at it gave only the card's figures, and a moved point read as a validated one."""
+    if not threshold_moved(threshold, predictor.threshold) or not predictor.is_tumour_model:
+        return None
+    stored = load_eval(predictor.dir)
+    kept = without_copies(stored["predictions"])[0] if stored else []
+    if not kept:
+        return None
+    (missed, n_t, flagged, n_n), (card_missed, _, card_flagged, _) = (
+        _misses_and_alarms(kept, predictor.classes, t) for t in (float(threshold), predictor.threshold))
+    return (f"On the test split (scans without a copy in training) at {float(threshold):.3f}: {missed} of {n_t} "
+            f"tumours missed and {flagged} of {n_n} tumour-free scans flagged; at the card's "
+            f"{predictor.threshold:.3f}: {card_missed} and {card_flagged}.")
+
+
+def _misses_and_alarms(records: list[dict], classes: list[str], threshold: float) -> tuple[int, int, int, int]:
+    """(tumours called 'no tumour', tumours, tumour-free scans called a tumour, tumour-free scans)."""
+    truth_call = [(t, bool(is_tumour_label(r["pred"]))) for r in records_at(records, classes, threshold)
+                  if (t := is_tumour_label(r["label"])) is not None]
+    return (sum(t and not c for t, c in truth_call), sum(t for t, _ in truth_call),
+            sum(c and not t for t, c in truth_call), sum(not t for t, _ in truth_call))
 
 
 def _card_figures(predictor: Predictor, ev: dict) -> dict[str, str]:
@@ -405,8 +431,10 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     if not any(m for _, (_, m) in ranked):
         return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
                 f"every test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
-    return ("A call other than a tumour does not rule a tumour out: at this operating point the model did not call "
-            f"some test tumours a tumour: {parts} (Evaluation page, missed tumours). Read the scan yourself.")
+    missed, n = (sum(v[k] for _, v in ranked) for k in (1, 0))   # "some" read oddly where it was every one
+    return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
+            f"{missed} of {n} test tumours something other than a tumour: {parts} (Evaluation page, missed tumours). "
+            "Read the scan yourself.")
 
 
 def copies_note(predictor: Predictor) -> str | None:

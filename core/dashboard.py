@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from .inference import finite_number, shown_slice
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, class_label, has_tumour_decision, source_label, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, call_label, class_label, has_tumour_decision, source_label, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
 from .report import flag_labels, refused_by_header, slice_words, volume_words
@@ -529,15 +529,22 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         if id(r) in in_series:
             where = in_series[id(r)]
         rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None or id(r) in in_series else "",
-                     "prediction": class_label(r["pred"]) if called else (NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
+                     "prediction": (call_label(r["pred"], r.get("type_uncertain", False)) if called
+                                    else NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
                      "tumour probability": r.get("tumour_probability") if called else None,
-                     CALL_PROBABILITY: r.get("confidence") if called else None, "flags": ", ".join(flags)})
+                     CALL_PROBABILITY: _call_probability(r) if called else None, "flags": ", ".join(flags)})
     # the call's probability (a narrow bar) and its flags beside it: at laptop width (1400 px) the
     # columns after a long flag were off screen
     columns = ["file", "prediction", "tumour probability", "flags", "slice", CALL_PROBABILITY]
     if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
         columns.remove("slice")
     return pd.DataFrame(rows, columns=columns)
+
+
+def _call_probability(row: dict) -> float | None:
+    """The probability of what the row calls: a tumour of uncertain type is called on the tumour
+    probability, not on its likeliest type's share of it."""
+    return row.get("tumour_probability") if row.get("type_uncertain") else row.get("confidence")
 
 
 SERIES_COLUMNS = ["series", "files", "tumour called", "slices called tumour", "highest tumour probability",

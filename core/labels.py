@@ -108,6 +108,13 @@ def class_label(c: str) -> str:
     return _CLASS_NAMES.get(c, c.replace("_", " ").capitalize())
 
 
+def call_label(pred: str, type_uncertain: bool = False) -> str:
+    """A call as a reader sees it in a heading or a table: a tumour whose type is in doubt is a
+    tumour, not its likeliest type (the batch table read 'Meningioma' where the page said 'Tumour,
+    type uncertain', for a meningioma probability of 0.114)."""
+    return "Tumour, type uncertain" if type_uncertain else class_label(pred)
+
+
 def class_word(c: str) -> str:
     """A class inside a sentence ('notumor' -> 'no tumour', 'pituitary' -> 'pituitary tumour')."""
     if c not in _CLASS_NAMES:   # a class of one's own data keeps its name ('stroke', 'Brain_Mets' -> 'Brain Mets')

@@ -48,7 +48,7 @@ import numpy as np
 
 from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, UNCHECKED_TEXT, Prediction, Predictor, calibration_text,
                         end_slice_note, listed_slices, shown_slice, volume_check)
-from .labels import NO_TUMOUR, class_label, class_word, tumour_classes
+from .labels import NO_TUMOUR, call_label, class_label, class_word, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
 from .reader import ScanError, file_fault_error, load_bytes, read_scan
@@ -566,6 +566,7 @@ class ReportContext:
     card_sha256: str = ""    # the card and the gate change results as the weights do (audit lines too)
     gate_sha256: str | None = None
     miss_note: str | None = None   # under every 'no tumour' call: how often the model missed tumours
+    threshold_cost: str | None = None   # a point set for this report: what it costs against the card's
 
     @classmethod
     def of(cls, predictor: Predictor, threshold: float | None, method: str | None) -> "ReportContext":
@@ -585,7 +586,8 @@ class ReportContext:
                    referral=getattr(predictor, "referral", None),
                    card_sha256=str(getattr(predictor, "card_sha256", "")),
                    gate_sha256=getattr(predictor, "gate_sha256", None),
-                   miss_note=_miss_note(predictor, t))
+                   miss_note=_app_note("miss_note", predictor, t),
+                   threshold_cost=_app_note("threshold_cost", predictor, t))
 
     def hashes_text(self) -> str:
         """The card's and the gate's SHA-256, short, for the Model section."""
@@ -612,15 +614,16 @@ class ReportContext:
 
 
 
-def _miss_note(predictor: Predictor, threshold: float | None) -> str | None:
-    """The Diagnose page's note under a 'no tumour' call (`app_support.miss_note`): the model's
-    test tumours called 'no tumour' at this operating point, from its eval.json."""
+def _app_note(name: str, predictor: Predictor, threshold: float | None) -> str | None:
+    """A note the app shows beside a call, from the model's eval.json at this operating point:
+    `app_support.miss_note` (under a 'no tumour' call: the test tumours called 'no tumour') or
+    `app_support.threshold_cost` (a point set by hand against the card's)."""
     try:
-        from .app_support import miss_note   # imports streamlit: a CLI without it prints no note
+        from . import app_support   # imports streamlit: a CLI without it prints no note
     except ImportError:
         return None
     try:
-        return miss_note(predictor, threshold)
+        return getattr(app_support, name)(predictor, threshold)
     except AttributeError:   # a predictor without a folder or classes (a stand-in): no figures to give
         return None
 
@@ -808,7 +811,7 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
             f"{side.capitalize()} the operating point {t:.{digits}f} ({ctx.threshold_source}; "
             f"black mark on the bar): read as {'tumour' if above else 'no tumour'}."
             + (" The operating point was chosen on validation data to favour sensitivity."
-               if ctx.threshold_source == "model card" else "")),
+               if ctx.threshold_source == "model card" else f" {ctx.threshold_cost}" if ctx.threshold_cost else "")),
             new_x="LMARGIN", new_y="NEXT")
     else:
         pdf.set_xy(pdf.l_margin, y + 7)
@@ -892,7 +895,7 @@ def _result_box(pdf, p: Prediction) -> None:
     if p.in_distribution:
         # a type in doubt must not read as firmly as the call (the app's headline says the same)
         pdf.font(15, True, ACCENT)
-        pdf.cell(90, 7, pdf.t("Tumour, type uncertain" if p.type_uncertain else class_label(p.pred)))
+        pdf.cell(90, 7, pdf.t(call_label(p.pred, p.type_uncertain)))
         pdf.font(9, False, INK)
         side = (f"likeliest type: {class_word(p.pred)} ({p.confidence:.3f})" if p.type_uncertain
                 else f"probability {p.confidence:.3f}")
@@ -1013,7 +1016,8 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
         f"{len(results)} files: {n_called} called, {n_ok - n_called} refused as out of distribution, "
         f"{len(results) - n_ok} could not be read, "
         f"{n_flag} flagged for review. Operating point on the tumour probability: {t}. "
-        f"One page per file follows; click a row to jump to it."), new_x="LMARGIN", new_y="NEXT")
+        + (f"{ctx.threshold_cost} " if ctx.threshold_cost else "")
+        + "One page per file follows; click a row to jump to it."), new_x="LMARGIN", new_y="NEXT")
     pdf.ln(3)
     pdf.font(8.5)
     head = FontFace(emphasis="BOLD", color=(255, 255, 255), fill_color=ACCENT)
@@ -1034,7 +1038,7 @@ def _summary_page(pdf, results: list[ScanResult], ctx: ReportContext, links: lis
             row.cell(name, link=link)
             if r.ok:
                 p = r.prediction
-                call = class_label(p.pred) if p.in_distribution else "No diagnosis"
+                call = call_label(p.pred, p.type_uncertain) if p.in_distribution else "No diagnosis"
                 row.cell(pdf.t(call), link=link)
                 shown = _called_tp(r)
                 row.cell("" if shown is None else f"{shown:.{digits}f}", link=link)

@@ -261,7 +261,11 @@ def test_batch_table_gives_a_flagged_scan_no_call():
            "confidence": 0.5, "in_distribution": False, "uncertain": True, "type_uncertain": True}
     table = batch_table([row, {**row, "file": "mri.jpg", "in_distribution": True}])
     assert table["prediction"][0] == "no call: not like its training scans" and table["flags"][0] == "out-of-distribution"
-    assert table["prediction"][1] == "Glioma" and "type uncertain" in table["flags"][1]
+    # the call is a tumour, on the tumour probability: the table read 'Glioma' at 'probability of the call' 0.5
+    assert table["prediction"][1] == "Tumour, type uncertain" and "type uncertain" in table["flags"][1]
+    assert table["probability of the call"][1] == 0.6
+    firm = batch_table([{**row, "in_distribution": True, "type_uncertain": False}])
+    assert firm["prediction"][0] == "Glioma" and firm["probability of the call"][0] == 0.5
 
 
 # ----------------------------------------------------------------------------- 5: confidence
@@ -317,6 +321,10 @@ def test_home_says_its_figures_are_not_at_an_operating_point_moved_by_hand(app):
     threshold_slider(app).set_value(1.0).run()
     (note,) = [i.value for i in app.info if "set by hand to 1.000" in i.value]
     assert "the card's" in note and not app.exception
+    # what the moved point costs, where it is set and on Home: every test tumour is missed at 1.000
+    (side,) = [w.value for w in app.sidebar.warning if "Set by hand" in w.value]
+    for text in (note, side):
+        assert "On the test split" in text and "at 1.000: " in text and " tumours missed" in text
 
 
 # ----------------------------------------------------------------------------- 7: model card
@@ -833,6 +841,26 @@ def test_a_model_chosen_again_keeps_the_operating_point_set_for_it(app):
     assert threshold_slider(app).value == pytest.approx(card_threshold(load_card(BINARY)))
     choose_model(app, Path(first).name)
     assert threshold_slider(app).value == pytest.approx(0.123)
+
+
+def test_a_hand_set_operating_point_says_what_it_costs_on_the_test_split():
+    """Moved to 0.100 the sidebar said only 'not the card's 0.298' beside the card's figures, and a
+    PDF made at it read like one at a validated point; at 1.000 the miss note said 'some' for all."""
+    pred = app_support.load_predictor(str(PINNED))
+    kept = [r for r in json.loads((PINNED / "eval.json").read_text())["predictions"] if not r.get("copy_in_training")]
+    tumour_types = [c for c in pred.classes if c != "notumor"]
+
+    def by_hand(t: float) -> tuple[int, int, int, int]:
+        called = [(r["label"] != "notumor", sum(r["probs"][c] for c in tumour_types) >= t) for r in kept]
+        return (sum(y and not c for y, c in called), sum(y for y, _ in called),
+                sum(c and not y for y, c in called), sum(not y for y, _ in called))
+    (m, n_t, f, n_n), (m0, _, f0, _) = by_hand(0.1), by_hand(pred.threshold)
+    assert m != m0 and f != f0   # the point is moved far enough to change both
+    assert app_support.threshold_cost(pred, 0.1) == (
+        f"On the test split (scans without a copy in training) at 0.100: {m} of {n_t} tumours missed and {f} of "
+        f"{n_n} tumour-free scans flagged; at the card's {pred.threshold:.3f}: {m0} and {f0}.")
+    assert app_support.threshold_cost(pred, pred.threshold) is None and app_support.threshold_cost(pred, None) is None
+    assert f"called {n_t} of {n_t} test tumours something other than a tumour" in app_support.miss_note(pred, 1.0)
 
 
 def test_a_no_tumour_call_says_how_often_the_model_missed_tumours_and_a_mask_contradicts_it():

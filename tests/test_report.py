@@ -248,6 +248,10 @@ def test_a_type_uncertain_call_heads_its_page_as_a_tumour_not_as_its_likeliest_t
     assert "Tumour, type uncertain" in head
     assert f"likeliest type: meningioma ({r.prediction.confidence:.3f})" in head
     assert "probability" not in head.split("likeliest type")[0]   # no 'Meningioma ... probability 0.4' headline
+    (tmp_path / "batch").mkdir()   # the summary table named the likeliest type as the call
+    summary = flat(pdf_pages(R.build_report([("case_t.png", scan_png(3)), ("b.png", scan_png(4))], four),
+                             tmp_path / "batch")[0])
+    assert "Tumour, type" in summary and "Meningioma" not in summary   # its cell wraps after "type"
 
 
 @needs_poppler
@@ -623,6 +627,21 @@ def test_a_mask_that_contradicts_a_no_tumour_call_flags_the_report(four, tmp_pat
     assert "MISS NOTE" in lesion and "MISS NOTE" in clear   # under every 'no tumour' call
     tumour = R.analyse([("t.png", scan_png(53), {"mask": lesion_png()})], four, threshold=0.0)
     assert tumour[0].mask_note is None   # a tumour call agrees with the mask
+
+
+@needs_poppler
+def test_a_report_at_a_point_set_by_hand_says_what_it_costs(four, tmp_path, monkeypatch):
+    """'Operating point 0.100 (set for this report)' and nothing else: read later, the report could
+    not be told from one at the card's validated point."""
+    from core import app_support
+    monkeypatch.setattr(app_support, "threshold_cost",
+                        lambda p, t: None if abs(t - p.threshold) < 1e-9 else f"COST AT {t:.2f} AGAINST THE CARD'S")
+    results = R.analyse([("a.png", scan_png(57)), ("b.png", scan_png(58))], four, threshold=0.25)
+    summary, page, _ = map(flat, pdf_pages(R.render_pdf(results, R.ReportContext.of(four, 0.25, None)), tmp_path))
+    assert "COST AT 0.25 AGAINST THE CARD'S" in summary and "COST AT 0.25 AGAINST THE CARD'S" in page
+    at_card = R.render_pdf(R.analyse([("a.png", scan_png(57))], four), R.ReportContext.of(four, None, None))
+    (tmp_path / "at_card").mkdir()
+    assert not any("COST AT" in flat(t) for t in pdf_pages(at_card, tmp_path / "at_card"))
 
 
 @needs_poppler
