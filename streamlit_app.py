@@ -9,9 +9,9 @@ import streamlit as st
 
 from core import runtime  # first: process memory settings, before torch is imported
 from core.app_support import (card_threshold, class_wording, current_predictor, default_file_problem,
-                              env_weights_problem, follow_model_threshold, hand_threshold_note, home_figures, keep_widget_value,
+                              env_weights_problem, follow_model_threshold, hand_set_warning, hand_threshold_note, home_figures, keep_widget_value,
                               metric_rows, model_choices, model_label, one_source_warning, operating_point_text,
-                              predictor_problem, reset_threshold, threshold_cost, threshold_moved, training_sources)
+                              predictor_problem, reset_threshold, threshold_moved, training_sources)
 from core.inference import load_card
 from core.labels import class_label, source_label
 
@@ -65,9 +65,7 @@ def sidebar() -> None:
                       on_change=keep_widget_value, args=("threshold", widget),
                       help="Lower it to miss fewer tumours at the cost of more false alarms.")
     if threshold_moved(state["threshold"], default):   # kept per model: coming back to one brings it back
-        cost = threshold_cost(pred, state["threshold"]) if (pred := current_predictor()) else None
-        st.sidebar.warning(f"Set by hand to {float(state['threshold']):.3f} for this model, not the card's "
-                           f"{default:.3f}." + (f" {cost}" if cost else ""), icon=":material/tune:")
+        st.sidebar.warning(hand_set_warning(current_predictor(), state["threshold"]), icon=":material/tune:")
     st.sidebar.caption(operating_point_text(card, default))
     st.sidebar.button("Reset to the card's value", on_click=reset_threshold, args=(default,))
 

@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 
 from core import data as D
 from core import engine as E
-from core.inference import file_sha256, shipped_default
+from core.inference import default_weights, file_sha256, shipped_default
 from core.models import list_models, min_input_size
 from core.training import (LESION_NEEDS_MASKS, DataError, adopted_record, run, split_file_problem,
                            with_added_options)
@@ -147,12 +148,23 @@ def _read_config(p: argparse.ArgumentParser, path: str) -> dict:
     """The TOML config as option defaults; an unknown key is an error, not a silent no-op."""
     try:
         cfg = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except FileNotFoundError:
+        p.error(f"--config {path}: no such file")
+    except OSError as e:   # "[Errno 21] Is a directory: '...'" said the path twice
+        p.error(f"--config {path}: {e.strerror or e}")
+    except tomllib.TOMLDecodeError as e:
         p.error(f"--config {path}: {e}")
-    known = {a.dest for a in p._actions} | CONFIG_NOTES
-    unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
+    actions = {a.dest: a for a in p._actions}
+    unknown = sorted(k for k in cfg if k.replace("-", "_") not in actions.keys() | CONFIG_NOTES)
     if unknown:
         p.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    for k, v in cfg.items():   # argparse converts a text default itself, and its error named no config
+        action = actions.get(k.replace("-", "_"))
+        if isinstance(v, str) and action is not None and action.type is not None:
+            try:
+                action.type(v)
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                p.error(f"--config {path}: {k} = {v!r} is not a valid value of {action.option_strings[0]}")
     return cfg
 
 
@@ -388,14 +400,29 @@ def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: li
         if out == root or root in out.parents:
             p.error(f"--out {args.out} is inside --data {src['path']}: the run's files would sit among its images; "
                     "write the model to another folder")
-    try:
-        default = shipped_default().resolve()
-    except OSError:
-        return   # no weights/DEFAULT: nothing served to protect
-    if out == default and not args.resume:
-        p.error(f"--out {args.out} is the app's default model (weights/DEFAULT): a fresh run would move it aside "
-                "and the app would serve the new one; write to another folder (runs/NAME) and ship it by "
-                "changing weights/DEFAULT")
+    if not args.resume and out in _served():
+        p.error(f"--out {args.out} is the app's default model (weights/DEFAULT, or $BT_WEIGHTS): a fresh run "
+                "would move it aside and the app would serve the new one; write to another folder (runs/NAME) "
+                "and ship it by changing weights/DEFAULT")
+
+
+def _served() -> set[Path]:
+    """The folders the app serves by default: weights/DEFAULT's, and $BT_WEIGHTS's when set."""
+    out = set()
+    for find in (shipped_default, default_weights):
+        try:
+            out.add(find().resolve())
+        except OSError:   # no weights/DEFAULT: nothing served from it
+            pass
+    return out
+
+
+def _named_options(argv: list[str] | None) -> set[str]:
+    """The options the command line names, whatever their values (one equal to its default too)."""
+    q = get_args_parser()
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -422,6 +449,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data:
         p.error("--data is required (or a config with data = [...])")
     _check_types(p, args)
+    named = _named_options(argv) | ({k.replace("-", "_") for k in cfg} if args.config else set())
+    if (alone := [o for o in ("distill", "distill_t", "distill_online") if o in named]) and not args.teacher \
+            and not args.resume:   # `_check` sees only values: --distill 0.5, the default, went unnoticed
+        p.error(f"{_option(alone[0])} needs --teacher (the model to distil from)")
     if args.out is not None and not args.out.strip():
         # an unset "$OUT" retrained weights/<arch> in place, the shipped model moved aside
         p.error("--out: an empty path (an unset variable?): name the folder to write the model to")
@@ -516,20 +547,25 @@ def _finish_average_problem(src: Path, init: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    started = time.time()
     try:
         return run(args)
     except (DataError, OSError) as e:  # bad data or files: one sentence; a bug keeps its traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # Ctrl-C: a sentence on what is kept, not a traceback through conv2d
-        print(f"train.py: interrupted. {_resume_hint(Path(args.out))}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:   # once, not once per torchrun process
+            print(f"train.py: interrupted. {_resume_hint(Path(args.out), started, args.resume)}", file=sys.stderr)
         return 130
 
 
-def _resume_hint(out: Path) -> str:
-    if (out / "checkpoint.pt").is_file():
-        return f"The last finished epoch is kept in {out / 'checkpoint.pt'}: rerun the same command with --resume to go on."
-    return "No epoch had finished, so there is nothing to resume: rerun the command to start again."
+def _resume_hint(out: Path, started: float, resumed: bool) -> str:
+    """Whether --resume can go on: only from this run's checkpoint. A fresh run moves an earlier
+    run's files aside once its data is read, so a Ctrl-C before that found the earlier run's."""
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file() and (resumed or ckpt.stat().st_mtime >= started):
+        return f"The last finished epoch is kept in {ckpt}: rerun the same command with --resume to go on."
+    return "No epoch of this run had finished, so there is nothing to resume: rerun the command to start again."
 
 
 if __name__ == "__main__":

@@ -263,19 +263,25 @@ def threshold_cost(predictor: Predictor, threshold: float | None) -> str | None:
     kept = without_copies(stored["predictions"])[0] if stored else []
     if not kept:
         return None
-    (missed, n_t, flagged, n_n), (card_missed, _, card_flagged, _) = (
-        _misses_and_alarms(kept, predictor.classes, t) for t in (float(threshold), predictor.threshold))
-    return (f"On the test split (scans without a copy in training) at {float(threshold):.3f}: {missed} of {n_t} "
-            f"tumours missed and {flagged} of {n_n} tumour-free scans flagged; at the card's "
-            f"{predictor.threshold:.3f}: {card_missed} and {card_flagged}.")
+    here, card = (evaluation_at(kept, predictor.classes, t) for t in (float(threshold), predictor.threshold))
+    # a side the split has no scan of is left out: "0 of 0 flagged" read as a clean record
+    parts = [(f"{here['tumour_missed']} of {here['n_tumour']} tumours missed", str(card["tumour_missed"]))
+             if here.get("n_tumour") else None,
+             (f"{here['normal_flagged']} of {here['n_normal']} tumour-free scans called a tumour",
+              str(card["normal_flagged"])) if here.get("n_normal") else None]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return (f"On the test split (scans without a copy in training) at {float(threshold):.3f}: "
+            f"{' and '.join(a for a, _ in parts)}; at the card's {predictor.threshold:.3f}: "
+            f"{' and '.join(b for _, b in parts)}.")
 
 
-def _misses_and_alarms(records: list[dict], classes: list[str], threshold: float) -> tuple[int, int, int, int]:
-    """(tumours called 'no tumour', tumours, tumour-free scans called a tumour, tumour-free scans)."""
-    truth_call = [(t, bool(is_tumour_label(r["pred"]))) for r in records_at(records, classes, threshold)
-                  if (t := is_tumour_label(r["label"])) is not None]
-    return (sum(t and not c for t, c in truth_call), sum(t for t, _ in truth_call),
-            sum(c and not t for t, c in truth_call), sum(not t for t, _ in truth_call))
+def hand_set_warning(predictor: Predictor, threshold: float) -> str:
+    """The sidebar's warning on an operating point set by hand, with what it costs."""
+    cost = threshold_cost(predictor, threshold)
+    return (f"Set by hand to {float(threshold):.3f} for this model, not the card's {predictor.threshold:.3f}."
+            + (f" {cost}" if cost else ""))
 
 
 def _card_figures(predictor: Predictor, ev: dict) -> dict[str, str]:
@@ -431,7 +437,8 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     if not any(m for _, (_, m) in ranked):
         return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
                 f"every test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
-    missed, n = (sum(v[k] for _, v in ranked) for k in (1, 0))   # "some" read oddly where it was every one
+    missed = sum(m for _, (_, m) in ranked)   # "some" read oddly where it was every one
+    n = sum(n for _, (n, _) in ranked)
     return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
             f"{missed} of {n} test tumours something other than a tumour: {parts} (Evaluation page, missed tumours). "
             "Read the scan yourself.")

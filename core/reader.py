@@ -148,6 +148,8 @@ def load_bytes(src: str | Path | bytes | Any) -> bytes:
     """The bytes of a path, bytes or file-like object (e.g. a Streamlit upload), size-checked."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
+    elif isinstance(src, str) and not src.strip():   # Path("") is ".": 'a folder' named no folder
+        raise ScanError("The path is empty (an unset variable?): name the file.")
     elif isinstance(src, (str, Path)):
         data = _read_path(Path(src))
     elif hasattr(src, "getvalue"):

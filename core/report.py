@@ -586,8 +586,7 @@ class ReportContext:
                    referral=getattr(predictor, "referral", None),
                    card_sha256=str(getattr(predictor, "card_sha256", "")),
                    gate_sha256=getattr(predictor, "gate_sha256", None),
-                   miss_note=_app_note("miss_note", predictor, t),
-                   threshold_cost=_app_note("threshold_cost", predictor, t))
+                   **_app_notes(predictor, t))
 
     def hashes_text(self) -> str:
         """The card's and the gate's SHA-256, short, for the Model section."""
@@ -614,18 +613,18 @@ class ReportContext:
 
 
 
-def _app_note(name: str, predictor: Predictor, threshold: float | None) -> str | None:
-    """A note the app shows beside a call, from the model's eval.json at this operating point:
-    `app_support.miss_note` (under a 'no tumour' call: the test tumours called 'no tumour') or
-    `app_support.threshold_cost` (a point set by hand against the card's)."""
+def _app_notes(predictor: Predictor, threshold: float | None) -> dict[str, str | None]:
+    """The notes the app shows beside a call, from the model's eval.json at this operating point:
+    `app_support.miss_note` (under a 'no tumour' call: the test tumours called 'no tumour') and
+    `app_support.threshold_cost` (a point set by hand, against the card's)."""
     try:
-        from . import app_support   # imports streamlit: a CLI without it prints no note
+        from .app_support import miss_note, threshold_cost   # imports streamlit: a CLI without it prints no notes
     except ImportError:
-        return None
+        return {}
     try:
-        return getattr(app_support, name)(predictor, threshold)
+        return {"miss_note": miss_note(predictor, threshold), "threshold_cost": threshold_cost(predictor, threshold)}
     except AttributeError:   # a predictor without a folder or classes (a stand-in): no figures to give
-        return None
+        return {}
 
 
 def _report_pdf_class():

@@ -858,9 +858,19 @@ def test_a_hand_set_operating_point_says_what_it_costs_on_the_test_split():
     assert m != m0 and f != f0   # the point is moved far enough to change both
     assert app_support.threshold_cost(pred, 0.1) == (
         f"On the test split (scans without a copy in training) at 0.100: {m} of {n_t} tumours missed and {f} of "
-        f"{n_n} tumour-free scans flagged; at the card's {pred.threshold:.3f}: {m0} and {f0}.")
+        f"{n_n} tumour-free scans called a tumour; at the card's {pred.threshold:.3f}: {m0} and {f0}.")
     assert app_support.threshold_cost(pred, pred.threshold) is None and app_support.threshold_cost(pred, None) is None
     assert f"called {n_t} of {n_t} test tumours something other than a tumour" in app_support.miss_note(pred, 1.0)
+
+
+def test_the_cost_of_a_hand_set_point_leaves_out_a_side_the_test_split_has_no_scan_of(monkeypatch):
+    """A test split of tumours alone read '... and 0 of 0 tumour-free scans flagged'."""
+    pred = app_support.load_predictor(str(PINNED))
+    ev = json.loads((PINNED / "eval.json").read_text())
+    tumours = [r for r in ev["predictions"] if r["label"] != "notumor"]
+    monkeypatch.setattr(app_support, "load_eval", lambda d: {**ev, "predictions": tumours})
+    cost = app_support.threshold_cost(pred, 0.1)
+    assert " tumours missed; at the card's" in cost and "tumour-free" not in cost and "0 of 0" not in cost
 
 
 def test_a_no_tumour_call_says_how_often_the_model_missed_tumours_and_a_mask_contradicts_it():

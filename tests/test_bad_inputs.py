@@ -303,6 +303,13 @@ def weights_dir(random_weights) -> Path:  # random_weights: a random simple_cnn,
     return random_weights
 
 
+def test_an_empty_path_is_named_not_read_as_the_working_folder():
+    """`predict ""` (an unset variable) answered 'The path is a folder, not a file.'"""
+    for empty in ("", "  "):
+        with pytest.raises(ScanError, match=r"^The path is empty"):
+            reader.load_bytes(empty)
+
+
 def test_mixed_batch_returns_a_result_for_every_file(weights_dir):
     from core.inference import Predictor, predict_many
     cases = [c for c in CORPUS if c.data is not None]

@@ -1,6 +1,7 @@
 """train.py refuses bad usage with one sentence and exit code 2, before it writes anything, and a
 failed resume leaves the run it was pointed at as it was."""
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -51,7 +52,10 @@ def test_config_keys_are_checked_and_the_command_line_data_wins(data, tmp_path, 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'data = "{data}"\nepoch = 2\n')
     assert "unknown key(s) epoch" in refused(["--config", cfg], capsys)
-    assert "--config" in refused(["--config", tmp_path / "missing.toml"], capsys)
+    assert "missing.toml: no such file" in refused(["--config", tmp_path / "missing.toml"], capsys)
+    assert "Errno" not in refused(["--config", tmp_path], capsys)   # a folder: said once, without the errno
+    cfg.write_text(f'data = "{data}"\nepochs = "x"\n')   # argparse's own error named no config
+    assert "c.toml: epochs = 'x' is not a valid value of --epochs" in refused(["--config", cfg], capsys)
     cfg.write_text(f'data = "{data}"\nepochs = 2\nreduced = "CPU budget"\n')  # a note for compare is fine
     assert train.parse_args(["--config", str(cfg)]).data == [str(data)]
     other = tmp_path / "other"
@@ -634,6 +638,11 @@ def test_out_may_not_be_a_data_folder_or_the_app_s_default_model(data, tmp_path,
     monkeypatch.setattr(train, "shipped_default", lambda: served)
     assert "the app's default model" in refused(["--data", data, "--out", served, *TINY], capsys)
     assert (served / "card.json").read_text() == "{}" and len(list(served.iterdir())) == 1
+    served_by_env = tmp_path / "weights" / "chosen"   # $BT_WEIGHTS: the folder the app serves instead
+    served_by_env.mkdir()
+    monkeypatch.setenv("BT_WEIGHTS", str(served_by_env))
+    assert "the app's default model" in refused(["--data", data, "--out", served_by_env, *TINY], capsys)
+    monkeypatch.delenv("BT_WEIGHTS")
     assert "is inside --data" in refused(["--data", data, "--out", data, *TINY], capsys)
     assert "is inside --data" in refused(["--data", data, "--out", data / "run", *TINY], capsys)
     assert not (data / "run").exists()
@@ -650,17 +659,30 @@ def test_overlapping_sources_are_named_by_their_paths(tmp_path, capsys):
     assert f"{tmp_path / 'L3' / 'Training'} and {tmp_path / 'L3'} overlap" in err
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("checkpoint", ["none", "an earlier run's", "this run's"])
 def test_ctrl_c_is_one_sentence_on_what_can_be_resumed(data, tmp_path, capsys, monkeypatch, checkpoint):
+    """Only this run's checkpoint can be resumed: a Ctrl-C while the images were read, in a folder
+    holding a finished run (moved aside only later), pointed --resume at that run."""
     out = tmp_path / "r"
-    if checkpoint:
-        out.mkdir()
+    out.mkdir()
+    if checkpoint == "an earlier run's":
         (out / "checkpoint.pt").write_bytes(b"x")
+        os.utime(out / "checkpoint.pt", (1, 1))
 
     def interrupted(args):
+        if checkpoint == "this run's":
+            (out / "checkpoint.pt").write_bytes(b"x")
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "run", interrupted)
     assert train.main([str(a) for a in ["--data", data, "--out", out, *TINY]]) == 130
     err = capsys.readouterr().err
     assert err.startswith("train.py: interrupted.") and "Traceback" not in err and len(err.splitlines()) == 1
-    assert ("--resume" in err) == checkpoint and ("nothing to resume" in err) == (not checkpoint)
+    resumable = checkpoint == "this run's"
+    assert ("--resume" in err) == resumable and ("nothing to resume" in err) == (not resumable)
+
+
+@pytest.mark.parametrize("extra", [["--distill", 0.5], ["--distill-t", 2.0], ["--distill-online"]])
+def test_a_distillation_option_without_a_teacher_is_refused_at_its_default_value_too(data, tmp_path, capsys, extra):
+    """--distill 0.5 (its default) without --teacher trained with no teacher and no word."""
+    err = refused(["--data", data, "--out", tmp_path / "r", *extra, *TINY], capsys)
+    assert f"{extra[0]} needs --teacher" in err
