@@ -101,7 +101,8 @@ def show_call(pred, key: str, contradiction: str | None = None, unchecked: str |
     if pred.tumour_probability is not None:
         st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged, pred.uncertain), key=f"g-{key}")
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
-        st.caption(f"Tumour probability {tp}, operating point {op} (the black mark): "
+        # where to move it: on a phone the sidebar is a small icon, and nothing on the page said so
+        st.caption(f"Tumour probability {tp}, operating point {op} (the black mark; set in the sidebar): "
                    + ("**tumour flagged**" if flagged else "not flagged"))
 
 
@@ -186,6 +187,8 @@ if len(items) > 1:
         table = batch_table(results)
         tp_format = tp_column_format(results)  # decimals enough to tell each from its threshold
         st.dataframe(table, hide_index=True, placeholder="—", column_config={   # an unreadable file's empty cells
+            # long names pushed the call's probability, or on a tablet the flags, off the table's right
+            "file": st.column_config.TextColumn(width="medium"),
             "slice": st.column_config.TextColumn("slice (numbered from 0)"),
             "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
                                                                   max_value=1),

@@ -20,6 +20,11 @@ from .report import flag_labels, refused_by_header, slice_words, volume_words
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
+# A legend under its plot: beside it, six runs' names took half of a half-width chart, and on a
+# tablet the ROC legend covered the curves of a 60 px wide plot (clinicians' walkthroughs)
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0)
+
+
 def _layout(fig: go.Figure, title: str, height: int = 320, **kw) -> go.Figure:
     kw.setdefault("margin", dict(l=10, r=10, t=40, b=10))
     fig.update_layout(title=title, height=height, template="plotly_white", **kw)
@@ -332,7 +337,7 @@ def roc_figure(records: list[dict], classes: list[str]) -> go.Figure:
     fig.update_xaxes(title="false positive rate", range=[0, 1])
     fig.update_yaxes(title="true positive rate", range=[0, 1.02])
     _say_if_empty(fig, records, classes)
-    return _layout(fig, "ROC, one class against the rest", height=380)
+    return _layout(fig, "ROC, one class against the rest", height=380 + 22 * len(fig.data), legend=LEGEND_BELOW)
 
 
 def _say_if_empty(fig: go.Figure, records: list[dict], classes: list[str]) -> None:
@@ -353,7 +358,7 @@ def pr_figure(records: list[dict], classes: list[str]) -> go.Figure:
     fig.update_xaxes(title="recall", range=[0, 1])
     fig.update_yaxes(title="precision", range=[0, 1.02])
     _say_if_empty(fig, records, classes)
-    return _layout(fig, "Precision-recall", height=380)
+    return _layout(fig, "Precision-recall", height=380 + 22 * len(fig.data), legend=LEGEND_BELOW)
 
 
 def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
@@ -371,8 +376,7 @@ def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
                       annotation_position="top left" if threshold > 0.6 else "top right")
     fig.update_xaxes(title="threshold on the tumour probability", range=[0, 1])
     fig.update_yaxes(title="rate", range=[0, 1.02], tickformat=".0%")
-    return _layout(fig, "False negatives against the operating point", height=360,
-                   legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, "False negatives against the operating point", height=360, legend=LEGEND_BELOW)
 
 
 def reliability_figure(bins: list[dict], ece: float | None, tumour: bool = False) -> go.Figure:
@@ -389,7 +393,7 @@ def reliability_figure(bins: list[dict], ece: float | None, tumour: bool = False
     fig.update_yaxes(title="share that hold a tumour" if tumour else "accuracy", range=[0, 1.02])
     title = ("Tumour-probability reliability" if tumour else "Reliability") + (
         f" (ECE {ece:.3f})" if ece is not None and ece == ece else "")
-    return _layout(fig, title, height=360)
+    return _layout(fig, title, height=380, legend=LEGEND_BELOW)
 
 
 def risk_coverage_figure(rows: list[dict]) -> go.Figure:
@@ -450,9 +454,8 @@ def overlay_histories(histories: dict[str, list[dict]], key: str = "acc") -> go.
                 fig.add_scatter(x=ep, y=ys, mode="lines", name=f"{name} ({split})",
                                 line=dict(color=colour, dash=dash))
     fig.update_xaxes(title="epoch")
-    # the legend under the plot: beside it, six runs' names took half of a half-width chart
     return _layout(fig, {"acc": "Accuracy", "loss": "Loss"}.get(key, key), height=320 + 22 * len(histories),
-                   legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
+                   legend=LEGEND_BELOW)
 
 
 def benchmark_accuracy(row: dict, key: str = "accuracy") -> float | None:

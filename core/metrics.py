@@ -164,14 +164,18 @@ def classification_metrics(probs: np.ndarray, labels: list[str], classes: list[s
     ci95: dict = {}  # 95% Wilson intervals of the rates below
     fine = _typed(labels, classes)
     if fine.any():
-        out.update(_class_metrics(probs[fine], pred[fine], [lab for lab, f in zip(labels, fine) if f], classes, ci95))
+        part, intervals = _class_metrics(probs[fine], pred[fine], [lab for lab, f in zip(labels, fine) if f], classes)
+        out.update(part)
+        ci95.update(intervals)
     truth = [is_tumour_label(lab) for lab in labels]
     has = np.array([t is not None for t in truth], dtype=bool)
     # only a model that can say 'no tumour' has a sensitivity: without that class every call is a
     # tumour and 100 % is true by construction
     if has.any() and has_tumour_decision(classes):
         t_true = np.array([bool(t) for t in truth])[has]
-        out.update(_tumour_metrics(probs[has], pred[has], t_true, classes, ci95))
+        part, intervals = _tumour_metrics(probs[has], pred[has], t_true, classes)
+        out.update(part)
+        ci95.update(intervals)
     if ci95:
         out["ci95"] = ci95
     return out
@@ -187,9 +191,9 @@ def _typed(labels: list[str], classes: list[str]) -> np.ndarray:
     return fine
 
 
-def _class_metrics(probs: np.ndarray, p: np.ndarray, labels: list[str], classes: list[str], ci95: dict) -> dict:
+def _class_metrics(probs: np.ndarray, p: np.ndarray, labels: list[str], classes: list[str]) -> tuple[dict, dict]:
     """Accuracy, macro F1, per-class rates, confusion and calibration of typed samples (``p``:
-    their calls); adds the accuracy's interval to ``ci95``."""
+    their calls), and the accuracy's 95 % interval."""
     y = np.array([classes.index(lab) for lab in labels])
     cm = confusion_matrix(y, p, labels=range(len(classes)))
     prec, rec, f1, sup = precision_recall_fscore_support(y, p, labels=range(len(classes)), zero_division=0)
@@ -207,7 +211,6 @@ def _class_metrics(probs: np.ndarray, p: np.ndarray, labels: list[str], classes:
     correct = probs.argmax(axis=1) == y
     present = sorted(set(y.tolist()))  # a class this set has no image of has no F1 to average
     hits = int((p == y).sum())
-    ci95["accuracy"] = list(wilson(hits, len(y)))
     return dict(n_fine=len(y), accuracy=hits / len(y),
                 # one class present (BRISC: normals only): an "average" of one F1 reads above
                 # the accuracy it is computed from, and means nothing
@@ -215,26 +218,24 @@ def _class_metrics(probs: np.ndarray, p: np.ndarray, labels: list[str], classes:
                           if len(present) > 1 else None),
                 per_class=per_class, confusion=cm.tolist(),
                 ece=expected_calibration_error(conf, correct),
-                reliability=reliability(conf, correct))
+                reliability=reliability(conf, correct)), {"accuracy": list(wilson(hits, len(y)))}
 
 
-def _tumour_metrics(probs: np.ndarray, pred: np.ndarray, t_true: np.ndarray, classes: list[str], ci95: dict) -> dict:
+def _tumour_metrics(probs: np.ndarray, pred: np.ndarray, t_true: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
     """Tumour vs no tumour of samples whose truth is known (``t_true``): misses, false alarms,
-    sensitivity, specificity and the tumour probability's calibration; adds their intervals to ``ci95``."""
+    sensitivity, specificity and the tumour probability's calibration, and their 95 % intervals."""
     t_pred = tumour_calls(pred, classes)   # as the Diagnose page and the threshold curve say
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(t_true, t_pred, labels=[False, True]).ravel())
     # calibration of the tumour probability itself: the only calibration a source labelled
     # "tumour" without a type (Br35H) can be judged on, and the number the operating point reads
     t_prob = tumour_probability(probs, classes)
-    if tp + fn:
-        ci95["sensitivity"] = list(wilson(tp, tp + fn))
-    if tn + fp:
-        ci95["specificity"] = list(wilson(tn, tn + fp))
+    intervals = {**({"sensitivity": list(wilson(tp, tp + fn))} if tp + fn else {}),
+                 **({"specificity": list(wilson(tn, tn + fp))} if tn + fp else {})}
     return dict(tumour_missed=fn, normal_flagged=fp, n_tumour=tp + fn, n_normal=tn + fp,
                 sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
                 binary_accuracy=_ratio(tp + tn, tp + tn + fp + fn),
                 tumour_ece=expected_calibration_error(t_prob, t_true),
-                tumour_reliability=reliability(t_prob, t_true))
+                tumour_reliability=reliability(t_prob, t_true)), intervals
 
 
 def threshold_curve(t_prob: np.ndarray, is_tumour: np.ndarray, n: int = 101,

@@ -257,3 +257,19 @@ def test_the_gates_categories_are_named_in_words():
     assert "Shepp-Logan phantom" in names and not any("_" in n for n in names)
     from core.outliers import CATEGORIES   # not imported by the app (5 s): the names kept beside it, in step
     assert set(CATEGORIES) <= set(dash.OUTLIER_NAMES)
+
+
+def test_every_chart_with_a_legend_puts_it_under_the_plot():
+    """Beside the plot, the ROC legend covered the curves of a 60 px wide chart on a tablet, and six
+    runs' names took half of a half-width learning curve."""
+    import json
+    from conftest import REPO
+    ev = json.loads((REPO / "weights" / (REPO / "weights" / "DEFAULT").read_text().strip() / "eval.json").read_text())
+    recs, classes = ev["predictions"], ev["classes"]
+    history = [{"epoch": 1, "train": {"loss": 1.0}, "val": {"loss": 0.9}}]
+    figures = [dash.roc_figure(recs, classes), dash.pr_figure(recs, classes),
+               dash.reliability_figure(ev["reliability"], ev.get("ece")),
+               dash.threshold_figure(ev["threshold_curve"], 0.3), dash.overlay_histories({"a": history}, "loss")]
+    for fig in figures:
+        assert sum(t.showlegend is not False for t in fig.data) >= 1 and fig.layout.showlegend is not False
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0, fig.layout.title.text
