@@ -218,16 +218,19 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
                "Sensitivity": pct("sensitivity"), "Specificity": pct("specificity"),
                "Tumours missed": f"{m['tumour_missed']} of {m['n_tumour']}" if m.get("n_tumour") else "n/a"}
     ranked = missed_by_source(predictor, kept, predictor.threshold) if predictor.is_tumour_model else []
+    weakest = ""
     if len(ranked) > 1:   # the pooled sensitivity hides the collection read worst
         src, (n, missed) = ranked[0]
-        figures["Sensitivity, weakest source"] = f"{1 - missed / n:.1%} ({source_label(src)})"
+        # the source in the label: "94.2 % (LGG FLAIR)" as a value was cut to "94.2% (…" on a tablet
+        figures[f"{source_label(src)} sensitivity"] = f"{1 - missed / n:.1%}"
+        weakest = f" {source_label(src)} is the source whose test tumours it misses most."
     note = "At the card's operating point, on the held-out test scans"
     if copies:
         all_m = predictor.card.get("metrics") or {}
         note += (f" with no copy in training (as the Evaluation page shows them; {copies} more have one"
                  + (f", and with them the card reads accuracy {all_m['accuracy']:.1%}"
                     if finite_number(all_m.get("accuracy")) else "") + ")")
-    return figures, note + "."
+    return figures, note + "." + weakest
 
 
 def threshold_moved(threshold: float | None, card_point: float | None) -> bool:
