@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -403,7 +402,7 @@ def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: li
     if not args.resume and out in _served():
         p.error(f"--out {args.out} is the app's default model (weights/DEFAULT, or $BT_WEIGHTS): a fresh run "
                 "would move it aside and the app would serve the new one; write to another folder (runs/NAME) "
-                "and ship it by changing weights/DEFAULT")
+                "and ship it by naming it in weights/DEFAULT (or $BT_WEIGHTS)")
 
 
 def _served() -> set[Path]:
@@ -547,7 +546,7 @@ def _finish_average_problem(src: Path, init: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started = time.time()
+    before = _stamp(Path(args.out) / "checkpoint.pt")
     try:
         return run(args)
     except (DataError, OSError) as e:  # bad data or files: one sentence; a bug keeps its traceback
@@ -555,15 +554,25 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:   # Ctrl-C: a sentence on what is kept, not a traceback through conv2d
         if int(os.environ.get("RANK", "0")) == 0:   # once, not once per torchrun process
-            print(f"train.py: interrupted. {_resume_hint(Path(args.out), started, args.resume)}", file=sys.stderr)
+            print(f"train.py: interrupted. {_resume_hint(Path(args.out), before, args.resume)}", file=sys.stderr)
         return 130
 
 
-def _resume_hint(out: Path, started: float, resumed: bool) -> str:
-    """Whether --resume can go on: only from this run's checkpoint. A fresh run moves an earlier
-    run's files aside once its data is read, so a Ctrl-C before that found the earlier run's."""
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of a file, None if there is none: a file rewritten since has another."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _resume_hint(out: Path, before: tuple[int, int] | None, resumed: bool) -> str:
+    """Whether --resume can go on: only from this run's checkpoint (``before``: the one there when
+    it started). A fresh run moves an earlier run's files aside once its data is read, so a Ctrl-C
+    before that found the earlier run's."""
     ckpt = out / "checkpoint.pt"
-    if ckpt.is_file() and (resumed or ckpt.stat().st_mtime >= started):
+    if (now := _stamp(ckpt)) is not None and (resumed or now != before):
         return f"The last finished epoch is kept in {ckpt}: rerun the same command with --resume to go on."
     return "No epoch of this run had finished, so there is nothing to resume: rerun the command to start again."
 

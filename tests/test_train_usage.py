@@ -671,7 +671,7 @@ def test_ctrl_c_is_one_sentence_on_what_can_be_resumed(data, tmp_path, capsys, m
 
     def interrupted(args):
         if checkpoint == "this run's":
-            (out / "checkpoint.pt").write_bytes(b"x")
+            (out / "checkpoint.pt").write_bytes(b"x")   # a new file: another inode than none, or an earlier one
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "run", interrupted)
     assert train.main([str(a) for a in ["--data", data, "--out", out, *TINY]]) == 130
