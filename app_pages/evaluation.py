@@ -94,9 +94,7 @@ if note := app.accepted_note(ev, records, classes, threshold, source, rule):
 t1, t2, t3, t4 = st.tabs(["Confusion", "ROC and PR", "False negatives", "Calibration"])
 with t1:
     if ev.get("confusion"):
-        a, b = st.columns(2)
-        a.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
-        b.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes, normalise=True), key="cmn")
+        st.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
         st.dataframe(dash.per_class_table(ev), hide_index=True, placeholder="—")
     else:
         st.info(dash.scans_help(ev) or "These labels name no model class: see the false-negative tab.")

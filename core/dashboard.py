@@ -95,22 +95,23 @@ def _runs(ks: list[int]) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def confusion_heatmap(cm: list[list[int]], classes: list[str], normalise: bool = False) -> go.Figure:
-    """Rows are the true class; with ``normalise`` every row sums to 1 (recall on the diagonal),
-    and a class without test scans has no row to show ('n/a', not a recall of 0 %)."""
-    a = np.asarray(cm, dtype=float)
-    if normalise:
-        totals = a.sum(axis=1, keepdims=True)
-        a = np.divide(a, totals, out=np.full_like(a, np.nan), where=totals > 0)
-    text = [["n/a" if np.isnan(v) else f"{v:.0%}" if normalise else f"{int(v)}" for v in row] for row in a]
+def confusion_heatmap(cm: list[list[int]], classes: list[str]) -> go.Figure:
+    """Rows are the true class; each cell gives its count and its share of the row (recall on the
+    diagonal), coloured by that share. One chart, not a counts chart beside a row-normalised one:
+    on a tablet the two were squashed to 6 px percentages. A class without test scans has no row
+    to show ('n/a', not a recall of 0 %)."""
+    counts = np.asarray(cm, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
+    text = [[f"{int(n)}<br>" + ("n/a" if np.isnan(v) else f"{v:.0%}") for n, v in zip(*rows)]
+            for rows in zip(counts, share)]
     shown = [class_label(c) for c in classes]
-    fig = go.Figure(go.Heatmap(z=a, x=shown, y=shown, colorscale="Blues", text=text,
+    fig = go.Figure(go.Heatmap(z=share, x=shown, y=shown, colorscale="Blues", zmin=0, zmax=1, text=text,
                                texttemplate="%{text}", showscale=False,
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title="true")
     fig.update_xaxes(title="predicted", side="bottom")
-    return _layout(fig, "Confusion matrix" + (" (row-normalised)" if normalise else " (counts)"),
-                   height=120 + 50 * len(classes))
+    return _layout(fig, "Confusion matrix (count and row %)", height=140 + 60 * len(classes))
 
 
 def interval_text(ev: dict, key: str) -> str | None:

@@ -216,7 +216,7 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     app.switch_page("app_pages/evaluation.py").run()
     assert not app.exception
     titles = figure_titles(app)
-    for title in ("Confusion matrix (counts)", "row-normalised", "False negatives against",
+    for title in ("Confusion matrix (count and row %)", "False negatives against",
                   "operating point 0.500", "ROC", "Precision-recall", "Reliability",
                   "Risk-coverage"):
         assert title in titles, title
@@ -277,7 +277,7 @@ def test_evaluation_on_an_uploaded_labelled_zip(app):
     assert not app.exception
     assert any("bad.jpg" in e.value for e in app.error)
     assert {m.label: m.value for m in app.metric}["Scans"] == "4"
-    assert "Confusion matrix (counts)" in figure_titles(app)
+    assert "Confusion matrix (count and row %)" in figure_titles(app)
 
 
 def test_training_page_plots_history_and_compares_models(app):

@@ -160,10 +160,10 @@ def test_the_evaluation_page_stands_a_damaged_eval_record(random_weights, tmp_pa
 
 # ----------------------------------------------------------------------------- 6: empty rows
 def test_a_class_without_test_scans_has_no_recall_in_the_normalised_matrix():
-    fig = confusion_heatmap([[3, 1, 0], [0, 0, 0], [0, 1, 3]], ["a", "b", "c"], normalise=True)
+    fig = confusion_heatmap([[3, 1, 0], [0, 0, 0], [0, 1, 3]], ["a", "b", "c"])
     z, text = fig.data[0].z, fig.data[0].text
-    assert np.isnan(z[1]).all() and list(text[1]) == ["n/a"] * 3
-    assert list(text[0]) == ["75%", "25%", "0%"]
+    assert np.isnan(z[1]).all() and list(text[1]) == ["0<br>n/a"] * 3
+    assert list(text[0]) == ["3<br>75%", "1<br>25%", "0<br>0%"]
 
 
 # ----------------------------------------------------------------------------- 7: tar uploads
