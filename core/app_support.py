@@ -1612,6 +1612,9 @@ def explained_class(record: dict, explain: str, classes: list[str]) -> str:
     return next(x for x in (record.get("pred_type"), record["pred"], *classes) if x in classes)
 
 
+GALLERY_COLUMNS = 3
+
+
 def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] | None = None,
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
@@ -1637,19 +1640,20 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                    + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
                       "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
                       "for it." if explain == "pred" and kind == "missed" and not is_class_agnostic(method) else ""))
-        cols, absent = st.columns(4), set()
+        # three, not four: on a tablet four maps were 110 px wide under 10-line captions
+        cols, absent = st.columns(GALLERY_COLUMNS), set()
         for k, r in enumerate(sel[:shown]):
             try:
                 scan = gallery_scan(predictor.card, r, blobs)
             except ScanError as e:
-                cols[k % 4].error(f"{md_name(r['file'])}: {e}")
+                cols[k % GALLERY_COLUMNS].error(f"{md_name(r['file'])}: {e}")
                 continue
             if scan is None:
                 absent.add(source_of(r))
                 continue
             tp = r.get("tumour_probability")
             if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
-                cols[k % 4].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
+                cols[k % GALLERY_COLUMNS].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
                                   caption=f"{md_name(r['file'])}: true {class_word(r['label'])}, refused by the out-of-distribution "
                                           f"check (raw output {class_word(r['pred'])}): no map")
                 continue
@@ -1661,7 +1665,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             frame = input_mask(scan, record_mask_path(predictor.card, r), predictor.spec) \
                 if on_disk else None
             note = "" if frame is None else f"; magenta: tumour mask, {mask_note(cam, frame)}"
-            cols[k % 4].image(img if frame is None else contour_overlay(img, frame), width="stretch",
+            cols[k % GALLERY_COLUMNS].image(img if frame is None else contour_overlay(img, frame), width="stretch",
                               caption=f"{md_name(r['file'])}: true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
                                       + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note
                                       + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
