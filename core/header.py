@@ -49,6 +49,41 @@ HEAD_WORDS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "CRANIO", "CEREBRUM
                         "CERVEAU", "CRANEO", "CEREBRO", "ORBIT", "SELLA", "IAC", "HEADNECK"})
 
 
+# Modality and Body Part Examined are typed by hand and reach every output (the JSON's info, the
+# PDF's source line, a refusal): only words this module recognises may, each other word masked
+# ("MR WIGGUM" printed a name in the PDF; a privacy review, session 50). The masks keep every verdict
+# as it was: an unrecognised modality word is still "a stated non-MR modality".
+UNRECOGNISED = "UNRECOGNISED"
+# DICOM's defined terms for Modality (PS3.3 C.7.3.1.1.1, with retired ones) and MR's usual spellings
+DICOM_MODALITIES = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CD", "CF", "CP", "CR", "CS", "CT", "DD", "DF", "DG", "DM", "DOC",
+    "DR", "DS", "DX", "EC", "ECG", "EPS", "ES", "FA", "FID", "FS", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS",
+    "KER", "KO", "LEN", "LP", "LS", "M3D", "MA", "MG", "MR", "MS", "NM", "OAM", "OCT", "OP", "OPM", "OPR", "OPT",
+    "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE",
+    "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SC", "SEG", "SM", "SMR",
+    "SR", "SRF", "ST", "STAIN", "TG", "US", "VA", "VF", "XA", "XC", "MRI", "MRT", "MRA"})
+# words a Body Part Examined may keep besides the head and non-head terms above: sides and extents
+PART_MODIFIERS = frozenset({"LEFT", "RIGHT", "BILATERAL", "BOTH", "LOWER", "UPPER", "WHOLE", "ENTIRE", "BODY",
+                            "NECK", "CERVICAL", "FACE", "JAW", "SINUS", "SINUSES", "EAR", "NOSE", "THROAT", "AND",
+                            "TO", "OF"})
+
+
+def recognised_modality(code: str) -> str:
+    """A Modality code string (`reader._code_string`) with each word not a DICOM modality masked:
+    an MR spelling as MR, anything else as UNRECOGNISED."""
+    words = [w if w in DICOM_MODALITIES else "MR" if w.startswith("MR") else UNRECOGNISED for w in code.split()]
+    return " ".join(dict.fromkeys(words))   # "MR UNRECOGNISED", not the mask once per name
+
+
+def recognised_body_part(code: str) -> str:
+    """A Body Part Examined code string with only what this module reads kept: a whole standard
+    term as written ("L-SPINE", "SI JOINT"), else its head, non-head and side words ("HEAD GUMBLE
+    BARNEY" -> "HEAD")."""
+    if _part_key(code) in NON_HEAD_PARTS:
+        return code
+    return " ".join(w for w in _words(code) if w in HEAD_WORDS | NON_HEAD_WORDS | PART_MODIFIERS)
+
+
 def _part_key(text: str) -> str:
     return re.sub(r"[\s_\-^]+", "", text.upper())
 
@@ -94,6 +129,7 @@ def header_reason(info: dict) -> str | None:
     if others:
         kind = MODALITY_NAMES.get(others[0])
         said = (f"this is {kind} image (Modality {modality}), not an MRI" if kind
+                else "its modality is not MR (a value this app does not recognise)" if UNRECOGNISED in words
                 else f"this image's modality is {modality}, not MR")
         return f"{PREFIX} {said}; the model reads brain MRI only."
     part = str(info.get("body_part", "")).strip()

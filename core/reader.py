@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .header import recognised_body_part, recognised_modality
+
 MAX_BYTES = 50 * 2**20            # largest file accepted (keep .streamlit/config.toml in step)
 MAX_PIXELS = 40_000_000           # width x height, checked from the header before decoding
 MAX_SIDE = 2048                   # larger images are reduced to this (longest side)
@@ -723,7 +725,7 @@ def _named_by_header(e: ScanError, ds, frame: int | None = None) -> ScanError:
     that cannot be read (the header is otherwise judged after the pixels decode)."""
     from .header import header_reason
     try:
-        reason = header_reason({"modality": _code_string(ds.get("Modality", ""), 16),
+        reason = header_reason({"modality": _modality(ds),
                                 **_body_part(ds, frame or 0)})
     except Exception:   # a damaged element: the first sentence stands alone
         return e
@@ -797,7 +799,7 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = Non
     ``frame`` where an Enhanced MR states one per frame (default: the middle frame's)."""
     info: dict[str, Any] = {
         "format": "DICOM", "width": cols, "height": rows,
-        "modality": _code_string(ds.get("Modality", ""), 16),
+        "modality": _modality(ds),
         **_body_part(ds, n_frames // 2 if frame is None else frame),
         "photometric_interpretation": _ascii_text(ds.get("PhotometricInterpretation", ""), 24),
         "transfer_syntax": _ascii_text(getattr(ds.file_meta.get("TransferSyntaxUID"), "name", ""), 64),
@@ -810,16 +812,20 @@ def _dicom_info(ds, rows: int, cols: int, n_frames: int, frame: int | None = Non
     return info | _series_fields(ds)
 
 
+def _modality(ds) -> str:
+    return recognised_modality(_code_string(ds.get("Modality", ""), 16))
+
+
 def _body_part(ds, frame: int) -> dict:
     """``body_part``: Body Part Examined, else the anatomy an Enhanced MR or CT states for
     ``frame`` in its Frame Anatomy (per frame where frames differ, so a frame is judged by what it
     shows; ``body_part_of_frame`` then says so, since the file's Body Part Examined is empty)."""
     part = ds.get("BodyPartExamined", "")
     if part:
-        return {"body_part": _code_string(part, 32)}
+        return {"body_part": recognised_body_part(_code_string(part, 32))}
     fa = _functional(ds, "FrameAnatomySequence", frame)
     region = fa.get("AnatomicRegionSequence") if fa is not None else None
-    part = _code_string(region[0].get("CodeMeaning", "") if region else "", 32)
+    part = recognised_body_part(_code_string(region[0].get("CodeMeaning", "") if region else "", 32))
     return {"body_part": part, "body_part_of_frame": True} if part else {"body_part": ""}
 
 

@@ -874,9 +874,12 @@ def _file_heading(pdf, r: ScanResult, index: int, total: int) -> None:
     pdf.cell(0, 4.5, pdf.t(f"Scan {index} of {total}"), new_x="LMARGIN", new_y="NEXT")
     pdf.font(11, True, INK)
     pdf.multi_cell(0, 5.5, pdf.t(f"File: {r.name}"), new_x="LMARGIN", new_y="NEXT")
-    if r.source or r.series:
+    # the file's hash, as the CSV and the audit log give it: a page alone could not be tied to the
+    # bytes it was made from (a traceability review)
+    digest = f"file SHA-256 {r.sha256[:16]}" if r.sha256 else ""
+    if r.source or r.series or digest:
         pdf.font(8.5, False, MUTED)
-        source = "; ".join(x for x in (r.source, r.series) if x)
+        source = "; ".join(x for x in (r.source, r.series, digest) if x)
         pdf.multi_cell(0, 4.2, pdf.t(f"Source: {source}"), new_x="LMARGIN", new_y="NEXT")
     pdf.ln(1.5)
 

@@ -80,3 +80,40 @@ def test_header_words_reach_outputs_as_code_words_only(tmp_path):
     from core.reader import _code_string
     assert _code_string("LEG [Q. Zyxwar](https:/e.x)", 32) == "LEG Q ZYXWARHTTPS E X"
     assert _code_string("mr\n", 16) == "MR" and _code_string("Kopf", 32) == "KOPF"
+
+
+@pytest.fixture(scope="module")
+def served():
+    from core.inference import Predictor
+    return Predictor()
+
+
+@pytest.mark.parametrize("tags, info, refused", [
+    ({"Modality": "MR WIGGUM"}, {"modality": "MR UNRECOGNISED"}, False),
+    ({"Modality": "SMITH"}, {"modality": "UNRECOGNISED"}, True),    # still a stated non-MR modality
+    ({"BodyPartExamined": "HEAD GUMBLE BARNEY"}, {"body_part": "HEAD"}, False),
+    ({"BodyPartExamined": "LEG DOE JOHNATHAN"}, {"body_part": "LEG"}, True),
+    ({"BodyPartExamined": "SI JOINT"}, {"body_part": "SI JOINT"}, True),   # a whole standard term as written
+])
+def test_a_name_typed_into_modality_or_body_part_reaches_no_output(served, tags, info, refused):
+    """Code words only was not enough: 'MR WIGGUM' printed a name in the PDF's source line and the
+    JSON, 'LEG DOE JOHNATHAN' in the JSON (a privacy review). Only recognised words are kept, and
+    every verdict stays as it was."""
+    import json
+    import pydicom
+    from core.inference import predict_many
+    from core.reader import read_scan
+    from core.report import source_line
+    from test_reader import dicom12, make_dicom, phantom
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(dicom12(phantom()))))
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    scan = read_scan(buf.getvalue(), "scan.dcm")
+    assert {k: scan.info[k] for k in info} == info
+    (row,) = predict_many(served, [("scan.dcm", buf.getvalue())])
+    shown = json.dumps(row) + source_line(scan.info)   # the CLI's line and the PDF's source line
+    names = [w for v in tags.values() for w in v.split() if w not in ("MR", "HEAD", "LEG", "SI", "JOINT")]
+    assert not any(n in shown for n in names), shown
+    assert (not row["in_distribution"] and "DICOM header" in row["ood_reason"]) == refused

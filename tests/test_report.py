@@ -237,6 +237,16 @@ def test_a_flagged_scan_gets_no_call_in_the_pdf(four, tmp_path, monkeypatch):
 
 
 @needs_poppler
+def test_each_page_names_its_file_by_hash_as_the_csv_does(four, tmp_path):
+    """A page alone could not be tied to the bytes it was made from: the CSV and the audit log had
+    the file's SHA-256, the PDF had only its name."""
+    import hashlib
+    data = scan_png(11)
+    (page,) = pdf_pages(R.build_report([("case_h.png", data)], four), tmp_path)
+    assert f"file SHA-256 {hashlib.sha256(data).hexdigest()[:16]}" in flat(page)
+
+
+@needs_poppler
 def test_a_type_uncertain_call_heads_its_page_as_a_tumour_not_as_its_likeliest_type(four, tmp_path, monkeypatch):
     import dataclasses
     real = four.predict_scan
