@@ -473,12 +473,17 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
                 "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error", "ood_reason",
-                "slice", "slice_choice", "volume", "series", "instance", "file_sha256", *MODEL_COLUMNS])
+                "slice", "slice_choice", "volume", "series", "instance", "file_sha256", *MODEL_COLUMNS,
+                "card_threshold", "generated_utc"])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     # a DICOM series uploaded one file per slice: its number in the batch ('series 1' of the
     # series table) and each file's Instance Number, as the batch table names them
     in_series = {i: (k, "" if inst is None else inst) for i, (k, inst) in series_positions(rows).items()}
-    model = _model_cells(predictor)
+    # the card's point beside each row's, and when: a row read alone could not tell a point set by
+    # hand from the validated one, nor when it was made (a traceability review)
+    card_point = getattr(predictor, "threshold", None)
+    model = [*_model_cells(predictor), _fmt(card_point) if card_point is not None else "",
+             datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")]
     # ScanResults already carry their display names (analyse): naming them again loses a folder
     names = ([r.name for r in results] if all(isinstance(r, ScanResult) for r in results)
              else display_names([row.get("file", "") for row in rows]))

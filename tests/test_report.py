@@ -689,6 +689,9 @@ def test_the_csv_names_the_model_the_slice_and_the_file(four, tmp_path):
             four.weights_sha256, four.card_sha256, "")
     assert a["file_sha256"] == hashlib.sha256(scan_png(57)).hexdigest() and a["slice"] == ""
     assert v["slice"] == "3" and bad["file_sha256"] == bad["slice"] == ""
+    # a row read alone says the card's point beside its own, and when it was made
+    assert {row["card_threshold"] for row in (a, v, bad)} == {f"{four.threshold:.6f}"}
+    assert a["generated_utc"].endswith(" UTC") and a["generated_utc"][:4].isdigit()
 
 
 def test_display_names_are_stable_and_the_csv_keeps_them():
