@@ -63,9 +63,9 @@ DICOM_MODALITIES = frozenset({
     "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SC", "SEG", "SM", "SMR",
     "SR", "SRF", "ST", "STAIN", "TG", "US", "VA", "VF", "XA", "XC", "MRI", "MRT", "MRA"})
 # words a Body Part Examined may keep besides the head and non-head terms above: sides and extents
-PART_MODIFIERS = frozenset({"LEFT", "RIGHT", "BILATERAL", "BOTH", "LOWER", "UPPER", "WHOLE", "ENTIRE", "BODY",
-                            "NECK", "CERVICAL", "FACE", "JAW", "SINUS", "SINUSES", "EAR", "NOSE", "THROAT", "AND",
-                            "TO", "OF"})
+# (not WHOLE, ENTIRE or BODY: kept alone from "WHOLE BODY SCAN" they would make the term WHOLEBODY)
+PART_MODIFIERS = frozenset({"LEFT", "RIGHT", "BILATERAL", "BOTH", "LOWER", "UPPER", "NECK", "CERVICAL", "FACE",
+                            "JAW", "SINUS", "SINUSES", "EAR", "NOSE", "THROAT", "AND", "TO", "OF"})
 
 
 def recognised_modality(code: str) -> str:
@@ -81,7 +81,10 @@ def recognised_body_part(code: str) -> str:
     BARNEY" -> "HEAD")."""
     if _part_key(code) in NON_HEAD_PARTS:
         return code
-    return " ".join(w for w in _words(code) if w in HEAD_WORDS | NON_HEAD_WORDS | PART_MODIFIERS)
+    kept = " ".join(w for w in _words(code) if w in HEAD_WORDS | NON_HEAD_WORDS | PART_MODIFIERS)
+    if _not_head(kept) != _not_head(code):   # the words left must not make a term the value did not hold
+        return " ".join(w for w in _words(code) if w in HEAD_WORDS | NON_HEAD_WORDS)
+    return kept
 
 
 def _part_key(text: str) -> str:
@@ -127,7 +130,8 @@ def header_reason(info: dict) -> str | None:
         # beside MR only a named other modality counts ("MR CT"); "MR BRAIN", "MR T1" are MR
         others = [m for m in others if m in MODALITY_NAMES]
     if others:
-        kind = MODALITY_NAMES.get(others[0])
+        named = [m for m in others if m in MODALITY_NAMES]   # "WIGGUM CT": a CT, whatever stands first
+        kind = MODALITY_NAMES.get(named[0]) if named else None
         said = (f"this is {kind} image (Modality {modality}), not an MRI" if kind
                 else "its modality is not MR (a value this app does not recognise)" if UNRECOGNISED in words
                 else f"this image's modality is {modality}, not MR")

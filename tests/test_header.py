@@ -117,3 +117,18 @@ def test_a_name_typed_into_modality_or_body_part_reaches_no_output(served, tags,
     names = [w for v in tags.values() for w in v.split() if w not in ("MR", "HEAD", "LEG", "SI", "JOINT")]
     assert not any(n in shown for n in names), shown
     assert (not row["in_distribution"] and "DICOM header" in row["ood_reason"]) == refused
+
+
+@pytest.mark.parametrize("value", ["BRAIN", "HEAD", "HEADNECK", "HEAD_NECK", "CSPINE", "C-SPINE", "LSPINE",
+                                   "ABDOMEN", "CHEST", "EXTREMITY", "KNEE", "SKULL", "Kopf", "CRANE", "ORBIT",
+                                   "PITUITARY", "NECK", "WHOLEBODY", "WHOLE BODY", "WHOLE BODY SCAN",
+                                   "Whole body MRI", "ENTIRE BODY DOE", "SI JOINT", "Cervical spine",
+                                   "Head and Neck", "LOWER_LEG", "SHOULDER,RIGHT", "HEAD GUMBLE BARNEY"])
+def test_masking_a_body_part_keeps_its_verdict(value):
+    """Kept alone from 'WHOLE BODY SCAN' (accepted), the words WHOLE BODY made a term the value did
+    not hold, and the scan was refused (a review)."""
+    from core.header import recognised_body_part
+    from core.reader import _code_string
+    raw = _code_string(value, 32)
+    verdict = header_reason({"modality": "MR", "body_part": raw}) is None
+    assert (header_reason({"modality": "MR", "body_part": recognised_body_part(raw)}) is None) == verdict
