@@ -30,7 +30,7 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
 from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, source_label, tumour_classes
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction  # the pages' names for them
-from .metrics import apart, decide, is_tumour_label, other_classes
+from .metrics import apart, classification_metrics, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
 from .report import saliency_caveat, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
@@ -266,7 +266,11 @@ def threshold_cost(predictor: Predictor, threshold: float | None) -> str | None:
     kept = without_copies(stored["predictions"])[0] if stored else []
     if not kept:
         return None
-    here, card = (evaluation_at(kept, predictor.classes, t) for t in (float(threshold), predictor.threshold))
+    # the page's counts (`classification_metrics`, as `evaluation_at` reaches them) without its curves
+    # and intervals: those took 190 ms a call, on every rerun of every page while the point is moved
+    probs = np.array([[r["probs"][c] for c in predictor.classes] for r in kept])
+    here, card = (classification_metrics(probs, [r["label"] for r in kept], predictor.classes, t)
+                  for t in (float(threshold), predictor.threshold))
     # a side the split has no scan of is left out: "0 of 0 flagged" read as a clean record
     parts = [(f"{here['tumour_missed']} of {here['n_tumour']} tumours missed", str(card["tumour_missed"]))
              if here.get("n_tumour") else None,
