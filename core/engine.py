@@ -459,6 +459,21 @@ class Distill(NamedTuple):
     temperature: float
 
 
+def _step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+          scaler: torch.amp.GradScaler | None, ema: ModelEma | None) -> None:
+    """One optimiser step (loss-scaled under fp16), then the schedule and the weight average."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+    else:
+        loss.backward(); optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if ema is not None:
+        ema.update(model)
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     order: torch.Tensor, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, spec: dict, device: torch.device,
@@ -483,11 +498,10 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     if lesions is not None and mask_weight > 0:
         from .models import saliency_layer
         hook = saliency_layer(plain).register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
-    batches = order.split(batch_size)
-    it = batches
+    it = order.split(batch_size)
     if progress:
         from tqdm import tqdm
-        it = tqdm(batches, leave=False, desc="train", mininterval=5)
+        it = tqdm(it, leave=False, desc="train", mininterval=5)
     try:
         for idx in it:
             if len(idx) < 2:
@@ -510,15 +524,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                 point = pointing_loss(class_maps(plain, f)[torch.arange(len(idx), device=cls.device), cls], lesion)
                 loss = loss + mask_weight * point
                 point_sum += point.item(); point_n += 1
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-            else:
-                loss.backward(); optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if ema is not None:
-                ema.update(model)
+            _step(model, loss, optimizer, scheduler, scaler, ema)
             loss_sum += cls_loss.item() * len(idx)
             total += len(idx)
             correct += allowed.gather(1, logits.argmax(1, keepdim=True)).sum().item()

@@ -66,6 +66,8 @@ DICOM_MODALITIES = frozenset({
 # (not WHOLE, ENTIRE or BODY: kept alone from "WHOLE BODY SCAN" they would make the term WHOLEBODY)
 PART_MODIFIERS = frozenset({"LEFT", "RIGHT", "BILATERAL", "BOTH", "LOWER", "UPPER", "NECK", "CERVICAL", "FACE",
                             "JAW", "SINUS", "SINUSES", "EAR", "NOSE", "THROAT", "AND", "TO", "OF"})
+_PART_TERMS = HEAD_WORDS | NON_HEAD_WORDS        # the words a body-part verdict is read from
+_KEPT_PART_WORDS = _PART_TERMS | PART_MODIFIERS
 
 
 def recognised_modality(code: str) -> str:
@@ -81,9 +83,9 @@ def recognised_body_part(code: str) -> str:
     BARNEY" -> "HEAD")."""
     if _part_key(code) in NON_HEAD_PARTS:
         return code
-    kept = " ".join(w for w in _words(code) if w in HEAD_WORDS | NON_HEAD_WORDS | PART_MODIFIERS)
+    kept = " ".join(w for w in _words(code) if w in _KEPT_PART_WORDS)
     if _not_head(kept) != _not_head(code):   # the words left must not make a term the value did not hold
-        return " ".join(w for w in _words(code) if w in HEAD_WORDS | NON_HEAD_WORDS)
+        return " ".join(w for w in _words(code) if w in _PART_TERMS)
     return kept
 
 

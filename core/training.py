@@ -1066,20 +1066,95 @@ def mixed_groups_note(samples: list[D.Sample]) -> dict:
         "note": "near-duplicate groups are split whole; a large one lands in one split whatever the seed"}}
 
 
-def make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty, ev,
-              history, skipped, dropped, train_time, wall_time, model, device, precision) -> dict:
-    import torchvision
-    weights = Path(args.out) / "model.safetensors"
+def _split_record(args, samples: list[D.Sample], sources: list[dict]) -> dict:
+    """The card's split: method, sizes per split and any copies a --drop-copies list removed."""
     trained = {s["name"] for s in sources if s["weight"] > 0}  # weight 0: held out, tested only
     per_split = {k: sum(1 for s in samples if s.split == k and (k == "test" or s.source in trained))
                  for k in ("train", "val", "test")}
     split_rec = json.loads((Path(args.out) / "split.json").read_text())
+    record = {"method": split_rec["method"], "from": split_rec.get("from"),
+              "file": "split.json", "sizes": per_split, "seed": args.seed}
+    if split_rec.get("dropped_copies") or args.drop_copies:
+        record["dropped_copies"] = {
+            "n": len(split_rec.get("dropped_copies") or []),
+            "lists": [{"file": Path(f).name, "sha256": h}
+                      for f, h in zip(args.drop_copies or [], args.drop_copies_sha256)],
+            "what": "training images a --drop-copies list pairs with a validation "
+                    "or test image (the same slice), left out of training "
+                    "(split.json's dropped_copies)"}
+    return record
+
+
+def _source_records(sources: list[dict], samples: list[D.Sample]) -> list[dict]:
+    return [{"name": s["name"], "path": s["path"], "weight": s["weight"],
+             "label_map": {o: l for o, l in s["label_map"]},
+             "images": {k: sum(1 for x in samples if x.source == s["name"] and x.split == k)
+                        for k in ("train", "val", "test")}} for s in sources]
+
+
+def _data_notes(args, samples: list[D.Sample], skipped: list, dropped: list) -> dict:
+    notes = {"skipped_files": len(skipped),
+             "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],
+             "dropped_small_head": f"{len(dropped)} slices whose head covers < "
+                                   f"{args.min_head:.0%} of the image (near-black ends of volumes)"}
+    if getattr(args, "left_out_record", 0):
+        notes["not_in_recorded_split"] = (f"{args.left_out_record} files the recorded split does not "
+                                          "name, left out (the run that made the split dropped them, "
+                                          "or they are new)")
+    if getattr(args, "untested_classes", None):
+        notes["classes_not_tested"] = args.untested_classes
+    return {**notes, **mixed_groups_note(samples)}
+
+
+def _augmentation_words(args) -> str:
+    """The augmentation ops in words, the optional ones only where switched on."""
+    optional = [(args.blur_p, f"blur (p {args.blur_p:g})"),
+                (args.lesion_dim_p, f"dimmed lesions (p {args.lesion_dim_p:g})"),
+                (args.strip_crop_p, f"stripped and cropped to the brain (p {args.strip_crop_p:g})"),
+                (args.marks_p, f"a reader's marks burned in (p {args.marks_p:g})")]
+    return (f"affine (rotate {args.rotate:g}, scale 12%, shear {args.shear:g}, shift 8%), h-flip, "
+            + (f"quarter turns (p {args.turn_p:g}), " if args.turn_p else "")
+            + _gamma_words(args.gamma_log)
+            + ", contrast, brightness, noise, skull removal"
+            + "".join(f", {words}" for on, words in optional if on))
+
+
+def _training_record(args, history: list, train_time: float, wall_time: float,
+                     device: torch.device, precision: str) -> dict:
+    """How the model was trained: schedule, augmentation, timing, machine and every option."""
+    return {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
+            "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}
+                            if args.small_img and args.small_img_epochs else None),
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
+            "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
+            "schedule_splices": getattr(args, "schedule_splices", None) or None,
+            "kept": args.keep,
+            "best_epoch": getattr(args, "best_epoch_record", None), "stopped_early": len(history) < args.epochs,
+            "weight_ema": args.ema or None,
+            "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
+                             **aug_options(args), "ops": _augmentation_words(args)},
+            "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
+            **_where_trained(args, device, precision),
+            "world_size": getattr(args, "world_size", 1),
+            "config": getattr(args, "config_values", None),
+            "init": getattr(args, "init_record", None),
+            "weight_average": getattr(args, "average_record", None),
+            "mask_loss": getattr(args, "mask_record", None),
+            "distillation": getattr(args, "distill_record", None),
+            "options": {k: getattr(args, k) for k in TRAINED_WITH},
+            "trained_elsewhere": getattr(args, "elsewhere_record", None)}
+
+
+def make_card(args, sources, samples, classes, spec, temperature, operating, uncertainty, ev,
+              history, skipped, dropped, train_time, wall_time, model, device, precision) -> dict:
+    """The model's card: what it is, how to feed it, what it saw, how it scored, how it was made."""
+    import torchvision
+    binary = sorted(classes) == sorted([TUMOUR, NO_TUMOUR])
     return {
         "name": args.name or Path(args.out).name,
         "version": dt.date.today().isoformat(),
         "arch": args.arch,
-        "task": ("binary tumour / no tumour" if sorted(classes) == sorted([TUMOUR, NO_TUMOUR])
-                 else f"{len(classes)}-class"),
+        "task": "binary tumour / no tumour" if binary else f"{len(classes)}-class",
         "classes": classes,
         "tumour_classes": tumour_classes(classes),
         "input": {"channels": 1, "size": spec["size"], "dtype": "float32",
@@ -1089,66 +1164,14 @@ def make_card(args, sources, samples, classes, spec, temperature, operating, unc
                         "temperature": temperature},
         "operating_point": operating,
         "uncertainty": uncertainty,
-        "sources": [{"name": s["name"], "path": s["path"], "weight": s["weight"],
-                     "label_map": {o: l for o, l in s["label_map"]},
-                     "images": {k: sum(1 for x in samples if x.source == s["name"] and x.split == k)
-                                for k in ("train", "val", "test")}} for s in sources],
-        "split": {"method": split_rec["method"], "from": split_rec.get("from"),
-                  "file": "split.json", "sizes": per_split, "seed": args.seed,
-                  **({"dropped_copies": {"n": len(split_rec.get("dropped_copies") or []),
-                                         "lists": [{"file": Path(f).name, "sha256": h} for f, h in
-                                                   zip(args.drop_copies or [], args.drop_copies_sha256)],
-                                         "what": "training images a --drop-copies list pairs with a validation "
-                                                 "or test image (the same slice), left out of training "
-                                                 "(split.json's dropped_copies)"}}
-                     if split_rec.get("dropped_copies") or args.drop_copies else {})},
+        "sources": _source_records(sources, samples),
+        "split": _split_record(args, samples, sources),
         "data_fingerprint": D.data_fingerprint(samples),
-        "data_notes": {"skipped_files": len(skipped),
-                       "skipped": [f"{src}/{rel}: {why}" for src, rel, why in skipped[:50]],
-                       "dropped_small_head": f"{len(dropped)} slices whose head covers < "
-                                             f"{args.min_head:.0%} of the image (near-black ends of volumes)",
-                       **({"not_in_recorded_split": f"{args.left_out_record} files the recorded split does not "
-                                                    "name, left out (the run that made the split dropped them, "
-                                                    "or they are new)"}
-                          if getattr(args, "left_out_record", 0) else {}),
-                       **({"classes_not_tested": args.untested_classes}
-                          if getattr(args, "untested_classes", None) else {}),
-                       **mixed_groups_note(samples)},
+        "data_notes": _data_notes(args, samples, skipped, dropped),
         "metrics": card_metrics(ev),
-        "training": {"epochs_run": len(history), "epochs": args.epochs, "img": args.img,
-                     "progressive": ({"small_img": args.small_img, "epochs": args.small_img_epochs}
-                                     if args.small_img and args.small_img_epochs else None),
-                     "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.wd,
-                     "optimizer": "AdamW", "schedule": "OneCycle", "label_smoothing": args.smoothing,
-                     "schedule_splices": getattr(args, "schedule_splices", None) or None,
-                     "kept": args.keep,
-                     "best_epoch": getattr(args, "best_epoch_record", None), "stopped_early": len(history) < args.epochs,
-                     "weight_ema": args.ema or None,
-                     "augmentation": {"strength": args.aug, "skull_strip_p": args.skull_strip_p,
-                                      **aug_options(args),
-                                      "ops": f"affine (rotate {args.rotate:g}, scale 12%, shear "
-                                             f"{args.shear:g}, shift 8%), h-flip, "
-                                             + (f"quarter turns (p {args.turn_p:g}), " if args.turn_p else "")
-                                             + _gamma_words(args.gamma_log)
-                                             + ", contrast, brightness, noise, skull removal"
-                                             + (f", blur (p {args.blur_p:g})" if args.blur_p else "")
-                                             + (f", dimmed lesions (p {args.lesion_dim_p:g})" if args.lesion_dim_p else "")
-                                             + (f", stripped and cropped to the brain (p {args.strip_crop_p:g})"
-                                                if args.strip_crop_p else "")
-                                             + (f", a reader's marks burned in (p {args.marks_p:g})"
-                                                if args.marks_p else "")},
-                     "train_time_s": round(train_time, 1), "wall_time_s": round(wall_time, 1),
-                     **_where_trained(args, device, precision),
-                     "world_size": getattr(args, "world_size", 1),
-                     "config": getattr(args, "config_values", None),
-                     "init": getattr(args, "init_record", None),
-                     "weight_average": getattr(args, "average_record", None),
-                     "mask_loss": getattr(args, "mask_record", None),
-                     "distillation": getattr(args, "distill_record", None),
-                     "options": {k: getattr(args, k) for k in TRAINED_WITH},
-                     "trained_elsewhere": getattr(args, "elsewhere_record", None)},
+        "training": _training_record(args, history, train_time, wall_time, device, precision),
         "parameters": count_parameters(model),
-        "weights_file_bytes": weights.stat().st_size,
+        "weights_file_bytes": (Path(args.out) / "model.safetensors").stat().st_size,
         "command": getattr(args, "first_command", None) or getattr(args, "command", None),
         "resumed_with": args.command if getattr(args, "first_command", None) else None,
         "resume_commands": getattr(args, "resume_commands", None) or None,   # every resume, in order
