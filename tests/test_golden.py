@@ -4,8 +4,8 @@ calibration, operating point), on the benchmark's own test split.
 The images are every file the model's `split.json` records as the benchmark's test split, less
 those eval.json marks as having a copy in the training split (`copy_in_training`, 103 of 853: 26
 near duplicates or mirrored or half-turned copies the split's own check finds, 65 re-framed or
-re-contrasted copies `bench/copy_audit.py` aligned, and 12 more its all-pairs audit found, listed in
-the model's copy_pairs_test.tsv): no
+re-contrasted copies `bench/copy_audit.py` aligned, and 12 more its all-pairs audit found, marked through
+core/known_copies.tsv): no
 image here, nor a copy of it that anyone found, was trained on. An
 earlier version sampled 200 test images, 9 of them with such a copy, and passed issue 3's 98 %
 with them (196 of 200); on the 191 others the model scored 97.9 %.
