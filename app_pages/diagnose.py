@@ -2,7 +2,8 @@
 import streamlit as st
 
 from core import app_support as app
-from core.dashboard import CALL_PROBABILITY, batch_table, probability_bar, series_table, slice_profile, tumour_gauge
+from core.dashboard import (CALL_PROBABILITY, PLAIN_CHART, batch_table, probability_bar, series_table, slice_profile,
+                            tumour_gauge)
 from core.inference import BEST_SLICE, END_SLICE_SHARE
 from core.labels import class_label, class_word, is_tumour_call
 from core.metrics import apart
@@ -69,7 +70,8 @@ def show_refusal(pred, key: str, unchecked: str | None = None) -> None:
     if unchecked:   # the volume's other slices: not scored
         st.warning(unchecked, icon=":material/warning:")
     with st.expander("Raw model output, not a diagnosis"):
-        st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}")
+        st.plotly_chart(probability_bar(pred.probs), key=f"p-{key}", config=PLAIN_CHART)
+        st.caption(app.probabilities_text(pred.probs))
 
 
 def show_call(pred, key: str, contradiction: str | None = None, unchecked: str | None = None) -> None:
@@ -97,13 +99,16 @@ def show_call(pred, key: str, contradiction: str | None = None, unchecked: str |
         st.info("**Tumour — type uncertain**: "
                 f"{predictor.referral.describe_call(pred, type_uncertain=True)}. The tumour call stands; "
                 "read the type as a suggestion.", icon=":material/help:")
-    st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}")
+    st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}", config=PLAIN_CHART)
+    st.caption(app.probabilities_text(pred.probs))   # the bars' figures as text: a chart alone reaches no screen reader
     if pred.tumour_probability is not None:
-        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged, pred.uncertain), key=f"g-{key}")
+        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged, pred.uncertain, app.dark_theme()),
+                        key=f"g-{key}", config=PLAIN_CHART)
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
         # where to move it: on a phone the sidebar is a small icon, and nothing on the page said so
-        st.caption(f"Tumour probability {tp}, operating point {op} (the black mark; set in the sidebar): "
-                   + ("**tumour flagged**" if flagged else "not flagged"))
+        st.caption(f"Tumour probability {tp}, operating point {op} (the vertical mark; set in the sidebar): "
+                   + ("**tumour flagged**" if flagged else "not flagged")
+                   + ("; **referred for review**" if pred.uncertain else ""))
 
 
 def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dict:
@@ -120,8 +125,9 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
                 "Export the volume you mean as its own file to read another.", icon=":material/info:")
     wkey = app.widget_key(pos, name, data)
     left, right = st.columns([1, 2])
-    left.image(scan.pixels, clamp=True, width="stretch",
-               caption=f"{app.md_name(name)} ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)")
+    said = f" ({scan.kind}, {scan.pixels.shape[1]} x {scan.pixels.shape[0]} px)"
+    left.image(scan.pixels, clamp=True, width="stretch", caption=app.md_name(name) + said,
+               alt=f"The uploaded scan, {name}{said}")
     with right:
         if row.get("seen_in_training"):
             st.info(f"**Seen in training**: {app.SEEN_TEXT}", icon=":material/school:")
@@ -143,8 +149,8 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
         if profile:
             with st.expander("Tumour probability across the slices", expanded=bool(alert)):
                 scores, shares = profile
-                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE),
-                                key=f"profile-{wkey}-{slice_index}")
+                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE, app.dark_theme()),
+                                key=f"profile-{wkey}-{slice_index}", config=PLAIN_CHART)
                 st.caption("Every non-empty slice, before the out-of-distribution check. Grey: end slices "
                            "(under half the head's widest cross-section), where the model has called healthy "
                            "heads glioma: read a tumour call there with caution.")

@@ -94,18 +94,19 @@ if note := app.accepted_note(ev, records, classes, threshold, source, rule):
 t1, t2, t3, t4 = st.tabs(["Confusion", "ROC and PR", "False negatives", "Calibration"])
 with t1:
     if ev.get("confusion"):
-        st.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm")
+        st.plotly_chart(dash.confusion_heatmap(ev["confusion"], classes), key="cm", config=dash.CHART_CONFIG)
         st.dataframe(dash.per_class_table(ev), hide_index=True, placeholder="—")
     else:
         st.info(dash.scans_help(ev) or "These labels name no model class: see the false-negative tab.")
 with t2:
     a, b = st.columns(2)
-    a.plotly_chart(dash.roc_figure(shown, classes), key="roc")
-    b.plotly_chart(dash.pr_figure(shown, classes), key="pr")
+    a.plotly_chart(dash.roc_figure(shown, classes), key="roc", config=dash.CHART_CONFIG)
+    b.plotly_chart(dash.pr_figure(shown, classes), key="pr", config=dash.CHART_CONFIG)
 with t3:
     if "threshold_curve" in ev:
         app.metric_rows(dash.miss_metrics(ev, dash.gate_scored(shown)), per_row=2)
-        st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr")
+        st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold, app.dark_theme()), key="thr",
+                        config=dash.CHART_CONFIG)
     else:
         st.info(dash.no_miss_analysis(classes))
     if (refused := app.refused_lines(shown)):   # named whatever the model: the page's note points here
@@ -119,16 +120,16 @@ with t4:
     for col, (label, value, help_text) in zip((a, b), dash.referral_metrics(ev, classes, rule)):
         col.metric(label, value, help=help_text)
     if ev.get("reliability"):
-        a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel")
+        a.plotly_chart(dash.reliability_figure(ev["reliability"], ev.get("ece")), key="rel", config=dash.CHART_CONFIG)
         if (mid := dash.reliability_note(ev["reliability"])):
             a.caption(mid)
     elif ev.get("tumour_reliability"):
         a.plotly_chart(dash.reliability_figure(ev["tumour_reliability"], ev.get("tumour_ece"), tumour=True),
-                       key="rel")
+                       key="rel", config=dash.CHART_CONFIG)
     if (why := dash.calibration_note(ev)):
         a.info(why)
     if ev.get("risk_coverage"):
-        b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc")
+        b.plotly_chart(dash.risk_coverage_figure(ev["risk_coverage"]), key="rc", config=dash.CHART_CONFIG)
         b.caption("Scans ranked by the probability of the class called at the operating point (for sets "
                   "without types, of the tumour / no-tumour side called), the least sure referred first. "
                   "At full coverage it reads the accuracy above (for sets without types, the share of right "

@@ -3,7 +3,7 @@ import streamlit as st
 
 from core import app_support as app
 from core.compare import COPIES_NOTE
-from core.dashboard import history_figures, models_table, overlay_histories
+from core.dashboard import CHART_CONFIG, history_figures, models_table, overlay_histories
 
 st.title("Training")
 predictor = app.current_predictor()
@@ -15,9 +15,9 @@ if predictor is not None:
     if history:
         figs = history_figures(history, *app.shipped_epoch(predictor.card))
         a, b, c = st.columns(3)
-        a.plotly_chart(figs["loss"], key="loss")
-        b.plotly_chart(figs["acc"], key="acc")
-        c.plotly_chart(figs["lr"], key="lr")
+        a.plotly_chart(figs["loss"], key="loss", config=CHART_CONFIG)
+        b.plotly_chart(figs["acc"], key="acc", config=CHART_CONFIG)
+        c.plotly_chart(figs["lr"], key="lr", config=CHART_CONFIG)
         st.caption(app.training_caption(predictor.card, len(history)))
         if (note := app.loss_note(predictor.card.get("training", {}))):
             st.caption(note)
@@ -45,7 +45,7 @@ if dirs:
     if chosen:
         hist = {n: runs[n] for n in chosen}
         a, b = st.columns(2)
-        a.plotly_chart(overlay_histories(hist, "acc"), key="cmp_acc")
-        b.plotly_chart(overlay_histories(hist, "loss"), key="cmp_loss")
+        a.plotly_chart(overlay_histories(hist, "acc"), key="cmp_acc", config=CHART_CONFIG)
+        b.plotly_chart(overlay_histories(hist, "loss"), key="cmp_loss", config=CHART_CONFIG)
 else:
     st.info("No trained models under weights/ yet.")

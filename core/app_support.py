@@ -115,6 +115,16 @@ def default_file_problem() -> str | None:
             f"{inference.WEIGHTS_ROOT}, so the first model folder in the list is shown instead.")
 
 
+def dark_theme() -> bool:
+    """Whether the viewer's page is in Streamlit's dark theme (the operating point's mark follows it)."""
+    return getattr(getattr(st.context, "theme", None), "type", None) == "dark"
+
+
+def probabilities_text(probs: dict[str, float]) -> str:
+    """The probability bars' figures in words, for whoever cannot read the chart."""
+    return "Calibrated probabilities: " + ", ".join(f"{class_label(c)} {p:.1%}" for c, p in probs.items()) + "."
+
+
 def model_label(weights_dir: str | Path) -> str:
     """The model chooser's name for a weights dir: its card's name, then its folder when that
     differs and a mark on the $BT_WEIGHTS folder (a copy may carry a shipped model's name)."""
@@ -1245,8 +1255,8 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
     The method offered first is the one the card measured best against tumour masks, and the class
     the call (for a 'no tumour' call, the likeliest tumour class: `saliency.explained_class`).
     """
-    from .saliency import (METHODS, colour_map, contour_overlay, default_method, explained_class,
-                           is_class_agnostic, overlay)
+    from .saliency import (METHODS, OUTLINE_WORDS, PEAK_COLOUR, colour_map, contour_overlay, default_method,
+                           explained_class, is_class_agnostic, overlay, peak_words)
     frame = input_mask(scan, mask, predictor.spec) if slice_index is None else None
     first = default_method(predictor.card)
     predicted = pred.pred
@@ -1279,11 +1289,12 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
             over, alone = contour_overlay(over, frame), contour_overlay(alone, frame)
         what = "class-agnostic: the activations' first principal component" if is_class_agnostic(method) \
             else f"for '{class_word(target)}'" + (f", {u}" if (u := uncalled_words(pred, target)) else "")
-        a.image(over, caption=f"{method} ({what}) over the model input", width="stretch")
-        b.image(alone, caption="map alone (red = most weight)", width="stretch")
+        said = f"{method} saliency map ({what}), {peak_words(cam)}"   # the images' alt text: where it peaks
+        a.image(over, caption=f"{method} ({what}) over the model input", width="stretch", alt=f"{said}, over the scan")
+        b.image(alone, caption=f"map alone ({PEAK_COLOUR} = most weight)", width="stretch", alt=said)
         st.caption(saliency_caveat(predictor.classes))
         if frame is not None:
-            st.caption(f"Magenta outline: the uploaded tumour mask; {mask_note(cam, frame)}.")
+            st.caption(f"{OUTLINE_WORDS.capitalize()}: the uploaded tumour mask; {mask_note(cam, frame)}.")
         elif mask is not None and slice_index is not None:
             st.caption("Tumour masks are outlined on 2D scans only: this volume's mask is not drawn.")
         elif mask is not None:
@@ -1577,7 +1588,7 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
             except Exception as e:  # a report bug must not hide the predictions above
                 st.error(f"The report could not be built ({type(e).__name__}: {e}).")
                 return
-        slot.empty()
+        slot.success("Report ready: its downloads are below.")   # a status a screen reader announces; the button is gone
         st.session_state["_report"] = held
     for col, (kind, (blob, mime, fname)) in zip(st.columns(len(held[1])), held[1].items()):
         col.download_button(f"Download the {kind.upper()} report", blob, fname, mime,
@@ -1623,7 +1634,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
     where a tumour mask lies beside the scan (LGG), its outline and a pointing-game note."""
-    from .saliency import contour_overlay, default_method, is_class_agnostic, overlay
+    from .saliency import OUTLINE_WORDS, contour_overlay, default_method, is_class_agnostic, overlay, peak_words
     method = default_method(predictor.card)
 
     @st.fragment
@@ -1657,9 +1668,10 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 continue
             tp = r.get("tumour_probability")
             if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
+                said = (f": true {class_word(r['label'])}, refused by the out-of-distribution "
+                        f"check (raw output {class_word(r['pred'])}): no map")   # alt text is not markdown
                 cols[k % GALLERY_COLUMNS].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
-                                  caption=f"{md_name(r['file'])}: true {class_word(r['label'])}, refused by the out-of-distribution "
-                                          f"check (raw output {class_word(r['pred'])}): no map")
+                                                caption=md_name(r["file"]) + said, alt=r["file"] + said)
                 continue
             key = gallery_key(r, blobs)
             target = explained_class(r, explain, predictor.classes)
@@ -1668,11 +1680,13 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             on_disk = blobs is None or r["file"] not in blobs  # an uploaded zip has no masks
             frame = input_mask(scan, record_mask_path(predictor.card, r), predictor.spec) \
                 if on_disk else None
-            note = "" if frame is None else f"; magenta: tumour mask, {mask_note(cam, frame)}"
+            note = "" if frame is None else f"; {OUTLINE_WORDS}: tumour mask, {mask_note(cam, frame)}"
+            said = (f": true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
+                    + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note
+                    + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
             cols[k % GALLERY_COLUMNS].image(img if frame is None else contour_overlay(img, frame), width="stretch",
-                              caption=f"{md_name(r['file'])}: true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
-                                      + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note
-                                      + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
+                                            caption=md_name(r["file"]) + said,
+                                            alt=f"{r['file']}{said}; saliency map {peak_words(cam)}")
         for src in sorted(absent):
             if blobs is not None and src == "upload":
                 st.info(f"Only the zip's first {GALLERY_BYTES // 2**20} MB of scans are kept for this "

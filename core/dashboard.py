@@ -17,7 +17,22 @@ from .metrics import is_tumour_label
 from .referral import ReferralRule
 from .report import flag_labels, refused_by_header, slice_words, volume_words
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+# Okabe-Ito's colour-blind-safe set, in the roles of the plotly colours it replaced (blue, orange,
+# green, red first): plotly's green and red were 7 apart in CIELAB to a deuteranope, 5 its green
+# and orange to a protanope (an accessibility review, session 51)
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C564B"]
+# Plotly's own toolbar keeps only "download as PNG" (and full screen, Streamlit's): its zoom, pan and
+# select buttons cost seven Tab stops a chart and sat over chart titles on touch screens
+CHART_CONFIG = {"displaylogo": False,
+                "modeBarButtonsToRemove": ["zoom", "pan", "select", "lasso", "zoomIn", "zoomOut",
+                                           "autoScale", "resetScale"]}
+# the small charts beside a call: nothing there worth saving apart from the page itself
+PLAIN_CHART = {"displayModeBar": False}
+
+
+def mark_colour(dark: bool) -> str:
+    """The operating point's line: black vanished on the dark theme's background (1.16:1)."""
+    return "white" if dark else "black"
 
 
 # A legend under its plot: beside it, six runs' names took half of a half-width chart, and on a
@@ -38,30 +53,38 @@ def probability_bar(probs: dict[str, float], predicted: str | None = None) -> go
     colours = [PALETTE[3] if c == predicted else "#9ecae1" for c in names]
     fig = go.Figure(go.Bar(x=[probs[c] for c in names], y=[class_label(c) for c in names], orientation="h",
                            marker_color=colours, text=[f"{probs[c]:.1%}" for c in names],
-                           textposition="auto"))
+                           textposition="auto", insidetextfont={"color": "black"}))   # white on vermilion: 3.7:1
     fig.update_xaxes(range=[0, 1], tickformat=".0%")
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, "Class probabilities (calibrated)", height=60 + 40 * len(names))
 
 
-def tumour_gauge(p: float, threshold: float | None, called: bool | None = None, referred: bool = False) -> go.Figure:
+def tumour_gauge(p: float, threshold: float | None, called: bool | None = None, referred: bool = False,
+                 dark: bool = False) -> go.Figure:
     """Tumour probability as a bullet gauge with the operating point as its threshold line;
     ``called``: whether the call is a tumour (its colour; compared again it could contradict the call).
-    A ``referred`` call's bar is amber: green read as 'safe' where the page asks for review."""
+    A ``referred`` call's bar is amber: green read as 'safe' where the page asks for review. The
+    state is also in words under the title: colour alone does not carry it."""
     called = (threshold is not None and p >= threshold) if called is None else called
     gauge = {"shape": "bullet", "axis": {"range": [0, 1], "tickformat": ".0%"},
              "bar": {"color": PALETTE[1] if referred else PALETTE[3] if called else PALETTE[2]}}
     if threshold is not None:
-        gauge["threshold"] = {"value": threshold, "line": {"color": "black", "width": 3},
+        gauge["threshold"] = {"value": threshold, "line": {"color": mark_colour(dark), "width": 3},
                               "thickness": 0.9}
     fig = go.Figure(go.Indicator(mode="number+gauge", value=p, number={"valueformat": ".1%"},
                                  gauge=gauge, domain={"x": [0.25, 1], "y": [0, 1]},
-                                 title={"text": "tumour", "font": {"size": 14}}))
+                                 title={"text": f"tumour<br><span style='font-size:11px'>{gauge_state(called, referred)}"
+                                                "</span>", "font": {"size": 14}}))
     return _layout(fig, "", height=90, margin=dict(l=10, r=20, t=10, b=20))
 
 
+def gauge_state(called: bool, referred: bool) -> str:
+    """The gauge's state in words, as its colour shows it."""
+    return "refer" if referred else "flagged" if called else "not flagged"
+
+
 def slice_profile(scores: dict[int, float], threshold: float | None, shown: int | None,
-                  shares: dict[int, float] | None = None, end_share: float = 0.5) -> go.Figure:
+                  shares: dict[int, float] | None = None, end_share: float = 0.5, dark: bool = False) -> go.Figure:
     """A volume's tumour probability slice by slice: the operating point as a dashed line, the
     slice shown as a dotted one, and slices under ``end_share`` of the head's widest cross-section
     (``shares``: slice -> head_share) shaded grey. A run of hot slices at the top of a healthy head
@@ -71,9 +94,12 @@ def slice_profile(scores: dict[int, float], threshold: float | None, shown: int 
                                marker={"size": 4, "color": PALETTE[0]},
                                hovertemplate="slice %{x}<br>tumour probability %{y:.3f}<extra></extra>"))
     for lo, hi in _runs([k for k in ks if (shares or {}).get(k, 1.0) < end_share]):
-        fig.add_vrect(x0=lo - 0.5, x1=hi + 0.5, fillcolor="grey", opacity=0.18, line_width=0)
+        # 0.18 was 1.23:1 against white; named on the chart too, not only in the caption's "grey"
+        fig.add_vrect(x0=lo - 0.5, x1=hi + 0.5, fillcolor="grey", opacity=0.35, line_width=0,
+                      annotation_text="end" if hi - lo < 3 else "end slices", annotation_position="bottom left",
+                      annotation_font_size=10)
     if threshold is not None:
-        fig.add_hline(y=threshold, line_dash="dash", line_color="black",
+        fig.add_hline(y=threshold, line_dash="dash", line_color=mark_colour(dark),
                       annotation_text=f"operating point {threshold:.3f}", annotation_position="top left")
     if shown is not None:
         fig.add_vline(x=shown, line_dash="dot", line_color=PALETTE[3],
@@ -362,7 +388,7 @@ def pr_figure(records: list[dict], classes: list[str]) -> go.Figure:
     return _layout(fig, "Precision-recall", height=380 + 22 * len(fig.data), legend=LEGEND_BELOW)
 
 
-def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
+def threshold_figure(curve: list[dict], threshold: float | None, dark: bool = False) -> go.Figure:
     """Miss rate and false-alarm rate against the threshold, the operating point marked."""
     t = [r["threshold"] for r in curve]
     fig = go.Figure()
@@ -372,7 +398,7 @@ def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
                     name="normal scans flagged (false-alarm rate)", line=dict(color=PALETTE[0]))
     if threshold is not None:
         # the label on the line's inner side: right of 0.9 it ran off the chart
-        fig.add_vline(x=threshold, line=dict(color="black", dash="dash"),
+        fig.add_vline(x=threshold, line=dict(color=mark_colour(dark), dash="dash"),
                       annotation_text=f"operating point {threshold:.3f}",
                       annotation_position="top left" if threshold > 0.6 else "top right")
     fig.update_xaxes(title="threshold on the tumour probability", range=[0, 1])

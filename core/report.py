@@ -865,11 +865,11 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     pdf.cell(col, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(pdf.l_margin + col + IMAGE_GAP)
     explained = saliency_target(r.prediction, ctx.classes)
-    from .saliency import is_class_agnostic
+    from .saliency import PEAK_COLOUR, is_class_agnostic
     shown = method_label(r.method) if r.method else ctx.method
     uncalled = uncalled_words(r.prediction, explained)
     what = ("(class-agnostic)" if is_class_agnostic(r.method or ctx.method)
-            else f"for '{class_label(explained)}' ({uncalled or 'red = strongest evidence'})")
+            else f"for '{class_label(explained)}' ({uncalled or PEAK_COLOUR + ' = strongest evidence'})")
     caption = f"{shown} {what}" if r.overlay is not None else f"{shown} saliency: not available"
     pdf.cell(col, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
 

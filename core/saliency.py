@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM)
@@ -184,16 +185,40 @@ def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.clip(ndimage.zoom(cam.astype(np.float32), zoom, order=1), 0, 1)[:shape[0], :shape[1]]
 
 
+# Viridis, not the library's jet: to a red-green colour-blind reader jet's green, yellow and red
+# merge and its red peak turns dark; viridis brightens steadily to its peak for every reader
+# (an accessibility review, session 51). Every caption names the peak by PEAK_COLOUR.
+COLORMAP = cv2.COLORMAP_VIRIDIS
+PEAK_COLOUR = "yellow"
+# A tumour mask's outline: a white ring outside a black one, seen on any colour of the map and scan
+# (magenta was 1 CIELAB unit from jet's light blue to a deuteranope)
+OUTLINE = ((255, 255, 255), (0, 0, 0))
+OUTLINE_WORDS = "black-and-white outline"
+
+
 def overlay(grey: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
-    """RGB uint8 of the grey image with the map as a jet heat map at ``opacity`` (0 = no map)."""
+    """RGB uint8 of the grey image with the map as a `COLORMAP` heat map at ``opacity`` (0 = no map)."""
     grey = np.clip(np.asarray(grey, dtype=np.float32), 0, 1)
     cam = resize_map(np.clip(cam, 0, 1), grey.shape)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=float(np.clip(1 - opacity, 0, 1)))
+    return show_cam_on_image(rgb, cam, use_rgb=True, colormap=COLORMAP,
+                             image_weight=float(np.clip(1 - opacity, 0, 1)))
+
+
+def peak_words(cam: np.ndarray) -> str:
+    """Where a map peaks, in words, for a reader who cannot see it: "the image's upper left"
+    (the image's sides, not the patient's: radiological images show the patient's right on the left)."""
+    cam = np.asarray(cam)
+    if cam.size == 0 or not np.isfinite(cam).any() or np.nanmax(cam) <= 0:
+        return "no region stands out"
+    r, c = np.unravel_index(int(np.nanargmax(cam)), cam.shape)
+    row = ("upper", "middle", "lower")[min(3 * r // cam.shape[0], 2)]
+    col = ("left", "centre", "right")[min(3 * c // cam.shape[1], 2)]
+    return "strongest at the image's " + ("centre" if (row, col) == ("middle", "centre") else f"{row} {col}")
 
 
 def colour_map(cam: np.ndarray) -> np.ndarray:
-    """The raw map as an RGB uint8 jet image (the 'map alone' view)."""
+    """The raw map as an RGB uint8 `COLORMAP` image (the 'map alone' view)."""
     return overlay(np.zeros_like(cam), cam, opacity=1.0)
 
 
@@ -275,12 +300,12 @@ def read_mask(src: str | Path | bytes, sizes: set[tuple[int, int]] | None = None
 
 
 def contour_overlay(rgb: np.ndarray, mask: np.ndarray,
-                    colour: tuple[int, int, int] = (255, 0, 255), thickness: int = 1) -> np.ndarray:
-    """A copy of ``rgb`` (H x W x 3 uint8) with the outline of ``mask`` drawn in ``colour``.
+                    colours: tuple[tuple[int, int, int], ...] = OUTLINE, thickness: int = 1) -> np.ndarray:
+    """A copy of ``rgb`` (H x W x 3 uint8) with the outline of ``mask`` drawn as rings of
+    ``colours``, outermost first, each ``thickness`` px, all inside the mask.
 
-    Magenta by default: a colour that neither the grey scan nor the jet map uses. The mask is
-    resized (nearest) to the image when their sizes differ, so a mask in the model-input frame
-    can go on any display size of that frame.
+    The mask is resized (nearest) to the image when their sizes differ, so a mask in the
+    model-input frame can go on any display size of that frame.
     """
     from skimage.segmentation import find_boundaries
     out = np.array(rgb, dtype=np.uint8, copy=True)
@@ -288,8 +313,11 @@ def contour_overlay(rgb: np.ndarray, mask: np.ndarray,
     if mask.shape != out.shape[:2]:
         zoom = (out.shape[0] / mask.shape[0], out.shape[1] / mask.shape[1])
         mask = ndimage.zoom(mask.astype(np.uint8), zoom, order=0)[:out.shape[0], :out.shape[1]] > 0
-    edge = find_boundaries(mask, mode="inner")
-    if thickness > 1:  # grow inward only, so the line never covers the map just outside
-        edge = dilate(edge, thickness - 1) & mask
-    out[edge] = colour
+    inside = mask
+    for colour in colours:   # inward only, so the line never covers the map just outside
+        edge = find_boundaries(inside, mode="inner")
+        if thickness > 1:
+            edge = dilate(edge, thickness - 1) & inside
+        out[edge] = colour
+        inside = inside & ~edge
     return out

@@ -105,6 +105,8 @@ def test_report_buttons_plug_in(app):
     assert not app.exception and not app.error
     labels = [b.label for b in app.get("download_button")]
     assert "Download the PDF report" in labels and "Download the CSV report" in labels
+    # the button that had focus is gone: a status message says where the downloads are
+    assert any(m.value.startswith("Report ready") for m in app.success)
 
 
 def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
@@ -357,3 +359,21 @@ def test_a_volume_too_long_to_score_whole_says_so_under_the_call_and_offers_no_b
     kinds = [("note" if "only the slice shown" in str(getattr(e, "value", "")) else getattr(e, "type", ""))
              for e in app.main]
     assert "plotly_chart" in kinds and kinds.index("note") < kinds.index("plotly_chart"), kinds
+
+
+def test_diagnose_speaks_to_a_screen_reader_and_keeps_plotly_toolbars_out_of_the_tab_order(app):
+    """Every image has alt text (the saliency map's says where it peaks), the probability bars'
+    figures are also text, and plotly's zoom/pan buttons (seven Tab stops a chart) are gone
+    (an accessibility review, session 51)."""
+    import json as _json
+    app.switch_page("app_pages/diagnose.py").run()
+    app.multiselect[0].select("glioma.jpg").run()
+    assert not app.exception
+    alts = [i.alt for im in app.image for i in im.proto.imgs]
+    assert alts and all(alts), alts
+    assert any("saliency map" in a and "strongest" in a for a in alts)
+    assert any(c.value.startswith("Calibrated probabilities: ") and "%" in c.value for c in app.caption)
+    assert all(_json.loads(p.proto.config) == {"displayModeBar": False} for p in app.get("plotly_chart"))
+    app.switch_page("app_pages/evaluation.py").run()
+    charts = app.get("plotly_chart")
+    assert charts and all("zoom" in _json.loads(p.proto.config)["modeBarButtonsToRemove"] for p in charts)

@@ -1254,3 +1254,61 @@ def test_a_stack_too_large_to_read_whole_keeps_the_batch(app):
                                     ("glioma.jpg", glioma, "image/jpeg")]).run(timeout=120)
     assert not app.exception, [e.value for e in app.exception]
     assert len(predictions(app)) == 2 and app.dataframe   # the JPEG after it, and the table
+
+
+def _contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two colours (names or #rrggbb)."""
+    from plotly.colors import hex_to_rgb
+    named = {"black": "#000000", "white": "#ffffff"}
+
+    def lum(c):
+        ch = [v / 255 for v in hex_to_rgb(named.get(c, c))]
+        ch = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in ch]
+        return 0.2126 * ch[0] + 0.7152 * ch[1] + 0.0722 * ch[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_the_operating_point_mark_reads_on_either_theme_and_the_gauge_says_its_state():
+    """Black on the dark theme's background was 1.16:1 (an accessibility review, session 51); the
+    gauge's red, green and amber were its only statement of the call's state."""
+    from core import dashboard as D
+    backgrounds = {False: "#ffffff", True: "#0e1117"}   # Streamlit's light and dark page backgrounds
+    curve = [{"threshold": t, "miss_rate": t, "false_alarm_rate": 1 - t} for t in (0.0, 0.5, 1.0)]
+    for dark, bg in backgrounds.items():
+        marks = [D.tumour_gauge(0.2, 0.3, dark=dark).data[0].gauge.threshold.line.color,
+                 D.slice_profile({0: 0.1, 1: 0.9}, 0.3, 1, dark=dark).layout.shapes[0].line.color,
+                 D.threshold_figure(curve, 0.3, dark=dark).layout.shapes[0].line.color]
+        assert all(_contrast(m, bg) >= 3 for m in marks), (dark, marks)
+    said = {(c, r): D.tumour_gauge(0.5, 0.3, called=c, referred=r).data[0].title.text
+            for c in (True, False) for r in (True, False)}
+    assert "not flagged" in said[False, False] and "flagged" in said[True, False]
+    assert "refer" in said[True, True] and "refer" in said[False, True]
+    assert len({said[False, False], said[True, False], said[False, True]}) == 3
+
+
+def test_the_palette_keeps_its_red_green_and_amber_apart_for_colour_blind_readers():
+    """Plotly's red and green were 7 CIELAB units apart to a deuteranope: the called / not called
+    gauge and the 3rd and 4th runs of an overlay looked alike."""
+    import numpy as np
+    from plotly.colors import hex_to_rgb
+    from skimage.color import rgb2lab
+    from core.dashboard import PALETTE
+    sims = {"deuteranopia": np.array([[0.367, 0.861, -0.228], [0.280, 0.673, 0.047], [-0.012, 0.043, 0.969]]),
+            "protanopia": np.array([[0.152, 1.053, -0.205], [0.115, 0.786, 0.099], [-0.004, -0.048, 1.052]])}
+
+    def seen(c, m):
+        lin = (np.array(hex_to_rgb(c)) / 255) ** 2.2
+        return rgb2lab(np.clip(lin @ m.T, 0, 1)[None, None] ** (1 / 2.2))[0, 0]
+    for name, m in sims.items():
+        labs = [seen(c, m) for c in PALETTE[:4]]   # blue, amber, green, red: the roles that carry meaning
+        gaps = [np.linalg.norm(labs[i] - labs[j]) for i in range(4) for j in range(i + 1, 4)]
+        assert min(gaps) > 10, (name, [round(g, 1) for g in gaps])
+
+
+def test_end_slices_are_shaded_visibly_and_named_on_the_chart():
+    from core.dashboard import slice_profile
+    fig = slice_profile({k: 0.1 for k in range(10)}, 0.3, 5, {k: (0.3 if k < 4 else 1.0) for k in range(10)})
+    rect = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert len(rect) == 1 and rect[0].opacity >= 0.3
+    assert any("end" in (a.text or "") for a in fig.layout.annotations)

@@ -285,7 +285,7 @@ def test_a_no_tumour_calls_map_of_the_likeliest_tumour_says_it_is_not_the_call(f
     assert "strongest evidence" not in words
     monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="glioma"))
     (page,) = pdf_pages(R.build_report([("clear.png", scan_png(5))], four), tmp_path)
-    assert "for 'Glioma' (red = strongest evidence)" in flat(page)
+    assert "for 'Glioma' (yellow = strongest evidence)" in flat(page)
 
 
 def test_a_flagged_scan_has_no_prediction_in_the_csv(four, monkeypatch):

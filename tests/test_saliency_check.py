@@ -82,7 +82,10 @@ def test_contour_overlay_outlines_the_mask_only():
     ys, xs = np.nonzero(drawn)
     assert drawn.any() and ys.min() == 16 and ys.max() == 31 and xs.min() == 16 and xs.max() == 31
     assert not drawn[20:28, 20:28].any()           # the inside stays as it was
-    assert (out[drawn] == (255, 0, 255)).all()
+    # a white ring outside a black one, each 1 px, both inside the mask: seen on any colour
+    assert (out[16, 16:32] == 255).all() and (out[31, 16:32] == 255).all()
+    assert (out[17, 17:31] == 0).all() and (out[17:31, 17] == 0).all()
+    assert set(map(tuple, out[drawn].tolist())) == {(255, 255, 255), (0, 0, 0)}
     assert not (contour_overlay(rgb, np.zeros((64, 64), bool)) != 100).any()
 
 
@@ -317,7 +320,7 @@ def test_diagnose_pairs_an_uploaded_mask_and_outlines_it(masked_app, tmp_path):
     assert not at.exception
     assert len([m for m in at.markdown if m.value.startswith("### Prediction:")]) == 1
     text = _captions(at)
-    assert "1 tumour mask(s) paired" in text and "Magenta outline" in text and "map peak" in text
+    assert "1 tumour mask(s) paired" in text and "Black-and-white outline" in text and "map peak" in text
     method = next(s for s in at.selectbox if s.key.startswith("m-"))
     assert method.value == "EigenCAM"  # the card's measured default
 
@@ -329,7 +332,7 @@ def test_gallery_outlines_the_mask_beside_a_missed_lgg_like_scan(masked_app):
     assert not at.exception
     assert at.radio(key="gallery-explain").label == "EigenCAM for"
     caption = next(c for im in at.image for c in im.captions if c.startswith("`glioma/0.png`"))
-    assert "magenta: tumour mask" in caption and "map peak" in caption
+    assert "black-and-white outline: tumour mask" in caption and "map peak" in caption
 
 
 def test_the_gallery_draws_no_map_for_a_scan_the_gate_refused(tmp_path, monkeypatch):
