@@ -102,7 +102,7 @@ def show_call(pred, key: str, contradiction: str | None = None, unchecked: str |
     st.plotly_chart(probability_bar(pred.probs, pred.pred), key=f"p-{key}", config=PLAIN_CHART)
     st.caption(app.probabilities_text(pred.probs))   # the bars' figures as text: a chart alone reaches no screen reader
     if pred.tumour_probability is not None:
-        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged, pred.uncertain, app.dark_theme()),
+        st.plotly_chart(tumour_gauge(pred.tumour_probability, threshold, flagged, pred.uncertain),
                         key=f"g-{key}", config=PLAIN_CHART)
         tp, op = apart(pred.tumour_probability, threshold)   # enough decimals to differ: never "0.995 ... 0.995"
         # where to move it: on a phone the sidebar is a small icon, and nothing on the page said so
@@ -149,7 +149,7 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
         if profile:
             with st.expander("Tumour probability across the slices", expanded=bool(alert)):
                 scores, shares = profile
-                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE, app.dark_theme()),
+                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE),
                                 key=f"profile-{wkey}-{slice_index}", config=PLAIN_CHART)
                 st.caption("Every non-empty slice, before the out-of-distribution check. Grey: end slices "
                            "(under half the head's widest cross-section), where the model has called healthy "

@@ -105,7 +105,7 @@ with t2:
 with t3:
     if "threshold_curve" in ev:
         app.metric_rows(dash.miss_metrics(ev, dash.gate_scored(shown)), per_row=2)
-        st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold, app.dark_theme()), key="thr",
+        st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr",
                         config=dash.CHART_CONFIG)
     else:
         st.info(dash.no_miss_analysis(classes))

@@ -33,7 +33,7 @@ from .masks import input_mask, mask_contradiction  # the pages' names for them
 from .metrics import apart, classification_metrics, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
-from .report import saliency_caveat, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
+from .report import saliency_caveat, saliency_scope, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
 from .reader import MAX_SLICES  # noqa: F401 (the Diagnose page's name for it: its best-slice toggle)
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
                      read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
@@ -113,11 +113,6 @@ def default_file_problem() -> str | None:
         return None
     return (f"{f} names '{d.relative_to(inference.WEIGHTS_ROOT)}', which is not a usable model folder in "
             f"{inference.WEIGHTS_ROOT}, so the first model folder in the list is shown instead.")
-
-
-def dark_theme() -> bool:
-    """Whether the viewer's page is in Streamlit's dark theme (the operating point's mark follows it)."""
-    return getattr(getattr(st.context, "theme", None), "type", None) == "dark"
 
 
 def probabilities_text(probs: dict[str, float]) -> str:
@@ -1292,7 +1287,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
         said = f"{method} saliency map ({what}), {peak_words(cam)}"   # the images' alt text: where it peaks
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch", alt=f"{said}, over the scan")
         b.image(alone, caption=f"map alone ({PEAK_COLOUR} = most weight)", width="stretch", alt=said)
-        st.caption(saliency_caveat(predictor.classes))
+        st.caption(saliency_caveat(predictor.classes) + " " + saliency_scope(predictor.card))
         if frame is not None:
             st.caption(f"{OUTLINE_WORDS.capitalize()}: the uploaded tumour mask; {mask_note(cam, frame)}.")
         elif mask is not None and slice_index is not None:

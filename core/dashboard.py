@@ -18,8 +18,8 @@ from .referral import ReferralRule
 from .report import flag_labels, refused_by_header, slice_words, volume_words
 
 # Okabe-Ito's colour-blind-safe set, in the roles of the plotly colours it replaced (blue, orange,
-# green, red first): plotly's green and red were 7 apart in CIELAB to a deuteranope, 5 its green
-# and orange to a protanope (an accessibility review, session 51)
+# green, red first), then plotly's brown: plotly's green and red were 7.5 apart in CIELAB to a
+# deuteranope, its green and orange 3.9 to a protanope (an accessibility review, session 51)
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C564B"]
 # Plotly's own toolbar keeps only "download as PNG" (and full screen, Streamlit's): its zoom, pan and
 # select buttons cost seven Tab stops a chart and sat over chart titles on touch screens
@@ -30,9 +30,13 @@ CHART_CONFIG = {"displaylogo": False,
 PLAIN_CHART = {"displayModeBar": False}
 
 
-def mark_colour(dark: bool) -> str:
-    """The operating point's line: black vanished on the dark theme's background (1.16:1)."""
-    return "white" if dark else "black"
+# The operating point's line on a chart: black vanished on the dark theme (1.16:1), and the theme a
+# script reads (st.context.theme) may be stale after the reader switches it, with no rerun: a grey
+# that reads on both, 3.9:1 on white and 4.8:1 on the dark theme's #0e1117
+MARK = "#808080"
+# the gauge keeps a black mark on a light track of its own, whatever the theme: black reads on that
+# track and on each bar colour (5.4:1 on vermilion, 10:1 on amber; white on amber was 2.25:1)
+GAUGE_MARK, GAUGE_TRACK = "black", "#f0f2f6"
 
 
 # A legend under its plot: beside it, six runs' names took half of a half-width chart, and on a
@@ -59,17 +63,17 @@ def probability_bar(probs: dict[str, float], predicted: str | None = None) -> go
     return _layout(fig, "Class probabilities (calibrated)", height=60 + 40 * len(names))
 
 
-def tumour_gauge(p: float, threshold: float | None, called: bool | None = None, referred: bool = False,
-                 dark: bool = False) -> go.Figure:
+def tumour_gauge(p: float, threshold: float | None, called: bool | None = None, referred: bool = False) -> go.Figure:
     """Tumour probability as a bullet gauge with the operating point as its threshold line;
     ``called``: whether the call is a tumour (its colour; compared again it could contradict the call).
     A ``referred`` call's bar is amber: green read as 'safe' where the page asks for review. The
     state is also in words under the title: colour alone does not carry it."""
     called = (threshold is not None and p >= threshold) if called is None else called
     gauge = {"shape": "bullet", "axis": {"range": [0, 1], "tickformat": ".0%"},
-             "bar": {"color": PALETTE[1] if referred else PALETTE[3] if called else PALETTE[2]}}
+             "bar": {"color": PALETTE[1] if referred else PALETTE[3] if called else PALETTE[2]},
+             "bgcolor": GAUGE_TRACK}
     if threshold is not None:
-        gauge["threshold"] = {"value": threshold, "line": {"color": mark_colour(dark), "width": 3},
+        gauge["threshold"] = {"value": threshold, "line": {"color": GAUGE_MARK, "width": 3},
                               "thickness": 0.9}
     fig = go.Figure(go.Indicator(mode="number+gauge", value=p, number={"valueformat": ".1%"},
                                  gauge=gauge, domain={"x": [0.25, 1], "y": [0, 1]},
@@ -84,7 +88,7 @@ def gauge_state(called: bool, referred: bool) -> str:
 
 
 def slice_profile(scores: dict[int, float], threshold: float | None, shown: int | None,
-                  shares: dict[int, float] | None = None, end_share: float = 0.5, dark: bool = False) -> go.Figure:
+                  shares: dict[int, float] | None = None, end_share: float = 0.5) -> go.Figure:
     """A volume's tumour probability slice by slice: the operating point as a dashed line, the
     slice shown as a dotted one, and slices under ``end_share`` of the head's widest cross-section
     (``shares``: slice -> head_share) shaded grey. A run of hot slices at the top of a healthy head
@@ -99,7 +103,7 @@ def slice_profile(scores: dict[int, float], threshold: float | None, shown: int 
                       annotation_text="end" if hi - lo < 3 else "end slices", annotation_position="bottom left",
                       annotation_font_size=10)
     if threshold is not None:
-        fig.add_hline(y=threshold, line_dash="dash", line_color=mark_colour(dark),
+        fig.add_hline(y=threshold, line_dash="dash", line_color=MARK,
                       annotation_text=f"operating point {threshold:.3f}", annotation_position="top left")
     if shown is not None:
         fig.add_vline(x=shown, line_dash="dot", line_color=PALETTE[3],
@@ -388,7 +392,7 @@ def pr_figure(records: list[dict], classes: list[str]) -> go.Figure:
     return _layout(fig, "Precision-recall", height=380 + 22 * len(fig.data), legend=LEGEND_BELOW)
 
 
-def threshold_figure(curve: list[dict], threshold: float | None, dark: bool = False) -> go.Figure:
+def threshold_figure(curve: list[dict], threshold: float | None) -> go.Figure:
     """Miss rate and false-alarm rate against the threshold, the operating point marked."""
     t = [r["threshold"] for r in curve]
     fig = go.Figure()
@@ -398,7 +402,7 @@ def threshold_figure(curve: list[dict], threshold: float | None, dark: bool = Fa
                     name="normal scans flagged (false-alarm rate)", line=dict(color=PALETTE[0]))
     if threshold is not None:
         # the label on the line's inner side: right of 0.9 it ran off the chart
-        fig.add_vline(x=threshold, line=dict(color=mark_colour(dark), dash="dash"),
+        fig.add_vline(x=threshold, line=dict(color=MARK, dash="dash"),
                       annotation_text=f"operating point {threshold:.3f}",
                       annotation_position="top left" if threshold > 0.6 else "top right")
     fig.update_xaxes(title="threshold on the tumour probability", range=[0, 1])

@@ -48,7 +48,7 @@ import numpy as np
 
 from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, UNCHECKED_TEXT, Prediction, Predictor, calibration_text,
                         end_slice_note, listed_slices, shown_slice, volume_check)
-from .labels import NO_TUMOUR, call_label, class_label, class_word, tumour_classes
+from .labels import NO_TUMOUR, TUMOUR, call_label, class_label, class_word, source_label, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
 from .reader import ScanError, file_fault_error, load_bytes, read_scan
@@ -81,6 +81,24 @@ def uncalled_words(pred: Prediction, target: str) -> str:
     if target == pred.pred or target not in pred.probs:
         return ""
     return f"p {pred.probs[target]:.3f}, not the call"
+
+
+def saliency_scope(card: dict) -> str:
+    """Where this model's maps were checked against tumour masks, and for which tumours they were
+    not: only LGG ships masks, so a figure for FLAIR gliomas says nothing of a meningioma's map
+    (by eye, the default's meningioma maps mostly lie beside the lesion: docs/generalisation.md)."""
+    measured = ((card or {}).get("saliency") or {}).get("measured") or {}
+    tumours = [c for c in tumour_classes(card.get("classes") or []) if c != TUMOUR]
+    unread = "read a map as what moved the score, not as where the tumour lies."
+    if not measured.get("pointing_game"):
+        return "This model's maps were never checked against tumour masks: " + unread
+    target, method = measured.get("target"), card["saliency"].get("default_method") or "the map"
+    said = (f"Checked against radiologists' tumour masks only on {class_word(target) if target else 'tumour'} "
+            f"slices of {source_label(measured.get('source', ''))}: {method}'s peak fell on the mask "
+            f"(within {measured.get('dilate_px', 0)} px) on {measured['pointing_game']:.0%} of "
+            f"{measured.get('n_slices', '?')} held-out slices.")
+    others = [class_word(c) for c in tumours if c != target]
+    return said + (f" For the other types ({', '.join(others)}) it was not measured: {unread}" if others else "")
 
 
 def saliency_caveat(classes: list[str]) -> str:
@@ -572,6 +590,7 @@ class ReportContext:
     gate_sha256: str | None = None
     miss_note: str | None = None   # under every 'no tumour' call: how often the model missed tumours
     threshold_cost: str | None = None   # a point set for this report: what it costs against the card's
+    saliency_scope: str = ""   # where the maps were checked against masks (`saliency_scope`)
 
     @classmethod
     def of(cls, predictor: Predictor, threshold: float | None, method: str | None) -> "ReportContext":
@@ -591,6 +610,7 @@ class ReportContext:
                    referral=getattr(predictor, "referral", None),
                    card_sha256=str(getattr(predictor, "card_sha256", "")),
                    gate_sha256=getattr(predictor, "gate_sha256", None),
+                   saliency_scope=saliency_scope(card),
                    **_app_notes(predictor, t))
 
     def hashes_text(self) -> str:
@@ -973,7 +993,8 @@ def _below_images(pdf, r: ScanResult, ctx: ReportContext) -> None:
     pdf.ln(1)
     pdf.font(7.5, False, MUTED)
     pdf.multi_cell(0, 3.6, pdf.t(
-        "Probabilities are the model's calibrated estimates, not a diagnosis. " + saliency_caveat(ctx.classes)),
+        "Probabilities are the model's calibrated estimates, not a diagnosis. " + saliency_caveat(ctx.classes)
+        + (" " + ctx.saliency_scope if ctx.saliency_scope else "")),
         new_x="LMARGIN", new_y="NEXT")
 
 

@@ -1108,15 +1108,14 @@ def _data_notes(args, samples: list[D.Sample], skipped: list, dropped: list) -> 
 
 def _augmentation_words(args) -> str:
     """The augmentation ops in words, the optional ones only where switched on."""
-    optional = [(args.blur_p, f"blur (p {args.blur_p:g})"),
-                (args.lesion_dim_p, f"dimmed lesions (p {args.lesion_dim_p:g})"),
-                (args.strip_crop_p, f"stripped and cropped to the brain (p {args.strip_crop_p:g})"),
-                (args.marks_p, f"a reader's marks burned in (p {args.marks_p:g})")]
+    optional = [(args.blur_p, "blur"), (args.lesion_dim_p, "dimmed lesions"),
+                (args.strip_crop_p, "stripped and cropped to the brain"),
+                (args.marks_p, "a reader's marks burned in")]
     return (f"affine (rotate {args.rotate:g}, scale 12%, shear {args.shear:g}, shift 8%), h-flip, "
             + (f"quarter turns (p {args.turn_p:g}), " if args.turn_p else "")
             + _gamma_words(args.gamma_log)
             + ", contrast, brightness, noise, skull removal"
-            + "".join(f", {words}" for on, words in optional if on))
+            + "".join(f", {words} (p {p:g})" for p, words in optional if p))
 
 
 def _training_record(args, history: list, train_time: float, wall_time: float,

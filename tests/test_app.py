@@ -373,6 +373,8 @@ def test_diagnose_speaks_to_a_screen_reader_and_keeps_plotly_toolbars_out_of_the
     assert alts and all(alts), alts
     assert any("saliency map" in a and "strongest" in a for a in alts)
     assert any(c.value.startswith("Calibrated probabilities: ") and "%" in c.value for c in app.caption)
+    # the test model's card measured no map against masks: the page says so beside the map
+    assert any("never checked against tumour masks" in c.value for c in app.caption)
     assert all(_json.loads(p.proto.config) == {"displayModeBar": False} for p in app.get("plotly_chart"))
     app.switch_page("app_pages/evaluation.py").run()
     charts = app.get("plotly_chart")

@@ -1270,19 +1270,24 @@ def _contrast(a: str, b: str) -> float:
 
 
 def test_the_operating_point_mark_reads_on_either_theme_and_the_gauge_says_its_state():
-    """Black on the dark theme's background was 1.16:1 (an accessibility review, session 51); the
-    gauge's red, green and amber were its only statement of the call's state."""
+    """Black on the dark theme's background was 1.16:1 (an accessibility review, session 51), and
+    the theme a script reads may be stale after a switch: the charts' mark reads on both themes'
+    backgrounds, the gauge's on its own track and on every bar colour. The gauge's red, green and
+    amber were its only statement of the call's state."""
     from core import dashboard as D
-    backgrounds = {False: "#ffffff", True: "#0e1117"}   # Streamlit's light and dark page backgrounds
+    backgrounds = ["#ffffff", "#0e1117"]   # Streamlit's light and dark page backgrounds
     curve = [{"threshold": t, "miss_rate": t, "false_alarm_rate": 1 - t} for t in (0.0, 0.5, 1.0)]
-    for dark, bg in backgrounds.items():
-        marks = [D.tumour_gauge(0.2, 0.3, dark=dark).data[0].gauge.threshold.line.color,
-                 D.slice_profile({0: 0.1, 1: 0.9}, 0.3, 1, dark=dark).layout.shapes[0].line.color,
-                 D.threshold_figure(curve, 0.3, dark=dark).layout.shapes[0].line.color]
-        assert all(_contrast(m, bg) >= 3 for m in marks), (dark, marks)
+    lines = [D.slice_profile({0: 0.1, 1: 0.9}, 0.3, 1).layout.shapes[0].line.color,
+             D.threshold_figure(curve, 0.3).layout.shapes[0].line.color]
+    assert all(_contrast(m, bg) >= 3 for m in lines for bg in backgrounds), lines
+    for called, referred in ((True, False), (False, False), (True, True)):
+        g = D.tumour_gauge(0.5, 0.3, called=called, referred=referred).data[0].gauge
+        assert _contrast(g.threshold.line.color, g.bgcolor) >= 3
+        assert _contrast(g.threshold.line.color, g.bar.color) >= 3, g.bar.color
     said = {(c, r): D.tumour_gauge(0.5, 0.3, called=c, referred=r).data[0].title.text
             for c in (True, False) for r in (True, False)}
-    assert "not flagged" in said[False, False] and "flagged" in said[True, False]
+    assert "not flagged" in said[False, False]
+    assert "flagged" in said[True, False] and "not" not in said[True, False]
     assert "refer" in said[True, True] and "refer" in said[False, True]
     assert len({said[False, False], said[True, False], said[False, True]}) == 3
 

@@ -747,3 +747,20 @@ def test_a_referred_calls_tumour_bar_is_amber_not_green(four, monkeypatch):
     monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="notumor", uncertain=False))
     R.build_report([("a.png", scan_png(6))], four)
     assert R.GREEN[1] in colours and R.AMBER[1] not in colours
+
+
+def test_saliency_scope_says_where_maps_were_checked_and_for_which_types_not():
+    """Only LGG ships masks: an 89 % pointing figure for FLAIR gliomas said nothing of a
+    meningioma's map, which by eye mostly lies beside the lesion (session 51)."""
+    from core.report import saliency_scope
+    card = {"classes": ["glioma", "meningioma", "notumor", "pituitary"],
+            "saliency": {"default_method": "Grad-CAM++", "measured": {
+                "pointing_game": 0.8867, "n_slices": 150, "target": "glioma", "dilate_px": 4, "source": "lgg"}}}
+    said = saliency_scope(card)
+    assert "only on glioma slices of LGG FLAIR" in said and "Grad-CAM++'s peak" in said and "89% of 150" in said
+    assert "(meningioma, pituitary tumour) it was not measured" in said
+    assert "never checked" in saliency_scope({"classes": card["classes"]})
+    assert "never checked" in saliency_scope({"classes": ["notumor", "tumour"], "saliency": {"default_method": "Grad-CAM"}})
+    binary = {**card, "classes": ["notumor", "tumour"],
+              "saliency": {**card["saliency"], "measured": {**card["saliency"]["measured"], "target": "tumour"}}}
+    assert "not measured" not in saliency_scope(binary)

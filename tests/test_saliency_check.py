@@ -398,3 +398,18 @@ def test_score_slice_refuses_a_mask_it_cannot_use(tmp_path):
             score_slice(pred, scan, tmp_path / "m.png", 2, np.random.default_rng(0), ["gradcam"])
     (tmp_path / "m.png").write_bytes(_png(np.zeros((64, 64), np.uint8)))       # empty: skipped, not an error
     assert score_slice(pred, scan, tmp_path / "m.png", 2, np.random.default_rng(0), ["gradcam"]) is None
+
+
+def test_saliency_grid_draws_each_types_copy_free_test_tumours(tmp_path, capsys):
+    """bench/saliency_grid.py: the contact sheet behind the by-eye note on meningioma maps."""
+    from conftest import SHARED
+    if not SHARED.exists():
+        pytest.skip("../shared is not beside the checkout")
+    from PIL import Image
+    from bench.saliency_grid import main as grid
+    out = tmp_path / "sheet.png"
+    assert grid(["--per-class", "1", "--out", str(out)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert [r[2] for r in rows] == ["glioma", "meningioma", "pituitary"]
+    w, h = Image.open(out).size
+    assert w == 6 * h   # one row of three tiles, each the scan beside its map
