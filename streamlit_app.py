@@ -102,7 +102,9 @@ def home() -> None:
                        (PAGES["evaluation"], "confusion matrix, ROC, missed tumours, calibration"),
                        (PAGES["training"], "learning curves and a comparison of every model"),
                        (PAGES["card"], "intended use, data, preprocessing, limits")):
-        st.page_link(page, label=f"{page.title}: {what}", icon=page.icon)
+        # the page's name alone as the link: "Diagnose: upload scans, ..." was cut mid-word on a phone
+        st.page_link(page, label=page.title, icon=page.icon)
+        st.caption(what)
 
 
 sidebar()

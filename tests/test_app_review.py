@@ -1317,3 +1317,15 @@ def test_end_slices_are_shaded_visibly_and_named_on_the_chart():
     rect = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(rect) == 1 and rect[0].opacity >= 0.3
     assert any("end" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_the_dark_themes_red_reads_as_small_text_and_home_links_fit_a_phone(app):
+    """The sidebar prints the operating point's value in the theme's red: Streamlit's dark red was
+    3.2:1 there. Home's links carried a description each and were cut mid-word at 390 px."""
+    import tomllib
+    from conftest import REPO
+    dark = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())["theme"]["dark"]
+    for background in ("#0e1117", "#262730"):   # the dark page and its sidebar
+        assert _contrast(dark["primaryColor"], background) >= 4.5
+    links = [p.proto.label for p in app.get("page_link")]
+    assert links and all(len(label) <= 20 for label in links), links
