@@ -312,6 +312,23 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what would fail later (after minutes of caching) or leave a damaged run behind."""
     _check_types(p, args)
+    _check_modes(p, args)
+    _check_numbers(p, args)
+    _check_device(p, args)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a directory")
+    _check_out(p, args, _check_sources(p, args))
+    if args.resume:
+        _check_resume(p, args)
+    else:
+        for opt, d in (("--init", args.init), ("--split-from", args.split_from), ("--teacher", args.teacher)):
+            if d and os.path.realpath(D.resolve_root(d)) == os.path.realpath(args.out):
+                p.error(f"{opt} and --out name the same folder: a fresh run moves that folder's files "
+                        "aside while it still needs them; write the new run to another folder")
+
+
+def _check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options that cannot go together: --finish-from with training, distillation without a teacher."""
     if args.finish_from and (args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         p.error("--finish-from trains nothing: run it alone, without --resume or torchrun")
     if args.finish_from and args.teacher:
@@ -324,6 +341,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--distill must be in (0, 1] and --distill-t > 0")
     if args.finish_from and args.out and Path(args.finish_from).resolve() == Path(args.out).resolve():
         p.error("--finish-from DIR --out DIR: the run there would be moved aside first; give another --out")
+
+
+def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each number in its range, and the input sizes the architecture and the reader allow."""
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         p.error("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
     if args.wd < 0 or not 0 <= args.ema < 1 or args.aug < 0 or args.max_distance < 0:
@@ -355,9 +376,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     least = min_input_size(args.arch)
     if args.img < least or 0 < args.small_img < least:
         p.error(f"{args.arch} needs --img (and --small-img) of at least {least} pixels")
-    _check_device(p, args)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out {args.out} is a file, not a directory")
+
+
+def _check_sources(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
+    """--data's sources, each an existing folder of its own, named once, with a usable weight."""
     try:
         sources = D.parse_sources(args.data)
     except (ValueError, KeyError, TypeError) as e:
@@ -379,14 +401,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--data {bad[0]}: a source's weight must be a finite number >= 0")
     if sum(src["weight"] for src in sources) <= 0:
         p.error("every source has weight 0: nothing to train on")
-    _check_out(p, args, sources)
-    if args.resume:
-        _check_resume(p, args)
-    else:
-        for opt, d in (("--init", args.init), ("--split-from", args.split_from), ("--teacher", args.teacher)):
-            if d and os.path.realpath(D.resolve_root(d)) == os.path.realpath(args.out):
-                p.error(f"{opt} and --out name the same folder: a fresh run moves that folder's files "
-                        "aside while it still needs them; write the new run to another folder")
+    return sources
 
 
 def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: list[dict]) -> None:
@@ -468,6 +483,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     # where it ran: its relative paths replay from there ("." = the repository root)
     here = Path.cwd().resolve()
     args.command_dir = os.path.relpath(here, D.REPO_ROOT) if here.is_relative_to(D.REPO_ROOT) else str(here)
+    _resolve_run_dirs(p, args)
+    if args.mask_loss < 0:
+        p.error("--mask-loss must be 0 (off) or positive")
+    _read_copy_lists(p, args, given_alone)
+    _check(p, args)  # a resume takes its run's --init when left out
+    _check_averaging(p, args)
+    args.paths_resolved = resolved_paths(args)  # into the checkpoint: what a resume is compared with
+    return args
+
+
+def _resolve_run_dirs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--split-from, --init and --teacher: each a folder train.py wrote, its path made absolute."""
     for key in ("split_from", "init", "teacher"):
         if not (d := getattr(args, key)):
             continue
@@ -478,10 +505,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         # found as --data is, from here, else from the repository: a config run from another
         # folder found its data but not its split
         setattr(args, key, str(D.resolve_root(d)))
-    if args.mask_loss < 0:
-        p.error("--mask-loss must be 0 (off) or positive")
+
+
+def _read_copy_lists(p: argparse.ArgumentParser, args: argparse.Namespace, given_alone: argparse.Namespace) -> None:
+    """Read --drop-copies and --join-copies now, so that a wrong file fails before the images are;
+    a config's list gone since a run began is let go where the run's split records its copies."""
     args.drop_copies_sha256 = []
-    for i, f in enumerate(args.drop_copies or []):   # read now: a wrong file fails before the images are
+    for i, f in enumerate(args.drop_copies or []):
         f = args.drop_copies[i] = str(D.resolve_root(f).resolve())   # from here, else the repository, as --data
         try:
             D.read_copy_pairs(f)
@@ -494,7 +524,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 args.drop_copies, args.drop_copies_sha256 = None, []
                 break
             p.error(f"--drop-copies: {e}")
-    for i, f in enumerate(args.join_copies or []):   # read now, as --drop-copies
+    for i, f in enumerate(args.join_copies or []):
         try:
             D.read_known_copies(f)
         except (OSError, ValueError) as e:
@@ -506,7 +536,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 break
             p.error(f"--join-copies: {e}")
         args.join_copies[i] = str(D.resolve_root(f).resolve())
-    _check(p, args)  # a resume takes its run's --init when left out
+
+
+def _check_averaging(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.average_init and args.average_init_always:
         p.error("give --average-init (validation loss chooses) or --average-init-always, not both")
     for flag in ("average_init", "average_init_always"):
@@ -515,8 +547,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.finish_from and (args.average_init or args.average_init_always):
         if (why := _finish_average_problem(Path(args.finish_from), Path(args.init))):
             p.error(why)   # before --out is touched: a refused run must not move a finished model aside
-    args.paths_resolved = resolved_paths(args)  # into the checkpoint: what a resume is compared with
-    return args
 
 
 def _finish_average_problem(src: Path, init: Path) -> str | None:
