@@ -25,8 +25,9 @@ st.markdown(
     "yours; numbers below hold for data like the test split only.")
 
 st.markdown("#### Data and sources")
-sources = dash.sources_readable(card)   # a table, not a grid: its sentences wrapped instead of cut off
+sources = dash.sources_readable(card)   # a table, not a grid: nothing cut off
 st.table(sources.set_index("source") if "source" in sources else sources)
+st.markdown("\n".join(f"- {line}" for line in dash.source_notes(card)))
 split = card.get("split", {})
 st.markdown(f"**Split**: {dash.split_text(split)}")
 if (untested := (card.get("data_notes") or {}).get("classes_not_tested")):

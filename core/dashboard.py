@@ -699,14 +699,22 @@ SOURCE_NOTES = {
 
 
 def sources_readable(card: dict) -> pd.DataFrame:
-    """The card's sources for a reader: what each is, images per split, folders -> classes."""
-    rows = []
+    """The card's sources for a reader: images per split, a narrow table (`source_notes` says the rest:
+    with its sentences and folder maps the table needed a sideways scroll on a phone)."""
+    return pd.DataFrame([{"source": source_label(s.get("name", "?")),
+                          **{f"{k} images": v for k, v in (s.get("images") or {}).items()}}
+                         for s in card.get("sources", [])])
+
+
+def source_notes(card: dict) -> list[str]:
+    """One markdown line a source: what it is and which folder trains which class."""
+    out = []
     for s in card.get("sources", []):
-        row = {"source": source_label(s.get("name", "?")), "what it is": SOURCE_NOTES.get(s.get("name"), "")}
-        row.update({f"{k} images": v for k, v in (s.get("images") or {}).items()})
-        row["folders -> classes"] = ", ".join(f"{k} -> {class_label(v)}" for k, v in (s.get("label_map") or {}).items())
-        rows.append(row)
-    return pd.DataFrame(rows)
+        folders = ", ".join(f"{k} → {class_label(v)}" for k, v in (s.get("label_map") or {}).items())
+        what = SOURCE_NOTES.get(s.get("name"), "")
+        out.append(f"**{source_label(s.get('name', '?'))}**: " + (f"{what}. " if what else "")
+                   + (f"Folders → classes: {folders}." if folders else ""))
+    return out
 
 
 def preprocessing_text(spec: dict) -> str:
