@@ -9,6 +9,9 @@ gate hashes were added lack those two keys; `read_audit` returns them as they ar
 It never holds a file name, pixel data, DICOM tags or anything else that could name a patient:
 records are built from an allow-list of fields, not by copying the prediction.
 
+A file that was read but could not be predicted gets a line too, its result null and its flags
+["cannot read"]: which bytes were submitted, and that they gave no result. Its error's words stay
+out (they may quote a header).
 Written by ``python -m core report --audit FILE``; the app writes no audit log.
 """
 from __future__ import annotations
@@ -27,8 +30,11 @@ RESULT_FIELDS = ("pred", "probs", "tumour_probability", "threshold")
 RECORD_STARTS = (b'{"card_sha256": ', b'{"flags": ')   # sort_keys: the first key now, and before card hashes
 
 
-def _result_fields(result: Any) -> dict:
-    """The allow-listed result fields from a `Prediction` or a `predict_many` dict."""
+def _result_fields(result: Any) -> dict | None:
+    """The allow-listed result fields from a `Prediction` or a `predict_many` dict; None for a
+    file that was read but not predicted (its line says so in its flags)."""
+    if result is None:
+        return None
     if not isinstance(result, Mapping):
         result = result.to_json()
     return {k: result.get(k) for k in RESULT_FIELDS}
@@ -37,6 +43,8 @@ def _result_fields(result: Any) -> dict:
 def slice_of(result: Any) -> int | None:
     """The slice (NIfTI) or frame (DICOM, TIFF) of a volume that was predicted: the bytes'
     hash names the whole volume, not the image the result is about."""
+    if result is None:
+        return None
     info = (result.get("info") if isinstance(result, Mapping) else getattr(result, "info", None)) or {}
     # slice 0 of a one-slice NIfTI, frame 0 of a one-frame DICOM: no slice of anything
     for index, count in (("slice_index", "n_slices"), ("frame", "n_frames")):

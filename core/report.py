@@ -133,8 +133,9 @@ class ScanResult:
 
     def to_row(self) -> dict:
         """The `predict_many` shape: {"file", "ok", ...Prediction fields} or {"file", "ok", "error"}."""
-        if not self.ok:
-            return {"file": self.name, "ok": False, "error": self.error}
+        if not self.ok:   # with the bytes' hash when they were read: a failed file is traced too
+            return {"file": self.name, "ok": False, "error": self.error,
+                    **({"sha256": self.sha256} if self.sha256 else {})}
         return {"file": self.name, "ok": True, "sha256": self.sha256, **self.prediction.to_json(),
                 **({"hot_slices": self.hot_slices} if self.hot_slices else {}),
                 **({"other_slices_unchecked": True} if self.unchecked else {}),
@@ -362,6 +363,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     shown = display_name(name)
     if isinstance(src, Exception):  # an upload that could not be unpacked (a zip member): listed, as on the page
         return ScanResult(shown, False, error=str(src))
+    data = None
     try:
         data = load_bytes(src)
         scan = read_scan(data, shown, **read_kw)
@@ -371,9 +373,9 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
                             getattr(predictor, "referral", None))
         view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX}, scan.head_box)
     except ScanError as e:
-        return ScanResult(shown, False, error=str(e))
+        return ScanResult(shown, False, error=str(e), sha256=_sha256(data))
     except BaseException as e:  # a bug in one file must not take down the rest of a batch
-        return ScanResult(shown, False, error=file_fault_error(e))
+        return ScanResult(shown, False, error=file_fault_error(e), sha256=_sha256(data))
     method = method or card_method(predictor)
     over, note = (_saliency(predictor, scan, method, saliency_target(pred, predictor.classes), view)
                   if pred.in_distribution
@@ -390,6 +392,11 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
                       sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
                       seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot,
                       unchecked=unchecked)
+
+
+def _sha256(data) -> str | None:
+    """The hex SHA-256 of bytes read, None when none were (a missing file)."""
+    return hashlib.sha256(data).hexdigest() if isinstance(data, (bytes, bytearray, memoryview)) else None
 
 
 def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor) -> str | None:
@@ -1251,6 +1258,8 @@ def cmd_report(args) -> int:
             for r in results:
                 if r.ok:
                     append_audit(args.audit, r.sha256, predictor, r.prediction, r.flags)
+                elif r.sha256:   # read but not predicted: traced too, with no result (never its error's words)
+                    append_audit(args.audit, r.sha256, predictor, None, [FLAG_UNREADABLE])
         except OSError as e:
             print(f"error: cannot write the audit log {args.audit}: {e.strerror or e}", file=sys.stderr)
             return 2

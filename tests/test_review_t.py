@@ -162,6 +162,30 @@ def test_report_writes_the_audit_log_before_the_pdf(predictor, tmp_path, monkeyp
     assert [x["sha256"] for x in lines] == [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
 
 
+def test_a_file_read_but_not_predicted_is_traced_by_its_hash_in_the_audit_log_csv_and_pdf(predictor, tmp_path):
+    """Unreadable files got no audit line and no hash in the CSV or on their PDF page: one could not
+    show which bytes were submitted and gave no result (a traceability item left in session 50)."""
+    import csv as _csv
+    import hashlib
+    (good := tmp_path / "s.png").write_bytes(scan_png(14))
+    (bad := tmp_path / "Wiggum_Ralph.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    log, table = tmp_path / "audit.jsonl", tmp_path / "r.csv"
+    rc = main(["report", str(good), str(bad), str(tmp_path / "missing.png"), "--out", str(tmp_path / "r.pdf"),
+               "--csv", str(table), "--weights", str(predictor.dir), "--audit", str(log)])
+    assert rc == 1   # some files failed
+    lines = read_audit(log)
+    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    assert [x["sha256"] for x in lines] == [hashlib.sha256(good.read_bytes()).hexdigest(), digest]  # the missing file has no bytes
+    assert lines[1]["result"] is None and lines[1]["slice"] is None and lines[1]["flags"] == ["cannot read"]
+    assert lines[1]["weights_sha256"] == predictor.weights_sha256
+    assert "Wiggum" not in log.read_text()
+    rows = list(_csv.DictReader(table.open(encoding="utf-8-sig")))
+    assert [r["file_sha256"] for r in rows] == [lines[0]["sha256"], digest, ""]
+    from test_report import flat, pdf_pages
+    page = flat(pdf_pages((tmp_path / "r.pdf").read_bytes(), tmp_path)[2])   # the summary, then one a file
+    assert "CANNOT READ" in page and f"file SHA-256 {digest[:16]}" in page
+
+
 def test_report_never_appends_audit_lines_to_a_file_that_is_no_log(predictor, tmp_path, capsys):
     (scan := tmp_path / "s.png").write_bytes(scan_png(13))
     table = tmp_path / "old.csv"
