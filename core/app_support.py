@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
-import re
 from collections import Counter, OrderedDict
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -29,7 +27,7 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         slice_scores, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
 from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, source_label, tumour_classes
 from .archive import unpack_allowance
-from .masks import input_mask, mask_contradiction  # the pages' names for them
+from .masks import input_mask, mask_contradiction, pair_masks  # noqa: F401 (the pages' names for them)
 from .metrics import apart, classification_metrics, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
@@ -926,99 +924,6 @@ def gallery_records(records: list[dict], kind: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- tumour masks
-def _stem(name: str) -> str:
-    """Upload name without its extension (``.nii.gz`` is one), folder kept: zip members pair
-    within one folder. A repeat's counter stays (`report.unique_names`: 'X.png (2)' -> 'X (2)'), so
-    the second patient's X.png is not the first's X."""
-    if (m := re.fullmatch(r"(.*[^/])( \(\d+\))", name)) and "." in m[1].rsplit("/", 1)[-1]:
-        return _stem(m[1]) + m[2]
-    if name.lower().endswith(".nii.gz"):
-        return name[:-len(".nii.gz")]
-    return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
-
-
-def _uncounted(name: str) -> str:
-    """An upload's name without the counter `report.unique_names` puts after a repeat's extension
-    ('X.png (2)' -> 'X.png'; 'brain (1).png' is a name of its own)."""
-    return re.sub(r"(\.[^./]+) \(\d+\)$", r"\1", name)
-
-
-def _mask_partner(stem: str) -> str | None:
-    """The scan stem an ``X_mask`` stem outlines ('X_mask (2)' -> 'X (2)'), None for a scan's."""
-    base, counter = re.fullmatch(r"(.*?)((?: \(\d+\))?)", stem).groups()
-    return base[:-len("_mask")] + counter if base.endswith("_mask") else None
-
-
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif")  # lossless: a JPEG is never two-valued
-
-
-def _is_mask_file(name: str, data) -> bool:
-    """A tumour mask: a lossless image of exactly two grey values (lesion and background). A blank
-    slice has one value and an MRI many, so neither is ever taken for a mask."""
-    from PIL import Image
-    name = _uncounted(name)
-    if not isinstance(data, (bytes, bytearray)) or not name.lower().endswith(MASK_SUFFIXES):
-        return False
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > 4096 * 4096:
-                return False
-            return len(np.unique(np.asarray(im.convert("L")))) == 2
-    except Exception:  # not an image PIL reads (DICOM, NIfTI, broken): not a mask
-        return False
-
-
-def _mask_beside(mask_name: str, scan_name: str) -> bool:
-    """The LGG layouts: X.png beside X.jpg in one folder, or masks/X.png beside <class>/X.jpg,
-    the two folders side by side, or masks/ inside the scan's folder (another zip's or patient's
-    masks/ outlines nothing here)."""
-    folder = lambda n: n.rsplit("/", 1)[0] if "/" in n else ""  # noqa: E731
-    fm, fs = folder(mask_name), folder(scan_name)
-    return fm == fs or (fm.rsplit("/", 1)[-1].lower() in ("masks", "mask") and folder(fm) in (fs, folder(fs)))
-
-
-def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
-    """Uploads with tumour masks taken out: ``X_mask.tif`` beside ``X.tif`` is X's mask, and so is
-    a two-valued ``X.png`` beside ``X.jpg`` (the LGG layout, ``masks/X.png`` and ``glioma/X.jpg``).
-
-    A paired mask is never predicted as a scan; a mask without its image stays an ordinary
-    upload. Returns the remaining items and {image name: mask bytes}.
-    """
-    partner = {n: _mask_partner(_stem(n)) for n, _ in items}
-    images: dict[str, list[str]] = {}
-    for n, _ in items:
-        if partner[n] is None:
-            images.setdefault(_stem(n), []).append(n)
-    named = [(n, d, images.get(partner[n], [])) for n, d in items if partner[n]]
-    # repeats are numbered per name ('X.png (2)'): with as many X scans as X masks the numbers pair
-    # them; scan A + mask, scan B, scan C + mask would give C's mask to B, so then none pairs
-    n_scans = Counter(_stem(_uncounted(n)) for names in images.values() for n in names)
-    outlines = {n: _mask_partner(_stem(_uncounted(n))) for n, _, _ in named}
-    n_masks = Counter(outlines.values())
-    named = [x for x in named if n_scans[outlines[x[0]]] == n_masks[outlines[x[0]]]]
-    claims = Counter(scans[0] for _, _, scans in named if len(scans) == 1)
-    masks, used = {}, set()
-    for name, data, scans in named:
-        # one scan of that stem (X.jpg and X.tif beside X_mask.tif: which one it outlines is a guess)
-        if len(scans) == 1 and claims[scans[0]] == 1 and isinstance(data, (bytes, bytearray)):
-            masks[scans[0]] = bytes(data)
-            used.add(name)
-    same_base: dict[str, list[tuple[str, object]]] = {}
-    for name, data in items:
-        if name not in used and name not in masks:
-            same_base.setdefault(_stem(name).rsplit("/", 1)[-1], []).append((name, data))
-    for group in (g for g in same_base.values() if len(g) > 1):
-        is_mask = [_is_mask_file(n, d) for n, d in group]
-        found = [(m, [s for (s, _), f in zip(group, is_mask) if not f and _mask_beside(m, s)])
-                 for (m, _), f in zip(group, is_mask) if f]
-        claims = Counter(s for _, beside in found for s in beside)
-        for (mask_name, beside), mask in zip(found, [d for (_, d), f in zip(group, is_mask) if f]):
-            if len(beside) == 1 and claims[beside[0]] == 1:   # one scan beside it, and no other mask beside that
-                masks[beside[0]] = bytes(mask)
-                used.add(mask_name)
-    return [(n, d) for n, d in items if n not in used], masks
-
-
 def record_mask_path(card: dict, record: dict) -> Path | None:
     """The tumour mask stored beside an eval.json record's scan (the LGG layout), if any."""
     from .saliency import mask_path_for
@@ -1250,7 +1155,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
     The method offered first is the one the card measured best against tumour masks, and the class
     the call (for a 'no tumour' call, the likeliest tumour class: `saliency.explained_class`).
     """
-    from .saliency import (METHODS, OUTLINE_WORDS, PEAK_COLOUR, colour_map, contour_overlay, default_method,
+    from .saliency import (METHODS, OUTLINE_WORDS, PEAK_WORDS, colour_map, contour_overlay, default_method,
                            explained_class, is_class_agnostic, overlay, peak_words)
     frame = input_mask(scan, mask, predictor.spec) if slice_index is None else None
     first = default_method(predictor.card)
@@ -1286,7 +1191,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
             else f"for '{class_word(target)}'" + (f", {u}" if (u := uncalled_words(pred, target)) else "")
         said = f"{method} saliency map ({what}), {peak_words(cam)}"   # the images' alt text: where it peaks
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch", alt=f"{said}, over the scan")
-        b.image(alone, caption=f"map alone ({PEAK_COLOUR} = most weight)", width="stretch", alt=said)
+        b.image(alone, caption=f"map alone ({PEAK_WORDS})", width="stretch", alt=said)
         st.caption(saliency_caveat(predictor.classes) + " " + saliency_scope(predictor.card))
         if frame is not None:
             st.caption(f"{OUTLINE_WORDS.capitalize()}: the uploaded tumour mask; {mask_note(cam, frame)}.")
@@ -1312,10 +1217,11 @@ def analyse_upload(predictor: Predictor, name: str, data, threshold: float | Non
         scan = cached_scan(data, name, key, slice_index)
         pred = at_threshold(cached_prediction(predictor, scan, key, slice_index),
                             predictor.classes, threshold, predictor.referral)
-    except ScanError as e:
-        return result_row(name, error=str(e)), None, None
     except BaseException as e:  # a bug on one file must not stop the batch
-        return result_row(name, error=file_fault_error(e)), None, None
+        row = result_row(name, error=str(e) if isinstance(e, ScanError) else file_fault_error(e))
+        if isinstance(data, (bytes, bytearray)):
+            row["sha256"] = key   # read, not predicted: its CSV row is traced too, as the report's
+        return row, None, None
     row = result_row(name, pred)
     shown = shown_slice(scan.info)
     if shown is not None and slice_choice:
@@ -1649,7 +1555,8 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown."
                    + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
                       "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
-                      "for it." if explain == "pred" and kind == "missed" and not is_class_agnostic(method) else ""))
+                      "for it." if explain == "pred" and kind == "missed" and not is_class_agnostic(method) else "")
+                   + " " + saliency_scope(predictor.card))   # as beside Diagnose's map: a map is not the lesion's place
         # three, not four: on a tablet four maps were 110 px wide under 10-line captions
         cols, absent = st.columns(GALLERY_COLUMNS), set()
         for k, r in enumerate(sel[:shown]):

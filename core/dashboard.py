@@ -77,7 +77,7 @@ def tumour_gauge(p: float, threshold: float | None, called: bool | None = None, 
                               "thickness": 0.9}
     fig = go.Figure(go.Indicator(mode="number+gauge", value=p, number={"valueformat": ".1%"},
                                  gauge=gauge, domain={"x": [0.25, 1], "y": [0, 1]},
-                                 title={"text": f"tumour<br><span style='font-size:11px'>{gauge_state(called, referred)}"
+                                 title={"text": f"any tumour<br><span style='font-size:11px'>{gauge_state(called, referred)}"
                                                 "</span>", "font": {"size": 14}}))
     return _layout(fig, "", height=90, margin=dict(l=10, r=20, t=10, b=20))
 

@@ -1278,7 +1278,7 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
                          "point, say); save it as 8- or 16-bit grey, or 32-bit floating point.")
     ext = "".join(ch for ch in _suffix(name) if ch.isprintable())[:16]   # a name's control characters stay out
     if ext:
-        return ScanError(f"The file is named '{ext}' but its content is not a supported "
+        return ScanError(f"The file's name ends in '{ext}' but its content is not a supported "
                          f"scan ({SUPPORTED}).")
     return ScanError(f"The file is not a supported scan ({SUPPORTED}).")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, class_word, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, class_label, class_word, has_tumour_decision, tumour_classes
 from .metrics import apart, decide, digits_apart, is_tumour_label, other_calls, tumour_calls, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
@@ -115,7 +115,10 @@ class ReferralRule:
             out.append(f"tumour probability {t:.{d}f} is inside the referral band {lo:.{d}f}-{hi:.{d}f}{moved}{where}")
         elif uncertain:
             p, level = apart(float(probs[0, pred]), self.min_confidence)
-            out.append(f"the probability of {classes[pred]}, {p}, is below the referral level {level}")
+            # the class as a reader names it, and what the level is for: "the probability of tumor, 0.751,
+            # is below the referral level" read as a negative result (a clinician's walkthrough)
+            out.append(f"the model gives its call ({class_label(classes[pred])}) a probability of {p}, under the "
+                       f"{level} it needs to be trusted (the referral level)")
         if type_uncertain:
             held, level = apart(float(type_confidence(probs, classes)[0]), self.min_type_confidence, 0, True)
             out.append(f"the most likely tumour type holds {held} of the tumour probability, below {level}")

@@ -80,25 +80,25 @@ def uncalled_words(pred: Prediction, target: str) -> str:
     blob on a normal brain read as a located meningioma. '' for the call's own class."""
     if target == pred.pred or target not in pred.probs:
         return ""
-    return f"p {pred.probs[target]:.3f}, not the call"
+    # each map is scaled to its own peak: a class at p 0.004 still shows a full yellow spot
+    return f"p {pred.probs[target]:.3f}, not the call; scaled to its own peak, so yellow is no sign of it"
 
 
 def saliency_scope(card: dict) -> str:
-    """Where this model's maps were checked against tumour masks, and for which tumours they were
-    not: only LGG ships masks, so a figure for FLAIR gliomas says nothing of a meningioma's map
-    (by eye, the default's meningioma maps mostly lie beside the lesion: docs/generalisation.md)."""
+    """Where this model's maps were tested against tumour masks, and on what they were not: only
+    LGG ships masks, so a figure for FLAIR gliomas says nothing of a meningioma's map (by eye, the
+    default's meningioma maps mostly lie beside the lesion: docs/generalisation.md)."""
     measured = ((card or {}).get("saliency") or {}).get("measured") or {}
-    tumours = [c for c in tumour_classes(card.get("classes") or []) if c != TUMOUR]
-    unread = "read a map as what moved the score, not as where the tumour lies."
     if not measured.get("pointing_game"):
-        return "This model's maps were never checked against tumour masks: " + unread
+        return "This model's maps were never tested against tumour masks."
     target, method = measured.get("target"), card["saliency"].get("default_method") or "the map"
-    said = (f"Checked against radiologists' tumour masks only on {class_word(target) if target else 'tumour'} "
-            f"slices of {source_label(measured.get('source', ''))}: {method}'s peak fell on the mask "
-            f"(within {measured.get('dilate_px', 0)} px) on {measured['pointing_game']:.0%} of "
-            f"{measured.get('n_slices', '?')} held-out slices.")
-    others = [class_word(c) for c in tumours if c != target]
-    return said + (f" For the other types ({', '.join(others)}) it was not measured: {unread}" if others else "")
+    others = [class_word(c) for c in tumour_classes(card.get("classes") or []) if c not in (TUMOUR, target)]
+    kind = f" ({class_word(target)})" if target and target != TUMOUR else ""
+    return (f"Where maps point was tested against radiologists' masks only on "
+            f"{source_label(measured.get('source', ''))} slices{kind}: {method}'s peak lay on the tumour "
+            f"(within {measured.get('dilate_px', 0)} px) in {measured['pointing_game']:.0%} of "
+            f"{measured.get('n_slices', '?')} held-out slices; the peak, not the extent. Not tested on other "
+            f"sequences" + (f" or tumour types ({', '.join(others)})." if others else "."))
 
 
 def saliency_caveat(classes: list[str]) -> str:
@@ -126,6 +126,7 @@ class ScanResult:
     mask_note: str | None = None           # a paired tumour mask marks a lesion under a 'no tumour' call
     series: str | None = None              # "DICOM series 1 of this report, Instance Number 12" (render_pdf)
     seen: bool = False                     # the file is one the model trained on (`Predictor.seen_in_training`)
+    outlined: bool = False                 # its paired tumour mask is drawn on the map
 
     @property
     def flags(self) -> list[str]:
@@ -329,17 +330,25 @@ def saliency_target(pred: Prediction, classes: list[str]) -> str:
     return explained_class(pred.pred, pred.probs, classes)
 
 
-def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.ndarray):
-    """(overlay RGB, None) or (None, why not): a failing map must not lose the prediction."""
+def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.ndarray,
+              mask: bytes | None = None):
+    """(overlay RGB, None, outlined) or (None, why not, False): a failing map must not lose the
+    prediction. A paired tumour ``mask`` that fits the scan is outlined on the map, as on the page."""
     try:
         from . import saliency as S
     except ImportError:
-        return None, "Saliency is not available in this installation."
+        return None, "Saliency is not available in this installation.", False
     try:
         cam = S.saliency_map(predictor, scan, method=method, target=target)
-        return S.overlay(view, cam, 0.4), None
+        over = S.overlay(view, cam, 0.4)
+        if mask is not None and shown_slice(scan.info) is None:   # 2D scans only, as on the page
+            from .masks import input_mask
+            frame = input_mask(scan, mask, {**predictor.spec, "size": view.shape[0]})
+            if frame is not None:
+                return S.contour_overlay(over, frame), None, True
+        return over, None, False
     except Exception as e:  # a report without a map beats no report
-        return None, f"The saliency map could not be computed ({type(e).__name__})."
+        return None, f"The saliency map could not be computed ({type(e).__name__}).", False
 
 
 REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance", "head_share",
@@ -377,9 +386,9 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     except BaseException as e:  # a bug in one file must not take down the rest of a batch
         return ScanResult(shown, False, error=file_fault_error(e), sha256=_sha256(data))
     method = method or card_method(predictor)
-    over, note = (_saliency(predictor, scan, method, saliency_target(pred, predictor.classes), view)
-                  if pred.in_distribution
-                  else (None, "No saliency map: an out-of-distribution scan gets no call to explain."))
+    over, note, outlined = (_saliency(predictor, scan, method, saliency_target(pred, predictor.classes), view, mask)
+                            if pred.in_distribution
+                            else (None, "No saliency map: an out-of-distribution scan gets no call to explain.", False))
     if hot is None:
         hot, head_share, unchecked = volume_check(predictor, data, shown, scan.info, pred.threshold, pred.in_distribution)
     if head_share is not None and "head_share" not in scan.info:
@@ -387,7 +396,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     # Reader metadata stays out of reports and CSVs (`source` is allow-listed), but for what names
     # the slice and its series: the audit log's slice and the summary's series lines read them.
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
-    return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note,
+    return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note, outlined=outlined,
                       source=source_line(scan.info), method=method,
                       sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
                       seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot,
@@ -848,13 +857,14 @@ def _tumour_row(pdf, p: Prediction, ctx: ReportContext) -> None:
         pdf.set_xy(pdf.l_margin, y + 7)
 
 
-IMAGE_GAP, MIN_IMAGE_MM, CAPTION_MM = 6, 40, 5
+IMAGE_GAP, MIN_IMAGE_MM, CAPTION_LINE_MM = 6, 40, 3.6
 
 
-def _image_side(pdf, below: float) -> float:
-    """The images' side (mm): their column's width, less what the ``below`` sections need to
-    keep a scan on one page (a page with several banners printed its caveat on a page of its own)."""
-    room = pdf.page_break_trigger - pdf.get_y() - CAPTION_MM - below - 1
+def _image_side(pdf, below: float, caption: float) -> float:
+    """The images' side (mm): their column's width, less what the ``below`` sections and the
+    ``caption`` under the images need to keep a scan on one page (a page with several banners
+    printed its caveat on a page of its own; a two-line caption pushed the last line over)."""
+    room = pdf.page_break_trigger - pdf.get_y() - caption - below - 1
     return max(MIN_IMAGE_MM, min((pdf.epw - IMAGE_GAP) / 2, room))
 
 
@@ -891,14 +901,29 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     pdf.font(8, False, MUTED)
     pdf.cell(col, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(pdf.l_margin + col + IMAGE_GAP)
-    explained = saliency_target(r.prediction, ctx.classes)
-    from .saliency import PEAK_COLOUR, is_class_agnostic
+    # wrapped: it may run to two lines
+    pdf.multi_cell(col, CAPTION_LINE_MM, pdf.t(_map_caption(r, ctx)), new_x="LMARGIN", new_y="NEXT")
+
+
+def _map_caption(r: ScanResult, ctx: ReportContext) -> str:
+    """The saliency map's caption: method, class explained and what its yellow means."""
+    from .saliency import OUTLINE_WORDS, PEAK_WORDS, is_class_agnostic
     shown = method_label(r.method) if r.method else ctx.method
+    if r.overlay is None:
+        return f"{shown} saliency: not available"
+    explained = saliency_target(r.prediction, ctx.classes)
     uncalled = uncalled_words(r.prediction, explained)
-    what = ("(class-agnostic)" if is_class_agnostic(r.method or ctx.method)
-            else f"for '{class_label(explained)}' ({uncalled or PEAK_COLOUR + ' = strongest evidence'})")
-    caption = f"{shown} {what}" if r.overlay is not None else f"{shown} saliency: not available"
-    pdf.cell(col, 4, pdf.t(caption), new_x="LMARGIN", new_y="NEXT")
+    return (f"{shown} " + ("(class-agnostic)" if is_class_agnostic(r.method or ctx.method)
+                           else f"for '{class_label(explained)}' ({uncalled or PEAK_WORDS})")
+            + (f"; {OUTLINE_WORDS}: the uploaded tumour mask" if r.outlined else ""))
+
+
+def _caption_height(pdf, r: ScanResult, ctx: ReportContext) -> float:
+    """The height (mm) of the images' captions, the longer of the two (the map's may wrap)."""
+    pdf.font(8, False, MUTED)
+    lines = pdf.multi_cell((pdf.epw - IMAGE_GAP) / 2, CAPTION_LINE_MM, pdf.t(_map_caption(r, ctx)),
+                           dry_run=True, output="LINES")
+    return 1 + max(4, CAPTION_LINE_MM * len(lines))
 
 
 def _file_heading(pdf, r: ScanResult, index: int, total: int) -> None:
@@ -949,7 +974,8 @@ def _scan_page(pdf, r: ScanResult, ctx: ReportContext, index: int, total: int) -
         pdf.ln(1)
     _flag_banners(pdf, r, ctx)
     pdf.ln(1)
-    _images(pdf, r, ctx, _image_side(pdf, pdf.height_of(lambda probe: _below_images(probe, r, ctx))))
+    _images(pdf, r, ctx, _image_side(pdf, pdf.height_of(lambda probe: _below_images(probe, r, ctx)),
+                                     _caption_height(pdf, r, ctx)))
     _below_images(pdf, r, ctx)
 
 
@@ -1240,6 +1266,26 @@ def _output_problem(args) -> str | None:
     return None
 
 
+def pair_file_masks(files: list[str]) -> tuple[list[tuple[str, Any]], dict[str, bytes]]:
+    """`report`'s files with tumour masks taken out, paired as the app pairs uploads
+    (`core.masks.pair_masks`: X_mask.png beside X.png, the LGG layout): a mask was read as a scan,
+    refused, and its raw output printed. Only a file that could be a mask (a lossless image whose
+    name another file shares, or an X_mask) is read ahead; the others stay paths, read one at a time."""
+    from .masks import MASK_SUFFIXES, _stem, pair_masks
+    bases = Counter(_stem(str(f)).rsplit("/", 1)[-1] for f in files)
+    items: list[tuple[str, Any]] = []
+    for f in files:
+        base = _stem(str(f)).rsplit("/", 1)[-1]
+        src: Any = f
+        if str(f).lower().endswith(MASK_SUFFIXES) and (bases[base] > 1 or base.endswith("_mask")):
+            try:
+                src = load_bytes(f)
+            except ScanError:
+                pass   # reported with its own sentence when it is read as a scan
+        items.append((f, src))
+    return pair_masks(items)
+
+
 def cmd_report(args) -> int:
     from .inference import Predictor
     if (why := _unknown_method(args.method) or _output_problem(args)):
@@ -1251,7 +1297,11 @@ def cmd_report(args) -> int:
         where = f" from {args.weights}" if args.weights else ""
         print(f"error: cannot load the model{where}: {e or type(e).__name__}", file=sys.stderr)
         return 2
-    results = analyse([(f, f) for f in args.files], predictor, args.threshold, args.method)
+    items, masks = pair_file_masks(args.files)
+    if masks:
+        print(f"{len(masks)} tumour mask(s) paired with their scans (outlined on the map, judged against "
+              "the call; not predicted as scans)", file=sys.stderr)
+    results = analyse([(f, src, {"mask": masks.get(f)}) for f, src in items], predictor, args.threshold, args.method)
     if args.audit:   # first: a closed pipe or a failed PDF must not lose the trace of results made
         from .audit_log import append_audit
         try:

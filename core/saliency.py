@@ -190,6 +190,8 @@ def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # (an accessibility review, session 51). Every caption names the peak by PEAK_COLOUR.
 COLORMAP = cv2.COLORMAP_VIRIDIS
 PEAK_COLOUR = "yellow"
+# what the peak colour means, in every caption: "strongest evidence" read as "the tumour is here"
+PEAK_WORDS = f"{PEAK_COLOUR} = what moved the score most, not the lesion"
 # A tumour mask's outline: a white ring outside a black one, seen on any colour of the map and scan
 # (magenta was 1 CIELAB unit from jet's light blue to a deuteranope)
 OUTLINE = ((255, 255, 255), (0, 0, 0))

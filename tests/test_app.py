@@ -71,7 +71,7 @@ def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
     assert not app.exception and calls == [1]
     # a class other than the call is explained with its probability, and said not to be the call
     assert "HiResCAM (for 'no tumour', p " in " ".join(c for im in app.image for c in im.captions)
-    assert ", not the call) over the model input" in " ".join(c for im in app.image for c in im.captions)
+    assert ", not the call; scaled to its own peak, so yellow is no sign of it) over the model input" in " ".join(c for im in app.image for c in im.captions)
     # EigenCAM draws one map whatever the class: no class is claimed for it.
     app.selectbox(key=next(s.key for s in app.selectbox if s.key.startswith("m-"))).set_value("EigenCAM").run()
     assert next(s for s in app.selectbox if s.key.startswith("t-")).disabled
@@ -374,7 +374,7 @@ def test_diagnose_speaks_to_a_screen_reader_and_keeps_plotly_toolbars_out_of_the
     assert any("saliency map" in a and "strongest" in a for a in alts)
     assert any(c.value.startswith("Calibrated probabilities: ") and "%" in c.value for c in app.caption)
     # the test model's card measured no map against masks: the page says so beside the map
-    assert any("never checked against tumour masks" in c.value for c in app.caption)
+    assert any("never tested against tumour masks" in c.value for c in app.caption)
     assert all(_json.loads(p.proto.config) == {"displayModeBar": False} for p in app.get("plotly_chart"))
     app.switch_page("app_pages/evaluation.py").run()
     charts = app.get("plotly_chart")

@@ -165,7 +165,7 @@ def build_corpus() -> list[Case]:
         Case("empty.jpg", b"", r"^The file is empty\.$"),
         Case("text.jpg", b"Patient notes: nothing to see here.\n" * 5, r"contains text"),
         Case("page.png", b"<!DOCTYPE html><html><body><img src='scan.png'></body></html>", r"contains text"),
-        Case("random.bin", random_bytes(4096), r"named '\.bin' but its content is not a supported scan"),
+        Case("random.bin", random_bytes(4096), r"name ends in '\.bin' but its content is not a supported scan"),
         Case("noise", random_bytes(4096, 1), r"^The file is not a supported scan"),
         Case("report.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", r"PDF document"),
         Case("archive.zip", make_zip({"a.png": good_png}), r"zip archive, not a single scan"),

@@ -281,11 +281,11 @@ def test_a_no_tumour_calls_map_of_the_likeliest_tumour_says_it_is_not_the_call(f
     assert target != "notumor"
     (page,) = pdf_pages(R.build_report([("clear.png", scan_png(5))], four), tmp_path)
     words = flat(page)
-    assert f"for '{R.class_label(target)}' (p {r.prediction.probs[target]:.3f}, not the call)" in words
+    assert f"for '{R.class_label(target)}' (p {r.prediction.probs[target]:.3f}, not the call; scaled to its own peak, so yellow is no sign of it)" in words
     assert "strongest evidence" not in words
     monkeypatch.setattr(four, "predict_scan", lambda scan: dataclasses.replace(real(scan), pred="glioma"))
     (page,) = pdf_pages(R.build_report([("clear.png", scan_png(5))], four), tmp_path)
-    assert "for 'Glioma' (yellow = strongest evidence)" in flat(page)
+    assert "for 'Glioma' (yellow = what moved the score most, not the lesion)" in flat(page)
 
 
 def test_a_flagged_scan_has_no_prediction_in_the_csv(four, monkeypatch):
@@ -759,10 +759,11 @@ def test_saliency_scope_says_where_maps_were_checked_and_for_which_types_not():
             "saliency": {"default_method": "Grad-CAM++", "measured": {
                 "pointing_game": 0.8867, "n_slices": 150, "target": "glioma", "dilate_px": 4, "source": "lgg"}}}
     said = saliency_scope(card)
-    assert "only on glioma slices of LGG FLAIR" in said and "Grad-CAM++'s peak" in said and "89% of 150" in said
-    assert "(meningioma, pituitary tumour) it was not measured" in said
-    assert "never checked" in saliency_scope({"classes": card["classes"]})
-    assert "never checked" in saliency_scope({"classes": ["notumor", "tumour"], "saliency": {"default_method": "Grad-CAM"}})
-    binary = {**card, "classes": ["notumor", "tumour"],
-              "saliency": {**card["saliency"], "measured": {**card["saliency"]["measured"], "target": "tumour"}}}
-    assert "not measured" not in saliency_scope(binary)
+    assert "only on LGG FLAIR slices (glioma)" in said and "Grad-CAM++'s peak" in said and "89% of 150" in said
+    assert "the peak, not the extent" in said
+    assert said.endswith("Not tested on other sequences or tumour types (meningioma, pituitary tumour).")
+    assert "never tested" in saliency_scope({"classes": card["classes"]})
+    assert "never tested" in saliency_scope({"classes": ["notumor", "tumour"], "saliency": {"default_method": "Grad-CAM"}})
+    binary = {**card, "classes": ["notumor", "tumor"],
+              "saliency": {**card["saliency"], "measured": {**card["saliency"]["measured"], "target": "tumor"}}}
+    assert saliency_scope(binary).endswith("Not tested on other sequences.") and "slices:" in saliency_scope(binary)

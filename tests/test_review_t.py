@@ -657,3 +657,27 @@ def test_a_png_mask_beside_a_jpeg_scan_is_no_scan_on_disk_or_in_a_zip(tmp_path, 
     items, skipped, _ = app.labelled_zip(zipped({r: scan_png(31) for r in rels}), predictor.classes)
     assert sorted(n for n, _, _ in items) == ["glioma/TCGA_DU_5855_013.jpg", "notumor/b.png"]
     assert [s["file"] for s in skipped] == ["glioma/TCGA_DU_5855_013_mask.png"]
+
+
+def test_report_pairs_a_tumour_mask_with_its_scan_as_the_page_does(tmp_path, predictor, capsys):
+    """`report` read X_mask.png beside X.png as a scan: a page 'out of distribution' with its raw
+    probabilities in the CSV, and X's map drawn without the outline the page shows (a clinician's
+    walkthrough, session 51). A mask with no scan of its name stays a file of its own."""
+    import csv as _csv
+    from PIL import Image
+    from test_report import flat, pdf_pages
+    (tmp_path / "X.png").write_bytes(scan_png(21))
+    blob = np.zeros((96, 96), np.uint8)   # the scan's size: a mask that does not fit is not drawn
+    blob[30:60, 36:66] = 255
+    Image.fromarray(blob).save(tmp_path / "X_mask.png")
+    Image.fromarray(blob).save(tmp_path / "Z_mask.png")   # no Z beside it
+    out, table = tmp_path / "r.pdf", tmp_path / "r.csv"
+    rc = main(["report", *(str(tmp_path / n) for n in ("X.png", "X_mask.png", "Z_mask.png")),
+               "--out", str(out), "--csv", str(table), "--weights", str(predictor.dir)])
+    captured = capsys.readouterr()
+    assert rc == 0 and "1 tumour mask(s) paired" in captured.err
+    assert [r["file"] for r in _csv.DictReader(table.open())] == ["X.png", "Z_mask.png"]
+    pages = [flat(p) for p in pdf_pages(out.read_bytes(), tmp_path)]
+    x_page = next(p for p in pages if "File: X.png" in p)
+    assert "black-and-white outline: the uploaded tumour mask" in x_page
+    assert R.pair_file_masks([str(tmp_path / "X.png")]) == ([(str(tmp_path / "X.png"), str(tmp_path / "X.png"))], {})

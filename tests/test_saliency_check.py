@@ -333,6 +333,8 @@ def test_gallery_outlines_the_mask_beside_a_missed_lgg_like_scan(masked_app):
     assert at.radio(key="gallery-explain").label == "EigenCAM for"
     caption = next(c for im in at.image for c in im.captions if c.startswith("`glioma/0.png`"))
     assert "black-and-white outline: tumour mask" in caption and "map peak" in caption
+    # where the maps were checked, said above the gallery as beside Diagnose's map
+    assert any("tested against" in c.value and "masks" in c.value for c in at.caption)
 
 
 def test_the_gallery_draws_no_map_for_a_scan_the_gate_refused(tmp_path, monkeypatch):
