@@ -15,7 +15,7 @@ from .inference import finite_number, shown_slice
 from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, call_label, class_label, has_tumour_decision, source_label, tumour_classes
 from .metrics import is_tumour_label
 from .referral import ReferralRule
-from .report import flag_labels, refused_by_header, slice_words, volume_words
+from .report import flag_labels, refused_by_header, slice_words, untested_words, volume_words
 
 # Okabe-Ito's colour-blind-safe set, in the roles of the plotly colours it replaced (blue, orange,
 # green, red first), then plotly's brown: plotly's green and red were 7.5 apart in CIELAB to a
@@ -796,7 +796,8 @@ def saliency_and_speed(card: dict) -> list[str]:
                    if finite_number(m.get("pointing_game")) and finite_number(m.get("energy_in_mask")) else "")
         chosen = (", chosen on the validation patients' slices (every method's figures: the model's "
                   "saliency_eval.json, docs/generalisation.md)" if m.get("chosen_on") == "val" else "")
-        lines.append(f"Saliency: {sal['default_method']} by default{checked}{chosen} (`python -m core saliency-check`).")
+        lines.append(f"Saliency: {sal['default_method']} by default{checked}{chosen} (`python -m core saliency-check`). "
+                     + untested_words(card))
     elif sal.get("default_method") and sal.get("beats_floors") is False:
         m = sal.get("measured") or {}
         score = f" ({m['pointing_game']:.0%})" if finite_number(m.get("pointing_game")) else ""

@@ -92,13 +92,18 @@ def saliency_scope(card: dict) -> str:
     if not measured.get("pointing_game"):
         return "This model's maps were never tested against tumour masks."
     target, method = measured.get("target"), card["saliency"].get("default_method") or "the map"
-    others = [class_word(c) for c in tumour_classes(card.get("classes") or []) if c not in (TUMOUR, target)]
     kind = f" ({class_word(target)})" if target and target != TUMOUR else ""
     return (f"Where maps point was tested against radiologists' masks only on "
             f"{source_label(measured.get('source', ''))} slices{kind}: {method}'s peak lay on the tumour "
             f"(within {measured.get('dilate_px', 0)} px) in {measured['pointing_game']:.0%} of "
-            f"{measured.get('n_slices', '?')} held-out slices; the peak, not the extent. Not tested on other "
-            f"sequences" + (f" or tumour types ({', '.join(others)})." if others else "."))
+            f"{measured.get('n_slices', '?')} held-out slices; the peak, not the extent. " + untested_words(card))
+
+
+def untested_words(card: dict) -> str:
+    """What the card's mask check did not cover: other sequences, and the tumour types it lacks."""
+    target = (((card or {}).get("saliency") or {}).get("measured") or {}).get("target")
+    others = [class_word(c) for c in tumour_classes(card.get("classes") or []) if c not in (TUMOUR, target)]
+    return "Not tested on other sequences" + (f" or tumour types ({', '.join(others)})." if others else ".")
 
 
 def saliency_caveat(classes: list[str]) -> str:

@@ -136,6 +136,11 @@ def test_the_model_card_says_its_saliency_default_and_speed():
     sal, speed = dash.saliency_and_speed(card)
     assert "Grad-CAM by default" in sal and "89% of 150 test slices" in sal and "27% of its mass" in sal
     assert "the LGG FLAIR tumour mask" in sal and "is no outline of one" in sal   # 27 % inside: a pointer, not an outline
+    assert sal.endswith("Not tested on other sequences.")   # no classes in this card: no types to name
+    typed = dash.saliency_and_speed({**card, "classes": ["glioma", "meningioma", "notumor", "pituitary"],
+                                     "saliency": {**card["saliency"], "measured": {**card["saliency"]["measured"],
+                                                                                   "target": "glioma"}}})[0]
+    assert typed.endswith("Not tested on other sequences or tumour types (meningioma, pituitary tumour).")
     assert speed.startswith("Speed: 16.6 ms, median single-image served pass")
     assert dash.saliency_and_speed({}) == ["Saliency: no method was checked against tumour masks for this model "
                                            "(or the card names one this version lacks); Grad-CAM is shown by default."]
