@@ -139,7 +139,7 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
             show_refusal(pred, f"{wkey}-{slice_index}", app.unchecked_note(row))
     if pred.in_distribution:
         app.saliency_panel(predictor, scan, app.item_key(name, data), pred, slice_index,
-                           mask=masks.get(name), widget_key=wkey)
+                           mask=masks.get(name), widget_key=wkey, scope=len(items) == 1)
     if slice_index is not None:  # after the result: scoring every slice of a volume takes seconds
         with st.spinner("Checking the volume's other slices..."):
             alert = app.volume_alert(predictor, data, name, threshold, slice_index, pred.in_distribution)
@@ -190,6 +190,7 @@ else:
 if len(items) > 1:
     with summary:
         st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
+        st.caption(f"Saliency maps: {app.saliency_scope(predictor.card)}")   # once, not under each file's map
         table = batch_table(results)
         tp_format = tp_column_format(results)  # decimals enough to tell each from its threshold
         st.dataframe(table, hide_index=True, placeholder="—", column_config={   # an unreadable file's empty cells

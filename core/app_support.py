@@ -1144,7 +1144,8 @@ def class_control(method: str) -> dict:
 
 
 def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Prediction,
-                   slice_index: int | None = None, mask: bytes | None = None, widget_key: str | None = None) -> None:
+                   slice_index: int | None = None, mask: bytes | None = None, widget_key: str | None = None,
+                   scope: bool = True) -> None:
     """Method, target class and opacity controls; overlay and raw map side by side.
 
     ``key`` caches the maps (content: the same file twice computes once); ``widget_key``
@@ -1192,7 +1193,8 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
         said = f"{method} saliency map ({what}), {peak_words(cam)}"   # the images' alt text: where it peaks
         a.image(over, caption=f"{method} ({what}) over the model input", width="stretch", alt=f"{said}, over the scan")
         b.image(alone, caption=f"map alone ({PEAK_WORDS})", width="stretch", alt=said)
-        st.caption(saliency_caveat(predictor.classes) + " " + saliency_scope(predictor.card))
+        # ``scope``: where the maps were tested, once a page (a batch says it above its files, not under each)
+        st.caption(saliency_caveat(predictor.classes) + (" " + saliency_scope(predictor.card) if scope else ""))
         if frame is not None:
             st.caption(f"{OUTLINE_WORDS.capitalize()}: the uploaded tumour mask; {mask_note(cam, frame)}.")
         elif mask is not None and slice_index is not None:

@@ -123,6 +123,8 @@ def test_batch_with_a_bad_file_shows_the_error_and_the_others(app):
     table = app.dataframe[0].value
     assert list(table["file"]) == ["first.jpg", "broken.jpg", "third.jpg"]
     assert table["flags"][1].startswith("error:") and table["prediction"][0] in map(class_label, CLASSES)
+    # where the maps were tested: said once above the batch, not under each file's map
+    assert sum("tested against tumour masks" in c.value for c in app.caption) == 1
     assert app.dataframe[0].proto.placeholder == "—"   # its empty number cells: not a grey "None"
     assert any(b.label.startswith("Download the table") for b in app.get("download_button"))
 
