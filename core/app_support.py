@@ -34,7 +34,7 @@ from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_
 from .report import saliency_caveat, saliency_scope, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
 from .reader import MAX_SLICES  # noqa: F401 (the Diagnose page's name for it: its best-slice toggle)
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
-                     read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
+                     looks_like_text, read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 # What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
@@ -1221,8 +1221,8 @@ def analyse_upload(predictor: Predictor, name: str, data, threshold: float | Non
                             predictor.classes, threshold, predictor.referral)
     except BaseException as e:  # a bug on one file must not stop the batch
         row = result_row(name, error=str(e) if isinstance(e, ScanError) else file_fault_error(e))
-        if isinstance(data, (bytes, bytearray)):
-            row["sha256"] = key   # read, not predicted: its CSV row is traced too, as the report's
+        if isinstance(data, (bytes, bytearray)) and not looks_like_text(bytes(data)):
+            row["sha256"] = key   # read, not predicted: its CSV row is traced too, as the report's (not a text's)
         return row, None, None
     row = result_row(name, pred)
     shown = shown_slice(scan.info)

@@ -1,4 +1,4 @@
-"""Opt-in audit log: one JSON line per prediction, so a result can be traced to a model later.
+"""Opt-in audit log: one JSON line per file read, so a result can be traced to a model later.
 
 A line holds the UTC time, the SHA-256 of the scan's bytes (enough to match a file the user
 still has, useless for recovering it), the model's name and version, the SHA-256 of its weights,

@@ -196,7 +196,7 @@ def _looks_like_raw_dicom(data: bytes) -> bool:
     return len(data) > 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3] < 0x10
 
 
-def _looks_like_text(data: bytes) -> bool:
+def looks_like_text(data: bytes) -> bool:
     head = data[:2048]
     if b"\x00" in head:
         return False
@@ -1271,7 +1271,7 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
                          f"({SUPPORTED}).")
     if _is_tar(data):
         return ScanError(TAR_REFUSED)
-    if _looks_like_text(data):
+    if looks_like_text(data):
         return ScanError("The file contains text (for example a web page), not an image or scan.")
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):   # a TIFF (or BigTIFF) Pillow cannot decode
         return ScanError("The file is a TIFF whose pixel type or layout cannot be read (64-bit floating "

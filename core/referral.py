@@ -118,7 +118,7 @@ class ReferralRule:
             # the class as a reader names it, and what the level is for: "the probability of tumor, 0.751,
             # is below the referral level" read as a negative result (a clinician's walkthrough)
             out.append(f"the model gives its call ({class_label(classes[pred])}) a probability of {p}, under the "
-                       f"{level} it needs to be trusted (the referral level)")
+                       f"referral level {level}, so it is referred")
         if type_uncertain:
             held, level = apart(float(type_confidence(probs, classes)[0]), self.min_type_confidence, 0, True)
             out.append(f"the most likely tumour type holds {held} of the tumour probability, below {level}")

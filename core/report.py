@@ -35,6 +35,7 @@ import csv
 import functools
 import hashlib
 import io
+import os
 import re
 import sys
 import unicodedata
@@ -51,7 +52,7 @@ from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, UNCHECKED_TEXT, Prediction,
 from .labels import NO_TUMOUR, TUMOUR, call_label, class_label, class_word, source_label, tumour_classes
 from .metrics import digits_apart, is_tumour_label
 from .preprocess import prepare
-from .reader import ScanError, file_fault_error, load_bytes, read_scan
+from .reader import ScanError, file_fault_error, load_bytes, looks_like_text, read_scan
 from .referral import ReferralRule, at_threshold, call_note
 
 DEFAULT_DISCLAIMER = "Research demo, not a medical device; not for diagnosis."
@@ -93,7 +94,7 @@ def saliency_scope(card: dict) -> str:
         return "This model's maps were never tested against tumour masks."
     target, method = measured.get("target"), card["saliency"].get("default_method") or "the map"
     kind = f" ({class_word(target)})" if target and target != TUMOUR else ""
-    return (f"Where maps point was tested against radiologists' masks only on "
+    return (f"Where the maps point was tested against radiologists' masks only on "
             f"{source_label(measured.get('source', ''))} slices{kind}: {method}'s peak lay on the tumour "
             f"(within {measured.get('dilate_px', 0)} px) in {measured['pointing_game']:.0%} of "
             f"{measured.get('n_slices', '?')} held-out slices; the peak, not the extent. " + untested_words(card))
@@ -132,6 +133,7 @@ class ScanResult:
     series: str | None = None              # "DICOM series 1 of this report, Instance Number 12" (render_pdf)
     seen: bool = False                     # the file is one the model trained on (`Predictor.seen_in_training`)
     outlined: bool = False                 # its paired tumour mask is drawn on the map
+    mask_given: bool = False               # a tumour mask was paired with it (drawn or not)
 
     @property
     def flags(self) -> list[str]:
@@ -346,14 +348,16 @@ def _saliency(predictor: Predictor, scan, method: str, target: str, view: np.nda
     try:
         cam = S.saliency_map(predictor, scan, method=method, target=target)
         over = S.overlay(view, cam, 0.4)
-        if mask is not None and shown_slice(scan.info) is None:   # 2D scans only, as on the page
-            from .masks import input_mask
-            frame = input_mask(scan, mask, {**predictor.spec, "size": view.shape[0]})
-            if frame is not None:
-                return S.contour_overlay(over, frame), None, True
-        return over, None, False
     except Exception as e:  # a report without a map beats no report
         return None, f"The saliency map could not be computed ({type(e).__name__}).", False
+    if mask is None or shown_slice(scan.info) is not None:   # outlines on 2D scans only, as on the page
+        return over, None, False
+    try:   # a mask that fails must not take the map with it
+        from .masks import input_mask
+        frame = input_mask(scan, mask, {**predictor.spec, "size": view.shape[0]})
+        return (S.contour_overlay(over, frame), None, True) if frame is not None else (over, None, False)
+    except Exception:
+        return over, None, False
 
 
 REPORT_INFO_KEYS = ("slice_index", "n_slices", "frame", "n_frames", "series", "instance", "head_share",
@@ -402,6 +406,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     # the slice and its series: the audit log's slice and the summary's series lines read them.
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note, outlined=outlined,
+                      mask_given=mask is not None,
                       source=source_line(scan.info), method=method,
                       sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
                       seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot,
@@ -409,8 +414,11 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
 
 
 def _sha256(data) -> str | None:
-    """The hex SHA-256 of bytes read, None when none were (a missing file)."""
-    return hashlib.sha256(data).hexdigest() if isinstance(data, (bytes, bytearray, memoryview)) else None
+    """The hex SHA-256 of a failed file's bytes, None when none were read (a missing file) or they
+    are text: a short text's hash (a name and a birth date) can be found by guessing."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or looks_like_text(bytes(data)):
+        return None
+    return hashlib.sha256(data).hexdigest()
 
 
 def _mask_note(pred: Prediction, scan, mask: bytes | None, predictor: Predictor) -> str | None:
@@ -906,7 +914,7 @@ def _images(pdf, r: ScanResult, ctx: ReportContext, side: float) -> None:
     pdf.font(8, False, MUTED)
     pdf.cell(col, 4, pdf.t("Image as the model sees it (cropped to the head)"))
     pdf.set_x(pdf.l_margin + col + IMAGE_GAP)
-    # wrapped: it may run to two lines
+    # wrapped: it may run to three lines
     pdf.multi_cell(col, CAPTION_LINE_MM, pdf.t(_map_caption(r, ctx)), new_x="LMARGIN", new_y="NEXT")
 
 
@@ -920,7 +928,9 @@ def _map_caption(r: ScanResult, ctx: ReportContext) -> str:
     uncalled = uncalled_words(r.prediction, explained)
     return (f"{shown} " + ("(class-agnostic)" if is_class_agnostic(r.method or ctx.method)
                            else f"for '{class_label(explained)}' ({uncalled or PEAK_WORDS})")
-            + (f"; {OUTLINE_WORDS}: the uploaded tumour mask" if r.outlined else ""))
+            + (f"; {OUTLINE_WORDS}: the uploaded tumour mask" if r.outlined
+               else "; the tumour mask given does not fit this scan (or it is a volume's slice): not drawn"
+               if r.mask_given else ""))
 
 
 def _caption_height(pdf, r: ScanResult, ctx: ReportContext) -> float:
@@ -1275,20 +1285,26 @@ def pair_file_masks(files: list[str]) -> tuple[list[tuple[str, Any]], dict[str, 
     """`report`'s files with tumour masks taken out, paired as the app pairs uploads
     (`core.masks.pair_masks`: X_mask.png beside X.png, the LGG layout): a mask was read as a scan,
     refused, and its raw output printed. Only a file that could be a mask (a lossless image whose
-    name another file shares, or an X_mask) is read ahead; the others stay paths, read one at a time."""
+    name another file shares, or an X_mask) is read ahead; the others stay paths, read one at a time.
+    Paired by their absolute, normalised paths ('./glioma/X.jpg' beside 'masks/X.png' pairs), and
+    returned under the names as given."""
     from .masks import MASK_SUFFIXES, _stem, pair_masks
-    bases = Counter(_stem(str(f)).rsplit("/", 1)[-1] for f in files)
+    given = {os.path.normpath(os.path.abspath(f)) if str(f).strip() else str(f): f for f in files}
+    if len(given) < len(files):   # a file named twice: paired by name as given, as the app pairs repeats
+        given = {str(f): f for f in files}
+    bases = Counter(_stem(k).rsplit("/", 1)[-1] for k in given)
     items: list[tuple[str, Any]] = []
-    for f in files:
-        base = _stem(str(f)).rsplit("/", 1)[-1]
+    for key, f in given.items():
+        base = _stem(key).rsplit("/", 1)[-1]
         src: Any = f
-        if str(f).lower().endswith(MASK_SUFFIXES) and (bases[base] > 1 or base.endswith("_mask")):
+        if key.lower().endswith(MASK_SUFFIXES) and (bases[base] > 1 or base.endswith("_mask")):
             try:
                 src = load_bytes(f)
             except ScanError:
                 pass   # reported with its own sentence when it is read as a scan
-        items.append((f, src))
-    return pair_masks(items)
+        items.append((key, src))
+    kept, masks = pair_masks(items)
+    return [(given[k], src) for k, src in kept], {given[k]: m for k, m in masks.items()}
 
 
 def cmd_report(args) -> int:
@@ -1303,9 +1319,9 @@ def cmd_report(args) -> int:
         print(f"error: cannot load the model{where}: {e or type(e).__name__}", file=sys.stderr)
         return 2
     items, masks = pair_file_masks(args.files)
-    if masks:
-        print(f"{len(masks)} tumour mask(s) paired with their scans (outlined on the map, judged against "
-              "the call; not predicted as scans)", file=sys.stderr)
+    for scan in masks:   # each pair named: a mask taken out of the batch must not go unsaid
+        print(f"tumour mask paired with {scan}: not predicted as a scan; outlined on its map and judged "
+              "against its call where it fits the scan", file=sys.stderr)
     results = analyse([(f, src, {"mask": masks.get(f)}) for f, src in items], predictor, args.threshold, args.method)
     if args.audit:   # first: a closed pipe or a failed PDF must not lose the trace of results made
         from .audit_log import append_audit
@@ -1350,6 +1366,6 @@ def add_cli(sub) -> None:
                    help="operating point on the tumour probability (default: the model card's)")
     r.add_argument("--method", help="saliency method (gradcam, gradcam++, hirescam, xgradcam, "
                                     "layercam, eigencam; default: the card's, as in the app)")
-    r.add_argument("--audit", help="append one JSON line per prediction to this log (opt-in; "
-                                   "holds file hashes and results, never file names)")
+    r.add_argument("--audit", help="append one JSON line per file read (its prediction, or none) to this log "
+                                   "(opt-in; holds file hashes and results, never file names)")
     r.set_defaults(fn=cmd_report)

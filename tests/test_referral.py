@@ -165,7 +165,7 @@ def test_old_card_rule_judges_the_class_called_not_the_top_one():
     k = decide(p, C4, 0.02)
     assert C4[k[0]] == "glioma"
     assert rule.flags(p, k)[0].tolist() == [True]
-    assert "its call (Glioma) a probability of 0.030, under the 0.600" in rule.reason(p[0], int(k[0]))
+    assert "its call (Glioma) a probability of 0.030, under the referral level 0.600" in rule.reason(p[0], int(k[0]))
 
 
 def _record(source, label, p, rule, threshold=0.3):

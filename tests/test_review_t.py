@@ -675,9 +675,50 @@ def test_report_pairs_a_tumour_mask_with_its_scan_as_the_page_does(tmp_path, pre
     rc = main(["report", *(str(tmp_path / n) for n in ("X.png", "X_mask.png", "Z_mask.png")),
                "--out", str(out), "--csv", str(table), "--weights", str(predictor.dir)])
     captured = capsys.readouterr()
-    assert rc == 0 and "1 tumour mask(s) paired" in captured.err
+    assert rc == 0 and f"tumour mask paired with {tmp_path / 'X.png'}" in captured.err
     assert [r["file"] for r in _csv.DictReader(table.open())] == ["X.png", "Z_mask.png"]
     pages = [flat(p) for p in pdf_pages(out.read_bytes(), tmp_path)]
     x_page = next(p for p in pages if "File: X.png" in p)
     assert "black-and-white outline: the uploaded tumour mask" in x_page
     assert R.pair_file_masks([str(tmp_path / "X.png")]) == ([(str(tmp_path / "X.png"), str(tmp_path / "X.png"))], {})
+
+
+def test_report_pairs_masks_however_the_paths_are_spelled_and_says_when_one_does_not_fit(tmp_path, predictor,
+                                                                                          monkeypatch, capsys):
+    """'./glioma/X.png' beside 'masks/X.png' did not pair (the mask was predicted as a scan again),
+    and a paired mask that did not fit its scan vanished while the CLI said it was outlined (a review)."""
+    from PIL import Image
+    from test_report import flat, pdf_pages
+    (tmp_path / "glioma").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "glioma" / "X.png").write_bytes(scan_png(22))
+    blob = np.zeros((96, 96), np.uint8)
+    blob[30:60, 36:66] = 255
+    Image.fromarray(blob).save(tmp_path / "masks" / "X.png")
+    monkeypatch.chdir(tmp_path)
+    for scan, mask in (("./glioma/X.png", "masks/X.png"), ("glioma/X.png", str(tmp_path / "masks" / "X.png")),
+                       ("glioma/../glioma/X.png", "masks/X.png")):
+        kept, masks = R.pair_file_masks([scan, mask])
+        assert [n for n, _ in kept] == [scan] and list(masks) == [scan], (scan, mask)
+    Image.fromarray(blob[:50, :50]).save(tmp_path / "masks" / "X.png")   # not the scan's size
+    rc = main(["report", "glioma/X.png", "masks/X.png", "--out", "r.pdf", "--weights", str(predictor.dir)])
+    assert rc == 0 and "tumour mask paired with glioma/X.png" in capsys.readouterr().err
+    (page,) = [flat(p) for p in pdf_pages((tmp_path / "r.pdf").read_bytes(), tmp_path) if "File: X.png" in p]
+    assert "the tumour mask given does not fit this scan" in page
+
+
+def test_a_failed_text_file_leaves_no_hash_anywhere(tmp_path, predictor):
+    """A short text's SHA-256 (a name and a birth date) can be found by guessing: a text file that
+    fails is listed, never hashed, in the audit log, the CSV or the app's row."""
+    import csv as _csv
+    (note := tmp_path / "note.jpg").write_bytes(b"Wiggum Ralph DOB 1970-01-01\n" * 3)
+    log, table = tmp_path / "a.jsonl", tmp_path / "r.csv"
+    assert main(["report", str(note), "--out", str(tmp_path / "r.pdf"), "--csv", str(table),
+                 "--weights", str(predictor.dir), "--audit", str(log)]) == 1
+    assert read_audit(log) == []
+    (row,) = _csv.DictReader(table.open())
+    assert row["ok"] == "0" and row["file_sha256"] == ""
+    failed, _, _ = app.analyse_upload(predictor, "note.jpg", note.read_bytes(), 0.5)
+    assert not failed["ok"] and "sha256" not in failed
+    binary, _, _ = app.analyse_upload(predictor, "x.jpg", bytes(range(256)) * 4, 0.5)
+    assert not binary["ok"] and len(binary["sha256"]) == 64   # not text: traced by its hash
