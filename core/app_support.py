@@ -31,10 +31,11 @@ from .masks import input_mask, mask_contradiction, pair_masks  # noqa: F401 (the
 from .metrics import apart, classification_metrics, decide, is_tumour_label, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
-from .report import saliency_caveat, saliency_scope, shown_path, uncalled_words, unique_names  # the upload batch names files as the report does
+# the upload batch names files, and traces a failed one, as the report does
+from .report import failed_file_sha256, saliency_caveat, saliency_scope, shown_path, uncalled_words, unique_names
 from .reader import MAX_SLICES  # noqa: F401 (the Diagnose page's name for it: its best-slice toggle)
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
-                     looks_like_text, read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
+                     read_scan, read_volume_slices, read_zip, sniff, zip_to_labelled)
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
 # What to upload. Measured with bench/screen_captures.py (docs/generalisation.md, "Screen captures"):
@@ -1221,8 +1222,8 @@ def analyse_upload(predictor: Predictor, name: str, data, threshold: float | Non
                             predictor.classes, threshold, predictor.referral)
     except BaseException as e:  # a bug on one file must not stop the batch
         row = result_row(name, error=str(e) if isinstance(e, ScanError) else file_fault_error(e))
-        if isinstance(data, (bytes, bytearray)) and not looks_like_text(bytes(data)):
-            row["sha256"] = key   # read, not predicted: its CSV row is traced too, as the report's (not a text's)
+        if (sha := failed_file_sha256(data)):
+            row["sha256"] = sha   # read, not predicted: its CSV row is traced too, by the report's rule
         return row, None, None
     row = result_row(name, pred)
     shown = shown_slice(scan.info)

@@ -391,9 +391,9 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
                             getattr(predictor, "referral", None))
         view = prepare(scan.pixels, {**predictor.spec, "size": DISPLAY_PX}, scan.head_box)
     except ScanError as e:
-        return ScanResult(shown, False, error=str(e), sha256=_sha256(data))
+        return ScanResult(shown, False, error=str(e), sha256=failed_file_sha256(data))
     except BaseException as e:  # a bug in one file must not take down the rest of a batch
-        return ScanResult(shown, False, error=file_fault_error(e), sha256=_sha256(data))
+        return ScanResult(shown, False, error=file_fault_error(e), sha256=failed_file_sha256(data))
     method = method or card_method(predictor)
     over, note, outlined = (_saliency(predictor, scan, method, saliency_target(pred, predictor.classes), view, mask)
                             if pred.in_distribution
@@ -413,7 +413,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
                       unchecked=unchecked)
 
 
-def _sha256(data) -> str | None:
+def failed_file_sha256(data) -> str | None:
     """The hex SHA-256 of a failed file's bytes, None when none were read (a missing file) or they
     are text: a short text's hash (a name and a birth date) can be found by guessing."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or looks_like_text(bytes(data)):
