@@ -88,7 +88,7 @@ def home() -> None:
         "its training data.")
     if pred is not None:
         card = pred.card
-        st.subheader(f"Loaded model: {pred.name} ({card.get('arch', '?')})")
+        st.header(f"Loaded model: {pred.name} ({card.get('arch', '?')})")
         figures, note = home_figures(pred)
         metric_rows([(label, value, None) for label, value in figures.items()])
         st.caption(f"{note} Classes: {', '.join(map(class_label, pred.classes))} · input {pred.spec['size']} px grey · "
@@ -97,7 +97,7 @@ def home() -> None:
             st.info(moved, icon=":material/tune:")
         if (narrow := one_source_warning(pred)):
             st.warning(narrow, icon=":material/warning:")
-    st.subheader("Pages")
+    st.header("Pages")
     for page, what in ((PAGES["diagnose"], "upload scans, see predictions, flags and saliency"),
                        (PAGES["evaluation"], "confusion matrix, ROC, missed tumours, calibration"),
                        (PAGES["training"], "learning curves and a comparison of every model"),

@@ -107,6 +107,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--replace", action="store_true",
+                   help="let a fresh run retrain a shipped model's folder (weights/NAME with a card), "
+                        "whose files are moved aside to --out/previous-<time>/ (git ignores them)")
     p.add_argument("--average-init", action="store_true",
                    help="with --init: ship the mean of the parent's and this run's best weights when "
                         "that has the lower validation loss (weight averaging over the two cycles)")
@@ -173,7 +176,7 @@ INT_OPTIONS = ("epochs", "batch_size", "img", "small_img", "small_img_epochs", "
 # is parsed, fixed on resume and checked on a finish without a hand edit in each list.
 FLOAT_OPTIONS = ("lr", "wd", "smoothing", "ema", "mask_loss", "distill", "distill_t", "aug", "skull_strip_p",
                  *E.AUG_OPTION_DEFAULTS, "target_sensitivity", "min_specificity", "min_head", "tta_below")
-FLAG_OPTIONS = ("binary", "resume", "average_init", "average_init_always", "no_progress", "distill_online")
+FLAG_OPTIONS = ("binary", "resume", "replace", "average_init", "average_init_always", "no_progress", "distill_online")
 # Text options: a config's out = 3 or name = 2026-01-01 (a TOML date) failed late, the date only
 # when the card was written after the whole run.
 STR_OPTIONS = ("out", "name", "device", "init", "split_from", "teacher", "finish_from")
@@ -288,6 +291,9 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except Exception as e:  # truncated, not a checkpoint at all, or from a foreign program
         p.error(f"--resume: the checkpoint in {args.out} is damaged ({type(e).__name__}); "
                 "remove it to start the run afresh")
+    if args.epochs < done:   # said here, not after minutes of reading images as a count of steps
+        p.error(f"--resume --epochs {args.epochs}: the run in {args.out} has trained {done} epochs already; "
+                f"give --epochs {done} or more (its own {saved.get('epochs', done)} finishes it as planned)")
     ran_on, world = saved.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1") or 1)
     if ran_on != world and done < args.epochs:
         # epochs to train: the global batch and the steps of an epoch follow the process count
@@ -408,7 +414,10 @@ def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: li
     """Refuse an --out that a run would damage: a data folder (the run's files were then read as
     images of it), or, for a fresh run, the app's default model, which it would move aside, the app
     then serving a model of however few epochs with no word (a helper's first run, session 50)."""
-    out = Path(args.out).resolve()
+    try:
+        out = D.real_path(args.out)
+    except FileNotFoundError:
+        p.error(f"--out {args.out}: its links lead round in a loop, to no folder")
     for src in sources:
         root = D.resolve_root(src["path"]).resolve()
         if out == root or root in out.parents:
@@ -418,6 +427,14 @@ def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: li
         p.error(f"--out {args.out} is the app's default model (weights/DEFAULT, or $BT_WEIGHTS): a fresh run "
                 "would move it aside and the app would serve the new one; write to another folder (runs/NAME) "
                 "and ship it by naming it in weights/DEFAULT (or $BT_WEIGHTS)")
+    # a shipped model (tracked by git) replaced by a toy run, its files moved to an ignored previous-*/:
+    # a `git commit -a` then shipped the toy and kept no tracked copy (a review)
+    if not args.resume and not args.replace and out.parent == SHIPPED and (out / "card.json").is_file():
+        p.error(f"--out {args.out} holds a shipped model (its card.json): write to another folder (runs/NAME), "
+                "or give --replace to retrain it there (its files are moved aside to previous-<time>/)")
+
+
+SHIPPED = D.REPO_ROOT / "weights"   # the models the repository ships, each in a folder of its own
 
 
 def _served() -> set[Path]:

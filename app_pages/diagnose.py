@@ -189,7 +189,7 @@ else:
                 st.warning(text, icon=":material/warning:")
 if len(items) > 1:
     with summary:
-        st.subheader(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
+        st.header(f"{len(items)} files, {sum(r['ok'] for r in results)} read")
         st.caption(f"Saliency maps: {app.saliency_scope(predictor.card)}")   # once, not under each file's map
         table = batch_table(results)
         tp_format = tp_column_format(results)  # decimals enough to tell each from its threshold

@@ -8,13 +8,13 @@ from core.labels import class_word
 st.title("Model card")
 predictor = app.required_predictor()
 card = predictor.card
-st.subheader(f"{card.get('name', predictor.dir.name)} ({card.get('arch')}, {card.get('version', '')})")
+st.header(f"{card.get('name', predictor.dir.name)} ({card.get('arch')}, {card.get('version', '')})")
 if (note := app.unreadable_note(card)):
     st.warning(note)
 
-st.markdown("#### Intended use")
+st.markdown("### Intended use")
 st.write(card.get("intended_use", "Research and teaching demo; not for diagnosis."))
-st.markdown("#### Limits")
+st.markdown("### Limits")
 st.markdown(
     "- Not a medical device; never a substitute for a radiologist.\n"
     f"- Knows only these classes: {', '.join(map(class_word, card['classes']))}. Other pathology (metastases, "
@@ -24,7 +24,7 @@ st.markdown(
     "- Trained on public datasets whose scanners, sequences and populations may differ from "
     "yours; numbers below hold for data like the test split only.")
 
-st.markdown("#### Data and sources")
+st.markdown("### Data and sources")
 sources = dash.sources_readable(card)   # a table, not a grid: nothing cut off
 st.table(sources.set_index("source") if "source" in sources else sources)
 st.markdown("\n".join(f"- {line}" for line in dash.source_notes(card)))
@@ -35,7 +35,7 @@ if (untested := (card.get("data_notes") or {}).get("classes_not_tested")):
 with st.expander("How the split was made"):
     st.write(split.get("method", "n/a"))
 
-st.markdown("#### Test results")
+st.markdown("### Test results")
 if (copies := app.copies_note(predictor)):
     st.caption(copies)
 if (problem := app.eval_problem(predictor.dir)):
@@ -46,7 +46,7 @@ st.caption("At the card's operating point; '—': not defined for that set (no t
            "called tumour-free; missed with no flag: tumours called 'no tumour' with no referral or "
            "out-of-distribution flag; calibration error (ECE): how far stated probabilities are from observed rates.")
 
-st.markdown("#### How a scan is read and called")
+st.markdown("### How a scan is read and called")
 lines = [("Preprocessing", dash.preprocessing_text(predictor.spec)), ("Calibration", dash.calibration_line(card)),
          ("Operating point", app.operating_point_text(card, predictor.threshold) if predictor.threshold is not None
           else "none: the top class is the call."), ("Referral", dash.referral_text(card))]
@@ -56,7 +56,7 @@ with st.expander("The card's raw fields"):
                                        "metrics") if card.get(k) is not None})
 
 ood = card.get("ood")
-st.markdown("#### Out-of-distribution gate")
+st.markdown("### Out-of-distribution gate")
 if not ood:
     st.write("This model has no out-of-distribution gate: only colour, blank and nearly empty images, marks "
              "drawn in colour and several slices in one image are refused; every other grey upload gets a "
@@ -69,7 +69,7 @@ st.caption(dash.CAPTURE_RULES)
 for line in dash.saliency_and_speed(card):
     st.write(line)
 
-st.markdown("#### How it was made")
+st.markdown("### How it was made")
 st.code(card.get("command", "n/a"), language="bash")
 st.caption(dash.build_caption(card, predictor.weights_sha256))
 st.download_button("Download card.json", (predictor.dir / "card.json").read_bytes(), "card.json",

@@ -8,7 +8,7 @@ from core.dashboard import CHART_CONFIG, history_figures, models_table, overlay_
 st.title("Training")
 predictor = app.current_predictor()
 if predictor is not None:
-    st.subheader(f"Learning curves: {predictor.name}")
+    st.header(f"Learning curves: {predictor.name}")
     if (note := app.unreadable_note(predictor.card)):
         st.warning(note)
     history = app.load_history(predictor.dir)
@@ -24,7 +24,7 @@ if predictor is not None:
     else:
         st.info(f"No readable history.json in {predictor.dir}.")
 
-st.subheader("Every model")
+st.header("Every model")
 dirs = [str(d) for d in app.model_choices()]
 if dirs:
     st.dataframe(models_table(dirs), hide_index=True, placeholder="—", column_config={
@@ -38,7 +38,7 @@ if dirs:
                "read '—': its two-class accuracy is no figure to rank beside four-class ones. Latency as recorded "
                "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")
 
-    st.subheader("Learning curves side by side")
+    st.header("Learning curves side by side")
     runs = app.histories(dirs)
     chosen = st.multiselect("Runs", list(runs), default=app.default_runs(runs, predictor),
                             help="e.g. cnn_bn_aug against cnn_bn_noaug: the augmentation study")

@@ -1201,7 +1201,7 @@ def saliency_panel(predictor: Predictor, scan: ScanImage, key: str, pred: Predic
         elif mask is not None and slice_index is not None:
             st.caption("Tumour masks are outlined on 2D scans only: this volume's mask is not drawn.")
         elif mask is not None:
-            st.caption("The uploaded mask does not fit this scan (size, or an empty mask): no outline.")
+            st.caption("The uploaded mask cannot be read or does not fit this scan (size, or an empty mask): no outline.")
         if cam.max() <= 0:
             st.caption("The map is empty: nothing at this layer speaks for this class.")
 
@@ -1243,8 +1243,10 @@ def analyse_upload(predictor: Predictor, name: str, data, threshold: float | Non
         except Exception as e:  # an empty volume, say: the slice shown stands alone
             if inference.whole_read_failed(e):   # ... or one that cannot be read whole: say its slices went unchecked
                 row["other_slices_unchecked"] = True
-    if mask is not None and mask_contradiction(pred, scan, mask, predictor.spec, slice_index):
-        row["mask_contradicts"] = True
+    if mask is not None:   # the CSV names the mask, as the report's does
+        row["mask_sha256"] = digest(mask)
+        if mask_contradiction(pred, scan, mask, predictor.spec, slice_index):
+            row["mask_contradicts"] = True
     return row, scan, pred
 
 

@@ -4,8 +4,9 @@ A line holds the UTC time, the SHA-256 of the scan's bytes (enough to match a fi
 still has, useless for recovering it), the model's name and version, the SHA-256 of its weights,
 of its card (calibration, operating point, referral rule) and of its out-of-distribution gate (null
 when it has none): a result depends on all three. Then the result (prediction, calibrated
-probabilities, tumour probability, threshold) and the flags. Lines written before the card and
-gate hashes were added lack those two keys; `read_audit` returns them as they are.
+probabilities, tumour probability, threshold), the flags, and the SHA-256 of the tumour mask paired
+with the scan (null when none was). Lines written before the card and
+gate hashes (or the mask's) were added lack those keys; `read_audit` returns them as they are.
 It never holds a file name, pixel data, DICOM tags or anything else that could name a patient:
 records are built from an allow-list of fields, not by copying the prediction.
 
@@ -62,13 +63,16 @@ def model_fields(predictor: Any) -> dict:
             "gate_sha256": getattr(predictor, "gate_sha256", None)}
 
 
-def audit_record(file_sha256: str, predictor: Any, result: Any, flags: list[str]) -> dict:
+def audit_record(file_sha256: str, predictor: Any, result: Any, flags: list[str],
+                 mask_sha256: str | None = None) -> dict:
     """The JSON object one prediction adds to the log (see the module docstring); ``file_sha256``
     is the hex SHA-256 of the scan's bytes, the report's own (`ScanResult.sha256`): a batch's
-    files are not held in memory until their lines are written."""
+    files are not held in memory until their lines are written. ``mask_sha256``: the tumour mask
+    paired with the scan, if any (its 'missed tumour' flag came from that mask)."""
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sha256": str(file_sha256),
+        "mask_sha256": mask_sha256,
         **model_fields(predictor),
         "result": _result_fields(result),
         "slice": slice_of(result),
@@ -77,12 +81,12 @@ def audit_record(file_sha256: str, predictor: Any, result: Any, flags: list[str]
 
 
 def append_audit(path: str | Path, file_sha256: str, predictor: Any, result: Any,
-                 flags: list[str]) -> dict:
+                 flags: list[str], mask_sha256: str | None = None) -> dict:
     """Append one line for one prediction to the log at ``path``; returns the record written.
 
     Raises OSError when the log cannot be written: the caller decides whether that is fatal.
     """
-    record = audit_record(file_sha256, predictor, result, flags)
+    record = audit_record(file_sha256, predictor, result, flags, mask_sha256)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"

@@ -6,6 +6,7 @@ are still printed), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections import Counter
@@ -175,6 +176,11 @@ def output_problem(flag: str, path: str | Path, example: str | None = None) -> s
     """Why an output file cannot be written at ``path`` (checked before a long run, not after
     it), or None. ``example`` names a file to suggest when ``path`` is a folder."""
     out = Path(path)
+    try:
+        os.stat(out)
+    except OSError as e:   # is_dir and is_file say False for a loop of links, and writing it fails late
+        if e.errno == errno.ELOOP:
+            return f"{flag} {path}: its links lead round in a loop, to no file"
     if out.is_dir():
         return f"{flag} {path} is a folder; give a file name" + (f" such as {out / example}" if example else "")
     if not out.parent.is_dir():
@@ -264,15 +270,19 @@ def cmd_predict(args) -> int:
     from .inference import iter_predictions
     from .report import call_of, series_lines, text_line
     from .labels import cannot_rule_out
+    from .audit_log import model_fields
     pred = _predictor(args.weights)
     if (note := cannot_rule_out(pred.classes)):   # stderr: stdout stays one line per file
         print(f"note: {note}", file=sys.stderr)
     read_kw = {} if args.slice is None else {"slice": args.slice}
+    model = model_fields(pred)   # a line kept apart from its run still names the model, card and gate behind it
+    if not args.json:
+        print(f"model: {model['model']} (weights SHA-256 {model['weights_sha256'][:16]})", file=sys.stderr)
     results = []
     for r in iter_predictions(pred, [(f, f) for f in args.files], best_slice=args.best_slice, **read_kw):
         # `call`: what a user is told (null for a scan the out-of-distribution check refuses, a cat
         # photo); `pred` stays the model's raw output, which evaluation and the audit log keep
-        r = {**r, "call": call_of(r) or None} if r["ok"] else r
+        r = {**r, "call": call_of(r) or None, **model} if r["ok"] else r
         print(json_text(r) if args.json else text_line(r), flush=True)   # each line as it is ready
         results.append(r)
     for line in series_lines(results):  # stdout stays one line per file

@@ -196,6 +196,15 @@ def resolve_root(path: str | Path) -> Path:
     return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
+def real_path(path: str | Path) -> Path:
+    """``path`` with its links followed; FileNotFoundError, in a sentence, for a loop of links
+    (Python 3.11's resolve raises a RuntimeError on one, which reached users as a traceback)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        raise FileNotFoundError(f"{path} is not a directory (its links lead round in a loop)") from None
+
+
 def repo_relative(path: str | Path) -> str:
     """A file's path as a record keeps it: relative to the repository (with /) when it lies inside
     it, so that the record holds on another machine or checkout; else as `portable_root` keeps a
@@ -253,7 +262,10 @@ def parse_sources(entries: list) -> list[dict]:
                 d = {"path": path, "weight": float(w or 1.0)}
             except ValueError:
                 raise ValueError(f"{e}: the weight after '=' must be a number") from None
-        p = resolve_root(d["path"]).resolve()  # `.` and `data/` are named after the folder itself
+        try:
+            p = real_path(resolve_root(d["path"]))  # `.` and `data/` are named after the folder itself
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
         d.setdefault("name", p.parent.name if split_of(p.name) else p.name)
         out.append(d)
     return out
@@ -382,7 +394,7 @@ def discover(root: str | Path, source: str | None = None, check_readable: bool =
     Hidden files, non-images and (with ``check_readable``) unreadable images are reported in
     ``Scan.skipped`` and never stop the walk.
     """
-    root = Path(root).resolve()
+    root = real_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     source = source or root.name

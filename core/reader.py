@@ -387,9 +387,10 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
             img = Image.open(io.BytesIO(data), formats=_image_formats())
     except UnidentifiedImageError as e:
         raise _NotAnImage from e
-    except Image.DecompressionBombError:
-        raise ScanError(f"The image is too large (its header declares more than "
-                        f"{2 * MAX_PIXELS // 1_000_000} megapixels; the limit is "
+    except Image.DecompressionBombError as e:   # Pillow's sentence holds the header's pixel count
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(declared[1]) // 1_000_000:,}" if declared else f"more than {2 * MAX_PIXELS // 1_000_000}"
+        raise ScanError(f"The image is too large (its header declares {size} megapixels; the limit is "
                         f"{MAX_PIXELS // 1_000_000} megapixels).") from None
     except Exception as e:  # a broken header: Pillow raises many types here
         raise ScanError("The image file is damaged and cannot be read.") from e
@@ -693,6 +694,11 @@ def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None,
         top = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
     if arr.ndim == 3:  # colour (YBR already converted to RGB by pydicom)
         return _rgb_to_grey(np.clip(arr.astype(np.float32) / top, 0, 1))
+    for key in ("RescaleSlope", "RescaleIntercept"):   # NaN, infinite or a zero slope made every pixel
+        # one value: read as 'blank', where the header is what is broken (a review)
+        raw = ds.get(key)
+        if raw not in (None, "") and (_first(raw) is None or (key == "RescaleSlope" and _first(raw) == 0)):
+            raise ValueError(f"{key} {raw!r}")
     values = apply_modality_lut(arr, ds).astype(np.float32)  # Rescale Slope/Intercept or LUT
     pvt = None if "RescaleSlope" in ds else _functional(ds, "PixelValueTransformationSequence", frame)
     if pvt is not None and _first(pvt.get("RescaleSlope")) is not None:
@@ -1008,8 +1014,16 @@ def _too_large(head: bytes, need: int) -> str | None:
     shape = _nifti_header(head)[0].get_data_shape()
     if math.prod(int(d) for d in shape[3:]) <= 1 and math.prod(int(d) for d in shape[:3]) <= MAX_VOXELS:
         return None
-    return (f"The volume is too large ({need // 2**20} MB once decompressed; "
+    return (f"The volume is too large (its header declares {_size_words(need)} of voxels; "
             f"the limit is {MAX_DECOMPRESSED // 2**20} MB).")
+
+
+def _size_words(n: int) -> str:
+    """Bytes as a reader takes them in: '128 MB', '3.4 GB', '98 TB' (not '102996826 MB')."""
+    for unit, size in (("TB", 2**40), ("GB", 2**30)):
+        if n >= size:
+            return f"{n / size:.2g} {unit}" if n < 10 * size else f"{n // size:,} {unit}"
+    return f"{n // 2**20} MB"
 
 
 def _gunzip_nifti(data: bytes) -> bytes:
@@ -1261,6 +1275,17 @@ def _read_nifti(data: bytes, options: dict) -> ScanImage:
 
 
 # ----------------------------------------------------------------------------- public API
+def _image_signature(data: bytes) -> str | None:
+    """The image format a file's first bytes announce (PNG, JPEG, GIF, WebP), else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+
+
 def _dispatch_error(data: bytes, name: str) -> ScanError:
     """The sentence for content nobody could read."""
     kind = sniff(data)
@@ -1276,6 +1301,8 @@ def _dispatch_error(data: bytes, name: str) -> ScanError:
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):   # a TIFF (or BigTIFF) Pillow cannot decode
         return ScanError("The file is a TIFF whose pixel type or layout cannot be read (64-bit floating "
                          "point, say); save it as 8- or 16-bit grey, or 32-bit floating point.")
+    if (kind := _image_signature(data)):   # a PNG whose header fails its checksum: damaged, not unsupported
+        return ScanError(f"The file is a {kind} image that is damaged and cannot be read.")
     ext = "".join(ch for ch in _suffix(name) if ch.isprintable())[:16]   # a name's control characters stay out
     if ext:
         return ScanError(f"The file's name ends in '{ext}' but its content is not a supported "

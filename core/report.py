@@ -133,7 +133,12 @@ class ScanResult:
     series: str | None = None              # "DICOM series 1 of this report, Instance Number 12" (render_pdf)
     seen: bool = False                     # the file is one the model trained on (`Predictor.seen_in_training`)
     outlined: bool = False                 # its paired tumour mask is drawn on the map
-    mask_given: bool = False               # a tumour mask was paired with it (drawn or not)
+    mask_sha256: str | None = None         # of the tumour mask paired with it (drawn or not): a call the
+                                           # mask contradicts is traced to the mask that said so
+
+    @property
+    def mask_given(self) -> bool:
+        return self.mask_sha256 is not None
 
     @property
     def flags(self) -> list[str]:
@@ -148,6 +153,7 @@ class ScanResult:
                 **({"hot_slices": self.hot_slices} if self.hot_slices else {}),
                 **({"other_slices_unchecked": True} if self.unchecked else {}),
                 **({"mask_contradicts": True} if self.mask_note else {}),
+                **({"mask_sha256": self.mask_sha256} if self.mask_sha256 else {}),
                 **({"seen_in_training": True} if self.seen else {})}
 
 
@@ -406,7 +412,7 @@ def analyse_one(name: str, src, predictor: Predictor, threshold: float | None = 
     # the slice and its series: the audit log's slice and the summary's series lines read them.
     pred.info = {k: scan.info[k] for k in REPORT_INFO_KEYS if k in scan.info}
     return ScanResult(shown, True, prediction=pred, view=view, overlay=over, saliency_note=note, outlined=outlined,
-                      mask_given=mask is not None,
+                      mask_sha256=hashlib.sha256(mask).hexdigest() if mask is not None else None,
                       source=source_line(scan.info), method=method,
                       sha256=(sha := hashlib.sha256(data).hexdigest()), mask_note=_mask_note(pred, scan, mask, predictor),
                       seen=bool(getattr(predictor, "seen_in_training", lambda _: False)(sha)), hot_slices=hot,
@@ -513,14 +519,15 @@ def _model_cells(predictor: Predictor) -> list[str]:
 def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predictor=None) -> str:
     """One row per scan: file, prediction, p_<class>..., tumour probability, threshold, flags,
     error, the slice of a volume (and which volume of a 4D file), the DICOM series and Instance
-    Number of a file of a series, the file's SHA-256 (as in the audit log) and ``predictor``'s identity."""
+    Number of a file of a series, the file's SHA-256 (as in the audit log), its paired tumour mask's, and
+    ``predictor``'s identity."""
     from .audit_log import slice_of
     from .dashboard import series_positions
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "ok", "prediction", *[f"p_{c}" for c in classes], "tumour_probability",
                 "threshold", "confidence", "uncertain", "out_of_distribution", "flags", "error", "ood_reason",
-                "slice", "slice_choice", "volume", "series", "instance", "file_sha256", *MODEL_COLUMNS,
+                "slice", "slice_choice", "volume", "series", "instance", "file_sha256", "mask_sha256", *MODEL_COLUMNS,
                 "card_threshold", "generated_utc"])
     rows = [r.to_row() if isinstance(r, ScanResult) else dict(r) for r in results]
     # a DICOM series uploaded one file per slice: its number in the batch ('series 1' of the
@@ -550,7 +557,7 @@ def build_csv(results: Iterable[ScanResult | Mapping], classes: list[str], predi
                     (row.get("info") or {}).get("slice_choice", "") if shown is not None else "",
                     volume_of(row.get("info") or {}) if ok else "",
                     *in_series.get(id(row), ("", "")),
-                    row.get("sha256") or "", *model])
+                    row.get("sha256") or "", row.get("mask_sha256") or "", *model])
     return buf.getvalue()
 
 
@@ -929,7 +936,7 @@ def _map_caption(r: ScanResult, ctx: ReportContext) -> str:
     return (f"{shown} " + ("(class-agnostic)" if is_class_agnostic(r.method or ctx.method)
                            else f"for '{class_label(explained)}' ({uncalled or PEAK_WORDS})")
             + (f"; {OUTLINE_WORDS}: the uploaded tumour mask" if r.outlined
-               else "; the tumour mask given does not fit this scan (or it is a volume's slice): not drawn"
+               else "; the tumour mask given cannot be read or does not fit this scan (or it is a volume's slice): not drawn"
                if r.mask_given else ""))
 
 
@@ -1260,21 +1267,30 @@ def _unknown_method(method: str | None) -> str | None:
     return None
 
 
+def _resolved(path: str | Path) -> Path:
+    """``path`` with its links followed; a loop of links (which Python 3.11 raises on) stays as
+    given, made absolute: it is said as one file's sentence, or as an output's usage error."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def _output_problem(args) -> str | None:
     """Why the output paths cannot be used, checked before any file is analysed (a typo must not
     cost a batch, and a report must never overwrite a scan or another output)."""
     from .cli import output_problem
     outs = [(flag, Path(p)) for flag, p in (("--out", args.out), ("--csv", args.csv), ("--audit", args.audit)) if p]
-    inputs = {Path(f).resolve() for f in args.files}
+    inputs = {_resolved(f) for f in args.files}
     seen: dict[Path, str] = {}
     for flag, p in outs:
-        if p.resolve() in inputs:
-            return f"{flag} {p} is one of the input files"
-        if p.resolve() in seen:
-            return f"{flag} and {seen[p.resolve()]} name the same file {p}"
-        seen[p.resolve()] = flag
-        if (why := output_problem(flag, p)):
+        if (why := output_problem(flag, p)):   # first: a loop of links is said here
             return why
+        if _resolved(p) in inputs:
+            return f"{flag} {p} is one of the input files"
+        if _resolved(p) in seen:
+            return f"{flag} and {seen[_resolved(p)]} name the same file {p}"
+        seen[_resolved(p)] = flag
     if args.audit:
         from .audit_log import foreign_file_problem
         return foreign_file_problem(args.audit)
@@ -1284,8 +1300,8 @@ def _output_problem(args) -> str | None:
 def pair_file_masks(files: list[str]) -> tuple[list[tuple[str, Any]], dict[str, bytes]]:
     """`report`'s files with tumour masks taken out, paired as the app pairs uploads
     (`core.masks.pair_masks`: X_mask.png beside X.png, the LGG layout): a mask was read as a scan,
-    refused, and its raw output printed. Only a file that could be a mask (a lossless image whose
-    name another file shares, or an X_mask) is read ahead; the others stay paths, read one at a time.
+    refused, and its raw output printed. Only a file that could be a mask (an X_mask of any kind, or a
+    lossless image whose name another file shares) is read ahead; the others stay paths, read one at a time.
     Paired by their absolute, normalised paths ('./glioma/X.jpg' beside 'masks/X.png' pairs), and
     returned under the names as given."""
     from .masks import MASK_SUFFIXES, _stem, pair_masks
@@ -1297,7 +1313,9 @@ def pair_file_masks(files: list[str]) -> tuple[list[tuple[str, Any]], dict[str, 
     for key, f in given.items():
         base = _stem(key).rsplit("/", 1)[-1]
         src: Any = f
-        if key.lower().endswith(MASK_SUFFIXES) and (bases[base] > 1 or base.endswith("_mask")):
+        # an X_mask of any kind pairs, as in the app (X_mask.nii.gz beside X.nii.gz); a file that only
+        # shares a name pairs when it is a lossless image (a two-valued one, checked by pair_masks)
+        if base.endswith("_mask") or (key.lower().endswith(MASK_SUFFIXES) and bases[base] > 1):
             try:
                 src = load_bytes(f)
             except ScanError:
@@ -1328,7 +1346,7 @@ def cmd_report(args) -> int:
         try:
             for r in results:
                 if r.ok:
-                    append_audit(args.audit, r.sha256, predictor, r.prediction, r.flags)
+                    append_audit(args.audit, r.sha256, predictor, r.prediction, r.flags, r.mask_sha256)
                 elif r.sha256:   # read but not predicted: traced too, with no result (never its error's words)
                     append_audit(args.audit, r.sha256, predictor, None, [FLAG_UNREADABLE])
         except OSError as e:

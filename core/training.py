@@ -121,6 +121,11 @@ def load_samples(sources: list[dict], args) -> tuple[list[D.Sample], list]:
         # One decode each (~5 ms): an unreadable file is reported and skipped, not fatal later.
         scan = D.drop_unreadable(D.Scan(found, scan.skipped))
         found = scan.samples
+        if not found:   # every file unreadable: np.stack of nothing was a traceback; a source adding
+            # nothing trained on silently with 'weight 1.0' in its card (a review)
+            why = scan.skipped[0][1] if scan.skipped else "none found"
+            raise DataError(f"source {src['name']} ({src['path']}): no readable image; {len(scan.skipped)} "
+                            f"file(s) skipped (e.g. {scan.skipped[0][0] if scan.skipped else '-'}: {why})")
         samples += found
         skipped += [(src["name"], rel, why) for rel, why in scan.skipped]
         src["label_map"] = sorted({(s.original, s.label) for s in found})
@@ -258,8 +263,8 @@ def check_trainable(samples: list[D.Sample], idx: dict[str, torch.Tensor], class
     warn of tumour types taught only through coarse labels; return (and warn of) the classes that
     have no validation or test image (`untested_classes_note`)."""
     if len(classes) < 2:
-        raise DataError(f"the data holds one class only ({classes[0] if classes else 'none'}): "
-                         "a classifier needs at least two")
+        held = f"one class only ({classes[0]})" if classes else "no image left (each unreadable, or dropped as a near-black slice)"
+        raise DataError(f"the data holds {held}: a classifier needs at least two classes")
     train_labels = {samples[i].label for i in idx["train"].tolist()}
     taught = {classes[k] for lab in train_labels for k in label_targets(lab, classes)}
     if untaught := sorted(set(classes) - taught):

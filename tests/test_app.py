@@ -29,7 +29,7 @@ def texts(at: AppTest) -> str:
     return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption]
                      + [e.value for e in at.error] + [w.value for w in at.warning]
                      + [i.value for i in at.info] + [t.value for t in at.title]
-                     + [h.value for h in at.subheader])
+                     + [h.value for h in at.header] + [h.value for h in at.subheader])
 
 
 def predictions(at: AppTest) -> list[str]:
@@ -48,6 +48,40 @@ def test_every_page_renders(app):
         app.switch_page(page).run()
         assert not app.exception, (page, [e.value for e in app.exception])
         assert not app.error, (page, [e.value for e in app.error])
+
+
+def heading_levels(at: AppTest) -> list[tuple[int, str]]:
+    """(level, text) of the page's headings in the order shown: titles, headers, subheaders and
+    markdown '#' lines (a screen reader lists them as the page's outline)."""
+    import re
+    from streamlit.testing.v1 import element_tree as et
+
+    def walk(node):
+        kids = getattr(node, "children", None)
+        yield from (x for k in sorted(kids) for x in walk(kids[k])) if isinstance(kids, dict) else [node]
+    found = []
+    for n in walk(at._tree):
+        if isinstance(n, et.HeadingBase):
+            found.append(({"title": 1, "header": 2, "subheader": 3}[n.type], n.value))
+        elif isinstance(n, et.Markdown) and (m := re.match(r"(#{1,6}) ", n.value)):
+            found.append((len(m[1]), n.value))
+    return found
+
+
+def test_headings_never_skip_a_level(app):
+    """Home, Training and Model card went from H1 (title) to H3 (subheader) and H4: a screen
+    reader's outline of the page had holes (an accessibility review). Diagnose's batch heading too."""
+    outlines = {"home": heading_levels(app)}
+    app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value([(f"s{i}.jpg", SAMPLE.read_bytes(), "image/jpeg") for i in range(2)]).run()
+    outlines["diagnose"] = heading_levels(app)
+    for page in PAGES[1:]:
+        outlines[page] = heading_levels(app.switch_page(page).run())
+    for page, found in outlines.items():
+        levels = [lvl for lvl, _ in found]
+        assert levels and levels[0] == 1, (page, found)
+        assert all(b <= a + 1 for a, b in zip(levels, levels[1:])), (page, found)
+    assert any(lvl == 3 and t.startswith("### Prediction") for lvl, t in outlines["diagnose"])
 
 
 def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):

@@ -176,7 +176,9 @@ def build_corpus() -> list[Case]:
         # -- broken or hostile images
         Case("truncated.jpg", jpeg[: len(jpeg) // 2], r"truncated"),
         Case("truncated.png", good_png[: len(good_png) // 2], r"truncated|damaged"),
-        Case("header_60000.png", png_header_only(60_000, 60_000), r"too large"),
+        Case("header_60000.png", png_header_only(60_000, 60_000), r"too large \(its header declares 3,600 megapixels"),
+        Case("bad_crc.png", good_png[:20] + bytes([good_png[20] ^ 1]) + good_png[21:],   # IHDR fails its checksum
+             r"^The file is a PNG image that is damaged and cannot be read\.$"),
         Case("header_7000.png", png_header_only(7_000, 7_000), r"too large \(7000 x 7000 pixels"),
         Case("tiny_8x8.png", encode(grey8(8, 8), "PNG"), r"too small \(8 x 8 pixels\)"),
         Case("strip_60000x10.png", encode(grey8(10, 60000), "PNG"), r"too narrow \(60000 x 10 pixels\)"),
@@ -216,6 +218,10 @@ def build_corpus() -> list[Case]:
         Case("frames_not_a_number.dcm", damaged_dicom(NumberOfFrames="987654321"),
              r"damaged \(its number of frames is not a number\)"),
         Case("slope_not_a_number.dcm", damaged_dicom(RescaleSlope="987654321", RescaleIntercept="0"),
+             r"rescale or colour tables are damaged"),
+        *(Case(f"slope_{v}.dcm", make_dicom(dicom12(base), rescale=(float(v), 0.0)), r"rescale or colour tables are damaged")
+          for v in ("nan", "inf", "0")),   # every pixel one value: was read as 'blank'
+        Case("intercept_nan.dcm", make_dicom(dicom12(base), rescale=(1.0, float("nan"))),
              r"rescale or colour tables are damaged"),
         Case("palette_without_lut.dcm", make_dicom(dicom12(base), photometric="PALETTE COLOR"),
              r"rescale or colour tables are damaged"),
@@ -761,7 +767,7 @@ def test_a_nifti_that_inflates_past_one_float_volume_is_refused_from_its_header(
     assert reader.MAX_VOXELS * 4 + 352 <= reader.MAX_DECOMPRESSED < 2 * reader.MAX_VOXELS * 4
     big = nib.Nifti1Image(np.zeros((256, 256, 64, 8), np.float32), np.eye(4))   # 128 MB of zeros
     data = gzip.compress(big.to_bytes(), 6)
-    with pytest.raises(reader.ScanError, match=r"too large \(128 MB once decompressed; the limit is 123 MB\)"):
+    with pytest.raises(reader.ScanError, match=r"too large \(its header declares 128 MB of voxels; the limit is 123 MB\)"):
         reader.read_scan(data, "big.nii.gz")
     ok = nib.Nifti1Image(np.zeros((64, 64, 8, 2), np.float32) + 1, np.eye(4))
     assert reader.read_scan(gzip.compress(ok.to_bytes()), "ok.nii.gz").info["n_volumes"] == 2

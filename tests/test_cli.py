@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from core.cli import main
+from core.inference import file_sha256
 from core.models import create_model
 from core.preprocess import DEFAULT_SPEC
 
@@ -192,6 +193,7 @@ def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, ca
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["file"] for x in lines] == [str(g) for g in good]
     p = expected_probs((0, 0, 0, 2.0))
+    card_name = json.loads((weights / "card.json").read_text())["name"]
     for x in lines:
         assert x["ok"] is True and x["pred"] == "notumor"
         assert {"file", "ok", "pred", "probs", "tumour_probability"} <= set(x)
@@ -200,6 +202,9 @@ def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, ca
         assert {"in_distribution", "ood_score", "uncertain", "threshold"} <= set(x)
         assert x["in_distribution"] is True and x["ood_score"] is None
         assert isinstance(x["uncertain"], bool) and x["threshold"] == 0.5
+        # the model behind the line, as the audit log names it: a line kept apart still says it
+        assert x["model"] == card_name and x["weights_sha256"] == file_sha256(weights / "model.safetensors")
+        assert {"model_version", "card_sha256", "gate_sha256"} <= set(x)
 
     bad = four_class_dir / "no_tumor" / "broken.jpg"
     missing = tmp_path / "nope.jpg"
@@ -212,7 +217,8 @@ def test_predict_json_lines_and_exit_codes(weights, four_class_dir, tmp_path, ca
 
     # Plain text output names the file and the prediction.
     assert main(["predict", "--weights", str(weights), str(good[0])]) == 0
-    assert capsys.readouterr().out.startswith(f"{good[0]}: notumor")
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good[0]}: notumor") and f"model: {card_name} (weights SHA-256 " in err
 
 
 def test_threshold_changes_the_prediction(tmp_path, four_class_dir, capsys):
@@ -790,3 +796,15 @@ def test_a_folder_skipped_whole_is_one_line(tmp_path, capsys):
                    + [{"file": f"n{k}.txt", "error": "not inside a class folder"} for k in range(5)])
     err = capsys.readouterr().err
     assert all(f"skipped {c}/: an empty class folder" in err for c in "abcde") and "skipped n4.txt:" in err
+
+
+def test_a_file_name_that_is_not_utf8_gives_strict_json(weights, four_class_dir, tmp_path, capsys):
+    """Python keeps a name's undecodable bytes as lone surrogates ('\\udcff'), which json.dumps wrote
+    as such and strict parsers refuse: written as '\\xff' instead (a fuzzing review)."""
+    import shutil
+    name = os.fsdecode(b"bad_\xff\xfe_name.jpg")
+    shutil.copy(four_class_dir / "glioma_tumor" / "gl0.jpg", tmp_path / name)
+    assert main(["predict", "--json", "--weights", str(weights), str(tmp_path / name)]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["ok"] and line["file"] == f"{tmp_path}/bad_\\xff\\xfe_name.jpg"
+    line["file"].encode("utf-8")   # no lone surrogate left

@@ -377,8 +377,9 @@ def test_audit_lines_hold_hashes_and_results_never_names(four, tmp_path):
     append_audit(log, sha(data), four, pred.to_json(), [])
     lines = read_audit(log)
     assert lines[0] == rec and len(lines) == 2
-    assert set(rec) == {"time", "sha256", "model", "model_version", "weights_sha256", "card_sha256",
+    assert set(rec) == {"time", "sha256", "mask_sha256", "model", "model_version", "weights_sha256", "card_sha256",
                         "gate_sha256", "result", "slice", "flags"}
+    assert rec["mask_sha256"] is None   # no tumour mask paired with it
     assert rec["slice"] is None  # a single image has no slice
     assert set(rec["result"]) == {"pred", "probs", "tumour_probability", "threshold"}
     assert rec["time"].endswith("+00:00") and rec["weights_sha256"] == four.weights_sha256

@@ -704,7 +704,7 @@ def test_report_pairs_masks_however_the_paths_are_spelled_and_says_when_one_does
     rc = main(["report", "glioma/X.png", "masks/X.png", "--out", "r.pdf", "--weights", str(predictor.dir)])
     assert rc == 0 and "tumour mask paired with glioma/X.png" in capsys.readouterr().err
     (page,) = [flat(p) for p in pdf_pages((tmp_path / "r.pdf").read_bytes(), tmp_path) if "File: X.png" in p]
-    assert "the tumour mask given does not fit this scan" in page
+    assert "the tumour mask given cannot be read or does not fit this scan" in page
 
 
 def test_a_failed_text_file_leaves_no_hash_anywhere(tmp_path, predictor):
@@ -722,3 +722,61 @@ def test_a_failed_text_file_leaves_no_hash_anywhere(tmp_path, predictor):
     assert not failed["ok"] and "sha256" not in failed
     binary, _, _ = app.analyse_upload(predictor, "x.jpg", bytes(range(256)) * 4, 0.5)
     assert not binary["ok"] and len(binary["sha256"]) == 64   # not text: traced by its hash
+
+
+def test_report_pairs_a_volume_mask_as_the_app_does(tmp_path, predictor, capsys):
+    """X_mask.nii.gz beside X.nii.gz paired in the app but not in `report`, which predicted the mask
+    volume as a scan of its own (only lossless 2D images were read ahead)."""
+    import csv as _csv
+    import nibabel as nib
+    vol = np.random.default_rng(0).uniform(0, 900, (64, 64, 5)).astype(np.float32)
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[20:40, 20:40, 2] = 1
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "X.nii.gz")
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "X_mask.nii.gz")
+    files = [str(tmp_path / n) for n in ("X.nii.gz", "X_mask.nii.gz")]
+    kept, masks = R.pair_file_masks(files)
+    assert [n for n, _ in kept] == files[:1] and list(masks) == files[:1]
+    table = tmp_path / "r.csv"
+    main(["report", *files, "--out", str(tmp_path / "r.pdf"), "--csv", str(table), "--weights", str(predictor.dir)])
+    assert f"tumour mask paired with {files[0]}" in capsys.readouterr().err
+    assert [r["file"] for r in _csv.DictReader(table.open())] == ["X.nii.gz"]
+
+
+def test_a_loop_of_links_in_a_report_batch_is_one_file_s_sentence(tmp_path, predictor, capsys):
+    """Two links pointing at each other took the whole `report` batch down with Python 3.11's
+    'Symlink loop' traceback (the outputs' check resolved every input); as an output, a usage error."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "X.png").write_bytes(scan_png(3))
+    args = [str(tmp_path / "X.png"), str(tmp_path / "a.png"), "--weights", str(predictor.dir)]
+    assert main(["report", *args, "--out", str(tmp_path / "r.pdf")]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "a.png: error:" in out and (tmp_path / "r.pdf").stat().st_size > 0
+    assert main(["report", str(tmp_path / "X.png"), "--out", str(tmp_path / "a.png"),
+                 "--weights", str(predictor.dir)]) == 2
+    assert "lead round in a loop" in capsys.readouterr().err
+
+
+def test_a_paired_mask_is_named_by_its_hash_in_the_csv_and_the_audit_log(tmp_path, predictor):
+    """A 'missed tumour' flag comes from the tumour mask paired with the scan, whose own SHA-256 was
+    recorded nowhere: a row could not be traced to the mask that flagged it (left alone, session 51)."""
+    import csv as _csv
+    import hashlib
+    from PIL import Image
+    (tmp_path / "X.png").write_bytes(scan_png(21))
+    (tmp_path / "Y.png").write_bytes(scan_png(22))
+    blob = np.zeros((96, 96), np.uint8)
+    blob[30:60, 36:66] = 255
+    Image.fromarray(blob).save(tmp_path / "X_mask.png")
+    table, log = tmp_path / "r.csv", tmp_path / "a.jsonl"
+    assert main(["report", *(str(tmp_path / n) for n in ("X.png", "X_mask.png", "Y.png")), "--out", str(tmp_path / "r.pdf"),
+                 "--csv", str(table), "--audit", str(log), "--weights", str(predictor.dir)]) == 0
+    mask_sha = hashlib.sha256((tmp_path / "X_mask.png").read_bytes()).hexdigest()
+    rows = list(_csv.DictReader(table.open()))
+    assert [(r["file"], r["mask_sha256"]) for r in rows] == [("X.png", mask_sha), ("Y.png", "")]
+    assert [line["mask_sha256"] for line in read_audit(log)] == [mask_sha, None]
+    # the app's row, whose CSV is the report's (`batch_csv`)
+    row, _, _ = app.analyse_upload(predictor, "X.png", scan_png(21), predictor.threshold,
+                                   mask=(tmp_path / "X_mask.png").read_bytes())
+    assert row["mask_sha256"] == mask_sha

@@ -401,9 +401,9 @@ def test_a_resume_past_the_end_of_a_shorter_schedule_is_one_sentence(data, tmp_p
     argv = ["--data", str(data), "--out", str(out), *TINY]
     assert train.main([*argv, "--epochs", "3"]) == 0
     capsys.readouterr()
-    assert train.main([*argv, "--epochs", "1", "--resume"]) != 0
-    err = capsys.readouterr().err
-    assert "do not fit in this schedule" in err and "Traceback" not in err
+    # said before the images are read (it came after them, as a count of steps: a review)
+    err = refused([*argv, "--epochs", "1", "--resume"], capsys)
+    assert f"--resume --epochs 1: the run in {out} has trained 3 epochs already; give --epochs 3 or more" in err
 
 
 def test_a_schedule_that_more_processes_shrink_is_checked_for_the_whole_rest():
@@ -646,6 +646,57 @@ def test_out_may_not_be_a_data_folder_or_the_app_s_default_model(data, tmp_path,
     assert "is inside --data" in refused(["--data", data, "--out", data, *TINY], capsys)
     assert "is inside --data" in refused(["--data", data, "--out", data / "run", *TINY], capsys)
     assert not (data / "run").exists()
+
+
+def test_a_shipped_model_is_not_retrained_in_place_without_replace(data, tmp_path, capsys, monkeypatch):
+    """A run with --out weights/<a shipped model> replaced it with a 1-epoch toy, its files moved to
+    a previous-*/ git ignores: a `git commit -a` then shipped the toy (a review)."""
+    shipped = tmp_path / "weights" / "cnn"
+    shipped.mkdir(parents=True)
+    (shipped / "card.json").write_text("{}")
+    monkeypatch.setattr(train, "SHIPPED", tmp_path / "weights")
+    err = refused(["--data", data, "--out", shipped, *TINY], capsys)
+    assert "holds a shipped model" in err and "--replace" in err
+    assert [f.name for f in shipped.iterdir()] == ["card.json"]
+    ran = []
+    monkeypatch.setattr(train, "run", lambda args: ran.append(args.out))
+    assert train.main([str(a) for a in ["--data", data, "--out", shipped, "--replace", *TINY]]) in (0, None)
+    assert ran == [str(shipped)]
+    ran.clear()   # a new folder beside the shipped ones is no shipped model
+    assert train.main([str(a) for a in ["--data", data, "--out", tmp_path / "weights" / "new", *TINY]]) in (0, None)
+    assert len(ran) == 1
+
+
+def test_a_source_of_only_unreadable_files_is_refused(data, tmp_path, capsys):
+    """Every file unreadable: 'need at least one array to stack' (a traceback); beside a good source
+    the run trained without it, its card saying 'weight 1.0' (a review)."""
+    from PIL import Image
+    for c in ("glioma", "notumor"):
+        (tmp_path / "junk" / c).mkdir(parents=True)
+        (tmp_path / "junk" / c / "a.jpg").write_text("<html>not an image</html>")
+    def data_refused(argv) -> str:   # a DataError: exit 2 from main, after the data is read
+        assert train.main([str(a) for a in [*argv, "--out", tmp_path / "r", *TINY]]) == 2
+        return capsys.readouterr().err
+    for argv in (["--data", tmp_path / "junk"], ["--data", data, "--data", tmp_path / "junk"]):
+        assert f"source junk ({tmp_path / 'junk'}): no readable image; 2 file(s) skipped" in data_refused(argv)
+    for c in ("glioma", "notumor"):   # readable, but every slice near-black: dropped later
+        (tmp_path / "black" / c).mkdir(parents=True)
+        for k in range(3):
+            Image.new("L", (64, 64)).save(tmp_path / "black" / c / f"{k}.png")
+    err = data_refused(["--data", tmp_path / "black"])
+    assert "the data holds no image left" in err and "(none)" not in err
+
+
+def test_a_loop_of_links_is_a_usage_error(data, tmp_path, capsys):
+    """Python 3.11's resolve raised RuntimeError('Symlink loop') through train.py, evaluate and audit."""
+    from core.cli import main as cli
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert "lead round in a loop" in refused(["--data", data, "--out", tmp_path / "a", *TINY], capsys)
+    assert "lead round in a loop" in refused(["--data", tmp_path / "a", "--out", tmp_path / "r", *TINY], capsys)
+    for argv in (["evaluate", str(tmp_path / "a")], ["audit", str(tmp_path / "a")]):
+        assert cli(argv) == 2
+        assert "lead round in a loop" in capsys.readouterr().err
 
 
 def test_small_image_epochs_without_a_small_image_is_refused(data, tmp_path, capsys):
