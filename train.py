@@ -108,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--replace", action="store_true",
-                   help="let a fresh run retrain a shipped model's folder (weights/NAME with a card), "
+                   help="let a fresh run retrain a finished model's folder under weights/ (weights/NAME with a card), "
                         "whose files are moved aside to --out/previous-<time>/ (git ignores them)")
     p.add_argument("--average-init", action="store_true",
                    help="with --init: ship the mean of the parent's and this run's best weights when "
@@ -427,11 +427,12 @@ def _check_out(p: argparse.ArgumentParser, args: argparse.Namespace, sources: li
         p.error(f"--out {args.out} is the app's default model (weights/DEFAULT, or $BT_WEIGHTS): a fresh run "
                 "would move it aside and the app would serve the new one; write to another folder (runs/NAME) "
                 "and ship it by naming it in weights/DEFAULT (or $BT_WEIGHTS)")
-    # a shipped model (tracked by git) replaced by a toy run, its files moved to an ignored previous-*/:
-    # a `git commit -a` then shipped the toy and kept no tracked copy (a review)
+    # a model under weights/ (where the shipped ones are) replaced by a toy run, its files moved to a
+    # previous-*/ git ignores: a `git commit -a` then shipped the toy and kept no tracked copy (a review)
     if not args.resume and not args.replace and out.parent == SHIPPED and (out / "card.json").is_file():
-        p.error(f"--out {args.out} holds a shipped model (its card.json): write to another folder (runs/NAME), "
-                "or give --replace to retrain it there (its files are moved aside to previous-<time>/)")
+        p.error(f"--out {args.out} holds a finished model under weights/, where the shipped models are (its "
+                "card.json): write to another folder (runs/NAME), or give --replace to retrain it there (its "
+                "files are moved aside to previous-<time>/)")
 
 
 SHIPPED = D.REPO_ROOT / "weights"   # the models the repository ships, each in a folder of its own

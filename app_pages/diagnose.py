@@ -82,8 +82,9 @@ def show_call(pred, key: str, contradiction: str | None = None, unchecked: str |
         st.warning("**Uncertain — refer for review**: "
                    f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
     # a type in doubt must not read as firmly as the call: the tumour is called, its type suggested
-    st.markdown(f"### Prediction: **Tumour**, type uncertain (likeliest: {class_word(pred.pred)})" if pred.type_uncertain
-                else f"### Prediction: **{class_label(pred.pred)}**")
+    level = "##" if len(items) == 1 else "###"   # under the batch's own H2 ("N files") in a batch
+    st.markdown(f"{level} Prediction: **Tumour**, type uncertain (likeliest: {class_word(pred.pred)})" if pred.type_uncertain
+                else f"{level} Prediction: **{class_label(pred.pred)}**")
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
         st.caption(why)
     if unchecked:   # under the call: a clear slice is no clear volume

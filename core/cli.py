@@ -268,7 +268,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .evaluation import json_text
     from .inference import iter_predictions
-    from .report import call_of, series_lines, text_line
+    from .report import call_of, series_lines, strict_name, text_line
     from .labels import cannot_rule_out
     from .audit_log import model_fields
     pred = _predictor(args.weights)
@@ -283,6 +283,7 @@ def cmd_predict(args) -> int:
         # `call`: what a user is told (null for a scan the out-of-distribution check refuses, a cat
         # photo); `pred` stays the model's raw output, which evaluation and the audit log keep
         r = {**r, "call": call_of(r) or None, **model} if r["ok"] else r
+        r["file"] = strict_name(r["file"])   # an undecodable byte as \xNN: strict JSON, as text mode prints it
         print(json_text(r) if args.json else text_line(r), flush=True)   # each line as it is ready
         results.append(r)
     for line in series_lines(results):  # stdout stays one line per file

@@ -144,7 +144,8 @@ def _stray(base: Path, root: Path) -> list[tuple[str, str]]:
         elif f.is_dir() and f.name.lower() in SKIP_DIRS:
             out.append((rel + "/", _skip_reason(f.name)))
         elif _links_above(f):
-            out.append((rel + "/", "a link to this folder or one above it: not followed"))
+            out.append((rel + "/", "a link to this folder or one above it: not followed" if f.exists()
+                        else "a loop of links, leading to no file: not followed"))
         elif not f.is_dir():
             out.append((rel, "hidden file" if _is_hidden(f) else "not inside a class folder"))
     return out

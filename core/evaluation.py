@@ -245,19 +245,12 @@ def _record_problem(record: object, classes: tuple[str, ...] | None) -> str | No
 
 def json_text(obj, indent: int | None = None) -> str:
     """JSON that every parser reads: a non-finite float (a NaN voxel size in a damaged header, a
-    rate of nothing) becomes null instead of Python's NaN/Infinity, which strict parsers refuse; a
-    file name's undecodable bytes (Python keeps them as lone surrogates, '\\udcff', which strict
-    parsers refuse too) are written as '\\xff'."""
+    rate of nothing) becomes null instead of Python's NaN/Infinity, which strict parsers refuse."""
     def finite(x):
         if isinstance(x, float):
             return x if math.isfinite(x) else None
-        if isinstance(x, str):
-            try:
-                return x.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            except UnicodeEncodeError:   # a surrogate no undecodable byte made ('\\ud83d')
-                return x.encode("utf-8", "backslashreplace").decode("utf-8")
         if isinstance(x, dict):
-            return {finite(k): finite(v) for k, v in x.items()}
+            return {k: finite(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [finite(v) for v in x]
         return x

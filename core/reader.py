@@ -697,10 +697,12 @@ def _dicom_grey_values(arr: np.ndarray, ds, frame: int | None = None,
     for key in ("RescaleSlope", "RescaleIntercept"):   # NaN, infinite or a zero slope made every pixel
         # one value: read as 'blank', where the header is what is broken (a review)
         raw = ds.get(key)
-        if raw not in (None, "") and (_first(raw) is None or (key == "RescaleSlope" and _first(raw) == 0)):
+        if raw is not None and (_first(raw) is None or (key == "RescaleSlope" and _first(raw) == 0)):
             raise ValueError(f"{key} {raw!r}")
     values = apply_modality_lut(arr, ds).astype(np.float32)  # Rescale Slope/Intercept or LUT
     pvt = None if "RescaleSlope" in ds else _functional(ds, "PixelValueTransformationSequence", frame)
+    if pvt is not None and _first(pvt.get("RescaleSlope")) == 0:   # a frame's own zero slope: blank, as above
+        raise ValueError("per-frame RescaleSlope 0")
     if pvt is not None and _first(pvt.get("RescaleSlope")) is not None:
         values = values * np.float32(_first(pvt.RescaleSlope)) + np.float32(_first(pvt.get("RescaleIntercept")) or 0.0)
     grey, info = _dicom_window(values, ds, frame, shared)
@@ -1276,14 +1278,11 @@ def _read_nifti(data: bytes, options: dict) -> ScanImage:
 
 # ----------------------------------------------------------------------------- public API
 def _image_signature(data: bytes) -> str | None:
-    """The image format a file's first bytes announce (PNG, JPEG, GIF, WebP), else None."""
+    """The image format a file's first bytes announce (PNG, GIF), else None. Not JPEG: a JPEG-LS
+    or lossless JPEG starts alike and is no damaged JPEG, only one Pillow does not read."""
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "PNG"
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    return "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+    return "GIF" if data[:6] in (b"GIF87a", b"GIF89a") else None
 
 
 def _dispatch_error(data: bytes, name: str) -> ScanError:

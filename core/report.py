@@ -203,12 +203,25 @@ NAME_CHARS = 120   # a longer name keeps its start and its end: see `display_nam
 _WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:\\|\\\\)")
 
 
+def _undecodable(ch: str) -> str | None:
+    """'\\xff' for a byte the file system could not decode (Python keeps it as a lone surrogate,
+    U+DCFF, which strict JSON parsers and UTF-8 files refuse), else None."""
+    return f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else None
+
+
+def strict_name(name: str) -> str:
+    """A file name with its undecodable bytes as '\\xNN' and nothing else changed: `predict`'s JSON
+    lines stay strict JSON (a fuzzing review). Not for stored records, whose names must still open
+    their files (eval.json keeps Python's own form)."""
+    return "".join(_undecodable(ch) or ch for ch in str(name))
+
+
 def _shown_char(ch: str) -> str:
-    """A character as a name prints it: a byte the file system could not decode (a lone surrogate
-    from Python's surrogateescape) as \\xNN, so two such names stay apart; other control and
-    format characters (a newline, a right-to-left override) dropped: they change how a line reads."""
-    if 0xDC80 <= ord(ch) <= 0xDCFF:
-        return f"\\x{ord(ch) - 0xDC00:02x}"
+    """A character as a name prints it: a byte the file system could not decode as \\xNN
+    (`_undecodable`), so two such names stay apart; other control and format characters (a
+    newline, a right-to-left override) dropped: they change how a line reads."""
+    if (byte := _undecodable(ch)):
+        return byte
     return "" if unicodedata.category(ch)[0] == "C" else ch
 
 
@@ -289,8 +302,9 @@ def unique_names(names: list[str]) -> list[str]:
 def printable_path(name: str) -> str:
     """The full name with control and format characters escaped: a newline in a file name must not
     split the one line the CLI prints per file, nor a right-to-left override (U+202E) reverse it."""
-    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf")
-                   else ch for ch in str(name))
+    return "".join(_undecodable(ch) or (ch.encode("unicode_escape").decode("ascii")
+                                        if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch)
+                   for ch in str(name))
 
 
 def slice_words(info: Mapping, numbering: str = "") -> str:

@@ -33,7 +33,7 @@ def texts(at: AppTest) -> str:
 
 
 def predictions(at: AppTest) -> list[str]:
-    return [m.value for m in at.markdown if m.value.startswith("### Prediction:")]
+    return [m.value.lstrip("# ") for m in at.markdown if m.value.lstrip("#").startswith(" Prediction:")]   # H2 alone, H3 in a batch
 
 
 def figure_titles(at: AppTest) -> str:
@@ -70,9 +70,12 @@ def heading_levels(at: AppTest) -> list[tuple[int, str]]:
 
 def test_headings_never_skip_a_level(app):
     """Home, Training and Model card went from H1 (title) to H3 (subheader) and H4: a screen
-    reader's outline of the page had holes (an accessibility review). Diagnose's batch heading too."""
+    reader's outline of the page had holes (an accessibility review). Diagnose's batch heading and
+    a single scan's call (H3 straight under the title: a review of that fix) too."""
     outlines = {"home": heading_levels(app)}
     app.switch_page("app_pages/diagnose.py").run()
+    app.file_uploader[0].set_value(("s.jpg", SAMPLE.read_bytes(), "image/jpeg")).run()
+    outlines["diagnose, one scan"] = heading_levels(app)
     app.file_uploader[0].set_value([(f"s{i}.jpg", SAMPLE.read_bytes(), "image/jpeg") for i in range(2)]).run()
     outlines["diagnose"] = heading_levels(app)
     for page in PAGES[1:]:
@@ -81,7 +84,8 @@ def test_headings_never_skip_a_level(app):
         levels = [lvl for lvl, _ in found]
         assert levels and levels[0] == 1, (page, found)
         assert all(b <= a + 1 for a, b in zip(levels, levels[1:])), (page, found)
-    assert any(lvl == 3 and t.startswith("### Prediction") for lvl, t in outlines["diagnose"])
+    assert [lvl for lvl, t in outlines["diagnose, one scan"] if t.startswith("## Prediction")] == [2]
+    assert [lvl for lvl, t in outlines["diagnose"] if t.startswith("### Prediction")] == [3, 3]
 
 
 def test_diagnose_predicts_a_builtin_sample(app, monkeypatch):
@@ -240,9 +244,9 @@ def test_operating_point_is_shared_by_diagnose_and_evaluation(app):
     assert {m.label: m.value for m in app.metric}["Tumours missed"] == "10"  # all 10 of them
     app.switch_page("app_pages/diagnose.py").run()
     app.multiselect[0].select("glioma.jpg").run()
-    assert predictions(app) == ["### Prediction: **No tumour**"]
+    assert predictions(app) == ["Prediction: **No tumour**"]
     threshold_slider(app).set_value(0.0).run()  # everything flagged: nothing missed
-    assert predictions(app) != ["### Prediction: **No tumour**"]
+    assert predictions(app) != ["Prediction: **No tumour**"]
     app.switch_page("app_pages/evaluation.py").run()
     assert {m.label: m.value for m in app.metric}["Tumours missed"] == "0"
     assert threshold_slider(app).value == 0.0
@@ -359,7 +363,7 @@ def test_shipped_model_predicts_when_present(monkeypatch):
     at.switch_page("app_pages/diagnose.py").run()
     at.multiselect[0].select("pituitary.jpg").run()
     # the shipped model classifies all four assets/samples correctly
-    assert not at.exception and predictions(at) == ["### Prediction: **Pituitary tumour**"]
+    assert not at.exception and predictions(at) == ["Prediction: **Pituitary tumour**"]
 
 
 def test_pages_without_a_model_say_so_instead_of_failing(monkeypatch):

@@ -45,7 +45,7 @@ def texts(at: AppTest) -> str:
 
 
 def predictions(at: AppTest) -> list[str]:
-    return [m.value for m in at.markdown if m.value.startswith("### Prediction:")]
+    return [m.value.lstrip("# ") for m in at.markdown if m.value.lstrip("#").startswith(" Prediction:")]   # H2 alone, H3 in a batch
 
 
 def choose_model(at: AppTest, dirname: str) -> AppTest:
@@ -252,7 +252,7 @@ def test_an_uncertain_call_is_headed_by_its_referral(app, monkeypatch):
             return ""
     shown = [text(n) for n in app.main]
     refer = next(i for i, t in enumerate(shown) if t.startswith("**Uncertain — refer for review**"))
-    call = next(i for i, t in enumerate(shown) if t.startswith("### Prediction:"))
+    call = next(i for i, t in enumerate(shown) if t.lstrip("#").startswith(" Prediction:"))
     assert not app.exception and refer < call
 
 
@@ -313,7 +313,7 @@ def test_a_type_uncertain_call_says_so_in_its_headline(app):
     app.switch_page("app_pages/diagnose.py").run()
     app.file_uploader[0].set_value([("y0.jpg", y0.read_bytes(), "image/jpeg")]).run()
     assert not app.exception
-    assert predictions(app) == ["### Prediction: **Tumour**, type uncertain (likeliest: meningioma)"]
+    assert predictions(app) == ["Prediction: **Tumour**, type uncertain (likeliest: meningioma)"]
 
 
 def test_home_says_its_figures_are_not_at_an_operating_point_moved_by_hand(app):
@@ -554,7 +554,7 @@ def test_a_no_tumour_call_warns_under_the_call_and_its_map_explains_the_likelies
     app.switch_page("app_pages/diagnose.py").run()
     app.multiselect[0].select("notumor.jpg").run()
     assert not app.exception
-    assert predictions(app) == ["### Prediction: **No tumour**"]
+    assert predictions(app) == ["Prediction: **No tumour**"]
     (warning,) = [w.value for w in app.warning if "does not rule a tumour out" in w.value]
     assert "LGG FLAIR" in warning and "%" in warning
     explain = next(s for s in app.selectbox if s.key.startswith("t-"))

@@ -177,6 +177,8 @@ def build_corpus() -> list[Case]:
         Case("truncated.jpg", jpeg[: len(jpeg) // 2], r"truncated"),
         Case("truncated.png", good_png[: len(good_png) // 2], r"truncated|damaged"),
         Case("header_60000.png", png_header_only(60_000, 60_000), r"too large \(its header declares 3,600 megapixels"),
+        Case("jpeg_ls.jls", b"\xff\xd8\xff\xf7\x00\x0b\x08\x00\x40\x00\x40\x01\x01\x11\x00\xff\xda" + bytes(64),
+             r"name ends in '\.jls' but its content is not a supported scan"),   # starts as a JPEG does: not 'damaged'
         Case("bad_crc.png", good_png[:20] + bytes([good_png[20] ^ 1]) + good_png[21:],   # IHDR fails its checksum
              r"^The file is a PNG image that is damaged and cannot be read\.$"),
         Case("header_7000.png", png_header_only(7_000, 7_000), r"too large \(7000 x 7000 pixels"),
@@ -662,6 +664,11 @@ def test_enhanced_mr_window_rescale_and_body_part_come_from_its_functional_group
     row = s.pixels[48]
     assert row[a[48] < 100].max() == 0.0 and row[a[48] > 300].min() == 1.0   # rescaled, then windowed
     assert "ABDOMEN" in (header_reason(s.info) or "")
+    pvt.RescaleSlope = 0   # a frame's own zero slope makes every pixel one value: damaged, not 'blank'
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(reader.ScanError, match="rescale or colour tables are damaged"):
+        reader.read_scan(buf.getvalue(), "enhanced.dcm")
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -808,3 +808,8 @@ def test_a_file_name_that_is_not_utf8_gives_strict_json(weights, four_class_dir,
     line = json.loads(capsys.readouterr().out)
     assert line["ok"] and line["file"] == f"{tmp_path}/bad_\\xff\\xfe_name.jpg"
     line["file"].encode("utf-8")   # no lone surrogate left
+    # a stored record keeps Python's own form: eval.json's names must still open their files
+    from core.evaluation import json_text
+    assert json.loads(json_text({"file": name}))["file"] == name
+    assert main(["predict", "--weights", str(weights), str(tmp_path / name)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path}/bad_\\xff\\xfe_name.jpg: ")

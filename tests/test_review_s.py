@@ -482,23 +482,23 @@ def test_home_shows_the_evaluation_pages_default_figures(tmp_path):
 def test_uploads_are_still_there_after_a_visit_to_another_page(page):
     glioma = (REPO / "assets" / "samples" / "glioma.jpg").read_bytes()
     page.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg")]).run()
-    assert [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
+    assert [m.value for m in page.markdown if m.value.lstrip("#").startswith(" Prediction:")]
     page.switch_page("app_pages/model_card.py").run()
     page.switch_page("app_pages/diagnose.py").run()
     assert not page.exception, [e.value for e in page.exception]
-    assert [m.value for m in page.markdown if m.value.startswith("### Prediction:")]   # was an empty page
+    assert [m.value for m in page.markdown if m.value.lstrip("#").startswith(" Prediction:")]   # was an empty page
     assert any("uploaded before you left this page" in c.value for c in page.caption)
     other = (REPO / "assets" / "samples" / "notumor.jpg").read_bytes()
     page.file_uploader[0].set_value([("b.jpg", other, "image/jpeg")]).run()   # one more after coming back
-    assert len([m for m in page.markdown if m.value.startswith("### Prediction:")]) == 2   # a.jpg was dropped
+    assert len([m for m in page.markdown if m.value.lstrip("#").startswith(" Prediction:")]) == 2   # a.jpg was dropped
     assert any("1 file(s) below were uploaded before you left this page, the others since" in c.value
                for c in page.caption)
     page.file_uploader[0].set_value([]).run()
     next(b for b in page.button if b.label == "Clear them").click().run()
-    assert not [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
+    assert not [m.value for m in page.markdown if m.value.lstrip("#").startswith(" Prediction:")]
     page.file_uploader[0].set_value([("a.jpg", glioma, "image/jpeg")]).run()
     page.file_uploader[0].set_value([]).run()   # emptied by the user: nothing comes back
-    assert not [m.value for m in page.markdown if m.value.startswith("### Prediction:")]
+    assert not [m.value for m in page.markdown if m.value.lstrip("#").startswith(" Prediction:")]
 
 
 def test_the_model_card_reads_in_words():

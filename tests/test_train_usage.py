@@ -656,7 +656,7 @@ def test_a_shipped_model_is_not_retrained_in_place_without_replace(data, tmp_pat
     (shipped / "card.json").write_text("{}")
     monkeypatch.setattr(train, "SHIPPED", tmp_path / "weights")
     err = refused(["--data", data, "--out", shipped, *TINY], capsys)
-    assert "holds a shipped model" in err and "--replace" in err
+    assert "holds a finished model under weights/" in err and "--replace" in err
     assert [f.name for f in shipped.iterdir()] == ["card.json"]
     ran = []
     monkeypatch.setattr(train, "run", lambda args: ran.append(args.out))
@@ -697,6 +697,14 @@ def test_a_loop_of_links_is_a_usage_error(data, tmp_path, capsys):
     for argv in (["evaluate", str(tmp_path / "a")], ["audit", str(tmp_path / "a")]):
         assert cli(argv) == 2
         assert "lead round in a loop" in capsys.readouterr().err
+    # inside a data folder: skipped, said as a loop (it read 'a link to this folder or one above it')
+    from core import data as D
+    (data / "x").symlink_to(data / "y")
+    (data / "y").symlink_to(data / "x")
+    (data / "up").symlink_to(data)
+    skipped = dict(D.discover(data).skipped)
+    assert skipped["x/"] == skipped["y/"] == "a loop of links, leading to no file: not followed"
+    assert skipped["up/"] == "a link to this folder or one above it: not followed"
 
 
 def test_small_image_epochs_without_a_small_image_is_refused(data, tmp_path, capsys):
