@@ -44,7 +44,7 @@ else:
         st.stop()
     st.caption(f"Results of {app.md_name(held['name'])}.")
     if held["skipped"]:
-        st.error(app.skipped_summary(held["skipped"]))
+        (st.caption if app.only_junk(held["skipped"]) else st.error)(app.skipped_summary(held["skipped"]))
         with st.expander("The files left out"):
             for s in held["skipped"][:200]:
                 st.markdown(f"{app.md_name(s['file'])}: {s['error']}")
@@ -52,8 +52,8 @@ else:
     classes, rule = app.zip_view(held, predictor)
     if held.get("layout_note"):
         st.warning(held["layout_note"], icon=":material/warning:")
-    if note := app.pooled_splits_note(held):
-        st.caption(note)
+    if held.get("split_note"):
+        st.caption(held["split_note"])
     if held["ev"].get("scored_as"):
         st.caption(f"Folders without a tumour type: scored {held['ev']['scored_as']}.")
     if not records:
@@ -73,7 +73,8 @@ if n_copies and app.sticky_toggle(f"Leave out the {n_copies} {'test ' if where =
                                "new patient's."):
     records = kept
 if not records:
-    st.info("Every test scan has a copy in training: switch the toggle off to see them.")
+    st.info(f"Every {'test ' if where == 'card' else ''}scan here has a copy in training: switch the toggle off "
+            "to see them.")
     st.stop()
 sources = app.sources_of(records)
 source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectbox,

@@ -11,7 +11,7 @@ import json
 import os
 from collections import Counter, OrderedDict
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -121,13 +121,19 @@ def probabilities_text(probs: dict[str, float]) -> str:
 
 def model_label(weights_dir: str | Path) -> str:
     """The model chooser's name for a weights dir: its card's name, then its folder when that
-    differs and a mark on the $BT_WEIGHTS folder (a copy may carry a shipped model's name)."""
+    differs, a mark on the shipped default (weights/DEFAULT: among a dozen names, the one to start
+    from) and on the $BT_WEIGHTS folder (a copy may carry a shipped model's name)."""
     d = Path(weights_dir)
     try:
         name = load_card(d).get("name", d.name)
     except (OSError, ValueError):  # rewritten since the list was made: its folder will do
         name = d.name
     notes = [d.name] if d.name != name else []
+    try:
+        if inference.shipped_default().resolve() == d.resolve():
+            notes.append("default")
+    except (OSError, ValueError):   # no weights/DEFAULT, or an unreadable one (`default_problem` says so)
+        pass
     env = os.environ.get("BT_WEIGHTS")
     if env and resolve_weights(env).resolve() == d.resolve():
         notes.append("BT_WEIGHTS")
@@ -717,10 +723,12 @@ def saliency_choice_help(card: dict) -> str:
     return f"First: {first}, the usual default: no method of this model was shown to point at tumours."
 
 
-def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tuple[str, str, bytes]], list[dict], str | None]:
-    """A class-per-folder zip as (file, label, bytes) items, the skipped files with why, and a hint
+def labelled_zip(data: bytes, classes: list[str] | None = None
+                 ) -> tuple[list[tuple[str, str, bytes]], list[dict], str | None, str | None]:
+    """A class-per-folder zip as (file, label, bytes) items, the skipped files with why, a hint
     when its layout looks like a wrapper of classes (`core.data.one_folder_words`) or a folder names
-    no tumour type beside typed ones (`core.data.untyped_tumour_note`). Each file is
+    no tumour type beside typed ones (`core.data.untyped_tumour_note`), and which split folder was
+    scored in a Training/Testing layout (Testing/, as `evaluate` scores it). Each file is
     labelled as `python -m core evaluate` labels the same tree (`core.archive.zip_to_labelled`);
     with the model's ``classes``, files of a folder it cannot be scored on are never inflated."""
     from .evaluation import scorable
@@ -741,7 +749,7 @@ def labelled_zip(data: bytes, classes: list[str] | None = None) -> tuple[list[tu
     from .data import Sample, untyped_tumour_note   # 'Brain Tumor/' beside 'Brain_Glioma/', as evaluate says
     untyped = untyped_tumour_note([Sample(path="", rel=name, label=label, original=folder)
                                    for (name, label, _), (folder, _, _) in zip(items, members)])
-    return items, skipped, "; ".join(filter(None, (members.note, untyped))) or None
+    return items, skipped, "; ".join(filter(None, (members.note, untyped))) or None, members.split_note
 
 
 def volume_slices(data: bytes, name: str) -> tuple[int, int]:
@@ -1266,7 +1274,9 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
     """A labelled zip scored through the served path, as the Evaluation page holds it: its name,
     the evaluation, every file left out with why, and the scans kept for the gallery. Raises
     ScanError when the zip itself cannot be used."""
-    items, skipped, layout_note = labelled_zip(data, predictor.classes)
+    items, skipped, layout_note, split_note = labelled_zip(data, predictor.classes)
+    if not items and not skipped:   # it said 'Results of x.zip', then that no scan could be evaluated
+        raise ScanError("The zip archive holds no files.")
     ev = evaluate_items(predictor, items,
                         lambda n, b: cached_prediction(predictor, read_upload(b, n), digest(b)),
                         progress=progress)
@@ -1276,25 +1286,14 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
         if Path(r["file"]).name in seen or r["file"] in trained:
             r["copy_in_training"] = True
     return {"name": name, "digest": digest(data), "ev": ev, "skipped": skipped + ev["errors"],
-            "blobs": gallery_blobs(items, ev), "splits": zip_splits(r["file"] for r in ev["predictions"]),
+            "blobs": gallery_blobs(items, ev), "split_note": split_note,
             "layout_note": layout_note and layout_note[0].upper() + layout_note[1:] + "."}
 
 
-def zip_splits(files) -> list[str]:
-    """The split folders (Training/, Testing/, ...) a zip's scored files sit in: a zip of a
-    Training/Testing layout is scored as one pool, and the page must say so."""
-    from .data import split_of
-    return sorted({f for name in files for part in PurePosixPath(name).parts[:-2] if (f := split_of(part))})
-
-
-def pooled_splits_note(held: dict) -> str | None:
-    """What the Evaluation page says of a zip holding several split folders (None otherwise)."""
-    splits = held.get("splits") or []
-    if len(splits) < 2:
-        return None
-    words = {"train": "training", "test": "test", "val": "validation"}
-    return (f"The zip holds {' and '.join(words[s] for s in splits)} folders: their scans are scored together. "
-            "Upload the test folder alone to score only the held-out part.")
+def only_junk(skipped: list[dict]) -> bool:
+    """Every file left out is a hidden or system file (.DS_Store, __MACOSX/): said, not as an error."""
+    from .archive import HIDDEN, METADATA
+    return all(s["error"] in (HIDDEN, METADATA) for s in skipped)
 
 
 def skipped_summary(skipped: list[dict]) -> str:
@@ -1555,15 +1554,25 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         if not sel:
             st.success("None at this operating point.")
             return
+        # only the scans on this machine are counted and offered: '13 scans; 8 shown' over no image at
+        # all, on a fresh machine without the dataset (a review)
+        on_hand = [r for r in sel if (blobs is not None and r["file"] in blobs) or record_scan_path(predictor.card, r)]
+        kept = {id(r) for r in on_hand}
+        absent = {source_of(r) for r in sel if id(r) not in kept}
+        if not on_hand:
+            return absent_notes(predictor.card, absent, blobs, len(sel))
+        away = len(sel) - len(on_hand)
+        sel = on_hand
         shown = len(sel) if len(sel) <= limit else st.slider(
             "Scans shown (each map takes a moment)", limit, len(sel), limit, key="gallery-count")
-        st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown."
+        st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown"
+                   + (f" ({away} more not on this machine)." if away else ".")
                    + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
                       "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
                       "for it." if explain == "pred" and kind == "missed" and not is_class_agnostic(method) else "")
                    + " " + saliency_scope(predictor.card))   # as beside Diagnose's map: a map is not the lesion's place
         # three, not four: on a tablet four maps were 110 px wide under 10-line captions
-        cols, absent = st.columns(GALLERY_COLUMNS), set()
+        cols = st.columns(GALLERY_COLUMNS)
         for k, r in enumerate(sel[:shown]):
             try:
                 scan = gallery_scan(predictor.card, r, blobs)
@@ -1594,13 +1603,21 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             cols[k % GALLERY_COLUMNS].image(img if frame is None else contour_overlay(img, frame), width="stretch",
                                             caption=md_name(r["file"]) + said,
                                             alt=f"{r['file']}{said}; saliency map {peak_words(cam)}")
-        for src in sorted(absent):
-            if blobs is not None and src == "upload":
-                st.info(f"Only the zip's first {GALLERY_BYTES // 2**20} MB of scans are kept for this "
-                        "gallery: the others cannot be shown.")
-                continue
-            root = source_root(predictor.card, src)
-            st.info(f"The scans of source '{source_label(src)}' are not on this machine"
-                    + (f" (expected under {root})" if root else "") + ", so they cannot be shown.")
+        absent_notes(predictor.card, absent, blobs)
 
     panel()
+
+
+def absent_notes(card: dict, sources: set[str], blobs: dict | None, n_all: int | None = None) -> None:
+    """Why a gallery's scans of ``sources`` cannot be shown (``n_all``: none of its ``n_all`` can)."""
+    if n_all:
+        st.caption(f"{n_all} scan{'s' * (n_all != 1)} to show, none of them on this machine.")
+    for src in sorted(sources):
+        if blobs is not None and src == "upload":
+            st.info(f"Only the zip's first {GALLERY_BYTES // 2**20} MB of scans are kept for this "
+                    "gallery: the others cannot be shown.")
+            continue
+        root = source_root(card, src)
+        st.info(f"The scans of source '{source_label(src)}' are not on this machine"
+                + (f" (expected under {root})" if root else "") + ", so they cannot be shown: the public "
+                "data sets are not part of the app (the README's 'Data' section says where they go).")

@@ -3,7 +3,7 @@
 Nothing here writes a file, so a member's path is only ever a label; even so, members with
 absolute or ``..`` paths are refused (a zip carrying them was not made by a scanner export), as
 are links and encrypted members. Hidden files and macOS ``__MACOSX`` resource forks are skipped
-silently and count towards no limit. Zip bombs are bounded by sizes, not guessed from ratios: the
+and count towards no limit (a labelled zip lists them, as `evaluate` lists them in a folder). Zip bombs are bounded by sizes, not guessed from ratios: the
 number of entries and the listing's size are checked in the end record (or the zip64 one)
 before the listing is parsed, members are inflated only while ``budget`` (their declared sizes)
 lasts, and a read stops at the declared size, so a lying header cannot inflate more. That stop
@@ -50,6 +50,7 @@ class ZipMembers(list):
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self.entries: list[tuple[str, bytes | str]] = []
         self.note: str | None = None   # a labelled zip's one-folder hint (`core.data.tree_classes`)
+        self.split_note: str | None = None   # which split folder of a labelled zip was scored
 
     def add(self, name: str, content: bytes) -> None:
         self.append((name, content))
@@ -109,9 +110,19 @@ METADATA_DIRS = {"__macosx", "@eadir", "$recycle.bin", "system volume informatio
 
 
 def _is_junk(name: str) -> bool:
+    return _junk_reason(name) is not None
+
+
+# Why a labelled zip left a junk member out: the words `core.data` gives the same file in a folder.
+HIDDEN, METADATA = "hidden file", "archive or system metadata"
+
+
+def _junk_reason(name: str) -> str | None:
+    """HIDDEN, METADATA or None: a member no scanner wrote (.DS_Store, __MACOSX/, Thumbs.db)."""
     parts = PurePosixPath(name).parts
-    hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
-    return hidden or any(p.lower() in METADATA_DIRS for p in parts[:-1]) or parts[-1].lower() in JUNK_NAMES
+    if any(p.startswith(".") and p not in (".", "..") for p in parts):
+        return HIDDEN
+    return METADATA if any(p.lower() in METADATA_DIRS for p in parts[:-1]) or parts[-1].lower() in JUNK_NAMES else None
 
 
 def _declared_listing(data: bytes) -> tuple[int, int] | None:
@@ -239,6 +250,9 @@ def read_zip(data: bytes, budget: int | None = None, over_budget: str | None = N
     return out
 
 
+OTHER_SPLIT = "in a split folder other than the one scored"   # not listed: said once (`split_note`)
+
+
 def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
                     budget: int | None = None) -> ZipMembers:
     """A class-per-folder zip as (class_folder, member_name, bytes), each member labelled as
@@ -246,10 +260,18 @@ def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
     unwrapped, Training/Testing passed, patient folders inside their class, masks left out); map
     the folder with `core.labels.normalise_label`. Members outside a class folder, and with
     ``known`` those of a class folder it rejects, are listed in ``.skipped`` and never inflated."""
-    from .data import tree_classes
+    from .data import split_of, tree_classes
     with _open_zip(data) as zf:   # the names alone: the layout is decided before anything is inflated
         names = [_clean_name(raw)[0] for raw, _ in _listing(zf)]
+        # listed, as `evaluate` lists them in a folder (they were dropped without a word)
+        junk = [(name, why) for i in zf.infolist() if not i.is_dir()
+                and (why := _junk_reason(name := _clean_name(_member_name(i))[0]))]
     home = tree_classes(names)
+    # a Training/ + Testing/ layout: only Testing/ (else Validation/) is scored, as `evaluate` scores
+    # it; the page pooled both, its headline figures counting the model's own training images
+    split = {n: next((s for part in PurePosixPath(n).parts[:-1] if (s := split_of(part))), None)
+             for n, (folder, _) in home.items() if folder}
+    chosen = next((s for s in ("test", "val") if s in split.values()), None)
 
     def unwanted(name: str) -> str | None:
         folder, why = home.get(name, (None, "the file is not inside a class folder"))
@@ -257,13 +279,20 @@ def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
             return why[0].upper() + why[1:] + "."
         if known and not known(folder):
             return f"its folder ('{folder}') names no class of this model"
+        if chosen and split.get(name) != chosen:
+            return OTHER_SPLIT
         return None
     budget = unpack_allowance(len(data)) if budget is None else budget
     over = (f"The zip archive unpacks to more than {budget // 2**20} MB: this file was not read "
             "(evaluate larger sets with `python -m core evaluate` on the folder).")
     members = read_zip(data, budget, over, unwanted)
-    out = ZipMembers(skipped=members.skipped)
+    out = ZipMembers(skipped=junk + [s for s in members.skipped if s[1] != OTHER_SPLIT])
     out.note = home.note
+    if (left := sum(s[1] == OTHER_SPLIT for s in members.skipped)):
+        folder = {"test": "Testing/", "val": "Validation/"}[chosen]
+        out.split_note = (f"Scored: the {folder} folder's scans, as `python -m core evaluate` scores this layout; "
+                          f"the other split folders' {left} file{'s' * (left != 1)} were left out (a model's "
+                          "own training images would flatter it).")
     for name, content in members:
         out.append((home[name][0], name, content))
     return out

@@ -58,7 +58,7 @@ def probability_bar(probs: dict[str, float], predicted: str | None = None) -> go
     fig = go.Figure(go.Bar(x=[probs[c] for c in names], y=[class_label(c) for c in names], orientation="h",
                            marker_color=colours, text=[f"{probs[c]:.1%}" for c in names],
                            textposition="auto", insidetextfont={"color": "black"}))   # white on vermilion: 3.7:1
-    fig.update_xaxes(range=[0, 1], tickformat=".0%")
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.25)   # auto ticks stopped at 80 %: a 99 % bar ran past the scale
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, "Class probabilities (calibrated)", height=60 + 40 * len(names))
 
@@ -254,11 +254,12 @@ def one_side_note(ev: dict) -> str | None:
     Br35H's all tumours): its accuracy read as a perfect model, though it measures one rate."""
     n_t, n_n = ev.get("n_tumour") or 0, ev.get("n_normal") or 0
     if n_t and not n_n:
-        return (f"All {n_t} scans here are tumours: nothing here says how often the model flags a healthy "
-                "scan (no specificity).")
+        return (("The one scan here is a tumour" if n_t == 1 else f"All {n_t} scans here are tumours")
+                + ": nothing here says how often the model flags a healthy scan (no specificity).")
     if n_n and not n_t:
-        return (f"All {n_n} scans here are tumour-free: accuracy here is the share called 'no tumour' "
-                "(the specificity); nothing here says how many tumours the model finds.")
+        return (("The one scan here is tumour-free" if n_n == 1 else f"All {n_n} scans here are tumour-free")
+                + ": accuracy here is the share called 'no tumour' (the specificity); nothing here says how many "
+                "tumours the model finds.")
     return None
 
 

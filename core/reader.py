@@ -377,6 +377,12 @@ def _image_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+# Pillow refuses a PNG text chunk that inflates past PngImagePlugin.MAX_TEXT_CHUNK (1 MB): a 7 KB
+# file can hold a 3 MB comment. Not damage: metadata too large to read safely.
+TEXT_BOMB = ("The image's embedded text (metadata) is too large to read safely: save the image again "
+             "without its metadata.")
+
+
 def _read_image(data: bytes, options: dict) -> ScanImage:
     try:
         with warnings.catch_warnings():
@@ -393,7 +399,7 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
         raise ScanError(f"The image is too large (its header declares {size} megapixels; the limit is "
                         f"{MAX_PIXELS // 1_000_000} megapixels).") from None
     except Exception as e:  # a broken header: Pillow raises many types here
-        raise ScanError("The image file is damaged and cannot be read.") from e
+        raise ScanError(TEXT_BOMB if "MAX_TEXT" in str(e) else "The image file is damaged and cannot be read.") from e
     with img:
         width, height = img.size
         _check_size(width, height)  # from the header: nothing decoded yet
@@ -424,7 +430,7 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
                 raise ScanError("The image file is truncated (incomplete).") from e
             raise ScanError("The image file is damaged and cannot be decoded.") from e
         except Exception as e:  # decoder errors come as SyntaxError, ValueError, EOFError, ...
-            raise ScanError("The image file is damaged and cannot be decoded.") from e
+            raise ScanError(TEXT_BOMB if "MAX_TEXT" in str(e) else "The image file is damaged and cannot be decoded.") from e
     info.update(extra)
     info.update(_blank(grey))
     return ScanImage(grey, colour, "image", info)

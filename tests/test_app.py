@@ -273,7 +273,9 @@ def test_evaluation_shows_confusion_and_false_negative_analysis(app):
     app.selectbox[0].set_value("elsewhere").run()
     app.radio(key="gallery-kind").set_value("misclassified").run()
     assert not app.exception
-    assert "not on this machine" in texts(app)
+    assert "not on this machine" in texts(app) and "none of them on this machine" in texts(app)
+    # none on disk: no '2 scans; 2 shown' over no image, nor a slider (a fresh-machine review)
+    assert "mistakes first" not in texts(app) and not [s for s in app.slider if s.key == "gallery-count"]
     # Synthetic scans on disk: the gallery shows them with a map for the class asked for.
     app.selectbox[0].set_value("synth").run()
     app.radio(key="gallery-explain").set_value("label").run()

@@ -157,7 +157,8 @@ def test_model_labels_name_the_folder_only_when_it_differs_and_mark_bt_weights(r
     copy = edited_weights(random_weights, tmp_path / "mine" / "only", {"name": "only"})
     at = start(monkeypatch, copy)
     assert not at.exception
-    assert at.selectbox(key="_model_widget").options == ["only (BT_WEIGHTS)", "only", "test-random (other)"]
+    # weights/DEFAULT's folder is marked: among a dozen names, the one to start from
+    assert at.selectbox(key="_model_widget").options == ["only (BT_WEIGHTS)", "only (default)", "test-random (other)"]
 
 
 # ----------------------------------------------------------------------------- 9: eval.json of other classes

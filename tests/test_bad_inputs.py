@@ -112,6 +112,14 @@ def damaged_dicom(**elements: str) -> bytes:
     return buf.getvalue().replace(b"987654321", b"abcdefghi")
 
 
+def ztxt_bomb() -> bytes:
+    """A 7 KB PNG whose compressed text chunk inflates to 3 MB."""
+    from PIL import PngImagePlugin
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("Comment", "A" * (3 * 2**20), zip=True)
+    return encode(grey8(), "PNG", pnginfo=meta)
+
+
 def nan_affine(raw_nii: bytes) -> bytes:
     """A NIfTI-1 whose sform (the one used: sform_code 1, qform_code 0) holds a NaN."""
     b = bytearray(raw_nii)
@@ -177,6 +185,7 @@ def build_corpus() -> list[Case]:
         Case("truncated.jpg", jpeg[: len(jpeg) // 2], r"truncated"),
         Case("truncated.png", good_png[: len(good_png) // 2], r"truncated|damaged"),
         Case("header_60000.png", png_header_only(60_000, 60_000), r"too large \(its header declares 3,600 megapixels"),
+        Case("ztxt_bomb.png", ztxt_bomb(), r"embedded text \(metadata\) is too large"),   # was 'damaged'
         Case("jpeg_ls.jls", b"\xff\xd8\xff\xf7\x00\x0b\x08\x00\x40\x00\x40\x01\x01\x11\x00\xff\xda" + bytes(64),
              r"name ends in '\.jls' but its content is not a supported scan"),   # starts as a JPEG does: not 'damaged'
         Case("bad_crc.png", good_png[:20] + bytes([good_png[20] ^ 1]) + good_png[21:],   # IHDR fails its checksum
@@ -523,7 +532,9 @@ def test_zip_to_labelled_uses_the_class_folder():
     got = reader.zip_to_labelled(data)
     assert [(c, n) for c, n, _ in got] == [("glioma", "Testing/glioma/a.png"),
                                            ("notumor", "Testing/notumor/b.png")]
-    assert dict(got.skipped) == {"top.png": "The file is not inside a class folder."}
+    # the resource fork listed, as `evaluate` lists a folder's (it was dropped without a word)
+    assert dict(got.skipped) == {"__MACOSX/Testing/glioma/._a.png": "hidden file",
+                                 "top.png": "The file is not inside a class folder."}
 
 
 # ----------------------------------------------------------------------------- reader review (session 19)

@@ -248,6 +248,9 @@ def test_a_set_of_one_side_says_what_its_figures_measure():
     br35h = {"n": 200, "n_tumour": 200, "n_normal": 0, "tumour_missed": 3, "normal_flagged": 0}
     assert "(the specificity)" in dash.one_side_note(brisc) and "(no specificity)" in dash.one_side_note(br35h)
     assert dash.one_side_note({**brisc, "n_tumour": 5}) is None
+    # one scan: no 'All 1 scans here are' (a review)
+    assert dash.one_side_note({"n_tumour": 0, "n_normal": 1}).startswith("The one scan here is tumour-free: ")
+    assert dash.one_side_note({"n_tumour": 1, "n_normal": 0}).startswith("The one scan here is a tumour: ")
     figures = {label: value for label, value, _ in dash.miss_metrics(brisc, gated=True)}
     assert figures["Tumours missed here"] == figures["Silent misses"] == "n/a" and figures["Normal scans flagged"] == "0 of 108"
     figures = {label: value for label, value, _ in dash.miss_metrics(br35h, gated=True)}
@@ -280,3 +283,9 @@ def test_every_chart_with_a_legend_puts_it_under_the_plot():
     for fig in figures:
         assert sum(t.showlegend is not False for t in fig.data) >= 1 and fig.layout.showlegend is not False
         assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0, fig.layout.title.text
+
+
+def test_the_probability_scale_reaches_100_percent():
+    """Plotly's own ticks stopped at 80 % on a narrow column: a 99 % bar ran past the scale's end."""
+    fig = dash.probability_bar({"glioma": 0.99, "notumor": 0.01}, "glioma")
+    assert fig.layout.xaxis.range == (0, 1) and fig.layout.xaxis.dtick == 0.25

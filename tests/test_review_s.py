@@ -635,8 +635,41 @@ def test_a_one_frame_file_has_no_frame_words():
     assert slice_words({"frame": 0, "n_frames": 1}) == "" and slice_words({"frame": 1, "n_frames": 3}) == "frame 1 of 3"
 
 
-def test_a_zip_of_a_training_testing_layout_says_it_is_scored_pooled():
-    assert app.zip_splits(["archive/Training/glioma/a.jpg", "archive/Testing/notumor/b.jpg"]) == ["test", "train"]
-    assert app.zip_splits(["mine/glioma/a.jpg", "glioma/b.jpg"]) == []
-    note = app.pooled_splits_note({"splits": ["test", "train"]})
-    assert note.startswith("The zip holds test and training folders: their scans are scored together")
+def test_a_zip_of_a_training_testing_layout_scores_its_testing_folder_as_evaluate_does():
+    """The page pooled Training/ and Testing/ (its headline figures counted the model's own
+    training images) while `evaluate` on the same tree scores Testing/ alone (a review)."""
+    from test_review_t import zipped
+    from test_report import scan_png
+    tree = {"archive/Training/glioma/a.jpg": scan_png(1), "archive/Training/notumor/b.jpg": scan_png(2),
+            "archive/Testing/glioma/c.jpg": scan_png(3), "archive/Testing/notumor/d.jpg": scan_png(4)}
+    items, skipped, _, note = app.labelled_zip(zipped(tree), ["glioma", "meningioma", "pituitary", "notumor"])
+    assert sorted(n for n, _, _ in items) == ["archive/Testing/glioma/c.jpg", "archive/Testing/notumor/d.jpg"]
+    assert skipped == [] and note.startswith("Scored: the Testing/ folder's scans") and "2 files were left out" in note
+    # the same tree on disk, through evaluate's own choice
+    from core.data import Sample
+    from core.evaluation import evaluation_set
+    samples = [Sample(path=n, rel=n, label="x", original="x", preset_split="test" if "Testing" in n else None)
+               for n in tree]
+    assert sorted(s.rel for s in evaluation_set(samples)[0]) == sorted(n for n, _, _ in items)
+    items, _, _, note = app.labelled_zip(zipped({"mine/glioma/a.jpg": scan_png(1), "mine/notumor/b.jpg": scan_png(2)}))
+    assert len(items) == 2 and note is None
+
+
+def test_an_empty_labelled_zip_is_one_sentence(random_weights):
+    from core.inference import Predictor
+    from test_review_t import zipped
+    with pytest.raises(app.ScanError, match=r"^The zip archive holds no files\.$"):
+        app.evaluate_zip(Predictor(random_weights), "empty.zip", zipped({}))
+
+
+def test_a_labelled_zip_lists_its_hidden_and_system_files_as_evaluate_does():
+    """.DS_Store, __MACOSX/ and Thumbs.db were dropped without a word from a zip, while `evaluate`
+    lists them for a folder; a zip of nothing else said only 'No scan could be evaluated'."""
+    from test_review_t import zipped
+    from test_report import scan_png
+    tree = {"glioma/a.jpg": scan_png(1), "notumor/b.jpg": scan_png(2), ".DS_Store": b"x", "glioma/.DS_Store": b"x",
+            "__MACOSX/glioma/._a.jpg": b"x", "notumor/Thumbs.db": b"x"}
+    _, skipped, _, _ = app.labelled_zip(zipped(tree), ["glioma", "notumor"])
+    assert sorted((s["file"], s["error"]) for s in skipped) == [
+        (".DS_Store", "hidden file"), ("__MACOSX/glioma/._a.jpg", "hidden file"),
+        ("glioma/.DS_Store", "hidden file"), ("notumor/Thumbs.db", "archive or system metadata")]

@@ -77,7 +77,7 @@ def test_a_labelled_zip_with_patient_folders_is_labelled_by_its_class_folder(pre
     # `python -m core evaluate` on the same tree scores them all
     data = zipped({"set/glioma/patient01/a.png": scan_png(2), "set/notumor/patient02/b.png": scan_png(3),
                    "set/meningioma/c.png": scan_png(4)})
-    items, skipped, note = app.labelled_zip(data, predictor.classes)
+    items, skipped, note, _ = app.labelled_zip(data, predictor.classes)
     assert {(n, label) for n, label, _ in items} == {("set/glioma/patient01/a.png", "glioma"),
                                                      ("set/notumor/patient02/b.png", "notumor"),
                                                      ("set/meningioma/c.png", "meningioma")}
@@ -91,7 +91,7 @@ def test_a_labelled_zips_masks_are_never_scored(predictor):
     data = zipped({"set/glioma/TCGA_CS_4941/a.png": scan_png(2), "set/glioma/masks/a_mask.png": scan_png(3),
                    "set/notumor/b.png": scan_png(4), "set/glioma/c.png": scan_png(5),
                    "set/glioma/c_mask.png": scan_png(6)})
-    items, skipped, _ = app.labelled_zip(data, predictor.classes)
+    items, skipped, _, _ = app.labelled_zip(data, predictor.classes)
     assert sorted(n for n, _, _ in items) == ["set/glioma/TCGA_CS_4941/a.png", "set/glioma/c.png", "set/notumor/b.png"]
     assert {s["file"]: s["error"].split(":")[0] for s in skipped} == {
         "set/glioma/masks/a_mask.png": "A folder of masks",
@@ -492,7 +492,7 @@ def test_audit_lines_never_go_into_a_json_file_that_is_no_log(predictor, tmp_pat
 def test_a_zip_of_an_absolute_path_is_read_through_its_wrappers(predictor):
     # 'zip -r' of /home/user/data/set nests the classes four folders deep: nothing was scored
     data = zipped({"home/user/data/set/glioma/a.png": scan_png(16), "home/user/data/set/notumor/b.png": scan_png(17)})
-    items, skipped, _ = app.labelled_zip(data, predictor.classes)
+    items, skipped, _, _ = app.labelled_zip(data, predictor.classes)
     assert sorted(label for _, label, _ in items) == ["glioma", "notumor"] and not skipped
 
 
@@ -654,7 +654,7 @@ def test_a_png_mask_beside_a_jpeg_scan_is_no_scan_on_disk_or_in_a_zip(tmp_path, 
     scan = discover(tmp_path / "d")
     assert sorted(s.rel for s in scan.samples) == ["glioma/TCGA_DU_5855_013.jpg", "notumor/b.png"]
     assert ("glioma/TCGA_DU_5855_013_mask.png", MASK_BESIDE_SCAN) in scan.skipped
-    items, skipped, _ = app.labelled_zip(zipped({r: scan_png(31) for r in rels}), predictor.classes)
+    items, skipped, _, _ = app.labelled_zip(zipped({r: scan_png(31) for r in rels}), predictor.classes)
     assert sorted(n for n, _, _ in items) == ["glioma/TCGA_DU_5855_013.jpg", "notumor/b.png"]
     assert [s["file"] for s in skipped] == ["glioma/TCGA_DU_5855_013_mask.png"]
 

@@ -331,7 +331,7 @@ def test_a_labelled_zip_says_when_a_folder_names_no_tumour_type(tmp_path):
     with zipfile.ZipFile(buf, "w") as z:
         for f in sorted(root.rglob("*.png")):
             z.write(f, f.relative_to(root).as_posix())
-    items, _, note = labelled_zip(buf.getvalue(), ["glioma", "meningioma", "pituitary", "notumor"])
+    items, _, note, _ = labelled_zip(buf.getvalue(), ["glioma", "meningioma", "pituitary", "notumor"])
     assert {label for _, label, _ in items} == {"glioma", "meningioma", "tumor"}
     assert "'Brain Tumor' names no tumour type" in note
 
