@@ -1291,9 +1291,9 @@ def evaluate_zip(predictor: Predictor, name: str, data: bytes,
 
 
 def only_junk(skipped: list[dict]) -> bool:
-    """Every file left out is a hidden or system file (.DS_Store, __MACOSX/): said, not as an error."""
-    from .archive import HIDDEN, METADATA
-    return all(s["error"] in (HIDDEN, METADATA) for s in skipped)
+    """Files were left out, each a hidden or system file (.DS_Store, __MACOSX/): said, not as an error."""
+    from .archive import JUNK_REASONS
+    return bool(skipped) and all(s["error"] in JUNK_REASONS for s in skipped)
 
 
 def skipped_summary(skipped: list[dict]) -> str:
@@ -1566,7 +1566,7 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
         shown = len(sel) if len(sel) <= limit else st.slider(
             "Scans shown (each map takes a moment)", limit, len(sel), limit, key="gallery-count")
         st.caption(f"{len(sel)} scan{'s' * (len(sel) != 1)}, the most confident mistakes first; {shown} shown"
-                   + (f" ({away} more not on this machine)." if away else ".")
+                   + (f" ({away} more {'not kept' if blobs is not None else 'not on this machine'})." if away else ".")
                    + (" A missed tumour's predicted class is 'no tumour': its map marks what spoke against a "
                       "tumour and need not point at the one missed; 'the true class' (above) shows what spoke "
                       "for it." if explain == "pred" and kind == "missed" and not is_class_agnostic(method) else "")
@@ -1611,7 +1611,8 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
 def absent_notes(card: dict, sources: set[str], blobs: dict | None, n_all: int | None = None) -> None:
     """Why a gallery's scans of ``sources`` cannot be shown (``n_all``: none of its ``n_all`` can)."""
     if n_all:
-        st.caption(f"{n_all} scan{'s' * (n_all != 1)} to show, none of them on this machine.")
+        st.caption(f"{n_all} scan{'s' * (n_all != 1)} to show, none of them "
+                   + ("kept (below)." if blobs is not None else "on this machine."))
     for src in sorted(sources):
         if blobs is not None and src == "upload":
             st.info(f"Only the zip's first {GALLERY_BYTES // 2**20} MB of scans are kept for this "

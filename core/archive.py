@@ -114,7 +114,25 @@ def _is_junk(name: str) -> bool:
 
 
 # Why a labelled zip left a junk member out: the words `core.data` gives the same file in a folder.
-HIDDEN, METADATA = "hidden file", "archive or system metadata"
+HIDDEN, HIDDEN_FOLDER, METADATA = "hidden file", "hidden folder", "archive or system metadata"
+JUNK_REASONS = (HIDDEN, HIDDEN_FOLDER, METADATA)
+
+
+def _junk_listed(names: list[str]) -> list[tuple[str, str]]:
+    """(name, reason) of the junk among ``names``: a metadata or hidden folder once, as 'X/' (as
+    `core.data` lists a folder's), a hidden or system file by itself."""
+    out: dict[str, str] = {}
+    for name in names:
+        if not (why := _junk_reason(name)):
+            continue
+        parts = PurePosixPath(name).parts
+        folder = next((k for k, p in enumerate(parts[:-1]) if p.lower() in METADATA_DIRS or p.startswith(".")), None)
+        if folder is not None:
+            out.setdefault("/".join(parts[:folder + 1]) + "/", METADATA if parts[folder].lower() in METADATA_DIRS
+                           else HIDDEN_FOLDER)
+        else:
+            out.setdefault(name, why)
+    return list(out.items())
 
 
 def _junk_reason(name: str) -> str | None:
@@ -260,38 +278,44 @@ def zip_to_labelled(data: bytes, known: Callable[[str], bool] | None = None,
     unwrapped, Training/Testing passed, patient folders inside their class, masks left out); map
     the folder with `core.labels.normalise_label`. Members outside a class folder, and with
     ``known`` those of a class folder it rejects, are listed in ``.skipped`` and never inflated."""
-    from .data import split_of, tree_classes
+    from .data import tree_classes
     with _open_zip(data) as zf:   # the names alone: the layout is decided before anything is inflated
         names = [_clean_name(raw)[0] for raw, _ in _listing(zf)]
-        # listed, as `evaluate` lists them in a folder (they were dropped without a word)
-        junk = [(name, why) for i in zf.infolist() if not i.is_dir()
-                and (why := _junk_reason(name := _clean_name(_member_name(i))[0]))]
+        every = [_clean_name(_member_name(i))[0] for i in zf.infolist() if not i.is_dir()]
     home = tree_classes(names)
     # a Training/ + Testing/ layout: only Testing/ (else Validation/) is scored, as `evaluate` scores
-    # it; the page pooled both, its headline figures counting the model's own training images
-    split = {n: next((s for part in PurePosixPath(n).parts[:-1] if (s := split_of(part))), None)
-             for n, (folder, _) in home.items() if folder}
-    chosen = next((s for s in ("test", "val") if s in split.values()), None)
+    # it (the page pooled both, its headline figures counting the model's own training images);
+    # what lies outside that folder is left out unread and unlisted, as `evaluate` leaves it
+    chosen = next((s for s in ("test", "val") if s in home.splits.values()), None)
+
+    def outside(name: str, junk: bool = False) -> bool:
+        """In another split folder, or (a scan) in a class folder beside the one scored, which
+        `evaluate` takes for the training part; a loose file is listed as it lists it."""
+        split = home.split(name)
+        return chosen is not None and split != chosen and (split is not None or (not junk and bool(home.get(name, (None,))[0])))
 
     def unwanted(name: str) -> str | None:
+        if outside(name):
+            return OTHER_SPLIT
         folder, why = home.get(name, (None, "the file is not inside a class folder"))
         if why:
             return why[0].upper() + why[1:] + "."
         if known and not known(folder):
             return f"its folder ('{folder}') names no class of this model"
-        if chosen and split.get(name) != chosen:
-            return OTHER_SPLIT
         return None
     budget = unpack_allowance(len(data)) if budget is None else budget
     over = (f"The zip archive unpacks to more than {budget // 2**20} MB: this file was not read "
             "(evaluate larger sets with `python -m core evaluate` on the folder).")
     members = read_zip(data, budget, over, unwanted)
-    out = ZipMembers(skipped=junk + [s for s in members.skipped if s[1] != OTHER_SPLIT])
+    # hidden and system files listed, as `evaluate` lists them in a folder (they were dropped without
+    # a word): after the real problems, a metadata folder once ('__MACOSX/': 600 forks buried them)
+    out = ZipMembers(skipped=[s for s in members.skipped if s[1] != OTHER_SPLIT]
+                     + _junk_listed([n for n in every if not outside(n, junk=True)]))
     out.note = home.note
     if (left := sum(s[1] == OTHER_SPLIT for s in members.skipped)):
         folder = {"test": "Testing/", "val": "Validation/"}[chosen]
         out.split_note = (f"Scored: the {folder} folder's scans, as `python -m core evaluate` scores this layout; "
-                          f"the other split folders' {left} file{'s' * (left != 1)} were left out (a model's "
+                          f"the {left} file{'s' * (left != 1)} outside it were left out unread (a model's "
                           "own training images would flatter it).")
     for name, content in members:
         out.append((home[name][0], name, content))

@@ -308,14 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "reported apart in per_source)",
                        description="Score labelled scans: DATA_DIR/<class>/* (glioma_tumor, Brain_Menin, no, yes ... "
                                    "are mapped to the model's classes; a yes/no folder is scored as tumour vs no "
-                                   "tumour), or DATA_DIR/Training + Testing, of which Testing/ alone is scored. "
-                                   "Prints the summary (accuracy, macro F1, tumours missed, ECE ...) and every "
-                                   "file it skipped, with why. Exit 0, 1 when no file could be scored, 2 on a "
-                                   "usage error.")
+                                   "tumour), or DATA_DIR/Training + Testing, of which Testing/ alone is scored "
+                                   "(else Validation/; a Training/ alone is scored whole, and said so). Prints the "
+                                   "summary (accuracy, macro F1, tumours missed, ECE ...) and the files it skipped, "
+                                   "with why. Exit 0; 1 when no file could be scored; 2 on a usage error, or a "
+                                   "folder, output or model that cannot be used.")
     e.add_argument("data_dir", nargs="+", help="class-per-folder directories (several: each one source)")
     e.add_argument("--weights", help="model folder (default: $BT_WEIGHTS, else the one weights/DEFAULT names)")
     e.add_argument("--json", help="write the whole evaluation (metrics, per-class, confusion, one record per "
-                                  "file) to this file; '-' prints it on stdout")
+                                  "file) to this file; '-' prints it on stdout (the summary then goes to stderr)")
     e.set_defaults(fn=cmd_evaluate)
     pr = sub.add_parser("predict", help="predict image, DICOM or NIfTI files",
                         description="One line per file, in order. Exit 0 when every file was predicted, 1 when "

@@ -341,8 +341,16 @@ def _class_levels(top: Path, children=_class_dirs) -> tuple[list[tuple[Path, str
 
 
 class TreeClasses(dict):
-    """`tree_classes`'s {rel: (class folder, why not read)}, with ``note``: `one_folder_words`."""
+    """`tree_classes`'s {rel: (class folder, why not read)}, with ``note`` (`one_folder_words`) and
+    ``splits``: {split folder: 'train', 'test' or 'val'}, the layout's own (`_class_levels`)."""
     note: str | None = None
+    splits: dict = {}
+
+    def split(self, rel: str) -> str | None:
+        """The split folder ``rel`` lies in, as `discover` gives its samples' ``preset_split``: only a
+        split folder of the layout counts ('glioma/test/x.jpg' is a glioma of no split)."""
+        from pathlib import PurePosixPath
+        return next((s for f in PurePosixPath(rel).parents if (s := self.splits.get(f))), None)
 
 
 def tree_classes(rels: list[str]) -> TreeClasses:
@@ -375,6 +383,7 @@ def tree_classes(rels: list[str]) -> TreeClasses:
             out[rel] = (home, None if home else "the file is not inside a class folder")
     out.note = one_folder_words([PurePosixPath(r).relative_to(top).parts for r, (c, _) in out.items() if c],
                                 "zip the contents of '{top}' instead")
+    out.splits = {d: split_of(d.name) for d in split_tops}
     return out
 
 

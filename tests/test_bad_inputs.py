@@ -533,8 +533,8 @@ def test_zip_to_labelled_uses_the_class_folder():
     assert [(c, n) for c, n, _ in got] == [("glioma", "Testing/glioma/a.png"),
                                            ("notumor", "Testing/notumor/b.png")]
     # the resource fork listed, as `evaluate` lists a folder's (it was dropped without a word)
-    assert dict(got.skipped) == {"__MACOSX/Testing/glioma/._a.png": "hidden file",
-                                 "top.png": "The file is not inside a class folder."}
+    assert dict(got.skipped) == {"top.png": "The file is not inside a class folder.",
+                                 "__MACOSX/": "archive or system metadata"}
 
 
 # ----------------------------------------------------------------------------- reader review (session 19)

@@ -635,24 +635,54 @@ def test_a_one_frame_file_has_no_frame_words():
     assert slice_words({"frame": 0, "n_frames": 1}) == "" and slice_words({"frame": 1, "n_frames": 3}) == "frame 1 of 3"
 
 
-def test_a_zip_of_a_training_testing_layout_scores_its_testing_folder_as_evaluate_does():
-    """The page pooled Training/ and Testing/ (its headline figures counted the model's own
-    training images) while `evaluate` on the same tree scores Testing/ alone (a review)."""
+LAYOUTS = {   # each tree, on disk and zipped: the page must choose what `evaluate` chooses
+    "training + testing": ["archive/Training/glioma/a.png", "archive/Training/notumor/b.png",
+                           "archive/Testing/glioma/c.png", "archive/Testing/notumor/d.png"],
+    "testing beside class folders": ["Testing/glioma/a.png", "Testing/notumor/b.png", "glioma/c.png", "notumor/d.png"],
+    "validation + training": ["Training/glioma/a.png", "Training/notumor/b.png", "Validation/glioma/c.png",
+                              "Validation/notumor/d.png"],
+    # split-like folders inside class folders are patients' or sessions', not splits: every scan is scored
+    "split names inside classes": ["glioma/train/a.png", "glioma/test/b.png", "notumor/train/c.png", "notumor/test/d.png"],
+    "a patient folder named test": ["glioma/test/a.png", "glioma/p1/b.png", "notumor/p2/c.png"],
+    "no split": ["mine/glioma/a.png", "mine/notumor/b.png"],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_labelled_zip_scores_the_files_evaluate_scores_in_the_same_tree(layout, tmp_path):
+    """The page pooled Training/ and Testing/ (its headline figures counted the model's own training
+    images) while `evaluate` scores Testing/ alone; its first fix then took 'glioma/test/' for a
+    test split, which `evaluate` does not (two reviews)."""
+    from core.data import discover
+    from core.evaluation import evaluation_set
     from test_review_t import zipped
     from test_report import scan_png
-    tree = {"archive/Training/glioma/a.jpg": scan_png(1), "archive/Training/notumor/b.jpg": scan_png(2),
-            "archive/Testing/glioma/c.jpg": scan_png(3), "archive/Testing/notumor/d.jpg": scan_png(4)}
+    tree = {name: scan_png(k) for k, name in enumerate(LAYOUTS[layout])}
+    for name, data in tree.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    scan = discover(tmp_path)
+    on_disk = sorted(s.rel for s in evaluation_set(scan.samples, scan.inner)[0])
     items, skipped, _, note = app.labelled_zip(zipped(tree), ["glioma", "meningioma", "pituitary", "notumor"])
-    assert sorted(n for n, _, _ in items) == ["archive/Testing/glioma/c.jpg", "archive/Testing/notumor/d.jpg"]
-    assert skipped == [] and note.startswith("Scored: the Testing/ folder's scans") and "2 files were left out" in note
-    # the same tree on disk, through evaluate's own choice
-    from core.data import Sample
-    from core.evaluation import evaluation_set
-    samples = [Sample(path=n, rel=n, label="x", original="x", preset_split="test" if "Testing" in n else None)
-               for n in tree]
-    assert sorted(s.rel for s in evaluation_set(samples)[0]) == sorted(n for n, _, _ in items)
-    items, _, _, note = app.labelled_zip(zipped({"mine/glioma/a.jpg": scan_png(1), "mine/notumor/b.jpg": scan_png(2)}))
-    assert len(items) == 2 and note is None
+    assert sorted(n for n, _, _ in items) == on_disk and skipped == []
+    left = len(tree) - len(on_disk)
+    assert (note is None) == (left == 0)
+    if left:
+        assert note.startswith(f"Scored: the {'Validation' if 'validation' in layout else 'Testing'}/ folder's "
+                               f"scans") and f"the {left} files outside it were left out" in note
+
+
+def test_a_left_out_training_folder_lists_nothing_of_its_own():
+    """Its unknown-class folder, loose files and hidden files were listed one by one, in a red box,
+    though `evaluate` lists none of a training folder's leftovers (a review)."""
+    from test_review_t import zipped
+    from test_report import scan_png
+    tree = {"Training/glioma/a.png": scan_png(1), "Training/astro/x.png": scan_png(2), "Training/loose.txt": b"x",
+            "Training/glioma/.DS_Store": b"x", "Testing/glioma/c.png": scan_png(3), "Testing/notumor/d.png": scan_png(4),
+            "top.png": scan_png(5)}
+    _, skipped, _, note = app.labelled_zip(zipped(tree), ["glioma", "meningioma", "pituitary", "notumor"])
+    assert skipped == [{"file": "top.png", "error": "The file is not inside a class folder."}]
+    assert "the 3 files outside it" in note   # a, x and loose.txt; the .DS_Store is no file of the count
 
 
 def test_an_empty_labelled_zip_is_one_sentence(random_weights):
@@ -668,8 +698,13 @@ def test_a_labelled_zip_lists_its_hidden_and_system_files_as_evaluate_does():
     from test_review_t import zipped
     from test_report import scan_png
     tree = {"glioma/a.jpg": scan_png(1), "notumor/b.jpg": scan_png(2), ".DS_Store": b"x", "glioma/.DS_Store": b"x",
-            "__MACOSX/glioma/._a.jpg": b"x", "notumor/Thumbs.db": b"x"}
-    _, skipped, _, _ = app.labelled_zip(zipped(tree), ["glioma", "notumor"])
-    assert sorted((s["file"], s["error"]) for s in skipped) == [
-        (".DS_Store", "hidden file"), ("__MACOSX/glioma/._a.jpg", "hidden file"),
-        ("glioma/.DS_Store", "hidden file"), ("notumor/Thumbs.db", "archive or system metadata")]
+            **{f"__MACOSX/glioma/._{k}.jpg": b"x" for k in range(300)}, "notumor/Thumbs.db": b"x",
+            "notumor/broken.jpg": b"not an image", "astro/c.jpg": scan_png(3)}
+    items, skipped, _, _ = app.labelled_zip(zipped(tree), ["glioma", "notumor"])
+    # a metadata folder once, as `evaluate` says it ('__MACOSX/': 300 forks buried the real problems),
+    # after them (a review)
+    assert [(s["file"], s["error"]) for s in skipped] == [
+        ("astro/c.jpg", "its folder ('astro') names no class of this model"), (".DS_Store", "hidden file"),
+        ("glioma/.DS_Store", "hidden file"), ("__MACOSX", "archive or system metadata"),
+        ("notumor/Thumbs.db", "archive or system metadata")]
+    assert not app.only_junk(skipped) and app.only_junk(skipped[1:]) and not app.only_junk([])
