@@ -44,7 +44,8 @@ st.dataframe(dash.metrics_readable(card), hide_index=True, placeholder="—")
 st.caption("At the card's operating point; '—': not defined for that set (no tumour scans, no tumour-free ones, or "
            "no tumour types). Sensitivity: tumour scans called tumour; specificity: tumour-free scans "
            "called tumour-free; missed with no flag: tumours called 'no tumour' with no referral or "
-           "out-of-distribution flag; calibration error (ECE): how far stated probabilities are from observed rates.")
+           "out-of-distribution flag; calibration error (ECE): how far stated probabilities are from observed rates "
+           "(of the called class; of the tumour probability for a set with no tumour types).")
 
 st.markdown("### How a scan is read and called")
 lines = [("Preprocessing", dash.preprocessing_text(predictor.spec)), ("Calibration", dash.calibration_line(card)),

@@ -470,7 +470,8 @@ def copies_note(predictor: Predictor) -> str | None:
     if not n_copies:
         return None
     figures, _ = home_figures(predictor)
-    shown = "; ".join(f"{k.lower()} {v}" for k, v in figures.items() if k != "Test scans")
+    shown = "; ".join(f"{k if k[:2].isupper() else k[0].lower() + k[1:]} {v}"   # 'LGG FLAIR ...' stays capital
+                      for k, v in figures.items() if k != "Test scans")
     return (f"Over all {len(stored['predictions'])} test scans, including the {n_copies} with a copy "
             "(near duplicate, mirrored or turned) in training. Home and the Evaluation page leave those out "
             f"unless asked: over the other {figures['Test scans']}, {shown}.")

@@ -174,12 +174,22 @@ def headline_metrics(ev: dict) -> list[tuple[str, str, str | None, str | None]]:
             ("Accuracy", shown("accuracy", ".1%"), interval_text(ev, "accuracy"),
              of(round(acc * n_f) if acc is not None and n_f else None, n_f)),
             ("Macro F1", shown("macro_f1", ".3f"), "Over the classes this set has images of; none for a set of one class", None),
-            ("Tumours missed", shown("tumour_missed", "d"),
-             "Tumour scans predicted 'no tumour' at the sidebar's operating point", of(ev.get("tumour_missed"), n_t)),
+            ("Tumours missed", shown("tumour_missed", "d"), missed_help(ev), of(ev.get("tumour_missed"), n_t)),
             ("Sensitivity", shown("sensitivity", ".1%"), interval_text(ev, "sensitivity"),
              of(n_t - ev["tumour_missed"] if n_t and ev.get("tumour_missed") is not None else None, n_t)),
             ("Specificity", shown("specificity", ".1%"), interval_text(ev, "specificity"),
              of(n_n - ev["normal_flagged"] if n_n and ev.get("normal_flagged") is not None else None, n_n))]
+
+
+def missed_help(ev: dict) -> str:
+    """What 'tumours missed' counts: every tumour scan called 'no tumour', flagged or not, with how
+    many of them a flag still sent for review (a clinician read 13 missed as 13 told 'no tumour')."""
+    text = "Tumour scans predicted 'no tumour' at the sidebar's operating point, flagged or not"
+    missed, silent = ev.get("tumour_missed"), ev.get("silent_misses")
+    if missed and silent is not None:
+        text += (f": {missed - silent} of the {missed} carry an 'uncertain, refer' or out-of-distribution flag, "
+                 f"{silent} none (silent misses)")
+    return text + "."
 
 
 def gate_scored(records: list[dict]) -> bool:
@@ -205,10 +215,10 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
     # '0 of 0' read as a perfect record on a set with no scans of that side (Br35H's test tumours)
     n_t, n_n = ev.get("n_tumour"), ev.get("n_normal")
     return [("Tumours missed here", f"{ev['tumour_missed']} of {n_t}" if n_t else "n/a",
-             None if n_t else "No tumour scans here: none can be missed."),
+             missed_help(ev) if n_t else "No tumour scans here: none can be missed."),
             ("Normal scans flagged", f"{ev['normal_flagged']} of {n_n}" if n_n else "n/a",
              None if n_n else "No tumour-free scans here: none can be flagged."),
-            ("Silent misses", str(ev.get("silent_misses", "n/a")) if n_t else "n/a",
+            ("Silent misses", f"{ev['silent_misses']} of {n_t}" if n_t and ev.get("silent_misses") is not None else "n/a",
              "Missed tumours with no out-of-distribution or uncertainty flag"
              + ("" if gated else " (no gate here: only the uncertainty flag can speak)")),
             ood]
@@ -765,9 +775,14 @@ def metrics_readable(card: dict) -> pd.DataFrame:
     """The card's test figures, all sources then each, one row each, as text ('—': not defined)."""
     m = card.get("metrics") or {}
     rows = [("all sources", m)] + [(source_label(k), v) for k, v in sorted((m.get("per_source") or {}).items())]
-    def cell(v, fmt: str) -> str:
+    def cell(r: dict, k: str, fmt: str) -> str:
+        v = r.get(k)
+        if k == "accuracy" and not finite_number(r.get("sensitivity")) and finite_number(r.get("specificity")):
+            return "—"   # tumour-free scans only (BRISC): its '100 %' is the specificity, not an accuracy
+        if k == "ece" and not finite_number(v) and finite_number(r.get("tumour_ece")):
+            return f"{r['tumour_ece']:.3f} (tumour prob.)"   # no types (Br35H): the tumour probability's, as the README
         return format(v, fmt) if finite_number(v) else "—"
-    return pd.DataFrame([{"test set": name, **{label: cell(r.get(k), fmt) for k, (label, fmt) in METRIC_COLUMNS.items()}}
+    return pd.DataFrame([{"test set": name, **{label: cell(r, k, fmt) for k, (label, fmt) in METRIC_COLUMNS.items()}}
                          for name, r in rows if isinstance(r, dict)])
 
 

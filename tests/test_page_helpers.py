@@ -56,6 +56,13 @@ def test_model_card_tables_and_caption_come_from_the_card():
     metrics = dash.metrics_readable(card)
     assert list(metrics["test set"]) == ["all sources", "Br35H"] and metrics.loc[0, "accuracy"] == "90.0%"
     assert metrics.loc[1, "accuracy"] == "—"   # not defined for that set: no 'None' on the page
+    # a tumour-free set's 'accuracy' is its specificity: '—' as in the README (it read 100.0 %); a set
+    # with no types gets its tumour probability's calibration (it read '—' beside the README's 0.035)
+    card["metrics"]["per_source"] = {"brisc": {"accuracy": 1.0, "specificity": 1.0, "sensitivity": None},
+                                     "br35h": {"accuracy": None, "ece": None, "tumour_ece": 0.0352, "sensitivity": 0.985}}
+    metrics = dash.metrics_readable(card).set_index("test set")
+    assert metrics.loc["BRISC", "accuracy"] == "—" and metrics.loc["BRISC", "specificity"] == "100.0%"
+    assert metrics.loc["Br35H", "calibration error"] == "0.035 (tumour prob.)"
     caption = dash.build_caption(card, "ab" * 32)
     assert caption.startswith("2.50 M parameters, weights 3.0 MiB, sha256 abababababababab...")
     assert caption.endswith("built 2026-12-05")
@@ -156,6 +163,12 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     assert gated[3][:2] == ("Out of distribution", "0 of 10")
     assert plain[3][:2] == ("Refused (no gate)", "0 of 10") and "no out-of-distribution gate" in plain[3][2]
     assert "no gate here" in plain[2][2] and "no gate here" not in gated[2][2]
+    # 'missed' counts flagged misses too, and says how many: a clinician read 13 missed as 13 told
+    # 'no tumour' with no word (5 of them were referred); silent misses get their denominator
+    assert gated[0][2].endswith(": 0 of the 1 carry an 'uncertain, refer' or out-of-distribution flag, 1 none (silent misses).")
+    assert gated[2][1] == "1 of 6"
+    assert dash.headline_metrics({**ev, "tumour_missed": 3})[3][2].endswith("2 of the 3 carry an 'uncertain, refer' "
+                                                                           "or out-of-distribution flag, 1 none (silent misses).")
     from core.referral import ReferralRule
     c4, yn = ["glioma", "meningioma", "pituitary", "notumor"], ["tumor", "notumor"]
     four = dash.referral_metrics(ev, c4, ReferralRule(tuple(c4), 0.3, 0.7, 0.0, 0.8))
