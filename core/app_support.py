@@ -240,6 +240,13 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
         note += (f" with no copy in training (as the Evaluation page shows them; {copies} more have one"
                  + (f", and with them the card reads accuracy {all_m['accuracy']:.1%}"
                     if finite_number(all_m.get("accuracy")) else "") + ")")
+    # what 'Accuracy' beside 'Test scans' is over, and what 'missed' counts (a clinician's check)
+    if m.get("n_fine") and m["n_fine"] < m.get("n", 0):
+        note += (f". Accuracy is over the {m['n_fine']:,} scans whose tumour type is known; the other "
+                 f"{m['n'] - m['n_fine']:,} (tumours of a collection that gives no type) count in sensitivity")
+    if m.get("tumour_missed") and m.get("silent_misses") is not None:
+        note += (f". Of the {m['tumour_missed']} tumours missed, {m['tumour_missed'] - m['silent_misses']} were "
+                 "still flagged for review ('uncertain, refer' or out of distribution)")
     return figures, note + "." + weakest
 
 
@@ -318,7 +325,8 @@ def operating_point_text(card: dict, default: float) -> str:
     target, sens, spec = op.get("target_sensitivity"), op.get("val_sensitivity"), op.get("val_specificity")
     if target is None:
         return text + "."
-    text += f", aiming at sensitivity {target:.0%} on validation"
+    # validation figures, all sources pooled: read beside the test figures, they were taken for them
+    text += f", aiming at sensitivity {target:.0%} on validation (all sources pooled, not the test set)"
     if sens is None:
         return text + "."
     from .engine import CAP_THRESHOLD, floor_unmet
@@ -327,7 +335,7 @@ def operating_point_text(card: dict, default: float) -> str:
     capped = short is not None
     # the numbers a sentence compares are written apart (96.96 % against a 97.00 % floor)
     spec_s, floor_s = apart(spec, floor, 1, True) if capped else (f"{spec:.1%}" if spec is not None else "", "")
-    text += f"; reached {sens:.1%}" + (f" at specificity {spec_s}" if spec is not None else "")
+    text += f"; it reached {sens:.1%} there" + (f" at specificity {spec_s}" if spec is not None else "")
     if capped:
         # pick_threshold never goes above the cap: there, the floor is still not met
         below = ("some source's validation specificity stays below it" if short[0] == "all sources pooled" else

@@ -191,6 +191,12 @@ def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
     assert figures["Specificity"] == f"{m['specificity']:.1%}" and figures["Test scans"] == str(len(kept))
     copies = len(ev["predictions"]) - len(kept)
     assert copies and "card's operating point" in note and f"{copies} more have one" in note
+    # what the accuracy is over and how many misses were still flagged (a clinician's check of the figures)
+    if m["n_fine"] < m["n"]:
+        assert f"Accuracy is over the {m['n_fine']:,} scans whose tumour type is known" in note
+    if m["tumour_missed"]:
+        assert (f"Of the {m['tumour_missed']} tumours missed, {m['tumour_missed'] - m['silent_misses']} were still "
+                "flagged for review") in note
     # the pooled sensitivity hid LGG's (a clinician found it only by filtering the Evaluation page)
     per = {}
     for r in kept:

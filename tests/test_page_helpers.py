@@ -174,7 +174,8 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     four = dash.referral_metrics(ev, c4, ReferralRule(tuple(c4), 0.3, 0.7, 0.0, 0.8))
     no_rule = dash.referral_metrics(ev, c4, ReferralRule(tuple(c4)))   # cnn_bn_aug's card: no band, no type level
     binary = dash.referral_metrics(ev, yn, ReferralRule(tuple(yn), 0.3, 0.7, 0.0, 0.8))
-    assert four[1][1] == "0 of 10" and binary[1][1] == "n/a" and binary[0][1] == "2 of 10"
+    # of the tumour calls (5 found + 0 flagged normals), not of every scan (a clinician's check)
+    assert four[1][1] == "0 of 5 tumour calls" and binary[1][1] == "n/a" and binary[0][1] == "2 of 10"
     assert no_rule[1][1] == "n/a" and "no type-confidence level" in no_rule[1][2]
     # a yes/no zip against the typed model: scored tumour vs no tumour, though the model names types
     folded = dash.referral_metrics(ev, yn, ReferralRule(tuple(c4), 0.3, 0.7, 0.0, 0.8))
@@ -302,3 +303,14 @@ def test_the_probability_scale_reaches_100_percent():
     """Plotly's own ticks stopped at 80 % on a narrow column: a 99 % bar ran past the scale's end."""
     fig = dash.probability_bar({"glioma": 0.99, "notumor": 0.01}, "glioma")
     assert fig.layout.xaxis.range == (0, 1) and fig.layout.xaxis.dtick == 0.25
+
+
+def test_the_threshold_chart_zooms_to_the_rates_around_the_operating_point():
+    """0-100 % laid a 1.5 % miss rate and 1.7 % false alarms flat on zero: moving the point showed
+    nothing (a clinician's check of the figures). The axis now ends where 3x those rates fit."""
+    curve = [{"threshold": t / 10, "miss_rate": t / 10 * 0.05, "false_alarm_rate": (1 - t / 10) * 0.06} for t in range(11)]
+    assert dash.rate_axis_top(curve, 0.3) == 0.2   # 4.2 % false alarms at 0.3: 3x fits in 20 %
+    assert dash.rate_axis_top(curve, None) == 1.02
+    assert dash.rate_axis_top([{"threshold": 0.5, "miss_rate": 0.4, "false_alarm_rate": 0.1}], 0.5) == 1.02
+    fig = dash.threshold_figure(curve, 0.3)
+    assert tuple(fig.layout.yaxis.range) == (0, 0.2) and "double-click for all" in fig.layout.yaxis.title.text
