@@ -1607,7 +1607,8 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
                 if on_disk else None
             note = "" if frame is None else f"; {OUTLINE_WORDS}: tumour mask, {mask_note(cam, frame)}"
             said = (f": true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
-                    + (f", p(tumour) {tp:.2f}" if tp is not None else "") + note
+                    + (f", p(tumour) {tp:.2f}" if tp is not None else "")
+                    + ("; flagged 'uncertain, refer'" if r.get("uncertain") else "") + note   # a referred miss was no silent one
                     + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
             cols[k % GALLERY_COLUMNS].image(img if frame is None else contour_overlay(img, frame), width="stretch",
                                             caption=md_name(r["file"]) + said,

@@ -205,8 +205,9 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
         ood = ("Out of distribution", refused,
                "Refused by the model's gate: the app gives these scans no call. Every figure on this page "
                "still counts the model's raw output for them."
-               + (f" {ev['not_mri_flagged']} of them are among the {ev['not_mri']} CTs that the source filed "
-                  "as MRI (core/not_mri.txt), where a flag is right." if ev.get("not_mri") else ""))
+               + (f" {ev['not_mri_flagged']} of them {'is' if ev['not_mri_flagged'] == 1 else 'are'} among the "
+                  f"{ev['not_mri']} CT{'s' * (ev['not_mri'] != 1)} that the source filed as MRI (core/not_mri.txt), "
+                  "where a flag is right." if ev.get("not_mri") else ""))
     else:
         ood = ("Refused (no gate)", refused,
                "This model has no out-of-distribution gate: only colour, blank and nearly empty images, marks "
