@@ -240,14 +240,26 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
         note += (f" with no copy in training (as the Evaluation page shows them; {copies} more have one"
                  + (f", and with them the card reads accuracy {all_m['accuracy']:.1%}"
                     if finite_number(all_m.get("accuracy")) else "") + ")")
-    # what 'Accuracy' beside 'Test scans' is over, and what 'missed' counts (a clinician's check)
-    if m.get("n_fine") and m["n_fine"] < m.get("n", 0):
-        note += (f". Accuracy is over the {m['n_fine']:,} scans whose tumour type is known; the other "
-                 f"{m['n'] - m['n_fine']:,} (tumours of a collection that gives no type) count in sensitivity")
-    if m.get("tumour_missed") and m.get("silent_misses") is not None:
-        note += (f". Of the {m['tumour_missed']} tumours missed, {m['tumour_missed'] - m['silent_misses']} were "
-                 "still flagged for review ('uncertain, refer' or out of distribution)")
-    return figures, note + "." + weakest
+    return figures, note + _counted_words(m, kept, predictor) + "." + weakest
+
+
+def _counted_words(m: dict, kept: list[dict], predictor: Predictor) -> str:
+    """What Home's 'Accuracy' beside 'Test scans' is over, and how many missed tumours a flag still
+    sent for review (a clinician's check of the figures); each said only where it holds."""
+    from .dashboard import flag_words, gate_scored
+    text = ""
+    untyped = sum(r.get("label") == TUMOUR for r in kept)   # Br35H's: tumours of no known type
+    if m.get("n_fine") and m.get("sensitivity") is not None and untyped and untyped == m.get("n", 0) - m["n_fine"]:
+        text += (f". Accuracy is over the {m['n_fine']:,} scans labelled with a class of the model; the other "
+                 f"{untyped:,} (tumours of a collection that gives no type) count in sensitivity alone")
+    missed, silent = m.get("tumour_missed"), m.get("silent_misses")
+    referral = getattr(predictor, "referral", None)
+    if missed and silent is not None and (flags := flag_words(gate_scored(kept), bool(referral and referral.refers))):
+        k = missed - silent
+        text += (f". None of the {missed} tumours missed carried an {flags}" if k == 0 else
+                 f". Of the {missed} tumours missed, {k} {'was' if k == 1 else 'were'} still sent for review "
+                 f"(an {flags})")
+    return text
 
 
 def threshold_moved(threshold: float | None, card_point: float | None) -> bool:
@@ -326,7 +338,8 @@ def operating_point_text(card: dict, default: float) -> str:
     if target is None:
         return text + "."
     # validation figures, all sources pooled: read beside the test figures, they were taken for them
-    text += f", aiming at sensitivity {target:.0%} on validation (all sources pooled, not the test set)"
+    pooled = " (all sources pooled, not the test set)" if len(training_sources(card)) > 1 else " (not the test set)"
+    text += f", aiming at sensitivity {target:.0%} on validation{pooled}"
     if sens is None:
         return text + "."
     from .engine import CAP_THRESHOLD, floor_unmet
@@ -478,8 +491,8 @@ def copies_note(predictor: Predictor) -> str | None:
     if not n_copies:
         return None
     figures, _ = home_figures(predictor)
-    shown = "; ".join(f"{k if k[:2].isupper() else k[0].lower() + k[1:]} {v}"   # 'LGG FLAIR ...' stays capital
-                      for k, v in figures.items() if k != "Test scans")
+    plain = {"Accuracy", "Sensitivity", "Specificity", "Tumours missed"}   # a source's name keeps its capitals
+    shown = "; ".join(f"{k.lower() if k in plain else k} {v}" for k, v in figures.items() if k != "Test scans")
     return (f"Over all {len(stored['predictions'])} test scans, including the {n_copies} with a copy "
             "(near duplicate, mirrored or turned) in training. Home and the Evaluation page leave those out "
             f"unless asked: over the other {figures['Test scans']}, {shown}.")

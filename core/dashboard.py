@@ -159,7 +159,7 @@ def interval_text(ev: dict, key: str) -> str | None:
             "a few images either way move the figure by this much.")
 
 
-def headline_metrics(ev: dict) -> list[tuple[str, str, str | None, str | None]]:
+def headline_metrics(ev: dict, gated: bool = True, refers: bool = True) -> list[tuple[str, str, str | None, str | None]]:
     """The Evaluation page's six headline figures as (label, value, help, count); 'n/a' where not
     defined. The count ('1 of 1') goes under a rate: a zip of 10 new scans read 'Sensitivity 100.0%'
     in large type over one tumour, its interval in a tooltip."""
@@ -174,21 +174,31 @@ def headline_metrics(ev: dict) -> list[tuple[str, str, str | None, str | None]]:
             ("Accuracy", shown("accuracy", ".1%"), interval_text(ev, "accuracy"),
              of(round(acc * n_f) if acc is not None and n_f else None, n_f)),
             ("Macro F1", shown("macro_f1", ".3f"), "Over the classes this set has images of; none for a set of one class", None),
-            ("Tumours missed", shown("tumour_missed", "d"), missed_help(ev), of(ev.get("tumour_missed"), n_t)),
+            ("Tumours missed", shown("tumour_missed", "d"), missed_help(ev, gated, refers), of(ev.get("tumour_missed"), n_t)),
             ("Sensitivity", shown("sensitivity", ".1%"), interval_text(ev, "sensitivity"),
              of(n_t - ev["tumour_missed"] if n_t and ev.get("tumour_missed") is not None else None, n_t)),
             ("Specificity", shown("specificity", ".1%"), interval_text(ev, "specificity"),
              of(n_n - ev["normal_flagged"] if n_n and ev.get("normal_flagged") is not None else None, n_n))]
 
 
-def missed_help(ev: dict) -> str:
+def flag_words(gated: bool, refers: bool) -> str | None:
+    """The flags that can send a call for review, as a sentence names them: a model without a gate
+    refuses only colour and blank images, one without a rule refers nothing (a review)."""
+    names = [w for w, ok in (("'uncertain, refer'", refers), ("out-of-distribution", gated)) if ok]
+    return " or ".join(names) + " flag" if names else None
+
+
+def missed_help(ev: dict, gated: bool = True, refers: bool = True) -> str:
     """What 'tumours missed' counts: every tumour scan called 'no tumour', flagged or not, with how
     many of them a flag still sent for review (a clinician read 13 missed as 13 told 'no tumour')."""
     text = "Tumour scans predicted 'no tumour' at the sidebar's operating point, flagged or not"
     missed, silent = ev.get("tumour_missed"), ev.get("silent_misses")
     if missed and silent is not None:
-        text += (f": {missed - silent} of the {missed} carry an 'uncertain, refer' or out-of-distribution flag, "
-                 f"{silent} none (silent misses)")
+        if (flags := flag_words(gated, refers)):
+            k = missed - silent
+            text += f": {k} of the {missed} {'carries' if k == 1 else 'carry'} an {flags}, {silent} none (silent misses)"
+        else:
+            text += ": this model has neither a gate nor a referral rule, so every one is a silent miss"
     return text + "."
 
 
@@ -198,7 +208,7 @@ def gate_scored(records: list[dict]) -> bool:
     return any(r.get("ood_score") is not None for r in records)
 
 
-def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
+def miss_metrics(ev: dict, gated: bool, refers: bool = True) -> list[tuple[str, str, str | None]]:
     """The false-negative tab's four figures as (label, value, help)."""
     refused = f"{ev.get('flagged_ood', 0)} of {ev['n']}"
     if gated:
@@ -216,12 +226,14 @@ def miss_metrics(ev: dict, gated: bool) -> list[tuple[str, str, str | None]]:
     # '0 of 0' read as a perfect record on a set with no scans of that side (Br35H's test tumours)
     n_t, n_n = ev.get("n_tumour"), ev.get("n_normal")
     return [("Tumours missed here", f"{ev['tumour_missed']} of {n_t}" if n_t else "n/a",
-             missed_help(ev) if n_t else "No tumour scans here: none can be missed."),
+             missed_help(ev, gated, refers) if n_t else "No tumour scans here: none can be missed."),
             ("Normal scans flagged", f"{ev['normal_flagged']} of {n_n}" if n_n else "n/a",
              None if n_n else "No tumour-free scans here: none can be flagged."),
             ("Silent misses", f"{ev['silent_misses']} of {n_t}" if n_t and ev.get("silent_misses") is not None else "n/a",
              "Missed tumours with no out-of-distribution or uncertainty flag"
-             + ("" if gated else " (no gate here: only the uncertainty flag can speak)")),
+             + ("" if gated and refers else " (no gate here: only the uncertainty flag can speak)" if refers else
+                " (no referral rule here: only the gate can speak)" if gated else
+                " (neither a gate nor a referral rule here: no flag can speak)")),
             ood]
 
 

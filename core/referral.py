@@ -63,6 +63,11 @@ class ReferralRule:
         return self.lo is not None and self.hi is not None
 
     @property
+    def refers(self) -> bool:
+        """Whether `flags` can ever refer a call 'uncertain' (a card with no rule never does)."""
+        return self.uses_band or self.min_confidence > 0
+
+    @property
     def judges_type(self) -> bool:
         """Whether `flags` can ever call a tumour's type uncertain: a band rule with a type level,
         over two tumour classes or more."""

@@ -193,10 +193,10 @@ def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
     assert copies and "card's operating point" in note and f"{copies} more have one" in note
     # what the accuracy is over and how many misses were still flagged (a clinician's check of the figures)
     if m["n_fine"] < m["n"]:
-        assert f"Accuracy is over the {m['n_fine']:,} scans whose tumour type is known" in note
+        assert f"Accuracy is over the {m['n_fine']:,} scans labelled with a class of the model" in note
     if m["tumour_missed"]:
         assert (f"Of the {m['tumour_missed']} tumours missed, {m['tumour_missed'] - m['silent_misses']} were still "
-                "flagged for review") in note
+                "sent for review (an 'uncertain, refer' or out-of-distribution flag)") in note
     # the pooled sensitivity hid LGG's (a clinician found it only by filtering the Evaluation page)
     per = {}
     for r in kept:
@@ -1335,3 +1335,22 @@ def test_the_dark_themes_red_reads_as_small_text_and_home_links_fit_a_phone(app)
         assert _contrast(dark["primaryColor"], background) >= 4.5
     links = [p.proto.label for p in app.get("page_link")]
     assert links and all(len(label) <= 20 for label in links), links
+
+
+def test_home_names_only_the_flags_a_model_has_and_no_untyped_tumours_it_lacks():
+    """Home said 'flagged ('uncertain, refer' or out of distribution)' for a model with no gate, '1
+    were', and 'tumours of a collection that gives no type' for the tumour-free scans a types-only
+    model leaves out of its accuracy (a review)."""
+    from types import SimpleNamespace
+    plain = app_support.load_predictor(str(REPO / "weights" / "cnn_bn_aug"))   # no gate
+    _, note = app_support.home_figures(plain)
+    assert "out-of-distribution" not in note and ("'uncertain, refer' flag" in note or "tumours missed" not in note)
+    assert " 1 were " not in note
+    p = app_support.load_predictor(str(PINNED))
+    types_only = SimpleNamespace(dir=p.dir, classes=["glioma", "meningioma", "pituitary"], threshold=None, referral=None,
+                                 card=p.card, is_tumour_model=True, name="t")
+    _, note = app_support.home_figures(types_only)
+    assert "gives no type" not in note
+    # the sidebar's 'all sources pooled' only for a model of several sources
+    assert "(not the test set)" in app_support.operating_point_text(plain.card, plain.threshold)
+    assert "(all sources pooled, not the test set)" in app_support.operating_point_text(p.card, p.threshold)

@@ -167,6 +167,13 @@ def test_a_model_without_a_gate_is_not_shown_as_checked():
     # 'no tumour' with no word (5 of them were referred); silent misses get their denominator
     assert gated[0][2].endswith(": 0 of the 1 carry an 'uncertain, refer' or out-of-distribution flag, 1 none (silent misses).")
     assert gated[2][1] == "1 of 6"
+    # only the flags the model has, and the verb agrees (a review of that sentence)
+    assert plain[0][2].endswith(": 0 of the 1 carry an 'uncertain, refer' flag, 1 none (silent misses).")
+    no_rule = dash.miss_metrics({**ev, "tumour_missed": 2}, False, refers=False)
+    assert no_rule[0][2].endswith("neither a gate nor a referral rule, so every one is a silent miss.")
+    assert "no flag can speak" in no_rule[2][2]
+    assert dash.missed_help({"tumour_missed": 3, "silent_misses": 2}, gated=True, refers=False).endswith(
+        ": 1 of the 3 carries an out-of-distribution flag, 2 none (silent misses).")
     one_ct = dash.miss_metrics({**ev, "not_mri": 1, "not_mri_flagged": 0}, True)[3][2]
     assert "0 of them are among the 1 CT that the source filed as MRI" in one_ct   # was 'the 1 CTs'
     assert "2 of them are among the 12 CTs" in dash.miss_metrics({**ev, "not_mri": 12, "not_mri_flagged": 2}, True)[3][2]
