@@ -82,7 +82,8 @@ source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectb
 ev = app.evaluation_at(records, classes, threshold, source, rule)
 shown = app.records_at(app.of_source(records, source), classes, threshold, rule)
 
-app.metric_rows(dash.headline_metrics(ev, dash.gate_scored(shown), bool(rule and rule.refers)))
+gated, refers = dash.gate_scored(shown), bool(rule and rule.refers)   # which flags these misses could carry
+app.metric_rows(dash.headline_metrics(ev, gated, refers))
 st.caption(f"All numbers at the operating point {threshold:.3f} (sidebar)." if threshold is not None
            else "This model has no operating point: plain top-class predictions.")
 if note := dash.scans_help(ev):   # in plain sight: the confusion matrix below covers fewer scans than the headline
@@ -105,7 +106,7 @@ with t2:
     b.plotly_chart(dash.pr_figure(shown, classes), key="pr", config=dash.CHART_CONFIG)
 with t3:
     if "threshold_curve" in ev:
-        app.metric_rows(dash.miss_metrics(ev, dash.gate_scored(shown), bool(rule and rule.refers)), per_row=2)
+        app.metric_rows(dash.miss_metrics(ev, gated, refers), per_row=2)
         st.plotly_chart(dash.threshold_figure(ev["threshold_curve"], threshold), key="thr",
                         config=dash.CHART_CONFIG)
     else:

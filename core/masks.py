@@ -79,6 +79,11 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
 
 
+def base_stem(name: str) -> str:
+    """`_stem` without its folders: the name a scan and its mask share ('masks/X.png', 'glioma/X.jpg')."""
+    return _stem(name).rsplit("/", 1)[-1]
+
+
 def _uncounted(name: str) -> str:
     """An upload's name without the counter `report.unique_names` puts after a repeat's extension
     ('X.png (2)' -> 'X.png'; 'brain (1).png' is a name of its own)."""
@@ -148,7 +153,7 @@ def pair_masks(items: list[tuple[str, object]]) -> tuple[list[tuple[str, object]
     same_base: dict[str, list[tuple[str, object]]] = {}
     for name, data in items:
         if name not in used and name not in masks:
-            same_base.setdefault(_stem(name).rsplit("/", 1)[-1], []).append((name, data))
+            same_base.setdefault(base_stem(name), []).append((name, data))
     for group in (g for g in same_base.values() if len(g) > 1):
         is_mask = [_is_mask_file(n, d) for n, d in group]
         found = [(m, [s for (s, _), f in zip(group, is_mask) if not f and _mask_beside(m, s)])

@@ -1282,11 +1282,12 @@ def _unknown_method(method: str | None) -> str | None:
 
 
 def _resolved(path: str | Path) -> Path:
-    """``path`` with its links followed; a loop of links (which Python 3.11 raises on) stays as
-    given, made absolute: it is said as one file's sentence, or as an output's usage error."""
+    """``path`` with its links followed (`data.real_path`); a loop of links stays as given, made
+    absolute: it is said as one file's sentence, or as an output's usage error."""
+    from .data import real_path
     try:
-        return Path(path).resolve()
-    except (OSError, RuntimeError):
+        return real_path(path)
+    except FileNotFoundError:
         return Path(os.path.abspath(path))
 
 
@@ -1300,11 +1301,12 @@ def _output_problem(args) -> str | None:
     for flag, p in outs:
         if (why := output_problem(flag, p)):   # first: a loop of links is said here
             return why
-        if _resolved(p) in inputs:
+        real = _resolved(p)
+        if real in inputs:
             return f"{flag} {p} is one of the input files"
-        if _resolved(p) in seen:
-            return f"{flag} and {seen[_resolved(p)]} name the same file {p}"
-        seen[_resolved(p)] = flag
+        if real in seen:
+            return f"{flag} and {seen[real]} name the same file {p}"
+        seen[real] = flag
     if args.audit:
         from .audit_log import foreign_file_problem
         return foreign_file_problem(args.audit)
@@ -1318,14 +1320,15 @@ def pair_file_masks(files: list[str]) -> tuple[list[tuple[str, Any]], dict[str, 
     lossless image whose name another file shares) is read ahead; the others stay paths, read one at a time.
     Paired by their absolute, normalised paths ('./glioma/X.jpg' beside 'masks/X.png' pairs), and
     returned under the names as given."""
-    from .masks import MASK_SUFFIXES, _stem, pair_masks
+    from .masks import MASK_SUFFIXES, base_stem, pair_masks
     given = {os.path.normpath(os.path.abspath(f)) if str(f).strip() else str(f): f for f in files}
     if len(given) < len(files):   # a file named twice: paired by name as given, as the app pairs repeats
         given = {str(f): f for f in files}
-    bases = Counter(_stem(k).rsplit("/", 1)[-1] for k in given)
+    base_of = {k: base_stem(k) for k in given}
+    bases = Counter(base_of.values())
     items: list[tuple[str, Any]] = []
     for key, f in given.items():
-        base = _stem(key).rsplit("/", 1)[-1]
+        base = base_of[key]
         src: Any = f
         # an X_mask of any kind pairs, as in the app (X_mask.nii.gz beside X.nii.gz); a file that only
         # shares a name pairs when it is a lossless image (a two-valued one, checked by pair_masks)
