@@ -316,8 +316,8 @@ def _check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse what would fail later (after minutes of caching) or leave a damaged run behind."""
-    _check_types(p, args)
+    """Refuse what would fail later (after minutes of caching) or leave a damaged run behind
+    (`parse_args` has checked the config's types by now)."""
     _check_modes(p, args)
     _check_numbers(p, args)
     _check_device(p, args)
@@ -334,15 +334,12 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Options that cannot go together: --finish-from with training, distillation without a teacher."""
+    """Options that cannot go together: --finish-from with training or a teacher (distillation
+    options without a teacher are refused in `parse_args`, where it is known which were named)."""
     if args.finish_from and (args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         p.error("--finish-from trains nothing: run it alone, without --resume or torchrun")
     if args.finish_from and args.teacher:
         p.error("--finish-from trains nothing, so a --teacher has nothing to teach: leave it out")
-    plain = get_args_parser()  # the built-in defaults: a config's values are p's defaults by now
-    given = [o for o in ("distill", "distill_t", "distill_online") if getattr(args, o) != plain.get_default(o)]
-    if given and not args.teacher and not args.resume:
-        p.error(f"{_option(given[0])} needs --teacher (the model to distil from)")
     if not 0 < args.distill <= 1 or args.distill_t <= 0:
         p.error("--distill must be in (0, 1] and --distill-t > 0")
     if args.finish_from and args.out and Path(args.finish_from).resolve() == Path(args.out).resolve():
@@ -357,6 +354,8 @@ def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
         # AdamW refused a negative decay after minutes of caching; --ema 1 or 1.5 averaged by the
         # warm-up's schedule alone, -0.5 was off without a word
         p.error("--wd, --aug and --max-distance must be >= 0, and --ema in [0, 1) (0 = off)")
+    if args.mask_loss < 0:
+        p.error("--mask-loss must be 0 (off) or positive")
     from core.reader import MAX_SIDE   # no scan reaches the model larger: a bigger input only upsamples
     if not 8 <= args.img <= MAX_SIDE or args.small_img < 0 or 0 < args.small_img < 8 or args.small_img > MAX_SIDE:
         p.error(f"--img must be between 8 and {MAX_SIDE} pixels (and --small-img 0 or in that range)")
@@ -502,8 +501,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     here = Path.cwd().resolve()
     args.command_dir = os.path.relpath(here, D.REPO_ROOT) if here.is_relative_to(D.REPO_ROOT) else str(here)
     _resolve_run_dirs(p, args)
-    if args.mask_loss < 0:
-        p.error("--mask-loss must be 0 (off) or positive")
     _read_copy_lists(p, args, given_alone)
     _check(p, args)  # a resume takes its run's --init when left out
     _check_averaging(p, args)

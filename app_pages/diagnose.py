@@ -2,9 +2,9 @@
 import streamlit as st
 
 from core import app_support as app
-from core.dashboard import (CALL_PROBABILITY, PLAIN_CHART, batch_table, probability_bar, series_table, slice_profile,
-                            tumour_gauge)
-from core.inference import BEST_SLICE, END_SLICE_SHARE
+from core.dashboard import (CALL_PROBABILITY, HIGHEST_TUMOUR_PROBABILITY, PLAIN_CHART, TUMOUR_PROBABILITY, batch_table,
+                            probability_bar, series_table, slice_profile, slice_profile_caption, tumour_gauge)
+from core.inference import BEST_SLICE
 from core.labels import class_label, class_word, is_tumour_call
 from core.metrics import apart
 from core.report import tp_column_format, volume_words
@@ -74,15 +74,15 @@ def show_refusal(pred, key: str, unchecked: str | None = None) -> None:
         st.caption(app.probabilities_text(pred.probs))
 
 
-def show_call(pred, key: str, contradiction: str | None = None, unchecked: str | None = None) -> None:
-    """The call with its referral flags, probabilities and the tumour gauge; ``contradiction``:
+def show_call(pred, key: str, level: str, contradiction: str | None = None, unchecked: str | None = None) -> None:
+    """The call under a heading of ``level`` ('##' alone, '###' under a batch's own H2), with its
+    referral flags, probabilities and the tumour gauge; ``contradiction``:
     what an uploaded tumour mask says against a 'no tumour' call; ``unchecked``: that a volume's
     other slices were not scored (`app.unchecked_note`)."""
     if pred.uncertain:   # read before the call: an uncertain call is a referral first
         st.warning("**Uncertain — refer for review**: "
                    f"{predictor.referral.describe_call(pred, uncertain=True)}.", icon=":material/warning:")
     # a type in doubt must not read as firmly as the call: the tumour is called, its type suggested
-    level = "##" if len(items) == 1 else "###"   # under the batch's own H2 ("N files") in a batch
     st.markdown(f"{level} Prediction: **Tumour**, type uncertain (likeliest: {class_word(pred.pred)})" if pred.type_uncertain
                 else f"{level} Prediction: **{class_label(pred.pred)}**")
     if why := app.call_note(pred, predictor.classes):   # the call is the tumour decision, not the top bar
@@ -112,12 +112,13 @@ def show_call(pred, key: str, contradiction: str | None = None, unchecked: str |
                    + ("; **referred for review**" if pred.uncertain else ""))
 
 
-def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dict:
+def show(pos: int, name: str, data, shown: tuple[int | None, str | None], mask: bytes | None, alone: bool) -> dict:
     """One file in full: image, prediction, flags, probabilities, saliency. Returns its row.
     ``pos`` (its place in the batch) keys the widgets: the same scan may come twice. ``shown``:
-    a volume's slice and how it was chosen (`pick_slice`)."""
+    a volume's slice and how it was chosen (`pick_slice`); ``mask``: its paired tumour mask;
+    ``alone``: the only file (not one of a batch)."""
     slice_index = shown[0]
-    row, scan, pred = app.analyse_upload(predictor, name, data, threshold, slice_index, masks.get(name), shown[1])
+    row, scan, pred = app.analyse_upload(predictor, name, data, threshold, slice_index, mask, shown[1])
     if scan is None:
         st.error(f"**{app.md_name(name)}**: {row['error']}")
         return row
@@ -133,14 +134,14 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
         if row.get("seen_in_training"):
             st.info(f"**Seen in training**: {app.SEEN_TEXT}", icon=":material/school:")
         if pred.in_distribution:
-            show_call(pred, f"{wkey}-{slice_index}",
-                      app.mask_contradiction(pred, scan, masks.get(name), predictor.spec, slice_index),
+            show_call(pred, f"{wkey}-{slice_index}", "##" if alone else "###",
+                      app.mask_contradiction(pred, scan, mask, predictor.spec, slice_index),
                       app.unchecked_note(row))
         else:
             show_refusal(pred, f"{wkey}-{slice_index}", app.unchecked_note(row))
     if pred.in_distribution:
         app.saliency_panel(predictor, scan, app.item_key(name, data), pred, slice_index,
-                           mask=masks.get(name), widget_key=wkey, scope=len(items) == 1)
+                           mask=mask, widget_key=wkey, scope=alone)
     if slice_index is not None:  # after the result: scoring every slice of a volume takes seconds
         with st.spinner("Checking the volume's other slices..."):
             alert = app.volume_alert(predictor, data, name, threshold, slice_index, pred.in_distribution)
@@ -150,11 +151,9 @@ def show(pos: int, name: str, data, shown: tuple[int | None, str | None]) -> dic
         if profile:
             with st.expander("Tumour probability across the slices", expanded=bool(alert)):
                 scores, shares = profile
-                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares, END_SLICE_SHARE),
+                st.plotly_chart(slice_profile(scores, threshold, slice_index, shares),
                                 key=f"profile-{wkey}-{slice_index}", config=PLAIN_CHART)
-                st.caption("Every non-empty slice, before the out-of-distribution check. Grey: end slices "
-                           "(under half the head's widest cross-section), where the model has called healthy "
-                           "heads glioma: read a tumour call there with caution.")
+                st.caption(slice_profile_caption())
     return row
 
 items, masks = app.pair_masks(app.expand_uploads(files))  # X_mask.tif outlines X.tif
@@ -165,13 +164,13 @@ if masks:
 slices: dict[int, tuple[int | None, str | None]] = {}
 if len(items) == 1:
     slices[0] = pick_slice(0, *items[0])
-    results = [show(0, *items[0], slices[0])]
+    results = [show(0, *items[0], slices[0], masks.get(items[0][0]), alone=True)]
 elif len(items) <= DETAILED:
     summary, results = st.container(), []
     for pos, (name, data) in enumerate(items):
         with st.expander(app.md_name(name), expanded=True):
             slices[pos] = pick_slice(pos, name, data)
-            results.append(show(pos, name, data, slices[pos]))
+            results.append(show(pos, name, data, slices[pos], masks.get(name), alone=False))
 else:
     summary = st.container()
     slices, results = app.analyse_batch(predictor, items, threshold, masks)
@@ -181,7 +180,7 @@ else:
         k = st.selectbox("Show the details of", ok, format_func=lambda i: items[i][0])
         with st.container(border=True):
             slices[k] = pick_slice(k, *items[k])
-            results[k] = show(k, *items[k], slices[k])  # the table follows the slice shown
+            results[k] = show(k, *items[k], slices[k], masks.get(items[k][0]), alone=False)  # the table follows the slice shown
     with problems:
         for kind, text in app.batch_problems(results):
             if kind == "error":
@@ -198,8 +197,7 @@ if len(items) > 1:
             # long names pushed the call's probability, or on a tablet the flags, off the table's right
             "file": st.column_config.TextColumn(width="medium"),
             "slice": st.column_config.TextColumn("slice (numbered from 0)"),
-            "tumour probability": st.column_config.ProgressColumn(format=tp_format, min_value=0,
-                                                                  max_value=1),
+            TUMOUR_PROBABILITY: st.column_config.ProgressColumn(format=tp_format, min_value=0, max_value=1),
             CALL_PROBABILITY: st.column_config.NumberColumn(format="%.3f")})
         st.download_button("Download the table (CSV)", app.results_csv(results, predictor), "predictions.csv",
                            "text/csv", on_click="ignore")
@@ -209,7 +207,7 @@ if len(items) > 1:
             st.caption("A tumour called on any slice is a tumour call for the series, however "
                        "clear its other slices look. Slices are named by Instance Number.")
             st.dataframe(series, hide_index=True, placeholder="—", column_config={
-                "highest tumour probability": st.column_config.NumberColumn(format=tp_format)})
+                HIGHEST_TUMOUR_PROBABILITY: st.column_config.NumberColumn(format=tp_format)})
 
 if any(r["ok"] for r in results):  # a report of nothing but unreadable files helps no one
     app.report_downloads(items, predictor, threshold, slices, results, masks)

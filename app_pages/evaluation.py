@@ -79,8 +79,7 @@ if not records:
 sources = app.sources_of(records)
 source = app.sticky_choice("Source", [None, *sources], "eval_source", st.selectbox,
                            format_func=dash.source_text) if len(sources) > 1 else None
-ev = app.evaluation_at(records, classes, threshold, source, rule)
-shown = app.records_at(app.of_source(records, source), classes, threshold, rule)
+ev, shown = app.evaluation_view(records, classes, threshold, source, rule)
 
 gated, refers = dash.gate_scored(shown), bool(rule and rule.refers)   # which flags these misses could carry
 app.metric_rows(dash.headline_metrics(ev, gated, refers))
@@ -116,7 +115,7 @@ with t3:
             st.caption("The check judges how a scan looks, not whether the classifier trained on it: it "
                        "refuses up to about 2 % of each source's brain MRI, training images included.")
             st.markdown("\n".join(f"- {line}" for line in refused))
-    app.gallery(predictor, shown, blobs)
+    app.gallery(predictor, shown, threshold, blobs)
 with t4:
     a, b = st.columns(2)
     for col, (label, value, help_text) in zip((a, b), dash.referral_metrics(ev, classes, rule)):

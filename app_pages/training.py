@@ -3,7 +3,7 @@ import streamlit as st
 
 from core import app_support as app
 from core.compare import COPIES_NOTE
-from core.dashboard import CHART_CONFIG, history_figures, models_table, overlay_histories
+from core.dashboard import CHART_CONFIG, RATE_COLUMNS, history_figures, models_table, overlay_histories
 
 st.title("Training")
 predictor = app.current_predictor()
@@ -28,9 +28,7 @@ st.header("Every model")
 dirs = [str(d) for d in app.model_choices()]
 if dirs:
     st.dataframe(models_table(dirs), hide_index=True, placeholder="—", column_config={
-        c: st.column_config.NumberColumn(format="%.3f")
-        for c in ("accuracy", "benchmark accuracy", "macro F1", "ECE", "copy-free accuracy",
-                  "copy-free benchmark accuracy")})
+        c: st.column_config.NumberColumn(format="%.3f") for c in RATE_COLUMNS})
     st.caption("The rows of `python -m core compare weights/*`, from each card's held-out test split at "
                f"its own operating point. {COPIES_NOTE} Rows with different test-set codes were tested on different "
                "images, so a gap between them is not a paired comparison: `python -m core compare A B "

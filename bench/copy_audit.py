@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header, positive  # noqa: E402
 from core import data as D  # noqa: E402
 from core.inference import default_weights, load_card  # noqa: E402
-from core.metrics import is_tumour_label  # noqa: E402
+from core.labels import is_tumour_label  # noqa: E402
 from core.ood import read_split_file, source_roots  # noqa: E402
 from core.preprocess import head_bbox  # noqa: E402
 from core.reader import read_scan  # noqa: E402

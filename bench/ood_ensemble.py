@@ -24,6 +24,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._machine import header, json_output, positive  # noqa: E402
+from core.data import read_card  # noqa: E402
 from core import outliers as O  # noqa: E402
 from core.ood import (ImageSet, OODGate, _load_mri, category_folds, outlier_set,  # noqa: E402
                       train_gate_net)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     run = header()
     w = Path(args.weights)
-    card = json.loads((w / "card.json").read_text())
+    card = read_card(w)
     d = _load_mri(card, args.data_config, w / "split.json", None, 0, 0, print)
     cats = list(O.SEEN) + list(O.UNSEEN)
     held = category_folds(cats, 4)[0]

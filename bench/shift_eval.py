@@ -43,8 +43,7 @@ from bench.tta_eval import labelled_files  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.cli import integer_at_least  # noqa: E402
-from core.labels import NO_TUMOUR, TUMOUR  # noqa: E402
-from core.metrics import is_tumour_label  # noqa: E402
+from core.labels import NO_TUMOUR, TUMOUR, is_tumour_label  # noqa: E402
 from core.reader import ScanImage, read_scan  # noqa: E402
 
 Perturb = Callable[[np.ndarray, np.random.Generator], np.ndarray | tuple[np.ndarray, float]]

@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import header  # noqa: E402
 from core.compare import paired_calls  # noqa: E402
 from core.data import patient_id  # noqa: E402
-from core.labels import NO_TUMOUR  # noqa: E402
-from core.metrics import is_tumour_label  # noqa: E402
+from core.labels import NO_TUMOUR, is_tumour_label  # noqa: E402
 from core.inference import load_card  # noqa: E402
 from core.ood import source_roots  # noqa: E402
 from core.saliency import mask_path_for, read_mask  # noqa: E402

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._machine import flagging_parts, header, json_output, load_predictor, part_counts, positive  # noqa: E402
 from core.inference import Predictor  # noqa: E402
-from core.metrics import is_tumour_label  # noqa: E402
+from core.labels import is_tumour_label  # noqa: E402
 from core.reader import ScanError, lit_share, read_volume_scans  # noqa: E402
 
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"

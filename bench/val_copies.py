@@ -29,7 +29,8 @@ from core import data as D  # noqa: E402
 from core import engine as E  # noqa: E402
 from core.evaluation import copies_trained_on  # noqa: E402
 from core.inference import Predictor, default_weights  # noqa: E402
-from core.metrics import expected_calibration_error, is_tumour_label, other_calls, tumour_probability  # noqa: E402
+from core.labels import is_tumour_label  # noqa: E402
+from core.metrics import expected_calibration_error, other_calls, tumour_probability  # noqa: E402
 from core.ood import read_split_file, source_roots  # noqa: E402
 
 

@@ -25,13 +25,15 @@ from .inference import (BEST_SLICE, PIXEL_OOD_REASON, ROOT, Prediction, Predicto
                         default_weights, end_slice_note, finite_number, load_card, hot_slices, listed_slices,
                         checked_hot_slices, most_tumour_like_slice, resolve_weights, shipped_default, shipped_models, shown_slice,
                         slice_scores, training_sources, SEEN_TEXT, UNCHECKED_TEXT)
-from .labels import TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, normalise_label, or_list, source_label, tumour_classes
+from .labels import (TUMOUR, NO_TUMOUR, cannot_rule_out, class_label, class_word, is_tumour_label, normalise_label, or_list,
+                     source_label, tumour_classes)
 from .archive import unpack_allowance
 from .masks import input_mask, mask_contradiction, pair_masks  # noqa: F401 (the pages' names for them)
-from .metrics import apart, classification_metrics, decide, is_tumour_label, other_classes
+from .metrics import apart, classification_metrics, decide, other_classes
 from .preprocess import prepare
 from .referral import ReferralRule, at_threshold, call_note  # noqa: F401 (call_note: the pages' name for it)
 # the upload batch names files, and traces a failed one, as the report does
+from . import report
 from .report import failed_file_sha256, saliency_caveat, saliency_scope, shown_path, uncalled_words, unique_names
 from .reader import MAX_SLICES  # noqa: F401 (the Diagnose page's name for it: its best-slice toggle)
 from .reader import (STACK_SUFFIXES, VOLUME_SUFFIXES, ScanError, ScanImage, file_fault_error, is_file_fault,
@@ -417,10 +419,18 @@ def of_source(records: list[dict], source: str | None) -> list[dict]:
     return records if source is None else [r for r in records if source_of(r) == source]
 
 
+def evaluation_view(records: list[dict], classes: list[str], threshold: float | None,
+                    source: str | None = None, rule: ReferralRule | None = None) -> tuple[dict, list[dict]]:
+    """(All metrics recomputed from the predictions at ``threshold``, the records as called there),
+    for one source or all: the Evaluation page draws its curves and gallery from the same records."""
+    shown = records_at(of_source(records, source), classes, threshold, rule)
+    return evaluate_records(shown, classes, threshold), shown
+
+
 def evaluation_at(records: list[dict], classes: list[str], threshold: float | None,
                   source: str | None = None, rule: ReferralRule | None = None) -> dict:
     """All metrics recomputed from the predictions at ``threshold``, for one source or all."""
-    return evaluate_records(records_at(of_source(records, source), classes, threshold, rule), classes, threshold)
+    return evaluation_view(records, classes, threshold, source, rule)[0]
 
 
 def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: float | None,
@@ -899,8 +909,7 @@ def results_csv(rows: list[dict], predictor: Predictor) -> bytes:
     """The batch as a CSV download: the report's CSV (`report.build_csv`: every probability, the
     operating point, the slice of a volume and how it was chosen, the file's hash and the model),
     so a table read later still says why each call was made. Opens as UTF-8 in a spreadsheet."""
-    from .report import build_csv, spreadsheet_csv
-    return spreadsheet_csv(build_csv(rows, predictor.classes, predictor))
+    return report.spreadsheet_csv(report.build_csv(rows, predictor.classes, predictor))
 
 
 def evaluate_items(predictor: Predictor, items: list[tuple[str, str, bytes]],
@@ -1480,10 +1489,6 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
     position -> (slice index of a volume, how it was chosen), `remembered_slice`), tumour masks
     paired with them (``masks``: name -> bytes, `pair_masks`) and operating point.
     """
-    try:
-        from .report import report_downloads_data
-    except ImportError:  # the report module is not there: no buttons, no error
-        return
     slices, masks = slices or {}, masks or {}
     # every listed upload, the unreadable ones too: a report must not hold fewer files than the page
     # each file's slice on screen, the saliency method chosen for it (`saliency_panel`'s widget)
@@ -1511,7 +1516,7 @@ def report_downloads(items: list[tuple[str, object]], predictor: Predictor,
             return
         with st.spinner("Building the report..."):
             try:
-                held = (key, report_downloads_data(files, predictor, threshold))
+                held = (key, report.report_downloads_data(files, predictor, threshold))
             except Exception as e:  # a report bug must not hide the predictions above
                 st.error(f"The report could not be built ({type(e).__name__}: {e}).")
                 return
@@ -1538,7 +1543,7 @@ def gallery_key(record: dict, blobs: dict[str, bytes] | None = None) -> str:
     return f"{record.get('source', 'data')}/{record['file']}"
 
 
-def explained_class(record: dict, explain: str, classes: list[str]) -> str:
+def gallery_target(record: dict, explain: str, classes: list[str]) -> str:
     """The class a gallery map explains for ``record[explain]`` ('label' or 'pred'): itself where it
     is a class of the model; a coarse 'tumor' (a Br35H label, a folded yes/no call) its likeliest
     type, never 'no tumour' (a missed Br35H tumour's 'true class' map was the no-tumour one)."""
@@ -1557,7 +1562,23 @@ def explained_class(record: dict, explain: str, classes: list[str]) -> str:
 GALLERY_COLUMNS = 3
 
 
-def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] | None = None,
+def gallery_caption(r: dict, threshold: float | None, mask_words: str = "") -> str:
+    """What a gallery map's caption says of its scan after the name (plain text: it is the alt
+    text too). The tumour probability is written apart from the operating point: a miss at 0.4996
+    under 0.5 read "p(tumour) 0.50"."""
+    if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
+        return (f": true {class_word(r['label'])}, refused by the out-of-distribution "
+                f"check (raw output {class_word(r['pred'])}): no map")
+    tp = r.get("tumour_probability")
+    p = None if tp is None else apart(tp, threshold, 2)[0] if threshold is not None else f"{tp:.2f}"
+    return (f": true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
+            + (f", p(tumour) {p}" if p is not None else "")
+            + ("; flagged 'uncertain, refer'" if r.get("uncertain") else "")   # a referred miss was no silent one
+            + (f"; {mask_words}" if mask_words else "")
+            + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
+
+
+def gallery(predictor: Predictor, records: list[dict], threshold: float | None, blobs: dict[str, bytes] | None = None,
             limit: int = 8) -> None:
     """Missed and misclassified scans with their saliency map (the card's default method) and,
     where a tumour mask lies beside the scan (LGG), its outline and a pointing-game note."""
@@ -1604,25 +1625,20 @@ def gallery(predictor: Predictor, records: list[dict], blobs: dict[str, bytes] |
             if scan is None:
                 absent.add(source_of(r))
                 continue
-            tp = r.get("tumour_probability")
             if not r.get("in_distribution", True):   # refused: no call to explain, as on Diagnose and in the PDF
-                said = (f": true {class_word(r['label'])}, refused by the out-of-distribution "
-                        f"check (raw output {class_word(r['pred'])}): no map")   # alt text is not markdown
+                said = gallery_caption(r, threshold)
                 cols[k % GALLERY_COLUMNS].image(display_image(scan, predictor.spec), clamp=True, width="stretch",
                                                 caption=md_name(r["file"]) + said, alt=r["file"] + said)
                 continue
             key = gallery_key(r, blobs)
-            target = explained_class(r, explain, predictor.classes)
+            target = gallery_target(r, explain, predictor.classes)
             cam = cached_saliency(predictor, scan, key, method, target)
             img = overlay(display_image(scan, predictor.spec), cam, 0.4)
             on_disk = blobs is None or r["file"] not in blobs  # an uploaded zip has no masks
             frame = input_mask(scan, record_mask_path(predictor.card, r), predictor.spec) \
                 if on_disk else None
-            note = "" if frame is None else f"; {OUTLINE_WORDS}: tumour mask, {mask_note(cam, frame)}"
-            said = (f": true {class_word(r['label'])}, predicted {class_word(r['pred'])}"
-                    + (f", p(tumour) {tp:.2f}" if tp is not None else "")
-                    + ("; flagged 'uncertain, refer'" if r.get("uncertain") else "") + note   # a referred miss was no silent one
-                    + ("; a copy of it was in training" if r.get("copy_in_training") else ""))
+            note = "" if frame is None else f"{OUTLINE_WORDS}: tumour mask, {mask_note(cam, frame)}"
+            said = gallery_caption(r, threshold, note)
             cols[k % GALLERY_COLUMNS].image(img if frame is None else contour_overlay(img, frame), width="stretch",
                                             caption=md_name(r["file"]) + said,
                                             alt=f"{r['file']}{said}; saliency map {peak_words(cam)}")

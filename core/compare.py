@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .data import source_of
+from .data import read_card, source_of
 
 # The keys the dashboard also accepts for a latency recorded in a card (ms per image).
 _LATENCY_KEYS = ("latency_ms", "cpu_latency_ms")
@@ -237,8 +237,7 @@ def paired_calls(pairs: list[tuple[dict, dict]]) -> dict:
     many each run gets right, the images only one run gets right and the exact p-value (`mcnemar`;
     slices of one patient, where the file names give it, as one unit)."""
     from .data import patient_id
-    from .labels import NO_TUMOUR, TUMOUR
-    from .metrics import is_tumour_label
+    from .labels import NO_TUMOUR, TUMOUR, is_tumour_label
     # a tumour is found by a tumour call, not by 'anything but notumor' (a 'stroke' call misses it)
     calls = {"accuracy": (lambda r: r["label"] != TUMOUR, lambda r: r["pred"] == r["label"]),  # coarse: no type
              "tumours_found": (lambda r: is_tumour_label(r["label"]) is True, lambda r: bool(is_tumour_label(r["pred"]))),
@@ -330,7 +329,7 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = REPEA
     """One comparison row for a model directory (card.json, model.safetensors)."""
     from .inference import training_sources
     d = Path(weights_dir)
-    card = json.loads((d / "card.json").read_text())
+    card = read_card(d)
     m, tr = card.get("metrics") or {}, card.get("training") or {}
     cfg = tr.get("config") or {}
     row = {"name": card.get("name", d.name), "dir": str(d), "arch": card.get("arch"),

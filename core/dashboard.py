@@ -11,9 +11,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
-from .inference import finite_number, shown_slice
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, call_label, class_label, has_tumour_decision, source_label, tumour_classes
-from .metrics import is_tumour_label
+from .inference import END_SLICE_SHARE, finite_number, shown_slice
+from .labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, call_label, class_label, has_tumour_decision, is_tumour_label,
+                     source_label, tumour_classes)
 from .referral import ReferralRule
 from .report import flag_labels, refused_by_header, slice_words, untested_words, volume_words
 
@@ -88,7 +88,7 @@ def gauge_state(called: bool, referred: bool) -> str:
 
 
 def slice_profile(scores: dict[int, float], threshold: float | None, shown: int | None,
-                  shares: dict[int, float] | None = None, end_share: float = 0.5) -> go.Figure:
+                  shares: dict[int, float] | None = None, end_share: float = END_SLICE_SHARE) -> go.Figure:
     """A volume's tumour probability slice by slice: the operating point as a dashed line, the
     slice shown as a dotted one, and slices under ``end_share`` of the head's widest cross-section
     (``shares``: slice -> head_share) shaded grey. A run of hot slices at the top of a healthy head
@@ -111,6 +111,14 @@ def slice_profile(scores: dict[int, float], threshold: float | None, shown: int 
     fig.update_xaxes(title="slice (numbered from 0)", tickformat="d", dtick=max(1, len(ks) // 10))   # whole slices: no 0.5 ticks
     fig.update_yaxes(title="tumour probability", range=[0, 1.02])
     return _layout(fig, "", height=240, margin=dict(l=10, r=10, t=20, b=10), showlegend=False)
+
+
+def slice_profile_caption(end_share: float = END_SLICE_SHARE) -> str:
+    """What `slice_profile`'s grey bands are, said under the chart."""
+    share = "half" if end_share == 0.5 else f"{end_share:.0%}"
+    return ("Every non-empty slice, before the out-of-distribution check. Grey: end slices "
+            f"(under {share} of the head's widest cross-section), where the model has called healthy "
+            "heads glioma: read a tumour call there with caution.")
 
 
 def _runs(ks: list[int]) -> list[tuple[int, int]]:
@@ -545,6 +553,10 @@ def benchmark_accuracy(row: dict, key: str = "accuracy") -> float | None:
     return per if per is not None else row.get(key) if row.get("sources") == ["benchmark"] else None
 
 
+# models_table's columns that are rates (0-1), for the page's number format
+RATE_COLUMNS = ("accuracy", "benchmark accuracy", "macro F1", "ECE", "copy-free accuracy", "copy-free benchmark accuracy")
+
+
 def models_table(dirs: list[str | Path]) -> pd.DataFrame:
     """The `python -m core compare` rows (read from the cards, no timing) as a sortable table."""
     from .compare import compare_rows
@@ -582,6 +594,7 @@ NO_CALL_HEADER = "no call: its DICOM header says it is no brain MRI"
 # The called class's calibrated probability, as the batch table heads it: 'confidence 0.883' beside
 # 'uncertain, refer' read as a contradiction (a clinician's walkthrough). The CSV keeps 'confidence'.
 CALL_PROBABILITY = "probability of the call"
+TUMOUR_PROBABILITY, HIGHEST_TUMOUR_PROBABILITY = "tumour probability", "highest tumour probability"   # the pages format them
 
 
 def batch_table(results: list[dict]) -> pd.DataFrame:
@@ -595,7 +608,7 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
         if not r.get("ok"):
-            rows.append({"file": r["file"], "prediction": NO_CALL_UNREADABLE, "slice": "", "tumour probability": None,
+            rows.append({"file": r["file"], "prediction": NO_CALL_UNREADABLE, "slice": "", TUMOUR_PROBABILITY: None,
                          CALL_PROBABILITY: None, "flags": "error: " + r.get("error", "")})
             continue
         # the report's words (one vocabulary for the table, its CSV, the PDF and the CLI); an
@@ -610,11 +623,11 @@ def batch_table(results: list[dict]) -> pd.DataFrame:
         rows.append({"file": r["file"], "slice": where if shown_slice(info) is not None or id(r) in in_series else "",
                      "prediction": (call_label(r["pred"], r.get("type_uncertain", False)) if called
                                     else NO_CALL_HEADER if refused_by_header(r) else NO_CALL_OOD),
-                     "tumour probability": r.get("tumour_probability") if called else None,
+                     TUMOUR_PROBABILITY: r.get("tumour_probability") if called else None,
                      CALL_PROBABILITY: _call_probability(r) if called else None, "flags": ", ".join(flags)})
     # the call's probability (a narrow bar) and its flags beside it: at laptop width (1400 px) the
     # columns after a long flag were off screen
-    columns = ["file", "prediction", "tumour probability", "flags", "slice", CALL_PROBABILITY]
+    columns = ["file", "prediction", TUMOUR_PROBABILITY, "flags", "slice", CALL_PROBABILITY]
     if not any(row.get("slice") for row in rows):   # no volume: no column of blanks
         columns.remove("slice")
     return pd.DataFrame(rows, columns=columns)
@@ -626,7 +639,7 @@ def _call_probability(row: dict) -> float | None:
     return row.get("tumour_probability") if row.get("type_uncertain") else row.get("confidence")
 
 
-SERIES_COLUMNS = ["series", "files", "tumour called", "slices called tumour", "highest tumour probability",
+SERIES_COLUMNS = ["series", "files", "tumour called", "slices called tumour", HIGHEST_TUMOUR_PROBABILITY,
                   "highest at", "out of distribution", "uncertain"]
 
 
@@ -667,7 +680,7 @@ def series_table(results: list[dict], listed: int = 8) -> pd.DataFrame:
         best = max(scored, key=lambda r: r["tumour_probability"], default=None)
         rows.append({"series": f"series {len(rows) + 1}", "files": len(members), "tumour called": len(tumour),
                      "slices called tumour": ", ".join(tumour[:listed]) + (", ..." if len(tumour) > listed else ""),
-                     "highest tumour probability": best["tumour_probability"] if best else None,
+                     HIGHEST_TUMOUR_PROBABILITY: best["tumour_probability"] if best else None,
                      "highest at": _slice_label(best) if best else None,
                      "out of distribution": len(members) - len(called),
                      "uncertain": sum(bool(r.get("uncertain")) for r in called)})

@@ -705,6 +705,19 @@ KNOWN_COPIES_COLUMNS = ("source", "file", "copy_source", "copy_file", "hp256", "
 CONTENT_DIGITS = 16   # hex digits of the SHA-256: 64 bits, no chance meeting among the shared files
 
 
+def read_card(weights_dir: str | Path) -> dict:
+    """A model folder's card.json as written, unchecked beyond being a JSON object (`inference.load_card`
+    checks what serving needs). Raises OSError when it cannot be read, ValueError when it is no card."""
+    path = Path(weights_dir) / "card.json"
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # a hand edit gone wrong: name the file, not only the column
+        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} is not a model card (a JSON object)")
+    return card
+
+
 def sha256_of(src: bytes | str | Path) -> str | None:
     """SHA-256 (hex) of an input's bytes: a regular file read again, or the bytes given; None for
     what cannot be read (gone, a pipe that would block, no permission)."""

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from .data import HASH_CACHE, Sample, save_whole
-from .inference import MIRROR_ALWAYS, apply_tta, file_sha256, tta_rows, weights_mismatch  # noqa: F401 (re-exported for train.py)
+from .data import HASH_CACHE, Sample, read_card, save_whole
+from .inference import apply_tta, file_sha256, weights_mismatch
 from .labels import label_targets
 from .preprocess import normalise, prepare
 
@@ -636,7 +636,7 @@ def checked_parent(weights_dir: Path, classes: list[str], split: dict, option: s
     classes differ, its weights are not the card's, or any of this run's validation or test
     images (``split``, this run's record) was one of its training images: the run's
     measurements would then be of images it had, through that model, already seen."""
-    card = json.loads((weights_dir / "card.json").read_text())
+    card = read_card(weights_dir)
     if card["classes"] != classes:
         raise ValueError(f"{option} {weights_dir}: it is for {card['classes']}, this run trains {classes}")
     if (why := weights_mismatch(card, file_sha256(weights_dir / "model.safetensors"), weights_dir)):

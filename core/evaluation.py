@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .data import not_mri, save_whole, source_of
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, folds_types, has_tumour_decision, tumour_classes
-from .metrics import (classification_metrics, cluster_interval, decide, is_tumour_label, other_calls, other_classes,
+from .data import not_mri, read_card, save_whole, source_of
+from .labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, folds_types, has_tumour_decision, is_tumour_label,
+                     tumour_classes)
+from .metrics import (classification_metrics, cluster_interval, decide, other_calls, other_classes,
                       risk_coverage, threshold_curve, tumour_probability, wilson)
 from .referral import ReferralRule, type_confidence
 
@@ -379,7 +380,7 @@ def mark_copies(weights_dir: str | Path, data_config: str | Path | None = None,
     from . import data as D
     from .ood import read_split_file, source_roots
     weights_dir = Path(weights_dir)
-    card = json.loads((weights_dir / "card.json").read_text())
+    card = read_card(weights_dir)
     record = read_split_file(weights_dir / "split.json")
     path = weights_dir / "eval.json"
     ev = json.loads(path.read_text())
@@ -676,8 +677,8 @@ def trained_file_names(weights_dir: str | Path) -> frozenset[str]:
     if not f.is_file():
         return frozenset()
     try:
-        sources = json.loads((Path(weights_dir) / "card.json").read_text()).get("sources") or []
-    except (OSError, ValueError, AttributeError):
+        sources = read_card(weights_dir).get("sources") or []
+    except (OSError, ValueError):
         sources = []
     return _trained_names(str(f), f.stat().st_mtime, held_out_sources(sources))
 
@@ -722,7 +723,7 @@ def mark_seen_files(weights_dir: str | Path, data_config: str | Path | None = No
     from . import data as D
     from .ood import read_split_file, source_roots
     weights_dir = Path(weights_dir)
-    card = json.loads((weights_dir / "card.json").read_text())
+    card = read_card(weights_dir)
     samples = D.samples_from_record(read_split_file(weights_dir / "split.json"), source_roots(card, data_config))
     if absent := [s.path for s in samples if not os.path.isfile(s.path)]:
         raise ValueError(f"{len(absent)} files of the split are missing (first: {absent[0]})")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import threading
@@ -14,7 +13,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .data import REPO_ROOT, sha256_of
+from .data import REPO_ROOT, read_card, sha256_of
 from .header import header_reason
 from .labels import has_tumour_decision, is_tumour_call
 from .metrics import decide, tumour_probability
@@ -61,13 +60,7 @@ def training_sources(card: dict) -> list[str]:
 
 def load_card(weights_dir: str | Path) -> dict:
     """The card, checked for what serving needs: a hand-edited card fails in one sentence."""
-    path = Path(weights_dir) / "card.json"
-    try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as e:  # a hand edit gone wrong: name the file, not only the column
-        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None
-    if not isinstance(card, dict):
-        raise ValueError(f"{path} is not a model card (a JSON object)")
+    path, card = Path(weights_dir) / "card.json", read_card(weights_dir)
     missing = [k for k, kind in (("classes", list), ("arch", str), ("preprocessing", dict))
                if not isinstance(card.get(k), kind)]
     if missing:
@@ -720,9 +713,9 @@ GATE_TRIES = 8
 # be less reliable, not changed: on LGG, whose training volumes hold such slices, edge slices
 # raised no false alarm.
 END_SLICE_SHARE = 0.5
-# Why such a call is marked: the app's note (`end_slice_note`) and the report's flag text.
 SEEN_TEXT = ("This exact file is one the model trained or was validated on (or a copy of one it trained "
              "on): the result shows what it learnt, not how it reads a new patient's scan.")
+# Why such a call is marked: the app's note (`end_slice_note`) and the report's flag text.
 END_SLICE_CAVEAT = ("On two healthy T1 heads the model called such slices glioma with confidence: a tumour "
                     "call here is less reliable than one on a middle slice. Read this slice itself.")
 END_SLICE_NOTE = ("The slice lies near an end of the head (its cross-section is {share:.1%} of the volume's "

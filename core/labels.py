@@ -87,9 +87,18 @@ def folds_types(classes: list[str]) -> bool:
     return TUMOUR in classes and not any(c in FINE_TUMOURS for c in classes)
 
 
+def is_tumour_label(label: str) -> bool | None:
+    """True for a tumour class (typed or coarse), False for 'no tumour', None for any other label."""
+    if label in FINE_TUMOURS or label == TUMOUR:
+        return True
+    if label == NO_TUMOUR:
+        return False
+    return None
+
+
 def tumour_classes(classes: list[str]) -> list[str]:
     """Classes that count as 'a tumour is present'."""
-    return [c for c in classes if c in FINE_TUMOURS or c == TUMOUR]
+    return [c for c in classes if is_tumour_label(c)]
 
 
 def has_tumour_decision(classes: list[str]) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .inference import Prediction
-from .metrics import is_tumour_label
+from .labels import is_tumour_label
 from .reader import ScanImage
 
 
@@ -23,7 +23,9 @@ def input_mask(scan: ScanImage, src: bytes | str | Path | None, spec: dict) -> n
         return None
     try:
         mask = frame_mask(scan, src)
-    except Exception:  # not an image, or not of its scan's size: no outline rather than a broken page
+    # not an image, or not of its scan's size: no outline rather than a broken page (any exception:
+    # Pillow raises SyntaxError, EOFError, struct.error and more on damaged files, not only OSError)
+    except Exception:
         return None
     return mask_to_input(scan.pixels, mask, spec) if mask.any() else None
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, tumour_classes
+from .labels import FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, is_tumour_label, tumour_classes
 
 
 def tumour_probability(probs: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -76,14 +76,6 @@ def apart(a: float, b: float, digits: int = 3, percent: bool = False) -> tuple[s
     """``a`` and ``b`` written with `digits_apart` decimals."""
     d = digits_apart(a, b, digits, percent)
     return tuple((f"{v * 100:.{d}f}%" if percent else f"{v:.{d}f}") for v in (a, b))
-
-
-def is_tumour_label(label: str) -> bool | None:
-    if label in FINE_TUMOURS or label == TUMOUR:
-        return True
-    if label == NO_TUMOUR:
-        return False
-    return None
 
 
 ECE_BINS = 15  # the reliability diagram draws the same bins its ECE is computed on

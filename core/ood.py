@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from .data import save_whole
+from .data import read_card, save_whole
 from .evaluation import write_json
 from .inference import finite_number
 from .preprocess import brain_mask, normalise, prepare
@@ -1089,7 +1089,7 @@ def fit_gate_for_weights(weights: str | Path, data_config: str | Path | None = N
     from . import outliers as O
     weights = Path(weights)
     out = Path(out) if out else weights
-    card = json.loads((weights / "card.json").read_text()) if (weights / "card.json").exists() else None
+    card = read_card(weights) if (weights / "card.json").exists() else None
     model, spec = _load_classifier(weights, card)
     d = _load_mri(card, data_config, split or weights / "split.json", spec, max_feature_train, seed, log,
                   n_stripped)
@@ -1240,7 +1240,7 @@ def rethreshold_gate(weights: str | Path, data_config: str | Path | None = None,
     from . import outliers as O
     from .inference import file_sha256
     weights = Path(weights)
-    card = json.loads((weights / "card.json").read_text())
+    card = read_card(weights)
     gate = OODGate.load(weights)
     if not gate.components:
         raise ValueError(f"{weights}: the gate is the colour rule alone; it has no threshold to set")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import FINE_TUMOURS, class_label, class_word, has_tumour_decision, tumour_classes
-from .metrics import apart, decide, digits_apart, is_tumour_label, other_calls, tumour_calls, tumour_probability
+from .labels import FINE_TUMOURS, class_label, class_word, has_tumour_decision, is_tumour_label, tumour_classes
+from .metrics import apart, decide, digits_apart, other_calls, tumour_calls, tumour_probability
 
 BAND_RULE = "tumour band + type confidence"
 TOP_CLASS_RULE = "top-class confidence"

@@ -49,8 +49,9 @@ import numpy as np
 
 from .inference import (END_SLICE_CAVEAT, SEEN_TEXT, UNCHECKED_TEXT, Prediction, Predictor, calibration_text,
                         end_slice_note, listed_slices, shown_slice, volume_check)
-from .labels import NO_TUMOUR, TUMOUR, call_label, class_label, class_word, source_label, tumour_classes
-from .metrics import digits_apart, is_tumour_label
+from .labels import (NO_TUMOUR, TUMOUR, call_label, class_label, class_word, is_tumour_label, source_label,
+                     tumour_classes)
+from .metrics import digits_apart
 from .preprocess import prepare
 from .reader import ScanError, file_fault_error, load_bytes, looks_like_text, read_scan
 from .referral import ReferralRule, at_threshold, call_note

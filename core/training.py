@@ -24,10 +24,10 @@ from . import distributed as DD
 from . import engine as E
 from .evaluation import (SEEN_FILE, card_metrics, copies_trained_on, copy_marked, evaluate_records, mark_records,
                          prediction_records, seen_files, write_json, write_seen_files)
-from .inference import file_sha256
-from .labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, label_targets, model_classes,
+from .inference import MIRROR_ALWAYS, file_sha256, tta_rows, weights_mismatch
+from .labels import (FINE_TUMOURS, NO_TUMOUR, TUMOUR, has_tumour_decision, is_tumour_label, label_targets, model_classes,
                      normalise_label, tumour_classes)
-from .metrics import apart, is_tumour_label, other_calls, tumour_probability
+from .metrics import apart, other_calls, tumour_probability
 from .models import count_parameters, create_model, has_class_maps
 from .preprocess import DEFAULT_SPEC
 from .referral import ReferralRule, pick_referral
@@ -218,7 +218,7 @@ def restore_run(resume: dict, out: Path, args: argparse.Namespace, model: torch.
     args.resume_commands = [*(saved.get("resume_commands") or []), args.command]
     args.first_command = saved.get("first_command") or saved.get("command")  # the run's own command
     args.command_dir = saved.get("command_dir") or args.command_dir
-    card = json.loads((out / "card.json").read_text()) if (out / "card.json").exists() else {}
+    card = D.read_card(out) if (out / "card.json").exists() else {}
     old = card.get("training", {})
     finished = card.get("arch") == args.arch and old.get("epochs_run") == len(history)
     if finished and not (out / "best.pt").exists() and (out / "model.safetensors").exists():
@@ -712,7 +712,7 @@ def distillation(args, all_samples, keep, train_rows, classes, split, spec, devi
     teacher's own run already made. ``saved``: the record of the run a resume continues, whose teacher must be
     the same weights."""
     try:
-        t_spec = json.loads((Path(args.teacher) / "card.json").read_text())["preprocessing"]
+        t_spec = D.read_card(args.teacher)["preprocessing"]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot distil from {args.teacher}: no readable card.json there ({e})") from None
     if args.distill_online and {k: v for k, v in t_spec.items() if k != "size"} != \
@@ -813,7 +813,7 @@ def adopted_record(src: Path) -> tuple[dict, Path, str | None]:
     """(what the run says of itself, its weights file, their recorded SHA-256 or None): from its
     card when it finished, else from trained.json beside its shipped or salvaged weights."""
     if (src / "card.json").is_file():
-        card = json.loads((src / "card.json").read_text())
+        card = D.read_card(src)
         t = card["training"]
         record = {"arch": card.get("arch"), "classes": card.get("classes"), "options": t.get("options"),
                   "device": t.get("device"), "precision": t.get("precision"), "command": card.get("command"),
@@ -873,7 +873,7 @@ def adopt_trained(model, src: Path, args, classes: list[str], sources: list[dict
                         f"another role in this run's split and {missing} are not in it (give the data and "
                         "--split-from it was trained on)")
     got_sha = file_sha256(weights)  # read once: checked against the card, then recorded
-    if sha is not None and (why := E.weights_mismatch({"weights_sha256": sha}, got_sha, src)):
+    if sha is not None and (why := weights_mismatch({"weights_sha256": sha}, got_sha, src)):
         raise DataError(f"--finish-from {src}: {why}")
     try:
         model.load_state_dict(E.state_from_file(model, weights))
@@ -935,11 +935,11 @@ def calibrate(model, images, masks, spec, device, precision, tta_below: float
             # (temperature, operating point, referral, the test evaluation) sees the served outputs.
             tta = {"kind": "mirror", "below_confidence": tta_below,
                    "selection_temperature": E.fit_temperature(val_logits, masks)}
-            two = E.tta_rows(val_logits, tta)
+            two = tta_rows(val_logits, tta)
             tta["val_share"] = round(float(two.float().mean()), 4)
             # Only the selected rows need the mirror pass (the mean of both passes, as served).
             val_logits[two] = E.predict_logits(model, images[two], spec, device, precision=precision,
-                                               tta=E.MIRROR_ALWAYS)
+                                               tta=MIRROR_ALWAYS)
             # One temperature for both kinds of row: rescale the two-pass rows to the one-pass rows' T.
             if two.any() and (~two).any():
                 tta["scale"] = E.fit_temperature(val_logits[~two], masks[~two]) / E.fit_temperature(val_logits[two], masks[two])
@@ -994,7 +994,7 @@ def finish(model, args, sources, samples, images, masks, idx, classes, spec, dev
         card["calibration"]["note"] = "; ".join(fit_notes)
     if old_sha == new_sha and (out / "card.json").exists():
         # Same weights: what later commands measured on them (gate, saliency, latency) still holds.
-        old = json.loads((out / "card.json").read_text())
+        old = D.read_card(out)
         card |= {k: old[k] for k in ("ood", "saliency", "benchmark") if k in old}
     write_json(out / "card.json", card)
     for f in ("best.pt", TRAINED):  # the card now says what trained.json said

@@ -1127,13 +1127,13 @@ def test_the_gallery_explains_a_coarse_tumour_label_by_its_likeliest_type():
     classes = ["glioma", "meningioma", "notumor", "pituitary"]
     missed = {"label": "tumor", "pred": "notumor",
               "probs": {"glioma": 0.01, "meningioma": 0.02, "notumor": 0.9, "pituitary": 0.07}}
-    assert app_support.explained_class(missed, "label", classes) == "pituitary"
-    assert app_support.explained_class(missed, "pred", classes) == "notumor"
+    assert app_support.gallery_target(missed, "label", classes) == "pituitary"
+    assert app_support.gallery_target(missed, "pred", classes) == "notumor"
     folded = {"label": "tumor", "pred": "notumor", "pred_type": "notumor", "tumour_type": "meningioma",
               "probs": {"tumor": 0.1, "notumor": 0.9}}   # a yes/no zip's record, folded
-    assert app_support.explained_class(folded, "label", classes) == "meningioma"
-    assert app_support.explained_class({**folded, "pred": "tumor", "label": "notumor"}, "pred", classes) == "meningioma"
-    assert app_support.explained_class({"label": "glioma", "pred": "notumor"}, "label", classes) == "glioma"
+    assert app_support.gallery_target(folded, "label", classes) == "meningioma"
+    assert app_support.gallery_target({**folded, "pred": "tumor", "label": "notumor"}, "pred", classes) == "meningioma"
+    assert app_support.gallery_target({"label": "glioma", "pred": "notumor"}, "label", classes) == "glioma"
 
 
 def test_a_volume_shows_its_tumour_probability_slice_by_slice(app):

@@ -6,6 +6,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import core.data as D
 import core.engine as E
+from core.inference import MIRROR_ALWAYS
 from core.models import create_model
 from core.preprocess import DEFAULT_SPEC, head_bbox, normalise, pad_square, prepare, preprocess
 
@@ -341,7 +342,7 @@ def test_train_one_epoch_and_predict_logits():
     assert np.isfinite(stats["loss"]) and 0 <= stats["acc"] <= 1 and stats["images_per_s"] > 0
     logits = E.predict_logits(model, images, spec, torch.device("cpu"), batch_size=7)
     assert logits.shape == (20, 3)
-    tta = E.predict_logits(model, images, spec, torch.device("cpu"), tta=E.MIRROR_ALWAYS)
+    tta = E.predict_logits(model, images, spec, torch.device("cpu"), tta=MIRROR_ALWAYS)
     flipped = E.predict_logits(model, torch.flip(images, dims=[3]), spec, torch.device("cpu"))
     assert torch.allclose(tta, (logits + flipped) / 2, atol=1e-5)
     # selective: only the rows below the confidence are averaged with their mirror image

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as nnf
 
 from core.engine import CalibrationWarning, fit_temperature, pick_threshold, set_nll
+from core.labels import is_tumour_label
 from core.metrics import (classification_metrics, decide, expected_calibration_error,
-                          is_tumour_label, risk_coverage, threshold_curve, tumour_probability,
+                          risk_coverage, threshold_curve, tumour_probability,
                           wilson)
 
 C4 = ["glioma", "meningioma", "pituitary", "notumor"]
