@@ -122,8 +122,8 @@ def _card_classes(weights_dir: Path) -> list[str]:
     """The card's class list; ValueError naming the card when it has none."""
     path = weights_dir / "card.json"
     try:
-        classes = json.loads(path.read_text()).get("classes")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        classes = read_card(weights_dir).get("classes")
+    except ValueError:   # damaged, or no JSON object
         classes = None
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise UnusableFile(f"{path} cannot be used: it names no list of classes")

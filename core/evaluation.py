@@ -315,9 +315,7 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     stored = json.loads(path.read_text())
     old = card_metrics(ev)
     card_path = weights_dir / "card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else None
-    if card is not None and not isinstance(card, dict):
-        raise ValueError(f"{card_path} is not a model card (a JSON object)")
+    card = read_card(weights_dir) if card_path.is_file() else None
     if card and list(card.get("classes", [])) == list(ev["classes"]):
         _reflag(ev["predictions"], ev["classes"], ev.get("threshold"), ReferralRule.from_card(card))
     for r in ev["predictions"]:  # files written before records carried it: the run's one threshold

@@ -1316,7 +1316,7 @@ def mark_superseded(weights: str | Path) -> None:
     path, card_path = weights / "ood_eval.json", weights / "card.json"
     if not path.is_file() or not card_path.is_file():
         return
-    gate = json.loads(card_path.read_text()).get("ood") or {}
+    gate = read_card(weights).get("ood") or {}
     report = json.loads(path.read_text())
     report["superseded"] = {
         "by": "python -m core rethreshold-ood", "threshold": gate.get("threshold"),
