@@ -152,12 +152,22 @@ def confusion_heatmap(cm: list[list[int]], classes: list[str]) -> go.Figure:
     return _layout(fig, "Confusion matrix (count and row %)", height=140 + 60 * len(classes))
 
 
+def _method_for(method: str, key: str) -> str:
+    """The part of an evaluation's ``ci95_method`` ("accuracy, sensitivity: bootstrap ...; specificity:
+    Wilson over patients ...") that says how ``key``'s interval was drawn; the whole text if none names it."""
+    for part in method.split("; "):
+        keys, sep, how = part.partition(": ")
+        if sep and key in keys.split(", "):
+            return how
+    return method
+
+
 def interval_text(ev: dict, key: str) -> str | None:
     """The 95 % interval of one rate of an evaluation, in words (a metric's help)."""
     lo_hi = ev.get("ci95", {}).get(key)
     if not lo_hi:
         return None
-    method = ev.get("ci95_method") or ""
+    method = _method_for(ev.get("ci95_method") or "", key)
     if method.startswith("bootstrap"):   # slices grouped by patient: the patients are the sample
         return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({method}): "
                 "a patient more or less moves the figure by this much.")
@@ -813,7 +823,7 @@ def referral_text(card: dict) -> str:
 
 # (label, format) of each test figure the Model card page lists; '—' where a set has none (a
 # source of tumour-free scans has no sensitivity, one without tumour types no accuracy)
-METRIC_COLUMNS = {"n": ("scans", "d"), "accuracy": ("accuracy", ".1%"), "sensitivity": ("sensitivity", ".1%"),
+METRIC_COLUMNS = {"n": ("scans", ",d"), "accuracy": ("accuracy", ".1%"), "sensitivity": ("sensitivity", ".1%"),
                   "specificity": ("specificity", ".1%"), "tumour_missed": ("tumours missed", "d"),
                   "silent_misses": ("missed with no flag", "d"), "ece": ("calibration error", ".3f")}
 
@@ -826,6 +836,8 @@ def metrics_readable(card: dict) -> pd.DataFrame:
         v = r.get(k)
         if k == "accuracy" and not finite_number(r.get("sensitivity")) and finite_number(r.get("specificity")):
             return "—"   # tumour-free scans only (BRISC): its '100 %' is the specificity, not an accuracy
+        if k == "accuracy" and finite_number(v) and finite_number(r.get("n_fine")) and r["n_fine"] != r.get("n"):
+            return f"{v:.1%} (of {r['n_fine']:,} typed)"   # untyped tumours (Br35H) are in 'scans', not in this
         if k == "ece" and not finite_number(v) and finite_number(r.get("tumour_ece")):
             return f"{r['tumour_ece']:.3f} (tumour prob.)"   # no types (Br35H): the tumour probability's, as the README
         return format(v, fmt) if finite_number(v) else "—"

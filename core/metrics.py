@@ -130,8 +130,10 @@ def wilson(hits: float, n: float, z: float = 1.96) -> tuple[float, float]:
 
 def cluster_interval(hits: np.ndarray, groups: list[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile bootstrap of a rate that resamples whole groups. The slices of one patient
-    are not independent: LGG's 433 test slices come from 13 patients, and a Wilson interval over
-    slices (94.1-97.7 %) is much narrower than the spread between patients (93.8-98.4 %)."""
+    are not independent, so a Wilson interval over slices can be too narrow (an earlier default's
+    LGG accuracy: 94.1-97.7 % over slices, 93.8-98.4 % over its 13 patients); with errors spread
+    evenly over the patients it can also be the wider one (`evaluation._patient_intervals` keeps the
+    wider at each end)."""
     hits = np.asarray(hits, dtype=float)
     keys = sorted(set(groups))
     idx = {g: i for i, g in enumerate(keys)}

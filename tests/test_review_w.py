@@ -65,3 +65,52 @@ def test_the_slice_profile_caption_says_the_share_the_chart_shades():
     assert "under half of the head's widest" in slice_profile_caption(END_SLICE_SHARE)
     assert "under 40% of the head's widest" in slice_profile_caption(0.4)
 
+
+
+# ----------------------------------------------------------------- patient intervals
+def test_a_patient_bootstrap_is_never_narrower_than_the_slice_interval_it_replaces():
+    """Errors spread evenly over 12 patients (one wrong slice of 20 each) gave the percentile bootstrap
+    a narrower interval than Wilson over the slices; a dozen patients cannot know more than 240
+    independent slices would (an audit of the shipped LGG figures, session 53)."""
+    from core.evaluation import evaluate_records
+    from core.metrics import cluster_interval, wilson
+    classes = ["glioma", "meningioma", "pituitary", "notumor"]
+    recs = []
+    for p in range(12):
+        for k in range(20):
+            wrong = k == 0
+            recs.append({"file": f"glioma/TCGA_CS_{1000 + p}_{k:03d}.jpg", "source": "lgg", "label": "glioma",
+                         "probs": dict(zip(classes, [0.1, 0.1, 0.1, 0.7] if wrong else [0.7, 0.1, 0.1, 0.1])),
+                         "tumour_probability": 0.3 if wrong else 0.9, "pred": "notumor" if wrong else "glioma",
+                         "in_distribution": True, "uncertain": False, "confidence": 0.7})
+    hits = [r["pred"] == "glioma" for r in recs]
+    b_lo, b_hi = cluster_interval(hits, [r["file"].split("_")[2] for r in recs])   # the patient
+    w_lo, w_hi = wilson(228, 240)
+    assert b_hi - b_lo < (w_hi - w_lo) / 4   # the bootstrap alone: every patient 19 of 20, no spread
+    ev = evaluate_records(recs, classes, 0.5)
+    assert ev["ci95"]["accuracy"] == pytest.approx([w_lo, w_hi])
+    assert "widened to the slice-level Wilson interval" in ev["ci95_method"]
+
+
+def test_the_model_card_says_over_how_many_scans_the_accuracy_is():
+    """'scans 1,638' beside 'accuracy 97.8%' read as 97.8 % of 1,638; it is of the 1,438 typed ones
+    (Br35H's 200 untyped tumours count in the tumour figures only)."""
+    from core import dashboard as dash
+    from core.evaluation import card_metrics
+    card = {"metrics": card_metrics({"n": 1638, "n_fine": 1438, "accuracy": 0.9777, "per_source": {
+        "benchmark": {"n": 853, "n_fine": 853, "accuracy": 0.979}}})}
+    assert card["metrics"]["n_fine"] == 1438 and card["metrics"]["per_source"]["benchmark"]["n_fine"] == 853
+    table = dash.metrics_readable(card).set_index("test set")
+    assert table.loc["all sources", "scans"] == "1,638" and table.loc["all sources", "accuracy"] == "97.8% (of 1,438 typed)"
+    assert table.loc["Benchmark", "accuracy"] == "97.9%"   # all of its scans are typed: nothing to say
+
+
+def test_a_metrics_interval_help_reads_the_part_of_the_method_that_drew_it():
+    """`ci95_method` names its rates first ('accuracy, sensitivity: bootstrap ...'), so the help's
+    patient sentence, written for a method starting 'bootstrap', was never said."""
+    from core.dashboard import interval_text
+    ev = {"ci95": {"accuracy": [0.9, 0.95], "specificity": [0.8, 1.0]},
+          "ci95_method": "accuracy, sensitivity: bootstrap over 13 patients; specificity: Wilson over patients"}
+    said = interval_text(ev, "accuracy")
+    assert said.startswith("95 % interval 90.0% to 95.0% (bootstrap over 13 patients)") and "a patient more or less" in said
+    assert interval_text(ev, "specificity") == "95 % interval 80.0% to 100.0% (Wilson over patients)."
