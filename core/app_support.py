@@ -228,7 +228,7 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
         return f"{m[key]:.1%}" if m.get(key) is not None else "n/a"
     figures = {"Test scans": str(m.get("n", len(kept))), "Accuracy": pct("accuracy"),
                "Sensitivity": pct("sensitivity"), "Specificity": pct("specificity"),
-               "Tumours missed": f"{m['tumour_missed']} of {m['n_tumour']}" if m.get("n_tumour") else "n/a"}
+               "Tumours missed": f"{m['tumour_missed']:,} of {m['n_tumour']:,}" if m.get("n_tumour") else "n/a"}
     ranked = missed_by_source(predictor, kept, predictor.threshold) if predictor.is_tumour_model else []
     weakest = ""
     if len(ranked) > 1:   # the pooled sensitivity hides the collection read worst
@@ -303,9 +303,9 @@ def threshold_cost(predictor: Predictor, threshold: float | None) -> str | None:
     here, card = (classification_metrics(probs, [r["label"] for r in kept], predictor.classes, t)
                   for t in (float(threshold), predictor.threshold))
     # a side the split has no scan of is left out: "0 of 0 flagged" read as a clean record
-    parts = [(f"{here['tumour_missed']} of {here['n_tumour']} tumours missed", str(card["tumour_missed"]))
+    parts = [(f"{here['tumour_missed']:,} of {here['n_tumour']:,} tumours missed", str(card["tumour_missed"]))
              if here.get("n_tumour") else None,
-             (f"{here['normal_flagged']} of {here['n_normal']} tumour-free scans called a tumour",
+             (f"{here['normal_flagged']:,} of {here['n_normal']:,} tumour-free scans called a tumour",
               str(card["normal_flagged"])) if here.get("n_normal") else None]
     parts = [p for p in parts if p]
     if not parts:
@@ -329,7 +329,7 @@ def _card_figures(predictor: Predictor, ev: dict) -> dict[str, str]:
             "Accuracy": f"{m['accuracy']:.1%}" if finite_number(m.get("accuracy")) else "n/a",
             "Macro F1": f"{m['macro_f1']:.3f}" if finite_number(m.get("macro_f1")) else "n/a",
             "Tumours missed": "n/a" if missed is None else
-            f"{missed} of {ev['n_tumour']}" if ev.get("n_tumour") else str(missed)}
+            f"{missed:,} of {ev['n_tumour']:,}" if ev.get("n_tumour") else str(missed)}
 
 
 def operating_point_text(card: dict, default: float) -> str:
@@ -443,18 +443,18 @@ def accepted_note(ev: dict, records: list[dict], classes: list[str], threshold: 
         return None
     accepted = [r for r in of_source(records, source) if r.get("in_distribution", True)]
     if not accepted:
-        return (f"All {ev['n']} scans here are refused by the out-of-distribution check: the figures above "
+        return (f"All {ev['n']:,} scans here are refused by the out-of-distribution check: the figures above "
                 "count only the model's raw output, and the app gives none of them a call.")
     kept = evaluation_at(accepted, classes, threshold, None, rule)
     parts = [f"accuracy {kept['accuracy']:.1%}" if kept.get("accuracy") is not None else None,
-             f"tumours missed {kept['tumour_missed']} of {kept['n_tumour']}" if kept.get("n_tumour") else None,
+             f"tumours missed {kept['tumour_missed']:,} of {kept['n_tumour']:,}" if kept.get("n_tumour") else None,
              f"specificity {kept['specificity']:.1%}" if kept.get("specificity") is not None else None]
     said = ", ".join(p for p in parts if p)
     n = ev["flagged_ood"]
-    return (f"{n} of these {ev['n']} scans {'is' if n == 1 else 'are'} refused by the out-of-distribution check and "
+    return (f"{n:,} of these {ev['n']:,} scans {'is' if n == 1 else 'are'} refused by the out-of-distribution check and "
             "counted above by the model's raw output (the app gives them no call; the false-negative tab "
             "names them). Over the "
-            f"{kept['n']} it accepts" + (f": {said}." if said else ", no figure can be given."))
+            f"{kept['n']:,} it accepts" + (f": {said}." if said else ", no figure can be given."))
 
 
 def missed_by_source(predictor: Predictor, records: list[dict], threshold: float | None
@@ -481,14 +481,14 @@ def miss_note(predictor: Predictor, threshold: float | None) -> str | None:
     ranked = missed_by_source(predictor, stored["predictions"], threshold)
     if not ranked:
         return None
-    parts = ", ".join(f"{source_label(src)} {m} of {n} ({m / n:.1%})" for src, (n, m) in ranked)
+    parts = ", ".join(f"{source_label(src)} {m:,} of {n:,} ({m / n:.1%})" for src, (n, m) in ranked)
     if not any(m for _, (_, m) in ranked):
         return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
                 f"every test tumour a tumour ({parts} missed), but test sets are small. Read the scan yourself.")
     missed = sum(m for _, (_, m) in ranked)   # "some" read oddly where it was every one
     n = sum(n for _, (n, _) in ranked)
     return ("A call other than a tumour does not rule a tumour out: at this operating point the model called "
-            f"{missed} of {n} test tumours something other than a tumour: {parts} (Evaluation page, missed tumours). "
+            f"{missed:,} of {n:,} test tumours something other than a tumour: {parts} (Evaluation page, missed tumours). "
             "Read the scan yourself.")
 
 
@@ -497,15 +497,18 @@ def copies_note(predictor: Predictor) -> str | None:
     default, and what those pages read without them: one model showed four sensitivities across
     the pages (a clinician's walkthrough)."""
     stored = load_eval(predictor.dir)
-    n_copies = without_copies(stored["predictions"])[1] if stored else 0
+    kept, n_copies = without_copies(stored["predictions"]) if stored else ([], 0)
     if not n_copies:
         return None
     figures, _ = home_figures(predictor)
+    # accuracy's own count where untyped tumours (Br35H's) are among the scans: '97.6 %' beside 1,397 is of 1,290
+    typed = sum(r.get("label") in predictor.classes for r in kept)
+    figures["Accuracy"] += f" (of {typed:,} typed)" if typed != len(kept) and figures["Accuracy"] != "n/a" else ""
     plain = {"Accuracy", "Sensitivity", "Specificity", "Tumours missed"}   # a source's name keeps its capitals
     shown = "; ".join(f"{k.lower() if k in plain else k} {v}" for k, v in figures.items() if k != "Test scans")
-    return (f"Over all {len(stored['predictions'])} test scans, including the {n_copies} with a copy "
+    return (f"Over all {len(stored['predictions']):,} test scans, including the {n_copies:,} with a copy "
             "(near duplicate, mirrored or turned) in training. Home and the Evaluation page leave those out "
-            f"unless asked: over the other {figures['Test scans']}, {shown}.")
+            f"unless asked: over the other {len(kept):,}, {shown}.")
 
 
 def sources_of(records: list[dict]) -> list[str]:

@@ -188,7 +188,7 @@ def headline_metrics(ev: dict, gated: bool = True, refers: bool = True) -> list[
         return f"{right:,} of {n:,}" if right is not None and n else None
     n_t, n_n, n_f = ev.get("n_tumour"), ev.get("n_normal"), ev.get("n_fine")
     acc = ev.get("accuracy")
-    return [("Scans", str(ev.get("n", 0)), scans_help(ev), None),
+    return [("Scans", f"{ev.get('n', 0):,}", scans_help(ev), None),
             ("Accuracy", shown("accuracy", ".1%"), interval_text(ev, "accuracy"),
              of(round(acc * n_f) if acc is not None and n_f else None, n_f)),
             ("Macro F1", shown("macro_f1", ".3f"), "Over the classes this set has images of; none for a set of one class", None),
@@ -228,7 +228,7 @@ def gate_scored(records: list[dict]) -> bool:
 
 def miss_metrics(ev: dict, gated: bool, refers: bool = True) -> list[tuple[str, str, str | None]]:
     """The false-negative tab's four figures as (label, value, help)."""
-    refused = f"{ev.get('flagged_ood', 0)} of {ev['n']}"
+    refused = f"{ev.get('flagged_ood', 0):,} of {ev['n']:,}"
     if gated:
         ood = ("Out of distribution", refused,
                "Refused by the model's gate: the app gives these scans no call. Every figure on this page "
@@ -243,11 +243,11 @@ def miss_metrics(ev: dict, gated: bool, refers: bool = True) -> list[tuple[str, 
                "whatever it shows.")
     # '0 of 0' read as a perfect record on a set with no scans of that side (Br35H's test tumours)
     n_t, n_n = ev.get("n_tumour"), ev.get("n_normal")
-    return [("Tumours missed here", f"{ev['tumour_missed']} of {n_t}" if n_t else "n/a",
+    return [("Tumours missed here", f"{ev['tumour_missed']:,} of {n_t:,}" if n_t else "n/a",
              missed_help(ev, gated, refers) if n_t else "No tumour scans here: none can be missed."),
-            ("Normal scans flagged", f"{ev['normal_flagged']} of {n_n}" if n_n else "n/a",
+            ("Normal scans flagged", f"{ev['normal_flagged']:,} of {n_n:,}" if n_n else "n/a",
              None if n_n else "No tumour-free scans here: none can be flagged."),
-            ("Silent misses", f"{ev['silent_misses']} of {n_t}" if n_t and ev.get("silent_misses") is not None else "n/a",
+            ("Silent misses", f"{ev['silent_misses']:,} of {n_t:,}" if n_t and ev.get("silent_misses") is not None else "n/a",
              "Missed tumours with no out-of-distribution or uncertainty flag"
              + ("" if gated and refers else " (no gate here: only the uncertainty flag can speak)" if refers else
                 " (no referral rule here: only the gate can speak)" if gated else
@@ -261,12 +261,12 @@ def referral_metrics(ev: dict, classes: list[str], rule: ReferralRule) -> list[t
     has no type to be unsure of."""
     types = [c for c in tumour_classes(classes) if c != TUMOUR]
     judged = len(types) > 1 and rule.judges_type
-    return [("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0)} of {ev['n']}",
+    return [("Uncertain — refer for review", f"{ev.get('referred_uncertain', 0):,} of {ev['n']:,}",
              "The tumour / no-tumour call is not confident (tumour probability inside the card's referral "
              "band; top-class confidence for older cards)"),
             ("Tumour — type uncertain",
-             f"{ev.get('referred_type_uncertain', 0)} of {called} tumour calls" if judged and (called := tumour_calls(ev)) is not None
-             else f"{ev.get('referred_type_uncertain', 0)} of {ev['n']}" if judged else "n/a",
+             f"{ev.get('referred_type_uncertain', 0):,} of {called:,} tumour calls" if judged and (called := tumour_calls(ev)) is not None
+             else f"{ev.get('referred_type_uncertain', 0):,} of {ev['n']:,}" if judged else "n/a",
              "Called tumour, but the most likely type holds too little of the tumour probability (e.g. scans "
              "labelled only 'tumour')" if judged else
              _no_type_reason(types, rule))]
@@ -324,14 +324,14 @@ def scans_help(ev: dict) -> str | None:
     'yes') says nothing of the class, so such scans count in the tumour figures only."""
     n, n_fine = ev.get("n", 0), ev.get("n_fine")
     if not n_fine and n:  # a yes/no set (Br35H: 'yes' and a few 'no'), judged on the call alone (0 or absent)
-        return (f"These {n} scans are labelled tumour / no tumour without a tumour type: they are judged on "
+        return (f"These {n:,} scans are labelled tumour / no tumour without a tumour type: they are judged on "
                 "the tumour call alone (sensitivity, specificity, tumours missed); no accuracy, confusion "
                 "matrix or calibration over the model's classes.")
     n_fine = n_fine or 0
     if n_fine == n:
         return None
-    return (f"Accuracy, macro F1, the confusion matrix and the calibration are over the {n_fine} scans "
-            f"labelled with a class of the model; the other {n - n_fine} are labelled only 'tumour' "
+    return (f"Accuracy, macro F1, the confusion matrix and the calibration are over the {n_fine:,} scans "
+            f"labelled with a class of the model; the other {n - n_fine:,} are labelled only 'tumour' "
             "(type unknown) and count in sensitivity and tumours missed alone.")
 
 
@@ -369,7 +369,7 @@ def reliability_note(bins: list[dict]) -> str | None:
     # one scan 'right 0 % of the time' is no verdict on the model (a zip of 60 read 'overconfident')
     verdict = (f"so a mid-range probability here is {reads}" if n_low >= MIN_VERDICT else
                f"too few to say how far such a probability can be trusted (a verdict needs {MIN_VERDICT})")
-    return (f"{n_low} of {total} scans ({n_low / total:.0%}) have a top-class probability under "
+    return (f"{n_low:,} of {total:,} scans ({n_low / total:.0%}) have a top-class probability under "
             f"{cut:.0%}: stated {conf:.0%} on average, right {right:.0%} of the time, {verdict}. "
             "Marker size: scans per bin (hover for the count).")
 

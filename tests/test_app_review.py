@@ -518,8 +518,11 @@ def test_model_card_says_its_test_figures_include_copies_and_what_home_reads(ran
     note = app_support.copies_note(pred)
     figures, _ = app_support.home_figures(pred)
     n_all = len(json.loads((pred.dir / "eval.json").read_text())["predictions"])
-    assert f"Over all {n_all} test scans, including the {n_all - int(figures['Test scans'])} with a copy" in note
-    assert f"over the other {figures['Test scans']}, accuracy {figures['Accuracy']}" in note
+    n_kept = int(figures['Test scans'])
+    assert f"Over all {n_all:,} test scans, including the {n_all - n_kept} with a copy" in note
+    typed = sum(r["label"] in pred.classes for r in app_support.without_copies(app_support.load_eval(pred.dir)["predictions"])[0])
+    assert typed < n_kept   # Br35H's untyped tumours: accuracy is over fewer scans than counted
+    assert f"over the other {n_kept:,}, accuracy {figures['Accuracy']} (of {typed:,} typed)" in note
     assert f"specificity {figures['Specificity']}" in note and f"tumours missed {figures['Tumours missed']}" in note
 
 
@@ -970,7 +973,7 @@ def test_evaluation_says_what_its_accuracy_and_calibration_are_over(monkeypatch)
     kept = [r for r in json.loads((PINNED / "eval.json").read_text())["predictions"] if not r.get("copy_in_training")]
     typed = [r for r in kept if r["source"] != "br35h"]   # Br35H's scans carry no tumour type
     assert len(typed) < len(kept)   # (1,610 and 1,410 before session 42 marked the audit's copies)
-    assert scans.value == str(len(kept)) and f"over the {len(typed)} scans" in scans.help
+    assert scans.value == f"{len(kept):,}" and f"over the {len(typed):,} scans" in scans.help
     assert "moves with the operating point" in texts(at) and "does not move" not in texts(at)
     next(b for b in at.selectbox if b.label == "Source").select("br35h").run()
     assert not at.exception, [e.value for e in at.exception]
@@ -1029,7 +1032,7 @@ def test_scans_help_of_a_yes_no_source_says_it_is_judged_on_the_call():
     from core import dashboard as dash
     text = dash.scans_help({"n": 201, "n_fine": None})
     assert "tumour call alone" in text and "0 scans" not in text
-    assert "over the 1410 scans" in dash.scans_help({"n": 1610, "n_fine": 1410})
+    assert "over the 1,410 scans" in dash.scans_help({"n": 1610, "n_fine": 1410})
     assert dash.scans_help({"n": 5, "n_fine": 5}) is None
 
 

@@ -209,7 +209,7 @@ def test_the_reliability_note_says_how_mid_range_probabilities_fared():
             {"lo": 0.7, "hi": 0.8, "n": 10, "confidence": 0.75, "accuracy": 0.5},
             {"lo": 0.93, "hi": 1.0, "n": 980, "confidence": 0.99, "accuracy": 0.995}]
     note = dash.reliability_note(bins)
-    assert note.startswith("20 of 1000 scans (2%) have a top-class probability under 80%")
+    assert note.startswith("20 of 1,000 scans (2%) have a top-class probability under 80%")
     assert "stated 65%" in note and "right 40%" in note
     # a bin whose mean is above the cut but whose scans straddle it is not counted under it
     assert dash.reliability_note([{"lo": 0.867, "hi": 0.933, "n": 23, "confidence": 0.909, "accuracy": 0.8}]) is None

@@ -114,3 +114,13 @@ def test_a_metrics_interval_help_reads_the_part_of_the_method_that_drew_it():
     said = interval_text(ev, "accuracy")
     assert said.startswith("95 % interval 90.0% to 95.0% (bootstrap over 13 patients)") and "a patient more or less" in said
     assert interval_text(ev, "specificity") == "95 % interval 80.0% to 100.0% (Wilson over patients)."
+
+
+def test_counts_past_a_thousand_are_written_with_a_separator_as_elsewhere():
+    """'Scans 1397' and '11 of 1397' sat beside the Model card's '1,638' and the README's figures."""
+    from core import dashboard as dash
+    ev = {"n": 1397, "n_fine": 1290, "n_tumour": 870, "n_normal": 527, "accuracy": 0.976, "tumour_missed": 13,
+          "normal_flagged": 9, "sensitivity": 0.985, "specificity": 0.983, "flagged_ood": 11, "referred_uncertain": 60}
+    rows = {label: value for label, value, *_ in dash.headline_metrics(ev, True, True)}
+    assert rows["Scans"] == "1,397"
+    assert "over the 1,290 scans" in dash.scans_help(ev) and "the other 107 are" in dash.scans_help(ev)
