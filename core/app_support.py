@@ -226,7 +226,7 @@ def home_figures(predictor: Predictor) -> tuple[dict[str, str], str]:
     m = evaluation_at(kept, predictor.classes, predictor.threshold, None, predictor.referral)
     def pct(key: str) -> str:
         return f"{m[key]:.1%}" if m.get(key) is not None else "n/a"
-    figures = {"Test scans": str(m.get("n", len(kept))), "Accuracy": pct("accuracy"),
+    figures = {"Test scans": _count(m.get("n", len(kept))), "Accuracy": pct("accuracy"),
                "Sensitivity": pct("sensitivity"), "Specificity": pct("specificity"),
                "Tumours missed": f"{m['tumour_missed']:,} of {m['n_tumour']:,}" if m.get("n_tumour") else "n/a"}
     ranked = missed_by_source(predictor, kept, predictor.threshold) if predictor.is_tumour_model else []
@@ -322,14 +322,19 @@ def hand_set_warning(predictor: Predictor, threshold: float) -> str:
             + (f" {cost}" if cost else ""))
 
 
+def _count(v) -> str:
+    """A count as the pages write it ('1,638'); a card's hand-edited value as it stands."""
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
 def _card_figures(predictor: Predictor, ev: dict) -> dict[str, str]:
     m = predictor.card.get("metrics") or {}
     missed = m.get("tumour_missed")
-    return {"Test scans": str(m.get("n", "n/a")),
+    return {"Test scans": _count(m.get("n", "n/a")),
             "Accuracy": f"{m['accuracy']:.1%}" if finite_number(m.get("accuracy")) else "n/a",
             "Macro F1": f"{m['macro_f1']:.3f}" if finite_number(m.get("macro_f1")) else "n/a",
             "Tumours missed": "n/a" if missed is None else
-            f"{missed:,} of {ev['n_tumour']:,}" if ev.get("n_tumour") else str(missed)}
+            f"{_count(missed)} of {ev['n_tumour']:,}" if ev.get("n_tumour") else _count(missed)}
 
 
 def operating_point_text(card: dict, default: float) -> str:

@@ -168,10 +168,7 @@ def interval_text(ev: dict, key: str) -> str | None:
     if not lo_hi:
         return None
     method = _method_for(ev.get("ci95_method") or "", key)
-    if method.startswith("bootstrap"):   # slices grouped by patient: the patients are the sample
-        return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({method}): "
-                "a patient more or less moves the figure by this much.")
-    if method:
+    if method:   # over patients (LGG): the method says how, and that a slice is not the sample
         return f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} ({method})."
     return (f"95 % interval {lo_hi[0]:.1%} to {lo_hi[1]:.1%} (Wilson): with this many scans, "
             "a few images either way move the figure by this much.")

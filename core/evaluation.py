@@ -328,7 +328,8 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     card_path = weights_dir / "card.json"
     card = read_card(weights_dir) if card_path.is_file() else None
     old = _flat_metrics(card_metrics(ev))   # eval.json's figures as stored, then the card's
-    on_card = _flat_metrics(card["metrics"]) if card is not None and isinstance(card.get("metrics"), dict) else old
+    held = card.get("metrics") if card is not None and isinstance(card.get("metrics"), dict) else {}
+    on_card = _flat_metrics(held) if card is not None else old   # a card without metrics: every figure is new
     if card and list(card.get("classes", [])) == list(ev["classes"]):
         _reflag(ev["predictions"], ev["classes"], ev.get("threshold"), ReferralRule.from_card(card))
     for r in ev["predictions"]:  # files written before records carried it: the run's one threshold
@@ -341,8 +342,8 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     # a figure either file holds otherwise (a card lacking a field written since: n_fine read 'already current')
     changed = {k: (old.get(k) if old.get(k) != v else on_card.get(k), v) for k, v in new.items()
                if old.get(k) != v or on_card.get(k) != v}
-    if card is not None and not same_figures(card.get("metrics", {}), {**card.get("metrics", {}), **card_metrics(ev)}):
-        card["metrics"] = {**card.get("metrics", {}), **card_metrics(ev)}
+    if card is not None and not same_figures(card.get("metrics"), {**held, **card_metrics(ev)}):
+        card["metrics"] = {**held, **card_metrics(ev)}
         write_json(card_path, card)
     log(f"rescore {weights_dir}: " + (", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items())
                                       or ("the card's figures already current; eval.json's curves rewritten"

@@ -188,7 +188,7 @@ def test_home_figures_say_what_they_are_and_count_missed_tumours_out_of_all():
     kept = [r for r in ev["predictions"] if not r.get("copy_in_training")]
     m = app_support.evaluation_at(kept, pred.classes, pred.threshold, None, pred.referral)
     assert figures["Tumours missed"] == f"{m['tumour_missed']} of {m['n_tumour']}"
-    assert figures["Specificity"] == f"{m['specificity']:.1%}" and figures["Test scans"] == str(len(kept))
+    assert figures["Specificity"] == f"{m['specificity']:.1%}" and figures["Test scans"] == f"{len(kept):,}"
     copies = len(ev["predictions"]) - len(kept)
     assert copies and "card's operating point" in note and f"{copies} more have one" in note
     # what the accuracy is over and how many misses were still flagged (a clinician's check of the figures)
@@ -518,7 +518,7 @@ def test_model_card_says_its_test_figures_include_copies_and_what_home_reads(ran
     note = app_support.copies_note(pred)
     figures, _ = app_support.home_figures(pred)
     n_all = len(json.loads((pred.dir / "eval.json").read_text())["predictions"])
-    n_kept = int(figures['Test scans'])
+    n_kept = int(figures['Test scans'].replace(",", ""))
     assert f"Over all {n_all:,} test scans, including the {n_all - n_kept} with a copy" in note
     typed = sum(r["label"] in pred.classes for r in app_support.without_copies(app_support.load_eval(pred.dir)["predictions"])[0])
     assert typed < n_kept   # Br35H's untyped tumours: accuracy is over fewer scans than counted

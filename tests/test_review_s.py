@@ -475,7 +475,7 @@ def test_home_shows_the_evaluation_pages_default_figures(tmp_path):
     (w / "eval.json").write_text(json.dumps(ev))
     figures, note = app.home_figures(Predictor(w))
     kept, copies = without_copies(ev["predictions"])
-    assert figures["Test scans"] == str(len(kept)) and copies == 1 and "1 more have one" in note
+    assert figures["Test scans"] == f"{len(kept):,}" and copies == 1 and "1 more have one" in note
     assert {"Sensitivity", "Specificity", "Tumours missed"} <= set(figures)
 
 

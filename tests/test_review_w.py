@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -106,14 +107,35 @@ def test_the_model_card_says_over_how_many_scans_the_accuracy_is():
 
 
 def test_a_metrics_interval_help_reads_the_part_of_the_method_that_drew_it():
-    """`ci95_method` names its rates first ('accuracy, sensitivity: bootstrap ...'), so the help's
-    patient sentence, written for a method starting 'bootstrap', was never said."""
+    """`ci95_method` names its rates first ('accuracy, sensitivity: bootstrap ...; specificity: ...'):
+    each rate's help gave the whole text, the other rates' methods too."""
     from core.dashboard import interval_text
     ev = {"ci95": {"accuracy": [0.9, 0.95], "specificity": [0.8, 1.0]},
           "ci95_method": "accuracy, sensitivity: bootstrap over 13 patients; specificity: Wilson over patients"}
-    said = interval_text(ev, "accuracy")
-    assert said.startswith("95 % interval 90.0% to 95.0% (bootstrap over 13 patients)") and "a patient more or less" in said
+    assert interval_text(ev, "accuracy") == "95 % interval 90.0% to 95.0% (bootstrap over 13 patients)."
     assert interval_text(ev, "specificity") == "95 % interval 80.0% to 100.0% (Wilson over patients)."
+    assert interval_text({**ev, "ci95_method": ""}, "accuracy").startswith("95 % interval 90.0% to 95.0% (Wilson): ")
+
+
+@pytest.mark.parametrize("metrics", [None, [], "absent"])
+def test_rescore_fills_a_card_whose_metrics_are_missing_or_not_a_block(tmp_path, metrics):
+    """'metrics': null was a TypeError ({**None}); a card without the block read 'every figure already
+    current' while rescore wrote the whole block."""
+    import shutil
+    from core.evaluation import rescore
+    src = Path(__file__).resolve().parents[1] / "weights" / "simple_cnn_binary"
+    for f in ("eval.json", "card.json"):
+        shutil.copy(src / f, tmp_path / f)
+    card = json.loads((tmp_path / "card.json").read_text())
+    if metrics == "absent":
+        del card["metrics"]
+    else:
+        card["metrics"] = metrics
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    said = []
+    changed = rescore(tmp_path, log=said.append)
+    assert changed and "all.accuracy" in changed and "already current" not in said[0]
+    assert json.loads((tmp_path / "card.json").read_text())["metrics"] == json.loads((src / "card.json").read_text())["metrics"]
 
 
 def test_counts_past_a_thousand_are_written_with_a_separator_as_elsewhere():
