@@ -334,7 +334,7 @@ def card_row(weights_dir: str | Path, latency: bool = True, repeats: int = REPEA
     cfg = tr.get("config") or {}
     row = {"name": card.get("name", d.name), "dir": str(d), "arch": card.get("arch"),
            "task": card.get("task"), "classes": card.get("classes", []),
-           "sources": training_sources(card), "test_images": m.get("n"),
+           "sources": training_sources(card), "test_images": m.get("n"), "typed_test_images": m.get("n_fine"),
            "accuracy": m.get("accuracy"),
            "accuracy_per_source": {k: v.get("accuracy") for k, v in (m.get("per_source") or {}).items()},
            "macro_f1": m.get("macro_f1"),
@@ -440,7 +440,9 @@ def _accuracy(r: dict, key: str = "accuracy") -> str:
     """Overall accuracy; for a multi-source model also on the benchmark part of its test split,
     the number closest to what the benchmark-only seed systems report."""
     bench = (r.get(f"{key}_per_source") or {}).get("benchmark")
-    return _pct(r.get(key)) + (f" (benchmark {_pct(bench)})" if bench is not None else "")
+    typed = r.get("typed_test_images") if key == "accuracy" else None
+    over = f" of {typed:,} typed" if isinstance(typed, int) and typed != r.get("test_images") else ""   # Br35H's have no type
+    return _pct(r.get(key)) + over + (f" (benchmark {_pct(bench)})" if bench is not None else "")
 
 
 def copy_free_text(r: dict) -> str:

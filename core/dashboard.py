@@ -580,7 +580,9 @@ def models_table(dirs: list[str | Path]) -> pd.DataFrame:
                      # whole record where it missed 13, 10 of them LGG (a clinician's walkthrough)
                      "tumours missed": r.get("tumour_missed"), "of tumour scans": r.get("n_tumour"),
                      "classes": len(r["classes"]), "sources": "+".join(map(source_label, r["sources"])),
-                     "test images": r.get("test_images"), "test set": r.get("test_set"),
+                     "test images": r.get("test_images"),
+                     # accuracy's own count: Br35H's untyped tumours are in 'test images', not in it
+                     "typed test images": r.get("typed_test_images"), "test set": r.get("test_set"),
                      "accuracy": r.get("accuracy"),
                      "benchmark accuracy": benchmark_accuracy(r),
                      "copies in training": r.get("copies_in_training"),

@@ -146,3 +146,13 @@ def test_counts_past_a_thousand_are_written_with_a_separator_as_elsewhere():
     rows = {label: value for label, value, *_ in dash.headline_metrics(ev, True, True)}
     assert rows["Scans"] == "1,397"
     assert "over the 1,290 scans" in dash.scans_help(ev) and "the other 107 are" in dash.scans_help(ev)
+
+
+def test_the_models_table_gives_accuracy_its_own_count():
+    """'test images 1,638' beside 'accuracy 0.978' on the Training page: that accuracy is over 1,438."""
+    from core.dashboard import models_table
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "resnet18_192_gpu_ema120_s2"
+    row = models_table([shipped]).iloc[0]
+    ev = json.loads((shipped / "eval.json").read_text())
+    typed = sum(r["label"] in ev["classes"] for r in ev["predictions"])
+    assert row["test images"] == len(ev["predictions"]) and row["typed test images"] == typed < len(ev["predictions"])
