@@ -2,7 +2,7 @@
 
     python train.py --data ../shared/data/brain-tumor-mri/Training --arch resnet18 --out runs/resnet18
     python train.py --config experiments/resnet18_192_gpu_ema120_s2.toml --out runs/default   # the shipped
-        default's recipe (weights/DEFAULT names it; about 5 h on a 2-core CPU, minutes on a GPU)
+        default's recipe (weights/DEFAULT names it; about 5.6 h on a 2-core CPU, minutes on a GPU)
 
 Writes model.safetensors, card.json, history.json, eval.json and split.json into --out.
 A checkpoint is saved every epoch (checkpoint.pt, not shipped); --resume continues from it.

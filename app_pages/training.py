@@ -32,8 +32,8 @@ if dirs:
     st.caption("The rows of `python -m core compare weights/*`, from each card's held-out test split at "
                f"its own operating point. {COPIES_NOTE} Rows with different test-set codes were tested on different "
                "images, so a gap between them is not a paired comparison: `python -m core compare A B "
-               "--paired` compares two models on the images both were tested on. Accuracy is over the typed test images "
-               "(Br35H's tumours have no type and count in the tumour figures only). A yes/no model's benchmark accuracy cells "
+               "--paired` compares two models on the images both were tested on. Accuracy, macro F1 and ECE count the "
+               "typed test images only (Br35H's tumours have no type: they count in the tumour figures). A yes/no model's benchmark accuracy cells "
                "read '—': its two-class accuracy is no figure to rank beside four-class ones. Latency as recorded "
                "by `compare --record` (1 thread; cards recorded before 2026-12-03 timed the fp32 forward alone).")
 

@@ -440,8 +440,9 @@ def _accuracy(r: dict, key: str = "accuracy") -> str:
     """Overall accuracy; for a multi-source model also on the benchmark part of its test split,
     the number closest to what the benchmark-only seed systems report."""
     bench = (r.get(f"{key}_per_source") or {}).get("benchmark")
-    typed = r.get("typed_test_images") if key == "accuracy" else None
-    over = f" of {typed:,} typed" if isinstance(typed, int) and typed != r.get("test_images") else ""   # Br35H's have no type
+    typed = r.get("typed_test_images") if key == "accuracy" and r.get(key) is not None else None
+    counted = isinstance(typed, int) and not isinstance(typed, bool) and isinstance(r.get("test_images"), int)
+    over = f" of {typed} typed" if counted and typed != r["test_images"] else ""   # Br35H's tumours have no type
     return _pct(r.get(key)) + over + (f" (benchmark {_pct(bench)})" if bench is not None else "")
 
 
@@ -463,7 +464,7 @@ COLUMNS = ("model", "classes", "sources", "test n", "test set", "accuracy", "mac
 
 # Said wherever the rows are shown (terminal, Markdown, the Training page): the card's figures
 # rank a model whose test images have twins in its training split above one without.
-COPIES_NOTE = ("Accuracy, macro F1, tumours missed and ECE are the card's, over every test image, including "
+COPIES_NOTE = ("Accuracy, macro F1, tumours missed and ECE are the card's, over the whole test split, including "
                "those with a copy (near duplicate, mirrored or turned) in the model's training split "
                "('copies'); the copy-free figures leave those out, at the card's operating point. "
                "Compare models on the copy-free figures.")

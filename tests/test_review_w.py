@@ -156,3 +156,12 @@ def test_the_models_table_gives_accuracy_its_own_count():
     ev = json.loads((shipped / "eval.json").read_text())
     typed = sum(r["label"] in ev["classes"] for r in ev["predictions"])
     assert row["test images"] == len(ev["predictions"]) and row["typed test images"] == typed < len(ev["predictions"])
+
+
+def test_compare_says_accuracy_s_count_only_where_it_is_one():
+    from core.compare import _accuracy
+    row = {"accuracy": 0.978, "test_images": 1638, "typed_test_images": 1438}
+    assert _accuracy(row) == "97.8% of 1438 typed"
+    assert _accuracy({**row, "typed_test_images": 1638}) == "97.8%"          # every test image typed
+    assert _accuracy({**row, "typed_test_images": True}) == "97.8%"          # a hand-edited card's flag, no count
+    assert "typed" not in _accuracy({**row, "accuracy": None})               # no accuracy: nothing it is over
