@@ -330,7 +330,7 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     old = _flat_metrics(card_metrics(ev))   # eval.json's figures as stored, then the card's
     held = card.get("metrics") if card is not None and isinstance(card.get("metrics"), dict) else {}
     on_card = _flat_metrics(held) if card is not None else old   # a card without metrics: every figure is new
-    if card and list(card.get("classes", [])) == list(ev["classes"]):
+    if card and card.get("classes") == list(ev["classes"]):
         _reflag(ev["predictions"], ev["classes"], ev.get("threshold"), ReferralRule.from_card(card))
     for r in ev["predictions"]:  # files written before records carried it: the run's one threshold
         r.setdefault("threshold", ev.get("threshold"))

@@ -165,3 +165,15 @@ def test_compare_says_accuracy_s_count_only_where_it_is_one():
     assert _accuracy({**row, "typed_test_images": 1638}) == "97.8%"          # every test image typed
     assert _accuracy({**row, "typed_test_images": True}) == "97.8%"          # a hand-edited card's flag, no count
     assert "typed" not in _accuracy({**row, "accuracy": None})               # no accuracy: nothing it is over
+
+
+def test_rescore_of_a_card_with_no_class_list_leaves_the_flags_as_stored(tmp_path):
+    """'classes': null in a hand-edited card was a TypeError (list(None)) before any figure was read."""
+    import shutil
+    from core.evaluation import rescore
+    src = Path(__file__).resolve().parents[1] / "weights" / "simple_cnn_binary"
+    for f in ("eval.json", "card.json"):
+        shutil.copy(src / f, tmp_path / f)
+    card = json.loads((tmp_path / "card.json").read_text())
+    (tmp_path / "card.json").write_text(json.dumps({**card, "classes": None}))
+    assert rescore(tmp_path, log=lambda _: None) == {}
