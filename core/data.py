@@ -16,7 +16,7 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -349,7 +349,6 @@ class TreeClasses(dict):
     def split(self, rel: str) -> str | None:
         """The split folder ``rel`` lies in, as `discover` gives its samples' ``preset_split``: only a
         split folder of the layout counts ('glioma/test/x.jpg' is a glioma of no split)."""
-        from pathlib import PurePosixPath
         return next((s for f in PurePosixPath(rel).parents if (s := self.splits.get(f))), None)
 
 
@@ -358,7 +357,6 @@ def tree_classes(rels: list[str]) -> TreeClasses:
     their relative paths (a zip's members, no pixels at hand), read as `discover` reads the same
     tree on disk: wrapper folders unwrapped, Training/Testing levels passed, every file below a
     class folder of that class ('glioma/patient01/x.jpg'), masks left out."""
-    from pathlib import PurePosixPath
     kids: dict[PurePosixPath, set[PurePosixPath]] = defaultdict(set)
     for rel in rels:
         for folder in list(PurePosixPath(rel).parents)[:-1]:

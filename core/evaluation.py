@@ -338,12 +338,13 @@ def rescore(weights_dir: str | Path, log: Callable[[str], None] = print) -> dict
     rewritten = not same_figures(stored, ev)  # a tracked file is not rewritten for float noise
     if rewritten:
         write_json(path, ev)
-    new = _flat_metrics(card_metrics(ev))
+    fresh = card_metrics(ev)
+    new = _flat_metrics(fresh)
     # a figure either file holds otherwise (a card lacking a field written since: n_fine read 'already current')
     changed = {k: (old.get(k) if old.get(k) != v else on_card.get(k), v) for k, v in new.items()
                if old.get(k) != v or on_card.get(k) != v}
-    if card is not None and not same_figures(card.get("metrics"), {**held, **card_metrics(ev)}):
-        card["metrics"] = {**held, **card_metrics(ev)}
+    if card is not None and not same_figures(card.get("metrics"), {**held, **fresh}):
+        card["metrics"] = {**held, **fresh}
         write_json(card_path, card)
     log(f"rescore {weights_dir}: " + (", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items())
                                       or ("the card's figures already current; eval.json's curves rewritten"

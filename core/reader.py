@@ -383,6 +383,11 @@ TEXT_BOMB = ("The image's embedded text (metadata) is too large to read safely: 
              "without its metadata.")
 
 
+def _damaged(e: Exception, verb: str) -> ScanError:
+    """Pillow's failure to read (``verb``) an image: an oversized text chunk said as such, else damage."""
+    return ScanError(TEXT_BOMB if "MAX_TEXT" in str(e) else f"The image file is damaged and cannot be {verb}.")
+
+
 def _read_image(data: bytes, options: dict) -> ScanImage:
     try:
         with warnings.catch_warnings():
@@ -399,7 +404,7 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
         raise ScanError(f"The image is too large (its header declares {size} megapixels; the limit is "
                         f"{MAX_PIXELS // 1_000_000} megapixels).") from None
     except Exception as e:  # a broken header: Pillow raises many types here
-        raise ScanError(TEXT_BOMB if "MAX_TEXT" in str(e) else "The image file is damaged and cannot be read.") from e
+        raise _damaged(e, "read") from e
     with img:
         width, height = img.size
         _check_size(width, height)  # from the header: nothing decoded yet
@@ -430,7 +435,7 @@ def _read_image(data: bytes, options: dict) -> ScanImage:
                 raise ScanError("The image file is truncated (incomplete).") from e
             raise ScanError("The image file is damaged and cannot be decoded.") from e
         except Exception as e:  # decoder errors come as SyntaxError, ValueError, EOFError, ...
-            raise ScanError(TEXT_BOMB if "MAX_TEXT" in str(e) else "The image file is damaged and cannot be decoded.") from e
+            raise _damaged(e, "decoded") from e
     info.update(extra)
     info.update(_blank(grey))
     return ScanImage(grey, colour, "image", info)
